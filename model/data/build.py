@@ -1,0 +1,122 @@
+"""Shared last step of every source: catalog, splits, stats, atomic write."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .dataset import ITEM_COLUMNS, SPLITS, DataError, save_prepared
+from .splits import check_protocol, make_splits
+
+logger = logging.getLogger(__name__)
+
+
+def check_interactions(inter: pd.DataFrame, origin: str) -> pd.DataFrame:
+    """Coerce canonical interaction dtypes; raise DataError (naming ``origin``) when empty."""
+    if inter.empty:
+        raise DataError(f"{origin}: no interactions")
+    return pd.DataFrame(
+        {
+            "user_id": inter["user_id"].astype(str).to_numpy(dtype=object),
+            "item_id": inter["item_id"].astype(str).to_numpy(dtype=object),
+            "rating": inter["rating"].astype(np.float64).to_numpy(),
+            "timestamp": inter["timestamp"].astype(np.int64).to_numpy(),
+        }
+    )
+
+
+def complete_items(
+    items: pd.DataFrame | None, used_ids: set[str], keep_catalog: bool
+) -> pd.DataFrame:
+    """The item table: every used item, plus (``keep_catalog``) every titled catalog item.
+
+    Catalog items keep their file order; used items missing from it follow, sorted.
+
+    Missing text fields become ""; a missing or empty title becomes "Item <id>".
+    """
+    if items is None or items.empty:
+        items = pd.DataFrame({c: pd.Series(dtype=object) for c in ITEM_COLUMNS})
+    items = items.copy()
+    for col in ITEM_COLUMNS:
+        if col not in items.columns:
+            items[col] = ""
+        items[col] = items[col].fillna("").astype(str).str.strip()
+    items = items.drop_duplicates("item_id", keep="first")
+    keep = items["item_id"].isin(used_ids)
+    if keep_catalog:
+        keep |= items["title"] != ""
+    items = items[keep]
+    missing = sorted(used_ids - set(items["item_id"]))
+    if missing:
+        filler = pd.DataFrame({c: [""] * len(missing) for c in ITEM_COLUMNS})
+        filler["item_id"] = missing
+        items = pd.concat([items, filler], ignore_index=True)
+    untitled = items["title"] == ""
+    items.loc[untitled, "title"] = "Item " + items.loc[untitled, "item_id"]
+    return items.loc[:, list(ITEM_COLUMNS)].reset_index(drop=True)  # catalog order, then extras
+
+
+def compute_stats(
+    inter: pd.DataFrame, items: pd.DataFrame, splits: dict[str, pd.DataFrame]
+) -> dict[str, Any]:
+    """Counts over the interactions the samples were drawn from, and the sample splits."""
+    num_users = int(inter["user_id"].nunique())
+    num_items = int(len(items))
+    num_inter = int(len(inter))
+    lengths = [len(h) for df in splits.values() for h in df["history_item_ids"]]
+    stats: dict[str, Any] = {
+        "num_users": num_users,
+        "num_items": num_items,
+        "num_interactions": num_inter,
+        "density": num_inter / (num_users * num_items) if num_users and num_items else 0.0,
+    }
+    for name in SPLITS:
+        stats[f"{name}_samples"] = int(len(splits[name]))
+    stats["avg_history_length"] = float(np.mean(lengths)) if lengths else 0.0
+    return stats
+
+
+def build_prepared(
+    inter: pd.DataFrame,
+    items: pd.DataFrame | None,
+    *,
+    data_dir: str | Path,
+    name: str,
+    protocol: str,
+    category: str,
+    max_history: int,
+    source: dict[str, Any],
+    target_mask: np.ndarray | None = None,
+    keep_catalog: bool = True,
+) -> Path:
+    """Split ``inter``, finish the item table, write ``<data_dir>/<name>/<protocol>/``.
+
+    ``target_mask`` limits which interactions become targets (Amazon's time window); the
+    stats count only those interactions. Returns the output directory.
+    """
+    check_protocol(protocol, max_history)
+    origin = str(source.get("inter") or source.get("reviews") or name)
+    splits = make_splits(inter, protocol, max_history, target_mask=target_mask, origin=origin)
+    counted = inter if target_mask is None else inter[np.asarray(target_mask, dtype=bool)]
+    used = set(counted["item_id"])
+    for df in splits.values():
+        used.update(df["target_item_id"])
+        for hist in df["history_item_ids"]:
+            used.update(hist)
+    table = complete_items(items, used, keep_catalog)
+    meta = {
+        "name": name,
+        "protocol": protocol,
+        "category": category,
+        "max_history": int(max_history),
+        "source": source,
+        "stats": compute_stats(counted, table, splits),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    out_dir = Path(data_dir) / name / protocol
+    return save_prepared(out_dir, table, splits, meta)

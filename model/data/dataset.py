@@ -1,0 +1,195 @@
+"""The prepared form of a dataset on disk: write it atomically, load it back, describe it.
+
+One directory per (dataset, protocol), e.g. ``<data_dir>/ml-100k/loo/``::
+
+    items.parquet   item_id, title, year, genres, description   (all str; "" = unknown)
+    train.parquet   user_id, history_item_ids, history_ratings, history_timestamps,
+    valid.parquet   target_item_id, target_rating, target_timestamp
+    test.parquet    (histories oldest first; ratings may be NaN = unknown; timestamps in s)
+    meta.json       name, protocol, category, max_history, source, stats, created_at
+
+``meta.json`` is written last, so a directory with a meta file is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+ITEMS_FILE = "items.parquet"
+META_FILE = "meta.json"
+
+ITEM_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("title", pa.string()),
+        ("year", pa.string()),
+        ("genres", pa.string()),
+        ("description", pa.string()),
+    ]
+)
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("history_item_ids", pa.list_(pa.string())),
+        ("history_ratings", pa.list_(pa.float64())),
+        ("history_timestamps", pa.list_(pa.int64())),
+        ("target_item_id", pa.string()),
+        ("target_rating", pa.float64()),
+        ("target_timestamp", pa.int64()),
+    ]
+)
+ITEM_COLUMNS = tuple(ITEM_SCHEMA.names)
+SAMPLE_COLUMNS = tuple(SAMPLE_SCHEMA.names)
+_LIST_COLUMNS = ("history_item_ids", "history_ratings", "history_timestamps")
+
+
+class DataError(ValueError):
+    """A data file is missing, malformed or yields nothing usable; the message names the file."""
+
+
+@dataclass
+class PreparedDataset:
+    """A prepared dataset loaded from disk (see the module docstring for the layout).
+
+    List columns of the split frames hold plain Python lists.
+    """
+
+    path: Path
+    name: str
+    protocol: str
+    category: str
+    items: pd.DataFrame
+    splits: dict[str, pd.DataFrame]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def item_titles(self) -> dict[str, str]:
+        """item_id -> title for every item in the catalog."""
+        return dict(zip(self.items["item_id"], self.items["title"], strict=True))
+
+    def split(self, name: str) -> pd.DataFrame:
+        """The samples of one split ("train", "valid" or "test")."""
+        if name not in self.splits:
+            raise DataError(
+                f"unknown split {name!r} for {self.path}; choose one of {sorted(self.splits)}"
+            )
+        return self.splits[name]
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temp file next to ``path``, then move it into place.
+
+    A crash leaves either the old file or the new one, never half of one, and no temp file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # not mkstemp: its 0600 mode would stick to the final file
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_frame(df: pd.DataFrame, schema: pa.Schema, path: Path) -> None:
+    table = pa.Table.from_pandas(df[list(schema.names)], schema=schema, preserve_index=False)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def save_prepared(
+    out_dir: Path, items: pd.DataFrame, splits: dict[str, pd.DataFrame], meta: dict[str, Any]
+) -> Path:
+    """Write items, the three splits and (last) meta.json into ``out_dir``, each atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_frame(items, ITEM_SCHEMA, out_dir / ITEMS_FILE)
+    for name in SPLITS:
+        _write_frame(splits[name], SAMPLE_SCHEMA, out_dir / f"{name}.parquet")
+    text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
+    atomic_write(out_dir / META_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    logger.info("wrote prepared dataset to %s", out_dir)
+    return out_dir
+
+
+def _read_parquet(path: Path, schema: pa.Schema) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"missing file {path}; run the data preparation again")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    missing = [c for c in schema.names if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path} lacks columns {missing}")
+    df = table.select(schema.names).to_pandas()
+    for col in _LIST_COLUMNS:
+        if col in df.columns:  # arrow hands back numpy arrays; give callers lists
+            df[col] = table.column(col).to_pylist()
+    return df
+
+
+def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
+    """Load a directory written by one of the ``prepare_*`` functions."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"prepared dataset directory {path} does not exist; prepare it first")
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise DataError(f"missing file {meta_path}; the preparation did not finish")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{meta_path}: bad JSON ({exc})") from exc
+    for key in ("name", "protocol", "category"):
+        if key not in meta:
+            raise DataError(f"{meta_path} lacks the key {key!r}")
+    items = _read_parquet(path / ITEMS_FILE, ITEM_SCHEMA)
+    splits = {name: _read_parquet(path / f"{name}.parquet", SAMPLE_SCHEMA) for name in SPLITS}
+    return PreparedDataset(
+        path=path,
+        name=meta["name"],
+        protocol=meta["protocol"],
+        category=meta["category"],
+        items=items,
+        splits=splits,
+        meta=meta,
+    )
+
+
+def format_stats(meta: dict[str, Any]) -> str:
+    """A small two-column table of a dataset's meta/stats, for the CLI to print."""
+    stats = meta.get("stats", {})
+    rows: list[tuple[str, str]] = [
+        ("dataset", str(meta.get("name", "?"))),
+        ("protocol", str(meta.get("protocol", "?"))),
+        ("category", str(meta.get("category", "?"))),
+        ("max_history", str(meta.get("max_history", "?"))),
+    ]
+    for key, value in stats.items():
+        if isinstance(value, float):
+            text = f"{value:.6f}" if key == "density" else f"{value:.2f}"
+        elif isinstance(value, int):
+            text = f"{value:,}"
+        else:
+            text = str(value)
+        rows.append((key, text))
+    width = max(len(k) for k, _ in rows)
+    vwidth = max(len(v) for _, v in rows)
+    lines = [f"{k:<{width}}  {v:>{vwidth}}" for k, v in rows]
+    rule = "-" * (width + 2 + vwidth)
+    return "\n".join([rule, *lines, rule])

@@ -1,0 +1,98 @@
+"""User and item prompt templates (DESIGN §1), rendered with the backbone's chat template."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One past interaction as the prompt shows it."""
+
+    title: str
+    rating: float | None = None
+    timestamp: int | None = None  # seconds
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Prompt wording; stored in every checkpoint so serving renders what training saw.
+
+    category: the noun used in both prompts ("movie", "product", ...).
+    max_history: the user prompt keeps the latest this-many items (paper: 20).
+    include_time: add "(N days before the latest)" to each history line.
+    closing_marker: appended after the reasoning; h_T is read at its last token.
+    description_words: item descriptions are cut to this many words.
+    """
+
+    category: str = "movie"
+    max_history: int = 20
+    include_time: bool = False
+    closing_marker: str = "\nTherefore, my recommendation is:"
+    description_words: int = 100
+
+    def __post_init__(self) -> None:
+        if self.max_history < 1:
+            raise ValueError(f"max_history must be >= 1, got {self.max_history}")
+        if not self.closing_marker.strip():
+            raise ValueError("closing_marker must not be blank: h_T is read at its last token")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> PromptConfig:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def _format_rating(rating: float | None) -> str:
+    if rating is None or (isinstance(rating, float) and math.isnan(rating)):
+        return ""
+    return f" ({rating:g})"
+
+
+def user_message(history: Sequence[HistoryEntry], cfg: PromptConfig) -> str:
+    """The user turn: the latest `max_history` items, oldest first, one per line."""
+    if not history:
+        raise ValueError("history must contain at least one item")
+    window = list(history)[-cfg.max_history :]
+    latest = window[-1].timestamp
+    lines = []
+    for entry in window:
+        line = f"{entry.title}{_format_rating(entry.rating)}"
+        if cfg.include_time and entry.timestamp is not None and latest is not None:
+            days = max(0, round((latest - entry.timestamp) / 86400))
+            line += f" [{days} days before the latest]"
+        lines.append(line)
+    return (
+        f"Analyze in depth and finally recommend the next {cfg.category} I might like. "
+        "Below is my history with ratings (out of 5):\n" + "\n".join(lines)
+    )
+
+
+def item_message(item: Mapping[str, object], cfg: PromptConfig) -> str:
+    """The item turn: title plus whatever metadata the catalog has."""
+    title = str(item.get("title") or "").strip()
+    if not title:
+        raise ValueError(f"item {item.get('item_id')!r} has no title")
+    parts = [f"Title: {title}"]
+    for key, label in (("year", "Year"), ("genres", "Genres")):
+        value = str(item.get(key) or "").strip()
+        if value and value.lower() != "nan":
+            parts.append(f"{label}: {value}")
+    description = str(item.get("description") or "").strip()
+    if description and description.lower() != "nan":
+        words = description.split()
+        parts.append("Description: " + " ".join(words[: cfg.description_words]))
+    return f"Summarize key attributes of the following {cfg.category}:\n" + "\n".join(parts)
+
+
+def render(tokenizer: PreTrainedTokenizerBase, message: str) -> str:
+    """One user turn through the chat template, ending where the assistant starts."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
+    )

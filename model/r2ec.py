@@ -1,0 +1,245 @@
+"""The R²ec model: one causal LM, two heads on the same final hidden states.
+
+- lm_head writes the reasoning o_1..o_T about the user's history (`reason`).
+- rec_head scores items: h_T is the final-layer hidden state of the last token of
+  [user prompt; reasoning; closing marker] (`user_vectors`), h_v the same for an
+  item prompt (`item_vectors`), and s(u, v) = cos(h_T, h_v) / tau (`score`).
+  (R²ec, arXiv 2505.16994 §3.1.) Raw hidden states are strongly anisotropic, so
+  both sides are L2-normalised before the inner product (DESIGN §6).
+
+Shapes: B users (or B*G rollouts), T tokens, L padded length, H hidden, N items.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from model.prompts import HistoryEntry, PromptConfig, item_message, render, user_message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How reasoning is written. Greedy unless `do_sample`."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError("temperature must be > 0 when sampling")
+
+
+@dataclass
+class Rollout:
+    """Reasoning for a batch; row i belongs to user i // num_generations."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]  # reasoning tokens, EOS and padding stripped
+    texts: list[str]
+    num_generations: int = 1
+
+
+@dataclass
+class PaddedBatch:
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    position_ids: torch.Tensor  # (B, L)
+    completion_mask: torch.Tensor  # (B, L) 1 where the token is a reasoning token
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> PaddedBatch:
+    """Left-pad so every row's last real token sits at position L-1.
+
+    Position ids count real tokens only, so a padded row gets the same positions
+    (and so the same hidden states) as the row run alone.
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        if seq:
+            ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return PaddedBatch(
+        ids.to(device), mask.to(device), positions.to(device), torch.zeros_like(mask).to(device)
+    )
+
+
+class R2ec:
+    """Wraps a causal LM (optionally a peft model) with the R²ec user/item encoders."""
+
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: PromptConfig | None = None,
+        tau: float = 0.02,
+    ) -> None:
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.prompts = prompts or PromptConfig()
+        self.tau = tau
+        self._marker_ids = tokenizer(self.prompts.closing_marker, add_special_tokens=False)[
+            "input_ids"
+        ]
+
+    # -- plumbing ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.lm.config.hidden_size)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
+        # The chat template already carries its special tokens.
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    def decoder_hidden(self, batch: PaddedBatch) -> torch.Tensor:
+        """Final-layer hidden states (B, L, H) from the base model, no LM head."""
+        out = self.lm.get_decoder()(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    # -- prompts ----------------------------------------------------------------------------
+    def user_prompt_ids(self, histories: Sequence[Sequence[HistoryEntry]]) -> list[list[int]]:
+        return self._encode(
+            [render(self.tokenizer, user_message(h, self.prompts)) for h in histories]
+        )
+
+    def item_prompt_ids(self, items: Sequence[Mapping[str, object]]) -> list[list[int]]:
+        return self._encode(
+            [render(self.tokenizer, item_message(it, self.prompts)) for it in items]
+        )
+
+    # -- lm_head: reasoning -----------------------------------------------------------------
+    @torch.no_grad()
+    def reason(
+        self,
+        histories: Sequence[Sequence[HistoryEntry]],
+        settings: GenerationSettings = GenerationSettings(),
+        num_generations: int = 1,
+    ) -> Rollout:
+        """Write `num_generations` reasoning texts per history in one batched `generate`."""
+        prompt_ids = self.user_prompt_ids(histories)
+        return self.reason_from_ids(prompt_ids, settings, num_generations)
+
+    @torch.no_grad()
+    def reason_from_ids(
+        self, prompt_ids: list[list[int]], settings: GenerationSettings, num_generations: int = 1
+    ) -> Rollout:
+        rows = [p for p in prompt_ids for _ in range(num_generations)]  # (B*G)
+        if settings.max_new_tokens == 0:
+            return Rollout(rows, [[] for _ in rows], ["" for _ in rows], num_generations)
+        batch = left_pad(rows, self.pad_id, self.device)
+        sampling = (
+            {"do_sample": True, "temperature": settings.temperature, "top_k": settings.top_k}
+            if settings.do_sample
+            else {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+        )
+        out = self.lm.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=settings.max_new_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            **sampling,
+        )
+        new = out[:, batch.input_ids.shape[1] :].tolist()  # (B*G, <=T)
+        eos = self.tokenizer.eos_token_id
+        completions = [seq[: seq.index(eos)] if eos in seq else seq for seq in new]
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        return Rollout(rows, completions, [t.strip() for t in texts], num_generations)
+
+    # -- rec_head: vectors and scores -------------------------------------------------------
+    def user_batch(
+        self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]
+    ) -> PaddedBatch:
+        """[prompt; reasoning; closing marker] per row, left-padded, reasoning positions marked."""
+        seqs = [
+            list(p) + list(c) + self._marker_ids
+            for p, c in zip(prompt_ids, completion_ids, strict=True)
+        ]
+        batch = left_pad(seqs, self.pad_id, self.device)
+        width = batch.input_ids.shape[1]
+        for i, c in enumerate(completion_ids):
+            end = width - len(self._marker_ids)
+            batch.completion_mask[i, end - len(c) : end] = 1
+        return batch
+
+    def user_vectors_from_ids(
+        self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
+        """Normalised h_T (B, H), float32. Gradients flow if enabled by the caller."""
+        batch = self.user_batch(prompt_ids, completion_ids)
+        hidden = self.decoder_hidden(batch)[:, -1]  # (B, H)
+        return F.normalize(hidden.float(), dim=-1)
+
+    @torch.no_grad()
+    def user_vectors(
+        self,
+        histories: Sequence[Sequence[HistoryEntry]],
+        rollout: Rollout | None = None,
+    ) -> torch.Tensor:
+        """h_T after the reasoning in `rollout`, or straight after the prompt when None
+        (the paper's "w/o reasoning" mode)."""
+        if rollout is None:
+            prompt_ids = self.user_prompt_ids(histories)
+            return self.user_vectors_from_ids(prompt_ids, [[] for _ in prompt_ids])
+        return self.user_vectors_from_ids(rollout.prompt_ids, rollout.completion_ids)
+
+    def item_vectors_from_ids(self, item_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Normalised h_v (N, H) for already-tokenised item prompts, one batch."""
+        batch = left_pad(item_ids, self.pad_id, self.device)
+        return F.normalize(self.decoder_hidden(batch)[:, -1].float(), dim=-1)
+
+    @torch.no_grad()
+    def item_vectors(
+        self,
+        items: Sequence[Mapping[str, object]],
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Encode a catalog: (N, H) float32, rows in the order of `items`.
+
+        Prompts are sorted by length so each batch carries little padding.
+        """
+        ids = self.item_prompt_ids(items)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = torch.empty((len(ids), self.hidden_size), dtype=torch.float32)
+        bar = tqdm(total=len(ids), desc="encode items", unit="item", disable=not progress)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            out[chunk] = self.item_vectors_from_ids([ids[i] for i in chunk]).cpu()
+            bar.update(len(chunk))
+        bar.close()
+        return out
+
+    def score(self, user_vecs: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
+        """s(u, v) = cos(h_T, h_v) / tau for normalised inputs: (B, H) x (N, H) -> (B, N)."""
+        return user_vecs @ item_vecs.T / self.tau

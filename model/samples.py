@@ -1,0 +1,43 @@
+"""Turn prepared sample rows into the prompt's history entries."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+
+from model.prompts import HistoryEntry
+
+
+def history_entries(
+    item_ids: Sequence[str],
+    ratings: Sequence[float] | None,
+    timestamps: Sequence[int] | None,
+    titles: Mapping[str, str],
+) -> list[HistoryEntry]:
+    """One entry per past item, oldest first; unknown ids raise KeyError naming them."""
+    missing = [i for i in item_ids if i not in titles]
+    if missing:
+        raise KeyError(f"unknown item ids in history: {missing[:10]}")
+    out = []
+    for j, item_id in enumerate(item_ids):
+        rating = None if ratings is None else ratings[j]
+        if rating is not None and (rating != rating or math.isinf(rating)):  # NaN means unknown
+            rating = None
+        ts = None if timestamps is None else timestamps[j]
+        out.append(HistoryEntry(titles[item_id], None if rating is None else float(rating), ts))
+    return out
+
+
+def sample_histories(samples: pd.DataFrame, titles: Mapping[str, str]) -> list[list[HistoryEntry]]:
+    """History entries for every row of a prepared split."""
+    return [
+        history_entries(
+            list(row.history_item_ids),
+            list(row.history_ratings),
+            [int(t) for t in row.history_timestamps],
+            titles,
+        )
+        for row in samples.itertuples(index=False)
+    ]

@@ -1,0 +1,147 @@
+"""RecBole atomic files: item-field mapping, broken files, and the ml-100k source."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import zipfile
+
+import pytest
+
+from model.data import DataError, load_prepared, prepare_atomic, prepare_ml100k
+from model.data.atomic import read_atomic_items
+from model.data.movielens import RAW_FILES, WHEEL_MEMBER_DIR
+
+from .conftest import assert_no_leakage
+
+
+def test_item_field_mapping(tiny_item):
+    items = read_atomic_items(tiny_item).set_index("item_id")
+    assert items.loc["i1", "title"] == "Toy Story"
+    assert items.loc["i1", "year"] == "1995"
+    assert items.loc["i1", "genres"] == "Animation, Children's, Comedy"
+    assert items.loc["i5", "year"] == "1995"  # "1995.0" from a float-typed column
+    assert items.loc["i4", "year"] == "" and items.loc["i9", "genres"] == ""
+    assert (items.description == "").all()
+
+
+def test_item_table_catalog(tiny_inter, tiny_item, tmp_path):
+    ds = load_prepared(prepare_atomic(tiny_inter, tiny_item, tmp_path, "tiny", "loo"))
+    titles = ds.item_titles()
+    # i1..i9 and i11 from the catalog, i10 interacted but unknown, i12 untitled and unused
+    assert sorted(titles) == sorted([f"i{k}" for k in range(1, 12)])
+    assert titles["i10"] == "Item i10" and titles["i11"] == "Richard III"
+    assert ds.category == "item" and ds.meta["stats"]["num_items"] == 11
+
+
+def test_other_field_names_and_no_timestamp(tmp_path):
+    inter = tmp_path / "x.inter"
+    inter.write_text("user_id:token\titem_id:token\na\tp\na\tq\na\tr\n")
+    item = tmp_path / "x.item"
+    item.write_text(
+        "item_id:token\ttitle:token_seq\tyear:token\tcategories:token\tdesc:token_seq\n"
+        "p\tPen\t2001\tOffice Supplies\tA blue pen\n"
+    )
+    ds = load_prepared(prepare_atomic(inter, item, tmp_path, "x", "loo", category="product"))
+    row = ds.items.set_index("item_id").loc["p"]
+    assert (row.title, row.year, row.genres, row.description) == (
+        "Pen", "2001", "Office Supplies", "A blue pen",  # a plain token is not split
+    )  # fmt: skip
+    assert ds.split("test").target_item_id[0] == "r"  # row order stands in for time
+    assert "row order" in ds.meta["source"]["timestamp"]
+
+
+HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ("item_id:token\trating:float\ttimestamp:float\ni\t1\t2\n", "user_id"),
+        (HEADER + "a\ti\t4\t100\na\tj\t4\tyesterday\n", r"line 3: timestamp 'yesterday'"),
+        (HEADER + "a\ti\t4\t100\na\tj\tgood\t200\n", r"line 3: rating 'good'"),
+        (HEADER + "a\ti\t4\t100\na\tj\t200\n", r"line 3: expected 4"),
+        (HEADER + "a\ti\t4\t100\n\t\t4\t200\n", r"line 3: empty user_id"),
+        (HEADER, "no interactions"),
+        ("", "empty"),
+    ],
+)
+def test_broken_inter_file(tmp_path, tiny_item, body, problem):
+    bad = tmp_path / "broken.inter"
+    bad.write_text(body)
+    with pytest.raises(DataError, match=problem) as info:
+        prepare_atomic(bad, tiny_item, tmp_path, "broken", "loo")
+    assert "broken.inter" in str(info.value)
+
+
+def test_missing_files(tmp_path, tiny_inter, tiny_item):
+    with pytest.raises(DataError, match="nope.inter"):
+        prepare_atomic(tmp_path / "nope.inter", tiny_item, tmp_path, "x", "loo")
+    with pytest.raises(DataError, match="nope.item"):
+        prepare_atomic(tiny_inter, tmp_path / "nope.item", tmp_path, "x", "loo")
+    bad_item = tmp_path / "bad.item"
+    bad_item.write_text("movie_title:token_seq\nToy Story\n")
+    with pytest.raises(DataError, match=r"bad\.item.*item_id"):
+        prepare_atomic(tiny_inter, bad_item, tmp_path, "x", "loo")
+
+
+def _ml100k_folder(tmp_path, tiny_inter, tiny_item):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    shutil.copy(tiny_inter, folder / RAW_FILES[0])
+    shutil.copy(tiny_item, folder / RAW_FILES[1])
+    return folder
+
+
+def test_ml100k_from_folder_and_wheel(tmp_path, tiny_inter, tiny_item, monkeypatch):
+    monkeypatch.delenv("R2EC_ML100K_SOURCE", raising=False)
+    folder = _ml100k_folder(tmp_path, tiny_inter, tiny_item)
+    ds = load_prepared(prepare_ml100k(tmp_path / "d1", "loo", source=folder))
+    assert (ds.name, ds.category, len(ds.split("test"))) == ("ml-100k", "movie", 2)
+
+    wheel = tmp_path / "recbole-1.2.1-py3-none-any.whl"  # a stand-in wheel: only a zip
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for f in RAW_FILES:
+            zf.write(folder / f, f"{WHEEL_MEMBER_DIR}/{f}")
+    monkeypatch.setenv("R2EC_ML100K_SOURCE", str(wheel))
+    data_dir = tmp_path / "d2"
+    prepare_ml100k(data_dir, "temporal")
+    assert all((data_dir / "raw" / "ml-100k" / f).is_file() for f in RAW_FILES)
+    # a cached wheel in wheel_cache is used without pip, and raw files are reused after
+    monkeypatch.delenv("R2EC_ML100K_SOURCE")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(wheel, cache / wheel.name)
+    path = prepare_ml100k(tmp_path / "d3", "loo", wheel_cache=cache)
+    assert len(load_prepared(path).split("train")) == 4
+    (cache / wheel.name).unlink()
+    prepare_ml100k(tmp_path / "d3", "temporal", wheel_cache=cache)  # raw cache, no pip
+
+
+def test_ml100k_bad_sources(tmp_path, monkeypatch):
+    monkeypatch.delenv("R2EC_ML100K_SOURCE", raising=False)
+    with pytest.raises(DataError, match="missing.whl"):
+        prepare_ml100k(tmp_path, "loo", source=tmp_path / "missing.whl")
+    junk = tmp_path / "junk.whl"
+    junk.write_text("not a zip")
+    with pytest.raises(DataError, match="junk.whl"):
+        prepare_ml100k(tmp_path, "loo", source=junk)
+    with pytest.raises(DataError, match="lacks"):
+        prepare_ml100k(tmp_path, "loo", source=tmp_path)
+
+
+@pytest.mark.skipif(
+    os.environ.get("R2EC_TEST_ML100K") != "1", reason="set R2EC_TEST_ML100K=1 (downloads a wheel)"
+)
+@pytest.mark.parametrize("protocol", ["loo", "temporal"])
+def test_real_ml100k(tmp_path_factory, protocol):
+    data_dir = tmp_path_factory.getbasetemp() / "ml100k"
+    ds = load_prepared(prepare_ml100k(data_dir, protocol))
+    stats = ds.meta["stats"]
+    assert (stats["num_users"], stats["num_items"], stats["num_interactions"]) == (
+        943, 1682, 100_000,
+    )  # fmt: skip
+    assert sum(len(df) for df in ds.splits.values()) == 100_000 - 943
+    if protocol == "loo":
+        assert len(ds.split("test")) == len(ds.split("valid")) == 943
+    assert_no_leakage(ds, 20)
