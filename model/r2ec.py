@@ -95,9 +95,7 @@ class R2ec:
         self.tokenizer = tokenizer
         self.prompts = prompts or PromptConfig()
         self.tau = tau
-        self._marker_ids = tokenizer(self.prompts.closing_marker, add_special_tokens=False)[
-            "input_ids"
-        ]
+        self._marker_ids = tokenizer(self.prompts.closing_marker, add_special_tokens=False)["input_ids"]
 
     # -- plumbing ---------------------------------------------------------------------------
     @property
@@ -128,14 +126,10 @@ class R2ec:
 
     # -- prompts ----------------------------------------------------------------------------
     def user_prompt_ids(self, histories: Sequence[Sequence[HistoryEntry]]) -> list[list[int]]:
-        return self._encode(
-            [render(self.tokenizer, user_message(h, self.prompts)) for h in histories]
-        )
+        return self._encode([render(self.tokenizer, user_message(h, self.prompts)) for h in histories])
 
     def item_prompt_ids(self, items: Sequence[Mapping[str, object]]) -> list[list[int]]:
-        return self._encode(
-            [render(self.tokenizer, item_message(it, self.prompts)) for it in items]
-        )
+        return self._encode([render(self.tokenizer, item_message(it, self.prompts)) for it in items])
 
     # -- lm_head: reasoning -----------------------------------------------------------------
     @torch.no_grad()
@@ -181,10 +175,7 @@ class R2ec:
         self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]
     ) -> PaddedBatch:
         """[prompt; reasoning; closing marker] per row, left-padded, reasoning positions marked."""
-        seqs = [
-            list(p) + list(c) + self._marker_ids
-            for p, c in zip(prompt_ids, completion_ids, strict=True)
-        ]
+        seqs = [list(p) + list(c) + self._marker_ids for p, c in zip(prompt_ids, completion_ids, strict=True)]
         batch = left_pad(seqs, self.pad_id, self.device)
         width = batch.input_ids.shape[1]
         for i, c in enumerate(completion_ids):

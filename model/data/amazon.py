@@ -90,9 +90,7 @@ def read_reviews(path: str | os.PathLike[str]) -> pd.DataFrame:
                 raise ValueError
             stamp = int(ms) // 1000 if isinstance(ms, int) else int(float(ms)) // 1000
         except (TypeError, ValueError, OverflowError) as exc:
-            raise DataError(
-                f"{path}: line {lineno}: timestamp {rec['timestamp']!r} is not a number"
-            ) from exc
+            raise DataError(f"{path}: line {lineno}: timestamp {rec['timestamp']!r} is not a number") from exc
         rating = rec.get("rating")
         try:
             rating = float(rating) if rating is not None else math.nan
@@ -105,9 +103,7 @@ def read_reviews(path: str | os.PathLike[str]) -> pd.DataFrame:
     if not users:
         raise DataError(f"{path}: no reviews")
     logger.info("read %d reviews from %s", len(users), path)
-    inter = pd.DataFrame(
-        {"user_id": users, "item_id": items, "rating": ratings, "timestamp": stamps}
-    )
+    inter = pd.DataFrame({"user_id": users, "item_id": items, "rating": ratings, "timestamp": stamps})
     return check_interactions(inter, str(path))
 
 
@@ -144,9 +140,7 @@ def read_meta(path: str | os.PathLike[str], wanted: set[str] | None = None) -> p
         categories = rec.get("categories") or []
         if isinstance(categories, str):
             categories = [categories]
-        genres = ", ".join(_text(c) for c in categories if _text(c)) or _text(
-            rec.get("main_category")
-        )
+        genres = ", ".join(_text(c) for c in categories if _text(c)) or _text(rec.get("main_category"))
         rows[asin] = (_text(rec.get("title")), "", genres, cut_words(description))
     logger.info("read meta for %d items from %s", len(rows), path)
     return pd.DataFrame(

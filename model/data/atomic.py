@@ -71,21 +71,16 @@ def read_atomic_table(
             parts = line.split("\t")
             if len(parts) != width:
                 raise DataError(
-                    f"{path}: line {lineno}: expected {width} tab-separated fields, "
-                    f"found {len(parts)}"
+                    f"{path}: line {lineno}: expected {width} tab-separated fields, found {len(parts)}"
                 )
             for col, value in zip(columns, parts, strict=True):
                 col.append(value)
             lines.append(lineno)
-    frame = pd.DataFrame(
-        {name: col for name, col in zip(names, columns, strict=True)}, dtype=object
-    )
+    frame = pd.DataFrame({name: col for name, col in zip(names, columns, strict=True)}, dtype=object)
     return frame, types, np.asarray(lines, dtype=np.int64)
 
 
-def _numeric(
-    values: pd.Series, lines: np.ndarray, path: Path, field: str, allow_empty: bool
-) -> np.ndarray:
+def _numeric(values: pd.Series, lines: np.ndarray, path: Path, field: str, allow_empty: bool) -> np.ndarray:
     """Parse a column as float64; the first non-numeric value raises DataError with its line."""
     stripped = values.astype(str).str.strip()
     parsed = pd.to_numeric(stripped, errors="coerce").to_numpy(dtype=np.float64)

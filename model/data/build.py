@@ -30,9 +30,7 @@ def check_interactions(inter: pd.DataFrame, origin: str) -> pd.DataFrame:
     )
 
 
-def complete_items(
-    items: pd.DataFrame | None, used_ids: set[str], keep_catalog: bool
-) -> pd.DataFrame:
+def complete_items(items: pd.DataFrame | None, used_ids: set[str], keep_catalog: bool) -> pd.DataFrame:
     """The item table: every used item, plus (``keep_catalog``) every titled catalog item.
 
     Catalog items keep their file order; used items missing from it follow, sorted.

@@ -83,9 +83,7 @@ class PreparedDataset:
     def split(self, name: str) -> pd.DataFrame:
         """The samples of one split ("train", "valid" or "test")."""
         if name not in self.splits:
-            raise DataError(
-                f"unknown split {name!r} for {self.path}; choose one of {sorted(self.splits)}"
-            )
+            raise DataError(f"unknown split {name!r} for {self.path}; choose one of {sorted(self.splits)}")
         return self.splits[name]
 
 

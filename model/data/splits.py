@@ -106,10 +106,7 @@ def split_samples(samples: pd.DataFrame, protocol: str) -> dict[str, pd.DataFram
             parts = {name: ordered[labels == name] for name in SPLITS}
         case _:
             raise DataError(f"unknown split protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
-    return {
-        name: part.loc[:, list(SAMPLE_COLUMNS)].reset_index(drop=True)
-        for name, part in parts.items()
-    }
+    return {name: part.loc[:, list(SAMPLE_COLUMNS)].reset_index(drop=True) for name, part in parts.items()}
 
 
 def make_splits(
@@ -123,9 +120,7 @@ def make_splits(
     check_protocol(protocol, max_history)
     samples = build_samples(inter, max_history=max_history, target_mask=target_mask)
     if samples.empty:
-        raise DataError(
-            f"{origin}: no samples, every user has a single interaction (inside the window)"
-        )
+        raise DataError(f"{origin}: no samples, every user has a single interaction (inside the window)")
     splits = split_samples(samples, protocol)
     logger.info(
         "%s split: %s",
