@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,8 +84,13 @@ def save_checkpoint(
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     version: str | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
-    """Write a checkpoint atomically; returns its metadata."""
+    """Write a checkpoint atomically; returns its metadata.
+
+    `write_extra(tmp_dir)` may add files (the trainer's resume state) inside the same
+    atomic write.
+    """
     out = Path(out)
     if weights not in WEIGHT_KINDS:
         raise ValueError(f"weights must be one of {WEIGHT_KINDS}, got {weights!r}")
@@ -118,6 +124,8 @@ def save_checkpoint(
         model.tokenizer.save_pretrained(tmp / "tokenizer")
         items.reset_index(drop=True).to_parquet(tmp / ITEMS_FILE, index=False)
         np.save(tmp / VECTORS_FILE, vectors)
+        if write_extra is not None:
+            write_extra(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
         _swap_into_place(tmp, out)
     finally:
@@ -135,6 +143,31 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+CURRENT_FILE = "CURRENT"
+
+
+def resolve_checkpoint(path: Path | str) -> Path:
+    """The checkpoint a path stands for.
+
+    - a checkpoint directory (has r2ec.json): itself;
+    - a versions root with a CURRENT file (what retraining publishes): the version it names;
+    - a training run directory (`r2ec train --out`): its best/ checkpoint.
+    """
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    if (path / CURRENT_FILE).is_file():
+        target = (path / CURRENT_FILE).read_text().strip()
+        if not target:
+            raise CheckpointError(f"{path / CURRENT_FILE} is empty")
+        return resolve_checkpoint(path / target)
+    if (path / "best" / META_FILE).is_file():
+        return path / "best"
+    raise CheckpointError(
+        f"{path} is not an R²ec checkpoint: no {META_FILE}, no {CURRENT_FILE} pointer, no best/ checkpoint"
+    )
 
 
 def read_meta(path: Path | str) -> dict[str, Any]:
@@ -162,7 +195,7 @@ def load_checkpoint(
     trainable: bool = False,
 ) -> Checkpoint:
     """Rebuild model, catalog and item table; every mismatch raises CheckpointError."""
-    path = Path(path)
+    path = resolve_checkpoint(path)
     meta = read_meta(path)
     for name in (ITEMS_FILE, VECTORS_FILE, "tokenizer"):
         if not (path / name).exists():
@@ -170,19 +203,13 @@ def load_checkpoint(
     weights = meta["weights"]
     if weights == "full":
         if not (path / "model").is_dir():
-            raise CheckpointError(
-                f"checkpoint {path} says weights=full but has no model/ directory"
-            )
+            raise CheckpointError(f"checkpoint {path} says weights=full but has no model/ directory")
         lm = load_lm(path / "model", dtype=dtype, num_threads=num_threads)
     else:
-        lm, _ = load_backbone(
-            BackboneConfig(base=meta["base"], dtype=dtype, num_threads=num_threads)
-        )
+        lm, _ = load_backbone(BackboneConfig(base=meta["base"], dtype=dtype, num_threads=num_threads))
         if weights == "lora":
             if not (path / "adapter").is_dir():
-                raise CheckpointError(
-                    f"checkpoint {path} says weights=lora but has no adapter/ directory"
-                )
+                raise CheckpointError(f"checkpoint {path} says weights=lora but has no adapter/ directory")
             from peft import PeftModel
 
             lm = PeftModel.from_pretrained(lm, path / "adapter", is_trainable=trainable)
