@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from model.r2ec import GenerationSettings, R2ec
+from model.rewards import target_rank
 from model.samples import sample_histories
 
 log = logging.getLogger(__name__)
@@ -30,14 +31,12 @@ def target_ranks(
     scores: torch.Tensor, targets: torch.Tensor, exclude: Sequence[Sequence[int]] | None = None
 ) -> torch.Tensor:
     """1-based rank of each row's target: scores (B, N), targets (B,) -> (B,) long."""
-    scores = scores.detach().float().clone()
+    mask = None
     if exclude is not None:
+        mask = torch.zeros(scores.shape, dtype=torch.bool)
         for i, cols in enumerate(exclude):
-            cols = [c for c in cols if c != int(targets[i])]
-            if cols:
-                scores[i, cols] = float("-inf")
-    target_scores = scores.gather(1, targets.view(-1, 1))  # (B, 1)
-    return (scores > target_scores).sum(dim=1) + 1
+            mask[i, list(cols)] = True
+    return target_rank(scores.detach(), targets, mask)
 
 
 def ndcg_at_k(rank: int, k: int) -> float:
@@ -124,9 +123,7 @@ def evaluate_model(
         scores = model.score(users, vectors)  # (B, N)
         targets = torch.tensor([col[str(t)] for t in chunk["target_item_id"]])
         exclude = (
-            [[col[i] for i in h if i in col] for h in chunk["history_item_ids"]]
-            if cfg.mask_history
-            else None
+            [[col[i] for i in h if i in col] for h in chunk["history_item_ids"]] if cfg.mask_history else None
         )
         batch_ranks = target_ranks(scores, targets, exclude).tolist()
         ranks.extend(batch_ranks)
@@ -164,11 +161,7 @@ def evaluate_popularity(
     scores = torch.from_numpy(np.broadcast_to(counts, (len(rows), len(items))).copy())
     targets = torch.tensor([col[str(t)] for t in rows["target_item_id"]])
     exclude = (
-        [[col[i] for i in h if i in col] for h in rows["history_item_ids"]]
-        if cfg.mask_history
-        else None
+        [[col[i] for i in h if i in col] for h in rows["history_item_ids"]] if cfg.mask_history else None
     )
     ranks = target_ranks(scores, targets, exclude).tolist()
-    return EvalResult(
-        ranking_metrics(ranks, cfg.ks), len(ranks), time.perf_counter() - start, ranks
-    )
+    return EvalResult(ranking_metrics(ranks, cfg.ks), len(ranks), time.perf_counter() - start, ranks)

@@ -1,0 +1,236 @@
+"""RecPO configuration and its pure math: group advantages and clipped losses.
+
+R²ec, arXiv 2505.16994 §3.2 and Appendix E; DESIGN §3. The training loop in
+model/train.py only calls these functions.
+
+Shapes: B users, G generations per user, T reasoning tokens, M = B*G rollouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ADVANTAGES = ("grpo", "rloo")
+STAGES = ("recpo", "contrastive")
+
+
+@dataclass
+class RecPOConfig:
+    """Every knob of `r2ec train`, TRL's names where they exist."""
+
+    # -- what to train -----------------------------------------------------------------------
+    stage: str = "recpo"  # "recpo", or "contrastive": the "w/o reasoning" warm-up
+    lora: bool = True  # LoRA adapters (fp32) over a frozen base; False = full fine-tuning
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_layers: int | None = None  # adapters on the top this-many decoder layers only (None = all):
+    # backward then stops there, which roughly halves a CPU step at 8 of SmolLM2's 30 layers
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    dtype: str = "bfloat16"  # base model dtype; LoRA weights stay fp32
+    tau: float = 0.02  # temperature of s(u, v) = cos / tau
+    # -- rollout -------------------------------------------------------------------------------
+    num_generations: int = 4  # G trajectories per user
+    temperature: float = 1.0
+    top_k: int = 50
+    max_completion_length: int = 64  # reasoning token budget per trajectory
+    # -- reward and advantage ------------------------------------------------------------------
+    similarity_reward_weight: float = 0.05  # beta in R = beta*R_c + (1-beta)*R_d
+    ndcg_k: int = 1000  # cut-off of R_d
+    advantage: str = "grpo"  # "grpo": (R - mean)/(std + eps); "rloo": R - mean of the others
+    mask_history: bool = True  # drop history items from the reward's ranking (as eval does)
+    # -- losses --------------------------------------------------------------------------------
+    epsilon: float = 0.2  # clip ratio to [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float = 0.28
+    best_n: int = 1  # trajectories per user that train rec_head (top advantages)
+    num_iterations: int = 1  # policy updates per rollout batch (PPO epochs, TRL's mu)
+    full_catalog_negatives: bool = True  # contrastive stage: also score the (detached) item table
+    # -- optimisation --------------------------------------------------------------------------
+    per_device_batch_size: int = 4  # B users per process per step
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    max_steps: int = 100
+    time_budget_minutes: float | None = None  # stop (and save) once this much wall time is spent
+    refresh_every: int = 50  # re-encode the whole catalog every this many steps
+    # -- eval and checkpoints ------------------------------------------------------------------
+    eval_every: int = 25
+    eval_limit: int | None = 200  # valid samples per periodic eval (None = all)
+    eval_reasoning_tokens: int | None = None  # default: max_completion_length
+    save_every: int = 25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
+        if self.stage == "recpo" and self.num_generations < 2:
+            raise ValueError("num_generations must be >= 2: group advantages need a group")
+        if self.advantage == "rloo" and self.num_generations < 2:
+            raise ValueError("rloo needs num_generations >= 2 (the leave-one-out mean)")
+        if not 0.0 <= self.similarity_reward_weight <= 1.0:
+            raise ValueError("similarity_reward_weight (beta) must be in [0, 1]")
+        if not 1 <= self.best_n <= self.num_generations:
+            raise ValueError(f"best_n must be in [1, num_generations={self.num_generations}]")
+        if self.epsilon <= 0 or self.epsilon_high <= 0:
+            raise ValueError("epsilon and epsilon_high must be > 0")
+        for name in (
+            "per_device_batch_size",
+            "gradient_accumulation_steps",
+            "max_steps",
+            "refresh_every",
+            "eval_every",
+            "save_every",
+            "num_iterations",
+            "ndcg_k",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.stage == "contrastive" and self.per_device_batch_size < 2 and not self.full_catalog_negatives:
+            raise ValueError("in-batch contrastive training needs per_device_batch_size >= 2")
+        if self.lora_layers is not None and self.lora_layers < 1:
+            raise ValueError(f"lora_layers must be >= 1 or null, got {self.lora_layers}")
+        if self.tau <= 0 or self.temperature <= 0:
+            raise ValueError("tau and temperature must be > 0")
+
+    @property
+    def reasoning_tokens_at_eval(self) -> int:
+        return (
+            self.max_completion_length if self.eval_reasoning_tokens is None else self.eval_reasoning_tokens
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_yaml(cls, path: Path | str, **overrides: Any) -> RecPOConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, kind: str) -> torch.Tensor:
+    """Advantages within each user's group of G rollouts: rewards (B*G,) -> (B*G,).
+
+    grpo: A_i = (R_i - mean) / (std + 1e-8)           (DeepSeekMath GRPO; DESIGN §3 step 3)
+    rloo: A_i = R_i - mean of the other G-1 rewards   (Ahmadian et al. 2024)
+    A group of equal rewards gives zero advantage under both.
+    """
+    grouped = rewards.float().view(-1, num_generations)  # (B, G)
+    match kind:
+        case "grpo":
+            mean = grouped.mean(dim=1, keepdim=True)
+            std = grouped.std(dim=1, keepdim=True, unbiased=False)
+            adv = (grouped - mean) / (std + 1e-8)
+        case "rloo":
+            others = (grouped.sum(dim=1, keepdim=True) - grouped) / (num_generations - 1)
+            adv = grouped - others
+        case _:
+            raise ValueError(f"unknown advantage {kind!r}; use one of {ADVANTAGES}")
+    return adv.reshape(-1)
+
+
+def clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float, epsilon_high: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective as a per-element loss (to minimise).
+
+    loss = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+    Returns (loss, clipped_low, clipped_high) where the flags mark elements whose
+    clipped branch was active (for the clip_ratio/low|high metrics).
+    """
+    clipped = ratio.clamp(1.0 - epsilon, 1.0 + epsilon_high)
+    unclipped_obj = ratio * advantages
+    clipped_obj = clipped * advantages
+    loss = -torch.minimum(unclipped_obj, clipped_obj)
+    low = (ratio < 1.0 - epsilon) & (advantages < 0)
+    high = (ratio > 1.0 + epsilon_high) & (advantages > 0)
+    return loss, low, high
+
+
+def token_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon: float,
+    epsilon_high: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate per reasoning token, averaged over real tokens (padding masked).
+
+    logp, old_logp, mask: (M, T); advantages: (M,) broadcast over each rollout's tokens.
+    A rollout with no reasoning tokens contributes nothing.
+    """
+    mask = mask.float()
+    ratio = torch.exp(logp - old_logp)  # (M, T)
+    per_token, low, high = clipped_surrogate(ratio, advantages.unsqueeze(1), epsilon, epsilon_high)
+    denom = mask.sum().clamp(min=1.0)
+    loss = (per_token * mask).sum() / denom
+    stats = {
+        "clip_ratio/low": float((low.float() * mask).sum() / denom),
+        "clip_ratio/high": float((high.float() * mask).sum() / denom),
+    }
+    return loss, stats
+
+
+def best_trajectories(advantages: torch.Tensor, num_generations: int, best_n: int) -> torch.Tensor:
+    """Flat indices (B*best_n,) of each group's top-`best_n` advantages, user-major.
+
+    RecPO, arXiv 2505.16994 §3.2: only the best trajectory trains rec_head.
+    """
+    grouped = advantages.view(-1, num_generations)  # (B, G)
+    top = grouped.topk(best_n, dim=1).indices  # (B, best_n)
+    offsets = torch.arange(grouped.shape[0], device=advantages.device).unsqueeze(1) * num_generations
+    return (top + offsets).reshape(-1)
+
+
+def in_batch_logits(
+    users: torch.Tensor, targets: torch.Tensor, target_ids: list, tau: float, user_targets: list
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (U, C) of each user against the batch's target items, and each user's column.
+
+    users (U, H) and targets (C, H) L2-normalised; target_ids (C,) the items behind the
+    columns, user_targets (U,) each user's own item. Columns holding the same item as the
+    user's target (duplicates in the batch) other than the first are masked, so an item is
+    never its own negative.
+    """
+    logits = users @ targets.T / tau  # (U, C)
+    col_of: dict = {}
+    for c, item in enumerate(target_ids):
+        col_of.setdefault(item, c)
+    own = torch.tensor([col_of[t] for t in user_targets], device=users.device)
+    dup = torch.tensor(
+        [[target_ids[c] == t and c != col_of[t] for c in range(len(target_ids))] for t in user_targets],
+        device=users.device,
+    )
+    return logits.masked_fill(dup, float("-inf")), own
+
+
+def in_batch_log_probs(
+    users: torch.Tensor, targets: torch.Tensor, target_ids: list, tau: float, user_targets: list
+) -> torch.Tensor:
+    """log p(target | user) under an in-batch softmax over the batch's target items: (U,)."""
+    logits, own = in_batch_logits(users, targets, target_ids, tau, user_targets)
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, own.view(-1, 1)).squeeze(1)
+
+
+def item_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, epsilon: float, epsilon_high: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The same clipped form on the item choice: ratio = p / p_old, per best trajectory."""
+    ratio = torch.exp(logp - old_logp)
+    loss, low, high = clipped_surrogate(ratio, advantages, epsilon, epsilon_high)
+    return loss.mean(), {"item/clip_ratio": float((low | high).float().mean())}
