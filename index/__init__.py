@@ -1,0 +1,6 @@
+"""Item vector index: numpy + faiss only; knows vectors and ids, not models."""
+
+from index.faiss_index import IndexConfig, ItemIndex, UnknownItemError, tune_faiss
+from index.persist import IndexMismatchError
+
+__all__ = ["IndexConfig", "IndexMismatchError", "ItemIndex", "UnknownItemError", "tune_faiss"]

@@ -1,0 +1,165 @@
+"""Crash-safe storage of a faiss index and its json description in one directory.
+
+Layout of a saved directory:
+  index.json               the commit record: format, kind, config, dim, ntotal, id map,
+                           next id, tombstones, caller metadata, and `faiss_file`/`faiss_bytes`
+  index-<token>.faiss      the faiss index that json describes (faiss.write_index)
+
+Write order: (1) faiss file under a fresh unique name, fsync; (2) json to a hidden temp name,
+fsync; (3) `os.replace(temp, index.json)` — the commit point; (4) fsync the directory;
+(5) delete faiss files and temp files the new json does not name. A crash before (3) leaves the
+old json naming the old (untouched) faiss file; after (3) the new pair is complete. So a loader
+never sees a json next to a faiss file it does not describe. One writer per directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import faiss
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+JSON_NAME = "index.json"
+_FAISS_GLOB = "index-*.faiss"
+_TMP_GLOB = f".{JSON_NAME}.*.tmp"
+
+_REQUIRED_FIELDS = (
+    *("kind", "config", "dim", "ntotal", "next_id", "item_ids", "faiss_ids", "tombstones"),
+    *("metadata", "faiss_file", "faiss_bytes"),
+)
+# faiss index type a kind must load as (after faiss.read_index's downcast)
+_EXPECTED_TYPES = {"flat": "IndexIDMap2", "ivf": "IndexIVFFlat", "hnsw": "IndexIDMap2"}
+
+
+class IndexMismatchError(ValueError):
+    """A saved index does not match what the caller expects (dim, model_version, ...)."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_index_dir(directory: Path, index: faiss.Index, doc: dict[str, Any]) -> Path:
+    """Save `index` + `doc` (the json body, without file fields) into `directory`."""
+    try:
+        json.dumps(doc["metadata"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"index metadata must be JSON-serialisable: {e}") from None
+    directory.mkdir(parents=True, exist_ok=True)
+    token = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
+    faiss_path = directory / f"index-{token}.faiss"
+    tmp_json = directory / f".{JSON_NAME}.{token}.tmp"
+    json_path = directory / JSON_NAME
+    try:
+        faiss.write_index(index, str(faiss_path))
+        _fsync(faiss_path)
+        body = {**doc, "faiss_file": faiss_path.name, "faiss_bytes": faiss_path.stat().st_size}
+        with open(tmp_json, "w", encoding="utf-8") as f:
+            json.dump(body, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_json, json_path)  # commit point
+    except BaseException:
+        for p in (tmp_json, faiss_path):
+            p.unlink(missing_ok=True)
+        raise
+    _fsync(directory)
+    for stale in [*directory.glob(_FAISS_GLOB), *directory.glob(_TMP_GLOB)]:
+        if stale.name != faiss_path.name:
+            stale.unlink(missing_ok=True)
+    logger.info("saved index to %s (%s, %d bytes)", directory, faiss_path.name, body["faiss_bytes"])
+    return json_path
+
+
+def _read_json(json_path: Path) -> dict[str, Any]:
+    if not json_path.is_file():
+        raise FileNotFoundError(f"index description not found: {json_path}")
+    try:
+        doc = json.loads(json_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{json_path} is not valid JSON: {e}") from None
+    version = doc.get("format_version") if isinstance(doc, dict) else None
+    if version != FORMAT_VERSION:
+        raise IndexMismatchError(
+            f"format_version: expected {FORMAT_VERSION}, found {version!r} in {json_path}"
+        )
+    missing = [key for key in _REQUIRED_FIELDS if key not in doc]
+    if missing:
+        raise ValueError(f"{json_path} lacks field(s) {missing}: not written by ItemIndex.save")
+    return doc
+
+
+def _check_expectations(
+    doc: dict[str, Any], where: Path, expect_dim: int | None, expect_metadata: dict[str, Any] | None
+) -> None:
+    if expect_dim is not None and doc["dim"] != expect_dim:
+        raise IndexMismatchError(f"dim: expected {expect_dim}, found {doc['dim']} in {where}")
+    metadata = doc.get("metadata", {})
+    for key, want in (expect_metadata or {}).items():
+        want = json.loads(json.dumps(want))  # compare as stored: tuples became lists
+        if key not in metadata:
+            raise IndexMismatchError(f"{key}: expected {want!r}, found no {key!r} in {where}")
+        if metadata[key] != want:
+            raise IndexMismatchError(f"{key}: expected {want!r}, found {metadata[key]!r} in {where}")
+
+
+def _faiss_path(directory: Path, doc: dict[str, Any]) -> Path:
+    name = doc.get("faiss_file")
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".faiss"):
+        raise ValueError(f"{directory / JSON_NAME}: bad faiss_file entry {name!r}")
+    return directory / name
+
+
+def read_index_dir(
+    directory: Path, expect_dim: int | None, expect_metadata: dict[str, Any] | None
+) -> tuple[dict[str, Any], faiss.Index]:
+    """Read and cross-check a saved directory; returns (json body, faiss index)."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"index directory not found: {directory}")
+    json_path = directory / JSON_NAME
+    doc = _read_json(json_path)
+    _check_expectations(doc, json_path, expect_dim, expect_metadata)
+    faiss_path = _faiss_path(directory, doc)
+    if not faiss_path.is_file():
+        # a writer may have committed a new pair and deleted this file since we read the json
+        doc = _read_json(json_path)
+        _check_expectations(doc, json_path, expect_dim, expect_metadata)
+        faiss_path = _faiss_path(directory, doc)
+        if not faiss_path.is_file():
+            raise FileNotFoundError(f"faiss file named by {json_path} not found: {faiss_path}")
+    size = faiss_path.stat().st_size
+    if size != doc["faiss_bytes"]:
+        raise IndexMismatchError(f"faiss_bytes: expected {doc['faiss_bytes']}, found {size} for {faiss_path}")
+    index = faiss.read_index(str(faiss_path))
+    found = {
+        "type": type(index).__name__,
+        "dim": index.d,
+        "ntotal": index.ntotal,
+        "rows": len(doc["item_ids"]) + len(doc["tombstones"]),
+    }
+    expected = {
+        "type": _EXPECTED_TYPES.get(doc["kind"]),
+        "dim": doc["dim"],
+        "ntotal": doc["ntotal"],
+        "rows": doc["ntotal"],
+    }
+    for field, want in expected.items():
+        if found[field] != want:
+            raise IndexMismatchError(
+                f"{field}: {json_path} says {want!r}, found {found[field]!r} in {faiss_path}"
+            )
+    if len(doc["item_ids"]) != len(doc["faiss_ids"]):
+        raise ValueError(f"{json_path}: item_ids and faiss_ids differ in length")
+    return doc, index
