@@ -1,0 +1,88 @@
+"""Thin helpers over torch.distributed that are no-ops in a single process.
+
+`torchrun --nproc_per_node N` / `accelerate launch` set RANK and WORLD_SIZE; we pick
+gloo on CPU and nccl on GPU. Gradients are averaged explicitly after each backward
+(`all_reduce_gradients`), the same arithmetic DDP does, because the trainer calls the
+model's decoder and generate() directly rather than one forward() DDP could hook.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as td
+
+
+def init() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not td.is_initialized():
+        td.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def active() -> bool:
+    return td.is_available() and td.is_initialized() and td.get_world_size() > 1
+
+
+def rank() -> int:
+    return td.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return td.get_world_size() if active() else 1
+
+
+def barrier() -> None:
+    if active():
+        td.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if active():
+        td.all_reduce(t, op=td.ReduceOp.SUM)
+    return t
+
+
+def any_flag(flag: bool) -> bool:
+    """True on every process if it is True on any (so all stop at the same step)."""
+    if not active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_parameters(params: list[torch.nn.Parameter]) -> None:
+    if active():
+        for p in params:
+            td.broadcast(p.data, src=0)
+
+
+def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average .grad over processes (what DDP's reducer does, without bucketing)."""
+    if not active():
+        return
+    world = td.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        td.all_reduce(p.grad, op=td.ReduceOp.SUM)
+        p.grad.div_(world)
+
+
+def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every process's rows; gradients flow back to each process's own rows."""
+    if not active():
+        return t
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t), dim=0)
+
+
+def gather_objects(obj: list[Any]) -> list[Any]:
+    """Concatenate every process's list, rank order."""
+    if not active():
+        return list(obj)
+    out: list[list[Any]] = [[] for _ in range(td.get_world_size())]
+    td.all_gather_object(out, list(obj))
+    return [x for part in out for x in part]
