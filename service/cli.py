@@ -236,3 +236,192 @@ def _eval_model(ds, samples, cfg, checkpoint, base, dtype):
     if vectors is None:
         vectors = model.item_vectors(ds.items.to_dict("records"), progress=True)
     return evaluate_model(model, samples, ds.items, vectors, cfg), label
+
+
+@app.command("train")
+def train_cmd(
+    data: Annotated[Path, typer.Option(help="Prepared dataset dir, e.g. data/ml-100k/loo")],
+    out: Annotated[Path, typer.Option(help="Run dir: best/, last/, log.jsonl, curves.png")],
+    base: Annotated[str, typer.Option(help="Backbone (smollm2, tiny, HF dir, .gguf) or a checkpoint")] = "smollm2",
+    config: Annotated[Path | None, typer.Option(help="YAML file of RecPOConfig fields")] = None,
+    stage: Annotated[str | None, typer.Option(help="recpo or contrastive (overrides the config)")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Overrides the config")] = None,
+    time_budget_minutes: Annotated[float | None, typer.Option(help="Overrides the config")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last exactly")] = False,
+) -> None:
+    """RecPO (or the contrastive warm-up) on a prepared dataset. Also runs under torchrun."""
+    from model.data import DataError, load_prepared
+    from model.recpo import RecPOConfig
+    from model.train import train
+
+    overrides = {"stage": stage, "max_steps": max_steps, "time_budget_minutes": time_budget_minutes}
+    try:
+        cfg = (
+            RecPOConfig.from_yaml(config, **overrides)
+            if config
+            else RecPOConfig(**{k: v for k, v in overrides.items() if v is not None})
+        )
+        ds = load_prepared(data)
+        best = train(cfg, ds, base, out, resume=resume)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(f"best checkpoint: {best}")
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option(envvar="R2EC_HOST", help="Bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="R2EC_PORT", help="TCP port")] = 8000,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint dir (default $R2EC_CHECKPOINT or checkpoints/current)")
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="redis://host:port/db (default $R2EC_REDIS_URL; empty = in-process)")
+    ] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Micro-batch size (1 = no batching)")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(help="Micro-batch wait")] = None,
+    dtype: Annotated[str | None, typer.Option(help="bfloat16 or float32")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+) -> None:
+    """Start the HTTP service (FastAPI + uvicorn). Every setting also reads R2EC_* env vars."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from model.checkpoint import CheckpointError, read_meta, resolve_checkpoint
+    from service.app import create_app
+    from service.config import Settings
+
+    overrides = {
+        "checkpoint": checkpoint,
+        "redis_url": redis_url,
+        "max_batch": max_batch,
+        "max_wait_ms": max_wait_ms,
+        "dtype": dtype,
+        "threads": threads,
+    }
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        _fail(f"bad setting: {exc}")
+    try:
+        read_meta(resolve_checkpoint(settings.checkpoint))
+    except CheckpointError as exc:
+        _fail(f"{exc}; create one with `r2ec checkpoint init --data DIR --out {settings.checkpoint}`")
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=10,
+    )
+
+
+@app.command("retrain")
+def retrain_cmd(
+    data: Annotated[Path, typer.Option(help="Seed prepared dataset, e.g. data/ml-100k/loo")],
+    root: Annotated[
+        Path, typer.Option(envvar="R2EC_CHECKPOINT", help="Versions root: version dirs + the CURRENT pointer")
+    ] = Path("checkpoints"),
+    redis_url: Annotated[
+        str, typer.Option(envvar="R2EC_REDIS_URL", help="Event stream's Redis; '' = no stream (dataset only)")
+    ] = "",
+    config: Annotated[Path | None, typer.Option(help="YAML file of RecPOConfig fields")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Overrides the config")] = None,
+    time_budget_minutes: Annotated[float | None, typer.Option(help="Overrides the config")] = None,
+    tolerance: Annotated[
+        float, typer.Option(help="Publish if NDCG@10 >= current - tolerance (negative: demand a gain)")
+    ] = 0.0,
+    keep: Annotated[int, typer.Option(help="Versions to keep (the current one always stays)")] = 3,
+    min_events: Annotated[int, typer.Option(help="New stream events needed to train")] = 1,
+    every_minutes: Annotated[
+        float | None, typer.Option(help="Run forever, this many minutes apart (a scheduler's loop)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per run")] = False,
+) -> None:
+    """Read new events, rebuild the samples, warm-start RecPO from CURRENT, publish if not worse."""
+    import time
+
+    from model.recpo import RecPOConfig
+    from model.retrain import RetrainConfig
+
+    overrides = {"max_steps": max_steps, "time_budget_minutes": time_budget_minutes}
+    try:
+        train_cfg = (
+            RecPOConfig.from_yaml(config, **overrides)
+            if config
+            else RecPOConfig(**{k: v for k, v in overrides.items() if v is not None})
+        )
+        cfg = RetrainConfig(
+            root=root, data=data, train=train_cfg, tolerance=tolerance, keep=keep, min_events=min_events
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if every_minutes is None:
+        _retrain_once(cfg, redis_url, as_json)
+        return
+    if every_minutes <= 0:
+        _fail(f"--every-minutes must be > 0, got {every_minutes}")
+    while True:  # a failed run is reported and retried at the next tick
+        try:
+            _retrain_once(cfg, redis_url, as_json)
+        except typer.Exit:
+            pass
+        time.sleep(60 * every_minutes)
+
+
+def _retrain_once(cfg, redis_url: str, as_json: bool) -> None:
+    from model.retrain import retrain
+
+    try:
+        result = retrain(cfg, _stream_reader(redis_url) if redis_url else None)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # Checkpoint/Data/RetrainError, Redis down
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    typer.echo(f"retrain {result.status}: {result.reason}")
+    typer.echo(
+        f"  events   {result.new_events} new, {result.events_total} consumed in total"
+        f"{'' if result.stream else ' (no stream)'}, cursor {result.last_event_id}"
+    )
+    if result.samples:
+        typer.echo("  samples  " + ", ".join(f"{k}={v}" for k, v in result.samples.items()))
+    typer.echo(f"  current  {result.current_version}  {result.metric} {fmt(result.current_metric)}")
+    if result.candidate_version:
+        typer.echo(f"  trained  {result.candidate_version}  {result.metric} {fmt(result.candidate_metric)}")
+    if result.published_version:
+        typer.echo(f"  CURRENT -> {result.published_version}")
+    if result.pruned:
+        typer.echo(f"  pruned   {', '.join(result.pruned)}")
+
+
+def _stream_reader(redis_url: str):
+    """read_events(after) over the service's Redis stream, paged, as model.retrain.StreamEvents."""
+    import asyncio
+
+    from model.retrain import StreamEvent
+    from service.store import RedisStore, StoreUnavailable
+
+    async def read_all(after: str) -> list[StreamEvent]:
+        store = RedisStore(redis_url, timeout_s=10.0)
+        out: list[StreamEvent] = []
+        try:
+            while page := await store.read_events(after, count=10_000):
+                out += [
+                    StreamEvent(e.id, e.user_id, e.event.item_id, e.event.rating, e.event.timestamp)
+                    for e in page
+                ]
+                after = page[-1].id
+        finally:
+            await store.close()
+        return out
+
+    def read(after: str) -> list[StreamEvent]:
+        try:
+            return asyncio.run(read_all(after))
+        except StoreUnavailable as exc:
+            hint = "start Redis or pass --redis-url '' to retrain on the dataset only"
+            raise RuntimeError(f"{exc}; {hint}") from exc
+
+    return read

@@ -1,0 +1,99 @@
+"""Service settings, read from the environment (prefix `R2EC_`) when the app is built.
+
+Nothing here runs at import: `Settings()` is constructed in `create_app()` or by `r2ec serve`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+DTYPES = ("bfloat16", "float32", "float16")
+
+
+class Settings(BaseSettings):
+    """Every knob of the online service; env var = `R2EC_` + the upper-cased field name."""
+
+    model_config = SettingsConfigDict(env_prefix="R2EC_", extra="ignore")
+
+    checkpoint: Path = Field(
+        Path("checkpoints/current"),
+        description="Checkpoint directory served at startup and by a reload without a path.",
+    )
+    redis_url: str = Field(
+        "",
+        description="redis://host:port/db for histories, events and the reasoning cache; "
+        "empty = an in-process store (lost on restart).",
+    )
+    max_batch: int = Field(8, ge=1, le=256, description="Most /recommend requests per batch.")
+    max_wait_ms: float = Field(
+        10.0, ge=0, le=10_000, description="How long the first request of a batch waits for others."
+    )
+    max_reasoning_tokens: int = Field(
+        64, ge=0, description="Reasoning budget when a request does not give one."
+    )
+    reasoning_token_limit: int = Field(
+        256, ge=0, description="The largest max_reasoning_tokens a request may ask for."
+    )
+    reasoning: bool = Field(True, description="Reason before recommending unless a request says no.")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's).")
+    dtype: str = Field("bfloat16", description="Model dtype: bfloat16 (fast on avx512_bf16), float32.")
+    api_key: SecretStr | None = Field(
+        None, description="Key for admin routes (header X-API-Key); unset = admin API disabled."
+    )
+    log_level: str = Field("INFO", description="Python logging level.")
+    history_window: int = Field(20, ge=1, le=1000, description="Stored history length per user.")
+    cache_size: int = Field(
+        10_000, ge=0, description="Reasoning cache entries kept in process (0 disables the cache)."
+    )
+    cache_ttl_s: int = Field(86_400, ge=1, description="Reasoning cache entry lifetime in Redis.")
+    stream_maxlen: int = Field(
+        1_000_000, ge=1, description="Approximate cap of the Redis event stream r2ec:events."
+    )
+    index_kind: str = Field("flat", description="Item index: flat (exact), ivf or hnsw.")
+    watch_interval_s: float = Field(
+        0.0,
+        ge=0,
+        description="Poll the checkpoint's version this often and reload when it "
+        "changes (0 = off; `POST /admin/reload` always works).",
+    )
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {v!r}")
+        return v
+
+    @field_validator("index_kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in INDEX_KINDS:
+            raise ValueError(f"index_kind must be one of {INDEX_KINDS}, got {v!r}")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        level = v.upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {v!r}")
+        return level
+
+    @model_validator(mode="after")
+    def _budgets(self) -> Settings:
+        if self.max_reasoning_tokens > self.reasoning_token_limit:
+            raise ValueError(
+                f"max_reasoning_tokens ({self.max_reasoning_tokens}) exceeds reasoning_token_limit "
+                f"({self.reasoning_token_limit}); raise R2EC_REASONING_TOKEN_LIMIT"
+            )
+        return self
+
+    @property
+    def admin_key(self) -> str | None:
+        if self.api_key is None or not self.api_key.get_secret_value():
+            return None
+        return self.api_key.get_secret_value()

@@ -1,0 +1,110 @@
+"""Prometheus metrics, one `CollectorRegistry` per app (so apps built by tests never collide).
+
+Names use the `r2ec_` namespace; Prometheus names cannot hold the `/` of training logs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TOKEN_BUCKETS = (0, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.request_latency = Histogram(
+            "r2ec_request_duration_seconds",
+            "HTTP request latency by route template and status.",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "r2ec_batch_size", "Requests per micro-batch.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("r2ec_queue_depth", "Requests waiting for a micro-batch.", registry=r)
+        self.generate_seconds = Histogram(
+            "r2ec_generate_seconds",
+            "Time of one batched generate call.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.reasoning_tokens = Histogram(
+            "r2ec_reasoning_tokens",
+            "Reasoning tokens per answered request (sum = total tokens).",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.cache = Counter(
+            "r2ec_reasoning_cache_total",
+            "Reasoning cache lookups by result (hit, miss).",
+            ["result"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "r2ec_store_errors_total",
+            "Failed history-store operations by operation.",
+            ["op"],
+            registry=r,
+        )
+        self.index_size = Gauge("r2ec_index_items", "Items in the served index.", registry=r)
+        self.model = Info("r2ec_model", "The model version being served.", registry=r)
+        self.reloads = Counter(
+            "r2ec_reloads_total", "Checkpoint reloads by outcome.", ["outcome"], registry=r
+        )
+
+    def track_index_size(self, size: Callable[[], int]) -> None:
+        self.index_size.set_function(lambda: float(size()))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Pure ASGI middleware: latency per (method, route template, status).
+
+    The route template (`/users/{user_id}/history`), not the raw path, so labels stay bounded;
+    unmatched paths are recorded as "unmatched".
+    """
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.request_latency.labels(
+                scope.get("method", ""), template, str(status["code"])
+            ).observe(time.perf_counter() - start)

@@ -1,0 +1,255 @@
+"""Thin HTTP handlers: read the input, call the service state, shape the reply.
+
+Dependencies are `Annotated` aliases so tests can swap any of them with
+`app.dependency_overrides[get_state] = ...`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
+
+from service import schemas
+from service.config import Settings
+from service.engine import Query, Recommender, Result, UnknownItemsError
+from service.state import ServiceState
+from service.store import Event, HistoryStore
+
+router = APIRouter()
+
+UserIdPath = Annotated[str, Path(min_length=1, max_length=256)]
+ItemIdPath = Annotated[str, Path(min_length=1, max_length=256)]
+
+
+# ---------------------------------------------------------------------- dependencies
+def get_state(request: Request) -> ServiceState:
+    state = getattr(request.app.state, "r2ec", None)
+    if state is None:
+        raise HTTPException(503, "the service is starting: model not loaded yet")
+    return state
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def get_engine(state: StateDep) -> Recommender:
+    return state.engine
+
+
+def get_store(state: StateDep) -> HistoryStore:
+    return state.store
+
+
+def get_settings(state: StateDep) -> Settings:
+    return state.settings
+
+
+EngineDep = Annotated[Recommender, Depends(get_engine)]
+StoreDep = Annotated[HistoryStore, Depends(get_store)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+# Declared as a security scheme, so the OpenAPI docs offer an "Authorize" box for it.
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The admin key (R2EC_API_KEY).")
+
+
+def require_admin(settings: SettingsDep, x_api_key: Annotated[str | None, Security(api_key_header)]) -> None:
+    key = settings.admin_key
+    if key is None:
+        raise HTTPException(403, "admin API disabled: set R2EC_API_KEY to enable admin routes")
+    if not x_api_key:
+        raise HTTPException(401, "missing X-API-Key header", {"WWW-Authenticate": "X-API-Key"})
+    if not secrets.compare_digest(x_api_key.encode(), key.encode()):
+        raise HTTPException(403, "invalid API key")
+
+
+Admin = [Depends(require_admin)]
+
+
+def _events(items: list[schemas.Interaction] | None) -> list[Event] | None:
+    if items is None:
+        return None
+    return [Event(i.item_id, i.rating, i.timestamp) for i in items]
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Resolves when the client disconnects (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---------------------------------------------------------------------- recommend
+@router.post("/recommend", response_model=schemas.RecommendResponse, tags=["recommend"])
+async def recommend(
+    body: schemas.RecommendRequest, request: Request, state: StateDep
+) -> schemas.RecommendResponse:
+    """Ranked items for a history (inline, or the user's stored one), with the reasoning."""
+    started = time.perf_counter()
+    settings = state.settings
+    budget = body.max_reasoning_tokens
+    budget = settings.max_reasoning_tokens if budget is None else budget
+    if budget > settings.reasoning_token_limit:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "less_than_equal",
+                    "loc": ("body", "max_reasoning_tokens"),
+                    "input": budget,
+                    "msg": f"Input should be less than or equal to {settings.reasoning_token_limit}",
+                }
+            ]
+        )
+    history, source = await state.resolve_history(body.user_id, _events(body.history))
+    query = Query(
+        history=history,
+        k=body.k,
+        exclude_history=body.exclude_history,
+        reasoning=settings.reasoning if body.reasoning is None else body.reasoning,
+        max_reasoning_tokens=budget,
+        submitted_at=started,
+    )
+    result = await state.recommend(query, wait_disconnect=lambda: _wait_disconnect(request))
+    return _reply(result, source, (time.perf_counter() - started) * 1e3)
+
+
+def _reply(result: Result, source: str, total_ms: float) -> schemas.RecommendResponse:
+    t = result.timings
+    return schemas.RecommendResponse(
+        items=[
+            schemas.RecommendedItem(item_id=i.item_id, title=i.title, score=i.score, rank=i.rank)
+            for i in result.items
+        ],
+        reasoning=result.reasoning,
+        model_version=result.model_version,
+        history_source=source,
+        cache=result.cache,
+        reasoning_tokens=result.reasoning_tokens,
+        timings=schemas.TimingsOut(
+            queue_ms=t.queue_ms, generate_ms=t.generate_ms, score_ms=t.score_ms, total_ms=total_ms
+        ),
+    )
+
+
+# ---------------------------------------------------------------------- users
+@router.post("/users/{user_id}/events", response_model=schemas.EventsResponse, tags=["users"])
+async def append_events(
+    user_id: UserIdPath, body: schemas.EventsRequest, engine: EngineDep, store: StoreDep
+) -> schemas.EventsResponse:
+    """Append interactions to the user's history and to the event stream retraining reads."""
+    unknown = engine.unknown_items(e.item_id for e in body.events)
+    if unknown:
+        raise UnknownItemsError(unknown, where="events")
+    now = int(time.time())
+    events = [Event(e.item_id, e.rating, now if e.timestamp is None else e.timestamp) for e in body.events]
+    length = await store.append_events(user_id, events)
+    return schemas.EventsResponse(user_id=user_id, appended=len(events), history_length=length)
+
+
+@router.get("/users/{user_id}/history", response_model=schemas.HistoryResponse, tags=["users"])
+async def get_history(user_id: UserIdPath, engine: EngineDep, store: StoreDep) -> schemas.HistoryResponse:
+    """The stored history, oldest first (title null for items since deleted)."""
+    events = await store.get_history(user_id)
+    return schemas.HistoryResponse(
+        user_id=user_id,
+        history=[
+            schemas.HistoryItemOut(
+                item_id=e.item_id,
+                title=(engine.item(e.item_id) or {}).get("title"),
+                rating=e.rating,
+                timestamp=e.timestamp,
+            )
+            for e in events
+        ],
+    )
+
+
+# ---------------------------------------------------------------------- items
+@router.get("/items/{item_id}", response_model=schemas.Item, tags=["items"])
+async def get_item(item_id: ItemIdPath, engine: EngineDep) -> schemas.Item:
+    item = engine.item(item_id)
+    if item is None:
+        raise HTTPException(404, f"item {item_id!r} not found")
+    return schemas.Item(**item)
+
+
+@router.put("/items/{item_id}", response_model=schemas.ItemUpsertResponse, tags=["admin"], dependencies=Admin)
+async def put_item(
+    item_id: ItemIdPath, body: schemas.ItemUpsert, state: StateDep, response: Response
+) -> schemas.ItemUpsertResponse:
+    """Encode the item's text with the model and add or replace it in the index (admin)."""
+    engine = state.engine
+    fields = body.model_dump(exclude_none=True)
+    replaced = await state.run_model(engine.upsert_item, item_id, fields)
+    response.status_code = 200 if replaced else 201
+    return schemas.ItemUpsertResponse(
+        item=schemas.Item(**engine.item(item_id)),
+        created=not replaced,
+        index_size=len(engine.index),
+    )
+
+
+@router.delete("/items/{item_id}", tags=["admin"], dependencies=Admin)
+async def delete_item(item_id: ItemIdPath, state: StateDep) -> dict[str, Any]:
+    """Remove an item from the index and the catalog (admin)."""
+    engine = state.engine
+    if engine.item(item_id) is None:
+        raise HTTPException(404, f"item {item_id!r} not found")
+    try:
+        await state.run_model(engine.remove_item, item_id)
+    except KeyError:  # deleted by a concurrent request
+        raise HTTPException(404, f"item {item_id!r} not found") from None
+    return {"deleted": item_id, "index_size": len(engine.index)}
+
+
+# ---------------------------------------------------------------------- admin
+@router.post("/admin/reload", response_model=schemas.ReloadResponse, tags=["admin"], dependencies=Admin)
+async def reload(state: StateDep, body: schemas.ReloadRequest | None = None) -> schemas.ReloadResponse:
+    """Load a checkpoint beside the running model and swap it in; on failure keep the old."""
+    started = time.perf_counter()
+    old, new = await state.reload(body.checkpoint if body else None)
+    return schemas.ReloadResponse(
+        previous_version=old.version,
+        model_version=new.version,
+        checkpoint=str(new.checkpoint.path),
+        items=len(new.index),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+# ---------------------------------------------------------------------- probes
+@router.get("/healthz", response_model=schemas.Health, tags=["probes"])
+async def healthz() -> schemas.Health:
+    """Liveness: the process answers."""
+    return schemas.Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=schemas.Readiness,
+    tags=["probes"],
+    responses={503: {"model": schemas.Readiness}},
+)
+async def readyz(state: StateDep) -> JSONResponse:
+    """Readiness: model and index loaded, batcher running, store reachable."""
+    reasons = await state.readiness()
+    engine = state.engine
+    body = schemas.Readiness(
+        status="not ready" if reasons else "ready",
+        model_version=engine.version if engine else None,
+        items=len(engine.index) if engine else None,
+        store="down" if any(r.startswith("store") for r in reasons) else "ok",
+        reasons=reasons,
+    )
+    return JSONResponse(body.model_dump(), status_code=503 if reasons else 200)
+
+
+@router.get("/metrics", tags=["probes"])
+async def metrics(state: StateDep) -> Response:
+    """Prometheus exposition."""
+    return Response(state.metrics.render(), media_type=state.metrics.content_type)

@@ -1,0 +1,268 @@
+"""What a running app holds, and the request paths that need more than one of its parts.
+
+`ServiceState` owns the current `Recommender` (swapped atomically by a reload), the history
+store, the micro-batcher and the one model thread. Routes call its methods and stay thin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from model.checkpoint import read_meta, resolve_checkpoint
+from service.batcher import MicroBatcher
+from service.config import Settings
+from service.engine import (
+    CachedReasoning,
+    EmptyHistoryError,
+    Query,
+    QueryError,
+    Recommender,
+    Result,
+    UnknownItemsError,
+)
+from service.metrics import Metrics
+from service.store import Event, HistoryStore, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CACHE_BACKOFF_S = 5.0  # after a cache error, skip the cache this long (a down Redis is not
+# asked twice per request while it is down; histories are still asked, they are needed)
+
+
+class ReloadError(RuntimeError):
+    """A checkpoint could not be loaded; the running model keeps serving."""
+
+
+class ReloadInProgress(RuntimeError):
+    pass
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+class ServiceState:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Recommender,
+        store: HistoryStore,
+        metrics: Metrics,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self.metrics = metrics
+        self.model_executor = executor  # the only thread that runs the model
+        self.batcher: MicroBatcher[Query, Result] = MicroBatcher(
+            settings.max_batch,
+            settings.max_wait_ms,
+            self._run_batch,
+            executor=executor,
+            on_batch=metrics.batch_size.observe,
+            on_queue_depth=metrics.queue_depth.set,
+        )
+        self._reload_lock = asyncio.Lock()
+        self._cache_down_until = 0.0
+        self._watcher: asyncio.Task | None = None
+        self._failed_version: str | None = None
+        metrics.track_index_size(lambda: len(self.engine.index))
+        self._publish_version()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        await self.batcher.start()
+        if self.settings.watch_interval_s > 0:
+            self._watcher = asyncio.create_task(self._watch(), name="r2ec-checkpoint-watch")
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            try:
+                await self._watcher
+            except asyncio.CancelledError:
+                pass
+        await self.batcher.stop()
+
+    async def run_model(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on the model thread (serialised with the batches)."""
+        return await asyncio.get_running_loop().run_in_executor(self.model_executor, fn, *args)
+
+    # ------------------------------------------------------------------ histories
+    async def resolve_history(
+        self, user_id: str | None, inline: Sequence[Event] | None
+    ) -> tuple[tuple[Event, ...], str]:
+        """The request's history, else the stored one; (events, "request" | "store")."""
+        engine = self.engine
+        if inline:
+            unknown = engine.unknown_items(e.item_id for e in inline)
+            if unknown:
+                raise UnknownItemsError(unknown)
+            return tuple(inline), "request"
+        if user_id is None:  # `history: []` and no user to look up
+            raise EmptyHistoryError(
+                "history is empty: give at least one item or a user_id with stored events"
+            )
+        stored = await self.store.get_history(user_id)  # StoreUnavailable: the app's 503
+        gone = set(engine.unknown_items(e.item_id for e in stored))
+        known = [e for e in stored if e.item_id not in gone]
+        if len(known) < len(stored):  # items deleted from the catalog since they were recorded
+            log.info("user %s: %d stored items no longer in the catalog", user_id, len(stored) - len(known))
+        if not known:
+            raise EmptyHistoryError(
+                f"history is empty: user {user_id!r} has no stored events; send `history` or "
+                f"POST /users/{user_id}/events first"
+            )
+        return tuple(known), "store"
+
+    # ------------------------------------------------------------------ recommend
+    async def recommend(
+        self, query: Query, wait_disconnect: Callable[[], Awaitable[Any]] | None = None
+    ) -> Result:
+        """Cache lookup -> micro-batch -> cache fill. `wait_disconnect()` resolves when the
+        client goes away; the request is then dropped from its batch (ClientDisconnected)."""
+        key = self.engine.cache_key(query)  # QueryError for a bad history
+        cached = await self._cache_get(key) if key is not None else None
+        query = dataclasses.replace(query, cache_key=key, cached=cached)
+        future = self.batcher.submit(query)
+        if wait_disconnect is None:
+            result = await future
+        else:
+            watcher = asyncio.ensure_future(wait_disconnect())
+            try:
+                await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                watcher.cancel()
+            if not future.done():
+                future.cancel()  # the batcher drops it before its batch runs
+                raise ClientDisconnected()
+            result = future.result()
+        if result.cache != "off":
+            self.metrics.cache.labels(result.cache).inc()
+            self.metrics.reasoning_tokens.observe(result.reasoning_tokens)
+        if result.generated is not None and result.cache_key is not None:
+            await self._cache_set(result.cache_key, result.generated)
+        return result
+
+    def _run_batch(self, queries: list[Query]) -> list[Result | QueryError]:
+        """Runs on the model thread; reads the engine at batch time (a reload swaps it)."""
+        engine = self.engine
+        calls = engine.generate_calls
+        results = engine.recommend_batch(queries)
+        if engine.generate_calls > calls:
+            generated = next((r for r in results if isinstance(r, Result) and r.generated), None)
+            if generated is not None:
+                self.metrics.generate_seconds.observe(generated.timings.generate_ms / 1e3)
+        return results
+
+    @property
+    def _cache_enabled(self) -> bool:
+        return self.settings.cache_size > 0 and time.monotonic() >= self._cache_down_until
+
+    async def _cache_get(self, key: str) -> CachedReasoning | None:
+        if not self._cache_enabled:
+            return None
+        try:
+            raw = await self.store.cache_get(key)
+            return None if raw is None else CachedReasoning.from_json(raw)
+        except StoreUnavailable as exc:
+            self._cache_failed(exc)
+        except (ValueError, KeyError, TypeError) as exc:  # a corrupt entry is a miss
+            log.warning("ignoring unreadable cache entry %s: %s", key, exc)
+        return None
+
+    async def _cache_set(self, key: str, value: CachedReasoning) -> None:
+        if not self._cache_enabled:
+            return
+        try:
+            await self.store.cache_set(key, value.to_json())
+        except StoreUnavailable as exc:
+            self._cache_failed(exc)
+
+    def _cache_failed(self, exc: StoreUnavailable) -> None:
+        self.metrics.store_errors.labels(exc.op).inc()
+        self._cache_down_until = time.monotonic() + CACHE_BACKOFF_S
+        log.warning("reasoning cache unavailable for %.0fs: %s", CACHE_BACKOFF_S, exc)
+
+    # ------------------------------------------------------------------ reload
+    async def reload(self, path: Path | str | None = None) -> tuple[Recommender, Recommender]:
+        """Load `path` (default: the configured checkpoint) beside the running model and swap it
+        in; on any failure the old model keeps serving and ReloadError says why."""
+        if self._reload_lock.locked():
+            raise ReloadInProgress("a reload is already in progress")
+        target = Path(path) if path else self.settings.checkpoint
+        async with self._reload_lock:
+            old = self.engine
+            try:
+                # Not the model thread: batches keep running on the old model while this loads.
+                new = await asyncio.to_thread(
+                    Recommender.load,
+                    target,
+                    dtype=self.settings.dtype,
+                    threads=self.settings.threads,
+                    index_kind=self.settings.index_kind,
+                )
+            except Exception as exc:
+                self.metrics.reloads.labels("failed").inc()
+                log.error("reload of %s failed, still serving %s: %s", target, old.version, exc)
+                raise ReloadError(
+                    f"could not load checkpoint {str(target)!r}: {exc}; still serving {old.version}"
+                ) from exc
+            self.engine = new  # one reference assignment: the next batch sees the new model
+            self.metrics.reloads.labels("ok").inc()
+            self._publish_version()
+            log.info("swapped model %s -> %s", old.version, new.version)
+            return old, new
+
+    def _publish_version(self) -> None:
+        self.metrics.model.info(
+            {"version": self.engine.version, "checkpoint": str(self.engine.checkpoint.path)}
+        )
+
+    async def _watch(self) -> None:
+        """Reload when the configured checkpoint's version changes (the retrain job flipped the
+        CURRENT pointer, or rewrote the directory)."""
+        while True:
+            await asyncio.sleep(self.settings.watch_interval_s)
+            try:
+                meta = await asyncio.to_thread(
+                    lambda: read_meta(resolve_checkpoint(self.settings.checkpoint))
+                )
+            except Exception as exc:
+                log.warning("checkpoint watch: %s", exc)
+                continue
+            version = str(meta.get("version"))
+            if version in (self.engine.version, self._failed_version):
+                continue
+            try:
+                await self.reload(self.settings.checkpoint)
+            except (ReloadError, ReloadInProgress) as exc:
+                self._failed_version = version
+                log.warning("checkpoint watch: %s", exc)
+
+    # ------------------------------------------------------------------ readiness
+    async def readiness(self) -> list[str]:
+        """Reasons the service is not ready; empty when it is."""
+        reasons = []
+        engine = self.engine
+        if engine is None:
+            reasons.append("model not loaded")
+        elif len(engine.index) == 0:
+            reasons.append("item index is empty")
+        if not self.batcher.running:
+            reasons.append("batcher not running")
+        try:
+            await self.store.ping()
+        except StoreUnavailable as exc:
+            self.metrics.store_errors.labels(exc.op).inc()
+            reasons.append(f"store unavailable: {exc}")
+        return reasons

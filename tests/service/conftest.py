@@ -1,0 +1,197 @@
+"""Service fixtures: a real redis-server on a loopback port, tiny checkpoints, app clients."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+
+REDIS_BIN = shutil.which("redis-server")
+# Locally a missing redis-server skips the Redis tests; under CI it fails them, so a broken CI
+# image cannot turn the Redis half of the suite into silent skips.
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+NO_REDIS = "redis-server binary not found (apt-get install redis-server)"
+needs_redis = [pytest.mark.redis, pytest.mark.skipif(REDIS_BIN is None and not IN_CI, reason=NO_REDIS)]
+API_KEY = "test-key"
+ADMIN = {"X-API-Key": API_KEY}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A throwaway redis-server: no persistence, loopback only; `stop()` kills it."""
+
+    def __init__(self) -> None:
+        if REDIS_BIN is None:
+            if IN_CI:
+                pytest.fail(f"CI=true but {NO_REDIS}")
+            pytest.skip(NO_REDIS)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            [
+                REDIS_BIN,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.05)
+
+    def flush(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(b"FLUSHALL\r\n")
+            s.recv(16)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    redis_server.flush()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_dataset, tmp_path_factory) -> Path:
+    """An untrained tiny-model checkpoint over the tiny catalog (fp32 so batching is exact)."""
+    from model.checkpoint import create_base_checkpoint
+
+    out = tmp_path_factory.mktemp("ckpt") / "base"
+    create_base_checkpoint(out, "tiny", tiny_dataset.items, dtype="float32", progress=False)
+    return out
+
+
+@pytest.fixture
+def ckpt(tiny_ckpt: Path, tmp_path: Path) -> Path:
+    """A private copy, for tests that edit items (edits are saved beside the checkpoint)."""
+    dest = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, dest, ignore=shutil.ignore_patterns("index"))
+    return dest
+
+
+@pytest.fixture
+def make_engine() -> Callable:
+    from service.engine import Recommender
+
+    def make(path: Path, **kw):
+        return Recommender.load(path, dtype="float32", **kw)
+
+    return make
+
+
+@pytest.fixture
+def engine(ckpt, make_engine):
+    return make_engine(ckpt)
+
+
+def settings_for(ckpt: Path, **kw):
+    from service.config import Settings
+
+    base = {
+        "checkpoint": ckpt,
+        "dtype": "float32",
+        "api_key": API_KEY,
+        "max_reasoning_tokens": 8,
+        "max_wait_ms": 5,
+    }
+    return Settings(**{**base, **kw})
+
+
+def app_for(ckpt: Path, **kw):
+    from service.app import create_app
+
+    return create_app(settings_for(ckpt, **kw))
+
+
+@asynccontextmanager
+async def serve(app) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan and talk to it in process over ASGI."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://r2ec.test") as client:
+            yield client
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
+def app(request, ckpt):
+    """The app over a private checkpoint copy, once with the in-process store, once with Redis."""
+    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+    return app_for(ckpt, redis_url=redis_url, history_window=3)
+
+
+@pytest_asyncio.fixture
+async def client(app) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve(app) as c:
+        yield c
+
+
+def count_generate(engine) -> list[int]:
+    """Wrap the model's reason_from_ids; the list collects the batch size of each call."""
+    calls: list[int] = []
+    original = engine.model.reason_from_ids
+
+    def counted(prompt_ids, settings, num_generations=1):
+        calls.append(len(prompt_ids))
+        return original(prompt_ids, settings, num_generations)
+
+    engine.model.reason_from_ids = counted
+    return calls
+
+
+@pytest.fixture(autouse=True)
+def _no_r2ec_env(monkeypatch):
+    """Settings read R2EC_* variables; the tests must not pick up the machine's."""
+    for name in list(os.environ):
+        if name.startswith("R2EC_") and name not in ("R2EC_CACHE_DIR", "R2EC_DATA_DIR"):
+            monkeypatch.delenv(name)

@@ -1,0 +1,193 @@
+"""Admin routes: the API key, item edits that change recommendations, and hot reload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from model.checkpoint import META_FILE
+from tests.service.conftest import ADMIN, app_for, serve
+from tests.service.test_app import H1, metric
+
+pytestmark = pytest.mark.asyncio
+
+ADMIN_CALLS = [
+    ("PUT", "/items/new", {"title": "A New Film"}),
+    ("DELETE", "/items/i1", None),
+    ("POST", "/admin/reload", None),
+]
+
+
+def copy_as_new_version(src: Path, dest: Path, version: str) -> Path:
+    """Another checkpoint (same weights, another version), as retraining would publish."""
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("index"))
+    meta = json.loads((dest / META_FILE).read_text())
+    (dest / META_FILE).write_text(json.dumps({**meta, "version": version}))
+    return dest
+
+
+async def recommend(client, **body) -> dict:
+    r = await client.post("/recommend", json={"history": H1, "k": 20, "reasoning": False, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ADMIN_CALLS, ids=[p for _, p, _ in ADMIN_CALLS])
+async def test_admin_routes_need_the_api_key(client, method, path, body):
+    before = await recommend(client)
+    r = await client.request(method, path, json=body)
+    assert r.status_code == 401 and r.json()["message"] == "missing X-API-Key header"
+    assert r.headers["www-authenticate"] == "X-API-Key"
+    r = await client.request(method, path, json=body, headers={"X-API-Key": "wrong"})
+    assert r.status_code == 403 and r.json()["message"] == "invalid API key"
+    after = await recommend(client)
+    assert [i["item_id"] for i in after["items"]] == [i["item_id"] for i in before["items"]]
+    assert after["model_version"] == before["model_version"]
+    assert (await client.get("/items/i1")).status_code == 200
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ADMIN_CALLS, ids=[p for _, p, _ in ADMIN_CALLS])
+async def test_admin_routes_are_off_without_a_configured_key(ckpt, method, path, body):
+    async with serve(app_for(ckpt, api_key=None)) as client:
+        r = await client.request(method, path, json=body, headers=ADMIN)
+    assert r.status_code == 403 and "admin API disabled: set R2EC_API_KEY" in r.json()["message"]
+
+
+async def test_put_and_delete_items_change_recommendations(app, client):
+    before = {i["item_id"]: i["score"] for i in (await recommend(client))["items"]}
+    assert "new" not in before
+
+    # a new item with i7's exact text is encoded to i7's vector, so it scores as i7 does
+    i7 = (await client.get("/items/i7")).json()
+    fields = {k: v for k, v in i7.items() if k != "item_id"}
+    r = await client.put("/items/new", json=fields, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    assert r.json() == {"item": {"item_id": "new", **fields}, "created": True, "index_size": 12}
+    assert (await client.get("/items/new")).json()["title"] == "Twelve Monkeys"
+    added = {i["item_id"]: i for i in (await recommend(client))["items"]}
+    assert added["new"]["title"] == "Twelve Monkeys"
+    assert added["new"]["score"] == pytest.approx(before["i7"], abs=1e-3)
+    assert (await client.post("/users/u1/events", json={"events": [{"item_id": "new"}]})).status_code == 200
+
+    # replace: new text, new vector, new score
+    r = await client.put(
+        "/items/i7", json={"title": "A Completely Different Film", "year": "2024"}, headers=ADMIN
+    )
+    assert r.status_code == 200 and r.json()["created"] is False and r.json()["index_size"] == 12
+    replaced = {i["item_id"]: i for i in (await recommend(client))["items"]}
+    assert replaced["i7"]["title"] == "A Completely Different Film"
+    assert replaced["i7"]["score"] != pytest.approx(before["i7"], abs=1e-3)
+    assert (await client.get("/items/i7")).json()["genres"] == ""  # PUT replaces the whole item
+
+    r = await client.delete("/items/i5", headers=ADMIN)
+    assert r.status_code == 200 and r.json() == {"deleted": "i5", "index_size": 11}
+    assert "i5" not in {i["item_id"] for i in (await recommend(client))["items"]}
+    assert (await client.get("/items/i5")).status_code == 404
+    r = await client.post("/recommend", json={"history": [{"item_id": "i5"}]})
+    assert r.status_code == 422 and r.json()["unknown_item_ids"] == ["i5"]
+    r = await client.delete("/items/i5", headers=ADMIN)
+    assert r.status_code == 404 and r.json()["message"] == "item 'i5' not found"
+
+    text = (await client.get("/metrics")).text
+    assert metric(text, "r2ec_index_items") == 11
+
+    r = await client.put("/items/bad", json={"title": "  "}, headers=ADMIN)
+    assert r.status_code == 422 and "title: String should have at least 1 character" in r.json()["message"]
+    r = await client.put("/items/bad", json={"year": "2000"}, headers=ADMIN)
+    assert r.status_code == 422 and "title: Field required" in r.json()["message"]
+
+
+async def test_reload_swaps_the_model_and_a_failed_reload_keeps_the_old_one(app, client, ckpt, tmp_path):
+    v1 = app.state.r2ec.engine.version
+    first = (await client.post("/recommend", json={"history": H1})).json()
+    assert first["model_version"] == v1
+
+    # failures: a path that is not a checkpoint, a checkpoint that disagrees with itself
+    r = await client.post("/admin/reload", json={"checkpoint": str(tmp_path / "nowhere")}, headers=ADMIN)
+    assert r.status_code == 422
+    assert str(tmp_path / "nowhere") in r.json()["message"] and f"still serving {v1}" in r.json()["message"]
+    broken = copy_as_new_version(ckpt, tmp_path / "broken", "broken")
+    (broken / "item_vectors.npy").unlink()
+    r = await client.post("/admin/reload", json={"checkpoint": str(broken)}, headers=ADMIN)
+    assert r.status_code == 422 and "missing item_vectors.npy" in r.json()["message"]
+    r = await client.post("/recommend", json={"history": H1})
+    assert r.status_code == 200 and r.json()["model_version"] == v1
+    assert r.json()["cache"] == "hit"
+
+    # success: a new version is loaded beside the old one and swapped in
+    v2 = copy_as_new_version(ckpt, tmp_path / "v2", "v2-test")
+    r = await client.post("/admin/reload", json={"checkpoint": str(v2)}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["previous_version"], body["model_version"], body["items"]) == (v1, "v2-test", 11)
+    assert body["checkpoint"] == str(v2)
+    after = (await client.post("/recommend", json={"history": H1})).json()
+    assert after["model_version"] == "v2-test"
+    assert after["cache"] == "miss"  # the cache is keyed by model version
+    assert after["reasoning"] == first["reasoning"]  # same weights, same greedy reasoning
+    assert (await client.get("/readyz")).json()["model_version"] == "v2-test"
+    text = (await client.get("/metrics")).text
+    assert metric(text, "r2ec_model_info", version="v2-test") == 1
+    assert metric(text, "r2ec_reloads_total", outcome="failed") == 2
+    assert metric(text, "r2ec_reloads_total", outcome="ok") == 1
+
+    # no body: reload the configured checkpoint
+    r = await client.post("/admin/reload", headers=ADMIN)
+    assert r.status_code == 200 and r.json()["model_version"] == v1 and r.json()["checkpoint"] == str(ckpt)
+    r = await client.post("/admin/reload", json={"checkpoint": ["a"]}, headers=ADMIN)
+    assert r.status_code == 422 and "checkpoint: Input should be a valid string" in r.json()["message"]
+
+
+async def test_the_checkpoint_watch_follows_the_current_pointer(ckpt, tmp_path):
+    """What the retrain job does: publish ROOT/<version> and flip ROOT/CURRENT; the service
+    (R2EC_WATCH_INTERVAL_S > 0) reloads by itself, and a broken version is not swapped in."""
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "one", "w1")
+    (root / "CURRENT").write_text("one")
+    app = app_for(root, watch_interval_s=0.02)
+
+    def point_to(name: str) -> None:
+        tmp = root / "CURRENT.tmp"
+        tmp.write_text(name)
+        tmp.replace(root / "CURRENT")  # atomic, as retraining flips it
+
+    async def until(predicate, what: str) -> None:
+        async def poll() -> None:
+            while not await predicate():
+                await asyncio.sleep(0.02)
+
+        try:
+            await asyncio.wait_for(poll(), 60)
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for {what}") from None
+
+    async with serve(app) as client:
+
+        async def version() -> str:
+            return (await client.get("/readyz")).json()["model_version"]
+
+        async def serving_w2() -> bool:
+            return await version() == "w2"
+
+        assert await version() == "w1"
+        copy_as_new_version(ckpt, root / "two", "w2")
+        point_to("two")
+        await until(serving_w2, "the watch to load w2")
+        r = await client.post("/recommend", json={"history": H1})
+        assert r.json()["model_version"] == "w2"
+
+        broken = copy_as_new_version(ckpt, root / "three", "w3")
+        (broken / "item_vectors.npy").unlink()
+        point_to("three")
+
+        async def failed_once() -> bool:
+            text = (await client.get("/metrics")).text
+            return metric(text, "r2ec_reloads_total", outcome="failed") == 1
+
+        await until(failed_once, "the watch to try w3")
+        assert await version() == "w2"
+        assert (await client.post("/recommend", json={"history": H1})).status_code == 200

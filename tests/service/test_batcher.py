@@ -1,0 +1,167 @@
+"""The MicroBatcher contract, line by line, with a plain function instead of a model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from service.batcher import BatcherClosed, BatchFailed, MicroBatcher
+
+pytestmark = pytest.mark.asyncio
+
+
+class Recorder:
+    """A batch function that doubles its inputs and records each batch and its thread."""
+
+    def __init__(self, fail_on=None, gate: threading.Event | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.threads: set[str] = set()
+        self.fail_on = fail_on
+        self.gate = gate
+        self.running = 0
+        self.max_running = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, items: list[int]) -> list:
+        with self._lock:
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+        try:
+            if self.gate is not None:
+                self.gate.wait(5)
+            self.batches.append(list(items))
+            self.threads.add(threading.current_thread().name)
+            if self.fail_on is not None and self.fail_on in items:
+                raise RuntimeError(f"boom on {self.fail_on}")
+            return [ValueError(f"bad {i}") if i < 0 else 2 * i for i in items]
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+async def started(batcher: MicroBatcher) -> MicroBatcher:
+    await batcher.start()
+    return batcher
+
+
+async def test_concurrent_requests_share_a_batch_and_each_gets_its_own_answer():
+    fn = Recorder()
+    depths, sizes = [], []
+    b = await started(MicroBatcher(8, 200, fn, on_batch=sizes.append, on_queue_depth=depths.append))
+    try:
+        results = await asyncio.gather(*(b.submit(i) for i in range(5)))
+    finally:
+        await b.stop()
+    assert results == [0, 2, 4, 6, 8]
+    assert fn.batches == [[0, 1, 2, 3, 4]]
+    assert sizes == [5] and max(depths) == 5 and depths[-1] == 0
+    assert fn.threads and all(t.startswith("r2ec-batch") for t in fn.threads)
+
+
+async def test_a_full_batch_goes_without_waiting_and_the_rest_follow():
+    fn = Recorder()
+    b = await started(MicroBatcher(3, 10_000, fn))  # a long wait: only fullness can close it
+    try:
+        futures = [b.submit(i) for i in range(7)]
+        done, _ = await asyncio.wait(futures[:6], timeout=5)
+        assert len(done) == 6
+        assert fn.batches == [[0, 1, 2], [3, 4, 5]]
+        assert not futures[6].done()  # alone: waits for company up to max_wait
+    finally:
+        await b.stop()
+    with pytest.raises(BatcherClosed):
+        await futures[6]
+
+
+async def test_max_wait_closes_a_partial_batch():
+    fn = Recorder()
+    b = await started(MicroBatcher(8, 20, fn))
+    try:
+        assert await asyncio.wait_for(b.submit(1), 5) == 2
+    finally:
+        await b.stop()
+    assert fn.batches == [[1]]
+
+
+async def test_max_batch_one_means_no_batching():
+    fn = Recorder()
+    b = await started(MicroBatcher(1, 50, fn))
+    try:
+        assert await asyncio.gather(*(b.submit(i) for i in range(4))) == [0, 2, 4, 6]
+    finally:
+        await b.stop()
+    assert fn.batches == [[0], [1], [2], [3]]
+
+
+async def test_a_raising_batch_fails_every_future_and_the_worker_goes_on():
+    fn = Recorder(fail_on=3)
+    b = await started(MicroBatcher(8, 100, fn))
+    try:
+        futures = [b.submit(i) for i in (1, 2, 3)]
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        assert all(isinstance(o, BatchFailed) and "RuntimeError: boom on 3" in str(o) for o in outcomes)
+        assert all(isinstance(o.__cause__, RuntimeError) for o in outcomes)
+        assert await b.submit(5) == 10  # still serving
+    finally:
+        await b.stop()
+
+
+async def test_an_exception_output_fails_only_its_own_request():
+    fn = Recorder()
+    b = await started(MicroBatcher(8, 100, fn))
+    try:
+        outcomes = await asyncio.gather(b.submit(1), b.submit(-1), b.submit(2), return_exceptions=True)
+    finally:
+        await b.stop()
+    assert outcomes[0] == 2 and outcomes[2] == 4
+    assert isinstance(outcomes[1], ValueError) and str(outcomes[1]) == "bad -1"
+    assert fn.batches == [[1, -1, 2]]
+
+
+async def test_cancelled_requests_are_dropped_before_running():
+    fn = Recorder()
+    b = await started(MicroBatcher(8, 200, fn))
+    try:
+        futures = [b.submit(i) for i in range(4)]
+        futures[1].cancel()
+        futures[3].cancel()
+        assert await futures[0] == 0 and await futures[2] == 4
+    finally:
+        await b.stop()
+    assert fn.batches == [[0, 2]]
+
+
+async def test_wrong_output_count_fails_the_batch():
+    b = await started(MicroBatcher(8, 50, lambda items: items[:-1]))
+    try:
+        outcomes = await asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True)
+    finally:
+        await b.stop()
+    assert all(isinstance(o, BatchFailed) and "1 outputs for 2 inputs" in str(o) for o in outcomes)
+
+
+async def test_batches_never_overlap_and_requests_queue_while_one_runs():
+    gate = threading.Event()
+    fn = Recorder(gate=gate)
+    b = await started(MicroBatcher(4, 1, fn))
+    try:
+        first = b.submit(0)
+        await asyncio.sleep(0.1)  # batch [0] is running, blocked on the gate
+        later = [b.submit(i) for i in range(1, 4)]
+        assert b.queue_depth == 3
+        gate.set()
+        assert await asyncio.gather(first, *later) == [0, 2, 4, 6]
+    finally:
+        await b.stop()
+    assert fn.batches == [[0], [1, 2, 3]]
+    assert fn.max_running == 1
+
+
+async def test_submit_needs_a_running_batcher():
+    b = MicroBatcher(2, 1, Recorder())
+    with pytest.raises(BatcherClosed):
+        b.submit(1)
+    with pytest.raises(ValueError, match="max_batch"):
+        MicroBatcher(0, 1, Recorder())

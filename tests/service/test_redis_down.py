@@ -1,0 +1,53 @@
+"""Redis goes away mid-test (its own redis-server, stopped): requests that carry their history
+are still answered; those that need the store get a 503 that says so; /readyz reports it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.service.conftest import RedisServer, app_for, needs_redis, serve
+from tests.service.test_app import H1, metric
+
+pytestmark = [pytest.mark.asyncio, *needs_redis]
+
+
+async def test_a_stopped_redis_degrades_to_inline_histories(ckpt):
+    server = RedisServer()
+    try:
+        app = app_for(ckpt, redis_url=server.url)
+        async with serve(app) as client:
+            r = await client.post("/users/u1/events", json={"events": H1})
+            assert r.status_code == 200, r.text
+            assert (await client.post("/recommend", json={"user_id": "u1"})).status_code == 200
+            assert (await client.get("/readyz")).status_code == 200
+
+            server.stop()
+
+            r = await client.post("/recommend", json={"history": H1, "k": 3})
+            assert r.status_code == 200, r.text
+            assert len(r.json()["items"]) == 3 and r.json()["reasoning"] is not None
+            # the cache is skipped while Redis is down: a repeat is generated, not a 503
+            r = await client.post("/recommend", json={"history": H1, "k": 3})
+            assert r.status_code == 200 and r.json()["cache"] == "miss"
+
+            for call in (
+                client.post("/recommend", json={"user_id": "u1"}),
+                client.get("/users/u1/history"),
+                client.post("/users/u1/events", json={"events": H1}),
+            ):
+                r = await call
+                assert r.status_code == 503, r.text
+                assert r.json()["message"].startswith("history store unavailable: redis")
+
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["status"] == "not ready" and ready.json()["store"] == "down"
+            assert ready.json()["reasons"][0].startswith("store unavailable: redis ping failed")
+            assert (await client.get("/healthz")).status_code == 200
+            text = (await client.get("/metrics")).text
+            assert metric(text, "r2ec_store_errors_total", op="get_history") == 2
+            assert metric(text, "r2ec_store_errors_total", op="append_events") == 1
+            assert metric(text, "r2ec_store_errors_total", op="cache_get") == 1  # then skipped a while
+            assert metric(text, "r2ec_store_errors_total", op="ping") == 1
+    finally:
+        server.stop()
