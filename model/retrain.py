@@ -1,0 +1,439 @@
+"""Scheduled retraining (DESIGN §5): new events -> samples -> warm-started RecPO -> gated publish.
+
+One run:
+1. read the events after the last consumed stream id and add them to the consumed-events log;
+2. rebuild the samples: the seed dataset's interactions (recovered from its samples) plus every
+   consumed event, split with the seed's protocol by the same builder `r2ec data prepare` uses;
+3. train from the CURRENT checkpoint (model/train.py `train(cfg, dataset, base=checkpoint)`);
+4. evaluate the candidate and the current checkpoint on the same valid samples;
+5. publish the candidate as ROOT/<version> and flip ROOT/CURRENT only if its NDCG@10 is
+   >= the current one's - tolerance; keep the `keep` newest versions and always the current.
+
+Versions root::
+
+    ROOT/CURRENT                  the served version's directory name (replaced atomically)
+    ROOT/<version>/               published checkpoints (model/checkpoint.py layout + retrain.json)
+    ROOT/retrain/state.json       last consumed stream id, counts, the last run's summary
+    ROOT/retrain/events.parquet   every consumed event (stream id, user, item, rating, timestamp)
+    ROOT/retrain/data/<name>/<protocol>/   the rebuilt prepared dataset training reads
+    ROOT/retrain/run/             the training run's scratch directory (removed after)
+
+Reading the stream is the caller's job (`read_events`), so the key formats stay in
+service/store.py and model/ imports nothing from service/.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from model.checkpoint import CURRENT_FILE, META_FILE, CheckpointError, load_checkpoint, read_meta
+from model.data import SPLITS, PreparedDataset, load_prepared
+from model.data.build import build_prepared
+from model.data.dataset import atomic_write
+from model.evaluate import EvalConfig, evaluate_model
+from model.recpo import RecPOConfig
+
+log = logging.getLogger(__name__)
+
+WORK_DIR = "retrain"
+STATE_FILE = "state.json"
+EVENTS_FILE = "events.parquet"
+RECORD_FILE = "retrain.json"  # written into each published version
+METRIC = "ndcg@10"
+EVENT_SCHEMA = pa.schema(
+    [
+        ("event_id", pa.string()),
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("rating", pa.float64()),
+        ("timestamp", pa.int64()),
+    ]
+)
+
+
+class RetrainError(ValueError):
+    """Retraining cannot start: a missing versions root, checkpoint or dataset, or a lock."""
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One interaction read from the event stream; `id` is the stream entry id ("<ms>-<seq>")."""
+
+    id: str
+    user_id: str
+    item_id: str
+    rating: float | None = None
+    timestamp: int | None = None  # seconds; None = the entry's time (from its id)
+
+
+# Events with an id greater than `after`, oldest first (all of them, the caller pages).
+ReadEvents = Callable[[str], Sequence[StreamEvent]]
+
+
+@dataclass
+class RetrainConfig:
+    """root: versions root (holds CURRENT); data: the seed prepared dataset;
+    tolerance: publish when candidate NDCG@10 >= current - tolerance (negative demands a gain);
+    keep: published versions kept (the current one always is);
+    min_events: new stream events needed to train (ignored without a stream)."""
+
+    root: Path
+    data: Path
+    train: RecPOConfig = field(default_factory=RecPOConfig)
+    tolerance: float = 0.0
+    keep: int = 3
+    min_events: int = 1
+
+    def __post_init__(self) -> None:
+        self.root, self.data = Path(self.root), Path(self.data)
+        if self.keep < 1:
+            raise ValueError(f"keep must be >= 1 (the current version is always kept), got {self.keep}")
+        if self.min_events < 0:
+            raise ValueError(f"min_events must be >= 0, got {self.min_events}")
+        if not math.isfinite(self.tolerance):
+            raise ValueError(f"tolerance must be finite, got {self.tolerance}")
+
+
+@dataclass
+class RetrainResult:
+    """What one run did. status: published | rejected | skipped."""
+
+    status: str
+    reason: str
+    current_version: str
+    published_version: str | None = None
+    candidate_version: str | None = None
+    current_metric: float | None = None
+    candidate_metric: float | None = None
+    metric: str = METRIC
+    tolerance: float = 0.0
+    stream: bool = True
+    new_events: int = 0
+    events_total: int = 0
+    events_unknown_item: int = 0
+    last_event_id: str = "0-0"
+    samples: dict[str, int] = field(default_factory=dict)
+    pruned: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- samples <-> interactions ------------------------------------------------------------------
+def seed_interactions(ds: PreparedDataset) -> tuple[pd.DataFrame, np.ndarray]:
+    """Interactions that rebuild `ds`'s samples, and which of them may be targets.
+
+    Every sample's target is one interaction; a user's earliest sample's history holds the
+    interactions before it (all of them, or the latest max_history when a time window kept
+    the earlier ones from being targets, which no later history can reach past either).
+    Rows come user by user in the original order (history first, then targets), so
+    `build_samples` breaks timestamp ties the same way. A user with a single interaction
+    had no sample and is not recovered.
+    """
+    # Each split is in position order per user (loo: by user; temporal: by time, and the splits
+    # follow each other in time), so a stable sort by (user, time) restores each user's order.
+    samples = pd.concat([ds.split(name) for name in SPLITS], ignore_index=True)
+    samples = samples.sort_values(["user_id", "target_timestamp"], kind="stable")
+    first = samples.drop_duplicates("user_id", keep="first")
+    before = pd.DataFrame(
+        {
+            "user_id": np.repeat(first["user_id"].to_numpy(dtype=object), first["history_item_ids"].map(len)),
+            "item_id": [i for h in first["history_item_ids"] for i in h],
+            "rating": [r for h in first["history_ratings"] for r in h],
+            "timestamp": [t for h in first["history_timestamps"] for t in h],
+        }
+    )
+    targets = pd.DataFrame(
+        {
+            "user_id": samples["user_id"].to_numpy(dtype=object),
+            "item_id": samples["target_item_id"].to_numpy(dtype=object),
+            "rating": samples["target_rating"].to_numpy(dtype=np.float64),
+            "timestamp": samples["target_timestamp"].to_numpy(dtype=np.int64),
+        }
+    )
+    inter = pd.concat([before, targets], ignore_index=True).astype(
+        {"user_id": object, "item_id": object, "rating": np.float64, "timestamp": np.int64}
+    )
+    target_ok = np.concatenate([np.zeros(len(before), dtype=bool), np.ones(len(targets), dtype=bool)])
+    return inter, target_ok
+
+
+def events_frame(events: Sequence[StreamEvent]) -> pd.DataFrame:
+    """StreamEvents as EVENT_SCHEMA columns; a missing timestamp is the entry's time."""
+    return pd.DataFrame(
+        {
+            "event_id": [e.id for e in events],
+            "user_id": [str(e.user_id) for e in events],
+            "item_id": [str(e.item_id) for e in events],
+            "rating": np.array([np.nan if e.rating is None else e.rating for e in events], dtype=np.float64),
+            "timestamp": np.array(
+                [_entry_seconds(e.id) if e.timestamp is None else int(e.timestamp) for e in events],
+                dtype=np.int64,
+            ),
+        }
+    )
+
+
+def _entry_seconds(entry_id: str) -> int:
+    return int(entry_id.split("-")[0]) // 1000  # Redis stream ids start with the entry's ms time
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def rebuild_dataset(
+    seed: PreparedDataset, events: pd.DataFrame, out_dir: Path
+) -> tuple[PreparedDataset, int]:
+    """Seed interactions + consumed events -> samples, split as the seed was, written to
+    out_dir/<name>/<protocol>/. Events on items outside the catalog are dropped (the
+    checkpoint's catalog is fixed); returns the dataset and how many were dropped."""
+    inter, target_ok = seed_interactions(seed)
+    known = events["item_id"].isin(set(seed.items["item_id"]))
+    new = events.loc[known, ["user_id", "item_id", "rating", "timestamp"]]
+    merged = pd.concat([inter, new], ignore_index=True)
+    mask = np.concatenate([target_ok, np.ones(len(new), dtype=bool)])
+    source = {
+        "seed": str(seed.path),
+        "seed_source": seed.meta.get("source", {}),
+        "events": int(len(new)),
+        "last_event_id": str(events["event_id"].iloc[-1]) if len(events) else None,
+    }
+    path = build_prepared(
+        merged,
+        seed.items,
+        data_dir=out_dir,
+        name=seed.name,
+        protocol=seed.protocol,
+        category=seed.category,
+        max_history=int(seed.meta.get("max_history", 20)),
+        source=source,
+        target_mask=mask,
+    )
+    return load_prepared(path), int((~known).sum())
+
+
+# -- the versions root -------------------------------------------------------------------------
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def current_version(root: Path) -> str:
+    pointer = root / CURRENT_FILE
+    if not pointer.is_file():
+        raise RetrainError(
+            f"{root} is not a versions root: no {CURRENT_FILE} file. Create one with "
+            f"`r2ec checkpoint init --data DATA --out {root}/v0 && echo v0 > {root}/{CURRENT_FILE}`"
+        )
+    name = pointer.read_text().strip()
+    if not name or not (root / name / META_FILE).is_file():
+        raise RetrainError(f"{pointer} names {name!r}, which is not a checkpoint under {root}")
+    return name
+
+
+def flip_current(root: Path, version: str) -> None:
+    """Point CURRENT at `version` in one rename, so a reader sees the old name or the new."""
+    write_text_atomic(root / CURRENT_FILE, version + "\n")
+
+
+def list_versions(root: Path) -> list[str]:
+    """Published checkpoints under root, oldest first (by creation time, then name)."""
+    found = []
+    for d in root.iterdir():
+        if d.is_dir() and not d.name.startswith(".") and (d / META_FILE).is_file():
+            try:
+                created = str(read_meta(d).get("created_at", ""))
+            except (CheckpointError, json.JSONDecodeError):
+                continue
+            found.append((created, d.name))
+    return [name for _, name in sorted(found)]
+
+
+def prune_versions(root: Path, keep: int) -> list[str]:
+    """Remove all but the `keep` newest versions; the one CURRENT names always stays."""
+    current = current_version(root)
+    versions = list_versions(root)
+    doomed = [v for v in versions[: max(0, len(versions) - keep)] if v != current]
+    for name in doomed:
+        shutil.rmtree(root / name)
+        log.info("pruned version %s", name)
+    return doomed
+
+
+@contextmanager
+def _locked(work: Path) -> Iterator[None]:
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise RetrainError(f"another retrain holds {work / 'lock'}") from exc
+        yield
+
+
+def read_state(work: Path) -> dict[str, Any]:
+    path = work / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"last_event_id": "0-0"}
+
+
+def _read_events_log(work: Path) -> pd.DataFrame:
+    path = work / EVENTS_FILE
+    if not path.is_file():
+        return EVENT_SCHEMA.empty_table().to_pandas()
+    return pq.read_table(path).to_pandas()
+
+
+def consume_events(work: Path, read_events: ReadEvents) -> tuple[pd.DataFrame, int, str]:
+    """Append the events after the saved cursor to the log, then advance the cursor.
+
+    The log is written before the cursor and deduplicated by id, so a crash in between
+    re-reads those events without counting them twice. Returns (log, new events, cursor).
+    """
+    state = read_state(work)
+    after = state.get("last_event_id", "0-0")
+    fresh = list(read_events(after))
+    logged = _read_events_log(work)
+    new = events_frame(fresh)
+    new = new[~new["event_id"].isin(set(logged["event_id"]))]
+    if len(new):
+        logged = pd.concat([logged, new], ignore_index=True) if len(logged) else new.reset_index(drop=True)
+        table = pa.Table.from_pandas(
+            logged[list(EVENT_SCHEMA.names)], schema=EVENT_SCHEMA, preserve_index=False
+        )
+        atomic_write(work / EVENTS_FILE, lambda tmp: pq.write_table(table, tmp))
+    cursor = max([after, *(e.id for e in fresh)], key=_id_key)
+    _write_state(work, {**state, "last_event_id": cursor, "events_total": int(len(logged))})
+    log.info("read %d new events after %s (cursor now %s, %d in total)", len(new), after, cursor, len(logged))
+    return logged, int(len(new)), cursor
+
+
+def _write_state(work: Path, state: dict[str, Any]) -> None:
+    write_text_atomic(work / STATE_FILE, json.dumps(state, indent=2, default=str) + "\n")
+
+
+# -- evaluation --------------------------------------------------------------------------------
+def eval_config(cfg: RecPOConfig) -> EvalConfig:
+    """The valid-split evaluation train() uses to pick its best checkpoint (same samples,
+    limit, reasoning budget), so the candidate's recorded metric is comparable."""
+    return EvalConfig(
+        split="valid",
+        reasoning=cfg.stage == "recpo",
+        max_reasoning_tokens=cfg.reasoning_tokens_at_eval,
+        limit=cfg.eval_limit,
+    )
+
+
+def evaluate_checkpoint(path: Path, ds: PreparedDataset, cfg: RecPOConfig) -> float:
+    """NDCG@10 of a checkpoint on ds's valid split under `eval_config(cfg)`."""
+    ckpt = load_checkpoint(path, dtype=cfg.dtype)
+    if list(ckpt.items["item_id"]) == list(ds.items["item_id"]):
+        vectors = ckpt.item_vectors
+    else:  # a different catalog: encode this one
+        vectors = ckpt.model.item_vectors(ds.items.to_dict("records"))
+    result = evaluate_model(
+        ckpt.model, ds.split("valid"), ds.items, vectors, eval_config(cfg), progress=False
+    )
+    return float(result.metrics[METRIC])
+
+
+def candidate_metric(path: Path, ds: PreparedDataset, cfg: RecPOConfig) -> float:
+    """The metric train() recorded for its best checkpoint, or a fresh evaluation if it
+    recorded none under the same settings."""
+    valid = read_meta(path).get("metrics", {}).get("valid", {})
+    if METRIC in valid and valid.get("limit") == cfg.eval_limit:
+        return float(valid[METRIC])
+    return evaluate_checkpoint(path, ds, cfg)
+
+
+# -- one run -----------------------------------------------------------------------------------
+def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> RetrainResult:
+    """One retraining run (module docstring). `read_events=None`: no stream, train on the
+    seed dataset plus the events consumed so far."""
+    from model.train import train  # heavy; keeps `import model.retrain` cheap for the CLI
+
+    started = time.perf_counter()
+    root, work = cfg.root, cfg.root / WORK_DIR
+    if not root.is_dir():
+        raise RetrainError(f"versions root {root} does not exist")
+    current = current_version(root)
+    seed = load_prepared(cfg.data)
+    with _locked(work):
+        if read_events is None:
+            events, new, cursor = _read_events_log(work), 0, read_state(work).get("last_event_id", "0-0")
+        else:
+            events, new, cursor = consume_events(work, read_events)
+        result = RetrainResult(
+            status="skipped",
+            reason="",
+            current_version=current,
+            tolerance=cfg.tolerance,
+            stream=read_events is not None,
+            new_events=new,
+            events_total=int(len(events)),
+            last_event_id=cursor,
+        )
+        if read_events is not None and new < cfg.min_events:
+            result.reason = f"{new} new events, fewer than min_events={cfg.min_events}"
+            return _finish(work, result, started)
+        ds, result.events_unknown_item = rebuild_dataset(seed, events, work / "data")
+        result.samples = {name: int(len(ds.split(name))) for name in SPLITS}
+        result.current_metric = evaluate_checkpoint(root / current, ds, cfg.train)
+        run = work / "run"
+        shutil.rmtree(run, ignore_errors=True)
+        try:
+            best = train(cfg.train, ds, str(root / current), run, resume=False)
+            result.candidate_version = str(read_meta(best)["version"])
+            result.candidate_metric = candidate_metric(best, ds, cfg.train)
+            if result.candidate_metric >= result.current_metric - cfg.tolerance:
+                _publish(root, best, result)
+                result.pruned = prune_versions(root, cfg.keep)
+            else:
+                result.status = "rejected"
+                result.reason = (
+                    f"{METRIC} {result.candidate_metric:.4f} < current {result.current_metric:.4f}"
+                    f" - tolerance {cfg.tolerance:g}"
+                )
+        finally:
+            shutil.rmtree(run, ignore_errors=True)
+        return _finish(work, result, started)
+
+
+def _publish(root: Path, best: Path, result: RetrainResult) -> None:
+    version = str(result.candidate_version)
+    if (root / version).exists():  # versions are unique; never overwrite one
+        version = f"{version}-{uuid.uuid4().hex[:4]}"
+    result.status, result.published_version = "published", version
+    result.reason = (
+        f"{METRIC} {result.candidate_metric:.4f} >= current {result.current_metric:.4f}"
+        f" - tolerance {result.tolerance:g}"
+    )
+    (best / RECORD_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    os.replace(best, root / version)  # same filesystem: one rename
+    flip_current(root, version)
+    log.info("published %s and pointed %s at it", version, root / CURRENT_FILE)
+
+
+def _finish(work: Path, result: RetrainResult, started: float) -> RetrainResult:
+    result.seconds = round(time.perf_counter() - started, 2)
+    _write_state(work, {**read_state(work), "last_run": result.to_dict()})
+    log.info("retrain %s: %s", result.status, result.reason)
+    return result
