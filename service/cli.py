@@ -15,29 +15,21 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see m
 
 import typer
 
-app = typer.Typer(
-    help="R²ec: a recommender LLM that reasons before it recommends.", no_args_is_help=True
-)
+app = typer.Typer(help="R²ec: a recommender LLM that reasons before it recommends.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
-prepare_app = typer.Typer(
-    help="Prepare a dataset into the canonical samples format.", no_args_is_help=True
-)
+prepare_app = typer.Typer(help="Prepare a dataset into the canonical samples format.", no_args_is_help=True)
 data_app.add_typer(prepare_app, name="prepare")
 ckpt_app = typer.Typer(help="Create and inspect checkpoints.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(ckpt_app, name="checkpoint")
 
-DataDir = Annotated[
-    Path, typer.Option(envvar="R2EC_DATA_DIR", help="Where prepared datasets live.")
-]
+DataDir = Annotated[Path, typer.Option(envvar="R2EC_DATA_DIR", help="Where prepared datasets live.")]
 Protocol = Annotated[str, typer.Option(help="Split protocol: loo or temporal.")]
 
 
 @app.callback()
 def _main(log_level: Annotated[str, typer.Option(envvar="R2EC_LOG_LEVEL")] = "INFO") -> None:
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _fail(message: str) -> None:
@@ -96,9 +88,7 @@ def data_amazon(
     reviews: Annotated[Path, typer.Option(help="<Category>.jsonl(.gz) reviews")],
     meta: Annotated[Path, typer.Option(help="meta_<Category>.jsonl(.gz)")],
     name: Annotated[str | None, typer.Option(help="Dataset name")] = None,
-    min_items: Annotated[
-        int, typer.Option(help="Roll the time window back until this many items")
-    ] = 10_000,
+    min_items: Annotated[int, typer.Option(help="Roll the time window back until this many items")] = 10_000,
     data_dir: DataDir = Path("data"),
     protocol: Protocol = "temporal",
 ) -> None:
@@ -107,9 +97,7 @@ def data_amazon(
 
     _check_protocol(protocol)
     try:
-        path = prepare_amazon(
-            reviews, meta, data_dir, name=name, protocol=protocol, min_items=min_items
-        )
+        path = prepare_amazon(reviews, meta, data_dir, name=name, protocol=protocol, min_items=min_items)
         _report_prepared(path)
     except DataError as exc:
         _fail(str(exc))
@@ -200,15 +188,11 @@ def eval_cmd(
     if as_json:
         typer.echo(json.dumps(payload))
         return
-    typer.echo(
-        f"{label} on {ds.name}/{ds.protocol} {split}: {result.count} samples in {result.seconds:.1f}s"
-    )
+    typer.echo(f"{label} on {ds.name}/{ds.protocol} {split}: {result.count} samples in {result.seconds:.1f}s")
     for name, value in result.metrics.items():
         typer.echo(f"  {name:<8} {value:.4f}")
     for ex in result.examples:
-        typer.echo(
-            f"\n[user {ex['user_id']}] target {ex['target']!r} ranked {ex['rank']}\n{ex['reasoning']}"
-        )
+        typer.echo(f"\n[user {ex['user_id']}] target {ex['target']!r} ranked {ex['rank']}\n{ex['reasoning']}")
 
 
 def _eval_model(ds, samples, cfg, checkpoint, base, dtype):
@@ -242,7 +226,9 @@ def _eval_model(ds, samples, cfg, checkpoint, base, dtype):
 def train_cmd(
     data: Annotated[Path, typer.Option(help="Prepared dataset dir, e.g. data/ml-100k/loo")],
     out: Annotated[Path, typer.Option(help="Run dir: best/, last/, log.jsonl, curves.png")],
-    base: Annotated[str, typer.Option(help="Backbone (smollm2, tiny, HF dir, .gguf) or a checkpoint")] = "smollm2",
+    base: Annotated[
+        str, typer.Option(help="Backbone (smollm2, tiny, HF dir, .gguf) or a checkpoint")
+    ] = "smollm2",
     config: Annotated[Path | None, typer.Option(help="YAML file of RecPOConfig fields")] = None,
     stage: Annotated[str | None, typer.Option(help="recpo or contrastive (overrides the config)")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Overrides the config")] = None,

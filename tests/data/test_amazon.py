@@ -69,9 +69,7 @@ def test_prepare_amazon_window(amazon_files, tmp_path):
     reviews, meta = amazon_files
     ds = load_prepared(prepare_amazon(reviews, meta, tmp_path / "out", min_items=3))
     assert (ds.name, ds.protocol, ds.category) == ("All_Beauty", "temporal", "product")
-    samples = {
-        (r.user_id, r.target_item_id): r for df in ds.splits.values() for r in df.itertuples()
-    }
+    samples = {(r.user_id, r.target_item_id): r for df in ds.splits.values() for r in df.itertuples()}
     # window [day 70, day 100]: targets ua:A, ub:C, ub:B; uc's only review is no target
     assert sorted(samples) == [("ua", "A"), ("ub", "B"), ("ub", "C")]
     # 3 samples -> train 2, valid 0, test 1

@@ -19,9 +19,7 @@ def prepared(tiny_inter, tiny_item, tmp_path):
 def test_layout_and_no_temp_files(prepared, tmp_path):
     assert prepared == tmp_path / "data" / "tiny" / "loo"
     names = sorted(p.name for p in prepared.iterdir())
-    assert names == sorted(
-        ["items.parquet", "meta.json", "train.parquet", "valid.parquet", "test.parquet"]
-    )
+    assert names == sorted(["items.parquet", "meta.json", "train.parquet", "valid.parquet", "test.parquet"])
     meta = json.loads((prepared / "meta.json").read_text())
     assert set(meta) >= {"name", "protocol", "category", "max_history", "source", "stats",
                          "created_at"}  # fmt: skip

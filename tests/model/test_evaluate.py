@@ -72,15 +72,9 @@ def test_model_eval_with_and_without_reasoning(tiny_model, tiny_dataset):
     from model.samples import sample_histories
 
     h = sample_histories(test.head(1), tiny_dataset.item_titles())
-    scores = tiny_model.score(
-        tiny_model.user_vectors(h, None), torch.as_tensor(np.asarray(vectors))
-    )[0]
+    scores = tiny_model.score(tiny_model.user_vectors(h, None), torch.as_tensor(np.asarray(vectors)))[0]
     ids = list(items["item_id"])
     target = ids.index(test.iloc[0]["target_item_id"])
-    masked = [
-        ids.index(i)
-        for i in test.iloc[0]["history_item_ids"]
-        if i != test.iloc[0]["target_item_id"]
-    ]
+    masked = [ids.index(i) for i in test.iloc[0]["history_item_ids"] if i != test.iloc[0]["target_item_id"]]
     scores[masked] = -float("inf")
     assert result.ranks[0] == int((scores > scores[target]).sum()) + 1

@@ -121,8 +121,9 @@ def test_in_batch_log_probs_never_uses_the_target_as_its_own_negative():
 
 
 def test_item_loss_is_the_clipped_ratio():
-    loss, stats = item_loss(torch.log(torch.tensor([0.6])), torch.log(torch.tensor([0.3])),
-                            torch.tensor([1.0]), 0.2, 0.28)
+    loss, stats = item_loss(
+        torch.log(torch.tensor([0.6])), torch.log(torch.tensor([0.3])), torch.tensor([1.0]), 0.2, 0.28
+    )
     assert loss.item() == pytest.approx(-1.28)
     assert stats["item/clip_ratio"] == 1.0
 

@@ -90,8 +90,16 @@ def test_train_writes_a_loadable_checkpoint_log_and_curves(tiny_dataset, tmp_pat
     steps = [r for r in records if not r.get("eval")]
     evals = [r for r in records if r.get("eval")]
     assert [r["step"] for r in steps] == [1, 2] and len(evals) == 2
-    for key in ("reward/mean", "advantage/std", "loss/token", "loss/item", "clip_ratio/high",
-                "reasoning/tokens/mean", "grad_norm", "trajectories/s"):
+    for key in (
+        "reward/mean",
+        "advantage/std",
+        "loss/token",
+        "loss/item",
+        "clip_ratio/high",
+        "reasoning/tokens/mean",
+        "grad_norm",
+        "trajectories/s",
+    ):
         assert key in steps[0], key
     assert "valid/ndcg@10" in evals[0]
     meta = read_meta(best)
@@ -151,9 +159,22 @@ def test_two_processes_train_and_agree_on_the_weights(tiny_dataset, tmp_path):
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         str(script), str(tiny_dataset.path), str(tmp_path / "run")],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            str(script),
+            str(tiny_dataset.path),
+            str(tmp_path / "run"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     w0 = torch.load(tmp_path / "run" / "weights-rank0.pt")
