@@ -129,11 +129,11 @@ def checkpoint_init(
 
 @ckpt_app.command("show")
 def checkpoint_show(path: Path) -> None:
-    """Print a checkpoint's r2ec.json."""
-    from model.checkpoint import CheckpointError, read_meta
+    """Print a checkpoint's r2ec.json (PATH may be a run dir or hold a CURRENT pointer)."""
+    from model.checkpoint import CheckpointError, read_meta, resolve_checkpoint
 
     try:
-        typer.echo(json.dumps(read_meta(path), indent=2))
+        typer.echo(json.dumps(read_meta(resolve_checkpoint(path)), indent=2))
     except CheckpointError as exc:
         _fail(str(exc))
 
@@ -411,3 +411,7 @@ def _stream_reader(redis_url: str):
             raise RuntimeError(f"{exc}; {hint}") from exc
 
     return read
+
+
+if __name__ == "__main__":
+    app()
