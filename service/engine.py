@@ -224,6 +224,37 @@ class Recommender:
             self._edits[item_id] = None
         self._persist()
 
+    @property
+    def edits(self) -> dict[str, dict[str, str] | None]:
+        """Item edits made through the admin API on top of the checkpoint's catalog (None = deleted)."""
+        with self._lock:
+            return dict(self._edits)
+
+    def carry_edits(self, edits: Mapping[str, dict[str, str] | None]) -> int:
+        """Re-apply another engine's item edits here (after a reload): changed items are
+        re-encoded with this model in one batch. Returns how many edits changed something."""
+        upserts = {i: r for i, r in edits.items() if r is not None and self._catalog.get(i) != r}
+        deletes = [i for i, r in edits.items() if r is None and i in self._catalog]
+        if not upserts and not deletes:
+            return 0
+        vectors = (
+            self.model.item_vectors([{"item_id": i, **r} for i, r in upserts.items()]).numpy()
+            if upserts
+            else None
+        )  # (len(upserts), H)
+        with self._lock:
+            for row, (item_id, record) in enumerate(upserts.items()):
+                self.index.upsert(item_id, vectors[row])
+                self._catalog[item_id] = record
+                self._edits[item_id] = record
+            for item_id in deletes:
+                if item_id in self.index:
+                    self.index.remove(item_id)
+                self._catalog.pop(item_id, None)
+                self._edits[item_id] = None
+        self._persist()
+        return len(upserts) + len(deletes)
+
     def _persist(self) -> None:
         """Save the edited index (with the edits, so a restart sees them) beside the checkpoint."""
         if not self.persist_edits:

@@ -183,9 +183,10 @@ async def put_item(
     item_id: ItemIdPath, body: schemas.ItemUpsert, state: StateDep, response: Response
 ) -> schemas.ItemUpsertResponse:
     """Encode the item's text with the model and add or replace it in the index (admin)."""
-    engine = state.engine
     fields = body.model_dump(exclude_none=True)
-    replaced = await state.run_model(engine.upsert_item, item_id, fields)
+    async with state.edit_lock:  # not while a reload swaps models
+        engine = state.engine
+        replaced = await state.run_model(engine.upsert_item, item_id, fields)
     response.status_code = 200 if replaced else 201
     return schemas.ItemUpsertResponse(
         item=schemas.Item(**engine.item(item_id)),
@@ -197,13 +198,14 @@ async def put_item(
 @router.delete("/items/{item_id}", tags=["admin"], dependencies=Admin)
 async def delete_item(item_id: ItemIdPath, state: StateDep) -> dict[str, Any]:
     """Remove an item from the index and the catalog (admin)."""
-    engine = state.engine
-    if engine.item(item_id) is None:
-        raise HTTPException(404, f"item {item_id!r} not found")
-    try:
-        await state.run_model(engine.remove_item, item_id)
-    except KeyError:  # deleted by a concurrent request
-        raise HTTPException(404, f"item {item_id!r} not found") from None
+    async with state.edit_lock:  # not while a reload swaps models
+        engine = state.engine
+        if engine.item(item_id) is None:
+            raise HTTPException(404, f"item {item_id!r} not found")
+        try:
+            await state.run_model(engine.remove_item, item_id)
+        except KeyError:  # deleted by a concurrent request
+            raise HTTPException(404, f"item {item_id!r} not found") from None
     return {"deleted": item_id, "index_size": len(engine.index)}
 
 

@@ -33,6 +33,7 @@ from service.store import Event, HistoryStore, StoreUnavailable
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+WATCH_RETRIES = 3  # loads of one new checkpoint version before the watch gives up on it
 CACHE_BACKOFF_S = 5.0  # after a cache error, skip the cache this long (a down Redis is not
 # asked twice per request while it is down; histories are still asked, they are needed)
 
@@ -72,9 +73,9 @@ class ServiceState:
             on_queue_depth=metrics.queue_depth.set,
         )
         self._reload_lock = asyncio.Lock()
+        self.edit_lock = asyncio.Lock()  # item edits vs. the swap of a reload
         self._cache_down_until = 0.0
         self._watcher: asyncio.Task | None = None
-        self._failed_version: str | None = None
         metrics.track_index_size(lambda: len(self.engine.index))
         self._publish_version()
 
@@ -217,7 +218,20 @@ class ServiceState:
                 raise ReloadError(
                     f"could not load checkpoint {str(target)!r}: {exc}; still serving {old.version}"
                 ) from exc
-            self.engine = new  # one reference assignment: the next batch sees the new model
+            # Item edits made on the old model (PUT/DELETE /items) survive the swap: re-encoded
+            # with the new model. The edit lock holds new edits back until the swap is done.
+            async with self.edit_lock:
+                try:
+                    carried = await asyncio.to_thread(new.carry_edits, old.edits)
+                except Exception as exc:
+                    self.metrics.reloads.labels("failed").inc()
+                    raise ReloadError(
+                        f"loaded {str(target)!r} but could not re-apply the item edits: {exc}; "
+                        f"still serving {old.version}"
+                    ) from exc
+                self.engine = new  # one reference assignment: the next batch sees the new model
+            if carried:
+                log.info("re-applied %d item edits to model %s", carried, new.version)
             self.metrics.reloads.labels("ok").inc()
             self._publish_version()
             log.info("swapped model %s -> %s", old.version, new.version)
@@ -229,25 +243,35 @@ class ServiceState:
         )
 
     async def _watch(self) -> None:
-        """Reload when the configured checkpoint's version changes (the retrain job flipped the
-        CURRENT pointer, or rewrote the directory)."""
+        """Follow the configured checkpoint: reload when the version it resolves to changes (the
+        retrain job flipped CURRENT, or rewrote the directory). Only a change counts, so a manual
+        `POST /admin/reload` of another path is not reverted; a version that fails to load is
+        retried WATCH_RETRIES times, then left until the pointer moves again."""
+        seen: str | None = None
+        failures = 0
         while True:
-            await asyncio.sleep(self.settings.watch_interval_s)
             try:
                 meta = await asyncio.to_thread(
                     lambda: read_meta(resolve_checkpoint(self.settings.checkpoint))
                 )
             except Exception as exc:
                 log.warning("checkpoint watch: %s", exc)
-                continue
-            version = str(meta.get("version"))
-            if version in (self.engine.version, self._failed_version):
-                continue
-            try:
-                await self.reload(self.settings.checkpoint)
-            except (ReloadError, ReloadInProgress) as exc:
-                self._failed_version = version
-                log.warning("checkpoint watch: %s", exc)
+                meta = None
+            version = None if meta is None else str(meta.get("version"))
+            if seen is None:
+                seen = version  # what is at the pointer when the service starts
+            elif version is not None and version != seen:
+                try:
+                    await self.reload(self.settings.checkpoint)
+                    seen, failures = version, 0
+                except ReloadInProgress:
+                    pass  # try again next tick
+                except ReloadError as exc:
+                    failures += 1
+                    log.warning("checkpoint watch (attempt %d/%d): %s", failures, WATCH_RETRIES, exc)
+                    if failures >= WATCH_RETRIES:
+                        seen, failures = version, 0
+            await asyncio.sleep(self.settings.watch_interval_s)
 
     # ------------------------------------------------------------------ readiness
     async def readiness(self) -> list[str]:

@@ -184,10 +184,47 @@ async def test_the_checkpoint_watch_follows_the_current_pointer(ckpt, tmp_path):
         (broken / "item_vectors.npy").unlink()
         point_to("three")
 
-        async def failed_once() -> bool:
-            text = (await client.get("/metrics")).text
-            return metric(text, "r2ec_reloads_total", outcome="failed") == 1
+        async def failures() -> float:
+            return metric((await client.get("/metrics")).text, "r2ec_reloads_total", outcome="failed")
 
-        await until(failed_once, "the watch to try w3")
+        async def gave_up() -> bool:
+            return await failures() == 3
+
+        await until(gave_up, "the watch to try w3 three times")
+        await asyncio.sleep(0.2)  # ten more ticks: no fourth attempt
+        assert await failures() == 3
         assert await version() == "w2"
         assert (await client.post("/recommend", json={"history": H1})).status_code == 200
+
+        # a manual reload of another path is not reverted while the pointer stays put
+        r = await client.post("/admin/reload", json={"checkpoint": str(root / "one")}, headers=ADMIN)
+        assert r.status_code == 200 and r.json()["model_version"] == "w1"
+        await asyncio.sleep(0.2)
+        assert await version() == "w1"
+
+        async def serving_w4() -> bool:
+            return await version() == "w4"
+
+        copy_as_new_version(ckpt, root / "four", "w4")
+        point_to("four")  # the pointer moves again: followed
+        await until(serving_w4, "the watch to load w4")
+
+
+async def test_item_edits_survive_a_reload_to_another_version(app, client, ckpt, tmp_path):
+    r = await client.put("/items/new", json={"title": "A New Film", "year": "2026"}, headers=ADMIN)
+    assert r.status_code == 201
+    assert (await client.delete("/items/i5", headers=ADMIN)).status_code == 200
+    before = {i["item_id"]: i["score"] for i in (await recommend(client))["items"]}
+
+    v2 = copy_as_new_version(ckpt, tmp_path / "v2", "v2-edits")
+    r = await client.post("/admin/reload", json={"checkpoint": str(v2)}, headers=ADMIN)
+    assert r.status_code == 200 and r.json()["items"] == 11  # 11 + new - i5
+
+    assert (await client.get("/items/new")).json()["year"] == "2026"
+    assert (await client.get("/items/i5")).status_code == 404
+    after = await recommend(client)
+    assert after["model_version"] == "v2-edits"
+    scores = {i["item_id"]: i["score"] for i in after["items"]}
+    assert "i5" not in scores
+    # same weights in v2, so the re-encoded item scores as before
+    assert scores["new"] == pytest.approx(before["new"], abs=1e-3)
