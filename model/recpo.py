@@ -51,7 +51,14 @@ class RecPOConfig:
     epsilon_high: float = 0.28
     best_n: int = 1  # trajectories per user that train rec_head (top advantages)
     num_iterations: int = 1  # policy updates per rollout batch (PPO epochs, TRL's mu)
-    full_catalog_negatives: bool = True  # contrastive stage: also score the (detached) item table
+    # Contrastive stage. Off by default: the detached table's columns are up to refresh_every
+    # steps stale while the batch's are fresh, and the model learns to tell fresh from stale
+    # (train rank 7, valid NDCG ~0 on ml-100k) instead of users from items.
+    full_catalog_negatives: bool = False
+    # Subtract log q(item) (its share of training targets) from in-batch logits: in-batch
+    # negatives are drawn by popularity, and without it the model learns to demote popular
+    # items (sampled-softmax correction, Yi et al., RecSys 2019).
+    logq_correction: bool = True
     # -- optimisation --------------------------------------------------------------------------
     per_device_batch_size: int = 4  # B users per process per step
     gradient_accumulation_steps: int = 1

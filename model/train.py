@@ -126,6 +126,15 @@ class ItemTable:
     prompt_ids: list[list[int]]
     vectors: torch.Tensor  # (N, H) float32, detached
     row: dict[str, int] = field(default_factory=dict)
+    log_q: torch.Tensor | None = None  # (N,) log share of training targets, for logQ correction
+
+    def set_target_counts(self, targets: list[str]) -> None:
+        """log q(item) from the training targets (add-one smoothed)."""
+        counts = torch.ones(len(self.item_ids))
+        for t in targets:
+            if t in self.row:
+                counts[self.row[t]] += 1
+        self.log_q = (counts / counts.sum()).log()
 
     @classmethod
     def build(cls, model: R2ec, items: list[dict]) -> ItemTable:
@@ -291,6 +300,8 @@ def contrastive_loss(
     target_vecs = model.item_vectors_from_ids([table.prompt_ids[table.row[t]] for t in targets])
     all_targets, all_ids = dist.gather_with_grad(target_vecs), dist.gather_objects(targets)
     logits, own = in_batch_logits(users, all_targets, all_ids, model.tau, targets)  # grad on both sides
+    if cfg.logq_correction and table.log_q is not None:
+        logits = logits - table.log_q[[table.row[i] for i in all_ids]].to(logits.device)  # (C,)
     if cfg.full_catalog_negatives:
         table_logits = users @ table.vectors.to(users.device).T / model.tau  # (B, N), table detached
         drop = torch.zeros_like(table_logits, dtype=torch.bool)
@@ -415,6 +426,7 @@ def train(
         table.refresh(model, progress=is_main)
     out.mkdir(parents=True, exist_ok=True)
     train_rows = dataset.split("train")
+    table.set_target_counts([str(t) for t in train_rows["target_item_id"]])
     titles = dataset.item_titles()
     update = UPDATES[cfg.stage]
     start_wall = time.perf_counter() - state.seconds
