@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -70,6 +71,29 @@ def test_contrastive_step_lowers_the_loss_on_a_fixed_batch(tiny_dataset):
         opt.step()
         losses.append(stats["loss/total"])
     assert losses[-1] < losses[0]
+
+
+def test_logq_correction_subtracts_each_columns_log_target_share(tiny_dataset):
+    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=4, **TINY)
+    model, table = _setup(cfg, tiny_dataset)
+    ids = table.item_ids
+    table.set_target_counts([ids[0], ids[0], ids[1], "not-in-catalog"])
+    counts = torch.ones(len(ids))
+    counts[0], counts[1] = 3, 2  # add-one smoothing
+    assert torch.allclose(table.log_q, (counts / counts.sum()).log())
+
+    rows = tiny_dataset.split("train").iloc[:4]
+    titles = tiny_dataset.item_titles()
+
+    def loss(c: RecPOConfig) -> float:
+        torch.manual_seed(0)  # same dropout masks
+        return float(contrastive_loss(model, table, rows, titles, c)[0])
+
+    corrected, plain = loss(cfg), loss(dataclasses.replace(cfg, logq_correction=False))
+    table.log_q = torch.zeros(len(ids))  # a uniform q shifts every column equally: no change
+    uniform = loss(cfg)
+    assert corrected != pytest.approx(plain, abs=1e-4)
+    assert uniform == pytest.approx(plain, abs=1e-5)
 
 
 def _log(run: Path) -> list[dict]:
