@@ -85,7 +85,12 @@ class EvalResult:
     examples: list[dict] = field(default_factory=list)  # a few reasoning texts
 
     def to_dict(self) -> dict:
-        return {"metrics": self.metrics, "count": self.count, "seconds": round(self.seconds, 2)}
+        return {
+            "metrics": self.metrics,
+            "count": self.count,
+            "seconds": round(self.seconds, 2),
+            "examples": self.examples,
+        }
 
 
 def _split_rows(samples: pd.DataFrame, cfg: EvalConfig) -> pd.DataFrame:

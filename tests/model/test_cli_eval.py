@@ -1,0 +1,57 @@
+"""`r2ec eval` end to end on the tiny dataset: the --json payload and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from model.checkpoint import create_base_checkpoint
+from service.cli import app
+
+METRICS = {f"{m}@{k}" for m in ("hit", "ndcg") for k in (5, 10, 20)}
+
+
+def _eval(*args: str) -> tuple[int, str]:
+    """Exit code and stdout (the progress bar goes to stderr), or everything on failure."""
+    result = CliRunner().invoke(app, ["eval", *args])
+    return result.exit_code, result.stdout if result.exit_code == 0 else result.output
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "ckpt"
+    create_base_checkpoint(out, "tiny", tiny_dataset.items, dtype="float32", progress=False)
+    return out
+
+
+def test_eval_json_for_pop_and_a_checkpoint_with_reasoning(tiny_dataset, tiny_checkpoint):
+    code, out = _eval("--data", str(tiny_dataset.path), "--baseline", "pop", "--json")
+    assert code == 0, out
+    pop = json.loads(out.strip().splitlines()[-1])
+    assert pop["model"] == "pop" and pop["reasoning"] is False and set(pop["metrics"]) == METRICS
+    assert pop["count"] == len(tiny_dataset.split("test"))
+
+    args = ["--data", str(tiny_dataset.path), "--checkpoint", str(tiny_checkpoint), "--split", "valid"]
+    code, out = _eval(*args, "--limit", "3", "--max-reasoning-tokens", "4", "--dtype", "float32", "--json")
+    assert code == 0, out
+    payload = json.loads(out.strip().splitlines()[-1])
+    n = min(3, len(tiny_dataset.split("valid")))
+    assert payload["split"] == "valid" and payload["reasoning"] is True and payload["count"] == n
+    assert all(0.0 <= v <= 1.0 for v in payload["metrics"].values())
+    assert [set(e) for e in payload["examples"]] == [{"user_id", "target", "rank", "reasoning"}] * n
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--baseline", "pop", "--base", "tiny"], "give exactly one of --checkpoint, --base or --baseline"),
+        (["--baseline", "random"], "--baseline must be 'pop', got 'random'"),
+        (["--baseline", "pop", "--split", "dev"], "dev"),
+        (["--checkpoint", "/nowhere"], "/nowhere is not an R²ec checkpoint"),
+    ],
+)
+def test_eval_errors_name_the_problem(tiny_dataset, args, message):
+    code, out = _eval("--data", str(tiny_dataset.path), *args)
+    assert code != 0 and message in out
