@@ -51,10 +51,13 @@ class RecPOConfig:
     epsilon_high: float = 0.28
     best_n: int = 1  # trajectories per user that train rec_head (top advantages)
     num_iterations: int = 1  # policy updates per rollout batch (PPO epochs, TRL's mu)
-    # Contrastive stage. Off by default: the detached table's columns are up to refresh_every
-    # steps stale while the batch's are fresh, and the model learns to tell fresh from stale
-    # (train rank 7, valid NDCG ~0 on ml-100k) instead of users from items.
-    full_catalog_negatives: bool = False
+    # Contrastive stage, which items each user is scored against:
+    #   "in_batch": the batch's targets, encoded live with gradient (both towers learn);
+    #   "table": the whole catalog from the detached item table, refreshed every
+    #     refresh_every steps (only the user side gets gradient; exact full softmax).
+    # Never mix the two: live columns next to stale ones let the model learn to tell fresh
+    # from stale (train rank 7, valid NDCG ~0 on ml-100k) instead of users from items.
+    negatives: str = "in_batch"
     # Subtract log q(item) (its share of training targets) from in-batch logits: in-batch
     # negatives are drawn by popularity, and without it the model learns to demote popular
     # items (sampled-softmax correction, Yi et al., RecSys 2019).
@@ -103,8 +106,12 @@ class RecPOConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.stage == "contrastive" and self.per_device_batch_size < 2 and not self.full_catalog_negatives:
-            raise ValueError("in-batch contrastive training needs per_device_batch_size >= 2")
+        if self.negatives not in ("in_batch", "table"):
+            raise ValueError(f"negatives must be 'in_batch' or 'table', got {self.negatives!r}")
+        if self.stage == "contrastive" and self.per_device_batch_size < 2 and self.negatives == "in_batch":
+            raise ValueError(
+                "in-batch contrastive training needs per_device_batch_size >= 2 (or negatives: table)"
+            )
         if self.lora_layers is not None and self.lora_layers < 1:
             raise ValueError(f"lora_layers must be >= 1 or null, got {self.lora_layers}")
         if self.tau <= 0 or self.temperature <= 0:

@@ -289,28 +289,29 @@ def policy_loss(
 def contrastive_loss(
     model: R2ec, table: ItemTable, rows, titles: dict, cfg: RecPOConfig
 ) -> tuple[torch.Tensor, dict]:
-    """The "w/o reasoning" objective: h_T straight after the prompt, softmax over the
-    batch's targets (with gradient, gathered across processes) plus, when
-    full_catalog_negatives, every other catalog item from the detached item table."""
+    """The "w/o reasoning" objective: h_T straight after the prompt, softmax over the batch's
+    targets (negatives "in_batch": encoded with gradient, gathered across processes, logQ
+    corrected) or over the whole detached item table (negatives "table")."""
     model.lm.train()
     histories = sample_histories(rows, titles)
     targets = [str(t) for t in rows["target_item_id"]]
     prompt_ids = model.user_prompt_ids(histories)
     users = model.user_vectors_from_ids(prompt_ids, [[] for _ in prompt_ids])  # (B, H)
-    target_vecs = model.item_vectors_from_ids([table.prompt_ids[table.row[t]] for t in targets])
-    all_targets, all_ids = dist.gather_with_grad(target_vecs), dist.gather_objects(targets)
-    logits, own = in_batch_logits(users, all_targets, all_ids, model.tau, targets)  # grad on both sides
-    if cfg.logq_correction and table.log_q is not None:
-        logits = logits - table.log_q[[table.row[i] for i in all_ids]].to(logits.device)  # (C,)
-    if cfg.full_catalog_negatives:
-        table_logits = users @ table.vectors.to(users.device).T / model.tau  # (B, N), table detached
-        drop = torch.zeros_like(table_logits, dtype=torch.bool)
-        drop[:, [table.row[i] for i in all_ids]] = True  # batch items already have live columns
+    if cfg.negatives == "table":
+        logits = users @ table.vectors.to(users.device).T / model.tau  # (B, N), table detached
+        own = torch.tensor([table.row[t] for t in targets], device=logits.device)
         if cfg.mask_history:
-            drop |= history_mask(table, list(rows["history_item_ids"]), 1).to(drop.device)
-        logits = torch.cat([logits, table_logits.masked_fill(drop, float("-inf"))], dim=1)
+            drop = history_mask(table, list(rows["history_item_ids"]), 1).to(logits.device)
+            drop[torch.arange(len(targets)), own] = False  # never mask the target itself
+            logits = logits.masked_fill(drop, float("-inf"))
+    else:
+        target_vecs = model.item_vectors_from_ids([table.prompt_ids[table.row[t]] for t in targets])
+        all_targets, all_ids = dist.gather_with_grad(target_vecs), dist.gather_objects(targets)
+        logits, own = in_batch_logits(users, all_targets, all_ids, model.tau, targets)  # grad both sides
+        if cfg.logq_correction and table.log_q is not None:
+            logits = logits - table.log_q[[table.row[i] for i in all_ids]].to(logits.device)  # (C,)
+        table.update(targets, target_vecs)
     loss = F.cross_entropy(logits.float(), own.to(logits.device))
-    table.update(targets, target_vecs)
     with torch.no_grad():
         rank = (logits > logits.gather(1, own.view(-1, 1).to(logits.device))).sum(1).float() + 1
     return loss, {
@@ -433,7 +434,8 @@ def train(
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"train {cfg.stage}", disable=not is_main)
     while state.step < cfg.max_steps:
         t0 = time.perf_counter()
-        if state.step > 0 and state.step % cfg.refresh_every == 0:
+        # (a step right after an eval already has a fresh table)
+        if state.step > 0 and state.step % cfg.refresh_every == 0 and state.step % cfg.eval_every != 0:
             model.lm.eval()
             table.refresh(model)
         batches = [
@@ -459,6 +461,8 @@ def train(
         over_budget = cfg.time_budget_minutes is not None and state.seconds > 60 * cfg.time_budget_minutes
         last = state.step >= cfg.max_steps or dist.any_flag(over_budget)
         if state.step % cfg.eval_every == 0 or last:
+            model.lm.eval()
+            table.refresh(model)  # every process, sharded: eval and checkpoints use a fresh table
             _evaluate_and_keep_best(model, table, dataset, cfg, state, out, base_ref)
         if state.step % cfg.save_every == 0 or last:
             _save_last(model, table, dataset, cfg, state, out, base_ref, opt)
@@ -482,7 +486,6 @@ def _weights_kind(model: R2ec) -> str:
 def _evaluate_and_keep_best(model, table, dataset, cfg, state, out, base_ref) -> None:
     if dist.rank() == 0:
         model.lm.eval()
-        table.refresh(model)  # eval and the saved checkpoint use a fully fresh table
         ecfg = EvalConfig(
             split="valid",
             reasoning=cfg.stage == "recpo",
@@ -519,8 +522,6 @@ def _evaluate_and_keep_best(model, table, dataset, cfg, state, out, base_ref) ->
             }
             _save(model, table, dataset, cfg, state, out / "best", base_ref)
         plot_curves(out / "log.jsonl", out / "curves.png")
-    else:
-        table.refresh(model)
     dist.barrier()
 
 
