@@ -8,7 +8,8 @@ to a JSONL file as they come, so an interrupted run keeps what it measured.
 
 Rows: pop; untrained (the base checkpoint) with and without reasoning; each `--trained`
 NAME=PATH with and without reasoning. `--splits valid,test`; `--skip` drops rows by label
-(e.g. `--skip "warmup +reasoning"`). Reasoning is greedy, 64 tokens.
+(e.g. `--skip "warmup +reasoning"`), `--only` keeps just the named rows, `--limit N` evaluates
+the first N users of the split. Reasoning is greedy, 64 tokens.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--skip", action="append", default=[], help="row label to leave out")
+    parser.add_argument("--only", action="append", default=[], help="run just these row labels")
+    parser.add_argument("--limit", type=int, default=None, help="first N users of the split only")
     parser.add_argument("--out", default="bench/out/quality.jsonl")
     args = parser.parse_args()
 
@@ -57,10 +60,11 @@ def main() -> None:
     table = []
     for split in args.splits.split(","):
         for label, extra in rows:
-            if label in args.skip:
+            if label in args.skip or (args.only and label not in args.only):
                 continue
             print(f"== {label} on {split}", file=sys.stderr, flush=True)
-            result = run_eval(["--data", args.data, "--split", split, *extra])
+            limit = [] if args.limit is None else ["--limit", str(args.limit)]
+            result = run_eval(["--data", args.data, "--split", split, *extra, *limit])
             record = {"label": label, **result}
             with out.open("a") as f:
                 f.write(json.dumps(record) + "\n")

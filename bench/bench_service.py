@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--data", default="data/ml-100k/loo")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--levels", default="1,8,32")
-    parser.add_argument("--requests", default="6,16,64", help="requests per concurrency level")
+    parser.add_argument("--requests", default="6,16,32", help="requests per concurrency level")
     args = parser.parse_args()
 
     from model.data import load_prepared
