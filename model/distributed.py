@@ -17,7 +17,23 @@ import torch.distributed as td
 
 def init() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not td.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank())  # nccl and all_gather_object use the current device
         td.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def default_device() -> torch.device:
+    """This process's GPU when there is one (cuda:LOCAL_RANK), else the CPU."""
+    return torch.device(f"cuda:{local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _comm_device() -> torch.device:
+    # nccl moves only GPU tensors; gloo only CPU ones.
+    return default_device() if td.get_backend() == "nccl" else torch.device("cpu")
 
 
 def active() -> bool:
@@ -38,8 +54,11 @@ def barrier() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over processes; the result stays on t's device whatever the backend needs."""
     if active():
-        td.all_reduce(t, op=td.ReduceOp.SUM)
+        moved = t.to(_comm_device())
+        td.all_reduce(moved, op=td.ReduceOp.SUM)
+        return moved.to(t.device)
     return t
 
 
@@ -47,7 +66,7 @@ def any_flag(flag: bool) -> bool:
     """True on every process if it is True on any (so all stop at the same step)."""
     if not active():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
     td.all_reduce(t, op=td.ReduceOp.MAX)
     return bool(t.item())
 

@@ -78,8 +78,12 @@ class RecPOConfig:
     eval_reasoning_tokens: int | None = None  # default: max_completion_length
     save_every: int = 25
     seed: int = 0
+    # "auto": this process's GPU (cuda:LOCAL_RANK) when torch sees one, else the CPU.
+    device: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.advantage not in ADVANTAGES:

@@ -97,6 +97,17 @@ def build_model(cfg: RecPOConfig, base: str, category: str) -> tuple[R2ec, str]:
     return model, base_ref
 
 
+def resolve_device(name: str) -> torch.device:
+    """cfg.device → a torch device; "auto" and a bare "cuda" mean this process's GPU."""
+    if name == "auto":
+        return dist.default_device()
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return dist.default_device() if name == "cuda" else torch.device(name)
+
+
 def _top_layers(lm: torch.nn.Module, n: int | None) -> list[int] | None:
     if n is None:
         return None
@@ -407,6 +418,7 @@ def train(
     if resume and not (resume_dir / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume: no {resume_dir / STATE_FILE} to resume from")
     model, base_ref = build_model(cfg, str(resume_dir) if resume else base, dataset.category)
+    model.lm.to(resolve_device(cfg.device))
     if resume:
         base_ref = read_meta(resume_dir)["base"]
     params = trainable_parameters(model)
@@ -558,11 +570,16 @@ def _save_last(model, table, dataset, cfg, state, out, base_ref, opt: Optimizer)
 
 
 def _get_rng() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()  # sampling on the GPU draws from this one
+    return rng
 
 
 def _set_rng(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
 

@@ -151,6 +151,7 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option(help="Only the first N samples")] = None,
     mask: Annotated[bool, typer.Option("--mask/--no-mask", help="Mask history items")] = True,
     dtype: str = "bfloat16",
+    device: Annotated[str, typer.Option(help="auto (GPU if torch sees one), cpu, cuda, cuda:N")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Full-ranking Hit@5/10/20 and NDCG@5/10/20 over the whole catalog."""
@@ -178,7 +179,7 @@ def eval_cmd(
         result = evaluate_popularity(ds.split("train"), samples, ds.items, cfg)
         label = "pop"
     else:
-        result, label = _eval_model(ds, samples, cfg, checkpoint, base, dtype)
+        result, label = _eval_model(ds, samples, cfg, checkpoint, base, dtype, device)
     payload = {
         "model": label,
         "split": split,
@@ -195,13 +196,18 @@ def eval_cmd(
         typer.echo(f"\n[user {ex['user_id']}] target {ex['target']!r} ranked {ex['rank']}\n{ex['reasoning']}")
 
 
-def _eval_model(ds, samples, cfg, checkpoint, base, dtype):
+def _eval_model(ds, samples, cfg, checkpoint, base, dtype, device):
     from model.backbone import BackboneConfig, load_backbone
     from model.checkpoint import CheckpointError, load_checkpoint
     from model.evaluate import evaluate_model
     from model.prompts import PromptConfig
     from model.r2ec import R2ec
+    from model.train import resolve_device
 
+    try:
+        where = resolve_device(device)
+    except ValueError as exc:
+        _fail(str(exc))
     if checkpoint is not None:
         try:
             ckpt = load_checkpoint(checkpoint, dtype=dtype)
@@ -217,6 +223,7 @@ def _eval_model(ds, samples, cfg, checkpoint, base, dtype):
             f"base {base}",
             None,
         )
+    model.lm.to(where)
     if vectors is None:
         vectors = model.item_vectors(ds.items.to_dict("records"), progress=True)
     return evaluate_model(model, samples, ds.items, vectors, cfg), label
@@ -233,6 +240,9 @@ def train_cmd(
     stage: Annotated[str | None, typer.Option(help="recpo or contrastive (overrides the config)")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Overrides the config")] = None,
     time_budget_minutes: Annotated[float | None, typer.Option(help="Overrides the config")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto (cuda:LOCAL_RANK if torch sees a GPU), cpu, cuda, cuda:N")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last exactly")] = False,
 ) -> None:
     """RecPO (or the contrastive warm-up) on a prepared dataset. Also runs under torchrun."""
@@ -240,7 +250,12 @@ def train_cmd(
     from model.recpo import RecPOConfig
     from model.train import train
 
-    overrides = {"stage": stage, "max_steps": max_steps, "time_budget_minutes": time_budget_minutes}
+    overrides = {
+        "stage": stage,
+        "max_steps": max_steps,
+        "time_budget_minutes": time_budget_minutes,
+        "device": device,
+    }
     try:
         cfg = (
             RecPOConfig.from_yaml(config, **overrides)

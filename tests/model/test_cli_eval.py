@@ -50,6 +50,7 @@ def test_eval_json_for_pop_and_a_checkpoint_with_reasoning(tiny_dataset, tiny_ch
         (["--baseline", "random"], "--baseline must be 'pop', got 'random'"),
         (["--baseline", "pop", "--split", "dev"], "dev"),
         (["--checkpoint", "/nowhere"], "/nowhere is not an R²ec checkpoint"),
+        (["--base", "tiny", "--device", "tpu"], "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     ],
 )
 def test_eval_errors_name_the_problem(tiny_dataset, args, message):

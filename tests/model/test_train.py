@@ -22,6 +22,7 @@ from model.train import (
     contrastive_loss,
     make_rollout,
     policy_loss,
+    resolve_device,
     train,
     trainable_parameters,
 )
@@ -200,6 +201,8 @@ def test_two_processes_train_and_agree_on_the_weights(tiny_dataset, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    if torch.cuda.device_count() < 2:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # one process per GPU (nccl) needs two; else gloo on CPU
     proc = subprocess.run(
         [
             sys.executable,
@@ -226,3 +229,28 @@ def test_two_processes_train_and_agree_on_the_weights(tiny_dataset, tmp_path):
     assert sorted(steps) == [1, 2]
     assert steps[1]["trajectories"] == 4  # each process's own rollouts, 2 users x 2 generations
     assert (tmp_path / "run" / "best" / "r2ec.json").is_file()
+
+
+def test_device_setting_is_checked():
+    with pytest.raises(ValueError, match="device must be"):
+        RecPOConfig(device="tpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_training_on_the_gpu_writes_a_checkpoint_the_cpu_loads(tiny_dataset, tmp_path):
+    for stage in ("contrastive", "recpo"):
+        cfg = RecPOConfig(
+            stage=stage, device="cuda", per_device_batch_size=2, num_generations=2, max_steps=2, **TINY
+        )
+        best = train(cfg, tiny_dataset, "tiny", tmp_path / stage)
+        steps = _steps(tmp_path / stage)
+        assert sorted(steps) == [1, 2] and all(torch.isfinite(torch.tensor(r["loss/total"])) for r in steps.values())
+        ckpt = load_checkpoint(best, dtype="float32")
+        assert ckpt.model.device.type == "cpu"
+        fresh = ckpt.model.item_vectors(tiny_dataset.items.to_dict("records"))
+        assert torch.allclose(fresh, torch.from_numpy(ckpt.item_vectors), atol=1e-3)
