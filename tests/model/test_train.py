@@ -249,7 +249,8 @@ def test_training_on_the_gpu_writes_a_checkpoint_the_cpu_loads(tiny_dataset, tmp
         )
         best = train(cfg, tiny_dataset, "tiny", tmp_path / stage)
         steps = _steps(tmp_path / stage)
-        assert sorted(steps) == [1, 2] and all(torch.isfinite(torch.tensor(r["loss/total"])) for r in steps.values())
+        assert sorted(steps) == [1, 2]
+        assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in steps.values())
         ckpt = load_checkpoint(best, dtype="float32")
         assert ckpt.model.device.type == "cpu"
         fresh = ckpt.model.item_vectors(tiny_dataset.items.to_dict("records"))
