@@ -61,6 +61,8 @@ def create_app(
                     dtype=settings.dtype,
                     threads=settings.threads,
                     index_kind=settings.index_kind,
+                    index_nprobe=settings.index_nprobe,
+                    index_ef_search=settings.index_ef_search,
                 ),
             )
             state = ServiceState(settings, the_engine, the_store, metrics, executor)

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
         1_000_000, ge=1, description="Approximate cap of the Redis event stream r2ec:events."
     )
     index_kind: str = Field("flat", description="Item index: flat (exact), ivf or hnsw.")
+    index_nprobe: int = Field(16, ge=1, description="ivf: inverted lists visited per query.")
+    index_ef_search: int = Field(
+        64, ge=1, description="hnsw: candidate list size per query (raise it for recall on 1M+ items)."
+    )
     watch_interval_s: float = Field(
         0.0,
         ge=0,

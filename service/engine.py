@@ -167,6 +167,8 @@ class Recommender:
         dtype: str = "bfloat16",
         threads: int | None = None,
         index_kind: str = "flat",
+        index_nprobe: int | None = None,
+        index_ef_search: int | None = None,
         persist_edits: bool = True,
     ) -> Recommender:
         """Load a checkpoint and open its index (load <ckpt>/index/ if it matches, else build
@@ -174,6 +176,7 @@ class Recommender:
         start = time.perf_counter()
         ckpt = load_checkpoint(path, dtype=dtype, num_threads=threads)
         index, edits = open_index(ckpt, index_kind)
+        index.set_search_params(nprobe=index_nprobe, ef_search=index_ef_search)
         engine = cls(ckpt, index, persist_edits=persist_edits, catalog_edits=edits)
         log.info(
             "loaded model %s from %s: %d items, %s index, %.1fs",

@@ -211,6 +211,8 @@ class ServiceState:
                     dtype=self.settings.dtype,
                     threads=self.settings.threads,
                     index_kind=self.settings.index_kind,
+                    index_nprobe=self.settings.index_nprobe,
+                    index_ef_search=self.settings.index_ef_search,
                 )
             except Exception as exc:
                 self.metrics.reloads.labels("failed").inc()

@@ -3,6 +3,7 @@ cache hits skip generation, per-query errors stay per query, item edits change r
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -158,8 +159,9 @@ def test_index_is_saved_beside_the_checkpoint_and_rebuilt_when_it_does_not_match
     mtime = saved.stat().st_mtime_ns
     make_engine(ckpt)  # matching: loaded, not rewritten
     assert saved.stat().st_mtime_ns == mtime
-    hnsw = make_engine(ckpt, index_kind="hnsw")  # another kind asked for: rebuilt and saved
+    hnsw = make_engine(ckpt, index_kind="hnsw", index_ef_search=200)  # another kind: rebuilt, saved
     assert hnsw.index.kind == "hnsw" and saved.stat().st_mtime_ns != mtime
+    assert faiss.downcast_index(hnsw.index._index.index).hnsw.efSearch == 200  # R2EC_INDEX_EF_SEARCH
     r = hnsw.recommend_batch([Query(H1, k=3, reasoning=False)])[0]
     exact = first.recommend_batch([Query(H1, k=3, reasoning=False)])[0]
     assert [i.item_id for i in r.items] == [i.item_id for i in exact.items]
