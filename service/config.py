@@ -6,12 +6,10 @@ Nothing here runs at import: `Settings()` is constructed in `create_app()` or by
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-INDEX_KINDS = ("flat", "ivf", "hnsw")
-DTYPES = ("bfloat16", "float32", "float16")
 
 
 class Settings(BaseSettings):
@@ -40,7 +38,9 @@ class Settings(BaseSettings):
     )
     reasoning: bool = Field(True, description="Reason before recommending unless a request says no.")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's).")
-    dtype: str = Field("bfloat16", description="Model dtype: bfloat16 (fast on avx512_bf16), float32.")
+    dtype: Literal["bfloat16", "float32", "float16"] = Field(
+        "bfloat16", description="Model dtype: bfloat16 (fast on avx512_bf16), float32, float16."
+    )
     api_key: SecretStr | None = Field(
         None, description="Key for admin routes (header X-API-Key); unset = admin API disabled."
     )
@@ -53,7 +53,9 @@ class Settings(BaseSettings):
     stream_maxlen: int = Field(
         1_000_000, ge=1, description="Approximate cap of the Redis event stream r2ec:events."
     )
-    index_kind: str = Field("flat", description="Item index: flat (exact), ivf or hnsw.")
+    index_kind: Literal["flat", "ivf", "hnsw"] = Field(
+        "flat", description="Item index: flat (exact), ivf or hnsw."
+    )
     index_nprobe: int = Field(16, ge=1, description="ivf: inverted lists visited per query.")
     index_ef_search: int = Field(
         64, ge=1, description="hnsw: candidate list size per query (raise it for recall on 1M+ items)."
@@ -64,20 +66,6 @@ class Settings(BaseSettings):
         description="Poll the checkpoint's version this often and reload when it "
         "changes (0 = off; `POST /admin/reload` always works).",
     )
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        if v not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {v!r}")
-        return v
-
-    @field_validator("index_kind")
-    @classmethod
-    def _kind(cls, v: str) -> str:
-        if v not in INDEX_KINDS:
-            raise ValueError(f"index_kind must be one of {INDEX_KINDS}, got {v!r}")
-        return v
 
     @field_validator("log_level")
     @classmethod
