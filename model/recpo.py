@@ -62,6 +62,9 @@ class RecPOConfig:
     # negatives are drawn by popularity, and without it the model learns to demote popular
     # items (sampled-softmax correction, Yi et al., RecSys 2019).
     logq_correction: bool = True
+    # "in_batch" only: this many catalog items drawn uniformly per process per step, encoded
+    # live with gradient and added to the in-batch columns (mixed negative sampling).
+    sampled_negatives: int = 0
     # -- optimisation --------------------------------------------------------------------------
     per_device_batch_size: int = 4  # B users per process per step
     gradient_accumulation_steps: int = 1
@@ -110,6 +113,8 @@ class RecPOConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sampled_negatives < 0:
+            raise ValueError(f"sampled_negatives must be >= 0, got {self.sampled_negatives}")
         if self.negatives not in ("in_batch", "table"):
             raise ValueError(f"negatives must be 'in_batch' or 'table', got {self.negatives!r}")
         if self.stage == "contrastive" and self.per_device_batch_size < 2 and self.negatives == "in_batch":

@@ -297,12 +297,31 @@ def policy_loss(
     }
 
 
+def sample_catalog(n_items: int, n: int, item_ids: list[str]) -> list[str]:
+    """n items drawn uniformly from the catalog, different on each process (mixed negative
+    sampling, Yang et al. 2020): they correct in-batch negatives' popularity skew and, being
+    encoded live like the targets, cannot be told apart from them by staleness."""
+    if n == 0:
+        return []
+    seed = int(torch.randint(2**31 - 1, (1,))) + dist.rank()  # advances the (saved) torch RNG
+    picks = torch.randint(n_items, (n,), generator=torch.Generator().manual_seed(seed))
+    return [item_ids[i] for i in picks.tolist()]
+
+
+def log_expected_count(table: ItemTable, batch: int, sampled: int, col_ids: list[str]) -> torch.Tensor:
+    """log E[times each column's item is drawn] per process: batch targets come by popularity
+    (q), sampled negatives uniformly; the sampled-softmax (logQ) correction subtracts it."""
+    q = table.log_q[[table.row[i] for i in col_ids]].exp()
+    return torch.log(batch * q + sampled / len(table.item_ids))
+
+
 def contrastive_loss(
     model: R2ec, table: ItemTable, rows, titles: dict, cfg: RecPOConfig
 ) -> tuple[torch.Tensor, dict]:
     """The "w/o reasoning" objective: h_T straight after the prompt, softmax over the batch's
-    targets (negatives "in_batch": encoded with gradient, gathered across processes, logQ
-    corrected) or over the whole detached item table (negatives "table")."""
+    targets plus `sampled_negatives` uniform catalog items (negatives "in_batch": encoded with
+    gradient, gathered across processes, logQ corrected) or over the whole detached item
+    table (negatives "table")."""
     model.lm.train()
     histories = sample_histories(rows, titles)
     targets = [str(t) for t in rows["target_item_id"]]
@@ -316,12 +335,15 @@ def contrastive_loss(
             drop[torch.arange(len(targets)), own] = False  # never mask the target itself
             logits = logits.masked_fill(drop, float("-inf"))
     else:
-        target_vecs = model.item_vectors_from_ids([table.prompt_ids[table.row[t]] for t in targets])
-        all_targets, all_ids = dist.gather_with_grad(target_vecs), dist.gather_objects(targets)
-        logits, own = in_batch_logits(users, all_targets, all_ids, model.tau, targets)  # grad both sides
+        cols = targets + sample_catalog(len(table.item_ids), cfg.sampled_negatives, table.item_ids)
+        col_vecs = model.item_vectors_from_ids([table.prompt_ids[table.row[i]] for i in cols])
+        all_vecs, all_ids = dist.gather_with_grad(col_vecs), dist.gather_objects(cols)
+        logits, own = in_batch_logits(users, all_vecs, all_ids, model.tau, targets)  # grad both sides
         if cfg.logq_correction and table.log_q is not None:
-            logits = logits - table.log_q[[table.row[i] for i in all_ids]].to(logits.device)  # (C,)
-        table.update(targets, target_vecs)
+            logits = logits - log_expected_count(table, len(targets), cfg.sampled_negatives, all_ids).to(
+                logits.device
+            )
+        table.update(cols, col_vecs)
     loss = F.cross_entropy(logits.float(), own.to(logits.device))
     with torch.no_grad():
         rank = (logits > logits.gather(1, own.view(-1, 1).to(logits.device))).sum(1).float() + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import subprocess
@@ -20,9 +21,11 @@ from model.train import (
     Optimizer,
     build_model,
     contrastive_loss,
+    log_expected_count,
     make_rollout,
     policy_loss,
     resolve_device,
+    sample_catalog,
     train,
     trainable_parameters,
 )
@@ -60,10 +63,15 @@ def test_recpo_step_changes_the_weights_and_lowers_the_loss_on_a_fixed_rollout(t
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("negatives", ["in_batch", "table"])
-def test_contrastive_step_lowers_the_loss_on_a_fixed_batch(tiny_dataset, negatives):
+@pytest.mark.parametrize(("negatives", "sampled"), [("in_batch", 0), ("in_batch", 6), ("table", 0)])
+def test_contrastive_step_lowers_the_loss_on_a_fixed_batch(tiny_dataset, negatives, sampled):
     cfg = RecPOConfig(
-        stage="contrastive", negatives=negatives, per_device_batch_size=4, learning_rate=1e-2, **TINY
+        stage="contrastive",
+        negatives=negatives,
+        sampled_negatives=sampled,
+        per_device_batch_size=4,
+        learning_rate=1e-2,
+        **TINY,
     )
     model, table = _setup(cfg, tiny_dataset)
     rows = tiny_dataset.split("train").iloc[:4]
@@ -102,6 +110,26 @@ def test_logq_correction_subtracts_each_columns_log_target_share(tiny_dataset):
     uniform = loss(cfg)
     assert corrected != pytest.approx(plain, abs=1e-4)
     assert uniform == pytest.approx(plain, abs=1e-5)
+
+
+def test_sampled_negatives_are_uniform_draws_and_the_correction_counts_them(tiny_dataset):
+    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=4, **TINY)
+    model, table = _setup(cfg, tiny_dataset)
+    ids = table.item_ids
+    torch.manual_seed(0)
+    draws = sample_catalog(len(ids), 2000, ids)
+    assert set(draws) == set(ids)  # every item can be drawn ...
+    assert max(draws.count(i) for i in ids) < 3 * 2000 / len(ids)  # ... about equally often
+    assert sample_catalog(len(ids), 0, ids) == []
+    table.set_target_counts([ids[0]] * 5)
+    q = table.log_q.exp()
+    cols = [ids[0], ids[1]]
+    # 4 targets drawn by popularity + 10 uniform draws: expected count 4 q + 10 / N per item
+    expected = torch.log(4 * q[:2] + 10 / len(ids))
+    assert torch.allclose(log_expected_count(table, 4, 10, cols), expected)
+    # without sampled negatives it is log q plus a constant: the plain logQ correction
+    plain = log_expected_count(table, 4, 0, cols) - table.log_q[:2]
+    assert torch.allclose(plain, torch.full((2,), math.log(4)))
 
 
 def _log(run: Path) -> list[dict]:
