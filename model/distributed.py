@@ -31,6 +31,13 @@ def default_device() -> torch.device:
     return torch.device(f"cuda:{local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def check_device_name(name: str) -> str:
+    """A device setting: auto, cpu, cuda or cuda:N; anything else is a ValueError."""
+    if not (name in ("auto", "cpu") or name.startswith("cuda")):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return name
+
+
 def _comm_device() -> torch.device:
     # nccl moves only GPU tensors; gloo only CPU ones.
     return default_device() if td.get_backend() == "nccl" else torch.device("cpu")

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import yaml
 
+from model import distributed as dist
+
 ADVANTAGES = ("grpo", "rloo")
 STAGES = ("recpo", "contrastive")
 
@@ -85,8 +87,7 @@ class RecPOConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        dist.check_device_name(self.device)
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.advantage not in ADVANTAGES:

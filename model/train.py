@@ -99,10 +99,8 @@ def build_model(cfg: RecPOConfig, base: str, category: str) -> tuple[R2ec, str]:
 
 def resolve_device(name: str) -> torch.device:
     """cfg.device → a torch device; "auto" and a bare "cuda" mean this process's GPU."""
-    if name == "auto":
+    if dist.check_device_name(name) == "auto":
         return dist.default_device()
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
     return dist.default_device() if name == "cuda" else torch.device(name)
