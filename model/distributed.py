@@ -38,6 +38,15 @@ def check_device_name(name: str) -> str:
     return name
 
 
+def resolve_device(name: str) -> torch.device:
+    """A device setting → a torch device; "auto" and a bare "cuda" mean this process's GPU."""
+    if check_device_name(name) == "auto":
+        return default_device()
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return default_device() if name == "cuda" else torch.device(name)
+
+
 def _comm_device() -> torch.device:
     # nccl moves only GPU tensors; gloo only CPU ones.
     return default_device() if td.get_backend() == "nccl" else torch.device("cpu")

@@ -97,15 +97,6 @@ def build_model(cfg: RecPOConfig, base: str, category: str) -> tuple[R2ec, str]:
     return model, base_ref
 
 
-def resolve_device(name: str) -> torch.device:
-    """cfg.device → a torch device; "auto" and a bare "cuda" mean this process's GPU."""
-    if dist.check_device_name(name) == "auto":
-        return dist.default_device()
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
-    return dist.default_device() if name == "cuda" else torch.device(name)
-
-
 def _top_layers(lm: torch.nn.Module, n: int | None) -> list[int] | None:
     if n is None:
         return None
@@ -295,14 +286,14 @@ def policy_loss(
     }
 
 
-def sample_catalog(n_items: int, n: int, item_ids: list[str]) -> list[str]:
+def sample_catalog(item_ids: list[str], n: int) -> list[str]:
     """n items drawn uniformly from the catalog, different on each process (mixed negative
     sampling, Yang et al. 2020): they correct in-batch negatives' popularity skew and, being
     encoded live like the targets, cannot be told apart from them by staleness."""
     if n == 0:
         return []
     seed = int(torch.randint(2**31 - 1, (1,))) + dist.rank()  # advances the (saved) torch RNG
-    picks = torch.randint(n_items, (n,), generator=torch.Generator().manual_seed(seed))
+    picks = torch.randint(len(item_ids), (n,), generator=torch.Generator().manual_seed(seed))
     return [item_ids[i] for i in picks.tolist()]
 
 
@@ -333,7 +324,7 @@ def contrastive_loss(
             drop[torch.arange(len(targets)), own] = False  # never mask the target itself
             logits = logits.masked_fill(drop, float("-inf"))
     else:
-        cols = targets + sample_catalog(len(table.item_ids), cfg.sampled_negatives, table.item_ids)
+        cols = targets + sample_catalog(table.item_ids, cfg.sampled_negatives)
         col_vecs = model.item_vectors_from_ids([table.prompt_ids[table.row[i]] for i in cols])
         all_vecs, all_ids = dist.gather_with_grad(col_vecs), dist.gather_objects(cols)
         logits, own = in_batch_logits(users, all_vecs, all_ids, model.tau, targets)  # grad both sides
@@ -438,7 +429,7 @@ def train(
     if resume and not (resume_dir / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume: no {resume_dir / STATE_FILE} to resume from")
     model, base_ref = build_model(cfg, str(resume_dir) if resume else base, dataset.category)
-    model.lm.to(resolve_device(cfg.device))
+    model.lm.to(dist.resolve_device(cfg.device))
     if resume:
         base_ref = read_meta(resume_dir)["base"]
     params = trainable_parameters(model)

@@ -199,10 +199,10 @@ def eval_cmd(
 def _eval_model(ds, samples, cfg, checkpoint, base, dtype, device):
     from model.backbone import BackboneConfig, load_backbone
     from model.checkpoint import CheckpointError, load_checkpoint
+    from model.distributed import resolve_device
     from model.evaluate import evaluate_model
     from model.prompts import PromptConfig
     from model.r2ec import R2ec
-    from model.train import resolve_device
 
     try:
         where = resolve_device(device)

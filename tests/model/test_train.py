@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint, read_meta
+from model.distributed import resolve_device
 from model.recpo import RecPOConfig
 from model.train import (
     ItemTable,
@@ -24,7 +25,6 @@ from model.train import (
     log_expected_count,
     make_rollout,
     policy_loss,
-    resolve_device,
     sample_catalog,
     train,
     trainable_parameters,
@@ -117,10 +117,10 @@ def test_sampled_negatives_are_uniform_draws_and_the_correction_counts_them(tiny
     model, table = _setup(cfg, tiny_dataset)
     ids = table.item_ids
     torch.manual_seed(0)
-    draws = sample_catalog(len(ids), 2000, ids)
+    draws = sample_catalog(ids, 2000)
     assert set(draws) == set(ids)  # every item can be drawn ...
     assert max(draws.count(i) for i in ids) < 3 * 2000 / len(ids)  # ... about equally often
-    assert sample_catalog(len(ids), 0, ids) == []
+    assert sample_catalog(ids, 0) == []
     table.set_target_counts([ids[0]] * 5)
     q = table.log_q.exp()
     cols = [ids[0], ids[1]]
