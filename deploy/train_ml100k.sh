@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The ml-100k training recipe: contrastive warm-up, then RecPO warm-started from it.
-# Usage: bash deploy/train_ml100k.sh [RUNS_DIR]   (about 70 minutes on a 2-core CPU)
+# Usage: bash deploy/train_ml100k.sh [RUNS_DIR]   (about 110 minutes on a 2-core CPU)
 set -euo pipefail
 runs=${1:-runs/ml100k}
 data=data/ml-100k/loo

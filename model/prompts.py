@@ -27,6 +27,8 @@ class PromptConfig:
     include_time: add "(N days before the latest)" to each history line.
     closing_marker: appended after the reasoning; h_T is read at its last token.
     description_words: item descriptions are cut to this many words.
+    system_prompt: the system turn of both prompts; None keeps the chat template's default
+        (SmolLM2's adds 16 tokens to every prompt, a quarter of an ml-100k item prompt).
     """
 
     category: str = "movie"
@@ -34,6 +36,7 @@ class PromptConfig:
     include_time: bool = False
     closing_marker: str = "\nTherefore, my recommendation is:"
     description_words: int = 100
+    system_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_history < 1:
@@ -91,8 +94,10 @@ def item_message(item: Mapping[str, object], cfg: PromptConfig) -> str:
     return f"Summarize key attributes of the following {cfg.category}:\n" + "\n".join(parts)
 
 
-def render(tokenizer: PreTrainedTokenizerBase, message: str) -> str:
-    """One user turn through the chat template, ending where the assistant starts."""
+def render(tokenizer: PreTrainedTokenizerBase, message: str, system: str | None = None) -> str:
+    """One user turn (after `system`, if given) through the chat template, ending where the
+    assistant starts."""
+    turns = [] if system is None else [{"role": "system", "content": system}]
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
+        [*turns, {"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
     )

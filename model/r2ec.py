@@ -13,7 +13,8 @@ Shapes: B users (or B*G rollouts), T tokens, L padded length, H hidden, N items.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -126,10 +127,14 @@ class R2ec:
 
     # -- prompts ----------------------------------------------------------------------------
     def user_prompt_ids(self, histories: Sequence[Sequence[HistoryEntry]]) -> list[list[int]]:
-        return self._encode([render(self.tokenizer, user_message(h, self.prompts)) for h in histories])
+        return self._encode([self.render_message(user_message(h, self.prompts)) for h in histories])
 
     def item_prompt_ids(self, items: Sequence[Mapping[str, object]]) -> list[list[int]]:
-        return self._encode([render(self.tokenizer, item_message(it, self.prompts)) for it in items])
+        return self._encode([self.render_message(item_message(it, self.prompts)) for it in items])
+
+    def render_message(self, message: str) -> str:
+        """One turn through the chat template with this model's system prompt."""
+        return render(self.tokenizer, message, self.prompts.system_prompt)
 
     # -- lm_head: reasoning -----------------------------------------------------------------
     @torch.no_grad()
@@ -208,6 +213,72 @@ class R2ec:
         """Normalised h_v (N, H) for already-tokenised item prompts, one batch."""
         batch = left_pad(item_ids, self.pad_id, self.device)
         return F.normalize(self.decoder_hidden(batch)[:, -1].float(), dim=-1)
+
+    # -- frozen lower layers ----------------------------------------------------------------
+    def frozen_layers(self) -> int:
+        """How many of the lowest decoder layers hold no trainable parameter (0 when the
+        embeddings train or the decoder is not a plain stack of `layers` + `norm`).
+
+        Their outputs for a fixed prompt never change during training, so they can be
+        computed once and reused (`lower_hidden` / `item_vectors_from_lower`)."""
+        dec = self.lm.get_decoder()
+        layers = getattr(dec, "layers", None)
+        if layers is None or not hasattr(dec, "norm"):
+            return 0
+        if any(p.requires_grad for p in dec.get_input_embeddings().parameters()):
+            return 0
+        for i, layer in enumerate(layers):
+            if any(p.requires_grad for p in layer.parameters()):
+                return i
+        return 0  # nothing in the stack trains (only heads, or nothing): no split to exploit
+
+    @contextmanager
+    def _layer_range(self, start: int, stop: int, final_norm: bool) -> Iterator[torch.nn.Module]:
+        """The decoder with only layers [start, stop) (and optionally no final norm), so its
+        public forward runs part of the stack. Not thread-safe: training only."""
+        dec = self.lm.get_decoder()
+        layers, norm = dec.layers, dec.norm
+        dec.layers = torch.nn.ModuleList(list(layers)[start:stop])
+        if not final_norm:
+            dec.norm = torch.nn.Identity()
+        try:
+            yield dec
+        finally:
+            dec.layers, dec.norm = layers, norm
+
+    @torch.no_grad()
+    def lower_hidden(self, ids: Sequence[Sequence[int]], layers: int) -> list[torch.Tensor]:
+        """Per sequence, the input of decoder layer `layers` (len_i, H), model dtype, on the CPU."""
+        batch = left_pad(ids, self.pad_id, self.device)
+        with self._layer_range(0, layers, final_norm=False) as dec:
+            hidden = dec(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            ).last_hidden_state
+        width = hidden.shape[1]
+        return [hidden[i, width - len(seq) :].cpu() for i, seq in enumerate(ids)]
+
+    def item_vectors_from_lower(self, lower: Sequence[torch.Tensor], layers: int) -> torch.Tensor:
+        """Normalised h_v (N, H) from `lower_hidden` outputs: runs only layers [layers, end).
+        Equal to `item_vectors_from_ids` while layers below `layers` stay frozen."""
+        n, width = len(lower), max(len(h) for h in lower)
+        hidden = lower[0].new_zeros((n, width, self.hidden_size))
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, h in enumerate(lower):
+            hidden[i, width - len(h) :] = h
+            mask[i, width - len(h) :] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as left_pad numbers positions
+        total = len(self.lm.get_decoder().layers)
+        with self._layer_range(layers, total, final_norm=True) as dec:
+            out = dec(
+                inputs_embeds=hidden.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=position_ids.to(self.device),
+                use_cache=False,
+            ).last_hidden_state
+        return F.normalize(out[:, -1].float(), dim=-1)
 
     @torch.no_grad()
     def item_vectors(

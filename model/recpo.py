@@ -37,7 +37,13 @@ class RecPOConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     dtype: str = "bfloat16"  # base model dtype; LoRA weights stay fp32
+    # With LoRA on the top lora_layers only, item prompts' outputs of the frozen layers below
+    # are computed once and kept, up to this many GB (0 = off); see ItemTable.cache_lower.
+    item_layer_cache_gb: float = 2.0
     tau: float = 0.02  # temperature of s(u, v) = cos / tau
+    # The prompts' system turn when training starts from a backbone (None: the chat template's
+    # default). A checkpoint keeps its own prompts, so warm starts and serving render the same.
+    system_prompt: str | None = None
     # -- rollout -------------------------------------------------------------------------------
     num_generations: int = 4  # G trajectories per user
     temperature: float = 1.0
@@ -124,6 +130,8 @@ class RecPOConfig:
             )
         if self.lora_layers is not None and self.lora_layers < 1:
             raise ValueError(f"lora_layers must be >= 1 or null, got {self.lora_layers}")
+        if self.item_layer_cache_gb < 0:
+            raise ValueError(f"item_layer_cache_gb must be >= 0, got {self.item_layer_cache_gb}")
         if self.tau <= 0 or self.temperature <= 0:
             raise ValueError("tau and temperature must be > 0")
 

@@ -79,7 +79,8 @@ def build_model(cfg: RecPOConfig, base: str, category: str) -> tuple[R2ec, str]:
             return model, base_ref
     else:
         lm, tok = load_backbone(BackboneConfig(base=base, dtype=cfg.dtype, seed=cfg.seed))
-        model, base_ref = R2ec(lm, tok, PromptConfig(category=category), tau=cfg.tau), base
+        prompts = PromptConfig(category=category, system_prompt=cfg.system_prompt)
+        model, base_ref = R2ec(lm, tok, prompts, tau=cfg.tau), base
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -127,6 +128,10 @@ class ItemTable:
     vectors: torch.Tensor  # (N, H) float32, detached
     row: dict[str, int] = field(default_factory=dict)
     log_q: torch.Tensor | None = None  # (N,) log share of training targets, for logQ correction
+    # Each item's input to decoder layer `lower_layers` (len_i, H): the layers below it are
+    # frozen, so item encoding with gradient runs only the trainable top (`cache_lower`).
+    lower: list[torch.Tensor] | None = None
+    lower_layers: int = 0
 
     def set_target_counts(self, targets: list[str]) -> None:
         """log q(item) from the training targets (add-one smoothed)."""
@@ -153,10 +158,42 @@ class ItemTable:
         bar = tqdm(total=len(mine), desc="refresh item table", unit="item", disable=not progress, leave=False)
         for lo in range(0, len(mine), batch_size):
             chunk = mine[lo : lo + batch_size]
-            out[chunk] = model.item_vectors_from_ids([self.prompt_ids[i] for i in chunk]).cpu()
+            out[chunk] = self.encode(model, [self.item_ids[i] for i in chunk]).cpu()
             bar.update(len(chunk))
         bar.close()
         self.vectors = dist.all_reduce_sum(out)  # each row was written by exactly one process
+
+    def encode(self, model: R2ec, item_ids: list[str]) -> torch.Tensor:
+        """Normalised vectors (n, H) of these items under the current weights, with gradient
+        when enabled; from the frozen-layer cache when there is one."""
+        rows = [self.row[i] for i in item_ids]
+        if self.lower is None:
+            return model.item_vectors_from_ids([self.prompt_ids[r] for r in rows])
+        return model.item_vectors_from_lower([self.lower[r] for r in rows], self.lower_layers)
+
+    def cache_lower(self, model: R2ec, max_gb: float, batch_size: int = 32, progress: bool = False) -> None:
+        """Run every item prompt once through the model's frozen lower layers and keep the
+        result, when there are frozen layers (LoRA on the top layers only) and the cache fits
+        in `max_gb`. Live item encoding (the bulk of a contrastive step) then costs only the
+        trainable layers: 8 of SmolLM2's 30 in the ml-100k recipe."""
+        self.lower, self.lower_layers = None, model.frozen_layers()
+        tokens = sum(len(p) for p in self.prompt_ids)
+        size_gb = tokens * model.hidden_size * next(model.lm.parameters()).element_size() / 1e9
+        if self.lower_layers == 0 or size_gb > max_gb:
+            log.info("item layer cache off (frozen layers %d, %.2f GB)", self.lower_layers, size_gb)
+            return
+        order = sorted(range(len(self.prompt_ids)), key=lambda i: len(self.prompt_ids[i]))
+        lower: list[torch.Tensor | None] = [None] * len(order)
+        bar = tqdm(total=len(order), desc="cache frozen layers", unit="item", disable=not progress)
+        for lo in range(0, len(order), batch_size):
+            chunk = order[lo : lo + batch_size]
+            hidden = model.lower_hidden([self.prompt_ids[i] for i in chunk], self.lower_layers)
+            for i, h in zip(chunk, hidden, strict=True):
+                lower[i] = h.clone()  # own storage: a view would pin the whole padded batch
+            bar.update(len(chunk))
+        bar.close()
+        self.lower = lower
+        log.info("item layer cache: %d layers x %d items, %.2f GB", self.lower_layers, len(order), size_gb)
 
     def update(self, item_ids: list[str], vectors: torch.Tensor) -> None:
         # Out of place: the old table may still be part of a graph awaiting backward.
@@ -256,7 +293,7 @@ def _policy_forward(model: R2ec, rollout: Rollout, temperature: float):
 def _item_log_probs(model, table, h_T, targets, best, G) -> torch.Tensor:
     """log p(target) of the best trajectories under the in-batch softmax over the batch's
     targets, encoded now (with gradient when enabled) and gathered across processes."""
-    target_vecs = model.item_vectors_from_ids([table.prompt_ids[table.row[t]] for t in targets])  # (B, H)
+    target_vecs = table.encode(model, targets)  # (B, H)
     all_targets, all_ids = dist.gather_with_grad(target_vecs), dist.gather_objects(targets)
     user_targets = [targets[int(i) // G] for i in best]
     logp = in_batch_log_probs(h_T[best], all_targets, all_ids, model.tau, user_targets)
@@ -325,7 +362,7 @@ def contrastive_loss(
             logits = logits.masked_fill(drop, float("-inf"))
     else:
         cols = targets + sample_catalog(table.item_ids, cfg.sampled_negatives)
-        col_vecs = model.item_vectors_from_ids([table.prompt_ids[table.row[i]] for i in cols])
+        col_vecs = table.encode(model, cols)
         all_vecs, all_ids = dist.gather_with_grad(col_vecs), dist.gather_objects(cols)
         logits, own = in_batch_logits(users, all_vecs, all_ids, model.tau, targets)  # grad both sides
         if cfg.logq_correction and table.log_q is not None:
@@ -437,6 +474,8 @@ def train(
     opt = Optimizer(params, cfg)
     items = dataset.items.to_dict("records")
     table = ItemTable.build(model, items)
+    model.lm.eval()
+    table.cache_lower(model, cfg.item_layer_cache_gb, progress=is_main)
     state = TrainState()
     if resume:
         blob = torch.load(resume_dir / STATE_FILE, weights_only=False)
@@ -458,7 +497,10 @@ def train(
     while state.step < cfg.max_steps:
         t0 = time.perf_counter()
         # (a step right after an eval already has a fresh table)
-        if state.step > 0 and state.step % cfg.refresh_every == 0 and state.step % cfg.eval_every != 0:
+        # (and in-batch contrastive training never reads the table: its evals refresh it)
+        reads_table = not (cfg.stage == "contrastive" and cfg.negatives == "in_batch")
+        due = state.step > 0 and state.step % cfg.refresh_every == 0 and state.step % cfg.eval_every != 0
+        if reads_table and due:
             model.lm.eval()
             table.refresh(model)
         batches = [

@@ -36,7 +36,7 @@ import torch
 
 from index import IndexMismatchError, ItemIndex
 from model.checkpoint import Checkpoint, load_checkpoint
-from model.prompts import HistoryEntry, render, user_message
+from model.prompts import HistoryEntry, user_message
 from model.r2ec import GenerationSettings
 from model.samples import history_entries
 from service.store import Event
@@ -288,7 +288,7 @@ class Recommender:
         )
 
     def prompt_text(self, history: Sequence[Event]) -> str:
-        return render(self.model.tokenizer, user_message(self._entries(history), self.model.prompts))
+        return self.model.render_message(user_message(self._entries(history), self.model.prompts))
 
     def cache_key(self, query: Query) -> str | None:
         """sha256 of (model version, rendered prompt = the history window, generation settings);

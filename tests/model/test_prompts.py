@@ -44,6 +44,21 @@ def test_item_without_title_rejected():
 def test_render_uses_chat_template(tiny_model):
     text = render(tiny_model.tokenizer, "hello")
     assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    text = render(tiny_model.tokenizer, "hello", system="You recommend.")
+    assert text.startswith("<|im_start|>system\nYou recommend.<|im_end|>\n<|im_start|>user\nhello")
+
+
+def test_system_prompt_reaches_both_prompts_and_survives_a_round_trip(tiny_model):
+    from model.r2ec import R2ec
+
+    cfg = PromptConfig(system_prompt="You recommend movies.")
+    assert PromptConfig.from_dict(cfg.to_dict()) == cfg
+    assert PromptConfig.from_dict({"category": "movie"}).system_prompt is None  # older checkpoints
+    model = R2ec(tiny_model.lm, tiny_model.tokenizer, cfg)
+    history = [HistoryEntry("Heat", 4.0)]
+    item = {"item_id": "1", "title": "Heat"}
+    for ids in (model.user_prompt_ids([history])[0], model.item_prompt_ids([item])[0]):
+        assert model.tokenizer.decode(ids).startswith("<|im_start|>system\nYou recommend movies.")
 
 
 def test_prompt_config_validation():

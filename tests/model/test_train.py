@@ -272,3 +272,36 @@ def test_training_on_the_gpu_writes_a_checkpoint_the_cpu_loads(tiny_dataset, tmp
         assert ckpt.model.device.type == "cpu"
         fresh = ckpt.model.item_vectors(tiny_dataset.items.to_dict("records"))
         assert torch.allclose(fresh, torch.from_numpy(ckpt.item_vectors), atol=1e-3)
+
+
+def test_item_layer_cache_gives_the_full_forwards_vectors_and_gradients(tiny_dataset):
+    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=4, lora_layers=1, **TINY)
+    model, table = _setup(cfg, tiny_dataset)
+    layers = model.lm.config.num_hidden_layers
+    assert model.frozen_layers() == layers - 1  # LoRA on the top layer only
+    table.cache_lower(model, max_gb=1.0)
+    assert table.lower is not None and table.lower_layers == layers - 1
+    assert [len(h) for h in table.lower] == [len(p) for p in table.prompt_ids]
+    ids = table.item_ids[:5]
+    params = trainable_parameters(model)
+
+    def vectors_and_grads(cached: bool):
+        model.lm.zero_grad(set_to_none=True)
+        vecs = (
+            table.encode(model, ids)
+            if cached
+            else model.item_vectors_from_ids([table.prompt_ids[table.row[i]] for i in ids])
+        )
+        (vecs @ torch.arange(vecs.shape[1], dtype=torch.float32)).sum().backward()
+        return vecs.detach(), [p.grad.clone() for p in params]
+
+    full, full_grads = vectors_and_grads(cached=False)
+    cached, cached_grads = vectors_and_grads(cached=True)
+    assert torch.allclose(cached, full, atol=1e-5)
+    assert all(torch.allclose(c, f, atol=1e-4) for c, f in zip(cached_grads, full_grads, strict=True))
+    assert any(g.abs().sum() > 0 for g in cached_grads)
+    # the cache is skipped where it would be wrong (every layer trains) or too big
+    table.cache_lower(model, max_gb=0.0)
+    assert table.lower is None
+    everywhere, _ = build_model(dataclasses.replace(cfg, lora_layers=None), "tiny", tiny_dataset.category)
+    assert everywhere.frozen_layers() == 0
