@@ -305,3 +305,36 @@ def test_item_layer_cache_gives_the_full_forwards_vectors_and_gradients(tiny_dat
     assert table.lower is None
     everywhere, _ = build_model(dataclasses.replace(cfg, lora_layers=None), "tiny", tiny_dataset.category)
     assert everywhere.frozen_layers() == 0
+
+
+@pytest.mark.parametrize(("negatives", "refreshes"), [("in_batch", 2), ("table", 4)])
+def test_contrastive_training_refreshes_the_table_only_when_it_reads_it(
+    tiny_dataset, tmp_path, monkeypatch, negatives, refreshes
+):
+    calls = []
+    real_refresh = ItemTable.refresh
+
+    def counting_refresh(self, *args, **kwargs):
+        calls.append(self.lower is not None)
+        return real_refresh(self, *args, **kwargs)
+
+    monkeypatch.setattr(ItemTable, "refresh", counting_refresh)
+    cfg = RecPOConfig(
+        stage="contrastive",
+        negatives=negatives,
+        per_device_batch_size=2,
+        lora_layers=1,
+        max_steps=3,
+        refresh_every=1,
+        eval_every=10,
+        save_every=10,
+        **TINY,
+    )
+    best = train(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    # once at the start and once for the final eval; "table" also before steps 2 and 3
+    assert len(calls) == refreshes
+    assert all(calls), "the item table was encoded without the frozen-layer cache"
+    # what the cache produced is what the saved model computes from scratch
+    ckpt = load_checkpoint(best, dtype="float32")
+    fresh = ckpt.model.item_vectors(tiny_dataset.items.to_dict("records"))
+    assert torch.allclose(torch.as_tensor(ckpt.item_vectors), fresh, atol=1e-4)
