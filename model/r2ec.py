@@ -61,6 +61,15 @@ class PaddedBatch:
     completion_mask: torch.Tensor  # (B, L) 1 where the token is a reasoning token
 
 
+def left_pad_mask(lengths: Sequence[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mask and position ids (B, width) for rows of these lengths, left-padded."""
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        if n:
+            mask[i, width - n :] = 1
+    return mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> PaddedBatch:
     """Left-pad so every row's last real token sits at position L-1.
 
@@ -69,12 +78,10 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
     """
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, seq in enumerate(seqs):
         if seq:
             ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[i, width - len(seq) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    mask, positions = left_pad_mask([len(s) for s in seqs], width)
     return PaddedBatch(
         ids.to(device), mask.to(device), positions.to(device), torch.zeros_like(mask).to(device)
     )
@@ -263,13 +270,11 @@ class R2ec:
     def item_vectors_from_lower(self, lower: Sequence[torch.Tensor], layers: int) -> torch.Tensor:
         """Normalised h_v (N, H) from `lower_hidden` outputs: runs only layers [layers, end).
         Equal to `item_vectors_from_ids` while layers below `layers` stay frozen."""
-        n, width = len(lower), max(len(h) for h in lower)
-        hidden = lower[0].new_zeros((n, width, self.hidden_size))
-        mask = torch.zeros((n, width), dtype=torch.long)
+        width = max(len(h) for h in lower)
+        hidden = lower[0].new_zeros((len(lower), width, self.hidden_size))
         for i, h in enumerate(lower):
             hidden[i, width - len(h) :] = h
-            mask[i, width - len(h) :] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as left_pad numbers positions
+        mask, position_ids = left_pad_mask([len(h) for h in lower], width)
         total = len(self.lm.get_decoder().layers)
         with self._layer_range(layers, total, final_norm=True) as dec:
             out = dec(

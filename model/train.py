@@ -493,12 +493,12 @@ def train(
     titles = dataset.item_titles()
     update = UPDATES[cfg.stage]
     start_wall = time.perf_counter() - state.seconds
+    # In-batch contrastive training never reads the table between evals (which refresh it).
+    reads_table = not (cfg.stage == "contrastive" and cfg.negatives == "in_batch")
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"train {cfg.stage}", disable=not is_main)
     while state.step < cfg.max_steps:
         t0 = time.perf_counter()
         # (a step right after an eval already has a fresh table)
-        # (and in-batch contrastive training never reads the table: its evals refresh it)
-        reads_table = not (cfg.stage == "contrastive" and cfg.negatives == "in_batch")
         due = state.step > 0 and state.step % cfg.refresh_every == 0 and state.step % cfg.eval_every != 0
         if reads_table and due:
             model.lm.eval()
