@@ -61,6 +61,13 @@ class PaddedBatch:
     completion_mask: torch.Tensor  # (B, L) 1 where the token is a reasoning token
 
 
+def length_batches(lengths: Sequence[int], batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """Indices sorted by length (so each batch carries little padding), this process's share
+    (every `world`-th from `rank`), in chunks of `batch_size`."""
+    mine = sorted(range(len(lengths)), key=lambda i: lengths[i])[rank::world]
+    return [mine[lo : lo + batch_size] for lo in range(0, len(mine), batch_size)]
+
+
 def left_pad_mask(lengths: Sequence[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention mask and position ids (B, width) for rows of these lengths, left-padded."""
     mask = torch.zeros((len(lengths), width), dtype=torch.long)
@@ -297,11 +304,9 @@ class R2ec:
         Prompts are sorted by length so each batch carries little padding.
         """
         ids = self.item_prompt_ids(items)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = torch.empty((len(ids), self.hidden_size), dtype=torch.float32)
         bar = tqdm(total=len(ids), desc="encode items", unit="item", disable=not progress)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        for chunk in length_batches([len(p) for p in ids], batch_size):
             out[chunk] = self.item_vectors_from_ids([ids[i] for i in chunk]).cpu()
             bar.update(len(chunk))
         bar.close()

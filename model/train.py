@@ -38,7 +38,7 @@ from model.curves import plot_curves
 from model.data import PreparedDataset
 from model.evaluate import EvalConfig, evaluate_model
 from model.prompts import PromptConfig
-from model.r2ec import GenerationSettings, R2ec, Rollout
+from model.r2ec import GenerationSettings, R2ec, Rollout, length_batches
 from model.recpo import (
     RecPOConfig,
     best_trajectories,
@@ -151,22 +151,31 @@ class ItemTable:
     @torch.no_grad()
     def refresh(self, model: R2ec, batch_size: int = 32, progress: bool = False) -> None:
         """Re-encode every item; each process encodes a shard, then all gather."""
-        rank, world = dist.rank(), dist.world_size()
-        order = sorted(range(len(self.item_ids)), key=lambda i: len(self.prompt_ids[i]))
-        mine = order[rank::world]
+        chunks = length_batches(self.lengths, batch_size, dist.rank(), dist.world_size())
         out = torch.zeros_like(self.vectors)
-        bar = tqdm(total=len(mine), desc="refresh item table", unit="item", disable=not progress, leave=False)
-        for lo in range(0, len(mine), batch_size):
-            chunk = mine[lo : lo + batch_size]
-            out[chunk] = self.encode(model, [self.item_ids[i] for i in chunk]).cpu()
+        bar = tqdm(
+            total=sum(map(len, chunks)),
+            desc="refresh item table",
+            unit="item",
+            disable=not progress,
+            leave=False,
+        )
+        for chunk in chunks:
+            out[chunk] = self.encode_rows(model, chunk).cpu()
             bar.update(len(chunk))
         bar.close()
         self.vectors = dist.all_reduce_sum(out)  # each row was written by exactly one process
 
+    @property
+    def lengths(self) -> list[int]:
+        return [len(p) for p in self.prompt_ids]
+
     def encode(self, model: R2ec, item_ids: list[str]) -> torch.Tensor:
         """Normalised vectors (n, H) of these items under the current weights, with gradient
         when enabled; from the frozen-layer cache when there is one."""
-        rows = [self.row[i] for i in item_ids]
+        return self.encode_rows(model, [self.row[i] for i in item_ids])
+
+    def encode_rows(self, model: R2ec, rows: list[int]) -> torch.Tensor:
         if self.lower is None:
             return model.item_vectors_from_ids([self.prompt_ids[r] for r in rows])
         return model.item_vectors_from_lower([self.lower[r] for r in rows], self.lower_layers)
@@ -177,23 +186,21 @@ class ItemTable:
         in `max_gb`. Live item encoding (the bulk of a contrastive step) then costs only the
         trainable layers: 8 of SmolLM2's 30 in the ml-100k recipe."""
         self.lower, self.lower_layers = None, model.frozen_layers()
-        tokens = sum(len(p) for p in self.prompt_ids)
+        tokens = sum(self.lengths)
         size_gb = tokens * model.hidden_size * next(model.lm.parameters()).element_size() / 1e9
         if self.lower_layers == 0 or size_gb > max_gb:
             log.info("item layer cache off (frozen layers %d, %.2f GB)", self.lower_layers, size_gb)
             return
-        order = sorted(range(len(self.prompt_ids)), key=lambda i: len(self.prompt_ids[i]))
-        lower: list[torch.Tensor | None] = [None] * len(order)
-        bar = tqdm(total=len(order), desc="cache frozen layers", unit="item", disable=not progress)
-        for lo in range(0, len(order), batch_size):
-            chunk = order[lo : lo + batch_size]
+        lower: list[torch.Tensor | None] = [None] * len(self.prompt_ids)
+        bar = tqdm(total=len(lower), desc="cache frozen layers", unit="item", disable=not progress)
+        for chunk in length_batches(self.lengths, batch_size):
             hidden = model.lower_hidden([self.prompt_ids[i] for i in chunk], self.lower_layers)
             for i, h in zip(chunk, hidden, strict=True):
                 lower[i] = h.clone()  # own storage: a view would pin the whole padded batch
             bar.update(len(chunk))
         bar.close()
         self.lower = lower
-        log.info("item layer cache: %d layers x %d items, %.2f GB", self.lower_layers, len(order), size_gb)
+        log.info("item layer cache: %d layers x %d items, %.2f GB", self.lower_layers, len(lower), size_gb)
 
     def update(self, item_ids: list[str], vectors: torch.Tensor) -> None:
         # Out of place: the old table may still be part of a graph awaiting backward.
