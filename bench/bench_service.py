@@ -44,7 +44,7 @@ class Server:
         self.env = {**os.environ, "R2EC_CHECKPOINT": checkpoint, "R2EC_LOG_LEVEL": "WARNING", **env}
 
     def __enter__(self) -> Server:
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "cli", "serve", "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, env=self.env)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:

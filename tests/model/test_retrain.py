@@ -1,22 +1,15 @@
 """Scheduled retraining: samples <-> interactions, the event cursor, the publish gate, pruning.
 
-The end-to-end tests write events with the service's own RedisStore into a real redis-server
-and run `r2ec retrain` with the tiny model for 2 RecPO steps.
+The end-to-end run over a real Redis stream is in tests/cli/test_retrain.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
-from typer.testing import CliRunner
 
-from model.checkpoint import create_base_checkpoint, read_meta, resolve_checkpoint
 from model.data import SPLITS, DataError, load_prepared, prepare_atomic
 from model.recpo import RecPOConfig
 from model.retrain import (
@@ -25,12 +18,10 @@ from model.retrain import (
     StreamEvent,
     events_frame,
     prune_versions,
-    read_state,
     rebuild_dataset,
     retrain,
 )
 from tests.conftest import FIXTURES
-from tests.service.conftest import RedisServer, free_port
 
 TINY_TRAIN = {
     "dtype": "float32",
@@ -103,135 +94,24 @@ def test_prune_keeps_the_newest_and_always_the_current(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "a", "c", "d", "retrain"]
 
 
-# -- end to end with the tiny model ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def base_root(tiny_dataset, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("versions")
-    create_base_checkpoint(root / "v0", "tiny", tiny_dataset.items, dtype="float32", progress=False)
-    (root / "CURRENT").write_text("v0\n")
-    return root
-
-
-@pytest.fixture
-def root(base_root, tmp_path) -> Path:
-    dest = tmp_path / "versions"
-    shutil.copytree(base_root, dest)
-    return dest
-
-
-@pytest.fixture
-def config_file(tmp_path) -> Path:
-    path = tmp_path / "retrain.yaml"
-    path.write_text(yaml.safe_dump(TINY_TRAIN))
-    return path
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer()  # a throwaway redis-server on a free loopback port
-    yield server
-    server.stop()
-
-
-def _append(url: str, user_id: str, events: list[tuple[str, float | None, int | None]]) -> None:
-    from service.store import Event, RedisStore
-
-    async def go() -> None:
-        store = RedisStore(url)
-        try:
-            await store.append_events(user_id, [Event(*e) for e in events])
-        finally:
-            await store.close()
-
-    asyncio.run(go())
-
-
-def _last_stream_id(url: str) -> str:
-    import redis
-
-    from service.store import EVENTS_STREAM
-
-    client = redis.Redis.from_url(url, decode_responses=True)
-    try:
-        ((entry_id, _),) = client.xrevrange(EVENTS_STREAM, count=1)
-    finally:
-        client.close()
-    return entry_id
-
-
-def _cli(*args: str) -> tuple[int, str, dict | None]:
-    from service.cli import app
-
-    result = CliRunner().invoke(app, ["retrain", *args])
-    try:
-        payload = json.loads(result.stdout.strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
-        payload = None
-    return result.exit_code, result.output, payload
-
-
-@pytest.mark.redis  # RedisServer() skips (or fails under CI) without a redis-server binary
-def test_retrain_publishes_reads_only_new_events_and_keeps_current_when_worse(
-    redis_server, root, config_file, tiny_dataset
-):
-    redis_server.flush()
-    url = redis_server.url
-    common = ["--data", str(tiny_dataset.path), "--root", str(root), "--redis-url", url]
-    common += ["--config", str(config_file), "--json"]
-    _append(url, "u1", [("i6", 4.0, 900)])
-    _append(url, "u9", [("i1", None, 1000), ("i2", 5.0, 1100)])
-
-    # 1. three new events, a tolerance no candidate can miss -> published, CURRENT flips
-    code, out, first = _cli(*common, "--tolerance", "1")
-    assert code == 0, out
-    assert first["status"] == "published" and first["new_events"] == 3 and first["stream"]
-    new = first["published_version"]
-    assert (root / "CURRENT").read_text().strip() == new
-    assert resolve_checkpoint(root) == root / new
-    meta = read_meta(root / new)
-    assert meta["weights"] == "lora" and meta["train"]["step"] == 2
-    assert json.loads((root / new / "retrain.json").read_text())["current_version"] == "v0"
-    assert read_state(root / "retrain")["last_event_id"] == first["last_event_id"] == _last_stream_id(url)
-    assert first["samples"]["train"] == len(tiny_dataset.split("train")) + 2
-    assert not (root / "retrain" / "run").exists()
-
-    # 2. nothing new -> skipped without training
-    code, out, idle = _cli(*common)
-    assert code == 0, out
-    assert idle["status"] == "skipped" and idle["new_events"] == 0 and idle["candidate_version"] is None
-
-    # 3. two more events; a gate no candidate can pass (must beat current by 1) -> CURRENT stays
-    _append(url, "u2", [("i9", 3.0, 1200), ("i1", 4.0, 1300)])
-    code, out, second = _cli(*common, "--tolerance", "-1")
-    assert code == 0, out
-    assert second["new_events"] == 2 and second["events_total"] == 5
-    assert second["status"] == "rejected" and second["current_version"] == new
-    assert second["candidate_metric"] is not None and second["candidate_version"] != new
-    assert (root / "CURRENT").read_text().strip() == new
-    assert sorted(p.name for p in root.iterdir()) == sorted(["CURRENT", "retrain", "v0", new])
-    assert read_state(root / "retrain")["last_event_id"] == second["last_event_id"] == _last_stream_id(url)
-
-
-def test_retrain_without_a_stream_trains_on_the_dataset_and_prunes(root, tiny_dataset):
-    cfg = RetrainConfig(root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0, keep=1)
+# -- a run with the tiny model ---------------------------------------------------------------
+def test_retrain_without_a_stream_trains_on_the_dataset_and_prunes(versions_root, tiny_dataset):
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0, keep=1)
     result = retrain(cfg, read_events=None)
     assert result.status == "published" and not result.stream and result.new_events == 0
     assert result.pruned == ["v0"]  # keep=1: only the new current survives
-    assert sorted(p.name for p in root.iterdir()) == sorted(["CURRENT", "retrain", result.published_version])
-    _same_splits(load_prepared(root / "retrain" / "data" / "tiny" / "loo"), tiny_dataset)
+    assert sorted(p.name for p in versions_root.iterdir()) == sorted(
+        ["CURRENT", "retrain", result.published_version]
+    )
+    _same_splits(load_prepared(versions_root / "retrain" / "data" / "tiny" / "loo"), tiny_dataset)
 
 
-def test_clear_errors(tmp_path, root, tiny_dataset):
+def test_clear_errors(tmp_path, versions_root, tiny_dataset):
     cfg = RetrainConfig(tmp_path, tiny_dataset.path)
     with pytest.raises(RetrainError, match="no CURRENT file.*checkpoint init"):
         retrain(cfg)
     with pytest.raises(DataError, match="does not exist"):
-        retrain(RetrainConfig(root, tmp_path / "missing"))
-    (root / "CURRENT").write_text("gone\n")
+        retrain(RetrainConfig(versions_root, tmp_path / "missing"))
+    (versions_root / "CURRENT").write_text("gone\n")
     with pytest.raises(RetrainError, match="'gone', which is not a checkpoint"):
-        retrain(RetrainConfig(root, tiny_dataset.path))
-    (root / "CURRENT").write_text("v0\n")
-    dead = f"redis://127.0.0.1:{free_port()}/0"
-    code, out, _ = _cli("--data", str(tiny_dataset.path), "--root", str(root), "--redis-url", dead)
-    assert code == 2 and "--redis-url ''" in out
-    assert (root / "CURRENT").read_text() == "v0\n" and not (root / "retrain" / "events.parquet").exists()
+        retrain(RetrainConfig(versions_root, tiny_dataset.path))
