@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from cli.common import fail
+from cli.overrides import SetOption, recpo_config
 
 if TYPE_CHECKING:
     from model.retrain import RetrainConfig, RetrainResult, StreamEvent
@@ -27,6 +28,7 @@ def retrain_cmd(
     config: Annotated[Path | None, typer.Option(help="YAML file of RecPOConfig fields")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Overrides the config")] = None,
     time_budget_minutes: Annotated[float | None, typer.Option(help="Overrides the config")] = None,
+    set_: SetOption = None,
     tolerance: Annotated[
         float, typer.Option(help="Publish if NDCG@10 >= current - tolerance (negative: demand a gain)")
     ] = 0.0,
@@ -38,16 +40,10 @@ def retrain_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per run")] = False,
 ) -> None:
     """Read new events, rebuild the samples, warm-start RecPO from CURRENT, publish if not worse."""
-    from model.recpo import RecPOConfig
     from model.retrain import RetrainConfig
 
-    overrides = {"max_steps": max_steps, "time_budget_minutes": time_budget_minutes}
     try:
-        train_cfg = (
-            RecPOConfig.from_yaml(config, **overrides)
-            if config
-            else RecPOConfig(**{k: v for k, v in overrides.items() if v is not None})
-        )
+        train_cfg = recpo_config(config, set_, max_steps=max_steps, time_budget_minutes=time_budget_minutes)
         cfg = RetrainConfig(
             root=root, data=data, train=train_cfg, tolerance=tolerance, keep=keep, min_events=min_events
         )

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cli.common import fail
+from cli.overrides import SetOption, recpo_config
 
 
 def train_cmd(
@@ -23,24 +24,21 @@ def train_cmd(
     device: Annotated[
         str | None, typer.Option(help="auto (cuda:LOCAL_RANK if torch sees a GPU), cpu, cuda, cuda:N")
     ] = None,
+    set_: SetOption = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last exactly")] = False,
 ) -> None:
     """RecPO (or the contrastive warm-up) on a prepared dataset. Also runs under torchrun."""
     from model.data import DataError, load_prepared
-    from model.recpo import RecPOConfig
     from model.train import train
 
-    overrides = {
-        "stage": stage,
-        "max_steps": max_steps,
-        "time_budget_minutes": time_budget_minutes,
-        "device": device,
-    }
     try:
-        cfg = (
-            RecPOConfig.from_yaml(config, **overrides)
-            if config
-            else RecPOConfig(**{k: v for k, v in overrides.items() if v is not None})
+        cfg = recpo_config(
+            config,
+            set_,
+            stage=stage,
+            max_steps=max_steps,
+            time_budget_minutes=time_budget_minutes,
+            device=device,
         )
         ds = load_prepared(data)
         best = train(cfg, ds, base, out, resume=resume)
