@@ -18,6 +18,7 @@ Versions root::
     ROOT/retrain/data/<name>/<protocol>/   the rebuilt prepared dataset training reads
     ROOT/retrain/run/             the training run's scratch directory (removed after)
 
+Versions and CURRENT are model/checkpoint.py's (one registry for the service and this job).
 Reading the stream is the caller's job (`read_events`), so the key formats stay in
 service/store.py and model/ imports nothing from service/.
 """
@@ -28,10 +29,8 @@ import fcntl
 import json
 import logging
 import math
-import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -43,7 +42,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.checkpoint import CURRENT_FILE, META_FILE, CheckpointError, load_checkpoint, read_meta
+from model.checkpoint import (
+    current_version,
+    load_checkpoint,
+    prune_versions,
+    publish_version,
+    read_meta,
+    unused_version,
+)
 from model.data import SPLITS, PreparedDataset, load_prepared
 from model.data.build import build_prepared
 from model.data.dataset import atomic_write
@@ -69,7 +75,7 @@ EVENT_SCHEMA = pa.schema(
 
 
 class RetrainError(ValueError):
-    """Retraining cannot start: a missing versions root, checkpoint or dataset, or a lock."""
+    """Retraining cannot start: no versions root, or another run holds its lock."""
 
 
 @dataclass(frozen=True)
@@ -232,53 +238,7 @@ def rebuild_dataset(
     return load_prepared(path), int((~known).sum())
 
 
-# -- the versions root -------------------------------------------------------------------------
-def write_text_atomic(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def current_version(root: Path) -> str:
-    pointer = root / CURRENT_FILE
-    if not pointer.is_file():
-        raise RetrainError(
-            f"{root} is not a versions root: no {CURRENT_FILE} file. Create one with "
-            f"`r2ec checkpoint init --data DATA --out {root}/v0 && echo v0 > {root}/{CURRENT_FILE}`"
-        )
-    name = pointer.read_text().strip()
-    if not name or not (root / name / META_FILE).is_file():
-        raise RetrainError(f"{pointer} names {name!r}, which is not a checkpoint under {root}")
-    return name
-
-
-def flip_current(root: Path, version: str) -> None:
-    """Point CURRENT at `version` in one rename, so a reader sees the old name or the new."""
-    write_text_atomic(root / CURRENT_FILE, version + "\n")
-
-
-def list_versions(root: Path) -> list[str]:
-    """Published checkpoints under root, oldest first (by creation time, then name)."""
-    found = []
-    for d in root.iterdir():
-        if d.is_dir() and not d.name.startswith(".") and (d / META_FILE).is_file():
-            try:
-                created = str(read_meta(d).get("created_at", ""))
-            except (CheckpointError, json.JSONDecodeError):
-                continue
-            found.append((created, d.name))
-    return [name for _, name in sorted(found)]
-
-
-def prune_versions(root: Path, keep: int) -> list[str]:
-    """Remove all but the `keep` newest versions; the one CURRENT names always stays."""
-    current = current_version(root)
-    versions = list_versions(root)
-    doomed = [v for v in versions[: max(0, len(versions) - keep)] if v != current]
-    for name in doomed:
-        shutil.rmtree(root / name)
-        log.info("pruned version %s", name)
-    return doomed
-
-
+# -- the job's own state -----------------------------------------------------------------------
 @contextmanager
 def _locked(work: Path) -> Iterator[None]:
     work.mkdir(parents=True, exist_ok=True)
@@ -327,7 +287,8 @@ def consume_events(work: Path, read_events: ReadEvents) -> tuple[pd.DataFrame, i
 
 
 def _write_state(work: Path, state: dict[str, Any]) -> None:
-    write_text_atomic(work / STATE_FILE, json.dumps(state, indent=2, default=str) + "\n")
+    text = json.dumps(state, indent=2, default=str) + "\n"
+    atomic_write(work / STATE_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -418,18 +379,14 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
 
 
 def _publish(root: Path, best: Path, result: RetrainResult) -> None:
-    version = str(result.candidate_version)
-    if (root / version).exists():  # versions are unique; never overwrite one
-        version = f"{version}-{uuid.uuid4().hex[:4]}"
+    version = unused_version(root, str(result.candidate_version))
     result.status, result.published_version = "published", version
     result.reason = (
         f"{METRIC} {result.candidate_metric:.4f} >= current {result.current_metric:.4f}"
         f" - tolerance {result.tolerance:g}"
     )
     (best / RECORD_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-    os.replace(best, root / version)  # same filesystem: one rename
-    flip_current(root, version)
-    log.info("published %s and pointed %s at it", version, root / CURRENT_FILE)
+    publish_version(root, best, version)
 
 
 def _finish(work: Path, result: RetrainResult, started: float) -> RetrainResult:

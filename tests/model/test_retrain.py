@@ -1,23 +1,20 @@
-"""Scheduled retraining: samples <-> interactions, the event cursor, the publish gate, pruning.
+"""Scheduled retraining: samples <-> interactions, the event cursor, the publish gate.
 
 The end-to-end run over a real Redis stream is in tests/cli/test_retrain.py.
 """
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 import pytest
 
+from model.checkpoint import CheckpointError
 from model.data import SPLITS, DataError, load_prepared, prepare_atomic
 from model.recpo import RecPOConfig
 from model.retrain import (
     RetrainConfig,
-    RetrainError,
     StreamEvent,
     events_frame,
-    prune_versions,
     rebuild_dataset,
     retrain,
 )
@@ -83,17 +80,6 @@ def test_events_become_new_targets_and_unknown_items_are_dropped(tmp_path, tiny_
     assert len(ds.split("train")) == len(tiny_dataset.split("train")) + 2  # u1's old valid + u9
 
 
-def test_prune_keeps_the_newest_and_always_the_current(tmp_path):
-    for n, name in enumerate(["a", "b", "c", "d"]):
-        (tmp_path / name).mkdir()
-        meta = {"format": "r2ec-checkpoint", "format_version": 1, "version": name}
-        (tmp_path / name / "r2ec.json").write_text(json.dumps({**meta, "created_at": f"2025-01-0{n + 1}"}))
-    (tmp_path / "retrain").mkdir()  # the job's own directory is not a version
-    (tmp_path / "CURRENT").write_text("a\n")
-    assert prune_versions(tmp_path, keep=2) == ["b"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "a", "c", "d", "retrain"]
-
-
 # -- a run with the tiny model ---------------------------------------------------------------
 def test_retrain_without_a_stream_trains_on_the_dataset_and_prunes(versions_root, tiny_dataset):
     cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0, keep=1)
@@ -108,10 +94,10 @@ def test_retrain_without_a_stream_trains_on_the_dataset_and_prunes(versions_root
 
 def test_clear_errors(tmp_path, versions_root, tiny_dataset):
     cfg = RetrainConfig(tmp_path, tiny_dataset.path)
-    with pytest.raises(RetrainError, match="no CURRENT file.*checkpoint init"):
+    with pytest.raises(CheckpointError, match="no CURRENT file.*checkpoint init"):
         retrain(cfg)
     with pytest.raises(DataError, match="does not exist"):
         retrain(RetrainConfig(versions_root, tmp_path / "missing"))
     (versions_root / "CURRENT").write_text("gone\n")
-    with pytest.raises(RetrainError, match="'gone', which is not a checkpoint"):
+    with pytest.raises(CheckpointError, match="'gone', which is not a checkpoint"):
         retrain(RetrainConfig(versions_root, tiny_dataset.path))
