@@ -14,7 +14,8 @@ from cli.common import fail
 from cli.overrides import SetOption, recpo_config
 
 if TYPE_CHECKING:
-    from model.retrain import RetrainConfig, RetrainResult, StreamEvent
+    from model.retrain import ReadEvents, RetrainConfig, RetrainResult
+    from service.store import StreamEntry
 
 
 def retrain_cmd(
@@ -75,12 +76,26 @@ def _retrain_once(cfg: RetrainConfig, redis_url: str, as_json: bool) -> None:
         _report(result)
 
 
+def _stream_reader(redis_url: str) -> ReadEvents:
+    """The service's Redis event stream as retraining's read_events (service/store.py)."""
+    from service.store import StoreUnavailable, read_stream
+
+    def read(cursor: str | None) -> tuple[list[StreamEntry], str | None]:
+        try:
+            return read_stream(redis_url, cursor)
+        except StoreUnavailable as exc:
+            hint = "start Redis or pass --redis-url '' to retrain on the dataset only"
+            raise RuntimeError(f"{exc}; {hint}") from exc
+
+    return read
+
+
 def _report(result: RetrainResult) -> None:
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     typer.echo(f"retrain {result.status}: {result.reason}")
     typer.echo(
         f"  events   {result.new_events} new, {result.events_total} consumed in total"
-        f"{'' if result.stream else ' (no stream)'}, cursor {result.last_event_id}"
+        f"{'' if result.stream else ' (no stream)'}, cursor {result.last_event_id or '-'}"
     )
     if result.samples:
         typer.echo("  samples  " + ", ".join(f"{k}={v}" for k, v in result.samples.items()))
@@ -91,34 +106,3 @@ def _report(result: RetrainResult) -> None:
         typer.echo(f"  CURRENT -> {result.published_version}")
     if result.pruned:
         typer.echo(f"  pruned   {', '.join(result.pruned)}")
-
-
-def _stream_reader(redis_url: str):
-    """read_events(after) over the service's Redis stream, paged, as model.retrain.StreamEvents."""
-    import asyncio
-
-    from model.retrain import StreamEvent
-    from service.store import RedisStore, StoreUnavailable
-
-    async def read_all(after: str) -> list[StreamEvent]:
-        store = RedisStore(redis_url, timeout_s=10.0)
-        out: list[StreamEvent] = []
-        try:
-            while page := await store.read_events(after, count=10_000):
-                out += [
-                    StreamEvent(e.id, e.user_id, e.event.item_id, e.event.rating, e.event.timestamp)
-                    for e in page
-                ]
-                after = page[-1].id
-        finally:
-            await store.close()
-        return out
-
-    def read(after: str) -> list[StreamEvent]:
-        try:
-            return asyncio.run(read_all(after))
-        except StoreUnavailable as exc:
-            hint = "start Redis or pass --redis-url '' to retrain on the dataset only"
-            raise RuntimeError(f"{exc}; {hint}") from exc
-
-    return read

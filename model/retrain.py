@@ -1,7 +1,7 @@
 """Scheduled retraining (DESIGN §5): new events -> samples -> warm-started RecPO -> gated publish.
 
 One run:
-1. read the events after the last consumed stream id and add them to the consumed-events log;
+1. read the events after the saved cursor and add them to the consumed-events log;
 2. rebuild the samples: the seed dataset's interactions (recovered from its samples) plus every
    consumed event, split with the seed's protocol by the same builder `r2ec data prepare` uses;
 3. train from the CURRENT checkpoint (model/train.py `train(cfg, dataset, base=checkpoint)`);
@@ -13,14 +13,15 @@ Versions root::
 
     ROOT/CURRENT                  the served version's directory name (replaced atomically)
     ROOT/<version>/               published checkpoints (model/checkpoint.py layout + retrain.json)
-    ROOT/retrain/state.json       last consumed stream id, counts, the last run's summary
-    ROOT/retrain/events.parquet   every consumed event (stream id, user, item, rating, timestamp)
+    ROOT/retrain/state.json       the event reader's cursor, counts, the last run's summary
+    ROOT/retrain/events.parquet   every consumed event (event id, user, item, rating, timestamp)
     ROOT/retrain/data/<name>/<protocol>/   the rebuilt prepared dataset training reads
     ROOT/retrain/run/             the training run's scratch directory (removed after)
 
 Versions and CURRENT are model/checkpoint.py's (one registry for the service and this job).
-Reading the stream is the caller's job (`read_events`), so the key formats stay in
-service/store.py and model/ imports nothing from service/.
+Reading the events is the caller's job (`read_events`, e.g. service/store.py's `read_stream`):
+its cursor is an opaque string this module stores and hands back, never parses, so the
+stream's key and id formats stay in service/store.py and model/ imports nothing from service/.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -78,19 +79,28 @@ class RetrainError(ValueError):
     """Retraining cannot start: no versions root, or another run holds its lock."""
 
 
-@dataclass(frozen=True)
-class StreamEvent:
-    """One interaction read from the event stream; `id` is the stream entry id ("<ms>-<seq>")."""
+class Interaction(Protocol):
+    """One event as retraining consumes it (service/store.py's StreamEntry is one)."""
 
-    id: str
-    user_id: str
-    item_id: str
-    rating: float | None = None
-    timestamp: int | None = None  # seconds; None = the entry's time (from its id)
+    @property
+    def id(self) -> str: ...  # unique per event: a re-read event is not counted twice
+
+    @property
+    def user_id(self) -> str: ...
+
+    @property
+    def item_id(self) -> str: ...
+
+    @property
+    def rating(self) -> float | None: ...
+
+    @property
+    def timestamp(self) -> int: ...  # seconds
 
 
-# Events with an id greater than `after`, oldest first (all of them, the caller pages).
-ReadEvents = Callable[[str], Sequence[StreamEvent]]
+# read_events(cursor) -> (every event after cursor, oldest first; the cursor to pass next time).
+# cursor None = from the start. The cursor belongs to the reader: stored, passed back, not read.
+ReadEvents = Callable[[str | None], tuple[Sequence[Interaction], str | None]]
 
 
 @dataclass
@@ -134,7 +144,7 @@ class RetrainResult:
     new_events: int = 0
     events_total: int = 0
     events_unknown_item: int = 0
-    last_event_id: str = "0-0"
+    last_event_id: str | None = None  # the reader's cursor after this run (None: nothing read yet)
     samples: dict[str, int] = field(default_factory=dict)
     pruned: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -182,29 +192,17 @@ def seed_interactions(ds: PreparedDataset) -> tuple[pd.DataFrame, np.ndarray]:
     return inter, target_ok
 
 
-def events_frame(events: Sequence[StreamEvent]) -> pd.DataFrame:
-    """StreamEvents as EVENT_SCHEMA columns; a missing timestamp is the entry's time."""
+def events_frame(events: Sequence[Interaction]) -> pd.DataFrame:
+    """Interactions as EVENT_SCHEMA columns."""
     return pd.DataFrame(
         {
-            "event_id": [e.id for e in events],
+            "event_id": [str(e.id) for e in events],
             "user_id": [str(e.user_id) for e in events],
             "item_id": [str(e.item_id) for e in events],
             "rating": np.array([np.nan if e.rating is None else e.rating for e in events], dtype=np.float64),
-            "timestamp": np.array(
-                [_entry_seconds(e.id) if e.timestamp is None else int(e.timestamp) for e in events],
-                dtype=np.int64,
-            ),
+            "timestamp": np.array([int(e.timestamp) for e in events], dtype=np.int64),
         }
     )
-
-
-def _entry_seconds(entry_id: str) -> int:
-    return int(entry_id.split("-")[0]) // 1000  # Redis stream ids start with the entry's ms time
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def rebuild_dataset(
@@ -252,7 +250,7 @@ def _locked(work: Path) -> Iterator[None]:
 
 def read_state(work: Path) -> dict[str, Any]:
     path = work / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {"last_event_id": "0-0"}
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _read_events_log(work: Path) -> pd.DataFrame:
@@ -262,15 +260,14 @@ def _read_events_log(work: Path) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
 
 
-def consume_events(work: Path, read_events: ReadEvents) -> tuple[pd.DataFrame, int, str]:
-    """Append the events after the saved cursor to the log, then advance the cursor.
+def consume_events(work: Path, read_events: ReadEvents) -> tuple[pd.DataFrame, int, str | None]:
+    """Append the events after the saved cursor to the log, then save the reader's new cursor.
 
-    The log is written before the cursor and deduplicated by id, so a crash in between
+    The log is written before the cursor and deduplicated by event id, so a crash in between
     re-reads those events without counting them twice. Returns (log, new events, cursor).
     """
     state = read_state(work)
-    after = state.get("last_event_id", "0-0")
-    fresh = list(read_events(after))
+    fresh, cursor = read_events(state.get("last_event_id"))
     logged = _read_events_log(work)
     new = events_frame(fresh)
     new = new[~new["event_id"].isin(set(logged["event_id"]))]
@@ -280,9 +277,8 @@ def consume_events(work: Path, read_events: ReadEvents) -> tuple[pd.DataFrame, i
             logged[list(EVENT_SCHEMA.names)], schema=EVENT_SCHEMA, preserve_index=False
         )
         atomic_write(work / EVENTS_FILE, lambda tmp: pq.write_table(table, tmp))
-    cursor = max([after, *(e.id for e in fresh)], key=_id_key)
     _write_state(work, {**state, "last_event_id": cursor, "events_total": int(len(logged))})
-    log.info("read %d new events after %s (cursor now %s, %d in total)", len(new), after, cursor, len(logged))
+    log.info("read %d new events (cursor now %s, %d in total)", len(new), cursor, len(logged))
     return logged, int(len(new)), cursor
 
 
@@ -339,7 +335,7 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
     seed = load_prepared(cfg.data)
     with _locked(work):
         if read_events is None:
-            events, new, cursor = _read_events_log(work), 0, read_state(work).get("last_event_id", "0-0")
+            events, new, cursor = _read_events_log(work), 0, read_state(work).get("last_event_id")
         else:
             events, new, cursor = consume_events(work, read_events)
         result = RetrainResult(

@@ -5,6 +5,8 @@ The end-to-end run over a real Redis stream is in tests/cli/test_retrain.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 import pytest
 
@@ -13,7 +15,7 @@ from model.data import SPLITS, DataError, load_prepared, prepare_atomic
 from model.recpo import RecPOConfig
 from model.retrain import (
     RetrainConfig,
-    StreamEvent,
+    consume_events,
     events_frame,
     rebuild_dataset,
     retrain,
@@ -32,6 +34,30 @@ TINY_TRAIN = {
     "refresh_every": 1000,
     "eval_limit": None,
 }
+
+
+@dataclass(frozen=True)
+class Ev:
+    """An event as any reader may hand it over (an `Interaction`); ids are opaque strings."""
+
+    id: str
+    user_id: str
+    item_id: str
+    rating: float | None
+    timestamp: int
+
+
+class FakeReader:
+    """read_events over a list, with cursors no stream uses ("after:<n>"); records each call."""
+
+    def __init__(self, events: list[Ev]) -> None:
+        self.events, self.calls = events, []
+
+    def __call__(self, cursor: str | None) -> tuple[list[Ev], str | None]:
+        self.calls.append(cursor)
+        start = 0 if cursor is None else int(cursor.removeprefix("after:"))
+        fresh = self.events[start:]
+        return fresh, (f"after:{len(self.events)}" if fresh else cursor)
 
 
 def _same_splits(a, b) -> None:
@@ -61,10 +87,10 @@ def test_rebuild_without_events_reproduces_the_seed_samples(tmp_path, protocol):
 def test_events_become_new_targets_and_unknown_items_are_dropped(tmp_path, tiny_dataset):
     events = events_frame(
         [
-            StreamEvent("1000-0", "u1", "i6", 4.0, 900),  # u1's newest: the new loo test target
-            StreamEvent("2000-0", "u9", "i1", None, None),  # a new user; time from the stream id
-            StreamEvent("3000-0", "u9", "i2", 5.0, 3),
-            StreamEvent("4000-0", "u9", "nope", 5.0, 4),  # not in the catalog
+            Ev("e1", "u1", "i6", 4.0, 900),  # u1's newest: the new loo test target
+            Ev("e2", "u9", "i1", None, 2),  # a new user, no rating
+            Ev("e3", "u9", "i2", 5.0, 3),
+            Ev("e4", "u9", "nope", 5.0, 4),  # not in the catalog
         ]
     )
     ds, dropped = rebuild_dataset(tiny_dataset, events, tmp_path)
@@ -73,11 +99,41 @@ def test_events_become_new_targets_and_unknown_items_are_dropped(tmp_path, tiny_
     valid = ds.split("valid").set_index("user_id")
     assert test.loc["u1", "target_item_id"] == "i6" and test.loc["u1", "history_item_ids"][-1] == "i5"
     assert valid.loc["u1", "target_item_id"] == "i5"  # the old test target moved to valid
-    # u9: "i1" at t=2 (2000 ms) then "i2" at t=3 -> one sample, i2 after [i1]
+    # u9: "i1" at t=2 then "i2" at t=3 -> one sample, i2 after [i1]
     u9 = ds.split("train").query("user_id == 'u9'")
     assert list(u9["target_item_id"]) == ["i2"] and list(u9.iloc[0]["history_item_ids"]) == ["i1"]
     assert list(u9.iloc[0]["history_timestamps"]) == [2]
     assert len(ds.split("train")) == len(tiny_dataset.split("train")) + 2  # u1's old valid + u9
+
+
+# -- the cursor ----------------------------------------------------------------------------------
+def test_the_cursor_is_stored_and_handed_back_unread(tmp_path):
+    reader = FakeReader([Ev("a", "u1", "i1", 4.0, 10), Ev("b", "u1", "i2", None, 11)])
+    log, new, cursor = consume_events(tmp_path, reader)
+    assert (new, cursor, list(log["event_id"])) == (2, "after:2", ["a", "b"])
+    reader.events.append(Ev("c", "u2", "i3", 1.0, 12))
+    log, new, cursor = consume_events(tmp_path, reader)
+    assert (new, cursor, list(log["event_id"])) == (1, "after:3", ["a", "b", "c"])
+    assert reader.calls == [None, "after:2"]  # from the start, then exactly what it returned
+    assert consume_events(tmp_path, reader)[1:] == (0, "after:3")
+
+
+def test_events_read_again_are_not_counted_twice(tmp_path):
+    """A crash after the log was written but before the cursor: the next run reads them again."""
+    reader = FakeReader([Ev("a", "u1", "i1", 4.0, 10), Ev("b", "u1", "i2", None, 11)])
+    consume_events(tmp_path, reader)
+    (tmp_path / "state.json").unlink()  # the cursor was never saved
+    log, new, cursor = consume_events(tmp_path, reader)
+    assert (new, cursor, list(log["event_id"])) == (0, "after:2", ["a", "b"])
+
+
+def test_too_few_new_events_skip_training_but_keep_the_cursor(versions_root, tiny_dataset):
+    reader = FakeReader([Ev("a", "u1", "i6", 4.0, 900)])
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), min_events=2)
+    result = retrain(cfg, reader)
+    assert result.status == "skipped" and result.new_events == 1 and result.last_event_id == "after:1"
+    assert result.candidate_version is None and (versions_root / "CURRENT").read_text() == "v0\n"
+    assert retrain(cfg, reader).new_events == 0 and reader.calls == [None, "after:1"]
 
 
 # -- a run with the tiny model ---------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import pytest_asyncio
 
-from service.store import Event, MemoryStore, RedisStore, StoreUnavailable
+from service.store import Event, MemoryStore, RedisStore, StoreUnavailable, read_stream
 from tests.service.conftest import free_port, needs_redis
 
 pytestmark = pytest.mark.asyncio
@@ -50,6 +52,8 @@ async def test_every_event_goes_to_the_stream_in_order(store):
         ("u2", Event("c", 3.5, None)),
     ]
     assert len(entries) == 7  # the stream keeps what the capped history dropped
+    assert entries[0].timestamp == 1 and (entries[0].item_id, entries[0].rating) == ("a", 5.0)
+    assert abs(entries[2].timestamp - time.time()) < 60  # no event time: when the stream took it
     after = await store.read_events(after=entries[2].id)
     assert [e.event.item_id for e in after] == ["x0", "x1", "x2", "x3"]
     assert [e.event.item_id for e in await store.read_events(after=entries[2].id, count=2)] == ["x0", "x1"]
@@ -112,3 +116,30 @@ async def test_redis_down_raises_store_unavailable_naming_the_operation():
         assert info.value.op == op
         assert "secret" not in str(info.value) and "user:***@" in str(info.value)  # no password in logs
     await s.close()
+    with pytest.raises(StoreUnavailable, match="^redis read_events failed") as info:
+        read_stream(s.url, None, timeout_s=0.5)
+    assert info.value.op == "read_events" and "secret" not in str(info.value)
+
+
+@pytest.mark.redis
+async def test_read_stream_pages_through_everything_after_a_cursor(redis_url):
+    s = RedisStore(redis_url, window=WINDOW)
+    try:
+        await s.append_events("u1", [Event(f"i{n}", 1.0, 100 + n) for n in range(5)])
+        await s.append_events("u2", [Event("x")])
+        entries, cursor = read_stream(redis_url, None, page_size=2)  # three pages and an empty one
+        assert [(e.user_id, e.item_id) for e in entries] == [("u1", f"i{n}") for n in range(5)] + [
+            ("u2", "x")
+        ]
+        assert [e.id for e in entries] == [e.id for e in await s.read_events()]
+        assert cursor == entries[-1].id
+        assert [e.timestamp for e in entries[:5]] == [100, 101, 102, 103, 104]
+        assert entries[-1].event.timestamp is None and abs(entries[-1].timestamp - time.time()) < 60
+        assert read_stream(redis_url, cursor) == ([], cursor)  # nothing new: the same cursor back
+        later, cursor2 = read_stream(redis_url, entries[2].id, page_size=1)
+        assert [e.item_id for e in later] == ["i3", "i4", "x"] and cursor2 == cursor
+        await s.append_events("u2", [Event("y", 2.0, 7)])
+        (new,), cursor3 = read_stream(redis_url, cursor)
+        assert (new.item_id, new.timestamp, cursor3) == ("y", 7, new.id)
+    finally:
+        await s.close()
