@@ -8,7 +8,7 @@ import pytest
 import pytest_asyncio
 
 from service.store import Event, MemoryStore, RedisStore, StoreUnavailable, read_stream
-from tests.service.conftest import free_port, needs_redis
+from tests.service.conftest import RedisServer, free_port, needs_redis
 
 pytestmark = pytest.mark.asyncio
 WINDOW = 3
@@ -71,8 +71,23 @@ async def test_cache_round_trip(store):
     assert await store.cache_get("k1") == '{"ids": [1], "text": "x"}'
 
 
-async def test_ping(store):
-    await store.ping()
+async def test_memory_ping_answers():
+    assert await MemoryStore(window=WINDOW).ping() is None
+
+
+@pytest.mark.redis
+async def test_redis_ping_answers_while_the_server_runs_and_fails_once_it_stops():
+    server = RedisServer()  # its own server, to stop; skips (fails under CI) without redis-server
+    s = RedisStore(server.url, window=WINDOW, timeout_s=0.5)
+    try:
+        assert await s.ping() is None
+        server.stop()
+        with pytest.raises(StoreUnavailable, match="^redis ping failed") as info:
+            await s.ping()
+        assert info.value.op == "ping"
+    finally:
+        server.stop()
+        await s.close()
 
 
 async def test_memory_cache_is_bounded_lru():
@@ -91,10 +106,12 @@ async def test_redis_cache_entries_expire(redis_url):
 
     s = RedisStore(redis_url, window=WINDOW, cache_ttl_s=60)
     await s.cache_set("k", "v")
+    await s.append_events("u1", [Event("a")])
     raw = aioredis.from_url(redis_url)
     try:
         assert 0 < await raw.ttl("r2ec:reasoning:k") <= 60
-        assert await raw.type("r2ec:events") in (b"none", b"stream")
+        assert await raw.ttl("r2ec:history:u1") == -1  # histories and the stream do not expire
+        assert await raw.type("r2ec:events") == b"stream" and await raw.ttl("r2ec:events") == -1
     finally:
         await raw.aclose()
         await s.close()
