@@ -26,8 +26,6 @@ from pathlib import Path
 
 import httpx
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 
 def free_port() -> int:
     with socket.socket() as s:
