@@ -73,8 +73,14 @@ def parse_sets(pairs: list[str], cls: type) -> dict[str, Any]:
 
 
 def _coerce(raw: str, tp: Any) -> Any:
-    """One value of type `tp` (bool, int, float, str, list[...] or X | None) from its text."""
+    """One value of type `tp` (bool, int, float, str, Literal, list[...] or X | None) from its text."""
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Literal:
+        value = _yaml(raw)
+        for choice in args:
+            if choice in (value, raw):
+                return choice
+        raise ValueError(raw)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if _yaml(raw) is None and type(None) in args:
             return None

@@ -4,6 +4,7 @@ the config file, the shorthand options and `--set FIELD=VALUE`."""
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 import typer
@@ -70,6 +71,18 @@ def test_bad_set_pairs_name_the_problem(pair, message):
     with pytest.raises(ValueError, match="^--set ") as info:
         parse_sets([pair], RecPOConfig)
     assert message in str(info.value)
+
+
+def test_literal_fields_take_one_of_their_values():
+    @dataclasses.dataclass
+    class Cfg:
+        stage: typing.Literal["recpo", "contrastive"] = "recpo"
+        width: typing.Literal[1, 2] | None = 1
+
+    assert parse_sets(["stage=contrastive", "width=2"], Cfg) == {"stage": "contrastive", "width": 2}
+    assert parse_sets(["width=null"], Cfg) == {"width": None}
+    with pytest.raises(ValueError, match="stage takes typing.Literal\\['recpo', 'contrastive'\\], got 'rl'"):
+        parse_sets(["stage=rl"], Cfg)
 
 
 def test_every_field_is_listed_in_the_unknown_field_error():
