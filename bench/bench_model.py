@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from model.data import load_prepared  # before torch: model/__init__ sets OMP_WAIT_POLICY
 
 LOAD_SNIPPET = """
 import json, time
@@ -54,7 +54,6 @@ def main() -> None:
     import torch
 
     from model.backbone import BackboneConfig, load_backbone
-    from model.data import load_prepared
     from model.prompts import PromptConfig
     from model.r2ec import R2ec, left_pad
     from model.samples import sample_histories

@@ -24,7 +24,7 @@ METRICS = ["hit@5", "ndcg@5", "hit@10", "ndcg@10", "hit@20", "ndcg@20"]
 
 
 def run_eval(args: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "service.cli", "eval", *args, "--json"]
+    cmd = [sys.executable, "-m", "cli", "eval", *args, "--json"]
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -26,8 +26,6 @@ from pathlib import Path
 
 import httpx
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -44,7 +42,7 @@ class Server:
         self.env = {**os.environ, "R2EC_CHECKPOINT": checkpoint, "R2EC_LOG_LEVEL": "WARNING", **env}
 
     def __enter__(self) -> Server:
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "cli", "serve", "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, env=self.env)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:

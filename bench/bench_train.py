@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from model.data import load_prepared  # before torch: model/__init__ sets OMP_WAIT_POLICY
 
 
 def main() -> None:
@@ -33,7 +32,6 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from model.data import load_prepared
     from model.recpo import RecPOConfig
     from model.train import (
         ItemTable,

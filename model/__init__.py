@@ -4,6 +4,9 @@ With 2 torch threads and any other busy process, OpenMP's spin-waiting makes
 generation ~10x slower on the 2-core machines this runs on (DESIGN §6), and the
 policy is read once when libgomp loads, so it must be set before torch is
 imported. `setdefault` keeps a user's explicit choice.
+
+This is the one place it is set: entry points (the `r2ec` command, bench/) import `model`
+before torch or faiss.
 """
 
 import os

@@ -15,6 +15,11 @@ Layout::
 (the reference rows of the evaluation, and what the service runs before training).
 The whole directory is written beside its target and renamed into place, so a crash
 mid-write leaves either the old checkpoint or the new one, never half of one.
+
+A versions root holds published checkpoints (ROOT/<version>/) and a CURRENT file naming the
+one to serve. The functions at the end of this module are the only code that reads or
+writes it: retraining publishes and prunes through them, everything else resolves a path
+with `resolve_checkpoint`.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from model.backbone import BackboneConfig, load_backbone, load_lm, prepare_tokenizer
+from model.data.dataset import atomic_write
 from model.prompts import PromptConfig
 from model.r2ec import R2ec
 
@@ -45,6 +51,7 @@ FORMAT_VERSION = 1
 META_FILE = "r2ec.json"
 ITEMS_FILE = "items.parquet"
 VECTORS_FILE = "item_vectors.npy"
+CURRENT_FILE = "CURRENT"
 WEIGHT_KINDS = ("base", "full", "lora")
 
 
@@ -145,9 +152,6 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-CURRENT_FILE = "CURRENT"
-
-
 def resolve_checkpoint(path: Path | str) -> Path:
     """The checkpoint a path stands for.
 
@@ -159,10 +163,7 @@ def resolve_checkpoint(path: Path | str) -> Path:
     if (path / META_FILE).is_file():
         return path
     if (path / CURRENT_FILE).is_file():
-        target = (path / CURRENT_FILE).read_text().strip()
-        if not target:
-            raise CheckpointError(f"{path / CURRENT_FILE} is empty")
-        return resolve_checkpoint(path / target)
+        return resolve_checkpoint(path / _pointer(path))
     if (path / "best" / META_FILE).is_file():
         return path / "best"
     raise CheckpointError(
@@ -258,3 +259,73 @@ def create_base_checkpoint(
     return save_checkpoint(
         out, model, base=base, weights="base", items=items, item_vectors=vectors, dataset=dataset
     )
+
+
+# -- the versions root: published checkpoints and the CURRENT pointer -------------------------
+# ROOT/<version>/ are checkpoints; ROOT/CURRENT holds the served one's name. Retraining
+# publishes and prunes here; the service and `r2ec` resolve ROOT through resolve_checkpoint.
+def _pointer(root: Path) -> str:
+    name = (root / CURRENT_FILE).read_text().strip()
+    if not name:
+        raise CheckpointError(f"{root / CURRENT_FILE} is empty")
+    return name
+
+
+def current_version(root: Path | str) -> str:
+    """The version ROOT/CURRENT names; CheckpointError unless it is a checkpoint under root."""
+    root = Path(root)
+    if not (root / CURRENT_FILE).is_file():
+        raise CheckpointError(
+            f"{root} is not a versions root: no {CURRENT_FILE} file. Create one with "
+            f"`r2ec checkpoint init --data DATA --out {root}/v0 && echo v0 > {root}/{CURRENT_FILE}`"
+        )
+    name = _pointer(root)
+    if not (root / name / META_FILE).is_file():
+        raise CheckpointError(f"{root / CURRENT_FILE} names {name!r}, which is not a checkpoint under {root}")
+    return name
+
+
+def flip_current(root: Path | str, version: str) -> None:
+    """Point CURRENT at `version` in one rename, so a reader sees the old name or the new."""
+    atomic_write(Path(root) / CURRENT_FILE, lambda tmp: tmp.write_text(version + "\n", encoding="utf-8"))
+
+
+def list_versions(root: Path | str) -> list[str]:
+    """Published checkpoints under root, oldest first (by creation time, then name)."""
+    found = []
+    for d in Path(root).iterdir():
+        if d.is_dir() and not d.name.startswith(".") and (d / META_FILE).is_file():
+            try:
+                created = str(read_meta(d).get("created_at", ""))
+            except (CheckpointError, json.JSONDecodeError):
+                continue
+            found.append((created, d.name))
+    return [name for _, name in sorted(found)]
+
+
+def unused_version(root: Path | str, version: str) -> str:
+    """`version`, or with a fresh suffix if root already holds one by that name."""
+    return f"{version}-{uuid.uuid4().hex[:4]}" if (Path(root) / version).exists() else version
+
+
+def publish_version(root: Path | str, checkpoint: Path | str, version: str) -> None:
+    """Move a finished checkpoint into root as `version` and flip CURRENT to it. Versions
+    are never overwritten (see `unused_version`); same filesystem: the move is one rename."""
+    root = Path(root)
+    if (root / version).exists():
+        raise CheckpointError(f"{root / version} exists; versions are never overwritten")
+    os.replace(checkpoint, root / version)
+    flip_current(root, version)
+    log.info("published %s and pointed %s at it", version, root / CURRENT_FILE)
+
+
+def prune_versions(root: Path | str, keep: int) -> list[str]:
+    """Remove all but the `keep` newest versions; the one CURRENT names always stays."""
+    root = Path(root)
+    current = current_version(root)
+    versions = list_versions(root)
+    doomed = [v for v in versions[: max(0, len(versions) - keep)] if v != current]
+    for name in doomed:
+        shutil.rmtree(root / name)
+        log.info("pruned version %s", name)
+    return doomed

@@ -1,7 +1,7 @@
 """Scheduled retraining (DESIGN §5): new events -> samples -> warm-started RecPO -> gated publish.
 
 One run:
-1. read the events after the last consumed stream id and add them to the consumed-events log;
+1. read the events after the saved cursor and add them to the consumed-events log;
 2. rebuild the samples: the seed dataset's interactions (recovered from its samples) plus every
    consumed event, split with the seed's protocol by the same builder `r2ec data prepare` uses;
 3. train from the CURRENT checkpoint (model/train.py `train(cfg, dataset, base=checkpoint)`);
@@ -13,13 +13,15 @@ Versions root::
 
     ROOT/CURRENT                  the served version's directory name (replaced atomically)
     ROOT/<version>/               published checkpoints (model/checkpoint.py layout + retrain.json)
-    ROOT/retrain/state.json       last consumed stream id, counts, the last run's summary
-    ROOT/retrain/events.parquet   every consumed event (stream id, user, item, rating, timestamp)
+    ROOT/retrain/state.json       the event reader's cursor, counts, the last run's summary
+    ROOT/retrain/events.parquet   every consumed event (event id, user, item, rating, timestamp)
     ROOT/retrain/data/<name>/<protocol>/   the rebuilt prepared dataset training reads
     ROOT/retrain/run/             the training run's scratch directory (removed after)
 
-Reading the stream is the caller's job (`read_events`), so the key formats stay in
-service/store.py and model/ imports nothing from service/.
+Versions and CURRENT are model/checkpoint.py's (one registry for the service and this job).
+Reading the events is the caller's job (`read_events`, e.g. service/store.py's `read_stream`):
+its cursor is an opaque string this module stores and hands back, never parses, so the
+stream's key and id formats stay in service/store.py and model/ imports nothing from service/.
 """
 
 from __future__ import annotations
@@ -28,22 +30,27 @@ import fcntl
 import json
 import logging
 import math
-import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.checkpoint import CURRENT_FILE, META_FILE, CheckpointError, load_checkpoint, read_meta
+from model.checkpoint import (
+    current_version,
+    load_checkpoint,
+    prune_versions,
+    publish_version,
+    read_meta,
+    unused_version,
+)
 from model.data import SPLITS, PreparedDataset, load_prepared
 from model.data.build import build_prepared
 from model.data.dataset import atomic_write
@@ -69,22 +76,31 @@ EVENT_SCHEMA = pa.schema(
 
 
 class RetrainError(ValueError):
-    """Retraining cannot start: a missing versions root, checkpoint or dataset, or a lock."""
+    """Retraining cannot start: no versions root, or another run holds its lock."""
 
 
-@dataclass(frozen=True)
-class StreamEvent:
-    """One interaction read from the event stream; `id` is the stream entry id ("<ms>-<seq>")."""
+class Interaction(Protocol):
+    """One event as retraining consumes it (service/store.py's StreamEntry is one)."""
 
-    id: str
-    user_id: str
-    item_id: str
-    rating: float | None = None
-    timestamp: int | None = None  # seconds; None = the entry's time (from its id)
+    @property
+    def id(self) -> str: ...  # unique per event: a re-read event is not counted twice
+
+    @property
+    def user_id(self) -> str: ...
+
+    @property
+    def item_id(self) -> str: ...
+
+    @property
+    def rating(self) -> float | None: ...
+
+    @property
+    def timestamp(self) -> int: ...  # seconds
 
 
-# Events with an id greater than `after`, oldest first (all of them, the caller pages).
-ReadEvents = Callable[[str], Sequence[StreamEvent]]
+# read_events(cursor) -> (every event after cursor, oldest first; the cursor to pass next time).
+# cursor None = from the start. The cursor belongs to the reader: stored, passed back, not read.
+ReadEvents = Callable[[str | None], tuple[Sequence[Interaction], str | None]]
 
 
 @dataclass
@@ -128,7 +144,7 @@ class RetrainResult:
     new_events: int = 0
     events_total: int = 0
     events_unknown_item: int = 0
-    last_event_id: str = "0-0"
+    last_event_id: str | None = None  # the reader's cursor after this run (None: nothing read yet)
     samples: dict[str, int] = field(default_factory=dict)
     pruned: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -176,29 +192,17 @@ def seed_interactions(ds: PreparedDataset) -> tuple[pd.DataFrame, np.ndarray]:
     return inter, target_ok
 
 
-def events_frame(events: Sequence[StreamEvent]) -> pd.DataFrame:
-    """StreamEvents as EVENT_SCHEMA columns; a missing timestamp is the entry's time."""
+def events_frame(events: Sequence[Interaction]) -> pd.DataFrame:
+    """Interactions as EVENT_SCHEMA columns."""
     return pd.DataFrame(
         {
-            "event_id": [e.id for e in events],
+            "event_id": [str(e.id) for e in events],
             "user_id": [str(e.user_id) for e in events],
             "item_id": [str(e.item_id) for e in events],
             "rating": np.array([np.nan if e.rating is None else e.rating for e in events], dtype=np.float64),
-            "timestamp": np.array(
-                [_entry_seconds(e.id) if e.timestamp is None else int(e.timestamp) for e in events],
-                dtype=np.int64,
-            ),
+            "timestamp": np.array([int(e.timestamp) for e in events], dtype=np.int64),
         }
     )
-
-
-def _entry_seconds(entry_id: str) -> int:
-    return int(entry_id.split("-")[0]) // 1000  # Redis stream ids start with the entry's ms time
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def rebuild_dataset(
@@ -232,53 +236,7 @@ def rebuild_dataset(
     return load_prepared(path), int((~known).sum())
 
 
-# -- the versions root -------------------------------------------------------------------------
-def write_text_atomic(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def current_version(root: Path) -> str:
-    pointer = root / CURRENT_FILE
-    if not pointer.is_file():
-        raise RetrainError(
-            f"{root} is not a versions root: no {CURRENT_FILE} file. Create one with "
-            f"`r2ec checkpoint init --data DATA --out {root}/v0 && echo v0 > {root}/{CURRENT_FILE}`"
-        )
-    name = pointer.read_text().strip()
-    if not name or not (root / name / META_FILE).is_file():
-        raise RetrainError(f"{pointer} names {name!r}, which is not a checkpoint under {root}")
-    return name
-
-
-def flip_current(root: Path, version: str) -> None:
-    """Point CURRENT at `version` in one rename, so a reader sees the old name or the new."""
-    write_text_atomic(root / CURRENT_FILE, version + "\n")
-
-
-def list_versions(root: Path) -> list[str]:
-    """Published checkpoints under root, oldest first (by creation time, then name)."""
-    found = []
-    for d in root.iterdir():
-        if d.is_dir() and not d.name.startswith(".") and (d / META_FILE).is_file():
-            try:
-                created = str(read_meta(d).get("created_at", ""))
-            except (CheckpointError, json.JSONDecodeError):
-                continue
-            found.append((created, d.name))
-    return [name for _, name in sorted(found)]
-
-
-def prune_versions(root: Path, keep: int) -> list[str]:
-    """Remove all but the `keep` newest versions; the one CURRENT names always stays."""
-    current = current_version(root)
-    versions = list_versions(root)
-    doomed = [v for v in versions[: max(0, len(versions) - keep)] if v != current]
-    for name in doomed:
-        shutil.rmtree(root / name)
-        log.info("pruned version %s", name)
-    return doomed
-
-
+# -- the job's own state -----------------------------------------------------------------------
 @contextmanager
 def _locked(work: Path) -> Iterator[None]:
     work.mkdir(parents=True, exist_ok=True)
@@ -292,7 +250,7 @@ def _locked(work: Path) -> Iterator[None]:
 
 def read_state(work: Path) -> dict[str, Any]:
     path = work / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {"last_event_id": "0-0"}
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _read_events_log(work: Path) -> pd.DataFrame:
@@ -302,15 +260,14 @@ def _read_events_log(work: Path) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
 
 
-def consume_events(work: Path, read_events: ReadEvents) -> tuple[pd.DataFrame, int, str]:
-    """Append the events after the saved cursor to the log, then advance the cursor.
+def consume_events(work: Path, read_events: ReadEvents) -> tuple[pd.DataFrame, int, str | None]:
+    """Append the events after the saved cursor to the log, then save the reader's new cursor.
 
-    The log is written before the cursor and deduplicated by id, so a crash in between
+    The log is written before the cursor and deduplicated by event id, so a crash in between
     re-reads those events without counting them twice. Returns (log, new events, cursor).
     """
     state = read_state(work)
-    after = state.get("last_event_id", "0-0")
-    fresh = list(read_events(after))
+    fresh, cursor = read_events(state.get("last_event_id"))
     logged = _read_events_log(work)
     new = events_frame(fresh)
     new = new[~new["event_id"].isin(set(logged["event_id"]))]
@@ -320,14 +277,14 @@ def consume_events(work: Path, read_events: ReadEvents) -> tuple[pd.DataFrame, i
             logged[list(EVENT_SCHEMA.names)], schema=EVENT_SCHEMA, preserve_index=False
         )
         atomic_write(work / EVENTS_FILE, lambda tmp: pq.write_table(table, tmp))
-    cursor = max([after, *(e.id for e in fresh)], key=_id_key)
     _write_state(work, {**state, "last_event_id": cursor, "events_total": int(len(logged))})
-    log.info("read %d new events after %s (cursor now %s, %d in total)", len(new), after, cursor, len(logged))
+    log.info("read %d new events (cursor now %s, %d in total)", len(new), cursor, len(logged))
     return logged, int(len(new)), cursor
 
 
 def _write_state(work: Path, state: dict[str, Any]) -> None:
-    write_text_atomic(work / STATE_FILE, json.dumps(state, indent=2, default=str) + "\n")
+    text = json.dumps(state, indent=2, default=str) + "\n"
+    atomic_write(work / STATE_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -378,7 +335,7 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
     seed = load_prepared(cfg.data)
     with _locked(work):
         if read_events is None:
-            events, new, cursor = _read_events_log(work), 0, read_state(work).get("last_event_id", "0-0")
+            events, new, cursor = _read_events_log(work), 0, read_state(work).get("last_event_id")
         else:
             events, new, cursor = consume_events(work, read_events)
         result = RetrainResult(
@@ -418,18 +375,14 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
 
 
 def _publish(root: Path, best: Path, result: RetrainResult) -> None:
-    version = str(result.candidate_version)
-    if (root / version).exists():  # versions are unique; never overwrite one
-        version = f"{version}-{uuid.uuid4().hex[:4]}"
+    version = unused_version(root, str(result.candidate_version))
     result.status, result.published_version = "published", version
     result.reason = (
         f"{METRIC} {result.candidate_metric:.4f} >= current {result.current_metric:.4f}"
         f" - tolerance {result.tolerance:g}"
     )
     (best / RECORD_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-    os.replace(best, root / version)  # same filesystem: one rename
-    flip_current(root, version)
-    log.info("published %s and pointed %s at it", version, root / CURRENT_FILE)
+    publish_version(root, best, version)
 
 
 def _finish(work: Path, result: RetrainResult, started: float) -> RetrainResult:

@@ -8,6 +8,8 @@ One interface, two stores, the same tests for both (tests/service/test_store.py)
     r2ec:reasoning:{key}      a cached reasoning (JSON), expiring after `cache_ttl_s`
 - `MemoryStore` (the embedded default when no Redis URL is configured): the same in process;
   the stream is a list and the cache an LRU bounded by `cache_size`.
+- `read_stream(url, cursor)`: retraining's synchronous view of the Redis stream, every entry
+  after an opaque cursor. Entry ids and the cursor's syntax stay in this module.
 
 Every Redis failure surfaces as `StoreUnavailable`, so callers catch one type.
 """
@@ -17,9 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -74,11 +77,29 @@ class Event:
 
 @dataclass(frozen=True)
 class StreamEntry:
-    """An event as retraining reads it back from the stream, with the stream's entry id."""
+    """An event as retraining reads it back from the stream.
+
+    `id` orders entries and is unique; readers compare it, never parse it. The flat
+    item_id / rating / timestamp views are what model/retrain.py's `Interaction` asks for.
+    """
 
     id: str
     user_id: str
     event: Event
+    added_at: int  # seconds: when the stream took the entry
+
+    @property
+    def item_id(self) -> str:
+        return self.event.item_id
+
+    @property
+    def rating(self) -> float | None:
+        return self.event.rating
+
+    @property
+    def timestamp(self) -> int:
+        """The event's own time, or when the stream took it if the event carried none."""
+        return self.added_at if self.event.timestamp is None else int(self.event.timestamp)
 
 
 class HistoryStore(Protocol):
@@ -132,7 +153,7 @@ class MemoryStore:
         history = self._histories.setdefault(user_id, deque(maxlen=self.window))
         for e in events:
             history.append(e)
-            self._events.append(StreamEntry(f"{len(self._events) + 1}-0", user_id, e))
+            self._events.append(StreamEntry(f"{len(self._events) + 1}-0", user_id, e, int(time.time())))
         return len(history)
 
     async def read_events(self, after: str = "0-0", count: int | None = None) -> list[StreamEntry]:
@@ -188,13 +209,8 @@ class RedisStore:
             socket_timeout=timeout_s,
         )
 
-    @contextmanager
-    def _failures(self, op: str) -> Iterator[None]:
-        """Any Redis or socket error inside becomes StoreUnavailable naming `op`."""
-        try:
-            yield
-        except (redis.RedisError, OSError) as exc:
-            raise StoreUnavailable(f"redis {op} failed ({_redact(self.url)}): {exc}", op) from exc
+    def _failures(self, op: str) -> AbstractContextManager[None]:
+        return _failures(self.url, op)
 
     async def get_history(self, user_id: str) -> list[Event]:
         with self._failures("get_history"):
@@ -225,10 +241,7 @@ class RedisStore:
     async def read_events(self, after: str = "0-0", count: int | None = None) -> list[StreamEntry]:
         with self._failures("read_events"):
             rows = await self._redis.xrange(EVENTS_STREAM, min=f"({after}", max="+", count=count)
-        return [
-            StreamEntry(entry_id, fields["user_id"], Event.from_stream_fields(fields))
-            for entry_id, fields in rows
-        ]
+        return _stream_entries(rows)
 
     async def cache_get(self, key: str) -> str | None:
         with self._failures("cache_get"):
@@ -247,6 +260,51 @@ class RedisStore:
             await self._redis.aclose()
         except Exception as exc:  # closing a broken connection must not stop shutdown
             log.warning("closing redis: %s", exc)
+
+
+STREAM_START = "0-0"  # the cursor before the first entry (Redis ids are "<ms>-<seq>", all > 0-0)
+
+
+def read_stream(
+    redis_url: str, cursor: str | None = None, *, page_size: int = 10_000, timeout_s: float = 10.0
+) -> tuple[list[StreamEntry], str | None]:
+    """Every event-stream entry after `cursor` (None: from the start), oldest first, and the
+    cursor to pass next time (the last entry's id; `cursor` itself when nothing is new).
+
+    For retraining, a batch job outside the service's event loop: synchronous, one connection,
+    `page_size` entries per round trip. A down Redis raises StoreUnavailable (op read_events).
+    """
+    client = redis.Redis.from_url(
+        redis_url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+    )
+    entries: list[StreamEntry] = []
+    after = cursor or STREAM_START
+    try:
+        with _failures(redis_url, "read_events"):
+            while rows := client.xrange(EVENTS_STREAM, min=f"({after}", max="+", count=page_size):
+                entries += _stream_entries(rows)
+                after = entries[-1].id
+    finally:
+        client.close()
+    return entries, (entries[-1].id if entries else cursor)
+
+
+def _stream_entries(rows: list[tuple[str, dict[str, str]]]) -> list[StreamEntry]:
+    """XRANGE rows -> StreamEntries; a Redis entry id starts with the time it was added (ms)."""
+    out = []
+    for entry_id, fields in rows:
+        added_s = int(entry_id.split("-")[0]) // 1000
+        out.append(StreamEntry(entry_id, fields["user_id"], Event.from_stream_fields(fields), added_s))
+    return out
+
+
+@contextmanager
+def _failures(url: str, op: str) -> Iterator[None]:
+    """Any Redis or socket error inside becomes StoreUnavailable naming `op` (password redacted)."""
+    try:
+        yield
+    except (redis.RedisError, OSError) as exc:
+        raise StoreUnavailable(f"redis {op} failed ({_redact(url)}): {exc}", op) from exc
 
 
 def _redact(url: str) -> str:

@@ -1,7 +1,8 @@
-"""Shared fixtures: a tiny random R²ec model and a tiny prepared dataset."""
+"""Shared fixtures: a tiny random R²ec model, a tiny prepared dataset, a versions root."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,22 @@ def tiny_dataset(tmp_path_factory):
         category="movie",
     )
     return load_prepared(path)
+
+
+@pytest.fixture(scope="session")
+def _versions_root(tiny_dataset, tmp_path_factory) -> Path:
+    """Built once: an untrained tiny checkpoint v0 that a CURRENT pointer names."""
+    from model.checkpoint import create_base_checkpoint
+
+    root = tmp_path_factory.mktemp("versions")
+    create_base_checkpoint(root / "v0", "tiny", tiny_dataset.items, dtype="float32", progress=False)
+    (root / "CURRENT").write_text("v0\n")
+    return root
+
+
+@pytest.fixture
+def versions_root(_versions_root, tmp_path) -> Path:
+    """A fresh copy of the versions root (retraining publishes into it and prunes it)."""
+    dest = tmp_path / "versions"
+    shutil.copytree(_versions_root, dest)
+    return dest

@@ -43,7 +43,7 @@ def check_r2ec(argv: list[str]) -> tuple[str, ...]:
     Returns the command path, e.g. ("data", "prepare", "ml-100k")."""
     import typer
 
-    from service.cli import app
+    from cli import app
 
     assert argv[0] == "r2ec", argv
     cmd = typer.main.get_command(app)  # typer's own (vendored) click objects: duck-typed below

@@ -177,7 +177,7 @@ def test_dockerfile_copies_exist_and_are_not_dockerignored(docker):
     for src in (s for group in sources for s in group):
         assert (ROOT / src).exists(), src
         assert not dockerignored(src), src
-    for must in ("model/data/dataset.py", "service/cli.py", "deploy/retrain.yaml", "pyproject.toml"):
+    for must in ("model/data/dataset.py", "cli/main.py", "deploy/retrain.yaml", "pyproject.toml"):
         assert not dockerignored(must), must
     for junk in (
         "data/ml-100k/loo/train.parquet",

@@ -6,8 +6,15 @@ import pytest
 from model.checkpoint import (
     CheckpointError,
     create_base_checkpoint,
+    current_version,
+    flip_current,
+    list_versions,
     load_checkpoint,
+    prune_versions,
+    publish_version,
+    resolve_checkpoint,
     save_checkpoint,
+    unused_version,
 )
 
 
@@ -91,3 +98,53 @@ def test_load_reports_mismatch_and_missing_files(tmp_path, tiny_model, tiny_data
         load_checkpoint(tmp_path / "c", dtype="float32")
     with pytest.raises(CheckpointError, match="not an R²ec checkpoint: no r2ec.json"):
         load_checkpoint(tmp_path / "nowhere")
+
+
+# -- the versions root ----------------------------------------------------------------------------
+def _fake_versions(root, names):
+    """Checkpoint dirs with just an r2ec.json, created a day apart in `names` order."""
+    for n, name in enumerate(names):
+        (root / name).mkdir()
+        meta = {"format": "r2ec-checkpoint", "format_version": 1, "version": name}
+        (root / name / "r2ec.json").write_text(json.dumps({**meta, "created_at": f"2025-01-0{n + 1}"}))
+
+
+def test_prune_keeps_the_newest_and_always_the_current(tmp_path):
+    _fake_versions(tmp_path, ["a", "b", "c", "d"])
+    (tmp_path / "retrain").mkdir()  # the job's own directory is not a version
+    (tmp_path / "CURRENT").write_text("a\n")
+    assert list_versions(tmp_path) == ["a", "b", "c", "d"]
+    assert prune_versions(tmp_path, keep=2) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "a", "c", "d", "retrain"]
+
+
+def test_publish_flips_current_and_never_overwrites(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    _fake_versions(root, ["v0"])
+    flip_current(root, "v0")
+    assert current_version(root) == "v0" and resolve_checkpoint(root) == root / "v0"
+    _fake_versions(tmp_path, ["cand"])
+    assert unused_version(root, "cand") == "cand"
+    publish_version(root, tmp_path / "cand", "cand")
+    assert (root / "CURRENT").read_text() == "cand\n" and resolve_checkpoint(root) == root / "cand"
+    assert not (tmp_path / "cand").exists()
+    taken = unused_version(root, "cand")
+    assert taken.startswith("cand-") and not (root / taken).exists()
+    _fake_versions(tmp_path, ["again"])
+    with pytest.raises(CheckpointError, match="never overwritten"):
+        publish_version(root, tmp_path / "again", "v0")
+    assert current_version(root) == "cand" and not list(root.glob(".CURRENT*"))  # no temp left
+
+
+def test_current_pointer_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(CheckpointError, match="no CURRENT file.*checkpoint init"):
+        current_version(tmp_path)
+    (tmp_path / "CURRENT").write_text("\n")
+    with pytest.raises(CheckpointError, match="CURRENT is empty"):
+        current_version(tmp_path)
+    with pytest.raises(CheckpointError, match="CURRENT is empty"):
+        resolve_checkpoint(tmp_path)
+    (tmp_path / "CURRENT").write_text("gone\n")
+    with pytest.raises(CheckpointError, match="names 'gone', which is not a checkpoint"):
+        current_version(tmp_path)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import pytest_asyncio
 
-from service.store import Event, MemoryStore, RedisStore, StoreUnavailable
-from tests.service.conftest import free_port, needs_redis
+from service.store import Event, MemoryStore, RedisStore, StoreUnavailable, read_stream
+from tests.service.conftest import RedisServer, free_port, needs_redis
 
 pytestmark = pytest.mark.asyncio
 WINDOW = 3
@@ -50,6 +52,8 @@ async def test_every_event_goes_to_the_stream_in_order(store):
         ("u2", Event("c", 3.5, None)),
     ]
     assert len(entries) == 7  # the stream keeps what the capped history dropped
+    assert entries[0].timestamp == 1 and (entries[0].item_id, entries[0].rating) == ("a", 5.0)
+    assert abs(entries[2].timestamp - time.time()) < 60  # no event time: when the stream took it
     after = await store.read_events(after=entries[2].id)
     assert [e.event.item_id for e in after] == ["x0", "x1", "x2", "x3"]
     assert [e.event.item_id for e in await store.read_events(after=entries[2].id, count=2)] == ["x0", "x1"]
@@ -67,8 +71,23 @@ async def test_cache_round_trip(store):
     assert await store.cache_get("k1") == '{"ids": [1], "text": "x"}'
 
 
-async def test_ping(store):
-    await store.ping()
+async def test_memory_ping_answers():
+    assert await MemoryStore(window=WINDOW).ping() is None
+
+
+@pytest.mark.redis
+async def test_redis_ping_answers_while_the_server_runs_and_fails_once_it_stops():
+    server = RedisServer()  # its own server, to stop; skips (fails under CI) without redis-server
+    s = RedisStore(server.url, window=WINDOW, timeout_s=0.5)
+    try:
+        assert await s.ping() is None
+        server.stop()
+        with pytest.raises(StoreUnavailable, match="^redis ping failed") as info:
+            await s.ping()
+        assert info.value.op == "ping"
+    finally:
+        server.stop()
+        await s.close()
 
 
 async def test_memory_cache_is_bounded_lru():
@@ -87,10 +106,12 @@ async def test_redis_cache_entries_expire(redis_url):
 
     s = RedisStore(redis_url, window=WINDOW, cache_ttl_s=60)
     await s.cache_set("k", "v")
+    await s.append_events("u1", [Event("a")])
     raw = aioredis.from_url(redis_url)
     try:
         assert 0 < await raw.ttl("r2ec:reasoning:k") <= 60
-        assert await raw.type("r2ec:events") in (b"none", b"stream")
+        assert await raw.ttl("r2ec:history:u1") == -1  # histories and the stream do not expire
+        assert await raw.type("r2ec:events") == b"stream" and await raw.ttl("r2ec:events") == -1
     finally:
         await raw.aclose()
         await s.close()
@@ -112,3 +133,30 @@ async def test_redis_down_raises_store_unavailable_naming_the_operation():
         assert info.value.op == op
         assert "secret" not in str(info.value) and "user:***@" in str(info.value)  # no password in logs
     await s.close()
+    with pytest.raises(StoreUnavailable, match="^redis read_events failed") as info:
+        read_stream(s.url, None, timeout_s=0.5)
+    assert info.value.op == "read_events" and "secret" not in str(info.value)
+
+
+@pytest.mark.redis
+async def test_read_stream_pages_through_everything_after_a_cursor(redis_url):
+    s = RedisStore(redis_url, window=WINDOW)
+    try:
+        await s.append_events("u1", [Event(f"i{n}", 1.0, 100 + n) for n in range(5)])
+        await s.append_events("u2", [Event("x")])
+        entries, cursor = read_stream(redis_url, None, page_size=2)  # three pages and an empty one
+        assert [(e.user_id, e.item_id) for e in entries] == [("u1", f"i{n}") for n in range(5)] + [
+            ("u2", "x")
+        ]
+        assert [e.id for e in entries] == [e.id for e in await s.read_events()]
+        assert cursor == entries[-1].id
+        assert [e.timestamp for e in entries[:5]] == [100, 101, 102, 103, 104]
+        assert entries[-1].event.timestamp is None and abs(entries[-1].timestamp - time.time()) < 60
+        assert read_stream(redis_url, cursor) == ([], cursor)  # nothing new: the same cursor back
+        later, cursor2 = read_stream(redis_url, entries[2].id, page_size=1)
+        assert [e.item_id for e in later] == ["i3", "i4", "x"] and cursor2 == cursor
+        await s.append_events("u2", [Event("y", 2.0, 7)])
+        (new,), cursor3 = read_stream(redis_url, cursor)
+        assert (new.item_id, new.timestamp, cursor3) == ("y", 7, new.id)
+    finally:
+        await s.close()

@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from cli import app
 from model.checkpoint import create_base_checkpoint
-from service.cli import app
 
 METRICS = {f"{m}@{k}" for m in ("hit", "ndcg") for k in (5, 10, 20)}
 

@@ -1,0 +1,9 @@
+"""The `r2ec` command: data, checkpoint, eval, train, serve, retrain.
+
+Thin: each command parses options and calls one function of model/, index/ or service/.
+One module per command group; `main.py` assembles them into the root `app`.
+"""
+
+from cli.main import app
+
+__all__ = ["app"]

@@ -1,0 +1,29 @@
+"""The root `r2ec` app: logging setup, then each group's commands in `r2ec --help` order."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+import model  # noqa: F401  (its __init__ sets OMP_WAIT_POLICY before any command loads torch or faiss)
+from cli.checkpoint import app as checkpoint_app
+from cli.data import app as data_app
+from cli.eval import eval_cmd
+from cli.retrain import retrain_cmd
+from cli.serve import serve
+from cli.train import train_cmd
+
+app = typer.Typer(help="R²ec: a recommender LLM that reasons before it recommends.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(checkpoint_app, name="checkpoint")
+app.command("eval")(eval_cmd)
+app.command("train")(train_cmd)
+app.command("serve")(serve)
+app.command("retrain")(retrain_cmd)
+
+
+@app.callback()
+def _main(log_level: Annotated[str, typer.Option(envvar="R2EC_LOG_LEVEL")] = "INFO") -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

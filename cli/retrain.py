@@ -1,0 +1,108 @@
+"""`r2ec retrain`: new stream events -> warm-started RecPO -> gated publish (model/retrain.py),
+once or on a timer."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from cli.common import fail
+from cli.overrides import SetOption, recpo_config
+
+if TYPE_CHECKING:
+    from model.retrain import ReadEvents, RetrainConfig, RetrainResult
+    from service.store import StreamEntry
+
+
+def retrain_cmd(
+    data: Annotated[Path, typer.Option(help="Seed prepared dataset, e.g. data/ml-100k/loo")],
+    root: Annotated[
+        Path, typer.Option(envvar="R2EC_CHECKPOINT", help="Versions root: version dirs + the CURRENT pointer")
+    ] = Path("checkpoints"),
+    redis_url: Annotated[
+        str, typer.Option(envvar="R2EC_REDIS_URL", help="Event stream's Redis; '' = no stream (dataset only)")
+    ] = "",
+    config: Annotated[Path | None, typer.Option(help="YAML file of RecPOConfig fields")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Overrides the config")] = None,
+    time_budget_minutes: Annotated[float | None, typer.Option(help="Overrides the config")] = None,
+    set_: SetOption = None,
+    tolerance: Annotated[
+        float, typer.Option(help="Publish if NDCG@10 >= current - tolerance (negative: demand a gain)")
+    ] = 0.0,
+    keep: Annotated[int, typer.Option(help="Versions to keep (the current one always stays)")] = 3,
+    min_events: Annotated[int, typer.Option(help="New stream events needed to train")] = 1,
+    every_minutes: Annotated[
+        float | None, typer.Option(help="Run forever, this many minutes apart (a scheduler's loop)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per run")] = False,
+) -> None:
+    """Read new events, rebuild the samples, warm-start RecPO from CURRENT, publish if not worse."""
+    from model.retrain import RetrainConfig
+
+    try:
+        train_cfg = recpo_config(config, set_, max_steps=max_steps, time_budget_minutes=time_budget_minutes)
+        cfg = RetrainConfig(
+            root=root, data=data, train=train_cfg, tolerance=tolerance, keep=keep, min_events=min_events
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    if every_minutes is None:
+        _retrain_once(cfg, redis_url, as_json)
+        return
+    if every_minutes <= 0:
+        fail(f"--every-minutes must be > 0, got {every_minutes}")
+    while True:  # a failed run is reported and retried at the next tick
+        try:
+            _retrain_once(cfg, redis_url, as_json)
+        except typer.Exit:
+            pass
+        time.sleep(60 * every_minutes)
+
+
+def _retrain_once(cfg: RetrainConfig, redis_url: str, as_json: bool) -> None:
+    from model.retrain import retrain
+
+    try:
+        result = retrain(cfg, _stream_reader(redis_url) if redis_url else None)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # Checkpoint/Data/RetrainError, Redis down
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+    else:
+        _report(result)
+
+
+def _stream_reader(redis_url: str) -> ReadEvents:
+    """The service's Redis event stream as retraining's read_events (service/store.py)."""
+    from service.store import StoreUnavailable, read_stream
+
+    def read(cursor: str | None) -> tuple[list[StreamEntry], str | None]:
+        try:
+            return read_stream(redis_url, cursor)
+        except StoreUnavailable as exc:
+            hint = "start Redis or pass --redis-url '' to retrain on the dataset only"
+            raise RuntimeError(f"{exc}; {hint}") from exc
+
+    return read
+
+
+def _report(result: RetrainResult) -> None:
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    typer.echo(f"retrain {result.status}: {result.reason}")
+    typer.echo(
+        f"  events   {result.new_events} new, {result.events_total} consumed in total"
+        f"{'' if result.stream else ' (no stream)'}, cursor {result.last_event_id or '-'}"
+    )
+    if result.samples:
+        typer.echo("  samples  " + ", ".join(f"{k}={v}" for k, v in result.samples.items()))
+    typer.echo(f"  current  {result.current_version}  {result.metric} {fmt(result.current_metric)}")
+    if result.candidate_version:
+        typer.echo(f"  trained  {result.candidate_version}  {result.metric} {fmt(result.candidate_metric)}")
+    if result.published_version:
+        typer.echo(f"  CURRENT -> {result.published_version}")
+    if result.pruned:
+        typer.echo(f"  pruned   {', '.join(result.pruned)}")

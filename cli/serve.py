@@ -1,0 +1,57 @@
+"""`r2ec serve`: the HTTP service (service/app.py) under uvicorn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import fail
+
+
+def serve(
+    host: Annotated[str, typer.Option(envvar="R2EC_HOST", help="Bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="R2EC_PORT", help="TCP port")] = 8000,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint dir (default $R2EC_CHECKPOINT or checkpoints/current)")
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="redis://host:port/db (default $R2EC_REDIS_URL; empty = in-process)")
+    ] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Micro-batch size (1 = no batching)")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(help="Micro-batch wait")] = None,
+    dtype: Annotated[str | None, typer.Option(help="bfloat16 or float32")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+) -> None:
+    """Start the HTTP service (FastAPI + uvicorn). Every setting also reads R2EC_* env vars."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from model.checkpoint import CheckpointError, read_meta, resolve_checkpoint
+    from service.app import create_app
+    from service.config import Settings
+
+    overrides = {
+        "checkpoint": checkpoint,
+        "redis_url": redis_url,
+        "max_batch": max_batch,
+        "max_wait_ms": max_wait_ms,
+        "dtype": dtype,
+        "threads": threads,
+    }
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        fail(f"bad setting: {exc}")
+    try:
+        read_meta(resolve_checkpoint(settings.checkpoint))
+    except CheckpointError as exc:
+        fail(f"{exc}; create one with `r2ec checkpoint init --data DIR --out {settings.checkpoint}`")
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=10,
+    )

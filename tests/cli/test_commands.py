@@ -1,0 +1,129 @@
+"""Every command answers --help; train and retrain build RecPOConfig the same way from
+the config file, the shorthand options and `--set FIELD=VALUE`."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from cli import app
+from cli.overrides import parse_sets, recpo_config
+from model.recpo import RecPOConfig
+
+
+def _command_paths(cmd: typer.core.TyperGroup, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = [path]
+    for name, sub in getattr(cmd, "commands", {}).items():
+        found += _command_paths(sub, (*path, name))
+    return found
+
+
+def test_every_command_has_help():
+    paths = _command_paths(typer.main.get_command(app))
+    assert {p[0] for p in paths if p} == {"data", "checkpoint", "eval", "train", "serve", "retrain"}
+    assert ("data", "prepare", "ml-100k") in paths and ("checkpoint", "show") in paths
+    for path in paths:
+        result = CliRunner().invoke(app, [*path, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output, (path, result.output)
+
+
+def test_set_values_are_read_as_the_fields_types():
+    got = parse_sets(
+        [
+            "lora_r=8",
+            "learning_rate=5e-5",  # YAML alone would read this as a string
+            "lora_layers=null",
+            "lora=false",
+            "time_budget_minutes=3",
+            "system_prompt=You recommend: movies.",
+            "lora_target_modules=q_proj,v_proj",
+        ],
+        RecPOConfig,
+    )
+    assert got == {
+        "lora_r": 8,
+        "learning_rate": 5e-5,
+        "lora_layers": None,
+        "lora": False,
+        "time_budget_minutes": 3.0,
+        "system_prompt": "You recommend: movies.",
+        "lora_target_modules": ["q_proj", "v_proj"],
+    }
+    assert isinstance(got["time_budget_minutes"], float)
+
+
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [
+        ("lora_rank=8", "RecPOConfig has no field 'lora_rank'; fields: stage, lora, lora_r,"),
+        ("lora_r", "--set wants FIELD=VALUE, got 'lora_r'"),
+        ("lora_r=1.5", "lora_r takes int, got '1.5'"),
+        ("lora_layers=all", "lora_layers takes int | None, got 'all'"),
+        ("learning_rate=fast", "learning_rate takes float, got 'fast'"),
+    ],
+)
+def test_bad_set_pairs_name_the_problem(pair, message):
+    with pytest.raises(ValueError, match="^--set ") as info:
+        parse_sets([pair], RecPOConfig)
+    assert message in str(info.value)
+
+
+def test_literal_fields_take_one_of_their_values():
+    @dataclasses.dataclass
+    class Cfg:
+        stage: typing.Literal["recpo", "contrastive"] = "recpo"
+        width: typing.Literal[1, 2] | None = 1
+
+    assert parse_sets(["stage=contrastive", "width=2"], Cfg) == {"stage": "contrastive", "width": 2}
+    assert parse_sets(["width=null"], Cfg) == {"width": None}
+    with pytest.raises(ValueError, match="stage takes typing.Literal\\['recpo', 'contrastive'\\], got 'rl'"):
+        parse_sets(["stage=rl"], Cfg)
+
+
+def test_every_field_is_listed_in_the_unknown_field_error():
+    with pytest.raises(ValueError) as info:
+        parse_sets(["nope=1"], RecPOConfig)
+    assert all(f.name in str(info.value) for f in dataclasses.fields(RecPOConfig))
+
+
+def test_config_file_then_shorthands_then_set(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"max_steps": 10, "eval_limit": 50, "lora_r": 4}))
+    cfg = recpo_config(path, ["eval_limit=null", "lora_r=2"], max_steps=7, stage=None)
+    assert (cfg.max_steps, cfg.eval_limit, cfg.lora_r, cfg.stage) == (7, None, 2, "recpo")
+    assert recpo_config(None, None, max_steps=None) == RecPOConfig()
+    with pytest.raises(ValueError, match="max_steps is given twice"):
+        recpo_config(None, ["max_steps=3"], max_steps=5)
+    with pytest.raises(ValueError, match="num_generations must be >= 2"):  # RecPOConfig's own check
+        recpo_config(path, ["num_generations=1"])
+
+
+@pytest.mark.parametrize(
+    ("command", "target", "pick"),
+    [
+        (["train", "--out", "run", "--stage", "contrastive"], "model.train.train", lambda a: a[0]),
+        (["retrain"], "model.retrain.retrain", lambda a: a[0].train),
+    ],
+)
+def test_train_and_retrain_pass_the_overrides_on(monkeypatch, tiny_dataset, command, target, pick):
+    seen = []
+
+    def fake(*args, **kwargs):
+        seen.append(pick(args))
+        raise ValueError("stop here")  # reported like any config error: exit 2
+
+    monkeypatch.setattr(target, fake)
+    args = [*command, "--data", str(tiny_dataset.path), "--max-steps", "3", "--set", "lora_r=2"]
+    result = CliRunner().invoke(app, [*args, "--set", "time_budget_minutes=0.5"])
+    assert result.exit_code == 2 and "stop here" in result.output, result.output
+    (cfg,) = seen
+    assert (cfg.max_steps, cfg.lora_r, cfg.time_budget_minutes) == (3, 2, 0.5)
+
+    result = CliRunner().invoke(app, [*command, "--data", str(tiny_dataset.path), "--set", "bogus=1"])
+    assert result.exit_code == 2 and "has no field 'bogus'" in result.output
+    assert len(seen) == 1  # a bad --set stops before any work

@@ -1,0 +1,117 @@
+"""`r2ec retrain` end to end: events written with the service's own RedisStore into a real
+redis-server, the tiny model trained for 2 RecPO steps, the publish gate, the cursor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cli import app
+from model.checkpoint import read_meta, resolve_checkpoint
+from model.retrain import read_state
+from tests.model.test_retrain import TINY_TRAIN
+from tests.service.conftest import RedisServer, free_port
+
+
+@pytest.fixture
+def config_file(tmp_path) -> Path:
+    path = tmp_path / "retrain.yaml"
+    path.write_text(yaml.safe_dump(TINY_TRAIN))
+    return path
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer()  # a throwaway redis-server on a free loopback port
+    yield server
+    server.stop()
+
+
+def _append(url: str, user_id: str, events: list[tuple[str, float | None, int | None]]) -> None:
+    from service.store import Event, RedisStore
+
+    async def go() -> None:
+        store = RedisStore(url)
+        try:
+            await store.append_events(user_id, [Event(*e) for e in events])
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def _last_stream_id(url: str) -> str:
+    import redis
+
+    from service.store import EVENTS_STREAM
+
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        ((entry_id, _),) = client.xrevrange(EVENTS_STREAM, count=1)
+    finally:
+        client.close()
+    return entry_id
+
+
+def _cli(*args: str) -> tuple[int, str, dict | None]:
+    result = CliRunner().invoke(app, ["retrain", *args])
+    try:
+        payload = json.loads(result.stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        payload = None
+    return result.exit_code, result.output, payload
+
+
+@pytest.mark.redis  # RedisServer() skips (or fails under CI) without a redis-server binary
+def test_retrain_publishes_reads_only_new_events_and_keeps_current_when_worse(
+    redis_server, versions_root, config_file, tiny_dataset
+):
+    root = versions_root
+    redis_server.flush()
+    url = redis_server.url
+    common = ["--data", str(tiny_dataset.path), "--root", str(root), "--redis-url", url]
+    common += ["--config", str(config_file), "--json"]
+    _append(url, "u1", [("i6", 4.0, 900)])
+    _append(url, "u9", [("i1", None, 1000), ("i2", 5.0, 1100)])
+    # 1. three new events, a tolerance no candidate can miss -> published, CURRENT flips
+    code, out, first = _cli(*common, "--tolerance", "1")
+    assert code == 0, out
+    assert first["status"] == "published" and first["new_events"] == 3 and first["stream"]
+    new = first["published_version"]
+    assert (root / "CURRENT").read_text().strip() == new
+    assert resolve_checkpoint(root) == root / new
+    meta = read_meta(root / new)
+    assert meta["weights"] == "lora" and meta["train"]["step"] == 2
+    assert json.loads((root / new / "retrain.json").read_text())["current_version"] == "v0"
+    assert read_state(root / "retrain")["last_event_id"] == first["last_event_id"] == _last_stream_id(url)
+    assert first["samples"]["train"] == len(tiny_dataset.split("train")) + 2
+    assert not (root / "retrain" / "run").exists()
+
+    # 2. nothing new -> skipped without training
+    code, out, idle = _cli(*common)
+    assert code == 0, out
+    assert idle["status"] == "skipped" and idle["new_events"] == 0 and idle["candidate_version"] is None
+
+    # 3. two more events; a gate no candidate can pass (must beat current by 1) -> CURRENT stays
+    _append(url, "u2", [("i9", 3.0, 1200), ("i1", 4.0, 1300)])
+    code, out, second = _cli(*common, "--tolerance", "-1")
+    assert code == 0, out
+    assert second["new_events"] == 2 and second["events_total"] == 5
+    assert second["status"] == "rejected" and second["current_version"] == new
+    assert second["candidate_metric"] is not None and second["candidate_version"] != new
+    assert (root / "CURRENT").read_text().strip() == new
+    assert sorted(p.name for p in root.iterdir()) == sorted(["CURRENT", "retrain", "v0", new])
+    assert read_state(root / "retrain")["last_event_id"] == second["last_event_id"] == _last_stream_id(url)
+
+
+def test_redis_down_is_a_clear_error_and_changes_nothing(versions_root, tiny_dataset):
+    root = versions_root
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    code, out, _ = _cli("--data", str(tiny_dataset.path), "--root", str(root), "--redis-url", dead)
+    assert code == 2 and "--redis-url ''" in out
+    assert (root / "CURRENT").read_text() == "v0\n" and not (root / "retrain" / "events.parquet").exists()
