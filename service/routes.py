@@ -16,10 +16,11 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 
 from service import schemas
+from service.catalog import Catalog
 from service.config import Settings
-from service.engine import Query, Recommender, Result, UnknownItemsError
 from service.state import ServiceState
 from service.store import Event, HistoryStore
+from service.types import Query, Result
 
 router = APIRouter()
 
@@ -38,8 +39,9 @@ def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-def get_engine(state: StateDep) -> Recommender:
-    return state.engine
+def get_catalog(state: StateDep) -> Catalog:
+    """The served model's catalog (read once per request: a reload may swap it afterwards)."""
+    return state.engine.catalog
 
 
 def get_store(state: StateDep) -> HistoryStore:
@@ -50,7 +52,7 @@ def get_settings(state: StateDep) -> Settings:
     return state.settings
 
 
-EngineDep = Annotated[Recommender, Depends(get_engine)]
+CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 StoreDep = Annotated[HistoryStore, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
@@ -105,16 +107,18 @@ async def recommend(
                 }
             ]
         )
-    history, source = await state.resolve_history(body.user_id, _events(body.history))
+    history, stored_user = await state.resolve_history(body.user_id, _events(body.history))
     query = Query(
         history=history,
         k=body.k,
         exclude_history=body.exclude_history,
         reasoning=settings.reasoning if body.reasoning is None else body.reasoning,
         max_reasoning_tokens=budget,
+        stored_user=stored_user,
         submitted_at=started,
     )
     result = await state.recommend(query, wait_disconnect=lambda: _wait_disconnect(request))
+    source = "request" if stored_user is None else "store"
     return _reply(result, source, (time.perf_counter() - started) * 1e3)
 
 
@@ -139,20 +143,17 @@ def _reply(result: Result, source: str, total_ms: float) -> schemas.RecommendRes
 # ---------------------------------------------------------------------- users
 @router.post("/users/{user_id}/events", response_model=schemas.EventsResponse, tags=["users"])
 async def append_events(
-    user_id: UserIdPath, body: schemas.EventsRequest, engine: EngineDep, store: StoreDep
+    user_id: UserIdPath, body: schemas.EventsRequest, state: StateDep
 ) -> schemas.EventsResponse:
     """Append interactions to the user's history and to the event stream retraining reads."""
-    unknown = engine.unknown_items(e.item_id for e in body.events)
-    if unknown:
-        raise UnknownItemsError(unknown, where="events")
     now = int(time.time())
     events = [Event(e.item_id, e.rating, now if e.timestamp is None else e.timestamp) for e in body.events]
-    length = await store.append_events(user_id, events)
+    length = await state.append_events(user_id, events)
     return schemas.EventsResponse(user_id=user_id, appended=len(events), history_length=length)
 
 
 @router.get("/users/{user_id}/history", response_model=schemas.HistoryResponse, tags=["users"])
-async def get_history(user_id: UserIdPath, engine: EngineDep, store: StoreDep) -> schemas.HistoryResponse:
+async def get_history(user_id: UserIdPath, store: StoreDep, catalog: CatalogDep) -> schemas.HistoryResponse:
     """The stored history, oldest first (title null for items since deleted)."""
     events = await store.get_history(user_id)
     return schemas.HistoryResponse(
@@ -160,7 +161,7 @@ async def get_history(user_id: UserIdPath, engine: EngineDep, store: StoreDep) -
         history=[
             schemas.HistoryItemOut(
                 item_id=e.item_id,
-                title=(engine.item(e.item_id) or {}).get("title"),
+                title=(catalog.item(e.item_id) or {}).get("title"),
                 rating=e.rating,
                 timestamp=e.timestamp,
             )
@@ -171,8 +172,8 @@ async def get_history(user_id: UserIdPath, engine: EngineDep, store: StoreDep) -
 
 # ---------------------------------------------------------------------- items
 @router.get("/items/{item_id}", response_model=schemas.Item, tags=["items"])
-async def get_item(item_id: ItemIdPath, engine: EngineDep) -> schemas.Item:
-    item = engine.item(item_id)
+async def get_item(item_id: ItemIdPath, catalog: CatalogDep) -> schemas.Item:
+    item = catalog.item(item_id)
     if item is None:
         raise HTTPException(404, f"item {item_id!r} not found")
     return schemas.Item(**item)
@@ -183,30 +184,21 @@ async def put_item(
     item_id: ItemIdPath, body: schemas.ItemUpsert, state: StateDep, response: Response
 ) -> schemas.ItemUpsertResponse:
     """Encode the item's text with the model and add or replace it in the index (admin)."""
-    fields = body.model_dump(exclude_none=True)
-    async with state.edit_lock:  # not while a reload swaps models
-        engine = state.engine
-        replaced = await state.run_model(engine.upsert_item, item_id, fields)
+    catalog, replaced = await state.upsert_item(item_id, body.model_dump(exclude_none=True))
     response.status_code = 200 if replaced else 201
     return schemas.ItemUpsertResponse(
-        item=schemas.Item(**engine.item(item_id)),
-        created=not replaced,
-        index_size=len(engine.index),
+        item=schemas.Item(**catalog.item(item_id)), created=not replaced, index_size=len(catalog.index)
     )
 
 
 @router.delete("/items/{item_id}", tags=["admin"], dependencies=Admin)
 async def delete_item(item_id: ItemIdPath, state: StateDep) -> dict[str, Any]:
     """Remove an item from the index and the catalog (admin)."""
-    async with state.edit_lock:  # not while a reload swaps models
-        engine = state.engine
-        if engine.item(item_id) is None:
-            raise HTTPException(404, f"item {item_id!r} not found")
-        try:
-            await state.run_model(engine.remove_item, item_id)
-        except KeyError:  # deleted by a concurrent request
-            raise HTTPException(404, f"item {item_id!r} not found") from None
-    return {"deleted": item_id, "index_size": len(engine.index)}
+    try:
+        catalog = await state.remove_item(item_id)
+    except KeyError:
+        raise HTTPException(404, f"item {item_id!r} not found") from None
+    return {"deleted": item_id, "index_size": len(catalog.index)}
 
 
 # ---------------------------------------------------------------------- admin
@@ -219,7 +211,7 @@ async def reload(state: StateDep, body: schemas.ReloadRequest | None = None) -> 
         previous_version=old.version,
         model_version=new.version,
         checkpoint=str(new.checkpoint.path),
-        items=len(new.index),
+        items=len(new.catalog.index),
         seconds=round(time.perf_counter() - started, 3),
     )
 
@@ -244,7 +236,7 @@ async def readyz(state: StateDep) -> JSONResponse:
     body = schemas.Readiness(
         status="not ready" if reasons else "ready",
         model_version=engine.version if engine else None,
-        items=len(engine.index) if engine else None,
+        items=len(engine.catalog.index) if engine else None,
         store="down" if any(r.startswith("store") for r in reasons) else "ok",
         reasons=reasons,
     )
