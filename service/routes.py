@@ -1,77 +1,26 @@
 """Thin HTTP handlers: read the input, call the service state, shape the reply.
 
-Dependencies are `Annotated` aliases so tests can swap any of them with
-`app.dependency_overrides[get_state] = ...`.
+The dependencies they ask for are the `Annotated` aliases in service/deps.py.
 """
 
 from __future__ import annotations
 
-import secrets
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, Security
+from fastapi import APIRouter, HTTPException, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import APIKeyHeader
 
 from service import schemas
-from service.catalog import Catalog
-from service.config import Settings
-from service.state import ServiceState
-from service.store import Event, HistoryStore
+from service.deps import Admin, CatalogDep, StateDep, StoreDep
+from service.store import Event
 from service.types import Query, Result
 
 router = APIRouter()
 
 UserIdPath = Annotated[str, Path(min_length=1, max_length=256)]
 ItemIdPath = Annotated[str, Path(min_length=1, max_length=256)]
-
-
-# ---------------------------------------------------------------------- dependencies
-def get_state(request: Request) -> ServiceState:
-    state = getattr(request.app.state, "r2ec", None)
-    if state is None:
-        raise HTTPException(503, "the service is starting: model not loaded yet")
-    return state
-
-
-StateDep = Annotated[ServiceState, Depends(get_state)]
-
-
-def get_catalog(state: StateDep) -> Catalog:
-    """The served model's catalog (read once per request: a reload may swap it afterwards)."""
-    return state.engine.catalog
-
-
-def get_store(state: StateDep) -> HistoryStore:
-    return state.store
-
-
-def get_settings(state: StateDep) -> Settings:
-    return state.settings
-
-
-CatalogDep = Annotated[Catalog, Depends(get_catalog)]
-StoreDep = Annotated[HistoryStore, Depends(get_store)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-
-
-# Declared as a security scheme, so the OpenAPI docs offer an "Authorize" box for it.
-api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The admin key (R2EC_API_KEY).")
-
-
-def require_admin(settings: SettingsDep, x_api_key: Annotated[str | None, Security(api_key_header)]) -> None:
-    key = settings.admin_key
-    if key is None:
-        raise HTTPException(403, "admin API disabled: set R2EC_API_KEY to enable admin routes")
-    if not x_api_key:
-        raise HTTPException(401, "missing X-API-Key header", {"WWW-Authenticate": "X-API-Key"})
-    if not secrets.compare_digest(x_api_key.encode(), key.encode()):
-        raise HTTPException(403, "invalid API key")
-
-
-Admin = [Depends(require_admin)]
 
 
 def _events(items: list[schemas.Interaction] | None) -> list[Event] | None:
