@@ -94,6 +94,7 @@ def create_app(
     app = FastAPI(title="R²ec serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.r2ec = None
     app.add_middleware(RequestTimer, metrics=metrics)
+    app.include_router(routes.recommend_router(settings))
     app.include_router(routes.router)
     _add_error_handlers(app, metrics)
     return app

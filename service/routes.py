@@ -1,23 +1,25 @@
 """Thin HTTP handlers: read the input, call the service state, shape the reply.
 
-The dependencies they ask for are the `Annotated` aliases in service/deps.py.
+The dependencies they ask for are the aliases in service/deps.py. /recommend is built per app
+(`recommend_router(settings)`): its body carries the server's reasoning-token ceiling, so the
+schema is the one place a request's `max_reasoning_tokens` is checked. For that nested handler
+to see its body type, annotations here are evaluated at definition time (no
+`from __future__ import annotations`).
 """
-
-from __future__ import annotations
 
 import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service import schemas
+from service.config import Settings
 from service.deps import Admin, CatalogDep, StateDep, StoreDep
 from service.store import Event
 from service.types import Query, Result
 
-router = APIRouter()
+router = APIRouter()  # every route but /recommend
 
 UserIdPath = Annotated[str, Path(min_length=1, max_length=256)]
 ItemIdPath = Annotated[str, Path(min_length=1, max_length=256)]
@@ -36,39 +38,32 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 # ---------------------------------------------------------------------- recommend
-@router.post("/recommend", response_model=schemas.RecommendResponse, tags=["recommend"])
-async def recommend(
-    body: schemas.RecommendRequest, request: Request, state: StateDep
-) -> schemas.RecommendResponse:
-    """Ranked items for a history (inline, or the user's stored one), with the reasoning."""
-    started = time.perf_counter()
-    settings = state.settings
-    budget = body.max_reasoning_tokens
-    budget = settings.max_reasoning_tokens if budget is None else budget
-    if budget > settings.reasoning_token_limit:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "less_than_equal",
-                    "loc": ("body", "max_reasoning_tokens"),
-                    "input": budget,
-                    "msg": f"Input should be less than or equal to {settings.reasoning_token_limit}",
-                }
-            ]
+def recommend_router(settings: Settings) -> APIRouter:
+    """POST /recommend, its body bounded by `settings.reasoning_token_limit`."""
+    body_type = schemas.recommend_request(settings.reasoning_token_limit)
+    api = APIRouter()
+
+    @api.post("/recommend", response_model=schemas.RecommendResponse, tags=["recommend"])
+    async def recommend(body: body_type, request: Request, state: StateDep) -> schemas.RecommendResponse:
+        """Ranked items for a history (inline, or the user's stored one), with the reasoning."""
+        started = time.perf_counter()
+        server = state.settings
+        budget = body.max_reasoning_tokens
+        history, stored_user = await state.resolve_history(body.user_id, _events(body.history))
+        query = Query(
+            history=history,
+            k=body.k,
+            exclude_history=body.exclude_history,
+            reasoning=server.reasoning if body.reasoning is None else body.reasoning,
+            max_reasoning_tokens=server.max_reasoning_tokens if budget is None else budget,
+            stored_user=stored_user,
+            submitted_at=started,
         )
-    history, stored_user = await state.resolve_history(body.user_id, _events(body.history))
-    query = Query(
-        history=history,
-        k=body.k,
-        exclude_history=body.exclude_history,
-        reasoning=settings.reasoning if body.reasoning is None else body.reasoning,
-        max_reasoning_tokens=budget,
-        stored_user=stored_user,
-        submitted_at=started,
-    )
-    result = await state.recommend(query, wait_disconnect=lambda: _wait_disconnect(request))
-    source = "request" if stored_user is None else "store"
-    return _reply(result, source, (time.perf_counter() - started) * 1e3)
+        result = await state.recommend(query, wait_disconnect=lambda: _wait_disconnect(request))
+        source = "request" if stored_user is None else "store"
+        return _reply(result, source, (time.perf_counter() - started) * 1e3)
+
+    return api
 
 
 def _reply(result: Result, source: str, total_ms: float) -> schemas.RecommendResponse:

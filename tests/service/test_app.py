@@ -183,6 +183,19 @@ async def test_a_stored_history_of_deleted_items_is_empty_and_says_how_to_fill_i
     )
 
 
+async def test_the_reasoning_budget_ceiling_comes_from_the_settings(ckpt):
+    async with serve(app_for(ckpt, reasoning_token_limit=16)) as client:
+        spec = (await client.get("/openapi.json")).json()
+        r = await client.post("/recommend", json={"history": H1, "max_reasoning_tokens": 17})
+        assert r.status_code == 422
+        assert r.json()["message"] == "max_reasoning_tokens: Input should be less than or equal to 16"
+        assert r.json()["detail"][0]["loc"] == ["body", "max_reasoning_tokens"]
+        r = await client.post("/recommend", json={"history": H1, "max_reasoning_tokens": 16})
+        assert r.status_code == 200, r.text
+    budget = spec["components"]["schemas"]["RecommendRequest"]["properties"]["max_reasoning_tokens"]
+    assert budget["anyOf"][0]["maximum"] == 16
+
+
 async def test_bad_event_and_item_requests(client):
     r = await client.post("/users/u1/events", json={"events": [{"item_id": "i4"}, {"item_id": "zz"}]})
     assert r.status_code == 422 and r.json()["message"] == "unknown item ids in events: 'zz'"
