@@ -16,10 +16,8 @@ def history_entries(
     timestamps: Sequence[int] | None,
     titles: Mapping[str, str],
 ) -> list[HistoryEntry]:
-    """One entry per past item, oldest first; unknown ids raise KeyError naming them."""
-    missing = [i for i in item_ids if i not in titles]
-    if missing:
-        raise KeyError(f"unknown item ids in history: {missing[:10]}")
+    """One entry per past item, oldest first. Every id must have a title: the caller checks its
+    ids once, against the catalog it serves (the service) or here in `sample_histories`."""
     out = []
     for j, item_id in enumerate(item_ids):
         rating = None if ratings is None else ratings[j]
@@ -31,7 +29,10 @@ def history_entries(
 
 
 def sample_histories(samples: pd.DataFrame, titles: Mapping[str, str]) -> list[list[HistoryEntry]]:
-    """History entries for every row of a prepared split."""
+    """History entries for every row of a prepared split; unknown ids raise KeyError naming them."""
+    missing = list(dict.fromkeys(i for ids in samples["history_item_ids"] for i in ids if i not in titles))
+    if missing:
+        raise KeyError(f"unknown item ids in history: {missing[:10]}")
     return [
         history_entries(
             list(row.history_item_ids),

@@ -19,10 +19,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import routes
 from service.batcher import BatcherClosed, BatchFailed
 from service.config import Settings
-from service.engine import QueryError, Recommender, UnknownItemsError
 from service.metrics import Metrics, RequestTimer
+from service.recommender import Recommender
 from service.state import ClientDisconnected, ReloadError, ReloadInProgress, ServiceState
 from service.store import HistoryStore, StoreUnavailable, make_store
+from service.types import EmptyHistoryError, QueryError, UnknownItemsError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def create_app(
         log.info(
             "serving model %s (%d items, store %s, max_batch %d, max_wait %.0f ms)",
             the_engine.version,
-            len(the_engine.index),
+            len(the_engine.catalog.index),
             getattr(the_store, "kind", "?"),
             settings.max_batch,
             settings.max_wait_ms,
@@ -93,6 +94,7 @@ def create_app(
     app = FastAPI(title="R²ec serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.r2ec = None
     app.add_middleware(RequestTimer, metrics=metrics)
+    app.include_router(routes.recommend_router(settings))
     app.include_router(routes.router)
     _add_error_handlers(app, metrics)
     return app
@@ -132,6 +134,11 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(UnknownItemsError)
     async def unknown_items(request: Request, exc: UnknownItemsError) -> JSONResponse:
         return _error(422, str(exc), unknown_item_ids=exc.item_ids)
+
+    @app.exception_handler(EmptyHistoryError)
+    async def empty_history(request: Request, exc: EmptyHistoryError) -> JSONResponse:
+        hint = "" if exc.user_id is None else f"; send `history` or POST /users/{exc.user_id}/events first"
+        return _error(422, f"{exc}{hint}")
 
     @app.exception_handler(QueryError)
     async def bad_query(request: Request, exc: QueryError) -> JSONResponse:

@@ -1,75 +1,28 @@
 """Thin HTTP handlers: read the input, call the service state, shape the reply.
 
-Dependencies are `Annotated` aliases so tests can swap any of them with
-`app.dependency_overrides[get_state] = ...`.
+The dependencies they ask for are the aliases in service/deps.py. /recommend is built per app
+(`recommend_router(settings)`): its body carries the server's reasoning-token ceiling, so the
+schema is the one place a request's `max_reasoning_tokens` is checked. For that nested handler
+to see its body type, annotations here are evaluated at definition time (no
+`from __future__ import annotations`).
 """
 
-from __future__ import annotations
-
-import secrets
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, Security
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, HTTPException, Path, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.security import APIKeyHeader
 
 from service import schemas
 from service.config import Settings
-from service.engine import Query, Recommender, Result, UnknownItemsError
-from service.state import ServiceState
-from service.store import Event, HistoryStore
+from service.deps import Admin, CatalogDep, StateDep, StoreDep
+from service.store import Event
+from service.types import Query, Result
 
-router = APIRouter()
+router = APIRouter()  # every route but /recommend
 
 UserIdPath = Annotated[str, Path(min_length=1, max_length=256)]
 ItemIdPath = Annotated[str, Path(min_length=1, max_length=256)]
-
-
-# ---------------------------------------------------------------------- dependencies
-def get_state(request: Request) -> ServiceState:
-    state = getattr(request.app.state, "r2ec", None)
-    if state is None:
-        raise HTTPException(503, "the service is starting: model not loaded yet")
-    return state
-
-
-StateDep = Annotated[ServiceState, Depends(get_state)]
-
-
-def get_engine(state: StateDep) -> Recommender:
-    return state.engine
-
-
-def get_store(state: StateDep) -> HistoryStore:
-    return state.store
-
-
-def get_settings(state: StateDep) -> Settings:
-    return state.settings
-
-
-EngineDep = Annotated[Recommender, Depends(get_engine)]
-StoreDep = Annotated[HistoryStore, Depends(get_store)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-
-
-# Declared as a security scheme, so the OpenAPI docs offer an "Authorize" box for it.
-api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The admin key (R2EC_API_KEY).")
-
-
-def require_admin(settings: SettingsDep, x_api_key: Annotated[str | None, Security(api_key_header)]) -> None:
-    key = settings.admin_key
-    if key is None:
-        raise HTTPException(403, "admin API disabled: set R2EC_API_KEY to enable admin routes")
-    if not x_api_key:
-        raise HTTPException(401, "missing X-API-Key header", {"WWW-Authenticate": "X-API-Key"})
-    if not secrets.compare_digest(x_api_key.encode(), key.encode()):
-        raise HTTPException(403, "invalid API key")
-
-
-Admin = [Depends(require_admin)]
 
 
 def _events(items: list[schemas.Interaction] | None) -> list[Event] | None:
@@ -85,37 +38,32 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 # ---------------------------------------------------------------------- recommend
-@router.post("/recommend", response_model=schemas.RecommendResponse, tags=["recommend"])
-async def recommend(
-    body: schemas.RecommendRequest, request: Request, state: StateDep
-) -> schemas.RecommendResponse:
-    """Ranked items for a history (inline, or the user's stored one), with the reasoning."""
-    started = time.perf_counter()
-    settings = state.settings
-    budget = body.max_reasoning_tokens
-    budget = settings.max_reasoning_tokens if budget is None else budget
-    if budget > settings.reasoning_token_limit:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "less_than_equal",
-                    "loc": ("body", "max_reasoning_tokens"),
-                    "input": budget,
-                    "msg": f"Input should be less than or equal to {settings.reasoning_token_limit}",
-                }
-            ]
+def recommend_router(settings: Settings) -> APIRouter:
+    """POST /recommend, its body bounded by `settings.reasoning_token_limit`."""
+    body_type = schemas.recommend_request(settings.reasoning_token_limit)
+    api = APIRouter()
+
+    @api.post("/recommend", response_model=schemas.RecommendResponse, tags=["recommend"])
+    async def recommend(body: body_type, request: Request, state: StateDep) -> schemas.RecommendResponse:
+        """Ranked items for a history (inline, or the user's stored one), with the reasoning."""
+        started = time.perf_counter()
+        server = state.settings
+        budget = body.max_reasoning_tokens
+        history, stored_user = await state.resolve_history(body.user_id, _events(body.history))
+        query = Query(
+            history=history,
+            k=body.k,
+            exclude_history=body.exclude_history,
+            reasoning=server.reasoning if body.reasoning is None else body.reasoning,
+            max_reasoning_tokens=server.max_reasoning_tokens if budget is None else budget,
+            stored_user=stored_user,
+            submitted_at=started,
         )
-    history, source = await state.resolve_history(body.user_id, _events(body.history))
-    query = Query(
-        history=history,
-        k=body.k,
-        exclude_history=body.exclude_history,
-        reasoning=settings.reasoning if body.reasoning is None else body.reasoning,
-        max_reasoning_tokens=budget,
-        submitted_at=started,
-    )
-    result = await state.recommend(query, wait_disconnect=lambda: _wait_disconnect(request))
-    return _reply(result, source, (time.perf_counter() - started) * 1e3)
+        result = await state.recommend(query, wait_disconnect=lambda: _wait_disconnect(request))
+        source = "request" if stored_user is None else "store"
+        return _reply(result, source, (time.perf_counter() - started) * 1e3)
+
+    return api
 
 
 def _reply(result: Result, source: str, total_ms: float) -> schemas.RecommendResponse:
@@ -139,20 +87,17 @@ def _reply(result: Result, source: str, total_ms: float) -> schemas.RecommendRes
 # ---------------------------------------------------------------------- users
 @router.post("/users/{user_id}/events", response_model=schemas.EventsResponse, tags=["users"])
 async def append_events(
-    user_id: UserIdPath, body: schemas.EventsRequest, engine: EngineDep, store: StoreDep
+    user_id: UserIdPath, body: schemas.EventsRequest, state: StateDep
 ) -> schemas.EventsResponse:
     """Append interactions to the user's history and to the event stream retraining reads."""
-    unknown = engine.unknown_items(e.item_id for e in body.events)
-    if unknown:
-        raise UnknownItemsError(unknown, where="events")
     now = int(time.time())
     events = [Event(e.item_id, e.rating, now if e.timestamp is None else e.timestamp) for e in body.events]
-    length = await store.append_events(user_id, events)
+    length = await state.append_events(user_id, events)
     return schemas.EventsResponse(user_id=user_id, appended=len(events), history_length=length)
 
 
 @router.get("/users/{user_id}/history", response_model=schemas.HistoryResponse, tags=["users"])
-async def get_history(user_id: UserIdPath, engine: EngineDep, store: StoreDep) -> schemas.HistoryResponse:
+async def get_history(user_id: UserIdPath, store: StoreDep, catalog: CatalogDep) -> schemas.HistoryResponse:
     """The stored history, oldest first (title null for items since deleted)."""
     events = await store.get_history(user_id)
     return schemas.HistoryResponse(
@@ -160,7 +105,7 @@ async def get_history(user_id: UserIdPath, engine: EngineDep, store: StoreDep) -
         history=[
             schemas.HistoryItemOut(
                 item_id=e.item_id,
-                title=(engine.item(e.item_id) or {}).get("title"),
+                title=(catalog.item(e.item_id) or {}).get("title"),
                 rating=e.rating,
                 timestamp=e.timestamp,
             )
@@ -171,8 +116,8 @@ async def get_history(user_id: UserIdPath, engine: EngineDep, store: StoreDep) -
 
 # ---------------------------------------------------------------------- items
 @router.get("/items/{item_id}", response_model=schemas.Item, tags=["items"])
-async def get_item(item_id: ItemIdPath, engine: EngineDep) -> schemas.Item:
-    item = engine.item(item_id)
+async def get_item(item_id: ItemIdPath, catalog: CatalogDep) -> schemas.Item:
+    item = catalog.item(item_id)
     if item is None:
         raise HTTPException(404, f"item {item_id!r} not found")
     return schemas.Item(**item)
@@ -183,30 +128,21 @@ async def put_item(
     item_id: ItemIdPath, body: schemas.ItemUpsert, state: StateDep, response: Response
 ) -> schemas.ItemUpsertResponse:
     """Encode the item's text with the model and add or replace it in the index (admin)."""
-    fields = body.model_dump(exclude_none=True)
-    async with state.edit_lock:  # not while a reload swaps models
-        engine = state.engine
-        replaced = await state.run_model(engine.upsert_item, item_id, fields)
+    catalog, replaced = await state.upsert_item(item_id, body.model_dump(exclude_none=True))
     response.status_code = 200 if replaced else 201
     return schemas.ItemUpsertResponse(
-        item=schemas.Item(**engine.item(item_id)),
-        created=not replaced,
-        index_size=len(engine.index),
+        item=schemas.Item(**catalog.item(item_id)), created=not replaced, index_size=len(catalog.index)
     )
 
 
 @router.delete("/items/{item_id}", tags=["admin"], dependencies=Admin)
 async def delete_item(item_id: ItemIdPath, state: StateDep) -> dict[str, Any]:
     """Remove an item from the index and the catalog (admin)."""
-    async with state.edit_lock:  # not while a reload swaps models
-        engine = state.engine
-        if engine.item(item_id) is None:
-            raise HTTPException(404, f"item {item_id!r} not found")
-        try:
-            await state.run_model(engine.remove_item, item_id)
-        except KeyError:  # deleted by a concurrent request
-            raise HTTPException(404, f"item {item_id!r} not found") from None
-    return {"deleted": item_id, "index_size": len(engine.index)}
+    try:
+        catalog = await state.remove_item(item_id)
+    except KeyError:
+        raise HTTPException(404, f"item {item_id!r} not found") from None
+    return {"deleted": item_id, "index_size": len(catalog.index)}
 
 
 # ---------------------------------------------------------------------- admin
@@ -219,7 +155,7 @@ async def reload(state: StateDep, body: schemas.ReloadRequest | None = None) -> 
         previous_version=old.version,
         model_version=new.version,
         checkpoint=str(new.checkpoint.path),
-        items=len(new.index),
+        items=len(new.catalog.index),
         seconds=round(time.perf_counter() - started, 3),
     )
 
@@ -244,7 +180,7 @@ async def readyz(state: StateDep) -> JSONResponse:
     body = schemas.Readiness(
         status="not ready" if reasons else "ready",
         model_version=engine.version if engine else None,
-        items=len(engine.index) if engine else None,
+        items=len(engine.catalog.index) if engine else None,
         store="down" if any(r.startswith("store") for r in reasons) else "ok",
         reasons=reasons,
     )

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, model_validator
+from pydantic.fields import FieldInfo
 
 ItemId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
 UserId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
@@ -27,7 +28,15 @@ class Interaction(_Body):
     timestamp: int | None = Field(None, ge=0, description="Unix time in seconds.")
 
 
+def _reasoning_budget(limit: int | None) -> FieldInfo:
+    """The one declaration of a request's `max_reasoning_tokens` bounds (None: no ceiling)."""
+    return Field(
+        None, ge=0, le=limit, description="Reasoning budget in tokens (default: the server's setting)."
+    )
+
+
 class RecommendRequest(_Body):
+    # The app serves `recommend_request(limit)`, this body with the server's ceiling added.
     user_id: UserId | None = Field(
         None, description="Use this user's stored history when `history` is not given."
     )
@@ -39,15 +48,24 @@ class RecommendRequest(_Body):
     reasoning: bool | None = Field(
         None, description="Reason first (default: the server's setting, on unless R2EC_REASONING=false)."
     )
-    max_reasoning_tokens: int | None = Field(
-        None, ge=0, description="Reasoning budget in tokens (default: the server's setting)."
-    )
+    max_reasoning_tokens: int | None = _reasoning_budget(None)
 
     @model_validator(mode="after")
     def _who(self) -> RecommendRequest:
         if self.user_id is None and self.history is None:
             raise ValueError("give `history` or `user_id` (or both)")
         return self
+
+
+def recommend_request(reasoning_token_limit: int) -> type[RecommendRequest]:
+    """RecommendRequest with this server's ceiling (R2EC_REASONING_TOKEN_LIMIT) on
+    `max_reasoning_tokens`: a budget over it is a 422 naming the field like any other, and the
+    OpenAPI docs show the real bound."""
+    return create_model(
+        "RecommendRequest",
+        __base__=RecommendRequest,
+        max_reasoning_tokens=(int | None, _reasoning_budget(reasoning_token_limit)),
+    )
 
 
 class RecommendedItem(BaseModel):

@@ -1,7 +1,9 @@
 """What a running app holds, and the request paths that need more than one of its parts.
 
 `ServiceState` owns the current `Recommender` (swapped atomically by a reload), the history
-store, the micro-batcher and the one model thread. Routes call its methods and stay thin.
+store, the micro-batcher and the one model thread. Routes call its methods and stay thin: a
+recommendation is resolved here (history), prepared once by the engine (ids, prompt, cache key),
+looked up in the reasoning cache with that key and submitted to the batch.
 """
 
 from __future__ import annotations
@@ -10,25 +12,19 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from model.checkpoint import read_meta, resolve_checkpoint
 from service.batcher import MicroBatcher
+from service.catalog import Catalog
 from service.config import Settings
-from service.engine import (
-    CachedReasoning,
-    EmptyHistoryError,
-    Query,
-    QueryError,
-    Recommender,
-    Result,
-    UnknownItemsError,
-)
 from service.metrics import Metrics
+from service.recommender import Recommender
 from service.store import Event, HistoryStore, StoreUnavailable
+from service.types import CachedReasoning, PreparedQuery, Query, QueryError, Result, UnknownItemsError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +60,7 @@ class ServiceState:
         self.store = store
         self.metrics = metrics
         self.model_executor = executor  # the only thread that runs the model
-        self.batcher: MicroBatcher[Query, Result] = MicroBatcher(
+        self.batcher: MicroBatcher[PreparedQuery, Result] = MicroBatcher(
             settings.max_batch,
             settings.max_wait_ms,
             self._run_batch,
@@ -76,7 +72,7 @@ class ServiceState:
         self.edit_lock = asyncio.Lock()  # item edits vs. the swap of a reload
         self._cache_down_until = 0.0
         self._watcher: asyncio.Task | None = None
-        metrics.track_index_size(lambda: len(self.engine.index))
+        metrics.track_index_size(lambda: len(self.engine.catalog.index))
         self._publish_version()
 
     # ------------------------------------------------------------------ lifecycle
@@ -98,43 +94,55 @@ class ServiceState:
         """Run `fn` on the model thread (serialised with the batches)."""
         return await asyncio.get_running_loop().run_in_executor(self.model_executor, fn, *args)
 
-    # ------------------------------------------------------------------ histories
+    # ------------------------------------------------------------------ histories and items
     async def resolve_history(
         self, user_id: str | None, inline: Sequence[Event] | None
-    ) -> tuple[tuple[Event, ...], str]:
-        """The request's history, else the stored one; (events, "request" | "store")."""
-        engine = self.engine
-        if inline:
-            unknown = engine.unknown_items(e.item_id for e in inline)
-            if unknown:
-                raise UnknownItemsError(unknown)
-            return tuple(inline), "request"
-        if user_id is None:  # `history: []` and no user to look up
-            raise EmptyHistoryError(
-                "history is empty: give at least one item or a user_id with stored events"
-            )
+    ) -> tuple[tuple[Event, ...], str | None]:
+        """The request's history, else the user's stored one; with the user whose stored history
+        it is (None when the request carried it). The engine checks the ids when it prepares the
+        query; an empty result is its EmptyHistoryError too."""
+        if inline or user_id is None:  # `history: []` and no user to look up: empty, said later
+            return tuple(inline or ()), None
         stored = await self.store.get_history(user_id)  # StoreUnavailable: the app's 503
-        gone = set(engine.unknown_items(e.item_id for e in stored))
-        known = [e for e in stored if e.item_id not in gone]
-        if len(known) < len(stored):  # items deleted from the catalog since they were recorded
-            log.info("user %s: %d stored items no longer in the catalog", user_id, len(stored) - len(known))
-        if not known:
-            raise EmptyHistoryError(
-                f"history is empty: user {user_id!r} has no stored events; send `history` or "
-                f"POST /users/{user_id}/events first"
-            )
-        return tuple(known), "store"
+        return tuple(stored), user_id
+
+    async def append_events(self, user_id: str, events: Sequence[Event]) -> int:
+        """Append to the user's history and the retraining stream, if every item is known;
+        returns the stored history's length."""
+        unknown = self.engine.catalog.unknown(e.item_id for e in events)
+        if unknown:
+            raise UnknownItemsError(unknown, where="events")
+        return await self.store.append_events(user_id, events)
+
+    async def upsert_item(self, item_id: str, fields: Mapping[str, Any]) -> tuple[Catalog, bool]:
+        """Encode an item on the model thread and add or replace it; (the catalog it is in, True
+        if it replaced one)."""
+        async with self.edit_lock:  # not while a reload swaps models
+            catalog = self.engine.catalog
+            replaced = await self.run_model(catalog.upsert, item_id, fields)
+        return catalog, replaced
+
+    async def remove_item(self, item_id: str) -> Catalog:
+        """Remove an item (on the model thread, between batches); KeyError when it is unknown."""
+        async with self.edit_lock:  # not while a reload swaps models
+            catalog = self.engine.catalog
+            if catalog.item(item_id) is None:
+                raise KeyError(item_id)
+            await self.run_model(catalog.remove, item_id)  # KeyError: a concurrent delete won
+        return catalog
 
     # ------------------------------------------------------------------ recommend
     async def recommend(
         self, query: Query, wait_disconnect: Callable[[], Awaitable[Any]] | None = None
     ) -> Result:
-        """Cache lookup -> micro-batch -> cache fill. `wait_disconnect()` resolves when the
-        client goes away; the request is then dropped from its batch (ClientDisconnected)."""
-        key = self.engine.cache_key(query)  # QueryError for a bad history
-        cached = await self._cache_get(key) if key is not None else None
-        query = dataclasses.replace(query, cache_key=key, cached=cached)
-        future = self.batcher.submit(query)
+        """Prepare -> cache lookup -> micro-batch -> cache fill. `wait_disconnect()` resolves when
+        the client goes away; the request is then dropped from its batch (ClientDisconnected)."""
+        prepared = self.engine.prepare(query)  # QueryError for a bad history: the app's 422
+        if prepared.cache_key is not None:
+            cached = await self._cache_get(prepared.cache_key)
+            if cached is not None:
+                prepared = dataclasses.replace(prepared, cached=cached)
+        future = self.batcher.submit(prepared)
         if wait_disconnect is None:
             result = await future
         else:
@@ -154,7 +162,7 @@ class ServiceState:
             await self._cache_set(result.cache_key, result.generated)
         return result
 
-    def _run_batch(self, queries: list[Query]) -> list[Result | QueryError]:
+    def _run_batch(self, queries: list[PreparedQuery]) -> list[Result | QueryError]:
         """Runs on the model thread; reads the engine at batch time (a reload swaps it)."""
         engine = self.engine
         calls = engine.generate_calls
@@ -224,7 +232,7 @@ class ServiceState:
             # with the new model. The edit lock holds new edits back until the swap is done.
             async with self.edit_lock:
                 try:
-                    carried = await asyncio.to_thread(new.carry_edits, old.edits)
+                    carried = await asyncio.to_thread(new.catalog.carry_edits, old.catalog.edits)
                 except Exception as exc:
                     self.metrics.reloads.labels("failed").inc()
                     raise ReloadError(
@@ -282,7 +290,7 @@ class ServiceState:
         engine = self.engine
         if engine is None:
             reasons.append("model not loaded")
-        elif len(engine.index) == 0:
+        elif len(engine.catalog.index) == 0:
             reasons.append("item index is empty")
         if not self.batcher.running:
             reasons.append("batcher not running")

@@ -122,7 +122,7 @@ def ckpt(tiny_ckpt: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make_engine() -> Callable:
-    from service.engine import Recommender
+    from service.recommender import Recommender
 
     def make(path: Path, **kw):
         return Recommender.load(path, dtype="float32", **kw)

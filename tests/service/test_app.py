@@ -10,10 +10,10 @@ import threading
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.engine import Query
 from service.state import ClientDisconnected
 from service.store import Event
-from tests.service.conftest import app_for, count_generate, serve
+from service.types import Query
+from tests.service.conftest import ADMIN, app_for, count_generate, serve
 
 pytestmark = pytest.mark.asyncio
 
@@ -70,7 +70,7 @@ async def test_recommend_with_an_inline_history(app, client):
 
     off = (await client.post("/recommend", json={"history": H1, "reasoning": False})).json()
     assert off["reasoning"] is None and off["cache"] == "off" and off["reasoning_tokens"] == 0
-    assert len(off["items"]) == len(engine.index) - 3  # k=10 by default; only 8 items are left
+    assert len(off["items"]) == len(engine.catalog.index) - 3  # k=10 by default; only 8 items are left
 
     kept = await client.post(
         "/recommend", json={"history": H1, "k": 100, "exclude_history": False, "reasoning": False}
@@ -171,6 +171,29 @@ async def test_bad_recommend_requests_get_a_4xx_that_names_the_problem(client, b
     assert r.status_code == status, r.text
     assert message in r.json()["message"]
     assert r.json()["detail"]
+
+
+async def test_a_stored_history_of_deleted_items_is_empty_and_says_how_to_fill_it(client):
+    assert (await client.post("/users/u1/events", json={"events": [{"item_id": "i4"}]})).status_code == 200
+    assert (await client.delete("/items/i4", headers=ADMIN)).status_code == 200
+    r = await client.post("/recommend", json={"user_id": "u1"})
+    assert r.status_code == 422
+    assert r.json()["message"] == (
+        "history is empty: user 'u1' has no stored events; send `history` or POST /users/u1/events first"
+    )
+
+
+async def test_the_reasoning_budget_ceiling_comes_from_the_settings(ckpt):
+    async with serve(app_for(ckpt, reasoning_token_limit=16)) as client:
+        spec = (await client.get("/openapi.json")).json()
+        r = await client.post("/recommend", json={"history": H1, "max_reasoning_tokens": 17})
+        assert r.status_code == 422
+        assert r.json()["message"] == "max_reasoning_tokens: Input should be less than or equal to 16"
+        assert r.json()["detail"][0]["loc"] == ["body", "max_reasoning_tokens"]
+        r = await client.post("/recommend", json={"history": H1, "max_reasoning_tokens": 16})
+        assert r.status_code == 200, r.text
+    budget = spec["components"]["schemas"]["RecommendRequest"]["properties"]["max_reasoning_tokens"]
+    assert budget["anyOf"][0]["maximum"] == 16
 
 
 async def test_bad_event_and_item_requests(client):

@@ -1,0 +1,226 @@
+"""The items a model serves: their text, their vectors in the FAISS index, and the edits on top.
+
+A checkpoint carries its catalog (a table of item texts) and the vectors its model made of them.
+The admin API edits items while the service runs; an edit re-encodes the item's text with the
+served model, changes the index under a lock (a batch may be searching it) and is saved with the
+index in <checkpoint>/index/, so a restart serves the edited catalog and a reload carries the
+edits to the next model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from index import IndexMismatchError, ItemIndex
+from model.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+INDEX_DIR = "index"  # the item index lives in <checkpoint>/index/
+ITEM_FIELDS = ("title", "year", "genres", "description")
+
+
+class Catalog:
+    """A checkpoint's items and their index, editable; every change to both goes through here."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        index: ItemIndex,
+        *,
+        persist_edits: bool = True,
+        edits: Mapping[str, dict[str, str] | None] | None = None,
+    ) -> None:
+        if index.dim != checkpoint.model.hidden_size:
+            raise IndexMismatchError(
+                f"index dim {index.dim} != model hidden size {checkpoint.model.hidden_size}"
+            )
+        self.checkpoint = checkpoint
+        self.index = index
+        self.persist_edits = persist_edits
+        self._records: dict[str, dict[str, str]] = {
+            str(row["item_id"]): _clean_item(row) for row in checkpoint.items.to_dict("records")
+        }
+        self._edits: dict[str, dict[str, str] | None] = dict(edits or {})
+        _apply_edits(self._records, self._edits)
+        self._lock = threading.Lock()  # edits vs. a batch's search + title reads
+
+    @classmethod
+    def open(
+        cls,
+        checkpoint: Checkpoint,
+        *,
+        kind: str = "flat",
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        persist_edits: bool = True,
+    ) -> Catalog:
+        """The checkpoint's catalog with its saved edits, over the index in <ckpt>/index/ (built
+        and saved there when missing or stale)."""
+        index, edits = open_index(checkpoint, kind)
+        index.set_search_params(nprobe=nprobe, ef_search=ef_search)
+        return cls(checkpoint, index, persist_edits=persist_edits, edits=edits)
+
+    # ---------------------------------------------------------------- reads
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def item(self, item_id: str) -> dict[str, str] | None:
+        found = self._records.get(str(item_id))
+        return None if found is None else {"item_id": str(item_id), **found}
+
+    def lookup(self, item_ids: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+        """(titles of the known ids, the unknown ids in first-seen order without repeats): the one
+        pass over the catalog that a request's ids get. Single dict reads need no lock."""
+        titles: dict[str, str] = {}
+        unknown: dict[str, None] = {}
+        for item_id in item_ids:
+            record = self._records.get(item_id)
+            if record is None:
+                unknown[item_id] = None
+            else:
+                titles[item_id] = record["title"]
+        return titles, list(unknown)
+
+    def unknown(self, item_ids: Iterable[str]) -> list[str]:
+        """Ids not in the catalog, in first-seen order, without repeats."""
+        return self.lookup(item_ids)[1]
+
+    def search(
+        self, vectors: np.ndarray, k: int, exclude: Sequence[set[str]]
+    ) -> tuple[list[list[str]], np.ndarray, list[list[str]]]:
+        """Top-k ids, cosines (B, K) and titles for (B, H) user vectors; under the lock, so an
+        edit cannot land between the search and the title reads."""
+        with self._lock:
+            ids, cos = self.index.search(vectors, k, exclude=exclude)  # (B, K)
+            titles = [[self._records[x]["title"] for x in row] for row in ids]
+        return ids, cos, titles
+
+    # ---------------------------------------------------------------- edits
+    def encode_item(self, item: Mapping[str, Any]) -> np.ndarray:
+        """h_v (H,) float32 for an item dict (title + optional year/genres/description)."""
+        with torch.no_grad():
+            return self.checkpoint.model.item_vectors([dict(item)]).numpy()[0]
+
+    def upsert(self, item_id: str, fields: Mapping[str, Any]) -> bool:
+        """Encode the item's text, add or replace it in index + catalog; True if it replaced."""
+        record = _clean_item(fields)
+        vector = self.encode_item({"item_id": item_id, **record})  # (H,)
+        with self._lock:
+            replaced = self.index.upsert(item_id, vector)
+            self._records[item_id] = record
+            self._edits[item_id] = record
+        self._persist()
+        return replaced
+
+    def remove(self, item_id: str) -> None:
+        """Drop an item from index + catalog; KeyError if unknown."""
+        with self._lock:
+            if item_id not in self._records:
+                raise KeyError(item_id)
+            if item_id in self.index:
+                self.index.remove(item_id)
+            del self._records[item_id]
+            self._edits[item_id] = None
+        self._persist()
+
+    @property
+    def edits(self) -> dict[str, dict[str, str] | None]:
+        """Item edits made through the admin API on top of the checkpoint's catalog (None = deleted)."""
+        with self._lock:
+            return dict(self._edits)
+
+    def carry_edits(self, edits: Mapping[str, dict[str, str] | None]) -> int:
+        """Re-apply another catalog's item edits here (after a reload): changed items are
+        re-encoded with this model in one batch. Returns how many edits changed something."""
+        upserts = {i: r for i, r in edits.items() if r is not None and self._records.get(i) != r}
+        deletes = [i for i, r in edits.items() if r is None and i in self._records]
+        if not upserts and not deletes:
+            return 0
+        vectors = (
+            self.checkpoint.model.item_vectors([{"item_id": i, **r} for i, r in upserts.items()]).numpy()
+            if upserts
+            else None
+        )  # (len(upserts), H)
+        with self._lock:
+            for row, (item_id, record) in enumerate(upserts.items()):
+                self.index.upsert(item_id, vectors[row])
+                self._records[item_id] = record
+                self._edits[item_id] = record
+            for item_id in deletes:
+                if item_id in self.index:
+                    self.index.remove(item_id)
+                self._records.pop(item_id, None)
+                self._edits[item_id] = None
+        self._persist()
+        return len(upserts) + len(deletes)
+
+    def _persist(self) -> None:
+        """Save the edited index (with the edits, so a restart sees them) beside the checkpoint."""
+        if not self.persist_edits:
+            return
+        kind = self.index.metadata.get("index_kind", self.index.kind)
+        try:
+            self.index.save(
+                self.checkpoint.path / INDEX_DIR, index_metadata(self.checkpoint.version, kind, self._edits)
+            )
+        except OSError as exc:  # a read-only checkpoint volume still serves the edit
+            log.warning("item edit applied in memory but not saved: %s", exc)
+
+
+# -------------------------------------------------------------------- the index on disk
+def index_metadata(version: str, kind: str, edits: Mapping[str, Any]) -> dict[str, Any]:
+    """What <ckpt>/index/index.json records: whose vectors, which kind was asked for, and the
+    catalog edits made since the checkpoint was written."""
+    return {"model_version": version, "index_kind": kind, "catalog_edits": dict(edits)}
+
+
+def open_index(ckpt: Checkpoint, kind: str) -> tuple[ItemIndex, dict[str, Any]]:
+    """Load <ckpt>/index/ when it was built for this model version and kind and agrees with the
+    catalog; otherwise build it from the checkpoint's item vectors and save it (best effort)."""
+    directory = ckpt.path / INDEX_DIR
+    if (directory / "index.json").is_file():
+        try:
+            index = ItemIndex.load(
+                directory,
+                expect_dim=ckpt.model.hidden_size,
+                expect_metadata={"model_version": ckpt.version, "index_kind": kind},
+            )
+            edits = dict(index.metadata.get("catalog_edits") or {})
+            catalog = {str(i): {} for i in ckpt.items["item_id"]}
+            _apply_edits(catalog, edits)
+            if set(catalog) == set(index.item_ids()):
+                return index, edits
+            log.warning("index in %s disagrees with the catalog: rebuilding", directory)
+        except (IndexMismatchError, ValueError, OSError, RuntimeError) as exc:
+            log.warning("not using the index in %s (%s): rebuilding", directory, exc)
+    index = ItemIndex.build([str(i) for i in ckpt.items["item_id"]], ckpt.item_vectors, kind=kind)
+    try:
+        index.save(directory, index_metadata(ckpt.version, kind, {}))
+    except OSError as exc:
+        log.warning("could not save the index to %s (%s); serving it from memory", directory, exc)
+    return index, {}
+
+
+def _apply_edits(catalog: dict[str, Any], edits: Mapping[str, Any]) -> None:
+    for item_id, record in edits.items():
+        if record is None:
+            catalog.pop(item_id, None)
+        else:
+            catalog[item_id] = record
+
+
+def _clean_item(row: Mapping[str, Any]) -> dict[str, str]:
+    out = {}
+    for key in ITEM_FIELDS:
+        value = row.get(key)
+        if value is None or (isinstance(value, float) and value != value):
+            value = ""
+        out[key] = str(value)
+    return out

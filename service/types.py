@@ -1,0 +1,119 @@
+"""What the service's layers hand each other: frozen dataclasses and the errors a query can raise.
+
+A request travels as: `Query` (what the client asked, with its history resolved) ->
+`PreparedQuery` (made ready once for one model version: ids checked, prompt rendered, cache key
+hashed) -> the micro-batch -> `Result`. The route layer turns these into pydantic replies; nothing
+here knows HTTP, so the messages name fields and ids, never routes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from service.store import Event
+
+
+class QueryError(ValueError):
+    """A query that cannot be answered as asked (the client's mistake: HTTP 422)."""
+
+
+class UnknownItemsError(QueryError):
+    """Item ids the catalog does not hold; `where` says which part of the input named them."""
+
+    def __init__(self, item_ids: Sequence[str], where: str = "history") -> None:
+        self.item_ids = list(item_ids)
+        shown = ", ".join(repr(i) for i in self.item_ids[:20])
+        more = f" and {len(self.item_ids) - 20} more" if len(self.item_ids) > 20 else ""
+        super().__init__(f"unknown item ids in {where}: {shown}{more}")
+
+
+class EmptyHistoryError(QueryError):
+    """No history to reason over. `user_id` is set when it was that user's stored history that
+    turned out empty, so the HTTP layer can say how to fill it."""
+
+    def __init__(self, user_id: str | None = None) -> None:
+        self.user_id = user_id
+        if user_id is None:
+            message = "history is empty: give at least one item or a user_id with stored events"
+        else:
+            message = f"history is empty: user {user_id!r} has no stored events"
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class CachedReasoning:
+    """A reasoning as the cache holds it: token ids (so h_T is rebuilt exactly) and text."""
+
+    completion_ids: tuple[int, ...]
+    text: str
+
+    def to_json(self) -> str:
+        return json.dumps({"ids": list(self.completion_ids), "text": self.text})
+
+    @classmethod
+    def from_json(cls, raw: str) -> CachedReasoning:
+        d = json.loads(raw)
+        return cls(tuple(int(i) for i in d["ids"]), str(d["text"]))
+
+
+@dataclass(frozen=True)
+class Query:
+    """One recommendation request after the HTTP edge: the history is final (inline or stored)
+    and the server's defaults are filled in."""
+
+    history: tuple[Event, ...]
+    k: int = 10
+    exclude_history: bool = True
+    reasoning: bool = True
+    max_reasoning_tokens: int = 64
+    # The user whose stored history this is (None: the client sent it). A stored history may name
+    # items deleted from the catalog since they were recorded: those are dropped, not refused.
+    stored_user: str | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def wants_reasoning(self) -> bool:
+        return self.reasoning and self.max_reasoning_tokens > 0
+
+
+@dataclass(frozen=True)
+class PreparedQuery:
+    """A Query made ready for one model version, once per request: the cache lookup and the batch
+    both read it. A batch run by another version (a reload came in between) prepares it again."""
+
+    query: Query  # its history holds only items the catalog knew
+    model_version: str
+    prompt: str  # the rendered user prompt (chat template applied)
+    cache_key: str | None  # None when the query does not reason
+    cached: CachedReasoning | None = None  # the reasoning found under cache_key, if any
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    item_id: str
+    title: str
+    score: float  # cos(h_T, h_v) / tau
+    rank: int  # 1-based
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_ms: float
+    generate_ms: float  # the batch's generate call (0 when nothing was generated)
+    score_ms: float  # the batch's h_T forward pass + index search
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class Result:
+    items: tuple[ScoredItem, ...]
+    reasoning: str | None  # None when reasoning was off
+    model_version: str
+    timings: Timings
+    reasoning_tokens: int
+    cache: str  # "hit", "miss" (generated here) or "off" (no reasoning)
+    cache_key: str | None = None
+    generated: CachedReasoning | None = None  # new reasoning the caller may cache

@@ -1,0 +1,139 @@
+"""Recommender.prepare + recommend_batch: one generate call per batch, answers equal to one-by-one
+(fp32), cache hits skip generation, per-query errors stay per query."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from service.store import Event
+from service.types import CachedReasoning, EmptyHistoryError, Query, UnknownItemsError
+from tests.service.conftest import count_generate
+
+H1 = (Event("i1", 5.0, 100), Event("i2", 4.0, 200), Event("i3", 3.0, 300))
+H2 = (Event("i6", 2.0), Event("i7", 5.0))
+H3 = (Event("i8"),)
+H4 = (Event("i9", 4.0, 700), Event("i5", None, 500))
+
+
+def key(engine, query: Query) -> str | None:
+    return engine.prepare(query).cache_key
+
+
+def queries() -> list[Query]:
+    return [
+        Query(H1, k=5, max_reasoning_tokens=12),
+        Query(H2, k=3, max_reasoning_tokens=4),  # shorter budget: truncated from the batch's 12
+        Query(H3, k=8, reasoning=False),
+        Query(H4, k=10, exclude_history=False, max_reasoning_tokens=12),
+        Query(H1, k=2, max_reasoning_tokens=6),  # same prompt as #0: one generation row
+    ]
+
+
+def assert_same(a, b):
+    assert [i.item_id for i in a.items] == [i.item_id for i in b.items]
+    assert [i.title for i in a.items] == [i.title for i in b.items]
+    np.testing.assert_allclose([i.score for i in a.items], [i.score for i in b.items], atol=1e-3)
+    assert a.reasoning == b.reasoning
+    assert a.reasoning_tokens == b.reasoning_tokens
+
+
+def test_one_generate_call_and_answers_equal_one_by_one(engine):
+    calls = count_generate(engine)
+    batched = engine.recommend_batch(queries())
+    assert calls == [3]  # one call; 3 distinct prompts need reasoning (H1, H2, H4)
+    assert engine.generate_calls == 1
+    singles = [engine.recommend_batch([q])[0] for q in queries()]
+    assert calls[1:] == [1, 1, 1, 1]  # the no-reasoning query never generates
+    for b, s in zip(batched, singles, strict=True):
+        assert_same(b, s)
+    r0, r1, r2, r3, r4 = batched
+    assert [len(r.items) for r in batched] == [5, 3, 8, 10, 2]
+    assert r0.reasoning_tokens <= 12 and r1.reasoning_tokens <= 4 and r4.reasoning_tokens <= 6
+    assert r0.reasoning and r0.cache == "miss" and r0.generated is not None
+    assert r2.reasoning is None and r2.cache == "off" and r2.reasoning_tokens == 0
+    assert r4.reasoning_tokens == min(6, r0.reasoning_tokens)
+
+
+def test_items_ranked_by_cosine_over_tau_without_history(engine):
+    r = engine.recommend_batch([Query(H1, k=20, max_reasoning_tokens=4)])[0]
+    ids = [i.item_id for i in r.items]
+    assert not set(ids) & {"i1", "i2", "i3"}
+    assert len(ids) == len(engine.catalog) - 3  # the whole rest of the catalog, exclusion kept k
+    scores = [i.score for i in r.items]
+    assert scores == sorted(scores, reverse=True)
+    assert [i.rank for i in r.items] == list(range(1, len(ids) + 1))
+    assert all(abs(s) <= 1 / engine.model.tau + 1e-3 for s in scores)
+    assert r.items[0].title == engine.catalog.item(ids[0])["title"]
+    kept = engine.recommend_batch([Query(H1, k=20, exclude_history=False, reasoning=False)])[0]
+    assert {"i1", "i2", "i3"} <= {i.item_id for i in kept.items}
+
+
+def test_cached_reasoning_skips_generation_and_gives_the_same_answer(engine):
+    q = Query(H2, k=4, max_reasoning_tokens=8)
+    first = engine.recommend_batch([q])[0]
+    calls = count_generate(engine)
+    prepared = engine.prepare(q)
+    assert prepared.cache_key == first.cache_key
+    hit = engine.recommend_batch([replace(prepared, cached=first.generated)])[0]
+    assert calls == [] and hit.cache == "hit" and hit.generated is None
+    assert_same(hit, first)
+    # a reasoning cached for another model version (a reload landed before the batch) is ignored
+    stale = engine.recommend_batch(
+        [replace(prepared, model_version="old", cached=CachedReasoning((1, 2), "stale"))]
+    )[0]
+    assert calls == [1] and stale.cache == "miss" and stale.reasoning == first.reasoning
+
+
+def test_cache_key_depends_on_version_history_and_budget(engine):
+    k = key(engine, Query(H1, max_reasoning_tokens=8))
+    assert k == key(engine, Query(H1, k=3, max_reasoning_tokens=8))  # k is not reasoning
+    assert k != key(engine, Query(H1, max_reasoning_tokens=9))
+    assert k != key(engine, Query(H1[:2], max_reasoning_tokens=8))
+    assert k != key(engine, Query((Event("i1", 4.0, 100),) + H1[1:], max_reasoning_tokens=8))
+    assert key(engine, Query(H1, reasoning=False)) is None
+    assert key(engine, Query(H1, max_reasoning_tokens=0)) is None
+    engine.version = "another"
+    assert k != key(engine, Query(H1, max_reasoning_tokens=8))
+
+
+def test_a_bad_query_fails_alone(engine):
+    out = engine.recommend_batch(
+        [
+            Query(H1, k=3, max_reasoning_tokens=4),
+            Query((Event("nope"), Event("i1"), Event("nada")), k=3),
+            Query((), k=3),
+        ]
+    )
+    assert len(out[0].items) == 3
+    assert isinstance(out[1], UnknownItemsError) and out[1].item_ids == ["nope", "nada"]
+    assert "'nope', 'nada'" in str(out[1])
+    assert isinstance(out[2], EmptyHistoryError) and "history is empty" in str(out[2])
+
+
+def test_prepare_checks_ids_renders_and_hashes_once_for_the_batch(engine):
+    rendered = []
+    original = engine.model.render_message
+
+    def counted(*args, **kwargs):
+        rendered.append(1)
+        return original(*args, **kwargs)
+
+    engine.model.render_message = counted
+    prepared = [engine.prepare(q) for q in queries()]
+    assert len(rendered) == len(prepared)
+    out = engine.recommend_batch(prepared)
+    assert len(rendered) == len(prepared), "a prepared query is not rendered again by its batch"
+    assert [r.cache_key for r in out] == [p.cache_key for p in prepared]
+
+
+def test_a_stored_history_drops_deleted_items_a_sent_one_is_refused(engine):
+    history = (Event("gone"), Event("i1", 5.0), Event("gone"))
+    stored = engine.prepare(Query(history, stored_user="u1"))
+    assert stored.query.history == (Event("i1", 5.0),)
+    assert stored.prompt == engine.prepare(Query((Event("i1", 5.0),))).prompt
+    out = engine.recommend_batch([Query(history), Query((Event("gone"),), stored_user="u1")])
+    assert isinstance(out[0], UnknownItemsError) and out[0].item_ids == ["gone"]
+    assert isinstance(out[1], EmptyHistoryError) and out[1].user_id == "u1"
+    assert str(out[1]) == "history is empty: user 'u1' has no stored events"  # no route: HTTP adds it
