@@ -8,7 +8,6 @@ the target itself, so a re-consumed item can still be found.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from model.r2ec import GenerationSettings, R2ec
-from model.rewards import target_rank
+from model.rewards import ndcg_at_k, target_rank
 from model.samples import sample_histories
 
 log = logging.getLogger(__name__)
@@ -39,20 +38,15 @@ def target_ranks(
     return target_rank(scores.detach(), targets, mask)
 
 
-def ndcg_at_k(rank: int, k: int) -> float:
-    """One relevant item: 1/log2(rank+1) inside the cut-off, else 0."""
-    return 1.0 / math.log2(rank + 1) if rank <= k else 0.0
-
-
 def ranking_metrics(ranks: Sequence[int] | np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
-    ranks = np.asarray(ranks, dtype=np.float64)
-    if ranks.size == 0:
+    """Hit@K and NDCG@K averaged over 1-based ranks, for each K in ks."""
+    ranks = torch.as_tensor(np.asarray(ranks, dtype=np.float64))  # (B,)
+    if ranks.numel() == 0:
         raise ValueError("no ranks to average")
     out = {}
     for k in ks:
-        hit = ranks <= k
-        out[f"hit@{k}"] = float(hit.mean())
-        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 1), 0.0).mean())
+        out[f"hit@{k}"] = float((ranks <= k).double().mean())
+        out[f"ndcg@{k}"] = float(ndcg_at_k(ranks, k).mean())
     return out
 
 

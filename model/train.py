@@ -48,7 +48,7 @@ from model.recpo import (
     item_loss,
     token_loss,
 )
-from model.rewards import fused_reward, ndcg_reward, similarity_reward, target_rank
+from model.rewards import fused_reward, ndcg_at_k, similarity_reward, target_rank
 from model.samples import sample_histories
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ def make_rollout(model: R2ec, table: ItemTable, rows, titles: dict, cfg: RecPOCo
     target_cols = torch.tensor([table.row[t] for t in targets]).repeat_interleave(G)
     mask = history_mask(table, list(rows["history_item_ids"]), G) if cfg.mask_history else None
     ranks = target_rank(scores, target_cols, mask)
-    r_d = ndcg_reward(ranks, cfg.ndcg_k)
+    r_d = ndcg_at_k(ranks, cfg.ndcg_k)
     r_c = similarity_reward(scores, target_cols, mask)
     rewards = fused_reward(r_c, r_d, cfg.similarity_reward_weight)
     advantages = group_advantages(rewards, G, cfg.advantage)  # (M,)

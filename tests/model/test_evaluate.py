@@ -8,10 +8,10 @@ from model.evaluate import (
     EvalConfig,
     evaluate_model,
     evaluate_popularity,
-    ndcg_at_k,
     ranking_metrics,
     target_ranks,
 )
+from model.rewards import ndcg_at_k
 
 
 def test_target_ranked_first_gives_ndcg_one():
@@ -25,7 +25,8 @@ def test_rank_three_ndcg():
     ranks = target_ranks(torch.tensor([[0.9, 0.8, 0.7, 0.1]]), torch.tensor([2]))
     assert ranks.tolist() == [3]
     assert ranking_metrics([3])["ndcg@5"] == pytest.approx(1 / math.log2(4))
-    assert ndcg_at_k(3, 2) == 0.0
+    assert ranking_metrics([3], ks=(2,))["ndcg@2"] == 0.0  # outside the cut-off
+    assert ndcg_at_k(torch.tensor([3]), 2).tolist() == [0.0]
 
 
 def test_masking_history_moves_target_up():

@@ -16,7 +16,7 @@ from model.recpo import (
     item_loss,
     token_loss,
 )
-from model.rewards import fused_reward, ndcg_reward, similarity_reward, target_rank
+from model.rewards import fused_reward, ndcg_at_k, similarity_reward, target_rank
 
 
 @pytest.mark.parametrize("kind", ["grpo", "rloo"])
@@ -47,8 +47,8 @@ def test_unknown_advantage_is_an_error():
         group_advantages(torch.zeros(4), 2, "ppo")
 
 
-def test_ndcg_reward_of_known_ranks():
-    r = ndcg_reward(torch.tensor([1, 3, 7, 20]), k=10)
+def test_ndcg_of_known_ranks():
+    r = ndcg_at_k(torch.tensor([1, 3, 7, 20]), k=10)
     torch.testing.assert_close(r, torch.tensor([1.0, 1 / math.log2(4), 1 / math.log2(8), 0.0]))
 
 
