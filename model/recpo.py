@@ -1,9 +1,10 @@
-"""RecPO configuration and its pure math: group advantages and clipped losses.
+"""RecPO configuration and its group math: advantages and the best trajectories.
 
-R²ec, arXiv 2505.16994 §3.2 and Appendix E; DESIGN §3. The training loop in
-model/train.py only calls these functions.
+R²ec, arXiv 2505.16994 §3.2 and Appendix E; DESIGN §3. The rewards are in
+model/rewards.py, the losses in model/losses.py; the training loop in model/train.py
+only calls these functions.
 
-Shapes: B users, G generations per user, T reasoning tokens, M = B*G rollouts.
+Shapes: B users, G generations per user, M = B*G rollouts.
 """
 
 from __future__ import annotations
@@ -175,49 +176,6 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, kind: str) -> 
     return adv.reshape(-1)
 
 
-def clipped_surrogate(
-    ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float, epsilon_high: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO's clipped objective as a per-element loss (to minimise).
-
-    loss = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
-    Returns (loss, clipped_low, clipped_high) where the flags mark elements whose
-    clipped branch was active (for the clip_ratio/low|high metrics).
-    """
-    clipped = ratio.clamp(1.0 - epsilon, 1.0 + epsilon_high)
-    unclipped_obj = ratio * advantages
-    clipped_obj = clipped * advantages
-    loss = -torch.minimum(unclipped_obj, clipped_obj)
-    low = (ratio < 1.0 - epsilon) & (advantages < 0)
-    high = (ratio > 1.0 + epsilon_high) & (advantages > 0)
-    return loss, low, high
-
-
-def token_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    epsilon: float,
-    epsilon_high: float,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate per reasoning token, averaged over real tokens (padding masked).
-
-    logp, old_logp, mask: (M, T); advantages: (M,) broadcast over each rollout's tokens.
-    A rollout with no reasoning tokens contributes nothing.
-    """
-    mask = mask.float()
-    ratio = torch.exp(logp - old_logp)  # (M, T)
-    per_token, low, high = clipped_surrogate(ratio, advantages.unsqueeze(1), epsilon, epsilon_high)
-    denom = mask.sum().clamp(min=1.0)
-    loss = (per_token * mask).sum() / denom
-    stats = {
-        "clip_ratio/low": float((low.float() * mask).sum() / denom),
-        "clip_ratio/high": float((high.float() * mask).sum() / denom),
-    }
-    return loss, stats
-
-
 def best_trajectories(advantages: torch.Tensor, num_generations: int, best_n: int) -> torch.Tensor:
     """Flat indices (B*best_n,) of each group's top-`best_n` advantages, user-major.
 
@@ -227,42 +185,3 @@ def best_trajectories(advantages: torch.Tensor, num_generations: int, best_n: in
     top = grouped.topk(best_n, dim=1).indices  # (B, best_n)
     offsets = torch.arange(grouped.shape[0], device=advantages.device).unsqueeze(1) * num_generations
     return (top + offsets).reshape(-1)
-
-
-def in_batch_logits(
-    users: torch.Tensor, targets: torch.Tensor, target_ids: list, tau: float, user_targets: list
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (U, C) of each user against the batch's target items, and each user's column.
-
-    users (U, H) and targets (C, H) L2-normalised; target_ids (C,) the items behind the
-    columns, user_targets (U,) each user's own item. Columns holding the same item as the
-    user's target (duplicates in the batch) other than the first are masked, so an item is
-    never its own negative.
-    """
-    logits = users @ targets.T / tau  # (U, C)
-    col_of: dict = {}
-    for c, item in enumerate(target_ids):
-        col_of.setdefault(item, c)
-    own = torch.tensor([col_of[t] for t in user_targets], device=users.device)
-    dup = torch.tensor(
-        [[target_ids[c] == t and c != col_of[t] for c in range(len(target_ids))] for t in user_targets],
-        device=users.device,
-    )
-    return logits.masked_fill(dup, float("-inf")), own
-
-
-def in_batch_log_probs(
-    users: torch.Tensor, targets: torch.Tensor, target_ids: list, tau: float, user_targets: list
-) -> torch.Tensor:
-    """log p(target | user) under an in-batch softmax over the batch's target items: (U,)."""
-    logits, own = in_batch_logits(users, targets, target_ids, tau, user_targets)
-    return torch.log_softmax(logits.float(), dim=-1).gather(1, own.view(-1, 1)).squeeze(1)
-
-
-def item_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, epsilon: float, epsilon_high: float
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The same clipped form on the item choice: ratio = p / p_old, per best trajectory."""
-    ratio = torch.exp(logp - old_logp)
-    loss, low, high = clipped_surrogate(ratio, advantages, epsilon, epsilon_high)
-    return loss.mean(), {"item/clip_ratio": float((low | high).float().mean())}

@@ -37,17 +37,18 @@ from model.checkpoint import load_checkpoint, read_meta, resolve_checkpoint, sav
 from model.curves import plot_curves
 from model.data import PreparedDataset
 from model.evaluate import EvalConfig, evaluate_model
-from model.prompts import PromptConfig
-from model.r2ec import GenerationSettings, R2ec, Rollout, length_batches
-from model.recpo import (
-    RecPOConfig,
-    best_trajectories,
-    group_advantages,
+from model.losses import (
+    completion_log_probs,
+    contrastive_loss,
     in_batch_log_probs,
     in_batch_logits,
     item_loss,
+    log_expected_count,
     token_loss,
 )
+from model.prompts import PromptConfig
+from model.r2ec import GenerationSettings, R2ec, Rollout, length_batches
+from model.recpo import RecPOConfig, best_trajectories, group_advantages
 from model.rewards import fused_reward, ndcg_at_k, similarity_reward, target_rank
 from model.samples import sample_histories
 
@@ -218,23 +219,6 @@ def history_mask(table: ItemTable, histories: list[list[str]], repeat: int) -> t
     return mask
 
 
-def completion_log_probs(model: R2ec, hidden: torch.Tensor, batch, temperature: float) -> torch.Tensor:
-    """log pi(o_t | prefix) of each reasoning token: (M, L) with zeros off the mask.
-
-    Only the positions that predict a reasoning token go through lm_head (49k logits
-    per position are the memory hog); logits are divided by the sampling temperature
-    so the ratio compares the distribution the tokens were sampled from.
-    """
-    predicts = torch.zeros_like(batch.completion_mask, dtype=torch.bool)
-    predicts[:, :-1] = batch.completion_mask[:, 1:].bool()  # hidden at j predicts token j+1
-    logits = model.lm.get_output_embeddings()(hidden[predicts]).float() / temperature  # (tokens, V)
-    targets = batch.input_ids[:, 1:][batch.completion_mask[:, 1:].bool()]
-    token_logp = torch.log_softmax(logits, dim=-1).gather(1, targets.view(-1, 1)).squeeze(1)
-    out = torch.zeros(batch.completion_mask.shape, dtype=torch.float32, device=hidden.device)
-    out[batch.completion_mask.bool()] = token_logp
-    return out
-
-
 @dataclass
 class RolloutBatch:
     """One rollout of B users x G trajectories with its rewards, advantages and pi_old."""
@@ -294,7 +278,8 @@ def _policy_forward(model: R2ec, rollout: Rollout, temperature: float):
     batch = model.user_batch(rollout.prompt_ids, rollout.completion_ids)
     hidden = model.decoder_hidden(batch)  # (M, L, H)
     h_T = F.normalize(hidden[:, -1].float(), dim=-1)
-    return h_T, completion_log_probs(model, hidden, batch, temperature), batch.completion_mask.float()
+    logp = completion_log_probs(model.lm.get_output_embeddings(), hidden, batch, temperature)
+    return h_T, logp, batch.completion_mask.float()
 
 
 def _item_log_probs(model, table, h_T, targets, best, G) -> torch.Tensor:
@@ -341,14 +326,7 @@ def sample_catalog(item_ids: list[str], n: int) -> list[str]:
     return [item_ids[i] for i in picks.tolist()]
 
 
-def log_expected_count(table: ItemTable, batch: int, sampled: int, col_ids: list[str]) -> torch.Tensor:
-    """log E[times each column's item is drawn] per process: batch targets come by popularity
-    (q), sampled negatives uniformly; the sampled-softmax (logQ) correction subtracts it."""
-    q = table.log_q[[table.row[i] for i in col_ids]].exp()
-    return torch.log(batch * q + sampled / len(table.item_ids))
-
-
-def contrastive_loss(
+def contrastive_step(
     model: R2ec, table: ItemTable, rows, titles: dict, cfg: RecPOConfig
 ) -> tuple[torch.Tensor, dict]:
     """The "w/o reasoning" objective: h_T straight after the prompt, softmax over the batch's
@@ -373,18 +351,11 @@ def contrastive_loss(
         all_vecs, all_ids = dist.gather_with_grad(col_vecs), dist.gather_objects(cols)
         logits, own = in_batch_logits(users, all_vecs, all_ids, model.tau, targets)  # grad both sides
         if cfg.logq_correction and table.log_q is not None:
-            logits = logits - log_expected_count(table, len(targets), cfg.sampled_negatives, all_ids).to(
-                logits.device
-            )
+            log_q = table.log_q[[table.row[i] for i in all_ids]]  # (C,)
+            count = log_expected_count(log_q, len(targets), cfg.sampled_negatives, len(table.item_ids))
+            logits = logits - count.to(logits.device)
         table.update(cols, col_vecs)
-    loss = F.cross_entropy(logits.float(), own.to(logits.device))
-    with torch.no_grad():
-        rank = (logits > logits.gather(1, own.view(-1, 1).to(logits.device))).sum(1).float() + 1
-    return loss, {
-        "loss/total": float(loss.detach()),
-        "loss/contrastive": float(loss.detach()),
-        "rank/median": float(rank.median()),
-    }
+    return contrastive_loss(logits, own)
 
 
 def _mean_stats(parts: list[dict]) -> dict[str, float]:
@@ -436,7 +407,7 @@ def recpo_update(model, table, batches: list, titles: dict, cfg: RecPOConfig, op
 def contrastive_update(model, table, batches: list, titles: dict, cfg: RecPOConfig, opt: Optimizer) -> dict:
     parts = []
     for rows in batches:
-        loss, stats = contrastive_loss(model, table, rows, titles, cfg)
+        loss, stats = contrastive_step(model, table, rows, titles, cfg)
         (loss / len(batches)).backward()
         parts.append(stats)
     return {**_mean_stats(parts), "grad_norm": opt.step()}

@@ -16,13 +16,13 @@ import torch
 
 from model.checkpoint import load_checkpoint, read_meta
 from model.distributed import resolve_device
+from model.losses import log_expected_count
 from model.recpo import RecPOConfig
 from model.train import (
     ItemTable,
     Optimizer,
     build_model,
-    contrastive_loss,
-    log_expected_count,
+    contrastive_step,
     make_rollout,
     policy_loss,
     sample_catalog,
@@ -79,7 +79,7 @@ def test_contrastive_step_lowers_the_loss_on_a_fixed_batch(tiny_dataset, negativ
     opt = Optimizer(trainable_parameters(model), cfg)
     losses = []
     for _ in range(4):
-        loss, stats = contrastive_loss(model, table, rows, tiny_dataset.item_titles(), cfg)
+        loss, stats = contrastive_step(model, table, rows, tiny_dataset.item_titles(), cfg)
         loss.backward()
         opt.step()
         losses.append(stats["loss/total"])
@@ -103,7 +103,7 @@ def test_logq_correction_subtracts_each_columns_log_target_share(tiny_dataset):
 
     def loss(c: RecPOConfig) -> float:
         torch.manual_seed(0)  # same dropout masks
-        return float(contrastive_loss(model, table, rows, titles, c)[0])
+        return float(contrastive_step(model, table, rows, titles, c)[0])
 
     corrected, plain = loss(cfg), loss(dataclasses.replace(cfg, logq_correction=False))
     table.log_q = torch.zeros(len(ids))  # a uniform q shifts every column equally: no change
@@ -126,9 +126,10 @@ def test_sampled_negatives_are_uniform_draws_and_the_correction_counts_them(tiny
     cols = [ids[0], ids[1]]
     # 4 targets drawn by popularity + 10 uniform draws: expected count 4 q + 10 / N per item
     expected = torch.log(4 * q[:2] + 10 / len(ids))
-    assert torch.allclose(log_expected_count(table, 4, 10, cols), expected)
+    log_q = table.log_q[[table.row[c] for c in cols]]
+    assert torch.allclose(log_expected_count(log_q, 4, 10, len(ids)), expected)
     # without sampled negatives it is log q plus a constant: the plain logQ correction
-    plain = log_expected_count(table, 4, 0, cols) - table.log_q[:2]
+    plain = log_expected_count(log_q, 4, 0, len(ids)) - table.log_q[:2]
     assert torch.allclose(plain, torch.full((2,), math.log(4)))
 
 
