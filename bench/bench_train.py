@@ -34,15 +34,10 @@ def main() -> None:
     import torch
 
     from model.data import load_prepared
+    from model.item_table import ItemTable
+    from model.lora import build_model, trainable_parameters
     from model.recpo import RecPOConfig
-    from model.train import (
-        ItemTable,
-        Optimizer,
-        _batch_rows,
-        build_model,
-        contrastive_update,
-        trainable_parameters,
-    )
+    from model.train import Optimizer, _batch_rows, contrastive_update
 
     ds = load_prepared(args.data)
     base_cfg = RecPOConfig.from_yaml(args.config)

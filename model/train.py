@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from model import distributed as dist
-from model.backbone import BackboneConfig, load_backbone
-from model.checkpoint import load_checkpoint, read_meta, resolve_checkpoint, save_checkpoint
+from model.checkpoint import read_meta, save_checkpoint
 from model.curves import plot_curves
 from model.data import PreparedDataset
 from model.evaluate import EvalConfig, evaluate_model
+from model.item_table import ItemTable
+from model.lora import build_model, trainable_parameters, weights_kind
 from model.losses import (
     completion_log_probs,
     contrastive_loss,
@@ -46,8 +47,7 @@ from model.losses import (
     log_expected_count,
     token_loss,
 )
-from model.prompts import PromptConfig
-from model.r2ec import GenerationSettings, R2ec, Rollout, length_batches
+from model.r2ec import GenerationSettings, R2ec, Rollout
 from model.recpo import RecPOConfig, best_trajectories, group_advantages
 from model.rewards import fused_reward, ndcg_at_k, similarity_reward, target_rank
 from model.samples import sample_histories
@@ -57,168 +57,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 
 
-# -- model setup -------------------------------------------------------------------------------
-def build_model(cfg: RecPOConfig, base: str, category: str) -> tuple[R2ec, str]:
-    """The trainable model and the base reference its checkpoints will name.
-
-    `base` is a backbone reference (smollm2, tiny, HF dir, .gguf) or a checkpoint to
-    warm-start from (what scheduled retraining does). A LoRA checkpoint keeps training
-    its adapter; anything else gets a fresh adapter when cfg.lora.
-    """
-    try:
-        ckpt_path = resolve_checkpoint(base)
-    except ValueError:
-        ckpt_path = None
-    if ckpt_path is not None:
-        meta = read_meta(ckpt_path)
-        continue_adapter = meta["weights"] == "lora" and cfg.lora
-        ckpt = load_checkpoint(ckpt_path, dtype=cfg.dtype, trainable=continue_adapter, merge_lora=True)
-        model = ckpt.model
-        base_ref = meta["base"] if meta["weights"] != "full" else str(ckpt_path / "model")
-        if continue_adapter:
-            _cast_trainable_fp32(model.lm)
-            return model, base_ref
-    else:
-        lm, tok = load_backbone(BackboneConfig(base=base, dtype=cfg.dtype, seed=cfg.seed))
-        prompts = PromptConfig(category=category, system_prompt=cfg.system_prompt)
-        model, base_ref = R2ec(lm, tok, prompts, tau=cfg.tau), base
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.lora_target_modules,
-            layers_to_transform=_top_layers(model.lm, cfg.lora_layers),
-            bias="none",
-        )
-        model.lm = get_peft_model(model.lm, lora)
-        _cast_trainable_fp32(model.lm)
-    model.tau = cfg.tau
-    return model, base_ref
-
-
-def _top_layers(lm: torch.nn.Module, n: int | None) -> list[int] | None:
-    if n is None:
-        return None
-    total = lm.config.num_hidden_layers
-    if n > total:
-        raise ValueError(f"lora_layers={n} but the backbone has {total} layers")
-    return list(range(total - n, total))
-
-
-def _cast_trainable_fp32(lm: torch.nn.Module) -> None:
-    # bf16 cannot hold small AdamW updates; adapters train in fp32 over a bf16 base.
-    for p in lm.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-
-
-def trainable_parameters(model: R2ec) -> list[torch.nn.Parameter]:
-    return [p for p in model.lm.parameters() if p.requires_grad]
-
-
-# -- the item table (H_V) ----------------------------------------------------------------------
-@dataclass
-class ItemTable:
-    """The full catalog's normalised vectors, refreshed lazily (DESIGN §3 step 7)."""
-
-    item_ids: list[str]
-    prompt_ids: list[list[int]]
-    vectors: torch.Tensor  # (N, H) float32, detached
-    row: dict[str, int] = field(default_factory=dict)
-    log_q: torch.Tensor | None = None  # (N,) log share of training targets, for logQ correction
-    # Each item's input to decoder layer `lower_layers` (len_i, H): the layers below it are
-    # frozen, so item encoding with gradient runs only the trainable top (`cache_lower`).
-    lower: list[torch.Tensor] | None = None
-    lower_layers: int = 0
-
-    def set_target_counts(self, targets: list[str]) -> None:
-        """log q(item) from the training targets (add-one smoothed)."""
-        counts = torch.ones(len(self.item_ids))
-        for t in targets:
-            if t in self.row:
-                counts[self.row[t]] += 1
-        self.log_q = (counts / counts.sum()).log()
-
-    @classmethod
-    def build(cls, model: R2ec, items: list[dict]) -> ItemTable:
-        ids = [str(it["item_id"]) for it in items]
-        table = cls(ids, model.item_prompt_ids(items), torch.zeros(len(ids), model.hidden_size))
-        table.row = {item: i for i, item in enumerate(ids)}
-        return table
-
-    @torch.no_grad()
-    def refresh(self, model: R2ec, batch_size: int = 32, progress: bool = False) -> None:
-        """Re-encode every item; each process encodes a shard, then all gather."""
-        chunks = length_batches(self.lengths, batch_size, dist.rank(), dist.world_size())
-        out = torch.zeros_like(self.vectors)
-        bar = tqdm(
-            total=sum(map(len, chunks)),
-            desc="refresh item table",
-            unit="item",
-            disable=not progress,
-            leave=False,
-        )
-        for chunk in chunks:
-            out[chunk] = self.encode_rows(model, chunk).cpu()
-            bar.update(len(chunk))
-        bar.close()
-        self.vectors = dist.all_reduce_sum(out)  # each row was written by exactly one process
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(p) for p in self.prompt_ids]
-
-    def encode(self, model: R2ec, item_ids: list[str]) -> torch.Tensor:
-        """Normalised vectors (n, H) of these items under the current weights, with gradient
-        when enabled; from the frozen-layer cache when there is one."""
-        return self.encode_rows(model, [self.row[i] for i in item_ids])
-
-    def encode_rows(self, model: R2ec, rows: list[int]) -> torch.Tensor:
-        if self.lower is None:
-            return model.item_vectors_from_ids([self.prompt_ids[r] for r in rows])
-        return model.item_vectors_from_lower([self.lower[r] for r in rows], self.lower_layers)
-
-    def cache_lower(self, model: R2ec, max_gb: float, batch_size: int = 32, progress: bool = False) -> None:
-        """Run every item prompt once through the model's frozen lower layers and keep the
-        result, when there are frozen layers (LoRA on the top layers only) and the cache fits
-        in `max_gb`. Live item encoding (the bulk of a contrastive step) then costs only the
-        trainable layers: 8 of SmolLM2's 30 in the ml-100k recipe."""
-        self.lower, self.lower_layers = None, model.frozen_layers()
-        tokens = sum(self.lengths)
-        size_gb = tokens * model.hidden_size * next(model.lm.parameters()).element_size() / 1e9
-        if self.lower_layers == 0 or size_gb > max_gb:
-            log.info("item layer cache off (frozen layers %d, %.2f GB)", self.lower_layers, size_gb)
-            return
-        lower: list[torch.Tensor | None] = [None] * len(self.prompt_ids)
-        bar = tqdm(total=len(lower), desc="cache frozen layers", unit="item", disable=not progress)
-        for chunk in length_batches(self.lengths, batch_size):
-            hidden = model.lower_hidden([self.prompt_ids[i] for i in chunk], self.lower_layers)
-            for i, h in zip(chunk, hidden, strict=True):
-                lower[i] = h.clone()  # own storage: a view would pin the whole padded batch
-            bar.update(len(chunk))
-        bar.close()
-        self.lower = lower
-        log.info("item layer cache: %d layers x %d items, %.2f GB", self.lower_layers, len(lower), size_gb)
-
-    def update(self, item_ids: list[str], vectors: torch.Tensor) -> None:
-        # Out of place: the old table may still be part of a graph awaiting backward.
-        rows = torch.tensor([self.row[i] for i in item_ids])
-        self.vectors = self.vectors.index_copy(0, rows, vectors.detach().float().cpu())
-
-
 # -- one step of each stage --------------------------------------------------------------------
-def history_mask(table: ItemTable, histories: list[list[str]], repeat: int) -> torch.Tensor:
-    """(len(histories) * repeat, N) bool: True where the item is in that row's history."""
-    mask = torch.zeros(len(histories) * repeat, len(table.item_ids), dtype=torch.bool)
-    for u, hist in enumerate(histories):
-        cols = [table.row[i] for i in hist if i in table.row]
-        mask[u * repeat : (u + 1) * repeat, cols] = True
-    return mask
-
-
 @dataclass
 class RolloutBatch:
     """One rollout of B users x G trajectories with its rewards, advantages and pi_old."""
@@ -247,7 +86,7 @@ def make_rollout(model: R2ec, table: ItemTable, rows, titles: dict, cfg: RecPOCo
     h_T, token_logp, _ = _policy_forward(model, rollout, cfg.temperature)
     scores = model.score(h_T.cpu(), table.vectors)  # (M, N)
     target_cols = torch.tensor([table.row[t] for t in targets]).repeat_interleave(G)
-    mask = history_mask(table, list(rows["history_item_ids"]), G) if cfg.mask_history else None
+    mask = table.history_mask(list(rows["history_item_ids"]), G) if cfg.mask_history else None
     ranks = target_rank(scores, target_cols, mask)
     r_d = ndcg_at_k(ranks, cfg.ndcg_k)
     r_c = similarity_reward(scores, target_cols, mask)
@@ -315,17 +154,6 @@ def policy_loss(
     }
 
 
-def sample_catalog(item_ids: list[str], n: int) -> list[str]:
-    """n items drawn uniformly from the catalog, different on each process (mixed negative
-    sampling, Yang et al. 2020): they correct in-batch negatives' popularity skew and, being
-    encoded live like the targets, cannot be told apart from them by staleness."""
-    if n == 0:
-        return []
-    seed = int(torch.randint(2**31 - 1, (1,))) + dist.rank()  # advances the (saved) torch RNG
-    picks = torch.randint(len(item_ids), (n,), generator=torch.Generator().manual_seed(seed))
-    return [item_ids[i] for i in picks.tolist()]
-
-
 def contrastive_step(
     model: R2ec, table: ItemTable, rows, titles: dict, cfg: RecPOConfig
 ) -> tuple[torch.Tensor, dict]:
@@ -342,16 +170,16 @@ def contrastive_step(
         logits = users @ table.vectors.to(users.device).T / model.tau  # (B, N), table detached
         own = torch.tensor([table.row[t] for t in targets], device=logits.device)
         if cfg.mask_history:
-            drop = history_mask(table, list(rows["history_item_ids"]), 1).to(logits.device)
+            drop = table.history_mask(list(rows["history_item_ids"])).to(logits.device)
             drop[torch.arange(len(targets)), own] = False  # never mask the target itself
             logits = logits.masked_fill(drop, float("-inf"))
     else:
-        cols = targets + sample_catalog(table.item_ids, cfg.sampled_negatives)
+        cols = targets + table.sample_uniform(cfg.sampled_negatives)
         col_vecs = table.encode(model, cols)
         all_vecs, all_ids = dist.gather_with_grad(col_vecs), dist.gather_objects(cols)
         logits, own = in_batch_logits(users, all_vecs, all_ids, model.tau, targets)  # grad both sides
         if cfg.logq_correction and table.log_q is not None:
-            log_q = table.log_q[[table.row[i] for i in all_ids]]  # (C,)
+            log_q = table.log_q_of(all_ids)  # (C,)
             count = log_expected_count(log_q, len(targets), cfg.sampled_negatives, len(table.item_ids))
             logits = logits - count.to(logits.device)
         table.update(cols, col_vecs)
@@ -522,10 +350,6 @@ def _batch_rows(train_rows, cfg: RecPOConfig, step: int, micro: int):
     return train_rows.iloc[rng.choice(len(train_rows), size=cfg.per_device_batch_size, replace=False)]
 
 
-def _weights_kind(model: R2ec) -> str:
-    return "lora" if hasattr(model.lm, "peft_config") else "full"
-
-
 def _evaluate_and_keep_best(model, table, dataset, cfg, state, out, base_ref) -> None:
     if dist.rank() == 0:
         model.lm.eval()
@@ -573,7 +397,7 @@ def _save(model, table, dataset, cfg, state, path, base_ref, write_extra=None) -
         path,
         model,
         base=base_ref,
-        weights=_weights_kind(model),
+        weights=weights_kind(model),
         items=dataset.items,
         item_vectors=table.vectors.numpy(),
         dataset={"name": dataset.name, "protocol": dataset.protocol, "path": str(dataset.path)},

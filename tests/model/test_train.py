@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import socket
 import subprocess
@@ -16,19 +15,10 @@ import torch
 
 from model.checkpoint import load_checkpoint, read_meta
 from model.distributed import resolve_device
-from model.losses import log_expected_count
+from model.item_table import ItemTable
+from model.lora import build_model, trainable_parameters
 from model.recpo import RecPOConfig
-from model.train import (
-    ItemTable,
-    Optimizer,
-    build_model,
-    contrastive_step,
-    make_rollout,
-    policy_loss,
-    sample_catalog,
-    train,
-    trainable_parameters,
-)
+from model.train import Optimizer, contrastive_step, make_rollout, policy_loss, train
 
 TINY = dict(dtype="float32", max_completion_length=8, warmup_steps=0, eval_limit=4, lora_r=4, lora_alpha=8)
 
@@ -110,27 +100,6 @@ def test_logq_correction_subtracts_each_columns_log_target_share(tiny_dataset):
     uniform = loss(cfg)
     assert corrected != pytest.approx(plain, abs=1e-4)
     assert uniform == pytest.approx(plain, abs=1e-5)
-
-
-def test_sampled_negatives_are_uniform_draws_and_the_correction_counts_them(tiny_dataset):
-    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=4, **TINY)
-    model, table = _setup(cfg, tiny_dataset)
-    ids = table.item_ids
-    torch.manual_seed(0)
-    draws = sample_catalog(ids, 2000)
-    assert set(draws) == set(ids)  # every item can be drawn ...
-    assert max(draws.count(i) for i in ids) < 3 * 2000 / len(ids)  # ... about equally often
-    assert sample_catalog(ids, 0) == []
-    table.set_target_counts([ids[0]] * 5)
-    q = table.log_q.exp()
-    cols = [ids[0], ids[1]]
-    # 4 targets drawn by popularity + 10 uniform draws: expected count 4 q + 10 / N per item
-    expected = torch.log(4 * q[:2] + 10 / len(ids))
-    log_q = table.log_q[[table.row[c] for c in cols]]
-    assert torch.allclose(log_expected_count(log_q, 4, 10, len(ids)), expected)
-    # without sampled negatives it is log q plus a constant: the plain logQ correction
-    plain = log_expected_count(log_q, 4, 0, len(ids)) - table.log_q[:2]
-    assert torch.allclose(plain, torch.full((2,), math.log(4)))
 
 
 def _log(run: Path) -> list[dict]:
@@ -273,39 +242,6 @@ def test_training_on_the_gpu_writes_a_checkpoint_the_cpu_loads(tiny_dataset, tmp
         assert ckpt.model.device.type == "cpu"
         fresh = ckpt.model.item_vectors(tiny_dataset.items.to_dict("records"))
         assert torch.allclose(fresh, torch.from_numpy(ckpt.item_vectors), atol=1e-3)
-
-
-def test_item_layer_cache_gives_the_full_forwards_vectors_and_gradients(tiny_dataset):
-    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=4, lora_layers=1, **TINY)
-    model, table = _setup(cfg, tiny_dataset)
-    layers = model.lm.config.num_hidden_layers
-    assert model.frozen_layers() == layers - 1  # LoRA on the top layer only
-    table.cache_lower(model, max_gb=1.0)
-    assert table.lower is not None and table.lower_layers == layers - 1
-    assert [len(h) for h in table.lower] == [len(p) for p in table.prompt_ids]
-    ids = table.item_ids[:5]
-    params = trainable_parameters(model)
-
-    def vectors_and_grads(cached: bool):
-        model.lm.zero_grad(set_to_none=True)
-        vecs = (
-            table.encode(model, ids)
-            if cached
-            else model.item_vectors_from_ids([table.prompt_ids[table.row[i]] for i in ids])
-        )
-        (vecs @ torch.arange(vecs.shape[1], dtype=torch.float32)).sum().backward()
-        return vecs.detach(), [p.grad.clone() for p in params]
-
-    full, full_grads = vectors_and_grads(cached=False)
-    cached, cached_grads = vectors_and_grads(cached=True)
-    assert torch.allclose(cached, full, atol=1e-5)
-    assert all(torch.allclose(c, f, atol=1e-4) for c, f in zip(cached_grads, full_grads, strict=True))
-    assert any(g.abs().sum() > 0 for g in cached_grads)
-    # the cache is skipped where it would be wrong (every layer trains) or too big
-    table.cache_lower(model, max_gb=0.0)
-    assert table.lower is None
-    everywhere, _ = build_model(dataclasses.replace(cfg, lora_layers=None), "tiny", tiny_dataset.category)
-    assert everywhere.frozen_layers() == 0
 
 
 @pytest.mark.parametrize(("negatives", "refreshes"), [("in_batch", 2), ("table", 4)])
