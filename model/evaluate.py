@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,9 @@ from tqdm.auto import tqdm
 from model.r2ec import GenerationSettings, R2ec
 from model.rewards import ndcg_at_k, target_rank
 from model.samples import sample_histories
+
+if TYPE_CHECKING:
+    from model.recpo import RecPOConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,22 @@ class EvalConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+
+def validation_eval_config(cfg: RecPOConfig) -> EvalConfig:
+    """The valid-split evaluation of a training run, as its RecPOConfig sets it.
+
+    Training picks OUT/best by NDCG@10 under it, and scheduled retraining's publish gate
+    evaluates under it, so the two metrics compare: the first `eval_limit` valid samples,
+    with reasoning when the stage trains it (recpo) at `eval_reasoning_tokens` tokens
+    (default: max_completion_length), without it for the contrastive warm-up.
+    """
+    return EvalConfig(
+        split="valid",
+        reasoning=cfg.stage == "recpo",
+        max_reasoning_tokens=cfg.reasoning_tokens_at_eval,
+        limit=cfg.eval_limit,
+    )
 
 
 @dataclass

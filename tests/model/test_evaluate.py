@@ -10,7 +10,9 @@ from model.evaluate import (
     evaluate_popularity,
     ranking_metrics,
     target_ranks,
+    validation_eval_config,
 )
+from model.recpo import RecPOConfig
 from model.rewards import ndcg_at_k
 
 
@@ -79,3 +81,11 @@ def test_model_eval_with_and_without_reasoning(tiny_model, tiny_dataset):
     masked = [ids.index(i) for i in test.iloc[0]["history_item_ids"] if i != test.iloc[0]["target_item_id"]]
     scores[masked] = -float("inf")
     assert result.ranks[0] == int((scores > scores[target]).sum()) + 1
+
+
+def test_validation_eval_config_follows_the_training_config():
+    ecfg = validation_eval_config(RecPOConfig(max_completion_length=32, eval_limit=50))
+    assert (ecfg.split, ecfg.reasoning, ecfg.max_reasoning_tokens, ecfg.limit) == ("valid", True, 32, 50)
+    # the warm-up trains without reasoning and is validated without it
+    warm = validation_eval_config(RecPOConfig(stage="contrastive", eval_reasoning_tokens=8, eval_limit=None))
+    assert (warm.split, warm.reasoning, warm.max_reasoning_tokens, warm.limit) == ("valid", False, 8, None)
