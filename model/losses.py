@@ -128,6 +128,20 @@ def item_loss(
     return loss.mean(), {"item/clip_ratio": float((low | high).float().mean())}
 
 
+def catalog_logits(
+    users: torch.Tensor, vectors: torch.Tensor, tau: float, own: torch.Tensor, drop: torch.Tensor | None
+) -> torch.Tensor:
+    """Logits (B, N) of users (B, H) against the whole catalog's vectors (N, H), on the users'
+    device; items marked in drop (B, N) (their history) are masked, a user's own item (B,)
+    never is."""
+    logits = users @ vectors.to(users.device).T / tau  # (B, N)
+    if drop is None:
+        return logits
+    drop = drop.to(logits.device, copy=True)
+    drop[torch.arange(len(own)), own] = False  # never mask the target itself
+    return logits.masked_fill(drop, float("-inf"))
+
+
 def log_expected_count(log_q: torch.Tensor, batch: int, sampled: int, num_items: int) -> torch.Tensor:
     """log E[times each column's item is drawn] per process: (C,) from its log q (C,).
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model.losses import (
+    catalog_logits,
     clipped_surrogate,
     completion_log_probs,
     contrastive_loss,
@@ -97,3 +98,17 @@ def test_contrastive_loss_is_the_own_columns_cross_entropy():
     assert loss.item() == pytest.approx(-(math.log(3 / 8) + math.log(6 / 8)) / 2)
     assert stats["loss/total"] == stats["loss/contrastive"] == pytest.approx(loss.item())
     assert stats["rank/median"] == 1.0  # ranks 2 and 1; torch's median takes the lower middle
+
+
+def test_catalog_logits_mask_the_history_but_never_the_users_own_item():
+    users = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    vectors = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    own = torch.tensor([1, 2])
+    torch.testing.assert_close(
+        catalog_logits(users, vectors, 0.5, own, None), torch.tensor([[2.0, 1.2, 0.0], [0.0, 1.6, 2.0]])
+    )
+    drop = torch.tensor([[True, True, False], [False, False, True]])
+    logits = catalog_logits(users, vectors, 0.5, own, drop)
+    inf = float("-inf")
+    torch.testing.assert_close(logits, torch.tensor([[inf, 1.2, 0.0], [0.0, 1.6, 2.0]]))
+    assert drop.tolist() == [[True, True, False], [False, False, True]]  # the caller's mask is kept
