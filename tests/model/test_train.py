@@ -16,37 +16,26 @@ import torch
 from model.checkpoint import load_checkpoint, read_meta
 from model.distributed import resolve_device
 from model.item_table import ItemTable
-from model.lora import build_model, trainable_parameters
 from model.recpo import RecPOConfig
-from model.train import Optimizer, contrastive_step, make_rollout, policy_loss, train
+from model.train import Trainer, train
 
 TINY = dict(dtype="float32", max_completion_length=8, warmup_steps=0, eval_limit=4, lora_r=4, lora_alpha=8)
 
 
-def _setup(cfg: RecPOConfig, ds):
-    torch.manual_seed(0)
-    model, _ = build_model(cfg, "tiny", ds.category)
-    table = ItemTable.build(model, ds.items.to_dict("records"))
-    model.lm.eval()
-    table.refresh(model)
-    return model, table
-
-
-def test_recpo_step_changes_the_weights_and_lowers_the_loss_on_a_fixed_rollout(tiny_dataset):
+def test_recpo_step_changes_the_weights_and_lowers_the_loss_on_a_fixed_rollout(tiny_dataset, tmp_path):
     cfg = RecPOConfig(per_device_batch_size=2, num_generations=4, learning_rate=1e-2, **TINY)
-    model, table = _setup(cfg, tiny_dataset)
+    trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
     rows = tiny_dataset.split("train").iloc[:2]
-    rb = make_rollout(model, table, rows, tiny_dataset.item_titles(), cfg)
+    rb = trainer.rollout(rows)
     assert rb.advantages.shape == (8,) and rb.old_token_logp.shape[0] == 8
     assert rb.advantages.abs().sum() > 0, "the toy rollout must carry a learning signal"
-    params = trainable_parameters(model)
+    params = trainer.params
     before = [p.detach().clone() for p in params]
-    opt = Optimizer(params, cfg)
     losses = []
     for _ in range(3):
-        loss, stats = policy_loss(model, table, rb, cfg)
+        loss, stats = trainer.policy_loss(rb)
         loss.backward()
-        opt.step()
+        trainer.opt.step()
         losses.append(stats["loss/total"])
     changed = sum(not torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True))
     assert changed > 0
@@ -54,7 +43,7 @@ def test_recpo_step_changes_the_weights_and_lowers_the_loss_on_a_fixed_rollout(t
 
 
 @pytest.mark.parametrize(("negatives", "sampled"), [("in_batch", 0), ("in_batch", 6), ("table", 0)])
-def test_contrastive_step_lowers_the_loss_on_a_fixed_batch(tiny_dataset, negatives, sampled):
+def test_contrastive_step_lowers_the_loss_on_a_fixed_batch(tiny_dataset, tmp_path, negatives, sampled):
     cfg = RecPOConfig(
         stage="contrastive",
         negatives=negatives,
@@ -63,25 +52,25 @@ def test_contrastive_step_lowers_the_loss_on_a_fixed_batch(tiny_dataset, negativ
         learning_rate=1e-2,
         **TINY,
     )
-    model, table = _setup(cfg, tiny_dataset)
+    trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
     rows = tiny_dataset.split("train").iloc[:4]
-    before = table.vectors.clone()
-    opt = Optimizer(trainable_parameters(model), cfg)
+    before = trainer.table.vectors.clone()
     losses = []
     for _ in range(4):
-        loss, stats = contrastive_step(model, table, rows, tiny_dataset.item_titles(), cfg)
+        loss, stats = trainer.contrastive_loss(rows)
         loss.backward()
-        opt.step()
+        trainer.opt.step()
         losses.append(stats["loss/total"])
     assert losses[-1] < losses[0]
     # in_batch writes the batch's freshly encoded targets into the table; against the whole
     # (detached) table, the table only changes at a refresh.
-    assert torch.equal(table.vectors, before) == (negatives == "table")
+    assert torch.equal(trainer.table.vectors, before) == (negatives == "table")
 
 
-def test_logq_correction_subtracts_each_columns_log_target_share(tiny_dataset):
+def test_logq_correction_subtracts_each_columns_log_target_share(tiny_dataset, tmp_path):
     cfg = RecPOConfig(stage="contrastive", per_device_batch_size=4, **TINY)
-    model, table = _setup(cfg, tiny_dataset)
+    trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    table = trainer.table
     ids = table.item_ids
     table.set_target_counts([ids[0], ids[0], ids[1], "not-in-catalog"])
     counts = torch.ones(len(ids))
@@ -89,11 +78,11 @@ def test_logq_correction_subtracts_each_columns_log_target_share(tiny_dataset):
     assert torch.allclose(table.log_q, (counts / counts.sum()).log())
 
     rows = tiny_dataset.split("train").iloc[:4]
-    titles = tiny_dataset.item_titles()
 
     def loss(c: RecPOConfig) -> float:
+        trainer.cfg = c
         torch.manual_seed(0)  # same dropout masks
-        return float(contrastive_step(model, table, rows, titles, c)[0])
+        return float(trainer.contrastive_loss(rows)[0])
 
     corrected, plain = loss(cfg), loss(dataclasses.replace(cfg, logq_correction=False))
     table.log_q = torch.zeros(len(ids))  # a uniform q shifts every column equally: no change
@@ -159,21 +148,15 @@ WORKER = """
 import sys, torch
 from model.data import load_prepared
 from model.recpo import RecPOConfig
-from model.train import train
-import model.train as T
+from model.train import Trainer
 import model.distributed as dist
 
-captured = {}
-real = T.trainable_parameters
-def spy(model):
-    captured["params"] = real(model)
-    return captured["params"]
-T.trainable_parameters = spy
 cfg = RecPOConfig(dtype="float32", max_completion_length=8, warmup_steps=0, eval_limit=4, lora_r=4,
                   lora_alpha=8, per_device_batch_size=2, num_generations=2, max_steps=2,
                   learning_rate=1e-2)
-train(cfg, load_prepared(sys.argv[1]), "tiny", sys.argv[2])
-flat = torch.cat([p.detach().flatten() for p in captured["params"]])
+trainer = Trainer(cfg, load_prepared(sys.argv[1]), "tiny", sys.argv[2])
+trainer.fit()
+flat = torch.cat([p.detach().flatten() for p in trainer.params])
 torch.save(flat, f"{sys.argv[2]}/weights-rank{dist.rank()}.pt")
 """
 
