@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import math
+import re
 
 import pytest
 import torch
 
-from model.recpo import RecPOConfig, best_trajectories, group_advantages
+from model.recpo import RecPOConfig, best_trajectories, field_docs, group_advantages
 from model.rewards import fused_reward, ndcg_at_k, similarity_reward, target_rank
 
 
@@ -85,3 +89,53 @@ def test_config_validation_and_yaml(tmp_path):
     path.write_text("num_generation: 8\n")
     with pytest.raises(ValueError, match="unknown config keys"):
         RecPOConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (dict(negatives="all"), "negatives must be one of"),
+        (dict(stage="recpo", max_completion_length=0), "use stage: contrastive"),
+        (dict(stage="contrastive", negatives="table", sampled_negatives=8), "set sampled_negatives: 0"),
+        (dict(lora=False, lora_layers=8), "set lora: true, or lora_layers: null"),
+        (dict(epsilon=1.0), "epsilon must be in"),
+        (dict(epsilon_high=0.0), "epsilon_high must be > 0"),
+        (dict(lora_dropout=1.0), "lora_dropout"),
+        (dict(learning_rate=0.0), "learning_rate must be > 0"),
+        (dict(top_k=-1), "top_k must be >= 0"),
+        (dict(time_budget_minutes=0), "time_budget_minutes must be > 0 or null"),
+        (dict(eval_limit=0), "eval_limit must be >= 1 or null"),
+        (dict(eval_reasoning_tokens=-1), "eval_reasoning_tokens"),
+        (dict(stage="contrastive", per_device_batch_size=1), "or negatives: table"),
+        (dict(best_n=5), "lower best_n or raise num_generations"),
+    ],
+)
+def test_config_rejects_bad_values_and_says_how_to_fix_them(bad, message):
+    with pytest.raises(ValueError, match=message):
+        RecPOConfig(**bad)
+
+
+def test_the_good_combinations_next_to_them_are_accepted():
+    RecPOConfig(stage="contrastive", max_completion_length=0, num_generations=1)  # no rollouts
+    RecPOConfig(stage="contrastive", negatives="table", per_device_batch_size=1)
+    RecPOConfig(lora=False)
+    RecPOConfig(eval_limit=None, eval_reasoning_tokens=0, top_k=0)
+
+
+def _documented_defaults(cls) -> dict[str, str]:
+    doc = inspect.getdoc(cls).partition("Parameters:")[2]
+    return dict(re.findall(r"^    (\w+) \(.*, defaults to (.*)\):$", doc, flags=re.M))
+
+
+def test_every_config_field_is_documented_once_with_its_default():
+    docs = field_docs(RecPOConfig)
+    assert list(docs) == [f.name for f in dataclasses.fields(RecPOConfig)]
+    assert all(docs.values())
+    defaults = _documented_defaults(RecPOConfig)
+    for f in dataclasses.fields(RecPOConfig):
+        actual = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        text = defaults[f.name]
+        if text.startswith("`"):
+            assert ast.literal_eval(text.strip("`")) == actual, f.name
+        else:
+            assert f.name == "lora_target_modules" and str(actual).replace("'", '"') in docs[f.name]
