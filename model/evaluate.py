@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from model.data.dataset import SPLITS
 from model.r2ec import GenerationSettings, R2ec
 from model.rewards import ndcg_at_k, target_rank
 from model.samples import sample_histories
@@ -56,8 +57,27 @@ def ranking_metrics(ranks: Sequence[int] | np.ndarray, ks: Sequence[int] = KS) -
 
 @dataclass
 class EvalConfig:
-    """split: which prepared split; reasoning False = the paper's "w/o reasoning" mode;
-    mask_history: drop already-seen items from the ranking; limit: first N samples."""
+    """How `evaluate_model` and `evaluate_popularity` rank the catalog.
+
+    Parameters:
+        split (`str`, defaults to `"test"`):
+            The prepared split the samples come from: `"train"`, `"valid"` or `"test"` (a
+            label here; the caller passes that split's samples).
+        reasoning (`bool`, defaults to `True`):
+            Write the reasoning (greedy) before taking h_T; `False` is the paper's
+            "w/o reasoning" mode, h_T straight after the prompt.
+        max_reasoning_tokens (`int`, defaults to `64`):
+            Reasoning token budget per user when `reasoning`.
+        batch_size (`int`, defaults to `8`):
+            Users per generate and forward pass.
+        limit (`int` or `None`, defaults to `None`):
+            Evaluate the first this many samples only (`None`: all).
+        mask_history (`bool`, defaults to `True`):
+            Drop the items of the user's history from the ranking, except the target itself,
+            so a re-consumed item can still be found.
+        ks (`tuple[int, ...]`, defaults to `(5, 10, 20)`):
+            The cut-offs K of Hit@K and NDCG@K.
+    """
 
     split: str = "test"
     reasoning: bool = True
@@ -68,10 +88,16 @@ class EvalConfig:
     ks: tuple[int, ...] = KS
 
     def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.max_reasoning_tokens < 0:
+            raise ValueError(f"max_reasoning_tokens must be >= 0, got {self.max_reasoning_tokens}")
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"ks must be one or more cut-offs >= 1, got {self.ks}")
 
 
 def validation_eval_config(cfg: RecPOConfig) -> EvalConfig:

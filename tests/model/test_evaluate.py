@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -12,7 +13,7 @@ from model.evaluate import (
     target_ranks,
     validation_eval_config,
 )
-from model.recpo import RecPOConfig
+from model.recpo import RecPOConfig, field_docs
 from model.rewards import ndcg_at_k
 
 
@@ -89,3 +90,13 @@ def test_validation_eval_config_follows_the_training_config():
     # the warm-up trains without reasoning and is validated without it
     warm = validation_eval_config(RecPOConfig(stage="contrastive", eval_reasoning_tokens=8, eval_limit=None))
     assert (warm.split, warm.reasoning, warm.max_reasoning_tokens, warm.limit) == ("valid", False, 8, None)
+
+
+def test_eval_config_fields_are_documented_and_checked():
+    assert list(field_docs(EvalConfig)) == [f.name for f in dataclasses.fields(EvalConfig)]
+    with pytest.raises(ValueError, match="split must be one of"):
+        EvalConfig(split="dev")
+    with pytest.raises(ValueError, match="ks must be"):
+        EvalConfig(ks=())
+    with pytest.raises(ValueError, match="max_reasoning_tokens"):
+        EvalConfig(max_reasoning_tokens=-1)
