@@ -9,8 +9,10 @@ model's decoder and generate() directly rather than one forward() DDP could hook
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as td
 
@@ -121,3 +123,23 @@ def gather_objects(obj: list[Any]) -> list[Any]:
     out: list[list[Any]] = [[] for _ in range(td.get_world_size())]
     td.all_gather_object(out, list(obj))
     return [x for part in out for x in part]
+
+
+def gather_rng_states() -> list[dict]:
+    """Every process's RNG states (torch, CUDA, numpy, python), rank order: what an exact
+    resume restores. Collective: every process calls it."""
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()  # sampling on the GPU draws from this one
+    return gather_objects([rng])
+
+
+def restore_rng_state(states: list[dict]) -> None:
+    """Set this process's RNGs from `gather_rng_states()`'s list (rank 0's when the run now
+    has more processes than saved it)."""
+    rng = states[rank()] if rank() < len(states) else states[0]
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])

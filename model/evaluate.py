@@ -8,19 +8,23 @@ the target itself, so a re-consumed item can still be found.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from model.data.dataset import SPLITS
 from model.r2ec import GenerationSettings, R2ec
-from model.rewards import target_rank
+from model.rewards import ndcg_at_k, target_rank
 from model.samples import sample_histories
+
+if TYPE_CHECKING:
+    from model.recpo import RecPOConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,27 +43,41 @@ def target_ranks(
     return target_rank(scores.detach(), targets, mask)
 
 
-def ndcg_at_k(rank: int, k: int) -> float:
-    """One relevant item: 1/log2(rank+1) inside the cut-off, else 0."""
-    return 1.0 / math.log2(rank + 1) if rank <= k else 0.0
-
-
 def ranking_metrics(ranks: Sequence[int] | np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
-    ranks = np.asarray(ranks, dtype=np.float64)
-    if ranks.size == 0:
+    """Hit@K and NDCG@K averaged over 1-based ranks, for each K in ks."""
+    ranks = torch.as_tensor(np.asarray(ranks, dtype=np.float64))  # (B,)
+    if ranks.numel() == 0:
         raise ValueError("no ranks to average")
     out = {}
     for k in ks:
-        hit = ranks <= k
-        out[f"hit@{k}"] = float(hit.mean())
-        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 1), 0.0).mean())
+        out[f"hit@{k}"] = float((ranks <= k).double().mean())
+        out[f"ndcg@{k}"] = float(ndcg_at_k(ranks, k).mean())
     return out
 
 
 @dataclass
 class EvalConfig:
-    """split: which prepared split; reasoning False = the paper's "w/o reasoning" mode;
-    mask_history: drop already-seen items from the ranking; limit: first N samples."""
+    """How `evaluate_model` and `evaluate_popularity` rank the catalog.
+
+    Parameters:
+        split (`str`, defaults to `"test"`):
+            The prepared split the samples come from: `"train"`, `"valid"` or `"test"` (a
+            label here; the caller passes that split's samples).
+        reasoning (`bool`, defaults to `True`):
+            Write the reasoning (greedy) before taking h_T; `False` is the paper's
+            "w/o reasoning" mode, h_T straight after the prompt.
+        max_reasoning_tokens (`int`, defaults to `64`):
+            Reasoning token budget per user when `reasoning`.
+        batch_size (`int`, defaults to `8`):
+            Users per generate and forward pass.
+        limit (`int` or `None`, defaults to `None`):
+            Evaluate the first this many samples only (`None`: all).
+        mask_history (`bool`, defaults to `True`):
+            Drop the items of the user's history from the ranking, except the target itself,
+            so a re-consumed item can still be found.
+        ks (`tuple[int, ...]`, defaults to `(5, 10, 20)`):
+            The cut-offs K of Hit@K and NDCG@K.
+    """
 
     split: str = "test"
     reasoning: bool = True
@@ -70,10 +88,32 @@ class EvalConfig:
     ks: tuple[int, ...] = KS
 
     def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.max_reasoning_tokens < 0:
+            raise ValueError(f"max_reasoning_tokens must be >= 0, got {self.max_reasoning_tokens}")
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"ks must be one or more cut-offs >= 1, got {self.ks}")
+
+
+def validation_eval_config(cfg: RecPOConfig) -> EvalConfig:
+    """The valid-split evaluation of a training run, as its RecPOConfig sets it.
+
+    Training picks OUT/best by NDCG@10 under it, and scheduled retraining's publish gate
+    evaluates under it, so the two metrics compare: the first `eval_limit` valid samples,
+    with reasoning when the stage trains it (recpo) at `eval_reasoning_tokens` tokens
+    (default: max_completion_length), without it for the contrastive warm-up.
+    """
+    return EvalConfig(
+        split="valid",
+        reasoning=cfg.stage == "recpo",
+        max_reasoning_tokens=cfg.reasoning_tokens_at_eval,
+        limit=cfg.eval_limit,
+    )
 
 
 @dataclass

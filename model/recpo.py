@@ -1,13 +1,16 @@
-"""RecPO configuration and its pure math: group advantages and clipped losses.
+"""RecPO configuration and its group math: advantages and the best trajectories.
 
-R²ec, arXiv 2505.16994 §3.2 and Appendix E; DESIGN §3. The training loop in
-model/train.py only calls these functions.
+R²ec, arXiv 2505.16994 §3.2 and Appendix E; DESIGN §3. The rewards are in
+model/rewards.py, the losses in model/losses.py; the training loop in model/train.py
+only calls these functions.
 
-Shapes: B users, G generations per user, T reasoning tokens, M = B*G rollouts.
+Shapes: B users, G generations per user, M = B*G rollouts.
 """
 
 from __future__ import annotations
 
+import inspect
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,77 +22,203 @@ from model import distributed as dist
 
 ADVANTAGES = ("grpo", "rloo")
 STAGES = ("recpo", "contrastive")
+NEGATIVES = ("in_batch", "table")
 
 
 @dataclass
 class RecPOConfig:
-    """Every knob of `r2ec train`, TRL's names where they exist."""
+    r"""Every knob of `r2ec train` (and of `r2ec retrain`'s run), TRL's names where they exist.
 
-    # -- what to train -----------------------------------------------------------------------
-    stage: str = "recpo"  # "recpo", or "contrastive": the "w/o reasoning" warm-up
-    lora: bool = True  # LoRA adapters (fp32) over a frozen base; False = full fine-tuning
+    Read from YAML with `from_yaml` (unknown keys are an error); `__post_init__` rejects bad
+    values and combinations with a message that says how to fix them. Terms: B users per
+    micro-batch, G generations per user; "the table" is the item table H_V, every catalog
+    item's vector (model/item_table.py).
+
+    Parameters:
+        > What to train
+
+        stage (`str`, defaults to `"recpo"`):
+            `"recpo"`: RecPO (R²ec, arXiv 2505.16994 §3.2): G reasoning rollouts per user, fused
+            reward, clipped token and item losses. `"contrastive"`: the paper's "w/o reasoning"
+            objective as a warm-up: no generation, a softmax of each user over items.
+        lora (`bool`, defaults to `True`):
+            Train LoRA adapters (fp32) over a frozen base; `False` fine-tunes every weight.
+        lora_r (`int`, defaults to `16`):
+            LoRA rank.
+        lora_alpha (`int`, defaults to `32`):
+            LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).
+        lora_dropout (`float`, defaults to `0.0`):
+            Dropout on the LoRA branch's input, in [0, 1).
+        lora_layers (`int` or `None`, defaults to `None`):
+            Put adapters on the top this-many decoder layers only (`None`: all). Backward then
+            stops there, which roughly halves a CPU step at 8 of SmolLM2's 30 layers, and the
+            frozen layers below can be cached (`item_layer_cache_gb`). Needs `lora`.
+        lora_target_modules (`list[str]`, defaults to the seven projections below):
+            The linear layers that get adapters: by default the attention and MLP projections
+            of Llama-style backbones, `["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+            "up_proj", "down_proj"]`.
+        dtype (`str`, defaults to `"bfloat16"`):
+            The base model's dtype: `"bfloat16"`, `"float32"` or `"float16"`. Trainable
+            weights (LoRA adapters) are kept in fp32 whatever this is.
+        item_layer_cache_gb (`float`, defaults to `2.0`):
+            With adapters on the top `lora_layers` only, each item prompt's output of the
+            frozen layers below is computed once and kept if it fits in this many GB (`0`:
+            off), so live item encoding runs only the trainable layers
+            (`ItemTable.cache_lower`).
+        tau (`float`, defaults to `0.02`):
+            Temperature of the item score s(u, v) = cos(h_T, h_v) / tau.
+        system_prompt (`str` or `None`, defaults to `None`):
+            The prompts' system turn when training starts from a backbone (`None`: the chat
+            template's default). A checkpoint keeps its own prompts, so warm starts and
+            serving render the same.
+
+        > Rollout (stage recpo)
+
+        num_generations (`int`, defaults to `4`):
+            G, reasoning trajectories sampled per user; at least 2 for group advantages.
+        temperature (`float`, defaults to `1.0`):
+            Sampling temperature of the rollouts; the token log-probs of the loss are taken at
+            the same temperature.
+        top_k (`int`, defaults to `50`):
+            Sample from the top-k tokens only (`0`: no cut).
+        max_completion_length (`int`, defaults to `64`):
+            Reasoning token budget per trajectory.
+
+        > Reward and advantage (stage recpo)
+
+        similarity_reward_weight (`float`, defaults to `0.05`):
+            beta in the fused reward R = beta * R_c + (1 - beta) * R_d (R_c: the target's
+            softmax probability over all items; R_d: NDCG of its rank). Not TRL's KL beta.
+        ndcg_k (`int`, defaults to `1000`):
+            Cut-off K of R_d = NDCG@K of the target's rank in the whole catalog.
+        advantage (`str`, defaults to `"grpo"`):
+            `"grpo"`: A = (R - group mean) / (group std + 1e-8); `"rloo"`: A = R - the mean of
+            the group's other G - 1 rewards.
+        mask_history (`bool`, defaults to `True`):
+            Drop the user's history items from the ranking that rewards (and, for
+            `negatives: table`, the contrastive softmax) are computed over, as eval does.
+
+        > Losses
+
+        epsilon (`float`, defaults to `0.2`):
+            Lower clip of the policy ratio: it is clipped to [1 - epsilon, 1 + epsilon_high].
+        epsilon_high (`float`, defaults to `0.28`):
+            Upper clip of the policy ratio (DAPO's clip-higher).
+        best_n (`int`, defaults to `1`):
+            Trajectories per user, by top advantage, whose h_T trains rec_head through the
+            item loss (RecPO, arXiv 2505.16994 §3.2: the best one).
+        num_iterations (`int`, defaults to `1`):
+            Policy updates per rollout batch (TRL's mu, PPO epochs); above 1 the ratio moves
+            away from 1 and clipping starts to act.
+        negatives (`str`, defaults to `"in_batch"`):
+            Stage contrastive: what each user is scored against. `"in_batch"`: the batch's
+            targets (plus `sampled_negatives`), encoded live with gradient, so both towers
+            learn. `"table"`: the whole catalog from the detached item table, refreshed every
+            `refresh_every` steps (an exact full softmax; only the user side learns). The two
+            are never mixed: live columns next to stale ones let the model learn to tell
+            fresh from stale (train rank 7, valid NDCG ~0 on ml-100k) instead of users from
+            items.
+        logq_correction (`bool`, defaults to `True`):
+            `negatives: in_batch`: subtract log E[times drawn] (from each item's share of
+            training targets) from the logits. In-batch negatives are drawn by popularity,
+            and without it the model learns to demote popular items (sampled-softmax
+            correction, Yi et al., RecSys 2019).
+        sampled_negatives (`int`, defaults to `0`):
+            `negatives: in_batch`: this many catalog items drawn uniformly per process per
+            step, encoded live with gradient and added to the in-batch columns (mixed negative
+            sampling, Yang et al. 2020).
+
+        > Optimisation
+
+        per_device_batch_size (`int`, defaults to `4`):
+            B, users per micro-batch on each process.
+        gradient_accumulation_steps (`int`, defaults to `1`):
+            Micro-batches per optimizer step; their losses are averaged.
+        learning_rate (`float`, defaults to `1e-4`):
+            AdamW's peak learning rate.
+        weight_decay (`float`, defaults to `0.0`):
+            AdamW's decoupled weight decay.
+        warmup_steps (`int`, defaults to `10`):
+            Steps of linear learning-rate warmup from lr / warmup_steps; constant after.
+        max_grad_norm (`float`, defaults to `1.0`):
+            Clip the global gradient norm to this before each optimizer step.
+        max_steps (`int`, defaults to `100`):
+            Optimizer steps to train for, counting the steps of the run being resumed.
+        time_budget_minutes (`float` or `None`, defaults to `None`):
+            Stop (evaluating and saving first) once this much wall time is spent, counting
+            the time of the run being resumed; `None`: no budget.
+        refresh_every (`int`, defaults to `50`):
+            Re-encode the whole catalog into the item table every this many steps, when the
+            stage reads the table (recpo, or `negatives: table`); every eval refreshes too.
+
+        > Evaluation and checkpoints
+
+        eval_every (`int`, defaults to `25`):
+            Evaluate on the valid split every this many steps and at the last; the best
+            NDCG@10 so far is kept as OUT/best.
+        eval_limit (`int` or `None`, defaults to `200`):
+            Valid samples per eval, the first this many (`None`: all of them).
+        eval_reasoning_tokens (`int` or `None`, defaults to `None`):
+            Reasoning budget of the (greedy) evals of stage recpo; `None`: max_completion_length.
+        save_every (`int`, defaults to `25`):
+            Write OUT/last (the checkpoint plus what --resume needs) every this many steps
+            and at the last.
+        seed (`int`, defaults to `0`):
+            Seeds torch at the start and each step's draw of users, so a resumed run draws
+            the same users as an uninterrupted one.
+        device (`str`, defaults to `"auto"`):
+            `"auto"`: this process's GPU (cuda:LOCAL_RANK) when torch sees one, else the CPU;
+            or `"cpu"`, `"cuda"`, `"cuda:N"`.
+    """
+
+    # -- what to train
+    stage: str = "recpo"
+    lora: bool = True
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_layers: int | None = None  # adapters on the top this-many decoder layers only (None = all):
-    # backward then stops there, which roughly halves a CPU step at 8 of SmolLM2's 30 layers
+    lora_layers: int | None = None
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    dtype: str = "bfloat16"  # base model dtype; LoRA weights stay fp32
-    # With LoRA on the top lora_layers only, item prompts' outputs of the frozen layers below
-    # are computed once and kept, up to this many GB (0 = off); see ItemTable.cache_lower.
+    dtype: str = "bfloat16"
     item_layer_cache_gb: float = 2.0
-    tau: float = 0.02  # temperature of s(u, v) = cos / tau
-    # The prompts' system turn when training starts from a backbone (None: the chat template's
-    # default). A checkpoint keeps its own prompts, so warm starts and serving render the same.
+    tau: float = 0.02
     system_prompt: str | None = None
-    # -- rollout -------------------------------------------------------------------------------
-    num_generations: int = 4  # G trajectories per user
+    # -- rollout
+    num_generations: int = 4
     temperature: float = 1.0
     top_k: int = 50
-    max_completion_length: int = 64  # reasoning token budget per trajectory
-    # -- reward and advantage ------------------------------------------------------------------
-    similarity_reward_weight: float = 0.05  # beta in R = beta*R_c + (1-beta)*R_d
-    ndcg_k: int = 1000  # cut-off of R_d
-    advantage: str = "grpo"  # "grpo": (R - mean)/(std + eps); "rloo": R - mean of the others
-    mask_history: bool = True  # drop history items from the reward's ranking (as eval does)
-    # -- losses --------------------------------------------------------------------------------
-    epsilon: float = 0.2  # clip ratio to [1 - epsilon, 1 + epsilon_high]
+    max_completion_length: int = 64
+    # -- reward and advantage
+    similarity_reward_weight: float = 0.05
+    ndcg_k: int = 1000
+    advantage: str = "grpo"
+    mask_history: bool = True
+    # -- losses
+    epsilon: float = 0.2
     epsilon_high: float = 0.28
-    best_n: int = 1  # trajectories per user that train rec_head (top advantages)
-    num_iterations: int = 1  # policy updates per rollout batch (PPO epochs, TRL's mu)
-    # Contrastive stage, which items each user is scored against:
-    #   "in_batch": the batch's targets, encoded live with gradient (both towers learn);
-    #   "table": the whole catalog from the detached item table, refreshed every
-    #     refresh_every steps (only the user side gets gradient; exact full softmax).
-    # Never mix the two: live columns next to stale ones let the model learn to tell fresh
-    # from stale (train rank 7, valid NDCG ~0 on ml-100k) instead of users from items.
+    best_n: int = 1
+    num_iterations: int = 1
     negatives: str = "in_batch"
-    # Subtract log q(item) (its share of training targets) from in-batch logits: in-batch
-    # negatives are drawn by popularity, and without it the model learns to demote popular
-    # items (sampled-softmax correction, Yi et al., RecSys 2019).
     logq_correction: bool = True
-    # "in_batch" only: this many catalog items drawn uniformly per process per step, encoded
-    # live with gradient and added to the in-batch columns (mixed negative sampling).
     sampled_negatives: int = 0
-    # -- optimisation --------------------------------------------------------------------------
-    per_device_batch_size: int = 4  # B users per process per step
+    # -- optimisation
+    per_device_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
     max_steps: int = 100
-    time_budget_minutes: float | None = None  # stop (and save) once this much wall time is spent
-    refresh_every: int = 50  # re-encode the whole catalog every this many steps
-    # -- eval and checkpoints ------------------------------------------------------------------
+    time_budget_minutes: float | None = None
+    refresh_every: int = 50
+    # -- evaluation and checkpoints
     eval_every: int = 25
-    eval_limit: int | None = 200  # valid samples per periodic eval (None = all)
-    eval_reasoning_tokens: int | None = None  # default: max_completion_length
+    eval_limit: int | None = 200
+    eval_reasoning_tokens: int | None = None
     save_every: int = 25
     seed: int = 0
-    # "auto": this process's GPU (cuda:LOCAL_RANK) when torch sees one, else the CPU.
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -98,16 +227,8 @@ class RecPOConfig:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
-        if self.stage == "recpo" and self.num_generations < 2:
-            raise ValueError("num_generations must be >= 2: group advantages need a group")
-        if self.advantage == "rloo" and self.num_generations < 2:
-            raise ValueError("rloo needs num_generations >= 2 (the leave-one-out mean)")
-        if not 0.0 <= self.similarity_reward_weight <= 1.0:
-            raise ValueError("similarity_reward_weight (beta) must be in [0, 1]")
-        if not 1 <= self.best_n <= self.num_generations:
-            raise ValueError(f"best_n must be in [1, num_generations={self.num_generations}]")
-        if self.epsilon <= 0 or self.epsilon_high <= 0:
-            raise ValueError("epsilon and epsilon_high must be > 0")
+        if self.negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {NEGATIVES}, got {self.negatives!r}")
         for name in (
             "per_device_batch_size",
             "gradient_accumulation_steps",
@@ -117,23 +238,73 @@ class RecPOConfig:
             "save_every",
             "num_iterations",
             "ndcg_k",
+            "num_generations",
+            "lora_r",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.sampled_negatives < 0:
-            raise ValueError(f"sampled_negatives must be >= 0, got {self.sampled_negatives}")
-        if self.negatives not in ("in_batch", "table"):
-            raise ValueError(f"negatives must be 'in_batch' or 'table', got {self.negatives!r}")
+        for name in ("sampled_negatives", "warmup_steps", "top_k", "weight_decay", "item_layer_cache_gb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("tau", "temperature", "learning_rate", "max_grad_norm", "lora_alpha", "epsilon_high"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.stage == "recpo" and self.num_generations < 2:
+            raise ValueError(
+                "num_generations must be >= 2 for stage recpo: group advantages need a group "
+                "(for training without rollouts use stage: contrastive)"
+            )
+        if self.advantage == "rloo" and self.num_generations < 2:
+            raise ValueError("rloo needs num_generations >= 2 (the leave-one-out mean)")
+        if self.stage == "recpo" and self.max_completion_length < 1:
+            raise ValueError(
+                "max_completion_length must be >= 1 for stage recpo (it is the reasoning budget); "
+                "for training without reasoning use stage: contrastive"
+            )
+        if not 0.0 <= self.similarity_reward_weight <= 1.0:
+            raise ValueError(
+                f"similarity_reward_weight (beta) must be in [0, 1], got {self.similarity_reward_weight}"
+            )
+        if not 1 <= self.best_n <= self.num_generations:
+            raise ValueError(
+                f"best_n must be in [1, num_generations={self.num_generations}], got {self.best_n}: "
+                "lower best_n or raise num_generations"
+            )
+        if not 0.0 < self.epsilon < 1.0:
+            raise ValueError(
+                f"epsilon must be in (0, 1) (the ratio's lower clip is 1 - epsilon), got {self.epsilon}"
+            )
         if self.stage == "contrastive" and self.per_device_batch_size < 2 and self.negatives == "in_batch":
             raise ValueError(
                 "in-batch contrastive training needs per_device_batch_size >= 2 (or negatives: table)"
             )
+        if self.stage == "contrastive" and self.negatives == "table" and self.sampled_negatives > 0:
+            raise ValueError(
+                "sampled_negatives only applies to negatives: in_batch (negatives: table already "
+                "scores every item); set sampled_negatives: 0 or negatives: in_batch"
+            )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lora_layers is not None and self.lora_layers < 1:
-            raise ValueError(f"lora_layers must be >= 1 or null, got {self.lora_layers}")
-        if self.item_layer_cache_gb < 0:
-            raise ValueError(f"item_layer_cache_gb must be >= 0, got {self.item_layer_cache_gb}")
-        if self.tau <= 0 or self.temperature <= 0:
-            raise ValueError("tau and temperature must be > 0")
+            raise ValueError(f"lora_layers must be >= 1 or null (all layers), got {self.lora_layers}")
+        if self.lora_layers is not None and not self.lora:
+            raise ValueError(
+                f"lora_layers={self.lora_layers} needs lora: true (full fine-tuning trains every "
+                "layer); set lora: true, or lora_layers: null"
+            )
+        if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
+            raise ValueError(
+                f"time_budget_minutes must be > 0 or null (no budget), got {self.time_budget_minutes}"
+            )
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError(
+                f"eval_limit must be >= 1 or null (the whole valid split), got {self.eval_limit}"
+            )
+        if self.eval_reasoning_tokens is not None and self.eval_reasoning_tokens < 0:
+            raise ValueError(
+                "eval_reasoning_tokens must be >= 0 or null (max_completion_length), "
+                f"got {self.eval_reasoning_tokens}"
+            )
 
     @property
     def reasoning_tokens_at_eval(self) -> int:
@@ -152,6 +323,23 @@ class RecPOConfig:
         if unknown:
             raise ValueError(f"{path}: unknown config keys {unknown}; known keys: {sorted(known)}")
         return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's description from a config class's "Parameters:" docstring section, in
+    the order documented, each on one line (help texts for a CLI built from the fields)."""
+    doc = inspect.getdoc(cls) or ""
+    docs: dict[str, list[str]] = {}
+    name = None
+    for line in doc.partition("Parameters:")[2].splitlines():
+        if m := re.match(r"    (\w+) \(.*\):$", line):
+            name = m.group(1)
+            docs[name] = []
+        elif line.startswith(" " * 8) and name is not None:
+            docs[name].append(line.strip())
+        else:
+            name = None  # a blank line or a "> group" heading ends a field
+    return {k: " ".join(v) for k, v in docs.items()}
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, kind: str) -> torch.Tensor:
@@ -175,49 +363,6 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, kind: str) -> 
     return adv.reshape(-1)
 
 
-def clipped_surrogate(
-    ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float, epsilon_high: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO's clipped objective as a per-element loss (to minimise).
-
-    loss = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
-    Returns (loss, clipped_low, clipped_high) where the flags mark elements whose
-    clipped branch was active (for the clip_ratio/low|high metrics).
-    """
-    clipped = ratio.clamp(1.0 - epsilon, 1.0 + epsilon_high)
-    unclipped_obj = ratio * advantages
-    clipped_obj = clipped * advantages
-    loss = -torch.minimum(unclipped_obj, clipped_obj)
-    low = (ratio < 1.0 - epsilon) & (advantages < 0)
-    high = (ratio > 1.0 + epsilon_high) & (advantages > 0)
-    return loss, low, high
-
-
-def token_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    epsilon: float,
-    epsilon_high: float,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate per reasoning token, averaged over real tokens (padding masked).
-
-    logp, old_logp, mask: (M, T); advantages: (M,) broadcast over each rollout's tokens.
-    A rollout with no reasoning tokens contributes nothing.
-    """
-    mask = mask.float()
-    ratio = torch.exp(logp - old_logp)  # (M, T)
-    per_token, low, high = clipped_surrogate(ratio, advantages.unsqueeze(1), epsilon, epsilon_high)
-    denom = mask.sum().clamp(min=1.0)
-    loss = (per_token * mask).sum() / denom
-    stats = {
-        "clip_ratio/low": float((low.float() * mask).sum() / denom),
-        "clip_ratio/high": float((high.float() * mask).sum() / denom),
-    }
-    return loss, stats
-
-
 def best_trajectories(advantages: torch.Tensor, num_generations: int, best_n: int) -> torch.Tensor:
     """Flat indices (B*best_n,) of each group's top-`best_n` advantages, user-major.
 
@@ -227,42 +372,3 @@ def best_trajectories(advantages: torch.Tensor, num_generations: int, best_n: in
     top = grouped.topk(best_n, dim=1).indices  # (B, best_n)
     offsets = torch.arange(grouped.shape[0], device=advantages.device).unsqueeze(1) * num_generations
     return (top + offsets).reshape(-1)
-
-
-def in_batch_logits(
-    users: torch.Tensor, targets: torch.Tensor, target_ids: list, tau: float, user_targets: list
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (U, C) of each user against the batch's target items, and each user's column.
-
-    users (U, H) and targets (C, H) L2-normalised; target_ids (C,) the items behind the
-    columns, user_targets (U,) each user's own item. Columns holding the same item as the
-    user's target (duplicates in the batch) other than the first are masked, so an item is
-    never its own negative.
-    """
-    logits = users @ targets.T / tau  # (U, C)
-    col_of: dict = {}
-    for c, item in enumerate(target_ids):
-        col_of.setdefault(item, c)
-    own = torch.tensor([col_of[t] for t in user_targets], device=users.device)
-    dup = torch.tensor(
-        [[target_ids[c] == t and c != col_of[t] for c in range(len(target_ids))] for t in user_targets],
-        device=users.device,
-    )
-    return logits.masked_fill(dup, float("-inf")), own
-
-
-def in_batch_log_probs(
-    users: torch.Tensor, targets: torch.Tensor, target_ids: list, tau: float, user_targets: list
-) -> torch.Tensor:
-    """log p(target | user) under an in-batch softmax over the batch's target items: (U,)."""
-    logits, own = in_batch_logits(users, targets, target_ids, tau, user_targets)
-    return torch.log_softmax(logits.float(), dim=-1).gather(1, own.view(-1, 1)).squeeze(1)
-
-
-def item_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, epsilon: float, epsilon_high: float
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The same clipped form on the item choice: ratio = p / p_old, per best trajectory."""
-    ratio = torch.exp(logp - old_logp)
-    loss, low, high = clipped_surrogate(ratio, advantages, epsilon, epsilon_high)
-    return loss.mean(), {"item/clip_ratio": float((low | high).float().mean())}

@@ -30,9 +30,13 @@ def target_rank(
     return (scores > target_scores).sum(dim=1) + 1
 
 
-def ndcg_reward(ranks: torch.Tensor, k: int) -> torch.Tensor:
-    """R_d: NDCG@k of a single relevant item = 1/log2(rank+1) if rank <= k else 0."""
-    ranks = ranks.float()
+def ndcg_at_k(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """NDCG@k of one relevant item at 1-based `ranks` (R,): 1/log2(rank+1) if rank <= k else 0.
+
+    The reward R_d (with k = `ndcg_k`) and the evaluation metric NDCG@K (model/evaluate.py)
+    are this one function. Floating ranks keep their dtype (eval averages in float64).
+    """
+    ranks = ranks if ranks.is_floating_point() else ranks.float()
     return torch.where(ranks <= k, 1.0 / torch.log2(ranks + 1.0), torch.zeros_like(ranks))
 
 

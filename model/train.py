@@ -1,6 +1,9 @@
 """The RecPO training loop: rollout -> reward -> advantage -> update -> eval/checkpoint.
 
-All math lives in model/rewards.py and model/recpo.py; this file only wires it.
+`Trainer` owns one run: the model, its optimizer, the item table, the training state and
+the run directory, and only wires them. The math lives in model/rewards.py (rewards),
+model/recpo.py (advantages) and model/losses.py (losses); the item table in
+model/item_table.py, model setup in model/lora.py.
 Runs the same on one CPU process or under `torchrun --nproc_per_node N` (gloo on
 CPU, nccl on GPU): each process rolls out its own users, gradients are averaged
 across processes after every backward, and the item loss's negatives are gathered
@@ -20,35 +23,29 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from model import distributed as dist
-from model.backbone import BackboneConfig, load_backbone
-from model.checkpoint import load_checkpoint, read_meta, resolve_checkpoint, save_checkpoint
+from model import losses
+from model.checkpoint import read_meta, save_checkpoint
 from model.curves import plot_curves
 from model.data import PreparedDataset
-from model.evaluate import EvalConfig, evaluate_model
-from model.prompts import PromptConfig
-from model.r2ec import GenerationSettings, R2ec, Rollout, length_batches
-from model.recpo import (
-    RecPOConfig,
-    best_trajectories,
-    group_advantages,
-    in_batch_log_probs,
-    in_batch_logits,
-    item_loss,
-    token_loss,
-)
-from model.rewards import fused_reward, ndcg_reward, similarity_reward, target_rank
+from model.evaluate import evaluate_model, validation_eval_config
+from model.item_table import ItemTable
+from model.lora import build_model, trainable_parameters, weights_kind
+from model.r2ec import GenerationSettings, Rollout
+from model.recpo import RecPOConfig, best_trajectories, group_advantages
+from model.rewards import fused_reward, ndcg_at_k, similarity_reward, target_rank
 from model.samples import sample_histories
 
 log = logging.getLogger(__name__)
@@ -56,183 +53,21 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 
 
-# -- model setup -------------------------------------------------------------------------------
-def build_model(cfg: RecPOConfig, base: str, category: str) -> tuple[R2ec, str]:
-    """The trainable model and the base reference its checkpoints will name.
-
-    `base` is a backbone reference (smollm2, tiny, HF dir, .gguf) or a checkpoint to
-    warm-start from (what scheduled retraining does). A LoRA checkpoint keeps training
-    its adapter; anything else gets a fresh adapter when cfg.lora.
-    """
-    try:
-        ckpt_path = resolve_checkpoint(base)
-    except ValueError:
-        ckpt_path = None
-    if ckpt_path is not None:
-        meta = read_meta(ckpt_path)
-        continue_adapter = meta["weights"] == "lora" and cfg.lora
-        ckpt = load_checkpoint(ckpt_path, dtype=cfg.dtype, trainable=continue_adapter, merge_lora=True)
-        model = ckpt.model
-        base_ref = meta["base"] if meta["weights"] != "full" else str(ckpt_path / "model")
-        if continue_adapter:
-            _cast_trainable_fp32(model.lm)
-            return model, base_ref
-    else:
-        lm, tok = load_backbone(BackboneConfig(base=base, dtype=cfg.dtype, seed=cfg.seed))
-        prompts = PromptConfig(category=category, system_prompt=cfg.system_prompt)
-        model, base_ref = R2ec(lm, tok, prompts, tau=cfg.tau), base
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.lora_target_modules,
-            layers_to_transform=_top_layers(model.lm, cfg.lora_layers),
-            bias="none",
-        )
-        model.lm = get_peft_model(model.lm, lora)
-        _cast_trainable_fp32(model.lm)
-    model.tau = cfg.tau
-    return model, base_ref
+def train(
+    cfg: RecPOConfig, dataset: PreparedDataset, base: str, out: Path | str, resume: bool = False
+) -> Path:
+    """Train and return the path of the best checkpoint."""
+    return Trainer(cfg, dataset, base, out, resume=resume).fit()
 
 
-def _top_layers(lm: torch.nn.Module, n: int | None) -> list[int] | None:
-    if n is None:
-        return None
-    total = lm.config.num_hidden_layers
-    if n > total:
-        raise ValueError(f"lora_layers={n} but the backbone has {total} layers")
-    return list(range(total - n, total))
-
-
-def _cast_trainable_fp32(lm: torch.nn.Module) -> None:
-    # bf16 cannot hold small AdamW updates; adapters train in fp32 over a bf16 base.
-    for p in lm.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-
-
-def trainable_parameters(model: R2ec) -> list[torch.nn.Parameter]:
-    return [p for p in model.lm.parameters() if p.requires_grad]
-
-
-# -- the item table (H_V) ----------------------------------------------------------------------
 @dataclass
-class ItemTable:
-    """The full catalog's normalised vectors, refreshed lazily (DESIGN §3 step 7)."""
+class TrainState:
+    """Where a run stands; saved in OUT/last/trainer_state.pt so --resume continues exactly."""
 
-    item_ids: list[str]
-    prompt_ids: list[list[int]]
-    vectors: torch.Tensor  # (N, H) float32, detached
-    row: dict[str, int] = field(default_factory=dict)
-    log_q: torch.Tensor | None = None  # (N,) log share of training targets, for logQ correction
-    # Each item's input to decoder layer `lower_layers` (len_i, H): the layers below it are
-    # frozen, so item encoding with gradient runs only the trainable top (`cache_lower`).
-    lower: list[torch.Tensor] | None = None
-    lower_layers: int = 0
-
-    def set_target_counts(self, targets: list[str]) -> None:
-        """log q(item) from the training targets (add-one smoothed)."""
-        counts = torch.ones(len(self.item_ids))
-        for t in targets:
-            if t in self.row:
-                counts[self.row[t]] += 1
-        self.log_q = (counts / counts.sum()).log()
-
-    @classmethod
-    def build(cls, model: R2ec, items: list[dict]) -> ItemTable:
-        ids = [str(it["item_id"]) for it in items]
-        table = cls(ids, model.item_prompt_ids(items), torch.zeros(len(ids), model.hidden_size))
-        table.row = {item: i for i, item in enumerate(ids)}
-        return table
-
-    @torch.no_grad()
-    def refresh(self, model: R2ec, batch_size: int = 32, progress: bool = False) -> None:
-        """Re-encode every item; each process encodes a shard, then all gather."""
-        chunks = length_batches(self.lengths, batch_size, dist.rank(), dist.world_size())
-        out = torch.zeros_like(self.vectors)
-        bar = tqdm(
-            total=sum(map(len, chunks)),
-            desc="refresh item table",
-            unit="item",
-            disable=not progress,
-            leave=False,
-        )
-        for chunk in chunks:
-            out[chunk] = self.encode_rows(model, chunk).cpu()
-            bar.update(len(chunk))
-        bar.close()
-        self.vectors = dist.all_reduce_sum(out)  # each row was written by exactly one process
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(p) for p in self.prompt_ids]
-
-    def encode(self, model: R2ec, item_ids: list[str]) -> torch.Tensor:
-        """Normalised vectors (n, H) of these items under the current weights, with gradient
-        when enabled; from the frozen-layer cache when there is one."""
-        return self.encode_rows(model, [self.row[i] for i in item_ids])
-
-    def encode_rows(self, model: R2ec, rows: list[int]) -> torch.Tensor:
-        if self.lower is None:
-            return model.item_vectors_from_ids([self.prompt_ids[r] for r in rows])
-        return model.item_vectors_from_lower([self.lower[r] for r in rows], self.lower_layers)
-
-    def cache_lower(self, model: R2ec, max_gb: float, batch_size: int = 32, progress: bool = False) -> None:
-        """Run every item prompt once through the model's frozen lower layers and keep the
-        result, when there are frozen layers (LoRA on the top layers only) and the cache fits
-        in `max_gb`. Live item encoding (the bulk of a contrastive step) then costs only the
-        trainable layers: 8 of SmolLM2's 30 in the ml-100k recipe."""
-        self.lower, self.lower_layers = None, model.frozen_layers()
-        tokens = sum(self.lengths)
-        size_gb = tokens * model.hidden_size * next(model.lm.parameters()).element_size() / 1e9
-        if self.lower_layers == 0 or size_gb > max_gb:
-            log.info("item layer cache off (frozen layers %d, %.2f GB)", self.lower_layers, size_gb)
-            return
-        lower: list[torch.Tensor | None] = [None] * len(self.prompt_ids)
-        bar = tqdm(total=len(lower), desc="cache frozen layers", unit="item", disable=not progress)
-        for chunk in length_batches(self.lengths, batch_size):
-            hidden = model.lower_hidden([self.prompt_ids[i] for i in chunk], self.lower_layers)
-            for i, h in zip(chunk, hidden, strict=True):
-                lower[i] = h.clone()  # own storage: a view would pin the whole padded batch
-            bar.update(len(chunk))
-        bar.close()
-        self.lower = lower
-        log.info("item layer cache: %d layers x %d items, %.2f GB", self.lower_layers, len(lower), size_gb)
-
-    def update(self, item_ids: list[str], vectors: torch.Tensor) -> None:
-        # Out of place: the old table may still be part of a graph awaiting backward.
-        rows = torch.tensor([self.row[i] for i in item_ids])
-        self.vectors = self.vectors.index_copy(0, rows, vectors.detach().float().cpu())
-
-
-# -- one step of each stage --------------------------------------------------------------------
-def history_mask(table: ItemTable, histories: list[list[str]], repeat: int) -> torch.Tensor:
-    """(len(histories) * repeat, N) bool: True where the item is in that row's history."""
-    mask = torch.zeros(len(histories) * repeat, len(table.item_ids), dtype=torch.bool)
-    for u, hist in enumerate(histories):
-        cols = [table.row[i] for i in hist if i in table.row]
-        mask[u * repeat : (u + 1) * repeat, cols] = True
-    return mask
-
-
-def completion_log_probs(model: R2ec, hidden: torch.Tensor, batch, temperature: float) -> torch.Tensor:
-    """log pi(o_t | prefix) of each reasoning token: (M, L) with zeros off the mask.
-
-    Only the positions that predict a reasoning token go through lm_head (49k logits
-    per position are the memory hog); logits are divided by the sampling temperature
-    so the ratio compares the distribution the tokens were sampled from.
-    """
-    predicts = torch.zeros_like(batch.completion_mask, dtype=torch.bool)
-    predicts[:, :-1] = batch.completion_mask[:, 1:].bool()  # hidden at j predicts token j+1
-    logits = model.lm.get_output_embeddings()(hidden[predicts]).float() / temperature  # (tokens, V)
-    targets = batch.input_ids[:, 1:][batch.completion_mask[:, 1:].bool()]
-    token_logp = torch.log_softmax(logits, dim=-1).gather(1, targets.view(-1, 1)).squeeze(1)
-    out = torch.zeros(batch.completion_mask.shape, dtype=torch.float32, device=hidden.device)
-    out[batch.completion_mask.bool()] = token_logp
-    return out
+    step: int = 0
+    best_metric: float = -1.0  # valid NDCG@10 of OUT/best
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0  # wall time spent, over all resumptions
 
 
 @dataclass
@@ -248,157 +83,14 @@ class RolloutBatch:
     stats: dict[str, float]
 
 
-@torch.no_grad()
-def make_rollout(model: R2ec, table: ItemTable, rows, titles: dict, cfg: RecPOConfig) -> RolloutBatch:
-    """DESIGN §3 steps 1-3: sample G trajectories per user, score them against the full
-    item table, fuse the rewards and turn them into group advantages."""
-    G = cfg.num_generations
-    histories = sample_histories(rows, titles)
-    targets = [str(t) for t in rows["target_item_id"]]
-    settings = GenerationSettings(cfg.max_completion_length, True, cfg.temperature, cfg.top_k)
-    model.lm.eval()
-    start = time.perf_counter()
-    rollout = model.reason_from_ids(model.user_prompt_ids(histories), settings, G)  # M = B*G rows
-    gen_seconds = time.perf_counter() - start
-    h_T, token_logp, _ = _policy_forward(model, rollout, cfg.temperature)
-    scores = model.score(h_T.cpu(), table.vectors)  # (M, N)
-    target_cols = torch.tensor([table.row[t] for t in targets]).repeat_interleave(G)
-    mask = history_mask(table, list(rows["history_item_ids"]), G) if cfg.mask_history else None
-    ranks = target_rank(scores, target_cols, mask)
-    r_d = ndcg_reward(ranks, cfg.ndcg_k)
-    r_c = similarity_reward(scores, target_cols, mask)
-    rewards = fused_reward(r_c, r_d, cfg.similarity_reward_weight)
-    advantages = group_advantages(rewards, G, cfg.advantage)  # (M,)
-    best = best_trajectories(advantages, G, cfg.best_n)
-    item_logp = _item_log_probs(model, table, h_T, targets, best, G)
-    n_tokens = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
-    stats = {
-        "reward/mean": float(rewards.mean()),
-        "reward/std": float(rewards.view(-1, G).std(dim=1, unbiased=False).mean()),
-        "reward/ndcg/mean": float(r_d.mean()),
-        "reward/similarity/mean": float(r_c.mean()),
-        "rank/median": float(ranks.float().median()),
-        "advantage/mean": float(advantages.mean()),
-        "advantage/std": float(advantages.std(unbiased=False)),
-        "advantage/best/mean": float(advantages[best].mean()),
-        "reasoning/tokens/mean": float(n_tokens.mean()),
-        "trajectories": float(len(rollout.completion_ids)),
-        "seconds/generate": gen_seconds,
-    }
-    return RolloutBatch(rollout, targets, advantages, best, token_logp, item_logp, stats)
-
-
-def _policy_forward(model: R2ec, rollout: Rollout, temperature: float):
-    """One forward pass over [prompt; reasoning; marker]:
-    h_T (M, H), token log-probs (M, L) and the reasoning-token mask (M, L)."""
-    batch = model.user_batch(rollout.prompt_ids, rollout.completion_ids)
-    hidden = model.decoder_hidden(batch)  # (M, L, H)
-    h_T = F.normalize(hidden[:, -1].float(), dim=-1)
-    return h_T, completion_log_probs(model, hidden, batch, temperature), batch.completion_mask.float()
-
-
-def _item_log_probs(model, table, h_T, targets, best, G) -> torch.Tensor:
-    """log p(target) of the best trajectories under the in-batch softmax over the batch's
-    targets, encoded now (with gradient when enabled) and gathered across processes."""
-    target_vecs = table.encode(model, targets)  # (B, H)
-    all_targets, all_ids = dist.gather_with_grad(target_vecs), dist.gather_objects(targets)
-    user_targets = [targets[int(i) // G] for i in best]
-    logp = in_batch_log_probs(h_T[best], all_targets, all_ids, model.tau, user_targets)
-    if torch.is_grad_enabled():
-        table.update(targets, target_vecs)  # DESIGN §3 step 7: the batch's rows are now fresh
-    return logp
-
-
-def policy_loss(
-    model: R2ec, table: ItemTable, rb: RolloutBatch, cfg: RecPOConfig
-) -> tuple[torch.Tensor, dict]:
-    """DESIGN §3 steps 4-6: clipped token loss + clipped item loss, with gradient."""
-    model.lm.train()
-    h_T, logp, mask = _policy_forward(model, rb.rollout, cfg.temperature)
-    adv = rb.advantages.to(logp.device)
-    t_loss, t_stats = token_loss(logp, rb.old_token_logp, adv, mask, cfg.epsilon, cfg.epsilon_high)
-    # RecPO, arXiv 2505.16994 §3.2: only the best trajectory per user trains rec_head.
-    i_logp = _item_log_probs(model, table, h_T, rb.targets, rb.best, cfg.num_generations)
-    i_loss, i_stats = item_loss(i_logp, rb.old_item_logp, adv[rb.best], cfg.epsilon, cfg.epsilon_high)
-    loss = t_loss + i_loss
-    return loss, {
-        "loss/total": float(loss.detach()),
-        "loss/token": float(t_loss.detach()),
-        "loss/item": float(i_loss.detach()),
-        **t_stats,
-        **i_stats,
-    }
-
-
-def sample_catalog(item_ids: list[str], n: int) -> list[str]:
-    """n items drawn uniformly from the catalog, different on each process (mixed negative
-    sampling, Yang et al. 2020): they correct in-batch negatives' popularity skew and, being
-    encoded live like the targets, cannot be told apart from them by staleness."""
-    if n == 0:
-        return []
-    seed = int(torch.randint(2**31 - 1, (1,))) + dist.rank()  # advances the (saved) torch RNG
-    picks = torch.randint(len(item_ids), (n,), generator=torch.Generator().manual_seed(seed))
-    return [item_ids[i] for i in picks.tolist()]
-
-
-def log_expected_count(table: ItemTable, batch: int, sampled: int, col_ids: list[str]) -> torch.Tensor:
-    """log E[times each column's item is drawn] per process: batch targets come by popularity
-    (q), sampled negatives uniformly; the sampled-softmax (logQ) correction subtracts it."""
-    q = table.log_q[[table.row[i] for i in col_ids]].exp()
-    return torch.log(batch * q + sampled / len(table.item_ids))
-
-
-def contrastive_loss(
-    model: R2ec, table: ItemTable, rows, titles: dict, cfg: RecPOConfig
-) -> tuple[torch.Tensor, dict]:
-    """The "w/o reasoning" objective: h_T straight after the prompt, softmax over the batch's
-    targets plus `sampled_negatives` uniform catalog items (negatives "in_batch": encoded with
-    gradient, gathered across processes, logQ corrected) or over the whole detached item
-    table (negatives "table")."""
-    model.lm.train()
-    histories = sample_histories(rows, titles)
-    targets = [str(t) for t in rows["target_item_id"]]
-    prompt_ids = model.user_prompt_ids(histories)
-    users = model.user_vectors_from_ids(prompt_ids, [[] for _ in prompt_ids])  # (B, H)
-    if cfg.negatives == "table":
-        logits = users @ table.vectors.to(users.device).T / model.tau  # (B, N), table detached
-        own = torch.tensor([table.row[t] for t in targets], device=logits.device)
-        if cfg.mask_history:
-            drop = history_mask(table, list(rows["history_item_ids"]), 1).to(logits.device)
-            drop[torch.arange(len(targets)), own] = False  # never mask the target itself
-            logits = logits.masked_fill(drop, float("-inf"))
-    else:
-        cols = targets + sample_catalog(table.item_ids, cfg.sampled_negatives)
-        col_vecs = table.encode(model, cols)
-        all_vecs, all_ids = dist.gather_with_grad(col_vecs), dist.gather_objects(cols)
-        logits, own = in_batch_logits(users, all_vecs, all_ids, model.tau, targets)  # grad both sides
-        if cfg.logq_correction and table.log_q is not None:
-            logits = logits - log_expected_count(table, len(targets), cfg.sampled_negatives, all_ids).to(
-                logits.device
-            )
-        table.update(cols, col_vecs)
-    loss = F.cross_entropy(logits.float(), own.to(logits.device))
-    with torch.no_grad():
-        rank = (logits > logits.gather(1, own.view(-1, 1).to(logits.device))).sum(1).float() + 1
-    return loss, {
-        "loss/total": float(loss.detach()),
-        "loss/contrastive": float(loss.detach()),
-        "rank/median": float(rank.median()),
-    }
-
-
-def _mean_stats(parts: list[dict]) -> dict[str, float]:
-    keys = {k for p in parts for k in p}
-    return {k: float(np.mean([p[k] for p in parts if k in p])) for k in keys}
-
-
 class Optimizer:
     """AdamW + linear warmup + gradient clipping, gradients averaged across processes."""
 
     def __init__(self, params: list[torch.nn.Parameter], cfg: RecPOConfig) -> None:
         self.params, self.cfg = params, cfg
         self.opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
+        warmup = max(1, cfg.warmup_steps)  # linear warmup, then constant
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: min(1.0, (step + 1) / warmup))
 
     def step(self) -> float:
         dist.all_reduce_gradients(self.params)
@@ -416,234 +108,322 @@ class Optimizer:
         self.sched.load_state_dict(blob["scheduler"])
 
 
-def recpo_update(model, table, batches: list, titles: dict, cfg: RecPOConfig, opt: Optimizer) -> dict:
-    """Roll out every micro-batch, then `num_iterations` clipped updates on them."""
-    rbs = [make_rollout(model, table, rows, titles, cfg) for rows in batches]
-    parts: list[dict] = []
-    for _ in range(cfg.num_iterations):
-        for rb in rbs:
-            loss, stats = policy_loss(model, table, rb, cfg)
-            (loss / len(rbs)).backward()
-            parts.append(stats)
-        parts.append({"grad_norm": opt.step()})
-    return {
-        **_mean_stats([rb.stats for rb in rbs]),
-        **_mean_stats(parts),
-        "trajectories": float(sum(rb.stats["trajectories"] for rb in rbs)),
-    }
+class Trainer:
+    """One training run. Build it on every process (under torchrun, each builds its own);
+    `fit()` runs to `max_steps` or the time budget and returns OUT/best. Its steps, evals
+    and saves are collective: every process calls them in the same order.
 
+    `base` is a backbone reference or a checkpoint to warm-start from (model/lora.py);
+    `resume=True` continues OUT/last exactly (weights, optimizer, item table, RNG, state).
+    """
 
-def contrastive_update(model, table, batches: list, titles: dict, cfg: RecPOConfig, opt: Optimizer) -> dict:
-    parts = []
-    for rows in batches:
-        loss, stats = contrastive_loss(model, table, rows, titles, cfg)
-        (loss / len(batches)).backward()
-        parts.append(stats)
-    return {**_mean_stats(parts), "grad_norm": opt.step()}
+    def __init__(
+        self, cfg: RecPOConfig, dataset: PreparedDataset, base: str, out: Path | str, resume: bool = False
+    ) -> None:
+        self.cfg, self.dataset, self.out = cfg, dataset, Path(out)
+        dist.init()
+        self.is_main = dist.rank() == 0
+        torch.manual_seed(cfg.seed)
+        resume_dir = self.out / "last"
+        if resume and not (resume_dir / STATE_FILE).is_file():
+            raise FileNotFoundError(f"--resume: no {resume_dir / STATE_FILE} to resume from")
+        self.model, self.base_ref = build_model(cfg, str(resume_dir) if resume else base, dataset.category)
+        self.model.lm.to(dist.resolve_device(cfg.device))
+        if resume:
+            self.base_ref = read_meta(resume_dir)["base"]
+        self.params = trainable_parameters(self.model)
+        dist.broadcast_parameters(self.params)  # identical start on every process
+        self.opt = Optimizer(self.params, cfg)
+        self.table = ItemTable.build(self.model, dataset.items.to_dict("records"))
+        self.model.lm.eval()
+        self.table.cache_lower(self.model, cfg.item_layer_cache_gb, progress=self.is_main)
+        self.state = TrainState()
+        if resume:
+            self._load(resume_dir)
+        else:
+            self.table.refresh(self.model, progress=self.is_main)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.train_rows = dataset.split("train")
+        self.table.set_target_counts([str(t) for t in self.train_rows["target_item_id"]])
+        self.titles = dataset.item_titles()
+        # In-batch contrastive training never reads the table between evals (which refresh it).
+        self.reads_table = not (cfg.stage == "contrastive" and cfg.negatives == "in_batch")
 
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        """Step until max_steps or the time budget, evaluating and saving on schedule."""
+        cfg, state = self.cfg, self.state
+        start_wall = time.perf_counter() - state.seconds
+        bar = tqdm(
+            total=cfg.max_steps, initial=state.step, desc=f"train {cfg.stage}", disable=not self.is_main
+        )
+        while state.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            stats = self.step()
+            step_seconds = time.perf_counter() - t0
+            state.seconds = time.perf_counter() - start_wall
+            record = {
+                "step": state.step,
+                **stats,
+                "lr": self.opt.sched.get_last_lr()[0],
+                "seconds/step": step_seconds,
+                "seconds/total": state.seconds,
+            }
+            if "trajectories" in stats:
+                record["trajectories/s"] = stats["trajectories"] * dist.world_size() / step_seconds
+            if self.is_main:
+                self._log(record)
+                bar.update(1)
+                bar.set_postfix({k: f"{record[k]:.3f}" for k in ("loss/total", "reward/mean") if k in record})
+            over_budget = cfg.time_budget_minutes is not None and state.seconds > 60 * cfg.time_budget_minutes
+            last = state.step >= cfg.max_steps or dist.any_flag(over_budget)
+            if state.step % cfg.eval_every == 0 or last:
+                self.evaluate()
+            if state.step % cfg.save_every == 0 or last:
+                self.save_last()
+            if last:
+                break
+        bar.close()
+        dist.barrier()
+        return self.out / "best"
 
-UPDATES = {"recpo": recpo_update, "contrastive": contrastive_update}
-
-
-# -- the loop ----------------------------------------------------------------------------------
-@dataclass
-class TrainState:
-    step: int = 0
-    best_metric: float = -1.0
-    best_metrics: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-
-def _lr_lambda(cfg: RecPOConfig):
-    def fn(step: int) -> float:  # linear warmup, then constant
-        return min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-
-    return fn
-
-
-def train(
-    cfg: RecPOConfig, dataset: PreparedDataset, base: str, out: Path | str, resume: bool = False
-) -> Path:
-    """Train and return the path of the best checkpoint."""
-    out = Path(out)
-    dist.init()
-    is_main = dist.rank() == 0
-    torch.manual_seed(cfg.seed)
-    resume_dir = out / "last"
-    if resume and not (resume_dir / STATE_FILE).is_file():
-        raise FileNotFoundError(f"--resume: no {resume_dir / STATE_FILE} to resume from")
-    model, base_ref = build_model(cfg, str(resume_dir) if resume else base, dataset.category)
-    model.lm.to(dist.resolve_device(cfg.device))
-    if resume:
-        base_ref = read_meta(resume_dir)["base"]
-    params = trainable_parameters(model)
-    dist.broadcast_parameters(params)  # identical start on every process
-    opt = Optimizer(params, cfg)
-    items = dataset.items.to_dict("records")
-    table = ItemTable.build(model, items)
-    model.lm.eval()
-    table.cache_lower(model, cfg.item_layer_cache_gb, progress=is_main)
-    state = TrainState()
-    if resume:
-        blob = torch.load(resume_dir / STATE_FILE, weights_only=False)
-        opt.load_state_dict(blob)
-        state = TrainState(**blob["state"])
-        table.vectors = blob["item_table"]
-        _set_rng(blob["rng"][dist.rank()] if dist.rank() < len(blob["rng"]) else blob["rng"][0])
-        log.info("resumed from %s at step %d", resume_dir, state.step)
-    else:
-        model.lm.eval()
-        table.refresh(model, progress=is_main)
-    out.mkdir(parents=True, exist_ok=True)
-    train_rows = dataset.split("train")
-    table.set_target_counts([str(t) for t in train_rows["target_item_id"]])
-    titles = dataset.item_titles()
-    update = UPDATES[cfg.stage]
-    start_wall = time.perf_counter() - state.seconds
-    # In-batch contrastive training never reads the table between evals (which refresh it).
-    reads_table = not (cfg.stage == "contrastive" and cfg.negatives == "in_batch")
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"train {cfg.stage}", disable=not is_main)
-    while state.step < cfg.max_steps:
-        t0 = time.perf_counter()
+    def step(self) -> dict[str, float]:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches; its stats."""
+        cfg, step = self.cfg, self.state.step
         # (a step right after an eval already has a fresh table)
-        due = state.step > 0 and state.step % cfg.refresh_every == 0 and state.step % cfg.eval_every != 0
-        if reads_table and due:
-            model.lm.eval()
-            table.refresh(model)
-        batches = [
-            _batch_rows(train_rows, cfg, state.step, m) for m in range(cfg.gradient_accumulation_steps)
-        ]
-        stats = update(model, table, batches, titles, cfg, opt)
-        state.step += 1
-        step_seconds = time.perf_counter() - t0
-        state.seconds = time.perf_counter() - start_wall
-        record = {
-            "step": state.step,
-            **stats,
-            "lr": opt.sched.get_last_lr()[0],
-            "seconds/step": step_seconds,
-            "seconds/total": state.seconds,
+        due = step > 0 and step % cfg.refresh_every == 0 and step % cfg.eval_every != 0
+        if self.reads_table and due:
+            self.model.lm.eval()
+            self.table.refresh(self.model)
+        batches = [self._batch_rows(m) for m in range(cfg.gradient_accumulation_steps)]
+        match cfg.stage:
+            case "recpo":
+                stats = self._recpo_update(batches)
+            case "contrastive":
+                stats = self._contrastive_update(batches)
+            case _:
+                raise ValueError(f"unknown stage {cfg.stage!r}")
+        self.state.step += 1
+        return stats
+
+    def _batch_rows(self, micro: int) -> pd.DataFrame:
+        # Seeded by (seed, step, micro, rank): a resumed run draws exactly the same users.
+        rng = np.random.default_rng([self.cfg.seed, self.state.step, micro, dist.rank()])
+        rows = rng.choice(len(self.train_rows), size=self.cfg.per_device_batch_size, replace=False)
+        return self.train_rows.iloc[rows]
+
+    def _recpo_update(self, batches: list[pd.DataFrame]) -> dict[str, float]:
+        """Roll out every micro-batch, then `num_iterations` clipped updates on them."""
+        rbs = [self.rollout(rows) for rows in batches]
+        parts: list[dict] = []
+        for _ in range(self.cfg.num_iterations):
+            for rb in rbs:
+                loss, stats = self.policy_loss(rb)
+                (loss / len(rbs)).backward()
+                parts.append(stats)
+            parts.append({"grad_norm": self.opt.step()})
+        return {
+            **_mean_stats([rb.stats for rb in rbs]),
+            **_mean_stats(parts),
+            "trajectories": float(sum(rb.stats["trajectories"] for rb in rbs)),
         }
-        if "trajectories" in stats:
-            record["trajectories/s"] = stats["trajectories"] * dist.world_size() / step_seconds
-        if is_main:
-            _append_log(out, record)
-            bar.update(1)
-            bar.set_postfix({k: f"{record[k]:.3f}" for k in ("loss/total", "reward/mean") if k in record})
-        over_budget = cfg.time_budget_minutes is not None and state.seconds > 60 * cfg.time_budget_minutes
-        last = state.step >= cfg.max_steps or dist.any_flag(over_budget)
-        if state.step % cfg.eval_every == 0 or last:
-            model.lm.eval()
-            table.refresh(model)  # every process, sharded: eval and checkpoints use a fresh table
-            _evaluate_and_keep_best(model, table, dataset, cfg, state, out, base_ref)
-        if state.step % cfg.save_every == 0 or last:
-            _save_last(model, table, dataset, cfg, state, out, base_ref, opt)
-        if last:
-            break
-    bar.close()
-    dist.barrier()
-    return out / "best"
 
+    def _contrastive_update(self, batches: list[pd.DataFrame]) -> dict[str, float]:
+        parts = []
+        for rows in batches:
+            loss, stats = self.contrastive_loss(rows)
+            (loss / len(batches)).backward()
+            parts.append(stats)
+        return {**_mean_stats(parts), "grad_norm": self.opt.step()}
 
-def _batch_rows(train_rows, cfg: RecPOConfig, step: int, micro: int):
-    # Seeded by (seed, step, micro, rank): a resumed run draws exactly the same users.
-    rng = np.random.default_rng([cfg.seed, step, micro, dist.rank()])
-    return train_rows.iloc[rng.choice(len(train_rows), size=cfg.per_device_batch_size, replace=False)]
-
-
-def _weights_kind(model: R2ec) -> str:
-    return "lora" if hasattr(model.lm, "peft_config") else "full"
-
-
-def _evaluate_and_keep_best(model, table, dataset, cfg, state, out, base_ref) -> None:
-    if dist.rank() == 0:
+    # -- RecPO ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, rows: pd.DataFrame) -> RolloutBatch:
+        """DESIGN §3 steps 1-3: sample G trajectories per user, score them against the full
+        item table, fuse the rewards and turn them into group advantages."""
+        cfg, model, table, G = self.cfg, self.model, self.table, self.cfg.num_generations
+        histories = sample_histories(rows, self.titles)
+        targets = [str(t) for t in rows["target_item_id"]]
+        settings = GenerationSettings(cfg.max_completion_length, True, cfg.temperature, cfg.top_k)
         model.lm.eval()
-        ecfg = EvalConfig(
-            split="valid",
-            reasoning=cfg.stage == "recpo",
-            max_reasoning_tokens=cfg.reasoning_tokens_at_eval,
-            limit=cfg.eval_limit,
+        start = time.perf_counter()
+        rollout = model.reason_from_ids(model.user_prompt_ids(histories), settings, G)  # M = B*G rows
+        gen_seconds = time.perf_counter() - start
+        h_T, token_logp, _ = self._policy_forward(rollout)
+        scores = model.score(h_T.cpu(), table.vectors)  # (M, N)
+        target_cols = torch.tensor([table.row[t] for t in targets]).repeat_interleave(G)
+        mask = table.history_mask(list(rows["history_item_ids"]), G) if cfg.mask_history else None
+        ranks = target_rank(scores, target_cols, mask)
+        r_d = ndcg_at_k(ranks, cfg.ndcg_k)
+        r_c = similarity_reward(scores, target_cols, mask)
+        rewards = fused_reward(r_c, r_d, cfg.similarity_reward_weight)
+        advantages = group_advantages(rewards, G, cfg.advantage)  # (M,)
+        best = best_trajectories(advantages, G, cfg.best_n)
+        item_logp = self._item_log_probs(h_T, targets, best)
+        n_tokens = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
+        stats = {
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.view(-1, G).std(dim=1, unbiased=False).mean()),
+            "reward/ndcg/mean": float(r_d.mean()),
+            "reward/similarity/mean": float(r_c.mean()),
+            "rank/median": float(ranks.float().median()),
+            "advantage/mean": float(advantages.mean()),
+            "advantage/std": float(advantages.std(unbiased=False)),
+            "advantage/best/mean": float(advantages[best].mean()),
+            "reasoning/tokens/mean": float(n_tokens.mean()),
+            "trajectories": float(len(rollout.completion_ids)),
+            "seconds/generate": gen_seconds,
+        }
+        return RolloutBatch(rollout, targets, advantages, best, token_logp, item_logp, stats)
+
+    def policy_loss(self, rb: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """DESIGN §3 steps 4-6: clipped token loss + clipped item loss, with gradient."""
+        cfg = self.cfg
+        self.model.lm.train()
+        h_T, logp, mask = self._policy_forward(rb.rollout)
+        adv = rb.advantages.to(logp.device)
+        t_loss, t_stats = losses.token_loss(logp, rb.old_token_logp, adv, mask, cfg.epsilon, cfg.epsilon_high)
+        # RecPO, arXiv 2505.16994 §3.2: only the best trajectory per user trains rec_head.
+        i_logp = self._item_log_probs(h_T, rb.targets, rb.best)
+        i_loss, i_stats = losses.item_loss(
+            i_logp, rb.old_item_logp, adv[rb.best], cfg.epsilon, cfg.epsilon_high
         )
+        loss = t_loss + i_loss
+        return loss, {
+            "loss/total": float(loss.detach()),
+            "loss/token": float(t_loss.detach()),
+            "loss/item": float(i_loss.detach()),
+            **t_stats,
+            **i_stats,
+        }
+
+    def _policy_forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward pass over [prompt; reasoning; marker]:
+        h_T (M, H), token log-probs (M, L) and the reasoning-token mask (M, L)."""
+        model = self.model
+        batch = model.user_batch(rollout.prompt_ids, rollout.completion_ids)
+        hidden = model.decoder_hidden(batch)  # (M, L, H)
+        h_T = F.normalize(hidden[:, -1].float(), dim=-1)
+        logp = losses.completion_log_probs(
+            model.lm.get_output_embeddings(), hidden, batch, self.cfg.temperature
+        )
+        return h_T, logp, batch.completion_mask.float()
+
+    def _item_log_probs(self, h_T: torch.Tensor, targets: list[str], best: torch.Tensor) -> torch.Tensor:
+        """log p(target) of the best trajectories under the in-batch softmax over the batch's
+        targets, encoded now (with gradient when enabled) and gathered across processes."""
+        target_vecs = self.table.encode(self.model, targets)  # (B, H)
+        all_targets, all_ids = dist.gather_with_grad(target_vecs), dist.gather_objects(targets)
+        user_targets = [targets[int(i) // self.cfg.num_generations] for i in best]
+        logp = losses.in_batch_log_probs(h_T[best], all_targets, all_ids, self.model.tau, user_targets)
+        if torch.is_grad_enabled():
+            self.table.update(targets, target_vecs)  # DESIGN §3 step 7: the batch's rows are now fresh
+        return logp
+
+    # -- the contrastive warm-up ---------------------------------------------------------------
+    def contrastive_loss(self, rows: pd.DataFrame) -> tuple[torch.Tensor, dict[str, float]]:
+        """The "w/o reasoning" objective: h_T straight after the prompt, softmax over the batch's
+        targets plus `sampled_negatives` uniform catalog items (negatives "in_batch": encoded with
+        gradient, gathered across processes, logQ corrected) or over the whole detached item
+        table (negatives "table")."""
+        cfg, model, table = self.cfg, self.model, self.table
+        model.lm.train()
+        histories = sample_histories(rows, self.titles)
+        targets = [str(t) for t in rows["target_item_id"]]
+        prompt_ids = model.user_prompt_ids(histories)
+        users = model.user_vectors_from_ids(prompt_ids, [[] for _ in prompt_ids])  # (B, H)
+        if cfg.negatives == "table":
+            own = torch.tensor([table.row[t] for t in targets], device=users.device)
+            drop = table.history_mask(list(rows["history_item_ids"])) if cfg.mask_history else None
+            logits = losses.catalog_logits(users, table.vectors, model.tau, own, drop)  # table detached
+        else:
+            cols = targets + table.sample_uniform(cfg.sampled_negatives)
+            col_vecs = table.encode(model, cols)
+            all_vecs, all_ids = dist.gather_with_grad(col_vecs), dist.gather_objects(cols)
+            logits, own = losses.in_batch_logits(users, all_vecs, all_ids, model.tau, targets)  # grad both
+            if cfg.logq_correction and table.log_q is not None:
+                log_q = table.log_q_of(all_ids)  # (C,)
+                count = losses.log_expected_count(
+                    log_q, len(targets), cfg.sampled_negatives, len(table.item_ids)
+                )
+                logits = logits - count.to(logits.device)
+            table.update(cols, col_vecs)
+        return losses.contrastive_loss(logits, own)
+
+    # -- evaluation and checkpoints ------------------------------------------------------------
+    def evaluate(self) -> None:
+        """Refresh the item table, then NDCG@10 on valid (main process): logged, and OUT/best
+        replaced when it beats the best so far."""
+        self.model.lm.eval()
+        self.table.refresh(self.model)  # every process, sharded: eval and checkpoints use a fresh table
+        if self.is_main:
+            self._validate()
+        dist.barrier()
+
+    def _validate(self) -> None:
+        ds, state, ecfg = self.dataset, self.state, validation_eval_config(self.cfg)
         result = evaluate_model(
-            model, dataset.split("valid"), dataset.items, table.vectors, ecfg, progress=False
+            self.model, ds.split("valid"), ds.items, self.table.vectors, ecfg, progress=False
         )
-        metrics = {f"valid/{k}": v for k, v in result.metrics.items()}
-        _append_log(
-            out,
+        m = result.metrics
+        self._log(
             {
                 "step": state.step,
                 "eval": True,
-                **metrics,
+                **{f"valid/{k}": v for k, v in m.items()},
                 "eval/seconds": result.seconds,
                 "eval/examples": result.examples[:2],
-            },
-        )
-        log.info(
-            "step %d valid ndcg@10 %.4f hit@10 %.4f",
-            state.step,
-            result.metrics["ndcg@10"],
-            result.metrics["hit@10"],
-        )
-        if result.metrics["ndcg@10"] > state.best_metric:
-            state.best_metric = result.metrics["ndcg@10"]
-            state.best_metrics = {
-                "step": state.step,
-                "split": "valid",
-                "limit": cfg.eval_limit,
-                **result.metrics,
             }
-            _save(model, table, dataset, cfg, state, out / "best", base_ref)
-        plot_curves(out / "log.jsonl", out / "curves.png")
-    dist.barrier()
-
-
-def _save(model, table, dataset, cfg, state, path, base_ref, write_extra=None) -> None:
-    save_checkpoint(
-        path,
-        model,
-        base=base_ref,
-        weights=_weights_kind(model),
-        items=dataset.items,
-        item_vectors=table.vectors.numpy(),
-        dataset={"name": dataset.name, "protocol": dataset.protocol, "path": str(dataset.path)},
-        metrics={"valid": state.best_metrics},
-        extra={"train": {"step": state.step, "config": cfg.to_dict()}},
-        write_extra=write_extra,
-    )
-
-
-def _save_last(model, table, dataset, cfg, state, out, base_ref, opt: Optimizer) -> None:
-    rng = dist.gather_objects([_get_rng()])
-    if dist.rank() == 0:
-        blob = {**opt.state_dict(), "state": state.__dict__, "item_table": table.vectors, "rng": rng}
-        _save(
-            model,
-            table,
-            dataset,
-            cfg,
-            state,
-            out / "last",
-            base_ref,
-            write_extra=lambda tmp: torch.save(blob, tmp / STATE_FILE),
         )
-    dist.barrier()
+        log.info("step %d valid ndcg@10 %.4f hit@10 %.4f", state.step, m["ndcg@10"], m["hit@10"])
+        if m["ndcg@10"] > state.best_metric:
+            state.best_metric = m["ndcg@10"]
+            state.best_metrics = {"step": state.step, "split": "valid", "limit": self.cfg.eval_limit, **m}
+            self.save(self.out / "best")
+        plot_curves(self.out / "log.jsonl", self.out / "curves.png")
+
+    def save(self, path: Path, write_extra: Callable[[Path], None] | None = None) -> None:
+        """A self-describing checkpoint of the model and the current item table at `path`."""
+        ds = self.dataset
+        save_checkpoint(
+            path,
+            self.model,
+            base=self.base_ref,
+            weights=weights_kind(self.model),
+            items=ds.items,
+            item_vectors=self.table.vectors.numpy(),
+            dataset={"name": ds.name, "protocol": ds.protocol, "path": str(ds.path)},
+            metrics={"valid": self.state.best_metrics},
+            extra={"train": {"step": self.state.step, "config": self.cfg.to_dict()}},
+            write_extra=write_extra,
+        )
+
+    def save_last(self) -> None:
+        """OUT/last: the checkpoint plus what --resume needs (optimizer, state, table, RNGs)."""
+        rng = dist.gather_rng_states()
+        if self.is_main:
+            blob = {
+                **self.opt.state_dict(),
+                "state": self.state.__dict__,
+                "item_table": self.table.vectors,
+                "rng": rng,
+            }
+            self.save(self.out / "last", write_extra=lambda tmp: torch.save(blob, tmp / STATE_FILE))
+        dist.barrier()
+
+    def _load(self, resume_dir: Path) -> None:
+        blob = torch.load(resume_dir / STATE_FILE, weights_only=False)
+        self.opt.load_state_dict(blob)
+        self.state = TrainState(**blob["state"])
+        self.table.vectors = blob["item_table"]
+        dist.restore_rng_state(blob["rng"])
+        log.info("resumed from %s at step %d", resume_dir, self.state.step)
+
+    def _log(self, record: dict) -> None:
+        with open(self.out / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(record, default=str) + "\n")
 
 
-def _get_rng() -> dict:
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()  # sampling on the GPU draws from this one
-    return rng
-
-
-def _set_rng(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-
-
-def _append_log(out: Path, record: dict) -> None:
-    with open(out / "log.jsonl", "a") as fh:
-        fh.write(json.dumps(record, default=str) + "\n")
+def _mean_stats(parts: list[dict]) -> dict[str, float]:
+    keys = dict.fromkeys(k for p in parts for k in p)  # first-seen order: stable log.jsonl keys
+    return {k: float(np.mean([p[k] for p in parts if k in p])) for k in keys}

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -8,10 +9,12 @@ from model.evaluate import (
     EvalConfig,
     evaluate_model,
     evaluate_popularity,
-    ndcg_at_k,
     ranking_metrics,
     target_ranks,
+    validation_eval_config,
 )
+from model.recpo import RecPOConfig, field_docs
+from model.rewards import ndcg_at_k
 
 
 def test_target_ranked_first_gives_ndcg_one():
@@ -25,7 +28,8 @@ def test_rank_three_ndcg():
     ranks = target_ranks(torch.tensor([[0.9, 0.8, 0.7, 0.1]]), torch.tensor([2]))
     assert ranks.tolist() == [3]
     assert ranking_metrics([3])["ndcg@5"] == pytest.approx(1 / math.log2(4))
-    assert ndcg_at_k(3, 2) == 0.0
+    assert ranking_metrics([3], ks=(2,))["ndcg@2"] == 0.0  # outside the cut-off
+    assert ndcg_at_k(torch.tensor([3]), 2).tolist() == [0.0]
 
 
 def test_masking_history_moves_target_up():
@@ -78,3 +82,21 @@ def test_model_eval_with_and_without_reasoning(tiny_model, tiny_dataset):
     masked = [ids.index(i) for i in test.iloc[0]["history_item_ids"] if i != test.iloc[0]["target_item_id"]]
     scores[masked] = -float("inf")
     assert result.ranks[0] == int((scores > scores[target]).sum()) + 1
+
+
+def test_validation_eval_config_follows_the_training_config():
+    ecfg = validation_eval_config(RecPOConfig(max_completion_length=32, eval_limit=50))
+    assert (ecfg.split, ecfg.reasoning, ecfg.max_reasoning_tokens, ecfg.limit) == ("valid", True, 32, 50)
+    # the warm-up trains without reasoning and is validated without it
+    warm = validation_eval_config(RecPOConfig(stage="contrastive", eval_reasoning_tokens=8, eval_limit=None))
+    assert (warm.split, warm.reasoning, warm.max_reasoning_tokens, warm.limit) == ("valid", False, 8, None)
+
+
+def test_eval_config_fields_are_documented_and_checked():
+    assert list(field_docs(EvalConfig)) == [f.name for f in dataclasses.fields(EvalConfig)]
+    with pytest.raises(ValueError, match="split must be one of"):
+        EvalConfig(split="dev")
+    with pytest.raises(ValueError, match="ks must be"):
+        EvalConfig(ks=())
+    with pytest.raises(ValueError, match="max_reasoning_tokens"):
+        EvalConfig(max_reasoning_tokens=-1)

@@ -1,22 +1,18 @@
-"""RecPO's pure math against hand-computed values (DESIGN §3)."""
+"""RecPO's advantages, rewards and config against hand-computed values (DESIGN §3)."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import math
+import re
 
 import pytest
 import torch
 
-from model.recpo import (
-    RecPOConfig,
-    best_trajectories,
-    clipped_surrogate,
-    group_advantages,
-    in_batch_log_probs,
-    item_loss,
-    token_loss,
-)
-from model.rewards import fused_reward, ndcg_reward, similarity_reward, target_rank
+from model.recpo import RecPOConfig, best_trajectories, field_docs, group_advantages
+from model.rewards import fused_reward, ndcg_at_k, similarity_reward, target_rank
 
 
 @pytest.mark.parametrize("kind", ["grpo", "rloo"])
@@ -47,8 +43,8 @@ def test_unknown_advantage_is_an_error():
         group_advantages(torch.zeros(4), 2, "ppo")
 
 
-def test_ndcg_reward_of_known_ranks():
-    r = ndcg_reward(torch.tensor([1, 3, 7, 20]), k=10)
+def test_ndcg_of_known_ranks():
+    r = ndcg_at_k(torch.tensor([1, 3, 7, 20]), k=10)
     torch.testing.assert_close(r, torch.tensor([1.0, 1 / math.log2(4), 1 / math.log2(8), 0.0]))
 
 
@@ -73,59 +69,10 @@ def test_fused_reward():
     torch.testing.assert_close(out, torch.tensor([0.05 * 0.4 + 0.95 * 0.5]))
 
 
-def test_clipped_surrogate_clips_both_sides():
-    ratio = torch.tensor([1.5, 0.5, 1.0, 1.5])
-    adv = torch.tensor([1.0, -1.0, 2.0, -1.0])
-    loss, low, high = clipped_surrogate(ratio, adv, epsilon=0.2, epsilon_high=0.28)
-    # 1.5*1 clipped to 1.28; 0.5*-1 -> min(-0.5, -0.8) = -0.8; unclipped; 1.5*-1 is the min itself.
-    torch.testing.assert_close(loss, torch.tensor([-1.28, 0.8, -2.0, 1.5]))
-    assert high.tolist() == [True, False, False, False]
-    assert low.tolist() == [False, True, False, False]
-
-
-def test_token_loss_ignores_padding():
-    logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
-    old = torch.tensor([[-1.1, -2.0, 0.0], [-0.5, 0.0, 0.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    adv = torch.tensor([1.0, -1.0])
-    loss, _ = token_loss(logp, old, adv, mask, 0.2, 0.28)
-    # Garbage in the padded positions changes nothing.
-    noisy_logp = logp.clone()
-    noisy_logp[0, 2], noisy_logp[1, 1:] = 5.0, -7.0
-    noisy_loss, _ = token_loss(noisy_logp, old, adv, mask, 0.2, 0.28)
-    assert noisy_loss.item() == pytest.approx(loss.item())
-    expected = -(math.exp(0.1) * 1 + 1 * 1 + 1 * -1) / 3
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
-
-
-def test_token_loss_of_no_tokens_is_zero():
-    loss, _ = token_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 3), 0.2, 0.28)
-    assert loss.item() == 0.0
-
-
 def test_best_trajectories_picks_each_groups_top():
     adv = torch.tensor([0.1, 0.9, -1.0, 0.0, 2.0, 1.0, -1.0, 0.5])
     assert best_trajectories(adv, 4, 1).tolist() == [1, 4]
     assert best_trajectories(adv, 4, 2).tolist() == [1, 0, 4, 5]
-
-
-def test_in_batch_log_probs_never_uses_the_target_as_its_own_negative():
-    users = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
-    targets = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), dim=-1)
-    ids = ["a", "b", "a"]  # item a appears twice in the batch
-    logp = in_batch_log_probs(users, targets, ids, tau=1.0, user_targets=["a", "b"])
-    # user 0: columns a, b (the duplicate a is masked): softmax over [1, 0]
-    assert logp[0].item() == pytest.approx(math.log(math.e / (math.e + 1)))
-    # user 1: target b; both copies of a are negatives here
-    assert logp[1].item() == pytest.approx(math.log(math.e / (math.e + 2)))
-
-
-def test_item_loss_is_the_clipped_ratio():
-    loss, stats = item_loss(
-        torch.log(torch.tensor([0.6])), torch.log(torch.tensor([0.3])), torch.tensor([1.0]), 0.2, 0.28
-    )
-    assert loss.item() == pytest.approx(-1.28)
-    assert stats["item/clip_ratio"] == 1.0
 
 
 def test_config_validation_and_yaml(tmp_path):
@@ -142,3 +89,53 @@ def test_config_validation_and_yaml(tmp_path):
     path.write_text("num_generation: 8\n")
     with pytest.raises(ValueError, match="unknown config keys"):
         RecPOConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (dict(negatives="all"), "negatives must be one of"),
+        (dict(stage="recpo", max_completion_length=0), "use stage: contrastive"),
+        (dict(stage="contrastive", negatives="table", sampled_negatives=8), "set sampled_negatives: 0"),
+        (dict(lora=False, lora_layers=8), "set lora: true, or lora_layers: null"),
+        (dict(epsilon=1.0), "epsilon must be in"),
+        (dict(epsilon_high=0.0), "epsilon_high must be > 0"),
+        (dict(lora_dropout=1.0), "lora_dropout"),
+        (dict(learning_rate=0.0), "learning_rate must be > 0"),
+        (dict(top_k=-1), "top_k must be >= 0"),
+        (dict(time_budget_minutes=0), "time_budget_minutes must be > 0 or null"),
+        (dict(eval_limit=0), "eval_limit must be >= 1 or null"),
+        (dict(eval_reasoning_tokens=-1), "eval_reasoning_tokens"),
+        (dict(stage="contrastive", per_device_batch_size=1), "or negatives: table"),
+        (dict(best_n=5), "lower best_n or raise num_generations"),
+    ],
+)
+def test_config_rejects_bad_values_and_says_how_to_fix_them(bad, message):
+    with pytest.raises(ValueError, match=message):
+        RecPOConfig(**bad)
+
+
+def test_the_good_combinations_next_to_them_are_accepted():
+    RecPOConfig(stage="contrastive", max_completion_length=0, num_generations=1)  # no rollouts
+    RecPOConfig(stage="contrastive", negatives="table", per_device_batch_size=1)
+    RecPOConfig(lora=False)
+    RecPOConfig(eval_limit=None, eval_reasoning_tokens=0, top_k=0)
+
+
+def _documented_defaults(cls) -> dict[str, str]:
+    doc = inspect.getdoc(cls).partition("Parameters:")[2]
+    return dict(re.findall(r"^    (\w+) \(.*, defaults to (.*)\):$", doc, flags=re.M))
+
+
+def test_every_config_field_is_documented_once_with_its_default():
+    docs = field_docs(RecPOConfig)
+    assert list(docs) == [f.name for f in dataclasses.fields(RecPOConfig)]
+    assert all(docs.values())
+    defaults = _documented_defaults(RecPOConfig)
+    for f in dataclasses.fields(RecPOConfig):
+        actual = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        text = defaults[f.name]
+        if text.startswith("`"):
+            assert ast.literal_eval(text.strip("`")) == actual, f.name
+        else:
+            assert f.name == "lora_target_modules" and str(actual).replace("'", '"') in docs[f.name]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import socket
 import subprocess
@@ -16,47 +15,27 @@ import torch
 
 from model.checkpoint import load_checkpoint, read_meta
 from model.distributed import resolve_device
+from model.item_table import ItemTable
 from model.recpo import RecPOConfig
-from model.train import (
-    ItemTable,
-    Optimizer,
-    build_model,
-    contrastive_loss,
-    log_expected_count,
-    make_rollout,
-    policy_loss,
-    sample_catalog,
-    train,
-    trainable_parameters,
-)
+from model.train import Trainer, train
 
 TINY = dict(dtype="float32", max_completion_length=8, warmup_steps=0, eval_limit=4, lora_r=4, lora_alpha=8)
 
 
-def _setup(cfg: RecPOConfig, ds):
-    torch.manual_seed(0)
-    model, _ = build_model(cfg, "tiny", ds.category)
-    table = ItemTable.build(model, ds.items.to_dict("records"))
-    model.lm.eval()
-    table.refresh(model)
-    return model, table
-
-
-def test_recpo_step_changes_the_weights_and_lowers_the_loss_on_a_fixed_rollout(tiny_dataset):
+def test_recpo_step_changes_the_weights_and_lowers_the_loss_on_a_fixed_rollout(tiny_dataset, tmp_path):
     cfg = RecPOConfig(per_device_batch_size=2, num_generations=4, learning_rate=1e-2, **TINY)
-    model, table = _setup(cfg, tiny_dataset)
+    trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
     rows = tiny_dataset.split("train").iloc[:2]
-    rb = make_rollout(model, table, rows, tiny_dataset.item_titles(), cfg)
+    rb = trainer.rollout(rows)
     assert rb.advantages.shape == (8,) and rb.old_token_logp.shape[0] == 8
     assert rb.advantages.abs().sum() > 0, "the toy rollout must carry a learning signal"
-    params = trainable_parameters(model)
+    params = trainer.params
     before = [p.detach().clone() for p in params]
-    opt = Optimizer(params, cfg)
     losses = []
     for _ in range(3):
-        loss, stats = policy_loss(model, table, rb, cfg)
+        loss, stats = trainer.policy_loss(rb)
         loss.backward()
-        opt.step()
+        trainer.opt.step()
         losses.append(stats["loss/total"])
     changed = sum(not torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True))
     assert changed > 0
@@ -64,7 +43,7 @@ def test_recpo_step_changes_the_weights_and_lowers_the_loss_on_a_fixed_rollout(t
 
 
 @pytest.mark.parametrize(("negatives", "sampled"), [("in_batch", 0), ("in_batch", 6), ("table", 0)])
-def test_contrastive_step_lowers_the_loss_on_a_fixed_batch(tiny_dataset, negatives, sampled):
+def test_contrastive_step_lowers_the_loss_on_a_fixed_batch(tiny_dataset, tmp_path, negatives, sampled):
     cfg = RecPOConfig(
         stage="contrastive",
         negatives=negatives,
@@ -73,25 +52,25 @@ def test_contrastive_step_lowers_the_loss_on_a_fixed_batch(tiny_dataset, negativ
         learning_rate=1e-2,
         **TINY,
     )
-    model, table = _setup(cfg, tiny_dataset)
+    trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
     rows = tiny_dataset.split("train").iloc[:4]
-    before = table.vectors.clone()
-    opt = Optimizer(trainable_parameters(model), cfg)
+    before = trainer.table.vectors.clone()
     losses = []
     for _ in range(4):
-        loss, stats = contrastive_loss(model, table, rows, tiny_dataset.item_titles(), cfg)
+        loss, stats = trainer.contrastive_loss(rows)
         loss.backward()
-        opt.step()
+        trainer.opt.step()
         losses.append(stats["loss/total"])
     assert losses[-1] < losses[0]
     # in_batch writes the batch's freshly encoded targets into the table; against the whole
     # (detached) table, the table only changes at a refresh.
-    assert torch.equal(table.vectors, before) == (negatives == "table")
+    assert torch.equal(trainer.table.vectors, before) == (negatives == "table")
 
 
-def test_logq_correction_subtracts_each_columns_log_target_share(tiny_dataset):
+def test_logq_correction_subtracts_each_columns_log_target_share(tiny_dataset, tmp_path):
     cfg = RecPOConfig(stage="contrastive", per_device_batch_size=4, **TINY)
-    model, table = _setup(cfg, tiny_dataset)
+    trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    table = trainer.table
     ids = table.item_ids
     table.set_target_counts([ids[0], ids[0], ids[1], "not-in-catalog"])
     counts = torch.ones(len(ids))
@@ -99,37 +78,17 @@ def test_logq_correction_subtracts_each_columns_log_target_share(tiny_dataset):
     assert torch.allclose(table.log_q, (counts / counts.sum()).log())
 
     rows = tiny_dataset.split("train").iloc[:4]
-    titles = tiny_dataset.item_titles()
 
     def loss(c: RecPOConfig) -> float:
+        trainer.cfg = c
         torch.manual_seed(0)  # same dropout masks
-        return float(contrastive_loss(model, table, rows, titles, c)[0])
+        return float(trainer.contrastive_loss(rows)[0])
 
     corrected, plain = loss(cfg), loss(dataclasses.replace(cfg, logq_correction=False))
     table.log_q = torch.zeros(len(ids))  # a uniform q shifts every column equally: no change
     uniform = loss(cfg)
     assert corrected != pytest.approx(plain, abs=1e-4)
     assert uniform == pytest.approx(plain, abs=1e-5)
-
-
-def test_sampled_negatives_are_uniform_draws_and_the_correction_counts_them(tiny_dataset):
-    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=4, **TINY)
-    model, table = _setup(cfg, tiny_dataset)
-    ids = table.item_ids
-    torch.manual_seed(0)
-    draws = sample_catalog(ids, 2000)
-    assert set(draws) == set(ids)  # every item can be drawn ...
-    assert max(draws.count(i) for i in ids) < 3 * 2000 / len(ids)  # ... about equally often
-    assert sample_catalog(ids, 0) == []
-    table.set_target_counts([ids[0]] * 5)
-    q = table.log_q.exp()
-    cols = [ids[0], ids[1]]
-    # 4 targets drawn by popularity + 10 uniform draws: expected count 4 q + 10 / N per item
-    expected = torch.log(4 * q[:2] + 10 / len(ids))
-    assert torch.allclose(log_expected_count(table, 4, 10, cols), expected)
-    # without sampled negatives it is log q plus a constant: the plain logQ correction
-    plain = log_expected_count(table, 4, 0, cols) - table.log_q[:2]
-    assert torch.allclose(plain, torch.full((2,), math.log(4)))
 
 
 def _log(run: Path) -> list[dict]:
@@ -189,21 +148,15 @@ WORKER = """
 import sys, torch
 from model.data import load_prepared
 from model.recpo import RecPOConfig
-from model.train import train
-import model.train as T
+from model.train import Trainer
 import model.distributed as dist
 
-captured = {}
-real = T.trainable_parameters
-def spy(model):
-    captured["params"] = real(model)
-    return captured["params"]
-T.trainable_parameters = spy
 cfg = RecPOConfig(dtype="float32", max_completion_length=8, warmup_steps=0, eval_limit=4, lora_r=4,
                   lora_alpha=8, per_device_batch_size=2, num_generations=2, max_steps=2,
                   learning_rate=1e-2)
-train(cfg, load_prepared(sys.argv[1]), "tiny", sys.argv[2])
-flat = torch.cat([p.detach().flatten() for p in captured["params"]])
+trainer = Trainer(cfg, load_prepared(sys.argv[1]), "tiny", sys.argv[2])
+trainer.fit()
+flat = torch.cat([p.detach().flatten() for p in trainer.params])
 torch.save(flat, f"{sys.argv[2]}/weights-rank{dist.rank()}.pt")
 """
 
@@ -272,39 +225,6 @@ def test_training_on_the_gpu_writes_a_checkpoint_the_cpu_loads(tiny_dataset, tmp
         assert ckpt.model.device.type == "cpu"
         fresh = ckpt.model.item_vectors(tiny_dataset.items.to_dict("records"))
         assert torch.allclose(fresh, torch.from_numpy(ckpt.item_vectors), atol=1e-3)
-
-
-def test_item_layer_cache_gives_the_full_forwards_vectors_and_gradients(tiny_dataset):
-    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=4, lora_layers=1, **TINY)
-    model, table = _setup(cfg, tiny_dataset)
-    layers = model.lm.config.num_hidden_layers
-    assert model.frozen_layers() == layers - 1  # LoRA on the top layer only
-    table.cache_lower(model, max_gb=1.0)
-    assert table.lower is not None and table.lower_layers == layers - 1
-    assert [len(h) for h in table.lower] == [len(p) for p in table.prompt_ids]
-    ids = table.item_ids[:5]
-    params = trainable_parameters(model)
-
-    def vectors_and_grads(cached: bool):
-        model.lm.zero_grad(set_to_none=True)
-        vecs = (
-            table.encode(model, ids)
-            if cached
-            else model.item_vectors_from_ids([table.prompt_ids[table.row[i]] for i in ids])
-        )
-        (vecs @ torch.arange(vecs.shape[1], dtype=torch.float32)).sum().backward()
-        return vecs.detach(), [p.grad.clone() for p in params]
-
-    full, full_grads = vectors_and_grads(cached=False)
-    cached, cached_grads = vectors_and_grads(cached=True)
-    assert torch.allclose(cached, full, atol=1e-5)
-    assert all(torch.allclose(c, f, atol=1e-4) for c, f in zip(cached_grads, full_grads, strict=True))
-    assert any(g.abs().sum() > 0 for g in cached_grads)
-    # the cache is skipped where it would be wrong (every layer trains) or too big
-    table.cache_lower(model, max_gb=0.0)
-    assert table.lower is None
-    everywhere, _ = build_model(dataclasses.replace(cfg, lora_layers=None), "tiny", tiny_dataset.category)
-    assert everywhere.frozen_layers() == 0
 
 
 @pytest.mark.parametrize(("negatives", "refreshes"), [("in_batch", 2), ("table", 4)])

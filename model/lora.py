@@ -1,0 +1,82 @@
+"""The model to train: a warm start from a checkpoint or a fresh backbone, with LoRA.
+
+Adapters (and anything else that trains) are kept in fp32 over a bf16 base; with
+`lora_layers` they sit on the top decoder layers only, so backward stops there and the
+layers below can be cached (model/item_table.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.backbone import BackboneConfig, load_backbone
+from model.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
+from model.prompts import PromptConfig
+from model.r2ec import R2ec
+from model.recpo import RecPOConfig
+
+
+def build_model(cfg: RecPOConfig, base: str, category: str) -> tuple[R2ec, str]:
+    """The trainable model and the base reference its checkpoints will name.
+
+    `base` is a backbone reference (smollm2, tiny, HF dir, .gguf) or a checkpoint to
+    warm-start from (what scheduled retraining does). A LoRA checkpoint keeps training
+    its adapter; anything else gets a fresh adapter when cfg.lora.
+    """
+    try:
+        ckpt_path = resolve_checkpoint(base)
+    except ValueError:
+        ckpt_path = None
+    if ckpt_path is not None:
+        meta = read_meta(ckpt_path)
+        continue_adapter = meta["weights"] == "lora" and cfg.lora
+        ckpt = load_checkpoint(ckpt_path, dtype=cfg.dtype, trainable=continue_adapter, merge_lora=True)
+        model = ckpt.model
+        base_ref = meta["base"] if meta["weights"] != "full" else str(ckpt_path / "model")
+        if continue_adapter:
+            _cast_trainable_fp32(model.lm)
+            return model, base_ref
+    else:
+        lm, tok = load_backbone(BackboneConfig(base=base, dtype=cfg.dtype, seed=cfg.seed))
+        prompts = PromptConfig(category=category, system_prompt=cfg.system_prompt)
+        model, base_ref = R2ec(lm, tok, prompts, tau=cfg.tau), base
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules,
+            layers_to_transform=_top_layers(model.lm, cfg.lora_layers),
+            bias="none",
+        )
+        model.lm = get_peft_model(model.lm, lora)
+        _cast_trainable_fp32(model.lm)
+    model.tau = cfg.tau
+    return model, base_ref
+
+
+def _top_layers(lm: torch.nn.Module, n: int | None) -> list[int] | None:
+    if n is None:
+        return None
+    total = lm.config.num_hidden_layers
+    if n > total:
+        raise ValueError(f"lora_layers={n} but the backbone has {total} layers")
+    return list(range(total - n, total))
+
+
+def _cast_trainable_fp32(lm: torch.nn.Module) -> None:
+    # bf16 cannot hold small AdamW updates; adapters train in fp32 over a bf16 base.
+    for p in lm.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def trainable_parameters(model: R2ec) -> list[torch.nn.Parameter]:
+    return [p for p in model.lm.parameters() if p.requires_grad]
+
+
+def weights_kind(model: R2ec) -> str:
+    """What a checkpoint of this model stores: "lora" (adapter over a base) or "full"."""
+    return "lora" if hasattr(model.lm, "peft_config") else "full"
