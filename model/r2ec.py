@@ -5,7 +5,7 @@
   [user prompt; reasoning; closing marker] (`user_vectors`), h_v the same for an
   item prompt (`item_vectors`), and s(u, v) = cos(h_T, h_v) / tau (`score`).
   (R²ec, arXiv 2505.16994 §3.1.) Raw hidden states are strongly anisotropic, so
-  both sides are L2-normalised before the inner product (DESIGN §6).
+  both sides are L2-normalised before the inner product (docs/architecture.md §6).
 
 Shapes: B users (or B*G rollouts), T tokens, L padded length, H hidden, N items.
 """

@@ -1,6 +1,6 @@
 """RecPO configuration and its group math: advantages and the best trajectories.
 
-R²ec, arXiv 2505.16994 §3.2 and Appendix E; DESIGN §3. The rewards are in
+R²ec, arXiv 2505.16994 §3.2 and Appendix E; docs/architecture.md §3. The rewards are in
 model/rewards.py, the losses in model/losses.py; the training loop in model/train.py
 only calls these functions.
 
@@ -345,7 +345,7 @@ def field_docs(cls: type) -> dict[str, str]:
 def group_advantages(rewards: torch.Tensor, num_generations: int, kind: str) -> torch.Tensor:
     """Advantages within each user's group of G rollouts: rewards (B*G,) -> (B*G,).
 
-    grpo: A_i = (R_i - mean) / (std + 1e-8)           (DeepSeekMath GRPO; DESIGN §3 step 3)
+    grpo: A_i = (R_i - mean) / (std + 1e-8)           (DeepSeekMath GRPO; docs/architecture.md §3 step 3)
     rloo: A_i = R_i - mean of the other G-1 rewards   (Ahmadian et al. 2024)
     A group of equal rewards gives zero advantage under both.
     """

@@ -1,4 +1,4 @@
-"""Scheduled retraining (DESIGN §5): new events -> samples -> warm-started RecPO -> gated publish.
+"""Scheduled retraining (docs/architecture.md §5): events -> samples -> warm-started RecPO -> gated publish.
 
 One run:
 1. read the events after the saved cursor and add them to the consumed-events log;
@@ -54,7 +54,7 @@ from model.checkpoint import (
 from model.data import SPLITS, PreparedDataset, load_prepared
 from model.data.build import build_prepared
 from model.data.dataset import atomic_write
-from model.evaluate import EvalConfig, evaluate_model
+from model.evaluate import evaluate_model, validation_eval_config
 from model.recpo import RecPOConfig
 
 log = logging.getLogger(__name__)
@@ -288,26 +288,15 @@ def _write_state(work: Path, state: dict[str, Any]) -> None:
 
 
 # -- evaluation --------------------------------------------------------------------------------
-def eval_config(cfg: RecPOConfig) -> EvalConfig:
-    """The valid-split evaluation train() uses to pick its best checkpoint (same samples,
-    limit, reasoning budget), so the candidate's recorded metric is comparable."""
-    return EvalConfig(
-        split="valid",
-        reasoning=cfg.stage == "recpo",
-        max_reasoning_tokens=cfg.reasoning_tokens_at_eval,
-        limit=cfg.eval_limit,
-    )
-
-
 def evaluate_checkpoint(path: Path, ds: PreparedDataset, cfg: RecPOConfig) -> float:
-    """NDCG@10 of a checkpoint on ds's valid split under `eval_config(cfg)`."""
+    """NDCG@10 of a checkpoint on ds's valid split under `validation_eval_config(cfg)`."""
     ckpt = load_checkpoint(path, dtype=cfg.dtype)
     if list(ckpt.items["item_id"]) == list(ds.items["item_id"]):
         vectors = ckpt.item_vectors
     else:  # a different catalog: encode this one
         vectors = ckpt.model.item_vectors(ds.items.to_dict("records"))
     result = evaluate_model(
-        ckpt.model, ds.split("valid"), ds.items, vectors, eval_config(cfg), progress=False
+        ckpt.model, ds.split("valid"), ds.items, vectors, validation_eval_config(cfg), progress=False
     )
     return float(result.metrics[METRIC])
 

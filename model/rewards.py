@@ -1,4 +1,4 @@
-"""Pure reward functions for RecPO (R²ec, arXiv 2505.16994 §3.2, DESIGN §3).
+"""Pure reward functions for RecPO (R²ec, arXiv 2505.16994 §3.2, docs/architecture.md §3).
 
 Shapes: R rollouts (= B users x G generations), N items.
 """
@@ -49,5 +49,5 @@ def similarity_reward(
 
 
 def fused_reward(r_c: torch.Tensor, r_d: torch.Tensor, weight: float) -> torch.Tensor:
-    """R = beta * R_c + (1 - beta) * R_d (DESIGN §3 step 2; beta = `weight`)."""
+    """R = beta * R_c + (1 - beta) * R_d (docs/architecture.md §3 step 2; beta = `weight`)."""
     return weight * r_c + (1.0 - weight) * r_d

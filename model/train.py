@@ -239,7 +239,7 @@ class Trainer:
     # -- RecPO ---------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, rows: pd.DataFrame) -> RolloutBatch:
-        """DESIGN §3 steps 1-3: sample G trajectories per user, score them against the full
+        """docs/architecture.md §3 steps 1-3: sample G trajectories per user, score them against the full
         item table, fuse the rewards and turn them into group advantages."""
         cfg, model, table, G = self.cfg, self.model, self.table, self.cfg.num_generations
         histories = sample_histories(rows, self.titles)
@@ -277,7 +277,7 @@ class Trainer:
         return RolloutBatch(rollout, targets, advantages, best, token_logp, item_logp, stats)
 
     def policy_loss(self, rb: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """DESIGN §3 steps 4-6: clipped token loss + clipped item loss, with gradient."""
+        """docs/architecture.md §3 steps 4-6: clipped token loss + clipped item loss, with gradient."""
         cfg = self.cfg
         self.model.lm.train()
         h_T, logp, mask = self._policy_forward(rb.rollout)
@@ -317,7 +317,8 @@ class Trainer:
         user_targets = [targets[int(i) // self.cfg.num_generations] for i in best]
         logp = losses.in_batch_log_probs(h_T[best], all_targets, all_ids, self.model.tau, user_targets)
         if torch.is_grad_enabled():
-            self.table.update(targets, target_vecs)  # DESIGN §3 step 7: the batch's rows are now fresh
+            # docs/architecture.md §3 step 7: the batch's rows are now fresh
+            self.table.update(targets, target_vecs)
         return logp
 
     # -- the contrastive warm-up ---------------------------------------------------------------

@@ -4,7 +4,7 @@
 against the catalog, render the user prompt, hash the reasoning-cache key. The service reads the
 cache with that key, then hands the `PreparedQuery` to the batch.
 
-`Recommender.recommend_batch(queries)` serves a whole micro-batch (DESIGN §4):
+`Recommender.recommend_batch(queries)` serves a whole micro-batch (docs/architecture.md §4):
   1. tokenize every query's prompt (one tokenizer call);
   2. split the queries: no-reasoning (h_T straight after the prompt, the paper's
      "w/o reasoning" mode), cache hits (reasoning supplied by the caller from the cache), and

@@ -6,7 +6,7 @@ so each user's interactions have one fixed order; a sample's history is the late
 ``max_history`` interactions strictly before its target in that order (no leakage), and
 a user's first interaction is never a target (its history would be empty).
 
-Protocols (DESIGN §2):
+Protocols (docs/architecture.md §2):
 - ``temporal`` (the paper's): every sample, sorted globally by (target timestamp, user_id,
   position), the first ``n*8//10`` train, up to ``n*9//10`` valid, the rest test.
 - ``loo`` (RecBole's leave-one-out): per user, the last sample is test, the one before it

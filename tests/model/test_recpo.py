@@ -1,4 +1,4 @@
-"""RecPO's advantages, rewards and config against hand-computed values (DESIGN §3)."""
+"""RecPO's advantages, rewards and config against hand-computed values (docs/architecture.md §3)."""
 
 from __future__ import annotations
 
