@@ -1,7 +1,8 @@
-"""`r2ec eval`: full-ranking Hit/NDCG of a checkpoint, an untrained backbone or popularity."""
+"""`r2ec eval`: full-ranking Hit/NDCG of a checkpoint, an untrained backbone, Pop or SASRec."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -11,84 +12,132 @@ import typer
 from cli.common import fail
 
 if TYPE_CHECKING:
-    import pandas as pd
+    import numpy as np
+    import torch
 
     from model.data import PreparedDataset
-    from model.evaluate import EvalConfig, EvalResult
+    from model.evaluate import EvalResult
+    from model.r2ec import R2ec
+
+
+BASELINES = ("pop", "sasrec")
 
 
 def eval_cmd(
     data: Annotated[Path, typer.Option(help="Prepared dataset dir")],
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint to evaluate")] = None,
     base: Annotated[str | None, typer.Option(help="Evaluate an untrained backbone instead")] = None,
-    baseline: Annotated[str | None, typer.Option(help="'pop' for the popularity baseline")] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="'pop' (popularity) or 'sasrec' (trained here on the train split)")
+    ] = None,
     split: str = "test",
     reasoning: Annotated[bool, typer.Option("--reasoning/--no-reasoning")] = True,
+    compare_reasoning: Annotated[
+        bool,
+        typer.Option(
+            "--compare-reasoning", help="Run with and without reasoning; print the paired NDCG@10 difference"
+        ),
+    ] = False,
     max_reasoning_tokens: int = 64,
     batch_size: int = 8,
     limit: Annotated[int | None, typer.Option(help="Only the first N samples")] = None,
-    mask: Annotated[bool, typer.Option("--mask/--no-mask", help="Mask history items")] = True,
+    mask: Annotated[
+        str, typer.Option(help="seen (every earlier item of the user; the field's protocol), prompt, none")
+    ] = "seen",
+    sasrec_epochs: Annotated[int, typer.Option(help="SASRec training epochs")] = 30,
     dtype: str = "bfloat16",
     device: Annotated[str, typer.Option(help="auto (GPU if torch sees one), cpu, cuda, cuda:N")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
-    """Full-ranking Hit@5/10/20 and NDCG@5/10/20 over the whole catalog."""
+    """Full-ranking Hit@5/10/20 and NDCG@5/10/20 over the whole catalog, with per-user
+    standard errors; with reasoning, the texts' quality (distinct-2, loops, unknown titles)."""
     from model.data import DataError, load_prepared
-    from model.evaluate import EvalConfig, evaluate_popularity
+    from model.evaluate import (
+        EvalConfig,
+        evaluate_model,
+        evaluate_popularity,
+        evaluate_sasrec,
+        paired_difference,
+    )
+    from model.sasrec import SASRecConfig
 
     if sum(x is not None for x in (checkpoint, base, baseline)) != 1:
         fail("give exactly one of --checkpoint, --base or --baseline")
-    if baseline is not None and baseline != "pop":
-        fail(f"--baseline must be 'pop', got {baseline!r}")
+    if baseline is not None and baseline not in BASELINES:
+        fail(f"--baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+    if compare_reasoning and baseline is not None:
+        fail("--compare-reasoning needs --checkpoint or --base")
     try:
         ds = load_prepared(data)
-        samples = ds.split(split)
         cfg = EvalConfig(
             split=split,
-            reasoning=reasoning,
+            reasoning=reasoning or compare_reasoning,
             max_reasoning_tokens=max_reasoning_tokens,
             batch_size=batch_size,
             limit=limit,
-            mask_history=mask,
+            mask=mask,
         )
+        sasrec_cfg = SASRecConfig(epochs=sasrec_epochs)
     except (DataError, ValueError) as exc:
         fail(str(exc))
+    extra: dict = {}
     if baseline == "pop":
-        result = evaluate_popularity(ds.split("train"), samples, ds.items, cfg)
-        label = "pop"
+        result, label = evaluate_popularity(ds, cfg), "pop"
+    elif baseline == "sasrec":
+        result, stats = evaluate_sasrec(ds, cfg, sasrec_cfg, progress=not as_json)
+        label, extra = "sasrec", {"train": {"seconds": round(stats["seconds"], 1), "epochs": stats["epochs"]}}
     else:
-        result, label = _eval_model(ds, samples, cfg, checkpoint, base, dtype, device)
+        model, vectors, label = _load_model(ds, checkpoint, base, dtype, device)
+        result = evaluate_model(model, ds, vectors, cfg)
+        if compare_reasoning:
+            off = evaluate_model(model, ds, vectors, dataclasses.replace(cfg, reasoning=False))
+            extra = {
+                "without_reasoning": {"metrics": off.metrics, "stderr": off.stderr},
+                "paired_ndcg@10": paired_difference(result.ranks, off.ranks, "ndcg@10"),
+            }
     payload = {
         "model": label,
         "split": split,
-        "reasoning": reasoning and baseline is None,
+        "reasoning": cfg.reasoning and baseline is None,
         **result.to_dict(),
+        **extra,
     }
     if as_json:
         typer.echo(json.dumps(payload))
         return
-    typer.echo(f"{label} on {ds.name}/{ds.protocol} {split}: {result.count} samples in {result.seconds:.1f}s")
+    _print(ds, label, split, result, extra)
+
+
+def _print(ds: PreparedDataset, label: str, split: str, result: EvalResult, extra: dict) -> None:
+    typer.echo(
+        f"{label} on {ds.name}/{ds.protocol} {split}: {result.count} samples, mask {result.mask}, "
+        f"{result.seconds:.1f}s"
+    )
     for name, value in result.metrics.items():
-        typer.echo(f"  {name:<8} {value:.4f}")
+        typer.echo(f"  {name:<8} {value:.4f} ± {result.stderr.get(name, float('nan')):.4f}")
+    if result.text_quality:
+        q = result.text_quality
+        typer.echo(
+            f"  texts: distinct-2 {q['distinct_2']:.3f}, loops {q['loop_share']:.1%}, "
+            f"unknown titles {q['unknown_title_share']:.1%}, {q['mean_words']:.0f} words"
+        )
+    if pair := extra.get("paired_ndcg@10"):
+        typer.echo(
+            f"  reasoning on vs off: NDCG@10 {pair['a']:.4f} vs {pair['b']:.4f}, "
+            f"diff {pair['diff']:+.4f} ± {pair['stderr']:.4f} (paired), ratio {pair['ratio']:.3f}"
+        )
     for ex in result.examples:
         typer.echo(f"\n[user {ex['user_id']}] target {ex['target']!r} ranked {ex['rank']}\n{ex['reasoning']}")
 
 
-def _eval_model(
-    ds: PreparedDataset,
-    samples: pd.DataFrame,
-    cfg: EvalConfig,
-    checkpoint: Path | None,
-    base: str | None,
-    dtype: str,
-    device: str,
-) -> tuple[EvalResult, str]:
-    """Evaluate a checkpoint (its stored item table when the catalog is the same) or an
-    untrained backbone; returns the result and the row's label."""
+def _load_model(
+    ds: PreparedDataset, checkpoint: Path | None, base: str | None, dtype: str, device: str
+) -> tuple[R2ec, torch.Tensor | np.ndarray, str]:
+    """A checkpoint (with its stored item table when the catalog is the same) or an untrained
+    backbone, on `device`; returns the model, the catalog's vectors and the row's label."""
     from model.backbone import BackboneConfig, load_backbone
     from model.checkpoint import CheckpointError, load_checkpoint
     from model.distributed import resolve_device
-    from model.evaluate import evaluate_model
     from model.prompts import PromptConfig
     from model.r2ec import R2ec
 
@@ -106,12 +155,8 @@ def _eval_model(
         vectors = ckpt.item_vectors if same_catalog else None
     else:
         lm, tok = load_backbone(BackboneConfig(base=base, dtype=dtype))
-        model, label, vectors = (
-            R2ec(lm, tok, PromptConfig(category=ds.category)),
-            f"base {base}",
-            None,
-        )
+        model, label, vectors = R2ec(lm, tok, PromptConfig(category=ds.category)), f"base {base}", None
     model.lm.to(where)
     if vectors is None:
         vectors = model.item_vectors(ds.items.to_dict("records"), progress=True)
-    return evaluate_model(model, samples, ds.items, vectors, cfg), label
+    return model, vectors, label

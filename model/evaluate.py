@@ -1,27 +1,37 @@
 """Full-ranking evaluation: Hit@K and NDCG@K over the whole catalog (docs/architecture.md §2).
 
-The target's rank is 1 + the number of items scored strictly higher (ties count in
-the target's favour). Items in the user's history are masked out by default, except
-the target itself, so a re-consumed item can still be found.
+The target's rank is 1 + the number of items scored strictly higher (ties count in the
+target's favour). Which already-known items leave the ranking is the `mask`:
+
+- `seen` (the default, the field's protocol: RecBole's and most papers'): every item the user
+  interacted with before the target: for a test sample everything in the user's train and
+  valid samples, for a valid sample the train samples, plus the sample's own history;
+- `prompt`: only the <= 20 items in the prompt's history window;
+- `none`: nothing.
+
+The target itself is never masked, so a re-consumed item can still be found. Each metric comes
+with its per-user standard error; `paired_difference` compares two runs on the same users.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from model.data.dataset import SPLITS
+from model.data.dataset import SPLITS, PreparedDataset
 from model.r2ec import GenerationSettings, R2ec
 from model.rewards import ndcg_at_k, target_rank
 from model.samples import sample_histories
+from model.text_quality import text_quality
 
 if TYPE_CHECKING:
     from model.recpo import RecPOConfig
@@ -43,15 +53,83 @@ def target_ranks(
     return target_rank(scores.detach(), targets, mask)
 
 
-def ranking_metrics(ranks: Sequence[int] | np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
-    """Hit@K and NDCG@K averaged over 1-based ranks, for each K in ks."""
-    ranks = torch.as_tensor(np.asarray(ranks, dtype=np.float64))  # (B,)
-    if ranks.numel() == 0:
+MASKS = ("seen", "prompt", "none")
+Mask = Literal["seen", "prompt", "none"]
+
+
+def per_user_metrics(ranks: Sequence[int] | np.ndarray, ks: Sequence[int] = KS) -> dict[str, np.ndarray]:
+    """Hit@K and NDCG@K of each user (one value per rank), for each K in ks."""
+    r = torch.as_tensor(np.asarray(ranks, dtype=np.float64))  # (B,)
+    if r.numel() == 0:
         raise ValueError("no ranks to average")
     out = {}
     for k in ks:
-        out[f"hit@{k}"] = float((ranks <= k).double().mean())
-        out[f"ndcg@{k}"] = float(ndcg_at_k(ranks, k).mean())
+        out[f"hit@{k}"] = (r <= k).double().numpy()
+        out[f"ndcg@{k}"] = ndcg_at_k(r, k).double().numpy()
+    return out
+
+
+def ranking_metrics(ranks: Sequence[int] | np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
+    """Hit@K and NDCG@K averaged over 1-based ranks, for each K in ks."""
+    return {name: float(v.mean()) for name, v in per_user_metrics(ranks, ks).items()}
+
+
+def standard_errors(ranks: Sequence[int] | np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
+    """Per-user standard error of each metric's mean: sample std / sqrt(users)."""
+    out = {}
+    for name, v in per_user_metrics(ranks, ks).items():
+        out[name] = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return out
+
+
+def paired_difference(ranks_a: Sequence[int], ranks_b: Sequence[int], metric: str = "ndcg@10") -> dict:
+    """a - b on the same users, in order: the mean difference of the per-user metric, its
+    standard error (the paired one, much smaller than either run's own when the users'
+    difficulty dominates), and the ratio of the means."""
+    if len(ranks_a) != len(ranks_b):
+        raise ValueError(f"paired runs must rank the same users: {len(ranks_a)} vs {len(ranks_b)}")
+    k = int(metric.split("@")[1])
+    a, b = per_user_metrics(ranks_a, (k,))[metric], per_user_metrics(ranks_b, (k,))[metric]
+    d = a - b
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {
+        "metric": metric,
+        "a": float(a.mean()),
+        "b": float(b.mean()),
+        "diff": float(d.mean()),
+        "stderr": se,
+        "ratio": float(a.mean() / b.mean()) if b.mean() > 0 else float("inf"),
+        "users": len(d),
+    }
+
+
+def seen_items(dataset: PreparedDataset, split: str) -> dict[str, set[str]]:
+    """user -> every item of theirs in the splits before `split` (targets and histories):
+    test sees train + valid, valid sees train, train sees nothing."""
+    seen: dict[str, set[str]] = {}
+    for earlier in SPLITS[: SPLITS.index(split)]:
+        df = dataset.split(earlier)
+        rows = zip(df["user_id"], df["history_item_ids"], df["target_item_id"], strict=True)
+        for user, hist, target in rows:
+            bucket = seen.setdefault(str(user), set())
+            bucket.update(map(str, hist))
+            bucket.add(str(target))
+    return seen
+
+
+def exclusions(
+    rows: pd.DataFrame, col: Mapping[str, int], mask: Mask, seen: Mapping[str, set[str]] | None
+) -> list[list[int]] | None:
+    """The catalog columns to drop from each row's ranking under `mask` (the target is kept
+    by `target_rank`)."""
+    if mask == "none":
+        return None
+    out = []
+    for user, hist in zip(rows["user_id"], rows["history_item_ids"], strict=True):
+        known = set(map(str, hist))
+        if mask == "seen":
+            known |= seen.get(str(user), set())
+        out.append([col[i] for i in known if i in col])
     return out
 
 
@@ -72,9 +150,10 @@ class EvalConfig:
             Users per generate and forward pass.
         limit (`int` or `None`, defaults to `None`):
             Evaluate the first this many samples only (`None`: all).
-        mask_history (`bool`, defaults to `True`):
-            Drop the items of the user's history from the ranking, except the target itself,
-            so a re-consumed item can still be found.
+        mask (`str`, defaults to `"seen"`):
+            Which known items leave the ranking (the target itself never does): `"seen"`,
+            every item of the user's before the target (the field's protocol); `"prompt"`,
+            the prompt's history window only; `"none"`.
         ks (`tuple[int, ...]`, defaults to `(5, 10, 20)`):
             The cut-offs K of Hit@K and NDCG@K.
     """
@@ -84,7 +163,7 @@ class EvalConfig:
     max_reasoning_tokens: int = 64
     batch_size: int = 8
     limit: int | None = None
-    mask_history: bool = True
+    mask: Mask = "seen"
     ks: tuple[int, ...] = KS
 
     def __post_init__(self) -> None:
@@ -96,6 +175,8 @@ class EvalConfig:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if self.max_reasoning_tokens < 0:
             raise ValueError(f"max_reasoning_tokens must be >= 0, got {self.max_reasoning_tokens}")
+        if self.mask not in MASKS:
+            raise ValueError(f"mask must be one of {MASKS}, got {self.mask!r}")
         if not self.ks or min(self.ks) < 1:
             raise ValueError(f"ks must be one or more cut-offs >= 1, got {self.ks}")
 
@@ -122,91 +203,123 @@ class EvalResult:
     count: int
     seconds: float
     ranks: list[int] = field(default_factory=list)
-    examples: list[dict] = field(default_factory=list)  # a few reasoning texts
+    examples: list[dict] = field(default_factory=list)  # the first users' reasoning texts
+    stderr: dict[str, float] = field(default_factory=dict)  # per-user standard errors
+    mask: str = "seen"
+    text_quality: dict | None = None  # over every reasoning text, when there is reasoning
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "metrics": self.metrics,
+            "stderr": self.stderr,
+            "mask": self.mask,
             "count": self.count,
             "seconds": round(self.seconds, 2),
             "examples": self.examples,
         }
-
-
-def _split_rows(samples: pd.DataFrame, cfg: EvalConfig) -> pd.DataFrame:
-    return samples.head(cfg.limit) if cfg.limit else samples
+        if self.text_quality is not None:
+            out["text_quality"] = self.text_quality
+        return out
 
 
 def _column_index(items: pd.DataFrame) -> dict[str, int]:
     return {str(i): j for j, i in enumerate(items["item_id"].astype(str))}
 
 
+ScoreBatch = Callable[[pd.DataFrame], torch.Tensor]  # sample rows (B) -> catalog scores (B, N)
+
+
+def evaluate_scores(
+    dataset: PreparedDataset, cfg: EvalConfig, score_batch: ScoreBatch, progress: bool = False
+) -> EvalResult:
+    """The harness every model and baseline shares: the split's samples in batches of
+    `cfg.batch_size`, scored against the whole catalog by `score_batch`, ranked under
+    `cfg.mask`."""
+    start = time.perf_counter()
+    rows = dataset.split(cfg.split)
+    rows = rows.head(cfg.limit) if cfg.limit else rows
+    col = _column_index(dataset.items)
+    seen = seen_items(dataset, cfg.split) if cfg.mask == "seen" else None
+    ranks: list[int] = []
+    bar = tqdm(total=len(rows), desc=f"eval {cfg.split}", unit="user", disable=not progress)
+    for lo in range(0, len(rows), cfg.batch_size):
+        chunk = rows.iloc[lo : lo + cfg.batch_size]
+        scores = score_batch(chunk)  # (B, N)
+        targets = torch.tensor([col[str(t)] for t in chunk["target_item_id"]])
+        ranks.extend(target_ranks(scores, targets, exclusions(chunk, col, cfg.mask, seen)).tolist())
+        bar.update(len(chunk))
+    bar.close()
+    return EvalResult(
+        ranking_metrics(ranks, cfg.ks),
+        len(ranks),
+        time.perf_counter() - start,
+        ranks,
+        stderr=standard_errors(ranks, cfg.ks),
+        mask=cfg.mask,
+    )
+
+
 def evaluate_model(
     model: R2ec,
-    samples: pd.DataFrame,
-    items: pd.DataFrame,
+    dataset: PreparedDataset,
     item_vectors: torch.Tensor | np.ndarray,
     cfg: EvalConfig,
     progress: bool = True,
     num_examples: int = 3,
 ) -> EvalResult:
-    """Rank the whole catalog for each sample; reasoning (if on) is greedy."""
-    start = time.perf_counter()
-    rows = _split_rows(samples, cfg)
-    col = _column_index(items)
-    titles = dict(zip(items["item_id"].astype(str), items["title"].astype(str), strict=True))
+    """Rank the whole catalog for each sample of `cfg.split`; reasoning (if on) is greedy.
+    With reasoning, the result carries every text's quality and the first users' texts."""
+    titles = dataset.item_titles()
     vectors = torch.as_tensor(np.asarray(item_vectors, dtype=np.float32))  # (N, H)
     settings = GenerationSettings(max_new_tokens=cfg.max_reasoning_tokens)
-    ranks: list[int] = []
-    examples: list[dict] = []
-    bar = tqdm(total=len(rows), desc=f"eval {cfg.split}", unit="user", disable=not progress)
-    for lo in range(0, len(rows), cfg.batch_size):
-        chunk = rows.iloc[lo : lo + cfg.batch_size]
+    texts: list[str] = []
+    shown: list[dict] = []
+
+    def score(chunk: pd.DataFrame) -> torch.Tensor:
         histories = sample_histories(chunk, titles)
         rollout = model.reason(histories, settings) if cfg.reasoning else None
-        users = model.user_vectors(histories, rollout).cpu()  # (B, H)
-        scores = model.score(users, vectors)  # (B, N)
-        targets = torch.tensor([col[str(t)] for t in chunk["target_item_id"]])
-        exclude = (
-            [[col[i] for i in h if i in col] for h in chunk["history_item_ids"]] if cfg.mask_history else None
-        )
-        batch_ranks = target_ranks(scores, targets, exclude).tolist()
-        ranks.extend(batch_ranks)
-        if rollout is not None and len(examples) < num_examples:
-            for j in range(min(num_examples - len(examples), len(chunk))):
-                examples.append(
+        if rollout is not None:
+            texts.extend(rollout.texts)
+            for j in range(min(num_examples - len(shown), len(chunk))):
+                row = chunk.iloc[j]
+                shown.append(
                     {
-                        "user_id": str(chunk.iloc[j]["user_id"]),
-                        "target": titles[str(chunk.iloc[j]["target_item_id"])],
-                        "rank": batch_ranks[j],
+                        "user_id": str(row["user_id"]),
+                        "target": titles[str(row["target_item_id"])],
                         "reasoning": rollout.texts[j],
                     }
                 )
-        bar.update(len(chunk))
-    bar.close()
-    return EvalResult(
-        ranking_metrics(ranks, cfg.ks), len(ranks), time.perf_counter() - start, ranks, examples
-    )
+        return model.score(model.user_vectors(histories, rollout).cpu(), vectors)  # (B, N)
+
+    result = evaluate_scores(dataset, cfg, score, progress)
+    result.examples = [{**ex, "rank": r} for ex, r in zip(shown, result.ranks, strict=False)]
+    if cfg.reasoning:
+        result.text_quality = text_quality(texts, titles.values()).to_dict()
+    return result
 
 
-def evaluate_popularity(
-    train: pd.DataFrame, samples: pd.DataFrame, items: pd.DataFrame, cfg: EvalConfig
-) -> EvalResult:
-    """Pop baseline: score = how often the item was a training target, under the same harness."""
-    start = time.perf_counter()
-    rows = _split_rows(samples, cfg)
+def popularity_scores(train: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
+    """(N,) how often each item was a training target, ties broken by a fixed random order
+    (the jitter is < 1, so never across counts) so Pop is not flattered by optimistic tie ranks."""
     col = _column_index(items)
     counts = np.zeros(len(items), dtype=np.float32)
     for item_id, n in train["target_item_id"].astype(str).value_counts().items():
         if item_id in col:
             counts[col[item_id]] = n
-    # Many items share a count; break ties by a fixed random order (never across counts,
-    # the jitter is < 1) so the baseline is not flattered by optimistic tie ranks.
-    counts += np.random.default_rng(0).permutation(len(items)).astype(np.float32) / (2 * len(items))
-    scores = torch.from_numpy(np.broadcast_to(counts, (len(rows), len(items))).copy())
-    targets = torch.tensor([col[str(t)] for t in rows["target_item_id"]])
-    exclude = (
-        [[col[i] for i in h if i in col] for h in rows["history_item_ids"]] if cfg.mask_history else None
-    )
-    ranks = target_ranks(scores, targets, exclude).tolist()
-    return EvalResult(ranking_metrics(ranks, cfg.ks), len(ranks), time.perf_counter() - start, ranks)
+    return counts + np.random.default_rng(0).permutation(len(items)).astype(np.float32) / (2 * len(items))
+
+
+def evaluate_popularity(dataset: PreparedDataset, cfg: EvalConfig) -> EvalResult:
+    """Pop baseline: score = how often the item was a training target, under the same harness."""
+    counts = torch.from_numpy(popularity_scores(dataset.split("train"), dataset.items))
+    return evaluate_scores(dataset, cfg, lambda chunk: counts.expand(len(chunk), -1))
+
+
+def evaluate_sasrec(dataset: PreparedDataset, cfg: EvalConfig, sasrec_cfg=None, progress: bool = True):
+    """SASRec trained on the train split's samples, then ranked under the same harness.
+    Returns the result and the training stats."""
+    from model.sasrec import sasrec_scores, train_sasrec
+
+    model, stats = train_sasrec(dataset.split("train"), dataset.items, sasrec_cfg, progress=progress)
+    result = evaluate_scores(dataset, cfg, lambda chunk: sasrec_scores(model, chunk, dataset.items))
+    return result, stats

@@ -295,9 +295,7 @@ def evaluate_checkpoint(path: Path, ds: PreparedDataset, cfg: RecPOConfig) -> fl
         vectors = ckpt.item_vectors
     else:  # a different catalog: encode this one
         vectors = ckpt.model.item_vectors(ds.items.to_dict("records"))
-    result = evaluate_model(
-        ckpt.model, ds.split("valid"), ds.items, vectors, validation_eval_config(cfg), progress=False
-    )
+    result = evaluate_model(ckpt.model, ds, vectors, validation_eval_config(cfg), progress=False)
     return float(result.metrics[METRIC])
 
 
@@ -305,7 +303,8 @@ def candidate_metric(path: Path, ds: PreparedDataset, cfg: RecPOConfig) -> float
     """The metric train() recorded for its best checkpoint, or a fresh evaluation if it
     recorded none under the same settings."""
     valid = read_meta(path).get("metrics", {}).get("valid", {})
-    if METRIC in valid and valid.get("limit") == cfg.eval_limit:
+    same = valid.get("limit") == cfg.eval_limit and valid.get("mask") == validation_eval_config(cfg).mask
+    if METRIC in valid and same:
         return float(valid[METRIC])
     return evaluate_checkpoint(path, ds, cfg)
 

@@ -363,9 +363,7 @@ class Trainer:
 
     def _validate(self) -> None:
         ds, state, ecfg = self.dataset, self.state, validation_eval_config(self.cfg)
-        result = evaluate_model(
-            self.model, ds.split("valid"), ds.items, self.table.vectors, ecfg, progress=False
-        )
+        result = evaluate_model(self.model, ds, self.table.vectors, ecfg, progress=False)
         m = result.metrics
         self._log(
             {
@@ -379,7 +377,13 @@ class Trainer:
         log.info("step %d valid ndcg@10 %.4f hit@10 %.4f", state.step, m["ndcg@10"], m["hit@10"])
         if m["ndcg@10"] > state.best_metric:
             state.best_metric = m["ndcg@10"]
-            state.best_metrics = {"step": state.step, "split": "valid", "limit": self.cfg.eval_limit, **m}
+            state.best_metrics = {
+                "step": state.step,
+                "split": "valid",
+                "limit": self.cfg.eval_limit,
+                "mask": ecfg.mask,
+                **m,
+            }
             self.save(self.out / "best")
         plot_curves(self.out / "log.jsonl", self.out / "curves.png")
 

@@ -2,14 +2,21 @@ import dataclasses
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from model.evaluate import (
+    MASKS,
     EvalConfig,
     evaluate_model,
     evaluate_popularity,
+    evaluate_sasrec,
+    exclusions,
+    paired_difference,
     ranking_metrics,
+    seen_items,
+    standard_errors,
     target_ranks,
     validation_eval_config,
 )
@@ -48,16 +55,44 @@ def test_metrics_average_and_cutoff():
 
 
 def test_popularity_baseline_ranks_by_train_counts(tiny_dataset):
-    cfg = EvalConfig(split="test")
-    train, test = tiny_dataset.split("train"), tiny_dataset.split("test")
-    result = evaluate_popularity(train, test, tiny_dataset.items, cfg)
-    assert result.count == len(test)
-    assert 0.0 <= result.metrics["ndcg@20"] <= 1.0
-    # with history masking off, at least as many items can outrank the target
-    unmasked = evaluate_popularity(
-        train, test, tiny_dataset.items, EvalConfig(split="test", mask_history=False)
-    )
-    assert all(u >= m for u, m in zip(unmasked.ranks, result.ranks, strict=True))
+    test = tiny_dataset.split("test")
+    results = {m: evaluate_popularity(tiny_dataset, EvalConfig(split="test", mask=m)) for m in MASKS}
+    assert results["seen"].count == len(test)
+    assert 0.0 <= results["seen"].metrics["ndcg@20"] <= 1.0
+    # each mask removes a superset of the next one's items: the target can only rise
+    for looser, stricter in (("none", "prompt"), ("prompt", "seen")):
+        pairs = zip(results[looser].ranks, results[stricter].ranks, strict=True)
+        assert all(lo >= st for lo, st in pairs)
+    assert results["seen"].stderr["ndcg@10"] > 0
+
+
+def test_seen_mask_holds_every_earlier_item_of_the_user(tiny_dataset):
+    seen = seen_items(tiny_dataset, "test")
+    train, valid = tiny_dataset.split("train"), tiny_dataset.split("valid")
+    user = str(valid.iloc[0]["user_id"])
+    expected = {str(valid.iloc[0]["target_item_id"]), *map(str, valid.iloc[0]["history_item_ids"])}
+    for row in train[train["user_id"] == user].itertuples():
+        expected |= {str(row.target_item_id), *map(str, row.history_item_ids)}
+    assert seen[user] == expected
+    assert seen_items(tiny_dataset, "train") == {}
+    # a hand-made row: the seen set and the history both leave, unknown ids are skipped
+    rows = pd.DataFrame({"user_id": ["u"], "history_item_ids": [["a"]]})
+    col = {"a": 0, "b": 1, "c": 2}
+    assert sorted(exclusions(rows, col, "seen", {"u": {"b", "zz"}})[0]) == [0, 1]
+    assert exclusions(rows, col, "prompt", {"u": {"b"}}) == [[0]]
+    assert exclusions(rows, col, "none", None) is None
+
+
+def test_standard_errors_and_paired_difference_by_hand():
+    # ndcg@1 per user: a = [1, 0, 1, 0], b = [0, 0, 1, 0]
+    se = standard_errors([1, 2, 1, 3], ks=(1,))
+    assert se["hit@1"] == pytest.approx(np.std([1, 0, 1, 0], ddof=1) / 2)
+    pair = paired_difference([1, 2, 1, 3], [2, 2, 1, 3], "ndcg@1")
+    assert (pair["a"], pair["b"], pair["diff"]) == (0.5, 0.25, 0.25)
+    assert pair["stderr"] == pytest.approx(np.std([1, 0, 0, 0], ddof=1) / 2)
+    assert pair["ratio"] == 2.0
+    with pytest.raises(ValueError, match="same users"):
+        paired_difference([1], [1, 2])
 
 
 def test_model_eval_with_and_without_reasoning(tiny_model, tiny_dataset):
@@ -66,13 +101,17 @@ def test_model_eval_with_and_without_reasoning(tiny_model, tiny_dataset):
     test = tiny_dataset.split("test")
     for reasoning in (True, False):
         cfg = EvalConfig(reasoning=reasoning, max_reasoning_tokens=4, batch_size=2)
-        result = evaluate_model(tiny_model, test, items, vectors, cfg, progress=False)
+        result = evaluate_model(tiny_model, tiny_dataset, vectors, cfg, progress=False)
         assert result.count == len(test)
         assert all(1 <= r <= len(items) for r in result.ranks)
         assert bool(result.examples) == reasoning
-    # ranks agree with a direct computation for the first sample
-    cfg = EvalConfig(reasoning=False, limit=1)
-    result = evaluate_model(tiny_model, test, items, vectors, cfg, progress=False)
+        assert (result.text_quality is not None) == reasoning
+        if reasoning:
+            assert result.text_quality["texts"] == len(test)
+            assert [e["rank"] for e in result.examples] == result.ranks[: len(result.examples)]
+    # ranks agree with a direct computation for the first sample, under the prompt mask
+    cfg = EvalConfig(reasoning=False, limit=1, mask="prompt")
+    result = evaluate_model(tiny_model, tiny_dataset, vectors, cfg, progress=False)
     from model.samples import sample_histories
 
     h = sample_histories(test.head(1), tiny_dataset.item_titles())
@@ -82,6 +121,15 @@ def test_model_eval_with_and_without_reasoning(tiny_model, tiny_dataset):
     masked = [ids.index(i) for i in test.iloc[0]["history_item_ids"] if i != test.iloc[0]["target_item_id"]]
     scores[masked] = -float("inf")
     assert result.ranks[0] == int((scores > scores[target]).sum()) + 1
+
+
+def test_sasrec_baseline_under_the_same_harness(tiny_dataset):
+    from model.sasrec import SASRecConfig
+
+    cfg = EvalConfig(split="test", batch_size=4)
+    result, stats = evaluate_sasrec(tiny_dataset, cfg, SASRecConfig(epochs=2), progress=False)
+    assert result.count == len(tiny_dataset.split("test")) and len(stats["loss"]) == 2
+    assert all(1 <= r <= len(tiny_dataset.items) for r in result.ranks)
 
 
 def test_validation_eval_config_follows_the_training_config():
@@ -100,3 +148,5 @@ def test_eval_config_fields_are_documented_and_checked():
         EvalConfig(ks=())
     with pytest.raises(ValueError, match="max_reasoning_tokens"):
         EvalConfig(max_reasoning_tokens=-1)
+    with pytest.raises(ValueError, match="mask must be one of"):
+        EvalConfig(mask="history")

@@ -1,0 +1,38 @@
+"""Text-quality numbers on texts whose answers are counted by hand."""
+
+from model.text_quality import distinct_n, has_loop, named_titles, normalize_title, text_quality
+
+CATALOG = ["Star Wars", "Godfather, The", "Heat", "Amélie"]
+
+
+def test_distinct_2_counts_unique_bigrams_over_all_texts():
+    # bigrams: (a b) (b c) | (a b) (b d) -> 3 distinct of 4
+    assert distinct_n(["a b c", "a b d"], 2) == 0.75
+    assert distinct_n([], 2) == 0.0
+
+
+def test_loop_needs_a_4gram_three_times():
+    assert has_loop("to the three to the three to the three to the three")
+    assert not has_loop("to the three to the three and something else")  # 4-grams at most twice
+
+
+def test_titles_are_normalised_like_movielens():
+    assert normalize_title("Godfather, The (1972)") == "the godfather"
+    assert normalize_title("AMÉLIE") == "amelie"
+
+
+def test_named_titles_quoted_and_with_year():
+    assert named_titles('You liked "Heat" and Star Wars (1977).') == ["Heat", "Star Wars"]
+
+
+def test_quality_flags_unknown_titles_and_loops():
+    texts = [
+        'You liked "The Godfather" and Heat (1995).',  # both in the catalog
+        'Try "Blade Runner 9".',  # not in the catalog
+        "drama drama drama drama drama drama",  # a loop
+        "Then Star Wars (1977) fits.",  # "Then" is sentence text before the title
+    ]
+    q = text_quality(texts, CATALOG)
+    assert q.texts == 4
+    assert q.unknown_title_share == 0.25
+    assert q.loop_share == 0.25
