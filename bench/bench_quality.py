@@ -1,15 +1,18 @@
-"""The ml-100k quality table: full-ranking Hit/NDCG@5/10/20 (history masked) for Pop, the
-untrained backbone with and without reasoning, and trained checkpoints with and without
-reasoning, on valid and/or test. Each row is one `r2ec eval --json` run; results are appended
-to a JSONL file as they come, so an interrupted run keeps what it measured.
+"""The ml-100k quality table: full-ranking Hit/NDCG@5/10/20 under the `seen` mask (the
+field's protocol; NDCG@10 under `none` beside it), with per-user standard errors, for Pop,
+SASRec, the untrained backbone and trained checkpoints, each model with and without
+reasoning and the paired per-user difference between the two. Each row is one
+`r2ec eval --json` run; results are appended to a JSONL file as they come, so an interrupted
+run keeps what it measured.
 
     python3 bench/bench_quality.py --base-checkpoint checkpoints/current \\
         --trained warmup=runs/ml100k/warmup --trained recpo=runs/ml100k/recpo
 
-Rows: pop; untrained (the base checkpoint) with and without reasoning; each `--trained`
-NAME=PATH with and without reasoning. `--splits valid,test`; `--skip` drops rows by label
-(e.g. `--skip "warmup +reasoning"`), `--only` keeps just the named rows, `--limit N` evaluates
-the first N users of the split. Reasoning is greedy, 64 tokens.
+Rows: pop; sasrec; untrained (the base checkpoint) and each `--trained` NAME=PATH as
+"NAME no reasoning" and "NAME +reasoning" (one `--compare-reasoning` run that also gives the
+no-reasoning numbers and the paired difference). `--splits valid,test`; `--skip` drops rows by
+label, `--only` keeps just the named rows, `--limit N` evaluates the first N users of the
+split. Reasoning is greedy, 64 tokens.
 """
 
 from __future__ import annotations
@@ -49,11 +52,11 @@ def main() -> None:
         if not path:
             parser.error(f"--trained wants NAME=CHECKPOINT, got {spec!r}")
         models.append((name, path))
-    rows: list[tuple[str, list[str]]] = [("pop", ["--baseline", "pop"])]
+    rows: list[tuple[str, list[str]]] = [("pop", ["--baseline", "pop"]), ("sasrec", ["--baseline", "sasrec"])]
     common = ["--batch-size", str(args.batch_size), "--max-reasoning-tokens", str(args.tokens)]
     for name, path in models:
         rows.append((f"{name} no reasoning", ["--checkpoint", path, "--no-reasoning", *common]))
-        rows.append((f"{name} +reasoning", ["--checkpoint", path, "--reasoning", *common]))
+        rows.append((f"{name} +reasoning", ["--checkpoint", path, "--compare-reasoning", *common]))
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -70,11 +73,26 @@ def main() -> None:
                 f.write(json.dumps(record) + "\n")
             table.append(record)
 
-    print("| model | split | " + " | ".join(METRICS) + " | users | seconds |")
-    print("|---|---|" + "---|" * (len(METRICS) + 2))
+    print_table(table)
+
+
+def print_table(table: list[dict]) -> None:
+    """Markdown: seen-mask metrics ± standard error, NDCG@10 under `none`, the paired
+    reasoning on - off NDCG@10 difference where measured, and the texts' quality."""
+    print("| model | split | " + " | ".join(METRICS) + " | NDCG@10 none | on - off (paired) | texts |")
+    print("|---|---|" + "---|" * (len(METRICS) + 3))
     for r in table:
-        values = " | ".join(f"{r['metrics'][m]:.4f}" for m in METRICS)
-        print(f"| {r['label']} | {r['split']} | {values} | {r['count']} | {r['seconds']:.0f} |")
+        values = " | ".join(f"{r['metrics'][m]:.4f} ± {r['stderr'][m]:.4f}" for m in METRICS)
+        none = r.get("by_mask", {}).get("none", {}).get("ndcg@10", float("nan"))
+        pair = r.get("paired_ndcg@10")
+        paired = f"{pair['diff']:+.4f} ± {pair['stderr']:.4f} ({pair['ratio']:.2f}x)" if pair else ""
+        q = r.get("text_quality")
+        texts = (
+            f"d2 {q['distinct_2']:.2f}, loops {q['loop_share']:.0%}, unknown {q['unknown_title_share']:.0%}"
+            if q
+            else ""
+        )
+        print(f"| {r['label']} | {r['split']} | {values} | {none:.4f} | {paired} | {texts} |")
 
 
 if __name__ == "__main__":

@@ -186,12 +186,12 @@ def validation_eval_config(cfg: RecPOConfig) -> EvalConfig:
 
     Training picks OUT/best by NDCG@10 under it, and scheduled retraining's publish gate
     evaluates under it, so the two metrics compare: the first `eval_limit` valid samples,
-    with reasoning when the stage trains it (recpo) at `eval_reasoning_tokens` tokens
+    with reasoning when the stage trains it (recpo, rationale) at `eval_reasoning_tokens` tokens
     (default: max_completion_length), without it for the contrastive warm-up.
     """
     return EvalConfig(
         split="valid",
-        reasoning=cfg.stage == "recpo",
+        reasoning=cfg.stage in ("recpo", "rationale"),
         max_reasoning_tokens=cfg.reasoning_tokens_at_eval,
         limit=cfg.eval_limit,
     )
@@ -207,6 +207,7 @@ class EvalResult:
     stderr: dict[str, float] = field(default_factory=dict)  # per-user standard errors
     mask: str = "seen"
     text_quality: dict | None = None  # over every reasoning text, when there is reasoning
+    by_mask: dict[str, dict[str, float]] = field(default_factory=dict)  # headline metrics per mask
 
     def to_dict(self) -> dict:
         out = {
@@ -219,6 +220,8 @@ class EvalResult:
         }
         if self.text_quality is not None:
             out["text_quality"] = self.text_quality
+        if self.by_mask:
+            out["by_mask"] = self.by_mask
         return out
 
 
@@ -234,28 +237,31 @@ def evaluate_scores(
 ) -> EvalResult:
     """The harness every model and baseline shares: the split's samples in batches of
     `cfg.batch_size`, scored against the whole catalog by `score_batch`, ranked under
-    `cfg.mask`."""
+    `cfg.mask` (the headline, with standard errors) and, beside it, under every mask."""
     start = time.perf_counter()
     rows = dataset.split(cfg.split)
     rows = rows.head(cfg.limit) if cfg.limit else rows
     col = _column_index(dataset.items)
-    seen = seen_items(dataset, cfg.split) if cfg.mask == "seen" else None
-    ranks: list[int] = []
+    seen = seen_items(dataset, cfg.split)
+    ranks: dict[str, list[int]] = {m: [] for m in MASKS}  # ranking is cheap next to scoring
     bar = tqdm(total=len(rows), desc=f"eval {cfg.split}", unit="user", disable=not progress)
     for lo in range(0, len(rows), cfg.batch_size):
         chunk = rows.iloc[lo : lo + cfg.batch_size]
         scores = score_batch(chunk)  # (B, N)
         targets = torch.tensor([col[str(t)] for t in chunk["target_item_id"]])
-        ranks.extend(target_ranks(scores, targets, exclusions(chunk, col, cfg.mask, seen)).tolist())
+        for m in MASKS:
+            ranks[m].extend(target_ranks(scores, targets, exclusions(chunk, col, m, seen)).tolist())
         bar.update(len(chunk))
     bar.close()
+    headline = ranks[cfg.mask]
     return EvalResult(
-        ranking_metrics(ranks, cfg.ks),
-        len(ranks),
+        ranking_metrics(headline, cfg.ks),
+        len(headline),
         time.perf_counter() - start,
-        ranks,
-        stderr=standard_errors(ranks, cfg.ks),
+        headline,
+        stderr=standard_errors(headline, cfg.ks),
         mask=cfg.mask,
+        by_mask={m: ranking_metrics(r, cfg.ks) for m, r in ranks.items()},
     )
 
 

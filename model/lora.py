@@ -38,7 +38,9 @@ def build_model(cfg: RecPOConfig, base: str, category: str) -> tuple[R2ec, str]:
             return model, base_ref
     else:
         lm, tok = load_backbone(BackboneConfig(base=base, dtype=cfg.dtype, seed=cfg.seed))
-        prompts = PromptConfig(category=category, system_prompt=cfg.system_prompt)
+        prompts = PromptConfig(
+            category=category, system_prompt=cfg.system_prompt, max_history=cfg.max_history
+        )
         model, base_ref = R2ec(lm, tok, prompts, tau=cfg.tau), base
     if cfg.lora:
         from peft import LoraConfig, get_peft_model

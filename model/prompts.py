@@ -29,6 +29,9 @@ class PromptConfig:
     description_words: item descriptions are cut to this many words.
     system_prompt: the system turn of both prompts; None keeps the chat template's default
         (SmolLM2's adds 16 tokens to every prompt, a quarter of an ml-100k item prompt).
+    marker_on_items: end item prompts with the closing marker too, so h_v is read at the same
+        position as h_T (the paper's official code reads both at one embedding token).
+        Checkpoints written before this option existed load with False, as they were trained.
     """
 
     category: str = "movie"
@@ -37,6 +40,7 @@ class PromptConfig:
     closing_marker: str = "\nTherefore, my recommendation is:"
     description_words: int = 100
     system_prompt: str | None = None
+    marker_on_items: bool = True
 
     def __post_init__(self) -> None:
         if self.max_history < 1:
@@ -49,7 +53,9 @@ class PromptConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> PromptConfig:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known.setdefault("marker_on_items", False)  # older checkpoints encoded items without it
+        return cls(**known)
 
 
 def _format_rating(rating: float | None) -> str:

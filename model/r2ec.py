@@ -48,8 +48,8 @@ class Rollout:
     """Reasoning for a batch; row i belongs to user i // num_generations."""
 
     prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]  # reasoning tokens, EOS and padding stripped
-    texts: list[str]
+    completion_ids: list[list[int]]  # reasoning tokens, ending with the stop token if one came
+    texts: list[str]  # decoded without special tokens
     num_generations: int = 1
 
 
@@ -59,6 +59,12 @@ class PaddedBatch:
     attention_mask: torch.Tensor  # (B, L)
     position_ids: torch.Tensor  # (B, L)
     completion_mask: torch.Tensor  # (B, L) 1 where the token is a reasoning token
+
+    def rows(self, n: int) -> PaddedBatch:
+        """The first n rows (views)."""
+        return PaddedBatch(
+            self.input_ids[:n], self.attention_mask[:n], self.position_ids[:n], self.completion_mask[:n]
+        )
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
@@ -94,6 +100,30 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
     )
 
 
+# End-of-turn tokens of common chat templates: Gemma's turn ends with <end_of_turn> while its
+# eos_token is <eos>, Llama 3's with <|eot_id|>; ChatML models' (SmolLM2, Qwen) eos is <|im_end|>.
+END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a reasoning: the tokenizer's EOS first, then any end-of-turn token
+    of its chat template it knows."""
+    ids = [int(tokenizer.eos_token_id)]
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in ids]
+    return ids
+
+
+def _through_stop(seq: list[int], stop_ids: Sequence[int]) -> list[int]:
+    """A generated row up to and including its first stop token (the rest is padding). The
+    stop token stays: it is part of what the policy wrote, so RecPO's token loss trains
+    stopping, and h_T is read after it exactly as in training."""
+    for j, tok in enumerate(seq):
+        if tok in stop_ids:
+            return seq[: j + 1]
+    return seq
+
+
 class R2ec:
     """Wraps a causal LM (optionally a peft model) with the R²ec user/item encoders."""
 
@@ -111,6 +141,7 @@ class R2ec:
         self.prompts = prompts or PromptConfig()
         self.tau = tau
         self._marker_ids = tokenizer(self.prompts.closing_marker, add_special_tokens=False)["input_ids"]
+        self.stop_ids = stop_token_ids(tokenizer)
 
     # -- plumbing ---------------------------------------------------------------------------
     @property
@@ -144,7 +175,13 @@ class R2ec:
         return self._encode([self.render_message(user_message(h, self.prompts)) for h in histories])
 
     def item_prompt_ids(self, items: Sequence[Mapping[str, object]]) -> list[list[int]]:
-        return self._encode([self.render_message(item_message(it, self.prompts)) for it in items])
+        ids = self._encode([self.render_message(item_message(it, self.prompts)) for it in items])
+        return [p + self._marker_ids for p in ids] if self.prompts.marker_on_items else ids
+
+    def completion_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Reasoning texts as the model would write them: tokens, then the stop token (how
+        the `rationale` stage teacher-forces a text, stopping included)."""
+        return [ids + [self.stop_ids[0]] for ids in self._encode(texts)]
 
     def render_message(self, message: str) -> str:
         """One turn through the chat template with this model's system prompt."""
@@ -180,12 +217,11 @@ class R2ec:
             attention_mask=batch.attention_mask,
             max_new_tokens=settings.max_new_tokens,
             pad_token_id=self.pad_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=self.stop_ids,
             **sampling,
         )
         new = out[:, batch.input_ids.shape[1] :].tolist()  # (B*G, <=T)
-        eos = self.tokenizer.eos_token_id
-        completions = [seq[: seq.index(eos)] if eos in seq else seq for seq in new]
+        completions = [_through_stop(seq, self.stop_ids) for seq in new]
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         return Rollout(rows, completions, [t.strip() for t in texts], num_generations)
 

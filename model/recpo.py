@@ -21,7 +21,7 @@ import yaml
 from model import distributed as dist
 
 ADVANTAGES = ("grpo", "rloo")
-STAGES = ("recpo", "contrastive")
+STAGES = ("recpo", "contrastive", "rationale")
 NEGATIVES = ("in_batch", "table")
 
 
@@ -41,6 +41,10 @@ class RecPOConfig:
             `"recpo"`: RecPO (R²ec, arXiv 2505.16994 §3.2): G reasoning rollouts per user, fused
             reward, clipped token and item losses. `"contrastive"`: the paper's "w/o reasoning"
             objective as a warm-up: no generation, a softmax of each user over items.
+            `"rationale"`: the reasoning cold start (model/rationale.py): teacher-force a
+            rationale built from the data (LM loss) and, in the same forward, the contrastive
+            loss on h_T after [prompt; rationale; marker], plus the same loss on h_T after the
+            model's own greedy rationale for `rationale_self_users` users.
         lora (`bool`, defaults to `True`):
             Train LoRA adapters (fp32) over a frozen base; `False` fine-tunes every weight.
         lora_r (`int`, defaults to `16`):
@@ -71,6 +75,10 @@ class RecPOConfig:
             The prompts' system turn when training starts from a backbone (`None`: the chat
             template's default). A checkpoint keeps its own prompts, so warm starts and
             serving render the same.
+        max_history (`int`, defaults to `20`):
+            The user prompt's history window (latest items) when training starts from a
+            backbone; the paper's official code uses 10, which makes prompts ~40% shorter.
+            Stored in the checkpoint's prompts like `system_prompt`.
 
         > Rollout (stage recpo)
 
@@ -127,6 +135,19 @@ class RecPOConfig:
             `negatives: in_batch`: this many catalog items drawn uniformly per process per
             step, encoded live with gradient and added to the in-batch columns (mixed negative
             sampling, Yang et al. 2020).
+
+        > The rationale stage
+
+        rationale_lm_weight (`float`, defaults to `1.0`):
+            Weight of the LM loss (mean over the rationale's tokens, its stop token included).
+        rationale_self_users (`int`, defaults to `4`):
+            Users per micro-batch that also write their own greedy rationale (up to
+            `max_completion_length` tokens, no gradient), whose h_T is scored too: the
+            rationale's last sentence is hindsight, a guess at inference, so rec_head must also
+            learn from texts the model really writes (exposure bias). `0`: teacher forcing only.
+        rationale_self_weight (`float`, defaults to `0.5`):
+            Share of the contrastive loss on the self-written rationales; the teacher-forced
+            ones get the rest.
 
         > Optimisation
 
@@ -185,6 +206,7 @@ class RecPOConfig:
     item_layer_cache_gb: float = 2.0
     tau: float = 0.02
     system_prompt: str | None = None
+    max_history: int = 20
     # -- rollout
     num_generations: int = 4
     temperature: float = 1.0
@@ -203,6 +225,10 @@ class RecPOConfig:
     negatives: str = "in_batch"
     logq_correction: bool = True
     sampled_negatives: int = 0
+    # -- the rationale stage
+    rationale_lm_weight: float = 1.0
+    rationale_self_users: int = 4
+    rationale_self_weight: float = 0.5
     # -- optimisation
     per_device_batch_size: int = 4
     gradient_accumulation_steps: int = 1
@@ -274,10 +300,20 @@ class RecPOConfig:
             raise ValueError(
                 f"epsilon must be in (0, 1) (the ratio's lower clip is 1 - epsilon), got {self.epsilon}"
             )
-        if self.stage == "contrastive" and self.per_device_batch_size < 2 and self.negatives == "in_batch":
+        if self.stage != "recpo" and self.per_device_batch_size < 2 and self.negatives == "in_batch":
             raise ValueError(
                 "in-batch contrastive training needs per_device_batch_size >= 2 (or negatives: table)"
             )
+        if self.stage == "rationale" and self.negatives != "in_batch":
+            raise ValueError("stage rationale scores users against in-batch items: set negatives: in_batch")
+        if self.stage == "rationale" and self.rationale_self_users > 0 and self.max_completion_length < 1:
+            raise ValueError(
+                "rationale_self_users > 0 needs max_completion_length >= 1 (the self-written budget)"
+            )
+        if not 0.0 <= self.rationale_self_weight <= 1.0:
+            raise ValueError(f"rationale_self_weight must be in [0, 1], got {self.rationale_self_weight}")
+        if self.rationale_lm_weight < 0 or self.rationale_self_users < 0:
+            raise ValueError("rationale_lm_weight and rationale_self_users must be >= 0")
         if self.stage == "contrastive" and self.negatives == "table" and self.sampled_negatives > 0:
             raise ValueError(
                 "sampled_negatives only applies to negatives: in_batch (negatives: table already "

@@ -25,9 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,14 +41,17 @@ from model.data import PreparedDataset
 from model.evaluate import evaluate_model, validation_eval_config
 from model.item_table import ItemTable
 from model.lora import build_model, trainable_parameters, weights_kind
-from model.r2ec import GenerationSettings, Rollout
-from model.recpo import RecPOConfig, best_trajectories, group_advantages
-from model.rewards import fused_reward, ndcg_at_k, similarity_reward, target_rank
+from model.optim import Optimizer, TrainState, mean_stats
+from model.r2ec import GenerationSettings
+from model.rationale import build_rationale, catalog_facts
+from model.recpo import RecPOConfig
+from model.rollout import RecPOStep
 from model.samples import sample_histories
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
+LossFn = Callable[[pd.DataFrame], tuple[torch.Tensor, dict[str, float]]]
 
 
 def train(
@@ -58,54 +59,6 @@ def train(
 ) -> Path:
     """Train and return the path of the best checkpoint."""
     return Trainer(cfg, dataset, base, out, resume=resume).fit()
-
-
-@dataclass
-class TrainState:
-    """Where a run stands; saved in OUT/last/trainer_state.pt so --resume continues exactly."""
-
-    step: int = 0
-    best_metric: float = -1.0  # valid NDCG@10 of OUT/best
-    best_metrics: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0  # wall time spent, over all resumptions
-
-
-@dataclass
-class RolloutBatch:
-    """One rollout of B users x G trajectories with its rewards, advantages and pi_old."""
-
-    rollout: Rollout
-    targets: list[str]  # (B,) target item ids
-    advantages: torch.Tensor  # (M,)
-    best: torch.Tensor  # (B*best_n,) flat indices of the trajectories that train rec_head
-    old_token_logp: torch.Tensor  # (M, L)
-    old_item_logp: torch.Tensor  # (B*best_n,)
-    stats: dict[str, float]
-
-
-class Optimizer:
-    """AdamW + linear warmup + gradient clipping, gradients averaged across processes."""
-
-    def __init__(self, params: list[torch.nn.Parameter], cfg: RecPOConfig) -> None:
-        self.params, self.cfg = params, cfg
-        self.opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        warmup = max(1, cfg.warmup_steps)  # linear warmup, then constant
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: min(1.0, (step + 1) / warmup))
-
-    def step(self) -> float:
-        dist.all_reduce_gradients(self.params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        return float(grad_norm)
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
-
-    def load_state_dict(self, blob: dict) -> None:
-        self.opt.load_state_dict(blob["optimizer"])
-        self.sched.load_state_dict(blob["scheduler"])
 
 
 class Trainer:
@@ -146,8 +99,10 @@ class Trainer:
         self.train_rows = dataset.split("train")
         self.table.set_target_counts([str(t) for t in self.train_rows["target_item_id"]])
         self.titles = dataset.item_titles()
-        # In-batch contrastive training never reads the table between evals (which refresh it).
-        self.reads_table = not (cfg.stage == "contrastive" and cfg.negatives == "in_batch")
+        self.recpo = RecPOStep(self.model, self.table, cfg, self.titles)
+        self.facts = catalog_facts(dataset.items.to_dict("records")) if cfg.stage == "rationale" else {}
+        # In-batch training never reads the table between evals (which refresh it).
+        self.reads_table = cfg.stage == "recpo" or cfg.negatives == "table"
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -200,7 +155,9 @@ class Trainer:
             case "recpo":
                 stats = self._recpo_update(batches)
             case "contrastive":
-                stats = self._contrastive_update(batches)
+                stats = self._loss_update(batches, self.contrastive_loss)
+            case "rationale":
+                stats = self._loss_update(batches, self.rationale_loss)
             case _:
                 raise ValueError(f"unknown stage {cfg.stage!r}")
         self.state.step += 1
@@ -214,112 +171,28 @@ class Trainer:
 
     def _recpo_update(self, batches: list[pd.DataFrame]) -> dict[str, float]:
         """Roll out every micro-batch, then `num_iterations` clipped updates on them."""
-        rbs = [self.rollout(rows) for rows in batches]
+        rbs = [self.recpo.rollout(rows) for rows in batches]
         parts: list[dict] = []
         for _ in range(self.cfg.num_iterations):
             for rb in rbs:
-                loss, stats = self.policy_loss(rb)
+                loss, stats = self.recpo.policy_loss(rb)
                 (loss / len(rbs)).backward()
                 parts.append(stats)
             parts.append({"grad_norm": self.opt.step()})
         return {
-            **_mean_stats([rb.stats for rb in rbs]),
-            **_mean_stats(parts),
+            **mean_stats([rb.stats for rb in rbs]),
+            **mean_stats(parts),
             "trajectories": float(sum(rb.stats["trajectories"] for rb in rbs)),
         }
 
-    def _contrastive_update(self, batches: list[pd.DataFrame]) -> dict[str, float]:
+    def _loss_update(self, batches: list[pd.DataFrame], loss_fn: LossFn) -> dict[str, float]:
+        """One step of a stage without rollouts: accumulate `loss_fn` over the micro-batches."""
         parts = []
         for rows in batches:
-            loss, stats = self.contrastive_loss(rows)
+            loss, stats = loss_fn(rows)
             (loss / len(batches)).backward()
             parts.append(stats)
-        return {**_mean_stats(parts), "grad_norm": self.opt.step()}
-
-    # -- RecPO ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def rollout(self, rows: pd.DataFrame) -> RolloutBatch:
-        """docs/architecture.md §3 steps 1-3: sample G trajectories per user, score them against the full
-        item table, fuse the rewards and turn them into group advantages."""
-        cfg, model, table, G = self.cfg, self.model, self.table, self.cfg.num_generations
-        histories = sample_histories(rows, self.titles)
-        targets = [str(t) for t in rows["target_item_id"]]
-        settings = GenerationSettings(cfg.max_completion_length, True, cfg.temperature, cfg.top_k)
-        model.lm.eval()
-        start = time.perf_counter()
-        rollout = model.reason_from_ids(model.user_prompt_ids(histories), settings, G)  # M = B*G rows
-        gen_seconds = time.perf_counter() - start
-        h_T, token_logp, _ = self._policy_forward(rollout)
-        scores = model.score(h_T.cpu(), table.vectors)  # (M, N)
-        target_cols = torch.tensor([table.row[t] for t in targets]).repeat_interleave(G)
-        mask = table.history_mask(list(rows["history_item_ids"]), G) if cfg.mask_history else None
-        ranks = target_rank(scores, target_cols, mask)
-        r_d = ndcg_at_k(ranks, cfg.ndcg_k)
-        r_c = similarity_reward(scores, target_cols, mask)
-        rewards = fused_reward(r_c, r_d, cfg.similarity_reward_weight)
-        advantages = group_advantages(rewards, G, cfg.advantage)  # (M,)
-        best = best_trajectories(advantages, G, cfg.best_n)
-        item_logp = self._item_log_probs(h_T, targets, best)
-        n_tokens = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
-        stats = {
-            "reward/mean": float(rewards.mean()),
-            "reward/std": float(rewards.view(-1, G).std(dim=1, unbiased=False).mean()),
-            "reward/ndcg/mean": float(r_d.mean()),
-            "reward/similarity/mean": float(r_c.mean()),
-            "rank/median": float(ranks.float().median()),
-            "advantage/mean": float(advantages.mean()),
-            "advantage/std": float(advantages.std(unbiased=False)),
-            "advantage/best/mean": float(advantages[best].mean()),
-            "reasoning/tokens/mean": float(n_tokens.mean()),
-            "trajectories": float(len(rollout.completion_ids)),
-            "seconds/generate": gen_seconds,
-        }
-        return RolloutBatch(rollout, targets, advantages, best, token_logp, item_logp, stats)
-
-    def policy_loss(self, rb: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """docs/architecture.md §3 steps 4-6: clipped token loss + clipped item loss, with gradient."""
-        cfg = self.cfg
-        self.model.lm.train()
-        h_T, logp, mask = self._policy_forward(rb.rollout)
-        adv = rb.advantages.to(logp.device)
-        t_loss, t_stats = losses.token_loss(logp, rb.old_token_logp, adv, mask, cfg.epsilon, cfg.epsilon_high)
-        # RecPO, arXiv 2505.16994 §3.2: only the best trajectory per user trains rec_head.
-        i_logp = self._item_log_probs(h_T, rb.targets, rb.best)
-        i_loss, i_stats = losses.item_loss(
-            i_logp, rb.old_item_logp, adv[rb.best], cfg.epsilon, cfg.epsilon_high
-        )
-        loss = t_loss + i_loss
-        return loss, {
-            "loss/total": float(loss.detach()),
-            "loss/token": float(t_loss.detach()),
-            "loss/item": float(i_loss.detach()),
-            **t_stats,
-            **i_stats,
-        }
-
-    def _policy_forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One forward pass over [prompt; reasoning; marker]:
-        h_T (M, H), token log-probs (M, L) and the reasoning-token mask (M, L)."""
-        model = self.model
-        batch = model.user_batch(rollout.prompt_ids, rollout.completion_ids)
-        hidden = model.decoder_hidden(batch)  # (M, L, H)
-        h_T = F.normalize(hidden[:, -1].float(), dim=-1)
-        logp = losses.completion_log_probs(
-            model.lm.get_output_embeddings(), hidden, batch, self.cfg.temperature
-        )
-        return h_T, logp, batch.completion_mask.float()
-
-    def _item_log_probs(self, h_T: torch.Tensor, targets: list[str], best: torch.Tensor) -> torch.Tensor:
-        """log p(target) of the best trajectories under the in-batch softmax over the batch's
-        targets, encoded now (with gradient when enabled) and gathered across processes."""
-        target_vecs = self.table.encode(self.model, targets)  # (B, H)
-        all_targets, all_ids = dist.gather_with_grad(target_vecs), dist.gather_objects(targets)
-        user_targets = [targets[int(i) // self.cfg.num_generations] for i in best]
-        logp = losses.in_batch_log_probs(h_T[best], all_targets, all_ids, self.model.tau, user_targets)
-        if torch.is_grad_enabled():
-            # docs/architecture.md §3 step 7: the batch's rows are now fresh
-            self.table.update(targets, target_vecs)
-        return logp
+        return {**mean_stats(parts), "grad_norm": self.opt.step()}
 
     # -- the contrastive warm-up ---------------------------------------------------------------
     def contrastive_loss(self, rows: pd.DataFrame) -> tuple[torch.Tensor, dict[str, float]]:
@@ -337,19 +210,89 @@ class Trainer:
             own = torch.tensor([table.row[t] for t in targets], device=users.device)
             drop = table.history_mask(list(rows["history_item_ids"])) if cfg.mask_history else None
             logits = losses.catalog_logits(users, table.vectors, model.tau, own, drop)  # table detached
-        else:
-            cols = targets + table.sample_uniform(cfg.sampled_negatives)
-            col_vecs = table.encode(model, cols)
-            all_vecs, all_ids = dist.gather_with_grad(col_vecs), dist.gather_objects(cols)
-            logits, own = losses.in_batch_logits(users, all_vecs, all_ids, model.tau, targets)  # grad both
-            if cfg.logq_correction and table.log_q is not None:
-                log_q = table.log_q_of(all_ids)  # (C,)
-                count = losses.log_expected_count(
-                    log_q, len(targets), cfg.sampled_negatives, len(table.item_ids)
-                )
-                logits = logits - count.to(logits.device)
-            table.update(cols, col_vecs)
+            return losses.contrastive_loss(logits, own)
+        return self._in_batch_loss(users, targets, self._in_batch_columns(targets))
+
+    def _in_batch_columns(self, targets: list[str]) -> tuple[torch.Tensor, list[str]]:
+        """The batch's targets plus `sampled_negatives` uniform items, encoded live with gradient
+        and gathered across processes: (C, H) vectors and their ids."""
+        cols = targets + self.table.sample_uniform(self.cfg.sampled_negatives)
+        col_vecs = self.table.encode(self.model, cols)
+        self.table.update(cols, col_vecs)  # out of place and detached: the graph keeps col_vecs
+        return dist.gather_with_grad(col_vecs), dist.gather_objects(cols)
+
+    def _in_batch_loss(
+        self, users: torch.Tensor, targets: list[str], columns: tuple[torch.Tensor, list[str]]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Softmax of each user (B, H) over the columns, logQ corrected; gradient both sides."""
+        cfg, table = self.cfg, self.table
+        logits, own = losses.in_batch_logits(users, *columns, self.model.tau, targets)  # (B, C)
+        if cfg.logq_correction and table.log_q is not None:
+            log_q = table.log_q_of(columns[1])  # (C,)
+            count = losses.log_expected_count(log_q, len(targets), cfg.sampled_negatives, len(table.item_ids))
+            logits = logits - count.to(logits.device)
         return losses.contrastive_loss(logits, own)
+
+    # -- the rationale stage -------------------------------------------------------------------
+    def rationale_loss(self, rows: pd.DataFrame) -> tuple[torch.Tensor, dict[str, float]]:
+        """The reasoning cold start (model/rationale.py): LM loss on a data-built rationale and,
+        in the same forward, the in-batch softmax of h_T after [prompt; rationale; marker];
+        plus the softmax of h_T after the model's own greedy rationale for the first
+        `rationale_self_users` users, so rec_head learns to read what lm_head really writes."""
+        cfg, model = self.cfg, self.model
+        targets = [str(t) for t in rows["target_item_id"]]
+        prompt_ids = model.user_prompt_ids(sample_histories(rows, self.titles))
+        window = model.prompts.max_history
+        texts = [
+            build_rationale(
+                r.history_item_ids,
+                r.history_ratings,
+                r.target_item_id,
+                self.facts,
+                self.dataset.category,
+                window,
+            )
+            for r in rows.itertuples(index=False)
+        ]
+        gold_ids = model.completion_ids(texts)
+        n_self = min(cfg.rationale_self_users, len(targets))
+        own_ids: list[list[int]] = []
+        gen_seconds = 0.0
+        if n_self:
+            model.lm.eval()
+            start = time.perf_counter()
+            greedy = GenerationSettings(max_new_tokens=cfg.max_completion_length)
+            own_ids = model.reason_from_ids(prompt_ids[:n_self], greedy).completion_ids
+            gen_seconds = time.perf_counter() - start
+        model.lm.train()
+        batch = model.user_batch(prompt_ids + prompt_ids[:n_self], gold_ids + own_ids)
+        hidden = model.decoder_hidden(batch)  # (B + n_self, L, H)
+        B = len(targets)
+        logp = losses.completion_log_probs(model.lm.get_output_embeddings(), hidden[:B], batch.rows(B), 1.0)
+        mask = batch.completion_mask[:B].float()
+        lm_loss = -(logp * mask).sum() / mask.sum()
+        users = F.normalize(hidden[:, -1].float(), dim=-1)  # (B + n_self, H)
+        columns = self._in_batch_columns(targets)
+        gold_loss, stats = self._in_batch_loss(users[:B], targets, columns)
+        loss = cfg.rationale_lm_weight * lm_loss
+        if n_self:
+            self_loss, self_stats = self._in_batch_loss(users[B:], targets[:n_self], columns)
+            w = cfg.rationale_self_weight
+            loss = loss + (1 - w) * gold_loss + w * self_loss
+            stats["loss/contrastive_self"] = self_stats["loss/contrastive"]
+            stats["rank/self/median"] = self_stats["rank/median"]
+            stats["reasoning/tokens/mean"] = float(np.mean([len(c) for c in own_ids]))
+        else:
+            loss = loss + gold_loss
+        stats.update(
+            {
+                "loss/total": float(loss.detach()),
+                "loss/lm": float(lm_loss.detach()),
+                "rationale/tokens/mean": float(np.mean([len(c) for c in gold_ids])),
+                "seconds/generate": gen_seconds,
+            }
+        )
+        return loss, stats
 
     # -- evaluation and checkpoints ------------------------------------------------------------
     def evaluate(self) -> None:
@@ -427,8 +370,3 @@ class Trainer:
     def _log(self, record: dict) -> None:
         with open(self.out / "log.jsonl", "a") as fh:
             fh.write(json.dumps(record, default=str) + "\n")
-
-
-def _mean_stats(parts: list[dict]) -> dict[str, float]:
-    keys = dict.fromkeys(k for p in parts for k in p)  # first-seen order: stable log.jsonl keys
-    return {k: float(np.mean([p[k] for p in parts if k in p])) for k in keys}

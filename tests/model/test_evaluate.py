@@ -64,6 +64,8 @@ def test_popularity_baseline_ranks_by_train_counts(tiny_dataset):
         pairs = zip(results[looser].ranks, results[stricter].ranks, strict=True)
         assert all(lo >= st for lo, st in pairs)
     assert results["seen"].stderr["ndcg@10"] > 0
+    # every run also reports the other masks' metrics, equal to running under them
+    assert results["seen"].by_mask["none"] == results["none"].metrics
 
 
 def test_seen_mask_holds_every_earlier_item_of_the_user(tiny_dataset):

@@ -26,14 +26,14 @@ def test_recpo_step_changes_the_weights_and_lowers_the_loss_on_a_fixed_rollout(t
     cfg = RecPOConfig(per_device_batch_size=2, num_generations=4, learning_rate=1e-2, **TINY)
     trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
     rows = tiny_dataset.split("train").iloc[:2]
-    rb = trainer.rollout(rows)
+    rb = trainer.recpo.rollout(rows)
     assert rb.advantages.shape == (8,) and rb.old_token_logp.shape[0] == 8
     assert rb.advantages.abs().sum() > 0, "the toy rollout must carry a learning signal"
     params = trainer.params
     before = [p.detach().clone() for p in params]
     losses = []
     for _ in range(3):
-        loss, stats = trainer.policy_loss(rb)
+        loss, stats = trainer.recpo.policy_loss(rb)
         loss.backward()
         trainer.opt.step()
         losses.append(stats["loss/total"])
@@ -65,6 +65,41 @@ def test_contrastive_step_lowers_the_loss_on_a_fixed_batch(tiny_dataset, tmp_pat
     # in_batch writes the batch's freshly encoded targets into the table; against the whole
     # (detached) table, the table only changes at a refresh.
     assert torch.equal(trainer.table.vectors, before) == (negatives == "table")
+
+
+@pytest.mark.parametrize("self_users", [0, 2])
+def test_rationale_step_learns_the_text_and_the_ranking(tiny_dataset, tmp_path, self_users):
+    cfg = RecPOConfig(
+        stage="rationale",
+        per_device_batch_size=4,
+        rationale_self_users=self_users,
+        learning_rate=1e-2,
+        **TINY,
+    )
+    trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    rows = tiny_dataset.split("train").iloc[:4]
+    stats = [trainer.rationale_loss(rows)]
+    for _ in range(4):
+        stats[-1][0].backward()
+        trainer.opt.step()
+        stats.append(trainer.rationale_loss(rows))
+    first, last = stats[0][1], stats[-1][1]
+    assert last["loss/lm"] < first["loss/lm"]  # it learns to write the rationale
+    assert last["loss/contrastive"] < first["loss/contrastive"]  # and to rank after reading it
+    assert first["rationale/tokens/mean"] > 5
+    assert ("loss/contrastive_self" in first) == (self_users > 0)
+    if self_users:
+        assert 1 <= first["reasoning/tokens/mean"] <= cfg.max_completion_length
+
+
+def test_rationale_stage_validates_with_reasoning_and_checks_its_fields():
+    from model.evaluate import validation_eval_config
+
+    assert validation_eval_config(RecPOConfig(stage="rationale")).reasoning
+    with pytest.raises(ValueError, match="negatives: in_batch"):
+        RecPOConfig(stage="rationale", negatives="table")
+    with pytest.raises(ValueError, match="rationale_self_weight"):
+        RecPOConfig(stage="rationale", rationale_self_weight=1.5)
 
 
 def test_logq_correction_subtracts_each_columns_log_target_share(tiny_dataset, tmp_path):

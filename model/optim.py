@@ -1,0 +1,53 @@
+"""The optimizer of a training run and the state that --resume restores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import distributed as dist
+from model.recpo import RecPOConfig
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; saved in OUT/last/trainer_state.pt so --resume continues exactly."""
+
+    step: int = 0
+    best_metric: float = -1.0  # valid NDCG@10 of OUT/best
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0  # wall time spent, over all resumptions
+
+
+class Optimizer:
+    """AdamW + linear warmup + gradient clipping, gradients averaged across processes."""
+
+    def __init__(self, params: list[torch.nn.Parameter], cfg: RecPOConfig) -> None:
+        self.params, self.cfg = params, cfg
+        self.opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        warmup = max(1, cfg.warmup_steps)  # linear warmup, then constant
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: min(1.0, (step + 1) / warmup))
+
+    def step(self) -> float:
+        dist.all_reduce_gradients(self.params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, blob: dict) -> None:
+        self.opt.load_state_dict(blob["optimizer"])
+        self.sched.load_state_dict(blob["scheduler"])
+
+
+def mean_stats(parts: list[dict]) -> dict[str, float]:
+    """Each key's mean over the parts that have it."""
+    keys = dict.fromkeys(k for p in parts for k in p)  # first-seen order: stable log.jsonl keys
+    return {k: float(np.mean([p[k] for p in parts if k in p])) for k in keys}

@@ -1,0 +1,111 @@
+"""Short rationales built from the data alone: the cold start that teaches lm_head to reason.
+
+A 135M chat model does not discover useful reasoning about a catalog by RL from its chat
+prior in a CPU budget (its untrained texts are small talk). The `rationale` training stage
+teacher-forces texts like
+
+    Likes Drama, Comedy and Thriller, mostly 1990s. Rated highest: Fargo; Heat; Casablanca.
+    Lately more Thriller. Next: a 1990s Crime, Thriller movie.
+
+built from the user's history (genres and eras weighted by rating, the highest-rated titles,
+recent drift) and, as the hindsight part, the attributes of the item that actually came
+next. At inference the model writes its own version, so the last sentence is its guess; the
+training stage also scores h_T after the model's own text so rec_head does not learn to trust
+a hindsight it cannot have (see model/train.py, `rationale` stage).
+
+Only catalog titles and genres appear: everything is read from the item table.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+# How many of the latest items count as "lately", and how much a genre's share there must
+# exceed its share over the whole history to be called a drift.
+RECENT = 5
+DRIFT = 0.2
+
+
+@dataclass(frozen=True)
+class ItemFacts:
+    """What a rationale may say about one item."""
+
+    title: str
+    genres: tuple[str, ...] = ()
+    decade: str | None = None  # "1990s"
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, object]) -> ItemFacts:
+        genres = tuple(g.strip() for g in str(row.get("genres") or "").split(",") if g.strip())
+        year = str(row.get("year") or "").strip()
+        decade = f"{year[:3]}0s" if len(year) == 4 and year.isdigit() else None
+        return cls(str(row.get("title") or "").strip(), genres, decade)
+
+
+def catalog_facts(items: Sequence[Mapping[str, object]]) -> dict[str, ItemFacts]:
+    """item_id -> ItemFacts for a prepared item table's records."""
+    return {str(r["item_id"]): ItemFacts.from_row(r) for r in items}
+
+
+def _weight(rating: float | None) -> float:
+    # Unknown ratings count as neutral; a 1-star film says less about taste than a 5-star one.
+    return 3.0 if rating is None or rating != rating else float(rating)
+
+
+def _join(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def taste_lines(history: Sequence[tuple[ItemFacts, float | None]]) -> list[str]:
+    """Sentences about the history alone (no hindsight), oldest item first."""
+    genre_w: Counter[str] = Counter()
+    decade_w: Counter[str] = Counter()
+    for facts, rating in history:
+        w = _weight(rating)
+        genre_w.update({g: w for g in facts.genres})
+        if facts.decade:
+            decade_w[facts.decade] += w
+    lines = []
+    if genre_w:
+        top = [g for g, _ in genre_w.most_common(3)]
+        line = f"Likes {_join(top)}"
+        if decade_w:
+            (d1, w1), *rest = decade_w.most_common(2)
+            share = w1 / sum(decade_w.values())
+            line += f", mostly {d1}" if share >= 0.5 or not rest else f", mostly {d1} and {rest[0][0]}"
+        lines.append(line + ".")
+    rated = [(i, f, r) for i, (f, r) in enumerate(history) if r is not None and r == r]
+    if rated:
+        best = sorted(rated, key=lambda x: (-x[2], -x[0]))[:3]  # highest first, recent on ties
+        lines.append("Rated highest: " + "; ".join(f.title for _, f, _ in best) + ".")
+    if len(history) > RECENT and genre_w:
+        recent = Counter(g for f, _ in history[-RECENT:] for g in f.genres)  # first seen first
+        overall = Counter(g for f, _ in history for g in f.genres)
+        lift = {g: recent[g] / RECENT - overall[g] / len(history) for g in recent if recent[g] >= 2}
+        if lift and max(lift.values()) >= DRIFT:
+            order = {g: i for i, g in enumerate(recent)}  # ties: the genre listed first
+            lines.append(f"Lately more {max(lift, key=lambda g: (lift[g], -order[g]))}.")
+    return lines
+
+
+def next_line(target: ItemFacts, category: str) -> str:
+    """The hindsight sentence: attributes of the item that came next (never its title)."""
+    parts = [p for p in (target.decade, ", ".join(target.genres[:3])) if p]
+    return f"Next: a {' '.join(parts)} {category}." if parts else f"Next: another {category} like these."
+
+
+def build_rationale(
+    history_ids: Sequence[str],
+    ratings: Sequence[float | None] | None,
+    target_id: str,
+    facts: Mapping[str, ItemFacts],
+    category: str = "movie",
+    max_history: int = 20,
+) -> str:
+    """The teacher-forced rationale for one sample (the prompt's window of the history)."""
+    ids = list(history_ids)[-max_history:]
+    rs = [None] * len(ids) if ratings is None else list(ratings)[-max_history:]
+    history = [(facts[i], r) for i, r in zip(ids, rs, strict=True)]
+    return " ".join([*taste_lines(history), next_line(facts[target_id], category)])
