@@ -178,6 +178,10 @@ class R2ec:
         ids = self._encode([self.render_message(item_message(it, self.prompts)) for it in items])
         return [p + self._marker_ids for p in ids] if self.prompts.marker_on_items else ids
 
+    def encode_text(self, texts: Sequence[str]) -> list[list[int]]:
+        """Plain text to token ids, no special tokens."""
+        return self._encode(texts)
+
     def completion_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Reasoning texts as the model would write them: tokens, then the stop token (how
         the `rationale` stage teacher-forces a text, stopping included)."""
@@ -226,12 +230,17 @@ class R2ec:
         return Rollout(rows, completions, [t.strip() for t in texts], num_generations)
 
     # -- rec_head: vectors and scores -------------------------------------------------------
+    def user_sequences(
+        self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]
+    ) -> list[list[int]]:
+        """[prompt; reasoning; closing marker] per row: what h_T is read at the end of."""
+        return [list(p) + list(c) + self._marker_ids for p, c in zip(prompt_ids, completion_ids, strict=True)]
+
     def user_batch(
         self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]
     ) -> PaddedBatch:
-        """[prompt; reasoning; closing marker] per row, left-padded, reasoning positions marked."""
-        seqs = [list(p) + list(c) + self._marker_ids for p, c in zip(prompt_ids, completion_ids, strict=True)]
-        batch = left_pad(seqs, self.pad_id, self.device)
+        """`user_sequences`, left-padded, reasoning positions marked."""
+        batch = left_pad(self.user_sequences(prompt_ids, completion_ids), self.pad_id, self.device)
         width = batch.input_ids.shape[1]
         for i, c in enumerate(completion_ids):
             end = width - len(self._marker_ids)
@@ -310,9 +319,10 @@ class R2ec:
         width = hidden.shape[1]
         return [hidden[i, width - len(seq) :].cpu() for i, seq in enumerate(ids)]
 
-    def item_vectors_from_lower(self, lower: Sequence[torch.Tensor], layers: int) -> torch.Tensor:
-        """Normalised h_v (N, H) from `lower_hidden` outputs: runs only layers [layers, end).
-        Equal to `item_vectors_from_ids` while layers below `layers` stay frozen."""
+    def hidden_from_lower(self, lower: Sequence[torch.Tensor], layers: int) -> torch.Tensor:
+        """Final-layer hidden states (B, L, H), left-padded like `left_pad`, from `lower_hidden`
+        outputs: runs only layers [layers, end) and the final norm. Equal to `decoder_hidden`
+        on the same sequences while the layers below `layers` stay frozen."""
         width = max(len(h) for h in lower)
         hidden = lower[0].new_zeros((len(lower), width, self.hidden_size))
         for i, h in enumerate(lower):
@@ -320,13 +330,17 @@ class R2ec:
         mask, position_ids = left_pad_mask([len(h) for h in lower], width)
         total = len(self.lm.get_decoder().layers)
         with self._layer_range(layers, total, final_norm=True) as dec:
-            out = dec(
+            return dec(
                 inputs_embeds=hidden.to(self.device),
                 attention_mask=mask.to(self.device),
                 position_ids=position_ids.to(self.device),
                 use_cache=False,
             ).last_hidden_state
-        return F.normalize(out[:, -1].float(), dim=-1)
+
+    def item_vectors_from_lower(self, lower: Sequence[torch.Tensor], layers: int) -> torch.Tensor:
+        """Normalised h_v (N, H) from `lower_hidden` outputs: runs only layers [layers, end).
+        Equal to `item_vectors_from_ids` while layers below `layers` stay frozen."""
+        return F.normalize(self.hidden_from_lower(lower, layers)[:, -1].float(), dim=-1)
 
     @torch.no_grad()
     def item_vectors(

@@ -96,16 +96,28 @@ def next_line(target: ItemFacts, category: str) -> str:
     return f"Next: a {' '.join(parts)} {category}." if parts else f"Next: another {category} like these."
 
 
-def build_rationale(
+NEXT = "Next:"  # where the hindsight sentence starts
+
+
+def rationale_parts(
     history_ids: Sequence[str],
     ratings: Sequence[float | None] | None,
     target_id: str,
     facts: Mapping[str, ItemFacts],
     category: str = "movie",
     max_history: int = 20,
-) -> str:
-    """The teacher-forced rationale for one sample (the prompt's window of the history)."""
+) -> tuple[str, str]:
+    """The teacher-forced rationale for one sample (the prompt's window of the history), cut
+    where the hindsight begins: (what the history says, ending with "Next:"; the rest)."""
     ids = list(history_ids)[-max_history:]
     rs = [None] * len(ids) if ratings is None else list(ratings)[-max_history:]
     history = [(facts[i], r) for i, r in zip(ids, rs, strict=True)]
-    return " ".join([*taste_lines(history), next_line(facts[target_id], category)])
+    hindsight = next_line(facts[target_id], category)
+    assert hindsight.startswith(NEXT)
+    return " ".join([*taste_lines(history), NEXT]), hindsight[len(NEXT) :]
+
+
+def build_rationale(*args, **kwargs) -> str:
+    """The whole rationale (`rationale_parts` joined)."""
+    head, tail = rationale_parts(*args, **kwargs)
+    return head + tail

@@ -75,6 +75,14 @@ class RecPOConfig:
             The prompts' system turn when training starts from a backbone (`None`: the chat
             template's default). A checkpoint keeps its own prompts, so warm starts and
             serving render the same.
+        user_layer_cache_gb (`float`, defaults to `0.0`):
+            Stages contrastive and rationale: keep the frozen lower layers' outputs of each
+            training sample's user sequence after its first visit, up to this many GB
+            (model/lower_cache.py), so a revisited sample runs only the trainable top layers.
+            Pays off when samples come back (`train_samples_per_user`); `0`: off.
+        train_samples_per_user (`int` or `None`, defaults to `None`):
+            Train on each user's latest this-many training samples only (the ones nearest to
+            the valid and test targets); `None`: all of them.
         max_history (`int`, defaults to `20`):
             The user prompt's history window (latest items) when training starts from a
             backbone; the paper's official code uses 10, which makes prompts ~40% shorter.
@@ -141,10 +149,13 @@ class RecPOConfig:
         rationale_lm_weight (`float`, defaults to `1.0`):
             Weight of the LM loss (mean over the rationale's tokens, its stop token included).
         rationale_self_users (`int`, defaults to `4`):
-            Users per micro-batch that also write their own greedy rationale (up to
-            `max_completion_length` tokens, no gradient), whose h_T is scored too: the
-            rationale's last sentence is hindsight, a guess at inference, so rec_head must also
-            learn from texts the model really writes (exposure bias). `0`: teacher forcing only.
+            Users per micro-batch whose rationale's hindsight sentence ("Next: ...") the model
+            writes itself (greedy, no gradient) after the teacher-forced part that follows from
+            the history, and whose h_T is scored too: the hindsight is a guess at inference, so
+            rec_head must also learn from guesses the model really makes (exposure bias). `0`:
+            teacher forcing only.
+        rationale_self_tokens (`int`, defaults to `16`):
+            Token budget of that self-written hindsight sentence (the data-built one is ~12).
         rationale_self_weight (`float`, defaults to `0.5`):
             Share of the contrastive loss on the self-written rationales; the teacher-forced
             ones get the rest.
@@ -206,6 +217,8 @@ class RecPOConfig:
     item_layer_cache_gb: float = 2.0
     tau: float = 0.02
     system_prompt: str | None = None
+    user_layer_cache_gb: float = 0.0
+    train_samples_per_user: int | None = None
     max_history: int = 20
     # -- rollout
     num_generations: int = 4
@@ -228,6 +241,7 @@ class RecPOConfig:
     # -- the rationale stage
     rationale_lm_weight: float = 1.0
     rationale_self_users: int = 4
+    rationale_self_tokens: int = 16
     rationale_self_weight: float = 0.5
     # -- optimisation
     per_device_batch_size: int = 4
@@ -269,7 +283,18 @@ class RecPOConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("sampled_negatives", "warmup_steps", "top_k", "weight_decay", "item_layer_cache_gb"):
+        if self.train_samples_per_user is not None and self.train_samples_per_user < 1:
+            raise ValueError(
+                f"train_samples_per_user must be >= 1 or null, got {self.train_samples_per_user}"
+            )
+        for name in (
+            "sampled_negatives",
+            "warmup_steps",
+            "top_k",
+            "weight_decay",
+            "item_layer_cache_gb",
+            "user_layer_cache_gb",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("tau", "temperature", "learning_rate", "max_grad_norm", "lora_alpha", "epsilon_high"):
@@ -306,10 +331,8 @@ class RecPOConfig:
             )
         if self.stage == "rationale" and self.negatives != "in_batch":
             raise ValueError("stage rationale scores users against in-batch items: set negatives: in_batch")
-        if self.stage == "rationale" and self.rationale_self_users > 0 and self.max_completion_length < 1:
-            raise ValueError(
-                "rationale_self_users > 0 needs max_completion_length >= 1 (the self-written budget)"
-            )
+        if self.stage == "rationale" and self.rationale_self_users > 0 and self.rationale_self_tokens < 1:
+            raise ValueError("rationale_self_users > 0 needs rationale_self_tokens >= 1 (their budget)")
         if not 0.0 <= self.rationale_self_weight <= 1.0:
             raise ValueError(f"rationale_self_weight must be in [0, 1], got {self.rationale_self_weight}")
         if self.rationale_lm_weight < 0 or self.rationale_self_users < 0:

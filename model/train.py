@@ -41,9 +41,10 @@ from model.data import PreparedDataset
 from model.evaluate import evaluate_model, validation_eval_config
 from model.item_table import ItemTable
 from model.lora import build_model, trainable_parameters, weights_kind
+from model.lower_cache import LowerCache
 from model.optim import Optimizer, TrainState, mean_stats
-from model.r2ec import GenerationSettings
-from model.rationale import build_rationale, catalog_facts
+from model.r2ec import GenerationSettings, left_pad
+from model.rationale import catalog_facts, rationale_parts
 from model.recpo import RecPOConfig
 from model.rollout import RecPOStep
 from model.samples import sample_histories
@@ -97,6 +98,11 @@ class Trainer:
             self.table.refresh(self.model, progress=self.is_main)
         self.out.mkdir(parents=True, exist_ok=True)
         self.train_rows = dataset.split("train")
+        if cfg.train_samples_per_user is not None:  # each user's latest samples, nearest to valid/test
+            self.train_rows = self.train_rows.groupby("user_id", sort=False).tail(cfg.train_samples_per_user)
+        frozen = self.model.frozen_layers()
+        caches_users = cfg.user_layer_cache_gb > 0 and cfg.stage != "recpo" and frozen > 0
+        self.user_cache = LowerCache(frozen, cfg.user_layer_cache_gb) if caches_users else None
         self.table.set_target_counts([str(t) for t in self.train_rows["target_item_id"]])
         self.titles = dataset.item_titles()
         self.recpo = RecPOStep(self.model, self.table, cfg, self.titles)
@@ -161,6 +167,8 @@ class Trainer:
             case _:
                 raise ValueError(f"unknown stage {cfg.stage!r}")
         self.state.step += 1
+        if self.user_cache is not None:
+            stats.update(self.user_cache.stats())
         return stats
 
     def _batch_rows(self, micro: int) -> pd.DataFrame:
@@ -205,7 +213,8 @@ class Trainer:
         histories = sample_histories(rows, self.titles)
         targets = [str(t) for t in rows["target_item_id"]]
         prompt_ids = model.user_prompt_ids(histories)
-        users = model.user_vectors_from_ids(prompt_ids, [[] for _ in prompt_ids])  # (B, H)
+        seqs = model.user_sequences(prompt_ids, [[] for _ in prompt_ids])
+        users = F.normalize(self._user_hidden(list(rows.index), seqs)[:, -1].float(), dim=-1)  # (B, H)
         if cfg.negatives == "table":
             own = torch.tensor([table.row[t] for t in targets], device=users.device)
             drop = table.history_mask(list(rows["history_item_ids"])) if cfg.mask_history else None
@@ -233,45 +242,55 @@ class Trainer:
             logits = logits - count.to(logits.device)
         return losses.contrastive_loss(logits, own)
 
+    def _user_hidden(self, keys: list, seqs: list[list[int]]) -> torch.Tensor:
+        """Final hidden states (B, L, H) of fixed training sequences: through the lower-layer
+        cache when there is one (model/lower_cache.py), else one full forward."""
+        if self.user_cache is None:
+            return self.model.decoder_hidden(left_pad(seqs, self.model.pad_id, self.model.device))
+        return self.user_cache.hidden(self.model, keys, seqs)
+
     # -- the rationale stage -------------------------------------------------------------------
     def rationale_loss(self, rows: pd.DataFrame) -> tuple[torch.Tensor, dict[str, float]]:
         """The reasoning cold start (model/rationale.py): LM loss on a data-built rationale and,
         in the same forward, the in-batch softmax of h_T after [prompt; rationale; marker];
-        plus the softmax of h_T after the model's own greedy rationale for the first
-        `rationale_self_users` users, so rec_head learns to read what lm_head really writes."""
+        plus the softmax of h_T after a rationale whose hindsight sentence the model wrote itself
+        (greedy) for the first `rationale_self_users` users, so rec_head learns to read what
+        lm_head really writes."""
         cfg, model = self.cfg, self.model
         targets = [str(t) for t in rows["target_item_id"]]
         prompt_ids = model.user_prompt_ids(sample_histories(rows, self.titles))
-        window = model.prompts.max_history
-        texts = [
-            build_rationale(
-                r.history_item_ids,
-                r.history_ratings,
-                r.target_item_id,
-                self.facts,
-                self.dataset.category,
-                window,
+        window, category = model.prompts.max_history, self.dataset.category
+        parts = [
+            rationale_parts(
+                r.history_item_ids, r.history_ratings, r.target_item_id, self.facts, category, window
             )
             for r in rows.itertuples(index=False)
         ]
-        gold_ids = model.completion_ids(texts)
+        gold_ids = model.completion_ids([head + tail for head, tail in parts])
         n_self = min(cfg.rationale_self_users, len(targets))
         own_ids: list[list[int]] = []
         gen_seconds = 0.0
         if n_self:
+            # The model writes the hindsight sentence itself after the (teacher-forced) part
+            # that follows from the history alone: the guess it will have to make at inference.
+            heads = model.encode_text([head for head, _ in parts[:n_self]])
             model.lm.eval()
             start = time.perf_counter()
-            greedy = GenerationSettings(max_new_tokens=cfg.max_completion_length)
-            own_ids = model.reason_from_ids(prompt_ids[:n_self], greedy).completion_ids
+            greedy = GenerationSettings(max_new_tokens=cfg.rationale_self_tokens)
+            rollout = model.reason_from_ids([p + h for p, h in zip(prompt_ids, heads, strict=False)], greedy)
+            own_ids = [h + c for h, c in zip(heads, rollout.completion_ids, strict=True)]
             gen_seconds = time.perf_counter() - start
         model.lm.train()
-        batch = model.user_batch(prompt_ids + prompt_ids[:n_self], gold_ids + own_ids)
-        hidden = model.decoder_hidden(batch)  # (B + n_self, L, H)
-        B = len(targets)
-        logp = losses.completion_log_probs(model.lm.get_output_embeddings(), hidden[:B], batch.rows(B), 1.0)
-        mask = batch.completion_mask[:B].float()
+        batch = model.user_batch(prompt_ids, gold_ids)  # (B, L): the masks; the states come cached
+        hidden = self._user_hidden(list(rows.index), model.user_sequences(prompt_ids, gold_ids))  # (B, L, H)
+        logp = losses.completion_log_probs(model.lm.get_output_embeddings(), hidden, batch, 1.0)
+        mask = batch.completion_mask.float()
         lm_loss = -(logp * mask).sum() / mask.sum()
-        users = F.normalize(hidden[:, -1].float(), dim=-1)  # (B + n_self, H)
+        users = F.normalize(hidden[:, -1].float(), dim=-1)  # (B, H)
+        if n_self:  # self-written texts differ every time: the whole model, no cache
+            own = model.decoder_hidden(model.user_batch(prompt_ids[:n_self], own_ids))[:, -1]
+            users = torch.cat([users, F.normalize(own.float(), dim=-1)])  # (B + n_self, H)
+        B = len(targets)
         columns = self._in_batch_columns(targets)
         gold_loss, stats = self._in_batch_loss(users[:B], targets, columns)
         loss = cfg.rationale_lm_weight * lm_loss
@@ -281,7 +300,7 @@ class Trainer:
             loss = loss + (1 - w) * gold_loss + w * self_loss
             stats["loss/contrastive_self"] = self_stats["loss/contrastive"]
             stats["rank/self/median"] = self_stats["rank/median"]
-            stats["reasoning/tokens/mean"] = float(np.mean([len(c) for c in own_ids]))
+            stats["hindsight/tokens/mean"] = float(np.mean([len(c) for c in rollout.completion_ids]))
         else:
             loss = loss + gold_loss
         stats.update(

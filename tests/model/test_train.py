@@ -89,7 +89,41 @@ def test_rationale_step_learns_the_text_and_the_ranking(tiny_dataset, tmp_path, 
     assert first["rationale/tokens/mean"] > 5
     assert ("loss/contrastive_self" in first) == (self_users > 0)
     if self_users:
-        assert 1 <= first["reasoning/tokens/mean"] <= cfg.max_completion_length
+        assert 1 <= first["hindsight/tokens/mean"] <= cfg.rationale_self_tokens
+
+
+@pytest.mark.parametrize("stage", ["contrastive", "rationale"])
+def test_user_layer_cache_gives_the_same_loss_and_serves_revisits(tiny_dataset, tmp_path, stage):
+    common = dict(stage=stage, per_device_batch_size=4, rationale_self_users=0, lora_layers=1, **TINY)
+    rows = tiny_dataset.split("train").iloc[:4]
+    results = {}
+    for gb in (0.0, 1.0):
+        cfg = RecPOConfig(user_layer_cache_gb=gb, **common)
+        trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / f"run{gb}")
+        loss_fn = trainer.contrastive_loss if stage == "contrastive" else trainer.rationale_loss
+        torch.manual_seed(0)
+        first = loss_fn(rows)[0]
+        torch.manual_seed(0)
+        again = loss_fn(rows)[0]  # the second visit of the same samples
+        again.backward()
+        grads = [p.grad.clone() for p in trainer.params if p.grad is not None]
+        results[gb] = (first.item(), again.item(), grads, trainer.user_cache)
+    (plain, plain2, plain_grads, none), (cached, cached2, cached_grads, cache) = results[0.0], results[1.0]
+    assert none is None and cache is not None
+    assert cache.hits == 4 and cache.misses == 4 and len(cache.store) == 4
+    assert cached == pytest.approx(plain, abs=1e-4) and cached2 == pytest.approx(plain2, abs=1e-4)
+    assert len(cached_grads) == len(plain_grads) > 0
+    for a, b in zip(cached_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_train_samples_per_user_keeps_each_users_latest(tiny_dataset, tmp_path):
+    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=2, train_samples_per_user=1, **TINY)
+    trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    train = tiny_dataset.split("train")
+    latest = train.groupby("user_id")["target_timestamp"].max()
+    assert len(trainer.train_rows) == train["user_id"].nunique()
+    assert all(latest[r.user_id] == r.target_timestamp for r in trainer.train_rows.itertuples())
 
 
 def test_rationale_stage_validates_with_reasoning_and_checks_its_fields():
