@@ -18,7 +18,9 @@ def train_cmd(
         str, typer.Option(help="Backbone (smollm2, tiny, HF dir, .gguf) or a checkpoint")
     ] = "smollm2",
     config: Annotated[Path | None, typer.Option(help="YAML file of RecPOConfig fields")] = None,
-    stage: Annotated[str | None, typer.Option(help="recpo, contrastive or rationale (overrides the config)")] = None,
+    stage: Annotated[
+        str | None, typer.Option(help="recpo, contrastive or rationale (overrides the config)")
+    ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Overrides the config")] = None,
     time_budget_minutes: Annotated[float | None, typer.Option(help="Overrides the config")] = None,
     device: Annotated[
