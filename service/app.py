@@ -96,7 +96,7 @@ def create_app(
     app.add_middleware(RequestTimer, metrics=metrics)
     app.include_router(routes.recommend_router(settings))
     app.include_router(routes.router)
-    app.include_router(ui.router)  # catalog search (GET /items)
+    app.include_router(ui.router)  # the page (GET /) and catalog search (GET /items)
     _add_error_handlers(app, metrics)
     return app
 

@@ -1,17 +1,40 @@
-"""Catalog search (GET /items?q=), for people picking films by name."""
+"""The page people try the service with (GET /, files under service/static/) and the catalog
+search it uses (GET /items?q=). Plain files, no build step, nothing fetched from elsewhere."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import FileResponse
 
 from service import schemas
 from service.deps import CatalogDep
 
+STATIC = Path(__file__).parent / "static"
+# Only these files are served; a request never names a path on disk.
+ASSETS = {
+    "app.js": "text/javascript; charset=utf-8",
+    "app.css": "text/css; charset=utf-8",
+}
 SEARCH_LIMIT = 50
+NO_CACHE = {"Cache-Control": "no-cache"}  # revalidate: a redeploy shows the new page at once
 
 router = APIRouter()
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8", headers=NO_CACHE)
+
+
+@router.get("/static/{name}", include_in_schema=False)
+async def asset(name: str) -> FileResponse:
+    media_type = ASSETS.get(name)
+    if media_type is None:
+        raise HTTPException(404, f"no static file {name!r}")
+    return FileResponse(STATIC / name, media_type=media_type, headers=NO_CACHE)
 
 
 @router.get("/items", response_model=schemas.ItemSearchResponse, tags=["items"])

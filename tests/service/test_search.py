@@ -205,3 +205,21 @@ async def test_search_follows_item_edits_and_builds_the_index_once_per_catalog(c
         assert built() is None
         assert titles(await client.get("/items", params={"q": "toy"})) == ["Toy Monkeys", "Toy Soldiers"]
         assert built() is not None
+
+
+@pytest.mark.asyncio
+async def test_the_page_and_its_files_are_served(ckpt):
+    async with serve(app_for(ckpt)) as client:
+        page = await client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert '<script src="/static/app.js"' in page.text
+        js = await client.get("/static/app.js")
+        assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+        assert "/recommend/stream" in js.text
+        css = await client.get("/static/app.css")
+        assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+        for text in (page.text, js.text, css.text):
+            assert "://" not in text  # nothing is fetched from anywhere but this service
+        for name in ("index.html", "..%2Fui.py", "nope.js"):
+            r = await client.get(f"/static/{name}")
+            assert r.status_code == 404 and r.json()["message"], name
