@@ -4,9 +4,9 @@
     python3 docs/screenshot.py --checkpoint CKPT --films "star wars,fargo" --out /tmp/p.png
 
 It starts uvicorn on a loopback port with the checkpoint, opens the page in Debian's headless
-Chromium (Playwright, never a downloaded browser), searches and adds each film (Enter: the first match), asks for a
-side-by-side with and without reasoning, waits for both answers and saves a full-page PNG
-reduced to a 256-colour palette (the page is flat colours and text: it stays sharp and small).
+Chromium (Playwright, never a downloaded browser), types each film and adds its first match
+(Enter), asks for a side-by-side with and without reasoning, waits for both answers and saves a
+full-page PNG reduced to a 256-colour palette (flat colours and text: it stays sharp and small).
 """
 
 from __future__ import annotations
