@@ -8,12 +8,22 @@ cd "$(dirname "$0")/.."
 extras=""
 [[ "${1:-}" == "--dev" ]] && extras="[dev]"
 
-# redis-server: user histories in production, a real server in the tests.
+# System packages: redis-server (user histories in production, a real server in the tests) and,
+# with --dev, Debian's chromium for the browser test of the page (Playwright drives it; no
+# browser is ever downloaded).
+apt_packages=()
 if ! command -v redis-server >/dev/null 2>&1; then
-  if [[ $(id -u) -eq 0 ]]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  apt_packages+=(redis-server)
+fi
+if [[ -n "$extras" ]] && ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  apt_packages+=(chromium)
+fi
+if (( ${#apt_packages[@]} )); then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}" >/dev/null
   else
-    echo "warning: redis-server not found and not root; install it for the Redis store and tests" >&2
+    echo "warning: ${apt_packages[*]} not found and not root (or no apt-get): install them for the" \
+      "Redis store and its tests, and the page's browser test" >&2
   fi
 fi
 

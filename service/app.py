@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import routes
+from service import routes, ui
 from service.batcher import BatcherClosed, BatchFailed
 from service.config import Settings
 from service.metrics import Metrics, RequestTimer
@@ -96,6 +96,7 @@ def create_app(
     app.add_middleware(RequestTimer, metrics=metrics)
     app.include_router(routes.recommend_router(settings))
     app.include_router(routes.router)
+    app.include_router(ui.router)  # the page (GET /) and catalog search (GET /items)
     _add_error_handlers(app, metrics)
     return app
 

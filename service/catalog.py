@@ -19,11 +19,13 @@ import torch
 
 from index import IndexMismatchError, ItemIndex
 from model.checkpoint import Checkpoint
+from service.search import TIERS, Match, TitleIndex, normalize
 
 log = logging.getLogger(__name__)
 
 INDEX_DIR = "index"  # the item index lives in <checkpoint>/index/
 ITEM_FIELDS = ("title", "year", "genres", "description")
+TITLE_REBUILD_EDITS = 256  # item edits searched beside the title index before it is rebuilt
 
 
 class Catalog:
@@ -50,6 +52,9 @@ class Catalog:
         self._edits: dict[str, dict[str, str] | None] = dict(edits or {})
         _apply_edits(self._records, self._edits)
         self._lock = threading.Lock()  # edits vs. a batch's search + title reads
+        # title search (GET /items): built on first use, then edits are searched beside it
+        self._titles: TitleIndex | None = None
+        self._title_edits: dict[str, str | None] = {}
 
     @classmethod
     def open(
@@ -102,6 +107,35 @@ class Catalog:
             titles = [[self._records[x]["title"] for x in row] for row in ids]
         return ids, cos, titles
 
+    def search_titles(self, query: str, limit: int) -> list[tuple[dict[str, str], str]]:
+        """Items whose title matches `query`, best first, with how it matched (service/search.py:
+        exact, prefix, word, substring). The title index is built once per catalog, on first use;
+        later item edits are searched beside it until there are TITLE_REBUILD_EDITS of them."""
+        with self._lock:
+            if self._titles is None or len(self._title_edits) > TITLE_REBUILD_EDITS:
+                self._titles = TitleIndex((i, r["title"]) for i, r in self._records.items())
+                self._title_edits = {}
+            titles, edits = self._titles, dict(self._title_edits)
+        matches = titles.search(query, limit, skip=edits)
+        if edits:  # edited items: their current titles, merged in by (tier, title, id)
+            edited = TitleIndex((i, t) for i, t in edits.items() if t is not None).search(query, limit)
+
+            def rank(m: Match) -> tuple[int, str, str]:
+                return m.tier, normalize(self._records.get(m.item_id, {}).get("title", "")), m.item_id
+
+            matches = sorted([*matches, *edited], key=rank)[:limit]
+        found = []
+        for m in matches:
+            record = self.item(m.item_id)
+            if record is not None:  # removed since the snapshot
+                found.append((record, TIERS[m.tier]))
+        return found
+
+    def _title_changed(self, item_id: str, title: str | None) -> None:
+        """Record an edit for title search (under the lock)."""
+        if self._titles is not None:
+            self._title_edits[item_id] = title
+
     # ---------------------------------------------------------------- edits
     def encode_item(self, item: Mapping[str, Any]) -> np.ndarray:
         """h_v (H,) float32 for an item dict (title + optional year/genres/description)."""
@@ -116,6 +150,7 @@ class Catalog:
             replaced = self.index.upsert(item_id, vector)
             self._records[item_id] = record
             self._edits[item_id] = record
+            self._title_changed(item_id, record["title"])
         self._persist()
         return replaced
 
@@ -128,6 +163,7 @@ class Catalog:
                 self.index.remove(item_id)
             del self._records[item_id]
             self._edits[item_id] = None
+            self._title_changed(item_id, None)
         self._persist()
 
     @property
@@ -153,11 +189,13 @@ class Catalog:
                 self.index.upsert(item_id, vectors[row])
                 self._records[item_id] = record
                 self._edits[item_id] = record
+                self._title_changed(item_id, record["title"])
             for item_id in deletes:
                 if item_id in self.index:
                     self.index.remove(item_id)
                 self._records.pop(item_id, None)
                 self._edits[item_id] = None
+                self._title_changed(item_id, None)
         self._persist()
         return len(upserts) + len(deletes)
 

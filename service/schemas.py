@@ -6,7 +6,7 @@ like numbers). Validation errors come back as 422 with the field's location in `
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, model_validator
 from pydantic.fields import FieldInfo
@@ -159,3 +159,19 @@ class Readiness(BaseModel):
     items: int | None = None
     store: str
     reasons: list[str] = []
+
+
+# ---------------------------------------------------------------------- catalog search (GET /items)
+class ItemMatch(BaseModel):
+    item_id: str
+    title: str
+    year: str = ""
+    genres: str = ""
+    match: Literal["exact", "prefix", "word", "substring"] = Field(
+        description="How the query met the title; results are ordered by it, then by title."
+    )
+
+
+class ItemSearchResponse(BaseModel):
+    query: str
+    items: list[ItemMatch]

@@ -1,0 +1,173 @@
+"""Title search over a catalog: case- and accent-insensitive, ranked, built once per catalog.
+
+A title and a query are compared after the same normalisation (`normalize`): Unicode NFKD with
+the combining marks dropped, a few letters that do not decompose spelled out (ø, æ, ß, ...),
+case folded, apostrophes removed ("Children's" -> "childrens") and every other run of
+non-alphanumeric characters one space. A catalog title written with its article moved to the
+end ("Godfather, The", "Misérables, Les", as MovieLens writes them) is also indexed under the
+spoken order ("the godfather").
+
+A match ranks by how the query meets the title, then by title, then by id:
+
+    0 exact        the whole title
+    1 prefix       the start of the title
+    2 word         the start of a later word ("wars" in "Star Wars")
+    3 substring    anywhere else
+
+`TitleIndex` is immutable. The exact tier is a dict lookup; prefix and word tiers are a
+binary search in sorted arrays (of titles, and of the suffixes that start at each later word),
+then a sort of that tier's m candidates by title; the substring tier scans one joined string
+with `str.find`, rows in title order, and stops once `limit` results are in. A query costs
+O(log N + m log m), plus at most one C-speed pass when it reaches the substring tier. A tier is
+read up to max(50 x limit, 5000) candidates, so a one-letter query over a million titles stays
+cheap (its order within that tier is then approximately, not exactly, by title).
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+TIERS = ("exact", "prefix", "word", "substring")
+
+# Letters NFKD leaves alone; spelled the way people type them on an English keyboard.
+_SPELLED = str.maketrans(
+    {"ø": "o", "Ø": "o", "æ": "ae", "Æ": "ae", "œ": "oe", "Œ": "oe", "ł": "l", "Ł": "l", "đ": "d",
+     "Đ": "d", "ð": "d", "Ð": "d", "þ": "th", "Þ": "th", "ı": "i"}
+)  # fmt: skip
+_APOSTROPHES = re.compile(r"['’ʼ`´]")
+_NON_ALNUM = re.compile(r"[\W_]+")
+# "Godfather, The" / "Horseman on the Roof, The (Hussard sur le toit, Le)" / "Appartement, L'"
+_TRAILING_ARTICLE = re.compile(
+    r"^(?P<main>.+?),\s+(?P<article>the|a|an|les|la|le|l'|il|lo|gli|i|das|der|die|el|los|las)"
+    r"(?P<rest>\s*\(.*\))?\s*$",
+    re.IGNORECASE,
+)
+
+
+def normalize(text: str) -> str:
+    """Lowercase ASCII-ish words separated by single spaces; '' when nothing is left."""
+    decomposed = unicodedata.normalize("NFKD", text.translate(_SPELLED))
+    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    folded = _APOSTROPHES.sub("", stripped.casefold())
+    return _NON_ALNUM.sub(" ", folded).strip()
+
+
+def spoken_title(title: str) -> str | None:
+    """'Godfather, The' -> 'The Godfather'; None when the title has no trailing article."""
+    m = _TRAILING_ARTICLE.match(title)
+    if m is None:
+        return None
+    article = m["article"]
+    joiner = "" if article.endswith("'") else " "
+    return f"{article}{joiner}{m['main']}{m['rest'] or ''}"
+
+
+@dataclass(frozen=True)
+class Match:
+    item_id: str
+    tier: int  # index into TIERS
+
+    @property
+    def kind(self) -> str:
+        return TIERS[self.tier]
+
+
+class TitleIndex:
+    """Ranked title search over {item_id: title}; build once, query from any thread."""
+
+    def __init__(self, titles: Mapping[str, str] | Iterable[tuple[str, str]]) -> None:
+        pairs = titles.items() if isinstance(titles, Mapping) else titles
+        names: list[tuple[str, str, str]] = []  # (normalised name, sort key, item id)
+        self._sort_key: dict[str, tuple[str, str]] = {}
+        for item_id, title in pairs:
+            item_id, title = str(item_id), str(title or "")
+            key = (normalize(title), item_id)
+            if not key[0]:
+                continue  # an item without a searchable title
+            self._sort_key[item_id] = key
+            spoken = spoken_title(title)
+            for name in {key[0], normalize(spoken) if spoken else key[0]}:
+                names.append((name, *key))
+        names.sort()
+        self._exact: dict[str, list[str]] = {}
+        for name, _, item_id in names:
+            self._exact.setdefault(name, []).append(item_id)
+        # prefix tier: bisect into the sorted names
+        self._names = [n for n, _, _ in names]
+        self._name_ids = [i for _, _, i in names]
+        # word tier: every suffix that starts at a later word, sorted
+        words = sorted(
+            (name[at + 1 :], item_id) for name, _, item_id in names for at, c in enumerate(name) if c == " "
+        )
+        self._words = [w for w, _ in words]
+        self._word_ids = [i for _, i in words]
+        # substring tier: one string, rows in (title, id) order, each row's start offset
+        rows = sorted(set(names), key=lambda r: (r[1], r[2], r[0]))
+        self._row_ids = [i for _, _, i in rows]
+        self._row_starts: list[int] = []
+        offset = 0
+        for name, _, _ in rows:
+            self._row_starts.append(offset)
+            offset += len(name) + 1
+        self._blob = "\n".join(name for name, _, _ in rows)
+
+    def __len__(self) -> int:
+        return len(self._sort_key)
+
+    def search(self, query: str, limit: int, skip: Iterable[str] = ()) -> list[Match]:
+        """Up to `limit` matches, best first; ids in `skip` are left out (stale or deleted rows)."""
+        q = normalize(query)
+        if not q or limit <= 0:
+            return []
+        taken: set[str] = set(skip)
+        out: list[Match] = []
+
+        def take(ids: Iterable[str], tier: int) -> bool:
+            """Add this tier's ids in title order; True once `limit` is reached."""
+            found = sorted({i for i in ids if i not in taken}, key=self._sort_key.__getitem__)
+            for item_id in found:
+                out.append(Match(item_id, tier))
+                taken.add(item_id)
+                if len(out) == limit:
+                    return True
+            return False
+
+        if take(self._exact.get(q, ()), 0):
+            return out
+        if take(self._prefixed(self._names, self._name_ids, q, limit + len(taken)), 1):
+            return out
+        # a later word starting with the query: "wars" in "star wars"
+        if take(self._prefixed(self._words, self._word_ids, q, limit + len(taken)), 2):
+            return out
+        take(self._substrings(q, limit - len(out), taken), 3)
+        return out
+
+    def _prefixed(self, keys: list[str], ids: list[str], q: str, want: int) -> list[str]:
+        """Ids whose key starts with q, all of them up to a cap (the caller sorts by title: key
+        order is not title order, and one id may have several keys)."""
+        found: dict[str, None] = {}
+        at = bisect.bisect_left(keys, q)
+        end = bisect.bisect_left(keys, q + "\U0010ffff", lo=at)
+        cap = max(want * 50, 5000)  # a one-letter query over a huge catalog: no full pass
+        for row in range(at, min(end, at + cap)):
+            found[ids[row]] = None
+        return list(found)
+
+    def _substrings(self, q: str, want: int, taken: set[str]) -> list[str]:
+        """The first `want` rows (in title order) that contain q and are not taken yet."""
+        found: dict[str, None] = {}
+        pos = self._blob.find(q)
+        while pos >= 0 and len(found) < want:
+            row = bisect.bisect_right(self._row_starts, pos) - 1
+            item_id = self._row_ids[row]
+            if item_id not in taken:
+                found[item_id] = None
+            nxt = row + 1
+            if nxt == len(self._row_starts):
+                break
+            pos = self._blob.find(q, self._row_starts[nxt])
+        return list(found)

@@ -1,0 +1,681 @@
+// The R²ec page: build a history, ask for recommendations, watch the reasoning arrive.
+// No build step and no dependencies: the service serves this file as it is.
+//
+// Streaming: POST /recommend/stream (Server-Sent Events) sends `reasoning` events (the text as
+// it is written: each event's data is the next piece, as a JSON string, {"text"|"delta": ...}
+// or plain text), one `items` event (the /recommend item shape, as {"items": [...]} or a bare
+// list), a `done` event (timings, model version, ...) and `error` events ({"message": ...}).
+// A server without that route answers 404 or 405: the page then asks POST /recommend and shows
+// the reasoning when the whole answer arrives.
+"use strict";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+
+const state = {
+  history: [], // {item_id, title, year, genres, rating: number|null}
+  matches: [], // last search results
+  userId: null, // set by "Load history"
+  stream: "unknown", // "unknown" | "yes" | "no": does POST /recommend/stream exist?
+  running: null, // AbortController of the current run
+  items: new Map(), // item_id -> GET /items/{id} reply (or a promise of it)
+};
+
+// ------------------------------------------------------------------ HTTP
+class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+// The API's words for a failed response: `message`, else `detail` (a string or field errors).
+async function apiMessage(response) {
+  let body = null;
+  try {
+    body = await response.json();
+  } catch {
+    /* not JSON */
+  }
+  const fromBody = (b) => {
+    if (!b || typeof b !== "object") return null;
+    if (typeof b.message === "string" && b.message) return b.message;
+    if (b.error && typeof b.error === "object") return fromBody(b.error);
+    if (typeof b.error === "string") return b.error;
+    if (typeof b.detail === "string") return b.detail;
+    if (Array.isArray(b.detail)) {
+      return b.detail.map((e) => `${(e.loc || []).filter((p) => p !== "body").join(".")}: ${e.msg}`).join("; ");
+    }
+    return null;
+  };
+  return fromBody(body) || `${response.status} ${response.statusText || "error"}`;
+}
+
+async function api(path, options = {}) {
+  const init = { ...options, headers: { accept: "application/json", ...(options.headers || {}) } };
+  if (options.json !== undefined) {
+    init.method = init.method || "POST";
+    init.body = JSON.stringify(options.json);
+    init.headers["content-type"] = "application/json";
+  }
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new ApiError(0, "The service did not answer: is it still running?");
+  }
+  if (!response.ok) throw new ApiError(response.status, await apiMessage(response));
+  return response.json();
+}
+
+function showError(box, err) {
+  if (!err) {
+    box.hidden = true;
+    box.textContent = "";
+    return;
+  }
+  box.textContent = err instanceof ApiError ? err.message : `Something went wrong: ${err.message || err}`;
+  box.hidden = false;
+}
+
+// GET /items/{id}, once per id: year and genres for history rows and results.
+function itemDetails(itemId) {
+  if (!state.items.has(itemId)) {
+    state.items.set(
+      itemId,
+      api(`/items/${encodeURIComponent(itemId)}`).catch(() => null),
+    );
+  }
+  return state.items.get(itemId);
+}
+
+function subtitle(item) {
+  const year = String(item.year || "").replace(/\.0$/, "");
+  return [year, item.genres].filter(Boolean).join(" · ");
+}
+
+// ------------------------------------------------------------------ the server line
+async function showServer() {
+  const line = $("#server");
+  try {
+    const r = await fetch("/readyz");
+    const body = await r.json();
+    line.textContent =
+      body.status === "ready"
+        ? `Model ${body.model_version} · ${body.items} items in the catalog`
+        : `Not ready yet: ${(body.reasons || []).join("; ") || body.message || r.status}`;
+  } catch {
+    line.textContent = "The service did not answer.";
+  }
+}
+
+// ------------------------------------------------------------------ search
+let searchTimer = null;
+let searchSeq = 0;
+let searched = ""; // the query state.matches answer
+
+async function search(q) {
+  clearTimeout(searchTimer);
+  const seq = ++searchSeq;
+  searched = q;
+  const status = $("#q-status");
+  if (!q.trim()) {
+    state.matches = [];
+    renderMatches();
+    status.textContent = "";
+    return;
+  }
+  try {
+    const body = await api(`/items?q=${encodeURIComponent(q)}&limit=8`);
+    if (seq !== searchSeq) return; // a later keystroke won
+    state.matches = body.items;
+    renderMatches();
+    status.textContent = body.items.length
+      ? `${body.items.length} match${body.items.length === 1 ? "" : "es"}`
+      : `No film matches “${q}”.`;
+  } catch (err) {
+    if (seq !== searchSeq) return;
+    state.matches = [];
+    renderMatches();
+    status.textContent = err.message;
+  }
+}
+
+function renderMatches() {
+  const list = $("#matches");
+  list.replaceChildren();
+  const inHistory = new Set(state.history.map((h) => h.item_id));
+  for (const item of state.matches) {
+    const li = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "match";
+    button.dataset.itemId = item.item_id;
+    const title = document.createElement("span");
+    title.className = "title";
+    title.textContent = item.title;
+    const sub = document.createElement("span");
+    sub.className = "sub";
+    sub.textContent = subtitle(item);
+    const action = document.createElement("span");
+    action.className = "action";
+    action.setAttribute("aria-hidden", "true");
+    const added = inHistory.has(item.item_id);
+    action.textContent = added ? "added" : "+ add";
+    button.disabled = added;
+    button.setAttribute("aria-label", `${added ? "Already added" : "Add"}: ${item.title} ${subtitle(item)}`.trim());
+    button.append(title, sub, action);
+    button.addEventListener("click", () => addToHistory(item, 5, { focusSearch: true }));
+    li.append(button);
+    list.append(li);
+  }
+}
+
+async function onSearchKey(event) {
+  if (event.key === "Enter") {
+    event.preventDefault();
+    const q = event.target.value;
+    if (q !== searched) await search(q); // typed faster than the search ran
+    const first = state.matches.find((m) => !state.history.some((h) => h.item_id === m.item_id));
+    if (first) addToHistory(first, 5, { focusSearch: true });
+  } else if (event.key === "ArrowDown") {
+    const first = $("#matches button:not(:disabled)");
+    if (first) {
+      event.preventDefault();
+      first.focus();
+    }
+  } else if (event.key === "Escape") {
+    $("#q").value = "";
+    search("");
+  }
+}
+
+function onMatchesKey(event) {
+  const buttons = [...document.querySelectorAll("#matches button:not(:disabled)")];
+  const at = buttons.indexOf(document.activeElement);
+  if (at < 0) return;
+  if (event.key === "ArrowDown" && at + 1 < buttons.length) {
+    event.preventDefault();
+    buttons[at + 1].focus();
+  } else if (event.key === "ArrowUp") {
+    event.preventDefault();
+    (at === 0 ? $("#q") : buttons[at - 1]).focus();
+  } else if (event.key === "Escape") {
+    $("#q").focus();
+  }
+}
+
+// ------------------------------------------------------------------ history
+function addToHistory(item, rating, { focusSearch = false } = {}) {
+  if (state.history.some((h) => h.item_id === item.item_id)) return;
+  state.history.push({
+    item_id: item.item_id,
+    title: item.title,
+    year: item.year || "",
+    genres: item.genres || "",
+    rating,
+  });
+  renderHistory();
+  renderMatches();
+  $("#q-status").textContent = `Added ${item.title}. ${state.history.length} in your history.`;
+  if (focusSearch) $("#q").focus();
+}
+
+function renderHistory() {
+  const list = $("#history");
+  list.replaceChildren();
+  state.history.forEach((entry, index) => {
+    const li = document.createElement("li");
+    li.dataset.itemId = entry.item_id;
+    const text = document.createElement("div");
+    text.className = "text";
+    const title = document.createElement("span");
+    title.className = "title";
+    title.textContent = entry.title;
+    const sub = document.createElement("span");
+    sub.className = "sub";
+    sub.textContent = subtitle(entry);
+    text.append(title, sub);
+    if (!entry.year && !entry.genres) {
+      itemDetails(entry.item_id).then((found) => {
+        if (!found) return;
+        entry.year = found.year;
+        entry.genres = found.genres;
+        sub.textContent = subtitle(entry);
+      });
+    }
+
+    const id = `rating-${index}`;
+    const label = document.createElement("label");
+    label.className = "vh";
+    label.htmlFor = id;
+    label.textContent = `Your rating for ${entry.title}`;
+    const select = document.createElement("select");
+    select.id = id;
+    select.className = "rating";
+    for (const [value, name] of [["", "no rating"], ["5", "5 ★ loved"], ["4", "4 ★"], ["3", "3 ★"], ["2", "2 ★"], ["1", "1 ★ disliked"]]) {
+      const option = document.createElement("option");
+      option.value = value;
+      option.textContent = name;
+      select.append(option);
+    }
+    select.value = entry.rating == null ? "" : String(Math.round(entry.rating));
+    select.addEventListener("change", () => {
+      entry.rating = select.value === "" ? null : Number(select.value);
+    });
+
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "remove";
+    remove.textContent = "Remove";
+    remove.setAttribute("aria-label", `Remove ${entry.title}`);
+    remove.addEventListener("click", () => {
+      state.history.splice(state.history.indexOf(entry), 1);
+      renderHistory();
+      renderMatches();
+      $("#q-status").textContent = `Removed ${entry.title}.`;
+      const next = $("#history .remove") || $("#q");
+      next.focus();
+    });
+    li.append(text, label, select, remove);
+    list.append(li);
+  });
+  const n = state.history.length;
+  $("#history-count").textContent = n ? `(${n})` : "";
+  $("#history-empty").hidden = n > 0;
+}
+
+async function loadUser(event) {
+  event.preventDefault();
+  const box = $("#history-error");
+  const status = $("#user-status");
+  const userId = $("#user-id").value.trim();
+  showError(box, null);
+  if (!userId) {
+    state.userId = null;
+    status.textContent = "No user id: recommendations use only the history above.";
+    return;
+  }
+  status.textContent = `Loading ${userId}’s history…`;
+  try {
+    const body = await api(`/users/${encodeURIComponent(userId)}/history`);
+    state.userId = userId;
+    if (!body.history.length) {
+      // keep what is on the page: it is what will be sent, and watched films start the user's history
+      status.textContent = `User ${userId} has no stored history yet; films you mark as watched are saved to it.`;
+      return;
+    }
+    const known = body.history.filter((h) => h.title != null);
+    const gone = body.history.length - known.length;
+    state.history = [];
+    for (const h of known) {
+      if (!state.history.some((x) => x.item_id === h.item_id)) {
+        state.history.push({ item_id: h.item_id, title: h.title, year: "", genres: "", rating: h.rating });
+      }
+    }
+    renderHistory();
+    renderMatches();
+    status.textContent =
+      `User ${userId}: ${state.history.length} films loaded` +
+      (gone ? ` (${gone} no longer in the catalog).` : ".");
+  } catch (err) {
+    status.textContent = "";
+    showError(box, err);
+  }
+}
+
+// ------------------------------------------------------------------ one run
+function newRun(title) {
+  const node = $("#run-template").content.firstElementChild.cloneNode(true);
+  $(".run-title", node).textContent = title;
+  $("#runs").append(node);
+  return {
+    node,
+    status: $(".run-status", node),
+    error: $(".error", node),
+    reasoningBox: $(".reasoning", node),
+    reasoning: $(".reasoning-text", node),
+    note: $(".note", node),
+    items: $(".items", node),
+    meta: $(".meta", node),
+  };
+}
+
+function requestBody(reasoning) {
+  const body = { k: clampInt($("#k").value, 1, 100, 10), reasoning };
+  const budget = $("#budget").value.trim();
+  if (reasoning && budget !== "") body.max_reasoning_tokens = Number(budget);
+  if (state.history.length) {
+    body.history = state.history.map((h) =>
+      h.rating == null ? { item_id: h.item_id } : { item_id: h.item_id, rating: h.rating },
+    );
+  }
+  if (state.userId) body.user_id = state.userId;
+  if (!body.history && !body.user_id) body.history = []; // the API says what is missing
+  return body;
+}
+
+function clampInt(value, lo, hi, fallback) {
+  const n = Number.parseInt(value, 10);
+  return Number.isFinite(n) ? Math.min(hi, Math.max(lo, n)) : fallback;
+}
+
+function appendReasoning(run, text) {
+  if (!text) return;
+  run.reasoningBox.hidden = false;
+  run.reasoning.textContent += text;
+}
+
+function renderItems(run, items) {
+  run.items.replaceChildren();
+  for (const item of items) {
+    const li = document.createElement("li");
+    li.className = "item";
+    li.dataset.itemId = item.item_id;
+    const rank = document.createElement("span");
+    rank.className = "rank";
+    rank.textContent = item.rank;
+    rank.setAttribute("aria-hidden", "true");
+    const text = document.createElement("div");
+    text.className = "text";
+    const title = document.createElement("span");
+    title.className = "title";
+    title.textContent = item.title;
+    const sub = document.createElement("span");
+    sub.className = "sub";
+    text.append(title, sub);
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = `score ${Number(item.score).toFixed(2)}`;
+    score.title = "cos(h_T, h_v) / τ";
+    const watched = document.createElement("button");
+    watched.type = "button";
+    watched.className = "watched";
+    watched.textContent = "I watched this";
+    watched.setAttribute("aria-label", `I watched ${item.title}`);
+    watched.addEventListener("click", () => markWatched(item, watched));
+    const side = document.createElement("div");
+    side.className = "side";
+    side.append(score, watched);
+    li.append(rank, text, side);
+    run.items.append(li);
+    itemDetails(item.item_id).then((found) => {
+      if (found) sub.textContent = subtitle(found);
+    });
+  }
+}
+
+function renderMeta(run, info) {
+  const t = info.timings || {};
+  const s = (ms) => (ms >= 1000 ? `${(ms / 1000).toFixed(1)} s` : `${Math.round(ms)} ms`);
+  const parts = [];
+  if (info.model_version) parts.push(`model ${info.model_version}`);
+  if (info.cache) parts.push(`cache ${info.cache}`);
+  if (info.reasoning_tokens) parts.push(`${info.reasoning_tokens} reasoning tokens`);
+  if (t.total_ms != null) {
+    const detail = [
+      t.queue_ms != null && `queue ${s(t.queue_ms)}`,
+      t.generate_ms > 0 && `reasoning ${s(t.generate_ms)}`,
+      t.score_ms != null && `ranking ${s(t.score_ms)}`,
+    ].filter(Boolean);
+    parts.push(`${s(t.total_ms)}${detail.length ? ` (${detail.join(", ")})` : ""}`);
+  }
+  if (info.streamed != null) parts.push(info.streamed ? "streamed" : "not streamed");
+  run.meta.textContent = parts.join(" · ");
+}
+
+// POST /recommend/stream; returns false when the route does not exist (404/405).
+async function runStreamed(run, body, signal) {
+  const response = await fetch("/recommend/stream", {
+    method: "POST",
+    headers: { "content-type": "application/json", accept: "text/event-stream" },
+    body: JSON.stringify(body),
+    signal,
+  });
+  if (response.status === 404 || response.status === 405) {
+    try {
+      await response.body?.cancel();
+    } catch {
+      /* nothing to drain */
+    }
+    return false;
+  }
+  if (!response.ok) throw new ApiError(response.status, await apiMessage(response));
+  const type = response.headers.get("content-type") || "";
+  if (!type.includes("text/event-stream") || !response.body) {
+    // A JSON answer from a server that does not stream: the /recommend shape.
+    showAnswer(run, await response.json(), false);
+    return true;
+  }
+  state.stream = "yes";
+  run.status.textContent = "Reasoning…";
+  const info = { streamed: true };
+  let gotItems = false;
+  let failed = null;
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value;
+    const blocks = buffer.split(/\r\n\r\n|\n\n|\r\r/);
+    buffer = blocks.pop();
+    for (const block of blocks) {
+      const { event, data } = parseEvent(block);
+      if (data === null) continue;
+      const payload = parseData(data);
+      if (event === "reasoning") {
+        appendReasoning(run, reasoningPiece(payload));
+      } else if (event === "items") {
+        const items = Array.isArray(payload) ? payload : payload.items || [];
+        Object.assign(info, Array.isArray(payload) ? {} : payload);
+        renderItems(run, items);
+        gotItems = true;
+        run.status.textContent = "";
+      } else if (event === "done") {
+        if (payload && typeof payload === "object" && !Array.isArray(payload)) {
+          Object.assign(info, payload.timings || payload.model_version ? payload : { timings: payload });
+        }
+      } else if (event === "error") {
+        failed = new ApiError(payload?.status || 500, messageOf(payload) || "the stream reported an error");
+      }
+    }
+  }
+  if (failed) throw failed;
+  if (!gotItems) throw new ApiError(0, "The stream ended before the recommendations arrived.");
+  if (!run.reasoning.textContent && body.reasoning) showNoReasoning(run);
+  renderMeta(run, info);
+  return true;
+}
+
+function parseEvent(block) {
+  let event = "message";
+  const data = [];
+  for (const line of block.split(/\r\n|\n|\r/)) {
+    if (!line || line.startsWith(":")) continue;
+    const colon = line.indexOf(":");
+    const field = colon < 0 ? line : line.slice(0, colon);
+    let value = colon < 0 ? "" : line.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (field === "event") event = value;
+    else if (field === "data") data.push(value);
+  }
+  return { event, data: data.length ? data.join("\n") : null };
+}
+
+function parseData(data) {
+  try {
+    return JSON.parse(data);
+  } catch {
+    return data;
+  }
+}
+
+function reasoningPiece(payload) {
+  if (typeof payload === "string") return payload;
+  if (payload && typeof payload === "object") {
+    for (const key of ["delta", "text", "token"]) {
+      if (typeof payload[key] === "string") return payload[key];
+    }
+  }
+  return payload == null ? "" : String(payload);
+}
+
+function messageOf(payload) {
+  if (typeof payload === "string") return payload;
+  if (payload && typeof payload === "object") {
+    return payload.message || payload.error?.message || (typeof payload.detail === "string" ? payload.detail : null);
+  }
+  return null;
+}
+
+function showNoReasoning(run) {
+  run.reasoningBox.hidden = false;
+  run.reasoning.textContent = "(the model wrote nothing before ranking)";
+  run.reasoning.classList.add("muted");
+}
+
+// The /recommend answer, whole: the reasoning first, then the items.
+function showAnswer(run, answer, streamed) {
+  if (answer.reasoning) appendReasoning(run, answer.reasoning);
+  else if (answer.reasoning === "") showNoReasoning(run);
+  renderItems(run, answer.items || []);
+  renderMeta(run, { ...answer, streamed });
+  run.status.textContent = "";
+}
+
+async function runOne(run, body, signal) {
+  run.note.hidden = body.reasoning;
+  run.status.textContent = body.reasoning
+    ? "Waiting for the model: it writes its reasoning first, then ranks the catalog."
+    : "Waiting for the model: ranking straight from the history.";
+  if (state.stream !== "no") {
+    try {
+      if (await runStreamed(run, body, signal)) return;
+    } catch (err) {
+      if (err instanceof TypeError && state.stream === "unknown") {
+        state.stream = "no"; // the browser could not stream this response
+      } else {
+        throw err;
+      }
+    }
+    state.stream = "no";
+  }
+  run.status.textContent = body.reasoning
+    ? "The model is reasoning, then ranking; the text appears when it is done."
+    : "Ranking straight from the history…";
+  const answer = await api("/recommend", { json: body, signal });
+  showAnswer(run, answer, false);
+}
+
+// ------------------------------------------------------------------ the ask button
+async function ask(event) {
+  event?.preventDefault();
+  if (state.running) return;
+  const compare = $("#compare").checked;
+  const reasoning = $("#reasoning").checked;
+  const modes = compare ? [false, true] : [reasoning]; // without first: it is the quick one
+  const controller = new AbortController();
+  state.running = controller;
+  const button = $("#ask");
+  const cancel = $("#cancel");
+  const status = $("#run-status");
+  button.disabled = true;
+  button.textContent = "Recommending…";
+  cancel.hidden = false;
+  $("#runs").replaceChildren();
+  $("#runs").classList.toggle("compare", compare);
+  $("#results-panel").hidden = false;
+  const elapsed = $("#elapsed");
+  const started = performance.now();
+  const tick = () => {
+    const seconds = Math.round((performance.now() - started) / 1000);
+    elapsed.textContent = seconds ? `${seconds} s` : "";
+  };
+  tick();
+  const timer = setInterval(tick, 1000);
+  status.textContent = compare ? "Asking twice: without reasoning, then with." : "Asking the model.";
+  const runs = modes.map((withReasoning) => newRun(withReasoning ? "With reasoning" : "Without reasoning"));
+  let failures = 0;
+  try {
+    for (let i = 0; i < modes.length; i++) {
+      const run = runs[i];
+      try {
+        await runOne(run, requestBody(modes[i]), controller.signal);
+      } catch (err) {
+        if (err.name === "AbortError") {
+          run.status.textContent = "Cancelled.";
+          failures++;
+          break;
+        }
+        failures++;
+        run.status.textContent = "";
+        showError(run.error, err);
+        if (err instanceof ApiError && err.status >= 400 && err.status < 500) break; // same input, same answer
+      }
+    }
+  } finally {
+    clearInterval(timer);
+    elapsed.textContent = "";
+    state.running = null;
+    button.disabled = false;
+    button.textContent = "Recommend";
+    cancel.hidden = true;
+    const seconds = ((performance.now() - started) / 1000).toFixed(1);
+    status.textContent = failures ? `Stopped after ${seconds} s.` : `Done in ${seconds} s.`;
+    for (const run of runs) {
+      if (!run.items.children.length && run.error.hidden && !run.status.textContent) run.node.remove();
+    }
+  }
+}
+
+// Abort the run in flight (if any) and wait until its clean-up is done.
+async function stopRunning() {
+  if (!state.running) return;
+  state.running.abort();
+  while (state.running) await new Promise((resolve) => setTimeout(resolve, 20));
+}
+
+async function markWatched(item, button) {
+  button.disabled = true;
+  await stopRunning();
+  const run = button.closest(".run");
+  const errorBox = run ? $(".error", run) : $("#history-error");
+  try {
+    if (state.userId) {
+      await api(`/users/${encodeURIComponent(state.userId)}/events`, {
+        json: { events: [{ item_id: item.item_id }] },
+      });
+    }
+  } catch (err) {
+    showError(errorBox, err);
+    button.disabled = false;
+    return;
+  }
+  addToHistory(item, null);
+  $("#run-status").textContent = state.userId
+    ? `Saved ${item.title} to user ${state.userId}; asking again.`
+    : `Added ${item.title} to your history; asking again.`;
+  await ask();
+}
+
+// ------------------------------------------------------------------ wiring
+function init() {
+  const q = $("#q");
+  q.addEventListener("input", () => {
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(() => search(q.value), 150);
+  });
+  q.addEventListener("keydown", onSearchKey);
+  $("#matches").addEventListener("keydown", onMatchesKey);
+  $("#user-form").addEventListener("submit", loadUser);
+  $("#ask-form").addEventListener("submit", ask);
+  $("#cancel").addEventListener("click", () => state.running?.abort());
+  $("#compare").addEventListener("change", () => {
+    $("#reasoning").disabled = $("#compare").checked;
+  });
+  renderHistory();
+  showServer();
+}
+
+document.addEventListener("DOMContentLoaded", init);

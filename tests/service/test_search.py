@@ -1,0 +1,225 @@
+"""Catalog title search: normalisation, the ranking tiers, limits; GET /items over the app, with
+item edits, and the index built once per catalog."""
+
+from __future__ import annotations
+
+import pytest
+
+from service import catalog as catalog_module
+from service.search import TitleIndex, normalize, spoken_title
+from tests.service.conftest import ADMIN, app_for, serve
+
+CATALOG = {
+    "1": "Star",
+    "2": "Star Wars",
+    "3": "Starship Troopers",
+    "4": "Lone Star",
+    "5": "Mustard Seeds",
+    "6": "Dark Star",
+    "7": "Misérables, Les",
+    "8": "Godfather, The",
+    "9": "Schindler's List",
+    "10": "Kløvedal",
+    "11": "",  # no title: never found
+    "12": "Hamlet",
+    "13": "Hamlet",
+    "14": "E.T. the Extra-Terrestrial",
+}
+
+
+@pytest.fixture(scope="module")
+def index() -> TitleIndex:
+    return TitleIndex(CATALOG)
+
+
+def found(index: TitleIndex, q: str, limit: int = 20) -> list[tuple[str, str]]:
+    return [(CATALOG[m.item_id], m.kind) for m in index.search(q, limit)]
+
+
+def test_normalize_folds_case_accents_apostrophes_and_punctuation():
+    assert normalize("Misérables, Les") == "miserables les"
+    assert normalize("  ÉTÉ  d'Amélie!! ") == "ete damelie"
+    assert normalize("Schindler’s List") == normalize("schindler's list") == "schindlers list"
+    assert normalize("Kløvedal Æble Straße") == "klovedal aeble strasse"
+    assert normalize("E.T. the Extra-Terrestrial") == "e t the extra terrestrial"
+    assert normalize("?!") == ""
+
+
+def test_spoken_title_moves_a_trailing_article_to_the_front():
+    assert spoken_title("Godfather, The") == "The Godfather"
+    assert spoken_title("Misérables, Les") == "Les Misérables"
+    assert spoken_title("Appartement, L'") == "L'Appartement"
+    assert spoken_title("Horseman on the Roof, The (Hussard sur le toit, Le)") == (
+        "The Horseman on the Roof (Hussard sur le toit, Le)"
+    )
+    assert spoken_title("Star Wars") is None
+    assert spoken_title("Crumb, Robert") is None
+
+
+def test_exact_then_prefix_then_word_then_substring_then_title(index):
+    assert found(index, "star") == [
+        ("Star", "exact"),
+        ("Star Wars", "prefix"),  # "star wars" < "starship troopers": title order within a tier
+        ("Starship Troopers", "prefix"),
+        ("Dark Star", "word"),
+        ("Lone Star", "word"),
+        ("Mustard Seeds", "substring"),
+    ]
+    assert found(index, "wars") == [("Star Wars", "word")]
+    assert found(index, "ars") == [("Star Wars", "substring"), ("Starship Troopers", "substring")]
+
+
+def test_case_and_accents_are_ignored(index):
+    for q in ("miserables", "MISÉRABLES", "misérables", "Miserables, les", "MISER"):
+        assert found(index, q)[0][0] == "Misérables, Les", q
+    assert found(index, "KLOVE") == [("Kløvedal", "prefix")]
+    assert found(index, "schindlers") == found(index, "Schindler's") == [("Schindler's List", "prefix")]
+    assert found(index, "e.t.") == found(index, "E T") == [("E.T. the Extra-Terrestrial", "prefix")]
+
+
+def test_a_trailing_article_is_found_in_either_order(index):
+    assert found(index, "the godfather") == [("Godfather, The", "exact")]
+    assert found(index, "godfather") == [("Godfather, The", "prefix")]
+    assert found(index, "les mis") == [("Misérables, Les", "prefix")]
+
+
+def test_equal_titles_order_by_id_and_each_item_appears_once(index):
+    assert [m.item_id for m in index.search("hamlet", 10)] == ["12", "13"]
+    ids = [m.item_id for m in index.search("s", 50)]
+    assert len(ids) == len(set(ids))  # an item matching in several tiers or names: once, at its best
+
+
+def test_limit_bounds_and_cuts_across_tiers(index):
+    assert found(index, "star", limit=1) == [("Star", "exact")]
+    assert found(index, "star", limit=4) == found(index, "star")[:4]
+    assert found(index, "star", limit=0) == []
+    assert found(index, "   ") == [] and found(index, "!!") == []
+    assert found(index, "nothing like this") == []
+    assert len(index) == len(CATALOG) - 1  # the item without a title is not indexed
+
+
+def test_skip_leaves_out_ids_and_the_next_ones_move_up(index):
+    got = [m.item_id for m in index.search("star", 3, skip={"1", "2"})]
+    assert got == ["3", "6", "4"]
+
+
+def test_substring_tier_stops_at_the_limit_in_title_order():
+    many = {str(i): f"Film {i:04d} xyz" for i in range(3000)}
+    index = TitleIndex(many)
+    got = index.search("yz", 5)
+    assert [m.item_id for m in got] == ["0", "1", "2", "3", "4"]
+    assert {m.kind for m in got} == {"substring"}
+
+
+# ---------------------------------------------------------------------------- GET /items
+@pytest.mark.asyncio
+async def test_get_items_searches_the_catalog_and_says_how_it_matched(ckpt):
+    async with serve(app_for(ckpt)) as client:
+        r = await client.get("/items", params={"q": "TOY"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["query"] == "TOY"
+        assert body["items"][0] == {
+            "item_id": "i1",
+            "title": "Toy Story",
+            "year": "1995",
+            "genres": body["items"][0]["genres"],
+            "match": "prefix",
+        }
+        assert "Animation" in body["items"][0]["genres"]
+        r = await client.get("/items", params={"q": "monkeys"})
+        assert [(i["title"], i["match"]) for i in r.json()["items"]] == [("Twelve Monkeys", "word")]
+        assert (await client.get("/items", params={"q": "zzzz"})).json()["items"] == []
+        assert len((await client.get("/items", params={"q": "e", "limit": 2})).json()["items"]) == 2
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"q": "toy", "limit": 0}, "limit"),
+        ({"q": "toy", "limit": 51}, "limit"),
+        ({"q": "toy", "limit": "many"}, "limit"),
+        ({"q": ""}, "q"),
+        ({}, "q"),
+        ({"q": "x" * 201}, "q"),
+    ],
+)
+async def test_get_items_refuses_bad_parameters_with_422_naming_the_field(ckpt, params, field):
+    async with serve(app_for(ckpt)) as client:
+        r = await client.get("/items", params=params)
+    assert r.status_code == 422, r.text
+    assert field in r.json()["message"]
+
+
+@pytest.mark.asyncio
+async def test_get_items_is_in_openapi_with_its_response_model(ckpt):
+    async with serve(app_for(ckpt)) as client:
+        spec = (await client.get("/openapi.json")).json()
+    op = spec["paths"]["/items"]["get"]
+    assert {p["name"] for p in op["parameters"]} == {"q", "limit"}
+    limit = next(p for p in op["parameters"] if p["name"] == "limit")["schema"]
+    assert (limit["minimum"], limit["maximum"], limit["default"]) == (1, 50, 10)
+    ref = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    assert ref.endswith("/ItemSearchResponse")
+    assert "match" in spec["components"]["schemas"]["ItemMatch"]["properties"]
+    assert "/" not in spec["paths"] and not any(p.startswith("/static") for p in spec["paths"])
+
+
+@pytest.mark.asyncio
+async def test_search_follows_item_edits_and_builds_the_index_once_per_catalog(ckpt, monkeypatch):
+    monkeypatch.setattr(catalog_module, "TITLE_REBUILD_EDITS", 2)
+    app = app_for(ckpt)
+
+    def titles(r):
+        return [i["title"] for i in r.json()["items"]]
+
+    def built():
+        return app.state.r2ec.engine.catalog._titles
+
+    async with serve(app) as client:
+        assert built() is None  # nothing at startup
+        assert titles(await client.get("/items", params={"q": "toy"})) == ["Toy Story"]
+        first = built()
+        for _ in range(2):
+            assert titles(await client.get("/items", params={"q": "toy"})) == ["Toy Story"]
+        assert built() is first  # built on first use, then reused
+
+        put = await client.put("/items/new", json={"title": "Toy Soldiers", "year": "1991"}, headers=ADMIN)
+        assert put.status_code == 201, put.text
+        r = await client.get("/items", params={"q": "toy"})
+        assert titles(r) == ["Toy Soldiers", "Toy Story"] and r.json()["items"][0]["year"] == "1991"
+        assert (await client.delete("/items/i1", headers=ADMIN)).status_code == 200
+        assert titles(await client.get("/items", params={"q": "toy"})) == ["Toy Soldiers"]
+        assert built() is first  # two edits: searched beside the index
+        put = await client.put("/items/i7", json={"title": "Toy Monkeys"}, headers=ADMIN)
+        assert titles(await client.get("/items", params={"q": "toy"})) == ["Toy Monkeys", "Toy Soldiers"]
+        assert titles(await client.get("/items", params={"q": "twelve"})) == []
+        rebuilt = built()
+        assert rebuilt is not first  # the third passed TITLE_REBUILD_EDITS: rebuilt with them
+        assert titles(await client.get("/items", params={"q": "monkeys"})) == ["Toy Monkeys"]
+        assert built() is rebuilt
+
+        # a reload is a new catalog (carrying the edits): its own index, built on first use
+        assert (await client.post("/admin/reload", headers=ADMIN)).status_code == 200
+        assert built() is None
+        assert titles(await client.get("/items", params={"q": "toy"})) == ["Toy Monkeys", "Toy Soldiers"]
+        assert built() is not None
+
+
+@pytest.mark.asyncio
+async def test_the_page_and_its_files_are_served(ckpt):
+    async with serve(app_for(ckpt)) as client:
+        page = await client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert '<script src="/static/app.js"' in page.text
+        js = await client.get("/static/app.js")
+        assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+        assert "/recommend/stream" in js.text
+        css = await client.get("/static/app.css")
+        assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+        for text in (page.text, js.text, css.text):
+            assert "://" not in text  # nothing is fetched from anywhere but this service
+        for name in ("index.html", "..%2Fui.py", "nope.js"):
+            r = await client.get(f"/static/{name}")
+            assert r.status_code == 404 and r.json()["message"], name
