@@ -1,4 +1,5 @@
-"""`r2ec checkpoint init|show`: create an untrained checkpoint, print one's metadata."""
+"""`r2ec checkpoint init|export|show`: create a servable checkpoint (untrained, or from a
+shipped one), export a small one to ship, print one's metadata."""
 
 from __future__ import annotations
 
@@ -18,23 +19,81 @@ def checkpoint_init(
     data: Annotated[Path, typer.Option(help="Prepared dataset dir, e.g. data/ml-100k/loo")],
     out: Annotated[Path, typer.Option(help="Checkpoint dir to write")],
     base: Annotated[str, typer.Option(help="smollm2, tiny, an HF dir or a .gguf")] = "smollm2",
+    from_checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--from", help="A trained checkpoint (e.g. the shipped artifacts/ml100k) instead of --base"
+        ),
+    ] = None,
     dtype: str = "bfloat16",
 ) -> None:
-    """An untrained checkpoint (base by reference + encoded catalog) the service can load."""
-    from model.checkpoint import create_base_checkpoint
+    """A checkpoint the service can load: the untrained --base, or the model of --from, with
+    the dataset's catalog encoded by it."""
+    from model.checkpoint import CheckpointError, create_base_checkpoint, load_checkpoint, save_checkpoint
     from model.data import load_prepared
     from model.prompts import PromptConfig
 
     ds = load_prepared(data)
-    meta = create_base_checkpoint(
-        out,
-        base,
-        ds.items,
-        prompts=PromptConfig(category=ds.category),
-        dtype=dtype,
-        dataset={"name": ds.name, "protocol": ds.protocol, "path": str(data)},
-    )
+    dataset = {"name": ds.name, "protocol": ds.protocol, "path": str(data)}
+    if from_checkpoint is None:
+        meta = create_base_checkpoint(
+            out, base, ds.items, prompts=PromptConfig(category=ds.category), dtype=dtype, dataset=dataset
+        )
+    else:
+        try:
+            ckpt = load_checkpoint(from_checkpoint, dtype=dtype, merge_lora=False)
+        except CheckpointError as exc:
+            fail(str(exc))
+        src = ckpt.meta
+        same = list(ckpt.items["item_id"]) == list(ds.items["item_id"])
+        vectors = ckpt.item_vectors if same else ckpt.model.item_vectors(ds.items.to_dict("records"), True)
+        meta = save_checkpoint(
+            out,
+            ckpt.model,
+            base=src["base"],
+            weights=src["weights"],
+            items=ds.items,
+            item_vectors=vectors,
+            dataset=dataset,
+            metrics=src.get("metrics"),
+            extra={k: src[k] for k in ("train", "provenance") if k in src} | {"from": str(from_checkpoint)},
+        )
     typer.echo(f"wrote {out} (version {meta['version']}, {meta['num_items']} items)")
+
+
+@app.command("export")
+def checkpoint_export(
+    src: Annotated[Path, typer.Argument(help="A checkpoint, a run dir (its best/) or a versions root")],
+    out: Annotated[Path, typer.Option(help="Where to write the small copy, e.g. artifacts/ml100k")],
+    command: Annotated[str, typer.Option(help="The command that produced SRC, for the record")] = "",
+    metrics: Annotated[
+        Path | None, typer.Option(help="A JSON file of measured results to embed (e.g. r2ec eval --json)")
+    ] = None,
+) -> None:
+    """A small copy to ship: LoRA adapter, tokenizer, catalog, metadata with provenance (the
+    command, the git commit, the training config, measured metrics); no item vectors."""
+    import subprocess
+    from datetime import UTC, datetime
+
+    from model.checkpoint import CheckpointError, export_checkpoint
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        head = commit.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        head = "unknown"
+    provenance = {
+        "command": command,
+        "commit": head,
+        "exported_at": datetime.now(UTC).isoformat(),
+        "measured": json.loads(metrics.read_text()) if metrics else None,
+    }
+    try:
+        meta = export_checkpoint(src, out, provenance)
+    except CheckpointError as exc:
+        fail(str(exc))
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    typer.echo(f"exported {meta['version']} to {out} ({size / 1e6:.1f} MB)")
 
 
 @app.command("show")

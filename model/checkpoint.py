@@ -9,7 +9,9 @@ Layout::
       adapter/           a peft LoRA adapter over `base` (weights == "lora")
       tokenizer/         the tokenizer (always)
       items.parquet      the catalog: item_id, title, year, genres, description
-      item_vectors.npy   (N, H) float32, L2-normalised, rows in items.parquet order
+      item_vectors.npy   (N, H) float32, L2-normalised, rows in items.parquet order; absent
+                         from an exported checkpoint (`export_checkpoint`), whose catalog is
+                         re-encoded when it loads
 
 `weights == "base"` stores no weights: the model is the untrained `base` itself
 (the reference rows of the evaluation, and what the service runs before training).
@@ -198,7 +200,8 @@ def load_checkpoint(
     """Rebuild model, catalog and item table; every mismatch raises CheckpointError."""
     path = resolve_checkpoint(path)
     meta = read_meta(path)
-    for name in (ITEMS_FILE, VECTORS_FILE, "tokenizer"):
+    encode_items = meta.get("item_vectors") == "absent" and not (path / VECTORS_FILE).exists()
+    for name in (ITEMS_FILE, "tokenizer") if encode_items else (ITEMS_FILE, VECTORS_FILE, "tokenizer"):
         if not (path / name).exists():
             raise CheckpointError(f"checkpoint {path} is missing {name}")
     weights = meta["weights"]
@@ -229,7 +232,11 @@ def load_checkpoint(
             f"r2ec.json says {meta['hidden_size']}"
         )
     items = pd.read_parquet(path / ITEMS_FILE)
-    vectors = np.load(path / VECTORS_FILE)
+    if encode_items:  # shipped without its item table: the same model re-encodes the catalog
+        log.info("checkpoint %s ships no item vectors: encoding %d items", path, len(items))
+        vectors = model.item_vectors(items.to_dict("records"), progress=True).numpy()
+    else:
+        vectors = np.load(path / VECTORS_FILE)
     if vectors.shape != (len(items), model.hidden_size):
         raise CheckpointError(
             f"checkpoint {path}: {VECTORS_FILE} has shape {vectors.shape}, expected "
@@ -259,6 +266,32 @@ def create_base_checkpoint(
     return save_checkpoint(
         out, model, base=base, weights="base", items=items, item_vectors=vectors, dataset=dataset
     )
+
+
+def export_checkpoint(src: Path | str, out: Path | str, provenance: dict[str, Any]) -> dict[str, Any]:
+    """A small copy of a checkpoint to ship (e.g. inside the repo): weights (the LoRA adapter
+    for a LoRA checkpoint), tokenizer, catalog and metadata with `provenance` (command, commit,
+    what it measured), but no item table: `load_checkpoint` re-encodes the catalog with the
+    same model, and `r2ec checkpoint init --from` writes a complete copy once."""
+    src = resolve_checkpoint(src)
+    meta = read_meta(src)
+    if meta["weights"] == "full":
+        raise CheckpointError(
+            f"{src} holds full fine-tuned weights; only base or lora checkpoints export small"
+        )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for name in ("adapter", "tokenizer") if meta["weights"] == "lora" else ("tokenizer",):
+            shutil.copytree(src / name, tmp / name)
+        shutil.copy2(src / ITEMS_FILE, tmp / ITEMS_FILE)
+        meta = {**meta, "item_vectors": "absent", "provenance": provenance}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
 
 
 # -- the versions root: published checkpoints and the CURRENT pointer -------------------------

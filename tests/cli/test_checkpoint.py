@@ -1,0 +1,75 @@
+"""`r2ec checkpoint export` ships a small LoRA checkpoint; `init --from` makes it servable."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from typer.testing import CliRunner
+
+from cli import app
+from model.checkpoint import VECTORS_FILE, load_checkpoint, read_meta
+from model.recpo import RecPOConfig
+from model.train import train
+
+TINY = dict(dtype="float32", warmup_steps=0, eval_limit=4, lora_r=4, lora_alpha=8, max_completion_length=4)
+
+
+def test_export_ships_no_item_table_and_init_from_rebuilds_the_same(tiny_dataset, tmp_path):
+    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=4, max_steps=1, eval_every=1, **TINY)
+    best = train(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    measured = tmp_path / "eval.json"
+    measured.write_text(json.dumps({"metrics": {"ndcg@10": 0.5}}))
+    runner = CliRunner()
+    art = tmp_path / "artifacts" / "tiny"
+    res = runner.invoke(
+        app,
+        [
+            "checkpoint",
+            "export",
+            str(tmp_path / "run"),
+            "--out",
+            str(art),
+            "--command",
+            "train it",
+            "--metrics",
+            str(measured),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    meta = read_meta(art)
+    assert meta["item_vectors"] == "absent" and not (art / VECTORS_FILE).exists()
+    assert meta["provenance"]["command"] == "train it"
+    assert meta["provenance"]["measured"] == {"metrics": {"ndcg@10": 0.5}}
+    assert (art / "adapter").is_dir()
+    # loading the shipped copy re-encodes the catalog: the same vectors as the trained checkpoint's
+    original = load_checkpoint(best, dtype="float32")
+    shipped = load_checkpoint(art, dtype="float32")
+    np.testing.assert_allclose(shipped.item_vectors, original.item_vectors, atol=1e-5)
+    # init --from writes a complete, servable copy with the vectors and the provenance
+    out = tmp_path / "current"
+    res = runner.invoke(
+        app,
+        [
+            "checkpoint",
+            "init",
+            "--data",
+            str(tiny_dataset.path),
+            "--out",
+            str(out),
+            "--from",
+            str(art),
+            "--dtype",
+            "float32",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert (out / VECTORS_FILE).exists() and read_meta(out)["provenance"]["command"] == "train it"
+    np.testing.assert_allclose(
+        load_checkpoint(out, dtype="float32").item_vectors, original.item_vectors, atol=1e-5
+    )
+
+
+def test_export_refuses_a_path_that_is_no_checkpoint(tmp_path):
+    res = CliRunner().invoke(app, ["checkpoint", "export", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "not an R²ec checkpoint" in res.output
