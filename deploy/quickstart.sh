@@ -1,16 +1,27 @@
 #!/usr/bin/env bash
 # Prepare MovieLens-100k, make sure a checkpoint exists, serve it on http://127.0.0.1:8000.
-#   bash deploy/quickstart.sh                                   the untrained default (SmolLM2)
-#   R2EC_CHECKPOINT=runs/ml100k/recpo bash deploy/quickstart.sh  a trained run (its best/)
+#   bash deploy/quickstart.sh                                   the shipped trained model (artifacts/ml100k)
+#   R2EC_UNTRAINED=1 bash deploy/quickstart.sh                  the untrained SmolLM2 instead
+#   R2EC_CHECKPOINT=runs/ml100k/recpo bash deploy/quickstart.sh  a run of yours (its best/)
 # Histories live in process unless R2EC_REDIS_URL is set (e.g. redis://127.0.0.1:6379/0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${R2EC_DATA_DIR:-data}
-export R2EC_CHECKPOINT=${R2EC_CHECKPOINT:-checkpoints/current}
+SHIPPED=artifacts/ml100k
+if [[ "${R2EC_UNTRAINED:-0}" == 1 ]]; then
+  export R2EC_CHECKPOINT=${R2EC_CHECKPOINT:-checkpoints/untrained}
+else
+  export R2EC_CHECKPOINT=${R2EC_CHECKPOINT:-checkpoints/current}
+fi
 [[ -f "$DATA/ml-100k/loo/meta.json" ]] || r2ec data prepare ml-100k --protocol loo --data-dir "$DATA"
 if ! r2ec checkpoint show "$R2EC_CHECKPOINT" >/dev/null 2>&1; then
-  # The untrained backbone with the catalog encoded: a working service before any training.
-  r2ec checkpoint init --data "$DATA/ml-100k/loo" --out "$R2EC_CHECKPOINT"
+  if [[ "${R2EC_UNTRAINED:-0}" != 1 && -f "$SHIPPED/r2ec.json" ]]; then
+    # The model trained by deploy/train_ml100k.sh, shipped as a LoRA adapter: encode the catalog once.
+    r2ec checkpoint init --data "$DATA/ml-100k/loo" --out "$R2EC_CHECKPOINT" --from "$SHIPPED"
+  else
+    # The untrained backbone with the catalog encoded: a working service before any training.
+    r2ec checkpoint init --data "$DATA/ml-100k/loo" --out "$R2EC_CHECKPOINT"
+  fi
 fi
 echo "serving $R2EC_CHECKPOINT on http://${R2EC_HOST:-127.0.0.1}:${R2EC_PORT:-8000} (try the curl in README.md)"
 exec r2ec serve
