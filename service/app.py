@@ -92,9 +92,10 @@ def create_app(
     refused = metrics.rejections.labels("body_too_large").inc
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_refused=refused)
     app.add_middleware(RequestTimer, metrics=metrics)  # outermost: times the 413s too
-    app.include_router(routes.recommend_router(settings))
+    recommend = routes.recommend_router(settings)
+    app.include_router(recommend)
     app.include_router(routes.router)
-    add_error_handlers(app, metrics)
+    add_error_handlers(app, metrics, [*recommend.routes, *routes.router.routes])
     return app
 
 

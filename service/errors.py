@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
 
 from service.batcher import BatcherClosed, BatchFailed, QueueFull
 from service.metrics import Metrics
@@ -140,18 +141,31 @@ def validation_message(fields: Sequence[Mapping[str, str]], total: int) -> str:
     return shown + (f" (and {total - MAX_IN_MESSAGE} more)" if total > MAX_IN_MESSAGE else "")
 
 
+def _allowed_methods(routes: Sequence[BaseRoute], path: str) -> list[str]:
+    """Every method some route serves at this path (several routes may share one)."""
+    methods: set[str] = set()
+    for route in routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(path):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def retry_after(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
-def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRoute] = ()) -> None:
     """Every failure a client can cause is a 4xx naming the problem; service-side trouble is a
     503 (starting, store down, shutting down, overloaded: the last two with Retry-After) or a
-    500 that still says what went wrong."""
+    500 that still says what went wrong. `routes`: the app's routes, for a 405's Allow header."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names only the first route's methods
+            headers["Allow"] = ", ".join(_allowed_methods(routes, request.url.path))
+        return error_response(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

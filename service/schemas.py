@@ -2,15 +2,16 @@
 
 Ids (users, items, events) are one type, `Id`, in paths and in bodies alike: 1-256
 characters, no control characters, no leading or trailing whitespace, valid Unicode. An id is
-refused, never trimmed: an id trimmed in a body but kept in a path would name two users. JSON
-numbers are accepted as ids and turned into strings (ml-100k's ids look like numbers). Free text
-(titles, descriptions) must be valid Unicode without control characters other than tab and
-newline. Invalid input comes back as 422 naming the field (service/errors.py).
+refused, never trimmed: an id trimmed in a body but kept in a path would name two users. A JSON
+integer is accepted as an id and turned into a string (ml-100k's ids look like numbers). Free
+text (titles, descriptions) must be valid Unicode without control characters other than tab
+and newline. Bodies are validated strictly against the published schema: "10" is not an
+integer, 1 is not a boolean, a number is not a title. Invalid input comes back as 422 naming
+the field (service/errors.py).
 """
 
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
 from typing import Annotated, Any
@@ -65,30 +66,38 @@ def check_text(value: str) -> str:
 
 class _Pattern:
     """Adds `pattern` to a field's JSON schema without pydantic enforcing it (a validator does,
-    with a message that says which rule failed instead of quoting the expression)."""
+    with a message that says which rule failed instead of quoting the expression); with
+    `or_integer`, the schema also admits the JSON integers `_integer_id` accepts."""
 
-    def __init__(self, pattern: str) -> None:
+    def __init__(self, pattern: str, or_integer: bool = False) -> None:
         self.pattern = pattern
+        self.or_integer = or_integer
 
     def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
-        schema = handler(core_schema)
-        schema["pattern"] = self.pattern
-        return schema
+        schema = {**handler(core_schema), "pattern": self.pattern}
+        if not self.or_integer:
+            return schema
+        return {"anyOf": [schema, {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}]}
 
 
-def _finite(value: Any) -> Any:
-    """Ids may be JSON numbers (made strings by coerce_numbers_to_str), but not NaN or Infinity."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("must be a string or a finite number")
+def _integer_id(value: Any) -> Any:
+    """A JSON integer id (within int64, as the schema says) becomes its decimal string; any other
+    number is refused."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not -(2**63) <= value < 2**63:
+            raise ValueError("must be a string or an integer within int64")
+        return str(value)
+    if isinstance(value, float):
+        raise ValueError("must be a string or an integer")
     return value
 
 
 Id = Annotated[
     str,
     StringConstraints(min_length=1, max_length=ID_MAX),
-    BeforeValidator(_finite),
+    BeforeValidator(_integer_id),
     AfterValidator(check_id),
-    _Pattern(ID_PATTERN),
+    _Pattern(ID_PATTERN, or_integer=True),
 ]
 ItemId = Id
 UserId = Id
@@ -112,7 +121,7 @@ PathText = _text(4096, min_length=1)
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Interaction(_Body):
@@ -135,6 +144,14 @@ def _reasoning_budget(limit: int | None) -> FieldInfo:
 
 class RecommendRequest(_Body):
     # The app serves `recommend_request(limit)`, this body with the server's ceiling added.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"history": [{"item_id": "50", "rating": 5}, {"item_id": "172", "rating": 5}], "k": 3},
+                {"user_id": "u1", "k": 10, "reasoning": False},
+            ]
+        }
+    )
     user_id: UserId | None = Field(
         None, description="Use this user's stored history when `history` is not given."
     )
@@ -203,6 +220,14 @@ class EventIn(Interaction):
 
 
 class EventsRequest(_Body):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"events": [{"item_id": "50", "rating": 5, "timestamp": 1700000000, "event_id": "e-1"}]}
+            ]
+        }
+    )
+
     events: list[EventIn] = Field(min_length=1, max_length=MAX_EVENTS)
 
 
