@@ -92,10 +92,10 @@ def create_app(
     refused = metrics.rejections.labels("body_too_large").inc
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_refused=refused)
     app.add_middleware(RequestTimer, metrics=metrics)  # outermost: times the 413s too
-    recommend = routes.recommend_router(settings)
-    app.include_router(recommend)
-    app.include_router(routes.router)
-    add_error_handlers(app, metrics, [*recommend.routes, *routes.router.routes])
+    routers = [routes.recommend_router(settings), routes.router]
+    for router in routers:
+        app.include_router(router)
+    add_error_handlers(app, metrics, [route for router in routers for route in router.routes])
     return app
 
 
