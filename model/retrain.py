@@ -64,6 +64,7 @@ STATE_FILE = "state.json"
 EVENTS_FILE = "events.parquet"
 RECORD_FILE = "retrain.json"  # written into each published version
 METRIC = "ndcg@10"
+MAX_EVENT_TIMESTAMP_S = 4_102_444_800  # 2100-01-01, the service's bound (service/schemas.py)
 EVENT_SCHEMA = pa.schema(
     [
         ("event_id", pa.string()),
@@ -193,7 +194,18 @@ def seed_interactions(ds: PreparedDataset) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def events_frame(events: Sequence[Interaction]) -> pd.DataFrame:
-    """Interactions as EVENT_SCHEMA columns."""
+    """Interactions as EVENT_SCHEMA columns. An event whose time is not seconds in
+    0..MAX_EVENT_TIMESTAMP_S is dropped with a warning: the service refuses those now, but a
+    stream written before may hold one (2^63 once made every later run die in int64)."""
+    sane = [e for e in events if 0 <= int(e.timestamp) <= MAX_EVENT_TIMESTAMP_S]
+    if len(sane) < len(events):
+        bad = [e for e in events if e not in sane][:5]
+        log.warning(
+            "dropped %d events with an impossible timestamp (ids %s)",
+            len(events) - len(sane),
+            ", ".join(str(e.id) for e in bad),
+        )
+        events = sane
     return pd.DataFrame(
         {
             "event_id": [str(e.id) for e in events],

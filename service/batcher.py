@@ -12,12 +12,19 @@ Contract (tests/service/test_batcher.py checks each line):
 - A request cancelled before its batch runs (the client went away) is dropped, not run.
 - `fn` must return as many outputs as it got inputs; otherwise every future of the batch
   gets a RuntimeError saying so.
+- With `max_queue`, at most that many requests wait (the running batch not counted); one more
+  is refused at once with `QueueFull`, whose `retry_after_s` estimates when there is room.
+- `drain(grace_s)` (shutdown): new requests are refused with `ShuttingDown`; queued ones go out
+  without waiting for batch-mates while a batch still fits in the grace (by the recent batch
+  time); at the deadline every request still unanswered, the running batch's included, fails
+  with `ShuttingDown`, so each one gets an answer before the server gives up on it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -35,8 +42,25 @@ class BatcherClosed(RuntimeError):
     """Submitted to a batcher that is not running (or stopped while the request waited)."""
 
 
+class ShuttingDown(BatcherClosed):
+    """The batcher is draining for shutdown: no new requests, and those that cannot be answered
+    within the grace period are refused."""
+
+
+class QueueFull(RuntimeError):
+    """`max_queue` requests are already waiting; `retry_after_s` estimates when there is room."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class BatchFailed(RuntimeError):
     """The batch function raised: every request of that batch gets this error."""
+
+
+BATCH_TIME_SMOOTHING = 0.3  # weight of the newest batch in the running batch-time estimate
+RETRY_AFTER_MAX_S = 60.0
 
 
 @dataclass
@@ -56,13 +80,17 @@ class MicroBatcher(Generic[Q, R]):
         executor: Executor | None = None,
         on_batch: Callable[[int], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
+        max_queue: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if max_queue is not None and max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1 (or None: unbounded), got {max_queue}")
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1e3
+        self.max_queue = max_queue
         self.fn = fn
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="r2ec-batch")
@@ -71,6 +99,10 @@ class MicroBatcher(Generic[Q, R]):
         self._pending: deque[_Pending[Q]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._running: list[_Pending[Q]] = []  # the batch on the worker thread now
+        self._batch_s: float | None = None  # smoothed seconds per batch (None: none ran yet)
+        self._deadline: float | None = None  # loop.time() by which a draining batcher answers all
+        self._expiry: asyncio.TimerHandle | None = None
         self.batches = 0  # batches run, for tests and logs
 
     # ------------------------------------------------------------------ lifecycle
@@ -82,6 +114,8 @@ class MicroBatcher(Generic[Q, R]):
 
     async def stop(self) -> None:
         """Stop the worker; requests still queued fail with BatcherClosed."""
+        if self._expiry is not None:
+            self._expiry.cancel()
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.cancel()
@@ -97,6 +131,48 @@ class MicroBatcher(Generic[Q, R]):
         if self._own_executor:
             self._executor.shutdown(wait=False)
 
+    def drain(self, grace_s: float) -> None:
+        """Begin the shutdown drain (module docstring): answer everything within `grace_s`."""
+        if self._deadline is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + grace_s
+        self._expiry = loop.call_later(grace_s, self._expire)
+        log.info(
+            "draining: %d queued, %d in the running batch, %.1fs to answer them",
+            self.queue_depth,
+            len(self._running),
+            grace_s,
+        )
+        if self._wakeup is not None:
+            self._wakeup.set()  # a batch waiting for company goes now
+
+    @property
+    def draining(self) -> bool:
+        return self._deadline is not None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch running."""
+        return not self._running and self._live_count() == 0
+
+    def _expire(self) -> None:
+        """The drain deadline: whatever is still unanswered is refused now (a batch still
+        running finishes on its thread; its answers are dropped)."""
+        refused = self._refuse(self._running) + self._refuse(self._pending)
+        self._pending.clear()
+        self._on_depth(0)
+        if refused:
+            log.warning("drain deadline: refused %d unanswered requests", refused)
+
+    def _refuse(self, pending: Sequence[_Pending[Q]]) -> int:
+        n = 0
+        for p in pending:
+            if not p.future.done():
+                p.future.set_exception(ShuttingDown("the service is shutting down; retry"))
+                n += 1
+        return n
+
     @property
     def running(self) -> bool:
         return self._worker is not None and not self._worker.done()
@@ -105,10 +181,23 @@ class MicroBatcher(Generic[Q, R]):
     def queue_depth(self) -> int:
         return len(self._pending)
 
+    def retry_after_s(self) -> float:
+        """When a refused request might find room: the queue's batches at the recent batch time."""
+        per_batch = self._batch_s if self._batch_s is not None else 1.0
+        batches = math.ceil(self._live_count() / self.max_batch) + 1
+        return min(RETRY_AFTER_MAX_S, max(1.0, batches * per_batch))
+
     # ------------------------------------------------------------------ requests
     def submit(self, item: Q) -> asyncio.Future:
+        if self.draining:
+            raise ShuttingDown("the service is shutting down; retry")
         if not self.running or self._wakeup is None:
             raise BatcherClosed("the batcher is not running")
+        if self.max_queue is not None and self._live_count() >= self.max_queue:
+            raise QueueFull(
+                f"overloaded: {self.max_queue} requests are already waiting (R2EC_MAX_QUEUE); retry",
+                self.retry_after_s(),
+            )
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append(_Pending(item, future, loop.time()))
@@ -125,7 +214,7 @@ class MicroBatcher(Generic[Q, R]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
             deadline = self._pending[0].enqueued + self.max_wait_s
-            while self._live_count() < self.max_batch:
+            while self._live_count() < self.max_batch and not self.draining:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -137,8 +226,15 @@ class MicroBatcher(Generic[Q, R]):
                     break
             batch = self._take()
             self._on_depth(len(self._pending))
-            if batch:
+            if batch and self._fits_before_deadline(loop):
                 await self._run_batch(loop, batch)
+            elif batch:  # draining, and this batch would end after the deadline: refuse it now
+                self._refuse(batch)
+
+    def _fits_before_deadline(self, loop: asyncio.AbstractEventLoop) -> bool:
+        if self._deadline is None or self._batch_s is None:
+            return True  # not draining, or no batch time known yet: try
+        return loop.time() + self._batch_s <= self._deadline
 
     def _live_count(self) -> int:
         return sum(1 for p in self._pending if not p.future.done())
@@ -157,6 +253,7 @@ class MicroBatcher(Generic[Q, R]):
         self.batches += 1
         self._on_batch(len(batch))
         started = time.perf_counter()
+        self._running = batch
         try:
             outputs: Any = await loop.run_in_executor(self._executor, self.fn, [p.item for p in batch])
             if len(outputs) != len(batch):
@@ -174,11 +271,16 @@ class MicroBatcher(Generic[Q, R]):
                     failed.__cause__ = exc
                     p.future.set_exception(failed)
             return
+        finally:
+            self._running = []
+            seconds = time.perf_counter() - started
+            w = BATCH_TIME_SMOOTHING
+            self._batch_s = seconds if self._batch_s is None else (1 - w) * self._batch_s + w * seconds
         for p, out in zip(batch, outputs, strict=True):
-            if p.future.done():  # cancelled while the batch ran: the result is dropped
+            if p.future.done():  # cancelled (or refused by the drain) while the batch ran: dropped
                 continue
             if isinstance(out, BaseException):
                 p.future.set_exception(out)
             else:
                 p.future.set_result(out)
-        log.debug("batch of %d in %.1f ms", len(batch), (time.perf_counter() - started) * 1e3)
+        log.debug("batch of %d in %.1f ms", len(batch), seconds * 1e3)

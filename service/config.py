@@ -60,6 +60,33 @@ class Settings(BaseSettings):
     index_ef_search: int = Field(
         64, ge=1, description="hnsw: candidate list size per query (raise it for recall on 1M+ items)."
     )
+    max_body_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        description="Largest request body in bytes; a larger one is refused with 413 before it is "
+        "parsed. 1 MiB holds 1000 events or a 1000-item history many times over.",
+    )
+    max_queue: int = Field(
+        32,
+        ge=1,
+        le=100_000,
+        description="Most /recommend requests waiting for a batch; one more gets 503 with Retry-After "
+        "(4 batches of 8: ~40 s of waiting with reasoning on 2 CPU cores).",
+    )
+    shutdown_grace_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="On SIGTERM, how long in-flight /recommend requests get to finish; those that "
+        "cannot are answered 503 with Retry-After. Size it to one batch at the largest reasoning "
+        "budget (~35 s for 8 x 256 tokens on 2 cores); the container's stop timeout must be longer.",
+    )
+    event_dedup_ttl_s: int = Field(
+        7 * 86_400,
+        ge=60,
+        description="How long Redis remembers a user's event ids, so a retried event is not stored "
+        "twice (the in-process store remembers them until restart).",
+    )
     watch_interval_s: float = Field(
         0.0,
         ge=0,
@@ -81,6 +108,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_reasoning_tokens ({self.max_reasoning_tokens}) exceeds reasoning_token_limit "
                 f"({self.reasoning_token_limit}); raise R2EC_REASONING_TOKEN_LIMIT"
+            )
+        if self.max_queue < self.max_batch:
+            raise ValueError(
+                f"max_queue ({self.max_queue}) is smaller than max_batch ({self.max_batch}), so a batch "
+                "could never fill; raise R2EC_MAX_QUEUE"
             )
         return self
 

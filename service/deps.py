@@ -29,6 +29,14 @@ def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
+def get_state_or_none(request: Request) -> ServiceState | None:
+    """For the probes, which answer while the service starts."""
+    return getattr(request.app.state, "r2ec", None)
+
+
+MaybeStateDep = Annotated[ServiceState | None, Depends(get_state_or_none)]
+
+
 def get_catalog(state: StateDep) -> Catalog:
     """The served model's catalog (read once per request: a reload may swap it afterwards)."""
     return state.engine.catalog

@@ -69,6 +69,12 @@ class Metrics:
         self.reloads = Counter(
             "r2ec_reloads_total", "Checkpoint reloads by outcome.", ["outcome"], registry=r
         )
+        self.rejections = Counter(
+            "r2ec_rejected_total",
+            "Requests refused before any work, by reason (queue_full, shutting_down, body_too_large).",
+            ["reason"],
+            registry=r,
+        )
 
     def track_index_size(self, size: Callable[[], int]) -> None:
         self.index_size.set_function(lambda: float(size()))

@@ -198,7 +198,10 @@ class Recommender:
                 self.model.user_vectors_from_ids(prompt_ids, [list(c) for c in completions]).cpu().numpy()
             )  # (B, H) float32, normalised
         k_max = max(q.k for q in asked)
-        exclude = [{e.item_id for e in q.history} if q.exclude_history else set() for q in asked]
+        # exclude_history: the history's items and every other item the user has an event for
+        exclude = [
+            {e.item_id for e in q.history} | q.exclude_items if q.exclude_history else set() for q in asked
+        ]
         ids, cos, titles = self.catalog.search(vectors, k_max, exclude)  # (B, K)
         score_ms = (time.perf_counter() - t) * 1e3
         done = time.perf_counter()

@@ -8,21 +8,23 @@ to see its body type, annotations here are evaluated at definition time (no
 """
 
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from service import schemas
 from service.config import Settings
-from service.deps import Admin, CatalogDep, StateDep, StoreDep
-from service.store import Event
+from service.deps import Admin, CatalogDep, MaybeStateDep, StateDep, StoreDep
+from service.errors import documented
+from service.store import Event, event_key
 from service.types import Query, Result
 
 router = APIRouter()  # every route but /recommend
 
-UserIdPath = Annotated[str, Path(min_length=1, max_length=256)]
-ItemIdPath = Annotated[str, Path(min_length=1, max_length=256)]
+# The same id type as in bodies (service/schemas.py), so a path id and a body id agree.
+UserIdPath = Annotated[schemas.Id, Path(description="A user id (same rules as in bodies).")]
+ItemIdPath = Annotated[schemas.Id, Path(description="An item id (same rules as in bodies).")]
 
 
 def _events(items: list[schemas.Interaction] | None) -> list[Event] | None:
@@ -43,13 +45,21 @@ def recommend_router(settings: Settings) -> APIRouter:
     body_type = schemas.recommend_request(settings.reasoning_token_limit)
     api = APIRouter()
 
-    @api.post("/recommend", response_model=schemas.RecommendResponse, tags=["recommend"])
+    @api.post(
+        "/recommend",
+        response_model=schemas.RecommendResponse,
+        tags=["recommend"],
+        responses=documented(400, 413, 422, 500, 503),
+    )
     async def recommend(body: body_type, request: Request, state: StateDep) -> schemas.RecommendResponse:
-        """Ranked items for a history (inline, or the user's stored one), with the reasoning."""
+        """Ranked items for a history (inline, or the user's stored one), with the reasoning.
+        503 with Retry-After when R2EC_MAX_QUEUE requests already wait, or while shutting down."""
         started = time.perf_counter()
         server = state.settings
         budget = body.max_reasoning_tokens
-        history, stored_user = await state.resolve_history(body.user_id, _events(body.history))
+        history, stored_user, seen = await state.resolve_history(
+            body.user_id, _events(body.history), seen=body.exclude_history
+        )
         query = Query(
             history=history,
             k=body.k,
@@ -57,6 +67,7 @@ def recommend_router(settings: Settings) -> APIRouter:
             reasoning=server.reasoning if body.reasoning is None else body.reasoning,
             max_reasoning_tokens=server.max_reasoning_tokens if budget is None else budget,
             stored_user=stored_user,
+            exclude_items=seen,
             submitted_at=started,
         )
         result = await state.recommend(query, wait_disconnect=lambda: _wait_disconnect(request))
@@ -85,18 +96,46 @@ def _reply(result: Result, source: str, total_ms: float) -> schemas.RecommendRes
 
 
 # ---------------------------------------------------------------------- users
-@router.post("/users/{user_id}/events", response_model=schemas.EventsResponse, tags=["users"])
+@router.post(
+    "/users/{user_id}/events",
+    response_model=schemas.EventsResponse,
+    tags=["users"],
+    responses=documented(400, 413, 422, 500, 503),
+)
 async def append_events(
     user_id: UserIdPath, body: schemas.EventsRequest, state: StateDep
 ) -> schemas.EventsResponse:
-    """Append interactions to the user's history and to the event stream retraining reads."""
+    """Append interactions to the user's history and to the event stream retraining reads.
+    Idempotent: an event whose `event_id` the user already has is not stored again (`new`:
+    false), so a client may retry a failed or timed-out post as it was."""
     now = int(time.time())
-    events = [Event(e.item_id, e.rating, now if e.timestamp is None else e.timestamp) for e in body.events]
-    length = await state.append_events(user_id, events)
-    return schemas.EventsResponse(user_id=user_id, appended=len(events), history_length=length)
+    events = [_stamped(user_id, e, now) for e in body.events]
+    done = await state.append_events(user_id, events)
+    return schemas.EventsResponse(
+        user_id=user_id,
+        appended=done.appended,
+        duplicates=len(events) - done.appended,
+        history_length=done.history_length,
+        events=[
+            schemas.EventOutcome(event_id=i, new=n) for i, n in zip(done.event_ids, done.new, strict=True)
+        ],
+    )
 
 
-@router.get("/users/{user_id}/history", response_model=schemas.HistoryResponse, tags=["users"])
+def _stamped(user_id: str, e: schemas.EventIn, now: int) -> Event:
+    """The event to store: its id (the client's, else a hash of the event as sent, so a retry
+    without a timestamp gets the same id) and its time (the client's, else now)."""
+    sent = Event(e.item_id, e.rating, e.timestamp)
+    event_id = e.event_id or event_key(user_id, sent)
+    return Event(e.item_id, e.rating, now if e.timestamp is None else e.timestamp, event_id)
+
+
+@router.get(
+    "/users/{user_id}/history",
+    response_model=schemas.HistoryResponse,
+    tags=["users"],
+    responses=documented(422, 500, 503),
+)
 async def get_history(user_id: UserIdPath, store: StoreDep, catalog: CatalogDep) -> schemas.HistoryResponse:
     """The stored history, oldest first (title null for items since deleted)."""
     events = await store.get_history(user_id)
@@ -115,7 +154,9 @@ async def get_history(user_id: UserIdPath, store: StoreDep, catalog: CatalogDep)
 
 
 # ---------------------------------------------------------------------- items
-@router.get("/items/{item_id}", response_model=schemas.Item, tags=["items"])
+@router.get(
+    "/items/{item_id}", response_model=schemas.Item, tags=["items"], responses=documented(404, 422, 500, 503)
+)
 async def get_item(item_id: ItemIdPath, catalog: CatalogDep) -> schemas.Item:
     item = catalog.item(item_id)
     if item is None:
@@ -123,7 +164,16 @@ async def get_item(item_id: ItemIdPath, catalog: CatalogDep) -> schemas.Item:
     return schemas.Item(**item)
 
 
-@router.put("/items/{item_id}", response_model=schemas.ItemUpsertResponse, tags=["admin"], dependencies=Admin)
+@router.put(
+    "/items/{item_id}",
+    response_model=schemas.ItemUpsertResponse,
+    tags=["admin"],
+    dependencies=Admin,
+    responses={
+        201: {"model": schemas.ItemUpsertResponse, "description": "Created."},
+        **documented(400, 401, 403, 413, 422, 500, 503),
+    },
+)
 async def put_item(
     item_id: ItemIdPath, body: schemas.ItemUpsert, state: StateDep, response: Response
 ) -> schemas.ItemUpsertResponse:
@@ -135,18 +185,30 @@ async def put_item(
     )
 
 
-@router.delete("/items/{item_id}", tags=["admin"], dependencies=Admin)
-async def delete_item(item_id: ItemIdPath, state: StateDep) -> dict[str, Any]:
+@router.delete(
+    "/items/{item_id}",
+    response_model=schemas.ItemDeleteResponse,
+    tags=["admin"],
+    dependencies=Admin,
+    responses=documented(401, 403, 404, 422, 500, 503),
+)
+async def delete_item(item_id: ItemIdPath, state: StateDep) -> schemas.ItemDeleteResponse:
     """Remove an item from the index and the catalog (admin)."""
     try:
         catalog = await state.remove_item(item_id)
     except KeyError:
         raise HTTPException(404, f"item {item_id!r} not found") from None
-    return {"deleted": item_id, "index_size": len(catalog.index)}
+    return schemas.ItemDeleteResponse(deleted=item_id, index_size=len(catalog.index))
 
 
 # ---------------------------------------------------------------------- admin
-@router.post("/admin/reload", response_model=schemas.ReloadResponse, tags=["admin"], dependencies=Admin)
+@router.post(
+    "/admin/reload",
+    response_model=schemas.ReloadResponse,
+    tags=["admin"],
+    dependencies=Admin,
+    responses=documented(400, 401, 403, 409, 413, 422, 500, 503),
+)
 async def reload(state: StateDep, body: schemas.ReloadRequest | None = None) -> schemas.ReloadResponse:
     """Load a checkpoint beside the running model and swap it in; on failure keep the old."""
     started = time.perf_counter()
@@ -161,7 +223,7 @@ async def reload(state: StateDep, body: schemas.ReloadRequest | None = None) -> 
 
 
 # ---------------------------------------------------------------------- probes
-@router.get("/healthz", response_model=schemas.Health, tags=["probes"])
+@router.get("/healthz", response_model=schemas.Health, tags=["probes"], responses=documented(500))
 async def healthz() -> schemas.Health:
     """Liveness: the process answers."""
     return schemas.Health(status="ok")
@@ -171,12 +233,15 @@ async def healthz() -> schemas.Health:
     "/readyz",
     response_model=schemas.Readiness,
     tags=["probes"],
-    responses={503: {"model": schemas.Readiness}},
+    responses={
+        503: {"model": schemas.Readiness, "description": "Not ready: `reasons` says why."},
+        **documented(500),
+    },
 )
-async def readyz(state: StateDep) -> JSONResponse:
-    """Readiness: model and index loaded, batcher running, store reachable."""
-    reasons = await state.readiness()
-    engine = state.engine
+async def readyz(state: MaybeStateDep) -> JSONResponse:
+    """Readiness: model and index loaded, batcher running (not shutting down), store reachable."""
+    reasons = ["starting: model not loaded yet"] if state is None else await state.readiness()
+    engine = None if state is None else state.engine
     body = schemas.Readiness(
         status="not ready" if reasons else "ready",
         model_version=engine.version if engine else None,
@@ -187,7 +252,15 @@ async def readyz(state: StateDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=503 if reasons else 200)
 
 
-@router.get("/metrics", tags=["probes"])
+@router.get(
+    "/metrics",
+    tags=["probes"],
+    response_class=PlainTextResponse,
+    responses={
+        200: {"description": "Prometheus text exposition."},
+        **documented(500, 503, by_reference=True),
+    },
+)
 async def metrics(state: StateDep) -> Response:
     """Prometheus exposition."""
     return Response(state.metrics.render(), media_type=state.metrics.content_type)

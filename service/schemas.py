@@ -1,31 +1,138 @@
 """Request and response bodies: the HTTP edge only (the engine speaks frozen dataclasses).
 
-Item ids are strings; JSON numbers are accepted and turned into strings (ml-100k's ids look
-like numbers). Validation errors come back as 422 with the field's location in `loc`.
+Ids (users, items, events) are one type, `Id`, in paths and in bodies alike: 1-256
+characters, no control characters, no leading or trailing whitespace, valid Unicode. An id is
+refused, never trimmed: an id trimmed in a body but kept in a path would name two users. A JSON
+integer is accepted as an id and turned into a string (ml-100k's ids look like numbers). Free
+text (titles, descriptions) must be valid Unicode without control characters other than tab
+and newline. Bodies are validated strictly against the published schema: "10" is not an
+integer, 1 is not a boolean, a number is not a title. Invalid input comes back as 422 naming
+the field (service/errors.py).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+import unicodedata
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    create_model,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
-ItemId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
-UserId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
-
+ID_MAX = 256
+# The id rule as a JSON-schema pattern, for the docs and for clients that generate ids;
+# `check_id` applies the same expression (Python's \s is str.isspace, Cc is \x00-\x1f\x7f-\x9f).
+ID_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f](?:[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f])?$"
+_ID_RE = re.compile(ID_PATTERN)
+TEXT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+_TEXT_RE = re.compile(TEXT_PATTERN)
+MAX_TIMESTAMP_S = 4_102_444_800  # 2100-01-01T00:00:00Z: a time in milliseconds is refused, not stored
 MAX_HISTORY = 1000  # longer inline histories are refused (only the latest window is used)
 MAX_EVENTS = 1000
 
 
+def _unicode(value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (it holds a lone UTF-16 surrogate)") from None
+
+
+def check_id(value: str) -> str:
+    """The id rule (module docstring); the message says which part of it failed."""
+    _unicode(value)
+    if _ID_RE.fullmatch(value) is None:
+        if any(unicodedata.category(c) == "Cc" for c in value):
+            raise ValueError("must not contain control characters")
+        raise ValueError("must not start or end with whitespace")
+    return value
+
+
+def check_text(value: str) -> str:
+    _unicode(value)
+    if _TEXT_RE.fullmatch(value) is None:
+        raise ValueError("must not contain control characters other than tab and newline")
+    return value
+
+
+class _Pattern:
+    """Adds `pattern` to a field's JSON schema without pydantic enforcing it (a validator does,
+    with a message that says which rule failed instead of quoting the expression); with
+    `or_integer`, the schema also admits the JSON integers `_integer_id` accepts."""
+
+    def __init__(self, pattern: str, or_integer: bool = False) -> None:
+        self.pattern = pattern
+        self.or_integer = or_integer
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
+        schema = {**handler(core_schema), "pattern": self.pattern}
+        if not self.or_integer:
+            return schema
+        return {"anyOf": [schema, {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}]}
+
+
+def _integer_id(value: Any) -> Any:
+    """A JSON integer id (within int64, as the schema says) becomes its decimal string; any other
+    number is refused."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not -(2**63) <= value < 2**63:
+            raise ValueError("must be a string or an integer within int64")
+        return str(value)
+    if isinstance(value, float):
+        raise ValueError("must be a string or an integer")
+    return value
+
+
+Id = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=ID_MAX),
+    BeforeValidator(_integer_id),
+    AfterValidator(check_id),
+    _Pattern(ID_PATTERN, or_integer=True),
+]
+ItemId = Id
+UserId = Id
+
+
+def _text(max_length: int, min_length: int = 0) -> Any:
+    """Free text: surrounding whitespace trimmed, valid Unicode, no control characters but tab/newline."""
+    return Annotated[
+        str,
+        StringConstraints(strip_whitespace=True, min_length=min_length, max_length=max_length),
+        AfterValidator(check_text),
+        _Pattern(TEXT_PATTERN),
+    ]
+
+
+Title = _text(1000, min_length=1)
+ShortText = _text(32)
+Text = _text(1000)
+LongText = _text(100_000)
+PathText = _text(4096, min_length=1)
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Interaction(_Body):
     item_id: ItemId
     rating: float | None = Field(None, ge=0, le=10, allow_inf_nan=False, description="Rating, e.g. out of 5.")
-    timestamp: int | None = Field(None, ge=0, description="Unix time in seconds.")
+    timestamp: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TIMESTAMP_S,
+        description="Unix time in seconds, up to 4102444800 (2100-01-01); default: when the server got it.",
+    )
 
 
 def _reasoning_budget(limit: int | None) -> FieldInfo:
@@ -37,6 +144,14 @@ def _reasoning_budget(limit: int | None) -> FieldInfo:
 
 class RecommendRequest(_Body):
     # The app serves `recommend_request(limit)`, this body with the server's ceiling added.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"history": [{"item_id": "50", "rating": 5}, {"item_id": "172", "rating": 5}], "k": 3},
+                {"user_id": "u1", "k": 10, "reasoning": False},
+            ]
+        }
+    )
     user_id: UserId | None = Field(
         None, description="Use this user's stored history when `history` is not given."
     )
@@ -44,7 +159,11 @@ class RecommendRequest(_Body):
         None, max_length=MAX_HISTORY, description="Oldest first. Overrides the stored history."
     )
     k: int = Field(10, ge=1, le=100, description="How many items to return.")
-    exclude_history: bool = Field(True, description="Never recommend an item in the history.")
+    exclude_history: bool = Field(
+        True,
+        description="Never recommend an item in the history, nor (with `user_id`) any item the user "
+        "has an event for.",
+    )
     reasoning: bool | None = Field(
         None, description="Reason first (default: the server's setting, on unless R2EC_REASONING=false)."
     )
@@ -92,14 +211,37 @@ class RecommendResponse(BaseModel):
     timings: TimingsOut
 
 
+class EventIn(Interaction):
+    event_id: Id | None = Field(
+        None,
+        description="Idempotency key, unique per user: an event whose id the user already has is not "
+        "stored again. Default: derived from item_id, rating and timestamp as sent.",
+    )
+
+
 class EventsRequest(_Body):
-    events: list[Interaction] = Field(min_length=1, max_length=MAX_EVENTS)
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"events": [{"item_id": "50", "rating": 5, "timestamp": 1700000000, "event_id": "e-1"}]}
+            ]
+        }
+    )
+
+    events: list[EventIn] = Field(min_length=1, max_length=MAX_EVENTS)
+
+
+class EventOutcome(BaseModel):
+    event_id: str
+    new: bool = Field(description="False: an event with this id was already stored (a retry).")
 
 
 class EventsResponse(BaseModel):
     user_id: str
-    appended: int
+    appended: int = Field(description="Events stored by this request (the new ones).")
+    duplicates: int = Field(description="Events already stored under the same event_id.")
     history_length: int
+    events: list[EventOutcome] = Field(description="One per event sent, in order.")
 
 
 class HistoryItemOut(BaseModel):
@@ -123,10 +265,10 @@ class Item(BaseModel):
 
 
 class ItemUpsert(_Body):
-    title: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1000)]
-    year: str | None = Field(None, max_length=32)
-    genres: str | None = Field(None, max_length=1000)
-    description: str | None = Field(None, max_length=100_000)
+    title: Title
+    year: ShortText | None = None
+    genres: Text | None = None
+    description: LongText | None = None
 
 
 class ItemUpsertResponse(BaseModel):
@@ -135,8 +277,13 @@ class ItemUpsertResponse(BaseModel):
     index_size: int
 
 
+class ItemDeleteResponse(BaseModel):
+    deleted: str
+    index_size: int
+
+
 class ReloadRequest(_Body):
-    checkpoint: str | None = Field(
+    checkpoint: PathText | None = Field(
         None, description="Checkpoint directory (default: the configured R2EC_CHECKPOINT)."
     )
 
@@ -159,6 +306,29 @@ class Readiness(BaseModel):
     items: int | None = None
     store: str
     reasons: list[str] = []
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="Where: 'k', 'history.0.item_id', 'user_id' (a path parameter).")
+    message: str
+
+
+class ErrorBody(BaseModel):
+    status: int
+    code: str = Field(
+        description="invalid_request, invalid_body, unknown_items, empty_history, not_found, "
+        "unauthorized, forbidden, conflict, reload_failed, reload_in_progress, body_too_large, "
+        "overloaded, shutting_down, store_unavailable, unavailable, internal_error"
+    )
+    message: str = Field(description="One line for people; names the fields or the ids.")
+    fields: list[FieldError] = Field(default_factory=list, description="Invalid fields (422 only).")
+    unknown_item_ids: list[str] | None = Field(None, description="Ids the catalog does not hold.")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx body (service/errors.py)."""
+
+    error: ErrorBody
 
 
 # ---------------------------------------------------------------------- catalog search (GET /items)

@@ -23,7 +23,7 @@ from service.catalog import Catalog
 from service.config import Settings
 from service.metrics import Metrics
 from service.recommender import Recommender
-from service.store import Event, HistoryStore, StoreUnavailable
+from service.store import Appended, Event, HistoryStore, StoreUnavailable
 from service.types import CachedReasoning, PreparedQuery, Query, QueryError, Result, UnknownItemsError
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class ServiceState:
             executor=executor,
             on_batch=metrics.batch_size.observe,
             on_queue_depth=metrics.queue_depth.set,
+            max_queue=settings.max_queue,
         )
         self._reload_lock = asyncio.Lock()
         self.edit_lock = asyncio.Lock()  # item edits vs. the swap of a reload
@@ -80,6 +81,11 @@ class ServiceState:
         await self.batcher.start()
         if self.settings.watch_interval_s > 0:
             self._watcher = asyncio.create_task(self._watch(), name="r2ec-checkpoint-watch")
+
+    def begin_drain(self) -> None:
+        """Shutdown has begun (the server got SIGTERM): /readyz says so, new recommendations are
+        refused, the queued ones get `shutdown_grace_s` to be answered (service/batcher.py)."""
+        self.batcher.drain(self.settings.shutdown_grace_s)
 
     async def stop(self) -> None:
         if self._watcher is not None:
@@ -96,19 +102,41 @@ class ServiceState:
 
     # ------------------------------------------------------------------ histories and items
     async def resolve_history(
-        self, user_id: str | None, inline: Sequence[Event] | None
-    ) -> tuple[tuple[Event, ...], str | None]:
-        """The request's history, else the user's stored one; with the user whose stored history
-        it is (None when the request carried it). The engine checks the ids when it prepares the
-        query; an empty result is its EmptyHistoryError too."""
+        self, user_id: str | None, inline: Sequence[Event] | None, seen: bool = False
+    ) -> tuple[tuple[Event, ...], str | None, frozenset[str]]:
+        """The request's history, else the user's stored one; the user whose stored history it
+        is (None when the request carried it); with `seen` and a user, every item that user has
+        an event for (what exclude_history removes beyond the history window). The engine
+        checks the ids when it prepares the query; an empty result is its EmptyHistoryError."""
         if inline or user_id is None:  # `history: []` and no user to look up: empty, said later
-            return tuple(inline or ()), None
-        stored = await self.store.get_history(user_id)  # StoreUnavailable: the app's 503
-        return tuple(stored), user_id
+            items = await self._seen(user_id, required=False) if seen else frozenset()
+            return tuple(inline or ()), None, items
+        if not seen:
+            return tuple(await self.store.get_history(user_id)), user_id, frozenset()
+        stored, items = await asyncio.gather(  # StoreUnavailable: the app's 503
+            self.store.get_history(user_id), self._seen(user_id, required=True)
+        )
+        return tuple(stored), user_id, items
 
-    async def append_events(self, user_id: str, events: Sequence[Event]) -> int:
-        """Append to the user's history and the retraining stream, if every item is known;
-        returns the stored history's length."""
+    async def _seen(self, user_id: str | None, required: bool) -> frozenset[str]:
+        """The user's seen items. A request that carries its history is still answered while
+        the store is down (`required=False`), excluding only that history."""
+        if user_id is None:
+            return frozenset()
+        try:
+            return await self.store.get_seen(user_id)
+        except StoreUnavailable as exc:
+            if required:
+                raise
+            self.metrics.store_errors.labels(exc.op).inc()
+            log.warning(
+                "seen items of %r unavailable, excluding the request's history only: %s", user_id, exc
+            )
+            return frozenset()
+
+    async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
+        """Append the user's new events (by event id) to the history, the retraining stream and
+        the seen set, if every item is known."""
         unknown = self.engine.catalog.unknown(e.item_id for e in events)
         if unknown:
             raise UnknownItemsError(unknown, where="events")
@@ -292,7 +320,9 @@ class ServiceState:
             reasons.append("model not loaded")
         elif len(engine.catalog.index) == 0:
             reasons.append("item index is empty")
-        if not self.batcher.running:
+        if self.batcher.draining:
+            reasons.append("shutting down")
+        elif not self.batcher.running:
             reasons.append("batcher not running")
         try:
             await self.store.ping()

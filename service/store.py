@@ -4,10 +4,20 @@ One interface, two stores, the same tests for both (tests/service/test_store.py)
 
 - `RedisStore` (production). Key formats, all of them here:
     r2ec:history:{user_id}    a list of JSON events, newest last, trimmed to the window
-    r2ec:events               a stream; one entry per event: user_id, item_id, rating, timestamp
+    r2ec:events               a stream; one entry per event: user_id, item_id, rating, timestamp,
+                              event_id
+    r2ec:seen:{user_id}       a set: every item the user has an event for (never trimmed), what
+                              /recommend excludes beyond the history window
+    r2ec:event-ids:{user_id}  a sorted set: the user's event ids by arrival time, kept
+                              `dedup_ttl_s`, so a retried event is not stored twice
     r2ec:reasoning:{key}      a cached reasoning (JSON), expiring after `cache_ttl_s`
 - `MemoryStore` (the embedded default when no Redis URL is configured): the same in process;
-  the stream is a list and the cache an LRU bounded by `cache_size`.
+  the stream is a list, the cache an LRU bounded by `cache_size`, event ids kept until restart.
+
+Events are idempotent: each has an id (the client's `event_id`, else `event_key` of what it
+sent), and an append stores only the events whose id the user does not have yet, in one atomic
+step with the history, the stream and the seen set. A client that timed out and retries cannot
+duplicate an event, even when its first attempt did land.
 - `read_stream(url, cursor)`: retraining's synchronous view of the Redis stream, every entry
   after an opaque cursor. Entry ids and the cursor's syntax stay in this module.
 
@@ -16,6 +26,7 @@ Every Redis failure surfaces as `StoreUnavailable`, so callers catch one type.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -33,7 +44,10 @@ log = logging.getLogger(__name__)
 
 HISTORY_KEY = "r2ec:history:{user_id}"
 EVENTS_STREAM = "r2ec:events"
+SEEN_KEY = "r2ec:seen:{user_id}"
+EVENT_IDS_KEY = "r2ec:event-ids:{user_id}"
 CACHE_KEY = "r2ec:reasoning:{key}"
+DEDUP_TTL_S = 7 * 86_400
 
 
 class StoreUnavailable(RuntimeError):
@@ -47,11 +61,14 @@ class StoreUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Event:
-    """One interaction: the user consumed/rated `item_id` at `timestamp` (seconds)."""
+    """One interaction: the user consumed/rated `item_id` at `timestamp` (seconds). `event_id`
+    is its idempotency key when appending (None: `event_key` of the other fields); histories and
+    the stream's `event` read back without it (StreamEntry.event_id has it)."""
 
     item_id: str
     rating: float | None = None
     timestamp: int | None = None
+    event_id: str | None = None
 
     def to_json(self) -> str:
         return json.dumps({"item_id": self.item_id, "rating": self.rating, "timestamp": self.timestamp})
@@ -61,18 +78,41 @@ class Event:
         d = json.loads(raw)
         return cls(str(d["item_id"]), d.get("rating"), d.get("timestamp"))
 
-    def stream_fields(self, user_id: str) -> dict[str, str]:
+    def stream_fields(self, user_id: str, event_id: str) -> dict[str, str]:
         return {
             "user_id": user_id,
             "item_id": self.item_id,
             "rating": "" if self.rating is None else repr(float(self.rating)),
             "timestamp": "" if self.timestamp is None else str(int(self.timestamp)),
+            "event_id": event_id,
         }
 
     @classmethod
     def from_stream_fields(cls, fields: dict[str, str]) -> Event:
         rating, ts = fields.get("rating", ""), fields.get("timestamp", "")
         return cls(fields["item_id"], float(rating) if rating else None, int(ts) if ts else None)
+
+
+def event_key(user_id: str, event: Event) -> str:
+    """The default id of an event: a hash of what the client sent (item, rating, timestamp; the
+    user scopes it). A retry of the same event gets the same id, whenever it is sent; the same
+    item rated the same way again without a timestamp counts once within the dedup window."""
+    material = json.dumps([user_id, event.item_id, event.rating, event.timestamp])
+    return hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Appended:
+    """What one append did: the history's length after it, and per event sent (in order) its
+    id and whether it was new (False: a duplicate of an id the user already had, not stored)."""
+
+    history_length: int
+    event_ids: tuple[str, ...]
+    new: tuple[bool, ...]
+
+    @property
+    def appended(self) -> int:
+        return sum(self.new)
 
 
 @dataclass(frozen=True)
@@ -87,6 +127,7 @@ class StreamEntry:
     user_id: str
     event: Event
     added_at: int  # seconds: when the stream took the entry
+    event_id: str = ""  # the event's idempotency key (empty for entries older than the key)
 
     @property
     def item_id(self) -> str:
@@ -108,9 +149,12 @@ class HistoryStore(Protocol):
     async def get_history(self, user_id: str) -> list[Event]:
         """The user's latest `window` events, oldest first (empty for an unknown user)."""
 
-    async def append_events(self, user_id: str, events: Sequence[Event]) -> int:
-        """Append to the history (trimmed to the window) and to the event stream; returns the
-        history length after the append."""
+    async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
+        """Append the events whose id is new for the user to the history (trimmed to the
+        window), the event stream and the seen set, atomically."""
+
+    async def get_seen(self, user_id: str) -> frozenset[str]:
+        """Every item the user has an event for (not only the history window)."""
 
     async def read_events(self, after: str = "0-0", count: int | None = None) -> list[StreamEntry]:
         """Stream entries with an id greater than `after`, oldest first."""
@@ -125,10 +169,12 @@ class HistoryStore(Protocol):
     async def close(self) -> None: ...
 
 
-def _check_events(events: Sequence[Event]) -> None:
+def _check_events(user_id: str, events: Sequence[Event]) -> list[str]:
+    """The events' ids (their own, else `event_key`); ValueError for a non-finite rating."""
     for e in events:
         if e.rating is not None and not math.isfinite(e.rating):
             raise ValueError(f"rating of item {e.item_id!r} must be finite, got {e.rating}")
+    return [e.event_id or event_key(user_id, e) for e in events]
 
 
 class MemoryStore:
@@ -143,18 +189,33 @@ class MemoryStore:
         self.cache_size = cache_size
         self._histories: dict[str, deque[Event]] = {}
         self._events: list[StreamEntry] = []
+        self._seen: dict[str, set[str]] = {}
+        self._event_ids: dict[str, set[str]] = {}
         self._cache: OrderedDict[str, str] = OrderedDict()
 
     async def get_history(self, user_id: str) -> list[Event]:
         return list(self._histories.get(user_id, ()))
 
-    async def append_events(self, user_id: str, events: Sequence[Event]) -> int:
-        _check_events(events)
+    async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
+        ids = _check_events(user_id, events)
         history = self._histories.setdefault(user_id, deque(maxlen=self.window))
-        for e in events:
-            history.append(e)
-            self._events.append(StreamEntry(f"{len(self._events) + 1}-0", user_id, e, int(time.time())))
-        return len(history)
+        known = self._event_ids.setdefault(user_id, set())
+        seen = self._seen.setdefault(user_id, set())
+        new = []
+        for e, event_id in zip(events, ids, strict=True):
+            new.append(event_id not in known)
+            if not new[-1]:
+                continue
+            known.add(event_id)
+            stored = Event(e.item_id, e.rating, e.timestamp)
+            history.append(stored)
+            seen.add(e.item_id)
+            entry_id = f"{len(self._events) + 1}-0"
+            self._events.append(StreamEntry(entry_id, user_id, stored, int(time.time()), event_id))
+        return Appended(len(history), tuple(ids), tuple(new))
+
+    async def get_seen(self, user_id: str) -> frozenset[str]:
+        return frozenset(self._seen.get(user_id, ()))
 
     async def read_events(self, after: str = "0-0", count: int | None = None) -> list[StreamEntry]:
         start = int(after.split("-")[0])  # ids are "<n>-0" with n = position + 1
@@ -195,12 +256,14 @@ class RedisStore:
         cache_ttl_s: int = 86_400,
         stream_maxlen: int = 1_000_000,
         timeout_s: float = 1.0,
+        dedup_ttl_s: int = DEDUP_TTL_S,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = window
         self.cache_ttl_s = cache_ttl_s
         self.stream_maxlen = stream_maxlen
+        self.dedup_ttl_s = dedup_ttl_s
         self.url = url
         self._redis = redis.asyncio.from_url(
             url,
@@ -208,6 +271,7 @@ class RedisStore:
             socket_connect_timeout=timeout_s,
             socket_timeout=timeout_s,
         )
+        self._append = self._redis.register_script(APPEND_SCRIPT)
 
     def _failures(self, op: str) -> AbstractContextManager[None]:
         return _failures(self.url, op)
@@ -217,26 +281,22 @@ class RedisStore:
             raw = await self._redis.lrange(HISTORY_KEY.format(user_id=user_id), 0, -1)
         return [Event.from_json(r) for r in raw]
 
-    async def append_events(self, user_id: str, events: Sequence[Event]) -> int:
-        _check_events(events)
-        if not events:
-            return len(await self.get_history(user_id))
-        key = HISTORY_KEY.format(user_id=user_id)
+    async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
+        ids = _check_events(user_id, events)
+        keys = [HISTORY_KEY, EVENTS_STREAM, SEEN_KEY, EVENT_IDS_KEY]
+        now = int(time.time())
+        args: list[str | int] = [self.window, self.stream_maxlen, self.dedup_ttl_s, now, len(events)]
+        for e, event_id in zip(events, ids, strict=True):
+            f = e.stream_fields(user_id, event_id)
+            args += [event_id, e.item_id, f["rating"], f["timestamp"], e.to_json()]
         with self._failures("append_events"):
-            # MULTI/EXEC: the history and the stream change together or not at all
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.rpush(key, *[e.to_json() for e in events])
-                pipe.ltrim(key, -self.window, -1)  # newest last: keep the tail
-                for e in events:
-                    pipe.xadd(
-                        EVENTS_STREAM,
-                        e.stream_fields(user_id),
-                        maxlen=self.stream_maxlen,
-                        approximate=True,
-                    )
-                pipe.llen(key)
-                out = await pipe.execute()
-        return int(out[-1])
+            # one Lua script: the dedup check and every write happen atomically, or not at all
+            out = await self._append(keys=[k.format(user_id=user_id) for k in keys], args=[user_id, *args])
+        return Appended(int(out[-1]), tuple(ids), tuple(bool(x) for x in out[:-1]))
+
+    async def get_seen(self, user_id: str) -> frozenset[str]:
+        with self._failures("get_seen"):
+            return frozenset(await self._redis.smembers(SEEN_KEY.format(user_id=user_id)))
 
     async def read_events(self, after: str = "0-0", count: int | None = None) -> list[StreamEntry]:
         with self._failures("read_events"):
@@ -294,8 +354,37 @@ def _stream_entries(rows: list[tuple[str, dict[str, str]]]) -> list[StreamEntry]
     out = []
     for entry_id, fields in rows:
         added_s = int(entry_id.split("-")[0]) // 1000
-        out.append(StreamEntry(entry_id, fields["user_id"], Event.from_stream_fields(fields), added_s))
+        event = Event.from_stream_fields(fields)
+        out.append(StreamEntry(entry_id, fields["user_id"], event, added_s, fields.get("event_id", "")))
     return out
+
+
+# KEYS: history, stream, seen set, event-id zset. ARGV: user_id, window, stream maxlen, dedup ttl
+# (s), now (s), n, then per event: event_id, item_id, rating, timestamp, history JSON.
+# Returns one 1 (stored) or 0 (duplicate) per event, then the history's length.
+APPEND_SCRIPT = """
+local user, window, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local ttl, now, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl)
+local out = {}
+for i = 0, n - 1 do
+  local b = 7 + i * 5
+  local id, item = ARGV[b], ARGV[b + 1]
+  if redis.call('ZADD', KEYS[4], 'NX', now, id) == 1 then
+    redis.call('RPUSH', KEYS[1], ARGV[b + 4])
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'user_id', user, 'item_id', item,
+               'rating', ARGV[b + 2], 'timestamp', ARGV[b + 3], 'event_id', id)
+    redis.call('SADD', KEYS[3], item)
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+redis.call('EXPIRE', KEYS[4], ttl)
+redis.call('LTRIM', KEYS[1], -window, -1)
+out[#out + 1] = redis.call('LLEN', KEYS[1])
+return out
+"""
 
 
 @contextmanager
@@ -318,9 +407,16 @@ def _redact(url: str) -> str:
 
 
 def make_store(
-    redis_url: str, window: int, cache_size: int, cache_ttl_s: int, stream_maxlen: int
+    redis_url: str,
+    window: int,
+    cache_size: int,
+    cache_ttl_s: int,
+    stream_maxlen: int,
+    dedup_ttl_s: int = DEDUP_TTL_S,
 ) -> MemoryStore | RedisStore:
     """Redis when a URL is configured, else the in-process store."""
     if redis_url:
-        return RedisStore(redis_url, window, cache_ttl_s=cache_ttl_s, stream_maxlen=stream_maxlen)
+        return RedisStore(
+            redis_url, window, cache_ttl_s=cache_ttl_s, stream_maxlen=stream_maxlen, dedup_ttl_s=dedup_ttl_s
+        )
     return MemoryStore(window, cache_size=cache_size)

@@ -72,6 +72,9 @@ class Query:
     # The user whose stored history this is (None: the client sent it). A stored history may name
     # items deleted from the catalog since they were recorded: those are dropped, not refused.
     stored_user: str | None = None
+    # With exclude_history, items excluded beyond the history: every item the user has an event
+    # for (the store's seen set), so a 20-item prompt window does not let older ones back in.
+    exclude_items: frozenset[str] = frozenset()
     submitted_at: float = field(default_factory=time.perf_counter)
 
     @property

@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse
 
 from service import schemas
 from service.deps import CatalogDep
+from service.errors import documented
 
 STATIC = Path(__file__).parent / "static"
 # Only these files are served; a request never names a path on disk.
@@ -37,7 +38,12 @@ async def asset(name: str) -> FileResponse:
     return FileResponse(STATIC / name, media_type=media_type, headers=NO_CACHE)
 
 
-@router.get("/items", response_model=schemas.ItemSearchResponse, tags=["items"])
+@router.get(
+    "/items",
+    response_model=schemas.ItemSearchResponse,
+    tags=["items"],
+    responses=documented(422, 500, 503),
+)
 def search_items(
     catalog: CatalogDep,
     q: Annotated[

@@ -115,3 +115,37 @@ def test_redis_down_is_a_clear_error_and_changes_nothing(versions_root, tiny_dat
     code, out, _ = _cli("--data", str(tiny_dataset.path), "--root", str(root), "--redis-url", dead)
     assert code == 2 and "--redis-url ''" in out
     assert (root / "CURRENT").read_text() == "v0\n" and not (root / "retrain" / "events.parquet").exists()
+
+
+def test_a_failed_scheduled_run_is_retried_with_backoff_not_at_the_next_tick():
+    """Issue 13: `--every-minutes 360` used to wait 6 hours after a failure (Redis restarting)."""
+    import typer
+
+    from cli.retrain import next_delay_s, run_forever
+
+    every, retry = 360 * 60.0, 5 * 60.0
+    assert [next_delay_s(n, every, retry) for n in range(9)] == [
+        every, 300, 600, 1200, 2400, 4800, 9600, 19200, every,  # capped at the schedule's own period
+    ]  # fmt: skip
+
+    outcomes = iter(["exit", "crash", "exit", "ok", "exit", "ok"])
+    slept: list[float] = []
+
+    def run_once() -> None:
+        match next(outcomes):
+            case "exit":
+                raise typer.Exit(2)  # what `fail()` raises: Redis down, a bad dataset
+            case "crash":
+                raise OSError("disk full")
+
+    class Done(Exception):
+        pass
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == 6:
+            raise Done
+
+    with pytest.raises(Done):
+        run_forever(run_once, every, retry, sleep=sleep)
+    assert slept == [300, 600, 1200, every, 300, every]

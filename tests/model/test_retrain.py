@@ -118,6 +118,20 @@ def test_the_cursor_is_stored_and_handed_back_unread(tmp_path):
     assert consume_events(tmp_path, reader)[1:] == (0, "after:3")
 
 
+def test_an_event_with_an_impossible_time_is_dropped_not_fatal(tmp_path):
+    """Issue 13 row D: a stream written before the service bounded timestamps may hold 2^63
+    (which used to end every later run with OverflowError) or a time in milliseconds."""
+    reader = FakeReader(
+        [
+            Ev("a", "u1", "i1", 4.0, 2**63),
+            Ev("b", "u1", "i2", None, 11),
+            Ev("c", "u1", "i3", None, 1_700_000_000_000),
+        ]
+    )
+    log, new, cursor = consume_events(tmp_path, reader)
+    assert (new, cursor, list(log["event_id"])) == (1, "after:3", ["b"])
+
+
 def test_events_read_again_are_not_counted_twice(tmp_path):
     """A crash after the log was written but before the cursor: the next run reads them again."""
     reader = FakeReader([Ev("a", "u1", "i1", 4.0, 10), Ev("b", "u1", "i2", None, 11)])

@@ -40,10 +40,10 @@ async def recommend(client, **body) -> dict:
 async def test_admin_routes_need_the_api_key(client, method, path, body):
     before = await recommend(client)
     r = await client.request(method, path, json=body)
-    assert r.status_code == 401 and r.json()["message"] == "missing X-API-Key header"
+    assert r.status_code == 401 and r.json()["error"]["message"] == "missing X-API-Key header"
     assert r.headers["www-authenticate"] == "X-API-Key"
     r = await client.request(method, path, json=body, headers={"X-API-Key": "wrong"})
-    assert r.status_code == 403 and r.json()["message"] == "invalid API key"
+    assert r.status_code == 403 and r.json()["error"]["message"] == "invalid API key"
     after = await recommend(client)
     assert [i["item_id"] for i in after["items"]] == [i["item_id"] for i in before["items"]]
     assert after["model_version"] == before["model_version"]
@@ -54,7 +54,7 @@ async def test_admin_routes_need_the_api_key(client, method, path, body):
 async def test_admin_routes_are_off_without_a_configured_key(ckpt, method, path, body):
     async with serve(app_for(ckpt, api_key=None)) as client:
         r = await client.request(method, path, json=body, headers=ADMIN)
-    assert r.status_code == 403 and "admin API disabled: set R2EC_API_KEY" in r.json()["message"]
+    assert r.status_code == 403 and "admin API disabled: set R2EC_API_KEY" in r.json()["error"]["message"]
 
 
 async def test_put_and_delete_items_change_recommendations(app, client):
@@ -88,17 +88,20 @@ async def test_put_and_delete_items_change_recommendations(app, client):
     assert "i5" not in {i["item_id"] for i in (await recommend(client))["items"]}
     assert (await client.get("/items/i5")).status_code == 404
     r = await client.post("/recommend", json={"history": [{"item_id": "i5"}]})
-    assert r.status_code == 422 and r.json()["unknown_item_ids"] == ["i5"]
+    assert r.status_code == 422 and r.json()["error"]["unknown_item_ids"] == ["i5"]
     r = await client.delete("/items/i5", headers=ADMIN)
-    assert r.status_code == 404 and r.json()["message"] == "item 'i5' not found"
+    assert r.status_code == 404 and r.json()["error"]["message"] == "item 'i5' not found"
 
     text = (await client.get("/metrics")).text
     assert metric(text, "r2ec_index_items") == 11
 
     r = await client.put("/items/bad", json={"title": "  "}, headers=ADMIN)
-    assert r.status_code == 422 and "title: String should have at least 1 character" in r.json()["message"]
+    assert (
+        r.status_code == 422
+        and "title: String should have at least 1 character" in r.json()["error"]["message"]
+    )
     r = await client.put("/items/bad", json={"year": "2000"}, headers=ADMIN)
-    assert r.status_code == 422 and "title: Field required" in r.json()["message"]
+    assert r.status_code == 422 and "title: Field required" in r.json()["error"]["message"]
 
 
 async def test_reload_swaps_the_model_and_a_failed_reload_keeps_the_old_one(app, client, ckpt, tmp_path):
@@ -109,11 +112,14 @@ async def test_reload_swaps_the_model_and_a_failed_reload_keeps_the_old_one(app,
     # failures: a path that is not a checkpoint, a checkpoint that disagrees with itself
     r = await client.post("/admin/reload", json={"checkpoint": str(tmp_path / "nowhere")}, headers=ADMIN)
     assert r.status_code == 422
-    assert str(tmp_path / "nowhere") in r.json()["message"] and f"still serving {v1}" in r.json()["message"]
+    assert (
+        str(tmp_path / "nowhere") in r.json()["error"]["message"]
+        and f"still serving {v1}" in r.json()["error"]["message"]
+    )
     broken = copy_as_new_version(ckpt, tmp_path / "broken", "broken")
     (broken / "item_vectors.npy").unlink()
     r = await client.post("/admin/reload", json={"checkpoint": str(broken)}, headers=ADMIN)
-    assert r.status_code == 422 and "missing item_vectors.npy" in r.json()["message"]
+    assert r.status_code == 422 and "missing item_vectors.npy" in r.json()["error"]["message"]
     r = await client.post("/recommend", json={"history": H1})
     assert r.status_code == 200 and r.json()["model_version"] == v1
     assert r.json()["cache"] == "hit"
@@ -139,7 +145,9 @@ async def test_reload_swaps_the_model_and_a_failed_reload_keeps_the_old_one(app,
     r = await client.post("/admin/reload", headers=ADMIN)
     assert r.status_code == 200 and r.json()["model_version"] == v1 and r.json()["checkpoint"] == str(ckpt)
     r = await client.post("/admin/reload", json={"checkpoint": ["a"]}, headers=ADMIN)
-    assert r.status_code == 422 and "checkpoint: Input should be a valid string" in r.json()["message"]
+    assert (
+        r.status_code == 422 and "checkpoint: Input should be a valid string" in r.json()["error"]["message"]
+    )
 
 
 async def test_the_checkpoint_watch_follows_the_current_pointer(ckpt, tmp_path):

@@ -81,7 +81,14 @@ async def test_recommend_with_an_inline_history(app, client):
 async def test_events_build_the_stored_history_that_recommend_uses(app, client):
     r = await client.post("/users/u1/events", json={"events": H1})
     assert r.status_code == 200, r.text
-    assert r.json() == {"user_id": "u1", "appended": 3, "history_length": 3}
+    body = r.json()
+    assert {k: body[k] for k in ("user_id", "appended", "duplicates", "history_length")} == {
+        "user_id": "u1",
+        "appended": 3,
+        "duplicates": 0,
+        "history_length": 3,
+    }
+    assert [e["new"] for e in body["events"]] == [True, True, True]
     r = await client.post(
         "/users/u1/events", json={"events": [{"item_id": "i4", "rating": 4}, {"item_id": "i5"}]}
     )
@@ -156,7 +163,8 @@ BAD_REQUESTS = [
     ({"history": H1, "max_reasoning_tokens": -1}, 422, "max_reasoning_tokens: Input should be greater"),
     ({"history": [{"rating": 5}]}, 422, "history.0.item_id: Field required"),
     ({"history": [{"item_id": "i1", "rating": 11}]}, 422, "history.0.rating: Input should be less"),
-    ({"history": [{"item_id": "  "}]}, 422, "history.0.item_id: String should have at least 1"),
+    ({"history": [{"item_id": ""}]}, 422, "history.0.item_id: String should have at least 1"),
+    ({"history": [{"item_id": "  "}]}, 422, "history.0.item_id: must not start or end with whitespace"),
     ({"history": H1, "colour": "red"}, 422, "colour: Extra inputs are not permitted"),
     ({"history": "i1,i2"}, 422, "history: Input should be a valid list"),
 ]
@@ -169,8 +177,15 @@ async def test_bad_recommend_requests_get_a_4xx_that_names_the_problem(client, b
     else:
         r = await client.post("/recommend", json=body)
     assert r.status_code == status, r.text
-    assert message in r.json()["message"]
-    assert r.json()["detail"]
+    error = r.json()["error"]
+    assert error["status"] == status and message in error["message"]
+    assert set(r.json()) == {"error"} and set(error) <= {
+        "status",
+        "code",
+        "message",
+        "fields",
+        "unknown_item_ids",
+    }
 
 
 async def test_a_stored_history_of_deleted_items_is_empty_and_says_how_to_fill_it(client):
@@ -178,7 +193,7 @@ async def test_a_stored_history_of_deleted_items_is_empty_and_says_how_to_fill_i
     assert (await client.delete("/items/i4", headers=ADMIN)).status_code == 200
     r = await client.post("/recommend", json={"user_id": "u1"})
     assert r.status_code == 422
-    assert r.json()["message"] == (
+    assert r.json()["error"]["message"] == (
         "history is empty: user 'u1' has no stored events; send `history` or POST /users/u1/events first"
     )
 
@@ -188,8 +203,12 @@ async def test_the_reasoning_budget_ceiling_comes_from_the_settings(ckpt):
         spec = (await client.get("/openapi.json")).json()
         r = await client.post("/recommend", json={"history": H1, "max_reasoning_tokens": 17})
         assert r.status_code == 422
-        assert r.json()["message"] == "max_reasoning_tokens: Input should be less than or equal to 16"
-        assert r.json()["detail"][0]["loc"] == ["body", "max_reasoning_tokens"]
+        assert (
+            r.json()["error"]["message"] == "max_reasoning_tokens: Input should be less than or equal to 16"
+        )
+        assert r.json()["error"]["fields"] == [
+            {"field": "max_reasoning_tokens", "message": "Input should be less than or equal to 16"}
+        ]
         r = await client.post("/recommend", json={"history": H1, "max_reasoning_tokens": 16})
         assert r.status_code == 200, r.text
     budget = spec["components"]["schemas"]["RecommendRequest"]["properties"]["max_reasoning_tokens"]
@@ -198,17 +217,126 @@ async def test_the_reasoning_budget_ceiling_comes_from_the_settings(ckpt):
 
 async def test_bad_event_and_item_requests(client):
     r = await client.post("/users/u1/events", json={"events": [{"item_id": "i4"}, {"item_id": "zz"}]})
-    assert r.status_code == 422 and r.json()["message"] == "unknown item ids in events: 'zz'"
-    assert r.json()["unknown_item_ids"] == ["zz"]
+    assert r.status_code == 422 and r.json()["error"]["message"] == "unknown item ids in events: 'zz'"
+    assert r.json()["error"]["unknown_item_ids"] == ["zz"]
     assert (await client.get("/users/u1/history")).json()["history"] == []  # nothing appended
     r = await client.post("/users/u1/events", json={"events": []})
-    assert r.status_code == 422 and "events: List should have at least 1 item" in r.json()["message"]
+    assert r.status_code == 422 and "events: List should have at least 1 item" in r.json()["error"]["message"]
     r = await client.post("/users/u1/events", json={"events": [{"item_id": "i1", "timestamp": -5}]})
-    assert r.status_code == 422 and "events.0.timestamp" in r.json()["message"]
+    assert r.status_code == 422 and "events.0.timestamp" in r.json()["error"]["message"]
     r = await client.get("/items/nope")
-    assert r.status_code == 404 and r.json()["message"] == "item 'nope' not found"
+    assert r.status_code == 404 and r.json()["error"]["message"] == "item 'nope' not found"
     r = await client.get("/no/such/route")
-    assert r.status_code == 404 and r.json()["message"] == "Not Found"
+    assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found"
+
+
+# ---------------------------------------------------------------------------- issue 13: bounds and ids
+async def test_timestamps_are_seconds_within_a_sane_range(app, client):
+    """Row D: an event time of 2^63 used to be stored, and the next retrain died on it."""
+    for ts in (2**63, 1_700_000_000_000, -1):  # too large for int64, in milliseconds, negative
+        r = await client.post("/users/u1/events", json={"events": [{"item_id": "i1", "timestamp": ts}]})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["message"].startswith("events.0.timestamp: Input should be")
+    r = await client.post("/recommend", json={"history": [{"item_id": "i1", "timestamp": 2**63}]})
+    assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "history.0.timestamp"
+    assert await app.state.r2ec.store.read_events() == []  # nothing reached the stream
+    r = await client.post(
+        "/users/u1/events", json={"events": [{"item_id": "i1", "timestamp": 4_102_444_800}]}
+    )
+    assert r.status_code == 200, r.text
+
+
+ODD_IDS = [
+    ("%20u%20", "leading", "must not start or end with whitespace"),
+    ("u%20", "trailing", "must not start or end with whitespace"),
+    ("%09u", "tab", "must not contain control characters"),
+    ("a%00b", "nul", "must not contain control characters"),
+    ("a%1Bb", "escape", "must not contain control characters"),
+]
+
+
+@pytest.mark.parametrize(("raw", "what", "message"), ODD_IDS, ids=[w for _, w, _ in ODD_IDS])
+async def test_path_ids_and_body_ids_follow_one_rule(client, raw, what, message):
+    """Row F: path ids used to be taken as they came while body ids were trimmed, so a user
+    created through the path could never be reached from a body (and the other way round)."""
+    from urllib.parse import unquote
+
+    for method, path, body in (
+        ("POST", f"/users/{raw}/events", {"events": [{"item_id": "i1"}]}),
+        ("GET", f"/users/{raw}/history", None),
+        ("GET", f"/items/{raw}", None),
+        ("PUT", f"/items/{raw}", {"title": "A Film"}),
+        ("DELETE", f"/items/{raw}", None),
+    ):
+        r = await client.request(method, path, json=body, headers=ADMIN)
+        assert r.status_code == 422, (method, path, r.text)
+        field = "user_id" if path.startswith("/users") else "item_id"
+        assert r.json()["error"]["message"] == f"{field}: {message}", (method, path)
+    odd = unquote(raw)
+    for body, field in (
+        ({"user_id": odd}, "user_id"),
+        ({"history": [{"item_id": odd}]}, "history.0.item_id"),
+    ):
+        r = await client.post("/recommend", json=body)
+        assert r.status_code == 422 and r.json()["error"]["message"] == f"{field}: {message}"
+    r = await client.post("/users/u1/events", json={"events": [{"item_id": "i1", "event_id": odd}]})
+    assert r.json()["error"]["message"] == f"events.0.event_id: {message}"
+    r = await client.post("/users/u1/events", json={"events": [{"item_id": odd}]})
+    assert r.json()["error"]["message"] == f"events.0.item_id: {message}"
+
+
+async def test_ids_with_inner_spaces_and_unicode_work_the_same_in_path_and_body(client):
+    user = "Zoë B. ✓"
+    r = await client.post(f"/users/{user}/events", json={"events": [{"item_id": "i4"}]})
+    assert r.status_code == 200 and r.json()["user_id"] == user
+    assert [h["item_id"] for h in (await client.get(f"/users/{user}/history")).json()["history"]] == ["i4"]
+    r = await client.post("/recommend", json={"user_id": user, "k": 3})
+    assert r.status_code == 200 and r.json()["history_source"] == "store"
+
+
+async def test_a_retried_event_post_is_not_stored_twice(app, client):
+    """Row H: a client that retries a post whose first attempt landed (it timed out, or got a
+    503 from a stalled Redis: test_store.py) must not duplicate the events."""
+    body = {"events": [{"item_id": "i1", "rating": 5, "event_id": "evt-1"}, {"item_id": "i2"}]}
+    first = (await client.post("/users/u1/events", json=body)).json()
+    assert (first["appended"], first["duplicates"]) == (2, 0)
+    assert first["events"][0] == {"event_id": "evt-1", "new": True}
+    assert first["events"][1]["new"] and len(first["events"][1]["event_id"]) == 32  # derived
+    again = (await client.post("/users/u1/events", json=body)).json()
+    assert (again["appended"], again["duplicates"], again["history_length"]) == (0, 2, 2)
+    assert [e["new"] for e in again["events"]] == [False, False]
+    assert [e["event_id"] for e in again["events"]] == [e["event_id"] for e in first["events"]]
+    stream = await app.state.r2ec.store.read_events()
+    assert [(e.item_id, e.event_id) for e in stream] == [
+        (e["item_id"], e2["event_id"]) for e, e2 in zip(body["events"], first["events"], strict=True)
+    ]
+    assert [h["item_id"] for h in (await client.get("/users/u1/history")).json()["history"]] == ["i1", "i2"]
+    # the same item again with another id is a new event
+    r = (
+        await client.post("/users/u1/events", json={"events": [{"item_id": "i1", "event_id": "evt-2"}]})
+    ).json()
+    assert (
+        r["events"] == [{"event_id": "evt-2", "new": True}]
+        and len(await app.state.r2ec.store.read_events()) == 3
+    )
+
+
+async def test_exclude_history_excludes_every_item_the_user_ever_had(client):
+    """The history window is 3 here: the 5 items the user had before it are excluded too."""
+    had = ["i1", "i2", "i3", "i4", "i5", "i6", "i7", "i8"]
+    r = await client.post("/users/u1/events", json={"events": [{"item_id": i} for i in had]})
+    assert r.json()["history_length"] == 3
+
+    async def recommended(**body) -> set[str]:
+        r = await client.post("/recommend", json={"k": 100, "reasoning": False, **body})
+        assert r.status_code == 200, r.text
+        return {i["item_id"] for i in r.json()["items"]}
+
+    catalog = await recommended(user_id="u1", exclude_history=False)
+    assert len(catalog) == 11 and set(had) < catalog
+    assert await recommended(user_id="u1") == catalog - set(had)
+    assert await recommended(user_id="u1", history=[{"item_id": "i9"}]) == catalog - set(had) - {"i9"}
+    assert await recommended(history=[{"item_id": "i9"}]) == catalog - {"i9"}  # no user: no seen set
 
 
 # ---------------------------------------------------------------------------- batching and cache
@@ -278,8 +406,8 @@ async def test_a_failing_batch_fails_its_requests_and_the_service_goes_on(app, c
     failed = await asyncio.gather(*(client.post("/recommend", json={"history": h}) for h in (H1, H2)))
     for r in failed:
         assert r.status_code == 500
-        assert "recommendation failed" in r.json()["message"]
-        assert "RuntimeError: CUDA out of memory (simulated)" in r.json()["message"]
+        assert "recommendation failed" in r.json()["error"]["message"]
+        assert "RuntimeError: CUDA out of memory (simulated)" in r.json()["error"]["message"]
     model.reason_from_ids = original
     r = await client.post("/recommend", json={"history": H1})
     assert r.status_code == 200, r.text
@@ -398,3 +526,94 @@ async def test_settings_come_from_the_environment(ckpt, monkeypatch):
     monkeypatch.setenv("R2EC_MAX_REASONING_TOKENS", "999")
     with pytest.raises(ValidationError, match="R2EC_REASONING_TOKEN_LIMIT"):
         Settings()
+
+
+# ---------------------------------------------------------------------------- issue 13: load and shutdown
+class HeldModel:
+    """Holds the model thread inside the next generate call until `release()`."""
+
+    def __init__(self, state) -> None:
+        self.gate, self.entered = threading.Event(), threading.Event()
+        original = state.engine.model.reason_from_ids
+
+        def held(*args, **kwargs):
+            self.entered.set()
+            self.gate.wait(60)
+            return original(*args, **kwargs)
+
+        state.engine.model.reason_from_ids = held
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 60)
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+async def queued(state, n: int) -> None:
+    async def poll() -> None:
+        while state.batcher.queue_depth < n:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), 60)
+
+
+async def test_a_full_queue_answers_503_with_retry_after(ckpt):
+    """Row G: past R2EC_MAX_QUEUE waiting requests, one more is refused at once."""
+    app = app_for(ckpt, max_batch=1, max_queue=1, cache_size=0)
+    async with serve(app) as client:
+        state = app.state.r2ec
+        held = HeldModel(state)
+        a = asyncio.create_task(client.post("/recommend", json={"history": H1}))
+        await held.wait_entered()
+        b = asyncio.create_task(client.post("/recommend", json={"history": H2}))
+        await queued(state, 1)
+        r = await client.post("/recommend", json={"history": H3})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "overloaded" and "R2EC_MAX_QUEUE" in r.json()["error"]["message"]
+        assert int(r.headers["retry-after"]) >= 1
+        held.release()
+        assert [x.status_code for x in await asyncio.gather(a, b)] == [200, 200]
+        assert (await client.post("/recommend", json={"history": H3})).status_code == 200
+        text = (await client.get("/metrics")).text
+        assert metric(text, "r2ec_rejected_total", reason="queue_full") == 1
+        assert requests(text, "/recommend", "503", method="POST") == 1
+
+
+async def test_a_drain_refuses_new_requests_and_answers_the_rest_by_the_deadline(ckpt):
+    """Row C, in process: after SIGTERM (state.begin_drain) a new request is refused, /readyz
+    says so, and what cannot finish within the grace gets a JSON 503 with Retry-After."""
+    app = app_for(ckpt, max_batch=1, cache_size=0, shutdown_grace_s=0.2)
+    async with serve(app) as client:
+        state = app.state.r2ec
+        held = HeldModel(state)
+        a = asyncio.create_task(client.post("/recommend", json={"history": H1}))
+        await held.wait_entered()
+        b = asyncio.create_task(client.post("/recommend", json={"history": H2}))
+        await queued(state, 1)
+        state.begin_drain()
+        r = await client.post("/recommend", json={"history": H3})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["reasons"] == ["shutting down"]
+        for r in await asyncio.gather(a, b):  # the held batch would end after the deadline
+            assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+            assert int(r.headers["retry-after"]) >= 1
+        held.release()
+        assert (await client.post("/users/u1/events", json={"events": H3})).status_code == 200
+        text = (await client.get("/metrics")).text
+        assert metric(text, "r2ec_rejected_total", reason="shutting_down") == 3
+
+
+async def test_a_drain_with_time_to_spare_answers_everything(ckpt):
+    app = app_for(ckpt, max_batch=1, cache_size=0, shutdown_grace_s=120)
+    async with serve(app) as client:
+        state = app.state.r2ec
+        held = HeldModel(state)
+        a = asyncio.create_task(client.post("/recommend", json={"history": H1}))
+        await held.wait_entered()
+        b = asyncio.create_task(client.post("/recommend", json={"history": H2}))
+        await queued(state, 1)
+        state.begin_drain()
+        held.release()
+        assert [r.status_code for r in await asyncio.gather(a, b)] == [200, 200]

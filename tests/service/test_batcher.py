@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from service.batcher import BatcherClosed, BatchFailed, MicroBatcher
+from service.batcher import BatcherClosed, BatchFailed, MicroBatcher, QueueFull, ShuttingDown
 
 pytestmark = pytest.mark.asyncio
 
@@ -165,3 +165,84 @@ async def test_submit_needs_a_running_batcher():
         b.submit(1)
     with pytest.raises(ValueError, match="max_batch"):
         MicroBatcher(0, 1, Recorder())
+
+
+async def running(b: MicroBatcher, fn: Recorder) -> None:
+    """Until the worker thread is inside fn (held at its gate)."""
+    while fn.running == 0:
+        await asyncio.sleep(0.01)
+
+
+async def test_a_full_queue_refuses_at_once_with_a_retry_after():
+    gate = threading.Event()
+    fn = Recorder(gate=gate)
+    b = await started(MicroBatcher(1, 1, fn, max_queue=2))
+    try:
+        first = b.submit(0)
+        await asyncio.wait_for(running(b, fn), 30)  # 0 runs; the queue is empty again
+        queued = [b.submit(1), b.submit(2)]
+        with pytest.raises(QueueFull, match="2 requests are already waiting") as info:
+            b.submit(3)
+        assert info.value.retry_after_s >= 1
+        queued[0].cancel()  # a request whose client left frees its place
+        queued.append(b.submit(4))
+        gate.set()
+        assert await asyncio.gather(first, queued[1], queued[2]) == [0, 4, 8]
+    finally:
+        gate.set()
+        await b.stop()
+    assert fn.batches == [[0], [2], [4]]
+
+
+async def test_a_drain_sends_queued_requests_at_once_and_refuses_new_ones():
+    fn = Recorder()
+    b = await started(MicroBatcher(4, 1e9, fn))  # without the drain these two would wait "forever"
+    try:
+        waiting = [b.submit(1), b.submit(2)]
+        b.drain(60)
+        assert await asyncio.wait_for(asyncio.gather(*waiting), 60) == [2, 4]
+        with pytest.raises(ShuttingDown):
+            b.submit(3)
+        assert b.draining and b.idle
+    finally:
+        await b.stop()
+    assert fn.batches == [[1, 2]]
+
+
+async def test_at_the_drain_deadline_every_unanswered_request_is_refused():
+    gate = threading.Event()
+    fn = Recorder(gate=gate)
+    b = await started(MicroBatcher(1, 1, fn))
+    try:
+        held = b.submit(0)  # its batch runs past the deadline
+        await asyncio.wait_for(running(b, fn), 30)
+        queued = b.submit(1)
+        b.drain(0.05)
+        outcomes = await asyncio.wait_for(asyncio.gather(held, queued, return_exceptions=True), 60)
+        assert all(isinstance(o, ShuttingDown) for o in outcomes), outcomes
+    finally:
+        gate.set()
+        await b.stop()
+    while fn.running:  # the abandoned batch still ends on its thread
+        await asyncio.sleep(0.01)
+    assert fn.batches == [[0]]  # 1 never ran
+
+
+async def test_a_draining_batcher_does_not_start_a_batch_that_cannot_end_in_time():
+    gate = threading.Event()
+    fn = Recorder(gate=gate)
+    b = await started(MicroBatcher(1, 1, fn))
+    try:
+        held = b.submit(0)
+        await asyncio.wait_for(running(b, fn), 30)
+        queued = b.submit(1)
+        b._batch_s = 3600.0  # as if batches took an hour: the next one cannot end before the deadline
+        b.drain(60)
+        gate.set()
+        assert await held == 0  # the running batch finishes and is answered
+        with pytest.raises(ShuttingDown):
+            await queued  # refused at once, not run
+    finally:
+        gate.set()
+        await b.stop()
+    assert fn.batches == [[0]]

@@ -221,7 +221,7 @@ def test_i_watched_this_saves_the_event_for_the_user_and_asks_again(server, page
 def test_errors_show_the_api_message_in_words(server, page):
     page.goto(server + "/")
     page.get_by_role("button", name="Recommend").click()  # nothing in the history
-    message = httpx.post(server + "/recommend", json={"history": []}, timeout=10).json()["message"]
+    message = httpx.post(server + "/recommend", json={"history": []}, timeout=10).json()["error"]["message"]
     error = page.locator(".run .error")
     expect(error).to_have_text(message)
     expect(error).to_have_attribute("role", "alert")
@@ -232,7 +232,9 @@ def test_errors_show_the_api_message_in_words(server, page):
     expect(page.locator("#user-status")).to_contain_text("no stored history yet")
     page.get_by_role("button", name="Recommend").click()
     expect(error).to_contain_text("history is empty: user 'nobody-here' has no stored events")
-    api = httpx.post(server + "/recommend", json={"user_id": "nobody-here"}, timeout=10).json()["message"]
+    api = httpx.post(server + "/recommend", json={"user_id": "nobody-here"}, timeout=10).json()["error"][
+        "message"
+    ]
     expect(error).to_have_text(api)
 
     # a film removed from the catalog after it was added: the API names the unknown id

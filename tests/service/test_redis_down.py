@@ -37,7 +37,7 @@ async def test_a_stopped_redis_degrades_to_inline_histories(ckpt):
             ):
                 r = await call
                 assert r.status_code == 503, r.text
-                assert r.json()["message"].startswith("history store unavailable: redis")
+                assert r.json()["error"]["message"].startswith("history store unavailable: redis")
 
             ready = await client.get("/readyz")
             assert ready.status_code == 503

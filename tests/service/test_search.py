@@ -149,7 +149,7 @@ async def test_get_items_refuses_bad_parameters_with_422_naming_the_field(ckpt, 
     async with serve(app_for(ckpt)) as client:
         r = await client.get("/items", params=params)
     assert r.status_code == 422, r.text
-    assert field in r.json()["message"]
+    assert field in r.json()["error"]["message"]
 
 
 @pytest.mark.asyncio
@@ -222,4 +222,4 @@ async def test_the_page_and_its_files_are_served(ckpt):
             assert "://" not in text  # nothing is fetched from anywhere but this service
         for name in ("index.html", "..%2Fui.py", "nope.js"):
             r = await client.get(f"/static/{name}")
-            assert r.status_code == 404 and r.json()["message"], name
+            assert r.status_code == 404 and r.json()["error"]["message"], name

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
 import pytest_asyncio
 
-from service.store import Event, MemoryStore, RedisStore, StoreUnavailable, read_stream
+from service.store import Event, MemoryStore, RedisStore, StoreUnavailable, event_key, read_stream
 from tests.service.conftest import RedisServer, free_port, needs_redis
 
 pytestmark = pytest.mark.asyncio
@@ -30,8 +32,8 @@ async def test_unknown_user_has_empty_history(store):
 
 async def test_history_is_capped_newest_last(store):
     events = [Event(f"i{n}", float(n % 5), 1000 + n) for n in range(5)]
-    assert await store.append_events("u1", events[:2]) == 2
-    assert await store.append_events("u1", events[2:]) == WINDOW
+    assert (await store.append_events("u1", events[:2])).history_length == 2
+    assert (await store.append_events("u1", events[2:])).history_length == WINDOW
     assert await store.get_history("u1") == events[-WINDOW:]
     assert await store.get_history("u2") == []
 
@@ -57,6 +59,38 @@ async def test_every_event_goes_to_the_stream_in_order(store):
     after = await store.read_events(after=entries[2].id)
     assert [e.event.item_id for e in after] == ["x0", "x1", "x2", "x3"]
     assert [e.event.item_id for e in await store.read_events(after=entries[2].id, count=2)] == ["x0", "x1"]
+
+
+async def test_a_retried_event_is_stored_once_and_reported_as_a_duplicate(store):
+    first = await store.append_events("u1", [Event("a", 5.0, 1, "e1"), Event("b", None, None)])
+    assert first.new == (True, True) and first.appended == 2 and first.history_length == 2
+    assert first.event_ids == ("e1", event_key("u1", Event("b")))  # no id given: a hash of the event
+    # the same events again (a client retrying after a timeout), plus one new one
+    again = await store.append_events("u1", [Event("a", 5.0, 1, "e1"), Event("b"), Event("c", 1.0, 3)])
+    assert again.new == (False, False, True) and again.appended == 1 and again.history_length == 3
+    # twice in one request: the second is the duplicate
+    twice = await store.append_events("u1", [Event("d", event_id="e2"), Event("d", event_id="e2")])
+    assert twice.new == (True, False)
+    # ids are per user: another user's e1 is new
+    assert (await store.append_events("u2", [Event("a", 5.0, 1, "e1")])).new == (True,)
+    entries = await store.read_events()
+    assert [(e.user_id, e.item_id, e.event_id) for e in entries] == [
+        ("u1", "a", "e1"),
+        ("u1", "b", event_key("u1", Event("b"))),
+        ("u1", "c", event_key("u1", Event("c", 1.0, 3))),
+        ("u1", "d", "e2"),
+        ("u2", "a", "e1"),
+    ]
+    assert [e.item_id for e in await store.get_history("u1")] == ["b", "c", "d"]  # window 3
+    assert event_key("u1", Event("b")) != event_key("u2", Event("b")) != event_key("u1", Event("b", 1.0))
+
+
+async def test_the_seen_set_keeps_every_item_past_the_history_window(store):
+    await store.append_events("u1", [Event(f"i{n}") for n in range(WINDOW + 4)])
+    await store.append_events("u1", [Event("i0", 5.0, 9)])  # again: a new event, the same item
+    assert len(await store.get_history("u1")) == WINDOW
+    assert await store.get_seen("u1") == {f"i{n}" for n in range(WINDOW + 4)}
+    assert await store.get_seen("nobody") == frozenset()
 
 
 async def test_non_finite_rating_is_refused(store):
@@ -123,6 +157,7 @@ async def test_redis_down_raises_store_unavailable_naming_the_operation():
         "ping": s.ping(),
         "get_history": s.get_history("u"),
         "append_events": s.append_events("u", [Event("a")]),
+        "get_seen": s.get_seen("u"),
         "cache_get": s.cache_get("k"),
         "cache_set": s.cache_set("k", "v"),
         "read_events": s.read_events(),
@@ -159,4 +194,56 @@ async def test_read_stream_pages_through_everything_after_a_cursor(redis_url):
         (new,), cursor3 = read_stream(redis_url, cursor)
         assert (new.item_id, new.timestamp, cursor3) == ("y", 7, new.id)
     finally:
+        await s.close()
+
+
+@pytest.mark.redis
+async def test_a_write_that_timed_out_but_landed_is_not_duplicated_by_the_retry():
+    """Row H of issue 13: Redis stalls (SIGSTOP, as `docker pause` does) longer than the client's
+    socket timeout, so the append fails with StoreUnavailable; yet the command sits in the
+    socket and Redis runs it when it resumes. The client retries the same events: they are
+    reported as duplicates and the stream holds one copy of each."""
+    import redis.asyncio as aioredis
+
+    server = RedisServer()  # its own server, to stop and resume
+    s = RedisStore(server.url, window=WINDOW, timeout_s=0.2)
+    admin = aioredis.from_url(server.url)
+    events = [Event("a", 5.0, 100, "evt-1"), Event("b", 4.0, 101)]
+    try:
+        await s.append_events("warm-up", [Event("x")])  # the script is loaded before the stall
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreUnavailable, match="append_events"):
+                await s.append_events("u1", events)
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        landed = [e for e in await admin.xrange("r2ec:events") if e[1][b"user_id"] == b"u1"]
+        assert len(landed) == 2, "the timed-out write should have landed when Redis resumed"
+        retry = await s.append_events("u1", events)
+        assert retry.new == (False, False) and retry.history_length == 2
+        assert [(e.item_id, e.event_id) for e in await s.read_events() if e.user_id == "u1"] == [
+            ("a", "evt-1"),
+            ("b", event_key("u1", Event("b", 4.0, 101))),
+        ]
+    finally:
+        await admin.aclose()
+        await s.close()
+        server.stop()
+
+
+@pytest.mark.redis
+async def test_redis_forgets_event_ids_after_the_dedup_window(redis_url):
+    import redis.asyncio as aioredis
+
+    s = RedisStore(redis_url, window=WINDOW, dedup_ttl_s=60)
+    raw = aioredis.from_url(redis_url)
+    try:
+        await s.append_events("u1", [Event("a", event_id="e1")])
+        assert 0 < await raw.ttl("r2ec:event-ids:u1") <= 60
+        assert await raw.ttl("r2ec:seen:u1") == -1  # the seen set does not expire
+        # an id older than the window is dropped at the next append, so it counts as new again
+        await raw.zadd("r2ec:event-ids:u1", {"e1": 0})
+        assert (await s.append_events("u1", [Event("a", event_id="e1")])).new == (True,)
+    finally:
+        await raw.aclose()
         await s.close()

@@ -1,0 +1,224 @@
+"""The one error body every 4xx and 5xx carries, and the handlers that build it.
+
+    {"error": {"status": 422, "code": "invalid_request",
+               "message": "k: Input should be greater than or equal to 1",
+               "fields": [{"field": "k", "message": "Input should be greater than or equal to 1"}]}}
+
+`message` is one line for people; `code` is stable for programs; `fields` names each invalid
+field (validation errors only); `unknown_item_ids` lists ids the catalog does not hold.
+
+What a client sent is never copied back: a body may hold NaN or 1e999 (not JSON), a lone
+UTF-16 surrogate (not UTF-8) or 100 MB. Messages are built from field names, pydantic's own
+messages and ids that passed validation, every piece escaped to printable text and cut to a
+bounded length, so an error body is always valid JSON of a few KB at most.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
+
+from service.batcher import BatcherClosed, BatchFailed, QueueFull
+from service.metrics import Metrics
+from service.schemas import ErrorResponse
+from service.state import ClientDisconnected, ReloadError, ReloadInProgress
+from service.store import StoreUnavailable
+from service.types import EmptyHistoryError, QueryError, UnknownItemsError
+
+log = logging.getLogger(__name__)
+
+MAX_PART = 64  # characters of one field-path segment (a key a client made up may be long)
+MAX_MESSAGE = 300  # characters of one field's message
+MAX_FIELDS = 20  # field errors listed
+MAX_IN_MESSAGE = 5  # field errors spelled out in the one-line message
+SHUTDOWN_RETRY_AFTER_S = 5  # another replica (or this one, restarted) will answer by then
+
+CODES = {
+    400: "invalid_body",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "body_too_large",
+    422: "invalid_request",
+    500: "internal_error",
+    503: "unavailable",
+}
+DESCRIPTIONS = {
+    400: "The body could not be decoded (not UTF-8, or nested too deeply).",
+    401: "The X-API-Key header is missing.",
+    403: "The API key is wrong, or the admin API is disabled (R2EC_API_KEY unset).",
+    404: "No such item.",
+    409: "A reload is already running.",
+    413: "The body is larger than R2EC_MAX_BODY_BYTES.",
+    422: "Invalid input; `message` and `fields` name the fields or the ids.",
+    500: "An internal error; `message` says what failed.",
+    503: "The service cannot answer now: starting, shutting down (Retry-After), overloaded "
+    "(queue full, Retry-After) or its store is unavailable.",
+}
+
+
+def documented(*statuses: int, by_reference: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for these error statuses, all with the one error body. A route whose
+    own responses are not JSON (/metrics) refers to the schema by name, as application/json:
+    FastAPI would file a `model` under the route's own media type."""
+    if by_reference:
+        json_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        return {s: {"description": DESCRIPTIONS[s], "content": json_body} for s in statuses}
+    return {s: {"model": ErrorResponse, "description": DESCRIPTIONS[s]} for s in statuses}
+
+
+def printable(text: object, limit: int = MAX_MESSAGE) -> str:
+    """`text` as printable, encodable text of at most `limit` characters: control characters and
+    lone surrogates escaped (\\x00, \\ud800), the rest cut with an ellipsis."""
+    s = str(text)
+    if not s.isprintable():
+        s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+    s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    fields: Sequence[Mapping[str, str]] = (),
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    """The error body (module docstring) as a response."""
+    body: dict[str, Any] = {
+        "status": status,
+        "code": code or CODES.get(status, "error"),
+        "message": printable(message, 2000),
+        "fields": list(fields),
+    }
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return JSONResponse({"error": body}, status_code=status, headers=dict(headers or {}))
+
+
+def _field_path(loc: Iterable[Any]) -> str:
+    """('body', 'history', 0, 'item_id') -> 'history.0.item_id'; ('path', 'user_id') -> 'user_id'."""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "path", "query", "header", "cookie"):
+        parts = parts[1:]
+    return ".".join(printable(p, MAX_PART) for p in parts) or "body"
+
+
+def _field_message(e: Mapping[str, Any]) -> str:
+    msg = str(e.get("msg", "invalid"))
+    if msg.startswith("Value error, "):  # our validators' messages, without pydantic's prefix
+        msg = msg[len("Value error, ") :]
+    return printable(msg)
+
+
+def validation_fields(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """pydantic / FastAPI errors -> [{field, message}], never with the `input` they carry."""
+    out = []
+    for e in errors[:MAX_FIELDS]:
+        if e.get("type") == "json_invalid":  # loc = ("body", character offset)
+            at = next((p for p in reversed(tuple(e.get("loc", ()))) if isinstance(p, int)), "?")
+            why = printable((e.get("ctx") or {}).get("error", e.get("msg", "")), 100)
+            out.append({"field": "body", "message": f"invalid JSON at character {at}: {why}"})
+        else:
+            out.append({"field": _field_path(e.get("loc", ())), "message": _field_message(e)})
+    return out
+
+
+def validation_message(fields: Sequence[Mapping[str, str]], total: int) -> str:
+    """'k: Input should be ...; history.0.item_id: Field required (and 3 more)'."""
+    shown = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:MAX_IN_MESSAGE])
+    return shown + (f" (and {total - MAX_IN_MESSAGE} more)" if total > MAX_IN_MESSAGE else "")
+
+
+def _allowed_methods(routes: Sequence[BaseRoute], path: str) -> list[str]:
+    """Every method some route serves at this path (several routes may share one)."""
+    methods: set[str] = set()
+    for route in routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(path):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRoute] = ()) -> None:
+    """Every failure a client can cause is a 4xx naming the problem; service-side trouble is a
+    503 (starting, store down, shutting down, overloaded: the last two with Retry-After) or a
+    500 that still says what went wrong. `routes`: the app's routes, for a 405's Allow header."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names only the first route's methods
+            headers["Allow"] = ", ".join(_allowed_methods(routes, request.url.path))
+        return error_response(exc.status_code, str(exc.detail), headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        fields = validation_fields(errors)
+        return error_response(422, validation_message(fields, len(errors)), fields=fields)
+
+    @app.exception_handler(UnknownItemsError)
+    async def unknown_items(request: Request, exc: UnknownItemsError) -> JSONResponse:
+        return error_response(422, str(exc), code="unknown_items", unknown_item_ids=exc.item_ids[:100])
+
+    @app.exception_handler(EmptyHistoryError)
+    async def empty_history(request: Request, exc: EmptyHistoryError) -> JSONResponse:
+        hint = "" if exc.user_id is None else f"; send `history` or POST /users/{exc.user_id}/events first"
+        return error_response(422, f"{exc}{hint}", code="empty_history")
+
+    @app.exception_handler(QueryError)
+    async def bad_query(request: Request, exc: QueryError) -> JSONResponse:
+        return error_response(422, str(exc))
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        metrics.store_errors.labels(exc.op).inc()
+        return error_response(503, f"history store unavailable: {exc}", code="store_unavailable")
+
+    @app.exception_handler(ReloadError)
+    async def reload_failed(request: Request, exc: ReloadError) -> JSONResponse:
+        return error_response(422, str(exc), code="reload_failed")
+
+    @app.exception_handler(ReloadInProgress)
+    async def reload_busy(request: Request, exc: ReloadInProgress) -> JSONResponse:
+        return error_response(409, str(exc), code="reload_in_progress")
+
+    @app.exception_handler(QueueFull)
+    async def overloaded(request: Request, exc: QueueFull) -> JSONResponse:
+        metrics.rejections.labels("queue_full").inc()
+        return error_response(503, str(exc), code="overloaded", headers=retry_after(exc.retry_after_s))
+
+    @app.exception_handler(BatcherClosed)
+    async def closed(request: Request, exc: BatcherClosed) -> JSONResponse:
+        metrics.rejections.labels("shutting_down").inc()
+        headers = retry_after(SHUTDOWN_RETRY_AFTER_S)
+        return error_response(503, str(exc), code="shutting_down", headers=headers)
+
+    @app.exception_handler(BatchFailed)
+    async def batch_failed(request: Request, exc: BatchFailed) -> JSONResponse:
+        return error_response(500, f"recommendation failed: {exc}")  # already logged by the batcher
+
+    @app.exception_handler(ClientDisconnected)
+    async def gone(request: Request, exc: ClientDisconnected) -> JSONResponse:
+        return error_response(499, "client disconnected", code="client_disconnected")  # nginx's convention
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")

@@ -1,0 +1,57 @@
+"""uvicorn with a drain: on SIGTERM the app answers what it has before the process exits.
+
+uvicorn alone stops accepting on SIGTERM, waits `timeout_graceful_shutdown` for open requests,
+then cancels them (the client gets a plain-text 500 or a reset). Here the signal also starts
+the app's drain (service/app.py `begin_drain`): queued recommendations go out at once, new ones
+are refused with 503 + Retry-After, and everything still unanswered after
+`R2EC_SHUTDOWN_GRACE_S` gets a JSON 503. uvicorn waits RESPONSE_MARGIN_S longer than that, so
+those answers are written before it gives up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from service.app import begin_drain
+from service.config import Settings
+
+log = logging.getLogger(__name__)
+
+RESPONSE_MARGIN_S = 5.0  # after the grace: the last 503s are written, the lifespan shuts down
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn.Server whose first stop signal also drains the app."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets=None) -> None:  # noqa: ANN001 (uvicorn's signature)
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        first = not self.should_exit
+        super().handle_exit(sig, frame)
+        if first and self._loop is not None:
+            # a signal handler runs between two bytecodes of the loop's thread: schedule, do not call
+            self._loop.call_soon_threadsafe(begin_drain, self._app)
+
+
+def run(app: FastAPI, settings: Settings, host: str, port: int) -> None:
+    """Serve `app` until SIGTERM/SIGINT, then drain (module docstring)."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s + RESPONSE_MARGIN_S),
+    )
+    DrainingServer(config, app).run()

@@ -1,0 +1,112 @@
+"""SIGTERM under load against a real `r2ec serve` process (uvicorn, the tiny model), issue 13
+row C: with 16 reasoning requests in flight, every one completes or gets a JSON 503 with
+Retry-After, and the process exits. (uvicorn alone cancels what is left after its timeout,
+and the clients get a plain-text 500 or a dropped connection.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.service.conftest import free_port
+from tests.service.test_app import metric
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_for(predicate, what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_sigterm_with_16_reasoning_requests_in_flight(tiny_ckpt, tiny_dataset, tmp_path):
+    items = [str(i) for i in tiny_dataset.items["item_id"]]
+    # 16 different histories, so no two requests share a prompt (and the cache is off anyway)
+    histories = [[i] for i in items] + [[items[0], i] for i in items[1:]]
+    histories = histories[:16]
+    assert len(histories) == 16
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("R2EC_")},
+        "PYTHONPATH": str(ROOT),
+        "R2EC_CHECKPOINT": str(tiny_ckpt),
+        "R2EC_DTYPE": "float32",
+        "R2EC_THREADS": "1",
+        "R2EC_MAX_BATCH": "1",  # 16 batches in a row: more work than any grace here allows
+        "R2EC_MAX_WAIT_MS": "50",
+        "R2EC_MAX_REASONING_TOKENS": "1024",  # ~1-3 s per request of the tiny model on 2 cores
+        "R2EC_REASONING_TOKEN_LIMIT": "1024",
+        "R2EC_CACHE_SIZE": "0",
+        "R2EC_SHUTDOWN_GRACE_S": "4",
+        "R2EC_LOG_LEVEL": "INFO",
+    }
+    log = (tmp_path / "serve.log").open("w+")
+    cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    replies: list[httpx.Response | Exception] = []
+    try:
+
+        def ready() -> bool:
+            assert proc.poll() is None, "the server exited while starting"
+            try:
+                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, "the server to be ready")
+
+        def ask(history: list[str]) -> None:
+            body = {"history": [{"item_id": i} for i in history], "k": 3}
+            try:
+                replies.append(httpx.post(f"{base}/recommend", json=body, timeout=120))
+            except Exception as exc:  # a dropped connection is a failure to report, not to raise here
+                replies.append(exc)
+
+        threads = [threading.Thread(target=ask, args=(h,)) for h in histories]
+        for t in threads:
+            t.start()
+
+        def all_in_the_batcher() -> bool:  # started batches + queue = every request
+            text = httpx.get(f"{base}/metrics", timeout=5).text
+            return (metric(text, "r2ec_batch_size_sum") or 0) + metric(text, "r2ec_queue_depth") >= 16
+
+        wait_for(all_in_the_batcher, "the 16 requests to reach the batcher")
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(180)
+        returncode = proc.wait(180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    log.seek(0)
+    output = log.read()
+    assert len(replies) == 16
+    answered = refused = 0
+    for r in replies:
+        assert isinstance(r, httpx.Response), f"{r!r}\n{output[-3000:]}"
+        if r.status_code == 200:
+            assert len(r.json()["items"]) == 3 and r.json()["reasoning"] is not None
+            answered += 1
+        else:
+            assert r.status_code == 503, f"{r.status_code} {r.text}\n{output[-3000:]}"
+            assert r.headers["content-type"] == "application/json"
+            assert json.loads(r.text)["error"]["code"] == "shutting_down"
+            assert int(r.headers["retry-after"]) >= 1
+            refused += 1
+    assert answered + refused == 16
+    assert returncode in (0, -signal.SIGTERM), output[-3000:]  # uvicorn re-raises the signal it got
+    assert "draining: " in output and "Traceback" not in output, output[-3000:]
+    print(f"SIGTERM with 16 in flight: {answered} answered, {refused} refused with 503")
