@@ -7,9 +7,10 @@ Three numbers over a set of texts, reported by `r2ec eval` beside the ranking me
 - loop share: texts in which one word 4-gram occurs `loop_repeats` (3) or more times, the
   signature of a degenerate decode ("To The (3) To The (3) To The (3) ...").
 - unknown-title share: texts that name a title the catalog does not have. A "named title"
-  is text the model marks as one: a span in double quotes or asterisks, or a capitalised
-  phrase followed by a year in parentheses ("Heat (1995)"). A free-form sentence cannot be
-  parsed for titles exactly; this catches the forms the models here write.
+  is text the model marks as one: a span in double quotes or asterisks, a capitalised
+  phrase followed by a year in parentheses ("Heat (1995)"), or an entry of the rationale
+  format's "Rated highest: A; B; C." list (model/rationale.py). A free-form sentence cannot
+  be parsed for titles exactly; this catches the forms the models here write.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ _WORD = re.compile(r"\w+(?:'\w+)?")
 _QUOTED = re.compile(r'"([^"\n]{2,80})"|\*\*?([^*\n]{2,80})\*\*?')
 _WITH_YEAR = re.compile(r"((?:[A-Z0-9][\w'.:&!?,-]*\s+){0,7}[A-Z0-9][\w'.:&!?-]*)\s*\((?:19|20)\d\d\)")
 _ARTICLE_SUFFIX = re.compile(r"^(.*), (the|a|an)$")
+_RATED_LIST = re.compile(r"Rated highest: (.+?)\.(?: (?=Lately more|Next:)|$)")
 
 
 def words(text: str) -> list[str]:
@@ -54,6 +56,7 @@ def named_titles(text: str) -> list[str]:
     """Spans the text presents as titles (see the module docstring)."""
     out = [a or b for a, b in _QUOTED.findall(text)]
     out += _WITH_YEAR.findall(text)
+    out += [t for listed in _RATED_LIST.findall(text) for t in listed.split("; ")]
     return [t.strip() for t in out if t.strip()]
 
 

@@ -25,6 +25,13 @@ def test_named_titles_quoted_and_with_year():
     assert named_titles('You liked "Heat" and Star Wars (1977).') == ["Heat", "Star Wars"]
 
 
+def test_rationale_lists_are_read_title_by_title():
+    text = "Likes Drama. Rated highest: Mr. Holland's Opus; Godfather, The; Cats and Dogs. Next: a movie."
+    assert named_titles(text) == ["Mr. Holland's Opus", "Godfather, The", "Cats and Dogs"]
+    q = text_quality([text], [*CATALOG, "Mr. Holland's Opus"])
+    assert q.unknown_title_share == 1.0  # "Cats and Dogs" is not in the catalog
+
+
 def test_quality_flags_unknown_titles_and_loops():
     texts = [
         'You liked "The Godfather" and Heat (1995).',  # both in the catalog
