@@ -25,6 +25,21 @@ API_KEY = "test-key"
 ADMIN = {"X-API-Key": API_KEY}
 
 
+def serve_env(checkpoint, **settings: str) -> dict[str, str]:
+    """The environment for an `r2ec serve` subprocess over `checkpoint` (tiny model, fp32, one
+    thread), with no R2EC_* variable leaking in from the caller's shell; `settings` are extra
+    R2EC_* values by their names without the prefix (max_batch="1" -> R2EC_MAX_BATCH=1)."""
+    root = Path(__file__).resolve().parents[2]
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("R2EC_")},
+        "PYTHONPATH": str(root),
+        "R2EC_CHECKPOINT": str(checkpoint),
+        "R2EC_DTYPE": "float32",
+        "R2EC_THREADS": "1",
+        **{f"R2EC_{name.upper()}": value for name, value in settings.items()},
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

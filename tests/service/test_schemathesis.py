@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import free_port
+from tests.service.conftest import free_port, serve_env
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).with_name("schemathesis.toml")
@@ -40,17 +40,13 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tiny_ckpt, t
     ckpt = tmp_path / "ckpt"  # admin calls edit items: a private copy
     shutil.copytree(tiny_ckpt, ckpt, ignore=shutil.ignore_patterns("index"))
     port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("R2EC_")},
-        "PYTHONPATH": str(ROOT),
-        "R2EC_CHECKPOINT": str(ckpt),
-        "R2EC_DTYPE": "float32",
-        "R2EC_THREADS": "1",
-        "R2EC_API_KEY": KEY,
-        "R2EC_MAX_REASONING_TOKENS": "8",
-        "R2EC_REASONING_TOKEN_LIMIT": "32",  # fuzzed budgets stay cheap
-        "R2EC_LOG_LEVEL": "WARNING",
-    }
+    env = serve_env(
+        ckpt,
+        api_key=KEY,
+        max_reasoning_tokens="8",
+        reasoning_token_limit="32",  # fuzzed budgets stay cheap
+        log_level="WARNING",
+    )
     server = subprocess.Popen(
         [sys.executable, "-m", "cli", "serve", "--port", str(port)],
         cwd=ROOT,

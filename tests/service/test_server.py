@@ -6,7 +6,6 @@ and the clients get a plain-text 500 or a dropped connection.)"""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.service.conftest import free_port
+from tests.service.conftest import free_port, serve_env
 from tests.service.test_app import metric
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,20 +36,16 @@ def test_sigterm_with_16_reasoning_requests_in_flight(tiny_ckpt, tiny_dataset, t
     histories = histories[:16]
     assert len(histories) == 16
     port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("R2EC_")},
-        "PYTHONPATH": str(ROOT),
-        "R2EC_CHECKPOINT": str(tiny_ckpt),
-        "R2EC_DTYPE": "float32",
-        "R2EC_THREADS": "1",
-        "R2EC_MAX_BATCH": "1",  # 16 batches in a row: more work than any grace here allows
-        "R2EC_MAX_WAIT_MS": "50",
-        "R2EC_MAX_REASONING_TOKENS": "1024",  # ~1-3 s per request of the tiny model on 2 cores
-        "R2EC_REASONING_TOKEN_LIMIT": "1024",
-        "R2EC_CACHE_SIZE": "0",
-        "R2EC_SHUTDOWN_GRACE_S": "4",
-        "R2EC_LOG_LEVEL": "INFO",
-    }
+    env = serve_env(
+        tiny_ckpt,
+        max_batch="1",  # 16 batches in a row: more work than any grace here allows
+        max_wait_ms="50",
+        max_reasoning_tokens="1024",  # ~1-3 s per request of the tiny model on 2 cores
+        reasoning_token_limit="1024",
+        cache_size="0",
+        shutdown_grace_s="4",
+        log_level="INFO",
+    )
     log = (tmp_path / "serve.log").open("w+")
     cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
