@@ -148,6 +148,12 @@ class RecPOConfig:
 
         rationale_lm_weight (`float`, defaults to `1.0`):
             Weight of the LM loss (mean over the rationale's tokens, its stop token included).
+        rationale_hindsight (`bool`, defaults to `True`):
+            End the data-built rationale with the hindsight sentence (the next item's decade
+            and genres). `False`: the rationale says what the history says and nothing the
+            prompt does not determine, so the teacher-forced text is one the model can learn
+            to write exactly and rec_head never learns to trust a leaked label; the
+            self-written rows (below) are then not needed.
         rationale_self_users (`int`, defaults to `4`):
             Users per micro-batch whose rationale's hindsight sentence ("Next: ...") the model
             writes itself (greedy, no gradient) after the teacher-forced part that follows from
@@ -240,6 +246,7 @@ class RecPOConfig:
     sampled_negatives: int = 0
     # -- the rationale stage
     rationale_lm_weight: float = 1.0
+    rationale_hindsight: bool = True
     rationale_self_users: int = 4
     rationale_self_tokens: int = 16
     rationale_self_weight: float = 0.5
@@ -331,6 +338,11 @@ class RecPOConfig:
             )
         if self.stage == "rationale" and self.negatives != "in_batch":
             raise ValueError("stage rationale scores users against in-batch items: set negatives: in_batch")
+        if self.stage == "rationale" and not self.rationale_hindsight and self.rationale_self_users > 0:
+            raise ValueError(
+                "rationale_self_users > 0 has the model write the hindsight sentence, which "
+                "rationale_hindsight: false leaves out: set rationale_self_users: 0"
+            )
         if self.stage == "rationale" and self.rationale_self_users > 0 and self.rationale_self_tokens < 1:
             raise ValueError("rationale_self_users > 0 needs rationale_self_tokens >= 1 (their budget)")
         if not 0.0 <= self.rationale_self_weight <= 1.0:

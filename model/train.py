@@ -262,7 +262,13 @@ class Trainer:
         window, category = model.prompts.max_history, self.dataset.category
         parts = [
             rationale_parts(
-                r.history_item_ids, r.history_ratings, r.target_item_id, self.facts, category, window
+                r.history_item_ids,
+                r.history_ratings,
+                r.target_item_id,
+                self.facts,
+                category,
+                window,
+                hindsight=cfg.rationale_hindsight,
             )
             for r in rows.itertuples(index=False)
         ]

@@ -1,6 +1,13 @@
 """Rationales from the data alone, checked against hand-written texts."""
 
-from model.rationale import ItemFacts, build_rationale, catalog_facts, next_line, taste_lines
+from model.rationale import (
+    ItemFacts,
+    build_rationale,
+    catalog_facts,
+    next_line,
+    rationale_parts,
+    taste_lines,
+)
 
 ITEMS = [
     {"item_id": "1", "title": "Heat", "year": "1995", "genres": "Action, Crime, Thriller"},
@@ -44,3 +51,11 @@ def test_rationale_names_only_catalog_titles_and_genres():
     named = text.split("Rated highest: ")[1].split(".")[0].split("; ")
     assert set(named) <= {it["title"] for it in ITEMS}
     assert {"Crime", "Thriller"} <= catalog_words
+
+
+def test_rationale_without_hindsight_is_a_function_of_the_history_alone():
+    head, tail = rationale_parts(["1", "2", "3"], [5.0, 4.0, None], "4", FACTS, hindsight=False)
+    assert tail == ""
+    assert "Next:" not in head and head.startswith("Likes ")
+    # another target, the same text: nothing about the next item leaks into the label
+    assert rationale_parts(["1", "2", "3"], [5.0, 4.0, None], "2", FACTS, hindsight=False)[0] == head

@@ -67,12 +67,13 @@ def test_contrastive_step_lowers_the_loss_on_a_fixed_batch(tiny_dataset, tmp_pat
     assert torch.equal(trainer.table.vectors, before) == (negatives == "table")
 
 
-@pytest.mark.parametrize("self_users", [0, 2])
-def test_rationale_step_learns_the_text_and_the_ranking(tiny_dataset, tmp_path, self_users):
+@pytest.mark.parametrize(("self_users", "hindsight"), [(0, True), (2, True), (0, False)])
+def test_rationale_step_learns_the_text_and_the_ranking(tiny_dataset, tmp_path, self_users, hindsight):
     cfg = RecPOConfig(
         stage="rationale",
         per_device_batch_size=4,
         rationale_self_users=self_users,
+        rationale_hindsight=hindsight,
         learning_rate=1e-2,
         **TINY,
     )
@@ -134,6 +135,8 @@ def test_rationale_stage_validates_with_reasoning_and_checks_its_fields():
         RecPOConfig(stage="rationale", negatives="table")
     with pytest.raises(ValueError, match="rationale_self_weight"):
         RecPOConfig(stage="rationale", rationale_self_weight=1.5)
+    with pytest.raises(ValueError, match="rationale_hindsight: false"):
+        RecPOConfig(stage="rationale", rationale_hindsight=False, rationale_self_users=2)
 
 
 def test_logq_correction_subtracts_each_columns_log_target_share(tiny_dataset, tmp_path):
