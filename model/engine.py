@@ -1,0 +1,258 @@
+"""A lean decoder for inference: fused weights, a KV cache in slots, sequences that join and leave.
+
+Why not HF's forward: one decode step of SmolLM2-135M through it is ~1000 small tensor ops of
+Python and dispatch overhead around 211 matmuls, so on 2 CPU cores it reaches ~15% of what
+memory bandwidth allows (BENCHMARKS.md §7). Here a step is the same arithmetic in ~20 ops a
+layer: q/k/v fused into one matmul, gate/up into one, `F.rms_norm`, one SDPA call with grouped
+KV heads, the cache written in place. Optionally the matmuls read int8 weights (per output
+channel scales, `torch._weight_int8pack_mm`), which halves the bytes a batch-1 step reads.
+
+The KV cache has `slots` rows; a sequence lives in one row, and the caller (model/generation.py)
+keeps the live ones packed in rows 0..n-1 (`move` fills a hole), so a decode step of n sequences
+reads plain views of the cache. Each row has its own length; a step masks what lies beyond it.
+
+Numerics follow transformers' Llama (RMSNorm in float32, RoPE tables from the model's own rotary
+module, residual stream in the model's dtype), so h_T and greedy tokens agree with the HF path
+(tests/model/test_engine.py; the agreement table is in BENCHMARKS.md §7).
+
+Supported: Llama-shaped models (Llama, SmolLM2, Mistral without a sliding window) with no
+biases and SiLU MLPs, LoRA merged. `unsupported_reason(lm)` says why another model is not; the
+caller then keeps the HF backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+Quantize = Literal["none", "int8"]
+
+# int8 weight-only matmuls win at small row counts (a decode step) and lose to bf16 GEMMs at
+# large ones (prefill); measured on avx512_bf16: int8 is ~1.9x faster at 1 row, slower at 8.
+INT8_MAX_ROWS = 4
+
+
+def unsupported_reason(lm: torch.nn.Module) -> str | None:
+    """None when `DecoderEngine` can run `lm`, else why not (for logs and errors)."""
+    cfg = getattr(lm, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in ("llama", "mistral"):
+        return f"model type {getattr(cfg, 'model_type', None)!r} is not llama-shaped"
+    if type(lm).__name__.startswith("Peft"):
+        return "a peft model: merge the LoRA adapter first"
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return "attention or MLP biases"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r}"
+    if getattr(cfg, "sliding_window", None):
+        return "sliding-window attention"
+    return None
+
+
+class Linear:
+    """y = x W^T from a (N, K) weight, optionally also kept as int8 with per-row scales."""
+
+    def __init__(self, weight: torch.Tensor, quantize: Quantize) -> None:
+        self.weight = weight.detach().contiguous()
+        self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
+        if quantize == "int8":
+            w = self.weight.float()
+            scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+            q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            self.int8 = (q, scales.to(self.weight.dtype))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (M, K)
+        if self.int8 is not None and x.shape[0] <= INT8_MAX_ROWS:
+            return torch._weight_int8pack_mm(x, *self.int8)
+        return F.linear(x, self.weight)
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    qkv: Linear
+    o: Linear
+    ln2: torch.Tensor
+    gate_up: Linear
+    down: Linear
+
+
+class DecoderEngine:
+    """Inference-only forward of a Llama-shaped causal LM over a slot KV cache.
+
+    All methods run under `torch.inference_mode()` and take plain token id lists; hidden states
+    come back after the final norm (what `R2ec.decoder_hidden` returns), one per call row."""
+
+    def __init__(
+        self, lm: PreTrainedModel, slots: int = 8, max_len: int = 1024, quantize: Quantize = "none"
+    ) -> None:
+        reason = unsupported_reason(lm)
+        if reason is not None:
+            raise ValueError(f"the fast decoder cannot run this model: {reason}")
+        if slots < 1 or max_len < 2:
+            raise ValueError(f"need slots >= 1 and max_len >= 2, got {slots}, {max_len}")
+        cfg = lm.config
+        self.dtype = next(lm.parameters()).dtype
+        if quantize == "int8" and self.dtype != torch.bfloat16:
+            raise ValueError("int8 weights need a bfloat16 model (the int8 kernel reads bf16 activations)")
+        self.device = next(lm.parameters()).device
+        base = lm.get_decoder()
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
+        self.eps = float(cfg.rms_norm_eps)
+        self.embed = base.embed_tokens.weight.detach()
+        self.norm = base.norm.weight.detach()
+        self.lm_head = Linear(lm.get_output_embeddings().weight, quantize)
+        self.layers = []
+        for layer in base.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                _Layer(
+                    ln1=layer.input_layernorm.weight.detach(),
+                    qkv=Linear(
+                        torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]), quantize
+                    ),
+                    o=Linear(att.o_proj.weight, quantize),
+                    ln2=layer.post_attention_layernorm.weight.detach(),
+                    gate_up=Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), quantize),
+                    down=Linear(mlp.down_proj.weight, quantize),
+                )
+            )
+        rotary = base.rotary_emb
+        self._inv_freq = rotary.inv_freq.detach().float()
+        self._rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        self.quantize = quantize
+        self.slots = slots
+        self.lens = [0] * slots
+        self.max_len = 0
+        self._grow(max_len)
+
+    # ------------------------------------------------------------------ cache
+    def _grow(self, max_len: int) -> None:
+        """(Re)allocate the cache and RoPE tables for `max_len` positions, keeping the content."""
+        shape = (len(self.layers), self.slots, self.n_kv, max_len, self.head_dim)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.max_len:
+            k[..., : self.max_len, :] = self.k
+            v[..., : self.max_len, :] = self.v
+        self.k, self.v, self.max_len = k, v, max_len
+        pos = torch.arange(max_len, dtype=torch.float32, device=self.device)
+        freqs = pos[:, None] * self._inv_freq.to(self.device)[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)  # (max_len, head_dim), as transformers builds it
+        self.cos = (emb.cos() * self._rope_scale).to(self.dtype)
+        self.sin = (emb.sin() * self._rope_scale).to(self.dtype)
+
+    def _reserve(self, length: int) -> None:
+        if length > self.max_len:
+            self._grow(max(length, 2 * self.max_len))
+
+    def reset(self, slot: int) -> None:
+        """Forget the sequence in `slot` (its rows are overwritten by the next one)."""
+        self.lens[slot] = 0
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy the sequence in `src` to `dst` (to keep live sequences packed) and free `src`."""
+        if src == dst:
+            return
+        n = self.lens[src]
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lens[dst], self.lens[src] = n, 0
+
+    # ------------------------------------------------------------------ forward
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return w * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def _qkv(self, layer: _Layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, H) -> q (rows, heads, d), k and v (rows, kv heads, d)."""
+        h = layer.qkv(self._rms(x, layer.ln1))
+        d, nq, nk = self.head_dim, self.n_heads, self.n_kv
+        q, k, v = h.split([nq * d, nk * d, nk * d], dim=-1)
+        return q.view(-1, nq, d), k.view(-1, nk, d), v.view(-1, nk, d)
+
+    def _finish_layer(self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        x = x + layer.o(attn)
+        gate, up = layer.gate_up(self._rms(x, layer.ln2)).chunk(2, dim=-1)
+        return x + layer.down(F.silu(gate) * up)
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: Sequence[int]) -> torch.Tensor:
+        """Append `ids` to the sequence in `slot` (empty after `reset`); final hidden states of
+        the new positions, (T, H). Used for prompts and for the closing marker after reasoning."""
+        start, T = self.lens[slot], len(ids)
+        if T == 0:
+            raise ValueError("prefill needs at least one token")
+        self._reserve(start + T)
+        x = self.embed[torch.tensor(list(ids), device=self.device)]  # (T, H)
+        cos, sin = self.cos[start : start + T, None], self.sin[start : start + T, None]  # (T, 1, d)
+        total = start + T
+        mask = None
+        if start and T > 1:  # new positions see the cached ones and each other causally
+            mask = torch.ones(T, total, dtype=torch.bool, device=self.device).tril(start)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            self.k[i, slot, :, start:total] = k.transpose(0, 1)
+            self.v[i, slot, :, start:total] = v.transpose(0, 1)
+            attn = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],  # (1, heads, T, d)
+                self.k[i, slot, None, :, :total],
+                self.v[i, slot, None, :, :total],
+                attn_mask=mask,
+                is_causal=start == 0 and T > 1,
+                enable_gqa=self.n_kv != self.n_heads,
+            )[0]  # (heads, T, d)
+            x = self._finish_layer(layer, x, attn.transpose(0, 1).reshape(T, -1))
+        self.lens[slot] = total
+        return self._rms(x, self.norm)
+
+    @torch.inference_mode()
+    def decode(self, tokens: Sequence[int]) -> torch.Tensor:
+        """One step for the sequences in slots 0..n-1 (n = len(tokens)), each appending its
+        token; final hidden states (n, H)."""
+        n = len(tokens)
+        if not 0 < n <= self.slots:
+            raise ValueError(f"decode takes 1..{self.slots} tokens, got {n}")
+        lens = self.lens[:n]
+        if min(lens) == 0:
+            raise ValueError("decode on an empty slot: prefill its prompt first")
+        self._reserve(max(lens) + 1)
+        pos = torch.tensor(lens, device=self.device)  # (n,): where each new token goes
+        rows = torch.arange(n, device=self.device)
+        width = max(lens) + 1
+        mask = (torch.arange(width, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        x = self.embed[torch.tensor(list(tokens), device=self.device)]  # (n, H)
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (n, 1, d)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            self.k[i][rows, :, pos] = k  # (n, kv heads, d) into each row's next position
+            self.v[i][rows, :, pos] = v
+            attn = F.scaled_dot_product_attention(
+                q[:, :, None],  # (n, heads, 1, d)
+                self.k[i, :n, :, :width],
+                self.v[i, :n, :, :width],
+                attn_mask=mask,
+                enable_gqa=self.n_kv != self.n_heads,
+            )  # (n, heads, 1, d)
+            x = self._finish_layer(layer, x, attn.reshape(n, -1))
+        for j in range(n):
+            self.lens[j] += 1
+        return self._rms(x, self.norm)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head on final hidden states: (rows, H) -> (rows, vocab) float32."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,284 @@
+"""Generation backends: how reasoning is written and h_T read, behind one seam.
+
+A backend turns prompts into (reasoning, h_T) for a batch:
+
+- `hf`: transformers' `generate`, then a second forward over [prompt; reasoning; marker] for
+  h_T (`R2ec.reason_from_ids` + `R2ec.user_vectors_from_ids`). The reference: every other
+  backend is checked against it (tests/model/test_engine.py, bench/bench_decode.py).
+- `engine`: model/engine.py's lean decoder. h_T comes from the generation's own KV cache: after
+  the last reasoning token only that token and the closing marker are run (no second pass).
+  Optionally int8 weights (`quantize="int8"`).
+
+`ContinuousDecoder` is the engine's scheduler, the vLLM idea on a small scale: sequences join
+the running decode batch at a token boundary (`add`, admitted by the next `step`) and leave
+when they stop (EOS, end of turn or budget), so nobody waits for a whole batch to finish. The
+service drives it one `step` at a time (service/continuous.py); `EngineBackend.generate` drives
+it to completion for a fixed batch (training, eval, the static batcher).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from model.engine import DecoderEngine, Quantize, unsupported_reason
+from model.r2ec import GenerationSettings, R2ec, Rollout
+
+log = logging.getLogger(__name__)
+
+BackendName = Literal["hf", "engine"]
+
+
+class Backend(Protocol):
+    name: str
+
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings
+    ) -> tuple[Rollout, torch.Tensor]:
+        """Reasoning for each prompt and the normalised h_T after [prompt; reasoning; marker],
+        (B, H) float32 on the CPU."""
+        ...
+
+
+class HFBackend:
+    """transformers' generate, then a second forward for h_T (the reference)."""
+
+    name = "hf"
+
+    def __init__(self, model: R2ec) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings
+    ) -> tuple[Rollout, torch.Tensor]:
+        rollout = self.model.reason_from_ids([list(p) for p in prompt_ids], settings)
+        vectors = self.model.user_vectors_from_ids(rollout.prompt_ids, rollout.completion_ids)
+        return rollout, vectors.cpu()
+
+
+@dataclass(eq=False)
+class Sequence_:
+    """One prompt in the continuous decoder: what it asked, what it has written so far."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    completion_ids: list[int] = field(default_factory=list)
+    # called on the decoding thread with each new piece of text (see `TextStream`)
+    on_text: Callable[[str], None] | None = None
+    vector: torch.Tensor | None = None  # normalised h_T (H,) float32, once finished
+    text: str = ""
+    done: bool = False
+    cancelled: bool = False
+    slot: int = -1
+    _stream: TextStream | None = None
+
+
+class TextStream:
+    """Incremental detokenisation whose pieces concatenate to the final text exactly.
+
+    The final text is `decode(ids, skip_special_tokens=True).strip()` (as `R2ec.reason` returns
+    it), so leading whitespace is never sent, trailing whitespace is held back until text
+    follows it, and a piece that ends inside a multi-byte character waits for the rest."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.sent = ""
+
+    def update(self, ids: Sequence[int], final: bool = False) -> str:
+        text = self.tokenizer.decode(list(ids), skip_special_tokens=True).lstrip()
+        if final:
+            text = text.rstrip()
+        else:
+            if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence
+                return ""
+            text = text.rstrip()
+        if not text.startswith(self.sent):  # a later token changed how earlier ones decode
+            return ""
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
+
+
+class ContinuousDecoder:
+    """Token-level scheduling of prompts over a `DecoderEngine` (module docstring).
+
+    Not thread-safe: one thread calls `add`, `cancel` and `step` (the service's model thread).
+    `max_prefill_per_step` bounds how many new prompts one step admits, so a burst of arrivals
+    delays the running sequences' next token by at most that many prefills."""
+
+    def __init__(
+        self,
+        model: R2ec,
+        engine: DecoderEngine,
+        settings: GenerationSettings = GenerationSettings(),
+        max_prefill_per_step: int = 1,
+    ) -> None:
+        self.model = model
+        self.engine = engine
+        self.settings = settings
+        self.max_prefill_per_step = max_prefill_per_step
+        self.marker = list(model._marker_ids)
+        self.stop = set(model.stop_ids)
+        self.waiting: deque[Sequence_] = deque()
+        self.active: list[Sequence_] = []  # active[i] lives in engine slot i
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.active
+
+    @property
+    def capacity(self) -> int:
+        return self.engine.slots
+
+    def add(self, seq: Sequence_) -> Sequence_:
+        if seq.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {seq.max_new_tokens}")
+        if not seq.prompt_ids:
+            raise ValueError("empty prompt")
+        seq._stream = TextStream(self.model.tokenizer) if seq.on_text is not None else None
+        self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq: Sequence_) -> None:
+        """Drop a sequence (its client went away); its slot is free for the next step."""
+        seq.cancelled = True
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.active:
+            self._release(seq)
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[Sequence_]:
+        """Admit waiting prompts into free slots, then one decode step for every live sequence.
+        Returns the sequences that finished in this step (with text and h_T)."""
+        finished: list[Sequence_] = []
+        admitted = 0
+        while self.waiting and len(self.active) < self.engine.slots and admitted < self.max_prefill_per_step:
+            seq = self.waiting.popleft()
+            admitted += 1
+            if self._admit(seq):
+                finished.append(seq)
+        if self.active:
+            hidden = self.engine.decode([s.completion_ids[-1] for s in self.active])
+            tokens = self._next_tokens(self.engine.logits(hidden))
+            for seq, token in zip(list(self.active), tokens, strict=True):
+                if self._append(seq, token):
+                    finished.append(seq)
+        return finished
+
+    def _admit(self, seq: Sequence_) -> bool:
+        """Prefill a prompt into the next free slot; True when it is already finished (budget 0,
+        or its first token stops it)."""
+        slot = len(self.active)
+        self.engine.reset(slot)
+        seq.slot = slot
+        if seq.max_new_tokens == 0:  # no reasoning: h_T straight after [prompt; marker]
+            hidden = self.engine.prefill(slot, seq.prompt_ids + self.marker)
+            self._done(seq, hidden[-1])
+            self.engine.reset(slot)
+            return True
+        hidden = self.engine.prefill(slot, seq.prompt_ids)
+        self.active.append(seq)
+        token = self._next_tokens(self.engine.logits(hidden[-1:]))[0]
+        return self._append(seq, token)
+
+    def _next_tokens(self, logits: torch.Tensor) -> list[int]:
+        s = self.settings
+        if not s.do_sample:
+            return logits.argmax(dim=-1).tolist()
+        logits = logits / s.temperature
+        if s.top_k:
+            kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(F.softmax(logits, dim=-1), 1)[:, 0].tolist()
+
+    def _append(self, seq: Sequence_, token: int) -> bool:
+        """Record a written token; when it ends the sequence, read h_T and free the slot."""
+        seq.completion_ids.append(int(token))
+        ended = token in self.stop or len(seq.completion_ids) >= seq.max_new_tokens
+        if seq._stream is not None and seq.on_text is not None and not ended:
+            piece = seq._stream.update(seq.completion_ids)
+            if piece:
+                _call(seq.on_text, piece)
+        if not ended:
+            return False
+        # The KV cache holds the prompt and every written token but the last: run that token
+        # and the closing marker, and h_T is the marker's last hidden state. No second pass.
+        hidden = self.engine.prefill(seq.slot, [seq.completion_ids[-1]] + self.marker)
+        self._done(seq, hidden[-1])
+        self._release(seq)
+        return True
+
+    def _done(self, seq: Sequence_, h_t: torch.Tensor) -> None:
+        seq.vector = F.normalize(h_t.float(), dim=-1).cpu()
+        ids = seq.completion_ids
+        seq.text = self.model.tokenizer.decode(ids, skip_special_tokens=True).strip() if ids else ""
+        if seq._stream is not None and seq.on_text is not None:
+            piece = seq._stream.update(ids, final=True)
+            if piece:
+                _call(seq.on_text, piece)
+        seq.done = True
+
+    def _release(self, seq: Sequence_) -> None:
+        """Free the sequence's slot, moving the last live sequence into it (rows stay packed)."""
+        i = self.active.index(seq)
+        last = len(self.active) - 1
+        if i != last:
+            self.engine.move(last, i)
+            self.active[i] = self.active[last]
+            self.active[i].slot = i
+        else:
+            self.engine.reset(i)
+        self.active.pop()
+
+
+def _call(fn: Callable[[str], None], piece: str) -> None:
+    try:
+        fn(piece)
+    except Exception:  # a listener's failure must not stop the decode batch
+        log.exception("on_text callback failed")
+
+
+class EngineBackend:
+    """The lean decoder (model/engine.py) with h_T from its KV cache."""
+
+    name = "engine"
+
+    def __init__(self, model: R2ec, slots: int = 8, quantize: Quantize = "none", max_len: int = 1024) -> None:
+        self.model = model
+        self.engine = DecoderEngine(model.lm, slots=slots, max_len=max_len, quantize=quantize)
+
+    def decoder(self, settings: GenerationSettings = GenerationSettings()) -> ContinuousDecoder:
+        return ContinuousDecoder(self.model, self.engine, settings, max_prefill_per_step=self.engine.slots)
+
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings
+    ) -> tuple[Rollout, torch.Tensor]:
+        decoder = self.decoder(settings)
+        seqs = [decoder.add(Sequence_(list(p), settings.max_new_tokens)) for p in prompt_ids]
+        while not decoder.idle:
+            decoder.step()
+        rollout = Rollout(
+            [list(p) for p in prompt_ids], [s.completion_ids for s in seqs], [s.text for s in seqs]
+        )
+        return rollout, torch.stack([s.vector for s in seqs])
+
+
+def make_backend(
+    model: R2ec, name: BackendName = "engine", slots: int = 8, quantize: Quantize = "none"
+) -> Backend:
+    """`engine` when the model supports it (else `hf`, logged), `hf` when asked."""
+    if name == "engine":
+        reason = unsupported_reason(model.lm)
+        if reason is None:
+            return EngineBackend(model, slots=slots, quantize=quantize)
+        log.warning("generation backend 'engine' cannot run this model (%s); using 'hf'", reason)
+    elif name != "hf":
+        raise ValueError(f"unknown generation backend {name!r}: use 'hf' or 'engine'")
+    return HFBackend(model)

@@ -1,0 +1,146 @@
+"""The lean decoder (model/engine.py) and the generation backends (model/generation.py) against
+the transformers reference, on the tiny float32 model where both must agree to rounding."""
+
+import pytest
+import torch
+
+from model.engine import DecoderEngine, unsupported_reason
+from model.generation import ContinuousDecoder, EngineBackend, HFBackend, Sequence_, TextStream, make_backend
+from model.prompts import HistoryEntry
+from model.r2ec import GenerationSettings
+
+HISTORIES = [
+    [HistoryEntry("Toy Story", 5.0), HistoryEntry("Fargo", 4.0), HistoryEntry("Heat", 3.0)],
+    [HistoryEntry("Star Wars", 5.0)],
+    [HistoryEntry("Babe", 2.0), HistoryEntry("Casino", 4.5), HistoryEntry("Heat", 1.0)],
+]
+
+
+def _reference_hidden(model, ids):
+    with torch.no_grad():
+        return model.lm.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state[0]
+
+
+def test_prefill_and_decode_give_the_reference_hidden_states(tiny_model):
+    # rows of different lengths decode together; the cache starts too small and grows
+    engine = DecoderEngine(tiny_model.lm, slots=3, max_len=8)
+    seqs = [list(range(5, 17)), list(range(30, 37)), list(range(40, 59))]
+    got = [[engine.prefill(j, s[:3])] for j, s in enumerate(seqs)]
+    for step in range(3, 6):
+        hidden = engine.decode([s[step] for s in seqs])
+        for j in range(3):
+            got[j].append(hidden[j : j + 1])
+    for j, s in enumerate(seqs):
+        got[j].append(engine.prefill(j, s[6:]))  # a prefill that continues a cached sequence
+        torch.testing.assert_close(torch.cat(got[j]), _reference_hidden(tiny_model, s), atol=1e-4, rtol=1e-4)
+    assert engine.lens == [12, 7, 19] and engine.max_len >= 19
+
+
+def test_move_keeps_a_sequence_intact(tiny_model):
+    engine = DecoderEngine(tiny_model.lm, slots=2, max_len=16)
+    engine.prefill(1, [5, 6, 7, 8])
+    engine.move(1, 0)
+    assert engine.lens == [4, 0]
+    hidden = engine.decode([9])
+    torch.testing.assert_close(
+        hidden[0], _reference_hidden(tiny_model, [5, 6, 7, 8, 9])[-1], atol=1e-4, rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize("budget", [0, 1, 12])
+def test_engine_backend_matches_hf_tokens_and_vectors(tiny_model, budget):
+    prompts = tiny_model.user_prompt_ids(HISTORIES)
+    settings = GenerationSettings(max_new_tokens=budget)
+    ref, ref_vecs = HFBackend(tiny_model).generate(prompts, settings)
+    got, vecs = EngineBackend(tiny_model, slots=2).generate(prompts, settings)  # 3 prompts, 2 slots
+    assert got.completion_ids == ref.completion_ids
+    assert got.texts == ref.texts
+    assert vecs.shape == ref_vecs.shape == (3, tiny_model.hidden_size)
+    assert torch.nn.functional.cosine_similarity(vecs, ref_vecs).min() > 0.9999
+
+
+def test_a_sequence_joining_mid_decode_gets_what_it_gets_alone(tiny_model):
+    prompts = tiny_model.user_prompt_ids(HISTORIES)
+    settings = GenerationSettings(max_new_tokens=10)
+    alone, alone_vecs = HFBackend(tiny_model).generate(prompts, settings)
+    backend = EngineBackend(tiny_model, slots=3)
+    decoder = ContinuousDecoder(tiny_model, backend.engine, settings)
+    first = decoder.add(Sequence_(prompts[0], 10))
+    decoder.step()
+    decoder.step()
+    later = [decoder.add(Sequence_(p, 10)) for p in prompts[1:]]  # join at a token boundary
+    finished = []
+    while not decoder.idle:
+        finished += decoder.step()
+    assert {id(s) for s in finished} == {id(s) for s in [first, *later]}
+    for i, seq in enumerate([first, *later]):
+        assert seq.done and seq.completion_ids == alone.completion_ids[i]
+        assert torch.nn.functional.cosine_similarity(seq.vector, alone_vecs[i], dim=0) > 0.9999
+
+
+def test_cancel_frees_the_slot_and_the_rest_are_unaffected(tiny_model):
+    prompts = tiny_model.user_prompt_ids(HISTORIES)
+    settings = GenerationSettings(max_new_tokens=10)
+    alone, _ = HFBackend(tiny_model).generate(prompts, settings)
+    backend = EngineBackend(tiny_model, slots=2)
+    decoder = ContinuousDecoder(tiny_model, backend.engine, settings, max_prefill_per_step=2)
+    a, b, c = (decoder.add(Sequence_(p, 10)) for p in prompts)
+    decoder.step()
+    assert decoder.active == [a, b] and list(decoder.waiting) == [c]
+    decoder.cancel(a)  # b moves into slot 0
+    assert decoder.active == [b] and b.slot == 0
+    while not decoder.idle:
+        decoder.step()
+    assert not a.done and a.cancelled
+    assert b.completion_ids == alone.completion_ids[1] and c.completion_ids == alone.completion_ids[2]
+
+
+def test_streamed_pieces_concatenate_to_the_final_text(tiny_model):
+    prompts = tiny_model.user_prompt_ids(HISTORIES)
+    decoder = EngineBackend(tiny_model, slots=3).decoder(GenerationSettings(max_new_tokens=16))
+    pieces: list[list[str]] = [[], [], []]
+    seqs = [decoder.add(Sequence_(p, 16, on_text=pieces[i].append)) for i, p in enumerate(prompts)]
+    while not decoder.idle:
+        decoder.step()
+    for seq, got in zip(seqs, pieces, strict=True):
+        assert "".join(got) == seq.text
+        assert len(got) > 1 or len(seq.completion_ids) <= 2  # it really streamed
+
+
+def test_text_stream_holds_back_whitespace_and_broken_characters(tiny_model):
+    tok = tiny_model.tokenizer
+    stream = TextStream(tok)
+    ids = tok.encode("  café au lait  ", add_special_tokens=False)
+    pieces = [stream.update(ids[: i + 1]) for i in range(len(ids))] + [stream.update(ids, final=True)]
+    assert "".join(pieces) == "café au lait"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_int8_weights_stay_close_to_the_model(tiny_model):
+    import copy
+
+    lm = copy.deepcopy(tiny_model.lm).to(torch.bfloat16)
+    ids = list(range(5, 40))
+    ref = DecoderEngine(lm, slots=1).prefill(0, ids)
+    engine = DecoderEngine(lm, slots=1, quantize="int8")
+    engine.prefill(0, ids[:-1])
+    last = engine.decode([ids[-1]])  # one row: the int8 kernel
+    assert torch.nn.functional.cosine_similarity(last[0].float(), ref[-1].float(), dim=0) > 0.99
+    with pytest.raises(ValueError, match="bfloat16"):
+        DecoderEngine(tiny_model.lm, quantize="int8")  # a float32 model
+
+
+def test_unsupported_models_fall_back_to_hf(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    assert unsupported_reason(tiny_model.lm) is None
+    import copy
+
+    peft_lm = get_peft_model(copy.deepcopy(tiny_model.lm), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert "merge" in unsupported_reason(peft_lm)
+    model = copy.copy(tiny_model)
+    model.lm = peft_lm
+    assert make_backend(model, "engine").name == "hf"
+    assert make_backend(tiny_model, "engine").name == "engine"
+    with pytest.raises(ValueError, match="unknown generation backend"):
+        make_backend(tiny_model, "vllm")  # type: ignore[arg-type]
