@@ -111,6 +111,7 @@ class DecoderEngine:
         self.layers = []
         for layer in base.layers:
             att, mlp = layer.self_attn, layer.mlp
+            qkv = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])
             self.layers.append(
                 _Layer(
                     ln1=layer.input_layernorm.weight.detach(),

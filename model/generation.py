@@ -33,6 +33,7 @@ from model.r2ec import GenerationSettings, R2ec, Rollout
 log = logging.getLogger(__name__)
 
 BackendName = Literal["hf", "engine"]
+GREEDY = GenerationSettings()
 
 
 class Backend(Protocol):
@@ -116,7 +117,7 @@ class ContinuousDecoder:
         self,
         model: R2ec,
         engine: DecoderEngine,
-        settings: GenerationSettings = GenerationSettings(),
+        settings: GenerationSettings = GREEDY,
         max_prefill_per_step: int = 1,
     ) -> None:
         self.model = model
@@ -254,7 +255,7 @@ class EngineBackend:
         self.model = model
         self.engine = DecoderEngine(model.lm, slots=slots, max_len=max_len, quantize=quantize)
 
-    def decoder(self, settings: GenerationSettings = GenerationSettings()) -> ContinuousDecoder:
+    def decoder(self, settings: GenerationSettings = GREEDY) -> ContinuousDecoder:
         return ContinuousDecoder(self.model, self.engine, settings, max_prefill_per_step=self.engine.slots)
 
     def generate(
