@@ -115,9 +115,7 @@ class DecoderEngine:
             self.layers.append(
                 _Layer(
                     ln1=layer.input_layernorm.weight.detach(),
-                    qkv=Linear(
-                        torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]), quantize
-                    ),
+                    qkv=Linear(qkv, quantize),
                     o=Linear(att.o_proj.weight, quantize),
                     ln2=layer.post_attention_layernorm.weight.detach(),
                     gate_up=Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), quantize),
