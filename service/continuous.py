@@ -1,0 +1,306 @@
+"""Continuous batching: requests join the running decode at a token boundary and leave when done.
+
+The MicroBatcher (service/batcher.py) runs one `generate` to completion per batch, so a request
+that arrives meanwhile waits for the whole batch (BENCHMARKS.md §4: p50 23.5 s at concurrency
+32). Here the model thread runs *ticks*: each tick admits waiting requests into free decode
+slots, then advances every live sequence by one token (model/generation.py, ContinuousDecoder),
+and answers those that finished. Between ticks the model thread is free for other work (item
+edits, reloads), and the event loop resolves futures.
+
+Contract (tests/service/test_continuous.py), the MicroBatcher's where it applies:
+- `submit(item)` returns one asyncio future; the runner's output for that item resolves it (an
+  exception instance fails only that request).
+- At most `slots` requests are in the decode at once; with `max_queue`, at most that many more
+  wait, and one more is refused at once with `QueueFull` (`retry_after_s` estimated from recent
+  request times).
+- A request cancelled while waiting is never admitted; one cancelled while decoding is dropped
+  at the next tick and its slot goes to the next request.
+- A runner that raises fails the requests it was running with `BatchFailed`; the loop goes on.
+- `drain(grace_s)`: new requests are refused with `ShuttingDown`; the running and queued ones
+  are served until the deadline, then every unanswered one fails with `ShuttingDown`.
+- The runner is asked for again at every tick (`get_runner`), so a reload's new model takes new
+  requests while the old one finishes the sequences it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from service.batcher import (
+    BATCH_TIME_SMOOTHING,
+    RETRY_AFTER_MAX_S,
+    BatcherClosed,
+    BatchFailed,
+    QueueFull,
+    ShuttingDown,
+)
+
+log = logging.getLogger(__name__)
+
+Q = TypeVar("Q")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Running:
+    """What `StepRunner.add` returns for a request that now decodes: its handle."""
+
+    handle: Hashable
+
+
+class StepRunner(Protocol[Q, R]):
+    """The model-thread half: it owns the decode state. Every method runs on the model thread."""
+
+    def add(self, item: Q) -> Running | R | BaseException:
+        """Start a request: `Running(handle)` while it decodes, or its output at once (an
+        error, or a request that needs no decoding step)."""
+        ...
+
+    def step(self) -> Sequence[tuple[Hashable, R | BaseException]]:
+        """Advance every running request by one token; (handle, output) for those that ended."""
+        ...
+
+    def cancel(self, handle: Hashable) -> None: ...
+
+    @property
+    def idle(self) -> bool: ...
+
+
+@dataclass(eq=False)
+class _Request(Generic[Q]):
+    item: Q
+    future: asyncio.Future
+    enqueued: float
+    handle: Any = None
+    runner: Any = None
+    started: float = 0.0
+
+
+class ContinuousBatcher(Generic[Q, R]):
+    def __init__(
+        self,
+        slots: int,
+        get_runner: Callable[[], StepRunner[Q, R]],
+        *,
+        executor: Executor | None = None,
+        on_batch: Callable[[int], None] | None = None,
+        on_queue_depth: Callable[[int], None] | None = None,
+        max_queue: int | None = None,
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if max_queue is not None and max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1 (or None: unbounded), got {max_queue}")
+        self.slots = slots
+        self.max_queue = max_queue
+        self.get_runner = get_runner
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="r2ec-batch")
+        self._on_batch = on_batch or (lambda n: None)
+        self._on_depth = on_queue_depth or (lambda n: None)
+        self._pending: deque[_Request[Q]] = deque()
+        self._running: list[_Request[Q]] = []  # admitted, decoding
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._request_s: float | None = None  # smoothed seconds from admission to answer
+        self._deadline: float | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self.ticks = 0  # model-thread ticks run, for tests and logs
+        self.batches = 0  # admissions (MicroBatcher's name: callers count work with it)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self._worker is not None:
+            return
+        self._wakeup = asyncio.Event()
+        self._worker = asyncio.create_task(self._run(), name="r2ec-continuous-batcher")
+
+    async def stop(self) -> None:
+        """Stop the worker; requests still waiting or decoding fail with BatcherClosed."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.cancel()
+            try:
+                await worker
+            except asyncio.CancelledError:
+                pass
+        for r in [*self._pending, *self._running]:
+            if not r.future.done():
+                r.future.set_exception(BatcherClosed("the service is shutting down"))
+        self._pending.clear()
+        self._running.clear()
+        self._on_depth(0)
+        if self._own_executor:
+            self._executor.shutdown(wait=False)
+
+    def drain(self, grace_s: float) -> None:
+        if self._deadline is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + grace_s
+        self._expiry = loop.call_later(grace_s, self._expire)
+        log.info(
+            "draining: %d queued, %d decoding, %.1fs to answer them",
+            len(self._pending),
+            len(self._running),
+            grace_s,
+        )
+
+    def _expire(self) -> None:
+        refused = 0
+        for r in [*self._running, *self._pending]:
+            if not r.future.done():
+                r.future.set_exception(ShuttingDown("the service is shutting down; retry"))
+                refused += 1
+        self._pending.clear()
+        self._on_depth(0)
+        if refused:
+            log.warning("drain deadline: refused %d unanswered requests", refused)
+
+    @property
+    def draining(self) -> bool:
+        return self._deadline is not None
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
+    @property
+    def idle(self) -> bool:
+        return not self._running and self._live_count() == 0
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def _live_count(self) -> int:
+        return sum(1 for r in self._pending if not r.future.done())
+
+    def retry_after_s(self) -> float:
+        """When a refused request might find room: the queue ahead, `slots` at a time, at the
+        recent time per request."""
+        per_request = self._request_s if self._request_s is not None else 1.0
+        rounds = math.ceil(self._live_count() / self.slots) + 1
+        return min(RETRY_AFTER_MAX_S, max(1.0, rounds * per_request))
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, item: Q) -> asyncio.Future:
+        if self.draining:
+            raise ShuttingDown("the service is shutting down; retry")
+        if not self.running or self._wakeup is None:
+            raise BatcherClosed("the batcher is not running")
+        if self.max_queue is not None and self._live_count() >= self.max_queue:
+            raise QueueFull(
+                f"overloaded: {self.max_queue} requests are already waiting (R2EC_MAX_QUEUE); retry",
+                self.retry_after_s(),
+            )
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append(_Request(item, future, loop.time()))
+        self._on_depth(len(self._pending))
+        self._wakeup.set()
+        return future
+
+    # ------------------------------------------------------------------ worker
+    async def _run(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending and not self._running:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            admit: list[_Request[Q]] = []
+            while self._pending and len(self._running) + len(admit) < self.slots:
+                r = self._pending.popleft()
+                if not r.future.done():  # cancelled while waiting: never admitted
+                    admit.append(r)
+            self._on_depth(len(self._pending))
+            cancelled = [r for r in self._running if r.future.done()]
+            self._running = [r for r in self._running if not r.future.done()]
+            running = list(self._running)
+            try:
+                answered = await loop.run_in_executor(self._executor, self._tick, admit, running, cancelled)
+            except asyncio.CancelledError:
+                for r in [*admit, *running]:
+                    if not r.future.done():
+                        r.future.set_exception(BatcherClosed("the service is shutting down"))
+                raise
+            except Exception as exc:  # the runner broke: fail what it held, keep serving
+                log.exception("decode step failed with %d requests", len(admit) + len(running))
+                for r in [*admit, *running]:
+                    self._fail(r, exc)
+                self._running = []
+                continue
+            self.ticks += 1
+            now = time.perf_counter()
+            done_ids = set()
+            for r, output in answered:
+                done_ids.add(id(r))
+                w = BATCH_TIME_SMOOTHING
+                took = now - r.started
+                self._request_s = took if self._request_s is None else (1 - w) * self._request_s + w * took
+                if r.future.done():  # cancelled or refused by the drain meanwhile
+                    continue
+                if isinstance(output, BaseException):
+                    r.future.set_exception(output)
+                else:
+                    r.future.set_result(output)
+            self._running = [
+                r for r in [*self._running, *admit] if id(r) not in done_ids and r.handle is not None
+            ]
+            for r in admit:
+                if r.handle is not None:
+                    self._on_batch(len(self._running))
+                    self.batches += 1
+
+    def _fail(self, r: _Request[Q], exc: Exception) -> None:
+        if not r.future.done():
+            failed = BatchFailed(f"decode step failed: {type(exc).__name__}: {exc}")
+            failed.__cause__ = exc
+            r.future.set_exception(failed)
+
+    def _tick(
+        self, admit: list[_Request[Q]], running: list[_Request[Q]], cancelled: list[_Request[Q]]
+    ) -> list[tuple[_Request[Q], R | BaseException]]:
+        """On the model thread: drop the cancelled, admit the new, advance everyone one token."""
+        for r in cancelled:
+            if r.handle is not None:
+                r.runner.cancel(r.handle)
+        answered: list[tuple[_Request[Q], R | BaseException]] = []
+        runner = self.get_runner()
+        for r in admit:
+            r.started = time.perf_counter()
+            try:
+                out = runner.add(r.item)
+            except Exception as exc:  # one bad request must not stop the others
+                log.exception("admitting a request failed")
+                answered.append((r, _batch_failed(exc)))
+                continue
+            if isinstance(out, Running):
+                r.handle, r.runner = out.handle, runner
+            else:
+                answered.append((r, out))  # type: ignore[arg-type]
+        by_runner: dict[int, tuple[StepRunner, dict[Any, _Request[Q]]]] = {}
+        for r in [*running, *(a for a in admit if a.handle is not None)]:
+            by_runner.setdefault(id(r.runner), (r.runner, {}))[1][r.handle] = r
+        for run, handles in by_runner.values():  # normally one; two while a reload's old one drains
+            for handle, output in run.step():
+                if handle in handles:
+                    answered.append((handles[handle], output))
+        return answered
+
+
+def _batch_failed(exc: Exception) -> BatchFailed:
+    failed = BatchFailed(f"{type(exc).__name__}: {exc}")
+    failed.__cause__ = exc
+    return failed

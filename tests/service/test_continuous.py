@@ -1,0 +1,197 @@
+"""The ContinuousBatcher contract (service/continuous.py) with a counting runner instead of a model:
+item n decodes for n steps and answers 10 * n; a negative item is refused at admission."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+
+import pytest
+
+from service.batcher import BatcherClosed, BatchFailed, QueueFull, ShuttingDown
+from service.continuous import ContinuousBatcher, Running
+
+pytestmark = pytest.mark.asyncio
+
+
+class Counter:
+    def __init__(self, gate: threading.Event | None = None, fail_at_step: int | None = None) -> None:
+        self.left: dict[int, int] = {}
+        self.items: dict[int, int] = {}
+        self.ids = itertools.count()
+        self.steps: list[list[int]] = []  # the items advanced together, per step
+        self.cancelled: list[int] = []
+        self.threads: set[str] = set()
+        self.gate = gate
+        self.fail_at_step = fail_at_step
+
+    def add(self, item: int):
+        self.threads.add(threading.current_thread().name)
+        if item < 0:
+            return ValueError(f"bad {item}")
+        if item == 0:
+            return 0
+        handle = next(self.ids)
+        self.left[handle], self.items[handle] = item, item
+        return Running(handle)
+
+    def step(self):
+        if self.gate is not None:
+            self.gate.wait(5)
+        if self.fail_at_step is not None and len(self.steps) == self.fail_at_step:
+            self.steps.append([])
+            raise RuntimeError("boom")
+        self.steps.append(sorted(self.items[h] for h in self.left))
+        done = []
+        for h in list(self.left):
+            self.left[h] -= 1
+            if self.left[h] == 0:
+                del self.left[h]
+                done.append((h, 10 * self.items[h]))
+        return done
+
+    def cancel(self, handle):
+        self.cancelled.append(self.items[handle])
+        self.left.pop(handle, None)
+
+    @property
+    def idle(self):
+        return not self.left
+
+
+async def started(b: ContinuousBatcher) -> ContinuousBatcher:
+    await b.start()
+    return b
+
+
+async def test_a_short_request_joins_and_leaves_while_a_long_one_decodes():
+    runner = Counter()
+    sizes: list[int] = []
+    b = await started(ContinuousBatcher(4, lambda: runner, on_batch=sizes.append))
+    try:
+        long = b.submit(50)
+        while b.ticks < 3:
+            await asyncio.sleep(0.001)
+        short = b.submit(2)
+        assert await short == 20
+        assert not long.done()  # the short one did not wait for the long one's batch
+        assert await long == 500
+    finally:
+        await b.stop()
+    assert [2, 50] in runner.steps  # they decoded side by side
+    assert sizes == [1, 2] and b.batches == 2
+    assert runner.threads and all(t.startswith("r2ec-batch") for t in runner.threads)
+
+
+async def test_at_most_slots_decode_at_once_and_every_request_is_answered():
+    runner = Counter()
+    b = await started(ContinuousBatcher(2, lambda: runner))
+    try:
+        results = await asyncio.gather(*(b.submit(n) for n in (3, 1, 2, 4, 1)))
+    finally:
+        await b.stop()
+    assert results == [30, 10, 20, 40, 10]
+    assert max(len(s) for s in runner.steps) == 2
+
+
+async def test_immediate_outputs_and_per_request_errors():
+    b = await started(ContinuousBatcher(2, Counter))
+    try:
+        ok, bad, none = b.submit(1), b.submit(-1), b.submit(0)
+        assert await ok == 10 and await none == 0
+        with pytest.raises(ValueError, match="bad -1"):
+            await bad
+    finally:
+        await b.stop()
+
+
+async def test_the_queue_is_bounded_beyond_the_slots():
+    gate = threading.Event()
+    runner = Counter(gate=gate)
+    b = await started(ContinuousBatcher(1, lambda: runner, max_queue=2))
+    try:
+        first = b.submit(1)
+        while not runner.left:  # admitted, its step held by the gate
+            await asyncio.sleep(0.001)
+        queued = [b.submit(1), b.submit(1)]
+        with pytest.raises(QueueFull) as err:
+            b.submit(1)
+        assert err.value.retry_after_s >= 1.0
+        gate.set()
+        assert await asyncio.gather(first, *queued) == [10, 10, 10]
+    finally:
+        gate.set()
+        await b.stop()
+
+
+async def test_a_cancelled_request_leaves_at_the_next_tick_and_frees_its_slot():
+    runner = Counter()
+    b = await started(ContinuousBatcher(1, lambda: runner))
+    try:
+        doomed = b.submit(1000)
+        while b.ticks < 2:
+            await asyncio.sleep(0.001)
+        waiting_cancel = b.submit(5)
+        waiting_cancel.cancel()  # never admitted
+        after = b.submit(3)
+        doomed.cancel()
+        assert await after == 30
+    finally:
+        await b.stop()
+    assert runner.cancelled == [1000]
+    assert all(5 not in s for s in runner.steps)
+
+
+async def test_a_failing_step_fails_its_requests_and_the_loop_goes_on():
+    runner = Counter(fail_at_step=1)
+    b = await started(ContinuousBatcher(4, lambda: runner))
+    try:
+        victim = b.submit(5)
+        with pytest.raises(BatchFailed, match="boom"):
+            await victim
+        runner.left.clear()
+        assert await b.submit(2) == 20
+    finally:
+        await b.stop()
+
+
+async def test_drain_refuses_new_requests_and_answers_or_refuses_the_rest():
+    runner = Counter()
+    b = await started(ContinuousBatcher(2, lambda: runner))
+    try:
+        quick, endless = b.submit(2), b.submit(10**9)
+        b.drain(0.2)
+        with pytest.raises(ShuttingDown):
+            b.submit(1)
+        assert await quick == 20
+        with pytest.raises(ShuttingDown):
+            await endless
+    finally:
+        await b.stop()
+
+
+async def test_a_new_runner_takes_new_requests_while_the_old_one_finishes():
+    old, new = Counter(), Counter()
+    current = [old]
+    b = await started(ContinuousBatcher(4, lambda: current[0]))
+    try:
+        first = b.submit(20)
+        while b.ticks < 2:
+            await asyncio.sleep(0.001)
+        current[0] = new  # a reload
+        second = b.submit(3)
+        assert await asyncio.gather(first, second) == [200, 30]
+    finally:
+        await b.stop()
+    assert all(s == [20] for s in old.steps) and new.steps[0] == [3]
+
+
+async def test_stop_fails_what_is_left():
+    b = await started(ContinuousBatcher(1, Counter))
+    pending = [b.submit(10**9), b.submit(1)]
+    await asyncio.sleep(0.01)
+    await b.stop()
+    for f in pending:
+        with pytest.raises(BatcherClosed):
+            await f
