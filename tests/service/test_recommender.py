@@ -12,7 +12,7 @@ import pytest
 
 from service.store import Event
 from service.types import CachedReasoning, EmptyHistoryError, Query, UnknownItemsError
-from tests.service.conftest import count_generate
+from tests.service.conftest import count_forward, count_generate
 
 H1 = (Event("i1", 5.0, 100), Event("i2", 4.0, 200), Event("i3", 3.0, 300))
 H2 = (Event("i6", 2.0), Event("i7", 5.0))
@@ -143,19 +143,6 @@ def test_a_stored_history_drops_deleted_items_a_sent_one_is_refused(engine):
 
 
 # ---------------------------------------------------------------------------- issue 12: h_T in the cache
-def count_forward(engine) -> list[int]:
-    """Wrap the model's user_vectors_from_ids; the list collects each forward pass's rows."""
-    calls: list[int] = []
-    original = engine.model.user_vectors_from_ids
-
-    def counted(prompt_ids, completion_ids):
-        calls.append(len(prompt_ids))
-        return original(prompt_ids, completion_ids)
-
-    engine.model.user_vectors_from_ids = counted
-    return calls
-
-
 def test_a_cached_vector_round_trips_and_an_old_entry_still_reads():
     v = np.random.default_rng(0).standard_normal(16).astype(np.float32)
     v /= np.linalg.norm(v)
