@@ -77,23 +77,26 @@ class Recommender:
         *,
         dtype: str = "bfloat16",
         threads: int | None = None,
+        device: str = "cpu",
         index_kind: str = "flat",
         index_nprobe: int | None = None,
         index_ef_search: int | None = None,
         persist_edits: bool = True,
     ) -> Recommender:
-        """Load a checkpoint and open its catalog (load <ckpt>/index/ if it matches, else build
-        it from the checkpoint's item vectors and save it there)."""
+        """Load a checkpoint onto `device` (R2EC_DEVICE) and open its catalog (load
+        <ckpt>/index/ if it matches, else build it from the checkpoint's item vectors and save it
+        there). Only the model moves: item vectors and the FAISS index stay on the CPU."""
         start = time.perf_counter()
-        ckpt = load_checkpoint(path, dtype=dtype, num_threads=threads)
+        ckpt = load_checkpoint(path, dtype=dtype, num_threads=threads, device=device)
         catalog = Catalog.open(
             ckpt, kind=index_kind, nprobe=index_nprobe, ef_search=index_ef_search, persist_edits=persist_edits
         )
         engine = cls(ckpt, catalog)
         log.info(
-            "loaded model %s from %s: %d items, %s index, %.1fs",
+            "loaded model %s from %s on %s: %d items, %s index, %.1fs",
             engine.version,
             path,
+            engine.model.device,
             len(catalog.index),
             catalog.index.kind,
             time.perf_counter() - start,

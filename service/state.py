@@ -278,6 +278,7 @@ class ServiceState:
                     target,
                     dtype=self.settings.dtype,
                     threads=self.settings.threads,
+                    device=self.settings.device,
                     index_kind=self.settings.index_kind,
                     index_nprobe=self.settings.index_nprobe,
                     index_ef_search=self.settings.index_ef_search,

@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.state import ClientDisconnected
@@ -619,6 +620,58 @@ async def test_settings_come_from_the_environment(ckpt, monkeypatch):
     monkeypatch.setenv("R2EC_MAX_REASONING_TOKENS", "999")
     with pytest.raises(ValidationError, match="R2EC_REASONING_TOKEN_LIMIT"):
         Settings()
+
+
+async def test_the_model_device_comes_from_r2ec_device(ckpt, monkeypatch, make_engine):
+    """Issue 12: R2EC_DEVICE places the model (cpu by default); a bad name, or a GPU this machine
+    lacks, is a settings error naming the variable, before anything loads."""
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    for bad in ("tpu", "cuda:", "cudax", "gpu0"):
+        monkeypatch.setenv("R2EC_DEVICE", bad)
+        with pytest.raises(ValidationError, match="R2EC_DEVICE: device must be auto, cpu, cuda or cuda:N"):
+            Settings()
+    monkeypatch.delenv("R2EC_DEVICE")
+    assert Settings().device == "cpu"
+    if not torch.cuda.is_available():
+        for gpu in ("cuda", "cuda:0"):
+            with pytest.raises(ValidationError, match="R2EC_DEVICE: device .* torch sees no CUDA device"):
+                Settings(device=gpu)
+        with pytest.raises(ValueError, match="no CUDA device"):
+            make_engine(ckpt, device="cuda")  # the loader checks too, before loading
+    app = app_for(ckpt, device="auto")
+    async with serve(app) as client:
+        expected = "cuda" if torch.cuda.is_available() else "cpu"
+        assert app.state.r2ec.engine.model.device.type == expected
+        r = await client.post("/recommend", json={"history": H1, "k": 3})
+        assert r.status_code == 200 and len(r.json()["items"]) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+async def test_the_service_runs_the_model_on_the_gpu(ckpt):
+    """Generation and h_T on the GPU; item vectors, FAISS and the cached h_T on the CPU."""
+    app = app_for(ckpt, device="cuda")
+    async with serve(app) as client:
+        state = app.state.r2ec
+        assert state.engine.model.device.type == "cuda"
+        first = await client.post("/recommend", json={"history": H1, "k": 5, "max_reasoning_tokens": 4})
+        assert first.status_code == 200 and first.json()["cache"] == "miss", first.text
+        batches = state.batcher.batches
+        again = (
+            await client.post("/recommend", json={"history": H1, "k": 5, "max_reasoning_tokens": 4})
+        ).json()
+        assert again["cache"] == "hit" and again["items"] == first.json()["items"]
+        assert state.batcher.batches == batches
+        r = await client.put("/items/new", json={"title": "A new film"}, headers=ADMIN)  # encoded on the GPU
+        assert r.status_code == 201, r.text
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    with pytest.raises(ValidationError, match="R2EC_DEVICE: device 'cuda:99' asked for, but torch sees"):
+        Settings(device="cuda:99")
 
 
 # ---------------------------------------------------------------------------- issue 13: load and shutdown
