@@ -23,6 +23,7 @@ def serve(
     max_wait_ms: Annotated[float | None, typer.Option(help="Micro-batch wait")] = None,
     dtype: Annotated[str | None, typer.Option(help="bfloat16 or float32")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu (default), cuda, cuda:N or auto")] = None,
 ) -> None:
     """Start the HTTP service (FastAPI + uvicorn). Every setting also reads R2EC_* env vars."""
     from pydantic import ValidationError
@@ -39,6 +40,7 @@ def serve(
         "max_wait_ms": max_wait_ms,
         "dtype": dtype,
         "threads": threads,
+        "device": device,
     }
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})

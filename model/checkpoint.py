@@ -43,6 +43,7 @@ import pandas as pd
 
 from model.backbone import BackboneConfig, load_backbone, load_lm, prepare_tokenizer
 from model.data.dataset import atomic_write
+from model.distributed import resolve_device
 from model.prompts import PromptConfig
 from model.r2ec import R2ec
 
@@ -196,8 +197,12 @@ def load_checkpoint(
     num_threads: int | None = None,
     merge_lora: bool = True,
     trainable: bool = False,
+    device: str = "cpu",
 ) -> Checkpoint:
-    """Rebuild model, catalog and item table; every mismatch raises CheckpointError."""
+    """Rebuild model, catalog and item table; every mismatch raises CheckpointError. The model
+    goes to `device` (auto, cpu, cuda, cuda:N; ValueError for one this machine lacks, before
+    anything loads); the item vectors stay numpy on the CPU, where the FAISS index reads them."""
+    where = resolve_device(device)
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     encode_items = meta.get("item_vectors") == "absent" and not (path / VECTORS_FILE).exists()
@@ -225,6 +230,7 @@ def load_checkpoint(
     prepare_tokenizer(tokenizer)
     if not trainable:
         lm.eval()
+    lm.to(where)  # inputs follow the model's device (R2ec.device)
     model = R2ec(lm, tokenizer, PromptConfig.from_dict(meta["prompts"]), tau=float(meta["tau"]))
     if model.hidden_size != meta["hidden_size"]:
         raise CheckpointError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from typing import Any
 
 import numpy as np
@@ -34,19 +35,26 @@ def default_device() -> torch.device:
 
 
 def check_device_name(name: str) -> str:
-    """A device setting: auto, cpu, cuda or cuda:N; anything else is a ValueError."""
-    if not (name in ("auto", "cpu") or name.startswith("cuda")):
+    """A device setting: auto, cpu, cuda or cuda:N; anything else is a ValueError (so "cudax"
+    or "cuda:" fails here, not later inside torch)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     return name
 
 
 def resolve_device(name: str) -> torch.device:
-    """A device setting → a torch device; "auto" and a bare "cuda" mean this process's GPU."""
+    """A device setting → a torch device; "auto" and a bare "cuda" mean this process's GPU.
+    ValueError for a GPU this machine does not have, before any model is loaded onto it."""
     if check_device_name(name) == "auto":
         return default_device()
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
-    return default_device() if name == "cuda" else torch.device(name)
+    device = default_device() if name == "cuda" else torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {name!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return device
 
 
 def _comm_device() -> torch.device:

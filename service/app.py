@@ -57,6 +57,7 @@ def create_app(
                     settings.checkpoint,
                     dtype=settings.dtype,
                     threads=settings.threads,
+                    device=settings.device,
                     index_kind=settings.index_kind,
                     index_nprobe=settings.index_nprobe,
                     index_ef_search=settings.index_ef_search,

@@ -188,11 +188,18 @@ class MicroBatcher(Generic[Q, R]):
         return min(RETRY_AFTER_MAX_S, max(1.0, batches * per_batch))
 
     # ------------------------------------------------------------------ requests
-    def submit(self, item: Q) -> asyncio.Future:
+    def check_open(self) -> None:
+        """Raise what `submit` raises for a batcher that takes no new requests: ShuttingDown
+        while draining, BatcherClosed when not running. Work answered beside the batcher (a
+        cached h_T, service/state.py) asks here first, so it is refused exactly the same way."""
         if self.draining:
             raise ShuttingDown("the service is shutting down; retry")
         if not self.running or self._wakeup is None:
             raise BatcherClosed("the batcher is not running")
+
+    def submit(self, item: Q) -> asyncio.Future:
+        self.check_open()
+        assert self._wakeup is not None
         if self.max_queue is not None and self._live_count() >= self.max_queue:
             raise QueueFull(
                 f"overloaded: {self.max_queue} requests are already waiting (R2EC_MAX_QUEUE); retry",

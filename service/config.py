@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     dtype: Literal["bfloat16", "float32", "float16"] = Field(
         "bfloat16", description="Model dtype: bfloat16 (fast on avx512_bf16), float32, float16."
     )
+    device: str = Field(
+        "cpu",
+        description="Where the model runs: cpu, cuda (this process's GPU), cuda:N, or auto (cuda "
+        "when torch sees one, else cpu). Item vectors and the FAISS index stay on the CPU.",
+    )
     api_key: SecretStr | None = Field(
         None, description="Key for admin routes (header X-API-Key); unset = admin API disabled."
     )
@@ -101,6 +106,21 @@ class Settings(BaseSettings):
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {v!r}")
         return level
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        """A bad name, or a GPU this machine lacks, fails here at startup, naming the variable,
+        instead of inside the model load. Kept as given: `auto` resolves when the model loads."""
+        if v == "cpu":
+            return v  # the default needs no torch import
+        from model.distributed import resolve_device
+
+        try:
+            resolve_device(v)
+        except ValueError as exc:
+            raise ValueError(f"R2EC_DEVICE: {exc}") from None
+        return v
 
     @model_validator(mode="after")
     def _budgets(self) -> Settings:

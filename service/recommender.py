@@ -15,8 +15,12 @@ cache with that key, then hands the `PreparedQuery` to the batch.
      after: truncating is exactly what a run with budget m writes (EOS ends both the same
      way). One call instead of one per budget; the cost is the short-budget rows riding
      along until the longest finishes;
-  4. ONE forward pass over [prompt; reasoning; closing marker] for every query gives all h_T;
-  5. ONE index search (k = the batch's largest k) with per-query history exclusion.
+  4. ONE forward pass over [prompt; reasoning; closing marker] gives h_T for every query whose
+     cache entry did not carry it;
+  5. ONE index search (k = the batch's largest k) with per-query history exclusion (`_answer`).
+
+`Recommender.answer_cached(prepared)` answers a cache hit whose entry carries h_T: step 5 alone,
+through the same `_answer`, without the batch (service/state.py).
 
 Per-query problems (unknown item ids, empty history) come back as `QueryError` values in the
 output list, so one bad query never fails its batch-mates. The model must only run on one
@@ -33,6 +37,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model.checkpoint import Checkpoint, load_checkpoint
@@ -72,23 +77,26 @@ class Recommender:
         *,
         dtype: str = "bfloat16",
         threads: int | None = None,
+        device: str = "cpu",
         index_kind: str = "flat",
         index_nprobe: int | None = None,
         index_ef_search: int | None = None,
         persist_edits: bool = True,
     ) -> Recommender:
-        """Load a checkpoint and open its catalog (load <ckpt>/index/ if it matches, else build
-        it from the checkpoint's item vectors and save it there)."""
+        """Load a checkpoint onto `device` (R2EC_DEVICE) and open its catalog (load
+        <ckpt>/index/ if it matches, else build it from the checkpoint's item vectors and save it
+        there). Only the model moves: item vectors and the FAISS index stay on the CPU."""
         start = time.perf_counter()
-        ckpt = load_checkpoint(path, dtype=dtype, num_threads=threads)
+        ckpt = load_checkpoint(path, dtype=dtype, num_threads=threads, device=device)
         catalog = Catalog.open(
             ckpt, kind=index_kind, nprobe=index_nprobe, ef_search=index_ef_search, persist_edits=persist_edits
         )
         engine = cls(ckpt, catalog)
         log.info(
-            "loaded model %s from %s: %d items, %s index, %.1fs",
+            "loaded model %s from %s on %s: %d items, %s index, %.1fs",
             engine.version,
             path,
+            engine.model.device,
             len(catalog.index),
             catalog.index.kind,
             time.perf_counter() - start,
@@ -192,43 +200,109 @@ class Recommender:
                     completions[j] = tuple(full[:m])
                     texts[j] = rollout.texts[row] if len(full) <= m else self._decode(full[:m])
 
+        # h_T: a hit that carries its vector needs no forward pass (the service answers those
+        # without a batch, ServiceState.recommend; a caller of this method may still send one)
         t = time.perf_counter()
-        with torch.no_grad():
-            vectors = (
-                self.model.user_vectors_from_ids(prompt_ids, [list(c) for c in completions]).cpu().numpy()
-            )  # (B, H) float32, normalised
+        vectors = np.empty((len(ready), self.model.hidden_size), dtype=np.float32)  # (B, H)
+        forward = []
+        for j, p in enumerate(ready):
+            if status[j] == "hit" and p.cached is not None and p.cached.vector is not None:
+                vectors[j] = p.cached.vector
+            else:
+                forward.append(j)
+        if forward:
+            with torch.no_grad():
+                vectors[forward] = (
+                    self.model.user_vectors_from_ids(
+                        [prompt_ids[j] for j in forward], [list(completions[j]) for j in forward]
+                    )
+                    .cpu()
+                    .numpy()
+                )  # normalised
+        results = self._answer(
+            ready,
+            vectors,
+            completions,
+            texts,
+            status,
+            score_started=t,
+            batch_started=start,
+            generate_ms=generate_ms,
+        )
+        for i, result in zip(ok, results, strict=True):
+            out[i] = result
+        return out  # type: ignore[return-value]
+
+    def answer_cached(self, prepared: PreparedQuery) -> Result:
+        """A cache hit that carries its h_T (`prepared.cached.vector`): one index search, no
+        model, so it may run off the model thread (the catalog's lock orders it with item
+        edits). Same items, scores and reply as the batch gives that query, with no queue and
+        no generation in its timings."""
+        cached = prepared.cached
+        if cached is None or cached.vector is None or prepared.model_version != self.version:
+            raise ValueError("answer_cached needs a cache hit with its vector, for this model version")
+        start = time.perf_counter()
+        vectors = np.asarray(cached.vector, dtype=np.float32)[None, :]  # (1, H)
+        return self._answer(
+            [prepared], vectors, [cached.completion_ids], [cached.text], ["hit"], score_started=start
+        )[0]
+
+    def _answer(
+        self,
+        ready: Sequence[PreparedQuery],
+        vectors: np.ndarray,
+        completions: Sequence[tuple[int, ...]],
+        texts: Sequence[str | None],
+        status: Sequence[str],
+        *,
+        score_started: float,
+        batch_started: float | None = None,
+        generate_ms: float = 0.0,
+    ) -> list[Result]:
+        """(B, H) user vectors -> one Result per query: ONE index search (k = the largest k, each
+        row excluding its own history) and the replies. The batch and a cached h_T both end
+        here, so the two paths cannot rank differently. `batch_started` is when the batch began
+        (its queries' queue time ends there); None: no queue (a cached h_T)."""
+        asked = [p.query for p in ready]
         k_max = max(q.k for q in asked)
         # exclude_history: the history's items and every other item the user has an event for
         exclude = [
             {e.item_id for e in q.history} | q.exclude_items if q.exclude_history else set() for q in asked
         ]
         ids, cos, titles = self.catalog.search(vectors, k_max, exclude)  # (B, K)
-        score_ms = (time.perf_counter() - t) * 1e3
         done = time.perf_counter()
-        for j, i in enumerate(ok):
-            q = asked[j]
+        score_ms = (done - score_started) * 1e3
+        results = []
+        for j, (p, q) in enumerate(zip(ready, asked, strict=True)):
             n = min(q.k, len(ids[j]))
             items = tuple(
                 ScoredItem(ids[j][r], titles[j][r], float(cos[j, r]) / self.model.tau, r + 1)
                 for r in range(n)
             )
-            generated = CachedReasoning(completions[j], texts[j] or "") if status[j] == "miss" else None
-            out[i] = Result(
-                items=items,
-                reasoning=texts[j],
-                model_version=self.version,
-                timings=Timings(
-                    queue_ms=max(0.0, (start - q.submitted_at) * 1e3),
-                    generate_ms=generate_ms,
-                    score_ms=score_ms,
-                    total_ms=(done - q.submitted_at) * 1e3,
-                ),
-                reasoning_tokens=len(completions[j]),
-                cache=status[j],
-                cache_key=ready[j].cache_key,
-                generated=generated,
+            # to cache: a new reasoning, or a hit from an entry without h_T (now with it)
+            fresh = status[j] == "miss" or (
+                status[j] == "hit" and p.cached is not None and p.cached.vector is None
             )
-        return out  # type: ignore[return-value]
+            generated = CachedReasoning(completions[j], texts[j] or "", vectors[j].copy()) if fresh else None
+            queue_ms = 0.0 if batch_started is None else max(0.0, (batch_started - q.submitted_at) * 1e3)
+            results.append(
+                Result(
+                    items=items,
+                    reasoning=texts[j],
+                    model_version=self.version,
+                    timings=Timings(
+                        queue_ms=queue_ms,
+                        generate_ms=generate_ms,
+                        score_ms=score_ms,
+                        total_ms=(done - q.submitted_at) * 1e3,
+                    ),
+                    reasoning_tokens=len(completions[j]),
+                    cache=status[j],
+                    cache_key=p.cache_key,
+                    generated=generated,
+                )
+            )
+        return results
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.model.tokenizer.decode(list(ids), skip_special_tokens=True).strip()

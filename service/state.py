@@ -3,7 +3,8 @@
 `ServiceState` owns the current `Recommender` (swapped atomically by a reload), the history
 store, the micro-batcher and the one model thread. Routes call its methods and stay thin: a
 recommendation is resolved here (history), prepared once by the engine (ids, prompt, cache key),
-looked up in the reasoning cache with that key and submitted to the batch.
+looked up in the reasoning cache with that key, then answered from a cached h_T (one index search)
+or submitted to the batch.
 """
 
 from __future__ import annotations
@@ -163,32 +164,62 @@ class ServiceState:
     async def recommend(
         self, query: Query, wait_disconnect: Callable[[], Awaitable[Any]] | None = None
     ) -> Result:
-        """Prepare -> cache lookup -> micro-batch -> cache fill. `wait_disconnect()` resolves when
+        """Prepare -> cache lookup -> micro-batch -> cache fill. A hit whose entry carries h_T
+        skips the batch: one index search (`_answer_cached`). `wait_disconnect()` resolves when
         the client goes away; the request is then dropped from its batch (ClientDisconnected)."""
         prepared = self.engine.prepare(query)  # QueryError for a bad history: the app's 422
         if prepared.cache_key is not None:
             cached = await self._cache_get(prepared.cache_key)
             if cached is not None:
                 prepared = dataclasses.replace(prepared, cached=cached)
-        future = self.batcher.submit(prepared)
-        if wait_disconnect is None:
-            result = await future
-        else:
-            watcher = asyncio.ensure_future(wait_disconnect())
-            try:
-                await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                watcher.cancel()
-            if not future.done():
-                future.cancel()  # the batcher drops it before its batch runs
-                raise ClientDisconnected()
-            result = future.result()
+        result = await self._answer_cached(prepared)
+        if result is None:
+            result = await self._batched(prepared, wait_disconnect)
         if result.cache != "off":
             self.metrics.cache.labels(result.cache).inc()
             self.metrics.reasoning_tokens.observe(result.reasoning_tokens)
         if result.generated is not None and result.cache_key is not None:
             await self._cache_set(result.cache_key, result.generated)
         return result
+
+    async def _answer_cached(self, prepared: PreparedQuery) -> Result | None:
+        """The answer for a cache hit that carries h_T for the model serving now: an index
+        search, no queue, no model. None when the batch must answer (no hit, an entry without
+        h_T, or a reload swapped the model since `prepare`: the batch prepares it again).
+
+        The search runs in a worker thread, not on the model thread, where it would wait behind
+        a running batch's generation. Catalog.search holds the catalog's lock (and the index its
+        own), which item edits take around every index change, so a search never sees half an
+        edit; an edit's encoding runs outside that lock, so a hit waits at most for an index
+        insert or delete, never for the model."""
+        engine = self.engine
+        cached = prepared.cached
+        if (
+            cached is None
+            or cached.vector is None
+            or prepared.model_version != engine.version
+            or cached.vector.shape != (engine.model.hidden_size,)
+        ):
+            return None
+        self.batcher.check_open()  # a draining service refuses it as the batcher would: 503
+        return await asyncio.to_thread(engine.answer_cached, prepared)
+
+    async def _batched(
+        self, prepared: PreparedQuery, wait_disconnect: Callable[[], Awaitable[Any]] | None
+    ) -> Result:
+        """Submit to the micro-batch and wait; ClientDisconnected if the client leaves first."""
+        future = self.batcher.submit(prepared)
+        if wait_disconnect is None:
+            return await future
+        watcher = asyncio.ensure_future(wait_disconnect())
+        try:
+            await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if not future.done():
+            future.cancel()  # the batcher drops it before its batch runs
+            raise ClientDisconnected()
+        return future.result()
 
     def _run_batch(self, queries: list[PreparedQuery]) -> list[Result | QueryError]:
         """Runs on the model thread; reads the engine at batch time (a reload swaps it)."""
@@ -210,7 +241,8 @@ class ServiceState:
             return None
         try:
             raw = await self.store.cache_get(key)
-            return None if raw is None else CachedReasoning.from_json(raw)
+            # a vector of another length, not finite or not unit: ValueError, so a miss below
+            return None if raw is None else CachedReasoning.from_json(raw, self.engine.model.hidden_size)
         except StoreUnavailable as exc:
             self._cache_failed(exc)
         except (ValueError, KeyError, TypeError) as exc:  # a corrupt entry is a miss
@@ -246,6 +278,7 @@ class ServiceState:
                     target,
                     dtype=self.settings.dtype,
                     threads=self.settings.threads,
+                    device=self.settings.device,
                     index_kind=self.settings.index_kind,
                     index_nprobe=self.settings.index_nprobe,
                     index_ef_search=self.settings.index_ef_search,

@@ -8,10 +8,14 @@ here knows HTTP, so the messages name fields and ids, never routes.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 from service.store import Event
 
@@ -43,20 +47,64 @@ class EmptyHistoryError(QueryError):
         super().__init__(message)
 
 
+VECTOR_DTYPE = "<f4"  # how a cached h_T is stored: little-endian float32, whatever the host
+NORM_TOLERANCE = 1e-3  # a cached h_T is normalised; one further from unit length is corrupt
+
+
 @dataclass(frozen=True)
 class CachedReasoning:
-    """A reasoning as the cache holds it: token ids (so h_T is rebuilt exactly) and text."""
+    """A reasoning as the cache holds it: token ids (so h_T can be rebuilt exactly), text and,
+    since issue 12, the normalised h_T itself, so a repeated history costs one index search
+    instead of a forward pass. `vector` is None in entries written before it was cached; those
+    still load and go through the batch, which rebuilds h_T from the ids."""
 
     completion_ids: tuple[int, ...]
     text: str
+    vector: np.ndarray | None = field(default=None, compare=False, repr=False)  # (H,) float32
 
     def to_json(self) -> str:
-        return json.dumps({"ids": list(self.completion_ids), "text": self.text})
+        """JSON with the vector as base64 of its float32 bytes: 4 bytes a dimension before
+        base64 (~3 KB for H = 576), where a list of decimal floats would take ~11 KB."""
+        d: dict[str, Any] = {"ids": list(self.completion_ids), "text": self.text}
+        if self.vector is not None:
+            v = np.ascontiguousarray(self.vector, dtype=VECTOR_DTYPE)
+            d["vector"] = {
+                "dtype": "float32",
+                "dim": int(v.shape[0]),
+                "b64": base64.b64encode(v.tobytes()).decode("ascii"),
+            }
+        return json.dumps(d)
 
     @classmethod
-    def from_json(cls, raw: str) -> CachedReasoning:
+    def from_json(cls, raw: str | bytes, dim: int | None = None) -> CachedReasoning:
+        """Parse an entry; ValueError (or KeyError/TypeError) for anything unreadable, which the
+        caller treats as a miss. A vector must be float32, `dim` long (the served model's hidden
+        size, when given), finite and of unit length: a vector that fails any of these would
+        rank the catalog wrongly without any error, so the entry is refused as a whole."""
         d = json.loads(raw)
-        return cls(tuple(int(i) for i in d["ids"]), str(d["text"]))
+        ids = tuple(int(i) for i in d["ids"])
+        text = str(d["text"])
+        found = d.get("vector")
+        return cls(ids, text, None if found is None else _read_vector(found, dim))
+
+
+def _read_vector(found: Any, dim: int | None) -> np.ndarray:
+    """The (H,) float32 array of a cached entry's "vector" field (CachedReasoning.from_json)."""
+    if not isinstance(found, dict) or found.get("dtype") != "float32":
+        raise ValueError("cached vector is not a float32 vector")
+    size = int(found["dim"])
+    data = base64.b64decode(str(found["b64"]), validate=True)
+    if len(data) != 4 * size:
+        raise ValueError(f"cached vector holds {len(data)} bytes for dim {size}")
+    if dim is not None and size != dim:
+        raise ValueError(f"cached vector has dim {size}, the model's hidden size is {dim}")
+    v = np.frombuffer(data, dtype=VECTOR_DTYPE).astype(np.float32)
+    if not np.isfinite(v).all():
+        raise ValueError("cached vector is not finite")
+    if abs(float(np.linalg.norm(v)) - 1.0) > NORM_TOLERANCE:
+        raise ValueError("cached vector is not normalised")
+    v.setflags(write=False)  # shared by every hit on this entry
+    return v
 
 
 @dataclass(frozen=True)
@@ -106,7 +154,7 @@ class ScoredItem:
 class Timings:
     queue_ms: float
     generate_ms: float  # the batch's generate call (0 when nothing was generated)
-    score_ms: float  # the batch's h_T forward pass + index search
+    score_ms: float  # the batch's h_T forward pass + index search (a cached h_T: the search)
     total_ms: float
 
 
@@ -119,4 +167,6 @@ class Result:
     reasoning_tokens: int
     cache: str  # "hit", "miss" (generated here) or "off" (no reasoning)
     cache_key: str | None = None
-    generated: CachedReasoning | None = None  # new reasoning the caller may cache
+    # what the caller may cache under cache_key: a new reasoning with its h_T, or a hit read from
+    # an entry without h_T (written before vectors were cached), now with it
+    generated: CachedReasoning | None = None

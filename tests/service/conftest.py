@@ -204,6 +204,19 @@ def count_generate(engine) -> list[int]:
     return calls
 
 
+def count_forward(engine) -> list[int]:
+    """Wrap the model's user_vectors_from_ids; the list collects each forward pass's rows."""
+    calls: list[int] = []
+    original = engine.model.user_vectors_from_ids
+
+    def counted(prompt_ids, completion_ids):
+        calls.append(len(prompt_ids))
+        return original(prompt_ids, completion_ids)
+
+    engine.model.user_vectors_from_ids = counted
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _no_r2ec_env(monkeypatch):
     """Settings read R2EC_* variables; the tests must not pick up the machine's."""

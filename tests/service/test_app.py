@@ -5,15 +5,20 @@ test on both)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import logging
 import threading
 
+import numpy as np
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.state import ClientDisconnected
 from service.store import Event
-from service.types import Query
-from tests.service.conftest import ADMIN, app_for, count_generate, serve
+from service.types import CachedReasoning, Query
+from tests.service.conftest import ADMIN, app_for, count_forward, count_generate, serve
 
 pytestmark = pytest.mark.asyncio
 
@@ -395,6 +400,95 @@ async def test_a_repeated_request_is_answered_from_the_reasoning_cache(app, clie
     assert metric(text, "r2ec_reasoning_cache_total", result="miss") == 2
 
 
+async def test_a_repeated_request_is_one_index_search_without_the_batch(app, client):
+    """Issue 12: the entry carries h_T, so a repeat runs neither the batch nor the model; in the
+    Redis run the vector went to Redis and back. The search reads the live catalog."""
+    state = app.state.r2ec
+    body = {"history": H1, "k": 5}
+    first = (await client.post("/recommend", json=body)).json()
+    assert first["cache"] == "miss"
+    batches, generated, forward = (
+        state.batcher.batches,
+        count_generate(state.engine),
+        count_forward(state.engine),
+    )
+    again = (await client.post("/recommend", json=body)).json()
+    assert state.batcher.batches == batches and generated == [] and forward == []
+    assert again["cache"] == "hit" and again["items"] == first["items"]  # the same scores, exactly
+    assert again["reasoning"] == first["reasoning"] and again["reasoning_tokens"] == first["reasoning_tokens"]
+    assert again["timings"]["queue_ms"] == 0 and again["timings"]["generate_ms"] == 0
+
+    gone = first["items"][0]["item_id"]
+    assert (await client.delete(f"/items/{gone}", headers=ADMIN)).status_code == 200
+    after = (await client.post("/recommend", json=body)).json()
+    assert after["cache"] == "hit" and state.batcher.batches == batches and forward == []
+    assert [i["item_id"] for i in after["items"][:4]] == [i["item_id"] for i in first["items"][1:]]
+    text = (await client.get("/metrics")).text
+    assert metric(text, "r2ec_reasoning_cache_total", result="hit") == 2
+    assert metric(text, "r2ec_reasoning_cache_total", result="miss") == 1
+    assert metric(text, "r2ec_batch_size_count") == 1
+
+
+async def test_an_entry_without_a_vector_goes_through_the_batch_and_gains_one(app, client):
+    """An entry written before h_T was cached is still a hit (no generation), rebuilt by the
+    batch's forward pass and written back with its vector: the next repeat skips the batch."""
+    state = app.state.r2ec
+    query = Query(tuple(Event(h["item_id"]) for h in H2), max_reasoning_tokens=8)
+    key = state.engine.prepare(query).cache_key
+    first = await state.recommend(query)
+    entry = json.loads(await state.store.cache_get(key))
+    assert entry["vector"]["dim"] == state.engine.model.hidden_size
+    await state.store.cache_set(key, json.dumps({"ids": entry["ids"], "text": entry["text"]}))
+
+    batches, generated, forward = (
+        state.batcher.batches,
+        count_generate(state.engine),
+        count_forward(state.engine),
+    )
+    hit = await state.recommend(query)
+    assert hit.cache == "hit" and hit.reasoning == first.reasoning
+    assert state.batcher.batches == batches + 1 and generated == [] and forward == [1]
+    assert [i.item_id for i in hit.items] == [i.item_id for i in first.items]
+    assert "vector" in json.loads(await state.store.cache_get(key))
+    again = await state.recommend(query)
+    assert again.cache == "hit" and again.items == hit.items
+    assert state.batcher.batches == batches + 1 and forward == [1]
+
+
+async def test_a_corrupt_cached_vector_is_a_miss_and_is_replaced(app, client, caplog):
+    state = app.state.r2ec
+    query = Query(tuple(Event(h["item_id"]) for h in H3), max_reasoning_tokens=8)
+    key = state.engine.prepare(query).cache_key
+    first = await state.recommend(query)
+    entry = json.loads(await state.store.cache_get(key))
+    hidden = state.engine.model.hidden_size
+    nan = np.full(hidden, np.nan, np.float32)
+    short = np.ones(hidden - 1, np.float32) / np.sqrt(hidden - 1)
+    generated = count_generate(state.engine)
+    for bad in (nan, short):
+        vector = {"dtype": "float32", "dim": len(bad), "b64": base64.b64encode(bad.tobytes()).decode()}
+        await state.store.cache_set(key, json.dumps({**entry, "vector": vector}))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="service.state"):
+            r = await state.recommend(query)
+        assert r.cache == "miss" and r.reasoning == first.reasoning
+        assert "ignoring unreadable cache entry" in caplog.text
+        CachedReasoning.from_json(await state.store.cache_get(key), hidden)  # rewritten, valid
+    assert generated == [1, 1]
+
+
+async def test_a_draining_service_refuses_a_cached_hit_as_it_refuses_the_batch(ckpt):
+    app = app_for(ckpt, shutdown_grace_s=0.2)
+    async with serve(app) as client:
+        assert (await client.post("/recommend", json={"history": H1})).json()["cache"] == "miss"
+        app.state.r2ec.begin_drain()
+        r = await client.post("/recommend", json={"history": H1})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert int(r.headers["retry-after"]) >= 1
+        text = (await client.get("/metrics")).text
+        assert metric(text, "r2ec_reasoning_cache_total", result="hit") is None
+
+
 async def test_a_failing_batch_fails_its_requests_and_the_service_goes_on(app, client):
     model = app.state.r2ec.engine.model
     original = model.reason_from_ids
@@ -526,6 +620,58 @@ async def test_settings_come_from_the_environment(ckpt, monkeypatch):
     monkeypatch.setenv("R2EC_MAX_REASONING_TOKENS", "999")
     with pytest.raises(ValidationError, match="R2EC_REASONING_TOKEN_LIMIT"):
         Settings()
+
+
+async def test_the_model_device_comes_from_r2ec_device(ckpt, monkeypatch, make_engine):
+    """Issue 12: R2EC_DEVICE places the model (cpu by default); a bad name, or a GPU this machine
+    lacks, is a settings error naming the variable, before anything loads."""
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    for bad in ("tpu", "cuda:", "cudax", "gpu0"):
+        monkeypatch.setenv("R2EC_DEVICE", bad)
+        with pytest.raises(ValidationError, match="R2EC_DEVICE: device must be auto, cpu, cuda or cuda:N"):
+            Settings()
+    monkeypatch.delenv("R2EC_DEVICE")
+    assert Settings().device == "cpu"
+    if not torch.cuda.is_available():
+        for gpu in ("cuda", "cuda:0"):
+            with pytest.raises(ValidationError, match="R2EC_DEVICE: device .* torch sees no CUDA device"):
+                Settings(device=gpu)
+        with pytest.raises(ValueError, match="no CUDA device"):
+            make_engine(ckpt, device="cuda")  # the loader checks too, before loading
+    app = app_for(ckpt, device="auto")
+    async with serve(app) as client:
+        expected = "cuda" if torch.cuda.is_available() else "cpu"
+        assert app.state.r2ec.engine.model.device.type == expected
+        r = await client.post("/recommend", json={"history": H1, "k": 3})
+        assert r.status_code == 200 and len(r.json()["items"]) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+async def test_the_service_runs_the_model_on_the_gpu(ckpt):
+    """Generation and h_T on the GPU; item vectors, FAISS and the cached h_T on the CPU."""
+    app = app_for(ckpt, device="cuda")
+    async with serve(app) as client:
+        state = app.state.r2ec
+        assert state.engine.model.device.type == "cuda"
+        first = await client.post("/recommend", json={"history": H1, "k": 5, "max_reasoning_tokens": 4})
+        assert first.status_code == 200 and first.json()["cache"] == "miss", first.text
+        batches = state.batcher.batches
+        again = (
+            await client.post("/recommend", json={"history": H1, "k": 5, "max_reasoning_tokens": 4})
+        ).json()
+        assert again["cache"] == "hit" and again["items"] == first.json()["items"]
+        assert state.batcher.batches == batches
+        r = await client.put("/items/new", json={"title": "A new film"}, headers=ADMIN)  # encoded on the GPU
+        assert r.status_code == 201, r.text
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    with pytest.raises(ValidationError, match="R2EC_DEVICE: device 'cuda:99' asked for, but torch sees"):
+        Settings(device="cuda:99")
 
 
 # ---------------------------------------------------------------------------- issue 13: load and shutdown

@@ -1,15 +1,18 @@
 """Recommender.prepare + recommend_batch: one generate call per batch, answers equal to one-by-one
-(fp32), cache hits skip generation, per-query errors stay per query."""
+(fp32), cache hits skip generation (and, carrying h_T, the model), per-query errors stay per query."""
 
 from __future__ import annotations
 
+import base64
+import json
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from service.store import Event
 from service.types import CachedReasoning, EmptyHistoryError, Query, UnknownItemsError
-from tests.service.conftest import count_generate
+from tests.service.conftest import count_forward, count_generate
 
 H1 = (Event("i1", 5.0, 100), Event("i2", 4.0, 200), Event("i3", 3.0, 300))
 H2 = (Event("i6", 2.0), Event("i7", 5.0))
@@ -137,3 +140,84 @@ def test_a_stored_history_drops_deleted_items_a_sent_one_is_refused(engine):
     assert isinstance(out[0], UnknownItemsError) and out[0].item_ids == ["gone"]
     assert isinstance(out[1], EmptyHistoryError) and out[1].user_id == "u1"
     assert str(out[1]) == "history is empty: user 'u1' has no stored events"  # no route: HTTP adds it
+
+
+# ---------------------------------------------------------------------------- issue 12: h_T in the cache
+def test_a_cached_vector_round_trips_and_an_old_entry_still_reads():
+    v = np.random.default_rng(0).standard_normal(16).astype(np.float32)
+    v /= np.linalg.norm(v)
+    entry = CachedReasoning((5, 6, 7), "because", v)
+    back = CachedReasoning.from_json(entry.to_json(), dim=16)
+    assert back == entry and back.vector.dtype == np.float32
+    assert back.vector.tobytes() == v.tobytes()  # bit for bit: the hit ranks exactly as the miss
+    old = CachedReasoning.from_json(json.dumps({"ids": [5, 6], "text": "older"}), dim=16)
+    assert old == CachedReasoning((5, 6), "older") and old.vector is None
+    assert "vector" not in json.loads(CachedReasoning((1,), "x").to_json())
+
+
+def corrupt_entries(dim: int) -> dict[str, str]:
+    """Cache entries whose vector must not be used, by what is wrong with them."""
+    good = np.zeros(dim, np.float32)
+    good[0] = 1.0
+    entry = json.loads(CachedReasoning((1, 2), "text", good).to_json())
+
+    def with_vector(**changes) -> str:
+        return json.dumps({**entry, "vector": {**entry["vector"], **changes}})
+
+    def b64(a: np.ndarray) -> str:
+        return base64.b64encode(a.tobytes()).decode()
+
+    nan = good.copy()
+    nan[1] = np.nan
+    return {
+        "wrong dim": with_vector(dim=dim + 1, b64=b64(np.ones(dim + 1, np.float32) / np.sqrt(dim + 1))),
+        "dim disagrees with the bytes": with_vector(dim=dim - 1),
+        "float64 bytes": with_vector(b64=b64(good.astype(np.float64))),
+        "float64 dtype": with_vector(dtype="float64"),
+        "not finite": with_vector(b64=b64(nan)),
+        "not unit length": with_vector(b64=b64(good * 3)),
+        "not base64": with_vector(b64="%%%"),
+        "not an object": json.dumps({**entry, "vector": [1.0] * dim}),
+    }
+
+
+def test_a_corrupt_cached_vector_is_refused_on_read():
+    for what, raw in corrupt_entries(16).items():
+        try:
+            CachedReasoning.from_json(raw, dim=16)
+        except (ValueError, KeyError, TypeError):  # what the service's cache read treats as a miss
+            continue
+        pytest.fail(f"accepted a cached vector: {what}")
+
+
+def test_a_cached_vector_answers_without_the_model_and_exactly_as_the_batch(engine):
+    q = Query(H2, k=4, max_reasoning_tokens=8, exclude_items=frozenset({"i1", "i4"}))
+    first = engine.recommend_batch([q])[0]
+    assert first.generated is not None and first.generated.vector.shape == (engine.model.hidden_size,)
+    assert not {"i6", "i7", "i1", "i4"} & {i.item_id for i in first.items}
+    generated, forward = count_generate(engine), count_forward(engine)
+    hit = engine.answer_cached(replace(engine.prepare(q), cached=first.generated))
+    assert generated == [] and forward == []
+    assert hit.items == first.items  # same vector, same search: the same scores to the bit
+    assert hit.cache == "hit" and hit.generated is None and hit.reasoning == first.reasoning
+    assert hit.reasoning_tokens == first.reasoning_tokens and hit.cache_key == first.cache_key
+    assert hit.timings.queue_ms == 0 and hit.timings.generate_ms == 0
+    # the batch, sent the same hit, skips the forward pass for it as well
+    assert (
+        engine.recommend_batch([replace(engine.prepare(q), cached=first.generated)])[0].items == first.items
+    )
+    assert forward == []
+    with pytest.raises(ValueError, match="cache hit with its vector"):
+        engine.answer_cached(engine.prepare(q))
+
+
+def test_a_hit_from_an_entry_without_a_vector_is_rebuilt_and_offered_to_the_cache(engine):
+    q = Query(H1, k=5, max_reasoning_tokens=8)
+    first = engine.recommend_batch([q])[0]
+    old = CachedReasoning(first.generated.completion_ids, first.generated.text)  # as written before
+    generated, forward = count_generate(engine), count_forward(engine)
+    hit = engine.recommend_batch([replace(engine.prepare(q), cached=old)])[0]
+    assert generated == [] and forward == [1] and hit.cache == "hit"
+    assert_same(hit, first)
+    assert hit.generated == old and hit.generated.vector is not None  # the entry, now with h_T
+    np.testing.assert_allclose(hit.generated.vector, first.generated.vector, atol=1e-5)
