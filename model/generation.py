@@ -46,6 +46,12 @@ class Backend(Protocol):
         (B, H) float32 on the CPU."""
         ...
 
+    def vectors(
+        self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
+        """h_T after [prompt; completion; marker] for reasoning already written, (B, H)."""
+        ...
+
 
 class HFBackend:
     """transformers' generate, then a second forward for h_T (the reference)."""
@@ -60,8 +66,14 @@ class HFBackend:
         self, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings
     ) -> tuple[Rollout, torch.Tensor]:
         rollout = self.model.reason_from_ids([list(p) for p in prompt_ids], settings)
-        vectors = self.model.user_vectors_from_ids(rollout.prompt_ids, rollout.completion_ids)
-        return rollout, vectors.cpu()
+        return rollout, self.vectors(rollout.prompt_ids, rollout.completion_ids)
+
+    @torch.no_grad()
+    def vectors(
+        self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
+        """h_T after [prompt; completion; marker] for reasoning already written (B, H)."""
+        return self.model.user_vectors_from_ids(prompt_ids, completion_ids).cpu()
 
 
 @dataclass(eq=False)
@@ -261,6 +273,11 @@ class EngineBackend:
     def generate(
         self, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings
     ) -> tuple[Rollout, torch.Tensor]:
+        return self._run(prompt_ids, settings)
+
+    def _run(
+        self, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings
+    ) -> tuple[Rollout, torch.Tensor]:
         decoder = self.decoder(settings)
         seqs = [decoder.add(Sequence_(list(p), settings.max_new_tokens)) for p in prompt_ids]
         while not decoder.idle:
@@ -269,6 +286,13 @@ class EngineBackend:
             [list(p) for p in prompt_ids], [s.completion_ids for s in seqs], [s.text for s in seqs]
         )
         return rollout, torch.stack([s.vector for s in seqs])
+
+    def vectors(
+        self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
+        """h_T after [prompt; completion; marker] for reasoning already written: one prefill each."""
+        seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+        return self._run(seqs, GenerationSettings(max_new_tokens=0))[1]
 
 
 def make_backend(

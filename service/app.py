@@ -53,15 +53,7 @@ def create_app(
         try:
             the_engine = engine or await asyncio.get_running_loop().run_in_executor(
                 executor,
-                lambda: Recommender.load(
-                    settings.checkpoint,
-                    dtype=settings.dtype,
-                    threads=settings.threads,
-                    device=settings.device,
-                    index_kind=settings.index_kind,
-                    index_nprobe=settings.index_nprobe,
-                    index_ef_search=settings.index_ef_search,
-                ),
+                lambda: Recommender.load(settings.checkpoint, **settings.load_kwargs()),
             )
             state = ServiceState(settings, the_engine, the_store, metrics, executor)
             await state.start()

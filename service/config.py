@@ -26,7 +26,13 @@ class Settings(BaseSettings):
         description="redis://host:port/db for histories, events and the reasoning cache; "
         "empty = an in-process store (lost on restart).",
     )
-    max_batch: int = Field(8, ge=1, le=256, description="Most /recommend requests per batch.")
+    max_batch: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Most /recommend requests decoding at once (continuous: the decode slots; "
+        "static: per batch).",
+    )
     max_wait_ms: float = Field(
         10.0, ge=0, le=10_000, description="How long the first request of a batch waits for others."
     )
@@ -45,6 +51,23 @@ class Settings(BaseSettings):
         "cpu",
         description="Where the model runs: cpu, cuda (this process's GPU), cuda:N, or auto (cuda "
         "when torch sees one, else cpu). Item vectors and the FAISS index stay on the CPU.",
+    )
+    backend: Literal["engine", "hf"] = Field(
+        "engine",
+        description="Generation backend (model/generation.py): engine = the lean decoder with h_T "
+        "from its KV cache (Llama-shaped models; others fall back to hf), hf = transformers' "
+        "generate + a second forward, the reference.",
+    )
+    quantize: Literal["none", "int8"] = Field(
+        "none",
+        description="engine backend: int8 weights for small-batch decode steps (bfloat16 models); "
+        "BENCHMARKS.md §7 has the speed and the agreement with the reference.",
+    )
+    batching: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous = requests join the running decode at a token boundary and leave "
+        "when done (needs the engine backend; with hf the service uses static); static = one "
+        "generate per micro-batch of up to max_batch requests.",
     )
     api_key: SecretStr | None = Field(
         None, description="Key for admin routes (header X-API-Key); unset = admin API disabled."
@@ -135,6 +158,20 @@ class Settings(BaseSettings):
                 "could never fill; raise R2EC_MAX_QUEUE"
             )
         return self
+
+    def load_kwargs(self) -> dict:
+        """The keyword arguments of `Recommender.load` these settings give (startup and reload)."""
+        return {
+            "dtype": self.dtype,
+            "threads": self.threads,
+            "device": self.device,
+            "index_kind": self.index_kind,
+            "index_nprobe": self.index_nprobe,
+            "index_ef_search": self.index_ef_search,
+            "backend": self.backend,
+            "slots": self.max_batch,
+            "quantize": self.quantize,
+        }
 
     @property
     def admin_key(self) -> str | None:

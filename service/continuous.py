@@ -194,11 +194,17 @@ class ContinuousBatcher(Generic[Q, R]):
         return min(RETRY_AFTER_MAX_S, max(1.0, rounds * per_request))
 
     # ------------------------------------------------------------------ requests
-    def submit(self, item: Q) -> asyncio.Future:
+    def check_open(self) -> None:
+        """Raise what `submit` raises for a batcher that takes no new requests (as
+        MicroBatcher.check_open: work answered beside the batcher asks here first)."""
         if self.draining:
             raise ShuttingDown("the service is shutting down; retry")
         if not self.running or self._wakeup is None:
             raise BatcherClosed("the batcher is not running")
+
+    def submit(self, item: Q) -> asyncio.Future:
+        self.check_open()
+        assert self._wakeup is not None
         if self.max_queue is not None and self._live_count() >= self.max_queue:
             raise QueueFull(
                 f"overloaded: {self.max_queue} requests are already waiting (R2EC_MAX_QUEUE); retry",

@@ -42,7 +42,8 @@ class Metrics:
         self.queue_depth = Gauge("r2ec_queue_depth", "Requests waiting for a micro-batch.", registry=r)
         self.generate_seconds = Histogram(
             "r2ec_generate_seconds",
-            "Time of one batched generate call.",
+            "Time writing reasoning: one batched generate call (static batching) or one request's "
+            "reasoning from admission to h_T (continuous batching).",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

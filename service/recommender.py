@@ -38,13 +38,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from model.checkpoint import Checkpoint, load_checkpoint
+from model.engine import Quantize
+from model.generation import BackendName, EngineBackend, Sequence_, make_backend
 from model.prompts import user_message
 from model.r2ec import GenerationSettings
 from model.samples import history_entries
 from service.catalog import Catalog
+from service.continuous import Running
 from service.types import (
     CachedReasoning,
     EmptyHistoryError,
@@ -63,12 +65,24 @@ log = logging.getLogger(__name__)
 class Recommender:
     """A loaded checkpoint and its catalog, under one model version."""
 
-    def __init__(self, checkpoint: Checkpoint, catalog: Catalog) -> None:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        catalog: Catalog,
+        *,
+        backend: BackendName = "engine",
+        slots: int = 8,
+        quantize: Quantize = "none",
+    ) -> None:
         self.checkpoint = checkpoint
         self.model = checkpoint.model
         self.catalog = catalog
         self.version = checkpoint.version
+        # how reasoning is written and h_T read (model/generation.py): the lean decoder with h_T
+        # from its KV cache, or transformers' generate + a second forward (the reference)
+        self.backend = make_backend(self.model, backend, slots=slots, quantize=quantize)
         self.generate_calls = 0  # `generate` invocations, for tests and metrics
+        self._runner: DecodeRunner | None = None
 
     @classmethod
     def load(
@@ -82,6 +96,9 @@ class Recommender:
         index_nprobe: int | None = None,
         index_ef_search: int | None = None,
         persist_edits: bool = True,
+        backend: BackendName = "engine",
+        slots: int = 8,
+        quantize: Quantize = "none",
     ) -> Recommender:
         """Load a checkpoint onto `device` (R2EC_DEVICE) and open its catalog (load
         <ckpt>/index/ if it matches, else build it from the checkpoint's item vectors and save it
@@ -91,12 +108,13 @@ class Recommender:
         catalog = Catalog.open(
             ckpt, kind=index_kind, nprobe=index_nprobe, ef_search=index_ef_search, persist_edits=persist_edits
         )
-        engine = cls(ckpt, catalog)
+        engine = cls(ckpt, catalog, backend=backend, slots=slots, quantize=quantize)
         log.info(
-            "loaded model %s from %s on %s: %d items, %s index, %.1fs",
+            "loaded model %s from %s on %s (%s backend): %d items, %s index, %.1fs",
             engine.version,
             path,
             engine.model.device,
+            engine.backend.name,
             len(catalog.index),
             catalog.index.kind,
             time.perf_counter() - start,
@@ -184,11 +202,12 @@ class Recommender:
             todo.setdefault(p.prompt, []).append(j)
 
         generate_ms = 0.0
+        have: dict[int, np.ndarray] = {}  # position -> h_T already known
         if todo:
             t = time.perf_counter()
             rows = [positions[0] for positions in todo.values()]
             budget = max(asked[j].max_reasoning_tokens for js in todo.values() for j in js)
-            rollout = self.model.reason_from_ids(
+            rollout, generated = self.backend.generate(
                 [prompt_ids[j] for j in rows], GenerationSettings(max_new_tokens=budget)
             )
             self.generate_calls += 1
@@ -199,6 +218,8 @@ class Recommender:
                     m = asked[j].max_reasoning_tokens
                     completions[j] = tuple(full[:m])
                     texts[j] = rollout.texts[row] if len(full) <= m else self._decode(full[:m])
+                    if len(full) <= m:  # h_T came with the generation (a truncated row needs its own)
+                        have[j] = generated[row].numpy()
 
         # h_T: a hit that carries its vector needs no forward pass (the service answers those
         # without a batch, ServiceState.recommend; a caller of this method may still send one)
@@ -208,17 +229,14 @@ class Recommender:
         for j, p in enumerate(ready):
             if status[j] == "hit" and p.cached is not None and p.cached.vector is not None:
                 vectors[j] = p.cached.vector
+            elif j in have:
+                vectors[j] = have[j]
             else:
                 forward.append(j)
         if forward:
-            with torch.no_grad():
-                vectors[forward] = (
-                    self.model.user_vectors_from_ids(
-                        [prompt_ids[j] for j in forward], [list(completions[j]) for j in forward]
-                    )
-                    .cpu()
-                    .numpy()
-                )  # normalised
+            vectors[forward] = self.backend.vectors(
+                [prompt_ids[j] for j in forward], [list(completions[j]) for j in forward]
+            ).numpy()  # normalised
         results = self._answer(
             ready,
             vectors,
@@ -256,13 +274,14 @@ class Recommender:
         status: Sequence[str],
         *,
         score_started: float,
-        batch_started: float | None = None,
-        generate_ms: float = 0.0,
+        batch_started: float | Sequence[float] | None = None,
+        generate_ms: float | Sequence[float] = 0.0,
     ) -> list[Result]:
         """(B, H) user vectors -> one Result per query: ONE index search (k = the largest k, each
         row excluding its own history) and the replies. The batch and a cached h_T both end
         here, so the two paths cannot rank differently. `batch_started` is when the batch began
-        (its queries' queue time ends there); None: no queue (a cached h_T)."""
+        (its queries' queue time ends there); None: no queue (a cached h_T). Continuous batching
+        gives both per query (each joined the decode at its own time)."""
         asked = [p.query for p in ready]
         k_max = max(q.k for q in asked)
         # exclude_history: the history's items and every other item the user has an event for
@@ -273,6 +292,8 @@ class Recommender:
         done = time.perf_counter()
         score_ms = (done - score_started) * 1e3
         results = []
+        started = batch_started if isinstance(batch_started, Sequence) else [batch_started] * len(ready)
+        gen_ms = generate_ms if isinstance(generate_ms, Sequence) else [generate_ms] * len(ready)
         for j, (p, q) in enumerate(zip(ready, asked, strict=True)):
             n = min(q.k, len(ids[j]))
             items = tuple(
@@ -284,7 +305,7 @@ class Recommender:
                 status[j] == "hit" and p.cached is not None and p.cached.vector is None
             )
             generated = CachedReasoning(completions[j], texts[j] or "", vectors[j].copy()) if fresh else None
-            queue_ms = 0.0 if batch_started is None else max(0.0, (batch_started - q.submitted_at) * 1e3)
+            queue_ms = 0.0 if started[j] is None else max(0.0, (started[j] - q.submitted_at) * 1e3)
             results.append(
                 Result(
                     items=items,
@@ -292,7 +313,7 @@ class Recommender:
                     model_version=self.version,
                     timings=Timings(
                         queue_ms=queue_ms,
-                        generate_ms=generate_ms,
+                        generate_ms=gen_ms[j],
                         score_ms=score_ms,
                         total_ms=(done - q.submitted_at) * 1e3,
                     ),
@@ -306,3 +327,99 @@ class Recommender:
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.model.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    # ---------------------------------------------------------------- continuous batching
+    @property
+    def continuous(self) -> bool:
+        """Whether this model can serve by continuous batching (the `engine` backend)."""
+        return isinstance(self.backend, EngineBackend)
+
+    def runner(self) -> DecodeRunner:
+        """The model-thread half of continuous batching for this model (one per Recommender)."""
+        if self._runner is None:
+            self._runner = DecodeRunner(self)
+        return self._runner
+
+
+@dataclasses.dataclass
+class _Job:
+    prepared: PreparedQuery
+    status: str  # "miss" (writes its reasoning), "hit" (cached reasoning, no h_T) or "off"
+    completion: tuple[int, ...]
+    text: str | None
+    started: float  # admitted to the decode
+
+
+class DecodeRunner:
+    """Continuous batching's model-thread half (service/continuous.py) for one Recommender.
+
+    Each request becomes one sequence of the engine's ContinuousDecoder (model/generation.py):
+    a reasoning request decodes its own budget and streams its text (`PreparedQuery.on_text`);
+    a cache hit without h_T and a no-reasoning request only prefill [prompt; (reasoning;)
+    marker]. A sequence that ends is answered by `Recommender._answer`, the same search and
+    reply as the static batch, with its own queue and generation times."""
+
+    def __init__(self, recommender: Recommender) -> None:
+        if not recommender.continuous:
+            raise ValueError("continuous batching needs the 'engine' generation backend")
+        self.rec = recommender
+        self.decoder = recommender.backend.decoder()  # type: ignore[union-attr]
+        self.jobs: dict[Sequence_, _Job] = {}
+
+    @property
+    def idle(self) -> bool:
+        return self.decoder.idle
+
+    def add(self, item: Query | PreparedQuery) -> Running | Result | QueryError:
+        rec = self.rec
+        try:
+            p = rec._ready(item)
+        except QueryError as exc:
+            return exc
+        q, cached = p.query, p.cached
+        if cached is not None and cached.vector is not None:
+            return rec.answer_cached(p)
+        prompt_ids = rec.model.tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
+        on_text = getattr(p, "on_text", None)
+        if not q.wants_reasoning:
+            job = _Job(p, "off", (), "" if q.reasoning else None, time.perf_counter())
+            seq = Sequence_(prompt_ids, 0)
+        elif cached is not None:  # h_T after the cached reasoning: one prefill, nothing written
+            job = _Job(p, "hit", cached.completion_ids, cached.text, time.perf_counter())
+            seq = Sequence_(prompt_ids + list(cached.completion_ids), 0)
+            if on_text is not None and cached.text:
+                on_text(cached.text)
+        else:
+            job = _Job(p, "miss", (), None, time.perf_counter())
+            seq = Sequence_(prompt_ids, q.max_reasoning_tokens, on_text=on_text)
+            rec.generate_calls += 1
+        self.decoder.add(seq)
+        self.jobs[seq] = job
+        return Running(seq)
+
+    def step(self) -> list[tuple[Sequence_, Result]]:
+        finished = self.decoder.step()
+        if not finished:
+            return []
+        now = time.perf_counter()
+        jobs = [self.jobs.pop(seq) for seq in finished]
+        completions = [
+            tuple(s.completion_ids) if j.status == "miss" else j.completion
+            for s, j in zip(finished, jobs, strict=True)
+        ]
+        texts = [s.text if j.status == "miss" else j.text for s, j in zip(finished, jobs, strict=True)]
+        results = self.rec._answer(
+            [j.prepared for j in jobs],
+            np.stack([s.vector.numpy() for s in finished]),
+            completions,
+            texts,
+            [j.status for j in jobs],
+            score_started=now,
+            batch_started=[j.started for j in jobs],
+            generate_ms=[(now - j.started) * 1e3 for j in jobs],
+        )
+        return list(zip(finished, results, strict=True))
+
+    def cancel(self, handle: Sequence_) -> None:
+        self.decoder.cancel(handle)
+        self.jobs.pop(handle, None)

@@ -22,6 +22,7 @@ from model.checkpoint import read_meta, resolve_checkpoint
 from service.batcher import MicroBatcher
 from service.catalog import Catalog
 from service.config import Settings
+from service.continuous import ContinuousBatcher
 from service.metrics import Metrics
 from service.recommender import Recommender
 from service.store import Appended, Event, HistoryStore, StoreUnavailable
@@ -61,15 +62,29 @@ class ServiceState:
         self.store = store
         self.metrics = metrics
         self.model_executor = executor  # the only thread that runs the model
-        self.batcher: MicroBatcher[PreparedQuery, Result] = MicroBatcher(
-            settings.max_batch,
-            settings.max_wait_ms,
-            self._run_batch,
-            executor=executor,
-            on_batch=metrics.batch_size.observe,
-            on_queue_depth=metrics.queue_depth.set,
-            max_queue=settings.max_queue,
-        )
+        self.continuous = settings.batching == "continuous" and engine.continuous
+        if settings.batching == "continuous" and not self.continuous:
+            log.warning("continuous batching needs the engine backend; serving with static batches")
+        self.batcher: MicroBatcher[PreparedQuery, Result] | ContinuousBatcher[PreparedQuery, Result]
+        if self.continuous:  # requests join the running decode at token boundaries
+            self.batcher = ContinuousBatcher(
+                settings.max_batch,
+                lambda: self.engine.runner(),  # read at every tick: a reload's model takes new ones
+                executor=executor,
+                on_batch=metrics.batch_size.observe,
+                on_queue_depth=metrics.queue_depth.set,
+                max_queue=settings.max_queue,
+            )
+        else:
+            self.batcher = MicroBatcher(
+                settings.max_batch,
+                settings.max_wait_ms,
+                self._run_batch,
+                executor=executor,
+                on_batch=metrics.batch_size.observe,
+                on_queue_depth=metrics.queue_depth.set,
+                max_queue=settings.max_queue,
+            )
         self._reload_lock = asyncio.Lock()
         self.edit_lock = asyncio.Lock()  # item edits vs. the swap of a reload
         self._cache_down_until = 0.0
@@ -178,6 +193,8 @@ class ServiceState:
         if result.cache != "off":
             self.metrics.cache.labels(result.cache).inc()
             self.metrics.reasoning_tokens.observe(result.reasoning_tokens)
+        if self.continuous and result.cache == "miss":  # (static batches observe per generate call)
+            self.metrics.generate_seconds.observe(result.timings.generate_ms / 1e3)
         if result.generated is not None and result.cache_key is not None:
             await self._cache_set(result.cache_key, result.generated)
         return result
@@ -273,16 +290,7 @@ class ServiceState:
             old = self.engine
             try:
                 # Not the model thread: batches keep running on the old model while this loads.
-                new = await asyncio.to_thread(
-                    Recommender.load,
-                    target,
-                    dtype=self.settings.dtype,
-                    threads=self.settings.threads,
-                    device=self.settings.device,
-                    index_kind=self.settings.index_kind,
-                    index_nprobe=self.settings.index_nprobe,
-                    index_ef_search=self.settings.index_ef_search,
-                )
+                new = await asyncio.to_thread(Recommender.load, target, **self.settings.load_kwargs())
             except Exception as exc:
                 self.metrics.reloads.labels("failed").inc()
                 log.error("reload of %s failed, still serving %s: %s", target, old.version, exc)

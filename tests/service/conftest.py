@@ -159,6 +159,9 @@ def settings_for(ckpt: Path, **kw):
         "api_key": API_KEY,
         "max_reasoning_tokens": 8,
         "max_wait_ms": 5,
+        # the micro-batch contract is what most app tests pin down; continuous batching has its
+        # own (tests/service/test_continuous_app.py)
+        "batching": "static",
     }
     return Settings(**{**base, **kw})
 
@@ -192,28 +195,29 @@ async def client(app) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def count_generate(engine) -> list[int]:
-    """Wrap the model's reason_from_ids; the list collects the batch size of each call."""
+    """Wrap the generation backend's generate (static batching); the list collects the batch
+    size of each call."""
     calls: list[int] = []
-    original = engine.model.reason_from_ids
+    original = engine.backend.generate
 
-    def counted(prompt_ids, settings, num_generations=1):
+    def counted(prompt_ids, settings):
         calls.append(len(prompt_ids))
-        return original(prompt_ids, settings, num_generations)
+        return original(prompt_ids, settings)
 
-    engine.model.reason_from_ids = counted
+    engine.backend.generate = counted
     return calls
 
 
 def count_forward(engine) -> list[int]:
-    """Wrap the model's user_vectors_from_ids; the list collects each forward pass's rows."""
+    """Wrap the backend's h_T pass for written reasoning; the list collects each call's rows."""
     calls: list[int] = []
-    original = engine.model.user_vectors_from_ids
+    original = engine.backend.vectors
 
     def counted(prompt_ids, completion_ids):
         calls.append(len(prompt_ids))
         return original(prompt_ids, completion_ids)
 
-    engine.model.user_vectors_from_ids = counted
+    engine.backend.vectors = counted
     return calls
 
 
