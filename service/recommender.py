@@ -18,6 +18,10 @@ cache with that key, then hands the `PreparedQuery` to the batch.
   4. ONE forward pass over [prompt; reasoning; closing marker] for every query gives all h_T;
   5. ONE index search (k = the batch's largest k) with per-query history exclusion.
 
+A query that streams (`PreparedQuery.on_text`) gets its whole reasoning text in one call as
+soon as it is known, between steps 3 and 4: this path generates the batch at once, so there is
+nothing finer to hand out.
+
 Per-query problems (unknown item ids, empty history) come back as `QueryError` values in the
 output list, so one bad query never fails its batch-mates. The model must only run on one
 thread: the service calls `recommend_batch` and the catalog's edits from a single worker thread.
@@ -30,7 +34,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -137,7 +141,7 @@ class Recommender:
         if isinstance(query, PreparedQuery):
             if query.model_version == self.version:
                 return query
-            query = query.query
+            return dataclasses.replace(self.prepare(query.query), on_text=query.on_text)
         return self.prepare(query)
 
     # ---------------------------------------------------------------- the batch
@@ -192,6 +196,11 @@ class Recommender:
                     completions[j] = tuple(full[:m])
                     texts[j] = rollout.texts[row] if len(full) <= m else self._decode(full[:m])
 
+        # Streaming: each query's reasoning is known now (generated or cached), before scoring.
+        for j, p in enumerate(ready):
+            if p.on_text is not None and texts[j]:
+                self._notify(p.on_text, texts[j])
+
         t = time.perf_counter()
         with torch.no_grad():
             vectors = (
@@ -229,6 +238,15 @@ class Recommender:
                 generated=generated,
             )
         return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _notify(on_text: Callable[[str], None], text: str) -> None:
+        """Hand a reasoning piece to the query's stream. A broken callback (a client gone, a
+        closed loop) costs that stream its text, never the batch its answers."""
+        try:
+            on_text(text)
+        except Exception:
+            log.exception("on_text callback failed; the batch goes on")
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.model.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
