@@ -161,22 +161,36 @@ class ServiceState:
 
     # ------------------------------------------------------------------ recommend
     async def recommend(
-        self, query: Query, wait_disconnect: Callable[[], Awaitable[Any]] | None = None
+        self,
+        query: Query,
+        wait_disconnect: Callable[[], Awaitable[Any]] | None = None,
+        on_text: Callable[[str], None] | None = None,
+        on_queued: Callable[[], None] | None = None,
     ) -> Result:
         """Prepare -> cache lookup -> micro-batch -> cache fill. `wait_disconnect()` resolves when
-        the client goes away; the request is then dropped from its batch (ClientDisconnected)."""
+        the client goes away; the request is then dropped from its batch (ClientDisconnected).
+        Streaming: `on_text` gets the reasoning as it is written, on the model thread
+        (PreparedQuery.on_text); `on_queued()` is called once the request is in the batcher's
+        queue, past every check that refuses it, so a stream can start."""
         prepared = self.engine.prepare(query)  # QueryError for a bad history: the app's 422
+        if on_text is not None:
+            prepared = dataclasses.replace(prepared, on_text=on_text)
         if prepared.cache_key is not None:
             cached = await self._cache_get(prepared.cache_key)
             if cached is not None:
                 prepared = dataclasses.replace(prepared, cached=cached)
         future = self.batcher.submit(prepared)
+        if on_queued is not None:
+            on_queued()
         if wait_disconnect is None:
             result = await future
         else:
             watcher = asyncio.ensure_future(wait_disconnect())
             try:
                 await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                future.cancel()  # the handler itself was cancelled (a stream's client left): drop it too
+                raise
             finally:
                 watcher.cancel()
             if not future.done():
