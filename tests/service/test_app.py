@@ -484,8 +484,8 @@ async def test_probes_and_metrics(app, client):
 async def test_openapi_documents_every_route_and_the_admin_key(client):
     spec = (await client.get("/openapi.json")).json()
     assert set(spec["paths"]) == {
-        "/recommend", "/users/{user_id}/events", "/users/{user_id}/history", "/items/{item_id}",
-        "/admin/reload", "/healthz", "/readyz", "/metrics", "/items",
+        "/recommend", "/recommend/stream", "/users/{user_id}/events", "/users/{user_id}/history",
+        "/items/{item_id}", "/admin/reload", "/healthz", "/readyz", "/metrics", "/items",
     }  # fmt: skip
     assert spec["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
     for method, path in (("put", "/items/{item_id}"), ("delete", "/items/{item_id}"),
