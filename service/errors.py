@@ -155,6 +155,17 @@ def retry_after(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
+async def error_body(request: Request, exc: Exception) -> bytes:
+    """The JSON error body the app's own handler answers `exc` with (and its side effects: a log
+    line, a metric). For a failure after a response has begun (POST /recommend/stream sends it
+    as an `error` event): the same body a JSON error would have had."""
+    handlers = request.app.exception_handlers
+    handler = next((handlers[c] for c in type(exc).__mro__ if c in handlers), None)
+    if handler is None:  # add_error_handlers registers Exception, so only an app without it
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}").body
+    return (await handler(request, exc)).body
+
+
 def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRoute] = ()) -> None:
     """Every failure a client can cause is a 4xx naming the problem; service-side trouble is a
     503 (starting, store down, shutting down, overloaded: the last two with Retry-After) or a

@@ -77,6 +77,16 @@ class Metrics:
             registry=r,
         )
 
+        self.streams = Counter(
+            "r2ec_stream_requests_total",
+            "POST /recommend/stream responses that began streaming, by how they ended: ok (items "
+            "and done sent), error (an error event), disconnected (the client left), cancelled "
+            "(the server stopped the stream). Refusals before the stream are JSON errors, counted "
+            "by r2ec_request_duration_seconds like any request.",
+            ["outcome"],
+            registry=r,
+        )
+
     def track_index_size(self, size: Callable[[], int]) -> None:
         self.index_size.set_function(lambda: float(size()))
 

@@ -22,6 +22,10 @@ cache with that key, then hands the `PreparedQuery` to the batch.
 `Recommender.answer_cached(prepared)` answers a cache hit whose entry carries h_T: step 5 alone,
 through the same `_answer`, without the batch (service/state.py).
 
+A query that streams (`PreparedQuery.on_text`) gets its whole reasoning text in one call as
+soon as it is known, between steps 3 and 4: this path generates the batch at once, so there is
+nothing finer to hand out.
+
 Per-query problems (unknown item ids, empty history) come back as `QueryError` values in the
 output list, so one bad query never fails its batch-mates. The model must only run on one
 thread: the service calls `recommend_batch` and the catalog's edits from a single worker thread.
@@ -34,7 +38,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +167,7 @@ class Recommender:
         if isinstance(query, PreparedQuery):
             if query.model_version == self.version:
                 return query
-            query = query.query
+            return dataclasses.replace(self.prepare(query.query), on_text=query.on_text)
         return self.prepare(query)
 
     # ---------------------------------------------------------------- the batch
@@ -221,6 +225,11 @@ class Recommender:
                     if len(full) <= m:  # h_T came with the generation (a truncated row needs its own)
                         have[j] = generated[row].numpy()
 
+        # Streaming: each query's reasoning is known now (generated or cached), before scoring.
+        for j, p in enumerate(ready):
+            if p.on_text is not None and texts[j]:
+                self._notify(p.on_text, texts[j])
+
         # h_T: a hit that carries its vector needs no forward pass (the service answers those
         # without a batch, ServiceState.recommend; a caller of this method may still send one)
         t = time.perf_counter()
@@ -259,6 +268,8 @@ class Recommender:
         cached = prepared.cached
         if cached is None or cached.vector is None or prepared.model_version != self.version:
             raise ValueError("answer_cached needs a cache hit with its vector, for this model version")
+        if prepared.on_text is not None and cached.text:  # a stream gets the reasoning first
+            self._notify(prepared.on_text, cached.text)
         start = time.perf_counter()
         vectors = np.asarray(cached.vector, dtype=np.float32)[None, :]  # (1, H)
         return self._answer(
@@ -325,6 +336,15 @@ class Recommender:
             )
         return results
 
+    @staticmethod
+    def _notify(on_text: Callable[[str], None], text: str) -> None:
+        """Hand a reasoning piece to the query's stream. A broken callback (a client gone, a
+        closed loop) costs that stream its text, never the batch its answers."""
+        try:
+            on_text(text)
+        except Exception:
+            log.exception("on_text callback failed; the batch goes on")
+
     def _decode(self, ids: Sequence[int]) -> str:
         return self.model.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
@@ -380,7 +400,7 @@ class DecodeRunner:
         if cached is not None and cached.vector is not None:
             return rec.answer_cached(p)
         prompt_ids = rec.model.tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
-        on_text = getattr(p, "on_text", None)
+        on_text = p.on_text
         if not q.wants_reasoning:
             job = _Job(p, "off", (), "" if q.reasoning else None, time.perf_counter())
             seq = Sequence_(prompt_ids, 0)
@@ -388,7 +408,7 @@ class DecodeRunner:
             job = _Job(p, "hit", cached.completion_ids, cached.text, time.perf_counter())
             seq = Sequence_(prompt_ids + list(cached.completion_ids), 0)
             if on_text is not None and cached.text:
-                on_text(cached.text)
+                rec._notify(on_text, cached.text)
         else:
             job = _Job(p, "miss", (), None, time.perf_counter())
             seq = Sequence_(prompt_ids, q.max_reasoning_tokens, on_text=on_text)

@@ -1,4 +1,5 @@
-"""Thin HTTP handlers: read the input, call the service state, shape the reply.
+"""Thin HTTP handlers: read the input, call the service state, shape the reply (or, for
+/recommend/stream, hand an accepted request to service/streaming.py).
 
 The dependencies they ask for are the aliases in service/deps.py. /recommend is built per app
 (`recommend_router(settings)`): its body carries the server's reasoning-token ceiling, so the
@@ -7,6 +8,7 @@ to see its body type, annotations here are evaluated at definition time (no
 `from __future__ import annotations`).
 """
 
+import json
 import time
 from typing import Annotated
 
@@ -17,7 +19,9 @@ from service import schemas
 from service.config import Settings
 from service.deps import Admin, CatalogDep, MaybeStateDep, StateDep, StoreDep
 from service.errors import documented
+from service.state import ServiceState
 from service.store import Event, event_key
+from service.streaming import EventStream, RecommendStream, recommended_items
 from service.types import Query, Result
 
 router = APIRouter()  # every route but /recommend
@@ -40,6 +44,32 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 # ---------------------------------------------------------------------- recommend
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+STREAM_EXAMPLE = (  # the OpenAPI example of a stream, the README's answer in events
+    _sse("reasoning", {"text": "I'm sorry for your loss, but as a chatbot, "})
+    + _sse("reasoning", {"text": "I don't have the ability to browse through your history."})
+    + _sse(
+        "items",
+        {
+            "items": [{"item_id": "1592", "title": "Magic Hour, The", "score": 22.37, "rank": 1}],
+            "model_version": "20261123-001537-b1adb4",
+            "history_source": "request",
+        },
+    )
+    + _sse(
+        "done",
+        {
+            "reasoning_tokens": 64,
+            "cache": "miss",
+            "timings": {"queue_ms": 25.4, "generate_ms": 8762.9, "score_ms": 357.1, "total_ms": 9147.6},
+        },
+    )
+)
+
+
 def recommend_router(settings: Settings) -> APIRouter:
     """POST /recommend, its body bounded by `settings.reasoning_token_limit`."""
     body_type = schemas.recommend_request(settings.reasoning_token_limit)
@@ -55,35 +85,67 @@ def recommend_router(settings: Settings) -> APIRouter:
         """Ranked items for a history (inline, or the user's stored one), with the reasoning.
         503 with Retry-After when R2EC_MAX_QUEUE requests already wait, or while shutting down."""
         started = time.perf_counter()
-        server = state.settings
-        budget = body.max_reasoning_tokens
-        history, stored_user, seen = await state.resolve_history(
-            body.user_id, _events(body.history), seen=body.exclude_history
-        )
-        query = Query(
-            history=history,
-            k=body.k,
-            exclude_history=body.exclude_history,
-            reasoning=server.reasoning if body.reasoning is None else body.reasoning,
-            max_reasoning_tokens=server.max_reasoning_tokens if budget is None else budget,
-            stored_user=stored_user,
-            exclude_items=seen,
-            submitted_at=started,
-        )
+        query = await _query(body, state, started)
         result = await state.recommend(query, wait_disconnect=lambda: _wait_disconnect(request))
-        source = "request" if stored_user is None else "store"
-        return _reply(result, source, (time.perf_counter() - started) * 1e3)
+        return _reply(result, _source(query), (time.perf_counter() - started) * 1e3)
+
+    @api.post(
+        "/recommend/stream",
+        response_class=EventStream,
+        tags=["recommend"],
+        responses={
+            200: {
+                "description": "Server-Sent Events: `reasoning` pieces, then `items` and `done`; "
+                "or `error` (the error body) if the answer fails after the stream began.",
+                "content": {
+                    "text/event-stream": {
+                        "itemSchema": schemas.stream_item_schema(),
+                        "example": STREAM_EXAMPLE,
+                    }
+                },
+            },
+            **documented(400, 413, 422, 500, 503, by_reference=True),
+        },
+    )
+    async def recommend_stream(body: body_type, request: Request, state: StateDep) -> EventStream:
+        """POST /recommend's answer as Server-Sent Events: the reasoning as it is written, then
+        the items. The body and every refusal (4xx, 503) are /recommend's, as JSON, before any
+        event; a client that disconnects cancels its request."""
+        query = await _query(body, state, time.perf_counter())
+        stream = RecommendStream(state, query, request, _source(query))
+        await stream.accept()
+        return stream.response()
 
     return api
+
+
+async def _query(body: schemas.RecommendRequest, state: ServiceState, started: float) -> Query:
+    """The request's query: its history resolved (inline or stored), the server's defaults in."""
+    server = state.settings
+    budget = body.max_reasoning_tokens
+    history, stored_user, seen = await state.resolve_history(
+        body.user_id, _events(body.history), seen=body.exclude_history
+    )
+    return Query(
+        history=history,
+        k=body.k,
+        exclude_history=body.exclude_history,
+        reasoning=server.reasoning if body.reasoning is None else body.reasoning,
+        max_reasoning_tokens=server.max_reasoning_tokens if budget is None else budget,
+        stored_user=stored_user,
+        exclude_items=seen,
+        submitted_at=started,
+    )
+
+
+def _source(query: Query) -> str:
+    return "request" if query.stored_user is None else "store"
 
 
 def _reply(result: Result, source: str, total_ms: float) -> schemas.RecommendResponse:
     t = result.timings
     return schemas.RecommendResponse(
-        items=[
-            schemas.RecommendedItem(item_id=i.item_id, title=i.title, score=i.score, rank=i.rank)
-            for i in result.items
-        ],
+        items=recommended_items(result),
         reasoning=result.reasoning,
         model_version=result.model_version,
         history_source=source,

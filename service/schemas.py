@@ -331,6 +331,71 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+# ---------------------------------------------------------------------- POST /recommend/stream
+class StreamReasoning(BaseModel):
+    """`event: reasoning`: the next piece of the reasoning; the pieces, in order, concatenate to
+    the `reasoning` /recommend would return."""
+
+    text: str
+
+
+class StreamItems(BaseModel):
+    """`event: items`: the ranked items, as /recommend returns them."""
+
+    items: list[RecommendedItem]
+    model_version: str
+    history_source: str = Field(description="'request' or 'store'")
+
+
+class StreamDone(BaseModel):
+    """`event: done`, the last event of a stream that succeeded."""
+
+    reasoning_tokens: int
+    cache: str = Field(description="hit, miss or off (no reasoning)")
+    timings: TimingsOut
+
+
+STREAM_EVENTS: dict[str, type[BaseModel]] = {
+    "reasoning": StreamReasoning,
+    "items": StreamItems,
+    "done": StreamDone,
+    "error": ErrorResponse,
+}
+
+
+def stream_item_schema(ref_prefix: str = "#/components/schemas/") -> dict[str, Any]:
+    """The OpenAPI schema of one event of POST /recommend/stream (OpenAPI 3.2's `itemSchema`,
+    which FastAPI writes for its own SSE routes too): `event` names it, `data` is JSON of that
+    event's model. The models are inlined; what they nest (RecommendedItem, TimingsOut,
+    ErrorBody, ...) is referenced from the components /recommend already puts there."""
+    variants = []
+    for name, model in STREAM_EVENTS.items():
+        schema = model.model_json_schema(ref_template=ref_prefix + "{model}")
+        schema.pop("$defs", None)
+        variants.append(
+            {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": {"const": name},
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": schema,
+                    },
+                },
+            }
+        )
+    return {
+        "description": "One event: `event: <name>` and `data: <JSON>` lines, then a blank line. In "
+        "order: `reasoning` (zero or more, none without reasoning; the pieces concatenate to the "
+        "reasoning /recommend returns), then `items` and `done`; or, if the answer fails after the "
+        "stream began, one `error` with the error body and the end. Lines starting with `:` are "
+        "keep-alive comments.",
+        "oneOf": variants,
+    }
+
+
 # ---------------------------------------------------------------------- catalog search (GET /items)
 class ItemMatch(BaseModel):
     item_id: str

@@ -177,19 +177,28 @@ class ServiceState:
 
     # ------------------------------------------------------------------ recommend
     async def recommend(
-        self, query: Query, wait_disconnect: Callable[[], Awaitable[Any]] | None = None
+        self,
+        query: Query,
+        wait_disconnect: Callable[[], Awaitable[Any]] | None = None,
+        on_text: Callable[[str], None] | None = None,
+        on_queued: Callable[[], None] | None = None,
     ) -> Result:
         """Prepare -> cache lookup -> micro-batch -> cache fill. A hit whose entry carries h_T
         skips the batch: one index search (`_answer_cached`). `wait_disconnect()` resolves when
-        the client goes away; the request is then dropped from its batch (ClientDisconnected)."""
+        the client goes away; the request is then dropped from its batch (ClientDisconnected).
+        Streaming: `on_text` gets the reasoning as it is written, on the model thread
+        (PreparedQuery.on_text); `on_queued()` is called once the request is in the batcher's
+        queue, past every check that refuses it, so a stream can start."""
         prepared = self.engine.prepare(query)  # QueryError for a bad history: the app's 422
+        if on_text is not None:
+            prepared = dataclasses.replace(prepared, on_text=on_text)
         if prepared.cache_key is not None:
             cached = await self._cache_get(prepared.cache_key)
             if cached is not None:
                 prepared = dataclasses.replace(prepared, cached=cached)
         result = await self._answer_cached(prepared)
         if result is None:
-            result = await self._batched(prepared, wait_disconnect)
+            result = await self._batched(prepared, wait_disconnect, on_queued)
         if result.cache != "off":
             self.metrics.cache.labels(result.cache).inc()
             self.metrics.reasoning_tokens.observe(result.reasoning_tokens)
@@ -222,15 +231,27 @@ class ServiceState:
         return await asyncio.to_thread(engine.answer_cached, prepared)
 
     async def _batched(
-        self, prepared: PreparedQuery, wait_disconnect: Callable[[], Awaitable[Any]] | None
+        self,
+        prepared: PreparedQuery,
+        wait_disconnect: Callable[[], Awaitable[Any]] | None,
+        on_queued: Callable[[], None] | None = None,
     ) -> Result:
-        """Submit to the micro-batch and wait; ClientDisconnected if the client leaves first."""
+        """Submit to the batcher and wait; ClientDisconnected if the client leaves first."""
         future = self.batcher.submit(prepared)
+        if on_queued is not None:
+            on_queued()
         if wait_disconnect is None:
-            return await future
+            try:
+                return await future
+            except asyncio.CancelledError:
+                future.cancel()  # the handler itself was cancelled (a stream's client left)
+                raise
         watcher = asyncio.ensure_future(wait_disconnect())
         try:
             await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            future.cancel()  # the handler itself was cancelled (a stream's client left): drop it too
+            raise
         finally:
             watcher.cancel()
         if not future.done():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,6 +140,12 @@ class PreparedQuery:
     prompt: str  # the rendered user prompt (chat template applied)
     cache_key: str | None  # None when the query does not reason
     cached: CachedReasoning | None = None  # the reasoning found under cache_key, if any
+    # Streaming (POST /recommend/stream): called ON THE MODEL THREAD with each new piece of the
+    # reasoning text as it becomes known; the pieces concatenate to Result.reasoning. The batch
+    # path calls it once with the whole text (generated or cached) before scoring; a token-level
+    # decoder calls it per token. It must not block; what it raises is logged, never fails the
+    # batch. Not part of the query's identity.
+    on_text: Callable[[str], None] | None = field(default=None, compare=False, hash=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,11 @@
 // No build step and no dependencies: the service serves this file as it is.
 //
 // Streaming: POST /recommend/stream (Server-Sent Events) sends `reasoning` events (the text as
-// it is written: each event's data is the next piece, as a JSON string, {"text"|"delta": ...}
-// or plain text), one `items` event (the /recommend item shape, as {"items": [...]} or a bare
-// list), a `done` event (timings, model version, ...) and `error` events ({"message": ...}).
+// it is written: {"text": piece}), one `items` event ({"items": [...], "model_version", ...}),
+// a `done` event ({"reasoning_tokens", "cache", "timings"}), or an `error` event (the API's
+// error body, {"error": {"status", "message", ...}}); refusals come before it as plain JSON
+// errors. The parser also takes {"delta": ...} or plain-text pieces, a bare item list and
+// {"message": ...} errors.
 // A server without that route answers 404 or 405: the page then asks POST /recommend and shows
 // the reasoning when the whole answer arrives.
 "use strict";
@@ -477,7 +479,8 @@ async function runStreamed(run, body, signal) {
           Object.assign(info, payload.timings || payload.model_version ? payload : { timings: payload });
         }
       } else if (event === "error") {
-        failed = new ApiError(payload?.status || 500, messageOf(payload) || "the stream reported an error");
+        const status = payload?.error?.status || payload?.status || 500;
+        failed = new ApiError(status, messageOf(payload) || "the stream reported an error");
       }
     }
   }

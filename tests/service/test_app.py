@@ -490,19 +490,19 @@ async def test_a_draining_service_refuses_a_cached_hit_as_it_refuses_the_batch(c
 
 
 async def test_a_failing_batch_fails_its_requests_and_the_service_goes_on(app, client):
-    model = app.state.r2ec.engine.model
-    original = model.reason_from_ids
+    model = app.state.r2ec.engine.backend
+    original = model.generate
 
     def explode(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    model.reason_from_ids = explode
+    model.generate = explode
     failed = await asyncio.gather(*(client.post("/recommend", json={"history": h}) for h in (H1, H2)))
     for r in failed:
         assert r.status_code == 500
         assert "recommendation failed" in r.json()["error"]["message"]
         assert "RuntimeError: CUDA out of memory (simulated)" in r.json()["error"]["message"]
-    model.reason_from_ids = original
+    model.generate = original
     r = await client.post("/recommend", json={"history": H1})
     assert r.status_code == 200, r.text
     assert (await client.get("/readyz")).status_code == 200
@@ -514,14 +514,14 @@ async def test_a_request_whose_client_left_is_dropped_before_its_batch_runs(app,
     state = app.state.r2ec
     calls = count_generate(state.engine)
     gate, entered = threading.Event(), threading.Event()
-    original = state.engine.model.reason_from_ids
+    original = state.engine.backend.generate
 
     def blocking(*args, **kwargs):
         entered.set()
         gate.wait(30)
         return original(*args, **kwargs)
 
-    state.engine.model.reason_from_ids = blocking
+    state.engine.backend.generate = blocking
     a = asyncio.create_task(state.recommend(Query(tuple(Event(h["item_id"]) for h in H1))))
     await asyncio.to_thread(entered.wait, 30)  # A's batch is in generate
     gone = asyncio.Event()
@@ -578,8 +578,8 @@ async def test_probes_and_metrics(app, client):
 async def test_openapi_documents_every_route_and_the_admin_key(client):
     spec = (await client.get("/openapi.json")).json()
     assert set(spec["paths"]) == {
-        "/recommend", "/users/{user_id}/events", "/users/{user_id}/history", "/items/{item_id}",
-        "/admin/reload", "/healthz", "/readyz", "/metrics", "/items",
+        "/recommend", "/recommend/stream", "/users/{user_id}/events", "/users/{user_id}/history",
+        "/items/{item_id}", "/admin/reload", "/healthz", "/readyz", "/metrics", "/items",
     }  # fmt: skip
     assert spec["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
     for method, path in (("put", "/items/{item_id}"), ("delete", "/items/{item_id}"),
@@ -680,14 +680,14 @@ class HeldModel:
 
     def __init__(self, state) -> None:
         self.gate, self.entered = threading.Event(), threading.Event()
-        original = state.engine.model.reason_from_ids
+        original = state.engine.backend.generate
 
         def held(*args, **kwargs):
             self.entered.set()
             self.gate.wait(60)
             return original(*args, **kwargs)
 
-        state.engine.model.reason_from_ids = held
+        state.engine.backend.generate = held
 
     async def wait_entered(self) -> None:
         assert await asyncio.to_thread(self.entered.wait, 60)

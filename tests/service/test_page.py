@@ -4,8 +4,9 @@ downloaded browser) against uvicorn serving the tiny checkpoint on a loopback po
 A person types titles, adds three films, asks with reasoning and sees the reasoning before the
 ranked items; compares with and without reasoning; marks a film watched for a stored user; and
 reads the API's own message when there is nothing to recommend from. A second server adds a
-stand-in `POST /recommend/stream` that speaks the streaming contract (issue 12), so the page's
-SSE client is tested before the real route lands.
+stand-in `POST /recommend/stream` that speaks the streaming contract (issue 12) with pauses, so
+the reasoning is seen arriving in pieces; a third has no stream route, for the page's fallback
+to `POST /recommend`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.app import create_app
 from tests.service.conftest import IN_CI, free_port, settings_for
@@ -167,7 +168,8 @@ def test_pick_three_films_and_see_the_reasoning_before_the_items(server, page):
     expect(run.locator(".items li .sub").first).not_to_be_empty()  # year / genres from GET /items/{id}
     meta = run.locator(".meta")
     expect(meta).to_contain_text(answer["model_version"])
-    expect(meta).to_contain_text("not streamed")  # no /recommend/stream on this server: the fallback
+    expect(meta).to_contain_text("streamed")  # POST /recommend/stream: the reasoning, then the items
+    expect(meta).not_to_contain_text("not streamed")
 
     # side by side: two requests, the one without reasoning first
     page.get_by_label("Compare with and without reasoning").check()
@@ -285,16 +287,48 @@ def _sse(event: str, data) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
+def replacing_stream_route(app, endpoint):
+    """`app` (an ASGI callable for uvicorn) with POST /recommend/stream answered by
+    `endpoint(request) -> response` instead of its own route."""
+
+    async def asgi(scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/recommend/stream":
+            response = await endpoint(Request(scope, receive))
+            await response(scope, receive, send)
+        else:
+            await app(scope, receive, send)
+
+    return asgi
+
+
+async def no_such_route(request: Request) -> JSONResponse:
+    """What a server from before the stream route answers."""
+    return JSONResponse({"error": {"status": 404, "code": "not_found", "message": "Not Found"}}, 404)
+
+
+def test_without_the_stream_route_the_page_falls_back_to_recommend(ckpt, page):
+    app = create_app(settings_for(ckpt, max_wait_ms=1))
+    with running(replacing_stream_route(app, no_such_route)) as base:
+        page.goto(base + "/")
+        add_film(page, "toy", "Toy Story", how="enter")
+        page.get_by_label("How many").fill("3")
+        page.get_by_role("button", name="Recommend").click()
+        run = page.locator(".run")
+        expect(run.locator(".items li")).to_have_count(3)
+        expect(run.locator(".meta")).to_contain_text("not streamed")
+        assert page.evaluate("window.__order") == ["reasoning", "items"]
+
+
 def stream_app(ckpt):
-    """The real app plus a stand-in POST /recommend/stream speaking issue 12's contract:
-    `reasoning` pieces as written, then `items`, then `done`; `error` for a failure."""
+    """The app with a stand-in POST /recommend/stream in place of its own, speaking issue 12's
+    contract with pauses a person would see: `reasoning` pieces as written, then `items`, then
+    `done`; `error` for a failure."""
     app = create_app(settings_for(ckpt, max_wait_ms=1))
 
-    @app.post("/recommend/stream")
     async def stream(request: Request) -> StreamingResponse:
         body = await request.json()
         ids = [h["item_id"] for h in body.get("history") or []]
-        catalog = request.app.state.r2ec.engine.catalog
+        catalog = app.state.r2ec.engine.catalog
 
         async def events():
             if "i9" in ids:
@@ -322,7 +356,7 @@ def stream_app(ckpt):
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    return app
+    return replacing_stream_route(app, stream)
 
 
 def test_the_page_streams_reasoning_when_the_stream_route_exists(ckpt, page):

@@ -221,3 +221,47 @@ def test_a_hit_from_an_entry_without_a_vector_is_rebuilt_and_offered_to_the_cach
     assert_same(hit, first)
     assert hit.generated == old and hit.generated.vector is not None  # the entry, now with h_T
     np.testing.assert_allclose(hit.generated.vector, first.generated.vector, atol=1e-5)
+
+
+def test_on_text_gets_each_reasoning_once_before_scoring_and_cannot_fail_the_batch(engine):
+    """The static path's streaming hook: one call per query with its whole reasoning, generated
+    or cached, none without reasoning; a callback that raises costs the batch nothing."""
+    pieces: dict[str, list[str]] = {"a": [], "b": [], "off": []}
+    searched = []
+    search = engine.catalog.search
+
+    def spy(*args, **kwargs):
+        searched.append({k: list(v) for k, v in pieces.items()})  # what was known at scoring time
+        return search(*args, **kwargs)
+
+    engine.catalog.search = spy
+
+    def broken(text: str) -> None:
+        raise RuntimeError("the client went away (simulated)")
+
+    qs = [
+        replace(engine.prepare(Query(H1, k=3, max_reasoning_tokens=6)), on_text=pieces["a"].append),
+        replace(engine.prepare(Query(H1, k=3, max_reasoning_tokens=6)), on_text=broken),
+        replace(engine.prepare(Query(H2, k=3, max_reasoning_tokens=4)), on_text=pieces["b"].append),
+        replace(engine.prepare(Query(H3, k=3, reasoning=False)), on_text=pieces["off"].append),
+    ]
+    a, broke, b, off = engine.recommend_batch(qs)
+    assert pieces == {"a": [a.reasoning], "b": [b.reasoning], "off": []}
+    assert searched == [pieces]  # every piece was handed out before the index search
+    assert broke.reasoning == a.reasoning and len(broke.items) == 3
+    assert off.reasoning is None and len(off.items) == 3
+
+    hit: list[str] = []
+    cached = replace(qs[0], cached=a.generated, on_text=hit.append)
+    (again,) = engine.recommend_batch([cached])
+    assert again.cache == "hit" and hit == [a.reasoning]
+
+
+def test_on_text_is_not_part_of_a_prepared_query_s_identity_and_survives_a_reload(engine):
+    p = engine.prepare(Query(H1, max_reasoning_tokens=4))
+    with_hook = replace(p, on_text=print)
+    assert with_hook == p and hash(with_hook) == hash(p) and "on_text" not in repr(with_hook)
+    got: list[str] = []
+    stale = replace(p, model_version="an-older-model", on_text=got.append)  # prepared again
+    (r,) = engine.recommend_batch([stale])
+    assert r.model_version == engine.version and got == [r.reasoning]

@@ -1,6 +1,7 @@
 """SIGTERM under load against a real `r2ec serve` process (uvicorn, the tiny model), issue 13
 row C: with 16 reasoning requests in flight, every one completes or gets a JSON 503 with
-Retry-After, and the process exits. (uvicorn alone cancels what is left after its timeout,
+Retry-After (8 of them streams: their last event is `done` or a `shutting_down` error), and the
+process exits. (uvicorn alone cancels what is left after its timeout,
 and the clients get a plain-text 500 or a dropped connection.)"""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import httpx
 
 from tests.service.conftest import free_port, serve_env
 from tests.service.test_app import metric
+from tests.service.test_stream import parse_sse
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,14 +64,16 @@ def test_sigterm_with_16_reasoning_requests_in_flight(tiny_ckpt, tiny_dataset, t
 
         wait_for(ready, "the server to be ready")
 
-        def ask(history: list[str]) -> None:
+        def ask(history: list[str], route: str) -> None:
             body = {"history": [{"item_id": i} for i in history], "k": 3}
             try:
-                replies.append(httpx.post(f"{base}/recommend", json=body, timeout=120))
+                replies.append(httpx.post(f"{base}{route}", json=body, timeout=120))
             except Exception as exc:  # a dropped connection is a failure to report, not to raise here
                 replies.append(exc)
 
-        threads = [threading.Thread(target=ask, args=(h,)) for h in histories]
+        # half of them streams: a stream in flight gets its answer or an error event, never a cut
+        routes = ["/recommend", "/recommend/stream"] * 8
+        threads = [threading.Thread(target=ask, args=(h, r)) for h, r in zip(histories, routes, strict=True)]
         for t in threads:
             t.start()
 
@@ -89,10 +93,21 @@ def test_sigterm_with_16_reasoning_requests_in_flight(tiny_ckpt, tiny_dataset, t
     log.seek(0)
     output = log.read()
     assert len(replies) == 16
-    answered = refused = 0
+    answered = refused = streamed = 0
     for r in replies:
         assert isinstance(r, httpx.Response), f"{r!r}\n{output[-3000:]}"
-        if r.status_code == 200:
+        if r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"):
+            streamed += 1
+            events = parse_sse(r.text)  # every stream was accepted (queued) before the signal
+            names = [n for n, _ in events]
+            assert names and names[-1] in ("done", "error"), f"a stream was cut: {r.text}\n{output[-3000:]}"
+            if names[-1] == "done":
+                assert names[-2] == "items" and len(events[-2][1]["items"]) == 3
+                answered += 1
+            else:
+                assert events[-1][1]["error"]["code"] == "shutting_down", r.text
+                refused += 1
+        elif r.status_code == 200:
             assert len(r.json()["items"]) == 3 and r.json()["reasoning"] is not None
             answered += 1
         else:
@@ -101,7 +116,7 @@ def test_sigterm_with_16_reasoning_requests_in_flight(tiny_ckpt, tiny_dataset, t
             assert json.loads(r.text)["error"]["code"] == "shutting_down"
             assert int(r.headers["retry-after"]) >= 1
             refused += 1
-    assert answered + refused == 16
+    assert answered + refused == 16 and streamed == 8
     assert returncode in (0, -signal.SIGTERM), output[-3000:]  # uvicorn re-raises the signal it got
     assert "draining: " in output and "Traceback" not in output, output[-3000:]
     print(f"SIGTERM with 16 in flight: {answered} answered, {refused} refused with 503")

@@ -1,0 +1,155 @@
+"""Generation backends side by side: decode tok/s at batch 1 and 8, load time, agreement with
+the HF reference, and the memory-bandwidth roofline they are measured against.
+
+    python3 bench/bench_decode.py --checkpoint CKPT [--data data/ml-100k/loo] [--tokens 64]
+
+- Roofline: a batch-1 decode step must read every weight once, so tok/s <= read bandwidth /
+  weight bytes. Bandwidth is measured here (a sum over a 1 GiB buffer, the threads torch uses).
+- tok/s: greedy, `--tokens` per row, real user prompts from the prepared test split. "decode"
+  excludes the prompt: (tokens - rows) / (time(budget N) - time(budget 1)); "end to end"
+  includes it. Batch 8 counts every row's tokens.
+- Agreement: against HF `generate` at batch 1 on the same prompts (the reference): the share
+  of greedy token positions equal to the reference's, and the cosine of h_T. HF's own batch-8
+  rows are listed too: bf16 rounding differs with batch shape, so that row is the noise floor.
+Compare rows within one run only (BENCHMARKS.md: these machines vary day to day).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from model.data import load_prepared  # before torch: model/__init__ sets OMP_WAIT_POLICY
+
+
+def bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
+    import torch
+
+    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def weight_bytes(engine) -> int:
+    """Bytes one batch-1 decode step reads: every matmul weight (int8 + scales when quantized)."""
+    total = 0
+    for lin in [
+        engine.lm_head,
+        *(w for layer in engine.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)),
+    ]:
+        if lin.int8 is not None:
+            total += lin.int8[0].numel() + lin.int8[1].numel() * lin.int8[1].element_size()
+        else:
+            total += lin.weight.numel() * lin.weight.element_size()
+    return total
+
+
+def agreement(ref: list[list[int]], got: list[list[int]]) -> float:
+    same = sum(a == b for r, g in zip(ref, got, strict=True) for a, b in zip(r, g, strict=False))
+    return same / max(1, sum(len(r) for r in ref))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", default="data/ml-100k/loo")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rows", type=int, default=8, help="prompts (and the batch size)")
+    parser.add_argument("--backends", default="hf,engine,engine-int8")
+    args = parser.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+
+    from model.checkpoint import load_checkpoint
+    from model.generation import EngineBackend, HFBackend
+    from model.r2ec import GenerationSettings
+    from model.samples import sample_histories
+
+    ckpt = load_checkpoint(args.checkpoint)
+    model = ckpt.model
+    titles = dict(zip(ckpt.items["item_id"].astype(str), ckpt.items["title"], strict=True))
+    test = load_prepared(args.data).split("test").iloc[: args.rows]
+    prompts = model.user_prompt_ids(sample_histories(test, titles))
+    full, one = GenerationSettings(max_new_tokens=args.tokens), GenerationSettings(max_new_tokens=1)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(prompts)} prompts of "
+        f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {args.tokens} greedy tokens each"
+    )
+
+    gbs = bandwidth_gbs()
+    print(f"memory read bandwidth: {gbs:.1f} GB/s")
+
+    hf = HFBackend(model)
+    ref = [hf.generate([p], full) for p in prompts]  # the reference: HF at batch 1, row by row
+    ref_ids = [r.completion_ids[0] for r, _ in ref]
+    ref_vecs = torch.cat([v for _, v in ref])
+
+    rows = []
+    for name in args.backends.split(","):
+        t = time.perf_counter()
+        if name == "hf":
+            backend = hf
+        elif name in ("engine", "engine-int8"):
+            backend = EngineBackend(
+                model, slots=len(prompts), quantize="int8" if name.endswith("int8") else "none"
+            )
+        else:
+            raise SystemExit(f"unknown backend {name}")
+        load_s = time.perf_counter() - t
+        backend.generate(prompts[:1], one)  # warm-up
+        row = {"backend": name, "load_s": load_s}
+        for batch in (1, len(prompts)):
+            chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)][: max(1, 4 // batch)]
+            t1 = t_full = 0.0
+            tokens = n_rows = 0
+            got_ids, got_vecs = [], []
+            for chunk in chunks:
+                t = time.perf_counter()
+                backend.generate(chunk, one)
+                t1 += time.perf_counter() - t
+                t = time.perf_counter()
+                rollout, vecs = backend.generate(chunk, full)
+                t_full += time.perf_counter() - t
+                tokens += sum(len(c) for c in rollout.completion_ids)
+                n_rows += len(chunk)
+                got_ids += rollout.completion_ids
+                got_vecs.append(vecs)
+            row[f"b{batch}_decode"] = (tokens - n_rows) / max(1e-9, t_full - t1)
+            row[f"b{batch}_e2e"] = tokens / t_full
+            n = len(got_ids)
+            row[f"b{batch}_agree"] = agreement(ref_ids[:n], got_ids)
+            row[f"b{batch}_cos"] = F.cosine_similarity(torch.cat(got_vecs), ref_vecs[:n]).min().item()
+        if name != "hf":
+            wb = weight_bytes(backend.engine)
+            row["roofline"] = gbs * 1e9 / wb
+            row["weights_mb"] = wb / 1e6
+        rows.append(row)
+        print(row, flush=True)
+
+    print()
+    b = len(prompts)
+    print(
+        f"| backend | load s | b1 decode tok/s | b1 end-to-end tok/s | b{b} decode tok/s | b{b} end-to-end "
+        f"tok/s | tokens = HF b1 (b1 / b{b}) | h_T cos min (b1 / b{b}) | weights MB | roofline b1 tok/s "
+        "| b1 / roofline |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        roof = r.get("roofline")
+        print(
+            f"| {r['backend']} | {r['load_s']:.2f} | {r['b1_decode']:.1f} | {r['b1_e2e']:.1f} "
+            f"| {r[f'b{b}_decode']:.1f} | {r[f'b{b}_e2e']:.1f} "
+            f"| {r['b1_agree']:.1%} / {r[f'b{b}_agree']:.1%} | {r['b1_cos']:.5f} / {r[f'b{b}_cos']:.5f} "
+            f"| {r.get('weights_mb', float('nan')):.0f} "
+            f"| {roof or float('nan'):.0f} | {r['b1_decode'] / roof if roof else float('nan'):.0%} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
