@@ -47,6 +47,13 @@ def eval_cmd(
     sasrec_epochs: Annotated[int, typer.Option(help="SASRec training epochs")] = 30,
     dtype: str = "bfloat16",
     device: Annotated[str, typer.Option(help="auto (GPU if torch sees one), cpu, cuda, cuda:N")] = "auto",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="How reasoning is written and h_T read: engine (the lean decoder, h_T from its KV "
+            "cache; Llama-shaped models) or hf (transformers' generate, the reference)"
+        ),
+    ] = "engine",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Full-ranking Hit@5/10/20 and NDCG@5/10/20 over the whole catalog, with per-user
@@ -67,6 +74,8 @@ def eval_cmd(
         fail(f"--baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
     if compare_reasoning and baseline is not None:
         fail("--compare-reasoning needs --checkpoint or --base")
+    if backend not in ("engine", "hf"):
+        fail(f"--backend must be engine or hf, got {backend!r}")
     try:
         ds = load_prepared(data)
         cfg = EvalConfig(
@@ -87,11 +96,15 @@ def eval_cmd(
         result, stats = evaluate_sasrec(ds, cfg, sasrec_cfg, progress=not as_json)
         label, extra = "sasrec", {"train": {"seconds": round(stats["seconds"], 1), "epochs": stats["epochs"]}}
     else:
+        from model.generation import make_backend
+
         model, vectors, label = _load_model(ds, checkpoint, base, dtype, device)
-        result = evaluate_model(model, ds, vectors, cfg)
+        gen = make_backend(model, backend, slots=batch_size)  # type: ignore[arg-type]
+        extra["backend"] = gen.name
+        result = evaluate_model(model, ds, vectors, cfg, backend=gen)
         if compare_reasoning:
-            off = evaluate_model(model, ds, vectors, dataclasses.replace(cfg, reasoning=False))
-            extra = {
+            off = evaluate_model(model, ds, vectors, dataclasses.replace(cfg, reasoning=False), backend=gen)
+            extra |= {
                 "without_reasoning": {"metrics": off.metrics, "stderr": off.stderr},
                 "paired_ndcg@10": paired_difference(result.ranks, off.ranks, "ndcg@10"),
             }

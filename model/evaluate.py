@@ -34,6 +34,7 @@ from model.samples import sample_histories
 from model.text_quality import text_quality
 
 if TYPE_CHECKING:
+    from model.generation import Backend
     from model.recpo import RecPOConfig
 
 log = logging.getLogger(__name__)
@@ -272,9 +273,12 @@ def evaluate_model(
     cfg: EvalConfig,
     progress: bool = True,
     num_examples: int = 3,
+    backend: Backend | None = None,
 ) -> EvalResult:
     """Rank the whole catalog for each sample of `cfg.split`; reasoning (if on) is greedy.
-    With reasoning, the result carries every text's quality and the first users' texts."""
+    With reasoning, the result carries every text's quality and the first users' texts.
+    `backend` (model/generation.py) writes the reasoning and reads h_T; None: transformers'
+    generate and a second forward (the reference, and the only path for an unmerged LoRA)."""
     titles = dataset.item_titles()
     vectors = torch.as_tensor(np.asarray(item_vectors, dtype=np.float32))  # (N, H)
     settings = GenerationSettings(max_new_tokens=cfg.max_reasoning_tokens)
@@ -283,7 +287,13 @@ def evaluate_model(
 
     def score(chunk: pd.DataFrame) -> torch.Tensor:
         histories = sample_histories(chunk, titles)
-        rollout = model.reason(histories, settings) if cfg.reasoning else None
+        if backend is not None:
+            budget = settings if cfg.reasoning else GenerationSettings(max_new_tokens=0)
+            rollout, users = backend.generate(model.user_prompt_ids(histories), budget)
+            rollout = rollout if cfg.reasoning else None
+        else:
+            rollout = model.reason(histories, settings) if cfg.reasoning else None
+            users = model.user_vectors(histories, rollout).cpu()
         if rollout is not None:
             texts.extend(rollout.texts)
             for j in range(min(num_examples - len(shown), len(chunk))):
@@ -295,7 +305,7 @@ def evaluate_model(
                         "reasoning": rollout.texts[j],
                     }
                 )
-        return model.score(model.user_vectors(histories, rollout).cpu(), vectors)  # (B, N)
+        return model.score(users, vectors)  # (B, N)
 
     result = evaluate_scores(dataset, cfg, score, progress)
     result.examples = [{**ex, "rank": r} for ex, r in zip(shown, result.ranks, strict=False)]

@@ -125,6 +125,20 @@ def test_model_eval_with_and_without_reasoning(tiny_model, tiny_dataset):
     assert result.ranks[0] == int((scores > scores[target]).sum()) + 1
 
 
+@pytest.mark.parametrize("reasoning", [True, False])
+def test_the_engine_backend_gives_the_reference_ranks_and_texts(tiny_model, tiny_dataset, reasoning):
+    from model.generation import EngineBackend
+
+    vectors = tiny_model.item_vectors(tiny_dataset.items.to_dict("records"))
+    cfg = EvalConfig(reasoning=reasoning, max_reasoning_tokens=6, batch_size=3)
+    ref = evaluate_model(tiny_model, tiny_dataset, vectors, cfg, progress=False)
+    got = evaluate_model(
+        tiny_model, tiny_dataset, vectors, cfg, progress=False, backend=EngineBackend(tiny_model, 3)
+    )
+    assert got.ranks == ref.ranks and got.metrics == ref.metrics
+    assert got.examples == ref.examples and got.text_quality == ref.text_quality
+
+
 def test_sasrec_baseline_under_the_same_harness(tiny_dataset):
     from model.sasrec import SASRecConfig
 
