@@ -108,6 +108,7 @@ class ContinuousBatcher(Generic[Q, R]):
         self._on_depth = on_queue_depth or (lambda n: None)
         self._pending: deque[_Request[Q]] = deque()
         self._running: list[_Request[Q]] = []  # admitted, decoding
+        self._orphans: list[_Request[Q]] = []  # failed by a broken step, still in the runner
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._request_s: float | None = None  # smoothed seconds from admission to answer
@@ -222,7 +223,7 @@ class ContinuousBatcher(Generic[Q, R]):
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
         while True:
-            while not self._pending and not self._running:
+            while not self._pending and not self._running and not self._orphans:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             admit: list[_Request[Q]] = []
@@ -231,7 +232,8 @@ class ContinuousBatcher(Generic[Q, R]):
                 if not r.future.done():  # cancelled while waiting: never admitted
                     admit.append(r)
             self._on_depth(len(self._pending))
-            cancelled = [r for r in self._running if r.future.done()]
+            cancelled = [r for r in self._running if r.future.done()] + self._orphans
+            self._orphans = []
             self._running = [r for r in self._running if not r.future.done()]
             running = list(self._running)
             try:
@@ -245,6 +247,8 @@ class ContinuousBatcher(Generic[Q, R]):
                 log.exception("decode step failed with %d requests", len(admit) + len(running))
                 for r in [*admit, *running]:
                     self._fail(r, exc)
+                # still held by the runner: the next tick drops them there
+                self._orphans = [r for r in [*admit, *running] if r.handle is not None]
                 self._running = []
                 continue
             self.ticks += 1

@@ -1,0 +1,99 @@
+"""The service with continuous batching (R2EC_BATCHING=continuous, the default): the same answers
+as static batching, requests decoding side by side, token-level streaming, a client that leaves
+freeing its decode slot, and the metrics. In process over ASGI; nothing here is timed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.store import Event
+from service.types import Query
+from tests.service.conftest import app_for, serve
+from tests.service.test_app import CONCURRENT, H1, H2, assert_same_answer, metric
+from tests.service.test_stream import STREAM, assert_order, parse_sse
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_continuous_answers_equal_static_ones_under_concurrency(ckpt):
+    answers = {}
+    for mode in ("static", "continuous"):
+        app = app_for(ckpt, batching=mode, max_batch=3, cache_size=0)
+        async with serve(app) as client:
+            state = app.state.r2ec
+            assert state.continuous == (mode == "continuous")
+            replies = await asyncio.gather(*(client.post("/recommend", json=b) for b in CONCURRENT))
+            assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+            answers[mode] = [r.json() for r in replies]
+            if mode == "continuous":
+                text = (await client.get("/metrics")).text
+                # 6 requests through 3 slots: they joined a running decode, several at a time
+                assert metric(text, "r2ec_batch_size_count") == len(CONCURRENT)
+                assert metric(text, "r2ec_batch_size_sum") > len(CONCURRENT)
+                assert metric(text, "r2ec_generate_seconds_count") == 5  # the 5 reasoning requests
+                assert state.batcher.ticks > 1
+    for s, c in zip(answers["static"], answers["continuous"], strict=True):
+        assert_same_answer(s, c)
+        assert s["reasoning"] == c["reasoning"] and s["reasoning_tokens"] == c["reasoning_tokens"]
+        assert s["cache"] == c["cache"]
+
+
+async def test_a_continuous_stream_sends_the_reasoning_token_by_token(ckpt):
+    app = app_for(ckpt, batching="continuous", max_reasoning_tokens=16)
+    async with serve(app) as client:
+        r = await client.post(STREAM, json={"history": H1, "k": 4})
+        assert r.status_code == 200, r.text
+        events = parse_sse(r.text)
+        assert_order(events)
+        pieces = [d["text"] for n, d in events if n == "reasoning"]
+        reply = (await client.post("/recommend", json={"history": H1, "k": 4})).json()
+    assert "".join(pieces) == reply["reasoning"]
+    assert reply["cache"] == "hit"
+    if reply["reasoning_tokens"] > 3:
+        assert len(pieces) > 1  # written as it was decoded, not in one piece at the end
+    assert events[-2][1]["items"] == reply["items"]
+
+
+async def test_a_client_that_leaves_mid_decode_frees_its_slot(ckpt):
+    app = app_for(ckpt, batching="continuous", max_batch=1, max_reasoning_tokens=200, cache_size=0)
+    async with serve(app) as client:
+        state = app.state.r2ec
+        runner = state.engine.runner()
+        gone = asyncio.Event()
+        long = asyncio.create_task(
+            state.recommend(
+                Query(tuple(Event(h["item_id"]) for h in H1), max_reasoning_tokens=200),
+                wait_disconnect=gone.wait,
+            )
+        )
+        while not runner.decoder.active:  # admitted and decoding
+            await asyncio.sleep(0.001)
+        gone.set()
+        with pytest.raises(Exception) as err:
+            await long
+        assert type(err.value).__name__ == "ClientDisconnected"
+        # the one slot is free again: the next request decodes and is answered
+        r = await client.post("/recommend", json={"history": H2, "max_reasoning_tokens": 4})
+        assert r.status_code == 200, r.text
+        assert not runner.decoder.active and not runner.jobs
+
+
+async def test_a_failing_decode_fails_its_requests_and_the_service_goes_on(ckpt):
+    app = app_for(ckpt, batching="continuous")
+    async with serve(app) as client:
+        decoder = app.state.r2ec.engine.runner().decoder
+        original = decoder.step
+
+        def explode():
+            raise RuntimeError("decode failed (simulated)")
+
+        decoder.step = explode
+        r = await client.post("/recommend", json={"history": H1})
+        assert r.status_code == 500 and "decode failed (simulated)" in r.json()["error"]["message"]
+        decoder.step = original
+        r = await client.post("/recommend", json={"history": H2})
+        assert r.status_code == 200, r.text
+        runner = app.state.r2ec.engine.runner()  # the failed request was dropped from the decode
+        assert not runner.jobs and not decoder.active and not decoder.waiting
