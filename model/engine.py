@@ -32,9 +32,9 @@ from transformers import PreTrainedModel
 
 Quantize = Literal["none", "int8"]
 
-# int8 weight-only matmuls win at small row counts (a decode step) and lose to bf16 GEMMs at
-# large ones (prefill); measured on avx512_bf16: int8 is ~1.9x faster at 1 row, slower at 8.
-INT8_MAX_ROWS = 4
+# Row counts up to which a matmul takes the decode-step path (prepacked bf16 or int8 weights);
+# a prefill's many rows go through plain `F.linear`, which is faster there (BENCHMARKS.md §7).
+SMALL_ROWS = 8
 
 
 def unsupported_reason(lm: torch.nn.Module) -> str | None:
@@ -53,21 +53,33 @@ def unsupported_reason(lm: torch.nn.Module) -> str | None:
     return None
 
 
+def _can_pack(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+
+
 class Linear:
-    """y = x W^T from a (N, K) weight, optionally also kept as int8 with per-row scales."""
+    """y = x W^T from a (N, K) weight. On the CPU in bf16 a decode step's few rows go through a
+    oneDNN-prepacked copy of the weight (the same numbers, ~1.5x faster than `F.linear` for one
+    row: BENCHMARKS.md §7); optionally through int8 weights with per-row scales instead."""
 
     def __init__(self, weight: torch.Tensor, quantize: Quantize) -> None:
         self.weight = weight.detach().contiguous()
         self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.packed: torch.Tensor | None = None
         if quantize == "int8":
             w = self.weight.float()
             scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
             q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
             self.int8 = (q, scales.to(self.weight.dtype))
+        elif _can_pack(self.weight):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (M, K)
-        if self.int8 is not None and x.shape[0] <= INT8_MAX_ROWS:
-            return torch._weight_int8pack_mm(x, *self.int8)
+        if x.shape[0] <= SMALL_ROWS:
+            if self.int8 is not None:
+                return torch._weight_int8pack_mm(x, *self.int8)
+            if self.packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)
 
 
