@@ -54,7 +54,8 @@ def unsupported_reason(lm: torch.nn.Module) -> str | None:
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    cpu_bf16 = weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+    return cpu_bf16 and torch.backends.mkldnn.is_available()
 
 
 class Linear:

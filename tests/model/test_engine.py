@@ -130,6 +130,23 @@ def test_int8_weights_stay_close_to_the_model(tiny_model):
         DecoderEngine(tiny_model.lm, quantize="int8")  # a float32 model
 
 
+def test_bf16_decode_steps_through_prepacked_weights_match_a_prefill(tiny_model):
+    import copy
+
+    lm = copy.deepcopy(tiny_model.lm).to(torch.bfloat16)
+    ids = list(range(5, 30))
+    engine = DecoderEngine(lm, slots=1)
+    assert all(lin.packed is not None for lin in (engine.lm_head, engine.layers[0].qkv)) or not (
+        torch.backends.mkldnn.is_available()
+    )
+    ref = engine.prefill(0, ids)[-1]  # many rows: plain F.linear
+    engine.reset(0)
+    engine.prefill(0, ids[:-1])
+    step = engine.decode([ids[-1]])[0]  # one row: the prepacked weights
+    assert torch.nn.functional.cosine_similarity(step.float(), ref.float(), dim=0) > 0.999
+    torch.testing.assert_close(engine.logits(step[None]), engine.logits(ref[None]), atol=0.1, rtol=0.05)
+
+
 def test_unsupported_models_fall_back_to_hf(tiny_model):
     from peft import LoraConfig, get_peft_model
 
