@@ -1,7 +1,7 @@
 """Generation backends side by side: decode tok/s at batch 1 and 8, load time, agreement with
 the HF reference, and the memory-bandwidth roofline they are measured against.
 
-    python3 bench/bench_decode.py --checkpoint CKPT [--data data/ml-100k/loo] [--tokens 64]
+    python3 bench/bench_decode.py --checkpoint CKPT [--data data/ml-100k/loo] [--tokens 64] [--kernels]
 
 - Roofline: a batch-1 decode step must read every weight once, so tok/s <= read bandwidth /
   weight bytes. Bandwidth is measured here (a sum over a 1 GiB buffer, the threads torch uses).
@@ -11,6 +11,9 @@ the HF reference, and the memory-bandwidth roofline they are measured against.
 - Agreement: against HF `generate` at batch 1 on the same prompts (the reference): the share
   of greedy token positions equal to the reference's, and the cosine of h_T. HF's own batch-8
   rows are listed too: bf16 rounding differs with batch shape, so that row is the noise floor.
+- `--kernels`: the two kernel choices inside the engine's decode step, on SmolLM2's shapes:
+  a 1- or 8-row matmul through F.linear, oneDNN-prepacked bf16 or int8 weights; one new query
+  per row attending to 250 cached positions through SDPA or two fp32 matmuls.
 Compare rows within one run only (BENCHMARKS.md: these machines vary day to day).
 """
 
@@ -49,6 +52,61 @@ def weight_bytes(engine) -> int:
     return total
 
 
+def kernels() -> None:
+    """The two choices inside the engine's decode step, timed on SmolLM2's shapes over 30
+    distinct weights / caches (one per layer, so nothing stays in the CPU cache)."""
+    import torch
+    import torch.nn.functional as F
+
+    def per_call(fn, calls: int, repeats: int = 20) -> float:
+        for _ in range(3):
+            fn()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t) / repeats / calls * 1e6
+
+    print("\n| kernel | rows | us per call (30 distinct weights or caches) |\n|---|---|---|")
+    ws = [torch.randn(3072, 576, dtype=torch.bfloat16) for _ in range(30)]  # gate/up fused
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
+    int8 = [
+        (torch.randint(-127, 127, w.shape, dtype=torch.int8), torch.rand(3072, dtype=torch.bfloat16))
+        for w in ws
+    ]
+    for rows in (1, 8):
+        x = torch.randn(rows, 576, dtype=torch.bfloat16)
+        for name, fn in (
+            ("F.linear bf16 3072x576", lambda x=x: [F.linear(x, w) for w in ws]),
+            (
+                "oneDNN prepacked bf16",
+                lambda x=x: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in packed],
+            ),
+            ("int8 weight-only", lambda x=x: [torch._weight_int8pack_mm(x, *w) for w in int8]),
+        ):
+            print(f"| {name} | {rows} | {per_call(fn, 30):.0f} |")
+    length = 250
+    caches = [(torch.randn(8, 3, 1024, 64, dtype=torch.bfloat16),) * 2 for _ in range(30)]
+    for rows in (1, 8):
+        q = torch.randn(rows, 9, 1, 64, dtype=torch.bfloat16)
+        mask = torch.ones(rows, 1, 1, length, dtype=torch.bool)
+        bias = torch.zeros(rows, 1, 1, length)
+
+        def sdpa(q=q, mask=mask, rows=rows):
+            for k, v in caches:
+                F.scaled_dot_product_attention(
+                    q, k[:rows, :, :length], v[:rows, :, :length], attn_mask=mask, enable_gqa=True
+                )
+
+        def fp32(q=q, bias=bias, rows=rows):
+            for k, v in caches:
+                g = q.view(rows, 3, 3, 64).float()
+                s = torch.matmul(g, k[:rows, :, :length].float().transpose(-1, -2)) * 0.125 + bias
+                torch.matmul(torch.softmax(s, -1), v[:rows, :, :length].float())
+
+        print(f"| SDPA, 9 heads / 3 KV heads, {length} positions | {rows} | {per_call(sdpa, 30):.0f} |")
+        print(f"| two fp32 matmuls + softmax, same shapes | {rows} | {per_call(fp32, 30):.0f} |")
+
+
 def agreement(ref: list[list[int]], got: list[list[int]]) -> float:
     same = sum(a == b for r, g in zip(ref, got, strict=True) for a, b in zip(r, g, strict=False))
     return same / max(1, sum(len(r) for r in ref))
@@ -61,6 +119,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rows", type=int, default=8, help="prompts (and the batch size)")
     parser.add_argument("--backends", default="hf,engine,engine-int8")
+    parser.add_argument("--kernels", action="store_true", help="also time the decode step's kernels")
     args = parser.parse_args()
 
     import torch
@@ -149,6 +208,8 @@ def main() -> None:
             f"| {r.get('weights_mb', float('nan')):.0f} "
             f"| {roof or float('nan'):.0f} | {r['b1_decode'] / roof if roof else float('nan'):.0%} |"
         )
+    if args.kernels:
+        kernels()
 
 
 if __name__ == "__main__":
