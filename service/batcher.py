@@ -70,7 +70,91 @@ class _Pending(Generic[Q]):
     enqueued: float  # loop.time()
 
 
-class MicroBatcher(Generic[Q, R]):
+class QueueingBatcher(Generic[Q]):
+    """What both batchers share (this module's MicroBatcher, service/continuous.py's
+    ContinuousBatcher): a worker task, one future per request, the bounded queue, the drain's
+    refusals. A subclass runs `_run` and says what one unit of its work takes (`retry_after_s`)."""
+
+    def __init__(
+        self,
+        *,
+        executor: Executor | None,
+        on_batch: Callable[[int], None] | None,
+        on_queue_depth: Callable[[int], None] | None,
+        max_queue: int | None,
+        worker_name: str,
+    ) -> None:
+        if max_queue is not None and max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1 (or None: unbounded), got {max_queue}")
+        self.max_queue = max_queue
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="r2ec-batch")
+        self._on_batch = on_batch or (lambda n: None)
+        self._on_depth = on_queue_depth or (lambda n: None)
+        self._pending: deque[_Pending[Q]] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._worker_name = worker_name
+        self._deadline: float | None = None  # loop.time() by which a draining batcher answers all
+        self._expiry: asyncio.TimerHandle | None = None
+        self.batches = 0  # batches run (continuous: requests admitted), for tests and logs
+
+    async def start(self) -> None:
+        if self._worker is not None:
+            return
+        self._wakeup = asyncio.Event()
+        self._worker = asyncio.create_task(self._run(), name=self._worker_name)
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    def retry_after_s(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def draining(self) -> bool:
+        return self._deadline is not None
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def _live_count(self) -> int:
+        return sum(1 for p in self._pending if not p.future.done())
+
+    def check_open(self) -> None:
+        """Raise what `submit` raises for a batcher that takes no new requests: ShuttingDown
+        while draining, BatcherClosed when not running. Work answered beside the batcher (a
+        cached h_T, service/state.py) asks here first, so it is refused exactly the same way."""
+        if self.draining:
+            raise ShuttingDown("the service is shutting down; retry")
+        if not self.running or self._wakeup is None:
+            raise BatcherClosed("the batcher is not running")
+
+    def submit(self, item: Q) -> asyncio.Future:
+        self.check_open()
+        assert self._wakeup is not None
+        if self.max_queue is not None and self._live_count() >= self.max_queue:
+            raise QueueFull(
+                f"overloaded: {self.max_queue} requests are already waiting (R2EC_MAX_QUEUE); retry",
+                self.retry_after_s(),
+            )
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append(self._new_pending(item, future, loop.time()))
+        self._on_depth(len(self._pending))
+        self._wakeup.set()
+        return future
+
+    def _new_pending(self, item: Q, future: asyncio.Future, now: float) -> _Pending[Q]:
+        return _Pending(item, future, now)
+
+
+class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
     def __init__(
         self,
         max_batch: int,
@@ -86,31 +170,20 @@ class MicroBatcher(Generic[Q, R]):
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
-        if max_queue is not None and max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1 (or None: unbounded), got {max_queue}")
+        super().__init__(
+            executor=executor,
+            on_batch=on_batch,
+            on_queue_depth=on_queue_depth,
+            max_queue=max_queue,
+            worker_name="r2ec-micro-batcher",
+        )
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1e3
-        self.max_queue = max_queue
         self.fn = fn
-        self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="r2ec-batch")
-        self._on_batch = on_batch or (lambda n: None)
-        self._on_depth = on_queue_depth or (lambda n: None)
-        self._pending: deque[_Pending[Q]] = deque()
-        self._wakeup: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
         self._running: list[_Pending[Q]] = []  # the batch on the worker thread now
         self._batch_s: float | None = None  # smoothed seconds per batch (None: none ran yet)
-        self._deadline: float | None = None  # loop.time() by which a draining batcher answers all
-        self._expiry: asyncio.TimerHandle | None = None
-        self.batches = 0  # batches run, for tests and logs
 
     # ------------------------------------------------------------------ lifecycle
-    async def start(self) -> None:
-        if self._worker is not None:
-            return
-        self._wakeup = asyncio.Event()
-        self._worker = asyncio.create_task(self._run(), name="r2ec-micro-batcher")
 
     async def stop(self) -> None:
         """Stop the worker; requests still queued fail with BatcherClosed."""
@@ -148,10 +221,6 @@ class MicroBatcher(Generic[Q, R]):
             self._wakeup.set()  # a batch waiting for company goes now
 
     @property
-    def draining(self) -> bool:
-        return self._deadline is not None
-
-    @property
     def idle(self) -> bool:
         """Nothing queued and no batch running."""
         return not self._running and self._live_count() == 0
@@ -173,44 +242,11 @@ class MicroBatcher(Generic[Q, R]):
                 n += 1
         return n
 
-    @property
-    def running(self) -> bool:
-        return self._worker is not None and not self._worker.done()
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._pending)
-
     def retry_after_s(self) -> float:
         """When a refused request might find room: the queue's batches at the recent batch time."""
         per_batch = self._batch_s if self._batch_s is not None else 1.0
         batches = math.ceil(self._live_count() / self.max_batch) + 1
         return min(RETRY_AFTER_MAX_S, max(1.0, batches * per_batch))
-
-    # ------------------------------------------------------------------ requests
-    def check_open(self) -> None:
-        """Raise what `submit` raises for a batcher that takes no new requests: ShuttingDown
-        while draining, BatcherClosed when not running. Work answered beside the batcher (a
-        cached h_T, service/state.py) asks here first, so it is refused exactly the same way."""
-        if self.draining:
-            raise ShuttingDown("the service is shutting down; retry")
-        if not self.running or self._wakeup is None:
-            raise BatcherClosed("the batcher is not running")
-
-    def submit(self, item: Q) -> asyncio.Future:
-        self.check_open()
-        assert self._wakeup is not None
-        if self.max_queue is not None and self._live_count() >= self.max_queue:
-            raise QueueFull(
-                f"overloaded: {self.max_queue} requests are already waiting (R2EC_MAX_QUEUE); retry",
-                self.retry_after_s(),
-            )
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._pending.append(_Pending(item, future, loop.time()))
-        self._on_depth(len(self._pending))
-        self._wakeup.set()
-        return future
 
     # ------------------------------------------------------------------ worker
     async def _run(self) -> None:
@@ -242,9 +278,6 @@ class MicroBatcher(Generic[Q, R]):
         if self._deadline is None or self._batch_s is None:
             return True  # not draining, or no batch time known yet: try
         return loop.time() + self._batch_s <= self._deadline
-
-    def _live_count(self) -> int:
-        return sum(1 for p in self._pending if not p.future.done())
 
     def _take(self) -> list[_Pending[Q]]:
         """Pop up to max_batch live requests; cancelled ones are dropped on the way."""

@@ -30,7 +30,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -39,8 +39,9 @@ from service.batcher import (
     RETRY_AFTER_MAX_S,
     BatcherClosed,
     BatchFailed,
-    QueueFull,
+    QueueingBatcher,
     ShuttingDown,
+    _Pending,
 )
 
 log = logging.getLogger(__name__)
@@ -75,16 +76,13 @@ class StepRunner(Protocol[Q, R]):
 
 
 @dataclass(eq=False)
-class _Request(Generic[Q]):
-    item: Q
-    future: asyncio.Future
-    enqueued: float
+class _Request(_Pending[Q]):
     handle: Any = None
     runner: Any = None
     started: float = 0.0
 
 
-class ContinuousBatcher(Generic[Q, R]):
+class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
     def __init__(
         self,
         slots: int,
@@ -97,33 +95,22 @@ class ContinuousBatcher(Generic[Q, R]):
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
-        if max_queue is not None and max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1 (or None: unbounded), got {max_queue}")
+        super().__init__(
+            executor=executor,
+            on_batch=on_batch,
+            on_queue_depth=on_queue_depth,
+            max_queue=max_queue,
+            worker_name="r2ec-continuous-batcher",
+        )
         self.slots = slots
-        self.max_queue = max_queue
         self.get_runner = get_runner
-        self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="r2ec-batch")
-        self._on_batch = on_batch or (lambda n: None)
-        self._on_depth = on_queue_depth or (lambda n: None)
-        self._pending: deque[_Request[Q]] = deque()
+        self._pending: deque[_Request[Q]] = deque()  # type: ignore[assignment]
         self._running: list[_Request[Q]] = []  # admitted, decoding
         self._orphans: list[_Request[Q]] = []  # failed by a broken step, still in the runner
-        self._wakeup: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
         self._request_s: float | None = None  # smoothed seconds from admission to answer
-        self._deadline: float | None = None
-        self._expiry: asyncio.TimerHandle | None = None
         self.ticks = 0  # model-thread ticks run, for tests and logs
-        self.batches = 0  # admissions (MicroBatcher's name: callers count work with it)
 
     # ------------------------------------------------------------------ lifecycle
-    async def start(self) -> None:
-        if self._worker is not None:
-            return
-        self._wakeup = asyncio.Event()
-        self._worker = asyncio.create_task(self._run(), name="r2ec-continuous-batcher")
-
     async def stop(self) -> None:
         """Stop the worker; requests still waiting or decoding fail with BatcherClosed."""
         if self._expiry is not None:
@@ -169,23 +156,8 @@ class ContinuousBatcher(Generic[Q, R]):
             log.warning("drain deadline: refused %d unanswered requests", refused)
 
     @property
-    def draining(self) -> bool:
-        return self._deadline is not None
-
-    @property
-    def running(self) -> bool:
-        return self._worker is not None and not self._worker.done()
-
-    @property
     def idle(self) -> bool:
         return not self._running and self._live_count() == 0
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._pending)
-
-    def _live_count(self) -> int:
-        return sum(1 for r in self._pending if not r.future.done())
 
     def retry_after_s(self) -> float:
         """When a refused request might find room: the queue ahead, `slots` at a time, at the
@@ -195,28 +167,8 @@ class ContinuousBatcher(Generic[Q, R]):
         return min(RETRY_AFTER_MAX_S, max(1.0, rounds * per_request))
 
     # ------------------------------------------------------------------ requests
-    def check_open(self) -> None:
-        """Raise what `submit` raises for a batcher that takes no new requests (as
-        MicroBatcher.check_open: work answered beside the batcher asks here first)."""
-        if self.draining:
-            raise ShuttingDown("the service is shutting down; retry")
-        if not self.running or self._wakeup is None:
-            raise BatcherClosed("the batcher is not running")
-
-    def submit(self, item: Q) -> asyncio.Future:
-        self.check_open()
-        assert self._wakeup is not None
-        if self.max_queue is not None and self._live_count() >= self.max_queue:
-            raise QueueFull(
-                f"overloaded: {self.max_queue} requests are already waiting (R2EC_MAX_QUEUE); retry",
-                self.retry_after_s(),
-            )
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._pending.append(_Request(item, future, loop.time()))
-        self._on_depth(len(self._pending))
-        self._wakeup.set()
-        return future
+    def _new_pending(self, item: Q, future: asyncio.Future, now: float) -> _Request[Q]:
+        return _Request(item, future, now)
 
     # ------------------------------------------------------------------ worker
     async def _run(self) -> None:

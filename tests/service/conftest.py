@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -194,31 +196,48 @@ async def client(app) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-def count_generate(engine) -> list[int]:
-    """Wrap the generation backend's generate (static batching); the list collects the batch
-    size of each call."""
+def _count_rows(obj, name: str) -> list[int]:
+    """Wrap obj.name(prompt_ids, second); the list collects each call's row count."""
     calls: list[int] = []
-    original = engine.backend.generate
+    original = getattr(obj, name)
 
-    def counted(prompt_ids, settings):
+    def counted(prompt_ids, second):
         calls.append(len(prompt_ids))
-        return original(prompt_ids, settings)
+        return original(prompt_ids, second)
 
-    engine.backend.generate = counted
+    setattr(obj, name, counted)
     return calls
+
+
+def count_generate(engine) -> list[int]:
+    """The generation backend's generate calls (static batching): each call's batch size."""
+    return _count_rows(engine.backend, "generate")
 
 
 def count_forward(engine) -> list[int]:
-    """Wrap the backend's h_T pass for written reasoning; the list collects each call's rows."""
-    calls: list[int] = []
-    original = engine.backend.vectors
+    """The backend's h_T passes for reasoning already written: each call's rows."""
+    return _count_rows(engine.backend, "vectors")
 
-    def counted(prompt_ids, completion_ids):
-        calls.append(len(prompt_ids))
-        return original(prompt_ids, completion_ids)
 
-    engine.backend.vectors = counted
-    return calls
+class HeldModel:
+    """Holds the model thread inside the next generate call until `release()`."""
+
+    def __init__(self, state) -> None:
+        self.gate, self.entered = threading.Event(), threading.Event()
+        original = state.engine.backend.generate
+
+        def held(*args, **kwargs):
+            self.entered.set()
+            self.gate.wait(60)
+            return original(*args, **kwargs)
+
+        state.engine.backend.generate = held
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 60)
+
+    def release(self) -> None:
+        self.gate.set()
 
 
 @pytest.fixture(autouse=True)

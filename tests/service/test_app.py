@@ -8,7 +8,6 @@ import asyncio
 import base64
 import json
 import logging
-import threading
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.state import ClientDisconnected
 from service.store import Event
 from service.types import CachedReasoning, Query
-from tests.service.conftest import ADMIN, app_for, count_forward, count_generate, serve
+from tests.service.conftest import ADMIN, HeldModel, app_for, count_forward, count_generate, serve
 
 pytestmark = pytest.mark.asyncio
 
@@ -513,17 +512,9 @@ async def test_a_request_whose_client_left_is_dropped_before_its_batch_runs(app,
     B's client goes away; B never reaches the model. (test_socket.py does it over TCP.)"""
     state = app.state.r2ec
     calls = count_generate(state.engine)
-    gate, entered = threading.Event(), threading.Event()
-    original = state.engine.backend.generate
-
-    def blocking(*args, **kwargs):
-        entered.set()
-        gate.wait(30)
-        return original(*args, **kwargs)
-
-    state.engine.backend.generate = blocking
+    held = HeldModel(state)
     a = asyncio.create_task(state.recommend(Query(tuple(Event(h["item_id"]) for h in H1))))
-    await asyncio.to_thread(entered.wait, 30)  # A's batch is in generate
+    await held.wait_entered()  # A's batch is in generate
     gone = asyncio.Event()
     b = asyncio.create_task(
         state.recommend(Query(tuple(Event(h["item_id"]) for h in H2)), wait_disconnect=gone.wait)
@@ -537,7 +528,7 @@ async def test_a_request_whose_client_left_is_dropped_before_its_batch_runs(app,
     gone.set()
     with pytest.raises(ClientDisconnected):
         await b
-    gate.set()
+    held.release()
     assert len((await a).items) == 8
     assert len((await client.post("/recommend", json={"history": H3})).json()["items"]) == 10
     assert calls == [1, 1]  # A, then the next request: B was never generated
@@ -675,27 +666,6 @@ async def test_the_service_runs_the_model_on_the_gpu(ckpt):
 
 
 # ---------------------------------------------------------------------------- issue 13: load and shutdown
-class HeldModel:
-    """Holds the model thread inside the next generate call until `release()`."""
-
-    def __init__(self, state) -> None:
-        self.gate, self.entered = threading.Event(), threading.Event()
-        original = state.engine.backend.generate
-
-        def held(*args, **kwargs):
-            self.entered.set()
-            self.gate.wait(60)
-            return original(*args, **kwargs)
-
-        state.engine.backend.generate = held
-
-    async def wait_entered(self) -> None:
-        assert await asyncio.to_thread(self.entered.wait, 60)
-
-    def release(self) -> None:
-        self.gate.set()
-
-
 async def queued(state, n: int) -> None:
     async def poll() -> None:
         while state.batcher.queue_depth < n:

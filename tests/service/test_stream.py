@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 
 import pytest
 
 from service.store import Event
 from service.types import Query
-from tests.service.conftest import app_for, count_generate, serve
+from tests.service.conftest import HeldModel, app_for, count_generate, serve
 from tests.service.test_app import H1, H2, H3, metric, requests
 
 pytestmark = pytest.mark.asyncio
@@ -155,17 +154,9 @@ async def test_a_client_that_leaves_mid_stream_cancels_its_request(ckpt):
     async with serve(app) as client:
         state = app.state.r2ec
         calls = count_generate(state.engine)
-        gate, entered = threading.Event(), threading.Event()
-        original = state.engine.backend.generate
-
-        def blocking(*args, **kwargs):
-            entered.set()
-            gate.wait(30)
-            return original(*args, **kwargs)
-
-        state.engine.backend.generate = blocking
+        held = HeldModel(state)
         a = asyncio.create_task(state.recommend(Query(tuple(Event(h["item_id"]) for h in H1))))
-        await asyncio.to_thread(entered.wait, 30)  # A's batch is in generate
+        await held.wait_entered()  # A's batch is in generate
 
         leave, started = asyncio.Event(), asyncio.Event()
         sent: list[dict] = []
@@ -197,7 +188,7 @@ async def test_a_client_that_leaves_mid_stream_cancels_its_request(ckpt):
         await asyncio.wait_for(b, 30)  # the response ends without a batch having run for B
         assert not any(m.get("body", b"").startswith(b"event:") for m in sent[1:])
 
-        gate.set()
+        held.release()
         assert len((await a).items) == 8
         assert calls == [1] and state.batcher.batches == 1 and state.batcher.queue_depth == 0
         assert_order(await stream(client, {"history": H3, "max_reasoning_tokens": 2}))
