@@ -97,6 +97,7 @@ class QueueingBatcher(Generic[Q]):
         self._worker_name = worker_name
         self._deadline: float | None = None  # loop.time() by which a draining batcher answers all
         self._expiry: asyncio.TimerHandle | None = None
+        self._running: list = []  # requests the model thread has now
         self.batches = 0  # batches run (continuous: requests admitted), for tests and logs
 
     async def start(self) -> None:
@@ -109,6 +110,46 @@ class QueueingBatcher(Generic[Q]):
         raise NotImplementedError
 
     def retry_after_s(self) -> float:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Stop the worker; requests still waiting or running fail with BatcherClosed."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.cancel()
+            try:
+                await worker
+            except asyncio.CancelledError:
+                pass
+        for p in [*self._pending, *self._running]:
+            if not p.future.done():
+                p.future.set_exception(BatcherClosed("the service is shutting down"))
+        self._pending.clear()
+        self._running = []
+        self._on_depth(0)
+        if self._own_executor:
+            self._executor.shutdown(wait=False)
+
+    def drain(self, grace_s: float) -> None:
+        """Begin the shutdown drain (module docstring): answer everything within `grace_s`,
+        then `_expire` refuses what is left."""
+        if self._deadline is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + grace_s
+        self._expiry = loop.call_later(grace_s, self._expire)
+        log.info(
+            "draining: %d queued, %d running, %.1fs to answer them",
+            self.queue_depth,
+            len(self._running),
+            grace_s,
+        )
+        if self._wakeup is not None:
+            self._wakeup.set()  # a batch waiting for company goes now
+
+    def _expire(self) -> None:
         raise NotImplementedError
 
     @property
@@ -184,41 +225,6 @@ class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
         self._batch_s: float | None = None  # smoothed seconds per batch (None: none ran yet)
 
     # ------------------------------------------------------------------ lifecycle
-
-    async def stop(self) -> None:
-        """Stop the worker; requests still queued fail with BatcherClosed."""
-        if self._expiry is not None:
-            self._expiry.cancel()
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.cancel()
-            try:
-                await worker
-            except asyncio.CancelledError:
-                pass
-        while self._pending:
-            p = self._pending.popleft()
-            if not p.future.done():
-                p.future.set_exception(BatcherClosed("the service is shutting down"))
-        self._on_depth(0)
-        if self._own_executor:
-            self._executor.shutdown(wait=False)
-
-    def drain(self, grace_s: float) -> None:
-        """Begin the shutdown drain (module docstring): answer everything within `grace_s`."""
-        if self._deadline is not None:
-            return
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + grace_s
-        self._expiry = loop.call_later(grace_s, self._expire)
-        log.info(
-            "draining: %d queued, %d in the running batch, %.1fs to answer them",
-            self.queue_depth,
-            len(self._running),
-            grace_s,
-        )
-        if self._wakeup is not None:
-            self._wakeup.set()  # a batch waiting for company goes now
 
     @property
     def idle(self) -> bool:

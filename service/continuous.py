@@ -111,39 +111,6 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
         self.ticks = 0  # model-thread ticks run, for tests and logs
 
     # ------------------------------------------------------------------ lifecycle
-    async def stop(self) -> None:
-        """Stop the worker; requests still waiting or decoding fail with BatcherClosed."""
-        if self._expiry is not None:
-            self._expiry.cancel()
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.cancel()
-            try:
-                await worker
-            except asyncio.CancelledError:
-                pass
-        for r in [*self._pending, *self._running]:
-            if not r.future.done():
-                r.future.set_exception(BatcherClosed("the service is shutting down"))
-        self._pending.clear()
-        self._running.clear()
-        self._on_depth(0)
-        if self._own_executor:
-            self._executor.shutdown(wait=False)
-
-    def drain(self, grace_s: float) -> None:
-        if self._deadline is not None:
-            return
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + grace_s
-        self._expiry = loop.call_later(grace_s, self._expire)
-        log.info(
-            "draining: %d queued, %d decoding, %.1fs to answer them",
-            len(self._pending),
-            len(self._running),
-            grace_s,
-        )
-
     def _expire(self) -> None:
         refused = 0
         for r in [*self._running, *self._pending]:
