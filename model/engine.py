@@ -60,8 +60,8 @@ def _can_pack(weight: torch.Tensor) -> bool:
 
 class Linear:
     """y = x W^T from a (N, K) weight. On the CPU in bf16 a decode step's few rows go through a
-    oneDNN-prepacked copy of the weight (the same numbers, ~1.5x faster than `F.linear` for one
-    row: BENCHMARKS.md §7); optionally through int8 weights with per-row scales instead."""
+    oneDNN-prepacked copy of the weight (the same numbers, 1.4-1.6x faster than `F.linear` for
+    1-8 rows: BENCHMARKS.md §7); optionally through int8 weights with per-row scales instead."""
 
     def __init__(self, weight: torch.Tensor, quantize: Quantize) -> None:
         self.weight = weight.detach().contiguous()
@@ -269,8 +269,8 @@ class DecoderEngine:
         """Layer i's attention for one new query per row, (n, heads * d). One row sees all it
         has cached: SDPA, which gives transformers' greedy tokens exactly (BENCHMARKS.md §7).
         Several rows (a masked batch): two fp32 matmuls and a softmax, the same arithmetic in
-        another order, 5x faster than SDPA's CPU kernel for 8 rows of ~250 positions; the query
-        heads that share a KV head go as one group."""
+        another order, faster than SDPA's CPU kernel for 8 rows of ~250 positions (1.4-5x,
+        BENCHMARKS.md §7); the query heads that share a KV head go as one group."""
         keys, values = self.k[i, :n, :, :width], self.v[i, :n, :, :width]  # (n, kv heads, L, d)
         if n == 1:
             out = F.scaled_dot_product_attention(
