@@ -106,12 +106,9 @@ class TextStream:
 
     def update(self, ids: Sequence[int], final: bool = False) -> str:
         text = self.tokenizer.decode(list(ids), skip_special_tokens=True).lstrip()
-        if final:
-            text = text.rstrip()
-        else:
-            if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence
-                return ""
-            text = text.rstrip()
+        if not final and text.endswith("\ufffd"):  # an unfinished UTF-8 sequence
+            return ""
+        text = text.rstrip()
         if not text.startswith(self.sent):  # a later token changed how earlier ones decode
             return ""
         piece, self.sent = text[len(self.sent) :], text

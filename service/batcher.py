@@ -97,7 +97,7 @@ class QueueingBatcher(Generic[Q]):
         self._worker_name = worker_name
         self._deadline: float | None = None  # loop.time() by which a draining batcher answers all
         self._expiry: asyncio.TimerHandle | None = None
-        self._running: list = []  # requests the model thread has now
+        self._running: list[_Pending[Q]] = []  # requests the model thread has now
         self.batches = 0  # batches run (continuous: requests admitted), for tests and logs
 
     async def start(self) -> None:
@@ -149,8 +149,27 @@ class QueueingBatcher(Generic[Q]):
         if self._wakeup is not None:
             self._wakeup.set()  # a batch waiting for company goes now
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing running."""
+        return not self._running and self._live_count() == 0
+
     def _expire(self) -> None:
-        raise NotImplementedError
+        """The drain deadline: whatever is still unanswered is refused now (work still running
+        on the model thread finishes there; its answers are dropped)."""
+        refused = self._refuse(self._running) + self._refuse(self._pending)
+        self._pending.clear()
+        self._on_depth(0)
+        if refused:
+            log.warning("drain deadline: refused %d unanswered requests", refused)
+
+    def _refuse(self, pending: Sequence[_Pending[Q]]) -> int:
+        n = 0
+        for p in pending:
+            if not p.future.done():
+                p.future.set_exception(ShuttingDown("the service is shutting down; retry"))
+                n += 1
+        return n
 
     @property
     def draining(self) -> bool:
@@ -221,33 +240,9 @@ class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1e3
         self.fn = fn
-        self._running: list[_Pending[Q]] = []  # the batch on the worker thread now
         self._batch_s: float | None = None  # smoothed seconds per batch (None: none ran yet)
 
-    # ------------------------------------------------------------------ lifecycle
-
-    @property
-    def idle(self) -> bool:
-        """Nothing queued and no batch running."""
-        return not self._running and self._live_count() == 0
-
-    def _expire(self) -> None:
-        """The drain deadline: whatever is still unanswered is refused now (a batch still
-        running finishes on its thread; its answers are dropped)."""
-        refused = self._refuse(self._running) + self._refuse(self._pending)
-        self._pending.clear()
-        self._on_depth(0)
-        if refused:
-            log.warning("drain deadline: refused %d unanswered requests", refused)
-
-    def _refuse(self, pending: Sequence[_Pending[Q]]) -> int:
-        n = 0
-        for p in pending:
-            if not p.future.done():
-                p.future.set_exception(ShuttingDown("the service is shutting down; retry"))
-                n += 1
-        return n
-
+    # ------------------------------------------------------------------ requests
     def retry_after_s(self) -> float:
         """When a refused request might find room: the queue's batches at the recent batch time."""
         per_batch = self._batch_s if self._batch_s is not None else 1.0

@@ -28,7 +28,6 @@ import asyncio
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -40,7 +39,6 @@ from service.batcher import (
     BatcherClosed,
     BatchFailed,
     QueueingBatcher,
-    ShuttingDown,
     _Pending,
 )
 
@@ -104,28 +102,12 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
         )
         self.slots = slots
         self.get_runner = get_runner
-        self._pending: deque[_Request[Q]] = deque()  # type: ignore[assignment]
-        self._running: list[_Request[Q]] = []  # admitted, decoding
+        # self._pending and self._running (the base's) hold _Request: waiting, and decoding
         self._orphans: list[_Request[Q]] = []  # failed by a broken step, still in the runner
         self._request_s: float | None = None  # smoothed seconds from admission to answer
         self.ticks = 0  # model-thread ticks run, for tests and logs
 
-    # ------------------------------------------------------------------ lifecycle
-    def _expire(self) -> None:
-        refused = 0
-        for r in [*self._running, *self._pending]:
-            if not r.future.done():
-                r.future.set_exception(ShuttingDown("the service is shutting down; retry"))
-                refused += 1
-        self._pending.clear()
-        self._on_depth(0)
-        if refused:
-            log.warning("drain deadline: refused %d unanswered requests", refused)
-
-    @property
-    def idle(self) -> bool:
-        return not self._running and self._live_count() == 0
-
+    # ------------------------------------------------------------------ requests
     def retry_after_s(self) -> float:
         """When a refused request might find room: the queue ahead, `slots` at a time, at the
         recent time per request."""
@@ -133,7 +115,6 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
         rounds = math.ceil(self._live_count() / self.slots) + 1
         return min(RETRY_AFTER_MAX_S, max(1.0, rounds * per_request))
 
-    # ------------------------------------------------------------------ requests
     def _new_pending(self, item: Q, future: asyncio.Future, now: float) -> _Request[Q]:
         return _Request(item, future, now)
 
