@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -46,6 +46,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(predicate, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@contextmanager
+def uvicorn_serving(app) -> Iterator[str]:
+    """uvicorn serving `app` on a loopback port in a thread; yields the base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), "uvicorn to start")
+        assert server.started, "uvicorn failed to start"
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert not thread.is_alive()
 
 
 class RedisServer:
@@ -220,18 +246,23 @@ def count_forward(engine) -> list[int]:
 
 
 class HeldModel:
-    """Holds the model thread inside the next generate call until `release()`."""
+    """Holds the model thread inside the next generate calls until `release()`; `restore()`
+    puts back the generate it wrapped (a counting one, if count_generate came first)."""
 
     def __init__(self, state) -> None:
         self.gate, self.entered = threading.Event(), threading.Event()
-        original = state.engine.backend.generate
+        self.backend = state.engine.backend
+        self.original = original = self.backend.generate
 
         def held(*args, **kwargs):
             self.entered.set()
             self.gate.wait(60)
             return original(*args, **kwargs)
 
-        state.engine.backend.generate = held
+        self.backend.generate = held
+
+    def restore(self) -> None:
+        self.backend.generate = self.original
 
     async def wait_entered(self) -> None:
         assert await asyncio.to_thread(self.entered.wait, 60)

@@ -15,19 +15,15 @@ import asyncio
 import json
 import os
 import shutil
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.app import create_app
-from tests.service.conftest import IN_CI, free_port, settings_for
-from tests.service.test_socket import wait_for
+from tests.service.conftest import IN_CI, settings_for, uvicorn_serving
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
 NO_CHROMIUM = "chromium binary not found (apt-get install chromium, or bash deploy/setup.sh --dev as root)"
@@ -61,21 +57,6 @@ new MutationObserver((records) => {
 """
 
 
-@contextmanager
-def running(app) -> Iterator[str]:
-    """uvicorn serving `app` on a free loopback port; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn-page", daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started or not thread.is_alive(), "uvicorn to start")
-        assert server.started, "uvicorn failed to start"
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def browser():
     with sync_playwright() as p:
@@ -100,7 +81,7 @@ def page(browser) -> Iterator[Page]:
 
 @pytest.fixture
 def server(ckpt) -> Iterator[str]:
-    with running(create_app(settings_for(ckpt, max_wait_ms=1))) as base:
+    with uvicorn_serving(create_app(settings_for(ckpt, max_wait_ms=1))) as base:
         yield base
 
 
@@ -308,7 +289,7 @@ async def no_such_route(request: Request) -> JSONResponse:
 
 def test_without_the_stream_route_the_page_falls_back_to_recommend(ckpt, page):
     app = create_app(settings_for(ckpt, max_wait_ms=1))
-    with running(replacing_stream_route(app, no_such_route)) as base:
+    with uvicorn_serving(replacing_stream_route(app, no_such_route)) as base:
         page.goto(base + "/")
         add_film(page, "toy", "Toy Story", how="enter")
         page.get_by_label("How many").fill("3")
@@ -360,7 +341,7 @@ def stream_app(ckpt):
 
 
 def test_the_page_streams_reasoning_when_the_stream_route_exists(ckpt, page):
-    with running(stream_app(ckpt)) as base:
+    with uvicorn_serving(stream_app(ckpt)) as base:
         page.goto(base + "/")
         add_film(page, "toy", "Toy Story", how="enter")
         page.get_by_label("How many").fill("3")

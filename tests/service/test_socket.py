@@ -6,59 +6,22 @@ that request."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 
 from service.app import create_app
-from tests.service.conftest import count_generate, free_port, needs_redis, settings_for
+from tests.service.conftest import (
+    HeldModel,
+    count_generate,
+    needs_redis,
+    settings_for,
+    uvicorn_serving,
+    wait_for,
+)
 from tests.service.test_app import H1, H2, H3, metric, requests
 
 pytestmark = needs_redis
-
-
-def wait_for(predicate, what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-@contextmanager
-def uvicorn_serving(app) -> Iterator[str]:
-    """uvicorn serving `app` on a loopback port in a thread; yields the base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started or not thread.is_alive(), "uvicorn to start")
-        assert server.started, "uvicorn failed to start"
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-    assert not thread.is_alive()
-
-
-def hold_generate(state) -> tuple[list[int], threading.Event, threading.Event, Callable]:
-    """Hold the model thread inside the next generate calls until `gate` is set: (the generate
-    calls' batch sizes, gate, entered, the counting generate to restore)."""
-    calls = count_generate(state.engine)
-    counted = state.engine.backend.generate
-    gate, entered = threading.Event(), threading.Event()
-
-    def held(*args, **kwargs):
-        entered.set()
-        gate.wait(60)
-        return counted(*args, **kwargs)
-
-    state.engine.backend.generate = held
-    return calls, gate, entered, counted
 
 
 def test_uvicorn_socket_recommend_and_a_client_that_hangs_up(ckpt, redis_url):
@@ -72,13 +35,14 @@ def test_uvicorn_socket_recommend_and_a_client_that_hangs_up(ckpt, redis_url):
 
             # hold the model thread inside request A's generate call
             state = app.state.r2ec
-            calls, gate, entered, counted = hold_generate(state)
+            calls = count_generate(state.engine)
+            held = HeldModel(state)
             answers: list[httpx.Response] = []
             a = threading.Thread(
                 target=lambda: answers.append(client.post("/recommend", json={"history": H2}))
             )
             a.start()
-            assert entered.wait(60)
+            assert held.entered.wait(60)
             # B queues behind A; its client gives up and closes the connection
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(f"{base}/recommend", json={"history": H3}, timeout=2)
@@ -86,10 +50,10 @@ def test_uvicorn_socket_recommend_and_a_client_that_hangs_up(ckpt, redis_url):
                 lambda: requests(client.get("/metrics").text, "/recommend", "499") == 1,
                 "the server to see the disconnect",
             )
-            gate.set()
+            held.release()
             a.join(60)
             assert answers and answers[0].status_code == 200, answers
-            state.engine.backend.generate = counted
+            held.restore()
             assert client.post("/recommend", json={"history": H1 + H3}).status_code == 200
             assert calls == [1, 1]  # A and the last request; B never reached the model
             assert state.batcher.batches == 3  # the first request, A, the last one
@@ -101,11 +65,12 @@ def test_uvicorn_socket_a_stream_whose_client_hangs_up_is_cancelled(ckpt):
     app = create_app(settings_for(ckpt, max_wait_ms=1))
     with uvicorn_serving(app) as base, httpx.Client(base_url=base, timeout=60) as client:
         state = app.state.r2ec
-        calls, gate, entered, _ = hold_generate(state)
+        calls = count_generate(state.engine)
+        held = HeldModel(state)
         answers: list[httpx.Response] = []
         a = threading.Thread(target=lambda: answers.append(client.post("/recommend", json={"history": H2})))
         a.start()
-        assert entered.wait(60)
+        assert held.entered.wait(60)
         with httpx.Client(base_url=base, timeout=60) as other:
             with other.stream("POST", "/recommend/stream", json={"history": H3}) as b:
                 assert b.status_code == 200
@@ -118,7 +83,7 @@ def test_uvicorn_socket_a_stream_whose_client_hangs_up_is_cancelled(ckpt):
             ),
             "the server to see the stream's client leave",
         )
-        gate.set()
+        held.release()
         a.join(60)
         assert answers and answers[0].status_code == 200, answers
         r = client.post("/recommend/stream", json={"history": H1, "max_reasoning_tokens": 2})
