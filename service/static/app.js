@@ -96,6 +96,17 @@ function subtitle(item) {
   return [year, item.genres].filter(Boolean).join(" · ");
 }
 
+// The title line and the grey line under it, as every list on the page shows an item.
+function titleSpans(titleText, subText = "") {
+  const title = document.createElement("span");
+  title.className = "title";
+  title.textContent = titleText;
+  const sub = document.createElement("span");
+  sub.className = "sub";
+  sub.textContent = subText;
+  return [title, sub];
+}
+
 // ------------------------------------------------------------------ the server line
 async function showServer() {
   const line = $("#server");
@@ -153,12 +164,7 @@ function renderMatches() {
     button.type = "button";
     button.className = "match";
     button.dataset.itemId = item.item_id;
-    const title = document.createElement("span");
-    title.className = "title";
-    title.textContent = item.title;
-    const sub = document.createElement("span");
-    sub.className = "sub";
-    sub.textContent = subtitle(item);
+    const [title, sub] = titleSpans(item.title, subtitle(item));
     const action = document.createElement("span");
     action.className = "action";
     action.setAttribute("aria-hidden", "true");
@@ -231,12 +237,7 @@ function renderHistory() {
     li.dataset.itemId = entry.item_id;
     const text = document.createElement("div");
     text.className = "text";
-    const title = document.createElement("span");
-    title.className = "title";
-    title.textContent = entry.title;
-    const sub = document.createElement("span");
-    sub.className = "sub";
-    sub.textContent = subtitle(entry);
+    const [title, sub] = titleSpans(entry.title, subtitle(entry));
     text.append(title, sub);
     if (!entry.year && !entry.genres) {
       itemDetails(entry.item_id).then((found) => {
@@ -380,11 +381,7 @@ function renderItems(run, items) {
     rank.setAttribute("aria-hidden", "true");
     const text = document.createElement("div");
     text.className = "text";
-    const title = document.createElement("span");
-    title.className = "title";
-    title.textContent = item.title;
-    const sub = document.createElement("span");
-    sub.className = "sub";
+    const [title, sub] = titleSpans(item.title);
     text.append(title, sub);
     const score = document.createElement("span");
     score.className = "score";
