@@ -270,7 +270,7 @@ class EngineBackend:
     def generate(
         self, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings
     ) -> tuple[Rollout, torch.Tensor]:
-        return self._run(prompt_ids, settings)
+        return self._run(prompt_ids, settings)  # `vectors` runs `_run` too, but writes nothing
 
     def _run(
         self, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings
