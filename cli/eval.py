@@ -39,6 +39,13 @@ def eval_cmd(
         ),
     ] = False,
     max_reasoning_tokens: int = 64,
+    constrain_titles: Annotated[
+        bool,
+        typer.Option(
+            "--constrain-titles/--free-titles",
+            help="Decode the reasoning's title list under the grammar of the prompt's titles (as served)",
+        ),
+    ] = True,
     batch_size: int = 8,
     limit: Annotated[int | None, typer.Option(help="Only the first N samples")] = None,
     mask: Annotated[
@@ -85,6 +92,7 @@ def eval_cmd(
             batch_size=batch_size,
             limit=limit,
             mask=mask,
+            constrain_titles=constrain_titles,
         )
         sasrec_cfg = SASRecConfig(epochs=sasrec_epochs)
     except (DataError, ValueError) as exc:

@@ -157,6 +157,9 @@ class EvalConfig:
             the prompt's history window only; `"none"`.
         ks (`tuple[int, ...]`, defaults to `(5, 10, 20)`):
             The cut-offs K of Hit@K and NDCG@K.
+        constrain_titles (`bool`, defaults to `True`):
+            Decode the reasoning's "Rated highest:" list under the grammar of the prompt's
+            titles (model/constrained.py), as the service does; `False` decodes freely.
     """
 
     split: str = "test"
@@ -166,6 +169,7 @@ class EvalConfig:
     limit: int | None = None
     mask: Mask = "seen"
     ks: tuple[int, ...] = KS
+    constrain_titles: bool = True
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -287,12 +291,16 @@ def evaluate_model(
 
     def score(chunk: pd.DataFrame) -> torch.Tensor:
         histories = sample_histories(chunk, titles)
+        limits = model.title_lists(histories) if cfg.reasoning and cfg.constrain_titles else None
         if backend is not None:
             budget = settings if cfg.reasoning else GenerationSettings(max_new_tokens=0)
-            rollout, users = backend.generate(model.user_prompt_ids(histories), budget)
+            rollout, users = backend.generate(model.user_prompt_ids(histories), budget, limits)
             rollout = rollout if cfg.reasoning else None
         else:
-            rollout = model.reason(histories, settings) if cfg.reasoning else None
+            prompt_ids = model.user_prompt_ids(histories)
+            rollout = (
+                model.reason_from_ids(prompt_ids, settings, constraints=limits) if cfg.reasoning else None
+            )
             users = model.user_vectors(histories, rollout).cpu()
         if rollout is not None:
             texts.extend(rollout.texts)

@@ -27,6 +27,7 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from model.constrained import TitleList, constrain_logits
 from model.engine import DecoderEngine, Quantize, unsupported_reason
 from model.r2ec import GenerationSettings, R2ec, Rollout
 
@@ -40,10 +41,14 @@ class Backend(Protocol):
     name: str
 
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        settings: GenerationSettings,
+        constraints: Sequence[TitleList | None] | None = None,
     ) -> tuple[Rollout, torch.Tensor]:
         """Reasoning for each prompt and the normalised h_T after [prompt; reasoning; marker],
-        (B, H) float32 on the CPU."""
+        (B, H) float32 on the CPU. `constraints`: per prompt, the grammar its title list is
+        decoded under (`R2ec.title_lists`, model/constrained.py), or None."""
         ...
 
     def vectors(
@@ -63,9 +68,12 @@ class HFBackend:
 
     @torch.no_grad()
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        settings: GenerationSettings,
+        constraints: Sequence[TitleList | None] | None = None,
     ) -> tuple[Rollout, torch.Tensor]:
-        rollout = self.model.reason_from_ids([list(p) for p in prompt_ids], settings)
+        rollout = self.model.reason_from_ids([list(p) for p in prompt_ids], settings, constraints=constraints)
         return rollout, self.vectors(rollout.prompt_ids, rollout.completion_ids)
 
     @torch.no_grad()
@@ -85,6 +93,7 @@ class Sequence_:
     completion_ids: list[int] = field(default_factory=list)
     # called on the decoding thread with each new piece of text (see `TextStream`)
     on_text: Callable[[str], None] | None = None
+    constraint: TitleList | None = None  # the grammar of its title list (model/constrained.py)
     vector: torch.Tensor | None = None  # normalised h_T (H,) float32, once finished
     text: str = ""
     done: bool = False
@@ -176,7 +185,7 @@ class ContinuousDecoder:
                 finished.append(seq)
         if self.active:
             hidden = self.engine.decode([s.completion_ids[-1] for s in self.active])
-            tokens = self._next_tokens(self.engine.logits(hidden))
+            tokens = self._next_tokens(self.engine.logits(hidden), self.active)
             for seq, token in zip(list(self.active), tokens, strict=True):
                 if self._append(seq, token):
                     finished.append(seq)
@@ -195,10 +204,13 @@ class ContinuousDecoder:
             return True
         hidden = self.engine.prefill(slot, seq.prompt_ids)
         self.active.append(seq)
-        token = self._next_tokens(self.engine.logits(hidden[-1:]))[0]
+        token = self._next_tokens(self.engine.logits(hidden[-1:]), [seq])[0]
         return self._append(seq, token)
 
-    def _next_tokens(self, logits: torch.Tensor) -> list[int]:
+    def _next_tokens(self, logits: torch.Tensor, seqs: Sequence[Sequence_]) -> list[int]:
+        logits = constrain_logits(
+            logits, [None if q.constraint is None else q.constraint.allowed(q.completion_ids) for q in seqs]
+        )
         s = self.settings
         if not s.do_sample:
             return logits.argmax(dim=-1).tolist()
@@ -268,15 +280,25 @@ class EngineBackend:
         return ContinuousDecoder(self.model, self.engine, settings, max_prefill_per_step=self.engine.slots)
 
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        settings: GenerationSettings,
+        constraints: Sequence[TitleList | None] | None = None,
     ) -> tuple[Rollout, torch.Tensor]:
-        return self._run(prompt_ids, settings)  # `vectors` runs `_run` too, but writes nothing
+        return self._run(prompt_ids, settings, constraints)  # `vectors` runs `_run` too, but writes nothing
 
     def _run(
-        self, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        settings: GenerationSettings,
+        constraints: Sequence[TitleList | None] | None = None,
     ) -> tuple[Rollout, torch.Tensor]:
         decoder = self.decoder(settings)
-        seqs = [decoder.add(Sequence_(list(p), settings.max_new_tokens)) for p in prompt_ids]
+        limits = [None] * len(prompt_ids) if constraints is None else list(constraints)
+        seqs = [
+            decoder.add(Sequence_(list(p), settings.max_new_tokens, constraint=c))
+            for p, c in zip(prompt_ids, limits, strict=True)
+        ]
         while not decoder.idle:
             decoder.step()
         rollout = Rollout(

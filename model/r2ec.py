@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
+from model.constrained import TitleList, TitleListProcessor, TokenStrings
 from model.prompts import HistoryEntry, PromptConfig, item_message, render, user_message
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class R2ec:
         self.tau = tau
         self._marker_ids = tokenizer(self.prompts.closing_marker, add_special_tokens=False)["input_ids"]
         self.stop_ids = stop_token_ids(tokenizer)
+        self._token_strings: TokenStrings | None = None  # built on the first `title_lists`
 
     # -- plumbing ---------------------------------------------------------------------------
     @property
@@ -203,14 +205,30 @@ class R2ec:
         prompt_ids = self.user_prompt_ids(histories)
         return self.reason_from_ids(prompt_ids, settings, num_generations)
 
+    def title_lists(self, histories: Sequence[Sequence[HistoryEntry]]) -> list[TitleList]:
+        """Per history, the grammar its reasoning's title list is decoded under: the titles of
+        the prompt's window (model/constrained.py)."""
+        if self._token_strings is None:
+            self._token_strings = TokenStrings(self.tokenizer)
+        window = self.prompts.max_history
+        return [TitleList([e.title for e in list(h)[-window:]], self._token_strings) for h in histories]
+
     @torch.no_grad()
     def reason_from_ids(
-        self, prompt_ids: list[list[int]], settings: GenerationSettings, num_generations: int = 1
+        self,
+        prompt_ids: list[list[int]],
+        settings: GenerationSettings,
+        num_generations: int = 1,
+        constraints: Sequence[TitleList | None] | None = None,
     ) -> Rollout:
+        """`constraints`: one per prompt (or None), see `title_lists`."""
         rows = [p for p in prompt_ids for _ in range(num_generations)]  # (B*G)
         if settings.max_new_tokens == 0:
             return Rollout(rows, [[] for _ in rows], ["" for _ in rows], num_generations)
         batch = left_pad(rows, self.pad_id, self.device)
+        processors = LogitsProcessorList()
+        if constraints is not None and any(c is not None for c in constraints):
+            processors.append(TitleListProcessor(constraints, batch.input_ids.shape[1], num_generations))
         sampling = (
             {"do_sample": True, "temperature": settings.temperature, "top_k": settings.top_k}
             if settings.do_sample
@@ -222,6 +240,7 @@ class R2ec:
             max_new_tokens=settings.max_new_tokens,
             pad_token_id=self.pad_id,
             eos_token_id=self.stop_ids,
+            logits_processor=processors,
             **sampling,
         )
         new = out[:, batch.input_ids.shape[1] :].tolist()  # (B*G, <=T)

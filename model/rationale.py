@@ -29,6 +29,10 @@ from dataclasses import dataclass
 # exceed its share over the whole history to be called a drift.
 RECENT = 5
 DRIFT = 0.2
+# The sentence that lists the highest-rated titles, and how many it lists (inference decodes
+# that list under a grammar of the prompt's titles: model/constrained.py).
+RATED = "Rated highest:"
+TOP_RATED = 3
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,8 @@ def taste_lines(history: Sequence[tuple[ItemFacts, float | None]]) -> list[str]:
         lines.append(line + ".")
     rated = [(i, f, r) for i, (f, r) in enumerate(history) if r is not None and r == r]
     if rated:
-        best = sorted(rated, key=lambda x: (-x[2], -x[0]))[:3]  # highest first, recent on ties
-        lines.append("Rated highest: " + "; ".join(f.title for _, f, _ in best) + ".")
+        best = sorted(rated, key=lambda x: (-x[2], -x[0]))[:TOP_RATED]  # highest first, recent on ties
+        lines.append(f"{RATED} " + "; ".join(f.title for _, f, _ in best) + ".")
     if len(history) > RECENT and genre_w:
         recent = Counter(g for f, _ in history[-RECENT:] for g in f.genres)  # first seen first
         overall = Counter(g for f, _ in history for g in f.genres)

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         description="engine backend: int8 weights for small-batch decode steps (bfloat16 models); "
         "BENCHMARKS.md §7 has the speed and the agreement with the reference.",
     )
+    constrain_titles: bool = Field(
+        True,
+        description='Decode the reasoning\'s "Rated highest:" title list under the grammar of '
+        "the request's history titles (model/constrained.py), so the text names no title the "
+        "history does not have; false decodes freely.",
+    )
     batching: Literal["continuous", "static"] = Field(
         "continuous",
         description="continuous = requests join the running decode at a token boundary and leave "
@@ -171,6 +177,7 @@ class Settings(BaseSettings):
             "backend": self.backend,
             "slots": self.max_batch,
             "quantize": self.quantize,
+            "constrain_titles": self.constrain_titles,
         }
 
     @property

@@ -77,6 +77,7 @@ class Recommender:
         backend: BackendName = "engine",
         slots: int = 8,
         quantize: Quantize = "none",
+        constrain_titles: bool = True,
     ) -> None:
         self.checkpoint = checkpoint
         self.model = checkpoint.model
@@ -85,6 +86,7 @@ class Recommender:
         # how reasoning is written and h_T read (model/generation.py): the lean decoder with h_T
         # from its KV cache, or transformers' generate + a second forward (the reference)
         self.backend = make_backend(self.model, backend, slots=slots, quantize=quantize)
+        self.constrain_titles = constrain_titles  # model/constrained.py
         self.generate_calls = 0  # `generate` invocations, for tests and metrics
         self._runner: DecodeRunner | None = None
 
@@ -103,6 +105,7 @@ class Recommender:
         backend: BackendName = "engine",
         slots: int = 8,
         quantize: Quantize = "none",
+        constrain_titles: bool = True,
     ) -> Recommender:
         """Load a checkpoint onto `device` (R2EC_DEVICE) and open its catalog (load
         <ckpt>/index/ if it matches, else build it from the checkpoint's item vectors and save it
@@ -112,7 +115,9 @@ class Recommender:
         catalog = Catalog.open(
             ckpt, kind=index_kind, nprobe=index_nprobe, ef_search=index_ef_search, persist_edits=persist_edits
         )
-        engine = cls(ckpt, catalog, backend=backend, slots=slots, quantize=quantize)
+        engine = cls(
+            ckpt, catalog, backend=backend, slots=slots, quantize=quantize, constrain_titles=constrain_titles
+        )
         log.info(
             "loaded model %s from %s on %s (%s backend): %d items, %s index, %.1fs",
             engine.version,
@@ -152,12 +157,22 @@ class Recommender:
             titles,
         )
         prompt = self.model.render_message(user_message(entries, self.model.prompts))
-        key = self._key(prompt, query.max_reasoning_tokens) if query.wants_reasoning else None
-        return PreparedQuery(query=query, model_version=self.version, prompt=prompt, cache_key=key)
+        if not query.wants_reasoning:
+            return PreparedQuery(query=query, model_version=self.version, prompt=prompt, cache_key=None)
+        constraint = self.model.title_lists([entries])[0] if self.constrain_titles else None
+        return PreparedQuery(
+            query=query,
+            model_version=self.version,
+            prompt=prompt,
+            cache_key=self._key(prompt, query.max_reasoning_tokens),
+            constraint=constraint,
+        )
 
     def _key(self, prompt: str, budget: int) -> str:
         """sha256 of (model version, rendered prompt = the history window, generation settings)."""
-        material = json.dumps([self.version, prompt, budget, "greedy"])
+        material = json.dumps(
+            [self.version, prompt, budget, "greedy", "titles" if self.constrain_titles else "free"]
+        )
         return hashlib.sha256(material.encode()).hexdigest()
 
     def _ready(self, query: Query | PreparedQuery) -> PreparedQuery:
@@ -212,7 +227,9 @@ class Recommender:
             rows = [positions[0] for positions in todo.values()]
             budget = max(asked[j].max_reasoning_tokens for js in todo.values() for j in js)
             rollout, generated = self.backend.generate(
-                [prompt_ids[j] for j in rows], GenerationSettings(max_new_tokens=budget)
+                [prompt_ids[j] for j in rows],
+                GenerationSettings(max_new_tokens=budget),
+                [ready[j].constraint for j in rows],
             )
             self.generate_calls += 1
             generate_ms = (time.perf_counter() - t) * 1e3
@@ -411,7 +428,7 @@ class DecodeRunner:
                 rec._notify(on_text, cached.text)
         else:
             job = _Job(p, "miss", (), None, time.perf_counter())
-            seq = Sequence_(prompt_ids, q.max_reasoning_tokens, on_text=on_text)
+            seq = Sequence_(prompt_ids, q.max_reasoning_tokens, on_text=on_text, constraint=p.constraint)
             rec.generate_calls += 1
         self.decoder.add(seq)
         self.jobs[seq] = job

@@ -13,11 +13,14 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from service.store import Event
+
+if TYPE_CHECKING:
+    from model.constrained import TitleList
 
 
 class QueryError(ValueError):
@@ -140,6 +143,8 @@ class PreparedQuery:
     prompt: str  # the rendered user prompt (chat template applied)
     cache_key: str | None  # None when the query does not reason
     cached: CachedReasoning | None = None  # the reasoning found under cache_key, if any
+    # the grammar the reasoning's title list is decoded under (model/constrained.py), or None
+    constraint: TitleList | None = field(default=None, compare=False, hash=False, repr=False)
     # Streaming (POST /recommend/stream): called ON THE MODEL THREAD with each new piece of the
     # reasoning text as it becomes known; the pieces concatenate to Result.reasoning. The batch
     # path calls it once with the whole text (generated or cached) before scoring; a token-level

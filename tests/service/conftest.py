@@ -223,13 +223,13 @@ async def client(app) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def _count_rows(obj, name: str) -> list[int]:
-    """Wrap obj.name(prompt_ids, second); the list collects each call's row count."""
+    """Wrap obj.name(prompt_ids, ...); the list collects each call's row count."""
     calls: list[int] = []
     original = getattr(obj, name)
 
-    def counted(prompt_ids, second):
+    def counted(prompt_ids, *args):
         calls.append(len(prompt_ids))
-        return original(prompt_ids, second)
+        return original(prompt_ids, *args)
 
     setattr(obj, name, counted)
     return calls

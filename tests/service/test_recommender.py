@@ -101,6 +101,29 @@ def test_cache_key_depends_on_version_history_and_budget(engine):
     assert k != key(engine, Query(H1, max_reasoning_tokens=8))
 
 
+def test_reasoning_queries_carry_the_title_grammar_of_their_window(engine, ckpt, make_engine):
+    titles, _ = engine.catalog.lookup(e.item_id for e in H1 + H2)
+    prepared = engine.prepare(Query(H1, max_reasoning_tokens=8))
+    assert prepared.constraint is not None
+    assert prepared.constraint.titles == [titles[e.item_id] for e in H1]
+    assert engine.prepare(Query(H1, reasoning=False)).constraint is None
+    seen = []
+    original = engine.backend.generate
+
+    def spy(prompt_ids, settings, constraints=None):
+        seen.append(constraints)
+        return original(prompt_ids, settings, constraints)
+
+    engine.backend.generate = spy
+    engine.recommend_batch([Query(H1, max_reasoning_tokens=4), Query(H2, max_reasoning_tokens=4)])
+    assert [c.titles for c in seen[0]] == [prepared.constraint.titles, [titles[e.item_id] for e in H2]]
+    free = make_engine(ckpt, constrain_titles=False)
+    free.version = engine.version
+    assert free.prepare(Query(H1, max_reasoning_tokens=8)).constraint is None
+    # the texts differ between the two settings, so their cached reasoning must not mix
+    assert key(free, Query(H1, max_reasoning_tokens=8)) != prepared.cache_key
+
+
 def test_a_bad_query_fails_alone(engine):
     out = engine.recommend_batch(
         [

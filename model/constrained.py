@@ -1,0 +1,159 @@
+"""Constrained decoding of the rationale's title list: titles are copied, never spelt anew.
+
+The reasoning format the `rationale` stage teaches (model/rationale.py) lists the user's
+highest-rated titles: "Rated highest: Fargo; Heat; Casablanca." A 135M model copies those
+titles from its prompt imperfectly ("When The Cats Away", "Faster Pussycat! Kill!; Faster
+Pussycat! Kill!"): on ml-100k 37% of its texts named a title the catalog does not have
+(BENCHMARKS.md §1). The text a user reads must not invent titles, so at inference the list is
+decoded under a grammar:
+
+    LIST := " " T (";" " " T){0,2} "."      T: a title of the prompt's history window, unused
+
+Once the written text contains the trigger ("Rated highest:"), every next token must keep the
+text after it a prefix of a string of that grammar; when the list is closed by "." decoding is
+free again. Everything else the model writes is untouched (greedy or sampled as asked).
+
+`TitleList.allowed(ids)` is stateless: it decodes the row's tokens and runs the grammar over the
+text after the trigger (a handful of titles, under 100 characters), so it needs no bookkeeping
+when rows join, leave or are moved between slots of the continuous decoder. It returns the token
+ids that may come next, or None where decoding is free. Token strings are matched against the
+grammar's continuations by their decoded text (`TokenStrings`), so tokens that cross an entry's
+boundary (SmolLM2 has ");" and "!;") are allowed too.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor
+
+from model.rationale import RATED, TOP_RATED
+
+SEPARATOR, END = ";", "."
+
+
+class TokenStrings:
+    """Every token's text, and the ids behind each distinct text (one per tokenizer)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        texts = tokenizer.batch_decode(
+            [[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False
+        )
+        by_text: dict[str, list[int]] = defaultdict(list)
+        for i, text in enumerate(texts):
+            if text and "\ufffd" not in text and i not in tokenizer.all_special_ids:
+                by_text[text].append(i)
+        self.by_text = dict(by_text)
+        self.longest = max(map(len, self.by_text))
+        # tokens that close the list and go on with free text (". Lately" may be one token)
+        self.closing = [i for text, ids in self.by_text.items() if text.startswith(END) for i in ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def prefixes_of(self, text: str) -> list[int]:
+        """Ids of the tokens whose text is a non-empty prefix of `text`."""
+        out: list[int] = []
+        for k in range(1, min(len(text), self.longest) + 1):
+            out.extend(self.by_text.get(text[:k], ()))
+        return out
+
+
+@dataclass(frozen=True)
+class _State:
+    pending: str  # what is left of the title being written ("" once it is complete)
+    used: frozenset[int]  # titles listed so far (indices into TitleList.titles)
+
+
+class TitleList:
+    """The grammar for one prompt: its history window's titles (see the module docstring)."""
+
+    def __init__(
+        self, titles: Sequence[str], strings: TokenStrings, max_entries: int = TOP_RATED, trigger: str = RATED
+    ) -> None:
+        self.titles = list(dict.fromkeys(t.strip() for t in titles if t and t.strip()))
+        self.strings = strings
+        self.max_entries = max_entries
+        self.trigger = trigger  # "": the list is the first thing written
+
+    def _starts(self, used: frozenset[int]) -> list[_State]:
+        if len(used) >= self.max_entries:
+            return []
+        return [_State(" " + t, used | {j}) for j, t in enumerate(self.titles) if j not in used]
+
+    def _states(self, written: str) -> list[_State] | None:
+        """The grammar's states after `written` (the text after the trigger); None when the
+        list is closed, or when the text left the grammar (written before the constraint)."""
+        states = self._starts(frozenset())
+        for ch in written:
+            nxt: list[_State] = []
+            for s in states:
+                if s.pending:
+                    if ch == s.pending[0]:
+                        nxt.append(_State(s.pending[1:], s.used))
+                elif ch == END:
+                    return None
+                elif ch == SEPARATOR:
+                    nxt.extend(self._starts(s.used))
+            states = list(dict.fromkeys(nxt))
+            if not states:
+                return None
+        return states
+
+    def allowed(self, completion_ids: Sequence[int]) -> list[int] | None:
+        """The token ids that may follow `completion_ids`, or None where decoding is free."""
+        if not self.titles:
+            return None
+        text = self.strings.decode(completion_ids)
+        at = text.rfind(self.trigger) if self.trigger else 0
+        if at < 0:
+            return None
+        states = self._states(text[at + len(self.trigger) :])
+        if states is None:
+            return None
+        ids: set[int] = set()
+        for s in states:
+            # the rest of this title, then the list's end or the next title: a token may span both
+            ids.update(self.strings.prefixes_of(s.pending + END))
+            for nxt in self._starts(s.used):
+                ids.update(self.strings.prefixes_of(s.pending + SEPARATOR + nxt.pending))
+            if not s.pending:
+                ids.update(self.strings.closing)
+        return sorted(ids) or None
+
+
+def constrain_logits(logits: torch.Tensor, allowed: Sequence[Sequence[int] | None]) -> torch.Tensor:
+    """`logits` (B, V) with every token outside row i's `allowed[i]` at -inf (None: row free)."""
+    if all(a is None for a in allowed):
+        return logits
+    out = logits.clone()
+    for row, ids in enumerate(allowed):
+        if ids is not None:
+            keep = out[row, list(ids)]
+            out[row] = float("-inf")
+            out[row, list(ids)] = keep
+    return out
+
+
+class TitleListProcessor(LogitsProcessor):
+    """A transformers LogitsProcessor applying one `TitleList` per prompt to `generate`
+    (row r of a batch with `num_generations` G belongs to prompt r // G)."""
+
+    def __init__(
+        self, constraints: Sequence[TitleList | None], prompt_width: int, num_generations: int = 1
+    ) -> None:
+        self.constraints = list(constraints)
+        self.prompt_width = prompt_width
+        self.group = num_generations
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        written = input_ids[:, self.prompt_width :].tolist()
+        allowed = [
+            None if (c := self.constraints[r // self.group]) is None else c.allowed(ids)
+            for r, ids in enumerate(written)
+        ]
+        return constrain_logits(scores, allowed)

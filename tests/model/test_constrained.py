@@ -1,0 +1,106 @@
+"""The title list's grammar (model/constrained.py): whatever the logits say, the text after the
+trigger is a list of the prompt's titles, and the two backends decode it alike."""
+
+import re
+
+import pytest
+import torch
+
+from model.constrained import TitleList, TokenStrings, constrain_logits
+from model.generation import EngineBackend, HFBackend
+from model.prompts import HistoryEntry
+from model.r2ec import GenerationSettings
+from model.rationale import RATED
+
+TITLES = ["Heat", "Fargo", "Mr. Holland's Opus", "Sex, Lies, and Videotape", "Heat Wave"]
+
+
+@pytest.fixture(scope="module")
+def strings(tiny_model):
+    return TokenStrings(tiny_model.tokenizer)
+
+
+def _list_after(text: str, trigger: str) -> list[str]:
+    """The entries of a closed list after `trigger`; fails the test when the text is not one."""
+    after = text[text.index(trigger) + len(trigger) :] if trigger else text
+    m = re.match(r" (.+?)\.", after)
+    assert m, f"no closed list in {after!r}"
+    # titles may hold ". " (none of TITLES holds "; "), so split on the separator only
+    return m.group(1).split("; ")
+
+
+def _decode_under(constraint: TitleList, strings: TokenStrings, start: list[int], seed: int) -> list[int]:
+    """Random logits, masked by the grammar, until it lets go (the list is closed)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = list(start)
+    vocab = len(strings.tokenizer)
+    for _ in range(200):
+        allowed = constraint.allowed(ids)
+        if allowed is None:
+            return ids
+        logits = constrain_logits(torch.randn(1, vocab, generator=gen), [allowed])
+        ids.append(int(logits.argmax()))
+    raise AssertionError("the grammar never closed the list")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_any_logits_write_a_list_of_distinct_prompt_titles(tiny_model, strings, seed):
+    constraint = TitleList(TITLES, strings)
+    start = tiny_model.encode_text([f"Likes Drama. {RATED}"])[0]
+    text = strings.decode(_decode_under(constraint, strings, start, seed))
+    entries = _list_after(text, RATED)
+    assert 1 <= len(entries) <= 3
+    assert len(set(entries)) == len(entries)
+    assert set(entries) <= set(TITLES) | {"Mr"}, entries  # "Mr." would end the list: see below
+    assert all(e in TITLES for e in entries[:-1])
+
+
+def test_the_grammar_is_free_before_the_trigger_and_after_the_list(tiny_model, strings):
+    constraint = TitleList(TITLES, strings)
+    assert constraint.allowed(tiny_model.encode_text(["Likes Drama, mostly 1990s."])[0]) is None
+    closed = tiny_model.encode_text([f"{RATED} Fargo; Heat. Lately"])[0]
+    assert constraint.allowed(closed) is None
+    assert TitleList([], strings).allowed(tiny_model.encode_text([RATED])[0]) is None
+
+
+def test_allowed_tokens_continue_a_title_and_cross_into_the_next(tiny_model, strings):
+    constraint = TitleList(["Heat", "Heat Wave", "Fargo"], strings)
+    after_title = tiny_model.encode_text([f"{RATED} Heat"])[0]
+    texts = {strings.decode([i]) for i in constraint.allowed(after_title)}
+    assert {";", "."} <= texts  # next title, or the end
+    assert any(t.startswith(" ") and " Wave".startswith(t) for t in texts)  # or the longer title
+    assert all(t[0] in ";. " for t in texts)
+    third = tiny_model.encode_text([f"{RATED} Heat; Fargo; Heat Wave"])[0]
+    texts = {strings.decode([i]) for i in constraint.allowed(third)}
+    assert not any(t.startswith(";") for t in texts)  # three listed: only the end is left
+
+
+def test_a_written_list_that_left_the_grammar_is_not_forced(tiny_model, strings):
+    constraint = TitleList(["Heat", "Fargo"], strings)
+    assert constraint.allowed(tiny_model.encode_text([f"{RATED} Casino"])[0]) is None
+
+
+def test_engine_and_hf_decode_the_constrained_list_alike(tiny_model, strings):
+    histories = [
+        [HistoryEntry("Toy Story", 5.0), HistoryEntry("Fargo", 4.0), HistoryEntry("Heat", 3.0)],
+        [HistoryEntry("Star Wars", 5.0), HistoryEntry("Casino", 2.0)],
+    ]
+    # trigger "": the random tiny model never writes "Rated highest:", so the list comes first
+    lists = [TitleList([e.title for e in h], strings, trigger="") for h in histories]
+    prompts = tiny_model.user_prompt_ids(histories)
+    settings = GenerationSettings(max_new_tokens=24)
+    ref, ref_vecs = HFBackend(tiny_model).generate(prompts, settings, lists)
+    got, vecs = EngineBackend(tiny_model, slots=2).generate(prompts, settings, lists)
+    assert got.completion_ids == ref.completion_ids
+    assert torch.nn.functional.cosine_similarity(vecs, ref_vecs).min() > 0.9999
+    for text, h in zip(got.texts, histories, strict=True):
+        assert set(_list_after(" " + text, "")) <= {e.title for e in h}
+    free, _ = EngineBackend(tiny_model, slots=2).generate(prompts, settings)
+    assert free.texts != got.texts  # the random model left alone writes no such list
+
+
+def test_title_lists_take_the_prompt_window(tiny_model):
+    window = tiny_model.prompts.max_history
+    history = [HistoryEntry(f"Film {i}", 4.0) for i in range(window + 3)]
+    (constraint,) = tiny_model.title_lists([history])
+    assert constraint.titles == [f"Film {i}" for i in range(3, window + 3)]
