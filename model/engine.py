@@ -141,14 +141,22 @@ class DecoderEngine:
         self._rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
         self.quantize = quantize
         self.slots = slots
-        self.lens = [0] * slots
+        # one more cache slot than callers see: it holds the shared prompt head (`set_prefix`)
+        self._lens = [0] * (slots + 1)
+        self._head = slots
+        self.prefix: list[int] = []
         self.max_len = 0
         self._grow(max_len)
+
+    @property
+    def lens(self) -> list[int]:
+        """Tokens held by each slot."""
+        return self._lens[: self.slots]
 
     # ------------------------------------------------------------------ cache
     def _grow(self, max_len: int) -> None:
         """(Re)allocate the cache and RoPE tables for `max_len` positions, keeping the content."""
-        shape = (len(self.layers), self.slots, self.n_kv, max_len, self.head_dim)
+        shape = (len(self.layers), self.slots + 1, self.n_kv, max_len, self.head_dim)
         k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self.max_len:
@@ -167,16 +175,25 @@ class DecoderEngine:
 
     def reset(self, slot: int) -> None:
         """Forget the sequence in `slot` (its rows are overwritten by the next one)."""
-        self.lens[slot] = 0
+        self._lens[slot] = 0
+
+    def set_prefix(self, ids: Sequence[int]) -> None:
+        """Keep the KV cache of `ids`, the head every user prompt starts with (chat template,
+        system turn, instruction), so `prefill(..., reuse_prefix=True)` copies it instead of
+        computing it again: prefix caching, for the one prefix all requests share."""
+        self.prefix = list(ids)
+        self._lens[self._head] = 0
+        if self.prefix:
+            self.prefill(self._head, self.prefix)
 
     def move(self, src: int, dst: int) -> None:
         """Copy the sequence in `src` to `dst` (to keep live sequences packed) and free `src`."""
         if src == dst:
             return
-        n = self.lens[src]
+        n = self._lens[src]
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
-        self.lens[dst], self.lens[src] = n, 0
+        self._lens[dst], self._lens[src] = n, 0
 
     # ------------------------------------------------------------------ forward
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -201,12 +218,22 @@ class DecoderEngine:
         return x + layer.down(F.silu(gate) * up)
 
     @torch.inference_mode()
-    def prefill(self, slot: int, ids: Sequence[int]) -> torch.Tensor:
+    def prefill(self, slot: int, ids: Sequence[int], reuse_prefix: bool = False) -> torch.Tensor:
         """Append `ids` to the sequence in `slot` (empty after `reset`); final hidden states of
-        the new positions, (T, H). Used for prompts and for the closing marker after reasoning."""
-        start, T = self.lens[slot], len(ids)
-        if T == 0:
+        the new positions, (T, H). Used for prompts and for the closing marker after reasoning.
+
+        `reuse_prefix`: when the slot is empty and `ids` starts with `set_prefix`'s tokens (and
+        goes on), their cached keys and values are copied in and only the rest is computed; the
+        hidden states returned are then those of the rest (the last row is the same)."""
+        if not ids:
             raise ValueError("prefill needs at least one token")
+        p = len(self.prefix)
+        if reuse_prefix and p and not self._lens[slot] and len(ids) > p and list(ids[:p]) == self.prefix:
+            self._reserve(len(ids))
+            self.k[:, slot, :, :p] = self.k[:, self._head, :, :p]
+            self.v[:, slot, :, :p] = self.v[:, self._head, :, :p]
+            self._lens[slot], ids = p, ids[p:]
+        start, T = self._lens[slot], len(ids)
         self._reserve(start + T)
         x = self.embed[torch.tensor(list(ids), device=self.device)]  # (T, H)
         cos, sin = self.cos[start : start + T, None], self.sin[start : start + T, None]  # (T, 1, d)
@@ -228,7 +255,7 @@ class DecoderEngine:
                 enable_gqa=self.n_kv != self.n_heads,
             )[0]  # (heads, T, d)
             x = self._finish_layer(layer, x, attn.transpose(0, 1).reshape(T, -1))
-        self.lens[slot] = total
+        self._lens[slot] = total
         return self._rms(x, self.norm)
 
     @torch.inference_mode()
@@ -260,7 +287,7 @@ class DecoderEngine:
             self.v[i][rows, :, pos] = v
             x = self._finish_layer(layer, x, self._decode_attention(i, q, n, width, bias))
         for j in range(n):
-            self.lens[j] += 1
+            self._lens[j] += 1
         return self._rms(x, self.norm)
 
     def _decode_attention(

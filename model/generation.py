@@ -198,11 +198,11 @@ class ContinuousDecoder:
         self.engine.reset(slot)
         seq.slot = slot
         if seq.max_new_tokens == 0:  # no reasoning: h_T straight after [prompt; marker]
-            hidden = self.engine.prefill(slot, seq.prompt_ids + self.marker)
+            hidden = self.engine.prefill(slot, seq.prompt_ids + self.marker, reuse_prefix=True)
             self._done(seq, hidden[-1])
             self.engine.reset(slot)
             return True
-        hidden = self.engine.prefill(slot, seq.prompt_ids)
+        hidden = self.engine.prefill(slot, seq.prompt_ids, reuse_prefix=True)
         self.active.append(seq)
         token = self._next_tokens(self.engine.logits(hidden[-1:]), [seq])[0]
         return self._append(seq, token)
@@ -275,6 +275,8 @@ class EngineBackend:
     def __init__(self, model: R2ec, slots: int = 8, quantize: Quantize = "none", max_len: int = 1024) -> None:
         self.model = model
         self.engine = DecoderEngine(model.lm, slots=slots, max_len=max_len, quantize=quantize)
+        # prefix caching: the prompt head all users share is computed once (DecoderEngine.set_prefix)
+        self.engine.set_prefix(model.user_prompt_head())
 
     def decoder(self, settings: GenerationSettings = GREEDY) -> ContinuousDecoder:
         return ContinuousDecoder(self.model, self.engine, settings, max_prefill_per_step=self.engine.slots)

@@ -13,6 +13,7 @@ Shapes: B users (or B*G rollouts), T tokens, L padded length, H hidden, N items.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -175,6 +176,13 @@ class R2ec:
     # -- prompts ----------------------------------------------------------------------------
     def user_prompt_ids(self, histories: Sequence[Sequence[HistoryEntry]]) -> list[list[int]]:
         return self._encode([self.render_message(user_message(h, self.prompts)) for h in histories])
+
+    def user_prompt_head(self) -> list[int]:
+        """The tokens every user prompt starts with (chat template, system turn, instruction):
+        the common prefix of two prompts that differ from their first history line on, less
+        one token, in case the tokenizer merges the head's last piece with a title."""
+        a, b = self.user_prompt_ids([[HistoryEntry("Alpha", 5.0)], [HistoryEntry("9 zulu")]])
+        return a[: max(0, len(os.path.commonprefix([a, b])) - 1)]
 
     def item_prompt_ids(self, items: Sequence[Mapping[str, object]]) -> list[list[int]]:
         ids = self._encode([self.render_message(item_message(it, self.prompts)) for it in items])

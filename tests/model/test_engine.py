@@ -36,6 +36,24 @@ def test_prefill_and_decode_give_the_reference_hidden_states(tiny_model):
     assert engine.lens == [12, 7, 19] and engine.max_len >= 19
 
 
+def test_a_reused_prompt_head_gives_the_hidden_states_of_a_whole_prefill(tiny_model):
+    ids = tiny_model.user_prompt_ids(HISTORIES)[0]
+    head = tiny_model.user_prompt_head()
+    assert 0 < len(head) < len(ids) and ids[: len(head)] == head
+    assert all(p[: len(head)] == head for p in tiny_model.user_prompt_ids(HISTORIES))
+    engine = DecoderEngine(tiny_model.lm, slots=2, max_len=8)  # the cache grows under the head
+    engine.set_prefix(head)
+    ref = _reference_hidden(tiny_model, ids + [7])
+    rest = engine.prefill(0, ids, reuse_prefix=True)
+    assert rest.shape[0] == len(ids) - len(head) and engine.lens == [len(ids), 0]
+    torch.testing.assert_close(rest, ref[len(head) : len(ids)], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(engine.decode([7])[0], ref[-1], atol=1e-4, rtol=1e-4)
+    other = [5, 6] + ids  # does not start with the head: prefilled whole
+    assert engine.prefill(1, other, reuse_prefix=True).shape[0] == len(other)
+    engine.reset(0)
+    assert engine.prefill(0, ids).shape[0] == len(ids)  # reuse is asked for, never assumed
+
+
 def test_move_keeps_a_sequence_intact(tiny_model):
     engine = DecoderEngine(tiny_model.lm, slots=2, max_len=16)
     engine.prefill(1, [5, 6, 7, 8])
