@@ -39,7 +39,10 @@ def build_model(cfg: RecPOConfig, base: str, category: str) -> tuple[R2ec, str]:
     else:
         lm, tok = load_backbone(BackboneConfig(base=base, dtype=cfg.dtype, seed=cfg.seed))
         prompts = PromptConfig(
-            category=category, system_prompt=cfg.system_prompt, max_history=cfg.max_history
+            category=category,
+            system_prompt=cfg.system_prompt,
+            max_history=cfg.max_history,
+            include_time=cfg.include_time,
         )
         model, base_ref = R2ec(lm, tok, prompts, tau=cfg.tau), base
     if cfg.lora:

@@ -16,6 +16,9 @@ class HistoryEntry:
     title: str
     rating: float | None = None
     timestamp: int | None = None  # seconds
+    # seconds between this interaction and the recommendation asked for (a training sample's
+    # target, a request's arrival); None: unknown, the prompt then counts from the latest item
+    age_s: int | None = None
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,10 @@ class PromptConfig:
 
     category: the noun used in both prompts ("movie", "product", ...).
     max_history: the user prompt keeps the latest this-many items (paper: 20).
-    include_time: add "(N days before the latest)" to each history line.
+    include_time: show each history item's time, in `time_style`.
+    time_style: "ago", the paper's rendering ("2d 3.5h ago: [Fargo] (5)", the time before the
+        recommendation; the official code's `format_timedelta`), or "before_latest" ("Fargo (5)
+        [2 days before the latest]", what checkpoints written before this option were trained on).
     closing_marker: appended after the reasoning; h_T is read at its last token.
     description_words: item descriptions are cut to this many words.
     system_prompt: the system turn of both prompts; None keeps the chat template's default
@@ -37,6 +43,7 @@ class PromptConfig:
     category: str = "movie"
     max_history: int = 20
     include_time: bool = False
+    time_style: str = "ago"
     closing_marker: str = "\nTherefore, my recommendation is:"
     description_words: int = 100
     system_prompt: str | None = None
@@ -45,6 +52,8 @@ class PromptConfig:
     def __post_init__(self) -> None:
         if self.max_history < 1:
             raise ValueError(f"max_history must be >= 1, got {self.max_history}")
+        if self.time_style not in TIME_STYLES:
+            raise ValueError(f"time_style must be one of {TIME_STYLES}, got {self.time_style!r}")
         if not self.closing_marker.strip():
             raise ValueError("closing_marker must not be blank: h_T is read at its last token")
 
@@ -55,7 +64,22 @@ class PromptConfig:
     def from_dict(cls, data: Mapping) -> PromptConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known.setdefault("marker_on_items", False)  # older checkpoints encoded items without it
+        known.setdefault("time_style", "before_latest")  # and rendered time (if any) this way
         return cls(**known)
+
+
+TIME_STYLES = ("ago", "before_latest")
+
+
+def format_age(seconds: float) -> str:
+    """The paper's relative time (official code, prompters/rrec_prompter.py `format_timedelta`):
+    "3d 4.5h ago", "2h 10.0min ago", "7.5min ago"."""
+    days, rest = divmod(max(0, int(seconds)), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest / 60
+    if days:
+        return f"{days}d {hours + minutes / 60:.1f}h ago"
+    return f"{hours}h {minutes:.1f}min ago" if hours else f"{minutes:.1f}min ago"
 
 
 def _format_rating(rating: float | None) -> str:
@@ -70,10 +94,17 @@ def user_message(history: Sequence[HistoryEntry], cfg: PromptConfig) -> str:
         raise ValueError("history must contain at least one item")
     window = list(history)[-cfg.max_history :]
     latest = window[-1].timestamp
+    newest = max((e.timestamp for e in window if e.timestamp is not None), default=None)
     lines = []
     for entry in window:
         line = f"{entry.title}{_format_rating(entry.rating)}"
-        if cfg.include_time and entry.timestamp is not None and latest is not None:
+        if cfg.include_time and cfg.time_style == "ago":
+            age = entry.age_s
+            if age is None and entry.timestamp is not None and newest is not None:
+                age = newest - entry.timestamp
+            if age is not None:
+                line = f"{format_age(age)}: [{entry.title}]{_format_rating(entry.rating)}"
+        elif cfg.include_time and entry.timestamp is not None and latest is not None:
             days = max(0, round((latest - entry.timestamp) / 86400))
             line += f" [{days} days before the latest]"
         lines.append(line)

@@ -87,6 +87,10 @@ class RecPOConfig:
             The user prompt's history window (latest items) when training starts from a
             backbone; the paper's official code uses 10, which makes prompts ~40% shorter.
             Stored in the checkpoint's prompts like `system_prompt`.
+        include_time (`bool`, defaults to `False`):
+            History lines with the paper's relative time ("2d 3.5h ago: [Fargo] (5)", the time
+            before the sample's target; model/prompts.py) when training starts from a backbone.
+            Stored in the checkpoint's prompts like `system_prompt`.
 
         > Rollout (stage recpo)
 
@@ -226,6 +230,7 @@ class RecPOConfig:
     user_layer_cache_gb: float = 0.0
     train_samples_per_user: int | None = None
     max_history: int = 20
+    include_time: bool = False
     # -- rollout
     num_generations: int = 4
     temperature: float = 1.0

@@ -155,6 +155,7 @@ class Recommender:
             [float("nan") if e.rating is None else e.rating for e in history],
             [e.timestamp for e in history] if all(e.timestamp is not None for e in history) else None,
             titles,
+            now=int(time.time()),  # ages, shown when the model's prompts include time
         )
         prompt = self.model.render_message(user_message(entries, self.model.prompts))
         if not query.wants_reasoning:

@@ -12,11 +12,50 @@ def test_user_message_keeps_latest_items_oldest_first():
     assert "A (5)" not in msg
 
 
-def test_user_message_relative_time():
-    cfg = PromptConfig(include_time=True)
+def test_user_message_time_before_the_latest_for_older_checkpoints():
+    cfg = PromptConfig.from_dict({"include_time": True})  # written before time_style existed
+    assert cfg.time_style == "before_latest"
     msg = user_message([HistoryEntry("A", 4.0, 0), HistoryEntry("B", 5.0, 3 * 86400)], cfg)
     assert "A (4) [3 days before the latest]" in msg
     assert "B (5) [0 days before the latest]" in msg
+
+
+def test_user_message_time_as_the_paper_renders_it():
+    cfg = PromptConfig(include_time=True)
+    history = [
+        HistoryEntry("Fargo", 5.0, 0, age_s=2 * 86400 + 3 * 3600 + 30 * 60),
+        HistoryEntry("Heat", None, 1, age_s=2 * 3600 + 600),
+        HistoryEntry("Babe", 3.5, 2, age_s=450),
+    ]
+    assert user_message(history, cfg).splitlines()[-3:] == [
+        "2d 3.5h ago: [Fargo] (5)",
+        "2h 10.0min ago: [Heat]",
+        "7.5min ago: [Babe] (3.5)",
+    ]
+    # no age known: counted from the latest item; no timestamp at all: the plain line
+    msg = user_message([HistoryEntry("A", 4.0, 0), HistoryEntry("B", 5.0, 90), HistoryEntry("C")], cfg)
+    assert msg.splitlines()[-3:] == ["1.5min ago: [A] (4)", "0.0min ago: [B] (5)", "C"]
+    with pytest.raises(ValueError, match="time_style"):
+        PromptConfig(time_style="weeks")
+
+
+def test_sample_histories_are_aged_to_the_target_time():
+    import pandas as pd
+
+    from model.samples import sample_histories
+
+    rows = pd.DataFrame(
+        {
+            "history_item_ids": [["1", "2"]],
+            "history_ratings": [[4.0, 5.0]],
+            "history_timestamps": [[100, 1000]],
+            "target_timestamp": [4600],
+        }
+    )
+    (history,) = sample_histories(rows, {"1": "Heat", "2": "Fargo"})
+    assert [e.age_s for e in history] == [4500, 3600]
+    last = user_message(history, PromptConfig(include_time=True)).splitlines()[-1]
+    assert last == "1h 0.0min ago: [Fargo] (5)"
 
 
 def test_empty_history_rejected():
