@@ -202,13 +202,45 @@ def load_checkpoint(
     """Rebuild model, catalog and item table; every mismatch raises CheckpointError. The model
     goes to `device` (auto, cpu, cuda, cuda:N; ValueError for one this machine lacks, before
     anything loads); the item vectors stay numpy on the CPU, where the FAISS index reads them."""
-    where = resolve_device(device)
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     encode_items = meta.get("item_vectors") == "absent" and not (path / VECTORS_FILE).exists()
-    for name in (ITEMS_FILE, "tokenizer") if encode_items else (ITEMS_FILE, VECTORS_FILE, "tokenizer"):
+    for name in (ITEMS_FILE,) if encode_items else (ITEMS_FILE, VECTORS_FILE):
         if not (path / name).exists():
             raise CheckpointError(f"checkpoint {path} is missing {name}")
+    model = load_checkpoint_model(
+        path, dtype=dtype, num_threads=num_threads, merge_lora=merge_lora, trainable=trainable, device=device
+    )
+    items = pd.read_parquet(path / ITEMS_FILE)
+    if encode_items:  # shipped without its item table: the same model re-encodes the catalog
+        log.info("checkpoint %s ships no item vectors: encoding %d items", path, len(items))
+        vectors = model.item_vectors(items.to_dict("records"), progress=True).numpy()
+    else:
+        vectors = np.load(path / VECTORS_FILE)
+    if vectors.shape != (len(items), model.hidden_size):
+        raise CheckpointError(
+            f"checkpoint {path}: {VECTORS_FILE} has shape {vectors.shape}, expected "
+            f"({len(items)} items, hidden {model.hidden_size})"
+        )
+    return Checkpoint(path=path, model=model, items=items, item_vectors=vectors, meta=meta)
+
+
+def load_checkpoint_model(
+    path: Path | str,
+    *,
+    dtype: str = "bfloat16",
+    num_threads: int | None = None,
+    merge_lora: bool = True,
+    trainable: bool = False,
+    device: str = "cpu",
+) -> R2ec:
+    """The model of a checkpoint alone (backbone, adapter, tokenizer, prompts), without its
+    catalog: what writes the reasoning, e.g. to look at a shipped artifact's texts."""
+    where = resolve_device(device)
+    path = resolve_checkpoint(path)
+    meta = read_meta(path)
+    if not (path / "tokenizer").exists():
+        raise CheckpointError(f"checkpoint {path} is missing tokenizer")
     weights = meta["weights"]
     if weights == "full":
         if not (path / "model").is_dir():
@@ -237,18 +269,7 @@ def load_checkpoint(
             f"checkpoint {path}: model hidden size is {model.hidden_size}, "
             f"r2ec.json says {meta['hidden_size']}"
         )
-    items = pd.read_parquet(path / ITEMS_FILE)
-    if encode_items:  # shipped without its item table: the same model re-encodes the catalog
-        log.info("checkpoint %s ships no item vectors: encoding %d items", path, len(items))
-        vectors = model.item_vectors(items.to_dict("records"), progress=True).numpy()
-    else:
-        vectors = np.load(path / VECTORS_FILE)
-    if vectors.shape != (len(items), model.hidden_size):
-        raise CheckpointError(
-            f"checkpoint {path}: {VECTORS_FILE} has shape {vectors.shape}, expected "
-            f"({len(items)} items, hidden {model.hidden_size})"
-        )
-    return Checkpoint(path=path, model=model, items=items, item_vectors=vectors, meta=meta)
+    return model
 
 
 def create_base_checkpoint(
