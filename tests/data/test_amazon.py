@@ -356,3 +356,24 @@ def test_official_missing_files_and_empty_meta(tmp_path):
         prepare_amazon(tmp_path / "Nope.csv", meta, tmp_path, recipe="official")
     with pytest.raises(DataError, match=r"meta_Bad.jsonl: no item has a short title and a price"):
         prepare_amazon(ratings, meta, tmp_path, recipe="official")
+
+
+def test_cli_prepare_amazon_official(official_files, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    ratings, meta = official_files
+    base = ["data", "prepare", "amazon", "--reviews", str(ratings), "--meta", str(meta)]
+    args = [*base, "--data-dir", str(tmp_path / "out"), "--min-items", "4"]
+    result = CliRunner().invoke(app, [*args, "--recipe", "official", "--name", "mi"])
+    assert result.exit_code == 0, result.output
+    ds = load_prepared(tmp_path / "out" / "mi" / "temporal")
+    assert ds.meta["source"]["recipe"] == "official"
+    assert ds.meta["source"]["window_start_date"] == "2022-07-01"
+    assert sum(len(ds.split(s)) for s in ("train", "valid", "test")) == 4
+    result = CliRunner().invoke(app, [*args, "--recipe", "paper"])
+    assert result.exit_code == 2 and "--recipe must be one of window, official" in result.output
+    # the default recipe reads jsonl: a CSV is refused with a message naming the file
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and ratings.name in result.output
