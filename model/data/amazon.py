@@ -17,15 +17,17 @@ target's history is the latest ``max_history`` interactions of that user before 
   after decoding ``&quot;``/``&amp;`` and trimming spaces, then double quotes, at both
   ends is longer than 1 character and has at most 20 pieces when split on single spaces,
   and if its ``price`` converts to a float (a missing or null price drops the item). The
-  kept title is then cleaned: HTML entities decoded, tags removed, tabs and newlines made
-  spaces, runs of spaces collapsed, non-ASCII characters made spaces;
+  kept title is then cleaned, in this order: HTML entities decoded, tags removed, tabs and
+  newlines made spaces, runs of spaces collapsed, non-ASCII characters made spaces (so
+  "Café  Kit" becomes "Caf  Kit", as in the official data);
 - ratings of dropped items are dropped, before the window is chosen;
 - the window is ``[start, end]`` (default 2022-10-01 to 2023-10-01, both inclusive, UTC,
   fixed end); while it covers fewer than ``min_items`` distinct items and its start year is
   later than the year of the earliest kept rating, its start moves back three calendar
   months (so it can stop short of ``min_items``);
 - only ratings inside the window are kept: they are both the targets and the histories
-  (no history from before the window; a user's first rating in it is never a target).
+  (no history from before the window; a user's first rating in it is never a target; a
+  history is the latest ``max_history`` ratings, 20 like the official ``window_size``).
   The official code adds an optional in-window k-core that its README runs with K=0 (off);
   it is not reproduced. The split is this project's protocol (``temporal``: the official
   80/10/10 by target time; only the order of ties differs).
