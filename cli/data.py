@@ -55,19 +55,46 @@ def data_atomic(
 
 @prepare_app.command("amazon")
 def data_amazon(
-    reviews: Annotated[Path, typer.Option(help="<Category>.jsonl(.gz) reviews")],
+    reviews: Annotated[
+        Path,
+        typer.Option(
+            help="<Category>.jsonl(.gz) reviews; with --recipe official the 5-core "
+            "rating-only <Category>.csv(.gz)"
+        ),
+    ],
     meta: Annotated[Path, typer.Option(help="meta_<Category>.jsonl(.gz)")],
     name: Annotated[str | None, typer.Option(help="Dataset name")] = None,
-    min_items: Annotated[int, typer.Option(help="Roll the time window back until this many items")] = 10_000,
+    min_items: Annotated[int, typer.Option(help="Move the time window back until this many items")] = 10_000,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="window: full reviews, 30-day steps back from the last one, histories "
+            "may predate the window; official: the official RRec preprocessing (5-core "
+            "CSV, items with a short title and a price, window moved back 3 months at a "
+            "time, histories inside it only)"
+        ),
+    ] = "window",
+    start: Annotated[
+        str | None, typer.Option(help="official only: the window's first start, YYYY-MM-DD [2022-10-01]")
+    ] = None,
+    end: Annotated[
+        str | None, typer.Option(help="official only: the window's fixed end, YYYY-MM-DD [2023-10-01]")
+    ] = None,
     data_dir: DataDir = Path("data"),
     protocol: Protocol = "temporal",
 ) -> None:
-    """Amazon Reviews 2023 with the paper's protocol (no k-core, rolled-back time window)."""
+    """Amazon Reviews 2023: the paper's rolled-back window, or the official code's recipe."""
     from model.data import DataError, prepare_amazon
+    from model.data.amazon import RECIPES
 
     check_protocol(protocol)
+    if recipe not in RECIPES:
+        fail(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     try:
-        path = prepare_amazon(reviews, meta, data_dir, name=name, protocol=protocol, min_items=min_items)
+        path = prepare_amazon(
+            reviews, meta, data_dir, name=name, protocol=protocol, min_items=min_items,
+            recipe=recipe, start=start, end=end,
+        )  # fmt: skip
         _report_prepared(path)
     except DataError as exc:
         fail(str(exc))

@@ -1,26 +1,54 @@
-"""Amazon Reviews 2023 (the paper's data) from local ``<Category>.jsonl(.gz)`` files.
+"""Amazon Reviews 2023 (the paper's data, arXiv 2505.16994) from local files, two recipes.
 
-Reviews: one JSON object a line with ``user_id``, ``parent_asin``, ``rating`` and
-``timestamp`` (milliseconds). Meta: ``meta_<Category>.jsonl(.gz)`` with ``parent_asin``,
-``title``, ``description`` (list of str), ``features``, ``categories``, ...
+``recipe="window"`` (the default) reads the full reviews, ``<Category>.jsonl(.gz)``: one
+JSON object a line with ``user_id``, ``parent_asin``, ``rating`` and ``timestamp``
+(milliseconds). No k-core: the time window is rolled back from the latest interaction in
+30-day steps until the interactions inside it cover >= ``min_items`` distinct items (the
+whole data if they never do). Only interactions inside the window become targets; a
+target's history is the latest ``max_history`` interactions of that user before it,
+*including* ones before the window.
 
-The paper's protocol (no k-core): the time window is rolled back from the latest
-interaction in 30-day steps until the interactions inside it cover >= ``min_items``
-distinct items (the whole data if they never do). Only interactions inside the window
-become targets; a target's history is the latest ``max_history`` interactions of that
-user before it, *including* ones before the window.
+``recipe="official"`` follows the preprocessing of the paper's official code
+(``preprocess.py`` in github.com/YRYangang/RRec), re-implemented here from its rules:
+
+- ratings: the 5-core, rating-only benchmark CSV (``benchmark/5core/rating_only/
+  <Category>.csv(.gz)``), header ``user_id,parent_asin,rating,timestamp`` (milliseconds);
+- items: a meta record is kept only if its title is a string without ``<span id``, which
+  after decoding ``&quot;``/``&amp;`` and trimming spaces, then double quotes, at both
+  ends is longer than 1 character and has at most 20 pieces when split on single spaces,
+  and if its ``price`` converts to a float (a missing or null price drops the item). The
+  kept title is then cleaned, in this order: HTML entities decoded, tags removed, tabs and
+  newlines made spaces, runs of spaces collapsed, non-ASCII characters made spaces (so
+  "Café  Kit" becomes "Caf  Kit", as in the official data);
+- ratings of dropped items are dropped, before the window is chosen;
+- the window is ``[start, end]`` (default 2022-10-01 to 2023-10-01, both inclusive, UTC,
+  fixed end); while it covers fewer than ``min_items`` distinct items and its start year is
+  later than the year of the earliest kept rating, its start moves back three calendar
+  months (so it can stop short of ``min_items``);
+- only ratings inside the window are kept: they are both the targets and the histories
+  (no history from before the window; a user's first rating in it is never a target; a
+  history is the latest ``max_history`` ratings, 20 like the official ``window_size``).
+  The official code adds an optional in-window k-core that its README runs with K=0 (off);
+  it is not reproduced. The split is this project's protocol (``temporal``: the official
+  80/10/10 by target time; only the order of ties differs).
+
+Meta (both recipes): ``meta_<Category>.jsonl(.gz)`` with ``parent_asin``, ``title``,
+``description`` (list of str), ``features``, ``categories``, ``price``, ...
 """
 
 from __future__ import annotations
 
 import gzip
+import html
 import io
 import json
 import logging
 import math
 import os
+import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +62,14 @@ from .splits import check_protocol
 
 logger = logging.getLogger(__name__)
 
+RECIPES = ("window", "official")
 WINDOW_STEP_S = 30 * 24 * 3600
 DESCRIPTION_WORDS = 100
+# the official recipe (preprocess.py in YRYangang/RRec)
+OFFICIAL_START, OFFICIAL_END = "2022-10-01", "2023-10-01"
+OFFICIAL_STEP_MONTHS = 3
+MAX_TITLE_WORDS = 20
+CSV_COLUMNS = ("user_id", "parent_asin", "rating", "timestamp")
 _PROGRESS_EVERY = 20_000  # lines between progress-bar refreshes
 
 
@@ -121,11 +155,17 @@ def cut_words(text: str, limit: int = DESCRIPTION_WORDS) -> str:
     return " ".join(text.split()[:limit])
 
 
-def read_meta(path: str | os.PathLike[str], wanted: set[str] | None = None) -> pd.DataFrame:
+def read_meta(
+    path: str | os.PathLike[str],
+    wanted: set[str] | None = None,
+    title: Callable[[dict[str, Any]], str | None] | None = None,
+) -> pd.DataFrame:
     """Item table rows from a meta file, only for ``wanted`` parent_asins (all if None).
 
     description = the description list joined (the features list when it is empty), cut
     to 100 words; genres = ``categories`` joined with ", " (else ``main_category``).
+    ``title`` (e.g. ``official_title``) maps a record to its title, or to None to leave
+    the item out; by default the title field is taken as it is.
     """
     path = Path(path)
     rows: dict[str, tuple[str, str, str, str]] = {}
@@ -136,12 +176,15 @@ def read_meta(path: str | os.PathLike[str], wanted: set[str] | None = None) -> p
         asin = str(asin)
         if (wanted is not None and asin not in wanted) or asin in rows:
             continue
+        name = _text(rec.get("title")) if title is None else title(rec)
+        if name is None:
+            continue
         description = _text(rec.get("description")) or _text(rec.get("features"))
         categories = rec.get("categories") or []
         if isinstance(categories, str):
             categories = [categories]
         genres = ", ".join(_text(c) for c in categories if _text(c)) or _text(rec.get("main_category"))
-        rows[asin] = (_text(rec.get("title")), "", genres, cut_words(description))
+        rows[asin] = (name, "", genres, cut_words(description))
     logger.info("read meta for %d items from %s", len(rows), path)
     return pd.DataFrame(
         [(asin, *fields) for asin, fields in rows.items()],
@@ -168,11 +211,167 @@ def window_start(
     return max(t_min, t_max - steps * step_s)
 
 
+_TAG = re.compile(r"<[^>]+>")
+_SPACE_RUN = re.compile(r" {2,}")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def _official_clean(text: str) -> str:
+    """The official script's text cleaning: entities decoded, ends trimmed, tags dropped,
+    tabs/newlines and then runs of spaces made one space, non-ASCII characters spaces."""
+    text = _TAG.sub("", html.unescape(text).strip())
+    text = _SPACE_RUN.sub(" ", text.replace("\n", " ").replace("\t", " "))
+    return _NON_ASCII.sub(" ", text)
+
+
+def official_title(record: dict[str, Any]) -> str | None:
+    """The title the official recipe keeps for a meta record, or None to drop the item.
+
+    Drop: no string title; a title holding ``<span id``; after ``&quot;``/``&amp;`` are
+    decoded and spaces, then double quotes, are trimmed from both ends, a title of more
+    than ``MAX_TITLE_WORDS`` pieces split on single spaces or of at most one character;
+    a ``price`` that does not convert to a float (missing, null, "$5", ...).
+    """
+    raw = record.get("title")
+    if not isinstance(raw, str) or "<span id" in raw:
+        return None
+    raw = raw.replace("&quot;", '"').replace("&amp;", "&").strip(" ").strip('"')
+    if len(raw) <= 1 or len(raw.split(" ")) > MAX_TITLE_WORDS:
+        return None
+    try:
+        float(record.get("price"))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return _official_clean(raw)
+
+
+def read_ratings_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """A rating-only CSV (``.csv`` or ``.csv.gz``) with header user_id, parent_asin, rating,
+    timestamp (ms), as user_id, item_id, rating, timestamp_ms in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing file {path}")
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError as exc:
+        raise DataError(f"{path}: empty file, expected the header {','.join(CSV_COLUMNS)}") from exc
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: unreadable CSV: {exc}") from exc
+    missing = [c for c in CSV_COLUMNS if c not in raw.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)}; expected the header "
+            f"{','.join(CSV_COLUMNS)}, got {','.join(map(str, raw.columns))}"
+        )
+    if raw.empty:
+        raise DataError(f"{path}: no ratings")
+    for col in ("user_id", "parent_asin", "timestamp"):
+        blank = raw[col].str.strip() == ""
+        if blank.any():
+            raise DataError(f"{path}: line {int(np.argmax(blank.to_numpy())) + 2}: missing field {col!r}")
+    stamps = pd.to_numeric(raw["timestamp"], errors="coerce")
+    ratings = pd.to_numeric(raw["rating"], errors="coerce")  # an empty rating is unknown (NaN)
+    for col, bad in (
+        ("timestamp", stamps.isna()),
+        ("rating", ratings.isna() & (raw["rating"].str.strip() != "")),
+    ):
+        if bad.any():
+            row = int(np.argmax(bad.to_numpy()))
+            raise DataError(f"{path}: line {row + 2}: {col} {raw[col].iloc[row]!r} is not a number")
+    logger.info("read %d ratings from %s", len(raw), path)
+    return pd.DataFrame(
+        {
+            "user_id": raw["user_id"].to_numpy(dtype=object),
+            "item_id": raw["parent_asin"].to_numpy(dtype=object),
+            "rating": ratings.astype(np.float64).to_numpy(),
+            "timestamp_ms": stamps.astype(np.int64).to_numpy(),
+        }
+    )
+
+
+def _day(value: str, what: str) -> pd.Timestamp:
+    try:
+        return pd.Timestamp(date.fromisoformat(str(value)))
+    except ValueError as exc:
+        raise DataError(f"{what} {value!r} is not a date (YYYY-MM-DD)") from exc
+
+
+def _ms(day: pd.Timestamp) -> int:
+    return int(day.value // 1_000_000)
+
+
+def official_window(
+    item_ids: np.ndarray,
+    timestamps_ms: np.ndarray,
+    min_items: int,
+    start: str = OFFICIAL_START,
+    end: str = OFFICIAL_END,
+    step_months: int = OFFICIAL_STEP_MONTHS,
+) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """The official recipe's window ``[start', end]`` (both inclusive, UTC midnights).
+
+    ``start`` moves back ``step_months`` calendar months at a time while the ratings in
+    the window hold fewer than ``min_items`` distinct items and its year is later than the
+    year of the earliest rating; ``end`` never moves.
+    """
+    begin, stop = _day(start, "window start"), _day(end, "window end")
+    if begin >= stop:
+        raise DataError(f"window start {start} is not before its end {end}")
+    stamps = np.asarray(timestamps_ms, dtype=np.int64)
+    items = np.asarray(item_ids, dtype=object)
+    first_year = pd.Timestamp(int(stamps.min()), unit="ms").year
+    upto = stamps <= _ms(stop)
+    # an item is in [begin, stop] iff its latest rating up to stop is at or after begin
+    latest = pd.Series(stamps[upto]).groupby(items[upto]).max().to_numpy()
+    while int((latest >= _ms(begin)).sum()) < min_items and begin.year > first_year:
+        begin -= pd.DateOffset(months=step_months)
+    return begin, stop
+
+
 def _name_from(path: Path) -> str:
     name = path.name
-    for suffix in (".gz", ".jsonl", ".json"):
+    for suffix in (".gz", ".jsonl", ".json", ".csv"):
         name = name.removesuffix(suffix)
     return name
+
+
+def _official_data(
+    ratings_path: Path, meta_path: Path, min_items: int, start: str, end: str
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """The official recipe's interactions (all inside the window), its items, its source."""
+    items = read_meta(meta_path, title=official_title)
+    if items.empty:
+        raise DataError(f"{meta_path}: no item has a short title and a price (the official filter)")
+    ratings = read_ratings_csv(ratings_path)
+    n_read = len(ratings)
+    ratings = ratings[ratings["item_id"].isin(items["item_id"])]
+    if ratings.empty:
+        raise DataError(
+            f"{ratings_path}: none of its {n_read} ratings is of an item kept from {meta_path.name} "
+            "(a short title and a price)"
+        )
+    begin, stop = official_window(
+        ratings["item_id"].to_numpy(), ratings["timestamp_ms"].to_numpy(), min_items, start, end
+    )
+    ms = ratings["timestamp_ms"]
+    ratings = ratings[(ms >= _ms(begin)) & (ms <= _ms(stop))]
+    if ratings.empty:
+        raise DataError(f"{ratings_path}: no rating of a kept item between {begin.date()} and {stop.date()}")
+    # order by the millisecond time (file order on ties) before it is cut to seconds
+    ratings = ratings.sort_values("timestamp_ms", kind="stable")
+    inter = ratings.assign(timestamp=ratings["timestamp_ms"] // 1000).drop(columns="timestamp_ms")
+    logger.info(
+        "official window %s..%s: %d of %d ratings, %d items",
+        begin.date(), stop.date(), len(inter), n_read, inter["item_id"].nunique(),
+    )  # fmt: skip
+    source = {
+        "window_start": _ms(begin) // 1000,
+        "window_end": _ms(stop) // 1000,
+        "window_start_date": begin.date().isoformat(),
+        "window_end_date": stop.date().isoformat(),
+        "max_title_words": MAX_TITLE_WORDS,
+    }
+    return check_interactions(inter, str(ratings_path)), items, source
 
 
 def prepare_amazon(
@@ -183,32 +382,58 @@ def prepare_amazon(
     protocol: str = "temporal",
     min_items: int = 10_000,
     max_history: int = 20,
+    recipe: str = "window",
+    start: str | None = None,
+    end: str | None = None,
 ) -> Path:
     """Prepare an Amazon Reviews 2023 category into ``<data_dir>/<name>/<protocol>/``.
 
-    ``name`` defaults to the reviews file name ("All_Beauty.jsonl.gz" -> "All_Beauty").
-    See the module docstring for the window. The item table holds the items of the
-    window's interactions and of every history. Returns the output dir.
+    ``recipe`` (see the module docstring): "window" reads the full reviews jsonl and keeps
+    pre-window histories; "official" reads the 5-core rating-only CSV as ``reviews_path``
+    and follows the official preprocessing (title/price filter, the window from ``start``
+    to ``end``, default 2022-10-01..2023-10-01, moved back until ``min_items``, histories
+    inside it only). ``name`` defaults to the reviews file name ("All_Beauty.jsonl.gz" ->
+    "All_Beauty"). The item table holds the items of every interaction inside the window
+    and of every history. meta.json's ``source`` records the recipe and the window.
+    Returns the output dir.
     """
     check_protocol(protocol, max_history)
+    if recipe not in RECIPES:
+        raise DataError(f"unknown Amazon recipe {recipe!r}; choose one of {list(RECIPES)}")
     if min_items < 1:
         raise DataError(f"min_items must be >= 1, got {min_items}")
+    if recipe == "window" and (start is not None or end is not None):
+        raise DataError("a window start/end date applies to the 'official' recipe only")
     reviews_path, meta_path = Path(reviews_path), Path(meta_path)
-    if not meta_path.is_file():  # fail before the long reviews read
-        raise DataError(f"missing file {meta_path}")
-    inter = read_reviews(reviews_path)
-    t_start = window_start(inter["item_id"].to_numpy(), inter["timestamp"].to_numpy(), min_items)
-    in_window = (inter["timestamp"] >= t_start).to_numpy()
-    # only users with a target in the window matter; keep all their rows for histories
-    users = set(inter.loc[in_window, "user_id"])
-    keep = inter["user_id"].isin(users).to_numpy()
-    inter, in_window = inter[keep].reset_index(drop=True), in_window[keep]
-    logger.info(
-        "window starts at %d: %d of %d kept interactions inside it",
-        t_start, int(in_window.sum()), len(inter),
-    )  # fmt: skip
-    wanted = set(inter["item_id"])
-    items = read_meta(meta_path, wanted)
+    for path in (meta_path, reviews_path) if recipe == "official" else (meta_path,):
+        if not path.is_file():  # fail before the long reads
+            raise DataError(f"missing file {path}")
+    source: dict[str, Any] = {
+        "recipe": recipe,
+        "reviews": str(reviews_path.resolve()),
+        "meta": str(meta_path.resolve()),
+        "min_items": int(min_items),
+    }
+    if recipe == "official":
+        inter, items, window = _official_data(
+            reviews_path, meta_path, min_items, start or OFFICIAL_START, end or OFFICIAL_END
+        )
+        in_window = None
+        source.update(window)
+    else:
+        inter = read_reviews(reviews_path)
+        t_start = window_start(inter["item_id"].to_numpy(), inter["timestamp"].to_numpy(), min_items)
+        in_window = (inter["timestamp"] >= t_start).to_numpy()
+        # only users with a target in the window matter; keep all their rows for histories
+        users = set(inter.loc[in_window, "user_id"])
+        keep = inter["user_id"].isin(users).to_numpy()
+        inter, in_window = inter[keep].reset_index(drop=True), in_window[keep]
+        logger.info(
+            "window starts at %d: %d of %d kept interactions inside it",
+            t_start, int(in_window.sum()), len(inter),
+        )  # fmt: skip
+        items = read_meta(meta_path, set(inter["item_id"]))
+        source.update(window_start=int(t_start), window_end=int(inter["timestamp"].max()))
     return build_prepared(
         inter,
         items,
@@ -217,13 +442,7 @@ def prepare_amazon(
         protocol=protocol,
         category="product",
         max_history=max_history,
-        source={
-            "reviews": str(reviews_path.resolve()),
-            "meta": str(meta_path.resolve()),
-            "min_items": int(min_items),
-            "window_start": int(t_start),
-            "window_end": int(inter["timestamp"].max()),
-        },
+        source=source,
         target_mask=in_window,
         keep_catalog=False,
     )

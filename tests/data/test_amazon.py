@@ -1,4 +1,4 @@
-"""Amazon Reviews 2023: parsing, the time window, broken files."""
+"""Amazon Reviews 2023: parsing, the time window, the official recipe, broken files."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import gzip
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from model.data import DataError, load_prepared, prepare_amazon
-from model.data.amazon import window_start
+from model.data.amazon import official_title, official_window, window_start
 
 from .conftest import assert_no_leakage
 
@@ -90,6 +91,7 @@ def test_prepare_amazon_window(amazon_files, tmp_path):
     # in the window: ua:A, ub:B, ub:C, uc:C
     assert (stats["num_users"], stats["num_interactions"], stats["num_items"]) == (3, 4, 5)
     assert ds.meta["source"]["window_start"] == 70 * DAY
+    assert ds.meta["source"]["recipe"] == "window"
     assert_no_leakage(ds, 20)
 
 
@@ -148,3 +150,230 @@ def test_broken_meta_and_missing_files(tmp_path):
     empty = _bad_reviews(tmp_path, [""])
     with pytest.raises(DataError, match="Bad.jsonl: no reviews"):
         prepare_amazon(empty, meta, tmp_path)
+
+
+# --- the official recipe (preprocess.py of YRYangang/RRec) ---------------------------------
+
+WORDS_20 = " ".join(f"w{k}" for k in range(20))
+OFFICIAL_META = [
+    {"parent_asin": "A", "title": "Alpha Guitar", "price": 10.0, "categories": ["Guitars"]},
+    {"parent_asin": "B", "title": '"Beta Strings &amp; More"', "price": "12.5"},
+    {"parent_asin": "C", "title": "Café  <b>Drum</b>\tKit", "price": 3},
+    {"parent_asin": "F", "title": WORDS_20, "price": 1},  # 20 pieces: kept
+    {"parent_asin": "Z", "title": "Never Rated", "price": 2},
+    {"parent_asin": "E", "title": WORDS_20 + " w20", "price": 1},  # 21 pieces
+    {"parent_asin": "P", "title": "No Price", "price": None},
+    {"parent_asin": "Q", "title": "Dollar Price", "price": "$9.99"},
+]
+
+
+def _ms(when: str) -> int:
+    return pd.Timestamp(when).value // 1_000_000
+
+
+# (user, item, time); file order matters for u5 (same second, later millisecond first)
+OFFICIAL_RATINGS = [
+    ("u1", "F", "2022-05-01"),  # before the final window: in no history
+    ("u1", "A", "2022-11-01"),
+    ("u1", "B", "2023-01-01"),
+    ("u1", "C", "2023-10-01 00:00:00.000"),  # the window's end is inclusive
+    ("u2", "F", "2022-08-15"),  # only inside once the start moved back to 2022-07-01
+    ("u2", "A", "2023-02-01"),
+    ("u2", "E", "2023-03-01"),  # item dropped by the meta filter
+    ("u2", "B", "2023-10-01 00:00:00.001"),  # one millisecond after the end
+    ("u3", "B", "2023-05-01"),  # a single rating: no sample, but counted
+    ("u4", "A", "2021-01-01"),  # the earliest kept rating: the window stops in 2021
+    ("u5", "B", "2023-06-01 12:00:00.900"),
+    ("u5", "A", "2023-06-01 12:00:00.100"),
+    ("u6", "P", "2019-01-01"),  # dropped items: neither the earliest year nor the count
+    ("u6", "P", "2023-04-01"),
+    ("u6", "Q", "2023-04-02"),
+]
+
+
+def _write_csv(path, rows, header="user_id,parent_asin,rating,timestamp"):
+    text = header + "\n" + "".join(f"{u},{i},{r},{t}\n" for u, i, r, t in rows)
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+@pytest.fixture(params=[False, True], ids=["csv", "csv.gz"])
+def official_files(tmp_path, request):
+    gz = request.param
+    rows = [(u, i, 4.0, _ms(t)) for u, i, t in OFFICIAL_RATINGS]
+    return (
+        _write_csv(tmp_path / ("Musical_Instruments.csv" + (".gz" if gz else "")), rows),
+        _write(tmp_path / "meta_Musical_Instruments.jsonl", OFFICIAL_META, gz=False),
+    )
+
+
+@pytest.mark.parametrize(
+    ("record", "title"),
+    [
+        ({"title": "Alpha Guitar", "price": 10.0}, "Alpha Guitar"),
+        ({"title": '  "Beta &quot;X&quot; &amp; Co"  ', "price": "12.5"}, 'Beta "X" & Co'),
+        ({"title": "Café  <b>Drum</b>\tKit", "price": 3}, "Caf  Drum Kit"),
+        ({"title": "Tom &lt;3 Jerry", "price": 0}, "Tom <3 Jerry"),  # other entities at the end
+        ({"title": WORDS_20, "price": 1}, WORDS_20),
+        ({"title": WORDS_20 + " w20", "price": 1}, None),  # 21 pieces
+        ({"title": "a  b" + " c" * 18, "price": 1}, None),  # a double space is an empty piece
+        ({"title": '"X"', "price": 1}, None),  # one character once the quotes go
+        ({"title": "Nice <span id='x'>", "price": 1}, None),
+        ({"title": None, "price": 1}, None),
+        ({"price": 1}, None),
+        ({"title": "No Price", "price": None}, None),
+        ({"title": "No Price"}, None),
+        ({"title": "Dollar Price", "price": "$9.99"}, None),
+        ({"title": "Range Price", "price": [1, 2]}, None),
+    ],
+)
+def test_official_title(record, title):
+    assert official_title(record) == title
+
+
+def test_official_window_moves_back():
+    items = np.array(["a", "b", "c", "d"], dtype=object)
+    stamps = np.array([_ms(t) for t in ("2021-03-01", "2022-08-01", "2023-01-01", "2023-11-01")])
+    start = lambda k, **kw: official_window(items, stamps, k, **kw)[0]  # noqa: E731
+    assert start(1) == pd.Timestamp("2022-10-01")  # c alone is enough; d is after the end
+    assert start(2) == pd.Timestamp("2022-07-01")  # one 3-month step reaches b
+    # never reaches 3 items: stops at the first start in the earliest rating's year (2021)
+    assert start(3) == pd.Timestamp("2021-10-01")
+    got = official_window(items, stamps, 2, start="2023-03-15", end="2023-12-31")
+    assert got == (pd.Timestamp("2022-12-15"), pd.Timestamp("2023-12-31"))  # c at 2023-01-01, d
+
+
+def test_prepare_amazon_official(official_files, tmp_path):
+    ratings, meta = official_files
+    out = prepare_amazon(ratings, meta, tmp_path / "out", recipe="official", min_items=4)
+    ds = load_prepared(out)
+    assert (ds.name, ds.protocol, ds.category) == ("Musical_Instruments", "temporal", "product")
+    samples = {(r.user_id, r.target_item_id): r for df in ds.splits.values() for r in df.itertuples()}
+    # window [2022-07-01, 2023-10-01]; u3's single rating is no target, u4 and u6 have none inside
+    assert sorted(samples) == [("u1", "B"), ("u1", "C"), ("u2", "A"), ("u5", "B")]
+    assert samples[("u1", "B")].history_item_ids == ["A"]  # no F: no history before the window
+    assert samples[("u1", "C")].history_item_ids == ["A", "B"]
+    assert samples[("u1", "C")].target_timestamp == _ms("2023-10-01") // 1000  # ms -> s
+    assert samples[("u2", "A")].history_item_ids == ["F"]
+    assert samples[("u5", "B")].history_item_ids == ["A"]  # milliseconds order a same-second pair
+    # by target time: u1:B, u2:A, u5:B train; u1:C (the latest) test
+    assert [len(ds.split(s)) for s in ("train", "valid", "test")] == [3, 0, 1]
+    assert ds.split("test")["target_item_id"].tolist() == ["C"]
+    titles = ds.item_titles()
+    assert titles == {"A": "Alpha Guitar", "B": "Beta Strings & More", "C": "Caf  Drum Kit", "F": WORDS_20}
+    assert ds.items.set_index("item_id").loc["A", "genres"] == "Guitars"
+    stats = ds.meta["stats"]
+    assert (stats["num_users"], stats["num_interactions"], stats["num_items"]) == (4, 8, 4)
+    source = ds.meta["source"]
+    assert source["recipe"] == "official" and source["min_items"] == 4
+    assert (source["window_start_date"], source["window_end_date"]) == ("2022-07-01", "2023-10-01")
+    assert source["window_start"] == _ms("2022-07-01") // 1000
+    assert source["window_end"] == _ms("2023-10-01") // 1000
+    assert source["reviews"].endswith(ratings.name) and source["max_title_words"] == 20
+    assert_no_leakage(ds, 20)
+
+
+def test_prepare_amazon_official_too_few_items(official_files, tmp_path):
+    ratings, meta = official_files
+    ds = load_prepared(
+        prepare_amazon(ratings, meta, tmp_path / "out", name="mi", protocol="loo",
+                       recipe="official", min_items=100)
+    )  # fmt: skip
+    # 2022-10 -> 2022-07 -> 2022-04 -> 2022-01 -> 2021-10: 2021 is u4's year (P's 2019 is dropped)
+    assert ds.meta["source"]["window_start_date"] == "2021-10-01"
+    samples = {(r.user_id, r.target_item_id): r for df in ds.splits.values() for r in df.itertuples()}
+    assert samples[("u1", "B")].history_item_ids == ["F", "A"]  # F is inside this window
+    assert ("u4", "A") not in samples and ds.path.parent.name == "mi"
+
+
+def test_prepare_amazon_official_dates(official_files, tmp_path):
+    ratings, meta = official_files
+    ds = load_prepared(
+        prepare_amazon(ratings, meta, tmp_path / "out", recipe="official", min_items=1,
+                       start="2023-01-01", end="2023-06-30")
+    )  # fmt: skip
+    samples = [(r.user_id, r.target_item_id) for df in ds.splits.values() for r in df.itertuples()]
+    assert samples == [("u5", "B")]  # u1 and u2 have one rating each in the first half of 2023
+    assert ds.meta["source"]["window_end"] == _ms("2023-06-30") // 1000
+
+
+def test_prepare_amazon_recipe_is_recorded_and_checked(amazon_files, official_files, tmp_path):
+    reviews, meta = amazon_files
+    ds = load_prepared(prepare_amazon(reviews, meta, tmp_path / "w", min_items=3))
+    assert ds.meta["source"]["recipe"] == "window"
+    with pytest.raises(DataError, match="unknown Amazon recipe 'paper'"):
+        prepare_amazon(reviews, meta, tmp_path, recipe="paper")
+    with pytest.raises(DataError, match="'official' recipe only"):
+        prepare_amazon(reviews, meta, tmp_path, start="2022-01-01")
+    ratings, meta = official_files
+    with pytest.raises(DataError, match="window start 2023-10-01 is not before its end"):
+        prepare_amazon(ratings, meta, tmp_path, recipe="official", start="2023-10-01")
+    with pytest.raises(DataError, match="window end 'soon' is not a date"):
+        prepare_amazon(ratings, meta, tmp_path, recipe="official", end="soon")
+
+
+def _bad_csv(tmp_path, text):
+    path = tmp_path / "Bad.csv"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("user_id,asin,rating,timestamp\nu,A,5,1000\n", r"missing column\(s\) parent_asin"),
+        ("user_id,parent_asin,rating,timestamp\n", r"no ratings"),
+        ("", r"empty file"),
+        ("user_id,parent_asin,rating,timestamp\nu,A,5,1000\nu,A,5,soon\n",
+         r"line 3: timestamp 'soon' is not a number"),
+        ("user_id,parent_asin,rating,timestamp\nu,A,great,1000\n", r"line 2: rating 'great'"),
+        ("user_id,parent_asin,rating,timestamp\nu,A,5,1000\n,A,5,1000\n",
+         r"line 3: missing field 'user_id'"),
+        ("user_id,parent_asin,rating,timestamp\nu,X,5,1000\nv,Y,5,1000\n",
+         r"none of its 2 ratings is of an item kept from meta_Bad.jsonl"),
+        # a kept item, but only after the window's end and in a year it cannot move back to
+        ("user_id,parent_asin,rating,timestamp\nu,A,5,1800000000000\n",
+         r"no rating of a kept item between 2022-10-01 and 2023-10-01"),
+    ],
+)  # fmt: skip
+def test_broken_official_ratings(tmp_path, text, problem):
+    meta = _write(tmp_path / "meta_Bad.jsonl", OFFICIAL_META)
+    with pytest.raises(DataError, match=problem) as info:
+        prepare_amazon(_bad_csv(tmp_path, text), meta, tmp_path, recipe="official", min_items=1)
+    assert "Bad.csv" in str(info.value)
+
+
+def test_official_missing_files_and_empty_meta(tmp_path):
+    ratings = _bad_csv(tmp_path, "user_id,parent_asin,rating,timestamp\nu,A,5,1000\n")
+    with pytest.raises(DataError, match="missing file .*nowhere.jsonl"):
+        prepare_amazon(ratings, tmp_path / "nowhere.jsonl", tmp_path, recipe="official")
+    meta = _write(tmp_path / "meta_Bad.jsonl", [r for r in OFFICIAL_META if r["parent_asin"] in "EPQ"])
+    with pytest.raises(DataError, match="missing file .*Nope.csv"):  # before the meta is read
+        prepare_amazon(tmp_path / "Nope.csv", meta, tmp_path, recipe="official")
+    with pytest.raises(DataError, match=r"meta_Bad.jsonl: no item has a short title and a price"):
+        prepare_amazon(ratings, meta, tmp_path, recipe="official")
+
+
+def test_cli_prepare_amazon_official(official_files, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    ratings, meta = official_files
+    base = ["data", "prepare", "amazon", "--reviews", str(ratings), "--meta", str(meta)]
+    args = [*base, "--data-dir", str(tmp_path / "out"), "--min-items", "4"]
+    result = CliRunner().invoke(app, [*args, "--recipe", "official", "--name", "mi"])
+    assert result.exit_code == 0, result.output
+    ds = load_prepared(tmp_path / "out" / "mi" / "temporal")
+    assert ds.meta["source"]["recipe"] == "official"
+    assert ds.meta["source"]["window_start_date"] == "2022-07-01"
+    assert sum(len(ds.split(s)) for s in ("train", "valid", "test")) == 4
+    result = CliRunner().invoke(app, [*args, "--recipe", "paper"])
+    assert result.exit_code == 2 and "--recipe must be one of window, official" in result.output
+    # the default recipe reads jsonl: a CSV is refused with a message naming the file
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and ratings.name in result.output
