@@ -10,7 +10,8 @@ Servers (in-process store, everything else from the server's defaults and any R2
 in this shell, e.g. R2EC_THREADS or R2EC_MAX_BATCH):
 - `continuous`: R2EC_BATCHING=continuous, R2EC_BACKEND=engine (the default service);
 - `static`: R2EC_BATCHING=static, R2EC_BACKEND=engine;
-- `static-hf`: R2EC_BATCHING=static, R2EC_BACKEND=hf, the path before issue 12 (the baseline).
+- `static-hf`: R2EC_BATCHING=static, R2EC_BACKEND=hf, the path before issue 12 (the baseline);
+- `continuous-16`: `continuous` with 16 decode slots (R2EC_MAX_BATCH=16) instead of 8.
 `--quantize` sets R2EC_QUANTIZE on the engine servers (static-hf always runs `none`).
 
 Per server, at each concurrency level: POST /recommend with reasoning (up to `--tokens`),
@@ -47,6 +48,8 @@ SERVERS: dict[str, dict[str, str]] = {
     "continuous": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine"},
     "static": {"R2EC_BATCHING": "static", "R2EC_BACKEND": "engine"},
     "static-hf": {"R2EC_BATCHING": "static", "R2EC_BACKEND": "hf"},
+    # continuous with twice the default decode slots (R2EC_MAX_BATCH, 8 by default)
+    "continuous-16": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "R2EC_MAX_BATCH": "16"},
 }
 BASELINE = "static-hf"
 READY_TIMEOUT_S = 600
