@@ -213,13 +213,17 @@ class R2ec:
         prompt_ids = self.user_prompt_ids(histories)
         return self.reason_from_ids(prompt_ids, settings, num_generations)
 
+    def token_strings(self) -> TokenStrings:
+        """Every token's text (model/constrained.py), built on first use (~0.7 s for SmolLM2)."""
+        if self._token_strings is None:
+            self._token_strings = TokenStrings(self.tokenizer)
+        return self._token_strings
+
     def title_lists(self, histories: Sequence[Sequence[HistoryEntry]]) -> list[TitleList]:
         """Per history, the grammar its reasoning's title list is decoded under: the titles of
         the prompt's window (model/constrained.py)."""
-        if self._token_strings is None:
-            self._token_strings = TokenStrings(self.tokenizer)
         window = self.prompts.max_history
-        return [TitleList([e.title for e in list(h)[-window:]], self._token_strings) for h in histories]
+        return [TitleList([e.title for e in list(h)[-window:]], self.token_strings()) for h in histories]
 
     @torch.no_grad()
     def reason_from_ids(

@@ -87,6 +87,8 @@ class Recommender:
         # from its KV cache, or transformers' generate + a second forward (the reference)
         self.backend = make_backend(self.model, backend, slots=slots, quantize=quantize)
         self.constrain_titles = constrain_titles  # model/constrained.py
+        if constrain_titles:  # built here, at load, not on the event loop by the first request
+            self.model.token_strings()
         self.generate_calls = 0  # `generate` invocations, for tests and metrics
         self._runner: DecodeRunner | None = None
 
@@ -155,7 +157,9 @@ class Recommender:
             [float("nan") if e.rating is None else e.rating for e in history],
             [e.timestamp for e in history] if all(e.timestamp is not None for e in history) else None,
             titles,
-            now=int(time.time()),  # ages, shown when the model's prompts include time
+            # ages, shown when the model's prompts include time; counted to the hour, so such a
+            # prompt (and its cached reasoning) stays the same for up to an hour
+            now=int(time.time()) // 3600 * 3600,
         )
         prompt = self.model.render_message(user_message(entries, self.model.prompts))
         if not query.wants_reasoning:

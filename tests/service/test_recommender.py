@@ -117,6 +117,10 @@ def test_reasoning_queries_carry_the_title_grammar_of_their_window(engine, ckpt,
     engine.backend.generate = spy
     engine.recommend_batch([Query(H1, max_reasoning_tokens=4), Query(H2, max_reasoning_tokens=4)])
     assert [c.titles for c in seen[0]] == [prepared.constraint.titles, [titles[e.item_id] for e in H2]]
+    runner = engine.runner()  # continuous batching decodes under the same grammar
+    running = runner.add(Query(H1, max_reasoning_tokens=4))
+    assert running.handle.constraint.titles == prepared.constraint.titles
+    runner.decoder.cancel(running.handle)
     free = make_engine(ckpt, constrain_titles=False)
     free.version = engine.version
     assert free.prepare(Query(H1, max_reasoning_tokens=8)).constraint is None
