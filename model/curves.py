@@ -13,6 +13,19 @@ PANELS = (
     ("reasoning/tokens/mean", "reasoning tokens (mean)"),
     ("loss/total", "loss"),
 )
+# A stage without rollouts (rationale, contrastive) logs no reward or reasoning length; these
+# panels stand in for the ones its log lacks, in order.
+FALLBACK_PANELS = (
+    ("loss/contrastive", "contrastive loss (h_T vs items)"),
+    ("loss/lm", "rationale LM loss"),
+    ("rank/median", "target's median in-batch rank"),
+)
+
+
+def choose_panels(logged: set[str]) -> list[tuple[str, str]]:
+    """PANELS, each one the log lacks replaced by the next FALLBACK_PANELS entry it has."""
+    spare = [p for p in FALLBACK_PANELS if p[0] in logged]
+    return [p if p[0] in logged or not spare else spare.pop(0) for p in PANELS]
 
 
 def plot_curves(log_path: Path, png_path: Path) -> None:
@@ -22,8 +35,9 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3))
-    for ax, (key, title) in zip(axes, PANELS, strict=True):
+    panels = choose_panels({k for r in records for k in r})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
+    for ax, (key, title) in zip(axes, panels, strict=True):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             xs, ys = zip(*points, strict=True)

@@ -330,3 +330,22 @@ def test_contrastive_training_refreshes_the_table_only_when_it_reads_it(
     ckpt = load_checkpoint(best, dtype="float32")
     fresh = ckpt.model.item_vectors(tiny_dataset.items.to_dict("records"))
     assert torch.allclose(torch.as_tensor(ckpt.item_vectors), fresh, atol=1e-4)
+
+
+def test_curves_show_what_the_stage_logs():
+    from model.curves import choose_panels
+
+    recpo = {"reward/mean", "valid/ndcg@10", "reasoning/tokens/mean", "loss/total", "loss/contrastive"}
+    assert [k for k, _ in choose_panels(recpo)] == [
+        "reward/mean",
+        "valid/ndcg@10",
+        "reasoning/tokens/mean",
+        "loss/total",
+    ]
+    rationale = {"valid/ndcg@10", "loss/total", "loss/contrastive", "loss/lm", "rank/median"}
+    assert [k for k, _ in choose_panels(rationale)] == [
+        "loss/contrastive",
+        "valid/ndcg@10",
+        "loss/lm",
+        "loss/total",
+    ]
