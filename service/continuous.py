@@ -4,7 +4,9 @@ The MicroBatcher (service/batcher.py) runs one `generate` to completion per batc
 that arrives meanwhile waits for the whole batch (BENCHMARKS.md §4: p50 23.5 s at concurrency
 32). Here the model thread runs *ticks*: each tick admits waiting requests into free decode
 slots, then advances every live sequence by one token (model/generation.py, ContinuousDecoder),
-and answers those that finished. Between ticks the model thread is free for other work (item
+and goes on stepping, up to `steps_per_tick` tokens, while nothing changes that the event loop
+must see (no sequence finished, no request arrived or left); then it answers those that
+finished. Between ticks the model thread is free for other work (item
 edits, reloads), and the event loop resolves futures.
 
 Contract (tests/service/test_continuous.py), the MicroBatcher's where it applies:
@@ -90,9 +92,12 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
         on_batch: Callable[[int], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
         max_queue: int | None = None,
+        steps_per_tick: int = 8,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
+        if steps_per_tick < 1:
+            raise ValueError(f"steps_per_tick must be >= 1, got {steps_per_tick}")
         super().__init__(
             executor=executor,
             on_batch=on_batch,
@@ -102,6 +107,10 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
         )
         self.slots = slots
         self.get_runner = get_runner
+        # Decode steps one model-thread call may run while nothing changes (no answer, no new
+        # request, no cancellation): each call is a round trip through the event loop, which
+        # cost ~6 ms a token at concurrency 1 (BENCHMARKS.md §4).
+        self.steps_per_tick = steps_per_tick
         # self._pending and self._running (the base's) hold _Request: waiting, and decoding
         self._orphans: list[_Request[Q]] = []  # failed by a broken step, still in the runner
         self._request_s: float | None = None  # smoothed seconds from admission to answer
@@ -168,10 +177,10 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
             self._running = [
                 r for r in [*self._running, *admit] if id(r) not in done_ids and r.handle is not None
             ]
-            for r in admit:
-                if r.handle is not None:
-                    self._on_batch(len(self._running))
-                    self.batches += 1
+            admitted = [r for r in admit if r.handle is not None]
+            for _ in admitted:  # how many decoded together when it joined (it may be done already)
+                self._on_batch(len(running) + len(admitted))
+                self.batches += 1
 
     def _fail(self, r: _Request[Q], exc: Exception) -> None:
         if not r.future.done():
@@ -200,13 +209,18 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
                 r.handle, r.runner = out.handle, runner
             else:
                 answered.append((r, out))  # type: ignore[arg-type]
+        live = [*running, *(a for a in admit if a.handle is not None)]
         by_runner: dict[int, tuple[StepRunner, dict[Any, _Request[Q]]]] = {}
-        for r in [*running, *(a for a in admit if a.handle is not None)]:
+        for r in live:
             by_runner.setdefault(id(r.runner), (r.runner, {}))[1][r.handle] = r
-        for run, handles in by_runner.values():  # normally one; two while a reload's old one drains
-            for handle, output in run.step():
-                if handle in handles:
-                    answered.append((handles[handle], output))
+        for step in range(self.steps_per_tick):
+            # after the first step, go on only while nothing changed that the loop must see
+            if step and (answered or self._pending or any(r.future.done() for r in live)):
+                break
+            for run, handles in by_runner.values():  # normally one; two while a reload's old one drains
+                for handle, output in run.step():
+                    if handle in handles:
+                        answered.append((handles[handle], output))
         return answered
 
 

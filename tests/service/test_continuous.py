@@ -70,18 +70,40 @@ async def test_a_short_request_joins_and_leaves_while_a_long_one_decodes():
     sizes: list[int] = []
     b = await started(ContinuousBatcher(4, lambda: runner, on_batch=sizes.append))
     try:
-        long = b.submit(50)
+        long = b.submit(500)
         while b.ticks < 3:
             await asyncio.sleep(0.001)
         short = b.submit(2)
         assert await short == 20
         assert not long.done()  # the short one did not wait for the long one's batch
-        assert await long == 500
+        assert await long == 5000
     finally:
         await b.stop()
-    assert [2, 50] in runner.steps  # they decoded side by side
+    assert [2, 500] in runner.steps  # they decoded side by side
     assert sizes == [1, 2] and b.batches == 2
     assert runner.threads and all(t.startswith("r2ec-batch") for t in runner.threads)
+
+
+async def test_a_tick_runs_several_steps_while_nothing_changes():
+    runner = Counter()
+    b = await started(ContinuousBatcher(4, lambda: runner, steps_per_tick=8))
+    try:
+        assert await b.submit(20) == 200
+        assert len(runner.steps) == 20 and b.ticks == 3  # 8 + 8 + 4 steps, then the answer
+        runner.gate = threading.Event()  # the next step waits for it
+        long = b.submit(100)
+        while not runner.left:  # admitted; its tick's first step is held
+            await asyncio.sleep(0.001)
+        short = b.submit(1)  # arrives during that tick: the tick ends after this step
+        await asyncio.sleep(0.01)
+        runner.gate.set()
+        assert await short == 10 and not long.done()
+        assert await long == 1000
+    finally:
+        await b.stop()
+    assert runner.steps[20:22] == [[100], [1, 100]]  # joined at the very next step, not 8 later
+    with pytest.raises(ValueError, match="steps_per_tick"):
+        ContinuousBatcher(2, Counter, steps_per_tick=0)
 
 
 async def test_at_most_slots_decode_at_once_and_every_request_is_answered():
