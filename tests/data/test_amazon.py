@@ -32,14 +32,17 @@ META = [
 ]
 
 
-def _write(path, records, gz=False):
-    text = "".join(json.dumps(r) + "\n" for r in records)
+def _write_text(path, text, gz=False):
     if gz:
         with gzip.open(path, "wt", encoding="utf-8") as f:
             f.write(text)
     else:
         path.write_text(text)
     return path
+
+
+def _write(path, records, gz=False):
+    return _write_text(path, "".join(json.dumps(r) + "\n" for r in records), gz)
 
 
 @pytest.fixture(params=[False, True], ids=["jsonl", "jsonl.gz"])
@@ -193,12 +196,7 @@ OFFICIAL_RATINGS = [
 
 def _write_csv(path, rows, header="user_id,parent_asin,rating,timestamp"):
     text = header + "\n" + "".join(f"{u},{i},{r},{t}\n" for u, i, r, t in rows)
-    if path.name.endswith(".gz"):
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            f.write(text)
-    else:
-        path.write_text(text)
-    return path
+    return _write_text(path, text, gz=path.name.endswith(".gz"))
 
 
 @pytest.fixture(params=[False, True], ids=["csv", "csv.gz"])
