@@ -18,9 +18,11 @@ text after the trigger (a handful of titles, under 100 characters), so it needs 
 when rows join, leave or are moved between slots of the continuous decoder. It returns the token
 ids that may come next, or None where decoding is free. Token strings are matched against the
 grammar's continuations by their decoded text (`TokenStrings`), so tokens that cross an entry's
-boundary (SmolLM2 has ");" and "!;") are allowed too. Known limits: a character no whole token
-spells (SmolLM2 has " Á" but no "Á") leaves the grammar with no token, and the list is then
-decoded freely; where a "." both ends one title and continues a longer one, the list closes.
+boundary (SmolLM2 has ");" and "!;") are allowed too, and a token is allowed only if the rest
+of the title can still be started by some token (SmolLM2 spells " Á" but has no "Á": a lone " "
+there would leave nothing to write). Known limits: that look-ahead is one token deep, so a
+rarer dead end lets the list be decoded freely; where a "." both ends one title and continues a
+longer one, the list closes.
 """
 
 from __future__ import annotations
@@ -60,11 +62,18 @@ class TokenStrings:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def prefixes_of(self, text: str) -> list[int]:
-        """Ids of the tokens whose text is a non-empty prefix of `text`."""
+        """Ids of the tokens whose text is a non-empty prefix of `text` and after which the rest
+        of `text` can still be started by some token (SmolLM2 has " Á" but no "Á": taking " "
+        before "Á" would leave nothing to write)."""
         out: list[int] = []
         for k in range(1, min(len(text), self.longest) + 1):
-            out.extend(self.by_text.get(text[:k], ()))
+            ids = self.by_text.get(text[:k])
+            if ids and self._startable(text[k:]):
+                out.extend(ids)
         return out
+
+    def _startable(self, rest: str) -> bool:
+        return not rest or any(rest[:j] in self.by_text for j in range(1, min(len(rest), self.longest) + 1))
 
 
 @dataclass(frozen=True)

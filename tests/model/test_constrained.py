@@ -84,6 +84,23 @@ def test_only_a_full_stop_closes_the_list(tiny_model, strings):
     assert "." in texts and not any(t.startswith(".") and t[1:].strip() for t in texts)
 
 
+def test_a_title_with_a_character_no_token_spells_alone_is_still_copied():
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    # SmolLM2's tokenizer, as the shipped model carries it: " Á" is a token, "Á" is not
+    path = Path(__file__).resolve().parents[2] / "artifacts" / "ml100k" / "tokenizer"
+    smol = TokenStrings(AutoTokenizer.from_pretrained(path, local_files_only=True))
+    title = "Á köldum klaka (Cold Fever)"
+    constraint = TitleList([title], smol)
+    start = smol.tokenizer(f"Likes Drama. {RATED}", add_special_tokens=False)["input_ids"]
+    assert " " not in {smol.decode([i]) for i in constraint.allowed(start)}
+    for seed in range(5):
+        text = smol.decode(_decode_under(constraint, smol, start, seed))
+        assert _list_after(text, RATED, [title]) == [title]
+
+
 def test_a_written_list_that_left_the_grammar_is_not_forced(tiny_model, strings):
     constraint = TitleList(["Heat", "Fargo"], strings)
     assert constraint.allowed(tiny_model.encode_text([f"{RATED} Casino"])[0]) is None
