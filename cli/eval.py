@@ -142,6 +142,8 @@ def _print(ds: PreparedDataset, label: str, split: str, result: EvalResult, extr
             f"  texts: distinct-2 {q['distinct_2']:.3f}, loops {q['loop_share']:.1%}, "
             f"unknown titles {q['unknown_title_share']:.1%}, {q['mean_words']:.0f} words"
         )
+        for flagged in q.get("unknown_title_examples", []):
+            typer.echo(f"  names {', '.join(map(repr, flagged['unknown']))}: {flagged['text']!r}")
     if pair := extra.get("paired_ndcg@10"):
         typer.echo(
             f"  reasoning on vs off: NDCG@10 {pair['a']:.4f} vs {pair['b']:.4f}, "

@@ -19,7 +19,7 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 _WORD = re.compile(r"\w+(?:'\w+)?")
 _QUOTED = re.compile(r'"([^"\n]{2,80})"|\*\*?([^*\n]{2,80})\*\*?')
@@ -82,18 +82,23 @@ class TextQuality:
     loop_share: float
     unknown_title_share: float
     mean_words: float
+    # the first few flagged texts, each with the titles it names that the catalog lacks, so a
+    # share above 0 can be read, not only counted
+    unknown_title_examples: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def text_quality(texts: Sequence[str], catalog_titles: Iterable[str]) -> TextQuality:
+def text_quality(texts: Sequence[str], catalog_titles: Iterable[str], examples: int = 5) -> TextQuality:
     catalog = {normalize_title(t) for t in catalog_titles}
     n = max(1, len(texts))
+    flagged = [(t, unknown_titles(t, catalog)) for t in texts]
     return TextQuality(
         texts=len(texts),
         distinct_2=round(distinct_n(texts, 2), 4),
         loop_share=round(sum(map(has_loop, texts)) / n, 4),
-        unknown_title_share=round(sum(bool(unknown_titles(t, catalog)) for t in texts) / n, 4),
+        unknown_title_share=round(sum(bool(u) for _, u in flagged) / n, 4),
         mean_words=round(sum(len(words(t)) for t in texts) / n, 1),
+        unknown_title_examples=[{"text": t, "unknown": u} for t, u in flagged if u][:examples],
     )

@@ -43,3 +43,11 @@ def test_quality_flags_unknown_titles_and_loops():
     assert q.texts == 4
     assert q.unknown_title_share == 0.25
     assert q.loop_share == 0.25
+
+
+def test_flagged_texts_are_kept_with_the_titles_that_flagged_them():
+    texts = ['You liked "Heat".', 'You liked "Heatt".', "Rated highest: Star Warz; Heat.", "No titles."]
+    q = text_quality(texts, CATALOG, examples=1)
+    assert q.unknown_title_share == 0.5
+    assert q.unknown_title_examples == [{"text": 'You liked "Heatt".', "unknown": ["Heatt"]}]
+    assert len(text_quality(texts, CATALOG).unknown_title_examples) == 2
