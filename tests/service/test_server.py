@@ -11,24 +11,15 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 
-from tests.service.conftest import free_port, serve_env
+from tests.service.conftest import free_port, serve_env, wait_for
 from tests.service.test_app import metric
 from tests.service.test_stream import parse_sse
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_for(predicate, what: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_sigterm_with_16_reasoning_requests_in_flight(tiny_ckpt, tiny_dataset, tmp_path):
@@ -62,7 +53,7 @@ def test_sigterm_with_16_reasoning_requests_in_flight(tiny_ckpt, tiny_dataset, t
             except httpx.HTTPError:
                 return False
 
-        wait_for(ready, "the server to be ready")
+        wait_for(ready, "the server to be ready", timeout_s=120)
 
         def ask(history: list[str], route: str) -> None:
             body = {"history": [{"item_id": i} for i in history], "k": 3}
@@ -81,7 +72,7 @@ def test_sigterm_with_16_reasoning_requests_in_flight(tiny_ckpt, tiny_dataset, t
             text = httpx.get(f"{base}/metrics", timeout=5).text
             return (metric(text, "r2ec_batch_size_sum") or 0) + metric(text, "r2ec_queue_depth") >= 16
 
-        wait_for(all_in_the_batcher, "the 16 requests to reach the batcher")
+        wait_for(all_in_the_batcher, "the 16 requests to reach the batcher", timeout_s=120)
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(180)
