@@ -229,7 +229,7 @@ class DecoderEngine:
             raise ValueError("prefill needs at least one token")
         p = len(self.prefix)
         if reuse_prefix and p and not self._lens[slot] and len(ids) > p and list(ids[:p]) == self.prefix:
-            self._reserve(len(ids))
+            # the cache already holds p positions (the head slot's); the rest is reserved below
             self.k[:, slot, :, :p] = self.k[:, self._head, :, :p]
             self.v[:, slot, :, :p] = self.v[:, self._head, :, :p]
             self._lens[slot], ids = p, ids[p:]
