@@ -297,10 +297,7 @@ def evaluate_model(
             rollout, users = backend.generate(model.user_prompt_ids(histories), budget, limits)
             rollout = rollout if cfg.reasoning else None
         else:
-            prompt_ids = model.user_prompt_ids(histories)
-            rollout = (
-                model.reason_from_ids(prompt_ids, settings, constraints=limits) if cfg.reasoning else None
-            )
+            rollout = model.reason(histories, settings, constraints=limits) if cfg.reasoning else None
             users = model.user_vectors(histories, rollout).cpu()
         if rollout is not None:
             texts.extend(rollout.texts)

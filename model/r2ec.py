@@ -208,10 +208,12 @@ class R2ec:
         histories: Sequence[Sequence[HistoryEntry]],
         settings: GenerationSettings = GenerationSettings(),
         num_generations: int = 1,
+        constraints: Sequence[TitleList | None] | None = None,
     ) -> Rollout:
-        """Write `num_generations` reasoning texts per history in one batched `generate`."""
+        """Write `num_generations` reasoning texts per history in one batched `generate`
+        (`constraints`: see `reason_from_ids`)."""
         prompt_ids = self.user_prompt_ids(histories)
-        return self.reason_from_ids(prompt_ids, settings, num_generations)
+        return self.reason_from_ids(prompt_ids, settings, num_generations, constraints)
 
     def token_strings(self) -> TokenStrings:
         """Every token's text (model/constrained.py), built on first use (~0.7 s for SmolLM2)."""
