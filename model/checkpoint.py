@@ -42,6 +42,8 @@ import numpy as np
 import pandas as pd
 
 from model.backbone import BackboneConfig, load_backbone, load_lm, prepare_tokenizer
+from model.cowatch import FILE as COWATCH_PARQUET
+from model.cowatch import CoWatch
 from model.data.dataset import atomic_write
 from model.distributed import resolve_device
 from model.prompts import PromptConfig
@@ -54,6 +56,7 @@ FORMAT_VERSION = 1
 META_FILE = "r2ec.json"
 ITEMS_FILE = "items.parquet"
 VECTORS_FILE = "item_vectors.npy"
+COWATCH_FILE = COWATCH_PARQUET  # the co-watch table, when the prompts name hints (model/cowatch.py)
 CURRENT_FILE = "CURRENT"
 WEIGHT_KINDS = ("base", "full", "lora")
 
@@ -134,6 +137,10 @@ def save_checkpoint(
         model.tokenizer.save_pretrained(tmp / "tokenizer")
         items.reset_index(drop=True).to_parquet(tmp / ITEMS_FILE, index=False)
         np.save(tmp / VECTORS_FILE, vectors)
+        if model.prompts.cowatch_hints:
+            if model.cowatch is None:
+                raise CheckpointError("the prompts name co-watch hints but the model has no co-watch table")
+            model.cowatch.save(tmp)
         if write_extra is not None:
             write_extra(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
@@ -264,6 +271,10 @@ def load_checkpoint_model(
         lm.eval()
     lm.to(where)  # inputs follow the model's device (R2ec.device)
     model = R2ec(lm, tokenizer, PromptConfig.from_dict(meta["prompts"]), tau=float(meta["tau"]))
+    if model.prompts.cowatch_hints:
+        if not (path / COWATCH_FILE).exists():
+            raise CheckpointError(f"checkpoint {path} names co-watch hints but is missing {COWATCH_FILE}")
+        model.cowatch = CoWatch.load(path, model.prompts.cowatch_window)
     if model.hidden_size != meta["hidden_size"]:
         raise CheckpointError(
             f"checkpoint {path}: model hidden size is {model.hidden_size}, "
@@ -313,6 +324,8 @@ def export_checkpoint(src: Path | str, out: Path | str, provenance: dict[str, An
         for name in ("adapter", "tokenizer") if meta["weights"] == "lora" else ("tokenizer",):
             shutil.copytree(src / name, tmp / name)
         shutil.copy2(src / ITEMS_FILE, tmp / ITEMS_FILE)
+        if (src / COWATCH_FILE).exists():
+            shutil.copy2(src / COWATCH_FILE, tmp / COWATCH_FILE)
         meta = {**meta, "item_vectors": "absent", "provenance": provenance}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
         _swap_into_place(tmp, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,14 +23,25 @@ class TrainState:
     seconds: float = 0.0  # wall time spent, over all resumptions
 
 
+def lr_factor(step: int, cfg: RecPOConfig) -> float:
+    """The learning rate at `step` as a share of the peak: linear warmup, then constant or,
+    with `lr_decay_steps`, cosine down to `min_lr_ratio`."""
+    warmup = max(1, cfg.warmup_steps)
+    if step + 1 < warmup:
+        return (step + 1) / warmup
+    if cfg.lr_decay_steps is None:
+        return 1.0
+    progress = min(1.0, (step + 1 - warmup) / max(1, cfg.lr_decay_steps - warmup))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 class Optimizer:
     """AdamW + linear warmup + gradient clipping, gradients averaged across processes."""
 
     def __init__(self, params: list[torch.nn.Parameter], cfg: RecPOConfig) -> None:
         self.params, self.cfg = params, cfg
         self.opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        warmup = max(1, cfg.warmup_steps)  # linear warmup, then constant
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: min(1.0, (step + 1) / warmup))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(step, cfg))
 
     def step(self) -> float:
         dist.all_reduce_gradients(self.params)

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from model.cowatch import hints_line
+
 
 @dataclass(frozen=True)
 class HistoryEntry:
@@ -19,6 +21,7 @@ class HistoryEntry:
     # seconds between this interaction and the recommendation asked for (a training sample's
     # target, a request's arrival); None: unknown, the prompt then counts from the latest item
     age_s: int | None = None
+    item_id: str | None = None  # what co-watch hints are looked up by (model/cowatch.py)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,11 @@ class PromptConfig:
     marker_on_items: end item prompts with the closing marker too, so h_v is read at the same
         position as h_T (the paper's official code reads both at one embedding token).
         Checkpoints written before this option existed load with False, as they were trained.
+    cowatch_hints: end the user turn with a line naming this many items other users watched
+        next after the history's items (model/cowatch.py; the checkpoint carries the table);
+        0, the paper's prompt and every checkpoint's before this option, names none.
+    cowatch_window: how many items apart a pair still counts as "watched next", and how many of
+        the latest history items the hints are drawn from.
     """
 
     category: str = "movie"
@@ -48,10 +56,17 @@ class PromptConfig:
     description_words: int = 100
     system_prompt: str | None = None
     marker_on_items: bool = True
+    cowatch_hints: int = 0
+    cowatch_window: int = 10
 
     def __post_init__(self) -> None:
         if self.max_history < 1:
             raise ValueError(f"max_history must be >= 1, got {self.max_history}")
+        if self.cowatch_hints < 0 or self.cowatch_window < 1:
+            raise ValueError(
+                "cowatch_hints must be >= 0 and cowatch_window >= 1, "
+                f"got {self.cowatch_hints}, {self.cowatch_window}"
+            )
         if self.time_style not in TIME_STYLES:
             raise ValueError(f"time_style must be one of {TIME_STYLES}, got {self.time_style!r}")
         if not self.closing_marker.strip():
@@ -88,8 +103,9 @@ def _format_rating(rating: float | None) -> str:
     return f" ({rating:g})"
 
 
-def user_message(history: Sequence[HistoryEntry], cfg: PromptConfig) -> str:
-    """The user turn: the latest `max_history` items, oldest first, one per line."""
+def user_message(history: Sequence[HistoryEntry], cfg: PromptConfig, hints: Sequence[str] = ()) -> str:
+    """The user turn: the latest `max_history` items, oldest first, one per line; then, when
+    given, the titles of co-watch hints (model/cowatch.py) on a line of their own."""
     if not history:
         raise ValueError("history must contain at least one item")
     window = list(history)[-cfg.max_history :]
@@ -108,6 +124,8 @@ def user_message(history: Sequence[HistoryEntry], cfg: PromptConfig) -> str:
             days = max(0, round((latest - entry.timestamp) / 86400))
             line += f" [{days} days before the latest]"
         lines.append(line)
+    if hints:
+        lines.append(hints_line(hints))
     return (
         f"Analyze in depth and finally recommend the next {cfg.category} I might like. "
         "Below is my history with ratings (out of 5):\n" + "\n".join(lines)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from model.constrained import TitleList, TitleListProcessor, TokenStrings
+from model.cowatch import CoWatch
 from model.prompts import HistoryEntry, PromptConfig, item_message, render, user_message
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,9 @@ class R2ec:
         self._marker_ids = tokenizer(self.prompts.closing_marker, add_special_tokens=False)["input_ids"]
         self.stop_ids = stop_token_ids(tokenizer)
         self._token_strings: TokenStrings | None = None  # built on the first `title_lists`
+        # What other users watched next (model/cowatch.py), when the prompts name co-watch
+        # hints; a checkpoint carries it, training builds it from its data.
+        self.cowatch: CoWatch | None = None
 
     # -- plumbing ---------------------------------------------------------------------------
     @property
@@ -174,14 +178,38 @@ class R2ec:
         return out.last_hidden_state
 
     # -- prompts ----------------------------------------------------------------------------
-    def user_prompt_ids(self, histories: Sequence[Sequence[HistoryEntry]]) -> list[list[int]]:
-        return self._encode([self.render_message(user_message(h, self.prompts)) for h in histories])
+    def user_prompt(
+        self, history: Sequence[HistoryEntry], without: Mapping[tuple[str, str], float] | None = None
+    ) -> str:
+        """The rendered user prompt, co-watch hints included when the prompts name them
+        (`without`: pair counts to leave out of the hints, a training sample's own user's)."""
+        k = self.prompts.cowatch_hints
+        if not k:
+            return self.render_message(user_message(history, self.prompts))
+        if self.cowatch is None:
+            raise ValueError("the prompts name co-watch hints but the model has no co-watch table")
+        ids = [e.item_id for e in history]
+        if any(i is None for i in ids):
+            raise ValueError("co-watch hints need every history entry's item_id")
+        hints = [self.cowatch.titles[j] for j in self.cowatch.hints(ids, k, without)]
+        return self.render_message(user_message(history, self.prompts, hints))
+
+    def user_prompt_ids(
+        self,
+        histories: Sequence[Sequence[HistoryEntry]],
+        without: Sequence[Mapping[tuple[str, str], float] | None] | None = None,
+    ) -> list[list[int]]:
+        without = without if without is not None else [None] * len(histories)
+        return self._encode([self.user_prompt(h, w) for h, w in zip(histories, without, strict=True)])
 
     def user_prompt_head(self) -> list[int]:
         """The tokens every user prompt starts with (chat template, system turn, instruction):
         the common prefix of two prompts that differ from their first history line on, less
         one token, in case the tokenizer merges the head's last piece with a title."""
-        a, b = self.user_prompt_ids([[HistoryEntry("Alpha", 5.0)], [HistoryEntry("9 zulu")]])
+        a, b = (
+            self._encode([self.render_message(user_message(h, self.prompts))])[0]
+            for h in ([HistoryEntry("Alpha", 5.0)], [HistoryEntry("9 zulu")])
+        )
         return a[: max(0, len(os.path.commonprefix([a, b])) - 1)]
 
     def item_prompt_ids(self, items: Sequence[Mapping[str, object]]) -> list[list[int]]:

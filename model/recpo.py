@@ -91,6 +91,12 @@ class RecPOConfig:
             History lines with the paper's relative time ("2d 3.5h ago: [Fargo] (5)", the time
             before the sample's target; model/prompts.py) when training starts from a backbone.
             Stored in the checkpoint's prompts like `system_prompt`.
+        cowatch_hints (`int` or `None`, defaults to `None`):
+            End each user prompt with this many items other users watched next after the
+            history's items ("Often watched next by others: A; B; C.", model/cowatch.py); `0`:
+            none (the paper's prompt); `None`: what the warm start's checkpoint had (none from a
+            backbone). The table is counted from the run's training split and saved in its
+            checkpoints; a training sample's hints leave out its own user's pairs.
 
         > Rollout (stage recpo)
 
@@ -181,7 +187,13 @@ class RecPOConfig:
         weight_decay (`float`, defaults to `0.0`):
             AdamW's decoupled weight decay.
         warmup_steps (`int`, defaults to `10`):
-            Steps of linear learning-rate warmup from lr / warmup_steps; constant after.
+            Steps of linear learning-rate warmup from lr / warmup_steps; constant after, or
+            decaying when `lr_decay_steps` is set.
+        lr_decay_steps (`int` or `None`, defaults to `None`):
+            Cosine decay of the learning rate after warmup, reaching `min_lr_ratio` of the peak
+            at this step and staying there; `None`: constant.
+        min_lr_ratio (`float`, defaults to `0.1`):
+            The decayed learning rate, as a share of `learning_rate`.
         max_grad_norm (`float`, defaults to `1.0`):
             Clip the global gradient norm to this before each optimizer step.
         max_steps (`int`, defaults to `100`):
@@ -231,6 +243,7 @@ class RecPOConfig:
     train_samples_per_user: int | None = None
     max_history: int = 20
     include_time: bool = False
+    cowatch_hints: int | None = None
     # -- rollout
     num_generations: int = 4
     temperature: float = 1.0
@@ -261,6 +274,8 @@ class RecPOConfig:
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 10
+    lr_decay_steps: int | None = None
+    min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
     max_steps: int = 100
     time_budget_minutes: float | None = None
@@ -295,6 +310,15 @@ class RecPOConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cowatch_hints is not None and self.cowatch_hints < 0:
+            raise ValueError(f"cowatch_hints must be >= 0 or null, got {self.cowatch_hints}")
+        if self.lr_decay_steps is not None and self.lr_decay_steps <= self.warmup_steps:
+            raise ValueError(
+                f"lr_decay_steps must be > warmup_steps ({self.warmup_steps}) or null, "
+                f"got {self.lr_decay_steps}"
+            )
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.train_samples_per_user is not None and self.train_samples_per_user < 1:
             raise ValueError(
                 f"train_samples_per_user must be >= 1 or null, got {self.train_samples_per_user}"

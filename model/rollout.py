@@ -8,6 +8,7 @@ Shapes: B users, G generations, M = B*G rollouts, L padded length, H hidden, N i
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
@@ -20,7 +21,6 @@ from model.item_table import ItemTable
 from model.r2ec import GenerationSettings, R2ec, Rollout
 from model.recpo import RecPOConfig, best_trajectories, group_advantages
 from model.rewards import fused_reward, ndcg_at_k, similarity_reward, target_rank
-from model.samples import sample_histories
 
 
 @dataclass
@@ -39,20 +39,26 @@ class RolloutBatch:
 class RecPOStep:
     """Rollouts and policy losses for one model, its item table and a RecPOConfig."""
 
-    def __init__(self, model: R2ec, table: ItemTable, cfg: RecPOConfig, titles: dict[str, str]) -> None:
-        self.model, self.table, self.cfg, self.titles = model, table, cfg, titles
+    def __init__(
+        self,
+        model: R2ec,
+        table: ItemTable,
+        cfg: RecPOConfig,
+        prompts: Callable[[pd.DataFrame], list[list[int]]],
+    ) -> None:
+        """`prompts`: training rows -> user prompt ids (model/samples.py `TrainingPrompts`)."""
+        self.model, self.table, self.cfg, self.prompts = model, table, cfg, prompts
 
     @torch.no_grad()
     def rollout(self, rows: pd.DataFrame) -> RolloutBatch:
         """docs/architecture.md §3 steps 1-3: sample G trajectories per user, score them against the full
         item table, fuse the rewards and turn them into group advantages."""
         cfg, model, table, G = self.cfg, self.model, self.table, self.cfg.num_generations
-        histories = sample_histories(rows, self.titles)
         targets = [str(t) for t in rows["target_item_id"]]
         settings = GenerationSettings(cfg.max_completion_length, True, cfg.temperature, cfg.top_k)
         model.lm.eval()
         start = time.perf_counter()
-        rollout = model.reason_from_ids(model.user_prompt_ids(histories), settings, G)  # M = B*G rows
+        rollout = model.reason_from_ids(self.prompts(rows), settings, G)  # M = B*G rows
         gen_seconds = time.perf_counter() - start
         h_T, token_logp, _ = self._policy_forward(rollout)
         scores = model.score(h_T.cpu(), table.vectors)  # (M, N)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from model.cowatch import pair_counts, user_sequences
 from model.prompts import HistoryEntry
+
+if TYPE_CHECKING:
+    from model.r2ec import R2ec
 
 
 def history_entries(
@@ -27,7 +32,8 @@ def history_entries(
             rating = None
         ts = None if timestamps is None else timestamps[j]
         age = None if ts is None or now is None else max(0, now - ts)
-        out.append(HistoryEntry(titles[item_id], None if rating is None else float(rating), ts, age))
+        rating = None if rating is None else float(rating)
+        out.append(HistoryEntry(titles[item_id], rating, ts, age, str(item_id)))
     return out
 
 
@@ -47,3 +53,24 @@ def sample_histories(samples: pd.DataFrame, titles: Mapping[str, str]) -> list[l
         )
         for row in samples.itertuples(index=False)
     ]
+
+
+class TrainingPrompts:
+    """User prompt ids for training rows. With co-watch hints (model/cowatch.py), each row's
+    hints leave out its own user's pairs, so a training target is hinted no more often than a
+    held-out one: `train` (the whole training split) gives each user's sequence."""
+
+    def __init__(self, model: R2ec, titles: Mapping[str, str], train: pd.DataFrame) -> None:
+        self.model, self.titles = model, titles
+        self.sequences = user_sequences(train) if model.prompts.cowatch_hints else {}
+        self._own: dict[str, dict[tuple[str, str], float]] = {}
+
+    def own_pairs(self, user: str) -> dict[tuple[str, str], float]:
+        if user not in self._own:
+            self._own[user] = pair_counts(self.sequences.get(user, []), self.model.prompts.cowatch_window)
+        return self._own[user]
+
+    def __call__(self, rows: pd.DataFrame) -> list[list[int]]:
+        histories = sample_histories(rows, self.titles)
+        without = [self.own_pairs(str(u)) for u in rows["user_id"]] if self.sequences else None
+        return self.model.user_prompt_ids(histories, without)

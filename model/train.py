@@ -21,6 +21,7 @@ Shapes: B users, G generations, M = B*G rollouts, T tokens, L padded length, H h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from model import distributed as dist
 from model import losses
 from model.checkpoint import read_meta, save_checkpoint
+from model.cowatch import CoWatch
 from model.curves import plot_curves
 from model.data import PreparedDataset
 from model.evaluate import evaluate_model, validation_eval_config
@@ -47,7 +49,7 @@ from model.r2ec import GenerationSettings, left_pad
 from model.rationale import catalog_facts, rationale_parts
 from model.recpo import RecPOConfig
 from model.rollout import RecPOStep
-from model.samples import sample_histories
+from model.samples import TrainingPrompts
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +107,25 @@ class Trainer:
         self.user_cache = LowerCache(frozen, cfg.user_layer_cache_gb) if caches_users else None
         self.table.set_target_counts([str(t) for t in self.train_rows["target_item_id"]])
         self.titles = dataset.item_titles()
-        self.recpo = RecPOStep(self.model, self.table, cfg, self.titles)
+        self._set_cowatch(dataset)
+        self.prompt_ids = TrainingPrompts(self.model, self.titles, dataset.split("train"))
+        self.recpo = RecPOStep(self.model, self.table, cfg, self.prompt_ids)
         self.facts = catalog_facts(dataset.items.to_dict("records")) if cfg.stage == "rationale" else {}
         # In-batch training never reads the table between evals (which refresh it).
         self.reads_table = cfg.stage == "recpo" or cfg.negatives == "table"
+
+    def _set_cowatch(self, dataset: PreparedDataset) -> None:
+        """Co-watch hints in the prompts (model/cowatch.py): `cowatch_hints` when set, else
+        what the warm start's checkpoint had. The table is rebuilt from this run's training
+        split either way, so retraining on new interactions refreshes it."""
+        hints = self.cfg.cowatch_hints
+        if hints is None:
+            hints = self.model.prompts.cowatch_hints
+        self.model.prompts = dataclasses.replace(self.model.prompts, cowatch_hints=hints)
+        self.model.cowatch = None
+        if hints:
+            train = dataset.split("train")
+            self.model.cowatch = CoWatch.from_samples(train, self.titles, self.model.prompts.cowatch_window)
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -210,9 +227,8 @@ class Trainer:
         table (negatives "table")."""
         cfg, model, table = self.cfg, self.model, self.table
         model.lm.train()
-        histories = sample_histories(rows, self.titles)
         targets = [str(t) for t in rows["target_item_id"]]
-        prompt_ids = model.user_prompt_ids(histories)
+        prompt_ids = self.prompt_ids(rows)
         seqs = model.user_sequences(prompt_ids, [[] for _ in prompt_ids])
         users = F.normalize(self._user_hidden(list(rows.index), seqs)[:, -1].float(), dim=-1)  # (B, H)
         if cfg.negatives == "table":
@@ -258,7 +274,7 @@ class Trainer:
         lm_head really writes."""
         cfg, model = self.cfg, self.model
         targets = [str(t) for t in rows["target_item_id"]]
-        prompt_ids = model.user_prompt_ids(sample_histories(rows, self.titles))
+        prompt_ids = self.prompt_ids(rows)
         window, category = model.prompts.max_history, self.dataset.category
         parts = [
             rationale_parts(

@@ -46,7 +46,6 @@ import numpy as np
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.engine import Quantize
 from model.generation import BackendName, EngineBackend, Sequence_, make_backend
-from model.prompts import user_message
 from model.r2ec import GenerationSettings
 from model.samples import history_entries
 from service.catalog import Catalog
@@ -161,7 +160,7 @@ class Recommender:
             # prompt (and its cached reasoning) stays the same for up to an hour
             now=int(time.time()) // 3600 * 3600,
         )
-        prompt = self.model.render_message(user_message(entries, self.model.prompts))
+        prompt = self.model.user_prompt(entries)
         if not query.wants_reasoning:
             return PreparedQuery(query=query, model_version=self.version, prompt=prompt, cache_key=None)
         constraint = self.model.title_lists([entries])[0] if self.constrain_titles else None

@@ -1,0 +1,183 @@
+"""Co-watch hints: the counts, the ranking of a history's candidates, leaving a user's own pairs
+out, the prompt line, and the table travelling with training's checkpoints into the service."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.cowatch import FILE, HINTS_PREFIX, CoWatch, pair_counts, user_sequences
+from model.prompts import HistoryEntry
+from model.recpo import RecPOConfig
+from model.samples import TrainingPrompts, history_entries
+from model.train import train
+
+TITLES = {i: f"Film {i.upper()}" for i in "abcdefgh"}
+
+
+def test_pair_counts_weigh_each_later_item_by_one_over_its_distance_within_the_window():
+    counts = pair_counts(["a", "b", "c", "a", "d"], window=2)
+    assert counts == {
+        ("a", "b"): 1.0,
+        ("a", "c"): 0.5,
+        ("b", "c"): 1.0,
+        ("b", "a"): 0.5,
+        ("c", "a"): 1.0,
+        ("c", "d"): 0.5,
+        ("a", "d"): 1.0,
+    }
+    assert pair_counts(["a", "a", "b"], window=1) == {("a", "b"): 1.0}  # never an item's own successor
+
+
+def test_hints_rank_candidates_by_counts_from_the_latest_items_and_skip_the_history():
+    # (pairs only: a window of 2 counts the same pairs and draws on the 2 latest items)
+    table = CoWatch.from_sequences(
+        [["a", "b"], ["a", "b"], ["a", "c"], ["d", "e"], ["d", "e"]], TITLES, window=2
+    )
+    assert table.successors["a"] == [("b", 2.0), ("c", 1.0)]
+    assert table.hints(["a"], k=5) == ["b", "c"]
+    assert table.hints(["a", "b"], k=5) == ["c"]  # b is in the history
+    # the latest item weighs 1, the one before it 1/2: e (2.0) beats b (2.0 / 2)
+    assert table.hints(["a", "d"], k=2) == ["e", "b"]
+    assert table.hints(["a", "d"], k=1) == ["e"]
+    assert table.hints(["a", "d", "zzz"], k=3) == ["e"]  # the window: a is 3rd latest, left out
+    assert table.hints(["zzz"], k=3) == []  # an item nobody watched anything after
+
+
+def test_leaving_a_users_own_pairs_out_hints_only_what_others_watched():
+    mine, others = ["a", "c"], [["a", "b"]]
+    table = CoWatch.from_sequences([mine, *others], TITLES, window=1)
+    assert table.hints(["a"], k=2) == ["b", "c"]
+    assert table.hints(["a"], k=2, without=pair_counts(mine, 1)) == ["b"]
+
+
+def test_keep_bounds_each_items_successors_and_the_table_round_trips(tmp_path):
+    seqs = [["a", x] for x in "bcdefg"] + [["a", "b"]]
+    table = CoWatch.from_sequences(seqs, TITLES, window=1, keep=2)
+    assert [j for j, _ in table.successors["a"]] == ["b", "c"]  # b twice, then ties by id
+    table.save(tmp_path)
+    back = CoWatch.load(tmp_path, window=1)
+    assert back.successors == table.successors and back.titles == table.titles
+    assert back.hints(["a"], 3) == table.hints(["a"], 3)
+    with pytest.raises(ValueError, match="window"):
+        CoWatch.from_sequences(seqs, TITLES, window=0)
+
+
+def test_user_sequences_rebuild_each_users_order_from_the_samples():
+    samples = pd.DataFrame(
+        {
+            "user_id": ["u1", "u1", "u2"],
+            "history_item_ids": [["a"], ["a", "b"], ["d"]],
+            "target_item_id": ["b", "c", "e"],
+        }
+    )
+    assert user_sequences(samples) == {"u1": ["a", "b", "c"], "u2": ["d", "e"]}
+
+
+def test_the_prompt_names_the_hints_after_the_history(tiny_model):
+    history = history_entries(["a", "b"], [5.0, 4.0], None, TITLES)
+    plain = tiny_model.user_prompt(history)
+    assert HINTS_PREFIX not in plain
+    original = tiny_model.prompts  # a session fixture: put its prompts back afterwards
+    try:
+        tiny_model.prompts = dataclasses.replace(original, cowatch_hints=2)
+        with pytest.raises(ValueError, match="no co-watch table"):
+            tiny_model.user_prompt(history)
+        tiny_model.cowatch = CoWatch.from_sequences([["b", "c"], ["b", "d"], ["b", "d"]], TITLES, window=1)
+        text = tiny_model.user_prompt(history)
+        assert f"{HINTS_PREFIX} Film D; Film C." in text
+        assert text.index("Film B (4)") < text.index(HINTS_PREFIX)
+        with pytest.raises(ValueError, match="item_id"):
+            tiny_model.user_prompt([HistoryEntry("Film A")])
+        # user_prompt_head (the prefix cache) stays the shared head, without any hint
+        assert HINTS_PREFIX not in tiny_model.tokenizer.decode(tiny_model.user_prompt_head())
+    finally:
+        tiny_model.prompts, tiny_model.cowatch = original, None
+
+
+def test_training_prompts_leave_each_rows_own_user_out(tiny_model):
+    train = pd.DataFrame(
+        {
+            "user_id": ["me", "other"],
+            "history_item_ids": [["a"], ["a"]],
+            "history_ratings": [[5.0], [5.0]],
+            "history_timestamps": [[1], [1]],
+            "target_item_id": ["c", "b"],
+            "target_timestamp": [2, 2],
+        }
+    )
+    original = tiny_model.prompts
+    try:
+        tiny_model.prompts = dataclasses.replace(original, cowatch_hints=3, cowatch_window=1)
+        tiny_model.cowatch = CoWatch.from_samples(train, TITLES, window=1)
+        texts = [
+            tiny_model.tokenizer.decode(ids) for ids in TrainingPrompts(tiny_model, TITLES, train)(train)
+        ]
+        assert f"{HINTS_PREFIX} Film B." in texts[0]  # "me" went a -> c: only b is someone else's
+        assert f"{HINTS_PREFIX} Film C." in texts[1]
+    finally:
+        tiny_model.prompts, tiny_model.cowatch = original, None
+
+
+def test_training_with_hints_ships_the_table_in_its_checkpoint_and_the_service_renders_them(
+    tiny_dataset, tmp_path
+):
+    from service.recommender import Recommender
+    from service.store import Event
+    from service.types import Query
+
+    cfg = RecPOConfig(
+        stage="contrastive",
+        cowatch_hints=3,
+        per_device_batch_size=4,
+        max_steps=1,
+        eval_every=1,
+        dtype="float32",
+        warmup_steps=0,
+        eval_limit=4,
+        lora_r=4,
+        lora_alpha=8,
+    )
+    best = train(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    assert (best / FILE).exists()
+    ckpt = load_checkpoint(best, dtype="float32")
+    assert ckpt.model.prompts.cowatch_hints == 3 and ckpt.model.cowatch is not None
+    expected = CoWatch.from_samples(tiny_dataset.split("train"), tiny_dataset.item_titles(), 10)
+    assert ckpt.model.cowatch.successors == expected.successors
+
+    engine = Recommender.load(best, dtype="float32")
+    source = next(s for s, nexts in expected.successors.items() if nexts)
+    prompt = engine.prepare(Query((Event(source, 5.0),), max_reasoning_tokens=4)).prompt
+    first = expected.titles[expected.hints([source], 3)[0]]
+    assert f"{HINTS_PREFIX} {first}" in prompt
+
+    # a checkpoint whose prompts name hints cannot be written or read without its table
+    ckpt.model.cowatch = None
+    with pytest.raises(Exception, match="co-watch table"):
+        save_checkpoint(
+            tmp_path / "broken",
+            ckpt.model,
+            base="tiny",
+            weights="base",
+            items=ckpt.items,
+            item_vectors=ckpt.item_vectors,
+        )
+    (best / FILE).unlink()
+    with pytest.raises(Exception, match=FILE):
+        load_checkpoint(best, dtype="float32")
+
+
+def test_lr_decays_by_cosine_to_the_floor_after_warmup():
+    from model.optim import lr_factor
+
+    cfg = RecPOConfig(warmup_steps=2, lr_decay_steps=12, min_lr_ratio=0.1)
+    factors = [lr_factor(s, cfg) for s in range(15)]
+    assert factors[0] == 0.5 and factors[1] == 1.0
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:], strict=False))
+    assert factors[11] == pytest.approx(0.1) and factors[14] == pytest.approx(0.1)
+    assert lr_factor(100, RecPOConfig(warmup_steps=2)) == 1.0
+    with pytest.raises(ValueError, match="lr_decay_steps"):
+        RecPOConfig(warmup_steps=5, lr_decay_steps=5)
