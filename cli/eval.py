@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from model.r2ec import R2ec
 
 
-BASELINES = ("pop", "sasrec")
+BASELINES = ("pop", "sasrec", "cowatch")
 
 
 def eval_cmd(
@@ -28,7 +28,11 @@ def eval_cmd(
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint to evaluate")] = None,
     base: Annotated[str | None, typer.Option(help="Evaluate an untrained backbone instead")] = None,
     baseline: Annotated[
-        str | None, typer.Option(help="'pop' (popularity) or 'sasrec' (trained here on the train split)")
+        str | None,
+        typer.Option(
+            help="'pop' (popularity), 'sasrec' (trained here on the train split) or 'cowatch' "
+            "(the co-watch counts that prompt hints come from, model/cowatch.py)"
+        ),
     ] = None,
     split: str = "test",
     reasoning: Annotated[bool, typer.Option("--reasoning/--no-reasoning")] = True,
@@ -68,6 +72,7 @@ def eval_cmd(
     from model.data import DataError, load_prepared
     from model.evaluate import (
         EvalConfig,
+        evaluate_cowatch,
         evaluate_model,
         evaluate_popularity,
         evaluate_sasrec,
@@ -100,6 +105,8 @@ def eval_cmd(
     extra: dict = {}
     if baseline == "pop":
         result, label = evaluate_popularity(ds, cfg), "pop"
+    elif baseline == "cowatch":
+        result, label = evaluate_cowatch(ds, cfg), "cowatch"
     elif baseline == "sasrec":
         result, stats = evaluate_sasrec(ds, cfg, sasrec_cfg, progress=not as_json)
         label, extra = "sasrec", {"train": {"seconds": round(stats["seconds"], 1), "epochs": stats["epochs"]}}

@@ -336,6 +336,26 @@ def evaluate_popularity(dataset: PreparedDataset, cfg: EvalConfig) -> EvalResult
     return evaluate_scores(dataset, cfg, lambda chunk: counts.expand(len(chunk), -1))
 
 
+def evaluate_cowatch(dataset: PreparedDataset, cfg: EvalConfig, window: int = 10) -> EvalResult:
+    """The co-watch counts alone (model/cowatch.py, from the train split), popularity breaking
+    ties: what the hints a prompt can carry know, ranked without any model."""
+    from model.cowatch import CoWatch
+
+    table = CoWatch.from_samples(dataset.split("train"), dataset.item_titles(), window)
+    pop = popularity_scores(dataset.split("train"), dataset.items)
+    tie = torch.from_numpy(pop / (pop.max() + 1.0)).float()  # < 1, below any co-watch count
+    col = {str(i): c for c, i in enumerate(dataset.items["item_id"])}
+
+    def scores(chunk: pd.DataFrame) -> torch.Tensor:
+        out = tie.expand(len(chunk), -1).clone()
+        for r, ids in enumerate(chunk["history_item_ids"]):
+            for item, score in table.scores([str(i) for i in ids]).items():
+                out[r, col[item]] += score
+        return out
+
+    return evaluate_scores(dataset, cfg, scores)
+
+
 def evaluate_sasrec(dataset: PreparedDataset, cfg: EvalConfig, sasrec_cfg=None, progress: bool = True):
     """SASRec trained on the train split's samples, then ranked under the same harness.
     Returns the result and the training stats."""

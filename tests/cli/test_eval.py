@@ -47,7 +47,7 @@ def test_eval_json_for_pop_and_a_checkpoint_with_reasoning(tiny_dataset, tiny_ch
     ("args", "message"),
     [
         (["--baseline", "pop", "--base", "tiny"], "give exactly one of --checkpoint, --base or --baseline"),
-        (["--baseline", "random"], "--baseline must be one of pop, sasrec, got 'random'"),
+        (["--baseline", "random"], "--baseline must be one of pop, sasrec, cowatch, got 'random'"),
         (["--baseline", "pop", "--mask", "history"], "mask must be one of"),
         (["--baseline", "pop", "--compare-reasoning"], "--compare-reasoning needs"),
         (["--baseline", "pop", "--split", "dev"], "dev"),

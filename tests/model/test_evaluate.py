@@ -9,11 +9,13 @@ import torch
 from model.evaluate import (
     MASKS,
     EvalConfig,
+    evaluate_cowatch,
     evaluate_model,
     evaluate_popularity,
     evaluate_sasrec,
     exclusions,
     paired_difference,
+    popularity_scores,
     ranking_metrics,
     seen_items,
     standard_errors,
@@ -66,6 +68,22 @@ def test_popularity_baseline_ranks_by_train_counts(tiny_dataset):
     assert results["seen"].stderr["ndcg@10"] > 0
     # every run also reports the other masks' metrics, equal to running under them
     assert results["seen"].by_mask["none"] == results["none"].metrics
+
+
+def test_cowatch_baseline_ranks_by_the_counts_with_popularity_breaking_ties(tiny_dataset):
+    from model.cowatch import CoWatch
+
+    train, test = tiny_dataset.split("train"), tiny_dataset.split("test")
+    table = CoWatch.from_samples(train, tiny_dataset.item_titles())
+    ids = tiny_dataset.items["item_id"].astype(str)
+    pop = dict(zip(ids, popularity_scores(train, tiny_dataset.items), strict=True))
+    result = evaluate_cowatch(tiny_dataset, EvalConfig(split="test", mask="none"))
+    assert result.count == len(test)
+    for row, rank in zip(test.itertuples(), result.ranks, strict=True):
+        counts = table.scores([str(i) for i in row.history_item_ids])
+        key = {str(i): (counts.get(str(i), 0.0), pop[str(i)]) for i in tiny_dataset.items["item_id"]}
+        target = key[str(row.target_item_id)]
+        assert rank == 1 + sum(k > target for k in key.values())
 
 
 def test_seen_mask_holds_every_earlier_item_of_the_user(tiny_dataset):
