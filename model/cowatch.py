@@ -25,7 +25,7 @@ every training run, so scheduled retraining refreshes it with the model.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,11 +114,17 @@ class CoWatch:
         return out
 
     def hints(
-        self, history: Sequence[str], k: int, without: Mapping[tuple[str, str], float] | None = None
+        self,
+        history: Sequence[str],
+        k: int,
+        without: Mapping[tuple[str, str], float] | None = None,
+        allowed: Container[str] | None = None,
     ) -> list[str]:
-        """The top `k` candidates' item ids, strongest first (ties by id, so it is stable)."""
+        """The top `k` candidates' item ids, strongest first (ties by id, so it is stable);
+        `allowed`: only these (a served catalog whose items were edited since training)."""
         scores = self.scores(history, without)
-        return [j for j, _ in sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+        ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+        return [j for j, _ in ranked if allowed is None or j in allowed][:k]
 
     def save(self, directory: Path | str) -> None:
         rows = [(s, j, w) for s, nexts in self.successors.items() for j, w in nexts]

@@ -179,10 +179,15 @@ class R2ec:
 
     # -- prompts ----------------------------------------------------------------------------
     def user_prompt(
-        self, history: Sequence[HistoryEntry], without: Mapping[tuple[str, str], float] | None = None
+        self,
+        history: Sequence[HistoryEntry],
+        without: Mapping[tuple[str, str], float] | None = None,
+        catalog: Mapping[str, str] | None = None,
     ) -> str:
         """The rendered user prompt, co-watch hints included when the prompts name them
-        (`without`: pair counts to leave out of the hints, a training sample's own user's)."""
+        (`without`: pair counts to leave out of the hints, a training sample's own user's;
+        `catalog`: item_id -> title of the items that may be hinted, named by these titles,
+        the served catalog after edits; default: the table's own)."""
         k = self.prompts.cowatch_hints
         if not k:
             return self.render_message(user_message(history, self.prompts))
@@ -191,7 +196,8 @@ class R2ec:
         ids = [e.item_id for e in history]
         if any(i is None for i in ids):
             raise ValueError("co-watch hints need every history entry's item_id")
-        hints = [self.cowatch.titles[j] for j in self.cowatch.hints(ids, k, without)]
+        names = self.cowatch.titles if catalog is None else catalog
+        hints = [names[j] for j in self.cowatch.hints(ids, k, without, allowed=names)]
         return self.render_message(user_message(history, self.prompts, hints))
 
     def user_prompt_ids(

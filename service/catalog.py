@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,25 @@ log = logging.getLogger(__name__)
 INDEX_DIR = "index"  # the item index lives in <checkpoint>/index/
 ITEM_FIELDS = ("title", "year", "genres", "description")
 TITLE_REBUILD_EDITS = 256  # item edits searched beside the title index before it is rebuilt
+
+
+class _Titles(Mapping[str, str]):
+    """A read-only item_id -> title view over a catalog's records."""
+
+    def __init__(self, records: Mapping[str, Mapping[str, str]]) -> None:
+        self._records = records
+
+    def __getitem__(self, item_id: str) -> str:
+        return self._records[item_id]["title"]
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._records
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
 
 
 class Catalog:
@@ -92,6 +111,11 @@ class Catalog:
             else:
                 titles[item_id] = record["title"]
         return titles, list(unknown)
+
+    @property
+    def titles(self) -> Mapping[str, str]:
+        """item_id -> title of every item served now (a live read-only view, edits included)."""
+        return _Titles(self._records)
 
     def unknown(self, item_ids: Iterable[str]) -> list[str]:
         """Ids not in the catalog, in first-seen order, without repeats."""

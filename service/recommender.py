@@ -160,7 +160,7 @@ class Recommender:
             # prompt (and its cached reasoning) stays the same for up to an hour
             now=int(time.time()) // 3600 * 3600,
         )
-        prompt = self.model.user_prompt(entries)
+        prompt = self.model.user_prompt(entries, catalog=self.catalog.titles)
         if not query.wants_reasoning:
             return PreparedQuery(query=query, model_version=self.version, prompt=prompt, cache_key=None)
         constraint = self.model.title_lists([entries])[0] if self.constrain_titles else None

@@ -149,10 +149,18 @@ def test_training_with_hints_ships_the_table_in_its_checkpoint_and_the_service_r
     assert ckpt.model.cowatch.successors == expected.successors
 
     engine = Recommender.load(best, dtype="float32")
-    source = next(s for s, nexts in expected.successors.items() if nexts)
-    prompt = engine.prepare(Query((Event(source, 5.0),), max_reasoning_tokens=4)).prompt
-    first = expected.titles[expected.hints([source], 3)[0]]
-    assert f"{HINTS_PREFIX} {first}" in prompt
+    source = max(expected.successors, key=lambda s: len(expected.successors[s]))
+    query = Query((Event(source, 5.0),), max_reasoning_tokens=4)
+    first, second, *_ = expected.hints([source], 3)
+    assert len(expected.successors[source]) >= 2
+    prompt = engine.prepare(query).prompt
+    assert f"{HINTS_PREFIX} {expected.titles[first]}; {expected.titles[second]}" in prompt
+    # hints follow the served catalog's edits: a deleted item is not hinted, a renamed one
+    # goes by its new title
+    engine.catalog.remove(first)
+    engine.catalog.upsert(second, {"title": "Renamed Film"})
+    assert f"{HINTS_PREFIX} Renamed Film" in engine.prepare(query).prompt
+    assert expected.titles[first] not in engine.prepare(query).prompt
 
     # a checkpoint whose prompts name hints cannot be written or read without its table
     ckpt.model.cowatch = None
