@@ -65,6 +65,13 @@ def eval_cmd(
             "cache; Llama-shaped models) or hf (transformers' generate, the reference)"
         ),
     ] = "engine",
+    quantize: Annotated[
+        str,
+        typer.Option(
+            help="engine backend: none, or int8 weights for decode steps of up to 8 rows (so "
+            "with --batch-size 8 or less), as R2EC_QUANTIZE=int8 serves; BENCHMARKS.md §7"
+        ),
+    ] = "none",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Full-ranking Hit@5/10/20 and NDCG@5/10/20 over the whole catalog, with per-user
@@ -88,6 +95,10 @@ def eval_cmd(
         fail("--compare-reasoning needs --checkpoint or --base")
     if backend not in ("engine", "hf"):
         fail(f"--backend must be engine or hf, got {backend!r}")
+    if quantize not in ("none", "int8"):
+        fail(f"--quantize must be none or int8, got {quantize!r}")
+    if quantize == "int8" and (backend != "engine" or dtype != "bfloat16"):
+        fail("--quantize int8 needs --backend engine and --dtype bfloat16 (the int8 kernel reads bf16)")
     try:
         ds = load_prepared(data)
         cfg = EvalConfig(
@@ -114,8 +125,10 @@ def eval_cmd(
         from model.generation import make_backend
 
         model, vectors, label = _load_model(ds, checkpoint, base, dtype, device)
-        gen = make_backend(model, backend, slots=batch_size)  # type: ignore[arg-type]
+        gen = make_backend(model, backend, slots=batch_size, quantize=quantize)  # type: ignore[arg-type]
         extra["backend"] = gen.name
+        if gen.name == "engine":
+            extra["quantize"] = quantize
         result = evaluate_model(model, ds, vectors, cfg, backend=gen)
         if compare_reasoning:
             off = evaluate_model(model, ds, vectors, dataclasses.replace(cfg, reasoning=False), backend=gen)
