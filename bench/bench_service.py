@@ -11,8 +11,9 @@ in this shell, e.g. R2EC_THREADS or R2EC_MAX_BATCH):
 - `continuous`: R2EC_BATCHING=continuous, R2EC_BACKEND=engine (the default service);
 - `static`: R2EC_BATCHING=static, R2EC_BACKEND=engine;
 - `static-hf`: R2EC_BATCHING=static, R2EC_BACKEND=hf, the path before issue 12 (the baseline);
-- `continuous-16`: `continuous` with 16 decode slots (R2EC_MAX_BATCH=16) instead of 8.
-`--quantize` sets R2EC_QUANTIZE on the engine servers (static-hf always runs `none`).
+- `continuous-16`: `continuous` with 16 decode slots (R2EC_MAX_BATCH=16) instead of 8;
+- `continuous-int8`: `continuous` with int8 decode weights (R2EC_QUANTIZE=int8).
+`--quantize` sets R2EC_QUANTIZE on the other engine servers (static-hf always runs `none`).
 
 Per server, at each concurrency level: POST /recommend with reasoning (up to `--tokens`),
 every request a different ml-100k test history, so none hits the reasoning cache (each server
@@ -50,6 +51,8 @@ SERVERS: dict[str, dict[str, str]] = {
     "static-hf": {"R2EC_BATCHING": "static", "R2EC_BACKEND": "hf"},
     # continuous with twice the default decode slots (R2EC_MAX_BATCH, 8 by default)
     "continuous-16": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "R2EC_MAX_BATCH": "16"},
+    # continuous with int8 decode weights whatever --quantize says (R2EC_QUANTIZE=int8)
+    "continuous-int8": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "R2EC_QUANTIZE": "int8"},
 }
 BASELINE = "static-hf"
 READY_TIMEOUT_S = 600
@@ -285,7 +288,7 @@ def main() -> None:
     started = time.perf_counter()
     for name in names:
         env = dict(SERVERS[name])
-        env["R2EC_QUANTIZE"] = args.quantize if env["R2EC_BACKEND"] == "engine" else "none"
+        env.setdefault("R2EC_QUANTIZE", args.quantize if env["R2EC_BACKEND"] == "engine" else "none")
         # room for every concurrent request (the queue bound answers 503 past it)
         env["R2EC_MAX_QUEUE"] = str(max(32, *levels))
         with Server(name, args.checkpoint, logs / f"{name}.log", **env) as server:

@@ -122,9 +122,7 @@ class CoWatch:
     ) -> list[str]:
         """The top `k` candidates' item ids, strongest first (ties by id, so it is stable);
         `allowed`: only these (a served catalog whose items were edited since training)."""
-        scores = self.scores(history, without)
-        ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
-        return [j for j, _ in ranked if allowed is None or j in allowed][:k]
+        return top(self.scores(history, without), k, allowed)
 
     def save(self, directory: Path | str) -> None:
         rows = [(s, j, w) for s, nexts in self.successors.items() for j, w in nexts]
@@ -141,6 +139,12 @@ class CoWatch:
             successors[str(s)].append((str(j), float(w)))
         titles = dict(zip(df["next_item_id"].astype(str), df["title"].astype(str), strict=True))
         return cls(dict(successors), titles, window)
+
+
+def top(scores: Mapping[str, float], k: int, allowed: Container[str] | None = None) -> list[str]:
+    """The `k` highest-scored ids (ties by id, so it is stable), only `allowed` ones if given."""
+    ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [j for j, _ in ranked if allowed is None or j in allowed][:k]
 
 
 def hints_line(titles: Sequence[str]) -> str:

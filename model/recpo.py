@@ -97,6 +97,11 @@ class RecPOConfig:
             none (the paper's prompt); `None`: what the warm start's checkpoint had (none from a
             backbone). The table is counted from the run's training split and saved in its
             checkpoints; a training sample's hints leave out its own user's pairs.
+        cowatch_distill (`float`, defaults to `0.0`):
+            Stages contrastive and rationale, with hints: weight w of the co-watch
+            distillation, the item loss becoming (1 - w) * the target's cross-entropy + w * a
+            soft cross-entropy of the user's softmax (the step's columns plus its own hinted
+            items) against the hints' co-watch counts (model/train.py). `0`: off.
 
         > Rollout (stage recpo)
 
@@ -244,6 +249,7 @@ class RecPOConfig:
     max_history: int = 20
     include_time: bool = False
     cowatch_hints: int | None = None
+    cowatch_distill: float = 0.0
     # -- rollout
     num_generations: int = 4
     temperature: float = 1.0
@@ -312,6 +318,10 @@ class RecPOConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cowatch_hints is not None and self.cowatch_hints < 0:
             raise ValueError(f"cowatch_hints must be >= 0 or null, got {self.cowatch_hints}")
+        if not 0.0 <= self.cowatch_distill <= 1.0:
+            raise ValueError(f"cowatch_distill must be in [0, 1], got {self.cowatch_distill}")
+        if self.cowatch_distill and self.cowatch_hints == 0:
+            raise ValueError("cowatch_distill needs co-watch hints: set cowatch_hints > 0 (or null)")
         if self.lr_decay_steps is not None and self.lr_decay_steps <= self.warmup_steps:
             raise ValueError(
                 f"lr_decay_steps must be > warmup_steps ({self.warmup_steps}) or null, "

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from model.cowatch import pair_counts, user_sequences
+from model.cowatch import pair_counts, top, user_sequences
 from model.prompts import HistoryEntry
 
 if TYPE_CHECKING:
@@ -69,6 +69,18 @@ class TrainingPrompts:
         if user not in self._own:
             self._own[user] = pair_counts(self.sequences.get(user, []), self.model.prompts.cowatch_window)
         return self._own[user]
+
+    def hints(self, rows: pd.DataFrame) -> list[dict[str, float]]:
+        """Each row's hinted items with their co-watch scores (its own user left out): what
+        its prompt names, and the teacher of `cowatch_distill` (model/train.py)."""
+        table, k = self.model.cowatch, self.model.prompts.cowatch_hints
+        if table is None or not k:
+            return [{} for _ in range(len(rows))]
+        out = []
+        for user, history in zip(rows["user_id"], rows["history_item_ids"], strict=True):
+            scores = table.scores([str(i) for i in history], self.own_pairs(str(user)))
+            out.append({j: scores[j] for j in top(scores, k)})
+        return out
 
     def __call__(self, rows: pd.DataFrame) -> list[list[int]]:
         histories = sample_histories(rows, self.titles)

@@ -123,6 +123,8 @@ class Trainer:
             hints = self.model.prompts.cowatch_hints
         self.model.prompts = dataclasses.replace(self.model.prompts, cowatch_hints=hints)
         self.model.cowatch = None
+        if self.cfg.cowatch_distill and not hints:
+            raise ValueError("cowatch_distill needs co-watch hints: the config and the warm start name none")
         if hints:
             train = dataset.split("train")
             self.model.cowatch = CoWatch.from_samples(train, self.titles, self.model.prompts.cowatch_window)
@@ -236,7 +238,9 @@ class Trainer:
             drop = table.history_mask(list(rows["history_item_ids"])) if cfg.mask_history else None
             logits = losses.catalog_logits(users, table.vectors, model.tau, own, drop)  # table detached
             return losses.contrastive_loss(logits, own)
-        return self._in_batch_loss(users, targets, self._in_batch_columns(targets))
+        columns = self._in_batch_columns(targets)
+        loss, stats = self._in_batch_loss(users, targets, columns)
+        return self._with_distillation(loss, stats, users, rows, columns)
 
     def _in_batch_columns(self, targets: list[str]) -> tuple[torch.Tensor, list[str]]:
         """The batch's targets plus `sampled_negatives` uniform items, encoded live with gradient
@@ -257,6 +261,54 @@ class Trainer:
             count = losses.log_expected_count(log_q, len(targets), cfg.sampled_negatives, len(table.item_ids))
             logits = logits - count.to(logits.device)
         return losses.contrastive_loss(logits, own)
+
+    def _with_distillation(
+        self,
+        loss: torch.Tensor,
+        stats: dict[str, float],
+        users: torch.Tensor,
+        rows: pd.DataFrame,
+        columns: tuple[torch.Tensor, list[str]],
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """`loss` (the target's cross-entropy) mixed with the co-watch distillation at weight
+        `cowatch_distill`: (1 - w) * loss + w * distillation."""
+        w = self.cfg.cowatch_distill
+        if not w:
+            return loss, stats
+        distill = self._distillation_loss(users, rows, columns)
+        stats["loss/distill"] = float(distill.detach())
+        return (1 - w) * loss + w * distill, stats
+
+    def _distillation_loss(
+        self, users: torch.Tensor, rows: pd.DataFrame, columns: tuple[torch.Tensor, list[str]]
+    ) -> torch.Tensor:
+        """Co-watch distillation: each user's softmax over the step's columns plus its own
+        hinted items (encoded live, with gradient), scored by soft cross-entropy against the
+        hints' co-watch counts normalised to sum to 1 (the teacher, model/cowatch.py). The
+        target alone is one item, hinted for ~1 sample in 5; this tells rec_head for every
+        sample how the counts rank what the prompt names. Columns that hold one of the user's
+        own hints are dropped from its softmax (the hint's column stands for the item)."""
+        hints = self.prompt_ids.hints(rows)  # (B,) {item: count}
+        ids = list(dict.fromkeys(j for h in hints for j in h))
+        if not ids:
+            return users.sum() * 0.0
+        vecs = self.table.encode(self.model, ids)  # (K, H), with gradient
+        self.table.update(ids, vecs)
+        pos = {j: c for c, j in enumerate(ids)}
+        own = torch.zeros(len(hints), len(ids), dtype=torch.bool)
+        teacher = torch.zeros(len(hints), len(ids))
+        for u, h in enumerate(hints):
+            total = sum(h.values())
+            for j, count in h.items():
+                own[u, pos[j]], teacher[u, pos[j]] = True, count / total
+        col_vecs, col_ids = columns
+        dup = torch.tensor([[c in h for c in col_ids] for h in hints], dtype=torch.bool)
+        base = (users @ col_vecs.T / self.model.tau).float().masked_fill(dup.to(users.device), float("-inf"))
+        mine = (users @ vecs.T / self.model.tau).float().masked_fill(~own.to(users.device), float("-inf"))
+        logp = torch.log_softmax(torch.cat([base, mine], dim=1), dim=1)[:, base.shape[1] :]  # (B, K)
+        per_user = -(teacher.to(logp.device) * logp.masked_fill(~own.to(logp.device), 0.0)).sum(1)
+        has = own.any(1).to(per_user.device)
+        return per_user[has].mean()
 
     def _user_hidden(self, keys: list, seqs: list[list[int]]) -> torch.Tensor:
         """Final hidden states (B, L, H) of fixed training sequences: through the lower-layer
@@ -324,6 +376,7 @@ class Trainer:
             stats["rank/self/median"] = self_stats["rank/median"]
             stats["hindsight/tokens/mean"] = float(np.mean([len(c) for c in rollout.completion_ids]))
         else:
+            gold_loss, stats = self._with_distillation(gold_loss, stats, users[:B], rows, columns)
             loss = loss + gold_loss
         stats.update(
             {

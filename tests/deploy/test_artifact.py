@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from model.rationale import RATED
@@ -40,13 +41,16 @@ def test_the_shipped_model_reasons_in_the_rationale_format_about_the_history():
     from model.r2ec import GenerationSettings
 
     model = load_checkpoint_model(ARTIFACT)
-    history = [
-        HistoryEntry("Star Wars", 5.0),
-        HistoryEntry("Empire Strikes Back, The", 5.0),
-        HistoryEntry("Return of the Jedi", 4.0),
-        HistoryEntry("Raiders of the Lost Ark", 4.0),
-        HistoryEntry("Sleepless in Seattle", 2.0),
+    items = pd.read_parquet(ARTIFACT / "items.parquet")
+    ids = dict(zip(items["title"], items["item_id"].astype(str), strict=True))
+    rated = [
+        ("Star Wars", 5.0),
+        ("Empire Strikes Back, The", 5.0),
+        ("Return of the Jedi", 4.0),
+        ("Raiders of the Lost Ark", 4.0),
+        ("Sleepless in Seattle", 2.0),
     ]
+    history = [HistoryEntry(title, rating, item_id=ids[title]) for title, rating in rated]
     backend = make_backend(model, "engine")
     rollout, vectors = backend.generate(
         model.user_prompt_ids([history]), GenerationSettings(max_new_tokens=64), model.title_lists([history])

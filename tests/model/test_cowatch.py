@@ -178,6 +178,38 @@ def test_training_with_hints_ships_the_table_in_its_checkpoint_and_the_service_r
         load_checkpoint(best, dtype="float32")
 
 
+def test_cowatch_distillation_teaches_the_ranking_of_the_hints(tiny_dataset, tmp_path):
+    from model.train import Trainer
+
+    cfg = RecPOConfig(
+        stage="contrastive",
+        cowatch_hints=3,
+        cowatch_distill=0.5,
+        per_device_batch_size=4,
+        learning_rate=1e-2,
+        dtype="float32",
+        warmup_steps=0,
+        eval_limit=4,
+        lora_r=4,
+        lora_alpha=8,
+    )
+    trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    rows = tiny_dataset.split("train").iloc[:4]
+    hints = trainer.prompt_ids.hints(rows)
+    assert any(hints) and all(len(h) <= 3 for h in hints)
+    distill = []
+    for _ in range(4):
+        loss, stats = trainer.contrastive_loss(rows)
+        loss.backward()
+        trainer.opt.step()
+        distill.append(stats["loss/distill"])
+    assert distill[-1] < distill[0]
+    with pytest.raises(ValueError, match="cowatch_distill needs"):
+        RecPOConfig(cowatch_hints=0, cowatch_distill=0.5)
+    with pytest.raises(ValueError, match="cowatch_distill needs"):
+        Trainer(dataclasses.replace(cfg, cowatch_hints=None), tiny_dataset, "tiny", tmp_path / "other")
+
+
 def test_lr_decays_by_cosine_to_the_floor_after_warmup():
     from model.optim import lr_factor
 
