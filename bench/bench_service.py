@@ -245,7 +245,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="checkpoints/current")
     parser.add_argument("--data", default="data/ml-100k/loo")
     parser.add_argument("--servers", default=",".join(SERVERS), help=f"subset of {','.join(SERVERS)}")
-    parser.add_argument("--quantize", default="none", choices=["none", "int8"], help="engine servers")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "auto"], help="engine servers")
     parser.add_argument("--tokens", type=int, default=64, help="max_reasoning_tokens per request")
     parser.add_argument("--levels", default="1,32", help="concurrency levels")
     parser.add_argument("--requests", default="8,64", help="requests per concurrency level")

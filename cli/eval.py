@@ -68,8 +68,9 @@ def eval_cmd(
     quantize: Annotated[
         str,
         typer.Option(
-            help="engine backend: none, or int8 weights for decode steps of up to 8 rows (so "
-            "with --batch-size 8 or less), as R2EC_QUANTIZE=int8 serves; BENCHMARKS.md §7"
+            help="engine backend: none, int8 (int8 weights for decode steps of up to 8 rows, so "
+            "with --batch-size 8 or less) or auto (int8 for bf16 on the CPU), as R2EC_QUANTIZE "
+            "serves; BENCHMARKS.md §7"
         ),
     ] = "none",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
@@ -95,8 +96,8 @@ def eval_cmd(
         fail("--compare-reasoning needs --checkpoint or --base")
     if backend not in ("engine", "hf"):
         fail(f"--backend must be engine or hf, got {backend!r}")
-    if quantize not in ("none", "int8"):
-        fail(f"--quantize must be none or int8, got {quantize!r}")
+    if quantize not in ("none", "int8", "auto"):
+        fail(f"--quantize must be none, int8 or auto, got {quantize!r}")
     if quantize == "int8" and (backend != "engine" or dtype != "bfloat16"):
         fail("--quantize int8 needs --backend engine and --dtype bfloat16 (the int8 kernel reads bf16)")
     try:
@@ -128,7 +129,7 @@ def eval_cmd(
         gen = make_backend(model, backend, slots=batch_size, quantize=quantize)  # type: ignore[arg-type]
         extra["backend"] = gen.name
         if gen.name == "engine":
-            extra["quantize"] = quantize
+            extra["quantize"] = gen.engine.quantize  # auto resolved
         result = evaluate_model(model, ds, vectors, cfg, backend=gen)
         if compare_reasoning:
             off = evaluate_model(model, ds, vectors, dataclasses.replace(cfg, reasoning=False), backend=gen)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-Quantize = Literal["none", "int8"]
+Quantize = Literal["none", "int8", "auto"]
 
 # Row counts up to which a matmul takes the decode-step path (prepacked bf16 or int8 weights);
 # a prefill's many rows go through plain `F.linear`, which is faster there (BENCHMARKS.md §7).
@@ -110,6 +110,9 @@ class DecoderEngine:
             raise ValueError(f"need slots >= 1 and max_len >= 2, got {slots}, {max_len}")
         cfg = lm.config
         self.dtype = next(lm.parameters()).dtype
+        on_cpu = next(lm.parameters()).device.type == "cpu"
+        if quantize == "auto":  # int8 where its kernel runs: a bfloat16 model on the CPU
+            quantize = "int8" if self.dtype == torch.bfloat16 and on_cpu else "none"
         if quantize == "int8" and self.dtype != torch.bfloat16:
             raise ValueError("int8 weights need a bfloat16 model (the int8 kernel reads bf16 activations)")
         self.device = next(lm.parameters()).device

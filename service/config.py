@@ -58,10 +58,11 @@ class Settings(BaseSettings):
         "from its KV cache (Llama-shaped models; others fall back to hf), hf = transformers' "
         "generate + a second forward, the reference.",
     )
-    quantize: Literal["none", "int8"] = Field(
+    quantize: Literal["none", "int8", "auto"] = Field(
         "none",
         description="engine backend: int8 weights for small-batch decode steps (bfloat16 models); "
-        "BENCHMARKS.md §7 has the speed and the agreement with the reference.",
+        "auto = int8 for a bfloat16 model on the CPU, none otherwise. BENCHMARKS.md §7 has the "
+        "speed and the agreement with the reference.",
     )
     constrain_titles: bool = Field(
         True,

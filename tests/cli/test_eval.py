@@ -49,7 +49,7 @@ def test_eval_json_for_pop_and_a_checkpoint_with_reasoning(tiny_dataset, tiny_ch
         (["--baseline", "pop", "--base", "tiny"], "give exactly one of --checkpoint, --base or --baseline"),
         (["--baseline", "random"], "--baseline must be one of pop, sasrec, cowatch, got 'random'"),
         (["--baseline", "pop", "--mask", "history"], "mask must be one of"),
-        (["--base", "tiny", "--quantize", "int4"], "--quantize must be none or int8"),
+        (["--base", "tiny", "--quantize", "int4"], "--quantize must be none, int8 or auto"),
         (["--base", "tiny", "--quantize", "int8", "--dtype", "float32"], "--quantize int8 needs"),
         (["--baseline", "pop", "--compare-reasoning"], "--compare-reasoning needs"),
         (["--baseline", "pop", "--split", "dev"], "dev"),

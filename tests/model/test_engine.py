@@ -147,6 +147,9 @@ def test_int8_weights_stay_close_to_the_model(tiny_model):
     assert torch.nn.functional.cosine_similarity(last[0].float(), ref[-1].float(), dim=0) > 0.99
     with pytest.raises(ValueError, match="bfloat16"):
         DecoderEngine(tiny_model.lm, quantize="int8")  # a float32 model
+    # auto: int8 where the kernel runs (bf16 on the CPU), plain weights otherwise
+    assert DecoderEngine(lm, slots=1, quantize="auto").quantize == "int8"
+    assert DecoderEngine(tiny_model.lm, slots=1, quantize="auto").quantize == "none"
 
 
 def test_bf16_decode_steps_through_prepacked_weights_match_a_prefill(tiny_model):
