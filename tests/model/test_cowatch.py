@@ -8,7 +8,7 @@ import dataclasses
 import pandas as pd
 import pytest
 
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import export_checkpoint, load_checkpoint, save_checkpoint
 from model.cowatch import FILE, HINTS_PREFIX, CoWatch, pair_counts, user_sequences
 from model.prompts import HistoryEntry
 from model.recpo import RecPOConfig
@@ -161,6 +161,11 @@ def test_training_with_hints_ships_the_table_in_its_checkpoint_and_the_service_r
     engine.catalog.upsert(second, {"title": "Renamed Film"})
     assert f"{HINTS_PREFIX} Renamed Film" in engine.prepare(query).prompt
     assert expected.titles[first] not in engine.prepare(query).prompt
+
+    # the small copy to ship keeps the table
+    export_checkpoint(best, tmp_path / "shipped", {"command": "test"})
+    shipped = load_checkpoint(tmp_path / "shipped", dtype="float32")
+    assert shipped.model.cowatch.successors == expected.successors
 
     # a checkpoint whose prompts name hints cannot be written or read without its table
     ckpt.model.cowatch = None
