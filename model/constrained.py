@@ -11,7 +11,9 @@ decoded under a grammar:
 
 Once the written text contains the trigger ("Rated highest:"), every next token must keep the
 text after it a prefix of a string of that grammar; when the list is closed by "." decoding is
-free again. Everything else the model writes is untouched (greedy or sampled as asked).
+free again, except that the token right after a bare closing "." starts with white space (or
+stops), so the next sentence cannot run into the last title. Everything else the model writes
+is untouched (greedy or sampled as asked).
 
 `TitleList.allowed(ids)` is stateless: it decodes the row's tokens and runs the grammar over the
 text after the trigger (a handful of titles, under 100 characters), so it needs no bookkeeping
@@ -57,6 +59,10 @@ class TokenStrings:
         # tokens that close the list: "." alone or followed by white space (".\n")
         closing = (ids for text, ids in self.by_text.items() if text[:1] == END and not text[1:].strip())
         self.closing = [i for ids in closing for i in ids]
+        # what may follow a list closed by a bare ".": white space or a stop (special) token, so
+        # the next sentence cannot glue onto the last title ("Streetcar Named Desire, A.Likes")
+        spaced = (ids for text, ids in self.by_text.items() if text[:1].isspace())
+        self.after_close = sorted({i for ids in spaced for i in ids} | special)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -126,8 +132,11 @@ class TitleList:
         at = text.rfind(self.trigger) if self.trigger else 0
         if at < 0:
             return None
-        states = self._states(text[at + len(self.trigger) :])
+        written = text[at + len(self.trigger) :]
+        states = self._states(written)
         if states is None:
+            if written.endswith(END) and any(not s.pending for s in self._states(written[:-1]) or ()):
+                return self.strings.after_close  # the list closed on this very "."
             return None
         key = frozenset(states)
         if key not in self._allowed:

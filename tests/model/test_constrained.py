@@ -78,6 +78,19 @@ def test_allowed_tokens_continue_a_title_and_cross_into_the_next(tiny_model, str
     assert not any(t.startswith(";") for t in texts)  # three listed: only the end is left
 
 
+def test_the_token_after_a_bare_closing_stop_is_white_space_or_a_stop(tiny_model, strings):
+    # "Streetcar Named Desire, A.Likes ...": a sentence glued to the last title
+    constraint = TitleList(["Streetcar Named Desire, A", "Heat"], strings)
+    closed = tiny_model.encode_text([f"{RATED} Heat; Streetcar Named Desire, A."])[0]
+    allowed = constraint.allowed(closed)
+    assert allowed, "the token right after the closing stop is constrained"
+    special = set(tiny_model.tokenizer.all_special_ids)
+    assert all(i in special or strings.decode([i])[:1].isspace() for i in allowed)
+    assert tiny_model.tokenizer.eos_token_id in allowed
+    # one token later decoding is free again
+    assert constraint.allowed(closed + tiny_model.encode_text([" Lately"])[0]) is None
+
+
 def test_only_a_full_stop_closes_the_list(tiny_model, strings):
     constraint = TitleList(["Heat"], strings)
     texts = {strings.decode([i]) for i in constraint.allowed(tiny_model.encode_text([f"{RATED} Heat"])[0])}
