@@ -24,8 +24,10 @@ def test_the_shipped_artifact_is_small_and_says_where_it_came_from():
     assert meta["weights"] == "lora" and meta["base"] == "smollm2"
     assert meta["item_vectors"] == "absent" and not (ARTIFACT / "item_vectors.npy").exists()
     assert (ARTIFACT / "adapter").is_dir() and (ARTIFACT / "tokenizer").is_dir()
+    # its prompts end with co-watch hints, and the table they come from travels with it
+    assert meta["prompts"]["cowatch_hints"] > 0 and (ARTIFACT / "cowatch.parquet").is_file()
     prov = meta["provenance"]
-    assert prov["command"].startswith("r2ec train") and re.fullmatch(r"[0-9a-f]{40}", prov["commit"])
+    assert "r2ec train" in prov["command"] and re.fullmatch(r"[0-9a-f]{40}", prov["commit"])
     measured = prov["measured"]
     assert measured["split"] == "test" and measured["mask"] == "seen" and measured["count"] == 943
     assert 0 < measured["metrics"]["ndcg@10"] < 1 and "paired_ndcg@10" in measured
