@@ -16,6 +16,17 @@ from model.samples import TrainingPrompts, history_entries
 from model.train import train
 
 TITLES = {i: f"Film {i.upper()}" for i in "abcdefgh"}
+# contrastive training of the tiny model with 3 hints per prompt
+TINY_HINTS = dict(
+    stage="contrastive",
+    cowatch_hints=3,
+    per_device_batch_size=4,
+    dtype="float32",
+    warmup_steps=0,
+    eval_limit=4,
+    lora_r=4,
+    lora_alpha=8,
+)
 
 
 def test_pair_counts_weigh_each_later_item_by_one_over_its_distance_within_the_window():
@@ -129,18 +140,7 @@ def test_training_with_hints_ships_the_table_in_its_checkpoint_and_the_service_r
     from service.store import Event
     from service.types import Query
 
-    cfg = RecPOConfig(
-        stage="contrastive",
-        cowatch_hints=3,
-        per_device_batch_size=4,
-        max_steps=1,
-        eval_every=1,
-        dtype="float32",
-        warmup_steps=0,
-        eval_limit=4,
-        lora_r=4,
-        lora_alpha=8,
-    )
+    cfg = RecPOConfig(max_steps=1, eval_every=1, **TINY_HINTS)
     best = train(cfg, tiny_dataset, "tiny", tmp_path / "run")
     assert (best / FILE).exists()
     ckpt = load_checkpoint(best, dtype="float32")
@@ -186,18 +186,7 @@ def test_training_with_hints_ships_the_table_in_its_checkpoint_and_the_service_r
 def test_cowatch_distillation_teaches_the_ranking_of_the_hints(tiny_dataset, tmp_path):
     from model.train import Trainer
 
-    cfg = RecPOConfig(
-        stage="contrastive",
-        cowatch_hints=3,
-        cowatch_distill=0.5,
-        per_device_batch_size=4,
-        learning_rate=1e-2,
-        dtype="float32",
-        warmup_steps=0,
-        eval_limit=4,
-        lora_r=4,
-        lora_alpha=8,
-    )
+    cfg = RecPOConfig(cowatch_distill=0.5, learning_rate=1e-2, **TINY_HINTS)
     trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
     rows = tiny_dataset.split("train").iloc[:4]
     hints = trainer.prompt_ids.hints(rows)
