@@ -11,9 +11,10 @@ decoded under a grammar:
 
 Once the written text contains the trigger ("Rated highest:"), every next token must keep the
 text after it a prefix of a string of that grammar; when the list is closed by "." decoding is
-free again, except that the token right after a bare closing "." starts with white space (or
-stops), so the next sentence cannot run into the last title. Everything else the model writes
-is untouched (greedy or sampled as asked).
+free again, once the format's next sentence has begun (" Lately", model/rationale.py) or the
+text stopped: right after the list nothing else may come, so no name or sentence runs on from
+the last title ("Streetcar Named Desire, A. J. Clarke"). Everything else the model writes is
+untouched (greedy or sampled as asked).
 
 `TitleList.allowed(ids)` is stateless: it decodes the row's tokens and runs the grammar over the
 text after the trigger (a handful of titles, under 100 characters), so it needs no bookkeeping
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
-from model.rationale import RATED, TOP_RATED
+from model.rationale import LATELY, RATED, TOP_RATED
 
 SEPARATOR, END = ";", "."
 
@@ -59,10 +60,7 @@ class TokenStrings:
         # tokens that close the list: "." alone or followed by white space (".\n")
         closing = (ids for text, ids in self.by_text.items() if text[:1] == END and not text[1:].strip())
         self.closing = [i for ids in closing for i in ids]
-        # what may follow a list closed by a bare ".": white space or a stop (special) token, so
-        # the next sentence cannot glue onto the last title ("Streetcar Named Desire, A.Likes")
-        spaced = (ids for text, ids in self.by_text.items() if text[:1].isspace())
-        self.after_close = sorted({i for ids in spaced for i in ids} | special)
+        self.stops = sorted(special)  # special tokens: the stop tokens among them end the text
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -92,12 +90,18 @@ class TitleList:
     """The grammar for one prompt: its history window's titles (see the module docstring)."""
 
     def __init__(
-        self, titles: Sequence[str], strings: TokenStrings, max_entries: int = TOP_RATED, trigger: str = RATED
+        self,
+        titles: Sequence[str],
+        strings: TokenStrings,
+        max_entries: int = TOP_RATED,
+        trigger: str = RATED,
+        follow: str = " " + LATELY,
     ) -> None:
         self.titles = list(dict.fromkeys(t.strip() for t in titles if t and t.strip()))
         self.strings = strings
         self.max_entries = max_entries
         self.trigger = trigger  # "": the list is the first thing written
+        self.follow = follow  # what may come right after the list, else a stop
         self._allowed: dict[frozenset[_State], list[int] | None] = {}  # per grammar state
 
     def _starts(self, used: frozenset[int]) -> list[_State]:
@@ -105,24 +109,25 @@ class TitleList:
             return []
         return [_State(" " + t, used | {j}) for j, t in enumerate(self.titles) if j not in used]
 
-    def _states(self, written: str) -> list[_State] | None:
-        """The grammar's states after `written` (the text after the trigger); None when the
-        list is closed, or when the text left the grammar (written before the constraint)."""
+    def _states(self, written: str) -> tuple[list[_State] | None, int | None]:
+        """The grammar's states after `written` (the text after the trigger), and None; or None
+        and the index of the "." that closed the list; or None, None when the text left the
+        grammar (written before the constraint)."""
         states = self._starts(frozenset())
-        for ch in written:
+        for at, ch in enumerate(written):
             nxt: list[_State] = []
             for s in states:
                 if s.pending:
                     if ch == s.pending[0]:
                         nxt.append(_State(s.pending[1:], s.used))
                 elif ch == END:
-                    return None
+                    return None, at
                 elif ch == SEPARATOR:
                     nxt.extend(self._starts(s.used))
             states = list(dict.fromkeys(nxt))
             if not states:
-                return None
-        return states
+                return None, None
+        return states, None
 
     def allowed(self, completion_ids: Sequence[int]) -> list[int] | None:
         """The token ids that may follow `completion_ids`, or None where decoding is free."""
@@ -133,10 +138,13 @@ class TitleList:
         if at < 0:
             return None
         written = text[at + len(self.trigger) :]
-        states = self._states(written)
+        states, closed = self._states(written)
         if states is None:
-            if written.endswith(END) and any(not s.pending for s in self._states(written[:-1]) or ()):
-                return self.strings.after_close  # the list closed on this very "."
+            after = "" if closed is None else written[closed + 1 :]
+            if closed is not None and self.follow.startswith(after) and len(after) < len(self.follow):
+                # right after the list: the format's next sentence or a stop, nothing else, so
+                # no name or sentence runs on from the last title ("... Desire, A. J. Clarke")
+                return self.strings.prefixes_of(self.follow[len(after) :]) + self.strings.stops
             return None
         key = frozenset(states)
         if key not in self._allowed:

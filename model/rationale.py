@@ -32,6 +32,7 @@ DRIFT = 0.2
 # The sentence that lists the highest-rated titles, and how many it lists (inference decodes
 # that list under a grammar of the prompt's titles: model/constrained.py).
 RATED = "Rated highest:"
+LATELY = "Lately"  # the drift sentence that may follow the list: "Lately more Thriller."
 TOP_RATED = 3
 
 
@@ -93,7 +94,7 @@ def taste_lines(history: Sequence[tuple[ItemFacts, float | None]]) -> list[str]:
         lift = {g: recent[g] / RECENT - overall[g] / len(history) for g in recent if recent[g] >= 2}
         if lift and max(lift.values()) >= DRIFT:
             order = {g: i for i, g in enumerate(recent)}  # ties: the genre listed first
-            lines.append(f"Lately more {max(lift, key=lambda g: (lift[g], -order[g]))}.")
+            lines.append(f"{LATELY} more {max(lift, key=lambda g: (lift[g], -order[g]))}.")
     return lines
 
 
