@@ -11,7 +11,7 @@ like any other line: the LLM-as-ranker-over-retrieved-candidates idea, with the 
 the prompt rather than as a hard candidate filter, so the full-catalog ranking stays rec_head's.
 
 Measured on ml-100k (BENCHMARKS.md §1): these counts alone rank the test target at NDCG@10
-0.100 under the seen mask, against 0.045 for popularity and 0.108 for SASRec.
+0.101 under the seen mask, against 0.045 for popularity and 0.108 for SASRec.
 
 Training must not see a user's own future in the hints: a training sample's hints are ranked
 with the user's own pairs taken out of the counts (`hints(..., without=pairs_of(seq))`), so

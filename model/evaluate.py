@@ -343,8 +343,11 @@ def evaluate_cowatch(dataset: PreparedDataset, cfg: EvalConfig, window: int = 10
 
     table = CoWatch.from_samples(dataset.split("train"), dataset.item_titles(), window)
     pop = popularity_scores(dataset.split("train"), dataset.items)
-    tie = torch.from_numpy(pop / (pop.max() + 1.0)).float()  # < 1, below any co-watch count
-    col = {str(i): c for c, i in enumerate(dataset.items["item_id"])}
+    # Popularity only breaks ties. Two different co-watch scores (sums of 1 / (distance * k),
+    # both at most 10) differ by at least 1 / 2520**2 ~ 1.6e-7, so a tie-break below 1e-8 never
+    # reorders them; float64 keeps both.
+    tie = torch.from_numpy(pop / (pop.max() + 1.0) * 1e-8).double()
+    col = _column_index(dataset.items)
 
     def scores(chunk: pd.DataFrame) -> torch.Tensor:
         out = tie.expand(len(chunk), -1).clone()
