@@ -140,8 +140,8 @@ class TitleList:
         written = text[at + len(self.trigger) :]
         states, closed = self._states(written)
         if states is None:
-            after = "" if closed is None else written[closed + 1 :]
-            if closed is not None and self.follow.startswith(after) and len(after) < len(self.follow):
+            after = None if closed is None else written[closed + 1 :]
+            if after is not None and self.follow.startswith(after) and len(after) < len(self.follow):
                 # right after the list: the format's next sentence or a stop, nothing else, so
                 # no name or sentence runs on from the last title ("... Desire, A. J. Clarke")
                 return self.strings.prefixes_of(self.follow[len(after) :]) + self.strings.stops
