@@ -53,8 +53,9 @@ def weight_bytes(engine) -> int:
 
 
 def kernels() -> None:
-    """The two choices inside the engine's decode step, timed on SmolLM2's shapes over 30
-    distinct weights / caches (one per layer, so nothing stays in the CPU cache)."""
+    """The engine's kernel choices (matmul path by row count, decode attention), timed on
+    SmolLM2's shapes over 30 distinct weights / caches (one per layer, so nothing stays in the
+    CPU cache)."""
     import torch
     import torch.nn.functional as F
 
@@ -66,24 +67,29 @@ def kernels() -> None:
             fn()
         return (time.perf_counter() - t) / repeats / calls * 1e6
 
-    print("\n| kernel | rows | us per call (30 distinct weights or caches) |\n|---|---|---|")
     ws = [torch.randn(3072, 576, dtype=torch.bfloat16) for _ in range(30)]  # gate/up fused
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
     int8 = [
         (torch.randint(-127, 127, w.shape, dtype=torch.int8), torch.rand(3072, dtype=torch.bfloat16))
         for w in ws
     ]
-    for rows in (1, 8):
+    # the matmul's three paths by row count (model/engine.py's INT8_ROWS and PACKED_ROWS): a
+    # decode step has one row per live sequence, a prefill one per prompt token
+    print("\n| 3072x576 bf16 matmul, rows | F.linear us | oneDNN prepacked us | int8 weight-only us |")
+    print("|---|---|---|---|")
+    for rows in (1, 2, 4, 8, 16, 32, 64, 256):
         x = torch.randn(rows, 576, dtype=torch.bfloat16)
-        for name, fn in (
-            ("F.linear bf16 3072x576", lambda x=x: [F.linear(x, w) for w in ws]),
-            (
-                "oneDNN prepacked bf16",
+        repeats = 20 if rows <= 16 else 5
+        times = [
+            per_call(fn, 30, repeats)
+            for fn in (
+                lambda x=x: [F.linear(x, w) for w in ws],
                 lambda x=x: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in packed],
-            ),
-            ("int8 weight-only", lambda x=x: [torch._weight_int8pack_mm(x, *w) for w in int8]),
-        ):
-            print(f"| {name} | {rows} | {per_call(fn, 30):.0f} |")
+                lambda x=x: [torch._weight_int8pack_mm(x, *w) for w in int8],
+            )
+        ]
+        print(f"| {rows} | " + " | ".join(f"{t:.0f}" for t in times) + " |")
+    print("\n| kernel | rows | us per call (30 distinct weights or caches) |\n|---|---|---|")
     length = 250
     caches = [(torch.randn(8, 3, 1024, 64, dtype=torch.bfloat16),) * 2 for _ in range(30)]
     for rows in (1, 8):
@@ -210,6 +216,34 @@ def main() -> None:
         )
     if args.kernels:
         kernels()
+        prefill_paths(model, prompts)
+
+
+def prefill_paths(model, prompts: list[list[int]]) -> None:
+    """A whole prompt's prefill through the engine with its matmuls on `F.linear` (the
+    engine's PACKED_ROWS) against oneDNN-prepacked weights for any row count."""
+    import statistics
+
+    from model import engine as engine_mod
+
+    print("\n| prefill matmuls | prompt tokens | ms per prompt (median of 3 passes) |\n|---|---|---|")
+    kept = engine_mod.PACKED_ROWS
+    try:
+        paths = ((f"F.linear above {kept} rows (PACKED_ROWS)", kept), ("prepacked at any rows", 1 << 30))
+        for name, limit in paths:
+            engine_mod.PACKED_ROWS = limit
+            engine = engine_mod.DecoderEngine(model.lm, slots=1)
+            times = []
+            for _ in range(3):
+                for ids in prompts:
+                    engine.reset(0)
+                    t = time.perf_counter()
+                    engine.prefill(0, ids)
+                    times.append(time.perf_counter() - t)
+            lens = f"{min(map(len, prompts))}-{max(map(len, prompts))}"
+            print(f"| {name} | {lens} | {1e3 * statistics.median(times):.0f} |")
+    finally:
+        engine_mod.PACKED_ROWS = kept
 
 
 if __name__ == "__main__":

@@ -68,9 +68,9 @@ def eval_cmd(
     quantize: Annotated[
         str,
         typer.Option(
-            help="engine backend: none, int8 (int8 weights for decode steps of up to 8 rows, so "
-            "with --batch-size 8 or less) or auto (int8 for bf16 on the CPU), as R2EC_QUANTIZE "
-            "serves; BENCHMARKS.md §7"
+            help="engine backend: none, int8 (int8 weights for decode steps of a lone sequence, "
+            "so with --batch-size 1 for every step) or auto (int8 for bf16 on the CPU), as "
+            "R2EC_QUANTIZE serves; BENCHMARKS.md §7"
         ),
     ] = "none",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,

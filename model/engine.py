@@ -32,9 +32,13 @@ from transformers import PreTrainedModel
 
 Quantize = Literal["none", "int8", "auto"]
 
-# Row counts up to which a matmul takes the decode-step path (prepacked bf16 or int8 weights);
-# a prefill's many rows go through plain `F.linear`, which is faster there (BENCHMARKS.md §7).
-SMALL_ROWS = 8
+# How many rows a matmul may have to take each path, measured on a 2-core CPU with SmolLM2's
+# shapes (BENCHMARKS.md §7, "kernels by row count"): oneDNN-prepacked bf16 weights beat plain
+# `F.linear` from 1 row up to a 16-slot decode step (1.4-1.6x); int8 weights beat prepacked
+# bf16 only for a single row (they read half the bytes, but their kernel loses from 2-4 rows
+# on); more rows than PACKED_ROWS (a prefill) go through `F.linear`.
+INT8_ROWS = 1
+PACKED_ROWS = 16
 
 
 def unsupported_reason(lm: torch.nn.Module) -> str | None:
@@ -59,9 +63,10 @@ def _can_pack(weight: torch.Tensor) -> bool:
 
 
 class Linear:
-    """y = x W^T from a (N, K) weight. On the CPU in bf16 a decode step's few rows go through a
-    oneDNN-prepacked copy of the weight (the same numbers, 1.4-1.6x faster than `F.linear` for
-    1-8 rows: BENCHMARKS.md §7); optionally through int8 weights with per-row scales instead."""
+    """y = x W^T from a (N, K) weight. On the CPU in bf16 a decode step's rows go through a
+    oneDNN-prepacked copy of the weight (the same numbers as `F.linear`, faster for 1-16 rows);
+    with `quantize="int8"` a lone row goes through int8 weights with per-row scales instead
+    (see INT8_ROWS and PACKED_ROWS)."""
 
     def __init__(self, weight: torch.Tensor, quantize: Quantize) -> None:
         self.weight = weight.detach().contiguous()
@@ -72,15 +77,15 @@ class Linear:
             scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
             q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
             self.int8 = (q, scales.to(self.weight.dtype))
-        elif _can_pack(self.weight):
+        if _can_pack(self.weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (M, K)
-        if x.shape[0] <= SMALL_ROWS:
-            if self.int8 is not None:
-                return torch._weight_int8pack_mm(x, *self.int8)
-            if self.packed is not None:
-                return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        rows = x.shape[0]
+        if self.int8 is not None and rows <= INT8_ROWS:
+            return torch._weight_int8pack_mm(x, *self.int8)
+        if self.packed is not None and rows <= PACKED_ROWS:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)
 
 

@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     )
     quantize: Literal["none", "int8", "auto"] = Field(
         "none",
-        description="engine backend: int8 weights for small-batch decode steps (bfloat16 models); "
+        description="engine backend: int8 weights for decode steps of a lone sequence (bfloat16 "
+        "models; with more rows the prepacked bf16 weights are faster); "
         "auto = int8 for a bfloat16 model on the CPU, none otherwise. BENCHMARKS.md §7 has the "
         "speed and the agreement with the reference.",
     )

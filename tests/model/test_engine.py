@@ -152,6 +152,28 @@ def test_int8_weights_stay_close_to_the_model(tiny_model):
     assert DecoderEngine(tiny_model.lm, slots=1, quantize="auto").quantize == "none"
 
 
+def test_int8_weights_serve_a_lone_sequence_and_prepacked_bf16_the_rest(tiny_model):
+    import copy
+
+    lm = copy.deepcopy(tiny_model.lm).to(torch.bfloat16)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN: no prepacked weights")
+    plain, int8 = DecoderEngine(lm, slots=2), DecoderEngine(lm, slots=2, quantize="int8")
+    prompts = [list(range(5, 30)), list(range(7, 25))]
+    steps = {}
+    for name, engine in (("plain", plain), ("int8", int8)):
+        for slot, ids in enumerate(prompts):
+            engine.prefill(slot, ids)
+        two = engine.decode([3, 4])  # two rows: prepacked bf16 in both engines
+        engine.reset(1)
+        one = engine.decode([5])  # one row: int8 in the int8 engine
+        steps[name] = (two, one)
+    assert torch.equal(steps["plain"][0], steps["int8"][0])
+    assert not torch.equal(steps["plain"][1], steps["int8"][1])
+    cos = torch.nn.functional.cosine_similarity(steps["plain"][1].float(), steps["int8"][1].float())
+    assert float(cos.min()) > 0.99
+
+
 def test_bf16_decode_steps_through_prepacked_weights_match_a_prefill(tiny_model):
     import copy
 
