@@ -43,9 +43,11 @@ SEPARATOR, END = ";", "."
 
 
 class TokenStrings:
-    """Every token's text, and the ids behind each distinct text (one per tokenizer)."""
+    """Every token's text, and the ids behind each distinct text (one per tokenizer).
+    `stop_ids`: the tokens that end a reasoning text (the model's EOS and end of turn); by
+    default every special token."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, stop_ids: Sequence[int] | None = None) -> None:
         self.tokenizer = tokenizer
         texts = tokenizer.batch_decode(
             [[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False
@@ -60,7 +62,7 @@ class TokenStrings:
         # tokens that close the list: "." alone or followed by white space (".\n")
         closing = (ids for text, ids in self.by_text.items() if text[:1] == END and not text[1:].strip())
         self.closing = [i for ids in closing for i in ids]
-        self.stops = sorted(special)  # special tokens: the stop tokens among them end the text
+        self.stops = sorted(special if stop_ids is None else set(stop_ids))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)

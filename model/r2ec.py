@@ -252,7 +252,7 @@ class R2ec:
     def token_strings(self) -> TokenStrings:
         """Every token's text (model/constrained.py), built on first use (~0.7 s for SmolLM2)."""
         if self._token_strings is None:
-            self._token_strings = TokenStrings(self.tokenizer)
+            self._token_strings = TokenStrings(self.tokenizer, self.stop_ids)
         return self._token_strings
 
     def title_lists(self, histories: Sequence[Sequence[HistoryEntry]]) -> list[TitleList]:

@@ -88,6 +88,11 @@ def test_right_after_the_list_only_the_next_sentence_or_a_stop_may_come(tiny_mod
         assert allowed and tiny_model.tokenizer.eos_token_id in allowed
         rest = " Lately"[len(strings.decode(written).rsplit(".", 1)[1]) :]
         assert all(i in special or rest.startswith(strings.decode([i])) for i in allowed)
+    # with the model's own stop tokens, no other special token may end the list
+    model_strings = tiny_model.token_strings()
+    assert set(model_strings.stops) == set(tiny_model.stop_ids) and len(special) > len(model_strings.stops)
+    allowed = TitleList(["Streetcar Named Desire, A", "Heat"], model_strings).allowed(closed)
+    assert not (set(allowed) & special) - set(tiny_model.stop_ids)
     # once the next sentence has begun, decoding is free again
     assert constraint.allowed(closed + tiny_model.encode_text([" Lately more"])[0]) is None
 
