@@ -15,6 +15,7 @@ from model.prompts import HistoryEntry
 from model.recpo import RecPOConfig
 from model.samples import TrainingPrompts, history_entries
 from model.train import train
+from tests.model.helpers import stats_over_steps
 
 TITLES = {i: f"Film {i.upper()}" for i in "abcdefgh"}
 # contrastive training of the tiny model with 3 hints per prompt
@@ -192,12 +193,7 @@ def test_cowatch_distillation_teaches_the_ranking_of_the_hints(tiny_dataset, tmp
     rows = tiny_dataset.split("train").iloc[:4]
     hints = trainer.prompt_ids.hints(rows)
     assert any(hints) and all(len(h) <= 3 for h in hints)
-    distill = []
-    for _ in range(4):
-        loss, stats = trainer.contrastive_loss(rows)
-        loss.backward()
-        trainer.opt.step()
-        distill.append(stats["loss/distill"])
+    distill = [s["loss/distill"] for s in stats_over_steps(trainer, lambda: trainer.contrastive_loss(rows))]
     assert distill[-1] < distill[0]
     with pytest.raises(ValueError, match="cowatch_distill needs"):
         RecPOConfig(cowatch_hints=0, cowatch_distill=0.5)

@@ -18,6 +18,7 @@ from model.distributed import resolve_device
 from model.item_table import ItemTable
 from model.recpo import RecPOConfig
 from model.train import Trainer, train
+from tests.model.helpers import stats_over_steps
 
 TINY = dict(dtype="float32", max_completion_length=8, warmup_steps=0, eval_limit=4, lora_r=4, lora_alpha=8)
 
@@ -31,12 +32,7 @@ def test_recpo_step_changes_the_weights_and_lowers_the_loss_on_a_fixed_rollout(t
     assert rb.advantages.abs().sum() > 0, "the toy rollout must carry a learning signal"
     params = trainer.params
     before = [p.detach().clone() for p in params]
-    losses = []
-    for _ in range(3):
-        loss, stats = trainer.recpo.policy_loss(rb)
-        loss.backward()
-        trainer.opt.step()
-        losses.append(stats["loss/total"])
+    losses = [s["loss/total"] for s in stats_over_steps(trainer, lambda: trainer.recpo.policy_loss(rb), 3)]
     changed = sum(not torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True))
     assert changed > 0
     assert losses[-1] < losses[0]
@@ -55,12 +51,7 @@ def test_contrastive_step_lowers_the_loss_on_a_fixed_batch(tiny_dataset, tmp_pat
     trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
     rows = tiny_dataset.split("train").iloc[:4]
     before = trainer.table.vectors.clone()
-    losses = []
-    for _ in range(4):
-        loss, stats = trainer.contrastive_loss(rows)
-        loss.backward()
-        trainer.opt.step()
-        losses.append(stats["loss/total"])
+    losses = [s["loss/total"] for s in stats_over_steps(trainer, lambda: trainer.contrastive_loss(rows))]
     assert losses[-1] < losses[0]
     # in_batch writes the batch's freshly encoded targets into the table; against the whole
     # (detached) table, the table only changes at a refresh.
@@ -79,12 +70,8 @@ def test_rationale_step_learns_the_text_and_the_ranking(tiny_dataset, tmp_path, 
     )
     trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
     rows = tiny_dataset.split("train").iloc[:4]
-    stats = [trainer.rationale_loss(rows)]
-    for _ in range(4):
-        stats[-1][0].backward()
-        trainer.opt.step()
-        stats.append(trainer.rationale_loss(rows))
-    first, last = stats[0][1], stats[-1][1]
+    stats = stats_over_steps(trainer, lambda: trainer.rationale_loss(rows))
+    first, last = stats[0], stats[-1]
     assert last["loss/lm"] < first["loss/lm"]  # it learns to write the rationale
     assert last["loss/contrastive"] < first["loss/contrastive"]  # and to rank after reading it
     assert first["rationale/tokens/mean"] > 5
