@@ -102,11 +102,6 @@ class RecPOConfig:
             distillation, the item loss becoming (1 - w) * the target's cross-entropy + w * a
             soft cross-entropy of the user's softmax (the step's columns plus its own hinted
             items) against the hints' co-watch counts (model/train.py). `0`: off.
-        cowatch_distill_item_grad (`bool`, defaults to `True`):
-            Whether the distillation's hinted items are encoded with gradient. `False`: their
-            vectors come from a forward without gradient (the user side still learns from
-            them), about a third of the cost of encoding them with it; the step's own columns
-            (targets and sampled negatives) keep their gradient either way.
 
         > Rollout (stage recpo)
 
@@ -255,7 +250,6 @@ class RecPOConfig:
     include_time: bool = False
     cowatch_hints: int | None = None
     cowatch_distill: float = 0.0
-    cowatch_distill_item_grad: bool = True
     # -- rollout
     num_generations: int = 4
     temperature: float = 1.0

@@ -283,9 +283,8 @@ class Trainer:
         self, users: torch.Tensor, rows: pd.DataFrame, columns: tuple[torch.Tensor, list[str]]
     ) -> torch.Tensor:
         """Co-watch distillation: each user's softmax over the step's columns plus its own
-        hinted items (encoded live; with gradient unless `cowatch_distill_item_grad` is off),
-        scored by soft cross-entropy against the hints' co-watch counts normalised to sum to 1
-        (the teacher, model/cowatch.py). The
+        hinted items (encoded live, with gradient), scored by soft cross-entropy against the
+        hints' co-watch counts normalised to sum to 1 (the teacher, model/cowatch.py). The
         target alone is one item, hinted for ~1 sample in 5; this tells rec_head for every
         sample how the counts rank what the prompt names. Columns that hold one of the user's
         own hints are dropped from its softmax (the hint's column stands for the item)."""
@@ -293,8 +292,7 @@ class Trainer:
         ids = list(dict.fromkeys(j for h in hints for j in h))
         if not ids:
             return users.sum() * 0.0
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.cowatch_distill_item_grad):
-            vecs = self.table.encode(self.model, ids)  # (K, H)
+        vecs = self.table.encode(self.model, ids)  # (K, H), with gradient
         self.table.update(ids, vecs)
         pos = {j: c for c, j in enumerate(ids)}
         own = torch.zeros(len(hints), len(ids), dtype=torch.bool)
