@@ -27,11 +27,12 @@ class Settings(BaseSettings):
         "empty = an in-process store (lost on restart).",
     )
     max_batch: int = Field(
-        8,
+        16,
         ge=1,
         le=256,
         description="Most /recommend requests decoding at once (continuous: the decode slots; "
-        "static: per batch).",
+        "static: per batch). 16 on 2 CPU cores: 1.4x the throughput of 8 at 32 concurrent "
+        "requests, as fast for one (BENCHMARKS.md §4); the KV cache takes ~24 MB a slot.",
     )
     max_wait_ms: float = Field(
         10.0, ge=0, le=10_000, description="How long the first request of a batch waits for others."
@@ -107,7 +108,8 @@ class Settings(BaseSettings):
         ge=1,
         le=100_000,
         description="Most /recommend requests waiting for a batch; one more gets 503 with Retry-After "
-        "(4 batches of 8: ~40 s of waiting with reasoning on 2 CPU cores).",
+        "(two rounds of the 16 decode slots: at 32 concurrent reasoning requests on 2 CPU cores the "
+        "p95 was ~13 s, BENCHMARKS.md §4).",
     )
     shutdown_grace_s: float = Field(
         30.0,
