@@ -11,9 +11,13 @@ the HF reference, and the memory-bandwidth roofline they are measured against.
 - Agreement: against HF `generate` at batch 1 on the same prompts (the reference): the share
   of greedy token positions equal to the reference's, and the cosine of h_T. HF's own batch-8
   rows are listed too: bf16 rounding differs with batch shape, so that row is the noise floor.
-- `--kernels`: the two kernel choices inside the engine's decode step, on SmolLM2's shapes:
-  a 1- or 8-row matmul through F.linear, oneDNN-prepacked bf16 or int8 weights; one new query
-  per row attending to 250 cached positions through SDPA or two fp32 matmuls.
+- Backends: `hf` (the reference), `engine` (model/engine.py, the prompt head from its prefix
+  cache), `engine-noprefix` (every prompt prefilled whole), `engine-int8` (int8 weights for a
+  lone sequence).
+- `--kernels`: the engine's kernel choices on SmolLM2's shapes: a matmul of 1 to 256 rows
+  through F.linear, oneDNN-prepacked bf16 or int8 weights; one new query per row attending to
+  250 cached positions through SDPA or two fp32 matmuls; a whole prompt's prefill with its
+  matmuls on F.linear or prepacked.
 Compare rows within one run only (BENCHMARKS.md: these machines vary day to day).
 """
 
@@ -124,7 +128,7 @@ def main() -> None:
     parser.add_argument("--data", default="data/ml-100k/loo")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rows", type=int, default=8, help="prompts (and the batch size)")
-    parser.add_argument("--backends", default="hf,engine,engine-int8")
+    parser.add_argument("--backends", default="hf,engine,engine-noprefix,engine-int8")
     parser.add_argument("--kernels", action="store_true", help="also time the decode step's kernels")
     args = parser.parse_args()
 
@@ -160,9 +164,12 @@ def main() -> None:
         t = time.perf_counter()
         if name == "hf":
             backend = hf
-        elif name in ("engine", "engine-int8"):
+        elif name in ("engine", "engine-int8", "engine-noprefix"):
             backend = EngineBackend(
-                model, slots=len(prompts), quantize="int8" if name.endswith("int8") else "none"
+                model,
+                slots=len(prompts),
+                quantize="int8" if name.endswith("int8") else "none",
+                prefix_cache=name != "engine-noprefix",
             )
         else:
             raise SystemExit(f"unknown backend {name}")

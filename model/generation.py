@@ -272,11 +272,22 @@ class EngineBackend:
 
     name = "engine"
 
-    def __init__(self, model: R2ec, slots: int = 8, quantize: Quantize = "none", max_len: int = 1024) -> None:
+    def __init__(
+        self,
+        model: R2ec,
+        slots: int = 8,
+        quantize: Quantize = "none",
+        max_len: int = 1024,
+        prefix_cache: bool = True,
+    ) -> None:
+        """`prefix_cache`: compute the prompt head all users share once (DecoderEngine.set_prefix)
+        and copy its keys and values into each prompt. In bf16 that changes the last bits of
+        what follows (the rest of the prompt is a separate prefill), enough to flip a near-tie
+        in some greedy texts: off, the engine writes the reference's tokens (BENCHMARKS.md §7)."""
         self.model = model
         self.engine = DecoderEngine(model.lm, slots=slots, max_len=max_len, quantize=quantize)
-        # prefix caching: the prompt head all users share is computed once (DecoderEngine.set_prefix)
-        self.engine.set_prefix(model.user_prompt_head())
+        if prefix_cache:
+            self.engine.set_prefix(model.user_prompt_head())
 
     def decoder(self, settings: GenerationSettings = GREEDY) -> ContinuousDecoder:
         return ContinuousDecoder(self.model, self.engine, settings, max_prefill_per_step=self.engine.slots)
@@ -317,13 +328,17 @@ class EngineBackend:
 
 
 def make_backend(
-    model: R2ec, name: BackendName = "engine", slots: int = 8, quantize: Quantize = "none"
+    model: R2ec,
+    name: BackendName = "engine",
+    slots: int = 8,
+    quantize: Quantize = "none",
+    prefix_cache: bool = True,
 ) -> Backend:
     """`engine` when the model supports it (else `hf`, logged), `hf` when asked."""
     if name == "engine":
         reason = unsupported_reason(model.lm)
         if reason is None:
-            return EngineBackend(model, slots=slots, quantize=quantize)
+            return EngineBackend(model, slots=slots, quantize=quantize, prefix_cache=prefix_cache)
         log.warning("generation backend 'engine' cannot run this model (%s); using 'hf'", reason)
     elif name != "hf":
         raise ValueError(f"unknown generation backend {name!r}: use 'hf' or 'engine'")

@@ -66,6 +66,13 @@ class Settings(BaseSettings):
         "auto = int8 for a bfloat16 model on the CPU, none otherwise. BENCHMARKS.md §7 has the "
         "speed and the agreement with the reference.",
     )
+    prefix_cache: bool = Field(
+        True,
+        description="engine backend: compute the prompt head every user shares once and copy it into "
+        "each prompt (prefix caching). bf16 rounds the rest of the prompt slightly differently, "
+        "which flips a near-tie in some greedy texts; false writes the reference's tokens "
+        "exactly, at the cost of BENCHMARKS.md §7's measured prefill time.",
+    )
     constrain_titles: bool = Field(
         True,
         description='Decode the reasoning\'s "Rated highest:" title list under the grammar of '
@@ -182,6 +189,7 @@ class Settings(BaseSettings):
             "slots": self.max_batch,
             "quantize": self.quantize,
             "constrain_titles": self.constrain_titles,
+            "prefix_cache": self.prefix_cache,
         }
 
     @property

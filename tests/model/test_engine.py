@@ -49,6 +49,7 @@ def test_a_reused_prompt_head_gives_the_hidden_states_of_a_whole_prefill(tiny_mo
     torch.testing.assert_close(rest, ref[len(head) : len(ids)], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(engine.decode([7])[0], ref[-1], atol=1e-4, rtol=1e-4)
     assert EngineBackend(tiny_model, slots=1).engine.prefix == head  # what every backend reuses
+    assert EngineBackend(tiny_model, slots=1, prefix_cache=False).engine.prefix == []  # R2EC_PREFIX_CACHE
     other = [5, 6] + ids  # does not start with the head: prefilled whole
     assert engine.prefill(1, other, reuse_prefix=True).shape[0] == len(other)
     engine.reset(0)
