@@ -3,7 +3,10 @@
 with 64). Prints a markdown table; all rows measured in this one run, on the same users.
 
     python3 bench/bench_rollouts.py --checkpoint artifacts/ml100k [--users 16] [--generations 4] \
-        [--settings 1.0:64,2.0:64,1.0:640]
+        [--settings 1.0:64,2.0:64,1.0:640,1.0:64:free]
+
+A setting is TEMPERATURE:TOKENS, and `:free` samples the title list freely instead of under the
+prompt's title grammar (`constrain_titles`, the default since stop 20).
 
 Each setting runs RecPO's own rollout (model/rollout.py: G sampled texts per user, scored
 against the whole item table, fused reward, group advantages) on the same training users,
@@ -36,7 +39,9 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4, help="users per rollout call")
-    parser.add_argument("--settings", default="1.0:64,2.0:64,1.0:640", help="TEMPERATURE:TOKENS,...")
+    parser.add_argument(
+        "--settings", default="1.0:64,2.0:64,1.0:640,1.0:64:free", help="TEMPERATURE:TOKENS[:free],..."
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -53,14 +58,19 @@ def main() -> None:
         trainer = Trainer(cfg, ds, args.checkpoint, out)
     rows = trainer.train_rows.sample(n=args.users, random_state=args.seed)
     titles = list(ds.item_titles().values())
-    settings = [(float(t), int(n)) for t, n in (s.split(":") for s in args.settings.split(","))]
+    settings = []
+    for spec in args.settings.split(","):
+        t, n, *free = spec.split(":")
+        settings.append((float(t), int(n), free == ["free"]))
     print(
         f"{args.users} training users x {args.generations} texts, checkpoint {args.checkpoint}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     results = []
-    for temperature, tokens in settings:
-        trainer.recpo.cfg = dataclasses.replace(cfg, temperature=temperature, max_completion_length=tokens)
+    for temperature, tokens, free in settings:
+        trainer.recpo.cfg = dataclasses.replace(
+            cfg, temperature=temperature, max_completion_length=tokens, constrain_titles=not free
+        )
         torch.manual_seed(args.seed)
         stats, texts, lengths, capped, spread = [], [], [], 0, 0
         seconds = 0.0
@@ -81,6 +91,7 @@ def main() -> None:
         row = {
             "temperature": temperature,
             "tokens": tokens,
+            "titles": "free" if free else "grammar",
             "reward": float(np.mean([r["reward/mean"] for r in stats])),
             "ndcg": float(np.mean([r["reward/ndcg/mean"] for r in stats])),
             "group_std": float(np.mean([r["reward/std"] for r in stats])),
@@ -99,6 +110,7 @@ def main() -> None:
     columns = {
         "temperature": "{}",
         "budget": "{}",
+        "title list": "{}",
         "reward mean": "{:.4f}",
         "NDCG reward": "{:.4f}",
         "reward std in a group": "{:.4f}",
@@ -111,14 +123,14 @@ def main() -> None:
         "distinct-2": "{:.2f}",
         "s per text": "{:.2f}",
     }
-    keys = ["temperature", "tokens", "reward", "ndcg", "group_std", "groups_with_spread", "rank_median"]
-    keys += ["mean_tokens", "capped", "loops", "unknown", "distinct_2", "s_per_text"]
+    keys = ["temperature", "tokens", "titles", "reward", "ndcg", "group_std", "groups_with_spread"]
+    keys += ["rank_median", "mean_tokens", "capped", "loops", "unknown", "distinct_2", "s_per_text"]
     print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for r in results:
         print("| " + " | ".join(f.format(r[k]) for f, k in zip(columns.values(), keys, strict=True)) + " |")
     print()
     for r in results:
-        print(f"- T={r['temperature']}, {r['tokens']} tokens: {r['example']!r}")
+        print(f"- T={r['temperature']}, {r['tokens']} tokens, {r['titles']}: {r['example']!r}")
 
 
 if __name__ == "__main__":

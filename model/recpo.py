@@ -114,6 +114,11 @@ class RecPOConfig:
             Sample from the top-k tokens only (`0`: no cut).
         max_completion_length (`int`, defaults to `64`):
             Reasoning token budget per trajectory.
+        constrain_titles (`bool`, defaults to `True`):
+            Sample the rollouts' "Rated highest:" title list under the grammar of the prompt's
+            titles (model/constrained.py), as `r2ec eval` and the service decode it, so RecPO
+            rewards the texts inference can write. Sampled freely at temperature 1.0, 64% of
+            the shipped model's rollouts named a title the catalog lacks (BENCHMARKS.md §1).
 
         > Reward and advantage (stage recpo)
 
@@ -255,6 +260,7 @@ class RecPOConfig:
     temperature: float = 1.0
     top_k: int = 50
     max_completion_length: int = 64
+    constrain_titles: bool = True
     # -- reward and advantage
     similarity_reward_weight: float = 0.05
     ndcg_k: int = 1000

@@ -8,7 +8,6 @@ Shapes: B users, G generations, M = B*G rollouts, L padded length, H hidden, N i
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
@@ -21,6 +20,7 @@ from model.item_table import ItemTable
 from model.r2ec import GenerationSettings, R2ec, Rollout
 from model.recpo import RecPOConfig, best_trajectories, group_advantages
 from model.rewards import fused_reward, ndcg_at_k, similarity_reward, target_rank
+from model.samples import TrainingPrompts
 
 
 @dataclass
@@ -44,9 +44,9 @@ class RecPOStep:
         model: R2ec,
         table: ItemTable,
         cfg: RecPOConfig,
-        prompts: Callable[[pd.DataFrame], list[list[int]]],
+        prompts: TrainingPrompts,
     ) -> None:
-        """`prompts`: training rows -> user prompt ids (model/samples.py `TrainingPrompts`)."""
+        """`prompts`: training rows -> user prompt ids, and their title grammars (model/samples.py)."""
         self.model, self.table, self.cfg, self.prompts = model, table, cfg, prompts
 
     @torch.no_grad()
@@ -58,7 +58,8 @@ class RecPOStep:
         settings = GenerationSettings(cfg.max_completion_length, True, cfg.temperature, cfg.top_k)
         model.lm.eval()
         start = time.perf_counter()
-        rollout = model.reason_from_ids(self.prompts(rows), settings, G)  # M = B*G rows
+        constraints = self.prompts.title_lists(rows) if cfg.constrain_titles else None
+        rollout = model.reason_from_ids(self.prompts(rows), settings, G, constraints)  # M = B*G rows
         gen_seconds = time.perf_counter() - start
         h_T, token_logp, _ = self._policy_forward(rollout)
         scores = model.score(h_T.cpu(), table.vectors)  # (M, N)

@@ -12,6 +12,7 @@ from model.cowatch import pair_counts, top, user_sequences
 from model.prompts import HistoryEntry
 
 if TYPE_CHECKING:
+    from model.constrained import TitleList
     from model.r2ec import R2ec
 
 
@@ -81,6 +82,10 @@ class TrainingPrompts:
             scores = table.scores([str(i) for i in history], self.own_pairs(str(user)))
             out.append({j: scores[j] for j in top(scores, k)})
         return out
+
+    def title_lists(self, rows: pd.DataFrame) -> list[TitleList]:
+        """Per row, the grammar its reasoning's title list is decoded under (model/constrained.py)."""
+        return self.model.title_lists(sample_histories(rows, self.titles))
 
     def __call__(self, rows: pd.DataFrame) -> list[list[int]]:
         histories = sample_histories(rows, self.titles)

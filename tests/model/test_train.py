@@ -38,6 +38,32 @@ def test_recpo_step_changes_the_weights_and_lowers_the_loss_on_a_fixed_rollout(t
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("constrain", [True, False])
+def test_recpo_rollouts_decode_the_title_list_under_the_prompts_grammar(tiny_dataset, tmp_path, constrain):
+    cfg = RecPOConfig(per_device_batch_size=2, num_generations=2, constrain_titles=constrain, **TINY)
+    trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    rows = tiny_dataset.split("train").iloc[:2]
+    seen = []
+    reason = trainer.model.reason_from_ids
+
+    def spy(prompt_ids, settings, num_generations=1, constraints=None):
+        seen.append(constraints)
+        return reason(prompt_ids, settings, num_generations, constraints)
+
+    trainer.model.reason_from_ids = spy
+    rb = trainer.recpo.rollout(rows)
+    assert len(rb.rollout.completion_ids) == 4 and len(seen) == 1
+    if not constrain:
+        assert seen[0] is None
+        return
+    # one grammar per user (its G rows share it): the titles of that user's prompt window
+    titles = tiny_dataset.item_titles()
+    window = trainer.model.prompts.max_history
+    assert len(seen[0]) == 2
+    for grammar, history in zip(seen[0], rows["history_item_ids"], strict=True):
+        assert grammar.titles == list(dict.fromkeys(titles[str(i)] for i in list(history)[-window:]))
+
+
 @pytest.mark.parametrize(("negatives", "sampled"), [("in_batch", 0), ("in_batch", 6), ("table", 0)])
 def test_contrastive_step_lowers_the_loss_on_a_fixed_batch(tiny_dataset, tmp_path, negatives, sampled):
     cfg = RecPOConfig(
