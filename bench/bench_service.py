@@ -13,8 +13,9 @@ in this shell, e.g. R2EC_THREADS or R2EC_MAX_BATCH):
 - `static-hf`: R2EC_BATCHING=static, R2EC_BACKEND=hf, the path before issue 12 (the baseline);
 - `continuous-16`: `continuous` with 16 decode slots (R2EC_MAX_BATCH=16) instead of 8;
 - `continuous-int8`: `continuous` with int8 decode weights (R2EC_QUANTIZE=int8);
-- `continuous-8`, `continuous-16-int8`: `continuous` pinned to 8 slots, or to 16 slots and
-  int8 weights for a lone sequence, whatever the defaults are.
+- `continuous-8`, `continuous-16-int8`, `continuous-16-noprefix`: `continuous` pinned to 8
+  slots, or to 16 slots with int8 weights for a lone sequence, or to 16 slots without the
+  prefix cache (R2EC_PREFIX_CACHE=false), whatever the defaults are.
 `--quantize` sets R2EC_QUANTIZE on the other engine servers (static-hf always runs `none`).
 
 Per server, at each concurrency level: POST /recommend with reasoning (up to `--tokens`),
@@ -57,6 +58,12 @@ SERVERS: dict[str, dict[str, str]] = {
     "continuous-int8": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "R2EC_QUANTIZE": "int8"},
     # pinned, whatever the defaults are: 8 or 16 slots, bf16 or int8 for a lone sequence
     "continuous-8": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "R2EC_MAX_BATCH": "8"},
+    "continuous-16-noprefix": {
+        "R2EC_BATCHING": "continuous",
+        "R2EC_BACKEND": "engine",
+        "R2EC_MAX_BATCH": "16",
+        "R2EC_PREFIX_CACHE": "false",
+    },
     "continuous-16-int8": {
         "R2EC_BATCHING": "continuous",
         "R2EC_BACKEND": "engine",
