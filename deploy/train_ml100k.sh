@@ -3,7 +3,8 @@
 #   1. the rationale stage (reasoning cold start) from the backbone, 60 minutes;
 #   2. the same objective with co-watch hints in the prompt (model/cowatch.py), warm-started
 #      from stage 1, 50 minutes: the model artifacts/ml100k ships;
-#   3. only with RECPO=1: RecPO from stage 2, 10 minutes (not yet shown to help on a CPU budget).
+#   3. only with RECPO=1: RecPO from stage 2, 10 minutes. Measured (BENCHMARKS.md §1, stop 20): it
+#      leaves the reasoning mode within noise (0.078-0.080 NDCG@10) and lowers the no-reasoning one.
 # Usage: bash deploy/train_ml100k.sh [RUNS_DIR]
 # A run killed midway continues where it stopped: rerun with RESUME=1.
 set -euo pipefail
