@@ -66,6 +66,7 @@ def main() -> None:
         f"{args.users} training users x {args.generations} texts, checkpoint {args.checkpoint}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
+    stops = set(trainer.model.stop_ids)
     results = []
     for temperature, tokens, free in settings:
         trainer.recpo.cfg = dataclasses.replace(
@@ -79,7 +80,6 @@ def main() -> None:
             rb = trainer.recpo.rollout(rows.iloc[start : start + args.batch])
             seconds += time.perf_counter() - t
             completions = rb.rollout.completion_ids
-            stops = set(trainer.model.stop_ids)
             capped += sum(len(c) >= tokens and (not c or c[-1] not in stops) for c in completions)
             lengths += [len(c) for c in completions]
             texts += rb.rollout.texts
