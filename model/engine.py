@@ -307,12 +307,14 @@ class DecoderEngine:
         another order, faster than SDPA's CPU kernel for 8 rows of ~250 positions (1.4-5x,
         BENCHMARKS.md §7); the query heads that share a KV head go as one group."""
         keys, values = self.k[i, :n, :, :width], self.v[i, :n, :, :width]  # (n, kv heads, L, d)
+        # the query heads that share a KV head, as that head's queries: (n, kv heads, group, d)
+        grouped = q.view(n, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
         if n == 1:
-            out = F.scaled_dot_product_attention(
-                q[:, :, None], keys, values, enable_gqa=self.n_kv != self.n_heads
-            )  # (1, heads, 1, d)
-            return out.reshape(1, -1)
-        grouped = q.view(n, self.n_kv, self.n_heads // self.n_kv, self.head_dim).float()
+            # SDPA over (kv heads) x (group queries) rather than (heads) x (1 query) with
+            # `enable_gqa`: the same numbers (each query row is computed alone), 3.6x faster
+            # on SmolLM2's 9 / 3 heads, because the kernel's work splits by query blocks
+            return F.scaled_dot_product_attention(grouped, keys, values).reshape(1, -1)
+        grouped = grouped.float()
         scores = torch.matmul(grouped, keys.float().transpose(-1, -2)).mul_(self._scale).add_(bias)
         out = torch.matmul(torch.softmax(scores, dim=-1), values.float())  # (n, kv, group, d)
         return out.to(q.dtype).reshape(n, -1)
