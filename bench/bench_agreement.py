@@ -1,6 +1,7 @@
 """Greedy-token agreement of the engine with HF `generate` at batch 1, prompt by prompt, with and
-without the engine's prefix cache (R2EC_PREFIX_CACHE). Prints one line per setting: each
-prompt's share of positions equal to HF's text, and the first position that differs.
+without the engine's exact mode (R2EC_EXACT_DECODE: no prefix cache, attention per query head).
+Prints one line per setting: each prompt's share of positions equal to HF's text, and the first
+position that differs.
 
     python3 bench/bench_agreement.py --checkpoint runs/hints/best [--rows 8] [--tokens 64]
 
@@ -38,15 +39,15 @@ def main() -> None:
     full = GenerationSettings(max_new_tokens=args.tokens)
     hf = HFBackend(model)
     ref = [hf.generate([p], full)[0].completion_ids[0] for p in prompts]
-    for prefix_cache in (True, False):
-        engine = EngineBackend(model, slots=1, prefix_cache=prefix_cache)
+    for exact in (False, True):
+        engine = EngineBackend(model, slots=1, exact=exact)
         got = [engine.generate([p], full)[0].completion_ids[0] for p in prompts]
         same = [round(agreement([r], [g]), 2) for r, g in zip(ref, got, strict=True)]
         first = [
             next((i for i, (a, b) in enumerate(zip(r, g, strict=False)) if a != b), None)
             for r, g in zip(ref, got, strict=True)
         ]
-        print(f"prefix cache {prefix_cache}: agreement {same}, first difference at {first}")
+        print(f"exact {exact}: agreement {same}, first difference at {first}")
 
 
 if __name__ == "__main__":

@@ -106,8 +106,17 @@ class DecoderEngine:
     come back after the final norm (what `R2ec.decoder_hidden` returns), one per call row."""
 
     def __init__(
-        self, lm: PreTrainedModel, slots: int = 8, max_len: int = 1024, quantize: Quantize = "none"
+        self,
+        lm: PreTrainedModel,
+        slots: int = 8,
+        max_len: int = 1024,
+        quantize: Quantize = "none",
+        exact: bool = False,
     ) -> None:
+        """`exact`: a lone sequence's attention per query head, as transformers computes it, so
+        greedy tokens follow the reference's bit for bit; by default the query heads that share a
+        KV head go through SDPA as one group (the same arithmetic in another order: 1.13x a
+        batch-1 step, and a near-tie in some greedy texts flips; BENCHMARKS.md §7)."""
         reason = unsupported_reason(lm)
         if reason is not None:
             raise ValueError(f"the fast decoder cannot run this model: {reason}")
@@ -148,6 +157,7 @@ class DecoderEngine:
         self._inv_freq = rotary.inv_freq.detach().float()
         self._rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
         self.quantize = quantize
+        self.exact = exact
         self.slots = slots
         # one more cache slot than callers see: it holds the shared prompt head (`set_prefix`)
         self._lens = [0] * (slots + 1)
@@ -302,17 +312,23 @@ class DecoderEngine:
         self, i: int, q: torch.Tensor, n: int, width: int, bias: torch.Tensor | None
     ) -> torch.Tensor:
         """Layer i's attention for one new query per row, (n, heads * d). One row sees all it
-        has cached: SDPA, which gives transformers' greedy tokens exactly (BENCHMARKS.md §7).
-        Several rows (a masked batch): two fp32 matmuls and a softmax, the same arithmetic in
-        another order, faster than SDPA's CPU kernel for 8 rows of ~250 positions (1.4-5x,
-        BENCHMARKS.md §7); the query heads that share a KV head go as one group."""
+        has cached: SDPA, per query head when `exact` (transformers' numbers), else with the
+        query heads of one KV head as that head's queries (BENCHMARKS.md §7). Several rows (a
+        masked batch): two fp32 matmuls and a softmax, the same arithmetic in another order,
+        faster than SDPA's CPU kernel for 8 rows of ~250 positions (1.4-5x, BENCHMARKS.md §7);
+        the query heads that share a KV head go as one group."""
         keys, values = self.k[i, :n, :, :width], self.v[i, :n, :, :width]  # (n, kv heads, L, d)
         # the query heads that share a KV head, as that head's queries: (n, kv heads, group, d)
         grouped = q.view(n, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+        if n == 1 and self.exact:  # one query per head, as transformers computes it
+            out = F.scaled_dot_product_attention(
+                q[:, :, None], keys, values, enable_gqa=self.n_kv != self.n_heads
+            )  # (1, heads, 1, d)
+            return out.reshape(1, -1)
         if n == 1:
-            # SDPA over (kv heads) x (group queries) rather than (heads) x (1 query) with
-            # `enable_gqa`: the same numbers (each query row is computed alone), 3.6x faster
-            # on SmolLM2's 9 / 3 heads, because the kernel's work splits by query blocks
+            # SDPA over (kv heads) x (group queries) rather than (heads) x (1 query): 3.6x faster
+            # on SmolLM2's 9 / 3 heads (the CPU kernel's work splits by query blocks), the same
+            # arithmetic but its dot products go in another order
             return F.scaled_dot_product_attention(grouped, keys, values).reshape(1, -1)
         grouped = grouped.float()
         scores = torch.matmul(grouped, keys.float().transpose(-1, -2)).mul_(self._scale).add_(bias)

@@ -66,12 +66,13 @@ class Settings(BaseSettings):
         "auto = int8 for a bfloat16 model on the CPU, none otherwise. BENCHMARKS.md §7 has the "
         "speed and the agreement with the reference.",
     )
-    prefix_cache: bool = Field(
-        True,
-        description="engine backend: compute the prompt head every user shares once and copy it into "
-        "each prompt (prefix caching). bf16 rounds the rest of the prompt slightly differently, "
-        "which flips a near-tie in some greedy texts; false writes the reference's tokens "
-        "exactly, at the cost of BENCHMARKS.md §7's measured prefill time.",
+    exact_decode: bool = Field(
+        False,
+        description="engine backend: compute what transformers computes, so greedy texts follow "
+        "the reference's token for token: every prompt prefilled whole (no prefix caching of the "
+        "prompt head every user shares) and a lone sequence's attention per query head. By "
+        "default bf16 rounds both slightly differently, which flips a near-tie in some greedy "
+        "texts; exact costs 1.10x throughput and 1.13x a batch-1 step (BENCHMARKS.md §4, §7).",
     )
     constrain_titles: bool = Field(
         True,
@@ -189,7 +190,7 @@ class Settings(BaseSettings):
             "slots": self.max_batch,
             "quantize": self.quantize,
             "constrain_titles": self.constrain_titles,
-            "prefix_cache": self.prefix_cache,
+            "exact_decode": self.exact_decode,
         }
 
     @property

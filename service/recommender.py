@@ -77,7 +77,7 @@ class Recommender:
         slots: int = 8,
         quantize: Quantize = "none",
         constrain_titles: bool = True,
-        prefix_cache: bool = True,
+        exact_decode: bool = False,
     ) -> None:
         self.checkpoint = checkpoint
         self.model = checkpoint.model
@@ -85,9 +85,7 @@ class Recommender:
         self.version = checkpoint.version
         # how reasoning is written and h_T read (model/generation.py): the lean decoder with h_T
         # from its KV cache, or transformers' generate + a second forward (the reference)
-        self.backend = make_backend(
-            self.model, backend, slots=slots, quantize=quantize, prefix_cache=prefix_cache
-        )
+        self.backend = make_backend(self.model, backend, slots=slots, quantize=quantize, exact=exact_decode)
         self.constrain_titles = constrain_titles  # model/constrained.py
         if constrain_titles:  # built here, at load, not on the event loop by the first request
             self.model.token_strings()
@@ -110,7 +108,7 @@ class Recommender:
         slots: int = 8,
         quantize: Quantize = "none",
         constrain_titles: bool = True,
-        prefix_cache: bool = True,
+        exact_decode: bool = False,
     ) -> Recommender:
         """Load a checkpoint onto `device` (R2EC_DEVICE) and open its catalog (load
         <ckpt>/index/ if it matches, else build it from the checkpoint's item vectors and save it
@@ -127,7 +125,7 @@ class Recommender:
             slots=slots,
             quantize=quantize,
             constrain_titles=constrain_titles,
-            prefix_cache=prefix_cache,
+            exact_decode=exact_decode,
         )
         log.info(
             "loaded model %s from %s on %s (%s backend): %d items, %s index, %.1fs",

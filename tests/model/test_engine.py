@@ -49,7 +49,7 @@ def test_a_reused_prompt_head_gives_the_hidden_states_of_a_whole_prefill(tiny_mo
     torch.testing.assert_close(rest, ref[len(head) : len(ids)], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(engine.decode([7])[0], ref[-1], atol=1e-4, rtol=1e-4)
     assert EngineBackend(tiny_model, slots=1).engine.prefix == head  # what every backend reuses
-    assert EngineBackend(tiny_model, slots=1, prefix_cache=False).engine.prefix == []  # R2EC_PREFIX_CACHE
+    assert EngineBackend(tiny_model, slots=1, exact=True).engine.prefix == []  # R2EC_EXACT_DECODE
     other = [5, 6] + ids  # does not start with the head: prefilled whole
     assert engine.prefill(1, other, reuse_prefix=True).shape[0] == len(other)
     engine.reset(0)
@@ -67,12 +67,14 @@ def test_move_keeps_a_sequence_intact(tiny_model):
     )
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("budget", [0, 1, 12])
-def test_engine_backend_matches_hf_tokens_and_vectors(tiny_model, budget):
+def test_engine_backend_matches_hf_tokens_and_vectors(tiny_model, budget, exact):
     prompts = tiny_model.user_prompt_ids(HISTORIES)
     settings = GenerationSettings(max_new_tokens=budget)
     ref, ref_vecs = HFBackend(tiny_model).generate(prompts, settings)
-    got, vecs = EngineBackend(tiny_model, slots=2).generate(prompts, settings)  # 3 prompts, 2 slots
+    backend = EngineBackend(tiny_model, slots=2, exact=exact)
+    got, vecs = backend.generate(prompts, settings)  # 3 prompts, 2 slots
     assert got.completion_ids == ref.completion_ids
     assert got.texts == ref.texts
     assert vecs.shape == ref_vecs.shape == (3, tiny_model.hidden_size)

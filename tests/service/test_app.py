@@ -594,12 +594,13 @@ async def test_settings_come_from_the_environment(ckpt, monkeypatch):
     monkeypatch.setenv("R2EC_API_KEY", "from-env")
     monkeypatch.setenv("R2EC_LOG_LEVEL", "warning")
     monkeypatch.setenv("R2EC_REDIS_URL", "")
-    monkeypatch.setenv("R2EC_PREFIX_CACHE", "false")
+    monkeypatch.setenv("R2EC_EXACT_DECODE", "true")
     app = create_app()
     async with serve(app) as client:
         s = app.state.r2ec.settings
         assert (s.checkpoint, s.max_batch, s.max_wait_ms, s.threads) == (ckpt, 3, 7.5, 1)
-        assert not s.prefix_cache and app.state.r2ec.engine.backend.engine.prefix == []
+        assert s.exact_decode and app.state.r2ec.engine.backend.engine.exact
+        assert app.state.r2ec.engine.backend.engine.prefix == []  # no prefix cache either
         assert s.log_level == "WARNING" and app.state.r2ec.store.kind == "memory"
         r = await client.post("/recommend", json={"history": H1})
         assert r.json()["reasoning_tokens"] <= 4
