@@ -12,21 +12,28 @@ the HF reference, and the memory-bandwidth roofline they are measured against.
   of greedy token positions equal to the reference's, and the cosine of h_T. HF's own batch-8
   rows are listed too: bf16 rounding differs with batch shape, so that row is the noise floor.
 - Backends: `hf` (the reference), `engine` (model/engine.py, the prompt head from its prefix
-  cache), `engine-noprefix` (every prompt prefilled whole), `engine-int8` (int8 weights for a
-  lone sequence).
+  cache), `engine-exact` (R2EC_EXACT_DECODE: every prompt prefilled whole, attention per query
+  head), `engine-int8` (int8 weights for a lone sequence).
 - `--kernels`: the engine's kernel choices on SmolLM2's shapes: a matmul of 1 to 256 rows
   through F.linear, oneDNN-prepacked bf16 or int8 weights; one new query per row attending to
   250 cached positions through SDPA or two fp32 matmuls; a whole prompt's prefill with its
   matmuls on F.linear or prepacked.
-Compare rows within one run only (BENCHMARKS.md: these machines vary day to day).
+OpenMP threads spin briefly between kernels, as under `r2ec serve` (model.spin_between_kernels;
+bench/bench_spin.py measures what that is worth). Compare rows within one run only
+(BENCHMARKS.md: these machines vary day to day).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-from model.data import load_prepared  # before torch: model/__init__ sets OMP_WAIT_POLICY
+import model  # before torch: model/__init__ sets OMP_WAIT_POLICY
+
+model.spin_between_kernels()  # as `r2ec serve` runs; GOMP_SPINCOUNT=0 for threads that sleep at once
+
+from model.data import load_prepared  # noqa: E402
 
 
 def bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
@@ -128,7 +135,7 @@ def main() -> None:
     parser.add_argument("--data", default="data/ml-100k/loo")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rows", type=int, default=8, help="prompts (and the batch size)")
-    parser.add_argument("--backends", default="hf,engine,engine-noprefix,engine-int8")
+    parser.add_argument("--backends", default="hf,engine,engine-exact,engine-int8")
     parser.add_argument("--kernels", action="store_true", help="also time the decode step's kernels")
     args = parser.parse_args()
 
@@ -147,7 +154,8 @@ def main() -> None:
     prompts = model.user_prompt_ids(sample_histories(test, titles))
     full, one = GenerationSettings(max_new_tokens=args.tokens), GenerationSettings(max_new_tokens=1)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(prompts)} prompts of "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads "
+        f"(GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}), {len(prompts)} prompts of "
         f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {args.tokens} greedy tokens each"
     )
 
@@ -164,12 +172,12 @@ def main() -> None:
         t = time.perf_counter()
         if name == "hf":
             backend = hf
-        elif name in ("engine", "engine-int8", "engine-noprefix"):
+        elif name in ("engine", "engine-int8", "engine-exact"):
             backend = EngineBackend(
                 model,
                 slots=len(prompts),
                 quantize="int8" if name.endswith("int8") else "none",
-                prefix_cache=name != "engine-noprefix",
+                exact=name == "engine-exact",
             )
         else:
             raise SystemExit(f"unknown backend {name}")

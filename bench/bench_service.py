@@ -10,12 +10,15 @@ Servers (in-process store, everything else from the server's defaults and any R2
 in this shell, e.g. R2EC_THREADS or R2EC_MAX_BATCH):
 - `continuous`: R2EC_BATCHING=continuous, R2EC_BACKEND=engine (the default service);
 - `static`: R2EC_BATCHING=static, R2EC_BACKEND=engine;
-- `static-hf`: R2EC_BATCHING=static, R2EC_BACKEND=hf, the path before issue 12 (the baseline);
+- `static-hf`: R2EC_BATCHING=static, R2EC_BACKEND=hf, the path before issue 12 (the baseline),
+  with GOMP_SPINCOUNT=0 as it ran then (OpenMP threads sleep between kernels);
+- `continuous-nospin`: `continuous` with GOMP_SPINCOUNT=0 (`r2ec serve` lets OpenMP threads
+  spin briefly between kernels, model.spin_between_kernels);
 - `continuous-16`: `continuous` with 16 decode slots (R2EC_MAX_BATCH=16) instead of 8;
 - `continuous-int8`: `continuous` with int8 decode weights (R2EC_QUANTIZE=int8);
-- `continuous-8`, `continuous-16-int8`, `continuous-16-noprefix`: `continuous` pinned to 8
-  slots, or to 16 slots with int8 weights for a lone sequence, or to 16 slots without the
-  prefix cache (R2EC_PREFIX_CACHE=false), whatever the defaults are.
+- `continuous-8`, `continuous-16-int8`, `continuous-exact`: `continuous` pinned to 8 slots,
+  or to 16 slots with int8 weights for a lone sequence, or with R2EC_EXACT_DECODE=true (no
+  prefix cache, attention per query head: the reference's greedy tokens).
 `--quantize` sets R2EC_QUANTIZE on the other engine servers (static-hf always runs `none`).
 
 Per server, at each concurrency level: POST /recommend with reasoning (up to `--tokens`),
@@ -51,19 +54,17 @@ import httpx
 SERVERS: dict[str, dict[str, str]] = {
     "continuous": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine"},
     "static": {"R2EC_BATCHING": "static", "R2EC_BACKEND": "engine"},
-    "static-hf": {"R2EC_BATCHING": "static", "R2EC_BACKEND": "hf"},
+    # the service before issue 12, as it ran then: OpenMP threads slept between kernels
+    "static-hf": {"R2EC_BATCHING": "static", "R2EC_BACKEND": "hf", "GOMP_SPINCOUNT": "0"},
+    # the default service with OpenMP threads that sleep at once (`r2ec serve` lets them spin)
+    "continuous-nospin": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "GOMP_SPINCOUNT": "0"},
     # continuous with twice the default decode slots (R2EC_MAX_BATCH, 8 by default)
     "continuous-16": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "R2EC_MAX_BATCH": "16"},
     # continuous with int8 decode weights whatever --quantize says (R2EC_QUANTIZE=int8)
     "continuous-int8": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "R2EC_QUANTIZE": "int8"},
     # pinned, whatever the defaults are: 8 or 16 slots, bf16 or int8 for a lone sequence
     "continuous-8": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "R2EC_MAX_BATCH": "8"},
-    "continuous-16-noprefix": {
-        "R2EC_BATCHING": "continuous",
-        "R2EC_BACKEND": "engine",
-        "R2EC_MAX_BATCH": "16",
-        "R2EC_PREFIX_CACHE": "false",
-    },
+    "continuous-exact": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "R2EC_EXACT_DECODE": "1"},
     "continuous-16-int8": {
         "R2EC_BATCHING": "continuous",
         "R2EC_BACKEND": "engine",

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-import model  # noqa: F401  (its __init__ sets OMP_WAIT_POLICY before any command loads torch or faiss)
+import cli._env  # noqa: F401  (first: OpenMP settings before any command loads torch or faiss)
 from cli.checkpoint import app as checkpoint_app
 from cli.data import app as data_app
 from cli.eval import eval_cmd

@@ -12,3 +12,21 @@ before torch or faiss.
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# How long (busy-wait iterations, roughly 0.1-0.3 ms here) OpenMP's threads spin after a
+# kernel before they sleep, for a process that owns its cores (`r2ec serve`; see
+# `spin_between_kernels`).
+SERVE_SPINCOUNT = "10000"
+
+
+def spin_between_kernels() -> None:
+    """Let OpenMP's threads spin briefly between kernels instead of sleeping at once: for a
+    process that has its cores to itself, i.e. `r2ec serve`, one replica per container or host.
+
+    A decode step is ~120 matmuls ~10 µs apart, and a sleeping thread takes tens of µs to wake
+    for each, so with sleeping threads a batch-1 step takes ~1.4x as long (BENCHMARKS.md §7,
+    "OpenMP threads between kernels"). The cost: while another process keeps a core busy,
+    spinning threads take its time and a step gets 1.4-3.5x slower; `GOMP_SPINCOUNT=0` (read,
+    like the policy, once when libgomp loads) makes them sleep at once again. Must run before
+    torch is imported; a value the user set is kept."""
+    os.environ.setdefault("GOMP_SPINCOUNT", SERVE_SPINCOUNT)

@@ -4,6 +4,9 @@ the config file, the shorthand options and `--set FIELD=VALUE`."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -12,6 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cli import app
+from cli._env import command
 from cli.overrides import parse_sets, recpo_config
 from model.recpo import RecPOConfig
 
@@ -127,3 +131,34 @@ def test_train_and_retrain_pass_the_overrides_on(monkeypatch, tiny_dataset, comm
     result = CliRunner().invoke(app, [*command, "--data", str(tiny_dataset.path), "--set", "bogus=1"])
     assert result.exit_code == 2 and "has no field 'bogus'" in result.output
     assert len(seen) == 1  # a bad --set stops before any work
+
+
+def test_the_subcommand_is_read_before_typer_parses_argv():
+    assert command(["serve", "--port", "1"]) == "serve"
+    assert command(["--log-level", "DEBUG", "serve"]) == "serve"
+    assert command(["--log-level=DEBUG", "eval", "--data", "x"]) == "eval"
+    assert command(["--help"]) is None
+
+
+def _spincount(*argv: str, **env: str) -> str:
+    """GOMP_SPINCOUNT once `r2ec ARGV` has imported cli/main.py, in a fresh interpreter, and
+    whether torch was already loaded when cli/_env.py decided (libgomp reads it only once)."""
+    code = (
+        "import sys, os; sys.argv = ['r2ec', *sys.argv[1:]]; import cli._env; "
+        "loaded = 'torch' in sys.modules; import cli.main; "
+        "print(os.environ.get('GOMP_SPINCOUNT'), loaded)"
+    )
+    clean = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, *argv], env={**clean, **env}, capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+
+
+def test_serve_lets_openmp_spin_and_other_commands_do_not():
+    import model
+
+    assert _spincount("serve", "--help") == f"{model.SERVE_SPINCOUNT} False"
+    assert _spincount("--log-level", "INFO", "serve") == f"{model.SERVE_SPINCOUNT} False"
+    assert _spincount("eval", "--help") == "None False"
+    assert _spincount("serve", GOMP_SPINCOUNT="0") == "0 False"  # the user's choice is kept
