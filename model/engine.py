@@ -223,12 +223,17 @@ class DecoderEngine:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    def _qkv(self, layer: _Layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows, H) -> q (rows, heads, d), k and v (rows, kv heads, d)."""
+    def _qkv(
+        self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, H) -> q (rows, heads, d) and k (rows, kv heads, d) with RoPE applied, and v
+        (rows, kv heads, d). q and k lie side by side in the fused projection, so one RoPE call
+        rotates both (the same elementwise arithmetic as two, half the ops)."""
         h = layer.qkv(self._rms(x, layer.ln1))
         d, nq, nk = self.head_dim, self.n_heads, self.n_kv
-        q, k, v = h.split([nq * d, nk * d, nk * d], dim=-1)
-        return q.view(-1, nq, d), k.view(-1, nk, d), v.view(-1, nk, d)
+        qk = self._rope(h[:, : (nq + nk) * d].view(-1, nq + nk, d), cos, sin)
+        q, k = qk.split([nq, nk], dim=1)
+        return q, k, h[:, (nq + nk) * d :].view(-1, nk, d)
 
     def _finish_layer(self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         x = x + layer.o(attn)
@@ -260,8 +265,7 @@ class DecoderEngine:
         if start and T > 1:  # new positions see the cached ones and each other causally
             mask = torch.ones(T, total, dtype=torch.bool, device=self.device).tril(start)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            q, k, v = self._qkv(layer, x, cos, sin)
             self.k[i, slot, :, start:total] = k.transpose(0, 1)
             self.v[i, slot, :, start:total] = v.transpose(0, 1)
             attn = F.scaled_dot_product_attention(
@@ -299,10 +303,13 @@ class DecoderEngine:
         x = self.embed[torch.tensor(list(tokens), device=self.device)]  # (n, H)
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (n, 1, d)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            self.k[i][rows, :, pos] = k  # (n, kv heads, d) into each row's next position
-            self.v[i][rows, :, pos] = v
+            q, k, v = self._qkv(layer, x, cos, sin)
+            if n == 1:  # a plain copy into the one row's next position
+                self.k[i, 0, :, lens[0]] = k[0]
+                self.v[i, 0, :, lens[0]] = v[0]
+            else:  # (n, kv heads, d) into each row's next position
+                self.k[i][rows, :, pos] = k
+                self.v[i][rows, :, pos] = v
             x = self._finish_layer(layer, x, self._decode_attention(i, q, n, width, bias))
         for j in range(n):
             self._lens[j] += 1
