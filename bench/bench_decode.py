@@ -121,6 +121,18 @@ def kernels() -> None:
                 torch.matmul(torch.softmax(s, -1), v[:rows, :, :length].float())
 
         print(f"| SDPA, 9 heads / 3 KV heads, {length} positions | {rows} | {per_call(sdpa, 30):.0f} |")
+        if rows == 1:  # the engine's two paths for a lone sequence (no mask: it sees all it has)
+
+            def per_head(q=q):  # R2EC_EXACT_DECODE: 9 heads x 1 query, as transformers calls it
+                for k, v in caches:
+                    F.scaled_dot_product_attention(q, k[:1, :, :length], v[:1, :, :length], enable_gqa=True)
+
+            def grouped(q=q):  # the default: each KV head's 3 query heads as its 3 queries
+                for k, v in caches:
+                    F.scaled_dot_product_attention(q.view(1, 3, 3, 64), k[:1, :, :length], v[:1, :, :length])
+
+            print(f"| SDPA, 9 heads x 1 query, no mask (exact) | 1 | {per_call(per_head, 30):.0f} |")
+            print(f"| SDPA, 3 KV heads x 3 queries, no mask (default) | 1 | {per_call(grouped, 30):.0f} |")
         print(f"| two fp32 matmuls + softmax, same shapes | {rows} | {per_call(fp32, 30):.0f} |")
 
 
@@ -259,6 +271,42 @@ def prefill_paths(model, prompts: list[list[int]]) -> None:
             print(f"| {name} | {lens} | {1e3 * statistics.median(times):.0f} |")
     finally:
         engine_mod.PACKED_ROWS = kept
+    prefill_profile(model, prompts)
+
+
+def prefill_profile(model, prompts: list[list[int]]) -> None:
+    """Where a prefill's time goes, as the service runs it: the shared prompt head from the
+    prefix cache, the rest of each prompt and the closing marker prefilled (torch profiler)."""
+    from torch.profiler import profile
+
+    from model.engine import DecoderEngine
+
+    engine = DecoderEngine(model.lm, slots=1)
+    engine.set_prefix(model.user_prompt_head())
+
+    def once() -> None:
+        for ids in prompts:
+            engine.reset(0)
+            engine.prefill(0, ids + model._marker_ids, reuse_prefix=True)
+
+    once()
+    with profile() as prof:
+        once()
+    ops = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ops)
+    kinds = {
+        "matmuls (aten::mm)": ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"),
+        "attention (SDPA)": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
+    }
+    print(f"\n| prefill of the rest of a prompt + marker | share of {len(prompts)} prefills' CPU time |")
+    print("|---|---|")
+    seen = 0.0
+    for kind, names in kinds.items():
+        t = sum(e.self_cpu_time_total for e in ops if e.key in names)
+        seen += t
+        print(f"| {kind} | {t / total:.0%} |")
+    print(f"| everything else (norms, RoPE, SiLU, casts, cache writes) | {1 - seen / total:.0%} |")
+    print(f"| ms per prefill | {total / 1e3 / len(prompts):.0f} |")
 
 
 if __name__ == "__main__":
