@@ -49,13 +49,15 @@ def bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def linears(engine) -> list:
+    """The engine's matmul weights (model/engine.py's Linear): the LM head and 4 per layer."""
+    return [engine.lm_head, *(w for ly in engine.layers for w in (ly.qkv, ly.o, ly.gate_up, ly.down))]
+
+
 def weight_bytes(engine) -> int:
     """Bytes one batch-1 decode step reads: every matmul weight (int8 + scales when quantized)."""
     total = 0
-    for lin in [
-        engine.lm_head,
-        *(w for layer in engine.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)),
-    ]:
+    for lin in linears(engine):
         if lin.int8 is not None:
             total += lin.int8[0].numel() + lin.int8[1].numel() * lin.int8[1].element_size()
         else:
@@ -84,7 +86,7 @@ def kernels() -> None:
         (torch.randint(-127, 127, w.shape, dtype=torch.int8), torch.rand(3072, dtype=torch.bfloat16))
         for w in ws
     ]
-    # the matmul's three paths by row count (model/engine.py's INT8_ROWS and PACKED_ROWS): a
+    # the matmul's three paths by row count (model/engine.py's INT8_ROWS and Linear): a
     # decode step has one row per live sequence, a prefill one per prompt token
     print("\n| 3072x576 bf16 matmul, rows | F.linear us | oneDNN prepacked us | int8 weight-only us |")
     print("|---|---|---|---|")
@@ -247,30 +249,27 @@ def main() -> None:
 
 
 def prefill_paths(model, prompts: list[list[int]]) -> None:
-    """A whole prompt's prefill through the engine with its matmuls on `F.linear` (the
-    engine's PACKED_ROWS) against oneDNN-prepacked weights for any row count."""
+    """A whole prompt's prefill through the engine with its matmuls on oneDNN-prepacked weights
+    (the engine's path, the same numbers) against plain `F.linear` (the path before stop 21)."""
     import statistics
 
-    from model import engine as engine_mod
+    from model.engine import DecoderEngine
 
     print("\n| prefill matmuls | prompt tokens | ms per prompt (median of 3 passes) |\n|---|---|---|")
-    kept = engine_mod.PACKED_ROWS
-    try:
-        paths = ((f"F.linear above {kept} rows (PACKED_ROWS)", kept), ("prepacked at any rows", 1 << 30))
-        for name, limit in paths:
-            engine_mod.PACKED_ROWS = limit
-            engine = engine_mod.DecoderEngine(model.lm, slots=1)
-            times = []
-            for _ in range(3):
-                for ids in prompts:
-                    engine.reset(0)
-                    t = time.perf_counter()
-                    engine.prefill(0, ids)
-                    times.append(time.perf_counter() - t)
-            lens = f"{min(map(len, prompts))}-{max(map(len, prompts))}"
-            print(f"| {name} | {lens} | {1e3 * statistics.median(times):.0f} |")
-    finally:
-        engine_mod.PACKED_ROWS = kept
+    for name in ("F.linear", "prepacked (the engine)"):
+        engine = DecoderEngine(model.lm, slots=1)
+        if name == "F.linear":
+            for lin in linears(engine):
+                lin.packed = None
+        times = []
+        for _ in range(3):
+            for ids in prompts:
+                engine.reset(0)
+                t = time.perf_counter()
+                engine.prefill(0, ids)
+                times.append(time.perf_counter() - t)
+        lens = f"{min(map(len, prompts))}-{max(map(len, prompts))}"
+        print(f"| {name} | {lens} | {1e3 * statistics.median(times):.0f} |")
     prefill_profile(model, prompts)
 
 

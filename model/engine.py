@@ -32,13 +32,12 @@ from transformers import PreTrainedModel
 
 Quantize = Literal["none", "int8", "auto"]
 
-# How many rows a matmul may have to take each path, measured on a 2-core CPU with SmolLM2's
-# shapes (BENCHMARKS.md §7, "kernels by row count"): oneDNN-prepacked bf16 weights beat plain
-# `F.linear` from 1 row up to a 16-slot decode step (1.4-1.6x); int8 weights beat prepacked
-# bf16 only for a single row (they read half the bytes, but their kernel loses from 2-4 rows
-# on); more rows than PACKED_ROWS (a prefill) go through `F.linear`.
+# Which path a matmul takes, measured on a 2-core CPU with SmolLM2's shapes (BENCHMARKS.md §7,
+# "kernels by row count"): oneDNN-prepacked bf16 weights give `F.linear`'s numbers bit for bit
+# at every row count and beat it from a decode step of 1 row (1.4x) to a prefill of ~190
+# (1.04-1.07x); int8 weights beat prepacked bf16 only for a single row (they read half the
+# bytes, but their kernel loses from 2-4 rows on), so they serve at most INT8_ROWS rows.
 INT8_ROWS = 1
-PACKED_ROWS = 16
 
 
 def unsupported_reason(lm: torch.nn.Module) -> str | None:
@@ -63,10 +62,9 @@ def _can_pack(weight: torch.Tensor) -> bool:
 
 
 class Linear:
-    """y = x W^T from a (N, K) weight. On the CPU in bf16 a decode step's rows go through a
-    oneDNN-prepacked copy of the weight (the same numbers as `F.linear`, faster for 1-16 rows);
-    with `quantize="int8"` a lone row goes through int8 weights with per-row scales instead
-    (see INT8_ROWS and PACKED_ROWS)."""
+    """y = x W^T from a (N, K) weight. On the CPU in bf16 the rows go through a oneDNN-prepacked
+    copy of the weight (the same numbers as `F.linear`, faster); with `quantize="int8"` a lone
+    row goes through int8 weights with per-row scales instead (see INT8_ROWS)."""
 
     def __init__(self, weight: torch.Tensor, quantize: Quantize) -> None:
         self.weight = weight.detach().contiguous()
@@ -84,7 +82,7 @@ class Linear:
         rows = x.shape[0]
         if self.int8 is not None and rows <= INT8_ROWS:
             return torch._weight_int8pack_mm(x, *self.int8)
-        if self.packed is not None and rows <= PACKED_ROWS:
+        if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)
 

@@ -177,6 +177,19 @@ def test_int8_weights_serve_a_lone_sequence_and_prepacked_bf16_the_rest(tiny_mod
     assert float(cos.min()) > 0.99
 
 
+def test_prepacked_bf16_weights_give_f_linear_numbers_at_any_row_count(tiny_model):
+    import copy
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN: no prepacked weights")
+    lm = copy.deepcopy(tiny_model.lm).to(torch.bfloat16)
+    lin = DecoderEngine(lm, slots=1).layers[0].gate_up
+    assert lin.packed is not None
+    for rows in (1, 2, 16, 17, 64, 150):  # decode steps and prefills
+        x = torch.randn(rows, lin.weight.shape[1], dtype=torch.bfloat16)
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight)), rows
+
+
 def test_bf16_decode_steps_through_prepacked_weights_match_a_prefill(tiny_model):
     import copy
 
@@ -186,7 +199,7 @@ def test_bf16_decode_steps_through_prepacked_weights_match_a_prefill(tiny_model)
     assert all(lin.packed is not None for lin in (engine.lm_head, engine.layers[0].qkv)) or not (
         torch.backends.mkldnn.is_available()
     )
-    ref = engine.prefill(0, ids)[-1]  # many rows: plain F.linear
+    ref = engine.prefill(0, ids)[-1]  # many rows at once
     engine.reset(0)
     engine.prefill(0, ids[:-1])
     step = engine.decode([ids[-1]])[0]  # one row: the prepacked weights
