@@ -170,6 +170,10 @@ def test_api_port_and_healthcheck_agree_with_the_image(services, docker):
     probe = " ".join(api["healthcheck"]["test"])
     assert f"127.0.0.1:{port}/readyz" in probe or f"127.0.0.1:{port}/healthz" in probe
     assert _env(api)["R2EC_WATCH_INTERVAL_S"] != "0"  # picks up a flipped CURRENT
+    # what `r2ec serve` sets by itself (model.SERVE_SPINCOUNT), spelled out so it can be turned off
+    import model
+
+    assert _env(api)["GOMP_SPINCOUNT"] == f"${{R2EC_API_SPINCOUNT:-{model.SERVE_SPINCOUNT}}}"
     for name in ("init", "trainer"):  # not servers: the image's HTTP healthcheck does not apply
         assert services[name]["healthcheck"] == {"disable": True}
 
