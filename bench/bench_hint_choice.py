@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data", default="data/ml-100k/loo")
     parser.add_argument(
-        "--users", type=int, default=200, help="first N test users (those with the target hinted count)"
+        "--users", type=int, default=200, help="first N test users (scored: those with the target hinted)"
     )
     args = parser.parse_args()
 

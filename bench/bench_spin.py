@@ -23,11 +23,10 @@ import subprocess
 import sys
 import time
 
+import model  # OMP_WAIT_POLICY before torch (the children import torch, this process does not)
+
 
 def child(checkpoint: str, quantize: str, steps: int = 30) -> None:
-    import model  # noqa: F401  (OMP_WAIT_POLICY before torch)
-
-    # isort: split
     from model.checkpoint import load_checkpoint
     from model.engine import DecoderEngine
 
@@ -55,7 +54,7 @@ def busy() -> subprocess.Popen:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--spins", default=f"0,{os.environ.get('R2EC_BENCH_SPIN', '10000')}")
+    parser.add_argument("--spins", default=f"0,{model.SERVE_SPINCOUNT}", help="GOMP_SPINCOUNT values")
     parser.add_argument("--quantize", default="none", choices=["none", "int8"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -24,9 +24,10 @@ def spin_between_kernels() -> None:
     process that has its cores to itself, i.e. `r2ec serve`, one replica per container or host.
 
     A decode step is ~120 matmuls ~10 µs apart, and a sleeping thread takes tens of µs to wake
-    for each, so with sleeping threads a batch-1 step takes ~1.4x as long (BENCHMARKS.md §7,
-    "OpenMP threads between kernels"). The cost: while another process keeps a core busy,
-    spinning threads take its time and a step gets 1.4-3.5x slower; `GOMP_SPINCOUNT=0` (read,
+    for each, so with sleeping threads a batch-1 step takes 1.34x as long (BENCHMARKS.md §4,
+    "OpenMP threads that spin between kernels"; bench/bench_spin.py). The cost: while another
+    process keeps a core busy, spinning threads take its time and a step gets 2.4x slower;
+    `GOMP_SPINCOUNT=0` (read,
     like the policy, once when libgomp loads) makes them sleep at once again. Must run before
     torch is imported; a value the user set is kept."""
     os.environ.setdefault("GOMP_SPINCOUNT", SERVE_SPINCOUNT)

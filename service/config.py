@@ -72,7 +72,8 @@ class Settings(BaseSettings):
         "the reference's token for token: every prompt prefilled whole (no prefix caching of the "
         "prompt head every user shares) and a lone sequence's attention per query head. By "
         "default bf16 rounds both slightly differently, which flips a near-tie in some greedy "
-        "texts; exact costs 1.10x throughput and 1.13x a batch-1 step (BENCHMARKS.md §4, §7).",
+        "texts; exact cost 1.30x throughput at 32 concurrent requests and 1.14x for one "
+        "(BENCHMARKS.md §4, §7).",
     )
     constrain_titles: bool = Field(
         True,
