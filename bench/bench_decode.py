@@ -16,8 +16,9 @@ the HF reference, and the memory-bandwidth roofline they are measured against.
   head), `engine-int8` (int8 weights for a lone sequence).
 - `--kernels`: the engine's kernel choices on SmolLM2's shapes: a matmul of 1 to 256 rows
   through F.linear, oneDNN-prepacked bf16 or int8 weights; one new query per row attending to
-  250 cached positions through SDPA or two fp32 matmuls; a whole prompt's prefill with its
-  matmuls on F.linear or prepacked.
+  250 cached positions through SDPA or two fp32 matmuls; a batch-1 decode step with the grouped
+  or the exact lone-sequence attention; a whole prompt's prefill with its matmuls on F.linear
+  or prepacked, and where its time goes.
 OpenMP threads spin briefly between kernels, as under `r2ec serve` (model.spin_between_kernels;
 bench/bench_spin.py measures what that is worth). Compare rows within one run only
 (BENCHMARKS.md: these machines vary day to day).
@@ -245,7 +246,39 @@ def main() -> None:
         )
     if args.kernels:
         kernels()
+        step_paths(model, prompts[0])
         prefill_paths(model, prompts)
+
+
+def step_paths(model, prompt: list[int], steps: int = 40, rounds: int = 4) -> None:
+    """A batch-1 decode step (`decode` + `logits` + argmax) through the engine's default lone-
+    sequence attention (grouped) and the exact one (per query head), alternating in one process
+    so drift hits both alike; median of `rounds`."""
+    import statistics
+
+    from model.engine import DecoderEngine
+
+    engines = {name: DecoderEngine(model.lm, slots=1, exact=name == "exact") for name in ("grouped", "exact")}
+
+    def run(engine) -> float:
+        engine.reset(0)
+        engine.prefill(0, prompt)
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.logits(engine.decode([100])).argmax(-1)
+        return (time.perf_counter() - t) / steps * 1e3
+
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            run(engine)  # warm-up at this length
+            times[name].append(run(engine))
+    exact = statistics.median(times["exact"])
+    print(f"\n| lone-row attention ({len(prompt)}-token prompt) | step ms (median of {rounds}) | ratio |")
+    print("|---|---|---|")
+    for name in engines:
+        ms = statistics.median(times[name])
+        print(f"| {name} | {ms:.1f} | {exact / ms:.2f}x |")
 
 
 def prefill_paths(model, prompts: list[list[int]]) -> None:

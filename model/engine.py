@@ -113,7 +113,7 @@ class DecoderEngine:
     ) -> None:
         """`exact`: a lone sequence's attention per query head, as transformers computes it, so
         greedy tokens follow the reference's bit for bit; by default the query heads that share a
-        KV head go through SDPA as one group (the same arithmetic in another order: 1.13x a
+        KV head go through SDPA as one group (the same arithmetic in another order: 1.11x a
         batch-1 step, and a near-tie in some greedy texts flips; BENCHMARKS.md §7)."""
         reason = unsupported_reason(lm)
         if reason is not None:

@@ -282,7 +282,7 @@ class EngineBackend:
     ) -> None:
         """By default the engine computes the prompt head all users share once
         (DecoderEngine.set_prefix) and copies its keys and values into each prompt, and a lone
-        sequence's attention groups the query heads of a KV head: 1.10x throughput and 1.13x a
+        sequence's attention groups the query heads of a KV head: 1.10x throughput and 1.11x a
         batch-1 step, but in bf16 both round the last bits differently, enough to flip a
         near-tie in some greedy texts. `exact` (R2EC_EXACT_DECODE) does neither, and the engine
         writes the reference's tokens (BENCHMARKS.md §7)."""
