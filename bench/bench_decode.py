@@ -12,8 +12,15 @@ the HF reference, and the memory-bandwidth roofline they are measured against.
   of greedy token positions equal to the reference's, and the cosine of h_T. HF's own batch-8
   rows are listed too: bf16 rounding differs with batch shape, so that row is the noise floor.
 - Backends: `hf` (the reference), `engine` (model/engine.py, the prompt head from its prefix
-  cache), `engine-exact` (R2EC_EXACT_DECODE: every prompt prefilled whole, attention per query
-  head), `engine-int8` (int8 weights for a lone sequence).
+  cache, speculative decoding of a lone sequence as served), `engine-nospec` (the same, one
+  token per forward), `engine-cold` (speculative, drafts from the prompt only),
+  `engine-exact` (R2EC_EXACT_DECODE: every prompt prefilled whole, attention per query head, no
+  speculation), `engine-int8` (int8 weights for a lone sequence, speculative).
+- Speculative decoding (model/speculative.py) drafts from the prompt and from texts written
+  before. As in a service that has answered other users, every timed call starts from the
+  texts of `--warm` other test users (not the timed ones: a user's own earlier text would
+  draft itself); `engine-cold` starts every call with none. "accepted" is the share of written
+  tokens that came from a confirmed draft, i.e. that cost no forward of their own.
 - `--kernels`: the engine's kernel choices on SmolLM2's shapes: a matmul of 1 to 256 rows
   through F.linear, oneDNN-prepacked bf16 or int8 weights; one new query per row attending to
   250 cached positions through SDPA or two fp32 matmuls; a batch-1 decode step with the grouped
@@ -27,6 +34,7 @@ bench/bench_spin.py measures what that is worth). Compare rows within one run on
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
 
@@ -150,7 +158,8 @@ def main() -> None:
     parser.add_argument("--data", default="data/ml-100k/loo")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rows", type=int, default=8, help="prompts (and the batch size)")
-    parser.add_argument("--backends", default="hf,engine,engine-exact,engine-int8")
+    parser.add_argument("--backends", default="hf,engine,engine-nospec,engine-cold,engine-exact,engine-int8")
+    parser.add_argument("--warm", type=int, default=32, help="other users' texts speculation drafts from")
     parser.add_argument("--kernels", action="store_true", help="also time the decode step's kernels")
     args = parser.parse_args()
 
@@ -165,8 +174,12 @@ def main() -> None:
     ckpt = load_checkpoint(args.checkpoint)
     model = ckpt.model
     titles = dict(zip(ckpt.items["item_id"].astype(str), ckpt.items["title"], strict=True))
-    test = load_prepared(args.data).split("test").iloc[: args.rows]
-    prompts = model.user_prompt_ids(sample_histories(test, titles))
+    test = load_prepared(args.data).split("test")
+    histories = sample_histories(test.iloc[: args.rows + args.warm], titles)
+    prompts = model.user_prompt_ids(histories[: args.rows])
+    others = model.user_prompt_ids(histories[args.rows :])
+    # as served: the title list under the grammar of each prompt's titles (model/constrained.py)
+    limits = model.title_lists(histories[: args.rows])
     full, one = GenerationSettings(max_new_tokens=args.tokens), GenerationSettings(max_new_tokens=1)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads "
@@ -178,7 +191,7 @@ def main() -> None:
     print(f"memory read bandwidth: {gbs:.1f} GB/s")
 
     hf = HFBackend(model)
-    ref = [hf.generate([p], full) for p in prompts]  # the reference: HF at batch 1, row by row
+    ref = [hf.generate([p], full, [c]) for p, c in zip(prompts, limits, strict=True)]  # batch 1, row by row
     ref_ids = [r.completion_ids[0] for r, _ in ref]
     ref_vecs = torch.cat([v for _, v in ref])
 
@@ -187,36 +200,47 @@ def main() -> None:
         t = time.perf_counter()
         if name == "hf":
             backend = hf
-        elif name in ("engine", "engine-int8", "engine-exact"):
+        elif name in ("engine", "engine-int8", "engine-exact", "engine-nospec", "engine-cold"):
             backend = EngineBackend(
                 model,
                 slots=len(prompts),
                 quantize="int8" if name.endswith("int8") else "none",
                 exact=name == "engine-exact",
+                speculative_tokens=0 if name == "engine-nospec" else 8,
             )
         else:
             raise SystemExit(f"unknown backend {name}")
         load_s = time.perf_counter() - t
         backend.generate(prompts[:1], one)  # warm-up
+        drafter = getattr(backend, "drafter", None)
+        if drafter is not None and name != "engine-cold" and others:  # texts of other users
+            backend.generate(others, full, model.title_lists(histories[args.rows :]))
+        warm = copy.deepcopy(drafter)
         row = {"backend": name, "load_s": load_s}
         for batch in (1, len(prompts)):
             chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)][: max(1, 4 // batch)]
             t1 = t_full = 0.0
             tokens = n_rows = 0
             got_ids, got_vecs = [], []
-            for chunk in chunks:
+            accepted = 0
+            for at, chunk in zip(range(0, len(prompts), batch), chunks, strict=False):
+                lists = limits[at : at + batch]
                 t = time.perf_counter()
-                backend.generate(chunk, one)
+                backend.generate(chunk, one, lists)
                 t1 += time.perf_counter() - t
+                if warm is not None:  # every call drafts from the same texts, none of its own
+                    backend.drafter = copy.deepcopy(warm)
                 t = time.perf_counter()
-                rollout, vecs = backend.generate(chunk, full)
+                rollout, vecs = backend.generate(chunk, full, lists)
                 t_full += time.perf_counter() - t
+                accepted += backend.drafter.accepted - warm.accepted if warm is not None else 0
                 tokens += sum(len(c) for c in rollout.completion_ids)
                 n_rows += len(chunk)
                 got_ids += rollout.completion_ids
                 got_vecs.append(vecs)
             row[f"b{batch}_decode"] = (tokens - n_rows) / max(1e-9, t_full - t1)
             row[f"b{batch}_e2e"] = tokens / t_full
+            row[f"b{batch}_accepted"] = accepted / tokens
             n = len(got_ids)
             row[f"b{batch}_agree"] = agreement(ref_ids[:n], got_ids)
             row[f"b{batch}_cos"] = F.cosine_similarity(torch.cat(got_vecs), ref_vecs[:n]).min().item()
@@ -232,9 +256,9 @@ def main() -> None:
     print(
         f"| backend | load s | b1 decode tok/s | b1 end-to-end tok/s | b{b} decode tok/s | b{b} end-to-end "
         f"tok/s | tokens = HF b1 (b1 / b{b}) | h_T cos min (b1 / b{b}) | weights MB | roofline b1 tok/s "
-        "| b1 / roofline |"
+        "| b1 / roofline | b1 accepted |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         roof = r.get("roofline")
         print(
@@ -242,7 +266,8 @@ def main() -> None:
             f"| {r[f'b{b}_decode']:.1f} | {r[f'b{b}_e2e']:.1f} "
             f"| {r['b1_agree']:.1%} / {r[f'b{b}_agree']:.1%} | {r['b1_cos']:.5f} / {r[f'b{b}_cos']:.5f} "
             f"| {r.get('weights_mb', float('nan')):.0f} "
-            f"| {roof or float('nan'):.0f} | {r['b1_decode'] / roof if roof else float('nan'):.0%} |"
+            f"| {roof or float('nan'):.0f} | {r['b1_decode'] / roof if roof else float('nan'):.0%} "
+            f"| {r['b1_accepted']:.0%} |"
         )
     if args.kernels:
         kernels()

@@ -14,6 +14,8 @@ in this shell, e.g. R2EC_THREADS or R2EC_MAX_BATCH):
   with GOMP_SPINCOUNT=0 as it ran then (OpenMP threads sleep between kernels);
 - `continuous-nospin`: `continuous` with GOMP_SPINCOUNT=0 (`r2ec serve` lets OpenMP threads
   spin briefly between kernels, model.spin_between_kernels);
+- `continuous-nospec`: `continuous` without speculative decoding (R2EC_SPECULATIVE_TOKENS=0;
+  by default a lone request checks n-gram drafts, model/speculative.py);
 - `continuous-16`: `continuous` with 16 decode slots (R2EC_MAX_BATCH=16) instead of 8;
 - `continuous-int8`: `continuous` with int8 decode weights (R2EC_QUANTIZE=int8);
 - `continuous-8`, `continuous-16-int8`, `continuous-exact`: `continuous` pinned to 8 slots,
@@ -58,6 +60,12 @@ SERVERS: dict[str, dict[str, str]] = {
     "static-hf": {"R2EC_BATCHING": "static", "R2EC_BACKEND": "hf", "GOMP_SPINCOUNT": "0"},
     # the default service with OpenMP threads that sleep at once (`r2ec serve` lets them spin)
     "continuous-nospin": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "GOMP_SPINCOUNT": "0"},
+    # the default service, one token per forward (no speculative decoding of a lone request)
+    "continuous-nospec": {
+        "R2EC_BATCHING": "continuous",
+        "R2EC_BACKEND": "engine",
+        "R2EC_SPECULATIVE_TOKENS": "0",
+    },
     # continuous with twice the default decode slots (R2EC_MAX_BATCH, 8 by default)
     "continuous-16": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "R2EC_MAX_BATCH": "16"},
     # continuous with int8 decode weights whatever --quantize says (R2EC_QUANTIZE=int8)

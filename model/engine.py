@@ -193,6 +193,13 @@ class DecoderEngine:
         """Forget the sequence in `slot` (its rows are overwritten by the next one)."""
         self._lens[slot] = 0
 
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep only the first `length` positions of `slot`: the positions of a speculative
+        draft the model did not confirm are forgotten (their rows are overwritten later)."""
+        if not 0 <= length <= self._lens[slot]:
+            raise ValueError(f"slot {slot} holds {self._lens[slot]} positions, cannot keep {length}")
+        self._lens[slot] = length
+
     def set_prefix(self, ids: Sequence[int]) -> None:
         """Keep the KV cache of `ids`, the head every user prompt starts with (chat template,
         system turn, instruction), so `prefill(..., reuse_prefix=True)` copies it instead of

@@ -14,6 +14,10 @@ the running decode batch at a token boundary (`add`, admitted by the next `step`
 when they stop (EOS, end of turn or budget), so nobody waits for a whole batch to finish. The
 service drives it one `step` at a time (service/continuous.py); `EngineBackend.generate` drives
 it to completion for a fixed batch (training, eval, the static batcher).
+
+When one greedy sequence is live, a step can write several tokens: an n-gram draft
+(model/speculative.py) is checked in one forward, and the tokens the model confirms are kept
+(speculative decoding; the text stays the greedy text).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 from model.constrained import TitleList, constrain_logits
 from model.engine import DecoderEngine, Quantize, unsupported_reason
 from model.r2ec import GenerationSettings, R2ec, Rollout
+from model.speculative import NgramDrafter
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +134,10 @@ class ContinuousDecoder:
 
     Not thread-safe: one thread calls `add`, `cancel` and `step` (the service's model thread).
     `max_prefill_per_step` bounds how many new prompts one step admits, so a burst of arrivals
-    delays the running sequences' next token by at most that many prefills."""
+    delays the running sequences' next token by at most that many prefills.
+
+    `drafter`: when given and decoding is greedy, a lone live sequence is decoded speculatively
+    (`_speculate`), and every finished text joins the drafter's memory."""
 
     def __init__(
         self,
@@ -137,11 +145,13 @@ class ContinuousDecoder:
         engine: DecoderEngine,
         settings: GenerationSettings = GREEDY,
         max_prefill_per_step: int = 1,
+        drafter: NgramDrafter | None = None,
     ) -> None:
         self.model = model
         self.engine = engine
         self.settings = settings
         self.max_prefill_per_step = max_prefill_per_step
+        self.drafter = drafter if not settings.do_sample else None
         self.marker = list(model._marker_ids)
         self.stop = set(model.stop_ids)
         self.waiting: deque[Sequence_] = deque()
@@ -183,6 +193,8 @@ class ContinuousDecoder:
             admitted += 1
             if self._admit(seq):
                 finished.append(seq)
+        if len(self.active) == 1 and self.drafter is not None and self._speculate(finished):
+            return finished
         if self.active:
             hidden = self.engine.decode([s.completion_ids[-1] for s in self.active])
             tokens = self._next_tokens(self.engine.logits(hidden), self.active)
@@ -207,9 +219,50 @@ class ContinuousDecoder:
         token = self._next_tokens(self.engine.logits(hidden[-1:]), [seq])[0]
         return self._append(seq, token)
 
-    def _next_tokens(self, logits: torch.Tensor, seqs: Sequence[Sequence_]) -> list[int]:
+    def _speculate(self, finished: list[Sequence_]) -> bool:
+        """One step of the lone live sequence with a draft: the last written token and up to k
+        draft tokens in one forward, then the greedy token after each position (under the
+        sequence's title grammar), kept while it equals the draft, plus the first that does
+        not. False (nothing done) when there is no draft."""
+        seq = self.active[0]
+        written = seq.completion_ids
+        draft = self.drafter.draft(seq.prompt_ids + written, seq.max_new_tokens - len(written) - 1)
+        if not draft:
+            return False
+        cached = self.engine.lens[0]  # the prompt and every written token but the last
+        logits = self.engine.logits(self.engine.prefill(0, [written[-1]] + draft))
+        new: list[int] = []
+        for row in range(len(draft) + 1):
+            token = self._next_tokens(logits[row : row + 1], [seq], [written + new])[0]
+            new.append(token)
+            if row == len(draft) or token != draft[row]:
+                break
+        self.drafter.count(len(draft), len(new) - 1)
+        # keep the confirmed draft tokens' keys and values; the last new token is not in the cache
+        self.engine.truncate(0, cached + len(new))
+        for j, token in enumerate(new):
+            if self._ends(seq, token):  # `_append` then runs the marker after what precedes it
+                self.engine.truncate(0, cached + 1 + j)
+            if self._append(seq, token):
+                finished.append(seq)
+                break
+        return True
+
+    def _next_tokens(
+        self,
+        logits: torch.Tensor,
+        seqs: Sequence[Sequence_],
+        written: Sequence[Sequence[int]] | None = None,
+    ) -> list[int]:
+        """The next token of each row; `written`: the text each row's grammar reads (by default
+        each sequence's completion so far)."""
+        written = [q.completion_ids for q in seqs] if written is None else written
         logits = constrain_logits(
-            logits, [None if q.constraint is None else q.constraint.allowed(q.completion_ids) for q in seqs]
+            logits,
+            [
+                None if q.constraint is None else q.constraint.allowed(w)
+                for q, w in zip(seqs, written, strict=True)
+            ],
         )
         s = self.settings
         if not s.do_sample:
@@ -222,8 +275,8 @@ class ContinuousDecoder:
 
     def _append(self, seq: Sequence_, token: int) -> bool:
         """Record a written token; when it ends the sequence, read h_T and free the slot."""
+        ended = self._ends(seq, token)
         seq.completion_ids.append(int(token))
-        ended = token in self.stop or len(seq.completion_ids) >= seq.max_new_tokens
         if seq._stream is not None and seq.on_text is not None and not ended:
             piece = seq._stream.update(seq.completion_ids)
             if piece:
@@ -237,10 +290,16 @@ class ContinuousDecoder:
         self._release(seq)
         return True
 
+    def _ends(self, seq: Sequence_, token: int) -> bool:
+        """Whether writing `token` ends the sequence (a stop token, or its budget is spent)."""
+        return token in self.stop or len(seq.completion_ids) + 1 >= seq.max_new_tokens
+
     def _done(self, seq: Sequence_, h_t: torch.Tensor) -> None:
         seq.vector = F.normalize(h_t.float(), dim=-1).cpu()
         ids = seq.completion_ids
         seq.text = self.model.tokenizer.decode(ids, skip_special_tokens=True).strip() if ids else ""
+        if self.drafter is not None:
+            self.drafter.remember(ids)
         if seq._stream is not None and seq.on_text is not None:
             piece = seq._stream.update(ids, final=True)
             if piece:
@@ -279,20 +338,31 @@ class EngineBackend:
         quantize: Quantize = "none",
         max_len: int = 1024,
         exact: bool = False,
+        speculative_tokens: int = 8,
     ) -> None:
         """By default the engine computes the prompt head all users share once
         (DecoderEngine.set_prefix) and copies its keys and values into each prompt, and a lone
         sequence's attention groups the query heads of a KV head: 1.10x throughput and 1.11x a
         batch-1 step, but in bf16 both round the last bits differently, enough to flip a
         near-tie in some greedy texts. `exact` (R2EC_EXACT_DECODE) does neither, and the engine
-        writes the reference's tokens (BENCHMARKS.md §7)."""
+        writes the reference's tokens (BENCHMARKS.md §7).
+
+        `speculative_tokens` (R2EC_SPECULATIVE_TOKENS): the draft a lone greedy sequence checks
+        per forward (model/speculative.py); 0 turns speculative decoding off, and `exact` does
+        too (a draft's forward rounds like a prefill, not like a decode step). The drafter's
+        memory of recent texts is shared by every decoder of this backend."""
         self.model = model
         self.engine = DecoderEngine(model.lm, slots=slots, max_len=max_len, quantize=quantize, exact=exact)
+        if speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
+        self.drafter = NgramDrafter(speculative_tokens) if speculative_tokens and not exact else None
         if not exact:
             self.engine.set_prefix(model.user_prompt_head())
 
     def decoder(self, settings: GenerationSettings = GREEDY) -> ContinuousDecoder:
-        return ContinuousDecoder(self.model, self.engine, settings, max_prefill_per_step=self.engine.slots)
+        return ContinuousDecoder(
+            self.model, self.engine, settings, max_prefill_per_step=self.engine.slots, drafter=self.drafter
+        )
 
     def generate(
         self,
@@ -335,12 +405,15 @@ def make_backend(
     slots: int = 8,
     quantize: Quantize = "none",
     exact: bool = False,
+    speculative_tokens: int = 8,
 ) -> Backend:
     """`engine` when the model supports it (else `hf`, logged), `hf` when asked."""
     if name == "engine":
         reason = unsupported_reason(model.lm)
         if reason is None:
-            return EngineBackend(model, slots=slots, quantize=quantize, exact=exact)
+            return EngineBackend(
+                model, slots=slots, quantize=quantize, exact=exact, speculative_tokens=speculative_tokens
+            )
         log.warning("generation backend 'engine' cannot run this model (%s); using 'hf'", reason)
     elif name != "hf":
         raise ValueError(f"unknown generation backend {name!r}: use 'hf' or 'engine'")

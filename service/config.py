@@ -75,6 +75,15 @@ class Settings(BaseSettings):
         "texts; exact cost 1.30x throughput at 32 concurrent requests and 1.14x for one "
         "(BENCHMARKS.md §4, §7).",
     )
+    speculative_tokens: int = Field(
+        8,
+        ge=0,
+        le=64,
+        description="engine backend: while one greedy request is decoding, each forward checks up "
+        "to this many draft tokens looked up in its prompt and in recent reasoning texts "
+        "(model/speculative.py) and keeps those the model confirms: the same text in fewer "
+        "forwards (BENCHMARKS.md §7). 0 turns it off; exact_decode does too.",
+    )
     constrain_titles: bool = Field(
         True,
         description='Decode the reasoning\'s "Rated highest:" title list under the grammar of '
@@ -192,6 +201,7 @@ class Settings(BaseSettings):
             "quantize": self.quantize,
             "constrain_titles": self.constrain_titles,
             "exact_decode": self.exact_decode,
+            "speculative_tokens": self.speculative_tokens,
         }
 
     @property

@@ -17,6 +17,8 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -90,6 +92,12 @@ class Metrics:
     def track_index_size(self, size: Callable[[], int]) -> None:
         self.index_size.set_function(lambda: float(size()))
 
+    def track_drafts(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """Speculative decoding's draft tokens (model/speculative.py), read at each scrape from
+        `counts()` = (checked, confirmed) of the served model's decoder. They start again from 0
+        when a reload swaps the model, which Prometheus' rate() reads as a counter reset."""
+        self.registry.register(_DraftCollector(counts))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -125,3 +133,21 @@ class RequestTimer:
             self.metrics.request_latency.labels(
                 scope.get("method", ""), template, str(status["code"])
             ).observe(time.perf_counter() - start)
+
+
+class _DraftCollector(Collector):
+    def __init__(self, counts: Callable[[], tuple[int, int]]) -> None:
+        self.counts = counts
+
+    def collect(self):
+        checked, confirmed = self.counts()
+        yield CounterMetricFamily(
+            "r2ec_draft_tokens",
+            "Draft tokens checked by speculative decoding (model/speculative.py).",
+            value=checked,
+        )
+        yield CounterMetricFamily(
+            "r2ec_draft_tokens_accepted",
+            "Draft tokens the model confirmed: each one is a decode step saved.",
+            value=confirmed,
+        )

@@ -78,6 +78,7 @@ class Recommender:
         quantize: Quantize = "none",
         constrain_titles: bool = True,
         exact_decode: bool = False,
+        speculative_tokens: int = 8,
     ) -> None:
         self.checkpoint = checkpoint
         self.model = checkpoint.model
@@ -85,7 +86,14 @@ class Recommender:
         self.version = checkpoint.version
         # how reasoning is written and h_T read (model/generation.py): the lean decoder with h_T
         # from its KV cache, or transformers' generate + a second forward (the reference)
-        self.backend = make_backend(self.model, backend, slots=slots, quantize=quantize, exact=exact_decode)
+        self.backend = make_backend(
+            self.model,
+            backend,
+            slots=slots,
+            quantize=quantize,
+            exact=exact_decode,
+            speculative_tokens=speculative_tokens,
+        )
         self.constrain_titles = constrain_titles  # model/constrained.py
         if constrain_titles:  # built here, at load, not on the event loop by the first request
             self.model.token_strings()
@@ -109,6 +117,7 @@ class Recommender:
         quantize: Quantize = "none",
         constrain_titles: bool = True,
         exact_decode: bool = False,
+        speculative_tokens: int = 8,
     ) -> Recommender:
         """Load a checkpoint onto `device` (R2EC_DEVICE) and open its catalog (load
         <ckpt>/index/ if it matches, else build it from the checkpoint's item vectors and save it
@@ -126,6 +135,7 @@ class Recommender:
             quantize=quantize,
             constrain_titles=constrain_titles,
             exact_decode=exact_decode,
+            speculative_tokens=speculative_tokens,
         )
         log.info(
             "loaded model %s from %s on %s (%s backend): %d items, %s index, %.1fs",
@@ -382,6 +392,12 @@ class Recommender:
     def continuous(self) -> bool:
         """Whether this model can serve by continuous batching (the `engine` backend)."""
         return isinstance(self.backend, EngineBackend)
+
+    def draft_counts(self) -> tuple[int, int]:
+        """Draft tokens checked and confirmed so far by this model's speculative decoding
+        (model/speculative.py); (0, 0) without it."""
+        drafter = getattr(self.backend, "drafter", None)
+        return (0, 0) if drafter is None else (drafter.drafted, drafter.accepted)
 
     def runner(self) -> DecodeRunner:
         """The model-thread half of continuous batching for this model (one per Recommender)."""

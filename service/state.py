@@ -90,6 +90,7 @@ class ServiceState:
         self._cache_down_until = 0.0
         self._watcher: asyncio.Task | None = None
         metrics.track_index_size(lambda: len(self.engine.catalog.index))
+        metrics.track_drafts(lambda: self.engine.draft_counts())
         self._publish_version()
 
     # ------------------------------------------------------------------ lifecycle

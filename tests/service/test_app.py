@@ -564,6 +564,11 @@ async def test_probes_and_metrics(app, client):
     assert metric(text, "r2ec_reasoning_cache_total", result="miss") == 1
     assert metric(text, "r2ec_index_items") == 11
     assert metric(text, "r2ec_model_info", version=engine.version) == 1
+    # speculative decoding's drafts (model/speculative.py), as the served model's drafter counts them
+    drafted, accepted = engine.draft_counts()
+    assert engine.backend.drafter is not None and drafted >= accepted >= 0
+    assert metric(text, "r2ec_draft_tokens_total") == drafted
+    assert metric(text, "r2ec_draft_tokens_accepted_total") == accepted
 
 
 async def test_openapi_documents_every_route_and_the_admin_key(client):
