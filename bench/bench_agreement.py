@@ -1,7 +1,11 @@
-"""Greedy-token agreement of the engine with HF `generate` at batch 1, prompt by prompt, with and
-without the engine's exact mode (R2EC_EXACT_DECODE: no prefix cache, attention per query head).
-Prints one line per setting: each prompt's share of positions equal to HF's text, and the first
-position that differs.
+"""Greedy-token agreement of the engine with HF `generate` at batch 1, prompt by prompt: the
+engine as served (prefix cache, grouped attention, speculative decoding of a lone sequence),
+without speculative decoding (R2EC_SPECULATIVE_TOKENS=0), and in exact mode (R2EC_EXACT_DECODE:
+no prefix cache, attention per query head, no speculation). Every text is decoded under its
+prompt's title grammar, as served (model/constrained.py). Prints one line per setting: each
+prompt's share of positions equal to HF's text, and the first position that differs. The
+speculative engine drafts from the texts of the prompts before (as a service does from the
+users it answered before), never from a prompt's own earlier text.
 
     python3 bench/bench_agreement.py --checkpoint runs/hints/best [--rows 8] [--tokens 64]
 
@@ -35,19 +39,28 @@ def main() -> None:
     model = ckpt.model
     titles = dict(zip(ckpt.items["item_id"].astype(str), ckpt.items["title"], strict=True))
     test = load_prepared(args.data).split("test").iloc[: args.rows]
-    prompts = model.user_prompt_ids(sample_histories(test, titles))
+    histories = sample_histories(test, titles)
+    prompts, limits = model.user_prompt_ids(histories), model.title_lists(histories)
     full = GenerationSettings(max_new_tokens=args.tokens)
     hf = HFBackend(model)
-    ref = [hf.generate([p], full)[0].completion_ids[0] for p in prompts]
-    for exact in (False, True):
-        engine = EngineBackend(model, slots=1, exact=exact)
-        got = [engine.generate([p], full)[0].completion_ids[0] for p in prompts]
+    pairs = list(zip(prompts, limits, strict=True))
+    ref = [hf.generate([p], full, [c])[0].completion_ids[0] for p, c in pairs]
+    settings = {
+        "served (speculative)": {},
+        "no speculation": {"speculative_tokens": 0},
+        "exact": {"exact": True},
+    }
+    for name, kwargs in settings.items():
+        engine = EngineBackend(model, slots=1, **kwargs)
+        got = [
+            engine.generate([p], full, [c])[0].completion_ids[0] for p, c in zip(prompts, limits, strict=True)
+        ]
         same = [round(agreement([r], [g]), 2) for r, g in zip(ref, got, strict=True)]
         first = [
             next((i for i, (a, b) in enumerate(zip(r, g, strict=False)) if a != b), None)
             for r, g in zip(ref, got, strict=True)
         ]
-        print(f"exact {exact}: agreement {same}, first difference at {first}")
+        print(f"{name}: agreement {same}, first difference at {first}")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,14 @@ def eval_cmd(
             "R2EC_QUANTIZE serves; BENCHMARKS.md §7"
         ),
     ] = "none",
+    speculative_tokens: Annotated[
+        int,
+        typer.Option(
+            help="engine backend: draft tokens a lone greedy sequence checks per forward "
+            "(model/speculative.py; with --batch-size 1 every sequence is alone), 0 = off, as "
+            "R2EC_SPECULATIVE_TOKENS serves"
+        ),
+    ] = 8,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Full-ranking Hit@5/10/20 and NDCG@5/10/20 over the whole catalog, with per-user
@@ -100,6 +108,8 @@ def eval_cmd(
         fail(f"--quantize must be none, int8 or auto, got {quantize!r}")
     if quantize == "int8" and (backend != "engine" or dtype != "bfloat16"):
         fail("--quantize int8 needs --backend engine and --dtype bfloat16 (the int8 kernel reads bf16)")
+    if speculative_tokens < 0:
+        fail(f"--speculative-tokens must be >= 0, got {speculative_tokens}")
     try:
         ds = load_prepared(data)
         cfg = EvalConfig(
@@ -126,11 +136,21 @@ def eval_cmd(
         from model.generation import make_backend
 
         model, vectors, label = _load_model(ds, checkpoint, base, dtype, device)
-        gen = make_backend(model, backend, slots=batch_size, quantize=quantize)  # type: ignore[arg-type]
+        gen = make_backend(
+            model,
+            backend,  # type: ignore[arg-type]
+            slots=batch_size,
+            quantize=quantize,  # type: ignore[arg-type]
+            speculative_tokens=speculative_tokens,
+        )
         extra["backend"] = gen.name
         if gen.name == "engine":
             extra["quantize"] = gen.engine.quantize  # auto resolved
+            drafter = gen.drafter
+            extra["speculative_tokens"] = 0 if drafter is None else drafter.tokens
         result = evaluate_model(model, ds, vectors, cfg, backend=gen)
+        if getattr(gen, "drafter", None) is not None and cfg.reasoning:
+            extra["draft_tokens"] = {"checked": gen.drafter.drafted, "accepted": gen.drafter.accepted}
         if compare_reasoning:
             off = evaluate_model(model, ds, vectors, dataclasses.replace(cfg, reasoning=False), backend=gen)
             extra |= {

@@ -41,6 +41,10 @@ def test_eval_json_for_pop_and_a_checkpoint_with_reasoning(tiny_dataset, tiny_ch
     assert payload["split"] == "valid" and payload["reasoning"] is True and payload["count"] == n
     assert all(0.0 <= v <= 1.0 for v in payload["metrics"].values())
     assert [set(e) for e in payload["examples"]] == [{"user_id", "target", "rank", "reasoning"}] * n
+    # the engine backend, speculative as served: what its drafts did is in the payload
+    assert payload["backend"] == "engine" and payload["speculative_tokens"] == 8
+    drafts = payload["draft_tokens"]
+    assert drafts["checked"] >= drafts["accepted"] >= 0
 
 
 @pytest.mark.parametrize(
@@ -51,6 +55,7 @@ def test_eval_json_for_pop_and_a_checkpoint_with_reasoning(tiny_dataset, tiny_ch
         (["--baseline", "pop", "--mask", "history"], "mask must be one of"),
         (["--base", "tiny", "--quantize", "int4"], "--quantize must be none, int8 or auto"),
         (["--base", "tiny", "--quantize", "int8", "--dtype", "float32"], "--quantize int8 needs"),
+        (["--base", "tiny", "--speculative-tokens", "-1"], "--speculative-tokens must be >= 0"),
         (["--baseline", "pop", "--compare-reasoning"], "--compare-reasoning needs"),
         (["--baseline", "pop", "--split", "dev"], "dev"),
         (["--checkpoint", "/nowhere"], "/nowhere is not an R²ec checkpoint"),
