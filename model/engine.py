@@ -320,6 +320,48 @@ class DecoderEngine:
             self._lens[j] += 1
         return self._rms(x, self.norm)
 
+    @torch.inference_mode()
+    def extend(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Append m tokens to each sequence in slots 0..n-1 (n = len(tokens), m tokens every row)
+        in one forward, each row from its own length: speculative decoding's check of n drafts
+        (model/generation.py). Final hidden states (n, m, H). The attention is the several-row
+        decode path's (two fp32 matmuls and a softmax, query heads grouped by KV head), with each
+        new position seeing its row's cache and the new positions before it."""
+        n = len(tokens)
+        if not 0 < n <= self.slots:
+            raise ValueError(f"extend takes 1..{self.slots} rows, got {n}")
+        m = len(tokens[0])
+        if m < 1 or any(len(t) != m for t in tokens):
+            raise ValueError("extend needs the same number (>= 1) of tokens in every row")
+        lens = self.lens[:n]
+        if min(lens) == 0:
+            raise ValueError("extend on an empty slot: prefill its prompt first")
+        self._reserve(max(lens) + m)
+        dev = self.device
+        pos = torch.tensor(lens, device=dev)[:, None] + torch.arange(m, device=dev)[None, :]  # (n, m)
+        rows = torch.arange(n, device=dev)[:, None]
+        width = max(lens) + m
+        seen = torch.arange(width, device=dev)[None, None, :] <= pos[:, :, None]  # (n, m, width)
+        bias = torch.zeros(n, 1, 1, m, width, device=dev).masked_fill(~seen[:, None, None], -torch.inf)
+        x = self.embed[torch.tensor([list(t) for t in tokens], device=dev).flatten()]  # (n * m, H)
+        flat = pos.flatten()
+        cos, sin = self.cos[flat][:, None], self.sin[flat][:, None]
+        group = self.n_heads // self.n_kv
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            self.k[i][rows, :, pos] = k.view(n, m, self.n_kv, self.head_dim)
+            self.v[i][rows, :, pos] = v.view(n, m, self.n_kv, self.head_dim)
+            keys = self.k[i, :n, :, None, :width].float()  # (n, kv, 1, L, d)
+            values = self.v[i, :n, :, None, :width].float()
+            grouped = q.view(n, m, self.n_kv, group, self.head_dim).permute(0, 2, 3, 1, 4).float()
+            scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(self._scale).add_(bias)
+            out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (n, kv, group, m, d)
+            attn = out.permute(0, 3, 1, 2, 4).reshape(n * m, -1).to(q.dtype)
+            x = self._finish_layer(layer, x, attn)
+        for j in range(n):
+            self._lens[j] += m
+        return self._rms(x, self.norm).view(n, m, -1)
+
     def _decode_attention(
         self, i: int, q: torch.Tensor, n: int, width: int, bias: torch.Tensor | None
     ) -> torch.Tensor:

@@ -15,8 +15,8 @@ when they stop (EOS, end of turn or budget), so nobody waits for a whole batch t
 service drives it one `step` at a time (service/continuous.py); `EngineBackend.generate` drives
 it to completion for a fixed batch (training, eval, the static batcher).
 
-When one greedy sequence is live, a step can write several tokens: an n-gram draft
-(model/speculative.py) is checked in one forward, and the tokens the model confirms are kept
+When few greedy sequences are live, a step can write several tokens each: n-gram drafts
+(model/speculative.py) are checked in one forward, and the tokens the model confirms are kept
 (speculative decoding; the text stays the greedy text).
 """
 
@@ -37,6 +37,12 @@ from model.r2ec import GenerationSettings, R2ec, Rollout
 from model.speculative import NgramDrafter
 
 log = logging.getLogger(__name__)
+
+# Rows one speculative forward checks, every live sequence's draft together: a prepacked bf16
+# matmul over up to 16 rows costs about what one row does (BENCHMARKS.md §7's kernel table), so
+# one sequence drafts 8 tokens, two 7 each, four 3 each, and from 6 sequences the plain batched
+# step (which already shares its weight reads) is taken.
+SPECULATIVE_ROWS = 16
 
 BackendName = Literal["hf", "engine"]
 GREEDY = GenerationSettings()
@@ -136,8 +142,8 @@ class ContinuousDecoder:
     `max_prefill_per_step` bounds how many new prompts one step admits, so a burst of arrivals
     delays the running sequences' next token by at most that many prefills.
 
-    `drafter`: when given and decoding is greedy, a lone live sequence is decoded speculatively
-    (`_speculate`), and every finished text joins the drafter's memory."""
+    `drafter`: when given and decoding is greedy, up to 5 live sequences are decoded
+    speculatively (`_speculate`), and every finished text joins the drafter's memory."""
 
     def __init__(
         self,
@@ -193,7 +199,7 @@ class ContinuousDecoder:
             admitted += 1
             if self._admit(seq):
                 finished.append(seq)
-        if len(self.active) == 1 and self.drafter is not None and self._speculate(finished):
+        if self.active and self.drafter is not None and self._speculate(finished):
             return finished
         if self.active:
             hidden = self.engine.decode([s.completion_ids[-1] for s in self.active])
@@ -220,32 +226,53 @@ class ContinuousDecoder:
         return self._append(seq, token)
 
     def _speculate(self, finished: list[Sequence_]) -> bool:
-        """One step of the lone live sequence with a draft: the last written token and up to k
-        draft tokens in one forward, then the greedy token after each position (under the
-        sequence's title grammar), kept while it equals the draft, plus the first that does
-        not. False (nothing done) when there is no draft."""
-        seq = self.active[0]
-        written = seq.completion_ids
-        draft = self.drafter.draft(seq.prompt_ids + written, seq.max_new_tokens - len(written) - 1)
-        if not draft:
+        """One step that may write several tokens per live sequence: each row's last written
+        token and its draft (model/speculative.py) go through one forward
+        (`DecoderEngine.extend`), then the greedy token after each position (under the row's
+        title grammar) is kept while it equals the draft, plus the first one that does not.
+        The drafts share a budget of SPECULATIVE_ROWS rows a forward, so the more sequences
+        live, the shorter each draft; False (nothing done) when that leaves under 2 tokens a
+        row or no row has a draft, and the step is a plain one."""
+        seqs = list(self.active)
+        n = len(seqs)
+        k = min(self.drafter.tokens, SPECULATIVE_ROWS // n - 1)
+        if k < 2:
             return False
-        cached = self.engine.lens[0]  # the prompt and every written token but the last
-        logits = self.engine.logits(self.engine.prefill(0, [written[-1]] + draft))
-        new: list[int] = []
-        for row in range(len(draft) + 1):
-            token = self._next_tokens(logits[row : row + 1], [seq], [written + new])[0]
-            new.append(token)
-            if row == len(draft) or token != draft[row]:
-                break
-        self.drafter.count(len(draft), len(new) - 1)
-        # keep the confirmed draft tokens' keys and values; the last new token is not in the cache
-        self.engine.truncate(0, cached + len(new))
-        for j, token in enumerate(new):
-            if self._ends(seq, token):  # `_append` then runs the marker after what precedes it
-                self.engine.truncate(0, cached + 1 + j)
-            if self._append(seq, token):
-                finished.append(seq)
-                break
+        room = [min(k, s.max_new_tokens - len(s.completion_ids) - 1) for s in seqs]  # within budget
+        drafts = [
+            self.drafter.draft(s.prompt_ids + s.completion_ids, r) for s, r in zip(seqs, room, strict=True)
+        ]
+        width = max(map(len, drafts))
+        if not width:
+            return False
+        cached = self.engine.lens[:n]  # each row's prompt and every written token but the last
+        # rows with a shorter draft are padded with their last token: whatever the model makes of
+        # a padding position is never kept, since only each row's own draft is compared
+        last = [s.completion_ids[-1] for s in seqs]
+        rows = [[t, *d] + [t] * (width - len(d)) for t, d in zip(last, drafts, strict=True)]
+        hidden = self.engine.extend(rows)  # (n, width + 1, H)
+        logits = self.engine.logits(hidden.reshape(n * (width + 1), -1)).view(n, width + 1, -1)
+        news: list[list[int]] = []
+        for i, (seq, draft) in enumerate(zip(seqs, drafts, strict=True)):
+            new: list[int] = []
+            for j in range(len(draft) + 1):
+                token = self._next_tokens(logits[i, j : j + 1], [seq], [seq.completion_ids + new])[0]
+                new.append(token)
+                if j == len(draft) or token != draft[j]:
+                    break
+            news.append(new)
+        self.drafter.count(sum(map(len, drafts)), sum(len(new) - 1 for new in news))
+        # keep each row's confirmed draft tokens (its last new token is not in the cache), before
+        # any sequence ends and the last live one moves into its slot
+        for i, new in enumerate(news):
+            self.engine.truncate(i, cached[i] + len(new))
+        for seq, new, before in zip(seqs, news, cached, strict=True):
+            for j, token in enumerate(new):
+                if self._ends(seq, token):  # `_append` then runs the marker after what precedes it
+                    self.engine.truncate(seq.slot, before + 1 + j)
+                if self._append(seq, token):
+                    finished.append(seq)
+                    break
         return True
 
     def _next_tokens(
@@ -347,9 +374,10 @@ class EngineBackend:
         near-tie in some greedy texts. `exact` (R2EC_EXACT_DECODE) does neither, and the engine
         writes the reference's tokens (BENCHMARKS.md §7).
 
-        `speculative_tokens` (R2EC_SPECULATIVE_TOKENS): the draft a lone greedy sequence checks
-        per forward (model/speculative.py); 0 turns speculative decoding off, and `exact` does
-        too (a draft's forward rounds like a prefill, not like a decode step). The drafter's
+        `speculative_tokens` (R2EC_SPECULATIVE_TOKENS): the longest draft a greedy sequence
+        checks per forward (model/speculative.py; a lone one, several share SPECULATIVE_ROWS);
+        0 turns speculative decoding off, and `exact` does too (a checked draft rounds unlike a
+        plain decode step). The drafter's
         memory of recent texts is shared by every decoder of this backend."""
         self.model = model
         self.engine = DecoderEngine(model.lm, slots=slots, max_len=max_len, quantize=quantize, exact=exact)

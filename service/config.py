@@ -79,10 +79,12 @@ class Settings(BaseSettings):
         8,
         ge=0,
         le=64,
-        description="engine backend: while one greedy request is decoding, each forward checks up "
-        "to this many draft tokens looked up in its prompt and in recent reasoning texts "
-        "(model/speculative.py) and keeps those the model confirms: the same text in fewer "
-        "forwards (BENCHMARKS.md §7). 0 turns it off; exact_decode does too.",
+        description="engine backend: while up to 5 greedy requests are decoding, each forward "
+        "checks draft tokens looked up in their prompts and in recent reasoning texts "
+        "(model/speculative.py), up to this many for a lone request, and keeps those the model "
+        "confirms: the same text in fewer forwards (BENCHMARKS.md §7). 0 turns it off; "
+        "exact_decode does too. The texts stay greedy, but a checked draft rounds unlike a plain "
+        "step in bf16, so a near-tie may flip, as with the prefix cache.",
     )
     constrain_titles: bool = Field(
         True,

@@ -1,6 +1,6 @@
 """Speculative decoding (model/speculative.py, ContinuousDecoder._speculate): drafts looked up in
-the prompt and in remembered texts, checked in one forward, and never a token that greedy
-decoding would not write."""
+the prompt and in remembered texts, checked in one forward (several sequences' together), and
+never a token that greedy decoding would not write."""
 
 import pytest
 import torch
@@ -58,6 +58,20 @@ def test_truncate_only_forgets(tiny_model):
     torch.testing.assert_close(hidden, ref[2:], atol=1e-4, rtol=1e-4)
 
 
+def test_extend_appends_several_tokens_to_rows_of_different_lengths(tiny_model):
+    engine = DecoderEngine(tiny_model.lm, slots=3, max_len=8)  # the cache grows under it
+    seqs = [list(range(5, 16)), list(range(30, 34)), list(range(40, 47))]
+    for j, s in enumerate(seqs):
+        engine.prefill(j, s[:-3])
+    hidden = engine.extend([s[-3:] for s in seqs])
+    assert hidden.shape == (3, 3, tiny_model.hidden_size) and engine.lens == [len(s) for s in seqs]
+    for j, s in enumerate(seqs):
+        ref = tiny_model.lm.get_decoder()(input_ids=torch.tensor([s])).last_hidden_state[0, -3:]
+        torch.testing.assert_close(hidden[j], ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="same number"):
+        engine.extend([[1, 2], [3]])
+
+
 def _one_by_one(backend, prompts, settings, lists=None):
     lists = lists or [None] * len(prompts)
     out = [backend.generate([p], settings, [c]) for p, c in zip(prompts, lists, strict=True)]
@@ -78,6 +92,31 @@ def test_speculative_decoding_writes_the_greedy_text(tiny_model, budget):
         assert spec.drafter.accepted > 0 and spec.drafter.drafted >= spec.drafter.accepted
     else:  # a budget of 1 or 2 leaves no room for a draft
         assert spec.drafter.drafted == 0
+
+
+@pytest.mark.parametrize("slots", [2, 3])
+def test_several_sequences_check_their_drafts_in_one_forward(tiny_model, slots):
+    prompts = tiny_model.user_prompt_ids(HISTORIES)
+    settings = GenerationSettings(max_new_tokens=24)
+    ref, ref_vecs = EngineBackend(tiny_model, slots=slots, speculative_tokens=0).generate(prompts, settings)
+    spec = EngineBackend(tiny_model, slots=slots, speculative_tokens=8)
+    for _ in range(2):  # the second round drafts from the first round's texts
+        got, vecs = spec.generate(prompts, settings)  # 3 prompts together, rows of other lengths
+        assert got.completion_ids == ref.completion_ids
+        assert torch.nn.functional.cosine_similarity(vecs, ref_vecs).min() > 0.9999
+    assert spec.drafter.accepted > 0
+
+
+def test_with_six_live_sequences_the_step_is_a_plain_one(tiny_model):
+    prompts = tiny_model.user_prompt_ids(HISTORIES) * 2
+    spec = EngineBackend(tiny_model, slots=6, speculative_tokens=8)
+    spec.generate(prompts, GenerationSettings(max_new_tokens=24))  # texts to draft from
+    drafted = spec.drafter.drafted
+    decoder = spec.decoder()
+    for p in prompts:
+        decoder.add(Sequence_(p, 24))
+    decoder.step()  # admits all six, then one step: 16 rows leave no room for 2-token drafts
+    assert len(decoder.active) == 6 and spec.drafter.drafted == drafted
 
 
 def test_a_draft_that_runs_into_a_stop_ends_the_text_there(tiny_model):
