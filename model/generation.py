@@ -377,8 +377,8 @@ class EngineBackend:
         `speculative_tokens` (R2EC_SPECULATIVE_TOKENS): the longest draft a greedy sequence
         checks per forward (model/speculative.py; a lone one, several share SPECULATIVE_ROWS);
         0 turns speculative decoding off, and `exact` does too (a checked draft rounds unlike a
-        plain decode step). The drafter's
-        memory of recent texts is shared by every decoder of this backend."""
+        plain decode step). The drafter's memory of recent texts is shared by every decoder of
+        this backend."""
         self.model = model
         self.engine = DecoderEngine(model.lm, slots=slots, max_len=max_len, quantize=quantize, exact=exact)
         if speculative_tokens < 0:
