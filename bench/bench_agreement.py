@@ -1,5 +1,5 @@
 """Greedy-token agreement of the engine with HF `generate` at batch 1, prompt by prompt: the
-engine as served (prefix cache, grouped attention, speculative decoding of a lone sequence),
+engine as served (prefix cache, grouped attention, speculative decoding; here always alone),
 without speculative decoding (R2EC_SPECULATIVE_TOKENS=0), and in exact mode (R2EC_EXACT_DECODE:
 no prefix cache, attention per query head, no speculation). Every text is decoded under its
 prompt's title grammar, as served (model/constrained.py). Prints one line per setting: each

@@ -12,10 +12,10 @@ the HF reference, and the memory-bandwidth roofline they are measured against.
   of greedy token positions equal to the reference's, and the cosine of h_T. HF's own batch-8
   rows are listed too: bf16 rounding differs with batch shape, so that row is the noise floor.
 - Backends: `hf` (the reference), `engine` (model/engine.py, the prompt head from its prefix
-  cache, speculative decoding of a lone sequence as served), `engine-nospec` (the same, one
+  cache, speculative decoding of up to 5 live sequences as served), `engine-nospec` (the same, one
   token per forward), `engine-cold` (speculative, drafts from the prompt only),
   `engine-exact` (R2EC_EXACT_DECODE: every prompt prefilled whole, attention per query head, no
-  speculation), `engine-int8` (int8 weights for a lone sequence, speculative).
+  speculation), `engine-int8` (int8 weights for one-row steps; int8 turns speculation off).
 - Speculative decoding (model/speculative.py) drafts from the prompt and from texts written
   before. As in a service that has answered other users, every timed call starts from the
   texts of `--warm` other test users (not the timed ones: a user's own earlier text would

@@ -15,7 +15,7 @@ in this shell, e.g. R2EC_THREADS or R2EC_MAX_BATCH):
 - `continuous-nospin`: `continuous` with GOMP_SPINCOUNT=0 (`r2ec serve` lets OpenMP threads
   spin briefly between kernels, model.spin_between_kernels);
 - `continuous-nospec`: `continuous` without speculative decoding (R2EC_SPECULATIVE_TOKENS=0;
-  by default a lone request checks n-gram drafts, model/speculative.py);
+  by default up to 5 decoding requests check n-gram drafts, model/speculative.py);
 - `continuous-16`: `continuous` with 16 decode slots (R2EC_MAX_BATCH=16) instead of 8;
 - `continuous-int8`: `continuous` with int8 decode weights (R2EC_QUANTIZE=int8);
 - `continuous-8`, `continuous-16-int8`, `continuous-exact`: `continuous` pinned to 8 slots,
@@ -60,7 +60,7 @@ SERVERS: dict[str, dict[str, str]] = {
     "static-hf": {"R2EC_BATCHING": "static", "R2EC_BACKEND": "hf", "GOMP_SPINCOUNT": "0"},
     # the default service with OpenMP threads that sleep at once (`r2ec serve` lets them spin)
     "continuous-nospin": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "GOMP_SPINCOUNT": "0"},
-    # the default service, one token per forward (no speculative decoding of a lone request)
+    # the default service, one token per forward (no speculative decoding)
     "continuous-nospec": {
         "R2EC_BATCHING": "continuous",
         "R2EC_BACKEND": "engine",

@@ -76,8 +76,9 @@ def eval_cmd(
     speculative_tokens: Annotated[
         int,
         typer.Option(
-            help="engine backend: draft tokens a lone greedy sequence checks per forward "
-            "(model/speculative.py; with --batch-size 1 every sequence is alone), 0 = off, as "
+            help="engine backend: the longest draft a greedy sequence checks per forward "
+            "(model/speculative.py; up to 5 live sequences share 16 rows, so --batch-size 1 "
+            "drafts the most), 0 = off, as "
             "R2EC_SPECULATIVE_TOKENS serves"
         ),
     ] = 8,

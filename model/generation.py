@@ -157,7 +157,10 @@ class ContinuousDecoder:
         self.engine = engine
         self.settings = settings
         self.max_prefill_per_step = max_prefill_per_step
-        self.drafter = drafter if not settings.do_sample else None
+        # greedy only; never in exact mode (a checked draft rounds unlike a plain step) nor with
+        # int8 weights (they serve one-row steps only: a checked draft would run on bf16)
+        speculates = not settings.do_sample and not engine.exact and engine.quantize != "int8"
+        self.drafter = drafter if speculates else None
         self.marker = list(model._marker_ids)
         self.stop = set(model.stop_ids)
         self.waiting: deque[Sequence_] = deque()
@@ -181,7 +184,10 @@ class ContinuousDecoder:
         return seq
 
     def cancel(self, seq: Sequence_) -> None:
-        """Drop a sequence (its client went away); its slot is free for the next step."""
+        """Drop a sequence (its client went away); its slot is free for the next step. A finished
+        one (its last text piece may reach a listener that cancels) is left as it is."""
+        if seq.done:
+            return
         seq.cancelled = True
         if seq in self.waiting:
             self.waiting.remove(seq)
@@ -235,9 +241,10 @@ class ContinuousDecoder:
         row or no row has a draft, and the step is a plain one."""
         seqs = list(self.active)
         n = len(seqs)
-        k = min(self.drafter.tokens, SPECULATIVE_ROWS // n - 1)
-        if k < 2:
+        per_row = SPECULATIVE_ROWS // n - 1  # draft tokens each row may check
+        if per_row < 2:
             return False
+        k = min(self.drafter.tokens, per_row)
         room = [min(k, s.max_new_tokens - len(s.completion_ids) - 1) for s in seqs]  # within budget
         drafts = [
             self.drafter.draft(s.prompt_ids + s.completion_ids, r) for s, r in zip(seqs, room, strict=True)
@@ -261,18 +268,22 @@ class ContinuousDecoder:
                 if j == len(draft) or token != draft[j]:
                     break
             news.append(new)
-        self.drafter.count(sum(map(len, drafts)), sum(len(new) - 1 for new in news))
         # keep each row's confirmed draft tokens (its last new token is not in the cache), before
         # any sequence ends and the last live one moves into its slot
         for i, new in enumerate(news):
             self.engine.truncate(i, cached[i] + len(new))
+        confirmed = 0  # draft tokens written (a row's new tokens but the first, up to its end)
         for seq, new, before in zip(seqs, news, cached, strict=True):
             for j, token in enumerate(new):
+                if seq.cancelled:  # its on_text listener cancelled it: its slot is gone
+                    break
                 if self._ends(seq, token):  # `_append` then runs the marker after what precedes it
                     self.engine.truncate(seq.slot, before + 1 + j)
+                confirmed += j > 0
                 if self._append(seq, token):
                     finished.append(seq)
                     break
+        self.drafter.count(sum(map(len, drafts)), confirmed)
         return True
 
     def _next_tokens(
@@ -327,11 +338,11 @@ class ContinuousDecoder:
         seq.text = self.model.tokenizer.decode(ids, skip_special_tokens=True).strip() if ids else ""
         if self.drafter is not None:
             self.drafter.remember(ids)
+        seq.done = True
         if seq._stream is not None and seq.on_text is not None:
             piece = seq._stream.update(ids, final=True)
             if piece:
                 _call(seq.on_text, piece)
-        seq.done = True
 
     def _release(self, seq: Sequence_) -> None:
         """Free the sequence's slot, moving the last live sequence into it (rows stay packed)."""
@@ -376,14 +387,17 @@ class EngineBackend:
 
         `speculative_tokens` (R2EC_SPECULATIVE_TOKENS): the longest draft a greedy sequence
         checks per forward (model/speculative.py; a lone one, several share SPECULATIVE_ROWS);
-        0 turns speculative decoding off, and `exact` does too (a checked draft rounds unlike a
-        plain decode step). The drafter's memory of recent texts is shared by every decoder of
+        0 turns speculative decoding off, and so do `exact` (a checked draft rounds unlike a
+        plain decode step) and int8 weights (they serve one-row steps only, and a checked draft
+        is several rows). The drafter's memory of recent texts is shared by every decoder of
         this backend."""
         self.model = model
         self.engine = DecoderEngine(model.lm, slots=slots, max_len=max_len, quantize=quantize, exact=exact)
         if speculative_tokens < 0:
             raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
-        self.drafter = NgramDrafter(speculative_tokens) if speculative_tokens and not exact else None
+        # no drafts in exact mode, nor with int8 weights (see ContinuousDecoder)
+        speculates = speculative_tokens and not exact and self.engine.quantize != "int8"
+        self.drafter = NgramDrafter(speculative_tokens) if speculates else None
         if not exact:
             self.engine.set_prefix(model.user_prompt_head())
 

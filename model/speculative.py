@@ -1,12 +1,13 @@
 """Draft tokens for speculative decoding, looked up rather than generated.
 
-A lone sequence's decode step reads every weight to write one token (BENCHMARKS.md §7: ~22 ms a
-step on 2 cores, memory-bound). Reading them for a handful of rows costs about the same (a
-prepacked bf16 matmul over 8 rows takes no longer than over one, §7's kernel table), so the
-decoder (model/generation.py, `ContinuousDecoder`) proposes k tokens, runs them in one forward
-as a short prefill and keeps the longest prefix the model itself would have written greedily,
-plus the model's own token after it. The text is the greedy text: a draft can only save steps,
-never change a token (up to bf16 summation order, measured in bench/bench_agreement.py).
+A decode step of one or a few sequences reads every weight to write one token each
+(BENCHMARKS.md §7: ~22 ms a step on 2 cores, memory-bound). Reading them for a handful of rows
+costs about the same (a prepacked bf16 matmul over 8 rows takes no longer than over one, §7's
+kernel table), so the decoder (model/generation.py, `ContinuousDecoder._speculate`) proposes k
+tokens per sequence, runs them in one forward (`DecoderEngine.extend`) and keeps the longest
+prefix the model itself would have written greedily, plus the model's own token after it. The
+text is the greedy text: a draft can only save steps, never change a token (up to bf16
+summation order, measured in bench/bench_agreement.py).
 
 Where the draft comes from: no second model, but n-gram lookup, as in prompt lookup decoding
 (Saxena 2023; transformers' `prompt_lookup_num_tokens`) and retrieval-based drafts (REST, He et

@@ -62,7 +62,9 @@ class Settings(BaseSettings):
     quantize: Literal["none", "int8", "auto"] = Field(
         "none",
         description="engine backend: int8 weights for decode steps of a lone sequence (bfloat16 "
-        "models; with more rows the prepacked bf16 weights are faster); "
+        "models; with more rows the prepacked bf16 weights are faster); it turns speculative "
+        "decoding off (a checked draft is several rows), which makes one request slower than "
+        "the default; "
         "auto = int8 for a bfloat16 model on the CPU, none otherwise. BENCHMARKS.md §7 has the "
         "speed and the agreement with the reference.",
     )
@@ -78,13 +80,14 @@ class Settings(BaseSettings):
     speculative_tokens: int = Field(
         8,
         ge=0,
-        le=64,
+        le=15,
         description="engine backend: while up to 5 greedy requests are decoding, each forward "
         "checks draft tokens looked up in their prompts and in recent reasoning texts "
-        "(model/speculative.py), up to this many for a lone request, and keeps those the model "
-        "confirms: the same text in fewer forwards (BENCHMARKS.md §7). 0 turns it off; "
-        "exact_decode does too. The texts stay greedy, but a checked draft rounds unlike a plain "
-        "step in bf16, so a near-tie may flip, as with the prefix cache.",
+        "(model/speculative.py), up to this many for a lone request (at most 15: a forward "
+        "checks 16 rows), and keeps those the model confirms: the same text in fewer forwards "
+        "(BENCHMARKS.md §7). 0 turns it off; exact_decode and quantize=int8 do too. The texts "
+        "stay greedy, but a checked draft rounds unlike a plain step in bf16, so a near-tie may "
+        "flip, as with the prefix cache.",
     )
     constrain_titles: bool = Field(
         True,

@@ -94,9 +94,9 @@ def test_speculative_decoding_writes_the_greedy_text(tiny_model, budget):
         assert spec.drafter.drafted == 0
 
 
-@pytest.mark.parametrize("slots", [2, 3])
+@pytest.mark.parametrize("slots", [2, 3, 5])
 def test_several_sequences_check_their_drafts_in_one_forward(tiny_model, slots):
-    prompts = tiny_model.user_prompt_ids(HISTORIES)
+    prompts = tiny_model.user_prompt_ids(HISTORIES) * 2  # 6 prompts: 5 live at most
     settings = GenerationSettings(max_new_tokens=24)
     ref, ref_vecs = EngineBackend(tiny_model, slots=slots, speculative_tokens=0).generate(prompts, settings)
     spec = EngineBackend(tiny_model, slots=slots, speculative_tokens=8)
@@ -146,19 +146,50 @@ def test_drafts_are_checked_under_the_title_grammar(tiny_model):
     lists = [TitleList([e.title for e in h], strings, trigger="") for h in HISTORIES]
     prompts = tiny_model.user_prompt_ids(HISTORIES)
     settings = GenerationSettings(max_new_tokens=24)
-    ref, _ = _one_by_one(HFBackend(tiny_model), prompts, settings, lists)
+    ref, _ = _one_by_one(EngineBackend(tiny_model, slots=1, speculative_tokens=0), prompts, settings, lists)
     spec = EngineBackend(tiny_model, slots=1, speculative_tokens=8)
-    # a remembered free text (not a list) drafts tokens the grammar forbids: none is kept
+    # remembered free texts (not lists) draft tokens the grammar forbids: none of them is kept
     free, _ = _one_by_one(spec, prompts, settings)
     assert free != ref
+    before = (spec.drafter.drafted, spec.drafter.accepted)
     got, _ = _one_by_one(spec, prompts, settings, lists)
     assert got == ref
+    drafted, accepted = spec.drafter.drafted - before[0], spec.drafter.accepted - before[1]
+    assert drafted > accepted  # drafts were checked, and some of their tokens refused
 
 
-def test_sampling_and_exact_decoding_do_not_speculate(tiny_model):
+def test_a_sequence_cancelled_by_its_own_listener_mid_draft_leaves_the_rest_intact(tiny_model):
+    prompts = tiny_model.user_prompt_ids(HISTORIES)
+    settings = GenerationSettings(max_new_tokens=24)
+    ref, _ = EngineBackend(tiny_model, slots=2, speculative_tokens=0).generate(prompts, settings)
+    spec = EngineBackend(tiny_model, slots=2, speculative_tokens=8)
+    spec.generate(prompts, settings)  # the same texts, remembered: whole tails are confirmed at once
+    decoder = spec.decoder(settings)
+    cut = len(ref.completion_ids[0]) - 4  # cancelled a few tokens before its end, inside one step
+    first = decoder.add(
+        Sequence_(
+            prompts[0], 24, on_text=lambda _: len(first.completion_ids) >= cut and decoder.cancel(first)
+        )
+    )
+    rest = [decoder.add(Sequence_(p, 24)) for p in prompts[1:]]
+    while not decoder.idle:
+        decoder.step()
+    assert first.cancelled and not first.done and cut <= len(first.completion_ids) < cut + 4
+    assert [s.completion_ids for s in rest] == ref.completion_ids[1:]
+    decoder.cancel(rest[0])  # a finished sequence stays finished
+    assert rest[0].done and not rest[0].cancelled
+
+
+def test_sampling_exact_decoding_and_int8_do_not_speculate(tiny_model):
+    import copy
+
     assert EngineBackend(tiny_model, slots=1, exact=True).drafter is None
     backend = EngineBackend(tiny_model, slots=1)
     assert backend.decoder(GenerationSettings(do_sample=True, temperature=1.0)).drafter is None
     assert backend.decoder().drafter is backend.drafter
+    # int8 weights serve one-row steps only: a checked draft (several rows) would run on bf16
+    lm = copy.deepcopy(tiny_model.lm).to(torch.bfloat16)
+    bf16 = type(tiny_model)(lm, tiny_model.tokenizer)
+    assert EngineBackend(bf16, slots=1, quantize="int8").drafter is None
     with pytest.raises(ValueError, match="speculative_tokens"):
         EngineBackend(tiny_model, slots=1, speculative_tokens=-1)
