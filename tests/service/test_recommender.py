@@ -292,3 +292,17 @@ def test_on_text_is_not_part_of_a_prepared_query_s_identity_and_survives_a_reloa
     stale = replace(p, model_version="an-older-model", on_text=got.append)  # prepared again
     (r,) = engine.recommend_batch([stale])
     assert r.model_version == engine.version and got == [r.reasoning]
+
+
+def test_a_warm_up_leaves_texts_to_draft_from_and_no_trace(ckpt, make_engine, caplog):
+    cold = make_engine(ckpt)
+    assert len(cold.backend.drafter) == 0  # the default of Recommender.load: no warm-up
+    with caplog.at_level("INFO", logger="service.recommender"):
+        warm = make_engine(ckpt, warmup_requests=2)
+    # two made-up queries answered: their texts are in the drafter (model/speculative.py), and
+    # nothing counts them as served
+    assert len(warm.backend.drafter) == 2 and warm.generate_calls == 0
+    assert "warmed up model" in caplog.text and "failed" not in caplog.text
+    # and it answers as the cold model does: the warm-up changed no state that ranks
+    q = Query(H1, k=5, max_reasoning_tokens=12)
+    assert_same(warm.recommend_batch([q])[0], cold.recommend_batch([q])[0])
