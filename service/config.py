@@ -74,8 +74,9 @@ class Settings(BaseSettings):
         "the reference's token for token: every prompt prefilled whole (no prefix caching of the "
         "prompt head every user shares) and a lone sequence's attention per query head. By "
         "default bf16 rounds both slightly differently, which flips a near-tie in some greedy "
-        "texts; exact cost 1.30x throughput at 32 concurrent requests and 1.14x for one "
-        "(BENCHMARKS.md §4, §7).",
+        "texts; exact cost 1.30x throughput at 32 concurrent requests (BENCHMARKS.md §4), and "
+        "since it also turns speculative decoding off, one request decodes ~2.6x slower than "
+        "by default (37.8 against 99.1 tok/s, BENCHMARKS.md §7).",
     )
     speculative_tokens: int = Field(
         8,
