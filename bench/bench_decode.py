@@ -212,7 +212,7 @@ def main() -> None:
             raise SystemExit(f"unknown backend {name}")
         load_s = time.perf_counter() - t
         backend.generate(prompts[:1], one)  # warm-up
-        drafter = getattr(backend, "drafter", None)
+        drafter = backend.drafter
         if drafter is not None and name != "engine-cold" and others:  # texts of other users
             backend.generate(others, full, model.title_lists(histories[args.rows :]))
         warm = copy.deepcopy(drafter)

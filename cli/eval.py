@@ -147,10 +147,9 @@ def eval_cmd(
         extra["backend"] = gen.name
         if gen.name == "engine":
             extra["quantize"] = gen.engine.quantize  # auto resolved
-            drafter = gen.drafter
-            extra["speculative_tokens"] = 0 if drafter is None else drafter.tokens
+            extra["speculative_tokens"] = 0 if gen.drafter is None else gen.drafter.tokens
         result = evaluate_model(model, ds, vectors, cfg, backend=gen)
-        if getattr(gen, "drafter", None) is not None and cfg.reasoning:
+        if gen.drafter is not None and cfg.reasoning:
             extra["draft_tokens"] = {"checked": gen.drafter.drafted, "accepted": gen.drafter.accepted}
         if compare_reasoning:
             off = evaluate_model(model, ds, vectors, dataclasses.replace(cfg, reasoning=False), backend=gen)

@@ -193,6 +193,14 @@ class DecoderEngine:
         """Forget the sequence in `slot` (its rows are overwritten by the next one)."""
         self._lens[slot] = 0
 
+    @property
+    def can_speculate(self) -> bool:
+        """Whether a checked draft (`extend`, several rows) computes what plain decode steps
+        would, up to bf16 summation order: not in exact mode, whose point is the reference's
+        very rounding, nor with int8 weights, which serve one-row steps only (a draft's rows
+        would run on bf16 and mix the two models' texts)."""
+        return not self.exact and self.quantize != "int8"
+
     def truncate(self, slot: int, length: int) -> None:
         """Keep only the first `length` positions of `slot`: the positions of a speculative
         draft the model did not confirm are forgotten (their rows are overwritten later)."""
@@ -351,11 +359,10 @@ class DecoderEngine:
             q, k, v = self._qkv(layer, x, cos, sin)
             self.k[i][rows, :, pos] = k.view(n, m, self.n_kv, self.head_dim)
             self.v[i][rows, :, pos] = v.view(n, m, self.n_kv, self.head_dim)
-            keys = self.k[i, :n, :, None, :width].float()  # (n, kv, 1, L, d)
-            values = self.v[i, :n, :, None, :width].float()
-            grouped = q.view(n, m, self.n_kv, group, self.head_dim).permute(0, 2, 3, 1, 4).float()
-            scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(self._scale).add_(bias)
-            out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (n, kv, group, m, d)
+            keys = self.k[i, :n, :, None, :width]  # (n, kv, 1, L, d)
+            values = self.v[i, :n, :, None, :width]
+            grouped = q.view(n, m, self.n_kv, group, self.head_dim).permute(0, 2, 3, 1, 4)
+            out = self._masked_attention(grouped, keys, values, bias)  # (n, kv, group, m, d)
             attn = out.permute(0, 3, 1, 2, 4).reshape(n * m, -1).to(q.dtype)
             x = self._finish_layer(layer, x, attn)
         for j in range(n):
@@ -384,10 +391,16 @@ class DecoderEngine:
             # on SmolLM2's 9 / 3 heads (the CPU kernel's work splits by query blocks), the same
             # arithmetic but its dot products go in another order
             return F.scaled_dot_product_attention(grouped, keys, values).reshape(1, -1)
-        grouped = grouped.float()
-        scores = torch.matmul(grouped, keys.float().transpose(-1, -2)).mul_(self._scale).add_(bias)
-        out = torch.matmul(torch.softmax(scores, dim=-1), values.float())  # (n, kv, group, d)
+        out = self._masked_attention(grouped, keys, values, bias)  # (n, kv, group, d)
         return out.to(q.dtype).reshape(n, -1)
+
+    def _masked_attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """softmax(q kᵀ · scale + bias) v in float32, for queries that attend to their rows'
+        caches through an additive mask (several decode rows, `extend`'s drafts)."""
+        scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)).mul_(self._scale).add_(bias)
+        return torch.matmul(torch.softmax(scores, dim=-1), values.float())
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

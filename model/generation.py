@@ -50,6 +50,7 @@ GREEDY = GenerationSettings()
 
 class Backend(Protocol):
     name: str
+    drafter: NgramDrafter | None  # speculative decoding's drafts, None where it does not run
 
     def generate(
         self,
@@ -73,6 +74,7 @@ class HFBackend:
     """transformers' generate, then a second forward for h_T (the reference)."""
 
     name = "hf"
+    drafter: NgramDrafter | None = None  # no speculative decoding
 
     def __init__(self, model: R2ec) -> None:
         self.model = model
@@ -157,10 +159,8 @@ class ContinuousDecoder:
         self.engine = engine
         self.settings = settings
         self.max_prefill_per_step = max_prefill_per_step
-        # greedy only; never in exact mode (a checked draft rounds unlike a plain step) nor with
-        # int8 weights (they serve one-row steps only: a checked draft would run on bf16)
-        speculates = not settings.do_sample and not engine.exact and engine.quantize != "int8"
-        self.drafter = drafter if speculates else None
+        # greedy only, and where the engine can check drafts (DecoderEngine.can_speculate)
+        self.drafter = drafter if not settings.do_sample and engine.can_speculate else None
         self.marker = list(model._marker_ids)
         self.stop = set(model.stop_ids)
         self.waiting: deque[Sequence_] = deque()
@@ -395,8 +395,7 @@ class EngineBackend:
         self.engine = DecoderEngine(model.lm, slots=slots, max_len=max_len, quantize=quantize, exact=exact)
         if speculative_tokens < 0:
             raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
-        # no drafts in exact mode, nor with int8 weights (see ContinuousDecoder)
-        speculates = speculative_tokens and not exact and self.engine.quantize != "int8"
+        speculates = speculative_tokens and self.engine.can_speculate
         self.drafter = NgramDrafter(speculative_tokens) if speculates else None
         if not exact:
             self.engine.set_prefix(model.user_prompt_head())

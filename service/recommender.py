@@ -183,7 +183,7 @@ class Recommender:
                 len(queries),
                 failed[0],
             )
-        drafter = getattr(self.backend, "drafter", None)
+        drafter = self.backend.drafter
         log.info(
             "warmed up model %s with %d queries in %.1fs (%d texts to draft from)",
             self.version,
@@ -439,7 +439,7 @@ class Recommender:
     def draft_counts(self) -> tuple[int, int]:
         """Draft tokens checked and confirmed so far by this model's speculative decoding
         (model/speculative.py); (0, 0) without it."""
-        drafter = getattr(self.backend, "drafter", None)
+        drafter = self.backend.drafter
         return (0, 0) if drafter is None else (drafter.drafted, drafter.accepted)
 
     def runner(self) -> DecodeRunner:
