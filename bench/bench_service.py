@@ -53,32 +53,24 @@ from pathlib import Path
 
 import httpx
 
+CONTINUOUS = {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine"}  # the default service
 SERVERS: dict[str, dict[str, str]] = {
-    "continuous": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine"},
+    "continuous": CONTINUOUS,
     "static": {"R2EC_BATCHING": "static", "R2EC_BACKEND": "engine"},
     # the service before issue 12, as it ran then: OpenMP threads slept between kernels
     "static-hf": {"R2EC_BATCHING": "static", "R2EC_BACKEND": "hf", "GOMP_SPINCOUNT": "0"},
     # the default service with OpenMP threads that sleep at once (`r2ec serve` lets them spin)
-    "continuous-nospin": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "GOMP_SPINCOUNT": "0"},
+    "continuous-nospin": {**CONTINUOUS, "GOMP_SPINCOUNT": "0"},
     # the default service, one token per forward (no speculative decoding)
-    "continuous-nospec": {
-        "R2EC_BATCHING": "continuous",
-        "R2EC_BACKEND": "engine",
-        "R2EC_SPECULATIVE_TOKENS": "0",
-    },
+    "continuous-nospec": {**CONTINUOUS, "R2EC_SPECULATIVE_TOKENS": "0"},
     # continuous with twice the default decode slots (R2EC_MAX_BATCH, 8 by default)
-    "continuous-16": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "R2EC_MAX_BATCH": "16"},
+    "continuous-16": {**CONTINUOUS, "R2EC_MAX_BATCH": "16"},
     # continuous with int8 decode weights whatever --quantize says (R2EC_QUANTIZE=int8)
-    "continuous-int8": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "R2EC_QUANTIZE": "int8"},
+    "continuous-int8": {**CONTINUOUS, "R2EC_QUANTIZE": "int8"},
     # pinned, whatever the defaults are: 8 or 16 slots, bf16 or int8 for a lone sequence
-    "continuous-8": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "R2EC_MAX_BATCH": "8"},
-    "continuous-exact": {"R2EC_BATCHING": "continuous", "R2EC_BACKEND": "engine", "R2EC_EXACT_DECODE": "1"},
-    "continuous-16-int8": {
-        "R2EC_BATCHING": "continuous",
-        "R2EC_BACKEND": "engine",
-        "R2EC_MAX_BATCH": "16",
-        "R2EC_QUANTIZE": "int8",
-    },
+    "continuous-8": {**CONTINUOUS, "R2EC_MAX_BATCH": "8"},
+    "continuous-exact": {**CONTINUOUS, "R2EC_EXACT_DECODE": "1"},
+    "continuous-16-int8": {**CONTINUOUS, "R2EC_MAX_BATCH": "16", "R2EC_QUANTIZE": "int8"},
 }
 BASELINE = "static-hf"
 READY_TIMEOUT_S = 600
