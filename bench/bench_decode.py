@@ -25,7 +25,7 @@ the HF reference, and the memory-bandwidth roofline they are measured against.
   through F.linear, oneDNN-prepacked bf16 or int8 weights; one new query per row attending to
   250 cached positions through SDPA or two fp32 matmuls; a batch-1 decode step with the grouped
   or the exact lone-sequence attention; a whole prompt's prefill with its matmuls on F.linear
-  or prepacked, and where its time goes.
+  or prepacked, where its time goes, and its matmuls against the machine's bf16 matmul peak.
 OpenMP threads spin briefly between kernels, as under `r2ec serve` (model.spin_between_kernels;
 bench/bench_spin.py measures what that is worth). Compare rows within one run only
 (BENCHMARKS.md: these machines vary day to day).
@@ -364,6 +364,43 @@ def prefill_profile(model, prompts: list[list[int]]) -> None:
         print(f"| {kind} | {t / total:.0%} |")
     print(f"| everything else (norms, RoPE, SiLU, casts, cache writes) | {1 - seen / total:.0%} |")
     print(f"| ms per prefill | {total / 1e3 / len(prompts):.0f} |")
+    matmul_floor(engine, prompts, ops, len(model._marker_ids))
+
+
+def matmul_floor(engine, prompts: list[list[int]], ops, marker: int) -> None:
+    """How close the prefill's matmuls run to this machine's bf16 matmul peak: their FLOPs (2 per
+    weight per computed position: the prompt after the cached head, and the marker) over their
+    profiled time, against one layer's matmuls on 1,024 rows (the most a CPU kernel gets). The
+    prefill cannot get faster than its FLOPs at that peak without computing fewer positions."""
+    import torch
+
+    layer_weights = [w for ly in engine.layers for w in (ly.qkv, ly.o, ly.gate_up, ly.down)]
+    positions = sum(len(ids) - len(engine.prefix) + marker for ids in prompts)
+    flops = 2 * positions * sum(w.weight.numel() for w in layer_weights)
+    names = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")
+    seconds = sum(e.self_cpu_time_total for e in ops if e.key in names) / 1e6
+    ly = engine.layers[0]
+    rows = torch.randn(1024, ly.qkv.weight.shape[1], dtype=ly.qkv.weight.dtype)
+    hidden = torch.randn(1024, ly.down.weight.shape[1], dtype=ly.down.weight.dtype)
+
+    def one_layer() -> None:
+        for w in (ly.qkv, ly.o, ly.gate_up):
+            w(rows)
+        ly.down(hidden)
+
+    one_layer()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        one_layer()
+        best = min(best, time.perf_counter() - t)
+    peak = 2 * 1024 * sum(w.weight.numel() for w in (ly.qkv, ly.o, ly.gate_up, ly.down)) / best
+    got, per_prompt = flops / seconds, positions / len(prompts)
+    print(
+        f"\nprefill matmuls: {got / 1e9:.0f} GFLOP/s over {per_prompt:.0f} computed positions a prompt, "
+        f"against {peak / 1e9:.0f} GFLOP/s on 1,024 rows ({got / peak:.0%} of that peak); at the peak "
+        f"the matmuls alone take {1e3 * flops / peak / len(prompts):.0f} ms a prompt"
+    )
 
 
 if __name__ == "__main__":
