@@ -105,6 +105,15 @@ def next_line(target: ItemFacts, category: str) -> str:
 
 
 NEXT = "Next:"  # where the hindsight sentence starts
+PICKS = "Picks:"  # the sentence that copies the strongest co-watch hints (`picks_line`)
+
+
+def picks_line(titles: Sequence[str]) -> str:
+    """ "Picks: A; B; C." naming `titles` (co-watch hints, strongest first, model/cowatch.py):
+    the `rationale_hint_picks` experiment, a sentence the model copies from its own prompt so
+    the hinted titles sit right before the closing marker, where h_T is read, as an item's own
+    title sits before it in its item vector ("" without titles)."""
+    return f"{PICKS} " + "; ".join(titles) + "." if titles else ""
 
 
 def rationale_parts(

@@ -185,6 +185,11 @@ class RecPOConfig:
         rationale_self_weight (`float`, defaults to `0.5`):
             Share of the contrastive loss on the self-written rationales; the teacher-forced
             ones get the rest.
+        rationale_hint_picks (`int`, defaults to `0`):
+            End the data-built rationale with "Picks: A; B; C." naming this many of the
+            prompt's co-watch hints, strongest first (model/rationale.py `picks_line`): a text
+            the model can copy from its prompt, read just before h_T. `0`: no such sentence.
+            An experiment (BENCHMARKS.md §1, stop 23); needs co-watch hints.
 
         > Optimisation
 
@@ -280,6 +285,7 @@ class RecPOConfig:
     rationale_self_users: int = 4
     rationale_self_tokens: int = 16
     rationale_self_weight: float = 0.5
+    rationale_hint_picks: int = 0
     # -- optimisation
     per_device_batch_size: int = 4
     gradient_accumulation_steps: int = 1
@@ -390,6 +396,10 @@ class RecPOConfig:
             )
         if self.stage == "rationale" and self.rationale_self_users > 0 and self.rationale_self_tokens < 1:
             raise ValueError("rationale_self_users > 0 needs rationale_self_tokens >= 1 (their budget)")
+        if self.rationale_hint_picks < 0:
+            raise ValueError(f"rationale_hint_picks must be >= 0, got {self.rationale_hint_picks}")
+        if self.rationale_hint_picks and self.cowatch_hints == 0:
+            raise ValueError("rationale_hint_picks needs co-watch hints: set cowatch_hints > 0 (or null)")
         if not 0.0 <= self.rationale_self_weight <= 1.0:
             raise ValueError(f"rationale_self_weight must be in [0, 1], got {self.rationale_self_weight}")
         if self.rationale_lm_weight < 0 or self.rationale_self_users < 0:

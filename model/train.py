@@ -46,7 +46,7 @@ from model.lora import build_model, trainable_parameters, weights_kind
 from model.lower_cache import LowerCache
 from model.optim import Optimizer, TrainState, mean_stats
 from model.r2ec import GenerationSettings, left_pad
-from model.rationale import catalog_facts, rationale_parts
+from model.rationale import catalog_facts, picks_line, rationale_parts
 from model.recpo import RecPOConfig
 from model.rollout import RecPOStep
 from model.samples import TrainingPrompts
@@ -125,6 +125,10 @@ class Trainer:
         self.model.cowatch = None
         if self.cfg.cowatch_distill and not hints:
             raise ValueError("cowatch_distill needs co-watch hints: the config and the warm start name none")
+        if self.cfg.rationale_hint_picks and not hints:
+            raise ValueError(
+                "rationale_hint_picks needs co-watch hints: the config and the warm start name none"
+            )
         if hints:
             train = dataset.split("train")
             self.model.cowatch = CoWatch.from_samples(train, self.titles, self.model.prompts.cowatch_window)
@@ -318,16 +322,12 @@ class Trainer:
         return self.user_cache.hidden(self.model, keys, seqs)
 
     # -- the rationale stage -------------------------------------------------------------------
-    def rationale_loss(self, rows: pd.DataFrame) -> tuple[torch.Tensor, dict[str, float]]:
-        """The reasoning cold start (model/rationale.py): LM loss on a data-built rationale and,
-        in the same forward, the in-batch softmax of h_T after [prompt; rationale; marker];
-        plus the softmax of h_T after a rationale whose hindsight sentence the model wrote itself
-        (greedy) for the first `rationale_self_users` users, so rec_head learns to read what
-        lm_head really writes."""
-        cfg, model = self.cfg, self.model
-        targets = [str(t) for t in rows["target_item_id"]]
-        prompt_ids = self.prompt_ids(rows)
-        window, category = model.prompts.max_history, self.dataset.category
+    def rationale_labels(self, rows: pd.DataFrame) -> list[tuple[str, str]]:
+        """Each row's data-built rationale (model/rationale.py), cut where the hindsight begins;
+        with `rationale_hint_picks`, "Picks: ..." naming the prompt's strongest co-watch hints
+        ends it."""
+        cfg = self.cfg
+        window, category = self.model.prompts.max_history, self.dataset.category
         parts = [
             rationale_parts(
                 r.history_item_ids,
@@ -340,6 +340,24 @@ class Trainer:
             )
             for r in rows.itertuples(index=False)
         ]
+        if not cfg.rationale_hint_picks:
+            return parts
+        picks = [  # the hints the row's prompt names, strongest first (its own user left out)
+            picks_line([self.titles[j] for j in list(h)[: cfg.rationale_hint_picks]])
+            for h in self.prompt_ids.hints(rows)
+        ]
+        return [(h, f"{t} {p}" if p else t) for (h, t), p in zip(parts, picks, strict=True)]
+
+    def rationale_loss(self, rows: pd.DataFrame) -> tuple[torch.Tensor, dict[str, float]]:
+        """The reasoning cold start (model/rationale.py): LM loss on a data-built rationale and,
+        in the same forward, the in-batch softmax of h_T after [prompt; rationale; marker];
+        plus the softmax of h_T after a rationale whose hindsight sentence the model wrote itself
+        (greedy) for the first `rationale_self_users` users, so rec_head learns to read what
+        lm_head really writes."""
+        cfg, model = self.cfg, self.model
+        targets = [str(t) for t in rows["target_item_id"]]
+        prompt_ids = self.prompt_ids(rows)
+        parts = self.rationale_labels(rows)
         gold_ids = model.completion_ids([head + tail for head, tail in parts])
         n_self = min(cfg.rationale_self_users, len(targets))
         own_ids: list[list[int]] = []

@@ -211,3 +211,36 @@ def test_lr_decays_by_cosine_to_the_floor_after_warmup():
     assert lr_factor(100, RecPOConfig(warmup_steps=2)) == 1.0
     with pytest.raises(ValueError, match="lr_decay_steps"):
         RecPOConfig(warmup_steps=5, lr_decay_steps=5)
+
+
+def test_rationale_hint_picks_end_the_label_with_the_prompts_strongest_hints(tiny_dataset, tmp_path):
+    from model.train import Trainer
+
+    cfg = RecPOConfig(
+        **{**TINY_HINTS, "stage": "rationale"}, rationale_hindsight=False, rationale_self_users=0
+    )
+    rows = tiny_dataset.split("train").iloc[:4]
+    plain = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "plain").rationale_labels(rows)
+    trainer = Trainer(
+        dataclasses.replace(cfg, rationale_hint_picks=2), tiny_dataset, "tiny", tmp_path / "picks"
+    )
+    labels = trainer.rationale_labels(rows)
+    titles = tiny_dataset.item_titles()
+    hinted = 0
+    for (head, tail), (plain_head, plain_tail), hints in zip(
+        labels, plain, trainer.prompt_ids.hints(rows), strict=True
+    ):
+        assert head == plain_head  # what the history says is unchanged
+        names = [titles[j] for j in list(hints)[:2]]  # the prompt's hints, strongest first
+        assert tail == (f"{plain_tail} Picks: {'; '.join(names)}." if names else plain_tail)
+        hinted += bool(names)
+    assert hinted  # the check above ran on a sentence at least once
+    with pytest.raises(ValueError, match="rationale_hint_picks needs"):
+        RecPOConfig(cowatch_hints=0, rationale_hint_picks=2)
+    with pytest.raises(ValueError, match="rationale_hint_picks needs"):
+        Trainer(
+            dataclasses.replace(cfg, cowatch_hints=None, rationale_hint_picks=2),
+            tiny_dataset,
+            "tiny",
+            tmp_path / "x",
+        )
