@@ -120,8 +120,8 @@ def report(name: str, ref: list[list[int]], got: list[list[int]], forced: list[l
     ]
     print(
         f"{name}: free-running {agreement(ref, got):.1%} of positions (per prompt {same}, first "
-        f"difference at {first}); teacher-forced {agreement(ref, forced):.1%} (positions that differ, "
-        f"per prompt: {missed})",
+        f"difference at {first}); teacher-forced {agreement(ref, forced):.1%}, "
+        f"{sum(map(len, missed))} of {sum(map(len, ref))} positions differ (per prompt: {missed})",
         flush=True,
     )
 
