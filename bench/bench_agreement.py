@@ -10,12 +10,12 @@ Two measures per setting, both against HF `generate`'s text for the prompt alone
   reference's, and the first position that differs. Once one near-tie falls the other way the
   two texts part and every later position can differ, so one flip early in a text costs most of
   it: the measure says how often two decoders write the same text.
-- teacher-forced: the setting reads the reference text and, at every position, picks its own
-  greedy token after the reference's tokens before it; the share equal to the reference's next
-  token. Each position is judged on its own, the usual per-token agreement of two
-  implementations of one model (e.g. of a quantised model with its original). The served engine
-  reads the reference as its speculative check does, 1 + `speculative_tokens` positions a
-  forward (`DecoderEngine.extend`); the others one position a forward (`decode`).
+- teacher-forced: the setting's own decoder runs as it does when serving (prefix cache, the
+  drafts it looks up and checks several positions a forward, a plain one-row step when there is
+  no draft) but is made to write the reference text, and at every position its own greedy pick
+  after the reference's tokens before it is recorded; the share equal to the reference's token.
+  Each position is judged on its own, the usual per-token agreement of two implementations of
+  one model (e.g. of a quantised model with its original).
 
 HF's own other batch shapes are the first line, the noise floor: free-running, its batches of 8;
 teacher-forced, one forward over [prompt; reference], the shape training and `vectors` use. bf16
@@ -43,14 +43,35 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8, help="test prompts")
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
+    if args.tokens < 1:
+        parser.error("--tokens must be >= 1")
 
     import torch
 
     from model.checkpoint import load_checkpoint
     from model.constrained import constrain_logits
-    from model.generation import EngineBackend, HFBackend
+    from model.generation import ContinuousDecoder, EngineBackend, HFBackend, Sequence_
     from model.r2ec import GenerationSettings
     from model.samples import sample_histories
+
+    class Forced(ContinuousDecoder):
+        """A ContinuousDecoder that writes each sequence's `reference` text whatever the model
+        picks, and records the model's own greedy pick (under the title grammar) at every
+        position: the served path's steps, drafts and checks, on the reference's text."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.reference: dict[Sequence_, list[int]] = {}
+            self.picks: dict[Sequence_, dict[int, int]] = {}
+
+        def _next_tokens(self, logits, seqs, written=None):
+            written = [q.completion_ids for q in seqs] if written is None else written
+            own = super()._next_tokens(logits, seqs, written)
+            out = []
+            for seq, text, pick in zip(seqs, written, own, strict=True):
+                self.picks.setdefault(seq, {}).setdefault(len(text), pick)
+                out.append(self.reference[seq][len(text)])
+            return out
 
     ckpt = load_checkpoint(args.checkpoint)
     model = ckpt.model
@@ -76,16 +97,17 @@ def main() -> None:
         return greedy(logits, constraint, text)
 
     def engine_forced(backend: EngineBackend, prompt: list[int], text: list[int], constraint) -> list[int]:
-        engine, chunk = backend.engine, 1 + (backend.drafter.tokens if backend.drafter else 0)
-        engine.reset(0)
-        hidden = [engine.prefill(0, list(prompt), reuse_prefix=True)[-1:]]
-        at = 0
-        while at < len(text) - 1:  # the last token's successor is not compared
-            piece = text[at : min(at + chunk, len(text) - 1)]
-            hidden.append(engine.extend([piece])[0] if chunk > 1 else engine.decode(piece))
-            at += len(piece)
-        engine.reset(0)
-        return greedy(engine.logits(torch.cat(hidden)), constraint, text)
+        """The backend's decoder as served (prefix cache, drafts and their checks, the plain
+        step when there is no draft), made to write `text` whatever it picks (`Forced`)."""
+        decoder = Forced(model, backend.engine, full, backend.engine.slots, backend.drafter)
+        seq = decoder.add(Sequence_(list(prompt), args.tokens, constraint=constraint))
+        decoder.reference[seq] = text
+        while not decoder.idle:
+            decoder.step()
+        if seq.completion_ids != text:
+            raise RuntimeError("the forced decoder did not write the reference text")
+        picks = decoder.picks[seq]
+        return [picks[j] for j in range(len(text))]
 
     batched = [
         ids
@@ -100,8 +122,10 @@ def main() -> None:
         "exact": {"exact": True},
     }
     for name, kwargs in settings.items():
+        # each measure on a backend of its own, so both draft from the texts of earlier prompts only
         backend = EngineBackend(model, slots=1, **kwargs)
         forced = [engine_forced(backend, p, r, c) for (p, c), r in zip(pairs, ref, strict=True)]
+        backend = EngineBackend(model, slots=1, **kwargs)
         got = [backend.generate([p], full, [c])[0].completion_ids[0] for p, c in pairs]
         report(name, ref, got, forced)
 
