@@ -46,12 +46,16 @@ model.spin_between_kernels()  # as `r2ec serve` runs; GOMP_SPINCOUNT=0 for threa
 
 from model.data import load_prepared  # noqa: E402
 
+BANDWIDTH_READS = 9
+MATMUL_OPS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")  # a matmul in the profiler
 
-def bandwidth_gbs(gib: float = 1.0, repeats: int = 9) -> tuple[float, float]:
-    """Memory read bandwidth, GB/s: (median, best) of `repeats` sums over a `gib` GiB buffer. The
-    roofline uses the median: on these shared machines one sum in ten or so reads ~1.7x faster
-    than the rest (28-33 GB/s typical, 50 once in a run of 9), and a decode step reads 270 MB
-    every time, not once at the best moment."""
+
+def bandwidth_gbs(gib: float = 1.0, repeats: int = BANDWIDTH_READS) -> tuple[float, float]:
+    """Memory read bandwidth, GB/s: (median, fastest) of `repeats` sums over a `gib` GiB buffer.
+    These shared machines read at very different speeds from one run to the next (a median of 31
+    GB/s in one run, 51 in the next, 3 minutes apart), so `main` reads it before and after the
+    backends and the roofline uses the mean of the two medians; within a run the median keeps
+    one stray fast read from setting it."""
     import statistics
 
     import torch
@@ -199,8 +203,10 @@ def main() -> None:
         f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {args.tokens} greedy tokens each"
     )
 
-    gbs, best = bandwidth_gbs()
-    print(f"memory read bandwidth: {gbs:.1f} GB/s (median of 9 reads; the fastest {best:.1f})")
+    before, best = bandwidth_gbs()
+    print(
+        f"memory read bandwidth before: {before:.1f} GB/s (median of {BANDWIDTH_READS}; fastest {best:.1f})"
+    )
 
     hf = HFBackend(model)
     ref = [hf.generate([p], full, [c]) for p, c in zip(prompts, limits, strict=True)]  # batch 1, row by row
@@ -262,12 +268,17 @@ def main() -> None:
             row[f"b{batch}_agree"] = agreement(ref_ids[:n], got_ids)
             row[f"b{batch}_cos"] = F.cosine_similarity(torch.cat(got_vecs), ref_vecs[:n]).min().item()
         if name != "hf":
-            wb = weight_bytes(backend.engine)
-            row["roofline"] = gbs * 1e9 / wb
-            row["weights_mb"] = wb / 1e6
+            row["weight_bytes"] = weight_bytes(backend.engine)
+            row["weights_mb"] = row["weight_bytes"] / 1e6
         rows.append(row)
         print(row, flush=True)
 
+    after, best = bandwidth_gbs()
+    gbs = (before + after) / 2
+    print(f"memory read bandwidth after: {after:.1f} GB/s (fastest {best:.1f}); the roofline uses {gbs:.1f}")
+    for row in rows:
+        if "weight_bytes" in row:
+            row["roofline"] = gbs * 1e9 / row["weight_bytes"]
     print()
     b = len(prompts)
     print(
@@ -346,7 +357,6 @@ def prefill_paths(model, prompts: list[list[int]]) -> None:
         lens = f"{min(map(len, prompts))}-{max(map(len, prompts))}"
         print(f"| {name} | {lens} | {1e3 * statistics.median(times):.0f} |")
     prefill_profile(model, prompts)
-    prefill_alternatives(model, prompts)
 
 
 def prefill_profile(model, prompts: list[list[int]]) -> None:
@@ -370,7 +380,7 @@ def prefill_profile(model, prompts: list[list[int]]) -> None:
     ops = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in ops)
     kinds = {
-        "matmuls (aten::mm)": ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"),
+        "matmuls (aten::mm)": MATMUL_OPS,
         "attention (SDPA)": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
     }
     print(f"\n| prefill of the rest of a prompt + marker | share of {len(prompts)} prefills' CPU time |")
@@ -383,20 +393,21 @@ def prefill_profile(model, prompts: list[list[int]]) -> None:
     print(f"| everything else (norms, RoPE, SiLU, casts, cache writes) | {1 - seen / total:.0%} |")
     print(f"| ms per prefill | {total / 1e3 / len(prompts):.0f} |")
     matmul_floor(engine, prompts, ops, len(model._marker_ids))
+    prefill_alternatives(model, engine, prompts)
 
 
 def matmul_floor(engine, prompts: list[list[int]], ops, marker: int) -> None:
-    """How close the prefill's matmuls run to this machine's bf16 matmul peak: their FLOPs (2 per
-    weight per computed position: the prompt after the cached head, and the marker) over their
-    profiled time, against one layer's matmuls on 1,024 rows (the most a CPU kernel gets). The
-    prefill cannot get faster than its FLOPs at that peak without computing fewer positions."""
+    """How close the prefill's matmuls run to what this machine's bf16 matmuls reach on many rows:
+    their FLOPs (2 per weight per computed position: the prompt after the cached head, and the
+    marker) over their profiled time, against one layer's matmuls on 1,024 rows (fastest of 5,
+    a reference point: more rows gained nothing in a check of 256 and 1,024). At that rate the
+    prefill's matmuls alone take the time printed."""
     import torch
 
     layer_weights = [w for ly in engine.layers for w in (ly.qkv, ly.o, ly.gate_up, ly.down)]
     positions = sum(len(ids) - len(engine.prefix) + marker for ids in prompts)
     flops = 2 * positions * sum(w.weight.numel() for w in layer_weights)
-    names = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")
-    seconds = sum(e.self_cpu_time_total for e in ops if e.key in names) / 1e6
+    seconds = sum(e.self_cpu_time_total for e in ops if e.key in MATMUL_OPS) / 1e6
     ly = engine.layers[0]
     rows = torch.randn(1024, ly.qkv.weight.shape[1], dtype=ly.qkv.weight.dtype)
     hidden = torch.randn(1024, ly.down.weight.shape[1], dtype=ly.down.weight.dtype)
@@ -416,28 +427,25 @@ def matmul_floor(engine, prompts: list[list[int]], ops, marker: int) -> None:
     got, per_prompt = flops / seconds, positions / len(prompts)
     print(
         f"\nprefill matmuls: {got / 1e9:.0f} GFLOP/s over {per_prompt:.0f} computed positions a prompt, "
-        f"against {peak / 1e9:.0f} GFLOP/s on 1,024 rows ({got / peak:.0%} of that peak); at the peak "
+        f"against {peak / 1e9:.0f} GFLOP/s on 1,024 rows ({got / peak:.0%} of that); at that rate "
         f"the matmuls alone take {1e3 * flops / peak / len(prompts):.0f} ms a prompt"
     )
 
 
-def prefill_alternatives(model, prompts: list[list[int]], repeats: int = 200) -> None:
+def prefill_alternatives(model, engine, prompts: list[list[int]], repeats: int = 200) -> None:
     """Other kernels for a prefill's parts, on its real shapes (the median prompt after the cached
     head, one layer's weights): attention to the cache with the causal mask through SDPA (the
     engine's path) or two fp32 matmuls with the query heads grouped by KV head; the MLP's SiLU,
     product and residual add as separate ops (the engine's) or fused into oneDNN's matmul
-    post-ops; each matmul in bf16 (the engine's) or through int8 dynamic quantisation, with the
-    cosine of its output to bf16's. What was tried to bring a no-reasoning request under 150 ms."""
+    post-ops (which takes gate and up as two matmuls, SiLU on the first); each matmul in bf16
+    (the engine's) or through int8 dynamic quantisation, with the cosine of its output to
+    bf16's on random inputs. What was tried to bring a no-reasoning request under 150 ms."""
     import statistics
     import warnings
 
     import torch
     import torch.nn.functional as F
 
-    from model.engine import DecoderEngine
-
-    engine = DecoderEngine(model.lm, slots=1)
-    engine.set_prefix(model.user_prompt_head())
     head = len(engine.prefix)
     T = int(statistics.median(len(p) for p in prompts)) - head + len(model._marker_ids)
     L, H, KV, d = head + T, engine.n_heads, engine.n_kv, engine.head_dim
@@ -486,7 +494,7 @@ def prefill_alternatives(model, prompts: list[list[int]], repeats: int = 200) ->
         ),
         ("attention: two fp32 matmuls, query heads grouped by KV head", us(grouped)),
         ("MLP + residual: matmuls, SiLU, product, add (the engine)", us(mlp_ops)),
-        ("MLP + residual: SiLU, product and add as oneDNN post-ops", us(mlp_fused)),
+        ("MLP + residual: gate, up as two matmuls; SiLU, product, add as oneDNN post-ops", us(mlp_fused)),
     ]
     print(f"\n| a prefill's part, {T} new positions after a {head}-token head, one layer | us |\n|---|---|")
     for name, t in rows:
@@ -502,10 +510,11 @@ def prefill_alternatives(model, prompts: list[list[int]], repeats: int = 200) ->
             scales = (w.abs().amax(1) / 127).clamp(min=1e-8)
             qw = torch.quantize_per_channel(w, scales, torch.zeros(len(w), dtype=torch.long), 0, torch.qint8)
         q8 = torch.ops.quantized.linear_prepack(qw, None)
-        ref = lin(inp.to(dt)).float()
+        inp_dt = inp.to(dt)
+        ref = lin(inp_dt).float()
         got = torch.ops.quantized.linear_dynamic(inp, q8, True)
         cos = F.cosine_similarity(ref.flatten(), got.flatten(), dim=0).item()
-        t_b = us(lambda lin=lin, inp=inp: lin(inp.to(dt)))
+        t_b = us(lambda lin=lin, inp_dt=inp_dt: lin(inp_dt))
         t_q = us(lambda q8=q8, inp=inp: torch.ops.quantized.linear_dynamic(inp, q8, True))
         print(f"| {name} {tuple(w.shape)} | {t_b:.0f} | {t_q:.0f} | {cos:.5f} |")
 
