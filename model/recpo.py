@@ -400,6 +400,11 @@ class RecPOConfig:
             raise ValueError(f"rationale_hint_picks must be >= 0, got {self.rationale_hint_picks}")
         if self.rationale_hint_picks and self.cowatch_hints == 0:
             raise ValueError("rationale_hint_picks needs co-watch hints: set cowatch_hints > 0 (or null)")
+        if self.rationale_hint_picks and self.rationale_self_users:
+            raise ValueError(
+                "rationale_hint_picks ends the teacher-forced rationale only; the self-written "
+                "rows would lack it: set rationale_self_users: 0"
+            )
         if not 0.0 <= self.rationale_self_weight <= 1.0:
             raise ValueError(f"rationale_self_weight must be in [0, 1], got {self.rationale_self_weight}")
         if self.rationale_lm_weight < 0 or self.rationale_self_users < 0:
