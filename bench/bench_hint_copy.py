@@ -5,7 +5,8 @@ zero-training probe for issue 11 (reasoning the ranking uses), on a trained chec
 
 The idea: the prompt lists the 10 items other users most often watched next (model/cowatch.py),
 strongest first, and the model ranks below what those counts rank alone (BENCHMARKS.md §1).
-A text ending "Next: A; B; C." with the `--hints` strongest hints would put their titles right
+A text ending "Picks: A; B; C." with the `--hints` strongest hints (the sentence
+`rationale_hint_picks` trains, model/rationale.py `picks_line`) would put their titles right
 before the closing marker, where h_T is read, the way an item's own vector is read after its
 title; no choice is needed from the LM, which picks among the hints at chance
 (bench/bench_hint_choice.py). Before training a model to write it, this measures what h_T after
@@ -13,8 +14,8 @@ such a text gives the model as it is. For the first `--users` test users (the `s
 catalog ranked by h_T · item vectors), four readings of h_T:
 - `off`: straight after the prompt (no reasoning);
 - `on`: after the model's own greedy reasoning (64 tokens, title grammar), as served;
-- `on + copy`: after that reasoning with " Next: A; B; C." appended;
-- `copy`: after "Next: A; B; C." alone.
+- `on + copy`: after that reasoning with " Picks: A; B; C." appended;
+- `copy`: after "Picks: A; B; C." alone.
 Prints NDCG@5/10/20 with the per-user standard error, and each reading against `off` (the
 paired per-user difference of NDCG@10).
 """
@@ -43,6 +44,7 @@ def main() -> None:
     from model.evaluate import EvalConfig, evaluate_scores, paired_difference
     from model.generation import EngineBackend
     from model.r2ec import GenerationSettings
+    from model.rationale import picks_line
     from model.samples import sample_histories
 
     ckpt = load_checkpoint(args.checkpoint)
@@ -73,7 +75,7 @@ def main() -> None:
             texts = []
             for history, completion in zip(histories, completions, strict=True):
                 hints = model.cowatch.hints([e.item_id for e in history], model.prompts.cowatch_hints)
-                sentence = "Next: " + "; ".join(titles[i] for i in hints[: args.hints]) + "."
+                sentence = picks_line([titles[i] for i in hints[: args.hints]])
                 if reading == "copy":
                     texts.append(tok(sentence, add_special_tokens=False)["input_ids"])
                 else:  # the reasoning without its end token, then the sentence
