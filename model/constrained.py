@@ -97,13 +97,14 @@ class TitleList:
         strings: TokenStrings,
         max_entries: int = TOP_RATED,
         trigger: str = RATED,
-        follow: str = " " + LATELY,
+        follow: str | Sequence[str] = " " + LATELY,
     ) -> None:
         self.titles = list(dict.fromkeys(t.strip() for t in titles if t and t.strip()))
         self.strings = strings
         self.max_entries = max_entries
         self.trigger = trigger  # "": the list is the first thing written
-        self.follow = follow  # what may come right after the list, else a stop
+        # what may come right after the list (the format's next sentences), else a stop; () free
+        self.follow = (follow,) if isinstance(follow, str) else tuple(follow)
         self._allowed: dict[frozenset[_State], list[int] | None] = {}  # per grammar state
 
     def _starts(self, used: frozenset[int]) -> list[_State]:
@@ -143,10 +144,13 @@ class TitleList:
         states, closed = self._states(written)
         if states is None:
             after = None if closed is None else written[closed + 1 :]
-            if after is not None and self.follow.startswith(after) and len(after) < len(self.follow):
+            fits = after is not None
+            nexts = [f for f in self.follow if fits and len(after) < len(f) and f.startswith(after)]
+            if nexts:
                 # right after the list: the format's next sentence or a stop, nothing else, so
                 # no name or sentence runs on from the last title ("... Desire, A. J. Clarke")
-                return self.strings.prefixes_of(self.follow[len(after) :]) + self.strings.stops
+                ids = {i for f in nexts for i in self.strings.prefixes_of(f[len(after) :])}
+                return sorted(ids) + self.strings.stops
             return None
         key = frozenset(states)
         if key not in self._allowed:
@@ -179,12 +183,32 @@ def constrain_logits(logits: torch.Tensor, allowed: Sequence[Sequence[int] | Non
     return out
 
 
+class TitleLists:
+    """Several title lists in one text, each after its own trigger ("Rated highest:" over the
+    history's titles, then "Picks:" over the prompt's co-watch hints when the model was trained
+    to write it, `PromptConfig.hint_picks`): the list whose trigger was written last applies."""
+
+    def __init__(self, lists: Sequence[TitleList]) -> None:
+        if not lists:
+            raise ValueError("TitleLists needs at least one list")
+        self.lists = list(lists)
+        self.strings = self.lists[0].strings
+
+    def allowed(self, completion_ids: Sequence[int]) -> list[int] | None:
+        text = self.strings.decode(completion_ids)
+        at, latest = max(((text.rfind(g.trigger), i) for i, g in enumerate(self.lists)), key=lambda x: x[0])
+        return None if at < 0 else self.lists[latest].allowed(completion_ids)
+
+
+Grammar = TitleList | TitleLists  # what a reasoning text's title lists are decoded under
+
+
 class TitleListProcessor(LogitsProcessor):
-    """A transformers LogitsProcessor applying one `TitleList` per prompt to `generate`
+    """A transformers LogitsProcessor applying one `Grammar` per prompt to `generate`
     (row r of a batch with `num_generations` G belongs to prompt r // G)."""
 
     def __init__(
-        self, constraints: Sequence[TitleList | None], prompt_width: int, num_generations: int = 1
+        self, constraints: Sequence[Grammar | None], prompt_width: int, num_generations: int = 1
     ) -> None:
         self.constraints = list(constraints)
         self.prompt_width = prompt_width

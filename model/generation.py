@@ -31,7 +31,7 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from model.constrained import TitleList, constrain_logits
+from model.constrained import Grammar, constrain_logits
 from model.engine import DecoderEngine, Quantize, unsupported_reason
 from model.r2ec import GenerationSettings, R2ec, Rollout
 from model.speculative import NgramDrafter
@@ -56,7 +56,7 @@ class Backend(Protocol):
         self,
         prompt_ids: Sequence[Sequence[int]],
         settings: GenerationSettings,
-        constraints: Sequence[TitleList | None] | None = None,
+        constraints: Sequence[Grammar | None] | None = None,
     ) -> tuple[Rollout, torch.Tensor]:
         """Reasoning for each prompt and the normalised h_T after [prompt; reasoning; marker],
         (B, H) float32 on the CPU. `constraints`: per prompt, the grammar its title list is
@@ -84,7 +84,7 @@ class HFBackend:
         self,
         prompt_ids: Sequence[Sequence[int]],
         settings: GenerationSettings,
-        constraints: Sequence[TitleList | None] | None = None,
+        constraints: Sequence[Grammar | None] | None = None,
     ) -> tuple[Rollout, torch.Tensor]:
         rollout = self.model.reason_from_ids([list(p) for p in prompt_ids], settings, constraints=constraints)
         return rollout, self.vectors(rollout.prompt_ids, rollout.completion_ids)
@@ -106,7 +106,7 @@ class Sequence_:
     completion_ids: list[int] = field(default_factory=list)
     # called on the decoding thread with each new piece of text (see `TextStream`)
     on_text: Callable[[str], None] | None = None
-    constraint: TitleList | None = None  # the grammar of its title list (model/constrained.py)
+    constraint: Grammar | None = None  # the grammar of its title list (model/constrained.py)
     vector: torch.Tensor | None = None  # normalised h_T (H,) float32, once finished
     text: str = ""
     done: bool = False
@@ -409,7 +409,7 @@ class EngineBackend:
         self,
         prompt_ids: Sequence[Sequence[int]],
         settings: GenerationSettings,
-        constraints: Sequence[TitleList | None] | None = None,
+        constraints: Sequence[Grammar | None] | None = None,
     ) -> tuple[Rollout, torch.Tensor]:
         return self._run(prompt_ids, settings, constraints)  # `vectors` runs `_run` too, but writes nothing
 
@@ -417,7 +417,7 @@ class EngineBackend:
         self,
         prompt_ids: Sequence[Sequence[int]],
         settings: GenerationSettings,
-        constraints: Sequence[TitleList | None] | None = None,
+        constraints: Sequence[Grammar | None] | None = None,
     ) -> tuple[Rollout, torch.Tensor]:
         decoder = self.decoder(settings)
         limits = [None] * len(prompt_ids) if constraints is None else list(constraints)

@@ -46,6 +46,9 @@ class PromptConfig:
         0, the paper's prompt and every checkpoint's before this option, names none.
     cowatch_window: how many items apart a pair still counts as "watched next", and how many of
         the latest history items the hints are drawn from.
+    hint_picks: the reasoning the model was trained to write ends with "Picks: A; B; C." naming
+        this many of the prompt's hints (`rationale_hint_picks`, model/rationale.py); its list
+        is decoded under the grammar of those hints' titles (model/constrained.py). 0: none.
     """
 
     category: str = "movie"
@@ -58,10 +61,13 @@ class PromptConfig:
     marker_on_items: bool = True
     cowatch_hints: int = 0
     cowatch_window: int = 10
+    hint_picks: int = 0
 
     def __post_init__(self) -> None:
         if self.max_history < 1:
             raise ValueError(f"max_history must be >= 1, got {self.max_history}")
+        if self.hint_picks < 0 or self.hint_picks > self.cowatch_hints:
+            raise ValueError(f"hint_picks must be in [0, cowatch_hints], got {self.hint_picks}")
         if self.cowatch_hints < 0 or self.cowatch_window < 1:
             raise ValueError(
                 "cowatch_hints must be >= 0 and cowatch_window >= 1, "

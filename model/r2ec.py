@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from model.constrained import TitleList, TitleListProcessor, TokenStrings
+from model.constrained import Grammar, TitleList, TitleListProcessor, TitleLists, TokenStrings
 from model.cowatch import CoWatch
 from model.prompts import HistoryEntry, PromptConfig, item_message, render, user_message
+from model.rationale import LATELY, PICKS
 
 log = logging.getLogger(__name__)
 
@@ -188,17 +189,29 @@ class R2ec:
         (`without`: pair counts to leave out of the hints, a training sample's own user's;
         `catalog`: item_id -> title of the items that may be hinted, named by these titles,
         the served catalog after edits; default: the table's own)."""
+        if not self.prompts.cowatch_hints:
+            return self.render_message(user_message(history, self.prompts))
+        hints = self.hint_titles(history, without, catalog)
+        return self.render_message(user_message(history, self.prompts, hints))
+
+    def hint_titles(
+        self,
+        history: Sequence[HistoryEntry],
+        without: Mapping[tuple[str, str], float] | None = None,
+        catalog: Mapping[str, str] | None = None,
+    ) -> list[str]:
+        """The titles the user prompt's co-watch line names, strongest first (`user_prompt`'s
+        arguments); [] when the prompts name none."""
         k = self.prompts.cowatch_hints
         if not k:
-            return self.render_message(user_message(history, self.prompts))
+            return []
         if self.cowatch is None:
             raise ValueError("the prompts name co-watch hints but the model has no co-watch table")
         ids = [e.item_id for e in history]
         if any(i is None for i in ids):
             raise ValueError("co-watch hints need every history entry's item_id")
         names = self.cowatch.titles if catalog is None else catalog
-        hints = [names[j] for j in self.cowatch.hints(ids, k, without, allowed=names)]
-        return self.render_message(user_message(history, self.prompts, hints))
+        return [names[j] for j in self.cowatch.hints(ids, k, without, allowed=names)]
 
     def user_prompt_ids(
         self,
@@ -242,7 +255,7 @@ class R2ec:
         histories: Sequence[Sequence[HistoryEntry]],
         settings: GenerationSettings = GenerationSettings(),
         num_generations: int = 1,
-        constraints: Sequence[TitleList | None] | None = None,
+        constraints: Sequence[Grammar | None] | None = None,
     ) -> Rollout:
         """Write `num_generations` reasoning texts per history in one batched `generate`
         (`constraints`: see `reason_from_ids`)."""
@@ -255,11 +268,33 @@ class R2ec:
             self._token_strings = TokenStrings(self.tokenizer, self.stop_ids)
         return self._token_strings
 
-    def title_lists(self, histories: Sequence[Sequence[HistoryEntry]]) -> list[TitleList]:
-        """Per history, the grammar its reasoning's title list is decoded under: the titles of
-        the prompt's window (model/constrained.py)."""
-        window = self.prompts.max_history
-        return [TitleList([e.title for e in list(h)[-window:]], self.token_strings()) for h in histories]
+    def title_lists(
+        self,
+        histories: Sequence[Sequence[HistoryEntry]],
+        without: Sequence[Mapping[tuple[str, str], float] | None] | None = None,
+        catalog: Mapping[str, str] | None = None,
+    ) -> list[Grammar]:
+        """Per history, the grammar its reasoning's title lists are decoded under
+        (model/constrained.py): "Rated highest:" over the titles of the prompt's window and, for
+        a model trained to end with "Picks:" (`PromptConfig.hint_picks`), that list over the
+        prompt's co-watch hints (`without`, `catalog`: as the prompt was rendered)."""
+        window, strings, picks = self.prompts.max_history, self.token_strings(), self.prompts.hint_picks
+        if not picks:
+            return [TitleList([e.title for e in list(h)[-window:]], strings) for h in histories]
+        without = without if without is not None else [None] * len(histories)
+        return [
+            TitleLists(
+                [
+                    TitleList(
+                        [e.title for e in list(h)[-window:]], strings, follow=(" " + LATELY, " " + PICKS)
+                    ),
+                    TitleList(
+                        self.hint_titles(h, w, catalog), strings, max_entries=picks, trigger=PICKS, follow=()
+                    ),
+                ]
+            )
+            for h, w in zip(histories, without, strict=True)
+        ]
 
     @torch.no_grad()
     def reason_from_ids(
@@ -267,7 +302,7 @@ class R2ec:
         prompt_ids: list[list[int]],
         settings: GenerationSettings,
         num_generations: int = 1,
-        constraints: Sequence[TitleList | None] | None = None,
+        constraints: Sequence[Grammar | None] | None = None,
     ) -> Rollout:
         """`constraints`: one per prompt (or None), see `title_lists`."""
         rows = [p for p in prompt_ids for _ in range(num_generations)]  # (B*G)

@@ -400,6 +400,11 @@ class RecPOConfig:
             raise ValueError(f"rationale_hint_picks must be >= 0, got {self.rationale_hint_picks}")
         if self.rationale_hint_picks and self.cowatch_hints == 0:
             raise ValueError("rationale_hint_picks needs co-watch hints: set cowatch_hints > 0 (or null)")
+        if self.cowatch_hints is not None and self.rationale_hint_picks > self.cowatch_hints:
+            raise ValueError(
+                f"rationale_hint_picks ({self.rationale_hint_picks}) names more hints than the prompt's "
+                f"cowatch_hints ({self.cowatch_hints})"
+            )
         if self.rationale_hint_picks and self.rationale_self_users:
             raise ValueError(
                 "rationale_hint_picks ends the teacher-forced rationale only; the self-written "

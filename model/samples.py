@@ -12,7 +12,7 @@ from model.cowatch import pair_counts, top, user_sequences
 from model.prompts import HistoryEntry
 
 if TYPE_CHECKING:
-    from model.constrained import TitleList
+    from model.constrained import Grammar
     from model.r2ec import R2ec
 
 
@@ -83,9 +83,11 @@ class TrainingPrompts:
             out.append({j: scores[j] for j in top(scores, k)})
         return out
 
-    def title_lists(self, rows: pd.DataFrame) -> list[TitleList]:
-        """Per row, the grammar its reasoning's title list is decoded under (model/constrained.py)."""
-        return self.model.title_lists(sample_histories(rows, self.titles))
+    def title_lists(self, rows: pd.DataFrame) -> list[Grammar]:
+        """Per row, the grammar its reasoning's title lists are decoded under (model/constrained.py),
+        its hints as its prompt names them (its own user left out)."""
+        without = [self.own_pairs(str(u)) for u in rows["user_id"]] if self.sequences else None
+        return self.model.title_lists(sample_histories(rows, self.titles), without)
 
     def __call__(self, rows: pd.DataFrame) -> list[list[int]]:
         histories = sample_histories(rows, self.titles)

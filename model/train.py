@@ -121,14 +121,17 @@ class Trainer:
         hints = self.cfg.cowatch_hints
         if hints is None:
             hints = self.model.prompts.cowatch_hints
-        self.model.prompts = dataclasses.replace(self.model.prompts, cowatch_hints=hints)
-        self.model.cowatch = None
         if self.cfg.cowatch_distill and not hints:
             raise ValueError("cowatch_distill needs co-watch hints: the config and the warm start name none")
         if self.cfg.rationale_hint_picks and not hints:
             raise ValueError(
                 "rationale_hint_picks needs co-watch hints: the config and the warm start name none"
             )
+        # the "Picks:" sentence the model writes (inference decodes it under the hints' grammar):
+        # this run's, else the warm start's while its prompts still name enough hints
+        picks = self.cfg.rationale_hint_picks or min(self.model.prompts.hint_picks, hints)
+        self.model.prompts = dataclasses.replace(self.model.prompts, cowatch_hints=hints, hint_picks=picks)
+        self.model.cowatch = None
         if hints:
             train = dataset.split("train")
             self.model.cowatch = CoWatch.from_samples(train, self.titles, self.model.prompts.cowatch_window)

@@ -224,7 +224,11 @@ class Recommender:
         prompt = self.model.user_prompt(entries, catalog=self.catalog.titles)
         if not query.wants_reasoning:
             return PreparedQuery(query=query, model_version=self.version, prompt=prompt, cache_key=None)
-        constraint = self.model.title_lists([entries])[0] if self.constrain_titles else None
+        constraint = (
+            self.model.title_lists([entries], catalog=self.catalog.titles)[0]
+            if self.constrain_titles
+            else None
+        )
         return PreparedQuery(
             query=query,
             model_version=self.version,

@@ -20,7 +20,7 @@ import numpy as np
 from service.store import Event
 
 if TYPE_CHECKING:
-    from model.constrained import TitleList
+    from model.constrained import Grammar
 
 
 class QueryError(ValueError):
@@ -144,7 +144,7 @@ class PreparedQuery:
     cache_key: str | None  # None when the query does not reason
     cached: CachedReasoning | None = None  # the reasoning found under cache_key, if any
     # the grammar the reasoning's title list is decoded under (model/constrained.py), or None
-    constraint: TitleList | None = field(default=None, compare=False, hash=False, repr=False)
+    constraint: Grammar | None = field(default=None, compare=False, hash=False, repr=False)
     # Streaming (POST /recommend/stream): called ON THE MODEL THREAD with each new piece of the
     # reasoning text as it becomes known; the pieces concatenate to Result.reasoning. The batch
     # path calls it once with the whole text (generated or cached) before scoring; a token-level

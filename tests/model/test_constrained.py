@@ -4,11 +4,11 @@ trigger is a list of the prompt's titles, and the two backends decode it alike."
 import pytest
 import torch
 
-from model.constrained import TitleList, TokenStrings, constrain_logits
+from model.constrained import TitleList, TitleLists, TokenStrings, constrain_logits
 from model.generation import EngineBackend, HFBackend
 from model.prompts import HistoryEntry
 from model.r2ec import GenerationSettings
-from model.rationale import RATED
+from model.rationale import PICKS, RATED
 
 TITLES = ["Heat", "Fargo", "Mr. Holland's Opus", "Sex, Lies, and Videotape", "Heat Wave"]
 
@@ -149,3 +149,61 @@ def test_title_lists_take_the_prompt_window(tiny_model):
     history = [HistoryEntry(f"Film {i}", 4.0) for i in range(window + 3)]
     (constraint,) = tiny_model.title_lists([history])
     assert constraint.titles == [f"Film {i}" for i in range(3, window + 3)]
+
+
+def test_a_list_may_be_followed_by_either_of_its_next_sentences(tiny_model, strings):
+    follow = (" Lately", " Picks:")
+    constraint = TitleList(["Heat", "Fargo"], strings, follow=follow)
+    closed = tiny_model.encode_text([f"{RATED} Heat."])[0]
+    for sentence in follow:  # each can be written token by token, and nothing else can
+        ids = list(closed)
+        while (allowed := constraint.allowed(ids)) is not None:
+            written = strings.decode(ids).rsplit(".", 1)[1]
+            texts = {strings.decode([i]) for i in allowed if i not in strings.stops}
+            assert all(any(f.startswith(written + t) for f in follow) for t in texts)
+            ids.append(next(i for i in allowed if sentence.startswith(written + strings.decode([i]))))
+        assert strings.decode(ids).endswith(sentence)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_picks_list_copies_hints_after_the_rated_list_of_history_titles(tiny_model, strings, seed):
+    hints = ["Casablanca", "Heat Wave", "Vertigo"]
+    grammar = TitleLists(
+        [
+            TitleList(TITLES, strings, follow=(" Lately", " " + PICKS)),
+            TitleList(hints, strings, max_entries=2, trigger=PICKS, follow=()),
+        ]
+    )
+    start = tiny_model.encode_text([f"Likes Drama. {RATED}"])[0]
+    rated = _decode_under(grammar, strings, start, seed)  # the rated list, then its next sentence
+    assert _list_after(strings.decode(rated), RATED, TITLES)
+    picks = _decode_under(grammar, strings, rated + tiny_model.encode_text([f" {PICKS}"])[0], seed)
+    entries = _list_after(strings.decode(picks), PICKS, hints)
+    assert 1 <= len(entries) <= 2 and len(set(entries)) == len(entries)
+
+
+def test_title_lists_add_the_picks_grammar_only_for_a_model_trained_to_write_it(tiny_model):
+    import dataclasses
+
+    from model.cowatch import CoWatch
+
+    history = [HistoryEntry(f"Film {i}", 4.0, item_id=str(i)) for i in range(3)]
+    titles = {str(i): f"Film {i}" for i in range(6)}
+    table = CoWatch.from_sequences([["2", "4", "5"], ["2", "5"], ["1", "3"]], titles, window=2)
+    prompts, cowatch = tiny_model.prompts, tiny_model.cowatch
+    try:
+        tiny_model.cowatch = table
+        tiny_model.prompts = dataclasses.replace(prompts, cowatch_hints=3)
+        (plain,) = tiny_model.title_lists([history])
+        assert isinstance(plain, TitleList) and plain.follow == (" Lately",)
+        tiny_model.prompts = dataclasses.replace(prompts, cowatch_hints=3, hint_picks=2)
+        (grammar,) = tiny_model.title_lists([history])
+        rated, picks = grammar.lists
+        assert rated.titles == ["Film 0", "Film 1", "Film 2"] and " Picks:" in rated.follow
+        hinted = tiny_model.hint_titles(history)
+        assert hinted and picks.titles == hinted and picks.max_entries == 2 and picks.trigger == PICKS
+        assert ", ".join(hinted) in tiny_model.user_prompt(history).replace("; ", ", ")  # the prompt's own
+        with pytest.raises(ValueError, match="hint_picks"):
+            dataclasses.replace(prompts, cowatch_hints=1, hint_picks=2)
+    finally:
+        tiny_model.prompts, tiny_model.cowatch = prompts, cowatch
