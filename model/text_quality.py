@@ -8,9 +8,10 @@ Three numbers over a set of texts, reported by `r2ec eval` beside the ranking me
   signature of a degenerate decode ("To The (3) To The (3) To The (3) ...").
 - unknown-title share: texts that name a title the catalog does not have. A "named title"
   is text the model marks as one: a span in double quotes or asterisks, a capitalised
-  phrase followed by a year in parentheses ("Heat (1995)"), or an entry of the rationale
-  format's "Rated highest: A; B; C." list (model/rationale.py). A free-form sentence cannot
-  be parsed for titles exactly; this catches the forms the models here write.
+  phrase followed by a year in parentheses ("Heat (1995)"), or an entry of one of the
+  rationale format's lists, "Rated highest: A; B; C." and "Picks: D; E." (model/rationale.py).
+  A free-form sentence cannot be parsed for titles exactly; this catches the forms the models
+  here write.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ _WORD = re.compile(r"\w+(?:'\w+)?")
 _QUOTED = re.compile(r'"([^"\n]{2,80})"|\*\*?([^*\n]{2,80})\*\*?')
 _WITH_YEAR = re.compile(r"((?:[A-Z0-9][\w'.:&!?,-]*\s+){0,7}[A-Z0-9][\w'.:&!?-]*)\s*\((?:19|20)\d\d\)")
 _ARTICLE_SUFFIX = re.compile(r"^(.*), (the|a|an)$")
-_RATED_LIST = re.compile(r"Rated highest: (.+?)\.(?: (?=Lately more|Next:)|$)")
+# the rationale format's lists (model/rationale.py): "Rated highest: A; B." and "Picks: C; D.",
+# each closed by "." before the format's next sentence or the text's end
+_LISTS = re.compile(r"(?:Rated highest|Picks): (.+?)\.(?: (?=Lately more|Next:|Picks:)|$)")
 
 
 def words(text: str) -> list[str]:
@@ -56,7 +59,7 @@ def named_titles(text: str) -> list[str]:
     """Spans the text presents as titles (see the module docstring)."""
     out = [a or b for a, b in _QUOTED.findall(text)]
     out += _WITH_YEAR.findall(text)
-    out += [t for listed in _RATED_LIST.findall(text) for t in listed.split("; ")]
+    out += [t for listed in _LISTS.findall(text) for t in listed.split("; ")]
     return [t.strip() for t in out if t.strip()]
 
 

@@ -30,6 +30,12 @@ def test_rationale_lists_are_read_title_by_title():
     assert named_titles(text) == ["Mr. Holland's Opus", "Godfather, The", "Cats and Dogs"]
     q = text_quality([text], [*CATALOG, "Mr. Holland's Opus"])
     assert q.unknown_title_share == 1.0  # "Cats and Dogs" is not in the catalog
+    # the list that ends a model trained with `rationale_hint_picks`, right after the first
+    picks = "Rated highest: Godfather, The; Mr. Holland's Opus. Picks: Heat; Cats and Dogs."
+    assert named_titles(picks) == ["Godfather, The", "Mr. Holland's Opus", "Heat", "Cats and Dogs"]
+    assert text_quality([picks], [*CATALOG, "Mr. Holland's Opus"]).unknown_title_examples[0]["unknown"] == [
+        "Cats and Dogs"
+    ]
 
 
 def test_quality_flags_unknown_titles_and_loops():
