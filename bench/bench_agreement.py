@@ -69,8 +69,12 @@ def main() -> None:
             own = super()._next_tokens(logits, seqs, written)
             out = []
             for seq, text, pick in zip(seqs, written, own, strict=True):
-                self.picks.setdefault(seq, {}).setdefault(len(text), pick)
-                out.append(self.reference[seq][len(text)])
+                ref = self.reference[seq]
+                if len(text) < len(ref):
+                    self.picks.setdefault(seq, {}).setdefault(len(text), pick)
+                    out.append(ref[len(text)])
+                else:  # a draft checked past the reference's stop token: dropped when it ends
+                    out.append(pick)
             return out
 
     ckpt = load_checkpoint(args.checkpoint)
