@@ -224,6 +224,8 @@ def test_rationale_hint_picks_end_the_label_with_the_prompts_strongest_hints(tin
     trainer = Trainer(
         dataclasses.replace(cfg, rationale_hint_picks=1), tiny_dataset, "tiny", tmp_path / "picks"
     )
+    # the checkpoint will say so, and inference decodes the list under the hints' grammar
+    assert (trainer.model.prompts.hint_picks, plain.model.prompts.hint_picks) == (1, 0)
     prompts = trainer.model.tokenizer.batch_decode(trainer.prompt_ids(rows))
     hinted = 0
     for (head, tail), (plain_head, plain_tail), prompt in zip(
