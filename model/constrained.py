@@ -11,9 +11,11 @@ decoded under a grammar:
 
 Once the written text contains the trigger ("Rated highest:"), every next token must keep the
 text after it a prefix of a string of that grammar; when the list is closed by "." decoding is
-free again, once the format's next sentence has begun (" Lately", model/rationale.py) or the
-text stopped: right after the list nothing else may come, so no name or sentence runs on from
-the last title ("Streetcar Named Desire, A. J. Clarke"). Everything else the model writes is
+free again, once the format's next sentence has begun (" Lately", model/rationale.py, or
+" Picks:" for a model trained to end with that list) or the text stopped: right after the list
+nothing else may come, so no name or sentence runs on from the last title ("Streetcar Named
+Desire, A. J. Clarke"). A "Picks:" list (`TitleLists`) is over the prompt's co-watch hints and
+only a stop may follow it. Everything else the model writes is
 untouched (greedy or sampled as asked).
 
 `TitleList.allowed(ids)` is stateless: it decodes the row's tokens and runs the grammar over the
@@ -103,7 +105,8 @@ class TitleList:
         self.strings = strings
         self.max_entries = max_entries
         self.trigger = trigger  # "": the list is the first thing written
-        # what may come right after the list (the format's next sentences), else a stop; () free
+        # what may come right after the list (the format's next sentences), else a stop; ("",):
+        # only a stop (the list ends the text); (): anything
         self.follow = (follow,) if isinstance(follow, str) else tuple(follow)
         self._allowed: dict[frozenset[_State], list[int] | None] = {}  # per grammar state
 
@@ -146,7 +149,7 @@ class TitleList:
             after = None if closed is None else written[closed + 1 :]
             fits = after is not None
             nexts = [f for f in self.follow if fits and len(after) < len(f) and f.startswith(after)]
-            if nexts:
+            if nexts or (after == "" and "" in self.follow):  # "": a stop right after the list
                 # right after the list: the format's next sentence or a stop, nothing else, so
                 # no name or sentence runs on from the last title ("... Desire, A. J. Clarke")
                 ids = {i for f in nexts for i in self.strings.prefixes_of(f[len(after) :])}
@@ -196,7 +199,8 @@ class TitleLists:
 
     def allowed(self, completion_ids: Sequence[int]) -> list[int] | None:
         text = self.strings.decode(completion_ids)
-        at, latest = max(((text.rfind(g.trigger), i) for i, g in enumerate(self.lists)), key=lambda x: x[0])
+        found = ((text.rfind(g.trigger) if g.trigger else 0, i) for i, g in enumerate(self.lists))
+        at, latest = max(found, key=lambda x: x[0])
         return None if at < 0 else self.lists[latest].allowed(completion_ids)
 
 

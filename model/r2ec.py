@@ -282,19 +282,17 @@ class R2ec:
         if not picks:
             return [TitleList([e.title for e in list(h)[-window:]], strings) for h in histories]
         without = without if without is not None else [None] * len(histories)
-        return [
-            TitleLists(
-                [
-                    TitleList(
-                        [e.title for e in list(h)[-window:]], strings, follow=(" " + LATELY, " " + PICKS)
-                    ),
-                    TitleList(
-                        self.hint_titles(h, w, catalog), strings, max_entries=picks, trigger=PICKS, follow=()
-                    ),
-                ]
+        out: list[Grammar] = []
+        for h, w in zip(histories, without, strict=True):
+            titles, hints = [e.title for e in list(h)[-window:]], self.hint_titles(h, w, catalog)
+            if not hints:  # no hints, no "Picks:" (as the label has none): the plain list
+                out.append(TitleList(titles, strings))
+                continue
+            rated = TitleList(titles, strings, follow=(" " + LATELY, " " + PICKS))
+            out.append(
+                TitleLists([rated, TitleList(hints, strings, max_entries=picks, trigger=PICKS, follow="")])
             )
-            for h, w in zip(histories, without, strict=True)
-        ]
+        return out
 
     @torch.no_grad()
     def reason_from_ids(

@@ -128,8 +128,22 @@ class Trainer:
                 "rationale_hint_picks needs co-watch hints: the config and the warm start name none"
             )
         # the "Picks:" sentence the model writes (inference decodes it under the hints' grammar):
-        # this run's, else the warm start's while its prompts still name enough hints
-        picks = self.cfg.rationale_hint_picks or min(self.model.prompts.hint_picks, hints)
+        # a rationale run's labels say (`rationale_hint_picks`); other stages keep the warm
+        # start's, as far as the prompts still name hints
+        if self.cfg.rationale_hint_picks > hints:
+            raise ValueError(
+                f"rationale_hint_picks ({self.cfg.rationale_hint_picks}) names more hints than the "
+                f"prompts' cowatch_hints ({hints}, from the config or the warm start)"
+            )
+        if self.cfg.stage == "rationale":
+            picks = self.cfg.rationale_hint_picks
+        else:
+            warm = self.model.prompts.hint_picks
+            picks = min(warm, hints)
+            if picks < warm:
+                log.warning(
+                    "the warm start was trained to write %d picks; the prompts now name %d hints", warm, hints
+                )
         self.model.prompts = dataclasses.replace(self.model.prompts, cowatch_hints=hints, hint_picks=picks)
         self.model.cowatch = None
         if hints:

@@ -35,7 +35,8 @@ def _list_after(text: str, trigger: str, titles: list[str]) -> list[str]:
 
 
 def _decode_under(constraint: TitleList, strings: TokenStrings, start: list[int], seed: int) -> list[int]:
-    """Random logits, masked by the grammar, until it lets go (the list is closed)."""
+    """Random logits, masked by the grammar, until it lets go (the list is closed) or a stop
+    token ends the text."""
     gen = torch.Generator().manual_seed(seed)
     ids = list(start)
     vocab = len(strings.tokenizer)
@@ -45,6 +46,8 @@ def _decode_under(constraint: TitleList, strings: TokenStrings, start: list[int]
             return ids
         logits = constrain_logits(torch.randn(1, vocab, generator=gen), [allowed])
         ids.append(int(logits.argmax()))
+        if ids[-1] in strings.stops:
+            return ids[:-1]
     raise AssertionError("the grammar never closed the list")
 
 
@@ -157,12 +160,15 @@ def test_a_list_may_be_followed_by_either_of_its_next_sentences(tiny_model, stri
     closed = tiny_model.encode_text([f"{RATED} Heat."])[0]
     for sentence in follow:  # each can be written token by token, and nothing else can
         ids = list(closed)
-        while (allowed := constraint.allowed(ids)) is not None:
+        for _ in range(len(sentence) + 1):
+            if (allowed := constraint.allowed(ids)) is None:
+                break
             written = strings.decode(ids).rsplit(".", 1)[1]
             texts = {strings.decode([i]) for i in allowed if i not in strings.stops}
             assert all(any(f.startswith(written + t) for f in follow) for t in texts)
-            ids.append(next(i for i in allowed if sentence.startswith(written + strings.decode([i]))))
-        assert strings.decode(ids).endswith(sentence)
+            words = [i for i in allowed if i not in strings.stops]
+            ids.append(next(i for i in words if sentence.startswith(written + strings.decode([i]))))
+        assert strings.decode(ids).endswith(sentence) and constraint.allowed(ids) is None
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -171,7 +177,7 @@ def test_the_picks_list_copies_hints_after_the_rated_list_of_history_titles(tiny
     grammar = TitleLists(
         [
             TitleList(TITLES, strings, follow=(" Lately", " " + PICKS)),
-            TitleList(hints, strings, max_entries=2, trigger=PICKS, follow=()),
+            TitleList(hints, strings, max_entries=2, trigger=PICKS, follow=""),  # as R2ec.title_lists
         ]
     )
     start = tiny_model.encode_text([f"Likes Drama. {RATED}"])[0]
@@ -180,6 +186,9 @@ def test_the_picks_list_copies_hints_after_the_rated_list_of_history_titles(tiny
     picks = _decode_under(grammar, strings, rated + tiny_model.encode_text([f" {PICKS}"])[0], seed)
     entries = _list_after(strings.decode(picks), PICKS, hints)
     assert 1 <= len(entries) <= 2 and len(set(entries)) == len(entries)
+    # the list ends the text: right after it only a stop may come
+    closed = tiny_model.encode_text([f"{RATED} Heat. {PICKS} Vertigo."])[0]
+    assert grammar.allowed(closed) == strings.stops
 
 
 def test_title_lists_add_the_picks_grammar_only_for_a_model_trained_to_write_it(tiny_model):
@@ -202,6 +211,10 @@ def test_title_lists_add_the_picks_grammar_only_for_a_model_trained_to_write_it(
         assert rated.titles == ["Film 0", "Film 1", "Film 2"] and " Picks:" in rated.follow
         hinted = tiny_model.hint_titles(history)
         assert hinted and picks.titles == hinted and picks.max_entries == 2 and picks.trigger == PICKS
+        assert picks.follow == ("",)  # the list ends the text
+        # a history with no hints gets no "Picks:" (its label has none): the plain list
+        (alone,) = tiny_model.title_lists([[HistoryEntry("Film 5", 4.0, item_id="5")]])
+        assert isinstance(alone, TitleList) and alone.follow == (" Lately",)
         assert ", ".join(hinted) in tiny_model.user_prompt(history).replace("; ", ", ")  # the prompt's own
         with pytest.raises(ValueError, match="hint_picks"):
             dataclasses.replace(prompts, cowatch_hints=1, hint_picks=2)

@@ -240,11 +240,18 @@ def test_rationale_hint_picks_end_the_label_with_the_prompts_strongest_hints(tin
         assert tail == f"{plain_tail} Picks: {strongest}."
         hinted += len(line.split("; ")) > 1  # a row with more hints than picks
     assert hinted  # the count was exercised: a row names more hints than the one picked
+    # RecPO's rollouts decode the list under the grammar of the hints each prompt names
+    for grammar, prompt in zip(trainer.prompt_ids.title_lists(rows), prompts, strict=True):
+        if HINTS_PREFIX in prompt:
+            line = prompt[prompt.index(HINTS_PREFIX) + len(HINTS_PREFIX) :].split(".<")[0].split("\n")[0]
+            assert grammar.lists[1].titles == [t.strip() for t in line.rstrip(".").split("; ")]
     # the loss trains on the longer text
     tokens = [t.rationale_loss(rows)[1]["rationale/tokens/mean"] for t in (plain, trainer)]
     assert tokens[1] > tokens[0]
     with pytest.raises(ValueError, match="rationale_hint_picks needs"):
         RecPOConfig(cowatch_hints=0, rationale_hint_picks=2)
+    with pytest.raises(ValueError, match="names more hints"):
+        RecPOConfig(cowatch_hints=2, rationale_hint_picks=3)
     with pytest.raises(ValueError, match="rationale_hint_picks ends"):
         RecPOConfig(stage="rationale", cowatch_hints=3, rationale_hint_picks=2, rationale_self_users=2)
     with pytest.raises(ValueError, match="rationale_hint_picks needs"):
