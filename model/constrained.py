@@ -137,10 +137,18 @@ class TitleList:
 
     def allowed(self, completion_ids: Sequence[int]) -> list[int] | None:
         """The token ids that may follow `completion_ids`, or None where decoding is free."""
+        return self.allowed_after(self.strings.decode(completion_ids))
+
+    def trigger_at(self, text: str) -> int:
+        """Where the trigger was last written in `text`; -1 when it was not (0 without one: the
+        list is the first thing written)."""
+        return text.rfind(self.trigger) if self.trigger else 0
+
+    def allowed_after(self, text: str) -> list[int] | None:
+        """`allowed` for a completion already decoded to `text`."""
         if not self.titles:
             return None
-        text = self.strings.decode(completion_ids)
-        at = text.rfind(self.trigger) if self.trigger else 0
+        at = self.trigger_at(text)
         if at < 0:
             return None
         written = text[at + len(self.trigger) :]
@@ -198,10 +206,9 @@ class TitleLists:
         self.strings = self.lists[0].strings
 
     def allowed(self, completion_ids: Sequence[int]) -> list[int] | None:
-        text = self.strings.decode(completion_ids)
-        found = ((text.rfind(g.trigger) if g.trigger else 0, i) for i, g in enumerate(self.lists))
-        at, latest = max(found, key=lambda x: x[0])
-        return None if at < 0 else self.lists[latest].allowed(completion_ids)
+        text = self.strings.decode(completion_ids)  # once, for every list
+        at, latest = max(((g.trigger_at(text), i) for i, g in enumerate(self.lists)), key=lambda x: x[0])
+        return None if at < 0 else self.lists[latest].allowed_after(text)
 
 
 Grammar = TitleList | TitleLists  # what a reasoning text's title lists are decoded under

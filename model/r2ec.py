@@ -279,13 +279,12 @@ class R2ec:
         a model trained to end with "Picks:" (`PromptConfig.hint_picks`), that list over the
         prompt's co-watch hints (`without`, `catalog`: as the prompt was rendered)."""
         window, strings, picks = self.prompts.max_history, self.token_strings(), self.prompts.hint_picks
-        if not picks:
-            return [TitleList([e.title for e in list(h)[-window:]], strings) for h in histories]
         without = without if without is not None else [None] * len(histories)
         out: list[Grammar] = []
         for h, w in zip(histories, without, strict=True):
-            titles, hints = [e.title for e in list(h)[-window:]], self.hint_titles(h, w, catalog)
-            if not hints:  # no hints, no "Picks:" (as the label has none): the plain list
+            titles = [e.title for e in list(h)[-window:]]
+            hints = self.hint_titles(h, w, catalog) if picks else []
+            if not hints:  # no "Picks:" (a model not trained to write it, or no hints): the plain list
                 out.append(TitleList(titles, strings))
                 continue
             rated = TitleList(titles, strings, follow=(" " + LATELY, " " + PICKS))
