@@ -222,11 +222,12 @@ class ContinuousDecoder:
         self.engine.reset(slot)
         seq.slot = slot
         if seq.max_new_tokens == 0:  # no reasoning: h_T straight after [prompt; marker]
-            hidden = self.engine.prefill(slot, seq.prompt_ids + self.marker, reuse_prefix=True)
+            ids = seq.prompt_ids + self.marker
+            hidden = self.engine.prefill(slot, ids, reuse_prefix=True, last_only=True)
             self._done(seq, hidden[-1])
             self.engine.reset(slot)
             return True
-        hidden = self.engine.prefill(slot, seq.prompt_ids, reuse_prefix=True)
+        hidden = self.engine.prefill(slot, seq.prompt_ids, reuse_prefix=True, last_only=True)
         self.active.append(seq)
         token = self._next_tokens(self.engine.logits(hidden[-1:]), [seq])[0]
         return self._append(seq, token)
@@ -323,7 +324,7 @@ class ContinuousDecoder:
             return False
         # The KV cache holds the prompt and every written token but the last: run that token
         # and the closing marker, and h_T is the marker's last hidden state. No second pass.
-        hidden = self.engine.prefill(seq.slot, [seq.completion_ids[-1]] + self.marker)
+        hidden = self.engine.prefill(seq.slot, [seq.completion_ids[-1]] + self.marker, last_only=True)
         self._done(seq, hidden[-1])
         self._release(seq)
         return True

@@ -56,6 +56,24 @@ def test_a_reused_prompt_head_gives_the_hidden_states_of_a_whole_prefill(tiny_mo
     assert engine.prefill(0, ids).shape[0] == len(ids)  # reuse is asked for, never assumed
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_last_only_prefill_gives_the_last_state_and_the_whole_cache(tiny_model, exact):
+    # after the shared head (a masked prefill: grouped query heads unless exact) and from empty
+    ids = tiny_model.user_prompt_ids(HISTORIES)[2]
+    ref = _reference_hidden(tiny_model, ids + [7, 8])
+    for reuse in (True, False):
+        engine = DecoderEngine(tiny_model.lm, slots=1, max_len=8, exact=exact)
+        engine.set_prefix(tiny_model.user_prompt_head())
+        last = engine.prefill(0, ids, reuse_prefix=reuse, last_only=True)
+        assert last.shape == (1, tiny_model.hidden_size) and engine.lens == [len(ids)]
+        torch.testing.assert_close(last[0], ref[len(ids) - 1], atol=1e-4, rtol=1e-4)
+        # every position's keys and values were written: what follows reads them all
+        more = engine.prefill(0, [7, 8], last_only=True)
+        assert more.shape[0] == 1
+        torch.testing.assert_close(more[0], ref[-1], atol=1e-4, rtol=1e-4)
+        assert engine.prefill(0, [9], last_only=True).shape[0] == 1  # one token: nothing to trim
+
+
 def test_move_keeps_a_sequence_intact(tiny_model):
     engine = DecoderEngine(tiny_model.lm, slots=2, max_len=16)
     engine.prefill(1, [5, 6, 7, 8])
