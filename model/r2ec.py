@@ -184,14 +184,18 @@ class R2ec:
         history: Sequence[HistoryEntry],
         without: Mapping[tuple[str, str], float] | None = None,
         catalog: Mapping[str, str] | None = None,
+        hints: Sequence[str] | None = None,
     ) -> str:
         """The rendered user prompt, co-watch hints included when the prompts name them
         (`without`: pair counts to leave out of the hints, a training sample's own user's;
         `catalog`: item_id -> title of the items that may be hinted, named by these titles,
-        the served catalog after edits; default: the table's own)."""
+        the served catalog after edits; default: the table's own). `hints`: those titles
+        already looked up (`hint_titles`), so that a caller that also builds the history's
+        `title_lists` gives both the same ones."""
         if not self.prompts.cowatch_hints:
             return self.render_message(user_message(history, self.prompts))
-        hints = self.hint_titles(history, without, catalog)
+        if hints is None:
+            hints = self.hint_titles(history, without, catalog)
         return self.render_message(user_message(history, self.prompts, hints))
 
     def hint_titles(
@@ -273,23 +277,30 @@ class R2ec:
         histories: Sequence[Sequence[HistoryEntry]],
         without: Sequence[Mapping[tuple[str, str], float] | None] | None = None,
         catalog: Mapping[str, str] | None = None,
+        hints: Sequence[Sequence[str]] | None = None,
     ) -> list[Grammar]:
         """Per history, the grammar its reasoning's title lists are decoded under
         (model/constrained.py): "Rated highest:" over the titles of the prompt's window and, for
         a model trained to end with "Picks:" (`PromptConfig.hint_picks`), that list over the
-        prompt's co-watch hints (`without`, `catalog`: as the prompt was rendered)."""
+        prompt's co-watch hints (`without`, `catalog`: as the prompt was rendered; `hints`: the
+        titles the prompts named, per history, when the caller has them)."""
         window, strings, picks = self.prompts.max_history, self.token_strings(), self.prompts.hint_picks
         without = without if without is not None else [None] * len(histories)
+        if hints is not None and len(hints) != len(histories):
+            raise ValueError(f"{len(hints)} hint lists for {len(histories)} histories")
         out: list[Grammar] = []
-        for h, w in zip(histories, without, strict=True):
+        for j, (h, w) in enumerate(zip(histories, without, strict=True)):
             titles = [e.title for e in list(h)[-window:]]
-            hints = self.hint_titles(h, w, catalog) if picks else []
-            if not hints:  # no "Picks:" (a model not trained to write it, or no hints): the plain list
+            if not picks:
+                named: Sequence[str] = []
+            else:
+                named = hints[j] if hints is not None else self.hint_titles(h, w, catalog)
+            if not named:  # no "Picks:" (a model not trained to write it, or no hints): the plain list
                 out.append(TitleList(titles, strings))
                 continue
             rated = TitleList(titles, strings, follow=(" " + LATELY, " " + PICKS))
             out.append(
-                TitleLists([rated, TitleList(hints, strings, max_entries=picks, trigger=PICKS, follow="")])
+                TitleLists([rated, TitleList(named, strings, max_entries=picks, trigger=PICKS, follow="")])
             )
         return out
 

@@ -221,14 +221,13 @@ class Recommender:
             # prompt (and its cached reasoning) stays the same for up to an hour
             now=int(time.time()) // 3600 * 3600,
         )
-        prompt = self.model.user_prompt(entries, catalog=self.catalog.titles)
+        # the co-watch titles are looked up once, so the prompt and the grammar of its "Picks:"
+        # list name the same ones even if a catalog edit lands in between
+        hints = self.model.hint_titles(entries, catalog=self.catalog.titles)
+        prompt = self.model.user_prompt(entries, hints=hints)
         if not query.wants_reasoning:
             return PreparedQuery(query=query, model_version=self.version, prompt=prompt, cache_key=None)
-        constraint = (
-            self.model.title_lists([entries], catalog=self.catalog.titles)[0]
-            if self.constrain_titles
-            else None
-        )
+        constraint = self.model.title_lists([entries], hints=[hints])[0] if self.constrain_titles else None
         return PreparedQuery(
             query=query,
             model_version=self.version,

@@ -216,6 +216,16 @@ def test_title_lists_add_the_picks_grammar_only_for_a_model_trained_to_write_it(
         (alone,) = tiny_model.title_lists([[HistoryEntry("Film 5", 4.0, item_id="5")]])
         assert isinstance(alone, TitleList) and alone.follow == (" Lately",)
         assert ", ".join(hinted) in tiny_model.user_prompt(history).replace("; ", ", ")  # the prompt's own
+        # hints looked up once by the caller (the service) go into both as given
+        other = "Film Not Hinted"
+        (given,) = tiny_model.title_lists([history], hints=[[other]])
+        assert given.lists[1].titles == [other]
+        prompt = tiny_model.user_prompt(history, hints=[other])
+        assert other in prompt and not any(t in prompt for t in hinted)
+        (none,) = tiny_model.title_lists([history], hints=[[]])
+        assert isinstance(none, TitleList)
+        with pytest.raises(ValueError, match="1 hint lists for 2 histories"):
+            tiny_model.title_lists([history, history], hints=[hinted])
         with pytest.raises(ValueError, match="hint_picks"):
             dataclasses.replace(prompts, cowatch_hints=1, hint_picks=2)
     finally:

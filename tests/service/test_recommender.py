@@ -306,3 +306,26 @@ def test_a_warm_up_leaves_texts_to_draft_from_and_no_trace(ckpt, make_engine, ca
     # and it answers as the cold model does: the warm-up changed no state that ranks
     q = Query(H1, k=5, max_reasoning_tokens=12)
     assert_same(warm.recommend_batch([q])[0], cold.recommend_batch([q])[0])
+
+
+def test_the_prompt_and_its_picks_grammar_name_the_same_hints(engine, monkeypatch):
+    # a model trained to end with "Picks:": the service looks the co-watch titles up once per
+    # request, so a catalog edit between the prompt and the grammar cannot make them differ
+    from model.cowatch import CoWatch
+
+    model = engine.model
+    titles = dict(engine.catalog.titles)
+    monkeypatch.setattr(model, "cowatch", CoWatch.from_sequences([["i1", "i4", "i5"]], titles, window=2))
+    monkeypatch.setattr(model, "prompts", replace(model.prompts, cowatch_hints=2, hint_picks=2))
+    looked_up = []
+    answers = iter([[titles["i4"]], [titles["i5"]]])  # what a lookup after an edit would name
+
+    def hint_titles(*args, **kw):
+        looked_up.append(args)
+        return next(answers)
+
+    monkeypatch.setattr(model, "hint_titles", hint_titles)
+    prepared = engine.prepare(Query(H1, max_reasoning_tokens=8))
+    assert len(looked_up) == 1
+    assert titles["i4"] in prepared.prompt and titles["i5"] not in prepared.prompt
+    assert prepared.constraint.lists[1].titles == [titles["i4"]]
