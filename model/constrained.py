@@ -135,6 +135,12 @@ class TitleList:
                 return None, None
         return states, None
 
+    def spans(self, written: str, at: int) -> bool:
+        """Whether position `at` of `written` (the text after the trigger) lies inside this list:
+        the list is still open at the end of `written`, or closed after `at`."""
+        states, closed = self._states(written)
+        return states is not None or (closed is not None and closed >= at)
+
     def allowed(self, completion_ids: Sequence[int]) -> list[int] | None:
         """The token ids that may follow `completion_ids`, or None where decoding is free."""
         return self.allowed_after(self.strings.decode(completion_ids))
@@ -197,7 +203,8 @@ def constrain_logits(logits: torch.Tensor, allowed: Sequence[Sequence[int] | Non
 class TitleLists:
     """Several title lists in one text, each after its own trigger ("Rated highest:" over the
     history's titles, then "Picks:" over the prompt's co-watch hints when the model was trained
-    to write it, `PromptConfig.hint_picks`): the list whose trigger was written last applies."""
+    to write it, `PromptConfig.hint_picks`): the list whose trigger was written last applies,
+    unless that trigger lies inside an earlier list (part of one of its titles)."""
 
     def __init__(self, lists: Sequence[TitleList]) -> None:
         if not lists:
@@ -208,7 +215,19 @@ class TitleLists:
     def allowed(self, completion_ids: Sequence[int]) -> list[int] | None:
         text = self.strings.decode(completion_ids)  # once, for every list
         at, latest = max(((g.trigger_at(text), i) for i, g in enumerate(self.lists)), key=lambda x: x[0])
-        return None if at < 0 else self.lists[latest].allowed_after(text)
+        if at < 0:
+            return None
+        # a trigger written inside an earlier list's titles (a history title "Picks: A Story")
+        # is part of that title, not the start of the next list
+        for i, g in enumerate(self.lists):
+            start = g.trigger_at(text)
+            if (
+                i != latest
+                and 0 <= start < at
+                and g.spans(text[start + len(g.trigger) :], at - start - len(g.trigger))
+            ):
+                return g.allowed_after(text)
+        return self.lists[latest].allowed_after(text)
 
 
 Grammar = TitleList | TitleLists  # what a reasoning text's title lists are decoded under

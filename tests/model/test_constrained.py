@@ -191,6 +191,26 @@ def test_the_picks_list_copies_hints_after_the_rated_list_of_history_titles(tiny
     assert grammar.allowed(closed) == strings.stops
 
 
+def test_a_trigger_inside_a_rated_title_does_not_switch_lists(tiny_model, strings):
+    titles = ["Heat", "Picks: A Story", "Fargo"]
+    rated = TitleList(titles, strings, follow=(" Lately", " " + PICKS))
+    grammar = TitleLists([rated, TitleList(["Vertigo"], strings, trigger=PICKS, follow="")])
+    # in the middle of the rated title that contains "Picks:": its own rest may follow
+    inside = tiny_model.encode_text([f"{RATED} Picks: A"])[0]
+    assert grammar.allowed(inside) == rated.allowed(inside)
+    assert any(
+        strings.decode([i]).startswith(" Story") or strings.decode([i]) == " " for i in rated.allowed(inside)
+    )
+    # that title closed the rated list: the format's next sentence or a stop
+    closed = tiny_model.encode_text([f"{RATED} Picks: A Story."])[0]
+    assert grammar.allowed(closed) == rated.allowed(closed) != strings.stops
+    # the real trigger, after the rated list, starts the hints' list
+    real = tiny_model.encode_text([f"{RATED} Picks: A Story. {PICKS}"])[0]
+    assert grammar.allowed(real) == grammar.lists[1].allowed(real)
+    starts = grammar.allowed(real)
+    assert starts and all(" Vertigo.".startswith(strings.decode([i])) for i in starts)
+
+
 def test_title_lists_add_the_picks_grammar_only_for_a_model_trained_to_write_it(tiny_model):
     import dataclasses
 
