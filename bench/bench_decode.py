@@ -507,8 +507,9 @@ def matmul_floor(engine, prompts: list[list[int]], ops, marker: int) -> None:
 
 def prefill_alternatives(model, engine, prompts: list[list[int]], repeats: int = 200) -> None:
     """Other kernels for a prefill's parts, on its real shapes (the median prompt after the cached
-    head, one layer's weights): attention to the cache with the causal mask through SDPA (the
-    engine's path) or two fp32 matmuls with the query heads grouped by KV head; the MLP's SiLU,
+    head, one layer's weights): attention to the cache with the causal mask through SDPA per
+    head under a boolean mask (the path before stop 24), SDPA with each KV head's query heads as
+    one group under an additive mask (the engine's), or two fp32 matmuls grouped so; the MLP's SiLU,
     product and residual add as separate ops (the engine's) or fused into oneDNN's matmul
     post-ops (which takes gate and up as two matmuls, SiLU on the first); each matmul in bf16
     (the engine's) or through int8 dynamic quantisation, with the cosine of its output to
@@ -544,6 +545,12 @@ def prefill_alternatives(model, engine, prompts: list[list[int]], repeats: int =
         scores = scores.mul_(d**-0.5).view(KV, g, T, L).add_(bias)
         return torch.matmul(torch.softmax(scores, -1).view(KV, g * T, L), v[0].float())
 
+    mask_g = torch.zeros(T, L, dtype=dt).masked_fill(~mask, float("-inf")).repeat(g, 1)
+    q_g = q[0].reshape(KV, g * T, d)[None]  # heads 3j..3j+2 use KV head j
+
+    def grouped_sdpa() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q_g, k, v, attn_mask=mask_g)
+
     x = torch.randn(T, ly.gate_up.weight.shape[1], dtype=dt)
     inner = ly.down.weight.shape[1]
     gate, up = (ly.gate_up.weight[:inner], ly.gate_up.weight[inner:])
@@ -562,9 +569,10 @@ def prefill_alternatives(model, engine, prompts: list[list[int]], repeats: int =
 
     rows = [
         (
-            "attention to the cache: SDPA, bool mask (the engine)",
+            "attention to the cache: SDPA per head, bool mask (before stop 24)",
             us(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)),
         ),
+        ("attention: SDPA, query heads grouped by KV head, additive mask (the engine)", us(grouped_sdpa)),
         ("attention: two fp32 matmuls, query heads grouped by KV head", us(grouped)),
         ("MLP + residual: matmuls, SiLU, product, add (the engine)", us(mlp_ops)),
         ("MLP + residual: gate, up as two matmuls; SiLU, product, add as oneDNN post-ops", us(mlp_fused)),
