@@ -36,6 +36,22 @@ CACHE_BACKOFF_S = 5.0  # after a cache error, skip the cache this long (a down R
 # asked twice per request while it is down; histories are still asked, they are needed)
 
 
+async def in_passing_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a thread of its own that ends with it: model work that must not wait for
+    the model thread (a reload's load, warm-up and re-encoding of edited items). Not
+    `asyncio.to_thread`, whose pool keeps its thread alive and with it the thread's OpenMP team:
+    while two teams live, libgomp counts more threads than cores and lets them sleep between
+    kernels instead of spinning (`model.spin_between_kernels`). In a process built like the
+    service, a load on a pooled thread made every later prefill on the model thread 1.5x as
+    slow, one on a thread that ends 1.03x (bench/bench_threads.py); the service's own reload
+    bench did not show the difference (BENCHMARKS.md §4)."""
+    executor = ThreadPoolExecutor(1, thread_name_prefix="r2ec-reload")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    finally:
+        executor.shutdown(wait=False)  # the thread ends once `fn` returns
+
+
 class ReloadError(RuntimeError):
     """A checkpoint could not be loaded; the running model keeps serving."""
 
@@ -312,7 +328,7 @@ class ServiceState:
             old = self.engine
             try:
                 # Not the model thread: batches keep running on the old model while this loads.
-                new = await asyncio.to_thread(Recommender.load, target, **self.settings.load_kwargs())
+                new = await in_passing_thread(lambda: Recommender.load(target, **self.settings.load_kwargs()))
             except Exception as exc:
                 self.metrics.reloads.labels("failed").inc()
                 log.error("reload of %s failed, still serving %s: %s", target, old.version, exc)
@@ -323,7 +339,7 @@ class ServiceState:
             # with the new model. The edit lock holds new edits back until the swap is done.
             async with self.edit_lock:
                 try:
-                    carried = await asyncio.to_thread(new.catalog.carry_edits, old.catalog.edits)
+                    carried = await in_passing_thread(new.catalog.carry_edits, old.catalog.edits)
                 except Exception as exc:
                     self.metrics.reloads.labels("failed").inc()
                     raise ReloadError(

@@ -236,3 +236,45 @@ async def test_item_edits_survive_a_reload_to_another_version(app, client, ckpt,
     assert "i5" not in scores
     # same weights in v2, so the re-encoded item scores as before
     assert scores["new"] == pytest.approx(before["new"], abs=1e-3)
+
+
+async def test_a_reload_loads_and_re_encodes_in_threads_that_end(app, client, ckpt, tmp_path, monkeypatch):
+    # a thread that stayed alive would keep its OpenMP team, and two live teams slow every
+    # forward on the model thread (service.state.in_passing_thread)
+    import threading
+
+    from service.catalog import Catalog
+    from service.recommender import Recommender
+
+    ran_on: list[threading.Thread] = []
+    load, carry = Recommender.load, Catalog.carry_edits
+
+    def recording_load(*args, **kw):
+        ran_on.append(threading.current_thread())
+        return load(*args, **kw)
+
+    def recording_carry(self, edits):
+        ran_on.append(threading.current_thread())
+        return carry(self, edits)
+
+    monkeypatch.setattr(Recommender, "load", recording_load)
+    monkeypatch.setattr(Catalog, "carry_edits", recording_carry)
+    v2 = copy_as_new_version(ckpt, tmp_path / "v2", "v2-threads")
+    r = await client.post("/admin/reload", json={"checkpoint": str(v2)}, headers=ADMIN)
+    assert r.status_code == 200 and len(ran_on) == 2
+    for thread in ran_on:
+        thread.join(timeout=10)
+        assert thread is not threading.main_thread() and not thread.is_alive()
+    assert (await recommend(client))["model_version"] == "v2-threads"
+
+
+async def test_in_passing_thread_returns_and_raises_what_its_function_does():
+    from service.state import in_passing_thread
+
+    assert await in_passing_thread(lambda a, b: a * b, 6, 7) == 42
+
+    def fails() -> None:
+        raise KeyError("the reason")
+
+    with pytest.raises(KeyError, match="the reason"):
+        await in_passing_thread(fails)
