@@ -30,7 +30,9 @@ reasoning_tokens; then throughput and p95 ratios between the servers at each lev
 continuous server: the same body sent again (every reply must say `cache: "hit"`, one FAISS
 search), `"reasoning": false` with distinct histories, and POST /recommend/stream at
 concurrency 1 (time from sending to the first `event: reasoning` line, the whole stream, and
-reasoning events per stream). Last, a table of issue 12's targets with pass/fail. Each
+reasoning events per stream); with `--reload`, then POST /admin/reload of the same checkpoint
+and `--plain` no-reasoning requests again (a reload must leave the model thread as fast as it
+was: bench/bench_threads.py). Last, a table of issue 12's targets with pass/fail. Each
 server's output goes to a log file in `--logs` (a new temporary folder by default), named
 when a server fails.
 """
@@ -74,6 +76,7 @@ SERVERS: dict[str, dict[str, str]] = {
 }
 BASELINE = "static-hf"
 READY_TIMEOUT_S = 600
+RELOAD_KEY = "bench-service"  # the admin key of a server that `--reload` reloads
 
 
 def free_port() -> int:
@@ -270,6 +273,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="requests per server before measuring")
     parser.add_argument("--repeats", type=int, default=20, help="repeated-history requests")
     parser.add_argument("--plain", type=int, default=20, help="no-reasoning requests")
+    parser.add_argument(
+        "--reload",
+        action="store_true",
+        help="then POST /admin/reload (the same checkpoint) and send --plain no-reasoning requests again",
+    )
     parser.add_argument("--streams", type=int, default=10, help="SSE streams")
     parser.add_argument("--logs", type=Path, default=None, help="server log folder (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number here")
@@ -309,6 +317,8 @@ def main() -> None:
         env.setdefault("R2EC_QUANTIZE", args.quantize if env["R2EC_BACKEND"] == "engine" else "none")
         # room for every concurrent request (the queue bound answers 503 past it)
         env["R2EC_MAX_QUEUE"] = str(max(32, *levels))
+        if args.reload:
+            env["R2EC_API_KEY"] = RELOAD_KEY
         with Server(name, args.checkpoint, logs / f"{name}.log", **env) as server:
             cursor = 0  # every server answers the same histories
             if args.warmup:
@@ -332,8 +342,17 @@ def main() -> None:
             cursor += args.plain
             extras["stream"] = asyncio.run(streams(server.url, fresh(cursor, args.streams, **reason)))
             cursor += args.streams
-            for key in ("repeated", "no_reasoning", "stream"):
-                print(f"{name} {key}: {extras[key]}", file=sys.stderr, flush=True)
+            if args.reload:  # a hot reload of the same checkpoint, then no reasoning again
+                r = httpx.post(f"{server.url}/admin/reload", headers={"X-API-Key": RELOAD_KEY}, timeout=600)
+                if r.status_code != 200:
+                    raise RuntimeError(f"POST /admin/reload: {r.status_code} {r.text[:500]}")
+                extras["after_reload"] = asyncio.run(
+                    load(server.url, fresh(cursor, args.plain, reasoning=False), 1)
+                )
+                cursor += args.plain
+            for key in ("repeated", "no_reasoning", "stream", "after_reload"):
+                if key in extras:
+                    print(f"{name} {key}: {extras[key]}", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - started
 
     quant = f", R2EC_QUANTIZE={args.quantize} on engine servers" if args.quantize != "none" else ""
@@ -391,6 +410,12 @@ def main() -> None:
             f"| SSE whole stream | {st['n']} | {st['total_p50']:.0f} | | {st['events_mean']:.1f} "
             f"reasoning events per stream, {st['tokens_mean']:.1f} reasoning tokens |"
         )
+        if "after_reload" in extras:
+            again = extras["after_reload"]
+            print(
+                f"| no reasoning after a hot reload | {again['n']} | {again['p50']:.1f} | {again['p95']:.1f} "
+                f"| {again['p50'] / plain['p50']:.2f}x the p50 before it |"
+            )
 
     # Issue 12's targets, measured on the default server (continuous) unless it was left out.
     top = max(levels)
