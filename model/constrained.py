@@ -137,7 +137,7 @@ class TitleList:
 
     def spans(self, written: str, at: int) -> bool:
         """Whether position `at` of `written` (the text after the trigger) lies inside this list:
-        the list is still open at the end of `written`, or closed after `at`."""
+        the list is still open at the end of `written`, or closed at or after `at`."""
         states, closed = self._states(written)
         return states is not None or (closed is not None and closed >= at)
 

@@ -114,7 +114,9 @@ class DecoderEngine:
         """`exact`: a lone sequence's attention per query head, as transformers computes it, so
         greedy tokens follow the reference's bit for bit; by default the query heads that share a
         KV head go through SDPA as one group (the same arithmetic in another order: 1.11x a
-        batch-1 step, and a near-tie in some greedy texts flips; BENCHMARKS.md §7)."""
+        batch-1 step, and a near-tie in some greedy texts flips; BENCHMARKS.md §7). Exact mode
+        also prefills as the reference does: per-head attention under a boolean mask after
+        cached positions, and every row through every layer (no `last_only` trim)."""
         reason = unsupported_reason(lm)
         if reason is not None:
             raise ValueError(f"the fast decoder cannot run this model: {reason}")
@@ -267,8 +269,9 @@ class DecoderEngine:
         `last_only`: return only the last position's state, (1, H), which is all the service
         reads (h_T at the marker, or the logits of the first written token). The last layer then
         writes every position's keys and values but runs its attention, o-projection and MLP on
-        that one row, a thirtieth of a prefill less on SmolLM2 (BENCHMARKS.md §7); not in exact
-        mode, whose point is the reference's rounding."""
+        that one row, a thirtieth of a prefill less on SmolLM2 (BENCHMARKS.md §7). Not in exact
+        mode, whose point is the reference's rounding, nor with int8 weights, which would take
+        that one row (they serve one-row decode steps only)."""
         if not ids:
             raise ValueError("prefill needs at least one token")
         p = len(self.prefix)
@@ -283,7 +286,8 @@ class DecoderEngine:
         cos, sin = self.cos[start : start + T, None], self.sin[start : start + T, None]  # (T, 1, d)
         total = start + T
         mask = self._prefill_mask(start, T) if start and T > 1 else None
-        trim = len(self.layers) - 1 if last_only and T > 1 and not self.exact else -1
+        trimmed = last_only and T > 1 and not self.exact and self.quantize != "int8"
+        trim = len(self.layers) - 1 if trimmed else -1
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, cos, sin)
             self.k[i, slot, :, start:total] = k.transpose(0, 1)
@@ -301,8 +305,9 @@ class DecoderEngine:
         """T new positions after `start` cached ones see those and each other causally. Exact
         mode: a boolean (T, start + T) mask, as the reference's SDPA call takes it. Otherwise
         an additive one, repeated for the query heads that share a KV head, (group * T, start +
-        T): `_prefill_attention` runs each KV head's queries as one group, which gives the same
-        numbers as per-head SDPA in ~0.88x its time on SmolLM2's 9 / 3 heads (BENCHMARKS.md §7)."""
+        T): `_prefill_attention` runs each KV head's queries as one group, which gave per-head
+        SDPA's numbers bit for bit in bf16 (fp32 differs in the last bits) in 0.88x its time on
+        SmolLM2's 9 / 3 heads (BENCHMARKS.md §7, stop 24)."""
         seen = torch.ones(T, start + T, dtype=torch.bool, device=self.device).tril(start)
         if self.exact:
             return seen

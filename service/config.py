@@ -72,7 +72,8 @@ class Settings(BaseSettings):
         False,
         description="engine backend: compute what transformers computes, so greedy texts follow "
         "the reference's token for token: every prompt prefilled whole (no prefix caching of the "
-        "prompt head every user shares) and a lone sequence's attention per query head. By "
+        "prompt head every user shares, every row of a prefill through every layer) and a lone "
+        "sequence's attention per query head. By "
         "default bf16 rounds both slightly differently, which flips a near-tie in some greedy "
         "texts; exact cost 1.30x throughput at 32 concurrent requests (BENCHMARKS.md §4), and "
         "since it also turns speculative decoding off, one request decodes ~2.6x slower than "

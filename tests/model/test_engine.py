@@ -173,6 +173,18 @@ def test_int8_weights_stay_close_to_the_model(tiny_model):
     assert DecoderEngine(tiny_model.lm, slots=1, quantize="auto").quantize == "none"
 
 
+def test_a_last_only_prefill_with_int8_weights_keeps_bf16_numbers(tiny_model):
+    # int8 weights serve one-row steps; the one row a trimmed last layer would leave must not
+    # take them: a prefill's h_T is the bf16 model's with or without them
+    import copy
+
+    lm = copy.deepcopy(tiny_model.lm).to(torch.bfloat16)
+    ids = list(range(5, 40))
+    plain = DecoderEngine(lm, slots=1).prefill(0, ids)[-1]
+    got = DecoderEngine(lm, slots=1, quantize="int8").prefill(0, ids, last_only=True)[0]
+    assert torch.equal(got, plain)
+
+
 def test_int8_weights_serve_a_lone_sequence_and_prepacked_bf16_the_rest(tiny_model):
     import copy
 
