@@ -305,9 +305,9 @@ class DecoderEngine:
         """T new positions after `start` cached ones see those and each other causally. Exact
         mode: a boolean (T, start + T) mask, as the reference's SDPA call takes it. Otherwise
         an additive one, repeated for the query heads that share a KV head, (group * T, start +
-        T): `_prefill_attention` runs each KV head's queries as one group, which gave per-head
-        SDPA's numbers bit for bit in bf16 (fp32 differs in the last bits) in 0.88x its time on
-        SmolLM2's 9 / 3 heads (BENCHMARKS.md §7, stop 24)."""
+        T): `_prefill_attention` runs each KV head's queries as one group, the same arithmetic
+        as per-head SDPA (h_T at cosine 1.00000 of it) in 0.88x its time on SmolLM2's 9 / 3
+        heads (BENCHMARKS.md §7, stop 24)."""
         seen = torch.ones(T, start + T, dtype=torch.bool, device=self.device).tril(start)
         if self.exact:
             return seen
