@@ -269,7 +269,8 @@ class DecoderEngine:
         `last_only`: return only the last position's state, (1, H), which is all the service
         reads (h_T at the marker, or the logits of the first written token). The last layer then
         writes every position's keys and values but runs its attention, o-projection and MLP on
-        that one row, a thirtieth of a prefill less on SmolLM2 (BENCHMARKS.md §7). Not in exact
+        that one row: most of one layer of SmolLM2's thirty (with the grouped attention below,
+        1.05-1.07x a no-reasoning prefill, BENCHMARKS.md §7, stop 24). Not in exact
         mode, whose point is the reference's rounding, nor with int8 weights, which would take
         that one row (they serve one-row decode steps only)."""
         if not ids:
@@ -305,9 +306,9 @@ class DecoderEngine:
         """T new positions after `start` cached ones see those and each other causally. Exact
         mode: a boolean (T, start + T) mask, as the reference's SDPA call takes it. Otherwise
         an additive one, repeated for the query heads that share a KV head, (group * T, start +
-        T): `_prefill_attention` runs each KV head's queries as one group, the same arithmetic
-        as per-head SDPA (h_T at cosine 1.00000 of it) in 0.88x its time on SmolLM2's 9 / 3
-        heads (BENCHMARKS.md §7, stop 24)."""
+        T): `_prefill_attention` runs each KV head's queries as one SDPA call, the same
+        attention as per-head SDPA (a prefill's h_T at cosine 1.00000 of it) in 0.88x its time
+        on SmolLM2's 9 / 3 heads (BENCHMARKS.md §7, stop 24)."""
         seen = torch.ones(T, start + T, dtype=torch.bool, device=self.device).tril(start)
         if self.exact:
             return seen

@@ -40,11 +40,11 @@ async def in_passing_thread(fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` in a thread of its own that ends with it: model work that must not wait for
     the model thread (a reload's load, warm-up and re-encoding of edited items). Not
     `asyncio.to_thread`, whose pool keeps its thread alive and with it the thread's OpenMP team:
-    while two teams live, libgomp counts more threads than cores and lets them sleep between
-    kernels instead of spinning (`model.spin_between_kernels`). In a process built like the
-    service, a load on a pooled thread made every later prefill on the model thread 1.5x as
-    slow, one on a thread that ends 1.03x (bench/bench_threads.py); the service's own reload
-    bench did not show the difference (BENCHMARKS.md §4)."""
+    while two teams live, libgomp likely counts more threads than cores and lets them sleep
+    between kernels instead of spinning (`model.spin_between_kernels`). In a process built like
+    the service, a load on a pooled thread made the model thread's later prefills 1.3-1.5x as
+    slow, one on a thread that ends 1.01-1.04x (bench/bench_threads.py); the service's own
+    reload bench did not show the difference (BENCHMARKS.md §4)."""
     executor = ThreadPoolExecutor(1, thread_name_prefix="r2ec-reload")
     try:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
