@@ -1,6 +1,13 @@
 """Item vector index: numpy + faiss only; knows vectors and ids, not models."""
 
-from index.faiss_index import IndexConfig, ItemIndex, UnknownItemError, tune_faiss
+from index.faiss_index import IndexConfig, ItemIndex, UnknownItemError, search_without_threads, tune_faiss
 from index.persist import IndexMismatchError
 
-__all__ = ["IndexConfig", "IndexMismatchError", "ItemIndex", "UnknownItemError", "tune_faiss"]
+__all__ = [
+    "IndexConfig",
+    "IndexMismatchError",
+    "ItemIndex",
+    "UnknownItemError",
+    "search_without_threads",
+    "tune_faiss",
+]

@@ -50,7 +50,15 @@ import numpy as np
 
 from index.persist import FORMAT_VERSION, IndexMismatchError, read_index_dir, write_index_dir
 
-__all__ = ["IndexConfig", "IndexMismatchError", "ItemIndex", "UnknownItemError", "tune_faiss"]
+__all__ = [
+    "IndexConfig",
+    "IndexMismatchError",
+    "ItemIndex",
+    "UnknownItemError",
+    "search_without_threads",
+    "tune_faiss",
+]
+
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +83,16 @@ class UnknownItemError(KeyError):
 def tune_faiss() -> None:
     """Lower faiss's process-wide BLAS threshold (called by `build` and `load`)."""
     faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+
+
+def search_without_threads() -> None:
+    """Make this thread's FAISS calls run on it alone, without an OpenMP team (the setting is
+    per thread). For a thread that searches beside the one running the model (the service's
+    cache hits). With torch imported first, as in the service, FAISS's OpenMP calls go to
+    torch's libgomp, and a team of it living on a second thread made the model thread's later
+    prefills 1.39-1.47x slower (bench/bench_threads.py, BENCHMARKS.md §4), while one query over
+    a catalog of thousands of items is a fraction of a millisecond on one core."""
+    faiss.omp_set_num_threads(1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from index.faiss_index import search_without_threads
 from model.checkpoint import read_meta, resolve_checkpoint
 from service.batcher import MicroBatcher
 from service.catalog import Catalog
@@ -78,6 +79,12 @@ class ServiceState:
         self.store = store
         self.metrics = metrics
         self.model_executor = executor  # the only thread that runs the model
+        # cache hits with their h_T: one index search each, off the model thread so they never
+        # wait for a decode tick, on one thread whose FAISS calls start no OpenMP team (a team
+        # living on a second thread slows the model thread: search_without_threads)
+        self.hits_executor = ThreadPoolExecutor(
+            1, thread_name_prefix="r2ec-hits", initializer=search_without_threads
+        )
         self.continuous = settings.batching == "continuous" and engine.continuous
         if settings.batching == "continuous" and not self.continuous:
             log.warning("continuous batching needs the engine backend; serving with static batches")
@@ -128,6 +135,7 @@ class ServiceState:
             except asyncio.CancelledError:
                 pass
         await self.batcher.stop()
+        self.hits_executor.shutdown(wait=False)
 
     async def run_model(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` on the model thread (serialised with the batches)."""
@@ -245,7 +253,8 @@ class ServiceState:
         ):
             return None
         self.batcher.check_open()  # a draining service refuses it as the batcher would: 503
-        return await asyncio.to_thread(engine.answer_cached, prepared)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.hits_executor, engine.answer_cached, prepared)
 
     async def _batched(
         self,

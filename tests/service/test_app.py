@@ -744,3 +744,26 @@ async def test_a_drain_with_time_to_spare_answers_everything(ckpt):
         state.begin_drain()
         held.release()
         assert [r.status_code for r in await asyncio.gather(a, b)] == [200, 200]
+
+
+async def test_a_cache_hit_is_searched_on_the_hits_thread_without_an_openmp_team(app, client, monkeypatch):
+    # FAISS's OpenMP team on a second live thread slows the model thread's forwards
+    # (bench/bench_threads.py): hits run on one thread whose FAISS calls use no team
+    import threading
+
+    import faiss
+
+    state = app.state.r2ec
+    seen: list[tuple[str, int]] = []
+    answer = type(state.engine).answer_cached
+
+    def recording(self, prepared):
+        seen.append((threading.current_thread().name, faiss.omp_get_max_threads()))
+        return answer(self, prepared)
+
+    monkeypatch.setattr(type(state.engine), "answer_cached", recording)
+    body = {"history": H1, "k": 5}
+    assert (await client.post("/recommend", json=body)).json()["cache"] == "miss"
+    for _ in range(2):
+        assert (await client.post("/recommend", json=body)).json()["cache"] == "hit"
+    assert len(seen) == 2 and all(name.startswith("r2ec-hits") and threads == 1 for name, threads in seen)
