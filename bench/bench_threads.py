@@ -127,7 +127,7 @@ def main() -> None:
         child(args.checkpoint, args.data, args.child, args.prompts)
         return
     model.spin_between_kernels()  # as `r2ec serve` runs (the children inherit it)
-    modes = [m for m in args.modes.split(",") if m]
+    modes = list(dict.fromkeys(m.strip() for m in args.modes.split(",") if m.strip()))
     if not modes or set(modes) - set(MODES):
         parser.error(f"--modes takes some of {', '.join(MODES)}")
     runs: dict[str, list[dict]] = {m: [] for m in modes}

@@ -45,7 +45,8 @@ async def in_passing_thread(fn: Callable[..., T], *args: Any) -> T:
     between kernels instead of spinning (`model.spin_between_kernels`). In a process built like
     the service, a load on a pooled thread made the model thread's later prefills 1.3-1.5x as
     slow, one on a thread that ends 1.01-1.04x (bench/bench_threads.py); the service's own
-    reload bench did not show the difference (BENCHMARKS.md §4)."""
+    reload bench did not show the difference, likely because the cache hits before it had
+    slowed the model thread already (BENCHMARKS.md §4)."""
     executor = ThreadPoolExecutor(1, thread_name_prefix="r2ec-reload")
     try:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
@@ -134,8 +135,10 @@ class ServiceState:
                 await self._watcher
             except asyncio.CancelledError:
                 pass
-        await self.batcher.stop()
-        self.hits_executor.shutdown(wait=False)
+        try:
+            await self.batcher.stop()
+        finally:
+            self.hits_executor.shutdown(wait=False)
 
     async def run_model(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` on the model thread (serialised with the batches)."""
@@ -238,11 +241,13 @@ class ServiceState:
         search, no queue, no model. None when the batch must answer (no hit, an entry without
         h_T, or a reload swapped the model since `prepare`: the batch prepares it again).
 
-        The search runs in a worker thread, not on the model thread, where it would wait behind
-        a running batch's generation. Catalog.search holds the catalog's lock (and the index its
-        own), which item edits take around every index change, so a search never sees half an
-        edit; an edit's encoding runs outside that lock, so a hit waits at most for an index
-        insert or delete, never for the model."""
+        The search runs on the hits thread (`hits_executor`, its FAISS calls without an OpenMP
+        team), not on the model thread, where it would wait behind a running batch's
+        generation; hits run there one at a time, a few ms each at ml-100k's size.
+        Catalog.search holds the catalog's lock (and the index its own), which item edits take
+        around every index change, so a search never sees half an edit; an edit's encoding runs
+        outside that lock, so a hit waits at most for an index insert or delete, never for the
+        model."""
         engine = self.engine
         cached = prepared.cached
         if (
