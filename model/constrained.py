@@ -214,13 +214,14 @@ class TitleLists:
 
     def allowed(self, completion_ids: Sequence[int]) -> list[int] | None:
         text = self.strings.decode(completion_ids)  # once, for every list
-        at, latest = max(((g.trigger_at(text), i) for i, g in enumerate(self.lists)), key=lambda x: x[0])
+        starts = [g.trigger_at(text) for g in self.lists]
+        latest = max(range(len(starts)), key=starts.__getitem__)  # the first list on a tie
+        at = starts[latest]
         if at < 0:
             return None
         # a trigger written inside an earlier list's titles (a history title "Picks: A Story")
         # is part of that title, not the start of the next list
-        for i, g in enumerate(self.lists):
-            start = g.trigger_at(text)
+        for i, (g, start) in enumerate(zip(self.lists, starts, strict=True)):
             if (
                 i != latest
                 and 0 <= start < at
