@@ -1,6 +1,7 @@
 """Greedy-token agreement of the engine with HF `generate` at batch 1, prompt by prompt: the
-engine as served (prefix cache, grouped attention, speculative decoding; here always alone),
-without speculative decoding (R2EC_SPECULATIVE_TOKENS=0), and in exact mode (R2EC_EXACT_DECODE:
+engine as served (prefix cache, grouped attention, speculative decoding, few-row matmuls through
+model/bf16_gemm.py's kernel; here always alone), the same with every matmul on oneDNN, without
+speculative decoding (R2EC_SPECULATIVE_TOKENS=0), and in exact mode (R2EC_EXACT_DECODE:
 no prefix cache, attention per query head, no speculation). Every text is decoded under its
 prompt's title grammar, as served (model/constrained.py).
 
@@ -47,6 +48,7 @@ def main() -> None:
         parser.error("--tokens must be >= 1")
 
     import torch
+    from bench_decode import linears  # this script's folder is on sys.path
 
     from model.checkpoint import load_checkpoint
     from model.constrained import constrain_logits
@@ -122,14 +124,23 @@ def main() -> None:
     report("hf (batches of 8; one forward)", ref, batched, forced)
     settings = {
         "served (speculative)": {},
+        "served, matmuls on oneDNN (before stop 25)": {"onednn": True},
         "no speculation": {"speculative_tokens": 0},
         "exact": {"exact": True},
     }
+
+    def backend_for(onednn: bool = False, **kwargs) -> EngineBackend:
+        backend = EngineBackend(model, slots=1, **kwargs)
+        if onednn:  # every matmul on oneDNN's prepacked weights, not model/bf16_gemm.py's kernel
+            for lin in linears(backend.engine):
+                lin.kernel = None
+        return backend
+
     for name, kwargs in settings.items():
         # each measure on a backend of its own, so both draft from the texts of earlier prompts only
-        backend = EngineBackend(model, slots=1, **kwargs)
+        backend = backend_for(**kwargs)
         forced = [engine_forced(backend, p, r, c) for (p, c), r in zip(pairs, ref, strict=True)]
-        backend = EngineBackend(model, slots=1, **kwargs)
+        backend = backend_for(**kwargs)
         got = [backend.generate([p], full, [c])[0].completion_ids[0] for p, c in pairs]
         report(name, ref, got, forced)
 

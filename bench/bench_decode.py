@@ -17,16 +17,18 @@ the HF reference, and the memory-bandwidth roofline they are measured against.
   cache, speculative decoding of up to 5 live sequences as served), `engine-nospec` (the same, one
   token per forward), `engine-cold` (speculative, drafts from the prompt only),
   `engine-exact` (R2EC_EXACT_DECODE: every prompt prefilled whole, attention per query head, no
-  speculation), `engine-int8` (int8 weights for one-row steps; int8 turns speculation off).
+  speculation), `engine-int8` (int8 weights for one-row steps; int8 turns speculation off),
+  `engine-onednn` (the engine with every matmul on oneDNN: before model/bf16_gemm.py).
 - Speculative decoding (model/speculative.py) drafts from the prompt and from texts written
   before. As in a service that has answered other users, every timed call starts from the
   texts of `--warm` other test users (not the timed ones: a user's own earlier text would
   draft itself); `engine-cold` starts every call with none. "accepted" is the share of written
   tokens that came from a confirmed draft, i.e. that cost no forward of their own.
 - `--kernels`: the engine's kernel choices on SmolLM2's shapes: a matmul of 1 to 256 rows
-  through F.linear, oneDNN-prepacked bf16 or int8 weights; one new query per row attending to
-  250 cached positions through SDPA or two fp32 matmuls; a batch-1 decode step with the grouped
-  or the exact lone-sequence attention; a whole prompt's prefill with its matmuls on F.linear
+  through F.linear, oneDNN-prepacked bf16, int8 weights or model/bf16_gemm.py's kernel; one new
+  query per row attending to 250 cached positions through SDPA or two fp32 matmuls; a batch-1
+  decode step with the grouped or the exact lone-sequence attention, with its matmuls through
+  model/bf16_gemm.py's kernel or oneDNN; a whole prompt's prefill with its matmuls on F.linear
   or prepacked, where its time goes, and its matmuls against the machine's bf16 matmul peak.
 OpenMP threads spin briefly between kernels, as under `r2ec serve` (model.spin_between_kernels;
 bench/bench_spin.py measures what that is worth). Compare rows within one run only
@@ -47,6 +49,7 @@ model.spin_between_kernels()  # as `r2ec serve` runs; GOMP_SPINCOUNT=0 for threa
 from model.data import load_prepared  # noqa: E402
 
 BANDWIDTH_READS = 9
+ENGINES = ("engine", "engine-int8", "engine-exact", "engine-nospec", "engine-cold", "engine-onednn")
 MATMUL_OPS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")  # a matmul in the profiler
 
 
@@ -110,20 +113,33 @@ def kernels() -> None:
     ]
     # the matmul's three paths by row count (model/engine.py's INT8_ROWS and Linear): a
     # decode step has one row per live sequence, a prefill one per prompt token
-    print("\n| 3072x576 bf16 matmul, rows | F.linear us | oneDNN prepacked us | int8 weight-only us |")
-    print("|---|---|---|---|")
-    for rows in (1, 2, 4, 8, 16, 32, 64, 256):
+    # model/bf16_gemm.py's kernel, for up to bf16_gemm.ROWS rows where this machine runs it
+    from model import bf16_gemm
+
+    reason = bf16_gemm.unavailable_reason()
+    mine = [bf16_gemm.pack(w) for w in ws] if reason is None else []
+    if reason is not None:
+        print(f"bf16 kernel not timed: {reason}")
+    print(
+        "\n| 3072x576 bf16 matmul, rows | F.linear us | oneDNN prepacked us | int8 weight-only us "
+        "| bf16 kernel us (model/bf16_gemm.py) | kernel GB/s |"
+    )
+    print("|---|---|---|---|---|---|")
+    for rows in (1, 2, 4, 8, 9, 16, 32, 64, 256):
         x = torch.randn(rows, 576, dtype=torch.bfloat16)
         repeats = 20 if rows <= 16 else 5
-        times = [
-            per_call(fn, 30, repeats)
-            for fn in (
-                lambda x=x: [F.linear(x, w) for w in ws],
-                lambda x=x: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in packed],
-                lambda x=x: [torch._weight_int8pack_mm(x, *w) for w in int8],
-            )
+        fns = [
+            lambda x=x: [F.linear(x, w) for w in ws],
+            lambda x=x: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in packed],
+            lambda x=x: [torch._weight_int8pack_mm(x, *w) for w in int8],
         ]
-        print(f"| {rows} | " + " | ".join(f"{t:.0f}" for t in times) + " |")
+        if mine and rows <= bf16_gemm.ROWS:
+            fns.append(lambda x=x: [bf16_gemm.linear(x, w) for w in mine])
+        times = [per_call(fn, 30, repeats) for fn in fns]
+        cells = [f"{t:.0f}" for t in times] + ["", ""]
+        if len(times) == 4:
+            cells[3:] = [f"{times[3]:.0f}", f"{3072 * 576 * 2 / times[3] / 1e3:.1f}"]
+        print(f"| {rows} | " + " | ".join(cells[:5]) + " |")
     print("\n| kernel | rows | us per call (30 distinct weights or caches) |\n|---|---|---|")
     length = 250
     caches = [(torch.randn(8, 3, 1024, 64, dtype=torch.bfloat16),) * 2 for _ in range(30)]
@@ -218,7 +234,7 @@ def main() -> None:
         t = time.perf_counter()
         if name == "hf":
             backend = hf
-        elif name in ("engine", "engine-int8", "engine-exact", "engine-nospec", "engine-cold"):
+        elif name in ENGINES:
             backend = EngineBackend(
                 model,
                 slots=len(prompts),
@@ -226,6 +242,9 @@ def main() -> None:
                 exact=name == "engine-exact",
                 speculative_tokens=0 if name == "engine-nospec" else 8,
             )
+            if name == "engine-onednn":  # every matmul on oneDNN, as before stop 25
+                for lin in linears(backend.engine):
+                    lin.kernel = None
         else:
             raise SystemExit(f"unknown backend {name}")
         load_s = time.perf_counter() - t
@@ -304,14 +323,19 @@ def main() -> None:
 
 
 def step_paths(model, prompt: list[int], steps: int = 40, rounds: int = 4) -> None:
-    """A batch-1 decode step (`decode` + `logits` + argmax) through the engine's default lone-
-    sequence attention (grouped) and the exact one (per query head), alternating in one process
-    so drift hits both alike; median of `rounds`."""
+    """A batch-1 decode step (`decode` + `logits` + argmax) through the engine as it serves
+    (grouped lone-sequence attention, matmuls through model/bf16_gemm.py's kernel where it
+    runs), the same with every matmul on oneDNN (the engine before stop 25), and exact mode
+    (per-query-head attention, oneDNN), alternating in one process so drift hits all alike;
+    median of `rounds`."""
     import statistics
 
     from model.engine import DecoderEngine
 
-    engines = {name: DecoderEngine(model.lm, slots=1, exact=name == "exact") for name in ("grouped", "exact")}
+    names = ("grouped", "oneDNN", "exact")
+    engines = {name: DecoderEngine(model.lm, slots=1, exact=name == "exact") for name in names}
+    for lin in linears(engines["oneDNN"]):  # grouped attention, matmuls on oneDNN (before stop 25)
+        lin.kernel = None
 
     def run(engine) -> float:
         engine.reset(0)
@@ -327,7 +351,7 @@ def step_paths(model, prompt: list[int], steps: int = 40, rounds: int = 4) -> No
             run(engine)  # warm-up at this length
             times[name].append(run(engine))
     exact = statistics.median(times["exact"])
-    print(f"\n| lone-row attention ({len(prompt)}-token prompt) | step ms (median of {rounds}) | ratio |")
+    print(f"\n| batch-1 step ({len(prompt)}-token prompt) | step ms (median of {rounds}) | ratio to exact |")
     print("|---|---|---|")
     for name in engines:
         ms = statistics.median(times[name])

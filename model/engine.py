@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from model import bf16_gemm
+
 Quantize = Literal["none", "int8", "auto"]
 
 # Which path a matmul takes, measured on a 2-core CPU with SmolLM2's shapes (BENCHMARKS.md §7,
@@ -63,13 +65,17 @@ def _can_pack(weight: torch.Tensor) -> bool:
 
 class Linear:
     """y = x W^T from a (N, K) weight. On the CPU in bf16 the rows go through a oneDNN-prepacked
-    copy of the weight (the same numbers as `F.linear`, faster); with `quantize="int8"` a lone
-    row goes through int8 weights with per-row scales instead (see INT8_ROWS)."""
+    copy of the weight (the same numbers as `F.linear`, faster); with `kernel`, up to
+    bf16_gemm.ROWS rows (a decode step, a speculative check) go through model/bf16_gemm.py's
+    kernel instead, which streams the weight at memory speed (its own copy of the weight, in its
+    layout); with `quantize="int8"` a lone row goes through int8 weights with per-row scales
+    (see INT8_ROWS)."""
 
-    def __init__(self, weight: torch.Tensor, quantize: Quantize) -> None:
+    def __init__(self, weight: torch.Tensor, quantize: Quantize, kernel: bool = False) -> None:
         self.weight = weight.detach().contiguous()
         self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
         self.packed: torch.Tensor | None = None
+        self.kernel: torch.Tensor | None = None
         if quantize == "int8":
             w = self.weight.float()
             scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
@@ -77,11 +83,15 @@ class Linear:
             self.int8 = (q, scales.to(self.weight.dtype))
         if _can_pack(self.weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
+        if kernel and bf16_gemm.fits(self.weight):
+            self.kernel = bf16_gemm.pack(self.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (M, K)
         rows = x.shape[0]
         if self.int8 is not None and rows <= INT8_ROWS:
             return torch._weight_int8pack_mm(x, *self.int8)
+        if self.kernel is not None and rows <= bf16_gemm.ROWS:
+            return bf16_gemm.linear(x, self.kernel)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)
@@ -138,7 +148,16 @@ class DecoderEngine:
         self._scale = self.head_dim**-0.5
         self.embed = base.embed_tokens.weight.detach()
         self.norm = base.norm.weight.detach()
-        self.lm_head = Linear(lm.get_output_embeddings().weight, quantize)
+        # model/bf16_gemm.py's kernel for steps of few rows, where this machine runs it; not in
+        # exact mode, whose point is the reference's rounding
+        if exact:
+            self.kernel_reason: str | None = "exact mode keeps oneDNN's rounding"
+        elif self.dtype != torch.bfloat16 or not on_cpu:
+            self.kernel_reason = "not a bfloat16 model on the CPU"
+        else:
+            self.kernel_reason = bf16_gemm.unavailable_reason()
+        kernel = self.kernel_reason is None
+        self.lm_head = Linear(lm.get_output_embeddings().weight, quantize, kernel)
         self.layers = []
         for layer in base.layers:
             att, mlp = layer.self_attn, layer.mlp
@@ -146,11 +165,11 @@ class DecoderEngine:
             self.layers.append(
                 _Layer(
                     ln1=layer.input_layernorm.weight.detach(),
-                    qkv=Linear(qkv, quantize),
-                    o=Linear(att.o_proj.weight, quantize),
+                    qkv=Linear(qkv, quantize, kernel),
+                    o=Linear(att.o_proj.weight, quantize, kernel),
                     ln2=layer.post_attention_layernorm.weight.detach(),
-                    gate_up=Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), quantize),
-                    down=Linear(mlp.down_proj.weight, quantize),
+                    gate_up=Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), quantize, kernel),
+                    down=Linear(mlp.down_proj.weight, quantize, kernel),
                 )
             )
         rotary = base.rotary_emb
