@@ -32,7 +32,10 @@ DRIFT = 0.2
 # The sentence that lists the highest-rated titles, and how many it lists (inference decodes
 # that list under a grammar of the prompt's titles: model/constrained.py).
 RATED = "Rated highest:"
-LATELY = "Lately"  # the drift sentence that may follow the list: "Lately more Thriller."
+# The drift sentence that may follow the list ("Lately more Thriller."): at inference the list's
+# grammar lets only its opening (or a stop) come right after the list, so a text cannot run on
+# into free text that reads like more titles ("Clockwork Orange, A. Lately, 2000; E.T. ...")
+LATELY = "Lately more"
 TOP_RATED = 3
 
 
@@ -94,7 +97,7 @@ def taste_lines(history: Sequence[tuple[ItemFacts, float | None]]) -> list[str]:
         lift = {g: recent[g] / RECENT - overall[g] / len(history) for g in recent if recent[g] >= 2}
         if lift and max(lift.values()) >= DRIFT:
             order = {g: i for i, g in enumerate(recent)}  # ties: the genre listed first
-            lines.append(f"{LATELY} more {max(lift, key=lambda g: (lift[g], -order[g]))}.")
+            lines.append(f"{LATELY} {max(lift, key=lambda g: (lift[g], -order[g]))}.")
     return lines
 
 
