@@ -31,6 +31,7 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from model import bf16_gemm
 from model.constrained import Grammar, constrain_logits
 from model.engine import DecoderEngine, Quantize, unsupported_reason
 from model.r2ec import GenerationSettings, R2ec, Rollout
@@ -38,10 +39,11 @@ from model.speculative import NgramDrafter
 
 log = logging.getLogger(__name__)
 
-# Rows one speculative forward checks, every live sequence's draft together: a prepacked bf16
-# matmul over up to 16 rows costs about what one row does (BENCHMARKS.md §7's kernel table), so
-# one sequence drafts 8 tokens, two 7 each, four 3 each, and from 6 sequences the plain batched
-# step (which already shares its weight reads) is taken.
+# Rows one speculative forward checks, every live sequence's draft together: a bf16 matmul over
+# up to 16 rows costs little more than one row does (model/bf16_gemm.py's kernel: 9 rows 1.3x,
+# 16 rows 1.8x one row's time; oneDNN's prepacked weights where it does not run, about 1x;
+# BENCHMARKS.md §7's kernel table), so one sequence drafts 8 tokens, two 7 each, four 3 each,
+# and from 6 sequences the plain batched step (which already shares its weight reads) is taken.
 SPECULATIVE_ROWS = 16
 
 BackendName = Literal["hf", "engine"]
@@ -394,6 +396,12 @@ class EngineBackend:
         this backend."""
         self.model = model
         self.engine = DecoderEngine(model.lm, slots=slots, max_len=max_len, quantize=quantize, exact=exact)
+        reason = self.engine.kernel_reason
+        log.info(
+            "decode matmuls (up to %d rows): %s",
+            bf16_gemm.ROWS,
+            "the bf16 kernel (model/bf16_gemm.py)" if reason is None else f"oneDNN ({reason})",
+        )
         if speculative_tokens < 0:
             raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
         speculates = speculative_tokens and self.engine.can_speculate
