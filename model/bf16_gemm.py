@@ -4,8 +4,9 @@ A decode step multiplies 1-16 rows by every weight of the model, so it is bound 
 weights stream from memory. oneDNN, torch's kernel for bf16 on the CPU, reads a weight at ~15-20
 GB/s there on the 2-core reference machine (AMD EPYC, AVX512-BF16), where a plain sum of the same
 bytes reads ~30 (BENCHMARKS.md §7, stop 25). `model/csrc/bf16_gemm.cpp` reads each weight as one
-sequential stream per 16 output rows and multiplies with VDPBF16PS: 1.9x oneDNN for one row of
-SmolLM2's 3072x576 gate/up weight, 1.2x for 9 rows (a speculative check), still ahead at 16.
+sequential stream per 16 output rows and multiplies with VDPBF16PS: 1.5-1.7x oneDNN for one row
+of SmolLM2's 3072x576 gate/up weight, 1.0-1.3x for 9 rows (a speculative check), still ahead at
+16.
 
 It is a small C++ file compiled once with the machine's `g++` (`$CXX`) into a cache directory
 (`$R2EC_KERNEL_CACHE`, else `$XDG_CACHE_HOME/r2ec/kernels`, else `~/.cache/r2ec/kernels`) and

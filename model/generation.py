@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 # Rows one speculative forward checks, every live sequence's draft together: a bf16 matmul over
 # up to 16 rows costs little more than one row does (model/bf16_gemm.py's kernel: 9 rows 1.3x,
-# 16 rows 1.8x one row's time; oneDNN's prepacked weights where it does not run, about 1x;
+# 16 rows 1.6-1.8x one row's time; oneDNN's prepacked weights where it does not run, 0.8-1.6x;
 # BENCHMARKS.md §7's kernel table), so one sequence drafts 8 tokens, two 7 each, four 3 each,
 # and from 6 sequences the plain batched step (which already shares its weight reads) is taken.
 SPECULATIVE_ROWS = 16
