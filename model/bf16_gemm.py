@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 
 # The most rows one call takes: every row count up to 16 ran faster than oneDNN's prepacked
-# weights in the stop-25 sweep (BENCHMARKS.md §7); a prefill's many rows stay on oneDNN, whose
-# blocking reuses each weight across rows.
+# weights in the stop-25 sweep (BENCHMARKS.md §7). The engine sends it every matmul of that
+# many rows (decode steps, speculative checks, short prefills such as the closing marker's);
+# longer prefills stay on oneDNN, whose blocking reuses each weight across rows.
 ROWS = 16
 
 SOURCE = Path(__file__).with_name("csrc") / "bf16_gemm.cpp"
@@ -90,6 +91,9 @@ def build(compiler: str) -> Path:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
+        # mkstemp made it 0600 and the linker only adds execute bits: readable by every user, as
+        # the image's non-root server loads what root built
+        os.chmod(tmp, 0o755)
         os.replace(tmp, path)  # a concurrent build writes the same bytes under the same name
     finally:
         if os.path.exists(tmp):
@@ -106,12 +110,12 @@ def _load() -> tuple[ctypes._CFuncPtr | None, str | None]:
         return None, f"not an x86-64 Linux machine ({sys.platform}, {platform.machine()})"
     if "avx512_bf16" not in _cpu_flags():
         return None, "the CPU has no AVX512-BF16"
-    path, compiler = library_path(), _compiler()
-    if not path.exists() and compiler is None:
-        return None, f"no C++ compiler ({os.environ.get('CXX', 'g++')}) to build {SOURCE.name}"
-    try:
+    try:  # whatever goes wrong (no HOME, an unreadable cache, a failed build) leaves oneDNN in place
+        path, compiler = library_path(), _compiler()
+        if not path.exists() and compiler is None:
+            return None, f"no C++ compiler ({os.environ.get('CXX', 'g++')}) to build {SOURCE.name}"
         lib = ctypes.CDLL(str(path if path.exists() else build(compiler)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+    except Exception as exc:  # noqa: BLE001
         return None, f"could not build or load {SOURCE.name}: {exc}"
     fn = lib.r2ec_bf16_gemm
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4
@@ -146,6 +150,14 @@ def linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     fn, reason = _load()
     if fn is None:
         raise RuntimeError(f"the bf16 kernel is not available: {reason}")
+    if (
+        packed.dim() != 4
+        or tuple(packed.shape[2:]) != (16, 2)
+        or packed.dtype != torch.bfloat16
+        or not packed.is_contiguous()
+        or packed.device.type != "cpu"
+    ):
+        raise ValueError("packed must come from pack(): contiguous bfloat16 [N/16][K/2][16][2] on the CPU")
     groups, pairs = packed.shape[0], packed.shape[1]
     n, k = groups * 16, pairs * 2
     if x.dim() != 2 or x.shape[1] != k or x.dtype != torch.bfloat16 or x.device.type != "cpu":
@@ -167,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     fails without a compiler."""
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["--build"]:
+        if platform.machine() not in ("x86_64", "AMD64"):
+            print(f"bf16 kernel not built: {platform.machine()} is not x86-64 (the engine uses oneDNN)")
+            return 0
         compiler = _compiler()
         if compiler is None:
             print(f"no C++ compiler ({os.environ.get('CXX', 'g++')})", file=sys.stderr)

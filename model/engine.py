@@ -90,7 +90,7 @@ class Linear:
         rows = x.shape[0]
         if self.int8 is not None and rows <= INT8_ROWS:
             return torch._weight_int8pack_mm(x, *self.int8)
-        if self.kernel is not None and rows <= bf16_gemm.ROWS:
+        if self.kernel is not None and 0 < rows <= bf16_gemm.ROWS:
             return bf16_gemm.linear(x, self.kernel)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")

@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
 
 namespace {
 
@@ -29,12 +30,14 @@ inline void tile(const uint16_t* x, const uint16_t* wp, uint16_t* y, int m0, int
     const int64_t group = (int64_t)K * 16;  // elements of one packed 16-row group
     const uint16_t* w = wp + (int64_t)g * group;
     const int pairs = K / 2;
-    const uint32_t* xr = reinterpret_cast<const uint32_t*>(x + (int64_t)m0 * K);
+    const uint16_t* xr = x + (int64_t)m0 * K;
     for (int p = 0; p < pairs; ++p) {
         __m512bh wv[NC];
         for (int c = 0; c < NC; ++c) wv[c] = (__m512bh)_mm512_loadu_si512(w + c * group + (int64_t)p * 32);
         for (int m = 0; m < MC; ++m) {
-            const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)xr[(int64_t)m * pairs + p]);
+            int pair;  // x[m][2p], x[m][2p + 1]: one 32-bit lane, broadcast
+            memcpy(&pair, xr + (int64_t)m * K + 2 * p, sizeof pair);
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
             for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv[c], xv);
         }
     }

@@ -67,6 +67,10 @@ def test_the_kernel_refuses_what_it_cannot_compute():
         bf16_gemm.linear(torch.randn(2, 6).to(torch.bfloat16), packed)
     with pytest.raises(ValueError, match="bfloat16"):
         bf16_gemm.linear(torch.randn(2, 8), packed)
+    with pytest.raises(ValueError, match="pack"):  # not the kernel's layout: refused, never read
+        bf16_gemm.linear(torch.randn(2, 8).to(torch.bfloat16), torch.randn(32, 8).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="pack"):
+        bf16_gemm.linear(torch.randn(2, 8).to(torch.bfloat16), packed[:, :2])  # a strided slice
     assert not bf16_gemm.fits(torch.randn(40, 8).to(torch.bfloat16))  # 40 rows: not whole groups
     assert not bf16_gemm.fits(torch.randn(32, 7).to(torch.bfloat16))  # odd K
     assert not bf16_gemm.fits(torch.randn(32, 8))  # float32
@@ -83,6 +87,7 @@ def test_the_build_is_cached_under_a_hash_of_source_and_flags(tmp_path, monkeypa
     stamp = path.stat().st_mtime_ns
     assert bf16_gemm.build(compiler) == path and path.stat().st_mtime_ns == stamp  # not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+    assert path.stat().st_mode & 0o555 == 0o555  # the image's non-root server loads what root built
 
 
 def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -154,3 +159,25 @@ def test_a_library_built_ahead_of_time_needs_no_compiler(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         bf16_gemm._load.cache_clear()
+
+
+def test_a_broken_cache_leaves_onednn_in_place(tmp_path, monkeypatch):
+    # e.g. a cache path that is a file: the reason is returned, the service still starts
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("R2EC_KERNEL_CACHE", str(blocker / "kernels"))
+    bf16_gemm._load.cache_clear()
+    try:
+        reason = bf16_gemm.unavailable_reason()
+        assert reason is not None
+        if "AVX512-BF16" not in reason and "x86-64" not in reason:  # got as far as the build
+            assert "could not build or load" in reason or "no C++ compiler" in reason
+    finally:
+        monkeypatch.undo()
+        bf16_gemm._load.cache_clear()
+
+
+def test_build_skips_a_machine_that_is_not_x86(monkeypatch, capsys):
+    monkeypatch.setattr(bf16_gemm.platform, "machine", lambda: "aarch64")
+    assert bf16_gemm.main(["--build"]) == 0  # an arm64 image build goes on, on oneDNN
+    assert "not built" in capsys.readouterr().out
