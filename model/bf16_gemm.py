@@ -9,7 +9,7 @@ of SmolLM2's 3072x576 gate/up weight, 1.0-1.3x for 9 rows (a speculative check),
 16.
 
 It is a small C++ file compiled once with the machine's `g++` (`$CXX`) into a cache directory
-(`$R2EC_KERNEL_CACHE`, else `$XDG_CACHE_HOME/r2ec/kernels`, else `~/.cache/r2ec/kernels`) and
+(`cache_dir()`: `$R2EC_KERNEL_CACHE`, else `kernels/` in r2ec's cache, `~/.cache/r2ec`) and
 called through ctypes, which releases the GIL; the file is named by a hash of the source and
 flags, and written to a temporary name first, then renamed. A library already there (the Docker
 image builds one with `--build`) needs no compiler. Where the CPU lacks AVX512-BF16, no
@@ -60,8 +60,12 @@ def _cpu_flags() -> set[str]:
 
 
 def cache_dir() -> Path:
+    """`$R2EC_KERNEL_CACHE`, else `kernels/` under r2ec's cache (`$R2EC_CACHE_DIR`, where the
+    converted backbones live), else `$XDG_CACHE_HOME/r2ec/kernels` or `~/.cache/r2ec/kernels`."""
     if os.environ.get("R2EC_KERNEL_CACHE"):
         return Path(os.environ["R2EC_KERNEL_CACHE"])
+    if os.environ.get("R2EC_CACHE_DIR"):
+        return Path(os.environ["R2EC_CACHE_DIR"]) / "kernels"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "r2ec" / "kernels"
 

@@ -181,3 +181,15 @@ def test_build_skips_a_machine_that_is_not_x86(monkeypatch, capsys):
     monkeypatch.setattr(bf16_gemm.platform, "machine", lambda: "aarch64")
     assert bf16_gemm.main(["--build"]) == 0  # an arm64 image build goes on, on oneDNN
     assert "not built" in capsys.readouterr().out
+
+
+def test_the_cache_follows_r2ec_settings(tmp_path, monkeypatch):
+    monkeypatch.delenv("R2EC_KERNEL_CACHE", raising=False)
+    monkeypatch.setenv("R2EC_CACHE_DIR", str(tmp_path / "r2ec"))
+    assert bf16_gemm.cache_dir() == tmp_path / "r2ec" / "kernels"  # beside the converted backbones
+    monkeypatch.setenv("R2EC_KERNEL_CACHE", str(tmp_path / "k"))
+    assert bf16_gemm.cache_dir() == tmp_path / "k"  # the image's prebuilt one wins
+    monkeypatch.delenv("R2EC_KERNEL_CACHE")
+    monkeypatch.delenv("R2EC_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert bf16_gemm.cache_dir() == tmp_path / "xdg" / "r2ec" / "kernels"
