@@ -68,7 +68,12 @@ class Metrics:
             registry=r,
         )
         self.index_size = Gauge("r2ec_index_items", "Items in the served index.", registry=r)
-        self.model = Info("r2ec_model", "The model version being served.", registry=r)
+        self.model = Info(
+            "r2ec_model",
+            "The model version being served, its checkpoint, and its decode steps' matmul path "
+            "(bf16_kernel, onednn or hf).",
+            registry=r,
+        )
         self.reloads = Counter(
             "r2ec_reloads_total", "Checkpoint reloads by outcome.", ["outcome"], registry=r
         )

@@ -439,6 +439,15 @@ class Recommender:
         """Whether this model can serve by continuous batching (the `engine` backend)."""
         return isinstance(self.backend, EngineBackend)
 
+    @property
+    def decode_matmuls(self) -> str:
+        """Which matmul path the decode steps take, for /metrics: "bf16_kernel"
+        (model/bf16_gemm.py), "onednn" (the engine without it: exact mode, no AVX512-BF16 or
+        compiler, R2EC_BF16_KERNEL=off) or "hf" (transformers' forward)."""
+        if not isinstance(self.backend, EngineBackend):
+            return "hf"
+        return "bf16_kernel" if self.backend.engine.kernel_reason is None else "onednn"
+
     def draft_counts(self) -> tuple[int, int]:
         """Draft tokens checked and confirmed so far by this model's speculative decoding
         (model/speculative.py); (0, 0) without it."""

@@ -370,7 +370,11 @@ class ServiceState:
 
     def _publish_version(self) -> None:
         self.metrics.model.info(
-            {"version": self.engine.version, "checkpoint": str(self.engine.checkpoint.path)}
+            {
+                "version": self.engine.version,
+                "checkpoint": str(self.engine.checkpoint.path),
+                "decode_matmuls": self.engine.decode_matmuls,
+            }
         )
 
     async def _watch(self) -> None:

@@ -193,3 +193,22 @@ def test_the_cache_follows_r2ec_settings(tmp_path, monkeypatch):
     monkeypatch.delenv("R2EC_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert bf16_gemm.cache_dir() == tmp_path / "xdg" / "r2ec" / "kernels"
+
+
+def test_the_service_reports_the_matmul_path(tiny_model, monkeypatch):
+    # r2ec_model_info's decode_matmuls label (service/recommender.py `decode_matmuls`)
+    from types import SimpleNamespace
+
+    from model.generation import EngineBackend, HFBackend
+    from service.recommender import Recommender
+
+    def path(backend) -> str:
+        return Recommender.decode_matmuls.fget(SimpleNamespace(backend=backend))
+
+    bf16 = copy.copy(tiny_model)
+    bf16.lm = copy.deepcopy(tiny_model.lm).to(torch.bfloat16)
+    expected = "bf16_kernel" if bf16_gemm.unavailable_reason() is None else "onednn"
+    assert path(EngineBackend(bf16, slots=1)) == expected
+    assert path(EngineBackend(bf16, slots=1, exact=True)) == "onednn"
+    assert path(EngineBackend(tiny_model, slots=1)) == "onednn"  # float32
+    assert path(HFBackend(tiny_model)) == "hf"

@@ -564,6 +564,9 @@ async def test_probes_and_metrics(app, client):
     assert metric(text, "r2ec_reasoning_cache_total", result="miss") == 1
     assert metric(text, "r2ec_index_items") == 11
     assert metric(text, "r2ec_model_info", version=engine.version) == 1
+    # the decode steps' matmul path: a float32 model never takes the bf16 kernel
+    assert engine.decode_matmuls == "onednn"
+    assert metric(text, "r2ec_model_info", version=engine.version, decode_matmuls="onednn") == 1
     # speculative decoding's drafts (model/speculative.py): a second history drafts from the
     # first one's text and its own prompt, and /metrics shows what the drafter counted
     assert (await client.post("/recommend", json={"history": H2})).status_code == 200
