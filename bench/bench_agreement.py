@@ -24,7 +24,8 @@ rounds differently with the shape of a matmul, as the engine's paths differ from
 speculative engine drafts from the texts of the prompts before (as a service does from the
 users it answered before), never from a prompt's own earlier text.
 
-    python3 bench/bench_agreement.py --checkpoint runs/hints/best [--rows 8] [--tokens 64]
+    python3 bench/bench_agreement.py --checkpoint runs/hints/best [--rows 8] [--tokens 64] \
+        [--settings served,onednn,nospec,exact]
 
 bench/bench_decode.py reports the free-running agreement over its first 4 prompts with timings;
 this one takes every prompt and says where each text leaves the reference's.
@@ -43,9 +44,17 @@ def main() -> None:
     parser.add_argument("--data", default="data/ml-100k/loo")
     parser.add_argument("--rows", type=int, default=8, help="test prompts")
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument(
+        "--settings",
+        default=",".join(SETTINGS),
+        help=f"engine settings to compare with HF, of {','.join(SETTINGS)} (HF's own row always runs)",
+    )
     args = parser.parse_args()
     if args.tokens < 1:
         parser.error("--tokens must be >= 1")
+    chosen = [s.strip() for s in args.settings.split(",") if s.strip()]
+    if not chosen or any(s not in SETTINGS for s in chosen):
+        parser.error(f"--settings: choose from {','.join(SETTINGS)}")
 
     import torch
     from bench_decode import linears  # this script's folder is on sys.path
@@ -122,12 +131,6 @@ def main() -> None:
     ]
     forced = [hf_forced(p, r, c) for (p, c), r in zip(pairs, ref, strict=True)]
     report("hf (batches of 8; one forward)", ref, batched, forced)
-    settings = {
-        "served (speculative)": {},
-        "served, matmuls on oneDNN (before stop 25)": {"onednn": True},
-        "no speculation": {"speculative_tokens": 0},
-        "exact": {"exact": True},
-    }
 
     def backend_for(onednn: bool = False, **kwargs) -> EngineBackend:
         backend = EngineBackend(model, slots=1, **kwargs)
@@ -137,13 +140,38 @@ def main() -> None:
             backend.engine.kernel_reason = "off in this bench"
         return backend
 
-    for name, kwargs in settings.items():
+    for key in chosen:
+        name, kwargs = SETTINGS[key]
         # each measure on a backend of its own, so both draft from the texts of earlier prompts only
         backend = backend_for(**kwargs)
         forced = [engine_forced(backend, p, r, c) for (p, c), r in zip(pairs, ref, strict=True)]
         backend = backend_for(**kwargs)
         got = [backend.generate([p], full, [c])[0].completion_ids[0] for p, c in pairs]
         report(name, ref, got, forced)
+
+
+# --settings: name printed, EngineBackend arguments (onednn: every matmul on oneDNN)
+SETTINGS: dict[str, tuple[str, dict]] = {
+    "served": ("served (speculative)", {}),
+    "onednn": ("served, matmuls on oneDNN (before stop 25)", {"onednn": True}),
+    "nospec": ("no speculation", {"speculative_tokens": 0}),
+    "exact": ("exact", {"exact": True}),
+}
+
+
+def share_and_stderr(ref: list[list[int]], got: list[list[int]]) -> tuple[float, float]:
+    """The share of reference positions equal in `got` (a ratio over all prompts' positions)
+    and its standard error over prompts (the ratio estimator's: prompts are the sampled units,
+    and one early flip costs a whole text)."""
+    import math
+
+    same = [sum(a == b for a, b in zip(r, g, strict=False)) for r, g in zip(ref, got, strict=True)]
+    sizes = [len(r) for r in ref]
+    k, share = len(ref), sum(same) / max(1, sum(sizes))
+    if k < 2:
+        return share, float("nan")
+    spread = sum((m - share * n) ** 2 for m, n in zip(same, sizes, strict=True)) / (k - 1)
+    return share, math.sqrt(spread / k) / (sum(sizes) / k)
 
 
 def report(name: str, ref: list[list[int]], got: list[list[int]], forced: list[list[int]]) -> None:
@@ -158,8 +186,11 @@ def report(name: str, ref: list[list[int]], got: list[list[int]], forced: list[l
         [i for i, (a, b) in enumerate(zip(r, f, strict=True)) if a != b]
         for r, f in zip(ref, forced, strict=True)
     ]
+    free, free_se = share_and_stderr(ref, got)
+    parted = sum(f is not None for f in first)
     print(
-        f"{name}: free-running {agreement(ref, got):.1%} of positions (per prompt {same}, first "
+        f"{name}: free-running {free:.1%} ± {free_se:.1%} of positions, {parted} of {len(ref)} texts "
+        f"part from the reference's (per prompt {same}, first "
         f"difference at {first}); teacher-forced {agreement(ref, forced):.1%}, "
         f"{sum(map(len, missed))} of {sum(map(len, ref))} positions differ (per prompt: {missed})",
         flush=True,
