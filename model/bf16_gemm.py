@@ -60,14 +60,11 @@ def _cpu_flags() -> set[str]:
 
 
 def cache_dir() -> Path:
-    """`$R2EC_KERNEL_CACHE`, else `kernels/` under r2ec's cache (`$R2EC_CACHE_DIR`, where the
-    converted backbones live), else `$XDG_CACHE_HOME/r2ec/kernels` or `~/.cache/r2ec/kernels`."""
+    """`$R2EC_KERNEL_CACHE`, else `kernels/` in r2ec's cache, where the converted backbones live
+    (`$R2EC_CACHE_DIR`, else `~/.cache/r2ec`: model/backbone.py `default_cache_dir`)."""
     if os.environ.get("R2EC_KERNEL_CACHE"):
         return Path(os.environ["R2EC_KERNEL_CACHE"])
-    if os.environ.get("R2EC_CACHE_DIR"):
-        return Path(os.environ["R2EC_CACHE_DIR"]) / "kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "r2ec" / "kernels"
+    return Path(os.environ.get("R2EC_CACHE_DIR") or Path.home() / ".cache" / "r2ec") / "kernels"
 
 
 def _compiler() -> str | None:

@@ -71,7 +71,7 @@ class Metrics:
         self.model = Info(
             "r2ec_model",
             "The model version being served, its checkpoint, and its decode steps' matmul path "
-            "(bf16_kernel, onednn or hf).",
+            "(bf16_kernel, onednn, cuda or hf; int8+ in front with int8 weights).",
             registry=r,
         )
         self.reloads = Counter(

@@ -191,8 +191,8 @@ def test_the_cache_follows_r2ec_settings(tmp_path, monkeypatch):
     assert bf16_gemm.cache_dir() == tmp_path / "k"  # the image's prebuilt one wins
     monkeypatch.delenv("R2EC_KERNEL_CACHE")
     monkeypatch.delenv("R2EC_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert bf16_gemm.cache_dir() == tmp_path / "xdg" / "r2ec" / "kernels"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert bf16_gemm.cache_dir() == tmp_path / "home" / ".cache" / "r2ec" / "kernels"  # as backbones
 
 
 def test_the_service_reports_the_matmul_path(tiny_model, monkeypatch):
@@ -211,4 +211,5 @@ def test_the_service_reports_the_matmul_path(tiny_model, monkeypatch):
     assert path(EngineBackend(bf16, slots=1)) == expected
     assert path(EngineBackend(bf16, slots=1, exact=True)) == "onednn"
     assert path(EngineBackend(tiny_model, slots=1)) == "onednn"  # float32
+    assert path(EngineBackend(bf16, slots=1, quantize="int8")) == f"int8+{expected}"
     assert path(HFBackend(tiny_model)) == "hf"

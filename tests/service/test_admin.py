@@ -138,6 +138,8 @@ async def test_reload_swaps_the_model_and_a_failed_reload_keeps_the_old_one(app,
     assert (await client.get("/readyz")).json()["model_version"] == "v2-test"
     text = (await client.get("/metrics")).text
     assert metric(text, "r2ec_model_info", version="v2-test") == 1
+    # the reloaded model's matmul path is published with it (a float32 test model: oneDNN)
+    assert metric(text, "r2ec_model_info", version="v2-test", decode_matmuls="onednn") == 1
     assert metric(text, "r2ec_reloads_total", outcome="failed") == 2
     assert metric(text, "r2ec_reloads_total", outcome="ok") == 1
 
