@@ -4,8 +4,11 @@ Why not HF's forward: one decode step of SmolLM2-135M through it is ~1000 small 
 Python and dispatch overhead around 211 matmuls, so on 2 CPU cores it reaches ~15% of what
 memory bandwidth allows (BENCHMARKS.md §7). Here a step is the same arithmetic in ~20 ops a
 layer: q/k/v fused into one matmul, gate/up into one, `F.rms_norm`, one SDPA call with grouped
-KV heads, the cache written in place. Optionally the matmuls read int8 weights (per output
-channel scales, `torch._weight_int8pack_mm`), which halves the bytes a batch-1 step reads.
+KV heads, the cache written in place. Matmuls of up to 16 rows (decode steps, speculative
+checks) go through model/bf16_gemm.py's kernel where the CPU has AVX512-BF16, which streams the
+weights at close to memory bandwidth (1.6x a batch-1 step, BENCHMARKS.md §7, stop 25).
+Optionally a lone row reads int8 weights (per output channel scales,
+`torch._weight_int8pack_mm`), which halves the bytes a batch-1 step reads.
 
 The KV cache has `slots` rows; a sequence lives in one row, and the caller (model/generation.py)
 keeps the live ones packed in rows 0..n-1 (`move` fills a hole), so a decode step of n sequences
@@ -37,8 +40,10 @@ Quantize = Literal["none", "int8", "auto"]
 # Which path a matmul takes, measured on a 2-core CPU with SmolLM2's shapes (BENCHMARKS.md §7,
 # "kernels by row count"): oneDNN-prepacked bf16 weights give `F.linear`'s numbers bit for bit
 # at every row count and beat it from a decode step of 1 row (1.4x) to a prefill of ~190
-# (1.04-1.07x); int8 weights beat prepacked bf16 only for a single row (they read half the
-# bytes, but their kernel loses from 2-4 rows on), so they serve at most INT8_ROWS rows.
+# (1.04-1.07x); model/bf16_gemm.py's kernel beats prepacked weights for 1-16 rows (1.5-1.7x for
+# one row) and takes those, outside exact mode; int8 weights beat prepacked bf16 only for a
+# single row (they read half the bytes, but their kernel loses from 2-4 rows on), so they serve
+# at most INT8_ROWS rows.
 INT8_ROWS = 1
 
 
