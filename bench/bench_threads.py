@@ -54,7 +54,7 @@ def child(checkpoint: str, data: str, mode: str, prompts: int) -> None:
     # keeps its own libgomp and its teams do not touch torch's)
     import torch  # noqa: F401
 
-    from index.faiss_index import search_without_threads
+    from index import search_without_threads
     from model.checkpoint import load_checkpoint
     from model.data import load_prepared
     from model.samples import sample_histories

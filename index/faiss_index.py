@@ -48,17 +48,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index.persist import FORMAT_VERSION, IndexMismatchError, read_index_dir, write_index_dir
-
-__all__ = [
-    "IndexConfig",
-    "IndexMismatchError",
-    "ItemIndex",
-    "UnknownItemError",
-    "search_without_threads",
-    "tune_faiss",
-]
-
+from index.persist import FORMAT_VERSION, read_index_dir, write_index_dir
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from index.faiss_index import search_without_threads
+from index import search_without_threads
 from model.checkpoint import read_meta, resolve_checkpoint
 from service.batcher import MicroBatcher
 from service.catalog import Catalog
