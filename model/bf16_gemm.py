@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from model.backbone import default_cache_dir
+
 # The most rows one call takes: every row count up to 16 ran faster than oneDNN's prepacked
 # weights in the stop-25 sweep (BENCHMARKS.md §7). The engine sends it every matmul of that
 # many rows (decode steps, speculative checks, short prefills such as the closing marker's);
@@ -46,6 +48,7 @@ ROWS = 16
 SOURCE = Path(__file__).with_name("csrc") / "bf16_gemm.cpp"
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
 OFF_VALUES = ("0", "off", "false", "no", "onednn")
+X86_64 = ("x86_64", "AMD64")  # platform.machine() of the CPUs the kernel is built for
 
 
 def _cpu_flags() -> set[str]:
@@ -61,14 +64,18 @@ def _cpu_flags() -> set[str]:
 
 def cache_dir() -> Path:
     """`$R2EC_KERNEL_CACHE`, else `kernels/` in r2ec's cache, where the converted backbones live
-    (`$R2EC_CACHE_DIR`, else `~/.cache/r2ec`: model/backbone.py `default_cache_dir`)."""
+    (`$R2EC_CACHE_DIR`, else `~/.cache/r2ec`)."""
     if os.environ.get("R2EC_KERNEL_CACHE"):
         return Path(os.environ["R2EC_KERNEL_CACHE"])
-    return Path(os.environ.get("R2EC_CACHE_DIR") or Path.home() / ".cache" / "r2ec") / "kernels"
+    return default_cache_dir() / "kernels"
+
+
+def _compiler_name() -> str:
+    return os.environ.get("CXX", "g++")
 
 
 def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "g++"))
+    return shutil.which(_compiler_name())
 
 
 def library_path() -> Path:
@@ -107,14 +114,14 @@ def _load() -> tuple[ctypes._CFuncPtr | None, str | None]:
     """(the kernel's entry point, None) or (None, why it is not used)."""
     if os.environ.get("R2EC_BF16_KERNEL", "auto").strip().lower() in OFF_VALUES:
         return None, "turned off by R2EC_BF16_KERNEL"
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+    if sys.platform != "linux" or platform.machine() not in X86_64:
         return None, f"not an x86-64 Linux machine ({sys.platform}, {platform.machine()})"
     if "avx512_bf16" not in _cpu_flags():
         return None, "the CPU has no AVX512-BF16"
     try:  # whatever goes wrong (no HOME, an unreadable cache, a failed build) leaves oneDNN in place
         path, compiler = library_path(), _compiler()
         if not path.exists() and compiler is None:
-            return None, f"no C++ compiler ({os.environ.get('CXX', 'g++')}) to build {SOURCE.name}"
+            return None, f"no C++ compiler ({_compiler_name()}) to build {SOURCE.name}"
         lib = ctypes.CDLL(str(path if path.exists() else build(compiler)))
     except Exception as exc:  # noqa: BLE001
         return None, f"could not build or load {SOURCE.name}: {exc}"
@@ -180,12 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     fails without a compiler."""
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["--build"]:
-        if platform.machine() not in ("x86_64", "AMD64"):
+        if platform.machine() not in X86_64:
             print(f"bf16 kernel not built: {platform.machine()} is not x86-64 (the engine uses oneDNN)")
             return 0
         compiler = _compiler()
         if compiler is None:
-            print(f"no C++ compiler ({os.environ.get('CXX', 'g++')})", file=sys.stderr)
+            print(f"no C++ compiler ({_compiler_name()})", file=sys.stderr)
             return 1
         print(f"bf16 kernel built: {build(compiler)}")
         return 0
