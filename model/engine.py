@@ -220,6 +220,18 @@ class DecoderEngine:
         self._lens[slot] = 0
 
     @property
+    def matmul_path(self) -> str:
+        """Which path the matmuls of few rows take: "bf16_kernel" (model/bf16_gemm.py), "onednn"
+        (on the CPU without it: `kernel_reason` says why), or the device type off the CPU
+        ("cuda": torch's GPU matmuls); "int8+" in front with int8 weights, which take a lone
+        row's steps."""
+        if self.device.type != "cpu":
+            path = self.device.type
+        else:
+            path = "bf16_kernel" if self.kernel_reason is None else "onednn"
+        return f"int8+{path}" if self.quantize == "int8" else path
+
+    @property
     def can_speculate(self) -> bool:
         """Whether a checked draft (`extend`, several rows) computes what plain decode steps
         would, up to bf16 summation order: not in exact mode, whose point is the reference's

@@ -396,12 +396,9 @@ class EngineBackend:
         this backend."""
         self.model = model
         self.engine = DecoderEngine(model.lm, slots=slots, max_len=max_len, quantize=quantize, exact=exact)
-        reason = self.engine.kernel_reason
-        log.info(
-            "decode matmuls (up to %d rows): %s",
-            bf16_gemm.ROWS,
-            "the bf16 kernel (model/bf16_gemm.py)" if reason is None else f"oneDNN ({reason})",
-        )
+        reason = self.engine.kernel_reason  # why not the kernel, when not
+        why = "" if reason is None else f" ({reason})"
+        log.info("decode matmuls (up to %d rows): %s%s", bf16_gemm.ROWS, self.engine.matmul_path, why)
         if speculative_tokens < 0:
             raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
         speculates = speculative_tokens and self.engine.can_speculate

@@ -441,20 +441,12 @@ class Recommender:
 
     @property
     def decode_matmuls(self) -> str:
-        """Which matmul path the decode steps take, for /metrics: "bf16_kernel"
-        (model/bf16_gemm.py), "onednn" (the engine on the CPU without it: exact mode, no
-        AVX512-BF16 or compiler, R2EC_BF16_KERNEL=off, a float32 model), the device type when
-        the engine is not on the CPU ("cuda": torch's GPU matmuls), or "hf" (transformers'
-        forward). "int8+" in front with R2EC_QUANTIZE=int8: a lone sequence's steps read int8
-        weights, the other steps the path named."""
+        """Which matmul path the decode steps take, for /metrics: the engine's
+        (`DecoderEngine.matmul_path`: "bf16_kernel", "onednn", "cuda", "int8+" in front with
+        int8 weights), or "hf" (transformers' forward)."""
         if not isinstance(self.backend, EngineBackend):
             return "hf"
-        engine = self.backend.engine
-        if engine.device.type != "cpu":
-            path = engine.device.type
-        else:
-            path = "bf16_kernel" if engine.kernel_reason is None else "onednn"
-        return f"int8+{path}" if engine.quantize == "int8" else path
+        return self.backend.engine.matmul_path
 
     def draft_counts(self) -> tuple[int, int]:
         """Draft tokens checked and confirmed so far by this model's speculative decoding
