@@ -57,7 +57,7 @@ def main() -> None:
         parser.error(f"--settings: choose from {','.join(SETTINGS)}")
 
     import torch
-    from bench_decode import linears  # this script's folder is on sys.path
+    from bench_decode import onednn_only  # this script's folder is on sys.path
 
     from model.checkpoint import load_checkpoint
     from model.constrained import constrain_logits
@@ -134,10 +134,8 @@ def main() -> None:
 
     def backend_for(onednn: bool = False, **kwargs) -> EngineBackend:
         backend = EngineBackend(model, slots=1, **kwargs)
-        if onednn:  # every matmul on oneDNN's prepacked weights, not model/bf16_gemm.py's kernel
-            for lin in linears(backend.engine):
-                lin.kernel = None
-            backend.engine.kernel_reason = "off in this bench"
+        if onednn:
+            onednn_only(backend.engine)
         return backend
 
     for key in chosen:

@@ -79,6 +79,14 @@ def linears(engine) -> list:
     return [engine.lm_head, *(w for ly in engine.layers for w in (ly.qkv, ly.o, ly.gate_up, ly.down))]
 
 
+def onednn_only(engine) -> None:
+    """Every matmul of `engine` on oneDNN, none through model/bf16_gemm.py's kernel: the engine
+    as it was before stop 25, for a comparison in the same process."""
+    for lin in linears(engine):
+        lin.kernel = None
+    engine.kernel_reason = "off in this bench"
+
+
 def weight_bytes(engine) -> int:
     """Bytes one batch-1 decode step reads: every matmul weight (int8 + scales when quantized)."""
     total = 0
@@ -242,10 +250,8 @@ def main() -> None:
                 exact=name == "engine-exact",
                 speculative_tokens=0 if name == "engine-nospec" else 8,
             )
-            if name == "engine-onednn":  # every matmul on oneDNN, as before stop 25
-                for lin in linears(backend.engine):
-                    lin.kernel = None
-                backend.engine.kernel_reason = "off in this bench"
+            if name == "engine-onednn":
+                onednn_only(backend.engine)
         else:
             raise SystemExit(f"unknown backend {name}")
         load_s = time.perf_counter() - t
@@ -335,9 +341,7 @@ def step_paths(model, prompt: list[int], steps: int = 40, rounds: int = 4) -> No
 
     names = ("grouped", "oneDNN", "exact")
     engines = {name: DecoderEngine(model.lm, slots=1, exact=name == "exact") for name in names}
-    for lin in linears(engines["oneDNN"]):  # grouped attention, matmuls on oneDNN (before stop 25)
-        lin.kernel = None
-    engines["oneDNN"].kernel_reason = "off in this bench"
+    onednn_only(engines["oneDNN"])  # grouped attention, matmuls on oneDNN
 
     def run(engine) -> float:
         engine.reset(0)
