@@ -78,21 +78,25 @@ def main() -> None:
 
 def print_table(table: list[dict]) -> None:
     """Markdown: seen-mask metrics ± standard error, NDCG@10 under `none`, the paired
-    reasoning on - off NDCG@10 difference where measured, and the texts' quality."""
-    print("| model | split | " + " | ".join(METRICS) + " | NDCG@10 none | on - off (paired) | texts |")
-    print("|---|---|" + "---|" * (len(METRICS) + 3))
+    reasoning on - off NDCG@10 difference and the target's geometric rank ratio (on / off) where
+    measured, and the texts' quality."""
+    head = " | NDCG@10 none | on - off (paired) | rank on / off (users better, worse) | texts |"
+    print("| model | split | " + " | ".join(METRICS) + head)
+    print("|---|---|" + "---|" * (len(METRICS) + 4))
     for r in table:
         values = " | ".join(f"{r['metrics'][m]:.4f} ± {r['stderr'][m]:.4f}" for m in METRICS)
         none = r.get("by_mask", {}).get("none", {}).get("ndcg@10", float("nan"))
         pair = r.get("paired_ndcg@10")
         paired = f"{pair['diff']:+.4f} ± {pair['stderr']:.4f} ({pair['ratio']:.2f}x)" if pair else ""
+        pr = r.get("paired_rank")
+        ranks = f"{pr['rank_ratio']:.3f}x ({pr['a_better']}, {pr['b_better']})" if pr else ""
         q = r.get("text_quality")
         texts = (
             f"d2 {q['distinct_2']:.2f}, loops {q['loop_share']:.0%}, unknown {q['unknown_title_share']:.0%}"
             if q
             else ""
         )
-        print(f"| {r['label']} | {r['split']} | {values} | {none:.4f} | {paired} | {texts} |")
+        print(f"| {r['label']} | {r['split']} | {values} | {none:.4f} | {paired} | {ranks} | {texts} |")
 
 
 if __name__ == "__main__":

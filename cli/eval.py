@@ -94,6 +94,7 @@ def eval_cmd(
         evaluate_popularity,
         evaluate_sasrec,
         paired_difference,
+        paired_ranks,
     )
     from model.sasrec import SASRecConfig
 
@@ -156,6 +157,7 @@ def eval_cmd(
             extra |= {
                 "without_reasoning": {"metrics": off.metrics, "stderr": off.stderr},
                 "paired_ndcg@10": paired_difference(result.ranks, off.ranks, "ndcg@10"),
+                "paired_rank": paired_ranks(result.ranks, off.ranks),
             }
     payload = {
         "model": label,
@@ -189,6 +191,13 @@ def _print(ds: PreparedDataset, label: str, split: str, result: EvalResult, extr
         typer.echo(
             f"  reasoning on vs off: NDCG@10 {pair['a']:.4f} vs {pair['b']:.4f}, "
             f"diff {pair['diff']:+.4f} ± {pair['stderr']:.4f} (paired), ratio {pair['ratio']:.3f}"
+        )
+    if pr := extra.get("paired_rank"):
+        typer.echo(
+            f"  reasoning on vs off, the target's rank: better for {pr['a_better']} users, worse for "
+            f"{pr['b_better']}; median {pr['median_a']:.0f} vs {pr['median_b']:.0f}; mean log(rank on / "
+            f"rank off) {pr['log_rank_diff']:+.3f} ± {pr['stderr']:.3f} "
+            f"(geometric ratio {pr['rank_ratio']:.3f})"
         )
     for ex in result.examples:
         typer.echo(f"\n[user {ex['user_id']}] target {ex['target']!r} ranked {ex['rank']}\n{ex['reasoning']}")

@@ -10,7 +10,8 @@ target's favour). Which already-known items leave the ranking is the `mask`:
 - `none`: nothing.
 
 The target itself is never masked, so a re-consumed item can still be found. Each metric comes
-with its per-user standard error; `paired_difference` compares two runs on the same users.
+with its per-user standard error; `paired_difference` compares two runs on the same users by a
+metric, `paired_ranks` by the target's whole rank.
 """
 
 from __future__ import annotations
@@ -100,6 +101,35 @@ def paired_difference(ranks_a: Sequence[int], ranks_b: Sequence[int], metric: st
         "diff": float(d.mean()),
         "stderr": se,
         "ratio": float(a.mean() / b.mean()) if b.mean() > 0 else float("inf"),
+        "users": len(d),
+    }
+
+
+def paired_ranks(ranks_a: Sequence[int], ranks_b: Sequence[int]) -> dict:
+    """a against b on the same users, in order, by the target's rank in the whole ranking.
+
+    NDCG@10 is zero for every user whose target both runs put below 10th (most users), so its
+    paired difference is blind to a run that moves targets from 150th to 100th. This reads the
+    whole rank: how many users each run ranks better, and the mean of log(rank_a / rank_b)
+    with its paired standard error; `rank_ratio` = exp(that mean), the geometric mean of
+    rank_a / rank_b (below 1: a ranks the targets higher).
+    """
+    if len(ranks_a) != len(ranks_b):
+        raise ValueError(f"paired runs must rank the same users: {len(ranks_a)} vs {len(ranks_b)}")
+    a, b = np.asarray(ranks_a, dtype=np.float64), np.asarray(ranks_b, dtype=np.float64)
+    if len(a) == 0 or min(a.min(), b.min()) < 1:
+        raise ValueError("ranks are 1-based and there must be at least one")
+    d = np.log(a) - np.log(b)
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {
+        "a_better": int((a < b).sum()),
+        "b_better": int((a > b).sum()),
+        "ties": int((a == b).sum()),
+        "median_a": float(np.median(a)),
+        "median_b": float(np.median(b)),
+        "log_rank_diff": float(d.mean()),
+        "stderr": se,
+        "rank_ratio": float(np.exp(d.mean())),
         "users": len(d),
     }
 

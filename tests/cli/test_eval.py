@@ -67,3 +67,19 @@ def test_eval_json_for_pop_and_a_checkpoint_with_reasoning(tiny_dataset, tiny_ch
 def test_eval_errors_name_the_problem(tiny_dataset, args, message):
     code, out = _eval("--data", str(tiny_dataset.path), *args)
     assert code != 0 and message in out
+
+
+def test_compare_reasoning_pairs_the_two_modes_by_metric_and_by_rank(tiny_dataset, tiny_checkpoint):
+    args = ["--data", str(tiny_dataset.path), "--checkpoint", str(tiny_checkpoint), "--dtype", "float32"]
+    args += ["--compare-reasoning", "--max-reasoning-tokens", "4", "--limit", "4"]
+    code, out = _eval(*args, "--json")
+    assert code == 0, out
+    payload = json.loads(out.strip().splitlines()[-1])
+    n = min(4, len(tiny_dataset.split("test")))
+    pair, ranks = payload["paired_ndcg@10"], payload["paired_rank"]
+    assert pair["users"] == ranks["users"] == n
+    assert ranks["a_better"] + ranks["b_better"] + ranks["ties"] == n
+    assert ranks["rank_ratio"] > 0 and ranks["median_a"] >= 1
+    code, out = _eval(*args)
+    assert code == 0, out
+    assert "reasoning on vs off, the target's rank: better for" in out

@@ -15,6 +15,7 @@ from model.evaluate import (
     evaluate_sasrec,
     exclusions,
     paired_difference,
+    paired_ranks,
     popularity_scores,
     ranking_metrics,
     seen_items,
@@ -113,6 +114,23 @@ def test_standard_errors_and_paired_difference_by_hand():
     assert pair["ratio"] == 2.0
     with pytest.raises(ValueError, match="same users"):
         paired_difference([1], [1, 2])
+
+
+def test_paired_ranks_reads_moves_below_the_cutoff_by_hand():
+    # no target reaches the top 10 in either run: NDCG@10 cannot tell them apart, ranks can
+    a, b = [20, 50, 300, 7], [40, 50, 150, 7]
+    assert paired_difference(a[:3], b[:3], "ndcg@10")["diff"] == 0.0
+    pr = paired_ranks(a, b)
+    assert (pr["a_better"], pr["b_better"], pr["ties"], pr["users"]) == (1, 1, 2, 4)
+    d = np.log([0.5, 1.0, 2.0, 1.0])
+    assert pr["log_rank_diff"] == pytest.approx(d.mean())
+    assert pr["stderr"] == pytest.approx(d.std(ddof=1) / 2)
+    assert pr["rank_ratio"] == pytest.approx(np.exp(d.mean()))
+    assert (pr["median_a"], pr["median_b"]) == (35.0, 45.0)
+    with pytest.raises(ValueError, match="same users"):
+        paired_ranks([1], [1, 2])
+    with pytest.raises(ValueError, match="1-based"):
+        paired_ranks([0, 2], [1, 2])
 
 
 def test_model_eval_with_and_without_reasoning(tiny_model, tiny_dataset):
