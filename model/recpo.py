@@ -190,11 +190,6 @@ class RecPOConfig:
             prompt's co-watch hints, strongest first (model/rationale.py `picks_line`): a text
             the model can copy from its prompt, read just before h_T. `0`: no such sentence.
             An experiment (BENCHMARKS.md §1, stop 23); needs co-watch hints.
-        rationale_catalog_weight (`float`, defaults to `0.0`):
-            Weight of a second target cross-entropy, over the whole catalog as of the last
-            table refresh (every `refresh_every` steps; detached, so only the user side
-            learns), added to the in-batch one: full-ranking's hard negatives, which ~80
-            in-batch columns rarely hold. `0`: in-batch only.
 
         > Optimisation
 
@@ -291,7 +286,6 @@ class RecPOConfig:
     rationale_self_tokens: int = 16
     rationale_self_weight: float = 0.5
     rationale_hint_picks: int = 0
-    rationale_catalog_weight: float = 0.0
     # -- optimisation
     per_device_batch_size: int = 4
     gradient_accumulation_steps: int = 1
@@ -418,10 +412,6 @@ class RecPOConfig:
             )
         if not 0.0 <= self.rationale_self_weight <= 1.0:
             raise ValueError(f"rationale_self_weight must be in [0, 1], got {self.rationale_self_weight}")
-        if self.rationale_catalog_weight < 0:
-            raise ValueError(f"rationale_catalog_weight must be >= 0, got {self.rationale_catalog_weight}")
-        if self.rationale_catalog_weight and self.stage != "rationale":
-            raise ValueError("rationale_catalog_weight applies to stage rationale only")
         if self.rationale_lm_weight < 0 or self.rationale_self_users < 0:
             raise ValueError("rationale_lm_weight and rationale_self_users must be >= 0")
         if self.stage == "contrastive" and self.negatives == "table" and self.sampled_negatives > 0:

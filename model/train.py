@@ -112,11 +112,7 @@ class Trainer:
         self.recpo = RecPOStep(self.model, self.table, cfg, self.prompt_ids)
         self.facts = catalog_facts(dataset.items.to_dict("records")) if cfg.stage == "rationale" else {}
         # In-batch training never reads the table between evals (which refresh it).
-        full_softmax = cfg.negatives == "table" or cfg.rationale_catalog_weight > 0
-        self.reads_table = cfg.stage == "recpo" or full_softmax
-        # The catalog as of the last refresh, every row equally stale: the rationale stage's
-        # full softmax reads it, never the rows that each step re-encodes (see `_catalog_loss`).
-        self.catalog = self.table.vectors
+        self.reads_table = cfg.stage == "recpo" or cfg.negatives == "table"
 
     def _set_cowatch(self, dataset: PreparedDataset) -> None:
         """Co-watch hints in the prompts (model/cowatch.py): `cowatch_hints` when set, else
@@ -200,7 +196,6 @@ class Trainer:
         if self.reads_table and due:
             self.model.lm.eval()
             self.table.refresh(self.model)
-            self.catalog = self.table.vectors
         batches = [self._batch_rows(m) for m in range(cfg.gradient_accumulation_steps)]
         match cfg.stage:
             case "recpo":
@@ -336,20 +331,6 @@ class Trainer:
         has = own.any(1).to(per_user.device)
         return per_user[has].mean()
 
-    def _catalog_loss(self, users: torch.Tensor, rows: pd.DataFrame) -> tuple[torch.Tensor, dict[str, float]]:
-        """Cross-entropy of each user's (B, H) target over the whole catalog, as of the last
-        refresh (`self.catalog`, detached: only the user side learns), the history masked as
-        eval masks it. The in-batch softmax sees ~80 columns; the ranking that eval and the
-        service read is over every item, and its hardest negatives are rarely among those 80.
-        The snapshot is not the live table: the live table's rows for this step's columns are
-        fresh and every other row stale, and a softmax over both teaches the model to tell
-        fresh from stale (the reason `negatives` never mixes the two)."""
-        table = self.table
-        own = torch.tensor([table.row[str(t)] for t in rows["target_item_id"]], device=users.device)
-        drop = table.history_mask([list(map(str, h)) for h in rows["history_item_ids"]])
-        logits = losses.catalog_logits(users, self.catalog, self.model.tau, own, drop)
-        return losses.contrastive_loss(logits, own)
-
     def _user_hidden(self, keys: list, seqs: list[list[int]]) -> torch.Tensor:
         """Final hidden states (B, L, H) of fixed training sequences: through the lower-layer
         cache when there is one (model/lower_cache.py), else one full forward."""
@@ -432,11 +413,6 @@ class Trainer:
         else:
             gold_loss, stats = self._with_distillation(gold_loss, stats, users[:B], rows, columns)
             loss = loss + gold_loss
-        if cfg.rationale_catalog_weight:
-            catalog_loss, catalog_stats = self._catalog_loss(users[:B], rows)
-            stats["loss/catalog"] = catalog_stats["loss/contrastive"]
-            stats["rank/catalog/median"] = catalog_stats["rank/median"]
-            loss = loss + cfg.rationale_catalog_weight * catalog_loss
         stats.update(
             {
                 "loss/total": float(loss.detach()),
@@ -453,7 +429,6 @@ class Trainer:
         replaced when it beats the best so far."""
         self.model.lm.eval()
         self.table.refresh(self.model)  # every process, sharded: eval and checkpoints use a fresh table
-        self.catalog = self.table.vectors
         if self.is_main:
             self._validate()
         dist.barrier()

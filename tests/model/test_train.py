@@ -106,43 +106,6 @@ def test_rationale_step_learns_the_text_and_the_ranking(tiny_dataset, tmp_path, 
         assert 1 <= first["hindsight/tokens/mean"] <= cfg.rationale_self_tokens
 
 
-def test_rationale_catalog_term_ranks_over_the_last_refresh_and_learns(tiny_dataset, tmp_path):
-    cfg = RecPOConfig(
-        stage="rationale",
-        per_device_batch_size=4,
-        rationale_self_users=0,
-        rationale_hindsight=False,
-        rationale_catalog_weight=1.0,
-        learning_rate=1e-2,
-        **TINY,
-    )
-    trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
-    assert trainer.reads_table  # its snapshot is refreshed every refresh_every steps
-    snapshot = trainer.catalog
-    rows = tiny_dataset.split("train").iloc[:4]
-    stats = stats_over_steps(trainer, lambda: trainer.rationale_loss(rows))
-    # each step re-encodes its columns into the live table; the full softmax keeps reading the
-    # snapshot, whose rows are all equally stale
-    assert trainer.catalog is snapshot and not torch.equal(trainer.table.vectors, snapshot)
-    assert stats[-1]["loss/catalog"] < stats[0]["loss/catalog"]
-    assert 1 <= stats[0]["rank/catalog/median"] <= len(trainer.table.item_ids)
-    # the term is the softmax over the snapshot, the rows' history masked (the target never)
-    trainer.model.lm.eval()
-    with torch.no_grad():
-        users = torch.nn.functional.normalize(torch.randn(4, snapshot.shape[1]), dim=-1)
-        loss, _ = trainer._catalog_loss(users, rows)
-        logits = users @ snapshot.T / trainer.model.tau
-        own = [trainer.table.row[str(t)] for t in rows["target_item_id"]]
-        for u, hist in enumerate(rows["history_item_ids"]):
-            for i in map(str, hist):
-                if trainer.table.row[i] != own[u]:
-                    logits[u, trainer.table.row[i]] = float("-inf")
-        expected = torch.nn.functional.cross_entropy(logits, torch.tensor(own))
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    trainer.evaluate()  # a refresh takes a new snapshot
-    assert trainer.catalog is trainer.table.vectors
-
-
 @pytest.mark.parametrize("stage", ["contrastive", "rationale"])
 def test_user_layer_cache_gives_the_same_loss_and_serves_revisits(tiny_dataset, tmp_path, stage):
     common = dict(stage=stage, per_device_batch_size=4, rationale_self_users=0, lora_layers=1, **TINY)
@@ -187,10 +150,6 @@ def test_rationale_stage_validates_with_reasoning_and_checks_its_fields():
         RecPOConfig(stage="rationale", rationale_self_weight=1.5)
     with pytest.raises(ValueError, match="rationale_hindsight: false"):
         RecPOConfig(stage="rationale", rationale_hindsight=False, rationale_self_users=2)
-    with pytest.raises(ValueError, match="rationale_catalog_weight"):
-        RecPOConfig(stage="rationale", rationale_catalog_weight=-0.5)
-    with pytest.raises(ValueError, match="stage rationale only"):
-        RecPOConfig(stage="contrastive", rationale_catalog_weight=0.5)
 
 
 def test_logq_correction_subtracts_each_columns_log_target_share(tiny_dataset, tmp_path):
