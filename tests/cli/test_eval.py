@@ -78,6 +78,9 @@ def test_compare_reasoning_pairs_the_two_modes_by_metric_and_by_rank(tiny_datase
     n = min(4, len(tiny_dataset.split("test")))
     pair, ranks = payload["paired_ndcg@10"], payload["paired_rank"]
     assert pair["users"] == ranks["users"] == n
+    # a is the reasoning pass (the headline), b the one without
+    assert pair["a"] == payload["metrics"]["ndcg@10"]
+    assert pair["b"] == payload["without_reasoning"]["metrics"]["ndcg@10"]
     assert ranks["a_better"] + ranks["b_better"] + ranks["ties"] == n
     assert ranks["rank_ratio"] > 0 and ranks["median_a"] >= 1
     code, out = _eval(*args)

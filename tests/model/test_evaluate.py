@@ -117,7 +117,7 @@ def test_standard_errors_and_paired_difference_by_hand():
 
 
 def test_paired_ranks_reads_moves_below_the_cutoff_by_hand():
-    # no target reaches the top 10 in either run: NDCG@10 cannot tell them apart, ranks can
+    # the first three targets sit below 10th in both runs: NDCG@10 cannot tell them apart, ranks can
     a, b = [20, 50, 300, 7], [40, 50, 150, 7]
     assert paired_difference(a[:3], b[:3], "ndcg@10")["diff"] == 0.0
     pr = paired_ranks(a, b)
