@@ -82,6 +82,20 @@ def eval_cmd(
             "R2EC_SPECULATIVE_TOKENS serves"
         ),
     ] = 8,
+    ranks_out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write each sample's target rank (parquet: user, target, split, mask, model, rank; "
+            "with --compare-reasoning also rank_without_reasoning) for a later --paired-with"
+        ),
+    ] = None,
+    paired_with: Annotated[
+        Path | None,
+        typer.Option(
+            help="A --ranks-out file of an earlier run on the same split, mask and samples (another "
+            "checkpoint, a baseline): print this run against it per user (paired NDCG@10, the rank pairing)"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Full-ranking Hit@5/10/20 and NDCG@5/10/20 over the whole catalog, with per-user
@@ -95,6 +109,10 @@ def eval_cmd(
         evaluate_sasrec,
         paired_difference,
         paired_ranks,
+        paired_with_saved,
+        ranks_frame,
+        read_ranks,
+        write_ranks,
     )
     from model.sasrec import SASRecConfig
 
@@ -124,9 +142,11 @@ def eval_cmd(
             constrain_titles=constrain_titles,
         )
         sasrec_cfg = SASRecConfig(epochs=sasrec_epochs)
+        saved = read_ranks(paired_with, split, mask) if paired_with is not None else None
     except (DataError, ValueError) as exc:
         fail(str(exc))
     extra: dict = {}
+    off_ranks: dict[str, list[int]] = {}  # with --compare-reasoning, for --ranks-out
     if baseline == "pop":
         result, label = evaluate_popularity(ds, cfg), "pop"
     elif baseline == "cowatch":
@@ -159,6 +179,16 @@ def eval_cmd(
                 "paired_ndcg@10": paired_difference(result.ranks, off.ranks, "ndcg@10"),
                 "paired_rank": paired_ranks(result.ranks, off.ranks),
             }
+            off_ranks["rank_without_reasoning"] = off.ranks
+    if ranks_out is not None or saved is not None:
+        frame = ranks_frame(ds, cfg, label, result.ranks, **off_ranks)
+        if saved is not None:
+            try:
+                extra["paired_with"] = paired_with_saved(frame, saved, paired_with)
+            except ValueError as exc:
+                fail(str(exc))
+        if ranks_out is not None:
+            write_ranks(ranks_out, frame)
     payload = {
         "model": label,
         "split": split,
@@ -198,6 +228,14 @@ def _print(ds: PreparedDataset, label: str, split: str, result: EvalResult, extr
             f"{pr['b_better']}; median {pr['median_a']:.0f} vs {pr['median_b']:.0f}; mean log(rank on / "
             f"rank off) {pr['log_rank_diff']:+.3f} ± {pr['stderr']:.3f} "
             f"(geometric ratio {pr['rank_ratio']:.3f})"
+        )
+    if pw := extra.get("paired_with"):
+        pair, pr = pw["ndcg@10"], pw["rank"]
+        typer.echo(
+            f"  against {pw['b']} ({pw['path']}), per user: NDCG@10 {pair['a']:.4f} vs {pair['b']:.4f}, "
+            f"diff {pair['diff']:+.4f} ± {pair['stderr']:.4f} (paired), ratio {pair['ratio']:.3f}; "
+            f"the target's rank better for {pr['a_better']} users, worse for {pr['b_better']}, mean "
+            f"log(rank ratio) {pr['log_rank_diff']:+.3f} ± {pr['stderr']:.3f}"
         )
     for ex in result.examples:
         typer.echo(f"\n[user {ex['user_id']}] target {ex['target']!r} ranked {ex['rank']}\n{ex['reasoning']}")

@@ -11,7 +11,8 @@ target's favour). Which already-known items leave the ranking is the `mask`:
 
 The target itself is never masked, so a re-consumed item can still be found. Each metric comes
 with its per-user standard error; `paired_difference` compares two runs on the same users by a
-metric, `paired_ranks` by the target's whole rank.
+metric, `paired_ranks` by the target's whole rank; `ranks_frame` / `write_ranks` keep a run's
+per-user ranks so a later run can be paired with it (`paired_with_saved`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -28,7 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from model.data.dataset import SPLITS, PreparedDataset
+from model.data.dataset import SPLITS, PreparedDataset, atomic_write
 from model.r2ec import GenerationSettings, R2ec
 from model.rewards import ndcg_at_k, target_rank
 from model.samples import sample_histories
@@ -131,6 +133,81 @@ def paired_ranks(ranks_a: Sequence[int], ranks_b: Sequence[int]) -> dict:
         "stderr": se,
         "rank_ratio": float(np.exp(d.mean())),
         "users": len(d),
+    }
+
+
+RANK_COLUMNS = ("user_id", "target_item_id", "split", "mask", "model", "rank")
+
+
+def ranks_frame(
+    dataset: PreparedDataset, cfg: EvalConfig, model: str, ranks: Sequence[int], **extra: Sequence[int]
+) -> pd.DataFrame:
+    """One row per evaluated sample, in the harness's order: who, which target, under which
+    split and mask, by which model, and the target's rank (plus `extra` rank columns, e.g. the
+    same model without reasoning). What `r2ec eval --ranks-out` writes and `--paired-with`
+    reads, so two runs (two checkpoints, a checkpoint and a baseline) can be paired per user."""
+    rows = dataset.split(cfg.split)
+    rows = rows.head(cfg.limit) if cfg.limit else rows
+    if len(rows) != len(ranks) or any(len(v) != len(ranks) for v in extra.values()):
+        raise ValueError(f"{len(ranks)} ranks for {len(rows)} samples of {cfg.split}")
+    out = pd.DataFrame(
+        {
+            "user_id": rows["user_id"].astype(str).to_numpy(),
+            "target_item_id": rows["target_item_id"].astype(str).to_numpy(),
+            "split": cfg.split,
+            "mask": cfg.mask,
+            "model": model,
+            "rank": np.asarray(ranks, dtype=np.int64),
+        }
+    )
+    for name, values in extra.items():
+        out[name] = np.asarray(values, dtype=np.int64)
+    return out
+
+
+def write_ranks(path: Path, frame: pd.DataFrame) -> None:
+    """`frame` (from `ranks_frame`) as parquet, through a temp file and a rename."""
+    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def read_ranks(path: Path, split: str, mask: str) -> pd.DataFrame:
+    """A ranks file (`write_ranks`) of `split` under `mask`; ValueError naming what is wrong.
+    Read before a run starts, so a bad path fails in a second, not after the whole eval."""
+    try:
+        saved = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"ranks file {path}: unreadable ({exc})") from exc
+    missing = [c for c in RANK_COLUMNS if c not in saved.columns]
+    if missing:
+        raise ValueError(
+            f"ranks file {path}: no column {', '.join(missing)}; write it with r2ec eval --ranks-out"
+        )
+    if saved.empty:
+        raise ValueError(f"ranks file {path}: no rows")
+    for name, ours in (("split", split), ("mask", mask)):
+        theirs = sorted(set(saved[name].astype(str)))
+        if theirs != [ours]:
+            raise ValueError(f"ranks file {path}: its {name} is {', '.join(theirs)}, this run's is {ours}")
+    return saved
+
+
+def paired_with_saved(now: pd.DataFrame, saved: pd.DataFrame, path: Path) -> dict:
+    """This run (`ranks_frame`) against a saved one (`read_ranks`) on the same samples: the
+    paired NDCG@10 difference and the rank pairing, this run as a. The saved run must cover
+    the same users and targets in the same order, or the pairing means nothing."""
+    for name in ("user_id", "target_item_id"):
+        if len(saved) != len(now) or list(saved[name].astype(str)) != list(now[name]):
+            raise ValueError(
+                f"ranks file {path}: its {name}s are not this run's ({len(saved)} samples against "
+                f"{len(now)}); evaluate both on the same data, split and --limit"
+            )
+    a, b = now["rank"].to_numpy(), saved["rank"].to_numpy()
+    return {
+        "a": str(now["model"].iloc[0]),
+        "b": str(saved["model"].iloc[0]),
+        "path": str(path),
+        "ndcg@10": paired_difference(a, b, "ndcg@10"),
+        "rank": paired_ranks(a, b),
     }
 
 

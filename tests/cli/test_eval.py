@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from cli import app
 from model.checkpoint import create_base_checkpoint
+from model.evaluate import ranking_metrics
 
 METRICS = {f"{m}@{k}" for m in ("hit", "ndcg") for k in (5, 10, 20)}
 
@@ -69,10 +71,10 @@ def test_eval_errors_name_the_problem(tiny_dataset, args, message):
     assert code != 0 and message in out
 
 
-def test_compare_reasoning_pairs_the_two_modes_by_metric_and_by_rank(tiny_dataset, tiny_checkpoint):
+def test_compare_reasoning_pairs_the_two_modes_by_metric_and_by_rank(tiny_dataset, tiny_checkpoint, tmp_path):
     args = ["--data", str(tiny_dataset.path), "--checkpoint", str(tiny_checkpoint), "--dtype", "float32"]
     args += ["--compare-reasoning", "--max-reasoning-tokens", "4", "--limit", "4"]
-    code, out = _eval(*args, "--json")
+    code, out = _eval(*args, "--json", "--ranks-out", str(tmp_path / "ranks.parquet"))
     assert code == 0, out
     payload = json.loads(out.strip().splitlines()[-1])
     n = min(4, len(tiny_dataset.split("test")))
@@ -83,6 +85,60 @@ def test_compare_reasoning_pairs_the_two_modes_by_metric_and_by_rank(tiny_datase
     assert pair["b"] == payload["without_reasoning"]["metrics"]["ndcg@10"]
     assert ranks["a_better"] + ranks["b_better"] + ranks["ties"] == n
     assert ranks["rank_ratio"] > 0 and ranks["median_a"] >= 1
+    # the ranks file holds both modes' per-user ranks, the samples in the harness's order
+    saved = pd.read_parquet(tmp_path / "ranks.parquet")
+    assert list(saved["user_id"]) == list(tiny_dataset.split("test")["user_id"].astype(str).head(n))
+    assert ranking_metrics(saved["rank"])["ndcg@10"] == pytest.approx(pair["a"])
+    assert ranking_metrics(saved["rank_without_reasoning"])["ndcg@10"] == pytest.approx(pair["b"])
     code, out = _eval(*args)
     assert code == 0, out
     assert "reasoning on vs off, the target's rank: better for" in out
+
+
+def test_paired_with_pairs_a_run_with_a_saved_one_per_user(tiny_dataset, tiny_checkpoint, tmp_path):
+    data = ["--data", str(tiny_dataset.path)]
+    pop_ranks = tmp_path / "pop.parquet"
+    code, out = _eval(*data, "--baseline", "pop", "--json", "--ranks-out", str(pop_ranks))
+    assert code == 0, out
+    pop = json.loads(out.strip().splitlines()[-1])
+    n = pop["count"]
+    saved = pd.read_parquet(pop_ranks)
+    assert len(saved) == n and set(saved["model"]) == {"pop"} and set(saved["mask"]) == {"seen"}
+    assert ranking_metrics(saved["rank"])["ndcg@10"] == pytest.approx(pop["metrics"]["ndcg@10"])
+
+    # Pop against itself: every user a tie
+    code, out = _eval(*data, "--baseline", "pop", "--json", "--paired-with", str(pop_ranks))
+    assert code == 0, out
+    same = json.loads(out.strip().splitlines()[-1])["paired_with"]
+    assert same["ndcg@10"]["diff"] == 0.0 and same["rank"]["ties"] == n
+
+    # a checkpoint against Pop: a is this run, b the saved one
+    args = [*data, "--checkpoint", str(tiny_checkpoint), "--dtype", "float32", "--no-reasoning"]
+    code, out = _eval(*args, "--json", "--paired-with", str(pop_ranks))
+    assert code == 0, out
+    payload = json.loads(out.strip().splitlines()[-1])
+    pw = payload["paired_with"]
+    assert pw["a"].startswith("checkpoint ") and pw["b"] == "pop" and pw["path"] == str(pop_ranks)
+    assert pw["ndcg@10"]["a"] == pytest.approx(payload["metrics"]["ndcg@10"])
+    assert pw["ndcg@10"]["b"] == pytest.approx(pop["metrics"]["ndcg@10"])
+    assert pw["rank"]["a_better"] + pw["rank"]["b_better"] + pw["rank"]["ties"] == n
+    code, out = _eval(*args, "--paired-with", str(pop_ranks))
+    assert code == 0 and "against pop (" in out
+
+
+def test_paired_with_refuses_a_run_it_cannot_pair(tiny_dataset, tmp_path):
+    data = ["--data", str(tiny_dataset.path), "--baseline", "pop"]
+    pop_ranks = tmp_path / "pop.parquet"
+    assert _eval(*data, "--ranks-out", str(pop_ranks))[0] == 0
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    pd.DataFrame({"user_id": ["1"], "rank": [3]}).to_parquet(tmp_path / "bare.parquet")
+    for args, message in [
+        (["--paired-with", str(tmp_path / "missing.parquet")], "missing.parquet: unreadable"),
+        (["--paired-with", str(tmp_path / "junk.parquet")], "junk.parquet: unreadable"),
+        (["--paired-with", str(tmp_path / "bare.parquet")], "no column target_item_id, split, mask, model"),
+        (["--paired-with", str(pop_ranks), "--mask", "prompt"], "its mask is seen, this run's is prompt"),
+        (["--paired-with", str(pop_ranks), "--split", "valid"], "its split is test, this run's is valid"),
+        (["--paired-with", str(pop_ranks), "--limit", "1"], "its user_ids are not this run's"),
+    ]:
+        code, out = _eval(*data, *args)
+        assert code != 0 and message in out, (args, out)

@@ -16,12 +16,15 @@ from model.evaluate import (
     exclusions,
     paired_difference,
     paired_ranks,
+    paired_with_saved,
     popularity_scores,
     ranking_metrics,
+    read_ranks,
     seen_items,
     standard_errors,
     target_ranks,
     validation_eval_config,
+    write_ranks,
 )
 from model.recpo import RecPOConfig, field_docs
 from model.rewards import ndcg_at_k
@@ -202,3 +205,22 @@ def test_eval_config_fields_are_documented_and_checked():
         EvalConfig(max_reasoning_tokens=-1)
     with pytest.raises(ValueError, match="mask must be one of"):
         EvalConfig(mask="history")
+
+
+def test_paired_with_saved_pairs_only_the_same_samples_in_the_same_order(tmp_path):
+    now = pd.DataFrame(
+        {"user_id": ["1", "2", "3"], "target_item_id": ["a", "b", "c"], "split": "test", "mask": "seen"}
+    )
+    now = now.assign(model="new", rank=[1, 20, 3])
+    path = tmp_path / "old.parquet"
+    write_ranks(path, now.assign(model="old", rank=[2, 5, 3]))
+    saved = read_ranks(path, "test", "seen")
+    pw = paired_with_saved(now, saved, path)
+    assert (pw["a"], pw["b"]) == ("new", "old")
+    # by hand: NDCG@10 per user 1 vs 1/log2(3), 0 vs 1/log2(6), equal for the third
+    assert pw["ndcg@10"]["diff"] == pytest.approx((1 - 1 / math.log2(3) - 1 / math.log2(6)) / 3)
+    assert (pw["rank"]["a_better"], pw["rank"]["b_better"], pw["rank"]["ties"]) == (1, 1, 1)
+    with pytest.raises(ValueError, match="its target_item_ids are not this run's"):
+        paired_with_saved(now.assign(target_item_id=["a", "c", "b"]), saved, path)
+    with pytest.raises(ValueError, match="its user_ids are not this run's"):
+        paired_with_saved(now.iloc[::-1], saved, path)
