@@ -103,6 +103,7 @@ def eval_cmd(
     from model.data import DataError, load_prepared
     from model.evaluate import (
         EvalConfig,
+        eval_samples,
         evaluate_cowatch,
         evaluate_model,
         evaluate_popularity,
@@ -142,11 +143,15 @@ def eval_cmd(
             constrain_titles=constrain_titles,
         )
         sasrec_cfg = SASRecConfig(epochs=sasrec_epochs)
-        saved = read_ranks(paired_with, split, mask) if paired_with is not None else None
+        if ranks_out is not None and ranks_out.is_dir():
+            raise ValueError(f"--ranks-out {ranks_out} is a directory; give a file path")
+        samples = eval_samples(ds, cfg)
+        saved = read_ranks(paired_with, samples, split, mask) if paired_with is not None else None
     except (DataError, ValueError) as exc:
         fail(str(exc))
     extra: dict = {}
     off_ranks: dict[str, list[int]] = {}  # with --compare-reasoning, for --ranks-out
+    write_error = None
     if baseline == "pop":
         result, label = evaluate_popularity(ds, cfg), "pop"
     elif baseline == "cowatch":
@@ -183,12 +188,12 @@ def eval_cmd(
     if ranks_out is not None or saved is not None:
         frame = ranks_frame(ds, cfg, label, result.ranks, **off_ranks)
         if saved is not None:
-            try:
-                extra["paired_with"] = paired_with_saved(frame, saved, paired_with)
-            except ValueError as exc:
-                fail(str(exc))
+            extra["paired_with"] = paired_with_saved(frame, saved, paired_with)
         if ranks_out is not None:
-            write_ranks(ranks_out, frame)
+            try:
+                write_ranks(ranks_out, frame)
+            except OSError as exc:  # the results are printed first: the run is not lost
+                write_error = f"--ranks-out {ranks_out}: {exc}"
     payload = {
         "model": label,
         "split": split,
@@ -198,8 +203,10 @@ def eval_cmd(
     }
     if as_json:
         typer.echo(json.dumps(payload))
-        return
-    _print(ds, label, split, result, extra)
+    else:
+        _print(ds, label, split, result, extra)
+    if write_error is not None:
+        fail(write_error)
 
 
 def _print(ds: PreparedDataset, label: str, split: str, result: EvalResult, extra: dict) -> None:

@@ -139,6 +139,19 @@ def paired_ranks(ranks_a: Sequence[int], ranks_b: Sequence[int]) -> dict:
 RANK_COLUMNS = ("user_id", "target_item_id", "split", "mask", "model", "rank")
 
 
+def eval_samples(dataset: PreparedDataset, cfg: EvalConfig) -> pd.DataFrame:
+    """Who each evaluated sample is (user_id, target_item_id as str), in the harness's order
+    (`evaluate_scores`): known before a run, so a pairing can be checked before it starts."""
+    rows = dataset.split(cfg.split)
+    rows = rows.head(cfg.limit) if cfg.limit else rows
+    return pd.DataFrame(
+        {
+            "user_id": rows["user_id"].astype(str).to_numpy(),
+            "target_item_id": rows["target_item_id"].astype(str).to_numpy(),
+        }
+    )
+
+
 def ranks_frame(
     dataset: PreparedDataset, cfg: EvalConfig, model: str, ranks: Sequence[int], **extra: Sequence[int]
 ) -> pd.DataFrame:
@@ -146,20 +159,10 @@ def ranks_frame(
     split and mask, by which model, and the target's rank (plus `extra` rank columns, e.g. the
     same model without reasoning). What `r2ec eval --ranks-out` writes and `--paired-with`
     reads, so two runs (two checkpoints, a checkpoint and a baseline) can be paired per user."""
-    rows = dataset.split(cfg.split)
-    rows = rows.head(cfg.limit) if cfg.limit else rows
-    if len(rows) != len(ranks) or any(len(v) != len(ranks) for v in extra.values()):
-        raise ValueError(f"{len(ranks)} ranks for {len(rows)} samples of {cfg.split}")
-    out = pd.DataFrame(
-        {
-            "user_id": rows["user_id"].astype(str).to_numpy(),
-            "target_item_id": rows["target_item_id"].astype(str).to_numpy(),
-            "split": cfg.split,
-            "mask": cfg.mask,
-            "model": model,
-            "rank": np.asarray(ranks, dtype=np.int64),
-        }
-    )
+    out = eval_samples(dataset, cfg)
+    if len(out) != len(ranks) or any(len(v) != len(ranks) for v in extra.values()):
+        raise ValueError(f"{len(ranks)} ranks for {len(out)} samples of {cfg.split}")
+    out = out.assign(split=cfg.split, mask=cfg.mask, model=model, rank=np.asarray(ranks, dtype=np.int64))
     for name, values in extra.items():
         out[name] = np.asarray(values, dtype=np.int64)
     return out
@@ -170,37 +173,39 @@ def write_ranks(path: Path, frame: pd.DataFrame) -> None:
     atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
-def read_ranks(path: Path, split: str, mask: str) -> pd.DataFrame:
-    """A ranks file (`write_ranks`) of `split` under `mask`; ValueError naming what is wrong.
-    Read before a run starts, so a bad path fails in a second, not after the whole eval."""
+def read_ranks(path: Path, samples: pd.DataFrame, split: str, mask: str) -> pd.DataFrame:
+    """A ranks file (`write_ranks`) that pairs with a run of `split` under `mask` over
+    `samples` (`eval_samples`): the same users and targets in the same order, ranks >= 1.
+    ValueError naming what is wrong; read before that run starts, so a file it cannot pair
+    with fails in a second, not after the whole eval."""
     try:
         saved = pd.read_parquet(path)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # OSError, or any of pyarrow's errors for a file that is not parquet
         raise ValueError(f"ranks file {path}: unreadable ({exc})") from exc
     missing = [c for c in RANK_COLUMNS if c not in saved.columns]
     if missing:
         raise ValueError(
-            f"ranks file {path}: no column {', '.join(missing)}; write it with r2ec eval --ranks-out"
+            f"ranks file {path}: no column {', '.join(missing)} (r2ec eval --ranks-out writes them)"
         )
-    if saved.empty:
-        raise ValueError(f"ranks file {path}: no rows")
     for name, ours in (("split", split), ("mask", mask)):
-        theirs = sorted(set(saved[name].astype(str)))
+        theirs = sorted(set(saved[name].astype(str).fillna("<none>")))
         if theirs != [ours]:
             raise ValueError(f"ranks file {path}: its {name} is {', '.join(theirs)}, this run's is {ours}")
-    return saved
+    for name in ("user_id", "target_item_id"):
+        if len(saved) != len(samples) or list(saved[name].astype(str)) != list(samples[name]):
+            raise ValueError(
+                f"ranks file {path}: its {name}s are not this run's ({len(saved)} samples against "
+                f"{len(samples)}); evaluate both on the same data, split and --limit"
+            )
+    rank = pd.to_numeric(saved["rank"], errors="coerce")
+    if rank.isna().any() or (rank < 1).any() or (rank != rank.round()).any():
+        raise ValueError(f"ranks file {path}: its ranks must be whole numbers >= 1")
+    return saved.assign(rank=rank.astype(np.int64))
 
 
 def paired_with_saved(now: pd.DataFrame, saved: pd.DataFrame, path: Path) -> dict:
-    """This run (`ranks_frame`) against a saved one (`read_ranks`) on the same samples: the
-    paired NDCG@10 difference and the rank pairing, this run as a. The saved run must cover
-    the same users and targets in the same order, or the pairing means nothing."""
-    for name in ("user_id", "target_item_id"):
-        if len(saved) != len(now) or list(saved[name].astype(str)) != list(now[name]):
-            raise ValueError(
-                f"ranks file {path}: its {name}s are not this run's ({len(saved)} samples against "
-                f"{len(now)}); evaluate both on the same data, split and --limit"
-            )
+    """This run (`ranks_frame`) against a saved one (`read_ranks`, already checked to cover
+    the same samples): the paired NDCG@10 difference and the rank pairing, this run as a."""
     a, b = now["rank"].to_numpy(), saved["rank"].to_numpy()
     return {
         "a": str(now["model"].iloc[0]),

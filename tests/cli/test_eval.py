@@ -139,6 +139,15 @@ def test_paired_with_refuses_a_run_it_cannot_pair(tiny_dataset, tmp_path):
         (["--paired-with", str(pop_ranks), "--mask", "prompt"], "its mask is seen, this run's is prompt"),
         (["--paired-with", str(pop_ranks), "--split", "valid"], "its split is test, this run's is valid"),
         (["--paired-with", str(pop_ranks), "--limit", "1"], "its user_ids are not this run's"),
+        (["--ranks-out", str(tmp_path)], "is a directory"),
     ]:
         code, out = _eval(*data, *args)
-        assert code != 0 and message in out, (args, out)
+        assert code == 2 and message in out, (args, out)  # 2: refused by fail(), not a traceback
+
+
+def test_a_failed_ranks_write_prints_the_results_then_fails(tiny_dataset, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    where = blocker / "r.parquet"  # under a file: the write fails after the run
+    code, out = _eval("--data", str(tiny_dataset.path), "--baseline", "pop", "--ranks-out", str(where))
+    assert code == 2 and "pop on " in out and f"--ranks-out {where}" in out

@@ -207,20 +207,26 @@ def test_eval_config_fields_are_documented_and_checked():
         EvalConfig(mask="history")
 
 
-def test_paired_with_saved_pairs_only_the_same_samples_in_the_same_order(tmp_path):
-    now = pd.DataFrame(
-        {"user_id": ["1", "2", "3"], "target_item_id": ["a", "b", "c"], "split": "test", "mask": "seen"}
-    )
-    now = now.assign(model="new", rank=[1, 20, 3])
+def test_a_ranks_file_pairs_only_with_the_same_samples_in_the_same_order(tmp_path):
+    samples = pd.DataFrame({"user_id": ["1", "2", "3"], "target_item_id": ["a", "b", "c"]})
+    now = samples.assign(split="test", mask="seen", model="new", rank=[1, 20, 3])
     path = tmp_path / "old.parquet"
     write_ranks(path, now.assign(model="old", rank=[2, 5, 3]))
-    saved = read_ranks(path, "test", "seen")
+    saved = read_ranks(path, samples, "test", "seen")
     pw = paired_with_saved(now, saved, path)
     assert (pw["a"], pw["b"]) == ("new", "old")
     # by hand: NDCG@10 per user 1 vs 1/log2(3), 0 vs 1/log2(6), equal for the third
     assert pw["ndcg@10"]["diff"] == pytest.approx((1 - 1 / math.log2(3) - 1 / math.log2(6)) / 3)
     assert (pw["rank"]["a_better"], pw["rank"]["b_better"], pw["rank"]["ties"]) == (1, 1, 1)
     with pytest.raises(ValueError, match="its target_item_ids are not this run's"):
-        paired_with_saved(now.assign(target_item_id=["a", "c", "b"]), saved, path)
+        read_ranks(path, samples.assign(target_item_id=["a", "c", "b"]), "test", "seen")
     with pytest.raises(ValueError, match="its user_ids are not this run's"):
-        paired_with_saved(now.iloc[::-1], saved, path)
+        read_ranks(path, samples.iloc[::-1], "test", "seen")
+    with pytest.raises(ValueError, match=r"its user_ids are not this run's \(3 samples against 2\)"):
+        read_ranks(path, samples.head(2), "test", "seen")
+    write_ranks(path, now.assign(rank=[1.0, None, 3.0]))
+    with pytest.raises(ValueError, match="ranks must be whole numbers >= 1"):
+        read_ranks(path, samples, "test", "seen")
+    write_ranks(path, now.assign(mask=["seen", None, "seen"]))
+    with pytest.raises(ValueError, match="its mask is <none>, seen"):
+        read_ranks(path, samples, "test", "seen")
