@@ -186,7 +186,7 @@ def eval_cmd(
             }
             off_ranks["rank_without_reasoning"] = off.ranks
     if ranks_out is not None or saved is not None:
-        frame = ranks_frame(ds, cfg, label, result.ranks, **off_ranks)
+        frame = ranks_frame(samples, cfg, label, result.ranks, **off_ranks)
         if saved is not None:
             extra["paired_with"] = paired_with_saved(frame, saved, paired_with)
         if ranks_out is not None:
@@ -225,10 +225,7 @@ def _print(ds: PreparedDataset, label: str, split: str, result: EvalResult, extr
         for flagged in q.get("unknown_title_examples", []):
             typer.echo(f"  names {', '.join(map(repr, flagged['unknown']))}: {flagged['text']!r}")
     if pair := extra.get("paired_ndcg@10"):
-        typer.echo(
-            f"  reasoning on vs off: NDCG@10 {pair['a']:.4f} vs {pair['b']:.4f}, "
-            f"diff {pair['diff']:+.4f} ± {pair['stderr']:.4f} (paired), ratio {pair['ratio']:.3f}"
-        )
+        typer.echo(f"  reasoning on vs off: {_ndcg_pair(pair)}")
     if pr := extra.get("paired_rank"):
         typer.echo(
             f"  reasoning on vs off, the target's rank: better for {pr['a_better']} users, worse for "
@@ -239,13 +236,20 @@ def _print(ds: PreparedDataset, label: str, split: str, result: EvalResult, extr
     if pw := extra.get("paired_with"):
         pair, pr = pw["ndcg@10"], pw["rank"]
         typer.echo(
-            f"  against {pw['b']} ({pw['path']}), per user: NDCG@10 {pair['a']:.4f} vs {pair['b']:.4f}, "
-            f"diff {pair['diff']:+.4f} ± {pair['stderr']:.4f} (paired), ratio {pair['ratio']:.3f}; "
-            f"the target's rank better for {pr['a_better']} users, worse for {pr['b_better']}, mean "
-            f"log(rank ratio) {pr['log_rank_diff']:+.3f} ± {pr['stderr']:.3f}"
+            f"  against {pw['b']} ({pw['path']}), per user: {_ndcg_pair(pair)}; the target's rank "
+            f"better for {pr['a_better']} users, worse for {pr['b_better']}, mean log(rank ratio) "
+            f"{pr['log_rank_diff']:+.3f} ± {pr['stderr']:.3f}"
         )
     for ex in result.examples:
         typer.echo(f"\n[user {ex['user_id']}] target {ex['target']!r} ranked {ex['rank']}\n{ex['reasoning']}")
+
+
+def _ndcg_pair(pair: dict) -> str:
+    """One `paired_difference` result as text."""
+    return (
+        f"NDCG@10 {pair['a']:.4f} vs {pair['b']:.4f}, "
+        f"diff {pair['diff']:+.4f} ± {pair['stderr']:.4f} (paired), ratio {pair['ratio']:.3f}"
+    )
 
 
 def _load_model(

@@ -139,11 +139,17 @@ def paired_ranks(ranks_a: Sequence[int], ranks_b: Sequence[int]) -> dict:
 RANK_COLUMNS = ("user_id", "target_item_id", "split", "mask", "model", "rank")
 
 
+def eval_rows(dataset: PreparedDataset, cfg: EvalConfig) -> pd.DataFrame:
+    """The samples a run of `cfg` scores, in the harness's order: `cfg.split`, its first
+    `cfg.limit` when set. `evaluate_scores` ranks these, and a ranks file names them."""
+    rows = dataset.split(cfg.split)
+    return rows.head(cfg.limit) if cfg.limit else rows
+
+
 def eval_samples(dataset: PreparedDataset, cfg: EvalConfig) -> pd.DataFrame:
     """Who each evaluated sample is (user_id, target_item_id as str), in the harness's order
-    (`evaluate_scores`): known before a run, so a pairing can be checked before it starts."""
-    rows = dataset.split(cfg.split)
-    rows = rows.head(cfg.limit) if cfg.limit else rows
+    (`eval_rows`): known before a run, so a pairing can be checked before it starts."""
+    rows = eval_rows(dataset, cfg)
     return pd.DataFrame(
         {
             "user_id": rows["user_id"].astype(str).to_numpy(),
@@ -153,16 +159,16 @@ def eval_samples(dataset: PreparedDataset, cfg: EvalConfig) -> pd.DataFrame:
 
 
 def ranks_frame(
-    dataset: PreparedDataset, cfg: EvalConfig, model: str, ranks: Sequence[int], **extra: Sequence[int]
+    samples: pd.DataFrame, cfg: EvalConfig, model: str, ranks: Sequence[int], **extra: Sequence[int]
 ) -> pd.DataFrame:
-    """One row per evaluated sample, in the harness's order: who, which target, under which
-    split and mask, by which model, and the target's rank (plus `extra` rank columns, e.g. the
-    same model without reasoning). What `r2ec eval --ranks-out` writes and `--paired-with`
-    reads, so two runs (two checkpoints, a checkpoint and a baseline) can be paired per user."""
-    out = eval_samples(dataset, cfg)
-    if len(out) != len(ranks) or any(len(v) != len(ranks) for v in extra.values()):
-        raise ValueError(f"{len(ranks)} ranks for {len(out)} samples of {cfg.split}")
-    out = out.assign(split=cfg.split, mask=cfg.mask, model=model, rank=np.asarray(ranks, dtype=np.int64))
+    """One row per evaluated sample (`eval_samples`), in the harness's order: who, which
+    target, under which split and mask, by which model, and the target's rank (plus `extra`
+    rank columns, e.g. the same model without reasoning). What `r2ec eval --ranks-out` writes
+    and `--paired-with` reads, so two runs (two checkpoints, a checkpoint and a baseline) can
+    be paired per user."""
+    if len(samples) != len(ranks) or any(len(v) != len(ranks) for v in extra.values()):
+        raise ValueError(f"{len(ranks)} ranks for {len(samples)} samples of {cfg.split}")
+    out = samples.assign(split=cfg.split, mask=cfg.mask, model=model, rank=np.asarray(ranks, dtype=np.int64))
     for name, values in extra.items():
         out[name] = np.asarray(values, dtype=np.int64)
     return out
@@ -356,8 +362,7 @@ def evaluate_scores(
     `cfg.batch_size`, scored against the whole catalog by `score_batch`, ranked under
     `cfg.mask` (the headline, with standard errors) and, beside it, under every mask."""
     start = time.perf_counter()
-    rows = dataset.split(cfg.split)
-    rows = rows.head(cfg.limit) if cfg.limit else rows
+    rows = eval_rows(dataset, cfg)
     col = _column_index(dataset.items)
     seen = seen_items(dataset, cfg.split)
     ranks: dict[str, list[int]] = {m: [] for m in MASKS}  # ranking is cheap next to scoring
