@@ -33,7 +33,18 @@ def retrain_cmd(
     time_budget_minutes: Annotated[float | None, typer.Option(help="Overrides the config")] = None,
     set_: SetOption = None,
     tolerance: Annotated[
-        float, typer.Option(help="Publish if NDCG@10 >= current - tolerance (negative: demand a gain)")
+        float,
+        typer.Option(
+            help="Publish if NDCG@10 >= current - tolerance - Z paired s.e. (negative: demand a gain"
+            " of -tolerance + Z s.e.)"
+        ),
+    ] = 0.0,
+    gate_z: Annotated[
+        float,
+        typer.Option(
+            help="Z: standard errors of the paired per-sample NDCG@10 difference that count against"
+            " the candidate (0: compare the means; 2: reject only a credible drop)"
+        ),
     ] = 0.0,
     keep: Annotated[int, typer.Option(help="Versions to keep (the current one always stays)")] = 3,
     min_events: Annotated[int, typer.Option(help="New stream events needed to train")] = 1,
@@ -52,7 +63,13 @@ def retrain_cmd(
     try:
         train_cfg = recpo_config(config, set_, max_steps=max_steps, time_budget_minutes=time_budget_minutes)
         cfg = RetrainConfig(
-            root=root, data=data, train=train_cfg, tolerance=tolerance, keep=keep, min_events=min_events
+            root=root,
+            data=data,
+            train=train_cfg,
+            tolerance=tolerance,
+            gate_z=gate_z,
+            keep=keep,
+            min_events=min_events,
         )
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
@@ -135,6 +152,11 @@ def _report(result: RetrainResult) -> None:
     typer.echo(f"  current  {result.current_version}  {result.metric} {fmt(result.current_metric)}")
     if result.candidate_version:
         typer.echo(f"  trained  {result.candidate_version}  {result.metric} {fmt(result.candidate_metric)}")
+    if result.paired_diff is not None:
+        typer.echo(
+            f"  paired   {result.paired_diff:+.4f} ± {result.paired_stderr:.4f} {result.metric}"
+            f" (candidate - current, {result.paired_samples} valid samples)"
+        )
     if result.published_version:
         typer.echo(f"  CURRENT -> {result.published_version}")
     if result.pruned:

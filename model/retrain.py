@@ -5,9 +5,11 @@ One run:
 2. rebuild the samples: the seed dataset's interactions (recovered from its samples) plus every
    consumed event, split with the seed's protocol by the same builder `r2ec data prepare` uses;
 3. train from the CURRENT checkpoint (model/train.py `train(cfg, dataset, base=checkpoint)`);
-4. evaluate the candidate and the current checkpoint on the same valid samples;
-5. publish the candidate as ROOT/<version> and flip ROOT/CURRENT only if its NDCG@10 is
-   >= the current one's - tolerance; keep the `keep` newest versions and always the current.
+4. rank the same valid samples with the candidate and the current checkpoint;
+5. publish the candidate as ROOT/<version> and flip ROOT/CURRENT only if its NDCG@10, paired
+   per sample with the current one's, passes `gate` (not worse by more than tolerance + gate_z
+   standard errors; a negative tolerance demands a gain beyond them); keep the `keep` newest
+   versions and always the current.
 
 Versions root::
 
@@ -54,7 +56,7 @@ from model.checkpoint import (
 from model.data import SPLITS, PreparedDataset, load_prepared
 from model.data.build import build_prepared
 from model.data.dataset import atomic_write
-from model.evaluate import evaluate_model, validation_eval_config
+from model.evaluate import eval_rows, evaluate_model, paired_difference, validation_eval_config
 from model.recpo import RecPOConfig
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,7 @@ ReadEvents = Callable[[str | None], tuple[Sequence[Interaction], str | None]]
 class RetrainConfig:
     """root: versions root (holds CURRENT); data: the seed prepared dataset;
     tolerance: publish when candidate NDCG@10 >= current - tolerance (negative demands a gain);
+    gate_z: standard errors of their paired difference added to the candidate's burden (`gate`);
     keep: published versions kept (the current one always is);
     min_events: new stream events needed to train (ignored without a stream)."""
 
@@ -115,6 +118,7 @@ class RetrainConfig:
     data: Path
     train: RecPOConfig = field(default_factory=RecPOConfig)
     tolerance: float = 0.0
+    gate_z: float = 0.0
     keep: int = 3
     min_events: int = 1
 
@@ -126,6 +130,8 @@ class RetrainConfig:
             raise ValueError(f"min_events must be >= 0, got {self.min_events}")
         if not math.isfinite(self.tolerance):
             raise ValueError(f"tolerance must be finite, got {self.tolerance}")
+        if not (math.isfinite(self.gate_z) and self.gate_z >= 0):
+            raise ValueError(f"gate_z must be a finite number >= 0, got {self.gate_z}")
 
 
 @dataclass
@@ -141,6 +147,10 @@ class RetrainResult:
     candidate_metric: float | None = None
     metric: str = METRIC
     tolerance: float = 0.0
+    gate_z: float = 0.0
+    paired_diff: float | None = None  # candidate - current NDCG@10, per sample on the same valid samples
+    paired_stderr: float | None = None  # its standard error (0 for one sample)
+    paired_samples: int = 0  # one per user under loo; several per user under temporal
     stream: bool = True
     new_events: int = 0
     events_total: int = 0
@@ -299,26 +309,38 @@ def _write_state(work: Path, state: dict[str, Any]) -> None:
     atomic_write(work / STATE_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-# -- evaluation --------------------------------------------------------------------------------
-def evaluate_checkpoint(path: Path, ds: PreparedDataset, cfg: RecPOConfig) -> float:
-    """NDCG@10 of a checkpoint on ds's valid split under `validation_eval_config(cfg)`."""
+# -- evaluation and the gate -------------------------------------------------------------------
+def validation_ranks(path: Path, ds: PreparedDataset, cfg: RecPOConfig) -> np.ndarray:
+    """Per-user target ranks of a checkpoint on ds's valid split under
+    `validation_eval_config(cfg)`, in the harness's order (model/evaluate.py `eval_rows`).
+    Loaded as the service loads it (`load_checkpoint`), so the gate scores both versions
+    through the same path, the one that will serve them."""
     ckpt = load_checkpoint(path, dtype=cfg.dtype)
     if list(ckpt.items["item_id"]) == list(ds.items["item_id"]):
         vectors = ckpt.item_vectors
     else:  # a different catalog: encode this one
         vectors = ckpt.model.item_vectors(ds.items.to_dict("records"))
     result = evaluate_model(ckpt.model, ds, vectors, validation_eval_config(cfg), progress=False)
-    return float(result.metrics[METRIC])
+    return np.asarray(result.ranks, dtype=np.int64)
 
 
-def candidate_metric(path: Path, ds: PreparedDataset, cfg: RecPOConfig) -> float:
-    """The metric train() recorded for its best checkpoint, or a fresh evaluation if it
-    recorded none under the same settings."""
-    valid = read_meta(path).get("metrics", {}).get("valid", {})
-    same = valid.get("limit") == cfg.eval_limit and valid.get("mask") == validation_eval_config(cfg).mask
-    if METRIC in valid and same:
-        return float(valid[METRIC])
-    return evaluate_checkpoint(path, ds, cfg)
+def gate(candidate: np.ndarray, current: np.ndarray, tolerance: float, z: float) -> tuple[bool, dict]:
+    """Publish or not, from the two versions' ranks on the same valid samples.
+
+    d = the mean per-sample NDCG@10 difference (candidate - current), se = its paired standard
+    error (model/evaluate.py `paired_difference`; 0 for a single sample). z standard errors
+    always count against the candidate's burden of proof:
+    - tolerance >= 0 (a drop of up to `tolerance` is allowed): publish when
+      d + z * se >= -tolerance. z = 0 compares the means; z = 2 rejects only a candidate worse
+      by more than the tolerance plus two standard errors, so a run that moved nothing beyond
+      the validation noise still ships its fresher data;
+    - tolerance < 0 (a gain of -tolerance is demanded): publish when d - z * se >= -tolerance,
+      a gain beyond z standard errors, so noise alone cannot meet it.
+    """
+    paired = paired_difference(candidate, current, METRIC)
+    se = paired["stderr"] if math.isfinite(paired["stderr"]) else 0.0
+    bound = paired["diff"] + (z * se if tolerance >= 0 else -z * se)
+    return bound >= -tolerance, {**paired, "stderr": se}
 
 
 # -- one run -----------------------------------------------------------------------------------
@@ -343,6 +365,7 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
             reason="",
             current_version=current,
             tolerance=cfg.tolerance,
+            gate_z=cfg.gate_z,
             stream=read_events is not None,
             new_events=new,
             events_total=int(len(events)),
@@ -353,22 +376,25 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
             return _finish(work, result, started)
         ds, result.events_unknown_item = rebuild_dataset(seed, events, work / "data")
         result.samples = {name: int(len(ds.split(name))) for name in SPLITS}
-        result.current_metric = evaluate_checkpoint(root / current, ds, cfg.train)
+        if eval_rows(ds, validation_eval_config(cfg.train)).empty:
+            raise RetrainError(
+                f"the rebuilt dataset {ds.path} has no valid samples to compare the versions on"
+            )
+        current_ranks = validation_ranks(root / current, ds, cfg.train)
         run = work / "run"
         shutil.rmtree(run, ignore_errors=True)
         try:
             best = train(cfg.train, ds, str(root / current), run, resume=False)
             result.candidate_version = str(read_meta(best)["version"])
-            result.candidate_metric = candidate_metric(best, ds, cfg.train)
-            if result.candidate_metric >= result.current_metric - cfg.tolerance:
+            ok, paired = gate(validation_ranks(best, ds, cfg.train), current_ranks, cfg.tolerance, cfg.gate_z)
+            result.candidate_metric, result.current_metric = paired["a"], paired["b"]
+            result.paired_diff, result.paired_stderr = paired["diff"], paired["stderr"]
+            result.paired_samples = paired["users"]
+            if ok:
                 _publish(root, best, result)
                 result.pruned = prune_versions(root, cfg.keep)
             else:
-                result.status = "rejected"
-                result.reason = (
-                    f"{METRIC} {result.candidate_metric:.4f} < current {result.current_metric:.4f}"
-                    f" - tolerance {cfg.tolerance:g}"
-                )
+                result.status, result.reason = "rejected", _gate_text(result, "<")
         finally:
             shutil.rmtree(run, ignore_errors=True)
         return _finish(work, result, started)
@@ -377,12 +403,21 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
 def _publish(root: Path, best: Path, result: RetrainResult) -> None:
     version = unused_version(root, str(result.candidate_version))
     result.status, result.published_version = "published", version
-    result.reason = (
-        f"{METRIC} {result.candidate_metric:.4f} >= current {result.current_metric:.4f}"
-        f" - tolerance {result.tolerance:g}"
-    )
+    result.reason = _gate_text(result, ">=")
     (best / RECORD_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     publish_version(root, best, version)
+
+
+def _gate_text(result: RetrainResult, op: str) -> str:
+    """e.g. "ndcg@10 0.0712 >= current 0.0650 - tolerance 0 - 2 s.e. (paired on 200 valid
+    samples: +0.0062 ± 0.0031)"; a demanded gain reads "current 0.0650 + gain 0.01 + 2 s.e."."""
+    margin = f"- tolerance {result.tolerance:g}" if result.tolerance >= 0 else f"+ gain {-result.tolerance:g}"
+    z = f" {margin[0]} {result.gate_z:g} s.e." if result.gate_z else ""
+    return (
+        f"{METRIC} {result.candidate_metric:.4f} {op} current {result.current_metric:.4f}"
+        f" {margin}{z} (paired on {result.paired_samples} valid"
+        f" samples: {result.paired_diff:+.4f} ± {result.paired_stderr:.4f})"
+    )
 
 
 def _finish(work: Path, result: RetrainResult, started: float) -> RetrainResult:

@@ -104,6 +104,11 @@ def test_retrain_publishes_reads_only_new_events_and_keeps_current_when_worse(
     assert second["new_events"] == 2 and second["events_total"] == 5
     assert second["status"] == "rejected" and second["current_version"] == new
     assert second["candidate_metric"] is not None and second["candidate_version"] != new
+    assert second["paired_samples"] == second["samples"]["valid"]  # the rebuilt valid split, paired
+    assert second["reason"].startswith(
+        f"ndcg@10 {second['candidate_metric']:.4f} < current {second['current_metric']:.4f} + gain 1 "
+        f"(paired on {second['paired_samples']} valid samples: {second['paired_diff']:+.4f} ± "
+    )
     assert (root / "CURRENT").read_text().strip() == new
     assert sorted(p.name for p in root.iterdir()) == sorted(["CURRENT", "retrain", "v0", new])
     assert read_state(root / "retrain")["last_event_id"] == second["last_event_id"] == _last_stream_id(url)
@@ -149,3 +154,26 @@ def test_a_failed_scheduled_run_is_retried_with_backoff_not_at_the_next_tick():
     with pytest.raises(Done):
         run_forever(run_once, every, retry, sleep=sleep)
     assert slept == [300, 600, 1200, every, 300, every]
+
+
+def test_the_report_shows_the_paired_difference_the_gate_used(capsys):
+    from cli.retrain import _report
+    from model.retrain import RetrainResult
+
+    result = RetrainResult(
+        status="rejected",
+        reason="ndcg@10 0.0600 < current 0.0700 - tolerance 0 - 2 s.e. (...)",
+        current_version="v1",
+        candidate_version="v2",
+        current_metric=0.07,
+        candidate_metric=0.06,
+        gate_z=2.0,
+        paired_diff=-0.01,
+        paired_stderr=0.004,
+        paired_samples=200,
+    )
+    _report(result)
+    out = capsys.readouterr().out
+    assert "retrain rejected: ndcg@10 0.0600 < current 0.0700" in out
+    assert "paired   -0.0100 ± 0.0040 ndcg@10 (candidate - current, 200 valid samples)" in out
+    assert "CURRENT ->" not in out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -17,8 +18,10 @@ from model.retrain import (
     RetrainConfig,
     consume_events,
     events_frame,
+    gate,
     rebuild_dataset,
     retrain,
+    validation_ranks,
 )
 from tests.conftest import FIXTURES
 
@@ -150,16 +153,75 @@ def test_too_few_new_events_skip_training_but_keep_the_cursor(versions_root, tin
     assert retrain(cfg, reader).new_events == 0 and reader.calls == [None, "after:1"]
 
 
+# -- the publish gate -------------------------------------------------------------------------
+def test_the_gate_pairs_the_same_users_and_allows_z_standard_errors():
+    # per-user NDCG@10: candidate 1, 0, 1/log2(3), 0; current 1, 1, 0, 0
+    cand, cur = np.array([1, 20, 2, 20]), np.array([1, 1, 20, 20])
+    d = np.array([0.0, -1.0, 1 / np.log2(3), 0.0])  # mean -0.0923, paired s.e. 0.3372
+    se = d.std(ddof=1) / 2
+    ok, paired = gate(cand, cur, tolerance=0.0, z=0.0)
+    assert not ok and paired["diff"] == pytest.approx(d.mean()) and paired["stderr"] == pytest.approx(se)
+    assert (paired["a"], paired["b"], paired["users"]) == (pytest.approx(0.25 + d[2] / 4), 0.5, 4)
+    assert gate(cand, cur, tolerance=0.0, z=0.27)[0] is False  # -0.0923 + 0.27 * 0.3372 < 0
+    assert gate(cand, cur, tolerance=0.0, z=0.28)[0] is True
+    assert gate(cand, cur, tolerance=0.093, z=0.0)[0] is True and gate(cand, cur, 0.092, 0.0)[0] is False
+    assert gate(cur, cur, tolerance=0.0, z=0.0)[0] is True  # equal is not worse
+    assert gate(cur, cur, tolerance=-0.01, z=5.0)[0] is False  # a demanded gain no s.e. can give
+    ok, paired = gate(np.array([2]), np.array([1]), tolerance=0.0, z=3.0)  # one sample: s.e. 0
+    assert not ok and paired["stderr"] == 0.0
+
+
+def test_a_demanded_gain_must_clear_the_standard_errors_not_hide_in_them():
+    cur, cand = np.array([1, 20, 1, 20, 20, 1, 20, 20]), np.array([20, 1, 20, 1, 20, 20, 20, 20])
+    ok, paired = gate(cand, cur, tolerance=0.0, z=2.0)  # d = -0.125, se = 0.295: within noise
+    assert (
+        ok and paired["diff"] == pytest.approx(-0.125) and paired["stderr"] == pytest.approx(0.2950, abs=1e-4)
+    )
+    assert gate(cand, cur, tolerance=-0.01, z=2.0)[0] is False  # a gain is demanded: z makes it harder
+    better, worse = np.array([1] * 7 + [20]), np.array([20] * 7 + [1])  # d = +0.75, se = 0.25
+    assert gate(better, worse, tolerance=-0.25, z=1.9)[0] is True  # 0.75 - 1.9 * 0.25 >= 0.25
+    assert gate(better, worse, tolerance=-0.25, z=2.1)[0] is False
+
+
+@pytest.mark.parametrize("z", [-1.0, float("inf"), float("nan")])
+def test_gate_z_must_be_a_finite_non_negative_number(tmp_path, z):
+    with pytest.raises(ValueError, match="gate_z must be a finite number >= 0"):
+        RetrainConfig(tmp_path, tmp_path, gate_z=z)
+
+
 # -- a run with the tiny model ---------------------------------------------------------------
-def test_retrain_without_a_stream_trains_on_the_dataset_and_prunes(versions_root, tiny_dataset):
+def test_retrain_without_a_stream_trains_on_the_dataset_and_prunes(versions_root, tiny_dataset, monkeypatch):
+    import model.retrain
+
+    scored = []  # both versions go through the path that will serve them (load_checkpoint)
+    real = model.retrain.validation_ranks
+    monkeypatch.setattr(model.retrain, "validation_ranks", lambda p, *a: scored.append(p.name) or real(p, *a))
     cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0, keep=1)
     result = retrain(cfg, read_events=None)
+    assert scored == ["v0", "best"]
     assert result.status == "published" and not result.stream and result.new_events == 0
+    assert result.paired_samples == len(tiny_dataset.split("valid"))  # every valid sample, paired
+    assert result.reason.startswith(
+        f"ndcg@10 {result.candidate_metric:.4f} >= current {result.current_metric:.4f} - tolerance 1 "
+        f"(paired on {result.paired_samples} valid samples: "
+    )
     assert result.pruned == ["v0"]  # keep=1: only the new current survives
     assert sorted(p.name for p in versions_root.iterdir()) == sorted(
         ["CURRENT", "retrain", result.published_version]
     )
     _same_splits(load_prepared(versions_root / "retrain" / "data" / "tiny" / "loo"), tiny_dataset)
+
+
+def test_an_unchanged_model_scores_the_same_twice(versions_root, tiny_dataset):
+    """The gate's two evaluations share one path, so the same weights pair to d = 0."""
+    cfg = RecPOConfig(**TINY_TRAIN)
+    a, b = (validation_ranks(versions_root / "v0", tiny_dataset, cfg) for _ in range(2))
+    ok, paired = gate(a, b, tolerance=0.0, z=0.0)
+    assert ok and (paired["diff"], paired["stderr"], paired["users"]) == (
+        0.0,
+        0.0,
+        len(tiny_dataset.split("valid")),
+    )
 
 
 def test_clear_errors(tmp_path, versions_root, tiny_dataset):
