@@ -177,3 +177,9 @@ def test_the_report_shows_the_paired_difference_the_gate_used(capsys):
     assert "retrain rejected: ndcg@10 0.0600 < current 0.0700" in out
     assert "paired   -0.0100 ± 0.0040 ndcg@10 (candidate - current, 200 valid samples)" in out
     assert "CURRENT ->" not in out
+
+
+def test_a_negative_gate_z_is_refused_by_name(versions_root, tiny_dataset):
+    code, out, _ = _cli("--data", str(tiny_dataset.path), "--root", str(versions_root), "--gate-z", "-1")
+    assert code == 2 and "gate_z must be a finite number >= 0, got -1.0" in out
+    assert (versions_root / "CURRENT").read_text() == "v0\n" and not (versions_root / "retrain").exists()
