@@ -96,6 +96,13 @@ def eval_cmd(
             "checkpoint, a baseline): print this run against it per user (paired NDCG@10, the rank pairing)"
         ),
     ] = None,
+    paired_column: Annotated[
+        str,
+        typer.Option(
+            help="Which of the --paired-with run's modes to pair with: rank (its headline) or "
+            "rank_without_reasoning (its no-reasoning mode, saved by --compare-reasoning)"
+        ),
+    ] = "rank",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Full-ranking Hit@5/10/20 and NDCG@5/10/20 over the whole catalog, with per-user
@@ -131,6 +138,8 @@ def eval_cmd(
         fail("--quantize int8 needs --backend engine and --dtype bfloat16 (the int8 kernel reads bf16)")
     if speculative_tokens < 0:
         fail(f"--speculative-tokens must be >= 0, got {speculative_tokens}")
+    if paired_column != "rank" and paired_with is None:
+        fail("--paired-column needs --paired-with (the saved run whose column it names)")
     try:
         ds = load_prepared(data)
         cfg = EvalConfig(
@@ -146,7 +155,7 @@ def eval_cmd(
         if ranks_out is not None and ranks_out.is_dir():
             raise ValueError(f"--ranks-out {ranks_out} is a directory; give a file path")
         samples = eval_samples(ds, cfg)
-        saved = read_ranks(paired_with, samples, split, mask) if paired_with is not None else None
+        saved = None if paired_with is None else read_ranks(paired_with, samples, split, mask, paired_column)
     except (DataError, ValueError) as exc:
         fail(str(exc))
     extra: dict = {}

@@ -137,6 +137,9 @@ def paired_ranks(ranks_a: Sequence[int], ranks_b: Sequence[int]) -> dict:
 
 
 RANK_COLUMNS = ("user_id", "target_item_id", "split", "mask", "model", "rank")
+# the rank columns a ranks file may hold: the run's headline mode, and with --compare-reasoning
+# the same model without reasoning
+PAIRED_COLUMNS = ("rank", "rank_without_reasoning")
 
 
 def eval_rows(dataset: PreparedDataset, cfg: EvalConfig) -> pd.DataFrame:
@@ -179,11 +182,17 @@ def write_ranks(path: Path, frame: pd.DataFrame) -> None:
     atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
-def read_ranks(path: Path, samples: pd.DataFrame, split: str, mask: str) -> pd.DataFrame:
+def read_ranks(
+    path: Path, samples: pd.DataFrame, split: str, mask: str, column: str = "rank"
+) -> pd.DataFrame:
     """A ranks file (`write_ranks`) that pairs with a run of `split` under `mask` over
     `samples` (`eval_samples`): the same users and targets in the same order, ranks >= 1.
+    `column` (PAIRED_COLUMNS) is the saved run's mode to pair with, returned as `rank`, e.g.
+    `rank_without_reasoning`: a model trained without reasoning read on its fast path.
     ValueError naming what is wrong; read before that run starts, so a file it cannot pair
     with fails in a second, not after the whole eval."""
+    if column not in PAIRED_COLUMNS:
+        raise ValueError(f"the paired column must be one of {', '.join(PAIRED_COLUMNS)}, got {column!r}")
     try:
         saved = pd.read_parquet(path)
     except Exception as exc:  # OSError, or any of pyarrow's errors for a file that is not parquet
@@ -192,6 +201,10 @@ def read_ranks(path: Path, samples: pd.DataFrame, split: str, mask: str) -> pd.D
     if missing:
         raise ValueError(
             f"ranks file {path}: no column {', '.join(missing)} (r2ec eval --ranks-out writes them)"
+        )
+    if column not in saved.columns:
+        raise ValueError(
+            f"ranks file {path}: no column {column} (r2ec eval --compare-reasoning --ranks-out writes it)"
         )
     for name, ours in (("split", split), ("mask", mask)):
         theirs = sorted(set(saved[name].astype(str).fillna("<none>")))
@@ -203,10 +216,11 @@ def read_ranks(path: Path, samples: pd.DataFrame, split: str, mask: str) -> pd.D
                 f"ranks file {path}: its {name}s are not this run's ({len(saved)} samples against "
                 f"{len(samples)}); evaluate both on the same data, split and --limit"
             )
-    rank = pd.to_numeric(saved["rank"], errors="coerce")
+    rank = pd.to_numeric(saved[column], errors="coerce")
     if rank.isna().any() or (rank < 1).any() or (rank != rank.round()).any():
-        raise ValueError(f"ranks file {path}: its ranks must be whole numbers >= 1")
-    return saved.assign(rank=rank.astype(np.int64))
+        raise ValueError(f"ranks file {path}: its {column} values must be whole numbers >= 1")
+    model = saved["model"].astype(str) + ("" if column == "rank" else " without reasoning")
+    return saved.assign(rank=rank.astype(np.int64), model=model)
 
 
 def paired_with_saved(now: pd.DataFrame, saved: pd.DataFrame, path: Path) -> dict:

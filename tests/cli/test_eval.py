@@ -126,6 +126,22 @@ def test_paired_with_pairs_a_run_with_a_saved_one_per_user(tiny_dataset, tiny_ch
     assert code == 0 and "against pop (" in out
 
 
+def test_paired_column_pairs_with_the_saved_runs_no_reasoning_mode(tiny_dataset, tiny_checkpoint, tmp_path):
+    args = ["--data", str(tiny_dataset.path), "--checkpoint", str(tiny_checkpoint), "--dtype", "float32"]
+    both = tmp_path / "both.parquet"
+    code, out = _eval(*args, "--compare-reasoning", "--max-reasoning-tokens", "4", "--ranks-out", str(both))
+    assert code == 0, out
+    # the same model's fast path against the saved fast path: every user a tie
+    pair = ["--paired-with", str(both), "--paired-column", "rank_without_reasoning"]
+    code, out = _eval(*args, "--no-reasoning", "--json", *pair)
+    assert code == 0, out
+    pw = json.loads(out.strip().splitlines()[-1])["paired_with"]
+    assert pw["b"].endswith(" without reasoning") and pw["ndcg@10"]["diff"] == 0.0
+    assert pw["rank"]["ties"] == pw["rank"]["users"] == len(tiny_dataset.split("test"))
+    code, out = _eval(*args, "--no-reasoning", "--paired-column", "rank_without_reasoning")
+    assert code == 2 and "--paired-column needs --paired-with" in out
+
+
 def test_paired_with_refuses_a_run_it_cannot_pair(tiny_dataset, tmp_path):
     data = ["--data", str(tiny_dataset.path), "--baseline", "pop"]
     pop_ranks = tmp_path / "pop.parquet"

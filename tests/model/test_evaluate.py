@@ -225,8 +225,26 @@ def test_a_ranks_file_pairs_only_with_the_same_samples_in_the_same_order(tmp_pat
     with pytest.raises(ValueError, match=r"its user_ids are not this run's \(3 samples against 2\)"):
         read_ranks(path, samples.head(2), "test", "seen")
     write_ranks(path, now.assign(rank=[1.0, None, 3.0]))
-    with pytest.raises(ValueError, match="ranks must be whole numbers >= 1"):
+    with pytest.raises(ValueError, match="its rank values must be whole numbers >= 1"):
         read_ranks(path, samples, "test", "seen")
     write_ranks(path, now.assign(mask=["seen", None, "seen"]))
     with pytest.raises(ValueError, match="its mask is <none>, seen"):
         read_ranks(path, samples, "test", "seen")
+
+
+def test_a_ranks_file_pairs_with_the_mode_its_column_names(tmp_path):
+    samples = pd.DataFrame({"user_id": ["1", "2"], "target_item_id": ["a", "b"]})
+    saved = samples.assign(split="test", mask="seen", model="old", rank=[1, 2])
+    path = tmp_path / "old.parquet"
+    write_ranks(path, saved.assign(rank_without_reasoning=[7, 3]))
+    off = read_ranks(path, samples, "test", "seen", "rank_without_reasoning")
+    assert list(off["rank"]) == [7, 3] and set(off["model"]) == {"old without reasoning"}
+    assert list(read_ranks(path, samples, "test", "seen")["rank"]) == [1, 2]  # the headline by default
+    with pytest.raises(ValueError, match="paired column must be one of rank, rank_without_reasoning"):
+        read_ranks(path, samples, "test", "seen", "model")
+    write_ranks(path, saved)  # a run without --compare-reasoning
+    with pytest.raises(ValueError, match="no column rank_without_reasoning .*--compare-reasoning"):
+        read_ranks(path, samples, "test", "seen", "rank_without_reasoning")
+    write_ranks(path, saved.assign(rank_without_reasoning=[0, 3]))
+    with pytest.raises(ValueError, match="its rank_without_reasoning values must be whole numbers >= 1"):
+        read_ranks(path, samples, "test", "seen", "rank_without_reasoning")
