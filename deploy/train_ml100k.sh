@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The ml-100k training recipe, about 110 minutes on a 2-core CPU (BENCHMARKS.md §1-2):
-#   1. the rationale stage (reasoning cold start) from the backbone, 60 minutes;
-#   2. the same objective with co-watch hints in the prompt (model/cowatch.py), warm-started
-#      from stage 1, 50 minutes: the model artifacts/ml100k ships;
-#   3. only with RECPO=1: RecPO from stage 2, 10 minutes. Measured (BENCHMARKS.md §1, stop 20): it
-#      leaves the reasoning mode within noise (0.078-0.080 NDCG@10) and lowers the no-reasoning one.
+# The ml-100k training recipe, about 100 minutes on a 2-core CPU (BENCHMARKS.md §1-2):
+#   1. one run from the backbone (configs/ml100k-onestage.yaml): the rationale objective (the
+#      reasoning cold start) with co-watch hints in the prompt (model/cowatch.py) and the
+#      distillation to their counts: the model artifacts/ml100k ships;
+#   2. only with RECPO=1: RecPO from it, 10 minutes. Measured on the earlier two-stage model
+#      (BENCHMARKS.md §1, stop 20): it left the reasoning mode within noise and lowered the
+#      no-reasoning one.
+# The earlier two-stage recipe (configs/ml100k-rationale.yaml, then configs/ml100k-hints.yaml,
+# ~113 minutes) measured below it (stop 28).
 # Usage: bash deploy/train_ml100k.sh [RUNS_DIR]
 # A run killed midway continues where it stopped: rerun with RESUME=1.
 set -euo pipefail
@@ -20,7 +23,6 @@ stage() {  # stage NAME BASE CONFIG: train into $runs/NAME unless it finished be
   touch "$runs/$name/done"
 }
 
-stage rationale smollm2 configs/ml100k-rationale.yaml
-stage hints "$runs/rationale/best" configs/ml100k-hints.yaml
-[ "${RECPO:-0}" = 1 ] && stage recpo "$runs/hints/best" configs/ml100k-recpo.yaml
-echo "checkpoints: $runs/rationale/best (stage 1), $runs/hints/best (stage 2, what artifacts/ml100k ships)"
+stage onestage smollm2 configs/ml100k-onestage.yaml
+[ "${RECPO:-0}" = 1 ] && stage recpo "$runs/onestage/best" configs/ml100k-recpo.yaml
+echo "checkpoint: $runs/onestage/best (what artifacts/ml100k ships)"
