@@ -24,7 +24,7 @@ rounds differently with the shape of a matmul, as the engine's paths differ from
 speculative engine drafts from the texts of the prompts before (as a service does from the
 users it answered before), never from a prompt's own earlier text.
 
-    python3 bench/bench_agreement.py --checkpoint runs/hints/best [--rows 8] [--tokens 64] \
+    python3 bench/bench_agreement.py --checkpoint runs/ml100k/onestage/best [--rows 8] [--tokens 64] \
         [--settings served,onednn,nospec,exact]
 
 bench/bench_decode.py reports the free-running agreement over its first 4 prompts with timings;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ml-100k training recipe, about 100 minutes on a 2-core CPU (BENCHMARKS.md §1-2):
+# The ml-100k training recipe, a 100-minute budget (~107 minutes of wall time) on a 2-core CPU (BENCHMARKS.md §1-2):
 #   1. one run from the backbone (configs/ml100k-onestage.yaml): the rationale objective (the
 #      reasoning cold start) with co-watch hints in the prompt (model/cowatch.py) and the
 #      distillation to their counts: the model artifacts/ml100k ships;
@@ -7,7 +7,7 @@
 #      (BENCHMARKS.md §1, stop 20): it left the reasoning mode within noise and lowered the
 #      no-reasoning one.
 # The earlier two-stage recipe (configs/ml100k-rationale.yaml, then configs/ml100k-hints.yaml,
-# ~113 minutes) measured below it (stop 28).
+# ~113 minutes) measured no better, within noise per user (stop 28).
 # Usage: bash deploy/train_ml100k.sh [RUNS_DIR]
 # A run killed midway continues where it stopped: rerun with RESUME=1.
 set -euo pipefail
