@@ -45,8 +45,7 @@ def checkpoint_init(
         except CheckpointError as exc:
             fail(str(exc))
         src = ckpt.meta
-        same = list(ckpt.items["item_id"]) == list(ds.items["item_id"])
-        vectors = ckpt.item_vectors if same else ckpt.model.item_vectors(ds.items.to_dict("records"), True)
+        vectors = ckpt.vectors_for(ds.items, progress=True)
         meta = save_checkpoint(
             out,
             ckpt.model,

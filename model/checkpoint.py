@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from model.backbone import BackboneConfig, load_backbone, load_lm, prepare_tokenizer
 from model.cowatch import FILE as COWATCH_PARQUET
@@ -83,6 +84,13 @@ class Checkpoint:
     @property
     def version(self) -> str:
         return str(self.meta["version"])
+
+    def vectors_for(self, items: pd.DataFrame, progress: bool = False) -> np.ndarray | torch.Tensor:
+        """The item vectors of catalog `items`: the stored table when it is this checkpoint's
+        catalog (same ids, same order), else encoded by the checkpoint's model."""
+        if list(self.items["item_id"]) == list(items["item_id"]):
+            return self.item_vectors
+        return self.model.item_vectors(items.to_dict("records"), progress=progress)
 
 
 def save_checkpoint(

@@ -316,10 +316,7 @@ def validation_ranks(path: Path, ds: PreparedDataset, cfg: RecPOConfig) -> np.nd
     Loaded as the service loads it (`load_checkpoint`), so the gate scores both versions
     through the same path, the one that will serve them."""
     ckpt = load_checkpoint(path, dtype=cfg.dtype)
-    if list(ckpt.items["item_id"]) == list(ds.items["item_id"]):
-        vectors = ckpt.item_vectors
-    else:  # a different catalog: encode this one
-        vectors = ckpt.model.item_vectors(ds.items.to_dict("records"))
+    vectors = ckpt.vectors_for(ds.items)
     result = evaluate_model(ckpt.model, ds, vectors, validation_eval_config(cfg), progress=False)
     return np.asarray(result.ranks, dtype=np.int64)
 

@@ -42,6 +42,12 @@ def test_full_checkpoint_round_trip_gives_identical_vectors(tmp_path, tiny_model
     np.testing.assert_allclose(again, vectors, atol=1e-6)
     assert list(ckpt.items["item_id"]) == list(items["item_id"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temp dirs left"
+    # its own catalog reads the stored table; another order is encoded, row by row the same items
+    assert ckpt.vectors_for(items) is ckpt.item_vectors
+    flipped = items.iloc[::-1].reset_index(drop=True)
+    encoded = ckpt.vectors_for(flipped)
+    assert encoded is not ckpt.item_vectors
+    np.testing.assert_allclose(np.asarray(encoded), vectors[::-1], atol=1e-6)
 
 
 def test_base_checkpoint_rebuilds_from_reference(tmp_path, tiny_dataset):
