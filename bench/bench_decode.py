@@ -218,7 +218,7 @@ def main() -> None:
     histories = sample_histories(test.iloc[: args.rows + args.warm], titles)
     prompts = model.user_prompt_ids(histories[: args.rows])
     others = model.user_prompt_ids(histories[args.rows :])
-    # as served: the title list under the grammar of each prompt's titles (model/constrained.py)
+    # as served: the title list under the grammar of each prompt's highest-rated titles (model/constrained.py)
     limits = model.title_lists(histories[: args.rows])
     full, one = GenerationSettings(max_new_tokens=args.tokens), GenerationSettings(max_new_tokens=1)
     print(

@@ -96,6 +96,9 @@ def print_table(table: list[dict]) -> None:
             if q
             else ""
         )
+        for kind in ("genres", "rated"):  # the claims that hold, where texts make them
+            if q and q.get(f"{kind}_hold_share") is not None:
+                texts += f", {kind} hold {q[f'{kind}_hold_share']:.0%}"
         print(f"| {r['label']} | {r['split']} | {values} | {none:.4f} | {paired} | {ranks} | {texts} |")
 
 

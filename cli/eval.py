@@ -47,7 +47,8 @@ def eval_cmd(
         bool,
         typer.Option(
             "--constrain-titles/--free-titles",
-            help="Decode the reasoning's title list under the grammar of the prompt's titles (as served)",
+            help="Decode the reasoning's title list under the grammar of the prompt's highest-rated titles "
+            "(as served)",
         ),
     ] = True,
     batch_size: int = 8,
@@ -233,6 +234,14 @@ def _print(ds: PreparedDataset, label: str, split: str, result: EvalResult, extr
         )
         for flagged in q.get("unknown_title_examples", []):
             typer.echo(f"  names {', '.join(map(repr, flagged['unknown']))}: {flagged['text']!r}")
+        for kind, what in (("genres", "liked genres"), ("rated", "highest-rated titles")):
+            if q.get(f"{kind}_hold_share") is not None:
+                typer.echo(
+                    f"  claims: {what} hold in {q[f'{kind}_hold_share']:.1%} of the "
+                    f"{q[f'{kind}_claims']} texts that name them"
+                )
+        for flagged in q.get("wrong_claim_examples", [])[:2]:
+            typer.echo(f"  does not hold: {', '.join(map(repr, flagged['wrong']))} in {flagged['text']!r}")
     if pair := extra.get("paired_ndcg@10"):
         typer.echo(f"  reasoning on vs off: {_ndcg_pair(pair)}")
     if pr := extra.get("paired_rank"):

@@ -4,10 +4,15 @@ The reasoning format the `rationale` stage teaches (model/rationale.py) lists th
 highest-rated titles: "Rated highest: Fargo; Heat; Casablanca." A 135M model copies those
 titles from its prompt imperfectly ("When The Cats Away", "Faster Pussycat! Kill!; Faster
 Pussycat! Kill!"): on ml-100k 37% of its texts named a title the catalog does not have
-(BENCHMARKS.md §1). The text a user reads must not invent titles, so at inference the list is
+(BENCHMARKS.md §1). Copied titles can still be the wrong ones: the model shipped in stop 28
+leaned to the window's latest titles and named a film rated 1 or 2 in 19% of its entries, so
+only 24% of its lists were true of the history (BENCHMARKS.md §1, stop 29). The text a user
+reads must neither invent titles nor misstate their ratings, so at inference the list is
 decoded under a grammar:
 
-    LIST := " " T (";" " " T){0,2} "."      T: a title of the prompt's history window, unused
+    LIST := " " T (";" " " T){0,2} "."      T: an unused title of the prompt's history window
+                                            whose rating is among its 3 highest (all titles
+                                            when none is rated; model/rationale.py `rated_highest`)
 
 Once the written text contains the trigger ("Rated highest:"), every next token must keep the
 text after it a prefix of a string of that grammar; when the list is closed by "." decoding is
@@ -91,7 +96,8 @@ class _State:
 
 
 class TitleList:
-    """The grammar for one prompt: its history window's titles (see the module docstring)."""
+    """The grammar for one prompt: the titles it may list (for "Rated highest:", the history
+    window's highest-rated, `R2ec.title_lists`; see the module docstring)."""
 
     def __init__(
         self,

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from model.data.dataset import SPLITS, PreparedDataset, atomic_write
 from model.r2ec import GenerationSettings, R2ec
+from model.rationale import Claims, catalog_facts, check_claims
 from model.rewards import ndcg_at_k, target_rank
 from model.samples import sample_histories
 from model.text_quality import text_quality
@@ -291,7 +292,7 @@ class EvalConfig:
             The cut-offs K of Hit@K and NDCG@K.
         constrain_titles (`bool`, defaults to `True`):
             Decode the reasoning's "Rated highest:" list under the grammar of the prompt's
-            titles (model/constrained.py), as the service does; `False` decodes freely.
+            highest-rated titles (model/constrained.py), as the service does; `False` decodes freely.
     """
 
     split: str = "test"
@@ -411,7 +412,8 @@ def evaluate_model(
     backend: Backend | None = None,
 ) -> EvalResult:
     """Rank the whole catalog for each sample of `cfg.split`; reasoning (if on) is greedy.
-    With reasoning, the result carries every text's quality and the first users' texts.
+    With reasoning, the result carries every text's quality (its claims checked against the
+    prompt's history window, model/rationale.py `check_claims`) and the first users' texts.
     `backend` (model/generation.py) writes the reasoning and reads h_T; None: transformers'
     generate and a second forward (the reference, and the only path for an unmerged LoRA)."""
     titles = dataset.item_titles()
@@ -419,6 +421,9 @@ def evaluate_model(
     settings = GenerationSettings(max_new_tokens=cfg.max_reasoning_tokens)
     texts: list[str] = []
     shown: list[dict] = []
+    claims: list[Claims] = []
+    facts = catalog_facts(dataset.items.to_dict("records")) if cfg.reasoning else {}
+    window = model.prompts.max_history
 
     def score(chunk: pd.DataFrame) -> torch.Tensor:
         histories = sample_histories(chunk, titles)
@@ -432,6 +437,10 @@ def evaluate_model(
             users = model.user_vectors(histories, rollout).cpu()
         if rollout is not None:
             texts.extend(rollout.texts)
+            for text, row in zip(rollout.texts, chunk.itertuples(index=False), strict=True):
+                ids, ratings = list(row.history_item_ids)[-window:], list(row.history_ratings)[-window:]
+                history = [(facts[str(i)], r) for i, r in zip(ids, ratings, strict=True)]
+                claims.append(check_claims(text, history))
             for j in range(min(num_examples - len(shown), len(chunk))):
                 row = chunk.iloc[j]
                 shown.append(
@@ -446,7 +455,7 @@ def evaluate_model(
     result = evaluate_scores(dataset, cfg, score, progress)
     result.examples = [{**ex, "rank": r} for ex, r in zip(shown, result.ranks, strict=False)]
     if cfg.reasoning:
-        result.text_quality = text_quality(texts, titles.values()).to_dict()
+        result.text_quality = text_quality(texts, titles.values(), claims=claims).to_dict()
     return result
 
 

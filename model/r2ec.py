@@ -26,7 +26,7 @@ from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokeniz
 from model.constrained import Grammar, TitleList, TitleListProcessor, TitleLists, TokenStrings
 from model.cowatch import CoWatch
 from model.prompts import HistoryEntry, PromptConfig, item_message, render, user_message
-from model.rationale import LATELY, PICKS
+from model.rationale import LATELY, PICKS, rated_highest
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,9 @@ class R2ec:
         hints: Sequence[Sequence[str]] | None = None,
     ) -> list[Grammar]:
         """Per history, the grammar its reasoning's title lists are decoded under
-        (model/constrained.py): "Rated highest:" over the titles of the prompt's window and, for
+        (model/constrained.py): "Rated highest:" over the prompt window's titles that are truly among
+        its highest-rated (model/rationale.py `rated_highest`; all of them when none is rated), so
+        the list the reader sees is true of their history, and, for
         a model trained to end with "Picks:" (`PromptConfig.hint_picks`), that list over the
         prompt's co-watch hints (`without`, `catalog`: as the prompt was rendered; `hints`: the
         titles the prompts named, per history, when the caller has them)."""
@@ -290,7 +292,8 @@ class R2ec:
             raise ValueError(f"{len(hints)} hint lists for {len(histories)} histories")
         out: list[Grammar] = []
         for j, (h, w) in enumerate(zip(histories, without, strict=True)):
-            titles = [e.title for e in list(h)[-window:]]
+            # only the window's titles that are truly among its highest-rated (all when unrated)
+            titles = rated_highest([(e.title, e.rating) for e in list(h)[-window:]])
             if not picks:
                 named: Sequence[str] = []
             else:

@@ -21,16 +21,19 @@ Only catalog titles and genres appear: everything is read from the item table.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from model.text_quality import normalize_title
 
 # How many of the latest items count as "lately", and how much a genre's share there must
 # exceed its share over the whole history to be called a drift.
 RECENT = 5
 DRIFT = 0.2
 # The sentence that lists the highest-rated titles, and how many it lists (inference decodes
-# that list under a grammar of the prompt's titles: model/constrained.py).
+# that list under a grammar of the prompt's highest-rated titles: model/constrained.py).
 RATED = "Rated highest:"
 # The drift sentence that may follow the list ("Lately more Thriller."): at inference the list's
 # grammar lets only its opening (or a stop) come right after the list, so a text cannot run on
@@ -69,15 +72,21 @@ def _join(words: Sequence[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
+def _genre_weights(history: Sequence[tuple[ItemFacts, float | None]]) -> Counter[str]:
+    """Each genre's summed rating weight over the history (first seen first, for ties)."""
+    genre_w: Counter[str] = Counter()
+    for facts, rating in history:
+        genre_w.update({g: _weight(rating) for g in facts.genres})
+    return genre_w
+
+
 def taste_lines(history: Sequence[tuple[ItemFacts, float | None]]) -> list[str]:
     """Sentences about the history alone (no hindsight), oldest item first."""
-    genre_w: Counter[str] = Counter()
+    genre_w = _genre_weights(history)
     decade_w: Counter[str] = Counter()
     for facts, rating in history:
-        w = _weight(rating)
-        genre_w.update({g: w for g in facts.genres})
         if facts.decade:
-            decade_w[facts.decade] += w
+            decade_w[facts.decade] += _weight(rating)
     lines = []
     if genre_w:
         top = [g for g, _ in genre_w.most_common(3)]
@@ -146,3 +155,68 @@ def build_rationale(*args, **kwargs) -> str:
     """The whole rationale (`rationale_parts` joined)."""
     head, tail = rationale_parts(*args, **kwargs)
     return head + tail
+
+
+# The two claims of a rationale a reader can check against the history: "Likes A, B and C"
+# (the genres that carry the most rating weight) and "Rated highest: X; Y; Z." (the titles with
+# the highest ratings). The list closes with "." before the next sentence or the text's end.
+_LIKES = re.compile(r"^Likes (.+?)(?:, mostly |\.)")
+_RATED_LIST = re.compile(rf"{RATED} (.+?)\.(?: (?={LATELY}|{NEXT}|{PICKS})|$)")
+
+
+@dataclass(frozen=True)
+class Claims:
+    """Whether a text's checkable claims hold for the history it was written about: None
+    where the text makes no such claim, else True only when every named item holds.
+
+    A genre holds when its rating weight reaches the third-highest genre weight of the
+    history (what `taste_lines` would list, ties either way); a title holds when it is in the
+    history with a rating that reaches the `TOP_RATED`-th highest one (what the data-built
+    rationale could list, ties either way)."""
+
+    genres: bool | None
+    rated: bool | None
+    wrong: tuple[str, ...] = ()  # the named genres and titles that do not hold
+
+
+def check_claims(text: str, history: Sequence[tuple[ItemFacts, float | None]]) -> Claims:
+    """Check `text`'s "Likes ..." and "Rated highest: ..." claims against `history` (the
+    prompt's window, as `taste_lines` reads it)."""
+    wrong: list[str] = []
+    genres = rated = None
+    if m := _LIKES.match(text.strip()):
+        named = [g.strip() for part in m.group(1).split(", ") for g in part.split(" and ") if g.strip()]
+        weights = _genre_weights(history)
+        top = sorted(weights.values(), reverse=True)[:3]
+        bar = top[-1] if top else float("inf")
+        bad = [g for g in named if weights.get(g, 0.0) < bar or g not in weights]
+        genres, wrong = not bad, wrong + bad
+    if m := _RATED_LIST.search(text):
+        named = [t.strip() for t in m.group(1).split("; ") if t.strip()]
+        rated_titles = [(f.title, r) for f, r in history]
+        # with no rating in the history there is nothing the list could be true of
+        ok = {normalize_title(t) for t in rated_highest(rated_titles)} if _rated(rated_titles) else set()
+        bad = [t for t in named if normalize_title(t) not in ok]
+        rated, wrong = not bad, wrong + bad
+    return Claims(genres, rated, tuple(wrong))
+
+
+def _rated(history: Sequence[tuple[str, float | None]]) -> dict[str, float]:
+    """title -> its best rating, over the rated entries."""
+    best: dict[str, float] = {}
+    for title, r in history:
+        if r is not None and r == r:
+            best[title] = max(best.get(title, r), r)
+    return best
+
+
+def rated_highest(history: Sequence[tuple[str, float | None]]) -> list[str]:
+    """The titles a true "Rated highest:" list may name, in history order: those whose rating
+    reaches the `TOP_RATED`-th highest (ties either way, as `taste_lines` breaks them by recency);
+    every title when none is rated (the service takes histories without ratings). Inference
+    decodes the list under this set (`R2ec.title_lists`, model/constrained.py)."""
+    best = _rated(history)
+    if not best:
+        return list(dict.fromkeys(t for t, _ in history))
+    bar = sorted(best.values(), reverse=True)[:TOP_RATED][-1]
+    return [t for t in dict.fromkeys(t for t, _ in history) if best.get(t, float("-inf")) >= bar]

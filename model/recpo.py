@@ -116,7 +116,7 @@ class RecPOConfig:
             Reasoning token budget per trajectory.
         constrain_titles (`bool`, defaults to `True`):
             Sample the rollouts' "Rated highest:" title list under the grammar of the prompt's
-            titles (model/constrained.py), as `r2ec eval` and the service decode it, so RecPO
+            highest-rated titles (model/constrained.py), as `r2ec eval` and the service decode it, so RecPO
             rewards the texts inference can write. Sampled freely at temperature 1.0, 64% of
             the shipped model's rollouts named a title the catalog lacks (BENCHMARKS.md §1).
 

@@ -12,6 +12,12 @@ Three numbers over a set of texts, reported by `r2ec eval` beside the ranking me
   rationale format's lists, "Rated highest: A; B; C." and "Picks: D; E." (model/rationale.py).
   A free-form sentence cannot be parsed for titles exactly; this catches the forms the models
   here write.
+
+With the claims of each text checked against its user's history (model/rationale.py
+`check_claims`), two more: of the texts that say which genres the user likes, the share whose
+every genre holds, and of the texts that list the highest-rated titles, the share whose every
+title holds. A text can name only real titles and still say the user rated highest a film
+they gave one star; these two count that.
 """
 
 from __future__ import annotations
@@ -21,6 +27,10 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model.rationale import Claims
 
 _WORD = re.compile(r"\w+(?:'\w+)?")
 _QUOTED = re.compile(r'"([^"\n]{2,80})"|\*\*?([^*\n]{2,80})\*\*?')
@@ -88,15 +98,49 @@ class TextQuality:
     # the first few flagged texts, each with the titles it names that the catalog lacks, so a
     # share above 0 can be read, not only counted
     unknown_title_examples: list[dict] = field(default_factory=list)
+    # with the texts' claims checked (None without): the shares of the texts making each claim
+    # in which it holds, how many made it, and the first few texts with a claim that does not
+    genres_hold_share: float | None = None
+    genres_claims: int | None = None
+    rated_hold_share: float | None = None
+    rated_claims: int | None = None
+    wrong_claim_examples: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def text_quality(texts: Sequence[str], catalog_titles: Iterable[str], examples: int = 5) -> TextQuality:
+def _hold_share(held: Sequence[bool | None]) -> tuple[float | None, int]:
+    made = [h for h in held if h is not None]
+    return (round(sum(made) / len(made), 4) if made else None), len(made)
+
+
+def text_quality(
+    texts: Sequence[str],
+    catalog_titles: Iterable[str],
+    examples: int = 5,
+    claims: Sequence[Claims] | None = None,
+) -> TextQuality:
+    """The numbers of the module docstring over `texts`; `claims`, one per text (model/rationale.py
+    `check_claims` against that text's history), adds the shares of claims that hold."""
     catalog = {normalize_title(t) for t in catalog_titles}
     n = max(1, len(texts))
     flagged = [(t, unknown_titles(t, catalog)) for t in texts]
+    checked: dict = {}
+    if claims is not None:
+        if len(claims) != len(texts):
+            raise ValueError(f"claims must be one per text: {len(claims)} for {len(texts)} texts")
+        genres, n_genres = _hold_share([c.genres for c in claims])
+        rated, n_rated = _hold_share([c.rated for c in claims])
+        checked = {
+            "genres_hold_share": genres,
+            "genres_claims": n_genres,
+            "rated_hold_share": rated,
+            "rated_claims": n_rated,
+            "wrong_claim_examples": [
+                {"text": t, "wrong": list(c.wrong)} for t, c in zip(texts, claims, strict=True) if c.wrong
+            ][:examples],
+        }
     return TextQuality(
         texts=len(texts),
         distinct_2=round(distinct_n(texts, 2), 4),
@@ -104,4 +148,5 @@ def text_quality(texts: Sequence[str], catalog_titles: Iterable[str], examples: 
         unknown_title_share=round(sum(bool(u) for _, u in flagged) / n, 4),
         mean_words=round(sum(len(words(t)) for t in texts) / n, 1),
         unknown_title_examples=[{"text": t, "unknown": u} for t, u in flagged if u][:examples],
+        **checked,
     )

@@ -159,6 +159,15 @@ def test_title_lists_take_the_prompt_window(tiny_model):
     assert constraint.titles == [f"Film {i}" for i in range(3, window + 3)]
 
 
+def test_the_rated_list_may_name_only_the_windows_highest_rated_titles(tiny_model):
+    ratings = [5.0, 1.0, 4.0, 3.0, 5.0, None]
+    history = [HistoryEntry(f"Film {i}", r) for i, r in enumerate(ratings)]
+    (constraint,) = tiny_model.title_lists([history])
+    assert constraint.titles == ["Film 0", "Film 2", "Film 4"]  # 5, 4 and 5; not the 1, 3 or unrated
+    unrated = [HistoryEntry(f"Film {i}") for i in range(4)]  # a request without ratings
+    assert tiny_model.title_lists([unrated])[0].titles == [f"Film {i}" for i in range(4)]
+
+
 def test_a_list_may_be_followed_by_either_of_its_next_sentences(tiny_model, strings):
     follow = (" Lately", " Picks:")
     constraint = TitleList(["Heat", "Fargo"], strings, follow=follow)

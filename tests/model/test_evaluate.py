@@ -136,6 +136,27 @@ def test_paired_ranks_reads_moves_below_the_cutoff_by_hand():
         paired_ranks([0, 2], [1, 2])
 
 
+def test_model_eval_checks_each_texts_claims_against_its_own_history(tiny_model, tiny_dataset, monkeypatch):
+    """The texts here are written to order (a random tiny model writes no claims): each names the
+    prompt window's highest-rated title, which holds, and a genre no item has, which does not."""
+    from model.r2ec import Rollout
+
+    def reason(histories, settings, num_generations=1, constraints=None):
+        window = [list(h)[-tiny_model.prompts.max_history :] for h in histories]
+        best = [max(w, key=lambda e: e.rating).title for w in window]
+        texts = [f"Likes Nonesuch, mostly 1990s. Rated highest: {t}." for t in best]
+        prompt_ids = tiny_model.user_prompt_ids(histories)
+        return Rollout(prompt_ids, tiny_model.completion_ids(texts), texts)
+
+    monkeypatch.setattr(tiny_model, "reason", reason)
+    vectors = tiny_model.item_vectors(tiny_dataset.items.to_dict("records"))
+    result = evaluate_model(tiny_model, tiny_dataset, vectors, EvalConfig(batch_size=3), progress=False)
+    q, n = result.text_quality, len(tiny_dataset.split("test"))
+    assert (q["rated_hold_share"], q["rated_claims"]) == (1.0, n)
+    assert (q["genres_hold_share"], q["genres_claims"]) == (0.0, n)
+    assert q["wrong_claim_examples"][0]["wrong"] == ["Nonesuch"]
+
+
 def test_model_eval_with_and_without_reasoning(tiny_model, tiny_dataset):
     items = tiny_dataset.items
     vectors = tiny_model.item_vectors(items.to_dict("records"))

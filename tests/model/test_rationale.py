@@ -1,10 +1,14 @@
 """Rationales from the data alone, checked against hand-written texts."""
 
+import random
+
 from model.rationale import (
     ItemFacts,
     build_rationale,
     catalog_facts,
+    check_claims,
     next_line,
+    rated_highest,
     rationale_parts,
     taste_lines,
 )
@@ -59,3 +63,43 @@ def test_rationale_without_hindsight_is_a_function_of_the_history_alone():
     assert "Next:" not in head and head.startswith("Likes ")
     # another target, the same text: nothing about the next item leaks into the label
     assert rationale_parts(["1", "2", "3"], [5.0, 4.0, None], "2", FACTS, hindsight=False)[0] == head
+
+
+def test_claims_of_a_data_built_rationale_always_hold():
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.choice("12345") for _ in range(rng.randint(1, 8))]
+        ratings = [rng.choice([1.0, 2.0, 3.0, 4.0, 5.0, None]) for _ in ids]
+        history = [(FACTS[i], r) for i, r in zip(ids, ratings, strict=True)]
+        claims = check_claims(" ".join(taste_lines(history)), history)
+        assert claims.wrong == ()
+        assert claims.genres in (True, None) and claims.rated in (True, None)
+
+
+def test_claims_that_do_not_hold_are_named():
+    # Crime 9, Thriller 9, Drama 6 lead; Heat 5, Fargo 4, Casablanca 2 and Toy Story 1 rated
+    history = [(FACTS["1"], 5.0), (FACTS["2"], 4.0), (FACTS["3"], 2.0), (FACTS["4"], 1.0)]
+    text = "Likes Crime, Comedy and Horror, mostly 1990s. Rated highest: Heat; Toy Story. Lately more Drama."
+    claims = check_claims(text, history)
+    assert (claims.genres, claims.rated) == (False, False)
+    assert claims.wrong == ("Comedy", "Horror", "Toy Story")
+    # the third-rated title holds; a title from outside the history does not; case is folded
+    assert check_claims("Rated highest: casablanca; Heat.", history).rated is True
+    assert check_claims("Rated highest: Alien.", history).wrong == ("Alien",)
+    # a title with a full stop inside is read whole up to the next sentence
+    mr = ItemFacts("Mr. Holland's Opus", ("Drama",), "1990s")
+    assert check_claims("Rated highest: Mr. Holland's Opus. Lately more Drama.", [(mr, 5.0)]).rated is True
+
+
+def test_a_text_without_the_claims_checks_nothing():
+    claims = check_claims("I'm sorry, as a chatbot I cannot browse your history.", [(FACTS["1"], 5.0)])
+    assert (claims.genres, claims.rated, claims.wrong) == (None, None, ())
+
+
+def test_rated_highest_keeps_every_title_tied_at_the_bar():
+    history = [("A", 3.0), ("B", 5.0), ("C", 4.0), ("D", 4.0), ("E", 2.0), ("B", 1.0)]
+    assert rated_highest(history) == ["B", "C", "D"]  # 5, then 4 and 4 tie for the third place
+    assert rated_highest([*history, ("F", 4.0)]) == ["B", "C", "D", "F"]
+    assert rated_highest([("A", None), ("B", float("nan"))]) == ["A", "B"]  # unrated: no bar
+    # a "Rated highest" claim about a history with no ratings cannot hold
+    assert check_claims("Rated highest: Heat.", [(FACTS["1"], None)]).rated is False

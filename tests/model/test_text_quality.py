@@ -1,5 +1,8 @@
 """Text-quality numbers on texts whose answers are counted by hand."""
 
+import pytest
+
+from model.rationale import Claims
 from model.text_quality import distinct_n, has_loop, named_titles, normalize_title, text_quality
 
 CATALOG = ["Star Wars", "Godfather, The", "Heat", "Amélie"]
@@ -57,3 +60,21 @@ def test_flagged_texts_are_kept_with_the_titles_that_flagged_them():
     assert q.unknown_title_share == 0.5
     assert q.unknown_title_examples == [{"text": 'You liked "Heatt".', "unknown": ["Heatt"]}]
     assert len(text_quality(texts, CATALOG).unknown_title_examples) == 2
+
+
+def test_claim_shares_count_only_the_texts_that_make_each_claim():
+    texts = ["a", "b", "c", "d"]
+    claims = [
+        Claims(genres=True, rated=False, wrong=("Heat",)),
+        Claims(genres=False, rated=None, wrong=("Horror",)),
+        Claims(genres=True, rated=True),
+        Claims(genres=None, rated=None),
+    ]
+    q = text_quality(texts, CATALOG, claims=claims, examples=1)
+    assert (q.genres_hold_share, q.genres_claims) == (round(2 / 3, 4), 3)
+    assert (q.rated_hold_share, q.rated_claims) == (0.5, 2)
+    assert q.wrong_claim_examples == [{"text": "a", "wrong": ["Heat"]}]
+    plain = text_quality(texts, CATALOG)
+    assert plain.genres_hold_share is None and plain.rated_claims is None
+    with pytest.raises(ValueError, match="one per text"):
+        text_quality(texts, CATALOG, claims=claims[:2])
