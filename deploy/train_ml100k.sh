@@ -3,9 +3,9 @@
 #   1. one run from the backbone (configs/ml100k-onestage.yaml): the rationale objective (the
 #      reasoning cold start) with co-watch hints in the prompt (model/cowatch.py) and the
 #      distillation to their counts: the model artifacts/ml100k ships;
-#   2. only with RECPO=1: RecPO from it, 10 minutes. Measured on the earlier two-stage model
-#      (BENCHMARKS.md §1, stop 20): it left the reasoning mode within noise and lowered the
-#      no-reasoning one.
+#   2. only with RECPO=1: RecPO from it, 10 minutes. Measured (BENCHMARKS.md §1): on the
+#      earlier two-stage model (stop 20) it left the reasoning mode within noise and lowered the
+#      no-reasoning one; on this model (stop 29) it lowered both a little (0.0849 -> 0.0831).
 # The earlier two-stage recipe (configs/ml100k-rationale.yaml, then configs/ml100k-hints.yaml,
 # ~113 minutes) measured no better, within noise per user (stop 28).
 # Usage: bash deploy/train_ml100k.sh [RUNS_DIR]
