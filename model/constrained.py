@@ -1,11 +1,12 @@
-"""Constrained decoding of the rationale's title list: titles are copied, never spelt anew.
+"""Constrained decoding of the rationale's claims: titles are copied, never spelt anew, and
+what the text says of the history is true of it.
 
 The reasoning format the `rationale` stage teaches (model/rationale.py) lists the user's
 highest-rated titles: "Rated highest: Fargo; Heat; Casablanca." A 135M model copies those
 titles from its prompt imperfectly ("When The Cats Away", "Faster Pussycat! Kill!; Faster
 Pussycat! Kill!"): on ml-100k 37% of its texts named a title the catalog does not have
 (BENCHMARKS.md §1). Copied titles can still be the wrong ones: the model shipped in stop 28
-leaned to the window's latest titles and named a film rated 1 or 2 in 19% of its entries, so
+leaned to the window's latest titles and named a film rated 1 or 2 in 19% of its entries, and
 only 24% of its lists were true of the history (BENCHMARKS.md §1, stop 29). The text a user
 reads must neither invent titles nor misstate their ratings, so at inference the list is
 decoded under a grammar:
@@ -20,8 +21,14 @@ free again, once the format's next sentence has begun (" Lately more", model/rat
 " Picks:" for a model trained to end with that list) or the text stopped: right after the list
 nothing else may come, so no name or sentence runs on from the last title ("Streetcar Named
 Desire, A. J. Clarke"). A "Picks:" list (`TitleLists`) is over the prompt's co-watch hints and
-only a stop may follow it. Everything else the model writes is
-untouched (greedy or sampled as asked).
+only a stop may follow it.
+
+The sentence before the list, "Likes A, B and C, mostly 1990s.", was as often untrue (26% of the
+same model's held): given each history item's genres, `PhraseChoice` decodes what follows
+"Likes" as one of the ways to name up to three of the genres that carry the most rating weight
+in the window (model/rationale.py `liked_genres`, `likes_phrases`), closed by ", mostly" or
+".", after which decoding is free. Everything else the model writes (the decades, the drift
+sentence) is untouched (greedy or sampled as asked).
 
 `TitleList.allowed(ids)` is stateless: it decodes the row's tokens and runs the grammar over the
 text after the trigger (a handful of titles, under 100 characters), so it needs no bookkeeping
@@ -206,13 +213,54 @@ def constrain_logits(logits: torch.Tensor, allowed: Sequence[Sequence[int] | Non
     return out
 
 
+class PhraseChoice:
+    """After `trigger`, the text must go on as one of `phrases`, then decoding is free: the
+    "Likes A, B and C" sentence over the genres that hold for the history (model/rationale.py
+    `liked_genres`, `likes_phrases`: each phrase closes as the format does, with ", mostly" or
+    ".", so none is a prefix of another). Stateless like `TitleList`, and it takes its place in
+    a `TitleLists`."""
+
+    def __init__(self, phrases: Sequence[str], strings: TokenStrings, trigger: str) -> None:
+        self.phrases = sorted(set(phrases))
+        self.strings = strings
+        self.trigger = trigger
+        self._allowed: dict[str, list[int] | None] = {}
+
+    def trigger_at(self, text: str) -> int:
+        return text.rfind(self.trigger)
+
+    def _closed(self, written: str) -> int | None:
+        """Where the phrase `written` begins with ends (its last character), or None."""
+        return next((len(p) - 1 for p in self.phrases if written.startswith(p)), None)
+
+    def spans(self, written: str, at: int) -> bool:
+        closed = self._closed(written)
+        return closed >= at if closed is not None else any(p.startswith(written) for p in self.phrases)
+
+    def allowed(self, completion_ids: Sequence[int]) -> list[int] | None:
+        return self.allowed_after(self.strings.decode(completion_ids))
+
+    def allowed_after(self, text: str) -> list[int] | None:
+        at = self.trigger_at(text)
+        if not self.phrases or at < 0:
+            return None
+        written = text[at + len(self.trigger) :]
+        if self._closed(written) is not None:  # the phrase is written: free from here
+            return None
+        if written not in self._allowed:  # at most one entry per character of the longest phrase
+            rests = [p[len(written) :] for p in self.phrases if p.startswith(written)]
+            # no rest: the text left the grammar before it applied (free)
+            self._allowed[written] = sorted({i for r in rests for i in self.strings.prefixes_of(r)}) or None
+        return self._allowed[written]
+
+
 class TitleLists:
     """Several title lists in one text, each after its own trigger ("Rated highest:" over the
     history's titles, then "Picks:" over the prompt's co-watch hints when the model was trained
     to write it, `PromptConfig.hint_picks`): the list whose trigger was written last applies,
     unless that trigger lies inside an earlier list (part of one of its titles)."""
 
-    def __init__(self, lists: Sequence[TitleList]) -> None:
+    def __init__(self, lists: Sequence[TitleList | PhraseChoice]) -> None:
         if not lists:
             raise ValueError("TitleLists needs at least one list")
         self.lists = list(lists)
@@ -237,7 +285,7 @@ class TitleLists:
         return self.lists[latest].allowed_after(text)
 
 
-Grammar = TitleList | TitleLists  # what a reasoning text's title lists are decoded under
+Grammar = TitleList | TitleLists | PhraseChoice  # what a reasoning text's title lists are decoded under
 
 
 class TitleListProcessor(LogitsProcessor):

@@ -427,7 +427,10 @@ def evaluate_model(
 
     def score(chunk: pd.DataFrame) -> torch.Tensor:
         histories = sample_histories(chunk, titles)
-        limits = model.title_lists(histories) if cfg.reasoning and cfg.constrain_titles else None
+        limits = None
+        if cfg.reasoning and cfg.constrain_titles:  # as served: the lists and the genres over what holds
+            genres = [[facts[str(e.item_id)].genres for e in h] for h in histories]
+            limits = model.title_lists(histories, genres=genres)
         if backend is not None:
             budget = settings if cfg.reasoning else GenerationSettings(max_new_tokens=0)
             rollout, users = backend.generate(model.user_prompt_ids(histories), budget, limits)

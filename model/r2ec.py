@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from model.constrained import Grammar, TitleList, TitleListProcessor, TitleLists, TokenStrings
+from model.constrained import Grammar, PhraseChoice, TitleList, TitleListProcessor, TitleLists, TokenStrings
 from model.cowatch import CoWatch
 from model.prompts import HistoryEntry, PromptConfig, item_message, render, user_message
-from model.rationale import LATELY, PICKS, rated_highest
+from model.rationale import LATELY, LIKES, PICKS, liked_genres, likes_phrases, rated_highest
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +278,7 @@ class R2ec:
         without: Sequence[Mapping[tuple[str, str], float] | None] | None = None,
         catalog: Mapping[str, str] | None = None,
         hints: Sequence[Sequence[str]] | None = None,
+        genres: Sequence[Sequence[Sequence[str]]] | None = None,
     ) -> list[Grammar]:
         """Per history, the grammar its reasoning's title lists are decoded under
         (model/constrained.py): "Rated highest:" over the prompt window's titles that are truly among
@@ -285,11 +286,16 @@ class R2ec:
         the list the reader sees is true of their history, and, for
         a model trained to end with "Picks:" (`PromptConfig.hint_picks`), that list over the
         prompt's co-watch hints (`without`, `catalog`: as the prompt was rendered; `hints`: the
-        titles the prompts named, per history, when the caller has them)."""
+        titles the prompts named, per history, when the caller has them). `genres`: per history,
+        each entry's genres; with them the "Likes A, B and C" sentence is decoded over the
+        window's genres that hold (model/rationale.py `liked_genres`), so it too is true of the
+        history (without them it is free)."""
         window, strings, picks = self.prompts.max_history, self.token_strings(), self.prompts.hint_picks
         without = without if without is not None else [None] * len(histories)
         if hints is not None and len(hints) != len(histories):
             raise ValueError(f"{len(hints)} hint lists for {len(histories)} histories")
+        if genres is not None and [len(g) for g in genres] != [len(h) for h in histories]:
+            raise ValueError("genres must give one genre list per history entry")
         out: list[Grammar] = []
         for j, (h, w) in enumerate(zip(histories, without, strict=True)):
             # only the window's titles that are truly among its highest-rated (all when unrated)
@@ -298,13 +304,17 @@ class R2ec:
                 named: Sequence[str] = []
             else:
                 named = hints[j] if hints is not None else self.hint_titles(h, w, catalog)
+            lists: list[TitleList | PhraseChoice] = []
+            if genres is not None:
+                rated_genres = zip(genres[j][-window:], [e.rating for e in list(h)[-window:]], strict=True)
+                if liked := liked_genres(list(rated_genres)):
+                    lists.append(PhraseChoice(likes_phrases(liked), strings, LIKES))
             if not named:  # no "Picks:" (a model not trained to write it, or no hints): the plain list
-                out.append(TitleList(titles, strings))
-                continue
-            rated = TitleList(titles, strings, follow=(" " + LATELY, " " + PICKS))
-            out.append(
-                TitleLists([rated, TitleList(named, strings, max_entries=picks, trigger=PICKS, follow="")])
-            )
+                lists.append(TitleList(titles, strings))
+            else:
+                rated = TitleList(titles, strings, follow=(" " + LATELY, " " + PICKS))
+                lists += [rated, TitleList(named, strings, max_entries=picks, trigger=PICKS, follow="")]
+            out.append(lists[0] if len(lists) == 1 else TitleLists(lists))
         return out
 
     @torch.no_grad()

@@ -21,10 +21,10 @@ Only catalog titles and genres appear: everything is read from the item table.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import permutations
 
 from model.text_quality import normalize_title
 
@@ -34,6 +34,7 @@ RECENT = 5
 DRIFT = 0.2
 # The sentence that lists the highest-rated titles, and how many it lists (inference decodes
 # that list under a grammar of the prompt's highest-rated titles: model/constrained.py).
+LIKES = "Likes"  # the sentence that names the genres the history leans to
 RATED = "Rated highest:"
 # The drift sentence that may follow the list ("Lately more Thriller."): at inference the list's
 # grammar lets only its opening (or a stop) come right after the list, so a text cannot run on
@@ -90,7 +91,7 @@ def taste_lines(history: Sequence[tuple[ItemFacts, float | None]]) -> list[str]:
     lines = []
     if genre_w:
         top = [g for g, _ in genre_w.most_common(3)]
-        line = f"Likes {_join(top)}"
+        line = f"{LIKES} {_join(top)}"
         if decade_w:
             (d1, w1), *rest = decade_w.most_common(2)
             share = w1 / sum(decade_w.values())
@@ -159,45 +160,73 @@ def build_rationale(*args, **kwargs) -> str:
 
 # The two claims of a rationale a reader can check against the history: "Likes A, B and C"
 # (the genres that carry the most rating weight) and "Rated highest: X; Y; Z." (the titles with
-# the highest ratings). The list closes with "." before the next sentence or the text's end.
-_LIKES = re.compile(r"^Likes (.+?)(?:, mostly |\.)")
-_RATED_LIST = re.compile(rf"{RATED} (.+?)\.(?: (?={LATELY}|{NEXT}|{PICKS})|$)")
+# the highest ratings).
 
 
 @dataclass(frozen=True)
 class Claims:
     """Whether a text's checkable claims hold for the history it was written about: None
-    where the text makes no such claim, else True only when every named item holds.
+    where the text makes no such claim (or one that cannot be checked: a list the token budget
+    cut before its "."; a rated list about a history without ratings), else True only when
+    every named item holds.
 
     A genre holds when its rating weight reaches the third-highest genre weight of the
-    history (what `taste_lines` would list, ties either way); a title holds when it is in the
-    history with a rating that reaches the `TOP_RATED`-th highest one (what the data-built
-    rationale could list, ties either way)."""
+    history (`liked_genres`: what `taste_lines` would list, ties either way); a title holds when
+    it is in the history with a rating that reaches the `TOP_RATED`-th highest one
+    (`rated_highest`: what the data-built rationale could list, ties either way)."""
 
     genres: bool | None
     rated: bool | None
     wrong: tuple[str, ...] = ()  # the named genres and titles that do not hold
 
 
+def _entries(
+    rest: str, known: Sequence[str], separators: Sequence[str], ends: Sequence[str]
+) -> tuple[list[str], bool]:
+    """The entries of the list `rest` starts with, and whether one of `ends` closed it. An entry
+    that is one of `known` is read whole (the longest that fits; names may hold a separator or
+    a ".": "L.A. Confidential", "Health and Household"), any other up to the next separator or
+    end."""
+    entries: list[str] = []
+    while True:
+        fits = [k for k in known if k and rest.startswith(k)]
+        fits = [k for k in fits if not rest[len(k) :] or rest[len(k) :].startswith((*separators, *ends))]
+        if fits:
+            name = max(fits, key=len)
+        else:
+            stops = [i for i in (rest.find(x) for x in (*separators, *ends)) if i >= 0]
+            name = rest[: min(stops, default=len(rest))]
+        entries.append(name.strip())
+        rest = rest[len(name) :]
+        if rest.startswith(tuple(ends)):
+            return entries, True
+        sep = next((x for x in separators if rest.startswith(x)), None)
+        if sep is None:
+            return entries, False
+        rest = rest[len(sep) :]
+
+
 def check_claims(text: str, history: Sequence[tuple[ItemFacts, float | None]]) -> Claims:
     """Check `text`'s "Likes ..." and "Rated highest: ..." claims against `history` (the
     prompt's window, as `taste_lines` reads it)."""
+    text = text.strip()
     wrong: list[str] = []
     genres = rated = None
-    if m := _LIKES.match(text.strip()):
-        named = [g.strip() for part in m.group(1).split(", ") for g in part.split(" and ") if g.strip()]
-        weights = _genre_weights(history)
-        top = sorted(weights.values(), reverse=True)[:3]
-        bar = top[-1] if top else float("inf")
-        bad = [g for g in named if weights.get(g, 0.0) < bar or g not in weights]
-        genres, wrong = not bad, wrong + bad
-    if m := _RATED_LIST.search(text):
-        named = [t.strip() for t in m.group(1).split("; ") if t.strip()]
-        rated_titles = [(f.title, r) for f, r in history]
-        # with no rating in the history there is nothing the list could be true of
-        ok = {normalize_title(t) for t in rated_highest(rated_titles)} if _rated(rated_titles) else set()
-        bad = [t for t in named if normalize_title(t) not in ok]
-        rated, wrong = not bad, wrong + bad
+    if text.startswith(LIKES + " "):
+        known = list(dict.fromkeys(g for f, _ in history for g in f.genres))
+        named, closed = _entries(text[len(LIKES) + 1 :], known, (", ", " and "), (", mostly", "."))
+        if closed:
+            ok = set(liked_genres([(f.genres, r) for f, r in history]))
+            bad = [g for g in named if g not in ok]
+            genres, wrong = not bad, wrong + bad
+    rated_titles = [(f.title, r) for f, r in history]
+    if (at := text.find(RATED + " ")) >= 0 and _rated(rated_titles):
+        known = [t for t, _ in rated_titles]
+        named, closed = _entries(text[at + len(RATED) + 1 :], known, ("; ",), (".",))
+        if closed:
+            ok = {normalize_title(t) for t in rated_highest(rated_titles)}
+            bad = [t for t in named if normalize_title(t) not in ok]
+            rated, wrong = not bad, wrong + bad
     return Claims(genres, rated, tuple(wrong))
 
 
@@ -210,11 +239,35 @@ def _rated(history: Sequence[tuple[str, float | None]]) -> dict[str, float]:
     return best
 
 
+def liked_genres(history: Sequence[tuple[Sequence[str], float | None]]) -> list[str]:
+    """The genres a true "Likes A, B and C" may name, heaviest first: those whose rating weight
+    (as `taste_lines` sums it) reaches the third-highest genre weight of the history, ties either
+    way; [] for a history without genres. Inference decodes the sentence under this set
+    (`R2ec.title_lists`, model/constrained.py `PhraseChoice`)."""
+    weights = _genre_weights([(ItemFacts("", tuple(g)), r) for g, r in history])
+    if not weights:
+        return []
+    bar = sorted(weights.values(), reverse=True)[:3][-1]
+    return [g for g, w in weights.most_common() if w >= bar]
+
+
+def likes_phrases(genres: Sequence[str], most: int = 3) -> list[str]:
+    """Every way the "Likes" sentence can name up to `most` of `genres` (in any order, each once)
+    as `taste_lines` joins them, each closed as the format closes it (", mostly" before the
+    decades, or "."): the strings its grammar allows after "Likes"."""
+    out = []
+    for n in range(1, min(most, len(genres)) + 1):
+        for chosen in permutations(genres, n):
+            out += [f" {_join(list(chosen))}{end}" for end in (", mostly", ".")]
+    return out
+
+
 def rated_highest(history: Sequence[tuple[str, float | None]]) -> list[str]:
     """The titles a true "Rated highest:" list may name, in history order: those whose rating
     reaches the `TOP_RATED`-th highest (ties either way, as `taste_lines` breaks them by recency);
     every title when none is rated (the service takes histories without ratings). Inference
     decodes the list under this set (`R2ec.title_lists`, model/constrained.py)."""
+    history = [(t, r) for t, r in history if t and t.strip()]  # a blank title cannot be listed
     best = _rated(history)
     if not best:
         return list(dict.fromkeys(t for t, _ in history))

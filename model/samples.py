@@ -61,8 +61,16 @@ class TrainingPrompts:
     hints leave out its own user's pairs, so a training target is hinted no more often than a
     held-out one: `train` (the whole training split) gives each user's sequence."""
 
-    def __init__(self, model: R2ec, titles: Mapping[str, str], train: pd.DataFrame) -> None:
-        self.model, self.titles = model, titles
+    def __init__(
+        self,
+        model: R2ec,
+        titles: Mapping[str, str],
+        train: pd.DataFrame,
+        genres: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        """`genres`: item_id -> its genres, so the rollouts' "Likes" sentence is decoded under
+        the genres that hold, as inference decodes it (`R2ec.title_lists`); None: free."""
+        self.model, self.titles, self.genres = model, titles, genres
         self.sequences = user_sequences(train) if model.prompts.cowatch_hints else {}
         self._own: dict[str, dict[tuple[str, str], float]] = {}
 
@@ -87,7 +95,11 @@ class TrainingPrompts:
         """Per row, the grammar its reasoning's title lists are decoded under (model/constrained.py),
         its hints as its prompt names them (its own user left out)."""
         without = [self.own_pairs(str(u)) for u in rows["user_id"]] if self.sequences else None
-        return self.model.title_lists(sample_histories(rows, self.titles), without)
+        histories = sample_histories(rows, self.titles)
+        genres = None
+        if self.genres is not None:
+            genres = [[self.genres.get(str(e.item_id), ()) for e in h] for h in histories]
+        return self.model.title_lists(histories, without, genres=genres)
 
     def __call__(self, rows: pd.DataFrame) -> list[list[int]]:
         histories = sample_histories(rows, self.titles)

@@ -108,9 +108,10 @@ class Trainer:
         self.table.set_target_counts([str(t) for t in self.train_rows["target_item_id"]])
         self.titles = dataset.item_titles()
         self._set_cowatch(dataset)
-        self.prompt_ids = TrainingPrompts(self.model, self.titles, dataset.split("train"))
+        self.facts = catalog_facts(dataset.items.to_dict("records"))
+        genres = {i: f.genres for i, f in self.facts.items()}
+        self.prompt_ids = TrainingPrompts(self.model, self.titles, dataset.split("train"), genres)
         self.recpo = RecPOStep(self.model, self.table, cfg, self.prompt_ids)
-        self.facts = catalog_facts(dataset.items.to_dict("records")) if cfg.stage == "rationale" else {}
         # In-batch training never reads the table between evals (which refresh it).
         self.reads_table = cfg.stage == "recpo" or cfg.negatives == "table"
 

@@ -102,9 +102,10 @@ class Settings(BaseSettings):
     )
     constrain_titles: bool = Field(
         True,
-        description='Decode the reasoning\'s "Rated highest:" title list under the grammar of '
-        "the request's history titles (model/constrained.py), so the text names no title the "
-        "history does not have; false decodes freely.",
+        description='Decode the reasoning\'s "Rated highest:" title list over the request '
+        'history\'s highest-rated titles and its "Likes" sentence over the genres that carry the '
+        "most rating weight there (model/constrained.py), so both are true of the history; "
+        "false decodes freely.",
     )
     batching: Literal["continuous", "static"] = Field(
         "continuous",

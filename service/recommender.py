@@ -48,6 +48,7 @@ from model.checkpoint import Checkpoint, load_checkpoint
 from model.engine import Quantize
 from model.generation import BackendName, EngineBackend, Sequence_, make_backend
 from model.r2ec import GenerationSettings
+from model.rationale import ItemFacts
 from model.samples import history_entries
 from service.catalog import Catalog
 from service.continuous import Running
@@ -227,7 +228,10 @@ class Recommender:
         prompt = self.model.user_prompt(entries, hints=hints)
         if not query.wants_reasoning:
             return PreparedQuery(query=query, model_version=self.version, prompt=prompt, cache_key=None)
-        constraint = self.model.title_lists([entries], hints=[hints])[0] if self.constrain_titles else None
+        constraint = None
+        if self.constrain_titles:  # the genres each history item has in the served catalog
+            genres = [ItemFacts.from_row(self.catalog.item(str(e.item_id)) or {}).genres for e in entries]
+            constraint = self.model.title_lists([entries], hints=[hints], genres=[genres])[0]
         return PreparedQuery(
             query=query,
             model_version=self.version,
@@ -237,10 +241,11 @@ class Recommender:
         )
 
     def _key(self, prompt: str, budget: int) -> str:
-        """sha256 of (model version, rendered prompt = the history window, generation settings)."""
-        material = json.dumps(
-            [self.version, prompt, budget, "greedy", "titles" if self.constrain_titles else "free"]
-        )
+        """sha256 of (model version, rendered prompt = the history window, generation settings).
+        The grammar's tag names what it constrains, so reasoning cached under an older grammar
+        (until stop 29 the rated list could name any window title) is not served under this one."""
+        grammar = "held-claims" if self.constrain_titles else "free"  # model/constrained.py
+        material = json.dumps([self.version, prompt, budget, "greedy", grammar])
         return hashlib.sha256(material.encode()).hexdigest()
 
     def _ready(self, query: Query | PreparedQuery) -> PreparedQuery:

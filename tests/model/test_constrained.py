@@ -1,14 +1,16 @@
 """The title list's grammar (model/constrained.py): whatever the logits say, the text after the
 trigger is a list of the prompt's titles, and the two backends decode it alike."""
 
+import re
+
 import pytest
 import torch
 
-from model.constrained import TitleList, TitleLists, TokenStrings, constrain_logits
+from model.constrained import PhraseChoice, TitleList, TitleLists, TokenStrings, constrain_logits
 from model.generation import EngineBackend, HFBackend
 from model.prompts import HistoryEntry
 from model.r2ec import GenerationSettings
-from model.rationale import PICKS, RATED
+from model.rationale import LIKES, PICKS, RATED, liked_genres, likes_phrases
 
 TITLES = ["Heat", "Fargo", "Mr. Holland's Opus", "Sex, Lies, and Videotape", "Heat Wave"]
 
@@ -264,3 +266,35 @@ def test_title_lists_add_the_picks_grammar_only_for_a_model_trained_to_write_it(
             dataclasses.replace(prompts, cowatch_hints=1, hint_picks=2)
     finally:
         tiny_model.prompts, tiny_model.cowatch = prompts, cowatch
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_likes_sentence_names_only_genres_that_hold_then_a_rated_list(tiny_model, strings, seed):
+    liked = liked_genres([(("Drama", "Sci-Fi"), 5.0), (("Action", "Crime"), 1.0), (("Comedy", "Crime"), 5.0)])
+    assert liked == ["Crime", "Drama", "Sci-Fi", "Comedy"]  # 6, 5, 5, 5: Action (1) is below the bar
+    grammar = TitleLists([PhraseChoice(likes_phrases(liked), strings, LIKES), TitleList(TITLES, strings)])
+    written = _decode_under(grammar, strings, tiny_model.encode_text([LIKES])[0], seed)
+    text = strings.decode(written)
+    m = re.match(r"Likes (.+?)(?:, mostly|\.)$", text)
+    assert m, text
+    named = [g for part in m.group(1).split(", ") for g in part.split(" and ")]
+    assert set(named) <= set(liked) and len(named) == len(set(named)) <= 3
+    assert grammar.allowed(written) is None  # the sentence is written: free until the next list
+    # the rated list after it is under its own grammar, whatever the Likes sentence was
+    rated = _decode_under(grammar, strings, written + tiny_model.encode_text([f" 1990s. {RATED}"])[0], seed)
+    assert _list_after(strings.decode(rated), RATED, TITLES)
+
+
+def test_title_lists_take_the_genres_that_hold_when_given(tiny_model):
+    history = [HistoryEntry("Film 0", 5.0), HistoryEntry("Film 1", 1.0), HistoryEntry("Film 2", 4.0)]
+    genres = [("Drama",), ("Horror",), ("Comedy", "Drama")]  # Drama 9, Comedy 4, Horror 1
+    (grammar,) = tiny_model.title_lists([history], genres=[genres])
+    likes, rated = grammar.lists
+    assert isinstance(likes, PhraseChoice) and likes.trigger == LIKES
+    assert " Drama, Comedy and Horror." in likes.phrases and " Comedy and Drama, mostly" in likes.phrases
+    assert isinstance(rated, TitleList) and rated.titles == ["Film 0", "Film 1", "Film 2"]
+    # no genres in the window: the plain list; genres that do not line up: refused
+    (plain,) = tiny_model.title_lists([history], genres=[[(), (), ()]])
+    assert isinstance(plain, TitleList)
+    with pytest.raises(ValueError, match="one genre list per history entry"):
+        tiny_model.title_lists([history], genres=[genres[:2]])

@@ -3,10 +3,13 @@
 import random
 
 from model.rationale import (
+    LIKES,
     ItemFacts,
     build_rationale,
     catalog_facts,
     check_claims,
+    liked_genres,
+    likes_phrases,
     next_line,
     rated_highest,
     rationale_parts,
@@ -71,8 +74,13 @@ def test_claims_of_a_data_built_rationale_always_hold():
         ids = [rng.choice("12345") for _ in range(rng.randint(1, 8))]
         ratings = [rng.choice([1.0, 2.0, 3.0, 4.0, 5.0, None]) for _ in ids]
         history = [(FACTS[i], r) for i, r in zip(ids, ratings, strict=True)]
-        claims = check_claims(" ".join(taste_lines(history)), history)
+        text = " ".join(taste_lines(history))
+        claims = check_claims(text, history)
         assert claims.wrong == ()
+        # and the grammar inference decodes "Likes ..." under allows the sentence as written
+        if text.startswith(LIKES):
+            phrases = likes_phrases(liked_genres([(f.genres, r) for f, r in history]))
+            assert any(text[len(LIKES) :].startswith(p) for p in phrases)
         assert claims.genres in (True, None) and claims.rated in (True, None)
 
 
@@ -101,5 +109,21 @@ def test_rated_highest_keeps_every_title_tied_at_the_bar():
     assert rated_highest(history) == ["B", "C", "D"]  # 5, then 4 and 4 tie for the third place
     assert rated_highest([*history, ("F", 4.0)]) == ["B", "C", "D", "F"]
     assert rated_highest([("A", None), ("B", float("nan"))]) == ["A", "B"]  # unrated: no bar
-    # a "Rated highest" claim about a history with no ratings cannot hold
-    assert check_claims("Rated highest: Heat.", [(FACTS["1"], None)]).rated is False
+    # a "Rated highest" list about a history with no ratings cannot be checked (the grammar
+    # lets it name any title there); a blank title is never a candidate
+    assert check_claims("Rated highest: Heat.", [(FACTS["1"], None)]).rated is None
+    assert rated_highest([("", 5.0), ("A", 3.0)]) == ["A"]
+
+
+def test_claims_are_read_by_the_names_the_history_has():
+    la = ItemFacts("L.A. Confidential", ("Crime", "Film-Noir"), "1990s")
+    home = ItemFacts("Home", ("Health and Household",), None)
+    history = [(la, 5.0), (FACTS["1"], 4.0), (FACTS["2"], 3.0), (home, 1.0), (FACTS["4"], 1.0)]
+    # a title with a ". " inside, a list followed by a sentence of another kind
+    assert check_claims("Rated highest: L.A. Confidential; Heat. Also Drama.", history).rated is True
+    # a genre whose name holds " and " is one genre (here below the bar: named whole)
+    claims = check_claims("Likes Crime and Health and Household, mostly 1990s.", history)
+    assert (claims.genres, claims.wrong) == (False, ("Health and Household",))
+    # a list the token budget cut before its "." is not counted either way
+    assert check_claims("Likes Crime. Rated highest: L.A. Confidential; He", history).rated is None
+    assert check_claims("Likes Crime, Thri", history).genres is None

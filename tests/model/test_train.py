@@ -16,6 +16,7 @@ import torch
 from model.checkpoint import load_checkpoint, read_meta
 from model.distributed import resolve_device
 from model.item_table import ItemTable
+from model.rationale import catalog_facts, liked_genres, likes_phrases, rated_highest
 from model.recpo import RecPOConfig
 from model.train import Trainer, train
 from tests.model.helpers import stats_over_steps
@@ -56,12 +57,17 @@ def test_recpo_rollouts_decode_the_title_list_under_the_prompts_grammar(tiny_dat
     if not constrain:
         assert seen[0] is None
         return
-    # one grammar per user (its G rows share it): the titles of that user's prompt window
-    titles = tiny_dataset.item_titles()
+    # one grammar per user (its G rows share it), as inference builds it: the genres that hold
+    # for that user's prompt window, then its highest-rated titles
+    titles, facts = tiny_dataset.item_titles(), catalog_facts(tiny_dataset.items.to_dict("records"))
     window = trainer.model.prompts.max_history
     assert len(seen[0]) == 2
-    for grammar, history in zip(seen[0], rows["history_item_ids"], strict=True):
-        assert grammar.titles == list(dict.fromkeys(titles[str(i)] for i in list(history)[-window:]))
+    for grammar, row in zip(seen[0], rows.itertuples(index=False), strict=True):
+        ids, ratings = list(row.history_item_ids)[-window:], list(row.history_ratings)[-window:]
+        likes, rated = grammar.lists
+        window_genres = [(facts[str(i)].genres, r) for i, r in zip(ids, ratings, strict=True)]
+        assert likes.phrases == sorted(likes_phrases(liked_genres(window_genres)))
+        assert rated.titles == rated_highest([(titles[str(i)], r) for i, r in zip(ids, ratings, strict=True)])
 
 
 @pytest.mark.parametrize(("negatives", "sampled"), [("in_batch", 0), ("in_batch", 6), ("table", 0)])

@@ -10,6 +10,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from model.constrained import PhraseChoice, TitleLists
+from model.rationale import LIKES, liked_genres, likes_phrases
 from service.store import Event
 from service.types import CachedReasoning, EmptyHistoryError, Query, UnknownItemsError
 from tests.service.conftest import count_forward, count_generate
@@ -101,11 +103,25 @@ def test_cache_key_depends_on_version_history_and_budget(engine):
     assert k != key(engine, Query(H1, max_reasoning_tokens=8))
 
 
+def _rated(grammar):
+    """The "Rated highest:" list of a query's grammar (after the "Likes" sentence's, if any)."""
+    return grammar.lists[-1] if isinstance(grammar, TitleLists) else grammar
+
+
 def test_reasoning_queries_carry_the_title_grammar_of_their_window(engine, ckpt, make_engine):
-    titles, _ = engine.catalog.lookup(e.item_id for e in H1 + H2)
+    titles, _ = engine.catalog.lookup(e.item_id for e in H1 + H2 + H4)
     prepared = engine.prepare(Query(H1, max_reasoning_tokens=8))
     assert prepared.constraint is not None
-    assert prepared.constraint.titles == [titles[e.item_id] for e in H1]
+    assert _rated(prepared.constraint).titles == [titles[e.item_id] for e in H1]  # three rated: all
+    # the "Likes" sentence over the genres that hold, read from the served catalog
+    likes = prepared.constraint.lists[0]
+    genres = [tuple(engine.catalog.item(e.item_id)["genres"].split(", ")) for e in H1]
+    assert isinstance(likes, PhraseChoice) and likes.trigger == LIKES
+    assert likes.phrases == sorted(
+        likes_phrases(liked_genres(list(zip(genres, [5.0, 4.0, 3.0], strict=True))))
+    )
+    # a history rated in part: only its rated titles can be listed as rated highest
+    assert _rated(engine.prepare(Query(H4, max_reasoning_tokens=8)).constraint).titles == [titles["i9"]]
     assert engine.prepare(Query(H1, reasoning=False)).constraint is None
     seen = []
     original = engine.backend.generate
@@ -116,10 +132,11 @@ def test_reasoning_queries_carry_the_title_grammar_of_their_window(engine, ckpt,
 
     engine.backend.generate = spy
     engine.recommend_batch([Query(H1, max_reasoning_tokens=4), Query(H2, max_reasoning_tokens=4)])
-    assert [c.titles for c in seen[0]] == [prepared.constraint.titles, [titles[e.item_id] for e in H2]]
+    rated = [_rated(c).titles for c in seen[0]]
+    assert rated == [_rated(prepared.constraint).titles, [titles[e.item_id] for e in H2]]
     runner = engine.runner()  # continuous batching decodes under the same grammar
     running = runner.add(Query(H1, max_reasoning_tokens=4))
-    assert running.handle.constraint.titles == prepared.constraint.titles
+    assert _rated(running.handle.constraint).titles == _rated(prepared.constraint).titles
     runner.decoder.cancel(running.handle)
     free = make_engine(ckpt, constrain_titles=False)
     free.version = engine.version
