@@ -345,4 +345,4 @@ def test_the_prompt_and_its_picks_grammar_name_the_same_hints(engine, monkeypatc
     prepared = engine.prepare(Query(H1, max_reasoning_tokens=8))
     assert len(looked_up) == 1
     assert titles["i4"] in prepared.prompt and titles["i5"] not in prepared.prompt
-    assert prepared.constraint.lists[1].titles == [titles["i4"]]
+    assert prepared.constraint.lists[-1].titles == [titles["i4"]]
