@@ -47,8 +47,8 @@ def eval_cmd(
         bool,
         typer.Option(
             "--constrain-titles/--free-titles",
-            help="Decode the reasoning's title list under the grammar of the prompt's highest-rated titles "
-            "(as served)",
+            help="Decode the reasoning's genres and title list under the grammars of what holds for "
+            "the history (as served)",
         ),
     ] = True,
     batch_size: int = 8,

@@ -245,24 +245,25 @@ class PhraseChoice:
         if not self.phrases or at < 0:
             return None
         written = text[at + len(self.trigger) :]
-        if self._closed(written) is not None:  # the phrase is written: free from here
-            return None
-        if written not in self._allowed:  # at most one entry per character of the longest phrase
-            rests = [p[len(written) :] for p in self.phrases if p.startswith(written)]
-            # no rest: the text left the grammar before it applied (free)
-            self._allowed[written] = sorted({i for r in rests for i in self.strings.prefixes_of(r)}) or None
+        if written in self._allowed:  # only prefixes of phrases are kept: one per character at most
+            return self._allowed[written]
+        rests = [p[len(written) :] for p in self.phrases if p.startswith(written)]
+        if not rests or self._closed(written) is not None:
+            return None  # the phrase is written, or the text left the grammar: free from here
+        self._allowed[written] = sorted({i for r in rests for i in self.strings.prefixes_of(r)}) or None
         return self._allowed[written]
 
 
 class TitleLists:
-    """Several title lists in one text, each after its own trigger ("Rated highest:" over the
-    history's titles, then "Picks:" over the prompt's co-watch hints when the model was trained
-    to write it, `PromptConfig.hint_picks`): the list whose trigger was written last applies,
-    unless that trigger lies inside an earlier list (part of one of its titles)."""
+    """Several grammars in one text, each after its own trigger (the "Likes" sentence over the
+    genres that hold, `PhraseChoice`; "Rated highest:" over the history's highest-rated titles;
+    "Picks:" over the prompt's co-watch hints when the model was trained to write it,
+    `PromptConfig.hint_picks`): the one whose trigger was written last applies, unless that
+    trigger lies inside an earlier one's text (part of one of its titles)."""
 
     def __init__(self, lists: Sequence[TitleList | PhraseChoice]) -> None:
         if not lists:
-            raise ValueError("TitleLists needs at least one list")
+            raise ValueError("TitleLists needs at least one grammar")
         self.lists = list(lists)
         self.strings = self.lists[0].strings
 

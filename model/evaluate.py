@@ -291,8 +291,9 @@ class EvalConfig:
         ks (`tuple[int, ...]`, defaults to `(5, 10, 20)`):
             The cut-offs K of Hit@K and NDCG@K.
         constrain_titles (`bool`, defaults to `True`):
-            Decode the reasoning's "Rated highest:" list under the grammar of the prompt's
-            highest-rated titles (model/constrained.py), as the service does; `False` decodes freely.
+            Decode the reasoning's "Likes" genres and "Rated highest:" list under the grammars of
+            what holds for the history (model/constrained.py), as the service does; `False`
+            decodes freely.
     """
 
     split: str = "test"

@@ -26,7 +26,7 @@ from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokeniz
 from model.constrained import Grammar, PhraseChoice, TitleList, TitleListProcessor, TitleLists, TokenStrings
 from model.cowatch import CoWatch
 from model.prompts import HistoryEntry, PromptConfig, item_message, render, user_message
-from model.rationale import LATELY, LIKES, PICKS, liked_genres, likes_phrases, rated_highest
+from model.rationale import LATELY, LIKES, MAX_LIKED, PICKS, liked_genres, likes_phrases, rated_highest
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ class R2ec:
             if genres is not None:
                 rated_genres = zip(genres[j][-window:], [e.rating for e in list(h)[-window:]], strict=True)
                 if liked := liked_genres(list(rated_genres)):
-                    lists.append(PhraseChoice(likes_phrases(liked), strings, LIKES))
+                    lists.append(PhraseChoice(likes_phrases(liked[:MAX_LIKED]), strings, LIKES))
             if not named:  # no "Picks:" (a model not trained to write it, or no hints): the plain list
                 lists.append(TitleList(titles, strings))
             else:

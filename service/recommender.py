@@ -228,23 +228,26 @@ class Recommender:
         prompt = self.model.user_prompt(entries, hints=hints)
         if not query.wants_reasoning:
             return PreparedQuery(query=query, model_version=self.version, prompt=prompt, cache_key=None)
-        constraint = None
+        constraint, grammar = None, "free"
         if self.constrain_titles:  # the genres each history item has in the served catalog
             genres = [ItemFacts.from_row(self.catalog.item(str(e.item_id)) or {}).genres for e in entries]
             constraint = self.model.title_lists([entries], hints=[hints], genres=[genres])[0]
+            # the prompt names titles, not genres: a genre edit changes the grammar, not the prompt
+            grammar = json.dumps(["held-claims", genres[-self.model.prompts.max_history :]])
         return PreparedQuery(
             query=query,
             model_version=self.version,
             prompt=prompt,
-            cache_key=self._key(prompt, query.max_reasoning_tokens),
+            cache_key=self._key(prompt, query.max_reasoning_tokens, grammar),
             constraint=constraint,
+            grammar=grammar,
         )
 
-    def _key(self, prompt: str, budget: int) -> str:
-        """sha256 of (model version, rendered prompt = the history window, generation settings).
-        The grammar's tag names what it constrains, so reasoning cached under an older grammar
-        (until stop 29 the rated list could name any window title) is not served under this one."""
-        grammar = "held-claims" if self.constrain_titles else "free"  # model/constrained.py
+    def _key(self, prompt: str, budget: int, grammar: str) -> str:
+        """sha256 of (model version, rendered prompt = the history window, generation settings,
+        the grammar: what it constrains and the window's genres it was built from), so reasoning
+        cached under an older grammar (until stop 29 the rated list could name any window title)
+        or before a genre edit is not served under this one."""
         material = json.dumps([self.version, prompt, budget, "greedy", grammar])
         return hashlib.sha256(material.encode()).hexdigest()
 
@@ -291,7 +294,7 @@ class Recommender:
                 completions[j], texts[j], status[j] = p.cached.completion_ids, p.cached.text, "hit"
                 continue
             status[j] = "miss"
-            todo.setdefault(p.prompt, []).append(j)
+            todo.setdefault((p.prompt, p.grammar), []).append(j)  # one text per prompt and grammar
 
         generate_ms = 0.0
         have: dict[int, np.ndarray] = {}  # position -> h_T already known

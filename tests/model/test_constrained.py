@@ -279,22 +279,26 @@ def test_the_likes_sentence_names_only_genres_that_hold_then_a_rated_list(tiny_m
     assert m, text
     named = [g for part in m.group(1).split(", ") for g in part.split(" and ")]
     assert set(named) <= set(liked) and len(named) == len(set(named)) <= 3
-    assert grammar.allowed(written) is None  # the sentence is written: free until the next list
+    # what was written is a prefix the grammar kept; past its end nothing more is cached
+    likes_grammar = grammar.lists[0]
+    assert all(any(p.startswith(w) for p in likes_grammar.phrases) for w in likes_grammar._allowed)
+    assert likes_grammar.allowed_after(f"{LIKES} Horror and Crime. Then more text") is None
     # the rated list after it is under its own grammar, whatever the Likes sentence was
     rated = _decode_under(grammar, strings, written + tiny_model.encode_text([f" 1990s. {RATED}"])[0], seed)
     assert _list_after(strings.decode(rated), RATED, TITLES)
 
 
 def test_title_lists_take_the_genres_that_hold_when_given(tiny_model):
-    history = [HistoryEntry("Film 0", 5.0), HistoryEntry("Film 1", 1.0), HistoryEntry("Film 2", 4.0)]
-    genres = [("Drama",), ("Horror",), ("Comedy", "Drama")]  # Drama 9, Comedy 4, Horror 1
+    history = [HistoryEntry(f"Film {i}", r) for i, r in enumerate([5.0, 1.0, 4.0, 2.0])]
+    genres = [("Drama",), ("Horror",), ("Comedy", "Drama"), ("War",)]  # Drama 9, Comedy 4, War 2, Horror 1
     (grammar,) = tiny_model.title_lists([history], genres=[genres])
     likes, rated = grammar.lists
     assert isinstance(likes, PhraseChoice) and likes.trigger == LIKES
-    assert " Drama, Comedy and Horror." in likes.phrases and " Comedy and Drama, mostly" in likes.phrases
-    assert isinstance(rated, TitleList) and rated.titles == ["Film 0", "Film 1", "Film 2"]
+    assert " Drama, Comedy and War." in likes.phrases and " Comedy and Drama, mostly" in likes.phrases
+    assert not any("Horror" in p for p in likes.phrases)  # below the third-highest weight
+    assert isinstance(rated, TitleList) and rated.titles == ["Film 0", "Film 2", "Film 3"]
     # no genres in the window: the plain list; genres that do not line up: refused
-    (plain,) = tiny_model.title_lists([history], genres=[[(), (), ()]])
+    (plain,) = tiny_model.title_lists([history], genres=[[()] * len(history)])
     assert isinstance(plain, TitleList)
     with pytest.raises(ValueError, match="one genre list per history entry"):
         tiny_model.title_lists([history], genres=[genres[:2]])

@@ -127,3 +127,12 @@ def test_claims_are_read_by_the_names_the_history_has():
     # a list the token budget cut before its "." is not counted either way
     assert check_claims("Likes Crime. Rated highest: L.A. Confidential; He", history).rated is None
     assert check_claims("Likes Crime, Thri", history).genres is None
+
+
+def test_a_genre_named_like_two_that_hold_reads_as_the_two_the_grammar_allows():
+    action = ItemFacts("A", ("Action", "Adventure"), "1990s")
+    both = ItemFacts("B", ("Action and Adventure",), "1990s")
+    history = [(action, 5.0), (action, 5.0), (both, 1.0), (FACTS["4"], 1.0)]
+    # liked: Action and Adventure (10 each), then the ties at 1; the grammar's phrase "Action and
+    # Adventure." names the two, though the longest known name is the third genre
+    assert check_claims("Likes Action and Adventure.", history).genres is True

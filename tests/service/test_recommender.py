@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from model.constrained import PhraseChoice, TitleLists
-from model.rationale import LIKES, liked_genres, likes_phrases
+from model.rationale import LIKES, RATED, liked_genres, likes_phrases
 from service.store import Event
 from service.types import CachedReasoning, EmptyHistoryError, Query, UnknownItemsError
 from tests.service.conftest import count_forward, count_generate
@@ -105,7 +105,9 @@ def test_cache_key_depends_on_version_history_and_budget(engine):
 
 def _rated(grammar):
     """The "Rated highest:" list of a query's grammar (after the "Likes" sentence's, if any)."""
-    return grammar.lists[-1] if isinstance(grammar, TitleLists) else grammar
+    return (
+        next(g for g in grammar.lists if g.trigger == RATED) if isinstance(grammar, TitleLists) else grammar
+    )
 
 
 def test_reasoning_queries_carry_the_title_grammar_of_their_window(engine, ckpt, make_engine):
@@ -123,6 +125,14 @@ def test_reasoning_queries_carry_the_title_grammar_of_their_window(engine, ckpt,
     # a history rated in part: only its rated titles can be listed as rated highest
     assert _rated(engine.prepare(Query(H4, max_reasoning_tokens=8)).constraint).titles == [titles["i9"]]
     assert engine.prepare(Query(H1, reasoning=False)).constraint is None
+    # a genre edit changes the grammar, not the prompt: the cache key and the grammar tag follow it
+    item = engine.catalog.item("i1")
+    engine.catalog.upsert("i1", {**{k: v for k, v in item.items() if k != "item_id"}, "genres": "War"})
+    edited = engine.prepare(Query(H1, max_reasoning_tokens=8))
+    assert edited.prompt == prepared.prompt
+    assert (edited.cache_key, edited.grammar) != (prepared.cache_key, prepared.grammar)
+    engine.catalog.upsert("i1", {k: v for k, v in item.items() if k != "item_id"})
+    assert engine.prepare(Query(H1, max_reasoning_tokens=8)).cache_key == prepared.cache_key
     seen = []
     original = engine.backend.generate
 
