@@ -430,7 +430,7 @@ def evaluate_model(
         histories = sample_histories(chunk, titles)
         limits = None
         if cfg.reasoning and cfg.constrain_titles:  # as served: the lists and the genres over what holds
-            genres = [[facts[str(e.item_id)].genres for e in h] for h in histories]
+            genres = [[facts[e.item_id].genres for e in h] for h in histories]
             limits = model.title_lists(histories, genres=genres)
         if backend is not None:
             budget = settings if cfg.reasoning else GenerationSettings(max_new_tokens=0)
@@ -441,10 +441,8 @@ def evaluate_model(
             users = model.user_vectors(histories, rollout).cpu()
         if rollout is not None:
             texts.extend(rollout.texts)
-            for text, row in zip(rollout.texts, chunk.itertuples(index=False), strict=True):
-                ids, ratings = list(row.history_item_ids)[-window:], list(row.history_ratings)[-window:]
-                history = [(facts[str(i)], r) for i, r in zip(ids, ratings, strict=True)]
-                claims.append(check_claims(text, history))
+            for text, h in zip(rollout.texts, histories, strict=True):  # the prompt's window, as read
+                claims.append(check_claims(text, [(facts[e.item_id], e.rating) for e in h[-window:]]))
             for j in range(min(num_examples - len(shown), len(chunk))):
                 row = chunk.iloc[j]
                 shown.append(

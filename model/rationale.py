@@ -73,17 +73,17 @@ def _join(words: Sequence[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def _genre_weights(history: Sequence[tuple[ItemFacts, float | None]]) -> Counter[str]:
-    """Each genre's summed rating weight over the history (first seen first, for ties)."""
+def _genre_weights(history: Sequence[tuple[Sequence[str], float | None]]) -> Counter[str]:
+    """Each genre's summed rating weight over (genres, rating) pairs (first seen first, for ties)."""
     genre_w: Counter[str] = Counter()
-    for facts, rating in history:
-        genre_w.update({g: _weight(rating) for g in facts.genres})
+    for genres, rating in history:
+        genre_w.update({g: _weight(rating) for g in genres})
     return genre_w
 
 
 def taste_lines(history: Sequence[tuple[ItemFacts, float | None]]) -> list[str]:
     """Sentences about the history alone (no hindsight), oldest item first."""
-    genre_w = _genre_weights(history)
+    genre_w = _genre_weights([(f.genres, r) for f, r in history])
     decade_w: Counter[str] = Counter()
     for facts, rating in history:
         if facts.decade:
@@ -217,7 +217,8 @@ def check_claims(text: str, history: Sequence[tuple[ItemFacts, float | None]]) -
         named, closed = _entries(text[len(LIKES) + 1 :], known, (", ", " and "), (", mostly", "."))
         if closed:
             liked = liked_genres([(f.genres, r) for f, r in history])
-            bad = [g for g in named if g not in set(liked)]
+            held = set(liked)
+            bad = [g for g in named if g not in held]
             # a genre named like two that hold ("Action and Adventure" beside Action and
             # Adventure): the sentence the grammar allows reads as the two
             if bad and text[len(LIKES) :].startswith(tuple(likes_phrases(liked[:MAX_LIKED]))):
@@ -248,7 +249,7 @@ def liked_genres(history: Sequence[tuple[Sequence[str], float | None]]) -> list[
     (as `taste_lines` sums it) reaches the third-highest genre weight of the history, ties either
     way; [] for a history without genres. Inference decodes the sentence under this set
     (`R2ec.title_lists`, model/constrained.py `PhraseChoice`)."""
-    weights = _genre_weights([(ItemFacts("", tuple(g)), r) for g, r in history])
+    weights = _genre_weights(history)
     if not weights:
         return []
     bar = sorted(weights.values(), reverse=True)[:3][-1]
