@@ -257,8 +257,8 @@ def liked_genres(history: Sequence[tuple[Sequence[str], float | None]]) -> list[
 
 
 # At most this many of the genres that hold are offered to the "Likes" grammar (`R2ec.title_lists`):
-# P(6,1..3) x 2 = 312 phrases, where 13 tied genres (an unrated ml-100k request) would give ~3,800
-# and cost ~40 ms on the decode thread for the first token. `liked_genres` is heaviest first with
+# P(6,1..3) x 2 = 312 phrases, where 13 tied genres (an unrated ml-100k request) would give 3,770,
+# each scanned on the decode thread for the first token. `liked_genres` is heaviest first with
 # `taste_lines`' tie order, so the trained choice stays in.
 MAX_LIKED = 6
 
