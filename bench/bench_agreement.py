@@ -63,6 +63,7 @@ def main() -> None:
     from model.constrained import constrain_logits
     from model.generation import ContinuousDecoder, EngineBackend, HFBackend, Sequence_
     from model.r2ec import GenerationSettings
+    from model.rationale import catalog_facts, history_facts
     from model.samples import sample_histories
 
     class Forced(ContinuousDecoder):
@@ -93,7 +94,9 @@ def main() -> None:
     titles = dict(zip(ckpt.items["item_id"].astype(str), ckpt.items["title"], strict=True))
     test = load_prepared(args.data).split("test").iloc[: args.rows]
     histories = sample_histories(test, titles)
-    prompts, limits = model.user_prompt_ids(histories), model.title_lists(histories)
+    # as served: every claim under the grammar of what holds (model/constrained.py)
+    facts = history_facts(histories, catalog_facts(ckpt.items.to_dict("records")))
+    prompts, limits = model.user_prompt_ids(histories), model.title_lists(histories, facts=facts)
     full = GenerationSettings(max_new_tokens=args.tokens)
     hf = HFBackend(model)
     pairs = list(zip(prompts, limits, strict=True))

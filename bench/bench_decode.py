@@ -209,6 +209,7 @@ def main() -> None:
     from model.checkpoint import load_checkpoint
     from model.generation import EngineBackend, HFBackend
     from model.r2ec import GenerationSettings
+    from model.rationale import catalog_facts, history_facts
     from model.samples import sample_histories
 
     ckpt = load_checkpoint(args.checkpoint)
@@ -218,8 +219,9 @@ def main() -> None:
     histories = sample_histories(test.iloc[: args.rows + args.warm], titles)
     prompts = model.user_prompt_ids(histories[: args.rows])
     others = model.user_prompt_ids(histories[args.rows :])
-    # as served: the title list under the grammar of each prompt's highest-rated titles (model/constrained.py)
-    limits = model.title_lists(histories[: args.rows])
+    # as served: every claim under the grammar of what holds for each prompt (model/constrained.py)
+    facts = history_facts(histories, catalog_facts(ckpt.items.to_dict("records")))
+    limits = model.title_lists(histories[: args.rows], facts=facts[: args.rows])
     full, one = GenerationSettings(max_new_tokens=args.tokens), GenerationSettings(max_new_tokens=1)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads "
@@ -258,7 +260,8 @@ def main() -> None:
         backend.generate(prompts[:1], one)  # warm-up
         drafter = backend.drafter
         if drafter is not None and name != "engine-cold" and others:  # texts of other users
-            backend.generate(others, full, model.title_lists(histories[args.rows :]))
+            others_grammars = model.title_lists(histories[args.rows :], facts=facts[args.rows :])
+            backend.generate(others, full, others_grammars)
         warm = copy.deepcopy(drafter)
         row = {"backend": name, "load_s": load_s}
         for batch in (1, len(prompts)):

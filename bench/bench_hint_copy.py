@@ -44,7 +44,7 @@ def main() -> None:
     from model.evaluate import EvalConfig, evaluate_scores, paired_difference
     from model.generation import EngineBackend
     from model.r2ec import GenerationSettings
-    from model.rationale import picks_line
+    from model.rationale import catalog_facts, history_facts, picks_line
     from model.samples import sample_histories
 
     ckpt = load_checkpoint(args.checkpoint)
@@ -53,6 +53,7 @@ def main() -> None:
         raise SystemExit("this checkpoint's prompts name no co-watch hints")
     dataset = load_prepared(args.data)
     titles = dataset.item_titles()
+    facts = catalog_facts(dataset.items.to_dict("records"))
     vectors = torch.as_tensor(np.asarray(ckpt.item_vectors, dtype=np.float32))
     backend = EngineBackend(model, slots=8)
     tok = model.tokenizer
@@ -67,7 +68,8 @@ def main() -> None:
                 return model.score(backend.generate(prompts, none)[1], vectors)
             key = tuple(chunk.index)
             if key not in written:
-                rollout, users = backend.generate(prompts, full, model.title_lists(histories))
+                grammars = model.title_lists(histories, facts=history_facts(histories, facts))
+                rollout, users = backend.generate(prompts, full, grammars)
                 written[key] = (rollout.completion_ids, users)
             completions, users = written[key]
             if reading == "on":

@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from model.text_quality import CLAIM_KINDS
+
 METRICS = ["hit@5", "ndcg@5", "hit@10", "ndcg@10", "hit@20", "ndcg@20"]
 
 
@@ -96,7 +98,7 @@ def print_table(table: list[dict]) -> None:
             if q
             else ""
         )
-        for kind in ("genres", "rated"):  # the claims that hold, where texts make them
+        for kind in CLAIM_KINDS:  # the claims that hold, where texts make them
             if q and q.get(f"{kind}_hold_share") is not None:
                 texts += f", {kind} hold {q[f'{kind}_hold_share']:.0%}"
         print(f"| {r['label']} | {r['split']} | {values} | {none:.4f} | {paired} | {ranks} | {texts} |")

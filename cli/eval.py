@@ -220,6 +220,8 @@ def eval_cmd(
 
 
 def _print(ds: PreparedDataset, label: str, split: str, result: EvalResult, extra: dict) -> None:
+    from model.text_quality import CLAIM_KINDS
+
     typer.echo(
         f"{label} on {ds.name}/{ds.protocol} {split}: {result.count} samples, mask {result.mask}, "
         f"{result.seconds:.1f}s"
@@ -234,7 +236,7 @@ def _print(ds: PreparedDataset, label: str, split: str, result: EvalResult, extr
         )
         for flagged in q.get("unknown_title_examples", []):
             typer.echo(f"  names {', '.join(map(repr, flagged['unknown']))}: {flagged['text']!r}")
-        for kind, what in (("genres", "liked genres"), ("rated", "highest-rated titles")):
+        for kind, what in CLAIM_KINDS.items():
             if q.get(f"{kind}_hold_share") is not None:
                 typer.echo(
                     f"  claims: {what} hold in {q[f'{kind}_hold_share']:.1%} of the "

@@ -27,8 +27,11 @@ The sentence before the list, "Likes A, B and C, mostly 1990s.", was as often un
 same model's held): given each history item's genres, `PhraseChoice` decodes what follows
 "Likes" as one of the ways to name up to three of the genres that carry the most rating weight
 in the window (model/rationale.py `liked_genres`, `likes_phrases`), closed by ", mostly" or
-".", after which decoding is free. Everything else the model writes (the decades, the drift
-sentence) is untouched (greedy or sampled as asked).
+".". The same grammar with other phrases holds the rest of the format's claims: after ", mostly"
+one of the decades that carry the most rating weight (`decade_phrases`: " 1990s." or " 1990s and
+1980s."), after "Lately more" one of the genres the latest items lean to (`drifting_genres`);
+where none does, the text must stop after the rated list. Between and after these, decoding is
+free (greedy or sampled as asked).
 
 `TitleList.allowed(ids)` is stateless: it decodes the row's tokens and runs the grammar over the
 text after the trigger (a handful of titles, under 100 characters), so it needs no bookkeeping
@@ -178,9 +181,10 @@ class TitleList:
             nexts = [f for f in self.follow if fits and len(after) < len(f) and f.startswith(after)]
             if nexts or (after == "" and "" in self.follow):  # "": a stop right after the list
                 # right after the list: the format's next sentence or a stop, nothing else, so
-                # no name or sentence runs on from the last title ("... Desire, A. J. Clarke")
+                # no name or sentence runs on from the last title ("... Desire, A. J. Clarke");
+                # once that sentence's opening has begun, it is finished ("Late" is no ending)
                 ids = {i for f in nexts for i in self.strings.prefixes_of(f[len(after) :])}
-                return sorted(ids) + self.strings.stops
+                return sorted(ids) + (self.strings.stops if after == "" else [])
             return None
         key = frozenset(states)
         if key not in self._allowed:
@@ -217,8 +221,9 @@ class PhraseChoice:
     """After `trigger`, the text must go on as one of `phrases`, then decoding is free: the
     "Likes A, B and C" sentence over the genres that hold for the history (model/rationale.py
     `liked_genres`, `likes_phrases`: each phrase closes as the format does, with ", mostly" or
-    ".", so none is a prefix of another). Stateless like `TitleList`, and it takes its place in
-    a `TitleLists`."""
+    ".", so none is a prefix of another), the decades after ", mostly" (`decade_phrases`), the
+    genre after "Lately more" (`drifting_genres`). Stateless like `TitleList`, and it takes its
+    place in a `TitleLists`."""
 
     def __init__(self, phrases: Sequence[str], strings: TokenStrings, trigger: str) -> None:
         self.phrases = sorted(set(phrases))
@@ -256,7 +261,8 @@ class PhraseChoice:
 
 class TitleLists:
     """Several grammars in one text, each after its own trigger (the "Likes" sentence over the
-    genres that hold, `PhraseChoice`; "Rated highest:" over the history's highest-rated titles;
+    genres that hold, its decades and the drift sentence, each a `PhraseChoice`; "Rated
+    highest:" over the history's highest-rated titles;
     "Picks:" over the prompt's co-watch hints when the model was trained to write it,
     `PromptConfig.hint_picks`): the one whose trigger was written last applies, unless that
     trigger lies inside an earlier one's text (part of one of its titles)."""
@@ -275,12 +281,14 @@ class TitleLists:
         if at < 0:
             return None
         # a trigger written inside an earlier list's titles (a history title "Picks: A Story")
-        # is part of that title, not the start of the next list
+        # is part of that title, not the start of the next list; one the earlier grammar ends
+        # with (", mostly" closing a "Likes" phrase) hands over to the next
+        after = at + len(self.lists[latest].trigger)  # the first position after the trigger
         for i, (g, start) in enumerate(zip(self.lists, starts, strict=True)):
             if (
                 i != latest
                 and 0 <= start < at
-                and g.spans(text[start + len(g.trigger) :], at - start - len(g.trigger))
+                and g.spans(text[start + len(g.trigger) :], after - start - len(g.trigger))
             ):
                 return g.allowed_after(text)
         return self.lists[latest].allowed_after(text)

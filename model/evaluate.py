@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from model.data.dataset import SPLITS, PreparedDataset, atomic_write
 from model.r2ec import GenerationSettings, R2ec
-from model.rationale import Claims, catalog_facts, check_claims
+from model.rationale import Claims, catalog_facts, check_claims, history_facts
 from model.rewards import ndcg_at_k, target_rank
 from model.samples import sample_histories
 from model.text_quality import text_quality
@@ -429,9 +429,8 @@ def evaluate_model(
     def score(chunk: pd.DataFrame) -> torch.Tensor:
         histories = sample_histories(chunk, titles)
         limits = None
-        if cfg.reasoning and cfg.constrain_titles:  # as served: the lists and the genres over what holds
-            genres = [[facts[e.item_id].genres for e in h] for h in histories]
-            limits = model.title_lists(histories, genres=genres)
+        if cfg.reasoning and cfg.constrain_titles:  # as served: every checkable claim over what holds
+            limits = model.title_lists(histories, facts=history_facts(histories, facts))
         if backend is not None:
             budget = settings if cfg.reasoning else GenerationSettings(max_new_tokens=0)
             rollout, users = backend.generate(model.user_prompt_ids(histories), budget, limits)

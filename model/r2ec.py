@@ -26,7 +26,19 @@ from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokeniz
 from model.constrained import Grammar, PhraseChoice, TitleList, TitleListProcessor, TitleLists, TokenStrings
 from model.cowatch import CoWatch
 from model.prompts import HistoryEntry, PromptConfig, item_message, render, user_message
-from model.rationale import LATELY, LIKES, MAX_LIKED, PICKS, liked_genres, likes_phrases, rated_highest
+from model.rationale import (
+    LATELY,
+    LIKES,
+    MAX_LIKED,
+    MOSTLY,
+    PICKS,
+    ItemFacts,
+    decade_phrases,
+    drifting_genres,
+    liked_genres,
+    likes_phrases,
+    rated_highest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -278,26 +290,29 @@ class R2ec:
         without: Sequence[Mapping[tuple[str, str], float] | None] | None = None,
         catalog: Mapping[str, str] | None = None,
         hints: Sequence[Sequence[str]] | None = None,
-        genres: Sequence[Sequence[Sequence[str]]] | None = None,
+        facts: Sequence[Sequence[ItemFacts]] | None = None,
     ) -> list[Grammar]:
-        """Per history, the grammar its reasoning's title lists are decoded under
+        """Per history, the grammar its reasoning's claims are decoded under
         (model/constrained.py): "Rated highest:" over the prompt window's titles that are truly among
         its highest-rated (model/rationale.py `rated_highest`; all of them when none is rated), so
         the list the reader sees is true of their history, and, for
         a model trained to end with "Picks:" (`PromptConfig.hint_picks`), that list over the
         prompt's co-watch hints (`without`, `catalog`: as the prompt was rendered; `hints`: the
-        titles the prompts named, per history, when the caller has them). `genres`: per history,
-        each entry's genres; with them the "Likes A, B and C" sentence is decoded over the
-        window's genres that hold (model/rationale.py `liked_genres`), so it too is true of the
-        history (without them it is free)."""
+        titles the prompts named, per history, when the caller has them). `facts`: per history,
+        each entry's genres and decade (model/rationale.py `ItemFacts`); with them the other
+        sentences are decoded over what holds for the window too: "Likes A, B and C" over its
+        genres that hold (`liked_genres`), ", mostly 1990s" over its decades (`decade_phrases`),
+        "Lately more D." over its drifting genres (`drifting_genres`; where none drifts, the text
+        stops after the rated list). Without them those sentences are free."""
         window, strings, picks = self.prompts.max_history, self.token_strings(), self.prompts.hint_picks
         without = without if without is not None else [None] * len(histories)
         if hints is not None and len(hints) != len(histories):
             raise ValueError(f"{len(hints)} hint lists for {len(histories)} histories")
-        if genres is not None and [len(g) for g in genres] != [len(h) for h in histories]:
-            raise ValueError("genres must give one genre list per history entry")
+        if facts is not None and [len(f) for f in facts] != [len(h) for h in histories]:
+            raise ValueError("facts must give one ItemFacts per history entry")
         out: list[Grammar] = []
         for j, (h, w) in enumerate(zip(histories, without, strict=True)):
+            ratings = [e.rating for e in list(h)[-window:]]
             # only the window's titles that are truly among its highest-rated (all when unrated)
             titles = rated_highest([(e.title, e.rating) for e in list(h)[-window:]])
             if not picks:
@@ -305,15 +320,25 @@ class R2ec:
             else:
                 named = hints[j] if hints is not None else self.hint_titles(h, w, catalog)
             lists: list[TitleList | PhraseChoice] = []
-            if genres is not None:
-                rated_genres = zip(genres[j][-window:], [e.rating for e in list(h)[-window:]], strict=True)
-                if liked := liked_genres(list(rated_genres)):
-                    lists.append(PhraseChoice(likes_phrases(liked[:MAX_LIKED]), strings, LIKES))
-            if not named:  # no "Picks:" (a model not trained to write it, or no hints): the plain list
-                lists.append(TitleList(titles, strings))
-            else:
-                rated = TitleList(titles, strings, follow=(" " + LATELY, " " + PICKS))
-                lists += [rated, TitleList(named, strings, max_entries=picks, trigger=PICKS, follow="")]
+            follow = [" " + LATELY]  # what may come right after the rated list, besides a stop
+            drift: list[PhraseChoice] = []
+            if facts is not None:
+                seen = list(facts[j])[-window:]
+                decades = decade_phrases([(f.decade, r) for f, r in zip(seen, ratings, strict=True)])
+                if liked := liked_genres([(f.genres, r) for f, r in zip(seen, ratings, strict=True)]):
+                    ends = (MOSTLY, ".") if decades else (".",)
+                    lists.append(PhraseChoice(likes_phrases(liked[:MAX_LIKED], ends=ends), strings, LIKES))
+                if decades:
+                    lists.append(PhraseChoice(decades, strings, MOSTLY))
+                if drifting := drifting_genres([f.genres for f in seen]):
+                    drift.append(PhraseChoice([f" {g}." for g in drifting], strings, LATELY))
+                else:  # nothing drifts: no "Lately more" sentence
+                    follow = []
+            if named:
+                follow.append(" " + PICKS)
+            lists += [TitleList(titles, strings, follow=follow or ""), *drift]  # "": only a stop
+            if named:
+                lists.append(TitleList(named, strings, max_entries=picks, trigger=PICKS, follow=""))
             out.append(lists[0] if len(lists) == 1 else TitleLists(lists))
         return out
 

@@ -35,6 +35,7 @@ DRIFT = 0.2
 # The sentence that lists the highest-rated titles, and how many it lists (inference decodes
 # that list under a grammar of the prompt's highest-rated titles: model/constrained.py).
 LIKES = "Likes"  # the sentence that names the genres the history leans to
+MOSTLY = ", mostly"  # where that sentence goes on to the decades ("Likes Drama, mostly 1990s.")
 RATED = "Rated highest:"
 # The drift sentence that may follow the list ("Lately more Thriller."): at inference the list's
 # grammar lets only its opening (or a stop) come right after the list, so a text cannot run on
@@ -64,6 +65,12 @@ def catalog_facts(items: Sequence[Mapping[str, object]]) -> dict[str, ItemFacts]
     return {str(r["item_id"]): ItemFacts.from_row(r) for r in items}
 
 
+def history_facts(histories: Sequence[Sequence], facts: Mapping[str, ItemFacts]) -> list[list[ItemFacts]]:
+    """Each entry's facts (model/prompts.py `HistoryEntry`s, by item_id; an item `facts` lacks
+    says nothing but its title): what `R2ec.title_lists` builds the claims' grammars from."""
+    return [[facts.get(str(e.item_id), ItemFacts(e.title)) for e in h] for h in histories]
+
+
 def _weight(rating: float | None) -> float:
     # Unknown ratings count as neutral; a 1-star film says less about taste than a 5-star one.
     return 3.0 if rating is None or rating != rating else float(rating)
@@ -81,13 +88,32 @@ def _genre_weights(history: Sequence[tuple[Sequence[str], float | None]]) -> Cou
     return genre_w
 
 
+def _decade_weights(history: Sequence[tuple[str | None, float | None]]) -> Counter[str]:
+    """Each decade's summed rating weight over (decade, rating) pairs (first seen first, for ties)."""
+    decade_w: Counter[str] = Counter()
+    for decade, rating in history:
+        if decade:
+            decade_w[decade] += _weight(rating)
+    return decade_w
+
+
+def drifting_genres(genres: Sequence[Sequence[str]]) -> list[str]:
+    """The genres a true "Lately more X." may name, strongest drift first (what `taste_lines`
+    names): those in at least 2 of the latest `RECENT` items whose share there exceeds their
+    share over the whole history (each item's genres, oldest first) by `DRIFT` or more."""
+    if len(genres) <= RECENT:
+        return []
+    recent = Counter(g for gs in genres[-RECENT:] for g in gs)  # first seen first
+    overall = Counter(g for gs in genres for g in gs)
+    lift = {g: recent[g] / RECENT - overall[g] / len(genres) for g in recent if recent[g] >= 2}
+    order = {g: i for i, g in enumerate(recent)}  # ties: the genre listed first
+    return sorted((g for g in lift if lift[g] >= DRIFT), key=lambda g: (-lift[g], order[g]))
+
+
 def taste_lines(history: Sequence[tuple[ItemFacts, float | None]]) -> list[str]:
     """Sentences about the history alone (no hindsight), oldest item first."""
     genre_w = _genre_weights([(f.genres, r) for f, r in history])
-    decade_w: Counter[str] = Counter()
-    for facts, rating in history:
-        if facts.decade:
-            decade_w[facts.decade] += _weight(rating)
+    decade_w = _decade_weights([(f.decade, r) for f, r in history])
     lines = []
     if genre_w:
         top = [g for g, _ in genre_w.most_common(3)]
@@ -95,19 +121,14 @@ def taste_lines(history: Sequence[tuple[ItemFacts, float | None]]) -> list[str]:
         if decade_w:
             (d1, w1), *rest = decade_w.most_common(2)
             share = w1 / sum(decade_w.values())
-            line += f", mostly {d1}" if share >= 0.5 or not rest else f", mostly {d1} and {rest[0][0]}"
+            line += f"{MOSTLY} {d1}" if share >= 0.5 or not rest else f"{MOSTLY} {d1} and {rest[0][0]}"
         lines.append(line + ".")
     rated = [(i, f, r) for i, (f, r) in enumerate(history) if r is not None and r == r]
     if rated:
         best = sorted(rated, key=lambda x: (-x[2], -x[0]))[:TOP_RATED]  # highest first, recent on ties
         lines.append(f"{RATED} " + "; ".join(f.title for _, f, _ in best) + ".")
-    if len(history) > RECENT and genre_w:
-        recent = Counter(g for f, _ in history[-RECENT:] for g in f.genres)  # first seen first
-        overall = Counter(g for f, _ in history for g in f.genres)
-        lift = {g: recent[g] / RECENT - overall[g] / len(history) for g in recent if recent[g] >= 2}
-        if lift and max(lift.values()) >= DRIFT:
-            order = {g: i for i, g in enumerate(recent)}  # ties: the genre listed first
-            lines.append(f"{LATELY} {max(lift, key=lambda g: (lift[g], -order[g]))}.")
+    if drift := drifting_genres([f.genres for f, _ in history]):
+        lines.append(f"{LATELY} {drift[0]}.")
     return lines
 
 
@@ -158,35 +179,39 @@ def build_rationale(*args, **kwargs) -> str:
     return head + tail
 
 
-# The two claims of a rationale a reader can check against the history: "Likes A, B and C"
-# (the genres that carry the most rating weight) and "Rated highest: X; Y; Z." (the titles with
-# the highest ratings).
+# The claims of a rationale a reader can check against the history: "Likes A, B and C" (the
+# genres that carry the most rating weight), ", mostly 1990s" (the decades that do), "Rated
+# highest: X; Y; Z." (the titles with the highest ratings) and "Lately more D." (a genre the
+# latest items lean to more than the history does).
 
 
 @dataclass(frozen=True)
 class Claims:
     """Whether a text's checkable claims hold for the history it was written about: None
-    where the text makes no such claim (or one that cannot be checked: a list the token budget
-    cut before its "."; a rated list about a history without ratings), else True only when
-    every named item holds.
+    where the text makes no such claim (or one that cannot be checked: a sentence the token
+    budget cut before its "."; a rated list about a history without ratings), else True only
+    when every named item holds.
 
     A genre holds when its rating weight reaches the third-highest genre weight of the
-    history (`liked_genres`: what `taste_lines` would list, ties either way); a title holds when
-    it is in the history with a rating that reaches the `TOP_RATED`-th highest one
-    (`rated_highest`: what the data-built rationale could list, ties either way)."""
+    history (`liked_genres`: what `taste_lines` would list, ties either way); the decades when
+    they are what `decade_phrases` allows; a title when it is in the history with a rating that
+    reaches the `TOP_RATED`-th highest one (`rated_highest`: what the data-built rationale
+    could list, ties either way); the drift when its genre is one of `drifting_genres`."""
 
     genres: bool | None
     rated: bool | None
-    wrong: tuple[str, ...] = ()  # the named genres and titles that do not hold
+    decades: bool | None = None
+    lately: bool | None = None
+    wrong: tuple[str, ...] = ()  # what is named and does not hold ("Horror", "mostly 1980s")
 
 
 def _entries(
     rest: str, known: Sequence[str], separators: Sequence[str], ends: Sequence[str]
-) -> tuple[list[str], bool]:
-    """The entries of the list `rest` starts with, and whether one of `ends` closed it. An entry
-    that is one of `known` is read whole (the longest that fits; names may hold a separator or
-    a ".": "L.A. Confidential", "Health and Household"), any other up to the next separator or
-    end."""
+) -> tuple[list[str], str | None]:
+    """The entries of the list `rest` starts with, and the text from the one of `ends` that
+    closed it (None: not closed). An entry that is one of `known` is read whole (the longest
+    that fits; names may hold a separator or a ".": "L.A. Confidential", "Health and
+    Household"), any other up to the next separator or end."""
     entries: list[str] = []
     while True:
         fits = [k for k in known if k and rest.startswith(k)]
@@ -199,23 +224,23 @@ def _entries(
         entries.append(name.strip())
         rest = rest[len(name) :]
         if rest.startswith(tuple(ends)):
-            return entries, True
+            return entries, rest
         sep = next((x for x in separators if rest.startswith(x)), None)
         if sep is None:
-            return entries, False
+            return entries, None
         rest = rest[len(sep) :]
 
 
 def check_claims(text: str, history: Sequence[tuple[ItemFacts, float | None]]) -> Claims:
-    """Check `text`'s "Likes ..." and "Rated highest: ..." claims against `history` (the
-    prompt's window, as `taste_lines` reads it)."""
+    """Check `text`'s "Likes ..., mostly ...", "Rated highest: ..." and "Lately more ..." claims
+    against `history` (the prompt's window, as `taste_lines` reads it)."""
     text = text.strip()
     wrong: list[str] = []
-    genres = rated = None
+    genres = rated = decades = lately = None
+    known_genres = list(dict.fromkeys(g for f, _ in history for g in f.genres))
     if text.startswith(LIKES + " "):
-        known = list(dict.fromkeys(g for f, _ in history for g in f.genres))
-        named, closed = _entries(text[len(LIKES) + 1 :], known, (", ", " and "), (", mostly", "."))
-        if closed:
+        named, end = _entries(text[len(LIKES) + 1 :], known_genres, (", ", " and "), (MOSTLY, "."))
+        if end is not None:
             liked = liked_genres([(f.genres, r) for f, r in history])
             held = set(liked)
             bad = [g for g in named if g not in held]
@@ -224,15 +249,24 @@ def check_claims(text: str, history: Sequence[tuple[ItemFacts, float | None]]) -
             if bad and text[len(LIKES) :].startswith(tuple(likes_phrases(liked[:MAX_LIKED]))):
                 bad = []
             genres, wrong = not bad, wrong + bad
+            said = end[len(MOSTLY) :] if end.startswith(MOSTLY) else ""
+            if (stop := said.find(".")) >= 0:
+                decades = said[: stop + 1] in decade_phrases([(f.decade, r) for f, r in history])
+                wrong += [] if decades else [MOSTLY.lstrip(", ") + said[:stop]]
     rated_titles = [(f.title, r) for f, r in history]
     if (at := text.find(RATED + " ")) >= 0 and _rated(rated_titles):
         known = [t for t, _ in rated_titles]
-        named, closed = _entries(text[at + len(RATED) + 1 :], known, ("; ",), (".",))
-        if closed:
+        named, end = _entries(text[at + len(RATED) + 1 :], known, ("; ",), (".",))
+        if end is not None:
             ok = {normalize_title(t) for t in rated_highest(rated_titles)}
             bad = [t for t in named if normalize_title(t) not in ok]
             rated, wrong = not bad, wrong + bad
-    return Claims(genres, rated, tuple(wrong))
+    if (at := text.find(LATELY + " ")) >= 0:
+        (named,), end = _entries(text[at + len(LATELY) + 1 :], known_genres, (), (".",))
+        if end is not None:
+            lately = named in drifting_genres([f.genres for f, _ in history])
+            wrong += [] if lately else [f"{LATELY} {named}"]
+    return Claims(genres=genres, rated=rated, decades=decades, lately=lately, wrong=tuple(wrong))
 
 
 def _rated(history: Sequence[tuple[str, float | None]]) -> dict[str, float]:
@@ -263,15 +297,32 @@ def liked_genres(history: Sequence[tuple[Sequence[str], float | None]]) -> list[
 MAX_LIKED = 6
 
 
-def likes_phrases(genres: Sequence[str], most: int = 3) -> list[str]:
+def likes_phrases(genres: Sequence[str], most: int = 3, ends: Sequence[str] = (MOSTLY, ".")) -> list[str]:
     """Every way the "Likes" sentence can name up to `most` of `genres` (in any order, each once)
-    as `taste_lines` joins them, each closed as the format closes it (", mostly" before the
-    decades, or "."): the strings its grammar allows after "Likes"."""
+    as `taste_lines` joins them, each closed by one of `ends` as the format closes it (", mostly"
+    before the decades, or "."): the strings its grammar allows after "Likes"."""
     out = []
     for n in range(1, min(most, len(genres)) + 1):
         for chosen in permutations(genres, n):
-            out += [f" {_join(list(chosen))}{end}" for end in (", mostly", ".")]
+            out += [f" {_join(list(chosen))}{end}" for end in ends]
     return out
+
+
+def decade_phrases(history: Sequence[tuple[str | None, float | None]]) -> list[str]:
+    """What a true ", mostly ..." may go on with, each closed by ".", over (decade, rating)
+    pairs: " D." for a decade with the highest rating weight (ties either way) that carries at
+    least half of it or is the only one, " D1 and D2." for two whose weights reach the
+    second-highest, in either order ([] for a history without years). `taste_lines` writes one
+    of these; inference decodes the decades under them (`R2ec.title_lists`)."""
+    weights = _decade_weights(history)
+    if not weights:
+        return []
+    total, top = sum(weights.values()), max(weights.values())
+    named = [d for d, w in weights.items() if w == top and (w / total >= 0.5 or len(weights) == 1)]
+    if len(weights) > 1:
+        bar = sorted(weights.values(), reverse=True)[1]
+        named += [f"{a} and {b}" for a, b in permutations([d for d, w in weights.items() if w >= bar], 2)]
+    return [f" {d}." for d in named]
 
 
 def rated_highest(history: Sequence[tuple[str, float | None]]) -> list[str]:

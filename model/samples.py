@@ -10,6 +10,7 @@ import pandas as pd
 
 from model.cowatch import pair_counts, top, user_sequences
 from model.prompts import HistoryEntry
+from model.rationale import ItemFacts, history_facts
 
 if TYPE_CHECKING:
     from model.constrained import Grammar
@@ -66,11 +67,12 @@ class TrainingPrompts:
         model: R2ec,
         titles: Mapping[str, str],
         train: pd.DataFrame,
-        genres: Mapping[str, Sequence[str]] | None = None,
+        facts: Mapping[str, ItemFacts] | None = None,
     ) -> None:
-        """`genres`: item_id -> its genres, so the rollouts' "Likes" sentence is decoded under
-        the genres that hold, as inference decodes it (`R2ec.title_lists`); None: free."""
-        self.model, self.titles, self.genres = model, titles, genres
+        """`facts`: item_id -> its genres and decade (model/rationale.py `catalog_facts`), so the
+        rollouts' sentences about them are decoded under what holds, as inference decodes them
+        (`R2ec.title_lists`); None: free."""
+        self.model, self.titles, self.facts = model, titles, facts
         self.sequences = user_sequences(train) if model.prompts.cowatch_hints else {}
         self._own: dict[str, dict[tuple[str, str], float]] = {}
 
@@ -96,10 +98,8 @@ class TrainingPrompts:
         its hints as its prompt names them (its own user left out)."""
         without = [self.own_pairs(str(u)) for u in rows["user_id"]] if self.sequences else None
         histories = sample_histories(rows, self.titles)
-        genres = None
-        if self.genres is not None:
-            genres = [[self.genres.get(str(e.item_id), ()) for e in h] for h in histories]
-        return self.model.title_lists(histories, without, genres=genres)
+        facts = None if self.facts is None else history_facts(histories, self.facts)
+        return self.model.title_lists(histories, without, facts=facts)
 
     def __call__(self, rows: pd.DataFrame) -> list[list[int]]:
         histories = sample_histories(rows, self.titles)

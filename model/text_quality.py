@@ -14,10 +14,10 @@ Three numbers over a set of texts, reported by `r2ec eval` beside the ranking me
   here write.
 
 With the claims of each text checked against its user's history (model/rationale.py
-`check_claims`), two more: of the texts that say which genres the user likes, the share whose
-every genre holds, and of the texts that list the highest-rated titles, the share whose every
-title holds. A text can name only real titles and still say the user rated highest a film
-they gave one star; these two count that.
+`check_claims`), four more: of the texts that make each claim, the share in which it holds:
+the genres the user likes, the decades they watch mostly, the titles they rated highest, the
+genre they lately watch more. A text can name only real titles and still say the user rated
+highest a film they gave one star; these count that.
 """
 
 from __future__ import annotations
@@ -31,6 +31,15 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from model.rationale import Claims
+
+# the claims `check_claims` reads (model/rationale.py), by the name of their field, with what
+# each says of the history
+CLAIM_KINDS = {
+    "genres": "liked genres",
+    "decades": "decades watched mostly",
+    "rated": "highest-rated titles",
+    "lately": "genre watched lately",
+}
 
 _WORD = re.compile(r"\w+(?:'\w+)?")
 _QUOTED = re.compile(r'"([^"\n]{2,80})"|\*\*?([^*\n]{2,80})\*\*?')
@@ -102,8 +111,12 @@ class TextQuality:
     # in which it holds, how many made it, and the first few texts with a claim that does not
     genres_hold_share: float | None = None
     genres_claims: int | None = None
+    decades_hold_share: float | None = None
+    decades_claims: int | None = None
     rated_hold_share: float | None = None
     rated_claims: int | None = None
+    lately_hold_share: float | None = None
+    lately_claims: int | None = None
     wrong_claim_examples: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -130,13 +143,10 @@ def text_quality(
     if claims is not None:
         if len(claims) != len(texts):
             raise ValueError(f"claims must be one per text: {len(claims)} for {len(texts)} texts")
-        genres, n_genres = _hold_share([c.genres for c in claims])
-        rated, n_rated = _hold_share([c.rated for c in claims])
-        checked = {
-            "genres_hold_share": genres,
-            "genres_claims": n_genres,
-            "rated_hold_share": rated,
-            "rated_claims": n_rated,
+        for kind in CLAIM_KINDS:
+            share, made = _hold_share([getattr(c, kind) for c in claims])
+            checked |= {f"{kind}_hold_share": share, f"{kind}_claims": made}
+        checked |= {
             "wrong_claim_examples": [
                 {"text": t, "wrong": list(c.wrong)} for t, c in zip(texts, claims, strict=True) if c.wrong
             ][:examples],

@@ -109,8 +109,7 @@ class Trainer:
         self.titles = dataset.item_titles()
         self._set_cowatch(dataset)
         self.facts = catalog_facts(dataset.items.to_dict("records"))
-        genres = {i: f.genres for i, f in self.facts.items()}
-        self.prompt_ids = TrainingPrompts(self.model, self.titles, dataset.split("train"), genres)
+        self.prompt_ids = TrainingPrompts(self.model, self.titles, dataset.split("train"), self.facts)
         self.recpo = RecPOStep(self.model, self.table, cfg, self.prompt_ids)
         # In-batch training never reads the table between evals (which refresh it).
         self.reads_table = cfg.stage == "recpo" or cfg.negatives == "table"

@@ -102,10 +102,10 @@ class Settings(BaseSettings):
     )
     constrain_titles: bool = Field(
         True,
-        description='Decode the reasoning\'s "Rated highest:" title list over the request '
-        'history\'s highest-rated titles and its "Likes" sentence over the genres that carry the '
-        "most rating weight there (model/constrained.py), so both are true of the history; "
-        "false decodes freely.",
+        description="Decode the reasoning's claims over what holds for the request history "
+        '(model/constrained.py): the "Rated highest:" list over its highest-rated titles, "Likes '
+        '..., mostly ..." over the genres and decades that carry the most rating weight, "Lately '
+        'more ..." over the genres its latest items lean to; false decodes freely.',
     )
     batching: Literal["continuous", "static"] = Field(
         "continuous",

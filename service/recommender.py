@@ -229,11 +229,13 @@ class Recommender:
         if not query.wants_reasoning:
             return PreparedQuery(query=query, model_version=self.version, prompt=prompt, cache_key=None)
         constraint, grammar = None, "free"
-        if self.constrain_titles:  # the genres each history item has in the served catalog
-            genres = [ItemFacts.from_row(self.catalog.item(str(e.item_id)) or {}).genres for e in entries]
-            constraint = self.model.title_lists([entries], hints=[hints], genres=[genres])[0]
-            # the prompt names titles, not genres: a genre edit changes the grammar, not the prompt
-            grammar = json.dumps(["held-claims", genres[-self.model.prompts.max_history :]])
+        if self.constrain_titles:  # the genres and decade each history item has in the served catalog
+            facts = [ItemFacts.from_row(self.catalog.item(str(e.item_id)) or {}) for e in entries]
+            constraint = self.model.title_lists([entries], hints=[hints], facts=[facts])[0]
+            # the prompt names titles, not genres or years: an edit of those changes the grammar,
+            # not the prompt
+            window = facts[-self.model.prompts.max_history :]
+            grammar = json.dumps(["held-claims-2", [[f.genres, f.decade] for f in window]])
         return PreparedQuery(
             query=query,
             model_version=self.version,
@@ -245,9 +247,10 @@ class Recommender:
 
     def _key(self, prompt: str, budget: int, grammar: str) -> str:
         """sha256 of (model version, rendered prompt = the history window, generation settings,
-        the grammar: what it constrains and the window's genres it was built from), so reasoning
-        cached under an older grammar (until stop 29 the rated list could name any window title)
-        or before a genre edit is not served under this one."""
+        the grammar: what it constrains and the window's genres and decades it was built from),
+        so reasoning cached under an older grammar (until stop 29 the rated list could name any
+        window title; until stop 30 the decades and the drift were free) or before a genre or
+        year edit is not served under this one."""
         material = json.dumps([self.version, prompt, budget, "greedy", grammar])
         return hashlib.sha256(material.encode()).hexdigest()
 

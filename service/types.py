@@ -144,7 +144,8 @@ class PreparedQuery:
     cache_key: str | None  # None when the query does not reason
     cached: CachedReasoning | None = None  # the reasoning found under cache_key, if any
     # the grammar the reasoning's claims are decoded under (model/constrained.py), or None, and
-    # what it was built from beyond the prompt (the window's genres), which the cache key names
+    # what it was built from beyond the prompt (the window's genres and decades), which the cache
+    # key names
     constraint: Grammar | None = field(default=None, compare=False, hash=False, repr=False)
     grammar: str = "free"
     # Streaming (POST /recommend/stream): called ON THE MODEL THREAD with each new piece of the

@@ -1,6 +1,7 @@
 """The title list's grammar (model/constrained.py): whatever the logits say, the text after the
 trigger is a list of the prompt's titles, and the two backends decode it alike."""
 
+import random
 import re
 
 import pytest
@@ -10,7 +11,7 @@ from model.constrained import PhraseChoice, TitleList, TitleLists, TokenStrings,
 from model.generation import EngineBackend, HFBackend
 from model.prompts import HistoryEntry
 from model.r2ec import GenerationSettings
-from model.rationale import LIKES, PICKS, RATED, liked_genres, likes_phrases
+from model.rationale import LIKES, MOSTLY, PICKS, RATED, ItemFacts, check_claims, liked_genres, likes_phrases
 
 TITLES = ["Heat", "Fargo", "Mr. Holland's Opus", "Sex, Lies, and Videotape", "Heat Wave"]
 
@@ -90,8 +91,10 @@ def test_right_after_the_list_only_the_next_sentence_or_a_stop_may_come(tiny_mod
     special = set(tiny_model.tokenizer.all_special_ids)
     for written in (closed, closed + tiny_model.encode_text([" L"])[0]):
         allowed = constraint.allowed(written)
-        assert allowed and tiny_model.tokenizer.eos_token_id in allowed
-        rest = " Lately more"[len(strings.decode(written).rsplit(".", 1)[1]) :]
+        after = strings.decode(written).rsplit(".", 1)[1]
+        # a stop right after the list; once the next sentence has begun, no stop until it is written
+        assert allowed and (tiny_model.tokenizer.eos_token_id in allowed) == (after == "")
+        rest = " Lately more"[len(after) :]
         assert all(i in special or rest.startswith(strings.decode([i])) for i in allowed)
     # with the model's own stop tokens, no other special token may end the list
     model_strings = tiny_model.token_strings()
@@ -291,14 +294,42 @@ def test_the_likes_sentence_names_only_genres_that_hold_then_a_rated_list(tiny_m
 def test_title_lists_take_the_genres_that_hold_when_given(tiny_model):
     history = [HistoryEntry(f"Film {i}", r) for i, r in enumerate([5.0, 1.0, 4.0, 2.0])]
     genres = [("Drama",), ("Horror",), ("Comedy", "Drama"), ("War",)]  # Drama 9, Comedy 4, War 2, Horror 1
-    (grammar,) = tiny_model.title_lists([history], genres=[genres])
-    likes, rated = grammar.lists
+    facts = [ItemFacts(e.title, g, "1990s") for e, g in zip(history, genres, strict=True)]
+    (grammar,) = tiny_model.title_lists([history], facts=[facts])
+    likes, decades, rated = grammar.lists  # four items: too few for a drift sentence
     assert isinstance(likes, PhraseChoice) and likes.trigger == LIKES
     assert " Drama, Comedy and War." in likes.phrases and " Comedy and Drama, mostly" in likes.phrases
     assert not any("Horror" in p for p in likes.phrases)  # below the third-highest weight
+    assert (decades.trigger, decades.phrases) == (MOSTLY, [" 1990s."])
     assert isinstance(rated, TitleList) and rated.titles == ["Film 0", "Film 2", "Film 3"]
-    # no genres in the window: the plain list; genres that do not line up: refused
-    (plain,) = tiny_model.title_lists([history], genres=[[()] * len(history)])
+    assert rated.follow == ("",)  # nothing drifts: the text stops after the list
+    # no years: the "Likes" sentence must close without ", mostly"
+    (grammar,) = tiny_model.title_lists([history], facts=[[ItemFacts(f.title, f.genres) for f in facts]])
+    assert all(p.endswith(".") for p in grammar.lists[0].phrases)
+    # nothing in the window to check against: the plain list; facts that do not line up: refused
+    (plain,) = tiny_model.title_lists([history], facts=[[ItemFacts(e.title) for e in history]])
     assert isinstance(plain, TitleList)
-    with pytest.raises(ValueError, match="one genre list per history entry"):
-        tiny_model.title_lists([history], genres=[genres[:2]])
+    with pytest.raises(ValueError, match="one ItemFacts per history entry"):
+        tiny_model.title_lists([history], facts=[facts[:2]])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_any_logits_write_a_text_whose_every_claim_holds(tiny_model, strings, seed):
+    # Drama and War early, Comedy lately (3 of the latest 5): "Lately more Comedy" may be said
+    rng = random.Random(seed)
+    kinds = [("Drama", "War")] * 5 + [("Comedy",), ("Animation", "Comedy"), ("Drama",), ("Comedy",)]
+    decades = ["1990s", "1940s", "1990s", "1970s", "1990s", "1990s", "1980s", "1990s", "1940s"]
+    ratings = [rng.choice([1.0, 2.0, 3.0, 4.0, 5.0]) for _ in kinds]
+    history = [HistoryEntry(f"Film {i}", r) for i, r in enumerate(ratings)]
+    facts = [ItemFacts(e.title, g, d) for e, g, d in zip(history, kinds, decades, strict=True)]
+    (grammar,) = tiny_model.title_lists([history], facts=[facts])
+    ids = tiny_model.encode_text([LIKES])[0]
+    # each grammar lets go where the format's free text begins; the test writes the connectors
+    for after in ([], tiny_model.encode_text([f" {RATED}"])[0]):
+        ids = _decode_under(grammar, strings, ids + after, seed)
+        if strings.decode(ids).endswith(MOSTLY):  # the decades, under their own grammar
+            ids = _decode_under(grammar, strings, ids, seed)
+    text = strings.decode(ids)
+    claims = check_claims(text, list(zip(facts, ratings, strict=True)))
+    assert claims.wrong == () and claims.genres and claims.rated, text
+    assert claims.decades in (True, None) and claims.lately in (True, None), text

@@ -4,10 +4,13 @@ import random
 
 from model.rationale import (
     LIKES,
+    Claims,
     ItemFacts,
     build_rationale,
     catalog_facts,
     check_claims,
+    decade_phrases,
+    drifting_genres,
     liked_genres,
     likes_phrases,
     next_line,
@@ -71,17 +74,23 @@ def test_rationale_without_hindsight_is_a_function_of_the_history_alone():
 def test_claims_of_a_data_built_rationale_always_hold():
     rng = random.Random(0)
     for _ in range(200):
-        ids = [rng.choice("12345") for _ in range(rng.randint(1, 8))]
+        ids = [rng.choice("12345") for _ in range(rng.randint(1, 10))]
         ratings = [rng.choice([1.0, 2.0, 3.0, 4.0, 5.0, None]) for _ in ids]
         history = [(FACTS[i], r) for i, r in zip(ids, ratings, strict=True)]
         text = " ".join(taste_lines(history))
         claims = check_claims(text, history)
         assert claims.wrong == ()
-        # and the grammar inference decodes "Likes ..." under allows the sentence as written
+        # and the grammars inference decodes the sentences under allow them as written
         if text.startswith(LIKES):
             phrases = likes_phrases(liked_genres([(f.genres, r) for f, r in history]))
             assert any(text[len(LIKES) :].startswith(p) for p in phrases)
-        assert claims.genres in (True, None) and claims.rated in (True, None)
+        if ", mostly" in text:
+            said = text.split(", mostly", 1)[1].split(".")[0] + "."
+            assert said in decade_phrases([(f.decade, r) for f, r in history])
+        if "Lately more" in text:
+            drift = drifting_genres([f.genres for f, _ in history])
+            assert text.split("Lately more ")[1].rstrip(".") == drift[0]
+        assert all(c in (True, None) for c in (claims.genres, claims.decades, claims.rated, claims.lately))
 
 
 def test_claims_that_do_not_hold_are_named():
@@ -89,8 +98,9 @@ def test_claims_that_do_not_hold_are_named():
     history = [(FACTS["1"], 5.0), (FACTS["2"], 4.0), (FACTS["3"], 2.0), (FACTS["4"], 1.0)]
     text = "Likes Crime, Comedy and Horror, mostly 1990s. Rated highest: Heat; Toy Story. Lately more Drama."
     claims = check_claims(text, history)
-    assert (claims.genres, claims.rated) == (False, False)
-    assert claims.wrong == ("Comedy", "Horror", "Toy Story")
+    assert (claims.genres, claims.decades, claims.rated, claims.lately) == (False, True, False, False)
+    # four items are too few for a drift (the latest 5 against the whole history)
+    assert claims.wrong == ("Comedy", "Horror", "Toy Story", "Lately more Drama")
     # the third-rated title holds; a title from outside the history does not; case is folded
     assert check_claims("Rated highest: casablanca; Heat.", history).rated is True
     assert check_claims("Rated highest: Alien.", history).wrong == ("Alien",)
@@ -101,7 +111,7 @@ def test_claims_that_do_not_hold_are_named():
 
 def test_a_text_without_the_claims_checks_nothing():
     claims = check_claims("I'm sorry, as a chatbot I cannot browse your history.", [(FACTS["1"], 5.0)])
-    assert (claims.genres, claims.rated, claims.wrong) == (None, None, ())
+    assert claims == Claims(genres=None, rated=None, decades=None, lately=None, wrong=())
 
 
 def test_rated_highest_keeps_every_title_tied_at_the_bar():
@@ -136,3 +146,31 @@ def test_a_genre_named_like_two_that_hold_reads_as_the_two_the_grammar_allows():
     # liked: Action and Adventure (10 each), then the ties at 1; the grammar's phrase "Action and
     # Adventure." names the two, though the longest known name is the third genre
     assert check_claims("Likes Action and Adventure.", history).genres is True
+
+
+def test_the_decades_hold_when_they_carry_the_rating_weight():
+    # 1990s 5 + 4 = 9 of 11, 1940s 2: "mostly 1990s", or the two in either order
+    history = [("1990s", 5.0), ("1990s", 4.0), ("1940s", 2.0), (None, 5.0)]
+    assert decade_phrases(history) == [" 1990s.", " 1990s and 1940s.", " 1940s and 1990s."]
+    # no decade has half: only the pairs of the two heaviest (1970s ties 1940s for second)
+    spread = [("1990s", 4.0), ("1940s", 3.0), ("1970s", 3.0), ("1950s", 1.0)]
+    assert " 1990s." not in decade_phrases(spread) and " 1970s and 1990s." in decade_phrases(spread)
+    assert " 1950s and 1990s." not in decade_phrases(spread)
+    assert decade_phrases([("1980s", 1.0)]) == [" 1980s."] and decade_phrases([(None, 5.0)]) == []
+    facts = [(FACTS["1"], 5.0), (FACTS["2"], 4.0), (FACTS["3"], 2.0)]  # 1990s 9, 1940s 2
+    claims = check_claims("Likes Crime, mostly 1940s. Rated highest: Heat.", facts)
+    assert (claims.genres, claims.decades, claims.wrong) == (True, False, ("mostly 1940s",))
+    assert check_claims("Likes Crime, mostly 1940s and 1990s.", facts).decades is True
+    assert check_claims("Likes Crime, mostly 19", facts).decades is None  # cut by the budget
+
+
+def test_the_drift_holds_for_a_genre_the_latest_items_lean_to():
+    genres = [("Drama", "War")] * 5 + [("Animation", "Comedy")] * 2 + [("Drama",), ("Comedy",)]
+    # lately (last 5): Drama 2, Comedy 3, Animation 2, War 1; Comedy 3/5 - 3/9 = 0.27, Animation
+    # 2/5 - 2/9 = 0.18 (< 0.2), Drama 2/5 - 6/9 < 0
+    assert drifting_genres(genres) == ["Comedy"]
+    assert drifting_genres(genres[:5]) == []  # no more items than the window of "lately"
+    history = [(ItemFacts(f"T{i}", g, "1990s"), 4.0) for i, g in enumerate(genres)]
+    assert check_claims("Lately more Comedy.", history).lately is True
+    claims = check_claims("Rated highest: T8. Lately more Drama.", history)
+    assert (claims.rated, claims.lately, claims.wrong) == (True, False, ("Lately more Drama",))

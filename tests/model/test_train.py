@@ -16,7 +16,19 @@ import torch
 from model.checkpoint import load_checkpoint, read_meta
 from model.distributed import resolve_device
 from model.item_table import ItemTable
-from model.rationale import MAX_LIKED, catalog_facts, liked_genres, likes_phrases, rated_highest
+from model.rationale import (
+    LATELY,
+    LIKES,
+    MAX_LIKED,
+    MOSTLY,
+    RATED,
+    catalog_facts,
+    decade_phrases,
+    drifting_genres,
+    liked_genres,
+    likes_phrases,
+    rated_highest,
+)
 from model.recpo import RecPOConfig
 from model.train import Trainer, train
 from tests.model.helpers import stats_over_steps
@@ -57,17 +69,23 @@ def test_recpo_rollouts_decode_the_title_list_under_the_prompts_grammar(tiny_dat
     if not constrain:
         assert seen[0] is None
         return
-    # one grammar per user (its G rows share it), as inference builds it: the genres that hold
-    # for that user's prompt window, then its highest-rated titles
+    # one grammar per user (its G rows share it), as inference builds it: the genres and the
+    # decades that hold for that user's prompt window, its highest-rated titles, its drift
     titles, facts = tiny_dataset.item_titles(), catalog_facts(tiny_dataset.items.to_dict("records"))
     window = trainer.model.prompts.max_history
     assert len(seen[0]) == 2
     for grammar, row in zip(seen[0], rows.itertuples(index=False), strict=True):
         ids, ratings = list(row.history_item_ids)[-window:], list(row.history_ratings)[-window:]
-        likes, rated = grammar.lists
-        window_genres = [(facts[str(i)].genres, r) for i, r in zip(ids, ratings, strict=True)]
-        assert likes.phrases == sorted(likes_phrases(liked_genres(window_genres)[:MAX_LIKED]))
-        assert rated.titles == rated_highest([(titles[str(i)], r) for i, r in zip(ids, ratings, strict=True)])
+        lists = {g.trigger: g for g in grammar.lists}
+        window_facts = [(facts[str(i)], r) for i, r in zip(ids, ratings, strict=True)]
+        decades = decade_phrases([(f.decade, r) for f, r in window_facts])
+        liked = liked_genres([(f.genres, r) for f, r in window_facts])[:MAX_LIKED]
+        assert decades and lists[MOSTLY].phrases == sorted(decades)
+        assert lists[LIKES].phrases == sorted(likes_phrases(liked))
+        window_titles = [(titles[str(i)], r) for i, r in zip(ids, ratings, strict=True)]
+        assert lists[RATED].titles == rated_highest(window_titles)
+        drift = drifting_genres([f.genres for f, _ in window_facts])
+        assert sorted(lists[LATELY].phrases if LATELY in lists else []) == sorted(f" {g}." for g in drift)
 
 
 @pytest.mark.parametrize(("negatives", "sampled"), [("in_batch", 0), ("in_batch", 6), ("table", 0)])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from model.constrained import PhraseChoice, TitleLists
-from model.rationale import LIKES, RATED, liked_genres, likes_phrases
+from model.rationale import LIKES, MOSTLY, RATED, decade_phrases, liked_genres, likes_phrases
 from service.store import Event
 from service.types import CachedReasoning, EmptyHistoryError, Query, UnknownItemsError
 from tests.service.conftest import count_forward, count_generate
@@ -125,12 +125,19 @@ def test_reasoning_queries_carry_the_title_grammar_of_their_window(engine, ckpt,
     # a history rated in part: only its rated titles can be listed as rated highest
     assert _rated(engine.prepare(Query(H4, max_reasoning_tokens=8)).constraint).titles == [titles["i9"]]
     assert engine.prepare(Query(H1, reasoning=False)).constraint is None
-    # a genre edit changes the grammar, not the prompt: the cache key and the grammar tag follow it
+    # the decades after "mostly", read from the same catalog
+    decades = next(g for g in prepared.constraint.lists if g.trigger == MOSTLY)
+    years = [engine.catalog.item(e.item_id)["year"] for e in H1]
+    rated_decades = [(f"{y[:3]}0s", r) for y, r in zip(years, [5.0, 4.0, 3.0], strict=True)]
+    assert decades.phrases == sorted(decade_phrases(rated_decades))
+    # a genre or year edit changes the grammar, not the prompt: the cache key and the grammar
+    # tag follow it
     item = engine.catalog.item("i1")
-    engine.catalog.upsert("i1", {**{k: v for k, v in item.items() if k != "item_id"}, "genres": "War"})
-    edited = engine.prepare(Query(H1, max_reasoning_tokens=8))
-    assert edited.prompt == prepared.prompt
-    assert (edited.cache_key, edited.grammar) != (prepared.cache_key, prepared.grammar)
+    for edit in ({"genres": "War"}, {"year": "1942"}):
+        engine.catalog.upsert("i1", {**{k: v for k, v in item.items() if k != "item_id"}, **edit})
+        edited = engine.prepare(Query(H1, max_reasoning_tokens=8))
+        assert edited.prompt == prepared.prompt
+        assert (edited.cache_key, edited.grammar) != (prepared.cache_key, prepared.grammar)
     engine.catalog.upsert("i1", {k: v for k, v in item.items() if k != "item_id"})
     assert engine.prepare(Query(H1, max_reasoning_tokens=8)).cache_key == prepared.cache_key
     seen = []
