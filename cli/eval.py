@@ -47,8 +47,8 @@ def eval_cmd(
         bool,
         typer.Option(
             "--constrain-titles/--free-titles",
-            help="Decode the reasoning's genres and title list under the grammars of what holds for "
-            "the history (as served)",
+            help="Decode the reasoning's claims (genres, decades, rated titles, drift) under the "
+            "grammars of what holds for the history (as served)",
         ),
     ] = True,
     batch_size: int = 8,

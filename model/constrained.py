@@ -76,9 +76,11 @@ class TokenStrings:
                 by_text[text].append(i)
         self.by_text = dict(by_text)
         self.longest = max(map(len, self.by_text))
-        # tokens that close the list: "." alone or followed by white space (".\n")
+        # tokens that close the list: "." alone, or followed by white space (".\n") where anything
+        # may follow the list (white space would slip past the check of what comes right after it)
         closing = (ids for text, ids in self.by_text.items() if text[:1] == END and not text[1:].strip())
         self.closing = [i for ids in closing for i in ids]
+        self.period = list(self.by_text.get(END, []))
         self.stops = sorted(special if stop_ids is None else set(stop_ids))
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -184,7 +186,7 @@ class TitleList:
                 # no name or sentence runs on from the last title ("... Desire, A. J. Clarke");
                 # once that sentence's opening has begun, it is finished ("Late" is no ending)
                 ids = {i for f in nexts for i in self.strings.prefixes_of(f[len(after) :])}
-                return sorted(ids) + (self.strings.stops if after == "" else [])
+                return (sorted(ids) + (self.strings.stops if after == "" else [])) or None
             return None
         key = frozenset(states)
         if key not in self._allowed:
@@ -199,8 +201,9 @@ class TitleList:
             if len(s.pending) < self.strings.longest:  # no token reaches past a longer rest
                 for nxt in self._starts(s.used):
                     ids.update(self.strings.prefixes_of(s.pending + SEPARATOR + nxt.pending))
-            if not s.pending:
-                ids.update(self.strings.closing)
+            if not s.pending:  # the list may close
+                closing = self.strings.period if self.follow and self.strings.period else self.strings.closing
+                ids.update(closing)
         return sorted(ids) or None
 
 
@@ -294,7 +297,7 @@ class TitleLists:
         return self.lists[latest].allowed_after(text)
 
 
-Grammar = TitleList | TitleLists | PhraseChoice  # what a reasoning text's title lists are decoded under
+Grammar = TitleList | TitleLists | PhraseChoice  # what a reasoning text's claims are decoded under
 
 
 class TitleListProcessor(LogitsProcessor):

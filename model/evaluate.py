@@ -291,9 +291,9 @@ class EvalConfig:
         ks (`tuple[int, ...]`, defaults to `(5, 10, 20)`):
             The cut-offs K of Hit@K and NDCG@K.
         constrain_titles (`bool`, defaults to `True`):
-            Decode the reasoning's "Likes" genres and "Rated highest:" list under the grammars of
-            what holds for the history (model/constrained.py), as the service does; `False`
-            decodes freely.
+            Decode the reasoning's claims (the "Likes" genres, the decades after "mostly", the
+            "Rated highest:" list, the "Lately more" genre) under the grammars of what holds for
+            the history (model/constrained.py), as the service does; `False` decodes freely.
     """
 
     split: str = "test"
@@ -428,9 +428,10 @@ def evaluate_model(
 
     def score(chunk: pd.DataFrame) -> torch.Tensor:
         histories = sample_histories(chunk, titles)
+        known = history_facts(histories, facts)  # each entry's genres and decade
         limits = None
         if cfg.reasoning and cfg.constrain_titles:  # as served: every checkable claim over what holds
-            limits = model.title_lists(histories, facts=history_facts(histories, facts))
+            limits = model.title_lists(histories, facts=known)
         if backend is not None:
             budget = settings if cfg.reasoning else GenerationSettings(max_new_tokens=0)
             rollout, users = backend.generate(model.user_prompt_ids(histories), budget, limits)
@@ -440,8 +441,8 @@ def evaluate_model(
             users = model.user_vectors(histories, rollout).cpu()
         if rollout is not None:
             texts.extend(rollout.texts)
-            for text, h in zip(rollout.texts, histories, strict=True):  # the prompt's window, as read
-                claims.append(check_claims(text, [(facts[e.item_id], e.rating) for e in h[-window:]]))
+            for text, h, f in zip(rollout.texts, histories, known, strict=True):  # the window, as read
+                claims.append(check_claims(text, list(zip(f, [e.rating for e in h], strict=True))[-window:]))
             for j in range(min(num_examples - len(shown), len(chunk))):
                 row = chunk.iloc[j]
                 shown.append(

@@ -302,8 +302,9 @@ class R2ec:
         each entry's genres and decade (model/rationale.py `ItemFacts`); with them the other
         sentences are decoded over what holds for the window too: "Likes A, B and C" over its
         genres that hold (`liked_genres`), ", mostly 1990s" over its decades (`decade_phrases`),
-        "Lately more D." over its drifting genres (`drifting_genres`; where none drifts, the text
-        stops after the rated list). Without them those sentences are free."""
+        "Lately more D." over its drifting genres (`drifting_genres`; where none drifts, only a
+        stop, or "Picks:" for a model trained to write it, may follow the rated list). Without
+        them those sentences are free."""
         window, strings, picks = self.prompts.max_history, self.token_strings(), self.prompts.hint_picks
         without = without if without is not None else [None] * len(histories)
         if hints is not None and len(hints) != len(histories):

@@ -32,16 +32,18 @@ from model.text_quality import normalize_title
 # exceed its share over the whole history to be called a drift.
 RECENT = 5
 DRIFT = 0.2
-# The sentence that lists the highest-rated titles, and how many it lists (inference decodes
-# that list under a grammar of the prompt's highest-rated titles: model/constrained.py).
-LIKES = "Likes"  # the sentence that names the genres the history leans to
+# The format's sentences, each decoded at inference under a grammar of what holds for the
+# prompt's window (model/constrained.py):
+LIKES = "Likes"  # the genres the history leans to
 MOSTLY = ", mostly"  # where that sentence goes on to the decades ("Likes Drama, mostly 1990s.")
+# the highest-rated titles, and how many the data-built rationale lists
 RATED = "Rated highest:"
-# The drift sentence that may follow the list ("Lately more Thriller."): at inference the list's
-# grammar lets only its opening (or a stop) come right after the list, so a text cannot run on
-# into free text that reads like more titles ("Clockwork Orange, A. Lately, 2000; E.T. ...")
-LATELY = "Lately more"
 TOP_RATED = 3
+# The drift sentence that may follow the list ("Lately more Thriller."): the list's grammar lets
+# only its opening (or a stop) come right after the list, so a text cannot run on into free text
+# that reads like more titles ("Clockwork Orange, A. Lately, 2000; E.T. ..."); what follows it is
+# one of the genres that drift (`drifting_genres`), and where none does, only a stop
+LATELY = "Lately more"
 
 
 @dataclass(frozen=True)
@@ -89,11 +91,15 @@ def _genre_weights(history: Sequence[tuple[Sequence[str], float | None]]) -> Cou
 
 
 def _decade_weights(history: Sequence[tuple[str | None, float | None]]) -> Counter[str]:
-    """Each decade's summed rating weight over (decade, rating) pairs (first seen first, for ties)."""
+    """Each decade's summed rating weight over (decade, rating) pairs (first seen first, for ties);
+    where every rating is 0 (the service takes 0 to 5), each item counts once instead, so a share
+    of the weight is always defined."""
     decade_w: Counter[str] = Counter()
     for decade, rating in history:
         if decade:
             decade_w[decade] += _weight(rating)
+    if decade_w and not sum(decade_w.values()):
+        decade_w = Counter(d for d, _ in history if d)
     return decade_w
 
 
@@ -311,18 +317,23 @@ def likes_phrases(genres: Sequence[str], most: int = 3, ends: Sequence[str] = (M
 def decade_phrases(history: Sequence[tuple[str | None, float | None]]) -> list[str]:
     """What a true ", mostly ..." may go on with, each closed by ".", over (decade, rating)
     pairs: " D." for a decade with the highest rating weight (ties either way) that carries at
-    least half of it or is the only one, " D1 and D2." for two whose weights reach the
-    second-highest, in either order ([] for a history without years). `taste_lines` writes one
-    of these; inference decodes the decades under them (`R2ec.title_lists`)."""
+    least half of it or is the only one; " D1 and D2." for the two heaviest, in either order: two
+    tied for the highest, else the heaviest and one at the second-highest weight ([] for a
+    history without years). `taste_lines` writes one of these (a pair only when no decade carries
+    half; a pair is true either way, the two carry most of the weight); inference decodes the
+    decades under them (`R2ec.title_lists`)."""
     weights = _decade_weights(history)
     if not weights:
         return []
-    total, top = sum(weights.values()), max(weights.values())
-    named = [d for d, w in weights.items() if w == top and (w / total >= 0.5 or len(weights) == 1)]
-    if len(weights) > 1:
-        bar = sorted(weights.values(), reverse=True)[1]
-        named += [f"{a} and {b}" for a, b in permutations([d for d, w in weights.items() if w >= bar], 2)]
-    return [f" {d}." for d in named]
+    total, levels = sum(weights.values()), sorted(set(weights.values()), reverse=True)
+    tops = [d for d, w in weights.items() if w == levels[0]]
+    named = [d for d in tops if weights[d] / total >= 0.5 or len(weights) == 1]
+    if len(tops) > 1:
+        pairs = list(permutations(tops, 2))
+    else:
+        seconds = [d for d, w in weights.items() if len(levels) > 1 and w == levels[1]]
+        pairs = [p for s in seconds for p in ((tops[0], s), (s, tops[0]))]
+    return [f" {d}." for d in named] + [f" {a} and {b}." for a, b in pairs]
 
 
 def rated_highest(history: Sequence[tuple[str, float | None]]) -> list[str]:

@@ -115,11 +115,11 @@ class RecPOConfig:
         max_completion_length (`int`, defaults to `64`):
             Reasoning token budget per trajectory.
         constrain_titles (`bool`, defaults to `True`):
-            Sample the rollouts' "Likes" genres and "Rated highest:" title list under the
-            grammars of what holds for the history (model/constrained.py), as `r2ec eval` and the
-            service decode them, so RecPO rewards the texts inference can write. Sampled freely
-            at temperature 1.0, 64% of the shipped model's rollouts named a title the catalog
-            lacks (BENCHMARKS.md §1).
+            Sample the rollouts' claims (the "Likes" genres, the decades, the "Rated highest:"
+            title list, the "Lately more" genre) under the grammars of what holds for the history
+            (model/constrained.py), as `r2ec eval` and the service decode them, so RecPO
+            rewards the texts inference can write. Sampled freely at temperature 1.0, 64% of the
+            shipped model's rollouts named a title the catalog lacks (BENCHMARKS.md §1).
 
         > Reward and advantage (stage recpo)
 

@@ -1,8 +1,10 @@
 """The title list's grammar (model/constrained.py): whatever the logits say, the text after the
 trigger is a list of the prompt's titles, and the two backends decode it alike."""
 
+import copy
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,15 @@ TITLES = ["Heat", "Fargo", "Mr. Holland's Opus", "Sex, Lies, and Videotape", "He
 @pytest.fixture(scope="module")
 def strings(tiny_model):
     return TokenStrings(tiny_model.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    """SmolLM2's tokenizer, as the shipped model carries it."""
+    from transformers import AutoTokenizer
+
+    path = Path(__file__).resolve().parents[2] / "artifacts" / "ml100k" / "tokenizer"
+    return TokenStrings(AutoTokenizer.from_pretrained(path, local_files_only=True))
 
 
 def _list_after(text: str, trigger: str, titles: list[str]) -> list[str]:
@@ -104,7 +115,7 @@ def test_right_after_the_list_only_the_next_sentence_or_a_stop_may_come(tiny_mod
     # "Lately" alone is not the sentence yet: a text that ran on from it read like more titles
     # ("Clockwork Orange, A. Lately, 2000; E.T. the Extra-Terrestrial; ...", stop 25's eval)
     lately = constraint.allowed(closed + tiny_model.encode_text([" Lately"])[0])
-    assert lately and all(i in special or " more".startswith(strings.decode([i])) for i in lately)
+    assert lately and all(" more".startswith(strings.decode([i])) for i in lately)  # no stop: finish it
     assert not any(strings.decode([i]).startswith(",") for i in lately)
     # once the next sentence has begun, decoding is free again
     assert constraint.allowed(closed + tiny_model.encode_text([" Lately more"])[0]) is None
@@ -116,14 +127,8 @@ def test_only_a_full_stop_closes_the_list(tiny_model, strings):
     assert "." in texts and not any(t.startswith(".") and t[1:].strip() for t in texts)
 
 
-def test_a_title_with_a_character_no_token_spells_alone_is_still_copied():
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    # SmolLM2's tokenizer, as the shipped model carries it: " Á" is a token, "Á" is not
-    path = Path(__file__).resolve().parents[2] / "artifacts" / "ml100k" / "tokenizer"
-    smol = TokenStrings(AutoTokenizer.from_pretrained(path, local_files_only=True))
+def test_a_title_with_a_character_no_token_spells_alone_is_still_copied(smol):
+    # in SmolLM2's tokenizer " Á" is a token, "Á" is not
     title = "Á köldum klaka (Cold Fever)"
     constraint = TitleList([title], smol)
     start = smol.tokenizer(f"Likes Drama. {RATED}", add_special_tokens=False)["input_ids"]
@@ -313,23 +318,52 @@ def test_title_lists_take_the_genres_that_hold_when_given(tiny_model):
         tiny_model.title_lists([history], facts=[facts[:2]])
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_any_logits_write_a_text_whose_every_claim_holds(tiny_model, strings, seed):
+def test_any_logits_write_a_text_whose_every_claim_holds(tiny_model, strings):
     # Drama and War early, Comedy lately (3 of the latest 5): "Lately more Comedy" may be said
-    rng = random.Random(seed)
     kinds = [("Drama", "War")] * 5 + [("Comedy",), ("Animation", "Comedy"), ("Drama",), ("Comedy",)]
     decades = ["1990s", "1940s", "1990s", "1970s", "1990s", "1990s", "1980s", "1990s", "1940s"]
-    ratings = [rng.choice([1.0, 2.0, 3.0, 4.0, 5.0]) for _ in kinds]
-    history = [HistoryEntry(f"Film {i}", r) for i, r in enumerate(ratings)]
-    facts = [ItemFacts(e.title, g, d) for e, g, d in zip(history, kinds, decades, strict=True)]
-    (grammar,) = tiny_model.title_lists([history], facts=[facts])
-    ids = tiny_model.encode_text([LIKES])[0]
-    # each grammar lets go where the format's free text begins; the test writes the connectors
-    for after in ([], tiny_model.encode_text([f" {RATED}"])[0]):
-        ids = _decode_under(grammar, strings, ids + after, seed)
-        if strings.decode(ids).endswith(MOSTLY):  # the decades, under their own grammar
-            ids = _decode_under(grammar, strings, ids, seed)
-    text = strings.decode(ids)
-    claims = check_claims(text, list(zip(facts, ratings, strict=True)))
-    assert claims.wrong == () and claims.genres and claims.rated, text
-    assert claims.decades in (True, None) and claims.lately in (True, None), text
+    made = []
+    for seed in range(8):
+        rng = random.Random(seed)
+        ratings = [rng.choice([1.0, 2.0, 3.0, 4.0, 5.0]) for _ in kinds]
+        history = [HistoryEntry(f"Film {i}", r) for i, r in enumerate(ratings)]
+        facts = [ItemFacts(e.title, g, d) for e, g, d in zip(history, kinds, decades, strict=True)]
+        (grammar,) = tiny_model.title_lists([history], facts=[facts])
+        # the grammars let go where the format's free text begins ("Likes ..., mostly 1990s." is
+        # one stretch: the decades take over from ", mostly"); the test writes the connector
+        ids = _decode_under(grammar, strings, tiny_model.encode_text([LIKES])[0], seed)
+        ids = _decode_under(grammar, strings, ids + tiny_model.encode_text([f" {RATED}"])[0], seed)
+        text = strings.decode(ids)
+        claims = check_claims(text, list(zip(facts, ratings, strict=True)))
+        assert claims.wrong == () and claims.genres and claims.rated, text
+        assert claims.decades in (True, None) and claims.lately in (True, None), text
+        made.append(claims)
+    # the random logits took each way the grammars offer in some text: the decades and the drift
+    assert any(c.decades for c in made) and any(c.lately for c in made)
+    assert any(c.decades is None for c in made) and any(c.lately is None for c in made)
+
+
+def test_a_trigger_inside_a_listed_title_stays_part_of_the_title(tiny_model, strings):
+    # ", mostly" is the decades' trigger, and here part of a title the rated list is writing
+    title = "Sometimes, mostly Harmless"
+    grammar = TitleLists(
+        [
+            PhraseChoice(likes_phrases(["Drama"]), strings, LIKES),
+            PhraseChoice([" 1990s."], strings, MOSTLY),
+            TitleList(["Heat", title], strings),
+        ]
+    )
+    written = tiny_model.encode_text([f"{LIKES} Drama. {RATED} Sometimes, mostly"])[0]
+    allowed = grammar.allowed(written)
+    assert allowed and all(" Harmless.; ".startswith(strings.decode([i])) for i in allowed)
+
+
+def test_the_list_closes_on_a_bare_full_stop_where_its_follow_is_checked(strings):
+    # a vocabulary with ".\n" as one token (SmolLM2 has none; many sentencepiece ones do): closing
+    # on it would put the text past the check of what may follow the list ("\nLately more ...")
+    fake = copy.copy(strings)
+    fake.closing = [*strings.period, 10**6]
+    for follow in ("", " Lately more"):
+        allowed = TitleList(["Heat"], fake, follow=follow).allowed_after(f"{RATED} Heat")
+        assert set(strings.period) <= set(allowed) and 10**6 not in allowed
+    assert 10**6 in TitleList(["Heat"], fake, follow=()).allowed_after(f"{RATED} Heat")  # anything may follow

@@ -156,6 +156,18 @@ def test_the_decades_hold_when_they_carry_the_rating_weight():
     spread = [("1990s", 4.0), ("1940s", 3.0), ("1970s", 3.0), ("1950s", 1.0)]
     assert " 1990s." not in decade_phrases(spread) and " 1970s and 1990s." in decade_phrases(spread)
     assert " 1950s and 1990s." not in decade_phrases(spread)
+    assert " 1940s and 1970s." not in decade_phrases(spread)  # a pair leaving out the heaviest
+    # two tied for the heaviest: the pair of them; every rating 0: each item counts once
+    assert decade_phrases([("1990s", 4.0), ("1940s", 4.0), ("1970s", 3.0)]) == [
+        " 1990s and 1940s.",
+        " 1940s and 1990s.",
+    ]
+    assert decade_phrases([("1990s", 0.0), ("1990s", 0.0), ("1940s", 0.0)]) == [
+        " 1990s.",
+        " 1990s and 1940s.",
+        " 1940s and 1990s.",
+    ]
+    assert taste_lines([(FACTS["1"], 0.0), (FACTS["3"], 0.0)])[0].endswith("mostly 1990s.")
     assert decade_phrases([("1980s", 1.0)]) == [" 1980s."] and decade_phrases([(None, 5.0)]) == []
     facts = [(FACTS["1"], 5.0), (FACTS["2"], 4.0), (FACTS["3"], 2.0)]  # 1990s 9, 1940s 2
     claims = check_claims("Likes Crime, mostly 1940s. Rated highest: Heat.", facts)

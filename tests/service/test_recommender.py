@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from model.constrained import PhraseChoice, TitleLists
-from model.rationale import LIKES, MOSTLY, RATED, decade_phrases, liked_genres, likes_phrases
+from model.rationale import LATELY, LIKES, MOSTLY, RATED, decade_phrases, liked_genres, likes_phrases
 from service.store import Event
 from service.types import CachedReasoning, EmptyHistoryError, Query, UnknownItemsError
 from tests.service.conftest import count_forward, count_generate
@@ -130,6 +130,13 @@ def test_reasoning_queries_carry_the_title_grammar_of_their_window(engine, ckpt,
     years = [engine.catalog.item(e.item_id)["year"] for e in H1]
     rated_decades = [(f"{y[:3]}0s", r) for y, r in zip(years, [5.0, 4.0, 3.0], strict=True)]
     assert decades.phrases == sorted(decade_phrases(rated_decades))
+    # every rating 0 (the lowest a request may give): each decade then counts by its items
+    zero = engine.prepare(Query(tuple(replace(e, rating=0.0) for e in H1), max_reasoning_tokens=8))
+    decades = next(g for g in zero.constraint.lists if g.trigger == MOSTLY)
+    assert decades.phrases == sorted(decade_phrases([(d, 1.0) for d, _ in rated_decades]))
+    # three items are too few for a drift: no "Lately more" grammar, only a stop after the list
+    assert not any(g.trigger == LATELY for g in prepared.constraint.lists)
+    assert _rated(prepared.constraint).follow == ("",)
     # a genre or year edit changes the grammar, not the prompt: the cache key and the grammar
     # tag follow it
     item = engine.catalog.item("i1")
