@@ -92,8 +92,8 @@ def _genre_weights(history: Sequence[tuple[Sequence[str], float | None]]) -> Cou
 
 def _decade_weights(history: Sequence[tuple[str | None, float | None]]) -> Counter[str]:
     """Each decade's summed rating weight over (decade, rating) pairs (first seen first, for ties);
-    where every rating is 0 (the service takes 0 to 5), each item counts once instead, so a share
-    of the weight is always defined."""
+    where every dated item is rated 0 (a request may rate 0), each counts once instead, so a
+    share of the weight is always defined."""
     decade_w: Counter[str] = Counter()
     for decade, rating in history:
         if decade:
@@ -320,7 +320,7 @@ def decade_phrases(history: Sequence[tuple[str | None, float | None]]) -> list[s
     least half of it or is the only one; " D1 and D2." for the two heaviest, in either order: two
     tied for the highest, else the heaviest and one at the second-highest weight ([] for a
     history without years). `taste_lines` writes one of these (a pair only when no decade carries
-    half; a pair is true either way, the two carry most of the weight); inference decodes the
+    half; a pair of the two heaviest holds whatever share they carry); inference decodes the
     decades under them (`R2ec.title_lists`)."""
     weights = _decade_weights(history)
     if not weights:

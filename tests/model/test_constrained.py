@@ -367,3 +367,10 @@ def test_the_list_closes_on_a_bare_full_stop_where_its_follow_is_checked(strings
         allowed = TitleList(["Heat"], fake, follow=follow).allowed_after(f"{RATED} Heat")
         assert set(strings.period) <= set(allowed) and 10**6 not in allowed
     assert 10**6 in TitleList(["Heat"], fake, follow=()).allowed_after(f"{RATED} Heat")  # anything may follow
+
+
+def test_where_nothing_may_come_after_the_list_decoding_is_left_free(tiny_model):
+    # no stop token and no next sentence: an empty allowed set would mask every token of the row
+    strings = TokenStrings(tiny_model.tokenizer, stop_ids=[])
+    assert TitleList(["Heat"], strings, follow="").allowed_after(f"{RATED} Heat.") is None
+    assert TitleList(["Heat"], tiny_model.token_strings(), follow="").allowed_after(f"{RATED} Heat.")

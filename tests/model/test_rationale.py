@@ -25,6 +25,7 @@ ITEMS = [
     {"item_id": "3", "title": "Casablanca", "year": "1942", "genres": "Drama, Romance, War"},
     {"item_id": "4", "title": "Toy Story", "year": "1995", "genres": "Animation, Children's, Comedy"},
     {"item_id": "5", "title": "Nameless", "year": "", "genres": ""},
+    {"item_id": "6", "title": "Alien", "year": "1979", "genres": "Horror, Sci-Fi"},
 ]
 FACTS = catalog_facts(ITEMS)
 
@@ -73,9 +74,9 @@ def test_rationale_without_hindsight_is_a_function_of_the_history_alone():
 
 def test_claims_of_a_data_built_rationale_always_hold():
     rng = random.Random(0)
-    for _ in range(200):
-        ids = [rng.choice("12345") for _ in range(rng.randint(1, 10))]
-        ratings = [rng.choice([1.0, 2.0, 3.0, 4.0, 5.0, None]) for _ in ids]
+    for _ in range(500):
+        ids = [rng.choice("123456") for _ in range(rng.randint(1, 10))]
+        ratings = [rng.choice([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, None]) for _ in ids]
         history = [(FACTS[i], r) for i, r in zip(ids, ratings, strict=True)]
         text = " ".join(taste_lines(history))
         claims = check_claims(text, history)
