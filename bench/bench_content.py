@@ -9,14 +9,15 @@ h_T is read after [prompt; text; closing marker] for these texts:
 - `own`: the model's own greedy reasoning (64 tokens, every claim under the grammar of what
   holds, model/constrained.py), as served;
 - `true`: the data-built rationale of the prompt's window (model/rationale.py `taste_lines`,
-  no hindsight, then the stop token): the format the model was trained on, every claim true;
-- `other`: another user's data-built rationale (the next user of the batch): a text of the
-  same form about someone else;
+  no hindsight, then the stop token): every claim true, in the format the shipped recipe trains
+  (`rationale_hindsight: false`, no "Picks:");
+- `other`: another user's data-built rationale (the next test user's): a text of the same form
+  about someone else;
 - `stop`: the stop token alone: the trained reading position with no text;
 - `off`: no reasoning (the fast path, h_T right after the prompt).
-With `--samples K`: K texts sampled at `--temperature` under the same grammars, each read
-alone (`sample 1..K`), and `mean`: the mean of the K + 1 normalised h_T (greedy and samples),
-self-consistency over reasonings (K + 1 times the decoding).
+With `--samples K`: K texts sampled at `--temperature` (top-k 50, as RecPO's rollouts) under the
+same grammars, each read alone (`sample 1..K`), and `mean`: the mean of the K + 1 normalised h_T
+(greedy and samples), self-consistency over reasonings (K + 1 times the decoding).
 Prints NDCG@10 with the per-user standard error and, against `own`, the paired NDCG@10
 difference and the paired whole-rank comparison (model/evaluate.py `paired_ranks`: users
 ranked better / worse, mean log(rank / rank of own) ± s.e.). All texts are read through the same
@@ -46,7 +47,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     from model.checkpoint import load_checkpoint
-    from model.evaluate import EvalConfig, evaluate_scores, paired_difference, paired_ranks
+    from model.evaluate import EvalConfig, eval_rows, evaluate_scores, paired_difference, paired_ranks
     from model.generation import EngineBackend
     from model.r2ec import GenerationSettings
     from model.rationale import catalog_facts, history_facts, taste_lines
@@ -64,21 +65,26 @@ def main() -> None:
     readings = ["own", "true", "other", "stop", "off"]
     if args.samples:
         readings += [f"sample {i + 1}" for i in range(args.samples)] + ["mean"]
+    cfg = EvalConfig(limit=args.users, batch_size=8)
+
+    # each user's data-built rationale, and whose text `other` reads: the next user's
+    rows = eval_rows(dataset, cfg)
+    everyone = sample_histories(rows, titles)
+    true = {
+        i: " ".join(taste_lines([(f, e.rating) for f, e in zip(fs[-window:], h[-window:], strict=True)]))
+        for i, h, fs in zip(rows.index, everyone, history_facts(everyone, facts), strict=True)
+    }
+    after = dict(zip(rows.index, [*rows.index[1:], rows.index[0]], strict=True))
 
     def h_t(chunk) -> dict[str, torch.Tensor]:
         """Every reading's h_T for one batch of users, (B, H) each."""
         histories = sample_histories(chunk, titles)
         prompts = model.user_prompt_ids(histories)
-        window_facts = history_facts(histories, facts)
-        grammars = model.title_lists(histories, facts=window_facts)
-        true = [
-            " ".join(taste_lines([(f, e.rating) for f, e in zip(fs[-window:], h[-window:], strict=True)]))
-            for fs, h in zip(window_facts, histories, strict=True)
-        ]
+        grammars = model.title_lists(histories, facts=history_facts(histories, facts))
         out = {
             "own": backend.generate(prompts, greedy, grammars)[1],
-            "true": backend.vectors(prompts, model.completion_ids(true)),
-            "other": backend.vectors(prompts, model.completion_ids(true[1:] + true[:1])),
+            "true": backend.vectors(prompts, model.completion_ids([true[i] for i in chunk.index])),
+            "other": backend.vectors(prompts, model.completion_ids([true[after[i]] for i in chunk.index])),
             "stop": backend.vectors(prompts, [[model.stop_ids[0]] for _ in prompts]),
             "off": backend.generate(prompts, GenerationSettings(max_new_tokens=0))[1],
         }
@@ -86,6 +92,7 @@ def main() -> None:
             out[f"sample {i + 1}"] = backend.generate(prompts, sampled, grammars)[1]
         if args.samples:
             drawn = ["own"] + [f"sample {i + 1}" for i in range(args.samples)]
+            # the sum of the unit vectors: the same ranking as their mean (scores are h_T · h_v)
             out["mean"] = sum(F.normalize(out[k].float(), dim=-1) for k in drawn)
         return out
 
@@ -100,7 +107,6 @@ def main() -> None:
 
         return score
 
-    cfg = EvalConfig(limit=args.users, batch_size=8)
     results = {r: evaluate_scores(dataset, cfg, scorer(r), progress=r == "own") for r in readings}
     own = results["own"].ranks
     print(f"\n{len(own)} test users, `seen` mask, {args.checkpoint}")
