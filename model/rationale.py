@@ -83,10 +83,14 @@ def _join(words: Sequence[str]) -> str:
 
 
 def _genre_weights(history: Sequence[tuple[Sequence[str], float | None]]) -> Counter[str]:
-    """Each genre's summed rating weight over (genres, rating) pairs (first seen first, for ties)."""
+    """Each genre's summed rating weight over (genres, rating) pairs (first seen first, for ties);
+    where every item with genres is rated 0, each counts once instead (as `_decade_weights`), so
+    the genres a history leans to are its most frequent, not every genre tied at 0."""
     genre_w: Counter[str] = Counter()
     for genres, rating in history:
         genre_w.update({g: _weight(rating) for g in genres})
+    if genre_w and not sum(genre_w.values()):
+        genre_w = Counter(g for genres, _ in history for g in genres)
     return genre_w
 
 

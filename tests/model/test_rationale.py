@@ -169,6 +169,10 @@ def test_the_decades_hold_when_they_carry_the_rating_weight():
         " 1940s and 1990s.",
     ]
     assert taste_lines([(FACTS["1"], 0.0), (FACTS["3"], 0.0)])[0].endswith("mostly 1990s.")
+    # the genres too: rated 0 throughout, the most frequent hold (Crime and Thriller twice, Drama
+    # twice, Action once: not every genre tied at 0)
+    zero = [(FACTS["1"], 0.0), (FACTS["2"], 0.0), (FACTS["3"], 0.0)]
+    assert liked_genres([(f.genres, r) for f, r in zero]) == ["Crime", "Thriller", "Drama"]
     assert decade_phrases([("1980s", 1.0)]) == [" 1980s."] and decade_phrases([(None, 5.0)]) == []
     facts = [(FACTS["1"], 5.0), (FACTS["2"], 4.0), (FACTS["3"], 2.0)]  # 1990s 9, 1940s 2
     claims = check_claims("Likes Crime, mostly 1940s. Rated highest: Heat.", facts)
