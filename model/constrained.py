@@ -126,6 +126,9 @@ class TitleList:
         # what may come right after the list (the format's next sentences), else a stop; ("",):
         # only a stop (the list ends the text); (): anything
         self.follow = (follow,) if isinstance(follow, str) else tuple(follow)
+        # what closes the list: where what follows it is checked, a bare "." (a ".\n" token would
+        # put white space past that check); where anything may follow, any closing token
+        self._closing = strings.period if self.follow and strings.period else strings.closing
         self._allowed: dict[frozenset[_State], list[int] | None] = {}  # per grammar state
 
     def _starts(self, used: frozenset[int]) -> list[_State]:
@@ -202,8 +205,7 @@ class TitleList:
                 for nxt in self._starts(s.used):
                     ids.update(self.strings.prefixes_of(s.pending + SEPARATOR + nxt.pending))
             if not s.pending:  # the list may close
-                closing = self.strings.period if self.follow and self.strings.period else self.strings.closing
-                ids.update(closing)
+                ids.update(self._closing)
         return sorted(ids) or None
 
 

@@ -428,7 +428,7 @@ def evaluate_model(
 
     def score(chunk: pd.DataFrame) -> torch.Tensor:
         histories = sample_histories(chunk, titles)
-        known = history_facts(histories, facts)  # each entry's genres and decade
+        known = history_facts(histories, facts) if cfg.reasoning else []  # each entry's genres and decade
         limits = None
         if cfg.reasoning and cfg.constrain_titles:  # as served: every checkable claim over what holds
             limits = model.title_lists(histories, facts=known)

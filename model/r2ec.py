@@ -313,9 +313,9 @@ class R2ec:
             raise ValueError("facts must give one ItemFacts per history entry")
         out: list[Grammar] = []
         for j, (h, w) in enumerate(zip(histories, without, strict=True)):
-            ratings = [e.rating for e in list(h)[-window:]]
+            recent = list(h)[-window:]
             # only the window's titles that are truly among its highest-rated (all when unrated)
-            titles = rated_highest([(e.title, e.rating) for e in list(h)[-window:]])
+            titles = rated_highest([(e.title, e.rating) for e in recent])
             if not picks:
                 named: Sequence[str] = []
             else:
@@ -324,14 +324,14 @@ class R2ec:
             follow = [" " + LATELY]  # what may come right after the rated list, besides a stop
             drift: list[PhraseChoice] = []
             if facts is not None:
-                seen = list(facts[j])[-window:]
-                decades = decade_phrases([(f.decade, r) for f, r in zip(seen, ratings, strict=True)])
-                if liked := liked_genres([(f.genres, r) for f, r in zip(seen, ratings, strict=True)]):
+                seen = list(zip(list(facts[j])[-window:], [e.rating for e in recent], strict=True))
+                decades = decade_phrases([(f.decade, r) for f, r in seen])
+                if liked := liked_genres([(f.genres, r) for f, r in seen]):
                     ends = (MOSTLY, ".") if decades else (".",)
                     lists.append(PhraseChoice(likes_phrases(liked[:MAX_LIKED], ends=ends), strings, LIKES))
                 if decades:
                     lists.append(PhraseChoice(decades, strings, MOSTLY))
-                if drifting := drifting_genres([f.genres for f in seen]):
+                if drifting := drifting_genres([f.genres for f, _ in seen]):
                     drift.append(PhraseChoice([f" {g}." for g in drifting], strings, LATELY))
                 else:  # nothing drifts: no "Lately more" sentence
                     follow = []

@@ -82,29 +82,21 @@ def _join(words: Sequence[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def _genre_weights(history: Sequence[tuple[Sequence[str], float | None]]) -> Counter[str]:
-    """Each genre's summed rating weight over (genres, rating) pairs (first seen first, for ties);
-    where every item with genres is rated 0, each counts once instead (as `_decade_weights`), so
-    the genres a history leans to are its most frequent, not every genre tied at 0."""
-    genre_w: Counter[str] = Counter()
-    for genres, rating in history:
-        genre_w.update({g: _weight(rating) for g in genres})
-    if genre_w and not sum(genre_w.values()):
-        genre_w = Counter(g for genres, _ in history for g in genres)
-    return genre_w
+def _weights(history: Sequence[tuple[Sequence[str], float | None]]) -> Counter[str]:
+    """Each genre's (or decade's) summed rating weight over (genres, rating) pairs, first seen
+    first for ties; where every item that has one is rated 0 (a request may rate 0), each counts
+    once instead, so the history leans to its most frequent and a share of the weight is defined."""
+    weights: Counter[str] = Counter()
+    for names, rating in history:
+        weights.update({n: _weight(rating) for n in names})
+    if weights and not sum(weights.values()):
+        weights = Counter(n for names, _ in history for n in dict.fromkeys(names))
+    return weights
 
 
 def _decade_weights(history: Sequence[tuple[str | None, float | None]]) -> Counter[str]:
-    """Each decade's summed rating weight over (decade, rating) pairs (first seen first, for ties);
-    where every dated item is rated 0 (a request may rate 0), each counts once instead, so a
-    share of the weight is always defined."""
-    decade_w: Counter[str] = Counter()
-    for decade, rating in history:
-        if decade:
-            decade_w[decade] += _weight(rating)
-    if decade_w and not sum(decade_w.values()):
-        decade_w = Counter(d for d, _ in history if d)
-    return decade_w
+    """`_weights` over (decade, rating) pairs; an item without a year counts for none."""
+    return _weights([((decade,) if decade else (), rating) for decade, rating in history])
 
 
 def drifting_genres(genres: Sequence[Sequence[str]]) -> list[str]:
@@ -122,7 +114,7 @@ def drifting_genres(genres: Sequence[Sequence[str]]) -> list[str]:
 
 def taste_lines(history: Sequence[tuple[ItemFacts, float | None]]) -> list[str]:
     """Sentences about the history alone (no hindsight), oldest item first."""
-    genre_w = _genre_weights([(f.genres, r) for f, r in history])
+    genre_w = _weights([(f.genres, r) for f, r in history])
     decade_w = _decade_weights([(f.decade, r) for f, r in history])
     lines = []
     if genre_w:
@@ -293,7 +285,7 @@ def liked_genres(history: Sequence[tuple[Sequence[str], float | None]]) -> list[
     (as `taste_lines` sums it) reaches the third-highest genre weight of the history, ties either
     way; [] for a history without genres. Inference decodes the sentence under this set
     (`R2ec.title_lists`, model/constrained.py `PhraseChoice`)."""
-    weights = _genre_weights(history)
+    weights = _weights(history)
     if not weights:
         return []
     bar = sorted(weights.values(), reverse=True)[:3][-1]
