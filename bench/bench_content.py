@@ -8,7 +8,7 @@ For the first `--users` test users (the `seen` mask, the catalog ranked by h_T Â
 h_T is read after [prompt; text; closing marker] for these texts:
 - `own`: the model's own greedy reasoning (64 tokens, every claim under the grammar of what
   holds, model/constrained.py), as served;
-- `true`: the data-built rationale of the prompt's window (model/rationale.py `taste_lines`,
+- `true`: the data-built rationale of the prompt's window (model/rationale.py `rationale_parts`,
   no hindsight, then the stop token): every claim true, in the format the shipped recipe trains
   (`rationale_hindsight: false`, no "Picks:");
 - `other`: another user's data-built rationale (the next test user's): a text of the same form
@@ -50,7 +50,7 @@ def main() -> None:
     from model.evaluate import EvalConfig, eval_rows, evaluate_scores, paired_difference, paired_ranks
     from model.generation import EngineBackend
     from model.r2ec import GenerationSettings
-    from model.rationale import catalog_facts, history_facts, taste_lines
+    from model.rationale import catalog_facts, history_facts, rationale_parts
     from model.samples import sample_histories
 
     torch.manual_seed(args.seed)
@@ -69,10 +69,16 @@ def main() -> None:
 
     # each user's data-built rationale, and whose text `other` reads: the next user's
     rows = eval_rows(dataset, cfg)
-    everyone = sample_histories(rows, titles)
     true = {
-        i: " ".join(taste_lines([(f, e.rating) for f, e in zip(fs[-window:], h[-window:], strict=True)]))
-        for i, h, fs in zip(rows.index, everyone, history_facts(everyone, facts), strict=True)
+        i: rationale_parts(
+            r.history_item_ids,
+            r.history_ratings,
+            r.target_item_id,
+            facts,
+            max_history=window,
+            hindsight=False,
+        )[0]
+        for i, r in zip(rows.index, rows.itertuples(index=False), strict=True)
     }
     after = dict(zip(rows.index, [*rows.index[1:], rows.index[0]], strict=True))
 

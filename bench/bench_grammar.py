@@ -7,7 +7,7 @@ The service builds one grammar per reasoning request (`R2ec.title_lists`, model/
 and the decoder calls its `allowed(ids)` once per generated token, on the thread that runs the
 model, so its cost adds to every step. No model forward is needed to time that: for each of the
 first `--users` test users this replays the tokens of the text the shipped model writes under
-the grammars (the data-built rationale, model/rationale.py `taste_lines`: every claim of it holds,
+the grammars (the data-built rationale, model/rationale.py `rationale_parts`: every claim holds,
 so it is what greedy decoding under them produces up to the model's choice among true options)
 through a fresh grammar, one `allowed` call per token, as the decoder makes them. Grammars:
 - `rated list`: "Rated highest:" over the window's highest-rated titles alone (no item facts);
@@ -42,14 +42,15 @@ def main() -> None:
     import model.r2ec as r2ec_module
     from model.checkpoint import load_checkpoint
     from model.constrained import PhraseChoice, TitleLists
-    from model.rationale import LIKES, catalog_facts, history_facts, taste_lines
+    from model.rationale import LIKES, catalog_facts, history_facts, rationale_parts
     from model.samples import sample_histories
 
     ckpt = load_checkpoint(args.checkpoint)
     model, window = ckpt.model, ckpt.model.prompts.max_history
     dataset = load_prepared(args.data)
     facts = catalog_facts(dataset.items.to_dict("records"))
-    rated = sample_histories(dataset.split("test").iloc[: args.users], dataset.item_titles())
+    rows = dataset.split("test").iloc[: args.users]
+    rated = sample_histories(rows, dataset.item_titles())
     unrated = [[dataclasses.replace(e, rating=None) for e in h] for h in rated]
     model.token_strings()  # built once per process (~1 s), not per request
     capped = r2ec_module.MAX_LIKED
@@ -69,10 +70,11 @@ def main() -> None:
         for label, histories in (("rated", rated), ("unrated", unrated)):
             window_facts = history_facts(histories, facts)
             build, steps, texts, phrases = [], [], [], []
-            for h, f in zip(histories, window_facts, strict=True):
-                text = " ".join(
-                    taste_lines([(x, e.rating) for x, e in zip(f[-window:], h[-window:], strict=True)])
-                )
+            for h, f, r in zip(histories, window_facts, rows.itertuples(index=False), strict=True):
+                ratings = r.history_ratings if label == "rated" else None
+                text = rationale_parts(
+                    r.history_item_ids, ratings, r.target_item_id, facts, max_history=window, hindsight=False
+                )[0]
                 ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
                 t = time.perf_counter()
                 (grammar,) = model.title_lists([h], facts=[f] if with_facts else None)
