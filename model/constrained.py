@@ -107,7 +107,21 @@ class _State:
     used: frozenset[int]  # titles listed so far (indices into TitleList.titles)
 
 
-class TitleList:
+class _Decoded:
+    """A grammar that reads the text decoded so far: `allowed` decodes the completion once and
+    asks `allowed_after` (what `TitleLists` calls with the text it decoded for every list)."""
+
+    strings: TokenStrings
+
+    def allowed(self, completion_ids: Sequence[int]) -> list[int] | None:
+        """The token ids that may follow `completion_ids`, or None where decoding is free."""
+        return self.allowed_after(self.strings.decode(completion_ids))
+
+    def allowed_after(self, text: str) -> list[int] | None:
+        raise NotImplementedError
+
+
+class TitleList(_Decoded):
     """The grammar for one prompt: the titles it may list (for "Rated highest:", the history
     window's highest-rated, `R2ec.title_lists`; see the module docstring)."""
 
@@ -161,10 +175,6 @@ class TitleList:
         the list is still open at the end of `written`, or closed at or after `at`."""
         states, closed = self._states(written)
         return states is not None or (closed is not None and closed >= at)
-
-    def allowed(self, completion_ids: Sequence[int]) -> list[int] | None:
-        """The token ids that may follow `completion_ids`, or None where decoding is free."""
-        return self.allowed_after(self.strings.decode(completion_ids))
 
     def trigger_at(self, text: str) -> int:
         """Where the trigger was last written in `text`; -1 when it was not (0 without one: the
@@ -222,7 +232,7 @@ def constrain_logits(logits: torch.Tensor, allowed: Sequence[Sequence[int] | Non
     return out
 
 
-class PhraseChoice:
+class PhraseChoice(_Decoded):
     """After `trigger`, the text must go on as one of `phrases`, then decoding is free: the
     "Likes A, B and C" sentence over the genres that hold for the history (model/rationale.py
     `liked_genres`, `likes_phrases`: each phrase closes as the format does, with ", mostly" or
@@ -246,9 +256,6 @@ class PhraseChoice:
     def spans(self, written: str, at: int) -> bool:
         closed = self._closed(written)
         return closed >= at if closed is not None else any(p.startswith(written) for p in self.phrases)
-
-    def allowed(self, completion_ids: Sequence[int]) -> list[int] | None:
-        return self.allowed_after(self.strings.decode(completion_ids))
 
     def allowed_after(self, text: str) -> list[int] | None:
         at = self.trigger_at(text)
