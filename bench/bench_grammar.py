@@ -39,10 +39,9 @@ def main() -> None:
 
     import dataclasses
 
-    import model.r2ec as r2ec_module
     from model.checkpoint import load_checkpoint
     from model.constrained import PhraseChoice, TitleLists
-    from model.rationale import LIKES, catalog_facts, history_facts, rationale_parts
+    from model.rationale import LIKES, MAX_LIKED, catalog_facts, history_facts, rationale_parts
     from model.samples import sample_histories
 
     ckpt = load_checkpoint(args.checkpoint)
@@ -53,8 +52,7 @@ def main() -> None:
     rated = sample_histories(rows, dataset.item_titles())
     unrated = [[dataclasses.replace(e, rating=None) for e in h] for h in rated]
     model.token_strings()  # built once per process (~1 s), not per request
-    capped = r2ec_module.MAX_LIKED
-    print(f"{len(rated)} test users, a window of {window}, MAX_LIKED {capped}")
+    print(f"{len(rated)} test users, a window of {window}, MAX_LIKED {MAX_LIKED}")
     print(
         "| grammar | history | build ms / request | allowed µs / token (mean, p99) | ms / text (mean, max) |",
         end="",
@@ -62,11 +60,10 @@ def main() -> None:
     print(" phrases |")
     print("|---|---|---|---|---|---|")
     for name, with_facts, cap in (
-        ("rated list", False, capped),
-        ("all claims (served)", True, capped),
+        ("rated list", False, MAX_LIKED),
+        ("all claims (served)", True, MAX_LIKED),
         ("all claims, no cap", True, 10**6),
     ):
-        r2ec_module.MAX_LIKED = cap
         for label, histories in (("rated", rated), ("unrated", unrated)):
             window_facts = history_facts(histories, facts)
             build, steps, texts, phrases = [], [], [], []
@@ -77,7 +74,7 @@ def main() -> None:
                 )[0]
                 ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
                 t = time.perf_counter()
-                (grammar,) = model.title_lists([h], facts=[f] if with_facts else None)
+                (grammar,) = model.title_lists([h], facts=[f] if with_facts else None, max_liked=cap)
                 build.append(time.perf_counter() - t)
                 parts = grammar.lists if isinstance(grammar, TitleLists) else [grammar]
                 phrases += [
@@ -98,7 +95,6 @@ def main() -> None:
                 f"{1e6 * statistics.mean(steps):.0f}, {1e6 * p99:.0f} | "
                 f"{1e3 * statistics.mean(texts):.1f}, {1e3 * max(texts):.1f} | {shown} |"
             )
-    r2ec_module.MAX_LIKED = capped
 
 
 if __name__ == "__main__":

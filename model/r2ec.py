@@ -291,6 +291,7 @@ class R2ec:
         catalog: Mapping[str, str] | None = None,
         hints: Sequence[Sequence[str]] | None = None,
         facts: Sequence[Sequence[ItemFacts]] | None = None,
+        max_liked: int = MAX_LIKED,
     ) -> list[Grammar]:
         """Per history, the grammar its reasoning's claims are decoded under
         (model/constrained.py): "Rated highest:" over the prompt window's titles that are truly among
@@ -304,7 +305,8 @@ class R2ec:
         genres that hold (`liked_genres`), ", mostly 1990s" over its decades (`decade_phrases`),
         "Lately more D." over its drifting genres (`drifting_genres`; where none drifts, only a
         stop, or "Picks:" for a model trained to write it, may follow the rated list). Without
-        them those sentences are free."""
+        them those sentences are free. `max_liked`: how many of the genres that hold "Likes" may
+        name from (the heaviest first; bench/bench_grammar.py measures the cap)."""
         window, strings, picks = self.prompts.max_history, self.token_strings(), self.prompts.hint_picks
         without = without if without is not None else [None] * len(histories)
         if hints is not None and len(hints) != len(histories):
@@ -328,7 +330,7 @@ class R2ec:
                 decades = decade_phrases([(f.decade, r) for f, r in seen])
                 if liked := liked_genres([(f.genres, r) for f, r in seen]):
                     ends = (MOSTLY, ".") if decades else (".",)
-                    lists.append(PhraseChoice(likes_phrases(liked[:MAX_LIKED], ends=ends), strings, LIKES))
+                    lists.append(PhraseChoice(likes_phrases(liked[:max_liked], ends=ends), strings, LIKES))
                 if decades:
                     lists.append(PhraseChoice(decades, strings, MOSTLY))
                 if drifting := drifting_genres([f.genres for f, _ in seen]):

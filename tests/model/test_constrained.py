@@ -308,6 +308,9 @@ def test_title_lists_take_the_genres_that_hold_when_given(tiny_model):
     assert (decades.trigger, decades.phrases) == (MOSTLY, [" 1990s."])
     assert isinstance(rated, TitleList) and rated.titles == ["Film 0", "Film 2", "Film 3"]
     assert rated.follow == ("",)  # nothing drifts: the text stops after the list
+    # a cap of one: "Likes" may name only the heaviest genre that holds
+    (capped,) = tiny_model.title_lists([history], facts=[facts], max_liked=1)
+    assert capped.lists[0].phrases == [" Drama, mostly", " Drama."]
     # no years: the "Likes" sentence must close without ", mostly"
     (grammar,) = tiny_model.title_lists([history], facts=[[ItemFacts(f.title, f.genres) for f in facts]])
     assert all(p.endswith(".") for p in grammar.lists[0].phrases)
