@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 
 from model.constrained import PhraseChoice, TitleLists
-from model.rationale import LATELY, LIKES, MOSTLY, RATED, decade_phrases, liked_genres, likes_phrases
+from model.rationale import (
+    LATELY,
+    LIKES,
+    MOSTLY,
+    RATED,
+    decade_phrases,
+    drifting_genres,
+    liked_genres,
+    likes_phrases,
+)
 from service.store import Event
 from service.types import CachedReasoning, EmptyHistoryError, Query, UnknownItemsError
 from tests.service.conftest import count_forward, count_generate
@@ -137,6 +146,16 @@ def test_reasoning_queries_carry_the_title_grammar_of_their_window(engine, ckpt,
     # three items are too few for a drift: no "Lately more" grammar, only a stop after the list
     assert not any(g.trigger == LATELY for g in prepared.constraint.lists)
     assert _rated(prepared.constraint).follow == ("",)
+    # a history whose latest five lean to Drama (4 of 5, against 4 of 7 overall): "Lately more"
+    # over the genres that drift in the window, read from the served catalog, after the list
+    drifting = tuple(Event(i, 4.0) for i in ("i2", "i3", "i1", "i6", "i7", "i8", "i11"))
+    window = [tuple(engine.catalog.item(e.item_id)["genres"].split(", ")) for e in drifting]
+    window = window[-engine.model.prompts.max_history :]
+    assert drifting_genres(window) == ["Drama"]
+    grammar = engine.prepare(Query(drifting, max_reasoning_tokens=8)).constraint
+    lately = next(g for g in grammar.lists if g.trigger == LATELY)
+    assert isinstance(lately, PhraseChoice) and lately.phrases == [" Drama."]
+    assert _rated(grammar).follow == (" " + LATELY,)
     # a genre or year edit changes the grammar, not the prompt: the cache key and the grammar
     # tag follow it
     item = engine.catalog.item("i1")
