@@ -57,6 +57,13 @@ def eval_cmd(
         str, typer.Option(help="seen (every earlier item of the user; the field's protocol), prompt, none")
     ] = "seen",
     sasrec_epochs: Annotated[int, typer.Option(help="SASRec training epochs")] = 30,
+    cowatch_window: Annotated[
+        int,
+        typer.Option(
+            help="--baseline cowatch: how many steps apart two items count as co-watched, and how "
+            "many of the latest history items score the candidates (the hints' setting is 10)"
+        ),
+    ] = 10,
     dtype: str = "bfloat16",
     device: Annotated[str, typer.Option(help="auto (GPU if torch sees one), cpu, cuda, cuda:N")] = "auto",
     backend: Annotated[
@@ -139,6 +146,8 @@ def eval_cmd(
         fail("--quantize int8 needs --backend engine and --dtype bfloat16 (the int8 kernel reads bf16)")
     if speculative_tokens < 0:
         fail(f"--speculative-tokens must be >= 0, got {speculative_tokens}")
+    if cowatch_window < 1:
+        fail(f"--cowatch-window must be >= 1, got {cowatch_window}")
     if paired_column != "rank" and paired_with is None:
         fail("--paired-column needs --paired-with (the saved run whose column it names)")
     try:
@@ -165,7 +174,8 @@ def eval_cmd(
     if baseline == "pop":
         result, label = evaluate_popularity(ds, cfg), "pop"
     elif baseline == "cowatch":
-        result, label = evaluate_cowatch(ds, cfg), "cowatch"
+        result, label = evaluate_cowatch(ds, cfg, cowatch_window), "cowatch"
+        extra["cowatch_window"] = cowatch_window
     elif baseline == "sasrec":
         result, stats = evaluate_sasrec(ds, cfg, sasrec_cfg, progress=not as_json)
         label, extra = "sasrec", {"train": {"seconds": round(stats["seconds"], 1), "epochs": stats["epochs"]}}

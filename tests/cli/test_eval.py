@@ -34,6 +34,12 @@ def test_eval_json_for_pop_and_a_checkpoint_with_reasoning(tiny_dataset, tiny_ch
     pop = json.loads(out.strip().splitlines()[-1])
     assert pop["model"] == "pop" and pop["reasoning"] is False and set(pop["metrics"]) == METRICS
     assert pop["count"] == len(tiny_dataset.split("test"))
+    code, out = _eval(
+        "--data", str(tiny_dataset.path), "--baseline", "cowatch", "--cowatch-window", "3", "--json"
+    )
+    assert code == 0, out
+    cowatch = json.loads(out.strip().splitlines()[-1])
+    assert cowatch["model"] == "cowatch" and cowatch["cowatch_window"] == 3 and "cowatch_window" not in pop
 
     args = ["--data", str(tiny_dataset.path), "--checkpoint", str(tiny_checkpoint), "--split", "valid"]
     # one user at a time, so each one's drafts may come from the texts written before it
@@ -60,6 +66,7 @@ def test_eval_json_for_pop_and_a_checkpoint_with_reasoning(tiny_dataset, tiny_ch
         (["--base", "tiny", "--quantize", "int4"], "--quantize must be none, int8 or auto"),
         (["--base", "tiny", "--quantize", "int8", "--dtype", "float32"], "--quantize int8 needs"),
         (["--base", "tiny", "--speculative-tokens", "-1"], "--speculative-tokens must be >= 0"),
+        (["--baseline", "cowatch", "--cowatch-window", "0"], "--cowatch-window must be >= 1, got 0"),
         (["--baseline", "pop", "--compare-reasoning"], "--compare-reasoning needs"),
         (["--baseline", "pop", "--split", "dev"], "dev"),
         (["--checkpoint", "/nowhere"], "/nowhere is not an R²ec checkpoint"),

@@ -74,14 +74,15 @@ def test_popularity_baseline_ranks_by_train_counts(tiny_dataset):
     assert results["seen"].by_mask["none"] == results["none"].metrics
 
 
-def test_cowatch_baseline_ranks_by_the_counts_with_popularity_breaking_ties(tiny_dataset):
+@pytest.mark.parametrize("window", [1, 10])
+def test_cowatch_baseline_ranks_by_the_counts_with_popularity_breaking_ties(tiny_dataset, window):
     from model.cowatch import CoWatch
 
     train, test = tiny_dataset.split("train"), tiny_dataset.split("test")
-    table = CoWatch.from_samples(train, tiny_dataset.item_titles())
+    table = CoWatch.from_samples(train, tiny_dataset.item_titles(), window)
     ids = tiny_dataset.items["item_id"].astype(str)
     pop = dict(zip(ids, popularity_scores(train, tiny_dataset.items), strict=True))
-    result = evaluate_cowatch(tiny_dataset, EvalConfig(split="test", mask="none"))
+    result = evaluate_cowatch(tiny_dataset, EvalConfig(split="test", mask="none"), window)
     assert result.count == len(test)
     for row, rank in zip(test.itertuples(), result.ranks, strict=True):
         counts = table.scores([str(i) for i in row.history_item_ids])
