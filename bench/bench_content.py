@@ -11,6 +11,10 @@ h_T is read after [prompt; text; closing marker] for these texts:
 - `true`: the data-built rationale of the prompt's window (model/rationale.py `rationale_parts`,
   no hindsight, then the stop token): every claim true, in the format the shipped recipe trains
   (`rationale_hindsight: false`, no "Picks:");
+- `stored`: the data-built rationale of the user's whole stored history (the prepared sample's,
+  up to its 20 items, as many as the service's Redis window keeps by default) where the prompt
+  shows the latest `max_history` (10): whether a summary of what the prompt leaves out would
+  carry information the model reads (it was trained on the window's only);
 - `other`: another user's data-built rationale (the next test user's): a text of the same form
   about someone else;
 - `stop`: the stop token alone: the trained reading position with no text;
@@ -62,24 +66,24 @@ def main() -> None:
     backend = EngineBackend(model, slots=8)
     greedy = GenerationSettings(max_new_tokens=64)
     sampled = GenerationSettings(max_new_tokens=64, do_sample=True, temperature=args.temperature)
-    readings = ["own", "true", "other", "stop", "off"]
+    readings = ["own", "true", "stored", "other", "stop", "off"]
     if args.samples:
         readings += [f"sample {i + 1}" for i in range(args.samples)] + ["mean"]
     cfg = EvalConfig(limit=args.users, batch_size=8)
 
     # each user's data-built rationale, and whose text `other` reads: the next user's
     rows = eval_rows(dataset, cfg)
-    true = {
-        i: rationale_parts(
-            r.history_item_ids,
-            r.history_ratings,
-            r.target_item_id,
-            facts,
-            max_history=window,
-            hindsight=False,
-        )[0]
-        for i, r in zip(rows.index, rows.itertuples(index=False), strict=True)
-    }
+
+    def built(n: int) -> dict:
+        """Each user's data-built rationale of the latest `n` history items."""
+        return {
+            i: rationale_parts(
+                r.history_item_ids, r.history_ratings, r.target_item_id, facts, max_history=n, hindsight=False
+            )[0]
+            for i, r in zip(rows.index, rows.itertuples(index=False), strict=True)
+        }
+
+    true, stored = built(window), built(max(map(len, rows.history_item_ids)))
     after = dict(zip(rows.index, [*rows.index[1:], rows.index[0]], strict=True))
 
     def h_t(chunk) -> dict[str, torch.Tensor]:
@@ -90,6 +94,7 @@ def main() -> None:
         out = {
             "own": backend.generate(prompts, greedy, grammars)[1],
             "true": backend.vectors(prompts, model.completion_ids([true[i] for i in chunk.index])),
+            "stored": backend.vectors(prompts, model.completion_ids([stored[i] for i in chunk.index])),
             "other": backend.vectors(prompts, model.completion_ids([true[after[i]] for i in chunk.index])),
             "stop": backend.vectors(prompts, [[model.stop_ids[0]] for _ in prompts]),
             "off": backend.generate(prompts, GenerationSettings(max_new_tokens=0))[1],
