@@ -70,6 +70,8 @@ class CoWatch:
     _index: dict[str, dict[str, float]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
         self._index = {i: dict(nexts) for i, nexts in self.successors.items()}
 
     @classmethod

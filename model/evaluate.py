@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -478,25 +478,37 @@ def evaluate_popularity(dataset: PreparedDataset, cfg: EvalConfig) -> EvalResult
     return evaluate_scores(dataset, cfg, lambda chunk: counts.expand(len(chunk), -1))
 
 
-def evaluate_cowatch(dataset: PreparedDataset, cfg: EvalConfig, window: int = 10) -> EvalResult:
+def ties_broken(scores: torch.Tensor, by: np.ndarray) -> torch.Tensor:
+    """(B, N) scores whose ties `by` (N,) breaks, the higher first: each item's position in the
+    order by score (to 1e-9, past float noise), then `by`. Positions are exact in the float32
+    that `target_ranks` reads, where a score plus a small tie-breaking term is not."""
+    by_order = torch.from_numpy(np.argsort(by, kind="stable"))  # the lowest first
+    order = torch.argsort(torch.round(scores.double() * 1e9)[:, by_order], dim=1, stable=True)
+    positions = torch.arange(scores.shape[1], dtype=torch.float32).expand(len(scores), -1)
+    return torch.empty(scores.shape).scatter_(1, by_order[order], positions)
+
+
+def evaluate_cowatch(
+    dataset: PreparedDataset, cfg: EvalConfig, window: int = 10, score_window: int | None = None
+) -> EvalResult:
     """The co-watch counts alone (model/cowatch.py, from the train split), popularity breaking
-    ties: what the hints a prompt can carry know, ranked without any model."""
+    ties: what the hints a prompt can carry know, ranked without any model. Pairs count within
+    `window` steps, and the latest `score_window` history items (`window` when None, as the
+    hints have it) score the candidates."""
     from model.cowatch import CoWatch
 
     table = CoWatch.from_samples(dataset.split("train"), dataset.item_titles(), window)
+    if score_window is not None:
+        table = replace(table, window=score_window)
     pop = popularity_scores(dataset.split("train"), dataset.items)
-    # Popularity only breaks ties. Two different co-watch scores (sums of 1 / (distance * k),
-    # both at most 10) differ by at least 1 / 2520**2 ~ 1.6e-7, so a tie-break below 1e-8 never
-    # reorders them; float64 keeps both.
-    tie = torch.from_numpy(pop / (pop.max() + 1.0) * 1e-8).double()
     col = _column_index(dataset.items)
 
     def scores(chunk: pd.DataFrame) -> torch.Tensor:
-        out = tie.expand(len(chunk), -1).clone()
+        counts = torch.zeros(len(chunk), len(col), dtype=torch.float64)
         for r, ids in enumerate(chunk["history_item_ids"]):
             for item, score in table.scores([str(i) for i in ids]).items():
-                out[r, col[item]] += score
-        return out
+                counts[r, col[item]] = score
+        return ties_broken(counts, pop)
 
     return evaluate_scores(dataset, cfg, scores)
 

@@ -76,6 +76,8 @@ def test_keep_bounds_each_items_successors_and_the_table_round_trips(tmp_path):
     assert back.hints(["a"], 3) == table.hints(["a"], 3)
     with pytest.raises(ValueError, match="window"):
         CoWatch.from_sequences(seqs, TITLES, window=0)
+    with pytest.raises(ValueError, match="window must be >= 1, got 0"):  # a table scoring from none
+        dataclasses.replace(table, window=0)
 
 
 def test_user_sequences_rebuild_each_users_order_from_the_samples():

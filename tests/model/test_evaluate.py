@@ -23,6 +23,7 @@ from model.evaluate import (
     seen_items,
     standard_errors,
     target_ranks,
+    ties_broken,
     validation_eval_config,
     write_ranks,
 )
@@ -74,21 +75,37 @@ def test_popularity_baseline_ranks_by_train_counts(tiny_dataset):
     assert results["seen"].by_mask["none"] == results["none"].metrics
 
 
-@pytest.mark.parametrize("window", [1, 10])
-def test_cowatch_baseline_ranks_by_the_counts_with_popularity_breaking_ties(tiny_dataset, window):
+@pytest.mark.parametrize(("window", "score_window"), [(1, None), (10, None), (10, 1)])
+def test_cowatch_baseline_ranks_by_the_counts_popularity_breaking_ties(tiny_dataset, window, score_window):
     from model.cowatch import CoWatch
 
     train, test = tiny_dataset.split("train"), tiny_dataset.split("test")
     table = CoWatch.from_samples(train, tiny_dataset.item_titles(), window)
+    if score_window is not None:
+        table = dataclasses.replace(table, window=score_window)
     ids = tiny_dataset.items["item_id"].astype(str)
     pop = dict(zip(ids, popularity_scores(train, tiny_dataset.items), strict=True))
-    result = evaluate_cowatch(tiny_dataset, EvalConfig(split="test", mask="none"), window)
+    result = evaluate_cowatch(tiny_dataset, EvalConfig(split="test", mask="none"), window, score_window)
     assert result.count == len(test)
     for row, rank in zip(test.itertuples(), result.ranks, strict=True):
         counts = table.scores([str(i) for i in row.history_item_ids])
         key = {str(i): (counts.get(str(i), 0.0), pop[str(i)]) for i in tiny_dataset.items["item_id"]}
         target = key[str(row.target_item_id)]
         assert rank == 1 + sum(k > target for k in key.values())
+
+
+def test_ties_are_broken_exactly_where_a_float32_score_would_lose_them():
+    # a tie at a score of 1000 (float32 steps by 6e-5 there), broken by a difference of 1e-4 in
+    # `by`; scores equal up to float noise count as tied; distinct scores keep their order
+    scores = torch.tensor([[1000.0, 1000.0, 999.0, 0.1 + 0.2, 0.3, 0.0]], dtype=torch.float64)
+    by = np.array([0.0002, 0.0003, 9.0, 1.0, 2.0, 5.0])
+    out = ties_broken(scores, by)
+    assert out.dtype == torch.float32
+    assert out.argsort(descending=True).tolist() == [[1, 0, 2, 4, 3, 5]]
+    assert target_ranks(out, torch.tensor([0])).tolist() == [2]
+    # the same scores plus a small popularity term tie in float32: the target ranks first
+    naive = scores + torch.from_numpy(by / (by.max() + 1) * 1e-8)
+    assert target_ranks(naive, torch.tensor([0])).tolist() == [1]
 
 
 def test_seen_mask_holds_every_earlier_item_of_the_user(tiny_dataset):
