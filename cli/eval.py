@@ -58,12 +58,13 @@ def eval_cmd(
     ] = "seen",
     sasrec_epochs: Annotated[int, typer.Option(help="SASRec training epochs")] = 30,
     cowatch_window: Annotated[
-        int,
+        int | None,
         typer.Option(
             help="--baseline cowatch: how many steps apart two items count as co-watched, and how "
-            "many of the latest history items score the candidates (the hints' setting is 10)"
+            "many of the latest history items score the candidates (default 10, the prompt "
+            "hints' default cowatch_window; bench/bench_cowatch.py varies the two apart)"
         ),
-    ] = 10,
+    ] = None,
     dtype: str = "bfloat16",
     device: Annotated[str, typer.Option(help="auto (GPU if torch sees one), cpu, cuda, cuda:N")] = "auto",
     backend: Annotated[
@@ -146,7 +147,9 @@ def eval_cmd(
         fail("--quantize int8 needs --backend engine and --dtype bfloat16 (the int8 kernel reads bf16)")
     if speculative_tokens < 0:
         fail(f"--speculative-tokens must be >= 0, got {speculative_tokens}")
-    if cowatch_window < 1:
+    if cowatch_window is not None and baseline != "cowatch":
+        fail("--cowatch-window needs --baseline cowatch")
+    if cowatch_window is not None and cowatch_window < 1:
         fail(f"--cowatch-window must be >= 1, got {cowatch_window}")
     if paired_column != "rank" and paired_with is None:
         fail("--paired-column needs --paired-with (the saved run whose column it names)")
@@ -174,8 +177,8 @@ def eval_cmd(
     if baseline == "pop":
         result, label = evaluate_popularity(ds, cfg), "pop"
     elif baseline == "cowatch":
-        result, label = evaluate_cowatch(ds, cfg, cowatch_window), "cowatch"
-        extra["cowatch_window"] = cowatch_window
+        window = cowatch_window or 10
+        result, label, extra["cowatch_window"] = evaluate_cowatch(ds, cfg, window), "cowatch", window
     elif baseline == "sasrec":
         result, stats = evaluate_sasrec(ds, cfg, sasrec_cfg, progress=not as_json)
         label, extra = "sasrec", {"train": {"seconds": round(stats["seconds"], 1), "epochs": stats["epochs"]}}

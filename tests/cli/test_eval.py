@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from model import evaluate
 from model.checkpoint import create_base_checkpoint
 from model.evaluate import ranking_metrics
 
@@ -28,18 +29,23 @@ def tiny_checkpoint(tiny_dataset, tmp_path_factory):
     return out
 
 
-def test_eval_json_for_pop_and_a_checkpoint_with_reasoning(tiny_dataset, tiny_checkpoint):
+def test_eval_json_for_pop_and_a_checkpoint_with_reasoning(tiny_dataset, tiny_checkpoint, monkeypatch):
     code, out = _eval("--data", str(tiny_dataset.path), "--baseline", "pop", "--json")
     assert code == 0, out
     pop = json.loads(out.strip().splitlines()[-1])
     assert pop["model"] == "pop" and pop["reasoning"] is False and set(pop["metrics"]) == METRICS
     assert pop["count"] == len(tiny_dataset.split("test"))
-    code, out = _eval(
-        "--data", str(tiny_dataset.path), "--baseline", "cowatch", "--cowatch-window", "3", "--json"
-    )
-    assert code == 0, out
-    cowatch = json.loads(out.strip().splitlines()[-1])
-    assert cowatch["model"] == "cowatch" and cowatch["cowatch_window"] == 3 and "cowatch_window" not in pop
+    # the co-watch baseline ranks at the window asked for (the tiny data's few pairs rank the
+    # same at any window, so the call is watched) and says which
+    windows = []
+    real = evaluate.evaluate_cowatch
+    monkeypatch.setattr(evaluate, "evaluate_cowatch", lambda d, c, w: windows.append(w) or real(d, c, w))
+    for args, window in (([], 10), (["--cowatch-window", "3"], 3)):
+        code, out = _eval("--data", str(tiny_dataset.path), "--baseline", "cowatch", *args, "--json")
+        assert code == 0, out
+        cowatch = json.loads(out.strip().splitlines()[-1])
+        assert cowatch["model"] == "cowatch" and cowatch["cowatch_window"] == windows[-1] == window
+    assert "cowatch_window" not in pop
 
     args = ["--data", str(tiny_dataset.path), "--checkpoint", str(tiny_checkpoint), "--split", "valid"]
     # one user at a time, so each one's drafts may come from the texts written before it
@@ -67,6 +73,7 @@ def test_eval_json_for_pop_and_a_checkpoint_with_reasoning(tiny_dataset, tiny_ch
         (["--base", "tiny", "--quantize", "int8", "--dtype", "float32"], "--quantize int8 needs"),
         (["--base", "tiny", "--speculative-tokens", "-1"], "--speculative-tokens must be >= 0"),
         (["--baseline", "cowatch", "--cowatch-window", "0"], "--cowatch-window must be >= 1, got 0"),
+        (["--baseline", "pop", "--cowatch-window", "5"], "--cowatch-window needs --baseline cowatch"),
         (["--baseline", "pop", "--compare-reasoning"], "--compare-reasoning needs"),
         (["--baseline", "pop", "--split", "dev"], "dev"),
         (["--checkpoint", "/nowhere"], "/nowhere is not an R²ec checkpoint"),
