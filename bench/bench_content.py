@@ -13,8 +13,9 @@ h_T is read after [prompt; text; closing marker] for these texts:
   (`rationale_hindsight: false`, no "Picks:");
 - `stored`: the data-built rationale of the user's whole stored history (the prepared sample's,
   up to its 20 items, as many as the service's Redis window keeps by default) where the prompt
-  shows the latest `max_history` (10): whether a summary of what the prompt leaves out would
-  carry information the model reads (it was trained on the window's only);
+  shows the checkpoint's latest `max_history` (10 for the shipped model): whether a summary of
+  what the prompt leaves out would carry information the model reads (it was trained on the
+  window's only);
 - `other`: another user's data-built rationale (the next test user's): a text of the same form
   about someone else;
 - `stop`: the stop token alone: the trained reading position with no text;
@@ -83,6 +84,8 @@ def main() -> None:
             for i, r in zip(rows.index, rows.itertuples(index=False), strict=True)
         }
 
+    # `rationale_parts` keeps a history's latest n: the longest history's length keeps all of
+    # each one (a history no longer than the window reads as `true` does)
     true, stored = built(window), built(max(map(len, rows.history_item_ids)))
     after = dict(zip(rows.index, [*rows.index[1:], rows.index[0]], strict=True))
 

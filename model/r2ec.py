@@ -313,6 +313,8 @@ class R2ec:
             raise ValueError(f"{len(hints)} hint lists for {len(histories)} histories")
         if facts is not None and [len(f) for f in facts] != [len(h) for h in histories]:
             raise ValueError("facts must give one ItemFacts per history entry")
+        if max_liked < 1:  # 0 would leave the sentence free, not forbid it
+            raise ValueError(f"max_liked must be >= 1, got {max_liked}")
         out: list[Grammar] = []
         for j, (h, w) in enumerate(zip(histories, without, strict=True)):
             recent = list(h)[-window:]

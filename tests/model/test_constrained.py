@@ -311,6 +311,8 @@ def test_title_lists_take_the_genres_that_hold_when_given(tiny_model):
     # a cap of one: "Likes" may name only the heaviest genre that holds
     (capped,) = tiny_model.title_lists([history], facts=[facts], max_liked=1)
     assert capped.lists[0].phrases == [" Drama, mostly", " Drama."]
+    with pytest.raises(ValueError, match="max_liked must be >= 1, got 0"):
+        tiny_model.title_lists([history], facts=[facts], max_liked=0)
     # no years: the "Likes" sentence must close without ", mostly"
     (grammar,) = tiny_model.title_lists([history], facts=[[ItemFacts(f.title, f.genres) for f in facts]])
     assert all(p.endswith(".") for p in grammar.lists[0].phrases)
