@@ -8,9 +8,9 @@ two items may be and still count as a pair in the table, and how many of a histo
 items score the candidates (the k-th latest weighted 1 / k). Each pair (pairs within P, scored
 from the latest S) of `--windows` is ranked under the same harness as every model (the `seen`
 mask, popularity breaking ties; model/evaluate.py `evaluate_cowatch`) and paired per user
-against the hints' setting (10, 10): NDCG@10 difference ± its standard error, users whose
-target ranks better / worse, mean log(rank / the hints' rank). No model is loaded; a few
-seconds a row.
+against the hints' default (`cowatch_window`, 10, for both): NDCG@10 difference ± its
+standard error, users whose target ranks better / worse, mean log(rank / the hints' rank). No
+model is loaded; a few seconds a row.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 
 from model.data import load_prepared  # before torch: model/__init__ sets OMP_WAIT_POLICY
-
-HINTS = 10  # the hints' window, model/prompts.py PromptConfig.cowatch_window's default
 
 
 def main() -> None:
@@ -32,17 +30,20 @@ def main() -> None:
         parser.error(f"--windows must be >= 1, got {args.windows}")
 
     from model.evaluate import EvalConfig, evaluate_cowatch, paired_difference, paired_ranks
+    from model.prompts import PromptConfig
+
+    hinted = PromptConfig.cowatch_window  # the hints' default window, for pairs and scoring alike
 
     dataset = load_prepared(args.data)
     cfg = EvalConfig(split=args.split)
-    hints = evaluate_cowatch(dataset, cfg, HINTS)
+    hints = evaluate_cowatch(dataset, cfg, hinted)
     print(f"{hints.count} {args.split} users, `seen` mask, {args.data}")
     print("| pairs within | scored from the latest | ndcg@10 (± s.e.) |", end="")
-    print(" against (10, 10): ndcg@10 (paired) | better / worse | log(rank / hints' rank) |")
+    print(f" against ({hinted}, {hinted}): ndcg@10 (paired) | better / worse | log(rank / hints' rank) |")
     print("|---|---|---|---|---|---|")
     for pairs in args.windows:
         for scored in args.windows:
-            r = hints if (pairs, scored) == (HINTS, HINTS) else evaluate_cowatch(dataset, cfg, pairs, scored)
+            r = hints if pairs == scored == hinted else evaluate_cowatch(dataset, cfg, pairs, scored)
             vs = " | | "
             if r is not hints:
                 d, p = paired_difference(r.ranks, hints.ranks), paired_ranks(r.ranks, hints.ranks)

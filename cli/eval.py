@@ -177,8 +177,11 @@ def eval_cmd(
     if baseline == "pop":
         result, label = evaluate_popularity(ds, cfg), "pop"
     elif baseline == "cowatch":
-        window = cowatch_window or 10
-        result, label, extra["cowatch_window"] = evaluate_cowatch(ds, cfg, window), "cowatch", window
+        from model.prompts import PromptConfig
+
+        window = PromptConfig.cowatch_window if cowatch_window is None else cowatch_window
+        result, label = evaluate_cowatch(ds, cfg, window), "cowatch"
+        extra["cowatch_window"] = window
     elif baseline == "sasrec":
         result, stats = evaluate_sasrec(ds, cfg, sasrec_cfg, progress=not as_json)
         label, extra = "sasrec", {"train": {"seconds": round(stats["seconds"], 1), "epochs": stats["epochs"]}}

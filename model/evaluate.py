@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from model.data.dataset import SPLITS, PreparedDataset, atomic_write
+from model.prompts import PromptConfig
 from model.r2ec import GenerationSettings, R2ec
 from model.rationale import Claims, catalog_facts, check_claims, history_facts
 from model.rewards import ndcg_at_k, target_rank
@@ -480,21 +481,27 @@ def evaluate_popularity(dataset: PreparedDataset, cfg: EvalConfig) -> EvalResult
 
 def ties_broken(scores: torch.Tensor, by: np.ndarray) -> torch.Tensor:
     """(B, N) scores whose ties `by` (N,) breaks, the higher first: each item's position in the
-    order by score (to 1e-9, past float noise), then `by`. Positions are exact in the float32
-    that `target_ranks` reads, where a score plus a small tie-breaking term is not."""
+    order by score (to 1e-9, past float noise), then `by`, then the column (a later one
+    higher). Positions are exact in the float32 that `target_ranks` reads, where a score plus a
+    small tie-breaking term is not."""
+    if by.shape != (scores.shape[1],):
+        raise ValueError(f"by must hold one value per column, {scores.shape[1]}, got shape {by.shape}")
     by_order = torch.from_numpy(np.argsort(by, kind="stable"))  # the lowest first
     order = torch.argsort(torch.round(scores.double() * 1e9)[:, by_order], dim=1, stable=True)
     positions = torch.arange(scores.shape[1], dtype=torch.float32).expand(len(scores), -1)
-    return torch.empty(scores.shape).scatter_(1, by_order[order], positions)
+    return torch.empty_like(positions).scatter_(1, by_order[order], positions)
 
 
 def evaluate_cowatch(
-    dataset: PreparedDataset, cfg: EvalConfig, window: int = 10, score_window: int | None = None
+    dataset: PreparedDataset,
+    cfg: EvalConfig,
+    window: int = PromptConfig.cowatch_window,
+    score_window: int | None = None,
 ) -> EvalResult:
     """The co-watch counts alone (model/cowatch.py, from the train split), popularity breaking
     ties: what the hints a prompt can carry know, ranked without any model. Pairs count within
-    `window` steps, and the latest `score_window` history items (`window` when None, as the
-    hints have it) score the candidates."""
+    `window` steps (the hints' default), and the latest
+    `score_window` history items (`window` when None, as the hints have it) score the candidates."""
     from model.cowatch import CoWatch
 
     table = CoWatch.from_samples(dataset.split("train"), dataset.item_titles(), window)

@@ -96,16 +96,21 @@ def test_cowatch_baseline_ranks_by_the_counts_popularity_breaking_ties(tiny_data
 
 def test_ties_are_broken_exactly_where_a_float32_score_would_lose_them():
     # a tie at a score of 1000 (float32 steps by 6e-5 there), broken by a difference of 1e-4 in
-    # `by`; scores equal up to float noise count as tied; distinct scores keep their order
-    scores = torch.tensor([[1000.0, 1000.0, 999.0, 0.1 + 0.2, 0.3, 0.0]], dtype=torch.float64)
-    by = np.array([0.0002, 0.0003, 9.0, 1.0, 2.0, 5.0])
+    # `by`; scores equal up to float noise count as tied
+    # distinct scores keep their order; a second row, ordered otherwise, keeps its own
+    scores = torch.tensor(
+        [[1000.0, 1000.0, 999.0, 0.1 + 0.2, 0.3, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]], dtype=torch.float64
+    )
+    by = np.array([0.0002, 0.0003, 9.0, 1.0, 2.0, 5.0], dtype=np.float32)
     out = ties_broken(scores, by)
     assert out.dtype == torch.float32
-    assert out.argsort(descending=True).tolist() == [[1, 0, 2, 4, 3, 5]]
-    assert target_ranks(out, torch.tensor([0])).tolist() == [2]
+    assert out.argsort(descending=True).tolist() == [[1, 0, 2, 4, 3, 5], [5, 4, 3, 2, 1, 0]]
+    assert target_ranks(out, torch.tensor([0, 0])).tolist() == [2, 6]
     # the same scores plus a small popularity term tie in float32: the target ranks first
-    naive = scores + torch.from_numpy(by / (by.max() + 1) * 1e-8)
+    naive = scores[:1] + torch.from_numpy(by / (by.max() + 1) * 1e-8)
     assert target_ranks(naive, torch.tensor([0])).tolist() == [1]
+    with pytest.raises(ValueError, match="one value per column"):
+        ties_broken(scores, by[:5])
 
 
 def test_seen_mask_holds_every_earlier_item_of_the_user(tiny_dataset):
