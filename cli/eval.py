@@ -180,7 +180,9 @@ def eval_cmd(
         from model.prompts import PromptConfig
 
         window = PromptConfig.cowatch_window if cowatch_window is None else cowatch_window
-        result, label = evaluate_cowatch(ds, cfg, window), "cowatch"
+        # a ranks file and its pairing name a window other than the hints'
+        label = "cowatch" if window == PromptConfig.cowatch_window else f"cowatch (window {window})"
+        result = evaluate_cowatch(ds, cfg, window)
         extra["cowatch_window"] = window
     elif baseline == "sasrec":
         result, stats = evaluate_sasrec(ds, cfg, sasrec_cfg, progress=not as_json)

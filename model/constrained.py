@@ -47,6 +47,7 @@ longer one, the list closes.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,18 +108,30 @@ class _State:
     used: frozenset[int]  # titles listed so far (indices into TitleList.titles)
 
 
-class _Decoded:
-    """A grammar that reads the text decoded so far: `allowed` decodes the completion once and
-    asks `allowed_after` (what `TitleLists` calls with the text it decoded for every list)."""
+class _Decoded(ABC):
+    """A grammar after its own trigger that reads the text decoded so far: `allowed` decodes the
+    completion once and asks `allowed_after`, which `TitleLists` calls with the text it decoded
+    for every list, after `trigger_at` and `spans` have told it which list applies."""
 
     strings: TokenStrings
+    trigger: str
 
     def allowed(self, completion_ids: Sequence[int]) -> list[int] | None:
         """The token ids that may follow `completion_ids`, or None where decoding is free."""
         return self.allowed_after(self.strings.decode(completion_ids))
 
+    @abstractmethod
     def allowed_after(self, text: str) -> list[int] | None:
-        raise NotImplementedError
+        """`allowed` for a completion already decoded to `text`."""
+
+    @abstractmethod
+    def trigger_at(self, text: str) -> int:
+        """Where the trigger was last written in `text`, or -1."""
+
+    @abstractmethod
+    def spans(self, written: str, at: int) -> bool:
+        """Whether position `at` of `written` (the text after the trigger) lies inside this
+        grammar's text."""
 
 
 class TitleList(_Decoded):
@@ -279,7 +292,7 @@ class TitleLists:
     `PromptConfig.hint_picks`): the one whose trigger was written last applies, unless that
     trigger lies inside an earlier one's text (part of one of its titles)."""
 
-    def __init__(self, lists: Sequence[TitleList | PhraseChoice]) -> None:
+    def __init__(self, lists: Sequence[_Decoded]) -> None:
         if not lists:
             raise ValueError("TitleLists needs at least one grammar")
         self.lists = list(lists)

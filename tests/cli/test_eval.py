@@ -40,11 +40,11 @@ def test_eval_json_for_pop_and_a_checkpoint_with_reasoning(tiny_dataset, tiny_ch
     windows = []
     real = evaluate.evaluate_cowatch
     monkeypatch.setattr(evaluate, "evaluate_cowatch", lambda d, c, w: windows.append(w) or real(d, c, w))
-    for args, window in (([], 10), (["--cowatch-window", "3"], 3)):
+    for args, window, label in (([], 10, "cowatch"), (["--cowatch-window", "3"], 3, "cowatch (window 3)")):
         code, out = _eval("--data", str(tiny_dataset.path), "--baseline", "cowatch", *args, "--json")
         assert code == 0, out
         cowatch = json.loads(out.strip().splitlines()[-1])
-        assert cowatch["model"] == "cowatch" and cowatch["cowatch_window"] == windows[-1] == window
+        assert cowatch["model"] == label and cowatch["cowatch_window"] == windows[-1] == window
     assert "cowatch_window" not in pop
 
     args = ["--data", str(tiny_dataset.path), "--checkpoint", str(tiny_checkpoint), "--split", "valid"]
