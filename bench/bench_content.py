@@ -52,7 +52,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     from model.checkpoint import load_checkpoint
-    from model.evaluate import EvalConfig, eval_rows, evaluate_scores, paired_difference, paired_ranks
+    from model.evaluate import EvalConfig, eval_rows, evaluate_scores, paired_cells
     from model.generation import EngineBackend
     from model.r2ec import GenerationSettings
     from model.rationale import catalog_facts, history_facts, rationale_parts
@@ -128,13 +128,7 @@ def main() -> None:
     print(header + " log(rank / own's) |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
-        vs = ""
-        if name != "own":
-            d, p = paired_difference(r.ranks, own), paired_ranks(r.ranks, own)
-            vs = (
-                f"{d['diff']:+.4f} ± {d['stderr']:.4f} | {p['a_better']} / {p['b_better']} | "
-                f"{p['log_rank_diff']:+.3f} ± {p['stderr']:.3f}"
-            )
+        vs = paired_cells(r.ranks, own) if name != "own" else ""
         print(f"| {name} | {r.metrics['ndcg@10']:.4f} ± {r.stderr['ndcg@10']:.4f} | {vs or ' | | '} |")
 
 

@@ -29,7 +29,7 @@ def main() -> None:
     if min(args.windows) < 1:
         parser.error(f"--windows must be >= 1, got {args.windows}")
 
-    from model.evaluate import EvalConfig, evaluate_cowatch, paired_difference, paired_ranks
+    from model.evaluate import EvalConfig, evaluate_cowatch, paired_cells
     from model.prompts import PromptConfig
 
     hinted = PromptConfig.cowatch_window  # the hints' default window, for pairs and scoring alike
@@ -44,13 +44,7 @@ def main() -> None:
     for pairs in args.windows:
         for scored in args.windows:
             r = hints if pairs == scored == hinted else evaluate_cowatch(dataset, cfg, pairs, scored)
-            vs = " | | "
-            if r is not hints:
-                d, p = paired_difference(r.ranks, hints.ranks), paired_ranks(r.ranks, hints.ranks)
-                vs = (
-                    f"{d['diff']:+.4f} ± {d['stderr']:.4f} | {p['a_better']} / {p['b_better']} | "
-                    f"{p['log_rank_diff']:+.3f} ± {p['stderr']:.3f}"
-                )
+            vs = paired_cells(r.ranks, hints.ranks) if r is not hints else " | | "
             print(f"| {pairs} | {scored} | {r.metrics['ndcg@10']:.4f} ± {r.stderr['ndcg@10']:.4f} | {vs} |")
 
 

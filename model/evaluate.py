@@ -138,6 +138,16 @@ def paired_ranks(ranks_a: Sequence[int], ranks_b: Sequence[int]) -> dict:
     }
 
 
+def paired_cells(ranks_a: Sequence[int], ranks_b: Sequence[int]) -> str:
+    """a against b as three markdown table cells, as the bench scripts print them: the paired
+    NDCG@10 difference ± s.e. | users a ranks better / worse | mean log(rank_a / rank_b) ± s.e."""
+    d, p = paired_difference(ranks_a, ranks_b), paired_ranks(ranks_a, ranks_b)
+    return (
+        f"{d['diff']:+.4f} ± {d['stderr']:.4f} | {p['a_better']} / {p['b_better']} | "
+        f"{p['log_rank_diff']:+.3f} ± {p['stderr']:.3f}"
+    )
+
+
 RANK_COLUMNS = ("user_id", "target_item_id", "split", "mask", "model", "rank")
 # the rank columns a ranks file may hold: the run's headline mode, and with --compare-reasoning
 # the same model without reasoning

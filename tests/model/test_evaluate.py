@@ -14,6 +14,7 @@ from model.evaluate import (
     evaluate_popularity,
     evaluate_sasrec,
     exclusions,
+    paired_cells,
     paired_difference,
     paired_ranks,
     paired_with_saved,
@@ -92,6 +93,15 @@ def test_cowatch_baseline_ranks_by_the_counts_popularity_breaking_ties(tiny_data
         key = {str(i): (counts.get(str(i), 0.0), pop[str(i)]) for i in tiny_dataset.items["item_id"]}
         target = key[str(row.target_item_id)]
         assert rank == 1 + sum(k > target for k in key.values())
+
+
+def test_paired_cells_print_both_pairings_as_table_cells():
+    a, b = [1, 3, 20, 5], [2, 3, 10, 50]
+    d, p = paired_difference(a, b), paired_ranks(a, b)
+    cells = paired_cells(a, b).split(" | ")
+    assert cells[0] == f"{d['diff']:+.4f} ± {d['stderr']:.4f}"
+    assert cells[1] == "2 / 1"  # ranks 1 < 2 and 5 < 50 better, 20 > 10 worse, 3 = 3 a tie
+    assert cells[2] == f"{p['log_rank_diff']:+.3f} ± {p['stderr']:.3f}"
 
 
 def test_ties_are_broken_exactly_where_a_float32_score_would_lose_them():
