@@ -20,6 +20,11 @@ h_T is read after [prompt; text; closing marker] for these texts:
   about someone else;
 - `stop`: the stop token alone: the trained reading position with no text;
 - `off`: no reasoning (the fast path, h_T right after the prompt).
+With `--fuse W`: `X + off` for X each of `own`, `true`, `other` and `stop`, the unit h_T after X
+plus W times the unit h_T after the prompt alone, the sum ranking the catalog: a reasoning
+mode that ranks by both states, at the cost of one more token's forward, since the prompt's
+prefill is shared. `other + off` and `stop + off` are its controls: a gain they share is
+ensembling two reading positions, not what the text says.
 With `--samples K`: K texts sampled at `--temperature` (top-k 50, as RecPO's rollouts) under the
 same grammars, each read alone (`sample 1..K`), and `mean`: the mean of the K + 1 normalised h_T
 (greedy and samples), self-consistency over reasonings (K + 1 times the decoding).
@@ -45,6 +50,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=0, help="K sampled texts per user (0: none)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fuse", type=float, default=0.0, help="weight W of `off` in `X + off` (0: none)")
     args = parser.parse_args()
 
     import numpy as np
@@ -70,6 +76,8 @@ def main() -> None:
     readings = ["own", "true", "stored", "other", "stop", "off"]
     if args.samples:
         readings += [f"sample {i + 1}" for i in range(args.samples)] + ["mean"]
+    fused = ["own", "true", "other", "stop"] if args.fuse else []
+    readings += [f"{k} + off" for k in fused]
     cfg = EvalConfig(limit=args.users, batch_size=8)
 
     # each user's data-built rationale, and whose text `other` reads: the next user's
@@ -108,6 +116,10 @@ def main() -> None:
             drawn = ["own"] + [f"sample {i + 1}" for i in range(args.samples)]
             # the sum of the unit vectors: the same ranking as their mean (scores are h_T · h_v)
             out["mean"] = sum(F.normalize(out[k].float(), dim=-1) for k in drawn)
+        for k in fused:
+            out[f"{k} + off"] = F.normalize(out[k].float(), dim=-1) + args.fuse * F.normalize(
+                out["off"].float(), dim=-1
+            )
         return out
 
     read: dict[tuple, dict[str, torch.Tensor]] = {}  # each batch's readings, written once
