@@ -50,7 +50,10 @@ KS = (5, 10, 20)
 def target_ranks(
     scores: torch.Tensor, targets: torch.Tensor, exclude: Sequence[Sequence[int]] | None = None
 ) -> torch.Tensor:
-    """1-based rank of each row's target: scores (B, N), targets (B,) -> (B,) long."""
+    """1-based rank of each row's target: scores (B, N), targets (B,) -> (B,) long. A NaN
+    score is refused: nothing compares above NaN, so it would rank its target first."""
+    if bad := int(torch.isnan(scores).any(dim=1).sum()):
+        raise ValueError(f"scores hold NaN in {bad} of {len(scores)} rows; the model's vectors are broken")
     mask = None
     if exclude is not None:
         mask = torch.zeros(scores.shape, dtype=torch.bool)
@@ -248,34 +251,70 @@ def paired_with_saved(now: pd.DataFrame, saved: pd.DataFrame, path: Path) -> dic
     }
 
 
-def seen_items(dataset: PreparedDataset, split: str) -> dict[str, set[str]]:
-    """user -> every item of theirs in the splits before `split` (targets and histories):
-    test sees train + valid, valid sees train, train sees nothing."""
-    seen: dict[str, set[str]] = {}
+@dataclass(frozen=True)
+class SeenItems:
+    """For each sample of a split, in its order, every item its user interacted with before its
+    target (`seen_items`): each user's items once, in the order first met, and how many of them
+    each sample has seen, so a split of many samples per user stores each item once."""
+
+    by_user: dict[str, list[str]]
+    users: list[str]  # per sample
+    counts: list[int]  # per sample: the first `count` of its user's items
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __getitem__(self, r: int) -> list[str]:
+        return self.by_user[self.users[r]][: self.counts[r]]
+
+
+def seen_items(dataset: PreparedDataset, split: str) -> SeenItems:
+    """For each sample of `split`, in its order: every item its user interacted with before its
+    target. That is the user's items in the splits before `split` (test sees train + valid,
+    valid sees train; targets and histories), plus the sample's history and the targets and
+    histories of the user's earlier samples in `split` itself, which `temporal` puts there (a
+    user active in the test period has many test samples, and a 20-item history alone misses
+    what came before it). Under `loo` a user has one sample per split, so only the earlier
+    splits add to its history."""
+    by_user: dict[str, dict[str, None]] = {}  # an ordered set per user
+
+    def meet(user: str, items) -> dict[str, None]:
+        bucket = by_user.setdefault(user, {})
+        bucket.update(dict.fromkeys(map(str, items)))
+        return bucket
+
+    def samples(name: str):
+        df = dataset.split(name)
+        return zip(df["user_id"].astype(str), df["history_item_ids"], df["target_item_id"], strict=True)
+
     for earlier in SPLITS[: SPLITS.index(split)]:
-        df = dataset.split(earlier)
-        rows = zip(df["user_id"], df["history_item_ids"], df["target_item_id"], strict=True)
-        for user, hist, target in rows:
-            bucket = seen.setdefault(str(user), set())
-            bucket.update(map(str, hist))
-            bucket.add(str(target))
-    return seen
+        for user, hist, target in samples(earlier):
+            meet(user, [*hist, target])
+    # a split lists each user's samples in their order (model/data/splits.py), so a sample
+    # sees its user's earlier ones: what was met before its target is a prefix of the list
+    users, counts = [], []
+    for user, hist, target in samples(split):
+        users.append(user)
+        counts.append(len(meet(user, hist)))
+        meet(user, [target])
+    return SeenItems({u: list(b) for u, b in by_user.items()}, users, counts)
 
 
 def exclusions(
-    rows: pd.DataFrame, col: Mapping[str, int], mask: Mask, seen: Mapping[str, set[str]] | None
+    rows: pd.DataFrame, col: Mapping[str, int], mask: Mask, seen: Sequence[Sequence[str]] | None
 ) -> list[list[int]] | None:
     """The catalog columns to drop from each row's ranking under `mask` (the target is kept
-    by `target_rank`)."""
+    by `target_rank`). `seen`, for `seen`: each row's items seen before its target, aligned
+    with `rows` (`seen_items`)."""
     if mask == "none":
         return None
-    out = []
-    for user, hist in zip(rows["user_id"], rows["history_item_ids"], strict=True):
-        known = set(map(str, hist))
-        if mask == "seen":
-            known |= seen.get(str(user), set())
-        out.append([col[i] for i in known if i in col])
-    return out
+    if mask == "seen":
+        if seen is None or len(seen) != len(rows):
+            raise ValueError(f"the seen mask needs one seen set per row ({len(rows)})")
+        known = [set(seen[r]) for r in range(len(rows))]
+    else:
+        known = [set(map(str, hist)) for hist in rows["history_item_ids"]]
+    return [[col[i] for i in k if i in col] for k in known]
 
 
 @dataclass
@@ -399,7 +438,8 @@ def evaluate_scores(
         scores = score_batch(chunk)  # (B, N)
         targets = torch.tensor([col[str(t)] for t in chunk["target_item_id"]])
         for m in MASKS:
-            ranks[m].extend(target_ranks(scores, targets, exclusions(chunk, col, m, seen)).tolist())
+            drop = exclusions(chunk, col, m, [seen[r] for r in range(lo, lo + len(chunk))])
+            ranks[m].extend(target_ranks(scores, targets, drop).tolist())
         bar.update(len(chunk))
     bar.close()
     headline = ranks[cfg.mask]
@@ -473,14 +513,20 @@ def evaluate_model(
 
 
 def popularity_scores(train: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
-    """(N,) how often each item was a training target, ties broken by a fixed random order
-    (the jitter is < 1, so never across counts) so Pop is not flattered by optimistic tie ranks."""
+    """(N,) float32: each item's position in the order by how often it was a training target,
+    ties broken by a fixed random order, so Pop is not flattered by optimistic tie ranks.
+    Positions are exact in float32 (up to 2**24 items), where a count plus a small random term
+    is not once counts are large (3,000 and a term below 1/2N for N = 3,706 leave 2,048
+    distinct values)."""
     col = _column_index(items)
-    counts = np.zeros(len(items), dtype=np.float32)
+    counts = np.zeros(len(items), dtype=np.int64)
     for item_id, n in train["target_item_id"].astype(str).value_counts().items():
         if item_id in col:
             counts[col[item_id]] = n
-    return counts + np.random.default_rng(0).permutation(len(items)).astype(np.float32) / (2 * len(items))
+    tie_order = np.random.default_rng(0).permutation(len(items))
+    positions = np.empty(len(items), dtype=np.float32)
+    positions[np.lexsort((tie_order, counts))] = np.arange(len(items), dtype=np.float32)
+    return positions
 
 
 def evaluate_popularity(dataset: PreparedDataset, cfg: EvalConfig) -> EvalResult:

@@ -13,6 +13,7 @@ from model.evaluate import (
     evaluate_model,
     evaluate_popularity,
     evaluate_sasrec,
+    evaluate_scores,
     exclusions,
     paired_cells,
     paired_difference,
@@ -47,6 +48,12 @@ def test_rank_three_ndcg():
     assert ndcg_at_k(torch.tensor([3]), 2).tolist() == [0.0]
 
 
+def test_a_nan_score_is_refused_not_ranked_first():
+    scores = torch.tensor([[0.9, 0.1, 0.2], [float("nan"), 0.5, 0.1]])
+    with pytest.raises(ValueError, match="NaN in 1 of 2 rows"):
+        target_ranks(scores, torch.tensor([0, 0]))
+
+
 def test_masking_history_moves_target_up():
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
     assert target_ranks(scores, torch.tensor([2]), [[0, 1]]).tolist() == [1]
@@ -60,6 +67,16 @@ def test_metrics_average_and_cutoff():
     assert m["hit@5"] == pytest.approx(1 / 3)
     assert m["hit@10"] == pytest.approx(2 / 3)
     assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(7)) / 3)
+
+
+def test_popularity_scores_are_exact_positions_by_count_then_a_fixed_order():
+    train = pd.DataFrame({"target_item_id": ["b"] * 3 + ["c"] * 3 + ["a"] + ["zz"] * 9})
+    items = pd.DataFrame({"item_id": ["a", "b", "c", "d", "e"]})
+    pos = popularity_scores(train, items)
+    assert pos.dtype == np.float32 and sorted(pos.tolist()) == [0, 1, 2, 3, 4]
+    # b and c (3 each) above a (1) above d and e (0); an id outside the catalog is ignored
+    assert min(pos[1], pos[2]) > pos[0] > max(pos[3], pos[4])
+    assert (popularity_scores(train, items) == pos).all()  # the tie order is fixed
 
 
 def test_popularity_baseline_ranks_by_train_counts(tiny_dataset):
@@ -125,19 +142,82 @@ def test_ties_are_broken_exactly_where_a_float32_score_would_lose_them():
 
 def test_seen_mask_holds_every_earlier_item_of_the_user(tiny_dataset):
     seen = seen_items(tiny_dataset, "test")
-    train, valid = tiny_dataset.split("train"), tiny_dataset.split("valid")
+    train, valid, test = (tiny_dataset.split(s) for s in ("train", "valid", "test"))
+    r = int(np.flatnonzero(test["user_id"] == valid.iloc[0]["user_id"])[0])
     user = str(valid.iloc[0]["user_id"])
     expected = {str(valid.iloc[0]["target_item_id"]), *map(str, valid.iloc[0]["history_item_ids"])}
+    expected |= set(map(str, test.iloc[r]["history_item_ids"]))
     for row in train[train["user_id"] == user].itertuples():
         expected |= {str(row.target_item_id), *map(str, row.history_item_ids)}
-    assert seen[user] == expected
-    assert seen_items(tiny_dataset, "train") == {}
-    # a hand-made row: the seen set and the history both leave, unknown ids are skipped
+    assert set(seen[r]) == expected
+    # train sees only each sample's history, in the same order
+    train_seen = seen_items(tiny_dataset, "train")
+    first = train.groupby("user_id", sort=False).head(1).index  # a user's first sample
+    assert all(set(train_seen[i]) == set(map(str, train.iloc[i]["history_item_ids"])) for i in first)
+    # a hand-made row: the seen items leave (the history among them), unknown ids are skipped
     rows = pd.DataFrame({"user_id": ["u"], "history_item_ids": [["a"]]})
     col = {"a": 0, "b": 1, "c": 2}
-    assert sorted(exclusions(rows, col, "seen", {"u": {"b", "zz"}})[0]) == [0, 1]
-    assert exclusions(rows, col, "prompt", {"u": {"b"}}) == [[0]]
+    assert sorted(exclusions(rows, col, "seen", [["a", "b", "zz"]])[0]) == [0, 1]
+    assert exclusions(rows, col, "prompt", [["b"]]) == [[0]]
     assert exclusions(rows, col, "none", None) is None
+    with pytest.raises(ValueError, match="one seen set per row"):
+        exclusions(rows, col, "seen", None)
+
+
+def _temporal(tmp_path, max_history=2):
+    """Interactions split `temporal` with a 2-item history window: users 'b' and 'c' early,
+    'a' late, so all of the test split's samples are a's and each sees a's earlier test
+    targets, which neither the earlier splits nor its history hold."""
+    from model.data import PreparedDataset
+    from model.data.splits import make_splits
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for user, n, start in (("b", 20, 0), ("c", 20, 5), ("a", 8, 1000)):
+        items = rng.choice(30, size=n, replace=False)
+        rows += [(user, f"i{i}", 4.0, start + 10 * k) for k, i in enumerate(items)]
+    inter = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
+    splits = make_splits(inter, "temporal", max_history=max_history)
+    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(30)], "title": [f"T{i}" for i in range(30)]})
+    return inter, PreparedDataset(tmp_path, "synthetic", "temporal", "movie", items, splits)
+
+
+def test_seen_mask_under_temporal_holds_what_came_before_the_history_window(tmp_path):
+    inter, ds = _temporal(tmp_path)
+    test = ds.split("test")
+    assert set(test["user_id"]) == {"a"} and len(test) == 5
+    seen = seen_items(ds, "test")
+    assert len(seen) == len(test)
+    earlier = set()  # what the earlier splits and the history alone hold (the mask before)
+    for name in ("train", "valid"):
+        df = ds.split(name)
+        for row in df[df["user_id"] == "a"].itertuples():
+            earlier |= {row.target_item_id, *row.history_item_ids}
+    # every item the user interacted with before the target, read from the interactions
+    missed = 0
+    for r, row in enumerate(test.itertuples()):
+        mine = inter[inter["user_id"] == row.user_id]
+        before = set(mine.loc[mine["timestamp"] < row.target_timestamp, "item_id"])
+        assert set(seen[r]) == before
+        missed += len(before - earlier - set(row.history_item_ids))
+    assert missed > 0  # the case the mask used to get wrong
+    # through the harness: scores that put every item seen before the target above it and
+    # the rest below rank each target first under `seen`, below its unmasked items otherwise
+    col = {str(i): k for k, i in enumerate(ds.items["item_id"])}
+
+    def scores(chunk):
+        out = torch.zeros(len(chunk), len(col))
+        for b, row in enumerate(chunk.itertuples()):
+            mine = inter[(inter["user_id"] == row.user_id) & (inter["timestamp"] < row.target_timestamp)]
+            out[b, [col[i] for i in mine["item_id"]]] = 2.0
+            out[b, col[row.target_item_id]] = 1.0
+        return out
+
+    cfg = EvalConfig(split="test", mask="seen", batch_size=3)
+    result = evaluate_scores(ds, cfg, scores)
+    assert result.ranks == [1] * len(test)
+    prompt = evaluate_scores(ds, dataclasses.replace(cfg, mask="prompt"), scores).ranks
+    assert max(prompt) > 1  # the 2-item window leaves earlier items in the ranking
 
 
 def test_standard_errors_and_paired_difference_by_hand():
