@@ -203,6 +203,8 @@ def eval_cmd(
             extra["quantize"] = gen.engine.quantize  # auto resolved
             extra["speculative_tokens"] = 0 if gen.drafter is None else gen.drafter.tokens
         result = evaluate_model(model, ds, vectors, cfg, backend=gen)
+        if not cfg.reasoning:  # named, so a ranks file and a pairing say which mode ranked
+            label += " without reasoning"
         if gen.drafter is not None and cfg.reasoning:
             extra["draft_tokens"] = {"checked": gen.drafter.drafted, "accepted": gen.drafter.accepted}
         if compare_reasoning:

@@ -132,7 +132,8 @@ def test_paired_with_pairs_a_run_with_a_saved_one_per_user(tiny_dataset, tiny_ch
     assert code == 0, out
     payload = json.loads(out.strip().splitlines()[-1])
     pw = payload["paired_with"]
-    assert pw["a"].startswith("checkpoint ") and pw["b"] == "pop" and pw["path"] == str(pop_ranks)
+    assert pw["a"].startswith("checkpoint ") and pw["a"].endswith(" without reasoning")
+    assert pw["b"] == "pop" and pw["path"] == str(pop_ranks)
     assert pw["ndcg@10"]["a"] == pytest.approx(payload["metrics"]["ndcg@10"])
     assert pw["ndcg@10"]["b"] == pytest.approx(pop["metrics"]["ndcg@10"])
     assert pw["rank"]["a_better"] + pw["rank"]["b_better"] + pw["rank"]["ties"] == n
@@ -150,7 +151,7 @@ def test_paired_column_pairs_with_the_saved_runs_no_reasoning_mode(tiny_dataset,
     code, out = _eval(*args, "--no-reasoning", "--json", *pair)
     assert code == 0, out
     pw = json.loads(out.strip().splitlines()[-1])["paired_with"]
-    assert pw["b"].endswith(" without reasoning") and pw["ndcg@10"]["diff"] == 0.0
+    assert pw["a"] == pw["b"] and pw["b"].endswith(" without reasoning") and pw["ndcg@10"]["diff"] == 0.0
     assert pw["rank"]["ties"] == pw["rank"]["users"] == len(tiny_dataset.split("test"))
     code, out = _eval(*args, "--no-reasoning", "--paired-column", "rank_without_reasoning")
     assert code == 2 and "--paired-column needs --paired-with" in out
