@@ -211,8 +211,8 @@ def eval_cmd(
             off = evaluate_model(model, ds, vectors, dataclasses.replace(cfg, reasoning=False), backend=gen)
             extra |= {
                 "without_reasoning": {"metrics": off.metrics, "stderr": off.stderr},
-                "paired_ndcg@10": paired_difference(result.ranks, off.ranks, "ndcg@10"),
-                "paired_rank": paired_ranks(result.ranks, off.ranks),
+                "paired_ndcg@10": paired_difference(result.ranks, off.ranks, "ndcg@10", result.users),
+                "paired_rank": paired_ranks(result.ranks, off.ranks, result.users),
             }
             off_ranks["rank_without_reasoning"] = off.ranks
     if ranks_out is not None or saved is not None:

@@ -83,24 +83,45 @@ def ranking_metrics(ranks: Sequence[int] | np.ndarray, ks: Sequence[int] = KS) -
     return {name: float(v.mean()) for name, v in per_user_metrics(ranks, ks).items()}
 
 
-def standard_errors(ranks: Sequence[int] | np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
-    """Per-user standard error of each metric's mean: sample std / sqrt(users)."""
-    out = {}
-    for name, v in per_user_metrics(ranks, ks).items():
-        out[name] = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
-    return out
+Users = Sequence[str] | np.ndarray | None  # each sample's user, to cluster standard errors by
 
 
-def paired_difference(ranks_a: Sequence[int], ranks_b: Sequence[int], metric: str = "ndcg@10") -> dict:
-    """a - b on the same users, in order: the mean difference of the per-user metric, its
-    standard error (the paired one, much smaller than either run's own when the users'
-    difficulty dominates), and the ratio of the means."""
+def mean_stderr(values: np.ndarray, users: Users = None) -> float:
+    """The standard error of `values`' mean, clustered by user: sqrt(G / (G - 1) * sum over the
+    G users of (the sum of their samples' deviations from the mean)^2) / n. With one sample per
+    user (`loo`, or `users` None) it is the sample std / sqrt(n) exactly; under `temporal`,
+    where a user has many samples, it does not count them as independent. NaN for fewer than
+    two users."""
+    v = np.asarray(values, dtype=np.float64)
+    if users is None:
+        return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+    if len(users) != len(v):
+        raise ValueError(f"one user per sample: {len(users)} users for {len(v)} samples")
+    codes, _ = pd.factorize(np.asarray(users, dtype=object))
+    sums = np.bincount(codes, weights=v - v.mean())
+    g = len(sums)
+    return float(math.sqrt(g / (g - 1) * (sums**2).sum()) / len(v)) if g > 1 else float("nan")
+
+
+def standard_errors(
+    ranks: Sequence[int] | np.ndarray, ks: Sequence[int] = KS, users: Users = None
+) -> dict[str, float]:
+    """Each metric's standard error, clustered by user (`mean_stderr`)."""
+    return {name: mean_stderr(v, users) for name, v in per_user_metrics(ranks, ks).items()}
+
+
+def paired_difference(
+    ranks_a: Sequence[int], ranks_b: Sequence[int], metric: str = "ndcg@10", users: Users = None
+) -> dict:
+    """a - b on the same samples, in order: the mean difference of the per-sample metric, its
+    standard error (the paired one, clustered by user, `mean_stderr`; much smaller than either
+    run's own when the users' difficulty dominates), and the ratio of the means."""
     if len(ranks_a) != len(ranks_b):
         raise ValueError(f"paired runs must rank the same users: {len(ranks_a)} vs {len(ranks_b)}")
     k = int(metric.split("@")[1])
     a, b = per_user_metrics(ranks_a, (k,))[metric], per_user_metrics(ranks_b, (k,))[metric]
     d = a - b
-    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    se = mean_stderr(d, users)
     return {
         "metric": metric,
         "a": float(a.mean()),
@@ -112,7 +133,7 @@ def paired_difference(ranks_a: Sequence[int], ranks_b: Sequence[int], metric: st
     }
 
 
-def paired_ranks(ranks_a: Sequence[int], ranks_b: Sequence[int]) -> dict:
+def paired_ranks(ranks_a: Sequence[int], ranks_b: Sequence[int], users: Users = None) -> dict:
     """a against b on the same users, in order, by the target's rank in the whole ranking.
 
     NDCG@10 is zero for every user whose target both runs put below 10th (most users), so its
@@ -127,7 +148,7 @@ def paired_ranks(ranks_a: Sequence[int], ranks_b: Sequence[int]) -> dict:
     if len(a) == 0 or min(a.min(), b.min()) < 1:
         raise ValueError("ranks are 1-based and there must be at least one")
     d = np.log(a) - np.log(b)
-    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    se = mean_stderr(d, users)
     return {
         "a_better": int((a < b).sum()),
         "b_better": int((a > b).sum()),
@@ -141,10 +162,10 @@ def paired_ranks(ranks_a: Sequence[int], ranks_b: Sequence[int]) -> dict:
     }
 
 
-def paired_cells(ranks_a: Sequence[int], ranks_b: Sequence[int]) -> str:
+def paired_cells(ranks_a: Sequence[int], ranks_b: Sequence[int], users: Users = None) -> str:
     """a against b as three markdown table cells, as the bench scripts print them: the paired
     NDCG@10 difference ± s.e. | users a ranks better / worse | mean log(rank_a / rank_b) ± s.e."""
-    d, p = paired_difference(ranks_a, ranks_b), paired_ranks(ranks_a, ranks_b)
+    d, p = paired_difference(ranks_a, ranks_b, users=users), paired_ranks(ranks_a, ranks_b, users)
     return (
         f"{d['diff']:+.4f} ± {d['stderr']:.4f} | {p['a_better']} / {p['b_better']} | "
         f"{p['log_rank_diff']:+.3f} ± {p['stderr']:.3f}"
@@ -241,13 +262,13 @@ def read_ranks(
 def paired_with_saved(now: pd.DataFrame, saved: pd.DataFrame, path: Path) -> dict:
     """This run (`ranks_frame`) against a saved one (`read_ranks`, already checked to cover
     the same samples): the paired NDCG@10 difference and the rank pairing, this run as a."""
-    a, b = now["rank"].to_numpy(), saved["rank"].to_numpy()
+    a, b, users = now["rank"].to_numpy(), saved["rank"].to_numpy(), now["user_id"].to_numpy()
     return {
         "a": str(now["model"].iloc[0]),
         "b": str(saved["model"].iloc[0]),
         "path": str(path),
-        "ndcg@10": paired_difference(a, b, "ndcg@10"),
-        "rank": paired_ranks(a, b),
+        "ndcg@10": paired_difference(a, b, "ndcg@10", users),
+        "rank": paired_ranks(a, b, users),
     }
 
 
@@ -393,10 +414,11 @@ class EvalResult:
     seconds: float
     ranks: list[int] = field(default_factory=list)
     examples: list[dict] = field(default_factory=list)  # the first users' reasoning texts
-    stderr: dict[str, float] = field(default_factory=dict)  # per-user standard errors
+    stderr: dict[str, float] = field(default_factory=dict)  # standard errors, clustered by user
     mask: str = "seen"
     text_quality: dict | None = None  # over every reasoning text, when there is reasoning
     by_mask: dict[str, dict[str, float]] = field(default_factory=dict)  # headline metrics per mask
+    users: list[str] = field(default_factory=list)  # each ranked sample's user, as `ranks`
 
     def to_dict(self) -> dict:
         out = {
@@ -442,15 +464,16 @@ def evaluate_scores(
             ranks[m].extend(target_ranks(scores, targets, drop).tolist())
         bar.update(len(chunk))
     bar.close()
-    headline = ranks[cfg.mask]
+    headline, users = ranks[cfg.mask], rows["user_id"].astype(str).tolist()
     return EvalResult(
         ranking_metrics(headline, cfg.ks),
         len(headline),
         time.perf_counter() - start,
         headline,
-        stderr=standard_errors(headline, cfg.ks),
+        stderr=standard_errors(headline, cfg.ks, users),
         mask=cfg.mask,
         by_mask={m: ranking_metrics(r, cfg.ks) for m, r in ranks.items()},
+        users=users,
     )
 
 

@@ -321,11 +321,15 @@ def validation_ranks(path: Path, ds: PreparedDataset, cfg: RecPOConfig) -> np.nd
     return np.asarray(result.ranks, dtype=np.int64)
 
 
-def gate(candidate: np.ndarray, current: np.ndarray, tolerance: float, z: float) -> tuple[bool, dict]:
-    """Publish or not, from the two versions' ranks on the same valid samples.
+def gate(
+    candidate: np.ndarray, current: np.ndarray, tolerance: float, z: float, users: np.ndarray | None = None
+) -> tuple[bool, dict]:
+    """Publish or not, from the two versions' ranks on the same valid samples (`users`: each
+    sample's user, in the same order).
 
     d = the mean per-sample NDCG@10 difference (candidate - current), se = its paired standard
-    error (model/evaluate.py `paired_difference`; 0 for a single sample). z standard errors
+    error, clustered by user (model/evaluate.py `paired_difference`; 0 for a single user, so a
+    `temporal` split's many samples of one user do not count as independent). z standard errors
     always count against the candidate's burden of proof:
     - tolerance >= 0 (a drop of up to `tolerance` is allowed): publish when
       d + z * se >= -tolerance. z = 0 compares the means; z = 2 rejects only a candidate worse
@@ -334,7 +338,7 @@ def gate(candidate: np.ndarray, current: np.ndarray, tolerance: float, z: float)
     - tolerance < 0 (a gain of -tolerance is demanded): publish when d - z * se >= -tolerance,
       a gain beyond z standard errors, so noise alone cannot meet it.
     """
-    paired = paired_difference(candidate, current, METRIC)
+    paired = paired_difference(candidate, current, METRIC, users)
     se = paired["stderr"] if math.isfinite(paired["stderr"]) else 0.0
     bound = paired["diff"] + (z * se if tolerance >= 0 else -z * se)
     return bound >= -tolerance, {**paired, "stderr": se}
@@ -373,7 +377,8 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
             return _finish(work, result, started)
         ds, result.events_unknown_item = rebuild_dataset(seed, events, work / "data")
         result.samples = {name: int(len(ds.split(name))) for name in SPLITS}
-        if eval_rows(ds, validation_eval_config(cfg.train)).empty:
+        valid = eval_rows(ds, validation_eval_config(cfg.train))
+        if valid.empty:
             raise RetrainError(
                 f"the rebuilt dataset {ds.path} has no valid samples to compare the versions on"
             )
@@ -383,7 +388,8 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
         try:
             best = train(cfg.train, ds, str(root / current), run, resume=False)
             result.candidate_version = str(read_meta(best)["version"])
-            ok, paired = gate(validation_ranks(best, ds, cfg.train), current_ranks, cfg.tolerance, cfg.gate_z)
+            candidate_ranks, users = validation_ranks(best, ds, cfg.train), valid["user_id"].astype(str)
+            ok, paired = gate(candidate_ranks, current_ranks, cfg.tolerance, cfg.gate_z, users.to_numpy())
             result.candidate_metric, result.current_metric = paired["a"], paired["b"]
             result.paired_diff, result.paired_stderr = paired["diff"], paired["stderr"]
             result.paired_samples = paired["users"]

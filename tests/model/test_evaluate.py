@@ -15,6 +15,7 @@ from model.evaluate import (
     evaluate_sasrec,
     evaluate_scores,
     exclusions,
+    mean_stderr,
     paired_cells,
     paired_difference,
     paired_ranks,
@@ -216,6 +217,7 @@ def test_seen_mask_under_temporal_holds_what_came_before_the_history_window(tmp_
     cfg = EvalConfig(split="test", mask="seen", batch_size=3)
     result = evaluate_scores(ds, cfg, scores)
     assert result.ranks == [1] * len(test)
+    assert result.users == ["a"] * 5 and math.isnan(result.stderr["ndcg@10"])  # one user: no spread
     prompt = evaluate_scores(ds, dataclasses.replace(cfg, mask="prompt"), scores).ranks
     assert max(prompt) > 1  # the 2-item window leaves earlier items in the ranking
 
@@ -230,6 +232,27 @@ def test_standard_errors_and_paired_difference_by_hand():
     assert pair["ratio"] == 2.0
     with pytest.raises(ValueError, match="same users"):
         paired_difference([1], [1, 2])
+
+
+def test_standard_errors_cluster_a_users_samples():
+    # hit@1 per sample 1, 1, 0, 0: two users of two samples each are two observations, 1 and 0
+    ranks, users = [1, 1, 2, 2], ["u", "u", "v", "v"]
+    assert standard_errors(ranks, ks=(1,), users=users)["hit@1"] == pytest.approx(0.5)
+    assert standard_errors(ranks, ks=(1,))["hit@1"] == pytest.approx(np.std([1, 1, 0, 0], ddof=1) / 2)
+    # one sample per user: exactly the unclustered error (every loo number)
+    rng = np.random.default_rng(0)
+    v = rng.random(50)
+    assert mean_stderr(v, [str(i) for i in range(50)]) == pytest.approx(mean_stderr(v), rel=1e-12)
+    # paired: the same clustering of the per-sample differences
+    pair = paired_difference([1, 1, 2, 2], [2, 2, 2, 2], "ndcg@1", users)
+    assert pair["diff"] == 0.5 and pair["stderr"] == pytest.approx(0.5)
+    assert (
+        paired_ranks([1, 1, 2, 2], [2, 2, 2, 2], users)["stderr"]
+        > paired_ranks([1, 1, 2, 2], [2, 2, 2, 2])["stderr"]
+    )
+    assert math.isnan(mean_stderr(np.array([1.0, 0.0]), ["u", "u"]))  # one user: no spread to read
+    with pytest.raises(ValueError, match="one user per sample"):
+        mean_stderr(np.array([1.0, 0.0]), ["u"])
 
 
 def test_paired_ranks_reads_moves_below_the_cutoff_by_hand():

@@ -171,6 +171,19 @@ def test_the_gate_pairs_the_same_users_and_allows_z_standard_errors():
     assert not ok and paired["stderr"] == 0.0
 
 
+def test_the_gate_counts_users_not_samples():
+    # four samples of two users: the candidate is better on both of u's and worse on both of v's
+    cand, cur, users = np.array([1, 1, 20, 20]), np.array([20, 20, 1, 1]), np.array(["u", "u", "v", "v"])
+    _, alone = gate(cand, cur, tolerance=0.0, z=0.0)
+    ok, paired = gate(cand, cur, tolerance=0.0, z=0.0, users=users)
+    assert paired["diff"] == alone["diff"] == 0.0 and ok
+    assert paired["stderr"] == pytest.approx(1.0) and alone["stderr"] == pytest.approx(np.sqrt(4 / 3) / 2)
+    # so a demanded gain the unclustered error would grant is refused
+    better = np.array([1, 1, 1, 20])  # d = 1, 1, 0, -1: mean 0.25, s.e. 0.479 by sample, 0.75 by user
+    assert gate(better, cur, tolerance=-0.01, z=0.4)[0] is True
+    assert gate(better, cur, tolerance=-0.01, z=0.4, users=users)[0] is False
+
+
 def test_a_demanded_gain_must_clear_the_standard_errors_not_hide_in_them():
     cur, cand = np.array([1, 20, 1, 20, 20, 1, 20, 20]), np.array([20, 1, 20, 1, 20, 20, 20, 20])
     ok, paired = gate(cand, cur, tolerance=0.0, z=2.0)  # d = -0.125, se = 0.295: within noise
