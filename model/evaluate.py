@@ -358,7 +358,8 @@ class EvalConfig:
         mask (`str`, defaults to `"seen"`):
             Which known items leave the ranking (the target itself never does): `"seen"`,
             every item of the user's before the target (the field's protocol); `"prompt"`,
-            the prompt's history window only; `"none"`.
+            the sample's stored history only (the ≤ 20 items a prompt's window is drawn from,
+            more than a prompt of `max_history` 10 shows); `"none"`.
         ks (`tuple[int, ...]`, defaults to `(5, 10, 20)`):
             The cut-offs K of Hit@K and NDCG@K.
         constrain_titles (`bool`, defaults to `True`):
