@@ -28,7 +28,7 @@ ensembling two reading positions, not what the text says.
 With `--samples K`: K texts sampled at `--temperature` (top-k 50, as RecPO's rollouts) under the
 same grammars, each read alone (`sample 1..K`), and `mean`: the mean of the K + 1 normalised h_T
 (greedy and samples), self-consistency over reasonings (K + 1 times the decoding).
-Prints NDCG@10 with the per-user standard error and, against `own`, the paired NDCG@10
+Prints NDCG@10 with its standard error (clustered by user) and, against `own`, the paired NDCG@10
 difference and the paired whole-rank comparison (model/evaluate.py `paired_ranks`: users
 ranked better / worse, mean log(rank / rank of own) ± s.e.). All texts are read through the same
 backend (model/generation.py, the engine), so `own` is the served reading. Compare within
@@ -140,7 +140,7 @@ def main() -> None:
     print(header + " log(rank / own's) |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
-        vs = paired_cells(r.ranks, own) if name != "own" else ""
+        vs = paired_cells(r.ranks, own, r.users) if name != "own" else ""
         print(f"| {name} | {r.metrics['ndcg@10']:.4f} ± {r.stderr['ndcg@10']:.4f} | {vs or ' | | '} |")
 
 

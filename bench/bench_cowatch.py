@@ -44,7 +44,7 @@ def main() -> None:
     for pairs in args.windows:
         for scored in args.windows:
             r = hints if pairs == scored == hinted else evaluate_cowatch(dataset, cfg, pairs, scored)
-            vs = paired_cells(r.ranks, hints.ranks) if r is not hints else " | | "
+            vs = paired_cells(r.ranks, hints.ranks, r.users) if r is not hints else " | | "
             print(f"| {pairs} | {scored} | {r.metrics['ndcg@10']:.4f} ± {r.stderr['ndcg@10']:.4f} | {vs} |")
 
 

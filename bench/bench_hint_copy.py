@@ -94,7 +94,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, r in results.items():
         m = r.metrics
-        d = paired_difference(r.ranks, results["off"].ranks)
+        d = paired_difference(r.ranks, results["off"].ranks, users=r.users)
         vs = "" if name == "off" else f"{d['diff']:+.4f} ± {d['stderr']:.4f} ({d['ratio']:.2f}x)"
         print(
             f"| {name} | {m['ndcg@5']:.4f} | {m['ndcg@10']:.4f} ± {r.stderr['ndcg@10']:.4f} "

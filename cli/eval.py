@@ -114,8 +114,8 @@ def eval_cmd(
     ] = "rank",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
-    """Full-ranking Hit@5/10/20 and NDCG@5/10/20 over the whole catalog, with per-user
-    standard errors; with reasoning, the texts' quality (distinct-2, loops, unknown titles)."""
+    """Full-ranking Hit@5/10/20 and NDCG@5/10/20 over the whole catalog, with standard
+    errors clustered by user; with reasoning, the texts' quality (distinct-2, loops, unknown titles)."""
     from model.data import DataError, load_prepared
     from model.evaluate import (
         EvalConfig,

@@ -5,14 +5,17 @@ target's favour). Which already-known items leave the ranking is the `mask`:
 
 - `seen` (the default, the field's protocol: RecBole's and most papers'): every item the user
   interacted with before the target: for a test sample everything in the user's train and
-  valid samples, for a valid sample the train samples, plus the sample's own history;
-- `prompt`: only the <= 20 items in the prompt's history window;
+  valid samples, for a valid sample the train samples, plus the sample's own history and the
+  user's earlier samples in the same split (`temporal` puts many there; `seen_items`);
+- `prompt`: only the sample's stored history (<= 20 items; a prompt shows its latest
+  `max_history`);
 - `none`: nothing.
 
 The target itself is never masked, so a re-consumed item can still be found. Each metric comes
-with its per-user standard error; `paired_difference` compares two runs on the same users by a
-metric, `paired_ranks` by the target's whole rank; `ranks_frame` / `write_ranks` keep a run's
-per-user ranks so a later run can be paired with it (`paired_with_saved`).
+with its standard error, clustered by user (`mean_stderr`); `paired_difference` compares two
+runs on the same samples by a metric, `paired_ranks` by the target's whole rank; `ranks_frame`
+/ `write_ranks` keep a run's per-sample ranks so a later run can be paired with it
+(`paired_with_saved`).
 """
 
 from __future__ import annotations
@@ -460,9 +463,9 @@ def evaluate_scores(
         chunk = rows.iloc[lo : lo + cfg.batch_size]
         scores = score_batch(chunk)  # (B, N)
         targets = torch.tensor([col[str(t)] for t in chunk["target_item_id"]])
+        known = [seen[r] for r in range(lo, lo + len(chunk))]
         for m in MASKS:
-            drop = exclusions(chunk, col, m, [seen[r] for r in range(lo, lo + len(chunk))])
-            ranks[m].extend(target_ranks(scores, targets, drop).tolist())
+            ranks[m].extend(target_ranks(scores, targets, exclusions(chunk, col, m, known)).tolist())
         bar.update(len(chunk))
     bar.close()
     headline, users = ranks[cfg.mask], rows["user_id"].astype(str).tolist()
