@@ -315,12 +315,17 @@ def seen_items(dataset: PreparedDataset, split: str) -> SeenItems:
         for user, hist, target in samples(earlier):
             meet(user, [*hist, target])
     # a split lists each user's samples in their order (model/data/splits.py), so a sample
-    # sees its user's earlier ones: what was met before its target is a prefix of the list
-    users, counts = [], []
-    for user, hist, target in samples(split):
+    # sees its user's earlier ones: what was met before its target is a prefix of the list.
+    # A split that does not (written by hand) would leave later items unmasked: refused.
+    users, counts, last = [], [], {}
+    stamps = dataset.split(split)["target_timestamp"].to_numpy()
+    for (user, hist, target), t in zip(samples(split), stamps, strict=True):
+        if t < last.get(user, t):
+            raise ValueError(f"the {split} split lists user {user}'s samples out of time order")
         users.append(user)
         counts.append(len(meet(user, hist)))
         meet(user, [target])
+        last[user] = t
     return SeenItems({u: list(b) for u, b in by_user.items()}, users, counts)
 
 
