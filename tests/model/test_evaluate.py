@@ -202,10 +202,6 @@ def test_seen_mask_under_temporal_holds_what_came_before_the_history_window(tmp_
         assert set(seen[r]) == before
         missed += len(before - earlier - set(row.history_item_ids))
     assert missed > 0  # the case the mask used to get wrong
-    # a split that lists a user's samples out of time order cannot be read this way
-    ds.splits["test"] = test.iloc[::-1].reset_index(drop=True)
-    with pytest.raises(ValueError, match="user a's samples out of time order"):
-        seen_items(ds, "test")
     # through the harness: scores that put every item seen before the target above it and
     # the rest below rank each target first under `seen`, below its unmasked items otherwise
     col = {str(i): k for k, i in enumerate(ds.items["item_id"])}
@@ -224,6 +220,10 @@ def test_seen_mask_under_temporal_holds_what_came_before_the_history_window(tmp_
     assert result.users == ["a"] * 5 and math.isnan(result.stderr["ndcg@10"])  # one user: no spread
     prompt = evaluate_scores(ds, dataclasses.replace(cfg, mask="prompt"), scores).ranks
     assert max(prompt) > 1  # the 2-item window leaves earlier items in the ranking
+    # a split that lists a user's samples out of time order cannot be read this way
+    ds.splits["test"] = test.iloc[::-1].reset_index(drop=True)
+    with pytest.raises(ValueError, match="user a's samples out of time order"):
+        seen_items(ds, "test")
 
 
 def test_standard_errors_and_paired_difference_by_hand():
