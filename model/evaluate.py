@@ -96,11 +96,10 @@ def mean_stderr(values: np.ndarray, users: Users = None) -> float:
     where a user has many samples, it does not count them as independent. NaN for fewer than
     two users."""
     v = np.asarray(values, dtype=np.float64)
-    if users is None:
-        return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
-    if len(users) != len(v):
+    if users is not None and len(users) != len(v):
         raise ValueError(f"one user per sample: {len(users)} users for {len(v)} samples")
-    codes, _ = pd.factorize(np.asarray(users, dtype=object))
+    # without users, each sample is its own
+    codes = np.arange(len(v)) if users is None else pd.factorize(np.asarray(users, dtype=object))[0]
     sums = np.bincount(codes, weights=v - v.mean())
     g = len(sums)
     return float(math.sqrt(g / (g - 1) * (sums**2).sum()) / len(v)) if g > 1 else float("nan")
