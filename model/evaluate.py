@@ -546,7 +546,7 @@ def evaluate_model(
 def popularity_scores(train: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
     """(N,) float32: each item's position in the order by how often it was a training target,
     ties broken by a fixed random order, so Pop is not flattered by optimistic tie ranks.
-    Positions are exact in float32 (up to 2**24 items), where a count plus a small random term
+    Positions (`ties_broken`) are exact in float32, where a count plus a small random term
     is not once counts are large (3,000 and a term below 1/2N for N = 3,706 leave 2,048
     distinct values)."""
     col = _column_index(items)
@@ -555,9 +555,7 @@ def popularity_scores(train: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
         if item_id in col:
             counts[col[item_id]] = n
     tie_order = np.random.default_rng(0).permutation(len(items))
-    positions = np.empty(len(items), dtype=np.float32)
-    positions[np.lexsort((tie_order, counts))] = np.arange(len(items), dtype=np.float32)
-    return positions
+    return ties_broken(torch.from_numpy(counts)[None], tie_order)[0].numpy()
 
 
 def evaluate_popularity(dataset: PreparedDataset, cfg: EvalConfig) -> EvalResult:
