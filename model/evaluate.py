@@ -1,7 +1,8 @@
 """Full-ranking evaluation: Hit@K and NDCG@K over the whole catalog (docs/architecture.md §2).
 
-The target's rank is 1 + the number of items scored strictly higher (ties count in the
-target's favour). Which already-known items leave the ranking is the `mask`:
+The target's rank is the number of items scored at least as high as it, itself included: ties
+count against it (`target_rank`), so scoring items alike earns nothing. Which already-known
+items leave the ranking is the `mask`:
 
 - `seen` (the default, the field's protocol: RecBole's and most papers'): every item the user
   interacted with before the target: for a test sample everything in the user's train and

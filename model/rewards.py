@@ -24,10 +24,13 @@ def target_rank(
     """1-based rank of each row's target among all items: scores (R, N), targets (R,) -> (R,).
 
     mask (R, N) bool marks items to drop from the ranking (history); the target never is.
+    Ties count against the target: it ranks after every item that scores as high as it does,
+    so a model gets no credit for scoring items alike (ml-100k lists ten films twice under two
+    ids, whose identical texts give identical item vectors; a constant score ranks last).
     """
     scores = _drop_masked(scores, targets, mask)
     target_scores = scores.gather(1, targets.view(-1, 1))  # (R, 1)
-    return (scores > target_scores).sum(dim=1) + 1
+    return (scores >= target_scores).sum(dim=1)  # the target counts itself
 
 
 def ndcg_at_k(ranks: torch.Tensor, k: int) -> torch.Tensor:

@@ -134,9 +134,12 @@ def test_ties_are_broken_exactly_where_a_float32_score_would_lose_them():
     assert out.dtype == torch.float32
     assert out.argsort(descending=True).tolist() == [[1, 0, 2, 4, 3, 5], [5, 4, 3, 2, 1, 0]]
     assert target_ranks(out, torch.tensor([0, 0])).tolist() == [2, 6]
-    # the same scores plus a small popularity term tie in float32: the target ranks first
+    assert target_ranks(out[:1], torch.tensor([1])).tolist() == [1]  # the tie goes to `by`
+    # the same scores plus a small popularity term still tie in float32, so the tie is not
+    # broken by `by` at all: item 1 ranks after item 0 as the target, as item 0 after item 1
     naive = scores[:1] + torch.from_numpy(by / (by.max() + 1) * 1e-8)
-    assert target_ranks(naive, torch.tensor([0])).tolist() == [1]
+    assert target_ranks(naive, torch.tensor([0])).tolist() == [2]
+    assert target_ranks(naive, torch.tensor([1])).tolist() == [2]
     with pytest.raises(ValueError, match="one value per column"):
         ties_broken(scores, by[:5])
 

@@ -48,13 +48,22 @@ def test_ndcg_of_known_ranks():
     torch.testing.assert_close(r, torch.tensor([1.0, 1 / math.log2(4), 1 / math.log2(8), 0.0]))
 
 
-def test_target_rank_counts_strictly_higher_and_respects_mask():
+def test_target_rank_counts_higher_items_and_respects_mask():
     scores = torch.tensor([[0.9, 0.5, 0.7, 0.1], [0.9, 0.5, 0.7, 0.1]])
     targets = torch.tensor([1, 1])
     assert target_rank(scores, targets).tolist() == [3, 3]
     mask = torch.tensor([[True, False, False, False], [False, True, True, False]])
     # row 0: item 0 dropped -> rank 2; row 1: the target itself is never masked, item 2 is.
     assert target_rank(scores, targets, mask).tolist() == [2, 2]
+
+
+def test_target_rank_puts_the_target_after_items_tied_with_it():
+    scores = torch.tensor([[0.7, 0.5, 0.7, 0.7, 0.1], [0.3, 0.3, 0.3, 0.3, 0.3]])
+    targets = torch.tensor([2, 0])
+    # row 0: items 0 and 3 score as the target does -> it ranks after both
+    assert target_rank(scores, targets).tolist() == [3, 5]  # a constant score ranks last
+    mask = torch.tensor([[True, False, False, False, False], [False, True, True, False, False]])
+    assert target_rank(scores, targets, mask).tolist() == [2, 3]  # masked ties no longer count
 
 
 def test_similarity_reward_is_the_targets_softmax_probability():
