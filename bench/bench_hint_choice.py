@@ -41,6 +41,7 @@ def main() -> None:
 
     from model.checkpoint import load_checkpoint
     from model.generation import EngineBackend
+    from model.rewards import target_rank
     from model.samples import sample_histories
 
     ckpt = load_checkpoint(args.checkpoint)
@@ -89,9 +90,11 @@ def main() -> None:
             ("LM sum", np.array(sums)),
             ("LM mean", np.array(means)),
         ):
-            ranks[name].append(1 + int((np.asarray(score) > score[at]).sum()))
+            ranks[name].append(int(target_rank(torch.as_tensor(score)[None], torch.tensor([at]))))
 
     k = model.prompts.cowatch_hints
+    if not hinted:
+        raise SystemExit(f"none of the first {len(test)} test users has the target among the {k} hints; raise --users")
     print(f"\n{hinted} of {len(test)} test users have their target among the {k} hints\n")
     print("| hints ranked by | hit@1 among hints | MRR among hints | mean rank |\n|---|---|---|---|")
     print(f"| chance | {1 / k:.3f} | {sum(1 / r for r in range(1, k + 1)) / k:.3f} | {(k + 1) / 2:.1f} |")

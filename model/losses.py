@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from model.rewards import target_rank
+
 if TYPE_CHECKING:
     from model.r2ec import PaddedBatch
 
@@ -156,13 +158,13 @@ def log_expected_count(log_q: torch.Tensor, batch: int, sampled: int, num_items:
 def contrastive_loss(logits: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """Softmax cross-entropy of each user's own column: logits (B, C), own (B,) -> scalar.
 
-    Also the own column's 1-based rank among the C (ties in its favour), a training-time
-    view of the ranking the loss improves.
+    Also the own column's 1-based rank among the C (ties against it, as evaluation counts
+    them: model/rewards.py `target_rank`), a training-time view of the ranking the loss improves.
     """
     own = own.to(logits.device)
     loss = F.cross_entropy(logits.float(), own)
     with torch.no_grad():
-        rank = (logits > logits.gather(1, own.view(-1, 1))).sum(1).float() + 1  # (B,)
+        rank = target_rank(logits, own).float()  # (B,)
     return loss, {
         "loss/total": float(loss.detach()),
         "loss/contrastive": float(loss.detach()),

@@ -98,6 +98,8 @@ def test_contrastive_loss_is_the_own_columns_cross_entropy():
     assert loss.item() == pytest.approx(-(math.log(3 / 8) + math.log(6 / 8)) / 2)
     assert stats["loss/total"] == stats["loss/contrastive"] == pytest.approx(loss.item())
     assert stats["rank/median"] == 1.0  # ranks 2 and 1; torch's median takes the lower middle
+    _, tied = contrastive_loss(torch.zeros(3, 4), torch.tensor([0, 1, 2]))
+    assert tied["rank/median"] == 4.0  # a tie is counted against the own column, as in evaluation
 
 
 def test_catalog_logits_mask_the_history_but_never_the_users_own_item():
