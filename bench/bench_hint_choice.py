@@ -94,7 +94,7 @@ def main() -> None:
 
     k = model.prompts.cowatch_hints
     if not hinted:
-        raise SystemExit(f"none of the first {len(test)} test users has the target among the {k} hints; raise --users")
+        raise SystemExit(f"no target of the first {len(test)} test users is in the {k} hints; raise --users")
     print(f"\n{hinted} of {len(test)} test users have their target among the {k} hints\n")
     print("| hints ranked by | hit@1 among hints | MRR among hints | mean rank |\n|---|---|---|---|")
     print(f"| chance | {1 / k:.3f} | {sum(1 / r for r in range(1, k + 1)) / k:.3f} | {(k + 1) / 2:.1f} |")
