@@ -299,8 +299,10 @@ def seen_items(dataset: PreparedDataset, split: str) -> SeenItems:
     histories of the user's earlier samples in `split` itself, which `temporal` puts there (a
     user active in the test period has many test samples, and a 20-item history alone misses
     what came before it). Under `loo` a user has one sample per split, so only the earlier
-    splits add to its history."""
-    by_user: dict[str, dict[str, None]] = {}  # an ordered set per user
+    splits add to its history. A user's prior items come first (`PreparedDataset.prior`:
+    interactions kept from being targets, e.g. before Amazon's window, beyond what a
+    history reaches)."""
+    by_user = {user: dict.fromkeys(items) for user, items in dataset.prior.items()}  # ordered sets
 
     def meet(user: str, items) -> dict[str, None]:
         bucket = by_user.setdefault(user, {})

@@ -254,6 +254,7 @@ def rebuild_dataset(
         max_history=int(seed.meta.get("max_history", 20)),
         source=source,
         target_mask=mask,
+        prior=seed.prior,
     )
     return load_prepared(path), int((~known).sum())
 

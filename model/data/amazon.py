@@ -6,7 +6,8 @@ JSON object a line with ``user_id``, ``parent_asin``, ``rating`` and ``timestamp
 30-day steps until the interactions inside it cover >= ``min_items`` distinct items (the
 whole data if they never do). Only interactions inside the window become targets; a
 target's history is the latest ``max_history`` interactions of that user before it,
-*including* ones before the window.
+*including* ones before the window; every pre-window catalog item of a user is also kept as
+their prior items (``prior.parquet``), which the ``seen`` evaluation mask removes.
 
 ``recipe="official"`` follows the preprocessing of the paper's official code
 (``preprocess.py`` in github.com/YRYangang/RRec), re-implemented here from its rules:

@@ -79,6 +79,30 @@ def compute_stats(
     return stats
 
 
+def prior_items(
+    inter: pd.DataFrame,
+    target_mask: np.ndarray | None,
+    users: set[str],
+    catalog: set[str],
+    prior: dict[str, list[str]] | None = None,
+) -> dict[str, list[str]]:
+    """Each user's catalog items from the interactions `target_mask` kept from being targets
+    (before Amazon's window, of which a history shows only the latest max_history), oldest
+    first, after `prior` (a rebuilt dataset's seed's own). Only `users` (those with a sample)
+    are kept, and only catalog items: nothing else can be ranked."""
+    met = {user: list(items) for user, items in (prior or {}).items()}
+    if target_mask is not None:
+        rows = inter[~np.asarray(target_mask, dtype=bool)].sort_values("timestamp", kind="stable")
+        for user, item in zip(rows["user_id"], rows["item_id"], strict=True):
+            met.setdefault(user, []).append(item)
+    kept = {
+        user: [i for i in dict.fromkeys(items) if i in catalog]
+        for user, items in met.items()
+        if user in users
+    }
+    return {user: items for user, items in kept.items() if items}
+
+
 def build_prepared(
     inter: pd.DataFrame,
     items: pd.DataFrame | None,
@@ -91,11 +115,13 @@ def build_prepared(
     source: dict[str, Any],
     target_mask: np.ndarray | None = None,
     keep_catalog: bool = True,
+    prior: dict[str, list[str]] | None = None,
 ) -> Path:
     """Split ``inter``, finish the item table, write ``<data_dir>/<name>/<protocol>/``.
 
     ``target_mask`` limits which interactions become targets (Amazon's time window); the
-    stats count only those interactions. Returns the output directory.
+    stats count only those interactions, and the others are kept as each user's prior items
+    (`prior_items`, after ``prior``) for the `seen` mask. Returns the output directory.
     """
     check_protocol(protocol, max_history)
     origin = str(source.get("inter") or source.get("reviews") or name)
@@ -117,4 +143,6 @@ def build_prepared(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     out_dir = Path(data_dir) / name / protocol
-    return save_prepared(out_dir, table, splits, meta)
+    users = {u for df in splits.values() for u in df["user_id"]}
+    prior = prior_items(inter, target_mask, users, set(table["item_id"]), prior)
+    return save_prepared(out_dir, table, splits, meta, prior)

@@ -6,6 +6,10 @@ One directory per (dataset, protocol), e.g. ``<data_dir>/ml-100k/loo/``::
     train.parquet   user_id, history_item_ids, history_ratings, history_timestamps,
     valid.parquet   target_item_id, target_rating, target_timestamp
     test.parquet    (histories oldest first; ratings may be NaN = unknown; timestamps in s)
+    prior.parquet   user_id, item_ids: catalog items of a user's interactions that were kept
+                    from being targets, oldest first; only where there are some (Amazon's
+                    `window` recipe: before the window, where a history shows only the latest
+                    max_history). The `seen` mask of model/evaluate.py removes them too.
     meta.json       name, protocol, category, max_history, source, stats, created_at
 
 ``meta.json`` is written last, so a directory with a meta file is complete.
@@ -52,6 +56,8 @@ SAMPLE_SCHEMA = pa.schema(
         ("target_timestamp", pa.int64()),
     ]
 )
+PRIOR_FILE = "prior.parquet"
+PRIOR_SCHEMA = pa.schema([("user_id", pa.string()), ("item_ids", pa.list_(pa.string()))])
 ITEM_COLUMNS = tuple(ITEM_SCHEMA.names)
 SAMPLE_COLUMNS = tuple(SAMPLE_SCHEMA.names)
 _LIST_COLUMNS = ("history_item_ids", "history_ratings", "history_timestamps")
@@ -75,6 +81,7 @@ class PreparedDataset:
     items: pd.DataFrame
     splits: dict[str, pd.DataFrame]
     meta: dict[str, Any] = field(default_factory=dict)
+    prior: dict[str, list[str]] = field(default_factory=dict)  # user -> items met before any target
 
     def item_titles(self) -> dict[str, str]:
         """item_id -> title for every item in the catalog."""
@@ -110,14 +117,25 @@ def _write_frame(df: pd.DataFrame, schema: pa.Schema, path: Path) -> None:
 
 
 def save_prepared(
-    out_dir: Path, items: pd.DataFrame, splits: dict[str, pd.DataFrame], meta: dict[str, Any]
+    out_dir: Path,
+    items: pd.DataFrame,
+    splits: dict[str, pd.DataFrame],
+    meta: dict[str, Any],
+    prior: dict[str, list[str]] | None = None,
 ) -> Path:
-    """Write items, the three splits and (last) meta.json into ``out_dir``, each atomically."""
+    """Write items, the three splits, the prior items when there are any, and (last)
+    meta.json into ``out_dir``, each atomically. A prior file from an earlier preparation
+    into the same directory is removed when this one has none."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_frame(items, ITEM_SCHEMA, out_dir / ITEMS_FILE)
     for name in SPLITS:
         _write_frame(splits[name], SAMPLE_SCHEMA, out_dir / f"{name}.parquet")
+    if prior:
+        frame = pd.DataFrame({"user_id": list(prior), "item_ids": list(prior.values())})
+        _write_frame(frame, PRIOR_SCHEMA, out_dir / PRIOR_FILE)
+    else:
+        (out_dir / PRIOR_FILE).unlink(missing_ok=True)
     text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
     atomic_write(out_dir / META_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     logger.info("wrote prepared dataset to %s", out_dir)
@@ -158,6 +176,10 @@ def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
             raise DataError(f"{meta_path} lacks the key {key!r}")
     items = _read_parquet(path / ITEMS_FILE, ITEM_SCHEMA)
     splits = {name: _read_parquet(path / f"{name}.parquet", SAMPLE_SCHEMA) for name in SPLITS}
+    prior = {}
+    if (path / PRIOR_FILE).is_file():
+        table = _read_parquet(path / PRIOR_FILE, PRIOR_SCHEMA)
+        prior = dict(zip(table["user_id"], map(list, table["item_ids"]), strict=True))
     return PreparedDataset(
         path=path,
         name=meta["name"],
@@ -166,6 +188,7 @@ def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
         items=items,
         splits=splits,
         meta=meta,
+        prior=prior,
     )
 
 

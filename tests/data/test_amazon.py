@@ -11,6 +11,8 @@ import pytest
 
 from model.data import DataError, load_prepared, prepare_amazon
 from model.data.amazon import official_title, official_window, window_start
+from model.data.dataset import PRIOR_FILE, save_prepared
+from model.evaluate import exclusions, seen_items
 
 from .conftest import assert_no_leakage
 
@@ -96,6 +98,32 @@ def test_prepare_amazon_window(amazon_files, tmp_path):
     assert ds.meta["source"]["window_start"] == 70 * DAY
     assert ds.meta["source"]["recipe"] == "window"
     assert_no_leakage(ds, 20)
+
+
+def test_window_keeps_what_histories_do_not_reach_for_the_seen_mask(tmp_path):
+    # ue: D and E before the window, B inside it; a 1-item history shows E only
+    extra = [("ue", "D", 20, 3.0), ("ue", "E", 30, 4.0), ("ue", "B", 99, 5.0)]
+    reviews = [
+        {"user_id": u, "parent_asin": i, "rating": r, "timestamp": d * DAY * 1000}
+        for u, i, d, r in REVIEWS + extra
+    ]  # fmt: skip
+    reviews_path = _write(tmp_path / "All_Beauty.jsonl", reviews)
+    meta_path = _write(tmp_path / "meta_All_Beauty.jsonl", META)
+    out = prepare_amazon(reviews_path, meta_path, tmp_path / "out", min_items=3, max_history=1)
+    ds = load_prepared(out)
+    assert (out / PRIOR_FILE).is_file()
+    # every pre-window catalog item, oldest first; uc (no sample) and ud (none in the window) not
+    assert ds.prior == {"ua": ["D"], "ub": ["E"], "ue": ["D", "E"]}
+    train = ds.split("train").reset_index(drop=True)
+    row = int(np.flatnonzero(train["user_id"] == "ue")[0])
+    assert train.loc[row, "history_item_ids"] == ["E"]
+    seen = seen_items(ds, "train")
+    assert seen[row] == ["D", "E"]  # D too, which no sample holds
+    col = {item: c for c, item in enumerate(ds.items["item_id"])}
+    assert sorted(exclusions(train.iloc[[row]], col, "seen", [seen[row]])[0]) == [col["D"], col["E"]]
+    # a preparation without prior items into the same directory leaves no stale file
+    save_prepared(out, ds.items, dict.fromkeys(ds.splits, train), ds.meta)
+    assert not (out / PRIOR_FILE).exists() and load_prepared(out).prior == {}
 
 
 def test_prepare_amazon_whole_data_loo(amazon_files, tmp_path):

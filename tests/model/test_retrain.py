@@ -5,6 +5,7 @@ The end-to-end run over a real Redis stream is in tests/cli/test_retrain.py.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 
 from model.checkpoint import CheckpointError
 from model.data import SPLITS, DataError, load_prepared, prepare_atomic
+from model.evaluate import seen_items
 from model.recpo import RecPOConfig
 from model.retrain import (
     RetrainConfig,
@@ -85,6 +87,17 @@ def test_rebuild_without_events_reproduces_the_seed_samples(tmp_path, protocol):
     assert dropped == 0 and rebuilt.path != seed.path
     _same_splits(rebuilt, seed)
     assert list(rebuilt.items["item_id"]) == list(seed.items["item_id"])
+    for split in ("valid", "test"):  # the seen mask too
+        assert list(map(sorted, seen_items(rebuilt, split))) == list(map(sorted, seen_items(seed, split)))
+
+
+def test_rebuild_keeps_the_seeds_prior_items(tmp_path, tiny_dataset):
+    # a seed prepared with prior items (Amazon's window): the rebuild masks them as the seed did
+    user = str(tiny_dataset.split("test")["user_id"].iloc[0])
+    seed = dataclasses.replace(tiny_dataset, prior={user: ["i9"]})  # the fixture is shared
+    rebuilt, _ = rebuild_dataset(seed, events_frame([]), tmp_path)
+    assert rebuilt.prior[user][0] == "i9"
+    assert "i9" in seen_items(rebuilt, "test")[0]
 
 
 def test_events_become_new_targets_and_unknown_items_are_dropped(tmp_path, tiny_dataset):
