@@ -311,15 +311,15 @@ def _write_state(work: Path, state: dict[str, Any]) -> None:
 
 
 # -- evaluation and the gate -------------------------------------------------------------------
-def validation_ranks(path: Path, ds: PreparedDataset, cfg: RecPOConfig) -> np.ndarray:
-    """Per-user target ranks of a checkpoint on ds's valid split under
-    `validation_eval_config(cfg)`, in the harness's order (model/evaluate.py `eval_rows`).
+def validation_ranks(path: Path, ds: PreparedDataset, cfg: RecPOConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Each valid sample's target rank under a checkpoint and the sample's user, in the
+    harness's order (model/evaluate.py `eval_rows`), under `validation_eval_config(cfg)`.
     Loaded as the service loads it (`load_checkpoint`), so the gate scores both versions
     through the same path, the one that will serve them."""
     ckpt = load_checkpoint(path, dtype=cfg.dtype)
     vectors = ckpt.vectors_for(ds.items)
     result = evaluate_model(ckpt.model, ds, vectors, validation_eval_config(cfg), progress=False)
-    return np.asarray(result.ranks, dtype=np.int64)
+    return np.asarray(result.ranks, dtype=np.int64), np.asarray(result.users, dtype=object)
 
 
 def gate(
@@ -378,19 +378,20 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
             return _finish(work, result, started)
         ds, result.events_unknown_item = rebuild_dataset(seed, events, work / "data")
         result.samples = {name: int(len(ds.split(name))) for name in SPLITS}
-        valid = eval_rows(ds, validation_eval_config(cfg.train))
-        if valid.empty:
+        if eval_rows(ds, validation_eval_config(cfg.train)).empty:
             raise RetrainError(
                 f"the rebuilt dataset {ds.path} has no valid samples to compare the versions on"
             )
-        current_ranks = validation_ranks(root / current, ds, cfg.train)
+        current_ranks, users = validation_ranks(root / current, ds, cfg.train)
         run = work / "run"
         shutil.rmtree(run, ignore_errors=True)
         try:
             best = train(cfg.train, ds, str(root / current), run, resume=False)
             result.candidate_version = str(read_meta(best)["version"])
-            candidate_ranks, users = validation_ranks(best, ds, cfg.train), valid["user_id"].astype(str)
-            ok, paired = gate(candidate_ranks, current_ranks, cfg.tolerance, cfg.gate_z, users.to_numpy())
+            candidate_ranks, candidate_users = validation_ranks(best, ds, cfg.train)
+            if not np.array_equal(candidate_users, users):
+                raise RetrainError("the two versions were ranked on different valid samples")
+            ok, paired = gate(candidate_ranks, current_ranks, cfg.tolerance, cfg.gate_z, users)
             result.candidate_metric, result.current_metric = paired["a"], paired["b"]
             result.paired_diff, result.paired_stderr = paired["diff"], paired["stderr"]
             result.paired_samples = paired["users"]

@@ -241,8 +241,9 @@ def test_retrain_without_a_stream_trains_on_the_dataset_and_prunes(versions_root
 def test_an_unchanged_model_scores_the_same_twice(versions_root, tiny_dataset):
     """The gate's two evaluations share one path, so the same weights pair to d = 0."""
     cfg = RecPOConfig(**TINY_TRAIN)
-    a, b = (validation_ranks(versions_root / "v0", tiny_dataset, cfg) for _ in range(2))
-    ok, paired = gate(a, b, tolerance=0.0, z=0.0)
+    (a, users_a), (b, users_b) = (validation_ranks(versions_root / "v0", tiny_dataset, cfg) for _ in range(2))
+    assert list(users_a) == list(users_b) == list(tiny_dataset.split("valid")["user_id"].astype(str))
+    ok, paired = gate(a, b, tolerance=0.0, z=0.0, users=users_a)
     assert ok and (paired["diff"], paired["stderr"], paired["users"]) == (
         0.0,
         0.0,
