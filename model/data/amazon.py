@@ -109,7 +109,9 @@ def iter_jsonl(path: str | os.PathLike[str], desc: str) -> Iterator[tuple[int, d
 
 
 def read_reviews(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Canonical interactions (timestamps ms -> s, item_id = parent_asin) in file order."""
+    """Canonical interactions (item_id = parent_asin) in time order: sorted by the millisecond
+    timestamp (file order on ties) before it is cut to seconds, since the dumps are not in
+    time order and `build_samples` orders same-second interactions by row."""
     path = Path(path)
     users: list[str] = []
     items: list[str] = []
@@ -123,7 +125,7 @@ def read_reviews(path: str | os.PathLike[str]) -> pd.DataFrame:
             ms = rec["timestamp"]
             if isinstance(ms, bool):
                 raise ValueError
-            stamp = int(ms) // 1000 if isinstance(ms, int) else int(float(ms)) // 1000
+            stamp = int(ms) if isinstance(ms, int) else int(float(ms))
         except (TypeError, ValueError, OverflowError) as exc:
             raise DataError(f"{path}: line {lineno}: timestamp {rec['timestamp']!r} is not a number") from exc
         rating = rec.get("rating")
@@ -139,7 +141,8 @@ def read_reviews(path: str | os.PathLike[str]) -> pd.DataFrame:
         raise DataError(f"{path}: no reviews")
     logger.info("read %d reviews from %s", len(users), path)
     inter = pd.DataFrame({"user_id": users, "item_id": items, "rating": ratings, "timestamp": stamps})
-    return check_interactions(inter, str(path))
+    inter = inter.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    return check_interactions(inter.assign(timestamp=inter["timestamp"] // 1000), str(path))
 
 
 def _text(value: Any) -> str:
@@ -253,7 +256,8 @@ def read_ratings_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"missing file {path}")
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+        # blank lines kept as rows, then dropped, so a row's index gives its line in the file
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"{path}: empty file, expected the header {','.join(CSV_COLUMNS)}") from exc
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError, zlib.error) as exc:
@@ -264,12 +268,15 @@ def read_ratings_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
             f"{path}: missing column(s) {', '.join(missing)}; expected the header "
             f"{','.join(CSV_COLUMNS)}, got {','.join(map(str, raw.columns))}"
         )
+    raw = raw[(raw != "").any(axis=1)]
     if raw.empty:
         raise DataError(f"{path}: no ratings")
     for col in ("user_id", "parent_asin", "timestamp"):
         blank = raw[col].str.strip() == ""
         if blank.any():
-            raise DataError(f"{path}: line {int(np.argmax(blank.to_numpy())) + 2}: missing field {col!r}")
+            raise DataError(
+                f"{path}: line {raw.index[np.argmax(blank.to_numpy())] + 2}: missing field {col!r}"
+            )
     stamps = pd.to_numeric(raw["timestamp"], errors="coerce")
     ratings = pd.to_numeric(raw["rating"], errors="coerce")  # an empty rating is unknown (NaN)
     for col, bad in (
@@ -278,7 +285,9 @@ def read_ratings_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
     ):
         if bad.any():
             row = int(np.argmax(bad.to_numpy()))
-            raise DataError(f"{path}: line {row + 2}: {col} {raw[col].iloc[row]!r} is not a number")
+            raise DataError(
+                f"{path}: line {raw.index[row] + 2}: {col} {raw[col].iloc[row]!r} is not a number"
+            )
     logger.info("read %d ratings from %s", len(raw), path)
     return pd.DataFrame(
         {

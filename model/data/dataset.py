@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import uuid
 from collections.abc import Callable
@@ -128,6 +129,9 @@ def save_prepared(
     into the same directory is removed when this one has none."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # a directory prepared before is incomplete from here until the new meta.json lands: a
+    # crash in between must not leave the old meta over a mix of old and new files
+    (out_dir / META_FILE).unlink(missing_ok=True)
     _write_frame(items, ITEM_SCHEMA, out_dir / ITEMS_FILE)
     for name in SPLITS:
         _write_frame(splits[name], SAMPLE_SCHEMA, out_dir / f"{name}.parquet")
@@ -156,6 +160,8 @@ def _read_parquet(path: Path, schema: pa.Schema) -> pd.DataFrame:
     for col in _LIST_COLUMNS:
         if col in df.columns:  # arrow hands back numpy arrays; give callers lists
             df[col] = table.column(col).to_pylist()
+    if "history_ratings" in df.columns:  # parquet stores NaN as null: unknown is NaN again
+        df["history_ratings"] = [[math.nan if r is None else r for r in rs] for rs in df["history_ratings"]]
     return df
 
 

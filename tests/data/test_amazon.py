@@ -126,6 +126,22 @@ def test_window_keeps_what_histories_do_not_reach_for_the_seen_mask(tmp_path):
     assert not (out / PRIOR_FILE).exists() and load_prepared(out).prior == {}
 
 
+def test_window_orders_same_second_reviews_by_their_milliseconds(tmp_path):
+    # the dump lists B before A, but A came 800 ms earlier in the same second
+    reviews = [
+        {"user_id": "u", "parent_asin": i, "rating": 5.0, "timestamp": ms}
+        for i, ms in (("B", 100_000_900), ("A", 100_000_100), ("C", 200_000_000))
+    ]
+    path = _write(tmp_path / "All_Beauty.jsonl", reviews)
+    ds = load_prepared(
+        prepare_amazon(
+            path, _write(tmp_path / "meta.jsonl", META), tmp_path / "out", min_items=100, protocol="loo"
+        )
+    )
+    assert ds.split("valid")["history_item_ids"].iloc[0] == ["A"]  # B's history, not A's
+    assert ds.split("test")["history_item_ids"].iloc[0] == ["A", "B"]
+
+
 def test_prepare_amazon_whole_data_loo(amazon_files, tmp_path):
     reviews, meta = amazon_files
     ds = load_prepared(
@@ -359,6 +375,8 @@ def _bad_csv(tmp_path, text):
         ("user_id,parent_asin,rating,timestamp\nu,A,great,1000\n", r"line 2: rating 'great'"),
         ("user_id,parent_asin,rating,timestamp\nu,A,5,1000\n,A,5,1000\n",
          r"line 3: missing field 'user_id'"),
+        # a blank line is skipped, and still counted in the line numbers
+        ("user_id,parent_asin,rating,timestamp\nu,A,5,1000\n\nu,B,x,2000\n", r"line 4: rating 'x'"),
         ("user_id,parent_asin,rating,timestamp\nu,X,5,1000\nv,Y,5,1000\n",
          r"none of its 2 ratings is of an item kept from meta_Bad.jsonl"),
         # a kept item, but only after the window's end and in a year it cannot move back to

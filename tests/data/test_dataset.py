@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import pytest
 
-from model.data import DataError, format_stats, load_prepared, prepare_atomic
+from model.data import DataError, dataset, format_stats, load_prepared, prepare_atomic
+from model.data.build import build_prepared
 from model.data.dataset import atomic_write
 
 
@@ -72,3 +74,37 @@ def test_format_stats(prepared):
     text = format_stats(load_prepared(prepared).meta)
     assert "num_users" in text and "train_samples" in text and "loo" in text
     assert len({len(line) for line in text.splitlines()}) == 1  # aligned table
+
+
+def _inter(items, ratings=None):
+    ratings = ratings or [4.0] * len(items)
+    rows = [(u, i, r, t) for u in ("a", "b") for t, (i, r) in enumerate(zip(items, ratings, strict=True))]
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
+
+
+BUILD = dict(name="x", protocol="loo", category="movie", max_history=20, source={})
+
+
+def test_unknown_history_ratings_load_as_nan(tmp_path):
+    # parquet keeps NaN as null; a history must say unknown as the target does, with NaN
+    inter = _inter(list("1234"), [math.nan, 4.0, math.nan, 2.0])
+    ds = load_prepared(build_prepared(inter, None, data_dir=tmp_path, **BUILD))
+    ratings = ds.split("test")["history_ratings"].iloc[0]
+    assert len(ratings) == 3 and math.isnan(ratings[0]) and ratings[1] == 4.0 and math.isnan(ratings[2])
+
+
+def test_a_crash_while_preparing_again_leaves_no_complete_looking_directory(tmp_path, monkeypatch):
+    out = build_prepared(_inter(list("1234")), None, data_dir=tmp_path, **BUILD)
+    real = dataset.pq.write_table
+
+    def full_disk(table, where, *args, **kwargs):
+        if "valid" in str(where):
+            raise OSError("disk full")
+        return real(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(dataset.pq, "write_table", full_disk)
+    with pytest.raises(OSError, match="disk full"):
+        build_prepared(_inter(list("789")), None, data_dir=tmp_path, **BUILD)
+    # new items and train beside the old test split: without meta.json it does not load
+    with pytest.raises(DataError, match="did not finish"):
+        load_prepared(out)
