@@ -166,7 +166,6 @@ class Trainer:
             record = {
                 "step": state.step,
                 **stats,
-                "lr": self.opt.sched.get_last_lr()[0],
                 "seconds/step": step_seconds,
                 "seconds/total": state.seconds,
             }
@@ -197,6 +196,7 @@ class Trainer:
             self.model.lm.eval()
             self.table.refresh(self.model)
         batches = [self._batch_rows(m) for m in range(cfg.gradient_accumulation_steps)]
+        lr = self.opt.sched.get_last_lr()[0]  # the rate this step's update uses
         match cfg.stage:
             case "recpo":
                 stats = self._recpo_update(batches)
@@ -207,6 +207,7 @@ class Trainer:
             case _:
                 raise ValueError(f"unknown stage {cfg.stage!r}")
         self.state.step += 1
+        stats["lr"] = lr
         if self.user_cache is not None:
             stats.update(self.user_cache.stats())
         return stats
@@ -272,14 +273,21 @@ class Trainer:
         return dist.gather_with_grad(col_vecs), dist.gather_objects(cols)
 
     def _in_batch_loss(
-        self, users: torch.Tensor, targets: list[str], columns: tuple[torch.Tensor, list[str]]
+        self,
+        users: torch.Tensor,
+        targets: list[str],
+        columns: tuple[torch.Tensor, list[str]],
+        batch: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Softmax of each user (B, H) over the columns, logQ corrected; gradient both sides."""
+        """Softmax of each user (B, H) over the columns, logQ corrected; gradient both sides.
+        `batch`: how many targets the columns were drawn from (default: len(targets)), which the
+        correction's expected counts need when `users` is a subset of the batch."""
         cfg, table = self.cfg, self.table
         logits, own = losses.in_batch_logits(users, *columns, self.model.tau, targets)  # (B, C)
         if cfg.logq_correction and table.log_q is not None:
             log_q = table.log_q_of(columns[1])  # (C,)
-            count = losses.log_expected_count(log_q, len(targets), cfg.sampled_negatives, len(table.item_ids))
+            drawn = len(targets) if batch is None else batch
+            count = losses.log_expected_count(log_q, drawn, cfg.sampled_negatives, len(table.item_ids))
             logits = logits - count.to(logits.device)
         return losses.contrastive_loss(logits, own)
 
@@ -297,8 +305,9 @@ class Trainer:
         if not w:
             return loss, stats
         distill = self._distillation_loss(users, rows, columns)
-        stats["loss/distill"] = float(distill.detach())
-        return (1 - w) * loss + w * distill, stats
+        total = (1 - w) * loss + w * distill
+        stats.update({"loss/distill": float(distill.detach()), "loss/total": float(total.detach())})
+        return total, stats
 
     def _distillation_loss(
         self, users: torch.Tensor, rows: pd.DataFrame, columns: tuple[torch.Tensor, list[str]]
@@ -402,16 +411,16 @@ class Trainer:
         B = len(targets)
         columns = self._in_batch_columns(targets)
         gold_loss, stats = self._in_batch_loss(users[:B], targets, columns)
+        gold_loss, stats = self._with_distillation(gold_loss, stats, users[:B], rows, columns)
         loss = cfg.rationale_lm_weight * lm_loss
         if n_self:
-            self_loss, self_stats = self._in_batch_loss(users[B:], targets[:n_self], columns)
+            self_loss, self_stats = self._in_batch_loss(users[B:], targets[:n_self], columns, batch=B)
             w = cfg.rationale_self_weight
             loss = loss + (1 - w) * gold_loss + w * self_loss
             stats["loss/contrastive_self"] = self_stats["loss/contrastive"]
             stats["rank/self/median"] = self_stats["rank/median"]
             stats["hindsight/tokens/mean"] = float(np.mean([len(c) for c in rollout.completion_ids]))
         else:
-            gold_loss, stats = self._with_distillation(gold_loss, stats, users[:B], rows, columns)
             loss = loss + gold_loss
         stats.update(
             {

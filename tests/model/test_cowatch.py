@@ -194,8 +194,17 @@ def test_cowatch_distillation_teaches_the_ranking_of_the_hints(tiny_dataset, tmp
     rows = tiny_dataset.split("train").iloc[:4]
     hints = trainer.prompt_ids.hints(rows)
     assert any(hints) and all(len(h) <= 3 for h in hints)
-    distill = [s["loss/distill"] for s in stats_over_steps(trainer, lambda: trainer.contrastive_loss(rows))]
+    stats = stats_over_steps(trainer, lambda: trainer.contrastive_loss(rows))
+    distill = [s["loss/distill"] for s in stats]
     assert distill[-1] < distill[0]
+    # the logged total is the loss the step minimised, the mix of the two
+    mix = 0.5 * stats[0]["loss/contrastive"] + 0.5 * stats[0]["loss/distill"]
+    assert stats[0]["loss/total"] == pytest.approx(mix, rel=1e-5)
+    # the rationale stage distils too, self-written rows or not
+    for self_users in (0, 2):
+        rationale = dataclasses.replace(cfg, stage="rationale", rationale_self_users=self_users)
+        _, got = Trainer(rationale, tiny_dataset, "tiny", tmp_path / f"r{self_users}").rationale_loss(rows)
+        assert got["loss/distill"] > 0, self_users
     with pytest.raises(ValueError, match="cowatch_distill needs"):
         RecPOConfig(cowatch_hints=0, cowatch_distill=0.5)
     with pytest.raises(ValueError, match="cowatch_distill needs"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model import losses
 from model.checkpoint import load_checkpoint, read_meta
 from model.distributed import resolve_device
 from model.item_table import ItemTable
@@ -130,6 +131,18 @@ def test_rationale_step_learns_the_text_and_the_ranking(tiny_dataset, tmp_path, 
         assert 1 <= first["hindsight/tokens/mean"] <= cfg.rationale_self_tokens
 
 
+def test_self_written_rows_are_logq_corrected_for_the_whole_batch(tiny_dataset, tmp_path, monkeypatch):
+    # the columns are the batch's 4 targets plus uniform items, for the 2 self-written rows too
+    cfg = RecPOConfig(stage="rationale", per_device_batch_size=4, rationale_self_users=2, **TINY)
+    trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    trainer.table.set_target_counts(list(tiny_dataset.split("train")["target_item_id"]))
+    drawn = []
+    real = losses.log_expected_count
+    monkeypatch.setattr(losses, "log_expected_count", lambda q, b, *a: drawn.append(b) or real(q, b, *a))
+    trainer.rationale_loss(tiny_dataset.split("train").iloc[:4])
+    assert drawn == [4, 4]
+
+
 @pytest.mark.parametrize("stage", ["contrastive", "rationale"])
 def test_user_layer_cache_gives_the_same_loss_and_serves_revisits(tiny_dataset, tmp_path, stage):
     common = dict(stage=stage, per_device_batch_size=4, rationale_self_users=0, lora_layers=1, **TINY)
@@ -209,7 +222,8 @@ def _steps(run: Path) -> dict[int, dict]:
 
 
 def test_train_writes_a_loadable_checkpoint_log_and_curves(tiny_dataset, tmp_path):
-    cfg = RecPOConfig(per_device_batch_size=2, num_generations=2, max_steps=2, eval_every=1, **TINY)
+    tiny = {**TINY, "warmup_steps": 2}
+    cfg = RecPOConfig(per_device_batch_size=2, num_generations=2, max_steps=2, eval_every=1, **tiny)
     best = train(cfg, tiny_dataset, "tiny", tmp_path / "run")
     run = tmp_path / "run"
     assert best == run / "best"
@@ -230,6 +244,8 @@ def test_train_writes_a_loadable_checkpoint_log_and_curves(tiny_dataset, tmp_pat
     ):
         assert key in steps[0], key
     assert "valid/ndcg@10" in evals[0]
+    # each step logs the rate its own update used: half the peak, then the peak
+    assert [r["lr"] for r in steps] == pytest.approx([cfg.learning_rate / 2, cfg.learning_rate])
     meta = read_meta(best)
     assert meta["weights"] == "lora" and meta["base"] == "tiny"
     assert meta["metrics"]["valid"]["ndcg@10"] == max(e["valid/ndcg@10"] for e in evals)
