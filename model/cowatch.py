@@ -15,8 +15,13 @@ Measured on ml-100k (BENCHMARKS.md §1): these counts alone rank the test target
 
 Training must not see a user's own future in the hints: a training sample's hints are ranked
 with the user's own pairs taken out of the counts (`hints(..., without=pairs_of(seq))`), so
-its target is hinted only as often as an unseen test target is. Evaluation and serving use the
-table as it is: a held-out target never entered it.
+its target is hinted only as often as an unseen test target is. That is exact: a table built in
+training keeps each item's successors further down than `keep` (`deeper`), as far as one
+user's pairs can reach, so with a user's pairs taken out the `keep` strongest of the rest are
+those a table built without that user would keep. Cutting to `keep` first and subtracting after
+let a user's own pairs lift their items into the kept list, which hinted training targets in
+19.9% of the samples training draws on ml-100k instead of 19.0% (valid 15.9%, test 15.6%).
+Evaluation and serving use the table as it is: a held-out target never entered it.
 
 The table is part of the checkpoint (`cowatch.parquet`), rebuilt from the training data by
 every training run, so scheduled retraining refreshes it with the model.
@@ -24,7 +29,7 @@ every training run, so scheduled retraining refreshes it with the model.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,17 +67,20 @@ def user_sequences(samples: pd.DataFrame) -> dict[str, list[str]]:
 
 @dataclass
 class CoWatch:
-    """Each item's strongest successors: item_id -> [(next item_id, weight)], strongest first."""
+    """Each item's strongest successors: item_id -> [(next item_id, weight)], strongest first:
+    the `keep` strongest (saved with a checkpoint and served) and, in a table built from the
+    training sequences, `deeper`: down to `keep` plus the most successors one user's pairs give
+    one item, for `scores(..., without)`."""
 
     successors: dict[str, list[tuple[str, float]]]
     titles: dict[str, str]  # every successor's title, for the prompt
     window: int = 10
-    _index: dict[str, dict[str, float]] = field(default_factory=dict, repr=False)
+    deeper: dict[str, list[tuple[str, float]]] | None = field(default=None, repr=False)
+    keep: int = 50
 
     def __post_init__(self) -> None:
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
-        self._index = {i: dict(nexts) for i, nexts in self.successors.items()}
 
     @classmethod
     def from_sequences(
@@ -81,17 +89,21 @@ class CoWatch:
         if window < 1 or keep < 1:
             raise ValueError(f"window and keep must be >= 1, got {window}, {keep}")
         counts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        reach = 0  # the most successors one sequence gives one item
         for seq in sequences:
-            for (src, dst), w in pair_counts(seq, window).items():
+            pairs = pair_counts(seq, window)
+            for (src, dst), w in pairs.items():
                 counts[src][dst] += w
-        successors = {
-            src: sorted(nexts.items(), key=lambda kv: (-kv[1], kv[0]))[:keep] for src, nexts in counts.items()
-        }
-        named = {j for nexts in successors.values() for j, _ in nexts}
+            reach = max(reach, *Counter(src for src, _ in pairs).values(), 0)
+        ranked = {src: top_pairs(nexts.items(), titles) for src, nexts in counts.items()}
+        deeper = {src: nexts[: keep + reach] for src, nexts in ranked.items()}
+        named = {j for nexts in deeper.values() for j, _ in nexts}
         return cls(
-            {s: [(j, w) for j, w in n if j in titles] for s, n in successors.items()},
-            {j: titles[j] for j in named if j in titles},
+            {s: n[:keep] for s, n in deeper.items()},
+            {j: titles[j] for j in named},
             window,
+            deeper=deeper,
+            keep=keep,
         )
 
     @classmethod
@@ -102,18 +114,24 @@ class CoWatch:
         self, history: Sequence[str], without: Mapping[tuple[str, str], float] | None = None
     ) -> dict[str, float]:
         """Candidate -> score from the latest `window` history items (the k-th latest weighted
-        1 / k), history items excluded; `without`: pair counts to take out first."""
+        1 / k), history items excluded; `without`: pair counts to take out first, before each
+        item's successors are cut to the `keep` strongest (exact where the table has `deeper`)."""
         seen = set(history)
         out: dict[str, float] = defaultdict(float)
         for k, src in enumerate(reversed(list(history)[-self.window :]), start=1):
-            for dst, w in self._index.get(src, {}).items():
-                if dst in seen:
-                    continue
-                if without:
-                    w -= without.get((src, dst), 0.0)
-                if w > 0:
+            for dst, w in self._successors(src, without):
+                if dst not in seen:
                     out[dst] += w / k
         return out
+
+    def _successors(
+        self, src: str, without: Mapping[tuple[str, str], float] | None
+    ) -> list[tuple[str, float]]:
+        if not without:
+            return self.successors.get(src, [])
+        rest = [(j, w - without.get((src, j), 0.0)) for j, w in (self.deeper or self.successors).get(src, [])]
+        # a pair only this user made cancels to (about) zero: it is not in the others' table
+        return top_pairs((j, w) for j, w in rest if w > 1e-9)[: self.keep]
 
     def hints(
         self,
@@ -143,10 +161,17 @@ class CoWatch:
         return cls(dict(successors), titles, window)
 
 
+def top_pairs(
+    pairs: Iterable[tuple[str, float]], allowed: Container[str] | None = None
+) -> list[tuple[str, float]]:
+    """(id, score) pairs, highest first (ties by id, so it is stable), only `allowed` ids if given."""
+    ranked = sorted(pairs, key=lambda kv: (-kv[1], kv[0]))
+    return [(j, w) for j, w in ranked if allowed is None or j in allowed]
+
+
 def top(scores: Mapping[str, float], k: int, allowed: Container[str] | None = None) -> list[str]:
     """The `k` highest-scored ids (ties by id, so it is stable), only `allowed` ones if given."""
-    ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
-    return [j for j, _ in ranked if allowed is None or j in allowed][:k]
+    return [j for j, _ in top_pairs(scores.items(), allowed)[:k]]
 
 
 def hints_line(titles: Sequence[str]) -> str:

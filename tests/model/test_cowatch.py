@@ -66,13 +66,29 @@ def test_leaving_a_users_own_pairs_out_hints_only_what_others_watched():
     assert table.hints(["a"], k=2, without=pair_counts(mine, 1)) == ["b"]
 
 
+def test_leaving_a_user_out_is_exact_where_keep_cuts_the_lists():
+    # keep=2: after a, the others watched b (3), c (1.5), d (1), g (1); my own pair lifts d to
+    # 2, over c, so the kept list is b, d. Without me the table keeps b and c: my hints must be
+    # b and c, not b and a d that only I put there.
+    me = ["a", "d", "e"]
+    others = [["a", "b"], ["a", "b"], ["a", "b"], ["a", "c"], ["a", "g", "c"], ["a", "d"], ["e", "c"]]
+    table = CoWatch.from_sequences([me, *others], TITLES, window=2, keep=2)
+    assert [j for j, _ in table.successors["a"]] == ["b", "d"]
+    rebuilt = CoWatch.from_sequences(others, TITLES, window=2, keep=2)
+    for history in (["a"], ["e", "a"], ["a", "e"]):
+        mine = table.scores(history, without=pair_counts(me, 2))
+        assert mine == pytest.approx(rebuilt.scores(history)), history
+    assert table.hints(["a"], k=2, without=pair_counts(me, 2)) == ["b", "c"]
+
+
 def test_keep_bounds_each_items_successors_and_the_table_round_trips(tmp_path):
     seqs = [["a", x] for x in "bcdefg"] + [["a", "b"]]
     table = CoWatch.from_sequences(seqs, TITLES, window=1, keep=2)
     assert [j for j, _ in table.successors["a"]] == ["b", "c"]  # b twice, then ties by id
     table.save(tmp_path)
     back = CoWatch.load(tmp_path, window=1)
-    assert back.successors == table.successors and back.titles == table.titles
+    assert back.successors == table.successors and back.deeper is None  # what serving needs
+    assert back.titles == {j: TITLES[j] for j in "bc"}
     assert back.hints(["a"], 3) == table.hints(["a"], 3)
     with pytest.raises(ValueError, match="window"):
         CoWatch.from_sequences(seqs, TITLES, window=0)
