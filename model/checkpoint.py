@@ -10,7 +10,8 @@ Layout::
       tokenizer/         the tokenizer (always)
       items.parquet      the catalog: item_id, title, year, genres, description
       item_vectors.npy   (N, H) float32, L2-normalised, rows in items.parquet order; absent
-                         from an exported checkpoint (`export_checkpoint`), whose catalog is
+                         from an exported checkpoint (`export_checkpoint`) and from a training
+                         run's `last/` saved between refreshes of its table, whose catalog is
                          re-encoded when it loads
 
 `weights == "base"` stores no weights: the model is the untrained `base` itself
@@ -100,7 +101,7 @@ def save_checkpoint(
     base: str,
     weights: str,
     items: pd.DataFrame,
-    item_vectors: np.ndarray,
+    item_vectors: np.ndarray | None,
     dataset: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
@@ -110,13 +111,14 @@ def save_checkpoint(
     """Write a checkpoint atomically; returns its metadata.
 
     `write_extra(tmp_dir)` may add files (the trainer's resume state) inside the same
-    atomic write.
+    atomic write. `item_vectors` None: no item table (meta "item_vectors": "absent"), the
+    catalog is encoded when the checkpoint loads.
     """
     out = Path(out)
     if weights not in WEIGHT_KINDS:
         raise ValueError(f"weights must be one of {WEIGHT_KINDS}, got {weights!r}")
-    vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
-    if vectors.shape != (len(items), model.hidden_size):
+    vectors = None if item_vectors is None else np.ascontiguousarray(item_vectors, dtype=np.float32)
+    if vectors is not None and vectors.shape != (len(items), model.hidden_size):
         raise CheckpointError(
             f"item_vectors has shape {vectors.shape}, expected ({len(items)}, {model.hidden_size})"
         )
@@ -133,6 +135,7 @@ def save_checkpoint(
         "num_items": len(items),
         "dataset": dataset or {},
         "metrics": metrics or {},
+        **({"item_vectors": "absent"} if vectors is None else {}),
         **(extra or {}),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +147,8 @@ def save_checkpoint(
             model.lm.save_pretrained(tmp / "adapter")  # a PeftModel saves the adapter only
         model.tokenizer.save_pretrained(tmp / "tokenizer")
         items.reset_index(drop=True).to_parquet(tmp / ITEMS_FILE, index=False)
-        np.save(tmp / VECTORS_FILE, vectors)
+        if vectors is not None:
+            np.save(tmp / VECTORS_FILE, vectors)
         if model.prompts.cowatch_hints:
             if model.cowatch is None:
                 raise CheckpointError("the prompts name co-watch hints but the model has no co-watch table")

@@ -177,10 +177,11 @@ class Trainer:
                 bar.set_postfix({k: f"{record[k]:.3f}" for k in ("loss/total", "reward/mean") if k in record})
             over_budget = cfg.time_budget_minutes is not None and state.seconds > 60 * cfg.time_budget_minutes
             last = state.step >= cfg.max_steps or dist.any_flag(over_budget)
-            if state.step % cfg.eval_every == 0 or last:
+            evaluated = state.step % cfg.eval_every == 0 or last
+            if evaluated:
                 self.evaluate()
             if state.step % cfg.save_every == 0 or last:
-                self.save_last()
+                self.save_last(fresh_table=evaluated)
             if last:
                 break
         bar.close()
@@ -468,8 +469,13 @@ class Trainer:
             self.save(self.out / "best")
         plot_curves(self.out / "log.jsonl", self.out / "curves.png")
 
-    def save(self, path: Path, write_extra: Callable[[Path], None] | None = None) -> None:
-        """A self-describing checkpoint of the model and the current item table at `path`."""
+    def save(
+        self, path: Path, write_extra: Callable[[Path], None] | None = None, fresh_table: bool = True
+    ) -> None:
+        """A self-describing checkpoint of the model and the current item table at `path`; with
+        `fresh_table` False (the table was not refreshed since the weights last changed: rows
+        not encoded live since hold older weights' vectors) without it, so that loading
+        encodes the catalog with these weights."""
         ds = self.dataset
         save_checkpoint(
             path,
@@ -477,15 +483,17 @@ class Trainer:
             base=self.base_ref,
             weights=weights_kind(self.model),
             items=ds.items,
-            item_vectors=self.table.vectors.numpy(),
+            item_vectors=self.table.vectors.numpy() if fresh_table else None,
             dataset={"name": ds.name, "protocol": ds.protocol, "path": str(ds.path)},
             metrics={"valid": self.state.best_metrics},
             extra={"train": {"step": self.state.step, "config": self.cfg.to_dict()}},
             write_extra=write_extra,
         )
 
-    def save_last(self) -> None:
-        """OUT/last: the checkpoint plus what --resume needs (optimizer, state, table, RNGs)."""
+    def save_last(self, fresh_table: bool = True) -> None:
+        """OUT/last: the checkpoint plus what --resume needs (optimizer, state, table, RNGs).
+        Between validations the table is partly stale, so the checkpoint goes without it
+        (`save`); the resume state keeps it as training left it."""
         rng = dist.gather_rng_states()
         if self.is_main:
             blob = {
@@ -494,7 +502,8 @@ class Trainer:
                 "item_table": self.table.vectors,
                 "rng": rng,
             }
-            self.save(self.out / "last", write_extra=lambda tmp: torch.save(blob, tmp / STATE_FILE))
+            write = lambda tmp: torch.save(blob, tmp / STATE_FILE)  # noqa: E731
+            self.save(self.out / "last", write_extra=write, fresh_table=fresh_table)
         dist.barrier()
 
     def _load(self, resume_dir: Path) -> None:

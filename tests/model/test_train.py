@@ -264,6 +264,30 @@ def test_resume_reproduces_the_next_step(tiny_dataset, tmp_path):
         assert resumed[3][key] == pytest.approx(straight[3][key], rel=1e-4, abs=1e-6), key
 
 
+def test_last_between_validations_goes_without_its_stale_item_table(tiny_dataset, tmp_path, monkeypatch):
+    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=2, learning_rate=1e-2, **TINY)
+    trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    trainer.step()  # the weights moved; only the step's own columns were re-encoded
+    trainer.save_last(fresh_table=False)
+    last = tmp_path / "run" / "last"
+    assert read_meta(last)["item_vectors"] == "absent" and not (last / "item_vectors.npy").exists()
+    ckpt = load_checkpoint(last, dtype="float32")  # encodes the catalog with the saved weights
+    trainer.model.lm.eval()
+    own = trainer.model.item_vectors(tiny_dataset.items.to_dict("records")).numpy()
+    assert ckpt.item_vectors == pytest.approx(own, abs=1e-4)
+    assert not torch.allclose(trainer.table.vectors, torch.from_numpy(own), atol=1e-4)  # what it left out
+    # a run saves last/ with its table only where it has just validated (and refreshed it)
+    fresh = []
+    monkeypatch.setattr(Trainer, "save_last", lambda self, fresh_table=True: fresh.append(fresh_table))
+    train(
+        dataclasses.replace(cfg, max_steps=3, eval_every=2, save_every=1),
+        tiny_dataset,
+        "tiny",
+        tmp_path / "r",
+    )
+    assert fresh == [False, True, True]
+
+
 def test_resume_without_a_saved_state_is_a_clear_error(tiny_dataset, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to resume|no .*trainer_state"):
         train(RecPOConfig(max_steps=1, **TINY), tiny_dataset, "tiny", tmp_path / "empty", resume=True)
