@@ -7,6 +7,8 @@ layers below can be cached (model/item_table.py).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from model.backbone import BackboneConfig, load_backbone
@@ -14,6 +16,8 @@ from model.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
 from model.prompts import PromptConfig
 from model.r2ec import R2ec
 from model.recpo import RecPOConfig
+
+log = logging.getLogger(__name__)
 
 
 def build_model(cfg: RecPOConfig, base: str, category: str) -> tuple[R2ec, str]:
@@ -35,6 +39,12 @@ def build_model(cfg: RecPOConfig, base: str, category: str) -> tuple[R2ec, str]:
         base_ref = meta["base"] if meta["weights"] != "full" else str(ckpt_path / "model")
         if continue_adapter:
             _cast_trainable_fp32(model.lm)
+            peft = model.lm.peft_config["default"]
+            log.info(
+                "warm start from %s: its adapter (r=%d, alpha=%d, layers %s) and prompts train on; "
+                "the config's lora_r, lora_alpha, lora_layers, system_prompt and max_history do not apply",
+                ckpt_path, peft.r, peft.lora_alpha, peft.layers_to_transform or "all",
+            )  # fmt: skip
             return model, base_ref
     else:
         lm, tok = load_backbone(BackboneConfig(base=base, dtype=cfg.dtype, seed=cfg.seed))

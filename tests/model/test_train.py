@@ -426,3 +426,23 @@ def test_curves_show_what_the_stage_logs():
         "loss/lm",
         "loss/total",
     ]
+
+
+def test_a_warm_start_from_a_lora_checkpoint_trains_its_adapter_on(tiny_dataset, tmp_path, caplog):
+    from model.lora import build_model, trainable_parameters
+
+    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=2, max_steps=1, **TINY)  # r=4 on all layers
+    best = train(cfg, tiny_dataset, "tiny", tmp_path / "first")
+    saved = load_checkpoint(best, dtype="float32", merge_lora=False)
+    other = dataclasses.replace(cfg, lora_r=8, lora_layers=1)  # settings the warm start cannot apply
+    with caplog.at_level("INFO", logger="model.lora"):
+        model, base_ref = build_model(other, str(best), "movie")
+    assert base_ref == "tiny" and model.lm.peft_config["default"].r == 4
+    assert "its adapter (r=4, alpha=8, layers all)" in caplog.text and "do not apply" in caplog.text
+    trained = {n: p for n, p in model.lm.named_parameters() if p.requires_grad}
+    assert trained and len(trained) == len(trainable_parameters(model))
+    assert all(p.dtype == torch.float32 for p in trained.values())  # adapters train in fp32
+    before = dict(saved.model.lm.named_parameters())
+    assert all(
+        torch.equal(p, before[n].float()) for n, p in trained.items()
+    )  # the saved adapter, not a new one
