@@ -86,10 +86,11 @@ class ItemTable:
 
     def cache_lower(self, model: R2ec, max_gb: float, batch_size: int = 32, progress: bool = False) -> None:
         """Run every item prompt once through the model's frozen lower layers and keep the
-        result, when there are frozen layers (LoRA on the top layers only) and the cache fits
-        in `max_gb`. Live item encoding (the bulk of a contrastive step) then costs only the
-        trainable layers: 8 of SmolLM2's 30 in the ml-100k recipe."""
-        self.lower, self.lower_layers = None, model.frozen_layers()
+        result, when there are frozen layers (LoRA on the top layers only) that the model can
+        run the rest from (`R2ec.cacheable_layers`) and the cache fits in `max_gb`. Live item
+        encoding (the bulk of a contrastive step) then costs only the trainable layers: 8 of
+        SmolLM2's 30 in the ml-100k recipe."""
+        self.lower, self.lower_layers = None, model.cacheable_layers()
         tokens = sum(self.lengths)
         size_gb = tokens * model.hidden_size * next(model.lm.parameters()).element_size() / 1e9
         if self.lower_layers == 0 or size_gb > max_gb:

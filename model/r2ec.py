@@ -444,6 +444,33 @@ class R2ec:
                 return i
         return 0  # nothing in the stack trains (only heads, or nothing): no split to exploit
 
+    @torch.no_grad()
+    def cacheable_layers(self) -> int:
+        """`frozen_layers()` when running the layers above them from their cached outputs gives
+        the full forward's final states, checked on a short sequence; else 0. A decoder that
+        transforms `inputs_embeds` before its layers (Granite multiplies them by its
+        `embedding_multiplier`) would do that to the cached states too."""
+        layers = self.frozen_layers()
+        if layers == 0:
+            return 0
+        ids = [self.tokenizer.encode("Check the layer split.", add_special_tokens=False)]
+        training = self.lm.training
+        self.lm.eval()  # no dropout in either pass
+        try:
+            split = self.hidden_from_lower(self.lower_hidden(ids, layers), layers).float()
+            full = self.decoder_hidden(left_pad(ids, self.pad_id, self.device)).float()
+        finally:
+            self.lm.train(training)
+        error = float((split - full).norm() / full.norm())
+        if error > 1e-2:
+            log.warning(
+                "the %d frozen layers are not cached: running the layers above them from their "
+                "outputs gives other states than one forward (relative error %.3g; model type %s)",
+                layers, error, getattr(self.lm.config, "model_type", "?"),
+            )  # fmt: skip
+            return 0
+        return layers
+
     @contextmanager
     def _layer_range(self, start: int, stop: int, final_norm: bool) -> Iterator[torch.nn.Module]:
         """The decoder with only layers [start, stop) (and optionally no final norm), so its

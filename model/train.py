@@ -102,7 +102,7 @@ class Trainer:
         self.train_rows = dataset.split("train")
         if cfg.train_samples_per_user is not None:  # each user's latest samples, nearest to valid/test
             self.train_rows = self.train_rows.groupby("user_id", sort=False).tail(cfg.train_samples_per_user)
-        frozen = self.model.frozen_layers()
+        frozen = self.table.lower_layers  # `cacheable_layers()`, checked by cache_lower
         caches_users = cfg.user_layer_cache_gb > 0 and cfg.stage != "recpo" and frozen > 0
         self.user_cache = LowerCache(frozen, cfg.user_layer_cache_gb) if caches_users else None
         self.table.set_target_counts([str(t) for t in self.train_rows["target_item_id"]])

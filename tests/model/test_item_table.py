@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -85,3 +86,28 @@ def test_item_layer_cache_gives_the_full_forwards_vectors_and_gradients(tiny_dat
     assert table.lower is None
     everywhere, _ = build_model(dataclasses.replace(cfg, lora_layers=None), "tiny", tiny_dataset.category)
     assert everywhere.frozen_layers() == 0
+
+
+def test_lower_layers_are_cached_only_where_the_split_forward_matches_the_full_one(tiny_model):
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from model.r2ec import R2ec
+
+    def top_layer_trains(model: R2ec) -> R2ec:
+        for p in model.lm.parameters():
+            p.requires_grad = False
+        for p in model.lm.get_decoder().layers[-1].parameters():
+            p.requires_grad = True
+        return model
+
+    tok = tiny_model.tokenizer
+    llama = top_layer_trains(R2ec(copy.deepcopy(tiny_model.lm), tok))
+    assert llama.frozen_layers() == llama.cacheable_layers() == 1
+    # Granite multiplies inputs_embeds inside its decoder's forward, cached states included
+    config = GraniteConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, embedding_multiplier=12.0,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    granite = top_layer_trains(R2ec(GraniteForCausalLM(config), tok))
+    assert granite.frozen_layers() == 1 and granite.cacheable_layers() == 0
