@@ -253,6 +253,7 @@ def _print(ds: PreparedDataset, label: str, split: str, result: EvalResult, extr
         typer.echo(
             f"  texts: distinct-2 {q['distinct_2']:.3f}, loops {q['loop_share']:.1%}, "
             f"unknown titles {q['unknown_title_share']:.1%}, {q['mean_words']:.0f} words"
+            + ("" if q.get("cut_share") is None else f", cut at the token budget {q['cut_share']:.1%}")
         )
         for flagged in q.get("unknown_title_examples", []):
             typer.echo(f"  names {', '.join(map(repr, flagged['unknown']))}: {flagged['text']!r}")

@@ -506,6 +506,7 @@ def evaluate_model(
     vectors = torch.as_tensor(np.asarray(item_vectors, dtype=np.float32))  # (N, H)
     settings = GenerationSettings(max_new_tokens=cfg.max_reasoning_tokens)
     texts: list[str] = []
+    cut: list[bool] = []  # stopped at the budget, not on a stop token
     shown: list[dict] = []
     claims: list[Claims] = []
     facts = catalog_facts(dataset.items.to_dict("records")) if cfg.reasoning else {}
@@ -526,6 +527,7 @@ def evaluate_model(
             users = model.user_vectors(histories, rollout).cpu()
         if rollout is not None:
             texts.extend(rollout.texts)
+            cut.extend(not c or c[-1] not in model.stop_ids for c in rollout.completion_ids)
             for text, h, f in zip(rollout.texts, histories, known, strict=True):  # the window, as read
                 claims.append(check_claims(text, list(zip(f, [e.rating for e in h], strict=True))[-window:]))
             for j in range(min(num_examples - len(shown), len(chunk))):
@@ -542,7 +544,7 @@ def evaluate_model(
     result = evaluate_scores(dataset, cfg, score, progress)
     result.examples = [{**ex, "rank": r} for ex, r in zip(shown, result.ranks, strict=False)]
     if cfg.reasoning:
-        result.text_quality = text_quality(texts, titles.values(), claims=claims).to_dict()
+        result.text_quality = text_quality(texts, titles.values(), claims=claims, cut=cut).to_dict()
     return result
 
 

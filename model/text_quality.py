@@ -13,6 +13,10 @@ Three numbers over a set of texts, reported by `r2ec eval` beside the ranking me
   A free-form sentence cannot be parsed for titles exactly; this catches the forms the models
   here write.
 
+Given whether each text ended on its own, one more: the cut share, texts that used the whole
+token budget without reaching the stop token (read after a text cut short, h_T is not where
+training read it; a share above 0 says the budget is too small for the format).
+
 With the claims of each text checked against its user's history (model/rationale.py
 `check_claims`), four more: of the texts that make each claim, the share in which it holds:
 the genres the user likes, the decades they watch mostly, the titles they rated highest, the
@@ -104,6 +108,7 @@ class TextQuality:
     loop_share: float
     unknown_title_share: float
     mean_words: float
+    cut_share: float | None = None  # texts stopped by the token budget (None: not known)
     # the first few flagged texts, each with the titles it names that the catalog lacks, so a
     # share above 0 can be read, not only counted
     unknown_title_examples: list[dict] = field(default_factory=list)
@@ -133,11 +138,15 @@ def text_quality(
     catalog_titles: Iterable[str],
     examples: int = 5,
     claims: Sequence[Claims] | None = None,
+    cut: Sequence[bool] | None = None,
 ) -> TextQuality:
     """The numbers of the module docstring over `texts`; `claims`, one per text (model/rationale.py
-    `check_claims` against that text's history), adds the shares of claims that hold."""
+    `check_claims` against that text's history), adds the shares of claims that hold; `cut`, one
+    per text (True: it stopped at the token budget), the cut share."""
     catalog = {normalize_title(t) for t in catalog_titles}
     n = max(1, len(texts))
+    if cut is not None and len(cut) != len(texts):
+        raise ValueError(f"cut must be one per text: {len(cut)} for {len(texts)} texts")
     flagged = [(t, unknown_titles(t, catalog)) for t in texts]
     checked: dict = {}
     if claims is not None:
@@ -157,6 +166,7 @@ def text_quality(
         loop_share=round(sum(map(has_loop, texts)) / n, 4),
         unknown_title_share=round(sum(bool(u) for _, u in flagged) / n, 4),
         mean_words=round(sum(len(words(t)) for t in texts) / n, 1),
+        cut_share=None if cut is None else round(sum(cut) / n, 4),
         unknown_title_examples=[{"text": t, "unknown": u} for t, u in flagged if u][:examples],
         **checked,
     )

@@ -54,6 +54,14 @@ def test_quality_flags_unknown_titles_and_loops():
     assert q.loop_share == 0.25
 
 
+def test_cut_share_counts_the_texts_that_ran_into_the_token_budget():
+    texts = ["Likes Drama.", "Likes Drama, Comedy and", "Likes War."]
+    assert text_quality(texts, CATALOG).cut_share is None  # not known
+    assert text_quality(texts, CATALOG, cut=[False, True, False]).cut_share == pytest.approx(1 / 3, abs=1e-4)
+    with pytest.raises(ValueError, match="one per text"):
+        text_quality(texts, CATALOG, cut=[True])
+
+
 def test_flagged_texts_are_kept_with_the_titles_that_flagged_them():
     texts = ['You liked "Heat".', 'You liked "Heatt".', "Rated highest: Star Warz; Heat.", "No titles."]
     q = text_quality(texts, CATALOG, examples=1)
