@@ -42,8 +42,9 @@ def retrain_cmd(
     gate_z: Annotated[
         float,
         typer.Option(
-            help="Z: standard errors of the paired per-sample NDCG@10 difference that count against"
-            " the candidate (0: compare the means; 2: reject only a credible drop)"
+            help="Z: standard errors of the paired per-sample NDCG@10 difference given as doubt"
+            " (0: compare the means; 2: reject only a credible drop, or with a negative tolerance"
+            " publish only a credible gain)"
         ),
     ] = 0.0,
     keep: Annotated[int, typer.Option(help="Versions to keep (the current one always stays)")] = 3,

@@ -139,7 +139,7 @@ def save_checkpoint(
         **(extra or {}),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _new_dir_beside(out)
     try:
         if weights == "full":
             model.lm.save_pretrained(tmp / "model")
@@ -161,6 +161,17 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("saved checkpoint %s (version %s)", out, meta["version"])
     return meta
+
+
+def _new_dir_beside(out: Path) -> Path:
+    """An empty temporary directory next to `out`, with the mode a plain mkdir would give it:
+    mkdtemp's 0700 would stay with the checkpoint once renamed into place, readable only by
+    the user who wrote it (a service running as another user could not load it)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -331,7 +342,7 @@ def export_checkpoint(src: Path | str, out: Path | str, provenance: dict[str, An
         )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _new_dir_beside(out)
     try:
         for name in ("adapter", "tokenizer") if meta["weights"] == "lora" else ("tokenizer",):
             shutil.copytree(src / name, tmp / name)

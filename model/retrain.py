@@ -110,7 +110,9 @@ ReadEvents = Callable[[str | None], tuple[Sequence[Interaction], str | None]]
 class RetrainConfig:
     """root: versions root (holds CURRENT); data: the seed prepared dataset;
     tolerance: publish when candidate NDCG@10 >= current - tolerance (negative demands a gain);
-    gate_z: standard errors of their paired difference added to the candidate's burden (`gate`);
+    gate_z: standard errors of their paired difference given to the side the gate does not ask
+      to prove: with tolerance >= 0 a candidate is rejected only beyond them, a demanded gain
+      must be shown beyond them (`gate`);
     keep: published versions kept (the current one always is);
     min_events: new stream events needed to train (ignored without a stream)."""
 
@@ -209,7 +211,7 @@ def events_frame(events: Sequence[Interaction]) -> pd.DataFrame:
     stream written before may hold one (2^63 once made every later run die in int64)."""
     sane = [e for e in events if 0 <= int(e.timestamp) <= MAX_EVENT_TIMESTAMP_S]
     if len(sane) < len(events):
-        bad = [e for e in events if e not in sane][:5]
+        bad = [e for e in events if not 0 <= int(e.timestamp) <= MAX_EVENT_TIMESTAMP_S][:5]
         log.warning(
             "dropped %d events with an impossible timestamp (ids %s)",
             len(events) - len(sane),
@@ -331,7 +333,7 @@ def gate(
     d = the mean per-sample NDCG@10 difference (candidate - current), se = its paired standard
     error, clustered by user (model/evaluate.py `paired_difference`; 0 for a single user, so a
     `temporal` split's many samples of one user do not count as independent). z standard errors
-    always count against the candidate's burden of proof:
+    of doubt always go against what has to be shown:
     - tolerance >= 0 (a drop of up to `tolerance` is allowed): publish when
       d + z * se >= -tolerance. z = 0 compares the means; z = 2 rejects only a candidate worse
       by more than the tolerance plus two standard errors, so a run that moved nothing beyond
@@ -355,9 +357,9 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
     root, work = cfg.root, cfg.root / WORK_DIR
     if not root.is_dir():
         raise RetrainError(f"versions root {root} does not exist")
-    current = current_version(root)
     seed = load_prepared(cfg.data)
     with _locked(work):
+        current = current_version(root)  # under the lock: a run that just ended may have moved it
         if read_events is None:
             events, new, cursor = _read_events_log(work), 0, read_state(work).get("last_event_id")
         else:
@@ -373,8 +375,11 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
             events_total=int(len(events)),
             last_event_id=cursor,
         )
-        if read_events is not None and new < cfg.min_events:
-            result.reason = f"{new} new events, fewer than min_events={cfg.min_events}"
+        # events since the last run that reached the gate: a run that failed after reading
+        # events (a crash, a deadline) leaves them pending for the next, not consumed
+        pending = len(events) - int(read_state(work).get("trained_events", 0))
+        if read_events is not None and pending < cfg.min_events:
+            result.reason = f"{pending} events not trained on yet, fewer than min_events={cfg.min_events}"
             return _finish(work, result, started)
         ds, result.events_unknown_item = rebuild_dataset(seed, events, work / "data")
         result.samples = {name: int(len(ds.split(name))) for name in SPLITS}
@@ -400,6 +405,7 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
                 result.pruned = prune_versions(root, cfg.keep)
             else:
                 result.status, result.reason = "rejected", _gate_text(result, "<")
+            _write_state(work, {**read_state(work), "trained_events": int(len(events))})
         finally:
             shutil.rmtree(run, ignore_errors=True)
         return _finish(work, result, started)

@@ -382,7 +382,9 @@ class ServiceState:
         retrain job flipped CURRENT, or rewrote the directory). Only a change counts, so a manual
         `POST /admin/reload` of another path is not reverted; a version that fails to load is
         retried WATCH_RETRIES times, then left until the pointer moves again."""
-        seen: str | None = None
+        # the version being served, not whatever the pointer names at the first poll: the
+        # pointer may have moved while the service loaded
+        seen: str | None = self.engine.version
         failures = 0
         while True:
             try:

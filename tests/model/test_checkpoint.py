@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -75,6 +76,15 @@ def test_overwrite_replaces_atomically(tmp_path, tiny_model, tiny_dataset):
         != first["version"]
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    # the mode a plain mkdir gives, not mkdtemp's 0700: a service running as another user loads it
+    umask = os.umask(0o022)
+    try:
+        save_checkpoint(
+            tmp_path / "d", tiny_model, base="tiny", weights="base", items=items, item_vectors=vectors
+        )
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
 
 
 def test_wrong_vector_shape_rejected_on_save(tmp_path, tiny_model, tiny_dataset):

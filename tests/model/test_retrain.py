@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model.checkpoint import CheckpointError
+from model.checkpoint import CheckpointError, publish_version
 from model.data import SPLITS, DataError, load_prepared, prepare_atomic
 from model.evaluate import seen_items
 from model.recpo import RecPOConfig
@@ -164,6 +164,43 @@ def test_too_few_new_events_skip_training_but_keep_the_cursor(versions_root, tin
     assert result.status == "skipped" and result.new_events == 1 and result.last_event_id == "after:1"
     assert result.candidate_version is None and (versions_root / "CURRENT").read_text() == "v0\n"
     assert retrain(cfg, reader).new_events == 0 and reader.calls == [None, "after:1"]
+
+
+def test_events_of_a_run_that_failed_stay_pending_for_the_next(versions_root, tiny_dataset, monkeypatch):
+    import model.train
+
+    reader = FakeReader([Ev("a", "u1", "i6", 4.0, 900), Ev("b", "u2", "i1", 5.0, 901)])
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0)
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("deadline")
+
+    real = model.train.train
+    monkeypatch.setattr(model.train, "train", killed)
+    with pytest.raises(RuntimeError, match="deadline"):
+        retrain(cfg, reader)
+    monkeypatch.setattr(model.train, "train", real)
+    result = retrain(cfg, reader)  # nothing new in the stream, but 2 events never trained on
+    assert result.new_events == 0 and result.status == "published", result.reason
+    skipped = retrain(cfg, reader)  # now they have been
+    assert skipped.status == "skipped" and skipped.reason.startswith("0 events not trained on yet")
+
+
+def test_a_run_reads_current_under_the_lock(versions_root, tiny_dataset, monkeypatch):
+    import model.retrain
+
+    # another run publishes v1 while this one loads its seed data, before it takes the lock
+    real = model.retrain.load_prepared
+
+    def load_while_another_publishes(path):
+        if not (versions_root / "v1").exists():  # once: the rebuilt data loads through here too
+            publish_version(versions_root, versions_root / "v0", "v1")
+        return real(path)
+
+    monkeypatch.setattr(model.retrain, "load_prepared", load_while_another_publishes)
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0, keep=1)
+    result = retrain(cfg, read_events=None)
+    assert result.current_version == "v1" and result.status == "published"
 
 
 # -- the publish gate -------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -150,6 +151,32 @@ async def test_reload_swaps_the_model_and_a_failed_reload_keeps_the_old_one(app,
     assert (
         r.status_code == 422 and "checkpoint: Input should be a valid string" in r.json()["error"]["message"]
     )
+
+
+async def test_the_watch_catches_a_pointer_that_moved_while_the_service_loaded(monkeypatch):
+    """The service loaded w1 (minutes, with its index and warm-up) while a retrain flipped the
+    pointer to w2 before the watch's first look: the watch compares with what is served."""
+    import service.state
+
+    monkeypatch.setattr(service.state, "resolve_checkpoint", lambda path: path)
+    monkeypatch.setattr(service.state, "read_meta", lambda path: {"version": "w2"})
+    reloads = []
+
+    class Loaded:  # a ServiceState's part that the watch reads
+        settings = SimpleNamespace(checkpoint="/versions", watch_interval_s=0.01)
+        engine = SimpleNamespace(version="w1")
+
+        async def reload(self, path=None):
+            reloads.append(path)
+            self.engine.version = "w2"
+
+    watch = asyncio.create_task(service.state.ServiceState._watch(Loaded()))
+    for _ in range(500):
+        if reloads:
+            break
+        await asyncio.sleep(0.01)
+    watch.cancel()
+    assert reloads == ["/versions"]
 
 
 async def test_the_checkpoint_watch_follows_the_current_pointer(ckpt, tmp_path):
