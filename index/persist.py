@@ -9,11 +9,15 @@ Write order: (1) faiss file under a fresh unique name, fsync; (2) json to a hidd
 fsync; (3) `os.replace(temp, index.json)` — the commit point; (4) fsync the directory;
 (5) delete faiss files and temp files the new json does not name. A crash before (3) leaves the
 old json naming the old (untouched) faiss file; after (3) the new pair is complete. So a loader
-never sees a json next to a faiss file it does not describe. One writer per directory.
+never sees a json next to a faiss file it does not describe. Writers take turns: each holds an
+exclusive lock on `<directory>/.lock` from (1) to (5), so two processes saving into one
+directory (replicas on a shared volume) cannot delete the file the other's json names. A faiss
+write failure (a full disk, a read-only volume) is raised as OSError, like any other.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -58,12 +62,21 @@ def write_index_dir(directory: Path, index: faiss.Index, doc: dict[str, Any]) ->
     except (TypeError, ValueError) as e:
         raise ValueError(f"index metadata must be JSON-serialisable: {e}") from None
     directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return _write_locked(directory, index, doc)
+
+
+def _write_locked(directory: Path, index: faiss.Index, doc: dict[str, Any]) -> Path:
     token = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
     faiss_path = directory / f"index-{token}.faiss"
     tmp_json = directory / f".{JSON_NAME}.{token}.tmp"
     json_path = directory / JSON_NAME
     try:
-        faiss.write_index(index, str(faiss_path))
+        try:
+            faiss.write_index(index, str(faiss_path))
+        except RuntimeError as e:  # faiss reports ENOSPC, EROFS, EACCES this way
+            raise OSError(f"could not write {faiss_path}: {e}") from e
         _fsync(faiss_path)
         body = {**doc, "faiss_file": faiss_path.name, "faiss_bytes": faiss_path.stat().st_size}
         with open(tmp_json, "w", encoding="utf-8") as f:

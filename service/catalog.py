@@ -9,9 +9,11 @@ edits to the next model.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,9 +89,12 @@ class Catalog:
     ) -> Catalog:
         """The checkpoint's catalog with its saved edits, over the index in <ckpt>/index/ (built
         and saved there when missing or stale)."""
-        index, edits = open_index(checkpoint, kind)
+        index, edits, pending = open_index(checkpoint, kind)
         index.set_search_params(nprobe=nprobe, ef_search=ef_search)
-        return cls(checkpoint, index, persist_edits=persist_edits, edits=edits)
+        catalog = cls(checkpoint, index, persist_edits=persist_edits, edits=edits)
+        if pending:  # saved edits of an index that had to be rebuilt: applied again
+            log.info("re-applying %d saved item edits to the rebuilt index", catalog.carry_edits(pending))
+        return catalog
 
     # ---------------------------------------------------------------- reads
     def __len__(self) -> int:
@@ -243,9 +248,12 @@ def index_metadata(version: str, kind: str, edits: Mapping[str, Any]) -> dict[st
     return {"model_version": version, "index_kind": kind, "catalog_edits": dict(edits)}
 
 
-def open_index(ckpt: Checkpoint, kind: str) -> tuple[ItemIndex, dict[str, Any]]:
+def open_index(ckpt: Checkpoint, kind: str) -> tuple[ItemIndex, dict[str, Any], dict[str, Any]]:
     """Load <ckpt>/index/ when it was built for this model version and kind and agrees with the
-    catalog; otherwise build it from the checkpoint's item vectors and save it (best effort)."""
+    catalog; otherwise build it from the checkpoint's item vectors and save it (best effort).
+    Returns the index, the item edits it holds, and the edits it does not hold yet: those saved
+    beside an index that had to be rebuilt (another kind asked for, a damaged file), for the
+    caller to encode and apply again (`Catalog.carry_edits`) rather than lose."""
     directory = ckpt.path / INDEX_DIR
     if (directory / "index.json").is_file():
         try:
@@ -258,16 +266,30 @@ def open_index(ckpt: Checkpoint, kind: str) -> tuple[ItemIndex, dict[str, Any]]:
             catalog = {str(i): {} for i in ckpt.items["item_id"]}
             _apply_edits(catalog, edits)
             if set(catalog) == set(index.item_ids()):
-                return index, edits
+                return index, edits, {}
             log.warning("index in %s disagrees with the catalog: rebuilding", directory)
         except (IndexMismatchError, ValueError, OSError, RuntimeError) as exc:
             log.warning("not using the index in %s (%s): rebuilding", directory, exc)
+    pending = saved_edits(directory, ckpt.version)
     index = ItemIndex.build([str(i) for i in ckpt.items["item_id"]], ckpt.item_vectors, kind=kind)
-    try:
-        index.save(directory, index_metadata(ckpt.version, kind, {}))
+    try:  # the edits stay on record until they are applied and saved again
+        index.save(directory, index_metadata(ckpt.version, kind, pending))
     except OSError as exc:
         log.warning("could not save the index to %s (%s); serving it from memory", directory, exc)
-    return index, {}
+    return index, {}, pending
+
+
+def saved_edits(directory: Path, version: str) -> dict[str, Any]:
+    """The item edits recorded in <directory>/index.json for this model version, whatever state
+    the rest of that directory is in; {} when there is no readable record."""
+    try:
+        metadata = json.loads((directory / "index.json").read_text(encoding="utf-8")).get("metadata", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(metadata, dict) or metadata.get("model_version") != version:
+        return {}
+    edits = metadata.get("catalog_edits")
+    return dict(edits) if isinstance(edits, dict) else {}
 
 
 def _apply_edits(catalog: dict[str, Any], edits: Mapping[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 
 import faiss
 import numpy as np
@@ -71,16 +72,46 @@ def test_a_new_save_replaces_the_old_pair(catalog, tmp_path):
     ix.save(tmp_path, {"model_version": "v1"})
     ix.remove(ids[0])
     ix.save(tmp_path, {"model_version": "v2"})
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".faiss", ".json"]
+    assert _suffixes(tmp_path) == [".faiss", ".json"]
     back = ItemIndex.load(tmp_path, expect_metadata={"model_version": "v2"})
     assert len(back) == 499
+
+
+def _suffixes(directory):
+    return sorted(p.suffix for p in directory.iterdir() if p.name != ".lock")  # .lock: the writers' turn
+
+
+def test_two_writers_take_turns(catalog, tmp_path, monkeypatch):
+    # B saves while A is between its commit and its cleanup (replicas on one volume): without
+    # turns, A's cleanup deletes the faiss file B's json names
+    import index.persist
+
+    ids, x = catalog
+    a, b = ItemIndex.build(ids, x), ItemIndex.build(ids[:10], x[:10])
+    real_fsync, other = index.persist._fsync, []
+
+    def fsync(path):
+        real_fsync(path)
+        if path == tmp_path and not other:  # A's commit is done
+            other.append(threading.Thread(target=b.save, args=(tmp_path, {"model_version": "b"})))
+            other[0].start()
+            other[0].join(0.3)  # B blocks on A's lock, or (without one) commits meanwhile
+
+    monkeypatch.setattr(index.persist, "_fsync", fsync)
+    a.save(tmp_path, {"model_version": "a"})
+    other[0].join()
+    assert len(ItemIndex.load(tmp_path, expect_metadata={"model_version": "b"})) == 10
+    assert _suffixes(tmp_path) == [".faiss", ".json"]
 
 
 def _assert_v1_intact(tmp_path, ids, x, expected):
     back = ItemIndex.load(tmp_path, expect_metadata={"model_version": "v1"})
     assert len(back) == len(ids)
     assert back.search(x[:5], 10)[0] == expected
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".faiss", ".json"]  # no debris
+    assert sorted(p.suffix for p in tmp_path.iterdir() if p.name != ".lock") == [
+        ".faiss",
+        ".json",
+    ]  # no debris
 
 
 def test_crash_at_the_commit_keeps_the_previous_index(catalog, tmp_path, monkeypatch):
@@ -115,7 +146,7 @@ def test_crash_while_writing_faiss_keeps_the_previous_index(catalog, tmp_path, m
         raise RuntimeError("killed mid-write")
 
     monkeypatch.setattr(faiss, "write_index", half_write)
-    with pytest.raises(RuntimeError, match="killed mid-write"):
+    with pytest.raises(OSError, match="killed mid-write"):  # faiss's RuntimeError, as an OSError
         ix.save(tmp_path, {"model_version": "v2"})
     monkeypatch.undo()
     _assert_v1_intact(tmp_path, ids, x, expected)

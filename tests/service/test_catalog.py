@@ -47,6 +47,24 @@ def test_item_add_replace_delete_change_results_and_survive_a_restart(ckpt, make
     assert again == pytest.approx({k: v.score for k, v in replaced.items() if k != "i5"}, abs=1e-3)
 
 
+def test_saved_edits_survive_an_index_that_has_to_be_rebuilt(ckpt, make_engine):
+    engine = make_engine(ckpt)
+    i7 = {k: v for k, v in engine.catalog.item("i7").items() if k != "item_id"}
+    engine.catalog.upsert("new", i7)
+    engine.catalog.remove("i5")
+    # another kind asked for: the index is built again from the checkpoint, the edits re-applied
+    hnsw = make_engine(ckpt, index_kind="hnsw")
+    assert hnsw.catalog.index.kind == "hnsw"
+    assert hnsw.catalog.item("new")["title"] == i7["title"] and hnsw.catalog.item("i5") is None
+    assert "new" in hnsw.catalog.index and "i5" not in hnsw.catalog.index
+    # a damaged faiss file: the same
+    for damaged in (ckpt / INDEX_DIR).glob("index-*.faiss"):
+        damaged.write_bytes(b"not a faiss index")
+    flat = make_engine(ckpt)
+    assert flat.catalog.item("new")["title"] == i7["title"] and flat.catalog.item("i5") is None
+    assert set(flat.catalog.index.metadata["catalog_edits"]) == {"new", "i5"}
+
+
 def test_index_is_saved_beside_the_checkpoint_and_rebuilt_when_it_does_not_match(ckpt, make_engine):
     first = make_engine(ckpt)
     saved = ckpt / INDEX_DIR / "index.json"
