@@ -242,8 +242,10 @@ async def put_item(
     """Encode the item's text with the model and add or replace it in the index (admin)."""
     catalog, replaced = await state.upsert_item(item_id, body.model_dump(exclude_none=True))
     response.status_code = 200 if replaced else 201
+    if (item := catalog.item(item_id)) is None:  # a DELETE came in between
+        raise HTTPException(404, f"item {item_id!r} was deleted while it was being written")
     return schemas.ItemUpsertResponse(
-        item=schemas.Item(**catalog.item(item_id)), created=not replaced, index_size=len(catalog.index)
+        item=schemas.Item(**item), created=not replaced, index_size=len(catalog.index)
     )
 
 

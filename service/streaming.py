@@ -148,7 +148,7 @@ class RecommendStream:
         except Exception as exc:
             self._outcome = "error"
             body = await error_body(self._request, exc)
-            yield ServerSentEvent(data=bytes(body).decode(), event="error")
+            yield ServerSentEvent(data=bytes(body).decode(), event="error", sep="\n")
             return
         yield _event("items", _items(result, self._source))
         self._outcome = "ok"
@@ -156,7 +156,7 @@ class RecommendStream:
 
 
 def _event(name: str, data: Any) -> ServerSentEvent:
-    return ServerSentEvent(data=data.model_dump_json(), event=name)
+    return ServerSentEvent(data=data.model_dump_json(), event=name, sep="\n")  # framed as the docs show
 
 
 def recommended_items(result: Result) -> list[schemas.RecommendedItem]:

@@ -103,6 +103,12 @@ async def test_put_and_delete_items_change_recommendations(app, client):
     )
     r = await client.put("/items/bad", json={"year": "2000"}, headers=ADMIN)
     assert r.status_code == 422 and "title: Field required" in r.json()["error"]["message"]
+    for control in ("\r", "\x85", "\x1b"):  # C0 and C1 controls, a carriage return among them
+        r = await client.put("/items/bad", json={"title": f"a{control}b"}, headers=ADMIN)
+        message = r.json()["error"]["message"]
+        assert r.status_code == 422 and "title" in message and "control characters" in message, control
+    r = await client.put("/items/tabbed", json={"title": "a\tb", "description": "one\ntwo"}, headers=ADMIN)
+    assert r.status_code == 201
 
 
 async def test_reload_swaps_the_model_and_a_failed_reload_keeps_the_old_one(app, client, ckpt, tmp_path):
