@@ -49,6 +49,8 @@ class PromptConfig:
     hint_picks: the reasoning the model was trained to write ends with "Picks: A; B; C." naming
         this many of the prompt's hints (`rationale_hint_picks`, model/rationale.py); its list
         is decoded under the grammar of those hints' titles (model/constrained.py). 0: none.
+    hindsight: the reasoning the model was trained to write ends with its "Next: ..." guess
+        (`rationale_hindsight`), which may then follow the rated list; the guess is free text.
     """
 
     category: str = "movie"
@@ -62,6 +64,7 @@ class PromptConfig:
     cowatch_hints: int = 0
     cowatch_window: int = 10
     hint_picks: int = 0
+    hindsight: bool = False
 
     def __post_init__(self) -> None:
         if self.max_history < 1:

@@ -31,6 +31,7 @@ from model.rationale import (
     LIKES,
     MAX_LIKED,
     MOSTLY,
+    NEXT,
     PICKS,
     ItemFacts,
     decade_phrases,
@@ -304,7 +305,7 @@ class R2ec:
         sentences are decoded over what holds for the window too: "Likes A, B and C" over its
         genres that hold (`liked_genres`), ", mostly 1990s" over its decades (`decade_phrases`),
         "Lately more D." over its drifting genres (`drifting_genres`; where none drifts, only a
-        stop, or "Picks:" for a model trained to write it, may follow the rated list). Without
+        stop, or "Picks:" / "Next:" for a model trained to write it, may follow the rated list). Without
         them those sentences are free. `max_liked`: how many of the genres that hold "Likes" may
         name from (the heaviest first; bench/bench_grammar.py measures the cap)."""
         window, strings, picks = self.prompts.max_history, self.token_strings(), self.prompts.hint_picks
@@ -325,7 +326,10 @@ class R2ec:
             else:
                 named = hints[j] if hints is not None else self.hint_titles(h, w, catalog)
             lists: list[TitleList | PhraseChoice] = []
-            follow = [" " + LATELY]  # what may come right after the rated list, besides a stop
+            # what may come right after the rated list, besides a stop; "Next:" starts the free
+            # hindsight guess of a model trained to write it (`PromptConfig.hindsight`)
+            guess = [" " + NEXT] if self.prompts.hindsight else []
+            follow = [" " + LATELY, *guess]
             drift: list[PhraseChoice] = []
             if facts is not None:
                 seen = list(zip(list(facts[j])[-window:], [e.rating for e in recent], strict=True))
@@ -338,7 +342,7 @@ class R2ec:
                 if drifting := drifting_genres([f.genres for f, _ in seen]):
                     drift.append(PhraseChoice([f" {g}." for g in drifting], strings, LATELY))
                 else:  # nothing drifts: no "Lately more" sentence
-                    follow = []
+                    follow = guess
             if named:
                 follow.append(" " + PICKS)
             lists += [TitleList(titles, strings, follow=follow or ""), *drift]  # "": only a stop

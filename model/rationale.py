@@ -109,7 +109,8 @@ def drifting_genres(genres: Sequence[Sequence[str]]) -> list[str]:
     overall = Counter(g for gs in genres for g in gs)
     lift = {g: recent[g] / RECENT - overall[g] / len(genres) for g in recent if recent[g] >= 2}
     order = {g: i for i, g in enumerate(recent)}  # ties: the genre listed first
-    return sorted((g for g in lift if lift[g] >= DRIFT), key=lambda g: (-lift[g], order[g]))
+    # (a lift of exactly DRIFT can come out of the subtraction a hair below it: 0.6 - 0.4)
+    return sorted((g for g in lift if lift[g] >= DRIFT - 1e-9), key=lambda g: (-lift[g], order[g]))
 
 
 def taste_lines(history: Sequence[tuple[ItemFacts, float | None]]) -> list[str]:
@@ -127,8 +128,10 @@ def taste_lines(history: Sequence[tuple[ItemFacts, float | None]]) -> list[str]:
         lines.append(line + ".")
     rated = [(i, f, r) for i, (f, r) in enumerate(history) if r is not None and r == r]
     if rated:
-        best = sorted(rated, key=lambda x: (-x[2], -x[0]))[:TOP_RATED]  # highest first, recent on ties
-        lines.append(f"{RATED} " + "; ".join(f.title for _, f, _ in best) + ".")
+        ranked = sorted(rated, key=lambda x: (-x[2], -x[0]))  # highest first, recent on ties
+        # each title once, as the grammar lists it (a catalog may hold two items of one title)
+        best = list(dict.fromkeys(f.title for _, f, _ in ranked))[:TOP_RATED]
+        lines.append(f"{RATED} " + "; ".join(best) + ".")
     if drift := drifting_genres([f.genres for f, _ in history]):
         lines.append(f"{LATELY} {drift[0]}.")
     return lines

@@ -59,8 +59,10 @@ def words(text: str) -> list[str]:
 
 
 def normalize_title(title: str) -> str:
-    """Case, accents, punctuation and a trailing ", The" (MovieLens's form) folded away."""
-    t = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode().strip().lower()
+    """Case, accents, punctuation and a trailing ", The" (MovieLens's form) folded away; letters
+    of any script kept (an ASCII fold would make every Japanese title "")."""
+    nfkd = unicodedata.normalize("NFKD", title)
+    t = "".join(c for c in nfkd if not unicodedata.combining(c)).strip().lower()
     t = re.sub(r"\s*\((?:19|20)\d\d\)\s*$", "", t)
     if m := _ARTICLE_SUFFIX.match(t):
         t = f"{m.group(2)} {m.group(1)}"

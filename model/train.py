@@ -144,7 +144,13 @@ class Trainer:
                 log.warning(
                     "the warm start was trained to write %d picks; the prompts now name %d hints", warm, hints
                 )
-        self.model.prompts = dataclasses.replace(self.model.prompts, cowatch_hints=hints, hint_picks=picks)
+        # likewise whether it ends with the "Next:" guess (the grammars let it follow the list)
+        hindsight = (
+            self.cfg.rationale_hindsight if self.cfg.stage == "rationale" else self.model.prompts.hindsight
+        )
+        self.model.prompts = dataclasses.replace(
+            self.model.prompts, cowatch_hints=hints, hint_picks=picks, hindsight=hindsight
+        )
         self.model.cowatch = None
         if hints:
             train = dataset.split("train")

@@ -276,6 +276,26 @@ def test_title_lists_add_the_picks_grammar_only_for_a_model_trained_to_write_it(
         tiny_model.prompts, tiny_model.cowatch = prompts, cowatch
 
 
+def test_a_model_trained_with_hindsight_may_write_its_guess_after_the_rated_list(tiny_model):
+    import dataclasses
+
+    history = [HistoryEntry(f"Film {i}", 4.0, item_id=str(i)) for i in range(3)]
+    facts = [[ItemFacts(f"Film {i}", ("Drama",), "1990s") for i in range(3)]]  # nothing drifts
+    prompts = tiny_model.prompts
+    try:
+        for hindsight, plain, still in (
+            (False, (" Lately more",), ("",)),
+            (True, (" Lately more", " Next:"), (" Next:",)),
+        ):
+            tiny_model.prompts = dataclasses.replace(prompts, hindsight=hindsight)
+            (grammar,) = tiny_model.title_lists([history])
+            assert grammar.follow == plain
+            (held,) = tiny_model.title_lists([history], facts=facts)
+            assert held.lists[-1].follow == still  # without a drift, only a stop or the guess
+    finally:
+        tiny_model.prompts = prompts
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_the_likes_sentence_names_only_genres_that_hold_then_a_rated_list(tiny_model, strings, seed):
     liked = liked_genres([(("Drama", "Sci-Fi"), 5.0), (("Action", "Crime"), 1.0), (("Comedy", "Crime"), 5.0)])

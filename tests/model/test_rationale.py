@@ -4,6 +4,7 @@ import random
 
 from model.rationale import (
     LIKES,
+    RATED,
     Claims,
     ItemFacts,
     build_rationale,
@@ -179,6 +180,23 @@ def test_the_decades_hold_when_they_carry_the_rating_weight():
     assert (claims.genres, claims.decades, claims.wrong) == (True, False, ("mostly 1940s",))
     assert check_claims("Likes Crime, mostly 1940s and 1990s.", facts).decades is True
     assert check_claims("Likes Crime, mostly 19", facts).decades is None  # cut by the budget
+
+
+def test_a_title_listed_under_two_ids_is_rated_highest_once():
+    # ml-100k lists some films twice under two ids; the grammar writes each title once
+    facts = {
+        str(i): ItemFacts(t, ("Drama",), "1990s")
+        for i, t in enumerate(["Casablanca", "I.Q.", "Casablanca", "Heat"])
+    }
+    lines = taste_lines([(facts[i], r) for i, r in (("0", 5.0), ("1", 4.0), ("2", 4.5), ("3", 3.0))])
+    assert f"{RATED} Casablanca; I.Q.; Heat." in lines
+
+
+def test_a_drift_of_exactly_the_threshold_counts():
+    # 3 of the latest 5 against 4 of 10: a lift of 0.6 - 0.4, which float subtraction puts a
+    # hair under 0.2
+    genres = [("X",) if i in (0, 6, 7, 8) else ("Y",) for i in range(10)]
+    assert 0.6 - 0.4 < 0.2 and drifting_genres(genres) == ["X"]
 
 
 def test_the_drift_holds_for_a_genre_the_latest_items_lean_to():

@@ -3,7 +3,14 @@
 import pytest
 
 from model.rationale import Claims
-from model.text_quality import distinct_n, has_loop, named_titles, normalize_title, text_quality
+from model.text_quality import (
+    distinct_n,
+    has_loop,
+    named_titles,
+    normalize_title,
+    text_quality,
+    unknown_titles,
+)
 
 CATALOG = ["Star Wars", "Godfather, The", "Heat", "Amélie"]
 
@@ -52,6 +59,14 @@ def test_quality_flags_unknown_titles_and_loops():
     assert q.texts == 4
     assert q.unknown_title_share == 0.25
     assert q.loop_share == 0.25
+
+
+def test_titles_of_any_script_are_compared_not_folded_away():
+    assert normalize_title("Amélie") == normalize_title("Amelie") == "amelie"
+    assert normalize_title("七人の侍") == "七人の侍" != normalize_title("千と千尋の神隠し")
+    assert unknown_titles(
+        "Rated highest: 完全に架空の映画; Heat.", {normalize_title(t) for t in ["七人の侍", "Heat"]}
+    ) == ["完全に架空の映画"]
 
 
 def test_cut_share_counts_the_texts_that_ran_into_the_token_budget():
