@@ -29,35 +29,42 @@ def checkpoint_init(
 ) -> None:
     """A checkpoint the service can load: the untrained --base, or the model of --from, with
     the dataset's catalog encoded by it."""
-    from model.checkpoint import CheckpointError, create_base_checkpoint, load_checkpoint, save_checkpoint
+    from model.checkpoint import CheckpointError
+    from model.data import DataError
+
+    try:
+        meta = _init(data, out, base, from_checkpoint, dtype)
+    except (CheckpointError, DataError, ValueError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {out} (version {meta['version']}, {meta['num_items']} items)")
+
+
+def _init(data: Path, out: Path, base: str, from_checkpoint: Path | None, dtype: str) -> dict:
+    from model.checkpoint import check_replaceable, create_base_checkpoint, load_checkpoint, save_checkpoint
     from model.data import load_prepared
     from model.prompts import PromptConfig
 
+    check_replaceable(out)  # before minutes of encoding
     ds = load_prepared(data)
     dataset = {"name": ds.name, "protocol": ds.protocol, "path": str(data)}
     if from_checkpoint is None:
-        meta = create_base_checkpoint(
+        return create_base_checkpoint(
             out, base, ds.items, prompts=PromptConfig(category=ds.category), dtype=dtype, dataset=dataset
         )
-    else:
-        try:
-            ckpt = load_checkpoint(from_checkpoint, dtype=dtype, merge_lora=False)
-        except CheckpointError as exc:
-            fail(str(exc))
-        src = ckpt.meta
-        vectors = ckpt.vectors_for(ds.items, progress=True)
-        meta = save_checkpoint(
-            out,
-            ckpt.model,
-            base=src["base"],
-            weights=src["weights"],
-            items=ds.items,
-            item_vectors=vectors,
-            dataset=dataset,
-            metrics=src.get("metrics"),
-            extra={k: src[k] for k in ("train", "provenance") if k in src} | {"from": str(from_checkpoint)},
-        )
-    typer.echo(f"wrote {out} (version {meta['version']}, {meta['num_items']} items)")
+    ckpt = load_checkpoint(from_checkpoint, dtype=dtype, merge_lora=False)
+    src = ckpt.meta
+    vectors = ckpt.vectors_for(ds.items, progress=True)
+    return save_checkpoint(
+        out,
+        ckpt.model,
+        base=src["base"],
+        weights=src["weights"],
+        items=ds.items,
+        item_vectors=vectors,
+        dataset=dataset,
+        metrics=src.get("metrics"),
+        extra={k: src[k] for k in ("train", "provenance") if k in src} | {"from": str(from_checkpoint)},
+    )
 
 
 @app.command("export")
@@ -85,8 +92,13 @@ def checkpoint_export(
         "command": command,
         "commit": head,
         "exported_at": datetime.now(UTC).isoformat(),
-        "measured": json.loads(metrics.read_text()) if metrics else None,
+        "measured": None,
     }
+    if metrics is not None:
+        try:
+            provenance["measured"] = json.loads(metrics.read_text())
+        except (OSError, ValueError) as exc:
+            fail(f"--metrics {metrics}: {exc}")
     try:
         meta = export_checkpoint(src, out, provenance)
     except CheckpointError as exc:

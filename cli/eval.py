@@ -311,13 +311,16 @@ def _load_model(
     if checkpoint is not None:
         try:
             ckpt = load_checkpoint(checkpoint, dtype=dtype)
-        except CheckpointError as exc:
+        except (CheckpointError, ValueError, OSError) as exc:
             fail(str(exc))
         model, label = ckpt.model, f"checkpoint {ckpt.version}"
         same_catalog = list(ckpt.items["item_id"]) == list(ds.items["item_id"])
         vectors = ckpt.item_vectors if same_catalog else None
     else:
-        lm, tok = load_backbone(BackboneConfig(base=base, dtype=dtype))
+        try:
+            lm, tok = load_backbone(BackboneConfig(base=base, dtype=dtype))
+        except (ValueError, OSError) as exc:
+            fail(str(exc))
         model, label, vectors = R2ec(lm, tok, PromptConfig(category=ds.category)), f"base {base}", None
     model.lm.to(where)
     if vectors is None:

@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 
 import cli._env  # noqa: F401  (first: OpenMP settings before any command loads torch or faiss)
+from cli import common
 from cli.checkpoint import app as checkpoint_app
+from cli.common import fail
 from cli.data import app as data_app
 from cli.eval import eval_cmd
 from cli.retrain import retrain_cmd
@@ -25,5 +27,13 @@ app.command("retrain")(retrain_cmd)
 
 
 @app.callback()
-def _main(log_level: Annotated[str, typer.Option(envvar="R2EC_LOG_LEVEL")] = "INFO") -> None:
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _main(
+    log_level: Annotated[
+        str, typer.Option(envvar="R2EC_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    ] = "INFO",
+) -> None:
+    level = logging.getLevelName(log_level.upper())  # a name's number ("WARN" too), else a string
+    if not isinstance(level, int):
+        fail(f"--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {log_level!r}")
+    common.LOG_LEVEL = logging.getLevelName(level)  # the canonical name, for `r2ec serve`
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
+from cli import common
 from cli.common import fail
 
 
 def serve(
     host: Annotated[str, typer.Option(envvar="R2EC_HOST", help="Bind address")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="R2EC_PORT", help="TCP port")] = 8000,
+    port: Annotated[int, typer.Option(envvar="R2EC_PORT", min=1, max=65535, help="TCP port")] = 8000,
     checkpoint: Annotated[
         Path | None, typer.Option(help="Checkpoint dir (default $R2EC_CHECKPOINT or checkpoints/current)")
     ] = None,
@@ -34,6 +35,7 @@ def serve(
     from service.server import run
 
     overrides = {
+        "log_level": common.LOG_LEVEL,  # `r2ec --log-level`, which reads R2EC_LOG_LEVEL too
         "checkpoint": checkpoint,
         "redis_url": redis_url,
         "max_batch": max_batch,

@@ -44,6 +44,6 @@ def train_cmd(
         )
         ds = load_prepared(data)
         best = train(cfg, ds, base, out, resume=resume)
-    except (DataError, ValueError, FileNotFoundError) as exc:
+    except (DataError, ValueError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"best checkpoint: {best}")

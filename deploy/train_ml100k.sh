@@ -11,9 +11,11 @@
 # Usage: bash deploy/train_ml100k.sh [RUNS_DIR]
 # A run killed midway continues where it stopped: rerun with RESUME=1.
 set -euo pipefail
-runs=${1:-runs/ml100k}
-data=data/ml-100k/loo
-[ -f "$data/meta.json" ] || r2ec data prepare ml-100k --protocol loo
+runs=$(realpath -m "${1:-runs/ml100k}")  # relative to where it was called from
+cd "$(dirname "$0")/.."                   # configs/ and the default data dir are the repo's
+data_dir=${R2EC_DATA_DIR:-data}
+data=$data_dir/ml-100k/loo
+[ -f "$data/meta.json" ] || r2ec data prepare ml-100k --protocol loo --data-dir "$data_dir"
 
 stage() {  # stage NAME BASE CONFIG: train into $runs/NAME unless it finished before
   local name=$1 base=$2 config=$3 resume=()

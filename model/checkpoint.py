@@ -174,8 +174,18 @@ def _new_dir_beside(out: Path) -> Path:
     return tmp
 
 
+def check_replaceable(out: Path | str) -> None:
+    """Refuse a checkpoint destination that holds something else: only a checkpoint (or an
+    empty directory) is replaced, so `--out runs/ml100k` by mistake cannot delete the runs."""
+    out = Path(out)
+    if out.exists() and not (out / META_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} exists and is not a checkpoint: not replacing it")
+
+
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an existing `out` is moved aside first and removed after."""
+    """Rename `tmp` to `out` (`check_replaceable`); an existing `out` is moved aside first and
+    removed after."""
+    check_replaceable(out)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:6]}")
         os.replace(out, old)

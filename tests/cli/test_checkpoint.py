@@ -73,3 +73,74 @@ def test_export_ships_no_item_table_and_init_from_rebuilds_the_same(tiny_dataset
 def test_export_refuses_a_path_that_is_no_checkpoint(tmp_path):
     res = CliRunner().invoke(app, ["checkpoint", "export", str(tmp_path), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "not an R²ec checkpoint" in res.output
+
+
+def test_init_and_export_never_write_over_what_is_no_checkpoint(tiny_dataset, tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "onestage").mkdir(parents=True)
+    (runs / "onestage" / "log.jsonl").write_text("{}\n")
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["checkpoint", "init", "--data", str(tiny_dataset.path), "--out", str(runs), "--base", "tiny"]
+    )
+    assert res.exit_code == 2 and "exists and is not a checkpoint" in res.output
+    assert (runs / "onestage" / "log.jsonl").read_text() == "{}\n"  # untouched
+    # an existing checkpoint is replaced, an empty directory filled
+    for out in (tmp_path / "ckpt", tmp_path / "ckpt", tmp_path / "empty"):
+        out.mkdir(exist_ok=True)
+        res = runner.invoke(
+            app, ["checkpoint", "init", "--data", str(tiny_dataset.path), "--out", str(out), "--base", "tiny"]
+        )
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["checkpoint", "export", str(tmp_path / "ckpt"), "--out", str(runs)])
+    assert res.exit_code == 2 and "exists and is not a checkpoint" in res.output
+
+
+def test_bad_inputs_are_one_line_errors_naming_what_is_wrong(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # typer's error box wraps at the terminal's width
+    runner = CliRunner()
+    data, out = str(tiny_dataset.path), str(tmp_path / "c")
+    cases = [
+        (["--log-level", "bogus", "checkpoint", "show", str(tmp_path)], "--log-level must be"),
+        (["checkpoint", "init", "--data", str(tmp_path / "none"), "--out", out], "does not exist"),
+        (
+            ["checkpoint", "init", "--data", data, "--out", out, "--base", "bogus"],
+            "base 'bogus': not smollm2",
+        ),
+        (
+            ["checkpoint", "init", "--data", data, "--out", out, "--base", "tiny", "--dtype", "float8"],
+            "float8",
+        ),
+        (["serve", "--port", "99999"], "Invalid value for '--port'"),
+    ]
+    for argv, message in cases:
+        res = runner.invoke(app, argv)
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (
+            argv,
+            res.output,
+        )
+    runner.invoke(app, ["checkpoint", "init", "--data", data, "--out", out, "--base", "tiny"])
+    missing = str(tmp_path / "no.json")
+    res = runner.invoke(
+        app, ["checkpoint", "export", out, "--out", str(tmp_path / "e"), "--metrics", missing]
+    )
+    assert res.exit_code == 2 and f"--metrics {missing}" in res.output
+
+
+def test_the_log_level_reaches_the_service(tiny_dataset, tmp_path, monkeypatch):
+    import service.app
+    import service.server
+
+    ckpt = str(tmp_path / "c")
+    CliRunner().invoke(
+        app, ["checkpoint", "init", "--data", str(tiny_dataset.path), "--out", ckpt, "--base", "tiny"]
+    )
+    seen = []
+    monkeypatch.setattr(service.app, "create_app", lambda settings: settings)
+    monkeypatch.setattr(
+        service.server, "run", lambda settings, *args, **kwargs: seen.append(settings.log_level)
+    )
+    for given, level in (("debug", "DEBUG"), ("warn", "WARNING")):
+        res = CliRunner().invoke(app, ["--log-level", given, "serve", "--checkpoint", ckpt])
+        assert res.exit_code == 0, res.output
+        assert seen[-1] == level
