@@ -48,3 +48,19 @@ def test_sasrec_learns_next_item():
 def test_config_rejects_heads_that_do_not_divide():
     with pytest.raises(ValueError, match="num_heads"):
         SASRecConfig(hidden_size=10, num_heads=3)
+
+
+def test_dropout_sits_where_recboles_sasrec_has_it():
+    import torch
+
+    from model.sasrec import SASRec
+
+    model = SASRec(10, SASRecConfig(hidden_size=8, inner_size=16, num_heads=2, dropout=0.5)).train()
+    block, x = model.encoder.layers[0], torch.randn(1, 4, 8)
+    # the feed-forward block drops out once, after its second layer (RecBole's FeedForward):
+    # the same random draw as one dropout over the undropped output
+    torch.manual_seed(0)
+    ours = block._ff_block(x)
+    torch.manual_seed(0)
+    once = block.dropout2(block.linear2(block.activation(block.linear1(x))))
+    assert torch.equal(ours, once) and (ours == 0).any()
