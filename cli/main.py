@@ -33,7 +33,7 @@ def _main(
     ] = "INFO",
 ) -> None:
     level = logging.getLevelName(log_level.upper())  # a name's number ("WARN" too), else a string
-    if not isinstance(level, int):
+    if not isinstance(level, int) or level == logging.NOTSET:
         fail(f"--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {log_level!r}")
     common.LOG_LEVEL = logging.getLevelName(level)  # the canonical name, for `r2ec serve`
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

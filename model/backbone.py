@@ -215,12 +215,16 @@ def load_backbone(cfg: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedToken
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
         model, tokenizer = _load_gguf(path, dtype)
-    else:  # nothing comes from a model hub: a name that is no local directory is an error
-        if not Path(base).is_dir():
-            raise FileNotFoundError(f"base {base!r}: not smollm2, tiny, a .gguf file or a model directory")
-        if not (Path(base) / "config.json").is_file():
+    else:
+        if Path(base).exists() and not (Path(base) / "config.json").is_file():
             raise FileNotFoundError(f"{base} is not a Hugging Face model directory (no config.json)")
-        model, tokenizer = _load_hf_dir(base, dtype)
+        try:  # a model directory, or a hub id already in the local cache: nothing is downloaded
+            model, tokenizer = _load_hf_dir(base, dtype)
+        except OSError as exc:
+            raise FileNotFoundError(
+                f"base {base!r}: not smollm2, tiny, a .gguf file, a model directory or a hub id "
+                "in the local cache (nothing is downloaded)"
+            ) from exc
     prepare_tokenizer(tokenizer)
     model.eval()
     log.info("loaded backbone %s (%s) in %.1fs", base, cfg.dtype, time.perf_counter() - start)

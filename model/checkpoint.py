@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -164,13 +163,11 @@ def save_checkpoint(
 
 
 def _new_dir_beside(out: Path) -> Path:
-    """An empty temporary directory next to `out`, with the mode a plain mkdir would give it:
+    """An empty temporary directory next to `out`, made by a plain mkdir (the umask's mode):
     mkdtemp's 0700 would stay with the checkpoint once renamed into place, readable only by
     the user who wrote it (a service running as another user could not load it)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
     return tmp
 
 

@@ -18,10 +18,10 @@ decoded under a grammar:
 Once the written text contains the trigger ("Rated highest:"), every next token must keep the
 text after it a prefix of a string of that grammar; when the list is closed by "." decoding is
 free again, once the format's next sentence has begun (" Lately more", model/rationale.py, or
-" Picks:" for a model trained to end with that list) or the text stopped: right after the list
-nothing else may come, so no name or sentence runs on from the last title ("Streetcar Named
-Desire, A. J. Clarke"). A "Picks:" list (`TitleLists`) is over the prompt's co-watch hints and
-only a stop may follow it.
+" Picks:" / " Next:" for a model trained to end with that list / its hindsight guess) or the
+text stopped: right after the list nothing else may come, so no name or sentence runs on from
+the last title ("Streetcar Named Desire, A. J. Clarke"). A "Picks:" list (`TitleLists`) is over
+the prompt's co-watch hints and only a stop may follow it.
 
 The sentence before the list, "Likes A, B and C, mostly 1990s.", was as often untrue (26% of the
 same model's held): given each history item's genres, `PhraseChoice` decodes what follows

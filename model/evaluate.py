@@ -55,7 +55,7 @@ def target_ranks(
     scores: torch.Tensor, targets: torch.Tensor, exclude: Sequence[Sequence[int]] | None = None
 ) -> torch.Tensor:
     """1-based rank of each row's target: scores (B, N), targets (B,) -> (B,) long. A NaN
-    score is refused: nothing compares above NaN, so it would rank its target first."""
+    score is refused: it compares with nothing, so a row holding one has no ranking to read."""
     if bad := int(torch.isnan(scores).any(dim=1).sum()):
         raise ValueError(f"scores hold NaN in {bad} of {len(scores)} rows; the model's vectors are broken")
     mask = None

@@ -12,7 +12,7 @@ import logging
 import torch
 
 from model.backbone import BackboneConfig, load_backbone
-from model.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
+from model.checkpoint import load_checkpoint_model, read_meta, resolve_checkpoint
 from model.prompts import PromptConfig
 from model.r2ec import R2ec
 from model.recpo import RecPOConfig
@@ -34,8 +34,9 @@ def build_model(cfg: RecPOConfig, base: str, category: str) -> tuple[R2ec, str]:
     if ckpt_path is not None:
         meta = read_meta(ckpt_path)
         continue_adapter = meta["weights"] == "lora" and cfg.lora
-        ckpt = load_checkpoint(ckpt_path, dtype=cfg.dtype, trainable=continue_adapter, merge_lora=True)
-        model = ckpt.model
+        # the model alone: the trainer builds its own item table (a catalog encode here, for a
+        # last/ saved without one, would be thrown away)
+        model = load_checkpoint_model(ckpt_path, dtype=cfg.dtype, trainable=continue_adapter, merge_lora=True)
         base_ref = meta["base"] if meta["weights"] != "full" else str(ckpt_path / "model")
         if continue_adapter:
             _cast_trainable_fp32(model.lm)

@@ -294,6 +294,9 @@ def consume_events(work: Path, read_events: ReadEvents) -> tuple[pd.DataFrame, i
     state = read_state(work)
     fresh, cursor = read_events(state.get("last_event_id"))
     logged = _read_events_log(work)
+    # how many logged events a finished run has trained on (`retrain` counts from it); a state
+    # from before this count took its events as trained
+    state.setdefault("trained_events", int(len(logged)))
     new = events_frame(fresh)
     new = new[~new["event_id"].isin(set(logged["event_id"]))]
     if len(new):
@@ -377,7 +380,7 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
         )
         # events since the last run that reached the gate: a run that failed after reading
         # events (a crash, a deadline) leaves them pending for the next, not consumed
-        pending = len(events) - int(read_state(work).get("trained_events", 0))
+        pending = len(events) - int(read_state(work)["trained_events"]) if read_events is not None else 0
         if read_events is not None and pending < cfg.min_events:
             result.reason = f"{pending} events not trained on yet, fewer than min_events={cfg.min_events}"
             return _finish(work, result, started)

@@ -30,7 +30,8 @@ def target_rank(
     """
     scores = _drop_masked(scores, targets, mask)
     target_scores = scores.gather(1, targets.view(-1, 1))  # (R, 1)
-    return (scores >= target_scores).sum(dim=1)  # the target counts itself
+    ranks = (scores >= target_scores).sum(dim=1)  # the target counts itself
+    return torch.where(torch.isnan(target_scores[:, 0]), scores.shape[1], ranks)  # NaN: last
 
 
 def ndcg_at_k(ranks: torch.Tensor, k: int) -> torch.Tensor:

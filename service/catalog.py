@@ -92,8 +92,9 @@ class Catalog:
         index, edits, pending = open_index(checkpoint, kind)
         index.set_search_params(nprobe=nprobe, ef_search=ef_search)
         catalog = cls(checkpoint, index, persist_edits=persist_edits, edits=edits)
-        if pending:  # saved edits of an index that had to be rebuilt: applied again
+        if pending:  # saved edits of an index that had to be rebuilt: applied again, then saved
             log.info("re-applying %d saved item edits to the rebuilt index", catalog.carry_edits(pending))
+            catalog._persist()
         return catalog
 
     # ---------------------------------------------------------------- reads
@@ -272,11 +273,13 @@ def open_index(ckpt: Checkpoint, kind: str) -> tuple[ItemIndex, dict[str, Any], 
             log.warning("not using the index in %s (%s): rebuilding", directory, exc)
     pending = saved_edits(directory, ckpt.version)
     index = ItemIndex.build([str(i) for i in ckpt.items["item_id"]], ckpt.item_vectors, kind=kind)
-    try:  # the edits stay on record until they are applied and saved again
-        index.save(directory, index_metadata(ckpt.version, kind, pending))
+    if pending:  # the old record stays until the caller has applied them and saved (`Catalog.open`)
+        return index, {}, pending
+    try:
+        index.save(directory, index_metadata(ckpt.version, kind, {}))
     except OSError as exc:
         log.warning("could not save the index to %s (%s); serving it from memory", directory, exc)
-    return index, {}, pending
+    return index, {}, {}
 
 
 def saved_edits(directory: Path, version: str) -> dict[str, Any]:

@@ -212,7 +212,7 @@ class Recommender:
             query = dataclasses.replace(query, history=known)
         history = query.history
         if not history:
-            raise EmptyHistoryError(query.stored_user, deleted=len(unknown))
+            raise EmptyHistoryError(query.stored_user, all_deleted=bool(unknown))
         entries = history_entries(
             [e.item_id for e in history],
             [float("nan") if e.rating is None else e.rating for e in history],

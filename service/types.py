@@ -41,12 +41,12 @@ class EmptyHistoryError(QueryError):
     """No history to reason over. `user_id` is set when it was that user's stored history that
     turned out empty, so the HTTP layer can say how to fill it."""
 
-    def __init__(self, user_id: str | None = None, deleted: int = 0) -> None:
+    def __init__(self, user_id: str | None = None, all_deleted: bool = False) -> None:
         self.user_id = user_id
         if user_id is None:
             message = "history is empty: give at least one item or a user_id with stored events"
-        elif deleted:
-            message = f"history is empty: user {user_id!r} has {deleted} stored items, none in the catalog"
+        elif all_deleted:
+            message = f"history is empty: every item stored for user {user_id!r} left the catalog"
         else:
             message = f"history is empty: user {user_id!r} has no stored events"
         super().__init__(message)

@@ -268,7 +268,7 @@ def read_ratings_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
             f"{path}: missing column(s) {', '.join(missing)}; expected the header "
             f"{','.join(CSV_COLUMNS)}, got {','.join(map(str, raw.columns))}"
         )
-    raw = raw[(raw != "").any(axis=1)]
+    raw = raw[(raw.apply(lambda col: col.str.strip()) != "").any(axis=1)]  # blank lines, spaces or not
     if raw.empty:
         raise DataError(f"{path}: no ratings")
     for col in ("user_id", "parent_asin", "timestamp"):

@@ -9,7 +9,8 @@ One directory per (dataset, protocol), e.g. ``<data_dir>/ml-100k/loo/``::
     prior.parquet   user_id, item_ids: catalog items of a user's interactions that were kept
                     from being targets, oldest first; only where there are some (Amazon's
                     `window` recipe: before the window, where a history shows only the latest
-                    max_history). The `seen` mask of model/evaluate.py removes them too.
+                    max_history; a retraining rebuild: each user's first history). The `seen`
+                    mask of model/evaluate.py removes them too.
     meta.json       name, protocol, category, max_history, source, stats, created_at
 
 ``meta.json`` is written last, so a directory with a meta file is complete.

@@ -375,8 +375,8 @@ def _bad_csv(tmp_path, text):
         ("user_id,parent_asin,rating,timestamp\nu,A,great,1000\n", r"line 2: rating 'great'"),
         ("user_id,parent_asin,rating,timestamp\nu,A,5,1000\n,A,5,1000\n",
          r"line 3: missing field 'user_id'"),
-        # a blank line is skipped, and still counted in the line numbers
-        ("user_id,parent_asin,rating,timestamp\nu,A,5,1000\n\nu,B,x,2000\n", r"line 4: rating 'x'"),
+        # a blank line (spaces or not) is skipped, and still counted in the line numbers
+        ("user_id,parent_asin,rating,timestamp\nu,A,5,1000\n\n   \nu,B,x,2000\n", r"line 5: rating 'x'"),
         ("user_id,parent_asin,rating,timestamp\nu,X,5,1000\nv,Y,5,1000\n",
          r"none of its 2 ratings is of an item kept from meta_Bad.jsonl"),
         # a kept item, but only after the window's end and in a year it cannot move back to

@@ -64,6 +64,8 @@ def test_target_rank_puts_the_target_after_items_tied_with_it():
     assert target_rank(scores, targets).tolist() == [3, 5]  # a constant score ranks last
     mask = torch.tensor([[True, False, False, False, False], [False, True, True, False, False]])
     assert target_rank(scores, targets, mask).tolist() == [2, 3]  # masked ties no longer count
+    nan = torch.tensor([[0.1, float("nan"), 0.3]])
+    assert target_rank(nan, torch.tensor([1])).tolist() == [3]  # a NaN target ranks last, not 0
 
 
 def test_similarity_reward_is_the_targets_softmax_probability():

@@ -6,6 +6,7 @@ The end-to-end run over a real Redis stream is in tests/cli/test_retrain.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,6 +185,18 @@ def test_events_of_a_run_that_failed_stay_pending_for_the_next(versions_root, ti
     assert result.new_events == 0 and result.status == "published", result.reason
     skipped = retrain(cfg, reader)  # now they have been
     assert skipped.status == "skipped" and skipped.reason.startswith("0 events not trained on yet")
+
+
+def test_a_state_from_before_the_trained_count_does_not_retrain_old_events(versions_root, tiny_dataset):
+    reader = FakeReader([Ev("a", "u1", "i6", 4.0, 900)])
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0)
+    work = versions_root / "retrain"
+    consume_events(work, reader)  # an older version read the event and trained on it
+    state = json.loads((work / "state.json").read_text())
+    del state["trained_events"]  # which that version did not count
+    (work / "state.json").write_text(json.dumps(state))
+    result = retrain(cfg, reader)  # nothing is pending
+    assert result.status == "skipped" and result.reason.startswith("0 events not trained on yet")
 
 
 def test_a_run_reads_current_under_the_lock(versions_root, tiny_dataset, monkeypatch):

@@ -276,6 +276,13 @@ def test_last_between_validations_goes_without_its_stale_item_table(tiny_dataset
     own = trainer.model.item_vectors(tiny_dataset.items.to_dict("records")).numpy()
     assert ckpt.item_vectors == pytest.approx(own, abs=1e-4)
     assert not torch.allclose(trainer.table.vectors, torch.from_numpy(own), atol=1e-4)  # what it left out
+    # a resume builds its own table: the warm start from last/ encodes no catalog
+    from model.lora import build_model
+    from model.r2ec import R2ec
+
+    with monkeypatch.context() as m:
+        m.setattr(R2ec, "item_vectors", lambda *a, **k: pytest.fail("the warm start encoded the catalog"))
+        build_model(cfg, str(last), tiny_dataset.category)
     # a run saves last/ with its table only where it has just validated (and refreshed it)
     fresh = []
     monkeypatch.setattr(Trainer, "save_last", lambda self, fresh_table=True: fresh.append(fresh_table))

@@ -198,7 +198,7 @@ async def test_a_stored_history_of_deleted_items_is_empty_and_says_how_to_fill_i
     r = await client.post("/recommend", json={"user_id": "u1"})
     assert r.status_code == 422
     assert r.json()["error"]["message"] == (
-        "history is empty: user 'u1' has 1 stored items, none in the catalog; "
+        "history is empty: every item stored for user 'u1' left the catalog; "
         "send `history` or POST /users/u1/events first"
     )
 

@@ -65,6 +65,29 @@ def test_saved_edits_survive_an_index_that_has_to_be_rebuilt(ckpt, make_engine):
     assert set(flat.catalog.index.metadata["catalog_edits"]) == {"new", "i5"}
 
 
+def test_a_rebuild_that_dies_before_its_edits_are_applied_keeps_them_on_record(
+    ckpt, make_engine, monkeypatch
+):
+    from service.catalog import Catalog
+
+    engine = make_engine(ckpt)
+    engine.catalog.upsert("i7", {"title": "A Completely Different Film"})
+    q = Query(H1, k=20, reasoning=False)
+    edited = {i.item_id: i.score for i in engine.recommend_batch([q])[0].items}
+
+    def killed(self, edits):
+        raise RuntimeError("killed while encoding")
+
+    monkeypatch.setattr(Catalog, "carry_edits", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        make_engine(ckpt, index_kind="hnsw")
+    monkeypatch.undo()
+    again = make_engine(ckpt, index_kind="hnsw")  # the record was not overwritten: applied now
+    assert again.catalog.item("i7")["title"] == "A Completely Different Film"
+    scores = {i.item_id: i.score for i in again.recommend_batch([q])[0].items}
+    assert scores["i7"] == pytest.approx(edited["i7"], abs=1e-3)  # the new text's vector, not the old
+
+
 def test_index_is_saved_beside_the_checkpoint_and_rebuilt_when_it_does_not_match(ckpt, make_engine):
     first = make_engine(ckpt)
     saved = ckpt / INDEX_DIR / "index.json"

@@ -226,7 +226,7 @@ def test_a_stored_history_drops_deleted_items_a_sent_one_is_refused(engine):
     out = engine.recommend_batch([Query(history), Query((Event("gone"),), stored_user="u1")])
     assert isinstance(out[0], UnknownItemsError) and out[0].item_ids == ["gone"]
     assert isinstance(out[1], EmptyHistoryError) and out[1].user_id == "u1"
-    assert str(out[1]) == "history is empty: user 'u1' has 1 stored items, none in the catalog"
+    assert str(out[1]) == "history is empty: every item stored for user 'u1' left the catalog"
 
 
 # ---------------------------------------------------------------------------- issue 12: h_T in the cache
