@@ -140,9 +140,15 @@ def read_reviews(path: str | os.PathLike[str]) -> pd.DataFrame:
     if not users:
         raise DataError(f"{path}: no reviews")
     logger.info("read %d reviews from %s", len(users), path)
-    inter = pd.DataFrame({"user_id": users, "item_id": items, "rating": ratings, "timestamp": stamps})
-    inter = inter.sort_values("timestamp", kind="stable").reset_index(drop=True)
-    return check_interactions(inter.assign(timestamp=inter["timestamp"] // 1000), str(path))
+    inter = pd.DataFrame({"user_id": users, "item_id": items, "rating": ratings, "timestamp_ms": stamps})
+    return check_interactions(in_seconds(inter), str(path))
+
+
+def in_seconds(inter: pd.DataFrame) -> pd.DataFrame:
+    """`timestamp_ms` as `timestamp` in seconds, the rows first ordered by the milliseconds (file
+    order on ties): once cut to seconds, same-second interactions are ordered by row."""
+    inter = inter.sort_values("timestamp_ms", kind="stable").reset_index(drop=True)
+    return inter.assign(timestamp=inter["timestamp_ms"] // 1000).drop(columns="timestamp_ms")
 
 
 def _text(value: Any) -> str:
@@ -367,9 +373,7 @@ def _official_data(
     ratings = ratings[(ms >= _ms(begin)) & (ms <= _ms(stop))]
     if ratings.empty:
         raise DataError(f"{ratings_path}: no rating of a kept item between {begin.date()} and {stop.date()}")
-    # order by the millisecond time (file order on ties) before it is cut to seconds
-    ratings = ratings.sort_values("timestamp_ms", kind="stable")
-    inter = ratings.assign(timestamp=ratings["timestamp_ms"] // 1000).drop(columns="timestamp_ms")
+    inter = in_seconds(ratings)
     logger.info(
         "official window %s..%s: %d of %d ratings, %d items",
         begin.date(), stop.date(), len(inter), n_read, inter["item_id"].nunique(),
