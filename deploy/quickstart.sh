@@ -14,13 +14,8 @@ else
   export R2EC_CHECKPOINT=${R2EC_CHECKPOINT:-checkpoints/current}
 fi
 [[ -f "$DATA/ml-100k/loo/meta.json" ]] || r2ec data prepare ml-100k --protocol loo --data-dir "$DATA"
+# (init refuses to write over a path that holds something other than a checkpoint)
 if ! r2ec checkpoint show "$R2EC_CHECKPOINT" >/dev/null 2>&1; then
-  # something else is there (an empty directory, e.g. a fresh volume, is fine): never write over it
-  if [[ -e "$R2EC_CHECKPOINT" && ! (-d "$R2EC_CHECKPOINT" && -z "$(ls -A "$R2EC_CHECKPOINT")") ]]; then
-    echo "quickstart: $R2EC_CHECKPOINT is not a checkpoint (\`r2ec checkpoint show $R2EC_CHECKPOINT\` says why);" \
-      "name a checkpoint or a run's best/, or a path that does not exist yet" >&2
-    exit 1
-  fi
   if [[ "${R2EC_UNTRAINED:-0}" != 1 && -f "$SHIPPED/r2ec.json" ]]; then
     # The model trained by deploy/train_ml100k.sh, shipped as a LoRA adapter: encode the catalog once.
     r2ec checkpoint init --data "$DATA/ml-100k/loo" --out "$R2EC_CHECKPOINT" --from "$SHIPPED"

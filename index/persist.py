@@ -114,6 +114,12 @@ def _read_json(json_path: Path) -> dict[str, Any]:
     return doc
 
 
+def read_metadata(directory: Path) -> dict[str, Any]:
+    """The caller metadata a saved directory's index.json records, read without its faiss file
+    (which may be missing or damaged); the same errors as a load for a missing or bad json."""
+    return _read_json(directory / JSON_NAME).get("metadata", {})
+
+
 def _check_expectations(
     doc: dict[str, Any], where: Path, expect_dim: int | None, expect_metadata: dict[str, Any] | None
 ) -> None:

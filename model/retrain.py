@@ -378,12 +378,13 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
             events_total=int(len(events)),
             last_event_id=cursor,
         )
-        # events since the last run that reached the gate: a run that failed after reading
-        # events (a crash, a deadline) leaves them pending for the next, not consumed
-        pending = len(events) - int(read_state(work)["trained_events"]) if read_events is not None else 0
-        if read_events is not None and pending < cfg.min_events:
-            result.reason = f"{pending} events not trained on yet, fewer than min_events={cfg.min_events}"
-            return _finish(work, result, started)
+        if read_events is not None:
+            # events since the last run that reached the gate: a run that failed after reading
+            # events (a crash, a deadline) leaves them pending for the next, not consumed
+            pending = len(events) - int(read_state(work)["trained_events"])
+            if pending < cfg.min_events:
+                result.reason = f"{pending} events not trained on yet, fewer than min_events={cfg.min_events}"
+                return _finish(work, result, started)
         ds, result.events_unknown_item = rebuild_dataset(seed, events, work / "data")
         result.samples = {name: int(len(ds.split(name))) for name in SPLITS}
         if eval_rows(ds, validation_eval_config(cfg.train)).empty:

@@ -9,7 +9,6 @@ edits to the next model.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from index import IndexMismatchError, ItemIndex
+from index.persist import read_metadata
 from model.checkpoint import Checkpoint
 from service.search import TIERS, Match, TitleIndex, normalize
 
@@ -93,8 +93,10 @@ class Catalog:
         index.set_search_params(nprobe=nprobe, ef_search=ef_search)
         catalog = cls(checkpoint, index, persist_edits=persist_edits, edits=edits)
         if pending:  # saved edits of an index that had to be rebuilt: applied again, then saved
-            log.info("re-applying %d saved item edits to the rebuilt index", catalog.carry_edits(pending))
-            catalog._persist()
+            applied = catalog.carry_edits(pending)  # saves the index when it changed something
+            log.info("re-applied %d saved item edits to the rebuilt index", applied)
+            if not applied:  # nothing differed from the checkpoint: record the rebuilt index anyway
+                catalog._persist()
         return catalog
 
     # ---------------------------------------------------------------- reads
@@ -286,8 +288,8 @@ def saved_edits(directory: Path, version: str) -> dict[str, Any]:
     """The item edits recorded in <directory>/index.json for this model version, whatever state
     the rest of that directory is in; {} when there is no readable record."""
     try:
-        metadata = json.loads((directory / "index.json").read_text(encoding="utf-8")).get("metadata", {})
-    except (OSError, ValueError, AttributeError):
+        metadata = read_metadata(directory)
+    except (OSError, ValueError):  # IndexMismatchError is a ValueError
         return {}
     if not isinstance(metadata, dict) or metadata.get("model_version") != version:
         return {}

@@ -62,7 +62,7 @@ PRIOR_FILE = "prior.parquet"
 PRIOR_SCHEMA = pa.schema([("user_id", pa.string()), ("item_ids", pa.list_(pa.string()))])
 ITEM_COLUMNS = tuple(ITEM_SCHEMA.names)
 SAMPLE_COLUMNS = tuple(SAMPLE_SCHEMA.names)
-_LIST_COLUMNS = ("history_item_ids", "history_ratings", "history_timestamps")
+_LIST_COLUMNS = ("history_item_ids", "history_ratings", "history_timestamps", "item_ids")  # as lists
 
 
 class DataError(ValueError):
@@ -186,7 +186,7 @@ def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
     prior = {}
     if (path / PRIOR_FILE).is_file():
         table = _read_parquet(path / PRIOR_FILE, PRIOR_SCHEMA)
-        prior = dict(zip(table["user_id"], map(list, table["item_ids"]), strict=True))
+        prior = dict(zip(table["user_id"], table["item_ids"], strict=True))
     return PreparedDataset(
         path=path,
         name=meta["name"],
