@@ -167,7 +167,8 @@ def _reply(result: Result, source: str, total_ms: float) -> schemas.RecommendRes
 async def append_events(
     user_id: UserIdPath, body: schemas.EventsRequest, state: StateDep
 ) -> schemas.EventsResponse:
-    """Append interactions to the user's history and to the event stream retraining reads.
+    """Add interactions to the user's history (kept in timestamp order, so a late event takes
+    its place among older ones) and to the event stream retraining reads.
     Idempotent: an event whose `event_id` the user already has is not stored again (`new`:
     false), so a client may retry a failed or timed-out post as it was."""
     now = int(time.time())

@@ -3,7 +3,8 @@
 One interface, two stores, the same tests for both (tests/service/test_store.py):
 
 - `RedisStore` (production). Key formats, all of them here:
-    r2ec:history:{user_id}    a list of JSON events, newest last, trimmed to the window
+    r2ec:history:{user_id}    a list of JSON events in event-time order, newest last, trimmed to
+                              the window (see "Order" below)
     r2ec:events               a stream; one entry per event: user_id, item_id, rating, timestamp,
                               event_id
     r2ec:seen:{user_id}       a set: every item the user has an event for (never trimmed), what
@@ -18,6 +19,13 @@ Events are idempotent: each has an id (the client's `event_id`, else `event_key`
 sent), and an append stores only the events whose id the user does not have yet, in one atomic
 step with the history, the stream and the seen set. A client that timed out and retries cannot
 duplicate an event, even when its first attempt did land.
+Order: a history is kept in the order of the events' timestamps, as retraining orders them
+(model/retrain.py sorts by user and time), not in the order they arrived. An event that comes
+late (a backfill, a mobile client that was offline) takes its place among the older ones, equal
+timestamps keep their arrival order, and the trim to the window drops the oldest by time, so a
+late event older than a full window is left out of the history (still in the stream and the
+seen set). An event without a timestamp (the API stamps each with its arrival time; only a
+direct caller can leave it out) goes last. The stream stays in arrival order: it is a log.
 - `read_stream(url, cursor)`: retraining's synchronous view of the Redis stream, every entry
   after an opaque cursor. Entry ids and the cursor's syntax stay in this module.
 
@@ -31,7 +39,7 @@ import json
 import logging
 import math
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -177,6 +185,18 @@ def _check_events(user_id: str, events: Sequence[Event]) -> list[str]:
     return [e.event_id or event_key(user_id, e) for e in events]
 
 
+def _place(history: Sequence[Event], timestamp: int | None) -> int:
+    """Where an event at `timestamp` goes in a history kept in time order (module docstring,
+    "Order"): after every event not later than it, found from the newest end, so an event in
+    order costs one comparison. No timestamp: last. APPEND_SCRIPT does the same in Lua."""
+    at = len(history)
+    if timestamp is None:
+        return at
+    while at > 0 and history[at - 1].timestamp is not None and history[at - 1].timestamp > timestamp:
+        at -= 1
+    return at
+
+
 class MemoryStore:
     """In-process store: nothing survives a restart; one event loop uses it."""
 
@@ -187,7 +207,7 @@ class MemoryStore:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = window
         self.cache_size = cache_size
-        self._histories: dict[str, deque[Event]] = {}
+        self._histories: dict[str, list[Event]] = {}
         self._events: list[StreamEntry] = []
         self._seen: dict[str, set[str]] = {}
         self._event_ids: dict[str, set[str]] = {}
@@ -198,7 +218,7 @@ class MemoryStore:
 
     async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
         ids = _check_events(user_id, events)
-        history = self._histories.setdefault(user_id, deque(maxlen=self.window))
+        history = self._histories.setdefault(user_id, [])
         known = self._event_ids.setdefault(user_id, set())
         seen = self._seen.setdefault(user_id, set())
         new = []
@@ -208,10 +228,11 @@ class MemoryStore:
                 continue
             known.add(event_id)
             stored = Event(e.item_id, e.rating, e.timestamp)
-            history.append(stored)
+            history.insert(_place(history, e.timestamp), stored)
             seen.add(e.item_id)
             entry_id = f"{len(self._events) + 1}-0"
             self._events.append(StreamEntry(entry_id, user_id, stored, int(time.time()), event_id))
+        del history[: -self.window]
         return Appended(len(history), tuple(ids), tuple(new))
 
     async def get_seen(self, user_id: str) -> frozenset[str]:
@@ -363,6 +384,23 @@ def _stream_entries(rows: list[tuple[str, dict[str, str]]]) -> list[StreamEntry]
 # (s), now (s), n, then per event: event_id, item_id, rating, timestamp, history JSON.
 # Returns one 1 (stored) or 0 (duplicate) per event, then the history's length.
 APPEND_SCRIPT = """
+-- the history in time order (`_place`): walk from the newest end past the later events, shifting
+-- each one place right, and set the event where the walk stops; an event in order is an RPUSH
+local function place(key, json, ts)
+  local at = redis.call('LLEN', key)
+  if ts ~= nil then
+    while at > 0 do
+      local t = cjson.decode(redis.call('LINDEX', key, at - 1))['timestamp']
+      if type(t) ~= 'number' or t <= ts then break end
+      at = at - 1
+    end
+  end
+  local n = redis.call('LLEN', key)
+  if at == n then redis.call('RPUSH', key, json) return end
+  redis.call('RPUSH', key, redis.call('LINDEX', key, n - 1))
+  for i = n - 2, at, -1 do redis.call('LSET', key, i + 1, redis.call('LINDEX', key, i)) end
+  redis.call('LSET', key, at, json)
+end
 local user, window, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local ttl, now, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl)
@@ -371,7 +409,7 @@ for i = 0, n - 1 do
   local b = 7 + i * 5
   local id, item = ARGV[b], ARGV[b + 1]
   if redis.call('ZADD', KEYS[4], 'NX', now, id) == 1 then
-    redis.call('RPUSH', KEYS[1], ARGV[b + 4])
+    place(KEYS[1], ARGV[b + 4], tonumber(ARGV[b + 3]))
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'user_id', user, 'item_id', item,
                'rating', ARGV[b + 2], 'timestamp', ARGV[b + 3], 'event_id', id)
     redis.call('SADD', KEYS[3], item)

@@ -38,6 +38,24 @@ async def test_history_is_capped_newest_last(store):
     assert await store.get_history("u2") == []
 
 
+async def test_history_is_kept_in_event_time_order(store):
+    """A late event (a backfill, an offline client) takes its place by its timestamp, not by
+    when it arrived; equal times keep arrival order; one older than a full window is left out of
+    the history but not out of the stream or the seen set; no timestamp goes last."""
+    await store.append_events("u1", [Event("a", 5.0, 100), Event("c", 4.0, 300)])
+    await store.append_events("u1", [Event("b", 3.0, 200)])
+    assert await store.get_history("u1") == [Event("a", 5.0, 100), Event("b", 3.0, 200), Event("c", 4.0, 300)]
+    done = await store.append_events("u1", [Event("old", 1.0, 50), Event("d", 2.0, 250)])
+    assert done.history_length == WINDOW and done.new == (True, True)
+    assert [e.item_id for e in await store.get_history("u1")] == ["b", "d", "c"]  # oldest by time dropped
+    assert {"old", "a"} <= await store.get_seen("u1")
+    assert [e.item_id for e in await store.read_events()] == ["a", "c", "b", "old", "d"]  # arrival order
+    await store.append_events("u1", [Event("e", None, 300), Event("f", None, None), Event("g", None, 10**9)])
+    assert [e.item_id for e in await store.get_history("u1")] == ["e", "f", "g"]
+    await store.append_events("u2", [Event("x", None, 5), Event("y", None, 5), Event("z", None, 1)])
+    assert [e.item_id for e in await store.get_history("u2")] == ["z", "x", "y"]
+
+
 async def test_events_without_rating_or_time_round_trip(store):
     await store.append_events("u1", [Event("i9")])
     assert await store.get_history("u1") == [Event("i9", None, None)]
