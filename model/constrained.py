@@ -31,7 +31,13 @@ in the window (model/rationale.py `liked_genres`, `likes_phrases`), closed by ",
 one of the decades that carry the most rating weight (`decade_phrases`: " 1990s." or " 1990s and
 1980s."), after "Lately more" one of the genres the latest items lean to (`drifting_genres`);
 where none does, the text must stop after the rated list. Between and after these, decoding is
-free (greedy or sampled as asked).
+free (greedy or sampled as asked), but for the claims nothing holds for: where no genre drifts
+(or the window has no genres, for "Likes"; no listable title, for "Rated highest:") the trigger
+itself may not be written anywhere, since whatever followed it would be false. Keying on the
+trigger alone left such a claim open wherever the text skipped the grammar that led up to it
+("Likes Drama. Lately more Horror.", the rated list never written). `allowed` then returns the
+few `Banned` tokens that would complete the trigger after the text so far (" more" after
+"... Lately"; `TokenStrings.completing`, a few `endswith` per token and a cached id set).
 
 `TitleList.allowed(ids)` is stateless: it decodes the row's tokens and runs the grammar over the
 text after the trigger (a handful of titles, under 100 characters), so it needs no bookkeeping
@@ -48,6 +54,7 @@ longer one, the list closes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,6 +90,9 @@ class TokenStrings:
         self.closing = [i for ids in closing for i in ids]
         self.period = list(self.by_text.get(END, []))
         self.stops = sorted(special if stop_ids is None else set(stop_ids))
+        self._sorted: list[str] | None = None  # the texts in order, built on the first `_starting`
+        self._containing: dict[str, frozenset[int]] = {}  # per trigger
+        self._completing: dict[tuple[str, tuple[int, ...]], Banned | None] = {}
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -101,6 +111,49 @@ class TokenStrings:
     def _startable(self, rest: str) -> bool:
         return not rest or any(rest[:j] in self.by_text for j in range(1, min(len(rest), self.longest) + 1))
 
+    def completing(self, trigger: str, text: str) -> Banned | None:
+        """The tokens that would write `trigger` right after `text`: those whose text holds it
+        whole, and, where `text` ends with its beginning ("... Lately"), those that start with the
+        rest of it (" more"); None where no token would. A token that writes only part of the
+        rest (" mo") stays allowed: the next call bans what would finish it. Cached per trigger
+        and per the beginnings `text` ends with, so a call costs len(trigger) `endswith`s."""
+        if not trigger:
+            return None
+        ends = tuple(k for k in range(1, len(trigger)) if text.endswith(trigger[:k]))
+        key = (trigger, ends)
+        if key not in self._completing:
+            if trigger not in self._containing:  # one scan of the vocabulary per trigger
+                held = (i for t, ids in self.by_text.items() if trigger in t for i in ids)
+                self._containing[trigger] = frozenset(held)
+            ids = set(self._containing[trigger])
+            for k in ends:
+                ids.update(self._starting(trigger[k:]))
+            self._completing[key] = Banned(tuple(sorted(ids))) if ids else None
+        return self._completing[key]
+
+    def _starting(self, prefix: str) -> list[int]:
+        """Ids of the tokens whose text starts with `prefix`."""
+        if self._sorted is None:
+            self._sorted = sorted(self.by_text)
+        out: list[int] = []
+        for text in self._sorted[bisect_left(self._sorted, prefix) :]:
+            if not text.startswith(prefix):
+                break
+            out.extend(self.by_text[text])
+        return out
+
+
+@dataclass(frozen=True)
+class Banned:
+    """What `allowed` returns where decoding is free but for a few tokens: `ids` may not come
+    next (the tokens that would start a claim nothing in the history makes true,
+    `TokenStrings.completing`); `constrain_logits` masks them alone."""
+
+    ids: tuple[int, ...]
+
+
+Allowed = list[int] | Banned | None  # what may come next: only these ids, any but these, anything
+
 
 @dataclass(frozen=True)
 class _State:
@@ -116,13 +169,22 @@ class _Decoded(ABC):
     strings: TokenStrings
     trigger: str
 
-    def allowed(self, completion_ids: Sequence[int]) -> list[int] | None:
-        """The token ids that may follow `completion_ids`, or None where decoding is free."""
+    def allowed(self, completion_ids: Sequence[int]) -> Allowed:
+        """The token ids that may follow `completion_ids`; the `Banned` ones that may not (where
+        nothing holds for the claim, its trigger may not be written: `empty`); or None where
+        decoding is free."""
         return self.allowed_after(self.strings.decode(completion_ids))
 
     @abstractmethod
-    def allowed_after(self, text: str) -> list[int] | None:
+    def allowed_after(self, text: str) -> Allowed:
         """`allowed` for a completion already decoded to `text`."""
+
+    @property
+    @abstractmethod
+    def empty(self) -> bool:
+        """Whether nothing may follow the trigger (no phrase or title holds for the history):
+        then the trigger itself may not be written, and `allowed_after` bans the tokens that
+        would write it (`TokenStrings.completing`)."""
 
     @abstractmethod
     def trigger_at(self, text: str) -> int:
@@ -194,10 +256,16 @@ class TitleList(_Decoded):
         list is the first thing written)."""
         return text.rfind(self.trigger) if self.trigger else 0
 
-    def allowed_after(self, text: str) -> list[int] | None:
+    @property
+    def empty(self) -> bool:
+        """No title may be listed (a window whose titles are all blank): the trigger may not be
+        written; a list without a trigger (the first thing written) is left free."""
+        return not self.titles and bool(self.trigger)
+
+    def allowed_after(self, text: str) -> Allowed:
         """`allowed` for a completion already decoded to `text`."""
         if not self.titles:
-            return None
+            return self.strings.completing(self.trigger, text)
         at = self.trigger_at(text)
         if at < 0:
             return None
@@ -232,13 +300,16 @@ class TitleList(_Decoded):
         return sorted(ids) or None
 
 
-def constrain_logits(logits: torch.Tensor, allowed: Sequence[Sequence[int] | None]) -> torch.Tensor:
-    """`logits` (B, V) with every token outside row i's `allowed[i]` at -inf (None: row free)."""
+def constrain_logits(logits: torch.Tensor, allowed: Sequence[Sequence[int] | Banned | None]) -> torch.Tensor:
+    """`logits` (B, V) with every token outside row i's `allowed[i]` at -inf (None: row free; a
+    `Banned`: only its ids at -inf)."""
     if all(a is None for a in allowed):
         return logits
     out = logits.clone()
     for row, ids in enumerate(allowed):
-        if ids is not None:
+        if isinstance(ids, Banned):
+            out[row, list(ids.ids)] = float("-inf")
+        elif ids is not None:
             keep = out[row, list(ids)]
             out[row] = float("-inf")
             out[row, list(ids)] = keep
@@ -250,8 +321,9 @@ class PhraseChoice(_Decoded):
     "Likes A, B and C" sentence over the genres that hold for the history (model/rationale.py
     `liked_genres`, `likes_phrases`: each phrase closes as the format does, with ", mostly" or
     ".", so none is a prefix of another), the decades after ", mostly" (`decade_phrases`), the
-    genre after "Lately more" (`drifting_genres`). Stateless like `TitleList`, and it takes its
-    place in a `TitleLists`."""
+    genre after "Lately more" (`drifting_genres`). Without phrases (no genre holds, none
+    drifts) the trigger itself may not be written: the claim would be false whatever follows.
+    Stateless like `TitleList`, and it takes its place in a `TitleLists`."""
 
     def __init__(self, phrases: Sequence[str], strings: TokenStrings, trigger: str) -> None:
         self.phrases = sorted(set(phrases))
@@ -262,6 +334,10 @@ class PhraseChoice(_Decoded):
     def trigger_at(self, text: str) -> int:
         return text.rfind(self.trigger)
 
+    @property
+    def empty(self) -> bool:
+        return not self.phrases
+
     def _closed(self, written: str) -> int | None:
         """Where the phrase `written` begins with ends (its last character), or None."""
         return next((len(p) - 1 for p in self.phrases if written.startswith(p)), None)
@@ -270,9 +346,11 @@ class PhraseChoice(_Decoded):
         closed = self._closed(written)
         return closed >= at if closed is not None else any(p.startswith(written) for p in self.phrases)
 
-    def allowed_after(self, text: str) -> list[int] | None:
+    def allowed_after(self, text: str) -> Allowed:
+        if not self.phrases:  # nothing holds: the trigger may not be written
+            return self.strings.completing(self.trigger, text)
         at = self.trigger_at(text)
-        if not self.phrases or at < 0:
+        if at < 0:
             return None
         written = text[at + len(self.trigger) :]
         if written in self._allowed:  # only prefixes of phrases are kept: one per character at most
@@ -290,17 +368,32 @@ class TitleLists:
     highest:" over the history's highest-rated titles;
     "Picks:" over the prompt's co-watch hints when the model was trained to write it,
     `PromptConfig.hint_picks`): the one whose trigger was written last applies, unless that
-    trigger lies inside an earlier one's text (part of one of its titles)."""
+    trigger lies inside an earlier one's text (part of one of its titles). A grammar that is
+    `empty` (nothing holds for its claim: no genre drifts) takes no part in that; wherever the
+    text is free, the tokens that would write its trigger are banned."""
 
     def __init__(self, lists: Sequence[_Decoded]) -> None:
         if not lists:
             raise ValueError("TitleLists needs at least one grammar")
         self.lists = list(lists)
         self.strings = self.lists[0].strings
+        self._live = [g for g in self.lists if not g.empty]
+        self._banned = [g for g in self.lists if g.empty]
 
-    def allowed(self, completion_ids: Sequence[int]) -> list[int] | None:
+    def allowed(self, completion_ids: Sequence[int]) -> Allowed:
         text = self.strings.decode(completion_ids)  # once, for every list
-        starts = [g.trigger_at(text) for g in self.lists]
+        allowed = self._allowed(text) if self._live else None
+        if allowed is not None or not self._banned:
+            return allowed
+        # free text: none of the claims nothing holds for may be started
+        bans = [b for g in self._banned if (b := g.allowed_after(text)) is not None]
+        if len(bans) <= 1:
+            return bans[0] if bans else None
+        return Banned(tuple(sorted({i for b in bans for i in b.ids})))
+
+    def _allowed(self, text: str) -> Allowed:
+        """What the grammar whose trigger was written last allows (see the class docstring)."""
+        starts = [g.trigger_at(text) for g in self._live]
         latest = max(range(len(starts)), key=starts.__getitem__)  # the first list on a tie
         at = starts[latest]
         if at < 0:
@@ -308,15 +401,15 @@ class TitleLists:
         # a trigger written inside an earlier list's titles (a history title "Picks: A Story")
         # is part of that title, not the start of the next list; one the earlier grammar ends
         # with (", mostly" closing a "Likes" phrase) hands over to the next
-        after = at + len(self.lists[latest].trigger)  # the first position after the trigger
-        for i, (g, start) in enumerate(zip(self.lists, starts, strict=True)):
+        after = at + len(self._live[latest].trigger)  # the first position after the trigger
+        for i, (g, start) in enumerate(zip(self._live, starts, strict=True)):
             if (
                 i != latest
                 and 0 <= start < at
                 and g.spans(text[start + len(g.trigger) :], after - start - len(g.trigger))
             ):
                 return g.allowed_after(text)
-        return self.lists[latest].allowed_after(text)
+        return self._live[latest].allowed_after(text)
 
 
 Grammar = TitleList | TitleLists | PhraseChoice  # what a reasoning text's claims are decoded under

@@ -305,9 +305,12 @@ class R2ec:
         sentences are decoded over what holds for the window too: "Likes A, B and C" over its
         genres that hold (`liked_genres`), ", mostly 1990s" over its decades (`decade_phrases`),
         "Lately more D." over its drifting genres (`drifting_genres`; where none drifts, only a
-        stop, or "Picks:" / "Next:" for a model trained to write it, may follow the rated list). Without
-        them those sentences are free. `max_liked`: how many of the genres that hold "Likes" may
-        name from (the heaviest first; bench/bench_grammar.py measures the cap)."""
+        stop, or "Picks:" / "Next:" for a model trained to write it, may follow the rated list);
+        where no genre holds or none drifts, "Likes" / "Lately more" may not be written anywhere (an
+        empty `PhraseChoice`). Without them those sentences are free. Where no title can be listed
+        (a window of blank titles), "Rated highest:" may not be written. `max_liked`: how many of
+        the genres that hold "Likes" may name from (the heaviest first; bench/bench_grammar.py
+        measures the cap)."""
         window, strings, picks = self.prompts.max_history, self.token_strings(), self.prompts.hint_picks
         without = without if without is not None else [None] * len(histories)
         if hints is not None and len(hints) != len(histories):
@@ -334,14 +337,17 @@ class R2ec:
             if facts is not None:
                 seen = list(zip(list(facts[j])[-window:], [e.rating for e in recent], strict=True))
                 decades = decade_phrases([(f.decade, r) for f, r in seen])
-                if liked := liked_genres([(f.genres, r) for f, r in seen]):
-                    ends = (MOSTLY, ".") if decades else (".",)
-                    lists.append(PhraseChoice(likes_phrases(liked[:max_liked], ends=ends), strings, LIKES))
+                # a window without genres: no phrase, so "Likes" may not be written at all
+                liked = liked_genres([(f.genres, r) for f, r in seen])
+                ends = (MOSTLY, ".") if decades else (".",)
+                lists.append(PhraseChoice(likes_phrases(liked[:max_liked], ends=ends), strings, LIKES))
                 if decades:
                     lists.append(PhraseChoice(decades, strings, MOSTLY))
-                if drifting := drifting_genres([f.genres for f, _ in seen]):
-                    drift.append(PhraseChoice([f" {g}." for g in drifting], strings, LATELY))
-                else:  # nothing drifts: no "Lately more" sentence
+                drifting = drifting_genres([f.genres for f, _ in seen])
+                # nothing drifts: no phrase, so no "Lately more" anywhere, and the rated list may
+                # not lead into one
+                drift.append(PhraseChoice([f" {g}." for g in drifting], strings, LATELY))
+                if not drifting:
                     follow = guess
             if named:
                 follow.append(" " + PICKS)

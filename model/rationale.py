@@ -43,7 +43,8 @@ TOP_RATED = 3
 # only its opening (or a stop) come right after the list, so a text cannot run on into free text
 # that reads like more titles ("Clockwork Orange, A. Lately, 2000; E.T. ..."); what follows it is
 # one of the genres that drift (`drifting_genres`), and where none does, only a stop (or, for a
-# model trained with the hindsight sentence, its "Next:" guess)
+# model trained with the hindsight sentence, its "Next:" guess) and the sentence may not be begun
+# anywhere (as "Likes" where no genre holds)
 LATELY = "Lately more"
 
 

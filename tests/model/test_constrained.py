@@ -9,11 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.constrained import PhraseChoice, TitleList, TitleLists, TokenStrings, constrain_logits
+from model.constrained import Banned, PhraseChoice, TitleList, TitleLists, TokenStrings, constrain_logits
 from model.generation import EngineBackend, HFBackend
 from model.prompts import HistoryEntry
 from model.r2ec import GenerationSettings
-from model.rationale import LIKES, MOSTLY, PICKS, RATED, ItemFacts, check_claims, liked_genres, likes_phrases
+from model.rationale import (
+    LATELY,
+    LIKES,
+    MOSTLY,
+    PICKS,
+    RATED,
+    ItemFacts,
+    check_claims,
+    liked_genres,
+    likes_phrases,
+)
 
 TITLES = ["Heat", "Fargo", "Mr. Holland's Opus", "Sex, Lies, and Videotape", "Heat Wave"]
 
@@ -291,7 +301,9 @@ def test_a_model_trained_with_hindsight_may_write_its_guess_after_the_rated_list
             (grammar,) = tiny_model.title_lists([history])
             assert grammar.follow == plain
             (held,) = tiny_model.title_lists([history], facts=facts)
-            assert held.lists[-1].follow == still  # without a drift, only a stop or the guess
+            *_, rated, lately = held.lists
+            assert rated.follow == still  # without a drift, only a stop or the guess
+            assert (lately.trigger, lately.phrases) == (LATELY, [])  # and no "Lately more" anywhere
     finally:
         tiny_model.prompts = prompts
 
@@ -321,7 +333,8 @@ def test_title_lists_take_the_genres_that_hold_when_given(tiny_model):
     genres = [("Drama",), ("Horror",), ("Comedy", "Drama"), ("War",)]  # Drama 9, Comedy 4, War 2, Horror 1
     facts = [ItemFacts(e.title, g, "1990s") for e, g in zip(history, genres, strict=True)]
     (grammar,) = tiny_model.title_lists([history], facts=[facts])
-    likes, decades, rated = grammar.lists  # four items: too few for a drift sentence
+    likes, decades, rated, lately = grammar.lists
+    assert (lately.trigger, lately.phrases) == (LATELY, [])  # four items: too few for a drift sentence
     assert isinstance(likes, PhraseChoice) and likes.trigger == LIKES
     assert " Drama, Comedy and War." in likes.phrases and " Comedy and Drama, mostly" in likes.phrases
     assert not any("Horror" in p for p in likes.phrases)  # below the third-highest weight
@@ -336,9 +349,12 @@ def test_title_lists_take_the_genres_that_hold_when_given(tiny_model):
     # no years: the "Likes" sentence must close without ", mostly"
     (grammar,) = tiny_model.title_lists([history], facts=[[ItemFacts(f.title, f.genres) for f in facts]])
     assert all(p.endswith(".") for p in grammar.lists[0].phrases)
-    # nothing in the window to check against: the plain list; facts that do not line up: refused
-    (plain,) = tiny_model.title_lists([history], facts=[[ItemFacts(e.title) for e in history]])
-    assert isinstance(plain, TitleList)
+    # no genres in the window: neither "Likes" nor "Lately more" can hold, the list is as plain
+    (bare,) = tiny_model.title_lists([history], facts=[[ItemFacts(e.title) for e in history]])
+    likes, rated, lately = bare.lists
+    assert (likes.trigger, likes.phrases, lately.trigger, lately.phrases) == (LIKES, [], LATELY, [])
+    assert rated.titles == ["Film 0", "Film 2", "Film 3"] and rated.follow == ("",)
+    # facts that do not line up: refused
     with pytest.raises(ValueError, match="one ItemFacts per history entry"):
         tiny_model.title_lists([history], facts=[facts[:2]])
 
@@ -399,3 +415,117 @@ def test_where_nothing_may_come_after_the_list_decoding_is_left_free(tiny_model)
     strings = TokenStrings(tiny_model.tokenizer, stop_ids=[])
     assert TitleList(["Heat"], strings, follow="").allowed_after(f"{RATED} Heat.") is None
     assert TitleList(["Heat"], tiny_model.token_strings(), follow="").allowed_after(f"{RATED} Heat.")
+
+
+def _admits(grammar, strings: TokenStrings, ids: list[int]) -> bool:
+    """Whether scripted logits that want `ids`, one token after another, get them all under
+    `grammar` (whatever form its `allowed` takes)."""
+    vocab = len(strings.tokenizer)
+    for k, token in enumerate(ids):
+        logits = torch.zeros(1, vocab)
+        logits[0, token] = 1.0
+        if int(constrain_logits(logits, [grammar.allowed(ids[:k])]).argmax()) != token:
+            return False
+    return True
+
+
+def _spellings(tiny_model, strings: TokenStrings, text: str) -> list[list[int]]:
+    """`text` as the tokenizer writes it, and one character a token (where the vocabulary has
+    each): the claim may not be reachable by either path."""
+    single = [strings.by_text.get(ch, [None])[0] for ch in text]
+    return [tiny_model.encode_text([text])[0], *([single] if None not in single else [])]
+
+
+def test_where_nothing_drifts_no_lately_more_can_be_written_anywhere(tiny_model, strings):
+    # seven Drama items: nothing drifts. Before, only the rated list's grammar kept the sentence
+    # out, so a text that skipped the list (or wrote the hindsight guess) could still say it
+    import dataclasses
+
+    history = [HistoryEntry(f"Film {i}", r) for i, r in enumerate([5.0, 4.0, 3.0, 5.0, 2.0, 4.0, 3.0])]
+    facts = [ItemFacts(e.title, ("Drama",), "1990s") for e in history]
+    unrated = [HistoryEntry(e.title) for e in history]
+    prompts = tiny_model.prompts
+    try:
+        tiny_model.prompts = dataclasses.replace(prompts, hindsight=True)
+        for h in (history, unrated):  # a window without ratings too
+            (grammar,) = tiny_model.title_lists([h], facts=[facts])
+            for text in (
+                "Likes Drama. Lately more Horror.",  # the rated list skipped
+                "Lately more Drama.",
+                f"Likes Drama. {RATED} Film 0. Next: a 1990s Drama movie. Lately more Horror.",
+            ):
+                claims = check_claims(text, list(zip(facts, [e.rating for e in h], strict=True)))
+                assert claims.lately is False  # what the grammar must keep from being written
+                for ids in _spellings(tiny_model, strings, text):
+                    assert not _admits(grammar, strings, ids), text
+            # the rest of the format, and text that only looks like the trigger, is still free
+            for text in ("Likes Drama. Lately, more Drama.", "Likes Drama. Lately moving on."):
+                assert _admits(grammar, strings, tiny_model.encode_text([text])[0]), text
+    finally:
+        tiny_model.prompts = prompts
+    # where a genre drifts, its sentence is written as before
+    kinds = [("Drama",)] * 5 + [("Comedy",)] * 3
+    drifting = [ItemFacts(f"Film {i}", g, "1990s") for i, g in enumerate(kinds)]
+    (grammar,) = tiny_model.title_lists([[HistoryEntry(f.title, 4.0) for f in drifting]], facts=[drifting])
+    assert _admits(grammar, strings, tiny_model.encode_text(["Likes Drama. Lately more Comedy."])[0])
+    assert not _admits(grammar, strings, tiny_model.encode_text(["Likes Drama. Lately more Drama."])[0])
+
+
+def test_a_window_without_genres_cannot_start_the_likes_sentence(tiny_model, strings):
+    # items without genres: no "Likes" phrase holds. Before, no grammar was built for the
+    # sentence and "Likes Horror" was free (with years, ", mostly" still took over after it)
+    history = [HistoryEntry(f"Film {i}", r) for i, r in enumerate([5.0, 4.0, 3.0])]
+    for decade in ("1990s", None):
+        facts = [ItemFacts(e.title, (), decade) for e in history]
+        (grammar,) = tiny_model.title_lists([history], facts=[facts])
+        text = "Likes Horror, mostly 1990s." if decade else "Likes Horror."
+        assert check_claims(text, list(zip(facts, [e.rating for e in history], strict=True))).genres is False
+        for ids in _spellings(tiny_model, strings, text):
+            assert not _admits(grammar, strings, ids), text
+        assert _admits(grammar, strings, tiny_model.encode_text([f"Liked it. {RATED} Film 0."])[0])
+
+
+def test_an_empty_claim_bans_exactly_the_tokens_that_would_write_its_trigger(tiny_model, smol):
+    # a claim nothing holds for: its grammar has no phrase, so the trigger itself is banned
+    # where the text is free, and no other token: a token is banned iff the text with it holds
+    # the trigger (none of these tails does)
+    for strings in (TokenStrings(tiny_model.tokenizer), smol):
+        texts = {i: strings.decode([i]) for ids in strings.by_text.values() for i in ids}
+        for trigger in (LATELY, LIKES):
+            grammar = PhraseChoice([], strings, trigger)
+            for tail in ("", "Heat; Fargo. ", "Drama. L", "Drama. Lately", "Drama. Lately mo", "Drama. Like"):
+                allowed = grammar.allowed_after(tail)
+                banned = set(allowed.ids) if allowed is not None else set()
+                assert banned == {i for i, t in texts.items() if trigger in tail + t}, (trigger, tail)
+            assert grammar.empty and TitleLists([grammar]).allowed([]) == grammar.allowed([])
+    # only the banned tokens are masked
+    logits = torch.zeros(2, 5)
+    out = constrain_logits(logits, [Banned((1, 3)), None])
+    assert out[0].tolist() == [0.0, float("-inf"), 0.0, float("-inf"), 0.0] and out[1].tolist() == [0.0] * 5
+
+
+def test_a_window_of_blank_titles_cannot_start_the_rated_list(tiny_model, strings):
+    # nothing can be listed: before, the list after "Rated highest:" was free
+    history = [HistoryEntry(" ", 5.0), HistoryEntry("", 4.0)]
+    (grammar,) = tiny_model.title_lists([history])
+    for ids in _spellings(tiny_model, strings, f"Liked these. {RATED} Heat."):
+        assert not _admits(grammar, strings, ids)
+    assert _admits(grammar, strings, tiny_model.encode_text(["Liked these. Rated them."])[0])
+    assert isinstance(grammar, TitleList) and grammar.empty
+    assert not TitleList([], strings, trigger="").empty  # a list with no trigger is left free
+    assert TitleList([], strings, trigger="").allowed_after("Heat") is None
+
+
+def test_engine_and_hf_decode_a_banned_trigger_alike(tiny_model):
+    # a ban ("e" may not be written) goes through both backends' masking
+    strings = tiny_model.token_strings()
+    histories = [[HistoryEntry("Toy Story", 5.0)], [HistoryEntry("Star Wars", 5.0), HistoryEntry("Heat")]]
+    grammars = [TitleLists([PhraseChoice([], strings, "e")])] * 2
+    prompts = tiny_model.user_prompt_ids(histories)
+    settings = GenerationSettings(max_new_tokens=16)
+    ref, _ = HFBackend(tiny_model).generate(prompts, settings, grammars)
+    got, _ = EngineBackend(tiny_model, slots=2).generate(prompts, settings, grammars)
+    assert got.completion_ids == ref.completion_ids
+    assert not any("e" in text for text in got.texts)
+    free, _ = EngineBackend(tiny_model, slots=2).generate(prompts, settings)
+    assert any("e" in text for text in free.texts)  # the random model left alone writes one
