@@ -235,7 +235,7 @@ class Recommender:
             # the prompt names titles, not genres or years: an edit of those changes the grammar,
             # not the prompt
             window = facts[-self.model.prompts.max_history :]
-            grammar = json.dumps(["held-claims-2", [[f.genres, f.decade] for f in window]])
+            grammar = json.dumps(["held-claims-3", [[f.genres, f.decade] for f in window]])
         return PreparedQuery(
             query=query,
             model_version=self.version,
@@ -249,8 +249,9 @@ class Recommender:
         """sha256 of (model version, rendered prompt = the history window, generation settings,
         the grammar: what it constrains and the window's genres and decades it was built from),
         so reasoning cached under an older grammar (until stop 29 the rated list could name any
-        window title; until stop 30 the decades and the drift were free) or before a genre or
-        year edit is not served under this one."""
+        window title; until stop 30 the decades and the drift were free; until held-claims-3 a
+        "Lately more" where nothing drifts or a "Likes" where no genre holds could be written
+        outside the rated list) or before a genre or year edit is not served under this one."""
         material = json.dumps([self.version, prompt, budget, "greedy", grammar])
         return hashlib.sha256(material.encode()).hexdigest()
 
