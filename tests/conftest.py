@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny random R²ec model, a tiny prepared dataset, a versions root."""
+"""Shared fixtures: a tiny random R²ec model, a tiny prepared dataset, a versions root, the
+paths a test flushes to the disk."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -53,3 +55,18 @@ def versions_root(_versions_root, tmp_path) -> Path:
     dest = tmp_path / "versions"
     shutil.copytree(_versions_root, dest)
     return dest
+
+
+@pytest.fixture
+def fsynced(monkeypatch) -> list[Path]:
+    """Every path os.fsync flushes from here on, in order, under its name at that moment (read
+    back from /proc/self/fd): what model/data/dataset.py's `fsync_path` reaches the disk with."""
+    flushed: list[Path] = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        flushed.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    return flushed

@@ -96,10 +96,33 @@ class PreparedDataset:
         return self.splits[name]
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (a rename into it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """`fsync_path` every file and directory under ``root``, each directory after what it
+    holds and ``root`` last: a directory written in one place and renamed into another
+    (model/checkpoint.py) is on the disk whole before its new name is."""
+    for parent, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(parent) / name)
+        fsync_path(Path(parent))
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temp file next to ``path``, then move it into place.
 
     A crash leaves either the old file or the new one, never half of one, and no temp file.
+    The data is flushed to the disk before the rename and the rename after it (`fsync_path`),
+    so a power loss does not leave an empty file under ``path`` either, and a caller's writes
+    reach the disk in the order it makes them (retraining's event log before its cursor,
+    model/retrain.py `consume_events`; a version before the CURRENT pointer naming it).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,10 +130,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         write(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
 
 
 def _write_frame(df: pd.DataFrame, schema: pa.Schema, path: Path) -> None:
@@ -126,8 +151,8 @@ def save_prepared(
     prior: dict[str, list[str]] | None = None,
 ) -> Path:
     """Write items, the three splits, the prior items when there are any, and (last)
-    meta.json into ``out_dir``, each atomically. A prior file from an earlier preparation
-    into the same directory is removed when this one has none."""
+    meta.json into ``out_dir``, each atomically and on the disk before the next. A prior file
+    from an earlier preparation into the same directory is removed when this one has none."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # a directory prepared before is incomplete from here until the new meta.json lands: a
@@ -143,6 +168,7 @@ def save_prepared(
         (out_dir / PRIOR_FILE).unlink(missing_ok=True)
     text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
     atomic_write(out_dir / META_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    fsync_path(out_dir.parent)  # the directory's own name, when this call made it
     logger.info("wrote prepared dataset to %s", out_dir)
     return out_dir
 

@@ -70,6 +70,24 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 
+def test_atomic_write_flushes_the_file_before_the_rename_and_the_rename_after(tmp_path, fsynced):
+    """After a power loss the path holds the old data or all of the new, never an empty file."""
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+    atomic_write(target, lambda tmp: tmp.write_text("new"))
+    assert target.read_text() == "new"
+    tmp_file, directory = fsynced
+    assert tmp_file.parent == tmp_path.resolve() and tmp_file.name.startswith(".f.txt.")
+    assert directory == tmp_path.resolve()
+
+
+def test_a_prepared_directory_is_on_the_disk_meta_last_then_its_own_name(tmp_path, fsynced):
+    out = build_prepared(_inter(list("1234")), None, data_dir=tmp_path, **BUILD).resolve()
+    *_, meta, in_dir, parent = fsynced
+    assert meta.parent == out and meta.name.startswith(".meta.json.")
+    assert (in_dir, parent) == (out, out.parent)
+
+
 def test_format_stats(prepared):
     text = format_stats(load_prepared(prepared).meta)
     assert "num_users" in text and "train_samples" in text and "loo" in text

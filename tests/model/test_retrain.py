@@ -158,6 +158,13 @@ def test_events_read_again_are_not_counted_twice(tmp_path):
     assert (new, cursor, list(log["event_id"])) == (0, "after:2", ["a", "b"])
 
 
+def test_the_event_log_reaches_the_disk_before_the_cursor(tmp_path, fsynced):
+    """After a power loss the saved cursor never points past events the log does not hold."""
+    consume_events(tmp_path, FakeReader([Ev("a", "u1", "i1", 4.0, 10)]))
+    work = tmp_path.resolve()
+    assert [p if p == work else p.name.split(".")[1] for p in fsynced] == ["events", work, "state", work]
+
+
 def test_too_few_new_events_skip_training_but_keep_the_cursor(versions_root, tiny_dataset):
     reader = FakeReader([Ev("a", "u1", "i6", 4.0, 900)])
     cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), min_events=2)
