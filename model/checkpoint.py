@@ -16,8 +16,9 @@ Layout::
 
 `weights == "base"` stores no weights: the model is the untrained `base` itself
 (the reference rows of the evaluation, and what the service runs before training).
-The whole directory is written beside its target and renamed into place, so a crash
-mid-write leaves either the old checkpoint or the new one, never half of one.
+The whole directory is written beside its target, flushed to the disk and renamed into place
+(`_swap_into_place`), so a crash mid-write, or a power loss, leaves either the old checkpoint
+or the new one, never half of one.
 
 A versions root holds published checkpoints (ROOT/<version>/) and a CURRENT file naming the
 one to serve. The functions at the end of this module are the only code that reads or
@@ -45,7 +46,7 @@ import torch
 from model.backbone import BackboneConfig, load_backbone, load_lm, prepare_tokenizer
 from model.cowatch import FILE as COWATCH_PARQUET
 from model.cowatch import CoWatch
-from model.data.dataset import atomic_write
+from model.data.dataset import atomic_write, fsync_path, fsync_tree
 from model.distributed import resolve_device
 from model.prompts import PromptConfig
 from model.r2ec import R2ec
@@ -181,15 +182,20 @@ def check_replaceable(out: Path | str) -> None:
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
     """Rename `tmp` to `out` (`check_replaceable`); an existing `out` is moved aside first and
-    removed after."""
+    removed after. `tmp`'s files reach the disk before it is renamed and the rename after
+    (model/data/dataset.py `fsync_tree`), so after a power loss `out` holds no empty or
+    truncated file."""
     check_replaceable(out)
+    fsync_tree(tmp)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:6]}")
         os.replace(out, old)
         os.replace(tmp, out)
+        fsync_path(out.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+        fsync_path(out.parent)
 
 
 def resolve_checkpoint(path: Path | str) -> Path:
@@ -413,11 +419,16 @@ def unused_version(root: Path | str, version: str) -> str:
 
 def publish_version(root: Path | str, checkpoint: Path | str, version: str) -> None:
     """Move a finished checkpoint into root as `version` and flip CURRENT to it. Versions
-    are never overwritten (see `unused_version`); same filesystem: the move is one rename."""
+    are never overwritten (see `unused_version`); same filesystem: the move is one rename.
+    The checkpoint (with whatever was added since it was saved, model/retrain.py's
+    retrain.json) and its rename reach the disk before CURRENT names it, so a power loss
+    cannot leave CURRENT naming a version that is missing or incomplete."""
     root = Path(root)
     if (root / version).exists():
         raise CheckpointError(f"{root / version} exists; versions are never overwritten")
+    fsync_tree(Path(checkpoint))
     os.replace(checkpoint, root / version)
+    fsync_path(root)
     flip_current(root, version)
     log.info("published %s and pointed %s at it", version, root / CURRENT_FILE)
 

@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,6 +117,31 @@ def test_load_reports_mismatch_and_missing_files(tmp_path, tiny_model, tiny_data
         load_checkpoint(tmp_path / "nowhere")
 
 
+def _save(out, tiny_model, tiny_dataset):
+    items = _items(tiny_dataset)
+    vectors = np.zeros((len(items), tiny_model.hidden_size), dtype=np.float32)
+    return save_checkpoint(out, tiny_model, base="tiny", weights="base", items=items, item_vectors=vectors)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "replaced"])
+def test_a_checkpoint_reaches_the_disk_before_its_name(tmp_path, tiny_model, tiny_dataset, fsynced, existing):
+    """Every file and directory of the temp dir is flushed before the rename, then the parent
+    (the rename itself): after a power loss no empty or truncated file under the new name."""
+    out = tmp_path / "c"
+    if existing:
+        _save(out, tiny_model, tiny_dataset)
+        fsynced.clear()
+    _save(out, tiny_model, tiny_dataset)
+    parent = tmp_path.resolve()
+    assert fsynced[-1] == parent
+    flushed = fsynced[:-1]
+    tmp = {p.relative_to(parent).parts[0] for p in flushed}
+    assert len(tmp) == 1 and tmp.pop().startswith(".c.tmp-")
+    written = {Path(".")} | {p.relative_to(out) for p in out.rglob("*")}
+    assert {p.relative_to(parent / flushed[-1].name) for p in flushed} == written
+    assert flushed[-1].parent == parent  # the temp dir itself last, after what it holds
+
+
 # -- the versions root ----------------------------------------------------------------------------
 def _fake_versions(root, names):
     """Checkpoint dirs with just an r2ec.json, created a day apart in `names` order."""
@@ -151,6 +177,23 @@ def test_publish_flips_current_and_never_overwrites(tmp_path):
     with pytest.raises(CheckpointError, match="never overwritten"):
         publish_version(root, tmp_path / "again", "v0")
     assert current_version(root) == "cand" and not list(root.glob(".CURRENT*"))  # no temp left
+
+
+def test_a_published_version_reaches_the_disk_before_current_names_it(tmp_path, fsynced):
+    """A power loss after the flip cannot leave CURRENT naming a version that is missing or
+    half written (retraining adds retrain.json to the candidate just before publishing)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    _fake_versions(root, ["v0"])
+    flip_current(root, "v0")
+    _fake_versions(tmp_path, ["cand"])
+    fsynced.clear()
+    publish_version(root, tmp_path / "cand", "cand")
+    where = [str(p) for p in fsynced]
+    cand, root = str((tmp_path / "cand").resolve()), str(root.resolve())
+    pointer = next(i for i, p in enumerate(where) if Path(p).name.startswith(".CURRENT."))
+    assert where.index(cand + "/r2ec.json") < where.index(cand) < where.index(root) < pointer
+    assert where[-1] == root  # the flip itself
 
 
 def test_current_pointer_errors_say_what_is_wrong(tmp_path):
