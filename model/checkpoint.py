@@ -28,10 +28,14 @@ with `resolve_checkpoint`.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -181,21 +185,91 @@ def check_replaceable(out: Path | str) -> None:
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out` (`check_replaceable`); an existing `out` is moved aside first and
-    removed after. `tmp`'s files reach the disk before it is renamed and the rename after
-    (model/data/dataset.py `fsync_tree`), so after a power loss `out` holds no empty or
-    truncated file."""
+    """Make the finished directory `tmp` the checkpoint `out` (`check_replaceable`): its files
+    reach the disk before it is renamed and the rename after (model/data/dataset.py
+    `fsync_tree`), so after a power loss `out` holds no empty or truncated file.
+
+    An existing `out` is swapped with `tmp` in one step where Linux can (`_exchange`: ext4,
+    xfs, btrfs, tmpfs), so `out` is never missing. Elsewhere (e.g. NFS) it takes two renames,
+    `out` to `.NAME.old-*` and `tmp` to `out`, and for a moment there is no `out`: a service
+    following a checkpoint directory sees no version at that poll and keeps serving
+    (service/state.py `_watch`), one following a versions root never meets it (a published
+    version is never overwritten, `publish_version`; readers go through CURRENT). A process
+    that dies between the two renames leaves the old checkpoint aside, which
+    `recover_checkpoint` restores: the next save to `out` calls it first, so does a training
+    run for its best/ and last/ (model/train.py `Trainer`)."""
+    recover_checkpoint(out)
     check_replaceable(out)
     fsync_tree(tmp)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:6]}")
+    if not out.exists():
+        os.replace(tmp, out)
+        fsync_path(out.parent)
+        return
+    if _exchange(tmp, out):
+        old = tmp  # now holds what `out` held
+    else:
+        old = out.with_name(f"{_aside_prefix(out)}{time.time_ns():020d}-{uuid.uuid4().hex[:6]}")
         os.replace(out, old)
         os.replace(tmp, out)
-        fsync_path(out.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-        fsync_path(out.parent)
+    fsync_path(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _aside_prefix(out: Path) -> str:
+    """Where `_swap_into_place` moves an existing `out` while it renames the new one in:
+    `.NAME.old-<time in ns>-<random>`, sortable by when it moved."""
+    return f".{out.name}.old-"
+
+
+def recover_checkpoint(out: Path | str) -> None:
+    """Undo a `_swap_into_place` cut between its two renames: with `out` missing, the newest
+    checkpoint moved aside from it goes back; every other copy aside is removed. Nothing to do
+    (the common case) costs one directory listing. For writers only (a reader must not move
+    what a writer may be renaming)."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    asides = sorted(p for p in out.parent.iterdir() if p.name.startswith(_aside_prefix(out)))
+    if not out.exists():
+        restorable = [p for p in asides if (p / META_FILE).is_file()]
+        if restorable:
+            back = restorable[-1]
+            os.replace(back, out)
+            fsync_path(out.parent)
+            asides.remove(back)
+            log.warning("restored %s from %s, moved aside by a save that did not finish", out, back.name)
+    for p in asides:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+@functools.cache
+def _renameat2() -> Any:
+    """glibc's renameat2 (2.28+), or None (another C library or OS)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the two existing paths `a` and `b` in one rename (renameat2 RENAME_EXCHANGE);
+    False, and nothing moved, where the C library, the kernel or the filesystem cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def resolve_checkpoint(path: Path | str) -> Path:

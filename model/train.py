@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from model import distributed as dist
 from model import losses
-from model.checkpoint import read_meta, save_checkpoint
+from model.checkpoint import read_meta, recover_checkpoint, save_checkpoint
 from model.cowatch import CoWatch
 from model.curves import plot_curves
 from model.data import PreparedDataset
@@ -81,6 +81,10 @@ class Trainer:
         self.is_main = dist.rank() == 0
         torch.manual_seed(cfg.seed)
         resume_dir = self.out / "last"
+        if self.is_main:  # a save cut between two renames left the old copy aside (model/checkpoint.py)
+            for name in ("best", "last"):
+                recover_checkpoint(self.out / name)
+        dist.barrier()
         if resume and not (resume_dir / STATE_FILE).is_file():
             raise FileNotFoundError(f"--resume: no {resume_dir / STATE_FILE} to resume from")
         self.model, self.base_ref = build_model(cfg, str(resume_dir) if resume else base, dataset.category)

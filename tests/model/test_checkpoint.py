@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model import checkpoint
 from model.checkpoint import (
     CheckpointError,
     create_base_checkpoint,
@@ -14,6 +15,7 @@ from model.checkpoint import (
     load_checkpoint,
     prune_versions,
     publish_version,
+    read_meta,
     resolve_checkpoint,
     save_checkpoint,
     unused_version,
@@ -140,6 +142,72 @@ def test_a_checkpoint_reaches_the_disk_before_its_name(tmp_path, tiny_model, tin
     written = {Path(".")} | {p.relative_to(out) for p in out.rglob("*")}
     assert {p.relative_to(parent / flushed[-1].name) for p in flushed} == written
     assert flushed[-1].parent == parent  # the temp dir itself last, after what it holds
+
+
+def _crash_the_second_rename(monkeypatch, out):
+    """Two renames, as on a filesystem that cannot swap two directories; the second fails."""
+    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False, raising=False)
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == out and Path(src).name.startswith(f".{out.name}.tmp-"):
+            raise OSError("killed between the two renames")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_a_save_cut_between_its_two_renames_is_restored(tmp_path, tiny_model, tiny_dataset, monkeypatch):
+    from model.checkpoint import recover_checkpoint
+
+    out = tmp_path / "c"
+    first = _save(out, tiny_model, tiny_dataset)
+    with monkeypatch.context() as m:
+        _crash_the_second_rename(m, out)
+        with pytest.raises(OSError, match="killed"):
+            _save(out, tiny_model, tiny_dataset)
+    assert not out.exists() and [p.name[:7] for p in tmp_path.iterdir()] == [".c.old-"]
+    recover_checkpoint(out)
+    assert read_meta(out)["version"] == first["version"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    recover_checkpoint(out)  # nothing aside: nothing to do
+    assert read_meta(out)["version"] == first["version"]
+
+
+def test_the_next_save_after_a_cut_one_leaves_nothing_aside(tmp_path, tiny_model, tiny_dataset, monkeypatch):
+    out = tmp_path / "c"
+    _save(out, tiny_model, tiny_dataset)
+    with monkeypatch.context() as m:
+        _crash_the_second_rename(m, out)
+        with pytest.raises(OSError, match="killed"):
+            _save(out, tiny_model, tiny_dataset)
+    again = _save(out, tiny_model, tiny_dataset)
+    assert read_meta(out)["version"] == again["version"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_replacing_a_checkpoint_keeps_one_at_its_path_throughout(
+    tmp_path, tiny_model, tiny_dataset, monkeypatch
+):
+    """Where the filesystem swaps two directories in one rename (Linux renameat2 on ext4, xfs,
+    btrfs, tmpfs), a reader of the checkpoint's path finds one at every moment."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    exchange = getattr(checkpoint, "_exchange", None)
+    if exchange is not None and not exchange(a, b):
+        pytest.skip("this filesystem cannot swap two directories in one rename")
+    out = tmp_path / "c"
+    first = _save(out, tiny_model, tiny_dataset)
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        assert (out / "r2ec.json").is_file(), f"{out} missing after renaming {src} to {dst}"
+
+    monkeypatch.setattr(os, "replace", replace)
+    second = _save(out, tiny_model, tiny_dataset)
+    assert read_meta(out)["version"] == second["version"] != first["version"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
 
 
 # -- the versions root ----------------------------------------------------------------------------

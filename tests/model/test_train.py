@@ -300,6 +300,29 @@ def test_resume_without_a_saved_state_is_a_clear_error(tiny_dataset, tmp_path):
         train(RecPOConfig(max_steps=1, **TINY), tiny_dataset, "tiny", tmp_path / "empty", resume=True)
 
 
+def test_resume_restores_a_last_left_aside_by_a_save_cut_between_its_renames(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """A run killed between `_swap_into_place`'s two renames (model/checkpoint.py) left no last/
+    but its previous copy aside: --resume puts it back and resumes from it."""
+    aside = tmp_path / "run" / f".last.old-{0:020d}-000000"
+    aside.mkdir(parents=True)
+    (aside / "r2ec.json").write_text("{}")
+    (aside / "trainer_state.pt").write_bytes(b"")
+
+    class Built(Exception):
+        pass
+
+    def build_model(cfg, base, category):
+        raise Built(base)
+
+    monkeypatch.setattr("model.train.build_model", build_model)
+    with pytest.raises(Built, match="run/last"):
+        Trainer(RecPOConfig(max_steps=1, **TINY), tiny_dataset, "tiny", tmp_path / "run", resume=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["last"]
+    assert (tmp_path / "run" / "last" / "trainer_state.pt").is_file()
+
+
 WORKER = """
 import sys, torch
 from model.data import load_prepared
