@@ -21,8 +21,11 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +58,36 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+_held = threading.local()  # the directories this thread holds the lock of
+
+
+@contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """Hold `<directory>/.lock` exclusively (flock: other processes and threads wait). Re-entrant
+    within a thread, so a caller can read the saved record, merge, and save under one hold
+    (service/catalog.py `Catalog._persist`): `write_index_dir` takes it again."""
+    key = os.path.realpath(directory)
+    held = _held.__dict__.setdefault("dirs", set())
+    if key in held:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+
+
 def write_index_dir(directory: Path, index: faiss.Index, doc: dict[str, Any]) -> Path:
     """Save `index` + `doc` (the json body, without file fields) into `directory`."""
     try:
         json.dumps(doc["metadata"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"index metadata must be JSON-serialisable: {e}") from None
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with locked(directory):
         return _write_locked(directory, index, doc)
 
 

@@ -5,13 +5,25 @@ The admin API edits items while the service runs; an edit re-encodes the item's 
 served model, changes the index under a lock (a batch may be searching it) and is saved with the
 index in <checkpoint>/index/, so a restart serves the edited catalog and a reload carries the
 edits to the next model.
+
+Replicas that serve one checkpoint from a shared volume share that record. Each edit carries
+the time it was made, and a save merges under the directory's lock (index/persist.py `locked`):
+the edits saved there by another replica that are newer than this one's are applied first, so a
+save never drops another replica's edit, and for one item the latest edit wins (wall clocks:
+keep the replicas' clocks in sync). `Catalog.sync_edits` applies what other replicas saved
+since it last looked; the service calls it on each tick of its checkpoint watch
+(service/state.py), so an edit sent to one replica reaches the others within
+`R2EC_WATCH_INTERVAL_S`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +31,7 @@ import numpy as np
 import torch
 
 from index import IndexMismatchError, ItemIndex
-from index.persist import read_metadata
+from index.persist import locked, read_metadata
 from model.checkpoint import Checkpoint
 from service.search import TIERS, Match, TitleIndex, normalize
 
@@ -49,6 +61,30 @@ class _Titles(Mapping[str, str]):
         return len(self._records)
 
 
+@dataclass(frozen=True)
+class Edits:
+    """Item edits on top of a checkpoint's catalog: item_id -> its record (None: deleted), and
+    when each was made (ns since the epoch; 0 for one saved before times were kept)."""
+
+    records: dict[str, dict[str, str] | None] = field(default_factory=dict)
+    times: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, metadata: Mapping[str, Any]) -> Edits:
+        """The edits an index.json's metadata records ({} where it records none)."""
+        records, times = metadata.get("catalog_edits"), metadata.get("edit_times")
+        records = dict(records) if isinstance(records, dict) else {}
+        times = times if isinstance(times, dict) else {}
+        return cls(records, {i: _ns(times.get(i)) for i in records})
+
+    def __bool__(self) -> bool:
+        return bool(self.records)
+
+
+def _ns(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 class Catalog:
     """A checkpoint's items and their index, editable; every change to both goes through here."""
 
@@ -58,7 +94,7 @@ class Catalog:
         index: ItemIndex,
         *,
         persist_edits: bool = True,
-        edits: Mapping[str, dict[str, str] | None] | None = None,
+        edits: Edits | None = None,
     ) -> None:
         if index.dim != checkpoint.model.hidden_size:
             raise IndexMismatchError(
@@ -70,7 +106,10 @@ class Catalog:
         self._records: dict[str, dict[str, str]] = {
             str(row["item_id"]): _clean_item(row) for row in checkpoint.items.to_dict("records")
         }
-        self._edits: dict[str, dict[str, str] | None] = dict(edits or {})
+        edits = edits or Edits()
+        self._edits: dict[str, dict[str, str] | None] = dict(edits.records)
+        self._edit_times: dict[str, int] = {i: edits.times.get(i, 0) for i in self._edits}
+        self._saved: tuple[int, int, int] | None = None  # the index.json last read or written here
         _apply_edits(self._records, self._edits)
         self._lock = threading.Lock()  # edits vs. a batch's search + title reads
         # title search (GET /items): built on first use, then edits are searched beside it
@@ -182,6 +221,7 @@ class Catalog:
             replaced = self.index.upsert(item_id, vector)
             self._records[item_id] = record
             self._edits[item_id] = record
+            self._edit_times[item_id] = time.time_ns()
             self._title_changed(item_id, record["title"])
         self._persist()
         return replaced
@@ -195,20 +235,45 @@ class Catalog:
                 self.index.remove(item_id)
             del self._records[item_id]
             self._edits[item_id] = None
+            self._edit_times[item_id] = time.time_ns()
             self._title_changed(item_id, None)
         self._persist()
 
     @property
-    def edits(self) -> dict[str, dict[str, str] | None]:
-        """Item edits made through the admin API on top of the checkpoint's catalog (None = deleted)."""
+    def edits(self) -> Edits:
+        """Item edits made through the admin API on top of the checkpoint's catalog, with their times."""
         with self._lock:
-            return dict(self._edits)
+            return Edits(dict(self._edits), dict(self._edit_times))
 
-    def carry_edits(self, edits: Mapping[str, dict[str, str] | None]) -> int:
-        """Re-apply another catalog's item edits here (after a reload): changed items are
-        re-encoded with this model in one batch. Returns how many edits changed something."""
-        upserts = {i: r for i, r in edits.items() if r is not None and self._records.get(i) != r}
-        deletes = [i for i, r in edits.items() if r is None and i in self._records]
+    def carry_edits(self, edits: Edits) -> int:
+        """Re-apply another catalog's item edits here (after a reload) and save: changed items
+        are re-encoded with this model in one batch. Returns how many edits changed something."""
+        applied = self._apply(edits)
+        if applied:
+            self._persist()
+        return applied
+
+    def sync_edits(self) -> int:
+        """Apply the edits another replica saved beside this checkpoint that are newer than this
+        catalog's own (module docstring); a cheap stat when the record has not changed since
+        this catalog last read or wrote it. Returns how many edits changed something."""
+        if not self.persist_edits:
+            return 0
+        directory = self.checkpoint.path / INDEX_DIR
+        stamp = _stamp(directory)
+        if stamp is None or stamp == self._saved:
+            return 0
+        saved = saved_edits(directory, self.checkpoint.version)
+        newer = [i for i, t in saved.times.items() if t > self._edit_times.get(i, -1)]
+        applied = self._apply(Edits({i: saved.records[i] for i in newer}, saved.times))
+        self._saved = stamp
+        return applied
+
+    def _apply(self, edits: Edits) -> int:
+        """Apply edits to the index and records (see carry_edits), without saving."""
+        records = edits.records
+        upserts = {i: r for i, r in records.items() if r is not None and self._records.get(i) != r}
+        deletes = [i for i, r in records.items() if r is None and i in self._records]
         if not upserts and not deletes:
             return 0
         vectors = (
@@ -228,30 +293,51 @@ class Catalog:
                 self._records.pop(item_id, None)
                 self._edits[item_id] = None
                 self._title_changed(item_id, None)
-        self._persist()
+            for item_id in [*upserts, *deletes]:
+                self._edit_times[item_id] = edits.times.get(item_id, 0)
         return len(upserts) + len(deletes)
 
     def _persist(self) -> None:
-        """Save the edited index (with the edits, so a restart sees them) beside the checkpoint."""
+        """Save the edited index (with the edits, so a restart sees them) beside the checkpoint,
+        after applying what another replica saved there since (`sync_edits`), under the
+        directory's lock, so the save keeps every replica's edits."""
         if not self.persist_edits:
             return
+        directory = self.checkpoint.path / INDEX_DIR
         kind = self.index.metadata.get("index_kind", self.index.kind)
         try:
-            self.index.save(
-                self.checkpoint.path / INDEX_DIR, index_metadata(self.checkpoint.version, kind, self._edits)
-            )
+            with locked(directory):
+                self.sync_edits()
+                with self._lock:
+                    edits = Edits(dict(self._edits), dict(self._edit_times))
+                self.index.save(directory, index_metadata(self.checkpoint.version, kind, edits))
+                self._saved = _stamp(directory)
         except OSError as exc:  # a read-only checkpoint volume still serves the edit
             log.warning("item edit applied in memory but not saved: %s", exc)
 
 
 # -------------------------------------------------------------------- the index on disk
-def index_metadata(version: str, kind: str, edits: Mapping[str, Any]) -> dict[str, Any]:
+def index_metadata(version: str, kind: str, edits: Edits) -> dict[str, Any]:
     """What <ckpt>/index/index.json records: whose vectors, which kind was asked for, and the
-    catalog edits made since the checkpoint was written."""
-    return {"model_version": version, "index_kind": kind, "catalog_edits": dict(edits)}
+    catalog edits made since the checkpoint was written, with their times."""
+    return {
+        "model_version": version,
+        "index_kind": kind,
+        "catalog_edits": dict(edits.records),
+        "edit_times": dict(edits.times),
+    }
 
 
-def open_index(ckpt: Checkpoint, kind: str) -> tuple[ItemIndex, dict[str, Any], dict[str, Any]]:
+def _stamp(directory: Path) -> tuple[int, int, int] | None:
+    """Which index.json is there now (each save replaces the file: a new inode); None: none."""
+    try:
+        st = os.stat(directory / "index.json")
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def open_index(ckpt: Checkpoint, kind: str) -> tuple[ItemIndex, Edits, Edits]:
     """Load <ckpt>/index/ when it was built for this model version and kind and agrees with the
     catalog; otherwise build it from the checkpoint's item vectors and save it (best effort).
     Returns the index, the item edits it holds, and the edits it does not hold yet: those saved
@@ -265,36 +351,35 @@ def open_index(ckpt: Checkpoint, kind: str) -> tuple[ItemIndex, dict[str, Any], 
                 expect_dim=ckpt.model.hidden_size,
                 expect_metadata={"model_version": ckpt.version, "index_kind": kind},
             )
-            edits = dict(index.metadata.get("catalog_edits") or {})
+            edits = Edits.of(index.metadata)
             catalog = {str(i): {} for i in ckpt.items["item_id"]}
-            _apply_edits(catalog, edits)
+            _apply_edits(catalog, edits.records)
             if set(catalog) == set(index.item_ids()):
-                return index, edits, {}
+                return index, edits, Edits()
             log.warning("index in %s disagrees with the catalog: rebuilding", directory)
         except (IndexMismatchError, ValueError, OSError, RuntimeError) as exc:
             log.warning("not using the index in %s (%s): rebuilding", directory, exc)
     pending = saved_edits(directory, ckpt.version)
     index = ItemIndex.build([str(i) for i in ckpt.items["item_id"]], ckpt.item_vectors, kind=kind)
     if pending:  # the old record stays until the caller has applied them and saved (`Catalog.open`)
-        return index, {}, pending
+        return index, Edits(), pending
     try:
-        index.save(directory, index_metadata(ckpt.version, kind, {}))
+        index.save(directory, index_metadata(ckpt.version, kind, Edits()))
     except OSError as exc:
         log.warning("could not save the index to %s (%s); serving it from memory", directory, exc)
-    return index, {}, {}
+    return index, Edits(), Edits()
 
 
-def saved_edits(directory: Path, version: str) -> dict[str, Any]:
+def saved_edits(directory: Path, version: str) -> Edits:
     """The item edits recorded in <directory>/index.json for this model version, whatever state
     the rest of that directory is in; {} when there is no readable record."""
     try:
         metadata = read_metadata(directory)
     except (OSError, ValueError):  # IndexMismatchError is a ValueError
-        return {}
+        return Edits()
     if not isinstance(metadata, dict) or metadata.get("model_version") != version:
-        return {}
-    edits = metadata.get("catalog_edits")
-    return dict(edits) if isinstance(edits, dict) else {}
+        return Edits()
+    return Edits.of(metadata)
 
 
 def _apply_edits(catalog: dict[str, Any], edits: Mapping[str, Any]) -> None:

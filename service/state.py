@@ -381,7 +381,8 @@ class ServiceState:
         """Follow the configured checkpoint: reload when the version it resolves to changes (the
         retrain job flipped CURRENT, or rewrote the directory). Only a change counts, so a manual
         `POST /admin/reload` of another path is not reverted; a version that fails to load is
-        retried WATCH_RETRIES times, then left until the pointer moves again."""
+        retried WATCH_RETRIES times, then left until the pointer moves again. Each tick also
+        applies the item edits other replicas saved (`_sync_edits`)."""
         # the version being served, not whatever the pointer names at the first poll: the
         # pointer may have moved while the service loaded
         seen: str | None = self.engine.version
@@ -408,7 +409,22 @@ class ServiceState:
                     log.warning("checkpoint watch (attempt %d/%d): %s", failures, WATCH_RETRIES, exc)
                     if failures >= WATCH_RETRIES:
                         seen, failures = version, 0
+            await self._sync_edits()
             await asyncio.sleep(self.settings.watch_interval_s)
+
+    async def _sync_edits(self) -> None:
+        """Apply the item edits other replicas saved beside the served checkpoint
+        (service/catalog.py `Catalog.sync_edits`), on the model thread, not during a reload."""
+        try:
+            async with self.edit_lock:
+                catalog = self.engine.catalog
+                applied = await self.run_model(catalog.sync_edits)
+        except Exception as exc:  # a damaged record, an encode that failed: try again next tick
+            log.warning("item edits saved by other replicas not applied: %s", exc)
+            return
+        if applied:
+            version = catalog.checkpoint.version
+            log.info("applied %d item edits saved by another replica to model %s", applied, version)
 
     # ------------------------------------------------------------------ readiness
     async def readiness(self) -> list[str]:

@@ -176,6 +176,9 @@ async def test_the_watch_catches_a_pointer_that_moved_while_the_service_loaded(m
             reloads.append(path)
             self.engine.version = "w2"
 
+        async def _sync_edits(self):
+            pass
+
     watch = asyncio.create_task(service.state.ServiceState._watch(Loaded()))
     for _ in range(500):
         if reloads:
@@ -183,6 +186,37 @@ async def test_the_watch_catches_a_pointer_that_moved_while_the_service_loaded(m
         await asyncio.sleep(0.01)
     watch.cancel()
     assert reloads == ["/versions"]
+
+
+async def test_an_item_edit_sent_to_one_replica_reaches_the_other(ckpt, tmp_path):
+    """Two services on one checkpoint volume (k8s replicas): each watch tick applies what the
+    other saved (service/catalog.py `Catalog.sync_edits`)."""
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "one", "w1")
+    (root / "CURRENT").write_text("one")
+    async with (
+        serve(app_for(root, watch_interval_s=0.02)) as a,
+        serve(app_for(root, watch_interval_s=0.02)) as b,
+    ):
+        put = await a.put("/items/new-film", json={"title": "A New Film", "year": "2026"}, headers=ADMIN)
+        assert put.status_code == 201
+        deleted = await b.delete("/items/i5", headers=ADMIN)
+        assert deleted.status_code == 200
+
+        async def everywhere() -> None:
+            while not (
+                (await b.get("/items/new-film")).status_code == 200
+                and (await a.get("/items/i5")).status_code == 404
+            ):
+                await asyncio.sleep(0.02)
+
+        try:
+            await asyncio.wait_for(everywhere(), 60)
+        except TimeoutError:
+            raise AssertionError("the edits did not reach the other replica") from None
+        assert (await b.get("/items/new-film")).json()["title"] == "A New Film"
+        r = await b.post("/recommend", json={"history": H1, "k": 50, "reasoning": False})
+        assert "i5" not in {i["item_id"] for i in r.json()["items"]}
 
 
 async def test_the_checkpoint_watch_follows_the_current_pointer(ckpt, tmp_path):

@@ -108,3 +108,46 @@ def test_encode_item_matches_the_checkpoint_table(engine: Recommender):
     row = engine.checkpoint.items.iloc[0].to_dict()
     v = engine.catalog.encode_item(row)
     np.testing.assert_allclose(v, engine.checkpoint.item_vectors[0], atol=1e-5)
+
+
+def test_replicas_on_one_volume_keep_each_others_edits_and_the_latest_wins(ckpt, make_engine):
+    """Two services on one checkpoint directory (replicas on a shared volume): a save merges
+    what the other saved instead of writing over it, and `sync_edits` brings the other's edits
+    in; for one item the later edit wins, on both."""
+    a, b = make_engine(ckpt), make_engine(ckpt)
+    i7 = {k: v for k, v in a.catalog.item("i7").items() if k != "item_id"}
+    a.catalog.upsert("from-a", i7)
+    b.catalog.upsert("from-b", {"title": "Only On B"})
+    b.catalog.remove("i5")
+    restarted = make_engine(ckpt)  # today's record holds both replicas' edits
+    assert restarted.catalog.item("from-a")["title"] == i7["title"]
+    assert restarted.catalog.item("from-b")["title"] == "Only On B" and restarted.catalog.item("i5") is None
+
+    assert a.catalog.sync_edits() == 2  # b's two edits, encoded with a's model
+    assert a.catalog.item("from-b")["title"] == "Only On B" and a.catalog.item("i5") is None
+    assert "from-b" in a.catalog.index and "i5" not in a.catalog.index
+    q = Query(H1, k=20, reasoning=False)
+    assert [i.item_id for i in a.recommend_batch([q])[0].items] == [
+        i.item_id for i in restarted.recommend_batch([q])[0].items
+    ]
+    assert a.catalog.sync_edits() == 0  # nothing saved since
+
+    b.catalog.upsert("i7", {"title": "Earlier Edit"})
+    a.catalog.upsert("i7", {"title": "Later Edit"})  # a saves after applying b's older edit
+    assert b.catalog.item("from-a")["title"] == i7["title"]  # b's save applied a's edit first
+    assert b.catalog.sync_edits() == 1  # a's later i7
+    assert a.catalog.item("i7")["title"] == b.catalog.item("i7")["title"] == "Later Edit"
+    assert make_engine(ckpt).catalog.item("i7")["title"] == "Later Edit"
+
+
+def test_edits_saved_before_times_were_kept_still_load(ckpt, make_engine):
+    import json
+
+    engine = make_engine(ckpt)
+    engine.catalog.upsert("i7", {"title": "Edited"})
+    record = ckpt / INDEX_DIR / "index.json"
+    doc = json.loads(record.read_text())
+    del doc["metadata"]["edit_times"]  # an index.json from before this change
+    record.write_text(json.dumps(doc))
+    again = make_engine(ckpt)
+    assert again.catalog.item("i7")["title"] == "Edited" and again.catalog.edits.times == {"i7": 0}
