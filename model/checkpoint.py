@@ -29,11 +29,11 @@ with `resolve_checkpoint`.
 from __future__ import annotations
 
 import ctypes
-import errno
 import functools
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -208,17 +208,24 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     if _exchange(tmp, out):
         old = tmp  # now holds what `out` held
     else:
-        old = out.with_name(f"{_aside_prefix(out)}{time.time_ns():020d}-{uuid.uuid4().hex[:6]}")
+        old = out.with_name(f".{out.name}.old-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}")
         os.replace(out, old)
         os.replace(tmp, out)
     fsync_path(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _aside_prefix(out: Path) -> str:
-    """Where `_swap_into_place` moves an existing `out` while it renames the new one in:
-    `.NAME.old-<time in ns>-<random>`, sortable by when it moved."""
-    return f".{out.name}.old-"
+def _asides(out: Path) -> list[Path]:
+    """The copies of `out` that `_swap_into_place` moved aside, oldest first: exactly
+    `.NAME.old-<time in ns, 20 digits>-<6 hex>`, or `.NAME.old-<6 hex>` as saves before that
+    format named them (ordered first); nothing else, however alike its name."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.old-(?:(\d{{20}})-)?[0-9a-f]{{6}}")
+    found = []
+    for p in out.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m is not None:
+            found.append((int(m.group(1) or 0), p.name, p))
+    return [p for *_, p in sorted(found)]
 
 
 def recover_checkpoint(out: Path | str) -> None:
@@ -229,7 +236,7 @@ def recover_checkpoint(out: Path | str) -> None:
     out = Path(out)
     if not out.parent.is_dir():
         return
-    asides = sorted(p for p in out.parent.iterdir() if p.name.startswith(_aside_prefix(out)))
+    asides = _asides(out)
     if not out.exists():
         restorable = [p for p in asides if (p / META_FILE).is_file()]
         if restorable:
@@ -264,12 +271,9 @@ def _exchange(a: Path, b: Path) -> bool:
     fn = _renameat2()
     if fn is None:
         return False
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
+    # a failed exchange moves nothing, so any error falls back to the two renames, whose own
+    # errors (ENOENT, EACCES) are the ones to report
+    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def resolve_checkpoint(path: Path | str) -> Path:

@@ -18,6 +18,7 @@ One directory per (dataset, protocol), e.g. ``<data_dir>/ml-100k/loo/``::
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -96,11 +97,24 @@ class PreparedDataset:
         return self.splits[name]
 
 
+# what fsync of a directory returns where the filesystem cannot flush one (some FUSE and virtual
+# filesystems; /proc here): the rename it would record has happened all the same
+_NO_DIRECTORY_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF})
+
+
 def fsync_path(path: Path) -> None:
-    """Flush a file's data, or a directory's entries (a rename into it), to the disk."""
+    """Flush a file's data, or a directory's entries (a rename into it), to the disk. A
+    directory is flushed where the filesystem can (not on Windows, which cannot open one, nor
+    where fsync answers EINVAL/ENOTSUP); a file always, or OSError."""
+    directory = os.path.isdir(path)
+    if directory and os.name == "nt":
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if not (directory and exc.errno in _NO_DIRECTORY_FSYNC):
+            raise
     finally:
         os.close(fd)
 

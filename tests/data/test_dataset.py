@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 
 import pandas as pd
 import pytest
@@ -79,6 +81,28 @@ def test_atomic_write_flushes_the_file_before_the_rename_and_the_rename_after(tm
     tmp_file, directory = fsynced
     assert tmp_file.parent == tmp_path.resolve() and tmp_file.name.startswith(".f.txt.")
     assert directory == tmp_path.resolve()
+
+
+def test_a_directory_that_cannot_be_flushed_does_not_fail_a_write_that_landed(tmp_path, monkeypatch):
+    """Some filesystems (FUSE, /proc) answer a directory's fsync with EINVAL: the rename has
+    happened, so the write succeeds; a file's fsync failing still fails it."""
+    import errno
+
+    real = os.fsync
+
+    def no_directory_fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", no_directory_fsync)
+    target = tmp_path / "f.txt"
+    atomic_write(target, lambda tmp: tmp.write_text("new"))
+    assert target.read_text() == "new"
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O"):
+        atomic_write(target, lambda tmp: tmp.write_text("newer"))
+    assert target.read_text() == "new"
 
 
 def test_a_prepared_directory_is_on_the_disk_meta_last_then_its_own_name(tmp_path, fsynced):

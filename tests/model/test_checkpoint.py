@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,24 @@ def test_a_save_cut_between_its_two_renames_is_restored(tmp_path, tiny_model, ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
     recover_checkpoint(out)  # nothing aside: nothing to do
     assert read_meta(out)["version"] == first["version"]
+
+
+def test_recovery_touches_only_what_a_save_set_aside(tmp_path, tiny_model, tiny_dataset, monkeypatch):
+    """A user's `.c.old-backup`, a sibling checkpoint `c.old-2`'s temp dir: names alike, not
+    ours, neither restored nor removed."""
+    out = tmp_path / "c"
+    first = _save(out, tiny_model, tiny_dataset)
+    lookalikes = [tmp_path / ".c.old-backup", tmp_path / ".c.old-2.tmp-aaaaaaaaaaaa"]
+    for p in lookalikes:
+        shutil.copytree(out, p)
+    with monkeypatch.context() as m:
+        _crash_the_second_rename(m, out)
+        with pytest.raises(OSError, match="killed"):
+            _save(out, tiny_model, tiny_dataset)
+    checkpoint.recover_checkpoint(out)
+    assert read_meta(out)["version"] == first["version"]
+    assert all(p.is_dir() for p in lookalikes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c", *(p.name for p in lookalikes)])
 
 
 def test_the_next_save_after_a_cut_one_leaves_nothing_aside(tmp_path, tiny_model, tiny_dataset, monkeypatch):
