@@ -221,7 +221,7 @@ class Catalog:
             replaced = self.index.upsert(item_id, vector)
             self._records[item_id] = record
             self._edits[item_id] = record
-            self._edit_times[item_id] = time.time_ns()
+            self._edit_times[item_id] = self._next_time(item_id)
             self._title_changed(item_id, record["title"])
         self._persist()
         return replaced
@@ -235,7 +235,7 @@ class Catalog:
                 self.index.remove(item_id)
             del self._records[item_id]
             self._edits[item_id] = None
-            self._edit_times[item_id] = time.time_ns()
+            self._edit_times[item_id] = self._next_time(item_id)
             self._title_changed(item_id, None)
         self._persist()
 
@@ -245,10 +245,17 @@ class Catalog:
         with self._lock:
             return Edits(dict(self._edits), dict(self._edit_times))
 
+    def _next_time(self, item_id: str) -> int:
+        """The time of a new edit of `item_id`: now, but later than the edit it replaces, so a
+        clock stepped back (or behind another replica's) cannot make it lose to that one."""
+        return max(time.time_ns(), self._edit_times.get(item_id, -1) + 1)
+
     def carry_edits(self, edits: Edits) -> int:
-        """Re-apply another catalog's item edits here (after a reload) and save: changed items
-        are re-encoded with this model in one batch. Returns how many edits changed something."""
-        applied = self._apply(edits)
+        """Re-apply another catalog's item edits here (after a reload) and save: the ones not
+        older than this catalog's own edit of the item (a tie goes to the carried edit, as an
+        edit saved before times were kept has time 0); changed items are re-encoded with this
+        model in one batch. Returns how many edits changed something."""
+        applied = self._apply(edits, ties_win=True)
         if applied:
             self._persist()
         return applied
@@ -263,19 +270,23 @@ class Catalog:
         stamp = _stamp(directory)
         if stamp is None or stamp == self._saved:
             return 0
-        saved = saved_edits(directory, self.checkpoint.version)
-        newer = [i for i, t in saved.times.items() if t > self._edit_times.get(i, -1)]
-        applied = self._apply(Edits({i: saved.records[i] for i in newer}, saved.times))
+        applied = self._apply(saved_edits(directory, self.checkpoint.version), ties_win=False)
         self._saved = stamp
         return applied
 
-    def _apply(self, edits: Edits) -> int:
-        """Apply edits to the index and records (see carry_edits), without saving."""
-        records = edits.records
-        upserts = {i: r for i, r in records.items() if r is not None and self._records.get(i) != r}
-        deletes = [i for i, r in records.items() if r is None and i in self._records]
-        if not upserts and not deletes:
-            return 0
+    def _apply(self, edits: Edits, *, ties_win: bool) -> int:
+        """Take the edits that are later than this catalog's own edit of the item (or as late,
+        with `ties_win`), without saving: each is recorded with its time, also one that changes
+        nothing served (its time is what a later save must keep); the ones that change an item
+        are re-encoded in one batch and applied to the index. Returns how many changed one."""
+
+        def wins(item_id: str) -> bool:
+            mine, theirs = self._edit_times.get(item_id, -1), edits.times.get(item_id, 0)
+            return theirs > mine or (ties_win and theirs == mine)
+
+        winners = {i: r for i, r in edits.records.items() if wins(i)}
+        upserts = {i: r for i, r in winners.items() if r is not None and self._records.get(i) != r}
+        deletes = [i for i, r in winners.items() if r is None and i in self._records]
         vectors = (
             self.checkpoint.model.item_vectors([{"item_id": i, **r} for i, r in upserts.items()]).numpy()
             if upserts
@@ -285,15 +296,14 @@ class Catalog:
             for row, (item_id, record) in enumerate(upserts.items()):
                 self.index.upsert(item_id, vectors[row])
                 self._records[item_id] = record
-                self._edits[item_id] = record
                 self._title_changed(item_id, record["title"])
             for item_id in deletes:
                 if item_id in self.index:
                     self.index.remove(item_id)
                 self._records.pop(item_id, None)
-                self._edits[item_id] = None
                 self._title_changed(item_id, None)
-            for item_id in [*upserts, *deletes]:
+            for item_id, record in winners.items():
+                self._edits[item_id] = record
                 self._edit_times[item_id] = edits.times.get(item_id, 0)
         return len(upserts) + len(deletes)
 
@@ -359,15 +369,18 @@ def open_index(ckpt: Checkpoint, kind: str) -> tuple[ItemIndex, Edits, Edits]:
             log.warning("index in %s disagrees with the catalog: rebuilding", directory)
         except (IndexMismatchError, ValueError, OSError, RuntimeError) as exc:
             log.warning("not using the index in %s (%s): rebuilding", directory, exc)
-    pending = saved_edits(directory, ckpt.version)
     index = ItemIndex.build([str(i) for i in ckpt.items["item_id"]], ckpt.item_vectors, kind=kind)
-    if pending:  # the old record stays until the caller has applied them and saved (`Catalog.open`)
-        return index, Edits(), pending
     try:
-        index.save(directory, index_metadata(ckpt.version, kind, Edits()))
+        # the record is read under the lock, after the build: another replica may have saved
+        # edits while this one built, and an empty record must not be written over them
+        with locked(directory):
+            pending = saved_edits(directory, ckpt.version)
+            if not pending:  # else the old record stays until the caller applied and saved them
+                index.save(directory, index_metadata(ckpt.version, kind, Edits()))
     except OSError as exc:
         log.warning("could not save the index to %s (%s); serving it from memory", directory, exc)
-    return index, Edits(), Edits()
+        pending = saved_edits(directory, ckpt.version)
+    return index, Edits(), pending
 
 
 def saved_edits(directory: Path, version: str) -> Edits:

@@ -13,6 +13,7 @@ the field (service/errors.py).
 from __future__ import annotations
 
 import re
+import time
 import unicodedata
 from typing import Annotated, Any, Literal
 
@@ -24,6 +25,7 @@ from pydantic import (
     Field,
     StringConstraints,
     create_model,
+    field_validator,
     model_validator,
 )
 from pydantic.fields import FieldInfo
@@ -38,6 +40,7 @@ _TEXT_RE = re.compile(TEXT_PATTERN)
 MAX_TIMESTAMP_S = 4_102_444_800  # 2100-01-01T00:00:00Z: a time in milliseconds is refused, not stored
 MAX_HISTORY = 1000  # longer inline histories are refused (only the latest window is used)
 MAX_EVENTS = 1000
+MAX_AHEAD_S = 86_400  # an event may carry a time this far past the server's clock (clock skew)
 
 
 def _unicode(value: str) -> None:
@@ -217,6 +220,19 @@ class EventIn(Interaction):
         description="Idempotency key, unique per user: an event whose id the user already has is not "
         "stored again. Default: derived from item_id, rating and timestamp as sent.",
     )
+
+    @field_validator("timestamp")
+    @classmethod
+    def _not_ahead(cls, timestamp: int | None) -> int | None:
+        """A stored history is kept in timestamp order (service/store.py), so an event stamped
+        in the future would stay the newest until the clock caught up: refused."""
+        now = time.time()
+        if timestamp is not None and timestamp > now + MAX_AHEAD_S:
+            raise ValueError(
+                f"{timestamp} is more than {MAX_AHEAD_S // 3600} h ahead of the server's clock "
+                f"({int(now)}); send Unix seconds, or leave it out for now"
+            )
+        return timestamp
 
 
 class EventsRequest(_Body):

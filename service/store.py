@@ -24,8 +24,9 @@ Order: a history is kept in the order of the events' timestamps, as retraining o
 late (a backfill, a mobile client that was offline) takes its place among the older ones, equal
 timestamps keep their arrival order, and the trim to the window drops the oldest by time, so a
 late event older than a full window is left out of the history (still in the stream and the
-seen set). An event without a timestamp (the API stamps each with its arrival time; only a
-direct caller can leave it out) goes last. The stream stays in arrival order: it is a log.
+seen set). An event without a timestamp (the API stamps each with its arrival time and refuses
+one more than a day ahead, service/schemas.py; only a direct caller can leave it out) goes last,
+and later events do not move back past it. The stream stays in arrival order: it is a log.
 - `read_stream(url, cursor)`: retraining's synchronous view of the Redis stream, every entry
   after an opaque cursor. Entry ids and the cursor's syntax stay in this module.
 
@@ -384,32 +385,43 @@ def _stream_entries(rows: list[tuple[str, dict[str, str]]]) -> list[StreamEntry]
 # (s), now (s), n, then per event: event_id, item_id, rating, timestamp, history JSON.
 # Returns one 1 (stored) or 0 (duplicate) per event, then the history's length.
 APPEND_SCRIPT = """
--- the history in time order (`_place`): walk from the newest end past the later events, shifting
--- each one place right, and set the event where the walk stops; an event in order is an RPUSH
-local function place(key, json, ts)
-  local at = redis.call('LLEN', key)
-  if ts ~= nil then
-    while at > 0 do
-      local t = cjson.decode(redis.call('LINDEX', key, at - 1))['timestamp']
-      if type(t) ~= 'number' or t <= ts then break end
-      at = at - 1
-    end
-  end
-  local n = redis.call('LLEN', key)
-  if at == n then redis.call('RPUSH', key, json) return end
-  redis.call('RPUSH', key, redis.call('LINDEX', key, n - 1))
-  for i = n - 2, at, -1 do redis.call('LSET', key, i + 1, redis.call('LINDEX', key, i)) end
-  redis.call('LSET', key, at, json)
+-- the history in time order (`_place`): read once; each new event goes into that table after
+-- every event not later than it, walking back from the newest at most a window's length (one
+-- that would land further back is older than the whole window and would be trimmed at once);
+-- the list is written back from the first place that changed, the oldest past the window dropped
+local function stamp(json)
+  local t = cjson.decode(json)['timestamp']
+  if type(t) == 'number' then return t end
+  return false
+end
+local function push(key, list, from, to)
+  for i = from, to, 1000 do redis.call('RPUSH', key, unpack(list, i, math.min(i + 999, to))) end
 end
 local user, window, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local ttl, now, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl)
+local hist = redis.call('LRANGE', KEYS[1], 0, -1)
+local times = {}
+for i, json in ipairs(hist) do times[i] = stamp(json) end
+local stored = #hist
+local untouched = stored  -- hist[1..untouched] is still the stored list's start
 local out = {}
 for i = 0, n - 1 do
   local b = 7 + i * 5
-  local id, item = ARGV[b], ARGV[b + 1]
+  local id, item, json = ARGV[b], ARGV[b + 1], ARGV[b + 4]
   if redis.call('ZADD', KEYS[4], 'NX', now, id) == 1 then
-    place(KEYS[1], ARGV[b + 4], tonumber(ARGV[b + 3]))
+    local ts, at, dropped = stamp(json), #hist, false
+    if ts then
+      while at > 0 and times[at] and times[at] > ts do
+        at = at - 1
+        if at <= #hist - window then dropped = true break end  -- before the window: trimmed
+      end
+    end
+    if not dropped then
+      table.insert(hist, at + 1, json)
+      table.insert(times, at + 1, ts)
+      if at < untouched then untouched = at end
+    end
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'user_id', user, 'item_id', item,
                'rating', ARGV[b + 2], 'timestamp', ARGV[b + 3], 'event_id', id)
     redis.call('SADD', KEYS[3], item)
@@ -419,8 +431,16 @@ for i = 0, n - 1 do
   end
 end
 redis.call('EXPIRE', KEYS[4], ttl)
-redis.call('LTRIM', KEYS[1], -window, -1)
-out[#out + 1] = redis.call('LLEN', KEYS[1])
+local first = math.max(1, #hist - window + 1)
+if untouched >= first then  -- keep the stored start, write what follows it
+  if untouched < stored then redis.call('LTRIM', KEYS[1], 0, untouched - 1) end
+  push(KEYS[1], hist, untouched + 1, #hist)
+  redis.call('LTRIM', KEYS[1], -window, -1)
+else
+  redis.call('DEL', KEYS[1])
+  push(KEYS[1], hist, first, #hist)
+end
+out[#out + 1] = math.min(#hist, window)
 return out
 """
 

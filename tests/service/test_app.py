@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -244,10 +245,16 @@ async def test_timestamps_are_seconds_within_a_sane_range(app, client):
         assert r.json()["error"]["message"].startswith("events.0.timestamp: Input should be")
     r = await client.post("/recommend", json={"history": [{"item_id": "i1", "timestamp": 2**63}]})
     assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "history.0.timestamp"
-    assert await app.state.r2ec.store.read_events() == []  # nothing reached the stream
+    # an event more than a day ahead of the server's clock: a stored history is kept in time
+    # order, so it would stay the newest for years
     r = await client.post(
         "/users/u1/events", json={"events": [{"item_id": "i1", "timestamp": 4_102_444_800}]}
     )
+    assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "events.0.timestamp"
+    assert "ahead of the server's clock" in r.json()["error"]["message"]
+    assert await app.state.r2ec.store.read_events() == []  # nothing reached the stream
+    soon = int(time.time()) + 3600  # an hour of clock skew is fine
+    r = await client.post("/users/u1/events", json={"events": [{"item_id": "i1", "timestamp": soon}]})
     assert r.status_code == 200, r.text
 
 

@@ -151,3 +151,66 @@ def test_edits_saved_before_times_were_kept_still_load(ckpt, make_engine):
     record.write_text(json.dumps(doc))
     again = make_engine(ckpt)
     assert again.catalog.item("i7")["title"] == "Edited" and again.catalog.edits.times == {"i7": 0}
+
+
+def test_the_latest_edit_wins_even_where_a_replica_already_serves_its_record(ckpt, make_engine):
+    """Three replicas. B takes A's latest edit, equal to what B serves, with its time: B's next
+    save must not write the older time back, which would let C's stale edit win."""
+    a, b, c = (make_engine(ckpt).catalog for _ in range(3))
+    a.upsert("i7", {"title": "R1"})
+    b.sync_edits(), c.sync_edits()
+    a.upsert("i7", {"title": "R2"})
+    c.sync_edits()  # b misses R2
+    a.upsert("i7", {"title": "R1"})  # the latest
+    b.sync_edits()
+    assert b.edits.times["i7"] == a.edits.times["i7"]
+    b.upsert("other", {"title": "X"})
+    c.upsert("other-2", {"title": "Y"})  # applies the newer R1 first
+    a.sync_edits(), b.sync_edits()
+    assert {x.item("i7")["title"] for x in (a, b, c)} == {"R1"}
+    assert make_engine(ckpt).catalog.item("i7")["title"] == "R1"
+
+
+def test_a_reload_carries_only_edits_not_older_than_the_new_catalogs(ckpt, make_engine):
+    a = make_engine(ckpt)
+    c = make_engine(ckpt, index_kind="hnsw")  # another kind: each open rebuilds and re-applies
+    a.catalog.upsert("i7", {"title": "Older (A)"})
+    c.catalog.upsert("i7", {"title": "Newer (C)"})
+    new = make_engine(ckpt)  # a reloads: the record holds C's edit, newer than A's
+    new.catalog.carry_edits(a.catalog.edits)  # what ServiceState.reload does
+    assert new.catalog.item("i7")["title"] == "Newer (C)"
+    assert make_engine(ckpt).catalog.item("i7")["title"] == "Newer (C)"
+
+
+def test_an_edit_after_a_clock_step_back_still_wins(ckpt, make_engine, monkeypatch):
+    import time
+
+    a, b = make_engine(ckpt).catalog, make_engine(ckpt).catalog
+    a.upsert("i7", {"title": "First"})
+    b.sync_edits()
+    real = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real() - 1_000_000_000)  # NTP steps back 1 s
+    a.upsert("i7", {"title": "Second"})
+    monkeypatch.undo()
+    assert b.sync_edits() == 1 and b.item("i7")["title"] == "Second"
+
+
+def test_a_replica_that_builds_the_index_keeps_edits_saved_while_it_built(ckpt, make_engine, monkeypatch):
+    """Two replicas start on a version without an index (retraining publishes none): A is up
+    and takes an edit while B builds; B must not save an empty record over it."""
+    import service.catalog
+
+    a = make_engine(ckpt).catalog
+    (ckpt / INDEX_DIR / "index.json").unlink()
+    build = service.catalog.ItemIndex.build
+
+    def build_while_a_edits(*args, **kw):
+        index = build(*args, **kw)
+        a.upsert("new", {"title": "Added On A"})
+        return index
+
+    monkeypatch.setattr(service.catalog.ItemIndex, "build", build_while_a_edits)
+    b = make_engine(ckpt).catalog
+    monkeypatch.undo()
+    assert b.item("new")["title"] == "Added On A"
+    assert make_engine(ckpt).catalog.item("new")["title"] == "Added On A"

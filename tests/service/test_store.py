@@ -56,6 +56,19 @@ async def test_history_is_kept_in_event_time_order(store):
     assert [e.item_id for e in await store.get_history("u2")] == ["z", "x", "y"]
 
 
+async def test_a_backfill_sent_newest_first_keeps_the_newest_window(store):
+    """Each event older than the whole window is left out of the history as it comes (the Redis
+    script stops its walk there instead of shifting the list), but not out of stream or seen."""
+    await store.append_events("u1", [Event("live", None, 5000)])
+    events = [Event(f"i{n}", None, 1000 - n) for n in range(200)]  # newest first
+    done = await store.append_events("u1", events)
+    assert done.appended == 200 and done.history_length == WINDOW
+    assert [e.item_id for e in await store.get_history("u1")] == ["i1", "i0", "live"]
+    assert len(await store.read_events()) == 201 and len(await store.get_seen("u1")) == 201
+    await store.append_events("u1", [Event("between", None, 999)])  # between i1 and i0
+    assert [e.item_id for e in await store.get_history("u1")] == ["between", "i0", "live"]
+
+
 async def test_events_without_rating_or_time_round_trip(store):
     await store.append_events("u1", [Event("i9")])
     assert await store.get_history("u1") == [Event("i9", None, None)]
