@@ -99,6 +99,10 @@ def recommend_router(settings: Settings) -> APIRouter:
                 "or `error` (the error body) if the answer fails after the stream began.",
                 "content": {
                     "text/event-stream": {
+                        # OpenAPI 3.2 names one event's schema `itemSchema`; this document is
+                        # 3.1, where tools (schemathesis) read `schema` as that, and FastAPI's
+                        # default `schema` ({"type": "string"}) failed every event against it
+                        "schema": schemas.stream_item_schema(),
                         "itemSchema": schemas.stream_item_schema(),
                         "example": STREAM_EXAMPLE,
                     }
