@@ -318,9 +318,7 @@ class Catalog:
         try:
             with locked(directory):
                 self.sync_edits()
-                with self._lock:
-                    edits = Edits(dict(self._edits), dict(self._edit_times))
-                self.index.save(directory, index_metadata(self.checkpoint.version, kind, edits))
+                self.index.save(directory, index_metadata(self.checkpoint.version, kind, self.edits))
                 self._saved = _stamp(directory)
         except OSError as exc:  # a read-only checkpoint volume still serves the edit
             log.warning("item edit applied in memory but not saved: %s", exc)
