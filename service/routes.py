@@ -49,22 +49,22 @@ def _sse(event: str, data: dict) -> str:
 
 
 STREAM_EXAMPLE = (  # the OpenAPI example of a stream, the README's answer in events
-    _sse("reasoning", {"text": "I'm sorry for your loss, but as a chatbot, "})
-    + _sse("reasoning", {"text": "I don't have the ability to browse through your history."})
+    _sse("reasoning", {"text": "Likes Action, Adventure and Sci-Fi, mostly 1980s and 1970s."})
+    + _sse("reasoning", {"text": " Rated highest: Star Wars; Return of the Jedi; Empire Strikes Back, The."})
     + _sse(
         "items",
         {
-            "items": [{"item_id": "1592", "title": "Magic Hour, The", "score": 22.37, "rank": 1}],
-            "model_version": "20261123-001537-b1adb4",
+            "items": [{"item_id": "127", "title": "Godfather, The", "score": 41.29, "rank": 1}],
+            "model_version": "20261207-102039-87d819",
             "history_source": "request",
         },
     )
     + _sse(
         "done",
         {
-            "reasoning_tokens": 64,
+            "reasoning_tokens": 46,
             "cache": "miss",
-            "timings": {"queue_ms": 25.4, "generate_ms": 8762.9, "score_ms": 357.1, "total_ms": 9147.6},
+            "timings": {"queue_ms": 2.6, "generate_ms": 709.7, "score_ms": 0.9, "total_ms": 714.0},
         },
     )
 )
