@@ -1,15 +1,15 @@
-"""What keeping histories in event-time order costs an append (service/store.py `_place`, the
-Lua `place` in APPEND_SCRIPT), on a real redis-server and the in-process store.
+"""What keeping histories in event-time order costs an append (service/store.py `_place` and
+APPEND_SCRIPT), on a real redis-server and the in-process store.
 
     python3 bench/bench_store.py [--users 200] [--events 60] [--window 20] [--rounds 3]
 
-For each store, `--users` users each get `--events` events, one POST's worth (one event) per
-append, timestamps rising, in three orders:
-- `in order`: every event newer than the last (each append an RPUSH, as before the change);
-- `10% late`: one event in ten arrives 5 places late (it takes its place 5 events back, each
-  of those shifted one place: LINDEX + LSET per place);
-- `all late by a window`: every event older than the whole window (it walks the full window,
-  the worst case, and is trimmed off at once).
+For each store, `--users` users each get `--events` events, one event per `append_events` call
+(what a one-event POST makes; no HTTP), in three orders:
+- `in order`: every event newer than the last (the script pushes it at the end);
+- `10% late`: one event in ten arrives 5 places late (it takes its place 5 events back, and
+  the list is written back from there);
+- `all late by a window`: every event older than the whole window (its walk stops at the
+  window's edge and it is left out, the worst walk).
 Rounds interleave the orders so drift on a noisy machine hits them alike. Prints µs per append
 (median over rounds) and each order's ratio to `in order`. Starts its own redis-server on a free
 loopback port (`redis-server` on PATH), and stops it.

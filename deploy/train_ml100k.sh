@@ -2,7 +2,8 @@
 # The ml-100k training recipe, a 100-minute budget (~107 minutes of wall time) on a 2-core CPU (BENCHMARKS.md §1-2):
 #   1. one run from the backbone (configs/ml100k-onestage.yaml): the rationale objective (the
 #      reasoning cold start) with co-watch hints in the prompt (model/cowatch.py) and the
-#      distillation to their counts: the model artifacts/ml100k ships;
+#      distillation to their counts: the recipe of the model artifacts/ml100k ships (that one was
+#      bounded at 330 steps: configs/ml100k-onestage.yaml says how);
 #   2. only with RECPO=1: RecPO from it, 10 minutes. Measured (BENCHMARKS.md §1): on the
 #      earlier two-stage model (stop 20) it left the reasoning mode within noise and lowered the
 #      no-reasoning one; on this model (stop 29) it lowered both a little (0.0849 -> 0.0831).
@@ -27,4 +28,4 @@ stage() {  # stage NAME BASE CONFIG: train into $runs/NAME unless it finished be
 
 stage onestage smollm2 configs/ml100k-onestage.yaml
 [ "${RECPO:-0}" = 1 ] && stage recpo "$runs/onestage/best" configs/ml100k-recpo.yaml
-echo "checkpoint: $runs/onestage/best (what artifacts/ml100k ships)"
+echo "checkpoint: $runs/onestage/best (the recipe artifacts/ml100k ships)"

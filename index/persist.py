@@ -17,6 +17,7 @@ write failure (a full disk, a read-only volume) is raised as OSError, like any o
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -112,7 +113,11 @@ def _write_locked(directory: Path, index: faiss.Index, doc: dict[str, Any]) -> P
         for p in (tmp_json, faiss_path):
             p.unlink(missing_ok=True)
         raise
-    _fsync(directory)
+    try:
+        _fsync(directory)  # the rename; a filesystem that cannot flush a directory says EINVAL
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
     for stale in [*directory.glob(_FAISS_GLOB), *directory.glob(_TMP_GLOB)]:
         if stale.name != faiss_path.name:
             stale.unlink(missing_ok=True)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from index import IndexMismatchError, ItemIndex
-from index.persist import locked, read_metadata
+from index.persist import JSON_NAME, locked, read_metadata
 from model.checkpoint import Checkpoint
 from service.search import TIERS, Match, TitleIndex, normalize
 
@@ -71,7 +71,7 @@ class Edits:
 
     @classmethod
     def of(cls, metadata: Mapping[str, Any]) -> Edits:
-        """The edits an index.json's metadata records ({} where it records none)."""
+        """The edits an index.json's metadata records (none where it records none)."""
         records, times = metadata.get("catalog_edits"), metadata.get("edit_times")
         records = dict(records) if isinstance(records, dict) else {}
         times = times if isinstance(times, dict) else {}
@@ -339,7 +339,7 @@ def index_metadata(version: str, kind: str, edits: Edits) -> dict[str, Any]:
 def _stamp(directory: Path) -> tuple[int, int, int] | None:
     """Which index.json is there now (each save replaces the file: a new inode); None: none."""
     try:
-        st = os.stat(directory / "index.json")
+        st = os.stat(directory / JSON_NAME)
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
@@ -383,7 +383,7 @@ def open_index(ckpt: Checkpoint, kind: str) -> tuple[ItemIndex, Edits, Edits]:
 
 def saved_edits(directory: Path, version: str) -> Edits:
     """The item edits recorded in <directory>/index.json for this model version, whatever state
-    the rest of that directory is in; {} when there is no readable record."""
+    the rest of that directory is in; none when there is no readable record."""
     try:
         metadata = read_metadata(directory)
     except (OSError, ValueError):  # IndexMismatchError is a ValueError

@@ -73,6 +73,7 @@ STREAM_EXAMPLE = (  # the OpenAPI example of a stream, the README's answer in ev
 def recommend_router(settings: Settings) -> APIRouter:
     """POST /recommend, its body bounded by `settings.reasoning_token_limit`."""
     body_type = schemas.recommend_request(settings.reasoning_token_limit)
+    stream_item = schemas.stream_item_schema()
     api = APIRouter()
 
     @api.post(
@@ -99,11 +100,12 @@ def recommend_router(settings: Settings) -> APIRouter:
                 "or `error` (the error body) if the answer fails after the stream began.",
                 "content": {
                     "text/event-stream": {
-                        # OpenAPI 3.2 names one event's schema `itemSchema`; this document is
-                        # 3.1, where tools (schemathesis) read `schema` as that, and FastAPI's
-                        # default `schema` ({"type": "string"}) failed every event against it
-                        "schema": schemas.stream_item_schema(),
-                        "itemSchema": schemas.stream_item_schema(),
+                        # OpenAPI 3.2's reading: `itemSchema` is one event, `schema` the whole
+                        # stream read as a list of events (what schemathesis checks it against
+                        # where `itemSchema` is given). FastAPI merges this into its default
+                        # `schema`, {"type": "string"}, which every stream failed: "type" replaces it
+                        "schema": {"type": "array", "items": stream_item},
+                        "itemSchema": stream_item,
                         "example": STREAM_EXAMPLE,
                     }
                 },

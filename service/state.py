@@ -414,7 +414,8 @@ class ServiceState:
 
     async def _sync_edits(self) -> None:
         """Apply the item edits other replicas saved beside the served checkpoint
-        (service/catalog.py `Catalog.sync_edits`), on the model thread, not during a reload."""
+        (service/catalog.py `Catalog.sync_edits`), on the model thread, not during a reload's carry
+        and swap."""
         try:
             async with self.edit_lock:
                 catalog = self.engine.catalog

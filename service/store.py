@@ -159,8 +159,9 @@ class HistoryStore(Protocol):
         """The user's latest `window` events, oldest first (empty for an unknown user)."""
 
     async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
-        """Append the events whose id is new for the user to the history (trimmed to the
-        window), the event stream and the seen set, atomically."""
+        """Add the events whose id is new for the user to the history (placed by timestamp,
+        trimmed to the window; module docstring, "Order"), the event stream and the seen set,
+        atomically."""
 
     async def get_seen(self, user_id: str) -> frozenset[str]:
         """Every item the user has an event for (not only the history window)."""
