@@ -132,10 +132,9 @@ class Catalog:
         index.set_search_params(nprobe=nprobe, ef_search=ef_search)
         catalog = cls(checkpoint, index, persist_edits=persist_edits, edits=edits)
         if pending:  # saved edits of an index that had to be rebuilt: applied again, then saved
-            applied = catalog.carry_edits(pending)  # saves the index when it changed something
+            applied = catalog._apply(pending, ties_win=True)
             log.info("re-applied %d saved item edits to the rebuilt index", applied)
-            if not applied:  # nothing differed from the checkpoint: record the rebuilt index anyway
-                catalog._persist()
+            catalog._persist()  # also where nothing differed from the checkpoint: the rebuilt index
         return catalog
 
     # ---------------------------------------------------------------- reads
@@ -350,7 +349,7 @@ def open_index(ckpt: Checkpoint, kind: str) -> tuple[ItemIndex, Edits, Edits]:
     catalog; otherwise build it from the checkpoint's item vectors and save it (best effort).
     Returns the index, the item edits it holds, and the edits it does not hold yet: those saved
     beside an index that had to be rebuilt (another kind asked for, a damaged file), for the
-    caller to encode and apply again (`Catalog.carry_edits`) rather than lose."""
+    caller to encode and apply again (`Catalog.open`) rather than lose."""
     directory = ckpt.path / INDEX_DIR
     if (directory / "index.json").is_file():
         try:

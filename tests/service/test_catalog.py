@@ -75,10 +75,10 @@ def test_a_rebuild_that_dies_before_its_edits_are_applied_keeps_them_on_record(
     q = Query(H1, k=20, reasoning=False)
     edited = {i.item_id: i.score for i in engine.recommend_batch([q])[0].items}
 
-    def killed(self, edits):
+    def killed(self, edits, **kw):
         raise RuntimeError("killed while encoding")
 
-    monkeypatch.setattr(Catalog, "carry_edits", killed)
+    monkeypatch.setattr(Catalog, "_apply", killed)
     with pytest.raises(RuntimeError, match="killed"):
         make_engine(ckpt, index_kind="hnsw")
     monkeypatch.undo()
