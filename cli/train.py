@@ -1,4 +1,5 @@
-"""`r2ec train`: RecPO or the contrastive warm-up on a prepared dataset (model/train.py)."""
+"""`r2ec train`: one training stage on a prepared dataset (model/train.py): the rationale cold
+start (the shipped recipe, configs/ml100k-onestage.yaml), RecPO, or the contrastive warm-up."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def train_cmd(
     set_: SetOption = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last exactly")] = False,
 ) -> None:
-    """RecPO (or the contrastive warm-up) on a prepared dataset. Also runs under torchrun."""
+    """Train on a prepared dataset: rationale (the recipe), recpo or contrastive. Runs under torchrun."""
     from model.data import DataError, load_prepared
     from model.train import train
 

@@ -245,9 +245,13 @@ def check_claims(text: str, history: Sequence[tuple[ItemFacts, float | None]]) -
     wrong: list[str] = []
     genres = rated = decades = lately = None
     known_genres = list(dict.fromkeys(g for f, _ in history for g in f.genres))
+    # each sentence is looked for after the one before it, so a title or genre that holds the
+    # next sentence's opening ("Rated highest: Lately More Rain") is not read as that sentence
+    at = 0
     if text.startswith(LIKES + " "):
         named, end = _entries(text[len(LIKES) + 1 :], known_genres, (", ", " and "), (MOSTLY, "."))
         if end is not None:
+            at = len(text) - len(end)
             liked = liked_genres([(f.genres, r) for f, r in history])
             held = set(liked)
             bad = [g for g in named if g not in held]
@@ -261,15 +265,16 @@ def check_claims(text: str, history: Sequence[tuple[ItemFacts, float | None]]) -
                 decades = said[: stop + 1] in decade_phrases([(f.decade, r) for f, r in history])
                 wrong += [] if decades else [MOSTLY.lstrip(", ") + said[:stop]]
     rated_titles = [(f.title, r) for f, r in history]
-    if (at := text.find(RATED + " ")) >= 0 and _rated(rated_titles):
+    if (start := text.find(RATED + " ", at)) >= 0 and _rated(rated_titles):
         known = [t for t, _ in rated_titles]
-        named, end = _entries(text[at + len(RATED) + 1 :], known, ("; ",), (".",))
+        named, end = _entries(text[start + len(RATED) + 1 :], known, ("; ",), (".",))
+        at = len(text) - len(end) if end is not None else len(text)  # unclosed: nothing follows
         if end is not None:
             ok = {normalize_title(t) for t in rated_highest(rated_titles)}
             bad = [t for t in named if normalize_title(t) not in ok]
             rated, wrong = not bad, wrong + bad
-    if (at := text.find(LATELY + " ")) >= 0:
-        (named,), end = _entries(text[at + len(LATELY) + 1 :], known_genres, (), (".",))
+    if (start := text.find(LATELY + " ", at)) >= 0:
+        (named,), end = _entries(text[start + len(LATELY) + 1 :], known_genres, (), (".",))
         if end is not None:
             lately = named in drifting_genres([f.genres for f, _ in history])
             wrong += [] if lately else [f"{LATELY} {named}"]

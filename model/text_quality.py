@@ -80,19 +80,33 @@ def has_loop(text: str, n: int = 4, repeats: int = 3) -> bool:
     return bool(counts) and max(counts.values()) >= repeats
 
 
-def named_titles(text: str) -> list[str]:
-    """Spans the text presents as titles (see the module docstring)."""
+def named_titles(text: str, catalog: set[str] | None = None) -> list[str]:
+    """Spans the text presents as titles (see the module docstring). A list's entries are split
+    at "; ", except where pieces joined by it make a title of `catalog` (normalised titles):
+    "Rated highest: Love; Death; Heat." names two titles where the catalog has "Love; Death"."""
     out = [a or b for a, b in _QUOTED.findall(text)]
     out += _WITH_YEAR.findall(text)
-    out += [t for listed in _LISTS.findall(text) for t in listed.split("; ")]
+    out += [t for listed in _LISTS.findall(text) for t in _list_entries(listed.split("; "), catalog or set())]
     return [t.strip() for t in out if t.strip()]
+
+
+def _list_entries(pieces: list[str], catalog: set[str]) -> list[str]:
+    """`pieces` (a list split at "; ") joined back, longest first, where they make a catalog
+    title."""
+    out, i = [], 0
+    while i < len(pieces):
+        ends = range(len(pieces), i + 1, -1)
+        j = next((j for j in ends if normalize_title("; ".join(pieces[i:j])) in catalog), i + 1)
+        out.append("; ".join(pieces[i:j]))
+        i = j
+    return out
 
 
 def unknown_titles(text: str, catalog: set[str]) -> list[str]:
     """Named titles whose normalised form is not a catalog title (normalised) nor ends with
     one (a capitalised phrase before a year may start with words of the sentence)."""
     out = []
-    for title in named_titles(text):
+    for title in named_titles(text, catalog):
         norm = normalize_title(title)
         if not norm or norm in catalog:
             continue

@@ -209,3 +209,17 @@ def test_the_drift_holds_for_a_genre_the_latest_items_lean_to():
     assert check_claims("Lately more Comedy.", history).lately is True
     claims = check_claims("Rated highest: T8. Lately more Drama.", history)
     assert (claims.rated, claims.lately, claims.wrong) == (True, False, ("Lately more Drama",))
+
+
+def test_each_sentence_is_read_after_the_one_before_it():
+    # a title holding the next sentence's opening is a title, not a drift claim
+    rain = ItemFacts("Lately more Rain", ("Drama",), "1990s")
+    history = [(rain, 5.0), (FACTS["1"], 4.0), (FACTS["2"], 3.0)]
+    claims = check_claims("Rated highest: Lately more Rain; Heat; Fargo.", history)
+    assert (claims.rated, claims.lately, claims.wrong) == (True, None, ())
+    # nor is one in a list the token budget cut
+    assert check_claims("Rated highest: Heat; Lately more Rain", history).lately is None
+    # a genre that starts like the rated list's opening, written before it
+    odd = ItemFacts("Odd", ("Rated highest: picks",), None)
+    claims = check_claims("Likes Rated highest: picks. Rated highest: Odd.", [(odd, 5.0)])
+    assert (claims.genres, claims.rated) == (True, True)

@@ -48,6 +48,16 @@ def test_rationale_lists_are_read_title_by_title():
     ]
 
 
+def test_a_listed_title_holding_the_separator_is_one_title():
+    catalog = {normalize_title(t) for t in ["Love; Death", "Heat", "Love"]}
+    text = "Rated highest: Love; Death; Heat. Lately more Drama."
+    assert named_titles(text, catalog) == ["Love; Death", "Heat"]
+    assert unknown_titles(text, catalog) == []
+    # a piece the catalog has alone stays alone where the join is not a title
+    assert named_titles("Rated highest: Love; Heat.", catalog) == ["Love", "Heat"]
+    assert unknown_titles("Rated highest: Death; Heat.", catalog) == ["Death"]
+
+
 def test_quality_flags_unknown_titles_and_loops():
     texts = [
         'You liked "The Godfather" and Heat (1995).',  # both in the catalog
