@@ -50,7 +50,7 @@ import torch
 from model.backbone import BackboneConfig, load_backbone, load_lm, prepare_tokenizer
 from model.cowatch import FILE as COWATCH_PARQUET
 from model.cowatch import CoWatch
-from model.data.dataset import atomic_write, fsync_path, fsync_tree
+from model.data.dataset import atomic_write, fsync_path, fsync_tree, make_dirs
 from model.distributed import resolve_device
 from model.prompts import PromptConfig
 from model.r2ec import R2ec
@@ -142,7 +142,7 @@ def save_checkpoint(
         **({"item_vectors": "absent"} if vectors is None else {}),
         **(extra or {}),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     tmp = _new_dir_beside(out)
     try:
         if weights == "full":
@@ -432,7 +432,7 @@ def export_checkpoint(src: Path | str, out: Path | str, provenance: dict[str, An
             f"{src} holds full fine-tuned weights; only base or lora checkpoints export small"
         )
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     tmp = _new_dir_beside(out)
     try:
         for name in ("adapter", "tokenizer") if meta["weights"] == "lora" else ("tokenizer",):

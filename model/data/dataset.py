@@ -119,6 +119,21 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path) -> None:
+    """``mkdir -p path``, each directory it makes flushed into its parent (`fsync_path`), so a
+    power loss cannot drop a new directory's name while what was written into it is on the
+    disk."""
+    path = Path(path)
+    made = []
+    p = path
+    while not p.exists() and p.parent != p:
+        made.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for directory in reversed(made):
+        fsync_path(directory.parent)
+
+
 def fsync_tree(root: Path) -> None:
     """`fsync_path` every file and directory under ``root``, each directory after what it
     holds and ``root`` last: a directory written in one place and renamed into another
@@ -139,7 +154,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     model/retrain.py `consume_events`; a version before the CURRENT pointer naming it).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     # not mkstemp: its 0600 mode would stick to the final file
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
@@ -168,7 +183,7 @@ def save_prepared(
     meta.json into ``out_dir``, each atomically and on the disk before the next. A prior file
     from an earlier preparation into the same directory is removed when this one has none."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     # a directory prepared before is incomplete from here until the new meta.json lands: a
     # crash in between must not leave the old meta over a mix of old and new files
     (out_dir / META_FILE).unlink(missing_ok=True)
@@ -182,7 +197,6 @@ def save_prepared(
         (out_dir / PRIOR_FILE).unlink(missing_ok=True)
     text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
     atomic_write(out_dir / META_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    fsync_path(out_dir.parent)  # the directory's own name, when this call made it
     logger.info("wrote prepared dataset to %s", out_dir)
     return out_dir
 

@@ -12,7 +12,7 @@ import pytest
 
 from model.data import DataError, dataset, format_stats, load_prepared, prepare_atomic
 from model.data.build import build_prepared
-from model.data.dataset import atomic_write
+from model.data.dataset import atomic_write, make_dirs
 
 
 @pytest.fixture
@@ -105,11 +105,30 @@ def test_a_directory_that_cannot_be_flushed_does_not_fail_a_write_that_landed(tm
     assert target.read_text() == "new"
 
 
-def test_a_prepared_directory_is_on_the_disk_meta_last_then_its_own_name(tmp_path, fsynced):
+def test_a_prepared_directory_is_on_the_disk_its_names_first_meta_last(tmp_path, fsynced):
     out = build_prepared(_inter(list("1234")), None, data_dir=tmp_path, **BUILD).resolve()
-    *_, meta, in_dir, parent = fsynced
+    made = [
+        d for d in (out, *out.parents) if d.is_relative_to(tmp_path.resolve()) and d != tmp_path.resolve()
+    ]
+    # each directory the preparation made is named in its parent before anything is written in it
+    assert fsynced[: len(made)] == [d.parent for d in reversed(made)]
+    *_, meta, in_dir = fsynced
     assert meta.parent == out and meta.name.startswith(".meta.json.")
-    assert (in_dir, parent) == (out, out.parent)
+    assert in_dir == out
+
+
+def test_make_dirs_flushes_each_directory_it_makes_into_its_parent(tmp_path, fsynced):
+    root = tmp_path.resolve()
+    (root / "a").mkdir()
+    make_dirs(root / "a" / "b" / "c")
+    assert (root / "a" / "b" / "c").is_dir()
+    assert fsynced == [root / "a", root / "a" / "b"]  # "a" was there: not flushed again
+    fsynced.clear()
+    make_dirs(root / "a" / "b")
+    assert fsynced == []
+    # and atomic_write into a new directory names it before the file's rename
+    atomic_write(root / "x" / "f.txt", lambda tmp: tmp.write_text("new"))
+    assert fsynced[0] == root and fsynced[-1] == root / "x"
 
 
 def test_format_stats(prepared):
