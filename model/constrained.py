@@ -43,16 +43,18 @@ few `Banned` tokens that would complete the trigger after the text so far (" mor
 text after the trigger (a handful of titles, under 100 characters), so it needs no bookkeeping
 when rows join, leave or are moved between slots of the continuous decoder. It returns the token
 ids that may come next, or None where decoding is free. Token strings are matched against the
-grammar's continuations by their decoded text (`TokenStrings`), so tokens that cross an entry's
-boundary (SmolLM2 has ");" and "!;") are allowed too, and a token is allowed only if the rest
-of the title can still be started by some token (SmolLM2 spells " Á" but has no "Á": a lone " "
-there would leave nothing to write). Known limits: that look-ahead is one token deep, so a
-rarer dead end lets the list be decoded freely; where a "." both ends one title and continues a
-longer one, the list closes.
+grammar's continuations by their bytes (`TokenStrings`, `as_bytes`: a token that is part of a
+character, as CJK and emoji are spelt in byte-level BPE, matches that part), so tokens that cross
+an entry's boundary (SmolLM2 has ");" and "!;") are allowed too, and a token is allowed only if
+the rest of the title can still be started by some token. Known limits: that look-ahead is one
+token deep; where no token can write what must come next (a tokenizer without a token for some
+byte of a title), the text stops there; where a "." both ends one title and continues a longer
+one, the list closes.
 """
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from bisect import bisect_left
 from collections import defaultdict
@@ -67,10 +69,31 @@ from model.rationale import LATELY, RATED, TOP_RATED
 SEPARATOR, END = ";", "."
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """The character that stands for each byte in a byte-level BPE vocabulary (GPT-2's
+    `bytes_to_unicode`, which SmolLM2, Llama 3 and Qwen use): printable Latin-1 bytes stand for
+    themselves, the other 68 for U+0100 onwards, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    return {chr(b): b for b in kept} | {chr(256 + n): b for n, b in enumerate(shifted)}
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
+
+
+def as_bytes(text: str) -> str:
+    """`text` as the grammars read it: its UTF-8 bytes, one character each (Latin-1), so a token
+    that holds only part of a character (CJK, emoji: SmolLM2 spells "千" as "åį" + "ĥ") is matched
+    like any other; ASCII text is itself."""
+    return text.encode("utf-8").decode("latin-1")
+
+
 class TokenStrings:
-    """Every token's text, and the ids behind each distinct text (one per tokenizer).
-    `stop_ids`: the tokens that end a reasoning text (the model's EOS and end of turn); by
-    default every special token."""
+    """Every token's text, and the ids behind each distinct text (one per tokenizer), all as
+    `as_bytes` spells them: a token that decodes alone to part of a character (U+FFFD) is kept
+    by its bytes, read from its byte-level BPE or SentencePiece byte-fallback form, so titles in
+    any script can be copied under the grammar. `stop_ids`: the tokens that end a reasoning text
+    (the model's EOS and end of turn); by default every special token."""
 
     def __init__(self, tokenizer, stop_ids: Sequence[int] | None = None) -> None:
         self.tokenizer = tokenizer
@@ -78,10 +101,24 @@ class TokenStrings:
             [[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False
         )
         special = set(tokenizer.all_special_ids)
+        alphabet = _byte_level_alphabet()
+        self.token_bytes: dict[int, str] = {}  # per id, the tokens that are part of a character
         by_text: dict[str, list[int]] = defaultdict(list)
         for i, text in enumerate(texts):
-            if text and "\ufffd" not in text and i not in special:
-                by_text[text].append(i)
+            if i in special or not text:
+                continue
+            if "\ufffd" in text:
+                piece = tokenizer.convert_ids_to_tokens(i)
+                if m := _BYTE_FALLBACK.fullmatch(piece):
+                    text = chr(int(m.group(1), 16))
+                elif piece and all(c in alphabet for c in piece):
+                    text = "".join(chr(alphabet[c]) for c in piece)
+                else:
+                    continue
+                self.token_bytes[i] = text
+            else:
+                text = as_bytes(text)
+            by_text[text].append(i)
         self.by_text = dict(by_text)
         self.longest = max(map(len, self.by_text))
         # tokens that close the list: "." alone, or followed by white space (".\n") where anything
@@ -96,6 +133,20 @@ class TokenStrings:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def written(self, ids: Sequence[int]) -> str:
+        """What the grammars read of a completion: its text `as_bytes`, a character cut short
+        at the end (its first byte written, the rest to come) included."""
+        if not any(i in self.token_bytes for i in ids):
+            return as_bytes(self.decode(ids))
+        out, run = [], []  # runs of whole tokens decoded together, the partial ones by their bytes
+        for i in ids:
+            if i in self.token_bytes:
+                out += [as_bytes(self.decode(run)), self.token_bytes[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join([*out, as_bytes(self.decode(run))])
 
     def prefixes_of(self, text: str) -> list[int]:
         """Ids of the tokens whose text is a non-empty prefix of `text` and after which the rest
@@ -173,11 +224,12 @@ class _Decoded(ABC):
         """The token ids that may follow `completion_ids`; the `Banned` ones that may not (where
         nothing holds for the claim, its trigger may not be written: `empty`); or None where
         decoding is free."""
-        return self.allowed_after(self.strings.decode(completion_ids))
+        return self.allowed_after(self.strings.written(completion_ids))
 
     @abstractmethod
     def allowed_after(self, text: str) -> Allowed:
-        """`allowed` for a completion already decoded to `text`."""
+        """`allowed` for a completion already decoded to `text` (`TokenStrings.written`: its
+        bytes, `as_bytes`; ASCII text is itself)."""
 
     @property
     @abstractmethod
@@ -208,13 +260,13 @@ class TitleList(_Decoded):
         trigger: str = RATED,
         follow: str | Sequence[str] = " " + LATELY,
     ) -> None:
-        self.titles = list(dict.fromkeys(t.strip() for t in titles if t and t.strip()))
+        self.titles = list(dict.fromkeys(as_bytes(t.strip()) for t in titles if t and t.strip()))
         self.strings = strings
         self.max_entries = max_entries
-        self.trigger = trigger  # "": the list is the first thing written
+        self.trigger = as_bytes(trigger)  # "": the list is the first thing written
         # what may come right after the list (the format's next sentences), else a stop; ("",):
         # only a stop (the list ends the text); (): anything
-        self.follow = (follow,) if isinstance(follow, str) else tuple(follow)
+        self.follow = tuple(map(as_bytes, (follow,) if isinstance(follow, str) else follow))
         # what closes the list: where what follows it is checked, a bare "." (a ".\n" token would
         # put white space past that check); where anything may follow, any closing token
         self._closing = strings.period if self.follow and strings.period else strings.closing
@@ -252,9 +304,22 @@ class TitleList(_Decoded):
         return states is not None or (closed is not None and closed >= at)
 
     def trigger_at(self, text: str) -> int:
-        """Where the trigger was last written in `text`; -1 when it was not (0 without one: the
-        list is the first thing written)."""
-        return text.rfind(self.trigger) if self.trigger else 0
+        """Where the trigger that opened the list now applying was written in `text`: the last
+        one not inside an earlier list's titles (a title "Rated highest: A Trap" holds the
+        trigger, and reading it as a new list would start the list over and over); -1 when it
+        was not written (0 without one: the list is the first thing written)."""
+        if not self.trigger:
+            return 0
+        found, at = -1, text.find(self.trigger)
+        while at >= 0:
+            found = at
+            after = at + len(self.trigger)
+            states, closed = self._states(text[after:])
+            if states is not None:  # still open: what follows is its own
+                return at
+            # closed: the next list may start after it; left the grammar: after this trigger
+            at = text.find(self.trigger, after + (closed + 1 if closed is not None else 0))
+        return found
 
     @property
     def empty(self) -> bool:
@@ -297,7 +362,9 @@ class TitleList(_Decoded):
                     ids.update(self.strings.prefixes_of(s.pending + SEPARATOR + nxt.pending))
             if not s.pending:  # the list may close
                 ids.update(self._closing)
-        return sorted(ids) or None
+        # a dead end (no token writes what must come next; with every byte a token, as in
+        # byte-level BPE, there is none): end the text rather than let the list run on freely
+        return sorted(ids) or list(self.strings.stops) or None
 
 
 def constrain_logits(logits: torch.Tensor, allowed: Sequence[Sequence[int] | Banned | None]) -> torch.Tensor:
@@ -326,9 +393,9 @@ class PhraseChoice(_Decoded):
     Stateless like `TitleList`, and it takes its place in a `TitleLists`."""
 
     def __init__(self, phrases: Sequence[str], strings: TokenStrings, trigger: str) -> None:
-        self.phrases = sorted(set(phrases))
+        self.phrases = sorted(set(map(as_bytes, phrases)))
         self.strings = strings
-        self.trigger = trigger
+        self.trigger = as_bytes(trigger)
         self._allowed: dict[str, list[int] | None] = {}
 
     def trigger_at(self, text: str) -> int:
@@ -358,7 +425,8 @@ class PhraseChoice(_Decoded):
         rests = [p[len(written) :] for p in self.phrases if p.startswith(written)]
         if not rests or self._closed(written) is not None:
             return None  # the phrase is written, or the text left the grammar: free from here
-        self._allowed[written] = sorted({i for r in rests for i in self.strings.prefixes_of(r)}) or None
+        ids = sorted({i for r in rests for i in self.strings.prefixes_of(r)})
+        self._allowed[written] = ids or list(self.strings.stops) or None  # a dead end: stop
         return self._allowed[written]
 
 
@@ -381,7 +449,7 @@ class TitleLists:
         self._banned = [g for g in self.lists if g.empty]
 
     def allowed(self, completion_ids: Sequence[int]) -> Allowed:
-        text = self.strings.decode(completion_ids)  # once, for every list
+        text = self.strings.written(completion_ids)  # once, for every list
         allowed = self._allowed(text) if self._live else None
         if allowed is not None or not self._banned:
             return allowed

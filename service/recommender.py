@@ -235,7 +235,7 @@ class Recommender:
             # the prompt names titles, not genres or years: an edit of those changes the grammar,
             # not the prompt
             window = facts[-self.model.prompts.max_history :]
-            grammar = json.dumps(["held-claims-3", [[f.genres, f.decade] for f in window]])
+            grammar = json.dumps(["held-claims-4", [[f.genres, f.decade] for f in window]])
         return PreparedQuery(
             query=query,
             model_version=self.version,
@@ -247,11 +247,13 @@ class Recommender:
 
     def _key(self, prompt: str, budget: int, grammar: str) -> str:
         """sha256 of (model version, rendered prompt = the history window, generation settings,
-        the grammar: what it constrains and the window's genres and decades it was built from),
-        so reasoning cached under an older grammar (until stop 29 the rated list could name any
-        window title; until stop 30 the decades and the drift were free; until held-claims-3 a
-        "Lately more" where nothing drifts or a "Likes" where no genre holds could be written
-        outside the rated list) or before a genre or year edit is not served under this one."""
+                the grammar: what it constrains and the window's genres and decades it was built from),
+                so reasoning cached under an older grammar (until stop 29 the rated list could name any
+                window title; until stop 30 the decades and the drift were free; until held-claims-3 a
+                "Lately more" where nothing drifts or a "Likes" where no genre holds could be written
+                outside the rated list; until held-claims-4 a title in a script spelt in pieces of characters,
+        CJK or emoji, was not held to the list, nor one holding "Rated highest:") or before a genre or
+        year edit is not served under this one."""
         material = json.dumps([self.version, prompt, budget, "greedy", grammar])
         return hashlib.sha256(material.encode()).hexdigest()
 

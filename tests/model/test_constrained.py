@@ -137,15 +137,26 @@ def test_only_a_full_stop_closes_the_list(tiny_model, strings):
     assert "." in texts and not any(t.startswith(".") and t[1:].strip() for t in texts)
 
 
-def test_a_title_with_a_character_no_token_spells_alone_is_still_copied(smol):
-    # in SmolLM2's tokenizer " Á" is a token, "Á" is not
-    title = "Á köldum klaka (Cold Fever)"
-    constraint = TitleList([title], smol)
+@pytest.mark.parametrize(
+    "title",
+    [
+        "Á köldum klaka (Cold Fever)",  # SmolLM2 has " Á" but no "Á" alone: only its bytes
+        "千と千尋の神隠し",  # "千" is two tokens, "åį" + "ĥ", each part of the character
+        "🎬 Night at the Movies",
+        "Ω",
+    ],
+)
+def test_a_title_in_any_script_is_copied_token_piece_by_piece(smol, title):
+    constraint = TitleList([title, "Heat"], smol)
     start = smol.tokenizer(f"Likes Drama. {RATED}", add_special_tokens=False)["input_ids"]
-    assert " " not in {smol.decode([i]) for i in constraint.allowed(start)}
-    for seed in range(5):
+    assert constraint.allowed(start) is not None
+    listed = set()
+    for seed in range(6):
         text = smol.decode(_decode_under(constraint, smol, start, seed))
-        assert _list_after(text, RATED, [title]) == [title]
+        entries = _list_after(text, RATED, [title, "Heat"])
+        assert entries and set(entries) <= {title, "Heat"}, text
+        listed.update(entries)
+    assert title in listed  # random logits reach the title too, not only "Heat"
 
 
 def test_a_written_list_that_left_the_grammar_is_not_forced(tiny_model, strings):
@@ -529,3 +540,19 @@ def test_engine_and_hf_decode_a_banned_trigger_alike(tiny_model):
     assert not any("e" in text for text in got.texts)
     free, _ = EngineBackend(tiny_model, slots=2).generate(prompts, settings)
     assert any("e" in text for text in free.texts)  # the random model left alone writes one
+
+
+def test_a_title_holding_the_trigger_is_listed_once_not_restarted(smol):
+    trap = f"{RATED} A Trap"  # a title that holds the list's own trigger
+    constraint = TitleList([trap, "Heat"], smol)
+    start = smol.tokenizer(f"Likes Drama. {RATED}", add_special_tokens=False)["input_ids"]
+    inside = smol.tokenizer(f"Likes Drama. {RATED} {RATED}", add_special_tokens=False)["input_ids"]
+    # the trigger inside the title is part of it: what may follow is the rest of the title
+    assert all(" A Trap".startswith(smol.decode([i])) for i in constraint.allowed(inside))
+    listed = set()
+    for seed in range(8):
+        text = smol.decode(_decode_under(constraint, smol, start, seed))
+        entries = _list_after(text, RATED, [trap, "Heat"])
+        assert entries and set(entries) <= {trap, "Heat"}, text
+        listed.update(entries)
+    assert trap in listed
