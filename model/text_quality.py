@@ -84,9 +84,11 @@ def named_titles(text: str, catalog: set[str] | None = None) -> list[str]:
     """Spans the text presents as titles (see the module docstring). A list's entries are split
     at "; ", except where pieces joined by it make a title of `catalog` (normalised titles):
     "Rated highest: Love; Death; Heat." names two titles where the catalog has "Love; Death"."""
-    out = [a or b for a, b in _QUOTED.findall(text)]
-    out += _WITH_YEAR.findall(text)
-    out += [t for listed in _LISTS.findall(text) for t in _list_entries(listed.split("; "), catalog or set())]
+    lists = _LISTS.findall(text)
+    prose = _LISTS.sub(" ", text)  # a list's entries are its titles: a quote inside one is not another
+    out = [a or b for a, b in _QUOTED.findall(prose)]
+    out += _WITH_YEAR.findall(prose)
+    out += [t for listed in lists for t in _list_entries(listed.split("; "), catalog or set())]
     return [t.strip() for t in out if t.strip()]
 
 

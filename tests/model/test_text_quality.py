@@ -56,6 +56,10 @@ def test_a_listed_title_holding_the_separator_is_one_title():
     # a piece the catalog has alone stays alone where the join is not a title
     assert named_titles("Rated highest: Love; Heat.", catalog) == ["Love", "Heat"]
     assert unknown_titles("Rated highest: Death; Heat.", catalog) == ["Death"]
+    # quotes or a year inside a listed title are part of it, not a title of their own
+    best = 'The "Best" Film Ever'
+    assert named_titles(f"Rated highest: {best}; Heat (1995).", catalog) == [best, "Heat (1995)"]
+    assert named_titles(f'You liked "Heat". Rated highest: {best}.') == ["Heat", best]
 
 
 def test_quality_flags_unknown_titles_and_loops():
