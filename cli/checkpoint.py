@@ -28,7 +28,9 @@ def checkpoint_init(
     dtype: str = "bfloat16",
 ) -> None:
     """A checkpoint the service can load: the untrained --base, or the model of --from, with
-    the dataset's catalog encoded by it."""
+    the dataset's catalog encoded by it (and, for a model whose prompts name co-watch hints, the
+    hints counted from the dataset's training interactions; the measured metrics of --from are
+    kept only when it was trained on the same dataset)."""
     from model.checkpoint import CheckpointError
     from model.data import DataError
 
@@ -40,7 +42,20 @@ def checkpoint_init(
 
 
 def _init(data: Path, out: Path, base: str, from_checkpoint: Path | None, dtype: str) -> dict:
-    from model.checkpoint import check_replaceable, create_base_checkpoint, load_checkpoint, save_checkpoint
+    import numpy as np
+    import pandas as pd
+
+    from model.checkpoint import (
+        ITEMS_FILE,
+        VECTORS_FILE,
+        check_replaceable,
+        create_base_checkpoint,
+        load_checkpoint_model,
+        read_meta,
+        resolve_checkpoint,
+        save_checkpoint,
+    )
+    from model.cowatch import CoWatch
     from model.data import load_prepared
     from model.prompts import PromptConfig
 
@@ -51,18 +66,34 @@ def _init(data: Path, out: Path, base: str, from_checkpoint: Path | None, dtype:
         return create_base_checkpoint(
             out, base, ds.items, prompts=PromptConfig(category=ds.category), dtype=dtype, dataset=dataset
         )
-    ckpt = load_checkpoint(from_checkpoint, dtype=dtype, merge_lora=False)
-    src = ckpt.meta
-    vectors = ckpt.vectors_for(ds.items, progress=True)
+    path = resolve_checkpoint(from_checkpoint)
+    src = read_meta(path)
+    model = load_checkpoint_model(path, dtype=dtype, merge_lora=False)
+    if model.prompts.cowatch_hints:  # the hints name what others watched in DATA, not in the source's data
+        model.cowatch = CoWatch.from_samples(
+            ds.split("train"), ds.item_titles(), model.prompts.cowatch_window
+        )
+    same_catalog = (path / VECTORS_FILE).exists() and list(
+        pd.read_parquet(path / ITEMS_FILE, columns=["item_id"])["item_id"]
+    ) == list(ds.items["item_id"])
+    # the stored table where it is DATA's catalog; else DATA's items encoded once (never the source's)
+    vectors = (
+        np.load(path / VECTORS_FILE)
+        if same_catalog
+        else model.item_vectors(ds.items.to_dict("records"), progress=True)
+    )
+    trained_on = src.get("dataset") or {}
+    # metrics measured on another dataset say nothing of this checkpoint's
+    same_data = (trained_on.get("name"), trained_on.get("protocol")) == (ds.name, ds.protocol)
     return save_checkpoint(
         out,
-        ckpt.model,
+        model,
         base=src["base"],
         weights=src["weights"],
         items=ds.items,
         item_vectors=vectors,
         dataset=dataset,
-        metrics=src.get("metrics"),
+        metrics=src.get("metrics") if same_data else None,
         extra={k: src[k] for k in ("train", "provenance") if k in src} | {"from": str(from_checkpoint)},
     )
 

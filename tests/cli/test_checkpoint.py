@@ -11,6 +11,7 @@ from cli import app
 from model.checkpoint import VECTORS_FILE, load_checkpoint, read_meta
 from model.recpo import RecPOConfig
 from model.train import train
+from tests.conftest import FIXTURES
 
 TINY = dict(dtype="float32", warmup_steps=0, eval_limit=4, lora_r=4, lora_alpha=8, max_completion_length=4)
 
@@ -144,3 +145,63 @@ def test_the_log_level_reaches_the_service(tiny_dataset, tmp_path, monkeypatch):
         res = CliRunner().invoke(app, ["--log-level", given, "serve", "--checkpoint", ckpt])
         assert res.exit_code == 0, res.output
         assert seen[-1] == level
+
+
+def test_init_from_a_model_trained_elsewhere_counts_hints_and_encodes_only_this_catalog(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """A user's own catalog served with the shipped model: the co-watch hints come from the
+    user's interactions, not the source's (ids that happen to match would name unrelated items),
+    only the user's items are encoded, and metrics measured on the source's data are dropped."""
+    from model.cowatch import CoWatch
+    from model.data import load_prepared, prepare_atomic
+    from model.r2ec import R2ec
+
+    cfg = RecPOConfig(
+        stage="contrastive", per_device_batch_size=4, max_steps=1, eval_every=1, cowatch_hints=3, **TINY
+    )
+    train(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    art = tmp_path / "art"
+    assert (
+        CliRunner().invoke(app, ["checkpoint", "export", str(tmp_path / "run"), "--out", str(art)]).exit_code
+        == 0
+    )
+    # another catalog: the same films under other ids, watched in the reverse order
+    files = (tmp_path / "x.inter", tmp_path / "x.item")
+    rows = (FIXTURES / "data" / "tiny.inter").read_text().splitlines()
+    flipped = [rows[0]] + [
+        "\t".join([u, "b" + i, r, str(-float(t))]) for u, i, r, t in (line.split("\t") for line in rows[1:])
+    ]
+    files[0].write_text("\n".join(flipped) + "\n")
+    items = (FIXTURES / "data" / "tiny.item").read_text().splitlines()
+    files[1].write_text("\n".join([items[0]] + ["b" + line for line in items[1:]]) + "\n")
+    other = load_prepared(prepare_atomic(*files, tmp_path / "data", "other", protocol="loo"))
+    encoded: list[int] = []
+    real = R2ec.item_vectors
+
+    def counting(self, items, *args, **kwargs):
+        encoded.append(len(items))
+        return real(self, items, *args, **kwargs)
+
+    monkeypatch.setattr(R2ec, "item_vectors", counting)
+    out = tmp_path / "current"
+    args = [
+        "checkpoint",
+        "init",
+        "--data",
+        str(other.path),
+        "--out",
+        str(out),
+        "--from",
+        str(art),
+        "--dtype",
+        "float32",
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert encoded == [len(other.items)]  # this catalog, once; the source's never
+    saved = CoWatch.load(out, 10)
+    expected = CoWatch.from_samples(other.split("train"), other.item_titles(), 10)
+    assert saved.successors == expected.successors
+    assert all(j.startswith("b") for nexts in saved.successors.values() for j, _ in nexts)
+    assert read_meta(art)["metrics"] and not read_meta(out)["metrics"]
