@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import routes, ui
-from service.config import Settings
+from service.config import Settings, unknown_env
 from service.errors import add_error_handlers
 from service.limits import BodyLimit
 from service.metrics import Metrics, RequestTimer
@@ -37,6 +37,8 @@ def create_app(
     metrics = Metrics()
     for name in ("service", "model", "index"):
         logging.getLogger(name).setLevel(settings.log_level)
+    for line in unknown_env():
+        log.warning("%s", line)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -5,6 +5,9 @@ Nothing here runs at import: `Settings()` is constructed in `create_app()` or by
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -227,3 +230,45 @@ class Settings(BaseSettings):
         if self.api_key is None or not self.api_key.get_secret_value():
             return None
         return self.api_key.get_secret_value()
+
+
+# R2EC_ variables read elsewhere than `Settings`, where: not typos
+READ_ELSEWHERE = frozenset(
+    {
+        "R2EC_HOST",  # r2ec serve --host
+        "R2EC_PORT",  # r2ec serve --port
+        "R2EC_CACHE_DIR",  # model/backbone.py: converted backbones
+        "R2EC_KERNEL_CACHE",  # model/bf16_gemm.py
+        "R2EC_BF16_KERNEL",  # model/bf16_gemm.py
+        "R2EC_DATA_DIR",  # deploy/quickstart.sh, deploy/train_ml100k.sh, deploy/k8s
+        "R2EC_UNTRAINED",  # deploy/quickstart.sh
+        "R2EC_TORCH_INDEX",  # deploy/setup.sh
+        "R2EC_HOST_PORT",  # docker-compose.yml
+        "R2EC_API_SPINCOUNT",  # docker-compose.yml
+        "R2EC_INIT_BASE",  # docker-compose.yml, deploy/compose-smoke.sh
+        "R2EC_ML100K_DIR",  # deploy/compose-smoke.sh
+        "R2EC_ML100K_SOURCE",  # model/data/movielens.py
+        "R2EC_SERVICES",  # deploy/compose-smoke.sh
+        "R2EC_SMOKE_TIMEOUT_S",  # deploy/compose-smoke.sh
+        "R2EC_DOCKER_BUILD_ARGS",  # tests/deploy
+    }
+)
+
+
+def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A line for each R2EC_ variable in `environ` (default: the process's) that nothing reads,
+    with the setting it may have meant: pydantic-settings ignores them, so a typo
+    (R2EC_INDEX_HNSW_EF_SEARCH for R2EC_INDEX_EF_SEARCH) would leave the default in force unsaid.
+    R2EC_TEST_* variables (the opt-in tests) are left alone."""
+    environ = os.environ if environ is None else environ
+    known = {f"R2EC_{name.upper()}" for name in Settings.model_fields} | READ_ELSEWHERE
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("R2EC_") or upper in known or upper.startswith("R2EC_TEST_"):
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
+        out.append(
+            f"{name} is not a setting and is ignored" + (f" (did you mean {close[0]}?)" if close else "")
+        )
+    return out

@@ -1,0 +1,39 @@
+"""R2EC_ variables: a typo is named at startup, not silently ignored."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from service.app import create_app
+from service.config import Settings, unknown_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_variable_nothing_reads_is_named_with_the_setting_it_may_mean():
+    env = {"R2EC_INDEX_HNSW_EF_SEARCH": "512", "R2EC_MAX_BATCH": "4", "R2EC_TEST_X": "1", "PATH": "/bin"}
+    assert unknown_env(env) == [
+        "R2EC_INDEX_HNSW_EF_SEARCH is not a setting and is ignored (did you mean R2EC_INDEX_EF_SEARCH?)"
+    ]
+    assert unknown_env({"R2EC_HOST": "0.0.0.0", "R2EC_CACHE_DIR": "/c"}) == []  # read by r2ec serve, model/
+
+
+def test_the_app_warns_of_them_when_built(monkeypatch, caplog):
+    monkeypatch.setenv("R2EC_PREFIX_CACHE", "false")
+    with caplog.at_level(logging.WARNING, logger="service"):
+        create_app(Settings())
+    assert any("R2EC_PREFIX_CACHE is not a setting" in r.getMessage() for r in caplog.records)
+
+
+def test_every_variable_the_repo_tells_users_to_set_is_read():
+    """Scripts, manifests, the README and the docs name only variables something reads."""
+    paths = [*ROOT.glob("deploy/**/*"), *ROOT.glob("docs/*.md"), ROOT / "README.md", ROOT / "Dockerfile"]
+    paths += [ROOT / "docker-compose.yml", *ROOT.glob("service/*.py"), *ROOT.glob("model/**/*.py")]
+    named = set()
+    for path in paths:  # (service/config.py names a typo as its example)
+        if path.is_file() and path.suffix != ".png" and path.name != "config.py":
+            named |= set(re.findall(r"\bR2EC_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(errors="ignore")))
+    assert len(named) > 10
+    assert [line for name in sorted(named) for line in unknown_env({name: ""})] == []
