@@ -310,17 +310,22 @@ async def healthz() -> schemas.Health:
     },
 )
 async def readyz(state: MaybeStateDep) -> JSONResponse:
-    """Readiness: model and index loaded, batcher running (not shutting down), store reachable."""
+    """Readiness: model and index loaded, batcher running (not shutting down). An unreachable
+    store leaves it ready but "degraded" (200, `store: down`): every replica shares the store,
+    so failing on it would take them all out of a load balancer at once, while requests with
+    an inline history still get answers (those that need the store get a 503 that says so)."""
     reasons = ["starting: model not loaded yet"] if state is None else await state.readiness()
     engine = None if state is None else state.engine
+    store_down = any(r.startswith("store") for r in reasons)
+    blocking = [r for r in reasons if not r.startswith("store")]
     body = schemas.Readiness(
-        status="not ready" if reasons else "ready",
+        status="not ready" if blocking else "degraded" if store_down else "ready",
         model_version=engine.version if engine else None,
         items=len(engine.catalog.index) if engine else None,
-        store="down" if any(r.startswith("store") for r in reasons) else "ok",
+        store="down" if store_down else "ok",
         reasons=reasons,
     )
-    return JSONResponse(body.model_dump(), status_code=503 if reasons else 200)
+    return JSONResponse(body.model_dump(), status_code=503 if blocking else 200)
 
 
 @router.get(

@@ -170,6 +170,7 @@ def test_api_port_and_healthcheck_agree_with_the_image(services, docker):
     probe = " ".join(api["healthcheck"]["test"])
     assert f"127.0.0.1:{port}/readyz" in probe or f"127.0.0.1:{port}/healthz" in probe
     assert _env(api)["R2EC_WATCH_INTERVAL_S"] != "0"  # picks up a flipped CURRENT
+    assert _env(api)["R2EC_API_KEY"] == "${R2EC_API_KEY:-}"  # the admin API, when the host sets a key
     # what `r2ec serve` sets by itself (model.SERVE_SPINCOUNT), spelled out so it can be turned off
     import model
 

@@ -61,6 +61,14 @@ def test_api_probes_port_and_service(docs):
     assert api["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert api["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert api["resources"]["requests"]["cpu"] and api["resources"]["limits"]["memory"]
+    # a pause while the Service drops the pod, then the drain, all before the kill
+    pause = int(api["lifecycle"]["preStop"]["exec"]["command"][-1])
+    (config,) = _by_kind(docs, "ConfigMap").values()
+    drain = float(config["data"]["R2EC_SHUTDOWN_GRACE_S"])
+    assert pause >= 5 and pod["spec"]["terminationGracePeriodSeconds"] >= pause + drain + 5
+    # the admin API's key from a Secret the operator makes (optional: without it admin is off)
+    (key,) = [e for e in api["env"] if e["name"] == "R2EC_API_KEY"]
+    assert key["valueFrom"]["secretKeyRef"]["optional"] is True
     (svc,) = _by_kind(docs, "Service").values()
     assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert {p["targetPort"] for p in svc["spec"]["ports"]} <= set(ports) | set(ports.values())

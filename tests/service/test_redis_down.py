@@ -1,5 +1,6 @@
 """Redis goes away mid-test (its own redis-server, stopped): requests that carry their history
-are still answered; those that need the store get a 503 that says so; /readyz reports it."""
+are still answered; those that need the store get a 503 that says so; /readyz reports it and
+stays 200 ("degraded"), so a load balancer keeps the replicas that can still answer."""
 
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ async def test_a_stopped_redis_degrades_to_inline_histories(ckpt):
                 assert r.status_code == 503, r.text
                 assert r.json()["error"]["message"].startswith("history store unavailable: redis")
 
+            # still ready (a load balancer keeps it: inline histories are answered), degraded
             ready = await client.get("/readyz")
-            assert ready.status_code == 503
-            assert ready.json()["status"] == "not ready" and ready.json()["store"] == "down"
+            assert ready.status_code == 200
+            assert ready.json()["status"] == "degraded" and ready.json()["store"] == "down"
             assert ready.json()["reasons"][0].startswith("store unavailable: redis ping failed")
             assert (await client.get("/healthz")).status_code == 200
             text = (await client.get("/metrics")).text
