@@ -16,6 +16,12 @@ from tests.conftest import FIXTURES
 TINY = dict(dtype="float32", warmup_steps=0, eval_limit=4, lora_r=4, lora_alpha=8, max_completion_length=4)
 
 
+def _init_from(data, out, source):
+    """`r2ec checkpoint init --data DATA --out OUT --from SOURCE` in float32."""
+    args = ["checkpoint", "init", "--data", str(data), "--out", str(out), "--from", str(source)]
+    return CliRunner().invoke(app, [*args, "--dtype", "float32"])
+
+
 def test_export_ships_no_item_table_and_init_from_rebuilds_the_same(tiny_dataset, tmp_path):
     cfg = RecPOConfig(stage="contrastive", per_device_batch_size=4, max_steps=1, eval_every=1, **TINY)
     best = train(cfg, tiny_dataset, "tiny", tmp_path / "run")
@@ -49,21 +55,7 @@ def test_export_ships_no_item_table_and_init_from_rebuilds_the_same(tiny_dataset
     np.testing.assert_allclose(shipped.item_vectors, original.item_vectors, atol=1e-5)
     # init --from writes a complete, servable copy with the vectors and the provenance
     out = tmp_path / "current"
-    res = runner.invoke(
-        app,
-        [
-            "checkpoint",
-            "init",
-            "--data",
-            str(tiny_dataset.path),
-            "--out",
-            str(out),
-            "--from",
-            str(art),
-            "--dtype",
-            "float32",
-        ],
-    )
+    res = _init_from(tiny_dataset.path, out, art)
     assert res.exit_code == 0, res.output
     assert (out / VECTORS_FILE).exists() and read_meta(out)["provenance"]["command"] == "train it"
     np.testing.assert_allclose(
@@ -185,19 +177,7 @@ def test_init_from_a_model_trained_elsewhere_counts_hints_and_encodes_only_this_
 
     monkeypatch.setattr(R2ec, "item_vectors", counting)
     out = tmp_path / "current"
-    args = [
-        "checkpoint",
-        "init",
-        "--data",
-        str(other.path),
-        "--out",
-        str(out),
-        "--from",
-        str(art),
-        "--dtype",
-        "float32",
-    ]
-    res = CliRunner().invoke(app, args)
+    res = _init_from(other.path, out, art)
     assert res.exit_code == 0, res.output
     assert encoded == [len(other.items)]  # this catalog, once; the source's never
     saved = CoWatch.load(out, 10)

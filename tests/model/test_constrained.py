@@ -147,16 +147,22 @@ def test_only_a_full_stop_closes_the_list(tiny_model, strings):
     ],
 )
 def test_a_title_in_any_script_is_copied_token_piece_by_piece(smol, title):
-    constraint = TitleList([title, "Heat"], smol)
-    start = smol.tokenizer(f"Likes Drama. {RATED}", add_special_tokens=False)["input_ids"]
+    assert title in _lists_under_random_logits(smol, [title, "Heat"], seeds=6)  # not only "Heat"
+
+
+def _lists_under_random_logits(strings: TokenStrings, titles: list[str], seeds: int) -> set[str]:
+    """Every title listed by `seeds` random-logit decodings after "Rated highest:" under the
+    grammar of `titles`; fails the test when one is not a closed list of them."""
+    constraint = TitleList(titles, strings)
+    start = strings.tokenizer(f"Likes Drama. {RATED}", add_special_tokens=False)["input_ids"]
     assert constraint.allowed(start) is not None
     listed = set()
-    for seed in range(6):
-        text = smol.decode(_decode_under(constraint, smol, start, seed))
-        entries = _list_after(text, RATED, [title, "Heat"])
-        assert entries and set(entries) <= {title, "Heat"}, text
+    for seed in range(seeds):
+        text = strings.decode(_decode_under(constraint, strings, start, seed))
+        entries = _list_after(text, RATED, titles)
+        assert entries and set(entries) <= set(titles), text
         listed.update(entries)
-    assert title in listed  # random logits reach the title too, not only "Heat"
+    return listed
 
 
 def test_a_written_list_that_left_the_grammar_is_not_forced(tiny_model, strings):
@@ -545,14 +551,7 @@ def test_engine_and_hf_decode_a_banned_trigger_alike(tiny_model):
 def test_a_title_holding_the_trigger_is_listed_once_not_restarted(smol):
     trap = f"{RATED} A Trap"  # a title that holds the list's own trigger
     constraint = TitleList([trap, "Heat"], smol)
-    start = smol.tokenizer(f"Likes Drama. {RATED}", add_special_tokens=False)["input_ids"]
     inside = smol.tokenizer(f"Likes Drama. {RATED} {RATED}", add_special_tokens=False)["input_ids"]
     # the trigger inside the title is part of it: what may follow is the rest of the title
     assert all(" A Trap".startswith(smol.decode([i])) for i in constraint.allowed(inside))
-    listed = set()
-    for seed in range(8):
-        text = smol.decode(_decode_under(constraint, smol, start, seed))
-        entries = _list_after(text, RATED, [trap, "Heat"])
-        assert entries and set(entries) <= {trap, "Heat"}, text
-        listed.update(entries)
-    assert trap in listed
+    assert trap in _lists_under_random_logits(smol, [trap, "Heat"], seeds=8)
