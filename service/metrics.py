@@ -134,7 +134,8 @@ class RequestTimer:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            # path_format: the template without convertors ("/items/{item_id}", not "{item_id:path}")
+            template = getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
             self.metrics.request_latency.labels(
                 scope.get("method", ""), template, str(status["code"])
             ).observe(time.perf_counter() - start)

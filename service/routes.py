@@ -26,9 +26,18 @@ from service.types import Query, Result
 
 router = APIRouter()  # every route but /recommend
 
-# The same id type as in bodies (service/schemas.py), so a path id and a body id agree.
-UserIdPath = Annotated[schemas.Id, Path(description="A user id (same rules as in bodies).")]
-ItemIdPath = Annotated[schemas.Id, Path(description="An item id (same rules as in bodies).")]
+# The same id type as in bodies (service/schemas.py), so a path id and a body id agree. An id may
+# hold "/": the server decodes %2F before routing, so every id segment uses Starlette's `path`
+# convertor (`{user_id:path}`), which takes the rest of the path up to the route's fixed tail
+# ("/events", "/history"); an id that is itself "x/history" still reaches its user, as
+# "/users/x/history/events". The OpenAPI document and the metrics' route labels use the path
+# without the convertor ("/items/{item_id}").
+UserIdPath = Annotated[
+    schemas.Id, Path(description="A user id (same rules as in bodies; a '/' in it may be sent as %2F).")
+]
+ItemIdPath = Annotated[
+    schemas.Id, Path(description="An item id (same rules as in bodies; a '/' in it may be sent as %2F).")
+]
 
 
 def _events(items: list[schemas.Interaction] | None) -> list[Event] | None:
@@ -165,7 +174,7 @@ def _reply(result: Result, source: str, total_ms: float) -> schemas.RecommendRes
 
 # ---------------------------------------------------------------------- users
 @router.post(
-    "/users/{user_id}/events",
+    "/users/{user_id:path}/events",
     response_model=schemas.EventsResponse,
     tags=["users"],
     responses=documented(400, 413, 422, 500, 503),
@@ -200,7 +209,7 @@ def _stamped(user_id: str, e: schemas.EventIn, now: int) -> Event:
 
 
 @router.get(
-    "/users/{user_id}/history",
+    "/users/{user_id:path}/history",
     response_model=schemas.HistoryResponse,
     tags=["users"],
     responses=documented(422, 500, 503),
@@ -224,7 +233,10 @@ async def get_history(user_id: UserIdPath, store: StoreDep, catalog: CatalogDep)
 
 # ---------------------------------------------------------------------- items
 @router.get(
-    "/items/{item_id}", response_model=schemas.Item, tags=["items"], responses=documented(404, 422, 500, 503)
+    "/items/{item_id:path}",
+    response_model=schemas.Item,
+    tags=["items"],
+    responses=documented(404, 422, 500, 503),
 )
 async def get_item(item_id: ItemIdPath, catalog: CatalogDep) -> schemas.Item:
     item = catalog.item(item_id)
@@ -234,7 +246,7 @@ async def get_item(item_id: ItemIdPath, catalog: CatalogDep) -> schemas.Item:
 
 
 @router.put(
-    "/items/{item_id}",
+    "/items/{item_id:path}",
     response_model=schemas.ItemUpsertResponse,
     tags=["admin"],
     dependencies=Admin,
@@ -257,7 +269,7 @@ async def put_item(
 
 
 @router.delete(
-    "/items/{item_id}",
+    "/items/{item_id:path}",
     response_model=schemas.ItemDeleteResponse,
     tags=["admin"],
     dependencies=Admin,

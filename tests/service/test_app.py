@@ -306,6 +306,62 @@ async def test_ids_with_inner_spaces_and_unicode_work_the_same_in_path_and_body(
     assert r.status_code == 200 and r.json()["history_source"] == "store"
 
 
+# ids that hold "/", which the server decodes (%2F) before routing; "x/events" and "x/history"
+# end as another route's tail does
+SLASHED_IDS = ["x/slash", "a//b", "/lead", "trail/", "x/events", "x/history"]
+
+
+async def test_ids_holding_a_slash_reach_every_route_with_an_id_in_its_path(client):
+    """Such ids are accepted in bodies (and by `r2ec data prepare`), but every route with an id
+    in its path used to answer them a bare 404 "Not Found": no route matched the decoded path."""
+    from urllib.parse import quote
+
+    for item in SLASHED_IDS:
+        path = f"/items/{quote(item, safe='')}"
+        r = await client.put(path, json={"title": f"Film {item}"}, headers=ADMIN)
+        assert r.status_code == 201, (item, r.text)
+        assert r.json()["item"]["item_id"] == item
+        r = await client.get(path)
+        assert r.status_code == 200 and r.json()["title"] == f"Film {item}"
+        assert (await client.put(path, json={"title": f"Film {item} 2"}, headers=ADMIN)).status_code == 200
+    for user in SLASHED_IDS:
+        path = f"/users/{quote(user, safe='')}"
+        events = {"events": [{"item_id": "i4", "timestamp": 100}, {"item_id": "x/slash", "timestamp": 200}]}
+        r = await client.post(f"{path}/events", json=events)
+        assert r.status_code == 200 and r.json()["user_id"] == user, (user, r.text)
+        r = await client.get(f"{path}/history")
+        assert r.status_code == 200 and r.json()["user_id"] == user
+        assert [(h["item_id"], h["title"]) for h in r.json()["history"]] == [
+            ("i4", "Get Shorty"),
+            ("x/slash", "Film x/slash 2"),
+        ]
+        r = await client.post("/recommend", json={"user_id": user, "k": 3, "reasoning": False})
+        assert r.status_code == 200 and r.json()["history_source"] == "store"
+    # sent unencoded, the id is the same: the route's fixed tail ends it
+    r = await client.get("/users/x/events/history")
+    assert r.status_code == 200 and r.json()["user_id"] == "x/events"
+    for item in SLASHED_IDS:
+        r = await client.delete(f"/items/{quote(item, safe='')}", headers=ADMIN)
+        assert r.status_code == 200 and r.json()["deleted"] == item
+    # an unknown id is a 404 that names it, whatever it holds
+    for item in ("zzz", "x/slash", "a/zzz/"):
+        for method in ("GET", "DELETE"):
+            r = await client.request(method, f"/items/{quote(item, safe='')}", headers=ADMIN)
+            assert r.status_code == 404, (method, item, r.text)
+            assert r.json()["error"]["message"] == f"item {item!r} not found"
+    # an empty id is refused by name; a path no route has is still a plain 404; a wrong method a 405
+    r = await client.post("/users//events", json={"events": [{"item_id": "i1"}]})
+    assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "user_id"
+    for path in ("/users/u1/nothing", "/users/u1", "/no/such/route"):
+        r = await client.get(path)
+        assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found", path
+    r = await client.get("/users/u1/events")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    text = (await client.get("/metrics")).text  # labels are the templates, without the convertor
+    assert requests(text, "/items/{item_id}", "404", method="GET") == 3
+    assert requests(text, "/users/{user_id}/events", "200") == len(SLASHED_IDS)
+
+
 async def test_a_retried_event_post_is_not_stored_twice(app, client):
     """Row H: a client that retries a post whose first attempt landed (it timed out, or got a
     503 from a stalled Redis: test_store.py) must not duplicate the events."""
