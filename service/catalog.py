@@ -33,7 +33,7 @@ import torch
 from index import IndexMismatchError, ItemIndex
 from index.persist import JSON_NAME, locked, read_metadata
 from model.checkpoint import Checkpoint
-from service.search import TIERS, Match, TitleIndex, normalize
+from service.search import TIERS, Match, TitleIndex, sort_name
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class Catalog:
             edited = TitleIndex((i, t) for i, t in edits.items() if t is not None).search(query, limit)
 
             def rank(m: Match) -> tuple[int, str, str]:
-                return m.tier, normalize(self._records.get(m.item_id, {}).get("title", "")), m.item_id
+                return m.tier, sort_name(self._records.get(m.item_id, {}).get("title", "")), m.item_id
 
             matches = sorted([*matches, *edited], key=rank)[:limit]
         found = []

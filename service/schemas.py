@@ -413,6 +413,16 @@ def stream_item_schema(ref_prefix: str = "#/components/schemas/") -> dict[str, A
 
 
 # ---------------------------------------------------------------------- catalog search (GET /items)
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+# GET /items's `q`: whitespace only is refused as "" is (it used to answer 200 and no items)
+SearchQuery = Annotated[str, AfterValidator(_not_blank)]
+
+
 class ItemMatch(BaseModel):
     item_id: str
     title: str

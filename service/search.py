@@ -7,6 +7,13 @@ non-alphanumeric characters one space. A catalog title written with its article 
 end ("Godfather, The", "Misérables, Les", as MovieLens writes them) is also indexed under the
 spoken order ("the godfather").
 
+Pictographs (Unicode "other symbols": emoji, ♥, ©, flags) are not punctuation: a title that holds
+one is also indexed under `normalize(title, symbols=True)`, where each is a word of its own
+("🎬 Movie Night" -> "🎬 movie night"; emoji joiners and variation selectors dropped). A query
+that holds one is matched both that way and as its plain words, each tier taking both's matches,
+so "🎬" finds "🎬 Movie Night" (until then it normalised to "" and found nothing), and "movie
+night" or "🎬 movie" still find what they found before.
+
 A match ranks by how the query meets the title, then by title, then by id:
 
     0 exact        the whole title
@@ -48,12 +55,49 @@ _TRAILING_ARTICLE = re.compile(
 )
 
 
-def normalize(text: str) -> str:
-    """Lowercase ASCII-ish words separated by single spaces; '' when nothing is left."""
+def _is_symbol(c: str) -> bool:
+    """A pictograph kept as a word by `normalize(..., symbols=True)`: Unicode "So" (emoji, ♥, ©,
+    regional indicators), and the emoji skin-tone modifiers (category "Sk"). ASCII symbols
+    (+, $, ^, ...) stay separators, so "Romeo + Juliet" is still found as "romeo juliet"."""
+    return unicodedata.category(c) == "So" or "\U0001f3fb" <= c <= "\U0001f3ff"
+
+
+def normalize(text: str, symbols: bool = False) -> str:
+    """Lowercase ASCII-ish words separated by single spaces; '' when nothing is left. With
+    `symbols`, each pictograph (`_is_symbol`) is kept as a word of its own."""
     decomposed = unicodedata.normalize("NFKD", text.translate(_SPELLED))
     stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
     folded = _APOSTROPHES.sub("", stripped.casefold())
-    return _NON_ALNUM.sub(" ", folded).strip()
+    if not symbols or folded.isascii():  # no ASCII character is a pictograph
+        return _NON_ALNUM.sub(" ", folded).strip()
+    # the same words as below (a run of str.isalnum characters is what [\W_]+ leaves), and
+    # each pictograph one more
+    words: list[str] = []
+    start = 0
+    for at, c in enumerate(folded):
+        if c.isalnum():
+            continue
+        if start < at:
+            words.append(folded[start:at])
+        if _is_symbol(c):
+            words.append(c)
+        start = at + 1
+    if start < len(folded):
+        words.append(folded[start:])
+    return " ".join(words)
+
+
+def _forms(text: str) -> tuple[str, str]:
+    """`text` normalised, and normalised with its pictographs kept (the same when it has none)."""
+    plain = normalize(text)
+    return plain, plain if text.isascii() else normalize(text, symbols=True)  # ASCII: no pictograph
+
+
+def sort_name(title: str) -> str:
+    """What titles are ordered by within a tier: the plain form; a title of pictographs only
+    ("🎬") by its pictographs."""
+    plain, symbolic = _forms(title)
+    return plain or symbolic
 
 
 def spoken_title(title: str) -> str | None:
@@ -85,12 +129,13 @@ class TitleIndex:
         self._sort_key: dict[str, tuple[str, str]] = {}
         for item_id, title in pairs:
             item_id, title = str(item_id), str(title or "")
-            key = (normalize(title), item_id)
-            if not key[0]:
+            plain, symbolic = _forms(title)
+            if not symbolic:
                 continue  # an item without a searchable title
+            key = (plain or symbolic, item_id)  # as `sort_name`
             self._sort_key[item_id] = key
             spoken = spoken_title(title)
-            for name in {key[0], normalize(spoken) if spoken else key[0]}:
+            for name in {plain, symbolic, *(_forms(spoken) if spoken else ())} - {""}:
                 names.append((name, *key))
         names.sort()
         self._exact: dict[str, list[str]] = {}
@@ -119,9 +164,11 @@ class TitleIndex:
         return len(self._sort_key)
 
     def search(self, query: str, limit: int, skip: Iterable[str] = ()) -> list[Match]:
-        """Up to `limit` matches, best first; ids in `skip` are left out (stale or deleted rows)."""
-        q = normalize(query)
-        if not q or limit <= 0:
+        """Up to `limit` matches, best first; ids in `skip` are left out (stale or deleted rows).
+        A query that holds a pictograph is matched with it and as its words alone, each tier
+        taking both's matches (so results stay in tier, then title, order)."""
+        queries = [q for q in dict.fromkeys((normalize(query, symbols=True), normalize(query))) if q]
+        if not queries or limit <= 0:
             return []
         taken: set[str] = set(skip)
         out: list[Match] = []
@@ -136,14 +183,17 @@ class TitleIndex:
                     return True
             return False
 
-        if take(self._exact.get(q, ()), 0):
+        if take((i for q in queries for i in self._exact.get(q, ())), 0):
             return out
-        if take(self._prefixed(self._names, self._name_ids, q, limit + len(taken)), 1):
+        want = limit + len(taken)
+        if take((i for q in queries for i in self._prefixed(self._names, self._name_ids, q, want)), 1):
             return out
         # a later word starting with the query: "wars" in "star wars"
-        if take(self._prefixed(self._words, self._word_ids, q, limit + len(taken)), 2):
+        want = limit + len(taken)
+        if take((i for q in queries for i in self._prefixed(self._words, self._word_ids, q, want)), 2):
             return out
-        take(self._substrings(q, limit - len(out), taken), 3)
+        want = limit - len(out)
+        take((i for q in queries for i in self._substrings(q, want, taken)), 3)
         return out
 
     def _prefixed(self, keys: list[str], ids: list[str], q: str, want: int) -> list[str]:

@@ -47,7 +47,7 @@ async def asset(name: str) -> FileResponse:
 def search_items(
     catalog: CatalogDep,
     q: Annotated[
-        str,
+        schemas.SearchQuery,
         Query(min_length=1, max_length=200, description="Part of a title; case and accents are ignored."),
     ],
     limit: Annotated[int, Query(ge=1, le=SEARCH_LIMIT, description="How many matches to return.")] = 10,

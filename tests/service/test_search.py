@@ -111,6 +111,50 @@ def test_substring_tier_stops_at_the_limit_in_title_order():
     assert {m.kind for m in got} == {"substring"}
 
 
+SYMBOLS = {
+    "1": "🎬 Movie Night",
+    "2": "Love ❤️ Actually",
+    "3": "Rock🎸Star, The",
+    "4": "🎬",
+    "5": "Movie",
+    "6": "Romeo + Juliet",
+    "7": "E.T. the Extra-Terrestrial",
+    "8": "Schindler's List",
+    "9": "👨‍👩‍👧 Family",
+}
+
+
+def test_pictographs_are_words_so_an_emoji_query_finds_its_titles():
+    """A query of an emoji used to normalise to "" and find nothing, though a title held it."""
+    index = TitleIndex(SYMBOLS)
+    assert normalize("🎬 Movie Night", symbols=True) == "🎬 movie night"
+    assert normalize("Rock🎸Star ❤️", symbols=True) == "rock 🎸 star ❤"  # a variation selector is dropped
+    assert normalize("🎬 Movie Night") == "movie night"  # the plain form is unchanged
+    assert normalize("Romeo + Juliet", symbols=True) == "romeo juliet"  # ASCII symbols stay separators
+
+    def hits(q: str) -> list[tuple[str, str]]:
+        return [(SYMBOLS[m.item_id], m.kind) for m in index.search(q, 20)]
+
+    assert hits("🎬") == [("🎬", "exact"), ("🎬 Movie Night", "prefix")]
+    assert hits("🎬 mov") == [("Movie", "prefix"), ("🎬 Movie Night", "prefix")]  # and as its words
+    assert hits("movie night") == [("🎬 Movie Night", "exact")]  # as before
+    assert hits("❤") == hits("❤️") == [("Love ❤️ Actually", "word")]
+    assert hits("🎸") == [("Rock🎸Star, The", "word")]
+    assert hits("the rock🎸") == [("Rock🎸Star, The", "prefix")]
+    assert hits("👨‍👩‍👧") == [("👨‍👩‍👧 Family", "prefix")]
+    assert hits("romeo juliet") == [("Romeo + Juliet", "exact")]
+
+
+def test_every_substring_of_a_title_that_holds_a_word_or_a_pictograph_finds_it():
+    index = TitleIndex(SYMBOLS)
+    for item_id, title in SYMBOLS.items():
+        for i in range(len(title)):
+            for j in range(i + 1, len(title) + 1):
+                q = title[i:j]
+                if normalize(q, symbols=True):  # not punctuation or spaces alone
+                    assert item_id in {m.item_id for m in index.search(q, 20)}, (title, q)
+
+
 # ---------------------------------------------------------------------------- GET /items
 @pytest.mark.asyncio
 async def test_get_items_searches_the_catalog_and_says_how_it_matched(ckpt):
@@ -150,6 +194,22 @@ async def test_get_items_refuses_bad_parameters_with_422_naming_the_field(ckpt, 
         r = await client.get("/items", params=params)
     assert r.status_code == 422, r.text
     assert field in r.json()["error"]["message"]
+
+
+@pytest.mark.asyncio
+async def test_get_items_finds_an_emoji_title_and_refuses_a_blank_query(ckpt):
+    async with serve(app_for(ckpt)) as client:
+        put = await client.put("/items/e1", json={"title": "🎬 Movie Night"}, headers=ADMIN)
+        assert put.status_code == 201, put.text
+        r = await client.get("/items", params={"q": "🎬"})
+        assert r.status_code == 200, r.text
+        assert [(i["item_id"], i["match"]) for i in r.json()["items"]] == [("e1", "prefix")]
+        # whitespace only is refused as "" is (it used to be 200 with no items)
+        for q in ("", "   ", "\t \n"):
+            r = await client.get("/items", params={"q": q})
+            assert r.status_code == 422, (q, r.text)
+            assert [f["field"] for f in r.json()["error"]["fields"]] == ["q"], q
+        assert r.json()["error"]["message"] == "q: must not be blank"
 
 
 @pytest.mark.asyncio
