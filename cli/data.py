@@ -39,6 +39,13 @@ def data_atomic(
     name: Annotated[str, typer.Option(help="Dataset name (folder under --data-dir)")],
     item: Annotated[Path | None, typer.Option(help="RecBole .item file")] = None,
     category: Annotated[str, typer.Option(help="Noun used in prompts")] = "item",
+    encoding: Annotated[
+        str,
+        typer.Option(
+            help="The files' text encoding, e.g. latin-1 or cp1252; a byte it cannot decode is "
+            "an error naming the file, line and byte"
+        ),
+    ] = "utf-8",
     data_dir: DataDir = Path("data"),
     protocol: Protocol = "loo",
 ) -> None:
@@ -47,7 +54,9 @@ def data_atomic(
 
     check_protocol(protocol)
     try:
-        path = prepare_atomic(inter, item, data_dir, name, protocol=protocol, category=category)
+        path = prepare_atomic(
+            inter, item, data_dir, name, protocol=protocol, category=category, encoding=encoding
+        )
         _report_prepared(path)
     except DataError as exc:
         fail(str(exc))

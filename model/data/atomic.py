@@ -5,10 +5,15 @@ Atomic format: tab-separated, UTF-8, a header row of ``name:type`` fields, e.g.
 ``item_id:token  movie_title:token_seq  release_year:token  class:token_seq``.
 ``token_seq`` values are space-separated tokens. Columns are matched by the name before
 the colon; see ``ITEM_FIELDS`` for which names feed which item text field.
+
+Files are decoded strictly (UTF-8 unless told another ``encoding``): a byte the encoding
+cannot read is a DataError naming the file, line and byte, never a silent U+FFFD (a Latin-1
+"Amélie" used to become "Am\ufffdlie"). RecBole's ml-100k files are valid UTF-8.
 """
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 from pathlib import Path
@@ -32,19 +37,66 @@ ITEM_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+DEFAULT_ENCODING = "utf-8"
+
+
+def check_encoding(encoding: str) -> str:
+    """The codec's canonical name; an unknown one raises DataError."""
+    try:
+        return codecs.lookup(encoding).name
+    except LookupError:
+        raise DataError(f"unknown encoding {encoding!r} (try utf-8, latin-1 or cp1252)") from None
+
+
+def _decode_error(path: Path, encoding: str) -> DataError:
+    """Where `path` stops decoding as `encoding`: its line, the byte's offset in the file and
+    in the line, and the byte. Found by decoding the file again line by line (bytes up to each
+    b"\n"), which is exact for UTF-8 and every single-byte or ASCII-compatible encoding."""
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    offset = 0
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                decoder.decode(line)
+            except UnicodeDecodeError as exc:
+                at = min(max(exc.start, 0), len(line) - 1)
+                return DataError(
+                    f"{path}: line {lineno}, byte {at + 1} (file offset {offset + at}): 0x{line[at]:02x} "
+                    f"is not valid {encoding} ({exc.reason}); pass the file's encoding "
+                    "(r2ec data prepare atomic --encoding, e.g. latin-1)"
+                )
+            offset += len(line)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            return DataError(f"{path}: the file ends inside a {encoding} character ({exc.reason})")
+    return DataError(f"{path}: not valid {encoding}")  # not reached: the first decode failed
+
+
 def read_atomic_table(
-    path: str | os.PathLike[str], required: tuple[str, ...]
+    path: str | os.PathLike[str], required: tuple[str, ...], encoding: str = DEFAULT_ENCODING
 ) -> tuple[pd.DataFrame, dict[str, str], np.ndarray]:
-    """Read one atomic file as strings.
+    """Read one atomic file as strings, decoded strictly as `encoding`.
 
     Returns (frame with one str column per field name, field name -> type, the 1-based
     line number of each row). Blank lines are skipped; a row with the wrong number of
-    fields, a missing file or a missing required field raises DataError.
+    fields, a missing file, a missing required field or a byte `encoding` cannot decode
+    raises DataError.
     """
     path = Path(path)
+    encoding = check_encoding(encoding)
     if not path.is_file():
         raise DataError(f"missing file {path}")
-    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+    try:
+        return _read_table(path, required, encoding)
+    except UnicodeDecodeError:
+        raise _decode_error(path, encoding) from None
+
+
+def _read_table(
+    path: Path, required: tuple[str, ...], encoding: str
+) -> tuple[pd.DataFrame, dict[str, str], np.ndarray]:
+    with path.open(encoding=encoding, errors="strict", newline="") as f:
         header = f.readline().rstrip("\r\n")
         if not header.strip():
             raise DataError(f"{path}: empty file or empty header line")
@@ -93,14 +145,16 @@ def _numeric(values: pd.Series, lines: np.ndarray, path: Path, field: str, allow
     return parsed
 
 
-def read_atomic_interactions(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, bool]:
+def read_atomic_interactions(
+    path: str | os.PathLike[str], encoding: str = DEFAULT_ENCODING
+) -> tuple[pd.DataFrame, bool]:
     """Canonical interactions from a ``.inter`` file, and whether it had timestamps.
 
     ``rating`` is optional (empty or absent -> NaN); ``timestamp`` too, in which case the
     row order stands in for time (timestamp = row index).
     """
     path = Path(path)
-    frame, _, lines = read_atomic_table(path, required=("user_id", "item_id"))
+    frame, _, lines = read_atomic_table(path, required=("user_id", "item_id"), encoding=encoding)
     n = len(frame)
     if n == 0:
         raise DataError(f"{path}: no interactions")
@@ -141,10 +195,10 @@ def _clean_year(value: str) -> str:
     return value
 
 
-def read_atomic_items(path: str | os.PathLike[str]) -> pd.DataFrame:
+def read_atomic_items(path: str | os.PathLike[str], encoding: str = DEFAULT_ENCODING) -> pd.DataFrame:
     """The item table (item_id, title, year, genres, description) from a ``.item`` file."""
     path = Path(path)
-    frame, types, _ = read_atomic_table(path, required=("item_id",))
+    frame, types, _ = read_atomic_table(path, required=("item_id",), encoding=encoding)
     out = pd.DataFrame({"item_id": frame["item_id"].str.strip()})
     for target, candidates in ITEM_FIELDS.items():
         field = next((c for c in candidates if c in frame.columns), None)
@@ -171,20 +225,26 @@ def prepare_atomic(
     max_history: int = 20,
     category: str = "item",
     source: dict[str, Any] | None = None,
+    encoding: str = DEFAULT_ENCODING,
 ) -> Path:
     """Prepare any RecBole atomic dataset into ``<data_dir>/<name>/<protocol>/``.
 
     ``item_path`` may be None (titles become "Item <id>"). The item table keeps every
-    item that appears in the interactions plus every catalog item with a title.
-    ``source`` overrides what meta.json records as the origin. Returns the output dir.
+    item that appears in the interactions plus every catalog item with a title; an
+    interacted item the ``.item`` file lacks is logged (and titled "Item <id>").
+    ``source`` overrides what meta.json records as the origin. Both files are decoded
+    strictly as ``encoding`` (module docstring). Returns the output dir.
     """
     check_protocol(protocol, max_history)
-    inter, has_time = read_atomic_interactions(inter_path)
-    items = read_atomic_items(item_path) if item_path is not None else None
+    encoding = check_encoding(encoding)
+    inter, has_time = read_atomic_interactions(inter_path, encoding)
+    items = read_atomic_items(item_path, encoding) if item_path is not None else None
     logger.info("read %d interactions from %s", len(inter), inter_path)
     record = dict(source) if source else {}
     record.setdefault("inter", str(Path(inter_path).resolve()))
     record.setdefault("item", str(Path(item_path).resolve()) if item_path is not None else None)
+    if encoding != check_encoding(DEFAULT_ENCODING):
+        record["encoding"] = encoding
     if not has_time:
         record["timestamp"] = "row order (the .inter file has no timestamp column)"
     return build_prepared(
