@@ -30,13 +30,21 @@ def check_interactions(inter: pd.DataFrame, origin: str) -> pd.DataFrame:
     )
 
 
-def complete_items(items: pd.DataFrame | None, used_ids: set[str], keep_catalog: bool) -> pd.DataFrame:
+MISSING_EXAMPLES = 5  # ids a missing-items warning shows
+
+
+def complete_items(
+    items: pd.DataFrame | None, used_ids: set[str], keep_catalog: bool, origin: str = "the item table"
+) -> pd.DataFrame:
     """The item table: every used item, plus (``keep_catalog``) every titled catalog item.
 
-    Catalog items keep their file order; used items missing from it follow, sorted.
+    Catalog items keep their file order; used items missing from it follow, sorted, and
+    (when there is an item table at all) are logged as a warning naming ``origin``, with
+    their count and a few ids: a wrong or partial item file used to pass silently.
 
     Missing text fields become ""; a missing or empty title becomes "Item <id>".
     """
+    given = items is not None
     if items is None or items.empty:
         items = pd.DataFrame({c: pd.Series(dtype=object) for c in ITEM_COLUMNS})
     items = items.copy()
@@ -50,6 +58,13 @@ def complete_items(items: pd.DataFrame | None, used_ids: set[str], keep_catalog:
         keep |= items["title"] != ""
     items = items[keep]
     missing = sorted(used_ids - set(items["item_id"]))
+    if missing and given:
+        logger.warning(
+            "%d of %d interacted items are missing from %s and are titled 'Item <id>': %s%s",
+            len(missing), len(used_ids), origin,
+            ", ".join(repr(i) for i in missing[:MISSING_EXAMPLES]),
+            ", ..." if len(missing) > MISSING_EXAMPLES else "",
+        )  # fmt: skip
     if missing:
         filler = pd.DataFrame({c: [""] * len(missing) for c in ITEM_COLUMNS})
         filler["item_id"] = missing
@@ -132,7 +147,7 @@ def build_prepared(
         used.update(df["target_item_id"])
         for hist in df["history_item_ids"]:
             used.update(hist)
-    table = complete_items(items, used, keep_catalog)
+    table = complete_items(items, used, keep_catalog, str(source.get("item") or source.get("meta") or name))
     meta = {
         "name": name,
         "protocol": protocol,

@@ -85,6 +85,80 @@ def test_missing_files(tmp_path, tiny_inter, tiny_item):
         prepare_atomic(tiny_inter, bad_item, tmp_path, "x", "loo")
 
 
+def _latin1_item(tmp_path, tiny_item):
+    """The tiny .item file with i6 retitled "Amélie" and written in Latin-1 (é is byte 0xe9)."""
+    text = tiny_item.read_text(encoding="utf-8").replace("Shanghai Triad", "Amélie")
+    path = tmp_path / "latin1.item"
+    path.write_bytes(text.encode("latin-1"))
+    return path
+
+
+def test_a_file_that_is_not_utf8_fails_naming_the_file_line_and_byte(tmp_path, tiny_inter, tiny_item):
+    """It used to be read with errors="replace": "Amélie" became "Am\ufffdlie", and exit 0."""
+    item = _latin1_item(tmp_path, tiny_item)
+    rows = item.read_bytes().split(b"\n")
+    line = 1 + next(n for n, row in enumerate(rows) if b"Am\xe9lie" in row)
+    column = 1 + rows[line - 1].index(b"\xe9")
+    offset = item.read_bytes().index(b"\xe9")
+    with pytest.raises(DataError) as info:
+        prepare_atomic(tiny_inter, item, tmp_path, "x", "loo")
+    message = str(info.value)
+    assert message.startswith(
+        f"{item}: line {line}, byte {column} (file offset {offset}): 0xe9 is not valid utf-8"
+    )
+    assert "--encoding" in message
+    assert not (tmp_path / "x").exists()
+    inter = tmp_path / "latin1.inter"  # the .inter file too, here in its header line
+    inter.write_bytes(tiny_inter.read_bytes().replace(b"user_id", b"us\xe9r_id", 1))
+    with pytest.raises(
+        DataError, match=r"latin1\.inter: line 1, byte 3 \(file offset 2\): 0xe9 is not valid utf-8"
+    ):
+        prepare_atomic(inter, tiny_item, tmp_path, "x", "loo")
+
+    # told the encoding, the title comes out right, and meta.json records it
+    ds = load_prepared(prepare_atomic(tiny_inter, item, tmp_path, "x", "loo", encoding="latin-1"))
+    assert ds.item_titles()["i6"] == "Amélie"
+    assert ds.meta["source"]["encoding"] == "iso8859-1"
+    with pytest.raises(DataError, match="unknown encoding 'klingon'"):
+        prepare_atomic(tiny_inter, item, tmp_path, "x", "loo", encoding="klingon")
+
+
+def test_cli_prepare_atomic_takes_an_encoding(tmp_path, tiny_inter, tiny_item):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    item = _latin1_item(tmp_path, tiny_item)
+    args = ["data", "prepare", "atomic", "--inter", str(tiny_inter), "--item", str(item), "--name", "x",
+            "--data-dir", str(tmp_path)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert (
+        result.exit_code == 2
+        and "0xe9 is not valid utf-8" in result.output
+        and "latin1.item" in result.output
+    )
+    result = CliRunner().invoke(app, [*args, "--encoding", "latin-1"])
+    assert result.exit_code == 0, result.output
+    assert load_prepared(tmp_path / "x" / "loo").item_titles()["i6"] == "Amélie"
+
+
+def test_interacted_items_missing_from_the_item_file_are_a_warning(tmp_path, tiny_inter, caplog):
+    """They used to be titled "Item <id>" without a word."""
+    item = tmp_path / "some.item"
+    item.write_text("item_id:token\tmovie_title:token_seq\ni1\tToy Story\ni2\tGoldenEye\n")
+    with caplog.at_level("WARNING", logger="model.data.build"):
+        ds = load_prepared(prepare_atomic(tiny_inter, item, tmp_path, "x", "loo"))
+    assert ds.item_titles()["i3"] == "Item i3"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith("8 of 10 interacted items are missing from ")
+    assert "some.item" in warned[0] and "'i10', 'i3', 'i4', 'i5', 'i6', ..." in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="model.data.build"):  # no .item file: nothing to warn of
+        prepare_atomic(tiny_inter, None, tmp_path, "y", "loo")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def _ml100k_folder(tmp_path, tiny_inter, tiny_item):
     folder = tmp_path / "src"
     folder.mkdir()
