@@ -13,6 +13,10 @@ Layout::
                          from an exported checkpoint (`export_checkpoint`) and from a training
                          run's `last/` saved between refreshes of its table, whose catalog is
                          re-encoded when it loads
+      item_edits.json    a published version's item edits, carried from the version it
+                         replaced (`carry_item_edits`)
+      index/             the service's item index and its record of item edits, written
+                         beside the checkpoint once served (service/catalog.py)
 
 `weights == "base"` stores no weights: the model is the untrained `base` itself
 (the reference rows of the evaluation, and what the service runs before training).
@@ -64,6 +68,8 @@ ITEMS_FILE = "items.parquet"
 VECTORS_FILE = "item_vectors.npy"
 COWATCH_FILE = COWATCH_PARQUET  # the co-watch table, when the prompts name hints (model/cowatch.py)
 CURRENT_FILE = "CURRENT"
+INDEX_DIR = "index"  # the service's item index and its record of item edits (service/catalog.py)
+EDITS_FILE = "item_edits.json"  # a published version's item edits, carried from the one before
 WEIGHT_KINDS = ("base", "full", "lora")
 
 
@@ -498,17 +504,105 @@ def unused_version(root: Path | str, version: str) -> str:
 def publish_version(root: Path | str, checkpoint: Path | str, version: str) -> None:
     """Move a finished checkpoint into root as `version` and flip CURRENT to it. Versions
     are never overwritten (see `unused_version`); same filesystem: the move is one rename.
-    The checkpoint (with whatever was added since it was saved, model/retrain.py's
-    retrain.json) and its rename reach the disk before CURRENT names it, so a power loss
-    cannot leave CURRENT naming a version that is missing or incomplete."""
+    The item edits of the version CURRENT named go with it (`carry_item_edits`), so they
+    are not lost when no service is running to carry them. The checkpoint (with whatever was
+    added since it was saved: model/retrain.py's retrain.json, the carried edits) and its
+    rename reach the disk before CURRENT names it, so a power loss cannot leave CURRENT
+    naming a version that is missing or incomplete."""
     root = Path(root)
     if (root / version).exists():
         raise CheckpointError(f"{root / version} exists; versions are never overwritten")
+    carry_item_edits(root, Path(checkpoint))
     fsync_tree(Path(checkpoint))
     os.replace(checkpoint, root / version)
     fsync_path(root)
     flip_current(root, version)
     log.info("published %s and pointed %s at it", version, root / CURRENT_FILE)
+
+
+# -- item edits: the admin API's edits on top of a checkpoint's catalog ------------------------
+# The service saves them in <ckpt>/index/index.json's metadata (service/catalog.py
+# `index_metadata`: "model_version", "catalog_edits" item_id -> record or None for deleted,
+# "edit_times" item_id -> ns). Publishing carries them into the new version's EDITS_FILE,
+# with the version they came from, which the service applies on its first start and follows
+# (`Catalog.open`): a replica still serving that version may save more there.
+def saved_item_edits(path: Path | str) -> dict[str, Any]:
+    """The item edits recorded for checkpoint `path`'s own version: the ones carried into it
+    when it was published (EDITS_FILE) and the ones its service saved in index/index.json, the
+    later one per item (a tie: the saved one), as {"catalog_edits": ..., "edit_times": ...};
+    empty maps where there are none or the record is unreadable."""
+    path = Path(path)
+    carried = read_carried_edits(path)
+    records, times = _edit_maps(carried)
+    try:
+        version = str(read_meta(path)["version"])
+    except (CheckpointError, OSError, ValueError, KeyError):
+        version = None
+    saved = _index_edits(path / INDEX_DIR, version) if version is not None else {}
+    saved_records, saved_times = _edit_maps(saved)
+    for item_id, record in saved_records.items():
+        if saved_times[item_id] >= times.get(item_id, -1):
+            records[item_id], times[item_id] = record, saved_times[item_id]
+    return {"catalog_edits": records, "edit_times": times}
+
+
+def read_carried_edits(path: Path | str) -> dict[str, Any]:
+    """What `carry_item_edits` wrote into checkpoint `path` ({} if nothing): "from" (the
+    directory name of the version they came from, beside this one), "version" (its version),
+    "catalog_edits" and "edit_times"."""
+    try:
+        doc = json.loads((Path(path) / EDITS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def carry_item_edits(root: Path | str, checkpoint: Path | str) -> None:
+    """Write into `checkpoint`, about to be published under `root`, the item edits of the
+    version ROOT/CURRENT names (`saved_item_edits`) and which version that is; nothing where
+    there is no current version yet."""
+    root, checkpoint = Path(root), Path(checkpoint)
+    try:
+        current = current_version(root)
+    except CheckpointError:
+        return  # the first version: nothing to carry
+    source = root / current
+    if source.resolve() == checkpoint.resolve():
+        return
+    doc = {
+        "from": current,
+        "version": str(read_meta(source)["version"]),
+        **saved_item_edits(source),
+    }
+    # a plain write: the candidate is not published yet, and publish_version flushes it whole
+    (checkpoint / EDITS_FILE).write_text(json.dumps(doc), encoding="utf-8")
+    if doc["catalog_edits"]:
+        log.info("carried %d item edits of %s into %s", len(doc["catalog_edits"]), current, checkpoint)
+
+
+def _index_edits(directory: Path, version: str) -> dict[str, Any]:
+    """The edits record in <directory>/index.json when it was saved for `version`, else {}."""
+    from index.persist import read_metadata  # faiss: only where an index is read
+
+    try:
+        metadata = read_metadata(directory)
+    except (OSError, ValueError):  # IndexMismatchError is a ValueError
+        return {}
+    if not isinstance(metadata, dict) or metadata.get("model_version") != version:
+        return {}
+    return metadata
+
+
+def _edit_maps(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """(item_id -> record or None, item_id -> time in ns; 0 where none was kept) of a record."""
+    records, times = doc.get("catalog_edits"), doc.get("edit_times")
+    records = dict(records) if isinstance(records, dict) else {}
+    times = times if isinstance(times, dict) else {}
+    return records, {i: _edit_time(times.get(i)) for i in records}
+
+
+def _edit_time(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def prune_versions(root: Path | str, keep: int) -> list[str]:

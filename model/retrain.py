@@ -6,7 +6,8 @@ One run:
    consumed event, split with the seed's protocol by the same builder `r2ec data prepare` uses;
 3. train from the CURRENT checkpoint (model/train.py `train(cfg, dataset, base=checkpoint)`);
 4. rank the same valid samples with the candidate and the current checkpoint;
-5. publish the candidate as ROOT/<version> and flip ROOT/CURRENT only if its NDCG@10, paired
+5. publish the candidate as ROOT/<version> (with the current version's item edits,
+   model/checkpoint.py `carry_item_edits`) and flip ROOT/CURRENT only if its NDCG@10, paired
    per sample with the current one's, passes `gate` (not worse by more than tolerance + gate_z
    standard errors; a negative tolerance demands a gain beyond them); keep the `keep` newest
    versions and always the current.

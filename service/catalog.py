@@ -14,6 +14,13 @@ keep the replicas' clocks in sync). `Catalog.sync_edits` applies what other repl
 since it last looked; the service calls it on each tick of its checkpoint watch
 (service/state.py), so an edit sent to one replica reaches the others within
 `R2EC_WATCH_INTERVAL_S`.
+
+A new version takes the edits of the one it replaces: a reload carries the old catalog's edits
+and every one saved beside the old checkpoint (`Catalog.carry_from`), and publishing a version
+carries the edits saved for the current one into it (model/checkpoint.py `carry_item_edits`),
+which `Catalog.open` applies. Either way the new catalog then follows the old version's record
+(`sync_edits`), so an edit a replica still serving the old version saves later is not lost
+when that replica stops before it reloads.
 """
 
 from __future__ import annotations
@@ -32,12 +39,11 @@ import torch
 
 from index import IndexMismatchError, ItemIndex
 from index.persist import JSON_NAME, locked, read_metadata
-from model.checkpoint import Checkpoint
+from model.checkpoint import INDEX_DIR, Checkpoint, read_carried_edits
 from service.search import TIERS, Match, TitleIndex, sort_name
 
 log = logging.getLogger(__name__)
 
-INDEX_DIR = "index"  # the item index lives in <checkpoint>/index/
 ITEM_FIELDS = ("title", "year", "genres", "description")
 TITLE_REBUILD_EDITS = 256  # item edits searched beside the title index before it is rebuilt
 
@@ -110,6 +116,9 @@ class Catalog:
         self._edits: dict[str, dict[str, str] | None] = dict(edits.records)
         self._edit_times: dict[str, int] = {i: edits.times.get(i, 0) for i in self._edits}
         self._saved: tuple[int, int, int] | None = None  # the index.json last read or written here
+        # other versions' index directories whose saved edits this catalog takes (the version
+        # it replaced): realpath -> (directory, version, stamp of the index.json last read)
+        self._sources: dict[str, tuple[Path, str, tuple[int, int, int] | None]] = {}
         _apply_edits(self._records, self._edits)
         self._lock = threading.Lock()  # edits vs. a batch's search + title reads
         # title search (GET /items): built on first use, then edits are searched beside it
@@ -127,14 +136,26 @@ class Catalog:
         persist_edits: bool = True,
     ) -> Catalog:
         """The checkpoint's catalog with its saved edits, over the index in <ckpt>/index/ (built
-        and saved there when missing or stale)."""
+        and saved there when missing or stale), and the edits carried into it when it was
+        published (model/checkpoint.py `carry_item_edits`) with those saved since for the
+        version they came from, which it then follows (`sync_edits`)."""
         index, edits, pending = open_index(checkpoint, kind)
         index.set_search_params(nprobe=nprobe, ef_search=ef_search)
         catalog = cls(checkpoint, index, persist_edits=persist_edits, edits=edits)
-        if pending:  # saved edits of an index that had to be rebuilt: applied again, then saved
+        if pending:  # saved edits of an index that had to be rebuilt: applied again
             applied = catalog._apply(pending, ties_win=True)
             log.info("re-applied %d saved item edits to the rebuilt index", applied)
-            catalog._persist()  # also where nothing differed from the checkpoint: the rebuilt index
+        carried = read_carried_edits(checkpoint.path)
+        applied = catalog._apply(Edits.of(carried), ties_win=False)  # the ones not taken yet
+        source = carried.get("from")
+        if isinstance(source, str) and source not in ("", ".", "..") and "/" not in source and persist_edits:
+            applied += catalog._follow(
+                checkpoint.path.parent / source / INDEX_DIR, str(carried.get("version", ""))
+            )
+        if applied:
+            log.info("applied %d item edits carried from version %s", applied, carried.get("version"))
+        if pending or applied:  # (pending: also where nothing differed: the rebuilt index)
+            catalog._persist()
         return catalog
 
     # ---------------------------------------------------------------- reads
@@ -249,6 +270,25 @@ class Catalog:
         clock stepped back (or behind another replica's) cannot make it lose to that one."""
         return max(time.time_ns(), self._edit_times.get(item_id, -1) + 1)
 
+    def carry_from(self, old: Catalog) -> int:
+        """Take over the item edits of the catalog this one replaces (a reload) and save: the
+        ones it holds (`carry_edits`), every one saved beside its checkpoint (another replica
+        still serving it may have saved some that `old` has not synced), and from then on the
+        ones saved there later, at each `sync_edits`: read from the record's stamp taken
+        before the read, so an edit saved after this read is not missed either. Returns how
+        many edits changed something."""
+        applied = self._apply(old.edits, ties_win=True)
+        directory = old.checkpoint.path / INDEX_DIR
+        if (
+            self.persist_edits
+            and old.persist_edits
+            and os.path.realpath(directory) != os.path.realpath(self._directory)
+        ):
+            applied += self._follow(directory, old.checkpoint.version)
+        if applied:
+            self._persist()
+        return applied
+
     def carry_edits(self, edits: Edits) -> int:
         """Re-apply another catalog's item edits here (after a reload) and save: the ones not
         older than this catalog's own edit of the item (a tie goes to the carried edit, as an
@@ -261,16 +301,46 @@ class Catalog:
 
     def sync_edits(self) -> int:
         """Apply the edits another replica saved beside this checkpoint that are newer than this
-        catalog's own (module docstring); a cheap stat when the record has not changed since
-        this catalog last read or wrote it. Returns how many edits changed something."""
+        catalog's own (module docstring), and those saved since for the version this catalog
+        replaced (`carry_from`, `open`; saved here when they changed something); a cheap stat
+        per record that has not changed since this catalog last read or wrote it. Returns how
+        many edits changed something."""
         if not self.persist_edits:
             return 0
-        directory = self.checkpoint.path / INDEX_DIR
+        applied = self._sync_own()
+        carried = sum(
+            self._follow(directory, version) for directory, version, _ in list(self._sources.values())
+        )
+        if carried:
+            self._persist()
+        return applied + carried
+
+    @property
+    def _directory(self) -> Path:
+        return self.checkpoint.path / INDEX_DIR
+
+    def _sync_own(self) -> int:
+        """`sync_edits` for this checkpoint's own record only (what a save merges first)."""
+        directory = self._directory
         stamp = _stamp(directory)
         if stamp is None or stamp == self._saved:
             return 0
         applied = self._apply(saved_edits(directory, self.checkpoint.version), ties_win=False)
         self._saved = stamp
+        return applied
+
+    def _follow(self, directory: Path, version: str) -> int:
+        """Apply the edits saved in another version's record `directory` since this catalog last
+        read it (all, the first time) that are newer than its own, without saving, and keep
+        following it. The stamp is taken before the read: a save after it is read next time."""
+        key = os.path.realpath(directory)
+        seen = self._sources.get(key, (directory, version, None))[2]
+        stamp = _stamp(directory)
+        if stamp is None or stamp == seen:
+            self._sources[key] = (directory, version, seen)
+            return 0
+        applied = self._apply(saved_edits(directory, version), ties_win=False)
+        self._sources[key] = (directory, version, stamp)  # after the apply: a failed one is retried
         return applied
 
     def _apply(self, edits: Edits, *, ties_win: bool) -> int:
@@ -316,7 +386,7 @@ class Catalog:
         kind = self.index.metadata.get("index_kind", self.index.kind)
         try:
             with locked(directory):
-                self.sync_edits()
+                self._sync_own()
                 self.index.save(directory, index_metadata(self.checkpoint.version, kind, self.edits))
                 self._saved = _stamp(directory)
         except OSError as exc:  # a read-only checkpoint volume still serves the edit

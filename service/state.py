@@ -351,9 +351,12 @@ class ServiceState:
                 ) from exc
             # Item edits made on the old model (PUT/DELETE /items) survive the swap: re-encoded
             # with the new model. The edit lock holds new edits back until the swap is done.
+            # Not only this replica's: every edit saved beside the old checkpoint (another
+            # replica's, not synced here yet), and those saved there after this read, which the
+            # new catalog takes at each watch tick (service/catalog.py `Catalog.carry_from`).
             async with self.edit_lock:
                 try:
-                    carried = await in_passing_thread(new.catalog.carry_edits, old.catalog.edits)
+                    carried = await in_passing_thread(new.catalog.carry_from, old.catalog)
                 except Exception as exc:
                     self.metrics.reloads.labels("failed").inc()
                     raise ReloadError(

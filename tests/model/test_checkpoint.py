@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from index import ItemIndex
 from model import checkpoint
 from model.checkpoint import (
     CheckpointError,
@@ -294,3 +295,39 @@ def test_current_pointer_errors_say_what_is_wrong(tmp_path):
     (tmp_path / "CURRENT").write_text("gone\n")
     with pytest.raises(CheckpointError, match="names 'gone', which is not a checkpoint"):
         current_version(tmp_path)
+
+
+EDITS_FILE = "item_edits.json"  # model/checkpoint.py's name for it: a format on the volume
+
+
+def test_publishing_carries_the_current_versions_item_edits(tmp_path):
+    """The edits a version's service saved (index/index.json) and the ones carried into it
+    when it was published, the later per item, go into the next version with its name, also
+    when no service ever ran on it; the service applies them (tests/service/test_catalog.py)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    _fake_versions(root, ["v0"])
+    flip_current(root, "v0")
+    version = read_meta(root / "v0")["version"]
+    carried = {"i1": {"title": "Carried"}, "i2": {"title": "Old"}}
+    (root / "v0" / EDITS_FILE).write_text(
+        json.dumps({"from": "gone", "catalog_edits": carried, "edit_times": {"i1": 5, "i2": 5}})
+    )
+    index = ItemIndex.build(["i1"], np.eye(1, 4, dtype=np.float32))
+    saved = {"i2": {"title": "Saved Later"}, "i3": None}
+    index.save(
+        root / "v0" / "index",
+        {"model_version": version, "catalog_edits": saved, "edit_times": {"i2": 9, "i3": 7}},
+    )
+    _fake_versions(tmp_path, ["cand"])
+    publish_version(root, tmp_path / "cand", "cand")
+    doc = json.loads((root / "cand" / EDITS_FILE).read_text())
+    assert doc == {
+        "from": "v0",
+        "version": version,
+        "catalog_edits": {"i1": {"title": "Carried"}, "i2": {"title": "Saved Later"}, "i3": None},
+        "edit_times": {"i1": 5, "i2": 9, "i3": 7},
+    }
+    _fake_versions(tmp_path, ["next"])
+    publish_version(root, tmp_path / "next", "next")  # no service ran on cand: still carried
+    assert json.loads((root / "next" / EDITS_FILE).read_text())["catalog_edits"] == doc["catalog_edits"]

@@ -316,18 +316,18 @@ async def test_a_reload_loads_and_re_encodes_in_threads_that_end(app, client, ck
     from service.recommender import Recommender
 
     ran_on: list[threading.Thread] = []
-    load, carry = Recommender.load, Catalog.carry_edits
+    load, carry = Recommender.load, Catalog.carry_from
 
     def recording_load(*args, **kw):
         ran_on.append(threading.current_thread())
         return load(*args, **kw)
 
-    def recording_carry(self, edits):
+    def recording_carry(self, old):
         ran_on.append(threading.current_thread())
-        return carry(self, edits)
+        return carry(self, old)
 
     monkeypatch.setattr(Recommender, "load", recording_load)
-    monkeypatch.setattr(Catalog, "carry_edits", recording_carry)
+    monkeypatch.setattr(Catalog, "carry_from", recording_carry)
     v2 = copy_as_new_version(ckpt, tmp_path / "v2", "v2-threads")
     r = await client.post("/admin/reload", json={"checkpoint": str(v2)}, headers=ADMIN)
     assert r.status_code == 200 and len(ran_on) == 2
@@ -347,3 +347,44 @@ async def test_in_passing_thread_returns_and_raises_what_its_function_does():
 
     with pytest.raises(KeyError, match="the reason"):
         await in_passing_thread(fails)
+
+
+async def until(predicate, what: str, timeout_s: float = 60) -> None:
+    async def poll() -> None:
+        while not await predicate():
+            await asyncio.sleep(0.02)
+
+    try:
+        await asyncio.wait_for(poll(), timeout_s)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def test_a_reload_carries_the_edits_another_replica_saved_for_the_old_version(
+    ckpt, make_engine, tmp_path
+):
+    """Replica B saves an edit to w1's record; A reloads to w2 before its watch synced that
+    edit, and B stops before it reloads: A carries it from w1's record. An edit B saves to w1
+    after A reloaded reaches A's w2 at A's next watch tick. Both are saved with w2."""
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "one", "w1")
+    (root / "CURRENT").write_text("one")
+    app_a = app_for(root)  # no watch: the test runs A's reload and its next tick itself
+    async with serve(app_a) as a:
+        async with serve(app_for(root)) as b:
+            put = await b.put("/items/from-b", json={"title": "Saved By B"}, headers=ADMIN)
+            assert put.status_code == 201
+            copy_as_new_version(ckpt, root / "two", "w2")
+            (root / "CURRENT").write_text("two")  # a retrain published w2
+            r = await a.post("/admin/reload", headers=ADMIN)  # A's watch tick: reload first
+            assert r.status_code == 200 and r.json()["model_version"] == "w2"
+            assert (await b.delete("/items/i5", headers=ADMIN)).status_code == 200  # B: still w1
+        # B stopped without reloading
+        assert (await a.get("/items/from-b")).json()["title"] == "Saved By B"
+        await app_a.state.r2ec._sync_edits()  # A's next tick
+        assert (await a.get("/items/i5")).status_code == 404
+        r = await a.post("/recommend", json={"history": H1, "k": 50, "reasoning": False})
+        assert "i5" not in {i["item_id"] for i in r.json()["items"]}
+    restarted = make_engine(root).catalog  # w2's record holds both
+    assert restarted.checkpoint.version == "w2"
+    assert restarted.item("from-b")["title"] == "Saved By B" and restarted.item("i5") is None

@@ -214,3 +214,42 @@ def test_a_replica_that_builds_the_index_keeps_edits_saved_while_it_built(ckpt, 
     monkeypatch.undo()
     assert b.item("new")["title"] == "Added On A"
     assert make_engine(ckpt).catalog.item("new")["title"] == "Added On A"
+
+
+def test_edits_survive_versions_published_while_no_replica_reloads(ckpt, make_engine, tmp_path):
+    """Publishing (what `r2ec retrain` does) carries the current version's edits into the new
+    one, also through a version no service ever started on; a service on the new version takes
+    the edits a replica still serving the old one saves later."""
+    from model.checkpoint import publish_version
+    from tests.service.test_admin import copy_as_new_version
+
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "v1", "w1")
+    (root / "CURRENT").write_text("v1")
+    old = make_engine(root).catalog  # a replica serving w1
+    old.upsert("new", {"title": "Added On w1"})
+    old.remove("i5")
+    publish_version(root, copy_as_new_version(ckpt, tmp_path / "c2", "w2"), "v2")
+    old.upsert("late", {"title": "Saved On w1 After The Publish"})  # it has not reloaded yet
+
+    new = make_engine(root).catalog  # the first start on w2
+    assert new.checkpoint.version == "w2"
+    assert new.item("new")["title"] == "Added On w1" and new.item("i5") is None
+    assert new.item("late")["title"] == "Saved On w1 After The Publish"
+    assert "new" in new.index and "late" in new.index and "i5" not in new.index
+    old.upsert("later", {"title": "Later Still"})
+    assert new.sync_edits() == 1 and new.item("later")["title"] == "Later Still"
+    assert new.sync_edits() == 0
+    del old, new  # every service stops
+
+    publish_version(root, copy_as_new_version(ckpt, tmp_path / "c3", "w3"), "v3")
+    publish_version(root, copy_as_new_version(ckpt, tmp_path / "c4", "w4"), "v4")  # none ran on w3
+    last = make_engine(root).catalog
+    assert last.checkpoint.version == "w4"
+    assert {i: (r or {}).get("title") for i, r in last.edits.records.items()} == {
+        "new": "Added On w1",
+        "i5": None,
+        "late": "Saved On w1 After The Publish",
+        "later": "Later Still",
+    }
+    assert last.item("i5") is None and "i5" not in last.index and "later" in last.index
