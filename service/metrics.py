@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = (0, 8, 16, 32, 64, 128, 256, 512)
+WATCH_STAGES = ("pointer", "reload", "sync")  # r2ec_watch_errors_total's stages (service/state.py)
 
 
 class Metrics:
@@ -77,6 +78,16 @@ class Metrics:
         self.reloads = Counter(
             "r2ec_reloads_total", "Checkpoint reloads by outcome.", ["outcome"], registry=r
         )
+        self.watch_errors = Counter(
+            "r2ec_watch_errors_total",
+            "Checkpoint watch failures (R2EC_WATCH_INTERVAL_S > 0) by stage: pointer (resolving "
+            "the checkpoint path or reading the version it names), reload (loading the version it "
+            "moved to), sync (applying item edits saved by other replicas).",
+            ["stage"],
+            registry=r,
+        )
+        for stage in WATCH_STAGES:  # exported at 0 from the start, so an alert can rate() them
+            self.watch_errors.labels(stage)
         self.rejections = Counter(
             "r2ec_rejected_total",
             "Requests refused before any work, by reason (queue_full, shutting_down, body_too_large).",

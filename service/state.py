@@ -385,7 +385,9 @@ class ServiceState:
         retrain job flipped CURRENT, or rewrote the directory). Only a change counts, so a manual
         `POST /admin/reload` of another path is not reverted; a version that fails to load is
         retried WATCH_RETRIES times, then left until the pointer moves again. Each tick also
-        applies the item edits other replicas saved (`_sync_edits`)."""
+        applies the item edits other replicas saved (`_sync_edits`). Every failure is logged
+        and counted in r2ec_watch_errors_total by stage: pointer (resolving the path or reading
+        the version it names), reload, sync."""
         # the version being served, not whatever the pointer names at the first poll: the
         # pointer may have moved while the service loaded
         seen: str | None = self.engine.version
@@ -396,6 +398,7 @@ class ServiceState:
                     lambda: read_meta(resolve_checkpoint(self.settings.checkpoint))
                 )
             except Exception as exc:
+                self.metrics.watch_errors.labels("pointer").inc()
                 log.warning("checkpoint watch: %s", exc)
                 meta = None
             version = None if meta is None else str(meta.get("version"))
@@ -407,7 +410,8 @@ class ServiceState:
                     seen, failures = version, 0
                 except ReloadInProgress:
                     pass  # try again next tick
-                except ReloadError as exc:
+                except Exception as exc:  # ReloadError, or anything else: the watch goes on
+                    self.metrics.watch_errors.labels("reload").inc()
                     failures += 1
                     log.warning("checkpoint watch (attempt %d/%d): %s", failures, WATCH_RETRIES, exc)
                     if failures >= WATCH_RETRIES:
@@ -424,6 +428,7 @@ class ServiceState:
                 catalog = self.engine.catalog
                 applied = await self.run_model(catalog.sync_edits)
         except Exception as exc:  # a damaged record, an encode that failed: try again next tick
+            self.metrics.watch_errors.labels("sync").inc()
             log.warning("item edits saved by other replicas not applied: %s", exc)
             return
         if applied:

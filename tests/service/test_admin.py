@@ -388,3 +388,45 @@ async def test_a_reload_carries_the_edits_another_replica_saved_for_the_old_vers
     restarted = make_engine(root).catalog  # w2's record holds both
     assert restarted.checkpoint.version == "w2"
     assert restarted.item("from-b")["title"] == "Saved By B" and restarted.item("i5") is None
+
+
+async def test_watch_failures_are_counted_by_stage(ckpt, tmp_path, monkeypatch):
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "one", "w1")
+    (root / "CURRENT").write_text("one")
+    app = app_for(root, watch_interval_s=0.02)
+    async with serve(app) as client:
+
+        async def errors(stage: str) -> float | None:
+            return metric((await client.get("/metrics")).text, "r2ec_watch_errors_total", stage=stage)
+
+        for stage in ("pointer", "reload", "sync"):  # exported from the start
+            assert await errors(stage) == 0
+
+        def unreadable() -> int:
+            raise ValueError("a damaged record")
+
+        monkeypatch.setattr(app.state.r2ec.engine.catalog, "sync_edits", unreadable)
+
+        async def sync_failed() -> bool:
+            return await errors("sync") >= 1
+
+        await until(sync_failed, "a failed edit sync to be counted")
+        monkeypatch.undo()
+
+        (root / "CURRENT").write_text("gone")  # names no checkpoint
+
+        async def pointer_failed() -> bool:
+            return await errors("pointer") >= 1
+
+        await until(pointer_failed, "a failed pointer read to be counted")
+
+        broken = copy_as_new_version(ckpt, root / "three", "w3")
+        (broken / "item_vectors.npy").unlink()
+        (root / "CURRENT").write_text("three")
+
+        async def gave_up() -> bool:
+            return await errors("reload") == 3
+
+        await until(gave_up, "three failed reloads to be counted")
+        assert (await client.get("/readyz")).json()["model_version"] == "w1"
