@@ -272,7 +272,9 @@ class Catalog:
 
     def carry_from(self, old: Catalog) -> int:
         """Take over the item edits of the catalog this one replaces (a reload) and save: the
-        ones it holds (`carry_edits`), every one saved beside its checkpoint (another replica
+        ones it holds that are not older than this catalog's own edit of the item (a tie goes to
+        the carried edit, as an edit saved before times were kept has time 0; changed items are
+        re-encoded with this model in one batch), every one saved beside its checkpoint (another replica
         still serving it may have saved some that `old` has not synced), and from then on the
         ones saved there later, at each `sync_edits`: read from the record's stamp taken
         before the read, so an edit saved after this read is not missed either. Returns how
@@ -285,16 +287,6 @@ class Catalog:
             and os.path.realpath(directory) != os.path.realpath(self._directory)
         ):
             applied += self._follow(directory, old.checkpoint.version)
-        if applied:
-            self._persist()
-        return applied
-
-    def carry_edits(self, edits: Edits) -> int:
-        """Re-apply another catalog's item edits here (after a reload) and save: the ones not
-        older than this catalog's own edit of the item (a tie goes to the carried edit, as an
-        edit saved before times were kept has time 0); changed items are re-encoded with this
-        model in one batch. Returns how many edits changed something."""
-        applied = self._apply(edits, ties_win=True)
         if applied:
             self._persist()
         return applied

@@ -177,7 +177,7 @@ def test_a_reload_carries_only_edits_not_older_than_the_new_catalogs(ckpt, make_
     a.catalog.upsert("i7", {"title": "Older (A)"})
     c.catalog.upsert("i7", {"title": "Newer (C)"})
     new = make_engine(ckpt)  # a reloads: the record holds C's edit, newer than A's
-    new.catalog.carry_edits(a.catalog.edits)  # what ServiceState.reload does
+    new.catalog.carry_from(a.catalog)  # what ServiceState.reload does
     assert new.catalog.item("i7")["title"] == "Newer (C)"
     assert make_engine(ckpt).catalog.item("i7")["title"] == "Newer (C)"
 
