@@ -311,6 +311,8 @@ class TitleList(_Decoded):
         if not self.trigger:
             return 0
         found, at = -1, text.find(self.trigger)
+        if at < 0 or text.find(self.trigger, at + 1) < 0:
+            return at  # written once (the usual case) or not at all
         while at >= 0:
             found = at
             after = at + len(self.trigger)
