@@ -145,7 +145,7 @@ class RequestTimer:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            # path_format: the template without convertors ("/items/{item_id}", not "{item_id:path}")
+            # path_format: the template without convertors ("/items/{item_id}", not "{item_id:id}")
             template = getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
             self.metrics.request_latency.labels(
                 scope.get("method", ""), template, str(status["code"])

@@ -14,6 +14,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.convertors import Convertor, register_url_convertor
 
 from service import schemas
 from service.config import Settings
@@ -26,12 +27,29 @@ from service.types import Query, Result
 
 router = APIRouter()  # every route but /recommend
 
-# The same id type as in bodies (service/schemas.py), so a path id and a body id agree. An id may
-# hold "/": the server decodes %2F before routing, so every id segment uses Starlette's `path`
-# convertor (`{user_id:path}`), which takes the rest of the path up to the route's fixed tail
-# ("/events", "/history"); an id that is itself "x/history" still reaches its user, as
-# "/users/x/history/events". The OpenAPI document and the metrics' route labels use the path
-# without the convertor ("/items/{item_id}").
+
+class _IdConvertor(Convertor[str]):
+    """A path segment holding any id: like Starlette's `path` convertor it takes "/" (the server
+    decodes %2F before routing), and unlike it ("." stops at a line break) any character, so an
+    id the body rules refuse (a control character) gets their 422 naming the field, not a bare
+    404 from a route that did not match."""
+
+    regex = r"[\s\S]*"  # empty too: the body rules refuse it by name
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("id", _IdConvertor())
+
+# The same id type as in bodies (service/schemas.py), so a path id and a body id agree. Every id
+# segment uses the `id` convertor (`{user_id:id}`), which takes the rest of the path up to the
+# route's fixed tail ("/events", "/history"); an id that is itself "x/history" still reaches its
+# user, as "/users/x/history/events". The OpenAPI document and the metrics' route labels use the
+# path without the convertor ("/items/{item_id}").
 UserIdPath = Annotated[
     schemas.Id, Path(description="A user id (same rules as in bodies; a '/' in it may be sent as %2F).")
 ]
@@ -174,7 +192,7 @@ def _reply(result: Result, source: str, total_ms: float) -> schemas.RecommendRes
 
 # ---------------------------------------------------------------------- users
 @router.post(
-    "/users/{user_id:path}/events",
+    "/users/{user_id:id}/events",
     response_model=schemas.EventsResponse,
     tags=["users"],
     responses=documented(400, 413, 422, 500, 503),
@@ -209,7 +227,7 @@ def _stamped(user_id: str, e: schemas.EventIn, now: int) -> Event:
 
 
 @router.get(
-    "/users/{user_id:path}/history",
+    "/users/{user_id:id}/history",
     response_model=schemas.HistoryResponse,
     tags=["users"],
     responses=documented(422, 500, 503),
@@ -233,7 +251,7 @@ async def get_history(user_id: UserIdPath, store: StoreDep, catalog: CatalogDep)
 
 # ---------------------------------------------------------------------- items
 @router.get(
-    "/items/{item_id:path}",
+    "/items/{item_id:id}",
     response_model=schemas.Item,
     tags=["items"],
     responses=documented(404, 422, 500, 503),
@@ -246,7 +264,7 @@ async def get_item(item_id: ItemIdPath, catalog: CatalogDep) -> schemas.Item:
 
 
 @router.put(
-    "/items/{item_id:path}",
+    "/items/{item_id:id}",
     response_model=schemas.ItemUpsertResponse,
     tags=["admin"],
     dependencies=Admin,
@@ -269,7 +287,7 @@ async def put_item(
 
 
 @router.delete(
-    "/items/{item_id:path}",
+    "/items/{item_id:id}",
     response_model=schemas.ItemDeleteResponse,
     tags=["admin"],
     dependencies=Admin,
