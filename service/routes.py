@@ -45,16 +45,16 @@ class _IdConvertor(Convertor[str]):
 
 register_url_convertor("id", _IdConvertor())
 
-# The same id type as in bodies (service/schemas.py), so a path id and a body id agree. Every id
+# The same id rules as in bodies (service/schemas.py `PathId`), so a path id and a body id agree. Every id
 # segment uses the `id` convertor (`{user_id:id}`), which takes the rest of the path up to the
 # route's fixed tail ("/events", "/history"); an id that is itself "x/history" still reaches its
 # user, as "/users/x/history/events". The OpenAPI document and the metrics' route labels use the
 # path without the convertor ("/items/{item_id}").
 UserIdPath = Annotated[
-    schemas.Id, Path(description="A user id (same rules as in bodies; a '/' in it may be sent as %2F).")
+    schemas.PathId, Path(description="A user id (same rules as in bodies; a '/' in it may be sent as %2F).")
 ]
 ItemIdPath = Annotated[
-    schemas.Id, Path(description="An item id (same rules as in bodies; a '/' in it may be sent as %2F).")
+    schemas.PathId, Path(description="An item id (same rules as in bodies; a '/' in it may be sent as %2F).")
 ]
 
 
