@@ -53,6 +53,7 @@ def _init(data: Path, out: Path, base: str, from_checkpoint: Path | None, dtype:
         load_checkpoint_model,
         read_meta,
         resolve_checkpoint,
+        same_items,
         save_checkpoint,
     )
     from model.cowatch import CoWatch
@@ -73,9 +74,7 @@ def _init(data: Path, out: Path, base: str, from_checkpoint: Path | None, dtype:
         model.cowatch = CoWatch.from_samples(
             ds.split("train"), ds.item_titles(), model.prompts.cowatch_window
         )
-    same_catalog = (path / VECTORS_FILE).exists() and list(
-        pd.read_parquet(path / ITEMS_FILE, columns=["item_id"])["item_id"]
-    ) == list(ds.items["item_id"])
+    same_catalog = (path / VECTORS_FILE).exists() and same_items(pd.read_parquet(path / ITEMS_FILE), ds.items)
     # the stored table where it is DATA's catalog; else DATA's items encoded once (never the source's)
     vectors = (
         np.load(path / VECTORS_FILE)

@@ -41,7 +41,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,10 +98,19 @@ class Checkpoint:
 
     def vectors_for(self, items: pd.DataFrame, progress: bool = False) -> np.ndarray | torch.Tensor:
         """The item vectors of catalog `items`: the stored table when it is this checkpoint's
-        catalog (same ids, same order), else encoded by the checkpoint's model."""
-        if list(self.items["item_id"]) == list(items["item_id"]):
+        catalog (`same_items`), else encoded by the checkpoint's model."""
+        if same_items(self.items, items):
             return self.item_vectors
         return self.model.item_vectors(items.to_dict("records"), progress=progress)
+
+
+def same_items(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """Whether two item tables are the same catalog for item vectors: the same ids in the same
+    order with the same texts (a catalog re-prepared with corrected titles, or another one
+    numbered alike, has the ids and not the texts)."""
+    if list(a.columns) != list(b.columns) or len(a) != len(b):
+        return False
+    return a.reset_index(drop=True).astype(str).equals(b.reset_index(drop=True).astype(str))
 
 
 def save_checkpoint(
@@ -533,13 +542,13 @@ def saved_item_edits(path: Path | str) -> dict[str, Any]:
     empty maps where there are none or the record is unreadable."""
     path = Path(path)
     carried = read_carried_edits(path)
-    records, times = _edit_maps(carried)
+    records, times = edit_maps(carried)
     try:
         version = str(read_meta(path)["version"])
     except (CheckpointError, OSError, ValueError, KeyError):
         version = None
-    saved = _index_edits(path / INDEX_DIR, version) if version is not None else {}
-    saved_records, saved_times = _edit_maps(saved)
+    saved = index_edits(path / INDEX_DIR, version) if version is not None else {}
+    saved_records, saved_times = edit_maps(saved)
     for item_id, record in saved_records.items():
         if saved_times[item_id] >= times.get(item_id, -1):
             records[item_id], times[item_id] = record, saved_times[item_id]
@@ -580,7 +589,7 @@ def carry_item_edits(root: Path | str, checkpoint: Path | str) -> None:
         log.info("carried %d item edits of %s into %s", len(doc["catalog_edits"]), current, checkpoint)
 
 
-def _index_edits(directory: Path, version: str) -> dict[str, Any]:
+def index_edits(directory: Path, version: str) -> dict[str, Any]:
     """The edits record in <directory>/index.json when it was saved for `version`, else {}."""
     from index.persist import read_metadata  # faiss: only where an index is read
 
@@ -593,8 +602,9 @@ def _index_edits(directory: Path, version: str) -> dict[str, Any]:
     return metadata
 
 
-def _edit_maps(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
-    """(item_id -> record or None, item_id -> time in ns; 0 where none was kept) of a record."""
+def edit_maps(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """(item_id -> record or None, item_id -> time in ns; 0 where none was kept) of a record
+    (an index.json's metadata, or EDITS_FILE); empty maps where it records none."""
     records, times = doc.get("catalog_edits"), doc.get("edit_times")
     records = dict(records) if isinstance(records, dict) else {}
     times = times if isinstance(times, dict) else {}

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from index import IndexMismatchError, ItemIndex
-from index.persist import JSON_NAME, locked, read_metadata
-from model.checkpoint import INDEX_DIR, Checkpoint, read_carried_edits
+from index.persist import JSON_NAME, locked
+from model.checkpoint import INDEX_DIR, Checkpoint, edit_maps, index_edits, read_carried_edits
 from service.search import TIERS, Match, TitleIndex, sort_name
 
 log = logging.getLogger(__name__)
@@ -78,17 +78,10 @@ class Edits:
     @classmethod
     def of(cls, metadata: Mapping[str, Any]) -> Edits:
         """The edits an index.json's metadata records (none where it records none)."""
-        records, times = metadata.get("catalog_edits"), metadata.get("edit_times")
-        records = dict(records) if isinstance(records, dict) else {}
-        times = times if isinstance(times, dict) else {}
-        return cls(records, {i: _ns(times.get(i)) for i in records})
+        return cls(*edit_maps(metadata))
 
     def __bool__(self) -> bool:
         return bool(self.records)
-
-
-def _ns(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 class Catalog:
@@ -445,13 +438,7 @@ def open_index(ckpt: Checkpoint, kind: str) -> tuple[ItemIndex, Edits, Edits]:
 def saved_edits(directory: Path, version: str) -> Edits:
     """The item edits recorded in <directory>/index.json for this model version, whatever state
     the rest of that directory is in; none when there is no readable record."""
-    try:
-        metadata = read_metadata(directory)
-    except (OSError, ValueError):  # IndexMismatchError is a ValueError
-        return Edits()
-    if not isinstance(metadata, dict) or metadata.get("model_version") != version:
-        return Edits()
-    return Edits.of(metadata)
+    return Edits.of(index_edits(directory, version))
 
 
 def _apply_edits(catalog: dict[str, Any], edits: Mapping[str, Any]) -> None:

@@ -147,7 +147,6 @@ def test_init_from_a_model_trained_elsewhere_counts_hints_and_encodes_only_this_
     only the user's items are encoded, and metrics measured on the source's data are dropped."""
     from model.cowatch import CoWatch
     from model.data import load_prepared, prepare_atomic
-    from model.r2ec import R2ec
 
     cfg = RecPOConfig(
         stage="contrastive", per_device_batch_size=4, max_steps=1, eval_every=1, cowatch_hints=3, **TINY
@@ -168,14 +167,7 @@ def test_init_from_a_model_trained_elsewhere_counts_hints_and_encodes_only_this_
     items = (FIXTURES / "data" / "tiny.item").read_text().splitlines()
     files[1].write_text("\n".join([items[0]] + ["b" + line for line in items[1:]]) + "\n")
     other = load_prepared(prepare_atomic(*files, tmp_path / "data", "other", protocol="loo"))
-    encoded: list[int] = []
-    real = R2ec.item_vectors
-
-    def counting(self, items, *args, **kwargs):
-        encoded.append(len(items))
-        return real(self, items, *args, **kwargs)
-
-    monkeypatch.setattr(R2ec, "item_vectors", counting)
+    encoded = _count_encodings(monkeypatch)
     out = tmp_path / "current"
     res = _init_from(other.path, out, art)
     assert res.exit_code == 0, res.output
@@ -185,3 +177,57 @@ def test_init_from_a_model_trained_elsewhere_counts_hints_and_encodes_only_this_
     assert saved.successors == expected.successors
     assert all(j.startswith("b") for nexts in saved.successors.values() for j, _ in nexts)
     assert read_meta(art)["metrics"] and not read_meta(out)["metrics"]
+
+
+def _count_encodings(monkeypatch) -> list[int]:
+    """How many items each `R2ec.item_vectors` call encodes, from here on."""
+    from model.r2ec import R2ec
+
+    encoded: list[int] = []
+    real = R2ec.item_vectors
+
+    def counting(self, items, *args, **kwargs):
+        encoded.append(len(items))
+        return real(self, items, *args, **kwargs)
+
+    monkeypatch.setattr(R2ec, "item_vectors", counting)
+    return encoded
+
+
+def test_init_from_reuses_stored_vectors_only_for_the_same_texts(tiny_dataset, tmp_path, monkeypatch):
+    """Item vectors encode an item's text: a catalog with the source's ids and other titles (a
+    re-prepared .item with corrected titles) is encoded anew, not given the old vectors."""
+    import shutil
+
+    import pandas as pd
+
+    from model.checkpoint import create_base_checkpoint
+    from model.data import load_prepared
+    from model.data.dataset import ITEM_SCHEMA, ITEMS_FILE, _write_frame
+
+    source = tmp_path / "source"
+    create_base_checkpoint(source, "tiny", tiny_dataset.items, dtype="float32", progress=False)
+    encoded = _count_encodings(monkeypatch)
+    assert _init_from(tiny_dataset.path, tmp_path / "same", source).exit_code == 0
+    assert encoded == []  # the same catalog: the stored table
+    renamed = tmp_path / "renamed-data"  # the same prepared dataset, its titles corrected
+    shutil.copytree(tiny_dataset.path, renamed)
+    items = pd.read_parquet(renamed / ITEMS_FILE)
+    items["title"] = "Renamed " + items["title"]
+    _write_frame(items, ITEM_SCHEMA, renamed / ITEMS_FILE)
+    other = load_prepared(renamed)
+    assert list(other.items["item_id"]) == list(tiny_dataset.items["item_id"])
+    res = _init_from(other.path, tmp_path / "renamed", source)
+    assert res.exit_code == 0, res.output
+    assert encoded == [len(other.items)]
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "renamed" / VECTORS_FILE), _encoded_now(tmp_path / "renamed", other)
+    )
+
+
+def _encoded_now(checkpoint, dataset) -> np.ndarray:
+    """`dataset`'s items encoded by `checkpoint`'s model."""
+    from model.checkpoint import load_checkpoint_model
+
+    model = load_checkpoint_model(checkpoint, dtype="float32")
+    return np.asarray(model.item_vectors(dataset.items.to_dict("records")))
