@@ -29,12 +29,15 @@ router = APIRouter()  # every route but /recommend
 
 
 class _IdConvertor(Convertor[str]):
-    """A path segment holding any id: like Starlette's `path` convertor it takes "/" (the server
+    """A path segment holding an id: like Starlette's `path` convertor it takes "/" (the server
     decodes %2F before routing), and unlike it ("." stops at a line break) any character, so an
     id the body rules refuse (a control character) gets their 422 naming the field, not a bare
-    404 from a route that did not match."""
+    404 from a route that did not match. Not empty: "/items/" is redirected to the search, as
+    Starlette does for a trailing "/". Otherwise the whole rest of the path up to the route's
+    fixed tail is the id, a trailing "/" included (ids may end in one, e.g. URLs):
+    "/items/i1/" names the item "i1/", not "i1"."""
 
-    regex = r"[\s\S]*"  # empty too: the body rules refuse it by name
+    regex = r"[\s\S]+"
 
     def convert(self, value: str) -> str:
         return value
