@@ -41,11 +41,13 @@ DEFAULT_ENCODING = "utf-8"
 
 
 def check_encoding(encoding: str) -> str:
-    """The codec's canonical name; an unknown one raises DataError."""
+    """The codec's canonical name; an unknown one, or one that is no text encoding ("hex",
+    "base64"), raises DataError."""
     try:
+        "".encode(encoding)  # LookupError for a codec that is not bytes <-> text too
         return codecs.lookup(encoding).name
     except LookupError:
-        raise DataError(f"unknown encoding {encoding!r} (try utf-8, latin-1 or cp1252)") from None
+        raise DataError(f"unknown text encoding {encoding!r} (try utf-8, latin-1 or cp1252)") from None
 
 
 def _decode_error(path: Path, encoding: str) -> DataError:
@@ -91,6 +93,8 @@ def read_atomic_table(
         return _read_table(path, required, encoding)
     except UnicodeDecodeError:
         raise _decode_error(path, encoding) from None
+    except UnicodeError as exc:  # a stream the codec cannot begin (UTF-16 without its BOM)
+        raise DataError(f"{path}: not readable as {encoding}: {exc}") from None
 
 
 def _read_table(

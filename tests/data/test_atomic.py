@@ -119,8 +119,13 @@ def test_a_file_that_is_not_utf8_fails_naming_the_file_line_and_byte(tmp_path, t
     ds = load_prepared(prepare_atomic(tiny_inter, item, tmp_path, "x", "loo", encoding="latin-1"))
     assert ds.item_titles()["i6"] == "Amélie"
     assert ds.meta["source"]["encoding"] == "iso8859-1"
-    with pytest.raises(DataError, match="unknown encoding 'klingon'"):
+    with pytest.raises(DataError, match="unknown text encoding 'klingon'"):
         prepare_atomic(tiny_inter, item, tmp_path, "x", "loo", encoding="klingon")
+    # a codec that is no text encoding, and one the file cannot even begin in: DataErrors too
+    with pytest.raises(DataError, match="unknown text encoding 'hex'"):
+        prepare_atomic(tiny_inter, item, tmp_path, "x", "loo", encoding="hex")
+    with pytest.raises(DataError, match="not readable as utf-16.*BOM"):
+        prepare_atomic(tiny_inter, tiny_item, tmp_path, "x", "loo", encoding="utf-16")
 
 
 def test_cli_prepare_atomic_takes_an_encoding(tmp_path, tiny_inter, tiny_item):
