@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -255,6 +256,13 @@ READ_ELSEWHERE = frozenset(
 )
 
 
+# the variables Kubernetes gives a pod for each Service (unless enableServiceLinks is false):
+# R2EC_API_SERVICE_HOST, R2EC_API_PORT, R2EC_API_PORT_80_TCP_ADDR, ... for one named r2ec-api
+_SERVICE_LINK = re.compile(
+    r"^R2EC_[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)$"
+)
+
+
 def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
     """A line for each R2EC_ variable in `environ` (default: the process's) that nothing reads,
     with the setting it may have meant: pydantic-settings ignores them, so a typo
@@ -266,6 +274,8 @@ def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
     for name in sorted(environ):
         upper = name.upper()
         if not upper.startswith("R2EC_") or upper in known or upper.startswith("R2EC_TEST_"):
+            continue
+        if _SERVICE_LINK.match(upper):  # Kubernetes sets these for a Service named r2ec-*
             continue
         close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
         out.append(

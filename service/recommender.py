@@ -247,13 +247,13 @@ class Recommender:
 
     def _key(self, prompt: str, budget: int, grammar: str) -> str:
         """sha256 of (model version, rendered prompt = the history window, generation settings,
-                the grammar: what it constrains and the window's genres and decades it was built from),
-                so reasoning cached under an older grammar (until stop 29 the rated list could name any
-                window title; until stop 30 the decades and the drift were free; until held-claims-3 a
-                "Lately more" where nothing drifts or a "Likes" where no genre holds could be written
-                outside the rated list; until held-claims-4 a title in a script spelt in pieces of characters,
-        CJK or emoji, was not held to the list, nor one holding "Rated highest:") or before a genre or
-        year edit is not served under this one."""
+        the grammar: what it constrains and the window's genres and decades it was built from),
+        so reasoning cached under an older grammar or before a genre or year edit is not served
+        under this one. Older grammars: until stop 29 the rated list could name any window
+        title; until stop 30 the decades and the drift were free; until held-claims-3 a "Lately
+        more" where nothing drifts or a "Likes" where no genre holds could be written outside
+        the rated list; until held-claims-4 a title spelt in pieces of characters (CJK, emoji)
+        was not held to the list, nor one holding "Rated highest:"."""
         material = json.dumps([self.version, prompt, budget, "greedy", grammar])
         return hashlib.sha256(material.encode()).hexdigest()
 

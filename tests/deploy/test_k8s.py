@@ -67,6 +67,7 @@ def test_api_probes_port_and_service(docs):
     drain = float(config["data"]["R2EC_SHUTDOWN_GRACE_S"])
     assert pause >= 5 and pod["spec"]["terminationGracePeriodSeconds"] >= pause + drain + 5
     # the admin API's key from a Secret the operator makes (optional: without it admin is off)
+    assert all(spec["enableServiceLinks"] is False for spec in _pod_specs(docs).values())
     (key,) = [e for e in api["env"] if e["name"] == "R2EC_API_KEY"]
     assert key["valueFrom"]["secretKeyRef"]["optional"] is True
     (svc,) = _by_kind(docs, "Service").values()

@@ -18,6 +18,11 @@ def test_a_variable_nothing_reads_is_named_with_the_setting_it_may_mean():
         "R2EC_INDEX_HNSW_EF_SEARCH is not a setting and is ignored (did you mean R2EC_INDEX_EF_SEARCH?)"
     ]
     assert unknown_env({"R2EC_HOST": "0.0.0.0", "R2EC_CACHE_DIR": "/c"}) == []  # read by r2ec serve, model/
+    # what Kubernetes sets for a Service named r2ec-api (the manifests turn it off; other
+    # manifests may not): not settings, not typos
+    links = ["R2EC_API_SERVICE_HOST", "R2EC_API_SERVICE_PORT", "R2EC_API_SERVICE_PORT_HTTP", "R2EC_API_PORT"]
+    links += ["R2EC_API_PORT_80_TCP", "R2EC_API_PORT_80_TCP_ADDR", "R2EC_API_PORT_80_TCP_PROTO"]
+    assert unknown_env(dict.fromkeys(links, "x")) == []
 
 
 def test_the_app_warns_of_them_when_built(monkeypatch, caplog):
