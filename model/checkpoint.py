@@ -559,11 +559,17 @@ def read_carried_edits(path: Path | str) -> dict[str, Any]:
     """What `carry_item_edits` wrote into checkpoint `path` ({} if nothing): "from" (the
     directory name of the version they came from, beside this one), "version" (its version),
     "catalog_edits" and "edit_times"."""
-    try:
-        doc = json.loads((Path(path) / EDITS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    file = Path(path) / EDITS_FILE
+    if not file.exists():
         return {}
-    return doc if isinstance(doc, dict) else {}
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        doc = exc
+    if not isinstance(doc, dict):  # the only copy once the old version is pruned: say so
+        log.warning("%s is unreadable (%s); the item edits carried into %s are not applied", file, doc, path)
+        return {}
+    return doc
 
 
 def carry_item_edits(root: Path | str, checkpoint: Path | str) -> None:
@@ -608,7 +614,20 @@ def edit_maps(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
     records, times = doc.get("catalog_edits"), doc.get("edit_times")
     records = dict(records) if isinstance(records, dict) else {}
     times = times if isinstance(times, dict) else {}
+    # a record is None (deleted) or an item's text fields with a title; any other is damage
+    bad = [i for i, r in records.items() if r is not None and not _item_record(r)]
+    if bad:
+        log.warning("item edits with damaged records left out: %s", ", ".join(map(repr, bad[:5])))
+    records = {i: r for i, r in records.items() if i not in bad}
     return records, {i: _edit_time(times.get(i)) for i in records}
+
+
+def _item_record(record: Any) -> bool:
+    return (
+        isinstance(record, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in record.items())
+        and bool(str(record.get("title", "")).strip())
+    )
 
 
 def _edit_time(value: Any) -> int:

@@ -141,7 +141,8 @@ class Catalog:
         carried = read_carried_edits(checkpoint.path)
         applied = catalog._apply(Edits.of(carried), ties_win=False)  # the ones not taken yet
         source = carried.get("from")
-        if isinstance(source, str) and source not in ("", ".", "..") and "/" not in source and persist_edits:
+        named = isinstance(source, str) and source not in ("", ".", "..") and not {"/", "\x00"} & set(source)
+        if named and persist_edits:
             applied += catalog._follow(
                 checkpoint.path.parent / source / INDEX_DIR, str(carried.get("version", ""))
             )
@@ -394,7 +395,7 @@ def _stamp(directory: Path) -> tuple[int, int, int] | None:
     """Which index.json is there now (each save replaces the file: a new inode); None: none."""
     try:
         st = os.stat(directory / JSON_NAME)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a path no filesystem has (a NUL byte)
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
 

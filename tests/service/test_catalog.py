@@ -253,3 +253,29 @@ def test_edits_survive_versions_published_while_no_replica_reloads(ckpt, make_en
         "later": "Later Still",
     }
     assert last.item("i5") is None and "i5" not in last.index and "later" in last.index
+
+
+def test_a_damaged_carried_edits_file_never_stops_a_version_from_starting(
+    ckpt, make_engine, tmp_path, caplog
+):
+    """item_edits.json is the only copy of the carried edits once the old version is pruned:
+    a damaged record is left out and a damaged file is named in the log, but the version
+    starts (a start that raised would crash-loop every replica, a reload would never land)."""
+    import json
+    import logging
+
+    from model.checkpoint import EDITS_FILE
+    from tests.service.test_admin import copy_as_new_version
+
+    version = copy_as_new_version(ckpt, tmp_path / "v2", "w2")
+    record = {"catalog_edits": {"i5": "deleted", "newx": {"year": "1999"}, "ok": {"title": "Fine"}}}
+    (version / EDITS_FILE).write_text(json.dumps({**record, "from": "v1\x00", "version": "w1"}))
+    with caplog.at_level(logging.WARNING):
+        catalog = make_engine(version).catalog
+    assert catalog.item("ok")["title"] == "Fine" and catalog.item("i5") is not None
+    assert "damaged records left out: 'i5', 'newx'" in caplog.text
+    (version / EDITS_FILE).write_text('{"catalog_edits": {"i5": nu')  # cut short
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert make_engine(version).catalog.item("i5") is not None
+    assert f"{EDITS_FILE} is unreadable" in caplog.text
