@@ -257,9 +257,10 @@ READ_ELSEWHERE = frozenset(
 
 
 # the variables Kubernetes gives a pod for each Service (unless enableServiceLinks is false):
-# R2EC_API_SERVICE_HOST, R2EC_API_PORT, R2EC_API_PORT_80_TCP_ADDR, ... for one named r2ec-api
+# R2EC_API_SERVICE_HOST, R2EC_API_PORT, R2EC_API_PORT_80_TCP_ADDR, ... for one named r2ec-api;
+# a name is taken for one only beside its Service's <PREFIX>_SERVICE_HOST, which is always set
 _SERVICE_LINK = re.compile(
-    r"^R2EC_[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)$"
+    r"^(R2EC_[A-Z0-9_]+?)_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)$"
 )
 
 
@@ -275,8 +276,9 @@ def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
         upper = name.upper()
         if not upper.startswith("R2EC_") or upper in known or upper.startswith("R2EC_TEST_"):
             continue
-        if _SERVICE_LINK.match(upper):  # Kubernetes sets these for a Service named r2ec-*
-            continue
+        link = _SERVICE_LINK.match(upper)
+        if link and f"{link.group(1)}_SERVICE_HOST" in {n.upper() for n in environ}:
+            continue  # Kubernetes set it, for a Service named r2ec-*
         close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
         out.append(
             f"{name} is not a setting and is ignored" + (f" (did you mean {close[0]}?)" if close else "")
