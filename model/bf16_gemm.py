@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from model.backbone import default_cache_dir
+from model.data.dataset import fsync_path
 
 # The most rows one call takes: every row count up to 16 ran faster than oneDNN's prepacked
 # weights in the stop-25 sweep (BENCHMARKS.md §7). The engine sends it every matmul of that
@@ -102,6 +103,7 @@ def build(compiler: str) -> Path:
         # mkstemp made it 0600 and the linker only adds execute bits: readable by every user, as
         # the image's non-root server loads what root built
         os.chmod(tmp, 0o755)
+        fsync_path(Path(tmp))  # on the disk before its name: a power loss leaves no empty library
         os.replace(tmp, path)  # a concurrent build writes the same bytes under the same name
     finally:
         if os.path.exists(tmp):
@@ -122,7 +124,13 @@ def _load() -> tuple[ctypes._CFuncPtr | None, str | None]:
         path, compiler = library_path(), _compiler()
         if not path.exists() and compiler is None:
             return None, f"no C++ compiler ({_compiler_name()}) to build {SOURCE.name}"
-        lib = ctypes.CDLL(str(path if path.exists() else build(compiler)))
+        try:
+            lib = ctypes.CDLL(str(path if path.exists() else build(compiler)))
+        except OSError:  # a damaged library in the cache (cut short, overwritten): built again
+            if compiler is None or not path.exists():
+                raise
+            path.unlink()
+            lib = ctypes.CDLL(str(build(compiler)))
     except Exception as exc:  # noqa: BLE001
         return None, f"could not build or load {SOURCE.name}: {exc}"
     fn = lib.r2ec_bf16_gemm

@@ -161,6 +161,21 @@ def test_a_library_built_ahead_of_time_needs_no_compiler(tmp_path, monkeypatch):
         bf16_gemm._load.cache_clear()
 
 
+@needs_kernel
+def test_a_damaged_library_in_the_cache_is_built_again(tmp_path, monkeypatch):
+    # e.g. one a power loss cut short: loading it fails, and it used to stay, keeping the
+    # kernel off on that machine until someone deleted it
+    monkeypatch.setenv("R2EC_KERNEL_CACHE", str(tmp_path))
+    bf16_gemm.library_path().write_bytes(b"\x7fELF cut short")
+    bf16_gemm._load.cache_clear()
+    try:
+        assert bf16_gemm.unavailable_reason() is None
+        assert bf16_gemm.library_path().stat().st_size > 1000
+    finally:
+        monkeypatch.undo()
+        bf16_gemm._load.cache_clear()
+
+
 def test_a_broken_cache_leaves_onednn_in_place(tmp_path, monkeypatch):
     # e.g. a cache path that is a file: the reason is returned, the service still starts
     blocker = tmp_path / "not-a-dir"
