@@ -69,6 +69,7 @@ VECTORS_FILE = "item_vectors.npy"
 COWATCH_FILE = COWATCH_PARQUET  # the co-watch table, when the prompts name hints (model/cowatch.py)
 CURRENT_FILE = "CURRENT"
 INDEX_DIR = "index"  # the service's item index and its record of item edits (service/catalog.py)
+ITEM_FIELDS = ("title", "year", "genres", "description")  # an item's text, as the catalog keeps it
 EDITS_FILE = "item_edits.json"  # a published version's item edits, carried from the one before
 WEIGHT_KINDS = ("base", "full", "lora")
 
@@ -564,7 +565,8 @@ def read_carried_edits(path: Path | str) -> dict[str, Any]:
         return {}
     try:
         doc = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")  # a lone surrogate ("\ud800") is no text
+    except (OSError, ValueError) as exc:  # UnicodeError is a ValueError
         doc = exc
     if not isinstance(doc, dict):  # the only copy once the old version is pruned: say so
         log.warning("%s is unreadable (%s); the item edits carried into %s are not applied", file, doc, path)
@@ -625,8 +627,9 @@ def edit_maps(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
 def _item_record(record: Any) -> bool:
     return (
         isinstance(record, dict)
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in record.items())
-        and bool(str(record.get("title", "")).strip())
+        and set(record) <= set(ITEM_FIELDS)
+        and all(isinstance(v, str) for v in record.values())
+        and bool(record.get("title", "").strip())
     )
 
 

@@ -39,12 +39,11 @@ import torch
 
 from index import IndexMismatchError, ItemIndex
 from index.persist import JSON_NAME, locked
-from model.checkpoint import INDEX_DIR, Checkpoint, edit_maps, index_edits, read_carried_edits
+from model.checkpoint import INDEX_DIR, ITEM_FIELDS, Checkpoint, edit_maps, index_edits, read_carried_edits
 from service.search import TIERS, Match, TitleIndex, sort_name
 
 log = logging.getLogger(__name__)
 
-ITEM_FIELDS = ("title", "year", "genres", "description")
 TITLE_REBUILD_EDITS = 256  # item edits searched beside the title index before it is rebuilt
 
 
