@@ -257,10 +257,11 @@ READ_ELSEWHERE = frozenset(
 
 
 # the variables Kubernetes gives a pod for each Service (unless enableServiceLinks is false):
-# R2EC_API_SERVICE_HOST, R2EC_API_PORT, R2EC_API_PORT_80_TCP_ADDR, ... for one named r2ec-api;
-# a name is taken for one only beside its Service's <PREFIX>_SERVICE_HOST, which is always set
-_SERVICE_LINK = re.compile(
-    r"^(R2EC_[A-Z0-9_]+?)_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)$"
+# <NAME>_SERVICE_HOST, <NAME>_SERVICE_PORT, <NAME>_PORT, <NAME>_PORT_80_TCP_ADDR, ..., where NAME
+# is the Service's name upper-cased (R2EC_API for one named r2ec-api); a variable is taken for
+# one only beside its Service's <NAME>_SERVICE_HOST, which is always set
+_SERVICE_LINK_SUFFIX = re.compile(
+    r"SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?"
 )
 
 
@@ -271,13 +272,18 @@ def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
     R2EC_TEST_* variables (the opt-in tests) are left alone."""
     environ = os.environ if environ is None else environ
     known = {f"R2EC_{name.upper()}" for name in Settings.model_fields} | READ_ELSEWHERE
+    services = [
+        n.upper().removesuffix("_SERVICE_HOST") for n in environ if n.upper().endswith("_SERVICE_HOST")
+    ]
     out = []
     for name in sorted(environ):
         upper = name.upper()
         if not upper.startswith("R2EC_") or upper in known or upper.startswith("R2EC_TEST_"):
             continue
-        link = _SERVICE_LINK.match(upper)
-        if link and f"{link.group(1)}_SERVICE_HOST" in {n.upper() for n in environ}:
+        if any(
+            upper.startswith(f"{s}_") and _SERVICE_LINK_SUFFIX.fullmatch(upper[len(s) + 1 :])
+            for s in services
+        ):
             continue  # Kubernetes set it, for a Service named r2ec-*
         close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
         out.append(

@@ -281,7 +281,10 @@ def test_a_damaged_carried_edits_file_never_stops_a_version_from_starting(
     assert f"{EDITS_FILE} is unreadable" in caplog.text
     # JSON that is no text (a lone surrogate: no path, no tokenizer takes it), and a record
     # with a field an item does not have (it would change the id the item is served under)
-    for doc in ('{"from": "v1\\ud800", "catalog_edits": {}}', '{"catalog_edits": {"n": {"title": "\\ud800"}}}'):
+    for doc in (
+        '{"from": "v1\\ud800", "catalog_edits": {}}',
+        '{"catalog_edits": {"n": {"title": "\\ud800"}}}',
+    ):
         (version / EDITS_FILE).write_text(doc)
         assert make_engine(version).catalog.item("n") is None
     (version / EDITS_FILE).write_text(json.dumps({"catalog_edits": {"n": {"title": "N", "item_id": "i1"}}}))

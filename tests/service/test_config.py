@@ -23,6 +23,8 @@ def test_a_variable_nothing_reads_is_named_with_the_setting_it_may_mean():
     links = ["R2EC_API_SERVICE_HOST", "R2EC_API_SERVICE_PORT", "R2EC_API_SERVICE_PORT_HTTP", "R2EC_API_PORT"]
     links += ["R2EC_API_PORT_80_TCP", "R2EC_API_PORT_80_TCP_ADDR", "R2EC_API_PORT_80_TCP_PROTO"]
     assert unknown_env(dict.fromkeys(links, "x")) == []
+    named_service = [n.replace("R2EC_API", "R2EC_API_SERVICE") for n in links]  # r2ec-api-service
+    assert unknown_env(dict.fromkeys(named_service, "x")) == []
     # without their Service's _SERVICE_HOST beside them, such names are typos like any other
     assert unknown_env({"R2EC_HSOT_PORT": "8080"}) == [
         "R2EC_HSOT_PORT is not a setting and is ignored (did you mean R2EC_HOST_PORT?)"
