@@ -84,12 +84,15 @@ def named_titles(text: str, catalog: set[str] | None = None) -> list[str]:
     """Spans the text presents as titles (see the module docstring). A list's entries are split
     at "; ", except where pieces joined by it make a title of `catalog` (normalised titles):
     "Rated highest: Love; Death; Heat." names two titles where the catalog has "Love; Death"."""
-    lists = _LISTS.findall(text)
-    prose = _LISTS.sub(" ", text)  # a list's entries are its titles: a quote inside one is not another
-    out = [a or b for a, b in _QUOTED.findall(prose)]
-    out += _WITH_YEAR.findall(prose)
-    out += [t for listed in lists for t in _list_entries(listed.split("; "), catalog or set())]
-    return [t.strip() for t in out if t.strip()]
+    catalog = catalog or set()
+    entries = [t for listed in _LISTS.findall(text) for t in _list_entries(listed.split("; "), catalog)]
+    # quotes and years are read in the prose and in list entries that are no catalog title: one
+    # inside a listed title is part of it ('The "Best" Film Ever'), one in an invented entry
+    # names a title of its own ('Fake Film (1999) and Heat')
+    spans = [_LISTS.sub(" ", text), *(e for e in entries if normalize_title(e) not in catalog)]
+    out = [a or b for span in spans for a, b in _QUOTED.findall(span)]
+    out += [t for span in spans for t in _WITH_YEAR.findall(span)]
+    return [t.strip() for t in [*out, *entries] if t.strip()]
 
 
 def _list_entries(pieces: list[str], catalog: set[str]) -> list[str]:

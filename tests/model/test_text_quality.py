@@ -58,8 +58,12 @@ def test_a_listed_title_holding_the_separator_is_one_title():
     assert unknown_titles("Rated highest: Death; Heat.", catalog) == ["Death"]
     # quotes or a year inside a listed title are part of it, not a title of their own
     best = 'The "Best" Film Ever'
-    assert named_titles(f"Rated highest: {best}; Heat (1995).", catalog) == [best, "Heat (1995)"]
-    assert named_titles(f'You liked "Heat". Rated highest: {best}.') == ["Heat", best]
+    with_best = catalog | {normalize_title(best)}
+    assert named_titles(f"Rated highest: {best}; Heat (1995).", with_best) == [best, "Heat (1995)"]
+    assert named_titles(f'You liked "Heat". Rated highest: {best}.', with_best) == ["Heat", best]
+    # in an entry that is no catalog title they name titles of their own, which are checked
+    for text in ["Rated highest: Fake Film (1999) and Heat.", 'Rated highest: "Fake Film" and Heat.']:
+        assert unknown_titles(text, catalog) == ["Fake Film"], text
 
 
 def test_quality_flags_unknown_titles_and_loops():
