@@ -127,9 +127,9 @@ def _load() -> tuple[ctypes._CFuncPtr | None, str | None]:
         try:
             lib = ctypes.CDLL(str(path if path.exists() else build(compiler)))
         except OSError:  # a damaged library in the cache (cut short, overwritten): built again
-            if compiler is None or not path.exists():
+            if compiler is None:
                 raise
-            path.unlink()
+            path.unlink(missing_ok=True)  # (another process sharing the cache may have done it)
             lib = ctypes.CDLL(str(build(compiler)))
     except Exception as exc:  # noqa: BLE001
         return None, f"could not build or load {SOURCE.name}: {exc}"
