@@ -124,13 +124,17 @@ def _load() -> tuple[ctypes._CFuncPtr | None, str | None]:
         path, compiler = library_path(), _compiler()
         if not path.exists() and compiler is None:
             return None, f"no C++ compiler ({_compiler_name()}) to build {SOURCE.name}"
+        cached = path.exists()
         try:
-            lib = ctypes.CDLL(str(path if path.exists() else build(compiler)))
-        except OSError:  # a damaged library in the cache (cut short, overwritten): built again
-            if compiler is None:
+            lib = ctypes.CDLL(str(path if cached else build(compiler)))
+        except OSError as damaged:  # a library in the cache that does not load (cut short): built again
+            if not cached or compiler is None:
                 raise
-            path.unlink(missing_ok=True)  # (another process sharing the cache may have done it)
-            lib = ctypes.CDLL(str(build(compiler)))
+            try:
+                path.unlink(missing_ok=True)  # (another process sharing the cache may have done it)
+                lib = ctypes.CDLL(str(build(compiler)))
+            except Exception as exc:
+                raise OSError(f"{damaged}; building it again: {exc}") from exc
     except Exception as exc:  # noqa: BLE001
         return None, f"could not build or load {SOURCE.name}: {exc}"
     fn = lib.r2ec_bf16_gemm

@@ -620,7 +620,12 @@ def edit_maps(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
     bad = [i for i, r in records.items() if r is not None and not _item_record(r)]
     if bad:
         log.warning("item edits with damaged records left out: %s", ", ".join(map(repr, bad[:5])))
-    records = {i: r for i, r in records.items() if i not in bad}
+    # every field present, as the catalog keeps a record (a hand-written {"title": ...} too)
+    records = {
+        i: r if r is None else {f: r.get(f, "") for f in ITEM_FIELDS}
+        for i, r in records.items()
+        if i not in bad
+    }
     return records, {i: _edit_time(times.get(i)) for i in records}
 
 

@@ -86,13 +86,18 @@ def named_titles(text: str, catalog: set[str] | None = None) -> list[str]:
     "Rated highest: Love; Death; Heat." names two titles where the catalog has "Love; Death"."""
     catalog = catalog or set()
     entries = [t for listed in _LISTS.findall(text) for t in _list_entries(listed.split("; "), catalog)]
-    # quotes and years are read in the prose and in list entries that are no catalog title: one
-    # inside a listed title is part of it ('The "Best" Film Ever'), one in an invented entry
-    # names a title of its own ('Fake Film (1999) and Heat')
-    spans = [_LISTS.sub(" ", text), *(e for e in entries if normalize_title(e) not in catalog)]
-    out = [a or b for span in spans for a, b in _QUOTED.findall(span)]
-    out += [t for span in spans for t in _WITH_YEAR.findall(span)]
-    return [t.strip() for t in [*out, *entries] if t.strip()]
+    out = _marked(_LISTS.sub(" ", text))
+    for entry in entries:
+        # a listed catalog title keeps its quotes ('The "Best" Film Ever'); in an invented entry
+        # they, or a year, mark the title it names ('Fake Film (1999) and Heat'), else it is one
+        marked = [] if normalize_title(entry) in catalog else _marked(entry)
+        out += marked or [entry]
+    return [t.strip() for t in out if t.strip()]
+
+
+def _marked(text: str) -> list[str]:
+    """The spans `text` marks as titles: quoted, or before a year."""
+    return [a or b for a, b in _QUOTED.findall(text)] + _WITH_YEAR.findall(text)
 
 
 def _list_entries(pieces: list[str], catalog: set[str]) -> list[str]:

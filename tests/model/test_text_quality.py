@@ -64,6 +64,7 @@ def test_a_listed_title_holding_the_separator_is_one_title():
     # in an entry that is no catalog title they name titles of their own, which are checked
     for text in ["Rated highest: Fake Film (1999) and Heat.", 'Rated highest: "Fake Film" and Heat.']:
         assert unknown_titles(text, catalog) == ["Fake Film"], text
+    assert unknown_titles("Rated highest: Fake Film (1999); Heat.", catalog) == ["Fake Film"]  # once
 
 
 def test_quality_flags_unknown_titles_and_loops():

@@ -273,6 +273,7 @@ def test_a_damaged_carried_edits_file_never_stops_a_version_from_starting(
     with caplog.at_level(logging.WARNING):
         catalog = make_engine(version).catalog
     assert catalog.item("ok")["title"] == "Fine" and catalog.item("i5") is not None
+    assert catalog.item("ok")["year"] == "" == catalog.search_titles("Fine", 5)[0][0]["genres"]  # all fields
     assert "damaged records left out: 'i5', 'newx'" in caplog.text
     (version / EDITS_FILE).write_text('{"catalog_edits": {"i5": nu')  # cut short
     caplog.clear()
