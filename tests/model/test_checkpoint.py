@@ -325,9 +325,13 @@ def test_publishing_carries_the_current_versions_item_edits(tmp_path):
     assert doc == {
         "from": "v0",
         "version": version,
-        "catalog_edits": {"i1": {"title": "Carried"}, "i2": {"title": "Saved Later"}, "i3": None},
+        "catalog_edits": {"i1": _item("Carried"), "i2": _item("Saved Later"), "i3": None},  # every field
         "edit_times": {"i1": 5, "i2": 9, "i3": 7},
     }
     _fake_versions(tmp_path, ["next"])
     publish_version(root, tmp_path / "next", "next")  # no service ran on cand: still carried
     assert json.loads((root / "next" / EDITS_FILE).read_text())["catalog_edits"] == doc["catalog_edits"]
+
+
+def _item(title: str) -> dict[str, str]:
+    return {"title": title, "year": "", "genres": "", "description": ""}
