@@ -137,8 +137,6 @@ class TokenStrings:
     def written(self, ids: Sequence[int]) -> str:
         """What the grammars read of a completion: its text `as_bytes`, a character cut short
         at the end (its first byte written, the rest to come) included."""
-        if not any(i in self.token_bytes for i in ids):
-            return as_bytes(self.decode(ids))
         out, run = [], []  # runs of whole tokens decoded together, the partial ones by their bytes
         for i in ids:
             if i in self.token_bytes:
