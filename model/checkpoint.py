@@ -617,19 +617,27 @@ def edit_maps(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
     records = dict(records) if isinstance(records, dict) else {}
     times = times if isinstance(times, dict) else {}
     # a record is None (deleted) or an item's text fields with a title; any other is damage
-    bad = [i for i, r in records.items() if r is not None and not _item_record(r)]
+    bad = [i for i, r in records.items() if r is not None and not _valid_record(r)]
     if bad:
         log.warning("item edits with damaged records left out: %s", ", ".join(map(repr, bad[:5])))
     # every field present, as the catalog keeps a record (a hand-written {"title": ...} too)
-    records = {
-        i: r if r is None else {f: r.get(f, "") for f in ITEM_FIELDS}
-        for i, r in records.items()
-        if i not in bad
-    }
+    records = {i: r if r is None else item_record(r) for i, r in records.items() if i not in bad}
     return records, {i: _edit_time(times.get(i)) for i in records}
 
 
-def _item_record(record: Any) -> bool:
+def item_record(row: Mapping[str, Any]) -> dict[str, str]:
+    """An item's text as the catalog keeps it: every field in ITEM_FIELDS, a string ("" where
+    the row has none, or NaN)."""
+    out = {}
+    for key in ITEM_FIELDS:
+        value = row.get(key)
+        if value is None or (isinstance(value, float) and value != value):
+            value = ""
+        out[key] = str(value)
+    return out
+
+
+def _valid_record(record: Any) -> bool:
     return (
         isinstance(record, dict)
         and set(record) <= set(ITEM_FIELDS)

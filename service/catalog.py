@@ -39,7 +39,7 @@ import torch
 
 from index import IndexMismatchError, ItemIndex
 from index.persist import JSON_NAME, locked
-from model.checkpoint import INDEX_DIR, ITEM_FIELDS, Checkpoint, edit_maps, index_edits, read_carried_edits
+from model.checkpoint import INDEX_DIR, Checkpoint, edit_maps, index_edits, item_record, read_carried_edits
 from service.search import TIERS, Match, TitleIndex, sort_name
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class Catalog:
         self.index = index
         self.persist_edits = persist_edits
         self._records: dict[str, dict[str, str]] = {
-            str(row["item_id"]): _clean_item(row) for row in checkpoint.items.to_dict("records")
+            str(row["item_id"]): item_record(row) for row in checkpoint.items.to_dict("records")
         }
         edits = edits or Edits()
         self._edits: dict[str, dict[str, str] | None] = dict(edits.records)
@@ -228,7 +228,7 @@ class Catalog:
 
     def upsert(self, item_id: str, fields: Mapping[str, Any]) -> bool:
         """Encode the item's text, add or replace it in index + catalog; True if it replaced."""
-        record = _clean_item(fields)
+        record = item_record(fields)
         vector = self.encode_item({"item_id": item_id, **record})  # (H,)
         with self._lock:
             replaced = self.index.upsert(item_id, vector)
@@ -306,27 +306,32 @@ class Catalog:
 
     def _sync_own(self) -> int:
         """`sync_edits` for this checkpoint's own record only (what a save merges first)."""
-        directory = self._directory
-        stamp = _stamp(directory)
-        if stamp is None or stamp == self._saved:
-            return 0
-        applied = self._apply(saved_edits(directory, self.checkpoint.version), ties_win=False)
-        self._saved = stamp
+        applied, self._saved = self._take_saved(self._directory, self.checkpoint.version, self._saved)
         return applied
 
     def _follow(self, directory: Path, version: str) -> int:
         """Apply the edits saved in another version's record `directory` since this catalog last
         read it (all, the first time) that are newer than its own, without saving, and keep
-        following it. The stamp is taken before the read: a save after it is read next time."""
+        following it."""
         key = os.path.realpath(directory)
-        seen = self._sources.get(key, (directory, version, None))[2]
+        applied, stamp = self._take_saved(
+            directory, version, self._sources.get(key, (directory, version, None))[2]
+        )
+        self._sources[key] = (directory, version, stamp)
+        return applied
+
+    def _take_saved(
+        self, directory: Path, version: str, seen: tuple[int, int, int] | None
+    ) -> tuple[int, tuple[int, int, int] | None]:
+        """Apply the edits in `directory`'s record for `version` that are newer than this
+        catalog's own, when the record is not the one last read (`seen`): how many changed
+        something, and the stamp of what was read (`seen` where nothing was). The stamp is taken
+        before the read, so a save after it is read next time; it is returned after the apply,
+        so a failed one is retried."""
         stamp = _stamp(directory)
         if stamp is None or stamp == seen:
-            self._sources[key] = (directory, version, seen)
-            return 0
-        applied = self._apply(saved_edits(directory, version), ties_win=False)
-        self._sources[key] = (directory, version, stamp)  # after the apply: a failed one is retried
-        return applied
+            return 0, seen
+        return self._apply(saved_edits(directory, version), ties_win=False), stamp
 
     def _apply(self, edits: Edits, *, ties_win: bool) -> int:
         """Take the edits that are later than this catalog's own edit of the item (or as late,
@@ -447,13 +452,3 @@ def _apply_edits(catalog: dict[str, Any], edits: Mapping[str, Any]) -> None:
             catalog.pop(item_id, None)
         else:
             catalog[item_id] = record
-
-
-def _clean_item(row: Mapping[str, Any]) -> dict[str, str]:
-    out = {}
-    for key in ITEM_FIELDS:
-        value = row.get(key)
-        if value is None or (isinstance(value, float) and value != value):
-            value = ""
-        out[key] = str(value)
-    return out
