@@ -18,9 +18,10 @@ since it last looked; the service calls it on each tick of its checkpoint watch
 A new version takes the edits of the one it replaces: a reload carries the old catalog's edits
 and every one saved beside the old checkpoint (`Catalog.carry_from`), and publishing a version
 carries the edits saved for the current one into it (model/checkpoint.py `carry_item_edits`),
-which `Catalog.open` applies. Either way the new catalog then follows the old version's record
-(`sync_edits`), so an edit a replica still serving the old version saves later is not lost
-when that replica stops before it reloads.
+which `Catalog.open` applies. Either way the new catalog then follows the old version's record,
+and the records that version followed, back along the versions still on disk (`sync_edits`):
+an edit a replica still serving an old version saves later is not lost when that replica stops
+before it reloads, also where versions were published past it that no service started on.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from service.search import TIERS, Match, TitleIndex, sort_name
 
 log = logging.getLogger(__name__)
 
+FOLLOW_BACK = 8  # versions back whose saved edits a new version follows (retrain keeps 3)
 TITLE_REBUILD_EDITS = 256  # item edits searched beside the title index before it is rebuilt
 
 
@@ -139,12 +141,8 @@ class Catalog:
             log.info("re-applied %d saved item edits to the rebuilt index", applied)
         carried = read_carried_edits(checkpoint.path)
         applied = catalog._apply(Edits.of(carried), ties_win=False)  # the ones not taken yet
-        source = carried.get("from")
-        named = isinstance(source, str) and source not in ("", ".", "..") and not {"/", "\x00"} & set(source)
-        if named and persist_edits:
-            applied += catalog._follow(
-                checkpoint.path.parent / source / INDEX_DIR, str(carried.get("version", ""))
-            )
+        if persist_edits:
+            applied += catalog._follow_back(carried)
         if applied:
             log.info("applied %d item edits carried from version %s", applied, carried.get("version"))
         if pending or applied:  # (pending: also where nothing differed: the rebuilt index)
@@ -273,13 +271,14 @@ class Catalog:
         before the read, so an edit saved after this read is not missed either. Returns how
         many edits changed something."""
         applied = self._apply(old.edits, ties_win=True)
-        directory = old.checkpoint.path / INDEX_DIR
-        if (
-            self.persist_edits
-            and old.persist_edits
-            and os.path.realpath(directory) != os.path.realpath(self._directory)
-        ):
-            applied += self._follow(directory, old.checkpoint.version)
+        if self.persist_edits and old.persist_edits:
+            # the old version's record, and the ones it followed (the versions before it)
+            followed = [(old._directory, old.checkpoint.version)]
+            followed += [(directory, version) for directory, version, _ in old._sources.values()]
+            own = os.path.realpath(self._directory)
+            for directory, version in followed:
+                if os.path.realpath(directory) != own:
+                    applied += self._follow(directory, version)
         if applied:
             self._persist()
         return applied
@@ -293,6 +292,9 @@ class Catalog:
         if not self.persist_edits:
             return 0
         applied = self._sync_own()
+        for key, (directory, _, _) in list(self._sources.items()):
+            if not directory.parent.is_dir():  # that version was pruned: nothing more to come
+                del self._sources[key]
         carried = sum(
             self._follow(directory, version) for directory, version, _ in list(self._sources.values())
         )
@@ -318,6 +320,25 @@ class Catalog:
             directory, version, self._sources.get(key, (directory, version, None))[2]
         )
         self._sources[key] = (directory, version, stamp)
+        return applied
+
+    def _follow_back(self, carried: Mapping[str, Any]) -> int:
+        """Follow the record of the version the carried edits came from (`carried`: this
+        checkpoint's EDITS_FILE), then of the one that version's came from, and so on while
+        those versions are on disk (at most FOLLOW_BACK): a replica still serving any of them
+        may save an edit there after this version was published. Returns how many edits the
+        first reads changed."""
+        applied, parent = 0, self.checkpoint.path.parent
+        for _ in range(FOLLOW_BACK):
+            source = carried.get("from")
+            if not isinstance(source, str) or source in ("", ".", "..") or {"/", "\x00"} & set(source):
+                break
+            path = parent / source
+            key = os.path.realpath(path / INDEX_DIR)
+            if key == os.path.realpath(self._directory) or key in self._sources or not path.is_dir():
+                break  # a loop in the records, or a version already pruned
+            applied += self._follow(path / INDEX_DIR, str(carried.get("version", "")))
+            carried = read_carried_edits(path)
         return applied
 
     def _take_saved(

@@ -290,3 +290,36 @@ def test_a_damaged_carried_edits_file_never_stops_a_version_from_starting(
         assert make_engine(version).catalog.item("n") is None
     (version / EDITS_FILE).write_text(json.dumps({"catalog_edits": {"n": {"title": "N", "item_id": "i1"}}}))
     assert make_engine(version).catalog.item("n") is None
+
+
+def test_an_edit_saved_to_a_version_two_publishes_old_reaches_the_newest(ckpt, make_engine, tmp_path):
+    """A replica still serving w1 saves an edit after w2 and w3 were published, and no service
+    ever started on w2: w3 follows w1's record through w2's carried edits, at its start and at
+    each sync; a replica that reloads from w2 follows w1 too."""
+    from model.checkpoint import publish_version
+    from tests.service.test_admin import copy_as_new_version
+
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "v1", "w1")
+    (root / "CURRENT").write_text("v1")
+    on_w1 = make_engine(root).catalog
+    publish_version(root, copy_as_new_version(ckpt, tmp_path / "c2", "w2"), "v2")
+    publish_version(root, copy_as_new_version(ckpt, tmp_path / "c3", "w3"), "v3")
+    on_w1.upsert("late", {"title": "Saved On w1 After Two Publishes"})
+
+    on_w3 = make_engine(root).catalog
+    assert on_w3.checkpoint.version == "w3"
+    assert on_w3.item("late")["title"] == "Saved On w1 After Two Publishes" and "late" in on_w3.index
+    on_w1.remove("i5")
+    assert on_w3.sync_edits() == 1 and on_w3.item("i5") is None
+
+    # a replica that started on w2 reloads to w4, put in place by hand (no carried edits)
+    on_w2 = make_engine(root / "v2").catalog
+    copy_as_new_version(ckpt, root / "v4", "w4")
+    (root / "CURRENT").write_text("v4")
+    reloaded = make_engine(root).catalog
+    assert reloaded.checkpoint.version == "w4" and reloaded.item("late") is None
+    assert reloaded.carry_from(on_w2) == 2 and reloaded.item("late") and reloaded.item("i5") is None
+    on_w1.upsert("later", {"title": "Later Still"})
+    assert reloaded.sync_edits() == 1 and reloaded.item("later")["title"] == "Later Still"
+    assert reloaded.sync_edits() == 0
