@@ -397,13 +397,17 @@ class ItemIndex:
         queries: np.ndarray,
         k: int,
         exclude: Sequence[Collection[str]] | None = None,
+        only: Sequence[Collection[str] | None] | None = None,
     ) -> tuple[list[list[str]], np.ndarray]:
         """Top-k items by cosine similarity for each of B queries (B, H).
 
         `exclude[i]` holds item ids that row i must not return (e.g. the user's history);
         ids not in the index are ignored. Row i returns exactly
         min(k, len(self) - |exclude[i] ∩ index|) ids, best first; `scores` is (B, k) float32
-        with -inf after the last returned item.
+        with -inf after the last returned item. `only[i]`, where given (not None), limits row i
+        to those ids (a candidate set to rerank): scored exactly against their stored vectors,
+        whatever the kind, ids not in the index ignored; the row then returns
+        min(k, |only[i] ∩ index - exclude[i]|) ids.
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -412,14 +416,21 @@ class ItemIndex:
         b = q.shape[0]
         if exclude is not None and len(exclude) != b:
             raise ValueError(f"exclude has {len(exclude)} entries for {b} queries")
+        if only is not None and len(only) != b:
+            raise ValueError(f"only has {len(only)} entries for {b} queries")
         with self._lock:
             excl = [set()] * b if exclude is None else [self._indexed(e, i) for i, e in enumerate(exclude)]
+            ids: list[list[str]] = [[] for _ in range(b)]
+            scores = np.full((b, k), -np.inf, dtype=np.float32)  # (B, K)
+            limited = [] if only is None else [i for i in range(b) if only[i] is not None]
+            for i in limited:
+                allowed = sorted(self._indexed(only[i], i, "only") - excl[i])  # sorted: ties by id
+                ids[i], row_scores = self._rank_among(q[i], allowed, k)
+                scores[i, : len(ids[i])] = row_scores
             n_live = len(self._item_to_fid)
             want = [min(k, n_live - len(e)) for e in excl]
             fetch = min(n_live, k + max((len(e) for e in excl), default=0))
-            ids: list[list[str]] = [[] for _ in range(b)]
-            scores = np.full((b, k), -np.inf, dtype=np.float32)  # (B, K)
-            rows = [i for i in range(b) if want[i] > 0]
+            rows = [i for i in range(b) if want[i] > 0 and i not in limited]
             for exact in (False, True):  # exact: only the rows an approximate index left short
                 if not rows:
                     break
@@ -439,11 +450,21 @@ class ItemIndex:
                 raise RuntimeError(f"exact search left {len(rows)} rows short")  # a bug
         return ids, scores
 
-    def _indexed(self, e: Collection[str], i: int) -> set[str]:
+    def _indexed(self, e: Collection[str], i: int, name: str = "exclude") -> set[str]:
         """The ids of `e` that are indexed, as strings (others cannot be returned anyway)."""
         if isinstance(e, str | bytes):
-            raise ValueError(f"exclude[{i}] must be a collection of item ids, not a string")
+            raise ValueError(f"{name}[{i}] must be a collection of item ids, not a string")
         return {s for s in map(str, e) if s in self._item_to_fid}
+
+    def _rank_among(self, q: np.ndarray, item_ids: list[str], k: int) -> tuple[list[str], np.ndarray]:
+        """The top-k of `item_ids` (indexed, live) for one unit query (H,), exactly: their
+        stored vectors times q, best first, a tie kept in the order given."""
+        if not item_ids:
+            return [], np.empty(0, dtype=np.float32)
+        fids = np.fromiter((self._item_to_fid[x] for x in item_ids), np.int64, len(item_ids))
+        cos = self._index.reconstruct_batch(fids) @ q  # (C,)
+        top = np.argsort(-cos, kind="stable")[:k]
+        return [item_ids[t] for t in top], cos[top].astype(np.float32)
 
     def _collect(
         self, d: np.ndarray, lab: np.ndarray, excluded: set[str], want: int

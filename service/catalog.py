@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,12 +180,18 @@ class Catalog:
         return self.lookup(item_ids)[1]
 
     def search(
-        self, vectors: np.ndarray, k: int, exclude: Sequence[set[str]]
+        self,
+        vectors: np.ndarray,
+        k: int,
+        exclude: Sequence[set[str]],
+        only: Sequence[Collection[str] | None] | None = None,
     ) -> tuple[list[list[str]], np.ndarray, list[list[str]]]:
-        """Top-k ids, cosines (B, K) and titles for (B, H) user vectors; under the lock, so an
-        edit cannot land between the search and the title reads."""
+        """Top-k ids, cosines (B, K) and titles for (B, H) user vectors, each row without its
+        `exclude` and, where `only` gives one, among those items alone (index/faiss_index.py
+        `ItemIndex.search`); under the lock, so an edit cannot land between the search and the
+        title reads."""
         with self._lock:
-            ids, cos = self.index.search(vectors, k, exclude=exclude)  # (B, K)
+            ids, cos = self.index.search(vectors, k, exclude=exclude, only=only)  # (B, K)
             titles = [[self._records[x]["title"] for x in row] for row in ids]
         return ids, cos, titles
 

@@ -198,7 +198,12 @@ class Recommender:
         """Check the history against the catalog, render the user prompt and hash the cache key,
         once per request. Raises UnknownItemsError (naming every unknown id) for a history the
         client sent; a stored history drops items deleted since they were recorded instead.
-        Raises EmptyHistoryError when no item is left."""
+        Raises EmptyHistoryError when no item is left, and UnknownItemsError for candidates the
+        catalog does not hold (a candidate deleted after this check is not ranked)."""
+        if query.candidates is not None:
+            unknown = self.catalog.unknown(sorted(query.candidates))
+            if unknown:
+                raise UnknownItemsError(unknown, where="candidates")
         titles, unknown = self.catalog.lookup(e.item_id for e in query.history)
         if unknown:
             if query.stored_user is None:
@@ -396,9 +401,11 @@ class Recommender:
         k_max = max(q.k for q in asked)
         # exclude_history: the history's items and every other item the user has an event for
         exclude = [
-            {e.item_id for e in q.history} | q.exclude_items if q.exclude_history else set() for q in asked
+            ({e.item_id for e in q.history} | q.seen_items if q.exclude_history else set()) | q.exclude_items
+            for q in asked
         ]
-        ids, cos, titles = self.catalog.search(vectors, k_max, exclude)  # (B, K)
+        only = [q.candidates for q in asked]
+        ids, cos, titles = self.catalog.search(vectors, k_max, exclude, only)  # (B, K)
         done = time.perf_counter()
         score_ms = (done - score_started) * 1e3
         results = []

@@ -169,7 +169,9 @@ async def _query(body: schemas.RecommendRequest, state: ServiceState, started: f
         reasoning=server.reasoning if body.reasoning is None else body.reasoning,
         max_reasoning_tokens=server.max_reasoning_tokens if budget is None else budget,
         stored_user=stored_user,
-        exclude_items=seen,
+        seen_items=seen,
+        exclude_items=frozenset(body.exclude_items),
+        candidates=None if body.candidates is None else frozenset(body.candidates),
         submitted_at=started,
     )
 

@@ -40,6 +40,7 @@ _TEXT_RE = re.compile(TEXT_PATTERN)
 MAX_TIMESTAMP_S = 4_102_444_800  # 2100-01-01T00:00:00Z: a time in milliseconds is refused, not stored
 MAX_HISTORY = 1000  # longer inline histories are refused (only the latest window is used)
 MAX_EVENTS = 1000
+MAX_ITEM_LIST = 1000  # a request's `candidates` or `exclude_items`
 MAX_AHEAD_S = 86_400  # an event may carry a time this far past the server's clock (clock skew)
 
 
@@ -159,6 +160,7 @@ class RecommendRequest(_Body):
             "examples": [
                 {"history": [{"item_id": "50", "rating": 5}, {"item_id": "172", "rating": 5}], "k": 3},
                 {"user_id": "u1", "k": 10, "reasoning": False},
+                {"user_id": "u1", "k": 2, "candidates": ["100", "127", "7", "98"], "exclude_items": ["98"]},
             ]
         }
     )
@@ -173,6 +175,19 @@ class RecommendRequest(_Body):
         True,
         description="Never recommend an item in the history, nor (with `user_id`) any item the user "
         "has an event for.",
+    )
+    candidates: list[Id] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_ITEM_LIST,
+        description="Rank only these items (e.g. another retriever's candidates, to rerank), each "
+        "scored exactly; every id must be in the catalog. Default: the whole catalog.",
+    )
+    exclude_items: list[Id] = Field(
+        default_factory=list,
+        max_length=MAX_ITEM_LIST,
+        description="Never return these items (ids not in the catalog are ignored), whatever "
+        "`exclude_history` says.",
     )
     reasoning: bool | None = Field(
         None, description="Reason first (default: the server's setting, on unless R2EC_REASONING=false)."

@@ -127,7 +127,11 @@ class Query:
     stored_user: str | None = None
     # With exclude_history, items excluded beyond the history: every item the user has an event
     # for (the store's seen set), so a 20-item prompt window does not let older ones back in.
+    seen_items: frozenset[str] = frozenset()
+    # The request's own limits on the ranking: items never returned, and (None: the whole
+    # catalog) the only items ranked, e.g. another retriever's candidates to rerank.
     exclude_items: frozenset[str] = frozenset()
+    candidates: frozenset[str] | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
 
     @property

@@ -181,3 +181,32 @@ def test_set_search_params_changes_nprobe_and_ef_search(catalog, tmp_path):
     hnsw.set_search_params(ef_search=99)
     hnsw.save(tmp_path)
     assert ItemIndex.load(tmp_path).config.ef_search == 99
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_candidate_set_is_ranked_exactly_beside_rows_searched_whole(kind):
+    """`only` limits a row to its candidates, scored exactly whatever the kind (an approximate
+    index may not reach them): brute force over that subset, exclusions and ids the index does
+    not hold dropped, removed items never returned; the other rows search the whole catalog."""
+    rng = np.random.default_rng(3)
+    x = clustered(400, 16, seed=3)
+    q = rng.standard_normal((3, 16)).astype(np.float32)
+    ix = ItemIndex.build([str(i) for i in range(400)], x, kind=kind)
+    ix.remove("5")
+    subset = rng.choice(400, 60, replace=False).tolist()
+    only = [{*map(str, subset), "5", "not-indexed"}, None, {str(subset[0])}]
+    exclude = [{str(subset[1])}, set(), {str(subset[0])}]
+    got, scores = ix.search(q, 10, exclude=exclude, only=only)
+
+    keep = [j for j in subset if j not in (5, subset[1])]
+    sims = (x[keep] / np.linalg.norm(x[keep], axis=1, keepdims=True)) @ (q[0] / np.linalg.norm(q[0]))
+    order = np.argsort(-sims, kind="stable")[:10]
+    assert got[0] == [str(keep[j]) for j in order]
+    np.testing.assert_allclose(scores[0], sims[order], atol=1e-5)
+    whole, _ = ix.search(q[1:2], 10, exclude=[set()])
+    assert got[1] == whole[0] and len(got[1]) == 10
+    assert got[2] == [] and np.isneginf(scores[2]).all()  # its one candidate is excluded
+    few, few_scores = ix.search(q[:1], 10, only=[{"1", "2"}])
+    assert sorted(few[0]) == ["1", "2"] and np.isneginf(few_scores[0, 2:]).all()
+    with pytest.raises(ValueError, match=r"only\[0\] must be a collection"):
+        ix.search(q[:1], 10, only=["12"])

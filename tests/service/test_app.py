@@ -417,6 +417,39 @@ async def test_exclude_history_excludes_every_item_the_user_ever_had(client):
     assert await recommended(history=[{"item_id": "i9"}]) == catalog - {"i9"}  # no user: no seen set
 
 
+async def test_candidates_are_reranked_with_the_full_rankings_scores_and_exclusions_hold(client):
+    """`candidates` ranks only those items, with the scores the whole-catalog ranking gives them
+    (reasoning on, a cache miss and then a hit, and streamed); the history and `exclude_items`
+    stay out; bad candidates are a 422 naming the field."""
+    whole = (await client.post("/recommend", json={"history": H1, "k": 100})).json()
+    score = {i["item_id"]: i["score"] for i in whole["items"]}
+    pool = ["i9", "i4", "i2", "i8", "i6"]  # i2 is in the history
+    body = {"history": H1, "k": 2, "candidates": pool, "exclude_items": ["i8", "not-an-item"]}
+    first = (await client.post("/recommend", json=body)).json()
+    want = sorted(["i9", "i4", "i6"], key=lambda i: -score[i])[:2]
+    assert [i["item_id"] for i in first["items"]] == want and first["cache"] == "hit"
+    assert [i["score"] for i in first["items"]] == pytest.approx([score[i] for i in want], abs=1e-3)
+    assert first["reasoning"] == whole["reasoning"]
+    streamed = await client.post("/recommend/stream", json=body)
+    items = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith('data: {"items')]
+    assert [i["item_id"] for i in items[0]["items"]] == want
+    more = {**body, "k": 10, "exclude_history": False, "reasoning": False}
+    off = (await client.post("/recommend", json=more)).json()
+    assert sorted(i["item_id"] for i in off["items"]) == ["i2", "i4", "i6", "i9"]  # fewer than k
+    no_pool = await client.post("/recommend", json={"history": H1, "exclude_items": ["i9"], "k": 100})
+    assert "i9" not in {i["item_id"] for i in no_pool.json()["items"]}
+
+    r = await client.post("/recommend", json={**body, "candidates": ["i4", "nope", "gone"]})
+    error = r.json()["error"]
+    assert r.status_code == 422 and error["unknown_item_ids"] == ["gone", "nope"]
+    assert error["message"] == "unknown item ids in candidates: 'gone', 'nope'"
+    for bad in ([], ["i4", ""], "i4", ["i4"] * 1001):
+        r = await client.post("/recommend", json={**body, "candidates": bad})
+        assert r.status_code == 422 and "candidates" in r.text, (bad, r.text)
+    r = await client.post("/recommend", json={**body, "exclude_items": [None]})
+    assert r.status_code == 422 and "exclude_items" in r.text
+
+
 # ---------------------------------------------------------------------------- batching and cache
 CONCURRENT = [
     {"history": H1, "k": 5},

@@ -279,7 +279,7 @@ def test_a_corrupt_cached_vector_is_refused_on_read():
 
 
 def test_a_cached_vector_answers_without_the_model_and_exactly_as_the_batch(engine):
-    q = Query(H2, k=4, max_reasoning_tokens=8, exclude_items=frozenset({"i1", "i4"}))
+    q = Query(H2, k=4, max_reasoning_tokens=8, seen_items=frozenset({"i1", "i4"}))
     first = engine.recommend_batch([q])[0]
     assert first.generated is not None and first.generated.vector.shape == (engine.model.hidden_size,)
     assert not {"i6", "i7", "i1", "i4"} & {i.item_id for i in first.items}
