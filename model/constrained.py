@@ -12,8 +12,9 @@ reads must neither invent titles nor misstate their ratings, so at inference the
 decoded under a grammar:
 
     LIST := " " T (";" " " T){0,2} "."      T: an unused title of the prompt's history window
-                                            whose rating is among its 3 highest (all titles
-                                            when none is rated; model/rationale.py `rated_highest`)
+                                            whose rating is among its 3 highest and at least
+                                            their mean (none when none is rated: the sentence
+                                            is not written; model/rationale.py `rated_highest`)
 
 Once the written text contains the trigger ("Rated highest:"), every next token must keep the
 text after it a prefix of a string of that grammar; when the list is closed by "." decoding is
@@ -217,6 +218,20 @@ class _Decoded(ABC):
 
     strings: TokenStrings
     trigger: str
+    # what may come right after this grammar's text closes: the format's next sentences (their
+    # openings), "" for a stop; (): anything
+    follow: tuple[str, ...] = ()
+
+    def _next_sentence(self, after: str) -> Allowed:
+        """Right after this grammar's text closed (`after`: what was written since), the tokens
+        that begin one of `follow` or stop, so no name or sentence runs on from it ("... Desire,
+        A. J. Clarke", "... 1990s. Rated highest; highest: ..."); None once a next sentence's
+        opening is written (it is finished: "Late" is no ending), or where anything may follow."""
+        nexts = [f for f in self.follow if len(after) < len(f) and f.startswith(after)]
+        if not nexts and not (after == "" and "" in self.follow):
+            return None
+        ids = {i for f in nexts for i in self.strings.prefixes_of(f[len(after) :])}
+        return (sorted(ids) + (self.strings.stops if after == "" else [])) or None
 
     def allowed(self, completion_ids: Sequence[int]) -> Allowed:
         """The token ids that may follow `completion_ids`; the `Banned` ones that may not (where
@@ -336,17 +351,8 @@ class TitleList(_Decoded):
             return None
         written = text[at + len(self.trigger) :]
         states, closed = self._states(written)
-        if states is None:
-            after = None if closed is None else written[closed + 1 :]
-            fits = after is not None
-            nexts = [f for f in self.follow if fits and len(after) < len(f) and f.startswith(after)]
-            if nexts or (after == "" and "" in self.follow):  # "": a stop right after the list
-                # right after the list: the format's next sentence or a stop, nothing else, so
-                # no name or sentence runs on from the last title ("... Desire, A. J. Clarke");
-                # once that sentence's opening has begun, it is finished ("Late" is no ending)
-                ids = {i for f in nexts for i in self.strings.prefixes_of(f[len(after) :])}
-                return (sorted(ids) + (self.strings.stops if after == "" else [])) or None
-            return None
+        if states is None:  # closed: the format's next sentence or a stop; left the grammar: free
+            return None if closed is None else self._next_sentence(written[closed + 1 :])
         key = frozenset(states)
         if key not in self._allowed:
             self._allowed[key] = self._tokens(states)
@@ -392,10 +398,14 @@ class PhraseChoice(_Decoded):
     drifts) the trigger itself may not be written: the claim would be false whatever follows.
     Stateless like `TitleList`, and it takes its place in a `TitleLists`."""
 
-    def __init__(self, phrases: Sequence[str], strings: TokenStrings, trigger: str) -> None:
+    def __init__(
+        self, phrases: Sequence[str], strings: TokenStrings, trigger: str, follow: Sequence[str] = ()
+    ) -> None:
         self.phrases = sorted(set(map(as_bytes, phrases)))
         self.strings = strings
         self.trigger = as_bytes(trigger)
+        # after a phrase that ends its sentence ("."), what may come (`_Decoded.follow`)
+        self.follow = tuple(map(as_bytes, follow))
         self._allowed: dict[str, list[int] | None] = {}
 
     def trigger_at(self, text: str) -> int:
@@ -422,9 +432,12 @@ class PhraseChoice(_Decoded):
         written = text[at + len(self.trigger) :]
         if written in self._allowed:  # only prefixes of phrases are kept: one per character at most
             return self._allowed[written]
+        if (closed := self._closed(written)) is not None:  # the phrase is written
+            ends_sentence = written[closed] == END
+            return self._next_sentence(written[closed + 1 :]) if ends_sentence else None
         rests = [p[len(written) :] for p in self.phrases if p.startswith(written)]
-        if not rests or self._closed(written) is not None:
-            return None  # the phrase is written, or the text left the grammar: free from here
+        if not rests:
+            return None  # the text left the grammar: free from here
         ids = sorted({i for r in rests for i in self.strings.prefixes_of(r)})
         self._allowed[written] = ids or list(self.strings.stops) or None  # a dead end: stop
         return self._allowed[written]

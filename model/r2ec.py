@@ -33,6 +33,7 @@ from model.rationale import (
     MOSTLY,
     NEXT,
     PICKS,
+    RATED,
     ItemFacts,
     decade_phrases,
     drifting_genres,
@@ -296,7 +297,7 @@ class R2ec:
     ) -> list[Grammar]:
         """Per history, the grammar its reasoning's claims are decoded under
         (model/constrained.py): "Rated highest:" over the prompt window's titles that are truly among
-        its highest-rated (model/rationale.py `rated_highest`; all of them when none is rated), so
+        its highest-rated (model/rationale.py `rated_highest`; none when none is rated), so
         the list the reader sees is true of their history, and, for
         a model trained to end with "Picks:" (`PromptConfig.hint_picks`), that list over the
         prompt's co-watch hints (`without`, `catalog`: as the prompt was rendered; `hints`: the
@@ -322,7 +323,7 @@ class R2ec:
         out: list[Grammar] = []
         for j, (h, w) in enumerate(zip(histories, without, strict=True)):
             recent = list(h)[-window:]
-            # only the window's titles that are truly among its highest-rated (all when unrated)
+            # only the window's titles that are truly among its highest-rated (none when unrated)
             titles = rated_highest([(e.title, e.rating) for e in recent])
             if not picks:
                 named: Sequence[str] = []
@@ -337,16 +338,22 @@ class R2ec:
             if facts is not None:
                 seen = list(zip(list(facts[j])[-window:], [e.rating for e in recent], strict=True))
                 decades = decade_phrases([(f.decade, r) for f, r in seen])
+                drifting = drifting_genres([f.genres for f, _ in seen])
+                # after each sentence, only the format's later ones that can hold, or a stop:
+                # no free text between or after them ("... mostly 1990s. Rated highest; ...")
+                last = [*guess, *([" " + PICKS] if named else []), ""]
+                after_drift = [" " + LATELY] if drifting else []
+                after_likes = [*([" " + RATED] if titles else []), *after_drift, *last]
                 # a window without genres: no phrase, so "Likes" may not be written at all
                 liked = liked_genres([(f.genres, r) for f, r in seen])
                 ends = (MOSTLY, ".") if decades else (".",)
-                lists.append(PhraseChoice(likes_phrases(liked[:max_liked], ends=ends), strings, LIKES))
+                phrases = likes_phrases(liked[:max_liked], ends=ends)
+                lists.append(PhraseChoice(phrases, strings, LIKES, follow=after_likes))
                 if decades:
-                    lists.append(PhraseChoice(decades, strings, MOSTLY))
-                drifting = drifting_genres([f.genres for f, _ in seen])
+                    lists.append(PhraseChoice(decades, strings, MOSTLY, follow=after_likes))
                 # nothing drifts: no phrase, so no "Lately more" anywhere, and the rated list may
                 # not lead into one
-                drift.append(PhraseChoice([f" {g}." for g in drifting], strings, LATELY))
+                drift.append(PhraseChoice([f" {g}." for g in drifting], strings, LATELY, follow=last))
                 if not drifting:
                     follow = guess
             if named:

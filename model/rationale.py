@@ -96,6 +96,23 @@ def _weights(history: Sequence[tuple[Sequence[str], float | None]]) -> Counter[s
     return weights
 
 
+def _liked_weights(history: Sequence[tuple[Sequence[str], float | None]]) -> Counter[str]:
+    """`_weights` of the genres the history likes: those whose mean rating (`_weight`: an
+    unrated item counts as neutral) reaches the mean over the items that have genres, so a genre
+    seen mostly in films rated low is not called liked however often it is seen (the sum alone
+    made "Likes Thriller" of a 5-star drama beside two 1-star thrillers); first seen first."""
+    rated = [(names, _weight(r)) for names, r in history if names]
+    if not rated:
+        return Counter()
+    mean = sum(w for _, w in rated) / len(rated)
+    seen = Counter(n for names, _ in rated for n in dict.fromkeys(names))
+    summed: Counter[str] = Counter()
+    for names, w in rated:
+        summed.update({n: w for n in dict.fromkeys(names)})
+    weights = _weights(history)
+    return Counter({g: w for g, w in weights.items() if summed[g] / seen[g] >= mean - 1e-9})
+
+
 def _decade_weights(history: Sequence[tuple[str | None, float | None]]) -> Counter[str]:
     """`_weights` over (decade, rating) pairs; an item without a year counts for none."""
     return _weights([((decade,) if decade else (), rating) for decade, rating in history])
@@ -117,7 +134,7 @@ def drifting_genres(genres: Sequence[Sequence[str]]) -> list[str]:
 
 def taste_lines(history: Sequence[tuple[ItemFacts, float | None]]) -> list[str]:
     """Sentences about the history alone (no hindsight), oldest item first."""
-    genre_w = _weights([(f.genres, r) for f, r in history])
+    genre_w = _liked_weights([(f.genres, r) for f, r in history])
     decade_w = _decade_weights([(f.decade, r) for f, r in history])
     lines = []
     if genre_w:
@@ -131,8 +148,10 @@ def taste_lines(history: Sequence[tuple[ItemFacts, float | None]]) -> list[str]:
     rated = [(i, f, r) for i, (f, r) in enumerate(history) if r is not None and r == r]
     if rated:
         ranked = sorted(rated, key=lambda x: (-x[2], -x[0]))  # highest first, recent on ties
-        # each title once, as the grammar lists it (a catalog may hold two items of one title)
-        best = list(dict.fromkeys(f.title for _, f, _ in ranked))[:TOP_RATED]
+        # each title once, as the grammar lists it (a catalog may hold two items of one title),
+        # and none rated below the history's mean (`rated_highest`)
+        bar = _mean_rating(_rated([(f.title, r) for _, f, r in rated]))
+        best = list(dict.fromkeys(f.title for _, f, r in ranked if r >= bar))[:TOP_RATED]
         lines.append(f"{RATED} " + "; ".join(best) + ".")
     if drift := drifting_genres([f.genres for f, _ in history]):
         lines.append(f"{LATELY} {drift[0]}.")
@@ -196,14 +215,14 @@ def build_rationale(*args, **kwargs) -> str:
 class Claims:
     """Whether a text's checkable claims hold for the history it was written about: None
     where the text makes no such claim (or one that cannot be checked: a sentence the token
-    budget cut before its "."; a rated list about a history without ratings), else True only
-    when every named item holds.
+    budget cut before its "."), else True only when every named item holds.
 
-    A genre holds when its rating weight reaches the third-highest genre weight of the
-    history (`liked_genres`: what `taste_lines` would list, ties either way); the decades when
+    A genre holds when the history likes it and its rating weight reaches the third-highest
+    of those (`liked_genres`: what `taste_lines` would list, ties either way); the decades when
     they are what `decade_phrases` allows; a title when it is in the history with a rating that
-    reaches the `TOP_RATED`-th highest one (`rated_highest`: what the data-built rationale
-    could list, ties either way); the drift when its genre is one of `drifting_genres`."""
+    reaches the `TOP_RATED`-th highest one and the mean (`rated_highest`: what the data-built
+    rationale could list, ties either way; no title of a history without ratings); the drift
+    when its genre is one of `drifting_genres`."""
 
     genres: bool | None
     rated: bool | None
@@ -265,11 +284,11 @@ def check_claims(text: str, history: Sequence[tuple[ItemFacts, float | None]]) -
                 decades = said[: stop + 1] in decade_phrases([(f.decade, r) for f, r in history])
                 wrong += [] if decades else [MOSTLY.lstrip(", ") + said[:stop]]
     rated_titles = [(f.title, r) for f, r in history]
-    if (start := text.find(RATED + " ", at)) >= 0 and _rated(rated_titles):
+    if (start := text.find(RATED + " ", at)) >= 0:
         known = [t for t, _ in rated_titles]
         named, end = _entries(text[start + len(RATED) + 1 :], known, ("; ",), (".",))
         at = len(text) - len(end) if end is not None else len(text)  # unclosed: nothing follows
-        if end is not None:
+        if end is not None:  # (about a history without ratings, every title is false)
             ok = {normalize_title(t) for t in rated_highest(rated_titles)}
             bad = [t for t in named if normalize_title(t) not in ok]
             rated, wrong = not bad, wrong + bad
@@ -291,11 +310,12 @@ def _rated(history: Sequence[tuple[str, float | None]]) -> dict[str, float]:
 
 
 def liked_genres(history: Sequence[tuple[Sequence[str], float | None]]) -> list[str]:
-    """The genres a true "Likes A, B and C" may name, heaviest first: those whose rating weight
-    (as `taste_lines` sums it) reaches the third-highest genre weight of the history, ties either
-    way; [] for a history without genres. Inference decodes the sentence under this set
-    (`R2ec.title_lists`, model/constrained.py `PhraseChoice`)."""
-    weights = _weights(history)
+    """The genres a true "Likes A, B and C" may name, heaviest first: of the genres the history
+    likes (`_liked_weights`: rated on average at least as high as its items), those whose rating
+    weight (as `taste_lines` sums it) reaches the third-highest of theirs, ties either way; []
+    for a history without genres or where none is liked. Inference decodes the sentence under
+    this set (`R2ec.title_lists`, model/constrained.py `PhraseChoice`)."""
+    weights = _liked_weights(history)
     if not weights:
         return []
     bar = sorted(weights.values(), reverse=True)[:3][-1]
@@ -344,12 +364,20 @@ def decade_phrases(history: Sequence[tuple[str | None, float | None]]) -> list[s
 
 def rated_highest(history: Sequence[tuple[str, float | None]]) -> list[str]:
     """The titles a true "Rated highest:" list may name, in history order: those whose rating
-    reaches the `TOP_RATED`-th highest (ties either way, as `taste_lines` breaks them by recency);
-    every title when none is rated (the service takes histories without ratings). Inference
-    decodes the list under this set (`R2ec.title_lists`, model/constrained.py)."""
+    reaches the `TOP_RATED`-th highest (ties either way, as `taste_lines` breaks them by recency)
+    and the mean rating of the rated titles, so a film rated 1 beside one rated 5 is never listed
+    as a favourite, on any rating scale; none when none is rated (the service takes histories
+    without ratings: then the sentence is not written). Inference decodes the list under this
+    set (`R2ec.title_lists`, model/constrained.py)."""
     history = [(t, r) for t, r in history if t and t.strip()]  # a blank title cannot be listed
     best = _rated(history)
     if not best:
-        return list(dict.fromkeys(t for t, _ in history))
-    bar = sorted(best.values(), reverse=True)[:TOP_RATED][-1]
+        return []
+    bar = max(sorted(best.values(), reverse=True)[:TOP_RATED][-1], _mean_rating(best))
     return [t for t in dict.fromkeys(t for t, _ in history) if best.get(t, float("-inf")) >= bar]
+
+
+def _mean_rating(best: Mapping[str, float]) -> float:
+    """The mean of the titles' ratings (`_rated`), a hair low, so a title rated exactly at it
+    (every rating equal) reaches it whatever the float sum's rounding."""
+    return sum(best.values()) / len(best) - 1e-9

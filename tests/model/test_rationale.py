@@ -37,10 +37,19 @@ def test_facts_read_genres_and_decade():
 
 
 def test_taste_weights_genres_and_eras_by_rating():
-    # Crime 5+4=9, Thriller 9, Drama 4+2=6, Action 5; 1990s 9 of 11 -> "mostly 1990s"
+    # Crime 5+4=9, Thriller 9, Drama 4+2=6, Action 5; 1990s 9 of 11 -> "mostly 1990s". The
+    # items' mean rating is 3.67: Drama (3 on average), Romance and War (2) are not liked, and
+    # Casablanca (2) is not among the highest rated, though it is the third of three
     lines = taste_lines([(FACTS["1"], 5.0), (FACTS["2"], 4.0), (FACTS["3"], 2.0)])
-    assert lines[0] == "Likes Crime, Thriller and Drama, mostly 1990s."
-    assert lines[1] == "Rated highest: Heat; Fargo; Casablanca."
+    assert lines[0] == "Likes Crime, Thriller and Action, mostly 1990s."
+    assert lines[1] == "Rated highest: Heat; Fargo."
+    # a 5-star drama beside two 1-star thrillers: Thriller and Crime (1 on average, the items
+    # 2.33) are not liked, and neither thriller is rated highest
+    fargo, heat = (FACTS["2"], 1.0), (FACTS["1"], 1.0)
+    lines = taste_lines([(FACTS["3"], 5.0), fargo, heat])
+    assert lines[0].startswith("Likes Drama, Romance and War,") and lines[1] == "Rated highest: Casablanca."
+    three = [(FACTS["3"].genres, 5.0), (fargo[0].genres, 1.0), (heat[0].genres, 1.0)]
+    assert liked_genres(three) == ["Drama", "Romance", "War"]
 
 
 def test_drift_names_a_genre_the_latest_items_lean_to():
@@ -103,8 +112,9 @@ def test_claims_that_do_not_hold_are_named():
     assert (claims.genres, claims.decades, claims.rated, claims.lately) == (False, True, False, False)
     # four items are too few for a drift (the latest 5 against the whole history)
     assert claims.wrong == ("Comedy", "Horror", "Toy Story", "Lately more Drama")
-    # the third-rated title holds; a title from outside the history does not; case is folded
-    assert check_claims("Rated highest: casablanca; Heat.", history).rated is True
+    # the third-rated title does not: its 2 is below the history's mean (3); case is folded
+    assert check_claims("Rated highest: fargo; Heat.", history).rated is True
+    assert check_claims("Rated highest: casablanca; Heat.", history).wrong == ("casablanca",)
     assert check_claims("Rated highest: Alien.", history).wrong == ("Alien",)
     # a title with a full stop inside is read whole up to the next sentence
     mr = ItemFacts("Mr. Holland's Opus", ("Drama",), "1990s")
@@ -120,10 +130,13 @@ def test_rated_highest_keeps_every_title_tied_at_the_bar():
     history = [("A", 3.0), ("B", 5.0), ("C", 4.0), ("D", 4.0), ("E", 2.0), ("B", 1.0)]
     assert rated_highest(history) == ["B", "C", "D"]  # 5, then 4 and 4 tie for the third place
     assert rated_highest([*history, ("F", 4.0)]) == ["B", "C", "D", "F"]
-    assert rated_highest([("A", None), ("B", float("nan"))]) == ["A", "B"]  # unrated: no bar
-    # a "Rated highest" list about a history with no ratings cannot be checked (the grammar
-    # lets it name any title there); a blank title is never a candidate
-    assert check_claims("Rated highest: Heat.", [(FACTS["1"], None)]).rated is None
+    # 5, 1, 1: the two 1s tie for the third place but are below the mean (2.33)
+    assert rated_highest([("A", 5.0), ("B", 1.0), ("C", 1.0)]) == ["A"]
+    assert rated_highest([("A", 2.0), ("B", 2.0)]) == ["A", "B"]  # every rating equal: all
+    # no ratings, nothing rated highest: the grammar forbids the sentence, and one written
+    # anyway (decoded freely) is false; a blank title is never a candidate
+    assert rated_highest([("A", None), ("B", float("nan"))]) == []
+    assert check_claims("Rated highest: Heat.", [(FACTS["1"], None)]).wrong == ("Heat",)
     assert rated_highest([("", 5.0), ("A", 3.0)]) == ["A"]
 
 
@@ -186,9 +199,10 @@ def test_a_title_listed_under_two_ids_is_rated_highest_once():
     # ml-100k lists some films twice under two ids; the grammar writes each title once
     facts = {
         str(i): ItemFacts(t, ("Drama",), "1990s")
-        for i, t in enumerate(["Casablanca", "I.Q.", "Casablanca", "Heat"])
+        for i, t in enumerate(["Casablanca", "I.Q.", "Casablanca", "Heat", "Toy Story"])
     }
-    lines = taste_lines([(facts[i], r) for i, r in (("0", 5.0), ("1", 4.0), ("2", 4.5), ("3", 3.0))])
+    rated = (("0", 5.0), ("1", 4.0), ("2", 4.5), ("3", 3.5), ("4", 1.0))  # mean of the titles' 3.375
+    lines = taste_lines([(facts[i], r) for i, r in rated])
     assert f"{RATED} Casablanca; I.Q.; Heat." in lines
 
 
@@ -214,7 +228,7 @@ def test_the_drift_holds_for_a_genre_the_latest_items_lean_to():
 def test_each_sentence_is_read_after_the_one_before_it():
     # a title holding the next sentence's opening is a title, not a drift claim
     rain = ItemFacts("Lately more Rain", ("Drama",), "1990s")
-    history = [(rain, 5.0), (FACTS["1"], 4.0), (FACTS["2"], 3.0)]
+    history = [(rain, 5.0), (FACTS["1"], 5.0), (FACTS["2"], 5.0)]
     claims = check_claims("Rated highest: Lately more Rain; Heat; Fargo.", history)
     assert (claims.rated, claims.lately, claims.wrong) == (True, None, ())
     # nor is one in a list the token budget cut
