@@ -17,6 +17,7 @@ from service.errors import add_error_handlers
 from service.limits import BodyLimit
 from service.metrics import Metrics, RequestTimer
 from service.recommender import Recommender
+from service.request_id import RequestId
 from service.state import ServiceState
 from service.store import HistoryStore, make_store
 
@@ -86,7 +87,8 @@ def create_app(
     app.state.r2ec = None
     refused = metrics.rejections.labels("body_too_large").inc
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_refused=refused)
-    app.add_middleware(RequestTimer, metrics=metrics)  # outermost: times the 413s too
+    app.add_middleware(RequestTimer, metrics=metrics)  # times the 413s too
+    app.add_middleware(RequestId)  # outermost: every response carries X-Request-ID
     # ui.router: the page (GET /) and catalog search (GET /items)
     routers = [routes.recommend_router(settings), routes.router, ui.router]
     for router in routers:

@@ -28,6 +28,7 @@ from starlette.routing import BaseRoute
 
 from service.batcher import BatcherClosed, BatchFailed, QueueFull
 from service.metrics import Metrics
+from service.request_id import current
 from service.schemas import ErrorResponse
 from service.state import ClientDisconnected, ReloadError, ReloadInProgress
 from service.store import StoreUnavailable
@@ -40,6 +41,8 @@ MAX_MESSAGE = 300  # characters of one field's message
 MAX_FIELDS = 20  # field errors listed
 MAX_IN_MESSAGE = 5  # field errors spelled out in the one-line message
 SHUTDOWN_RETRY_AFTER_S = 5  # another replica (or this one, restarted) will answer by then
+STORE_RETRY_AFTER_S = 2  # the store client reconnects on the next request
+RELOAD_RETRY_AFTER_S = 10  # a reload loads and warms a model: seconds on 2 cores
 
 CODES = {
     400: "invalid_body",
@@ -47,7 +50,6 @@ CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
-    409: "conflict",
     413: "body_too_large",
     422: "invalid_request",
     500: "internal_error",
@@ -141,6 +143,12 @@ def validation_message(fields: Sequence[Mapping[str, str]], total: int) -> str:
     return shown + (f" (and {total - MAX_IN_MESSAGE} more)" if total > MAX_IN_MESSAGE else "")
 
 
+def _json_type(content_type: str) -> bool:
+    """Whether a Content-Type names JSON (application/json, or a +json type), as FastAPI reads it."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 def _allowed_methods(routes: Sequence[BaseRoute], path: str) -> list[str]:
     """Every method some route serves at this path (several routes may share one)."""
     methods: set[str] = set()
@@ -182,6 +190,12 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         fields = validation_fields(errors)
+        sent = request.headers.get("content-type", "")
+        if any(tuple(e.get("loc", ())) == ("body",) for e in errors) and not _json_type(sent):
+            # a body not sent as JSON (curl -d without -H): FastAPI did not parse it
+            this = printable(sent, 100) or "none"
+            why = f"send it as JSON, with content-type: application/json (this one: {this})"
+            fields = [{"field": "body", "message": why}]
         return error_response(422, validation_message(fields, len(errors)), fields=fields)
 
     @app.exception_handler(UnknownItemsError)
@@ -200,7 +214,10 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
     @app.exception_handler(StoreUnavailable)
     async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
         metrics.store_errors.labels(exc.op).inc()
-        return error_response(503, f"history store unavailable: {exc}", code="store_unavailable")
+        headers = retry_after(STORE_RETRY_AFTER_S)
+        return error_response(
+            503, f"history store unavailable: {exc}", code="store_unavailable", headers=headers
+        )
 
     @app.exception_handler(ReloadError)
     async def reload_failed(request: Request, exc: ReloadError) -> JSONResponse:
@@ -208,7 +225,9 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
 
     @app.exception_handler(ReloadInProgress)
     async def reload_busy(request: Request, exc: ReloadInProgress) -> JSONResponse:
-        return error_response(409, str(exc), code="reload_in_progress")
+        return error_response(
+            409, str(exc), code="reload_in_progress", headers=retry_after(RELOAD_RETRY_AFTER_S)
+        )
 
     @app.exception_handler(QueueFull)
     async def overloaded(request: Request, exc: QueueFull) -> JSONResponse:
@@ -231,5 +250,5 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, current())
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")

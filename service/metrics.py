@@ -24,6 +24,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = (0, 8, 16, 32, 64, 128, 256, 512)
 WATCH_STAGES = ("pointer", "reload", "sync")  # r2ec_watch_errors_total's stages (service/state.py)
+REJECTION_REASONS = ("queue_full", "shutting_down", "body_too_large")  # r2ec_rejected_total's
 
 
 class Metrics:
@@ -94,6 +95,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for reason in REJECTION_REASONS:  # at 0 from the start, as the watch's stages
+            self.rejections.labels(reason)
 
         self.streams = Counter(
             "r2ec_stream_requests_total",

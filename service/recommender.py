@@ -301,7 +301,7 @@ class Recommender:
         todo: dict[str, list[int]] = {}  # prompt -> positions in `ok`
         for j, p in enumerate(ready):
             if not p.query.wants_reasoning:
-                texts[j] = "" if p.query.reasoning else None
+                texts[j] = None  # no reasoning asked for, or a budget of 0 tokens: none written
                 continue
             if p.cached is not None:  # read under p.cache_key, which names this model version
                 completions[j], texts[j], status[j] = p.cached.completion_ids, p.cached.text, "hit"
@@ -408,6 +408,7 @@ class Recommender:
         ]
         only = [q.candidates for q in asked]
         ids, cos, titles = self.catalog.search(vectors, k_max, exclude, only)  # (B, K)
+        stops = set(self.model.stop_ids)
         done = time.perf_counter()
         score_ms = (done - score_started) * 1e3
         results = []
@@ -437,6 +438,8 @@ class Recommender:
                         total_ms=(done - q.submitted_at) * 1e3,
                     ),
                     reasoning_tokens=len(completions[j]),
+                    read_items=tuple(e.item_id for e in q.history[-self.model.prompts.max_history :]),
+                    reasoning_cut=texts[j] is not None and not set(completions[j][-1:]) & stops,
                     cache=status[j],
                     cache_key=p.cache_key,
                     generated=generated,
@@ -525,7 +528,7 @@ class DecodeRunner:
         prompt_ids = rec.model.tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
         on_text = p.on_text
         if not q.wants_reasoning:
-            job = _Job(p, "off", (), "" if q.reasoning else None, time.perf_counter())
+            job = _Job(p, "off", (), None, time.perf_counter())
             seq = Sequence_(prompt_ids, 0)
         elif cached is not None:  # h_T after the cached reasoning: one prefill, nothing written
             job = _Job(p, "hit", cached.completion_ids, cached.text, time.perf_counter())

@@ -80,19 +80,21 @@ def _sse(event: str, data: dict) -> str:
 
 STREAM_EXAMPLE = (  # the OpenAPI example of a stream, the README's answer in events
     _sse("reasoning", {"text": "Likes Action, Adventure and Sci-Fi, mostly 1980s and 1970s."})
-    + _sse("reasoning", {"text": " Rated highest: Star Wars; Return of the Jedi; Empire Strikes Back, The."})
+    + _sse("reasoning", {"text": " Rated highest: Star Wars; Empire Strikes Back, The."})
     + _sse(
         "items",
         {
             "items": [{"item_id": "127", "title": "Godfather, The", "score": 41.29, "rank": 1}],
             "model_version": "20261207-102039-87d819",
             "history_source": "request",
+            "read_items": ["50", "172", "181"],
         },
     )
     + _sse(
         "done",
         {
-            "reasoning_tokens": 46,
+            "reasoning_tokens": 38,
+            "reasoning_cut": False,
             "cache": "miss",
             "timings": {"queue_ms": 2.6, "generate_ms": 709.7, "score_ms": 0.9, "total_ms": 714.0},
         },
@@ -187,8 +189,10 @@ def _reply(result: Result, source: str, total_ms: float) -> schemas.RecommendRes
         reasoning=result.reasoning,
         model_version=result.model_version,
         history_source=source,
+        read_items=list(result.read_items),
         cache=result.cache,
         reasoning_tokens=result.reasoning_tokens,
+        reasoning_cut=result.reasoning_cut,
         timings=schemas.TimingsOut(
             queue_ms=t.queue_ms, generate_ms=t.generate_ms, score_ms=t.score_ms, total_ms=total_ms
         ),
@@ -329,12 +333,19 @@ async def reload(state: StateDep, body: schemas.ReloadRequest | None = None) -> 
 
 
 # ---------------------------------------------------------------------- probes
-@router.get("/healthz", response_model=schemas.Health, tags=["probes"], responses=documented(500))
+@router.head("/healthz", include_in_schema=False)  # load balancers probe with HEAD too
+@router.get(
+    "/healthz",
+    response_model=schemas.Health,
+    tags=["probes"],
+    responses=documented(500),
+)
 async def healthz() -> schemas.Health:
     """Liveness: the process answers."""
     return schemas.Health(status="ok")
 
 
+@router.head("/readyz", include_in_schema=False)  # load balancers probe with HEAD too
 @router.get(
     "/readyz",
     response_model=schemas.Readiness,

@@ -1,7 +1,9 @@
 """Request and response bodies: the HTTP edge only (the engine speaks frozen dataclasses).
 
 Ids (users, items, events) are one type, `Id`, in paths and in bodies alike: 1-256
-characters, no control characters, no leading or trailing whitespace, valid Unicode. An id is
+characters, no control characters, no leading or trailing whitespace, valid Unicode (and no
+U+FFFD: a path's bytes that are not UTF-8 arrive as that character, so "Jos%E9" and
+"Jos%E8" would otherwise be one user). An id is
 refused, never trimmed: an id trimmed in a body but kept in a path would name two users. A JSON
 integer is accepted as an id and turned into a string (ml-100k's ids look like numbers). Free
 text (titles, descriptions) must be valid Unicode without control characters other than tab
@@ -33,8 +35,9 @@ from pydantic.fields import FieldInfo
 ID_MAX = 256
 # The id rule as a JSON-schema pattern, for the docs and for clients that generate ids;
 # `check_id` applies the same expression (Python's \s is str.isspace, Cc is \x00-\x1f\x7f-\x9f).
-ID_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f](?:[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f])?$"
+ID_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f\ufffd](?:[^\x00-\x1f\x7f-\x9f\ufffd]*[^\s\x00-\x1f\x7f-\x9f\ufffd])?$"
 _ID_RE = re.compile(ID_PATTERN)
+REPLACEMENT = "\ufffd"  # what a byte that is not UTF-8 decodes to
 TEXT_PATTERN = r"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]*$"  # no control character but tab and newline
 _TEXT_RE = re.compile(TEXT_PATTERN)
 MAX_TIMESTAMP_S = 4_102_444_800  # 2100-01-01T00:00:00Z: a time in milliseconds is refused, not stored
@@ -57,6 +60,11 @@ def check_id(value: str) -> str:
     if _ID_RE.fullmatch(value) is None:
         if any(unicodedata.category(c) == "Cc" for c in value):
             raise ValueError("must not contain control characters")
+        if REPLACEMENT in value:
+            raise ValueError(
+                "must not contain U+FFFD, what bytes that are not UTF-8 decode to (two such ids "
+                "would name one user): send ids as UTF-8, percent-encoded in a path"
+            )
         raise ValueError("must not start or end with whitespace")
     return value
 
@@ -168,9 +176,17 @@ class RecommendRequest(_Body):
         None, description="Use this user's stored history when `history` is not given."
     )
     history: list[Interaction] | None = Field(
-        None, max_length=MAX_HISTORY, description="Oldest first. Overrides the stored history."
+        None,
+        max_length=MAX_HISTORY,
+        description="Oldest first, or in timestamp order where every entry has one (as a stored "
+        "history is kept). Overrides the stored history.",
     )
-    k: int = Field(10, ge=1, le=100, description="How many items to return.")
+    k: int = Field(
+        10,
+        ge=1,
+        le=100,
+        description="How many items to return, at most: fewer where fewer are left after the exclusions.",
+    )
     exclude_history: bool = Field(
         True,
         description="Never recommend an item in the history, nor (with `user_id`) any item the user "
@@ -226,13 +242,25 @@ class TimingsOut(BaseModel):
     total_ms: float
 
 
+READ_ITEMS = Field(
+    description="The history items the model read, oldest first: the latest ones its prompt shows "
+    "(10 for the shipped model); what the reasoning's claims are about."
+)
+REASONING_CUT = Field(
+    description="The reasoning stopped at its token budget (max_reasoning_tokens) before the model "
+    "ended it: its last sentence may be unfinished."
+)
+
+
 class RecommendResponse(BaseModel):
     items: list[RecommendedItem]
-    reasoning: str | None
+    reasoning: str | None = Field(description="What lm_head wrote before ranking; null without reasoning.")
     model_version: str
     history_source: str = Field(description="'request' or 'store'")
+    read_items: list[str] = READ_ITEMS
     cache: str = Field(description="hit, miss or off (no reasoning)")
     reasoning_tokens: int
+    reasoning_cut: bool = REASONING_CUT
     timings: TimingsOut
 
 
@@ -351,13 +379,18 @@ class FieldError(BaseModel):
     message: str
 
 
+# every `code` an error body may carry (service/errors.py; the README lists the same)
+ERROR_CODES = (
+    *("invalid_request", "invalid_body", "unknown_items", "empty_history", "not_found"),
+    *("method_not_allowed", "unauthorized", "forbidden", "reload_failed", "reload_in_progress"),
+    *("body_too_large", "overloaded", "shutting_down", "store_unavailable", "unavailable"),
+    "internal_error",
+)
+
+
 class ErrorBody(BaseModel):
     status: int
-    code: str = Field(
-        description="invalid_request, invalid_body, unknown_items, empty_history, not_found, "
-        "unauthorized, forbidden, conflict, reload_failed, reload_in_progress, body_too_large, "
-        "overloaded, shutting_down, store_unavailable, unavailable, internal_error"
-    )
+    code: str = Field(description=", ".join(ERROR_CODES))
     message: str = Field(description="One line for people; names the fields or the ids.")
     fields: list[FieldError] = Field(default_factory=list, description="Invalid fields (422 only).")
     unknown_item_ids: list[str] | None = Field(None, description="Ids the catalog does not hold.")
@@ -383,12 +416,14 @@ class StreamItems(BaseModel):
     items: list[RecommendedItem]
     model_version: str
     history_source: str = Field(description="'request' or 'store'")
+    read_items: list[str] = READ_ITEMS
 
 
 class StreamDone(BaseModel):
     """`event: done`, the last event of a stream that succeeded."""
 
     reasoning_tokens: int
+    reasoning_cut: bool = REASONING_CUT
     cache: str = Field(description="hit, miss or off (no reasoning)")
     timings: TimingsOut
 

@@ -150,11 +150,16 @@ class ServiceState:
     ) -> tuple[tuple[Event, ...], str | None, frozenset[str]]:
         """The request's history, else the user's stored one; the user whose stored history it
         is (None when the request carried it); with `seen` and a user, every item that user has
-        an event for (what exclude_history removes beyond the history window). The engine
+        an event for (what exclude_history removes beyond the history window). A request's
+        history whose every entry has a timestamp is put in timestamp order (ties as sent), as
+        the store keeps one, so the prompt reads it oldest first however it was sent. The engine
         checks the ids when it prepares the query; an empty result is its EmptyHistoryError."""
         if inline or user_id is None:  # `history: []` and no user to look up: empty, said later
             items = await self._seen(user_id, required=False) if seen else frozenset()
-            return tuple(inline or ()), None, items
+            history = tuple(inline or ())
+            if history and all(e.timestamp is not None for e in history):
+                history = tuple(sorted(history, key=lambda e: e.timestamp))
+            return history, None, items
         if not seen:
             return tuple(await self.store.get_history(user_id)), user_id, frozenset()
         stored, items = await asyncio.gather(  # StoreUnavailable: the app's 503

@@ -5,8 +5,9 @@ everything that refuses a request (a bad body or history, a full queue, a drain,
 is still the JSON error /recommend gives. From then on the answer is events:
 
     event: reasoning   data: {"text": "<the next piece>"}      zero or more
-    event: items       data: {"items": [...], "model_version": ..., "history_source": ...}
-    event: done        data: {"reasoning_tokens": ..., "cache": ..., "timings": {...}}
+    event: items       data: {"items": [...], "model_version": ..., "history_source": ...,
+                             "read_items": [...]}
+    event: done        data: {"reasoning_tokens": ..., "reasoning_cut": ..., "cache": ..., "timings": {...}}
 
 or, for a failure after the stream began, `event: error` with the JSON error body, and the end.
 
@@ -169,7 +170,10 @@ def recommended_items(result: Result) -> list[schemas.RecommendedItem]:
 
 def _items(result: Result, source: str) -> schemas.StreamItems:
     return schemas.StreamItems(
-        items=recommended_items(result), model_version=result.model_version, history_source=source
+        items=recommended_items(result),
+        model_version=result.model_version,
+        history_source=source,
+        read_items=list(result.read_items),
     )
 
 
@@ -177,6 +181,7 @@ def _done(result: Result, query: Query) -> schemas.StreamDone:
     t = result.timings
     return schemas.StreamDone(
         reasoning_tokens=result.reasoning_tokens,
+        reasoning_cut=result.reasoning_cut,
         cache=result.cache,
         timings=schemas.TimingsOut(
             queue_ms=t.queue_ms,

@@ -186,6 +186,10 @@ class Result:
     timings: Timings
     reasoning_tokens: int
     cache: str  # "hit", "miss" (generated here) or "off" (no reasoning)
+    # the history items the model read (the prompt's window, the latest `max_history`), oldest
+    # first, and whether the reasoning stopped at its token budget before the model ended it
+    read_items: tuple[str, ...] = ()
+    reasoning_cut: bool = False
     cache_key: str | None = None
     # what the caller may cache under cache_key: a new reasoning with its h_T, or a hit read from
     # an entry without h_T (written before vectors were cached), now with it

@@ -37,7 +37,7 @@ async def test_a_stopped_redis_degrades_to_inline_histories(ckpt):
                 client.post("/users/u1/events", json={"events": H1}),
             ):
                 r = await call
-                assert r.status_code == 503, r.text
+                assert r.status_code == 503 and r.headers["retry-after"] == "2", r.text
                 assert r.json()["error"]["message"].startswith("history store unavailable: redis")
 
             # still ready (a load balancer keeps it: inline histories are answered), degraded

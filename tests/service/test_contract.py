@@ -1,0 +1,98 @@
+"""What a client integrating the API relies on beyond each route's main job: ids that cannot
+collide, the order an inline history is read in, what a reply says about its reasoning, and the
+headers and probes an operator's tooling expects."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.service.test_app import metric
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_ids_with_bytes_that_are_not_utf8_are_refused_not_merged(client):
+    """%FF and %FE both decode to U+FFFD: taken as ids they would be one user."""
+    body = {"events": [{"item_id": "i1"}]}
+    for path in ("/users/%FF/events", "/users/Jos%E9/events", "/users/%EF%BF%BD/events"):
+        r = await client.post(path, json=body)
+        assert r.status_code == 422, (path, r.text)
+        assert r.json()["error"]["fields"][0]["field"] == "user_id" and "U+FFFD" in r.text
+    r = await client.post("/recommend", json={"history": [{"item_id": "i\ufffd1"}]})
+    assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "history.0.item_id"
+    assert (await client.post("/users/Jos%C3%A9/events", json=body)).status_code == 200  # UTF-8: fine
+
+
+async def test_an_inline_history_with_timestamps_is_read_in_timestamp_order(client):
+    events = [{"item_id": f"i{n}", "rating": 4, "timestamp": 100 * n} for n in (1, 2, 3, 4, 5)]
+    ask = {"k": 5, "reasoning": False}
+    sent_in_order = (await client.post("/recommend", json={**ask, "history": events})).json()
+    reversed_ = (await client.post("/recommend", json={**ask, "history": events[::-1]})).json()
+    assert reversed_["items"] == sent_in_order["items"]
+    assert reversed_["read_items"] == sent_in_order["read_items"] == ["i1", "i2", "i3", "i4", "i5"]
+    # without a timestamp on every entry, the order sent is the order read
+    partly = [*events[:0:-1], {"item_id": "i1", "rating": 4}]
+    r = (await client.post("/recommend", json={**ask, "history": partly})).json()
+    assert r["read_items"] == ["i5", "i4", "i3", "i2", "i1"]
+
+
+async def test_a_reply_says_what_was_read_and_whether_the_reasoning_was_cut(app, client):
+    window = app.state.r2ec.engine.model.prompts.max_history
+    long = [{"item_id": f"i{n % 10 + 1}"} for n in range(window + 5)]  # items may repeat
+    r = (await client.post("/recommend", json={"history": long, "max_reasoning_tokens": 2})).json()
+    assert r["read_items"] == [e["item_id"] for e in long][-window:] and window < len(long)
+    # the tiny random model never writes its stop token: two tokens are the budget's
+    assert r["reasoning_tokens"] == 2 and r["reasoning_cut"] is True
+    for off in ({"reasoning": False}, {"max_reasoning_tokens": 0}):  # no reasoning: null, not ""
+        r = (await client.post("/recommend", json={"history": long, **off})).json()
+        assert r["reasoning"] is None and r["reasoning_cut"] is False and r["cache"] == "off"
+
+
+async def test_a_body_sent_without_a_json_content_type_says_so(client):
+    r = await client.post(
+        "/recommend",
+        content=b'{"history": [{"item_id": "i1"}]}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert r.status_code == 422
+    assert r.json()["error"]["message"] == (
+        "body: send it as JSON, with content-type: application/json "
+        "(this one: application/x-www-form-urlencoded)"
+    )
+    r = await client.post("/recommend", content=b'{"k": 1}', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "give `history` or `user_id`" in r.text  # JSON: the real reason
+
+
+async def test_every_response_carries_a_request_id_a_client_may_choose(client):
+    mine = await client.get("/healthz", headers={"x-request-id": "lb-7f3a:9"})
+    assert mine.headers["x-request-id"] == "lb-7f3a:9"
+    made = [(await client.get("/healthz")).headers["x-request-id"] for _ in range(2)]
+    assert made[0] != made[1] and all(len(m) == 32 for m in made)
+    odd = await client.get("/nowhere", headers={"x-request-id": "has space"})
+    assert odd.status_code == 404 and len(odd.headers["x-request-id"]) == 32  # not echoed: made
+
+
+async def test_probes_answer_head_and_refusal_counters_exist_before_any_refusal(client):
+    for path in ("/healthz", "/readyz"):
+        r = await client.head(path)
+        assert r.status_code == 200 and r.content == b"", path
+    text = (await client.get("/metrics")).text
+    for reason in ("queue_full", "shutting_down", "body_too_large"):
+        assert metric(text, "r2ec_rejected_total", reason=reason) == 0, reason
+
+
+def test_the_error_codes_are_one_list_in_the_code_the_schema_and_the_readme():
+    """Every code the handlers can send is documented once (schemas.ERROR_CODES), and the
+    OpenAPI description and the README list exactly those."""
+    import re
+    from pathlib import Path
+
+    from service import errors, schemas
+
+    sent = set(errors.CODES.values()) | set(re.findall(r'code="(\w+)"', Path(errors.__file__).read_text()))
+    sent -= {"client_disconnected"}  # 499: the client is gone and never reads it
+    assert sent == set(schemas.ERROR_CODES)
+    assert schemas.ErrorBody.model_fields["code"].description == ", ".join(schemas.ERROR_CODES)
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    listed = re.search(r"`code` is one of (.*?); `/docs`", readme, re.S).group(1)
+    assert re.findall(r"`(\w+)`", re.sub(r"\(.*?\)", "", listed)) == list(schemas.ERROR_CODES)
