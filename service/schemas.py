@@ -32,6 +32,10 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+# 2100-01-01T00:00:00Z: a time in milliseconds is refused, not stored; ratings 0-10. The same
+# bounds as the data training reads (model/data/build.py), so retraining's events fit it.
+from model.data.build import MAX_TIMESTAMP_S, RATING_RANGE
+
 ID_MAX = 256
 # The id rule as a JSON-schema pattern, for the docs and for clients that generate ids;
 # `check_id` applies the same expression (Python's \s is str.isspace, Cc is \x00-\x1f\x7f-\x9f).
@@ -40,7 +44,7 @@ _ID_RE = re.compile(ID_PATTERN)
 REPLACEMENT = "\ufffd"  # what a byte that is not UTF-8 decodes to
 TEXT_PATTERN = r"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]*$"  # no control character but tab and newline
 _TEXT_RE = re.compile(TEXT_PATTERN)
-MAX_TIMESTAMP_S = 4_102_444_800  # 2100-01-01T00:00:00Z: a time in milliseconds is refused, not stored
+
 MAX_HISTORY = 1000  # longer inline histories are refused (only the latest window is used)
 MAX_EVENTS = 1000
 MAX_ITEM_LIST = 1000  # a request's `candidates` or `exclude_items`
@@ -145,7 +149,13 @@ class _Body(BaseModel):
 
 class Interaction(_Body):
     item_id: ItemId
-    rating: float | None = Field(None, ge=0, le=10, allow_inf_nan=False, description="Rating, e.g. out of 5.")
+    rating: float | None = Field(
+        None,
+        ge=RATING_RANGE[0],
+        le=RATING_RANGE[1],
+        allow_inf_nan=False,
+        description="Rating, on the scale the model was trained on (1-5 for the shipped ml-100k model).",
+    )
     timestamp: int | None = Field(
         None,
         ge=0,

@@ -113,10 +113,12 @@ def _read_table(
             types[name] = kind or "token"
         missing = [r for r in required if r not in types]
         if missing:
-            raise DataError(
-                f"{path}: header lacks required column(s) {missing}; found {names} "
-                "(expected fields like 'user_id:token')"
-            )
+            hint = "expected tab-separated fields like 'user_id:token'"
+            if len(names) == 1 and "," in header:
+                hint = "the file must be tab-separated (RecBole's atomic format); this header has commas"
+            elif names[0].startswith("\ufeff"):
+                hint = "it starts with a byte-order mark: pass --encoding utf-8-sig"
+            raise DataError(f"{path}: header lacks required column(s) {missing}; found {names} ({hint})")
         columns: list[list[str]] = [[] for _ in names]
         lines: list[int] = []
         width = len(names)

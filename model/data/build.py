@@ -16,11 +16,23 @@ from .splits import check_protocol, make_splits
 logger = logging.getLogger(__name__)
 
 
+# What the service takes in a request or an event (service/schemas.py), so what training reads
+# and what retraining later adds from the service are on one scale: ratings from 0 to 10 (or
+# none), times in Unix seconds before 2100-01-01 (a time in milliseconds is refused, not stored:
+# read as seconds it would sort every seed event after the service's, and retraining would never
+# take a new event as a target).
+RATING_RANGE = (0.0, 10.0)
+MAX_TIMESTAMP_S = 4_102_444_800
+
+
 def check_interactions(inter: pd.DataFrame, origin: str) -> pd.DataFrame:
-    """Coerce canonical interaction dtypes; raise DataError (naming ``origin``) when empty."""
+    """Coerce canonical interaction dtypes and check the values (`RATING_RANGE`,
+    `MAX_TIMESTAMP_S`), naming ``origin`` and the first bad row's user and item in a DataError;
+    rows that repeat another exactly (user, item, rating and time) are dropped, with a warning:
+    the service stores a repeated event once too (its default event id is that tuple)."""
     if inter.empty:
         raise DataError(f"{origin}: no interactions")
-    return pd.DataFrame(
+    out = pd.DataFrame(
         {
             "user_id": inter["user_id"].astype(str).to_numpy(dtype=object),
             "item_id": inter["item_id"].astype(str).to_numpy(dtype=object),
@@ -28,6 +40,32 @@ def check_interactions(inter: pd.DataFrame, origin: str) -> pd.DataFrame:
             "timestamp": inter["timestamp"].astype(np.int64).to_numpy(),
         }
     )
+    low, high = RATING_RANGE
+    rating = out["rating"].to_numpy()
+    checks = (
+        (~np.isnan(rating) & ~((rating >= low) & (rating <= high)), f"is outside {low:g}-{high:g}", "rating"),
+        (out["timestamp"].to_numpy() < 0, "is before 1970", "timestamp"),
+        (
+            out["timestamp"].to_numpy() > MAX_TIMESTAMP_S,
+            "is after 2100: milliseconds? give Unix seconds (divide by 1000)",
+            "timestamp",
+        ),
+    )
+    for bad, why, column in checks:
+        if bad.any():
+            row = out.iloc[int(np.flatnonzero(bad)[0])]
+            where = f"user {row['user_id']!r}, item {row['item_id']!r}"
+            value, count = row[column].item(), int(bad.sum())
+            raise DataError(f"{origin}: {column} {value!r} ({where}) {why}; {count} such row(s)")
+    repeated = out.duplicated(keep="first").to_numpy()
+    if repeated.any():
+        logger.warning(
+            "%s: %d row(s) repeat an earlier row exactly (user, item, rating, time): dropped",
+            origin,
+            int(repeated.sum()),
+        )
+        out = out[~repeated].reset_index(drop=True)
+    return out
 
 
 MISSING_EXAMPLES = 5  # ids a missing-items warning shows

@@ -161,7 +161,8 @@ def test_init_from_a_model_trained_elsewhere_counts_hints_and_encodes_only_this_
     files = (tmp_path / "x.inter", tmp_path / "x.item")
     rows = (FIXTURES / "data" / "tiny.inter").read_text().splitlines()
     flipped = [rows[0]] + [
-        "\t".join([u, "b" + i, r, str(-float(t))]) for u, i, r, t in (line.split("\t") for line in rows[1:])
+        "\t".join([u, "b" + i, r, str(10_000 - float(t))])
+        for u, i, r, t in (line.split("\t") for line in rows[1:])
     ]
     files[0].write_text("\n".join(flipped) + "\n")
     items = (FIXTURES / "data" / "tiny.item").read_text().splitlines()

@@ -64,6 +64,20 @@ HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
         (HEADER + "a\ti\t4\t100\n\t\t4\t200\n", r"line 3: empty user_id"),
         (HEADER, "no interactions"),
         ("", "empty"),
+        # values the service would refuse: training and retraining read one scale
+        (
+            HEADER + "a\ti\t4\t1700000000000\n",
+            r"timestamp 1700000000000 \(user 'a', item 'i'\) is after 2100: milli",
+        ),
+        (HEADER + "a\ti\t4\t-5\n", r"timestamp -5 .* is before 1970"),
+        (
+            HEADER + "a\ti\t50\t100\na\tj\tinf\t200\n",
+            r"rating 50.0 \(user 'a', item 'i'\) is outside 0-10; 2 such",
+        ),
+        (HEADER + "a\ti\t-2\t100\n", r"rating -2.0 .* is outside 0-10"),
+        # a header the format does not read, with what to do about it
+        ("user_id,item_id,rating\na,i,4\n", "must be tab-separated .* this header has commas"),
+        ("\ufeff" + HEADER + "a\ti\t4\t100\n", "byte-order mark: pass --encoding utf-8-sig"),
     ],
 )
 def test_broken_inter_file(tmp_path, tiny_item, body, problem):
@@ -72,6 +86,17 @@ def test_broken_inter_file(tmp_path, tiny_item, body, problem):
     with pytest.raises(DataError, match=problem) as info:
         prepare_atomic(bad, tiny_item, tmp_path, "broken", "loo")
     assert "broken.inter" in str(info.value)
+
+
+def test_rows_that_repeat_another_exactly_are_dropped_with_a_warning(tmp_path, tiny_item, caplog):
+    inter = tmp_path / "dup.inter"
+    rows = ["u\ti1\t4\t100", "u\ti2\t5\t200", "u\ti2\t5\t200", "u\ti3\t\t300", "u\ti3\t\t300"]
+    rows += ["u\ti2\t4\t200", "u\ti4\t3\t400"]  # the same item and time with another rating stays
+    inter.write_text(HEADER + "\n".join(rows) + "\n")
+    ds = load_prepared(prepare_atomic(inter, tiny_item, tmp_path, "dup", "loo", max_history=10))
+    assert "2 row(s) repeat an earlier row exactly" in caplog.text
+    test = ds.split("test").iloc[0]
+    assert list(test.history_item_ids) == ["i1", "i2", "i2", "i3"] and test.target_item_id == "i4"
 
 
 def test_missing_files(tmp_path, tiny_inter, tiny_item):
