@@ -263,6 +263,29 @@ def test_the_page_is_keyboard_and_phone_friendly(server, browser):
         context.close()
 
 
+def recording_paths(app, paths: list[str]):
+    """`app` (an ASGI callable for uvicorn) that appends every HTTP request's path to `paths`:
+    what the browser asked for on its own (a favicon) never shows in Playwright's events."""
+
+    async def asgi(scope, receive, send) -> None:
+        if scope["type"] == "http":
+            paths.append(scope["path"])
+        await app(scope, receive, send)
+
+    return asgi
+
+
+def test_loading_the_page_asks_for_no_favicon(ckpt, page):
+    paths: list[str] = []
+    with uvicorn_serving(recording_paths(create_app(settings_for(ckpt, max_wait_ms=1)), paths)) as base:
+        page.goto(base + "/")
+        expect(page.locator("#server")).to_contain_text("Model ")
+        page.wait_for_load_state("load")
+        page.wait_for_timeout(1500)  # Chromium asks for /favicon.ico after the load, unprompted
+        assert "/static/app.js" in paths
+        assert "/favicon.ico" not in paths, "the page has no icon of its own: a 404 in the console"
+
+
 # ---------------------------------------------------------------------------- the SSE client
 def _sse(event: str, data) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
