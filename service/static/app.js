@@ -412,9 +412,12 @@ function renderMeta(run, info) {
   if (info.cache) parts.push(`cache ${info.cache}`);
   if (info.reasoning_tokens) parts.push(`${info.reasoning_tokens} reasoning tokens`);
   if (t.total_ms != null) {
+    // generate_ms is the model's time for the prompt and whatever it wrote: a run that wrote no
+    // reasoning still spends it reading the prompt, and calling that "reasoning" misleads.
+    const wrote = info.reasoning_tokens > 0 || hasReasoning(run);
     const detail = [
       t.queue_ms != null && `queue ${s(t.queue_ms)}`,
-      t.generate_ms > 0 && `reasoning ${s(t.generate_ms)}`,
+      t.generate_ms > 0 && `${wrote ? "reasoning" : "model"} ${s(t.generate_ms)}`,
       t.score_ms != null && `ranking ${s(t.score_ms)}`,
     ].filter(Boolean);
     parts.push(`${s(t.total_ms)}${detail.length ? ` (${detail.join(", ")})` : ""}`);
@@ -527,6 +530,11 @@ function messageOf(payload) {
     return payload.message || payload.error?.message || (typeof payload.detail === "string" ? payload.detail : null);
   }
   return null;
+}
+
+// True once reasoning text is on screen (not the "wrote nothing" placeholder).
+function hasReasoning(run) {
+  return !run.reasoningBox.hidden && !run.reasoning.classList.contains("muted") && !!run.reasoning.textContent;
 }
 
 function showNoReasoning(run) {

@@ -165,6 +165,7 @@ def test_pick_three_films_and_see_the_reasoning_before_the_items(server, page):
     expect(runs.nth(0).locator(".items li")).to_have_count(4)
     expect(runs.nth(1).locator(".reasoning-text")).to_have_text(shown)
     expect(runs.nth(0).locator(".meta")).to_contain_text("cache off")
+    expect(runs.nth(0).locator(".meta")).not_to_contain_text("reasoning")  # it wrote none
 
 
 def test_i_watched_this_saves_the_event_for_the_user_and_asks_again(server, page):
@@ -339,7 +340,8 @@ def stream_app(ckpt):
                 yield _sse("reasoning", "Thinking about ")
                 yield _sse("error", {"message": "the model ran out of patience"})
                 return
-            for piece in ["You liked ", "Toy Story;\n", "so: more ", "animation."]:
+            reasoning = body.get("reasoning", True)
+            for piece in ["You liked ", "Toy Story;\n", "so: more ", "animation."] if reasoning else []:
                 yield _sse("reasoning", {"text": piece})
                 await asyncio.sleep(0.25)
             await asyncio.sleep(0.5)
@@ -349,11 +351,13 @@ def stream_app(ckpt):
             ]
             yield b": a comment line, ignored\n\n"
             yield _sse("items", {"items": items})
-            timings = {"queue_ms": 1.0, "generate_ms": 1500.0, "score_ms": 12.0, "total_ms": 1530.0}
+            # without reasoning the model still reads the prompt: model time, but no reasoning
+            generate_ms = 1500.0 if reasoning else 680.0
+            timings = {"queue_ms": 1.0, "generate_ms": generate_ms, "score_ms": 12.0, "total_ms": 1530.0}
             done = {
                 "model_version": "stream-test",
                 "cache": "miss",
-                "reasoning_tokens": 9,
+                "reasoning_tokens": 9 if reasoning else 0,
                 "timings": timings,
             }
             yield _sse("done", done)
@@ -386,3 +390,18 @@ def test_the_page_streams_reasoning_when_the_stream_route_exists(ckpt, page):
         add_film(page, "dead man", "Dead Man Walking", how="enter")  # the stand-in fails for it
         page.get_by_role("button", name="Recommend").click()
         expect(run.locator(".error")).to_have_text("the model ran out of patience")
+
+
+def test_the_model_time_of_a_run_without_reasoning_is_not_called_reasoning(ckpt, page):
+    with uvicorn_serving(stream_app(ckpt)) as base:
+        page.goto(base + "/")
+        add_film(page, "toy", "Toy Story", how="enter")
+        page.get_by_label("How many").fill("3")
+        page.get_by_label("Compare with and without reasoning").check()
+        page.get_by_role("button", name="Recommend").click()
+        runs = page.locator(".run")
+        expect(runs.nth(1).locator(".items li")).to_have_count(3)
+        without, with_reasoning = runs.nth(0).locator(".meta"), runs.nth(1).locator(".meta")
+        expect(without).to_contain_text("model 680 ms")  # the stand-in's generate_ms without reasoning
+        expect(without).not_to_contain_text("reasoning")
+        expect(with_reasoning).to_contain_text("reasoning 1.5 s")
