@@ -14,7 +14,7 @@
 const $ = (sel, root = document) => root.querySelector(sel);
 
 const state = {
-  history: [], // {item_id, title, year, genres, rating: number|null}
+  history: [], // {item_id, title, year, genres, rating: number|null, timestamp?: number|null}
   matches: [], // last search results
   userId: null, // set by "Load history"
   stream: "unknown", // "unknown" | "yes" | "no": does POST /recommend/stream exist?
@@ -310,16 +310,28 @@ async function loadUser(event) {
     }
     const known = body.history.filter((h) => h.title != null);
     const gone = body.history.length - known.length;
-    state.history = [];
+    // The stored history is in timestamp order, oldest first. A film seen or rated more than
+    // once keeps its LATEST event (the rating the user gives it now, and its timestamp), at the
+    // latest event's place: re-inserting into a Map moves the key to the end.
+    const latest = new Map();
     for (const h of known) {
-      if (!state.history.some((x) => x.item_id === h.item_id)) {
-        state.history.push({ item_id: h.item_id, title: h.title, year: "", genres: "", rating: h.rating });
-      }
+      latest.delete(h.item_id);
+      latest.set(h.item_id, h);
     }
+    state.history = [...latest.values()].map((h) => ({
+      item_id: h.item_id,
+      title: h.title,
+      year: "",
+      genres: "",
+      rating: h.rating,
+      timestamp: h.timestamp ?? null,
+    }));
     renderHistory();
     renderMatches();
+    const repeats = known.length - state.history.length;
     status.textContent =
       `User ${userId}: ${state.history.length} films loaded` +
+      (repeats ? `; ${repeats} earlier event${repeats === 1 ? "" : "s"} of a film seen again left out` : "") +
       (gone ? ` (${gone} no longer in the catalog).` : ".");
   } catch (err) {
     status.textContent = "";
@@ -349,9 +361,12 @@ function requestBody(reasoning) {
   const budget = $("#budget").value.trim();
   if (reasoning && budget !== "") body.max_reasoning_tokens = Number(budget);
   if (state.history.length) {
-    body.history = state.history.map((h) =>
-      h.rating == null ? { item_id: h.item_id } : { item_id: h.item_id, rating: h.rating },
-    );
+    // A stored event's timestamp goes with it: the request then says what the store says.
+    body.history = state.history.map((h) => ({
+      item_id: h.item_id,
+      ...(h.rating == null ? {} : { rating: h.rating }),
+      ...(h.timestamp == null ? {} : { timestamp: h.timestamp }),
+    }));
   }
   if (state.userId) body.user_id = state.userId;
   if (!body.history && !body.user_id) body.history = []; // the API says what is missing

@@ -202,6 +202,38 @@ def test_i_watched_this_saves_the_event_for_the_user_and_asks_again(server, page
     expect(page.locator("#history li")).to_contain_text(watched_title)
 
 
+def test_a_stored_user_loads_with_the_latest_event_of_a_film_rated_twice(server, page):
+    events = [
+        {"item_id": "i1", "rating": 2, "timestamp": 100},
+        {"item_id": "i2", "rating": 4, "timestamp": 200},
+        {"item_id": "i1", "rating": 5, "timestamp": 300},  # Toy Story again, rated higher now
+    ]
+    posted = httpx.post(server + "/users/twice/events", json={"events": events}, timeout=10)
+    assert posted.status_code == 200, posted.text
+    page.goto(server + "/")
+    page.locator("#user-box summary").click()
+    page.get_by_label("User id").fill("twice")
+    page.get_by_role("button", name="Load history").click()
+    rows = page.locator("#history li")
+    expect(rows).to_have_count(2)
+    # the stored order, oldest first, with Toy Story where its latest event is, rated as then
+    assert rows.locator(".title").all_inner_texts() == ["GoldenEye", "Toy Story"]
+    expect(page.get_by_label("Your rating for Toy Story")).to_have_value("5")
+    expect(page.get_by_label("Your rating for GoldenEye")).to_have_value("4")
+    expect(page.locator("#user-status")).to_contain_text("2 films loaded")
+
+    # what the page sends is that history, each event with its timestamp
+    page.get_by_label("Reason before recommending").uncheck()
+    page.get_by_label("How many").fill("3")
+    with page.expect_request(lambda r: r.url.endswith("/recommend/stream")) as asked:
+        page.get_by_role("button", name="Recommend").click()
+    assert asked.value.post_data_json["history"] == [
+        {"item_id": "i2", "rating": 4, "timestamp": 200},
+        {"item_id": "i1", "rating": 5, "timestamp": 300},
+    ]
+    expect(page.locator(".run .items li")).to_have_count(3)
+
+
 def test_errors_show_the_api_message_in_words(server, page):
     page.goto(server + "/")
     page.get_by_role("button", name="Recommend").click()  # nothing in the history
