@@ -23,6 +23,11 @@ const state = {
 };
 
 // ------------------------------------------------------------------ HTTP
+// What the page says when the service cannot be reached: a fetch that fails, or a stream that
+// breaks off (the browser's own words, "Failed to fetch" or "network error", explain nothing).
+const NO_ANSWER = "The service did not answer: is it still running?";
+const BROKE_OFF = "The service stopped answering before the answer was complete: is it still running?";
+
 class ApiError extends Error {
   constructor(status, message) {
     super(message);
@@ -64,7 +69,7 @@ async function api(path, options = {}) {
     response = await fetch(path, init);
   } catch (err) {
     if (err.name === "AbortError") throw err;
-    throw new ApiError(0, "The service did not answer: is it still running?");
+    throw new ApiError(0, NO_ANSWER);
   }
   if (!response.ok) throw new ApiError(response.status, await apiMessage(response));
   return response.json();
@@ -350,6 +355,7 @@ function newRun(title) {
     error: $(".error", node),
     reasoningBox: $(".reasoning", node),
     reasoning: $(".reasoning-text", node),
+    reasoningEnd: $(".reasoning-end", node),
     note: $(".note", node),
     items: $(".items", node),
     meta: $(".meta", node),
@@ -443,12 +449,20 @@ function renderMeta(run, info) {
 
 // POST /recommend/stream; returns false when the route does not exist (404/405).
 async function runStreamed(run, body, signal) {
-  const response = await fetch("/recommend/stream", {
-    method: "POST",
-    headers: { "content-type": "application/json", accept: "text/event-stream" },
-    body: JSON.stringify(body),
-    signal,
-  });
+  let response;
+  try {
+    response = await fetch("/recommend/stream", {
+      method: "POST",
+      headers: { "content-type": "application/json", accept: "text/event-stream" },
+      body: JSON.stringify(body),
+      signal,
+    });
+  } catch (err) {
+    // Once this server has streamed, a failed fetch means it is gone, not that the browser
+    // cannot stream (runOne's fallback, for a first try only).
+    if (err.name !== "AbortError" && state.stream === "yes") throw new ApiError(0, NO_ANSWER);
+    throw err;
+  }
   if (response.status === 404 || response.status === 405) {
     try {
       await response.body?.cancel();
@@ -472,7 +486,14 @@ async function runStreamed(run, body, signal) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
-    const { value, done } = await reader.read();
+    let chunk;
+    try {
+      chunk = await reader.read();
+    } catch (err) {
+      if (err.name === "AbortError") throw err; // Cancel
+      throw new ApiError(0, BROKE_OFF); // the connection dropped: the server died or restarted
+    }
+    const { value, done } = chunk;
     if (done) break;
     buffer += value;
     const blocks = buffer.split(/\r\n\r\n|\n\n|\r\r/);
@@ -552,6 +573,22 @@ function hasReasoning(run) {
   return !run.reasoningBox.hidden && !run.reasoning.classList.contains("muted") && !!run.reasoning.textContent;
 }
 
+// A line under the reasoning saying why it ends where it does (cut off, or out of budget).
+function endReasoning(run, text) {
+  run.reasoningEnd.textContent = text;
+  run.reasoningEnd.hidden = false;
+}
+
+// A run that failed after part of its reasoning arrived: say the text is a fragment, so nobody
+// reads it as the model's whole reasoning.
+function markCutOff(run, cancelled) {
+  if (!hasReasoning(run) || run.items.children.length) return;
+  endReasoning(
+    run,
+    cancelled ? "(cut off: cancelled before the answer completed)" : "(cut off: the answer did not complete)",
+  );
+}
+
 function showNoReasoning(run) {
   run.reasoningBox.hidden = false;
   run.reasoning.textContent = "(the model wrote nothing before ranking)";
@@ -626,6 +663,7 @@ async function ask(event) {
       try {
         await runOne(run, requestBody(modes[i]), controller.signal);
       } catch (err) {
+        markCutOff(run, err.name === "AbortError");
         if (err.name === "AbortError") {
           run.status.textContent = "Cancelled.";
           failures++;

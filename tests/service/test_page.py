@@ -372,6 +372,10 @@ def stream_app(ckpt):
                 yield _sse("reasoning", "Thinking about ")
                 yield _sse("error", {"message": "the model ran out of patience"})
                 return
+            if "i11" in ids:  # the server dies mid-reasoning: the connection drops, no event says so
+                yield _sse("reasoning", {"text": "You liked Richard "})
+                await asyncio.sleep(0.25)
+                raise ConnectionAbortedError("the stand-in server died")
             reasoning = body.get("reasoning", True)
             for piece in ["You liked ", "Toy Story;\n", "so: more ", "animation."] if reasoning else []:
                 yield _sse("reasoning", {"text": piece})
@@ -422,6 +426,8 @@ def test_the_page_streams_reasoning_when_the_stream_route_exists(ckpt, page):
         add_film(page, "dead man", "Dead Man Walking", how="enter")  # the stand-in fails for it
         page.get_by_role("button", name="Recommend").click()
         expect(run.locator(".error")).to_have_text("the model ran out of patience")
+        expect(run.locator(".reasoning-text")).to_have_text("Thinking about ")
+        expect(run.locator(".reasoning-end")).to_have_text("(cut off: the answer did not complete)")
 
 
 def test_the_model_time_of_a_run_without_reasoning_is_not_called_reasoning(ckpt, page):
@@ -437,3 +443,33 @@ def test_the_model_time_of_a_run_without_reasoning_is_not_called_reasoning(ckpt,
         expect(without).to_contain_text("model 680 ms")  # the stand-in's generate_ms without reasoning
         expect(without).not_to_contain_text("reasoning")
         expect(with_reasoning).to_contain_text("reasoning 1.5 s")
+
+
+def test_a_stream_that_breaks_off_marks_the_reasoning_cut_off(ckpt, page):
+    with uvicorn_serving(stream_app(ckpt)) as base:
+        page.goto(base + "/")
+        add_film(page, "richard", "Richard III", how="enter")  # the stand-in drops the connection
+        page.get_by_role("button", name="Recommend").click()
+        run = page.locator(".run")
+        error = run.locator(".error")
+        expect(error).to_have_text(
+            "The service stopped answering before the answer was complete: is it still running?"
+        )
+        expect(run.locator(".reasoning-text")).to_have_text("You liked Richard ")
+        end = run.locator(".reasoning-end")
+        expect(end).to_be_visible()
+        expect(end).to_have_text("(cut off: the answer did not complete)")
+        expect(run.locator(".items li")).to_have_count(0)
+
+        # cancelled mid-reasoning: the fragment is marked too
+        page.get_by_role("button", name="Remove Richard III").click()
+        add_film(page, "toy", "Toy Story", how="enter")
+        page.get_by_role("button", name="Recommend").click()
+        expect(run.locator(".reasoning-text")).to_contain_text("You liked")
+        page.get_by_role("button", name="Cancel").click()
+        expect(run.locator(".run-status")).to_have_text("Cancelled.")
+        expect(end).to_have_text("(cut off: cancelled before the answer completed)")
+    # the server is gone now: the next ask says so in words, as /recommend's path does
+    page.get_by_role("button", name="Recommend").click()
+    expect(error).to_have_text("The service did not answer: is it still running?")
+    expect(run.locator(".reasoning")).to_be_hidden()  # nothing arrived, nothing to mark
