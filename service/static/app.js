@@ -523,6 +523,7 @@ async function runStreamed(run, body, signal) {
   if (failed) throw failed;
   if (!gotItems) throw new ApiError(0, "The stream ended before the recommendations arrived.");
   if (!run.reasoning.textContent && body.reasoning) showNoReasoning(run);
+  showReasoningCut(run, info);
   renderMeta(run, info);
   return true;
 }
@@ -589,6 +590,14 @@ function markCutOff(run, cancelled) {
   );
 }
 
+// reasoning_cut: the token budget ended the text, not the model; its last sentence may stop
+// halfway, and a larger "Reasoning tokens" would let it finish.
+function showReasoningCut(run, info) {
+  if (!info.reasoning_cut || !hasReasoning(run)) return;
+  const n = info.reasoning_tokens;
+  endReasoning(run, `(stopped at the token budget${n ? ` of ${n} tokens` : ""}: the model had not finished)`);
+}
+
 function showNoReasoning(run) {
   run.reasoningBox.hidden = false;
   run.reasoning.textContent = "(the model wrote nothing before ranking)";
@@ -600,6 +609,7 @@ function showAnswer(run, answer, streamed) {
   if (answer.reasoning) appendReasoning(run, answer.reasoning);
   else if (answer.reasoning === "") showNoReasoning(run);
   renderItems(run, answer.items || []);
+  showReasoningCut(run, answer);
   renderMeta(run, { ...answer, streamed });
   run.status.textContent = "";
 }

@@ -422,6 +422,7 @@ def test_the_page_streams_reasoning_when_the_stream_route_exists(ckpt, page):
         expect(meta).to_contain_text("streamed")
         expect(meta).not_to_contain_text("not streamed")
         expect(meta).to_contain_text("reasoning 1.5 s")
+        expect(run.locator(".reasoning-end")).to_be_hidden()  # the model ended it: not cut
 
         add_film(page, "dead man", "Dead Man Walking", how="enter")  # the stand-in fails for it
         page.get_by_role("button", name="Recommend").click()
@@ -473,3 +474,31 @@ def test_a_stream_that_breaks_off_marks_the_reasoning_cut_off(ckpt, page):
     page.get_by_role("button", name="Recommend").click()
     expect(error).to_have_text("The service did not answer: is it still running?")
     expect(run.locator(".reasoning")).to_be_hidden()  # nothing arrived, nothing to mark
+
+
+@pytest.mark.parametrize("route", ["stream", "recommend"])
+def test_reasoning_stopped_by_the_token_budget_says_so(ckpt, page, route):
+    app = create_app(settings_for(ckpt, max_wait_ms=1))
+    if route == "recommend":  # the whole answer from POST /recommend, without the stream route
+        app = replacing_stream_route(app, no_such_route)
+    with uvicorn_serving(app) as base:
+        page.goto(base + "/")
+        add_film(page, "toy", "Toy Story", how="enter")
+        page.get_by_label("How many").fill("3")
+        page.get_by_label("Reasoning tokens").fill("2")
+        page.get_by_role("button", name="Recommend").click()
+        run = page.locator(".run")
+        expect(run.locator(".items li")).to_have_count(3)
+        body = {
+            "history": [{"item_id": "i1", "rating": 5}],
+            "k": 3,
+            "reasoning": True,
+            "max_reasoning_tokens": 2,
+        }
+        answer = httpx.post(base + "/recommend", json=body, timeout=60).json()
+        assert answer["reasoning_cut"] is True, answer  # two tokens: the tiny model never ends so soon
+        assert answer["cache"] == "hit"  # the page asked exactly this
+        expect(run.locator(".reasoning-text")).to_have_text(answer["reasoning"])
+        end = run.locator(".reasoning-end")
+        expect(end).to_be_visible()
+        expect(end).to_have_text("(stopped at the token budget of 2 tokens: the model had not finished)")
