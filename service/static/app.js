@@ -20,6 +20,9 @@ const state = {
   stream: "unknown", // "unknown" | "yes" | "no": does POST /recommend/stream exist?
   running: null, // AbortController of the current run
   items: new Map(), // item_id -> GET /items/{id} reply (or a promise of it)
+  // The last answer's read window: {unread: Set of history entries its prompt left out, n: how
+  // many it read}; null when all were read or the history changed since.
+  readWindow: null,
 };
 
 // ------------------------------------------------------------------ HTTP
@@ -221,6 +224,7 @@ function onMatchesKey(event) {
 // ------------------------------------------------------------------ history
 function addToHistory(item, rating, { focusSearch = false } = {}) {
   if (state.history.some((h) => h.item_id === item.item_id)) return;
+  state.readWindow = null; // the marks were for the history the last answer read
   state.history.push({
     item_id: item.item_id,
     title: item.title,
@@ -279,6 +283,7 @@ function renderHistory() {
     remove.setAttribute("aria-label", `Remove ${entry.title}`);
     remove.addEventListener("click", () => {
       state.history.splice(state.history.indexOf(entry), 1);
+      state.readWindow = null;
       renderHistory();
       renderMatches();
       $("#q-status").textContent = `Removed ${entry.title}.`;
@@ -291,6 +296,27 @@ function renderHistory() {
   const n = state.history.length;
   $("#history-count").textContent = n ? `(${n})` : "";
   $("#history-empty").hidden = n > 0;
+  markUnread();
+}
+
+// Mark, in words, the history rows the last answer's prompt did not show: the reasoning says
+// nothing about them. Updated in place, so a focused rating or remove button keeps its focus.
+function markUnread() {
+  const read = state.readWindow;
+  [...$("#history").children].forEach((li, index) => {
+    const unread = !!read && read.unread.has(state.history[index]);
+    li.classList.toggle("unread", unread);
+    let mark = $(".unread-note", li);
+    if (unread && !mark) {
+      mark = document.createElement("span");
+      mark.className = "unread-note";
+      $(".text", li).append(mark);
+    }
+    if (mark) {
+      mark.hidden = !unread;
+      mark.textContent = unread ? `not read by the model: it reads the latest ${read.n}` : "";
+    }
+  });
 }
 
 async function loadUser(event) {
@@ -323,6 +349,7 @@ async function loadUser(event) {
       latest.delete(h.item_id);
       latest.set(h.item_id, h);
     }
+    state.readWindow = null;
     state.history = [...latest.values()].map((h) => ({
       item_id: h.item_id,
       title: h.title,
@@ -356,6 +383,7 @@ function newRun(title) {
     reasoningBox: $(".reasoning", node),
     reasoning: $(".reasoning-text", node),
     reasoningEnd: $(".reasoning-end", node),
+    readNote: $(".read-note", node),
     note: $(".note", node),
     items: $(".items", node),
     meta: $(".meta", node),
@@ -447,7 +475,8 @@ function renderMeta(run, info) {
   run.meta.textContent = parts.join(" · ");
 }
 
-// POST /recommend/stream; returns false when the route does not exist (404/405).
+// POST /recommend/stream: the answer's fields (items' and done's), or false when the route does
+// not exist (404/405).
 async function runStreamed(run, body, signal) {
   let response;
   try {
@@ -475,8 +504,9 @@ async function runStreamed(run, body, signal) {
   const type = response.headers.get("content-type") || "";
   if (!type.includes("text/event-stream") || !response.body) {
     // A JSON answer from a server that does not stream: the /recommend shape.
-    showAnswer(run, await response.json(), false);
-    return true;
+    const answer = await response.json();
+    showAnswer(run, answer, false);
+    return answer;
   }
   state.stream = "yes";
   run.status.textContent = "Reasoning…";
@@ -525,7 +555,7 @@ async function runStreamed(run, body, signal) {
   if (!run.reasoning.textContent && body.reasoning) showNoReasoning(run);
   showReasoningCut(run, info);
   renderMeta(run, info);
-  return true;
+  return info;
 }
 
 function parseEvent(block) {
@@ -621,7 +651,8 @@ async function runOne(run, body, signal) {
     : "Waiting for the model: ranking straight from the history.";
   if (state.stream !== "no") {
     try {
-      if (await runStreamed(run, body, signal)) return;
+      const info = await runStreamed(run, body, signal);
+      if (info) return info;
     } catch (err) {
       if (err instanceof TypeError && state.stream === "unknown") {
         state.stream = "no"; // the browser could not stream this response
@@ -636,6 +667,29 @@ async function runOne(run, body, signal) {
     : "Ranking straight from the history…";
   const answer = await api("/recommend", { json: body, signal });
   showAnswer(run, answer, false);
+  return answer;
+}
+
+// What the model read: its prompt shows only the latest read_items.length films of the history
+// sent (read_items, oldest first), so the reasoning is about those alone. The rows are matched
+// from the end, by position: right even where a film is in the history twice. Should the ids
+// not line up (a server that reorders), by id.
+function showReadWindow(run, answer, sent) {
+  const read = answer && answer.read_items;
+  if (!Array.isArray(read) || !sent || answer.history_source === "store") return;
+  const skipped = sent.length - read.length;
+  if (skipped <= 0) return; // every film was read
+  // a film added or removed while the model ran: the rows are no longer the ones it was sent
+  if (state.history.length !== sent.length || sent.some((e, i) => state.history[i] !== e)) return;
+  const inOrder = read.every((id, i) => sent[skipped + i].item_id === id);
+  const unread = inOrder ? sent.slice(0, skipped) : sent.filter((e) => !read.includes(e.item_id));
+  state.readWindow = { unread: new Set(unread), n: read.length };
+  markUnread();
+  const who = hasReasoning(run) ? "The reasoning reads" : "The model reads";
+  run.readNote.textContent =
+    `${who} the latest ${read.length} of your ${sent.length} films: the ` +
+    `${unread.length === 1 ? "older one is" : `${unread.length} older ones are`} marked “not read” in your history.`;
+  run.readNote.hidden = false;
 }
 
 // ------------------------------------------------------------------ the ask button
@@ -665,13 +719,17 @@ async function ask(event) {
   tick();
   const timer = setInterval(tick, 1000);
   status.textContent = compare ? "Asking twice: without reasoning, then with." : "Asking the model.";
+  state.readWindow = null; // this run's answer marks the history afresh
+  markUnread();
+  const sent = state.history.length ? [...state.history] : null; // the entries this run sends
   const runs = modes.map((withReasoning) => newRun(withReasoning ? "With reasoning" : "Without reasoning"));
   let failures = 0;
   try {
     for (let i = 0; i < modes.length; i++) {
       const run = runs[i];
       try {
-        await runOne(run, requestBody(modes[i]), controller.signal);
+        const answer = await runOne(run, requestBody(modes[i]), controller.signal);
+        showReadWindow(run, answer, sent);
       } catch (err) {
         markCutOff(run, err.name === "AbortError");
         if (err.name === "AbortError") {

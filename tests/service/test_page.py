@@ -502,3 +502,51 @@ def test_reasoning_stopped_by_the_token_budget_says_so(ckpt, page, route):
         end = run.locator(".reasoning-end")
         expect(end).to_be_visible()
         expect(end).to_have_text("(stopped at the token budget of 2 tokens: the model had not finished)")
+
+
+def test_the_history_rows_the_model_did_not_read_are_marked(ckpt, page):
+    # The tiny model reads the latest 20, more films than its catalog has: this copy reads 3.
+    meta_file = ckpt / "r2ec.json"
+    meta = json.loads(meta_file.read_text())
+    meta["prompts"]["max_history"] = 3
+    meta_file.write_text(json.dumps(meta))
+    # Toy Story twice: the page keeps its latest event, the third-last of the five films
+    events = [
+        {"item_id": item, "rating": rating, "timestamp": 100 * (n + 1)}
+        for n, (item, rating) in enumerate([("i1", 2), ("i2", 4), ("i3", 3), ("i1", 5), ("i4", 4), ("i5", 1)])
+    ]
+    with uvicorn_serving(create_app(settings_for(ckpt, max_wait_ms=1))) as base:
+        assert (
+            httpx.post(base + "/users/again/events", json={"events": events}, timeout=10).status_code == 200
+        )
+        page.goto(base + "/")
+        page.locator("#user-box summary").click()
+        page.get_by_label("User id").fill("again")
+        page.get_by_role("button", name="Load history").click()
+        rows = page.locator("#history li")
+        titles = ["GoldenEye", "Four Rooms", "Toy Story", "Get Shorty", "Copycat"]
+        expect(rows).to_have_count(5)
+        assert rows.locator(".title").all_inner_texts() == titles
+        page.get_by_label("How many").fill("3")
+        with page.expect_request(lambda r: r.url.endswith("/recommend/stream")) as asked:
+            page.get_by_role("button", name="Recommend").click()
+        run = page.locator(".run")
+        expect(run.locator(".items li")).to_have_count(3)
+        sent = asked.value.post_data_json
+        answer = httpx.post(base + "/recommend", json=sent, timeout=60).json()
+        assert answer["read_items"] == ["i1", "i4", "i5"]  # what the reasoning is about
+
+        for n in range(5):  # GoldenEye and Four Rooms left out; Toy Story (its latest event) read
+            if n < 2:
+                expect(rows.nth(n)).to_contain_text("not read by the model: it reads the latest 3")
+            else:
+                expect(rows.nth(n)).not_to_contain_text("not read")
+        note = run.locator(".read-note")
+        expect(note).to_be_visible()
+        expect(note).to_have_text(
+            "The reasoning reads the latest 3 of your 5 films: "
+            "the 2 older ones are marked “not read” in your history."
+        )
+        # a changed history is not the one that answer read: the marks go
+        page.get_by_role("button", name="Remove Copycat").click()
+        expect(page.locator("#history .unread-note:visible")).to_have_count(0)
