@@ -5,8 +5,10 @@ A person types titles, adds three films, asks with reasoning and sees the reason
 ranked items; compares with and without reasoning; marks a film watched for a stored user; and
 reads the API's own message when there is nothing to recommend from. A second server adds a
 stand-in `POST /recommend/stream` that speaks the streaming contract (issue 12) with pauses, so
-the reasoning is seen arriving in pieces; a third has no stream route, for the page's fallback
-to `POST /recommend`.
+the reasoning is seen arriving in pieces (and breaking off, as when the server dies); a third has
+no stream route, for the page's fallback to `POST /recommend`. Others load a stored user who
+rated a film twice, see which history rows a model reading only the latest 3 left out, and see
+reasoning stopped by the token budget said to be so.
 """
 
 from __future__ import annotations
