@@ -14,15 +14,23 @@
 const $ = (sel, root = document) => root.querySelector(sel);
 
 const state = {
-  history: [], // {item_id, title, year, genres, rating: number|null}
+  history: [], // {item_id, title, year, genres, rating: number|null, timestamp?: number|null}
   matches: [], // last search results
   userId: null, // set by "Load history"
   stream: "unknown", // "unknown" | "yes" | "no": does POST /recommend/stream exist?
   running: null, // AbortController of the current run
   items: new Map(), // item_id -> GET /items/{id} reply (or a promise of it)
+  // The last answer's read window: {unread: Set of history entries its prompt left out, n: how
+  // many it read}; null when all were read or the history changed since.
+  readWindow: null,
 };
 
 // ------------------------------------------------------------------ HTTP
+// What the page says when the service cannot be reached: a fetch that fails, or a stream that
+// breaks off (the browser's own words, "Failed to fetch" or "network error", explain nothing).
+const NO_ANSWER = "The service did not answer: is it still running?";
+const BROKE_OFF = "The service stopped answering before the answer was complete: is it still running?";
+
 class ApiError extends Error {
   constructor(status, message) {
     super(message);
@@ -64,7 +72,7 @@ async function api(path, options = {}) {
     response = await fetch(path, init);
   } catch (err) {
     if (err.name === "AbortError") throw err;
-    throw new ApiError(0, "The service did not answer: is it still running?");
+    throw new ApiError(0, NO_ANSWER);
   }
   if (!response.ok) throw new ApiError(response.status, await apiMessage(response));
   return response.json();
@@ -216,6 +224,7 @@ function onMatchesKey(event) {
 // ------------------------------------------------------------------ history
 function addToHistory(item, rating, { focusSearch = false } = {}) {
   if (state.history.some((h) => h.item_id === item.item_id)) return;
+  state.readWindow = null; // the marks were for the history the last answer read
   state.history.push({
     item_id: item.item_id,
     title: item.title,
@@ -274,6 +283,7 @@ function renderHistory() {
     remove.setAttribute("aria-label", `Remove ${entry.title}`);
     remove.addEventListener("click", () => {
       state.history.splice(state.history.indexOf(entry), 1);
+      state.readWindow = null;
       renderHistory();
       renderMatches();
       $("#q-status").textContent = `Removed ${entry.title}.`;
@@ -286,6 +296,27 @@ function renderHistory() {
   const n = state.history.length;
   $("#history-count").textContent = n ? `(${n})` : "";
   $("#history-empty").hidden = n > 0;
+  markUnread();
+}
+
+// Mark, in words, the history rows the last answer's prompt did not show: the reasoning says
+// nothing about them. Updated in place, so a focused rating or remove button keeps its focus.
+function markUnread() {
+  const read = state.readWindow;
+  [...$("#history").children].forEach((li, index) => {
+    const unread = !!read && read.unread.has(state.history[index]);
+    li.classList.toggle("unread", unread);
+    let mark = $(".unread-note", li);
+    if (unread && !mark) {
+      mark = document.createElement("span");
+      mark.className = "unread-note";
+      $(".text", li).append(mark);
+    }
+    if (mark) {
+      mark.hidden = !unread;
+      mark.textContent = unread ? `not read by the model: it reads the latest ${read.n}` : "";
+    }
+  });
 }
 
 async function loadUser(event) {
@@ -310,16 +341,29 @@ async function loadUser(event) {
     }
     const known = body.history.filter((h) => h.title != null);
     const gone = body.history.length - known.length;
-    state.history = [];
+    // The stored history is in timestamp order, oldest first. A film seen or rated more than
+    // once keeps its LATEST event (the rating the user gives it now, and its timestamp), at the
+    // latest event's place: re-inserting into a Map moves the key to the end.
+    const latest = new Map();
     for (const h of known) {
-      if (!state.history.some((x) => x.item_id === h.item_id)) {
-        state.history.push({ item_id: h.item_id, title: h.title, year: "", genres: "", rating: h.rating });
-      }
+      latest.delete(h.item_id);
+      latest.set(h.item_id, h);
     }
+    state.readWindow = null;
+    state.history = [...latest.values()].map((h) => ({
+      item_id: h.item_id,
+      title: h.title,
+      year: "",
+      genres: "",
+      rating: h.rating,
+      timestamp: h.timestamp ?? null,
+    }));
     renderHistory();
     renderMatches();
+    const repeats = known.length - state.history.length;
     status.textContent =
       `User ${userId}: ${state.history.length} films loaded` +
+      (repeats ? `; ${repeats} earlier event${repeats === 1 ? "" : "s"} of a film seen again left out` : "") +
       (gone ? ` (${gone} no longer in the catalog).` : ".");
   } catch (err) {
     status.textContent = "";
@@ -338,6 +382,8 @@ function newRun(title) {
     error: $(".error", node),
     reasoningBox: $(".reasoning", node),
     reasoning: $(".reasoning-text", node),
+    reasoningEnd: $(".reasoning-end", node),
+    readNote: $(".read-note", node),
     note: $(".note", node),
     items: $(".items", node),
     meta: $(".meta", node),
@@ -349,9 +395,12 @@ function requestBody(reasoning) {
   const budget = $("#budget").value.trim();
   if (reasoning && budget !== "") body.max_reasoning_tokens = Number(budget);
   if (state.history.length) {
-    body.history = state.history.map((h) =>
-      h.rating == null ? { item_id: h.item_id } : { item_id: h.item_id, rating: h.rating },
-    );
+    // A stored event's timestamp goes with it: the request then says what the store says.
+    body.history = state.history.map((h) => ({
+      item_id: h.item_id,
+      ...(h.rating == null ? {} : { rating: h.rating }),
+      ...(h.timestamp == null ? {} : { timestamp: h.timestamp }),
+    }));
   }
   if (state.userId) body.user_id = state.userId;
   if (!body.history && !body.user_id) body.history = []; // the API says what is missing
@@ -412,9 +461,12 @@ function renderMeta(run, info) {
   if (info.cache) parts.push(`cache ${info.cache}`);
   if (info.reasoning_tokens) parts.push(`${info.reasoning_tokens} reasoning tokens`);
   if (t.total_ms != null) {
+    // generate_ms is the model's time for the prompt and whatever it wrote: a run that wrote no
+    // reasoning still spends it reading the prompt, and calling that "reasoning" misleads.
+    const wrote = info.reasoning_tokens > 0 || hasReasoning(run);
     const detail = [
       t.queue_ms != null && `queue ${s(t.queue_ms)}`,
-      t.generate_ms > 0 && `reasoning ${s(t.generate_ms)}`,
+      t.generate_ms > 0 && `${wrote ? "reasoning" : "model"} ${s(t.generate_ms)}`,
       t.score_ms != null && `ranking ${s(t.score_ms)}`,
     ].filter(Boolean);
     parts.push(`${s(t.total_ms)}${detail.length ? ` (${detail.join(", ")})` : ""}`);
@@ -423,14 +475,23 @@ function renderMeta(run, info) {
   run.meta.textContent = parts.join(" · ");
 }
 
-// POST /recommend/stream; returns false when the route does not exist (404/405).
+// POST /recommend/stream: the answer's fields (items' and done's), or false when the route does
+// not exist (404/405).
 async function runStreamed(run, body, signal) {
-  const response = await fetch("/recommend/stream", {
-    method: "POST",
-    headers: { "content-type": "application/json", accept: "text/event-stream" },
-    body: JSON.stringify(body),
-    signal,
-  });
+  let response;
+  try {
+    response = await fetch("/recommend/stream", {
+      method: "POST",
+      headers: { "content-type": "application/json", accept: "text/event-stream" },
+      body: JSON.stringify(body),
+      signal,
+    });
+  } catch (err) {
+    // Once this server has streamed, a failed fetch means it is gone, not that the browser
+    // cannot stream (runOne's fallback, for a first try only).
+    if (err.name !== "AbortError" && state.stream === "yes") throw new ApiError(0, NO_ANSWER);
+    throw err;
+  }
   if (response.status === 404 || response.status === 405) {
     try {
       await response.body?.cancel();
@@ -443,8 +504,9 @@ async function runStreamed(run, body, signal) {
   const type = response.headers.get("content-type") || "";
   if (!type.includes("text/event-stream") || !response.body) {
     // A JSON answer from a server that does not stream: the /recommend shape.
-    showAnswer(run, await response.json(), false);
-    return true;
+    const answer = await response.json();
+    showAnswer(run, answer, false);
+    return answer;
   }
   state.stream = "yes";
   run.status.textContent = "Reasoning…";
@@ -454,7 +516,14 @@ async function runStreamed(run, body, signal) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
-    const { value, done } = await reader.read();
+    let chunk;
+    try {
+      chunk = await reader.read();
+    } catch (err) {
+      if (err.name === "AbortError") throw err; // Cancel
+      throw new ApiError(0, BROKE_OFF); // the connection dropped: the server died or restarted
+    }
+    const { value, done } = chunk;
     if (done) break;
     buffer += value;
     const blocks = buffer.split(/\r\n\r\n|\n\n|\r\r/);
@@ -484,8 +553,9 @@ async function runStreamed(run, body, signal) {
   if (failed) throw failed;
   if (!gotItems) throw new ApiError(0, "The stream ended before the recommendations arrived.");
   if (!run.reasoning.textContent && body.reasoning) showNoReasoning(run);
+  showReasoningCut(run, info);
   renderMeta(run, info);
-  return true;
+  return info;
 }
 
 function parseEvent(block) {
@@ -529,6 +599,35 @@ function messageOf(payload) {
   return null;
 }
 
+// True once reasoning text is on screen (not the "wrote nothing" placeholder).
+function hasReasoning(run) {
+  return !run.reasoningBox.hidden && !run.reasoning.classList.contains("muted") && !!run.reasoning.textContent;
+}
+
+// A line under the reasoning saying why it ends where it does (cut off, or out of budget).
+function endReasoning(run, text) {
+  run.reasoningEnd.textContent = text;
+  run.reasoningEnd.hidden = false;
+}
+
+// A run that failed after part of its reasoning arrived: say the text is a fragment, so nobody
+// reads it as the model's whole reasoning.
+function markCutOff(run, cancelled) {
+  if (!hasReasoning(run) || run.items.children.length) return;
+  endReasoning(
+    run,
+    cancelled ? "(cut off: cancelled before the answer completed)" : "(cut off: the answer did not complete)",
+  );
+}
+
+// reasoning_cut: the token budget ended the text, not the model; its last sentence may stop
+// halfway, and a larger "Reasoning tokens" would let it finish.
+function showReasoningCut(run, info) {
+  if (!info.reasoning_cut || !hasReasoning(run)) return;
+  const n = info.reasoning_tokens;
+  endReasoning(run, `(stopped at the token budget${n ? ` of ${n} tokens` : ""}: the model had not finished)`);
+}
+
 function showNoReasoning(run) {
   run.reasoningBox.hidden = false;
   run.reasoning.textContent = "(the model wrote nothing before ranking)";
@@ -540,6 +639,7 @@ function showAnswer(run, answer, streamed) {
   if (answer.reasoning) appendReasoning(run, answer.reasoning);
   else if (answer.reasoning === "") showNoReasoning(run);
   renderItems(run, answer.items || []);
+  showReasoningCut(run, answer);
   renderMeta(run, { ...answer, streamed });
   run.status.textContent = "";
 }
@@ -551,7 +651,8 @@ async function runOne(run, body, signal) {
     : "Waiting for the model: ranking straight from the history.";
   if (state.stream !== "no") {
     try {
-      if (await runStreamed(run, body, signal)) return;
+      const info = await runStreamed(run, body, signal);
+      if (info) return info;
     } catch (err) {
       if (err instanceof TypeError && state.stream === "unknown") {
         state.stream = "no"; // the browser could not stream this response
@@ -566,6 +667,29 @@ async function runOne(run, body, signal) {
     : "Ranking straight from the history…";
   const answer = await api("/recommend", { json: body, signal });
   showAnswer(run, answer, false);
+  return answer;
+}
+
+// What the model read: its prompt shows only the latest read_items.length films of the history
+// sent (read_items, oldest first), so the reasoning is about those alone. The rows are matched
+// from the end, by position: right even where a film is in the history twice. Should the ids
+// not line up (a server that reorders), by id.
+function showReadWindow(run, answer, sent) {
+  const read = answer && answer.read_items;
+  if (!Array.isArray(read) || !sent || answer.history_source === "store") return;
+  const skipped = sent.length - read.length;
+  if (skipped <= 0) return; // every film was read
+  // a film added or removed while the model ran: the rows are no longer the ones it was sent
+  if (state.history.length !== sent.length || sent.some((e, i) => state.history[i] !== e)) return;
+  const inOrder = read.every((id, i) => sent[skipped + i].item_id === id);
+  const unread = inOrder ? sent.slice(0, skipped) : sent.filter((e) => !read.includes(e.item_id));
+  state.readWindow = { unread: new Set(unread), n: read.length };
+  markUnread();
+  const who = hasReasoning(run) ? "The reasoning reads" : "The model reads";
+  run.readNote.textContent =
+    `${who} the latest ${read.length} of your ${sent.length} films: the ` +
+    `${unread.length === 1 ? "older one is" : `${unread.length} older ones are`} marked “not read” in your history.`;
+  run.readNote.hidden = false;
 }
 
 // ------------------------------------------------------------------ the ask button
@@ -595,14 +719,19 @@ async function ask(event) {
   tick();
   const timer = setInterval(tick, 1000);
   status.textContent = compare ? "Asking twice: without reasoning, then with." : "Asking the model.";
+  state.readWindow = null; // this run's answer marks the history afresh
+  markUnread();
+  const sent = state.history.length ? [...state.history] : null; // the entries this run sends
   const runs = modes.map((withReasoning) => newRun(withReasoning ? "With reasoning" : "Without reasoning"));
   let failures = 0;
   try {
     for (let i = 0; i < modes.length; i++) {
       const run = runs[i];
       try {
-        await runOne(run, requestBody(modes[i]), controller.signal);
+        const answer = await runOne(run, requestBody(modes[i]), controller.signal);
+        showReadWindow(run, answer, sent);
       } catch (err) {
+        markCutOff(run, err.name === "AbortError");
         if (err.name === "AbortError") {
           run.status.textContent = "Cancelled.";
           failures++;

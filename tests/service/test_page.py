@@ -5,8 +5,10 @@ A person types titles, adds three films, asks with reasoning and sees the reason
 ranked items; compares with and without reasoning; marks a film watched for a stored user; and
 reads the API's own message when there is nothing to recommend from. A second server adds a
 stand-in `POST /recommend/stream` that speaks the streaming contract (issue 12) with pauses, so
-the reasoning is seen arriving in pieces; a third has no stream route, for the page's fallback
-to `POST /recommend`.
+the reasoning is seen arriving in pieces (and breaking off, as when the server dies); a third has
+no stream route, for the page's fallback to `POST /recommend`. Others load a stored user who
+rated a film twice, see which history rows a model reading only the latest 3 left out, and see
+reasoning stopped by the token budget said to be so.
 """
 
 from __future__ import annotations
@@ -165,6 +167,7 @@ def test_pick_three_films_and_see_the_reasoning_before_the_items(server, page):
     expect(runs.nth(0).locator(".items li")).to_have_count(4)
     expect(runs.nth(1).locator(".reasoning-text")).to_have_text(shown)
     expect(runs.nth(0).locator(".meta")).to_contain_text("cache off")
+    expect(runs.nth(0).locator(".meta")).not_to_contain_text("reasoning")  # it wrote none
 
 
 def test_i_watched_this_saves_the_event_for_the_user_and_asks_again(server, page):
@@ -199,6 +202,38 @@ def test_i_watched_this_saves_the_event_for_the_user_and_asks_again(server, page
     page.get_by_label("User id").press("Enter")
     expect(page.locator("#history li")).to_have_count(1)
     expect(page.locator("#history li")).to_contain_text(watched_title)
+
+
+def test_a_stored_user_loads_with_the_latest_event_of_a_film_rated_twice(server, page):
+    events = [
+        {"item_id": "i1", "rating": 2, "timestamp": 100},
+        {"item_id": "i2", "rating": 4, "timestamp": 200},
+        {"item_id": "i1", "rating": 5, "timestamp": 300},  # Toy Story again, rated higher now
+    ]
+    posted = httpx.post(server + "/users/twice/events", json={"events": events}, timeout=10)
+    assert posted.status_code == 200, posted.text
+    page.goto(server + "/")
+    page.locator("#user-box summary").click()
+    page.get_by_label("User id").fill("twice")
+    page.get_by_role("button", name="Load history").click()
+    rows = page.locator("#history li")
+    expect(rows).to_have_count(2)
+    # the stored order, oldest first, with Toy Story where its latest event is, rated as then
+    assert rows.locator(".title").all_inner_texts() == ["GoldenEye", "Toy Story"]
+    expect(page.get_by_label("Your rating for Toy Story")).to_have_value("5")
+    expect(page.get_by_label("Your rating for GoldenEye")).to_have_value("4")
+    expect(page.locator("#user-status")).to_contain_text("2 films loaded")
+
+    # what the page sends is that history, each event with its timestamp
+    page.get_by_label("Reason before recommending").uncheck()
+    page.get_by_label("How many").fill("3")
+    with page.expect_request(lambda r: r.url.endswith("/recommend/stream")) as asked:
+        page.get_by_role("button", name="Recommend").click()
+    assert asked.value.post_data_json["history"] == [
+        {"item_id": "i2", "rating": 4, "timestamp": 200},
+        {"item_id": "i1", "rating": 5, "timestamp": 300},
+    ]
+    expect(page.locator(".run .items li")).to_have_count(3)
 
 
 def test_errors_show_the_api_message_in_words(server, page):
@@ -263,6 +298,29 @@ def test_the_page_is_keyboard_and_phone_friendly(server, browser):
         context.close()
 
 
+def recording_paths(app, paths: list[str]):
+    """`app` (an ASGI callable for uvicorn) that appends every HTTP request's path to `paths`:
+    what the browser asked for on its own (a favicon) never shows in Playwright's events."""
+
+    async def asgi(scope, receive, send) -> None:
+        if scope["type"] == "http":
+            paths.append(scope["path"])
+        await app(scope, receive, send)
+
+    return asgi
+
+
+def test_loading_the_page_asks_for_no_favicon(ckpt, page):
+    paths: list[str] = []
+    with uvicorn_serving(recording_paths(create_app(settings_for(ckpt, max_wait_ms=1)), paths)) as base:
+        page.goto(base + "/")
+        expect(page.locator("#server")).to_contain_text("Model ")
+        page.wait_for_load_state("load")
+        page.wait_for_timeout(1500)  # Chromium asks for /favicon.ico after the load, unprompted
+        assert "/static/app.js" in paths
+        assert "/favicon.ico" not in paths, "the page has no icon of its own: a 404 in the console"
+
+
 # ---------------------------------------------------------------------------- the SSE client
 def _sse(event: str, data) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
@@ -316,7 +374,12 @@ def stream_app(ckpt):
                 yield _sse("reasoning", "Thinking about ")
                 yield _sse("error", {"message": "the model ran out of patience"})
                 return
-            for piece in ["You liked ", "Toy Story;\n", "so: more ", "animation."]:
+            if "i11" in ids:  # the server dies mid-reasoning: the connection drops, no event says so
+                yield _sse("reasoning", {"text": "You liked Richard "})
+                await asyncio.sleep(0.25)
+                raise ConnectionAbortedError("the stand-in server died")
+            reasoning = body.get("reasoning", True)
+            for piece in ["You liked ", "Toy Story;\n", "so: more ", "animation."] if reasoning else []:
                 yield _sse("reasoning", {"text": piece})
                 await asyncio.sleep(0.25)
             await asyncio.sleep(0.5)
@@ -326,11 +389,13 @@ def stream_app(ckpt):
             ]
             yield b": a comment line, ignored\n\n"
             yield _sse("items", {"items": items})
-            timings = {"queue_ms": 1.0, "generate_ms": 1500.0, "score_ms": 12.0, "total_ms": 1530.0}
+            # without reasoning the model still reads the prompt: model time, but no reasoning
+            generate_ms = 1500.0 if reasoning else 680.0
+            timings = {"queue_ms": 1.0, "generate_ms": generate_ms, "score_ms": 12.0, "total_ms": 1530.0}
             done = {
                 "model_version": "stream-test",
                 "cache": "miss",
-                "reasoning_tokens": 9,
+                "reasoning_tokens": 9 if reasoning else 0,
                 "timings": timings,
             }
             yield _sse("done", done)
@@ -359,7 +424,131 @@ def test_the_page_streams_reasoning_when_the_stream_route_exists(ckpt, page):
         expect(meta).to_contain_text("streamed")
         expect(meta).not_to_contain_text("not streamed")
         expect(meta).to_contain_text("reasoning 1.5 s")
+        expect(run.locator(".reasoning-end")).to_be_hidden()  # the model ended it: not cut
 
         add_film(page, "dead man", "Dead Man Walking", how="enter")  # the stand-in fails for it
         page.get_by_role("button", name="Recommend").click()
         expect(run.locator(".error")).to_have_text("the model ran out of patience")
+        expect(run.locator(".reasoning-text")).to_have_text("Thinking about ")
+        expect(run.locator(".reasoning-end")).to_have_text("(cut off: the answer did not complete)")
+
+
+def test_the_model_time_of_a_run_without_reasoning_is_not_called_reasoning(ckpt, page):
+    with uvicorn_serving(stream_app(ckpt)) as base:
+        page.goto(base + "/")
+        add_film(page, "toy", "Toy Story", how="enter")
+        page.get_by_label("How many").fill("3")
+        page.get_by_label("Compare with and without reasoning").check()
+        page.get_by_role("button", name="Recommend").click()
+        runs = page.locator(".run")
+        expect(runs.nth(1).locator(".items li")).to_have_count(3)
+        without, with_reasoning = runs.nth(0).locator(".meta"), runs.nth(1).locator(".meta")
+        expect(without).to_contain_text("model 680 ms")  # the stand-in's generate_ms without reasoning
+        expect(without).not_to_contain_text("reasoning")
+        expect(with_reasoning).to_contain_text("reasoning 1.5 s")
+
+
+def test_a_stream_that_breaks_off_marks_the_reasoning_cut_off(ckpt, page):
+    with uvicorn_serving(stream_app(ckpt)) as base:
+        page.goto(base + "/")
+        add_film(page, "richard", "Richard III", how="enter")  # the stand-in drops the connection
+        page.get_by_role("button", name="Recommend").click()
+        run = page.locator(".run")
+        error = run.locator(".error")
+        expect(error).to_have_text(
+            "The service stopped answering before the answer was complete: is it still running?"
+        )
+        expect(run.locator(".reasoning-text")).to_have_text("You liked Richard ")
+        end = run.locator(".reasoning-end")
+        expect(end).to_be_visible()
+        expect(end).to_have_text("(cut off: the answer did not complete)")
+        expect(run.locator(".items li")).to_have_count(0)
+
+        # cancelled mid-reasoning: the fragment is marked too
+        page.get_by_role("button", name="Remove Richard III").click()
+        add_film(page, "toy", "Toy Story", how="enter")
+        page.get_by_role("button", name="Recommend").click()
+        expect(run.locator(".reasoning-text")).to_contain_text("You liked")
+        page.get_by_role("button", name="Cancel").click()
+        expect(run.locator(".run-status")).to_have_text("Cancelled.")
+        expect(end).to_have_text("(cut off: cancelled before the answer completed)")
+    # the server is gone now: the next ask says so in words, as /recommend's path does
+    page.get_by_role("button", name="Recommend").click()
+    expect(error).to_have_text("The service did not answer: is it still running?")
+    expect(run.locator(".reasoning")).to_be_hidden()  # nothing arrived, nothing to mark
+
+
+@pytest.mark.parametrize("route", ["stream", "recommend"])
+def test_reasoning_stopped_by_the_token_budget_says_so(ckpt, page, route):
+    app = create_app(settings_for(ckpt, max_wait_ms=1))
+    if route == "recommend":  # the whole answer from POST /recommend, without the stream route
+        app = replacing_stream_route(app, no_such_route)
+    with uvicorn_serving(app) as base:
+        page.goto(base + "/")
+        add_film(page, "toy", "Toy Story", how="enter")
+        page.get_by_label("How many").fill("3")
+        page.get_by_label("Reasoning tokens").fill("2")
+        page.get_by_role("button", name="Recommend").click()
+        run = page.locator(".run")
+        expect(run.locator(".items li")).to_have_count(3)
+        body = {
+            "history": [{"item_id": "i1", "rating": 5}],
+            "k": 3,
+            "reasoning": True,
+            "max_reasoning_tokens": 2,
+        }
+        answer = httpx.post(base + "/recommend", json=body, timeout=60).json()
+        assert answer["reasoning_cut"] is True, answer  # two tokens: the tiny model never ends so soon
+        assert answer["cache"] == "hit"  # the page asked exactly this
+        expect(run.locator(".reasoning-text")).to_have_text(answer["reasoning"])
+        end = run.locator(".reasoning-end")
+        expect(end).to_be_visible()
+        expect(end).to_have_text("(stopped at the token budget of 2 tokens: the model had not finished)")
+
+
+def test_the_history_rows_the_model_did_not_read_are_marked(ckpt, page):
+    # The tiny model reads the latest 20, more films than its catalog has: this copy reads 3.
+    meta_file = ckpt / "r2ec.json"
+    meta = json.loads(meta_file.read_text())
+    meta["prompts"]["max_history"] = 3
+    meta_file.write_text(json.dumps(meta))
+    # Toy Story twice: the page keeps its latest event, the third-last of the five films
+    events = [
+        {"item_id": item, "rating": rating, "timestamp": 100 * (n + 1)}
+        for n, (item, rating) in enumerate([("i1", 2), ("i2", 4), ("i3", 3), ("i1", 5), ("i4", 4), ("i5", 1)])
+    ]
+    with uvicorn_serving(create_app(settings_for(ckpt, max_wait_ms=1))) as base:
+        assert (
+            httpx.post(base + "/users/again/events", json={"events": events}, timeout=10).status_code == 200
+        )
+        page.goto(base + "/")
+        page.locator("#user-box summary").click()
+        page.get_by_label("User id").fill("again")
+        page.get_by_role("button", name="Load history").click()
+        rows = page.locator("#history li")
+        titles = ["GoldenEye", "Four Rooms", "Toy Story", "Get Shorty", "Copycat"]
+        expect(rows).to_have_count(5)
+        assert rows.locator(".title").all_inner_texts() == titles
+        page.get_by_label("How many").fill("3")
+        with page.expect_request(lambda r: r.url.endswith("/recommend/stream")) as asked:
+            page.get_by_role("button", name="Recommend").click()
+        run = page.locator(".run")
+        expect(run.locator(".items li")).to_have_count(3)
+        sent = asked.value.post_data_json
+        answer = httpx.post(base + "/recommend", json=sent, timeout=60).json()
+        assert answer["read_items"] == ["i1", "i4", "i5"]  # what the reasoning is about
+
+        for n in range(5):  # GoldenEye and Four Rooms left out; Toy Story (its latest event) read
+            if n < 2:
+                expect(rows.nth(n)).to_contain_text("not read by the model: it reads the latest 3")
+            else:
+                expect(rows.nth(n)).not_to_contain_text("not read")
+        note = run.locator(".read-note")
+        expect(note).to_be_visible()
+        expect(note).to_have_text(
+            "The reasoning reads the latest 3 of your 5 films: "
+            "the 2 older ones are marked “not read” in your history."
+        )
+        # a changed history is not the one that answer read: the marks go
+        page.get_by_role("button", name="Remove Copycat").click()
+        expect(page.locator("#history .unread-note:visible")).to_have_count(0)
