@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import typing
@@ -162,3 +163,31 @@ def test_serve_lets_openmp_spin_and_other_commands_do_not():
     assert _spincount("--log-level", "INFO", "serve") == f"{model.SERVE_SPINCOUNT} False"
     assert _spincount("eval", "--help") == "None False"
     assert _spincount("serve", GOMP_SPINCOUNT="0") == "0 False"  # the user's choice is kept
+
+
+@pytest.mark.parametrize("command", ["train", "retrain"])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("stage: [\n", r"not valid YAML: .* \(line 2, column 1\)"),  # a Rich traceback before
+        ("- a\n- b\n", "holds a list, not FIELD: VALUE lines"),  # was "unknown config keys ['a', 'b']"
+        ("just words\n", "holds a str, not FIELD: VALUE lines"),
+        ("max_stepz: 3\n", r"unknown config keys \['max_stepz'\]"),
+        (None, "no such file"),  # was "[Errno 2] No such file or directory: ..." without the option
+        (b"\xff\xfe\x00", "not UTF-8 text"),
+    ],
+)
+def test_a_bad_config_file_is_one_error_line_naming_the_option(
+    tmp_path, tiny_dataset, command, text, message
+):
+    path = tmp_path / "c.yaml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    elif text is not None:
+        path.write_text(text)
+    args = [command, "--data", str(tiny_dataset.path), "--config", str(path)]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")] if command == "train" else args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --config {path}: "), result.output
+    assert re.search(message, lines[0]), lines[0]
