@@ -64,6 +64,30 @@ def train(
     return Trainer(cfg, dataset, base, out, resume=resume).fit()
 
 
+def training_samples(cfg: RecPOConfig, dataset: PreparedDataset) -> pd.DataFrame:
+    """The train split's rows a run draws its batches from: every one, or each user's latest
+    `train_samples_per_user` (nearest to valid/test). ValueError when a micro-batch, which
+    draws `per_device_batch_size` distinct rows, cannot be filled from them."""
+    rows = dataset.split("train")
+    total, detail = len(rows), ""
+    if cfg.train_samples_per_user is not None:
+        rows = rows.groupby("user_id", sort=False).tail(cfg.train_samples_per_user)
+        if len(rows) < total:
+            detail = (
+                f" (the train split's {total}, each user's latest "
+                f"train_samples_per_user={cfg.train_samples_per_user})"
+            )
+    if not len(rows):
+        raise ValueError(f"{dataset.path}: the train split has no samples to train on")
+    if cfg.per_device_batch_size > len(rows):
+        raise ValueError(
+            f"per_device_batch_size={cfg.per_device_batch_size} is more than the {len(rows)} "
+            f"training samples{detail} of {dataset.path}; each micro-batch draws that many distinct "
+            f"samples: lower it, e.g. --set per_device_batch_size={len(rows)}"
+        )
+    return rows
+
+
 class Trainer:
     """One training run. Build it on every process (under torchrun, each builds its own);
     `fit()` runs to `max_steps` or the time budget and returns OUT/best. Its steps, evals
@@ -87,6 +111,7 @@ class Trainer:
         dist.barrier()
         if resume and not (resume_dir / STATE_FILE).is_file():
             raise FileNotFoundError(f"--resume: no {resume_dir / STATE_FILE} to resume from")
+        self.train_rows = training_samples(cfg, dataset)  # checked before the model loads
         self.model, self.base_ref = build_model(cfg, str(resume_dir) if resume else base, dataset.category)
         self.model.lm.to(dist.resolve_device(cfg.device))
         if resume:
@@ -103,9 +128,6 @@ class Trainer:
         else:
             self.table.refresh(self.model, progress=self.is_main)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.train_rows = dataset.split("train")
-        if cfg.train_samples_per_user is not None:  # each user's latest samples, nearest to valid/test
-            self.train_rows = self.train_rows.groupby("user_id", sort=False).tail(cfg.train_samples_per_user)
         frozen = self.table.lower_layers  # `cacheable_layers()`, checked by cache_lower
         caches_users = cfg.user_layer_cache_gb > 0 and cfg.stage != "recpo" and frozen > 0
         self.user_cache = LowerCache(frozen, cfg.user_layer_cache_gb) if caches_users else None

@@ -177,6 +177,30 @@ def test_train_samples_per_user_keeps_each_users_latest(tiny_dataset, tmp_path):
     assert all(latest[r.user_id] == r.target_timestamp for r in trainer.train_rows.itertuples())
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(per_device_batch_size=5), "per_device_batch_size=5 is more than the 4 training samples"),
+        (
+            dict(per_device_batch_size=4, train_samples_per_user=1),
+            r"more than the 3 training samples \(the train split's 4, each user's latest "
+            r"train_samples_per_user=1\)",
+        ),
+    ],
+)
+def test_a_batch_larger_than_the_training_samples_is_refused_before_training(
+    tiny_dataset, tmp_path, monkeypatch, settings, message
+):
+    """The recipe's batch of 16 on a pilot dataset of 5 samples stopped at its first step with
+    numpy's "Cannot take a larger sample than population when replace is False"."""
+    monkeypatch.setattr("model.train.build_model", lambda *a: pytest.fail("built the model first"))
+    cfg = RecPOConfig(stage="contrastive", **{**TINY, **settings})
+    with pytest.raises(ValueError, match=message) as info:
+        train(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    assert "--set per_device_batch_size=" in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
 def test_rationale_stage_validates_with_reasoning_and_checks_its_fields():
     from model.evaluate import validation_eval_config
 
