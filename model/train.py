@@ -44,7 +44,7 @@ from model.evaluate import evaluate_model, validation_eval_config
 from model.item_table import ItemTable
 from model.lora import build_model, trainable_parameters, weights_kind
 from model.lower_cache import LowerCache
-from model.optim import Optimizer, TrainState, mean_stats
+from model.optim import Optimizer, TrainState, decay_warning, mean_stats
 from model.r2ec import GenerationSettings, left_pad
 from model.rationale import catalog_facts, picks_line, rationale_parts
 from model.recpo import RecPOConfig
@@ -112,6 +112,8 @@ class Trainer:
         if resume and not (resume_dir / STATE_FILE).is_file():
             raise FileNotFoundError(f"--resume: no {resume_dir / STATE_FILE} to resume from")
         self.train_rows = training_samples(cfg, dataset)  # checked before the model loads
+        if self.is_main and (warning := decay_warning(cfg)):
+            log.warning("%s", warning)
         self.model, self.base_ref = build_model(cfg, str(resume_dir) if resume else base, dataset.category)
         self.model.lm.to(dist.resolve_device(cfg.device))
         if resume:

@@ -201,6 +201,29 @@ def test_a_batch_larger_than_the_training_samples_is_refused_before_training(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(("max_steps", "warns"), [(3, True), (10, False), (40, False)])
+def test_a_run_shorter_than_its_lr_decay_warns_that_the_rate_will_not_decay(
+    tiny_dataset, tmp_path, caplog, max_steps, warns
+):
+    """`--max-steps 12` on the recipe (lr_decay_steps: 330) trained at the peak rate throughout."""
+    cfg = RecPOConfig(
+        stage="contrastive",
+        per_device_batch_size=2,
+        max_steps=max_steps,
+        **{**TINY, "warmup_steps": 1, "lr_decay_steps": 10},
+    )
+    with caplog.at_level("WARNING", logger="model.train"):
+        Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    found = [r.getMessage() for r in caplog.records if "lr_decay_steps" in r.getMessage()]
+    if not warns:
+        assert not found
+        return
+    (message,) = found
+    assert "max_steps=3 ends the run before lr_decay_steps=10" in message
+    assert "--set lr_decay_steps=3" in message
+    assert "only to 89% of its peak" in message  # the last (third) step's rate, lr_factor(2, cfg)
+
+
 def test_rationale_stage_validates_with_reasoning_and_checks_its_fields():
     from model.evaluate import validation_eval_config
 
