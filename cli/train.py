@@ -14,7 +14,13 @@ from cli.overrides import SetOption, recpo_config
 
 def train_cmd(
     data: Annotated[Path, typer.Option(help="Prepared dataset dir, e.g. data/ml-100k/loo")],
-    out: Annotated[Path, typer.Option(help="Run dir: best/, last/, log.jsonl, curves.png")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Run dir: best/, last/, log.jsonl, curves.png. One that holds a run is refused"
+            " unless --resume continues it or --overwrite replaces it"
+        ),
+    ],
     base: Annotated[
         str, typer.Option(help="Backbone (smollm2, tiny, HF dir, .gguf) or a checkpoint")
     ] = "smollm2",
@@ -29,6 +35,9 @@ def train_cmd(
     ] = None,
     set_: SetOption = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last exactly")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the run OUT holds: its checkpoints, log and curves go first")
+    ] = False,
 ) -> None:
     """Train on a prepared dataset: rationale (the recipe), recpo or contrastive. Runs under torchrun."""
     from model.data import DataError, load_prepared
@@ -44,7 +53,7 @@ def train_cmd(
             device=device,
         )
         ds = load_prepared(data)
-        best = train(cfg, ds, base, out, resume=resume)
+        best = train(cfg, ds, base, out, resume=resume, overwrite=overwrite)
     except (DataError, ValueError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"best checkpoint: {best}")

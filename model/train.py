@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,14 +56,38 @@ from model.samples import TrainingPrompts
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
+LOG_FILE = "log.jsonl"
+CURVES_FILE = "curves.png"
+RUN_MARKS = ("best", "last", LOG_FILE)  # any of them: OUT holds a run a new one must not mix into
 LossFn = Callable[[pd.DataFrame], tuple[torch.Tensor, dict[str, float]]]
 
 
 def train(
-    cfg: RecPOConfig, dataset: PreparedDataset, base: str, out: Path | str, resume: bool = False
+    cfg: RecPOConfig,
+    dataset: PreparedDataset,
+    base: str,
+    out: Path | str,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Train and return the path of the best checkpoint."""
-    return Trainer(cfg, dataset, base, out, resume=resume).fit()
+    return Trainer(cfg, dataset, base, out, resume=resume, overwrite=overwrite).fit()
+
+
+def held_run(out: Path) -> list[str]:
+    """What of a run `out` holds (`RUN_MARKS`, a directory with a slash): empty when none."""
+    return [f"{name}/" if (out / name).is_dir() else name for name in RUN_MARKS if (out / name).exists()]
+
+
+def clear_run(out: Path) -> None:
+    """Remove what a run wrote into `out` (checkpoints, their leftovers, the log, the curves)
+    and nothing else, so that a run replacing it starts clean."""
+    if not out.is_dir():
+        return
+    for path in out.iterdir():
+        name = path.name
+        if name in (*RUN_MARKS, CURVES_FILE) or re.match(r"\.(best|last)\.(old|tmp)-", name):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def training_samples(cfg: RecPOConfig, dataset: PreparedDataset) -> pd.DataFrame:
@@ -95,11 +121,24 @@ class Trainer:
 
     `base` is a backbone reference or a checkpoint to warm-start from (model/lora.py);
     `resume=True` continues OUT/last exactly (weights, optimizer, item table, RNG, state).
+    An OUT that already holds a run (`held_run`) is refused unless `resume` continues it or
+    `overwrite` replaces it (`clear_run`, once everything else has been checked).
     """
 
     def __init__(
-        self, cfg: RecPOConfig, dataset: PreparedDataset, base: str, out: Path | str, resume: bool = False
+        self,
+        cfg: RecPOConfig,
+        dataset: PreparedDataset,
+        base: str,
+        out: Path | str,
+        resume: bool = False,
+        overwrite: bool = False,
     ) -> None:
+        if resume and overwrite:
+            raise ValueError(
+                "--resume and --overwrite contradict (one continues the run in OUT, the other "
+                "replaces it): pass one"
+            )
         self.cfg, self.dataset, self.out = cfg, dataset, Path(out)
         dist.init()
         self.is_main = dist.rank() == 0
@@ -111,6 +150,11 @@ class Trainer:
         dist.barrier()
         if resume and not (resume_dir / STATE_FILE).is_file():
             raise FileNotFoundError(f"--resume: no {resume_dir / STATE_FILE} to resume from")
+        if not resume and not overwrite and (held := held_run(self.out)):
+            raise ValueError(
+                f"{self.out} already holds a run ({', '.join(held)}); pass --resume to continue it, "
+                "a new --out to keep it, or --overwrite to replace it (its checkpoints, log and curves)"
+            )
         self.train_rows = training_samples(cfg, dataset)  # checked before the model loads
         if self.is_main and (warning := decay_warning(cfg)):
             log.warning("%s", warning)
@@ -129,6 +173,9 @@ class Trainer:
             self._load(resume_dir)
         else:
             self.table.refresh(self.model, progress=self.is_main)
+        if overwrite and self.is_main:
+            clear_run(self.out)
+        dist.barrier()
         self.out.mkdir(parents=True, exist_ok=True)
         frozen = self.table.lower_layers  # `cacheable_layers()`, checked by cache_lower
         caches_users = cfg.user_layer_cache_gb > 0 and cfg.stage != "recpo" and frozen > 0
@@ -501,7 +548,7 @@ class Trainer:
                 **m,
             }
             self.save(self.out / "best")
-        plot_curves(self.out / "log.jsonl", self.out / "curves.png")
+        plot_curves(self.out / LOG_FILE, self.out / CURVES_FILE)
 
     def save(
         self, path: Path, write_extra: Callable[[Path], None] | None = None, fresh_table: bool = True
@@ -549,5 +596,5 @@ class Trainer:
         log.info("resumed from %s at step %d", resume_dir, self.state.step)
 
     def _log(self, record: dict) -> None:
-        with open(self.out / "log.jsonl", "a") as fh:
+        with open(self.out / LOG_FILE, "a") as fh:
             fh.write(json.dumps(record, default=str) + "\n")

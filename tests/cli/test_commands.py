@@ -191,3 +191,22 @@ def test_a_bad_config_file_is_one_error_line_naming_the_option(
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: --config {path}: "), result.output
     assert re.search(message, lines[0]), lines[0]
+
+
+def test_train_refuses_an_out_that_holds_a_run_in_one_line(tmp_path, tiny_dataset, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"step": 1}\n')
+    args = ["train", "--data", str(tiny_dataset.path), "--out", str(run), "--base", "tiny"]
+    args += ["--stage", "contrastive", "--max-steps", "1", "--set", "eval_limit=1", "--set", "dtype=float32"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: {run} already holds a run (log.jsonl)") and "--overwrite" in line
+    assert (run / "log.jsonl").read_text() == '{"step": 1}\n'
+    result = CliRunner().invoke(app, [*args, "--resume", "--overwrite"])
+    assert result.exit_code == 2 and "--resume and --overwrite" in result.output, result.output
+    seen = []
+    monkeypatch.setattr("model.train.train", lambda *a, **k: seen.append(k) or run / "best")
+    assert CliRunner().invoke(app, [*args, "--overwrite"]).exit_code == 0
+    assert seen == [{"resume": False, "overwrite": True}]

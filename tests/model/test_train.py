@@ -311,6 +311,51 @@ def test_resume_reproduces_the_next_step(tiny_dataset, tmp_path):
         assert resumed[3][key] == pytest.approx(straight[3][key], rel=1e-4, abs=1e-6), key
 
 
+def test_a_new_run_into_a_directory_holding_one_is_refused_or_replaced_whole(tiny_dataset, tmp_path):
+    """Without --resume, a second run into OUT started over: its first validation replaced
+    best/ (a 100-minute model) and log.jsonl held both runs' steps."""
+    cfg = RecPOConfig(
+        stage="contrastive", per_device_batch_size=2, max_steps=2, eval_every=1, save_every=1, **TINY
+    )
+    run = tmp_path / "run"
+    train(cfg, tiny_dataset, "tiny", run)
+    kept = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    again = dataclasses.replace(cfg, max_steps=1)
+    with pytest.raises(ValueError, match="already holds a run") as info:
+        train(again, tiny_dataset, "tiny", run)
+    message = str(info.value)
+    assert message.startswith(f"{run} already holds a run (best/, last/, log.jsonl)")
+    assert "--resume" in message and "a new --out" in message and "--overwrite" in message
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == kept
+    with pytest.raises(ValueError, match="--resume and --overwrite"):
+        train(again, tiny_dataset, "tiny", run, resume=True, overwrite=True)
+    # --overwrite starts clean: none of the old run's steps, validations or checkpoints remain
+    (run / "notes.txt").write_text("mine")  # what the run did not write stays
+    train(again, tiny_dataset, "tiny", run, overwrite=True)
+    assert [(r["step"], bool(r.get("eval"))) for r in _log(run)] == [(1, False), (1, True)]
+    assert read_meta(run / "best")["train"]["step"] == read_meta(run / "last")["train"]["step"] == 1
+    assert (run / "curves.png").is_file() and (run / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("held", "refused"), [("log.jsonl", True), ("best", True), ("notes.txt", False)])
+def test_any_part_of_a_run_counts_as_one(tiny_dataset, tmp_path, monkeypatch, held, refused):
+    class Built(Exception):
+        pass
+
+    def build_model(*args):
+        raise Built
+
+    monkeypatch.setattr("model.train.build_model", build_model)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / held).mkdir() if "." not in held else (run / held).write_text("{}\n")
+    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=2, max_steps=1, **TINY)
+    with pytest.raises(ValueError if refused else Built, match=f"holds a run \\({held}" if refused else None):
+        train(cfg, tiny_dataset, "tiny", run)
+    with pytest.raises(Built):  # --overwrite goes on to build the run
+        train(cfg, tiny_dataset, "tiny", run, overwrite=True)
+
+
 def test_last_between_validations_goes_without_its_stale_item_table(tiny_dataset, tmp_path, monkeypatch):
     cfg = RecPOConfig(stage="contrastive", per_device_batch_size=2, learning_rate=1e-2, **TINY)
     trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
