@@ -43,15 +43,17 @@ def decay_warning(cfg: RecPOConfig) -> str | None:
     if cfg.lr_decay_steps is None or cfg.max_steps >= cfg.lr_decay_steps:
         return None
     last = lr_factor(cfg.max_steps - 1, cfg)  # the rate the last step's update uses
-    fix = (
-        f"--set lr_decay_steps={cfg.max_steps}"
-        if cfg.max_steps > cfg.warmup_steps
-        else f"lower warmup_steps ({cfg.warmup_steps}) and set lr_decay_steps"
-    )
+    head = f"max_steps={cfg.max_steps} ends the run before lr_decay_steps={cfg.lr_decay_steps}"
+    if cfg.max_steps <= cfg.warmup_steps:
+        return (
+            f"{head}, within its warmup_steps={cfg.warmup_steps}: the learning rate only rises (to "
+            f"{last:.0%} of its peak by the last step) and never decays; to decay within the run, "
+            f"lower warmup_steps below {cfg.max_steps} and --set lr_decay_steps={cfg.max_steps}"
+        )
     return (
-        f"max_steps={cfg.max_steps} ends the run before lr_decay_steps={cfg.lr_decay_steps}: its "
-        f"learning rate decays only to {last:.0%} of its peak by the last step (the schedule reaches "
-        f"min_lr_ratio={cfg.min_lr_ratio:g} at step {cfg.lr_decay_steps}); to decay within the run, {fix}"
+        f"{head}: its learning rate decays only to {last:.0%} of its peak by the last step (the "
+        f"schedule reaches min_lr_ratio={cfg.min_lr_ratio:g} at step {cfg.lr_decay_steps}); to "
+        f"decay within the run, --set lr_decay_steps={cfg.max_steps}"
     )
 
 

@@ -224,6 +224,14 @@ def test_a_run_shorter_than_its_lr_decay_warns_that_the_rate_will_not_decay(
     assert "only to 89% of its peak" in message  # the last (third) step's rate, lr_factor(2, cfg)
 
 
+def test_a_run_that_ends_within_its_warmup_is_not_told_its_rate_decays():
+    from model.optim import decay_warning
+
+    message = decay_warning(RecPOConfig(max_steps=1, warmup_steps=5, lr_decay_steps=330))
+    assert "within its warmup_steps=5: the learning rate only rises (to 20% of its peak" in message
+    assert "never decays" in message and "decays only to" not in message
+
+
 def test_rationale_stage_validates_with_reasoning_and_checks_its_fields():
     from model.evaluate import validation_eval_config
 
