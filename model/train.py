@@ -42,6 +42,7 @@ from model.checkpoint import read_meta, recover_checkpoint, save_checkpoint
 from model.cowatch import CoWatch
 from model.curves import plot_curves
 from model.data import PreparedDataset
+from model.data.dataset import atomic_write
 from model.evaluate import evaluate_model, validation_eval_config
 from model.item_table import ItemTable
 from model.lora import build_model, trainable_parameters, weights_kind
@@ -72,6 +73,16 @@ def train(
 ) -> Path:
     """Train and return the path of the best checkpoint."""
     return Trainer(cfg, dataset, base, out, resume=resume, overwrite=overwrite).fit()
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of one log.jsonl line; None for a line that is not a whole record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
 
 
 def held_run(out: Path) -> list[str]:
@@ -171,6 +182,8 @@ class Trainer:
         self.state = TrainState()
         if resume:
             self._load(resume_dir)
+            if self.is_main:
+                self._cut_log()
         else:
             self.table.refresh(self.model, progress=self.is_main)
         if overwrite and self.is_main:
@@ -594,6 +607,20 @@ class Trainer:
         self.table.vectors = blob["item_table"]
         dist.restore_rng_state(blob["rng"])
         log.info("resumed from %s at step %d", resume_dir, self.state.step)
+
+    def _cut_log(self) -> None:
+        """On resume: keep only log.jsonl's lines up to the step resumed from. The steps an
+        interrupted run logged after its last save run again, and a line that the interruption
+        cut short is not JSON; the log is replaced whole (`atomic_write`)."""
+        path, step = self.out / LOG_FILE, self.state.step
+        if not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if _logged_step(line) is not None and _logged_step(line) <= step]
+        if len(kept) < len(lines):
+            text = "".join(f"{line}\n" for line in kept)
+            atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            log.info("%s: dropped %d lines logged after step %d", path, len(lines) - len(kept), step)
 
     def _log(self, record: dict) -> None:
         with open(self.out / LOG_FILE, "a") as fh:

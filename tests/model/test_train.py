@@ -364,6 +364,44 @@ def test_any_part_of_a_run_counts_as_one(tiny_dataset, tmp_path, monkeypatch, he
         train(cfg, tiny_dataset, "tiny", run, overwrite=True)
 
 
+def _interrupt_before_step(monkeypatch, step: int) -> None:
+    """Ctrl-C as the run starts `step` (after steps 1..step-1 were logged)."""
+    real = Trainer.step
+
+    def step_or_interrupt(self):
+        if self.state.step == step - 1:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "step", step_or_interrupt)
+
+
+def test_resume_drops_the_log_lines_of_steps_after_the_saved_one(tiny_dataset, tmp_path, monkeypatch):
+    """Steps 3-4 of a run cut at step 5 ran again after --resume from step 2's save: log.jsonl
+    held them twice and curves.png drew a line back from step 4 to step 3."""
+    cfg = RecPOConfig(
+        stage="contrastive", per_device_batch_size=2, max_steps=5, eval_every=100, save_every=2, **TINY
+    )
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _interrupt_before_step(m, 4)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tiny_dataset, "tiny", run)
+    assert [r["step"] for r in _log(run)] == [1, 2, 3]
+    assert read_meta(run / "last")["train"]["step"] == 2
+    with open(run / "log.jsonl", "a") as fh:
+        fh.write('{"step": 4, "loss/to')  # a line the Ctrl-C cut in half
+    from model.data.dataset import atomic_write
+
+    written = []
+    monkeypatch.setattr(
+        "model.train.atomic_write", lambda p, w: written.append(p) or atomic_write(p, w), raising=False
+    )
+    train(cfg, tiny_dataset, "tiny", run, resume=True)
+    assert [r["step"] for r in _log(run) if not r.get("eval")] == [1, 2, 3, 4, 5]
+    assert run / "log.jsonl" in written  # replaced whole, never cut in place
+
+
 def test_last_between_validations_goes_without_its_stale_item_table(tiny_dataset, tmp_path, monkeypatch):
     cfg = RecPOConfig(stage="contrastive", per_device_batch_size=2, learning_rate=1e-2, **TINY)
     trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
