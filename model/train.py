@@ -14,7 +14,8 @@ Run directory (`--out`)::
     OUT/best/        the best checkpoint by valid NDCG@10 (what eval and the service load)
     OUT/last/        the latest checkpoint + trainer_state.pt, for --resume
     OUT/log.jsonl    one JSON object per step and per eval
-    OUT/curves.png   reward, valid NDCG@10, reasoning length
+    OUT/curves.png   reward, valid NDCG@10, reasoning length (or the losses): drawn at each
+                     validation and save, and when the run stops (Ctrl-C included)
 
 Shapes: B users, G generations, M = B*G rollouts, T tokens, L padded length, H hidden, N items.
 """
@@ -125,6 +126,22 @@ def training_samples(cfg: RecPOConfig, dataset: PreparedDataset) -> pd.DataFrame
     return rows
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `Trainer.fit` after `step` steps, its curves drawn. OUT/last holds
+    `saved_step` (None: nothing saved yet, the first save comes at step `save_every`); `main`:
+    raised on the process that reports (rank 0)."""
+
+    def __init__(self, out: Path, step: int, saved_step: int | None, save_every: int, main: bool) -> None:
+        super().__init__(f"interrupted after step {step}")
+        self.out, self.step, self.saved_step, self.save_every, self.main = (
+            out,
+            step,
+            saved_step,
+            save_every,
+            main,
+        )
+
+
 class Trainer:
     """One training run. Build it on every process (under torchrun, each builds its own);
     `fit()` runs to `max_steps` or the time budget and returns OUT/best. Its steps, evals
@@ -180,8 +197,10 @@ class Trainer:
         self.model.lm.eval()
         self.table.cache_lower(self.model, cfg.item_layer_cache_gb, progress=self.is_main)
         self.state = TrainState()
+        self.saved_step: int | None = None  # the step OUT/last holds from this run (or resumed from)
         if resume:
             self._load(resume_dir)
+            self.saved_step = self.state.step
             if self.is_main:
                 self._cut_log()
         else:
@@ -252,6 +271,26 @@ class Trainer:
         bar = tqdm(
             total=cfg.max_steps, initial=state.step, desc=f"train {cfg.stage}", disable=not self.is_main
         )
+        try:
+            self._steps(bar, start_wall)
+        except KeyboardInterrupt:
+            bar.close()
+            if self.is_main:
+                self._plot()
+            raise TrainingInterrupted(
+                self.out, state.step, self.saved_step, cfg.save_every, self.is_main
+            ) from None
+        except BaseException:
+            bar.close()
+            if self.is_main:  # whatever stopped the run, its curves show how far it got
+                self._plot()
+            raise
+        bar.close()
+        dist.barrier()
+        return self.out / "best"
+
+    def _steps(self, bar: tqdm, start_wall: float) -> None:
+        cfg, state = self.cfg, self.state
         while state.step < cfg.max_steps:
             t0 = time.perf_counter()
             stats = self.step()
@@ -274,13 +313,13 @@ class Trainer:
             evaluated = state.step % cfg.eval_every == 0 or last
             if evaluated:
                 self.evaluate()
-            if state.step % cfg.save_every == 0 or last:
+            saved = state.step % cfg.save_every == 0 or last
+            if saved:
                 self.save_last(fresh_table=evaluated)
+            if (evaluated or saved) and self.is_main:  # curves during a run that validates rarely
+                self._plot()
             if last:
                 break
-        bar.close()
-        dist.barrier()
-        return self.out / "best"
 
     def step(self) -> dict[str, float]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; its stats."""
@@ -561,7 +600,6 @@ class Trainer:
                 **m,
             }
             self.save(self.out / "best")
-        plot_curves(self.out / LOG_FILE, self.out / CURVES_FILE)
 
     def save(
         self, path: Path, write_extra: Callable[[Path], None] | None = None, fresh_table: bool = True
@@ -599,6 +637,7 @@ class Trainer:
             write = lambda tmp: torch.save(blob, tmp / STATE_FILE)  # noqa: E731
             self.save(self.out / "last", write_extra=write, fresh_table=fresh_table)
         dist.barrier()
+        self.saved_step = self.state.step
 
     def _load(self, resume_dir: Path) -> None:
         blob = torch.load(resume_dir / STATE_FILE, weights_only=False)
@@ -607,6 +646,13 @@ class Trainer:
         self.table.vectors = blob["item_table"]
         dist.restore_rng_state(blob["rng"])
         log.info("resumed from %s at step %d", resume_dir, self.state.step)
+
+    def _plot(self) -> None:
+        """OUT/curves.png from the log so far; a failure to draw is a warning, not the run's end."""
+        try:
+            plot_curves(self.out / LOG_FILE, self.out / CURVES_FILE)
+        except Exception as exc:  # noqa: BLE001 (matplotlib's errors are many; the run matters more)
+            log.warning("%s not drawn: %s", self.out / CURVES_FILE, exc)
 
     def _cut_log(self) -> None:
         """On resume: keep only log.jsonl's lines up to the step resumed from. The steps an

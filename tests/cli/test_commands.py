@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import subprocess
 import sys
 import typing
@@ -210,3 +211,34 @@ def test_train_refuses_an_out_that_holds_a_run_in_one_line(tmp_path, tiny_datase
     monkeypatch.setattr("model.train.train", lambda *a, **k: seen.append(k) or run / "best")
     assert CliRunner().invoke(app, [*args, "--overwrite"]).exit_code == 0
     assert seen == [{"resume": False, "overwrite": True}]
+
+
+@pytest.mark.parametrize(("interrupt_at", "saved"), [(4, True), (2, False)])
+def test_ctrl_c_in_train_says_how_to_continue(tmp_path, tiny_dataset, monkeypatch, interrupt_at, saved):
+    from model.train import Trainer
+
+    real = Trainer.step
+
+    def step_or_interrupt(self):
+        if self.state.step == interrupt_at - 1:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "step", step_or_interrupt)
+    run = tmp_path / "my run"
+    args = ["train", "--data", str(tiny_dataset.path), "--out", str(run), "--base", "tiny"]
+    args += ["--stage", "contrastive", "--max-steps", "5", "--set", "save_every=2", "--set", "dtype=float32"]
+    args += ["--overwrite"]
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/r2ec", *args])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    lines = [line for line in result.output.splitlines() if "interrupted" in line]
+    assert len(lines) == 1, result.output
+    shown = [a for a in args if a != "--overwrite"]
+    if saved:
+        assert lines[0].startswith(f"interrupted after step 3; {run / 'last'} holds step 2: continue with: ")
+        assert lines[0].endswith(f"r2ec {shlex.join([*shown, '--resume'])}")
+    else:
+        assert lines[0].startswith("interrupted after step 1, before the first save (step 2): nothing")
+        assert lines[0].endswith(f"r2ec {shlex.join([*shown, '--overwrite'])}")
+    assert (run / "curves.png").is_file()

@@ -402,6 +402,76 @@ def test_resume_drops_the_log_lines_of_steps_after_the_saved_one(tiny_dataset, t
     assert run / "log.jsonl" in written  # replaced whole, never cut in place
 
 
+def _plotted_steps(monkeypatch) -> list[int]:
+    """The step of each curves.png the run draws (drawn for real)."""
+    import model.train
+    from model.curves import plot_curves
+
+    steps: list[int] = []
+
+    def spy(log_path, png_path):
+        plot_curves(log_path, png_path)
+        steps.append(max(json.loads(line)["step"] for line in Path(log_path).read_text().splitlines()))
+
+    monkeypatch.setattr(model.train, "plot_curves", spy)
+    return steps
+
+
+def test_curves_are_drawn_at_each_save_not_only_after_a_validation(tiny_dataset, tmp_path, monkeypatch):
+    """The recipe validates only at the end (eval_every: 1000): its 100 minutes had no curves."""
+    plotted = _plotted_steps(monkeypatch)
+    cfg = RecPOConfig(
+        stage="contrastive", per_device_batch_size=2, max_steps=4, eval_every=100, save_every=2, **TINY
+    )
+    train(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    assert plotted == [2, 4]  # step 2's save; step 4's validation and save, drawn once
+
+
+def test_ctrl_c_draws_the_curves_and_says_what_was_saved(tiny_dataset, tmp_path, monkeypatch):
+    from model.train import TrainingInterrupted
+
+    plotted = _plotted_steps(monkeypatch)
+    cfg = RecPOConfig(
+        stage="contrastive", per_device_batch_size=2, max_steps=5, eval_every=100, save_every=2, **TINY
+    )
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _interrupt_before_step(m, 4)
+        with pytest.raises(TrainingInterrupted) as info:
+            train(cfg, tiny_dataset, "tiny", run)
+    assert isinstance(info.value, KeyboardInterrupt)  # still a Ctrl-C to whoever does not ask
+    assert (info.value.step, info.value.saved_step, info.value.out) == (3, 2, run)
+    assert plotted == [2, 3] and (run / "curves.png").stat().st_size > 0
+    with monkeypatch.context() as m:  # cut before its first save: nothing to resume
+        _interrupt_before_step(m, 2)
+        with pytest.raises(TrainingInterrupted) as info:
+            train(cfg, tiny_dataset, "tiny", run, overwrite=True)
+    assert (info.value.step, info.value.saved_step) == (1, None) and plotted[-1] == 1
+    with monkeypatch.context() as m:  # a resumed run has saved what it resumed from
+        train(cfg, tiny_dataset, "tiny", tmp_path / "r2", resume=False)
+        _interrupt_before_step(m, 6)
+        with pytest.raises(TrainingInterrupted) as info:
+            train(dataclasses.replace(cfg, max_steps=7), tiny_dataset, "tiny", tmp_path / "r2", resume=True)
+    assert (info.value.step, info.value.saved_step) == (5, 5)
+
+
+def test_curves_skip_a_line_cut_in_half_and_replace_the_png_whole(tmp_path, monkeypatch):
+    from model.curves import plot_curves
+
+    log_path = tmp_path / "log.jsonl"
+    log_path.write_text('{"step": 1, "loss/total": 2.0}\n{"step": 2, "loss/to')
+    from model.data.dataset import atomic_write
+
+    written = []
+    monkeypatch.setattr(
+        "model.curves.atomic_write", lambda p, w: written.append(p) or atomic_write(p, w), raising=False
+    )
+    plot_curves(log_path, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert written == [tmp_path / "curves.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "log.jsonl"]
+
+
 def test_last_between_validations_goes_without_its_stale_item_table(tiny_dataset, tmp_path, monkeypatch):
     cfg = RecPOConfig(stage="contrastive", per_device_batch_size=2, learning_rate=1e-2, **TINY)
     trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
