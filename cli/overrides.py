@@ -33,7 +33,7 @@ def recpo_config(config: Path | None, sets: list[str] | None = None, **options: 
     """The config file's RecPOConfig (defaults without one) with `options` (the shorthand
     options; None = not given) and `--set` pairs applied. Raises ValueError naming the bad
     pair, field or combination (RecPOConfig's own checks run on the final values)."""
-    from model.recpo import RecPOConfig
+    from model.recpo import RecPOConfig, read_config_file
 
     overrides = {k: v for k, v in options.items() if v is not None}
     for name, value in parse_sets(sets or [], RecPOConfig).items():
@@ -42,10 +42,14 @@ def recpo_config(config: Path | None, sets: list[str] | None = None, **options: 
         overrides[name] = value
     if config is None:
         return RecPOConfig(**overrides)
-    # from_yaml drops None overrides (they mean "not given" to it), so a `--set x=null` goes
+    try:
+        fields = read_config_file(config)
+    except ValueError as exc:  # what is wrong with the file itself, under the option's name
+        raise ValueError(f"--config {exc}") from None
+    # None overrides mean "not given" to the constructor's merge, so a `--set x=null` goes
     # in by replace(), which runs __post_init__ again on the combined values.
     given = {k: v for k, v in overrides.items() if v is not None}
-    cfg = RecPOConfig.from_yaml(config, **given)
+    cfg = RecPOConfig(**{**fields, **given})
     nulls = {k: v for k, v in overrides.items() if v is None}
     return dataclasses.replace(cfg, **nulls) if nulls else cfg
 

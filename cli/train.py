@@ -3,18 +3,29 @@ start (the shipped recipe, configs/ml100k-onestage.yaml), RecPO, or the contrast
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cli.common import fail
 from cli.overrides import SetOption, recpo_config
 
+if TYPE_CHECKING:
+    from model.train import TrainingInterrupted
+
 
 def train_cmd(
     data: Annotated[Path, typer.Option(help="Prepared dataset dir, e.g. data/ml-100k/loo")],
-    out: Annotated[Path, typer.Option(help="Run dir: best/, last/, log.jsonl, curves.png")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Run dir: best/, last/, log.jsonl, curves.png. One that holds a run is refused"
+            " unless --resume continues it or --overwrite replaces it"
+        ),
+    ],
     base: Annotated[
         str, typer.Option(help="Backbone (smollm2, tiny, HF dir, .gguf) or a checkpoint")
     ] = "smollm2",
@@ -29,10 +40,13 @@ def train_cmd(
     ] = None,
     set_: SetOption = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last exactly")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the run OUT holds: its checkpoints, log and curves go first")
+    ] = False,
 ) -> None:
     """Train on a prepared dataset: rationale (the recipe), recpo or contrastive. Runs under torchrun."""
     from model.data import DataError, load_prepared
-    from model.train import train
+    from model.train import TrainingInterrupted, train
 
     try:
         cfg = recpo_config(
@@ -44,7 +58,26 @@ def train_cmd(
             device=device,
         )
         ds = load_prepared(data)
-        best = train(cfg, ds, base, out, resume=resume)
+        best = train(cfg, ds, base, out, resume=resume, overwrite=overwrite)
+    except TrainingInterrupted as stop:
+        if stop.main:
+            typer.secho(_how_to_continue(stop), err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(130) from None  # 128 + SIGINT, as a shell reports a Ctrl-C
     except (DataError, ValueError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"best checkpoint: {best}")
+
+
+def _how_to_continue(stop: TrainingInterrupted) -> str:
+    """One line: where the run stopped, what OUT/last holds and the command that goes on from
+    it (this command with --resume), or, with nothing saved yet, the one that starts over."""
+    args = [a for a in sys.argv[1:] if a not in ("--resume", "--no-resume", "--overwrite", "--no-overwrite")]
+    if stop.saved_step is None:
+        return (
+            f"interrupted after step {stop.step}, before the first save (step {stop.save_every}): "
+            f"nothing to resume; start over with: r2ec {shlex.join([*args, '--overwrite'])}"
+        )
+    return (
+        f"interrupted after step {stop.step}; {stop.out / 'last'} holds step {stop.saved_step}: "
+        f"continue with: r2ec {shlex.join([*args, '--resume'])}"
+    )

@@ -10,7 +10,9 @@
 # The earlier two-stage recipe (configs/ml100k-rationale.yaml, then configs/ml100k-hints.yaml,
 # ~113 minutes) measured no better, within noise per user (stop 28).
 # Usage: bash deploy/train_ml100k.sh [RUNS_DIR]
-# A run killed midway continues where it stopped: rerun with RESUME=1.
+# A finished stage (RUNS_DIR/NAME/done) is skipped; remove its directory to train it again. A
+# stage killed midway is not started over by a plain rerun (`r2ec train` refuses an --out that
+# holds a run): rerun with RESUME=1 to continue it from its last save, or OVERWRITE=1 to replace it.
 set -euo pipefail
 runs=$(realpath -m "${1:-runs/ml100k}")  # relative to where it was called from
 cd "$(dirname "$0")/.."                   # configs/ and the default data dir are the repo's
@@ -19,11 +21,24 @@ data=$data_dir/ml-100k/loo
 [ -f "$data/meta.json" ] || r2ec data prepare ml-100k --protocol loo --data-dir "$data_dir"
 
 stage() {  # stage NAME BASE CONFIG: train into $runs/NAME unless it finished before
-  local name=$1 base=$2 config=$3 resume=()
-  [ -f "$runs/$name/done" ] && return 0
-  [ "${RESUME:-0}" = 1 ] && [ -f "$runs/$name/last/trainer_state.pt" ] && resume=(--resume)
-  r2ec train --data "$data" --out "$runs/$name" --base "$base" --config "$config" "${resume[@]}"
-  touch "$runs/$name/done"
+  local name=$1 base=$2 config=$3 run=$runs/$1 how=()
+  [ -f "$run/done" ] && return 0
+  if [ "${RESUME:-0}" = 1 ] && [ -f "$run/last/trainer_state.pt" ]; then
+    how=(--resume)
+  elif [ "${OVERWRITE:-0}" = 1 ]; then
+    how=(--overwrite)
+  elif [ -e "$run/best" ] || [ -e "$run/last" ] || [ -e "$run/log.jsonl" ]; then  # a stage cut short
+    if [ "${RESUME:-0}" = 1 ]; then
+      echo "error: $run holds a run cut short before its first save (no last/trainer_state.pt):" \
+        "nothing to resume; rerun with OVERWRITE=1 to start it over" >&2
+    else
+      echo "error: $run holds a run cut short: rerun with RESUME=1 to continue it from its last" \
+        "save, or OVERWRITE=1 to start it over" >&2
+    fi
+    exit 2
+  fi
+  r2ec train --data "$data" --out "$run" --base "$base" --config "$config" "${how[@]}"
+  touch "$run/done"
 }
 
 stage onestage smollm2 configs/ml100k-onestage.yaml

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from model.data.dataset import atomic_write
 
 PANELS = (
     ("reward/mean", "reward (mean)"),
@@ -34,7 +34,7 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    records = [r for line in Path(log_path).read_text().splitlines() if (r := _record(line))]
     panels = choose_panels({k for r in records for k in r})
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
     for ax, (key, title) in zip(axes, panels, strict=True):
@@ -46,8 +46,16 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=Path(png_path).parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:  # replaced whole: a reader (or a Ctrl-C) never meets half a PNG
+        atomic_write(Path(png_path), lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    finally:
+        plt.close(fig)
+
+
+def _record(line: str) -> dict | None:
+    """One log line's record with its step; None for a line an interruption cut short."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None

@@ -35,6 +35,28 @@ def lr_factor(step: int, cfg: RecPOConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def decay_warning(cfg: RecPOConfig) -> str | None:
+    """What to tell a run whose max_steps ends before `lr_decay_steps` (e.g. the recipe's 330
+    shortened by `--max-steps`): its learning rate never decays as the schedule meant; None
+    when it does (or nothing decays). A time budget can end a run early too, which no one
+    knows before it runs: README's Train section says so."""
+    if cfg.lr_decay_steps is None or cfg.max_steps >= cfg.lr_decay_steps:
+        return None
+    last = lr_factor(cfg.max_steps - 1, cfg)  # the rate the last step's update uses
+    head = f"max_steps={cfg.max_steps} ends the run before lr_decay_steps={cfg.lr_decay_steps}"
+    if cfg.max_steps <= cfg.warmup_steps:
+        return (
+            f"{head}, within its warmup_steps={cfg.warmup_steps}: the learning rate only rises (to "
+            f"{last:.0%} of its peak by the last step) and never decays; to decay within the run, "
+            f"lower warmup_steps below {cfg.max_steps} and --set lr_decay_steps={cfg.max_steps}"
+        )
+    return (
+        f"{head}: its learning rate decays only to {last:.0%} of its peak by the last step (the "
+        f"schedule reaches min_lr_ratio={cfg.min_lr_ratio:g} at step {cfg.lr_decay_steps}); to "
+        f"decay within the run, --set lr_decay_steps={cfg.max_steps}"
+    )
+
+
 class Optimizer:
     """AdamW + linear warmup + gradient clipping, gradients averaged across processes."""
 

@@ -454,12 +454,49 @@ class RecPOConfig:
 
     @classmethod
     def from_yaml(cls, path: Path | str, **overrides: Any) -> RecPOConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown config keys {unknown}; known keys: {sorted(known)}")
+        data = read_config_file(path, cls)
         return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def read_config_file(path: Path | str, cls: type = RecPOConfig) -> dict[str, Any]:
+    """A YAML config file's `FIELD: VALUE` pairs, each a field of `cls` (an empty file: none).
+    Raises ValueError starting with the path and saying what is wrong: no such file, not
+    UTF-8, not YAML (with the line and column), not a mapping, or unknown keys."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: a directory, not a YAML file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text (a config is a YAML file of FIELD: VALUE lines)") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: holds a {type(data).__name__}, not FIELD: VALUE lines (e.g. `max_steps: 100`)"
+        )
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise ValueError(f"{path}: unknown config keys {unknown}; known keys: {sorted(known)}")
+    return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """e.g. "expected ',' or ']', but got '<stream end>' (line 2, column 1)", on one line."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -406,7 +406,7 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
             result.paired_diff, result.paired_stderr = paired["diff"], paired["stderr"]
             result.paired_samples = paired["users"]
             if ok:
-                _publish(root, best, result)
+                _publish(root, best, result, started)
                 result.pruned = prune_versions(root, cfg.keep)
             else:
                 result.status, result.reason = "rejected", _gate_text(result, "<")
@@ -416,10 +416,13 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
         return _finish(work, result, started)
 
 
-def _publish(root: Path, best: Path, result: RetrainResult) -> None:
+def _publish(root: Path, best: Path, result: RetrainResult, started: float) -> None:
     version = unused_version(root, str(result.candidate_version))
     result.status, result.published_version = "published", version
     result.reason = _gate_text(result, ">=")
+    # the run's time so far goes into the version's record, and `_finish` keeps it, so
+    # retrain.json and state.json agree (only the pruning, milliseconds, comes after)
+    result.seconds = _elapsed(started)
     (best / RECORD_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     publish_version(root, best, version)
 
@@ -436,8 +439,13 @@ def _gate_text(result: RetrainResult, op: str) -> str:
     )
 
 
+def _elapsed(started: float) -> float:
+    return round(time.perf_counter() - started, 2)
+
+
 def _finish(work: Path, result: RetrainResult, started: float) -> RetrainResult:
-    result.seconds = round(time.perf_counter() - started, 2)
+    if result.status != "published":  # a published run's time is in its record already
+        result.seconds = _elapsed(started)
     _write_state(work, {**read_state(work), "last_run": result.to_dict()})
     log.info("retrain %s: %s", result.status, result.reason)
     return result

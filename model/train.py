@@ -14,7 +14,8 @@ Run directory (`--out`)::
     OUT/best/        the best checkpoint by valid NDCG@10 (what eval and the service load)
     OUT/last/        the latest checkpoint + trainer_state.pt, for --resume
     OUT/log.jsonl    one JSON object per step and per eval
-    OUT/curves.png   reward, valid NDCG@10, reasoning length
+    OUT/curves.png   reward, valid NDCG@10, reasoning length (or the losses): drawn at each
+                     validation and save, and when the run stops (Ctrl-C included)
 
 Shapes: B users, G generations, M = B*G rollouts, T tokens, L padded length, H hidden, N items.
 """
@@ -24,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,11 +43,12 @@ from model.checkpoint import read_meta, recover_checkpoint, save_checkpoint
 from model.cowatch import CoWatch
 from model.curves import plot_curves
 from model.data import PreparedDataset
+from model.data.dataset import atomic_write
 from model.evaluate import evaluate_model, validation_eval_config
 from model.item_table import ItemTable
 from model.lora import build_model, trainable_parameters, weights_kind
 from model.lower_cache import LowerCache
-from model.optim import Optimizer, TrainState, mean_stats
+from model.optim import Optimizer, TrainState, decay_warning, mean_stats
 from model.r2ec import GenerationSettings, left_pad
 from model.rationale import catalog_facts, picks_line, rationale_parts
 from model.recpo import RecPOConfig
@@ -54,14 +58,88 @@ from model.samples import TrainingPrompts
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
+LOG_FILE = "log.jsonl"
+CURVES_FILE = "curves.png"
+RUN_MARKS = ("best", "last", LOG_FILE)  # any of them: OUT holds a run a new one must not mix into
 LossFn = Callable[[pd.DataFrame], tuple[torch.Tensor, dict[str, float]]]
 
 
 def train(
-    cfg: RecPOConfig, dataset: PreparedDataset, base: str, out: Path | str, resume: bool = False
+    cfg: RecPOConfig,
+    dataset: PreparedDataset,
+    base: str,
+    out: Path | str,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Train and return the path of the best checkpoint."""
-    return Trainer(cfg, dataset, base, out, resume=resume).fit()
+    return Trainer(cfg, dataset, base, out, resume=resume, overwrite=overwrite).fit()
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of one log.jsonl line; None for a line that is not a whole record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def held_run(out: Path) -> list[str]:
+    """What of a run `out` holds (`RUN_MARKS`, a directory with a slash): empty when none."""
+    return [f"{name}/" if (out / name).is_dir() else name for name in RUN_MARKS if (out / name).exists()]
+
+
+def clear_run(out: Path) -> None:
+    """Remove what a run wrote into `out` (checkpoints, their leftovers, the log, the curves)
+    and nothing else, so that a run replacing it starts clean."""
+    if not out.is_dir():
+        return
+    for path in out.iterdir():
+        name = path.name
+        if name in (*RUN_MARKS, CURVES_FILE) or re.match(r"\.(best|last)\.(old|tmp)-", name):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def training_samples(cfg: RecPOConfig, dataset: PreparedDataset) -> pd.DataFrame:
+    """The train split's rows a run draws its batches from: every one, or each user's latest
+    `train_samples_per_user` (nearest to valid/test). ValueError when a micro-batch, which
+    draws `per_device_batch_size` distinct rows, cannot be filled from them."""
+    rows = dataset.split("train")
+    total, detail = len(rows), ""
+    if cfg.train_samples_per_user is not None:
+        rows = rows.groupby("user_id", sort=False).tail(cfg.train_samples_per_user)
+        if len(rows) < total:
+            detail = (
+                f" (the train split's {total}, each user's latest "
+                f"train_samples_per_user={cfg.train_samples_per_user})"
+            )
+    if not len(rows):
+        raise ValueError(f"{dataset.path}: the train split has no samples to train on")
+    if cfg.per_device_batch_size > len(rows):
+        raise ValueError(
+            f"per_device_batch_size={cfg.per_device_batch_size} is more than the {len(rows)} "
+            f"training samples{detail} of {dataset.path}; each micro-batch draws that many distinct "
+            f"samples: lower it, e.g. --set per_device_batch_size={len(rows)}"
+        )
+    return rows
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `Trainer.fit` after `step` steps, its curves drawn. OUT/last holds
+    `saved_step` (None: nothing saved yet, the first save comes at step `save_every`); `main`:
+    raised on the process that reports (rank 0)."""
+
+    def __init__(self, out: Path, step: int, saved_step: int | None, save_every: int, main: bool) -> None:
+        super().__init__(f"interrupted after step {step}")
+        self.out, self.step, self.saved_step, self.save_every, self.main = (
+            out,
+            step,
+            saved_step,
+            save_every,
+            main,
+        )
 
 
 class Trainer:
@@ -71,11 +149,24 @@ class Trainer:
 
     `base` is a backbone reference or a checkpoint to warm-start from (model/lora.py);
     `resume=True` continues OUT/last exactly (weights, optimizer, item table, RNG, state).
+    An OUT that already holds a run (`held_run`) is refused unless `resume` continues it or
+    `overwrite` replaces it (`clear_run`, once everything else has been checked).
     """
 
     def __init__(
-        self, cfg: RecPOConfig, dataset: PreparedDataset, base: str, out: Path | str, resume: bool = False
+        self,
+        cfg: RecPOConfig,
+        dataset: PreparedDataset,
+        base: str,
+        out: Path | str,
+        resume: bool = False,
+        overwrite: bool = False,
     ) -> None:
+        if resume and overwrite:
+            raise ValueError(
+                "--resume and --overwrite contradict (one continues the run in OUT, the other "
+                "replaces it): pass one"
+            )
         self.cfg, self.dataset, self.out = cfg, dataset, Path(out)
         dist.init()
         self.is_main = dist.rank() == 0
@@ -87,6 +178,14 @@ class Trainer:
         dist.barrier()
         if resume and not (resume_dir / STATE_FILE).is_file():
             raise FileNotFoundError(f"--resume: no {resume_dir / STATE_FILE} to resume from")
+        if not resume and not overwrite and (held := held_run(self.out)):
+            raise ValueError(
+                f"{self.out} already holds a run ({', '.join(held)}); pass --resume to continue it, "
+                "a new --out to keep it, or --overwrite to replace it (its checkpoints, log and curves)"
+            )
+        self.train_rows = training_samples(cfg, dataset)  # checked before the model loads
+        if self.is_main and (warning := decay_warning(cfg)):
+            log.warning("%s", warning)
         self.model, self.base_ref = build_model(cfg, str(resume_dir) if resume else base, dataset.category)
         self.model.lm.to(dist.resolve_device(cfg.device))
         if resume:
@@ -98,14 +197,18 @@ class Trainer:
         self.model.lm.eval()
         self.table.cache_lower(self.model, cfg.item_layer_cache_gb, progress=self.is_main)
         self.state = TrainState()
+        self.saved_step: int | None = None  # the step OUT/last holds from this run (or resumed from)
         if resume:
             self._load(resume_dir)
+            self.saved_step = self.state.step
+            if self.is_main:
+                self._cut_log()
         else:
             self.table.refresh(self.model, progress=self.is_main)
+        if overwrite and self.is_main:
+            clear_run(self.out)
+        dist.barrier()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.train_rows = dataset.split("train")
-        if cfg.train_samples_per_user is not None:  # each user's latest samples, nearest to valid/test
-            self.train_rows = self.train_rows.groupby("user_id", sort=False).tail(cfg.train_samples_per_user)
         frozen = self.table.lower_layers  # `cacheable_layers()`, checked by cache_lower
         caches_users = cfg.user_layer_cache_gb > 0 and cfg.stage != "recpo" and frozen > 0
         self.user_cache = LowerCache(frozen, cfg.user_layer_cache_gb) if caches_users else None
@@ -168,6 +271,26 @@ class Trainer:
         bar = tqdm(
             total=cfg.max_steps, initial=state.step, desc=f"train {cfg.stage}", disable=not self.is_main
         )
+        try:
+            self._steps(bar, start_wall)
+        except KeyboardInterrupt:
+            bar.close()
+            if self.is_main:
+                self._plot()
+            raise TrainingInterrupted(
+                self.out, state.step, self.saved_step, cfg.save_every, self.is_main
+            ) from None
+        except BaseException:
+            bar.close()
+            if self.is_main:  # whatever stopped the run, its curves show how far it got
+                self._plot()
+            raise
+        bar.close()
+        dist.barrier()
+        return self.out / "best"
+
+    def _steps(self, bar: tqdm, start_wall: float) -> None:
+        cfg, state = self.cfg, self.state
         while state.step < cfg.max_steps:
             t0 = time.perf_counter()
             stats = self.step()
@@ -190,13 +313,13 @@ class Trainer:
             evaluated = state.step % cfg.eval_every == 0 or last
             if evaluated:
                 self.evaluate()
-            if state.step % cfg.save_every == 0 or last:
+            saved = state.step % cfg.save_every == 0 or last
+            if saved:
                 self.save_last(fresh_table=evaluated)
+            if (evaluated or saved) and self.is_main:  # curves during a run that validates rarely
+                self._plot()
             if last:
                 break
-        bar.close()
-        dist.barrier()
-        return self.out / "best"
 
     def step(self) -> dict[str, float]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; its stats."""
@@ -477,7 +600,6 @@ class Trainer:
                 **m,
             }
             self.save(self.out / "best")
-        plot_curves(self.out / "log.jsonl", self.out / "curves.png")
 
     def save(
         self, path: Path, write_extra: Callable[[Path], None] | None = None, fresh_table: bool = True
@@ -515,6 +637,7 @@ class Trainer:
             write = lambda tmp: torch.save(blob, tmp / STATE_FILE)  # noqa: E731
             self.save(self.out / "last", write_extra=write, fresh_table=fresh_table)
         dist.barrier()
+        self.saved_step = self.state.step
 
     def _load(self, resume_dir: Path) -> None:
         blob = torch.load(resume_dir / STATE_FILE, weights_only=False)
@@ -524,6 +647,27 @@ class Trainer:
         dist.restore_rng_state(blob["rng"])
         log.info("resumed from %s at step %d", resume_dir, self.state.step)
 
+    def _plot(self) -> None:
+        """OUT/curves.png from the log so far; a failure to draw is a warning, not the run's end."""
+        try:
+            plot_curves(self.out / LOG_FILE, self.out / CURVES_FILE)
+        except Exception as exc:  # noqa: BLE001 (matplotlib's errors are many; the run matters more)
+            log.warning("%s not drawn: %s", self.out / CURVES_FILE, exc)
+
+    def _cut_log(self) -> None:
+        """On resume: keep only log.jsonl's lines up to the step resumed from. The steps an
+        interrupted run logged after its last save run again, and a line that the interruption
+        cut short is not JSON; the log is replaced whole (`atomic_write`)."""
+        path, step = self.out / LOG_FILE, self.state.step
+        if not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if _logged_step(line) is not None and _logged_step(line) <= step]
+        if len(kept) < len(lines):
+            text = "".join(f"{line}\n" for line in kept)
+            atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            log.info("%s: dropped %d lines logged after step %d", path, len(lines) - len(kept), step)
+
     def _log(self, record: dict) -> None:
-        with open(self.out / "log.jsonl", "a") as fh:
+        with open(self.out / LOG_FILE, "a") as fh:
             fh.write(json.dumps(record, default=str) + "\n")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import shlex
 import subprocess
 import sys
 import typing
@@ -162,3 +164,81 @@ def test_serve_lets_openmp_spin_and_other_commands_do_not():
     assert _spincount("--log-level", "INFO", "serve") == f"{model.SERVE_SPINCOUNT} False"
     assert _spincount("eval", "--help") == "None False"
     assert _spincount("serve", GOMP_SPINCOUNT="0") == "0 False"  # the user's choice is kept
+
+
+@pytest.mark.parametrize("command", ["train", "retrain"])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("stage: [\n", r"not valid YAML: .* \(line 2, column 1\)"),  # a Rich traceback before
+        ("- a\n- b\n", "holds a list, not FIELD: VALUE lines"),  # was "unknown config keys ['a', 'b']"
+        ("just words\n", "holds a str, not FIELD: VALUE lines"),
+        ("max_stepz: 3\n", r"unknown config keys \['max_stepz'\]"),
+        (None, "no such file"),  # was "[Errno 2] No such file or directory: ..." without the option
+        (b"\xff\xfe\x00", "not UTF-8 text"),
+    ],
+)
+def test_a_bad_config_file_is_one_error_line_naming_the_option(
+    tmp_path, tiny_dataset, command, text, message
+):
+    path = tmp_path / "c.yaml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    elif text is not None:
+        path.write_text(text)
+    args = [command, "--data", str(tiny_dataset.path), "--config", str(path)]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")] if command == "train" else args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --config {path}: "), result.output
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_train_refuses_an_out_that_holds_a_run_in_one_line(tmp_path, tiny_dataset, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"step": 1}\n')
+    args = ["train", "--data", str(tiny_dataset.path), "--out", str(run), "--base", "tiny"]
+    args += ["--stage", "contrastive", "--max-steps", "1", "--set", "eval_limit=1", "--set", "dtype=float32"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: {run} already holds a run (log.jsonl)") and "--overwrite" in line
+    assert (run / "log.jsonl").read_text() == '{"step": 1}\n'
+    result = CliRunner().invoke(app, [*args, "--resume", "--overwrite"])
+    assert result.exit_code == 2 and "--resume and --overwrite" in result.output, result.output
+    seen = []
+    monkeypatch.setattr("model.train.train", lambda *a, **k: seen.append(k) or run / "best")
+    assert CliRunner().invoke(app, [*args, "--overwrite"]).exit_code == 0
+    assert seen == [{"resume": False, "overwrite": True}]
+
+
+@pytest.mark.parametrize(("interrupt_at", "saved"), [(4, True), (2, False)])
+def test_ctrl_c_in_train_says_how_to_continue(tmp_path, tiny_dataset, monkeypatch, interrupt_at, saved):
+    from model.train import Trainer
+
+    real = Trainer.step
+
+    def step_or_interrupt(self):
+        if self.state.step == interrupt_at - 1:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "step", step_or_interrupt)
+    run = tmp_path / "my run"
+    args = ["train", "--data", str(tiny_dataset.path), "--out", str(run), "--base", "tiny"]
+    args += ["--stage", "contrastive", "--max-steps", "5", "--set", "save_every=2", "--set", "dtype=float32"]
+    args += ["--overwrite"]
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/r2ec", *args])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    lines = [line for line in result.output.splitlines() if "interrupted" in line]
+    assert len(lines) == 1, result.output
+    shown = [a for a in args if a != "--overwrite"]
+    if saved:
+        assert lines[0].startswith(f"interrupted after step 3; {run / 'last'} holds step 2: continue with: ")
+        assert lines[0].endswith(f"r2ec {shlex.join([*shown, '--resume'])}")
+    else:
+        assert lines[0].startswith("interrupted after step 1, before the first save (step 2): nothing")
+        assert lines[0].endswith(f"r2ec {shlex.join([*shown, '--overwrite'])}")
+    assert (run / "curves.png").is_file()

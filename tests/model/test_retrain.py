@@ -293,6 +293,10 @@ def test_retrain_without_a_stream_trains_on_the_dataset_and_prunes(versions_root
         ["CURRENT", "retrain", result.published_version]
     )
     _same_splits(load_prepared(versions_root / "retrain" / "data" / "tiny" / "loo"), tiny_dataset)
+    # the published version's record holds the run's real duration, as the state does (was 0.0)
+    record = json.loads((versions_root / result.published_version / "retrain.json").read_text())
+    state = json.loads((versions_root / "retrain" / "state.json").read_text())
+    assert record["seconds"] > 0 and record["seconds"] == state["last_run"]["seconds"] == result.seconds
 
 
 def test_an_unchanged_model_scores_the_same_twice(versions_root, tiny_dataset):

@@ -177,6 +177,61 @@ def test_train_samples_per_user_keeps_each_users_latest(tiny_dataset, tmp_path):
     assert all(latest[r.user_id] == r.target_timestamp for r in trainer.train_rows.itertuples())
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(per_device_batch_size=5), "per_device_batch_size=5 is more than the 4 training samples"),
+        (
+            dict(per_device_batch_size=4, train_samples_per_user=1),
+            r"more than the 3 training samples \(the train split's 4, each user's latest "
+            r"train_samples_per_user=1\)",
+        ),
+    ],
+)
+def test_a_batch_larger_than_the_training_samples_is_refused_before_training(
+    tiny_dataset, tmp_path, monkeypatch, settings, message
+):
+    """The recipe's batch of 16 on a pilot dataset of 5 samples stopped at its first step with
+    numpy's "Cannot take a larger sample than population when replace is False"."""
+    monkeypatch.setattr("model.train.build_model", lambda *a: pytest.fail("built the model first"))
+    cfg = RecPOConfig(stage="contrastive", **{**TINY, **settings})
+    with pytest.raises(ValueError, match=message) as info:
+        train(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    assert "--set per_device_batch_size=" in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("max_steps", "warns"), [(3, True), (10, False), (40, False)])
+def test_a_run_shorter_than_its_lr_decay_warns_that_the_rate_will_not_decay(
+    tiny_dataset, tmp_path, caplog, max_steps, warns
+):
+    """`--max-steps 12` on the recipe (lr_decay_steps: 330) trained at the peak rate throughout."""
+    cfg = RecPOConfig(
+        stage="contrastive",
+        per_device_batch_size=2,
+        max_steps=max_steps,
+        **{**TINY, "warmup_steps": 1, "lr_decay_steps": 10},
+    )
+    with caplog.at_level("WARNING", logger="model.train"):
+        Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    found = [r.getMessage() for r in caplog.records if "lr_decay_steps" in r.getMessage()]
+    if not warns:
+        assert not found
+        return
+    (message,) = found
+    assert "max_steps=3 ends the run before lr_decay_steps=10" in message
+    assert "--set lr_decay_steps=3" in message
+    assert "only to 89% of its peak" in message  # the last (third) step's rate, lr_factor(2, cfg)
+
+
+def test_a_run_that_ends_within_its_warmup_is_not_told_its_rate_decays():
+    from model.optim import decay_warning
+
+    message = decay_warning(RecPOConfig(max_steps=1, warmup_steps=5, lr_decay_steps=330))
+    assert "within its warmup_steps=5: the learning rate only rises (to 20% of its peak" in message
+    assert "never decays" in message and "decays only to" not in message
+
+
 def test_rationale_stage_validates_with_reasoning_and_checks_its_fields():
     from model.evaluate import validation_eval_config
 
@@ -262,6 +317,159 @@ def test_resume_reproduces_the_next_step(tiny_dataset, tmp_path):
     assert sorted(resumed) == [1, 2, 3]
     for key in ("loss/total", "loss/token", "reward/mean", "grad_norm"):
         assert resumed[3][key] == pytest.approx(straight[3][key], rel=1e-4, abs=1e-6), key
+
+
+def test_a_new_run_into_a_directory_holding_one_is_refused_or_replaced_whole(tiny_dataset, tmp_path):
+    """Without --resume, a second run into OUT started over: its first validation replaced
+    best/ (a 100-minute model) and log.jsonl held both runs' steps."""
+    cfg = RecPOConfig(
+        stage="contrastive", per_device_batch_size=2, max_steps=2, eval_every=1, save_every=1, **TINY
+    )
+    run = tmp_path / "run"
+    train(cfg, tiny_dataset, "tiny", run)
+    kept = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    again = dataclasses.replace(cfg, max_steps=1)
+    with pytest.raises(ValueError, match="already holds a run") as info:
+        train(again, tiny_dataset, "tiny", run)
+    message = str(info.value)
+    assert message.startswith(f"{run} already holds a run (best/, last/, log.jsonl)")
+    assert "--resume" in message and "a new --out" in message and "--overwrite" in message
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == kept
+    with pytest.raises(ValueError, match="--resume and --overwrite"):
+        train(again, tiny_dataset, "tiny", run, resume=True, overwrite=True)
+    # --overwrite starts clean: none of the old run's steps, validations or checkpoints remain
+    (run / "notes.txt").write_text("mine")  # what the run did not write stays
+    train(again, tiny_dataset, "tiny", run, overwrite=True)
+    assert [(r["step"], bool(r.get("eval"))) for r in _log(run)] == [(1, False), (1, True)]
+    assert read_meta(run / "best")["train"]["step"] == read_meta(run / "last")["train"]["step"] == 1
+    assert (run / "curves.png").is_file() and (run / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("held", "refused"), [("log.jsonl", True), ("best", True), ("notes.txt", False)])
+def test_any_part_of_a_run_counts_as_one(tiny_dataset, tmp_path, monkeypatch, held, refused):
+    class Built(Exception):
+        pass
+
+    def build_model(*args):
+        raise Built
+
+    monkeypatch.setattr("model.train.build_model", build_model)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / held).mkdir() if "." not in held else (run / held).write_text("{}\n")
+    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=2, max_steps=1, **TINY)
+    with pytest.raises(ValueError if refused else Built, match=f"holds a run \\({held}" if refused else None):
+        train(cfg, tiny_dataset, "tiny", run)
+    with pytest.raises(Built):  # --overwrite goes on to build the run
+        train(cfg, tiny_dataset, "tiny", run, overwrite=True)
+
+
+def _interrupt_before_step(monkeypatch, step: int) -> None:
+    """Ctrl-C as the run starts `step` (after steps 1..step-1 were logged)."""
+    real = Trainer.step
+
+    def step_or_interrupt(self):
+        if self.state.step == step - 1:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "step", step_or_interrupt)
+
+
+def test_resume_drops_the_log_lines_of_steps_after_the_saved_one(tiny_dataset, tmp_path, monkeypatch):
+    """Steps 3-4 of a run cut at step 5 ran again after --resume from step 2's save: log.jsonl
+    held them twice and curves.png drew a line back from step 4 to step 3."""
+    cfg = RecPOConfig(
+        stage="contrastive", per_device_batch_size=2, max_steps=5, eval_every=100, save_every=2, **TINY
+    )
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _interrupt_before_step(m, 4)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tiny_dataset, "tiny", run)
+    assert [r["step"] for r in _log(run)] == [1, 2, 3]
+    assert read_meta(run / "last")["train"]["step"] == 2
+    with open(run / "log.jsonl", "a") as fh:
+        fh.write('{"step": 4, "loss/to')  # a line the Ctrl-C cut in half
+    from model.data.dataset import atomic_write
+
+    written = []
+    monkeypatch.setattr(
+        "model.train.atomic_write", lambda p, w: written.append(p) or atomic_write(p, w), raising=False
+    )
+    train(cfg, tiny_dataset, "tiny", run, resume=True)
+    assert [r["step"] for r in _log(run) if not r.get("eval")] == [1, 2, 3, 4, 5]
+    assert run / "log.jsonl" in written  # replaced whole, never cut in place
+
+
+def _plotted_steps(monkeypatch) -> list[int]:
+    """The step of each curves.png the run draws (drawn for real)."""
+    import model.train
+    from model.curves import plot_curves
+
+    steps: list[int] = []
+
+    def spy(log_path, png_path):
+        plot_curves(log_path, png_path)
+        steps.append(max(json.loads(line)["step"] for line in Path(log_path).read_text().splitlines()))
+
+    monkeypatch.setattr(model.train, "plot_curves", spy)
+    return steps
+
+
+def test_curves_are_drawn_at_each_save_not_only_after_a_validation(tiny_dataset, tmp_path, monkeypatch):
+    """The recipe validates only at the end (eval_every: 1000): its 100 minutes had no curves."""
+    plotted = _plotted_steps(monkeypatch)
+    cfg = RecPOConfig(
+        stage="contrastive", per_device_batch_size=2, max_steps=4, eval_every=100, save_every=2, **TINY
+    )
+    train(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    assert plotted == [2, 4]  # step 2's save; step 4's validation and save, drawn once
+
+
+def test_ctrl_c_draws_the_curves_and_says_what_was_saved(tiny_dataset, tmp_path, monkeypatch):
+    from model.train import TrainingInterrupted
+
+    plotted = _plotted_steps(monkeypatch)
+    cfg = RecPOConfig(
+        stage="contrastive", per_device_batch_size=2, max_steps=5, eval_every=100, save_every=2, **TINY
+    )
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _interrupt_before_step(m, 4)
+        with pytest.raises(TrainingInterrupted) as info:
+            train(cfg, tiny_dataset, "tiny", run)
+    assert isinstance(info.value, KeyboardInterrupt)  # still a Ctrl-C to whoever does not ask
+    assert (info.value.step, info.value.saved_step, info.value.out) == (3, 2, run)
+    assert plotted == [2, 3] and (run / "curves.png").stat().st_size > 0
+    with monkeypatch.context() as m:  # cut before its first save: nothing to resume
+        _interrupt_before_step(m, 2)
+        with pytest.raises(TrainingInterrupted) as info:
+            train(cfg, tiny_dataset, "tiny", run, overwrite=True)
+    assert (info.value.step, info.value.saved_step) == (1, None) and plotted[-1] == 1
+    with monkeypatch.context() as m:  # a resumed run has saved what it resumed from
+        train(cfg, tiny_dataset, "tiny", tmp_path / "r2", resume=False)
+        _interrupt_before_step(m, 6)
+        with pytest.raises(TrainingInterrupted) as info:
+            train(dataclasses.replace(cfg, max_steps=7), tiny_dataset, "tiny", tmp_path / "r2", resume=True)
+    assert (info.value.step, info.value.saved_step) == (5, 5)
+
+
+def test_curves_skip_a_line_cut_in_half_and_replace_the_png_whole(tmp_path, monkeypatch):
+    from model.curves import plot_curves
+
+    log_path = tmp_path / "log.jsonl"
+    log_path.write_text('{"step": 1, "loss/total": 2.0}\n{"step": 2, "loss/to')
+    from model.data.dataset import atomic_write
+
+    written = []
+    monkeypatch.setattr(
+        "model.curves.atomic_write", lambda p, w: written.append(p) or atomic_write(p, w), raising=False
+    )
+    plot_curves(log_path, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert written == [tmp_path / "curves.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "log.jsonl"]
 
 
 def test_last_between_validations_goes_without_its_stale_item_table(tiny_dataset, tmp_path, monkeypatch):
