@@ -486,8 +486,9 @@ def _not_blank(value: str) -> str:
     return value
 
 
-# GET /items's `q`: whitespace only is refused as "" is (it used to answer 200 and no items)
-SearchQuery = Annotated[str, AfterValidator(_not_blank)]
+# GET /items's `q`: whitespace only is refused as "" is (it used to answer 200 and no items), and
+# control characters as in any text (a NUL was searched for and echoed back)
+SearchQuery = Annotated[str, AfterValidator(_not_blank), AfterValidator(check_text), _Pattern(TEXT_PATTERN)]
 
 
 class ItemMatch(BaseModel):
