@@ -28,7 +28,7 @@ from starlette.routing import BaseRoute
 
 from service.batcher import BatcherClosed, BatchFailed, QueueFull
 from service.metrics import Metrics
-from service.request_id import current
+from service.request_id import HEADER, request_id
 from service.schemas import ErrorResponse
 from service.state import ClientDisconnected, ReloadError, ReloadInProgress
 from service.store import StoreUnavailable
@@ -60,12 +60,12 @@ DESCRIPTIONS = {
     401: "The X-API-Key header is missing.",
     403: "The API key is wrong, or the admin API is disabled (R2EC_API_KEY unset).",
     404: "No such item.",
-    409: "A reload is already running.",
+    409: "A reload is already running (Retry-After).",
     413: "The body is larger than R2EC_MAX_BODY_BYTES.",
     422: "Invalid input; `message` and `fields` name the fields or the ids.",
     500: "An internal error; `message` says what failed.",
-    503: "The service cannot answer now: starting, shutting down (Retry-After), overloaded "
-    "(queue full, Retry-After) or its store is unavailable.",
+    503: "The service cannot answer now: starting, shutting down, overloaded (queue full) or its "
+    "store is unavailable; all but starting with Retry-After.",
 }
 
 
@@ -176,7 +176,7 @@ async def error_body(request: Request, exc: Exception) -> bytes:
 
 def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRoute] = ()) -> None:
     """Every failure a client can cause is a 4xx naming the problem; service-side trouble is a
-    503 (starting, store down, shutting down, overloaded: the last two with Retry-After) or a
+    503 (starting, store down, shutting down, overloaded: the last three with Retry-After) or a
     500 that still says what went wrong. `routes`: the app's routes, for a 405's Allow header."""
 
     @app.exception_handler(StarletteHTTPException)
@@ -191,11 +191,12 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
         errors = exc.errors()
         fields = validation_fields(errors)
         sent = request.headers.get("content-type", "")
-        if any(tuple(e.get("loc", ())) == ("body",) for e in errors) and not _json_type(sent):
-            # a body not sent as JSON (curl -d without -H): FastAPI did not parse it
+        if not _json_type(sent):
+            # a body not sent as JSON (curl -d without -H): FastAPI did not parse it, so what it
+            # says of the whole body is this; the other fields' errors stand
             this = printable(sent, 100) or "none"
             why = f"send it as JSON, with content-type: application/json (this one: {this})"
-            fields = [{"field": "body", "message": why}]
+            fields = [{"field": "body", "message": why} if f["field"] == "body" else f for f in fields]
         return error_response(422, validation_message(fields, len(errors)), fields=fields)
 
     @app.exception_handler(UnknownItemsError)
@@ -250,5 +251,7 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, current())
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        rid = request_id(request.scope)  # sent from outside RequestId: its header is set here
+        log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, rid)
+        headers = {HEADER: rid} if rid else None
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", headers=headers)

@@ -84,7 +84,7 @@ STREAM_EXAMPLE = (  # the OpenAPI example of a stream, the README's answer in ev
     + _sse(
         "items",
         {
-            "items": [{"item_id": "127", "title": "Godfather, The", "score": 41.29, "rank": 1}],
+            "items": [{"item_id": "127", "title": "Godfather, The", "score": 41.64, "rank": 1}],
             "model_version": "20261207-102039-87d819",
             "history_source": "request",
             "read_items": ["50", "172", "181"],
@@ -93,10 +93,10 @@ STREAM_EXAMPLE = (  # the OpenAPI example of a stream, the README's answer in ev
     + _sse(
         "done",
         {
-            "reasoning_tokens": 38,
+            "reasoning_tokens": 40,
             "reasoning_cut": False,
             "cache": "miss",
-            "timings": {"queue_ms": 2.6, "generate_ms": 709.7, "score_ms": 0.9, "total_ms": 714.0},
+            "timings": {"queue_ms": 3.2, "generate_ms": 716.8, "score_ms": 0.8, "total_ms": 721.6},
         },
     )
 )

@@ -552,7 +552,8 @@ async function runStreamed(run, body, signal) {
   }
   if (failed) throw failed;
   if (!gotItems) throw new ApiError(0, "The stream ended before the recommendations arrived.");
-  if (!run.reasoning.textContent && body.reasoning) showNoReasoning(run);
+  // "wrote nothing" only where it was asked to write (a budget of 0 asks for nothing: cache "off")
+  if (!run.reasoning.textContent && body.reasoning && info.cache !== "off") showNoReasoning(run);
   showReasoningCut(run, info);
   renderMeta(run, info);
   return info;

@@ -4,13 +4,16 @@ headers and probes an operator's tooling expects."""
 
 from __future__ import annotations
 
+import logging
+
+import httpx
 import pytest
 
+from tests.service.conftest import ADMIN
 from tests.service.test_app import metric
 
-pytestmark = pytest.mark.asyncio
 
-
+@pytest.mark.asyncio
 async def test_ids_with_bytes_that_are_not_utf8_are_refused_not_merged(client):
     """%FF and %FE both decode to U+FFFD: taken as ids they would be one user."""
     body = {"events": [{"item_id": "i1"}]}
@@ -23,6 +26,7 @@ async def test_ids_with_bytes_that_are_not_utf8_are_refused_not_merged(client):
     assert (await client.post("/users/Jos%C3%A9/events", json=body)).status_code == 200  # UTF-8: fine
 
 
+@pytest.mark.asyncio
 async def test_an_inline_history_with_timestamps_is_read_in_timestamp_order(client):
     events = [{"item_id": f"i{n}", "rating": 4, "timestamp": 100 * n} for n in (1, 2, 3, 4, 5)]
     ask = {"k": 5, "reasoning": False}
@@ -36,6 +40,7 @@ async def test_an_inline_history_with_timestamps_is_read_in_timestamp_order(clie
     assert r["read_items"] == ["i5", "i4", "i3", "i2", "i1"]
 
 
+@pytest.mark.asyncio
 async def test_a_reply_says_what_was_read_and_whether_the_reasoning_was_cut(app, client):
     window = app.state.r2ec.engine.model.prompts.max_history
     long = [{"item_id": f"i{n % 10 + 1}"} for n in range(window + 5)]  # items may repeat
@@ -48,6 +53,7 @@ async def test_a_reply_says_what_was_read_and_whether_the_reasoning_was_cut(app,
         assert r["reasoning"] is None and r["reasoning_cut"] is False and r["cache"] == "off"
 
 
+@pytest.mark.asyncio
 async def test_a_body_sent_without_a_json_content_type_says_so(client):
     r = await client.post(
         "/recommend",
@@ -61,8 +67,12 @@ async def test_a_body_sent_without_a_json_content_type_says_so(client):
     )
     r = await client.post("/recommend", content=b'{"k": 1}', headers={"content-type": "application/json"})
     assert r.status_code == 422 and "give `history` or `user_id`" in r.text  # JSON: the real reason
+    # the other fields' errors stand beside it
+    r = await client.post("/users/%FF/events", content=b"{}", headers={"content-type": "text/plain"})
+    assert [f["field"] for f in r.json()["error"]["fields"]] == ["user_id", "body"], r.text
 
 
+@pytest.mark.asyncio
 async def test_every_response_carries_a_request_id_a_client_may_choose(client):
     mine = await client.get("/healthz", headers={"x-request-id": "lb-7f3a:9"})
     assert mine.headers["x-request-id"] == "lb-7f3a:9"
@@ -72,6 +82,34 @@ async def test_every_response_carries_a_request_id_a_client_may_choose(client):
     assert odd.status_code == 404 and len(odd.headers["x-request-id"]) == 32  # not echoed: made
 
 
+@pytest.mark.asyncio
+async def test_an_unhandled_error_still_carries_the_request_id_in_its_header_and_log(app, client, caplog):
+    """Starlette sends that 500 from outside every middleware of the app's own."""
+
+    def broken(query):
+        raise RuntimeError("a bug")
+
+    app.state.r2ec.engine.prepare = broken
+    transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://r2ec.test") as raw:
+        with caplog.at_level(logging.ERROR):
+            r = await raw.post(
+                "/recommend", json={"history": [{"item_id": "i1"}]}, headers={"x-request-id": "abc-123"}
+            )
+    assert r.status_code == 500 and r.headers["x-request-id"] == "abc-123"
+    assert "unhandled error on POST /recommend (request abc-123)" in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_a_reload_while_one_runs_says_when_to_retry(app, client):
+    state = app.state.r2ec
+    async with state._reload_lock:  # a reload is running
+        r = await client.post("/admin/reload", headers=ADMIN)
+    assert r.status_code == 409 and r.headers["retry-after"] == "10"
+    assert r.json()["error"]["code"] == "reload_in_progress"
+
+
+@pytest.mark.asyncio
 async def test_probes_answer_head_and_refusal_counters_exist_before_any_refusal(client):
     for path in ("/healthz", "/readyz"):
         r = await client.head(path)

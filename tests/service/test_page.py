@@ -504,6 +504,12 @@ def test_reasoning_stopped_by_the_token_budget_says_so(ckpt, page, route):
         end = run.locator(".reasoning-end")
         expect(end).to_be_visible()
         expect(end).to_have_text("(stopped at the token budget of 2 tokens: the model had not finished)")
+        # a budget of 0 asks for no reasoning: nothing to show, on either path (the stream's said
+        # "the model wrote nothing before ranking")
+        page.get_by_label("Reasoning tokens").fill("0")
+        page.get_by_role("button", name="Recommend").click()
+        expect(run.locator(".meta")).to_contain_text("cache off")
+        expect(run.locator(".reasoning-text")).to_be_hidden()
 
 
 def test_the_history_rows_the_model_did_not_read_are_marked(ckpt, page):
