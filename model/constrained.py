@@ -31,10 +31,15 @@ in the window (model/rationale.py `liked_genres`, `likes_phrases`), closed by ",
 ".". The same grammar with other phrases holds the rest of the format's claims: after ", mostly"
 one of the decades that carry the most rating weight (`decade_phrases`: " 1990s." or " 1990s and
 1980s."), after "Lately more" one of the genres the latest items lean to (`drifting_genres`);
-where none does, the text must stop after the rated list. Between and after these, decoding is
-free (greedy or sampled as asked), but for the claims nothing holds for: where no genre drifts
-(or the window has no genres, for "Likes"; no listable title, for "Rated highest:") the trigger
-itself may not be written anywhere, since whatever followed it would be false. Keying on the
+where none does, the text must stop after the rated list. Each sentence's grammar also says
+what may come once it closes (`follow`): one of the format's later sentences that can hold, or a
+stop, so once the format has begun nothing else runs between or after its sentences. Before the
+first trigger decoding is free (greedy or sampled as asked; a model that never writes the format,
+the untrained backbone, is left alone), but for the claims nothing holds for: where no genre
+drifts (or the window has no genres, for "Likes"; no listable title, for "Rated highest:") the
+trigger itself may not be written anywhere, since whatever followed it would be false. Known
+limit: a text that never writes "Likes" (a window whose items have no genres) is free until a
+trigger, so a misspelt opening ("Latelymore ...") is neither held nor read by `check_claims`. Keying on the
 trigger alone left such a claim open wherever the text skipped the grammar that led up to it
 ("Likes Drama. Lately more Horror.", the rated list never written). `allowed` then returns the
 few `Banned` tokens that would complete the trigger after the text so far (" more" after
@@ -390,7 +395,8 @@ def constrain_logits(logits: torch.Tensor, allowed: Sequence[Sequence[int] | Ban
 
 
 class PhraseChoice(_Decoded):
-    """After `trigger`, the text must go on as one of `phrases`, then decoding is free: the
+    """After `trigger`, the text must go on as one of `phrases`, then (a phrase that ends its
+    sentence) as `follow` says, else freely: the
     "Likes A, B and C" sentence over the genres that hold for the history (model/rationale.py
     `liked_genres`, `likes_phrases`: each phrase closes as the format does, with ", mostly" or
     ".", so none is a prefix of another), the decades after ", mostly" (`decade_phrases`), the

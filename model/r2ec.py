@@ -308,8 +308,10 @@ class R2ec:
         "Lately more D." over its drifting genres (`drifting_genres`; where none drifts, only a
         stop, or "Picks:" / "Next:" for a model trained to write it, may follow the rated list);
         where no genre holds or none drifts, "Likes" / "Lately more" may not be written anywhere (an
-        empty `PhraseChoice`). Without them those sentences are free. Where no title can be listed
-        (a window of blank titles), "Rated highest:" may not be written. `max_liked`: how many of
+        empty `PhraseChoice`); each sentence may then be followed only by one of the format's
+        later sentences that can hold, or a stop (`follow`). Without them those sentences are
+        free. Where no title can be listed (a window of blank titles, or no ratings), "Rated
+        highest:" may not be written. `max_liked`: how many of
         the genres that hold "Likes" may name from (the heaviest first; bench/bench_grammar.py
         measures the cap)."""
         window, strings, picks = self.prompts.max_history, self.token_strings(), self.prompts.hint_picks

@@ -100,17 +100,26 @@ def _liked_weights(history: Sequence[tuple[Sequence[str], float | None]]) -> Cou
     """`_weights` of the genres the history likes: those whose mean rating (`_weight`: an
     unrated item counts as neutral) reaches the mean over the items that have genres, so a genre
     seen mostly in films rated low is not called liked however often it is seen (the sum alone
-    made "Likes Thriller" of a 5-star drama beside two 1-star thrillers); first seen first."""
-    rated = [(names, _weight(r)) for names, r in history if names]
+    made "Likes Thriller" of a 5-star drama beside two 1-star thrillers); first seen first.
+    Where no genre reaches it (low-rated items that carry many genres: 5 {X}, 5 {Y}, 0 {X, Y}),
+    the mean over the items' (item, genre) pairs, which the best genre always reaches, so a
+    history with genres always has one it likes."""
+    rated = [(dict.fromkeys(names), _weight(r)) for names, r in history if names]
     if not rated:
         return Counter()
-    mean = sum(w for _, w in rated) / len(rated)
-    seen = Counter(n for names, _ in rated for n in dict.fromkeys(names))
+    seen = Counter(n for names, _ in rated for n in names)
     summed: Counter[str] = Counter()
     for names, w in rated:
-        summed.update({n: w for n in dict.fromkeys(names)})
+        summed.update({n: w for n in names})
     weights = _weights(history)
-    return Counter({g: w for g, w in weights.items() if summed[g] / seen[g] >= mean - 1e-9})
+    for mean in (
+        sum(w for _, w in rated) / len(rated),
+        sum(w * len(names) for names, w in rated) / sum(len(names) for names, _ in rated),
+    ):
+        liked = Counter({g: w for g, w in weights.items() if summed[g] / seen[g] >= mean - 1e-9})
+        if liked:
+            return liked
+    return Counter()  # not reached: the pairs' mean is a weighted mean of the genres' means
 
 
 def _decade_weights(history: Sequence[tuple[str | None, float | None]]) -> Counter[str]:
@@ -149,10 +158,11 @@ def taste_lines(history: Sequence[tuple[ItemFacts, float | None]]) -> list[str]:
     if rated:
         ranked = sorted(rated, key=lambda x: (-x[2], -x[0]))  # highest first, recent on ties
         # each title once, as the grammar lists it (a catalog may hold two items of one title),
-        # and none rated below the history's mean (`rated_highest`)
-        bar = _mean_rating(_rated([(f.title, r) for _, f, r in rated]))
-        best = list(dict.fromkeys(f.title for _, f, r in ranked if r >= bar))[:TOP_RATED]
-        lines.append(f"{RATED} " + "; ".join(best) + ".")
+        # and only those the grammar may list (`rated_highest`: none below the history's mean)
+        allowed = set(rated_highest([(f.title, r) for f, r in history]))
+        best = list(dict.fromkeys(f.title for _, f, _ in ranked if f.title in allowed))[:TOP_RATED]
+        if best:
+            lines.append(f"{RATED} " + "; ".join(best) + ".")
     if drift := drifting_genres([f.genres for f, _ in history]):
         lines.append(f"{LATELY} {drift[0]}.")
     return lines

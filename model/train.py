@@ -183,6 +183,11 @@ class Trainer:
                 f"{self.out} already holds a run ({', '.join(held)}); pass --resume to continue it, "
                 "a new --out to keep it, or --overwrite to replace it (its checkpoints, log and curves)"
             )
+        if overwrite and Path(base).exists() and Path(base).resolve().is_relative_to(self.out.resolve()):
+            raise ValueError(
+                f"--base {base} is inside --out {self.out}, which --overwrite would delete before the "
+                "new run saved anything: copy it out of OUT first"
+            )
         self.train_rows = training_samples(cfg, dataset)  # checked before the model loads
         if self.is_main and (warning := decay_warning(cfg)):
             log.warning("%s", warning)
@@ -205,10 +210,6 @@ class Trainer:
                 self._cut_log()
         else:
             self.table.refresh(self.model, progress=self.is_main)
-        if overwrite and self.is_main:
-            clear_run(self.out)
-        dist.barrier()
-        self.out.mkdir(parents=True, exist_ok=True)
         frozen = self.table.lower_layers  # `cacheable_layers()`, checked by cache_lower
         caches_users = cfg.user_layer_cache_gb > 0 and cfg.stage != "recpo" and frozen > 0
         self.user_cache = LowerCache(frozen, cfg.user_layer_cache_gb) if caches_users else None
@@ -220,6 +221,10 @@ class Trainer:
         self.recpo = RecPOStep(self.model, self.table, cfg, self.prompt_ids)
         # In-batch training never reads the table between evals (which refresh it).
         self.reads_table = cfg.stage == "recpo" or cfg.negatives == "table"
+        if overwrite and self.is_main:  # last: every check above may still refuse the run
+            clear_run(self.out)
+        dist.barrier()
+        self.out.mkdir(parents=True, exist_ok=True)
 
     def _set_cowatch(self, dataset: PreparedDataset) -> None:
         """Co-watch hints in the prompts (model/cowatch.py): `cowatch_hints` when set, else

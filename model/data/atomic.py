@@ -179,7 +179,7 @@ def read_atomic_interactions(
         if not np.isfinite(stamps).all():
             i = int(np.flatnonzero(~np.isfinite(stamps))[0])
             raise DataError(f"{path}: line {lines[i]}: timestamp is not finite")
-        timestamp = np.floor(stamps).astype(np.int64)
+        timestamp = np.floor(stamps)  # whole seconds; checked, then cast, by check_interactions
     else:
         logger.warning("%s has no timestamp column; row order stands in for time", path)
         timestamp = np.arange(n, dtype=np.int64)

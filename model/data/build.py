@@ -32,31 +32,30 @@ def check_interactions(inter: pd.DataFrame, origin: str) -> pd.DataFrame:
     the service stores a repeated event once too (its default event id is that tuple)."""
     if inter.empty:
         raise DataError(f"{origin}: no interactions")
+    # checked as read, before the cast to int64 (1e19 would wrap to a time before 1970)
     out = pd.DataFrame(
         {
             "user_id": inter["user_id"].astype(str).to_numpy(dtype=object),
             "item_id": inter["item_id"].astype(str).to_numpy(dtype=object),
             "rating": inter["rating"].astype(np.float64).to_numpy(),
-            "timestamp": inter["timestamp"].astype(np.int64).to_numpy(),
+            "timestamp": inter["timestamp"].to_numpy(),
         }
     )
     low, high = RATING_RANGE
-    rating = out["rating"].to_numpy()
+    rating, stamps = out["rating"].to_numpy(), out["timestamp"].to_numpy(dtype=np.float64)
     checks = (
         (~np.isnan(rating) & ~((rating >= low) & (rating <= high)), f"is outside {low:g}-{high:g}", "rating"),
-        (out["timestamp"].to_numpy() < 0, "is before 1970", "timestamp"),
-        (
-            out["timestamp"].to_numpy() > MAX_TIMESTAMP_S,
-            "is after 2100: milliseconds? give Unix seconds (divide by 1000)",
-            "timestamp",
-        ),
+        (stamps < 0, "is before 1970", "timestamp"),
+        (stamps > MAX_TIMESTAMP_S, "is after 2100: milliseconds? give Unix seconds (/ 1000)", "timestamp"),
     )
     for bad, why, column in checks:
         if bad.any():
             row = out.iloc[int(np.flatnonzero(bad)[0])]
             where = f"user {row['user_id']!r}, item {row['item_id']!r}"
             value, count = row[column].item(), int(bad.sum())
+            value = int(value) if isinstance(value, float) and value.is_integer() else value
             raise DataError(f"{origin}: {column} {value!r} ({where}) {why}; {count} such row(s)")
+    out["timestamp"] = out["timestamp"].astype(np.int64)
     repeated = out.duplicated(keep="first").to_numpy()
     if repeated.any():
         logger.warning(

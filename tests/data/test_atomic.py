@@ -70,11 +70,12 @@ HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
             r"timestamp 1700000000000 \(user 'a', item 'i'\) is after 2100: milli",
         ),
         (HEADER + "a\ti\t4\t-5\n", r"timestamp -5 .* is before 1970"),
+        (HEADER + "a\ti\t4\t1e19\n", r"timestamp .* is after 2100"),  # not wrapped by int64
         (
             HEADER + "a\ti\t50\t100\na\tj\tinf\t200\n",
-            r"rating 50.0 \(user 'a', item 'i'\) is outside 0-10; 2 such",
+            r"rating 50 \(user 'a', item 'i'\) is outside 0-10; 2 such",
         ),
-        (HEADER + "a\ti\t-2\t100\n", r"rating -2.0 .* is outside 0-10"),
+        (HEADER + "a\ti\t-2\t100\n", r"rating -2 .* is outside 0-10"),
         # a header the format does not read, with what to do about it
         ("user_id,item_id,rating\na,i,4\n", "must be tab-separated .* this header has commas"),
         ("\ufeff" + HEADER + "a\ti\t4\t100\n", "byte-order mark: pass --encoding utf-8-sig"),

@@ -237,3 +237,31 @@ def test_each_sentence_is_read_after_the_one_before_it():
     odd = ItemFacts("Odd", ("Rated highest: picks",), None)
     claims = check_claims("Likes Rated highest: picks. Rated highest: Odd.", [(odd, 5.0)])
     assert (claims.genres, claims.rated) == (True, True)
+
+
+def test_a_history_with_genres_always_likes_one():
+    # 5 {X}, 5 {Y}, 0 {X, Y}: both genres average 2.5, below the items' 3.33; the (item, genre)
+    # pairs' mean (2.5) is the fallback, which the best genre always reaches
+    history = [(("X",), 5.0), (("Y",), 5.0), (("X", "Y"), 0.0)]
+    assert liked_genres(history) == ["X", "Y"]
+    facts = [(ItemFacts(f"T{i}", g, "1990s"), r) for i, (g, r) in enumerate(history)]
+    assert taste_lines(facts)[0] == "Likes X and Y, mostly 1990s."
+
+
+def test_every_data_built_label_holds_under_the_checker():
+    """What training teaches is what inference allows: random histories (ties, fractional and
+    missing ratings, blank titles, titles twice, items without genres or years) give labels
+    whose every claim the checker finds true."""
+    rng = random.Random(0)
+    genres = ["Drama", "Comedy", "Horror", "War", "Sci-Fi"]
+    for _ in range(400):
+        history = []
+        for _ in range(rng.randint(1, 10)):
+            title = rng.choice(["", "A", "B", "C", "D", "E", "F", "G"])
+            item = ItemFacts(
+                title, tuple(rng.sample(genres, rng.randint(0, 3))), rng.choice([None, "1990s", "1970s"])
+            )
+            history.append((item, rng.choice([None, float("nan"), 0.0, 1.0, 2.5, 3.0, 4.0, 5.0, 10.0])))
+        text = " ".join(taste_lines(history))
+        claims = check_claims(text, history)
+        assert claims.wrong == (), (text, history)

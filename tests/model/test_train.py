@@ -337,6 +337,16 @@ def test_a_new_run_into_a_directory_holding_one_is_refused_or_replaced_whole(tin
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == kept
     with pytest.raises(ValueError, match="--resume and --overwrite"):
         train(again, tiny_dataset, "tiny", run, resume=True, overwrite=True)
+    # a check that refuses the new run after the model loaded leaves the old one whole
+    picks = dataclasses.replace(
+        again, stage="rationale", rationale_hint_picks=1, cowatch_hints=None, rationale_self_users=0
+    )
+    with pytest.raises(ValueError, match="needs co-watch hints"):
+        train(picks, tiny_dataset, "tiny", run, overwrite=True)
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == kept
+    with pytest.raises(ValueError, match="inside --out .* copy it out of OUT first"):
+        train(again, tiny_dataset, str(run / "best"), run, overwrite=True)  # the warm start
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == kept
     # --overwrite starts clean: none of the old run's steps, validations or checkpoints remain
     (run / "notes.txt").write_text("mine")  # what the run did not write stays
     train(again, tiny_dataset, "tiny", run, overwrite=True)
