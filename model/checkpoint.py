@@ -400,7 +400,11 @@ def load_checkpoint_model(
     if not trainable:
         lm.eval()
     lm.to(where)  # inputs follow the model's device (R2ec.device)
-    model = R2ec(lm, tokenizer, PromptConfig.from_dict(meta["prompts"]), tau=float(meta["tau"]))
+    prompts = dict(meta["prompts"])
+    if "taste_format" not in prompts:  # written before the option: the rationale stage taught it
+        train = meta.get("train") if isinstance(meta.get("train"), dict) else {}
+        prompts["taste_format"] = (train.get("config") or {}).get("stage") == "rationale"
+    model = R2ec(lm, tokenizer, PromptConfig.from_dict(prompts), tau=float(meta["tau"]))
     if model.prompts.cowatch_hints:
         if not (path / COWATCH_FILE).exists():
             raise CheckpointError(f"checkpoint {path} names co-watch hints but is missing {COWATCH_FILE}")

@@ -33,13 +33,15 @@ one of the decades that carry the most rating weight (`decade_phrases`: " 1990s.
 1980s."), after "Lately more" one of the genres the latest items lean to (`drifting_genres`);
 where none does, the text must stop after the rated list. Each sentence's grammar also says
 what may come once it closes (`follow`): one of the format's later sentences that can hold, or a
-stop, so once the format has begun nothing else runs between or after its sentences. Before the
-first trigger decoding is free (greedy or sampled as asked; a model that never writes the format,
-the untrained backbone, is left alone), but for the claims nothing holds for: where no genre
+stop, so once the format has begun nothing else runs between or after its sentences. For a
+model never taught the format (the untrained backbone) the text before a first trigger is free
+(greedy or sampled as asked), but for the claims nothing holds for: where no genre
 drifts (or the window has no genres, for "Likes"; no listable title, for "Rated highest:") the
-trigger itself may not be written anywhere, since whatever followed it would be false. Known
-limit: a text that never writes "Likes" (a window whose items have no genres) is free until a
-trigger, so a misspelt opening ("Latelymore ...") is neither held nor read by `check_claims`. Keying on the
+trigger itself may not be written anywhere, since whatever followed it would be false. For a
+model taught the format (`PromptConfig.taste_format`) the first sentence is held too
+(`FormatStart`): one that can hold, or a stop, so a window whose items have no genres (where
+"Likes" is banned) gets "Rated highest: ..." or nothing, not "Lately More Thriller. Lately More
+Comedy. ..." as it did. Keying on the
 trigger alone left such a claim open wherever the text skipped the grammar that led up to it
 ("Likes Drama. Lately more Horror.", the rated list never written). `allowed` then returns the
 few `Banned` tokens that would complete the trigger after the text so far (" more" after
@@ -447,6 +449,35 @@ class PhraseChoice(_Decoded):
         ids = sorted({i for r in rests for i in self.strings.prefixes_of(r)})
         self._allowed[written] = ids or list(self.strings.stops) or None  # a dead end: stop
         return self._allowed[written]
+
+
+class FormatStart(_Decoded):
+    """The first sentence of a text, for a model trained on the taste format
+    (`PromptConfig.taste_format`): from the first token the text must begin one of `openings`,
+    the format's sentences that can hold for the history ("Likes", "Rated highest:", "Lately
+    more", ...), or stop, so nothing comes before the format (a window without genres bans
+    "Likes" and, free, wrote "Latelymore Thriller, ..."). Once an opening is written its own
+    grammar applies (`TitleLists`: a tie at position 0 goes to the grammar listed first, so
+    this one is listed last), and `follow` chains the rest."""
+
+    trigger = ""
+
+    def __init__(self, openings: Sequence[str], strings: TokenStrings) -> None:
+        self.strings = strings
+        self.follow = tuple(dict.fromkeys([*map(as_bytes, openings), ""]))  # "": a stop
+
+    def trigger_at(self, text: str) -> int:
+        return 0
+
+    def spans(self, written: str, at: int) -> bool:
+        return False  # a later sentence's trigger is that sentence's, never part of this one
+
+    @property
+    def empty(self) -> bool:
+        return False
+
+    def allowed_after(self, text: str) -> Allowed:
+        return self._next_sentence(text)
 
 
 class TitleLists:

@@ -51,6 +51,13 @@ class PromptConfig:
         is decoded under the grammar of those hints' titles (model/constrained.py). 0: none.
     hindsight: the reasoning the model was trained to write ends with its "Next: ..." guess
         (`rationale_hindsight`), which may then follow the rated list; the guess is free text.
+    taste_format: the reasoning the model was trained to write is the rationale stage's taste
+        summary (model/rationale.py: "Likes ..., mostly .... Rated highest: .... Lately more
+        ...."), so decoding holds a text to that format from its first token, not only once a
+        sentence of it began (model/constrained.py `FormatStart`). False for a model never
+        taught it (the untrained backbone's chat text is left alone). Checkpoints written
+        before this option load with True where their training stage was `rationale`
+        (model/checkpoint.py).
     """
 
     category: str = "movie"
@@ -65,6 +72,7 @@ class PromptConfig:
     cowatch_window: int = 10
     hint_picks: int = 0
     hindsight: bool = False
+    taste_format: bool = False
 
     def __post_init__(self) -> None:
         if self.max_history < 1:

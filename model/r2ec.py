@@ -23,7 +23,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from model.constrained import Grammar, PhraseChoice, TitleList, TitleListProcessor, TitleLists, TokenStrings
+from model.constrained import (
+    FormatStart,
+    Grammar,
+    PhraseChoice,
+    TitleList,
+    TitleListProcessor,
+    TitleLists,
+    TokenStrings,
+)
 from model.cowatch import CoWatch
 from model.prompts import HistoryEntry, PromptConfig, item_message, render, user_message
 from model.rationale import (
@@ -331,7 +339,7 @@ class R2ec:
                 named: Sequence[str] = []
             else:
                 named = hints[j] if hints is not None else self.hint_titles(h, w, catalog)
-            lists: list[TitleList | PhraseChoice] = []
+            lists: list[TitleList | PhraseChoice | FormatStart] = []
             # what may come right after the rated list, besides a stop; "Next:" starts the free
             # hindsight guess of a model trained to write it (`PromptConfig.hindsight`)
             guess = [" " + NEXT] if self.prompts.hindsight else []
@@ -363,6 +371,12 @@ class R2ec:
             lists += [TitleList(titles, strings, follow=follow or ""), *drift]  # "": only a stop
             if named:
                 lists.append(TitleList(named, strings, max_entries=picks, trigger=PICKS, follow=""))
+            if facts is not None and self.prompts.taste_format:
+                # the first sentence too: one that can hold, or a stop (listed last: module
+                # docstring of model/constrained.py, `FormatStart`)
+                openings = [*([LIKES] if liked else []), *([RATED] if titles else [])]
+                openings += [LATELY] * bool(drifting) + [f.lstrip() for f in last if f]
+                lists.append(FormatStart(openings, strings))
             out.append(lists[0] if len(lists) == 1 else TitleLists(lists))
         return out
 

@@ -260,8 +260,11 @@ class Trainer:
         hindsight = (
             self.cfg.rationale_hindsight if self.cfg.stage == "rationale" else self.model.prompts.hindsight
         )
+        # and whether it writes the taste format at all: a rationale run teaches it, later stages
+        # keep what their warm start was taught
+        taste = self.cfg.stage == "rationale" or self.model.prompts.taste_format
         self.model.prompts = dataclasses.replace(
-            self.model.prompts, cowatch_hints=hints, hint_picks=picks, hindsight=hindsight
+            self.model.prompts, cowatch_hints=hints, hint_picks=picks, hindsight=hindsight, taste_format=taste
         )
         self.model.cowatch = None
         if hints:

@@ -240,7 +240,7 @@ class Recommender:
             # the prompt names titles, not genres or years: an edit of those changes the grammar,
             # not the prompt
             window = facts[-self.model.prompts.max_history :]
-            grammar = json.dumps(["held-claims-5", [[f.genres, f.decade] for f in window]])
+            grammar = json.dumps(["held-claims-6", [[f.genres, f.decade] for f in window]])
         return PreparedQuery(
             query=query,
             model_version=self.version,
@@ -260,7 +260,9 @@ class Recommender:
         the rated list; until held-claims-4 a title spelt in pieces of characters (CJK, emoji)
         was not held to the list, nor one holding "Rated highest:"; until held-claims-5 a genre
         rated below the history's mean could be "liked" and a title rated below it "rated
-        highest", and an unrated history could have a rated list."""
+        highest", and an unrated history could have a rated list; until held-claims-6 a model
+        taught the format could begin its text with anything (model/constrained.py
+        `FormatStart`)."""
         material = json.dumps([self.version, prompt, budget, "greedy", grammar])
         return hashlib.sha256(material.encode()).hexdigest()
 

@@ -335,3 +335,28 @@ def test_publishing_carries_the_current_versions_item_edits(tmp_path):
 
 def _item(title: str) -> dict[str, str]:
     return {"title": title, "year": "", "genres": "", "description": ""}
+
+
+def test_a_checkpoint_written_before_taste_format_reads_it_from_its_training_stage(tmp_path, tiny_dataset):
+    """The shipped model (a rationale run) predates the option: it is taken to write the format;
+    an untrained base, or a run of another stage, is not; a checkpoint that says is taken at its
+    word."""
+    import json
+
+    create_base_checkpoint(tmp_path / "base", "tiny", tiny_dataset.items, dtype="float32", progress=False)
+    meta_file = tmp_path / "base" / "r2ec.json"
+    written = json.loads(meta_file.read_text())
+    assert written["prompts"]["taste_format"] is False  # new checkpoints say
+    for train, said, taught in (
+        ({"config": {"stage": "rationale"}, "step": 330}, None, True),
+        ({"config": {"stage": "recpo"}, "step": 24}, None, False),
+        (None, None, False),
+        ({"config": {"stage": "rationale"}, "step": 330}, False, False),
+    ):
+        meta = {**written, "train": train, "prompts": dict(written["prompts"])}
+        if said is None:
+            del meta["prompts"]["taste_format"]
+        else:
+            meta["prompts"]["taste_format"] = said
+        meta_file.write_text(json.dumps(meta))
+        assert load_checkpoint(tmp_path / "base", dtype="float32").model.prompts.taste_format is taught, train

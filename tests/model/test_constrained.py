@@ -405,6 +405,36 @@ def test_any_logits_write_a_text_whose_every_claim_holds(tiny_model, strings):
         assert {getattr(c, said) for c in made} == {True, None}, said
 
 
+def test_a_model_taught_the_format_writes_it_from_its_first_token(tiny_model, strings):
+    """`taste_format`: before any sentence only the openings of those that can hold, or a stop;
+    a window with nothing to say (no genres, no ratings, nothing drifts) stops at once. A model
+    never taught the format (the untrained backbone) starts freely."""
+    import dataclasses
+
+    kinds = [("Drama", "War")] * 5 + [("Comedy",), ("Animation", "Comedy"), ("Drama",), ("Comedy",)]
+    history = [HistoryEntry(f"Film {i}", float(1 + i % 5)) for i in range(len(kinds))]
+    facts = [ItemFacts(e.title, g, "1990s") for e, g in zip(history, kinds, strict=True)]
+    bare = [HistoryEntry(f"Film {i}") for i in range(4)]
+    bare_facts = [ItemFacts(e.title) for e in bare]
+    prompts = tiny_model.prompts
+    try:
+        (free,) = tiny_model.title_lists([history], facts=[facts])
+        assert free.allowed([]) is None  # not taught: the start is the model's
+        tiny_model.prompts = dataclasses.replace(prompts, taste_format=True)
+        (grammar,) = tiny_model.title_lists([history], facts=[facts])
+        for seed in range(6):
+            text = strings.decode(_decode_under(grammar, strings, [], seed))
+            sentences = re.findall(r"(?:Likes|Rated highest:|Lately more) .*?\.(?= |$)", text)
+            assert " ".join(sentences) == text, text
+            assert check_claims(text, list(zip(facts, [e.rating for e in history], strict=True))).wrong == ()
+        for text in ("Latelymore Drama.", "I think Likes Drama.", " Likes Drama."):
+            assert not _admits(grammar, strings, tiny_model.encode_text([text])[0]), text
+        (silent,) = tiny_model.title_lists([bare], facts=[bare_facts])
+        assert sorted(silent.allowed([])) == sorted(tiny_model.token_strings().stops)  # nothing holds: stop
+    finally:
+        tiny_model.prompts = prompts
+
+
 def test_a_trigger_inside_a_listed_title_stays_part_of_the_title(tiny_model, strings):
     # ", mostly" is the decades' trigger, and here part of a title the rated list is writing
     title = "Sometimes, mostly Harmless"

@@ -271,7 +271,8 @@ def test_rationale_hint_picks_end_the_label_with_the_prompts_strongest_hints(tin
     for grammar, prompt in zip(trainer.prompt_ids.title_lists(rows), prompts, strict=True):
         if HINTS_PREFIX in prompt:
             line = prompt[prompt.index(HINTS_PREFIX) + len(HINTS_PREFIX) :].split(".<")[0].split("\n")[0]
-            assert grammar.lists[-1].titles == [t.strip() for t in line.rstrip(".").split("; ")]  # the last
+            picks = next(g for g in grammar.lists if g.trigger == "Picks:")
+            assert picks.titles == [t.strip() for t in line.rstrip(".").split("; ")]
     # the loss trains on the longer text
     tokens = [t.rationale_loss(rows)[1]["rationale/tokens/mean"] for t in (plain, trainer)]
     assert tokens[1] > tokens[0]

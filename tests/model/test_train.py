@@ -100,6 +100,7 @@ def test_contrastive_step_lowers_the_loss_on_a_fixed_batch(tiny_dataset, tmp_pat
         **TINY,
     )
     trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    assert not trainer.model.prompts.taste_format  # "w/o reasoning" from the backbone: never taught
     rows = tiny_dataset.split("train").iloc[:4]
     before = trainer.table.vectors.clone()
     losses = [s["loss/total"] for s in stats_over_steps(trainer, lambda: trainer.contrastive_loss(rows))]
@@ -120,6 +121,7 @@ def test_rationale_step_learns_the_text_and_the_ranking(tiny_dataset, tmp_path, 
         **TINY,
     )
     trainer = Trainer(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    assert trainer.model.prompts.taste_format  # the stage teaches the format: inference holds it
     rows = tiny_dataset.split("train").iloc[:4]
     stats = stats_over_steps(trainer, lambda: trainer.rationale_loss(rows))
     first, last = stats[0], stats[-1]
