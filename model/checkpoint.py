@@ -401,9 +401,11 @@ def load_checkpoint_model(
         lm.eval()
     lm.to(where)  # inputs follow the model's device (R2ec.device)
     prompts = dict(meta["prompts"])
-    if "taste_format" not in prompts:  # written before the option: the rationale stage taught it
+    if "taste_format" not in prompts:  # written before the option: read it from the stage
+        # a rationale run taught it; a RecPO run records only its own stage, and every one the
+        # recipe and scheduled retraining make warm-starts from a rationale model
         train = meta.get("train") if isinstance(meta.get("train"), dict) else {}
-        prompts["taste_format"] = (train.get("config") or {}).get("stage") == "rationale"
+        prompts["taste_format"] = (train.get("config") or {}).get("stage") in ("rationale", "recpo")
     model = R2ec(lm, tokenizer, PromptConfig.from_dict(prompts), tau=float(meta["tau"]))
     if model.prompts.cowatch_hints:
         if not (path / COWATCH_FILE).exists():

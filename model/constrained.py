@@ -458,7 +458,8 @@ class FormatStart(_Decoded):
     more", ...), or stop, so nothing comes before the format (a window without genres bans
     "Likes" and, free, wrote "Latelymore Thriller, ..."). Once an opening is written its own
     grammar applies (`TitleLists`: a tie at position 0 goes to the grammar listed first, so
-    this one is listed last), and `follow` chains the rest."""
+    this one is listed last), and `follow` chains the rest. A hindsight model's "Next:" guess
+    has no grammar: after it the text is free, as after the rated list."""
 
     trigger = ""
 

@@ -56,8 +56,8 @@ class PromptConfig:
         ...."), so decoding holds a text to that format from its first token, not only once a
         sentence of it began (model/constrained.py `FormatStart`). False for a model never
         taught it (the untrained backbone's chat text is left alone). Checkpoints written
-        before this option load with True where their training stage was `rationale`
-        (model/checkpoint.py).
+        before this option load with True where their training stage was `rationale` or
+        `recpo` (RecPO warm-starts from a rationale model; model/checkpoint.py).
     """
 
     category: str = "movie"

@@ -339,6 +339,8 @@ class R2ec:
                 named: Sequence[str] = []
             else:
                 named = hints[j] if hints is not None else self.hint_titles(h, w, catalog)
+                # a blank title cannot be listed: without one "Picks:" is neither offered nor free
+                named = [t for t in named if t and t.strip()]
             lists: list[TitleList | PhraseChoice | FormatStart] = []
             # what may come right after the rated list, besides a stop; "Next:" starts the free
             # hindsight guess of a model trained to write it (`PromptConfig.hindsight`)

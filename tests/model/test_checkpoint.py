@@ -338,9 +338,9 @@ def _item(title: str) -> dict[str, str]:
 
 
 def test_a_checkpoint_written_before_taste_format_reads_it_from_its_training_stage(tmp_path, tiny_dataset):
-    """The shipped model (a rationale run) predates the option: it is taken to write the format;
-    an untrained base, or a run of another stage, is not; a checkpoint that says is taken at its
-    word."""
+    """The shipped model (a rationale run) predates the option: it is taken to write the format,
+    as a RecPO run (retraining warm-starts from one); an untrained base or a contrastive run is
+    not; a checkpoint that says is taken at its word."""
     import json
 
     create_base_checkpoint(tmp_path / "base", "tiny", tiny_dataset.items, dtype="float32", progress=False)
@@ -349,7 +349,8 @@ def test_a_checkpoint_written_before_taste_format_reads_it_from_its_training_sta
     assert written["prompts"]["taste_format"] is False  # new checkpoints say
     for train, said, taught in (
         ({"config": {"stage": "rationale"}, "step": 330}, None, True),
-        ({"config": {"stage": "recpo"}, "step": 24}, None, False),
+        ({"config": {"stage": "recpo"}, "step": 24}, None, True),  # RecPO from a rationale model
+        ({"config": {"stage": "contrastive"}, "step": 90}, None, False),
         (None, None, False),
         ({"config": {"stage": "rationale"}, "step": 330}, False, False),
     ):

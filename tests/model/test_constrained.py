@@ -295,6 +295,8 @@ def test_title_lists_add_the_picks_grammar_only_for_a_model_trained_to_write_it(
         assert other in prompt and not any(t in prompt for t in hinted)
         (none,) = tiny_model.title_lists([history], hints=[[]])
         assert isinstance(none, TitleList)
+        (blank,) = tiny_model.title_lists([history], hints=[["", "  "]])  # nothing listable: as none
+        assert isinstance(blank, TitleList) and " Picks:" not in blank.follow
         with pytest.raises(ValueError, match="1 hint lists for 2 histories"):
             tiny_model.title_lists([history, history], hints=[hinted])
         with pytest.raises(ValueError, match="hint_picks"):
