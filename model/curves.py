@@ -34,7 +34,7 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for line in Path(log_path).read_text().splitlines() if (r := _record(line))]
+    records = [r for line in Path(log_path).read_text().splitlines() if (r := log_record(line))]
     panels = choose_panels({k for r in records for k in r})
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
     for ax, (key, title) in zip(axes, panels, strict=True):
@@ -52,10 +52,11 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
         plt.close(fig)
 
 
-def _record(line: str) -> dict | None:
-    """One log line's record with its step; None for a line an interruption cut short."""
+def log_record(line: str) -> dict | None:
+    """One log.jsonl line's record, with its integer step; None for a line an interruption cut
+    short (what the curves draw, and what a resumed run keeps: model/train.py)."""
     try:
         record = json.loads(line)
     except ValueError:
         return None
-    return record if isinstance(record, dict) and "step" in record else None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None

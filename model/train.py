@@ -41,7 +41,7 @@ from model import distributed as dist
 from model import losses
 from model.checkpoint import read_meta, recover_checkpoint, save_checkpoint
 from model.cowatch import CoWatch
-from model.curves import plot_curves
+from model.curves import log_record, plot_curves
 from model.data import PreparedDataset
 from model.data.dataset import atomic_write
 from model.evaluate import evaluate_model, validation_eval_config
@@ -74,16 +74,6 @@ def train(
 ) -> Path:
     """Train and return the path of the best checkpoint."""
     return Trainer(cfg, dataset, base, out, resume=resume, overwrite=overwrite).fit()
-
-
-def _logged_step(line: str) -> int | None:
-    """The step of one log.jsonl line; None for a line that is not a whole record."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    step = record.get("step") if isinstance(record, dict) else None
-    return step if isinstance(step, int) else None
 
 
 def held_run(out: Path) -> list[str]:
@@ -281,17 +271,14 @@ class Trainer:
         )
         try:
             self._steps(bar, start_wall)
-        except KeyboardInterrupt:
-            bar.close()
-            if self.is_main:
-                self._plot()
-            raise TrainingInterrupted(
-                self.out, state.step, self.saved_step, cfg.save_every, self.is_main
-            ) from None
-        except BaseException:
+        except BaseException as exc:
             bar.close()
             if self.is_main:  # whatever stopped the run, its curves show how far it got
                 self._plot()
+            if isinstance(exc, KeyboardInterrupt):
+                raise TrainingInterrupted(
+                    self.out, state.step, self.saved_step, cfg.save_every, self.is_main
+                ) from None
             raise
         bar.close()
         dist.barrier()
@@ -670,7 +657,7 @@ class Trainer:
         if not path.is_file():
             return
         lines = path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if _logged_step(line) is not None and _logged_step(line) <= step]
+        kept = [line for line in lines if (r := log_record(line)) is not None and r["step"] <= step]
         if len(kept) < len(lines):
             text = "".join(f"{line}\n" for line in kept)
             atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
