@@ -3,8 +3,12 @@ start (the shipped recipe, configs/ml100k-onestage.yaml), RecPO, or the contrast
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -58,26 +62,64 @@ def train_cmd(
             device=device,
         )
         ds = load_prepared(data)
-        best = train(cfg, ds, base, out, resume=resume, overwrite=overwrite)
+        with _sigterm_as_interrupt() as signals:
+            best = train(cfg, ds, base, out, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as stop:
+        by = signals[-1] if signals else signal.SIGINT
         if stop.main:
-            typer.secho(_how_to_continue(stop), err=True, fg=typer.colors.YELLOW)
-        raise typer.Exit(130) from None  # 128 + SIGINT, as a shell reports a Ctrl-C
+            typer.secho(_how_to_continue(stop, by), err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(128 + by) from None  # as a shell reports a process ended by that signal
     except (DataError, ValueError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"best checkpoint: {best}")
 
 
-def _how_to_continue(stop: TrainingInterrupted) -> str:
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[list[int]]:
+    """SIGTERM (`kill`, `docker stop`, a batch scheduler's preemption, torchrun passing on its
+    own) stops a run as Ctrl-C does: the step in flight is dropped, the curves are drawn and
+    the resume line printed, where Python's default would end the process on the spot. Yields
+    the signals taken."""
+    taken: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        taken.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (an embedding caller): leave SIGTERM as it is
+        yield taken
+        return
+    try:
+        yield taken
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _how_to_continue(stop: TrainingInterrupted, by: int = signal.SIGINT) -> str:
     """One line: where the run stopped, what OUT/last holds and the command that goes on from
     it (this command with --resume), or, with nothing saved yet, the one that starts over."""
     args = [a for a in sys.argv[1:] if a not in ("--resume", "--no-resume", "--overwrite", "--no-overwrite")]
+    what = "interrupted" if by == signal.SIGINT else f"interrupted ({signal.Signals(by).name})"
     if stop.saved_step is None:
         return (
-            f"interrupted after step {stop.step}, before the first save (step {stop.save_every}): "
-            f"nothing to resume; start over with: r2ec {shlex.join([*args, '--overwrite'])}"
+            f"{what} after step {stop.step}, before the first save (step {stop.save_every}): "
+            f"nothing to resume; start over with: {_launcher()} {shlex.join([*args, '--overwrite'])}"
         )
     return (
-        f"interrupted after step {stop.step}; {stop.out / 'last'} holds step {stop.saved_step}: "
-        f"continue with: r2ec {shlex.join([*args, '--resume'])}"
+        f"{what} after step {stop.step}; {stop.out / 'last'} holds step {stop.saved_step}: "
+        f"continue with: {_launcher()} {shlex.join([*args, '--resume'])}"
     )
+
+
+def _launcher() -> str:
+    """How this run was started, as far as a worker can tell: `r2ec`, or torchrun's command
+    when its variables are set (its other options, e.g. a multi-node rendezvous, are the
+    launcher's and not visible here)."""
+    per_node = os.environ.get("LOCAL_WORLD_SIZE")
+    if per_node is None or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return "r2ec"
+    nodes = int(os.environ.get("WORLD_SIZE", per_node)) // max(int(per_node), 1)
+    more = f" --nnodes {nodes} ..." if nodes > 1 else ""
+    return f"torchrun{more} --nproc_per_node {per_node} -m cli"

@@ -242,3 +242,46 @@ def test_ctrl_c_in_train_says_how_to_continue(tmp_path, tiny_dataset, monkeypatc
         assert lines[0].startswith("interrupted after step 1, before the first save (step 2): nothing")
         assert lines[0].endswith(f"r2ec {shlex.join([*shown, '--overwrite'])}")
     assert (run / "curves.png").is_file()
+
+
+def test_sigterm_in_train_stops_as_ctrl_c_does(tmp_path, tiny_dataset, monkeypatch):
+    """A scheduler's preemption (SIGTERM) gets the curves and the resume line, exit 143, and
+    the process's own SIGTERM handling is back afterwards."""
+    import os
+    import signal
+
+    from model.train import Trainer
+
+    real = Trainer.step
+
+    def step_or_terminate(self):
+        if self.state.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "step", step_or_terminate)
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tiny_dataset.path), "--out", str(run), "--base", "tiny"]
+    args += ["--stage", "contrastive", "--max-steps", "6", "--set", "save_every=2", "--set", "dtype=float32"]
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/r2ec", *args])
+    before = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 143, result.output
+    (line,) = [line for line in result.output.splitlines() if "interrupted" in line]
+    assert line.startswith(f"interrupted (SIGTERM) after step 3; {run / 'last'} holds step 2: continue with: r2ec ")
+    assert (run / "curves.png").is_file()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_resume_line_names_torchrun_when_it_launched_the_run(monkeypatch):
+    from cli.train import _launcher
+
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert _launcher() == "r2ec"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _launcher() == "torchrun --nproc_per_node 2 -m cli"
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert _launcher() == "torchrun --nnodes 4 ... --nproc_per_node 2 -m cli"
