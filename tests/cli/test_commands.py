@@ -268,7 +268,8 @@ def test_sigterm_in_train_stops_as_ctrl_c_does(tmp_path, tiny_dataset, monkeypat
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 143, result.output
     (line,) = [line for line in result.output.splitlines() if "interrupted" in line]
-    assert line.startswith(f"interrupted (SIGTERM) after step 3; {run / 'last'} holds step 2: continue with: r2ec ")
+    said = f"interrupted (SIGTERM) after step 3; {run / 'last'} holds step 2: continue with: r2ec "
+    assert line.startswith(said)
     assert (run / "curves.png").is_file()
     assert signal.getsignal(signal.SIGTERM) is before
 
