@@ -252,6 +252,7 @@ async def get_history(user_id: UserIdPath, store: StoreDep, catalog: CatalogDep)
                 title=(catalog.item(e.item_id) or {}).get("title"),
                 rating=e.rating,
                 timestamp=e.timestamp,
+                event_id=e.event_id,
             )
             for e in events
         ],

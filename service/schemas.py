@@ -325,6 +325,11 @@ class HistoryItemOut(BaseModel):
     title: str | None
     rating: float | None
     timestamp: int | None
+    event_id: str | None = Field(
+        description="The event's idempotency key: the client's event_id, else the one the service"
+        " derived from the event (as POST /users/{user_id}/events answered); null for events"
+        " stored before histories kept it."
+    )
 
 
 class HistoryResponse(BaseModel):

@@ -72,7 +72,7 @@ class StoreUnavailable(RuntimeError):
 class Event:
     """One interaction: the user consumed/rated `item_id` at `timestamp` (seconds). `event_id`
     is its idempotency key when appending (None: `event_key` of the other fields); histories and
-    the stream's `event` read back without it (StreamEntry.event_id has it)."""
+    the stream read it back (None only for events stored before histories kept it)."""
 
     item_id: str
     rating: float | None = None
@@ -80,12 +80,13 @@ class Event:
     event_id: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"item_id": self.item_id, "rating": self.rating, "timestamp": self.timestamp})
+        d = {"item_id": self.item_id, "rating": self.rating, "timestamp": self.timestamp}
+        return json.dumps(d if self.event_id is None else {**d, "event_id": self.event_id})
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Event:
         d = json.loads(raw)
-        return cls(str(d["item_id"]), d.get("rating"), d.get("timestamp"))
+        return cls(str(d["item_id"]), d.get("rating"), d.get("timestamp"), d.get("event_id"))
 
     def stream_fields(self, user_id: str, event_id: str) -> dict[str, str]:
         return {
@@ -99,7 +100,8 @@ class Event:
     @classmethod
     def from_stream_fields(cls, fields: dict[str, str]) -> Event:
         rating, ts = fields.get("rating", ""), fields.get("timestamp", "")
-        return cls(fields["item_id"], float(rating) if rating else None, int(ts) if ts else None)
+        event_id = fields.get("event_id") or None
+        return cls(fields["item_id"], float(rating) if rating else None, int(ts) if ts else None, event_id)
 
 
 def event_key(user_id: str, event: Event) -> str:
@@ -229,7 +231,7 @@ class MemoryStore:
             if not new[-1]:
                 continue
             known.add(event_id)
-            stored = Event(e.item_id, e.rating, e.timestamp)
+            stored = Event(e.item_id, e.rating, e.timestamp, event_id)
             history.insert(_place(history, e.timestamp), stored)
             seen.add(e.item_id)
             entry_id = f"{len(self._events) + 1}-0"
@@ -311,7 +313,8 @@ class RedisStore:
         args: list[str | int] = [self.window, self.stream_maxlen, self.dedup_ttl_s, now, len(events)]
         for e, event_id in zip(events, ids, strict=True):
             f = e.stream_fields(user_id, event_id)
-            args += [event_id, e.item_id, f["rating"], f["timestamp"], e.to_json()]
+            stored = Event(e.item_id, e.rating, e.timestamp, event_id)
+            args += [event_id, e.item_id, f["rating"], f["timestamp"], stored.to_json()]
         with self._failures("append_events"):
             # one Lua script: the dedup check and every write happen atomically, or not at all
             out = await self._append(keys=[k.format(user_id=user_id) for k in keys], args=[user_id, *args])

@@ -102,7 +102,15 @@ async def test_events_build_the_stored_history_that_recommend_uses(app, client):
     history = (await client.get("/users/u1/history")).json()
     assert history["user_id"] == "u1"
     assert [h["item_id"] for h in history["history"]] == ["i3", "i4", "i5"]  # newest last
-    assert history["history"][0] == {"item_id": "i3", "title": "Four Rooms", "rating": 3.0, "timestamp": 300}
+    first_ids = {e["event_id"] for e in body["events"]}
+    assert {h["event_id"] for h in history["history"]} & first_ids == {history["history"][0]["event_id"]}
+    assert history["history"][0] == {
+        "item_id": "i3",
+        "title": "Four Rooms",
+        "rating": 3.0,
+        "timestamp": 300,
+        "event_id": body["events"][2]["event_id"],
+    }
     assert history["history"][1]["timestamp"] > 1_500_000_000  # no timestamp given: server time
     assert history["history"][2]["rating"] is None
     assert (await client.get("/users/nobody/history")).json()["history"] == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import replace
 
 import pytest
 import pytest_asyncio
@@ -34,7 +35,7 @@ async def test_history_is_capped_newest_last(store):
     events = [Event(f"i{n}", float(n % 5), 1000 + n) for n in range(5)]
     assert (await store.append_events("u1", events[:2])).history_length == 2
     assert (await store.append_events("u1", events[2:])).history_length == WINDOW
-    assert await store.get_history("u1") == events[-WINDOW:]
+    assert _without_ids(await store.get_history("u1")) == events[-WINDOW:]
     assert await store.get_history("u2") == []
 
 
@@ -44,7 +45,8 @@ async def test_history_is_kept_in_event_time_order(store):
     the history but not out of the stream or the seen set; no timestamp goes last."""
     await store.append_events("u1", [Event("a", 5.0, 100), Event("c", 4.0, 300)])
     await store.append_events("u1", [Event("b", 3.0, 200)])
-    assert await store.get_history("u1") == [Event("a", 5.0, 100), Event("b", 3.0, 200), Event("c", 4.0, 300)]
+    history = _without_ids(await store.get_history("u1"))
+    assert history == [Event("a", 5.0, 100), Event("b", 3.0, 200), Event("c", 4.0, 300)]
     done = await store.append_events("u1", [Event("old", 1.0, 50), Event("d", 2.0, 250)])
     assert done.history_length == WINDOW and done.new == (True, True)
     assert [e.item_id for e in await store.get_history("u1")] == ["b", "d", "c"]  # oldest by time dropped
@@ -71,7 +73,7 @@ async def test_a_backfill_sent_newest_first_keeps_the_newest_window(store):
 
 async def test_events_without_rating_or_time_round_trip(store):
     await store.append_events("u1", [Event("i9")])
-    assert await store.get_history("u1") == [Event("i9", None, None)]
+    assert await store.get_history("u1") == [Event("i9", None, None, event_key("u1", Event("i9")))]
 
 
 async def test_every_event_goes_to_the_stream_in_order(store):
@@ -79,7 +81,7 @@ async def test_every_event_goes_to_the_stream_in_order(store):
     await store.append_events("u2", [Event("c", 3.5, None)])
     await store.append_events("u1", [Event(f"x{n}") for n in range(4)])  # beyond the window
     entries = await store.read_events()
-    assert [(e.user_id, e.event) for e in entries[:3]] == [
+    assert [(e.user_id, replace(e.event, event_id=None)) for e in entries[:3]] == [
         ("u1", Event("a", 5.0, 1)),
         ("u1", Event("b", None, 2)),
         ("u2", Event("c", 3.5, None)),
@@ -90,6 +92,21 @@ async def test_every_event_goes_to_the_stream_in_order(store):
     after = await store.read_events(after=entries[2].id)
     assert [e.event.item_id for e in after] == ["x0", "x1", "x2", "x3"]
     assert [e.event.item_id for e in await store.read_events(after=entries[2].id, count=2)] == ["x0", "x1"]
+
+
+def _without_ids(events):
+    return [replace(e, event_id=None) for e in events]
+
+
+async def test_histories_and_the_stream_read_each_event_id_back(store):
+    """The id a client sent, or the one derived from what it sent (as the append reported it),
+    comes back with the event, so a client can match what it reads to what it wrote."""
+    done = await store.append_events("u1", [Event("a", 5.0, 1, "client-1"), Event("b", None, 2)])
+    assert [e.event_id for e in await store.get_history("u1")] == list(done.event_ids)
+    assert done.event_ids[1] == event_key("u1", Event("b", None, 2))
+    assert [(e.event_id, e.event.event_id) for e in await store.read_events()] == [
+        (i, i) for i in done.event_ids
+    ]
 
 
 async def test_a_retried_event_is_stored_once_and_reported_as_a_duplicate(store):
