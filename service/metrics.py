@@ -147,12 +147,16 @@ class RequestTimer:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            # path_format: the template without convertors ("/items/{item_id}", not "{item_id:id}")
-            template = getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
             self.metrics.request_latency.labels(
-                scope.get("method", ""), template, str(status["code"])
+                scope.get("method", ""), route_template(scope), str(status["code"])
             ).observe(time.perf_counter() - start)
+
+
+def route_template(scope) -> str:
+    """The template of the route that served a request, once it was routed, else "unmatched"."""
+    route = scope.get("route")
+    # path_format: the template without convertors ("/items/{item_id}", not "{item_id:id}")
+    return getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
 
 
 class _DraftCollector(Collector):
