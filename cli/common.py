@@ -10,6 +10,7 @@ import typer
 DataDir = Annotated[Path, typer.Option(envvar="R2EC_DATA_DIR", help="Where prepared datasets live.")]
 Protocol = Annotated[str, typer.Option(help="Split protocol: loo or temporal.")]
 LOG_LEVEL: str | None = None  # what `r2ec --log-level` set (cli/main.py), for the service's loggers
+LOG_FORMAT: str | None = None  # what `r2ec --log-format` set (cli/main.py): text or json
 
 
 def fail(message: str) -> NoReturn:

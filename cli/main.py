@@ -16,6 +16,7 @@ from cli.eval import eval_cmd
 from cli.retrain import retrain_cmd
 from cli.serve import serve
 from cli.train import train_cmd
+from service.logs import FORMATS, setup_logging
 
 app = typer.Typer(help="R²ec: a recommender LLM that reasons before it recommends.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -31,9 +32,15 @@ def _main(
     log_level: Annotated[
         str, typer.Option(envvar="R2EC_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     ] = "INFO",
+    log_format: Annotated[
+        str, typer.Option(envvar="R2EC_LOG_FORMAT", help="text, or json: one object a line")
+    ] = "text",
 ) -> None:
     level = logging.getLevelName(log_level.upper())  # a name's number ("WARN" too), else a string
     if not isinstance(level, int) or level == logging.NOTSET:
         fail(f"--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {log_level!r}")
+    if log_format.lower() not in FORMATS:
+        fail(f"--log-format must be text or json, got {log_format!r}")
     common.LOG_LEVEL = logging.getLevelName(level)  # the canonical name, for `r2ec serve`
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    common.LOG_FORMAT = log_format.lower()
+    setup_logging(level, common.LOG_FORMAT)

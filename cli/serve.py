@@ -36,6 +36,7 @@ def serve(
 
     overrides = {
         "log_level": common.LOG_LEVEL,  # `r2ec --log-level`, which reads R2EC_LOG_LEVEL too
+        "log_format": common.LOG_FORMAT,  # `r2ec --log-format`, R2EC_LOG_FORMAT
         "checkpoint": checkpoint,
         "redis_url": redis_url,
         "max_batch": max_batch,

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import routes, ui
+from service.access_log import AccessLog
 from service.config import Settings, unknown_env
 from service.errors import add_error_handlers
 from service.limits import BodyLimit
@@ -88,6 +89,7 @@ def create_app(
     refused = metrics.rejections.labels("body_too_large").inc
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_refused=refused)
     app.add_middleware(RequestTimer, metrics=metrics)  # times the 413s too
+    app.add_middleware(AccessLog)  # one line per request, with the request id (inside RequestId)
     app.add_middleware(RequestId)  # outermost: every response carries X-Request-ID
     # ui.router: the page (GET /) and catalog search (GET /items)
     routers = [routes.recommend_router(settings), routes.router, ui.router]

@@ -121,6 +121,11 @@ class Settings(BaseSettings):
         None, description="Key for admin routes (header X-API-Key); unset = admin API disabled."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines as text (timestamp level logger: message) or json (one object a "
+        "line: timestamp, level, logger, message, and the access log's fields as keys).",
+    )
     history_window: int = Field(20, ge=1, le=1000, description="Stored history length per user.")
     cache_size: int = Field(
         10_000, ge=0, description="Reasoning cache entries kept in process (0 disables the cache)."

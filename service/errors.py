@@ -89,6 +89,19 @@ def printable(text: object, limit: int = MAX_MESSAGE) -> str:
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
+class ErrorJSONResponse(JSONResponse):
+    """An error body's response; sent, it leaves its `code` in the request's scope state
+    (`error_code`), where the access log reads it (service/access_log.py)."""
+
+    def __init__(self, body: dict[str, Any], headers: Mapping[str, str] | None) -> None:
+        super().__init__({"error": body}, status_code=body["status"], headers=dict(headers or {}))
+        self.code: str = body["code"]
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 (Starlette's signature)
+        scope.setdefault("state", {})["error_code"] = self.code
+        await super().__call__(scope, receive, send)
+
+
 def error_response(
     status: int,
     message: str,
@@ -106,7 +119,7 @@ def error_response(
         "fields": list(fields),
     }
     body.update({k: v for k, v in extra.items() if v is not None})
-    return JSONResponse({"error": body}, status_code=status, headers=dict(headers or {}))
+    return ErrorJSONResponse(body, headers)
 
 
 def _field_path(loc: Iterable[Any]) -> str:

@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from service.app import begin_drain
 from service.config import Settings
+from service.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,16 @@ class DrainingServer(uvicorn.Server):
 
 def run(app: FastAPI, settings: Settings, host: str, port: int) -> None:
     """Serve `app` until SIGTERM/SIGINT, then drain (module docstring)."""
+    setup_logging(settings.log_level, settings.log_format)
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=settings.log_level.lower(),
+        # uvicorn's loggers write through the root handler, in R2EC_LOG_FORMAT (service/logs.py);
+        # its access lines are replaced by the app's (service/access_log.py)
+        log_config=None,
+        access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s + RESPONSE_MARGIN_S),
     )
     DrainingServer(config, app).run()

@@ -111,3 +111,51 @@ def test_sigterm_with_16_reasoning_requests_in_flight(tiny_ckpt, tiny_dataset, t
     assert returncode in (0, -signal.SIGTERM), output[-3000:]  # uvicorn re-raises the signal it got
     assert "draining: " in output and "Traceback" not in output, output[-3000:]
     print(f"SIGTERM with 16 in flight: {answered} answered, {refused} refused with 503")
+
+
+def test_json_logs_of_a_real_server_from_start_to_exit(tiny_ckpt, tmp_path):
+    """R2EC_LOG_FORMAT=json: every line of `r2ec serve`, uvicorn's included, is one JSON object;
+    each request has its access line (probes only at DEBUG)."""
+    port = free_port()
+    env = serve_env(tiny_ckpt, log_format="json", max_reasoning_tokens="4", shutdown_grace_s="2")
+    log = (tmp_path / "serve.log").open("w+")
+    cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            assert proc.poll() is None, "the server exited while starting"
+            try:
+                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, "the server to be ready", timeout_s=120)
+        body = {"history": [{"item_id": "i1"}], "k": 2}
+        r = httpx.post(f"{base}/recommend", json=body, headers={"x-request-id": "findme-123"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert httpx.get(f"{base}/users/u1/history", timeout=10).status_code == 200
+        assert httpx.get(f"{base}/nope", timeout=10).status_code == 404
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    log.seek(0)
+    output = log.read()
+    assert returncode in (0, -signal.SIGTERM), output[-3000:]
+    lines = [json.loads(line) for line in output.splitlines()]  # every line: one object
+    assert all(list(r)[:4] == ["timestamp", "level", "logger", "message"] for r in lines), output
+    access = [r for r in lines if r["logger"] == "service.access"]
+    assert [(r["method"], r["route"], r["status"], r["code"]) for r in access] == [
+        ("POST", "/recommend", 200, None),
+        ("GET", "/users/{user_id}/history", 200, None),
+        ("GET", "unmatched", 404, "not_found"),
+    ], output  # the /readyz polls: DEBUG, not shown at INFO
+    assert access[0]["request_id"] == "findme-123" and access[0]["duration_ms"] > 0
+    assert access[1]["path"] == "/users/u1/history"
+    assert not any(r["logger"] == "uvicorn.access" or r["logger"] == "faiss.loader" for r in lines), output
+    messages = [r["message"] for r in lines]
+    assert any(m.startswith("Finished server process") for m in messages), output  # uvicorn's, as JSON

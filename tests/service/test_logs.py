@@ -1,0 +1,130 @@
+"""The service's log lines (the on-call review, journey 37 F6): one access line per request with
+its id, route template, status, error code and duration; probes at DEBUG; text or JSON lines for
+the app and uvicorn alike."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.service.conftest import app_for, serve
+from tests.service.test_app import H1
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def access_lines(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "service.access"]
+
+
+@pytest.mark.asyncio
+async def test_one_access_line_per_request_with_id_route_template_status_code_and_duration(ckpt, caplog):
+    app = app_for(ckpt)
+    caplog.set_level(logging.DEBUG, logger="service")  # after create_app, which sets R2EC_LOG_LEVEL
+    async with serve(app) as client:
+        caplog.clear()
+        r = await client.post(
+            "/recommend", json={"history": H1, "k": 2}, headers={"x-request-id": "findme-123"}
+        )
+        assert r.status_code == 200, r.text
+        bad = {"user_id": "nobody-here", "k": 2}
+        r = await client.post("/recommend", json=bad, headers={"x-request-id": "findme-456"})
+        assert r.status_code == 422
+        assert (await client.get("/users/u%0A1/history")).status_code == 422  # a control character
+        assert (await client.get("/no/such/path")).status_code == 404
+        big = b"x" * 2_000_000  # over R2EC_MAX_BODY_BYTES (1 MiB)
+        r = await client.post("/recommend", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        for probe in ("/healthz", "/readyz", "/metrics"):
+            assert (await client.get(probe)).status_code == 200
+    lines = access_lines(caplog)
+    assert len(lines) == 8, [r.getMessage() for r in lines]
+    ok, empty, bad_id, unmatched, too_large, *probes = lines
+
+    assert ok.levelno == logging.INFO
+    assert (ok.request_id, ok.method, ok.route, ok.path, ok.status, ok.code) == (
+        "findme-123",
+        "POST",
+        "/recommend",
+        "/recommend",
+        200,
+        None,
+    )
+    assert 0 < ok.duration_ms < 60_000
+    assert (
+        ok.getMessage() == f"POST /recommend 200 {ok.duration_ms:.1f} ms request=findme-123 path=/recommend"
+    )
+
+    assert (empty.request_id, empty.status, empty.code) == ("findme-456", 422, "empty_history")
+    assert "POST /recommend 422 empty_history " in empty.getMessage()
+    # the route template, as the latency metric labels it; the raw path beside it, escaped
+    assert (bad_id.route, bad_id.path, bad_id.code) == (
+        "/users/{user_id}/history",
+        "/users/u\\n1/history",
+        "invalid_request",
+    )
+    assert "\n" not in bad_id.getMessage()
+    assert (unmatched.route, unmatched.path, unmatched.status, unmatched.code) == (
+        "unmatched",
+        "/no/such/path",
+        404,
+        "not_found",
+    )
+    assert (too_large.status, too_large.code) == (413, "body_too_large")
+    assert len({r.request_id for r in lines}) == 8  # each request its own (made-up) id
+    assert [(p.route, p.levelno) for p in probes] == [
+        (p, logging.DEBUG) for p in ("/healthz", "/readyz", "/metrics")
+    ]
+
+
+@pytest.mark.asyncio
+async def test_a_crash_is_logged_as_a_500_internal_error(ckpt, caplog, monkeypatch):
+    app = app_for(ckpt)
+    caplog.set_level(logging.DEBUG, logger="service")
+    async with serve(app) as client:
+        monkeypatch.setattr(app.state.r2ec, "readiness", None)  # /readyz calls it: TypeError
+        caplog.clear()
+        with pytest.raises(TypeError):  # httpx's ASGITransport re-raises what the app raised
+            await client.get("/readyz")
+    (line,) = access_lines(caplog)
+    assert (line.route, line.status, line.code) == ("/readyz", 500, "internal_error")
+    assert line.levelno == logging.DEBUG  # a probe's line, even a failed one (its ERROR line says more)
+
+
+LOGGING_SCRIPT = """
+import logging
+from service.logs import setup_logging
+setup_logging("INFO", "{fmt}")
+setup_logging("INFO", "{fmt}")  # again (the CLI, then service/server.py): still one handler
+colour = {{"color_message": "\\x1b[1m7"}}  # uvicorn's ANSI copy of the message
+logging.getLogger("uvicorn.error").info("Started server process [%d]", 7, extra=colour)
+logging.getLogger("service.access").info("GET /x 200", extra={{"request_id": "r1", "status": 200}})
+logging.getLogger("faiss.loader").info("Could not load library with AVX512 support due to: ...")
+"""
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_log_lines_in_either_format_for_the_app_and_uvicorn_alike(fmt):
+    out = subprocess.run(
+        [sys.executable, "-c", LOGGING_SCRIPT.format(fmt=fmt)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = out.stderr.splitlines()
+    assert len(lines) == 2, out.stderr  # faiss's INFO line is not there
+    if fmt == "text":
+        assert lines[0].endswith(" INFO uvicorn.error: Started server process [7]")
+        assert lines[0][:4].isdigit()  # a timestamp first, as every line of the app's
+        return
+    started, access = map(json.loads, lines)
+    assert list(started) == ["timestamp", "level", "logger", "message"]  # no color_message
+    assert started["timestamp"].endswith("+00:00") and started["level"] == "INFO"
+    assert started["logger"] == "uvicorn.error" and started["message"] == "Started server process [7]"
+    assert access["request_id"] == "r1" and access["status"] == 200
