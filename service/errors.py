@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
 
 from service.batcher import BatcherClosed, BatchFailed, QueueFull
+from service.logs import Throttled
 from service.metrics import Metrics
 from service.request_id import HEADER, request_id
 from service.schemas import ErrorResponse
@@ -190,7 +191,10 @@ async def error_body(request: Request, exc: Exception) -> bytes:
 def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRoute] = ()) -> None:
     """Every failure a client can cause is a 4xx naming the problem; service-side trouble is a
     503 (starting, store down, shutting down, overloaded: the last three with Retry-After) or a
-    500 that still says what went wrong. `routes`: the app's routes, for a 405's Allow header."""
+    500 that still says what went wrong. `routes`: the app's routes, for a 405's Allow header.
+    A store outage and queue-full shedding each log a WARNING every 10 s at most while they last."""
+    store_down_log = Throttled(log)
+    shedding_log = Throttled(log)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -228,6 +232,7 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
     @app.exception_handler(StoreUnavailable)
     async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
         metrics.store_errors.labels(exc.op).inc()
+        store_down_log.warn("history store down, requests that need it get 503 store_unavailable: %s", exc)
         headers = retry_after(STORE_RETRY_AFTER_S)
         return error_response(
             503, f"history store unavailable: {exc}", code="store_unavailable", headers=headers
@@ -246,6 +251,7 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
     @app.exception_handler(QueueFull)
     async def overloaded(request: Request, exc: QueueFull) -> JSONResponse:
         metrics.rejections.labels("queue_full").inc()
+        shedding_log.warn("queue full: shedding requests (503 overloaded): %s", exc)
         return error_response(503, str(exc), code="overloaded", headers=retry_after(exc.retry_after_s))
 
     @app.exception_handler(BatcherClosed)

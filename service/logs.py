@@ -1,12 +1,15 @@
 """Log lines: one handler on the root logger that writes text or JSON (R2EC_LOG_FORMAT), for
 every `r2ec` command and the service alike. uvicorn's loggers write through it too
 (service/server.py gives uvicorn no logging config of its own), so its lifecycle lines carry a
-timestamp like the rest.
+timestamp like the rest. And `Throttled`: a WARNING that an incident repeats on every request
+(the store down, the queue full) at most every few seconds, with the count it stands for.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
@@ -52,3 +55,25 @@ def setup_logging(level: str | int, fmt: str = "text") -> None:
     handler.r2ec = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+
+
+class Throttled:
+    """`warn(message, *args)` logs a WARNING at most once per `every_s`, ending with how many
+    calls the line stands for (the first call logs at once, standing for itself)."""
+
+    def __init__(
+        self, logger: logging.Logger, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.logger = logger
+        self.every_s = every_s
+        self.clock = clock
+        self._last: float | None = None
+        self._count = 0
+
+    def warn(self, message: str, *args: object) -> None:
+        self._count += 1
+        now = self.clock()
+        if self._last is not None and now - self._last < self.every_s:
+            return
+        self.logger.warning(message + " (%d since the last such line)", *args, self._count)
+        self._last, self._count = now, 0

@@ -1,9 +1,10 @@
 """The service's log lines (the on-call review, journey 37 F6): one access line per request with
-its id, route template, status, error code and duration; probes at DEBUG; text or JSON lines for
-the app and uvicorn alike."""
+its id, route template, status, error code and duration; probes at DEBUG; a rate-limited WARNING
+while the store is down or the queue sheds; text or JSON lines for the app and uvicorn alike."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import subprocess
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.conftest import app_for, serve
-from tests.service.test_app import H1
+from service.logs import Throttled
+from tests.service.conftest import HeldModel, app_for, serve
+from tests.service.test_app import H1, H2, H3, queued
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,6 +96,61 @@ async def test_a_crash_is_logged_as_a_500_internal_error(ckpt, caplog, monkeypat
     (line,) = access_lines(caplog)
     assert (line.route, line.status, line.code) == ("/readyz", 500, "internal_error")
     assert line.levelno == logging.DEBUG  # a probe's line, even a failed one (its ERROR line says more)
+
+
+@pytest.mark.asyncio
+async def test_a_store_outage_logs_a_warning_at_most_every_10_seconds(ckpt, caplog):
+    app = app_for(ckpt, redis_url="redis://127.0.0.1:18451/0")  # nothing listens there
+    async with serve(app) as client:
+        caplog.clear()
+        for _ in range(3):
+            r = await client.post("/recommend", json={"user_id": "u1"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "service.errors"
+    ]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(
+        "history store down, requests that need it get 503 store_unavailable: redis"
+    )
+    assert warnings[0].endswith("(1 since the last such line)")
+    assert [r.code for r in access_lines(caplog)] == ["store_unavailable"] * 3
+
+
+@pytest.mark.asyncio
+async def test_queue_full_shedding_logs_a_warning_when_it_starts(ckpt, caplog):
+    app = app_for(ckpt, max_batch=1, max_queue=1, cache_size=0)
+    async with serve(app) as client:
+        state = app.state.r2ec
+        held = HeldModel(state)
+        a = asyncio.create_task(client.post("/recommend", json={"history": H1}))
+        await held.wait_entered()
+        b = asyncio.create_task(client.post("/recommend", json={"history": H2}))
+        await queued(state, 1)
+        caplog.clear()
+        for _ in range(2):
+            r = await client.post("/recommend", json={"history": H3})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+        held.release()
+        await asyncio.gather(a, b)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("queue full: shedding requests (503 overloaded)"), (
+        warnings
+    )
+    assert "store" not in warnings[0]  # told apart from an outage's 503s
+
+
+def test_throttled_logs_once_per_interval_with_the_count_it_stands_for(caplog):
+    now = [0.0]
+    throttled = Throttled(logging.getLogger("t"), every_s=10, clock=lambda: now[0])
+    for t in (0, 1, 2, 9.9, 10, 10.5, 30):
+        now[0] = t
+        throttled.warn("down: %s", "why")
+    assert [r.getMessage() for r in caplog.records] == [
+        "down: why (1 since the last such line)",
+        "down: why (4 since the last such line)",  # 1, 2, 9.9 and 10
+        "down: why (2 since the last such line)",
+    ]
 
 
 LOGGING_SCRIPT = """
