@@ -17,7 +17,9 @@ Contract (tests/service/test_batcher.py checks each line):
 - `drain(grace_s)` (shutdown): new requests are refused with `ShuttingDown`; queued ones go out
   without waiting for batch-mates while a batch still fits in the grace (by the recent batch
   time); at the deadline every request still unanswered, the running batch's included, fails
-  with `ShuttingDown`, so each one gets an answer before the server gives up on it.
+  with `ShuttingDown`, so each one gets an answer before the server gives up on it. `stop()`
+  after a drain logs how it ended: of the requests queued or running when it began, how many
+  were answered, cut at the deadline, or left by their clients, and how many new ones it refused.
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ class QueueingBatcher(Generic[Q]):
         self._deadline: float | None = None  # loop.time() by which a draining batcher answers all
         self._expiry: asyncio.TimerHandle | None = None
         self._running: list[_Pending[Q]] = []  # requests the model thread has now
+        self._unanswered: set[asyncio.Future] = set()  # queued, admitted or running
+        self._drained: list[asyncio.Future] = []  # those unanswered when the drain began
+        self._drain_started = 0.0  # loop.time()
+        self._drain_refused = 0  # new requests refused while draining
         self.batches = 0  # batches run (continuous: requests admitted), for tests and logs
 
     async def start(self) -> None:
@@ -123,6 +129,8 @@ class QueueingBatcher(Generic[Q]):
                 await worker
             except asyncio.CancelledError:
                 pass
+        if self._deadline is not None:
+            self._log_drain_outcome()
         for p in [*self._pending, *self._running]:
             if not p.future.done():
                 p.future.set_exception(BatcherClosed("the service is shutting down"))
@@ -139,6 +147,8 @@ class QueueingBatcher(Generic[Q]):
             return
         loop = asyncio.get_running_loop()
         self._deadline = loop.time() + grace_s
+        self._drain_started = loop.time()
+        self._drained = list(self._unanswered)
         self._expiry = loop.call_later(grace_s, self._expire)
         log.info(
             "draining: %d queued, %d running, %.1fs to answer them",
@@ -148,6 +158,27 @@ class QueueingBatcher(Generic[Q]):
         )
         if self._wakeup is not None:
             self._wakeup.set()  # a batch waiting for company goes now
+
+    def _log_drain_outcome(self) -> None:
+        """The drain's one closing line (stop() calls it before it fails what is left)."""
+        answered = cut = left = 0
+        for f in self._drained:
+            if f.cancelled():
+                left += 1  # its client went away
+            elif not f.done() or isinstance(f.exception(), BatcherClosed):
+                cut += 1  # refused at the deadline (or by stop(), next)
+            else:
+                answered += 1  # a result, or its own error (a bad query, a failed batch)
+        log.info(
+            "drain over after %.1fs: of %d requests queued or running, %d answered, %d cut at the "
+            "deadline, %d left by their clients; %d new requests refused",
+            asyncio.get_running_loop().time() - self._drain_started,
+            len(self._drained),
+            answered,
+            cut,
+            left,
+            self._drain_refused,
+        )
 
     @property
     def idle(self) -> bool:
@@ -191,6 +222,7 @@ class QueueingBatcher(Generic[Q]):
         while draining, BatcherClosed when not running. Work answered beside the batcher (a
         cached h_T, service/state.py) asks here first, so it is refused exactly the same way."""
         if self.draining:
+            self._drain_refused += 1
             raise ShuttingDown("the service is shutting down; retry")
         if not self.running or self._wakeup is None:
             raise BatcherClosed("the batcher is not running")
@@ -205,6 +237,8 @@ class QueueingBatcher(Generic[Q]):
             )
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        self._unanswered.add(future)
+        future.add_done_callback(self._unanswered.discard)
         self._pending.append(self._new_pending(item, future, loop.time()))
         self._on_depth(len(self._pending))
         self._wakeup.set()

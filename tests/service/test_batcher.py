@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 import pytest
@@ -246,3 +247,31 @@ async def test_a_draining_batcher_does_not_start_a_batch_that_cannot_end_in_time
         gate.set()
         await b.stop()
     assert fn.batches == [[0]]
+
+
+async def test_when_a_drained_batcher_stops_one_line_says_how_the_drain_ended(caplog):
+    gate = threading.Event()
+    fn = Recorder(gate=gate)
+    b = await started(MicroBatcher(1, 1, fn))
+    caplog.set_level(logging.INFO, logger="service.batcher")
+    try:
+        held = b.submit(0)  # running when the drain begins: answered
+        await asyncio.wait_for(running(b, fn), 30)
+        queued, gone = b.submit(1), b.submit(2)
+        b.drain(60)
+        b._batch_s = 3600.0  # as if batches took an hour: 1 cannot end before the deadline
+        gone.cancel()  # its client left
+        with pytest.raises(ShuttingDown):
+            b.submit(3)  # new: refused
+        gate.set()
+        assert await held == 0
+        with pytest.raises(ShuttingDown):
+            await queued
+    finally:
+        gate.set()
+        await b.stop()
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("drain over")]
+    assert line.endswith(
+        "of 3 requests queued or running, 1 answered, 1 cut at the deadline, 1 left by their clients; "
+        "1 new requests refused"
+    ), line

@@ -7,6 +7,7 @@ and the clients get a plain-text 500 or a dropped connection.)"""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -110,12 +111,19 @@ def test_sigterm_with_16_reasoning_requests_in_flight(tiny_ckpt, tiny_dataset, t
     assert answered + refused == 16 and streamed == 8
     assert returncode in (0, -signal.SIGTERM), output[-3000:]  # uvicorn re-raises the signal it got
     assert "draining: " in output and "Traceback" not in output, output[-3000:]
+    # the drain's closing line: every request the deadline cut got a 503, none was dropped
+    over = re.search(
+        r"drain over after .*: of (\d+) .*, (\d+) answered, (\d+) cut .*, (\d+) left .*; (\d+) new", output
+    )
+    assert over, output[-3000:]
+    in_flight, drained, cut, left, new = map(int, over.groups())
+    assert (cut, left, new) == (refused, 0, 0) and drained + cut == in_flight and drained <= answered
     print(f"SIGTERM with 16 in flight: {answered} answered, {refused} refused with 503")
 
 
 def test_json_logs_of_a_real_server_from_start_to_exit(tiny_ckpt, tmp_path):
     """R2EC_LOG_FORMAT=json: every line of `r2ec serve`, uvicorn's included, is one JSON object;
-    each request has its access line (probes only at DEBUG)."""
+    each request has its access line (probes only at DEBUG), and the exit says how the drain ended."""
     port = free_port()
     env = serve_env(tiny_ckpt, log_format="json", max_reasoning_tokens="4", shutdown_grace_s="2")
     log = (tmp_path / "serve.log").open("w+")
@@ -159,3 +167,4 @@ def test_json_logs_of_a_real_server_from_start_to_exit(tiny_ckpt, tmp_path):
     assert not any(r["logger"] == "uvicorn.access" or r["logger"] == "faiss.loader" for r in lines), output
     messages = [r["message"] for r in lines]
     assert any(m.startswith("Finished server process") for m in messages), output  # uvicorn's, as JSON
+    assert any(m.startswith("drain over after") for m in messages), output
