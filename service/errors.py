@@ -214,7 +214,7 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
 
     @app.exception_handler(StoreUnavailable)
     async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
-        metrics.store_errors.labels(exc.op).inc()
+        metrics.store_failed(exc.op)
         headers = retry_after(STORE_RETRY_AFTER_S)
         return error_response(
             503, f"history store unavailable: {exc}", code="store_unavailable", headers=headers
