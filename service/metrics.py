@@ -63,6 +63,21 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.recommend_seconds = Histogram(
+            "r2ec_recommend_seconds",
+            "Answered recommendations (/recommend and /recommend/stream), from the request body "
+            "read and parsed to the answer: the service's own time, where "
+            "r2ec_request_duration_seconds also holds a slow client's upload.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "r2ec_queue_wait_seconds",
+            "Time a recommendation waited in the queue before the model took it (cache hits "
+            "answered beside the batch are not counted).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Histogram(
             "r2ec_batch_size", "Requests per micro-batch.", buckets=BATCH_BUCKETS, registry=r
         )

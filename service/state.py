@@ -239,6 +239,8 @@ class ServiceState:
         result = await self._answer_cached(prepared)
         if result is None:
             result = await self._batched(prepared, wait_disconnect, on_queued)
+            self.metrics.queue_wait.observe(result.timings.queue_ms / 1e3)
+        self.metrics.recommend_seconds.observe(time.perf_counter() - query.submitted_at)
         if result.cache != "off":
             self.metrics.cache.labels(result.cache).inc()
             self.metrics.reasoning_cut.inc(result.reasoning_cut)

@@ -548,6 +548,9 @@ async def test_a_repeated_request_is_one_index_search_without_the_batch(app, cli
     assert metric(text, "r2ec_reasoning_cache_total", result="hit") == 2
     assert metric(text, "r2ec_reasoning_cache_total", result="miss") == 1
     assert metric(text, "r2ec_batch_size_count") == 1
+    # every answer is timed; only the one that went through the batch waited in its queue
+    assert metric(text, "r2ec_recommend_seconds_count") == 3
+    assert metric(text, "r2ec_queue_wait_seconds_count") == 1
 
 
 async def test_an_entry_without_a_vector_goes_through_the_batch_and_gains_one(app, client):
@@ -682,6 +685,8 @@ async def test_probes_and_metrics(app, client):
     assert metric(text, "r2ec_batch_size_count") == 1
     assert metric(text, "r2ec_queue_depth") == 0
     assert metric(text, "r2ec_generate_seconds_count") == 1
+    # the service's own time for the answered recommendation (the 422 was refused before it)
+    assert metric(text, "r2ec_recommend_seconds_count") == metric(text, "r2ec_queue_wait_seconds_count") == 1
     assert 0 < metric(text, "r2ec_reasoning_tokens_sum") <= 8
     assert metric(text, "r2ec_reasoning_cache_total", result="miss") == 1
     assert metric(text, "r2ec_index_items") == 11
