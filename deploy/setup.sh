@@ -10,7 +10,7 @@ extras=""
 
 # System packages: redis-server (user histories in production, a real server in the tests) and,
 # with --dev, Debian's chromium for the browser test of the page (Playwright drives it; no
-# browser is ever downloaded).
+# browser is ever downloaded) and promtool for the alert rules.
 apt_packages=()
 if ! command -v redis-server >/dev/null 2>&1; then
   apt_packages+=(redis-server)
@@ -22,6 +22,11 @@ if ! command -v g++ >/dev/null 2>&1; then
 fi
 if [[ -n "$extras" ]] && ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
   apt_packages+=(chromium)
+fi
+# --dev: promtool (Debian's prometheus package) checks and unit-tests the alert rules in
+# deploy/prometheus/ (tests/service/test_alerts.py)
+if [[ -n "$extras" ]] && ! command -v promtool >/dev/null 2>&1; then
+  apt_packages+=(prometheus)
 fi
 if (( ${#apt_packages[@]} )); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -162,6 +163,7 @@ class RetrainResult:
     samples: dict[str, int] = field(default_factory=dict)
     pruned: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    finished_at: str = ""  # ISO 8601 UTC: when the run ended (a published one: when it published)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -422,7 +424,7 @@ def _publish(root: Path, best: Path, result: RetrainResult, started: float) -> N
     result.reason = _gate_text(result, ">=")
     # the run's time so far goes into the version's record, and `_finish` keeps it, so
     # retrain.json and state.json agree (only the pruning, milliseconds, comes after)
-    result.seconds = _elapsed(started)
+    result.seconds, result.finished_at = _elapsed(started), _now()
     (best / RECORD_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     publish_version(root, best, version)
 
@@ -443,9 +445,16 @@ def _elapsed(started: float) -> float:
     return round(time.perf_counter() - started, 2)
 
 
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
 def _finish(work: Path, result: RetrainResult, started: float) -> RetrainResult:
     if result.status != "published":  # a published run's time is in its record already
-        result.seconds = _elapsed(started)
-    _write_state(work, {**read_state(work), "last_run": result.to_dict()})
+        result.seconds, result.finished_at = _elapsed(started), _now()
+    state = {**read_state(work), "last_run": result.to_dict()}
+    if result.status == "published":  # what the service exports as the last publish's time
+        state["last_published_at"] = result.finished_at
+    _write_state(work, state)
     log.info("retrain %s: %s", result.status, result.reason)
     return result

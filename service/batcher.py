@@ -214,6 +214,11 @@ class QueueingBatcher(Generic[Q]):
     def queue_depth(self) -> int:
         return len(self._pending)
 
+    @property
+    def active(self) -> int:
+        """Requests the model thread has now (a micro-batch, or the continuous decode's slots)."""
+        return len(self._running)
+
     def _live_count(self) -> int:
         return sum(1 for p in self._pending if not p.future.done())
 

@@ -231,7 +231,7 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
 
     @app.exception_handler(StoreUnavailable)
     async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
-        metrics.store_errors.labels(exc.op).inc()
+        metrics.store_failed(exc.op)
         store_down_log.warn("history store down, requests that need it get 503 store_unavailable: %s", exc)
         headers = retry_after(STORE_RETRY_AFTER_S)
         return error_response(

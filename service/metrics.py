@@ -5,26 +5,49 @@ Names use the `r2ec_` namespace; Prometheus names cannot hold the `/` of trainin
 
 from __future__ import annotations
 
+import json
+import platform
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+# No `*_created` series beside every counter and histogram: Prometheus 2 stores each as one more
+# series, and nothing here reads them.
+disable_created_metrics()
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = (0, 8, 16, 32, 64, 128, 256, 512)
 WATCH_STAGES = ("pointer", "reload", "sync")  # r2ec_watch_errors_total's stages (service/state.py)
 REJECTION_REASONS = ("queue_full", "shutting_down", "body_too_large")  # r2ec_rejected_total's
+# r2ec_store_errors_total's operations (service/store.py's StoreUnavailable.op)
+STORE_OPS = ("get_history", "append_events", "get_seen", "read_events", "cache_get", "cache_set", "ping")
+RELOAD_OUTCOMES = ("ok", "failed")
+
+
+def package_version() -> str:
+    try:
+        return version("r2ec-serve")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 class Metrics:
@@ -37,6 +60,21 @@ class Metrics:
             "r2ec_request_duration_seconds",
             "HTTP request latency by route template and status.",
             ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.recommend_seconds = Histogram(
+            "r2ec_recommend_seconds",
+            "Answered recommendations (/recommend and /recommend/stream), from the request body "
+            "read and parsed to the answer: the service's own time, where "
+            "r2ec_request_duration_seconds also holds a slow client's upload.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "r2ec_queue_wait_seconds",
+            "Time a recommendation waited in the queue before the model took it (cache hits "
+            "answered beside the batch are not counted).",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -53,8 +91,15 @@ class Metrics:
         )
         self.reasoning_tokens = Histogram(
             "r2ec_reasoning_tokens",
-            "Reasoning tokens per answered request (sum = total tokens).",
+            "Reasoning tokens written per request that wrote its reasoning (a cache miss; hits are "
+            'r2ec_reasoning_cache_total{result="hit"}): sum = tokens generated.',
             buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.reasoning_cut = Counter(
+            "r2ec_reasoning_cut_total",
+            "Answers whose reasoning stopped at its token budget rather than ending (a reply's "
+            "reasoning_cut), cache hits included.",
             registry=r,
         )
         self.cache = Counter(
@@ -69,6 +114,36 @@ class Metrics:
             ["op"],
             registry=r,
         )
+        for op in STORE_OPS:  # at 0 from the start, so an alert can rate() them
+            self.store_errors.labels(op)
+        self.store_up = Gauge(
+            "r2ec_store_up",
+            "1 while the history store answers, 0 after a failed operation, until a /readyz "
+            "probe's ping succeeds again (the in-process store is always 1).",
+            registry=r,
+        )
+        self.store_up.set(1)
+        self.queue_capacity = Gauge(
+            "r2ec_queue_capacity",
+            "Requests the queue holds before refusing with 503 overloaded (R2EC_MAX_QUEUE).",
+            registry=r,
+        )
+        self.batch_capacity = Gauge(
+            "r2ec_batch_capacity",
+            "Requests the model works on at once (R2EC_MAX_BATCH): a micro-batch's size, or the "
+            "continuous decode's slots.",
+            registry=r,
+        )
+        self.batch_active = Gauge(
+            "r2ec_batch_active",
+            "Requests the model is working on now (of r2ec_batch_capacity).",
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "r2ec_requests_in_flight",
+            "HTTP requests received and not yet answered, probes and metrics included.",
+            registry=r,
+        )
         self.index_size = Gauge("r2ec_index_items", "Items in the served index.", registry=r)
         self.model = Info(
             "r2ec_model",
@@ -76,9 +151,29 @@ class Metrics:
             "(bf16_kernel, onednn, cuda or hf; int8+ in front with int8 weights).",
             registry=r,
         )
+        self.model_created = Gauge(
+            "r2ec_model_created_timestamp_seconds",
+            "When the served checkpoint was written (its r2ec.json created_at; 0 when it has none): "
+            "time() minus this is the model's age.",
+            registry=r,
+        )
+        self.model_loaded = Gauge(
+            "r2ec_model_loaded_timestamp_seconds",
+            "When this process began serving the current model (start or reload).",
+            registry=r,
+        )
+        self.model_outdated = Gauge(
+            "r2ec_model_outdated",
+            "1 while the checkpoint pointer (R2EC_CHECKPOINT, followed by the watch) names another "
+            "version than the one served: a reload pending or failing, or a manual /admin/reload "
+            "of another path. 0 without a watch (R2EC_WATCH_INTERVAL_S=0).",
+            registry=r,
+        )
         self.reloads = Counter(
             "r2ec_reloads_total", "Checkpoint reloads by outcome.", ["outcome"], registry=r
         )
+        for outcome in RELOAD_OUTCOMES:
+            self.reloads.labels(outcome)
         self.watch_errors = Counter(
             "r2ec_watch_errors_total",
             "Checkpoint watch failures (R2EC_WATCH_INTERVAL_S > 0) by stage: pointer (resolving "
@@ -97,6 +192,13 @@ class Metrics:
         )
         for reason in REJECTION_REASONS:  # at 0 from the start, as the watch's stages
             self.rejections.labels(reason)
+        self.build = Info("r2ec_build", "The r2ec-serve package and Python serving.", registry=r)
+        self.build.info({"version": package_version(), "python": platform.python_version()})
+        # the process's memory, CPU, open files and start time; the Python runtime's GC (the
+        # default registry's collectors, on this app's own registry)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
 
         self.streams = Counter(
             "r2ec_stream_requests_total",
@@ -108,8 +210,25 @@ class Metrics:
             registry=r,
         )
 
+    def store_failed(self, op: str) -> None:
+        """A history-store operation failed (StoreUnavailable.op)."""
+        self.store_errors.labels(op).inc()
+        self.store_up.set(0)
+
+    def serving(self, created_at: str) -> None:
+        """A model began serving now; `created_at` is its r2ec.json's (ISO 8601, or empty)."""
+        self.model_created.set(_timestamp(created_at) or 0.0)
+        self.model_loaded.set(time.time())
+
     def track_index_size(self, size: Callable[[], int]) -> None:
         self.index_size.set_function(lambda: float(size()))
+
+    def track_retrain(self, state_file: Path) -> None:
+        """`r2ec retrain`'s last run and last publish (its ROOT/retrain/state.json, model/retrain.py),
+        read at each scrape: the service and the retrain job share the versions root, so the
+        job's outcome reaches Prometheus without a push gateway. Nothing while the file is
+        missing or unreadable."""
+        self.registry.register(_RetrainCollector(state_file))
 
     def track_drafts(self, counts: Callable[[], tuple[int, int]]) -> None:
         """Speculative decoding's draft tokens (model/speculative.py), read at each scrape from
@@ -138,6 +257,7 @@ class RequestTimer:
             return
         start = time.perf_counter()
         status = {"code": 500}
+        self.metrics.in_flight.inc()
 
         async def send_wrapper(message) -> None:
             if message["type"] == "http.response.start":
@@ -147,6 +267,7 @@ class RequestTimer:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            self.metrics.in_flight.dec()
             self.metrics.request_latency.labels(
                 scope.get("method", ""), route_template(scope), str(status["code"])
             ).observe(time.perf_counter() - start)
@@ -175,3 +296,41 @@ class _DraftCollector(Collector):
             "Draft tokens the model confirmed: each one is a decode step saved.",
             value=confirmed,
         )
+
+
+def _timestamp(iso: object) -> float | None:
+    """Seconds since the epoch of an ISO 8601 time (one without a zone is UTC); None if not one."""
+    try:
+        at = datetime.fromisoformat(str(iso))
+    except ValueError:
+        return None
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+
+
+class _RetrainCollector(Collector):
+    def __init__(self, state_file: Path) -> None:
+        self.state_file = state_file
+
+    def collect(self):
+        try:
+            state = json.loads(self.state_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        last = state.get("last_run") if isinstance(state, dict) else None
+        ran = _timestamp(last.get("finished_at")) if isinstance(last, dict) else None
+        if ran is not None:
+            family = GaugeMetricFamily(
+                "r2ec_retrain_last_run_timestamp_seconds",
+                "When `r2ec retrain` last finished a run, by its outcome (published, rejected by the "
+                "gate, skipped for too few events); a run that failed writes nothing.",
+                labels=["status"],
+            )
+            family.add_metric([str(last.get("status"))], ran)
+            yield family
+        published = _timestamp(state.get("last_published_at"))
+        if published is not None:
+            yield GaugeMetricFamily(
+                "r2ec_retrain_last_published_timestamp_seconds",
+                "When `r2ec retrain` last published a version.",
+                value=published,
+            )

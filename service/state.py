@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 from index import search_without_threads
 from model.checkpoint import read_meta, resolve_checkpoint
+from model.retrain import STATE_FILE as RETRAIN_STATE
+from model.retrain import WORK_DIR as RETRAIN_DIR
 from service.batcher import MicroBatcher
 from service.catalog import Catalog
 from service.config import Settings
@@ -32,7 +34,8 @@ from service.types import CachedReasoning, PreparedQuery, Query, QueryError, Res
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-WATCH_RETRIES = 3  # loads of one new checkpoint version before the watch gives up on it
+WATCH_RETRIES = 3  # loads of one new checkpoint version a tick apart, before the watch slows down
+WATCH_SLOW_RETRY_S = 300.0  # then one load of it this often (service/state.py `_watch`)
 CACHE_BACKOFF_S = 5.0  # after a cache error, skip the cache this long (a down Redis is not
 # asked twice per request while it is down; histories are still asked, they are needed)
 
@@ -113,6 +116,10 @@ class ServiceState:
         self.edit_lock = asyncio.Lock()  # item edits vs. the swap of a reload
         self._cache_down_until = 0.0
         self._watcher: asyncio.Task | None = None
+        metrics.queue_capacity.set(settings.max_queue)
+        metrics.batch_capacity.set(settings.max_batch)
+        metrics.batch_active.set_function(lambda: float(self.batcher.active))
+        metrics.track_retrain(Path(settings.checkpoint) / RETRAIN_DIR / RETRAIN_STATE)
         metrics.track_index_size(lambda: len(self.engine.catalog.index))
         metrics.track_drafts(lambda: self.engine.draft_counts())
         self._publish_version()
@@ -177,7 +184,7 @@ class ServiceState:
         except StoreUnavailable as exc:
             if required:
                 raise
-            self.metrics.store_errors.labels(exc.op).inc()
+            self.metrics.store_failed(exc.op)
             log.warning(
                 "seen items of %r unavailable, excluding the request's history only: %s", user_id, exc
             )
@@ -232,8 +239,12 @@ class ServiceState:
         result = await self._answer_cached(prepared)
         if result is None:
             result = await self._batched(prepared, wait_disconnect, on_queued)
+            self.metrics.queue_wait.observe(result.timings.queue_ms / 1e3)
+        self.metrics.recommend_seconds.observe(time.perf_counter() - query.submitted_at)
         if result.cache != "off":
             self.metrics.cache.labels(result.cache).inc()
+            self.metrics.reasoning_cut.inc(result.reasoning_cut)
+        if result.cache == "miss":
             self.metrics.reasoning_tokens.observe(result.reasoning_tokens)
         if self.continuous and result.cache == "miss":  # (static batches observe per generate call)
             self.metrics.generate_seconds.observe(result.timings.generate_ms / 1e3)
@@ -332,7 +343,7 @@ class ServiceState:
             self._cache_failed(exc)
 
     def _cache_failed(self, exc: StoreUnavailable) -> None:
-        self.metrics.store_errors.labels(exc.op).inc()
+        self.metrics.store_failed(exc.op)
         self._cache_down_until = time.monotonic() + CACHE_BACKOFF_S
         log.warning("reasoning cache unavailable for %.0fs: %s", CACHE_BACKOFF_S, exc)
 
@@ -377,6 +388,7 @@ class ServiceState:
             return old, new
 
     def _publish_version(self) -> None:
+        self.metrics.serving(str(self.engine.checkpoint.meta.get("created_at", "")))
         self.metrics.model.info(
             {
                 "version": self.engine.version,
@@ -389,14 +401,16 @@ class ServiceState:
         """Follow the configured checkpoint: reload when the version it resolves to changes (the
         retrain job flipped CURRENT, or rewrote the directory). Only a change counts, so a manual
         `POST /admin/reload` of another path is not reverted; a version that fails to load is
-        retried WATCH_RETRIES times, then left until the pointer moves again. Each tick also
-        applies the item edits other replicas saved (`_sync_edits`). Every failure is logged
-        and counted in r2ec_watch_errors_total by stage: pointer (resolving the path or reading
-        the version it names), reload, sync."""
+        tried WATCH_RETRIES times a tick apart, then every WATCH_SLOW_RETRY_S (a checkpoint
+        repaired in place is taken then) until it loads or the pointer moves. r2ec_model_outdated
+        is 1 meanwhile. Each tick also applies the item edits other replicas saved
+        (`_sync_edits`). Every failure is logged and counted in r2ec_watch_errors_total by stage:
+        pointer (resolving the path or reading the version it names), reload, sync."""
         # the version being served, not whatever the pointer names at the first poll: the
         # pointer may have moved while the service loaded
         seen: str | None = self.engine.version
-        failures = 0
+        failing: str | None = None  # the version that failed to load, its failures, next try
+        failures, retry_at = 0, 0.0
         while True:
             try:
                 meta = await asyncio.to_thread(
@@ -407,20 +421,36 @@ class ServiceState:
                 log.warning("checkpoint watch: %s", exc)
                 meta = None
             version = None if meta is None else str(meta.get("version"))
-            if seen is None:
-                seen = version  # what is at the pointer when the service starts
+            if version is not None:
+                self.metrics.model_outdated.set(version != self.engine.version)
+            if seen is None or version == self.engine.version:
+                seen = version  # at the start, or a manual reload loaded it
             elif version is not None and version != seen:
-                try:
-                    await self.reload(self.settings.checkpoint)
-                    seen, failures = version, 0
-                except ReloadInProgress:
-                    pass  # try again next tick
-                except Exception as exc:  # ReloadError, or anything else: the watch goes on
-                    self.metrics.watch_errors.labels("reload").inc()
-                    failures += 1
-                    log.warning("checkpoint watch (attempt %d/%d): %s", failures, WATCH_RETRIES, exc)
-                    if failures >= WATCH_RETRIES:
-                        seen, failures = version, 0
+                if version != failing:  # a new version: try it now
+                    failing, failures, retry_at = version, 0, 0.0
+                if time.monotonic() >= retry_at:
+                    try:
+                        await self.reload(self.settings.checkpoint)
+                        seen, failing = version, None
+                        self.metrics.model_outdated.set(0)
+                    except ReloadInProgress:
+                        pass  # try again next tick
+                    except Exception as exc:  # ReloadError, or anything else: the watch goes on
+                        self.metrics.watch_errors.labels("reload").inc()
+                        failures += 1
+                        if failures < WATCH_RETRIES:
+                            log.warning("checkpoint watch (attempt %d/%d): %s", failures, WATCH_RETRIES, exc)
+                        else:
+                            retry_at = time.monotonic() + WATCH_SLOW_RETRY_S
+                            log.error(
+                                "checkpoint watch: version %s failed to load %d times, still serving %s;"
+                                " trying it again every %.0fs until it loads or the pointer moves: %s",
+                                version,
+                                failures,
+                                self.engine.version,
+                                WATCH_SLOW_RETRY_S,
+                                exc,
+                            )
             await self._sync_edits()
             await asyncio.sleep(self.settings.watch_interval_s)
 
@@ -455,7 +485,8 @@ class ServiceState:
             reasons.append("batcher not running")
         try:
             await self.store.ping()
+            self.metrics.store_up.set(1)
         except StoreUnavailable as exc:
-            self.metrics.store_errors.labels(exc.op).inc()
+            self.metrics.store_failed(exc.op)
             reasons.append(f"store unavailable: {exc}")
         return reasons

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
@@ -26,7 +28,9 @@ from model.retrain import (
     retrain,
     validation_ranks,
 )
+from service.metrics import Metrics
 from tests.conftest import FIXTURES
+from tests.service.test_app import metric
 
 TINY_TRAIN = {
     "dtype": "float32",
@@ -297,6 +301,31 @@ def test_retrain_without_a_stream_trains_on_the_dataset_and_prunes(versions_root
     record = json.loads((versions_root / result.published_version / "retrain.json").read_text())
     state = json.loads((versions_root / "retrain" / "state.json").read_text())
     assert record["seconds"] > 0 and record["seconds"] == state["last_run"]["seconds"] == result.seconds
+    # when it ran, as the service's /metrics reads it from the shared versions root
+    assert record["finished_at"] == state["last_run"]["finished_at"] == state["last_published_at"]
+    metrics = Metrics()
+    metrics.track_retrain(versions_root / "retrain" / "state.json")
+    text = metrics.render().decode()
+    at = datetime.fromisoformat(state["last_published_at"]).timestamp()
+    assert abs(at - time.time()) < 600
+    assert metric(text, "r2ec_retrain_last_run_timestamp_seconds", status="published") == at
+    assert metric(text, "r2ec_retrain_last_published_timestamp_seconds") == at
+    skipped = retrain(dataclasses.replace(cfg, min_events=10**6), FakeReader([]))
+    assert skipped.status == "skipped"
+    text = metrics.render().decode()
+    assert metric(text, "r2ec_retrain_last_run_timestamp_seconds", status="published") is None
+    ran = datetime.fromisoformat(skipped.finished_at).timestamp()
+    assert metric(text, "r2ec_retrain_last_run_timestamp_seconds", status="skipped") == ran
+    assert metric(text, "r2ec_retrain_last_published_timestamp_seconds") == at  # still the publish's
+
+
+def test_no_retrain_state_exports_nothing(tmp_path):
+    metrics = Metrics()
+    metrics.track_retrain(tmp_path / "retrain" / "state.json")
+    assert "r2ec_retrain" not in metrics.render().decode()
+    (tmp_path / "retrain").mkdir()
+    (tmp_path / "retrain" / "state.json").write_text("{not json")
+    assert "r2ec_retrain" not in metrics.render().decode()
 
 
 def test_an_unchanged_model_scores_the_same_twice(versions_root, tiny_dataset):

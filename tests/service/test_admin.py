@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from model.checkpoint import META_FILE
+from service.metrics import Metrics
 from tests.service.conftest import ADMIN, app_for, serve
 from tests.service.test_app import H1, metric
 
@@ -171,6 +172,7 @@ async def test_the_watch_catches_a_pointer_that_moved_while_the_service_loaded(m
     class Loaded:  # a ServiceState's part that the watch reads
         settings = SimpleNamespace(checkpoint="/versions", watch_interval_s=0.01)
         engine = SimpleNamespace(version="w1")
+        metrics = Metrics()
 
         async def reload(self, path=None):
             reloads.append(path)
@@ -430,3 +432,41 @@ async def test_watch_failures_are_counted_by_stage(ckpt, tmp_path, monkeypatch):
 
         await until(gave_up, "three failed reloads to be counted")
         assert (await client.get("/readyz")).json()["model_version"] == "w1"
+
+
+async def test_a_version_that_fails_to_load_is_outdated_and_retried_slowly(ckpt, tmp_path, monkeypatch):
+    """After WATCH_RETRIES failed loads the watch tries the version every WATCH_SLOW_RETRY_S,
+    so a checkpoint repaired in place is taken without another flip of the pointer, and
+    r2ec_model_outdated says meanwhile that the replica serves an older version than CURRENT's."""
+    monkeypatch.setattr("service.state.WATCH_SLOW_RETRY_S", 0.5)
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "one", "w1")
+    (root / "CURRENT").write_text("one")
+    app = app_for(root, watch_interval_s=0.02)
+    async with serve(app) as client:
+
+        async def scrape(name: str, **labels: str) -> float | None:
+            return metric((await client.get("/metrics")).text, name, **labels)
+
+        assert await scrape("r2ec_model_outdated") == 0
+        assert await scrape("r2ec_model_loaded_timestamp_seconds") > 0
+        broken = copy_as_new_version(ckpt, root / "two", "w2")
+        vectors = (broken / "item_vectors.npy").read_bytes()
+        (broken / "item_vectors.npy").unlink()
+        (root / "CURRENT").write_text("two")
+
+        async def three_failed() -> bool:
+            return await scrape("r2ec_watch_errors_total", stage="reload") == 3
+
+        await until(three_failed, "three failed reloads")
+        assert await scrape("r2ec_model_outdated") == 1
+        await asyncio.sleep(0.2)  # ten ticks, inside the slow retry's wait: no fourth load
+        assert await scrape("r2ec_watch_errors_total", stage="reload") == 3
+        (broken / "item_vectors.npy").write_bytes(vectors)  # repaired in place, same version
+
+        async def loaded() -> bool:
+            return (await client.get("/readyz")).json()["model_version"] == "w2"
+
+        await until(loaded, "the repaired version to load")
+        assert await scrape("r2ec_model_outdated") == 0
+        assert await scrape("r2ec_reloads_total", outcome="ok") == 1

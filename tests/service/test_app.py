@@ -9,12 +9,14 @@ import base64
 import json
 import logging
 import time
+from datetime import datetime
 
 import numpy as np
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.metrics import package_version
 from service.state import ClientDisconnected
 from service.store import Event
 from service.types import CachedReasoning, Query
@@ -512,6 +514,11 @@ async def test_a_repeated_request_is_answered_from_the_reasoning_cache(app, clie
     text = (await client.get("/metrics")).text
     assert metric(text, "r2ec_reasoning_cache_total", result="hit") == 1
     assert metric(text, "r2ec_reasoning_cache_total", result="miss") == 2
+    # tokens count what was written: the two misses, not the hit's copy of the first
+    assert metric(text, "r2ec_reasoning_tokens_count") == 2
+    assert metric(text, "r2ec_reasoning_tokens_sum") == first["reasoning_tokens"] + other["reasoning_tokens"]
+    cut = sum(r["reasoning_cut"] for r in (first, again, other))
+    assert other["reasoning_cut"] and metric(text, "r2ec_reasoning_cut_total") == cut
 
 
 async def test_a_repeated_request_is_one_index_search_without_the_batch(app, client):
@@ -541,6 +548,9 @@ async def test_a_repeated_request_is_one_index_search_without_the_batch(app, cli
     assert metric(text, "r2ec_reasoning_cache_total", result="hit") == 2
     assert metric(text, "r2ec_reasoning_cache_total", result="miss") == 1
     assert metric(text, "r2ec_batch_size_count") == 1
+    # every answer is timed; only the one that went through the batch waited in its queue
+    assert metric(text, "r2ec_recommend_seconds_count") == 3
+    assert metric(text, "r2ec_queue_wait_seconds_count") == 1
 
 
 async def test_an_entry_without_a_vector_goes_through_the_batch_and_gains_one(app, client):
@@ -675,10 +685,26 @@ async def test_probes_and_metrics(app, client):
     assert metric(text, "r2ec_batch_size_count") == 1
     assert metric(text, "r2ec_queue_depth") == 0
     assert metric(text, "r2ec_generate_seconds_count") == 1
+    # the service's own time for the answered recommendation (the 422 was refused before it)
+    assert metric(text, "r2ec_recommend_seconds_count") == metric(text, "r2ec_queue_wait_seconds_count") == 1
     assert 0 < metric(text, "r2ec_reasoning_tokens_sum") <= 8
     assert metric(text, "r2ec_reasoning_cache_total", result="miss") == 1
     assert metric(text, "r2ec_index_items") == 11
     assert metric(text, "r2ec_model_info", version=engine.version) == 1
+    # saturation: what the queue and the model hold, of how much; this scrape is in flight
+    settings = app.state.r2ec.settings
+    assert metric(text, "r2ec_queue_capacity") == settings.max_queue
+    assert metric(text, "r2ec_batch_capacity") == settings.max_batch
+    assert metric(text, "r2ec_batch_active") == 0
+    assert metric(text, "r2ec_requests_in_flight") == 1
+    # the model's age, the process and the build; no *_created series beside the counters
+    created = datetime.fromisoformat(engine.checkpoint.meta["created_at"]).timestamp()
+    assert metric(text, "r2ec_model_created_timestamp_seconds") == pytest.approx(created)
+    assert time.time() - 600 < metric(text, "r2ec_model_loaded_timestamp_seconds") <= time.time()
+    assert metric(text, "process_start_time_seconds") > 0 and metric(text, "python_info") == 1
+    assert metric(text, "r2ec_build_info", version=package_version()) == 1
+    samples = [s.name for family in text_string_to_metric_families(text) for s in family.samples]
+    assert not [name for name in samples if name.endswith("_created")]
     # the decode steps' matmul path: a float32 model never takes the bf16 kernel
     assert engine.decode_matmuls == "onednn"
     assert metric(text, "r2ec_model_info", version=engine.version, decode_matmuls="onednn") == 1

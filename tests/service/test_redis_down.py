@@ -21,6 +21,9 @@ async def test_a_stopped_redis_degrades_to_inline_histories(ckpt):
             assert r.status_code == 200, r.text
             assert (await client.post("/recommend", json={"user_id": "u1"})).status_code == 200
             assert (await client.get("/readyz")).status_code == 200
+            text = (await client.get("/metrics")).text
+            assert metric(text, "r2ec_store_up") == 1
+            assert metric(text, "r2ec_store_errors_total", op="get_seen") == 0  # exported from the start
 
             server.stop()
 
@@ -51,5 +54,6 @@ async def test_a_stopped_redis_degrades_to_inline_histories(ckpt):
             assert metric(text, "r2ec_store_errors_total", op="append_events") == 1
             assert metric(text, "r2ec_store_errors_total", op="cache_get") == 1  # then skipped a while
             assert metric(text, "r2ec_store_errors_total", op="ping") == 1
+            assert metric(text, "r2ec_store_up") == 0
     finally:
         server.stop()
