@@ -1,9 +1,11 @@
-"""What several commands share: the error exit and the dataset options."""
+"""What several commands share: the error exit, the dataset options and strict JSON."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -24,3 +26,21 @@ def check_protocol(protocol: str) -> None:
 
     if protocol not in PROTOCOLS:
         fail(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+
+
+def finite(obj: Any) -> Any:
+    """`obj` with every non-finite float (NaN, an infinite ratio) replaced by None, through
+    dicts, lists and tuples: strict JSON parsers (JavaScript, Go, serde) refuse NaN/Infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def json_dumps(obj: Any, **kwargs: Any) -> str:
+    """Standard JSON: non-finite numbers written as null (`finite`)."""
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
+

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import fail
+from cli.common import fail, json_dumps
 
 if TYPE_CHECKING:
     import numpy as np
@@ -232,7 +231,7 @@ def eval_cmd(
         **extra,
     }
     if as_json:
-        typer.echo(json.dumps(payload))
+        typer.echo(json_dumps(payload))  # null for an undefined s.e. or ratio, not NaN/Infinity
     else:
         _print(ds, label, split, result, extra)
     if write_error is not None:

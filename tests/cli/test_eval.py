@@ -182,3 +182,23 @@ def test_a_failed_ranks_write_prints_the_results_then_fails(tiny_dataset, tmp_pa
     where = blocker / "r.parquet"  # under a file: the write fails after the run
     code, out = _eval("--data", str(tiny_dataset.path), "--baseline", "pop", "--ranks-out", str(where))
     assert code == 2 and "pop on " in out and f"--ranks-out {where}" in out
+
+
+def _strict(text: str) -> dict:
+    """The last line parsed as standard JSON: NaN/Infinity refused, as JavaScript's JSON.parse does."""
+
+    def refuse(name: str):
+        raise ValueError(f"not standard JSON: {name}")
+
+    return json.loads(text.strip().splitlines()[-1], parse_constant=refuse)
+
+
+def test_json_is_standard_json_with_null_for_what_is_undefined(tiny_dataset):
+    # one sample: every standard error is undefined (NaN in Python)
+    code, out = _eval("--data", str(tiny_dataset.path), "--baseline", "pop", "--limit", "1", "--json")
+    assert code == 0, out
+    payload = _strict(out)
+    assert set(payload["stderr"]) == METRICS and all(v is None for v in payload["stderr"].values())
+    # the text output keeps its "± nan"
+    code, out = _eval("--data", str(tiny_dataset.path), "--baseline", "pop", "--limit", "1")
+    assert code == 0 and "± nan" in out
