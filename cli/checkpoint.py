@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import fail
+from cli.common import code_commit, fail
 
 app = typer.Typer(help="Create and inspect checkpoints.", no_args_is_help=True)
 
@@ -115,19 +115,13 @@ def checkpoint_export(
 ) -> None:
     """A small copy to ship: LoRA adapter, tokenizer, catalog, metadata with provenance (the
     command, the git commit, the training config, measured metrics); no item vectors."""
-    import subprocess
     from datetime import UTC, datetime
 
     from model.checkpoint import BUILTIN_BASES, CheckpointError, export_checkpoint
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        head = commit.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        head = "unknown"
     provenance = {
         "command": command,
-        "commit": head,
+        **code_commit(),
         "exported_at": datetime.now(UTC).isoformat(),
         "measured": None,
     }

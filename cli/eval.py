@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import fail, json_dumps
+from cli.common import code_commit, fail, json_dumps
 
 if TYPE_CHECKING:
     import numpy as np
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 
 BASELINES = ("pop", "sasrec", "cowatch")
+DEFAULT_SASREC_EPOCHS = 30
 
 
 def eval_cmd(
@@ -55,7 +56,9 @@ def eval_cmd(
     mask: Annotated[
         str, typer.Option(help="seen (every earlier item of the user; the field's protocol), prompt, none")
     ] = "seen",
-    sasrec_epochs: Annotated[int, typer.Option(help="SASRec training epochs")] = 30,
+    sasrec_epochs: Annotated[
+        int, typer.Option(help="--baseline sasrec: training epochs")
+    ] = DEFAULT_SASREC_EPOCHS,
     cowatch_window: Annotated[
         int | None,
         typer.Option(
@@ -170,11 +173,15 @@ def eval_cmd(
         saved = None if paired_with is None else read_ranks(paired_with, samples, split, mask, paired_column)
     except (DataError, ValueError) as exc:
         fail(str(exc))
+    # how the run was made, in the JSON and the ranks file, so a row can be told from another
+    run: dict = {"data": {"path": str(data.resolve()), "name": ds.name, "protocol": ds.protocol}}
+    run |= {"split": split, "mask": mask, "limit": limit, "batch_size": batch_size}
     extra: dict = {}
     off_ranks: dict[str, list[int]] = {}  # with --compare-reasoning, for --ranks-out
     write_error = None
     if baseline == "pop":
         result, label = evaluate_popularity(ds, cfg), "pop"
+        run["baseline"] = {"name": "pop"}
     elif baseline == "cowatch":
         from model.prompts import PromptConfig
 
@@ -183,13 +190,17 @@ def eval_cmd(
         label = "cowatch" if window == PromptConfig.cowatch_window else f"cowatch (window {window})"
         result = evaluate_cowatch(ds, cfg, window)
         extra["cowatch_window"] = window
+        run["baseline"] = {"name": "cowatch", "window": window}
     elif baseline == "sasrec":
         result, stats = evaluate_sasrec(ds, cfg, sasrec_cfg, progress=not as_json)
         label, extra = "sasrec", {"train": {"seconds": round(stats["seconds"], 1), "epochs": stats["epochs"]}}
+        if sasrec_epochs != DEFAULT_SASREC_EPOCHS:  # a ranks file and its pairing name other epochs
+            label = f"sasrec ({sasrec_epochs} epochs)"
+        run["baseline"] = {"name": "sasrec", "epochs": sasrec_epochs}
     else:
         from model.generation import make_backend
 
-        model, vectors, label = _load_model(ds, checkpoint, base, dtype, device)
+        model, vectors, label, loaded = _load_model(ds, checkpoint, base, dtype, device)
         gen = make_backend(
             model,
             backend,  # type: ignore[arg-type]
@@ -201,6 +212,11 @@ def eval_cmd(
         if gen.name == "engine":
             extra["quantize"] = gen.engine.quantize  # auto resolved
             extra["speculative_tokens"] = 0 if gen.drafter is None else gen.drafter.tokens
+        run |= loaded | {"reasoning": "both" if compare_reasoning else cfg.reasoning}
+        if cfg.reasoning:
+            run |= {"max_reasoning_tokens": max_reasoning_tokens, "constrain_titles": constrain_titles}
+        run |= {"dtype": dtype, "backend": gen.name}
+        run |= {k: extra[k] for k in ("quantize", "speculative_tokens") if k in extra}
         result = evaluate_model(model, ds, vectors, cfg, backend=gen)
         if not cfg.reasoning:  # named, so a ranks file and a pairing say which mode ranked
             label += " without reasoning"
@@ -214,8 +230,10 @@ def eval_cmd(
                 "paired_rank": paired_ranks(result.ranks, off.ranks, result.users),
             }
             off_ranks["rank_without_reasoning"] = off.ranks
+    run["code"] = code_commit()
     if ranks_out is not None or saved is not None:
         frame = ranks_frame(samples, cfg, label, result.ranks, **off_ranks)
+        frame.attrs["run"] = run  # kept in the parquet's metadata
         if saved is not None:
             extra["paired_with"] = paired_with_saved(frame, saved, paired_with)
         if ranks_out is not None:
@@ -229,6 +247,7 @@ def eval_cmd(
         "reasoning": cfg.reasoning and baseline is None,
         **result.to_dict(),
         **extra,
+        "run": run,
     }
     if as_json:
         typer.echo(json_dumps(payload))  # null for an undefined s.e. or ratio, not NaN/Infinity
@@ -275,8 +294,14 @@ def _print(ds: PreparedDataset, label: str, split: str, result: EvalResult, extr
         )
     if pw := extra.get("paired_with"):
         pair, pr = pw["ndcg@10"], pw["rank"]
+        differs = pw.get("differs")
+        if differs:  # what tells two runs apart that their labels may not (checkpoint X against X)
+            settings = ", ".join(f"{k} {this} here, {that} there" for k, (this, that) in differs.items())
+            where = f"{pw['path']}; differs in {settings}"
+        else:
+            where = pw["path"] if differs is None else f"{pw['path']}; the same settings"
         typer.echo(
-            f"  against {pw['b']} ({pw['path']}), per user: {_ndcg_pair(pair)}; the target's rank "
+            f"  against {pw['b']} ({where}), per user: {_ndcg_pair(pair)}; the target's rank "
             f"better for {pr['a_better']} users, worse for {pr['b_better']}, mean log(rank ratio) "
             f"{pr['log_rank_diff']:+.3f} ± {pr['stderr']:.3f}"
         )
@@ -294,9 +319,10 @@ def _ndcg_pair(pair: dict) -> str:
 
 def _load_model(
     ds: PreparedDataset, checkpoint: Path | None, base: str | None, dtype: str, device: str
-) -> tuple[R2ec, torch.Tensor | np.ndarray, str]:
+) -> tuple[R2ec, torch.Tensor | np.ndarray, str, dict]:
     """A checkpoint (with its stored item table when the catalog is the same) or an untrained
-    backbone, on `device`; returns the model, the catalog's vectors and the row's label."""
+    backbone, on `device`; returns the model, the catalog's vectors, the row's label and what
+    was loaded where (for the JSON's `run`)."""
     from model.backbone import BackboneConfig, load_backbone
     from model.checkpoint import CheckpointError, load_checkpoint
     from model.distributed import resolve_device
@@ -313,6 +339,7 @@ def _load_model(
         except (CheckpointError, ValueError, OSError) as exc:
             fail(str(exc))
         model, label = ckpt.model, f"checkpoint {ckpt.version}"
+        loaded = {"checkpoint": {"path": str(Path(ckpt.path).resolve()), "version": ckpt.version}}
         same_catalog = list(ckpt.items["item_id"]) == list(ds.items["item_id"])
         vectors = ckpt.item_vectors if same_catalog else None
     else:
@@ -321,7 +348,8 @@ def _load_model(
         except (ValueError, OSError) as exc:
             fail(str(exc))
         model, label, vectors = R2ec(lm, tok, PromptConfig(category=ds.category)), f"base {base}", None
+        loaded = {"base": base}
     model.lm.to(where)
     if vectors is None:
         vectors = model.item_vectors(ds.items.to_dict("records"), progress=True)
-    return model, vectors, label
+    return model, vectors, label, loaded | {"device": str(where)}

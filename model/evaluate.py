@@ -217,7 +217,9 @@ def ranks_frame(
 
 
 def write_ranks(path: Path, frame: pd.DataFrame) -> None:
-    """`frame` (from `ranks_frame`) as parquet, through a temp file and a rename."""
+    """`frame` (from `ranks_frame`) as parquet, through a temp file and a rename; its `attrs`
+    (r2ec eval puts its `run` block there) go into the parquet's metadata, and `read_ranks`
+    gives them back."""
     atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
@@ -259,17 +261,38 @@ def read_ranks(
     if rank.isna().any() or (rank < 1).any() or (rank != rank.round()).any():
         raise ValueError(f"ranks file {path}: its {column} values must be whole numbers >= 1")
     model = saved["model"].astype(str) + ("" if column == "rank" else " without reasoning")
-    return saved.assign(rank=rank.astype(np.int64), model=model)
+    out = saved.assign(rank=rank.astype(np.int64), model=model)
+    out.attrs = dict(saved.attrs)  # the saved run's `run` block, when its file has one
+    return out
+
+
+def run_differences(a: Mapping | None, b: Mapping | None) -> dict[str, list] | None:
+    """The settings two runs' `run` blocks (r2ec eval's JSON, a ranks file's `attrs["run"]`)
+    differ in, as {"dotted.key": [a's, b's]}; None when either has none (a file written before
+    ranks files carried one)."""
+    if a is None or b is None:
+        return None
+
+    def flat(d: Mapping, prefix: str = "") -> dict:
+        out: dict = {}
+        for k, v in d.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v}
+        return out
+
+    fa, fb = flat(a), flat(b)
+    return {k: [fa.get(k), fb.get(k)] for k in sorted(fa.keys() | fb.keys()) if fa.get(k) != fb.get(k)}
 
 
 def paired_with_saved(now: pd.DataFrame, saved: pd.DataFrame, path: Path) -> dict:
     """This run (`ranks_frame`) against a saved one (`read_ranks`, already checked to cover
-    the same samples): the paired NDCG@10 difference and the rank pairing, this run as a."""
+    the same samples): the paired NDCG@10 difference and the rank pairing, this run as a, and
+    the settings the two differ in (`run_differences`, from the frames' `attrs["run"]`)."""
     a, b, users = now["rank"].to_numpy(), saved["rank"].to_numpy(), now["user_id"].to_numpy()
     return {
         "a": str(now["model"].iloc[0]),
         "b": str(saved["model"].iloc[0]),
         "path": str(path),
+        "differs": run_differences(now.attrs.get("run"), saved.attrs.get("run")),
         "ndcg@10": paired_difference(a, b, "ndcg@10", users),
         "rank": paired_ranks(a, b, users),
     }

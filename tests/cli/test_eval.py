@@ -202,3 +202,49 @@ def test_json_is_standard_json_with_null_for_what_is_undefined(tiny_dataset):
     # the text output keeps its "± nan"
     code, out = _eval("--data", str(tiny_dataset.path), "--baseline", "pop", "--limit", "1")
     assert code == 0 and "± nan" in out
+
+
+def test_the_json_and_the_ranks_file_say_how_the_run_was_made(tiny_dataset, tiny_checkpoint, tmp_path):
+    code, out = _eval("--data", str(tiny_dataset.path), "--baseline", "pop", "--limit", "2", "--json")
+    assert code == 0, out
+    run = _strict(out)["run"]
+    assert run["data"] == {"path": str(tiny_dataset.path.resolve()), "name": "tiny", "protocol": "loo"}
+    assert run["baseline"] == {"name": "pop"} and run["limit"] == 2 and run["mask"] == "seen"
+    assert set(run["code"]) == {"commit", "dirty"} and run["code"]["commit"]
+
+    args = ["--data", str(tiny_dataset.path), "--checkpoint", str(tiny_checkpoint), "--dtype", "float32"]
+    args += ["--limit", "2", "--batch-size", "2", "--device", "cpu"]
+    ranks = tmp_path / "free.parquet"
+    code, out = _eval(
+        *args, "--max-reasoning-tokens", "4", "--free-titles", "--ranks-out", str(ranks), "--json"
+    )
+    assert code == 0, out
+    run = _strict(out)["run"]
+    assert run["checkpoint"]["path"] == str(tiny_checkpoint.resolve()) and run["checkpoint"]["version"]
+    assert run["max_reasoning_tokens"] == 4 and run["constrain_titles"] is False and run["reasoning"] is True
+    assert (run["dtype"], run["device"], run["backend"], run["batch_size"]) == ("float32", "cpu", "engine", 2)
+    assert pd.read_parquet(ranks).attrs["run"] == run  # the ranks file carries the same block
+    # the same checkpoint against itself: the pairing names the settings the two runs differ in
+    code, out = _eval(*args, "--max-reasoning-tokens", "2", "--paired-with", str(ranks))
+    assert code == 0, out
+    assert "constrain_titles True here, False there" in out and "max_reasoning_tokens 2 here, 4 there" in out
+    code, out = _eval(*args, "--max-reasoning-tokens", "2", "--paired-with", str(ranks), "--json")
+    assert _strict(out)["paired_with"]["differs"] == {
+        "constrain_titles": [True, False],
+        "max_reasoning_tokens": [2, 4],
+    }
+
+
+def test_the_code_commit_is_unknown_outside_a_git_checkout(monkeypatch):
+    import subprocess
+
+    from cli.common import code_commit
+
+    here = code_commit()  # the tests run from a checkout
+    assert len(here["commit"]) == 40 and isinstance(here["dirty"], bool)
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert code_commit() == {"commit": "unknown", "dirty": None}
