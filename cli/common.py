@@ -22,6 +22,11 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def warn(message: str, kind: str = "warning") -> None:
+    """Print `kind: message` in yellow to stderr (stdout may be a --json payload)."""
+    typer.secho(f"{kind}: {message}", fg=typer.colors.YELLOW, err=True)
+
+
 def check_protocol(protocol: str) -> None:
     from model.data import PROTOCOLS
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import code_commit, fail, json_dumps
+from cli.common import code_commit, fail, json_dumps, warn
 
 if TYPE_CHECKING:
     import numpy as np
@@ -57,8 +57,8 @@ def eval_cmd(
         str, typer.Option(help="seen (every earlier item of the user; the field's protocol), prompt, none")
     ] = "seen",
     sasrec_epochs: Annotated[
-        int, typer.Option(help="--baseline sasrec: training epochs")
-    ] = DEFAULT_SASREC_EPOCHS,
+        int | None, typer.Option(help=f"--baseline sasrec: training epochs (default {DEFAULT_SASREC_EPOCHS})")
+    ] = None,
     cowatch_window: Annotated[
         int | None,
         typer.Option(
@@ -151,6 +151,13 @@ def eval_cmd(
         fail(f"--speculative-tokens must be >= 0, got {speculative_tokens}")
     if cowatch_window is not None and baseline != "cowatch":
         fail("--cowatch-window needs --baseline cowatch")
+    if sasrec_epochs is not None and baseline != "sasrec":
+        fail("--sasrec-epochs needs --baseline sasrec")
+    if not reasoning and baseline is not None:
+        fail("--no-reasoning needs --checkpoint or --base (a baseline does not reason)")
+    if compare_reasoning and not reasoning:
+        fail("--compare-reasoning runs with and without reasoning; give it without --no-reasoning")
+    sasrec_epochs = DEFAULT_SASREC_EPOCHS if sasrec_epochs is None else sasrec_epochs
     if cowatch_window is not None and cowatch_window < 1:
         fail(f"--cowatch-window must be >= 1, got {cowatch_window}")
     if paired_column != "rank" and paired_with is None:
@@ -170,6 +177,17 @@ def eval_cmd(
         if ranks_out is not None and ranks_out.is_dir():
             raise ValueError(f"--ranks-out {ranks_out} is a directory; give a file path")
         samples = eval_samples(ds, cfg)
+        if limit is not None and limit > len(samples):
+            warn(
+                f"--limit {limit} > the {len(samples)} samples in {split}; evaluating all {len(samples)}",
+                "note",
+            )
+        if split == "train":
+            warn(
+                "--split train scores the samples the baselines and a trained checkpoint were fitted "
+                "on: these numbers are not held out",
+                "note",
+            )
         saved = None if paired_with is None else read_ranks(paired_with, samples, split, mask, paired_column)
     except (DataError, ValueError) as exc:
         fail(str(exc))
@@ -192,10 +210,10 @@ def eval_cmd(
         extra["cowatch_window"] = window
         run["baseline"] = {"name": "cowatch", "window": window}
     elif baseline == "sasrec":
-        result, stats = evaluate_sasrec(ds, cfg, sasrec_cfg, progress=not as_json)
+        result, stats = evaluate_sasrec(ds, cfg, sasrec_cfg, progress=True)  # on stderr
         label, extra = "sasrec", {"train": {"seconds": round(stats["seconds"], 1), "epochs": stats["epochs"]}}
         if sasrec_epochs != DEFAULT_SASREC_EPOCHS:  # a ranks file and its pairing name other epochs
-            label = f"sasrec ({sasrec_epochs} epochs)"
+            label = f"sasrec (epochs {sasrec_epochs})"
         run["baseline"] = {"name": "sasrec", "epochs": sasrec_epochs}
     else:
         from model.generation import make_backend
@@ -340,6 +358,13 @@ def _load_model(
             fail(str(exc))
         model, label = ckpt.model, f"checkpoint {ckpt.version}"
         loaded = {"checkpoint": {"path": str(Path(ckpt.path).resolve()), "version": ckpt.version}}
+        trained_on = ckpt.meta.get("dataset") or {}
+        theirs = (trained_on.get("name"), trained_on.get("protocol"))
+        if trained_on and theirs != (ds.name, ds.protocol):
+            warn(
+                f"{label} was made on {theirs[0]}/{theirs[1]}, --data is {ds.name}/{ds.protocol}: "
+                "its training data may hold this split's targets, so the numbers may not be held out"
+            )
         same_catalog = list(ckpt.items["item_id"]) == list(ds.items["item_id"])
         vectors = ckpt.item_vectors if same_catalog else None
     else:

@@ -326,6 +326,8 @@ def resolve_checkpoint(path: Path | str) -> Path:
     - a training run directory (`r2ec train --out`): its best/ checkpoint.
     """
     path = Path(path)
+    if not path.exists():  # a typo, most often: not "no r2ec.json"
+        raise CheckpointError(f"{path} does not exist")
     if (path / META_FILE).is_file():
         return path
     if (path / CURRENT_FILE).is_file():

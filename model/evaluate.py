@@ -234,6 +234,8 @@ def read_ranks(
     with fails in a second, not after the whole eval."""
     if column not in PAIRED_COLUMNS:
         raise ValueError(f"the paired column must be one of {', '.join(PAIRED_COLUMNS)}, got {column!r}")
+    if not Path(path).is_file():
+        raise ValueError(f"ranks file {path}: no such file")
     try:
         saved = pd.read_parquet(path)
     except Exception as exc:  # OSError, or any of pyarrow's errors for a file that is not parquet

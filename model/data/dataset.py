@@ -227,6 +227,11 @@ def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
         raise DataError(f"prepared dataset directory {path} does not exist; prepare it first")
     meta_path = path / META_FILE
     if not meta_path.is_file():
+        # a dataset's dir (data/ml-100k) holds one prepared dir per protocol: point at them
+        inside = sorted(d.name for d in path.iterdir() if (d / META_FILE).is_file())
+        if inside:
+            dirs = ", ".join(f"{name}/" for name in inside)
+            raise DataError(f"{path} holds the prepared {dirs}; did you mean {path / inside[0]}?")
         raise DataError(f"missing file {meta_path}; the preparation did not finish")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))

@@ -76,7 +76,10 @@ def test_eval_json_for_pop_and_a_checkpoint_with_reasoning(tiny_dataset, tiny_ch
         (["--baseline", "pop", "--cowatch-window", "5"], "--cowatch-window needs --baseline cowatch"),
         (["--baseline", "pop", "--compare-reasoning"], "--compare-reasoning needs"),
         (["--baseline", "pop", "--split", "dev"], "dev"),
-        (["--checkpoint", "/nowhere"], "/nowhere is not an R²ec checkpoint"),
+        (["--checkpoint", "/nowhere"], "/nowhere does not exist"),
+        (["--baseline", "pop", "--sasrec-epochs", "3"], "--sasrec-epochs needs --baseline sasrec"),
+        (["--baseline", "cowatch", "--no-reasoning"], "--no-reasoning needs --checkpoint or --base"),
+        (["--base", "tiny", "--compare-reasoning", "--no-reasoning"], "give it without --no-reasoning"),
         (["--base", "tiny", "--device", "tpu"], "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     ],
 )
@@ -164,7 +167,7 @@ def test_paired_with_refuses_a_run_it_cannot_pair(tiny_dataset, tmp_path):
     (tmp_path / "junk.parquet").write_text("not parquet")
     pd.DataFrame({"user_id": ["1"], "rank": [3]}).to_parquet(tmp_path / "bare.parquet")
     for args, message in [
-        (["--paired-with", str(tmp_path / "missing.parquet")], "missing.parquet: unreadable"),
+        (["--paired-with", str(tmp_path / "missing.parquet")], "missing.parquet: no such file"),
         (["--paired-with", str(tmp_path / "junk.parquet")], "junk.parquet: unreadable"),
         (["--paired-with", str(tmp_path / "bare.parquet")], "no column target_item_id, split, mask, model"),
         (["--paired-with", str(pop_ranks), "--mask", "prompt"], "its mask is seen, this run's is prompt"),
@@ -248,3 +251,56 @@ def test_the_code_commit_is_unknown_outside_a_git_checkout(monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", no_git)
     assert code_commit() == {"commit": "unknown", "dirty": None}
+
+
+def test_a_dataset_dir_that_holds_prepared_protocols_is_pointed_at_them(tiny_dataset):
+    code, out = _eval("--data", str(tiny_dataset.path.parent), "--baseline", "pop")
+    assert code == 2 and f"holds the prepared loo/; did you mean {tiny_dataset.path}?" in out
+
+
+def test_notes_for_a_limit_past_the_split_and_for_the_train_split(tiny_dataset):
+    n = len(tiny_dataset.split("test"))
+    result = CliRunner().invoke(
+        app, ["eval", "--data", str(tiny_dataset.path), "--baseline", "pop", "--limit", "999"]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"note: --limit 999 > the {n} samples in test; evaluating all {n}" in result.stderr
+    result = CliRunner().invoke(
+        app, ["eval", "--data", str(tiny_dataset.path), "--baseline", "pop", "--split", "train"]
+    )
+    assert result.exit_code == 0 and "note: --split train scores the samples" in result.stderr
+
+
+def test_a_checkpoint_made_on_another_split_protocol_is_warned_of(tiny_dataset, tmp_path):
+    out = tmp_path / "ckpt"
+    dataset = {"name": tiny_dataset.name, "protocol": "temporal"}
+    create_base_checkpoint(out, "tiny", tiny_dataset.items, dtype="float32", progress=False, dataset=dataset)
+    args = ["eval", "--data", str(tiny_dataset.path), "--checkpoint", str(out), "--dtype", "float32"]
+    result = CliRunner().invoke(app, [*args, "--no-reasoning", "--limit", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert (
+        "warning: checkpoint" in result.stderr
+        and "made on tiny/temporal, --data is tiny/loo" in result.stderr
+    )
+    _strict(result.stdout)  # stdout stays the JSON alone
+
+
+def test_sasrec_under_json_shows_its_training_on_stderr(tiny_dataset):
+    args = [
+        "eval",
+        "--data",
+        str(tiny_dataset.path),
+        "--baseline",
+        "sasrec",
+        "--sasrec-epochs",
+        "1",
+        "--json",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "train sasrec" in result.stderr
+    payload = _strict(result.stdout)
+    assert (
+        payload["run"]["baseline"] == {"name": "sasrec", "epochs": 1}
+        and payload["model"] == "sasrec (epochs 1)"
+    )

@@ -117,8 +117,11 @@ def test_load_reports_mismatch_and_missing_files(tmp_path, tiny_model, tiny_data
     (tmp_path / "c" / "items.parquet").unlink()
     with pytest.raises(CheckpointError, match="missing items.parquet"):
         load_checkpoint(tmp_path / "c", dtype="float32")
-    with pytest.raises(CheckpointError, match="not an R²ec checkpoint: no r2ec.json"):
+    with pytest.raises(CheckpointError, match="nowhere does not exist"):  # a typo, not "no r2ec.json"
         load_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not an R²ec checkpoint: no r2ec.json"):
+        load_checkpoint(tmp_path / "empty")
 
 
 def _save(out, tiny_model, tiny_dataset):
