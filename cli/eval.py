@@ -284,6 +284,10 @@ def _print(ds: PreparedDataset, label: str, split: str, result: EvalResult, extr
     )
     for name, value in result.metrics.items():
         typer.echo(f"  {name:<8} {value:.4f} ± {result.stderr.get(name, float('nan')):.4f}")
+    if result.by_mask:  # the same ranking under each mask (the JSON's by_mask)
+        se = {m: e.get("ndcg@10", float("nan")) for m, e in result.by_mask_stderr.items()}
+        by = (f"{m} {v['ndcg@10']:.4f} ± {se.get(m, float('nan')):.4f}" for m, v in result.by_mask.items())
+        typer.echo(f"  ndcg@10 by mask: {', '.join(by)}")
     if result.text_quality:
         q = result.text_quality
         typer.echo(

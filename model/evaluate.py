@@ -454,6 +454,7 @@ class EvalResult:
     mask: str = "seen"
     text_quality: dict | None = None  # over every reasoning text, when there is reasoning
     by_mask: dict[str, dict[str, float]] = field(default_factory=dict)  # headline metrics per mask
+    by_mask_stderr: dict[str, dict[str, float]] = field(default_factory=dict)  # and their standard errors
     users: list[str] = field(default_factory=list)  # each ranked sample's user, as `ranks`
 
     def to_dict(self) -> dict:
@@ -469,6 +470,7 @@ class EvalResult:
             out["text_quality"] = self.text_quality
         if self.by_mask:
             out["by_mask"] = self.by_mask
+            out["by_mask_stderr"] = self.by_mask_stderr
         return out
 
 
@@ -509,6 +511,7 @@ def evaluate_scores(
         stderr=standard_errors(headline, cfg.ks, users),
         mask=cfg.mask,
         by_mask={m: ranking_metrics(r, cfg.ks) for m, r in ranks.items()},
+        by_mask_stderr={m: standard_errors(r, cfg.ks, users) for m, r in ranks.items()},
         users=users,
     )
 

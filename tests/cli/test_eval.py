@@ -304,3 +304,14 @@ def test_sasrec_under_json_shows_its_training_on_stderr(tiny_dataset):
         payload["run"]["baseline"] == {"name": "sasrec", "epochs": 1}
         and payload["model"] == "sasrec (epochs 1)"
     )
+
+
+def test_by_mask_has_standard_errors_and_the_text_output_shows_it(tiny_dataset):
+    code, out = _eval("--data", str(tiny_dataset.path), "--baseline", "pop", "--json")
+    assert code == 0, out
+    payload = _strict(out)
+    assert set(payload["by_mask_stderr"]) == {"seen", "prompt", "none"}
+    assert payload["by_mask_stderr"]["seen"] == payload["stderr"]
+    code, out = _eval("--data", str(tiny_dataset.path), "--baseline", "pop")
+    seen = payload["by_mask"]["seen"]["ndcg@10"], payload["by_mask_stderr"]["seen"]["ndcg@10"]
+    assert code == 0 and f"ndcg@10 by mask: seen {seen[0]:.4f} ± {seen[1]:.4f}, prompt " in out
