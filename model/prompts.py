@@ -214,3 +214,20 @@ def render(tokenizer: PreTrainedTokenizerBase, message: str, system: str | None 
     except Exception as exc:  # jinja2's TemplateError is no ValueError: the CLI printed pages of it
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise ValueError(f"the chat template of the backbone's tokenizer {name!r} failed: {exc}") from exc
+
+
+def turn_end_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token the chat template writes right after an assistant message's content
+    (ChatML's <|im_end|>, Gemma's <end_of_turn>, Llama 3's <|eot_id|>, Mistral's </s>): how a
+    reasoning text ends its turn. None when the template writes none there, or fails."""
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=False, tokenize=False)
+    except Exception:
+        return None
+    at = text.find(_PROBE)
+    if at < 0:
+        return None
+    after = tokenizer(text[at + len(_PROBE) :], add_special_tokens=False)["input_ids"]
+    specials = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return after[0] if after and after[0] in specials else None

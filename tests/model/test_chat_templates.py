@@ -6,14 +6,15 @@ model/backbone.py `prepare_tokenizer`)."""
 from __future__ import annotations
 
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from model.backbone import tiny_model, tiny_tokenizer
+from model.backbone import TINY_CORPUS, prepare_tokenizer, tiny_model, tiny_tokenizer
 from model.prompts import HistoryEntry, PromptConfig, render
-from model.r2ec import R2ec
+from model.r2ec import GenerationSettings, R2ec, stop_token_ids
 
-# Gemma's template (raises on a system turn) and Mistral's [INST] one (roles must alternate),
-# reduced to what matters here
+# Gemma's template (raises on a system turn), Mistral's [INST] one (roles must alternate) and
+# Llama 3's, reduced to what matters here
 GEMMA = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
     "{{ raise_exception('System role not supported') }}{% endif %}"
@@ -29,6 +30,11 @@ MISTRAL = (
     "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
     "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
 )
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 
 
 def family_tokenizer(
@@ -40,6 +46,21 @@ def family_tokenizer(
     tok.bos_token, tok.eos_token, tok.pad_token = bos, eos, eos
     tok.chat_template = template
     return tok
+
+
+def base_tokenizer(eos: str | None = "</s>") -> PreTrainedTokenizerFast:
+    """A base model's: <s> and </s> only (no ChatML tokens), no chat template; `eos` None: none."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([TINY_CORPUS] * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token=eos)
 
 
 def gemma() -> PreTrainedTokenizerFast:
@@ -92,3 +113,77 @@ def test_a_template_error_not_about_the_system_turn_is_one_line_naming_the_templ
     with pytest.raises(ValueError, match="chat template of the backbone's tokenizer '/models/odd'") as err:
         render(tok, "hello", system="S")
     assert "needs a tools list" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("template", "specials", "bos", "eos", "turn_end"),
+    [
+        (GEMMA, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<end_of_turn>"),
+        (
+            LLAMA3,
+            [
+                "<|begin_of_text|>",
+                "<|end_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eot_id|>",
+            ],
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|eot_id|>",
+        ),
+        # ChatML with a base-style EOS (Qwen's base tokenizers)
+        (tiny_tokenizer().chat_template, ["<|endoftext|>"], "<|im_start|>", "<|endoftext|>", "<|im_end|>"),
+        (MISTRAL, ["<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", "</s>"),
+    ],
+    ids=["gemma", "llama3", "chatml-base-eos", "mistral"],
+)
+def test_a_taught_text_ends_with_the_token_the_template_ends_a_turn_with(
+    template, specials, bos, eos, turn_end
+):
+    """The rationale stage ended texts with the tokenizer's EOS: Gemma-2 would be taught to end
+    its turn with <eos>, never <end_of_turn>. Both still stop a reasoning."""
+    tok = family_tokenizer(template, specials, bos, eos)
+    model = R2ec(tiny_model(tok), tok)
+    end, eos_id = tok.convert_tokens_to_ids([turn_end, eos])
+    assert model.stop_ids[0] == end and eos_id in model.stop_ids
+    assert model.completion_ids(["Likes Drama."])[0][-1] == end
+
+
+def test_the_tiny_chatml_model_keeps_its_stop_tokens(tiny_model):
+    """ChatML whose EOS is <|im_end|> (SmolLM2, the tiny model): the same single stop token."""
+    assert tiny_model.stop_ids == [tiny_model.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_the_models_own_stop_tokens_from_its_generation_config():
+    """generation_config.eos_token_id (an id or a list, e.g. Llama 3.1's <|eom_id|>) stops a
+    reasoning, on both backends (they read `stop_ids`)."""
+    tok = family_tokenizer(None, ["<|eom_id|>", "<|user|>"], "<|im_start|>", "<|im_end|>")
+    tok.chat_template = tiny_tokenizer().chat_template
+    lm = tiny_model(tok)
+    eom, user, eos = tok.convert_tokens_to_ids(["<|eom_id|>", "<|user|>", "<|im_end|>"])
+    lm.generation_config.eos_token_id = [eos, eom]
+    assert stop_token_ids(tok, lm) == [eos, eom]
+    lm.generation_config.eos_token_id = user
+    assert stop_token_ids(tok, lm) == [eos, user]
+
+
+def test_a_tokenizer_without_eos_stops_at_the_models_eos():
+    """It crashed with a TypeError in int(None)."""
+    tok = base_tokenizer(eos=None)
+    prepare_tokenizer(tok)
+    lm = tiny_model(tok)
+    lm.config.eos_token_id = lm.generation_config.eos_token_id = 1
+    model = R2ec(lm, tok)
+    assert model.stop_ids == [1] and model.pad_id == 1
+    rollout = model.reason([[HistoryEntry("Heat", 4.0)]], GenerationSettings(max_new_tokens=3))
+    assert len(rollout.completion_ids[0]) <= 3
+
+
+def test_no_stop_token_at_all_is_one_line():
+    tok = base_tokenizer(eos=None)
+    prepare_tokenizer(tok)
+    lm = tiny_model(tok)
+    lm.config.eos_token_id = lm.generation_config.eos_token_id = None
+    with pytest.raises(ValueError, match="no stop token .* set eos_token in tokenizer_config.json"):
+        R2ec(lm, tok)
