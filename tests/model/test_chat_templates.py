@@ -5,6 +5,8 @@ model/backbone.py `prepare_tokenizer`)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -187,3 +189,26 @@ def test_no_stop_token_at_all_is_one_line():
     lm.config.eos_token_id = lm.generation_config.eos_token_id = None
     with pytest.raises(ValueError, match="no stop token .* set eos_token in tokenizer_config.json"):
         R2ec(lm, tok)
+
+
+def test_a_tokenizer_without_chat_template_or_chatml_tokens_gets_a_plain_one(caplog):
+    """ChatML's <|im_start|> was tokenised as plain characters, silently, with no BOS."""
+    tok = base_tokenizer()
+    with caplog.at_level(logging.WARNING, logger="model.backbone"):
+        prepare_tokenizer(tok)
+    assert "no chat template" in caplog.text
+    text = render(tok, "hello", system="S")
+    assert text == "<s>S\n\nhello\n\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    model = R2ec(tiny_model(tok), tok, PromptConfig(system_prompt="S"))
+    assert model.stop_ids == [tok.eos_token_id] and model.completion_ids(["x"])[0][-1] == tok.eos_token_id
+
+
+def test_a_tokenizer_with_chatml_tokens_and_no_template_gets_chatml(caplog):
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    with caplog.at_level(logging.WARNING, logger="model.backbone"):
+        prepare_tokenizer(tok)
+    assert "no chat template: using ChatML" in caplog.text
+    assert render(tok, "hello") == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
