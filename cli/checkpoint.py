@@ -18,7 +18,13 @@ app = typer.Typer(help="Create and inspect checkpoints.", no_args_is_help=True)
 def checkpoint_init(
     data: Annotated[Path, typer.Option(help="Prepared dataset dir, e.g. data/ml-100k/loo")],
     out: Annotated[Path, typer.Option(help="Checkpoint dir to write")],
-    base: Annotated[str, typer.Option(help="smollm2, tiny, an HF dir or a .gguf")] = "smollm2",
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="smollm2 (the default), tiny, an HF dir or a .gguf; with --from: where that"
+            " checkpoint's backbone is on this machine, when not where its r2ec.json says"
+        ),
+    ] = None,
     from_checkpoint: Annotated[
         Path | None,
         typer.Option(
@@ -41,7 +47,7 @@ def checkpoint_init(
     typer.echo(f"wrote {out} (version {meta['version']}, {meta['num_items']} items)")
 
 
-def _init(data: Path, out: Path, base: str, from_checkpoint: Path | None, dtype: str) -> dict:
+def _init(data: Path, out: Path, base: str | None, from_checkpoint: Path | None, dtype: str) -> dict:
     import numpy as np
     import pandas as pd
 
@@ -64,12 +70,13 @@ def _init(data: Path, out: Path, base: str, from_checkpoint: Path | None, dtype:
     ds = load_prepared(data)
     dataset = {"name": ds.name, "protocol": ds.protocol, "path": str(data)}
     if from_checkpoint is None:
+        prompts = PromptConfig(category=ds.category)
         return create_base_checkpoint(
-            out, base, ds.items, prompts=PromptConfig(category=ds.category), dtype=dtype, dataset=dataset
+            out, base or "smollm2", ds.items, prompts=prompts, dtype=dtype, dataset=dataset
         )
     path = resolve_checkpoint(from_checkpoint)
     src = read_meta(path)
-    model = load_checkpoint_model(path, dtype=dtype, merge_lora=False)
+    model = load_checkpoint_model(path, dtype=dtype, merge_lora=False, base=base)
     if model.prompts.cowatch_hints:  # the hints name what others watched in DATA, not in the source's data
         model.cowatch = CoWatch.from_samples(
             ds.split("train"), ds.item_titles(), model.prompts.cowatch_window
@@ -87,7 +94,7 @@ def _init(data: Path, out: Path, base: str, from_checkpoint: Path | None, dtype:
     return save_checkpoint(
         out,
         model,
-        base=src["base"],
+        base=base or src["base"],
         weights=src["weights"],
         items=ds.items,
         item_vectors=vectors,
@@ -111,7 +118,7 @@ def checkpoint_export(
     import subprocess
     from datetime import UTC, datetime
 
-    from model.checkpoint import CheckpointError, export_checkpoint
+    from model.checkpoint import BUILTIN_BASES, CheckpointError, export_checkpoint
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
@@ -135,6 +142,14 @@ def checkpoint_export(
         fail(str(exc))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     typer.echo(f"exported {meta['version']} to {out} ({size / 1e6:.1f} MB)")
+    if meta["base"] not in BUILTIN_BASES:
+        typer.secho(
+            f"note: the copy holds its backbone by reference, {meta['base']!r}, not its weights: where"
+            f" that is not there, write a copy that names where it is with `r2ec checkpoint init"
+            f" --data DATA --from {out} --base PATH --out NEW`",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
 
 
 @app.command("show")

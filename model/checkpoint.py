@@ -114,6 +114,32 @@ def same_items(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     return a.reset_index(drop=True).astype(str).equals(b.reset_index(drop=True).astype(str))
 
 
+BUILTIN_BASES = ("smollm2", "tiny")  # model/backbone.py load_backbone's names
+
+
+def base_reference(base: str) -> str:
+    """How a checkpoint records its backbone: a path that exists here made absolute (a relative
+    one would only load from the directory it was typed in), anything else as given (the
+    built-in names, a hub id in the local cache)."""
+    if base in BUILTIN_BASES or not Path(base).exists():
+        return base
+    return str(Path(base).resolve())
+
+
+def _base_of(path: Path, meta: Mapping[str, Any], dtype: str, num_threads: int | None):
+    """The backbone a checkpoint's r2ec.json names, or an error that says where it came from
+    and how to point the checkpoint at where the backbone is on this machine."""
+    try:
+        lm, _ = load_backbone(BackboneConfig(base=meta["base"], dtype=dtype, num_threads=num_threads))
+    except FileNotFoundError as exc:
+        raise CheckpointError(
+            f"{path / META_FILE} names the backbone {meta['base']!r}, which does not load here ({exc}); "
+            f"a checkpoint holds its backbone by reference: put it there, or write a copy that names "
+            f"where it is: r2ec checkpoint init --data DATA --from {path} --base PATH --out NEW"
+        ) from exc
+    return lm
+
+
 def save_checkpoint(
     out: Path | str,
     model: R2ec,
@@ -147,7 +173,7 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "version": version or new_version(),
         "created_at": datetime.now(UTC).isoformat(),
-        "base": base,
+        "base": base_reference(base),
         "weights": weights,
         "tau": model.tau,
         "prompts": model.prompts.to_dict(),
@@ -370,12 +396,18 @@ def load_checkpoint_model(
     merge_lora: bool = True,
     trainable: bool = False,
     device: str = "cpu",
+    base: str | None = None,
 ) -> R2ec:
     """The model of a checkpoint alone (backbone, adapter, tokenizer, prompts), without its
-    catalog: what writes the reasoning, e.g. to look at a shipped artifact's texts."""
+    catalog: what writes the reasoning, e.g. to look at a shipped artifact's texts. `base`:
+    the backbone from there instead of where r2ec.json names it (the same model, moved)."""
     where = resolve_device(device)
     path = resolve_checkpoint(path)
     meta = read_meta(path)
+    if base is not None:
+        if meta["weights"] == "full":
+            raise CheckpointError(f"{path} holds full fine-tuned weights: it has no backbone to re-point")
+        meta = {**meta, "base": base}
     if not (path / "tokenizer").exists():
         raise CheckpointError(f"checkpoint {path} is missing tokenizer")
     weights = meta["weights"]
@@ -384,7 +416,7 @@ def load_checkpoint_model(
             raise CheckpointError(f"checkpoint {path} says weights=full but has no model/ directory")
         lm = load_lm(path / "model", dtype=dtype, num_threads=num_threads)
     else:
-        lm, _ = load_backbone(BackboneConfig(base=meta["base"], dtype=dtype, num_threads=num_threads))
+        lm = _base_of(path, meta, dtype, num_threads)
         if weights == "lora":
             if not (path / "adapter").is_dir():
                 raise CheckpointError(f"checkpoint {path} says weights=lora but has no adapter/ directory")

@@ -8,6 +8,7 @@ layers below can be cached (model/item_table.py).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 
@@ -68,9 +69,25 @@ def build_model(cfg: RecPOConfig, base: str, category: str) -> tuple[R2ec, str]:
             bias="none",
         )
         model.lm = get_peft_model(model.lm, lora)
+        _warn_unmatched_targets(model.lm, cfg.lora_target_modules)
         _cast_trainable_fp32(model.lm)
     model.tau = cfg.tau
     return model, base_ref
+
+
+def _warn_unmatched_targets(lm: torch.nn.Module, targets: Sequence[str]) -> None:
+    """The default targets are Llama's projections; another family's (Phi-3's fused qkv_proj and
+    gate_up_proj) match only some, and peft adapts the rest without a word."""
+    matched = {name.rsplit(".", 1)[-1] for name in lm.targeted_module_names}
+    missing = [t for t in targets if t not in matched]
+    if missing:
+        leaves = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
+        linear = sorted(leaves - {"lora_A", "lora_B"})
+        log.warning(
+            "lora_target_modules %s match no layer of this backbone, so only %s get adapters; its "
+            "linear layers are %s: set lora_target_modules (--set 'lora_target_modules=[...]') to adapt them",
+            missing, sorted(matched), linear,
+        )  # fmt: skip
 
 
 def _top_layers(lm: torch.nn.Module, n: int | None) -> list[int] | None:

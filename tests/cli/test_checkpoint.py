@@ -232,3 +232,50 @@ def _encoded_now(checkpoint, dataset) -> np.ndarray:
 
     model = load_checkpoint_model(checkpoint, dtype="float32")
     return np.asarray(model.item_vectors(dataset.items.to_dict("records")))
+
+
+def test_a_local_backbone_is_recorded_absolute_and_a_moved_one_can_be_re_pointed(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """A relative --base loads from any directory later; a checkpoint whose backbone moved says
+    where its reference came from, and `init --from CKPT --base NEW` writes a copy naming it."""
+    from model.backbone import tiny_model, tiny_tokenizer
+    from model.checkpoint import CheckpointError
+
+    tokenizer = tiny_tokenizer()
+    (tmp_path / "models").mkdir()
+    tiny_model(tokenizer).save_pretrained(tmp_path / "models" / "mine")
+    tokenizer.save_pretrained(tmp_path / "models" / "mine")
+    monkeypatch.chdir(tmp_path)
+    args = ["checkpoint", "init", "--data", str(tiny_dataset.path), "--dtype", "float32"]
+    res = CliRunner().invoke(app, [*args, "--out", "ckpt", "--base", "models/mine"])
+    assert res.exit_code == 0, res.output
+    assert read_meta(tmp_path / "ckpt")["base"] == str(tmp_path / "models" / "mine")
+    monkeypatch.chdir(tmp_path / "models")  # elsewhere: the checkpoint still loads
+    vectors = load_checkpoint(tmp_path / "ckpt", dtype="float32").item_vectors
+
+    (tmp_path / "models" / "mine").rename(tmp_path / "models" / "moved")
+    try:
+        load_checkpoint(tmp_path / "ckpt", dtype="float32")
+        raise AssertionError("a checkpoint whose backbone moved loaded")
+    except CheckpointError as exc:
+        said = str(exc)
+    assert said.startswith(
+        f"{tmp_path / 'ckpt' / 'r2ec.json'} names the backbone '{tmp_path / 'models' / 'mine'}'"
+    )
+    assert "--base PATH" in said
+    res = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "again"), "--from", str(tmp_path / "ckpt"), "--base", "moved"]
+    )
+    assert res.exit_code == 0, res.output
+    assert read_meta(tmp_path / "again")["base"] == str(tmp_path / "models" / "moved")
+    np.testing.assert_allclose(
+        load_checkpoint(tmp_path / "again", dtype="float32").item_vectors, vectors, atol=1e-6
+    )
+
+    # an export says that the backbone is not in the copy
+    res = CliRunner().invoke(
+        app, ["checkpoint", "export", str(tmp_path / "again"), "--out", str(tmp_path / "art")]
+    )
+    assert res.exit_code == 0, res.output
+    assert f"holds its backbone by reference, '{tmp_path / 'models' / 'moved'}'" in res.output

@@ -696,3 +696,21 @@ def test_a_warm_start_from_a_lora_checkpoint_trains_its_adapter_on(tiny_dataset,
     assert all(
         torch.equal(p, before[n].float()) for n, p in trained.items()
     )  # the saved adapter, not a new one
+
+
+def test_lora_targets_that_match_no_layer_are_named(caplog):
+    """Another family's projections (Phi-3's fused qkv_proj) are not Llama's: the targets that
+    match nothing are said, with the layers there are to adapt."""
+    from model.lora import build_model
+
+    cfg = RecPOConfig(lora_target_modules=["q_proj", "qkv_proj", "gate_up_proj"], **TINY)
+    with caplog.at_level("WARNING", logger="model.lora"):
+        model, _ = build_model(cfg, "tiny", "movie")
+    (said,) = [r.getMessage() for r in caplog.records if r.name == "model.lora"]
+    unmatched = "lora_target_modules ['qkv_proj', 'gate_up_proj'] match no layer of this backbone"
+    assert said.startswith(f"{unmatched}, so only ['q_proj'] get adapters")
+    assert "'down_proj'" in said and "lora_A" not in said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="model.lora"):
+        build_model(RecPOConfig(**TINY), "tiny", "movie")  # Llama's names: every one matches
+    assert not [r for r in caplog.records if r.name == "model.lora"]
