@@ -50,6 +50,14 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# For a tokenizer with neither a chat template nor ChatML's tokens (many base models): its BOS,
+# then each turn's text and a blank line; a system text so comes first, as model/prompts.py
+# `render` writes it for templates without a system turn.
+PLAIN_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}{{ message['content'] + '\n\n' }}{% endfor %}"
+)
+
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -245,9 +253,23 @@ def load_lm(path: Path | str, dtype: str = "bfloat16", num_threads: int | None =
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Left padding (batched generation needs it) and a pad token (EOS when absent)."""
+    """Left padding (batched generation needs it), a pad token (EOS when absent) and a chat
+    template when it has none: ChatML where its vocabulary has ChatML's tokens, else
+    `PLAIN_TEMPLATE` (ChatML's markup would be tokenised as plain characters). A checkpoint
+    saves the tokenizer with the template it was given, so serving renders what training did."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHATML_TEMPLATE
+        vocab = tokenizer.get_vocab()
+        chatml = "<|im_start|>" in vocab and "<|im_end|>" in vocab
+        tokenizer.chat_template = CHATML_TEMPLATE if chatml else PLAIN_TEMPLATE
+        name = getattr(tokenizer, "name_or_path", "")
+        if chatml:
+            log.warning("the tokenizer of %r has no chat template: using ChatML", name)
+        else:
+            log.warning(
+                "the tokenizer of %r has no chat template and no ChatML tokens: using a plain one "
+                "(BOS, then each turn's text and a blank line)",
+                name,
+            )

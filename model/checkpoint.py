@@ -41,6 +41,7 @@ import re
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -113,6 +114,11 @@ def same_items(a: pd.DataFrame, b: pd.DataFrame) -> bool:
         return False
     return a.reset_index(drop=True).astype(str).equals(b.reset_index(drop=True).astype(str))
 
+
+# peft asks transformers' deprecated `is_gradient_checkpointing` each time it wraps a model
+# (every LoRA checkpoint load, every reload of a served one): the FutureWarning is between those
+# two libraries, and an operator reads it in the service's log as something wrong here.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 BUILTIN_BASES = ("smollm2", "tiny")  # model/backbone.py load_backbone's names
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from transformers import PreTrainedTokenizerBase
 
 from model.cowatch import hints_line
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -166,10 +170,64 @@ def item_message(item: Mapping[str, object], cfg: PromptConfig) -> str:
     return f"Summarize key attributes of the following {cfg.category}:\n" + "\n".join(parts)
 
 
+# Per tokenizer, the chat template its system-turn decision was made for and that decision
+# (`_system_turn`): made once, then read by every prompt training, eval and serving render.
+_SYSTEM_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROBE = "R2EC-PROBE-7f3a"
+
+
+def _system_turn(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the chat template writes a system turn. Gemma's and Mistral's [INST] templates
+    raise on one (and some drop it silently); for them `render` folds the system text into
+    the user turn instead. Decided once per tokenizer and template."""
+    template = tokenizer.chat_template
+    known = _SYSTEM_TURN.get(tokenizer)
+    if known is not None and known[0] == template:
+        return known[1]
+    turns = [{"role": "system", "content": _PROBE}, {"role": "user", "content": "hi"}]
+    try:
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        accepts = _PROBE in text
+    except Exception:  # jinja2's TemplateError from raise_exception, or a template's own bug
+        accepts = False
+    if not accepts:
+        log.info(
+            "the chat template of %r has no system turn: a system prompt is written at the start "
+            "of the user turn", getattr(tokenizer, "name_or_path", ""),
+        )  # fmt: skip
+    _SYSTEM_TURN[tokenizer] = (template, accepts)
+    return accepts
+
+
 def render(tokenizer: PreTrainedTokenizerBase, message: str, system: str | None = None) -> str:
     """One user turn (after `system`, if given) through the chat template, ending where the
-    assistant starts."""
+    assistant starts. A template without a system turn (`_system_turn`) gets the system text,
+    a blank line, then the message, as its user turn: the common fallback (the one place
+    training, eval and serving render a prompt, so each renders the same one)."""
+    if system is not None and not _system_turn(tokenizer):
+        message, system = f"{system}\n\n{message}", None
     turns = [] if system is None else [{"role": "system", "content": system}]
-    return tokenizer.apply_chat_template(
-        [*turns, {"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            [*turns, {"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
+        )
+    except Exception as exc:  # jinja2's TemplateError is no ValueError: the CLI printed pages of it
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(f"the chat template of the backbone's tokenizer {name!r} failed: {exc}") from exc
+
+
+def turn_end_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token the chat template writes right after an assistant message's content
+    (ChatML's <|im_end|>, Gemma's <end_of_turn>, Llama 3's <|eot_id|>, Mistral's </s>): how a
+    reasoning text ends its turn. None when the template writes none there, or fails."""
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=False, tokenize=False)
+    except Exception:
+        return None
+    at = text.find(_PROBE)
+    if at < 0:
+        return None
+    after = tokenizer(text[at + len(_PROBE) :], add_special_tokens=False)["input_ids"]
+    specials = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return after[0] if after and after[0] in specials else None

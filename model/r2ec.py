@@ -33,7 +33,7 @@ from model.constrained import (
     TokenStrings,
 )
 from model.cowatch import CoWatch
-from model.prompts import HistoryEntry, PromptConfig, item_message, render, user_message
+from model.prompts import HistoryEntry, PromptConfig, item_message, render, turn_end_id, user_message
 from model.rationale import (
     LATELY,
     LIKES,
@@ -131,12 +131,32 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
 END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
 
 
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokens that end a reasoning: the tokenizer's EOS first, then any end-of-turn token
-    of its chat template it knows."""
-    ids = [int(tokenizer.eos_token_id)]
+def _token_ids(value: object) -> list[int]:
+    """An `eos_token_id` setting (None, an id, or a list of ids) as a list."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, lm: PreTrainedModel | None = None) -> list[int]:
+    """The tokens that end a reasoning. First the one the chat template closes an assistant
+    turn with (`turn_end_id`; the tokenizer's EOS when it writes none): how the `rationale`
+    stage ends a taught text (`R2ec.completion_ids`). Then the tokenizer's EOS, the model's
+    own stop tokens (`generation_config.eos_token_id`, an id or a list, e.g. Llama 3.1's
+    <|eom_id|>; `config.eos_token_id` when it lists none), and any common end-of-turn token
+    the vocabulary has."""
+    generation = getattr(lm, "generation_config", None)
+    model_eos = _token_ids(getattr(generation, "eos_token_id", None))
+    model_eos = model_eos or _token_ids(getattr(getattr(lm, "config", None), "eos_token_id", None))
     vocab = tokenizer.get_vocab()
-    ids += [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in ids]
+    found = [turn_end_id(tokenizer), tokenizer.eos_token_id, *model_eos, *(vocab.get(t) for t in END_OF_TURN)]
+    ids = list(dict.fromkeys(int(i) for i in found if i is not None))
+    if not ids:
+        raise ValueError(
+            f"no stop token for the backbone {getattr(tokenizer, 'name_or_path', '')!r}: its tokenizer has "
+            "no eos_token and neither its chat template nor its generation_config names one; set "
+            "eos_token in tokenizer_config.json"
+        )
     return ids
 
 
@@ -167,7 +187,7 @@ class R2ec:
         self.prompts = prompts or PromptConfig()
         self.tau = tau
         self._marker_ids = tokenizer(self.prompts.closing_marker, add_special_tokens=False)["input_ids"]
-        self.stop_ids = stop_token_ids(tokenizer)
+        self.stop_ids = stop_token_ids(tokenizer, lm)
         self._token_strings: TokenStrings | None = None  # built on the first `title_lists`
         # What other users watched next (model/cowatch.py), when the prompts name co-watch
         # hints; a checkpoint carries it, training builds it from its data.
@@ -184,7 +204,10 @@ class R2ec:
 
     @property
     def pad_id(self) -> int:
-        return int(self.tokenizer.pad_token_id)
+        """The tokenizer's pad token (model/backbone.py makes it EOS when absent), or the first
+        stop token for a tokenizer with neither: masks come from lengths, not pad ids."""
+        pad = self.tokenizer.pad_token_id
+        return int(self.stop_ids[0] if pad is None else pad)
 
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         # The chat template already carries its special tokens.
@@ -266,8 +289,9 @@ class R2ec:
         return self._encode(texts)
 
     def completion_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Reasoning texts as the model would write them: tokens, then the stop token (how
-        the `rationale` stage teacher-forces a text, stopping included)."""
+        """Reasoning texts as the model would write them: tokens, then the stop token that
+        closes the chat template's assistant turn (`stop_token_ids`; how the `rationale` stage
+        teacher-forces a text, stopping included)."""
         return [ids + [self.stop_ids[0]] for ids in self._encode(texts)]
 
     def render_message(self, message: str) -> str:
