@@ -40,13 +40,26 @@ import torch
 
 from index import IndexMismatchError, ItemIndex
 from index.persist import JSON_NAME, locked
-from model.checkpoint import INDEX_DIR, Checkpoint, edit_maps, index_edits, item_record, read_carried_edits
+from model.checkpoint import (
+    INDEX_DIR,
+    ITEM_FIELDS,
+    Checkpoint,
+    edit_maps,
+    index_edits,
+    item_record,
+    read_carried_edits,
+)
 from service.search import TIERS, Match, TitleIndex, sort_name
 
 log = logging.getLogger(__name__)
 
 FOLLOW_BACK = 8  # versions back whose saved edits a new version follows (retrain keeps 3)
 TITLE_REBUILD_EDITS = 256  # item edits searched beside the title index before it is rebuilt
+
+
+def _text(record: Mapping[str, str]) -> tuple[str, ...]:
+    """What the model reads of an item (its vector is a function of this alone)."""
+    return tuple(record.get(f, "") for f in ITEM_FIELDS)
 
 
 class _Titles(Mapping[str, str]):
@@ -189,11 +202,45 @@ class Catalog:
         """Top-k ids, cosines (B, K) and titles for (B, H) user vectors, each row without its
         `exclude` and, where `only` gives one, among those items alone (index/faiss_index.py
         `ItemIndex.search`); under the lock, so an edit cannot land between the search and the
-        title reads."""
+        title reads.
+
+        Items whose texts are the same (every ITEM_FIELDS field: ml-100k lists 18 films twice,
+        under two ids) are one item to the model, which gives them one vector, and to whoever
+        reads the list: a catalog-wide row names the best of them once, and none where the user
+        has one of them (`exclude`). A row among given candidates (`only`) keeps every one asked
+        for."""
         with self._lock:
-            ids, cos = self.index.search(vectors, k, exclude=exclude, only=only)  # (B, K)
-            titles = [[self._records[x]["title"] for x in row] for row in ids]
-        return ids, cos, titles
+            fetch = k
+            while True:
+                ids, cos = self.index.search(vectors, fetch, exclude=exclude, only=only)  # (B, fetch)
+                rows = [
+                    list(range(len(row))) if only is not None and only[i] is not None
+                    else self._one_per_text(row, exclude[i])
+                    for i, row in enumerate(ids)
+                ]  # fmt: skip
+                # a row left short by twins it dropped, where the index holds more: look further
+                done = all(len(r) >= k or len(ids[i]) < fetch for i, r in enumerate(rows))
+                if done or fetch >= len(self.index):
+                    break
+                fetch = min(2 * fetch, len(self.index))
+            kept = [[ids[i][j] for j in r[:k]] for i, r in enumerate(rows)]
+            scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
+            for i, r in enumerate(rows):
+                scores[i, : len(r[:k])] = cos[i, r[:k]]
+            titles = [[self._records[x]["title"] for x in row] for row in kept]
+        return kept, scores, titles
+
+    def _one_per_text(self, row: Sequence[str], exclude: Collection[str]) -> list[int]:
+        """Positions in `row` (best first) of the items left once each text is listed once and
+        the texts of the `exclude`d items not at all."""
+        taken = {_text(self._records[x]) for x in exclude if x in self._records}
+        keep = []
+        for j, item_id in enumerate(row):
+            text = _text(self._records[item_id])
+            if text not in taken:
+                taken.add(text)
+                keep.append(j)
+        return keep
 
     def search_titles(self, query: str, limit: int) -> list[tuple[dict[str, str], str]]:
         """Items whose title matches `query`, best first, with how it matched (service/search.py:

@@ -427,6 +427,28 @@ async def test_exclude_history_excludes_every_item_the_user_ever_had(client):
     assert await recommended(history=[{"item_id": "i9"}]) == catalog - {"i9"}  # no user: no seen set
 
 
+async def test_an_item_listed_twice_is_recommended_once_and_not_beside_its_twin(client):
+    """Two ids with the same text (ml-100k lists 18 films twice) get one vector and are one film
+    to a reader: a list names the better-placed once, and neither where the user has one; a
+    list of given candidates keeps both."""
+    got = (await client.get("/items/i3")).json()
+    twin = {k: got[k] for k in ("title", "year", "genres", "description")}
+    assert (await client.put("/items/i3-again", json=twin, headers=ADMIN)).status_code == 201
+
+    async def recommended(**body) -> list[str]:
+        r = await client.post("/recommend", json={"k": 100, "reasoning": False, **body})
+        assert r.status_code == 200, r.text
+        return [i["item_id"] for i in r.json()["items"]]
+
+    listed = await recommended(history=[{"item_id": "i9"}])
+    assert len(listed) == 10 and len({"i3", "i3-again"} & set(listed)) == 1
+    assert len(await recommended(history=[{"item_id": "i9"}], k=9)) == 9
+    assert not {"i3", "i3-again"} & set(await recommended(history=[{"item_id": "i3-again"}]))
+    assert not {"i3", "i3-again"} & set(await recommended(history=[{"item_id": "i9"}], exclude_items=["i3"]))
+    both = await recommended(history=[{"item_id": "i9"}], candidates=["i3", "i3-again", "i5"])
+    assert sorted(both) == ["i3", "i3-again", "i5"]
+
+
 async def test_candidates_are_reranked_with_the_full_rankings_scores_and_exclusions_hold(client):
     """`candidates` ranks only those items, with the scores the whole-catalog ranking gives them
     (reasoning on, a cache miss and then a hit, and streamed); the history and `exclude_items`
