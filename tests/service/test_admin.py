@@ -70,9 +70,10 @@ async def test_put_and_delete_items_change_recommendations(app, client):
     assert r.status_code == 201, r.text
     assert r.json() == {"item": {"item_id": "new", **fields}, "created": True, "index_size": 12}
     assert (await client.get("/items/new")).json()["title"] == "Twelve Monkeys"
-    added = {i["item_id"]: i for i in (await recommend(client))["items"]}
+    added = {i["item_id"]: i for i in (await recommend(client, candidates=["new", "i7"]))["items"]}
     assert added["new"]["title"] == "Twelve Monkeys"
     assert added["new"]["score"] == pytest.approx(before["i7"], abs=1e-3)
+    assert len({"new", "i7"} & {i["item_id"] for i in (await recommend(client))["items"]}) == 1  # twins
     assert (await client.post("/users/u1/events", json={"events": [{"item_id": "new"}]})).status_code == 200
 
     # replace: new text, new vector, new score

@@ -22,9 +22,12 @@ def test_item_add_replace_delete_change_results_and_survive_a_restart(ckpt, make
     # an item with i7's exact text gets i7's vector, so i7's score
     i7 = engine.catalog.item("i7")
     assert engine.catalog.upsert("new", {k: v for k, v in i7.items() if k != "item_id"}) is False
-    added = {i.item_id: i for i in engine.recommend_batch([q])[0].items}
+    pair = Query(H1, k=20, reasoning=False, candidates=frozenset({"new", "i7"}))
+    added = {i.item_id: i for i in engine.recommend_batch([pair])[0].items}
     assert added["new"].title == i7["title"]
     assert added["new"].score == pytest.approx(before["i7"], abs=1e-3)
+    # and one of the two, not both, in a whole-catalog list (service/catalog.py Catalog.search)
+    assert len({"new", "i7"} & {i.item_id for i in engine.recommend_batch([q])[0].items}) == 1
 
     assert engine.catalog.upsert("i7", {"title": "A Completely Different Film", "year": "2024"})
     replaced = {i.item_id: i for i in engine.recommend_batch([q])[0].items}
