@@ -68,25 +68,42 @@ def build_model(cfg: RecPOConfig, base: str, category: str) -> tuple[R2ec, str]:
             layers_to_transform=_top_layers(model.lm, cfg.lora_layers),
             bias="none",
         )
+        linear = _linear_layer_names(model.lm)  # before peft wraps them
         model.lm = get_peft_model(model.lm, lora)
-        _warn_unmatched_targets(model.lm, cfg.lora_target_modules)
+        _warn_unmatched_targets(model.lm, cfg.lora_target_modules, linear)
         _cast_trainable_fp32(model.lm)
     model.tau = cfg.tau
     return model, base_ref
 
 
-def _warn_unmatched_targets(lm: torch.nn.Module, targets: Sequence[str]) -> None:
+def _linear_layer_names(lm: torch.nn.Module) -> list[str]:
+    """The last name of each linear layer of an unwrapped model, the output layer left out
+    (peft's "all-linear" leaves it out too)."""
+    head = lm.get_output_embeddings()
+    linear = (n for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    return sorted({n.rsplit(".", 1)[-1] for n in linear})
+
+
+def _warn_unmatched_targets(lm: torch.nn.Module, targets: str | Sequence[str], linear: Sequence[str]) -> None:
     """The default targets are Llama's projections; another family's (Phi-3's fused qkv_proj and
-    gate_up_proj) match only some, and peft adapts the rest without a word."""
-    matched = {name.rsplit(".", 1)[-1] for name in lm.targeted_module_names}
-    missing = [t for t in targets if t not in matched]
+    gate_up_proj) match only some, and peft adapts the rest without a word.
+
+    A target matches as peft matches a list: a module's full name is it or ends in "." + it
+    ("q_proj", "self_attn.q_proj"). A str target ("all-linear", a regex) is peft's own to
+    resolve and is not checked. `linear` are the layer names of the model before wrapping."""
+    if isinstance(targets, str):
+        return
+    names = list(lm.targeted_module_names)
+
+    def matches(target: str) -> bool:
+        return any(n == target or n.endswith("." + target) for n in names)
+
+    missing = [t for t in targets if not matches(t)]
     if missing:
-        leaves = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
-        linear = sorted(leaves - {"lora_A", "lora_B"})
         log.warning(
             "lora_target_modules %s match no layer of this backbone, so only %s get adapters; its "
             "linear layers are %s: set lora_target_modules (--set 'lora_target_modules=[...]') to adapt them",
-            missing, sorted(matched), linear,
+            missing, [t for t in targets if t not in missing], list(linear),
         )  # fmt: skip
 
 

@@ -700,17 +700,25 @@ def test_a_warm_start_from_a_lora_checkpoint_trains_its_adapter_on(tiny_dataset,
 
 def test_lora_targets_that_match_no_layer_are_named(caplog):
     """Another family's projections (Phi-3's fused qkv_proj) are not Llama's: the targets that
-    match nothing are said, with the layers there are to adapt."""
+    match nothing are said, with the linear layers of the backbone as it is before peft wraps
+    them (the adapted ones in, peft's base_layer/default out). A target peft matches by suffix
+    is matched, and a str target (peft's "all-linear", a regex) is peft's to resolve."""
     from model.lora import build_model
 
-    cfg = RecPOConfig(lora_target_modules=["q_proj", "qkv_proj", "gate_up_proj"], **TINY)
+    cfg = RecPOConfig(lora_target_modules=["self_attn.q_proj", "qkv_proj", "gate_up_proj"], **TINY)
     with caplog.at_level("WARNING", logger="model.lora"):
         model, _ = build_model(cfg, "tiny", "movie")
+    assert any(n.endswith("self_attn.q_proj") for n in model.lm.targeted_module_names)
     (said,) = [r.getMessage() for r in caplog.records if r.name == "model.lora"]
-    unmatched = "lora_target_modules ['qkv_proj', 'gate_up_proj'] match no layer of this backbone"
-    assert said.startswith(f"{unmatched}, so only ['q_proj'] get adapters")
-    assert "'down_proj'" in said and "lora_A" not in said
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="model.lora"):
-        build_model(RecPOConfig(**TINY), "tiny", "movie")  # Llama's names: every one matches
-    assert not [r for r in caplog.records if r.name == "model.lora"]
+    linear = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert said == (
+        "lora_target_modules ['qkv_proj', 'gate_up_proj'] match no layer of this backbone, so only "
+        f"['self_attn.q_proj'] get adapters; its linear layers are {linear}: set lora_target_modules "
+        "(--set 'lora_target_modules=[...]') to adapt them"
+    )
+    for targets in (RecPOConfig().lora_target_modules, ["self_attn.q_proj", "mlp.down_proj"], "all-linear"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="model.lora"):
+            model, _ = build_model(RecPOConfig(**{**TINY, "lora_target_modules": targets}), "tiny", "movie")
+        assert model.lm.targeted_module_names  # peft adapted something
+        assert not [r for r in caplog.records if r.name == "model.lora"], targets
