@@ -120,6 +120,7 @@ def eval_cmd(
     errors clustered by user; with reasoning, the texts' quality (distinct-2, loops, unknown titles)."""
     from model.data import DataError, load_prepared
     from model.evaluate import (
+        REASONING_ONLY,
         EvalConfig,
         eval_samples,
         evaluate_cowatch,
@@ -234,7 +235,12 @@ def eval_cmd(
         if cfg.reasoning:
             run |= {"max_reasoning_tokens": max_reasoning_tokens, "constrain_titles": constrain_titles}
         run |= {"dtype": dtype, "backend": gen.name}
-        run |= {k: extra[k] for k in ("quantize", "speculative_tokens") if k in extra}
+        # drafting writes reasoning: a run without it has no speculative_tokens to tell it apart by
+        run |= {
+            k: extra[k]
+            for k in ("quantize", "speculative_tokens")
+            if k in extra and (cfg.reasoning or k not in REASONING_ONLY)
+        }
         result = evaluate_model(model, ds, vectors, cfg, backend=gen)
         if not cfg.reasoning:  # named, so a ranks file and a pairing say which mode ranked
             label += " without reasoning"

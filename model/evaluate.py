@@ -265,7 +265,24 @@ def read_ranks(
     model = saved["model"].astype(str) + ("" if column == "rank" else " without reasoning")
     out = saved.assign(rank=rank.astype(np.int64), model=model)
     out.attrs = dict(saved.attrs)  # the saved run's `run` block, when its file has one
+    if "run" in out.attrs:
+        out.attrs["run"] = run_of_column(out.attrs["run"], column)
     return out
+
+
+# settings of a `run` block that apply to the reasoning pass only
+REASONING_ONLY = ("max_reasoning_tokens", "constrain_titles", "speculative_tokens")
+
+
+def run_of_column(run: Mapping | None, column: str) -> Mapping | None:
+    """A `run` block as the run that wrote `column` was made: a --compare-reasoning run's
+    (reasoning "both") `rank` is its reasoning pass, its `rank_without_reasoning` a pass with
+    reasoning off, to which the reasoning-only settings do not apply. Any other block as is."""
+    if run is None or run.get("reasoning") != "both":
+        return run
+    if column == "rank":
+        return {**run, "reasoning": True}
+    return {k: v for k, v in run.items() if k not in REASONING_ONLY} | {"reasoning": False}
 
 
 def run_differences(a: Mapping | None, b: Mapping | None) -> dict[str, list] | None:
@@ -294,7 +311,8 @@ def paired_with_saved(now: pd.DataFrame, saved: pd.DataFrame, path: Path) -> dic
         "a": str(now["model"].iloc[0]),
         "b": str(saved["model"].iloc[0]),
         "path": str(path),
-        "differs": run_differences(now.attrs.get("run"), saved.attrs.get("run")),
+        # this run's `rank` is its headline: with --compare-reasoning, its reasoning pass
+        "differs": run_differences(run_of_column(now.attrs.get("run"), "rank"), saved.attrs.get("run")),
         "ndcg@10": paired_difference(a, b, "ndcg@10", users),
         "rank": paired_ranks(a, b, users),
     }

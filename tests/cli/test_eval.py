@@ -156,6 +156,7 @@ def test_paired_column_pairs_with_the_saved_runs_no_reasoning_mode(tiny_dataset,
     pw = json.loads(out.strip().splitlines()[-1])["paired_with"]
     assert pw["a"] == pw["b"] and pw["b"].endswith(" without reasoning") and pw["ndcg@10"]["diff"] == 0.0
     assert pw["rank"]["ties"] == pw["rank"]["users"] == len(tiny_dataset.split("test"))
+    assert pw["differs"] == {}  # the saved column's mode is this run's: reasoning off
     code, out = _eval(*args, "--no-reasoning", "--paired-column", "rank_without_reasoning")
     assert code == 2 and "--paired-column needs --paired-with" in out
 

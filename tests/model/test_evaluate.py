@@ -398,6 +398,36 @@ def test_a_ranks_file_pairs_only_with_the_same_samples_in_the_same_order(tmp_pat
         read_ranks(path, samples, "test", "seen")
 
 
+def test_a_pairing_with_a_compare_run_reads_its_run_block_as_the_columns_mode(tmp_path):
+    """A --compare-reasoning run's block says reasoning "both": its rank_without_reasoning is a
+    pass with reasoning off, to which its reasoning-only settings do not apply, and its rank
+    (this run's too) the reasoning pass; only what really differs is named."""
+    samples = pd.DataFrame({"user_id": ["1", "2"], "target_item_id": ["a", "b"]})
+    both = {"reasoning": "both", "max_reasoning_tokens": 8, "constrain_titles": True, "dtype": "float32"}
+    both |= {"backend": "engine", "quantize": "none", "speculative_tokens": 4}
+    frame = samples.assign(split="test", mask="seen", model="m", rank=[1, 2], rank_without_reasoning=[3, 4])
+    frame.attrs["run"] = both
+    path = tmp_path / "both.parquet"
+    write_ranks(path, frame)
+    off = read_ranks(path, samples, "test", "seen", "rank_without_reasoning")
+    now = samples.assign(model="m without reasoning", rank=[3, 4])
+    now.attrs["run"] = {"reasoning": False, "dtype": "float32", "backend": "engine", "quantize": "none"}
+    assert paired_with_saved(now, off, path)["differs"] == {}
+    now.attrs["run"] = now.attrs["run"] | {"dtype": "bfloat16"}
+    assert paired_with_saved(now, off, path)["differs"] == {"dtype": ["bfloat16", "float32"]}
+    on = read_ranks(path, samples, "test", "seen")
+    assert on.attrs["run"] == both | {"reasoning": True}
+    now = samples.assign(model="m", rank=[1, 2])
+    now.attrs["run"] = both  # a compare run's headline against another's: both reasoning passes
+    assert paired_with_saved(now, on, path)["differs"] == {}
+    assert paired_with_saved(now, off, path)["differs"] == {
+        "constrain_titles": [True, None],
+        "max_reasoning_tokens": [8, None],
+        "reasoning": [True, False],
+        "speculative_tokens": [4, None],
+    }
+
+
 def test_a_ranks_file_pairs_with_the_mode_its_column_names(tmp_path):
     samples = pd.DataFrame({"user_id": ["1", "2"], "target_item_id": ["a", "b"]})
     saved = samples.assign(split="test", mask="seen", model="old", rank=[1, 2])
