@@ -212,8 +212,13 @@ def tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0, hidden_size: i
         return LlamaForCausalLM(config)
 
 
-def load_backbone(cfg: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return (causal LM in eval mode, tokenizer with a pad token and left padding)."""
+def load_backbone(
+    cfg: BackboneConfig, *, tokenizer_used: bool = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return (causal LM in eval mode, tokenizer with a pad token and left padding).
+
+    `tokenizer_used=False`: the caller keeps the model only (a checkpoint renders with its own
+    saved tokenizer), so a chat template given to this tokenizer is not worth a warning."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     dtype = DTYPES[cfg.dtype]
@@ -239,7 +244,7 @@ def load_backbone(cfg: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedToken
                 f"base {base!r}: not smollm2, tiny, a .gguf file, a model directory or a hub id "
                 "in the local cache (nothing is downloaded)"
             ) from exc
-    prepare_tokenizer(tokenizer)
+    prepare_tokenizer(tokenizer, warn=tokenizer_used)
     model.eval()
     log.info("loaded backbone %s (%s) in %.1fs", base, cfg.dtype, time.perf_counter() - start)
     return model, tokenizer
@@ -252,11 +257,12 @@ def load_lm(path: Path | str, dtype: str = "bfloat16", num_threads: int | None =
     return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True).eval()
 
 
-def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, *, warn: bool = True) -> None:
     """Left padding (batched generation needs it), a pad token (EOS when absent) and a chat
     template when it has none: ChatML where its vocabulary has ChatML's tokens, else
     `PLAIN_TEMPLATE` (ChatML's markup would be tokenised as plain characters). A checkpoint
-    saves the tokenizer with the template it was given, so serving renders what training did."""
+    saves the tokenizer with the template it was given, so serving renders what training did.
+    `warn`: say so when a template is given (not for a tokenizer that will be thrown away)."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -265,9 +271,9 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
         chatml = "<|im_start|>" in vocab and "<|im_end|>" in vocab
         tokenizer.chat_template = CHATML_TEMPLATE if chatml else PLAIN_TEMPLATE
         name = getattr(tokenizer, "name_or_path", "")
-        if chatml:
+        if warn and chatml:
             log.warning("the tokenizer of %r has no chat template: using ChatML", name)
-        else:
+        elif warn:
             log.warning(
                 "the tokenizer of %r has no chat template and no ChatML tokens: using a plain one "
                 "(BOS, then each turn's text and a blank line)",

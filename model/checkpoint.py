@@ -136,7 +136,9 @@ def _base_of(path: Path, meta: Mapping[str, Any], dtype: str, num_threads: int |
     """The backbone a checkpoint's r2ec.json names, or an error that says where it came from
     and how to point the checkpoint at where the backbone is on this machine."""
     try:
-        lm, _ = load_backbone(BackboneConfig(base=meta["base"], dtype=dtype, num_threads=num_threads))
+        # the checkpoint renders with its own saved tokenizer: the backbone's is not used
+        cfg = BackboneConfig(base=meta["base"], dtype=dtype, num_threads=num_threads)
+        lm, _ = load_backbone(cfg, tokenizer_used=False)
     except FileNotFoundError as exc:
         raise CheckpointError(
             f"{path / META_FILE} names the backbone {meta['base']!r}, which does not load here ({exc}); "

@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from model.backbone import TINY_CORPUS, prepare_tokenizer, tiny_model, tiny_tokenizer
+from model.backbone import PLAIN_TEMPLATE, TINY_CORPUS, prepare_tokenizer, tiny_model, tiny_tokenizer
 from model.prompts import HistoryEntry, PromptConfig, render
 from model.r2ec import GenerationSettings, R2ec, stop_token_ids
 
@@ -203,6 +203,26 @@ def test_a_tokenizer_without_chat_template_or_chatml_tokens_gets_a_plain_one(cap
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     model = R2ec(tiny_model(tok), tok, PromptConfig(system_prompt="S"))
     assert model.stop_ids == [tok.eos_token_id] and model.completion_ids(["x"])[0][-1] == tok.eos_token_id
+
+
+def test_a_template_less_backbone_is_warned_about_where_its_tokenizer_is_kept(tiny_dataset, tmp_path, caplog):
+    """A checkpoint made from it saves the template it was given: loading that checkpoint
+    (every service start, eval and warm start) reads the backbone's weights only, and says
+    nothing about a tokenizer it throws away."""
+    from model.checkpoint import create_base_checkpoint, load_checkpoint_model
+
+    tok = base_tokenizer()
+    tiny_model(tok).save_pretrained(tmp_path / "plain")
+    tok.save_pretrained(tmp_path / "plain")
+    plain, items = str(tmp_path / "plain"), tiny_dataset.items
+    with caplog.at_level(logging.WARNING, logger="model.backbone"):
+        create_base_checkpoint(tmp_path / "ckpt", plain, items, dtype="float32", progress=False)
+    assert "no chat template and no ChatML tokens" in caplog.text  # the template it is given is kept
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="model.backbone"):
+        model = load_checkpoint_model(tmp_path / "ckpt", dtype="float32")
+    assert not caplog.records
+    assert model.tokenizer.chat_template == PLAIN_TEMPLATE
 
 
 def test_a_tokenizer_with_chatml_tokens_and_no_template_gets_chatml(caplog):
