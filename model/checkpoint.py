@@ -132,14 +132,19 @@ def base_reference(base: str) -> str:
     return str(Path(base).resolve())
 
 
-def _base_of(path: Path, meta: Mapping[str, Any], dtype: str, num_threads: int | None):
-    """The backbone a checkpoint's r2ec.json names, or an error that says where it came from
-    and how to point the checkpoint at where the backbone is on this machine."""
+def _base_of(
+    path: Path, meta: Mapping[str, Any], dtype: str, num_threads: int | None, *, given: bool = False
+):
+    """The backbone a checkpoint's r2ec.json names (`given`: the one a caller's --base put in
+    its place), or an error that says where the name came from and, for r2ec.json's, how to
+    point the checkpoint at where the backbone is on this machine."""
     try:
         # the checkpoint renders with its own saved tokenizer: the backbone's is not used
         cfg = BackboneConfig(base=meta["base"], dtype=dtype, num_threads=num_threads)
         lm, _ = load_backbone(cfg, tokenizer_used=False)
     except FileNotFoundError as exc:
+        if given:
+            raise CheckpointError(f"--base {meta['base']!r} does not load here ({exc})") from exc
         raise CheckpointError(
             f"{path / META_FILE} names the backbone {meta['base']!r}, which does not load here ({exc}); "
             f"a checkpoint holds its backbone by reference: put it there, or write a copy that names "
@@ -426,7 +431,7 @@ def load_checkpoint_model(
             raise CheckpointError(f"checkpoint {path} says weights=full but has no model/ directory")
         lm = load_lm(path / "model", dtype=dtype, num_threads=num_threads)
     else:
-        lm = _base_of(path, meta, dtype, num_threads)
+        lm = _base_of(path, meta, dtype, num_threads, given=base is not None)
         if weights == "lora":
             if not (path / "adapter").is_dir():
                 raise CheckpointError(f"checkpoint {path} says weights=lora but has no adapter/ directory")

@@ -269,6 +269,12 @@ def test_a_local_backbone_is_recorded_absolute_and_a_moved_one_can_be_re_pointed
     )
     assert res.exit_code == 0, res.output
     assert read_meta(tmp_path / "again")["base"] == str(tmp_path / "models" / "moved")
+    # a --base that does not load is named as the cause, not the r2ec.json it stands in for
+    res = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "not"), "--from", str(tmp_path / "ckpt"), "--base", "nowhere"]
+    )
+    assert res.exit_code == 2 and "error: --base 'nowhere' does not load here (" in res.output, res.output
+    assert "r2ec.json" not in res.output and not (tmp_path / "not").exists()
     np.testing.assert_allclose(
         load_checkpoint(tmp_path / "again", dtype="float32").item_vectors, vectors, atol=1e-6
     )
