@@ -52,6 +52,7 @@ def train_cmd(
     from model.data import DataError, load_prepared
     from model.train import TrainingInterrupted, train
 
+    signals: list[int] = []  # the signals that stopped the run (none: Ctrl-C, or none taken)
     try:
         cfg = recpo_config(
             config,
@@ -69,6 +70,14 @@ def train_cmd(
         if stop.main:
             typer.secho(_how_to_continue(stop, by), err=True, fg=typer.colors.YELLOW)
         raise typer.Exit(128 + by) from None  # as a shell reports a process ended by that signal
+    except KeyboardInterrupt:  # outside the steps: loading the model and data, the setup
+        if not signals:
+            raise  # Ctrl-C: as before, 130
+        if os.environ.get("RANK", "0") == "0":
+            name = signal.Signals(signals[-1]).name
+            said = f"stopped ({name}) while setting up, before the first step: run the command again"
+            typer.secho(said, err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(128 + signals[-1]) from None
     except (DataError, ValueError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"best checkpoint: {best}")
@@ -87,14 +96,15 @@ def _sigterm_as_interrupt() -> Iterator[list[int]]:
         raise KeyboardInterrupt
 
     try:
-        previous = signal.signal(signal.SIGTERM, stop)
+        previous, installed = signal.signal(signal.SIGTERM, stop), True
     except ValueError:  # not the main thread (an embedding caller): leave SIGTERM as it is
-        yield taken
-        return
+        previous, installed = None, False
+    # yielded outside that `except`: an error of the caller's is not chained to this ValueError
     try:
         yield taken
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _how_to_continue(stop: TrainingInterrupted, by: int = signal.SIGINT) -> str:

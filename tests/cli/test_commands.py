@@ -274,6 +274,51 @@ def test_sigterm_in_train_stops_as_ctrl_c_does(tmp_path, tiny_dataset, monkeypat
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.parametrize("by", ["SIGTERM", "SIGINT"])
+def test_a_stop_while_train_sets_up_exits_as_that_signal(tmp_path, tiny_dataset, monkeypatch, by):
+    """Before the first step (the model and item table loading, minutes on the real backbone)
+    a SIGTERM exits 143 with a line saying so; Ctrl-C stays 130."""
+    import os
+    import signal
+
+    from model.train import Trainer
+
+    def setup(self, *args, **kwargs):
+        if by == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "__init__", setup)
+    args = ["train", "--data", str(tiny_dataset.path), "--out", str(tmp_path / "run"), "--base", "tiny"]
+    result = CliRunner().invoke(app, args)
+    if by == "SIGTERM":
+        assert result.exit_code == 143, result.output
+        said = "stopped (SIGTERM) while setting up, before the first step: run the command again"
+        assert said in result.output, result.output
+    else:
+        assert result.exit_code == 130 and "stopped" not in result.output, result.output
+
+
+def test_off_the_main_thread_a_training_error_is_not_chained_to_the_signal_refusal():
+    import threading
+
+    from cli.train import _sigterm_as_interrupt
+
+    seen = []
+
+    def run():
+        try:
+            with _sigterm_as_interrupt() as taken:
+                raise RuntimeError("boom")
+        except RuntimeError as exc:
+            seen.append((exc.__context__, taken))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert seen == [(None, [])]
+
+
 def test_the_resume_line_names_torchrun_when_it_launched_the_run(monkeypatch):
     from cli.train import _launcher
 
