@@ -27,6 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from model.evaluate import run_of_column
 from model.text_quality import CLAIM_KINDS
 
 METRICS = ["hit@5", "ndcg@5", "hit@10", "ndcg@10", "hit@20", "ndcg@20"]
@@ -114,13 +115,17 @@ def main() -> None:
 
 def rows_of(labels: list[str], result: dict) -> list[dict]:
     """The table rows one run gives: a baseline's or a --no-reasoning run's one row, or a
-    --compare-reasoning run's two ("no reasoning" from its without_reasoning pass)."""
+    --compare-reasoning run's two. Its "no reasoning" row is its without_reasoning pass: what
+    that pass measured, named and described as a --no-reasoning run of the model would be, and
+    nothing of the reasoning pass (texts, drafting, time)."""
     if "without_reasoning" not in result:
         return [{"label": labels[-1] if result["reasoning"] else labels[0], **result}]
     off = result["without_reasoning"]
-    fast = {k: v for k, v in result.items() if k not in ("text_quality", "by_mask", "by_mask_stderr")}
-    fast = {k: v for k, v in fast.items() if not k.startswith("paired") and k != "without_reasoning"}
-    fast |= {"label": labels[0], "reasoning": False, "metrics": off["metrics"], "stderr": off["stderr"]}
+    fast = {"label": labels[0], "model": f"{result['model']} without reasoning", "reasoning": False}
+    fast |= {k: result[k] for k in ("split", "mask", "count", "backend", "quantize") if k in result}
+    fast |= {k: off[k] for k in ("metrics", "stderr", "seconds") if k in off}
+    if "run" in result:
+        fast["run"] = run_of_column(result["run"], "rank_without_reasoning")
     return [fast, {"label": labels[1], **result}]
 
 

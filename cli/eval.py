@@ -249,7 +249,11 @@ def eval_cmd(
         if compare_reasoning:
             off = evaluate_model(model, ds, vectors, dataclasses.replace(cfg, reasoning=False), backend=gen)
             extra |= {
-                "without_reasoning": {"metrics": off.metrics, "stderr": off.stderr},
+                "without_reasoning": {
+                    "metrics": off.metrics,
+                    "stderr": off.stderr,
+                    "seconds": round(off.seconds, 2),
+                },
                 "paired_ndcg@10": paired_difference(result.ranks, off.ranks, "ndcg@10", result.users),
                 "paired_rank": paired_ranks(result.ranks, off.ranks, result.users),
             }

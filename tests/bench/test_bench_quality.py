@@ -86,3 +86,37 @@ def test_each_model_runs_once_and_the_baselines_as_documented(bench, monkeypatch
         "untrained no reasoning",
     )
     assert len(calls) == 1 and "--no-reasoning" in calls[0]
+
+
+def test_a_compare_runs_no_reasoning_row_holds_that_pass_only(bench):
+    """Split from a --compare-reasoning run, the no-reasoning row is named and described as a
+    --no-reasoning run would be, with that pass's metrics and time; none of the reasoning
+    pass's texts, drafting, time or reasoning-only settings."""
+    module, _ = bench
+    metrics = dict.fromkeys(module.METRICS, 0.1)
+    run = {"reasoning": "both", "max_reasoning_tokens": 64, "constrain_titles": True, "dtype": "bfloat16"}
+    run |= {"backend": "engine", "quantize": "none", "speculative_tokens": 8}
+    off = {"metrics": dict.fromkeys(module.METRICS, 0.2), "stderr": dict.fromkeys(module.METRICS, 0.0)}
+    result = {"model": "checkpoint V", "split": "test", "reasoning": True, "metrics": metrics}
+    result |= {"stderr": metrics, "mask": "seen", "count": 2, "seconds": 9.5, "examples": [{"rank": 1}]}
+    result |= {"backend": "engine", "quantize": "none", "speculative_tokens": 8, "run": run}
+    result |= {"draft_tokens": {"checked": 4, "accepted": 2}, "text_quality": {"distinct_2": 0.5}}
+    result |= {"without_reasoning": off | {"seconds": 1.25}, "paired_ndcg@10": {}, "paired_rank": {}}
+    fast, slow = module.rows_of(["m no reasoning", "m +reasoning"], result)
+    assert fast == {
+        "label": "m no reasoning",
+        "model": "checkpoint V without reasoning",
+        "reasoning": False,
+        "split": "test",
+        "mask": "seen",
+        "count": 2,
+        "backend": "engine",
+        "quantize": "none",
+        "metrics": off["metrics"],
+        "stderr": off["stderr"],
+        "seconds": 1.25,
+        "run": {"reasoning": False, "dtype": "bfloat16", "backend": "engine", "quantize": "none"},
+    }
+    assert slow == {"label": "m +reasoning", **result}
+    del result["without_reasoning"]["seconds"]  # an eval from before it timed the pass: no time
+    assert "seconds" not in module.rows_of(["m no reasoning", "m +reasoning"], result)[0]

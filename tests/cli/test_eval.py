@@ -100,6 +100,7 @@ def test_compare_reasoning_pairs_the_two_modes_by_metric_and_by_rank(tiny_datase
     # a is the reasoning pass (the headline), b the one without
     assert pair["a"] == payload["metrics"]["ndcg@10"]
     assert pair["b"] == payload["without_reasoning"]["metrics"]["ndcg@10"]
+    assert payload["without_reasoning"]["seconds"] >= 0  # that pass's own time (bench_quality's row)
     assert ranks["a_better"] + ranks["b_better"] + ranks["ties"] == n
     assert ranks["rank_ratio"] > 0 and ranks["median_a"] >= 1
     # the ranks file holds both modes' per-user ranks, the samples in the harness's order
