@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import code_commit, fail
+from cli.common import code_commit, fail, warn
 
 app = typer.Typer(help="Create and inspect checkpoints.", no_args_is_help=True)
 
@@ -117,7 +117,8 @@ def checkpoint_export(
     command, the git commit, the training config, measured metrics); no item vectors."""
     from datetime import UTC, datetime
 
-    from model.checkpoint import BUILTIN_BASES, CheckpointError, export_checkpoint
+    from model.backbone import BUILTIN_BASES
+    from model.checkpoint import CheckpointError, export_checkpoint
 
     provenance = {
         "command": command,
@@ -137,12 +138,11 @@ def checkpoint_export(
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     typer.echo(f"exported {meta['version']} to {out} ({size / 1e6:.1f} MB)")
     if meta["base"] not in BUILTIN_BASES:
-        typer.secho(
-            f"note: the copy holds its backbone by reference, {meta['base']!r}, not its weights: where"
+        warn(
+            f"the copy holds its backbone by reference, {meta['base']!r}, not its weights: where"
             f" that is not there, write a copy that names where it is with `r2ec checkpoint init"
             f" --data DATA --from {out} --base PATH --out NEW`",
-            err=True,
-            fg=typer.colors.YELLOW,
+            "note",
         )
 
 

@@ -212,6 +212,16 @@ def tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0, hidden_size: i
         return LlamaForCausalLM(config)
 
 
+def _load_tiny(cfg: BackboneConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = tiny_tokenizer()
+    return tiny_model(tokenizer, seed=cfg.seed).to(dtype), tokenizer
+
+
+# the names load_backbone knows besides paths and hub ids (a checkpoint records them as given)
+_BUILTIN = {"smollm2": _load_smollm2, "tiny": _load_tiny}
+BUILTIN_BASES = tuple(_BUILTIN)
+
+
 def load_backbone(
     cfg: BackboneConfig, *, tokenizer_used: bool = True
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -224,11 +234,8 @@ def load_backbone(
     dtype = DTYPES[cfg.dtype]
     start = time.perf_counter()
     base = cfg.base
-    if base == "tiny":
-        tokenizer = tiny_tokenizer()
-        model = tiny_model(tokenizer, seed=cfg.seed).to(dtype)
-    elif base == "smollm2":
-        model, tokenizer = _load_smollm2(cfg, dtype)
+    if base in _BUILTIN:
+        model, tokenizer = _BUILTIN[base](cfg, dtype)
     elif base.endswith(".gguf"):
         path = Path(base)
         if not path.is_file():

@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model.backbone import BackboneConfig, load_backbone, load_lm, prepare_tokenizer
+from model.backbone import BUILTIN_BASES, BackboneConfig, load_backbone, load_lm, prepare_tokenizer
 from model.cowatch import FILE as COWATCH_PARQUET
 from model.cowatch import CoWatch
 from model.data.dataset import atomic_write, fsync_path, fsync_tree, make_dirs
@@ -119,8 +119,6 @@ def same_items(a: pd.DataFrame, b: pd.DataFrame) -> bool:
 # (every LoRA checkpoint load, every reload of a served one): the FutureWarning is between those
 # two libraries, and an operator reads it in the service's log as something wrong here.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-BUILTIN_BASES = ("smollm2", "tiny")  # model/backbone.py load_backbone's names
 
 
 def base_reference(base: str) -> str:
