@@ -356,7 +356,7 @@ def _load_model(
     backbone, on `device`; returns the model, the catalog's vectors, the row's label and what
     was loaded where (for the JSON's `run`)."""
     from model.backbone import BackboneConfig, load_backbone
-    from model.checkpoint import CheckpointError, load_checkpoint
+    from model.checkpoint import CheckpointError, base_reference, load_checkpoint
     from model.distributed import resolve_device
     from model.prompts import PromptConfig
     from model.r2ec import R2ec
@@ -387,7 +387,7 @@ def _load_model(
         except (ValueError, OSError) as exc:
             fail(str(exc))
         model, label, vectors = R2ec(lm, tok, PromptConfig(category=ds.category)), f"base {base}", None
-        loaded = {"base": base}
+        loaded = {"base": base_reference(base)}  # a relative path made absolute, as a checkpoint's
     model.lm.to(where)
     if vectors is None:
         vectors = model.item_vectors(ds.items.to_dict("records"), progress=True)

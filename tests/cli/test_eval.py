@@ -240,6 +240,24 @@ def test_the_json_and_the_ranks_file_say_how_the_run_was_made(tiny_dataset, tiny
     }
 
 
+def test_the_run_block_names_a_relative_base_by_its_absolute_path(tiny_dataset, tmp_path, monkeypatch):
+    """As data.path and checkpoint.path are: the block tells runs apart from any directory."""
+    from model.backbone import tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tiny_model(tokenizer).save_pretrained(tmp_path / "mine")
+    tokenizer.save_pretrained(tmp_path / "mine")
+    monkeypatch.chdir(tmp_path)
+    args = ["--base", "mine", "--no-reasoning", "--limit", "1", "--dtype", "float32", "--json"]
+    code, out = _eval("--data", str(tiny_dataset.path), *args)
+    assert code == 0, out
+    payload = _strict(out)
+    assert payload["run"]["base"] == str(tmp_path / "mine")
+    assert payload["model"] == "base mine without reasoning"  # the label as typed
+    code, out = _eval("--data", str(tiny_dataset.path), *args[:1], "tiny", *args[2:])
+    assert code == 0 and _strict(out)["run"]["base"] == "tiny", out
+
+
 def test_the_code_commit_is_unknown_outside_a_git_checkout(monkeypatch):
     import subprocess
 
