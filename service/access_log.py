@@ -1,9 +1,14 @@
-"""The access log: one line per HTTP request, from the app (uvicorn's own is off, service/server.py).
+"""Each HTTP request's access line and its metrics, from one middleware that sees its status and
+duration once (uvicorn's own access log is off, service/server.py):
+
+- r2ec_request_duration_seconds{method,route,status} and r2ec_requests_in_flight (the route
+  template, `/users/{user_id}/history`, not the raw path, so labels stay bounded; "unmatched"
+  for a path no route serves);
+- the line:
 
     INFO service.access: POST /recommend 503 store_unavailable 2.4 ms request=findme-1 path=/recommend
 
-Method, route template (as r2ec_request_duration_seconds labels it: `/users/{user_id}/history`,
-"unmatched" for a path no route serves), status, the error body's `code` for a 4xx/5xx, duration
+Method, route template, status, the error body's `code` for a 4xx/5xx, duration
 in ms (until the last byte: a stream's whole life), the request id (X-Request-ID, kept in scope
 state by service/request_id.py) and the raw path. With R2EC_LOG_FORMAT=json each of these is a key
 of the line (`extra`). Probes and scrapes (/healthz, /readyz, /metrics) are logged at DEBUG, so
@@ -18,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from service.errors import CODES, printable
-from service.metrics import route_template
+from service.metrics import Metrics
 from service.request_id import request_id
 
 log = logging.getLogger("service.access")
@@ -26,11 +31,19 @@ log = logging.getLogger("service.access")
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
+def route_template(scope: dict[str, Any]) -> str:
+    """The template of the route that served a request, once it was routed, else "unmatched"."""
+    route = scope.get("route")
+    # path_format: the template without convertors ("/items/{item_id}", not "{item_id:id}")
+    return getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
+
+
 class AccessLog:
     """Pure ASGI middleware (module docstring); inside RequestId, so the id is known."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, metrics: Metrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -38,6 +51,7 @@ class AccessLog:
             return
         start = time.perf_counter()
         status = 500  # unless a response starts: an unhandled error's 500 is sent further out
+        self.metrics.in_flight.inc()
 
         async def send_wrapper(message: dict[str, Any]) -> None:
             nonlocal status
@@ -50,7 +64,10 @@ class AccessLog:
             await self.app(scope, receive, send_wrapper)
             crashed = False
         finally:
+            seconds = time.perf_counter() - start
+            self.metrics.in_flight.dec()
             route = route_template(scope)
+            self.metrics.request_latency.labels(scope.get("method", ""), route, str(status)).observe(seconds)
             code = scope.get("state", {}).get("error_code")
             if code is None and crashed:
                 code = CODES[500]  # service/errors.py's handler answers it from outside this one
@@ -61,7 +78,7 @@ class AccessLog:
                 "path": printable(scope.get("path", ""), 200),  # a %0A in a path is no new line
                 "status": status,
                 "code": code if status >= 400 else None,
-                "duration_ms": round((time.perf_counter() - start) * 1e3, 1),
+                "duration_ms": round(seconds * 1e3, 1),
             }
             log.log(
                 logging.DEBUG if route in PROBES else logging.INFO,

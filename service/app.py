@@ -16,7 +16,7 @@ from service.access_log import AccessLog
 from service.config import Settings, unknown_env
 from service.errors import add_error_handlers
 from service.limits import BodyLimit
-from service.metrics import Metrics, RequestTimer
+from service.metrics import Metrics
 from service.recommender import Recommender
 from service.request_id import RequestId
 from service.state import ServiceState
@@ -88,8 +88,8 @@ def create_app(
     app.state.r2ec = None
     refused = metrics.rejections.labels("body_too_large").inc
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_refused=refused)
-    app.add_middleware(RequestTimer, metrics=metrics)  # times the 413s too
-    app.add_middleware(AccessLog)  # one line per request, with the request id (inside RequestId)
+    # one line and the latency per request, the 413s too, with the request id (inside RequestId)
+    app.add_middleware(AccessLog, metrics=metrics)
     app.add_middleware(RequestId)  # outermost: every response carries X-Request-ID
     # ui.router: the page (GET /) and catalog search (GET /items)
     routers = [routes.recommend_router(settings), routes.router, ui.router]

@@ -113,6 +113,7 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
         self.steps_per_tick = steps_per_tick
         # self._pending and self._running (the base's) hold _Request: waiting, and decoding
         self._orphans: list[_Request[Q]] = []  # failed by a broken step, still in the runner
+        self._admitting: list[_Request[Q]] = []  # joining the decode in the tick running now
         self._request_s: float | None = None  # smoothed seconds from admission to answer
         self.ticks = 0  # model-thread ticks run, for tests and logs
 
@@ -128,6 +129,11 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
         return _Request(item, future, now)
 
     # ------------------------------------------------------------------ worker
+    @property
+    def active(self) -> int:
+        """The decode's requests, those joining it in the running tick included."""
+        return len(self._running) + len(self._admitting)
+
     async def _run(self) -> None:
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
@@ -145,6 +151,7 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
             self._orphans = []
             self._running = [r for r in self._running if not r.future.done()]
             running = list(self._running)
+            self._admitting = admit  # on the model thread this tick, though in neither list yet
             try:
                 answered = await loop.run_in_executor(self._executor, self._tick, admit, running, cancelled)
             except asyncio.CancelledError:
@@ -160,6 +167,8 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
                 self._orphans = [r for r in [*admit, *running] if r.handle is not None]
                 self._running = []
                 continue
+            finally:
+                self._admitting = []
             self.ticks += 1
             now = time.perf_counter()
             done_ids = set()

@@ -193,7 +193,6 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
     503 (starting, store down, shutting down, overloaded: the last three with Retry-After) or a
     500 that still says what went wrong. `routes`: the app's routes, for a 405's Allow header.
     A store outage and queue-full shedding each log a WARNING every 10 s at most while they last."""
-    store_down_log = Throttled(log)
     shedding_log = Throttled(log)
 
     @app.exception_handler(StarletteHTTPException)
@@ -231,8 +230,10 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
 
     @app.exception_handler(StoreUnavailable)
     async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
-        metrics.store_failed(exc.op)
-        store_down_log.warn("history store down, requests that need it get 503 store_unavailable: %s", exc)
+        metrics.store_errors.labels(exc.op).inc()
+        request.app.state.r2ec.store_down_log.warn(
+            "history store down, requests that need it get 503 store_unavailable: %s", exc
+        )
         headers = retry_after(STORE_RETRY_AFTER_S)
         return error_response(
             503, f"history store unavailable: {exc}", code="store_unavailable", headers=headers

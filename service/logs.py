@@ -59,7 +59,9 @@ def setup_logging(level: str | int, fmt: str = "text") -> None:
 
 class Throttled:
     """`warn(message, *args)` logs a WARNING at most once per `every_s`, ending with how many
-    calls the line stands for (the first call logs at once, standing for itself)."""
+    calls the line stands for (the first call logs at once, standing for itself). Calls held
+    back after a line and then a quiet spell of `every_s` are the previous incident's tail: the
+    next line, a new incident's first, says so rather than counting them as its own."""
 
     def __init__(
         self, logger: logging.Logger, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic
@@ -67,13 +69,20 @@ class Throttled:
         self.logger = logger
         self.every_s = every_s
         self.clock = clock
-        self._last: float | None = None
-        self._count = 0
+        self._last: float | None = None  # the last line
+        self._last_call: float | None = None
+        self._held = 0  # calls since the last line, not logged
 
     def warn(self, message: str, *args: object) -> None:
-        self._count += 1
         now = self.clock()
+        quiet = None if self._last_call is None else now - self._last_call
+        self._last_call = now
         if self._last is not None and now - self._last < self.every_s:
+            self._held += 1
             return
-        self.logger.warning(message + " (%d since the last such line)", *args, self._count)
-        self._last, self._count = now, 0
+        if quiet is not None and quiet >= self.every_s and self._held:
+            tail = " (the first after %.0fs without one; %d more came after the previous line)"
+            self.logger.warning(message + tail, *args, quiet, self._held)
+        else:
+            self.logger.warning(message + " (%d since the last such line)", *args, self._held + 1)
+        self._last, self._held = now, 0

@@ -41,6 +41,7 @@ REJECTION_REASONS = ("queue_full", "shutting_down", "body_too_large")  # r2ec_re
 # r2ec_store_errors_total's operations (service/store.py's StoreUnavailable.op)
 STORE_OPS = ("get_history", "append_events", "get_seen", "read_events", "cache_get", "cache_set", "ping")
 RELOAD_OUTCOMES = ("ok", "failed")
+STREAM_OUTCOMES = ("ok", "error", "disconnected", "cancelled")  # service/streaming.py
 
 
 def package_version() -> str:
@@ -73,7 +74,8 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "r2ec_queue_wait_seconds",
-            "Time a recommendation waited in the queue before the model took it (cache hits "
+            "Time a recommendation waited in the batcher's queue before the model took it (from "
+            "its submission, after the history read, the prompt and the cache lookup; cache hits "
             "answered beside the batch are not counted).",
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -108,6 +110,8 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        for result in ("hit", "miss"):
+            self.cache.labels(result)
         self.store_errors = Counter(
             "r2ec_store_errors_total",
             "Failed history-store operations by operation.",
@@ -118,11 +122,10 @@ class Metrics:
             self.store_errors.labels(op)
         self.store_up = Gauge(
             "r2ec_store_up",
-            "1 while the history store answers, 0 after a failed operation, until a /readyz "
-            "probe's ping succeeds again (the in-process store is always 1).",
+            "1 while the history store answers: 0 from a failed operation to the next that "
+            "succeeds (a request's, or a /readyz probe's ping); the in-process store is always 1.",
             registry=r,
         )
-        self.store_up.set(1)
         self.queue_capacity = Gauge(
             "r2ec_queue_capacity",
             "Requests the queue holds before refusing with 503 overloaded (R2EC_MAX_QUEUE).",
@@ -209,11 +212,11 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        for outcome in STREAM_OUTCOMES:
+            self.streams.labels(outcome)
 
-    def store_failed(self, op: str) -> None:
-        """A history-store operation failed (StoreUnavailable.op)."""
-        self.store_errors.labels(op).inc()
-        self.store_up.set(0)
+    def track_store(self, up: Callable[[], bool]) -> None:
+        self.store_up.set_function(lambda: float(up()))
 
     def serving(self, created_at: str) -> None:
         """A model began serving now; `created_at` is its r2ec.json's (ISO 8601, or empty)."""
@@ -238,46 +241,6 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class RequestTimer:
-    """Pure ASGI middleware: latency per (method, route template, status).
-
-    The route template (`/users/{user_id}/history`), not the raw path, so labels stay bounded;
-    unmatched paths are recorded as "unmatched".
-    """
-
-    def __init__(self, app, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = {"code": 500}
-        self.metrics.in_flight.inc()
-
-        async def send_wrapper(message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            self.metrics.in_flight.dec()
-            self.metrics.request_latency.labels(
-                scope.get("method", ""), route_template(scope), str(status["code"])
-            ).observe(time.perf_counter() - start)
-
-
-def route_template(scope) -> str:
-    """The template of the route that served a request, once it was routed, else "unmatched"."""
-    route = scope.get("route")
-    # path_format: the template without convertors ("/items/{item_id}", not "{item_id:id}")
-    return getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
 
 
 class _DraftCollector(Collector):
@@ -316,7 +279,9 @@ class _RetrainCollector(Collector):
             state = json.loads(self.state_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return
-        last = state.get("last_run") if isinstance(state, dict) else None
+        if not isinstance(state, dict):  # not the job's: nothing, rather than a failed scrape
+            return
+        last = state.get("last_run")
         ran = _timestamp(last.get("finished_at")) if isinstance(last, dict) else None
         if ran is not None:
             family = GaugeMetricFamily(

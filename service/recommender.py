@@ -273,7 +273,8 @@ class Recommender:
         if isinstance(query, PreparedQuery):
             if query.model_version == self.version:
                 return query
-            return dataclasses.replace(self.prepare(query.query), on_text=query.on_text)
+            again = self.prepare(query.query)
+            return dataclasses.replace(again, on_text=query.on_text, queued_at=query.queued_at)
         return self.prepare(query)
 
     # ---------------------------------------------------------------- the batch
@@ -427,7 +428,8 @@ class Recommender:
                 status[j] == "hit" and p.cached is not None and p.cached.vector is None
             )
             generated = CachedReasoning(completions[j], texts[j] or "", vectors[j].copy()) if fresh else None
-            queue_ms = 0.0 if started[j] is None else max(0.0, (started[j] - q.submitted_at) * 1e3)
+            waited_from = q.submitted_at if p.queued_at is None else p.queued_at
+            queue_ms = 0.0 if started[j] is None else max(0.0, (started[j] - waited_from) * 1e3)
             results.append(
                 Result(
                     items=items,

@@ -8,6 +8,7 @@ to see its body type, annotations here are evaluated at definition time (no
 `from __future__ import annotations`).
 """
 
+import asyncio
 import json
 import time
 from typing import Annotated
@@ -386,4 +387,6 @@ async def readyz(state: MaybeStateDep) -> JSONResponse:
 )
 async def metrics(state: StateDep) -> Response:
     """Prometheus exposition."""
-    return Response(state.metrics.render(), media_type=state.metrics.content_type)
+    # off the event loop: a scrape reads retraining's state file on the shared volume
+    body = await asyncio.to_thread(state.metrics.render)
+    return Response(body, media_type=state.metrics.content_type)

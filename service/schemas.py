@@ -246,10 +246,15 @@ class RecommendedItem(BaseModel):
 
 
 class TimingsOut(BaseModel):
-    queue_ms: float
-    generate_ms: float
-    score_ms: float
-    total_ms: float
+    queue_ms: float = Field(
+        description="Waiting in the queue for the model (0 for a cache hit answered beside it)."
+    )
+    generate_ms: float = Field(description="Writing the reasoning (the batch's, or this request's decode).")
+    score_ms: float = Field(description="h_T and the index search.")
+    total_ms: float = Field(
+        description="From the parsed request to the answer: also the history read, the prompt and "
+        "the cache lookup."
+    )
 
 
 READ_ITEMS = Field(

@@ -26,6 +26,7 @@ from service.batcher import MicroBatcher
 from service.catalog import Catalog
 from service.config import Settings
 from service.continuous import ContinuousBatcher
+from service.logs import Throttled
 from service.metrics import Metrics
 from service.recommender import Recommender
 from service.store import Appended, Event, HistoryStore, StoreUnavailable
@@ -115,7 +116,11 @@ class ServiceState:
         self._reload_lock = asyncio.Lock()
         self.edit_lock = asyncio.Lock()  # item edits vs. the swap of a reload
         self._cache_down_until = 0.0
+        # one WARNING every 10 s at most while the store is down, however requests meet it (a
+        # 503 store_unavailable in service/errors.py, a request answered without its seen items)
+        self.store_down_log = Throttled(log)
         self._watcher: asyncio.Task | None = None
+        metrics.track_store(lambda: self.store.up)
         metrics.queue_capacity.set(settings.max_queue)
         metrics.batch_capacity.set(settings.max_batch)
         metrics.batch_active.set_function(lambda: float(self.batcher.active))
@@ -184,10 +189,11 @@ class ServiceState:
         except StoreUnavailable as exc:
             if required:
                 raise
-            self.metrics.store_failed(exc.op)
-            log.warning(
-                "seen items of %r unavailable, excluding the request's history only: %s", user_id, exc
-            )
+            self.metrics.store_errors.labels(exc.op).inc()
+            self.store_down_log.warn(
+                "history store down, requests that carry their history are answered excluding only "
+                "that history: %s", exc,
+            )  # fmt: skip
             return frozenset()
 
     async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
@@ -284,7 +290,7 @@ class ServiceState:
         on_queued: Callable[[], None] | None = None,
     ) -> Result:
         """Submit to the batcher and wait; ClientDisconnected if the client leaves first."""
-        future = self.batcher.submit(prepared)
+        future = self.batcher.submit(dataclasses.replace(prepared, queued_at=time.perf_counter()))
         if on_queued is not None:
             on_queued()
         if wait_disconnect is None:
@@ -343,14 +349,17 @@ class ServiceState:
             self._cache_failed(exc)
 
     def _cache_failed(self, exc: StoreUnavailable) -> None:
-        self.metrics.store_failed(exc.op)
+        self.metrics.store_errors.labels(exc.op).inc()
         self._cache_down_until = time.monotonic() + CACHE_BACKOFF_S
         log.warning("reasoning cache unavailable for %.0fs: %s", CACHE_BACKOFF_S, exc)
 
     # ------------------------------------------------------------------ reload
-    async def reload(self, path: Path | str | None = None) -> tuple[Recommender, Recommender]:
+    async def reload(
+        self, path: Path | str | None = None, log_failure: bool = True
+    ) -> tuple[Recommender, Recommender]:
         """Load `path` (default: the configured checkpoint) beside the running model and swap it
-        in; on any failure the old model keeps serving and ReloadError says why."""
+        in; on any failure the old model keeps serving and ReloadError says why (logged unless
+        `log_failure` is False: the watch logs its own line, with the attempt)."""
         if self._reload_lock.locked():
             raise ReloadInProgress("a reload is already in progress")
         target = Path(path) if path else self.settings.checkpoint
@@ -361,7 +370,8 @@ class ServiceState:
                 new = await in_passing_thread(lambda: Recommender.load(target, **self.settings.load_kwargs()))
             except Exception as exc:
                 self.metrics.reloads.labels("failed").inc()
-                log.error("reload of %s failed, still serving %s: %s", target, old.version, exc)
+                if log_failure:
+                    log.error("reload of %s failed, still serving %s: %s", target, old.version, exc)
                 raise ReloadError(
                     f"could not load checkpoint {str(target)!r}: {exc}; still serving {old.version}"
                 ) from exc
@@ -424,13 +434,15 @@ class ServiceState:
             if version is not None:
                 self.metrics.model_outdated.set(version != self.engine.version)
             if seen is None or version == self.engine.version:
-                seen = version  # at the start, or a manual reload loaded it
+                # at the start, a manual reload that loaded it, or the pointer moved back to the
+                # version served: a version that failed is tried at once when it is named again
+                seen, failing = version, None
             elif version is not None and version != seen:
                 if version != failing:  # a new version: try it now
                     failing, failures, retry_at = version, 0, 0.0
                 if time.monotonic() >= retry_at:
                     try:
-                        await self.reload(self.settings.checkpoint)
+                        await self.reload(self.settings.checkpoint, log_failure=False)
                         seen, failing = version, None
                         self.metrics.model_outdated.set(0)
                     except ReloadInProgress:
@@ -485,8 +497,7 @@ class ServiceState:
             reasons.append("batcher not running")
         try:
             await self.store.ping()
-            self.metrics.store_up.set(1)
         except StoreUnavailable as exc:
-            self.metrics.store_failed(exc.op)
+            self.metrics.store_errors.labels(exc.op).inc()
             reasons.append(f"store unavailable: {exc}")
         return reasons

@@ -42,7 +42,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -156,6 +156,7 @@ class StreamEntry:
 
 class HistoryStore(Protocol):
     window: int
+    up: bool  # how its latest operation went (r2ec_store_up): False from a failure to a success
 
     async def get_history(self, user_id: str) -> list[Event]:
         """The user's latest `window` events, oldest first (empty for an unknown user)."""
@@ -205,6 +206,7 @@ class MemoryStore:
     """In-process store: nothing survives a restart; one event loop uses it."""
 
     kind = "memory"
+    up = True
 
     def __init__(self, window: int = 20, cache_size: int = 10_000) -> None:
         if window < 1:
@@ -286,6 +288,7 @@ class RedisStore:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = window
+        self.up = True
         self.cache_ttl_s = cache_ttl_s
         self.stream_maxlen = stream_maxlen
         self.dedup_ttl_s = dedup_ttl_s
@@ -298,8 +301,16 @@ class RedisStore:
         )
         self._append = self._redis.register_script(APPEND_SCRIPT)
 
-    def _failures(self, op: str) -> AbstractContextManager[None]:
-        return _failures(self.url, op)
+    @contextmanager
+    def _failures(self, op: str) -> Iterator[None]:
+        """`_failures`, and `up` set by how the operation went."""
+        try:
+            with _failures(self.url, op):
+                yield
+        except StoreUnavailable:
+            self.up = False
+            raise
+        self.up = True
 
     async def get_history(self, user_id: str) -> list[Event]:
         with self._failures("get_history"):

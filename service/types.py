@@ -160,6 +160,10 @@ class PreparedQuery:
     # decoder calls it per token. It must not block; what it raises is logged, never fails the
     # batch. Not part of the query's identity.
     on_text: Callable[[str], None] | None = field(default=None, compare=False, hash=False, repr=False)
+    # when it entered the batcher's queue (perf_counter; None: not through the queue): the
+    # reply's queue_ms and r2ec_queue_wait_seconds count from here, not from the request's
+    # arrival, which the history read, the prompt and the cache lookup come after
+    queued_at: float | None = field(default=None, compare=False, hash=False, repr=False)
 
 
 @dataclass(frozen=True)

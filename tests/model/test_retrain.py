@@ -324,8 +324,9 @@ def test_no_retrain_state_exports_nothing(tmp_path):
     metrics.track_retrain(tmp_path / "retrain" / "state.json")
     assert "r2ec_retrain" not in metrics.render().decode()
     (tmp_path / "retrain").mkdir()
-    (tmp_path / "retrain" / "state.json").write_text("{not json")
-    assert "r2ec_retrain" not in metrics.render().decode()
+    for damaged in ("{not json", "[]", "null", '{"last_run": 3, "last_published_at": []}'):
+        (tmp_path / "retrain" / "state.json").write_text(damaged)
+        assert "r2ec_retrain" not in metrics.render().decode()
 
 
 def test_an_unchanged_model_scores_the_same_twice(versions_root, tiny_dataset):

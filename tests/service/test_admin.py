@@ -175,7 +175,7 @@ async def test_the_watch_catches_a_pointer_that_moved_while_the_service_loaded(m
         engine = SimpleNamespace(version="w1")
         metrics = Metrics()
 
-        async def reload(self, path=None):
+        async def reload(self, path=None, log_failure=True):
             reloads.append(path)
             self.engine.version = "w2"
 
@@ -438,8 +438,9 @@ async def test_watch_failures_are_counted_by_stage(ckpt, tmp_path, monkeypatch):
 async def test_a_version_that_fails_to_load_is_outdated_and_retried_slowly(ckpt, tmp_path, monkeypatch):
     """After WATCH_RETRIES failed loads the watch tries the version every WATCH_SLOW_RETRY_S,
     so a checkpoint repaired in place is taken without another flip of the pointer, and
-    r2ec_model_outdated says meanwhile that the replica serves an older version than CURRENT's."""
-    monkeypatch.setattr("service.state.WATCH_SLOW_RETRY_S", 0.5)
+    r2ec_model_outdated says meanwhile that the replica serves an older version than CURRENT's.
+    A pointer moved back to the served version and then forward again is followed at once."""
+    monkeypatch.setattr("service.state.WATCH_SLOW_RETRY_S", 600.0)
     root = tmp_path / "versions"
     copy_as_new_version(ckpt, root / "one", "w1")
     (root / "CURRENT").write_text("one")
@@ -449,25 +450,50 @@ async def test_a_version_that_fails_to_load_is_outdated_and_retried_slowly(ckpt,
         async def scrape(name: str, **labels: str) -> float | None:
             return metric((await client.get("/metrics")).text, name, **labels)
 
+        def serving(version: str):
+            async def check() -> bool:
+                return (await client.get("/readyz")).json()["model_version"] == version
+
+            return check
+
+        def broken(name: str, version: str) -> tuple[Path, bytes]:
+            path = copy_as_new_version(ckpt, root / name, version) / "item_vectors.npy"
+            vectors = path.read_bytes()
+            path.unlink()
+            return path, vectors
+
+        async def failed(times: int) -> None:
+            async def counted() -> bool:
+                return await scrape("r2ec_watch_errors_total", stage="reload") == times
+
+            await until(counted, f"{times} failed reloads")
+
         assert await scrape("r2ec_model_outdated") == 0
         assert await scrape("r2ec_model_loaded_timestamp_seconds") > 0
-        broken = copy_as_new_version(ckpt, root / "two", "w2")
-        vectors = (broken / "item_vectors.npy").read_bytes()
-        (broken / "item_vectors.npy").unlink()
+        path, vectors = broken("two", "w2")
         (root / "CURRENT").write_text("two")
-
-        async def three_failed() -> bool:
-            return await scrape("r2ec_watch_errors_total", stage="reload") == 3
-
-        await until(three_failed, "three failed reloads")
+        await failed(3)
         assert await scrape("r2ec_model_outdated") == 1
         await asyncio.sleep(0.2)  # ten ticks, inside the slow retry's wait: no fourth load
         assert await scrape("r2ec_watch_errors_total", stage="reload") == 3
-        (broken / "item_vectors.npy").write_bytes(vectors)  # repaired in place, same version
+        # the runbook's way out: CURRENT back to the served version, repair, CURRENT forward again
+        (root / "CURRENT").write_text("one")
 
-        async def loaded() -> bool:
-            return (await client.get("/readyz")).json()["model_version"] == "w2"
+        async def current() -> bool:
+            return await scrape("r2ec_model_outdated") == 0
 
-        await until(loaded, "the repaired version to load")
+        await until(current, "the pointer back at the served version")
+        path.write_bytes(vectors)
+        (root / "CURRENT").write_text("two")
+        await until(serving("w2"), "the repaired version, named again, to load")
+
+        # repaired in place, same version, the pointer left as it is: the slow retry takes it
+        monkeypatch.setattr("service.state.WATCH_SLOW_RETRY_S", 0.5)
+        path, vectors = broken("three", "w3")
+        (root / "CURRENT").write_text("three")
+        await failed(6)
+        assert await scrape("r2ec_model_outdated") == 1
+        path.write_bytes(vectors)
+        await until(serving("w3"), "the version repaired in place to load")
         assert await scrape("r2ec_model_outdated") == 0
-        assert await scrape("r2ec_reloads_total", outcome="ok") == 1
+        assert await scrape("r2ec_reloads_total", outcome="ok") == 2

@@ -632,7 +632,7 @@ async def test_a_draining_service_refuses_a_cached_hit_as_it_refuses_the_batch(c
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
         assert int(r.headers["retry-after"]) >= 1
         text = (await client.get("/metrics")).text
-        assert metric(text, "r2ec_reasoning_cache_total", result="hit") is None
+        assert metric(text, "r2ec_reasoning_cache_total", result="hit") == 0
 
 
 async def test_a_failing_batch_fails_its_requests_and_the_service_goes_on(app, client):
@@ -683,6 +683,26 @@ async def test_a_request_whose_client_left_is_dropped_before_its_batch_runs(app,
 
 
 # ---------------------------------------------------------------------------- probes
+async def test_queue_time_counts_from_the_queue_not_from_a_slow_history_read(app, client, monkeypatch):
+    """A slow store is no queue wait: r2ec_queue_wait_seconds and the reply's queue_ms start when
+    the request enters the batcher's queue; total_ms holds the history read."""
+    store = app.state.r2ec.store
+    assert (await client.post("/users/u1/events", json={"events": H1})).status_code == 200
+    read = store.get_history
+
+    async def slow_read(user_id):
+        await asyncio.sleep(0.4)
+        return await read(user_id)
+
+    monkeypatch.setattr(store, "get_history", slow_read)
+    r = await client.post("/recommend", json={"user_id": "u1", "reasoning": False})
+    timings = r.json()["timings"]
+    assert timings["total_ms"] >= 400 and timings["queue_ms"] < 300, timings
+    text = (await client.get("/metrics")).text
+    assert metric(text, "r2ec_queue_wait_seconds_sum") < 0.3
+    assert metric(text, "r2ec_recommend_seconds_sum") >= 0.4
+
+
 async def test_probes_and_metrics(app, client):
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     ready = await client.get("/readyz")

@@ -217,3 +217,24 @@ async def test_stop_fails_what_is_left():
     for f in pending:
         with pytest.raises(BatcherClosed):
             await f
+
+
+async def test_active_counts_the_requests_joining_in_the_running_tick():
+    """r2ec_batch_active reads `active`: requests admitted in the tick that runs now are on the
+    model thread, though neither queued nor yet among the running."""
+    gate = threading.Event()
+    runner = Counter(gate=gate)
+    b = await started(ContinuousBatcher(4, lambda: runner))
+    try:
+        answers = [b.submit(3), b.submit(2)]
+        for _ in range(200):
+            if b.active == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert b.active == 2 and b.queue_depth == 0  # held in their first tick by the gate
+        gate.set()
+        assert await asyncio.gather(*answers) == [30, 20]
+        assert b.active == 0
+    finally:
+        gate.set()
+        await b.stop()

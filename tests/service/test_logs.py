@@ -106,15 +106,18 @@ async def test_a_store_outage_logs_a_warning_at_most_every_10_seconds(ckpt, capl
         for _ in range(3):
             r = await client.post("/recommend", json={"user_id": "u1"})
             assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
+        for _ in range(3):  # answered without the user's seen items: the same outage, no more lines
+            r = await client.post("/recommend", json={"user_id": "u1", "history": H1, "reasoning": False})
+            assert r.status_code == 200, r.text
     warnings = [
-        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "service.errors"
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "service.state"
     ]
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith(
         "history store down, requests that need it get 503 store_unavailable: redis"
     )
     assert warnings[0].endswith("(1 since the last such line)")
-    assert [r.code for r in access_lines(caplog)] == ["store_unavailable"] * 3
+    assert [r.code for r in access_lines(caplog)] == ["store_unavailable"] * 3 + [None] * 3
 
 
 @pytest.mark.asyncio
@@ -149,8 +152,13 @@ def test_throttled_logs_once_per_interval_with_the_count_it_stands_for(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "down: why (1 since the last such line)",
         "down: why (4 since the last such line)",  # 1, 2, 9.9 and 10
-        "down: why (2 since the last such line)",
+        "down: why (the first after 20s without one; 1 more came after the previous line)",  # 10.5
     ]
+    now[0] = 31
+    throttled.warn("down: %s", "why")  # within the window of the line at 30: held back
+    now[0] = 40.5
+    throttled.warn("down: %s", "why")  # no quiet spell (9.5 s): the incident goes on
+    assert caplog.records[-1].getMessage() == "down: why (2 since the last such line)"
 
 
 LOGGING_SCRIPT = """

@@ -221,6 +221,29 @@ async def test_redis_down_raises_store_unavailable_naming_the_operation():
     assert info.value.op == "read_events" and "secret" not in str(info.value)
 
 
+async def test_a_store_is_up_again_after_its_next_operation_that_succeeds():
+    """`up` (r2ec_store_up) follows the operations themselves, so a blip does not leave it down
+    where nothing pings the store (no /readyz probes)."""
+    server = RedisServer()
+    s = RedisStore(server.url, window=WINDOW, timeout_s=0.3)
+    try:
+        await s.get_history("u")
+        assert s.up
+        os.kill(server.proc.pid, signal.SIGSTOP)  # a stalled Redis: the operation times out
+        try:
+            with pytest.raises(StoreUnavailable):
+                await s.get_history("u")
+            assert not s.up
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        await s.get_seen("u")
+        assert s.up
+        assert MemoryStore().up
+    finally:
+        await s.close()
+        server.stop()
+
+
 @pytest.mark.redis
 async def test_read_stream_pages_through_everything_after_a_cursor(redis_url):
     s = RedisStore(redis_url, window=WINDOW)
