@@ -871,16 +871,22 @@ async def queued(state, n: int) -> None:
     await asyncio.wait_for(poll(), 60)
 
 
+async def one_running_one_queued(state, client) -> tuple[HeldModel, asyncio.Task, asyncio.Task]:
+    """H1's request held on the model thread (max_batch 1) and H2's behind it in the queue."""
+    held = HeldModel(state)
+    a = asyncio.create_task(client.post("/recommend", json={"history": H1}))
+    await held.wait_entered()
+    b = asyncio.create_task(client.post("/recommend", json={"history": H2}))
+    await queued(state, 1)
+    return held, a, b
+
+
 async def test_a_full_queue_answers_503_with_retry_after(ckpt):
     """Row G: past R2EC_MAX_QUEUE waiting requests, one more is refused at once."""
     app = app_for(ckpt, max_batch=1, max_queue=1, cache_size=0)
     async with serve(app) as client:
         state = app.state.r2ec
-        held = HeldModel(state)
-        a = asyncio.create_task(client.post("/recommend", json={"history": H1}))
-        await held.wait_entered()
-        b = asyncio.create_task(client.post("/recommend", json={"history": H2}))
-        await queued(state, 1)
+        held, a, b = await one_running_one_queued(state, client)
         r = await client.post("/recommend", json={"history": H3})
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "overloaded" and "R2EC_MAX_QUEUE" in r.json()["error"]["message"]
@@ -899,11 +905,7 @@ async def test_a_drain_refuses_new_requests_and_answers_the_rest_by_the_deadline
     app = app_for(ckpt, max_batch=1, cache_size=0, shutdown_grace_s=0.2)
     async with serve(app) as client:
         state = app.state.r2ec
-        held = HeldModel(state)
-        a = asyncio.create_task(client.post("/recommend", json={"history": H1}))
-        await held.wait_entered()
-        b = asyncio.create_task(client.post("/recommend", json={"history": H2}))
-        await queued(state, 1)
+        held, a, b = await one_running_one_queued(state, client)
         state.begin_drain()
         r = await client.post("/recommend", json={"history": H3})
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
@@ -922,11 +924,7 @@ async def test_a_drain_with_time_to_spare_answers_everything(ckpt):
     app = app_for(ckpt, max_batch=1, cache_size=0, shutdown_grace_s=120)
     async with serve(app) as client:
         state = app.state.r2ec
-        held = HeldModel(state)
-        a = asyncio.create_task(client.post("/recommend", json={"history": H1}))
-        await held.wait_entered()
-        b = asyncio.create_task(client.post("/recommend", json={"history": H2}))
-        await queued(state, 1)
+        held, a, b = await one_running_one_queued(state, client)
         state.begin_drain()
         held.release()
         assert [r.status_code for r in await asyncio.gather(a, b)] == [200, 200]

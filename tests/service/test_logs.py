@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from service.logs import Throttled
-from tests.service.conftest import HeldModel, app_for, serve
-from tests.service.test_app import H1, H2, H3, queued
+from tests.service.conftest import app_for, serve
+from tests.service.test_app import H1, H3, one_running_one_queued
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -125,11 +125,7 @@ async def test_queue_full_shedding_logs_a_warning_when_it_starts(ckpt, caplog):
     app = app_for(ckpt, max_batch=1, max_queue=1, cache_size=0)
     async with serve(app) as client:
         state = app.state.r2ec
-        held = HeldModel(state)
-        a = asyncio.create_task(client.post("/recommend", json={"history": H1}))
-        await held.wait_entered()
-        b = asyncio.create_task(client.post("/recommend", json={"history": H2}))
-        await queued(state, 1)
+        held, a, b = await one_running_one_queued(state, client)
         caplog.clear()
         for _ in range(2):
             r = await client.post("/recommend", json={"history": H3})

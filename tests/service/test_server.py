@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -21,6 +23,31 @@ from tests.service.test_app import metric
 from tests.service.test_stream import parse_sse
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def r2ec_serve(env: dict[str, str], port: int, log_path: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A real `r2ec serve` process on `port`, ready, with its output in `log_path`; killed on the
+    way out if it is still running."""
+    with log_path.open("w") as log:
+        cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            assert proc.poll() is None, "the server exited while starting"
+            try:
+                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, "the server to be ready", timeout_s=120)
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
 
 
 def test_sigterm_with_16_reasoning_requests_in_flight(tiny_ckpt, tiny_dataset, tmp_path):
@@ -40,21 +67,8 @@ def test_sigterm_with_16_reasoning_requests_in_flight(tiny_ckpt, tiny_dataset, t
         shutdown_grace_s="4",
         log_level="INFO",
     )
-    log = (tmp_path / "serve.log").open("w+")
-    cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
     replies: list[httpx.Response | Exception] = []
-    try:
-
-        def ready() -> bool:
-            assert proc.poll() is None, "the server exited while starting"
-            try:
-                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, "the server to be ready", timeout_s=120)
+    with r2ec_serve(env, port, tmp_path / "serve.log") as (proc, base):
 
         def ask(history: list[str], route: str) -> None:
             body = {"history": [{"item_id": i} for i in history], "k": 3}
@@ -78,12 +92,7 @@ def test_sigterm_with_16_reasoning_requests_in_flight(tiny_ckpt, tiny_dataset, t
         for t in threads:
             t.join(180)
         returncode = proc.wait(180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-    log.seek(0)
-    output = log.read()
+    output = (tmp_path / "serve.log").read_text()
     assert len(replies) == 16
     answered = refused = streamed = 0
     for r in replies:
@@ -126,20 +135,7 @@ def test_json_logs_of_a_real_server_from_start_to_exit(tiny_ckpt, tmp_path):
     each request has its access line (probes only at DEBUG), and the exit says how the drain ended."""
     port = free_port()
     env = serve_env(tiny_ckpt, log_format="json", max_reasoning_tokens="4", shutdown_grace_s="2")
-    log = (tmp_path / "serve.log").open("w+")
-    cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-
-        def ready() -> bool:
-            assert proc.poll() is None, "the server exited while starting"
-            try:
-                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, "the server to be ready", timeout_s=120)
+    with r2ec_serve(env, port, tmp_path / "serve.log") as (proc, base):
         body = {"history": [{"item_id": "i1"}], "k": 2}
         r = httpx.post(f"{base}/recommend", json=body, headers={"x-request-id": "findme-123"}, timeout=60)
         assert r.status_code == 200, r.text
@@ -147,12 +143,7 @@ def test_json_logs_of_a_real_server_from_start_to_exit(tiny_ckpt, tmp_path):
         assert httpx.get(f"{base}/nope", timeout=10).status_code == 404
         proc.send_signal(signal.SIGTERM)
         returncode = proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-    log.seek(0)
-    output = log.read()
+    output = (tmp_path / "serve.log").read_text()
     assert returncode in (0, -signal.SIGTERM), output[-3000:]
     lines = [json.loads(line) for line in output.splitlines()]  # every line: one object
     assert all(list(r)[:4] == ["timestamp", "level", "logger", "message"] for r in lines), output
