@@ -93,7 +93,8 @@ def _sigterm_as_interrupt() -> Iterator[list[int]]:
 
     def stop(signum: int, _frame: object) -> None:
         taken.append(signum)
-        raise KeyboardInterrupt
+        if len(taken) == 1:  # a second one while the run stops (curves, resume line): let it stop
+            raise KeyboardInterrupt
 
     try:
         previous, installed = signal.signal(signal.SIGTERM, stop), True

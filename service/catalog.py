@@ -62,6 +62,52 @@ def _text(record: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(record.get(f, "") for f in ITEM_FIELDS)
 
 
+class _Twins:
+    """Which items share their text with another (every ITEM_FIELDS field): the model gives
+    them one vector, a reader sees one item (`Catalog.search`). Kept up to date by every edit
+    (`change`), so a search looks ids up instead of reading texts."""
+
+    def __init__(self, records: Mapping[str, Mapping[str, str]]) -> None:
+        self._ids: dict[tuple[str, ...], list[str]] = {}
+        for item_id, record in records.items():
+            self._ids.setdefault(_text(record), []).append(item_id)
+        self.ids: dict[str, tuple[str, ...]] = {  # twin id -> its text
+            i: text for text, ids in self._ids.items() if len(ids) > 1 for i in ids
+        }
+
+    def change(self, item_id: str, old: Mapping[str, str] | None, new: Mapping[str, str] | None) -> None:
+        """An item's text went from `old` to `new` (None: it was not there, or is gone)."""
+        if old is not None:
+            text = _text(old)
+            left = [i for i in self._ids.get(text, ()) if i != item_id]
+            if left:
+                self._ids[text] = left
+            else:
+                self._ids.pop(text, None)
+            self.ids.pop(item_id, None)
+            if len(left) == 1:
+                self.ids.pop(left[0], None)
+        if new is not None:
+            text = _text(new)
+            same = self._ids.setdefault(text, [])
+            same.append(item_id)
+            if len(same) > 1:
+                self.ids.update(dict.fromkeys(same, text))
+
+    def one_per_text(self, row: Sequence[str], exclude: Collection[str]) -> list[int]:
+        """Positions in `row` (best first) of the items left once each shared text is listed
+        once, and not at all where an `exclude`d item has it."""
+        taken = {self.ids[x] for x in exclude if x in self.ids}
+        keep = []
+        for j, item_id in enumerate(row):
+            text = self.ids.get(item_id)
+            if text is None or text not in taken:
+                keep.append(j)
+                if text is not None:
+                    taken.add(text)
+        return keep
+
+
 class _Titles(Mapping[str, str]):
     """A read-only item_id -> title view over a catalog's records."""
 
@@ -127,6 +173,7 @@ class Catalog:
         # it replaced): realpath -> (directory, version, stamp of the index.json last read)
         self._sources: dict[str, tuple[Path, str, tuple[int, int, int] | None]] = {}
         _apply_edits(self._records, self._edits)
+        self._twins = _Twins(self._records)
         self._lock = threading.Lock()  # edits vs. a batch's search + title reads
         # title search (GET /items): built on first use, then edits are searched beside it
         self._titles: TitleIndex | None = None
@@ -210,37 +257,21 @@ class Catalog:
         has one of them (`exclude`). A row among given candidates (`only`) keeps every one asked
         for."""
         with self._lock:
-            fetch = k
-            while True:
-                ids, cos = self.index.search(vectors, fetch, exclude=exclude, only=only)  # (B, fetch)
-                rows = [
-                    list(range(len(row))) if only is not None and only[i] is not None
-                    else self._one_per_text(row, exclude[i])
-                    for i, row in enumerate(ids)
-                ]  # fmt: skip
-                # a row left short by twins it dropped, where the index holds more: look further
-                done = all(len(r) >= k or len(ids[i]) < fetch for i, r in enumerate(rows))
-                if done or fetch >= len(self.index):
-                    break
-                fetch = min(2 * fetch, len(self.index))
+            twins = self._twins
+            # each item dropped is a twin: fetching k more than there are twins leaves k
+            fetch = min(k + len(twins.ids), len(self.index)) if twins.ids else k
+            ids, cos = self.index.search(vectors, max(fetch, k), exclude=exclude, only=only)
+            rows = [
+                list(range(len(row))) if not twins.ids or (only is not None and only[i] is not None)
+                else twins.one_per_text(row, exclude[i])
+                for i, row in enumerate(ids)
+            ]  # fmt: skip
             kept = [[ids[i][j] for j in r[:k]] for i, r in enumerate(rows)]
             scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
             for i, r in enumerate(rows):
                 scores[i, : len(r[:k])] = cos[i, r[:k]]
             titles = [[self._records[x]["title"] for x in row] for row in kept]
         return kept, scores, titles
-
-    def _one_per_text(self, row: Sequence[str], exclude: Collection[str]) -> list[int]:
-        """Positions in `row` (best first) of the items left once each text is listed once and
-        the texts of the `exclude`d items not at all."""
-        taken = {_text(self._records[x]) for x in exclude if x in self._records}
-        keep = []
-        for j, item_id in enumerate(row):
-            text = _text(self._records[item_id])
-            if text not in taken:
-                taken.add(text)
-                keep.append(j)
-        return keep
 
     def search_titles(self, query: str, limit: int) -> list[tuple[dict[str, str], str]]:
         """Items whose title matches `query`, best first, with how it matched (service/search.py:
@@ -283,6 +314,7 @@ class Catalog:
         vector = self.encode_item({"item_id": item_id, **record})  # (H,)
         with self._lock:
             replaced = self.index.upsert(item_id, vector)
+            self._twins.change(item_id, self._records.get(item_id), record)
             self._records[item_id] = record
             self._edits[item_id] = record
             self._edit_times[item_id] = self._next_time(item_id)
@@ -297,7 +329,7 @@ class Catalog:
                 raise KeyError(item_id)
             if item_id in self.index:
                 self.index.remove(item_id)
-            del self._records[item_id]
+            self._twins.change(item_id, self._records.pop(item_id), None)
             self._edits[item_id] = None
             self._edit_times[item_id] = self._next_time(item_id)
             self._title_changed(item_id, None)
@@ -428,12 +460,13 @@ class Catalog:
         with self._lock:
             for row, (item_id, record) in enumerate(upserts.items()):
                 self.index.upsert(item_id, vectors[row])
+                self._twins.change(item_id, self._records.get(item_id), record)
                 self._records[item_id] = record
                 self._title_changed(item_id, record["title"])
             for item_id in deletes:
                 if item_id in self.index:
                     self.index.remove(item_id)
-                self._records.pop(item_id, None)
+                self._twins.change(item_id, self._records.pop(item_id, None), None)
                 self._title_changed(item_id, None)
             for item_id, record in winners.items():
                 self._edits[item_id] = record

@@ -230,10 +230,7 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
 
     @app.exception_handler(StoreUnavailable)
     async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
-        metrics.store_errors.labels(exc.op).inc()
-        request.app.state.r2ec.store_down_log.warn(
-            "history store down, requests that need it get 503 store_unavailable: %s", exc
-        )
+        request.app.state.r2ec.store_failed(exc)
         headers = retry_after(STORE_RETRY_AFTER_S)
         return error_response(
             503, f"history store unavailable: {exc}", code="store_unavailable", headers=headers

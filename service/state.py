@@ -116,9 +116,7 @@ class ServiceState:
         self._reload_lock = asyncio.Lock()
         self.edit_lock = asyncio.Lock()  # item edits vs. the swap of a reload
         self._cache_down_until = 0.0
-        # one WARNING every 10 s at most while the store is down, however requests meet it (a
-        # 503 store_unavailable in service/errors.py, a request answered without its seen items)
-        self.store_down_log = Throttled(log)
+        self.store_down_log = Throttled(log)  # `store_failed`
         self._watcher: asyncio.Task | None = None
         metrics.track_store(lambda: self.store.up)
         metrics.queue_capacity.set(settings.max_queue)
@@ -189,12 +187,18 @@ class ServiceState:
         except StoreUnavailable as exc:
             if required:
                 raise
-            self.metrics.store_errors.labels(exc.op).inc()
-            self.store_down_log.warn(
-                "history store down, requests that carry their history are answered excluding only "
-                "that history: %s", exc,
-            )  # fmt: skip
+            self.store_failed(exc)
             return frozenset()
+
+    def store_failed(self, exc: StoreUnavailable) -> None:
+        """Count a failed store operation; a WARNING at most every 10 s while the store is down,
+        however requests meet it (a 503 store_unavailable, service/errors.py; a request with its
+        own history answered without the user's seen items, `_seen`)."""
+        self.metrics.store_errors.labels(exc.op).inc()
+        self.store_down_log.warn(
+            "history store down: requests that need it get 503 store_unavailable, those that carry "
+            "their history are answered without the user's other seen items: %s", exc,
+        )  # fmt: skip
 
     async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
         """Append the user's new events (by event id) to the history, the retraining stream and

@@ -307,8 +307,10 @@ class RedisStore:
         try:
             with _failures(self.url, op):
                 yield
-        except StoreUnavailable:
-            self.up = False
+        except StoreUnavailable as exc:
+            # down: Redis did not answer. An error it answered with (a key of another type, a
+            # full Redis refusing a write) says it is up
+            self.up = not isinstance(exc.__cause__, redis.ConnectionError | redis.TimeoutError | OSError)
             raise
         self.up = True
 

@@ -319,6 +319,27 @@ def test_off_the_main_thread_a_training_error_is_not_chained_to_the_signal_refus
     assert seen == [(None, [])]
 
 
+def test_a_second_sigterm_while_the_run_stops_is_not_raised_again():
+    """The first SIGTERM stops the run (KeyboardInterrupt); one more while it draws its curves
+    and prints its resume line must not cut that short."""
+    import os
+    import signal
+
+    from cli.train import _sigterm_as_interrupt
+
+    with _sigterm_as_interrupt() as taken:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between two bytecodes
+                pass
+            raise AssertionError("SIGTERM did not interrupt")
+        except KeyboardInterrupt:
+            os.kill(os.getpid(), signal.SIGTERM)  # while stopping: recorded, not raised
+            for _ in range(1000):
+                pass
+    assert taken == [signal.SIGTERM, signal.SIGTERM]
+
+
 def test_the_resume_line_names_torchrun_when_it_launched_the_run(monkeypatch):
     from cli.train import _launcher
 

@@ -326,3 +326,28 @@ def test_an_edit_saved_to_a_version_two_publishes_old_reaches_the_newest(ckpt, m
     on_w1.upsert("later", {"title": "Later Still"})
     assert reloaded.sync_edits() == 1 and reloaded.item("later")["title"] == "Later Still"
     assert reloaded.sync_edits() == 0
+
+
+def test_the_twins_index_follows_every_edit():
+    """service/catalog.py `_Twins` kept up to date edit by edit equals one built from scratch."""
+    import random
+
+    from service.catalog import _Twins
+
+    rng = random.Random(0)
+    texts = [{"title": t, "year": "", "genres": "", "description": ""} for t in ("A", "B", "C")]
+    records = {f"i{n}": dict(rng.choice(texts)) for n in range(6)}
+    twins = _Twins(records)
+    for _ in range(300):
+        item_id = f"i{rng.randrange(8)}"
+        new = None if rng.random() < 0.3 else dict(rng.choice(texts))
+        twins.change(item_id, records.get(item_id), new)
+        if new is None:
+            records.pop(item_id, None)
+        else:
+            records[item_id] = new
+        assert twins.ids == _Twins(records).ids
+    a, b = texts[0], texts[1]
+    pair = _Twins({"x": a, "y": dict(a), "z": b})
+    assert pair.one_per_text(["x", "z", "y"], exclude=()) == [0, 1]  # y: x's twin, listed already
+    assert pair.one_per_text(["y", "z"], exclude={"x"}) == [1]  # the user had x

@@ -114,7 +114,8 @@ async def test_a_store_outage_logs_a_warning_at_most_every_10_seconds(ckpt, capl
     ]
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith(
-        "history store down, requests that need it get 503 store_unavailable: redis"
+        "history store down: requests that need it get 503 store_unavailable, those that carry "
+        "their history are answered without the user's other seen items: redis"
     )
     assert warnings[0].endswith("(1 since the last such line)")
     assert [r.code for r in access_lines(caplog)] == ["store_unavailable"] * 3 + [None] * 3

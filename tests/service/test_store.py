@@ -238,6 +238,11 @@ async def test_a_store_is_up_again_after_its_next_operation_that_succeeds():
             os.kill(server.proc.pid, signal.SIGCONT)
         await s.get_seen("u")
         assert s.up
+        # an error Redis answers with (a key of another type) fails the call, not the store
+        await s._redis.set("r2ec:history:odd", "a string")
+        with pytest.raises(StoreUnavailable):
+            await s.get_history("odd")
+        assert s.up
         assert MemoryStore().up
     finally:
         await s.close()
