@@ -7,6 +7,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,6 +84,9 @@ def train_cmd(
     typer.echo(f"best checkpoint: {best}")
 
 
+REPEAT_S = 30.0  # a SIGTERM this soon after the one that stops a run is not raised again
+
+
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[list[int]]:
     """SIGTERM (`kill`, `docker stop`, a batch scheduler's preemption, torchrun passing on its
@@ -90,10 +94,14 @@ def _sigterm_as_interrupt() -> Iterator[list[int]]:
     the resume line printed, where Python's default would end the process on the spot. Yields
     the signals taken."""
     taken: list[int] = []
+    raised_at = [0.0]  # when a SIGTERM last interrupted
 
     def stop(signum: int, _frame: object) -> None:
         taken.append(signum)
-        if len(taken) == 1:  # a second one while the run stops (curves, resume line): let it stop
+        # a repeat within REPEAT_S lets the run stop (curves, resume line); a later one raises
+        # again, in case the first was lost (one that lands in a __del__ is dropped)
+        if len(taken) == 1 or time.monotonic() - raised_at[0] >= REPEAT_S:
+            raised_at[0] = time.monotonic()
             raise KeyboardInterrupt
 
     try:

@@ -68,31 +68,30 @@ class _Twins:
     (`change`), so a search looks ids up instead of reading texts."""
 
     def __init__(self, records: Mapping[str, Mapping[str, str]]) -> None:
-        self._ids: dict[tuple[str, ...], list[str]] = {}
+        self._groups: dict[tuple[str, ...], dict[str, None]] = {}  # text -> its ids, in order
+        self.ids: dict[str, tuple[str, ...]] = {}  # twin id -> its text
         for item_id, record in records.items():
-            self._ids.setdefault(_text(record), []).append(item_id)
-        self.ids: dict[str, tuple[str, ...]] = {  # twin id -> its text
-            i: text for text, ids in self._ids.items() if len(ids) > 1 for i in ids
-        }
+            self.change(item_id, None, record)
 
     def change(self, item_id: str, old: Mapping[str, str] | None, new: Mapping[str, str] | None) -> None:
-        """An item's text went from `old` to `new` (None: it was not there, or is gone)."""
+        """An item's text went from `old` to `new` (None: it was not there, or is gone); O(1)."""
         if old is not None:
             text = _text(old)
-            left = [i for i in self._ids.get(text, ()) if i != item_id]
-            if left:
-                self._ids[text] = left
-            else:
-                self._ids.pop(text, None)
+            group = self._groups.get(text, {})
+            group.pop(item_id, None)
             self.ids.pop(item_id, None)
-            if len(left) == 1:
-                self.ids.pop(left[0], None)
+            if len(group) == 1:  # the one left shares its text with nothing now
+                self.ids.pop(next(iter(group)), None)
+            elif not group:
+                self._groups.pop(text, None)
         if new is not None:
             text = _text(new)
-            same = self._ids.setdefault(text, [])
-            same.append(item_id)
-            if len(same) > 1:
-                self.ids.update(dict.fromkeys(same, text))
+            group = self._groups.setdefault(text, {})
+            group[item_id] = None
+            if len(group) == 2:
+                self.ids.update(dict.fromkeys(group, text))
+            elif len(group) > 2:
+                self.ids[item_id] = text
 
     def one_per_text(self, row: Sequence[str], exclude: Collection[str]) -> list[int]:
         """Positions in `row` (best first) of the items left once each shared text is listed
@@ -258,14 +257,20 @@ class Catalog:
         for."""
         with self._lock:
             twins = self._twins
-            # each item dropped is a twin: fetching k more than there are twins leaves k
-            fetch = min(k + len(twins.ids), len(self.index)) if twins.ids else k
-            ids, cos = self.index.search(vectors, max(fetch, k), exclude=exclude, only=only)
-            rows = [
-                list(range(len(row))) if not twins.ids or (only is not None and only[i] is not None)
-                else twins.one_per_text(row, exclude[i])
-                for i, row in enumerate(ids)
-            ]  # fmt: skip
+            # only twins are dropped: up to k more than asked, and more (doubling) for a row
+            # left short where the index holds more
+            fetch = k + min(len(twins.ids), k)
+            while True:
+                ids, cos = self.index.search(vectors, fetch, exclude=exclude, only=only)
+                rows = [
+                    list(range(len(row))) if not twins.ids or (only is not None and only[i] is not None)
+                    else twins.one_per_text(row, exclude[i])
+                    for i, row in enumerate(ids)
+                ]  # fmt: skip
+                short = any(len(r) < k and len(ids[i]) == fetch for i, r in enumerate(rows))
+                if not short or fetch >= len(self.index):
+                    break
+                fetch = min(2 * fetch, len(self.index))
             kept = [[ids[i][j] for j in r[:k]] for i, r in enumerate(rows)]
             scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
             for i, r in enumerate(rows):

@@ -308,9 +308,9 @@ class RedisStore:
             with _failures(self.url, op):
                 yield
         except StoreUnavailable as exc:
-            # down: Redis did not answer. An error it answered with (a key of another type, a
-            # full Redis refusing a write) says it is up
-            self.up = not isinstance(exc.__cause__, redis.ConnectionError | redis.TimeoutError | OSError)
+            # up where Redis answered with an error reply (a key of another type, a full Redis
+            # refusing a write); down where it did not answer, or something else did
+            self.up = isinstance(exc.__cause__, redis.ResponseError)
             raise
         self.up = True
 

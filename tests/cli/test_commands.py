@@ -340,6 +340,26 @@ def test_a_second_sigterm_while_the_run_stops_is_not_raised_again():
     assert taken == [signal.SIGTERM, signal.SIGTERM]
 
 
+def test_a_sigterm_long_after_the_first_raises_again(monkeypatch):
+    """If the first interrupt was lost, a later SIGTERM still stops the run."""
+    import os
+    import signal
+
+    from cli.train import _sigterm_as_interrupt
+
+    monkeypatch.setattr("cli.train.REPEAT_S", 0.0)
+    raised = 0
+    with _sigterm_as_interrupt():
+        for _ in range(2):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):
+                    pass
+            except KeyboardInterrupt:
+                raised += 1
+    assert raised == 2
+
+
 def test_the_resume_line_names_torchrun_when_it_launched_the_run(monkeypatch):
     from cli.train import _launcher
 

@@ -249,6 +249,35 @@ async def test_a_store_is_up_again_after_its_next_operation_that_succeeds():
         server.stop()
 
 
+async def test_a_store_that_answers_as_something_else_is_down():
+    """A URL that reaches another server (an HTTP port) gets answers, but not Redis's: down."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    s = RedisStore(f"redis://127.0.0.1:{port}/0", window=WINDOW, timeout_s=1)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await s.get_history("u")
+        assert not s.up
+    finally:
+        await s.close()
+        listener.close()
+
+
 @pytest.mark.redis
 async def test_read_stream_pages_through_everything_after_a_cursor(redis_url):
     s = RedisStore(redis_url, window=WINDOW)
