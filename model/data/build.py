@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,6 +112,22 @@ def complete_items(
     return items.loc[:, list(ITEM_COLUMNS)].reset_index(drop=True)  # catalog order, then extras
 
 
+def source_digests(source: dict[str, Any]) -> dict[str, str]:
+    """sha256 of each raw file `source` names (its `inter`, `item`, `reviews`, `meta`), so a
+    prepared directory says which data it came from and two preparations can be compared
+    without the raw files."""
+    digests = {}
+    for key, value in source.items():
+        path = Path(str(value))
+        if key != "origin" and path.is_file():
+            digest = hashlib.sha256()
+            with path.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            digests[key] = digest.hexdigest()
+    return digests
+
+
 def compute_stats(
     inter: pd.DataFrame, items: pd.DataFrame, splits: dict[str, pd.DataFrame]
 ) -> dict[str, Any]:
@@ -191,6 +208,7 @@ def build_prepared(
         "category": category,
         "max_history": int(max_history),
         "source": source,
+        "source_sha256": source_digests(source),
         "stats": compute_stats(counted, table, splits),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -11,7 +11,8 @@ One directory per (dataset, protocol), e.g. ``<data_dir>/ml-100k/loo/``::
                     `window` recipe: before the window, where a history shows only the latest
                     max_history; a retraining rebuild: each user's first history). The `seen`
                     mask of model/evaluate.py removes them too.
-    meta.json       name, protocol, category, max_history, source, stats, created_at
+    meta.json       name, protocol, category, max_history, source, source_sha256 (the raw
+                    files by content), stats, created_at
 
 ``meta.json`` is written last, so a directory with a meta file is complete.
 """

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +34,12 @@ def test_item_table_catalog(tiny_inter, tiny_item, tmp_path):
     assert sorted(titles) == sorted([f"i{k}" for k in range(1, 12)])
     assert titles["i10"] == "Item i10" and titles["i11"] == "Richard III"
     assert ds.category == "item" and ds.meta["stats"]["num_items"] == 11
+    # the raw files it came from, by content: a preparation says which data it is
+    digests = ds.meta["source_sha256"]
+    assert digests == {
+        "inter": hashlib.sha256(Path(tiny_inter).read_bytes()).hexdigest(),
+        "item": hashlib.sha256(Path(tiny_item).read_bytes()).hexdigest(),
+    }
 
 
 def test_other_field_names_and_no_timestamp(tmp_path):
