@@ -308,8 +308,9 @@ class RedisStore:
             with _failures(self.url, op):
                 yield
         except StoreUnavailable as exc:
-            # up where Redis answered with an error reply (a key of another type, a full Redis
-            # refusing a write); down where it did not answer, or something else did
+            # up where a command failed on its own (an error reply: a key of another type, a
+            # full Redis refusing a write); down where Redis did not answer, something else did,
+            # or it refused every command (loading, max clients, a wrong password)
             self.up = isinstance(exc.__cause__, redis.ResponseError)
             raise
         self.up = True

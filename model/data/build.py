@@ -112,14 +112,17 @@ def complete_items(
     return items.loc[:, list(ITEM_COLUMNS)].reset_index(drop=True)  # catalog order, then extras
 
 
+RAW_FILES = ("inter", "item", "reviews", "meta")  # the keys of `source` that name raw files
+
+
 def source_digests(source: dict[str, Any]) -> dict[str, str]:
-    """sha256 of each raw file `source` names (its `inter`, `item`, `reviews`, `meta`), so a
-    prepared directory says which data it came from and two preparations can be compared
-    without the raw files."""
+    """sha256 of each raw file `source` names (its RAW_FILES), so a prepared directory says
+    which data it came from and two preparations can be compared without the raw files."""
     digests = {}
-    for key, value in source.items():
-        path = Path(str(value))
-        if key != "origin" and path.is_file():
+    for key in RAW_FILES:
+        value = source.get(key)
+        path = Path(value) if isinstance(value, str) and value else None
+        if path is not None and path.is_file():
             digest = hashlib.sha256()
             with path.open("rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):

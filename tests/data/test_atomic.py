@@ -42,6 +42,14 @@ def test_item_table_catalog(tiny_inter, tiny_item, tmp_path):
     }
 
 
+def test_only_the_raw_files_are_hashed(tiny_inter, tmp_path, monkeypatch):
+    """Without an item file `source` says item None: no file named "None" here is hashed as it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "None").write_text("not the data")
+    ds = load_prepared(prepare_atomic(tiny_inter, None, tmp_path, "tiny", "loo"))
+    assert set(ds.meta["source_sha256"]) == {"inter"}
+
+
 def test_other_field_names_and_no_timestamp(tmp_path):
     inter = tmp_path / "x.inter"
     inter.write_text("user_id:token\titem_id:token\na\tp\na\tq\na\tr\n")

@@ -346,8 +346,28 @@ def test_the_twins_index_follows_every_edit():
             records.pop(item_id, None)
         else:
             records[item_id] = new
-        assert twins.ids == _Twins(records).ids
+        groups: dict = {}  # the reference, from scratch and apart from _Twins
+        for i, record in records.items():
+            groups.setdefault(tuple(record.values()), []).append(i)
+        assert twins.ids == {i: text for text, ids in groups.items() if len(ids) > 1 for i in ids}
     a, b = texts[0], texts[1]
     pair = _Twins({"x": a, "y": dict(a), "z": b})
     assert pair.one_per_text(["x", "z", "y"], exclude=()) == [0, 1]  # y: x's twin, listed already
     assert pair.one_per_text(["y", "z"], exclude={"x"}) == [1]  # the user had x
+
+
+def test_a_row_whose_user_had_an_item_listed_many_times_still_gets_k(ckpt, make_engine):
+    """The first fetch (k more than asked) can hold only twins of an excluded item: the search
+    looks further until the row has k items, none of them those twins."""
+    engine = make_engine(ckpt)
+    catalog = engine.catalog
+    i3 = {k: v for k, v in catalog.item("i3").items() if k != "item_id"}
+    for n in range(8):
+        catalog.upsert(f"copy{n}", i3)
+    twins = {"i3", *(f"copy{n}" for n in range(8))}
+    vector = catalog.encode_item(i3)[None, :]  # i3 itself: its copies rank first
+    ids, scores, titles = catalog.search(vector, 2, [{"i3"}])
+    assert len(ids[0]) == 2 and not twins & set(ids[0])
+    assert titles[0] == [catalog.item(i)["title"] for i in ids[0]] and np.isfinite(scores[0]).all()
+    ids, _, _ = catalog.search(vector, 2, [set()])  # not excluded: one of them, then others
+    assert ids[0][0] in twins and ids[0][1] not in twins
