@@ -123,11 +123,8 @@ def source_digests(source: dict[str, Any]) -> dict[str, str]:
         value = source.get(key)
         path = Path(value) if isinstance(value, str) and value else None
         if path is not None and path.is_file():
-            digest = hashlib.sha256()
-            with path.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-            digests[key] = digest.hexdigest()
+            with path.open("rb") as fh:  # read in blocks: a raw file may be gigabytes
+                digests[key] = hashlib.file_digest(fh, "sha256").hexdigest()
     return digests
 
 
