@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 # series, and nothing here reads them.
 disable_created_metrics()
 
+STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = (0, 8, 16, 32, 64, 128, 256, 512)
@@ -120,6 +121,17 @@ class Metrics:
         )
         for op in STORE_OPS:  # at 0 from the start, so an alert can rate() them
             self.store_errors.labels(op)
+        self.store_seconds = Histogram(
+            "r2ec_store_seconds",
+            "Time of each history-store operation by operation, failed ones included (a Redis "
+            "that slows down shows here before its timeouts count as errors); the in-process "
+            "store records none.",
+            ["op"],
+            buckets=STORE_BUCKETS,
+            registry=r,
+        )
+        for op in STORE_OPS:
+            self.store_seconds.labels(op)
         self.store_up = Gauge(
             "r2ec_store_up",
             "1 while the history store answers: 0 from a failed operation to the next that "
@@ -217,6 +229,10 @@ class Metrics:
 
     def track_store(self, up: Callable[[], bool]) -> None:
         self.store_up.set_function(lambda: float(up()))
+
+    def store_op(self, op: str, seconds: float) -> None:
+        """A store operation took `seconds` (RedisStore's `on_op`)."""
+        self.store_seconds.labels(op).observe(seconds)
 
     def serving(self, created_at: str) -> None:
         """A model began serving now; `created_at` is its r2ec.json's (ISO 8601, or empty)."""

@@ -29,7 +29,7 @@ from service.continuous import ContinuousBatcher
 from service.logs import Throttled
 from service.metrics import Metrics
 from service.recommender import Recommender
-from service.store import Appended, Event, HistoryStore, StoreUnavailable
+from service.store import Appended, Event, HistoryStore, RedisStore, StoreUnavailable
 from service.types import CachedReasoning, PreparedQuery, Query, QueryError, Result, UnknownItemsError
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,8 @@ class ServiceState:
         self.store_down_log = Throttled(log)  # `store_failed`
         self._watcher: asyncio.Task | None = None
         metrics.track_store(lambda: self.store.up)
+        if isinstance(store, RedisStore):
+            store.on_op = metrics.store_op
         metrics.queue_capacity.set(settings.max_queue)
         metrics.batch_capacity.set(settings.max_batch)
         metrics.batch_active.set_function(lambda: float(self.batcher.active))

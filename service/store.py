@@ -41,7 +41,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -300,10 +300,14 @@ class RedisStore:
             socket_timeout=timeout_s,
         )
         self._append = self._redis.register_script(APPEND_SCRIPT)
+        # told each operation's name and duration in seconds, failed ones too (the service's
+        # r2ec_store_seconds histogram)
+        self.on_op: Callable[[str, float], None] | None = None
 
     @contextmanager
     def _failures(self, op: str) -> Iterator[None]:
-        """`_failures`, and `up` set by how the operation went."""
+        """`_failures`, `up` set by how the operation went, and its time told to `on_op`."""
+        start = time.perf_counter()
         try:
             with _failures(self.url, op):
                 yield
@@ -313,7 +317,11 @@ class RedisStore:
             # or it refused every command (loading, max clients, a wrong password)
             self.up = isinstance(exc.__cause__, redis.ResponseError)
             raise
-        self.up = True
+        else:
+            self.up = True
+        finally:
+            if self.on_op is not None:
+                self.on_op(op, time.perf_counter() - start)
 
     async def get_history(self, user_id: str) -> list[Event]:
         with self._failures("get_history"):

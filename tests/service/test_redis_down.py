@@ -24,6 +24,11 @@ async def test_a_stopped_redis_degrades_to_inline_histories(ckpt):
             text = (await client.get("/metrics")).text
             assert metric(text, "r2ec_store_up") == 1
             assert metric(text, "r2ec_store_errors_total", op="get_seen") == 0  # exported from the start
+            # each Redis operation's time, by operation: one append so far, no stream read
+            assert metric(text, "r2ec_store_seconds_count", op="append_events") == 1
+            assert metric(text, "r2ec_store_seconds_count", op="read_events") == 0
+            histories = metric(text, "r2ec_store_seconds_count", op="get_history")
+            assert histories >= 1
 
             server.stop()
 
@@ -51,6 +56,8 @@ async def test_a_stopped_redis_degrades_to_inline_histories(ckpt):
             assert (await client.get("/healthz")).status_code == 200
             text = (await client.get("/metrics")).text
             assert metric(text, "r2ec_store_errors_total", op="get_history") == 2
+            # failed operations are timed too (a slow Redis shows before its timeouts count)
+            assert metric(text, "r2ec_store_seconds_count", op="get_history") == histories + 2
             assert metric(text, "r2ec_store_errors_total", op="append_events") == 1
             assert metric(text, "r2ec_store_errors_total", op="cache_get") == 1  # then skipped a while
             assert metric(text, "r2ec_store_errors_total", op="ping") == 1
