@@ -61,6 +61,7 @@ def _init(data: Path, out: Path, base: str | None, from_checkpoint: Path | None,
         resolve_checkpoint,
         same_items,
         save_checkpoint,
+        trained_data,
     )
     from model.cowatch import CoWatch
     from model.data import load_prepared
@@ -68,7 +69,7 @@ def _init(data: Path, out: Path, base: str | None, from_checkpoint: Path | None,
 
     check_replaceable(out)  # before minutes of encoding
     ds = load_prepared(data)
-    dataset = {"name": ds.name, "protocol": ds.protocol, "path": str(data)}
+    dataset = ds.describe() | {"path": str(data)}
     if from_checkpoint is None:
         prompts = PromptConfig(category=ds.category)
         return create_base_checkpoint(
@@ -88,7 +89,7 @@ def _init(data: Path, out: Path, base: str | None, from_checkpoint: Path | None,
         if same_catalog
         else model.item_vectors(ds.items.to_dict("records"), progress=True)
     )
-    trained_on = src.get("dataset") or {}
+    trained_on = trained_data(src)
     # metrics measured on another dataset say nothing of this checkpoint's
     same_data = (trained_on.get("name"), trained_on.get("protocol")) == (ds.name, ds.protocol)
     return save_checkpoint(
@@ -100,7 +101,10 @@ def _init(data: Path, out: Path, base: str | None, from_checkpoint: Path | None,
         item_vectors=vectors,
         dataset=dataset,
         metrics=src.get("metrics") if same_data else None,
-        extra={k: src[k] for k in ("train", "provenance") if k in src} | {"from": str(from_checkpoint)},
+        extra={k: src[k] for k in ("train", "provenance") if k in src}
+        # `dataset` is now DATA (the catalog, the hints); the weights still come from this
+        | ({"trained_on": trained_on} if trained_on else {})
+        | {"from": str(from_checkpoint)},
     )
 
 

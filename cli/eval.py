@@ -356,7 +356,7 @@ def _load_model(
     backbone, on `device`; returns the model, the catalog's vectors, the row's label and what
     was loaded where (for the JSON's `run`)."""
     from model.backbone import BackboneConfig, load_backbone
-    from model.checkpoint import CheckpointError, base_reference, load_checkpoint
+    from model.checkpoint import CheckpointError, base_reference, load_checkpoint, trained_data
     from model.distributed import resolve_device
     from model.prompts import PromptConfig
     from model.r2ec import R2ec
@@ -372,12 +372,18 @@ def _load_model(
             fail(str(exc))
         model, label = ckpt.model, f"checkpoint {ckpt.version}"
         loaded = {"checkpoint": {"path": str(Path(ckpt.path).resolve()), "version": ckpt.version}}
-        trained_on = ckpt.meta.get("dataset") or {}
+        trained_on = trained_data(ckpt.meta)
         theirs = (trained_on.get("name"), trained_on.get("protocol"))
         if trained_on and theirs != (ds.name, ds.protocol):
             warn(
-                f"{label} was made on {theirs[0]}/{theirs[1]}, --data is {ds.name}/{ds.protocol}: "
+                f"{label} was trained on {theirs[0]}/{theirs[1]}, --data is {ds.name}/{ds.protocol}: "
                 "its training data may hold this split's targets, so the numbers may not be held out"
+            )
+        elif trained_on.get("samples_sha256") not in (None, ds.samples_digest()):
+            warn(
+                f"{label} was trained on another preparation of {ds.name}/{ds.protocol} "
+                f"({trained_on.get('path')}) than --data's: its samples differ (e.g. rebuilt by a "
+                "retrain with newer events), so its training data may hold this split's targets"
             )
         same_catalog = list(ckpt.items["item_id"]) == list(ds.items["item_id"])
         vectors = ckpt.item_vectors if same_catalog else None

@@ -366,6 +366,15 @@ def read_meta(path: Path | str) -> dict[str, Any]:
     return meta
 
 
+def trained_data(meta: dict[str, Any]) -> dict[str, Any]:
+    """The data a checkpoint's weights were trained on, as its r2ec.json records it: `trained_on`
+    where `checkpoint init --from` moved trained weights onto other data (its `dataset` then
+    names that data), else `dataset` for a trained checkpoint; {} for an untrained one."""
+    if meta.get("trained_on"):
+        return meta["trained_on"]
+    return (meta.get("dataset") or {}) if "train" in meta else {}
+
+
 def load_checkpoint(
     path: Path | str,
     *,

@@ -158,6 +158,7 @@ class Trainer:
                 "replaces it): pass one"
             )
         self.cfg, self.dataset, self.out = cfg, dataset, Path(out)
+        self.dataset_info = dataset.describe()  # each checkpoint's `dataset`, its digest once
         dist.init()
         self.is_main = dist.rank() == 0
         torch.manual_seed(cfg.seed)
@@ -611,7 +612,7 @@ class Trainer:
             weights=weights_kind(self.model),
             items=ds.items,
             item_vectors=self.table.vectors.numpy() if fresh_table else None,
-            dataset={"name": ds.name, "protocol": ds.protocol, "path": str(ds.path)},
+            dataset=self.dataset_info,
             metrics={"valid": self.state.best_metrics},
             extra={"train": {"step": self.state.step, "config": self.cfg.to_dict()}},
             write_extra=write_extra,

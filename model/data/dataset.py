@@ -20,6 +20,7 @@ One directory per (dataset, protocol), e.g. ``<data_dir>/ml-100k/loo/``::
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -90,6 +91,30 @@ class PreparedDataset:
     def item_titles(self) -> dict[str, str]:
         """item_id -> title for every item in the catalog."""
         return dict(zip(self.items["item_id"], self.items["title"], strict=True))
+
+    def samples_digest(self) -> str:
+        """sha256 of every split's (user, target, time) in file order: two preparations with
+        the same digest hold the same samples' targets, whatever library wrote the files.
+        Training records it (a checkpoint's `dataset.samples_sha256`), so `r2ec eval` can tell
+        a split the model trained on from another preparation of the same name and protocol,
+        e.g. one a retrain rebuilt with newer events."""
+        h = hashlib.sha256()
+        for name in SPLITS:
+            df = self.splits[name]
+            for user, target, ts in zip(
+                df["user_id"], df["target_item_id"], df["target_timestamp"], strict=True
+            ):
+                h.update(f"{name}\t{user}\t{target}\t{ts}\n".encode())
+        return h.hexdigest()
+
+    def describe(self) -> dict[str, str]:
+        """What a checkpoint records of the data it was made from (its r2ec.json `dataset`)."""
+        return {
+            "name": self.name,
+            "protocol": self.protocol,
+            "path": str(self.path),
+            "samples_sha256": self.samples_digest(),
+        }
 
     def split(self, name: str) -> pd.DataFrame:
         """The samples of one split ("train", "valid" or "test")."""

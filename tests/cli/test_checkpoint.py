@@ -178,6 +178,14 @@ def test_init_from_a_model_trained_elsewhere_counts_hints_and_encodes_only_this_
     assert saved.successors == expected.successors
     assert all(j.startswith("b") for nexts in saved.successors.values() for j, _ in nexts)
     assert read_meta(art)["metrics"] and not read_meta(out)["metrics"]
+    # its `dataset` is now the user's data; what the weights were trained on is kept beside it,
+    # so scoring it on data of that name is not taken for held out
+    trained = read_meta(art)["dataset"]
+    assert trained["samples_sha256"] == tiny_dataset.samples_digest()
+    assert read_meta(out)["trained_on"] == trained and read_meta(out)["dataset"]["name"] == "other"
+    args = ["eval", "--data", str(other.path), "--checkpoint", str(out), "--dtype", "float32"]
+    res = CliRunner().invoke(app, [*args, "--no-reasoning", "--limit", "1"])
+    assert res.exit_code == 0 and "trained on tiny/loo, --data is other/loo" in res.stderr, res.output
 
 
 def _count_encodings(monkeypatch) -> list[int]:

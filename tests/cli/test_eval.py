@@ -295,18 +295,41 @@ def test_notes_for_a_limit_past_the_split_and_for_the_train_split(tiny_dataset):
     assert result.exit_code == 0 and "note: --split train scores the samples" in result.stderr
 
 
-def test_a_checkpoint_made_on_another_split_protocol_is_warned_of(tiny_dataset, tmp_path):
+def _trained_on(tmp_path: Path, tiny_dataset, dataset: dict, trained: bool = True) -> Path:
+    """A tiny checkpoint whose r2ec.json says it was trained on `dataset` (untrained: made on it)."""
     out = tmp_path / "ckpt"
-    dataset = {"name": tiny_dataset.name, "protocol": "temporal"}
     create_base_checkpoint(out, "tiny", tiny_dataset.items, dtype="float32", progress=False, dataset=dataset)
-    args = ["eval", "--data", str(tiny_dataset.path), "--checkpoint", str(out), "--dtype", "float32"]
+    if trained:
+        meta = json.loads((out / "r2ec.json").read_text())
+        (out / "r2ec.json").write_text(json.dumps(meta | {"train": {"step": 1}}))
+    return out
+
+
+def _eval_warnings(tiny_dataset, ckpt: Path) -> str:
+    args = ["eval", "--data", str(tiny_dataset.path), "--checkpoint", str(ckpt), "--dtype", "float32"]
     result = CliRunner().invoke(app, [*args, "--no-reasoning", "--limit", "1", "--json"])
     assert result.exit_code == 0, result.output
-    assert (
-        "warning: checkpoint" in result.stderr
-        and "made on tiny/temporal, --data is tiny/loo" in result.stderr
-    )
     _strict(result.stdout)  # stdout stays the JSON alone
+    return result.stderr
+
+
+def test_a_checkpoint_trained_on_another_split_protocol_is_warned_of(tiny_dataset, tmp_path):
+    dataset = {"name": tiny_dataset.name, "protocol": "temporal"}
+    stderr = _eval_warnings(tiny_dataset, _trained_on(tmp_path / "a", tiny_dataset, dataset))
+    assert "warning: checkpoint" in stderr and "trained on tiny/temporal, --data is tiny/loo" in stderr
+    # an untrained checkpoint has no training data to hold this split's targets
+    stderr = _eval_warnings(tiny_dataset, _trained_on(tmp_path / "b", tiny_dataset, dataset, trained=False))
+    assert "warning" not in stderr
+
+
+def test_a_checkpoint_trained_on_another_preparation_of_the_same_data_is_warned_of(tiny_dataset, tmp_path):
+    """Same name and protocol, other samples (a retrain's rebuild with newer events): the
+    samples' digest tells them apart; the same preparation is not warned of."""
+    same = tiny_dataset.describe()
+    assert "warning" not in _eval_warnings(tiny_dataset, _trained_on(tmp_path / "a", tiny_dataset, same))
+    other = same | {"samples_sha256": "0" * 64, "path": "/elsewhere/loo"}
+    stderr = _eval_warnings(tiny_dataset, _trained_on(tmp_path / "b", tiny_dataset, other))
+    assert "trained on another preparation of tiny/loo (/elsewhere/loo)" in stderr
 
 
 def test_sasrec_under_json_shows_its_training_on_stderr(tiny_dataset):

@@ -50,6 +50,28 @@ def test_only_the_raw_files_are_hashed(tiny_inter, tmp_path, monkeypatch):
     assert set(ds.meta["source_sha256"]) == {"inter"}
 
 
+def test_the_samples_digest_tells_preparations_apart_by_their_samples(tiny_inter, tiny_item, tmp_path):
+    """The same files prepared twice give one digest; one interaction more gives another, and so
+    does another protocol of the same files."""
+    first = load_prepared(prepare_atomic(tiny_inter, tiny_item, tmp_path / "a", "tiny", "loo"))
+    again = load_prepared(prepare_atomic(tiny_inter, tiny_item, tmp_path / "b", "tiny", "loo"))
+    assert first.samples_digest() == again.samples_digest()
+    assert first.describe() == {
+        "name": "tiny",
+        "protocol": "loo",
+        "path": str(first.path),
+        "samples_sha256": first.samples_digest(),
+    }
+    rows = Path(tiny_inter).read_text().splitlines()
+    user, item, rating, ts = rows[1].split("\t")
+    more = tmp_path / "more.inter"
+    more.write_text("\n".join([*rows, "\t".join([user, item, rating, str(int(float(ts)) + 10**6)])]) + "\n")
+    newer = load_prepared(prepare_atomic(more, tiny_item, tmp_path / "c", "tiny", "loo"))
+    assert newer.samples_digest() != first.samples_digest()
+    temporal = load_prepared(prepare_atomic(tiny_inter, tiny_item, tmp_path / "d", "tiny", "temporal"))
+    assert temporal.samples_digest() != first.samples_digest()
+
+
 def test_other_field_names_and_no_timestamp(tmp_path):
     inter = tmp_path / "x.inter"
     inter.write_text("user_id:token\titem_id:token\na\tp\na\tq\na\tr\n")
