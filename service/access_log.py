@@ -10,7 +10,10 @@ duration once (uvicorn's own access log is off, service/server.py):
 
 Method, route template, status, the error body's `code` for a 4xx/5xx, duration
 in ms (until the last byte: a stream's whole life), the request id (X-Request-ID, kept in scope
-state by service/request_id.py) and the raw path. With R2EC_LOG_FORMAT=json each of these is a key
+state by service/request_id.py) and the raw path, except under /users/, where the path holds a
+user id, personal data that would outlive the user's erasure in every log store: there the
+route template stands for it ("/users/{user_id}/history"; "/users/..." where no route matched),
+and the request id finds the request. With R2EC_LOG_FORMAT=json each of these is a key
 of the line (`extra`). Probes and scrapes (/healthz, /readyz, /metrics) are logged at DEBUG, so
 a pod's log is not half probes; R2EC_LOG_LEVEL=DEBUG shows them.
 """
@@ -22,20 +25,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from service.errors import CODES, printable
+from service.errors import CODES, printable, route_template
 from service.metrics import Metrics
 from service.request_id import request_id
 
 log = logging.getLogger("service.access")
 
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+USERS = "/users/"  # the routes whose paths name a user
 
 
-def route_template(scope: dict[str, Any]) -> str:
-    """The template of the route that served a request, once it was routed, else "unmatched"."""
-    route = scope.get("route")
-    # path_format: the template without convertors ("/items/{item_id}", not "{item_id:id}")
-    return getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
+def logged_path(path: str, route: str) -> str:
+    """The path as the access line shows it (module docstring): no user id."""
+    if path.startswith(USERS):
+        return route if route.startswith(USERS) else USERS + "..."
+    return printable(path, 200)  # a %0A in a path is no new line
 
 
 class AccessLog:
@@ -75,7 +79,7 @@ class AccessLog:
                 "request_id": request_id(scope),
                 "method": scope.get("method", ""),
                 "route": route,
-                "path": printable(scope.get("path", ""), 200),  # a %0A in a path is no new line
+                "path": logged_path(scope.get("path", ""), route),
                 "status": status,
                 "code": code if status >= 400 else None,
                 "duration_ms": round(seconds * 1e3, 1),

@@ -59,7 +59,8 @@ CODES = {
 DESCRIPTIONS = {
     400: "The body could not be decoded (not UTF-8, or nested too deeply).",
     401: "The X-API-Key header is missing.",
-    403: "The API key is wrong, or the admin API is disabled (R2EC_API_KEY unset).",
+    403: "The API key is wrong; on an admin route, also while the admin API is disabled "
+    "(R2EC_API_KEY unset).",
     404: "No such item.",
     409: "A reload is already running (Retry-After).",
     413: "The body is larger than R2EC_MAX_BODY_BYTES.",
@@ -68,6 +69,14 @@ DESCRIPTIONS = {
     503: "The service cannot answer now: starting, shutting down, overloaded (queue full) or its "
     "store is unavailable; all but starting with Retry-After.",
 }
+
+
+def route_template(scope: dict[str, Any]) -> str:
+    """The template of the route that served a request, once it was routed, else "unmatched"
+    (the access line's and the latency metric's `route`, service/access_log.py)."""
+    route = scope.get("route")
+    # path_format: the template without convertors ("/items/{item_id}", not "{item_id:id}")
+    return getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
 
 
 def documented(*statuses: int, by_reference: bool = False) -> dict[int | str, dict[str, Any]]:
@@ -269,6 +278,8 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> JSONResponse:
         rid = request_id(request.scope)  # sent from outside RequestId: its header is set here
-        log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, rid)
+        # the route's template, not the path: a path under /users/ names a user (service/access_log.py)
+        route = route_template(request.scope)
+        log.exception("unhandled error on %s %s (request %s)", request.method, route, rid)
         headers = {HEADER: rid} if rid else None
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", headers=headers)
