@@ -120,6 +120,13 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="Key for admin routes (header X-API-Key); unset = admin API disabled."
     )
+    client_key: SecretStr | None = Field(
+        None,
+        description="Key for the routes that read or write a user's data or answer from it "
+        "(/recommend, /recommend/stream, /users/...): header X-API-Key, this key or the admin "
+        "key; unset = those routes are open to whoever reaches the port, for a service behind "
+        "your own backend.",
+    )
     log_level: str = Field("INFO", description="Python logging level.")
     log_format: Literal["text", "json"] = Field(
         "text",
@@ -233,9 +240,23 @@ class Settings(BaseSettings):
 
     @property
     def admin_key(self) -> str | None:
-        if self.api_key is None or not self.api_key.get_secret_value():
-            return None
-        return self.api_key.get_secret_value()
+        return _secret(self.api_key)
+
+    @property
+    def user_keys(self) -> tuple[str, ...]:
+        """The keys the user routes take (the client key, and the admin key beside it); empty
+        while no client key is set, when they are open."""
+        client = _secret(self.client_key)
+        if client is None:
+            return ()
+        return (client,) if self.admin_key is None else (client, self.admin_key)
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    """A set, non-empty secret's text; None for unset or empty (an empty env var)."""
+    if value is None or not value.get_secret_value():
+        return None
+    return value.get_secret_value()
 
 
 # R2EC_ variables read elsewhere than `Settings`, where: not typos

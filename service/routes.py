@@ -19,7 +19,7 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from service import schemas
 from service.config import Settings
-from service.deps import Admin, CatalogDep, MaybeStateDep, StateDep, StoreDep
+from service.deps import Admin, CatalogDep, MaybeStateDep, StateDep, StoreDep, UserData
 from service.errors import documented
 from service.state import ServiceState
 from service.store import Event, event_key
@@ -113,7 +113,8 @@ def recommend_router(settings: Settings) -> APIRouter:
         "/recommend",
         response_model=schemas.RecommendResponse,
         tags=["recommend"],
-        responses=documented(400, 413, 422, 500, 503),
+        dependencies=UserData,
+        responses=documented(400, 401, 403, 413, 422, 500, 503),
     )
     async def recommend(body: body_type, request: Request, state: StateDep) -> schemas.RecommendResponse:
         """Ranked items for a history (inline, or the user's stored one), with the reasoning.
@@ -143,8 +144,9 @@ def recommend_router(settings: Settings) -> APIRouter:
                     }
                 },
             },
-            **documented(400, 413, 422, 500, 503, by_reference=True),
+            **documented(400, 401, 403, 413, 422, 500, 503, by_reference=True),
         },
+        dependencies=UserData,
     )
     async def recommend_stream(body: body_type, request: Request, state: StateDep) -> EventStream:
         """POST /recommend's answer as Server-Sent Events: the reasoning as it is written, then
@@ -205,7 +207,8 @@ def _reply(result: Result, source: str, total_ms: float) -> schemas.RecommendRes
     "/users/{user_id:id}/events",
     response_model=schemas.EventsResponse,
     tags=["users"],
-    responses=documented(400, 413, 422, 500, 503),
+    dependencies=UserData,
+    responses=documented(400, 401, 403, 413, 422, 500, 503),
 )
 async def append_events(
     user_id: UserIdPath, body: schemas.EventsRequest, state: StateDep
@@ -240,7 +243,8 @@ def _stamped(user_id: str, e: schemas.EventIn, now: int) -> Event:
     "/users/{user_id:id}/history",
     response_model=schemas.HistoryResponse,
     tags=["users"],
-    responses=documented(422, 500, 503),
+    dependencies=UserData,
+    responses=documented(401, 403, 422, 500, 503),
 )
 async def get_history(user_id: UserIdPath, store: StoreDep, catalog: CatalogDep) -> schemas.HistoryResponse:
     """The stored history, oldest first (title null for items since deleted)."""

@@ -52,6 +52,37 @@ async def test_admin_routes_need_the_api_key(client, method, path, body):
     assert (await client.get("/items/i1")).status_code == 200
 
 
+USER_CALLS = [
+    ("POST", "/recommend", {"history": H1, "k": 3, "reasoning": False}),
+    ("POST", "/recommend/stream", {"history": H1, "k": 3, "reasoning": False}),
+    ("POST", "/users/u1/events", {"events": H1}),
+    ("GET", "/users/u1/history", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), USER_CALLS, ids=[p for _, p, _ in USER_CALLS])
+async def test_a_client_key_closes_the_routes_of_users_data_to_whoever_lacks_it(ckpt, method, path, body):
+    """R2EC_CLIENT_KEY: a user's data is read or written (or answered from) with that key or
+    the admin key only; the catalog, the probes and the page stay open."""
+    async with serve(app_for(ckpt, client_key="client-secret")) as client:
+        r = await client.request(method, path, json=body)
+        assert r.status_code == 401 and r.json()["error"]["message"] == "missing X-API-Key header"
+        assert r.headers["www-authenticate"] == "X-API-Key"
+        r = await client.request(method, path, json=body, headers={"X-API-Key": "wrong"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+        for key in ("client-secret", ADMIN["X-API-Key"]):
+            r = await client.request(method, path, json=body, headers={"X-API-Key": key})
+            assert r.status_code == 200, r.text
+        # the client key is no admin key
+        r = await client.post("/admin/reload", headers={"X-API-Key": "client-secret"})
+        assert r.status_code == 403
+        for open_path in ("/items/i1", "/healthz", "/readyz", "/"):
+            assert (await client.get(open_path)).status_code == 200, open_path
+    # without one, as before: open
+    async with serve(app_for(ckpt)) as client:
+        assert (await client.request(method, path, json=body)).status_code == 200
+
+
 @pytest.mark.parametrize(("method", "path", "body"), ADMIN_CALLS, ids=[p for _, p, _ in ADMIN_CALLS])
 async def test_admin_routes_are_off_without_a_configured_key(ckpt, method, path, body):
     async with serve(app_for(ckpt, api_key=None)) as client:
