@@ -251,7 +251,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     that dies between the two renames leaves the old checkpoint aside, which
     `recover_checkpoint` restores: the next save to `out` calls it first, so does a training
     run for its best/ and last/ (model/train.py `Trainer`)."""
-    recover_checkpoint(out)
+    recover_checkpoint(out, writing=tmp)
     check_replaceable(out)
     fsync_tree(tmp)
     if not out.exists():
@@ -281,11 +281,21 @@ def _asides(out: Path) -> list[Path]:
     return [p for *_, p in sorted(found)]
 
 
-def recover_checkpoint(out: Path | str) -> None:
+def _temp_dirs(out: Path) -> list[Path]:
+    """The temporary directories of saves to `out` (`_new_dir_beside`: exactly
+    `.NAME.tmp-<12 hex>`) that are still there: a save killed mid-write (no `finally` ran),
+    or killed while removing the old copy an exchange had swapped into its temp name."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-[0-9a-f]{{12}}")
+    return [p for p in out.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()]
+
+
+def recover_checkpoint(out: Path | str, *, writing: Path | None = None) -> None:
     """Undo a `_swap_into_place` cut between its two renames: with `out` missing, the newest
-    checkpoint moved aside from it goes back; every other copy aside is removed. Nothing to do
-    (the common case) costs one directory listing. For writers only (a reader must not move
-    what a writer may be renaming)."""
+    checkpoint moved aside from it goes back; every other copy aside is removed, and so is
+    every temporary directory a save to `out` killed mid-way left (`writing`: the caller's
+    own, kept). Nothing to do (the common case) costs one directory listing. For writers only
+    (a reader must not move what a writer may be renaming): the one writer of `out` holds its
+    path, so no other live process is writing a temp of it."""
     out = Path(out)
     if not out.parent.is_dir():
         return
@@ -298,7 +308,10 @@ def recover_checkpoint(out: Path | str) -> None:
             fsync_path(out.parent)
             asides.remove(back)
             log.warning("restored %s from %s, moved aside by a save that did not finish", out, back.name)
-    for p in asides:
+    temps = [p for p in _temp_dirs(out) if writing is None or p.name != Path(writing).name]
+    for p in temps:
+        log.warning("removing %s, left by a save of %s that did not finish", p.name, out)
+    for p in asides + temps:
         shutil.rmtree(p, ignore_errors=True)
 
 

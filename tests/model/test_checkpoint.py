@@ -209,6 +209,31 @@ def test_the_next_save_after_a_cut_one_leaves_nothing_aside(tmp_path, tiny_model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 
+def test_a_save_killed_mid_write_leaves_its_temp_dir_only_until_the_next_writer(
+    tmp_path, tiny_model, tiny_dataset, monkeypatch
+):
+    """A SIGKILL runs no `finally`: the save's `.c.tmp-*` (a whole checkpoint, a full
+    fine-tune's optimizer state in a run's last/) stayed for good. The next writer of the path
+    (a save, a training run's start, `recover_checkpoint`) removes it; a lookalike stays."""
+    out = tmp_path / "c"
+    first = _save(out, tiny_model, tiny_dataset)
+    with monkeypatch.context() as m:  # killed just before the swap, cleaning nothing up
+        m.setattr(checkpoint, "fsync_tree", lambda p: (_ for _ in ()).throw(OSError("killed")))
+        m.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)
+        with pytest.raises(OSError, match="killed"):
+            _save(out, tiny_model, tiny_dataset)
+    (dead,) = [p for p in tmp_path.iterdir() if p.name.startswith(".c.tmp-")]
+    lookalike = tmp_path / ".c.tmp-backup"
+    lookalike.mkdir()
+    checkpoint.recover_checkpoint(out)
+    assert read_meta(out)["version"] == first["version"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.tmp-backup", "c"]
+    shutil.copytree(out, dead)  # the same leftover, met by the next save instead
+    second = _save(out, tiny_model, tiny_dataset)
+    assert read_meta(out)["version"] == second["version"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.tmp-backup", "c"]
+
+
 def test_replacing_a_checkpoint_keeps_one_at_its_path_throughout(
     tmp_path, tiny_model, tiny_dataset, monkeypatch
 ):
