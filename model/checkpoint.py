@@ -55,7 +55,7 @@ import torch
 from model.backbone import BUILTIN_BASES, BackboneConfig, load_backbone, load_lm, prepare_tokenizer
 from model.cowatch import FILE as COWATCH_PARQUET
 from model.cowatch import CoWatch
-from model.data.dataset import atomic_write, fsync_path, fsync_tree, make_dirs
+from model.data.dataset import atomic_write, fsync_path, fsync_tree, make_dirs, remove_path, remove_stale
 from model.distributed import resolve_device
 from model.prompts import PromptConfig
 from model.r2ec import R2ec
@@ -724,12 +724,45 @@ def _edit_time(value: Any) -> int:
 
 
 def prune_versions(root: Path | str, keep: int) -> list[str]:
-    """Remove all but the `keep` newest versions; the one CURRENT names always stays."""
+    """Remove all but the `keep` newest versions; the one CURRENT names always stays.
+
+    Each one goes out of sight in one rename (`.NAME.pruned-*`) before its files are deleted:
+    a kill mid-way (rmtree deletes in directory order, r2ec.json maybe first) leaves no half
+    version under a version's name, which `list_versions` would miss and no prune would ever
+    remove, or would list as a rollback target without its weights. What killed processes left
+    in root is removed first (`_sweep`)."""
     root = Path(root)
+    _sweep(root)
     current = current_version(root)
     versions = list_versions(root)
     doomed = [v for v in versions[: max(0, len(versions) - keep)] if v != current]
-    for name in doomed:
-        shutil.rmtree(root / name)
+    hidden = [_hide(root, name) for name in doomed]
+    if hidden:
+        fsync_path(root)  # a power loss does not bring a half-removed version back under its name
+    for name, path in zip(doomed, hidden, strict=True):
+        shutil.rmtree(path, ignore_errors=True)  # what stays (a kill, EACCES) is the next prune's
         log.info("pruned version %s", name)
     return doomed
+
+
+_PRUNED = re.compile(r"\..+\.pruned-[0-9a-f]{12}")  # `_hide`'s names
+_SAVE_TEMP = re.compile(r"\..+\.tmp-[0-9a-f]{12}")  # `_new_dir_beside`'s
+
+
+def _hide(root: Path, name: str) -> Path:
+    hidden = root / f".{name}.pruned-{uuid.uuid4().hex[:12]}"
+    os.replace(root / name, hidden)
+    return hidden
+
+
+def _sweep(root: Path) -> None:
+    """Remove what processes killed mid-way left in a versions root: versions a prune hid and
+    did not finish deleting (at any age: nothing writes into one once hidden), and the
+    temporary directories of checkpoint saves into the root (`r2ec checkpoint init --out
+    ROOT/v1`) once stale: those saves take no lock, so a fresher one may be in progress
+    (model/data/dataset.py STALE_TEMP_S)."""
+    dirs = [p for p in root.iterdir() if p.is_dir()]
+    for path in [p for p in dirs if _PRUNED.fullmatch(p.name)]:
+        log.warning("removing %s, a version a prune that did not finish had hidden", path.name)
+        remove_path(path)
+    remove_stale([p for p in dirs if _SAVE_TEMP.fullmatch(p.name)])

@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,48 @@ def test_prune_keeps_the_newest_and_always_the_current(tmp_path):
     assert list_versions(tmp_path) == ["a", "b", "c", "d"]
     assert prune_versions(tmp_path, keep=2) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "a", "c", "d", "retrain"]
+
+
+def test_a_prune_killed_mid_removal_leaves_no_half_version(tmp_path, monkeypatch):
+    """rmtree deletes in directory order: a kill after r2ec.json went left a directory that no
+    longer looked like a version, so no prune ever removed it (or, before, one listed as a
+    rollback target without its weights). A version now leaves sight in one rename first."""
+    _fake_versions(tmp_path, ["a", "b", "c", "d"])
+    (tmp_path / "a" / "adapter").mkdir()
+    (tmp_path / "CURRENT").write_text("d\n")
+
+    def killed(path, *args, **kwargs):  # r2ec.json first, then SIGKILL
+        (Path(path) / "r2ec.json").unlink(missing_ok=True)
+        raise OSError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.shutil, "rmtree", killed)
+        with pytest.raises(OSError, match="killed"):
+            prune_versions(tmp_path, keep=2)
+    assert list_versions(tmp_path) == ["c", "d"]  # neither a half one nor b is a rollback target
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    _fake_versions(tmp_path, ["e"])
+    meta = json.loads((tmp_path / "e" / "r2ec.json").read_text())
+    (tmp_path / "e" / "r2ec.json").write_text(json.dumps({**meta, "created_at": "2025-01-09"}))
+    assert prune_versions(tmp_path, keep=2) == ["c"]  # the next prune removes what was hidden
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "d", "e"]
+
+
+def test_prune_removes_a_stale_checkpoint_temp_dir_in_the_root_and_leaves_a_fresh_one(tmp_path):
+    """`r2ec checkpoint init --out ROOT/v1` killed mid-write left `.v1.tmp-*`; that save takes
+    no lock, so one written to within the hour may be in progress and stays."""
+    from model.data.dataset import STALE_TEMP_S
+
+    _fake_versions(tmp_path, ["a"])
+    (tmp_path / "CURRENT").write_text("a\n")
+    dead, live = tmp_path / ".v1.tmp-0123456789ab", tmp_path / ".v2.tmp-0123456789ab"
+    for d in (dead, live):
+        shutil.copytree(tmp_path / "a", d)
+    old = time.time() - STALE_TEMP_S - 60
+    for p in (dead, dead / "r2ec.json"):
+        os.utime(p, (old, old))
+    assert prune_versions(tmp_path, keep=1) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".v2.tmp-0123456789ab", "CURRENT", "a"]
 
 
 def test_publish_flips_current_and_never_overwrites(tmp_path):
