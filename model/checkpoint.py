@@ -26,13 +26,15 @@ or the new one, never half of one.
 
 A versions root holds published checkpoints (ROOT/<version>/) and a CURRENT file naming the
 one to serve. The functions at the end of this module are the only code that reads or
-writes it: retraining publishes and prunes through them, everything else resolves a path
-with `resolve_checkpoint`.
+writes it, and each change holds ROOT/CURRENT.lock (`current_lock`): retraining publishes
+and prunes through them, an operator rolls back with `set_current` (`r2ec checkpoint
+rollback`), everything else resolves a path with `resolve_checkpoint`.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import json
 import logging
@@ -42,7 +44,8 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,7 +58,15 @@ import torch
 from model.backbone import BUILTIN_BASES, BackboneConfig, load_backbone, load_lm, prepare_tokenizer
 from model.cowatch import FILE as COWATCH_PARQUET
 from model.cowatch import CoWatch
-from model.data.dataset import atomic_write, fsync_path, fsync_tree, make_dirs, remove_path, remove_stale
+from model.data.dataset import (
+    atomic_temps,
+    atomic_write,
+    fsync_path,
+    fsync_tree,
+    make_dirs,
+    remove_path,
+    remove_stale,
+)
 from model.distributed import resolve_device
 from model.prompts import PromptConfig
 from model.r2ec import R2ec
@@ -69,6 +80,8 @@ ITEMS_FILE = "items.parquet"
 VECTORS_FILE = "item_vectors.npy"
 COWATCH_FILE = COWATCH_PARQUET  # the co-watch table, when the prompts name hints (model/cowatch.py)
 CURRENT_FILE = "CURRENT"
+LOCK_FILE = "CURRENT.lock"  # held by whoever changes CURRENT or the versions (`current_lock`)
+LOCK_WAIT_S = 60.0  # how long a change waits for another to release it (each takes moments)
 INDEX_DIR = "index"  # the service's item index and its record of item edits (service/catalog.py)
 ITEM_FIELDS = ("title", "year", "genres", "description")  # an item's text, as the catalog keeps it
 EDITS_FILE = "item_edits.json"  # a published version's item edits, carried from the one before
@@ -77,6 +90,14 @@ WEIGHT_KINDS = ("base", "full", "lora")
 
 class CheckpointError(ValueError):
     """A checkpoint is missing a file or disagrees with itself."""
+
+
+class CurrentMoved(CheckpointError):
+    """CURRENT no longer names the version a publish was to replace (`publish_version`)."""
+
+    def __init__(self, root: Path, expected: str, found: str | None) -> None:
+        super().__init__(f"{root / CURRENT_FILE} names {found!r}, no longer {expected!r}: not publishing")
+        self.expected, self.found = expected, found
 
 
 def new_version() -> str:
@@ -547,6 +568,41 @@ def _pointer(root: Path) -> str:
     return name
 
 
+def _pointer_now(root: Path) -> str | None:
+    """What CURRENT names, whatever it is; None where it is missing, empty or unreadable."""
+    try:
+        return _pointer(root)
+    except (OSError, UnicodeError, CheckpointError):
+        return None
+
+
+@contextmanager
+def current_lock(root: Path | str, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold ROOT/CURRENT.lock: the one lock of every change to CURRENT and to the versions it
+    may name (`publish_version`'s compare and swap, `prune_versions`, `set_current`), so none
+    acts on a CURRENT another changes under it. Each holds it for moments (renames, a small
+    write, the fsync of a saved candidate), so one waits, up to `timeout_s` (LOCK_WAIT_S), then
+    CheckpointError. Retraining's own lock (model/retrain.py, ROOT/retrain/lock) is held for a
+    whole run: a rollback does not wait for the run, the run finds CURRENT moved at its publish.
+    Not reentrant: a holder calls none of the functions above."""
+    path = Path(root) / LOCK_FILE
+    timeout_s = LOCK_WAIT_S if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    with open(path, "a") as fh:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise CheckpointError(
+                        f"{path} is still held after {timeout_s:g} s (a retrain publishing or pruning, or "
+                        "another rollback, takes moments: a process stuck holding it?); try again"
+                    ) from None
+                time.sleep(0.05)
+        yield
+
+
 def current_version(root: Path | str) -> str:
     """The version ROOT/CURRENT names; CheckpointError unless it is a checkpoint under root."""
     root = Path(root)
@@ -562,7 +618,8 @@ def current_version(root: Path | str) -> str:
 
 
 def flip_current(root: Path | str, version: str) -> None:
-    """Point CURRENT at `version` in one rename, so a reader sees the old name or the new."""
+    """Point CURRENT at `version` in one rename, so a reader sees the old name or the new. The
+    caller holds `current_lock` (`publish_version`, `set_current`)."""
     atomic_write(Path(root) / CURRENT_FILE, lambda tmp: tmp.write_text(version + "\n", encoding="utf-8"))
 
 
@@ -584,23 +641,61 @@ def unused_version(root: Path | str, version: str) -> str:
     return f"{version}-{uuid.uuid4().hex[:4]}" if (Path(root) / version).exists() else version
 
 
-def publish_version(root: Path | str, checkpoint: Path | str, version: str) -> None:
+def publish_version(
+    root: Path | str, checkpoint: Path | str, version: str, *, expected: str | None = None
+) -> None:
     """Move a finished checkpoint into root as `version` and flip CURRENT to it. Versions
     are never overwritten (see `unused_version`); same filesystem: the move is one rename.
     The item edits of the version CURRENT named go with it (`carry_item_edits`), so they
     are not lost when no service is running to carry them. The checkpoint (with whatever was
     added since it was saved: model/retrain.py's retrain.json, the carried edits) and its
     rename reach the disk before CURRENT names it, so a power loss cannot leave CURRENT
-    naming a version that is missing or incomplete."""
-    root = Path(root)
-    if (root / version).exists():
-        raise CheckpointError(f"{root / version} exists; versions are never overwritten")
-    carry_item_edits(root, Path(checkpoint))
-    fsync_tree(Path(checkpoint))
-    os.replace(checkpoint, root / version)
-    fsync_path(root)
-    flip_current(root, version)
+    naming a version that is missing or incomplete.
+
+    `expected`: the version CURRENT must still name, a compare and swap under `current_lock`
+    (retraining's: the version it trained from and gated against, which an operator may have
+    rolled back from meanwhile); CurrentMoved, and nothing published, where it names another."""
+    root, checkpoint = Path(root), Path(checkpoint)
+    with current_lock(root):
+        if expected is not None and (found := _pointer_now(root)) != expected:
+            raise CurrentMoved(root, expected, found)
+        if (root / version).exists():
+            raise CheckpointError(f"{root / version} exists; versions are never overwritten")
+        carry_item_edits(root, checkpoint)
+        fsync_tree(checkpoint)
+        os.replace(checkpoint, root / version)
+        fsync_path(root)
+        flip_current(root, version)
     log.info("published %s and pointed %s at it", version, root / CURRENT_FILE)
+
+
+def set_current(root: Path | str, version: str, *, timeout_s: float | None = None) -> str | None:
+    """Point CURRENT at `version`, a version under root whose r2ec.json reads (an operator's
+    rollback, or forward again), in one rename under `current_lock`: a retrain that started
+    from the version CURRENT named before finds it moved and does not publish over this, nor
+    does a prune remove `version` meanwhile. Returns what CURRENT named before (None: nothing
+    readable, which this repairs)."""
+    root = Path(root)
+    if not (root / CURRENT_FILE).is_file():
+        raise CheckpointError(f"{root} is not a versions root: no {CURRENT_FILE} file")
+    if not version or version != Path(version).name or version.startswith("."):
+        raise CheckpointError(f"{version!r} is not a version: give the name of a directory under {root}")
+    with current_lock(root, timeout_s):
+        path = root / version
+        if not path.is_dir():
+            raise CheckpointError(
+                f"{root} holds no version {version!r} (versions: {', '.join(list_versions(root)) or 'none'})"
+            )
+        try:
+            read_meta(path)
+        except (OSError, ValueError) as exc:  # CheckpointError, and a truncated r2ec.json's JSONDecodeError
+            raise CheckpointError(f"{path / META_FILE} does not read ({exc}): not serving it") from exc
+        before = _pointer_now(root)
+        if before != version:
+            flip_current(root, version)
+    if before != version:
+        log.warning("pointed %s at %s (was %s)", root / CURRENT_FILE, version, before)
+    return before
 
 
 # -- item edits: the admin API's edits on top of a checkpoint's catalog ------------------------
@@ -723,8 +818,10 @@ def _edit_time(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def prune_versions(root: Path | str, keep: int) -> list[str]:
-    """Remove all but the `keep` newest versions; the one CURRENT names always stays.
+def prune_versions(root: Path | str, keep: int, protect: Collection[str] = ()) -> list[str]:
+    """Remove all but the `keep` newest versions; never the one CURRENT names (read under
+    `current_lock`, so a rollback cannot point it at one between the choice and the removal)
+    nor any in `protect` (retraining's: the version its run started from).
 
     Each one goes out of sight in one rename (`.NAME.pruned-*`) before its files are deleted:
     a kill mid-way (rmtree deletes in directory order, r2ec.json maybe first) leaves no half
@@ -733,12 +830,16 @@ def prune_versions(root: Path | str, keep: int) -> list[str]:
     in root is removed first (`_sweep`)."""
     root = Path(root)
     _sweep(root)
-    current = current_version(root)
-    versions = list_versions(root)
-    doomed = [v for v in versions[: max(0, len(versions) - keep)] if v != current]
-    hidden = [_hide(root, name) for name in doomed]
-    if hidden:
-        fsync_path(root)  # a power loss does not bring a half-removed version back under its name
+    with current_lock(root):
+        # every flip holds this lock: a temp of CURRENT found under it is a dead process's
+        for path in atomic_temps(root / CURRENT_FILE):
+            remove_path(path)
+        current = current_version(root)
+        versions = list_versions(root)
+        doomed = [v for v in versions[: max(0, len(versions) - keep)] if v != current and v not in protect]
+        hidden = [_hide(root, name) for name in doomed]
+        if hidden:
+            fsync_path(root)  # a power loss does not bring a half-removed version back under its name
     for name, path in zip(doomed, hidden, strict=True):
         shutil.rmtree(path, ignore_errors=True)  # what stays (a kill, EACCES) is the next prune's
         log.info("pruned version %s", name)

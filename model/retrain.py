@@ -9,8 +9,10 @@ One run:
 5. publish the candidate as ROOT/<version> (with the current version's item edits,
    model/checkpoint.py `carry_item_edits`) and flip ROOT/CURRENT only if its NDCG@10, paired
    per sample with the current one's, passes `gate` (not worse by more than tolerance + gate_z
-   standard errors; a negative tolerance demands a gain beyond them); keep the `keep` newest
-   versions and always the current.
+   standard errors; a negative tolerance demands a gain beyond them), and only if CURRENT still
+   names the version the run started from (a compare and swap: an operator's rollback meanwhile
+   stands, the run ends "superseded"); keep the `keep` newest versions, always the current
+   and the one the run started from.
 
 Versions root::
 
@@ -48,6 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.checkpoint import (
+    CurrentMoved,
     current_version,
     load_checkpoint,
     prune_versions,
@@ -140,7 +143,9 @@ class RetrainConfig:
 
 @dataclass
 class RetrainResult:
-    """What one run did. status: published | rejected | skipped."""
+    """What one run did. status: published | rejected (by the gate) | skipped (too few new
+    events) | superseded (CURRENT moved during the run, e.g. a rollback: not published); the
+    same values label service/metrics.py's r2ec_retrain_last_run_timestamp_seconds."""
 
     status: str
     reason: str
@@ -407,18 +412,21 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
             result.candidate_metric, result.current_metric = paired["a"], paired["b"]
             result.paired_diff, result.paired_stderr = paired["diff"], paired["stderr"]
             result.paired_samples = paired["users"]
-            if ok:
-                _publish(root, best, result, started)
-                result.pruned = prune_versions(root, cfg.keep)
-            else:
+            if not ok:
                 result.status, result.reason = "rejected", _gate_text(result, "<")
-            _write_state(work, {**read_state(work), "trained_events": int(len(events))})
+            elif _publish(root, best, result, started):
+                # the version it started from stays too: it was served until now, the rollback target
+                result.pruned = prune_versions(root, cfg.keep, protect=[current])
+            if result.status != "superseded":  # no model trained on them is served: still pending
+                _write_state(work, {**read_state(work), "trained_events": int(len(events))})
         finally:
             shutil.rmtree(run, ignore_errors=True)
         return _finish(work, result, started)
 
 
-def _publish(root: Path, best: Path, result: RetrainResult, started: float) -> None:
+def _publish(root: Path, best: Path, result: RetrainResult, started: float) -> bool:
+    """Publish the candidate over the version the run started from; False (status
+    "superseded") where CURRENT names another by now."""
     version = unused_version(root, str(result.candidate_version))
     result.status, result.published_version = "published", version
     result.reason = _gate_text(result, ">=")
@@ -426,7 +434,18 @@ def _publish(root: Path, best: Path, result: RetrainResult, started: float) -> N
     # retrain.json and state.json agree (only the pruning, milliseconds, comes after)
     result.seconds, result.finished_at = _elapsed(started), _now()
     (best / RECORD_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-    publish_version(root, best, version)
+    try:
+        publish_version(root, best, version, expected=result.current_version)
+    except CurrentMoved as exc:
+        # an operator pointed CURRENT elsewhere while this run trained (`r2ec checkpoint
+        # rollback`): the candidate was warm-started from, and gated against, a version no
+        # longer served, and publishing it would silently undo their choice
+        result.status, result.published_version = "superseded", None
+        result.reason = (
+            f"CURRENT moved from {exc.expected} to {exc.found} during the run (a rollback?); not publishing"
+        )
+        return False
+    return True
 
 
 def _gate_text(result: RetrainResult, op: str) -> str:

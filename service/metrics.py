@@ -303,7 +303,8 @@ class _RetrainCollector(Collector):
             family = GaugeMetricFamily(
                 "r2ec_retrain_last_run_timestamp_seconds",
                 "When `r2ec retrain` last finished a run, by its outcome (published, rejected by the "
-                "gate, skipped for too few events); a run that failed writes nothing.",
+                "gate, skipped for too few events, superseded: CURRENT moved during the run, e.g. a "
+                "rollback, so nothing was published); a run that failed writes nothing.",
                 labels=["status"],
             )
             family.add_metric([str(last.get("status"))], ran)

@@ -11,7 +11,9 @@ from index import ItemIndex
 from model import checkpoint
 from model.checkpoint import (
     CheckpointError,
+    CurrentMoved,
     create_base_checkpoint,
+    current_lock,
     current_version,
     flip_current,
     list_versions,
@@ -21,6 +23,7 @@ from model.checkpoint import (
     read_meta,
     resolve_checkpoint,
     save_checkpoint,
+    set_current,
     unused_version,
 )
 
@@ -274,7 +277,8 @@ def test_prune_keeps_the_newest_and_always_the_current(tmp_path):
     (tmp_path / "CURRENT").write_text("a\n")
     assert list_versions(tmp_path) == ["a", "b", "c", "d"]
     assert prune_versions(tmp_path, keep=2) == ["b"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "a", "c", "d", "retrain"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "CURRENT.lock", "a", "c", "d", "retrain"]
+    assert prune_versions(tmp_path, keep=1, protect=["c"]) == []  # retraining's: its run's start
 
 
 def test_a_prune_killed_mid_removal_leaves_no_half_version(tmp_path, monkeypatch):
@@ -299,12 +303,13 @@ def test_a_prune_killed_mid_removal_leaves_no_half_version(tmp_path, monkeypatch
     meta = json.loads((tmp_path / "e" / "r2ec.json").read_text())
     (tmp_path / "e" / "r2ec.json").write_text(json.dumps({**meta, "created_at": "2025-01-09"}))
     assert prune_versions(tmp_path, keep=2) == ["c"]  # the next prune removes what was hidden
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "d", "e"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "CURRENT.lock", "d", "e"]
 
 
-def test_prune_removes_a_stale_checkpoint_temp_dir_in_the_root_and_leaves_a_fresh_one(tmp_path):
+def test_prune_removes_temps_killed_writers_left_in_the_root(tmp_path):
     """`r2ec checkpoint init --out ROOT/v1` killed mid-write left `.v1.tmp-*`; that save takes
-    no lock, so one written to within the hour may be in progress and stays."""
+    no lock, so one written to within the hour may be in progress and stays. A flip of CURRENT
+    killed mid-write left `.CURRENT.<hex>.tmp`: every flip holds the lock prune holds, so it goes."""
     from model.data.dataset import STALE_TEMP_S
 
     _fake_versions(tmp_path, ["a"])
@@ -315,8 +320,14 @@ def test_prune_removes_a_stale_checkpoint_temp_dir_in_the_root_and_leaves_a_fres
     old = time.time() - STALE_TEMP_S - 60
     for p in (dead, dead / "r2ec.json"):
         os.utime(p, (old, old))
+    (tmp_path / ".CURRENT.0123456789ab.tmp").write_text("b\n")
     assert prune_versions(tmp_path, keep=1) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".v2.tmp-0123456789ab", "CURRENT", "a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".v2.tmp-0123456789ab",
+        "CURRENT",
+        "CURRENT.lock",
+        "a",
+    ]
 
 
 def test_publish_flips_current_and_never_overwrites(tmp_path):
@@ -336,6 +347,77 @@ def test_publish_flips_current_and_never_overwrites(tmp_path):
     with pytest.raises(CheckpointError, match="never overwritten"):
         publish_version(root, tmp_path / "again", "v0")
     assert current_version(root) == "cand" and not list(root.glob(".CURRENT*"))  # no temp left
+
+
+def test_a_publish_compares_and_swaps_current(tmp_path):
+    """Retraining publishes only over the version it trained from and gated against: an
+    operator's rollback meanwhile is not overwritten, nor are the edits of the version rolled
+    back to carried into a candidate that is not published."""
+    root = tmp_path / "root"
+    root.mkdir()
+    _fake_versions(root, ["v0", "v1"])
+    flip_current(root, "v0")  # a rollback from v1, made while a retrain trained from it
+    _fake_versions(tmp_path, ["cand"])
+    with pytest.raises(CurrentMoved, match="names 'v0', no longer 'v1': not publishing") as moved:
+        publish_version(root, tmp_path / "cand", "cand", expected="v1")
+    assert (moved.value.expected, moved.value.found) == ("v1", "v0")
+    assert current_version(root) == "v0" and list_versions(root) == ["v0", "v1"]
+    assert sorted(p.name for p in (tmp_path / "cand").iterdir()) == ["r2ec.json"]  # untouched
+    publish_version(root, tmp_path / "cand", "cand", expected="v0")
+    assert current_version(root) == "cand"
+
+
+def test_set_current_points_at_a_version_that_reads_and_refuses_others(tmp_path):
+    _fake_versions(tmp_path, ["v0", "v1"])
+    (tmp_path / "CURRENT").write_text("v1\n")
+    (tmp_path / "retrain").mkdir()
+    assert set_current(tmp_path, "v0") == "v1" and current_version(tmp_path) == "v0"
+    assert set_current(tmp_path, "v0") == "v0"  # already: nothing written
+    (tmp_path / "v1" / "r2ec.json").write_text('{"format": "r2ec-check')  # truncated
+    for version, message in [
+        ("v1", r"v1/r2ec.json does not read \(Unterminated string.*\): not serving it"),
+        ("v9", r"holds no version 'v9' \(versions: v0\)"),
+        ("retrain", "r2ec.json is missing"),
+        ("../v0", "'../v0' is not a version"),
+        (".v0.pruned-0123456789ab", "is not a version"),
+        ("", "is not a version"),
+    ]:
+        with pytest.raises(CheckpointError, match=message):
+            set_current(tmp_path, version)
+    assert current_version(tmp_path) == "v0" and not list(tmp_path.glob(".CURRENT*"))
+    with pytest.raises(CheckpointError, match="not a versions root: no CURRENT"):
+        set_current(tmp_path / "v0", "v0")
+
+
+def test_changes_of_current_take_turns(tmp_path, monkeypatch):
+    """A rollback cannot slip between a prune's reading of CURRENT and its removals, nor between
+    a publish's compare and its swap: both hold ROOT/CURRENT.lock, which a rollback waits for
+    (here: not at all) and then names."""
+    _fake_versions(tmp_path, ["a", "b", "c"])
+    (tmp_path / "CURRENT").write_text("c\n")
+    real = checkpoint.list_versions
+    tried = []
+
+    def rollback_meanwhile(root):
+        with pytest.raises(CheckpointError, match=r"CURRENT\.lock is still held after 0 s"):
+            set_current(tmp_path, "a", timeout_s=0)
+        tried.append(root)
+        return real(root)
+
+    monkeypatch.setattr(checkpoint, "list_versions", rollback_meanwhile)
+    assert prune_versions(tmp_path, keep=1) == ["a", "b"] and tried
+    monkeypatch.setattr(checkpoint, "list_versions", real)
+    monkeypatch.setattr(checkpoint, "LOCK_WAIT_S", 0)  # the default wait, a minute: none here
+    with current_lock(tmp_path):  # e.g. a publish in progress
+        with pytest.raises(CheckpointError, match="still held"):
+            set_current(tmp_path, "c")
+        with pytest.raises(CheckpointError, match="still held"):
+            prune_versions(tmp_path, keep=1)
+        (tmp_path / "run").mkdir()
+        _fake_versions(tmp_path / "run", ["cand"])
+        with pytest.raises(CheckpointError, match="still held"):
+            publish_version(tmp_path, tmp_path / "run" / "cand", "cand", expected="c")
+    assert current_version(tmp_path) == "c" and list_versions(tmp_path) == ["c"]
 
 
 def test_a_published_version_reaches_the_disk_before_current_names_it(tmp_path, fsynced):

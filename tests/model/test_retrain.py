@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model.checkpoint import CheckpointError, publish_version
+from model.checkpoint import CheckpointError, current_version, list_versions, publish_version, set_current
 from model.data import SPLITS, DataError, load_prepared, prepare_atomic
 from model.evaluate import seen_items
 from model.recpo import RecPOConfig
@@ -227,6 +228,71 @@ def test_a_run_reads_current_under_the_lock(versions_root, tiny_dataset, monkeyp
     assert result.current_version == "v1" and result.status == "published"
 
 
+def _second_version(root) -> None:
+    """v1, a copy of v0 (the same weights, listed after it), and CURRENT naming it."""
+    shutil.copytree(root / "v0", root / "v1")
+    (root / "CURRENT").write_text("v1\n")
+
+
+def test_a_rollback_during_the_run_is_not_published_over(versions_root, tiny_dataset, monkeypatch):
+    """Journey 38: a retrain that started from v1 flipped CURRENT to its candidate although an
+    operator had rolled back to v0 while it trained, with no warning (and had gated against v1,
+    carried v0's edits, pruned around the wrong version)."""
+    import model.train
+
+    _second_version(versions_root)
+    real = model.train.train
+
+    def rolled_back_while_training(*args, **kwargs):
+        best = real(*args, **kwargs)
+        set_current(versions_root, "v0")  # `r2ec checkpoint rollback ROOT v0`
+        return best
+
+    monkeypatch.setattr(model.train, "train", rolled_back_while_training)
+    reader = FakeReader([Ev("a", "u1", "i6", 4.0, 900)])
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0, keep=1)
+    result = retrain(cfg, reader)
+    assert result.status == "superseded" and result.published_version is None
+    assert result.reason == "CURRENT moved from v1 to v0 during the run (a rollback?); not publishing"
+    assert result.current_version == "v1" and result.candidate_metric is not None
+    assert current_version(versions_root) == "v0" and list_versions(versions_root) == ["v0", "v1"]
+    assert not (versions_root / "retrain" / "run").exists()
+    state = json.loads((versions_root / "retrain" / "state.json").read_text())
+    assert state["last_run"]["status"] == "superseded" and "last_published_at" not in state
+    metrics = Metrics()
+    metrics.track_retrain(versions_root / "retrain" / "state.json")
+    ran = datetime.fromisoformat(result.finished_at).timestamp()
+    assert (
+        metric(metrics.render().decode(), "r2ec_retrain_last_run_timestamp_seconds", status="superseded")
+        == ran
+    )
+    # no model trained on its event is served: the next run trains it from v0 and publishes
+    monkeypatch.setattr(model.train, "train", real)
+    again = retrain(cfg, reader)
+    assert again.status == "published" and again.new_events == 0 and again.current_version == "v0"
+    assert again.pruned == ["v1"] and current_version(versions_root) == again.published_version
+
+
+def test_prune_keeps_the_runs_start_and_the_version_current_names_then(
+    versions_root, tiny_dataset, monkeypatch
+):
+    import model.retrain
+
+    _second_version(versions_root)
+    real = model.retrain.prune_versions
+
+    def rolled_back_after_the_flip(root, keep, **kwargs):
+        set_current(root, "v0")
+        return real(root, keep, **kwargs)
+
+    monkeypatch.setattr(model.retrain, "prune_versions", rolled_back_after_the_flip)
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0, keep=1)
+    result = retrain(cfg, read_events=None)
+    assert result.status == "published" and result.current_version == "v1" and result.pruned == []
+    assert list_versions(versions_root) == ["v0", "v1", result.published_version]
+    assert current_version(versions_root) == "v0"
+
+
 # -- the publish gate -------------------------------------------------------------------------
 def test_the_gate_pairs_the_same_users_and_allows_z_standard_errors():
     # per-user NDCG@10: candidate 1, 0, 1/log2(3), 0; current 1, 1, 0, 0
@@ -292,9 +358,9 @@ def test_retrain_without_a_stream_trains_on_the_dataset_and_prunes(versions_root
         f"ndcg@10 {result.candidate_metric:.4f} >= current {result.current_metric:.4f} - tolerance 1 "
         f"(paired on {result.paired_samples} valid samples: "
     )
-    assert result.pruned == ["v0"]  # keep=1: only the new current survives
+    assert result.pruned == []  # keep=1, but the version the run started from stays: the rollback target
     assert sorted(p.name for p in versions_root.iterdir()) == sorted(
-        ["CURRENT", "retrain", result.published_version]
+        ["CURRENT", "CURRENT.lock", "retrain", "v0", result.published_version]
     )
     _same_splits(load_prepared(versions_root / "retrain" / "data" / "tiny" / "loo"), tiny_dataset)
     # the published version's record holds the run's real duration, as the state does (was 0.0)
