@@ -80,6 +80,7 @@ ITEMS_FILE = "items.parquet"
 VECTORS_FILE = "item_vectors.npy"
 COWATCH_FILE = COWATCH_PARQUET  # the co-watch table, when the prompts name hints (model/cowatch.py)
 CURRENT_FILE = "CURRENT"
+PUBLISHING_FILE = ".publishing"  # in a version moved into a root, until CURRENT names it (`publish_version`)
 LOCK_FILE = "CURRENT.lock"  # held by whoever changes CURRENT or the versions (`current_lock`)
 LOCK_WAIT_S = 60.0  # how long a change waits for another to release it (each takes moments)
 INDEX_DIR = "index"  # the service's item index and its record of item edits (service/catalog.py)
@@ -624,10 +625,14 @@ def flip_current(root: Path | str, version: str) -> None:
 
 
 def list_versions(root: Path | str) -> list[str]:
-    """Published checkpoints under root, oldest first (by creation time, then name)."""
+    """Published checkpoints under root, oldest first (by creation time, then name); not one
+    moved in by a publish that never flipped CURRENT to it (`publish_version`): it never served."""
+    current = _pointer_now(Path(root))
     found = []
     for d in Path(root).iterdir():
         if d.is_dir() and not d.name.startswith(".") and (d / META_FILE).is_file():
+            if (d / PUBLISHING_FILE).exists() and d.name != current:
+                continue
             try:
                 created = str(read_meta(d).get("created_at", ""))
             except (CheckpointError, json.JSONDecodeError):
@@ -652,6 +657,11 @@ def publish_version(
     rename reach the disk before CURRENT names it, so a power loss cannot leave CURRENT
     naming a version that is missing or incomplete.
 
+    The version moves in carrying PUBLISHING_FILE, removed once CURRENT names it: a process
+    killed between the move and the flip leaves a version that never served, which
+    `list_versions` does not count (no `keep` slot, no rollback target) and the next prune
+    removes, while CURRENT still only ever names a complete version.
+
     `expected`: the version CURRENT must still name, a compare and swap under `current_lock`
     (retraining's: the version it trained from and gated against, which an operator may have
     rolled back from meanwhile); CurrentMoved, and nothing published, where it names another."""
@@ -661,12 +671,29 @@ def publish_version(
             raise CurrentMoved(root, expected, found)
         if (root / version).exists():
             raise CheckpointError(f"{root / version} exists; versions are never overwritten")
+        _settle(root)
         carry_item_edits(root, checkpoint)
+        (checkpoint / PUBLISHING_FILE).write_text(version + "\n", encoding="utf-8")
         fsync_tree(checkpoint)
         os.replace(checkpoint, root / version)
         fsync_path(root)
         flip_current(root, version)
+        _served(root / version)
     log.info("published %s and pointed %s at it", version, root / CURRENT_FILE)
+
+
+def _served(path: Path) -> None:
+    """Drop the PUBLISHING_FILE of a version CURRENT names. Not flushed: a power loss that
+    brings it back leaves it on a version CURRENT names, which `_settle` drops again."""
+    (path / PUBLISHING_FILE).unlink(missing_ok=True)
+
+
+def _settle(root: Path) -> None:
+    """Under `current_lock`, before CURRENT moves away or versions are pruned: the version
+    CURRENT names has served, whatever a publish killed after its flip left in it."""
+    current = _pointer_now(root)
+    if current and (root / current / PUBLISHING_FILE).exists():
+        _served(root / current)
 
 
 def set_current(root: Path | str, version: str, *, timeout_s: float | None = None) -> str | None:
@@ -690,6 +717,11 @@ def set_current(root: Path | str, version: str, *, timeout_s: float | None = Non
             read_meta(path)
         except (OSError, ValueError) as exc:  # CheckpointError, and a truncated r2ec.json's JSONDecodeError
             raise CheckpointError(f"{path / META_FILE} does not read ({exc}): not serving it") from exc
+        _settle(root)
+        if (path / PUBLISHING_FILE).exists():
+            raise CheckpointError(
+                f"{path} never became CURRENT (moved in by a publish that did not finish): not serving it"
+            )
         before = _pointer_now(root)
         if before != version:
             flip_current(root, version)
@@ -834,15 +866,23 @@ def prune_versions(root: Path | str, keep: int, protect: Collection[str] = ()) -
         # every flip holds this lock: a temp of CURRENT found under it is a dead process's
         for path in atomic_temps(root / CURRENT_FILE):
             remove_path(path)
+        _settle(root)
         current = current_version(root)
+        # moved in by a publish killed before its flip (none is under way: it would hold the lock)
+        never_served = [
+            d.name for d in root.iterdir() if not d.name.startswith(".") and (d / PUBLISHING_FILE).exists()
+        ]
         versions = list_versions(root)
         doomed = [v for v in versions[: max(0, len(versions) - keep)] if v != current and v not in protect]
-        hidden = [_hide(root, name) for name in doomed]
+        hidden = [_hide(root, name) for name in doomed + never_served]
         if hidden:
             fsync_path(root)  # a power loss does not bring a half-removed version back under its name
-    for name, path in zip(doomed, hidden, strict=True):
+    for name in never_served:
+        log.warning("removing %s: moved in by a publish that did not finish, it never served", name)
+    for name, path in zip(doomed + never_served, hidden, strict=True):
         shutil.rmtree(path, ignore_errors=True)  # what stays (a kill, EACCES) is the next prune's
-        log.info("pruned version %s", name)
+        if name in doomed:
+            log.info("pruned version %s", name)
     return doomed
 
 

@@ -367,6 +367,44 @@ def test_a_publish_compares_and_swaps_current(tmp_path):
     assert current_version(root) == "cand"
 
 
+def test_a_publish_killed_before_its_flip_leaves_no_version_that_looks_served(tmp_path, monkeypatch):
+    """A kill between moving the version in and flipping CURRENT left an orphan that never
+    served yet took a `keep` slot and looked like the version to roll back to."""
+    root = tmp_path / "root"
+    root.mkdir()
+    _fake_versions(root, ["v0"])
+    flip_current(root, "v0")
+    _fake_versions(tmp_path, ["cand"])
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "flip_current", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+        with pytest.raises(OSError, match="killed"):
+            publish_version(root, tmp_path / "cand", "cand", expected="v0")
+    assert (root / "cand" / "r2ec.json").is_file()  # moved in, whole
+    assert current_version(root) == "v0" and list_versions(root) == ["v0"]
+    with pytest.raises(CheckpointError, match="cand never became CURRENT"):
+        set_current(root, "cand")
+    assert prune_versions(root, keep=3) == []  # not a version pruned: removed, with a warning
+    assert sorted(p.name for p in root.iterdir()) == ["CURRENT", "CURRENT.lock", "v0"]
+
+
+def test_a_publish_killed_after_its_flip_leaves_a_served_version(tmp_path, monkeypatch):
+    """Killed between the flip and dropping the mark: CURRENT names it, so it has served, and
+    stays a version after CURRENT moves on (a rollback, the next publish)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    _fake_versions(root, ["v0"])
+    flip_current(root, "v0")
+    _fake_versions(tmp_path, ["cand"])
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "_served", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+        with pytest.raises(OSError, match="killed"):
+            publish_version(root, tmp_path / "cand", "cand")
+    assert current_version(root) == "cand" and list_versions(root) == ["cand", "v0"]
+    set_current(root, "v0")
+    assert prune_versions(root, keep=3) == [] and list_versions(root) == ["cand", "v0"]
+    assert set_current(root, "cand") == "v0"
+
+
 def test_set_current_points_at_a_version_that_reads_and_refuses_others(tmp_path):
     _fake_versions(tmp_path, ["v0", "v1"])
     (tmp_path / "CURRENT").write_text("v1\n")
