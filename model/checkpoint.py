@@ -682,6 +682,16 @@ def publish_version(
     log.info("published %s and pointed %s at it", version, root / CURRENT_FILE)
 
 
+def is_published(root: Path | str, version: str) -> bool:
+    """Whether `version` became CURRENT at some point: CURRENT names it, or it is under root
+    without the mark of a publish that never flipped to it (`publish_version`)."""
+    root = Path(root)
+    path = root / version
+    if not (path / META_FILE).is_file():
+        return False
+    return _pointer_now(root) == version or not (path / PUBLISHING_FILE).exists()
+
+
 def _served(path: Path) -> None:
     """Drop the PUBLISHING_FILE of a version CURRENT names. Not flushed: a power loss that
     brings it back leaves it on a version CURRENT names, which `_settle` drops again."""

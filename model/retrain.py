@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 from model.checkpoint import (
     CurrentMoved,
     current_version,
+    is_published,
     load_checkpoint,
     prune_versions,
     publish_version,
@@ -370,6 +371,7 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
         raise RetrainError(f"versions root {root} does not exist")
     seed = load_prepared(cfg.data)
     with _locked(work):
+        _settle_publish(root, work)  # a run killed while publishing
         current = current_version(root)  # under the lock: a run that just ended may have moved it
         if read_events is None:
             events, new, cursor = _read_events_log(work), 0, read_state(work).get("last_event_id")
@@ -414,19 +416,18 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
             result.paired_samples = paired["users"]
             if not ok:
                 result.status, result.reason = "rejected", _gate_text(result, "<")
-            elif _publish(root, best, result, started):
+                _write_state(work, {**read_state(work), "trained_events": int(len(events))})
+            elif _publish(root, work, best, result, started, trained=int(len(events))):
                 # the version it started from stays too: it was served until now, the rollback target
                 result.pruned = prune_versions(root, cfg.keep, protect=[current])
-            if result.status != "superseded":  # no model trained on them is served: still pending
-                _write_state(work, {**read_state(work), "trained_events": int(len(events))})
         finally:
             shutil.rmtree(run, ignore_errors=True)
         return _finish(work, result, started)
 
 
-def _publish(root: Path, best: Path, result: RetrainResult, started: float) -> bool:
-    """Publish the candidate over the version the run started from; False (status
-    "superseded") where CURRENT names another by now."""
+def _publish(root: Path, work: Path, best: Path, result: RetrainResult, started: float, trained: int) -> bool:
+    """Publish the candidate, trained on the first `trained` logged events, over the version
+    the run started from; False (status "superseded") where CURRENT names another by now."""
     version = unused_version(root, str(result.candidate_version))
     result.status, result.published_version = "published", version
     result.reason = _gate_text(result, ">=")
@@ -434,9 +435,25 @@ def _publish(root: Path, best: Path, result: RetrainResult, started: float) -> b
     # retrain.json and state.json agree (only the pruning, milliseconds, comes after)
     result.seconds, result.finished_at = _elapsed(started), _now()
     (best / RECORD_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    # The candidate is final: the state says it is trained on these events and published
+    # before CURRENT names it, so a run killed after the flip (pruning, a deadline) does not
+    # leave the next one training and publishing the same events again. `publishing` keeps
+    # what the state said before, for a run that stops before its flip: put back at once
+    # below, or by the next run (`_settle_publish`) where this one was killed.
+    before = read_state(work)
+    _write_state(
+        work,
+        {
+            **before,
+            "trained_events": trained,
+            "last_published_at": result.finished_at,
+            "publishing": {"version": version, **{key: before.get(key) for key in _PUBLISH_KEYS}},
+        },
+    )
     try:
         publish_version(root, best, version, expected=result.current_version)
     except CurrentMoved as exc:
+        _write_state(work, before)  # no model trained on these events is served: still pending
         # an operator pointed CURRENT elsewhere while this run trained (`r2ec checkpoint
         # rollback`): the candidate was warm-started from, and gated against, a version no
         # longer served, and publishing it would silently undo their choice
@@ -445,7 +462,34 @@ def _publish(root: Path, best: Path, result: RetrainResult, started: float) -> b
             f"CURRENT moved from {exc.expected} to {exc.found} during the run (a rollback?); not publishing"
         )
         return False
+    except BaseException:
+        if best.exists() or not is_published(root, version):  # e.g. no space for CURRENT's new value
+            _write_state(work, before)
+        raise
     return True
+
+
+_PUBLISH_KEYS = ("trained_events", "last_published_at")  # what a publish writes before its flip
+
+
+def _settle_publish(root: Path, work: Path) -> None:
+    """The `publishing` record of a run killed while it published (`_publish`): where its
+    version never became CURRENT, the state says again what it said before (the events
+    pending, the last publish time); where it did, the state is right already."""
+    state = read_state(work)
+    if "publishing" not in state:
+        return
+    pending = state.pop("publishing")
+    pending = pending if isinstance(pending, dict) else {}
+    version = str(pending.get("version") or "")
+    if not (version and is_published(root, version)):
+        for key in _PUBLISH_KEYS:
+            if pending.get(key) is None:
+                state.pop(key, None)
+            else:
+                state[key] = pending[key]
+        log.warning("the run that trained %s stopped before publishing it: its events are pending", version)
+    _write_state(work, state)
 
 
 def _gate_text(result: RetrainResult, op: str) -> str:
@@ -472,6 +516,7 @@ def _finish(work: Path, result: RetrainResult, started: float) -> RetrainResult:
     if result.status != "published":  # a published run's time is in its record already
         result.seconds, result.finished_at = _elapsed(started), _now()
     state = {**read_state(work), "last_run": result.to_dict()}
+    state.pop("publishing", None)  # finished: nothing for the next run to settle
     if result.status == "published":  # what the service exports as the last publish's time
         state["last_published_at"] = result.finished_at
     _write_state(work, state)

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -226,6 +230,77 @@ def test_a_run_reads_current_under_the_lock(versions_root, tiny_dataset, monkeyp
     cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0, keep=1)
     result = retrain(cfg, read_events=None)
     assert result.current_version == "v1" and result.status == "published"
+
+
+KILLED_RUN = """
+import json, os, signal, sys
+import model.checkpoint, model.retrain
+from model.recpo import RecPOConfig
+from model.retrain import RetrainConfig, retrain
+from tests.model.test_retrain import TINY_TRAIN, Ev, FakeReader
+
+module, name = sys.argv[3].split(":")
+setattr(getattr(model, module), name, lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL))
+cfg = RetrainConfig(sys.argv[1], sys.argv[2], RecPOConfig(**TINY_TRAIN), tolerance=1.0)
+retrain(cfg, FakeReader([Ev(*e) for e in json.loads(sys.argv[4])]))
+"""
+
+
+@pytest.mark.parametrize(
+    "where", ["checkpoint:flip_current", "retrain:prune_versions"], ids=["before", "after"]
+)
+def test_a_run_killed_around_its_flip_leaves_the_state_right_for_the_next(
+    versions_root, tiny_dataset, tmp_path, where
+):
+    """Journey 38: killed after the flip (while pruning, a deadline), the state still said the
+    events were not trained on, so the next run trained and published them again. Now it says
+    so before the flip, and a run killed before its flip has that put back by the next."""
+    events = [("a", "u1", "i6", 4.0, 900), ("b", "u2", "i1", 5.0, 901)]
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    args = [str(versions_root), str(tiny_dataset.path), where, json.dumps(events)]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    work = versions_root / "retrain"
+    (version,) = [
+        v for v in os.listdir(versions_root) if v not in ("v0", "retrain", "CURRENT", "CURRENT.lock")
+    ]
+    record = json.loads((versions_root / version / "retrain.json").read_text())
+    killed = json.loads((work / "state.json").read_text())
+    assert killed["trained_events"] == 2 and killed["last_published_at"] == record["finished_at"]
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0)
+    result = retrain(cfg, FakeReader([Ev(*e) for e in events]))  # the stream holds nothing newer
+    state = json.loads((work / "state.json").read_text())
+    assert "publishing" not in state and state["trained_events"] == 2
+    if where == "retrain:prune_versions":  # published: its events are not trained on again
+        assert current_version(versions_root) == version
+        assert result.status == "skipped" and result.reason.startswith("0 events not trained on yet")
+        assert state["last_published_at"] == record["finished_at"]
+    else:  # never published: its events are pending, the next run publishes them
+        assert result.status == "published" and result.current_version == "v0" and result.new_events == 0
+        assert state["last_published_at"] == result.finished_at
+        assert list_versions(versions_root) == ["v0", result.published_version]
+        assert not (versions_root / version).exists()  # the version it moved in, never served
+
+
+def test_a_publish_that_fails_before_its_flip_puts_the_state_back(versions_root, tiny_dataset, monkeypatch):
+    """No space for CURRENT's new value: the run fails, CURRENT and the state are as before it
+    (its events pending, no publish time), and nothing is left for the next run to settle."""
+    import model.checkpoint
+
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model.checkpoint, "flip_current", no_space)
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0)
+    with pytest.raises(OSError, match="No space"):
+        retrain(cfg, FakeReader([Ev("a", "u1", "i6", 4.0, 900)]))
+    state = json.loads((versions_root / "retrain" / "state.json").read_text())
+    assert state == {"trained_events": 0, "last_event_id": "after:1", "events_total": 1}
+    assert current_version(versions_root) == "v0" and list_versions(versions_root) == ["v0"]
 
 
 def _second_version(root) -> None:
