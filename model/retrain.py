@@ -61,13 +61,14 @@ from model.checkpoint import (
 )
 from model.data import SPLITS, PreparedDataset, load_prepared
 from model.data.build import build_prepared
-from model.data.dataset import atomic_write
+from model.data.dataset import atomic_temps, atomic_temps_under, atomic_write, remove_path
 from model.evaluate import eval_rows, evaluate_model, paired_difference, validation_eval_config
 from model.recpo import RecPOConfig
 
 log = logging.getLogger(__name__)
 
 WORK_DIR = "retrain"
+DATA_DIR = "data"  # in WORK_DIR: the rebuilt prepared dataset
 STATE_FILE = "state.json"
 EVENTS_FILE = "events.parquet"
 RECORD_FILE = "retrain.json"  # written into each published version
@@ -282,6 +283,18 @@ def _locked(work: Path) -> Iterator[None]:
         yield
 
 
+def _remove_dead_temps(work: Path) -> None:
+    """Remove the temp files of writes a killed run left here (`atomic_write`'s: the event log,
+    the state, the rebuilt dataset's files). Under the run lock, which every process writing
+    them holds, so none is being written now: all go at once, not only stale ones."""
+    found = atomic_temps(work / EVENTS_FILE) + atomic_temps(work / STATE_FILE)
+    if (work / DATA_DIR).is_dir():
+        found += atomic_temps_under(work / DATA_DIR)
+    for path in found:
+        log.warning("removing %s, left by a run that did not finish", path)
+        remove_path(path)
+
+
 def read_state(work: Path) -> dict[str, Any]:
     path = work / STATE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -371,6 +384,7 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
         raise RetrainError(f"versions root {root} does not exist")
     seed = load_prepared(cfg.data)
     with _locked(work):
+        _remove_dead_temps(work)
         _settle_publish(root, work)  # a run killed while publishing
         current = current_version(root)  # under the lock: a run that just ended may have moved it
         if read_events is None:
@@ -395,7 +409,7 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
             if pending < cfg.min_events:
                 result.reason = f"{pending} events not trained on yet, fewer than min_events={cfg.min_events}"
                 return _finish(work, result, started)
-        ds, result.events_unknown_item = rebuild_dataset(seed, events, work / "data")
+        ds, result.events_unknown_item = rebuild_dataset(seed, events, work / DATA_DIR)
         result.samples = {name: int(len(ds.split(name))) for name in SPLITS}
         if eval_rows(ds, validation_eval_config(cfg.train)).empty:
             raise RetrainError(

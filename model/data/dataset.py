@@ -229,6 +229,12 @@ def atomic_temps(path: Path) -> list[Path]:
     return [path.parent / name for name in names if pattern.fullmatch(name)]
 
 
+def atomic_temps_under(directory: Path) -> list[Path]:
+    """Every temp file `atomic_write` made anywhere under `directory` that is still there."""
+    pattern = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
+    return [p for p in Path(directory).rglob(".*.tmp") if pattern.fullmatch(p.name) and p.is_file()]
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temp file next to ``path``, then move it into place.
 

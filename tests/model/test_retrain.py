@@ -203,6 +203,25 @@ def test_events_of_a_run_that_failed_stay_pending_for_the_next(versions_root, ti
     assert skipped.status == "skipped" and skipped.reason.startswith("0 events not trained on yet")
 
 
+def test_a_run_removes_the_temp_files_a_killed_run_left(versions_root, tiny_dataset):
+    """A run killed mid-write (SIGKILL: no `except` ran) left its `.NAME.<hex>.tmp` files in
+    ROOT/retrain, the event log's as large as the log. Every writer there holds the run lock,
+    so the next run removes them all at once; nothing else."""
+    work = versions_root / "retrain"
+    dead = [
+        work / ".events.parquet.0123456789ab.tmp",
+        work / ".state.json.0123456789ab.tmp",
+        work / "data" / "tiny" / "loo" / ".train.parquet.0123456789ab.tmp",
+    ]
+    kept = [work / ".events.parquet.tmp", work / "notes.0123456789ab.tmp"]
+    for p in dead + kept:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("half")
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), min_events=2)
+    assert retrain(cfg, FakeReader([Ev("a", "u1", "i6", 4.0, 900)])).status == "skipped"
+    assert not any(p.exists() for p in dead) and all(p.exists() for p in kept)
+
+
 def test_a_state_from_before_the_trained_count_does_not_retrain_old_events(versions_root, tiny_dataset):
     reader = FakeReader([Ev("a", "u1", "i6", 4.0, 900)])
     cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0)
