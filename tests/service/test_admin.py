@@ -253,6 +253,46 @@ async def test_an_item_edit_sent_to_one_replica_reaches_the_other(ckpt, tmp_path
         assert "i5" not in {i["item_id"] for i in r.json()["items"]}
 
 
+async def test_an_edit_the_volume_refuses_is_a_507_and_saved_once_it_takes_it(ckpt, tmp_path, monkeypatch):
+    """A full or read-only checkpoint volume: the edit is served from memory, the client is told
+    it is not saved (507, not a 201 that a restart would undo), the metric says so, and the next
+    watch tick saves it once the volume takes it: a restarted replica then has it."""
+    import errno
+
+    from index import ItemIndex
+
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "one", "w1")
+    (root / "CURRENT").write_text("one")
+    real_save = ItemIndex.save
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ItemIndex, "save", full)
+    async with serve(app_for(root, watch_interval_s=0.02)) as client:
+        put = await client.put("/items/new-film", json={"title": "A New Film"}, headers=ADMIN)
+        assert put.status_code == 507, put.text
+        error = put.json()["error"]
+        assert error["code"] == "not_saved" and "'new-film'" in error["message"]
+        assert "No space left on device" in error["message"]
+        deleted = await client.delete("/items/i5", headers=ADMIN)
+        assert deleted.status_code == 507 and deleted.json()["error"]["code"] == "not_saved"
+        assert (await client.get("/items/new-film")).status_code == 200  # served from memory
+        assert metric((await client.get("/metrics")).text, "r2ec_item_edits_unsaved") == 1
+
+        monkeypatch.setattr(ItemIndex, "save", real_save)  # space again
+
+        async def saved() -> None:
+            while metric((await client.get("/metrics")).text, "r2ec_item_edits_unsaved") != 0:
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(saved(), 60)
+    async with serve(app_for(root)) as restarted:
+        assert (await restarted.get("/items/new-film")).json()["title"] == "A New Film"
+        assert (await restarted.get("/items/i5")).status_code == 404
+
+
 async def test_the_checkpoint_watch_follows_the_current_pointer(ckpt, tmp_path):
     """What the retrain job does: publish ROOT/<version> and flip ROOT/CURRENT; the service
     (R2EC_WATCH_INTERVAL_S > 0) reloads by itself, and a broken version is not swapped in."""
