@@ -57,7 +57,7 @@ def create_app(
         try:
             the_engine = engine or await asyncio.get_running_loop().run_in_executor(
                 executor,
-                lambda: Recommender.load(settings.checkpoint, **settings.load_kwargs()),
+                lambda: Recommender.load_or_fall_back(settings.checkpoint, **settings.load_kwargs()),
             )
             state = ServiceState(settings, the_engine, the_store, metrics, executor)
             await state.start()

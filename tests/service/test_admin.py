@@ -192,6 +192,52 @@ async def test_reload_swaps_the_model_and_a_failed_reload_keeps_the_old_one(app,
     )
 
 
+async def test_a_model_that_loads_but_cannot_answer_is_refused_and_the_old_one_serves(
+    app, client, ckpt, tmp_path, monkeypatch
+):
+    """Weights that load but hold NaN (damaged bytes that safetensors cannot tell): the check
+    query before a model serves fails, the reload is refused and the old model keeps
+    answering; before, the replica swapped it in and answered every request with a 500."""
+    import torch
+
+    from service.recommender import Recommender
+
+    v1 = app.state.r2ec.engine.version
+    real_check = Recommender.check
+
+    def nan_weights_for_broken(self):
+        if self.version == "nan-weights":
+            with torch.no_grad():
+                for p in self.model.lm.parameters():
+                    p.fill_(float("nan"))
+        return real_check(self)
+
+    monkeypatch.setattr(Recommender, "check", nan_weights_for_broken)
+    broken = copy_as_new_version(ckpt, tmp_path / "nan", "nan-weights")
+    r = await client.post("/admin/reload", json={"checkpoint": str(broken)}, headers=ADMIN)
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]["message"]
+    assert "model nan-weights loads but cannot answer a query" in message and f"still serving {v1}" in message
+    r = await client.post("/recommend", json={"history": H1, "reasoning": False})
+    assert r.status_code == 200 and r.json()["model_version"] == v1
+    # and a start on it fails, rather than a ready replica that answers nothing
+    with pytest.raises(Exception, match="cannot answer a query"):
+        async with serve(app_for(broken)):
+            pass
+    # but a replica started on a versions root whose CURRENT names it serves the newest version
+    # that answers, outdated, while the watch keeps trying the one CURRENT names
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "good", "good")
+    shutil.copytree(broken, root / "nan")
+    (root / "CURRENT").write_text("nan\n")
+    async with serve(app_for(root, watch_interval_s=0.05)) as replica:
+        ready = await replica.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["model_version"] == "good"
+        assert metric((await replica.get("/metrics")).text, "r2ec_model_outdated") == 1
+        r = await replica.post("/recommend", json={"history": H1, "reasoning": False})
+        assert r.status_code == 200 and r.json()["model_version"] == "good"
+
+
 async def test_the_watch_catches_a_pointer_that_moved_while_the_service_loaded(monkeypatch):
     """The service loaded w1 (minutes, with its index and warm-up) while a retrain flipped the
     pointer to w2 before the watch's first look: the watch compares with what is served."""
