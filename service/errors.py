@@ -74,10 +74,24 @@ DESCRIPTIONS = {
 }
 
 
-def route_template(scope: dict[str, Any]) -> str:
-    """The template of the route that served a request, once it was routed, else "unmatched"
-    (the access line's and the latency metric's `route`, service/access_log.py)."""
+def route_template(scope: dict[str, Any], routes: Sequence[BaseRoute] = ()) -> str:
+    """The template of the route that served a request (the access line's and the latency
+    metric's `route`, service/access_log.py); else of the one of `routes` whose path and method
+    it names: a request refused before routing (a body over the size limit), and FastAPI's own
+    /docs and /openapi.json, which record no route; else "unmatched", a path no route serves."""
     route = scope.get("route")
+    if route is None:
+        path, method = scope.get("path", ""), scope.get("method")
+        route = next(
+            (
+                r
+                for r in routes
+                if (regex := getattr(r, "path_regex", None)) is not None
+                and regex.match(path)
+                and method in (getattr(r, "methods", None) or ())
+            ),
+            None,
+        )
     # path_format: the template without convertors ("/items/{item_id}", not "{item_id:id}")
     return getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
 
