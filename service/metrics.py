@@ -160,6 +160,12 @@ class Metrics:
             registry=r,
         )
         self.index_size = Gauge("r2ec_index_items", "Items in the served index.", registry=r)
+        self.edits_unsaved = Gauge(
+            "r2ec_item_edits_unsaved",
+            "1 while item edits this replica applied are in memory only: the checkpoint volume "
+            "refused their save (full or read-only; retried at each watch tick).",
+            registry=r,
+        )
         self.model = Info(
             "r2ec_model",
             "The model version being served, its checkpoint, and its decode steps' matmul path "
@@ -241,6 +247,9 @@ class Metrics:
 
     def track_index_size(self, size: Callable[[], int]) -> None:
         self.index_size.set_function(lambda: float(size()))
+
+    def track_unsaved_edits(self, unsaved: Callable[[], bool]) -> None:
+        self.edits_unsaved.set_function(lambda: float(unsaved()))
 
     def track_retrain(self, state_file: Path) -> None:
         """`r2ec retrain`'s last run and last publish (its ROOT/retrain/state.json, model/retrain.py),

@@ -285,7 +285,7 @@ async def get_item(item_id: ItemIdPath, catalog: CatalogDep) -> schemas.Item:
     dependencies=Admin,
     responses={
         201: {"model": schemas.ItemUpsertResponse, "description": "Created."},
-        **documented(400, 401, 403, 413, 422, 500, 503),
+        **documented(400, 401, 403, 413, 422, 500, 503, 507),
     },
 )
 async def put_item(
@@ -306,7 +306,7 @@ async def put_item(
     response_model=schemas.ItemDeleteResponse,
     tags=["admin"],
     dependencies=Admin,
-    responses=documented(401, 403, 404, 422, 500, 503),
+    responses=documented(401, 403, 404, 422, 500, 503, 507),
 )
 async def delete_item(item_id: ItemIdPath, state: StateDep) -> schemas.ItemDeleteResponse:
     """Remove an item from the index and the catalog (admin)."""

@@ -45,11 +45,12 @@ async def test_one_access_line_per_request_with_id_route_template_status_code_an
         big = b"x" * 2_000_000  # over R2EC_MAX_BODY_BYTES (1 MiB)
         r = await client.post("/recommend", content=big, headers={"content-type": "application/json"})
         assert r.status_code == 413
+        assert (await client.get("/openapi.json")).status_code == 200
         for probe in ("/healthz", "/readyz", "/metrics"):
             assert (await client.get(probe)).status_code == 200
     lines = access_lines(caplog)
-    assert len(lines) == 11, [r.getMessage() for r in lines]
-    ok, empty, bad_id, users, users_unmatched, unmatched, bad_item, too_large, *probes = lines
+    assert len(lines) == 12, [r.getMessage() for r in lines]
+    ok, empty, bad_id, users, users_unmatched, unmatched, bad_item, too_large, spec, *probes = lines
 
     assert ok.levelno == logging.INFO
     assert (ok.request_id, ok.method, ok.route, ok.path, ok.status, ok.code) == (
@@ -86,8 +87,10 @@ async def test_one_access_line_per_request_with_id_route_template_status_code_an
     )
     assert (bad_item.route, bad_item.path) == ("/items/{item_id}", "/items/x\\ny")
     assert "\n" not in bad_item.getMessage()
-    assert (too_large.status, too_large.code) == (413, "body_too_large")
-    assert len({r.request_id for r in lines}) == 11  # each request its own (made-up) id
+    # refused before routing, labelled by the route its path and method name all the same
+    assert (too_large.route, too_large.status, too_large.code) == ("/recommend", 413, "body_too_large")
+    assert (spec.route, spec.status) == ("/openapi.json", 200)  # FastAPI's own route, not "unmatched"
+    assert len({r.request_id for r in lines}) == 12  # each request its own (made-up) id
     assert [(p.route, p.levelno) for p in probes] == [
         (p, logging.DEBUG) for p in ("/healthz", "/readyz", "/metrics")
     ]
