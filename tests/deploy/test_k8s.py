@@ -1,12 +1,13 @@
 """deploy/k8s: plain YAML that parses, wires names together, and runs real r2ec commands on the
 port and paths the image and the compose file use; the pods meet the `restricted` Pod Security
-Standard, and kubectl builds them (when it is installed)."""
+Standard, and the optional components build on top (with kubectl, when it is installed)."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ import yaml
 from tests.deploy.helpers import ROOT, check_r2ec, dockerfile_instructions, option_value, r2ec_invocations
 
 K8S = ROOT / "deploy" / "k8s"
+COMPONENTS = sorted(p.parent.name for p in (K8S / "components").glob("*/kustomization.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -341,24 +343,91 @@ def test_the_backbone_is_pinned_once_and_names_the_conversion_cache(docs):
             assert claim == "r2ec-checkpoints", name
 
 
+# -- the optional components
+def test_the_redis_password_comes_from_a_secret_into_the_same_redis(docs):
+    component = K8S / "components" / "redis-auth"
+    patched = {}
+    for patch in yaml.safe_load((component / "kustomization.yaml").read_text())["patches"]:
+        doc = yaml.safe_load((component / patch["path"]).read_text())
+        (spec,) = _pod_specs([doc]).values()
+        (container,) = spec["containers"]
+        patched[doc["metadata"]["name"], container["name"]] = container["env"]
+    base = {(n, c["name"]) for n, s in _pod_specs(docs).items() for c in s["containers"]}
+    assert set(patched) == base - {("r2ec-init", "init")}  # the init Job uses no Redis
+    plain = urlparse(_config(docs)["R2EC_REDIS_URL"])
+    for where, env in patched.items():
+        names = [e["name"] for e in env]
+        assert names.index("REDIS_PASSWORD") < names.index("R2EC_REDIS_URL"), where  # defined first
+        (password,) = [e for e in env if e["name"] == "REDIS_PASSWORD"]
+        assert password["valueFrom"]["secretKeyRef"]["name"] == "r2ec-redis", where
+        (url,) = [e["value"] for e in env if e["name"] == "R2EC_REDIS_URL"]
+        assert url == f"{plain.scheme}://:$(REDIS_PASSWORD)@{plain.netloc}{plain.path}", where
+
+
+def test_queue_autoscaling_reads_what_the_service_exports(docs):
+    from prometheus_client import CollectorRegistry
+
+    from service.metrics import Metrics
+
+    registry = CollectorRegistry()
+    Metrics(registry)
+    exported = {family.name for family in registry.collect()}
+    component = K8S / "components" / "keda-autoscaling"
+    (scaled,) = [d for d in yaml.safe_load_all((component / "scaledobject.yaml").read_text()) if d]
+    deploy, _ = _api(docs)
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deploy["metadata"]["name"]
+    (pdb,) = _by_kind(docs, "PodDisruptionBudget").values()
+    assert scaled["spec"]["minReplicaCount"] > pdb["spec"]["minAvailable"]
+    read = set()
+    for trigger in scaled["spec"]["triggers"]:
+        assert trigger["type"] == "prometheus" and trigger["metricType"] == "Value"
+        assert 0 < float(trigger["metadata"]["threshold"]) < 1  # fleet-wide ratios
+        read |= set(re.findall(r"\b(r2ec_[a-z_]+)\{", trigger["metadata"]["query"]))
+    assert {"r2ec_queue_depth", "r2ec_queue_capacity"} <= read and read <= exported
+
+
+def test_the_network_policy_selects_the_api_pods_and_their_port(docs):
+    (policy,) = yaml.safe_load_all((K8S / "components" / "network-policy" / "networkpolicy.yaml").read_text())
+    deploy, api = _api(docs)
+    labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    ports = {p["name"] for p in api["ports"]}
+    assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} <= ports
+
+
+def test_the_kustomization_offers_every_component():
+    text = (K8S / "kustomization.yaml").read_text()
+    assert COMPONENTS == ["keda-autoscaling", "network-policy", "redis-auth"]
+    for name in COMPONENTS:
+        assert f"#   - components/{name}" in text
+        kind = yaml.safe_load((K8S / "components" / name / "kustomization.yaml").read_text())["kind"]
+        assert kind == "Component"
+
+
 @pytest.fixture
 def kustomize(tmp_path):
-    """Build deploy/k8s with kubectl's kustomize, from a copy."""
+    """Build deploy/k8s with kubectl's kustomize, with some components, from a copy (an overlay
+    must not sit inside the base)."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed")
     base = tmp_path / "k8s"
     shutil.copytree(K8S, base)
 
-    def build() -> list[dict]:
-        out = subprocess.run([kubectl, "kustomize", str(base)], capture_output=True, text=True, timeout=120)
+    def build(*components: str) -> list[dict]:
+        overlay = tmp_path / f"overlay-{len(components)}-{'-'.join(components)}"
+        overlay.mkdir()
+        spec = {"resources": ["../k8s"], "components": [f"../k8s/components/{c}" for c in components]}
+        (overlay / "kustomization.yaml").write_text(yaml.safe_dump(spec))
+        argv = [kubectl, "kustomize", str(overlay)]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         return [d for d in yaml.safe_load_all(out.stdout) if d]
 
     return build
 
 
-def test_the_base_builds(kustomize):
+def test_the_base_and_each_component_build(kustomize):
     base = kustomize()
     kinds = sorted(d["kind"] for d in base)
     assert kinds == sorted(
@@ -368,3 +437,11 @@ def test_the_base_builds(kustomize):
     tagged = {c["image"] for spec in _pod_specs(base).values() for c in _containers(spec)}
     (image,) = tagged
     assert ":" in image and not image.endswith(":latest")
+    everything = kustomize(*COMPONENTS)
+    assert {d["kind"] for d in everything} - set(kinds) == {"ScaledObject", "NetworkPolicy"}
+    deploy = next(d for d in everything if d["kind"] == "Deployment")
+    assert "replicas" not in deploy["spec"]  # the autoscaler owns the count
+    (api,) = deploy["spec"]["template"]["spec"]["containers"]
+    names = [e["name"] for e in api["env"]]
+    assert names.index("REDIS_PASSWORD") < names.index("R2EC_REDIS_URL")
+    assert {"R2EC_API_KEY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS"} <= set(names)  # the base's stay
