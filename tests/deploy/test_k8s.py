@@ -397,9 +397,10 @@ def test_the_network_policy_selects_the_api_pods_and_their_port(docs):
 
 def test_the_kustomization_offers_every_component():
     text = (K8S / "kustomization.yaml").read_text()
+    readme = (K8S / "README.md").read_text()
     assert COMPONENTS == ["keda-autoscaling", "network-policy", "redis-auth"]
     for name in COMPONENTS:
-        assert f"#   - components/{name}" in text
+        assert f"#   - components/{name}" in text and f"components/{name}" in readme
         kind = yaml.safe_load((K8S / "components" / name / "kustomization.yaml").read_text())["kind"]
         assert kind == "Component"
 
