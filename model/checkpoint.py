@@ -32,14 +32,10 @@ with `resolve_checkpoint`.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import logging
 import os
-import re
 import shutil
-import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
@@ -55,7 +51,8 @@ import torch
 from model.backbone import BUILTIN_BASES, BackboneConfig, load_backbone, load_lm, prepare_tokenizer
 from model.cowatch import FILE as COWATCH_PARQUET
 from model.cowatch import CoWatch
-from model.data.dataset import atomic_write, fsync_path, fsync_tree, make_dirs
+from model.data.dataset import atomic_write, fsync_path, fsync_tree, make_dirs, recover_dir, swap_into_place
+from model.data.dataset import new_dir_beside as _new_dir_beside  # the swap's home: model/data has no torch
 from model.distributed import resolve_device
 from model.prompts import PromptConfig
 from model.r2ec import R2ec
@@ -220,15 +217,6 @@ def save_checkpoint(
     return meta
 
 
-def _new_dir_beside(out: Path) -> Path:
-    """An empty temporary directory next to `out`, made by a plain mkdir (the umask's mode):
-    mkdtemp's 0700 would stay with the checkpoint once renamed into place, readable only by
-    the user who wrote it (a service running as another user could not load it)."""
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    return tmp
-
-
 def check_replaceable(out: Path | str) -> None:
     """Refuse a checkpoint destination that holds something else: only a checkpoint (or an
     empty directory) is replaced, so `--out runs/ml100k` by mistake cannot delete the runs."""
@@ -238,95 +226,26 @@ def check_replaceable(out: Path | str) -> None:
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Make the finished directory `tmp` the checkpoint `out` (`check_replaceable`): its files
-    reach the disk before it is renamed and the rename after (model/data/dataset.py
-    `fsync_tree`), so after a power loss `out` holds no empty or truncated file.
+    """Make the finished directory `tmp` the checkpoint `out` (`check_replaceable`), flushed to
+    the disk and in one swap where Linux can (model/data/dataset.py `swap_into_place`).
 
-    An existing `out` is swapped with `tmp` in one step where Linux can (`_exchange`: ext4,
-    xfs, btrfs, tmpfs), so `out` is never missing. Elsewhere (e.g. NFS) it takes two renames,
-    `out` to `.NAME.old-*` and `tmp` to `out`, and for a moment there is no `out`: a service
-    following a checkpoint directory sees no version at that poll and keeps serving
-    (service/state.py `_watch`), one following a versions root never meets it (a published
-    version is never overwritten, `publish_version`; readers go through CURRENT). A process
-    that dies between the two renames leaves the old checkpoint aside, which
-    `recover_checkpoint` restores: the next save to `out` calls it first, so does a training
-    run for its best/ and last/ (model/train.py `Trainer`)."""
+    Where it takes two renames (e.g. NFS), for a moment there is no `out`: a service following
+    a checkpoint directory sees no version at that poll and keeps serving (service/state.py
+    `_watch`), one following a versions root never meets it (a published version is never
+    overwritten, `publish_version`; readers go through CURRENT). A process that dies between
+    the two renames leaves the old checkpoint aside, which `recover_checkpoint` restores: the
+    next save to `out` calls it first, so does a training run for its best/ and last/
+    (model/train.py `Trainer`)."""
     recover_checkpoint(out)
     check_replaceable(out)
-    fsync_tree(tmp)
-    if not out.exists():
-        os.replace(tmp, out)
-        fsync_path(out.parent)
-        return
-    if _exchange(tmp, out):
-        old = tmp  # now holds what `out` held
-    else:
-        old = out.with_name(f".{out.name}.old-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-    fsync_path(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _asides(out: Path) -> list[Path]:
-    """The copies of `out` that `_swap_into_place` moved aside, oldest first: exactly
-    `.NAME.old-<time in ns, 20 digits>-<6 hex>`, or `.NAME.old-<6 hex>` as saves before that
-    format named them (ordered first); nothing else, however alike its name."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.old-(?:(\d{{20}})-)?[0-9a-f]{{6}}")
-    found = []
-    for p in out.parent.iterdir():
-        m = pattern.fullmatch(p.name)
-        if m is not None:
-            found.append((int(m.group(1) or 0), p.name, p))
-    return [p for *_, p in sorted(found)]
+    swap_into_place(tmp, out)
 
 
 def recover_checkpoint(out: Path | str) -> None:
     """Undo a `_swap_into_place` cut between its two renames: with `out` missing, the newest
-    checkpoint moved aside from it goes back; every other copy aside is removed. Nothing to do
-    (the common case) costs one directory listing. For writers only (a reader must not move
-    what a writer may be renaming)."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        return
-    asides = _asides(out)
-    if not out.exists():
-        restorable = [p for p in asides if (p / META_FILE).is_file()]
-        if restorable:
-            back = restorable[-1]
-            os.replace(back, out)
-            fsync_path(out.parent)
-            asides.remove(back)
-            log.warning("restored %s from %s, moved aside by a save that did not finish", out, back.name)
-    for p in asides:
-        shutil.rmtree(p, ignore_errors=True)
-
-
-_RENAME_EXCHANGE = 2  # linux/fs.h
-_AT_FDCWD = -100
-
-
-@functools.cache
-def _renameat2() -> Any:
-    """glibc's renameat2 (2.28+), or None (another C library or OS)."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError, TypeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap the two existing paths `a` and `b` in one rename (renameat2 RENAME_EXCHANGE);
-    False, and nothing moved, where the C library, the kernel or the filesystem cannot."""
-    fn = _renameat2()
-    if fn is None:
-        return False
-    # a failed exchange moves nothing, so any error falls back to the two renames, whose own
-    # errors (ENOENT, EACCES) are the ones to report
-    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+    checkpoint moved aside from it goes back; every other copy aside is removed
+    (model/data/dataset.py `recover_dir`). For writers only."""
+    recover_dir(out, META_FILE)
 
 
 def resolve_checkpoint(path: Path | str) -> Path:

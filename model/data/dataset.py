@@ -14,17 +14,25 @@ One directory per (dataset, protocol), e.g. ``<data_dir>/ml-100k/loo/``::
     meta.json       name, protocol, category, max_history, source, source_sha256 (the raw
                     files by content), stats, created_at
 
-``meta.json`` is written last, so a directory with a meta file is complete.
+The whole directory is written beside its target and renamed into place (`swap_into_place`,
+as model/checkpoint.py writes a checkpoint), so a crash or a full disk while preparing again
+leaves the previous preparation whole, never a mix; ``meta.json`` is written last, so a
+directory with a meta file is complete.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
+import re
+import shutil
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -193,9 +201,106 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     fsync_path(path.parent)
 
 
+# -- a directory written beside its target and swapped into place (checkpoints, preparations) ---
+def new_dir_beside(out: Path) -> Path:
+    """An empty temporary directory next to `out`, made by a plain mkdir (the umask's mode):
+    mkdtemp's 0700 would stay with the directory once renamed into place, readable only by
+    the user who wrote it (a service running as another user could not load it)."""
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    return tmp
+
+
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Make the finished directory `tmp` the directory `out`: its files reach the disk before
+    it is renamed and the rename after (`fsync_tree`), so after a power loss `out` holds no
+    empty or truncated file.
+
+    An existing `out` is swapped with `tmp` in one step where Linux can (`_exchange`: ext4,
+    xfs, btrfs, tmpfs), so `out` is never missing. Elsewhere (e.g. NFS) it takes two renames,
+    `out` to `.NAME.old-*` and `tmp` to `out`, and for a moment there is no `out`. A process
+    that dies between the two renames leaves the old directory aside, which `recover_dir`
+    restores: writers call it before they write `out` again. The caller checks that `out` may
+    be replaced (model/checkpoint.py `_swap_into_place`)."""
+    fsync_tree(tmp)
+    if not out.exists():
+        os.replace(tmp, out)
+        fsync_path(out.parent)
+        return
+    if _exchange(tmp, out):
+        old = tmp  # now holds what `out` held
+    else:
+        old = out.with_name(f".{out.name}.old-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+    fsync_path(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def asides(out: Path) -> list[Path]:
+    """The copies of `out` that `swap_into_place` moved aside, oldest first: exactly
+    `.NAME.old-<time in ns, 20 digits>-<6 hex>`, or `.NAME.old-<6 hex>` as saves before that
+    format named them (ordered first); nothing else, however alike its name."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.old-(?:(\d{{20}})-)?[0-9a-f]{{6}}")
+    found = []
+    for p in out.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m is not None:
+            found.append((int(m.group(1) or 0), p.name, p))
+    return [p for *_, p in sorted(found)]
+
+
+def recover_dir(out: Path | str, marker: str) -> None:
+    """Undo a `swap_into_place` cut between its two renames: with `out` missing, the newest
+    copy moved aside from it that is complete (holds the file `marker`) goes back; every other
+    copy aside is removed. Nothing to do (the common case) costs one directory listing. For
+    writers only (a reader must not move what a writer may be renaming)."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    found = asides(out)
+    if not out.exists():
+        restorable = [p for p in found if (p / marker).is_file()]
+        if restorable:
+            back = restorable[-1]
+            os.replace(back, out)
+            fsync_path(out.parent)
+            found.remove(back)
+            logger.warning("restored %s from %s, moved aside by a save that did not finish", out, back.name)
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+@functools.cache
+def _renameat2() -> Any:
+    """glibc's renameat2 (2.28+), or None (another C library or OS)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the two existing paths `a` and `b` in one rename (renameat2 RENAME_EXCHANGE);
+    False, and nothing moved, where the C library, the kernel or the filesystem cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    # a failed exchange moves nothing, so any error falls back to the two renames, whose own
+    # errors (ENOENT, EACCES) are the ones to report
+    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
 def _write_frame(df: pd.DataFrame, schema: pa.Schema, path: Path) -> None:
     table = pa.Table.from_pandas(df[list(schema.names)], schema=schema, preserve_index=False)
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    pq.write_table(table, path)
 
 
 def save_prepared(
@@ -206,25 +311,48 @@ def save_prepared(
     prior: dict[str, list[str]] | None = None,
 ) -> Path:
     """Write items, the three splits, the prior items when there are any, and (last)
-    meta.json into ``out_dir``, each atomically and on the disk before the next. A prior file
-    from an earlier preparation into the same directory is removed when this one has none."""
+    meta.json into a directory beside ``out_dir``, then put it in ``out_dir``'s place
+    (`swap_into_place`): a preparation that fails (a full disk) or is killed leaves the one
+    before it whole. ``out_dir`` may hold only a preparation (or an unfinished one)."""
     out_dir = Path(out_dir)
-    make_dirs(out_dir)
-    # a directory prepared before is incomplete from here until the new meta.json lands: a
-    # crash in between must not leave the old meta over a mix of old and new files
-    (out_dir / META_FILE).unlink(missing_ok=True)
-    _write_frame(items, ITEM_SCHEMA, out_dir / ITEMS_FILE)
-    for name in SPLITS:
-        _write_frame(splits[name], SAMPLE_SCHEMA, out_dir / f"{name}.parquet")
-    if prior:
-        frame = pd.DataFrame({"user_id": list(prior), "item_ids": list(prior.values())})
-        _write_frame(frame, PRIOR_SCHEMA, out_dir / PRIOR_FILE)
-    else:
-        (out_dir / PRIOR_FILE).unlink(missing_ok=True)
-    text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
-    atomic_write(out_dir / META_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    make_dirs(out_dir.parent)
+    recover_dir(out_dir, META_FILE)
+    _check_replaceable(out_dir)
+    tmp = new_dir_beside(out_dir)
+    try:
+        _write_frame(items, ITEM_SCHEMA, tmp / ITEMS_FILE)
+        for name in SPLITS:
+            _write_frame(splits[name], SAMPLE_SCHEMA, tmp / f"{name}.parquet")
+        if prior:
+            frame = pd.DataFrame({"user_id": list(prior), "item_ids": list(prior.values())})
+            _write_frame(frame, PRIOR_SCHEMA, tmp / PRIOR_FILE)
+        text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
+        (tmp / META_FILE).write_text(text, encoding="utf-8")
+        swap_into_place(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("wrote prepared dataset to %s", out_dir)
     return out_dir
+
+
+_PREPARED_FILES = frozenset({ITEMS_FILE, META_FILE, PRIOR_FILE, *(f"{name}.parquet" for name in SPLITS)})
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace a directory that holds anything but a preparation's files (or their
+    temporary files): the whole directory is replaced, and what else it holds would go."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DataError(f"{out_dir} exists and is not a directory: not replacing it")
+    other = sorted(
+        p.name for p in out_dir.iterdir() if p.name not in _PREPARED_FILES and not p.name.endswith(".tmp")
+    )
+    if other:
+        raise DataError(
+            f"{out_dir} holds files that are not a prepared dataset's ({', '.join(other[:5])}): "
+            "not replacing it; move them away or prepare into another --data-dir"
+        )
 
 
 def _read_parquet(path: Path, schema: pa.Schema) -> pd.DataFrame:

@@ -22,6 +22,7 @@ from model.checkpoint import (
     save_checkpoint,
     unused_version,
 )
+from model.data import dataset
 
 
 def _items(tiny_dataset):
@@ -151,7 +152,7 @@ def test_a_checkpoint_reaches_the_disk_before_its_name(tmp_path, tiny_model, tin
 
 def _crash_the_second_rename(monkeypatch, out):
     """Two renames, as on a filesystem that cannot swap two directories; the second fails."""
-    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False, raising=False)
+    monkeypatch.setattr(dataset, "_exchange", lambda a, b: False)
     real = os.replace
 
     def replace(src, dst):
@@ -216,8 +217,7 @@ def test_replacing_a_checkpoint_keeps_one_at_its_path_throughout(
     btrfs, tmpfs), a reader of the checkpoint's path finds one at every moment."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    exchange = getattr(checkpoint, "_exchange", None)
-    if exchange is not None and not exchange(a, b):
+    if not dataset._exchange(a, b):
         pytest.skip("this filesystem cannot swap two directories in one rename")
     out = tmp_path / "c"
     first = _save(out, tiny_model, tiny_dataset)
