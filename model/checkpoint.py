@@ -38,7 +38,8 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,6 +71,7 @@ INDEX_DIR = "index"  # the service's item index and its record of item edits (se
 ITEM_FIELDS = ("title", "year", "genres", "description")  # an item's text, as the catalog keeps it
 EDITS_FILE = "item_edits.json"  # a published version's item edits, carried from the one before
 WEIGHT_KINDS = ("base", "full", "lora")
+RESUME_STATE_FILE = "trainer_state.pt"  # what a training run's last/ holds besides (model/train.py)
 
 
 class CheckpointError(ValueError):
@@ -274,7 +276,10 @@ def read_meta(path: Path | str) -> dict[str, Any]:
     meta_file = path / META_FILE
     if not meta_file.is_file():
         raise CheckpointError(f"{path} is not an R²ec checkpoint: {META_FILE} is missing")
-    meta = json.loads(meta_file.read_text())
+    with reading(meta_file, path):
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_file}: format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
@@ -283,6 +288,61 @@ def read_meta(path: Path | str) -> dict[str, Any]:
             f"understands ({FORMAT_VERSION}); upgrade r2ec-serve"
         )
     return meta
+
+
+@contextmanager
+def reading(file: Path, checkpoint: Path) -> Iterator[None]:
+    """Any failure to read `file` of `checkpoint` as a CheckpointError that names the file and
+    says what to do (`_repair_hint`). numpy, torch, safetensors, tokenizers and pyarrow each
+    raise their own error for a truncated, zero-length or unreadable file, most without naming
+    it, and click shows an EOFError as a bare "Aborted."."""
+    try:
+        yield
+    except (CheckpointError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 (each library's own error type: all mean the same here)
+        what = f"{file} is damaged or unreadable ({_reason(exc)})"
+        raise CheckpointError(f"{what}; {_repair_hint(checkpoint)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """`Type: first line of the message` (torch's run to a dozen lines), at most 200 characters."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    first = first if len(first) <= 200 else first[:197] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _repair_hint(checkpoint: Path) -> str:
+    """What to do about a damaged file of `checkpoint`: a published version is rolled back
+    from, a training run's last/ (it holds the trainer's resume state) started over, any other
+    checkpoint restored or written again."""
+    root = checkpoint.parent
+    if (root / CURRENT_FILE).is_file():
+        return (
+            f"copy a good one back, or point {root / CURRENT_FILE} at a version that loads "
+            "(docs/operations.md, R2ecModelOutdated)"
+        )
+    if (checkpoint / RESUME_STATE_FILE).is_file():
+        return "the run cannot resume from it: start it over with --overwrite"
+    return "copy a good one back, or write the checkpoint again"
+
+
+def _check_files(directory: Path, checkpoint: Path) -> None:
+    """Open each safetensors and JSON file of a directory that peft or transformers is about
+    to load, so that a damaged one is named: their errors do not say which file it was (a
+    safetensors header is checked against the file's length, so a cut file fails here)."""
+    from safetensors import safe_open
+
+    if not directory.is_dir():
+        return
+    for file in sorted(directory.iterdir()):
+        if file.suffix == ".safetensors":
+            with reading(file, checkpoint), safe_open(file, framework="pt"):
+                pass
+        elif file.suffix == ".json":
+            with reading(file, checkpoint):
+                json.loads(file.read_text(encoding="utf-8"))
 
 
 def trained_data(meta: dict[str, Any]) -> dict[str, Any]:
@@ -315,12 +375,14 @@ def load_checkpoint(
     model = load_checkpoint_model(
         path, dtype=dtype, num_threads=num_threads, merge_lora=merge_lora, trainable=trainable, device=device
     )
-    items = pd.read_parquet(path / ITEMS_FILE)
+    with reading(path / ITEMS_FILE, path):
+        items = pd.read_parquet(path / ITEMS_FILE)
     if encode_items:  # shipped without its item table: the same model re-encodes the catalog
         log.info("checkpoint %s ships no item vectors: encoding %d items", path, len(items))
         vectors = model.item_vectors(items.to_dict("records"), progress=True).numpy()
     else:
-        vectors = np.load(path / VECTORS_FILE)
+        with reading(path / VECTORS_FILE, path):
+            vectors = np.load(path / VECTORS_FILE)
     if vectors.shape != (len(items), model.hidden_size):
         raise CheckpointError(
             f"checkpoint {path}: {VECTORS_FILE} has shape {vectors.shape}, expected "
@@ -355,7 +417,9 @@ def load_checkpoint_model(
     if weights == "full":
         if not (path / "model").is_dir():
             raise CheckpointError(f"checkpoint {path} says weights=full but has no model/ directory")
-        lm = load_lm(path / "model", dtype=dtype, num_threads=num_threads)
+        _check_files(path / "model", path)
+        with reading(path / "model", path):
+            lm = load_lm(path / "model", dtype=dtype, num_threads=num_threads)
     else:
         lm = _base_of(path, meta, dtype, num_threads, given=base is not None)
         if weights == "lora":
@@ -363,12 +427,16 @@ def load_checkpoint_model(
                 raise CheckpointError(f"checkpoint {path} says weights=lora but has no adapter/ directory")
             from peft import PeftModel
 
-            lm = PeftModel.from_pretrained(lm, path / "adapter", is_trainable=trainable)
+            _check_files(path / "adapter", path)
+            with reading(path / "adapter", path):
+                lm = PeftModel.from_pretrained(lm, path / "adapter", is_trainable=trainable)
             if merge_lora and not trainable:
                 lm = lm.merge_and_unload()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    _check_files(path / "tokenizer", path)
+    with reading(path / "tokenizer", path):
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     prepare_tokenizer(tokenizer)
     if not trainable:
         lm.eval()
@@ -383,7 +451,8 @@ def load_checkpoint_model(
     if model.prompts.cowatch_hints:
         if not (path / COWATCH_FILE).exists():
             raise CheckpointError(f"checkpoint {path} names co-watch hints but is missing {COWATCH_FILE}")
-        model.cowatch = CoWatch.load(path, model.prompts.cowatch_window)
+        with reading(path / COWATCH_FILE, path):
+            model.cowatch = CoWatch.load(path, model.prompts.cowatch_window)
     if model.hidden_size != meta["hidden_size"]:
         raise CheckpointError(
             f"checkpoint {path}: model hidden size is {model.hidden_size}, "

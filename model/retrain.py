@@ -278,7 +278,19 @@ def _locked(work: Path) -> Iterator[None]:
 
 def read_state(work: Path) -> dict[str, Any]:
     path = work / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        reason = f"a JSON {type(state).__name__}, not an object"
+    except (OSError, ValueError) as exc:  # UnicodeError and JSONDecodeError are ValueErrors
+        state, reason = None, f"{type(exc).__name__}: {exc}"
+    if not isinstance(state, dict):
+        raise RetrainError(
+            f"{path} is damaged or unreadable ({reason}); restore it, or move it away: the next run "
+            f"reads the stream from its start and skips the events {work / EVENTS_FILE} already holds"
+        )
+    return state
 
 
 def _read_events_log(work: Path) -> pd.DataFrame:

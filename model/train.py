@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from model import distributed as dist
 from model import losses
-from model.checkpoint import read_meta, recover_checkpoint, save_checkpoint
+from model.checkpoint import RESUME_STATE_FILE, read_meta, reading, recover_checkpoint, save_checkpoint
 from model.cowatch import CoWatch
 from model.curves import log_record, plot_curves
 from model.data import PreparedDataset
@@ -57,7 +57,7 @@ from model.samples import TrainingPrompts
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = RESUME_STATE_FILE  # in OUT/last
 LOG_FILE = "log.jsonl"
 CURVES_FILE = "curves.png"
 RUN_MARKS = ("best", "last", LOG_FILE)  # any of them: OUT holds a run a new one must not mix into
@@ -636,10 +636,11 @@ class Trainer:
         self.saved_step = self.state.step
 
     def _load(self, resume_dir: Path) -> None:
-        blob = torch.load(resume_dir / STATE_FILE, weights_only=False)
-        self.opt.load_state_dict(blob)
-        self.state = TrainState(**blob["state"])
-        self.table.vectors = blob["item_table"]
+        with reading(resume_dir / STATE_FILE, resume_dir):  # cut short: a CheckpointError naming it
+            blob = torch.load(resume_dir / STATE_FILE, weights_only=False)
+            self.opt.load_state_dict(blob)
+            self.state = TrainState(**blob["state"])
+            self.table.vectors = blob["item_table"]
         dist.restore_rng_state(blob["rng"])
         log.info("resumed from %s at step %d", resume_dir, self.state.step)
 

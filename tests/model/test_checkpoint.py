@@ -364,3 +364,67 @@ def test_a_checkpoint_written_before_taste_format_reads_it_from_its_training_sta
             meta["prompts"]["taste_format"] = said
         meta_file.write_text(json.dumps(meta))
         assert load_checkpoint(tmp_path / "base", dtype="float32").model.prompts.taste_format is taught, train
+
+
+# -- damaged files --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def _lora_checkpoint(tiny_dataset, tmp_path_factory) -> Path:
+    """A LoRA checkpoint of a fresh tiny model (the session's tiny_model is not wrapped)."""
+    from peft import LoraConfig, get_peft_model
+
+    from model.backbone import BackboneConfig, load_backbone
+    from model.r2ec import R2ec
+
+    lm, tok = load_backbone(BackboneConfig(base="tiny", dtype="float32", seed=0))
+    model = R2ec(get_peft_model(lm, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])), tok)
+    items = _items(tiny_dataset)
+    vectors = np.zeros((len(items), model.hidden_size), dtype=np.float32)
+    out = tmp_path_factory.mktemp("lora") / "c"
+    save_checkpoint(out, model, base="tiny", weights="lora", items=items, item_vectors=vectors)
+    return out
+
+
+DAMAGED = [
+    ("r2ec.json", 0.5),
+    ("items.parquet", 0.5),
+    ("item_vectors.npy", 0),  # np.load's EOFError: click printed a bare "Aborted."
+    ("item_vectors.npy", 0.5),
+    ("adapter/adapter_model.safetensors", 0.5),
+    ("adapter/adapter_model.safetensors", 0),
+    ("adapter/adapter_config.json", 0.5),
+    ("tokenizer/tokenizer.json", 0.5),
+]
+
+
+@pytest.mark.parametrize(("name", "kept"), DAMAGED, ids=[f"{n}-{k}" for n, k in DAMAGED])
+@pytest.mark.parametrize("where", ["alone", "published"])
+def test_a_damaged_file_is_a_checkpoint_error_that_names_it_and_says_what_to_do(
+    _lora_checkpoint, tmp_path, name, kept, where
+):
+    ckpt = tmp_path / "c" if where == "alone" else tmp_path / "root" / "v1"
+    shutil.copytree(_lora_checkpoint, ckpt)
+    if where == "published":
+        (ckpt.parent / "CURRENT").write_text("v1\n")
+    file = ckpt / name
+    os.truncate(file, int(file.stat().st_size * kept))
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(ckpt.parent if where == "published" else ckpt, dtype="float32")
+    message = str(raised.value)
+    assert message.startswith(f"{file} is damaged or unreadable ("), message
+    assert "\n" not in message
+    if where == "published":
+        assert f"point {ckpt.parent / 'CURRENT'} at a version that loads (docs/operations.md" in message
+    else:
+        assert message.endswith("copy a good one back, or write the checkpoint again")
+
+
+def test_an_unreadable_meta_file_is_named_where_the_versions_are_listed_and_resolved(tmp_path):
+    _fake_versions(tmp_path, ["a", "b"])
+    (tmp_path / "CURRENT").write_text("b\n")
+    (tmp_path / "b" / "r2ec.json").write_text('{"format": "r2ec-checkpoint", "vers')
+    assert list_versions(tmp_path) == ["a"]  # a damaged version is not listed, as before
+    with pytest.raises(CheckpointError, match=r"b/r2ec.json is damaged or unreadable \(JSONDecodeError"):
+        read_meta(resolve_checkpoint(tmp_path))
+    (tmp_path / "b" / "r2ec.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"json is damaged or unreadable \(ValueError: a JSON list"):
+        read_meta(tmp_path / "b")

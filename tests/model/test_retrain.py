@@ -162,6 +162,21 @@ def test_events_read_again_are_not_counted_twice(tmp_path):
     assert (new, cursor, list(log["event_id"])) == (0, "after:2", ["a", "b"])
 
 
+@pytest.mark.parametrize("text", ['{"last_event_id": "after:2", "events', "[]", "\udcff"])
+def test_a_damaged_state_file_is_named_and_not_read_as_no_state(tmp_path, text):
+    """A cut state.json said only "Expecting ':' delimiter: line 5 column 13", naming no file."""
+    from model.retrain import RetrainError
+
+    reader = FakeReader([Ev("a", "u1", "i1", 4.0, 10)])
+    (tmp_path / "state.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(RetrainError) as raised:
+        consume_events(tmp_path, reader)
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path / 'state.json'} is damaged or unreadable (")
+    assert "move it away" in message
+    assert reader.calls == []  # nothing read past a cursor it could not read
+
+
 def test_the_event_log_reaches_the_disk_before_the_cursor(tmp_path, fsynced):
     """After a power loss the saved cursor never points past events the log does not hold."""
     consume_events(tmp_path, FakeReader([Ev("a", "u1", "i1", 4.0, 10)]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -518,6 +519,39 @@ def test_last_between_validations_goes_without_its_stale_item_table(tiny_dataset
 def test_resume_without_a_saved_state_is_a_clear_error(tiny_dataset, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to resume|no .*trainer_state"):
         train(RecPOConfig(max_steps=1, **TINY), tiny_dataset, "tiny", tmp_path / "empty", resume=True)
+
+
+@pytest.fixture(scope="module")
+def _saved_run(tiny_dataset, tmp_path_factory) -> Path:
+    """A 2-step contrastive run whose last/ holds step 2."""
+    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=2, max_steps=2, save_every=2, **TINY)
+    out = tmp_path_factory.mktemp("saved") / "run"
+    train(cfg, tiny_dataset, "tiny", out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "kept"),
+    [("trainer_state.pt", 0), ("trainer_state.pt", 5000), ("trainer_state.pt", 0.5),
+     ("adapter/adapter_model.safetensors", 0.5)],
+)  # fmt: skip
+def test_resume_from_a_damaged_last_names_the_file_and_says_start_over(
+    _saved_run, tiny_dataset, tmp_path, name, kept
+):
+    """torch.load of a cut file raised EOFError (shown as a bare "Aborted."), OSError EINVAL,
+    or a RuntimeError traceback; a cut adapter a SafetensorError traceback."""
+    from model.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    shutil.copytree(_saved_run, run)
+    file = run / "last" / name
+    os.truncate(file, int(file.stat().st_size * kept) if isinstance(kept, float) else kept)
+    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=2, max_steps=3, save_every=2, **TINY)
+    with pytest.raises(CheckpointError) as raised:
+        train(cfg, tiny_dataset, "tiny", run, resume=True)
+    message = str(raised.value)
+    assert message.startswith(f"{file} is damaged or unreadable (") and "\n" not in message, message
+    assert message.endswith("the run cannot resume from it: start it over with --overwrite")
 
 
 def test_resume_restores_a_last_left_aside_by_a_save_cut_between_its_renames(
