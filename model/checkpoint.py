@@ -263,7 +263,13 @@ def resolve_checkpoint(path: Path | str) -> Path:
     if (path / META_FILE).is_file():
         return path
     if (path / CURRENT_FILE).is_file():
-        return resolve_checkpoint(path / _pointer(path))
+        name = _pointer(path)
+        if not (path / name).exists():
+            raise CheckpointError(
+                f"{path / CURRENT_FILE} names {name!r}, which does not exist; point it back at a "
+                "version that does, as docs/operations.md says (R2ecModelOutdated)"
+            )
+        return resolve_checkpoint(path / name)
     if (path / "best" / META_FILE).is_file():
         return path / "best"
     raise CheckpointError(

@@ -168,7 +168,14 @@ class Trainer:
                 recover_checkpoint(self.out / name)
         dist.barrier()
         if resume and not (resume_dir / STATE_FILE).is_file():
-            raise FileNotFoundError(f"--resume: no {resume_dir / STATE_FILE} to resume from")
+            if not resume_dir.exists():  # stopped before its first save (best/ may be there)
+                raise FileNotFoundError(
+                    f"--resume: {self.out} holds no last/ checkpoint: nothing was saved to resume "
+                    "from yet; start the run over with --overwrite"
+                )
+            raise FileNotFoundError(
+                f"--resume: no {resume_dir / STATE_FILE} to resume from; start the run over with --overwrite"
+            )
         if not resume and not overwrite and (held := held_run(self.out)):
             raise ValueError(
                 f"{self.out} already holds a run ({', '.join(held)}); pass --resume to continue it, "

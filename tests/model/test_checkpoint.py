@@ -298,6 +298,9 @@ def test_current_pointer_errors_say_what_is_wrong(tmp_path):
     (tmp_path / "CURRENT").write_text("gone\n")
     with pytest.raises(CheckpointError, match="names 'gone', which is not a checkpoint"):
         current_version(tmp_path)
+    # what the service and `r2ec` resolve: the pointer named, and where rolling back is told
+    with pytest.raises(CheckpointError, match=r"CURRENT names 'gone', which does not exist.*operations.md"):
+        resolve_checkpoint(tmp_path)
 
 
 EDITS_FILE = "item_edits.json"  # model/checkpoint.py's name for it: a format on the volume

@@ -517,8 +517,15 @@ def test_last_between_validations_goes_without_its_stale_item_table(tiny_dataset
 
 
 def test_resume_without_a_saved_state_is_a_clear_error(tiny_dataset, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing to resume|no .*trainer_state"):
+    with pytest.raises(FileNotFoundError, match="nothing was saved to resume from yet.*--overwrite"):
         train(RecPOConfig(max_steps=1, **TINY), tiny_dataset, "tiny", tmp_path / "empty", resume=True)
+    # killed between the first best/ save and the first last/ save: best/ alone resumes nothing
+    (tmp_path / "run" / "best").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"holds no last/ checkpoint: nothing was saved.*--overwrite"):
+        train(RecPOConfig(max_steps=1, **TINY), tiny_dataset, "tiny", tmp_path / "run", resume=True)
+    (tmp_path / "run" / "last").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"last/trainer_state.pt to resume from; start the run over"):
+        train(RecPOConfig(max_steps=1, **TINY), tiny_dataset, "tiny", tmp_path / "run", resume=True)
 
 
 @pytest.fixture(scope="module")
