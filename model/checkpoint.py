@@ -52,7 +52,15 @@ import torch
 from model.backbone import BUILTIN_BASES, BackboneConfig, load_backbone, load_lm, prepare_tokenizer
 from model.cowatch import FILE as COWATCH_PARQUET
 from model.cowatch import CoWatch
-from model.data.dataset import atomic_write, fsync_path, fsync_tree, make_dirs, recover_dir, swap_into_place
+from model.data.dataset import (
+    atomic_write,
+    fsync_path,
+    fsync_tree,
+    make_dirs,
+    recover_dir,
+    swap_into_place,
+    write_error,
+)
 from model.data.dataset import new_dir_beside as _new_dir_beside  # the swap's home: model/data has no torch
 from model.distributed import resolve_device
 from model.prompts import PromptConfig
@@ -195,24 +203,41 @@ def save_checkpoint(
         **(extra or {}),
     }
     make_dirs(out.parent)
-    tmp = _new_dir_beside(out)
+    part = "."  # what is being written, for an error to name (under `out`, not the temporary dir)
     try:
-        if weights == "full":
-            model.lm.save_pretrained(tmp / "model")
-        elif weights == "lora":
-            model.lm.save_pretrained(tmp / "adapter")  # a PeftModel saves the adapter only
-        model.tokenizer.save_pretrained(tmp / "tokenizer")
-        items.reset_index(drop=True).to_parquet(tmp / ITEMS_FILE, index=False)
+        tmp = _new_dir_beside(out)
+    except OSError as exc:
+        raise write_error(exc, out) from exc
+    try:
+        if weights in ("full", "lora"):  # a PeftModel saves the adapter only
+            part = "model" if weights == "full" else "adapter"
+            model.lm.save_pretrained(tmp / part)
+        part = "tokenizer"
+        model.tokenizer.save_pretrained(tmp / part)
+        part = ITEMS_FILE
+        items.reset_index(drop=True).to_parquet(tmp / part, index=False)
         if vectors is not None:
-            np.save(tmp / VECTORS_FILE, vectors)
+            part = VECTORS_FILE
+            np.save(tmp / part, vectors)
         if model.prompts.cowatch_hints:
             if model.cowatch is None:
                 raise CheckpointError("the prompts name co-watch hints but the model has no co-watch table")
+            part = COWATCH_FILE
             model.cowatch.save(tmp)
         if write_extra is not None:
+            part = "."
             write_extra(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        part = META_FILE
+        (tmp / part).write_text(json.dumps(meta, indent=2, default=str))
+        part = "."
         _swap_into_place(tmp, out)
+    except (CheckpointError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 (safetensors, tokenizers, torch: each its own type)
+        failed = write_error(exc, out / part if part != "." else out)
+        if isinstance(exc, OSError) or failed.errno is not None:  # an I/O failure: one line naming it
+            raise failed from exc
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("saved checkpoint %s (version %s)", out, meta["version"])

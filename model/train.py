@@ -43,7 +43,7 @@ from model.checkpoint import RESUME_STATE_FILE, read_meta, reading, recover_chec
 from model.cowatch import CoWatch
 from model.curves import log_record, plot_curves
 from model.data import PreparedDataset
-from model.data.dataset import atomic_write
+from model.data.dataset import atomic_write, write_error
 from model.evaluate import evaluate_model, validation_eval_config
 from model.item_table import ItemTable
 from model.lora import build_model, trainable_parameters, weights_kind
@@ -673,5 +673,8 @@ class Trainer:
             log.info("%s: dropped %d lines logged after step %d", path, len(lines) - len(kept), step)
 
     def _log(self, record: dict) -> None:
-        with open(self.out / LOG_FILE, "a") as fh:
-            fh.write(json.dumps(record, default=str) + "\n")
+        try:
+            with open(self.out / LOG_FILE, "a") as fh:
+                fh.write(json.dumps(record, default=str) + "\n")
+        except OSError as exc:  # a full disk names no file
+            raise write_error(exc, self.out / LOG_FILE) from exc

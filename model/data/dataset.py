@@ -195,10 +195,54 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # a full disk names no file, a rename the temporary one
+            raise write_error(exc, path) from exc
         raise
-    fsync_path(path.parent)
+    try:
+        fsync_path(path.parent)
+    except OSError as exc:
+        raise write_error(exc, path.parent) from exc
+
+
+# what a library that keeps no errno says of one (safetensors, tokenizers: "... (os error 28)")
+_ERRNO_IN_TEXT = re.compile(r"os error (\d+)|\[errno (\d+)\]", re.IGNORECASE)
+_ERRNOS_BY_TEXT = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+
+
+def write_error(exc: BaseException, path: Path) -> OSError:
+    """`exc`, raised while writing `path`, as an OSError that names `path`. pyarrow, numpy and
+    a plain write name no file on a full disk, safetensors, tokenizers and torch raise their
+    own types, and a write into a temporary file names that one. The errno is kept: read from
+    the message where the library put it only there, or ENOSPC for a failure that gives none
+    (torch: "unexpected pos 576 vs 534") on a filesystem with no space left."""
+    if isinstance(exc, OSError) and exc.filename is not None and not Path(exc.filename).name.startswith("."):
+        return exc
+    code = getattr(exc, "errno", None)
+    if not isinstance(code, int):
+        text = str(exc)
+        found = _ERRNO_IN_TEXT.search(text)
+        if found:
+            code = int(found.group(1) or found.group(2))
+        else:
+            code = next((c for c in _ERRNOS_BY_TEXT if os.strerror(c) in text), None)
+    if code is None and _no_space_left(path):
+        code = errno.ENOSPC
+    if code is not None:
+        return OSError(code, os.strerror(code), str(path))
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return OSError(f"could not write {path}: {type(exc).__name__}: {first}")
+
+
+def _no_space_left(path: Path) -> bool:
+    """Whether the filesystem `path` is on (or would be on) has no block left to write."""
+    for where in (path, *path.parents):
+        try:
+            return os.statvfs(where).f_bavail == 0
+        except OSError:
+            continue
+    return False
 
 
 # -- a directory written beside its target and swapped into place (checkpoints, preparations) ---
@@ -318,17 +362,27 @@ def save_prepared(
     make_dirs(out_dir.parent)
     recover_dir(out_dir, META_FILE)
     _check_replaceable(out_dir)
-    tmp = new_dir_beside(out_dir)
     try:
-        _write_frame(items, ITEM_SCHEMA, tmp / ITEMS_FILE)
-        for name in SPLITS:
-            _write_frame(splits[name], SAMPLE_SCHEMA, tmp / f"{name}.parquet")
+        tmp = new_dir_beside(out_dir)
+    except OSError as exc:  # a read-only volume: name the preparation, not the temporary directory
+        raise write_error(exc, out_dir) from exc
+    writing = out_dir  # what a failure names: the file the preparation writes, not its temporary copy
+    try:
+        frames = [(ITEMS_FILE, items, ITEM_SCHEMA)]
+        frames += [(f"{name}.parquet", splits[name], SAMPLE_SCHEMA) for name in SPLITS]
         if prior:
             frame = pd.DataFrame({"user_id": list(prior), "item_ids": list(prior.values())})
-            _write_frame(frame, PRIOR_SCHEMA, tmp / PRIOR_FILE)
+            frames.append((PRIOR_FILE, frame, PRIOR_SCHEMA))
+        for name, df, schema in frames:
+            writing = out_dir / name
+            _write_frame(df, schema, tmp / name)
         text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
+        writing = out_dir / META_FILE
         (tmp / META_FILE).write_text(text, encoding="utf-8")
+        writing = out_dir
         swap_into_place(tmp, out_dir)
+    except OSError as exc:
+        raise write_error(exc, writing) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("wrote prepared dataset to %s", out_dir)

@@ -102,9 +102,44 @@ def test_a_directory_that_cannot_be_flushed_does_not_fail_a_write_that_landed(tm
     atomic_write(target, lambda tmp: tmp.write_text("new"))
     assert target.read_text() == "new"
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
-    with pytest.raises(OSError, match="I/O"):
+    with pytest.raises(OSError) as raised:  # named: a failed fsync names no file
         atomic_write(target, lambda tmp: tmp.write_text("newer"))
+    assert (raised.value.errno, raised.value.filename) == (errno.EIO, str(target))
     assert target.read_text() == "new"
+
+
+def test_a_failed_write_names_the_file_not_its_temporary_copy(tmp_path, monkeypatch):
+    """A full disk: pyarrow's and a plain write's OSError name no file (the CLI printed
+    "[Errno 28] No space left on device"), a failed rename names the temporary file."""
+    target = tmp_path / "events.parquet"
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    with pytest.raises(OSError) as raised:
+        atomic_write(target, full)
+    assert str(raised.value) == f"[Errno 28] No space left on device: '{target}'"
+    monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(errno.EROFS, "ro", a, b)))
+    with pytest.raises(OSError) as raised:
+        atomic_write(target, lambda tmp: tmp.write_text("x"))
+    assert (raised.value.errno, raised.value.filename) == (errno.EROFS, str(target))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary file left either
+
+
+@pytest.mark.parametrize(
+    ("raised", "code"),
+    [
+        (Exception("Error while serializing: I/O error: ... (os error 28)"), errno.ENOSPC),  # safetensors
+        (Exception("No space left on device"), errno.ENOSPC),  # tokenizers' bare Exception
+        (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), None),
+    ],
+)
+def test_a_librarys_write_error_becomes_an_oserror_with_its_errno(tmp_path, raised, code):
+    error = dataset.write_error(raised, tmp_path / "last" / "adapter")
+    assert error.errno == code and str(tmp_path / "last" / "adapter") in str(error)
+    if code is None:  # no errno given, and space left: said as it was
+        where = tmp_path / "last" / "adapter"
+        assert str(error).startswith(f"could not write {where}: RuntimeError: [enforce")
 
 
 def test_a_prepared_directory_is_on_the_disk_whole_before_its_name(tmp_path, fsynced):
@@ -203,6 +238,22 @@ def test_a_preparation_cut_between_two_renames_is_restored_by_the_next(tmp_path,
     dataset.recover_dir(out, dataset.META_FILE)
     assert set(load_prepared(out).items["item_id"]) == set("1234")
     assert sorted(p.name for p in out.parent.iterdir()) == ["loo"]
+
+
+def test_a_full_disk_while_preparing_names_the_file_being_written(tmp_path, monkeypatch):
+    out = tmp_path / "x" / "loo"
+    real = dataset.pq.write_table
+
+    def full_disk(table, where, *args, **kwargs):
+        if "valid" in str(where):
+            raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left")
+        return real(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(dataset.pq, "write_table", full_disk)
+    with pytest.raises(OSError) as raised:
+        build_prepared(_inter(list("1234")), None, data_dir=tmp_path, **BUILD)
+    assert str(raised.value) == f"[Errno 28] No space left on device: '{out / 'valid.parquet'}'"
+    assert sorted(p.name for p in out.parent.iterdir()) == []
 
 
 def test_preparing_into_a_directory_that_holds_other_files_is_refused(tmp_path):

@@ -528,6 +528,20 @@ def test_resume_without_a_saved_state_is_a_clear_error(tiny_dataset, tmp_path):
         train(RecPOConfig(max_steps=1, **TINY), tiny_dataset, "tiny", tmp_path / "run", resume=True)
 
 
+def test_a_full_disk_while_logging_names_the_log(tmp_path, monkeypatch):
+    import io
+    import types
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(28, "No space left on device")  # a write, not the open: no file named
+
+    monkeypatch.setattr("model.train.open", lambda *a, **k: Full(), raising=False)
+    with pytest.raises(OSError) as raised:
+        Trainer._log(types.SimpleNamespace(out=tmp_path), {"step": 1})
+    assert str(raised.value) == f"[Errno 28] No space left on device: '{tmp_path / 'log.jsonl'}'"
+
+
 @pytest.fixture(scope="module")
 def _saved_run(tiny_dataset, tmp_path_factory) -> Path:
     """A 2-step contrastive run whose last/ holds step 2."""
