@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import fail
+from cli.common import fail, os_error
 from cli.overrides import SetOption, recpo_config
 
 if TYPE_CHECKING:
@@ -119,7 +119,9 @@ def _retrain_once(cfg: RetrainConfig, redis_url: str, as_json: bool) -> None:
 
     try:
         result = retrain(cfg, _stream_reader(redis_url) if redis_url else None)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # Checkpoint/Data/RetrainError, Redis down
+    except OSError as exc:  # a full disk, a read-only root (FileNotFoundError: a missing file)
+        fail(os_error(exc, where=cfg.root))
+    except (ValueError, RuntimeError) as exc:  # Checkpoint/Data/RetrainError, Redis down
         fail(str(exc))
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
