@@ -55,10 +55,16 @@ def create_app(
             settings.event_dedup_ttl_s,
         )
         try:
-            the_engine = engine or await asyncio.get_running_loop().run_in_executor(
-                executor,
-                lambda: Recommender.load(settings.checkpoint, **settings.load_kwargs()),
-            )
+            try:
+                the_engine = engine or await asyncio.get_running_loop().run_in_executor(
+                    executor,
+                    lambda: Recommender.load(settings.checkpoint, **settings.load_kwargs()),
+                )
+            except (ValueError, OSError) as exc:  # a damaged or unreadable file (CheckpointError), a device
+                # why the service cannot start, in one line: `r2ec serve` prints it in place of
+                # the lifespan's traceback (service/server.py)
+                app.state.startup_error = str(exc)
+                raise
             state = ServiceState(settings, the_engine, the_store, metrics, executor)
             await state.start()
         except BaseException:
@@ -86,6 +92,7 @@ def create_app(
 
     app = FastAPI(title="R²ec serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.r2ec = None
+    app.state.startup_error = None  # set by the lifespan when the first load fails
     refused = metrics.rejections.labels("body_too_large").inc
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_refused=refused)
     # one line and the latency per request, the 413s too, with the request id (inside RequestId)

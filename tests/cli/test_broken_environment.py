@@ -166,3 +166,47 @@ def test_train_resume_with_best_but_no_last_says_nothing_was_saved_yet(
     line = _one_error_line(_train(tiny_dataset.path, run, "--max-steps", "4", "--resume"))
     assert "nothing was saved to resume from yet" in line
     assert line.endswith("start the run over with --overwrite")
+
+
+# -- r2ec serve ----------------------------------------------------------------------------------
+def test_serve_whose_first_load_fails_exits_with_one_line_naming_the_file(versions_root):
+    """A version whose files are damaged (here its item table, cut in half): uvicorn logged
+    Starlette's 57-line lifespan traceback and exited 3; a replica restarting onto it
+    crash-looped with that as its only log."""
+    import subprocess
+    import sys
+
+    from tests.service.conftest import serve_env
+
+    root = versions_root
+    vectors = root / "v0" / "item_vectors.npy"
+    os.truncate(vectors, vectors.stat().st_size // 2)
+    cmd = [sys.executable, "-m", "cli", "serve", "--port", "19750", "--redis-url", ""]
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(cmd, cwd=repo, env=serve_env(root), capture_output=True, text=True, timeout=180)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert errors == [errors[-1]] and output.rstrip().endswith(errors[-1]), output
+    assert errors[0].startswith(f"error: {vectors} is damaged or unreadable (ValueError: ")
+    assert f"point {root / 'CURRENT'} at a version that loads" in errors[0]
+    assert len(output.strip().splitlines()) <= 8, output  # uvicorn's start lines, its one failure line
+
+
+def test_serve_refuses_a_damaged_or_missing_current_version_without_suggesting_init(
+    env, versions_root, tmp_path
+):
+    """`checkpoint init --out ROOT` is the wrong advice for a versions root: init refuses it."""
+    root = versions_root
+    (root / "CURRENT").write_text("nosuch\n")
+    line = _one_error_line(CliRunner().invoke(app, ["serve", "--checkpoint", str(root)]))
+    assert line.startswith(f"error: {root / 'CURRENT'} names 'nosuch', which does not exist; point it back")
+    assert "docs/operations.md" in line and "checkpoint init" not in line
+    (root / "CURRENT").write_text("v0\n")
+    (root / "v0" / "r2ec.json").write_text('{"format": "r2ec-checkpoint", "vers')  # cut short
+    line = _one_error_line(CliRunner().invoke(app, ["serve", "--checkpoint", str(root)]))
+    assert line.startswith(f"error: {root / 'v0' / 'r2ec.json'} is damaged or unreadable (JSONDecodeError")
+    assert "checkpoint init" not in line
+    # where nothing is there yet, init is the way to make it
+    line = _one_error_line(CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path / "none")]))
+    assert line.endswith(f"create one with `r2ec checkpoint init --data DIR --out {tmp_path / 'none'}`")
