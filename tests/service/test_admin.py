@@ -466,6 +466,29 @@ async def test_watch_failures_are_counted_by_stage(ckpt, tmp_path, monkeypatch):
         assert (await client.get("/readyz")).json()["model_version"] == "w1"
 
 
+async def test_the_watch_names_the_damaged_file_of_a_version_that_fails_to_load(ckpt, tmp_path, caplog):
+    """The log line named the versions root and numpy's words ("Failed to read all data for
+    array"), not the version's directory or the file."""
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "one", "w1")
+    (root / "CURRENT").write_text("one")
+    app = app_for(root, watch_interval_s=0.02)
+    async with serve(app) as client:
+        vectors = copy_as_new_version(ckpt, root / "two", "w2") / "item_vectors.npy"
+        with open(vectors, "r+b") as fh:
+            fh.truncate(vectors.stat().st_size // 2)
+        (root / "CURRENT").write_text("two")
+
+        async def failed() -> bool:
+            return any("checkpoint watch (attempt 1/" in r.getMessage() for r in caplog.records)
+
+        await until(failed, "the watch to fail to load w2")
+        assert (await client.get("/readyz")).json()["model_version"] == "w1"
+    (line,) = [r.getMessage() for r in caplog.records if "checkpoint watch (attempt 1/" in r.getMessage()]
+    assert f"{vectors} is damaged or unreadable (ValueError: " in line
+    assert f"point {root / 'CURRENT'} at a version that loads" in line and line.endswith("still serving w1")
+
+
 async def test_a_version_that_fails_to_load_is_outdated_and_retried_slowly(ckpt, tmp_path, monkeypatch):
     """After WATCH_RETRIES failed loads the watch tries the version every WATCH_SLOW_RETRY_S,
     so a checkpoint repaired in place is taken without another flip of the pointer, and
