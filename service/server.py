@@ -62,7 +62,7 @@ def _no_trace_for_a_known_failure(app: FastAPI) -> ASGIApp:
             return await app(scope, receive, send)
 
         async def quiet(message: Message) -> None:
-            if message["type"] == "lifespan.startup.failed" and app.state.startup_error is not None:
+            if message["type"] == "lifespan.startup.failed" and _startup_error(app) is not None:
                 message = {**message, "message": ""}
             await send(message)
 
@@ -88,7 +88,12 @@ def run(app: FastAPI, settings: Settings, host: str, port: int) -> None:
     )
     try:
         DrainingServer(config, app).run()
-    except SystemExit:  # uvicorn's exit when the lifespan fails
-        if getattr(app.state, "startup_error", None) is not None:
-            raise StartupError(app.state.startup_error) from None
-        raise
+    except SystemExit:  # uvicorn's exit (3) when the lifespan fails (some versions return instead)
+        if _startup_error(app) is None:
+            raise
+    if (reason := _startup_error(app)) is not None:
+        raise StartupError(reason)
+
+
+def _startup_error(app: FastAPI) -> str | None:
+    return getattr(app.state, "startup_error", None)  # service/app.py sets it
