@@ -29,7 +29,7 @@ from service.continuous import ContinuousBatcher
 from service.logs import Throttled
 from service.metrics import Metrics
 from service.recommender import Recommender
-from service.store import Appended, Event, HistoryStore, RedisStore, StoreUnavailable
+from service.store import Appended, Erased, Event, HistoryStore, RedisStore, StoreUnavailable
 from service.types import CachedReasoning, PreparedQuery, Query, QueryError, Result, UnknownItemsError
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,78 @@ class ServiceState:
             raise UnknownItemsError(unknown, where="events")
         return await self.store.append_events(user_id, events)
 
+    async def erase_user(self, user_id: str) -> Erased:
+        """Erase the user from the store (service/store.py `erase_user`): history, seen set,
+        event ids, stream entries, the reasonings cached for their stored history, and the
+        ledger retraining reads. What this cannot reach is `erasure_remains`. Logged without the
+        id (the ledger holds it), so the log does not keep the name of whom it erased."""
+        erased = await self.store.erase_user(user_id)
+        log.info(
+            "erased a user: %d history events, %d seen items, %d stream entries, %d cached reasonings",
+            erased.history_events,
+            erased.seen_items,
+            erased.stream_entries,
+            erased.cached_reasonings,
+        )
+        return erased
+
+    def erasure_remains(self) -> list[str]:
+        """What an erasure leaves, in words for its receipt (docs/operations.md, "Erasing a
+        user"), as this service is configured."""
+        s = self.settings
+        redis = isinstance(self.store, RedisStore)
+        out = []
+        if redis:
+            out.append(
+                "Retraining's log ROOT/retrain/events.parquet and its rebuilt dataset "
+                "ROOT/retrain/data/ hold the events it consumed before this erasure until the "
+                "next `r2ec retrain` run, which reads the erasure from the ledger (r2ec:erasures) "
+                "and drops them; from then on every run also leaves this user id's interactions "
+                "out of the seed dataset."
+            )
+        out.append(
+            "Model versions already published under the versions root (CURRENT and up to "
+            "`--keep` older ones) keep what training on this user's events taught their "
+            "weights: each retrain starts from CURRENT, so only a training run from the "
+            "backbone (or a version that never saw the user) on data without them, published, "
+            "with the older versions removed, takes it out."
+        )
+        if redis:
+            out.append(
+                "Redis's append-only file and RDB snapshots hold the erased data until they are "
+                "rewritten: BGREWRITEAOF for the AOF, the next BGSAVE for the RDB file."
+            )
+        else:
+            out.append(
+                "Without Redis each replica keeps its own in-process store: this call erased "
+                "this replica's only; send it to every replica."
+            )
+        out.append("Backups of Redis, of the versions root and of the seed dataset, until they expire.")
+        out.append(
+            "Log lines naming this user id (the access log's path, a recommender or error "
+            "message) stay in the log pipeline for its retention."
+        )
+        if s.cache_size > 0:
+            lasts = (
+                f"expire {s.cache_ttl_s} s after they were written (R2EC_CACHE_TTL_S)"
+                if redis
+                else f"leave the in-process cache of {s.cache_size} entries as newer ones "
+                "replace them, or at a restart"
+            )
+            out.append(
+                "Reasonings cached for requests that sent this user's history inline, or that "
+                "read another user's identical stored history, are keyed by the history's "
+                f"content, not by a user: they {lasts}."
+            )
+        drafter = self.engine.backend.drafter
+        if drafter is not None:
+            out.append(
+                f"Each replica keeps the last {drafter.memory} reasoning texts it wrote as "
+                "speculative-decoding drafts (R2EC_SPECULATIVE_TOKENS), tied to no user: newer "
+                "texts replace them, or a restart."
+            )
+        return out
+
     async def upsert_item(self, item_id: str, fields: Mapping[str, Any]) -> tuple[Catalog, bool]:
         """Encode an item on the model thread and add or replace it; (the catalog it is in, True
         if it replaced one)."""
@@ -261,7 +333,9 @@ class ServiceState:
         if self.continuous and result.cache == "miss":  # (static batches observe per generate call)
             self.metrics.generate_seconds.observe(result.timings.generate_ms / 1e3)
         if result.generated is not None and result.cache_key is not None:
-            await self._cache_set(result.cache_key, result.generated)
+            # indexed under the user whose stored history it was made from, so their erasure
+            # finds it (service/store.py, "Erasure")
+            await self._cache_set(result.cache_key, result.generated, query.stored_user)
         return result
 
     async def _answer_cached(self, prepared: PreparedQuery) -> Result | None:
@@ -346,11 +420,11 @@ class ServiceState:
             log.warning("ignoring unreadable cache entry %s: %s", key, exc)
         return None
 
-    async def _cache_set(self, key: str, value: CachedReasoning) -> None:
+    async def _cache_set(self, key: str, value: CachedReasoning, user_id: str | None = None) -> None:
         if not self._cache_enabled:
             return
         try:
-            await self.store.cache_set(key, value.to_json())
+            await self.store.cache_set(key, value.to_json(), user_id)
         except StoreUnavailable as exc:
             self._cache_failed(exc)
 

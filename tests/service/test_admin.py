@@ -21,6 +21,7 @@ ADMIN_CALLS = [
     ("PUT", "/items/new", {"title": "A New Film"}),
     ("DELETE", "/items/i1", None),
     ("POST", "/admin/reload", None),
+    ("DELETE", "/users/u1", None),
 ]
 
 
