@@ -11,7 +11,6 @@ to see its body type, annotations here are evaluated at definition time (no
 import asyncio
 import json
 import time
-from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Request, Response
@@ -54,7 +53,8 @@ class _UserConvertor(_IdConvertor):
     or in those and a "/", which the server redirects there (as it always did). So a URL belongs
     to one route, as with every other id route: DELETE /users/alice/history is a 405, not the
     erasure of a user called "alice/history" while alice stays; POST /users/x/events/ is still
-    redirected to the events, and /users//events (no id) is still no route."""
+    redirected to the events, and /users//events (no id) is still no route. An id with such an
+    ending is erased with `r2ec user erase` (cli/user.py)."""
 
     regex = r"[\s\S]+(?<!/events)(?<!/history)(?<!/events/)(?<!/history/)"
 
@@ -288,10 +288,9 @@ async def erase_user(user_id: UserIdPath, state: StateDep) -> schemas.UserErasur
     user is not an error (0 removed); a repeat is harmless. Events the user posts afterwards
     are kept."""
     erased = await state.erase_user(user_id)
-    at = datetime.fromtimestamp(erased.erased_at_ms / 1000, UTC).isoformat(timespec="milliseconds")
     return schemas.UserErasure(
         user_id=user_id,
-        erased_at=at,
+        erased_at=erased.erased_at,
         history_events=erased.history_events,
         seen_items=erased.seen_items,
         stream_entries=erased.stream_entries,

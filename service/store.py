@@ -64,6 +64,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
 import redis
@@ -188,6 +189,11 @@ class Erased:
     seen_items: int  # items of the seen set
     stream_entries: int  # the user's entries in the event stream
     cached_reasonings: int  # cache entries written for requests that read the stored history
+
+    @property
+    def erased_at(self) -> str:
+        """`erased_at_ms` in ISO 8601, UTC, to the millisecond."""
+        return datetime.fromtimestamp(self.erased_at_ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass(frozen=True)

@@ -351,6 +351,7 @@ async def test_ids_holding_a_slash_reach_every_route_with_an_id_in_its_path(clie
     r = await client.get("/users/x/events/history")
     assert r.status_code == 200 and r.json()["user_id"] == "x/events"
     # erased by its path too, but for an id whose end makes it a user's events or history
+    # (`r2ec user erase` takes those: tests/cli/test_user.py)
     for user in SLASHED_IDS:
         r = await client.delete(f"/users/{quote(user, safe='')}", headers=ADMIN)
         if user.endswith(("/events", "/history")):
