@@ -15,8 +15,10 @@ One run:
 5. publish the candidate as ROOT/<version> (with the current version's item edits,
    model/checkpoint.py `carry_item_edits`) and flip ROOT/CURRENT only if its NDCG@10, paired
    per sample with the current one's, passes `gate` (not worse by more than tolerance + gate_z
-   standard errors; a negative tolerance demands a gain beyond them); keep the `keep` newest
-   versions and always the current.
+   standard errors; a negative tolerance demands a gain beyond them), and only if CURRENT still
+   names the version the run started from (a compare and swap: an operator's rollback meanwhile
+   stands, the run ends "superseded"); keep the `keep` newest versions, always the current
+   and the one the run started from.
 
 Versions root::
 
@@ -58,7 +60,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.checkpoint import (
+    CurrentMoved,
     current_version,
+    is_published,
     load_checkpoint,
     prune_versions,
     publish_version,
@@ -67,13 +71,14 @@ from model.checkpoint import (
 )
 from model.data import SPLITS, PreparedDataset, load_prepared
 from model.data.build import build_prepared
-from model.data.dataset import atomic_write
+from model.data.dataset import atomic_temps, atomic_temps_under, atomic_write, remove_path
 from model.evaluate import eval_rows, evaluate_model, paired_difference, validation_eval_config
 from model.recpo import RecPOConfig
 
 log = logging.getLogger(__name__)
 
 WORK_DIR = "retrain"
+DATA_DIR = "data"  # in WORK_DIR: the rebuilt prepared dataset
 STATE_FILE = "state.json"
 EVENTS_FILE = "events.parquet"
 RECORD_FILE = "retrain.json"  # written into each published version
@@ -167,7 +172,9 @@ class RetrainConfig:
 
 @dataclass
 class RetrainResult:
-    """What one run did. status: published | rejected | skipped."""
+    """What one run did. status: published | rejected (by the gate) | skipped (too few new
+    events) | superseded (CURRENT moved during the run, e.g. a rollback: not published); the
+    same values label service/metrics.py's r2ec_retrain_last_run_timestamp_seconds."""
 
     status: str
     reason: str
@@ -319,6 +326,18 @@ def _locked(work: Path) -> Iterator[None]:
         yield
 
 
+def _remove_dead_temps(work: Path) -> None:
+    """Remove the temp files of writes a killed run left here (`atomic_write`'s: the event log,
+    the state, the rebuilt dataset's files). Under the run lock, which every process writing
+    them holds, so none is being written now: all go at once, not only stale ones."""
+    found = atomic_temps(work / EVENTS_FILE) + atomic_temps(work / STATE_FILE)
+    if (work / DATA_DIR).is_dir():
+        found += atomic_temps_under(work / DATA_DIR)
+    for path in found:
+        log.warning("removing %s, left by a run that did not finish", path)
+        remove_path(path)
+
+
 def read_state(work: Path) -> dict[str, Any]:
     path = work / STATE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -468,6 +487,8 @@ def retrain(
         raise RetrainError(f"versions root {root} does not exist")
     seed = load_prepared(cfg.data)
     with _locked(work):
+        _remove_dead_temps(work)
+        _settle_publish(root, work)  # a run killed while publishing
         current = current_version(root)  # under the lock: a run that just ended may have moved it
         if read_events is None:
             events, new, cursor = _read_events_log(work), 0, read_state(work).get("last_event_id")
@@ -500,7 +521,7 @@ def retrain(
             if pending < cfg.min_events:
                 result.reason = f"{pending} events not trained on yet, fewer than min_events={cfg.min_events}"
                 state = read_state(work)
-                built = work / "data" / seed.name / seed.protocol  # complete or not (a crash)
+                built = work / DATA_DIR / seed.name / seed.protocol  # complete or not (a crash)
                 if built.exists() and state.get("data_epoch", 0) != state.get("purge_epoch", 0):
                     # no erased data stays on disk until the next training run
                     _rebuild(seed, events, work, erased, result)
@@ -524,12 +545,12 @@ def retrain(
             result.candidate_metric, result.current_metric = paired["a"], paired["b"]
             result.paired_diff, result.paired_stderr = paired["diff"], paired["stderr"]
             result.paired_samples = paired["users"]
-            if ok:
-                _publish(root, best, result, started)
-                result.pruned = prune_versions(root, cfg.keep)
-            else:
+            if not ok:
                 result.status, result.reason = "rejected", _gate_text(result, "<")
-            _write_state(work, {**read_state(work), "trained_events": int(len(events))})
+                _write_state(work, {**read_state(work), "trained_events": int(len(events))})
+            elif _publish(root, work, best, result, started, trained=int(len(events))):
+                # the version it started from stays too: it was served until now, the rollback target
+                result.pruned = prune_versions(root, cfg.keep, protect=[current])
         finally:
             shutil.rmtree(run, ignore_errors=True)
         return _finish(work, result, started)
@@ -541,13 +562,15 @@ def _rebuild(
     """`rebuild_dataset` into work/data, its counts into `result`; state.json's `data_epoch`
     records the `purge_epoch` the rebuilt dataset reflects."""
     epoch = read_state(work).get("purge_epoch", 0)
-    ds, result.events_unknown_item = rebuild_dataset(seed, events, work / "data", erased)
+    ds, result.events_unknown_item = rebuild_dataset(seed, events, work / DATA_DIR, erased)
     result.erased_seed_users = len(erased & seed_users(seed))
     _write_state(work, {**read_state(work), "data_epoch": epoch})
     return ds
 
 
-def _publish(root: Path, best: Path, result: RetrainResult, started: float) -> None:
+def _publish(root: Path, work: Path, best: Path, result: RetrainResult, started: float, trained: int) -> bool:
+    """Publish the candidate, trained on the first `trained` logged events, over the version
+    the run started from; False (status "superseded") where CURRENT names another by now."""
     version = unused_version(root, str(result.candidate_version))
     result.status, result.published_version = "published", version
     result.reason = _gate_text(result, ">=")
@@ -555,7 +578,61 @@ def _publish(root: Path, best: Path, result: RetrainResult, started: float) -> N
     # retrain.json and state.json agree (only the pruning, milliseconds, comes after)
     result.seconds, result.finished_at = _elapsed(started), _now()
     (best / RECORD_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-    publish_version(root, best, version)
+    # The candidate is final: the state says it is trained on these events and published
+    # before CURRENT names it, so a run killed after the flip (pruning, a deadline) does not
+    # leave the next one training and publishing the same events again. `publishing` keeps
+    # what the state said before, for a run that stops before its flip: put back at once
+    # below, or by the next run (`_settle_publish`) where this one was killed.
+    before = read_state(work)
+    _write_state(
+        work,
+        {
+            **before,
+            "trained_events": trained,
+            "last_published_at": result.finished_at,
+            "publishing": {"version": version, **{key: before.get(key) for key in _PUBLISH_KEYS}},
+        },
+    )
+    try:
+        publish_version(root, best, version, expected=result.current_version)
+    except CurrentMoved as exc:
+        _write_state(work, before)  # no model trained on these events is served: still pending
+        # an operator pointed CURRENT elsewhere while this run trained (`r2ec checkpoint
+        # rollback`): the candidate was warm-started from, and gated against, a version no
+        # longer served, and publishing it would silently undo their choice
+        result.status, result.published_version = "superseded", None
+        result.reason = (
+            f"CURRENT moved from {exc.expected} to {exc.found} during the run (a rollback?); not publishing"
+        )
+        return False
+    except BaseException:
+        if best.exists() or not is_published(root, version):  # e.g. no space for CURRENT's new value
+            _write_state(work, before)
+        raise
+    return True
+
+
+_PUBLISH_KEYS = ("trained_events", "last_published_at")  # what a publish writes before its flip
+
+
+def _settle_publish(root: Path, work: Path) -> None:
+    """The `publishing` record of a run killed while it published (`_publish`): where its
+    version never became CURRENT, the state says again what it said before (the events
+    pending, the last publish time); where it did, the state is right already."""
+    state = read_state(work)
+    if "publishing" not in state:
+        return
+    pending = state.pop("publishing")
+    pending = pending if isinstance(pending, dict) else {}
+    version = str(pending.get("version") or "")
+    if not (version and is_published(root, version)):
+        for key in _PUBLISH_KEYS:
+            if pending.get(key) is None:
+                state.pop(key, None)
+            else:
+                state[key] = pending[key]
+        log.warning("the run that trained %s stopped before publishing it: its events are pending", version)
+    _write_state(work, state)
 
 
 def _gate_text(result: RetrainResult, op: str) -> str:
@@ -582,6 +659,7 @@ def _finish(work: Path, result: RetrainResult, started: float) -> RetrainResult:
     if result.status != "published":  # a published run's time is in its record already
         result.seconds, result.finished_at = _elapsed(started), _now()
     state = {**read_state(work), "last_run": result.to_dict()}
+    state.pop("publishing", None)  # finished: nothing for the next run to settle
     if result.status == "published":  # what the service exports as the last publish's time
         state["last_published_at"] = result.finished_at
     _write_state(work, state)

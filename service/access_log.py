@@ -10,7 +10,10 @@ duration once (uvicorn's own access log is off, service/server.py):
 
 Method, route template, status, the error body's `code` for a 4xx/5xx, duration
 in ms (until the last byte: a stream's whole life), the request id (X-Request-ID, kept in scope
-state by service/request_id.py) and the raw path. With R2EC_LOG_FORMAT=json each of these is a key
+state by service/request_id.py) and the raw path, except under /users/, where the path holds a
+user id, personal data that would outlive the user's erasure in every log store: there the
+route template stands for it ("/users/{user_id}/history"; "/users/..." where no route matched),
+and the request id finds the request. With R2EC_LOG_FORMAT=json each of these is a key
 of the line (`extra`). Probes and scrapes (/healthz, /readyz, /metrics) are logged at DEBUG, so
 a pod's log is not half probes; R2EC_LOG_LEVEL=DEBUG shows them.
 """
@@ -19,31 +22,35 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from service.errors import CODES, printable
+from starlette.routing import BaseRoute
+
+from service.errors import CODES, printable, route_template
 from service.metrics import Metrics
 from service.request_id import request_id
 
 log = logging.getLogger("service.access")
 
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+USERS = "/users/"  # the routes whose paths name a user
 
 
-def route_template(scope: dict[str, Any]) -> str:
-    """The template of the route that served a request, once it was routed, else "unmatched"."""
-    route = scope.get("route")
-    # path_format: the template without convertors ("/items/{item_id}", not "{item_id:id}")
-    return getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
+def logged_path(path: str, route: str) -> str:
+    """The path as the access line shows it (module docstring): no user id."""
+    if path.startswith(USERS):
+        return route if route.startswith(USERS) else USERS + "..."
+    return printable(path, 200)  # a %0A in a path is no new line
 
 
 class AccessLog:
     """Pure ASGI middleware (module docstring); inside RequestId, so the id is known."""
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
+    def __init__(self, app: Any, metrics: Metrics, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes  # the app's (`route_template`): a list its routers are added to later
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -66,7 +73,7 @@ class AccessLog:
         finally:
             seconds = time.perf_counter() - start
             self.metrics.in_flight.dec()
-            route = route_template(scope)
+            route = route_template(scope, self.routes)
             self.metrics.request_latency.labels(scope.get("method", ""), route, str(status)).observe(seconds)
             code = scope.get("state", {}).get("error_code")
             if code is None and crashed:
@@ -75,7 +82,7 @@ class AccessLog:
                 "request_id": request_id(scope),
                 "method": scope.get("method", ""),
                 "route": route,
-                "path": printable(scope.get("path", ""), 200),  # a %0A in a path is no new line
+                "path": logged_path(scope.get("path", ""), route),
                 "status": status,
                 "code": code if status >= 400 else None,
                 "duration_ms": round(seconds * 1e3, 1),

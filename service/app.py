@@ -57,7 +57,7 @@ def create_app(
         try:
             the_engine = engine or await asyncio.get_running_loop().run_in_executor(
                 executor,
-                lambda: Recommender.load(settings.checkpoint, **settings.load_kwargs()),
+                lambda: Recommender.load_or_fall_back(settings.checkpoint, **settings.load_kwargs()),
             )
             state = ServiceState(settings, the_engine, the_store, metrics, executor)
             await state.start()
@@ -86,16 +86,19 @@ def create_app(
 
     app = FastAPI(title="R²ec serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.r2ec = None
-    refused = metrics.rejections.labels("body_too_large").inc
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_refused=refused)
-    # one line and the latency per request, the 413s too, with the request id (inside RequestId)
-    app.add_middleware(AccessLog, metrics=metrics)
-    app.add_middleware(RequestId)  # outermost: every response carries X-Request-ID
     # ui.router: the page (GET /) and catalog search (GET /items)
     routers = [routes.recommend_router(settings), routes.router, ui.router]
     for router in routers:
         app.include_router(router)
-    add_error_handlers(app, metrics, [route for router in routers for route in router.routes])
+    served = [route for router in routers for route in router.routes]
+    refused = metrics.rejections.labels("body_too_large").inc
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_refused=refused)
+    # one line and the latency per request, the 413s too, with the request id (inside RequestId);
+    # the routes name what a request refused before routing asked for, and FastAPI's /docs
+    own = [r for r in app.router.routes if hasattr(r, "path_regex")]  # FastAPI's /docs, /openapi.json
+    app.add_middleware(AccessLog, metrics=metrics, routes=[*own, *served])
+    app.add_middleware(RequestId)  # outermost: every response carries X-Request-ID
+    add_error_handlers(app, metrics, served)
     return app
 
 

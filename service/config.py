@@ -120,6 +120,13 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="Key for admin routes (header X-API-Key); unset = admin API disabled."
     )
+    client_key: SecretStr | None = Field(
+        None,
+        description="Key for the routes that read or write a user's data or answer from it "
+        "(/recommend, /recommend/stream, /users/...): header X-API-Key, this key or the admin "
+        "key; unset = those routes are open to whoever reaches the port, for a service behind "
+        "your own backend.",
+    )
     log_level: str = Field("INFO", description="Python logging level.")
     log_format: Literal["text", "json"] = Field(
         "text",
@@ -161,7 +168,8 @@ class Settings(BaseSettings):
         le=3600,
         description="On SIGTERM, how long in-flight /recommend requests get to finish; those that "
         "cannot are answered 503 with Retry-After. Size it to one batch at the largest reasoning "
-        "budget (~35 s for 8 x 256 tokens on 2 cores); the container's stop timeout must be longer.",
+        "budget your clients ask for (8 requests at the 256-token ceiling take ~35 s on 2 cores, "
+        "more than the default); the container's stop timeout must be longer.",
     )
     event_dedup_ttl_s: int = Field(
         7 * 86_400,
@@ -233,9 +241,23 @@ class Settings(BaseSettings):
 
     @property
     def admin_key(self) -> str | None:
-        if self.api_key is None or not self.api_key.get_secret_value():
-            return None
-        return self.api_key.get_secret_value()
+        return _secret(self.api_key)
+
+    @property
+    def user_keys(self) -> tuple[str, ...]:
+        """The keys the user routes take (the client key, and the admin key beside it); empty
+        while no client key is set, when they are open."""
+        client = _secret(self.client_key)
+        if client is None:
+            return ()
+        return (client,) if self.admin_key is None else (client, self.admin_key)
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    """A set, non-empty secret's text; None for unset or empty (an empty env var)."""
+    if value is None or not value.get_secret_value():
+        return None
+    return value.get_secret_value()
 
 
 # R2EC_ variables read elsewhere than `Settings`, where: not typos

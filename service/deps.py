@@ -2,7 +2,8 @@
 
 Everything comes from the `ServiceState` the lifespan built, so a test swaps any part with
 `app.dependency_overrides[get_state] = ...` (or one getter). The admin check is a dependency too:
-a route opts in with `dependencies=Admin`.
+a route opts in with `dependencies=Admin`, and a route that reads or writes a user's data with
+`dependencies=UserData` (checked only where R2EC_CLIENT_KEY is set).
 """
 
 from __future__ import annotations
@@ -56,17 +57,35 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 # Declared as a security scheme, so the OpenAPI docs offer an "Authorize" box for it.
-api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The admin key (R2EC_API_KEY).")
+api_key_header = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    description="The admin key (R2EC_API_KEY) for every route; the client key (R2EC_CLIENT_KEY) "
+    "for the routes of a user's data, where one is set.",
+)
+ApiKey = Annotated[str | None, Security(api_key_header)]
 
 
-def require_admin(settings: SettingsDep, x_api_key: Annotated[str | None, Security(api_key_header)]) -> None:
-    key = settings.admin_key
-    if key is None:
-        raise HTTPException(403, "admin API disabled: set R2EC_API_KEY to enable admin routes")
-    if not x_api_key:
+def _check(sent: str | None, keys: tuple[str, ...]) -> None:
+    if not sent:
         raise HTTPException(401, "missing X-API-Key header", {"WWW-Authenticate": "X-API-Key"})
-    if not secrets.compare_digest(x_api_key.encode(), key.encode()):
+    # every key compared, in constant time each: the answer's time does not say which came close
+    if not sum(secrets.compare_digest(sent.encode(), key.encode()) for key in keys):
         raise HTTPException(403, "invalid API key")
 
 
+def require_admin(settings: SettingsDep, x_api_key: ApiKey) -> None:
+    key = settings.admin_key
+    if key is None:
+        raise HTTPException(403, "admin API disabled: set R2EC_API_KEY to enable admin routes")
+    _check(x_api_key, (key,))
+
+
+def require_user_key(settings: SettingsDep, x_api_key: ApiKey) -> None:
+    """The client key or the admin key, where R2EC_CLIENT_KEY is set; else nothing."""
+    if keys := settings.user_keys:
+        _check(x_api_key, keys)
+
+
 Admin = [Depends(require_admin)]
+UserData = [Depends(require_user_key)]

@@ -19,7 +19,7 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from service import schemas
 from service.config import Settings
-from service.deps import Admin, CatalogDep, MaybeStateDep, StateDep, StoreDep
+from service.deps import Admin, CatalogDep, MaybeStateDep, StateDep, StoreDep, UserData
 from service.errors import documented
 from service.state import ServiceState
 from service.store import Event, event_key
@@ -126,7 +126,8 @@ def recommend_router(settings: Settings) -> APIRouter:
         "/recommend",
         response_model=schemas.RecommendResponse,
         tags=["recommend"],
-        responses=documented(400, 413, 422, 500, 503),
+        dependencies=UserData,
+        responses=documented(400, 401, 403, 413, 422, 500, 503),
     )
     async def recommend(body: body_type, request: Request, state: StateDep) -> schemas.RecommendResponse:
         """Ranked items for a history (inline, or the user's stored one), with the reasoning.
@@ -156,8 +157,9 @@ def recommend_router(settings: Settings) -> APIRouter:
                     }
                 },
             },
-            **documented(400, 413, 422, 500, 503, by_reference=True),
+            **documented(400, 401, 403, 413, 422, 500, 503, by_reference=True),
         },
+        dependencies=UserData,
     )
     async def recommend_stream(body: body_type, request: Request, state: StateDep) -> EventStream:
         """POST /recommend's answer as Server-Sent Events: the reasoning as it is written, then
@@ -218,7 +220,8 @@ def _reply(result: Result, source: str, total_ms: float) -> schemas.RecommendRes
     "/users/{user_id:id}/events",
     response_model=schemas.EventsResponse,
     tags=["users"],
-    responses=documented(400, 413, 422, 500, 503),
+    dependencies=UserData,
+    responses=documented(400, 401, 403, 413, 422, 500, 503),
 )
 async def append_events(
     user_id: UserIdPath, body: schemas.EventsRequest, state: StateDep
@@ -253,7 +256,8 @@ def _stamped(user_id: str, e: schemas.EventIn, now: int) -> Event:
     "/users/{user_id:id}/history",
     response_model=schemas.HistoryResponse,
     tags=["users"],
-    responses=documented(422, 500, 503),
+    dependencies=UserData,
+    responses=documented(401, 403, 422, 500, 503),
 )
 async def get_history(user_id: UserIdPath, store: StoreDep, catalog: CatalogDep) -> schemas.HistoryResponse:
     """The stored history, oldest first (title null for items since deleted)."""
@@ -320,7 +324,7 @@ async def get_item(item_id: ItemIdPath, catalog: CatalogDep) -> schemas.Item:
     dependencies=Admin,
     responses={
         201: {"model": schemas.ItemUpsertResponse, "description": "Created."},
-        **documented(400, 401, 403, 413, 422, 500, 503),
+        **documented(400, 401, 403, 413, 422, 500, 503, 507),
     },
 )
 async def put_item(
@@ -341,7 +345,7 @@ async def put_item(
     response_model=schemas.ItemDeleteResponse,
     tags=["admin"],
     dependencies=Admin,
-    responses=documented(401, 403, 404, 422, 500, 503),
+    responses=documented(401, 403, 404, 422, 500, 503, 507),
 )
 async def delete_item(item_id: ItemIdPath, state: StateDep) -> schemas.ItemDeleteResponse:
     """Remove an item from the index and the catalog (admin)."""

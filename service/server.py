@@ -16,6 +16,7 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from transformers.utils import logging as hf_logging
 
 from service.app import begin_drain
 from service.config import Settings
@@ -49,6 +50,9 @@ class DrainingServer(uvicorn.Server):
 def run(app: FastAPI, settings: Settings, host: str, port: int) -> None:
     """Serve `app` until SIGTERM/SIGINT, then drain (module docstring)."""
     setup_logging(settings.log_level, settings.log_format)
+    # a server's log is read by a pipeline, not watched: transformers' "Loading weights" bar, at
+    # each load and reload, would be a line that is neither a text log line nor JSON
+    hf_logging.disable_progress_bar()
     config = uvicorn.Config(
         app,
         host=host,

@@ -66,6 +66,17 @@ class ReloadInProgress(RuntimeError):
     pass
 
 
+class EditNotSaved(RuntimeError):
+    """An item edit this replica applied, in memory only: the volume refused the save."""
+
+    def __init__(self, item_id: str, reason: str) -> None:
+        super().__init__(
+            f"item {item_id!r} is served by this replica from memory but could not be saved "
+            f"({reason}): a restart, the other replicas and the next published version do not "
+            "have it yet; it is saved at the next watch tick or edit once the volume takes it"
+        )
+
+
 class ClientDisconnected(Exception):
     pass
 
@@ -126,6 +137,7 @@ class ServiceState:
         metrics.batch_active.set_function(lambda: float(self.batcher.active))
         metrics.track_retrain(Path(settings.checkpoint) / RETRAIN_DIR / RETRAIN_STATE)
         metrics.track_index_size(lambda: len(self.engine.catalog.index))
+        metrics.track_unsaved_edits(lambda: self.engine.catalog.unsaved is not None)
         metrics.track_drafts(lambda: self.engine.draft_counts())
         self._publish_version()
 
@@ -288,6 +300,8 @@ class ServiceState:
         async with self.edit_lock:  # not while a reload swaps models
             catalog = self.engine.catalog
             replaced = await self.run_model(catalog.upsert, item_id, fields)
+            if catalog.unsaved is not None:
+                raise EditNotSaved(item_id, catalog.unsaved)
         return catalog, replaced
 
     async def remove_item(self, item_id: str) -> Catalog:
@@ -297,6 +311,8 @@ class ServiceState:
             if catalog.item(item_id) is None:
                 raise KeyError(item_id)
             await self.run_model(catalog.remove, item_id)  # KeyError: a concurrent delete won
+            if catalog.unsaved is not None:
+                raise EditNotSaved(item_id, catalog.unsaved)
         return catalog
 
     # ------------------------------------------------------------------ recommend

@@ -60,8 +60,32 @@ async function apiMessage(response) {
   return fromBody(body) || `${response.status} ${response.statusText || "error"}`;
 }
 
+// A server with R2EC_CLIENT_KEY set answers its routes of users' data (/recommend, /users/...)
+// 401 without the key: the page then shows its "API key" field, keeps what is typed there in
+// this tab only (sessionStorage) and sends it as X-API-Key from then on.
+const KEY_STORE = "r2ec-api-key";
+const KEY_MISSING = "This server asks for an API key for users’ data: enter it under “API key” and try again.";
+const KEY_WRONG = "The server did not accept that API key: check it under “API key”.";
+
+function keyHeaders() {
+  const key = sessionStorage.getItem(KEY_STORE);
+  return key ? { "x-api-key": key } : {};
+}
+
+// A refusal for the key: show the field and say what to do; else the API's own words.
+async function refusal(response) {
+  if (response.status === 401 || response.status === 403) {
+    $("#key-row").hidden = false;
+    return new ApiError(response.status, response.status === 401 ? KEY_MISSING : KEY_WRONG);
+  }
+  return new ApiError(response.status, await apiMessage(response));
+}
+
 async function api(path, options = {}) {
-  const init = { ...options, headers: { accept: "application/json", ...(options.headers || {}) } };
+  const init = {
+    ...options,
+    headers: { accept: "application/json", ...keyHeaders(), ...(options.headers || {}) },
+  };
   if (options.json !== undefined) {
     init.method = init.method || "POST";
     init.body = JSON.stringify(options.json);
@@ -74,7 +98,7 @@ async function api(path, options = {}) {
     if (err.name === "AbortError") throw err;
     throw new ApiError(0, NO_ANSWER);
   }
-  if (!response.ok) throw new ApiError(response.status, await apiMessage(response));
+  if (!response.ok) throw await refusal(response);
   return response.json();
 }
 
@@ -482,7 +506,7 @@ async function runStreamed(run, body, signal) {
   try {
     response = await fetch("/recommend/stream", {
       method: "POST",
-      headers: { "content-type": "application/json", accept: "text/event-stream" },
+      headers: { "content-type": "application/json", accept: "text/event-stream", ...keyHeaders() },
       body: JSON.stringify(body),
       signal,
     });
@@ -500,7 +524,7 @@ async function runStreamed(run, body, signal) {
     }
     return false;
   }
-  if (!response.ok) throw new ApiError(response.status, await apiMessage(response));
+  if (!response.ok) throw await refusal(response);
   const type = response.headers.get("content-type") || "";
   if (!type.includes("text/event-stream") || !response.body) {
     // A JSON answer from a server that does not stream: the /recommend shape.
@@ -803,6 +827,13 @@ function init() {
   $("#cancel").addEventListener("click", () => state.running?.abort());
   $("#compare").addEventListener("change", () => {
     $("#reasoning").disabled = $("#compare").checked;
+  });
+  const key = $("#api-key");
+  key.value = sessionStorage.getItem(KEY_STORE) || "";
+  $("#key-row").hidden = !key.value;
+  key.addEventListener("input", () => {
+    if (key.value) sessionStorage.setItem(KEY_STORE, key.value);
+    else sessionStorage.removeItem(KEY_STORE);
   });
   renderHistory();
   showServer();

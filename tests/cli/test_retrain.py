@@ -123,7 +123,7 @@ def test_retrain_publishes_reads_only_new_events_and_keeps_current_when_worse(
         f"(paired on {second['paired_samples']} valid samples: {second['paired_diff']:+.4f} ± "
     )
     assert (root / "CURRENT").read_text().strip() == new
-    assert sorted(p.name for p in root.iterdir()) == sorted(["CURRENT", "retrain", "v0", new])
+    assert sorted(p.name for p in root.iterdir()) == sorted(["CURRENT", "CURRENT.lock", "retrain", "v0", new])
     assert read_state(root / "retrain")["last_event_id"] == second["last_event_id"] == _last_stream_id(url)
 
 
