@@ -234,7 +234,12 @@ async def test_a_model_that_loads_but_cannot_answer_is_refused_and_the_old_one_s
     async with serve(app_for(root, watch_interval_s=0.05)) as replica:
         ready = await replica.get("/readyz")
         assert ready.status_code == 200 and ready.json()["model_version"] == "good"
-        assert metric((await replica.get("/metrics")).text, "r2ec_model_outdated") == 1
+
+        async def outdated() -> None:  # the watch's first tick sees it
+            while metric((await replica.get("/metrics")).text, "r2ec_model_outdated") != 1:
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(outdated(), 60)
         r = await replica.post("/recommend", json={"history": H1, "reasoning": False})
         assert r.status_code == 200 and r.json()["model_version"] == "good"
 
