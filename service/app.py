@@ -67,10 +67,13 @@ def create_app(
                 await the_store.close()
             raise
         app.state.r2ec = state
+        # the state holds the model from here: this frame lives as long as the process, and a
+        # name in it would keep the first model alive past every reload (~1.3 GB of SmolLM2)
+        del the_engine
         log.info(
             "serving model %s (%d items, store %s, max_batch %d, max_wait %.0f ms)",
-            the_engine.version,
-            len(the_engine.catalog.index),
+            state.engine.version,
+            len(state.engine.catalog.index),
             getattr(the_store, "kind", "?"),
             settings.max_batch,
             settings.max_wait_ms,

@@ -10,9 +10,13 @@ or submitted to the batch.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
+import gc
 import logging
+import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -81,6 +85,22 @@ class ClientDisconnected(Exception):
     pass
 
 
+RELEASE_POLL_S = 1.0  # how often `_release` looks whether the replaced model is gone
+RELEASE_WAIT_S = 600.0  # longer than any request decodes on it
+
+
+def release_memory() -> None:
+    """Collect, then hand the C heap's free memory back to the OS (glibc's malloc_trim): glibc
+    keeps a freed model's ~1.3 GB (SmolLM2) for reuse, so a replica's RSS rose at each reload
+    though the old model was gone. Nothing to trim where the C library has no malloc_trim."""
+    gc.collect()
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        return
+    trim(0)
+
+
 class ServiceState:
     def __init__(
         self,
@@ -129,6 +149,7 @@ class ServiceState:
         self._cache_down_until = 0.0
         self.store_down_log = Throttled(log)  # `store_failed`
         self._watcher: asyncio.Task | None = None
+        self._releases: set[asyncio.Task] = set()  # `_release` tasks, one per reload
         metrics.track_store(lambda: self.store.up)
         if isinstance(store, RedisStore):
             store.on_op = metrics.store_op
@@ -153,6 +174,8 @@ class ServiceState:
         self.batcher.drain(self.settings.shutdown_grace_s)
 
     async def stop(self) -> None:
+        for task in list(self._releases):
+            task.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
             try:
@@ -491,7 +514,25 @@ class ServiceState:
             self.metrics.reloads.labels("ok").inc()
             self._publish_version()
             log.info("swapped model %s -> %s", old.version, new.version)
+            task = asyncio.create_task(self._release(weakref.ref(old)), name="r2ec-release-model")
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
             return old, new
+
+    async def _release(self, old: weakref.ref[Recommender]) -> None:
+        """Once nothing holds the model a reload replaced (the requests decoding on it finish
+        first, the reload's caller lets go), give its memory back to the OS (`release_memory`).
+        Gives up after RELEASE_WAIT_S: something still holds it, and a trim would free nothing."""
+        waited = 0.0
+        while old() is not None and waited < RELEASE_WAIT_S:
+            await asyncio.sleep(RELEASE_POLL_S)
+            waited += RELEASE_POLL_S
+            if old() is not None:
+                gc.collect()  # a model in a reference cycle goes only with a collection
+        if old() is None:
+            await asyncio.to_thread(release_memory)
+        else:
+            log.warning("the model a reload replaced is still held after %.0fs: not freed", waited)
 
     def _publish_version(self) -> None:
         self.metrics.serving(str(self.engine.checkpoint.meta.get("created_at", "")))
@@ -560,7 +601,9 @@ class ServiceState:
                                 exc,
                             )
             await self._sync_edits()
-            await asyncio.sleep(self.settings.watch_interval_s)
+            # ±20%: replicas that started together do not look, and reload, in the same instant
+            # (each load costs a second model's memory and the CPU for a while)
+            await asyncio.sleep(self.settings.watch_interval_s * random.uniform(0.8, 1.2))
 
     async def _sync_edits(self) -> None:
         """Apply the item edits other replicas saved beside the served checkpoint

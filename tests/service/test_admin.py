@@ -244,6 +244,40 @@ async def test_a_model_that_loads_but_cannot_answer_is_refused_and_the_old_one_s
         assert r.status_code == 200 and r.json()["model_version"] == "good"
 
 
+async def test_a_replica_holds_one_model_after_reloads(ckpt, tmp_path, monkeypatch):
+    """Each reload used to keep the model it replaced (the lifespan held the first one for the
+    process's life, the idle decode loop the last one it ran): ~1.3 GB of SmolLM2 a reload,
+    an OOM kill at the second or third published version. Now only the served model lives."""
+    import gc
+
+    import service.state
+    from service.recommender import Recommender
+
+    released: list[str] = []  # and once a replaced model is gone, its memory goes back to the OS
+    monkeypatch.setattr(service.state, "RELEASE_POLL_S", 0.01)
+    monkeypatch.setattr(service.state, "release_memory", lambda: released.append("trimmed"))
+
+    def models() -> list[str]:
+        gc.collect()
+        return sorted(o.version for o in gc.get_objects() if isinstance(o, Recommender))
+
+    versions = [copy_as_new_version(ckpt, tmp_path / v, v) for v in ("m2", "m3")]
+    async with serve(app_for(ckpt)) as client:
+        await recommend(client, reasoning=True)  # decoded by the first model
+        for version in versions:
+            r = await client.post("/admin/reload", json={"checkpoint": str(version)}, headers=ADMIN)
+            assert r.status_code == 200, r.text
+        assert models() == ["m3"]  # nothing answered since: the idle decode loop holds none
+        await recommend(client, reasoning=True)
+        assert models() == ["m3"]
+
+        async def both_released() -> None:
+            while len(released) < 2:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(both_released(), 60)
+
+
 async def test_the_watch_catches_a_pointer_that_moved_while_the_service_loaded(monkeypatch):
     """The service loaded w1 (minutes, with its index and warm-up) while a retrain flipped the
     pointer to w2 before the watch's first look: the watch compares with what is served."""
