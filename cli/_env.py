@@ -10,12 +10,17 @@ import sys
 
 import model
 
+# `r2ec`'s own options that take a value (cli/main.py), as `--log-level INFO`; `--opt=value`
+# is one argument
+VALUED = frozenset({"--log-level", "--log-format"})
+
 
 def command(argv: list[str]) -> str | None:
-    """The subcommand in `r2ec [--log-level L] COMMAND ...`, read before typer parses anything."""
+    """The subcommand in `r2ec [--log-level L] [--log-format F] COMMAND ...`, read before typer
+    parses anything."""
     args = iter(argv)
     for arg in args:
-        if arg == "--log-level":
+        if arg in VALUED:
             next(args, None)
         elif not arg.startswith("-"):
             return arg

@@ -1,5 +1,6 @@
-"""`r2ec checkpoint init|export|show`: create a servable checkpoint (untrained, or from a
-shipped one), export a small one to ship, print one's metadata."""
+"""`r2ec checkpoint init|export|show|rollback`: create a servable checkpoint (untrained, or from
+a shipped one), export a small one to ship, print one's metadata, point a versions root's
+CURRENT at another of its versions."""
 
 from __future__ import annotations
 
@@ -159,3 +160,32 @@ def checkpoint_show(path: Path) -> None:
         typer.echo(json.dumps(read_meta(resolve_checkpoint(path)), indent=2))
     except CheckpointError as exc:
         fail(str(exc))
+
+
+@app.command("rollback")
+def checkpoint_rollback(
+    root: Annotated[Path, typer.Argument(help="A versions root (holds CURRENT), e.g. /checkpoints")],
+    version: Annotated[str, typer.Argument(help="The version to serve: the name of a directory under ROOT")],
+    wait_seconds: Annotated[
+        float,
+        typer.Option(
+            help="How long to wait for a retrain publishing or pruning (moments) to release the lock"
+        ),
+    ] = 60.0,
+) -> None:
+    """Point ROOT/CURRENT at VERSION (back to an earlier one, or forward again) in one rename,
+    under the lock retraining publishes and prunes under: a retrain running now finds CURRENT
+    moved and does not publish over it. VERSION's r2ec.json must read. Replicas follow at
+    their next watch tick."""
+    from model.checkpoint import CURRENT_FILE, CheckpointError, set_current
+
+    if not wait_seconds >= 0:
+        fail(f"--wait-seconds must be >= 0, got {wait_seconds}")
+    try:
+        before = set_current(root, version, timeout_s=wait_seconds)
+    except CheckpointError as exc:
+        fail(str(exc))
+    if before == version:
+        typer.echo(f"{root / CURRENT_FILE} already names {version}")
+    else:
+        typer.echo(f"{root / CURRENT_FILE} -> {version} (was {before or 'unreadable'})")

@@ -20,9 +20,14 @@ def serve(
     redis_url: Annotated[
         str | None, typer.Option(help="redis://host:port/db (default $R2EC_REDIS_URL; empty = in-process)")
     ] = None,
-    max_batch: Annotated[int | None, typer.Option(help="Micro-batch size (1 = no batching)")] = None,
-    max_wait_ms: Annotated[float | None, typer.Option(help="Micro-batch wait")] = None,
-    dtype: Annotated[str | None, typer.Option(help="bfloat16 or float32")] = None,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(help="Requests decoded at once: decode slots (continuous, default) or a batch (static)"),
+    ] = None,
+    max_wait_ms: Annotated[
+        float | None, typer.Option(help="Static batching only: how long a batch waits for more requests")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="bfloat16, float16 or float32")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
     device: Annotated[str | None, typer.Option(help="cpu (default), cuda, cuda:N or auto")] = None,
 ) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -34,7 +35,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from model.data.dataset import fsync_path, fsync_tree
+from model.data.dataset import fsync_path, fsync_tree, remove_stale
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,17 @@ def _atomic_save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _remove_dead_conversions(out: Path) -> None:
+    """Remove the temporary directories (`_atomic_save`'s `.NAME-XXXXXXXX`, a whole backbone
+    each) that a conversion into `out` killed mid-way left. Services, training and retraining
+    may share the cache and convert at once, and none takes a lock: only a stale one goes
+    (model/data/dataset.py STALE_TEMP_S), so one another process is writing now is left alone."""
+    if not out.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(out.name)}-[a-z0-9_]{{8}}")  # tempfile.mkdtemp's names
+    remove_stale([p for p in out.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()])
+
+
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # Dequantise in fp32 (fastest for packed GGUF weights), then cast once.
@@ -139,6 +151,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
 
 def _load_smollm2(cfg: BackboneConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     cached = cfg.cache_dir / "backbones" / SMOLLM2_CACHE_NAME
+    _remove_dead_conversions(cached)  # each load, not only a conversion: there may be none again
     if not (cached / "config.json").is_file() or not (cached / "tokenizer.json").is_file():
         gguf = smollm2_gguf_path()
         log.info("converting %s into %s (once)", gguf, cached)

@@ -26,19 +26,23 @@ or the new one, never half of one.
 
 A versions root holds published checkpoints (ROOT/<version>/) and a CURRENT file naming the
 one to serve. The functions at the end of this module are the only code that reads or
-writes it: retraining publishes and prunes through them, everything else resolves a path
-with `resolve_checkpoint`.
+writes it, and each change holds ROOT/CURRENT.lock (`current_lock`): retraining publishes
+and prunes through them, an operator rolls back with `set_current` (`r2ec checkpoint
+rollback`), everything else resolves a path with `resolve_checkpoint`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import re
 import shutil
+import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,11 +57,14 @@ from model.backbone import BUILTIN_BASES, BackboneConfig, load_backbone, load_lm
 from model.cowatch import FILE as COWATCH_PARQUET
 from model.cowatch import CoWatch
 from model.data.dataset import (
+    atomic_temps,
     atomic_write,
     fsync_path,
     fsync_tree,
     make_dirs,
     recover_dir,
+    remove_path,
+    remove_stale,
     swap_into_place,
     write_error,
 )
@@ -75,6 +82,9 @@ ITEMS_FILE = "items.parquet"
 VECTORS_FILE = "item_vectors.npy"
 COWATCH_FILE = COWATCH_PARQUET  # the co-watch table, when the prompts name hints (model/cowatch.py)
 CURRENT_FILE = "CURRENT"
+PUBLISHING_FILE = ".publishing"  # in a version moved into a root, until CURRENT names it (`publish_version`)
+LOCK_FILE = "CURRENT.lock"  # held by whoever changes CURRENT or the versions (`current_lock`)
+LOCK_WAIT_S = 60.0  # how long a change waits for another to release it (each takes moments)
 INDEX_DIR = "index"  # the service's item index and its record of item edits (service/catalog.py)
 ITEM_FIELDS = ("title", "year", "genres", "description")  # an item's text, as the catalog keeps it
 EDITS_FILE = "item_edits.json"  # a published version's item edits, carried from the one before
@@ -84,6 +94,14 @@ RESUME_STATE_FILE = "trainer_state.pt"  # what a training run's last/ holds besi
 
 class CheckpointError(ValueError):
     """A checkpoint is missing a file or disagrees with itself."""
+
+
+class CurrentMoved(CheckpointError):
+    """CURRENT no longer names the version a publish was to replace (`publish_version`)."""
+
+    def __init__(self, root: Path, expected: str, found: str | None) -> None:
+        super().__init__(f"{root / CURRENT_FILE} names {found!r}, no longer {expected!r}: not publishing")
+        self.expected, self.found = expected, found
 
 
 def new_version() -> str:
@@ -263,16 +281,26 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     the two renames leaves the old checkpoint aside, which `recover_checkpoint` restores: the
     next save to `out` calls it first, so does a training run for its best/ and last/
     (model/train.py `Trainer`)."""
-    recover_checkpoint(out)
+    recover_checkpoint(out, writing=tmp)
     check_replaceable(out)
     swap_into_place(tmp, out)
 
 
-def recover_checkpoint(out: Path | str) -> None:
+def _temp_dirs(out: Path) -> list[Path]:
+    """The temporary directories of saves to `out` (`_new_dir_beside`: exactly
+    `.NAME.tmp-<12 hex>`) that are still there: a save killed mid-write (no `finally` ran),
+    or killed while removing the old copy an exchange had swapped into its temp name."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-[0-9a-f]{{12}}")
+    return [p for p in out.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()]
+
+
+def recover_checkpoint(out: Path | str, *, writing: Path | None = None) -> None:
     """Undo a `_swap_into_place` cut between its two renames: with `out` missing, the newest
-    checkpoint moved aside from it goes back; every other copy aside is removed
-    (model/data/dataset.py `recover_dir`). For writers only."""
-    recover_dir(out, META_FILE)
+    checkpoint moved aside from it goes back; every other copy aside is removed, and so is
+    every temporary directory a save to `out` killed mid-way left (`writing`: the caller's
+    own, kept; model/data/dataset.py `recover_dir`). For writers only: the one writer of `out`
+    holds its path, so no other live process is writing a temp of it."""
+    recover_dir(out, META_FILE, writing=writing)
 
 
 def resolve_checkpoint(path: Path | str) -> Path:
@@ -553,6 +581,41 @@ def _pointer(root: Path) -> str:
     return name
 
 
+def _pointer_now(root: Path) -> str | None:
+    """What CURRENT names, whatever it is; None where it is missing, empty or unreadable."""
+    try:
+        return _pointer(root)
+    except (OSError, UnicodeError, CheckpointError):
+        return None
+
+
+@contextmanager
+def current_lock(root: Path | str, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold ROOT/CURRENT.lock: the one lock of every change to CURRENT and to the versions it
+    may name (`publish_version`'s compare and swap, `prune_versions`, `set_current`), so none
+    acts on a CURRENT another changes under it. Each holds it for moments (renames, a small
+    write, the fsync of a saved candidate), so one waits, up to `timeout_s` (LOCK_WAIT_S), then
+    CheckpointError. Retraining's own lock (model/retrain.py, ROOT/retrain/lock) is held for a
+    whole run: a rollback does not wait for the run, the run finds CURRENT moved at its publish.
+    Not reentrant: a holder calls none of the functions above."""
+    path = Path(root) / LOCK_FILE
+    timeout_s = LOCK_WAIT_S if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    with open(path, "a") as fh:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise CheckpointError(
+                        f"{path} is still held after {timeout_s:g} s (a retrain publishing or pruning, or "
+                        "another rollback, takes moments: a process stuck holding it?); try again"
+                    ) from None
+                time.sleep(0.05)
+        yield
+
+
 def current_version(root: Path | str) -> str:
     """The version ROOT/CURRENT names; CheckpointError unless it is a checkpoint under root."""
     root = Path(root)
@@ -568,15 +631,20 @@ def current_version(root: Path | str) -> str:
 
 
 def flip_current(root: Path | str, version: str) -> None:
-    """Point CURRENT at `version` in one rename, so a reader sees the old name or the new."""
+    """Point CURRENT at `version` in one rename, so a reader sees the old name or the new. The
+    caller holds `current_lock` (`publish_version`, `set_current`)."""
     atomic_write(Path(root) / CURRENT_FILE, lambda tmp: tmp.write_text(version + "\n", encoding="utf-8"))
 
 
 def list_versions(root: Path | str) -> list[str]:
-    """Published checkpoints under root, oldest first (by creation time, then name)."""
+    """Published checkpoints under root, oldest first (by creation time, then name); not one
+    moved in by a publish that never flipped CURRENT to it (`publish_version`): it never served."""
+    current = _pointer_now(Path(root))
     found = []
     for d in Path(root).iterdir():
         if d.is_dir() and not d.name.startswith(".") and (d / META_FILE).is_file():
+            if (d / PUBLISHING_FILE).exists() and d.name != current:
+                continue
             try:
                 created = str(read_meta(d).get("created_at", ""))
             except (CheckpointError, json.JSONDecodeError):
@@ -590,23 +658,98 @@ def unused_version(root: Path | str, version: str) -> str:
     return f"{version}-{uuid.uuid4().hex[:4]}" if (Path(root) / version).exists() else version
 
 
-def publish_version(root: Path | str, checkpoint: Path | str, version: str) -> None:
+def publish_version(
+    root: Path | str, checkpoint: Path | str, version: str, *, expected: str | None = None
+) -> None:
     """Move a finished checkpoint into root as `version` and flip CURRENT to it. Versions
     are never overwritten (see `unused_version`); same filesystem: the move is one rename.
     The item edits of the version CURRENT named go with it (`carry_item_edits`), so they
     are not lost when no service is running to carry them. The checkpoint (with whatever was
     added since it was saved: model/retrain.py's retrain.json, the carried edits) and its
     rename reach the disk before CURRENT names it, so a power loss cannot leave CURRENT
-    naming a version that is missing or incomplete."""
-    root = Path(root)
-    if (root / version).exists():
-        raise CheckpointError(f"{root / version} exists; versions are never overwritten")
-    carry_item_edits(root, Path(checkpoint))
-    fsync_tree(Path(checkpoint))
-    os.replace(checkpoint, root / version)
-    fsync_path(root)
-    flip_current(root, version)
+    naming a version that is missing or incomplete.
+
+    The version moves in carrying PUBLISHING_FILE, removed once CURRENT names it: a process
+    killed between the move and the flip leaves a version that never served, which
+    `list_versions` does not count (no `keep` slot, no rollback target) and the next prune
+    removes, while CURRENT still only ever names a complete version.
+
+    `expected`: the version CURRENT must still name, a compare and swap under `current_lock`
+    (retraining's: the version it trained from and gated against, which an operator may have
+    rolled back from meanwhile); CurrentMoved, and nothing published, where it names another."""
+    root, checkpoint = Path(root), Path(checkpoint)
+    with current_lock(root):
+        if expected is not None and (found := _pointer_now(root)) != expected:
+            raise CurrentMoved(root, expected, found)
+        if (root / version).exists():
+            raise CheckpointError(f"{root / version} exists; versions are never overwritten")
+        _settle(root)
+        carry_item_edits(root, checkpoint)
+        (checkpoint / PUBLISHING_FILE).write_text(version + "\n", encoding="utf-8")
+        fsync_tree(checkpoint)
+        os.replace(checkpoint, root / version)
+        fsync_path(root)
+        flip_current(root, version)
+        _served(root / version)
     log.info("published %s and pointed %s at it", version, root / CURRENT_FILE)
+
+
+def is_published(root: Path | str, version: str) -> bool:
+    """Whether `version` became CURRENT at some point: CURRENT names it, or it is under root
+    without the mark of a publish that never flipped to it (`publish_version`)."""
+    root = Path(root)
+    path = root / version
+    if not (path / META_FILE).is_file():
+        return False
+    return _pointer_now(root) == version or not (path / PUBLISHING_FILE).exists()
+
+
+def _served(path: Path) -> None:
+    """Drop the PUBLISHING_FILE of a version CURRENT names. Not flushed: a power loss that
+    brings it back leaves it on a version CURRENT names, which `_settle` drops again."""
+    (path / PUBLISHING_FILE).unlink(missing_ok=True)
+
+
+def _settle(root: Path) -> None:
+    """Under `current_lock`, before CURRENT moves away or versions are pruned: the version
+    CURRENT names has served, whatever a publish killed after its flip left in it."""
+    current = _pointer_now(root)
+    if current and (root / current / PUBLISHING_FILE).exists():
+        _served(root / current)
+
+
+def set_current(root: Path | str, version: str, *, timeout_s: float | None = None) -> str | None:
+    """Point CURRENT at `version`, a version under root whose r2ec.json reads (an operator's
+    rollback, or forward again), in one rename under `current_lock`: a retrain that started
+    from the version CURRENT named before finds it moved and does not publish over this, nor
+    does a prune remove `version` meanwhile. Returns what CURRENT named before (None: nothing
+    readable, which this repairs)."""
+    root = Path(root)
+    if not (root / CURRENT_FILE).is_file():
+        raise CheckpointError(f"{root} is not a versions root: no {CURRENT_FILE} file")
+    if not version or version != Path(version).name or version.startswith("."):
+        raise CheckpointError(f"{version!r} is not a version: give the name of a directory under {root}")
+    with current_lock(root, timeout_s):
+        path = root / version
+        if not path.is_dir():
+            raise CheckpointError(
+                f"{root} holds no version {version!r} (versions: {', '.join(list_versions(root)) or 'none'})"
+            )
+        try:
+            read_meta(path)
+        except (OSError, ValueError) as exc:  # CheckpointError: it names the file and why
+            raise CheckpointError(f"not pointing CURRENT at {version!r}: {exc}") from exc
+        _settle(root)
+        if (path / PUBLISHING_FILE).exists():
+            raise CheckpointError(
+                f"{path} never became CURRENT (moved in by a publish that did not finish): not serving it"
+            )
+        before = _pointer_now(root)
+        if before != version:
+            flip_current(root, version)
+    if before != version:
+        log.warning("pointed %s at %s (was %s)", root / CURRENT_FILE, version, before)
+    return before
 
 
 # -- item edits: the admin API's edits on top of a checkpoint's catalog ------------------------
@@ -729,13 +872,60 @@ def _edit_time(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def prune_versions(root: Path | str, keep: int) -> list[str]:
-    """Remove all but the `keep` newest versions; the one CURRENT names always stays."""
+def prune_versions(root: Path | str, keep: int, protect: Collection[str] = ()) -> list[str]:
+    """Remove all but the `keep` newest versions; never the one CURRENT names (read under
+    `current_lock`, so a rollback cannot point it at one between the choice and the removal)
+    nor any in `protect` (retraining's: the version its run started from).
+
+    Each one goes out of sight in one rename (`.NAME.pruned-*`) before its files are deleted:
+    a kill mid-way (rmtree deletes in directory order, r2ec.json maybe first) leaves no half
+    version under a version's name, which `list_versions` would miss and no prune would ever
+    remove, or would list as a rollback target without its weights. What killed processes left
+    in root is removed first (`_sweep`)."""
     root = Path(root)
-    current = current_version(root)
-    versions = list_versions(root)
-    doomed = [v for v in versions[: max(0, len(versions) - keep)] if v != current]
-    for name in doomed:
-        shutil.rmtree(root / name)
-        log.info("pruned version %s", name)
+    _sweep(root)
+    with current_lock(root):
+        # every flip holds this lock: a temp of CURRENT found under it is a dead process's
+        for path in atomic_temps(root / CURRENT_FILE):
+            remove_path(path)
+        _settle(root)
+        current = current_version(root)
+        # moved in by a publish killed before its flip (none is under way: it would hold the lock)
+        never_served = [
+            d.name for d in root.iterdir() if not d.name.startswith(".") and (d / PUBLISHING_FILE).exists()
+        ]
+        versions = list_versions(root)
+        doomed = [v for v in versions[: max(0, len(versions) - keep)] if v != current and v not in protect]
+        hidden = [_hide(root, name) for name in doomed + never_served]
+        if hidden:
+            fsync_path(root)  # a power loss does not bring a half-removed version back under its name
+    for name in never_served:
+        log.warning("removing %s: moved in by a publish that did not finish, it never served", name)
+    for name, path in zip(doomed + never_served, hidden, strict=True):
+        shutil.rmtree(path, ignore_errors=True)  # what stays (a kill, EACCES) is the next prune's
+        if name in doomed:
+            log.info("pruned version %s", name)
     return doomed
+
+
+_PRUNED = re.compile(r"\..+\.pruned-[0-9a-f]{12}")  # `_hide`'s names
+_SAVE_TEMP = re.compile(r"\..+\.tmp-[0-9a-f]{12}")  # `_new_dir_beside`'s
+
+
+def _hide(root: Path, name: str) -> Path:
+    hidden = root / f".{name}.pruned-{uuid.uuid4().hex[:12]}"
+    os.replace(root / name, hidden)
+    return hidden
+
+
+def _sweep(root: Path) -> None:
+    """Remove what processes killed mid-way left in a versions root: versions a prune hid and
+    did not finish deleting (at any age: nothing writes into one once hidden), and the
+    temporary directories of checkpoint saves into the root (`r2ec checkpoint init --out
+    ROOT/v1`) once stale: those saves take no lock, so a fresher one may be in progress
+    (model/data/dataset.py STALE_TEMP_S)."""
+    dirs = [p for p in root.iterdir() if p.is_dir()]
+    for path in [p for p in dirs if _PRUNED.fullmatch(p.name)]:
+        log.warning("removing %s, a version a prune that did not finish had hidden", path.name)
+        remove_path(path)
+    remove_stale([p for p in dirs if _SAVE_TEMP.fullmatch(p.name)])

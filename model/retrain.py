@@ -1,16 +1,24 @@
 """Scheduled retraining (docs/architecture.md §5): events -> samples -> warm-started RecPO -> gated publish.
 
 One run:
-1. read the events after the saved cursor and add them to the consumed-events log;
+1. read the events after the saved cursor and add them to the consumed-events log; then read the
+   erasure ledger and drop from the log every event of an erased user that arrived at or before
+   their erasure (`purge_erased`; events the same id posted later stay);
 2. rebuild the samples: the seed dataset's interactions (recovered from its samples) plus every
    consumed event, split with the seed's protocol by the same builder `r2ec data prepare` uses;
+   an erased user's seed interactions are left out whole (the seed is the operator's, not
+   rewritten: every run leaves them out). A run that skips training still rebuilds the samples
+   once erasures changed the log or the seed's share, so no erased data stays in the rebuilt
+   dataset on disk;
 3. train from the CURRENT checkpoint (model/train.py `train(cfg, dataset, base=checkpoint)`);
 4. rank the same valid samples with the candidate and the current checkpoint;
 5. publish the candidate as ROOT/<version> (with the current version's item edits,
    model/checkpoint.py `carry_item_edits`) and flip ROOT/CURRENT only if its NDCG@10, paired
    per sample with the current one's, passes `gate` (not worse by more than tolerance + gate_z
-   standard errors; a negative tolerance demands a gain beyond them); keep the `keep` newest
-   versions and always the current.
+   standard errors; a negative tolerance demands a gain beyond them), and only if CURRENT still
+   names the version the run started from (a compare and swap: an operator's rollback meanwhile
+   stands, the run ends "superseded"); keep the `keep` newest versions, always the current
+   and the one the run started from.
 
 Versions root::
 
@@ -25,6 +33,10 @@ Versions and CURRENT are model/checkpoint.py's (one registry for the service and
 Reading the events is the caller's job (`read_events`, e.g. service/store.py's `read_stream`):
 its cursor is an opaque string this module stores and hands back, never parses, so the
 stream's key and id formats stay in service/store.py and model/ imports nothing from service/.
+The erasure ledger comes the same way (`read_erasures`, e.g. service/store.py's
+`read_erasures`): which users were erased, and whether an erasure came after an event, by the
+event's id, which only the reader can tell. Erasing a user does not take back what published
+versions learnt from them: each run trains from CURRENT (docs/operations.md, "Erasing a user").
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -48,7 +60,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.checkpoint import (
+    CurrentMoved,
     current_version,
+    is_published,
     load_checkpoint,
     prune_versions,
     publish_version,
@@ -57,13 +71,14 @@ from model.checkpoint import (
 )
 from model.data import SPLITS, PreparedDataset, load_prepared
 from model.data.build import build_prepared
-from model.data.dataset import atomic_write
+from model.data.dataset import atomic_temps, atomic_temps_under, atomic_write, remove_path
 from model.evaluate import eval_rows, evaluate_model, paired_difference, validation_eval_config
 from model.recpo import RecPOConfig
 
 log = logging.getLogger(__name__)
 
 WORK_DIR = "retrain"
+DATA_DIR = "data"  # in WORK_DIR: the rebuilt prepared dataset
 STATE_FILE = "state.json"
 EVENTS_FILE = "events.parquet"
 RECORD_FILE = "retrain.json"  # written into each published version
@@ -108,6 +123,23 @@ class Interaction(Protocol):
 ReadEvents = Callable[[str | None], tuple[Sequence[Interaction], str | None]]
 
 
+class Erasures(Protocol):
+    """The erasure ledger as retraining reads it (service/store.py's ErasureLedger is one)."""
+
+    @property
+    def users(self) -> Collection[str]: ...  # every user erased
+
+    def covers(self, user_id: str, event_id: str) -> bool:
+        """Whether the user's latest erasure came at or after their event `event_id` (an
+        `Interaction.id` of the same reader's)."""
+        ...
+
+
+# read_erasures() -> the ledger as it is now. Read after the events, so an erasure that lands
+# between the two reads still covers the events read.
+ReadErasures = Callable[[], Erasures]
+
+
 @dataclass
 class RetrainConfig:
     """root: versions root (holds CURRENT); data: the seed prepared dataset;
@@ -140,7 +172,9 @@ class RetrainConfig:
 
 @dataclass
 class RetrainResult:
-    """What one run did. status: published | rejected | skipped."""
+    """What one run did. status: published | rejected (by the gate) | skipped (too few new
+    events) | superseded (CURRENT moved during the run, e.g. a rollback: not published); the
+    same values label service/metrics.py's r2ec_retrain_last_run_timestamp_seconds."""
 
     status: str
     reason: str
@@ -160,6 +194,10 @@ class RetrainResult:
     events_total: int = 0
     events_unknown_item: int = 0
     last_event_id: str | None = None  # the reader's cursor after this run (None: nothing read yet)
+    erased_users: int = 0  # users in the erasure ledger this run read (0: no ledger)
+    purged_events: int = 0  # erased users' events this run dropped from the events log
+    purged_users: int = 0  # the users those events were of
+    erased_seed_users: int = 0  # erased users whose seed interactions the rebuilt samples left out
     samples: dict[str, int] = field(default_factory=dict)
     pruned: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -232,13 +270,25 @@ def events_frame(events: Sequence[Interaction]) -> pd.DataFrame:
     )
 
 
+def seed_users(seed: PreparedDataset) -> set[str]:
+    """The users the seed's samples hold (those `seed_interactions` recovers)."""
+    return {str(u) for name in SPLITS for u in seed.split(name)["user_id"]}
+
+
 def rebuild_dataset(
-    seed: PreparedDataset, events: pd.DataFrame, out_dir: Path
+    seed: PreparedDataset, events: pd.DataFrame, out_dir: Path, erased: Collection[str] = ()
 ) -> tuple[PreparedDataset, int]:
     """Seed interactions + consumed events -> samples, split as the seed was, written to
-    out_dir/<name>/<protocol>/. Events on items outside the catalog are dropped (the
-    checkpoint's catalog is fixed); returns the dataset and how many were dropped."""
+    out_dir/<name>/<protocol>/ (replacing what an earlier run wrote there). Events on items
+    outside the catalog are dropped (the checkpoint's catalog is fixed); returns the dataset and
+    how many were dropped. The seed's interactions and prior items of an `erased` user are left
+    out whole (their events, as the log holds them, stay: `purge_erased` kept those)."""
     inter, target_ok = seed_interactions(seed)
+    prior = seed.prior
+    if erased:
+        keep = ~inter["user_id"].isin(set(erased)).to_numpy()
+        inter, target_ok = inter[keep].reset_index(drop=True), target_ok[keep]
+        prior = {user: items for user, items in (prior or {}).items() if user not in set(erased)}
     known = events["item_id"].isin(set(seed.items["item_id"]))
     new = events.loc[known, ["user_id", "item_id", "rating", "timestamp"]]
     merged = pd.concat([inter, new], ignore_index=True)
@@ -259,7 +309,7 @@ def rebuild_dataset(
         max_history=int(seed.meta.get("max_history", 20)),
         source=source,
         target_mask=mask,
-        prior=seed.prior,
+        prior=prior,
     )
     return load_prepared(path), int((~known).sum())
 
@@ -274,6 +324,18 @@ def _locked(work: Path) -> Iterator[None]:
         except BlockingIOError as exc:
             raise RetrainError(f"another retrain holds {work / 'lock'}") from exc
         yield
+
+
+def _remove_dead_temps(work: Path) -> None:
+    """Remove the temp files of writes a killed run left here (`atomic_write`'s: the event log,
+    the state, the rebuilt dataset's files). Under the run lock, which every process writing
+    them holds, so none is being written now: all go at once, not only stale ones."""
+    found = atomic_temps(work / EVENTS_FILE) + atomic_temps(work / STATE_FILE)
+    if (work / DATA_DIR).is_dir():
+        found += atomic_temps_under(work / DATA_DIR)
+    for path in found:
+        log.warning("removing %s, left by a run that did not finish", path)
+        remove_path(path)
 
 
 def read_state(work: Path) -> dict[str, Any]:
@@ -316,13 +378,70 @@ def consume_events(work: Path, read_events: ReadEvents) -> tuple[pd.DataFrame, i
     new = new[~new["event_id"].isin(set(logged["event_id"]))]
     if len(new):
         logged = pd.concat([logged, new], ignore_index=True) if len(logged) else new.reset_index(drop=True)
-        table = pa.Table.from_pandas(
-            logged[list(EVENT_SCHEMA.names)], schema=EVENT_SCHEMA, preserve_index=False
-        )
-        atomic_write(work / EVENTS_FILE, lambda tmp: pq.write_table(table, tmp))
+        _write_events_log(work, logged)
     _write_state(work, {**state, "last_event_id": cursor, "events_total": int(len(logged))})
     log.info("read %d new events (cursor now %s, %d in total)", len(new), cursor, len(logged))
     return logged, int(len(new)), cursor
+
+
+@dataclass
+class Purge:
+    """What `purge_erased` did: users in the ledger, events dropped from the log, their users."""
+
+    erased_users: int = 0
+    events: int = 0
+    users: int = 0
+
+
+def purge_erased(work: Path, erasures: Erasures) -> tuple[pd.DataFrame, Purge]:
+    """Drop from the events log every event of an erased user that arrived at or before their
+    latest erasure (`erasures.covers`); the user's later events stay. The log is rewritten
+    atomically (`atomic_write`), and state.json's `trained_events` (how many logged events a
+    finished run trained on: the log's first rows, as it only grows at its end) shrinks by the
+    dropped ones among them, so the events not trained on yet still count as pending.
+
+    `purge_epoch` in state.json counts the purges that changed anything, users joining the
+    ledger included (their seed interactions leave the samples; state.json keeps how many
+    users the ledger had, never their ids); it is raised before the log
+    is rewritten, so a crash between leaves the rebuilt dataset marked stale (`retrain`
+    rebuilds it), never marked clean. A crash after the rewrite, before `trained_events` is
+    lowered, leaves it too high: the next run may wait for more new events, nothing is lost.
+    Returns the log and what was dropped."""
+    logged = _read_events_log(work)
+    erased = set(erasures.users)
+    purge = Purge(erased_users=len(erased))
+    rows = np.flatnonzero(logged["user_id"].isin(erased).to_numpy()) if erased else np.array([], int)
+    drop = np.zeros(len(logged), dtype=bool)
+    for i in rows:
+        drop[i] = erasures.covers(str(logged["user_id"].iat[i]), str(logged["event_id"].iat[i]))
+    purge.events, purge.users = int(drop.sum()), int(logged.loc[drop, "user_id"].nunique())
+    state = read_state(work)
+    # the ledger only grows (a user erased again keeps one entry): a new user changes its size
+    if not purge.events and int(state.get("erased_users", 0)) == len(erased):
+        return logged, purge
+    state["purge_epoch"] = int(state.get("purge_epoch", 0)) + 1
+    _write_state(work, {**state, "erased_users": len(erased)})
+    if purge.events:
+        kept = logged[~drop].reset_index(drop=True)
+        _write_events_log(work, kept)
+        trained = int(state.get("trained_events", len(logged)))
+        state = read_state(work)
+        _write_state(
+            work,
+            {
+                **state,
+                "trained_events": trained - int(drop[:trained].sum()),
+                "events_total": int(len(kept)),
+                "purged_events": int(state.get("purged_events", 0)) + purge.events,
+            },
+        )
+        logged = kept
+    return logged, purge
+
+
+def _write_events_log(work: Path, events: pd.DataFrame) -> None:
+    table = pa.Table.from_pandas(events[list(EVENT_SCHEMA.names)], schema=EVENT_SCHEMA, preserve_index=False)
+    atomic_write(work / EVENTS_FILE, lambda tmp: pq.write_table(table, tmp))
 
 
 def _write_state(work: Path, state: dict[str, Any]) -> None:
@@ -366,9 +485,12 @@ def gate(
 
 
 # -- one run -----------------------------------------------------------------------------------
-def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> RetrainResult:
+def retrain(
+    cfg: RetrainConfig, read_events: ReadEvents | None = None, read_erasures: ReadErasures | None = None
+) -> RetrainResult:
     """One retraining run (module docstring). `read_events=None`: no stream, train on the
-    seed dataset plus the events consumed so far."""
+    seed dataset plus the events consumed so far. `read_erasures=None`: no erasure ledger (the
+    events log is kept as it is)."""
     from model.train import train  # heavy; keeps `import model.retrain` cheap for the CLI
 
     started = time.perf_counter()
@@ -377,11 +499,19 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
         raise RetrainError(f"versions root {root} does not exist")
     seed = load_prepared(cfg.data)
     with _locked(work):
+        _remove_dead_temps(work)
+        _settle_publish(root, work)  # a run killed while publishing
         current = current_version(root)  # under the lock: a run that just ended may have moved it
         if read_events is None:
             events, new, cursor = _read_events_log(work), 0, read_state(work).get("last_event_id")
         else:
             events, new, cursor = consume_events(work, read_events)
+        erased: set[str] = set()
+        purge = Purge()
+        if read_erasures is not None:  # after the events: an erasure meanwhile covers them
+            erasures = read_erasures()
+            erased = set(erasures.users)
+            events, purge = purge_erased(work, erasures)
         result = RetrainResult(
             status="skipped",
             reason="",
@@ -392,6 +522,9 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
             new_events=new,
             events_total=int(len(events)),
             last_event_id=cursor,
+            erased_users=purge.erased_users,
+            purged_events=purge.events,
+            purged_users=purge.users,
         )
         if read_events is not None:
             # events since the last run that reached the gate: a run that failed after reading
@@ -399,8 +532,13 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
             pending = len(events) - int(read_state(work)["trained_events"])
             if pending < cfg.min_events:
                 result.reason = f"{pending} events not trained on yet, fewer than min_events={cfg.min_events}"
+                state = read_state(work)
+                built = work / DATA_DIR / seed.name / seed.protocol  # complete or not (a crash)
+                if built.exists() and state.get("data_epoch", 0) != state.get("purge_epoch", 0):
+                    # no erased data stays on disk until the next training run
+                    _rebuild(seed, events, work, erased, result)
                 return _finish(work, result, started)
-        ds, result.events_unknown_item = rebuild_dataset(seed, events, work / "data")
+        ds = _rebuild(seed, events, work, erased, result)
         result.samples = {name: int(len(ds.split(name))) for name in SPLITS}
         if eval_rows(ds, validation_eval_config(cfg.train)).empty:
             raise RetrainError(
@@ -419,18 +557,32 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
             result.candidate_metric, result.current_metric = paired["a"], paired["b"]
             result.paired_diff, result.paired_stderr = paired["diff"], paired["stderr"]
             result.paired_samples = paired["users"]
-            if ok:
-                _publish(root, best, result, started)
-                result.pruned = prune_versions(root, cfg.keep)
-            else:
+            if not ok:
                 result.status, result.reason = "rejected", _gate_text(result, "<")
-            _write_state(work, {**read_state(work), "trained_events": int(len(events))})
+                _write_state(work, {**read_state(work), "trained_events": int(len(events))})
+            elif _publish(root, work, best, result, started, trained=int(len(events))):
+                # the version it started from stays too: it was served until now, the rollback target
+                result.pruned = prune_versions(root, cfg.keep, protect=[current])
         finally:
             shutil.rmtree(run, ignore_errors=True)
         return _finish(work, result, started)
 
 
-def _publish(root: Path, best: Path, result: RetrainResult, started: float) -> None:
+def _rebuild(
+    seed: PreparedDataset, events: pd.DataFrame, work: Path, erased: set[str], result: RetrainResult
+) -> PreparedDataset:
+    """`rebuild_dataset` into work/data, its counts into `result`; state.json's `data_epoch`
+    records the `purge_epoch` the rebuilt dataset reflects."""
+    epoch = read_state(work).get("purge_epoch", 0)
+    ds, result.events_unknown_item = rebuild_dataset(seed, events, work / DATA_DIR, erased)
+    result.erased_seed_users = len(erased & seed_users(seed))
+    _write_state(work, {**read_state(work), "data_epoch": epoch})
+    return ds
+
+
+def _publish(root: Path, work: Path, best: Path, result: RetrainResult, started: float, trained: int) -> bool:
+    """Publish the candidate, trained on the first `trained` logged events, over the version
+    the run started from; False (status "superseded") where CURRENT names another by now."""
     version = unused_version(root, str(result.candidate_version))
     result.status, result.published_version = "published", version
     result.reason = _gate_text(result, ">=")
@@ -438,7 +590,61 @@ def _publish(root: Path, best: Path, result: RetrainResult, started: float) -> N
     # retrain.json and state.json agree (only the pruning, milliseconds, comes after)
     result.seconds, result.finished_at = _elapsed(started), _now()
     (best / RECORD_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-    publish_version(root, best, version)
+    # The candidate is final: the state says it is trained on these events and published
+    # before CURRENT names it, so a run killed after the flip (pruning, a deadline) does not
+    # leave the next one training and publishing the same events again. `publishing` keeps
+    # what the state said before, for a run that stops before its flip: put back at once
+    # below, or by the next run (`_settle_publish`) where this one was killed.
+    before = read_state(work)
+    _write_state(
+        work,
+        {
+            **before,
+            "trained_events": trained,
+            "last_published_at": result.finished_at,
+            "publishing": {"version": version, **{key: before.get(key) for key in _PUBLISH_KEYS}},
+        },
+    )
+    try:
+        publish_version(root, best, version, expected=result.current_version)
+    except CurrentMoved as exc:
+        _write_state(work, before)  # no model trained on these events is served: still pending
+        # an operator pointed CURRENT elsewhere while this run trained (`r2ec checkpoint
+        # rollback`): the candidate was warm-started from, and gated against, a version no
+        # longer served, and publishing it would silently undo their choice
+        result.status, result.published_version = "superseded", None
+        result.reason = (
+            f"CURRENT moved from {exc.expected} to {exc.found} during the run (a rollback?); not publishing"
+        )
+        return False
+    except BaseException:
+        if best.exists() or not is_published(root, version):  # e.g. no space for CURRENT's new value
+            _write_state(work, before)
+        raise
+    return True
+
+
+_PUBLISH_KEYS = ("trained_events", "last_published_at")  # what a publish writes before its flip
+
+
+def _settle_publish(root: Path, work: Path) -> None:
+    """The `publishing` record of a run killed while it published (`_publish`): where its
+    version never became CURRENT, the state says again what it said before (the events
+    pending, the last publish time); where it did, the state is right already."""
+    state = read_state(work)
+    if "publishing" not in state:
+        return
+    pending = state.pop("publishing")
+    pending = pending if isinstance(pending, dict) else {}
+    version = str(pending.get("version") or "")
+    if not (version and is_published(root, version)):
+        for key in _PUBLISH_KEYS:
+            if pending.get(key) is None:
+                state.pop(key, None)
+            else:
+                state[key] = pending[key]
+        log.warning("the run that trained %s stopped before publishing it: its events are pending", version)
+    _write_state(work, state)
 
 
 def _gate_text(result: RetrainResult, op: str) -> str:
@@ -465,8 +671,18 @@ def _finish(work: Path, result: RetrainResult, started: float) -> RetrainResult:
     if result.status != "published":  # a published run's time is in its record already
         result.seconds, result.finished_at = _elapsed(started), _now()
     state = {**read_state(work), "last_run": result.to_dict()}
+    state.pop("publishing", None)  # finished: nothing for the next run to settle
     if result.status == "published":  # what the service exports as the last publish's time
         state["last_published_at"] = result.finished_at
     _write_state(work, state)
+    if result.erased_users:
+        log.info(
+            "erasure ledger: %d users; dropped %d events of %d of them from the events log; "
+            "left %d of them out of the seed's samples",
+            result.erased_users,
+            result.purged_events,
+            result.purged_users,
+            result.erased_seed_users,
+        )
     log.info("retrain %s: %s", result.status, result.reason)
     return result

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from starlette.routing import BaseRoute
 
 from service.errors import CODES, printable, route_template
 from service.metrics import Metrics
@@ -45,9 +47,10 @@ def logged_path(path: str, route: str) -> str:
 class AccessLog:
     """Pure ASGI middleware (module docstring); inside RequestId, so the id is known."""
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
+    def __init__(self, app: Any, metrics: Metrics, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes  # the app's (`route_template`): a list its routers are added to later
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -70,7 +73,7 @@ class AccessLog:
         finally:
             seconds = time.perf_counter() - start
             self.metrics.in_flight.dec()
-            route = route_template(scope)
+            route = route_template(scope, self.routes)
             self.metrics.request_latency.labels(scope.get("method", ""), route, str(status)).observe(seconds)
             code = scope.get("state", {}).get("error_code")
             if code is None and crashed:

@@ -58,7 +58,7 @@ def create_app(
             try:
                 the_engine = engine or await asyncio.get_running_loop().run_in_executor(
                     executor,
-                    lambda: Recommender.load(settings.checkpoint, **settings.load_kwargs()),
+                    lambda: Recommender.load_or_fall_back(settings.checkpoint, **settings.load_kwargs()),
                 )
             except (ValueError, OSError) as exc:  # a damaged or unreadable file (CheckpointError), a device
                 # why the service cannot start, in one line: `r2ec serve` prints it in place of
@@ -73,10 +73,13 @@ def create_app(
                 await the_store.close()
             raise
         app.state.r2ec = state
+        # the state holds the model from here: this frame lives as long as the process, and a
+        # name in it would keep the first model alive past every reload (~1.3 GB of SmolLM2)
+        del the_engine
         log.info(
             "serving model %s (%d items, store %s, max_batch %d, max_wait %.0f ms)",
-            the_engine.version,
-            len(the_engine.catalog.index),
+            state.engine.version,
+            len(state.engine.catalog.index),
             getattr(the_store, "kind", "?"),
             settings.max_batch,
             settings.max_wait_ms,
@@ -93,16 +96,19 @@ def create_app(
     app = FastAPI(title="R²ec serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.r2ec = None
     app.state.startup_error = None  # set by the lifespan when the first load fails
-    refused = metrics.rejections.labels("body_too_large").inc
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_refused=refused)
-    # one line and the latency per request, the 413s too, with the request id (inside RequestId)
-    app.add_middleware(AccessLog, metrics=metrics)
-    app.add_middleware(RequestId)  # outermost: every response carries X-Request-ID
     # ui.router: the page (GET /) and catalog search (GET /items)
     routers = [routes.recommend_router(settings), routes.router, ui.router]
     for router in routers:
         app.include_router(router)
-    add_error_handlers(app, metrics, [route for router in routers for route in router.routes])
+    served = [route for router in routers for route in router.routes]
+    refused = metrics.rejections.labels("body_too_large").inc
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_refused=refused)
+    # one line and the latency per request, the 413s too, with the request id (inside RequestId);
+    # the routes name what a request refused before routing asked for, and FastAPI's /docs
+    own = [r for r in app.router.routes if hasattr(r, "path_regex")]  # FastAPI's /docs, /openapi.json
+    app.add_middleware(AccessLog, metrics=metrics, routes=[*own, *served])
+    app.add_middleware(RequestId)  # outermost: every response carries X-Request-ID
+    add_error_handlers(app, metrics, served)
     return app
 
 

@@ -168,6 +168,9 @@ class Catalog:
         self._edits: dict[str, dict[str, str] | None] = dict(edits.records)
         self._edit_times: dict[str, int] = {i: edits.times.get(i, 0) for i in self._edits}
         self._saved: tuple[int, int, int] | None = None  # the index.json last read or written here
+        # why the last save failed (a full or read-only volume), while edits applied here are
+        # not on the disk: retried at each watch tick (`sync_edits`) and at the next edit
+        self.unsaved: str | None = None
         # other versions' index directories whose saved edits this catalog takes (the version
         # it replaced): realpath -> (directory, version, stamp of the index.json last read)
         self._sources: dict[str, tuple[Path, str, tuple[int, int, int] | None]] = {}
@@ -381,6 +384,10 @@ class Catalog:
         many edits changed something."""
         if not self.persist_edits:
             return 0
+        if self.unsaved is not None:  # edits held in memory since a failed save: try again
+            self._persist()
+            if self.unsaved is None:
+                log.info("item edits held in memory are saved now")
         applied = self._sync_own()
         for key, (directory, _, _) in list(self._sources.items()):
             if not directory.parent.is_dir():  # that version was pruned: nothing more to come
@@ -491,8 +498,12 @@ class Catalog:
                 self._sync_own()
                 self.index.save(directory, index_metadata(self.checkpoint.version, kind, self.edits))
                 self._saved = _stamp(directory)
-        except OSError as exc:  # a read-only checkpoint volume still serves the edit
-            log.warning("item edit applied in memory but not saved: %s", exc)
+        except OSError as exc:  # a read-only checkpoint volume still serves the edit, from memory
+            if self.unsaved is None:
+                log.warning("item edit applied in memory but not saved: %s", exc)
+            self.unsaved = str(exc)
+        else:
+            self.unsaved = None
 
 
 # -------------------------------------------------------------------- the index on disk

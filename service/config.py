@@ -168,7 +168,8 @@ class Settings(BaseSettings):
         le=3600,
         description="On SIGTERM, how long in-flight /recommend requests get to finish; those that "
         "cannot are answered 503 with Retry-After. Size it to one batch at the largest reasoning "
-        "budget (~35 s for 8 x 256 tokens on 2 cores); the container's stop timeout must be longer.",
+        "budget your clients ask for (8 requests at the 256-token ceiling take ~35 s on 2 cores, "
+        "more than the default); the container's stop timeout must be longer.",
     )
     event_dedup_ttl_s: int = Field(
         7 * 86_400,

@@ -31,7 +31,7 @@ from service.logs import Throttled
 from service.metrics import Metrics
 from service.request_id import HEADER, request_id
 from service.schemas import ErrorResponse
-from service.state import ClientDisconnected, ReloadError, ReloadInProgress
+from service.state import ClientDisconnected, EditNotSaved, ReloadError, ReloadInProgress
 from service.store import StoreUnavailable
 from service.types import EmptyHistoryError, QueryError, UnknownItemsError
 
@@ -55,6 +55,7 @@ CODES = {
     422: "invalid_request",
     500: "internal_error",
     503: "unavailable",
+    507: "not_saved",
 }
 DESCRIPTIONS = {
     400: "The body could not be decoded (not UTF-8, or nested too deeply).",
@@ -68,13 +69,29 @@ DESCRIPTIONS = {
     500: "An internal error; `message` says what failed.",
     503: "The service cannot answer now: starting, shutting down, overloaded (queue full) or its "
     "store is unavailable; all but starting with Retry-After.",
+    507: "The edit is served by this replica from memory but the checkpoint volume refused to "
+    "save it (full or read-only); it is saved once the volume takes it, or send it again.",
 }
 
 
-def route_template(scope: dict[str, Any]) -> str:
-    """The template of the route that served a request, once it was routed, else "unmatched"
-    (the access line's and the latency metric's `route`, service/access_log.py)."""
+def route_template(scope: dict[str, Any], routes: Sequence[BaseRoute] = ()) -> str:
+    """The template of the route that served a request (the access line's and the latency
+    metric's `route`, service/access_log.py); else of the one of `routes` whose path and method
+    it names: a request refused before routing (a body over the size limit), and FastAPI's own
+    /docs and /openapi.json, which record no route; else "unmatched", a path no route serves."""
     route = scope.get("route")
+    if route is None:
+        path, method = scope.get("path", ""), scope.get("method")
+        route = next(
+            (
+                r
+                for r in routes
+                if (regex := getattr(r, "path_regex", None)) is not None
+                and regex.match(path)
+                and method in (getattr(r, "methods", None) or ())
+            ),
+            None,
+        )
     # path_format: the template without convertors ("/items/{item_id}", not "{item_id:id}")
     return getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
 
@@ -248,6 +265,10 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
     @app.exception_handler(ReloadError)
     async def reload_failed(request: Request, exc: ReloadError) -> JSONResponse:
         return error_response(422, str(exc), code="reload_failed")
+
+    @app.exception_handler(EditNotSaved)
+    async def not_saved(request: Request, exc: EditNotSaved) -> JSONResponse:
+        return error_response(507, str(exc))
 
     @app.exception_handler(ReloadInProgress)
     async def reload_busy(request: Request, exc: ReloadInProgress) -> JSONResponse:

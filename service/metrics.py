@@ -40,7 +40,16 @@ TOKEN_BUCKETS = (0, 8, 16, 32, 64, 128, 256, 512)
 WATCH_STAGES = ("pointer", "reload", "sync")  # r2ec_watch_errors_total's stages (service/state.py)
 REJECTION_REASONS = ("queue_full", "shutting_down", "body_too_large")  # r2ec_rejected_total's
 # r2ec_store_errors_total's operations (service/store.py's StoreUnavailable.op)
-STORE_OPS = ("get_history", "append_events", "get_seen", "read_events", "cache_get", "cache_set", "ping")
+STORE_OPS = (
+    "get_history",
+    "append_events",
+    "get_seen",
+    "read_events",
+    "cache_get",
+    "cache_set",
+    "erase_user",
+    "ping",
+)
 RELOAD_OUTCOMES = ("ok", "failed")
 STREAM_OUTCOMES = ("ok", "error", "disconnected", "cancelled")  # service/streaming.py
 
@@ -160,6 +169,12 @@ class Metrics:
             registry=r,
         )
         self.index_size = Gauge("r2ec_index_items", "Items in the served index.", registry=r)
+        self.edits_unsaved = Gauge(
+            "r2ec_item_edits_unsaved",
+            "1 while item edits this replica applied are in memory only: the checkpoint volume "
+            "refused their save (full or read-only; retried at each watch tick).",
+            registry=r,
+        )
         self.model = Info(
             "r2ec_model",
             "The model version being served, its checkpoint, and its decode steps' matmul path "
@@ -242,6 +257,9 @@ class Metrics:
     def track_index_size(self, size: Callable[[], int]) -> None:
         self.index_size.set_function(lambda: float(size()))
 
+    def track_unsaved_edits(self, unsaved: Callable[[], bool]) -> None:
+        self.edits_unsaved.set_function(lambda: float(unsaved()))
+
     def track_retrain(self, state_file: Path) -> None:
         """`r2ec retrain`'s last run and last publish (its ROOT/retrain/state.json, model/retrain.py),
         read at each scrape: the service and the retrain job share the versions root, so the
@@ -303,7 +321,8 @@ class _RetrainCollector(Collector):
             family = GaugeMetricFamily(
                 "r2ec_retrain_last_run_timestamp_seconds",
                 "When `r2ec retrain` last finished a run, by its outcome (published, rejected by the "
-                "gate, skipped for too few events); a run that failed writes nothing.",
+                "gate, skipped for too few events, superseded: CURRENT moved during the run, e.g. a "
+                "rollback, so nothing was published); a run that failed writes nothing.",
                 labels=["status"],
             )
             family.add_metric([str(last.get("status"))], ran)

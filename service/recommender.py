@@ -41,10 +41,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from model.checkpoint import Checkpoint, load_checkpoint
+from model.checkpoint import CURRENT_FILE, Checkpoint, CheckpointError, list_versions, load_checkpoint
 from model.engine import Quantize
 from model.generation import BackendName, EngineBackend, Sequence_, make_backend
 from model.r2ec import GenerationSettings
@@ -152,15 +153,71 @@ class Recommender:
             catalog.index.kind,
             time.perf_counter() - start,
         )
+        engine.check()
         engine.warm_up(warmup_requests)
         return engine
+
+    @classmethod
+    def load_or_fall_back(cls, path: Path | str, **kwargs: Any) -> Recommender:
+        """`load` for a replica's start. Where `path` is a versions root whose CURRENT version
+        fails to load or to answer (`check`), its newest other version that does serves
+        instead, with an ERROR naming both: the checkpoint watch keeps trying the one CURRENT
+        names (r2ec_model_outdated is 1 meanwhile), as a running replica keeps its model when
+        the pointer moves to a damaged one. So a replica restarted while CURRENT is damaged (a
+        deploy, a drained node) still serves, rather than the whole fleet going down with it."""
+        try:
+            return cls.load(path, **kwargs)
+        except Exception as exc:
+            root = Path(path)
+            if not (root / CURRENT_FILE).is_file():
+                raise
+            named = (root / CURRENT_FILE).read_text(encoding="utf-8", errors="replace").strip()
+            for version in reversed(list_versions(root)):
+                if version == named:
+                    continue
+                try:
+                    engine = cls.load(root / version, **kwargs)
+                except Exception as other:
+                    log.warning("version %s does not load either: %s", version, other)
+                    continue
+                log.error(
+                    "%s names %r, which does not load (%s); serving %s, the newest version that "
+                    "does, until it does",
+                    root / CURRENT_FILE,
+                    named,
+                    exc,
+                    version,
+                )
+                return engine
+            raise
+
+    def check(self) -> None:
+        """One made-up query without reasoning through the whole path (prompt, forward, h_T, the
+        index search) before the model serves, at a start or a reload: a model that cannot
+        answer it (weights that load but hold NaN, damaged bytes safetensors cannot tell) is
+        refused with CheckpointError, so a reload keeps the model serving and a start fails
+        with one line, rather than a ready replica answering every request with a 500."""
+        first = next(iter(self.catalog.titles), None)
+        if first is None:  # no items: nothing to rank, nothing to check
+            return
+        try:
+            (answer,) = self.recommend_batch([Query(history=(Event(item_id=first),), k=1, reasoning=False)])
+        except Exception as exc:  # the batch itself failed
+            answer = exc
+        finally:
+            self.generate_calls = 0
+        if isinstance(answer, Exception):
+            raise CheckpointError(
+                f"model {self.version} loads but cannot answer a query: {type(answer).__name__}: {answer}"
+            ) from answer
 
     def warm_up(self, requests: int) -> None:
         """Answer `requests` made-up reasoning queries before serving (R2EC_WARMUP_REQUESTS), so
         the first real request meets kernels already set up and a speculative drafter with
         texts to draft from (model/speculative.py): without them a first request took 1.3 s
         where later ones take ~0.7 (README). Each query is 3 of the catalog's items; nothing is
-        stored or cached, `generate_calls` stays 0, and a failure is logged, not raised."""
+        stored or cached, `generate_calls` stays 0, and a failure is logged, not raised (`check`
+        has refused a model that cannot answer at all)."""
         if requests < 1:
             return
         start = time.perf_counter()

@@ -17,6 +17,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from transformers.utils import logging as hf_logging
 
 from service.app import begin_drain
 from service.config import Settings
@@ -75,6 +76,9 @@ def run(app: FastAPI, settings: Settings, host: str, port: int) -> None:
     """Serve `app` until SIGTERM/SIGINT, then drain (module docstring). StartupError when the
     first load fails for a reason the app recorded."""
     setup_logging(settings.log_level, settings.log_format)
+    # a server's log is read by a pipeline, not watched: transformers' "Loading weights" bar, at
+    # each load and reload, would be a line that is neither a text log line nor JSON
+    hf_logging.disable_progress_bar()
     config = uvicorn.Config(
         _no_trace_for_a_known_failure(app),
         host=host,

@@ -178,10 +178,73 @@ def fsync_tree(root: Path) -> None:
         fsync_path(Path(parent))
 
 
+# A temp file or directory nothing has written to for this long belongs to a process that died
+# (SIGKILL, a power loss): no write of this project pauses that long. Where no lock says whether
+# another process is writing a temp now, only such a stale one is removed (`remove_stale`).
+STALE_TEMP_S = 3600.0
+
+
+def newest_mtime(path: Path) -> float:
+    """The latest modification time of `path` and, for a directory, of anything under it (a
+    process writing a large file into it moves that file's time, not the directory's); 0 for
+    what was removed meanwhile."""
+
+    def mtime(p: str | Path) -> float:
+        try:
+            return os.lstat(p).st_mtime
+        except OSError:  # removed by whoever removes the rest
+            return 0.0
+
+    newest = mtime(path)
+    if os.path.isdir(path) and not os.path.islink(path):
+        for parent, dirs, files in os.walk(path):
+            for name in (*dirs, *files):
+                newest = max(newest, mtime(os.path.join(parent, name)))
+    return newest
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a directory tree, nothing if it is gone already."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        Path(path).unlink(missing_ok=True)
+
+
+def remove_stale(paths: list[Path], older_than_s: float = STALE_TEMP_S) -> list[Path]:
+    """Remove each of `paths` that nothing has written to for `older_than_s` (`newest_mtime`);
+    returns the ones removed."""
+    now = time.time()
+    stale = [p for p in paths if now - newest_mtime(p) > older_than_s]
+    for p in stale:
+        logger.info("removing %s, left by a write that did not finish", p)
+        remove_path(p)
+    return stale
+
+
+def atomic_temps(path: Path) -> list[Path]:
+    """The temp files `atomic_write(path, ...)` made beside `path` and that are still there
+    (`.NAME.<12 hex>.tmp`): only a process killed mid-write leaves one."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}\.tmp")
+    try:
+        names = os.listdir(path.parent)
+    except FileNotFoundError:
+        return []
+    return [path.parent / name for name in names if pattern.fullmatch(name)]
+
+
+def atomic_temps_under(directory: Path) -> list[Path]:
+    """Every temp file `atomic_write` made anywhere under `directory` that is still there."""
+    pattern = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
+    return [p for p in Path(directory).rglob(".*.tmp") if pattern.fullmatch(p.name) and p.is_file()]
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temp file next to ``path``, then move it into place.
 
-    A crash leaves either the old file or the new one, never half of one, and no temp file.
+    A crash leaves either the old file or the new one, never half of one, and no temp file (a
+    SIGKILL's is removed by a later write to ``path`` once it is stale, `STALE_TEMP_S`).
     The data is flushed to the disk before the rename and the rename after it (`fsync_path`),
     so a power loss does not leave an empty file under ``path`` either, and a caller's writes
     reach the disk in the order it makes them (retraining's event log before its cursor,
@@ -189,6 +252,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """
     path = Path(path)
     make_dirs(path.parent)
+    # a process killed mid-write left its temp file (the except below never ran); another
+    # process may be writing `path` now and no lock says so, hence only stale ones (STALE_TEMP_S;
+    # a caller holding a lock removes its own at once, e.g. model/retrain.py under its run lock)
+    remove_stale(atomic_temps(path))
     # not mkstemp: its 0600 mode would stick to the final file
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
@@ -294,11 +361,22 @@ def asides(out: Path) -> list[Path]:
     return [p for *_, p in sorted(found)]
 
 
-def recover_dir(out: Path | str, marker: str) -> None:
+def temp_dirs(out: Path) -> list[Path]:
+    """The temporary directories of writes to `out` (`new_dir_beside`: exactly
+    `.NAME.tmp-<12 hex>`) that are still there: a write killed mid-way (no `finally` ran), or
+    killed while removing the old copy an exchange had swapped into its temp name."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-[0-9a-f]{{12}}")
+    return [p for p in out.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()]
+
+
+def recover_dir(out: Path | str, marker: str, *, writing: Path | None = None) -> None:
     """Undo a `swap_into_place` cut between its two renames: with `out` missing, the newest
     copy moved aside from it that is complete (holds the file `marker`) goes back; every other
-    copy aside is removed. Nothing to do (the common case) costs one directory listing. For
-    writers only (a reader must not move what a writer may be renaming)."""
+    copy aside is removed, and so is every temporary directory a write to `out` killed mid-way
+    left (`temp_dirs`; `writing`: the caller's own, kept). Nothing to do (the common case)
+    costs one directory listing. For writers only (a reader must not move what a writer may be
+    renaming): the one writer of `out` holds its path, so no other live process writes a temp
+    of it."""
     out = Path(out)
     if not out.parent.is_dir():
         return
@@ -311,7 +389,10 @@ def recover_dir(out: Path | str, marker: str) -> None:
             fsync_path(out.parent)
             found.remove(back)
             logger.warning("restored %s from %s, moved aside by a save that did not finish", out, back.name)
-    for p in found:
+    temps = [p for p in temp_dirs(out) if writing is None or p.name != Path(writing).name]
+    for p in temps:
+        logger.warning("removing %s, left by a save of %s that did not finish", p.name, out)
+    for p in found + temps:
         shutil.rmtree(p, ignore_errors=True)
 
 

@@ -1,4 +1,5 @@
-"""`r2ec checkpoint export` ships a small LoRA checkpoint; `init --from` makes it servable."""
+"""`r2ec checkpoint export` ships a small LoRA checkpoint; `init --from` makes it servable;
+`rollback` points a versions root's CURRENT at another version."""
 
 from __future__ import annotations
 
@@ -293,3 +294,30 @@ def test_a_local_backbone_is_recorded_absolute_and_a_moved_one_can_be_re_pointed
     )
     assert res.exit_code == 0, res.output
     assert f"holds its backbone by reference, '{tmp_path / 'models' / 'moved'}'" in res.output
+
+
+def test_rollback_points_current_at_a_version_that_reads_under_the_publish_lock(versions_root):
+    """The runbook's rollback: one command, refusing what would not load, and taking turns with
+    a retrain's publish and prune (model/checkpoint.py `current_lock`) instead of racing them."""
+    import shutil
+
+    from model.checkpoint import current_lock, current_version
+
+    root = versions_root
+    shutil.copytree(root / "v0", root / "v1")
+    (root / "CURRENT").write_text("v1\n")
+    runner = CliRunner()
+    res = runner.invoke(app, ["checkpoint", "rollback", str(root), "v0"])
+    assert res.exit_code == 0 and f"{root / 'CURRENT'} -> v0 (was v1)" in res.output, res.output
+    assert current_version(root) == "v0"
+    res = runner.invoke(app, ["checkpoint", "rollback", str(root), "v0"])
+    assert res.exit_code == 0 and "already names v0" in res.output
+    (root / "v1" / "r2ec.json").write_text("{")
+    res = runner.invoke(app, ["checkpoint", "rollback", str(root), "v1"])
+    assert res.exit_code == 2 and "v1/r2ec.json is damaged or unreadable" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["checkpoint", "rollback", str(root), "v7"])
+    assert res.exit_code == 2 and "holds no version 'v7' (versions: v0)" in res.output
+    with current_lock(root):  # a retrain publishing this moment
+        res = runner.invoke(app, ["checkpoint", "rollback", str(root), "v0", "--wait-seconds", "0"])
+    assert res.exit_code == 2 and "CURRENT.lock is still held after 0 s" in res.output
+    assert current_version(root) == "v0"

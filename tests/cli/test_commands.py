@@ -31,8 +31,9 @@ def _command_paths(cmd: typer.core.TyperGroup, path: tuple[str, ...] = ()) -> li
 
 def test_every_command_has_help():
     paths = _command_paths(typer.main.get_command(app))
-    assert {p[0] for p in paths if p} == {"data", "checkpoint", "eval", "train", "serve", "retrain"}
+    assert {p[0] for p in paths if p} == {"data", "checkpoint", "eval", "train", "serve", "retrain", "user"}
     assert ("data", "prepare", "ml-100k") in paths and ("checkpoint", "show") in paths
+    assert ("user", "erase") in paths
     for path in paths:
         result = CliRunner().invoke(app, [*path, "--help"])
         assert result.exit_code == 0 and "Usage:" in result.output, (path, result.output)
@@ -157,11 +158,26 @@ def _spincount(*argv: str, **env: str) -> str:
     return out.stdout.strip()
 
 
+def test_the_options_read_before_typer_are_every_valued_option_of_r2ec():
+    """cli/_env.py skips the value of each of r2ec's own valued options to find the command: a
+    new one must be added there too, or its value is taken for the command."""
+    from typer.main import get_command
+
+    from cli import app
+    from cli._env import VALUED
+
+    params = get_command(app).params
+    assert {o for p in params if not getattr(p, "is_flag", False) for o in p.opts} == VALUED
+
+
 def test_serve_lets_openmp_spin_and_other_commands_do_not():
     import model
 
     assert _spincount("serve", "--help") == f"{model.SERVE_SPINCOUNT} False"
     assert _spincount("--log-level", "INFO", "serve") == f"{model.SERVE_SPINCOUNT} False"
+    # the README's form of JSON logs: "json" was taken for the command, and serve did not spin
+    assert _spincount("--log-format", "json", "serve") == f"{model.SERVE_SPINCOUNT} False"
+    assert _spincount("--log-format=json", "serve") == f"{model.SERVE_SPINCOUNT} False"
     assert _spincount("eval", "--help") == "None False"
     assert _spincount("serve", GOMP_SPINCOUNT="0") == "0 False"  # the user's choice is kept
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import stat
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -72,6 +73,25 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
         atomic_write(target, fail)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_a_temp_file_of_a_killed_write_is_removed_once_stale(tmp_path):
+    """A SIGKILL mid-write runs no `except`: its `.NAME.<hex>.tmp` stays. A later write to the
+    same path removes it once nothing has written to it for STALE_TEMP_S (no lock says whether
+    another process is writing one now), and nothing else."""
+    from model.data.dataset import STALE_TEMP_S
+
+    target = tmp_path / "f.txt"
+    dead, live = tmp_path / ".f.txt.0123456789ab.tmp", tmp_path / ".f.txt.ba9876543210.tmp"
+    others = [tmp_path / ".g.txt.0123456789ab.tmp", tmp_path / ".f.txt.backup.tmp"]
+    for p in [dead, live, *others]:
+        p.write_text("half")
+    old = time.time() - STALE_TEMP_S - 60
+    for p in [dead, *others]:
+        os.utime(p, (old, old))
+    atomic_write(target, lambda tmp: tmp.write_text("new"))
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [target, live, *others])
 
 
 def test_atomic_write_flushes_the_file_before_the_rename_and_the_rename_after(tmp_path, fsynced):

@@ -2,6 +2,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,9 @@ from index import ItemIndex
 from model import checkpoint
 from model.checkpoint import (
     CheckpointError,
+    CurrentMoved,
     create_base_checkpoint,
+    current_lock,
     current_version,
     flip_current,
     list_versions,
@@ -21,6 +24,7 @@ from model.checkpoint import (
     read_meta,
     resolve_checkpoint,
     save_checkpoint,
+    set_current,
     unused_version,
 )
 from model.data import dataset
@@ -211,6 +215,32 @@ def test_the_next_save_after_a_cut_one_leaves_nothing_aside(tmp_path, tiny_model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 
+def test_a_save_killed_mid_write_leaves_its_temp_dir_only_until_the_next_writer(
+    tmp_path, tiny_model, tiny_dataset, monkeypatch
+):
+    """A SIGKILL runs no `finally`: the save's `.c.tmp-*` (a whole checkpoint, a full
+    fine-tune's optimizer state in a run's last/) stayed for good. The next writer of the path
+    (a save, a training run's start, `recover_checkpoint`) removes it; a lookalike stays."""
+    out = tmp_path / "c"
+    first = _save(out, tiny_model, tiny_dataset)
+    with monkeypatch.context() as m:  # killed just before the swap, cleaning nothing up
+        # (the swap's fsync lives beside it in model/data/dataset.py)
+        m.setattr(dataset, "fsync_tree", lambda p: (_ for _ in ()).throw(OSError("killed")))
+        m.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)
+        with pytest.raises(OSError, match="killed"):
+            _save(out, tiny_model, tiny_dataset)
+    (dead,) = [p for p in tmp_path.iterdir() if p.name.startswith(".c.tmp-")]
+    lookalike = tmp_path / ".c.tmp-backup"
+    lookalike.mkdir()
+    checkpoint.recover_checkpoint(out)
+    assert read_meta(out)["version"] == first["version"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.tmp-backup", "c"]
+    shutil.copytree(out, dead)  # the same leftover, met by the next save instead
+    second = _save(out, tiny_model, tiny_dataset)
+    assert read_meta(out)["version"] == second["version"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.tmp-backup", "c"]
+
+
 def test_replacing_a_checkpoint_keeps_one_at_its_path_throughout(
     tmp_path, tiny_model, tiny_dataset, monkeypatch
 ):
@@ -249,7 +279,57 @@ def test_prune_keeps_the_newest_and_always_the_current(tmp_path):
     (tmp_path / "CURRENT").write_text("a\n")
     assert list_versions(tmp_path) == ["a", "b", "c", "d"]
     assert prune_versions(tmp_path, keep=2) == ["b"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "a", "c", "d", "retrain"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "CURRENT.lock", "a", "c", "d", "retrain"]
+    assert prune_versions(tmp_path, keep=1, protect=["c"]) == []  # retraining's: its run's start
+
+
+def test_a_prune_killed_mid_removal_leaves_no_half_version(tmp_path, monkeypatch):
+    """rmtree deletes in directory order: a kill after r2ec.json went left a directory that no
+    longer looked like a version, so no prune ever removed it (or, before, one listed as a
+    rollback target without its weights). A version now leaves sight in one rename first."""
+    _fake_versions(tmp_path, ["a", "b", "c", "d"])
+    (tmp_path / "a" / "adapter").mkdir()
+    (tmp_path / "CURRENT").write_text("d\n")
+
+    def killed(path, *args, **kwargs):  # r2ec.json first, then SIGKILL
+        (Path(path) / "r2ec.json").unlink(missing_ok=True)
+        raise OSError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.shutil, "rmtree", killed)
+        with pytest.raises(OSError, match="killed"):
+            prune_versions(tmp_path, keep=2)
+    assert list_versions(tmp_path) == ["c", "d"]  # neither a half one nor b is a rollback target
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    _fake_versions(tmp_path, ["e"])
+    meta = json.loads((tmp_path / "e" / "r2ec.json").read_text())
+    (tmp_path / "e" / "r2ec.json").write_text(json.dumps({**meta, "created_at": "2025-01-09"}))
+    assert prune_versions(tmp_path, keep=2) == ["c"]  # the next prune removes what was hidden
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "CURRENT.lock", "d", "e"]
+
+
+def test_prune_removes_temps_killed_writers_left_in_the_root(tmp_path):
+    """`r2ec checkpoint init --out ROOT/v1` killed mid-write left `.v1.tmp-*`; that save takes
+    no lock, so one written to within the hour may be in progress and stays. A flip of CURRENT
+    killed mid-write left `.CURRENT.<hex>.tmp`: every flip holds the lock prune holds, so it goes."""
+    from model.data.dataset import STALE_TEMP_S
+
+    _fake_versions(tmp_path, ["a"])
+    (tmp_path / "CURRENT").write_text("a\n")
+    dead, live = tmp_path / ".v1.tmp-0123456789ab", tmp_path / ".v2.tmp-0123456789ab"
+    for d in (dead, live):
+        shutil.copytree(tmp_path / "a", d)
+    old = time.time() - STALE_TEMP_S - 60
+    for p in (dead, dead / "r2ec.json"):
+        os.utime(p, (old, old))
+    (tmp_path / ".CURRENT.0123456789ab.tmp").write_text("b\n")
+    assert prune_versions(tmp_path, keep=1) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".v2.tmp-0123456789ab",
+        "CURRENT",
+        "CURRENT.lock",
+        "a",
+    ]
 
 
 def test_publish_flips_current_and_never_overwrites(tmp_path):
@@ -269,6 +349,115 @@ def test_publish_flips_current_and_never_overwrites(tmp_path):
     with pytest.raises(CheckpointError, match="never overwritten"):
         publish_version(root, tmp_path / "again", "v0")
     assert current_version(root) == "cand" and not list(root.glob(".CURRENT*"))  # no temp left
+
+
+def test_a_publish_compares_and_swaps_current(tmp_path):
+    """Retraining publishes only over the version it trained from and gated against: an
+    operator's rollback meanwhile is not overwritten, nor are the edits of the version rolled
+    back to carried into a candidate that is not published."""
+    root = tmp_path / "root"
+    root.mkdir()
+    _fake_versions(root, ["v0", "v1"])
+    flip_current(root, "v0")  # a rollback from v1, made while a retrain trained from it
+    _fake_versions(tmp_path, ["cand"])
+    with pytest.raises(CurrentMoved, match="names 'v0', no longer 'v1': not publishing") as moved:
+        publish_version(root, tmp_path / "cand", "cand", expected="v1")
+    assert (moved.value.expected, moved.value.found) == ("v1", "v0")
+    assert current_version(root) == "v0" and list_versions(root) == ["v0", "v1"]
+    assert sorted(p.name for p in (tmp_path / "cand").iterdir()) == ["r2ec.json"]  # untouched
+    publish_version(root, tmp_path / "cand", "cand", expected="v0")
+    assert current_version(root) == "cand"
+
+
+def test_a_publish_killed_before_its_flip_leaves_no_version_that_looks_served(tmp_path, monkeypatch):
+    """A kill between moving the version in and flipping CURRENT left an orphan that never
+    served yet took a `keep` slot and looked like the version to roll back to."""
+    root = tmp_path / "root"
+    root.mkdir()
+    _fake_versions(root, ["v0"])
+    flip_current(root, "v0")
+    _fake_versions(tmp_path, ["cand"])
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "flip_current", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+        with pytest.raises(OSError, match="killed"):
+            publish_version(root, tmp_path / "cand", "cand", expected="v0")
+    assert (root / "cand" / "r2ec.json").is_file()  # moved in, whole
+    assert current_version(root) == "v0" and list_versions(root) == ["v0"]
+    with pytest.raises(CheckpointError, match="cand never became CURRENT"):
+        set_current(root, "cand")
+    assert prune_versions(root, keep=3) == []  # not a version pruned: removed, with a warning
+    assert sorted(p.name for p in root.iterdir()) == ["CURRENT", "CURRENT.lock", "v0"]
+
+
+def test_a_publish_killed_after_its_flip_leaves_a_served_version(tmp_path, monkeypatch):
+    """Killed between the flip and dropping the mark: CURRENT names it, so it has served, and
+    stays a version after CURRENT moves on (a rollback, the next publish)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    _fake_versions(root, ["v0"])
+    flip_current(root, "v0")
+    _fake_versions(tmp_path, ["cand"])
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "_served", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+        with pytest.raises(OSError, match="killed"):
+            publish_version(root, tmp_path / "cand", "cand")
+    assert current_version(root) == "cand" and list_versions(root) == ["cand", "v0"]
+    set_current(root, "v0")
+    assert prune_versions(root, keep=3) == [] and list_versions(root) == ["cand", "v0"]
+    assert set_current(root, "cand") == "v0"
+
+
+def test_set_current_points_at_a_version_that_reads_and_refuses_others(tmp_path):
+    _fake_versions(tmp_path, ["v0", "v1"])
+    (tmp_path / "CURRENT").write_text("v1\n")
+    (tmp_path / "retrain").mkdir()
+    assert set_current(tmp_path, "v0") == "v1" and current_version(tmp_path) == "v0"
+    assert set_current(tmp_path, "v0") == "v0"  # already: nothing written
+    (tmp_path / "v1" / "r2ec.json").write_text('{"format": "r2ec-check')  # truncated
+    for version, message in [
+        ("v1", r"not pointing CURRENT at 'v1': .*v1/r2ec.json is damaged or unreadable \(JSONDecodeError"),
+        ("v9", r"holds no version 'v9' \(versions: v0\)"),
+        ("retrain", "r2ec.json is missing"),
+        ("../v0", "'../v0' is not a version"),
+        (".v0.pruned-0123456789ab", "is not a version"),
+        ("", "is not a version"),
+    ]:
+        with pytest.raises(CheckpointError, match=message):
+            set_current(tmp_path, version)
+    assert current_version(tmp_path) == "v0" and not list(tmp_path.glob(".CURRENT*"))
+    with pytest.raises(CheckpointError, match="not a versions root: no CURRENT"):
+        set_current(tmp_path / "v0", "v0")
+
+
+def test_changes_of_current_take_turns(tmp_path, monkeypatch):
+    """A rollback cannot slip between a prune's reading of CURRENT and its removals, nor between
+    a publish's compare and its swap: both hold ROOT/CURRENT.lock, which a rollback waits for
+    (here: not at all) and then names."""
+    _fake_versions(tmp_path, ["a", "b", "c"])
+    (tmp_path / "CURRENT").write_text("c\n")
+    real = checkpoint.list_versions
+    tried = []
+
+    def rollback_meanwhile(root):
+        with pytest.raises(CheckpointError, match=r"CURRENT\.lock is still held after 0 s"):
+            set_current(tmp_path, "a", timeout_s=0)
+        tried.append(root)
+        return real(root)
+
+    monkeypatch.setattr(checkpoint, "list_versions", rollback_meanwhile)
+    assert prune_versions(tmp_path, keep=1) == ["a", "b"] and tried
+    monkeypatch.setattr(checkpoint, "list_versions", real)
+    monkeypatch.setattr(checkpoint, "LOCK_WAIT_S", 0)  # the default wait, a minute: none here
+    with current_lock(tmp_path):  # e.g. a publish in progress
+        with pytest.raises(CheckpointError, match="still held"):
+            set_current(tmp_path, "c")
+        with pytest.raises(CheckpointError, match="still held"):
+            prune_versions(tmp_path, keep=1)
+        (tmp_path / "run").mkdir()
+        _fake_versions(tmp_path / "run", ["cand"])
+        with pytest.raises(CheckpointError, match="still held"):
+            publish_version(tmp_path, tmp_path / "run" / "cand", "cand", expected="c")
+    assert current_version(tmp_path) == "c" and list_versions(tmp_path) == ["c"]
 
 
 def test_a_published_version_reaches_the_disk_before_current_names_it(tmp_path, fsynced):

@@ -7,23 +7,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from model.checkpoint import CheckpointError, publish_version
+from model.checkpoint import CheckpointError, current_version, list_versions, publish_version, set_current
 from model.data import SPLITS, DataError, load_prepared, prepare_atomic
 from model.evaluate import seen_items
 from model.recpo import RecPOConfig
 from model.retrain import (
+    Purge,
     RetrainConfig,
     consume_events,
     events_frame,
     gate,
+    purge_erased,
+    read_state,
     rebuild_dataset,
     retrain,
     validation_ranks,
@@ -68,6 +76,25 @@ class FakeReader:
         start = 0 if cursor is None else int(cursor.removeprefix("after:"))
         fresh = self.events[start:]
         return fresh, (f"after:{len(self.events)}" if fresh else cursor)
+
+
+@dataclass
+class FakeLedger:
+    """An erasure ledger (`Erasures`) over FakeReader-style ids: each erased user's cutoff is
+    the number of the last id of theirs it covers (ids "1", "2", ... as events arrive)."""
+
+    cutoffs: dict[str, int]
+
+    @property
+    def users(self) -> set[str]:
+        return set(self.cutoffs)
+
+    def covers(self, user_id: str, event_id: str) -> bool:
+        return user_id in self.cutoffs and int(event_id) <= self.cutoffs[user_id]
+
+
+def _users(ds) -> set[str]:
+    return {str(u) for name in SPLITS for u in ds.split(name)["user_id"]}
 
 
 def _same_splits(a, b) -> None:
@@ -125,6 +152,100 @@ def test_events_become_new_targets_and_unknown_items_are_dropped(tmp_path, tiny_
     assert list(u9["target_item_id"]) == ["i2"] and list(u9.iloc[0]["history_item_ids"]) == ["i1"]
     assert list(u9.iloc[0]["history_timestamps"]) == [2]
     assert len(ds.split("train")) == len(tiny_dataset.split("train")) + 2  # u1's old valid + u9
+
+
+def test_rebuild_leaves_an_erased_users_seed_interactions_out_whole(tmp_path, tiny_dataset):
+    """Seed users are erased whole (their prior items too); their events in the log, which
+    `purge_erased` kept as later than the erasure, still count."""
+    seed = dataclasses.replace(tiny_dataset, prior={"u1": ["i9"], "u2": ["i9"]})  # a shared fixture
+    assert {"u1", "u2", "u3"} <= _users(seed)
+    events = events_frame([Ev("1", "u2", "i1", 5.0, 1000), Ev("2", "u2", "i3", 4.0, 1001)])
+    ds, _ = rebuild_dataset(seed, events, tmp_path, erased={"u1", "u2", "nobody"})
+    assert _users(ds) == _users(seed) - {"u1"}
+    u2 = pd.concat([ds.split(name) for name in SPLITS]).query("user_id == 'u2'")
+    # only the two events: one sample, i3 after [i1], none of the seed's five interactions
+    assert [(list(h), t) for h, t in zip(u2["history_item_ids"], u2["target_item_id"], strict=True)] == [
+        (["i1"], "i3")
+    ]
+    assert "u1" not in ds.prior and "i9" not in ds.prior.get("u2", [])  # the seed's prior items
+    kept, _ = rebuild_dataset(seed, events, tmp_path / "all")  # nobody erased: both seed users stay
+    assert {"u1", "u2"} <= _users(kept) and kept.prior["u1"][0] == kept.prior["u2"][0] == "i9"
+
+
+# -- erasures ------------------------------------------------------------------------------------
+def test_a_purge_drops_an_erased_users_events_up_to_the_erasure_and_keeps_later_ones(tmp_path, fsynced):
+    reader = FakeReader(
+        [Ev("1", "u1", "i1", 4.0, 10), Ev("2", "u2", "i2", 5.0, 11), Ev("3", "u1", "i3", None, 12)]
+    )
+    consume_events(tmp_path, reader)
+    state = read_state(tmp_path)
+    (tmp_path / "state.json").write_text(json.dumps({**state, "trained_events": 3}))  # a run trained on them
+    reader.events += [Ev("4", "u1", "i4", 3.0, 13), Ev("5", "u3", "i5", 2.0, 14)]  # u1 again, after
+    consume_events(tmp_path, reader)
+    fsynced.clear()
+    log, purge = purge_erased(tmp_path, FakeLedger({"u1": 3, "u9": 1}))
+    assert purge == Purge(erased_users=2, events=2, users=1)
+    assert list(log["event_id"]) == ["2", "4", "5"] and list(log["user_id"]) == ["u2", "u1", "u3"]
+    assert list(pd.read_parquet(tmp_path / "events.parquet")["event_id"]) == ["2", "4", "5"]
+    state = read_state(tmp_path)
+    # 2 of the 3 trained on are gone: 1 trained, 2 pending (the two new ones), as before
+    assert (state["trained_events"], state["events_total"], state["purged_events"]) == (1, 3, 2)
+    assert state["purge_epoch"] == 1 and state["erased_users"] == 2
+    assert "u1" not in (tmp_path / "state.json").read_text()  # counts, never the ids
+    # the epoch first, then the log (atomically: a temporary file renamed), then the counts
+    work = tmp_path.resolve()
+    assert [p if p == work else p.name.split(".")[1] for p in fsynced] == [
+        "state",
+        work,
+        "events",
+        work,
+        "state",
+        work,
+    ]
+    # nothing new: nothing rewritten; a user joining the ledger without events: a new epoch
+    fsynced.clear()
+    assert purge_erased(tmp_path, FakeLedger({"u1": 3, "u9": 1}))[1] == Purge(2, 0, 0) and not fsynced
+    log, purge = purge_erased(tmp_path, FakeLedger({"u1": 3, "u9": 1, "u2": 0}))
+    assert purge == Purge(3, 0, 0) and len(log) == 3 and read_state(tmp_path)["purge_epoch"] == 2
+    # erased again later: the events since go too
+    log, purge = purge_erased(tmp_path, FakeLedger({"u1": 4, "u9": 1, "u2": 0}))
+    assert purge == Purge(3, 1, 1) and list(log["event_id"]) == ["2", "5"]
+
+
+def test_a_skipped_run_rebuilds_the_dataset_on_disk_once_erasures_changed_it(
+    versions_root, tiny_dataset, monkeypatch
+):
+    import model.retrain
+
+    work = versions_root / "retrain"
+    built = work / "data" / "tiny" / "loo"
+    reader = FakeReader([Ev("1", "u9", "i1", 4.0, 900), Ev("2", "u9", "i2", 5.0, 901)])
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0)
+    first = retrain(cfg, reader, lambda: FakeLedger({}))
+    assert first.status == "published" and first.erased_users == 0
+    assert {"u1", "u9"} <= _users(load_prepared(built))
+    rebuilds = []
+    real = model.retrain.rebuild_dataset
+    monkeypatch.setattr(model.retrain, "rebuild_dataset", lambda *a: rebuilds.append(a[3]) or real(*a))
+    skip = dataclasses.replace(cfg, min_events=10)
+    ledger = FakeLedger({"u9": 2, "u1": 0})  # u9's events and seed user u1
+    result = retrain(skip, reader, lambda: ledger)
+    assert result.status == "skipped" and rebuilds == [{"u9", "u1"}]
+    assert (result.erased_users, result.purged_events, result.purged_users, result.erased_seed_users) == (
+        2,
+        2,
+        1,
+        1,
+    )
+    assert _users(load_prepared(built)).isdisjoint({"u1", "u9"})
+    assert read_state(work)["last_run"]["purged_events"] == 2 and read_state(work)["purged_events"] == 2
+    assert read_state(work)["data_epoch"] == read_state(work)["purge_epoch"] == 1
+    assert retrain(skip, reader, lambda: ledger).status == "skipped" and len(rebuilds) == 1  # clean
+    # the next training run trains without them
+    reader.events.append(Ev("3", "u2", "i9", 3.0, 902))
+    trained = retrain(cfg, reader, lambda: ledger)
+    assert trained.status == "published" and trained.erased_seed_users == 1 and trained.purged_events == 0
+    assert rebuilds[-1] == {"u9", "u1"} and _users(load_prepared(built)).isdisjoint({"u1", "u9"})
 
 
 # -- the cursor ----------------------------------------------------------------------------------
@@ -213,6 +334,25 @@ def test_events_of_a_run_that_failed_stay_pending_for_the_next(versions_root, ti
     assert skipped.status == "skipped" and skipped.reason.startswith("0 events not trained on yet")
 
 
+def test_a_run_removes_the_temp_files_a_killed_run_left(versions_root, tiny_dataset):
+    """A run killed mid-write (SIGKILL: no `except` ran) left its `.NAME.<hex>.tmp` files in
+    ROOT/retrain, the event log's as large as the log. Every writer there holds the run lock,
+    so the next run removes them all at once; nothing else."""
+    work = versions_root / "retrain"
+    dead = [
+        work / ".events.parquet.0123456789ab.tmp",
+        work / ".state.json.0123456789ab.tmp",
+        work / "data" / "tiny" / "loo" / ".train.parquet.0123456789ab.tmp",
+    ]
+    kept = [work / ".events.parquet.tmp", work / "notes.0123456789ab.tmp"]
+    for p in dead + kept:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("half")
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), min_events=2)
+    assert retrain(cfg, FakeReader([Ev("a", "u1", "i6", 4.0, 900)])).status == "skipped"
+    assert not any(p.exists() for p in dead) and all(p.exists() for p in kept)
+
+
 def test_a_state_from_before_the_trained_count_does_not_retrain_old_events(versions_root, tiny_dataset):
     reader = FakeReader([Ev("a", "u1", "i6", 4.0, 900)])
     cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0)
@@ -240,6 +380,143 @@ def test_a_run_reads_current_under_the_lock(versions_root, tiny_dataset, monkeyp
     cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0, keep=1)
     result = retrain(cfg, read_events=None)
     assert result.current_version == "v1" and result.status == "published"
+
+
+KILLED_RUN = """
+import json, os, signal, sys
+import model.checkpoint, model.retrain
+from model.recpo import RecPOConfig
+from model.retrain import RetrainConfig, retrain
+from tests.model.test_retrain import TINY_TRAIN, Ev, FakeReader
+
+module, name = sys.argv[3].split(":")
+setattr(getattr(model, module), name, lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL))
+cfg = RetrainConfig(sys.argv[1], sys.argv[2], RecPOConfig(**TINY_TRAIN), tolerance=1.0)
+retrain(cfg, FakeReader([Ev(*e) for e in json.loads(sys.argv[4])]))
+"""
+
+
+@pytest.mark.parametrize(
+    "where", ["checkpoint:flip_current", "retrain:prune_versions"], ids=["before", "after"]
+)
+def test_a_run_killed_around_its_flip_leaves_the_state_right_for_the_next(
+    versions_root, tiny_dataset, tmp_path, where
+):
+    """Journey 38: killed after the flip (while pruning, a deadline), the state still said the
+    events were not trained on, so the next run trained and published them again. Now it says
+    so before the flip, and a run killed before its flip has that put back by the next."""
+    events = [("a", "u1", "i6", 4.0, 900), ("b", "u2", "i1", 5.0, 901)]
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    args = [str(versions_root), str(tiny_dataset.path), where, json.dumps(events)]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    work = versions_root / "retrain"
+    (version,) = [
+        v for v in os.listdir(versions_root) if v not in ("v0", "retrain", "CURRENT", "CURRENT.lock")
+    ]
+    record = json.loads((versions_root / version / "retrain.json").read_text())
+    killed = json.loads((work / "state.json").read_text())
+    assert killed["trained_events"] == 2 and killed["last_published_at"] == record["finished_at"]
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0)
+    result = retrain(cfg, FakeReader([Ev(*e) for e in events]))  # the stream holds nothing newer
+    state = json.loads((work / "state.json").read_text())
+    assert "publishing" not in state and state["trained_events"] == 2
+    if where == "retrain:prune_versions":  # published: its events are not trained on again
+        assert current_version(versions_root) == version
+        assert result.status == "skipped" and result.reason.startswith("0 events not trained on yet")
+        assert state["last_published_at"] == record["finished_at"]
+    else:  # never published: its events are pending, the next run publishes them
+        assert result.status == "published" and result.current_version == "v0" and result.new_events == 0
+        assert state["last_published_at"] == result.finished_at
+        assert list_versions(versions_root) == ["v0", result.published_version]
+        assert not (versions_root / version).exists()  # the version it moved in, never served
+
+
+def test_a_publish_that_fails_before_its_flip_puts_the_state_back(versions_root, tiny_dataset, monkeypatch):
+    """No space for CURRENT's new value: the run fails, CURRENT and the state are as before it
+    (its events pending, no publish time), and nothing is left for the next run to settle."""
+    import model.checkpoint
+
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model.checkpoint, "flip_current", no_space)
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0)
+    with pytest.raises(OSError, match="No space"):
+        retrain(cfg, FakeReader([Ev("a", "u1", "i6", 4.0, 900)]))
+    state = json.loads((versions_root / "retrain" / "state.json").read_text())
+    # (data_epoch: the rebuilt samples reflect every erasure so far, model/retrain.py `_rebuild`)
+    assert state == {"trained_events": 0, "last_event_id": "after:1", "events_total": 1, "data_epoch": 0}
+    assert current_version(versions_root) == "v0" and list_versions(versions_root) == ["v0"]
+
+
+def _second_version(root) -> None:
+    """v1, a copy of v0 (the same weights, listed after it), and CURRENT naming it."""
+    shutil.copytree(root / "v0", root / "v1")
+    (root / "CURRENT").write_text("v1\n")
+
+
+def test_a_rollback_during_the_run_is_not_published_over(versions_root, tiny_dataset, monkeypatch):
+    """Journey 38: a retrain that started from v1 flipped CURRENT to its candidate although an
+    operator had rolled back to v0 while it trained, with no warning (and had gated against v1,
+    carried v0's edits, pruned around the wrong version)."""
+    import model.train
+
+    _second_version(versions_root)
+    real = model.train.train
+
+    def rolled_back_while_training(*args, **kwargs):
+        best = real(*args, **kwargs)
+        set_current(versions_root, "v0")  # `r2ec checkpoint rollback ROOT v0`
+        return best
+
+    monkeypatch.setattr(model.train, "train", rolled_back_while_training)
+    reader = FakeReader([Ev("a", "u1", "i6", 4.0, 900)])
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0, keep=1)
+    result = retrain(cfg, reader)
+    assert result.status == "superseded" and result.published_version is None
+    assert result.reason == "CURRENT moved from v1 to v0 during the run (a rollback?); not publishing"
+    assert result.current_version == "v1" and result.candidate_metric is not None
+    assert current_version(versions_root) == "v0" and list_versions(versions_root) == ["v0", "v1"]
+    assert not (versions_root / "retrain" / "run").exists()
+    state = json.loads((versions_root / "retrain" / "state.json").read_text())
+    assert state["last_run"]["status"] == "superseded" and "last_published_at" not in state
+    metrics = Metrics()
+    metrics.track_retrain(versions_root / "retrain" / "state.json")
+    ran = datetime.fromisoformat(result.finished_at).timestamp()
+    assert (
+        metric(metrics.render().decode(), "r2ec_retrain_last_run_timestamp_seconds", status="superseded")
+        == ran
+    )
+    # no model trained on its event is served: the next run trains it from v0 and publishes
+    monkeypatch.setattr(model.train, "train", real)
+    again = retrain(cfg, reader)
+    assert again.status == "published" and again.new_events == 0 and again.current_version == "v0"
+    assert again.pruned == ["v1"] and current_version(versions_root) == again.published_version
+
+
+def test_prune_keeps_the_runs_start_and_the_version_current_names_then(
+    versions_root, tiny_dataset, monkeypatch
+):
+    import model.retrain
+
+    _second_version(versions_root)
+    real = model.retrain.prune_versions
+
+    def rolled_back_after_the_flip(root, keep, **kwargs):
+        set_current(root, "v0")
+        return real(root, keep, **kwargs)
+
+    monkeypatch.setattr(model.retrain, "prune_versions", rolled_back_after_the_flip)
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0, keep=1)
+    result = retrain(cfg, read_events=None)
+    assert result.status == "published" and result.current_version == "v1" and result.pruned == []
+    assert list_versions(versions_root) == ["v0", "v1", result.published_version]
+    assert current_version(versions_root) == "v0"
 
 
 # -- the publish gate -------------------------------------------------------------------------
@@ -307,9 +584,9 @@ def test_retrain_without_a_stream_trains_on_the_dataset_and_prunes(versions_root
         f"ndcg@10 {result.candidate_metric:.4f} >= current {result.current_metric:.4f} - tolerance 1 "
         f"(paired on {result.paired_samples} valid samples: "
     )
-    assert result.pruned == ["v0"]  # keep=1: only the new current survives
+    assert result.pruned == []  # keep=1, but the version the run started from stays: the rollback target
     assert sorted(p.name for p in versions_root.iterdir()) == sorted(
-        ["CURRENT", "retrain", result.published_version]
+        ["CURRENT", "CURRENT.lock", "retrain", "v0", result.published_version]
     )
     _same_splits(load_prepared(versions_root / "retrain" / "data" / "tiny" / "loo"), tiny_dataset)
     # the published version's record holds the run's real duration, as the state does (was 0.0)

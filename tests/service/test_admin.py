@@ -21,6 +21,7 @@ ADMIN_CALLS = [
     ("PUT", "/items/new", {"title": "A New Film"}),
     ("DELETE", "/items/i1", None),
     ("POST", "/admin/reload", None),
+    ("DELETE", "/users/u1", None),
 ]
 
 
@@ -192,6 +193,91 @@ async def test_reload_swaps_the_model_and_a_failed_reload_keeps_the_old_one(app,
     )
 
 
+async def test_a_model_that_loads_but_cannot_answer_is_refused_and_the_old_one_serves(
+    app, client, ckpt, tmp_path, monkeypatch
+):
+    """Weights that load but hold NaN (damaged bytes that safetensors cannot tell): the check
+    query before a model serves fails, the reload is refused and the old model keeps
+    answering; before, the replica swapped it in and answered every request with a 500."""
+    import torch
+
+    from service.recommender import Recommender
+
+    v1 = app.state.r2ec.engine.version
+    real_check = Recommender.check
+
+    def nan_weights_for_broken(self):
+        if self.version == "nan-weights":
+            with torch.no_grad():
+                for p in self.model.lm.parameters():
+                    p.fill_(float("nan"))
+        return real_check(self)
+
+    monkeypatch.setattr(Recommender, "check", nan_weights_for_broken)
+    broken = copy_as_new_version(ckpt, tmp_path / "nan", "nan-weights")
+    r = await client.post("/admin/reload", json={"checkpoint": str(broken)}, headers=ADMIN)
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]["message"]
+    assert "model nan-weights loads but cannot answer a query" in message and f"still serving {v1}" in message
+    r = await client.post("/recommend", json={"history": H1, "reasoning": False})
+    assert r.status_code == 200 and r.json()["model_version"] == v1
+    # and a start on it fails, rather than a ready replica that answers nothing
+    with pytest.raises(Exception, match="cannot answer a query"):
+        async with serve(app_for(broken)):
+            pass
+    # but a replica started on a versions root whose CURRENT names it serves the newest version
+    # that answers, outdated, while the watch keeps trying the one CURRENT names
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "good", "good")
+    shutil.copytree(broken, root / "nan")
+    (root / "CURRENT").write_text("nan\n")
+    async with serve(app_for(root, watch_interval_s=0.05)) as replica:
+        ready = await replica.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["model_version"] == "good"
+
+        async def outdated() -> None:  # the watch's first tick sees it
+            while metric((await replica.get("/metrics")).text, "r2ec_model_outdated") != 1:
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(outdated(), 60)
+        r = await replica.post("/recommend", json={"history": H1, "reasoning": False})
+        assert r.status_code == 200 and r.json()["model_version"] == "good"
+
+
+async def test_a_replica_holds_one_model_after_reloads(ckpt, tmp_path, monkeypatch):
+    """Each reload used to keep the model it replaced (the lifespan held the first one for the
+    process's life, the idle decode loop the last one it ran): ~1.3 GB of SmolLM2 a reload,
+    an OOM kill at the second or third published version. Now only the served model lives."""
+    import gc
+
+    import service.state
+    from service.recommender import Recommender
+
+    released: list[str] = []  # and once a replaced model is gone, its memory goes back to the OS
+    monkeypatch.setattr(service.state, "RELEASE_POLL_S", 0.01)
+    monkeypatch.setattr(service.state, "release_memory", lambda: released.append("trimmed"))
+
+    def models() -> list[str]:
+        gc.collect()
+        return sorted(o.version for o in gc.get_objects() if isinstance(o, Recommender))
+
+    versions = [copy_as_new_version(ckpt, tmp_path / v, v) for v in ("m2", "m3")]
+    async with serve(app_for(ckpt)) as client:
+        await recommend(client, reasoning=True)  # decoded by the first model
+        for version in versions:
+            r = await client.post("/admin/reload", json={"checkpoint": str(version)}, headers=ADMIN)
+            assert r.status_code == 200, r.text
+        assert models() == ["m3"]  # nothing answered since: the idle decode loop holds none
+        await recommend(client, reasoning=True)
+        assert models() == ["m3"]
+
+        async def both_released() -> None:
+            while len(released) < 2:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(both_released(), 60)
+
+
 async def test_the_watch_catches_a_pointer_that_moved_while_the_service_loaded(monkeypatch):
     """The service loaded w1 (minutes, with its index and warm-up) while a retrain flipped the
     pointer to w2 before the watch's first look: the watch compares with what is served."""
@@ -251,6 +337,46 @@ async def test_an_item_edit_sent_to_one_replica_reaches_the_other(ckpt, tmp_path
         assert (await b.get("/items/new-film")).json()["title"] == "A New Film"
         r = await b.post("/recommend", json={"history": H1, "k": 50, "reasoning": False})
         assert "i5" not in {i["item_id"] for i in r.json()["items"]}
+
+
+async def test_an_edit_the_volume_refuses_is_a_507_and_saved_once_it_takes_it(ckpt, tmp_path, monkeypatch):
+    """A full or read-only checkpoint volume: the edit is served from memory, the client is told
+    it is not saved (507, not a 201 that a restart would undo), the metric says so, and the next
+    watch tick saves it once the volume takes it: a restarted replica then has it."""
+    import errno
+
+    from index import ItemIndex
+
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "one", "w1")
+    (root / "CURRENT").write_text("one")
+    real_save = ItemIndex.save
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ItemIndex, "save", full)
+    async with serve(app_for(root, watch_interval_s=0.02)) as client:
+        put = await client.put("/items/new-film", json={"title": "A New Film"}, headers=ADMIN)
+        assert put.status_code == 507, put.text
+        error = put.json()["error"]
+        assert error["code"] == "not_saved" and "'new-film'" in error["message"]
+        assert "No space left on device" in error["message"]
+        deleted = await client.delete("/items/i5", headers=ADMIN)
+        assert deleted.status_code == 507 and deleted.json()["error"]["code"] == "not_saved"
+        assert (await client.get("/items/new-film")).status_code == 200  # served from memory
+        assert metric((await client.get("/metrics")).text, "r2ec_item_edits_unsaved") == 1
+
+        monkeypatch.setattr(ItemIndex, "save", real_save)  # space again
+
+        async def saved() -> None:
+            while metric((await client.get("/metrics")).text, "r2ec_item_edits_unsaved") != 0:
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(saved(), 60)
+    async with serve(app_for(root)) as restarted:
+        assert (await restarted.get("/items/new-film")).json()["title"] == "A New Film"
+        assert (await restarted.get("/items/i5")).status_code == 404
 
 
 async def test_the_checkpoint_watch_follows_the_current_pointer(ckpt, tmp_path):

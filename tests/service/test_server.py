@@ -126,6 +126,9 @@ def test_sigterm_with_16_reasoning_requests_in_flight(tiny_ckpt, tiny_dataset, t
     )
     assert over, output[-3000:]
     in_flight, drained, cut, left, new = map(int, over.groups())
+    # the opening line counts the same requests: the decode's joining ones were left out
+    began = re.search(r"draining: (\d+) queued, (\d+) running", output)
+    assert began and int(began[1]) + int(began[2]) == in_flight, output[-3000:]
     assert (cut, left, new) == (refused, 0, 0) and drained + cut == in_flight and drained <= answered
     print(f"SIGTERM with 16 in flight: {answered} answered, {refused} refused with 503")
 
@@ -154,8 +157,27 @@ def test_json_logs_of_a_real_server_from_start_to_exit(tiny_ckpt, tmp_path):
         ("GET", "unmatched", 404, "not_found"),
     ], output  # the /readyz polls: DEBUG, not shown at INFO
     assert access[0]["request_id"] == "findme-123" and access[0]["duration_ms"] > 0
-    assert access[1]["path"] == "/users/u1/history"
+    assert access[1]["path"] == "/users/{user_id}/history"  # no user id in a log line
     assert not any(r["logger"] == "uvicorn.access" or r["logger"] == "faiss.loader" for r in lines), output
     messages = [r["message"] for r in lines]
     assert any(m.startswith("Finished server process") for m in messages), output  # uvicorn's, as JSON
     assert any(m.startswith("drain over after") for m in messages), output
+
+
+def test_serve_turns_transformers_progress_bars_off(tiny_ckpt, monkeypatch):
+    """A load through from_pretrained (SmolLM2, each reload too) drew transformers' "Loading
+    weights" bar into the server's log: a line neither text log nor JSON."""
+    from transformers.utils import logging as hf_logging
+
+    from service import server
+    from service.app import create_app
+    from tests.service.conftest import settings_for
+
+    monkeypatch.setattr(server.DrainingServer, "run", lambda self: None)
+    hf_logging.enable_progress_bar()
+    try:
+        settings = settings_for(tiny_ckpt)
+        server.run(create_app(settings), settings, "127.0.0.1", free_port())
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
