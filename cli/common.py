@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import subprocess
@@ -20,6 +21,33 @@ def fail(message: str) -> NoReturn:
     """Print `error: message` in red to stderr and exit 2, click's code for a usage error."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+# what to do about an OSError, by errno: the disk is full, the volume read-only, the user barred
+_DISK_FULL = "free some space there and run the command again"
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: _DISK_FULL,
+    errno.EDQUOT: _DISK_FULL,
+    errno.EROFS: "that volume is mounted read-only: mount it read-write or use a directory on another",
+    errno.EACCES: "this user may not use it: change its permissions or owner, or use another directory",
+    errno.EPERM: "this user may not use it: change its permissions or owner, or use another directory",
+}
+
+
+def os_error(exc: OSError, where: Path | str | None = None) -> str:
+    """One line for an OSError (a full disk, a read-only or foreign directory): the path it
+    names (else `where`, the directory the command writes under), what happened and what to
+    do about it."""
+    if exc.errno is None:  # a message of the project's own ("--resume: no ...", "could not write X: ...")
+        return str(exc)
+    if exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    elif where is not None:  # e.g. a failed fsync: no file known, the command's directory is
+        text = f"writing under {where}: {exc.strerror or exc}"
+    else:
+        text = str(exc)
+    hint = _OS_ERROR_HINTS.get(exc.errno)
+    return f"{text}; {hint}" if hint else text
 
 
 def warn(message: str, kind: str = "warning") -> None:

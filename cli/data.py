@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import DataDir, Protocol, check_protocol, fail
+from cli.common import DataDir, Protocol, check_protocol, fail, os_error
 
 app = typer.Typer(help="Datasets.", no_args_is_help=True)
 prepare_app = typer.Typer(help="Prepare a dataset into the canonical samples format.", no_args_is_help=True)
@@ -31,6 +31,8 @@ def data_ml100k(data_dir: DataDir = Path("data"), protocol: Protocol = "loo") ->
         _report_prepared(prepare_ml100k(data_dir, protocol=protocol))
     except DataError as exc:
         fail(str(exc))
+    except OSError as exc:  # a full disk, a read-only data dir: the path and what to do
+        fail(os_error(exc, where=data_dir))
 
 
 @prepare_app.command("atomic")
@@ -60,6 +62,8 @@ def data_atomic(
         _report_prepared(path)
     except DataError as exc:
         fail(str(exc))
+    except OSError as exc:  # a full disk, a read-only data dir: the path and what to do
+        fail(os_error(exc, where=data_dir))
 
 
 @prepare_app.command("amazon")
@@ -107,3 +111,5 @@ def data_amazon(
         _report_prepared(path)
     except DataError as exc:
         fail(str(exc))
+    except OSError as exc:  # a full disk, a read-only data dir: the path and what to do
+        fail(os_error(exc, where=data_dir))

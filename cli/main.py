@@ -16,6 +16,7 @@ from cli.eval import eval_cmd
 from cli.retrain import retrain_cmd
 from cli.serve import serve
 from cli.train import train_cmd
+from cli.user import app as user_app
 from service.logs import FORMATS, setup_logging
 
 app = typer.Typer(help="R²ec: a recommender LLM that reasons before it recommends.", no_args_is_help=True)
@@ -25,6 +26,7 @@ app.command("eval")(eval_cmd)
 app.command("train")(train_cmd)
 app.command("serve")(serve)
 app.command("retrain")(retrain_cmd)
+app.add_typer(user_app, name="user")
 
 
 @app.callback()

@@ -1,5 +1,6 @@
 """`r2ec retrain`: new stream events -> warm-started RecPO -> gated publish (model/retrain.py),
-once or on a timer."""
+once or on a timer. With a Redis URL it reads the stream and the erasure ledger there, and drops
+erased users' events and seed interactions (service/store.py `read_stream`, `read_erasures`)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import fail
+from cli.common import fail, os_error
 from cli.overrides import SetOption, recpo_config
 
 if TYPE_CHECKING:
-    from model.retrain import ReadEvents, RetrainConfig, RetrainResult
-    from service.store import StreamEntry
+    from model.retrain import ReadErasures, ReadEvents, RetrainConfig, RetrainResult
+    from service.store import ErasureLedger, StreamEntry
 
 
 def retrain_cmd(
@@ -58,7 +59,8 @@ def retrain_cmd(
     ] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per run")] = False,
 ) -> None:
-    """Read new events, rebuild the samples, warm-start RecPO from CURRENT, publish if not worse."""
+    """Read new events (and drop erased users' data), rebuild the samples, warm-start RecPO
+    from CURRENT, publish if not worse."""
     from model.retrain import RetrainConfig
 
     try:
@@ -118,8 +120,13 @@ def _retrain_once(cfg: RetrainConfig, redis_url: str, as_json: bool) -> None:
     from model.retrain import retrain
 
     try:
-        result = retrain(cfg, _stream_reader(redis_url) if redis_url else None)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # Checkpoint/Data/RetrainError, Redis down
+        if redis_url:
+            result = retrain(cfg, _stream_reader(redis_url), _erasure_reader(redis_url))
+        else:
+            result = retrain(cfg, None)
+    except OSError as exc:  # a full disk, a read-only root (FileNotFoundError: a missing file)
+        fail(os_error(exc, where=cfg.root))
+    except (ValueError, RuntimeError) as exc:  # Checkpoint/Data/RetrainError, Redis down
         fail(str(exc))
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
@@ -141,6 +148,20 @@ def _stream_reader(redis_url: str) -> ReadEvents:
     return read
 
 
+def _erasure_reader(redis_url: str) -> ReadErasures:
+    """The service's erasure ledger as retraining's read_erasures (service/store.py)."""
+    from service.store import StoreUnavailable, read_erasures
+
+    def read() -> ErasureLedger:
+        try:
+            return read_erasures(redis_url)
+        except StoreUnavailable as exc:
+            hint = "start Redis and run again (the events read so far are kept in the log)"
+            raise RuntimeError(f"{exc}; {hint}") from exc
+
+    return read
+
+
 def _report(result: RetrainResult) -> None:
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     typer.echo(f"retrain {result.status}: {result.reason}")
@@ -148,6 +169,11 @@ def _report(result: RetrainResult) -> None:
         f"  events   {result.new_events} new, {result.events_total} consumed in total"
         f"{'' if result.stream else ' (no stream)'}, cursor {result.last_event_id or '-'}"
     )
+    if result.erased_users:
+        typer.echo(
+            f"  erasures {result.erased_users} users in the ledger: {result.purged_events} events of"
+            f" {result.purged_users} dropped from the log, {result.erased_seed_users} left out of the seed"
+        )
     if result.samples:
         typer.echo("  samples  " + ", ".join(f"{k}={v}" for k, v in result.samples.items()))
     typer.echo(f"  current  {result.current_version}  {result.metric} {fmt(result.current_metric)}")

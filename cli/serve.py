@@ -34,10 +34,10 @@ def serve(
     """Start the HTTP service (FastAPI + uvicorn). Every setting also reads R2EC_* env vars."""
     from pydantic import ValidationError
 
-    from model.checkpoint import CheckpointError, read_meta, resolve_checkpoint
+    from model.checkpoint import CURRENT_FILE, META_FILE, CheckpointError, read_meta, resolve_checkpoint
     from service.app import create_app
     from service.config import Settings
-    from service.server import run
+    from service.server import StartupError, run
 
     overrides = {
         "log_level": common.LOG_LEVEL,  # `r2ec --log-level`, which reads R2EC_LOG_LEVEL too
@@ -54,10 +54,16 @@ def serve(
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         fail(f"bad setting: {exc}")
+    path = settings.checkpoint
     try:
-        read_meta(resolve_checkpoint(settings.checkpoint))
+        read_meta(resolve_checkpoint(path))
     except CheckpointError as exc:
-        fail(f"{exc}; create one with `r2ec checkpoint init --data DIR --out {settings.checkpoint}`")
+        if any((path / name).exists() for name in (META_FILE, CURRENT_FILE, "best")):
+            fail(str(exc))  # a damaged checkpoint, a pointer to a missing version: it says what to do
+        fail(f"{exc}; create one with `r2ec checkpoint init --data DIR --out {path}`")
     # On SIGTERM: stop accepting, answer what is in flight within R2EC_SHUTDOWN_GRACE_S (the rest
     # gets a JSON 503 + Retry-After), then exit (service/server.py).
-    run(create_app(settings), settings, host=host, port=port)
+    try:
+        run(create_app(settings), settings, host=host, port=port)
+    except StartupError as exc:  # the first load failed: a damaged file, named
+        fail(str(exc))

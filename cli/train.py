@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import fail
+from cli.common import fail, os_error
 from cli.overrides import SetOption, recpo_config
 
 if TYPE_CHECKING:
@@ -79,7 +79,9 @@ def train_cmd(
             said = f"stopped ({name}) while setting up, before the first step: run the command again"
             typer.secho(said, err=True, fg=typer.colors.YELLOW)
         raise typer.Exit(128 + signals[-1]) from None
-    except (DataError, ValueError, OSError) as exc:
+    except OSError as exc:  # a full disk, a read-only OUT: the path and what to do
+        fail(os_error(exc, where=out))
+    except (DataError, ValueError) as exc:
         fail(str(exc))
     typer.echo(f"best checkpoint: {best}")
 

@@ -33,9 +33,7 @@ rollback`), everything else resolves a path with `resolve_checkpoint`.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
-import functools
 import json
 import logging
 import os
@@ -64,9 +62,13 @@ from model.data.dataset import (
     fsync_path,
     fsync_tree,
     make_dirs,
+    recover_dir,
     remove_path,
     remove_stale,
+    swap_into_place,
+    write_error,
 )
+from model.data.dataset import new_dir_beside as _new_dir_beside  # the swap's home: model/data has no torch
 from model.distributed import resolve_device
 from model.prompts import PromptConfig
 from model.r2ec import R2ec
@@ -87,6 +89,7 @@ INDEX_DIR = "index"  # the service's item index and its record of item edits (se
 ITEM_FIELDS = ("title", "year", "genres", "description")  # an item's text, as the catalog keeps it
 EDITS_FILE = "item_edits.json"  # a published version's item edits, carried from the one before
 WEIGHT_KINDS = ("base", "full", "lora")
+RESUME_STATE_FILE = "trainer_state.pt"  # what a training run's last/ holds besides (model/train.py)
 
 
 class CheckpointError(ValueError):
@@ -218,37 +221,45 @@ def save_checkpoint(
         **(extra or {}),
     }
     make_dirs(out.parent)
-    tmp = _new_dir_beside(out)
+    part = "."  # what is being written, for an error to name (under `out`, not the temporary dir)
     try:
-        if weights == "full":
-            model.lm.save_pretrained(tmp / "model")
-        elif weights == "lora":
-            model.lm.save_pretrained(tmp / "adapter")  # a PeftModel saves the adapter only
-        model.tokenizer.save_pretrained(tmp / "tokenizer")
-        items.reset_index(drop=True).to_parquet(tmp / ITEMS_FILE, index=False)
+        tmp = _new_dir_beside(out)
+    except OSError as exc:
+        raise write_error(exc, out) from exc
+    try:
+        if weights in ("full", "lora"):  # a PeftModel saves the adapter only
+            part = "model" if weights == "full" else "adapter"
+            model.lm.save_pretrained(tmp / part)
+        part = "tokenizer"
+        model.tokenizer.save_pretrained(tmp / part)
+        part = ITEMS_FILE
+        items.reset_index(drop=True).to_parquet(tmp / part, index=False)
         if vectors is not None:
-            np.save(tmp / VECTORS_FILE, vectors)
+            part = VECTORS_FILE
+            np.save(tmp / part, vectors)
         if model.prompts.cowatch_hints:
             if model.cowatch is None:
                 raise CheckpointError("the prompts name co-watch hints but the model has no co-watch table")
+            part = COWATCH_FILE
             model.cowatch.save(tmp)
         if write_extra is not None:
+            part = "."
             write_extra(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        part = META_FILE
+        (tmp / part).write_text(json.dumps(meta, indent=2, default=str))
+        part = "."
         _swap_into_place(tmp, out)
+    except (CheckpointError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 (safetensors, tokenizers, torch: each its own type)
+        failed = write_error(exc, out / part if part != "." else out)
+        if isinstance(exc, OSError) or failed.errno is not None:  # an I/O failure: one line naming it
+            raise failed from exc
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("saved checkpoint %s (version %s)", out, meta["version"])
     return meta
-
-
-def _new_dir_beside(out: Path) -> Path:
-    """An empty temporary directory next to `out`, made by a plain mkdir (the umask's mode):
-    mkdtemp's 0700 would stay with the checkpoint once renamed into place, readable only by
-    the user who wrote it (a service running as another user could not load it)."""
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    return tmp
 
 
 def check_replaceable(out: Path | str) -> None:
@@ -260,47 +271,19 @@ def check_replaceable(out: Path | str) -> None:
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Make the finished directory `tmp` the checkpoint `out` (`check_replaceable`): its files
-    reach the disk before it is renamed and the rename after (model/data/dataset.py
-    `fsync_tree`), so after a power loss `out` holds no empty or truncated file.
+    """Make the finished directory `tmp` the checkpoint `out` (`check_replaceable`), flushed to
+    the disk and in one swap where Linux can (model/data/dataset.py `swap_into_place`).
 
-    An existing `out` is swapped with `tmp` in one step where Linux can (`_exchange`: ext4,
-    xfs, btrfs, tmpfs), so `out` is never missing. Elsewhere (e.g. NFS) it takes two renames,
-    `out` to `.NAME.old-*` and `tmp` to `out`, and for a moment there is no `out`: a service
-    following a checkpoint directory sees no version at that poll and keeps serving
-    (service/state.py `_watch`), one following a versions root never meets it (a published
-    version is never overwritten, `publish_version`; readers go through CURRENT). A process
-    that dies between the two renames leaves the old checkpoint aside, which
-    `recover_checkpoint` restores: the next save to `out` calls it first, so does a training
-    run for its best/ and last/ (model/train.py `Trainer`)."""
+    Where it takes two renames (e.g. NFS), for a moment there is no `out`: a service following
+    a checkpoint directory sees no version at that poll and keeps serving (service/state.py
+    `_watch`), one following a versions root never meets it (a published version is never
+    overwritten, `publish_version`; readers go through CURRENT). A process that dies between
+    the two renames leaves the old checkpoint aside, which `recover_checkpoint` restores: the
+    next save to `out` calls it first, so does a training run for its best/ and last/
+    (model/train.py `Trainer`)."""
     recover_checkpoint(out, writing=tmp)
     check_replaceable(out)
-    fsync_tree(tmp)
-    if not out.exists():
-        os.replace(tmp, out)
-        fsync_path(out.parent)
-        return
-    if _exchange(tmp, out):
-        old = tmp  # now holds what `out` held
-    else:
-        old = out.with_name(f".{out.name}.old-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-    fsync_path(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _asides(out: Path) -> list[Path]:
-    """The copies of `out` that `_swap_into_place` moved aside, oldest first: exactly
-    `.NAME.old-<time in ns, 20 digits>-<6 hex>`, or `.NAME.old-<6 hex>` as saves before that
-    format named them (ordered first); nothing else, however alike its name."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.old-(?:(\d{{20}})-)?[0-9a-f]{{6}}")
-    found = []
-    for p in out.parent.iterdir():
-        m = pattern.fullmatch(p.name)
-        if m is not None:
-            found.append((int(m.group(1) or 0), p.name, p))
-    return [p for *_, p in sorted(found)]
+    swap_into_place(tmp, out)
 
 
 def _temp_dirs(out: Path) -> list[Path]:
@@ -315,53 +298,9 @@ def recover_checkpoint(out: Path | str, *, writing: Path | None = None) -> None:
     """Undo a `_swap_into_place` cut between its two renames: with `out` missing, the newest
     checkpoint moved aside from it goes back; every other copy aside is removed, and so is
     every temporary directory a save to `out` killed mid-way left (`writing`: the caller's
-    own, kept). Nothing to do (the common case) costs one directory listing. For writers only
-    (a reader must not move what a writer may be renaming): the one writer of `out` holds its
-    path, so no other live process is writing a temp of it."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        return
-    asides = _asides(out)
-    if not out.exists():
-        restorable = [p for p in asides if (p / META_FILE).is_file()]
-        if restorable:
-            back = restorable[-1]
-            os.replace(back, out)
-            fsync_path(out.parent)
-            asides.remove(back)
-            log.warning("restored %s from %s, moved aside by a save that did not finish", out, back.name)
-    temps = [p for p in _temp_dirs(out) if writing is None or p.name != Path(writing).name]
-    for p in temps:
-        log.warning("removing %s, left by a save of %s that did not finish", p.name, out)
-    for p in asides + temps:
-        shutil.rmtree(p, ignore_errors=True)
-
-
-_RENAME_EXCHANGE = 2  # linux/fs.h
-_AT_FDCWD = -100
-
-
-@functools.cache
-def _renameat2() -> Any:
-    """glibc's renameat2 (2.28+), or None (another C library or OS)."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError, TypeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap the two existing paths `a` and `b` in one rename (renameat2 RENAME_EXCHANGE);
-    False, and nothing moved, where the C library, the kernel or the filesystem cannot."""
-    fn = _renameat2()
-    if fn is None:
-        return False
-    # a failed exchange moves nothing, so any error falls back to the two renames, whose own
-    # errors (ENOENT, EACCES) are the ones to report
-    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+    own, kept; model/data/dataset.py `recover_dir`). For writers only: the one writer of `out`
+    holds its path, so no other live process is writing a temp of it."""
+    recover_dir(out, META_FILE, writing=writing)
 
 
 def resolve_checkpoint(path: Path | str) -> Path:
@@ -377,7 +316,13 @@ def resolve_checkpoint(path: Path | str) -> Path:
     if (path / META_FILE).is_file():
         return path
     if (path / CURRENT_FILE).is_file():
-        return resolve_checkpoint(path / _pointer(path))
+        name = _pointer(path)
+        if not (path / name).exists():
+            raise CheckpointError(
+                f"{path / CURRENT_FILE} names {name!r}, which does not exist; point it back at a "
+                "version that does, as docs/operations.md says (R2ecModelOutdated)"
+            )
+        return resolve_checkpoint(path / name)
     if (path / "best" / META_FILE).is_file():
         return path / "best"
     raise CheckpointError(
@@ -390,7 +335,10 @@ def read_meta(path: Path | str) -> dict[str, Any]:
     meta_file = path / META_FILE
     if not meta_file.is_file():
         raise CheckpointError(f"{path} is not an R²ec checkpoint: {META_FILE} is missing")
-    meta = json.loads(meta_file.read_text())
+    with reading(meta_file, path):
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_file}: format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
@@ -399,6 +347,61 @@ def read_meta(path: Path | str) -> dict[str, Any]:
             f"understands ({FORMAT_VERSION}); upgrade r2ec-serve"
         )
     return meta
+
+
+@contextmanager
+def reading(file: Path, checkpoint: Path) -> Iterator[None]:
+    """Any failure to read `file` of `checkpoint` as a CheckpointError that names the file and
+    says what to do (`_repair_hint`). numpy, torch, safetensors, tokenizers and pyarrow each
+    raise their own error for a truncated, zero-length or unreadable file, most without naming
+    it, and click shows an EOFError as a bare "Aborted."."""
+    try:
+        yield
+    except (CheckpointError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 (each library's own error type: all mean the same here)
+        what = f"{file} is damaged or unreadable ({_reason(exc)})"
+        raise CheckpointError(f"{what}; {_repair_hint(checkpoint)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """`Type: first line of the message` (torch's run to a dozen lines), at most 200 characters."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    first = first if len(first) <= 200 else first[:197] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _repair_hint(checkpoint: Path) -> str:
+    """What to do about a damaged file of `checkpoint`: a published version is rolled back
+    from, a training run's last/ (it holds the trainer's resume state) started over, any other
+    checkpoint restored or written again."""
+    root = checkpoint.parent
+    if (root / CURRENT_FILE).is_file():
+        return (
+            f"copy a good one back, or point {root / CURRENT_FILE} at a version that loads "
+            "(docs/operations.md, R2ecModelOutdated)"
+        )
+    if (checkpoint / RESUME_STATE_FILE).is_file():
+        return "the run cannot resume from it: start it over with --overwrite"
+    return "copy a good one back, or write the checkpoint again"
+
+
+def _check_files(directory: Path, checkpoint: Path) -> None:
+    """Open each safetensors and JSON file of a directory that peft or transformers is about
+    to load, so that a damaged one is named: their errors do not say which file it was (a
+    safetensors header is checked against the file's length, so a cut file fails here)."""
+    from safetensors import safe_open
+
+    if not directory.is_dir():
+        return
+    for file in sorted(directory.iterdir()):
+        if file.suffix == ".safetensors":
+            with reading(file, checkpoint), safe_open(file, framework="pt"):
+                pass
+        elif file.suffix == ".json":
+            with reading(file, checkpoint):
+                json.loads(file.read_text(encoding="utf-8"))
 
 
 def trained_data(meta: dict[str, Any]) -> dict[str, Any]:
@@ -431,12 +434,14 @@ def load_checkpoint(
     model = load_checkpoint_model(
         path, dtype=dtype, num_threads=num_threads, merge_lora=merge_lora, trainable=trainable, device=device
     )
-    items = pd.read_parquet(path / ITEMS_FILE)
+    with reading(path / ITEMS_FILE, path):
+        items = pd.read_parquet(path / ITEMS_FILE)
     if encode_items:  # shipped without its item table: the same model re-encodes the catalog
         log.info("checkpoint %s ships no item vectors: encoding %d items", path, len(items))
         vectors = model.item_vectors(items.to_dict("records"), progress=True).numpy()
     else:
-        vectors = np.load(path / VECTORS_FILE)
+        with reading(path / VECTORS_FILE, path):
+            vectors = np.load(path / VECTORS_FILE)
     if vectors.shape != (len(items), model.hidden_size):
         raise CheckpointError(
             f"checkpoint {path}: {VECTORS_FILE} has shape {vectors.shape}, expected "
@@ -471,7 +476,9 @@ def load_checkpoint_model(
     if weights == "full":
         if not (path / "model").is_dir():
             raise CheckpointError(f"checkpoint {path} says weights=full but has no model/ directory")
-        lm = load_lm(path / "model", dtype=dtype, num_threads=num_threads)
+        _check_files(path / "model", path)
+        with reading(path / "model", path):
+            lm = load_lm(path / "model", dtype=dtype, num_threads=num_threads)
     else:
         lm = _base_of(path, meta, dtype, num_threads, given=base is not None)
         if weights == "lora":
@@ -479,12 +486,16 @@ def load_checkpoint_model(
                 raise CheckpointError(f"checkpoint {path} says weights=lora but has no adapter/ directory")
             from peft import PeftModel
 
-            lm = PeftModel.from_pretrained(lm, path / "adapter", is_trainable=trainable)
+            _check_files(path / "adapter", path)
+            with reading(path / "adapter", path):
+                lm = PeftModel.from_pretrained(lm, path / "adapter", is_trainable=trainable)
             if merge_lora and not trainable:
                 lm = lm.merge_and_unload()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    _check_files(path / "tokenizer", path)
+    with reading(path / "tokenizer", path):
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     prepare_tokenizer(tokenizer)
     if not trainable:
         lm.eval()
@@ -499,7 +510,8 @@ def load_checkpoint_model(
     if model.prompts.cowatch_hints:
         if not (path / COWATCH_FILE).exists():
             raise CheckpointError(f"checkpoint {path} names co-watch hints but is missing {COWATCH_FILE}")
-        model.cowatch = CoWatch.load(path, model.prompts.cowatch_window)
+        with reading(path / COWATCH_FILE, path):
+            model.cowatch = CoWatch.load(path, model.prompts.cowatch_window)
     if model.hidden_size != meta["hidden_size"]:
         raise CheckpointError(
             f"checkpoint {path}: model hidden size is {model.hidden_size}, "
@@ -725,8 +737,8 @@ def set_current(root: Path | str, version: str, *, timeout_s: float | None = Non
             )
         try:
             read_meta(path)
-        except (OSError, ValueError) as exc:  # CheckpointError, and a truncated r2ec.json's JSONDecodeError
-            raise CheckpointError(f"{path / META_FILE} does not read ({exc}): not serving it") from exc
+        except (OSError, ValueError) as exc:  # CheckpointError: it names the file and why
+            raise CheckpointError(f"not pointing CURRENT at {version!r}: {exc}") from exc
         _settle(root)
         if (path / PUBLISHING_FILE).exists():
             raise CheckpointError(

@@ -1,9 +1,15 @@
 """Scheduled retraining (docs/architecture.md §5): events -> samples -> warm-started RecPO -> gated publish.
 
 One run:
-1. read the events after the saved cursor and add them to the consumed-events log;
+1. read the events after the saved cursor and add them to the consumed-events log; then read the
+   erasure ledger and drop from the log every event of an erased user that arrived at or before
+   their erasure (`purge_erased`; events the same id posted later stay);
 2. rebuild the samples: the seed dataset's interactions (recovered from its samples) plus every
    consumed event, split with the seed's protocol by the same builder `r2ec data prepare` uses;
+   an erased user's seed interactions are left out whole (the seed is the operator's, not
+   rewritten: every run leaves them out). A run that skips training still rebuilds the samples
+   once erasures changed the log or the seed's share, so no erased data stays in the rebuilt
+   dataset on disk;
 3. train from the CURRENT checkpoint (model/train.py `train(cfg, dataset, base=checkpoint)`);
 4. rank the same valid samples with the candidate and the current checkpoint;
 5. publish the candidate as ROOT/<version> (with the current version's item edits,
@@ -27,6 +33,10 @@ Versions and CURRENT are model/checkpoint.py's (one registry for the service and
 Reading the events is the caller's job (`read_events`, e.g. service/store.py's `read_stream`):
 its cursor is an opaque string this module stores and hands back, never parses, so the
 stream's key and id formats stay in service/store.py and model/ imports nothing from service/.
+The erasure ledger comes the same way (`read_erasures`, e.g. service/store.py's
+`read_erasures`): which users were erased, and whether an erasure came after an event, by the
+event's id, which only the reader can tell. Erasing a user does not take back what published
+versions learnt from them: each run trains from CURRENT (docs/operations.md, "Erasing a user").
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -113,6 +123,23 @@ class Interaction(Protocol):
 ReadEvents = Callable[[str | None], tuple[Sequence[Interaction], str | None]]
 
 
+class Erasures(Protocol):
+    """The erasure ledger as retraining reads it (service/store.py's ErasureLedger is one)."""
+
+    @property
+    def users(self) -> Collection[str]: ...  # every user erased
+
+    def covers(self, user_id: str, event_id: str) -> bool:
+        """Whether the user's latest erasure came at or after their event `event_id` (an
+        `Interaction.id` of the same reader's)."""
+        ...
+
+
+# read_erasures() -> the ledger as it is now. Read after the events, so an erasure that lands
+# between the two reads still covers the events read.
+ReadErasures = Callable[[], Erasures]
+
+
 @dataclass
 class RetrainConfig:
     """root: versions root (holds CURRENT); data: the seed prepared dataset;
@@ -167,6 +194,10 @@ class RetrainResult:
     events_total: int = 0
     events_unknown_item: int = 0
     last_event_id: str | None = None  # the reader's cursor after this run (None: nothing read yet)
+    erased_users: int = 0  # users in the erasure ledger this run read (0: no ledger)
+    purged_events: int = 0  # erased users' events this run dropped from the events log
+    purged_users: int = 0  # the users those events were of
+    erased_seed_users: int = 0  # erased users whose seed interactions the rebuilt samples left out
     samples: dict[str, int] = field(default_factory=dict)
     pruned: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -239,13 +270,25 @@ def events_frame(events: Sequence[Interaction]) -> pd.DataFrame:
     )
 
 
+def seed_users(seed: PreparedDataset) -> set[str]:
+    """The users the seed's samples hold (those `seed_interactions` recovers)."""
+    return {str(u) for name in SPLITS for u in seed.split(name)["user_id"]}
+
+
 def rebuild_dataset(
-    seed: PreparedDataset, events: pd.DataFrame, out_dir: Path
+    seed: PreparedDataset, events: pd.DataFrame, out_dir: Path, erased: Collection[str] = ()
 ) -> tuple[PreparedDataset, int]:
     """Seed interactions + consumed events -> samples, split as the seed was, written to
-    out_dir/<name>/<protocol>/. Events on items outside the catalog are dropped (the
-    checkpoint's catalog is fixed); returns the dataset and how many were dropped."""
+    out_dir/<name>/<protocol>/ (replacing what an earlier run wrote there). Events on items
+    outside the catalog are dropped (the checkpoint's catalog is fixed); returns the dataset and
+    how many were dropped. The seed's interactions and prior items of an `erased` user are left
+    out whole (their events, as the log holds them, stay: `purge_erased` kept those)."""
     inter, target_ok = seed_interactions(seed)
+    prior = seed.prior
+    if erased:
+        keep = ~inter["user_id"].isin(set(erased)).to_numpy()
+        inter, target_ok = inter[keep].reset_index(drop=True), target_ok[keep]
+        prior = {user: items for user, items in (prior or {}).items() if user not in set(erased)}
     known = events["item_id"].isin(set(seed.items["item_id"]))
     new = events.loc[known, ["user_id", "item_id", "rating", "timestamp"]]
     merged = pd.concat([inter, new], ignore_index=True)
@@ -266,7 +309,7 @@ def rebuild_dataset(
         max_history=int(seed.meta.get("max_history", 20)),
         source=source,
         target_mask=mask,
-        prior=seed.prior,
+        prior=prior,
     )
     return load_prepared(path), int((~known).sum())
 
@@ -297,7 +340,19 @@ def _remove_dead_temps(work: Path) -> None:
 
 def read_state(work: Path) -> dict[str, Any]:
     path = work / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        reason = f"a JSON {type(state).__name__}, not an object"
+    except (OSError, ValueError) as exc:  # UnicodeError and JSONDecodeError are ValueErrors
+        state, reason = None, f"{type(exc).__name__}: {exc}"
+    if not isinstance(state, dict):
+        raise RetrainError(
+            f"{path} is damaged or unreadable ({reason}); restore it, or move it away: the next run "
+            f"reads the stream from its start and skips the events {work / EVENTS_FILE} already holds"
+        )
+    return state
 
 
 def _read_events_log(work: Path) -> pd.DataFrame:
@@ -323,13 +378,70 @@ def consume_events(work: Path, read_events: ReadEvents) -> tuple[pd.DataFrame, i
     new = new[~new["event_id"].isin(set(logged["event_id"]))]
     if len(new):
         logged = pd.concat([logged, new], ignore_index=True) if len(logged) else new.reset_index(drop=True)
-        table = pa.Table.from_pandas(
-            logged[list(EVENT_SCHEMA.names)], schema=EVENT_SCHEMA, preserve_index=False
-        )
-        atomic_write(work / EVENTS_FILE, lambda tmp: pq.write_table(table, tmp))
+        _write_events_log(work, logged)
     _write_state(work, {**state, "last_event_id": cursor, "events_total": int(len(logged))})
     log.info("read %d new events (cursor now %s, %d in total)", len(new), cursor, len(logged))
     return logged, int(len(new)), cursor
+
+
+@dataclass
+class Purge:
+    """What `purge_erased` did: users in the ledger, events dropped from the log, their users."""
+
+    erased_users: int = 0
+    events: int = 0
+    users: int = 0
+
+
+def purge_erased(work: Path, erasures: Erasures) -> tuple[pd.DataFrame, Purge]:
+    """Drop from the events log every event of an erased user that arrived at or before their
+    latest erasure (`erasures.covers`); the user's later events stay. The log is rewritten
+    atomically (`atomic_write`), and state.json's `trained_events` (how many logged events a
+    finished run trained on: the log's first rows, as it only grows at its end) shrinks by the
+    dropped ones among them, so the events not trained on yet still count as pending.
+
+    `purge_epoch` in state.json counts the purges that changed anything, users joining the
+    ledger included (their seed interactions leave the samples; state.json keeps how many
+    users the ledger had, never their ids); it is raised before the log
+    is rewritten, so a crash between leaves the rebuilt dataset marked stale (`retrain`
+    rebuilds it), never marked clean. A crash after the rewrite, before `trained_events` is
+    lowered, leaves it too high: the next run may wait for more new events, nothing is lost.
+    Returns the log and what was dropped."""
+    logged = _read_events_log(work)
+    erased = set(erasures.users)
+    purge = Purge(erased_users=len(erased))
+    rows = np.flatnonzero(logged["user_id"].isin(erased).to_numpy()) if erased else np.array([], int)
+    drop = np.zeros(len(logged), dtype=bool)
+    for i in rows:
+        drop[i] = erasures.covers(str(logged["user_id"].iat[i]), str(logged["event_id"].iat[i]))
+    purge.events, purge.users = int(drop.sum()), int(logged.loc[drop, "user_id"].nunique())
+    state = read_state(work)
+    # the ledger only grows (a user erased again keeps one entry): a new user changes its size
+    if not purge.events and int(state.get("erased_users", 0)) == len(erased):
+        return logged, purge
+    state["purge_epoch"] = int(state.get("purge_epoch", 0)) + 1
+    _write_state(work, {**state, "erased_users": len(erased)})
+    if purge.events:
+        kept = logged[~drop].reset_index(drop=True)
+        _write_events_log(work, kept)
+        trained = int(state.get("trained_events", len(logged)))
+        state = read_state(work)
+        _write_state(
+            work,
+            {
+                **state,
+                "trained_events": trained - int(drop[:trained].sum()),
+                "events_total": int(len(kept)),
+                "purged_events": int(state.get("purged_events", 0)) + purge.events,
+            },
+        )
+        logged = kept
+    return logged, purge
+
+
+def _write_events_log(work: Path, events: pd.DataFrame) -> None:
+    table = pa.Table.from_pandas(events[list(EVENT_SCHEMA.names)], schema=EVENT_SCHEMA, preserve_index=False)
+    atomic_write(work / EVENTS_FILE, lambda tmp: pq.write_table(table, tmp))
 
 
 def _write_state(work: Path, state: dict[str, Any]) -> None:
@@ -373,9 +485,12 @@ def gate(
 
 
 # -- one run -----------------------------------------------------------------------------------
-def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> RetrainResult:
+def retrain(
+    cfg: RetrainConfig, read_events: ReadEvents | None = None, read_erasures: ReadErasures | None = None
+) -> RetrainResult:
     """One retraining run (module docstring). `read_events=None`: no stream, train on the
-    seed dataset plus the events consumed so far."""
+    seed dataset plus the events consumed so far. `read_erasures=None`: no erasure ledger (the
+    events log is kept as it is)."""
     from model.train import train  # heavy; keeps `import model.retrain` cheap for the CLI
 
     started = time.perf_counter()
@@ -391,6 +506,12 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
             events, new, cursor = _read_events_log(work), 0, read_state(work).get("last_event_id")
         else:
             events, new, cursor = consume_events(work, read_events)
+        erased: set[str] = set()
+        purge = Purge()
+        if read_erasures is not None:  # after the events: an erasure meanwhile covers them
+            erasures = read_erasures()
+            erased = set(erasures.users)
+            events, purge = purge_erased(work, erasures)
         result = RetrainResult(
             status="skipped",
             reason="",
@@ -401,6 +522,9 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
             new_events=new,
             events_total=int(len(events)),
             last_event_id=cursor,
+            erased_users=purge.erased_users,
+            purged_events=purge.events,
+            purged_users=purge.users,
         )
         if read_events is not None:
             # events since the last run that reached the gate: a run that failed after reading
@@ -408,8 +532,13 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
             pending = len(events) - int(read_state(work)["trained_events"])
             if pending < cfg.min_events:
                 result.reason = f"{pending} events not trained on yet, fewer than min_events={cfg.min_events}"
+                state = read_state(work)
+                built = work / DATA_DIR / seed.name / seed.protocol  # complete or not (a crash)
+                if built.exists() and state.get("data_epoch", 0) != state.get("purge_epoch", 0):
+                    # no erased data stays on disk until the next training run
+                    _rebuild(seed, events, work, erased, result)
                 return _finish(work, result, started)
-        ds, result.events_unknown_item = rebuild_dataset(seed, events, work / DATA_DIR)
+        ds = _rebuild(seed, events, work, erased, result)
         result.samples = {name: int(len(ds.split(name))) for name in SPLITS}
         if eval_rows(ds, validation_eval_config(cfg.train)).empty:
             raise RetrainError(
@@ -437,6 +566,18 @@ def retrain(cfg: RetrainConfig, read_events: ReadEvents | None = None) -> Retrai
         finally:
             shutil.rmtree(run, ignore_errors=True)
         return _finish(work, result, started)
+
+
+def _rebuild(
+    seed: PreparedDataset, events: pd.DataFrame, work: Path, erased: set[str], result: RetrainResult
+) -> PreparedDataset:
+    """`rebuild_dataset` into work/data, its counts into `result`; state.json's `data_epoch`
+    records the `purge_epoch` the rebuilt dataset reflects."""
+    epoch = read_state(work).get("purge_epoch", 0)
+    ds, result.events_unknown_item = rebuild_dataset(seed, events, work / DATA_DIR, erased)
+    result.erased_seed_users = len(erased & seed_users(seed))
+    _write_state(work, {**read_state(work), "data_epoch": epoch})
+    return ds
 
 
 def _publish(root: Path, work: Path, best: Path, result: RetrainResult, started: float, trained: int) -> bool:
@@ -534,5 +675,14 @@ def _finish(work: Path, result: RetrainResult, started: float) -> RetrainResult:
     if result.status == "published":  # what the service exports as the last publish's time
         state["last_published_at"] = result.finished_at
     _write_state(work, state)
+    if result.erased_users:
+        log.info(
+            "erasure ledger: %d users; dropped %d events of %d of them from the events log; "
+            "left %d of them out of the seed's samples",
+            result.erased_users,
+            result.purged_events,
+            result.purged_users,
+            result.erased_seed_users,
+        )
     log.info("retrain %s: %s", result.status, result.reason)
     return result

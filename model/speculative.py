@@ -48,6 +48,7 @@ class NgramDrafter:
             raise ValueError(f"need tokens, max_ngram and memory >= 1, got {tokens}, {max_ngram}, {memory}")
         self.tokens = tokens
         self.max_ngram = max_ngram
+        self.memory = memory
         self._texts: deque[list[int]] = deque(maxlen=memory)
         # n-gram -> (text, where its continuation begins), the latest text that has it
         self._index: dict[tuple[int, ...], tuple[list[int], int]] = {}

@@ -39,11 +39,11 @@ from tqdm.auto import tqdm
 
 from model import distributed as dist
 from model import losses
-from model.checkpoint import read_meta, recover_checkpoint, save_checkpoint
+from model.checkpoint import RESUME_STATE_FILE, read_meta, reading, recover_checkpoint, save_checkpoint
 from model.cowatch import CoWatch
 from model.curves import log_record, plot_curves
 from model.data import PreparedDataset
-from model.data.dataset import atomic_write
+from model.data.dataset import atomic_write, write_error
 from model.evaluate import evaluate_model, validation_eval_config
 from model.item_table import ItemTable
 from model.lora import build_model, trainable_parameters, weights_kind
@@ -57,7 +57,7 @@ from model.samples import TrainingPrompts
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = RESUME_STATE_FILE  # in OUT/last
 LOG_FILE = "log.jsonl"
 CURVES_FILE = "curves.png"
 RUN_MARKS = ("best", "last", LOG_FILE)  # any of them: OUT holds a run a new one must not mix into
@@ -168,7 +168,14 @@ class Trainer:
                 recover_checkpoint(self.out / name)
         dist.barrier()
         if resume and not (resume_dir / STATE_FILE).is_file():
-            raise FileNotFoundError(f"--resume: no {resume_dir / STATE_FILE} to resume from")
+            if not resume_dir.exists():  # stopped before its first save (best/ may be there)
+                raise FileNotFoundError(
+                    f"--resume: {self.out} holds no last/ checkpoint: nothing was saved to resume "
+                    "from yet; start the run over with --overwrite"
+                )
+            raise FileNotFoundError(
+                f"--resume: no {resume_dir / STATE_FILE} to resume from; start the run over with --overwrite"
+            )
         if not resume and not overwrite and (held := held_run(self.out)):
             raise ValueError(
                 f"{self.out} already holds a run ({', '.join(held)}); pass --resume to continue it, "
@@ -636,10 +643,11 @@ class Trainer:
         self.saved_step = self.state.step
 
     def _load(self, resume_dir: Path) -> None:
-        blob = torch.load(resume_dir / STATE_FILE, weights_only=False)
-        self.opt.load_state_dict(blob)
-        self.state = TrainState(**blob["state"])
-        self.table.vectors = blob["item_table"]
+        with reading(resume_dir / STATE_FILE, resume_dir):  # cut short: a CheckpointError naming it
+            blob = torch.load(resume_dir / STATE_FILE, weights_only=False)
+            self.opt.load_state_dict(blob)
+            self.state = TrainState(**blob["state"])
+            self.table.vectors = blob["item_table"]
         dist.restore_rng_state(blob["rng"])
         log.info("resumed from %s at step %d", resume_dir, self.state.step)
 
@@ -665,5 +673,8 @@ class Trainer:
             log.info("%s: dropped %d lines logged after step %d", path, len(lines) - len(kept), step)
 
     def _log(self, record: dict) -> None:
-        with open(self.out / LOG_FILE, "a") as fh:
-            fh.write(json.dumps(record, default=str) + "\n")
+        try:
+            with open(self.out / LOG_FILE, "a") as fh:
+                fh.write(json.dumps(record, default=str) + "\n")
+        except OSError as exc:  # a full disk names no file
+            raise write_error(exc, self.out / LOG_FILE) from exc

@@ -55,10 +55,16 @@ def create_app(
             settings.event_dedup_ttl_s,
         )
         try:
-            the_engine = engine or await asyncio.get_running_loop().run_in_executor(
-                executor,
-                lambda: Recommender.load_or_fall_back(settings.checkpoint, **settings.load_kwargs()),
-            )
+            try:
+                the_engine = engine or await asyncio.get_running_loop().run_in_executor(
+                    executor,
+                    lambda: Recommender.load_or_fall_back(settings.checkpoint, **settings.load_kwargs()),
+                )
+            except (ValueError, OSError) as exc:  # a damaged or unreadable file (CheckpointError), a device
+                # why the service cannot start, in one line: `r2ec serve` prints it in place of
+                # the lifespan's traceback (service/server.py)
+                app.state.startup_error = str(exc)
+                raise
             state = ServiceState(settings, the_engine, the_store, metrics, executor)
             await state.start()
         except BaseException:
@@ -67,10 +73,13 @@ def create_app(
                 await the_store.close()
             raise
         app.state.r2ec = state
+        # the state holds the model from here: this frame lives as long as the process, and a
+        # name in it would keep the first model alive past every reload (~1.3 GB of SmolLM2)
+        del the_engine
         log.info(
             "serving model %s (%d items, store %s, max_batch %d, max_wait %.0f ms)",
-            the_engine.version,
-            len(the_engine.catalog.index),
+            state.engine.version,
+            len(state.engine.catalog.index),
             getattr(the_store, "kind", "?"),
             settings.max_batch,
             settings.max_wait_ms,
@@ -86,6 +95,7 @@ def create_app(
 
     app = FastAPI(title="R²ec serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.r2ec = None
+    app.state.startup_error = None  # set by the lifespan when the first load fails
     # ui.router: the page (GET /) and catalog search (GET /items)
     routers = [routes.recommend_router(settings), routes.router, ui.router]
     for router in routers:

@@ -153,7 +153,7 @@ class QueueingBatcher(Generic[Q]):
         log.info(
             "draining: %d queued, %d running, %.1fs to answer them",
             self.queue_depth,
-            len(self._running),
+            self.active,  # the continuous decode's joining requests too, not only its running
             grace_s,
         )
         if self._wakeup is not None:

@@ -141,55 +141,60 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
             while not self._pending and not self._running and not self._orphans:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            admit: list[_Request[Q]] = []
-            while self._pending and len(self._running) + len(admit) < self.slots:
-                r = self._pending.popleft()
-                if not r.future.done():  # cancelled while waiting: never admitted
-                    admit.append(r)
-            self._on_depth(len(self._pending))
-            cancelled = [r for r in self._running if r.future.done()] + self._orphans
-            self._orphans = []
-            self._running = [r for r in self._running if not r.future.done()]
-            running = list(self._running)
-            self._admitting = admit  # on the model thread this tick, though in neither list yet
-            try:
-                answered = await loop.run_in_executor(self._executor, self._tick, admit, running, cancelled)
-            except asyncio.CancelledError:
-                for r in [*admit, *running]:
-                    if not r.future.done():
-                        r.future.set_exception(BatcherClosed("the service is shutting down"))
-                raise
-            except Exception as exc:  # the runner broke: fail what it held, keep serving
-                log.exception("decode step failed with %d requests", len(admit) + len(running))
-                for r in [*admit, *running]:
-                    self._fail(r, exc)
-                # still held by the runner: the next tick drops them there
-                self._orphans = [r for r in [*admit, *running] if r.handle is not None]
-                self._running = []
+            # one tick in a call of its own: its requests (and through their runners, the model
+            # they ran on) are not held by this frame while it waits, idle, past a reload
+            await self._step(loop)
+
+    async def _step(self, loop: asyncio.AbstractEventLoop) -> None:
+        admit: list[_Request[Q]] = []
+        while self._pending and len(self._running) + len(admit) < self.slots:
+            r = self._pending.popleft()
+            if not r.future.done():  # cancelled while waiting: never admitted
+                admit.append(r)
+        self._on_depth(len(self._pending))
+        cancelled = [r for r in self._running if r.future.done()] + self._orphans
+        self._orphans = []
+        self._running = [r for r in self._running if not r.future.done()]
+        running = list(self._running)
+        self._admitting = admit  # on the model thread this tick, though in neither list yet
+        try:
+            answered = await loop.run_in_executor(self._executor, self._tick, admit, running, cancelled)
+        except asyncio.CancelledError:
+            for r in [*admit, *running]:
+                if not r.future.done():
+                    r.future.set_exception(BatcherClosed("the service is shutting down"))
+            raise
+        except Exception as exc:  # the runner broke: fail what it held, keep serving
+            log.exception("decode step failed with %d requests", len(admit) + len(running))
+            for r in [*admit, *running]:
+                self._fail(r, exc)
+            # still held by the runner: the next tick drops them there
+            self._orphans = [r for r in [*admit, *running] if r.handle is not None]
+            self._running = []
+            return
+        finally:
+            self._admitting = []
+        self.ticks += 1
+        now = time.perf_counter()
+        done_ids = set()
+        for r, output in answered:
+            done_ids.add(id(r))
+            w = BATCH_TIME_SMOOTHING
+            took = now - r.started
+            self._request_s = took if self._request_s is None else (1 - w) * self._request_s + w * took
+            if r.future.done():  # cancelled or refused by the drain meanwhile
                 continue
-            finally:
-                self._admitting = []
-            self.ticks += 1
-            now = time.perf_counter()
-            done_ids = set()
-            for r, output in answered:
-                done_ids.add(id(r))
-                w = BATCH_TIME_SMOOTHING
-                took = now - r.started
-                self._request_s = took if self._request_s is None else (1 - w) * self._request_s + w * took
-                if r.future.done():  # cancelled or refused by the drain meanwhile
-                    continue
-                if isinstance(output, BaseException):
-                    r.future.set_exception(output)
-                else:
-                    r.future.set_result(output)
-            self._running = [
-                r for r in [*self._running, *admit] if id(r) not in done_ids and r.handle is not None
-            ]
-            admitted = [r for r in admit if r.handle is not None]
-            for _ in admitted:  # how many decoded together when it joined (it may be done already)
-                self._on_batch(len(running) + len(admitted))
-                self.batches += 1
+            if isinstance(output, BaseException):
+                r.future.set_exception(output)
+            else:
+                r.future.set_result(output)
+        self._running = [
+            r for r in [*self._running, *admit] if id(r) not in done_ids and r.handle is not None
+        ]
+        admitted = [r for r in admit if r.handle is not None]
+        for _ in admitted:  # how many decoded together when it joined (it may be done already)
+            self._on_batch(len(running) + len(admitted))
+            self.batches += 1
 
     def _fail(self, r: _Request[Q], exc: Exception) -> None:
         if not r.future.done():

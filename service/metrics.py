@@ -40,7 +40,16 @@ TOKEN_BUCKETS = (0, 8, 16, 32, 64, 128, 256, 512)
 WATCH_STAGES = ("pointer", "reload", "sync")  # r2ec_watch_errors_total's stages (service/state.py)
 REJECTION_REASONS = ("queue_full", "shutting_down", "body_too_large")  # r2ec_rejected_total's
 # r2ec_store_errors_total's operations (service/store.py's StoreUnavailable.op)
-STORE_OPS = ("get_history", "append_events", "get_seen", "read_events", "cache_get", "cache_set", "ping")
+STORE_OPS = (
+    "get_history",
+    "append_events",
+    "get_seen",
+    "read_events",
+    "cache_get",
+    "cache_set",
+    "erase_user",
+    "ping",
+)
 RELOAD_OUTCOMES = ("ok", "failed")
 STREAM_OUTCOMES = ("ok", "error", "disconnected", "cancelled")  # service/streaming.py
 

@@ -47,7 +47,20 @@ class _IdConvertor(Convertor[str]):
         return value
 
 
+class _UserConvertor(_IdConvertor):
+    """A user id that ends the path (DELETE /users/{user_id}): any id but one ending in
+    "/events" or "/history", which are the user's events and history, each a route of its own,
+    or in those and a "/", which the server redirects there (as it always did). So a URL belongs
+    to one route, as with every other id route: DELETE /users/alice/history is a 405, not the
+    erasure of a user called "alice/history" while alice stays; POST /users/x/events/ is still
+    redirected to the events, and /users//events (no id) is still no route. An id with such an
+    ending is erased with `r2ec user erase` (cli/user.py)."""
+
+    regex = r"[\s\S]+(?<!/events)(?<!/history)(?<!/events/)(?<!/history/)"
+
+
 register_url_convertor("id", _IdConvertor())
+register_url_convertor("user", _UserConvertor())
 
 # The same id rules as in bodies (service/schemas.py `PathId`), so a path id and a body id agree. Every id
 # segment uses the `id` convertor (`{user_id:id}`), which takes the rest of the path up to the
@@ -261,6 +274,32 @@ async def get_history(user_id: UserIdPath, store: StoreDep, catalog: CatalogDep)
             )
             for e in events
         ],
+    )
+
+
+@router.delete(
+    "/users/{user_id:user}",
+    response_model=schemas.UserErasure,
+    tags=["admin"],
+    dependencies=Admin,
+    responses=documented(401, 403, 422, 500, 503),
+)
+async def erase_user(user_id: UserIdPath, state: StateDep) -> schemas.UserErasure:
+    """Erase a user (GDPR Art. 17; admin): their stored history, seen items, event ids, their
+    entries in the event stream retraining reads, and the reasonings cached for requests that
+    read their stored history; recorded in the ledger the next retraining run honours. The
+    receipt counts what went and lists in `remains` what this call cannot remove. An unknown
+    user is not an error (0 removed); a repeat is harmless. Events the user posts afterwards
+    are kept."""
+    erased = await state.erase_user(user_id)
+    return schemas.UserErasure(
+        user_id=user_id,
+        erased_at=erased.erased_at,
+        history_events=erased.history_events,
+        seen_items=erased.seen_items,
+        stream_entries=erased.stream_entries,
+        cached_reasonings=erased.cached_reasonings,
+        remains=state.erasure_remains(),
     )
 
 

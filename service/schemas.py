@@ -342,6 +342,48 @@ class HistoryResponse(BaseModel):
     history: list[HistoryItemOut]
 
 
+class UserErasure(BaseModel):
+    """The receipt of DELETE /users/{user_id}."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "alice@example.com",
+                    "erased_at": "2026-12-07T17:20:35.123+00:00",
+                    "history_events": 4,
+                    "seen_items": 4,
+                    "stream_entries": 4,
+                    "cached_reasonings": 1,
+                    "remains": [
+                        "Redis's append-only file and RDB snapshots hold the erased data until they "
+                        "are rewritten: BGREWRITEAOF for the AOF, the next BGSAVE for the RDB file.",
+                        "Backups of Redis, of the versions root and of the seed dataset, until they expire.",
+                    ],
+                }
+            ]
+        }
+    )
+
+    user_id: str = Field(
+        description="The user erased: the rest of the path, '/' included ('/users/a/b' erases 'a/b')."
+    )
+    erased_at: str = Field(description="When, ISO 8601 UTC, by the store's clock.")
+    history_events: int = Field(description="Events removed from the stored history (its window).")
+    seen_items: int = Field(description="Items removed from the user's seen set.")
+    stream_entries: int = Field(
+        description="The user's entries removed from the event stream retraining reads."
+    )
+    cached_reasonings: int = Field(
+        description="Cached reasonings removed: those written for requests that read this user's "
+        "stored history."
+    )
+    remains: list[str] = Field(
+        description="What this call cannot remove, each in words: where it is and what removes it "
+        '(docs/operations.md, "Erasing a user").'
+    )
+
+
 class Item(BaseModel):
     item_id: str
     title: str

@@ -16,6 +16,7 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transformers.utils import logging as hf_logging
 
 from service.app import begin_drain
@@ -47,14 +48,39 @@ class DrainingServer(uvicorn.Server):
             self._loop.call_soon_threadsafe(begin_drain, self._app)
 
 
+class StartupError(Exception):
+    """The app did not start, for the reason its lifespan recorded (`app.state.startup_error`:
+    a checkpoint file that is damaged or unreadable): one line for `r2ec serve` to print."""
+
+
+def _no_trace_for_a_known_failure(app: FastAPI) -> ASGIApp:
+    """`app` as uvicorn runs it: when the lifespan fails for a reason it recorded, Starlette's
+    traceback is left out of the startup failure uvicorn logs (57 lines for a truncated
+    adapter); `run` raises StartupError with the reason instead. Other failures keep theirs."""
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+
+        async def quiet(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and _startup_error(app) is not None:
+                message = {**message, "message": ""}
+            await send(message)
+
+        return await app(scope, receive, quiet)
+
+    return asgi
+
+
 def run(app: FastAPI, settings: Settings, host: str, port: int) -> None:
-    """Serve `app` until SIGTERM/SIGINT, then drain (module docstring)."""
+    """Serve `app` until SIGTERM/SIGINT, then drain (module docstring). StartupError when the
+    first load fails for a reason the app recorded."""
     setup_logging(settings.log_level, settings.log_format)
     # a server's log is read by a pipeline, not watched: transformers' "Loading weights" bar, at
     # each load and reload, would be a line that is neither a text log line nor JSON
     hf_logging.disable_progress_bar()
     config = uvicorn.Config(
-        app,
+        _no_trace_for_a_known_failure(app),
         host=host,
         port=port,
         log_level=settings.log_level.lower(),
@@ -64,4 +90,14 @@ def run(app: FastAPI, settings: Settings, host: str, port: int) -> None:
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s + RESPONSE_MARGIN_S),
     )
-    DrainingServer(config, app).run()
+    try:
+        DrainingServer(config, app).run()
+    except SystemExit:  # uvicorn's exit (3) when the lifespan fails (some versions return instead)
+        if _startup_error(app) is None:
+            raise
+    if (reason := _startup_error(app)) is not None:
+        raise StartupError(reason)
+
+
+def _startup_error(app: FastAPI) -> str | None:
+    return getattr(app.state, "startup_error", None)  # service/app.py sets it

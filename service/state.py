@@ -10,9 +10,13 @@ or submitted to the batch.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
+import gc
 import logging
+import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +33,7 @@ from service.continuous import ContinuousBatcher
 from service.logs import Throttled
 from service.metrics import Metrics
 from service.recommender import Recommender
-from service.store import Appended, Event, HistoryStore, RedisStore, StoreUnavailable
+from service.store import Appended, Erased, Event, HistoryStore, RedisStore, StoreUnavailable
 from service.types import CachedReasoning, PreparedQuery, Query, QueryError, Result, UnknownItemsError
 
 log = logging.getLogger(__name__)
@@ -81,6 +85,22 @@ class ClientDisconnected(Exception):
     pass
 
 
+RELEASE_POLL_S = 1.0  # how often `_release` looks whether the replaced model is gone
+RELEASE_WAIT_S = 600.0  # longer than any request decodes on it
+
+
+def release_memory() -> None:
+    """Collect, then hand the C heap's free memory back to the OS (glibc's malloc_trim): glibc
+    keeps a freed model's ~1.3 GB (SmolLM2) for reuse, so a replica's RSS rose at each reload
+    though the old model was gone. Nothing to trim where the C library has no malloc_trim."""
+    gc.collect()
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        return
+    trim(0)
+
+
 class ServiceState:
     def __init__(
         self,
@@ -129,6 +149,7 @@ class ServiceState:
         self._cache_down_until = 0.0
         self.store_down_log = Throttled(log)  # `store_failed`
         self._watcher: asyncio.Task | None = None
+        self._releases: set[asyncio.Task] = set()  # `_release` tasks, one per reload
         metrics.track_store(lambda: self.store.up)
         if isinstance(store, RedisStore):
             store.on_op = metrics.store_op
@@ -153,6 +174,8 @@ class ServiceState:
         self.batcher.drain(self.settings.shutdown_grace_s)
 
     async def stop(self) -> None:
+        for task in list(self._releases):
+            task.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
             try:
@@ -222,6 +245,78 @@ class ServiceState:
             raise UnknownItemsError(unknown, where="events")
         return await self.store.append_events(user_id, events)
 
+    async def erase_user(self, user_id: str) -> Erased:
+        """Erase the user from the store (service/store.py `erase_user`): history, seen set,
+        event ids, stream entries, the reasonings cached for their stored history, and the
+        ledger retraining reads. What this cannot reach is `erasure_remains`. Logged without the
+        id (the ledger holds it), so the log does not keep the name of whom it erased."""
+        erased = await self.store.erase_user(user_id)
+        log.info(
+            "erased a user: %d history events, %d seen items, %d stream entries, %d cached reasonings",
+            erased.history_events,
+            erased.seen_items,
+            erased.stream_entries,
+            erased.cached_reasonings,
+        )
+        return erased
+
+    def erasure_remains(self) -> list[str]:
+        """What an erasure leaves, in words for its receipt (docs/operations.md, "Erasing a
+        user"), as this service is configured."""
+        s = self.settings
+        redis = isinstance(self.store, RedisStore)
+        out = []
+        if redis:
+            out.append(
+                "Retraining's log ROOT/retrain/events.parquet and its rebuilt dataset "
+                "ROOT/retrain/data/ hold the events it consumed before this erasure until the "
+                "next `r2ec retrain` run, which reads the erasure from the ledger (r2ec:erasures) "
+                "and drops them; from then on every run also leaves this user id's interactions "
+                "out of the seed dataset."
+            )
+        out.append(
+            "Model versions already published under the versions root (CURRENT and up to "
+            "`--keep` older ones) keep what training on this user's events taught their "
+            "weights: each retrain starts from CURRENT, so only a training run from the "
+            "backbone (or a version that never saw the user) on data without them, published, "
+            "with the older versions removed, takes it out."
+        )
+        if redis:
+            out.append(
+                "Redis's append-only file and RDB snapshots hold the erased data until they are "
+                "rewritten: BGREWRITEAOF for the AOF, the next BGSAVE for the RDB file."
+            )
+        else:
+            out.append(
+                "Without Redis each replica keeps its own in-process store: this call erased "
+                "this replica's only; send it to every replica."
+            )
+        out.append("Backups of Redis, of the versions root and of the seed dataset, until they expire.")
+        out.append(
+            "Log lines naming this user id (the access log's path, a recommender or error "
+            "message) stay in the log pipeline for its retention."
+        )
+        if s.cache_size > 0:
+            lasts = (
+                f"expire {s.cache_ttl_s} s after they were written (R2EC_CACHE_TTL_S)"
+                if redis
+                else f"leave the in-process cache of {s.cache_size} entries as newer ones "
+                "replace them, or at a restart"
+            )
+            out.append(
+                "Reasonings cached for requests that sent this user's history inline, or that "
+                "read another user's identical stored history, are keyed by the history's "
+                f"content, not by a user: they {lasts}."
+            )
+        drafter = self.engine.backend.drafter
+        if drafter is not None:
+            out.append(
+                f"Each replica keeps the last {drafter.memory} reasoning texts it wrote as "
+                "speculative-decoding drafts (R2EC_SPECULATIVE_TOKENS), tied to no user: newer "
+                "texts replace them, or a restart."
+            )
+        return out
+
     async def upsert_item(self, item_id: str, fields: Mapping[str, Any]) -> tuple[Catalog, bool]:
         """Encode an item on the model thread and add or replace it; (the catalog it is in, True
         if it replaced one)."""
@@ -277,7 +372,9 @@ class ServiceState:
         if self.continuous and result.cache == "miss":  # (static batches observe per generate call)
             self.metrics.generate_seconds.observe(result.timings.generate_ms / 1e3)
         if result.generated is not None and result.cache_key is not None:
-            await self._cache_set(result.cache_key, result.generated)
+            # indexed under the user whose stored history it was made from, so their erasure
+            # finds it (service/store.py, "Erasure")
+            await self._cache_set(result.cache_key, result.generated, query.stored_user)
         return result
 
     async def _answer_cached(self, prepared: PreparedQuery) -> Result | None:
@@ -362,11 +459,11 @@ class ServiceState:
             log.warning("ignoring unreadable cache entry %s: %s", key, exc)
         return None
 
-    async def _cache_set(self, key: str, value: CachedReasoning) -> None:
+    async def _cache_set(self, key: str, value: CachedReasoning, user_id: str | None = None) -> None:
         if not self._cache_enabled:
             return
         try:
-            await self.store.cache_set(key, value.to_json())
+            await self.store.cache_set(key, value.to_json(), user_id)
         except StoreUnavailable as exc:
             self._cache_failed(exc)
 
@@ -417,7 +514,25 @@ class ServiceState:
             self.metrics.reloads.labels("ok").inc()
             self._publish_version()
             log.info("swapped model %s -> %s", old.version, new.version)
+            task = asyncio.create_task(self._release(weakref.ref(old)), name="r2ec-release-model")
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
             return old, new
+
+    async def _release(self, old: weakref.ref[Recommender]) -> None:
+        """Once nothing holds the model a reload replaced (the requests decoding on it finish
+        first, the reload's caller lets go), give its memory back to the OS (`release_memory`).
+        Gives up after RELEASE_WAIT_S: something still holds it, and a trim would free nothing."""
+        waited = 0.0
+        while old() is not None and waited < RELEASE_WAIT_S:
+            await asyncio.sleep(RELEASE_POLL_S)
+            waited += RELEASE_POLL_S
+            if old() is not None:
+                gc.collect()  # a model in a reference cycle goes only with a collection
+        if old() is None:
+            await asyncio.to_thread(release_memory)
+        else:
+            log.warning("the model a reload replaced is still held after %.0fs: not freed", waited)
 
     def _publish_version(self) -> None:
         self.metrics.serving(str(self.engine.checkpoint.meta.get("created_at", "")))
@@ -486,7 +601,9 @@ class ServiceState:
                                 exc,
                             )
             await self._sync_edits()
-            await asyncio.sleep(self.settings.watch_interval_s)
+            # ±20%: replicas that started together do not look, and reload, in the same instant
+            # (each load costs a second model's memory and the CPU for a while)
+            await asyncio.sleep(self.settings.watch_interval_s * random.uniform(0.8, 1.2))
 
     async def _sync_edits(self) -> None:
         """Apply the item edits other replicas saved beside the served checkpoint

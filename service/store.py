@@ -12,6 +12,11 @@ One interface, two stores, the same tests for both (tests/service/test_store.py)
     r2ec:event-ids:{user_id}  a sorted set: the user's event ids by arrival time, kept
                               `dedup_ttl_s`, so a retried event is not stored twice
     r2ec:reasoning:{key}      a cached reasoning (JSON), expiring after `cache_ttl_s`
+    r2ec:user-cache:{user_id} a sorted set: the cache keys written for requests that read the
+                              user's stored history, by write time (s), trimmed to and expiring
+                              after `cache_ttl_s`: what an erasure deletes of the cache
+    r2ec:erasures             a sorted set, the erasure ledger: user_id -> cutoff of the user's
+                              latest erasure, in the stream ids' milliseconds (see "Erasure")
 - `MemoryStore` (the embedded default when no Redis URL is configured): the same in process;
   the stream is a list, the cache an LRU bounded by `cache_size`, event ids kept until restart.
 
@@ -27,23 +32,39 @@ late event older than a full window is left out of the history (still in the str
 seen set). An event without a timestamp (the API stamps each with its arrival time and refuses
 one more than a day ahead, service/schemas.py; only a direct caller can leave it out) goes last,
 and later events do not move back past it. The stream stays in arrival order: it is a log.
+Erasure (`erase_user`, GDPR Art. 17): the user's history, seen set, event ids, and the cached
+reasonings written for requests that read their stored history go in one atomic step with the
+ledger entry (ERASE_SCRIPT); then their stream entries up to the cutoff, found by a paged scan
+(the stream has no index by user). The cutoff is when the erasure happened in the stream's own
+clock: every entry the stream held then has an id at or before it, and the script moves the
+stream's last id to the end of that millisecond, so every entry added later (the same id used
+again) is past it and kept. Retraining reads the ledger (`read_erasures`) to drop what it
+consumed before the erasure and the user's share of its seed dataset (model/retrain.py). A cache
+entry is indexed under the user whose stored history it was made from, in the same step as it is
+written, and not written once that user has no history (erased while the request was answered).
+Cached reasonings of requests that sent a history inline are keyed by content, not by user: they
+cannot be found, and expire after `cache_ttl_s`. The in-process store has no ledger: no
+retraining job reads its stream.
 - `read_stream(url, cursor)`: retraining's synchronous view of the Redis stream, every entry
   after an opaque cursor. Entry ids and the cursor's syntax stay in this module.
+- `read_erasures(url)`: retraining's view of the ledger, an `ErasureLedger`.
 
 Every Redis failure surfaces as `StoreUnavailable`, so callers catch one type.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
 import redis
@@ -56,12 +77,16 @@ EVENTS_STREAM = "r2ec:events"
 SEEN_KEY = "r2ec:seen:{user_id}"
 EVENT_IDS_KEY = "r2ec:event-ids:{user_id}"
 CACHE_KEY = "r2ec:reasoning:{key}"
+USER_CACHE_KEY = "r2ec:user-cache:{user_id}"
+ERASURES_KEY = "r2ec:erasures"
 DEDUP_TTL_S = 7 * 86_400
+ERASE_PAGE = 1_000  # stream entries per step of an erasure's scan (ERASE_PAGE_SCRIPT)
 
 
 class StoreUnavailable(RuntimeError):
     """The backing store could not be reached or answered with an error; `op` names the
-    operation (get_history, append_events, read_events, cache_get, cache_set, ping)."""
+    operation (get_history, append_events, get_seen, read_events, cache_get, cache_set,
+    erase_user, ping; retraining's read_erasures)."""
 
     def __init__(self, message: str, op: str = "store") -> None:
         super().__init__(message)
@@ -154,6 +179,43 @@ class StreamEntry:
         return self.added_at if self.event.timestamp is None else int(self.event.timestamp)
 
 
+@dataclass(frozen=True)
+class Erased:
+    """What one erasure removed (`HistoryStore.erase_user`), and when (ms, the store's clock)."""
+
+    user_id: str
+    erased_at_ms: int
+    history_events: int  # events of the history window
+    seen_items: int  # items of the seen set
+    stream_entries: int  # the user's entries in the event stream
+    cached_reasonings: int  # cache entries written for requests that read the stored history
+
+    @property
+    def erased_at(self) -> str:
+        """`erased_at_ms` in ISO 8601, UTC, to the millisecond."""
+        return datetime.fromtimestamp(self.erased_at_ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class ErasureLedger:
+    """The erasure ledger as retraining reads it (`read_erasures`; model/retrain.py's
+    `Erasures`): each erased user and the cutoff of their latest erasure, in the milliseconds of
+    the stream's ids. An entry the stream held when the user was erased has an id at or before
+    the cutoff; one added after it (the user id used again), an id past it (module docstring,
+    "Erasure")."""
+
+    cutoffs: Mapping[str, int]
+
+    @property
+    def users(self) -> frozenset[str]:
+        return frozenset(self.cutoffs)
+
+    def covers(self, user_id: str, entry_id: str) -> bool:
+        """Whether the user's erasure came after the stream entry `entry_id` of theirs."""
+        cutoff = self.cutoffs.get(user_id)
+        return cutoff is not None and int(entry_id.split("-")[0]) <= cutoff
+
+
 class HistoryStore(Protocol):
     window: int
     up: bool  # how its latest operation went (r2ec_store_up): False from a failure to a success
@@ -174,7 +236,15 @@ class HistoryStore(Protocol):
 
     async def cache_get(self, key: str) -> str | None: ...
 
-    async def cache_set(self, key: str, value: str) -> None: ...
+    async def cache_set(self, key: str, value: str, user_id: str | None = None) -> None:
+        """Cache a reasoning under `key`. `user_id`: the user whose stored history it was made
+        from; the entry is indexed under them for `erase_user`, in the same step, and not
+        written at all when they have no history any more (erased while it was made)."""
+
+    async def erase_user(self, user_id: str) -> Erased:
+        """Remove the user's history, seen set, event ids, stream entries and the cache entries
+        indexed under them, and record the erasure (module docstring, "Erasure"). An unknown
+        user is no error: nothing is removed. Events the user posts afterwards are kept."""
 
     async def ping(self) -> None:
         """Return if the store is reachable; raise StoreUnavailable otherwise."""
@@ -214,10 +284,14 @@ class MemoryStore:
         self.window = window
         self.cache_size = cache_size
         self._histories: dict[str, list[Event]] = {}
-        self._events: list[StreamEntry] = []
+        self._events: list[StreamEntry] = []  # ids "<n>-0", n counting every entry ever added
+        self._added = 0
         self._seen: dict[str, set[str]] = {}
         self._event_ids: dict[str, set[str]] = {}
         self._cache: OrderedDict[str, str] = OrderedDict()
+        # the cache keys written for each user's stored-history requests, and the reverse
+        self._user_cache: dict[str, set[str]] = {}
+        self._cache_users: dict[str, set[str]] = {}
 
     async def get_history(self, user_id: str) -> list[Event]:
         return list(self._histories.get(user_id, ()))
@@ -236,8 +310,8 @@ class MemoryStore:
             stored = Event(e.item_id, e.rating, e.timestamp, event_id)
             history.insert(_place(history, e.timestamp), stored)
             seen.add(e.item_id)
-            entry_id = f"{len(self._events) + 1}-0"
-            self._events.append(StreamEntry(entry_id, user_id, stored, int(time.time()), event_id))
+            self._added += 1
+            self._events.append(StreamEntry(f"{self._added}-0", user_id, stored, int(time.time()), event_id))
         del history[: -self.window]
         return Appended(len(history), tuple(ids), tuple(new))
 
@@ -245,7 +319,7 @@ class MemoryStore:
         return frozenset(self._seen.get(user_id, ()))
 
     async def read_events(self, after: str = "0-0", count: int | None = None) -> list[StreamEntry]:
-        start = int(after.split("-")[0])  # ids are "<n>-0" with n = position + 1
+        start = bisect.bisect_right(self._events, int(after.split("-")[0]), key=_entry_n)
         out = self._events[start:]
         return out if count is None else out[:count]
 
@@ -255,13 +329,36 @@ class MemoryStore:
             self._cache.move_to_end(key)
         return value
 
-    async def cache_set(self, key: str, value: str) -> None:
-        if self.cache_size <= 0:
+    async def cache_set(self, key: str, value: str, user_id: str | None = None) -> None:
+        if self.cache_size <= 0 or (user_id is not None and user_id not in self._histories):
             return
         self._cache[key] = value
         self._cache.move_to_end(key)
+        if user_id is not None:
+            self._user_cache.setdefault(user_id, set()).add(key)
+            self._cache_users.setdefault(key, set()).add(user_id)
         while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)  # least recently used
+            evicted, _ = self._cache.popitem(last=False)  # least recently used
+            self._unindex(evicted)
+
+    def _unindex(self, key: str) -> None:
+        for user in self._cache_users.pop(key, ()):
+            keys = self._user_cache[user]
+            keys.discard(key)
+            if not keys:
+                del self._user_cache[user]
+
+    async def erase_user(self, user_id: str) -> Erased:
+        history = self._histories.pop(user_id, [])
+        seen = self._seen.pop(user_id, set())
+        self._event_ids.pop(user_id, None)
+        kept = [e for e in self._events if e.user_id != user_id]
+        removed, self._events = len(self._events) - len(kept), kept
+        keys = list(self._user_cache.get(user_id, ()))
+        for key in keys:
+            self._cache.pop(key, None)
+            self._unindex(key)
+        return Erased(user_id, int(time.time() * 1000), len(history), len(seen), removed, len(keys))
 
     async def ping(self) -> None:
         return None
@@ -300,6 +397,10 @@ class RedisStore:
             socket_timeout=timeout_s,
         )
         self._append = self._redis.register_script(APPEND_SCRIPT)
+        self._cache_for_user = self._redis.register_script(CACHE_SET_SCRIPT)
+        self._erase = self._redis.register_script(ERASE_SCRIPT)
+        self._erase_page = self._redis.register_script(ERASE_PAGE_SCRIPT)
+        self.erase_page = ERASE_PAGE
         # told each operation's name and duration in seconds, failed ones too (the service's
         # r2ec_store_seconds histogram)
         self.on_op: Callable[[str, float], None] | None = None
@@ -355,9 +456,44 @@ class RedisStore:
         with self._failures("cache_get"):
             return await self._redis.get(CACHE_KEY.format(key=key))
 
-    async def cache_set(self, key: str, value: str) -> None:
+    async def cache_set(self, key: str, value: str, user_id: str | None = None) -> None:
         with self._failures("cache_set"):
-            await self._redis.set(CACHE_KEY.format(key=key), value, ex=self.cache_ttl_s)
+            if user_id is None:  # an inline history's: found by its content only
+                await self._redis.set(CACHE_KEY.format(key=key), value, ex=self.cache_ttl_s)
+                return
+            keys = [CACHE_KEY.format(key=key), USER_CACHE_KEY.format(user_id=user_id)]
+            keys.append(HISTORY_KEY.format(user_id=user_id))
+            await self._cache_for_user(keys=keys, args=[value, self.cache_ttl_s, key])
+
+    async def erase_user(self, user_id: str) -> Erased:
+        """One script removes the keys and the indexed cache entries and writes the ledger
+        (ERASE_SCRIPT); then the stream is scanned up to the erasure's cutoff, `erase_page`
+        entries per step, each step one short script (ERASE_PAGE_SCRIPT: XRANGE COUNT, XDEL of
+        the user's ids), so the entries never cross the network and no step holds Redis long.
+
+        Cost: the stream has no index by user, so every entry older than the erasure is read.
+        At R2EC_STREAM_MAXLEN's 1,000,000 entries: 1,000 steps, each holding Redis ~2 ms (7 ms
+        at most), ~2 s in all, other clients served between them; the page of 10,000 entries a
+        plain XRANGE would bring back instead takes the service ~0.7 s of Python to parse, on
+        its event loop (bench/bench_erase.py, BENCHMARKS.md). A failure during the scan leaves
+        the ledger written (retraining ignores the rest already) and some entries in place: the
+        same call again removes them."""
+        keys = [HISTORY_KEY, SEEN_KEY, EVENT_IDS_KEY, USER_CACHE_KEY]
+        keys = [k.format(user_id=user_id) for k in keys] + [ERASURES_KEY, EVENTS_STREAM]
+        with self._failures("erase_user"):
+            history, seen, cached, now_ms, cutoff = await self._erase(
+                keys=keys, args=[user_id, CACHE_KEY.format(key="")]
+            )
+            removed, after = 0, STREAM_START
+            while True:
+                last, n, read = await self._erase_page(
+                    keys=[EVENTS_STREAM], args=[user_id, after, cutoff, self.erase_page]
+                )
+                removed += int(n)
+                if int(read) < self.erase_page:
+                    break
+                after = last
+        return Erased(user_id, int(now_ms), int(history), int(seen), removed, int(cached))
 
     async def ping(self) -> None:
         with self._failures("ping"):
@@ -395,6 +531,26 @@ def read_stream(
     finally:
         client.close()
     return entries, (entries[-1].id if entries else cursor)
+
+
+def read_erasures(redis_url: str, *, timeout_s: float = 10.0) -> ErasureLedger:
+    """The erasure ledger (module docstring, "Erasure"), for retraining: synchronous, one
+    connection, ZSCAN in pages (an entry updated meanwhile is still read). A down Redis raises
+    StoreUnavailable (op read_erasures)."""
+    client = redis.Redis.from_url(
+        redis_url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+    )
+    try:
+        with _failures(redis_url, "read_erasures"):
+            cutoffs = {user: int(ms) for user, ms in client.zscan_iter(ERASURES_KEY, count=10_000)}
+    finally:
+        client.close()
+    return ErasureLedger(cutoffs)
+
+
+def _entry_n(entry: StreamEntry) -> int:
+    """The in-process stream's entry "<n>-0" -> n."""
+    return int(entry.id.split("-")[0])
 
 
 def _stream_entries(rows: list[tuple[str, dict[str, str]]]) -> list[StreamEntry]:
@@ -468,6 +624,78 @@ else
 end
 out[#out + 1] = math.min(#hist, window)
 return out
+"""
+
+
+# KEYS: cache entry, the user's cache-key index, the user's history. ARGV: the entry, ttl (s), the
+# bare cache key. Returns 1 if written, 0 if the user has no history (erased meanwhile).
+CACHE_SET_SCRIPT = """
+if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
+local ttl = tonumber(ARGV[2])
+local now = tonumber(redis.call('TIME')[1])
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+redis.call('ZADD', KEYS[2], now, ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)  -- entries expired by now
+redis.call('EXPIRE', KEYS[2], ttl)
+return 1
+"""
+
+# KEYS: history, seen set, event-id zset, cache-key index, the ledger, the stream. ARGV: user_id,
+# the cache keys' prefix. Returns the history's length, the seen set's size, the cache entries
+# deleted, now (ms) and the cutoff (ms) the ledger got. The cache entries' names come from the
+# index, so they are not in KEYS: a standalone Redis, as everywhere in this module.
+ERASE_SCRIPT = """
+local history = redis.call('LLEN', KEYS[1])
+local seen = redis.call('SCARD', KEYS[2])
+local names = redis.call('ZRANGE', KEYS[4], 0, -1)
+for i = 1, #names do names[i] = ARGV[2] .. names[i] end
+local cached = 0
+for i = 1, #names, 1000 do
+  cached = cached + redis.call('DEL', unpack(names, i, math.min(i + 999, #names)))
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- without a stream nothing of the user's is in it, and an entry added later gets >= now
+local cutoff = now - 1
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[6])
+  local last = '0-0'
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = info[i + 1] end
+  end
+  -- every entry so far is at or before the cutoff; the next XADD * is past it, even within
+  -- this millisecond (its sequence is full) or a clock that went back
+  cutoff = math.max(now, tonumber(string.match(last, '^(%d+)-')))
+  redis.call('XSETID', KEYS[6], string.format('%.0f', cutoff) .. '-18446744073709551615')
+end
+redis.call('ZADD', KEYS[5], cutoff, ARGV[1])
+return {history, seen, cached, now, cutoff}
+"""
+
+
+# One step of an erasure's scan. KEYS: the stream. ARGV: user_id, the last id scanned (exclusive),
+# the cutoff (ms, inclusive), the page size. Reads up to a page of entries after that id and XDELs
+# the user's; returns the last id read, how many were deleted, how many were read (fewer than a
+# page: the scan is over). `user_id` is each entry's first field (APPEND_SCRIPT writes it first).
+ERASE_PAGE_SCRIPT = """
+local rows = redis.call('XRANGE', KEYS[1], '(' .. ARGV[2], ARGV[3], 'COUNT', ARGV[4])
+local mine = {}
+for _, row in ipairs(rows) do
+  local fields = row[2]
+  for j = 1, #fields, 2 do
+    if fields[j] == 'user_id' then
+      if fields[j + 1] == ARGV[1] then mine[#mine + 1] = row[1] end
+      break
+    end
+  end
+end
+local removed = 0
+for i = 1, #mine, 1000 do
+  removed = removed + redis.call('XDEL', KEYS[1], unpack(mine, i, math.min(i + 999, #mine)))
+end
+if #rows == 0 then return {ARGV[2], removed, 0} end
+return {rows[#rows][1], removed, #rows}
 """
 
 

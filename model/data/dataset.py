@@ -14,12 +14,17 @@ One directory per (dataset, protocol), e.g. ``<data_dir>/ml-100k/loo/``::
     meta.json       name, protocol, category, max_history, source, source_sha256 (the raw
                     files by content), stats, created_at
 
-``meta.json`` is written last, so a directory with a meta file is complete.
+The whole directory is written beside its target and renamed into place (`swap_into_place`,
+as model/checkpoint.py writes a checkpoint), so a crash or a full disk while preparing again
+leaves the previous preparation whole, never a mix; ``meta.json`` is written last, so a
+directory with a meta file is complete.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -257,15 +262,170 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # a full disk names no file, a rename the temporary one
+            raise write_error(exc, path) from exc
         raise
-    fsync_path(path.parent)
+    try:
+        fsync_path(path.parent)
+    except OSError as exc:
+        raise write_error(exc, path.parent) from exc
+
+
+# what a library that keeps no errno says of one (safetensors, tokenizers: "... (os error 28)")
+_ERRNO_IN_TEXT = re.compile(r"os error (\d+)|\[errno (\d+)\]", re.IGNORECASE)
+_ERRNOS_BY_TEXT = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+
+
+def write_error(exc: BaseException, path: Path) -> OSError:
+    """`exc`, raised while writing `path`, as an OSError that names `path`. pyarrow, numpy and
+    a plain write name no file on a full disk, safetensors, tokenizers and torch raise their
+    own types, and a write into a temporary file names that one. The errno is kept: read from
+    the message where the library put it only there, or ENOSPC for a failure that gives none
+    (torch: "unexpected pos 576 vs 534") on a filesystem with no space left."""
+    if isinstance(exc, OSError) and exc.filename is not None and not Path(exc.filename).name.startswith("."):
+        return exc
+    code = getattr(exc, "errno", None)
+    if not isinstance(code, int):
+        text = str(exc)
+        found = _ERRNO_IN_TEXT.search(text)
+        if found:
+            code = int(found.group(1) or found.group(2))
+        else:
+            code = next((c for c in _ERRNOS_BY_TEXT if os.strerror(c) in text), None)
+    if code is None and _no_space_left(path):
+        code = errno.ENOSPC
+    if code is not None:
+        return OSError(code, os.strerror(code), str(path))
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return OSError(f"could not write {path}: {type(exc).__name__}: {first}")
+
+
+def _no_space_left(path: Path) -> bool:
+    """Whether the filesystem `path` is on (or would be on) has no block left to write."""
+    for where in (path, *path.parents):
+        try:
+            return os.statvfs(where).f_bavail == 0
+        except OSError:
+            continue
+    return False
+
+
+# -- a directory written beside its target and swapped into place (checkpoints, preparations) ---
+def new_dir_beside(out: Path) -> Path:
+    """An empty temporary directory next to `out`, made by a plain mkdir (the umask's mode):
+    mkdtemp's 0700 would stay with the directory once renamed into place, readable only by
+    the user who wrote it (a service running as another user could not load it)."""
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    return tmp
+
+
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Make the finished directory `tmp` the directory `out`: its files reach the disk before
+    it is renamed and the rename after (`fsync_tree`), so after a power loss `out` holds no
+    empty or truncated file.
+
+    An existing `out` is swapped with `tmp` in one step where Linux can (`_exchange`: ext4,
+    xfs, btrfs, tmpfs), so `out` is never missing. Elsewhere (e.g. NFS) it takes two renames,
+    `out` to `.NAME.old-*` and `tmp` to `out`, and for a moment there is no `out`. A process
+    that dies between the two renames leaves the old directory aside, which `recover_dir`
+    restores: writers call it before they write `out` again. The caller checks that `out` may
+    be replaced (model/checkpoint.py `_swap_into_place`)."""
+    fsync_tree(tmp)
+    if not out.exists():
+        os.replace(tmp, out)
+        fsync_path(out.parent)
+        return
+    if _exchange(tmp, out):
+        old = tmp  # now holds what `out` held
+    else:
+        old = out.with_name(f".{out.name}.old-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+    fsync_path(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def asides(out: Path) -> list[Path]:
+    """The copies of `out` that `swap_into_place` moved aside, oldest first: exactly
+    `.NAME.old-<time in ns, 20 digits>-<6 hex>`, or `.NAME.old-<6 hex>` as saves before that
+    format named them (ordered first); nothing else, however alike its name."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.old-(?:(\d{{20}})-)?[0-9a-f]{{6}}")
+    found = []
+    for p in out.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m is not None:
+            found.append((int(m.group(1) or 0), p.name, p))
+    return [p for *_, p in sorted(found)]
+
+
+def temp_dirs(out: Path) -> list[Path]:
+    """The temporary directories of writes to `out` (`new_dir_beside`: exactly
+    `.NAME.tmp-<12 hex>`) that are still there: a write killed mid-way (no `finally` ran), or
+    killed while removing the old copy an exchange had swapped into its temp name."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-[0-9a-f]{{12}}")
+    return [p for p in out.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()]
+
+
+def recover_dir(out: Path | str, marker: str, *, writing: Path | None = None) -> None:
+    """Undo a `swap_into_place` cut between its two renames: with `out` missing, the newest
+    copy moved aside from it that is complete (holds the file `marker`) goes back; every other
+    copy aside is removed, and so is every temporary directory a write to `out` killed mid-way
+    left (`temp_dirs`; `writing`: the caller's own, kept). Nothing to do (the common case)
+    costs one directory listing. For writers only (a reader must not move what a writer may be
+    renaming): the one writer of `out` holds its path, so no other live process writes a temp
+    of it."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    found = asides(out)
+    if not out.exists():
+        restorable = [p for p in found if (p / marker).is_file()]
+        if restorable:
+            back = restorable[-1]
+            os.replace(back, out)
+            fsync_path(out.parent)
+            found.remove(back)
+            logger.warning("restored %s from %s, moved aside by a save that did not finish", out, back.name)
+    temps = [p for p in temp_dirs(out) if writing is None or p.name != Path(writing).name]
+    for p in temps:
+        logger.warning("removing %s, left by a save of %s that did not finish", p.name, out)
+    for p in found + temps:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+@functools.cache
+def _renameat2() -> Any:
+    """glibc's renameat2 (2.28+), or None (another C library or OS)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the two existing paths `a` and `b` in one rename (renameat2 RENAME_EXCHANGE);
+    False, and nothing moved, where the C library, the kernel or the filesystem cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    # a failed exchange moves nothing, so any error falls back to the two renames, whose own
+    # errors (ENOENT, EACCES) are the ones to report
+    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def _write_frame(df: pd.DataFrame, schema: pa.Schema, path: Path) -> None:
     table = pa.Table.from_pandas(df[list(schema.names)], schema=schema, preserve_index=False)
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    pq.write_table(table, path)
 
 
 def save_prepared(
@@ -276,25 +436,58 @@ def save_prepared(
     prior: dict[str, list[str]] | None = None,
 ) -> Path:
     """Write items, the three splits, the prior items when there are any, and (last)
-    meta.json into ``out_dir``, each atomically and on the disk before the next. A prior file
-    from an earlier preparation into the same directory is removed when this one has none."""
+    meta.json into a directory beside ``out_dir``, then put it in ``out_dir``'s place
+    (`swap_into_place`): a preparation that fails (a full disk) or is killed leaves the one
+    before it whole. ``out_dir`` may hold only a preparation (or an unfinished one)."""
     out_dir = Path(out_dir)
-    make_dirs(out_dir)
-    # a directory prepared before is incomplete from here until the new meta.json lands: a
-    # crash in between must not leave the old meta over a mix of old and new files
-    (out_dir / META_FILE).unlink(missing_ok=True)
-    _write_frame(items, ITEM_SCHEMA, out_dir / ITEMS_FILE)
-    for name in SPLITS:
-        _write_frame(splits[name], SAMPLE_SCHEMA, out_dir / f"{name}.parquet")
-    if prior:
-        frame = pd.DataFrame({"user_id": list(prior), "item_ids": list(prior.values())})
-        _write_frame(frame, PRIOR_SCHEMA, out_dir / PRIOR_FILE)
-    else:
-        (out_dir / PRIOR_FILE).unlink(missing_ok=True)
-    text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
-    atomic_write(out_dir / META_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    make_dirs(out_dir.parent)
+    recover_dir(out_dir, META_FILE)
+    _check_replaceable(out_dir)
+    try:
+        tmp = new_dir_beside(out_dir)
+    except OSError as exc:  # a read-only volume: name the preparation, not the temporary directory
+        raise write_error(exc, out_dir) from exc
+    writing = out_dir  # what a failure names: the file the preparation writes, not its temporary copy
+    try:
+        frames = [(ITEMS_FILE, items, ITEM_SCHEMA)]
+        frames += [(f"{name}.parquet", splits[name], SAMPLE_SCHEMA) for name in SPLITS]
+        if prior:
+            frame = pd.DataFrame({"user_id": list(prior), "item_ids": list(prior.values())})
+            frames.append((PRIOR_FILE, frame, PRIOR_SCHEMA))
+        for name, df, schema in frames:
+            writing = out_dir / name
+            _write_frame(df, schema, tmp / name)
+        text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
+        writing = out_dir / META_FILE
+        (tmp / META_FILE).write_text(text, encoding="utf-8")
+        writing = out_dir
+        swap_into_place(tmp, out_dir)
+    except OSError as exc:
+        raise write_error(exc, writing) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("wrote prepared dataset to %s", out_dir)
     return out_dir
+
+
+_PREPARED_FILES = frozenset({ITEMS_FILE, META_FILE, PRIOR_FILE, *(f"{name}.parquet" for name in SPLITS)})
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace a directory that holds anything but a preparation's files (or their
+    temporary files): the whole directory is replaced, and what else it holds would go."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DataError(f"{out_dir} exists and is not a directory: not replacing it")
+    other = sorted(
+        p.name for p in out_dir.iterdir() if p.name not in _PREPARED_FILES and not p.name.endswith(".tmp")
+    )
+    if other:
+        raise DataError(
+            f"{out_dir} holds files that are not a prepared dataset's ({', '.join(other[:5])}): "
+            "not replacing it; move them away or prepare into another --data-dir"
+        )
 
 
 def _read_parquet(path: Path, schema: pa.Schema) -> pd.DataFrame:

@@ -45,6 +45,19 @@ def _append(url: str, user_id: str, events: list[tuple[str, float | None, int | 
     asyncio.run(go())
 
 
+def _erase(url: str, user_id: str):
+    from service.store import RedisStore
+
+    async def go():
+        store = RedisStore(url)
+        try:
+            return await store.erase_user(user_id)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
 def _last_stream_id(url: str) -> str:
     import redis
 
@@ -112,6 +125,51 @@ def test_retrain_publishes_reads_only_new_events_and_keeps_current_when_worse(
     assert (root / "CURRENT").read_text().strip() == new
     assert sorted(p.name for p in root.iterdir()) == sorted(["CURRENT", "CURRENT.lock", "retrain", "v0", new])
     assert read_state(root / "retrain")["last_event_id"] == second["last_event_id"] == _last_stream_id(url)
+
+
+@pytest.mark.redis
+def test_retrain_drops_what_it_consumed_of_an_erased_user_and_keeps_what_the_id_posts_later(
+    redis_server, versions_root, config_file, tiny_dataset
+):
+    """Journey 38's reproduction: alice's events were consumed and trained on, then she was
+    erased (DELETE /users/{id}); the next run trained on her events all the same. Now it drops
+    them from the log and the rebuilt samples, keeps what the id posts after the erasure, and
+    leaves an erased seed user (u2 of the tiny seed) out of the samples whole."""
+    import pandas as pd
+
+    from model.data import SPLITS, load_prepared
+
+    root, url = versions_root, redis_server.url
+    redis_server.flush()
+    common = ["--data", str(tiny_dataset.path), "--root", str(root), "--redis-url", url]
+    common += ["--config", str(config_file), "--json", "--tolerance", "1"]
+    _append(url, "alice", [("i2", 5.0, 900), ("i6", 4.0, 950), ("i1", 2.0, 1000)])
+    _append(url, "u9", [("i1", None, 1000), ("i2", 5.0, 1100)])
+    code, out, first = _cli(*common)
+    assert code == 0 and first["status"] == "published" and first["erased_users"] == 0, out
+    log = pd.read_parquet(root / "retrain" / "events.parquet")
+    assert (log["user_id"] == "alice").sum() == 3
+
+    assert _erase(url, "alice").stream_entries == 3
+    assert _erase(url, "u2").stream_entries == 0  # a seed user: nothing in Redis
+    _append(url, "alice", [("i3", 3.0, 2000)])  # the id used again, after the erasure: kept
+    _append(url, "u9", [("i4", 4.0, 1200)])
+    code, out, second = _cli(*common)
+    assert code == 0 and second["status"] == "published", out
+    assert second["new_events"] == 2 and second["events_total"] == 4
+    assert (second["erased_users"], second["purged_events"], second["purged_users"]) == (2, 3, 1)
+    assert second["erased_seed_users"] == 1
+    log = pd.read_parquet(root / "retrain" / "events.parquet")
+    assert sorted(log["user_id"]) == ["alice", "u9", "u9", "u9"]
+    assert list(log.loc[log["user_id"] == "alice", "item_id"]) == ["i3"]
+    state = read_state(root / "retrain")
+    assert state["purged_events"] == 3 and state["last_run"]["purged_users"] == 1
+    assert "alice" not in (root / "retrain" / "state.json").read_text()
+    rebuilt = load_prepared(root / "retrain" / "data" / "tiny" / "loo")
+    users = {u for name in SPLITS for u in rebuilt.split(name)["user_id"]}
+    assert "u2" not in users and "alice" not in users  # her one later event makes no sample
+    code, out, _ = _cli(*common[:-3])  # the text report says what the ledger did
+    assert code == 0 and "erasures 2 users in the ledger: 0 events of 0 dropped from the log, " in out
 
 
 def test_redis_down_is_a_clear_error_and_changes_nothing(versions_root, tiny_dataset):

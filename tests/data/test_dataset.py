@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import stat
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -120,21 +122,58 @@ def test_a_directory_that_cannot_be_flushed_does_not_fail_a_write_that_landed(tm
     atomic_write(target, lambda tmp: tmp.write_text("new"))
     assert target.read_text() == "new"
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
-    with pytest.raises(OSError, match="I/O"):
+    with pytest.raises(OSError) as raised:  # named: a failed fsync names no file
         atomic_write(target, lambda tmp: tmp.write_text("newer"))
+    assert (raised.value.errno, raised.value.filename) == (errno.EIO, str(target))
     assert target.read_text() == "new"
 
 
-def test_a_prepared_directory_is_on_the_disk_its_names_first_meta_last(tmp_path, fsynced):
+def test_a_failed_write_names_the_file_not_its_temporary_copy(tmp_path, monkeypatch):
+    """A full disk: pyarrow's and a plain write's OSError name no file (the CLI printed
+    "[Errno 28] No space left on device"), a failed rename names the temporary file."""
+    target = tmp_path / "events.parquet"
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    with pytest.raises(OSError) as raised:
+        atomic_write(target, full)
+    assert str(raised.value) == f"[Errno 28] No space left on device: '{target}'"
+    monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(errno.EROFS, "ro", a, b)))
+    with pytest.raises(OSError) as raised:
+        atomic_write(target, lambda tmp: tmp.write_text("x"))
+    assert (raised.value.errno, raised.value.filename) == (errno.EROFS, str(target))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary file left either
+
+
+@pytest.mark.parametrize(
+    ("raised", "code"),
+    [
+        (Exception("Error while serializing: I/O error: ... (os error 28)"), errno.ENOSPC),  # safetensors
+        (Exception("No space left on device"), errno.ENOSPC),  # tokenizers' bare Exception
+        (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), None),
+    ],
+)
+def test_a_librarys_write_error_becomes_an_oserror_with_its_errno(tmp_path, raised, code):
+    error = dataset.write_error(raised, tmp_path / "last" / "adapter")
+    assert error.errno == code and str(tmp_path / "last" / "adapter") in str(error)
+    if code is None:  # no errno given, and space left: said as it was
+        where = tmp_path / "last" / "adapter"
+        assert str(error).startswith(f"could not write {where}: RuntimeError: [enforce")
+
+
+def test_a_prepared_directory_is_on_the_disk_whole_before_its_name(tmp_path, fsynced):
     out = build_prepared(_inter(list("1234")), None, data_dir=tmp_path, **BUILD).resolve()
-    made = [
-        d for d in (out, *out.parents) if d.is_relative_to(tmp_path.resolve()) and d != tmp_path.resolve()
-    ]
+    top = tmp_path.resolve()
+    made = [d for d in out.parents if d.is_relative_to(top) and d != top]
     # each directory the preparation made is named in its parent before anything is written in it
     assert fsynced[: len(made)] == [d.parent for d in reversed(made)]
-    *_, meta, in_dir = fsynced
-    assert meta.parent == out and meta.name.startswith(".meta.json.")
-    assert in_dir == out
+    # then every file of the temporary directory beside it, that directory, and its rename
+    *_, tmp, renamed = fsynced
+    assert tmp.parent == out.parent and tmp.name.startswith(".loo.tmp-") and renamed == out.parent
+    written = {p.relative_to(tmp) for p in fsynced[len(made) : -2]}
+    assert written == {p.relative_to(out) for p in out.iterdir()}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["loo"]  # no temporary directory left
 
 
 def test_make_dirs_flushes_each_directory_it_makes_into_its_parent(tmp_path, fsynced):
@@ -174,18 +213,76 @@ def test_unknown_history_ratings_load_as_nan(tmp_path):
     assert len(ratings) == 3 and math.isnan(ratings[0]) and ratings[1] == 4.0 and math.isnan(ratings[2])
 
 
-def test_a_crash_while_preparing_again_leaves_no_complete_looking_directory(tmp_path, monkeypatch):
+def test_a_crash_while_preparing_again_leaves_the_previous_preparation_whole(tmp_path, monkeypatch):
     out = build_prepared(_inter(list("1234")), None, data_dir=tmp_path, **BUILD)
+    before = load_prepared(out)
     real = dataset.pq.write_table
 
     def full_disk(table, where, *args, **kwargs):
         if "valid" in str(where):
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, "No space left on device")
         return real(table, where, *args, **kwargs)
 
     monkeypatch.setattr(dataset.pq, "write_table", full_disk)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="No space left"):
         build_prepared(_inter(list("789")), None, data_dir=tmp_path, **BUILD)
-    # new items and train beside the old test split: without meta.json it does not load
-    with pytest.raises(DataError, match="did not finish"):
-        load_prepared(out)
+    # the new items and train split were written beside it, never over it: the old dataset
+    # loads as it was, with no mix of old and new files, and nothing is left beside it
+    after = load_prepared(out)
+    assert after.meta == before.meta and after.items.equals(before.items)
+    assert all(after.split(name).equals(before.split(name)) for name in ("train", "valid", "test"))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["loo"]
+    monkeypatch.undo()
+    again = load_prepared(build_prepared(_inter(list("789")), None, data_dir=tmp_path, **BUILD))
+    assert set(again.items["item_id"]) == set("789")
+
+
+def test_a_preparation_cut_between_two_renames_is_restored_by_the_next(tmp_path, monkeypatch):
+    """Where the filesystem cannot swap two directories (NFS), the old preparation is moved
+    aside, then the new one in: a process killed in between leaves it aside, and `recover_dir`,
+    which the next preparation calls first, puts it back."""
+    out = build_prepared(_inter(list("1234")), None, data_dir=tmp_path, **BUILD)
+    monkeypatch.setattr(dataset, "_exchange", lambda a, b: False)
+    real = os.replace
+
+    def killed(src, dst):
+        if Path(dst) == out and Path(src).name.startswith(".loo.tmp-"):
+            raise OSError("killed between the two renames")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(OSError, match="killed"):
+        build_prepared(_inter(list("789")), None, data_dir=tmp_path, **BUILD)
+    assert not out.exists() and [p.name[:9] for p in out.parent.iterdir()] == [".loo.old-"]
+    monkeypatch.setattr(os, "replace", real)
+    dataset.recover_dir(out, dataset.META_FILE)
+    assert set(load_prepared(out).items["item_id"]) == set("1234")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["loo"]
+
+
+def test_a_full_disk_while_preparing_names_the_file_being_written(tmp_path, monkeypatch):
+    out = tmp_path / "x" / "loo"
+    real = dataset.pq.write_table
+
+    def full_disk(table, where, *args, **kwargs):
+        if "valid" in str(where):
+            raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left")
+        return real(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(dataset.pq, "write_table", full_disk)
+    with pytest.raises(OSError) as raised:
+        build_prepared(_inter(list("1234")), None, data_dir=tmp_path, **BUILD)
+    assert str(raised.value) == f"[Errno 28] No space left on device: '{out / 'valid.parquet'}'"
+    assert sorted(p.name for p in out.parent.iterdir()) == []
+
+
+def test_preparing_into_a_directory_that_holds_other_files_is_refused(tmp_path):
+    out = tmp_path / "x" / "loo"
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "train.parquet").write_text("an unfinished preparation's")
+    with pytest.raises(DataError, match=r"holds files that are not a prepared dataset's \(notes.txt\)"):
+        build_prepared(_inter(list("1234")), None, data_dir=tmp_path, **BUILD)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()  # an unfinished preparation alone is replaced
+    assert load_prepared(build_prepared(_inter(list("1234")), None, data_dir=tmp_path, **BUILD)).name == "x"

@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from model.checkpoint import (
     set_current,
     unused_version,
 )
+from model.data import dataset
 
 
 def _items(tiny_dataset):
@@ -155,7 +157,7 @@ def test_a_checkpoint_reaches_the_disk_before_its_name(tmp_path, tiny_model, tin
 
 def _crash_the_second_rename(monkeypatch, out):
     """Two renames, as on a filesystem that cannot swap two directories; the second fails."""
-    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False, raising=False)
+    monkeypatch.setattr(dataset, "_exchange", lambda a, b: False)
     real = os.replace
 
     def replace(src, dst):
@@ -222,7 +224,8 @@ def test_a_save_killed_mid_write_leaves_its_temp_dir_only_until_the_next_writer(
     out = tmp_path / "c"
     first = _save(out, tiny_model, tiny_dataset)
     with monkeypatch.context() as m:  # killed just before the swap, cleaning nothing up
-        m.setattr(checkpoint, "fsync_tree", lambda p: (_ for _ in ()).throw(OSError("killed")))
+        # (the swap's fsync lives beside it in model/data/dataset.py)
+        m.setattr(dataset, "fsync_tree", lambda p: (_ for _ in ()).throw(OSError("killed")))
         m.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)
         with pytest.raises(OSError, match="killed"):
             _save(out, tiny_model, tiny_dataset)
@@ -245,8 +248,7 @@ def test_replacing_a_checkpoint_keeps_one_at_its_path_throughout(
     btrfs, tmpfs), a reader of the checkpoint's path finds one at every moment."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    exchange = getattr(checkpoint, "_exchange", None)
-    if exchange is not None and not exchange(a, b):
+    if not dataset._exchange(a, b):
         pytest.skip("this filesystem cannot swap two directories in one rename")
     out = tmp_path / "c"
     first = _save(out, tiny_model, tiny_dataset)
@@ -413,7 +415,7 @@ def test_set_current_points_at_a_version_that_reads_and_refuses_others(tmp_path)
     assert set_current(tmp_path, "v0") == "v0"  # already: nothing written
     (tmp_path / "v1" / "r2ec.json").write_text('{"format": "r2ec-check')  # truncated
     for version, message in [
-        ("v1", r"v1/r2ec.json does not read \(Unterminated string.*\): not serving it"),
+        ("v1", r"not pointing CURRENT at 'v1': .*v1/r2ec.json is damaged or unreadable \(JSONDecodeError"),
         ("v9", r"holds no version 'v9' \(versions: v0\)"),
         ("retrain", "r2ec.json is missing"),
         ("../v0", "'../v0' is not a version"),
@@ -486,6 +488,9 @@ def test_current_pointer_errors_say_what_is_wrong(tmp_path):
     (tmp_path / "CURRENT").write_text("gone\n")
     with pytest.raises(CheckpointError, match="names 'gone', which is not a checkpoint"):
         current_version(tmp_path)
+    # what the service and `r2ec` resolve: the pointer named, and where rolling back is told
+    with pytest.raises(CheckpointError, match=r"CURRENT names 'gone', which does not exist.*operations.md"):
+        resolve_checkpoint(tmp_path)
 
 
 EDITS_FILE = "item_edits.json"  # model/checkpoint.py's name for it: a format on the volume
@@ -552,3 +557,96 @@ def test_a_checkpoint_written_before_taste_format_reads_it_from_its_training_sta
             meta["prompts"]["taste_format"] = said
         meta_file.write_text(json.dumps(meta))
         assert load_checkpoint(tmp_path / "base", dtype="float32").model.prompts.taste_format is taught, train
+
+
+# -- damaged files --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def _lora_checkpoint(tiny_dataset, tmp_path_factory) -> Path:
+    """A LoRA checkpoint of a fresh tiny model (the session's tiny_model is not wrapped)."""
+    from peft import LoraConfig, get_peft_model
+
+    from model.backbone import BackboneConfig, load_backbone
+    from model.r2ec import R2ec
+
+    lm, tok = load_backbone(BackboneConfig(base="tiny", dtype="float32", seed=0))
+    model = R2ec(get_peft_model(lm, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])), tok)
+    items = _items(tiny_dataset)
+    vectors = np.zeros((len(items), model.hidden_size), dtype=np.float32)
+    out = tmp_path_factory.mktemp("lora") / "c"
+    save_checkpoint(out, model, base="tiny", weights="lora", items=items, item_vectors=vectors)
+    return out
+
+
+DAMAGED = [
+    ("r2ec.json", 0.5),
+    ("items.parquet", 0.5),
+    ("item_vectors.npy", 0),  # np.load's EOFError: click printed a bare "Aborted."
+    ("item_vectors.npy", 0.5),
+    ("adapter/adapter_model.safetensors", 0.5),
+    ("adapter/adapter_model.safetensors", 0),
+    ("adapter/adapter_config.json", 0.5),
+    ("tokenizer/tokenizer.json", 0.5),
+]
+
+
+@pytest.mark.parametrize(("name", "kept"), DAMAGED, ids=[f"{n}-{k}" for n, k in DAMAGED])
+@pytest.mark.parametrize("where", ["alone", "published"])
+def test_a_damaged_file_is_a_checkpoint_error_that_names_it_and_says_what_to_do(
+    _lora_checkpoint, tmp_path, name, kept, where
+):
+    ckpt = tmp_path / "c" if where == "alone" else tmp_path / "root" / "v1"
+    shutil.copytree(_lora_checkpoint, ckpt)
+    if where == "published":
+        (ckpt.parent / "CURRENT").write_text("v1\n")
+    file = ckpt / name
+    os.truncate(file, int(file.stat().st_size * kept))
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(ckpt.parent if where == "published" else ckpt, dtype="float32")
+    message = str(raised.value)
+    assert message.startswith(f"{file} is damaged or unreadable ("), message
+    assert "\n" not in message
+    if where == "published":
+        assert f"point {ckpt.parent / 'CURRENT'} at a version that loads (docs/operations.md" in message
+    else:
+        assert message.endswith("copy a good one back, or write the checkpoint again")
+
+
+def test_an_unreadable_meta_file_is_named_where_the_versions_are_listed_and_resolved(tmp_path):
+    _fake_versions(tmp_path, ["a", "b"])
+    (tmp_path / "CURRENT").write_text("b\n")
+    (tmp_path / "b" / "r2ec.json").write_text('{"format": "r2ec-checkpoint", "vers')
+    assert list_versions(tmp_path) == ["a"]  # a damaged version is not listed, as before
+    with pytest.raises(CheckpointError, match=r"b/r2ec.json is damaged or unreadable \(JSONDecodeError"):
+        read_meta(resolve_checkpoint(tmp_path))
+    (tmp_path / "b" / "r2ec.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"json is damaged or unreadable \(ValueError: a JSON list"):
+        read_meta(tmp_path / "b")
+
+
+def test_a_full_disk_while_saving_names_the_part_being_written(
+    tmp_path, tiny_model, tiny_dataset, monkeypatch
+):
+    """safetensors, tokenizers and numpy each fail in their own way on a full disk, none naming
+    the file (r2ec train printed a SafetensorError traceback); the checkpoint there is kept."""
+    out = tmp_path / "c"
+    first = _save(out, tiny_model, tiny_dataset)
+
+    def full(*args, **kwargs):
+        raise Exception("No space left on device (os error 28)")  # what tokenizers raises
+
+    monkeypatch.setattr(tiny_model.tokenizer, "save_pretrained", full)
+    with pytest.raises(OSError) as raised:
+        _save(out, tiny_model, tiny_dataset)
+    assert str(raised.value) == f"[Errno 28] No space left on device: '{out / 'tokenizer'}'"
+    monkeypatch.undo()
+    no_space = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "save", lambda *a, **k: (_ for _ in ()).throw(no_space))
+    with pytest.raises(OSError) as raised:
+        _save(out, tiny_model, tiny_dataset)
+    assert str(raised.value) == f"[Errno 28] No space left on device: '{out / 'item_vectors.npy'}'"
+    assert read_meta(out)["version"] == first["version"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    monkeypatch.undo()
+    monkeypatch.setattr(np, "save", lambda *a, **k: (_ for _ in ()).throw(AttributeError("a bug")))
+    with pytest.raises(AttributeError, match="a bug"):  # not an I/O failure: left as it is
+        _save(out, tiny_model, tiny_dataset)

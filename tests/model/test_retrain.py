@@ -25,10 +25,13 @@ from model.data import SPLITS, DataError, load_prepared, prepare_atomic
 from model.evaluate import seen_items
 from model.recpo import RecPOConfig
 from model.retrain import (
+    Purge,
     RetrainConfig,
     consume_events,
     events_frame,
     gate,
+    purge_erased,
+    read_state,
     rebuild_dataset,
     retrain,
     validation_ranks,
@@ -73,6 +76,25 @@ class FakeReader:
         start = 0 if cursor is None else int(cursor.removeprefix("after:"))
         fresh = self.events[start:]
         return fresh, (f"after:{len(self.events)}" if fresh else cursor)
+
+
+@dataclass
+class FakeLedger:
+    """An erasure ledger (`Erasures`) over FakeReader-style ids: each erased user's cutoff is
+    the number of the last id of theirs it covers (ids "1", "2", ... as events arrive)."""
+
+    cutoffs: dict[str, int]
+
+    @property
+    def users(self) -> set[str]:
+        return set(self.cutoffs)
+
+    def covers(self, user_id: str, event_id: str) -> bool:
+        return user_id in self.cutoffs and int(event_id) <= self.cutoffs[user_id]
+
+
+def _users(ds) -> set[str]:
+    return {str(u) for name in SPLITS for u in ds.split(name)["user_id"]}
 
 
 def _same_splits(a, b) -> None:
@@ -132,6 +154,100 @@ def test_events_become_new_targets_and_unknown_items_are_dropped(tmp_path, tiny_
     assert len(ds.split("train")) == len(tiny_dataset.split("train")) + 2  # u1's old valid + u9
 
 
+def test_rebuild_leaves_an_erased_users_seed_interactions_out_whole(tmp_path, tiny_dataset):
+    """Seed users are erased whole (their prior items too); their events in the log, which
+    `purge_erased` kept as later than the erasure, still count."""
+    seed = dataclasses.replace(tiny_dataset, prior={"u1": ["i9"], "u2": ["i9"]})  # a shared fixture
+    assert {"u1", "u2", "u3"} <= _users(seed)
+    events = events_frame([Ev("1", "u2", "i1", 5.0, 1000), Ev("2", "u2", "i3", 4.0, 1001)])
+    ds, _ = rebuild_dataset(seed, events, tmp_path, erased={"u1", "u2", "nobody"})
+    assert _users(ds) == _users(seed) - {"u1"}
+    u2 = pd.concat([ds.split(name) for name in SPLITS]).query("user_id == 'u2'")
+    # only the two events: one sample, i3 after [i1], none of the seed's five interactions
+    assert [(list(h), t) for h, t in zip(u2["history_item_ids"], u2["target_item_id"], strict=True)] == [
+        (["i1"], "i3")
+    ]
+    assert "u1" not in ds.prior and "i9" not in ds.prior.get("u2", [])  # the seed's prior items
+    kept, _ = rebuild_dataset(seed, events, tmp_path / "all")  # nobody erased: both seed users stay
+    assert {"u1", "u2"} <= _users(kept) and kept.prior["u1"][0] == kept.prior["u2"][0] == "i9"
+
+
+# -- erasures ------------------------------------------------------------------------------------
+def test_a_purge_drops_an_erased_users_events_up_to_the_erasure_and_keeps_later_ones(tmp_path, fsynced):
+    reader = FakeReader(
+        [Ev("1", "u1", "i1", 4.0, 10), Ev("2", "u2", "i2", 5.0, 11), Ev("3", "u1", "i3", None, 12)]
+    )
+    consume_events(tmp_path, reader)
+    state = read_state(tmp_path)
+    (tmp_path / "state.json").write_text(json.dumps({**state, "trained_events": 3}))  # a run trained on them
+    reader.events += [Ev("4", "u1", "i4", 3.0, 13), Ev("5", "u3", "i5", 2.0, 14)]  # u1 again, after
+    consume_events(tmp_path, reader)
+    fsynced.clear()
+    log, purge = purge_erased(tmp_path, FakeLedger({"u1": 3, "u9": 1}))
+    assert purge == Purge(erased_users=2, events=2, users=1)
+    assert list(log["event_id"]) == ["2", "4", "5"] and list(log["user_id"]) == ["u2", "u1", "u3"]
+    assert list(pd.read_parquet(tmp_path / "events.parquet")["event_id"]) == ["2", "4", "5"]
+    state = read_state(tmp_path)
+    # 2 of the 3 trained on are gone: 1 trained, 2 pending (the two new ones), as before
+    assert (state["trained_events"], state["events_total"], state["purged_events"]) == (1, 3, 2)
+    assert state["purge_epoch"] == 1 and state["erased_users"] == 2
+    assert "u1" not in (tmp_path / "state.json").read_text()  # counts, never the ids
+    # the epoch first, then the log (atomically: a temporary file renamed), then the counts
+    work = tmp_path.resolve()
+    assert [p if p == work else p.name.split(".")[1] for p in fsynced] == [
+        "state",
+        work,
+        "events",
+        work,
+        "state",
+        work,
+    ]
+    # nothing new: nothing rewritten; a user joining the ledger without events: a new epoch
+    fsynced.clear()
+    assert purge_erased(tmp_path, FakeLedger({"u1": 3, "u9": 1}))[1] == Purge(2, 0, 0) and not fsynced
+    log, purge = purge_erased(tmp_path, FakeLedger({"u1": 3, "u9": 1, "u2": 0}))
+    assert purge == Purge(3, 0, 0) and len(log) == 3 and read_state(tmp_path)["purge_epoch"] == 2
+    # erased again later: the events since go too
+    log, purge = purge_erased(tmp_path, FakeLedger({"u1": 4, "u9": 1, "u2": 0}))
+    assert purge == Purge(3, 1, 1) and list(log["event_id"]) == ["2", "5"]
+
+
+def test_a_skipped_run_rebuilds_the_dataset_on_disk_once_erasures_changed_it(
+    versions_root, tiny_dataset, monkeypatch
+):
+    import model.retrain
+
+    work = versions_root / "retrain"
+    built = work / "data" / "tiny" / "loo"
+    reader = FakeReader([Ev("1", "u9", "i1", 4.0, 900), Ev("2", "u9", "i2", 5.0, 901)])
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0)
+    first = retrain(cfg, reader, lambda: FakeLedger({}))
+    assert first.status == "published" and first.erased_users == 0
+    assert {"u1", "u9"} <= _users(load_prepared(built))
+    rebuilds = []
+    real = model.retrain.rebuild_dataset
+    monkeypatch.setattr(model.retrain, "rebuild_dataset", lambda *a: rebuilds.append(a[3]) or real(*a))
+    skip = dataclasses.replace(cfg, min_events=10)
+    ledger = FakeLedger({"u9": 2, "u1": 0})  # u9's events and seed user u1
+    result = retrain(skip, reader, lambda: ledger)
+    assert result.status == "skipped" and rebuilds == [{"u9", "u1"}]
+    assert (result.erased_users, result.purged_events, result.purged_users, result.erased_seed_users) == (
+        2,
+        2,
+        1,
+        1,
+    )
+    assert _users(load_prepared(built)).isdisjoint({"u1", "u9"})
+    assert read_state(work)["last_run"]["purged_events"] == 2 and read_state(work)["purged_events"] == 2
+    assert read_state(work)["data_epoch"] == read_state(work)["purge_epoch"] == 1
+    assert retrain(skip, reader, lambda: ledger).status == "skipped" and len(rebuilds) == 1  # clean
+    # the next training run trains without them
+    reader.events.append(Ev("3", "u2", "i9", 3.0, 902))
+    trained = retrain(cfg, reader, lambda: ledger)
+    assert trained.status == "published" and trained.erased_seed_users == 1 and trained.purged_events == 0
+    assert rebuilds[-1] == {"u9", "u1"} and _users(load_prepared(built)).isdisjoint({"u1", "u9"})
+
+
 # -- the cursor ----------------------------------------------------------------------------------
 def test_the_cursor_is_stored_and_handed_back_unread(tmp_path):
     reader = FakeReader([Ev("a", "u1", "i1", 4.0, 10), Ev("b", "u1", "i2", None, 11)])
@@ -165,6 +281,21 @@ def test_events_read_again_are_not_counted_twice(tmp_path):
     (tmp_path / "state.json").unlink()  # the cursor was never saved
     log, new, cursor = consume_events(tmp_path, reader)
     assert (new, cursor, list(log["event_id"])) == (0, "after:2", ["a", "b"])
+
+
+@pytest.mark.parametrize("text", ['{"last_event_id": "after:2", "events', "[]", "\udcff"])
+def test_a_damaged_state_file_is_named_and_not_read_as_no_state(tmp_path, text):
+    """A cut state.json said only "Expecting ':' delimiter: line 5 column 13", naming no file."""
+    from model.retrain import RetrainError
+
+    reader = FakeReader([Ev("a", "u1", "i1", 4.0, 10)])
+    (tmp_path / "state.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(RetrainError) as raised:
+        consume_events(tmp_path, reader)
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path / 'state.json'} is damaged or unreadable (")
+    assert "move it away" in message
+    assert reader.calls == []  # nothing read past a cursor it could not read
 
 
 def test_the_event_log_reaches_the_disk_before_the_cursor(tmp_path, fsynced):
@@ -318,7 +449,8 @@ def test_a_publish_that_fails_before_its_flip_puts_the_state_back(versions_root,
     with pytest.raises(OSError, match="No space"):
         retrain(cfg, FakeReader([Ev("a", "u1", "i6", 4.0, 900)]))
     state = json.loads((versions_root / "retrain" / "state.json").read_text())
-    assert state == {"trained_events": 0, "last_event_id": "after:1", "events_total": 1}
+    # (data_epoch: the rebuilt samples reflect every erasure so far, model/retrain.py `_rebuild`)
+    assert state == {"trained_events": 0, "last_event_id": "after:1", "events_total": 1, "data_epoch": 0}
     assert current_version(versions_root) == "v0" and list_versions(versions_root) == ["v0"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -516,8 +517,62 @@ def test_last_between_validations_goes_without_its_stale_item_table(tiny_dataset
 
 
 def test_resume_without_a_saved_state_is_a_clear_error(tiny_dataset, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing to resume|no .*trainer_state"):
+    with pytest.raises(FileNotFoundError, match="nothing was saved to resume from yet.*--overwrite"):
         train(RecPOConfig(max_steps=1, **TINY), tiny_dataset, "tiny", tmp_path / "empty", resume=True)
+    # killed between the first best/ save and the first last/ save: best/ alone resumes nothing
+    (tmp_path / "run" / "best").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"holds no last/ checkpoint: nothing was saved.*--overwrite"):
+        train(RecPOConfig(max_steps=1, **TINY), tiny_dataset, "tiny", tmp_path / "run", resume=True)
+    (tmp_path / "run" / "last").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"last/trainer_state.pt to resume from; start the run over"):
+        train(RecPOConfig(max_steps=1, **TINY), tiny_dataset, "tiny", tmp_path / "run", resume=True)
+
+
+def test_a_full_disk_while_logging_names_the_log(tmp_path, monkeypatch):
+    import io
+    import types
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(28, "No space left on device")  # a write, not the open: no file named
+
+    monkeypatch.setattr("model.train.open", lambda *a, **k: Full(), raising=False)
+    with pytest.raises(OSError) as raised:
+        Trainer._log(types.SimpleNamespace(out=tmp_path), {"step": 1})
+    assert str(raised.value) == f"[Errno 28] No space left on device: '{tmp_path / 'log.jsonl'}'"
+
+
+@pytest.fixture(scope="module")
+def _saved_run(tiny_dataset, tmp_path_factory) -> Path:
+    """A 2-step contrastive run whose last/ holds step 2."""
+    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=2, max_steps=2, save_every=2, **TINY)
+    out = tmp_path_factory.mktemp("saved") / "run"
+    train(cfg, tiny_dataset, "tiny", out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "kept"),
+    [("trainer_state.pt", 0), ("trainer_state.pt", 5000), ("trainer_state.pt", 0.5),
+     ("adapter/adapter_model.safetensors", 0.5)],
+)  # fmt: skip
+def test_resume_from_a_damaged_last_names_the_file_and_says_start_over(
+    _saved_run, tiny_dataset, tmp_path, name, kept
+):
+    """torch.load of a cut file raised EOFError (shown as a bare "Aborted."), OSError EINVAL,
+    or a RuntimeError traceback; a cut adapter a SafetensorError traceback."""
+    from model.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    shutil.copytree(_saved_run, run)
+    file = run / "last" / name
+    os.truncate(file, int(file.stat().st_size * kept) if isinstance(kept, float) else kept)
+    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=2, max_steps=3, save_every=2, **TINY)
+    with pytest.raises(CheckpointError) as raised:
+        train(cfg, tiny_dataset, "tiny", run, resume=True)
+    message = str(raised.value)
+    assert message.startswith(f"{file} is damaged or unreadable (") and "\n" not in message, message
+    assert message.endswith("the run cannot resume from it: start it over with --overwrite")
 
 
 def test_resume_restores_a_last_left_aside_by_a_save_cut_between_its_renames(

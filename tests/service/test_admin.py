@@ -21,6 +21,7 @@ ADMIN_CALLS = [
     ("PUT", "/items/new", {"title": "A New Film"}),
     ("DELETE", "/items/i1", None),
     ("POST", "/admin/reload", None),
+    ("DELETE", "/users/u1", None),
 ]
 
 
@@ -233,9 +234,48 @@ async def test_a_model_that_loads_but_cannot_answer_is_refused_and_the_old_one_s
     async with serve(app_for(root, watch_interval_s=0.05)) as replica:
         ready = await replica.get("/readyz")
         assert ready.status_code == 200 and ready.json()["model_version"] == "good"
-        assert metric((await replica.get("/metrics")).text, "r2ec_model_outdated") == 1
+
+        async def outdated() -> None:  # the watch's first tick sees it
+            while metric((await replica.get("/metrics")).text, "r2ec_model_outdated") != 1:
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(outdated(), 60)
         r = await replica.post("/recommend", json={"history": H1, "reasoning": False})
         assert r.status_code == 200 and r.json()["model_version"] == "good"
+
+
+async def test_a_replica_holds_one_model_after_reloads(ckpt, tmp_path, monkeypatch):
+    """Each reload used to keep the model it replaced (the lifespan held the first one for the
+    process's life, the idle decode loop the last one it ran): ~1.3 GB of SmolLM2 a reload,
+    an OOM kill at the second or third published version. Now only the served model lives."""
+    import gc
+
+    import service.state
+    from service.recommender import Recommender
+
+    released: list[str] = []  # and once a replaced model is gone, its memory goes back to the OS
+    monkeypatch.setattr(service.state, "RELEASE_POLL_S", 0.01)
+    monkeypatch.setattr(service.state, "release_memory", lambda: released.append("trimmed"))
+
+    def models() -> list[str]:
+        gc.collect()
+        return sorted(o.version for o in gc.get_objects() if isinstance(o, Recommender))
+
+    versions = [copy_as_new_version(ckpt, tmp_path / v, v) for v in ("m2", "m3")]
+    async with serve(app_for(ckpt)) as client:
+        await recommend(client, reasoning=True)  # decoded by the first model
+        for version in versions:
+            r = await client.post("/admin/reload", json={"checkpoint": str(version)}, headers=ADMIN)
+            assert r.status_code == 200, r.text
+        assert models() == ["m3"]  # nothing answered since: the idle decode loop holds none
+        await recommend(client, reasoning=True)
+        assert models() == ["m3"]
+
+        async def both_released() -> None:
+            while len(released) < 2:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(both_released(), 60)
 
 
 async def test_the_watch_catches_a_pointer_that_moved_while_the_service_loaded(monkeypatch):
@@ -550,6 +590,29 @@ async def test_watch_failures_are_counted_by_stage(ckpt, tmp_path, monkeypatch):
 
         await until(gave_up, "three failed reloads to be counted")
         assert (await client.get("/readyz")).json()["model_version"] == "w1"
+
+
+async def test_the_watch_names_the_damaged_file_of_a_version_that_fails_to_load(ckpt, tmp_path, caplog):
+    """The log line named the versions root and numpy's words ("Failed to read all data for
+    array"), not the version's directory or the file."""
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "one", "w1")
+    (root / "CURRENT").write_text("one")
+    app = app_for(root, watch_interval_s=0.02)
+    async with serve(app) as client:
+        vectors = copy_as_new_version(ckpt, root / "two", "w2") / "item_vectors.npy"
+        with open(vectors, "r+b") as fh:
+            fh.truncate(vectors.stat().st_size // 2)
+        (root / "CURRENT").write_text("two")
+
+        async def failed() -> bool:
+            return any("checkpoint watch (attempt 1/" in r.getMessage() for r in caplog.records)
+
+        await until(failed, "the watch to fail to load w2")
+        assert (await client.get("/readyz")).json()["model_version"] == "w1"
+    (line,) = [r.getMessage() for r in caplog.records if "checkpoint watch (attempt 1/" in r.getMessage()]
+    assert f"{vectors} is damaged or unreadable (ValueError: " in line
+    assert f"point {root / 'CURRENT'} at a version that loads" in line and line.endswith("still serving w1")
 
 
 async def test_a_version_that_fails_to_load_is_outdated_and_retried_slowly(ckpt, tmp_path, monkeypatch):

@@ -350,6 +350,16 @@ async def test_ids_holding_a_slash_reach_every_route_with_an_id_in_its_path(clie
     # sent unencoded, the id is the same: the route's fixed tail ends it
     r = await client.get("/users/x/events/history")
     assert r.status_code == 200 and r.json()["user_id"] == "x/events"
+    # erased by its path too, but for an id whose end makes it a user's events or history
+    # (`r2ec user erase` takes those: tests/cli/test_user.py)
+    for user in SLASHED_IDS:
+        r = await client.delete(f"/users/{quote(user, safe='')}", headers=ADMIN)
+        if user.endswith(("/events", "/history")):
+            assert r.status_code == 405, (user, r.text)
+        else:
+            assert r.status_code == 200 and r.json()["user_id"] == user and r.json()["history_events"] == 2
+    r = await client.post("/users/x/events/", json={"events": [{"item_id": "i1"}]})
+    assert r.status_code == 307 and r.headers["location"].endswith("/users/x/events")
     for item in SLASHED_IDS:
         r = await client.delete(f"/items/{quote(item, safe='')}", headers=ADMIN)
         assert r.status_code == 200 and r.json()["deleted"] == item
@@ -372,9 +382,11 @@ async def test_ids_holding_a_slash_reach_every_route_with_an_id_in_its_path(clie
         assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "user_id", r.text
         r = await client.get(f"/items/{quote(bad, safe='')}")
         assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "item_id", r.text
-    for path in ("/users/u1/nothing", "/users/u1", "/no/such/route"):
+    r = await client.get("/no/such/route")
+    assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found"
+    for path in ("/users/u1/nothing", "/users/u1"):  # a user, "u1/nothing" or "u1", to erase
         r = await client.get(path)
-        assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found", path
+        assert r.status_code == 405 and r.headers["allow"] == "DELETE", path
     r = await client.get("/users/u1/events")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
     text = (await client.get("/metrics")).text  # labels are the templates, without the convertor
@@ -764,11 +776,12 @@ async def test_openapi_documents_every_route_and_the_admin_key(client):
     spec = (await client.get("/openapi.json")).json()
     assert set(spec["paths"]) == {
         "/recommend", "/recommend/stream", "/users/{user_id}/events", "/users/{user_id}/history",
-        "/items/{item_id}", "/admin/reload", "/healthz", "/readyz", "/metrics", "/items",
+        "/users/{user_id}", "/items/{item_id}", "/admin/reload", "/healthz", "/readyz", "/metrics",
+        "/items",
     }  # fmt: skip
     assert spec["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
     for method, path in (("put", "/items/{item_id}"), ("delete", "/items/{item_id}"),
-                         ("post", "/admin/reload")):  # fmt: skip
+                         ("post", "/admin/reload"), ("delete", "/users/{user_id}")):  # fmt: skip
         assert spec["paths"][path][method]["security"] == [{"APIKeyHeader": []}]
     assert "security" not in spec["paths"]["/items/{item_id}"]["get"]
 

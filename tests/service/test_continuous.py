@@ -193,6 +193,28 @@ async def test_drain_refuses_new_requests_and_answers_or_refuses_the_rest():
         await b.stop()
 
 
+async def test_the_drain_line_counts_the_requests_joining_the_decode(caplog):
+    """SIGTERM during the tick that admits them: they were in neither the queue nor the running
+    list, and the line said "0 running" while 3 were decoding."""
+    import logging
+
+    gate = threading.Event()
+    runner = Counter(gate=gate)
+    b = await started(ContinuousBatcher(4, lambda: runner))
+    try:
+        futures = [b.submit(2) for _ in range(3)]
+        while b.active < 3:  # admitted: the tick waits at the gate
+            await asyncio.sleep(0.001)
+        with caplog.at_level(logging.INFO, logger="service.batcher"):
+            b.drain(30)
+        assert "draining: 0 queued, 3 running" in caplog.text
+        gate.set()
+        assert await asyncio.gather(*futures) == [20, 20, 20]
+    finally:
+        gate.set()
+        await b.stop()
+
+
 async def test_a_new_runner_takes_new_requests_while_the_old_one_finishes():
     old, new = Counter(), Counter()
     current = [old]

@@ -138,6 +138,7 @@ async def test_openapi_documents_every_status_with_the_error_schema(client):
         ("post", "/recommend"): {"200", "400", "401", "403", "413", "422", "500", "503"},
         ("post", "/users/{user_id}/events"): {"200", "400", "401", "403", "413", "422", "500", "503"},
         ("get", "/users/{user_id}/history"): {"200", "401", "403", "422", "500", "503"},
+        ("delete", "/users/{user_id}"): {"200", "401", "403", "422", "500", "503"},
         ("get", "/items/{item_id}"): {"200", "404", "422", "500", "503"},
         # 507: an edit the checkpoint volume refused to save
         ("put", "/items/{item_id}"): {"200", "201", "400", "401", "403", "413", "422", "500", "503", "507"},

@@ -39,7 +39,8 @@ async def test_one_access_line_per_request_with_id_route_template_status_code_an
         assert r.status_code == 422
         assert (await client.get("/users/u%0A1/history")).status_code == 422  # a control character
         assert (await client.get("/users/alice%40example.com/history")).status_code == 200
-        assert (await client.get("/users/alice%40example.com/nothing")).status_code == 404
+        # a path DELETE /users/{user_id} serves (an id may hold "/"), not GET: no route
+        assert (await client.get("/users/alice%40example.com/nothing")).status_code == 405
         assert (await client.get("/no/such/path")).status_code == 404
         assert (await client.get("/items/x%0Ay")).status_code == 422  # escaped in the line
         big = b"x" * 2_000_000  # over R2EC_MAX_BODY_BYTES (1 MiB)
@@ -77,7 +78,12 @@ async def test_one_access_line_per_request_with_id_route_template_status_code_an
     )
     assert "\n" not in bad_id.getMessage()
     assert (users.route, users.path, users.status) == ("/users/{user_id}/history",) * 2 + (200,)
-    assert (users_unmatched.route, users_unmatched.path) == ("unmatched", "/users/...")
+    # a 405 is labelled by the route whose path it named; its path is the template, no id
+    assert (users_unmatched.route, users_unmatched.path, users_unmatched.status) == (
+        "/users/{user_id}",
+        "/users/{user_id}",
+        405,
+    )
     assert not [r for r in caplog.records if "alice" in r.getMessage() or "alice" in str(r.__dict__)]
     assert (unmatched.route, unmatched.path, unmatched.status, unmatched.code) == (
         "unmatched",
@@ -202,3 +208,13 @@ def test_log_lines_in_either_format_for_the_app_and_uvicorn_alike(fmt):
     assert started["timestamp"].endswith("+00:00") and started["level"] == "INFO"
     assert started["logger"] == "uvicorn.error" and started["message"] == "Started server process [7]"
     assert access["request_id"] == "r1" and access["status"] == 200
+
+
+def test_a_path_under_users_is_never_logged_with_its_id():
+    from service.access_log import logged_path
+
+    assert logged_path("/users/alice@example.com/history", "/users/{user_id}/history") == (
+        "/users/{user_id}/history"
+    )
+    assert logged_path("/users/alice@example.com/x/y", "unmatched") == "/users/..."
+    assert logged_path("/items/a\nb", "/items/{item_id}") == "/items/a\\nb"  # other paths: escaped

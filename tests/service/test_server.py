@@ -126,6 +126,9 @@ def test_sigterm_with_16_reasoning_requests_in_flight(tiny_ckpt, tiny_dataset, t
     )
     assert over, output[-3000:]
     in_flight, drained, cut, left, new = map(int, over.groups())
+    # the opening line counts the same requests: the decode's joining ones were left out
+    began = re.search(r"draining: (\d+) queued, (\d+) running", output)
+    assert began and int(began[1]) + int(began[2]) == in_flight, output[-3000:]
     assert (cut, left, new) == (refused, 0, 0) and drained + cut == in_flight and drained <= answered
     print(f"SIGTERM with 16 in flight: {answered} answered, {refused} refused with 503")
 

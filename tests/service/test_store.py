@@ -10,7 +10,16 @@ from dataclasses import replace
 import pytest
 import pytest_asyncio
 
-from service.store import Event, MemoryStore, RedisStore, StoreUnavailable, event_key, read_stream
+from service.store import (
+    Erased,
+    Event,
+    MemoryStore,
+    RedisStore,
+    StoreUnavailable,
+    event_key,
+    read_erasures,
+    read_stream,
+)
 from tests.service.conftest import RedisServer, free_port, needs_redis
 
 pytestmark = pytest.mark.asyncio
@@ -153,6 +162,88 @@ async def test_cache_round_trip(store):
     assert await store.cache_get("k1") == '{"ids": [1], "text": "x"}'
 
 
+async def test_erasing_a_user_removes_their_history_seen_items_event_ids_and_stream_entries(store):
+    await store.append_events("u1", [Event(f"i{n}", 4.0, 100 + n, f"e{n}") for n in range(5)])
+    await store.append_events("u2", [Event("x", 3.0, 50, "e0")])
+    await store.append_events("u1", [Event("i0", 5.0, 200)])  # an item again: 6 events, 5 items
+    erased = await store.erase_user("u1")
+    assert isinstance(erased, Erased) and abs(erased.erased_at_ms / 1000 - time.time()) < 60
+    assert (erased.user_id, erased.history_events, erased.seen_items, erased.stream_entries) == (
+        "u1",
+        WINDOW,
+        5,
+        6,
+    )
+    assert await store.get_history("u1") == [] and await store.get_seen("u1") == frozenset()
+    assert [(e.user_id, e.item_id) for e in await store.read_events()] == [("u2", "x")]
+    assert [e.item_id for e in await store.get_history("u2")] == ["x"]  # others keep theirs
+    # its event ids went too: the same id is a new event now, kept, as every later event is
+    again = await store.append_events("u1", [Event("i9", 2.0, 300, "e1")])
+    assert again.new == (True,) and again.history_length == 1
+    assert [(e.user_id, e.item_id) for e in await store.read_events()] == [("u2", "x"), ("u1", "i9")]
+    assert await store.get_seen("u1") == {"i9"}
+
+
+async def test_erasing_a_user_nobody_knows_removes_nothing(store):
+    await store.append_events("u1", [Event("a")])
+    erased = await store.erase_user("nobody")
+    assert (erased.history_events, erased.seen_items, erased.stream_entries, erased.cached_reasonings) == (
+        0,
+        0,
+        0,
+        0,
+    )
+    assert len(await store.read_events()) == 1 and len(await store.get_history("u1")) == 1
+
+
+async def test_erasing_a_user_deletes_the_reasonings_cached_for_their_stored_history(store):
+    await store.append_events("u1", [Event("a")])
+    await store.append_events("u2", [Event("a")])
+    if isinstance(store, MemoryStore):
+        store.cache_size = 10  # the fixture's LRU holds 2
+    await store.cache_set("k1", "u1's", user_id="u1")
+    await store.cache_set("shared", "u1's and u2's", user_id="u1")
+    await store.cache_set("shared", "u1's and u2's", user_id="u2")  # the same window: one key
+    await store.cache_set("inline", "someone's")  # a history sent inline: found by content only
+    erased = await store.erase_user("u1")
+    assert erased.cached_reasonings == 2
+    assert await store.cache_get("k1") is None and await store.cache_get("shared") is None
+    assert await store.cache_get("inline") is not None
+    assert (await store.erase_user("u2")).cached_reasonings == 0  # "shared" is gone already
+
+
+async def test_a_reasoning_made_from_a_history_erased_meanwhile_is_not_cached(store):
+    """A request read u1's history, the user was erased while it wrote the reasoning: the
+    reasoning is not cached after the erasure (nor for a user who never had a history)."""
+    await store.cache_set("k1", "v", user_id="u1")
+    await store.append_events("u2", [Event("a")])
+    await store.erase_user("u2")
+    await store.cache_set("k2", "v", user_id="u2")
+    assert await store.cache_get("k1") is None and await store.cache_get("k2") is None
+
+
+async def test_memory_erasure_keeps_reading_the_stream_after_a_cursor():
+    """The in-process stream's ids count every entry ever added, so a cursor taken before an
+    erasure still points where it did."""
+    s = MemoryStore(window=WINDOW)
+    await s.append_events("u1", [Event("a"), Event("b")])
+    await s.append_events("u2", [Event("c"), Event("d")])
+    cursor = (await s.read_events())[2].id
+    await s.erase_user("u1")
+    await s.append_events("u2", [Event("e")])
+    assert [e.item_id for e in await s.read_events(after=cursor)] == ["d", "e"]
+
+
+async def test_memory_cache_index_forgets_evicted_entries():
+    s = MemoryStore(window=WINDOW, cache_size=1)
+    await s.append_events("u1", [Event("a")])
+    await s.cache_set("k1", "v", user_id="u1")
+    await s.cache_set("k2", "v", user_id="u1")  # evicts k1
+    assert s._user_cache == {"u1": {"k2"}} and set(s._cache_users) == {"k2"}
+    assert (await s.erase_user("u1")).cached_reasonings == 1
+    assert s._user_cache == {} and s._cache_users == {}
+
+
 async def test_memory_ping_answers():
     assert await MemoryStore(window=WINDOW).ping() is None
 
@@ -209,6 +300,7 @@ async def test_redis_down_raises_store_unavailable_naming_the_operation():
         "cache_get": s.cache_get("k"),
         "cache_set": s.cache_set("k", "v"),
         "read_events": s.read_events(),
+        "erase_user": s.erase_user("u"),
     }
     for op, call in calls.items():
         with pytest.raises(StoreUnavailable, match=f"^redis {op} failed") as info:
@@ -219,6 +311,13 @@ async def test_redis_down_raises_store_unavailable_naming_the_operation():
     with pytest.raises(StoreUnavailable, match="^redis read_events failed") as info:
         read_stream(s.url, None, timeout_s=0.5)
     assert info.value.op == "read_events" and "secret" not in str(info.value)
+    with pytest.raises(StoreUnavailable, match="^redis read_erasures failed") as info:
+        read_erasures(s.url, timeout_s=0.5)
+    assert info.value.op == "read_erasures" and "secret" not in str(info.value)
+    s = RedisStore(f"redis://127.0.0.1:{free_port()}/0", window=WINDOW, timeout_s=0.5)
+    with pytest.raises(StoreUnavailable, match="^redis cache_set failed"):
+        await s.cache_set("k", "v", user_id="u")  # a stored history's entry, by its script
+    await s.close()
 
 
 async def test_a_store_is_up_again_after_its_next_operation_that_succeeds():
@@ -349,6 +448,90 @@ async def test_redis_forgets_event_ids_after_the_dedup_window(redis_url):
         # an id older than the window is dropped at the next append, so it counts as new again
         await raw.zadd("r2ec:event-ids:u1", {"e1": 0})
         assert (await s.append_events("u1", [Event("a", event_id="e1")])).new == (True,)
+    finally:
+        await raw.aclose()
+        await s.close()
+
+
+@pytest.mark.redis
+async def test_the_erasure_ledger_covers_what_came_before_and_not_the_same_id_used_again(redis_url):
+    """Retraining reads the ledger: an entry of the user's at or before the erasure is covered,
+    one added after it is not, even within the erasure's millisecond (the script moves the
+    stream's last id past it)."""
+    import redis.asyncio as aioredis
+
+    s = RedisStore(redis_url, window=WINDOW)
+    raw = aioredis.from_url(redis_url, decode_responses=True)
+    try:
+        assert read_erasures(redis_url).cutoffs == {}
+        await s.append_events("u1", [Event("a"), Event("b")])
+        await s.append_events("u2", [Event("c")])
+        # an entry 10 s ahead of Redis's clock (one written before the clock stepped back):
+        # Redis numbers the next entries within that millisecond, as it does for those added in
+        # the erasure's own millisecond
+        ahead = int(time.time() * 1000) + 10_000
+        await raw.xadd("r2ec:events", {"user_id": "u1", "item_id": "z", "event_id": "z"}, id=f"{ahead}-0")
+        before = [(e.user_id, e.id) for e in await s.read_events()]
+        erased = await s.erase_user("u1")
+        await s.append_events("u1", [Event("d")])
+        ledger = read_erasures(redis_url)
+        cutoff = ledger.cutoffs["u1"]
+        assert ledger.users == {"u1"} and cutoff == ahead and erased.erased_at_ms < ahead
+        assert erased.stream_entries == 3 and await raw.zscore("r2ec:erasures", "u1") == cutoff
+        assert all(ledger.covers("u1", i) for u, i in before if u == "u1")
+        assert not any(ledger.covers("u2", i) for _, i in before)  # u2 was never erased
+        (after,) = [e for e in await s.read_events() if e.user_id == "u1"]
+        assert after.id == f"{ahead + 1}-0" and not ledger.covers("u1", after.id)  # not f"{ahead}-1"
+        # erased again: the ledger moves to the new cutoff and covers the later entry too
+        await s.erase_user("u1")
+        assert read_erasures(redis_url).covers("u1", after.id)
+        # a user erased before the stream exists: an entry added later is not covered
+        await raw.delete("r2ec:events")
+        await s.erase_user("u3")
+        await s.append_events("u3", [Event("e")])
+        (entry,) = await s.read_events()
+        assert not read_erasures(redis_url).covers("u3", entry.id)
+    finally:
+        await raw.aclose()
+        await s.close()
+
+
+@pytest.mark.redis
+async def test_an_erasure_scans_the_stream_in_pages_and_removes_only_the_user(redis_url):
+    s = RedisStore(redis_url, window=WINDOW)
+    s.erase_page = 4  # 37 entries: ten pages, the user's entries on every page and across edges
+    try:
+        for n in range(37):
+            await s.append_events("u1" if n % 3 else "u2", [Event(f"i{n}", None, n)])
+        erased = await s.erase_user("u1")
+        assert erased.stream_entries == 24
+        assert [e.item_id for e in await s.read_events()] == [f"i{n}" for n in range(0, 37, 3)]
+        s.erase_page = 13  # exactly the 13 entries left: a full page, then an empty one
+        assert (await s.erase_user("u2")).stream_entries == 13 and await s.read_events() == []
+    finally:
+        await s.close()
+
+
+@pytest.mark.redis
+async def test_the_user_cache_index_lives_as_long_as_the_entries_it_names(redis_url):
+    import redis.asyncio as aioredis
+
+    s = RedisStore(redis_url, window=WINDOW, cache_ttl_s=60)
+    raw = aioredis.from_url(redis_url, decode_responses=True)
+    try:
+        await s.append_events("u1", [Event("a")])
+        await s.cache_set("k1", "v", user_id="u1")
+        assert 0 < await raw.ttl("r2ec:user-cache:u1") <= 60
+        assert await raw.zrange("r2ec:user-cache:u1", 0, -1) == ["k1"]
+        await s.cache_set("k0", "v")  # an inline history's entry: no index
+        assert await raw.exists("r2ec:user-cache:u1") == 1 and await raw.zcard("r2ec:user-cache:u1") == 1
+        # a key written longer than the TTL ago (its entry expired) leaves at the next write
+        await raw.zadd("r2ec:user-cache:u1", {"old": 0})
+        await s.cache_set("k2", "v", user_id="u1")
+        assert await raw.zrange("r2ec:user-cache:u1", 0, -1) == ["k1", "k2"]
+        await s.erase_user("u1")
+        assert await raw.exists("r2ec:user-cache:u1", "r2ec:reasoning:k1", "r2ec:reasoning:k2") == 0
+        assert await raw.exists("r2ec:reasoning:k0") == 1
     finally:
         await raw.aclose()
         await s.close()

@@ -1,0 +1,71 @@
+"""`r2ec user erase` against a real redis-server: what DELETE /users/{id} does, for any id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from service.store import Event, RedisStore, read_erasures
+from tests.service.conftest import RedisServer, free_port
+
+
+def _cli(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(app, ["user", "erase", *args], env=env)
+
+
+@pytest.fixture
+def redis_url():
+    server = RedisServer()  # a throwaway redis-server on a free loopback port
+    yield server.url
+    server.stop()
+
+
+@pytest.mark.redis
+def test_erase_removes_a_user_the_route_cannot_name(redis_url):
+    """The user "a/history": in a path, the history of "a"; the command erases that user."""
+
+    async def store_events(user_id: str):
+        store = RedisStore(redis_url)
+        try:
+            await store.append_events(user_id, [Event("i1", 5.0, 100), Event("i2", 4.0, 200)])
+        finally:
+            await store.close()
+
+    async def history(user_id: str):
+        store = RedisStore(redis_url)
+        try:
+            return await store.get_history(user_id)
+        finally:
+            await store.close()
+
+    asyncio.run(store_events("a/history"))
+    asyncio.run(store_events("a"))
+    result = _cli("a/history", "--redis-url", redis_url, "--json")
+    assert result.exit_code == 0, result.output
+    receipt = json.loads(result.stdout)
+    assert receipt["user_id"] == "a/history" and receipt["erased_at"].endswith("+00:00")
+    assert [receipt[k] for k in ("history_events", "seen_items", "stream_entries", "cached_reasonings")] == [
+        2,
+        2,
+        2,
+        0,
+    ]
+    assert asyncio.run(history("a/history")) == [] and len(asyncio.run(history("a"))) == 2
+    assert read_erasures(redis_url).users == {"a/history"}
+    # R2EC_REDIS_URL as the service reads it; a repeat removes nothing and says so
+    result = _cli("a/history", env={"R2EC_REDIS_URL": redis_url})
+    assert result.exit_code == 0 and "0 history events, 0 seen items, 0 stream entries" in result.output
+    assert 'docs/operations.md, "Erasing a user"' in result.output
+
+
+def test_erase_refuses_clearly_without_redis_a_bad_id_or_a_down_redis():
+    result = _cli("u1", env={"R2EC_REDIS_URL": ""})
+    assert result.exit_code == 2 and "--redis-url (R2EC_REDIS_URL) is needed" in result.output
+    result = _cli("u1\x00", "--redis-url", "redis://127.0.0.1:1/0")
+    assert result.exit_code == 2 and "must not contain control characters" in result.output
+    result = _cli("u1", "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
+    assert result.exit_code == 2 and "redis erase_user failed" in result.output
