@@ -91,6 +91,9 @@ EVENT_SCHEMA = pa.schema(
         ("item_id", pa.string()),
         ("rating", pa.float64()),
         ("timestamp", pa.int64()),
+        # the client's idempotency key (service/store.py's event_id), "" where none is known: a
+        # retry Redis took again (its dedup window passed, or Redis lost it) is the same event
+        ("key", pa.string()),
     ]
 )
 
@@ -116,6 +119,9 @@ class Interaction(Protocol):
 
     @property
     def timestamp(self) -> int: ...  # seconds
+
+    # optional: the client's idempotency key ("" or absent where none): equal keys of one user
+    # are one event (`consume_events`)
 
 
 # read_events(cursor) -> (every event after cursor, oldest first; the cursor to pass next time).
@@ -266,6 +272,7 @@ def events_frame(events: Sequence[Interaction]) -> pd.DataFrame:
             "item_id": [str(e.item_id) for e in events],
             "rating": np.array([np.nan if e.rating is None else e.rating for e in events], dtype=np.float64),
             "timestamp": np.array([int(e.timestamp) for e in events], dtype=np.int64),
+            "key": [str(getattr(e, "event_id", "") or "") for e in events],
         }
     )
 
@@ -359,14 +366,18 @@ def _read_events_log(work: Path) -> pd.DataFrame:
     path = work / EVENTS_FILE
     if not path.is_file():
         return EVENT_SCHEMA.empty_table().to_pandas()
-    return pq.read_table(path).to_pandas()
+    logged = pq.read_table(path).to_pandas()
+    if "key" not in logged:  # a log written before the key was kept
+        logged["key"] = ""
+    return logged
 
 
 def consume_events(work: Path, read_events: ReadEvents) -> tuple[pd.DataFrame, int, str | None]:
     """Append the events after the saved cursor to the log, then save the reader's new cursor.
 
     The log is written before the cursor and deduplicated by event id, so a crash in between
-    re-reads those events without counting them twice. Returns (log, new events, cursor).
+    re-reads those events without counting them twice; and by the client's key per user, so a
+    retry the stream took twice is one event. Returns (log, new events, cursor).
     """
     state = read_state(work)
     fresh, cursor = read_events(state.get("last_event_id"))
@@ -376,6 +387,17 @@ def consume_events(work: Path, read_events: ReadEvents) -> tuple[pd.DataFrame, i
     state.setdefault("trained_events", int(len(logged)))
     new = events_frame(fresh)
     new = new[~new["event_id"].isin(set(logged["event_id"]))]
+    # the same event under a new stream id: a client's retry that Redis stored again once its
+    # dedup window (R2EC_EVENT_DEDUP_TTL_S) had passed or after it lost its data; one per
+    # (user, key), the first logged
+    keyed = new["key"] != ""
+    known = logged[logged["key"] != ""]
+    seen = set(zip(known["user_id"], known["key"], strict=True))
+    again = [(u, k) in seen for u, k in zip(new["user_id"], new["key"], strict=True)]
+    repeats = keyed & (pd.Series(again, index=new.index) | new.duplicated(["user_id", "key"]))
+    if repeats.any():
+        log.info("%d events repeat a logged one (same user, event_id): not counted again", int(repeats.sum()))
+        new = new[~repeats]
     if len(new):
         logged = pd.concat([logged, new], ignore_index=True) if len(logged) else new.reset_index(drop=True)
         _write_events_log(work, logged)

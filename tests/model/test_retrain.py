@@ -283,6 +283,42 @@ def test_events_read_again_are_not_counted_twice(tmp_path):
     assert (new, cursor, list(log["event_id"])) == (0, "after:2", ["a", "b"])
 
 
+@dataclass(frozen=True)
+class Keyed(Ev):
+    """An event with the client's idempotency key, as service/store.py's StreamEntry has."""
+
+    event_id: str = ""
+
+
+def test_a_retry_the_stream_took_twice_is_one_event(tmp_path):
+    """Redis forgets event ids after R2EC_EVENT_DEDUP_TTL_S (or loses them in a restart): a
+    client's retry of a consumed event then got a new stream entry and was trained on twice.
+    The client's key, per user, makes it one; events without a key and other users' equal keys
+    stay apart, and a log written before the key was kept still reads."""
+    import pyarrow.parquet as pq
+
+    from model.retrain import EVENTS_FILE
+
+    first = [Keyed("1-0", "u1", "i1", 4.0, 10, "e-1"), Keyed("1-1", "u1", "i2", None, 11, "")]
+    reader = FakeReader(first)
+    consume_events(tmp_path, reader)
+    reader.events += [
+        Keyed("9-0", "u1", "i1", 4.0, 10, "e-1"),  # the retry, a new stream id
+        Keyed("9-1", "u2", "i1", 4.0, 10, "e-1"),  # another user's key that happens to match
+        Keyed("9-2", "u1", "i2", None, 11, ""),  # no key: not known to be a repeat
+        Keyed("9-3", "u3", "i5", 2.0, 12, "e-7"),
+        Keyed("9-4", "u3", "i5", 2.0, 12, "e-7"),  # a repeat within one read
+    ]
+    log, new, _ = consume_events(tmp_path, reader)
+    assert new == 3 and list(log["event_id"]) == ["1-0", "1-1", "9-1", "9-2", "9-3"]
+    # a log from before the key column: read with no keys, then keys from here on
+    table = pq.read_table(tmp_path / EVENTS_FILE).drop(["key"])
+    pq.write_table(table, tmp_path / EVENTS_FILE)
+    reader.events.append(Keyed("9-5", "u3", "i5", 2.0, 12, "e-7"))
+    log, new, _ = consume_events(tmp_path, reader)
+    assert new == 1 and list(log["key"]) == ["", "", "", "", "", "e-7"]
+
+
 @pytest.mark.parametrize("text", ['{"last_event_id": "after:2", "events', "[]", "\udcff"])
 def test_a_damaged_state_file_is_named_and_not_read_as_no_state(tmp_path, text):
     """A cut state.json said only "Expecting ':' delimiter: line 5 column 13", naming no file."""
