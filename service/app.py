@@ -53,6 +53,7 @@ def create_app(
             settings.cache_ttl_s,
             settings.stream_maxlen,
             settings.event_dedup_ttl_s,
+            settings.user_ttl_s,
         )
         try:
             try:

@@ -177,6 +177,14 @@ class Settings(BaseSettings):
         description="How long Redis remembers a user's event ids, so a retried event is not stored "
         "twice (the in-process store remembers them until restart).",
     )
+    user_ttl_s: int = Field(
+        0,
+        ge=0,
+        description="Retention: forget a user's stored history and seen items this many seconds "
+        "after their last event (Redis EXPIRE, renewed at each append); 0 = keep them until the "
+        "user is erased (DELETE /users/{id}). The event stream retraining reads is bounded by "
+        "R2EC_STREAM_MAXLEN, the reasoning cache by R2EC_CACHE_TTL_S.",
+    )
     watch_interval_s: float = Field(
         0.0,
         ge=0,

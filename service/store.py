@@ -278,11 +278,20 @@ class MemoryStore:
     kind = "memory"
     up = True
 
-    def __init__(self, window: int = 20, cache_size: int = 10_000) -> None:
+    def __init__(
+        self,
+        window: int = 20,
+        cache_size: int = 10_000,
+        user_ttl_s: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = window
         self.cache_size = cache_size
+        self.user_ttl_s = user_ttl_s
+        self._clock = clock
+        self._last_append: dict[str, float] = {}  # for `user_ttl_s`
         self._histories: dict[str, list[Event]] = {}
         self._events: list[StreamEntry] = []  # ids "<n>-0", n counting every entry ever added
         self._added = 0
@@ -293,11 +302,22 @@ class MemoryStore:
         self._user_cache: dict[str, set[str]] = {}
         self._cache_users: dict[str, set[str]] = {}
 
+    def _forget_if_expired(self, user_id: str) -> None:
+        """Redis's EXPIRE of a user's history and seen set (`user_ttl_s`), done where read."""
+        last = self._last_append.get(user_id)
+        if self.user_ttl_s > 0 and last is not None and self._clock() - last >= self.user_ttl_s:
+            self._histories.pop(user_id, None)
+            self._seen.pop(user_id, None)
+            del self._last_append[user_id]
+
     async def get_history(self, user_id: str) -> list[Event]:
+        self._forget_if_expired(user_id)
         return list(self._histories.get(user_id, ()))
 
     async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
         ids = _check_events(user_id, events)
+        self._forget_if_expired(user_id)
+        self._last_append[user_id] = self._clock()
         history = self._histories.setdefault(user_id, [])
         known = self._event_ids.setdefault(user_id, set())
         seen = self._seen.setdefault(user_id, set())
@@ -316,6 +336,7 @@ class MemoryStore:
         return Appended(len(history), tuple(ids), tuple(new))
 
     async def get_seen(self, user_id: str) -> frozenset[str]:
+        self._forget_if_expired(user_id)
         return frozenset(self._seen.get(user_id, ()))
 
     async def read_events(self, after: str = "0-0", count: int | None = None) -> list[StreamEntry]:
@@ -349,6 +370,7 @@ class MemoryStore:
                 del self._user_cache[user]
 
     async def erase_user(self, user_id: str) -> Erased:
+        self._last_append.pop(user_id, None)
         history = self._histories.pop(user_id, [])
         seen = self._seen.pop(user_id, set())
         self._event_ids.pop(user_id, None)
@@ -381,10 +403,12 @@ class RedisStore:
         stream_maxlen: int = 1_000_000,
         timeout_s: float = 1.0,
         dedup_ttl_s: int = DEDUP_TTL_S,
+        user_ttl_s: int = 0,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = window
+        self.user_ttl_s = user_ttl_s
         self.up = True
         self.cache_ttl_s = cache_ttl_s
         self.stream_maxlen = stream_maxlen
@@ -433,7 +457,9 @@ class RedisStore:
         ids = _check_events(user_id, events)
         keys = [HISTORY_KEY, EVENTS_STREAM, SEEN_KEY, EVENT_IDS_KEY]
         now = int(time.time())
-        args: list[str | int] = [self.window, self.stream_maxlen, self.dedup_ttl_s, now, len(events)]
+        args: list[str | int] = [
+            *(self.window, self.stream_maxlen, self.dedup_ttl_s, now, len(events), self.user_ttl_s)
+        ]
         for e, event_id in zip(events, ids, strict=True):
             f = e.stream_fields(user_id, event_id)
             stored = Event(e.item_id, e.rating, e.timestamp, event_id)
@@ -564,7 +590,8 @@ def _stream_entries(rows: list[tuple[str, dict[str, str]]]) -> list[StreamEntry]
 
 
 # KEYS: history, stream, seen set, event-id zset. ARGV: user_id, window, stream maxlen, dedup ttl
-# (s), now (s), n, then per event: event_id, item_id, rating, timestamp, history JSON.
+# (s), now (s), n, user ttl (s, 0: none), then per event: event_id, item_id, rating, timestamp,
+# history JSON.
 # Returns one 1 (stored) or 0 (duplicate) per event, then the history's length.
 APPEND_SCRIPT = """
 -- the history in time order (`_place`): read once; each new event goes into that table after
@@ -581,6 +608,7 @@ local function push(key, list, from, to)
 end
 local user, window, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local ttl, now, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local user_ttl = tonumber(ARGV[7])  -- seconds the history and seen set outlive this append; 0: for good
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl)
 local hist = redis.call('LRANGE', KEYS[1], 0, -1)
 local times = {}
@@ -589,7 +617,7 @@ local stored = #hist
 local untouched = stored  -- hist[1..untouched] is still the stored list's start
 local out = {}
 for i = 0, n - 1 do
-  local b = 7 + i * 5
+  local b = 8 + i * 5
   local id, item, json = ARGV[b], ARGV[b + 1], ARGV[b + 4]
   if redis.call('ZADD', KEYS[4], 'NX', now, id) == 1 then
     local ts, at, dropped = stamp(json), #hist, false
@@ -621,6 +649,13 @@ if untouched >= first then  -- keep the stored start, write what follows it
 else
   redis.call('DEL', KEYS[1])
   push(KEYS[1], hist, first, #hist)
+end
+if user_ttl > 0 then  -- retention: a user who posts nothing for user_ttl seconds is forgotten
+  redis.call('EXPIRE', KEYS[1], user_ttl)
+  redis.call('EXPIRE', KEYS[3], user_ttl)
+else  -- kept until erased, also where a retention set before has been turned off
+  redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[3])
 end
 out[#out + 1] = math.min(#hist, window)
 return out
@@ -725,10 +760,16 @@ def make_store(
     cache_ttl_s: int,
     stream_maxlen: int,
     dedup_ttl_s: int = DEDUP_TTL_S,
+    user_ttl_s: int = 0,
 ) -> MemoryStore | RedisStore:
     """Redis when a URL is configured, else the in-process store."""
     if redis_url:
         return RedisStore(
-            redis_url, window, cache_ttl_s=cache_ttl_s, stream_maxlen=stream_maxlen, dedup_ttl_s=dedup_ttl_s
+            redis_url,
+            window,
+            cache_ttl_s=cache_ttl_s,
+            stream_maxlen=stream_maxlen,
+            dedup_ttl_s=dedup_ttl_s,
+            user_ttl_s=user_ttl_s,
         )
-    return MemoryStore(window, cache_size=cache_size)
+    return MemoryStore(window, cache_size=cache_size, user_ttl_s=user_ttl_s)

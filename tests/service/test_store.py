@@ -436,6 +436,42 @@ async def test_a_write_that_timed_out_but_landed_is_not_duplicated_by_the_retry(
 
 
 @pytest.mark.redis
+async def test_redis_forgets_a_user_who_posts_nothing_for_the_retention_time(redis_url):
+    """R2EC_USER_TTL_S: the history and the seen set expire that long after the user's last
+    event (renewed by each append); turned off again, the next append keeps them for good."""
+    import redis.asyncio as aioredis
+
+    raw = aioredis.from_url(redis_url)
+    kept, forgetting = (
+        RedisStore(redis_url, window=WINDOW),
+        RedisStore(redis_url, window=WINDOW, user_ttl_s=60),
+    )
+    try:
+        await forgetting.append_events("u1", [Event("a", 4.0, 100)])
+        for key in ("r2ec:history:u1", "r2ec:seen:u1"):
+            assert 0 < await raw.ttl(key) <= 60, key
+        await kept.append_events("u1", [Event("b", 4.0, 200)])
+        assert await raw.ttl("r2ec:history:u1") == -1 and await raw.ttl("r2ec:seen:u1") == -1
+        assert [e.item_id for e in await kept.get_history("u1")] == ["a", "b"]
+    finally:
+        await raw.aclose()
+        await kept.close()
+        await forgetting.close()
+
+
+async def test_memory_forgets_a_user_who_posts_nothing_for_the_retention_time():
+    now = [0.0]
+    s = MemoryStore(window=WINDOW, user_ttl_s=60, clock=lambda: now[0])
+    await s.append_events("u1", [Event("a", 4.0, 100)])
+    now[0] = 50.0
+    await s.append_events("u1", [Event("b", 4.0, 200)])  # renews it
+    now[0] = 109.0
+    assert [e.item_id for e in await s.get_history("u1")] == ["a", "b"]
+    now[0] = 110.0
+    assert await s.get_history("u1") == [] and await s.get_seen("u1") == frozenset()
+    assert [e.user_id for e in await s.read_events()] == ["u1", "u1"]  # the stream is not a history
+
+
 async def test_redis_forgets_event_ids_after_the_dedup_window(redis_url):
     import redis.asyncio as aioredis
 
