@@ -28,6 +28,8 @@ Versions root::
     ROOT/retrain/events.parquet   every consumed event (event id, user, item, rating, timestamp)
     ROOT/retrain/data/<name>/<protocol>/   the rebuilt prepared dataset training reads
     ROOT/retrain/run/             the training run's scratch directory (removed after)
+    ROOT/retrain/last-run/        the last run's training log.jsonl and curves.png, whatever its
+                                  outcome (a published version carries its own as well)
 
 Versions and CURRENT are model/checkpoint.py's (one registry for the service and this job).
 Reading the events is the caller's job (`read_events`, e.g. service/store.py's `read_stream`):
@@ -71,7 +73,15 @@ from model.checkpoint import (
 )
 from model.data import SPLITS, PreparedDataset, load_prepared
 from model.data.build import build_prepared
-from model.data.dataset import atomic_temps, atomic_temps_under, atomic_write, remove_path
+from model.data.dataset import (
+    atomic_temps,
+    atomic_temps_under,
+    atomic_write,
+    new_dir_beside,
+    recover_dir,
+    remove_path,
+    swap_into_place,
+)
 from model.evaluate import eval_rows, evaluate_model, paired_difference, validation_eval_config
 from model.recpo import RecPOConfig
 
@@ -79,6 +89,7 @@ log = logging.getLogger(__name__)
 
 WORK_DIR = "retrain"
 DATA_DIR = "data"  # in WORK_DIR: the rebuilt prepared dataset
+LAST_RUN_DIR = "last-run"  # in WORK_DIR: the last run's log.jsonl and curves.png
 STATE_FILE = "state.json"
 EVENTS_FILE = "events.parquet"
 RECORD_FILE = "retrain.json"  # written into each published version
@@ -571,6 +582,7 @@ def retrain(
         shutil.rmtree(run, ignore_errors=True)
         try:
             best = train(cfg.train, ds, str(root / current), run, resume=False)
+            _copy_training_record(run, best)  # a published version carries its own curves
             result.candidate_version = str(read_meta(best)["version"])
             candidate_ranks, candidate_users = validation_ranks(best, ds, cfg.train)
             if not np.array_equal(candidate_users, users):
@@ -586,8 +598,34 @@ def retrain(
                 # the version it started from stays too: it was served until now, the rollback target
                 result.pruned = prune_versions(root, cfg.keep, protect=[current])
         finally:
+            _keep_last_run(run, work)
             shutil.rmtree(run, ignore_errors=True)
         return _finish(work, result, started)
+
+
+def _copy_training_record(run: Path, into: Path) -> None:
+    """The run's log.jsonl and curves.png (model/train.py) into `into`, those that exist."""
+    from model.train import CURVES_FILE, LOG_FILE
+
+    for name in (LOG_FILE, CURVES_FILE):
+        if (run / name).is_file():
+            shutil.copy2(run / name, into / name)
+
+
+def _keep_last_run(run: Path, work: Path) -> None:
+    """work/last-run: the training record of the run that just ended, rejected or failed ones
+    too (the run's directory goes; a Job's stdout is all a scheduler keeps). Swapped in whole;
+    a failure to keep it is a warning, not the run's end."""
+    from model.train import LOG_FILE
+
+    out = work / LAST_RUN_DIR
+    try:
+        recover_dir(out, LOG_FILE)  # a swap cut between its renames: the copy aside goes back
+        tmp = new_dir_beside(out)
+        _copy_training_record(run, tmp)
+        swap_into_place(tmp, out)
+    except OSError as exc:
+        log.warning("the run's training log was not kept in %s: %s", out, exc)
 
 
 def _rebuild(

@@ -370,6 +370,33 @@ def test_events_of_a_run_that_failed_stay_pending_for_the_next(versions_root, ti
     assert skipped.status == "skipped" and skipped.reason.startswith("0 events not trained on yet")
 
 
+def test_a_runs_training_log_and_curves_outlive_its_scratch_directory(versions_root, tiny_dataset):
+    """ROOT/retrain/run/ goes after each run, and took log.jsonl and curves.png with it: a
+    CronJob's stdout was all that was left. A published version now carries its own, and
+    ROOT/retrain/last-run/ holds the last run's, rejected ones too."""
+    import json as _json
+
+    from model.retrain import LAST_RUN_DIR
+
+    reader = FakeReader([Ev("a", "u1", "i6", 4.0, 900), Ev("b", "u2", "i1", 5.0, 901)])
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0)
+    published = retrain(cfg, reader)
+    assert published.status == "published", published.reason
+    version = versions_root / published.published_version
+    last = versions_root / "retrain" / LAST_RUN_DIR
+    for where in (version, last):
+        assert (where / "curves.png").stat().st_size > 0
+        steps = [_json.loads(line) for line in (where / "log.jsonl").read_text().splitlines()]
+        assert steps, where
+    (last / "log.jsonl").unlink()  # the next run's record replaces it, rejected or not
+    reader.events.append(Ev("c", "u3", "i2", 4.0, 902))
+    strict = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=-10.0)
+    rejected = retrain(strict, reader)
+    assert rejected.status == "rejected", rejected.reason
+    assert (last / "log.jsonl").is_file() and (last / "curves.png").is_file()
+    assert not (versions_root / "retrain" / "run").exists()
+
+
 def test_a_run_removes_the_temp_files_a_killed_run_left(versions_root, tiny_dataset):
     """A run killed mid-write (SIGKILL: no `except` ran) left its `.NAME.<hex>.tmp` files in
     ROOT/retrain, the event log's as large as the log. Every writer there holds the run lock,
