@@ -9,7 +9,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -125,13 +125,21 @@ def _retrain_once(cfg: RetrainConfig, redis_url: str, as_json: bool) -> None:
         else:
             result = retrain(cfg, None)
     except OSError as exc:  # a full disk, a read-only root (FileNotFoundError: a missing file)
-        fail(os_error(exc, where=cfg.root))
+        _failed(os_error(exc, where=cfg.root), as_json)
     except (ValueError, RuntimeError) as exc:  # Checkpoint/Data/RetrainError, Redis down
-        fail(str(exc))
+        _failed(str(exc), as_json)
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
     else:
         _report(result)
+
+
+def _failed(message: str, as_json: bool) -> NoReturn:
+    """`fail`; under --json also one object on stdout, `{"status": "failed", "error": ...}`,
+    so whatever reads a run's result (a scheduler's log pipeline) reads a failed one too."""
+    if as_json:
+        typer.echo(json.dumps({"status": "failed", "error": message}))
+    fail(message)
 
 
 def _stream_reader(redis_url: str) -> ReadEvents:

@@ -175,9 +175,15 @@ def test_retrain_drops_what_it_consumed_of_an_erased_user_and_keeps_what_the_id_
 def test_redis_down_is_a_clear_error_and_changes_nothing(versions_root, tiny_dataset):
     root = versions_root
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    code, out, _ = _cli("--data", str(tiny_dataset.path), "--root", str(root), "--redis-url", dead)
+    args = ("--data", str(tiny_dataset.path), "--root", str(root), "--redis-url", dead)
+    code, out, _ = _cli(*args)
     assert code == 2 and "--redis-url ''" in out
     assert (root / "CURRENT").read_text() == "v0\n" and not (root / "retrain" / "events.parquet").exists()
+    # under --json a failed run is one object too, for whatever reads the run's result
+    code, _, payload = _cli(
+        "--data", str(tiny_dataset.path), "--root", str(root), "--redis-url", dead, "--json"
+    )
+    assert code == 2 and payload["status"] == "failed" and "--redis-url ''" in payload["error"]
 
 
 def test_a_failed_scheduled_run_is_retried_with_backoff_not_at_the_next_tick():
