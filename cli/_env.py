@@ -1,8 +1,9 @@
 """Process settings that must be in place before torch loads, imported first by cli/main.py.
 
 `import model` sets OpenMP's wait policy (model/__init__.py); `r2ec serve` also lets OpenMP's
-threads spin briefly between kernels (`model.spin_between_kernels`), since a service replica
-owns its cores."""
+threads spin briefly between kernels (`model.spin_between_kernels`): right for a replica with
+cores of its own (a host, Guaranteed QoS with the static CPU manager); where it shares them,
+GOMP_SPINCOUNT=0 (deploy/k8s/config.yaml), which this leaves as set."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # How long (busy-wait iterations, roughly 0.1-0.3 ms here) OpenMP's threads spin after a
-# kernel before they sleep, for a process that owns its cores (`r2ec serve`; see
-# `spin_between_kernels`).
+# kernel before they sleep, for a process meant to have cores of its own (`r2ec serve`; see
+# `spin_between_kernels`; GOMP_SPINCOUNT=0 where it shares them, as deploy/k8s sets).
 SERVE_SPINCOUNT = "10000"
 
 
