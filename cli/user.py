@@ -1,12 +1,14 @@
 """`r2ec user erase`: erase a user from the service's Redis (service/store.py `erase_user`), what
 DELETE /users/{id} does, from a shell: for any id, one ending in /events or /history too (the
 route's path cannot name those: it is that user's events or history), and without a running
-service or its admin key."""
+service or its admin key. `r2ec user export`: everything kept of one user, as JSON (a data
+subject's access request, GDPR Art. 15)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -14,7 +16,7 @@ import typer
 from cli.common import fail
 
 if TYPE_CHECKING:
-    from service.store import Erased
+    from service.store import Erased, UserData
 
 app = typer.Typer(help="Users' data in the service's Redis.", no_args_is_help=True)
 
@@ -63,6 +65,86 @@ def erase(
         f"{erased.stream_entries} stream entries, {erased.cached_reasonings} cached reasonings"
     )
     typer.echo('  remains  see docs/operations.md, "Erasing a user" (model weights, AOF/RDB, backups, logs)')
+
+
+@app.command("export")
+def export(
+    user_id: Annotated[str, typer.Argument(help="The user id, as the service stores it")],
+    redis_url: Annotated[
+        str, typer.Option(envvar="R2EC_REDIS_URL", help="The service's Redis (redis://host:port/db)")
+    ] = "",
+    root: Annotated[
+        Path | None,
+        typer.Option(help="The versions root `r2ec retrain` publishes into: its events log's rows too"),
+    ] = None,
+) -> None:
+    """Everything kept of one user, as one JSON object on stdout: the history window, every
+    item they had an event for, their entries in the event stream, the ledger's erasure of the
+    id if any, and (--root) the events retraining consumed. Model weights hold no per-user
+    record: docs/operations.md, "Where a user's data lives"."""
+    from service.schemas import check_id
+    from service.store import StoreUnavailable
+
+    if not redis_url:
+        fail("--redis-url (R2EC_REDIS_URL) is needed: without Redis each replica keeps its own store")
+    try:
+        check_id(user_id)
+    except ValueError as exc:
+        fail(f"user id {user_id!r} {exc}")
+    try:
+        data = asyncio.run(_export(redis_url, user_id))
+    except StoreUnavailable as exc:
+        fail(str(exc))
+    doc = {
+        "user_id": user_id,
+        "history": [_event(e) for e in data.history],
+        "seen_items": data.seen,
+        "stream_events": [{**_event(s.event), "entry_id": s.id, "added_at": s.added_at} for s in data.stream],
+        "erased_at_ms": data.erased_at_ms,
+    }
+    if root is not None:
+        doc["retrain_events"] = _retrain_events(root, user_id)
+    typer.echo(json.dumps(doc, indent=2))
+
+
+def _event(e) -> dict:  # noqa: ANN001 (service.store.Event, imported lazily)
+    rating = None if e.rating is None or e.rating != e.rating else e.rating  # NaN: none given
+    return {"item_id": e.item_id, "rating": rating, "timestamp": e.timestamp, "event_id": e.event_id}
+
+
+def _retrain_events(root: Path, user_id: str) -> list[dict]:
+    """The user's rows of ROOT/retrain/events.parquet (model/retrain.py), [] without one."""
+    from model.retrain import EVENTS_FILE, WORK_DIR
+
+    path = root / WORK_DIR / EVENTS_FILE
+    if not path.is_file():
+        return []
+    import pandas as pd
+
+    try:
+        rows = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        fail(f"{path}: unreadable ({exc})")
+    mine = rows[rows["user_id"] == user_id]
+    return [
+        {
+            "entry_id": r.event_id,
+            "item_id": r.item_id,
+            "rating": None if r.rating != r.rating else float(r.rating),
+            "timestamp": int(r.timestamp),
+        }
+        for r in mine.itertuples()
+    ]
+
+
+async def _export(redis_url: str, user_id: str) -> UserData:
+    from service.store import RedisStore
+
+    store = RedisStore(redis_url, timeout_s=10.0)
+    try:
+        return await store.export_user(user_id)
+    finally:
+        await store.close()
 
 
 async def _erase(redis_url: str, user_id: str) -> Erased:

@@ -69,3 +69,58 @@ def test_erase_refuses_clearly_without_redis_a_bad_id_or_a_down_redis():
     assert result.exit_code == 2 and "must not contain control characters" in result.output
     result = _cli("u1", "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
     assert result.exit_code == 2 and "redis erase_user failed" in result.output
+
+
+@pytest.mark.redis
+def test_export_gives_everything_kept_of_one_user(redis_url, tmp_path):
+    """A data subject's access request: the history window, every item (past the window too),
+    every stream entry, the events log retraining consumed; nothing of another user."""
+    import pandas as pd
+
+    from model.retrain import EVENTS_FILE, WORK_DIR
+
+    async def store_events():
+        store = RedisStore(redis_url, window=2)
+        try:
+            events = [Event(f"i{n}", 4.0, 100 + n, event_id=f"e{n}") for n in range(3)]
+            await store.append_events("alice@example.com", events)
+            await store.append_events("bob", [Event("i9", None, 50)])
+        finally:
+            await store.close()
+
+    asyncio.run(store_events())
+    work = tmp_path / WORK_DIR
+    work.mkdir()
+    log = pd.DataFrame(
+        {
+            "event_id": ["1-0", "1-1"],
+            "user_id": ["alice@example.com", "bob"],
+            "item_id": ["i0", "i9"],
+            "rating": [4.0, float("nan")],
+            "timestamp": [100, 50],
+            "key": ["e0", ""],
+        }
+    )
+    log.to_parquet(work / EVENTS_FILE)
+    args = ["user", "export", "alice@example.com", "--redis-url", redis_url, "--root", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["user_id"] == "alice@example.com" and doc["erased_at_ms"] is None
+    assert [e["item_id"] for e in doc["history"]] == ["i1", "i2"]  # the window of 2
+    assert doc["seen_items"] == ["i0", "i1", "i2"]  # past the window too
+    assert [(e["item_id"], e["event_id"]) for e in doc["stream_events"]] == [
+        ("i0", "e0"),
+        ("i1", "e1"),
+        ("i2", "e2"),
+    ]
+    assert all(e["entry_id"] and e["added_at"] > 0 for e in doc["stream_events"])
+    assert doc["retrain_events"] == [{"entry_id": "1-0", "item_id": "i0", "rating": 4.0, "timestamp": 100}]
+    # after an erasure: nothing but the ledger's record of it
+    assert (
+        CliRunner().invoke(app, ["user", "erase", "alice@example.com", "--redis-url", redis_url]).exit_code
+        == 0
+    )
+    doc = json.loads(CliRunner().invoke(app, args[:5]).stdout)
+    assert (doc["history"], doc["seen_items"], doc["stream_events"]) == ([], [], [])
+    assert doc["erased_at_ms"] > 0

@@ -184,6 +184,18 @@ async def test_erasing_a_user_removes_their_history_seen_items_event_ids_and_str
     assert await store.get_seen("u1") == {"i9"}
 
 
+async def test_exporting_a_user_gives_their_window_seen_items_and_stream_entries_only(store):
+    events = [Event(f"i{n}", 4.0, 100 + n) for n in range(WINDOW + 1)]
+    await store.append_events("u1", events)
+    await store.append_events("u2", [Event("x", 1.0, 5)])
+    data = await store.export_user("u1")
+    assert [e.item_id for e in data.history] == [e.item_id for e in events[-WINDOW:]]
+    assert data.seen == sorted(e.item_id for e in events)  # past the window too
+    assert [s.item_id for s in data.stream] == [e.item_id for e in events]
+    assert {s.user_id for s in data.stream} == {"u1"} and data.erased_at_ms is None
+    assert (await store.export_user("nobody")).stream == []
+
+
 async def test_erasing_a_user_nobody_knows_removes_nothing(store):
     await store.append_events("u1", [Event("a")])
     erased = await store.erase_user("nobody")
