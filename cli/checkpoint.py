@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import code_commit, fail, warn
+from cli.common import code_commit, fail, os_error, warn
 
 app = typer.Typer(help="Create and inspect checkpoints.", no_args_is_help=True)
 
@@ -185,6 +185,8 @@ def checkpoint_rollback(
         before = set_current(root, version, timeout_s=wait_seconds)
     except CheckpointError as exc:
         fail(str(exc))
+    except OSError as exc:  # a read-only root, a full disk: the path and what to do
+        fail(os_error(exc, where=root))
     if before == version:
         typer.echo(f"{root / CURRENT_FILE} already names {version}")
     else:

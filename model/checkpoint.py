@@ -476,9 +476,8 @@ def load_checkpoint_model(
     if weights == "full":
         if not (path / "model").is_dir():
             raise CheckpointError(f"checkpoint {path} says weights=full but has no model/ directory")
-        _check_files(path / "model", path)
-        with reading(path / "model", path):
-            lm = load_lm(path / "model", dtype=dtype, num_threads=num_threads)
+        _check_files(path / "model", path)  # a damaged file is named here, not in the load
+        lm = load_lm(path / "model", dtype=dtype, num_threads=num_threads)
     else:
         lm = _base_of(path, meta, dtype, num_threads, given=base is not None)
         if weights == "lora":
@@ -486,9 +485,17 @@ def load_checkpoint_model(
                 raise CheckpointError(f"checkpoint {path} says weights=lora but has no adapter/ directory")
             from peft import PeftModel
 
-            _check_files(path / "adapter", path)
-            with reading(path / "adapter", path):
+            _check_files(path / "adapter", path)  # a damaged file is named here, not in the load
+            try:
                 lm = PeftModel.from_pretrained(lm, path / "adapter", is_trainable=trainable)
+            except RuntimeError as exc:
+                if "size mismatch" not in str(exc):  # out of memory, a bug: as it is
+                    raise
+                shapes = "; ".join(line.strip() for line in str(exc).splitlines()[1:3])
+                raise CheckpointError(
+                    f"{path / 'adapter'} does not fit the backbone {meta['base']!r} ({shapes}): "
+                    "the adapter was trained on another one; name that one with --base"
+                ) from exc
             if merge_lora and not trainable:
                 lm = lm.merge_and_unload()
     from transformers import AutoTokenizer

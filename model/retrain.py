@@ -47,6 +47,7 @@ import fcntl
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -74,6 +75,7 @@ from model.checkpoint import (
 from model.data import SPLITS, PreparedDataset, load_prepared
 from model.data.build import build_prepared
 from model.data.dataset import (
+    META_FILE,
     atomic_temps,
     atomic_temps_under,
     atomic_write,
@@ -344,16 +346,26 @@ def _locked(work: Path) -> Iterator[None]:
         yield
 
 
+_SWAP_LEFTOVER = re.compile(r"\.(.+)\.(?:tmp-[0-9a-f]{12}|old-.+)")  # dataset.py's swap's names
+
+
 def _remove_dead_temps(work: Path) -> None:
     """Remove the temp files of writes a killed run left here (`atomic_write`'s: the event log,
     the state, the rebuilt dataset's files). Under the run lock, which every process writing
     them holds, so none is being written now: all go at once, not only stale ones."""
     found = atomic_temps(work / EVENTS_FILE) + atomic_temps(work / STATE_FILE)
-    if (work / DATA_DIR).is_dir():
-        found += atomic_temps_under(work / DATA_DIR)
+    data = work / DATA_DIR
+    if data.is_dir():
+        found += atomic_temps_under(data)  # a rebuild's files, as written before it swapped dirs
     for path in found:
         log.warning("removing %s, left by a run that did not finish", path)
         remove_path(path)
+    # a rebuild's temporary directory (model/data/dataset.py `save_prepared`: a whole copy of the
+    # samples, maybe of users erased since) or the copy a cut swap moved aside
+    for name_dir in (p for p in data.iterdir() if p.is_dir()) if data.is_dir() else ():
+        swapped = {m[1] for p in name_dir.iterdir() if (m := _SWAP_LEFTOVER.fullmatch(p.name))}
+        for protocol in sorted(swapped):
+            recover_dir(name_dir / protocol, META_FILE)
 
 
 def read_state(work: Path) -> dict[str, Any]:
@@ -535,6 +547,14 @@ def retrain(
         _remove_dead_temps(work)
         _settle_publish(root, work)  # a run killed while publishing
         current = current_version(root)  # under the lock: a run that just ended may have moved it
+        honoured = int(read_state(work).get("erased_users", 0))
+        if read_erasures is None and honoured:
+            # the seed dataset is never rewritten: only the ledger keeps an erased seed user out
+            raise RetrainError(
+                f"{root} has honoured the erasures of {honoured} users, and this run reads no "
+                "erasure ledger: it would train on their seed data again. Run it with --redis-url "
+                "(R2EC_REDIS_URL), the service's Redis, which holds the ledger"
+            )
         if read_events is None:
             events, new, cursor = _read_events_log(work), 0, read_state(work).get("last_event_id")
         else:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -43,7 +44,7 @@ from model.checkpoint import RESUME_STATE_FILE, read_meta, reading, recover_chec
 from model.cowatch import CoWatch
 from model.curves import log_record, plot_curves
 from model.data import PreparedDataset
-from model.data.dataset import atomic_write, write_error
+from model.data.dataset import atomic_write, exclusive, write_error
 from model.evaluate import evaluate_model, validation_eval_config
 from model.item_table import ItemTable
 from model.lora import build_model, trainable_parameters, weights_kind
@@ -72,8 +73,15 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
 ) -> Path:
-    """Train and return the path of the best checkpoint."""
-    return Trainer(cfg, dataset, base, out, resume=resume, overwrite=overwrite).fit()
+    """Train and return the path of the best checkpoint. The main process holds `.OUT.lock`
+    beside OUT throughout (OUT itself is not made before the run's checks pass): a second run
+    into OUT is refused before it touches anything there (it swept the live run's save in
+    progress, which then died)."""
+    out = Path(out)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun's other processes: rank 0 holds it
+        return Trainer(cfg, dataset, base, out, resume=resume, overwrite=overwrite).fit()
+    with exclusive(out.parent / f".{out.name}.lock", f"another training run writes into {out}"):
+        return Trainer(cfg, dataset, base, out, resume=resume, overwrite=overwrite).fit()
 
 
 def held_run(out: Path) -> list[str]:
@@ -645,9 +653,15 @@ class Trainer:
     def _load(self, resume_dir: Path) -> None:
         with reading(resume_dir / STATE_FILE, resume_dir):  # cut short: a CheckpointError naming it
             blob = torch.load(resume_dir / STATE_FILE, weights_only=False)
+        try:
             self.opt.load_state_dict(blob)
             self.state = TrainState(**blob["state"])
-            self.table.vectors = blob["item_table"]
+        except (ValueError, KeyError, TypeError) as exc:  # an intact file of another run's shape
+            raise ValueError(
+                f"--resume: {resume_dir} does not fit this run's config ({exc}): resume with the "
+                f"config it started with (its r2ec.json, train.config)"
+            ) from exc
+        self.table.vectors = blob["item_table"]
         dist.restore_rng_state(blob["rng"])
         log.info("resumed from %s at step %d", resume_dir, self.state.step)
 

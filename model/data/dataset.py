@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -34,7 +35,8 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -428,6 +430,24 @@ def _write_frame(df: pd.DataFrame, schema: pa.Schema, path: Path) -> None:
     pq.write_table(table, path)
 
 
+class Busy(DataError):
+    """Another process holds the lock of what this one would write (`exclusive`)."""
+
+
+@contextmanager
+def exclusive(lock_file: Path, writer: str) -> Iterator[None]:
+    """Hold `lock_file` (flock, exclusive) while the block runs; where another process holds
+    it, Busy at once, naming `writer` (who writes there). Two writers of one directory swept
+    each other's temporary directories (`recover_dir`) and killed the other mid-write."""
+    make_dirs(lock_file.parent)
+    with open(lock_file, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(f"{writer} (it holds {lock_file}): wait for it to end") from None
+        yield  # released when the file closes
+
+
 def save_prepared(
     out_dir: Path,
     items: pd.DataFrame,
@@ -441,6 +461,17 @@ def save_prepared(
     before it whole. ``out_dir`` may hold only a preparation (or an unfinished one)."""
     out_dir = Path(out_dir)
     make_dirs(out_dir.parent)
+    with exclusive(out_dir.parent / f".{out_dir.name}.lock", f"another preparation writes {out_dir}"):
+        return _save_prepared(out_dir, items, splits, meta, prior)
+
+
+def _save_prepared(
+    out_dir: Path,
+    items: pd.DataFrame,
+    splits: dict[str, pd.DataFrame],
+    meta: dict[str, Any],
+    prior: dict[str, list[str]] | None,
+) -> Path:
     recover_dir(out_dir, META_FILE)
     _check_replaceable(out_dir)
     try:

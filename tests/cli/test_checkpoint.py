@@ -322,3 +322,26 @@ def test_rollback_points_current_at_a_version_that_reads_under_the_publish_lock(
         res = runner.invoke(app, ["checkpoint", "rollback", str(root), "v0", "--wait-seconds", "0"])
     assert res.exit_code == 2 and "CURRENT.lock is still held after 0 s" in res.output
     assert current_version(root) == "v0"
+
+
+def test_rollback_on_a_root_it_cannot_write_is_one_line(tmp_path, monkeypatch):
+    """A read-only root or a full disk at the flip gave a traceback."""
+    import errno
+
+    import model.checkpoint
+
+    root = tmp_path / "root"
+    for version in ("v0", "v1"):
+        (root / version).mkdir(parents=True)
+        (root / version / "r2ec.json").write_text(
+            json.dumps({"format": "r2ec-checkpoint", "version": version})
+        )
+    (root / "CURRENT").write_text("v1\n")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(root / "CURRENT.lock"))
+
+    monkeypatch.setattr(model.checkpoint, "flip_current", read_only)
+    res = CliRunner().invoke(app, ["checkpoint", "rollback", str(root), "v0"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "Read-only file system" in res.output

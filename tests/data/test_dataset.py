@@ -173,7 +173,8 @@ def test_a_prepared_directory_is_on_the_disk_whole_before_its_name(tmp_path, fsy
     assert tmp.parent == out.parent and tmp.name.startswith(".loo.tmp-") and renamed == out.parent
     written = {p.relative_to(tmp) for p in fsynced[len(made) : -2]}
     assert written == {p.relative_to(out) for p in out.iterdir()}
-    assert sorted(p.name for p in out.parent.iterdir()) == ["loo"]  # no temporary directory left
+    # no temporary directory left (the lock a preparation holds stays, empty)
+    assert sorted(p.name for p in out.parent.iterdir()) == [".loo.lock", "loo"]
 
 
 def test_make_dirs_flushes_each_directory_it_makes_into_its_parent(tmp_path, fsynced):
@@ -231,7 +232,7 @@ def test_a_crash_while_preparing_again_leaves_the_previous_preparation_whole(tmp
     after = load_prepared(out)
     assert after.meta == before.meta and after.items.equals(before.items)
     assert all(after.split(name).equals(before.split(name)) for name in ("train", "valid", "test"))
-    assert sorted(p.name for p in out.parent.iterdir()) == ["loo"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [".loo.lock", "loo"]
     monkeypatch.undo()
     again = load_prepared(build_prepared(_inter(list("789")), None, data_dir=tmp_path, **BUILD))
     assert set(again.items["item_id"]) == set("789")
@@ -253,11 +254,12 @@ def test_a_preparation_cut_between_two_renames_is_restored_by_the_next(tmp_path,
     monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(OSError, match="killed"):
         build_prepared(_inter(list("789")), None, data_dir=tmp_path, **BUILD)
-    assert not out.exists() and [p.name[:9] for p in out.parent.iterdir()] == [".loo.old-"]
+    left = sorted(p.name[:9] for p in out.parent.iterdir() if p.name != ".loo.lock")
+    assert not out.exists() and left == [".loo.old-"]
     monkeypatch.setattr(os, "replace", real)
     dataset.recover_dir(out, dataset.META_FILE)
     assert set(load_prepared(out).items["item_id"]) == set("1234")
-    assert sorted(p.name for p in out.parent.iterdir()) == ["loo"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [".loo.lock", "loo"]
 
 
 def test_a_full_disk_while_preparing_names_the_file_being_written(tmp_path, monkeypatch):
@@ -273,7 +275,7 @@ def test_a_full_disk_while_preparing_names_the_file_being_written(tmp_path, monk
     with pytest.raises(OSError) as raised:
         build_prepared(_inter(list("1234")), None, data_dir=tmp_path, **BUILD)
     assert str(raised.value) == f"[Errno 28] No space left on device: '{out / 'valid.parquet'}'"
-    assert sorted(p.name for p in out.parent.iterdir()) == []
+    assert sorted(p.name for p in out.parent.iterdir()) == [".loo.lock"]  # the lock, empty
 
 
 def test_preparing_into_a_directory_that_holds_other_files_is_refused(tmp_path):
@@ -286,3 +288,22 @@ def test_preparing_into_a_directory_that_holds_other_files_is_refused(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()  # an unfinished preparation alone is replaced
     assert load_prepared(build_prepared(_inter(list("1234")), None, data_dir=tmp_path, **BUILD)).name == "x"
+
+
+def test_a_second_preparation_of_the_same_directory_is_refused_while_one_runs(
+    tiny_inter, tiny_item, tmp_path
+):
+    """Two preparations into one directory swept each other's temporary copies (`recover_dir`),
+    and one died naming a file that was there."""
+    import fcntl
+
+    from model.data import prepare_atomic
+    from model.data.dataset import Busy
+
+    out = tmp_path / "tiny" / "loo"
+    out.parent.mkdir()
+    with open(out.parent / ".loo.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(Busy, match=f"another preparation writes {out}"):
+            prepare_atomic(tiny_inter, tiny_item, tmp_path, "tiny", "loo")
+    assert (prepare_atomic(tiny_inter, tiny_item, tmp_path, "tiny", "loo") / "meta.json").is_file()

@@ -212,6 +212,22 @@ def test_a_purge_drops_an_erased_users_events_up_to_the_erasure_and_keeps_later_
     assert purge == Purge(3, 1, 1) and list(log["event_id"]) == ["2", "5"]
 
 
+def test_a_run_without_the_ledger_is_refused_once_erasures_were_honoured(versions_root, tiny_dataset):
+    """The seed is never rewritten: a run without --redis-url read no ledger, trained on an
+    erased seed user's data again and published it (the README's command, R2EC_REDIS_URL unset)."""
+    from model.retrain import RetrainError
+
+    reader = FakeReader([Ev("1", "u9", "i1", 4.0, 900), Ev("2", "u9", "i2", 5.0, 901)])
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0)
+    assert retrain(cfg, None).status == "published"  # no erasures yet: no ledger needed
+    first = retrain(cfg, reader, lambda: FakeLedger({"u1": 0}))
+    assert first.erased_users == 1
+    current = (versions_root / "CURRENT").read_text()
+    with pytest.raises(RetrainError, match="honoured the erasures of 1 users.*--redis-url"):
+        retrain(cfg, None)
+    assert (versions_root / "CURRENT").read_text() == current
+
+
 def test_a_skipped_run_rebuilds_the_dataset_on_disk_once_erasures_changed_it(
     versions_root, tiny_dataset, monkeypatch
 ):
@@ -411,9 +427,15 @@ def test_a_run_removes_the_temp_files_a_killed_run_left(versions_root, tiny_data
     for p in dead + kept:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("half")
+    # a rebuild killed mid-write: the directory it was writing (a copy of the samples, of users
+    # erased since too), which no run had removed
+    rebuild = work / "data" / "tiny" / ".loo.tmp-0123456789ab"
+    rebuild.mkdir()
+    (rebuild / "train.parquet").write_text("half")
     cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), min_events=2)
     assert retrain(cfg, FakeReader([Ev("a", "u1", "i6", 4.0, 900)])).status == "skipped"
     assert not any(p.exists() for p in dead) and all(p.exists() for p in kept)
+    assert not rebuild.exists()
 
 
 def test_a_state_from_before_the_trained_count_does_not_retrain_old_events(versions_root, tiny_dataset):

@@ -777,3 +777,36 @@ def test_lora_targets_that_match_no_layer_are_named(caplog):
             model, _ = build_model(RecPOConfig(**{**TINY, "lora_target_modules": targets}), "tiny", "movie")
         assert model.lm.targeted_module_names  # peft adapted something
         assert not [r for r in caplog.records if r.name == "model.lora"], targets
+
+
+def test_a_second_run_into_the_same_out_is_refused_before_it_touches_it(tiny_dataset, tmp_path):
+    """A second `r2ec train --out OUT` while one runs swept the live run's save in progress
+    (its .best.tmp-* directory), and the live run died at its next write."""
+    import fcntl
+
+    from model.data.dataset import Busy
+
+    out = tmp_path / "run"
+    out.mkdir()
+    live_save = out / ".best.tmp-0123456789ab"
+    live_save.mkdir()
+    with open(tmp_path / ".run.lock", "a") as held:  # the live run
+        fcntl.flock(held, fcntl.LOCK_EX)
+        cfg = RecPOConfig(stage="contrastive", per_device_batch_size=4, max_steps=1, **TINY)
+        with pytest.raises(Busy, match=f"another training run writes into {out}"):
+            train(cfg, tiny_dataset, "tiny", out)
+    assert live_save.is_dir()
+
+
+def test_resuming_with_another_config_says_so_and_does_not_call_the_state_damaged(tiny_dataset, tmp_path):
+    """An intact last/ of a full fine-tune resumed without `--set lora=false` (a fresh adapter):
+    the optimizer's groups differ. It was reported as a damaged file, with advice (--overwrite)
+    that deletes a good run."""
+    cfg = RecPOConfig(
+        stage="contrastive", per_device_batch_size=4, max_steps=1, save_every=1, lora=False, **TINY
+    )
+    train(cfg, tiny_dataset, "tiny", tmp_path / "run")
+    other = dataclasses.replace(cfg, lora=True, max_steps=2)
+    with pytest.raises(ValueError, match="does not fit this run's config") as info:
+        train(other, tiny_dataset, "tiny", tmp_path / "run", resume=True)
+    assert "damaged" not in str(info.value) and "--overwrite" not in str(info.value)
