@@ -70,7 +70,8 @@ DESCRIPTIONS = {
     503: "The service cannot answer now: starting, shutting down, overloaded (queue full) or its "
     "store is unavailable; all but starting with Retry-After.",
     507: "The edit is served by this replica from memory but the checkpoint volume refused to "
-    "save it (full or read-only); it is saved once the volume takes it, or send it again.",
+    "save it (full or read-only); it is saved at the next watch tick (R2EC_WATCH_INTERVAL_S) or "
+    "item edit once the volume takes it.",
 }
 
 

@@ -164,7 +164,9 @@ class Recommender:
         instead, with an ERROR naming both: the checkpoint watch keeps trying the one CURRENT
         names (r2ec_model_outdated is 1 meanwhile), as a running replica keeps its model when
         the pointer moves to a damaged one. So a replica restarted while CURRENT is damaged (a
-        deploy, a drained node) still serves, rather than the whole fleet going down with it."""
+        deploy, a drained node) still serves, rather than the whole fleet going down with it.
+        Older versions are tried first, newest first: one newer than CURRENT's may be what an
+        operator rolled back from."""
         try:
             return cls.load(path, **kwargs)
         except Exception as exc:
@@ -172,17 +174,19 @@ class Recommender:
             if not (root / CURRENT_FILE).is_file():
                 raise
             named = (root / CURRENT_FILE).read_text(encoding="utf-8", errors="replace").strip()
-            for version in reversed(list_versions(root)):
-                if version == named:
-                    continue
+            versions = [v for v in list_versions(root) if v != named]  # oldest first
+            # the versions before the named one, newest first, then those after it: a newer one
+            # may be what an operator rolled back from (version ids sort by their time)
+            older, newer = [v for v in versions if v < named], [v for v in versions if v > named]
+            for version in [*reversed(older), *newer]:
                 try:
                     engine = cls.load(root / version, **kwargs)
                 except Exception as other:
                     log.warning("version %s does not load either: %s", version, other)
                     continue
                 log.error(
-                    "%s names %r, which does not load (%s); serving %s, the newest version that "
-                    "does, until it does",
+                    "%s names %r, which does not load (%s); serving %s, the newest older version "
+                    "that does (or, with none, the oldest newer one), until it does",
                     root / CURRENT_FILE,
                     named,
                     exc,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from index import search_without_threads
-from model.checkpoint import read_meta, resolve_checkpoint
+from model.checkpoint import CURRENT_FILE, CheckpointError, read_meta, resolve_checkpoint
 from model.retrain import STATE_FILE as RETRAIN_STATE
 from model.retrain import WORK_DIR as RETRAIN_DIR
 from service.batcher import MicroBatcher
@@ -73,11 +73,12 @@ class ReloadInProgress(RuntimeError):
 class EditNotSaved(RuntimeError):
     """An item edit this replica applied, in memory only: the volume refused the save."""
 
-    def __init__(self, item_id: str, reason: str) -> None:
+    def __init__(self, item_id: str, reason: str, watching: bool) -> None:
+        when = "at the next watch tick or edit" if watching else "with the next item edit"
         super().__init__(
             f"item {item_id!r} is served by this replica from memory but could not be saved "
             f"({reason}): a restart, the other replicas and the next published version do not "
-            "have it yet; it is saved at the next watch tick or edit once the volume takes it"
+            f"have it yet; it is saved {when} once the volume takes it"
         )
 
 
@@ -87,6 +88,7 @@ class ClientDisconnected(Exception):
 
 RELEASE_POLL_S = 1.0  # how often `_release` looks whether the replaced model is gone
 RELEASE_WAIT_S = 600.0  # longer than any request decodes on it
+RELEASE_COLLECT_AT_S = (5.0, 40.0, 120.0, 300.0)  # when `_release` collects while it waits
 
 
 def release_memory() -> None:
@@ -164,6 +166,13 @@ class ServiceState:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        # r2ec_model_outdated from the start, watch or no watch: a replica that fell back to an
+        # older version (`Recommender.load_or_fall_back`) is outdated before any tick
+        try:
+            named = str(read_meta(resolve_checkpoint(self.settings.checkpoint)).get("version"))
+            self.metrics.model_outdated.set(named != self.engine.version)
+        except (CheckpointError, OSError, ValueError):  # CURRENT names what does not read
+            self.metrics.model_outdated.set((Path(self.settings.checkpoint) / CURRENT_FILE).is_file())
         await self.batcher.start()
         if self.settings.watch_interval_s > 0:
             self._watcher = asyncio.create_task(self._watch(), name="r2ec-checkpoint-watch")
@@ -293,8 +302,8 @@ class ServiceState:
             )
         out.append("Backups of Redis, of the versions root and of the seed dataset, until they expire.")
         out.append(
-            "Log lines naming this user id (the access log's path, a recommender or error "
-            "message) stay in the log pipeline for its retention."
+            "Log lines written before this service version logged /users/ paths with the id; "
+            "those stay in the log pipeline for its retention (lines since name no user)."
         )
         if s.cache_size > 0:
             lasts = (
@@ -324,7 +333,7 @@ class ServiceState:
             catalog = self.engine.catalog
             replaced = await self.run_model(catalog.upsert, item_id, fields)
             if catalog.unsaved is not None:
-                raise EditNotSaved(item_id, catalog.unsaved)
+                raise EditNotSaved(item_id, catalog.unsaved, self.settings.watch_interval_s > 0)
         return catalog, replaced
 
     async def remove_item(self, item_id: str) -> Catalog:
@@ -335,7 +344,7 @@ class ServiceState:
                 raise KeyError(item_id)
             await self.run_model(catalog.remove, item_id)  # KeyError: a concurrent delete won
             if catalog.unsaved is not None:
-                raise EditNotSaved(item_id, catalog.unsaved)
+                raise EditNotSaved(item_id, catalog.unsaved, self.settings.watch_interval_s > 0)
         return catalog
 
     # ------------------------------------------------------------------ recommend
@@ -523,12 +532,16 @@ class ServiceState:
         """Once nothing holds the model a reload replaced (the requests decoding on it finish
         first, the reload's caller lets go), give its memory back to the OS (`release_memory`).
         Gives up after RELEASE_WAIT_S: something still holds it, and a trim would free nothing."""
-        waited = 0.0
+        waited, collections = 0.0, iter(RELEASE_COLLECT_AT_S)
+        collect_at = next(collections, None)
         while old() is not None and waited < RELEASE_WAIT_S:
             await asyncio.sleep(RELEASE_POLL_S)
             waited += RELEASE_POLL_S
-            if old() is not None:
-                gc.collect()  # a model in a reference cycle goes only with a collection
+            if old() is not None and collect_at is not None and waited >= collect_at:
+                # a model in a reference cycle goes only with a collection, and one holds the
+                # event loop ~0.3 s with SmolLM2 loaded: a few, spaced out, not one a poll
+                gc.collect()
+                collect_at = next(collections, None)
         if old() is None:
             await asyncio.to_thread(release_memory)
         else:

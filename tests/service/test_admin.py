@@ -231,6 +231,10 @@ async def test_a_model_that_loads_but_cannot_answer_is_refused_and_the_old_one_s
     copy_as_new_version(ckpt, root / "good", "good")
     shutil.copytree(broken, root / "nan")
     (root / "CURRENT").write_text("nan\n")
+    newer = copy_as_new_version(ckpt, root / "zz-rolled-back-from", "zz-rolled-back-from")  # noqa: F841
+    async with serve(app_for(root)) as replica:  # no watch (the default): outdated all the same
+        assert (await replica.get("/readyz")).json()["model_version"] == "good"  # not the newer one
+        assert metric((await replica.get("/metrics")).text, "r2ec_model_outdated") == 1
     async with serve(app_for(root, watch_interval_s=0.05)) as replica:
         ready = await replica.get("/readyz")
         assert ready.status_code == 200 and ready.json()["model_version"] == "good"
@@ -244,7 +248,8 @@ async def test_a_model_that_loads_but_cannot_answer_is_refused_and_the_old_one_s
         assert r.status_code == 200 and r.json()["model_version"] == "good"
 
 
-async def test_a_replica_holds_one_model_after_reloads(ckpt, tmp_path, monkeypatch):
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+async def test_a_replica_holds_one_model_after_reloads(ckpt, tmp_path, monkeypatch, batching):
     """Each reload used to keep the model it replaced (the lifespan held the first one for the
     process's life, the idle decode loop the last one it ran): ~1.3 GB of SmolLM2 a reload,
     an OOM kill at the second or third published version. Now only the served model lives."""
@@ -255,6 +260,7 @@ async def test_a_replica_holds_one_model_after_reloads(ckpt, tmp_path, monkeypat
 
     released: list[str] = []  # and once a replaced model is gone, its memory goes back to the OS
     monkeypatch.setattr(service.state, "RELEASE_POLL_S", 0.01)
+    monkeypatch.setattr(service.state, "RELEASE_COLLECT_AT_S", (0.05,))
     monkeypatch.setattr(service.state, "release_memory", lambda: released.append("trimmed"))
 
     def models() -> list[str]:
@@ -262,7 +268,7 @@ async def test_a_replica_holds_one_model_after_reloads(ckpt, tmp_path, monkeypat
         return sorted(o.version for o in gc.get_objects() if isinstance(o, Recommender))
 
     versions = [copy_as_new_version(ckpt, tmp_path / v, v) for v in ("m2", "m3")]
-    async with serve(app_for(ckpt)) as client:
+    async with serve(app_for(ckpt, batching=batching)) as client:  # continuous: the default
         await recommend(client, reasoning=True)  # decoded by the first model
         for version in versions:
             r = await client.post("/admin/reload", json={"checkpoint": str(version)}, headers=ADMIN)
