@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated, Any
 
 import typer
 
 from cli.common import fail
-
-if TYPE_CHECKING:
-    from service.store import Erased, UserData
 
 app = typer.Typer(help="Users' data in the service's Redis.", no_args_is_help=True)
 
@@ -32,22 +30,8 @@ def erase(
     """Erase a user: history, seen items, event ids, stream entries, the reasonings cached for
     their stored history; recorded in the ledger the next `r2ec retrain` honours. What this
     cannot remove: docs/operations.md, "Erasing a user"."""
-    from service.schemas import check_id
-    from service.store import StoreUnavailable
-
-    if not redis_url:
-        fail(
-            "--redis-url (R2EC_REDIS_URL) is needed: without Redis each replica keeps its own "
-            "store, erased by DELETE /users/{id} on each"
-        )
-    try:
-        check_id(user_id)
-    except ValueError as exc:
-        fail(f"user id {user_id!r} {exc}")
-    try:
-        erased = asyncio.run(_erase(redis_url, user_id))
-    except StoreUnavailable as exc:
-        fail(str(exc))
+    without = "store, erased by DELETE /users/{id} on each"
+    erased = _on_redis(redis_url, user_id, without, lambda store: store.erase_user(user_id))
     receipt = {
         "user_id": erased.user_id,
         "erased_at": erased.erased_at,
@@ -82,19 +66,7 @@ def export(
     item they had an event for, their entries in the event stream, the ledger's erasure of the
     id if any, and (--root) the events retraining consumed. Model weights hold no per-user
     record: docs/operations.md, "Where a user's data lives"."""
-    from service.schemas import check_id
-    from service.store import StoreUnavailable
-
-    if not redis_url:
-        fail("--redis-url (R2EC_REDIS_URL) is needed: without Redis each replica keeps its own store")
-    try:
-        check_id(user_id)
-    except ValueError as exc:
-        fail(f"user id {user_id!r} {exc}")
-    try:
-        data = asyncio.run(_export(redis_url, user_id))
-    except StoreUnavailable as exc:
-        fail(str(exc))
+    data = _on_redis(redis_url, user_id, "store", lambda store: store.export_user(user_id))
     doc = {
         "user_id": user_id,
         "history": [_event(e) for e in data.history],
@@ -137,21 +109,27 @@ def _retrain_events(root: Path, user_id: str) -> list[dict]:
     ]
 
 
-async def _export(redis_url: str, user_id: str) -> UserData:
-    from service.store import RedisStore
+def _on_redis(redis_url: str, user_id: str, without: str, op: Callable[[Any], Awaitable[Any]]) -> Any:
+    """`op(store)` on the service's Redis (service/store.py RedisStore), with a shell's
+    patience, for `user_id`: one error line for no URL, a bad id, a Redis that does not answer."""
+    from service.schemas import check_id
+    from service.store import RedisStore, StoreUnavailable
 
-    store = RedisStore(redis_url, timeout_s=10.0)
+    if not redis_url:
+        fail(f"--redis-url (R2EC_REDIS_URL) is needed: without Redis each replica keeps its own {without}")
     try:
-        return await store.export_user(user_id)
-    finally:
-        await store.close()
+        check_id(user_id)
+    except ValueError as exc:
+        fail(f"user id {user_id!r} {exc}")
 
+    async def run() -> Any:
+        store = RedisStore(redis_url, timeout_s=10.0)  # a shell's patience, not a request's
+        try:
+            return await op(store)
+        finally:
+            await store.close()
 
-async def _erase(redis_url: str, user_id: str) -> Erased:
-    from service.store import RedisStore
-
-    store = RedisStore(redis_url, timeout_s=10.0)  # a shell's patience, not a request's
     try:
-        return await store.erase_user(user_id)
-    finally:
-        await store.close()
+        return asyncio.run(run())
+    except StoreUnavailable as exc:
+        fail(str(exc))
