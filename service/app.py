@@ -110,7 +110,29 @@ def create_app(
     app.add_middleware(AccessLog, metrics=metrics, routes=[*own, *served])
     app.add_middleware(RequestId)  # outermost: every response carries X-Request-ID
     add_error_handlers(app, metrics, served)
+    if not settings.user_keys:
+        _open_user_routes_in_schema(app)
     return app
+
+
+def _open_user_routes_in_schema(app: FastAPI) -> None:
+    """Without R2EC_CLIENT_KEY the routes of users' data take no key (service/deps.py
+    `require_user_key`): their OpenAPI operations say so, rather than the security requirement
+    their dependency declares for when one is set (a client generated from the schema would
+    send a key, and a checker expects a 401 without one)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    if "admin" not in operation.get("tags", ()):  # admin routes: the admin key
+                        operation.pop("security", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def begin_drain(app: FastAPI) -> None:

@@ -784,6 +784,16 @@ async def test_openapi_documents_every_route_and_the_admin_key(client):
                          ("post", "/admin/reload"), ("delete", "/users/{user_id}")):  # fmt: skip
         assert spec["paths"][path][method]["security"] == [{"APIKeyHeader": []}]
     assert "security" not in spec["paths"]["/items/{item_id}"]["get"]
+    # the routes of users' data take no key where R2EC_CLIENT_KEY is unset, and say so
+    for method, path in (("post", "/recommend"), ("get", "/users/{user_id}/history")):
+        assert "security" not in spec["paths"][path][method], path
+
+
+async def test_openapi_asks_for_the_key_on_the_user_routes_where_a_client_key_is_set(ckpt):
+    async with serve(app_for(ckpt, client_key="client-secret")) as client:
+        spec = (await client.get("/openapi.json")).json()
+    for method, path in (("post", "/recommend"), ("post", "/users/{user_id}/events")):
+        assert spec["paths"][path][method]["security"] == [{"APIKeyHeader": []}], path
 
 
 async def test_settings_come_from_the_environment(ckpt, monkeypatch):
