@@ -35,7 +35,10 @@ def schemathesis_command(url: str, key: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("client_key", ["", "fuzz-client"], ids=["user-routes-open", "client-key-set"])
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(tiny_ckpt, tmp_path, client_key):
+    """With R2EC_CLIENT_KEY set the schema asks for a key on the routes of users' data, and
+    the ignored-auth check sends requests without it (the admin key in --header opens them)."""
     pytest.importorskip("schemathesis")
     ckpt = tmp_path / "ckpt"  # admin calls edit items: a private copy
     shutil.copytree(tiny_ckpt, ckpt, ignore=shutil.ignore_patterns("index"))
@@ -43,6 +46,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tiny_ckpt, t
     env = serve_env(
         ckpt,
         api_key=KEY,
+        client_key=client_key,
         max_reasoning_tokens="8",
         reasoning_token_limit="32",  # fuzzed budgets stay cheap
         log_level="WARNING",
