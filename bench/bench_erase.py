@@ -16,24 +16,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import socket
 import statistics
-import subprocess
 import time
 
 import redis
 import redis.asyncio
+from redis_server import running_redis  # this script's folder is on sys.path
 
 from service.store import EVENTS_STREAM, Event, RedisStore
 
 USER = "erase-me"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fill(url: str, entries: int, user_entries: int) -> None:
@@ -70,19 +62,7 @@ async def erase_once(url: str, page: int) -> tuple[float, int, list[int]]:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    port = args.port or free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(100):
-            try:
-                redis.Redis.from_url(url).ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
+    with running_redis(args.port) as url:
         t = time.perf_counter()
         fill(url, args.entries, args.user_entries)
         print(f"stream of {args.entries} entries filled in {time.perf_counter() - t:.1f} s")
@@ -93,9 +73,6 @@ async def main_async(args: argparse.Namespace) -> None:
             seconds, removed, held = await erase_once(url, page)
             steps, worst, median = len(held), max(held) / 1e3, statistics.median(held) / 1e3
             print(f"{page:>7} {seconds:>8.2f} {removed:>8} {steps:>6} {worst:>12.1f} {median:>10.1f}")
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def main() -> None:
@@ -104,10 +81,7 @@ def main() -> None:
     parser.add_argument("--user-entries", type=int, default=50)
     parser.add_argument("--pages", default="1000,10000")
     parser.add_argument("--port", type=int, default=0)
-    args = parser.parse_args()
-    if shutil.which("redis-server") is None:
-        raise SystemExit("needs redis-server on PATH (apt-get install -y redis-server)")
-    asyncio.run(main_async(args))
+    asyncio.run(main_async(parser.parse_args()))
 
 
 if __name__ == "__main__":

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import socket
 import statistics
-import subprocess
 import time
+
+from redis_server import running_redis  # this script's folder is on sys.path
 
 from service.store import Event, MemoryStore, RedisStore
 
@@ -51,26 +50,9 @@ async def run(store, order: str, users: int, events: int, window: int, tag: str)
     return (time.perf_counter() - start) / (users * events) * 1e6
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def main_async(args: argparse.Namespace) -> None:
-    port = free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        redis_store = RedisStore(f"redis://127.0.0.1:{port}/0", window=args.window)
-        for _ in range(100):
-            try:
-                await redis_store.ping()
-                break
-            except Exception:
-                await asyncio.sleep(0.05)
+    with running_redis() as url:
+        redis_store = RedisStore(url, window=args.window)
         stores = {"redis": redis_store, "memory": MemoryStore(window=args.window)}
         times: dict[tuple[str, str], list[float]] = {}
         for r in range(args.rounds):
@@ -86,9 +68,6 @@ async def main_async(args: argparse.Namespace) -> None:
                 us = statistics.median(times[(name, order)])
                 print(f"{name:<8} {order:<22} {us:>10.1f} {us / base:>11.2f}x")
         await redis_store.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def main() -> None:
@@ -97,10 +76,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=60)
     parser.add_argument("--window", type=int, default=20, help="R2EC_HISTORY_WINDOW")
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    if shutil.which("redis-server") is None:
-        raise SystemExit("needs redis-server on PATH (apt-get install -y redis-server)")
-    asyncio.run(main_async(args))
+    asyncio.run(main_async(parser.parse_args()))
 
 
 if __name__ == "__main__":
