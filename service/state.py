@@ -383,7 +383,8 @@ class ServiceState:
         if result.generated is not None and result.cache_key is not None:
             # indexed under the user whose stored history it was made from, so their erasure
             # finds it (service/store.py, "Erasure")
-            await self._cache_set(result.cache_key, result.generated, query.stored_user)
+            made_from = [e.event_id for e in query.history if e.event_id] if query.stored_user else []
+            await self._cache_set(result.cache_key, result.generated, query.stored_user, made_from)
         return result
 
     async def _answer_cached(self, prepared: PreparedQuery) -> Result | None:
@@ -468,11 +469,13 @@ class ServiceState:
             log.warning("ignoring unreadable cache entry %s: %s", key, exc)
         return None
 
-    async def _cache_set(self, key: str, value: CachedReasoning, user_id: str | None = None) -> None:
+    async def _cache_set(
+        self, key: str, value: CachedReasoning, user_id: str | None = None, made_from: Sequence[str] = ()
+    ) -> None:
         if not self._cache_enabled:
             return
         try:
-            await self.store.cache_set(key, value.to_json(), user_id)
+            await self.store.cache_set(key, value.to_json(), user_id, made_from)
         except StoreUnavailable as exc:
             self._cache_failed(exc)
 

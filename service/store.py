@@ -247,10 +247,14 @@ class HistoryStore(Protocol):
 
     async def cache_get(self, key: str) -> str | None: ...
 
-    async def cache_set(self, key: str, value: str, user_id: str | None = None) -> None:
+    async def cache_set(
+        self, key: str, value: str, user_id: str | None = None, made_from: Sequence[str] = ()
+    ) -> None:
         """Cache a reasoning under `key`. `user_id`: the user whose stored history it was made
         from; the entry is indexed under them for `erase_user`, in the same step, and not
-        written at all when they have no history any more (erased while it was made)."""
+        written at all when they have no history any more (erased while it was made), or when
+        one of `made_from`, the event ids of that history, is no longer in theirs (erased, and
+        the id posted again meanwhile)."""
 
     async def export_user(self, user_id: str) -> UserData:
         """Everything the store holds of the user (`r2ec user export`)."""
@@ -364,9 +368,13 @@ class MemoryStore:
             self._cache.move_to_end(key)
         return value
 
-    async def cache_set(self, key: str, value: str, user_id: str | None = None) -> None:
+    async def cache_set(
+        self, key: str, value: str, user_id: str | None = None, made_from: Sequence[str] = ()
+    ) -> None:
         if self.cache_size <= 0 or (user_id is not None and user_id not in self._histories):
             return
+        if user_id is not None and not set(made_from) <= {e.event_id for e in self._histories[user_id]}:
+            return  # the history it was made from is gone (`HistoryStore.cache_set`)
         self._cache[key] = value
         self._cache.move_to_end(key)
         if user_id is not None:
@@ -503,14 +511,16 @@ class RedisStore:
         with self._failures("cache_get"):
             return await self._redis.get(CACHE_KEY.format(key=key))
 
-    async def cache_set(self, key: str, value: str, user_id: str | None = None) -> None:
+    async def cache_set(
+        self, key: str, value: str, user_id: str | None = None, made_from: Sequence[str] = ()
+    ) -> None:
         with self._failures("cache_set"):
             if user_id is None:  # an inline history's: found by its content only
                 await self._redis.set(CACHE_KEY.format(key=key), value, ex=self.cache_ttl_s)
                 return
             keys = [CACHE_KEY.format(key=key), USER_CACHE_KEY.format(user_id=user_id)]
             keys.append(HISTORY_KEY.format(user_id=user_id))
-            await self._cache_for_user(keys=keys, args=[value, self.cache_ttl_s, key])
+            await self._cache_for_user(keys=keys, args=[value, self.cache_ttl_s, key, *made_from])
 
     async def erase_user(self, user_id: str) -> Erased:
         """One script removes the keys and the indexed cache entries and writes the ledger
@@ -706,9 +716,21 @@ return out
 
 
 # KEYS: cache entry, the user's cache-key index, the user's history. ARGV: the entry, ttl (s), the
-# bare cache key. Returns 1 if written, 0 if the user has no history (erased meanwhile).
+# bare cache key, then the event ids of the history it was made from. Returns 1 if written, 0 if
+# the user has no history or one of those events is not in it (erased meanwhile, maybe posted
+# to again).
 CACHE_SET_SCRIPT = """
 if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
+if #ARGV > 3 then  -- the event ids of the history it was made from: each still stored
+  local stored = {}
+  for _, json in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
+    local id = cjson.decode(json)['event_id']
+    if id then stored[id] = true end
+  end
+  for i = 4, #ARGV do
+    if not stored[ARGV[i]] then return 0 end
+  end
+end
 local ttl = tonumber(ARGV[2])
 local now = tonumber(redis.call('TIME')[1])
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)

@@ -232,6 +232,14 @@ async def test_a_reasoning_made_from_a_history_erased_meanwhile_is_not_cached(st
     await store.erase_user("u2")
     await store.cache_set("k2", "v", user_id="u2")
     assert await store.cache_get("k1") is None and await store.cache_get("k2") is None
+    # erased while it was made, then the id posted again: the history it was made from is gone
+    await store.append_events("u3", [Event("a", event_id="e1"), Event("b", event_id="e2")])
+    await store.erase_user("u3")
+    await store.append_events("u3", [Event("c", event_id="e3")])
+    await store.cache_set("k3", "v", user_id="u3", made_from=["e1", "e2"])
+    assert await store.cache_get("k3") is None
+    await store.cache_set("k4", "v", user_id="u3", made_from=["e3"])  # its history now: cached
+    assert await store.cache_get("k4") == "v"
 
 
 async def test_memory_erasure_keeps_reading_the_stream_after_a_cursor():
