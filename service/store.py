@@ -80,7 +80,7 @@ CACHE_KEY = "r2ec:reasoning:{key}"
 USER_CACHE_KEY = "r2ec:user-cache:{user_id}"
 ERASURES_KEY = "r2ec:erasures"
 DEDUP_TTL_S = 7 * 86_400
-ERASE_PAGE = 1_000  # stream entries per step of an erasure's scan (ERASE_PAGE_SCRIPT)
+ERASE_PAGE = 1_000  # stream entries per step of a scan for one user (USER_PAGE_SCRIPT)
 
 
 class StoreUnavailable(RuntimeError):
@@ -451,8 +451,7 @@ class RedisStore:
         self._append = self._redis.register_script(APPEND_SCRIPT)
         self._cache_for_user = self._redis.register_script(CACHE_SET_SCRIPT)
         self._erase = self._redis.register_script(ERASE_SCRIPT)
-        self._erase_page = self._redis.register_script(ERASE_PAGE_SCRIPT)
-        self._export_page = self._redis.register_script(EXPORT_PAGE_SCRIPT)
+        self._user_page = self._redis.register_script(USER_PAGE_SCRIPT)
         self.erase_page = ERASE_PAGE
         # told each operation's name and duration in seconds, failed ones too (the service's
         # r2ec_store_seconds histogram)
@@ -525,7 +524,7 @@ class RedisStore:
     async def erase_user(self, user_id: str) -> Erased:
         """One script removes the keys and the indexed cache entries and writes the ledger
         (ERASE_SCRIPT); then the stream is scanned up to the erasure's cutoff, `erase_page`
-        entries per step, each step one short script (ERASE_PAGE_SCRIPT: XRANGE COUNT, XDEL of
+        entries per step, each step one short script (USER_PAGE_SCRIPT: XRANGE COUNT, XDEL of
         the user's ids), so the entries never cross the network and no step holds Redis long.
 
         Cost: the stream has no index by user, so every entry older than the erasure is read.
@@ -541,38 +540,41 @@ class RedisStore:
             history, seen, cached, now_ms, cutoff = await self._erase(
                 keys=keys, args=[user_id, CACHE_KEY.format(key="")]
             )
-            removed, after = 0, STREAM_START
-            while True:
-                last, n, read = await self._erase_page(
-                    keys=[EVENTS_STREAM], args=[user_id, after, cutoff, self.erase_page]
-                )
-                removed += int(n)
-                if int(read) < self.erase_page:
-                    break
-                after = last
+            _, removed = await self._scan_user(user_id, until=str(cutoff), delete=True)
         return Erased(user_id, int(now_ms), int(history), int(seen), removed, int(cached))
 
     async def export_user(self, user_id: str) -> UserData:
         """The user's history, seen set, ledger entry and stream entries: the stream is read
-        as `erase_user` scans it, `erase_page` entries a step (EXPORT_PAGE_SCRIPT), only the
+        as `erase_user` scans it, `erase_page` entries a step (`_scan_user`), only the
         user's entries crossing the network (~2 s per million entries)."""
         with self._failures("export_user"):
             raw = await self._redis.lrange(HISTORY_KEY.format(user_id=user_id), 0, -1)
             seen = await self._redis.smembers(SEEN_KEY.format(user_id=user_id))
             erased = await self._redis.zscore(ERASURES_KEY, user_id)
-            rows: list[tuple[str, dict[str, str]]] = []
-            after = STREAM_START
-            while True:
-                last, read, mine = await self._export_page(
-                    keys=[EVENTS_STREAM], args=[user_id, after, self.erase_page]
-                )
-                rows += [(entry, dict(zip(fields[::2], fields[1::2], strict=True))) for entry, fields in mine]
-                if int(read) < self.erase_page:
-                    break
-                after = last
+            rows, _ = await self._scan_user(user_id, until="+", delete=False)
         history = [Event.from_json(r) for r in raw]
         erased_ms = None if erased is None else int(erased)
         return UserData(user_id, history, sorted(seen), _stream_entries(rows), erased_ms)
+
+    async def _scan_user(
+        self, user_id: str, until: str, delete: bool
+    ) -> tuple[list[tuple[str, dict[str, str]]], int]:
+        """The user's stream entries up to `until` ('+': all), `erase_page` entries a step, each
+        step one short script (USER_PAGE_SCRIPT), so only the user's entries cross the network
+        and no step holds Redis long; where `delete`, each is XDELed as it is found. Returns
+        their rows ([] where deleted) and how many were deleted. The caller's `_failures`
+        counts a Redis failure."""
+        rows: list[tuple[str, dict[str, str]]] = []
+        removed, after = 0, STREAM_START
+        while True:
+            last, read, n, mine = await self._user_page(
+                keys=[EVENTS_STREAM], args=[user_id, after, until, self.erase_page, int(delete)]
+            )
+            removed += int(n)
+            rows += [(entry, dict(zip(fields[::2], fields[1::2], strict=True))) for entry, fields in mine]
+            if int(read) < self.erase_page:
+                return rows, removed
+            after = last
 
     async def ping(self) -> None:
         with self._failures("ping"):
@@ -774,48 +776,36 @@ return {history, seen, cached, now, cutoff}
 """
 
 
-# One step of an erasure's scan. KEYS: the stream. ARGV: user_id, the last id scanned (exclusive),
-# the cutoff (ms, inclusive), the page size. Reads up to a page of entries after that id and XDELs
-# the user's; returns the last id read, how many were deleted, how many were read (fewer than a
-# page: the scan is over). `user_id` is each entry's first field (APPEND_SCRIPT writes it first).
-ERASE_PAGE_SCRIPT = """
+# One step of a scan of the stream for one user's entries (an erasure's, an export's). KEYS: the
+# stream. ARGV: user_id, the last id scanned (exclusive), the last id to scan ('+': the end; an
+# erasure's cutoff in ms, inclusive), the page size, 1 to XDEL the user's entries found. Returns
+# the last id read (the cursor again where none was), how many were read (fewer than a page: the
+# scan is over), how many were deleted, and the user's entries ({id, fields}; none where they
+# were deleted). `user_id` is each entry's first field (APPEND_SCRIPT writes it first).
+USER_PAGE_SCRIPT = """
 local rows = redis.call('XRANGE', KEYS[1], '(' .. ARGV[2], ARGV[3], 'COUNT', ARGV[4])
-local mine = {}
+local mine, ids = {}, {}
 for _, row in ipairs(rows) do
   local fields = row[2]
   for j = 1, #fields, 2 do
     if fields[j] == 'user_id' then
-      if fields[j + 1] == ARGV[1] then mine[#mine + 1] = row[1] end
+      if fields[j + 1] == ARGV[1] then
+        mine[#mine + 1] = row
+        ids[#ids + 1] = row[1]
+      end
       break
     end
   end
 end
 local removed = 0
-for i = 1, #mine, 1000 do
-  removed = removed + redis.call('XDEL', KEYS[1], unpack(mine, i, math.min(i + 999, #mine)))
-end
-if #rows == 0 then return {ARGV[2], removed, 0} end
-return {rows[#rows][1], removed, #rows}
-"""
-
-
-# KEYS: the stream. ARGV: user_id, the id after which to read, the page's length. Returns the
-# page's last id (the cursor again where it was empty), how many entries it read, and the user's
-# entries in it ({id, fields}).
-EXPORT_PAGE_SCRIPT = """
-local rows = redis.call('XRANGE', KEYS[1], '(' .. ARGV[2], '+', 'COUNT', ARGV[3])
-local mine = {}
-for _, row in ipairs(rows) do
-  local fields = row[2]
-  for j = 1, #fields, 2 do
-    if fields[j] == 'user_id' then
-      if fields[j + 1] == ARGV[1] then mine[#mine + 1] = row end
-      break
-    end
+if ARGV[5] == '1' then
+  for i = 1, #ids, 1000 do
+    removed = removed + redis.call('XDEL', KEYS[1], unpack(ids, i, math.min(i + 999, #ids)))
   end
+  mine = {}
 end
-if #rows == 0 then return {ARGV[2], 0, mine} end
-return {rows[#rows][1], #rows, mine}
+if #rows == 0 then return {ARGV[2], 0, removed, mine} end
+return {rows[#rows][1], #rows, removed, mine}
 """
 
 
