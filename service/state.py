@@ -169,8 +169,7 @@ class ServiceState:
         # r2ec_model_outdated from the start, watch or no watch: a replica that fell back to an
         # older version (`Recommender.load_or_fall_back`) is outdated before any tick
         try:
-            named = str(read_meta(resolve_checkpoint(self.settings.checkpoint)).get("version"))
-            self.metrics.model_outdated.set(named != self.engine.version)
+            self.metrics.model_outdated.set(self._named_version() != self.engine.version)
         except (CheckpointError, OSError, ValueError):  # CURRENT names what does not read
             self.metrics.model_outdated.set((Path(self.settings.checkpoint) / CURRENT_FILE).is_file())
         await self.batcher.start()
@@ -560,6 +559,10 @@ class ServiceState:
             }
         )
 
+    def _named_version(self) -> str:
+        """The version the configured checkpoint resolves to now (a versions root: CURRENT's)."""
+        return str(read_meta(resolve_checkpoint(self.settings.checkpoint)).get("version"))
+
     async def _watch(self) -> None:
         """Follow the configured checkpoint: reload when the version it resolves to changes (the
         retrain job flipped CURRENT, or rewrote the directory). Only a change counts, so a manual
@@ -576,14 +579,11 @@ class ServiceState:
         failures, retry_at = 0, 0.0
         while True:
             try:
-                meta = await asyncio.to_thread(
-                    lambda: read_meta(resolve_checkpoint(self.settings.checkpoint))
-                )
+                version = await asyncio.to_thread(self._named_version)
             except Exception as exc:
                 self.metrics.watch_errors.labels("pointer").inc()
                 log.warning("checkpoint watch: %s", exc)
-                meta = None
-            version = None if meta is None else str(meta.get("version"))
+                version = None
             if version is not None:
                 self.metrics.model_outdated.set(version != self.engine.version)
             if seen is None or version == self.engine.version:
