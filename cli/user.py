@@ -18,13 +18,16 @@ from cli.common import fail
 
 app = typer.Typer(help="Users' data in the service's Redis.", no_args_is_help=True)
 
+UserId = Annotated[str, typer.Argument(help="The user id, as the service stores it")]
+RedisUrl = Annotated[
+    str, typer.Option(envvar="R2EC_REDIS_URL", help="The service's Redis (redis://host:port/db)")
+]
+
 
 @app.command("erase")
 def erase(
-    user_id: Annotated[str, typer.Argument(help="The user id, as the service stores it")],
-    redis_url: Annotated[
-        str, typer.Option(envvar="R2EC_REDIS_URL", help="The service's Redis (redis://host:port/db)")
-    ] = "",
+    user_id: UserId,
+    redis_url: RedisUrl = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print the receipt as one JSON object")] = False,
 ) -> None:
     """Erase a user: history, seen items, event ids, stream entries, the reasonings cached for
@@ -53,10 +56,8 @@ def erase(
 
 @app.command("export")
 def export(
-    user_id: Annotated[str, typer.Argument(help="The user id, as the service stores it")],
-    redis_url: Annotated[
-        str, typer.Option(envvar="R2EC_REDIS_URL", help="The service's Redis (redis://host:port/db)")
-    ] = "",
+    user_id: UserId,
+    redis_url: RedisUrl = "",
     root: Annotated[
         Path | None,
         typer.Option(help="The versions root `r2ec retrain` publishes into: its events log's rows too"),
