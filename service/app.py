@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.routing import BaseRoute
 
 from service import routes, ui
 from service.access_log import AccessLog
 from service.config import Settings, unknown_env
+from service.deps import require_user_key
 from service.errors import add_error_handlers
 from service.limits import BodyLimit
 from service.metrics import Metrics
@@ -111,24 +113,34 @@ def create_app(
     app.add_middleware(RequestId)  # outermost: every response carries X-Request-ID
     add_error_handlers(app, metrics, served)
     if not settings.user_keys:
-        _open_user_routes_in_schema(app)
+        _open_user_routes_in_schema(app, served)
     return app
 
 
-def _open_user_routes_in_schema(app: FastAPI) -> None:
+def _open_user_routes_in_schema(app: FastAPI, served: Sequence[BaseRoute]) -> None:
     """Without R2EC_CLIENT_KEY the routes of users' data take no key (service/deps.py
     `require_user_key`): their OpenAPI operations say so, rather than the security requirement
     their dependency declares for when one is set (a client generated from the schema would
-    send a key, and a checker expects a 401 without one)."""
+    send a key, and a checker expects a 401 without one). The routes are those that depend on
+    `require_user_key` (`UserData`), found in `served`."""
+
+    def takes_user_key(route: BaseRoute) -> bool:
+        dependant = getattr(route, "dependant", None)  # an APIRoute's
+        return dependant is not None and any(d.call is require_user_key for d in dependant.dependencies)
+
+    open_ops = [
+        (route.path_format, method.lower())
+        for route in served
+        if takes_user_key(route)
+        for method in getattr(route, "methods", ())
+    ]
     build = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = build()
-            for operations in schema.get("paths", {}).values():
-                for operation in operations.values():
-                    if "admin" not in operation.get("tags", ()):  # admin routes: the admin key
-                        operation.pop("security", None)
+            for path, method in open_ops:
+                schema["paths"].get(path, {}).get(method, {}).pop("security", None)
             app.openapi_schema = schema
         return app.openapi_schema
 
