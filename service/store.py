@@ -528,12 +528,12 @@ class RedisStore:
         the user's ids), so the entries never cross the network and no step holds Redis long.
 
         Cost: the stream has no index by user, so every entry older than the erasure is read.
-        At R2EC_STREAM_MAXLEN's 1,000,000 entries: 1,000 steps, each holding Redis ~2 ms (7 ms
-        at most), ~2 s in all, other clients served between them; the page of 10,000 entries a
-        plain XRANGE would bring back instead takes the service ~0.7 s of Python to parse, on
-        its event loop (bench/bench_erase.py, BENCHMARKS.md). A failure during the scan leaves
-        the ledger written (retraining ignores the rest already) and some entries in place: the
-        same call again removes them."""
+        At R2EC_STREAM_MAXLEN's 1,000,000 entries: 1,000 steps, each holding Redis ~2 ms (5 ms
+        at most on a quiet machine), ~2.3 s in all, other clients served between them; the page
+        of 10,000 entries a plain XRANGE would bring back instead takes the service ~0.7 s of
+        Python to parse, on its event loop (bench/bench_erase.py, BENCHMARKS.md). A failure
+        during the scan leaves the ledger written (retraining ignores the rest already) and
+        some entries in place: the same call again removes them."""
         keys = [HISTORY_KEY, SEEN_KEY, EVENT_IDS_KEY, USER_CACHE_KEY]
         keys = [k.format(user_id=user_id) for k in keys] + [ERASURES_KEY, EVENTS_STREAM]
         with self._failures("erase_user"):
