@@ -26,8 +26,11 @@ for k + max_i |exclude_i| rows, which is enough for an exact index; rows an appr
 left short are searched again exactly (ivf with nprobe = nlist, hnsw by brute force over its
 storage). Row i holds exactly min(k, len(index) - |exclude_i ∩ index|) items.
 
-Thread safety: every mutation, search and save holds one `threading.RLock`, so a service can
-search from a worker thread while admin routes edit items.
+Thread safety: every mutation and search holds one `threading.RLock`, so a service can
+search from a worker thread while admin routes edit items. A save holds it only to copy the
+id map; it writes the faiss file holding a second lock, which mutations take too (first), so
+searches go on while a large index is written and flushed (faiss reads an index from several
+threads at once), and no edit lands in the middle of the write.
 
 Persistence (`save`/`load`): see `index.persist` (faiss file + `index.json`, committed by an
 atomic rename of the json; a crash leaves the previous pair intact).
@@ -48,7 +51,14 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index.persist import FORMAT_VERSION, read_index_dir, write_index_dir
+from index.persist import (
+    FORMAT_VERSION,
+    check_metadata,
+    commit_index_dir,
+    read_index_dir,
+    saving,
+    write_faiss,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +71,15 @@ MIN_POINTS_PER_LIST = 39  # faiss k-means warns below 39 training points per cen
 MAX_NLIST = 4096
 TRAIN_POINTS_PER_LIST = 64  # ivf k-means sample: 64 * nlist vectors (faiss would take up to 256)
 CHUNK = 65536  # rows normalised and added per step: bounds the float32 copies of a big build
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingSave:
+    """A faiss file `ItemIndex.begin_save` wrote and the description `finish_save` commits."""
+
+    directory: Path
+    faiss_path: Path
+    doc: dict[str, Any]
 
 
 class UnknownItemError(KeyError):
@@ -227,7 +246,8 @@ class ItemIndex:
         self._tombstones: set[int] = set()  # hnsw only: faiss ids still in the graph
         self._tomb_selector: tuple[Any, ...] | None = None  # cached IDSelectorNot(Batch)
         self._metadata: dict[str, Any] = {}
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # searches, mutations, reads of the maps
+        self._mutating = threading.RLock()  # mutations and saves (taken before `_lock`)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -295,7 +315,7 @@ class ItemIndex:
 
     def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Change ivf `nprobe` / hnsw `ef_search` (e.g. from service settings after `load`)."""
-        with self._lock:
+        with self._mutating, self._lock:
             changes = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
             self._config = dataclasses.replace(self._config, **changes)
             self._apply_search_params()
@@ -316,7 +336,7 @@ class ItemIndex:
         """Add new items (N ids, (N, H) vectors) in one call; nothing is added on a ValueError."""
         a = _checked(vectors, self._dim, "vectors")
         ids = _string_ids(item_ids, a.shape[0])
-        with self._lock:
+        with self._mutating, self._lock:
             present = [i for i in ids if i in self._item_to_fid]
             if present:
                 raise ValueError(f"item(s) {present[:5]} already in the index; use upsert() to replace")
@@ -325,22 +345,43 @@ class ItemIndex:
     def upsert(self, item_id: str, vector: np.ndarray) -> bool:
         """Replace the item's vector, or add it; returns True when it replaced one."""
         key, a = str(item_id), _one_row(vector, self._dim)
-        with self._lock:
+        with self._mutating, self._lock:
             replaced = key in self._item_to_fid
             if replaced:
-                self._delete(key)
+                self._delete([key])
             self._add([key], a)
             return replaced
 
+    def upsert_many(self, item_ids: Sequence[str], vectors: np.ndarray) -> int:
+        """Replace or add items (N ids, (N, H) vectors) in one call, the replaced ones removed in
+        one pass (a flat index's removal moves every row after it: one pass, not N); returns how
+        many it replaced. Nothing changes on a ValueError."""
+        a = _checked(vectors, self._dim, "vectors")
+        ids = _string_ids(item_ids, a.shape[0])
+        with self._mutating, self._lock:
+            present = [i for i in ids if i in self._item_to_fid]
+            if present:
+                self._delete(present)
+            self._add(ids, a)
+            return len(present)
+
     def remove(self, item_id: str) -> None:
         """Remove an item; `UnknownItemError` (a KeyError) if it is not indexed."""
-        with self._lock:
-            self._fid(item_id)
-            self._delete(str(item_id))
+        self.remove_many([item_id])
+
+    def remove_many(self, item_ids: Sequence[str]) -> None:
+        """Remove items in one pass (`upsert_many`); `UnknownItemError` (a KeyError), and nothing
+        removed, if one is not indexed."""
+        keys = list(dict.fromkeys(str(i) for i in item_ids))
+        with self._mutating, self._lock:
+            for key in keys:
+                self._fid(key)
+            if keys:
+                self._delete(keys)
 
     def compact(self) -> None:
         """hnsw: rebuild the graph without tombstones (same faiss ids); no-op otherwise."""
-        with self._lock:
+        with self._mutating, self._lock:
             if not self._tombstones:
                 return
             t0 = time.perf_counter()
@@ -377,17 +418,19 @@ class ItemIndex:
             self._item_to_fid.update(zip(keys, fids.tolist(), strict=True))
             self._fid_to_item.update(zip(fids.tolist(), keys, strict=True))
 
-    def _delete(self, key: str) -> None:
-        fid = self._item_to_fid[key]
+    def _delete(self, keys: Sequence[str]) -> None:
+        """Remove indexed, distinct `keys` (one faiss call for all of them)."""
+        fids = [self._item_to_fid[key] for key in keys]
         if self._config.kind == "hnsw":
-            self._tombstones.add(fid)
+            self._tombstones.update(fids)
             self._tomb_selector = None
         else:
-            removed = self._index.remove_ids(np.array([fid], dtype=np.int64))
-            if removed != 1:
-                raise RuntimeError(f"faiss removed {removed} rows for item {key!r}")
-        del self._item_to_fid[key]
-        del self._fid_to_item[fid]
+            removed = self._index.remove_ids(np.array(fids, dtype=np.int64))
+            if removed != len(fids):
+                raise RuntimeError(f"faiss removed {removed} rows for {len(fids)} items {list(keys)[:5]}")
+        for key, fid in zip(keys, fids, strict=True):
+            del self._item_to_fid[key]
+            del self._fid_to_item[fid]
         if len(self._tombstones) > self._config.max_tombstone_ratio * self._index.ntotal:
             self.compact()
 
@@ -514,22 +557,39 @@ class ItemIndex:
 
     # ----------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike[str], metadata: dict[str, Any] | None = None) -> Path:
-        """Write the index into `directory` atomically (see `index.persist`); returns the json path."""
-        with self._lock:
-            doc = {
-                "format_version": FORMAT_VERSION,
-                "kind": self._config.kind,
-                "config": dataclasses.asdict(self._config),
-                "dim": self._dim,
-                "ntotal": int(self._index.ntotal),
-                "next_id": self._next_id,
-                "item_ids": list(self._item_to_fid),
-                "faiss_ids": list(self._item_to_fid.values()),
-                "tombstones": sorted(self._tombstones),
-                "metadata": dict(metadata or {}),
-            }
-            path = write_index_dir(Path(directory), self._index, doc)
-            self._metadata = dict(doc["metadata"])
+        """Write the index into `directory` atomically (see `index.persist`); returns the json path.
+        Searches go on meanwhile; mutations wait while the faiss file is written."""
+        directory = Path(directory)
+        with saving(directory):
+            return self.finish_save(self.begin_save(directory, metadata))
+
+    def begin_save(self, directory: Path, metadata: dict[str, Any] | None = None) -> PendingSave:
+        """The part of `save` that needs the index as it is: its description, and the faiss file
+        written (not flushed yet), under the mutation lock, not the search lock. The caller holds
+        `index.persist.saving(directory)` until `finish_save`, which makes it the saved index."""
+        directory = Path(directory)
+        with self._mutating:
+            with self._lock:
+                doc = {
+                    "format_version": FORMAT_VERSION,
+                    "kind": self._config.kind,
+                    "config": dataclasses.asdict(self._config),
+                    "dim": self._dim,
+                    "ntotal": int(self._index.ntotal),
+                    "next_id": self._next_id,
+                    "item_ids": list(self._item_to_fid),
+                    "faiss_ids": list(self._item_to_fid.values()),
+                    "tombstones": sorted(self._tombstones),
+                    "metadata": dict(metadata or {}),
+                }
+            check_metadata(doc)
+            # no mutation until it is written: the faiss file is the state the doc describes
+            return PendingSave(directory, write_faiss(directory, self._index), doc)
+
+    def finish_save(self, pending: PendingSave) -> Path:
+        """Flush and commit what `begin_save` wrote (no index lock is held: it reads files)."""
+        path = commit_index_dir(pending.directory, pending.faiss_path, pending.doc)
+        self._metadata = dict(pending.doc["metadata"])
         return path
 
     @classmethod

@@ -10,13 +10,18 @@ fsync; (3) `os.replace(temp, index.json)` — the commit point; (4) fsync the di
 (5) delete faiss files and temp files the new json does not name. A crash before (3) leaves the
 old json naming the old (untouched) faiss file; after (3) the new pair is complete. So a loader
 never sees a json next to a faiss file it does not describe. Writers take turns: each holds an
-exclusive lock on `<directory>/.lock` from (1) to (5), so two processes saving into one
-directory (replicas on a shared volume) cannot delete the file the other's json names. A faiss
-write failure (a full disk, a read-only volume) is raised as OSError, like any other.
+exclusive lock on `<directory>/.save.lock` (`saving`) from (1) to (5), so two processes saving
+into one directory (replicas on a shared volume) cannot delete the file the other's json names;
+and `<directory>/.lock` (`locked`) from (2) to (5) only, the short lock that the small writes
+beside the index take too (service/catalog.py: reading and appending the edit log,
+index/journal.py), so they do not wait while a large faiss file is written. Lock order: the
+save lock first. A faiss write failure (a full disk, a read-only volume) is raised as OSError,
+like any other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -59,21 +64,35 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-_held = threading.local()  # the directories this thread holds the lock of
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (a rename, a new or removed file) to the disk; a filesystem
+    that cannot flush a directory says EINVAL, and that is no error."""
+    try:
+        _fsync(directory)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+
+
+LOCK_NAME = ".lock"  # the short lock: commits, the edit log (`locked`)
+SAVE_LOCK_NAME = ".save.lock"  # whole saves take turns (`saving`)
+_held = threading.local()  # the (directory, lock) pairs this thread holds
 
 
 @contextmanager
-def locked(directory: Path) -> Iterator[None]:
-    """Hold `<directory>/.lock` exclusively (flock: other processes and threads wait). Re-entrant
+def locked(directory: Path, name: str = LOCK_NAME) -> Iterator[None]:
+    """Hold `<directory>/<name>` exclusively (flock: other processes and threads wait). Re-entrant
     within a thread, so a caller can read the saved record, merge, and save under one hold
     (service/catalog.py `Catalog._persist`): `write_index_dir` takes it again."""
-    key = os.path.realpath(directory)
+    key = (os.path.realpath(directory), name)
     held = _held.__dict__.setdefault("dirs", set())
     if key in held:
         yield
         return
+    if name == SAVE_LOCK_NAME and (key[0], LOCK_NAME) in held:
+        raise RuntimeError(f"{directory}: take the save lock before {LOCK_NAME}, not under it (a deadlock)")
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "a") as lock:
+    with open(directory / name, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         held.add(key)
         try:
@@ -82,45 +101,66 @@ def locked(directory: Path) -> Iterator[None]:
             held.discard(key)
 
 
+def saving(directory: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold the save lock of `directory`: one whole save at a time (module docstring)."""
+    return locked(directory, SAVE_LOCK_NAME)
+
+
 def write_index_dir(directory: Path, index: faiss.Index, doc: dict[str, Any]) -> Path:
     """Save `index` + `doc` (the json body, without file fields) into `directory`."""
+    check_metadata(doc)
+    with saving(directory):
+        return commit_index_dir(directory, write_faiss(directory, index), doc)
+
+
+def check_metadata(doc: dict[str, Any]) -> None:
     try:
         json.dumps(doc["metadata"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"index metadata must be JSON-serialisable: {e}") from None
-    with locked(directory):
-        return _write_locked(directory, index, doc)
 
 
-def _write_locked(directory: Path, index: faiss.Index, doc: dict[str, Any]) -> Path:
-    token = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
-    faiss_path = directory / f"index-{token}.faiss"
-    tmp_json = directory / f".{JSON_NAME}.{token}.tmp"
-    json_path = directory / JSON_NAME
+def write_faiss(directory: Path, index: faiss.Index) -> Path:
+    """Step (1) without its fsync: `index` into a new file in `directory`, for
+    `commit_index_dir`, which the caller calls under the same hold of `saving(directory)`."""
+    faiss_path = directory / f"index-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.faiss"
+    directory.mkdir(parents=True, exist_ok=True)
     try:
-        try:
-            faiss.write_index(index, str(faiss_path))
-        except RuntimeError as e:  # faiss reports ENOSPC, EROFS, EACCES this way
-            raise OSError(f"could not write {faiss_path}: {e}") from e
+        faiss.write_index(index, str(faiss_path))
+    except RuntimeError as e:  # faiss reports ENOSPC, EROFS, EACCES this way
+        faiss_path.unlink(missing_ok=True)
+        raise OSError(f"could not write {faiss_path}: {e}") from e
+    except BaseException:
+        faiss_path.unlink(missing_ok=True)
+        raise
+    return faiss_path
+
+
+def commit_index_dir(directory: Path, faiss_path: Path, doc: dict[str, Any]) -> Path:
+    """Steps (1, its fsync) to (5) for a faiss file `write_faiss` wrote: make it the saved index
+    that `doc` describes."""
+    tmp_json = directory / f".{JSON_NAME}.{faiss_path.stem.removeprefix('index-')}.tmp"
+    json_path = directory / JSON_NAME
+    committed = False
+    try:
         _fsync(faiss_path)
         body = {**doc, "faiss_file": faiss_path.name, "faiss_bytes": faiss_path.stat().st_size}
-        with open(tmp_json, "w", encoding="utf-8") as f:
-            json.dump(body, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_json, json_path)  # commit point
+        with locked(directory):
+            with open(tmp_json, "w", encoding="utf-8") as f:
+                json.dump(body, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_json, json_path)  # commit point
+            committed = True
+            fsync_dir(directory)  # the rename
+            for stale in [*directory.glob(_FAISS_GLOB), *directory.glob(_TMP_GLOB)]:
+                if stale.name != faiss_path.name:
+                    stale.unlink(missing_ok=True)
     except BaseException:
-        for p in (tmp_json, faiss_path):
-            p.unlink(missing_ok=True)
+        if not committed:
+            for p in (tmp_json, faiss_path):
+                p.unlink(missing_ok=True)
         raise
-    try:
-        _fsync(directory)  # the rename; a filesystem that cannot flush a directory says EINVAL
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
-    for stale in [*directory.glob(_FAISS_GLOB), *directory.glob(_TMP_GLOB)]:
-        if stale.name != faiss_path.name:
-            stale.unlink(missing_ok=True)
     logger.info("saved index to %s (%s, %d bytes)", directory, faiss_path.name, body["faiss_bytes"])
     return json_path
 

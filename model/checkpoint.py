@@ -42,7 +42,7 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -827,16 +827,46 @@ def carry_item_edits(root: Path | str, checkpoint: Path | str) -> None:
 
 
 def index_edits(directory: Path, version: str) -> dict[str, Any]:
-    """The edits record in <directory>/index.json when it was saved for `version`, else {}."""
-    from index.persist import read_metadata  # faiss: only where an index is read
+    """The edits record in <directory> for `version`: index.json's (where it was saved for
+    `version`) with the entries for `version` appended to the edit log since (index/journal.py,
+    `merge_logged`); {} where there is neither."""
+    from index import journal  # faiss: only where an index is read
+    from index.persist import read_metadata
 
     try:
         metadata = read_metadata(directory)
     except (OSError, ValueError):  # IndexMismatchError is a ValueError
-        return {}
+        metadata = {}
     if not isinstance(metadata, dict) or metadata.get("model_version") != version:
-        return {}
-    return metadata
+        metadata = {}
+    logged = [e for e in journal.read(directory) if e.get("model_version") == version]
+    return merge_logged(metadata, logged)[0] if logged else metadata
+
+
+def merge_logged(
+    doc: Mapping[str, Any], entries: Iterable[Mapping[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Mapping[str, Any]]]:
+    """A record (`doc`: an index.json's metadata) with the edit log's entries after it, each
+    {"item_id", "record" (None: deleted), "time"}: for an item, the later edit wins, and of two
+    as late the one logged last. Returns the merged record ("catalog_edits", "edit_times") and
+    the entries that won, by item. An entry without an item id or with a damaged record is left
+    out with a warning."""
+    records, times = doc.get("catalog_edits"), doc.get("edit_times")
+    records = dict(records) if isinstance(records, dict) else {}
+    times = dict(times) if isinstance(times, dict) else {}
+    won: dict[str, Mapping[str, Any]] = {}
+    bad = 0
+    for entry in entries:
+        item_id, record = entry.get("item_id"), entry.get("record")
+        if not isinstance(item_id, str) or not (record is None or _valid_record(record)):
+            bad += 1
+            continue
+        time_ns = _edit_time(entry.get("time"))
+        if item_id not in records or time_ns >= _edit_time(times.get(item_id)):
+            records[item_id], times[item_id], won[item_id] = record, time_ns, entry
+    if bad:
+        log.warning("%d damaged item edit(s) in an edit log left out", bad)
+    return {**doc, "catalog_edits": records, "edit_times": times}, won
 
 
 def edit_maps(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:

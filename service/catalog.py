@@ -2,9 +2,20 @@
 
 A checkpoint carries its catalog (a table of item texts) and the vectors its model made of them.
 The admin API edits items while the service runs; an edit re-encodes the item's text with the
-served model, changes the index under a lock (a batch may be searching it) and is saved with the
-index in <checkpoint>/index/, so a restart serves the edited catalog and a reload carries the
-edits to the next model.
+served model, changes the index under a lock (a batch may be searching it) and is saved in
+<checkpoint>/index/, so a restart serves the edited catalog and a reload carries the edits to
+the next model.
+
+What an edit saves is the size of the edit: one line appended to the edit log beside the index
+(index/journal.py: the item's record, its time and its vector), flushed to the disk before the
+edit returns. The whole index (index/persist.py, every vector and the record of every edit in
+index.json) is saved again once the log holds SNAPSHOT_EVERY edits, on a thread of its own:
+searches go on meanwhile, and an edit waits only while the faiss file is written to the page
+cache, not for its flush or the record (`Catalog._save_snapshot`). `Catalog.open` applies the
+logged edits to the saved index with their logged vectors (no encoding), so a restart serves
+what was served. A kill at any point loses no edit that returned: the log is cut back to the
+entries a full save holds only after that save is on the disk, and an entry already held is
+applied again to no effect (for an item, the later edit wins).
 
 Replicas that serve one checkpoint from a shared volume share that record. Each edit carries
 the time it was made, and a save merges under the directory's lock (index/persist.py `locked`):
@@ -38,8 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from index import IndexMismatchError, ItemIndex
-from index.persist import JSON_NAME, locked
+from index import IndexMismatchError, ItemIndex, journal
+from index.persist import JSON_NAME, locked, saving
 from model.checkpoint import (
     INDEX_DIR,
     ITEM_FIELDS,
@@ -47,6 +58,7 @@ from model.checkpoint import (
     edit_maps,
     index_edits,
     item_record,
+    merge_logged,
     read_carried_edits,
 )
 from service.search import TIERS, Match, TitleIndex, sort_name
@@ -55,6 +67,7 @@ log = logging.getLogger(__name__)
 
 FOLLOW_BACK = 8  # versions back whose saved edits a new version follows (retrain keeps 3)
 TITLE_REBUILD_EDITS = 256  # item edits searched beside the title index before it is rebuilt
+SNAPSHOT_EVERY = 1000  # edits in the log beside the index before the whole index is saved again
 
 
 def _text(record: Mapping[str, str]) -> tuple[str, ...]:
@@ -153,7 +166,10 @@ class Catalog:
         *,
         persist_edits: bool = True,
         edits: Edits | None = None,
+        index_saved: bool = True,
     ) -> None:
+        """`edits`: those on record beside the index (the index holds them); `index_saved`:
+        whether the index saved there is this one (not where it had to be rebuilt)."""
         if index.dim != checkpoint.model.hidden_size:
             raise IndexMismatchError(
                 f"index dim {index.dim} != model hidden size {checkpoint.model.hidden_size}"
@@ -177,6 +193,13 @@ class Catalog:
         _apply_edits(self._records, self._edits)
         self._twins = _Twins(self._records)
         self._lock = threading.Lock()  # edits vs. a batch's search + title reads
+        # edits and the start of a full save, taken before `_lock` (which searches take): an
+        # edit waits here while a full save writes the faiss file, not holding up searches
+        self._writing = threading.RLock()
+        self._dirty: set[str] = set()  # items whose edit the record beside the index lacks
+        self._index_saved = index_saved  # whether index.json's faiss file is this index
+        self.snapshot_every = SNAPSHOT_EVERY  # logged edits before the whole index is saved
+        self._snapshotter: threading.Thread | None = None  # the full save under way, if any
         # title search (GET /items): built on first use, then edits are searched beside it
         self._titles: TitleIndex | None = None
         self._title_edits: dict[str, str | None] = {}
@@ -195,11 +218,11 @@ class Catalog:
         and saved there when missing or stale), and the edits carried into it when it was
         published (model/checkpoint.py `carry_item_edits`) with those saved since for the
         version they came from, which it then follows (`sync_edits`)."""
-        index, edits, pending = open_index(checkpoint, kind)
+        index, edits, pending, saved = open_index(checkpoint, kind)
         index.set_search_params(nprobe=nprobe, ef_search=ef_search)
-        catalog = cls(checkpoint, index, persist_edits=persist_edits, edits=edits)
+        catalog = cls(checkpoint, index, persist_edits=persist_edits, edits=edits, index_saved=saved)
         if pending:  # saved edits of an index that had to be rebuilt: applied again
-            applied = catalog._apply(pending, ties_win=True)
+            applied = catalog._apply(pending, ties_win=True, on_record=True)
             log.info("re-applied %d saved item edits to the rebuilt index", applied)
         carried = read_carried_edits(checkpoint.path)
         applied = catalog._apply(Edits.of(carried), ties_win=False)  # the ones not taken yet
@@ -207,8 +230,10 @@ class Catalog:
             applied += catalog._follow_back(carried)
         if applied:
             log.info("applied %d item edits carried from version %s", applied, carried.get("version"))
-        if pending or applied:  # (pending: also where nothing differed: the rebuilt index)
+        if applied:
             catalog._persist()
+        if persist_edits and not catalog._index_saved:  # rebuilt: saved whole, with its edits
+            catalog._save_snapshot()
         return catalog
 
     # ---------------------------------------------------------------- reads
@@ -320,19 +345,20 @@ class Catalog:
         """Encode the item's text, add or replace it in index + catalog; True if it replaced."""
         record = item_record(fields)
         vector = self.encode_item({"item_id": item_id, **record})  # (H,)
-        with self._lock:
+        with self._writing, self._lock:
             replaced = self.index.upsert(item_id, vector)
             self._twins.change(item_id, self._records.get(item_id), record)
             self._records[item_id] = record
             self._edits[item_id] = record
             self._edit_times[item_id] = self._next_time(item_id)
+            self._dirty.add(item_id)
             self._title_changed(item_id, record["title"])
         self._persist()
         return replaced
 
     def remove(self, item_id: str) -> None:
         """Drop an item from index + catalog; KeyError if unknown."""
-        with self._lock:
+        with self._writing, self._lock:
             if item_id not in self._records:
                 raise KeyError(item_id)
             if item_id in self.index:
@@ -340,6 +366,7 @@ class Catalog:
             self._twins.change(item_id, self._records.pop(item_id), None)
             self._edits[item_id] = None
             self._edit_times[item_id] = self._next_time(item_id)
+            self._dirty.add(item_id)
             self._title_changed(item_id, None)
         self._persist()
 
@@ -397,6 +424,8 @@ class Catalog:
         )
         if carried:
             self._persist()
+        elif self.unsaved is None and self._snapshot_due():  # one given up on (`_save_snapshot`)
+            self._snapshot_in_background()
         return applied + carried
 
     @property
@@ -405,7 +434,9 @@ class Catalog:
 
     def _sync_own(self) -> int:
         """`sync_edits` for this checkpoint's own record only (what a save merges first)."""
-        applied, self._saved = self._take_saved(self._directory, self.checkpoint.version, self._saved)
+        applied, self._saved = self._take_saved(
+            self._directory, self.checkpoint.version, self._saved, on_record=True
+        )
         return applied
 
     def _follow(self, directory: Path, version: str) -> int:
@@ -439,23 +470,31 @@ class Catalog:
         return applied
 
     def _take_saved(
-        self, directory: Path, version: str, seen: tuple[int, int, int] | None
-    ) -> tuple[int, tuple[int, int, int] | None]:
+        self, directory: Path, version: str, seen: Stamp | None, *, on_record: bool = False
+    ) -> tuple[int, Stamp | None]:
         """Apply the edits in `directory`'s record for `version` that are newer than this
         catalog's own, when the record is not the one last read (`seen`): how many changed
         something, and the stamp of what was read (`seen` where nothing was). The stamp is taken
         before the read, so a save after it is read next time; it is returned after the apply,
-        so a failed one is retried."""
+        so a failed one is retried. Where index.json is the one read last time, only the edit
+        log is read (what was saved since is there). `on_record`: the record is this catalog's
+        own, which need not be saved again."""
         stamp = _stamp(directory)
         if stamp is None or stamp == seen:
             return 0, seen
-        return self._apply(saved_edits(directory, version), ties_win=False), stamp
+        if seen is not None and stamp[0] is not None and stamp[0] == seen[0]:
+            edits = logged_edits(directory, version)
+        else:
+            edits = saved_edits(directory, version)
+        return self._apply(edits, ties_win=False, on_record=on_record), stamp
 
-    def _apply(self, edits: Edits, *, ties_win: bool) -> int:
+    def _apply(self, edits: Edits, *, ties_win: bool, on_record: bool = False) -> int:
         """Take the edits that are later than this catalog's own edit of the item (or as late,
         with `ties_win`), without saving: each is recorded with its time, also one that changes
         nothing served (its time is what a later save must keep); the ones that change an item
-        are re-encoded in one batch and applied to the index. Returns how many changed one."""
+        are re-encoded in one batch and applied to the index. Returns how many changed one.
+        `on_record`: they come from this catalog's own record (not to be saved again), else
+        the next `_persist` saves them."""
 
         def wins(item_id: str) -> bool:
             mine, theirs = self._edit_times.get(item_id, -1), edits.times.get(item_id, 0)
@@ -469,41 +508,129 @@ class Catalog:
             if upserts
             else None
         )  # (len(upserts), H)
-        with self._lock:
-            for row, (item_id, record) in enumerate(upserts.items()):
-                self.index.upsert(item_id, vectors[row])
+        with self._writing, self._lock:
+            if upserts:  # one pass over the index for all of them (`ItemIndex.upsert_many`)
+                self.index.upsert_many(list(upserts), vectors)
+            self.index.remove_many([i for i in deletes if i in self.index])
+            for item_id, record in upserts.items():
                 self._twins.change(item_id, self._records.get(item_id), record)
                 self._records[item_id] = record
                 self._title_changed(item_id, record["title"])
             for item_id in deletes:
-                if item_id in self.index:
-                    self.index.remove(item_id)
                 self._twins.change(item_id, self._records.pop(item_id, None), None)
                 self._title_changed(item_id, None)
             for item_id, record in winners.items():
                 self._edits[item_id] = record
                 self._edit_times[item_id] = edits.times.get(item_id, 0)
+            if on_record:
+                self._dirty.difference_update(winners)
+            else:
+                self._dirty.update(winners)
         return len(upserts) + len(deletes)
 
     def _persist(self) -> None:
-        """Save the edited index (with the edits, so a restart sees them) beside the checkpoint,
-        after applying what another replica saved there since (`sync_edits`), under the
-        directory's lock, so the save keeps every replica's edits."""
+        """Save the edits applied here that the record beside the checkpoint lacks: appended to
+        its edit log (index/journal.py), after applying what another replica saved there since
+        (`sync_edits`), under the directory's lock, so the record keeps every replica's edits.
+        Once the log holds `snapshot_every` edits, or the index saved there is not this one,
+        the whole index is saved as well, on a thread of its own (`_save_snapshot`)."""
         if not self.persist_edits:
             return
-        directory = self.checkpoint.path / INDEX_DIR
-        kind = self.index.metadata.get("index_kind", self.index.kind)
+        directory = self._directory
         try:
-            with locked(directory):
+            with self._writing, locked(directory):
                 self._sync_own()
-                self.index.save(directory, index_metadata(self.checkpoint.version, kind, self.edits))
+                self._log_dirty(directory)
                 self._saved = _stamp(directory)
         except OSError as exc:  # a read-only checkpoint volume still serves the edit, from memory
             if self.unsaved is None:
                 log.warning("item edit applied in memory but not saved: %s", exc)
             self.unsaved = str(exc)
-        else:
-            self.unsaved = None
+            return
+        self.unsaved = None
+        if self._snapshot_due():
+            self._snapshot_in_background()
+
+    def _log_dirty(self, directory: Path) -> None:
+        """Append the edits the record lacks to its log, each with the vector the index holds
+        for it (so a restart need not encode it); the caller holds `_writing` and the lock of
+        `directory`."""
+        if not self._dirty:
+            return
+        with self._lock:
+            entries = []
+            for item_id in sorted(self._dirty):
+                record = self._edits[item_id]
+                vector = self.index.vector(item_id) if record is not None and item_id in self.index else None
+                entries.append(
+                    {
+                        "model_version": self.checkpoint.version,
+                        "item_id": item_id,
+                        "record": record,
+                        "time": self._edit_times[item_id],
+                        "vector": vector,
+                    }
+                )
+        journal.append(directory, entries)
+        self._dirty.clear()
+
+    def _snapshot_due(self) -> bool:
+        return self.persist_edits and (
+            not self._index_saved or journal.count(self._directory) >= self.snapshot_every
+        )
+
+    def _snapshot_in_background(self) -> None:
+        """Start `_save_snapshot` on a thread of its own, unless one is under way."""
+        with self._writing:
+            if self._snapshotter is not None and self._snapshotter.is_alive():
+                return
+            self._snapshotter = threading.Thread(
+                target=self._save_snapshot, kwargs={"background": True}, name="r2ec-index-save", daemon=True
+            )
+            self._snapshotter.start()
+
+    def wait_saved(self) -> None:
+        """Wait for the full save under way, if any (tests, benchmarks)."""
+        thread = self._snapshotter
+        if thread is not None:
+            thread.join()
+
+    def _save_snapshot(self, *, background: bool = False) -> bool:
+        """Save the whole index beside the checkpoint with the record of every edit it holds,
+        then cut the edit log back to the entries appended since (the rest are in the saved
+        index). Searches go on throughout; edits wait only while the faiss file is written
+        (`ItemIndex.begin_save`), not for its flush to the disk nor the record (`finish_save`).
+        One full save at a time per directory, across replicas (index/persist.py `saving`).
+
+        `background` (not the model's thread): it encodes nothing, so where another replica
+        saved edits since this catalog last read the record, it gives up; the next edit or
+        watch tick takes them and starts it again. Returns whether it saved; a failure to write
+        is logged, and changes nothing on the disk (the edits are in the log)."""
+        directory = self._directory
+        try:
+            with saving(directory):
+                with self._writing:
+                    with locked(directory):
+                        if not background:
+                            self._sync_own()
+                        elif _stamp(directory) != self._saved:
+                            return False
+                        self._log_dirty(directory)  # the log holds every edit applied here
+                        logged = journal.stamp(directory)
+                        kind = self.index.metadata.get("index_kind", self.index.kind)
+                        metadata = index_metadata(self.checkpoint.version, kind, self.edits)
+                    written = self.index.begin_save(directory, metadata)
+                self.index.finish_save(written)
+                self._index_saved = True
+                with locked(directory):
+                    unchanged = journal.stamp(directory) == logged  # nothing logged since
+                    journal.drop_through(directory, logged)
+                    if unchanged:
+                        self._saved = _stamp(directory)
+        except OSError as exc:
+            log.warning("could not save the index to %s (%s); its edits are in the edit log", directory, exc)
+            return False
+        return True
 
 
 # -------------------------------------------------------------------- the index on disk
@@ -518,34 +645,41 @@ def index_metadata(version: str, kind: str, edits: Edits) -> dict[str, Any]:
     }
 
 
-def _stamp(directory: Path) -> tuple[int, int, int] | None:
-    """Which index.json is there now (each save replaces the file: a new inode); None: none."""
+Stamp = tuple[tuple[int, int, int] | None, tuple[int, int] | None]
+
+
+def _stamp(directory: Path) -> Stamp | None:
+    """Which record is there now: index.json (each full save replaces the file: a new inode)
+    and the edit log (inode, size: each edit appends); None: neither."""
     try:
         st = os.stat(directory / JSON_NAME)
+        saved = (st.st_ino, st.st_mtime_ns, st.st_size)
     except (OSError, ValueError):  # ValueError: a path no filesystem has (a NUL byte)
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
+        saved = None
+    logged = journal.stamp(directory)
+    return None if saved is None and logged is None else (saved, logged)
 
 
-def open_index(ckpt: Checkpoint, kind: str) -> tuple[ItemIndex, Edits, Edits]:
+def open_index(ckpt: Checkpoint, kind: str) -> tuple[ItemIndex, Edits, Edits, bool]:
     """Load <ckpt>/index/ when it was built for this model version and kind and agrees with the
-    catalog; otherwise build it from the checkpoint's item vectors and save it (best effort).
-    Returns the index, the item edits it holds, and the edits it does not hold yet: those saved
-    beside an index that had to be rebuilt (another kind asked for, a damaged file), for the
-    caller to encode and apply again (`Catalog.open`) rather than lose."""
+    catalog, with the edits logged since it was saved applied (`_replay_log`); otherwise build
+    it from the checkpoint's item vectors and save it (best effort). Returns the index, the item
+    edits it holds, the edits it does not hold yet: those saved beside an index that had to be
+    rebuilt (another kind asked for, a damaged file), for the caller to encode and apply again
+    (`Catalog.open`) rather than lose, and whether the index saved there is this one."""
     directory = ckpt.path / INDEX_DIR
-    if (directory / "index.json").is_file():
+    if (directory / JSON_NAME).is_file():
         try:
             index = ItemIndex.load(
                 directory,
                 expect_dim=ckpt.model.hidden_size,
                 expect_metadata={"model_version": ckpt.version, "index_kind": kind},
             )
-            edits = Edits.of(index.metadata)
+            edits = _replay_log(index, directory, ckpt.version)
             catalog = {str(i): {} for i in ckpt.items["item_id"]}
             _apply_edits(catalog, edits.records)
             if set(catalog) == set(index.item_ids()):
-                return index, edits, Edits()
+                return index, edits, Edits(), True
             log.warning("index in %s disagrees with the catalog: rebuilding", directory)
         except (IndexMismatchError, ValueError, OSError, RuntimeError) as exc:
             log.warning("not using the index in %s (%s): rebuilding", directory, exc)
@@ -553,20 +687,68 @@ def open_index(ckpt: Checkpoint, kind: str) -> tuple[ItemIndex, Edits, Edits]:
     try:
         # the record is read under the lock, after the build: another replica may have saved
         # edits while this one built, and an empty record must not be written over them
-        with locked(directory):
-            pending = saved_edits(directory, ckpt.version)
+        with saving(directory):
+            with locked(directory):
+                pending = saved_edits(directory, ckpt.version)
+                logged = journal.stamp(directory)
             if not pending:  # else the old record stays until the caller applied and saved them
                 index.save(directory, index_metadata(ckpt.version, kind, Edits()))
+                with locked(directory):  # another version's log (an edit since is kept)
+                    journal.drop_through(directory, logged)
     except OSError as exc:
         log.warning("could not save the index to %s (%s); serving it from memory", directory, exc)
         pending = saved_edits(directory, ckpt.version)
-    return index, Edits(), pending
+        return index, Edits(), pending, False
+    return index, Edits(), pending, not pending
+
+
+def _replay_log(index: ItemIndex, directory: Path, version: str) -> Edits:
+    """Apply to a loaded index the edits logged beside it since it was saved, with their logged
+    vectors; the edits it holds then. ValueError where one lacks a usable vector (the caller
+    rebuilds the index and encodes the edits again)."""
+    saved = Edits.of(index.metadata)
+    entries = [e for e in journal.read(directory) if e.get("model_version") == version]
+    if not entries:
+        return saved
+    merged, won = merge_logged(index.metadata, entries)
+    upserts: dict[str, np.ndarray] = {}
+    deletes = []
+    for item_id, entry in won.items():
+        record, when = entry["record"], merged["edit_times"][item_id]
+        if item_id in saved.records and saved.times.get(item_id) == when:
+            held = saved.records[item_id]
+            if (record is None) == (held is None) and (record is None or item_record(record) == held):
+                continue  # logged before the save that holds it
+        if record is None:
+            deletes.append(item_id)
+            continue
+        vector = entry.get("vector")
+        if vector is None or vector.shape != (index.dim,):
+            raise ValueError(f"the edit log's entry for item {item_id!r} has no usable vector")
+        upserts[item_id] = vector
+    if upserts:
+        index.upsert_many(list(upserts), np.stack(list(upserts.values())))  # ValueError: NaN, zero
+    index.remove_many([i for i in deletes if i in index])
+    if upserts or deletes:
+        log.info(
+            "applied %d item edits logged since the index in %s was saved",
+            len(upserts) + len(deletes),
+            directory,
+        )
+    return Edits.of(merged)
 
 
 def saved_edits(directory: Path, version: str) -> Edits:
-    """The item edits recorded in <directory>/index.json for this model version, whatever state
-    the rest of that directory is in; none when there is no readable record."""
+    """The item edits recorded in <directory> for this model version (index.json and the edit
+    log after it), whatever state the rest of that directory is in; none when there is no
+    readable record."""
     return Edits.of(index_edits(directory, version))
+
+
+def logged_edits(directory: Path, version: str) -> Edits:
+    """The item edits for this model version in <directory>'s edit log alone."""
+    entries = [e for e in journal.read(directory) if e.get("model_version") == version]
+    return Edits.of(merge_logged({}, entries)[0]) if entries else Edits()
 
 
 def _apply_edits(catalog: dict[str, Any], edits: Mapping[str, Any]) -> None:

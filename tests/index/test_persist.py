@@ -78,7 +78,8 @@ def test_a_new_save_replaces_the_old_pair(catalog, tmp_path):
 
 
 def _suffixes(directory):
-    return sorted(p.suffix for p in directory.iterdir() if p.name != ".lock")  # .lock: the writers' turn
+    # .lock, .save.lock: the writers' turns
+    return sorted(p.suffix for p in directory.iterdir() if p.name not in (".lock", ".save.lock"))
 
 
 def test_two_writers_take_turns(catalog, tmp_path, monkeypatch):
@@ -108,10 +109,7 @@ def _assert_v1_intact(tmp_path, ids, x, expected):
     back = ItemIndex.load(tmp_path, expect_metadata={"model_version": "v1"})
     assert len(back) == len(ids)
     assert back.search(x[:5], 10)[0] == expected
-    assert sorted(p.suffix for p in tmp_path.iterdir() if p.name != ".lock") == [
-        ".faiss",
-        ".json",
-    ]  # no debris
+    assert _suffixes(tmp_path) == [".faiss", ".json"]  # no debris
 
 
 def test_crash_at_the_commit_keeps_the_previous_index(catalog, tmp_path, monkeypatch):
@@ -170,3 +168,30 @@ def test_a_json_without_required_fields_is_a_clear_error(catalog, tmp_path):
     (tmp_path / "index.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"lacks field\(s\) \['next_id'\]"):
         ItemIndex.load(tmp_path)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_searches_go_on_while_the_index_is_saved_and_edits_wait_for_the_write(
+    kind, catalog, tmp_path, monkeypatch
+):
+    """A save holds the search lock only to copy the id map, not while the faiss file is
+    written (at a million items, seconds of every search waiting); an edit waits for the write,
+    so the file is the state its json describes."""
+    ids, x = catalog
+    ix = ItemIndex.build(ids, x, kind=kind, nprobe=4)
+    expected = ix.search(x[:2], 5)[0]
+    real_write, seen, edit = faiss.write_index, {}, threading.Thread(target=ix.remove, args=(ids[0],))
+
+    def write_while_searching(index, path):
+        search = threading.Thread(target=lambda: seen.setdefault("ids", ix.search(x[:2], 5)[0]))
+        search.start(), edit.start()
+        search.join(60)  # a search blocked by the save does not return before it: no timing here
+        seen["searched during the write"] = "ids" in seen
+        seen["edited during the write"] = ids[0] not in ix
+        real_write(index, path)
+
+    monkeypatch.setattr(faiss, "write_index", write_while_searching)
+    ix.save(tmp_path, {"model_version": "v1"})
+    edit.join()
+    assert seen == {"ids": expected, "searched during the write": True, "edited during the write": False}
+    assert ids[0] not in ix and ids[0] in ItemIndex.load(tmp_path).item_ids()

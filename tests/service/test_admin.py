@@ -353,17 +353,19 @@ async def test_an_edit_the_volume_refuses_is_a_507_and_saved_once_it_takes_it(ck
     watch tick saves it once the volume takes it: a restarted replica then has it."""
     import errno
 
-    from index import ItemIndex
+    from index import ItemIndex, journal
 
     root = tmp_path / "versions"
     copy_as_new_version(ckpt, root / "one", "w1")
     (root / "CURRENT").write_text("one")
-    real_save = ItemIndex.save
+    real_save, real_append = ItemIndex.save, journal.append
 
-    def full(self, *args, **kwargs):
+    def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    # an edit is saved to the edit log beside the index, a full save rewrites the index
     monkeypatch.setattr(ItemIndex, "save", full)
+    monkeypatch.setattr(journal, "append", full)
     async with serve(app_for(root, watch_interval_s=0.02)) as client:
         put = await client.put("/items/new-film", json={"title": "A New Film"}, headers=ADMIN)
         assert put.status_code == 507, put.text
@@ -376,6 +378,7 @@ async def test_an_edit_the_volume_refuses_is_a_507_and_saved_once_it_takes_it(ck
         assert metric((await client.get("/metrics")).text, "r2ec_item_edits_unsaved") == 1
 
         monkeypatch.setattr(ItemIndex, "save", real_save)  # space again
+        monkeypatch.setattr(journal, "append", real_append)
 
         async def saved() -> None:
             while metric((await client.get("/metrics")).text, "r2ec_item_edits_unsaved") != 0:

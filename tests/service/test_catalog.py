@@ -148,6 +148,7 @@ def test_edits_saved_before_times_were_kept_still_load(ckpt, make_engine):
 
     engine = make_engine(ckpt)
     engine.catalog.upsert("i7", {"title": "Edited"})
+    assert engine.catalog._save_snapshot()  # the edit in index.json, not (only) in the edit log
     record = ckpt / INDEX_DIR / "index.json"
     doc = json.loads(record.read_text())
     del doc["metadata"]["edit_times"]  # an index.json from before this change
@@ -371,3 +372,156 @@ def test_a_row_whose_user_had_an_item_listed_many_times_still_gets_k(ckpt, make_
     assert titles[0] == [catalog.item(i)["title"] for i in ids[0]] and np.isfinite(scores[0]).all()
     ids, _, _ = catalog.search(vector, 2, [set()])  # not excluded: one of them, then others
     assert ids[0][0] in twins and ids[0][1] not in twins
+
+
+# ---------------------------------------------------------------- what an edit writes
+def _saved_files(ckpt):
+    """(the faiss file index.json names, index.json's inode and mtime) beside the checkpoint."""
+    import json
+    import os
+
+    record = ckpt / INDEX_DIR / "index.json"
+    st = os.stat(record)
+    return json.loads(record.read_text())["faiss_file"], (st.st_ino, st.st_mtime_ns)
+
+
+def test_an_edit_appends_one_line_to_the_log_and_leaves_the_saved_index_alone(ckpt, make_engine, monkeypatch):
+    """An edit costs the size of the edit: one line in the edit log, not the whole index written
+    again; a restart applies the logged edits with their logged vectors (no encoding) and serves
+    what was served."""
+    from index import journal
+    from model.r2ec import R2ec
+
+    engine = make_engine(ckpt)
+    before = _saved_files(ckpt)
+    i7 = {k: v for k, v in engine.catalog.item("i7").items() if k != "item_id"}
+    engine.catalog.upsert("new", i7)
+    engine.catalog.upsert("i3", {"title": "Retitled"})
+    engine.catalog.remove("i5")
+    assert _saved_files(ckpt) == before
+    logged = journal.read(ckpt / INDEX_DIR)
+    assert [(e["item_id"], (e["record"] or {}).get("title")) for e in logged] == [
+        ("new", i7["title"]),
+        ("i3", "Retitled"),
+        ("i5", None),
+    ]
+    assert logged[2]["vector"] is None and logged[0]["vector"].shape == (engine.model.hidden_size,)
+    q = Query(H1, k=20, reasoning=False)
+    served = {i.item_id: i.score for i in engine.recommend_batch([q])[0].items}
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("a restart encoded items")
+
+    monkeypatch.setattr(R2ec, "item_vectors", no_encoding)
+    restarted = make_engine(ckpt)
+    monkeypatch.undo()
+    assert _saved_files(ckpt) == before  # loaded, not rebuilt nor saved again
+    assert restarted.catalog.item("i3")["title"] == "Retitled" and restarted.catalog.item("i5") is None
+    assert restarted.catalog.edits.times == engine.catalog.edits.times
+    again = {i.item_id: i.score for i in restarted.recommend_batch([q])[0].items}
+    assert again == pytest.approx(served, abs=1e-6)
+
+
+def test_the_whole_index_is_saved_again_once_the_log_is_long(ckpt, make_engine):
+    from index import journal
+
+    catalog = make_engine(ckpt).catalog
+    catalog.snapshot_every = 3
+    before = _saved_files(ckpt)
+    catalog.upsert("a", {"title": "A"})
+    catalog.upsert("b", {"title": "B"})
+    catalog.wait_saved()
+    assert _saved_files(ckpt) == before and journal.count(ckpt / INDEX_DIR) == 2
+    catalog.remove("i5")  # the third: a full save, on a thread of its own
+    catalog.wait_saved()
+    assert _saved_files(ckpt)[0] != before[0]
+    assert not journal.path_of(ckpt / INDEX_DIR).exists()  # its entries are in index.json now
+    assert set(catalog.index.metadata["catalog_edits"]) == {"a", "b", "i5"}
+    catalog.upsert("c", {"title": "C"})
+    assert journal.count(ckpt / INDEX_DIR) == 1
+    restarted = make_engine(ckpt).catalog
+    assert {i: (r or {}).get("title") for i, r in restarted.edits.records.items()} == {
+        "a": "A",
+        "b": "B",
+        "i5": None,
+        "c": "C",
+    }
+    assert "c" in restarted.index and "i5" not in restarted.index
+
+
+def test_a_kill_mid_append_loses_only_the_line_being_written(ckpt, make_engine):
+    from index import journal
+
+    catalog = make_engine(ckpt).catalog
+    catalog.upsert("a", {"title": "A"})
+    log_file = journal.path_of(ckpt / INDEX_DIR)
+    with open(log_file, "ab") as f:  # a process killed half way through its line
+        f.write(b'{"model_version": "' + catalog.checkpoint.version.encode() + b'", "item_id": "b", "rec')
+    restarted = make_engine(ckpt).catalog
+    assert restarted.item("a")["title"] == "A" and restarted.item("b") is None
+    restarted.upsert("c", {"title": "C"})  # on a line of its own, after the cut one
+    again = make_engine(ckpt).catalog
+    assert again.item("a")["title"] == "A" and again.item("c")["title"] == "C" and "c" in again.index
+
+
+def test_a_kill_between_a_full_save_and_the_log_cut_loses_nothing(ckpt, make_engine, monkeypatch):
+    """The log is cut back only after the full save holding its entries is on the disk; a kill
+    in between leaves entries that are in index.json too, and applying them again changes
+    nothing. A kill while the faiss file is written leaves the old index and the whole log."""
+    import faiss
+
+    from index import journal
+
+    catalog = make_engine(ckpt).catalog
+    catalog.upsert("a", {"title": "A"})
+    catalog.remove("i5")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(journal, "drop_through", killed)
+    with pytest.raises(KeyboardInterrupt):
+        catalog._save_snapshot()
+    monkeypatch.undo()
+    assert journal.count(ckpt / INDEX_DIR) == 2 and set(catalog.index.metadata["catalog_edits"]) == {
+        "a",
+        "i5",
+    }
+    saved = _saved_files(ckpt)
+    restarted = make_engine(ckpt).catalog
+    assert _saved_files(ckpt) == saved  # loaded, with the log applied to no effect
+    assert restarted.item("a")["title"] == "A" and restarted.item("i5") is None
+    assert restarted.edits.times == catalog.edits.times
+
+    restarted.upsert("b", {"title": "B"})
+    monkeypatch.setattr(faiss, "write_index", killed)
+    with pytest.raises(KeyboardInterrupt):
+        restarted._save_snapshot()
+    monkeypatch.undo()
+    assert _saved_files(ckpt) == saved and not list((ckpt / INDEX_DIR).glob("index-*.faiss"))[1:]
+    again = make_engine(ckpt).catalog
+    assert again.item("b")["title"] == "B" and again.item("a")["title"] == "A" and "b" in again.index
+
+
+def test_searches_go_on_while_the_whole_index_is_written(ckpt, make_engine, monkeypatch):
+    """A full save holds no lock a search takes while it writes the faiss file (it used to hold
+    the index's lock through the write and its flush: every recommendation waited)."""
+    import threading
+
+    import faiss
+
+    catalog = make_engine(ckpt).catalog
+    vector = catalog.encode_item({"title": "Anything"})[None, :]
+    real_write, searched, during = faiss.write_index, [], []
+
+    def write_while_searching(index, path):
+        search = threading.Thread(target=lambda: searched.append(catalog.search(vector, 3, [set()])))
+        search.start()
+        search.join(60)  # a search blocked by the save does not return before it: no timing here
+        during.append(len(searched))
+        real_write(index, path)
+
+    monkeypatch.setattr(faiss, "write_index", write_while_searching)
+    catalog.upsert("a", {"title": "A"})
+    assert catalog._save_snapshot()
+    assert during == [1] and len(searched[0][0][0]) == 3

@@ -1,0 +1,187 @@
+"""An append-only log of edits beside a saved index: what changed since the last full save.
+
+A full save (`ItemIndex.save`, index/persist.py) writes every vector, so its cost grows with
+the index; an edit logged here costs one line, about the size of the edit. The caller
+(service/catalog.py) saves in full now and then, which makes the log's entries part of the
+saved index, and then removes the log (`remove`).
+
+Layout: `<directory>/edits.jsonl`, one JSON object per line, written by `append` in one write
+and flushed to the disk (and the directory, when the write created the file) before it returns.
+An entry's "vector", where it has one, is a float32 array, stored as base64.
+
+Crash safety: a process killed mid-append leaves at most a cut last line, which `read` skips
+(it was never acknowledged) and the next `append` starts after on a line of its own; a failed
+write (a full disk) is cut back off before the error is raised. Writers take turns under the
+directory's lock (index/persist.py `locked`); readers take none: a line being written is not
+finished yet, and skipped until it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import json
+import logging
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.persist import fsync_dir
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_NAME = "edits.jsonl"
+
+
+def path_of(directory: Path) -> Path:
+    return Path(directory) / JOURNAL_NAME
+
+
+def stamp(directory: Path) -> tuple[int, int] | None:
+    """Which log is there and how far it goes (inode, size); None: none."""
+    try:
+        st = os.stat(path_of(directory))
+    except (OSError, ValueError):  # ValueError: a path no filesystem has (a NUL byte)
+        return None
+    return st.st_ino, st.st_size
+
+
+def _encode(entry: Mapping[str, Any]) -> bytes:
+    out = dict(entry)
+    vector = out.get("vector")
+    if vector is not None:
+        a = np.ascontiguousarray(vector, dtype="<f4").reshape(-1)
+        out["vector"] = base64.b64encode(a.tobytes()).decode("ascii")
+    return (json.dumps(out, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _decode(line: bytes) -> dict[str, Any] | None:
+    try:
+        entry = json.loads(line)
+    except (ValueError, UnicodeDecodeError):  # UnicodeDecodeError is a ValueError too
+        return None
+    if not isinstance(entry, dict):
+        return None
+    vector = entry.get("vector")
+    if vector is not None:
+        entry["vector"] = None
+        try:
+            raw = base64.b64decode(vector, validate=True) if isinstance(vector, str) else b""
+        except (binascii.Error, ValueError):
+            raw = b""
+        if raw and len(raw) % 4 == 0:
+            entry["vector"] = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    return entry
+
+
+def append(directory: Path, entries: Sequence[Mapping[str, Any]]) -> None:
+    """Append `entries` (JSON objects; a "vector" may be a numpy array) in one write, on the
+    disk when this returns. The caller holds `locked(directory)`; OSError where the volume
+    refuses the write, with nothing of it left in the log."""
+    if not entries:
+        return
+    data = b"".join(_encode(e) for e in entries)
+    path = path_of(directory)
+    created = not path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a cut line: a process killed mid-append
+            data = b"\n" + data
+        try:
+            written = os.write(fd, data)
+            if written != len(data):  # a short write: the disk filled up
+                raise OSError(errno.ENOSPC, f"wrote {written} of {len(data)} bytes to {path}")
+            os.fsync(fd)
+        except BaseException:
+            try:
+                os.ftruncate(fd, size)  # leave the log as it was
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
+    if created:  # the new file's name, flushed into the directory
+        fsync_dir(Path(directory))
+
+
+def read(directory: Path) -> list[dict[str, Any]]:
+    """The log's entries in the order they were written ([] where there is none); a line that
+    is not a JSON object (cut by a kill, or damaged) is left out with a warning, a vector that
+    does not decode is None."""
+    try:
+        raw = path_of(directory).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except (OSError, ValueError) as exc:
+        logger.warning("edit log in %s is unreadable (%s): not applied", directory, exc)
+        return []
+    lines = raw.split(b"\n")
+    if lines and lines[-1]:  # not finished (being written now, or cut by a kill)
+        lines.pop()
+    entries, bad = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        entry = _decode(line)
+        if entry is None:
+            bad += 1
+        else:
+            entries.append(entry)
+    if bad:
+        logger.warning("edit log in %s: %d damaged line(s) left out", directory, bad)
+    return entries
+
+
+def count(directory: Path) -> int:
+    """How many entries the log holds (lines; 0 where there is none)."""
+    try:
+        return path_of(directory).read_bytes().count(b"\n")
+    except OSError:
+        return 0
+
+
+def drop_through(directory: Path, upto: tuple[int, int] | None) -> None:
+    """Drop the entries a full save now holds: the first `upto[1]` bytes of the log `upto` is
+    the stamp of (taken when the save began), where that is still the log; what was appended
+    since stays, in a log written beside it and renamed over it (a kill leaves one or the
+    other). The caller holds `locked(directory)`."""
+    now = stamp(directory)
+    if upto is None or now is None or now[0] != upto[0]:
+        return
+    for stale in Path(directory).glob(f".{JOURNAL_NAME}.*.tmp"):  # a killed process's: we hold the lock
+        stale.unlink(missing_ok=True)
+    if now[1] <= upto[1]:
+        remove(directory)
+        return
+    path = path_of(directory)
+    with open(path, "rb") as f:
+        f.seek(upto[1])
+        rest = f.read()
+    tmp = Path(directory) / f".{JOURNAL_NAME}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(rest.lstrip(b"\n"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(Path(directory))
+
+
+def remove(directory: Path) -> None:
+    """Remove the log (its entries are in a full save now); the removal flushed to the disk.
+    The caller holds `locked(directory)`."""
+    path = path_of(directory)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    fsync_dir(Path(directory))

@@ -1,0 +1,62 @@
+"""The edit log beside a saved index (index/journal.py): entries with vectors round-trip, a kill
+mid-append or a failed write costs only the entry being written, a full save's cut keeps what
+was appended after it began."""
+
+import errno
+import os
+
+import numpy as np
+import pytest
+
+from index import journal
+
+
+def test_entries_and_their_vectors_round_trip(tmp_path):
+    v = np.random.default_rng(0).standard_normal(16).astype(np.float32)
+    journal.append(tmp_path, [{"item_id": "a", "record": {"title": "A"}, "vector": v}])
+    journal.append(tmp_path, [{"item_id": "b", "record": None, "vector": None}, {"item_id": "c"}])
+    got = journal.read(tmp_path)
+    assert [e["item_id"] for e in got] == ["a", "b", "c"] and journal.count(tmp_path) == 3
+    np.testing.assert_array_equal(got[0]["vector"], v)
+    assert got[0]["record"] == {"title": "A"} and got[1]["vector"] is None
+    assert journal.read(tmp_path / "nowhere") == [] and journal.stamp(tmp_path / "nowhere") is None
+
+
+def test_a_cut_line_is_skipped_and_the_next_append_starts_a_line_of_its_own(tmp_path, caplog):
+    journal.append(tmp_path, [{"item_id": "a"}])
+    with open(journal.path_of(tmp_path), "ab") as f:
+        f.write(b'{"item_id": "cut')  # a kill mid-append
+    assert [e["item_id"] for e in journal.read(tmp_path)] == ["a"]  # unfinished: not read
+    journal.append(tmp_path, [{"item_id": "b"}])
+    assert [e["item_id"] for e in journal.read(tmp_path)] == ["a", "b"]
+    assert "1 damaged line(s) left out" in caplog.text
+    with open(journal.path_of(tmp_path), "ab") as f:
+        f.write(b'{"item_id": "x", "vector": "not base64!"}\n')
+    assert journal.read(tmp_path)[-1] == {"item_id": "x", "vector": None}
+
+
+def test_a_write_the_disk_refuses_leaves_the_log_as_it_was(tmp_path, monkeypatch):
+    journal.append(tmp_path, [{"item_id": "a"}])
+    before = journal.path_of(tmp_path).read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        journal.append(tmp_path, [{"item_id": "b", "vector": np.ones(4, np.float32)}])
+    monkeypatch.undo()
+    assert journal.path_of(tmp_path).read_bytes() == before
+
+
+def test_the_cut_after_a_full_save_keeps_what_was_appended_since(tmp_path):
+    journal.append(tmp_path, [{"item_id": "a"}, {"item_id": "b"}])
+    at_save = journal.stamp(tmp_path)
+    journal.append(tmp_path, [{"item_id": "c"}])  # another replica, while the save wrote
+    journal.drop_through(tmp_path, at_save)
+    assert [e["item_id"] for e in journal.read(tmp_path)] == ["c"]
+    journal.drop_through(tmp_path, at_save)  # another log now (its inode): left alone
+    assert [e["item_id"] for e in journal.read(tmp_path)] == ["c"]
+    journal.drop_through(tmp_path, journal.stamp(tmp_path))  # all of it: no log
+    assert not journal.path_of(tmp_path).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
