@@ -53,7 +53,12 @@ _EXPECTED_TYPES = {"flat": "IndexIDMap2", "ivf": "IndexIVFFlat", "hnsw": "IndexI
 
 
 class IndexMismatchError(ValueError):
-    """A saved index does not match what the caller expects (dim, model_version, ...)."""
+    """A saved index does not match what the caller expects (dim, model_version, ...); `field`
+    names what differs, where one field does, with what was `expected` and `found` there."""
+
+    def __init__(self, message: str, field: str | None = None, expected: Any = None, found: Any = None):
+        super().__init__(message)
+        self.field, self.expected, self.found = field, expected, found
 
 
 def _fsync(path: Path) -> None:
@@ -200,7 +205,9 @@ def _check_expectations(
         if key not in metadata:
             raise IndexMismatchError(f"{key}: expected {want!r}, found no {key!r} in {where}")
         if metadata[key] != want:
-            raise IndexMismatchError(f"{key}: expected {want!r}, found {metadata[key]!r} in {where}")
+            raise IndexMismatchError(
+                f"{key}: expected {want!r}, found {metadata[key]!r} in {where}", key, want, metadata[key]
+            )
 
 
 def _faiss_path(directory: Path, doc: dict[str, Any]) -> Path:

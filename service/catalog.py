@@ -668,6 +668,7 @@ def open_index(ckpt: Checkpoint, kind: str) -> tuple[ItemIndex, Edits, Edits, bo
     rebuilt (another kind asked for, a damaged file), for the caller to encode and apply again
     (`Catalog.open`) rather than lose, and whether the index saved there is this one."""
     directory = ckpt.path / INDEX_DIR
+    kind_changed = None  # the kind of the saved index, where only the kind differs
     if (directory / JSON_NAME).is_file():
         try:
             index = ItemIndex.load(
@@ -681,9 +682,26 @@ def open_index(ckpt: Checkpoint, kind: str) -> tuple[ItemIndex, Edits, Edits, bo
             if set(catalog) == set(index.item_ids()):
                 return index, edits, Edits(), True
             log.warning("index in %s disagrees with the catalog: rebuilding", directory)
-        except (IndexMismatchError, ValueError, OSError, RuntimeError) as exc:
+        except IndexMismatchError as exc:
+            if exc.field != "index_kind":
+                log.warning("not using the index in %s (%s): rebuilding", directory, exc)
+            else:  # a deliberate change of R2EC_INDEX_KIND, not damage
+                kind_changed = exc.found
+                log.info(
+                    "the index in %s is a %s index and %s is asked for: building it",
+                    directory,
+                    exc.found,
+                    kind,
+                )
+        except (ValueError, OSError, RuntimeError) as exc:
             log.warning("not using the index in %s (%s): rebuilding", directory, exc)
+    started = time.perf_counter()
     index = ItemIndex.build([str(i) for i in ckpt.items["item_id"]], ckpt.item_vectors, kind=kind)
+    if kind_changed is not None:
+        log.info(
+            "built a %s index in place of the %s one in %s (%d items, %.1fs); the saved item edits follow",
+            kind, kind_changed, directory, len(index), time.perf_counter() - started,
+        )  # fmt: skip
     try:
         # the record is read under the lock, after the build: another replica may have saved
         # edits while this one built, and an empty record must not be written over them

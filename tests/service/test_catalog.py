@@ -525,3 +525,25 @@ def test_searches_go_on_while_the_whole_index_is_written(ckpt, make_engine, monk
     catalog.upsert("a", {"title": "A"})
     assert catalog._save_snapshot()
     assert during == [1] and len(searched[0][0][0]) == 3
+
+
+def test_another_index_kind_asked_for_is_news_not_a_warning(ckpt, make_engine, caplog):
+    """R2EC_INDEX_KIND changed: an INFO naming both kinds and the build's time; damage to the
+    saved index is still a WARNING."""
+    import logging
+
+    make_engine(ckpt).catalog.upsert("a", {"title": "A"})
+    with caplog.at_level(logging.INFO, logger="service.catalog"):
+        hnsw = make_engine(ckpt, index_kind="hnsw")
+    catalog_logs = [r for r in caplog.records if r.name == "service.catalog"]
+    assert not [r for r in catalog_logs if r.levelno >= logging.WARNING], caplog.text
+    assert any("built a hnsw index in place of the flat one" in r.getMessage() for r in catalog_logs)
+    assert hnsw.catalog.item("a")["title"] == "A"
+    caplog.clear()
+    for damaged in (ckpt / INDEX_DIR).glob("index-*.faiss"):
+        damaged.write_bytes(b"not a faiss index")
+    with caplog.at_level(logging.INFO, logger="service.catalog"):
+        make_engine(ckpt, index_kind="hnsw")
+    assert any(
+        r.levelno == logging.WARNING and "not using the index" in r.getMessage() for r in caplog.records
+    )
