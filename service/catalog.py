@@ -200,9 +200,13 @@ class Catalog:
         self._index_saved = index_saved  # whether index.json's faiss file is this index
         self.snapshot_every = SNAPSHOT_EVERY  # logged edits before the whole index is saved
         self._snapshotter: threading.Thread | None = None  # the full save under way, if any
-        # title search (GET /items): built on first use, then edits are searched beside it
+        # title search (GET /items): built from a snapshot of the titles outside the lock and
+        # swapped in (`build_titles`), then edits are searched beside it
         self._titles: TitleIndex | None = None
-        self._title_edits: dict[str, str | None] = {}
+        self._title_edits: dict[str, str | None] = {}  # edits since the index's snapshot
+        self._title_since: dict[str, str | None] | None = None  # since a build's snapshot
+        self._title_build = threading.Lock()  # one build at a time
+        self._title_thread: threading.Thread | None = None  # a rebuild under way
 
     @classmethod
     def open(
@@ -234,6 +238,7 @@ class Catalog:
             catalog._persist()
         if persist_edits and not catalog._index_saved:  # rebuilt: saved whole, with its edits
             catalog._save_snapshot()
+        catalog.build_titles()  # now, before it serves: not on the first search, under traffic
         return catalog
 
     # ---------------------------------------------------------------- reads
@@ -308,13 +313,18 @@ class Catalog:
 
     def search_titles(self, query: str, limit: int) -> list[tuple[dict[str, str], str]]:
         """Items whose title matches `query`, best first, with how it matched (service/search.py:
-        exact, prefix, word, substring). The title index is built once per catalog, on first use;
-        later item edits are searched beside it until there are TITLE_REBUILD_EDITS of them."""
+        exact, prefix, word, substring). The title index is built when the catalog opens
+        (`build_titles`); later item edits are searched beside it, and once there are more than
+        TITLE_REBUILD_EDITS of them it is built again on a thread of its own, this search and
+        the next ones using the one there is meanwhile."""
         with self._lock:
-            if self._titles is None or len(self._title_edits) > TITLE_REBUILD_EDITS:
-                self._titles = TitleIndex((i, r["title"]) for i, r in self._records.items())
-                self._title_edits = {}
             titles, edits = self._titles, dict(self._title_edits)
+        if titles is None:  # a catalog not made by `open`: built on first use, outside the lock
+            self.build_titles(missing_only=True)
+            with self._lock:
+                titles, edits = self._titles, dict(self._title_edits)
+        elif len(edits) > TITLE_REBUILD_EDITS:
+            self._rebuild_titles_in_background()
         matches = titles.search(query, limit, skip=edits)
         if edits:  # edited items: their current titles, merged in by (tier, title, id)
             edited = TitleIndex((i, t) for i, t in edits.items() if t is not None).search(query, limit)
@@ -330,10 +340,45 @@ class Catalog:
                 found.append((record, TIERS[m.tier]))
         return found
 
+    def build_titles(self, *, missing_only: bool = False) -> None:
+        """Build the title index from a snapshot of the titles and swap it in. The build (seconds
+        at a million titles) holds no lock a search or an edit takes: the lock is held to copy
+        the id -> record map (records are replaced, never changed in place) and to swap;
+        the edits made in between are searched beside the new index."""
+        with self._title_build:
+            if missing_only and self._titles is not None:  # built while this one waited
+                return
+            with self._lock:
+                snapshot = list(self._records.items())
+                self._title_since = {}
+            try:
+                built = TitleIndex((i, r["title"]) for i, r in snapshot)
+            except BaseException:
+                with self._lock:
+                    self._title_since = None
+                raise
+            with self._lock:
+                self._titles, self._title_edits, self._title_since = built, self._title_since, None
+
+    def _rebuild_titles_in_background(self) -> None:
+        with self._lock:  # one caller starts it
+            if self._title_thread is not None and self._title_thread.is_alive():
+                return
+            self._title_thread = threading.Thread(target=self.build_titles, name="r2ec-titles", daemon=True)
+            self._title_thread.start()
+
+    def wait_titles(self) -> None:
+        """Wait for a title index rebuild under way, if any (tests)."""
+        thread = self._title_thread
+        if thread is not None:
+            thread.join()
+
     def _title_changed(self, item_id: str, title: str | None) -> None:
         """Record an edit for title search (under the lock)."""
         if self._titles is not None:
             self._title_edits[item_id] = title
+        if self._title_since is not None:  # a build's snapshot was taken before it
+            self._title_since[item_id] = title
 
     # ---------------------------------------------------------------- edits
     def encode_item(self, item: Mapping[str, Any]) -> np.ndarray:

@@ -547,3 +547,45 @@ def test_another_index_kind_asked_for_is_news_not_a_warning(ckpt, make_engine, c
     assert any(
         r.levelno == logging.WARNING and "not using the index" in r.getMessage() for r in caplog.records
     )
+
+
+def test_the_title_index_is_built_as_the_catalog_opens_and_never_under_its_lock(
+    ckpt, make_engine, monkeypatch
+):
+    """A title index build (~40 s at a million titles) used to run under the lock every
+    recommendation's search takes, on the first search after a start or reload and again after
+    TITLE_REBUILD_EDITS edits. Now it is built as the catalog opens, rebuilt on a thread of its
+    own, searches and edits going on meanwhile, and the edits made during a build are found."""
+    import threading
+
+    import service.catalog as catalog_module
+    from service.search import TitleIndex
+
+    catalog = make_engine(ckpt).catalog
+    assert catalog._titles is not None  # before any search
+    vector = catalog.encode_item({"title": "Anything"})[None, :]
+    during: list[bool] = []
+
+    class SearchedDuringBuild(TitleIndex):
+        def __init__(self, titles):
+            titles = list(titles)
+            if len(titles) > 3:  # the catalog's, not the few edited titles searched beside it
+                done = []
+                search = threading.Thread(target=lambda: done.append(catalog.search(vector, 3, [set()])))
+                edit = threading.Thread(target=catalog.upsert, args=("during", {"title": "Toy During"}))
+                search.start(), edit.start()
+                search.join(60), edit.join(60)  # blocked by the build, they do not end before it: no timing
+                during.append(bool(done) and not edit.is_alive())
+            super().__init__(titles)
+
+    monkeypatch.setattr(catalog_module, "TITLE_REBUILD_EDITS", 0)
+    monkeypatch.setattr(catalog_module, "TitleIndex", SearchedDuringBuild)
+    catalog.upsert("new", {"title": "Toy Soldiers"})
+    assert [r["title"] for r, _ in catalog.search_titles("toy", 10)] == ["Toy Soldiers", "Toy Story"]
+    catalog.wait_titles()
+    assert during == [True]
+    assert [r["title"] for r, _ in catalog.search_titles("toy", 10)] == [
+        "Toy During",
+        "Toy Soldiers",
+        "Toy Story",
+    ]
