@@ -5,6 +5,7 @@ CURRENT at another of its versions."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -33,22 +34,41 @@ def checkpoint_init(
         ),
     ] = None,
     dtype: str = "bfloat16",
+    device: Annotated[
+        str,
+        typer.Option(help="Where the catalog is encoded: auto (a GPU if torch sees one), cpu, cuda, cuda:N"),
+    ] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Item prompts encoded per forward pass")] = 32,
 ) -> None:
     """A checkpoint the service can load: the untrained --base, or the model of --from, with
     the dataset's catalog encoded by it (and, for a model whose prompts name co-watch hints, the
     hints counted from the dataset's training interactions; the measured metrics of --from are
-    kept only when it was trained on the same dataset)."""
-    from model.checkpoint import CheckpointError
+    kept only when it was trained on the same dataset).
+
+    The catalog is encoded in chunks kept in OUT.partial/ until OUT is written: a run killed
+    part way (a large catalog takes hours on a CPU) resumes from the last finished chunk when
+    run again with the same data, model, device and batch size."""
+    from model.checkpoint import CheckpointError, partial_dir
     from model.data import DataError
 
     try:
-        meta = _init(data, out, base, from_checkpoint, dtype)
+        meta = _init(data, out, base, from_checkpoint, dtype, device, batch_size)
     except (CheckpointError, DataError, ValueError, OSError) as exc:
-        fail(str(exc))
+        kept = partial_dir(out)
+        resume = f" (the items encoded so far are kept in {kept}: run it again to resume)"
+        fail(f"{exc}{resume if kept.is_dir() else ''}")
     typer.echo(f"wrote {out} (version {meta['version']}, {meta['num_items']} items)")
 
 
-def _init(data: Path, out: Path, base: str | None, from_checkpoint: Path | None, dtype: str) -> dict:
+def _init(
+    data: Path,
+    out: Path,
+    base: str | None,
+    from_checkpoint: Path | None,
+    dtype: str,
+    device: str = "auto",
+    batch_size: int = 32,
+) -> dict:
     import numpy as np
     import pandas as pd
 
@@ -57,7 +77,9 @@ def _init(data: Path, out: Path, base: str | None, from_checkpoint: Path | None,
         VECTORS_FILE,
         check_replaceable,
         create_base_checkpoint,
+        encode_catalog,
         load_checkpoint_model,
+        partial_dir,
         read_meta,
         resolve_checkpoint,
         same_items,
@@ -74,26 +96,35 @@ def _init(data: Path, out: Path, base: str | None, from_checkpoint: Path | None,
     if from_checkpoint is None:
         prompts = PromptConfig(category=ds.category)
         return create_base_checkpoint(
-            out, base or "smollm2", ds.items, prompts=prompts, dtype=dtype, dataset=dataset
+            out,
+            base or "smollm2",
+            ds.items,
+            prompts=prompts,
+            dtype=dtype,
+            dataset=dataset,
+            device=device,
+            batch_size=batch_size,
+            resumable=True,
         )
     path = resolve_checkpoint(from_checkpoint)
     src = read_meta(path)
-    model = load_checkpoint_model(path, dtype=dtype, merge_lora=False, base=base)
+    model = load_checkpoint_model(path, dtype=dtype, merge_lora=False, base=base, device=device)
     if model.prompts.cowatch_hints:  # the hints name what others watched in DATA, not in the source's data
         model.cowatch = CoWatch.from_samples(
             ds.split("train"), ds.item_titles(), model.prompts.cowatch_window
         )
     same_catalog = (path / VECTORS_FILE).exists() and same_items(pd.read_parquet(path / ITEMS_FILE), ds.items)
     # the stored table where it is DATA's catalog; else DATA's items encoded once (never the source's)
+    partial = partial_dir(out)
     vectors = (
         np.load(path / VECTORS_FILE)
         if same_catalog
-        else model.item_vectors(ds.items.to_dict("records"), progress=True)
+        else encode_catalog(model, ds.items, batch_size=batch_size, partial=partial, progress=True)
     )
     trained_on = trained_data(src)
     # metrics measured on another dataset say nothing of this checkpoint's
     same_data = (trained_on.get("name"), trained_on.get("protocol")) == (ds.name, ds.protocol)
-    return save_checkpoint(
+    meta = save_checkpoint(
         out,
         model,
         base=base or src["base"],
@@ -107,6 +138,8 @@ def _init(data: Path, out: Path, base: str | None, from_checkpoint: Path | None,
         | ({"trained_on": trained_on} if trained_on else {})
         | {"from": str(from_checkpoint)},
     )
+    shutil.rmtree(partial, ignore_errors=True)
+    return meta
 
 
 @app.command("export")

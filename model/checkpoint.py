@@ -34,6 +34,7 @@ rollback`), everything else resolves a path with `resolve_checkpoint`.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from model.backbone import BUILTIN_BASES, BackboneConfig, load_backbone, load_lm, prepare_tokenizer
 from model.cowatch import FILE as COWATCH_PARQUET
@@ -89,6 +91,8 @@ INDEX_DIR = "index"  # the service's item index and its record of item edits (se
 ITEM_FIELDS = ("title", "year", "genres", "description")  # an item's text, as the catalog keeps it
 EDITS_FILE = "item_edits.json"  # a published version's item edits, carried from the one before
 WEIGHT_KINDS = ("base", "full", "lora")
+ENCODE_CHUNK = 4096  # items tokenized and encoded per step of `encode_catalog` (one file each)
+PARTIAL_SUFFIX = ".partial"  # <out>.partial/: the chunks a killed `checkpoint init` encoded
 RESUME_STATE_FILE = "trainer_state.pt"  # what a training run's last/ holds besides (model/train.py)
 
 
@@ -123,12 +127,86 @@ class Checkpoint:
     def version(self) -> str:
         return str(self.meta["version"])
 
-    def vectors_for(self, items: pd.DataFrame, progress: bool = False) -> np.ndarray | torch.Tensor:
+    def vectors_for(self, items: pd.DataFrame, progress: bool = False) -> np.ndarray:
         """The item vectors of catalog `items`: the stored table when it is this checkpoint's
-        catalog (`same_items`), else encoded by the checkpoint's model."""
+        catalog (`same_items`), else encoded by the checkpoint's model (`encode_catalog`)."""
         if same_items(self.items, items):
             return self.item_vectors
-        return self.model.item_vectors(items.to_dict("records"), progress=progress)
+        return encode_catalog(self.model, items, progress=progress)
+
+
+def encode_catalog(
+    model: R2ec,
+    items: pd.DataFrame,
+    *,
+    batch_size: int = 32,
+    partial: Path | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """(N, H) float32 item vectors of `items`, rows in their order, encoded on the model's
+    device ENCODE_CHUNK items at a time, each chunk tokenized on its own (a million items'
+    prompts are never all in memory at once), in batches of `batch_size` prompts of like length.
+
+    `partial`: a directory where each finished chunk is written (atomically) under a name keyed
+    by what made it: the model's weights and device, the batch size and the chunk's prompt
+    token ids (so the items' texts and the prompt format). A run killed part way leaves its
+    chunks there; the next one over the same items and model loads them instead of encoding
+    them again, and gives the vectors one uninterrupted run gives. A chunk of another catalog
+    or model does not match its key and is not read. The caller removes `partial` once it has
+    saved the result."""
+    n, h = len(items), model.hidden_size
+    out = np.empty((n, h), dtype=np.float32)
+    fingerprint = _model_fingerprint(model, batch_size) if partial is not None else ""
+    if partial is not None:
+        make_dirs(partial)
+    bar = tqdm(total=n, desc="encode items", unit="item", disable=not progress)
+    resumed = 0
+    for number, start in enumerate(range(0, n, ENCODE_CHUNK)):
+        records = items.iloc[start : start + ENCODE_CHUNK].to_dict("records")
+        file = None
+        if partial is not None:
+            key = hashlib.sha256(fingerprint.encode())
+            key.update(json.dumps(model.item_prompt_ids(records)).encode())
+            file = partial / f"chunk-{number:06d}-{key.hexdigest()[:24]}.npy"
+            done = _read_chunk(file, (len(records), h))
+            if done is not None:
+                out[start : start + len(records)] = done
+                resumed += len(records)
+                bar.update(len(records))
+                continue
+        vectors = model.item_vectors(records, batch_size=batch_size).numpy()  # (chunk, H)
+        out[start : start + len(records)] = vectors
+        if file is not None:
+
+            def write(tmp: Path, vectors: np.ndarray = vectors) -> None:
+                with open(tmp, "wb") as f:
+                    np.save(f, vectors)
+
+            atomic_write(file, write)
+        bar.update(len(records))
+    bar.close()
+    if resumed:
+        log.info("resumed: %d of %d items' vectors read from %s, not encoded again", resumed, n, partial)
+    return out
+
+
+def _read_chunk(file: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """A chunk `encode_catalog` wrote, if it is there whole; None otherwise."""
+    try:
+        vectors = np.load(file)
+    except (OSError, ValueError, EOFError):
+        return None
+    return vectors if vectors.shape == shape and vectors.dtype == np.float32 else None
+
+
+def _model_fingerprint(model: R2ec, batch_size: int) -> str:
+    """What besides a chunk's prompts decides its vectors: every weight (bytes, as loaded: the
+    dtype too), the device kind (a GPU's sums round otherwise) and the batch size (the padding)."""
+    digest = hashlib.sha256(f"{model.device.type}:{batch_size}".encode())
+    for name, tensor in sorted(model.lm.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def same_items(a: pd.DataFrame, b: pd.DataFrame) -> bool:
@@ -438,7 +516,7 @@ def load_checkpoint(
         items = pd.read_parquet(path / ITEMS_FILE)
     if encode_items:  # shipped without its item table: the same model re-encodes the catalog
         log.info("checkpoint %s ships no item vectors: encoding %d items", path, len(items))
-        vectors = model.item_vectors(items.to_dict("records"), progress=True).numpy()
+        vectors = encode_catalog(model, items, progress=True)
     else:
         with reading(path / VECTORS_FILE, path):
             vectors = np.load(path / VECTORS_FILE)
@@ -537,17 +615,34 @@ def create_base_checkpoint(
     dtype: str = "bfloat16",
     dataset: dict[str, Any] | None = None,
     progress: bool = True,
+    device: str = "cpu",
+    batch_size: int = 32,
+    resumable: bool = False,
 ) -> dict[str, Any]:
     """An untrained checkpoint: the base model by reference plus its encoded catalog.
 
-    What the service runs before any training, and the evaluation's reference rows.
+    What the service runs before any training, and the evaluation's reference rows. The
+    catalog is encoded on `device` (auto, cpu, cuda, cuda:N); `resumable`: through
+    <out>.partial/ (`encode_catalog`), removed once the checkpoint is written.
     """
+    where = resolve_device(device)  # ValueError for a GPU this machine lacks, before the load
     lm, tokenizer = load_backbone(BackboneConfig(base=base, dtype=dtype))
+    lm.to(where)
     model = R2ec(lm, tokenizer, prompts, tau=tau)
-    vectors = model.item_vectors(items.to_dict("records"), progress=progress).numpy()
-    return save_checkpoint(
+    partial = partial_dir(out) if resumable else None
+    vectors = encode_catalog(model, items, batch_size=batch_size, partial=partial, progress=progress)
+    meta = save_checkpoint(
         out, model, base=base, weights="base", items=items, item_vectors=vectors, dataset=dataset
     )
+    if partial is not None:
+        shutil.rmtree(partial, ignore_errors=True)
+    return meta
+
+
+def partial_dir(out: Path | str) -> Path:
+    """Where `checkpoint init --out OUT` keeps the chunks it encoded until OUT is written."""
+    out = Path(out)
+    return out.with_name(out.name + PARTIAL_SUFFIX)
 
 
 def export_checkpoint(src: Path | str, out: Path | str, provenance: dict[str, Any]) -> dict[str, Any]:

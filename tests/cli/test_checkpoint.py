@@ -345,3 +345,66 @@ def test_rollback_on_a_root_it_cannot_write_is_one_line(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["checkpoint", "rollback", str(root), "v0"])
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert "Read-only file system" in res.output
+
+
+def test_a_killed_init_resumes_where_it_stopped_with_an_uninterrupted_runs_vectors(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """`checkpoint init` encodes in chunks kept in OUT.partial/: killed part way, a rerun encodes
+    only the chunks not finished and writes the vectors a run that was never killed writes;
+    --device and --batch-size are passed through, and the chunks go once OUT is written."""
+    import model.checkpoint as checkpoint_module
+    from model.checkpoint import partial_dir
+    from model.r2ec import R2ec
+
+    monkeypatch.setattr(checkpoint_module, "ENCODE_CHUNK", 4)  # 11 items: chunks of 4, 4 and 3
+
+    def init(out):
+        args = ["checkpoint", "init", "--data", str(tiny_dataset.path), "--out", str(out), "--base", "tiny"]
+        return CliRunner().invoke(app, [*args, "--dtype", "float32", "--device", "cpu", "--batch-size", "3"])
+
+    assert init(tmp_path / "whole").exit_code == 0
+    whole = np.load(tmp_path / "whole" / VECTORS_FILE)
+    assert not partial_dir(tmp_path / "whole").exists()
+
+    real, encoded = R2ec.item_vectors, []
+
+    def killed_in_the_second_chunk(self, items, *args, **kwargs):
+        encoded.append(len(items))
+        if len(encoded) == 2:
+            raise KeyboardInterrupt  # Ctrl-C, or a SIGTERM turned into one
+        assert kwargs.get("batch_size") == 3  # --batch-size
+        return real(self, items, *args, **kwargs)
+
+    monkeypatch.setattr(R2ec, "item_vectors", killed_in_the_second_chunk)
+    out = tmp_path / "resumed"
+    assert init(out).exit_code != 0 and not out.exists()
+    assert len(list(partial_dir(out).glob("chunk-*.npy"))) == 1
+    monkeypatch.setattr(R2ec, "item_vectors", real)
+    counted = _count_encodings(monkeypatch)
+    res = init(out)
+    assert res.exit_code == 0, res.output
+    assert counted == [4, 3]  # the first chunk was read back, not encoded again
+    np.testing.assert_array_equal(np.load(out / VECTORS_FILE), whole)
+    assert not partial_dir(out).exists()
+
+
+def test_init_refuses_a_device_this_machine_lacks_before_loading_anything(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = [
+        "checkpoint",
+        "init",
+        "--data",
+        str(tiny_dataset.path),
+        "--out",
+        str(tmp_path / "c"),
+        "--base",
+        "tiny",
+    ]
+    res = CliRunner().invoke(app, [*args, "--device", "cuda"])
+    assert res.exit_code == 2 and "torch sees no CUDA device" in res.output, res.output
+    assert not (tmp_path / "c").exists()
