@@ -14,8 +14,19 @@ largest batch at faiss's default BLAS threshold vs the 20 `index.tune_faiss()` s
 Progress goes to stderr, the markdown tables to stdout. Compare ratios within one run: on a
 shared machine absolute times drift.
 
+Index parameters default to the service's (index/faiss_index.py `IndexConfig`, read from
+there: ivf nlist ~4*sqrt(N) capped at MAX_NLIST, nprobe; hnsw M, efConstruction, efSearch),
+what `R2EC_INDEX_KIND` builds; each can be set to see what another value does
+(`R2EC_INDEX_NPROBE` / `R2EC_INDEX_EF_SEARCH` change the search ones in the service).
+
+`--checkpoint CKPT`: instead of the synthetic mixture, a checkpoint's own item vectors
+(item_vectors.npy): `--recall-queries` of its items, drawn at random, are held out of the
+index and are the queries (an item's vector is where a user who likes it points), so recall and
+latency are those of your catalog at its size.
+
     python3 bench/bench_index.py                      # 100k and 1M x 576, k=20, 1 and 64 queries
     python3 bench/bench_index.py --sizes 20000 --repeats 3      # a quick look
+    python3 bench/bench_index.py --checkpoint checkpoints/shop   # your catalog's vectors
 """
 
 from __future__ import annotations
@@ -39,6 +50,9 @@ import numpy as np
 from tqdm import tqdm
 
 from index import ItemIndex
+from index.faiss_index import TRAIN_POINTS_PER_LIST, IndexConfig, default_nlist
+
+SERVICE = IndexConfig()  # what the service builds (R2EC_INDEX_KIND), unless told otherwise
 
 DEFAULT_BLAS_THRESHOLD = faiss.cvar.distance_compute_blas_threshold  # before any tune_faiss()
 GEN_CHUNK = 100_000
@@ -66,6 +80,8 @@ class Mixture:
 
 
 def build(kind: str, ids: list[str], x: np.ndarray, params: dict, chunk: int) -> tuple[ItemIndex, float]:
+    if kind == "ivf":  # its k-means sample comes from the first chunk: as large as the service's
+        chunk = max(chunk, min(len(ids), TRAIN_POINTS_PER_LIST * params["nlist"]))
     t0 = time.perf_counter()
     with tqdm(total=len(ids), desc=f"build {kind} {len(ids)}", unit="item", leave=False) as bar:
         ix = ItemIndex.build(ids[:chunk], x[:chunk], kind=kind, **params)
@@ -109,13 +125,35 @@ def blas_ms(ix: ItemIndex, q: np.ndarray, args: argparse.Namespace) -> dict[int,
 
 def bench_size(n: int, mix: Mixture, args: argparse.Namespace) -> tuple[list[dict], dict]:
     x = mix.sample(n, args.seed + 1, desc=f"data {n}")  # (N, H)
-    bmax = max(args.queries)
-    queries = mix.sample(bmax * args.repeats, args.seed + 2)  # a fresh batch per timed run
+    queries = mix.sample(max(args.queries) * args.repeats, args.seed + 2)  # a fresh batch per timed run
     rq = mix.sample(args.recall_queries, args.seed + 3)
+    return bench_vectors(x, queries, rq, args)
+
+
+def checkpoint_vectors(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indexed, timed queries, recall queries) from a checkpoint's item vectors: the recall
+    queries are held out of the index, the timed batches drawn from them."""
+    from model.checkpoint import VECTORS_FILE, resolve_checkpoint
+
+    table = np.load(resolve_checkpoint(args.checkpoint) / VECTORS_FILE, mmap_mode="r")  # (N, H)
+    if args.recall_queries >= len(table):
+        raise SystemExit(f"--recall-queries {args.recall_queries}: the checkpoint has {len(table)} items")
+    held = np.random.default_rng(args.seed).permutation(len(table))
+    rq = np.asarray(table[np.sort(held[: args.recall_queries])], dtype=np.float32)
+    x = np.asarray(table[np.sort(held[args.recall_queries :])], dtype=np.float32)
+    rows = np.random.default_rng(args.seed + 2).integers(0, len(rq), max(args.queries) * args.repeats)
+    return x, rq[rows], rq
+
+
+def bench_vectors(
+    x: np.ndarray, queries: np.ndarray, rq: np.ndarray, args: argparse.Namespace
+) -> tuple[list[dict], dict]:
+    n, bmax = len(x), max(args.queries)
     ids = [f"item{i}" for i in range(n)]
+    nlist = default_nlist(n) if args.nlist_scale is None else max(2, round(args.nlist_scale * math.sqrt(n)))
     params = {
         "flat": {},
-        "ivf": {"nlist": max(2, round(args.nlist_scale * math.sqrt(n))), "nprobe": args.nprobe},
+        "ivf": {"nlist": nlist, "nprobe": args.nprobe},
         "hnsw": {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction, "ef_search": args.ef_search},
     }
     rows, truth, blas = [], None, {}
@@ -157,21 +195,31 @@ def main() -> None:
     p.add_argument("--latent", type=int, default=64, help="intrinsic dimension of the data")
     p.add_argument("--spread", type=float, default=1.0, help="std around a centre (latent space)")
     p.add_argument("--noise", type=float, default=0.05, help="isotropic noise std in the full dim")
-    p.add_argument("--nlist-scale", type=float, default=1.0, help="ivf nlist = scale * sqrt(N)")
-    p.add_argument("--nprobe", type=int, default=16)
-    p.add_argument("--hnsw-m", type=int, default=16, help="16, not the library's 32: 1M builds in budget")
-    p.add_argument("--ef-construction", type=int, default=40)
-    p.add_argument("--ef-search", type=int, default=64)
+    p.add_argument(
+        "--checkpoint", help="a checkpoint: its item vectors instead of the mixture (--sizes unused)"
+    )
+    p.add_argument(
+        "--nlist-scale", type=float, default=None, help="ivf nlist = scale * sqrt(N) (default: the service's)"
+    )
+    p.add_argument("--nprobe", type=int, default=SERVICE.nprobe)
+    p.add_argument("--hnsw-m", type=int, default=SERVICE.hnsw_m)
+    p.add_argument("--ef-construction", type=int, default=SERVICE.ef_construction)
+    p.add_argument("--ef-search", type=int, default=SERVICE.ef_search)
     p.add_argument("--chunk", type=int, default=50_000, help="rows per add_many call while building")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
-    mix = Mixture(args)
     rows, blas = [], {}
-    for n in args.sizes:
-        size_rows, blas[n] = bench_size(n, mix, args)
-        rows += size_rows
+    if args.checkpoint:
+        x, queries, rq = checkpoint_vectors(args)
+        rows, blas[len(x)] = bench_vectors(x, queries, rq, args)
+        print(f"{args.checkpoint}: {len(x):,} of its items indexed, {len(rq)} held out as the queries")
+    else:
+        mix = Mixture(args)
+        for n in args.sizes:
+            size_rows, blas[n] = bench_size(n, mix, args)
+            rows += size_rows
 
     qs = args.queries
     flat = {r["size"]: r for r in rows if r["kind"] == "flat"}

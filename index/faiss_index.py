@@ -137,11 +137,17 @@ def _make_config(kind: str, params: dict[str, Any]) -> IndexConfig:
     return IndexConfig(kind=kind, **params)
 
 
+def default_nlist(n: int) -> int:
+    """The ivf lists built for N vectors when `IndexConfig.nlist` is None: ~4*sqrt(N), at most
+    MAX_NLIST (before `_resolve_ivf` lowers it to what N can train)."""
+    return min(MAX_NLIST, max(1, round(4 * math.sqrt(max(n, 1)))))
+
+
 def _resolve_ivf(config: IndexConfig, n: int) -> IndexConfig:
     """Pick nlist for N vectors; fall back to flat when N cannot train 2 lists."""
     if config.kind != "ivf":
         return config
-    wanted = config.nlist or min(MAX_NLIST, max(1, round(4 * math.sqrt(max(n, 1)))))
+    wanted = config.nlist or default_nlist(n)
     trainable = n // MIN_POINTS_PER_LIST
     if trainable < 2:
         logger.warning(
