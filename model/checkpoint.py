@@ -120,7 +120,7 @@ class Checkpoint:
     path: Path
     model: R2ec
     items: pd.DataFrame
-    item_vectors: np.ndarray  # (N, H) float32
+    item_vectors: np.ndarray  # (N, H) float32; read-only, mapped from the file (`load_checkpoint`)
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -502,7 +502,9 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Rebuild model, catalog and item table; every mismatch raises CheckpointError. The model
     goes to `device` (auto, cpu, cuda, cuda:N; ValueError for one this machine lacks, before
-    anything loads); the item vectors stay numpy on the CPU, where the FAISS index reads them."""
+    anything loads); the item vectors stay numpy on the CPU, where the FAISS index reads them:
+    a read-only map of item_vectors.npy (pages read from the file when used, and given back by
+    the kernel, not a second copy of what the index holds)."""
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     encode_items = meta.get("item_vectors") == "absent" and not (path / VECTORS_FILE).exists()
@@ -519,7 +521,10 @@ def load_checkpoint(
         vectors = encode_catalog(model, items, progress=True)
     else:
         with reading(path / VECTORS_FILE, path):
-            vectors = np.load(path / VECTORS_FILE)
+            # mapped, not read: the service reads it only to build an index that is not on
+            # disk yet, which then holds the vectors itself; a copy in memory beside that one
+            # doubled a big catalog's share of the process's memory
+            vectors = np.load(path / VECTORS_FILE, mmap_mode="r")
     if vectors.shape != (len(items), model.hidden_size):
         raise CheckpointError(
             f"checkpoint {path}: {VECTORS_FILE} has shape {vectors.shape}, expected "

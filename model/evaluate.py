@@ -549,7 +549,8 @@ def evaluate_model(
     `backend` (model/generation.py) writes the reasoning and reads h_T; None: transformers'
     generate and a second forward (the reference, and the only path for an unmerged LoRA)."""
     titles = dataset.item_titles()
-    vectors = torch.as_tensor(np.asarray(item_vectors, dtype=np.float32))  # (N, H)
+    array = np.asarray(item_vectors, dtype=np.float32)  # (N, H)
+    vectors = torch.as_tensor(array if array.flags.writeable else array.copy())  # a mapped table is read-only
     settings = GenerationSettings(max_new_tokens=cfg.max_reasoning_tokens)
     texts: list[str] = []
     cut: list[bool] = []  # stopped at the budget, not on a stop token

@@ -589,3 +589,18 @@ def test_the_title_index_is_built_as_the_catalog_opens_and_never_under_its_lock(
         "Toy Soldiers",
         "Toy Story",
     ]
+
+
+def test_the_item_table_is_mapped_from_its_file_not_a_second_copy_beside_the_index(ckpt, make_engine):
+    """The index holds the item vectors; the checkpoint's table (read only to build an index
+    that is not on disk) is a read-only map of item_vectors.npy, not N x H floats more in memory.
+    What reads it still gets the vectors: an index built from it, the retrain gate's table."""
+    from model.checkpoint import VECTORS_FILE
+
+    engine = make_engine(ckpt)
+    table = engine.checkpoint.item_vectors
+    assert isinstance(table, np.memmap) and not table.flags.writeable
+    assert str(table.filename) == str((ckpt / VECTORS_FILE).resolve())
+    hnsw = make_engine(ckpt, index_kind="hnsw")  # built from the mapped table
+    np.testing.assert_allclose(hnsw.catalog.index.vector("i3"), table[2], atol=1e-6)
+    assert engine.checkpoint.vectors_for(engine.checkpoint.items) is table
