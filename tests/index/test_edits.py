@@ -77,12 +77,34 @@ def test_add_upsert_remove_change_results_without_rebuild(kind, catalog):
     assert ix._index is before or kind == "hnsw"  # same faiss object: edited in place
 
 
-def test_faiss_ids_are_never_reused():
-    ix = ItemIndex.build(["a", "b"], np.eye(2))
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_faiss_ids_are_never_reused(kind):
+    ix = ItemIndex.build(["a", "b"], np.eye(2), kind=kind)
     ix.remove("b")
     ix.add("b", np.array([0.0, 1.0]))
     ix.upsert("a", np.array([1.0, 1.0]))
-    assert ix._item_to_fid == {"b": 2, "a": 3}
+    # flat replaces a vector where it is, under its item's id; hnsw adds it anew
+    assert ix._item_to_fid == ({"b": 2, "a": 0} if kind == "flat" else {"b": 2, "a": 3})
+
+
+def test_a_flat_replacement_overwrites_the_row_and_ranks_as_a_fresh_build(catalog):
+    """A flat index replaces a vector in place (a removal moved every row after it: a pass
+    over the whole index, under the lock every search takes, per replacement); what it finds
+    is what an index built from the final vectors finds."""
+    ids, x = catalog
+    ix = ItemIndex.build(ids, x)
+    fids, rows = dict(ix._item_to_fid), ix._index.ntotal
+    x2 = x.copy()
+    x2[[3, 250, 499]] = x[[10, 20, 30]] + 0.5
+    assert ix.upsert(ids[3], x2[3])
+    assert ix.upsert_many([ids[499], "new", ids[250]], x2[[499, 0, 250]]) == 2
+    assert ix._index.ntotal == rows + 1 and {i: ix._item_to_fid[i] for i in ids} == fids
+    fresh = ItemIndex.build([*ids, "new"], np.vstack([x2, x2[:1]]))
+    got, scores = ix.search(x2[[3, 10, 250, 0]], 20)
+    want, want_scores = fresh.search(x2[[3, 10, 250, 0]], 20)
+    assert got == want
+    np.testing.assert_allclose(scores, want_scores, atol=1e-6)
+    np.testing.assert_allclose(ix.vector(ids[250]), fresh.vector(ids[250]), atol=1e-6)
 
 
 def test_unknown_and_duplicate_items_are_errors():
