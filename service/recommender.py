@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from model import omp_policy_warning
 from model.checkpoint import CURRENT_FILE, Checkpoint, CheckpointError, list_versions, load_checkpoint
 from model.engine import Quantize
 from model.generation import BackendName, EngineBackend, Sequence_, make_backend
@@ -127,8 +128,13 @@ class Recommender:
         """Load a checkpoint onto `device` (R2EC_DEVICE) and open its catalog (load
         <ckpt>/index/ if it matches, else build it from the checkpoint's item vectors and save it
         there). Only the model moves: item vectors and the FAISS index stay on the CPU.
-        `warmup_requests`: made-up queries answered before it serves (`warm_up`)."""
+        `warmup_requests`: made-up queries answered before it serves (`warm_up`).
+
+        Logs a WARNING where torch (OpenMP) was loaded before `model` with no OMP_WAIT_POLICY
+        set, so the PASSIVE default of model/__init__.py could not take effect."""
         start = time.perf_counter()
+        if (late := omp_policy_warning()) is not None:
+            log.warning("%s", late)
         ckpt = load_checkpoint(path, dtype=dtype, num_threads=threads, device=device)
         catalog = Catalog.open(
             ckpt, kind=index_kind, nprobe=index_nprobe, ef_search=index_ef_search, persist_edits=persist_edits
