@@ -1,4 +1,6 @@
-"""What several commands share: the error exit, the dataset options, strict JSON and the code's commit."""
+"""What several commands share: the error exit, the dataset options, strict JSON, and what a run
+block (r2ec eval's JSON and --ranks-out, r2ec recommend's output) says of the data, the
+checkpoint and the code's commit."""
 
 from __future__ import annotations
 
@@ -97,3 +99,13 @@ def code_commit() -> dict[str, Any]:
     except (OSError, ValueError, subprocess.SubprocessError):
         return {"commit": "unknown", "dirty": None}
     return {"commit": head, "dirty": dirty}
+
+
+def data_run(ds: Any, path: Path) -> dict[str, Any]:
+    """A run block's `data`: the prepared dataset's absolute path, name and protocol."""
+    return {"path": str(Path(path).resolve()), "name": ds.name, "protocol": ds.protocol}
+
+
+def checkpoint_run(path: Path | str, version: str) -> dict[str, Any]:
+    """A run block's `checkpoint`: the loaded checkpoint's absolute path and version."""
+    return {"path": str(Path(path).resolve()), "version": version}
