@@ -51,7 +51,8 @@ def recommend_cmd(
         typer.Option(
             "--deterministic",
             help="float32, no speculative drafting, exact decoding: answers that do not depend on the "
-            "batch size or the users' order (~0.4-0.7x the speed)",
+            "batch size or the users' order but in float32's last bits (several times slower; "
+            "BENCHMARKS.md §3)",
         ),
     ] = False,
     dtype: Annotated[str | None, typer.Option(help="bfloat16 (serve's default), float32 or float16")] = None,

@@ -15,8 +15,10 @@ cache with that key, then hands the `PreparedQuery` to the batch.
      after: truncating is exactly what a run with budget m writes (EOS ends both the same
      way). One call instead of one per budget; the cost is the short-budget rows riding
      along until the longest finishes;
-  4. ONE forward pass over [prompt; reasoning; closing marker] gives h_T for every query whose
-     cache entry did not carry it;
+  4. ONE `vectors` call over [prompt; reasoning; closing marker] gives h_T for every query
+     whose cache entry did not carry it and whose generation did not (the engine reads h_T off
+     its KV cache as a text ends; a query without reasoning is a prefill of its own there,
+     not stacked with the others: BENCHMARKS.md §3, `r2ec recommend`);
   5. ONE index search (k = the batch's largest k) with per-query history exclusion (`_answer`).
 
 `Recommender.answer_cached(prepared)` answers a cache hit whose entry carries h_T: step 5 alone,
