@@ -38,6 +38,15 @@ class Settings(BaseSettings):
         "static: per batch). 16 on 2 CPU cores: 1.4x the throughput of 8 at 32 concurrent "
         "requests, as fast for one (BENCHMARKS.md §4); the KV cache takes ~24 MB a slot.",
     )
+    max_prefill_per_tick: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Continuous batching: most requests one tick admits into free decode slots. "
+        "Each admission is a prefill that every decoding request waits for before its next token, "
+        "so a burst of arrivals stalls running decodes and streams by this many prefills at most "
+        "(BENCHMARKS.md §4); a larger value admits a burst sooner.",
+    )
     max_wait_ms: float = Field(
         10.0, ge=0, le=10_000, description="How long the first request of a batch waits for others."
     )

@@ -3,18 +3,20 @@
 The MicroBatcher (service/batcher.py) runs one `generate` to completion per batch, so a request
 that arrives meanwhile waits for the whole batch (BENCHMARKS.md §4: p50 23.5 s at concurrency
 32). Here the model thread runs *ticks*: each tick admits waiting requests into free decode
-slots, then advances every live sequence by one token (model/generation.py, ContinuousDecoder),
-and goes on stepping, up to `steps_per_tick` tokens, while nothing changes that the event loop
-must see (no sequence finished, no request arrived or left); then it answers those that
-finished. Between ticks the model thread is free for other work (item
-edits, reloads), and the event loop resolves futures.
+slots (at most `max_prefill_per_tick` of them), then advances every live sequence by one token
+(model/generation.py, ContinuousDecoder), and goes on stepping, up to `steps_per_tick` tokens,
+while nothing changes that the event loop must see (no sequence finished, no request arrived or
+left); then it answers those that finished. Between ticks the model thread is free for other
+work (item edits, reloads), and the event loop resolves futures.
 
 Contract (tests/service/test_continuous.py), the MicroBatcher's where it applies:
 - `submit(item)` returns one asyncio future; the runner's output for that item resolves it (an
   exception instance fails only that request).
-- At most `slots` requests are in the decode at once; with `max_queue`, at most that many more
-  wait, and one more is refused at once with `QueueFull` (`retry_after_s` estimated from recent
-  request times).
+- At most `slots` requests are in the decode at once, and a tick admits at most
+  `max_prefill_per_tick` of them (each admission is a prefill the running rows wait for, so a
+  burst of arrivals reaches the decode a few at a time, with a step of the running rows between);
+  with `max_queue`, at most that many more wait, and one more is refused at once with
+  `QueueFull` (`retry_after_s` estimated from recent request times).
 - A request cancelled while waiting is never admitted; one cancelled while decoding is dropped
   at the next tick and its slot goes to the next request.
 - A runner that raises fails the requests it was running with `BatchFailed`; the loop goes on.
@@ -93,11 +95,14 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
         on_queue_depth: Callable[[int], None] | None = None,
         max_queue: int | None = None,
         steps_per_tick: int = 8,
+        max_prefill_per_tick: int | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if steps_per_tick < 1:
             raise ValueError(f"steps_per_tick must be >= 1, got {steps_per_tick}")
+        if max_prefill_per_tick is not None and max_prefill_per_tick < 1:
+            raise ValueError(f"max_prefill_per_tick must be >= 1, got {max_prefill_per_tick}")
         super().__init__(
             executor=executor,
             on_batch=on_batch,
@@ -111,6 +116,10 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
         # request, no cancellation): each call is a round trip through the event loop, which
         # cost ~6 ms a token at concurrency 1 (BENCHMARKS.md §4).
         self.steps_per_tick = steps_per_tick
+        # Requests one tick admits (R2EC_MAX_PREFILL_PER_TICK; None: every free slot). Each is a
+        # prefill the running rows wait for before their next token, so this bounds how long a
+        # burst of arrivals stalls them (docs/architecture.md §4.2.2, BENCHMARKS.md §4).
+        self.max_prefill_per_tick = slots if max_prefill_per_tick is None else max_prefill_per_tick
         # self._pending and self._running (the base's) hold _Request: waiting, and decoding
         self._orphans: list[_Request[Q]] = []  # failed by a broken step, still in the runner
         self._admitting: list[_Request[Q]] = []  # joining the decode in the tick running now
@@ -147,7 +156,11 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
 
     async def _step(self, loop: asyncio.AbstractEventLoop) -> None:
         admit: list[_Request[Q]] = []
-        while self._pending and len(self._running) + len(admit) < self.slots:
+        while (
+            self._pending
+            and len(self._running) + len(admit) < self.slots
+            and len(admit) < self.max_prefill_per_tick
+        ):
             r = self._pending.popleft()
             if not r.future.done():  # cancelled while waiting: never admitted
                 admit.append(r)

@@ -135,6 +135,7 @@ class ServiceState:
                 on_batch=metrics.batch_size.observe,
                 on_queue_depth=metrics.queue_depth.set,
                 max_queue=settings.max_queue,
+                max_prefill_per_tick=settings.max_prefill_per_tick,
             )
         else:
             self.batcher = MicroBatcher(

@@ -260,3 +260,29 @@ async def test_active_counts_the_requests_joining_in_the_running_tick():
     finally:
         gate.set()
         await b.stop()
+
+
+@pytest.mark.parametrize("per_tick", [1, 2])
+async def test_a_burst_joins_a_few_at_a_time_with_a_step_of_the_running_rows_between(per_tick):
+    """R2EC_MAX_PREFILL_PER_TICK: each admission is a prefill the running rows wait for, so a
+    burst of arrivals joins `per_tick` requests a tick and the running request advances between
+    (with every free slot filled at once, 12 prefills froze a running stream for 3-13 s)."""
+    gate = threading.Event()
+    runner = Counter(gate=gate)
+    b = await started(ContinuousBatcher(8, lambda: runner, max_prefill_per_tick=per_tick))
+    try:
+        long = b.submit(100)
+        while not runner.left:  # decoding; its first step waits at the gate
+            await asyncio.sleep(0.001)
+        burst = [b.submit(50) for _ in range(5)]  # queued behind the held tick
+        gate.set()
+        assert await asyncio.gather(*burst) == [500] * 5
+        assert await long == 1000
+    finally:
+        gate.set()
+        await b.stop()
+    joined = [after - before for before, after in itertools.pairwise(len(s) for s in runner.steps)]
+    assert max(joined) == per_tick  # never more than that many joined between two steps
+    assert sum(j for j in joined if j > 0) == 5  # every one joined while the long one decoded
+    with pytest.raises(ValueError, match="max_prefill_per_tick"):
+        ContinuousBatcher(2, Counter, max_prefill_per_tick=0)
