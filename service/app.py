@@ -105,7 +105,13 @@ def create_app(
         app.include_router(router)
     served = [route for router in routers for route in router.routes]
     refused = metrics.rejections.labels("body_too_large").inc
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_refused=refused)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        on_refused=refused,
+        body_timeout_s=settings.body_timeout_s,
+        on_timeout=metrics.rejections.labels("body_timeout").inc,
+    )
     # one line and the latency per request, the 413s too, with the request id (inside RequestId);
     # the routes name what a request refused before routing asked for, and FastAPI's /docs
     own = [r for r in app.router.routes if hasattr(r, "path_regex")]  # FastAPI's /docs, /openapi.json

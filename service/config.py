@@ -163,6 +163,37 @@ class Settings(BaseSettings):
         description="Largest request body in bytes; a larger one is refused with 413 before it is "
         "parsed. 1 MiB holds 1000 events or a 1000-item history many times over.",
     )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Longest wait for the next piece of a request body; a client that stops sending "
+        "gets 408 body_timeout and its connection is closed. Between two reads, as nginx's "
+        "client_body_timeout: a body that keeps trickling is bounded by R2EC_MAX_BODY_BYTES, and "
+        "the request headers by a proxy in front (docs/operations.md).",
+    )
+    limit_concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="uvicorn's limit_concurrency: past this many open connections (idle keep-alive "
+        "and half-sent ones count) or requests in progress, a new request gets uvicorn's own "
+        "plain-text 503, not counted by the app's metrics. Unset = no cap.",
+    )
+    keep_alive_timeout_s: int = Field(
+        5,
+        ge=1,
+        le=3600,
+        description="uvicorn's timeout_keep_alive: an idle connection is closed this long after "
+        "its last response. Keep it above the idle timeout of a proxy or load balancer that "
+        "reuses connections, which could otherwise send a request on one the server is closing.",
+    )
+    backlog: int = Field(
+        2048,
+        ge=1,
+        le=65535,
+        description="uvicorn's backlog: connections the kernel queues before the server accepts "
+        "them (also capped by net.core.somaxconn).",
+    )
     max_queue: int = Field(
         32,
         ge=1,

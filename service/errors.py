@@ -51,6 +51,7 @@ CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "body_too_large",
     422: "invalid_request",
     500: "internal_error",
@@ -63,6 +64,7 @@ DESCRIPTIONS = {
     403: "The API key is wrong; on an admin route, also while the admin API is disabled "
     "(R2EC_API_KEY unset).",
     404: "No such item.",
+    408: "The body stopped arriving: nothing for R2EC_BODY_TIMEOUT_S; the connection is closed.",
     409: "A reload is already running (Retry-After).",
     413: "The body is larger than R2EC_MAX_BODY_BYTES.",
     422: "Invalid input; `message` and `fields` name the fields or the ids.",

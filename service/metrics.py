@@ -38,7 +38,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = (0, 8, 16, 32, 64, 128, 256, 512)
 WATCH_STAGES = ("pointer", "reload", "sync")  # r2ec_watch_errors_total's stages (service/state.py)
-REJECTION_REASONS = ("queue_full", "shutting_down", "body_too_large")  # r2ec_rejected_total's
+# r2ec_rejected_total's
+REJECTION_REASONS = ("queue_full", "shutting_down", "body_too_large", "body_timeout")
 # r2ec_store_errors_total's operations (service/store.py's StoreUnavailable.op)
 STORE_OPS = (
     "get_history",
@@ -216,7 +217,8 @@ class Metrics:
             self.watch_errors.labels(stage)
         self.rejections = Counter(
             "r2ec_rejected_total",
-            "Requests refused before any work, by reason (queue_full, shutting_down, body_too_large).",
+            "Requests refused before any work, by reason (queue_full, shutting_down, body_too_large, "
+            "body_timeout).",
             ["reason"],
             registry=r,
         )

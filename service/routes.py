@@ -127,7 +127,7 @@ def recommend_router(settings: Settings) -> APIRouter:
         response_model=schemas.RecommendResponse,
         tags=["recommend"],
         dependencies=UserData,
-        responses=documented(400, 401, 403, 413, 422, 500, 503),
+        responses=documented(400, 401, 403, 408, 413, 422, 500, 503),
     )
     async def recommend(body: body_type, request: Request, state: StateDep) -> schemas.RecommendResponse:
         """Ranked items for a history (inline, or the user's stored one), with the reasoning.
@@ -157,7 +157,7 @@ def recommend_router(settings: Settings) -> APIRouter:
                     }
                 },
             },
-            **documented(400, 401, 403, 413, 422, 500, 503, by_reference=True),
+            **documented(400, 401, 403, 408, 413, 422, 500, 503, by_reference=True),
         },
         dependencies=UserData,
     )
@@ -221,7 +221,7 @@ def _reply(result: Result, source: str, total_ms: float) -> schemas.RecommendRes
     response_model=schemas.EventsResponse,
     tags=["users"],
     dependencies=UserData,
-    responses=documented(400, 401, 403, 413, 422, 500, 503),
+    responses=documented(400, 401, 403, 408, 413, 422, 500, 503),
 )
 async def append_events(
     user_id: UserIdPath, body: schemas.EventsRequest, state: StateDep
@@ -324,7 +324,7 @@ async def get_item(item_id: ItemIdPath, catalog: CatalogDep) -> schemas.Item:
     dependencies=Admin,
     responses={
         201: {"model": schemas.ItemUpsertResponse, "description": "Created."},
-        **documented(400, 401, 403, 413, 422, 500, 503, 507),
+        **documented(400, 401, 403, 408, 413, 422, 500, 503, 507),
     },
 )
 async def put_item(
@@ -362,7 +362,7 @@ async def delete_item(item_id: ItemIdPath, state: StateDep) -> schemas.ItemDelet
     response_model=schemas.ReloadResponse,
     tags=["admin"],
     dependencies=Admin,
-    responses=documented(400, 401, 403, 409, 413, 422, 500, 503),
+    responses=documented(400, 401, 403, 408, 409, 413, 422, 500, 503),
 )
 async def reload(state: StateDep, body: schemas.ReloadRequest | None = None) -> schemas.ReloadResponse:
     """Load a checkpoint beside the running model and swap it in; on failure keep the old."""

@@ -446,7 +446,7 @@ ERROR_CODES = (
     *("invalid_request", "invalid_body", "unknown_items", "empty_history", "not_found"),
     *("method_not_allowed", "unauthorized", "forbidden", "reload_failed", "reload_in_progress"),
     *("body_too_large", "overloaded", "shutting_down", "store_unavailable", "unavailable"),
-    *("internal_error", "not_saved"),
+    *("internal_error", "not_saved", "body_timeout"),
 )
 
 

@@ -89,6 +89,11 @@ def run(app: FastAPI, settings: Settings, host: str, port: int) -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s + RESPONSE_MARGIN_S),
+        # connection limits (README "Errors and limits"); the body's read timeout is the app's
+        # (service/limits.py), uvicorn has none for headers or bodies
+        limit_concurrency=settings.limit_concurrency,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        backlog=settings.backlog,
     )
     try:
         DrainingServer(config, app).run()

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.service.conftest import free_port, serve_env, wait_for
 from tests.service.test_app import metric
@@ -181,3 +182,24 @@ def test_serve_turns_transformers_progress_bars_off(tiny_ckpt, monkeypatch):
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_serve_passes_the_connection_limits_to_uvicorn(tiny_ckpt, monkeypatch):
+    """R2EC_LIMIT_CONCURRENCY, R2EC_KEEP_ALIVE_TIMEOUT_S and R2EC_BACKLOG reach uvicorn's Config
+    (no setting reached them: the SRE's 170 stalled sockets had no cap); a bad value names its
+    setting."""
+    from pydantic import ValidationError
+
+    from service import server
+    from service.app import create_app
+    from tests.service.conftest import settings_for
+
+    configs = []
+    monkeypatch.setattr(server.DrainingServer, "run", lambda self: configs.append(self.config))
+    settings = settings_for(tiny_ckpt, limit_concurrency=64, keep_alive_timeout_s=7, backlog=128)
+    server.run(create_app(settings), settings, "127.0.0.1", free_port())
+    (config,) = configs
+    assert (config.limit_concurrency, config.timeout_keep_alive, config.backlog) == (64, 7, 128)
+    for name, bad in [("limit_concurrency", 0), ("body_timeout_s", 0), ("backlog", 0)]:
+        with pytest.raises(ValidationError, match=name):
+            settings_for(tiny_ckpt, **{name: bad})
