@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 WATCH_RETRIES = 3  # loads of one new checkpoint version a tick apart, before the watch slows down
 WATCH_SLOW_RETRY_S = 300.0  # then one load of it this often (service/state.py `_watch`)
-CACHE_BACKOFF_S = 5.0  # after a cache error, skip the cache this long (a down Redis is not
-# asked twice per request while it is down; histories are still asked, they are needed)
+CACHE_BACKOFF_S = 5.0  # after a cache error, skip the cache this long, or until the store
+# answers another operation (a down Redis is not asked twice per request while it is down;
+# histories are still asked, they are needed, and the first one answered ends the skip)
 
 
 async def in_passing_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -150,6 +151,7 @@ class ServiceState:
         self._reload_lock = asyncio.Lock()
         self.edit_lock = asyncio.Lock()  # item edits vs. the swap of a reload
         self._cache_down_until = 0.0
+        self._cache_down_answered = 0  # the store's answered operations when the cache failed
         self.store_down_log = Throttled(log)  # `store_failed`
         self._watcher: asyncio.Task | None = None
         self._releases: set[asyncio.Task] = set()  # `_release` tasks, one per reload
@@ -454,7 +456,14 @@ class ServiceState:
 
     @property
     def _cache_enabled(self) -> bool:
-        return self.settings.cache_size > 0 and time.monotonic() >= self._cache_down_until
+        """Not for CACHE_BACKOFF_S after a cache error, unless the store has answered an
+        operation since (RedisStore.answered): a Redis that stalled for 5 s is asked again as
+        soon as it answers, where a fixed window sent 5 s more of cache hits to the model."""
+        if self.settings.cache_size <= 0:
+            return False
+        if time.monotonic() >= self._cache_down_until:
+            return True
+        return getattr(self.store, "answered", 0) > self._cache_down_answered
 
     async def _cache_get(self, key: str) -> CachedReasoning | None:
         if not self._cache_enabled:
@@ -482,7 +491,10 @@ class ServiceState:
     def _cache_failed(self, exc: StoreUnavailable) -> None:
         self.metrics.store_errors.labels(exc.op).inc()
         self._cache_down_until = time.monotonic() + CACHE_BACKOFF_S
-        log.warning("reasoning cache unavailable for %.0fs: %s", CACHE_BACKOFF_S, exc)
+        self._cache_down_answered = getattr(self.store, "answered", 0)
+        log.warning(
+            "reasoning cache skipped for %.0fs, or until the store answers again: %s", CACHE_BACKOFF_S, exc
+        )
 
     # ------------------------------------------------------------------ reload
     async def reload(

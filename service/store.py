@@ -456,6 +456,7 @@ class RedisStore:
         # told each operation's name and duration in seconds, failed ones too (the service's
         # r2ec_store_seconds histogram)
         self.on_op: Callable[[str, float], None] | None = None
+        self.answered = 0  # operations Redis answered (the service's cache skip ends at the next)
 
     @contextmanager
     def _failures(self, op: str) -> Iterator[None]:
@@ -472,6 +473,7 @@ class RedisStore:
             raise
         else:
             self.up = True
+            self.answered += 1
         finally:
             if self.on_op is not None:
                 self.on_op(op, time.perf_counter() - start)
