@@ -14,6 +14,9 @@ Contract (tests/service/test_batcher.py checks each line):
   gets a RuntimeError saying so.
 - With `max_queue`, at most that many requests wait (the running batch not counted); one more
   is refused at once with `QueueFull`, whose `retry_after_s` estimates when there is room.
+- With `max_queue_wait_s`, a request that waited longer than that is refused with
+  `QueueTimeout` (a `QueueFull`) when its turn comes, instead of being run for a client that
+  has likely given up.
 - `drain(grace_s)` (shutdown): new requests are refused with `ShuttingDown`; queued ones go out
   without waiting for batch-mates while a batch still fits in the grace (by the recent batch
   time); at the deadline every request still unanswered, the running batch's included, fails
@@ -57,6 +60,11 @@ class QueueFull(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+class QueueTimeout(QueueFull):
+    """A request waited in the queue longer than `max_queue_wait_s` (R2EC_MAX_QUEUE_WAIT_S): refused
+    when its turn came, as overloaded."""
+
+
 class BatchFailed(RuntimeError):
     """The batch function raised: every request of that batch gets this error."""
 
@@ -85,10 +93,15 @@ class QueueingBatcher(Generic[Q]):
         on_queue_depth: Callable[[int], None] | None,
         max_queue: int | None,
         worker_name: str,
+        max_queue_wait_s: float | None = None,
     ) -> None:
         if max_queue is not None and max_queue < 1:
             raise ValueError(f"max_queue must be >= 1 (or None: unbounded), got {max_queue}")
+        if max_queue_wait_s is not None and max_queue_wait_s <= 0:
+            raise ValueError(f"max_queue_wait_s must be > 0 (or None: no limit), got {max_queue_wait_s}")
         self.max_queue = max_queue
+        self.max_queue_wait_s = max_queue_wait_s
+        self.queue_timeouts = 0  # requests refused by max_queue_wait_s, for tests and logs
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="r2ec-batch")
         self._on_batch = on_batch or (lambda n: None)
@@ -252,6 +265,22 @@ class QueueingBatcher(Generic[Q]):
     def _new_pending(self, item: Q, future: asyncio.Future, now: float) -> _Pending[Q]:
         return _Pending(item, future, now)
 
+    def _waited_too_long(self, p: _Pending[Q], now: float) -> bool:
+        """Refuse `p`, whose turn has come, if it waited longer than `max_queue_wait_s` (its
+        client has likely given up, and the model's time goes to those behind it); True if so."""
+        waited = now - p.enqueued
+        if self.max_queue_wait_s is None or waited <= self.max_queue_wait_s:
+            return False
+        self.queue_timeouts += 1
+        p.future.set_exception(
+            QueueTimeout(
+                f"overloaded: this request waited {waited:.0f} s for the model, longer than "
+                f"R2EC_MAX_QUEUE_WAIT_S ({self.max_queue_wait_s:g} s); retry",
+                self.retry_after_s(),
+            )
+        )
+        return True
+
 
 class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
     def __init__(
@@ -264,6 +293,7 @@ class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
         on_batch: Callable[[int], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
         max_queue: int | None = None,
+        max_queue_wait_s: float | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -275,6 +305,7 @@ class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
             on_queue_depth=on_queue_depth,
             max_queue=max_queue,
             worker_name="r2ec-micro-batcher",
+            max_queue_wait_s=max_queue_wait_s,
         )
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1e3
@@ -307,7 +338,7 @@ class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
                         await self._wakeup.wait()
                 except TimeoutError:
                     break
-            batch = self._take()
+            batch = self._take(loop.time())
             self._on_depth(len(self._pending))
             if batch and self._fits_before_deadline(loop):
                 await self._run_batch(loop, batch)
@@ -319,12 +350,13 @@ class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
             return True  # not draining, or no batch time known yet: try
         return loop.time() + self._batch_s <= self._deadline
 
-    def _take(self) -> list[_Pending[Q]]:
-        """Pop up to max_batch live requests; cancelled ones are dropped on the way."""
+    def _take(self, now: float) -> list[_Pending[Q]]:
+        """Pop up to max_batch live requests; cancelled ones are dropped on the way, and those
+        that waited too long are refused (`_waited_too_long`)."""
         batch: list[_Pending[Q]] = []
         while self._pending and len(batch) < self.max_batch:
             p = self._pending.popleft()
-            if p.future.done():  # cancelled by its client: never run it
+            if p.future.done() or self._waited_too_long(p, now):  # cancelled by its client: never run it
                 continue
             batch.append(p)
         return batch

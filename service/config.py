@@ -202,6 +202,17 @@ class Settings(BaseSettings):
         "(two rounds of the 16 decode slots: at 32 concurrent reasoning requests on 2 CPU cores the "
         "p95 was ~13 s, BENCHMARKS.md §4).",
     )
+    max_queue_wait_s: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="A /recommend request that waited longer than this for the model is refused "
+        "when its turn comes (503 overloaded with Retry-After, r2ec_rejected_total"
+        '{reason="queue_timeout"}) rather than answered to a client that has likely given up '
+        "(nginx's and most load balancers' read timeouts are 60 s). The queue wait is about "
+        'R2EC_MAX_QUEUE / throughput (docs/operations.md, "Capacity planning"): ~20-30 s on 2 '
+        "cores at the defaults, over 60 s only on a slowed host. 0 = no limit.",
+    )
     shutdown_grace_s: float = Field(
         30.0,
         ge=0,

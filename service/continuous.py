@@ -16,7 +16,8 @@ Contract (tests/service/test_continuous.py), the MicroBatcher's where it applies
   `max_prefill_per_tick` of them (each admission is a prefill the running rows wait for, so a
   burst of arrivals reaches the decode a few at a time, with a step of the running rows between);
   with `max_queue`, at most that many more wait, and one more is refused at once with
-  `QueueFull` (`retry_after_s` estimated from recent request times).
+  `QueueFull` (`retry_after_s` estimated from recent request times); with `max_queue_wait_s`, one
+  that waited longer is refused with `QueueTimeout` when its turn comes.
 - A request cancelled while waiting is never admitted; one cancelled while decoding is dropped
   at the next tick and its slot goes to the next request.
 - A runner that raises fails the requests it was running with `BatchFailed`; the loop goes on.
@@ -96,6 +97,7 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
         max_queue: int | None = None,
         steps_per_tick: int = 8,
         max_prefill_per_tick: int | None = None,
+        max_queue_wait_s: float | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
@@ -109,6 +111,7 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
             on_queue_depth=on_queue_depth,
             max_queue=max_queue,
             worker_name="r2ec-continuous-batcher",
+            max_queue_wait_s=max_queue_wait_s,
         )
         self.slots = slots
         self.get_runner = get_runner
@@ -156,13 +159,15 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
 
     async def _step(self, loop: asyncio.AbstractEventLoop) -> None:
         admit: list[_Request[Q]] = []
+        now = loop.time()
         while (
             self._pending
             and len(self._running) + len(admit) < self.slots
             and len(admit) < self.max_prefill_per_tick
         ):
             r = self._pending.popleft()
-            if not r.future.done():  # cancelled while waiting: never admitted
+            # cancelled while waiting: never admitted; waited too long: refused now
+            if not r.future.done() and not self._waited_too_long(r, now):
                 admit.append(r)
         self._on_depth(len(self._pending))
         cancelled = [r for r in self._running if r.future.done()] + self._orphans

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
 
-from service.batcher import BatcherClosed, BatchFailed, QueueFull
+from service.batcher import BatcherClosed, BatchFailed, QueueFull, QueueTimeout
 from service.logs import Throttled
 from service.metrics import Metrics
 from service.request_id import HEADER, request_id
@@ -223,6 +223,7 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
     500 that still says what went wrong. `routes`: the app's routes, for a 405's Allow header.
     A store outage and queue-full shedding each log a WARNING every 10 s at most while they last."""
     shedding_log = Throttled(log)
+    waited_log = Throttled(log)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -283,6 +284,12 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
     async def overloaded(request: Request, exc: QueueFull) -> JSONResponse:
         metrics.rejections.labels("queue_full").inc()
         shedding_log.warn("queue full: shedding requests (503 overloaded): %s", exc)
+        return error_response(503, str(exc), code="overloaded", headers=retry_after(exc.retry_after_s))
+
+    @app.exception_handler(QueueTimeout)
+    async def waited_too_long(request: Request, exc: QueueTimeout) -> JSONResponse:
+        metrics.rejections.labels("queue_timeout").inc()
+        waited_log.warn("queued past R2EC_MAX_QUEUE_WAIT_S: shedding requests (503 overloaded): %s", exc)
         return error_response(503, str(exc), code="overloaded", headers=retry_after(exc.retry_after_s))
 
     @app.exception_handler(BatcherClosed)

@@ -137,6 +137,7 @@ class ServiceState:
                 on_queue_depth=metrics.queue_depth.set,
                 max_queue=settings.max_queue,
                 max_prefill_per_tick=settings.max_prefill_per_tick,
+                max_queue_wait_s=settings.max_queue_wait_s or None,
             )
         else:
             self.batcher = MicroBatcher(
@@ -147,6 +148,7 @@ class ServiceState:
                 on_batch=metrics.batch_size.observe,
                 on_queue_depth=metrics.queue_depth.set,
                 max_queue=settings.max_queue,
+                max_queue_wait_s=settings.max_queue_wait_s or None,
             )
         self._reload_lock = asyncio.Lock()
         self.edit_lock = asyncio.Lock()  # item edits vs. the swap of a reload

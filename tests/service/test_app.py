@@ -922,6 +922,25 @@ async def test_a_full_queue_answers_503_with_retry_after(ckpt):
         assert requests(text, "/recommend", "503", method="POST") == 1
 
 
+async def test_a_request_queued_past_max_queue_wait_gets_503_overloaded(ckpt):
+    """R2EC_MAX_QUEUE_WAIT_S: H2's request waits behind the held one past the limit, and is
+    refused when its turn comes, counted apart from a full queue's refusals."""
+    app = app_for(ckpt, max_batch=1, cache_size=0, max_queue_wait_s=0.05)
+    async with serve(app) as client:
+        state = app.state.r2ec
+        held, a, b = await one_running_one_queued(state, client)
+        await asyncio.sleep(0.2)
+        held.release()
+        assert (await a).status_code == 200
+        r = await b
+        assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
+        assert "R2EC_MAX_QUEUE_WAIT_S" in r.json()["error"]["message"]
+        assert int(r.headers["retry-after"]) >= 1
+        text = (await client.get("/metrics")).text
+        assert metric(text, "r2ec_rejected_total", reason="queue_timeout") == 1
+        assert metric(text, "r2ec_rejected_total", reason="queue_full") == 0
+
+
 async def test_a_drain_refuses_new_requests_and_answers_the_rest_by_the_deadline(ckpt):
     """Row C, in process: after SIGTERM (state.begin_drain) a new request is refused, /readyz
     says so, and what cannot finish within the grace gets a JSON 503 with Retry-After."""

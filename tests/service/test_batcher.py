@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from service.batcher import BatcherClosed, BatchFailed, MicroBatcher, QueueFull, ShuttingDown
+from service.batcher import BatcherClosed, BatchFailed, MicroBatcher, QueueFull, QueueTimeout, ShuttingDown
 
 pytestmark = pytest.mark.asyncio
 
@@ -275,3 +275,27 @@ async def test_when_a_drained_batcher_stops_one_line_says_how_the_drain_ended(ca
         "of 3 requests queued or running, 1 answered, 1 cut at the deadline, 1 left by their clients; "
         "1 new requests refused"
     ), line
+
+
+async def test_a_request_that_waited_past_max_queue_wait_is_refused_when_its_turn_comes():
+    """R2EC_MAX_QUEUE_WAIT_S: the queue was bounded in count only, so on a slow host a queued
+    request was run after minutes, for a client that had given up (SRE journey 39, finding 3)."""
+    gate = threading.Event()
+    fn = Recorder(gate=gate)
+    b = await started(MicroBatcher(1, 0, fn, max_queue_wait_s=0.05))
+    try:
+        first = b.submit(1)
+        await asyncio.wait_for(running(b, fn), 30)
+        late = b.submit(2)
+        await asyncio.sleep(0.2)  # it waits past the limit behind the held batch
+        gate.set()
+        with pytest.raises(QueueTimeout, match="R2EC_MAX_QUEUE_WAIT_S") as info:
+            await late
+        assert isinstance(info.value, QueueFull) and info.value.retry_after_s >= 1
+        assert await first == 2 and await b.submit(3) == 6  # one that did not wait is run
+    finally:
+        gate.set()
+        await b.stop()
+    assert fn.batches == [[1], [3]] and b.queue_timeouts == 1
+    with pytest.raises(ValueError, match="max_queue_wait_s"):
+        MicroBatcher(1, 0, fn, max_queue_wait_s=0)

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from service.batcher import BatcherClosed, BatchFailed, QueueFull, ShuttingDown
+from service.batcher import BatcherClosed, BatchFailed, QueueFull, QueueTimeout, ShuttingDown
 from service.continuous import ContinuousBatcher, Running
 
 pytestmark = pytest.mark.asyncio
@@ -286,3 +286,24 @@ async def test_a_burst_joins_a_few_at_a_time_with_a_step_of_the_running_rows_bet
     assert sum(j for j in joined if j > 0) == 5  # every one joined while the long one decoded
     with pytest.raises(ValueError, match="max_prefill_per_tick"):
         ContinuousBatcher(2, Counter, max_prefill_per_tick=0)
+
+
+async def test_a_request_that_waited_past_max_queue_wait_is_refused_at_admission():
+    gate = threading.Event()
+    runner = Counter(gate=gate)
+    b = await started(ContinuousBatcher(1, lambda: runner, max_queue_wait_s=0.05))
+    try:
+        first = b.submit(1)
+        while not runner.left:  # decoding, its step held
+            await asyncio.sleep(0.001)
+        late = b.submit(2)
+        await asyncio.sleep(0.2)  # past the limit, waiting for the one slot
+        gate.set()
+        with pytest.raises(QueueTimeout, match="R2EC_MAX_QUEUE_WAIT_S") as info:
+            await late
+        assert info.value.retry_after_s >= 1
+        assert await first == 10 and await b.submit(3) == 30
+    finally:
+        gate.set()
+        await b.stop()
+    assert sorted(runner.items.values()) == [1, 3] and b.queue_timeouts == 1  # 2 never decoded
