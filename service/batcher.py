@@ -17,10 +17,12 @@ Contract (tests/service/test_batcher.py checks each line):
 - With `max_queue_wait_s`, a request that waited longer than that is refused with
   `QueueTimeout` (a `QueueFull`) when its turn comes, instead of being run for a client that
   has likely given up.
-- `drain(grace_s)` (shutdown): new requests are refused with `ShuttingDown`; queued ones go out
-  without waiting for batch-mates while a batch still fits in the grace (by the recent batch
-  time); at the deadline every request still unanswered, the running batch's included, fails
-  with `ShuttingDown`, so each one gets an answer before the server gives up on it. `stop()`
+- `drain(grace_s)` (shutdown): new requests are refused with `ShuttingDown`; queued ones the
+  grace cannot reach (by the recent batch time: batches after the running one that would end
+  past the deadline) are refused at once, so their clients retry elsewhere now rather than at
+  the deadline; the others go out without waiting for batch-mates while a batch still fits in
+  the grace; at the deadline every request still unanswered, the running batch's included,
+  fails with `ShuttingDown`, so each one gets an answer before the server gives up on it. `stop()`
   after a drain logs how it ended: of the requests queued or running when it began, how many
   were answered, cut at the deadline, or left by their clients, and how many new ones it refused.
 """
@@ -117,6 +119,7 @@ class QueueingBatcher(Generic[Q]):
         self._drained: list[asyncio.Future] = []  # those unanswered when the drain began
         self._drain_started = 0.0  # loop.time()
         self._drain_refused = 0  # new requests refused while draining
+        self._drain_unreachable = 0  # queued ones refused when it began: the grace cannot reach them
         self.batches = 0  # batches run (continuous: requests admitted), for tests and logs
 
     async def start(self) -> None:
@@ -129,6 +132,11 @@ class QueueingBatcher(Generic[Q]):
         raise NotImplementedError
 
     def retry_after_s(self) -> float:
+        raise NotImplementedError
+
+    def _reachable(self, grace_s: float) -> int | None:
+        """How many queued requests can still be answered within `grace_s`, by the work's
+        recent timing (the running work's included); None while nothing has been timed."""
         raise NotImplementedError
 
     async def stop(self) -> None:
@@ -169,8 +177,32 @@ class QueueingBatcher(Generic[Q]):
             self.active,  # the continuous decode's joining requests too, not only its running
             grace_s,
         )
+        reachable = self._reachable(grace_s)
+        if reachable is not None:
+            self._refuse_unreachable(reachable)
         if self._wakeup is not None:
             self._wakeup.set()  # a batch waiting for company goes now
+
+    def _refuse_unreachable(self, reachable: int) -> None:
+        """Refuse at once the queued requests past the first `reachable` live ones: they would
+        wait the whole grace and then be refused (a retry elsewhere is better made now)."""
+        keep: deque[_Pending[Q]] = deque()
+        unreachable: list[_Pending[Q]] = []
+        for p in self._pending:
+            if p.future.done():
+                continue
+            (keep if len(keep) < reachable else unreachable).append(p)
+        if not unreachable:
+            return
+        self._pending = keep
+        self._drain_unreachable = self._refuse(unreachable)
+        self._on_depth(len(self._pending))
+        log.warning(
+            "draining: refused %d queued requests at once, which cannot be answered within the grace "
+            "(by the recent request time); %d stay queued",
+            self._drain_unreachable,
+            len(keep),
+        )
 
     def _log_drain_outcome(self) -> None:
         """The drain's one closing line (stop() calls it before it fails what is left)."""
@@ -183,12 +215,14 @@ class QueueingBatcher(Generic[Q]):
             else:
                 answered += 1  # a result, or its own error (a bad query, a failed batch)
         log.info(
-            "drain over after %.1fs: of %d requests queued or running, %d answered, %d cut at the "
-            "deadline, %d left by their clients; %d new requests refused",
+            "drain over after %.1fs: of %d requests queued or running, %d answered, %d refused at "
+            "once (beyond the grace), %d cut at the deadline, %d left by their clients; %d new "
+            "requests refused",
             asyncio.get_running_loop().time() - self._drain_started,
             len(self._drained),
             answered,
-            cut,
+            self._drain_unreachable,
+            cut - self._drain_unreachable,
             left,
             self._drain_refused,
         )
@@ -318,6 +352,14 @@ class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
         per_batch = self._batch_s if self._batch_s is not None else 1.0
         batches = math.ceil(self._live_count() / self.max_batch) + 1
         return min(RETRY_AFTER_MAX_S, max(1.0, batches * per_batch))
+
+    def _reachable(self, grace_s: float) -> int | None:
+        """Full batches that end within the grace after the running one (counted as a whole
+        batch time: how much of it is left is not known)."""
+        if self._batch_s is None:
+            return None
+        left = grace_s - (self._batch_s if self._running else 0.0)
+        return self.max_batch * max(0, math.floor(left / self._batch_s))
 
     # ------------------------------------------------------------------ worker
     async def _run(self) -> None:

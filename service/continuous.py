@@ -21,8 +21,10 @@ Contract (tests/service/test_continuous.py), the MicroBatcher's where it applies
 - A request cancelled while waiting is never admitted; one cancelled while decoding is dropped
   at the next tick and its slot goes to the next request.
 - A runner that raises fails the requests it was running with `BatchFailed`; the loop goes on.
-- `drain(grace_s)`: new requests are refused with `ShuttingDown`; the running and queued ones
-  are served until the deadline, then every unanswered one fails with `ShuttingDown`.
+- `drain(grace_s)`: new requests are refused with `ShuttingDown`; queued ones that cannot be
+  answered in time (`slots` requests every smoothed request time, once the running ones are
+  answered) are refused at once; the running and the other queued ones are served until the
+  deadline, then every unanswered one fails with `ShuttingDown`.
 - The runner is asked for again at every tick (`get_runner`), so a reload's new model takes new
   requests while the old one finishes the sequences it holds.
 """
@@ -136,6 +138,19 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
         per_request = self._request_s if self._request_s is not None else 1.0
         rounds = math.ceil(self._live_count() / self.slots) + 1
         return min(RETRY_AFTER_MAX_S, max(1.0, rounds * per_request))
+
+    def _reachable(self, grace_s: float) -> int | None:
+        """A request takes the smoothed request time from admission to answer, so one that is
+        admitted later than that before the deadline cannot be answered by it. Slots free up
+        `slots` per request time as the running requests end (and free ones are taken now):
+        that many queued requests can still start in time."""
+        per_request = self._request_s
+        if per_request is None or per_request <= 0:
+            return None
+        if per_request > grace_s:
+            return 0
+        starts = math.floor(self.slots * (grace_s - per_request) / per_request)
+        return starts + max(0, self.slots - self.active)
 
     def _new_pending(self, item: Q, future: asyncio.Future, now: float) -> _Request[Q]:
         return _Request(item, future, now)

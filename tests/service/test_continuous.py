@@ -307,3 +307,28 @@ async def test_a_request_that_waited_past_max_queue_wait_is_refused_at_admission
         gate.set()
         await b.stop()
     assert sorted(runner.items.values()) == [1, 3] and b.queue_timeouts == 1  # 2 never decoded
+
+
+async def test_a_drain_refuses_at_once_the_queued_requests_the_grace_cannot_reach():
+    """Requests take 10 s from admission to answer and 2 slots are busy: in 25 s of grace the
+    slots free up 2 per 10 s, so 3 queued requests can still start 10 s before the deadline;
+    the other 3 are refused at once instead of at the deadline."""
+    gate = threading.Event()
+    runner = Counter(gate=gate)
+    b = await started(ContinuousBatcher(2, lambda: runner))
+    try:
+        running = [b.submit(3), b.submit(3)]
+        while len(runner.left) < 2:  # both decoding, the step held
+            await asyncio.sleep(0.001)
+        queued = [b.submit(2) for _ in range(6)]
+        b._request_s = 10.0
+        b.drain(25)
+        assert [f.done() for f in queued] == [False] * 3 + [True] * 3
+        for f in queued[3:]:
+            with pytest.raises(ShuttingDown):
+                await f
+        gate.set()
+        assert await asyncio.gather(*running, *queued[:3]) == [30, 30, 20, 20, 20]
+    finally:
+        gate.set()
+        await b.stop()
