@@ -43,9 +43,12 @@ class Settings(BaseSettings):
         ge=1,
         le=256,
         description="Continuous batching: most requests one tick admits into free decode slots. "
-        "Each admission is a prefill that every decoding request waits for before its next token, "
-        "so a burst of arrivals stalls running decodes and streams by this many prefills at most "
-        "(BENCHMARKS.md §4); a larger value admits a burst sooner.",
+        "Each admission is a prefill that every decoding request waits for before its next token: "
+        "with 1 a stream's largest gap under a burst of 12 arrivals was 0.35-0.46 s, with 16 "
+        "(every free slot, as before) 2.8-3.7 s, and reasoning requests beside no-reasoning ones "
+        "got 2.6x the throughput. A larger value admits new requests sooner beside running "
+        "decodes: 4 served no-reasoning traffic 2.3x faster in that mix, with stalls under 0.8 s "
+        "(BENCHMARKS.md §4).",
     )
     max_wait_ms: float = Field(
         10.0, ge=0, le=10_000, description="How long the first request of a batch waits for others."
