@@ -206,3 +206,34 @@ def test_serve_passes_the_connection_limits_to_uvicorn(tiny_ckpt, monkeypatch):
     for name, bad in [("limit_concurrency", 0), ("body_timeout_s", 0), ("backlog", 0)]:
         with pytest.raises(ValidationError, match=name):
             settings_for(tiny_ckpt, **{name: bad})
+
+
+def test_serve_warns_when_openmp_spins_on_a_busy_host(tiny_ckpt, monkeypatch, caplog):
+    """The spinning `r2ec serve` sets by default made every step 4x slower beside other work
+    (SRE journey 39, finding 7): a WARNING says so at startup when the load average shows a
+    busy host, and nothing where the host is idle or the threads sleep (GOMP_SPINCOUNT=0)."""
+    import logging
+    import os
+
+    from service import server
+    from service.app import create_app
+    from tests.service.conftest import settings_for
+
+    warning = server.spin_warning
+    assert warning({"GOMP_SPINCOUNT": "10000"}, 5.5, 2, 2) is not None  # the SRE's host
+    assert "load average is 5.5 on 2 CPUs" in warning({"GOMP_SPINCOUNT": "10000"}, 5.5, 2, 2)
+    assert warning({"GOMP_SPINCOUNT": "10000"}, 0.3, 2, 2) is None  # idle: background noise
+    assert warning({"GOMP_SPINCOUNT": "10000"}, 5.5, 16, 2) is None  # 14 CPUs to spare
+    assert warning({"GOMP_SPINCOUNT": "0"}, 5.5, 2, 2) is None
+    assert warning({}, 5.5, 2, 2) is None  # libgomp's own policy: PASSIVE (model/__init__.py)
+
+    monkeypatch.setattr(server.DrainingServer, "run", lambda self: None)
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    settings = settings_for(tiny_ckpt, threads=2)
+    for spin, warned in (("10000", True), ("0", False)):
+        monkeypatch.setenv("GOMP_SPINCOUNT", spin)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="service.server"):
+            server.run(create_app(settings), settings, "127.0.0.1", free_port())
+        assert any("GOMP_SPINCOUNT" in r.getMessage() for r in caplog.records) == warned, spin
