@@ -32,6 +32,10 @@ late event older than a full window is left out of the history (still in the str
 seen set). An event without a timestamp (the API stamps each with its arrival time and refuses
 one more than a day ahead, service/schemas.py; only a direct caller can leave it out) goes last,
 and later events do not move back past it. The stream stays in arrival order: it is a log.
+Releases before 0.2.0 kept histories in arrival order. Such a list is put in this order where it
+is read (`_time_order`, for the reader only) and stored so at the user's next append (the
+append script sorts it once, stably, before placing the new events, and writes it back whole):
+no migration step, and a user who posts nothing is still served in time order.
 Erasure (`erase_user`, GDPR Art. 17): the user's history, seen set, event ids, and the cached
 reasonings written for requests that read their stored history go in one atomic step with the
 ledger entry (ERASE_SCRIPT); then their stream entries up to the cutoff, found by a paged scan
@@ -56,6 +60,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -290,6 +295,32 @@ def _place(history: Sequence[Event], timestamp: int | None) -> int:
     return at
 
 
+def _in_order(history: Sequence[Event]) -> bool:
+    """Whether a history is in the order `_place` keeps: each event no earlier than the one
+    before it where both have a timestamp (one without may sit before earlier ones: later events
+    do not move back past it)."""
+    return all(
+        a.timestamp is None or b.timestamp is None or a.timestamp <= b.timestamp
+        for a, b in itertools.pairwise(history)
+    )
+
+
+def _time_order(history: list[Event]) -> list[Event]:
+    """`history` in the order `_place` keeps (`history` itself where it is so already): a list a
+    release before 0.2.0 stored in arrival order (module docstring, "Order"), sorted by timestamp,
+    stably, as `_place` would have placed its events one by one: an event without a timestamp
+    stays behind the events stored before it and ahead of those stored after it. APPEND_SCRIPT
+    does the same in Lua."""
+    if _in_order(history):
+        return history
+    keyed, run = [], 0
+    for i, e in enumerate(history):
+        keyed.append((run, math.inf if e.timestamp is None else e.timestamp, i))
+        if e.timestamp is None:
+            run += 1
+    return [history[k[2]] for k in sorted(keyed)]
+
+
 class MemoryStore:
     """In-process store: nothing survives a restart; one event loop uses it."""
 
@@ -330,13 +361,14 @@ class MemoryStore:
 
     async def get_history(self, user_id: str) -> list[Event]:
         self._forget_if_expired(user_id)
-        return list(self._histories.get(user_id, ()))
+        return _time_order(list(self._histories.get(user_id, ())))
 
     async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
         ids = _check_events(user_id, events)
         self._forget_if_expired(user_id)
         self._last_append[user_id] = self._clock()
         history = self._histories.setdefault(user_id, [])
+        history[:] = _time_order(history)  # as APPEND_SCRIPT repairs a list of an older release
         known = self._event_ids.setdefault(user_id, set())
         seen = self._seen.setdefault(user_id, set())
         new = []
@@ -394,7 +426,7 @@ class MemoryStore:
     async def export_user(self, user_id: str) -> UserData:
         self._forget_if_expired(user_id)
         stream = [e for e in self._events if e.user_id == user_id]
-        history = list(self._histories.get(user_id, ()))
+        history = _time_order(list(self._histories.get(user_id, ())))
         return UserData(user_id, history, sorted(self._seen.get(user_id, ())), stream, None)
 
     async def erase_user(self, user_id: str) -> Erased:
@@ -479,7 +511,7 @@ class RedisStore:
     async def get_history(self, user_id: str) -> list[Event]:
         with self._failures("get_history"):
             raw = await self._redis.lrange(HISTORY_KEY.format(user_id=user_id), 0, -1)
-        return [Event.from_json(r) for r in raw]
+        return _time_order([Event.from_json(r) for r in raw])
 
     async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
         ids = _check_events(user_id, events)
@@ -552,7 +584,7 @@ class RedisStore:
             seen = await self._redis.smembers(SEEN_KEY.format(user_id=user_id))
             erased = await self._redis.zscore(ERASURES_KEY, user_id)
             rows, _ = await self._scan_user(user_id, until="+", delete=False)
-        history = [Event.from_json(r) for r in raw]
+        history = _time_order([Event.from_json(r) for r in raw])
         erased_ms = None if erased is None else int(erased)
         return UserData(user_id, history, sorted(seen), _stream_entries(rows), erased_ms)
 
@@ -670,6 +702,27 @@ local times = {}
 for i, json in ipairs(hist) do times[i] = stamp(json) end
 local stored = #hist
 local untouched = stored  -- hist[1..untouched] is still the stored list's start
+-- a list a release before 0.2.0 stored in arrival order: sorted once, stably, as `_time_order`
+-- does (an event without a timestamp ends a run: the events stored after it stay after it),
+-- and written back whole below
+local in_order = true
+for i = 2, stored do
+  if times[i - 1] and times[i] and times[i - 1] > times[i] then in_order = false break end
+end
+if not in_order then
+  local keyed, run = {}, 0
+  for i = 1, stored do
+    keyed[i] = {run, times[i] or math.huge, i, hist[i], times[i]}
+    if not times[i] then run = run + 1 end
+  end
+  table.sort(keyed, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    if a[2] ~= b[2] then return a[2] < b[2] end
+    return a[3] < b[3]
+  end)
+  for i = 1, stored do hist[i], times[i] = keyed[i][4], keyed[i][5] end
+  untouched = 0
+end
 local out = {}
 for i = 0, n - 1 do
   local b = 8 + i * 5

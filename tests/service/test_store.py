@@ -80,6 +80,60 @@ async def test_a_backfill_sent_newest_first_keeps_the_newest_window(store):
     assert [e.item_id for e in await store.get_history("u1")] == ["between", "i0", "live"]
 
 
+async def _store_as_before_0_2_0(store, user_id, events):
+    """A history as releases before 0.2.0 stored it: in arrival order, entries without event_id
+    (journey 39, F1; what /work/notes' unsorted_history.sh writes with redis-cli RPUSH)."""
+    if isinstance(store, MemoryStore):
+        store._histories[user_id] = list(events)
+        return
+    import redis.asyncio
+
+    client = redis.asyncio.from_url(store.url, decode_responses=True)
+    await client.rpush(f"r2ec:history:{user_id}", *(e.to_json() for e in events))
+    await client.aclose()
+
+
+async def _stored_order(store, user_id):
+    """The item ids of the history as stored, not as read."""
+    if isinstance(store, MemoryStore):
+        return [e.item_id for e in store._histories[user_id]]
+    import redis.asyncio
+
+    client = redis.asyncio.from_url(store.url, decode_responses=True)
+    raw = await client.lrange(f"r2ec:history:{user_id}", 0, -1)
+    await client.aclose()
+    return [Event.from_json(r).item_id for r in raw]
+
+
+async def test_a_history_an_older_release_stored_in_arrival_order_is_read_in_time_order(store):
+    """A user with a late event from before 0.2.0 who posts nothing since is served in time order."""
+    await _store_as_before_0_2_0(store, "bob", [Event("100", 4.0, 99_400), Event("7", 2.0, 14_000)])
+    assert [e.item_id for e in await store.get_history("bob")] == ["7", "100"]
+    assert [e.item_id for e in (await store.export_user("bob")).history] == ["7", "100"]
+    assert await _stored_order(store, "bob") == ["100", "7"]  # a read writes nothing
+
+
+async def test_a_history_an_older_release_stored_is_sorted_once_at_the_next_append(store):
+    """The append sorts the stored list (stably) before it places the new event, and writes it
+    back whole, so the new event lands by time and the trim drops the oldest by time."""
+    old = [Event("100", 4.0, 99_400), Event("7", 2.0, 14_000), Event("50", 3.0, 99_500)]
+    await _store_as_before_0_2_0(store, "bob", old)
+    done = await store.append_events("bob", [Event("174", 5.0, 57_000)])
+    assert done.new == (True,) and done.history_length == WINDOW
+    assert await _stored_order(store, "bob") == ["174", "100", "50"]  # "7", the oldest, trimmed
+    assert [e.item_id for e in await store.get_history("bob")] == ["174", "100", "50"]
+    # equal times keep their arrival order; an event without a time ends a run, as `_place`
+    # leaves one: the events stored after it stay after it
+    old = [Event("a", None, 500), Event("b", None, 100), Event("c"), Event("d", None, 50)]
+    await _store_as_before_0_2_0(store, "carol", old[:2] + [Event("b2", None, 100)])
+    assert [e.item_id for e in await store.get_history("carol")] == ["b", "b2", "a"]
+    await _store_as_before_0_2_0(store, "dave", old[:WINDOW])
+    await store.append_events("dave", [old[3]])
+    assert await _stored_order(store, "dave") == ["a", "c", "d"]  # b, a, c sorted; d after c; b trimmed
+    await _store_as_before_0_2_0(store, "erin", [Event("x", None, 9), Event("y"), Event("z", None, 1)])
+    assert [e.item_id for e in await store.get_history("erin")] == ["x", "y", "z"]  # in order already
+
+
 async def test_events_without_rating_or_time_round_trip(store):
     await store.append_events("u1", [Event("i9")])
     assert await store.get_history("u1") == [Event("i9", None, None, event_key("u1", Event("i9")))]
