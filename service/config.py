@@ -291,6 +291,15 @@ READ_ELSEWHERE = frozenset(
 )
 
 
+# R2EC_ settings a release has retired, with what replaced them: named before any close spelling
+# (R2EC_PREFIX_CACHE reads like R2EC_KERNEL_CACHE, the bf16 kernel's directory, unrelated)
+RETIRED = {
+    "R2EC_PREFIX_CACHE": "retired by 8bf63b4, a 0.1.0 build; R2EC_EXACT_DECODE replaced it with the opposite "
+    "sense: prefix caching is on unless R2EC_EXACT_DECODE=true, so R2EC_PREFIX_CACHE=false is "
+    "R2EC_EXACT_DECODE=true and R2EC_PREFIX_CACHE=true needs nothing",
+}
+
+
 # the variables Kubernetes gives a pod for each Service (unless enableServiceLinks is false):
 # <NAME>_SERVICE_HOST, <NAME>_SERVICE_PORT, <NAME>_PORT, <NAME>_PORT_80_TCP_ADDR, ..., where NAME
 # is the Service's name upper-cased (R2EC_API for one named r2ec-api); a variable is taken for
@@ -320,6 +329,9 @@ def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
             for s in services
         ):
             continue  # Kubernetes set it, for a Service named r2ec-*
+        if upper in RETIRED:
+            out.append(f"{name} is not a setting and is ignored: {RETIRED[upper]}")
+            continue
         close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
         out.append(
             f"{name} is not a setting and is ignored" + (f" (did you mean {close[0]}?)" if close else "")
