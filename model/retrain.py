@@ -382,6 +382,13 @@ def read_state(work: Path) -> dict[str, Any]:
             f"{path} is damaged or unreadable ({reason}); restore it, or move it away: the next run "
             f"reads the stream from its start and skips the events {work / EVENTS_FILE} already holds"
         )
+    last = state.get("last_run")
+    if isinstance(last, dict) and not last.get("finished_at"):
+        # the last run was an r2ec before 0.2.0's (before the upgrade, or after a code rollback),
+        # which records no time but wrote this file last: that time is kept as the run's from the
+        # next write on (service/metrics.py reads the file's time until then), so a run that fails
+        # after it, having written the cursor, does not pass for a finished one
+        last["finished_at"] = datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
     return state
 
 

@@ -311,12 +311,18 @@ class _RetrainCollector(Collector):
     def collect(self):
         try:
             state = json.loads(self.state_file.read_text(encoding="utf-8"))
+            written = self.state_file.stat().st_mtime
         except (OSError, ValueError):
             return
         if not isinstance(state, dict):  # not the job's: nothing, rather than a failed scrape
             return
         last = state.get("last_run")
         ran = _timestamp(last.get("finished_at")) if isinstance(last, dict) else None
+        if isinstance(last, dict) and not last.get("finished_at"):
+            # a run of an r2ec before 0.2.0 (an upgrade, a code rollback) records no time: it was
+            # the file's last write (model/retrain.py `read_state` keeps that time as the run's
+            # from the next write on), so R2ecRetrainNotRunning still fires after an upgrade
+            ran = written
         if ran is not None:
             family = GaugeMetricFamily(
                 "r2ec_retrain_last_run_timestamp_seconds",

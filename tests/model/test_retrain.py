@@ -696,6 +696,29 @@ def test_retrain_without_a_stream_trains_on_the_dataset_and_prunes(versions_root
     assert metric(text, "r2ec_retrain_last_published_timestamp_seconds") == at  # still the publish's
 
 
+def test_a_run_of_a_release_before_0_2_0_exports_when_the_state_was_written(tmp_path):
+    """Its state.json's last_run has no finished_at (journey 39, F3): the run's time is the file's
+    last write, so R2ecRetrainNotRunning can fire after an upgrade; the next run's read keeps that
+    time, so one that fails after writing the cursor does not pass for a finished run."""
+    work = tmp_path / "retrain"
+    work.mkdir()
+    old = {"last_event_id": "after:1", "events_total": 1, "trained_events": 1}
+    old["last_run"] = {"status": "published", "reason": "...", "seconds": 61.2}
+    (work / "state.json").write_text(json.dumps(old))
+    then = time.time() - 20 * 3600
+    os.utime(work / "state.json", (then, then))
+    metrics = Metrics()
+    metrics.track_retrain(work / "state.json")
+    ran = metric(metrics.render().decode(), "r2ec_retrain_last_run_timestamp_seconds", status="published")
+    assert ran == pytest.approx(then, abs=1)
+    consume_events(work, FakeReader([Ev("2", "u1", "i2", 4.0, 2)]))  # a run that fails after this
+    assert (work / "state.json").stat().st_mtime > then + 3600
+    state = json.loads((work / "state.json").read_text())
+    assert datetime.fromisoformat(state["last_run"]["finished_at"]).timestamp() == int(then)
+    ran = metric(metrics.render().decode(), "r2ec_retrain_last_run_timestamp_seconds", status="published")
+    assert ran == int(then)
+
+
 def test_no_retrain_state_exports_nothing(tmp_path):
     metrics = Metrics()
     metrics.track_retrain(tmp_path / "retrain" / "state.json")
