@@ -14,6 +14,7 @@ from starlette.routing import BaseRoute
 
 from service import routes, ui
 from service.access_log import AccessLog
+from service.build import package_version
 from service.config import Settings, unknown_env
 from service.deps import require_user_key
 from service.errors import add_error_handlers
@@ -96,7 +97,7 @@ def create_app(
                 await the_store.close()
             executor.shutdown(wait=True)
 
-    app = FastAPI(title="R²ec serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="R²ec serve", version=package_version(), description=DESCRIPTION, lifespan=lifespan)
     app.state.r2ec = None
     app.state.startup_error = None  # set by the lifespan when the first load fails
     # ui.router: the page (GET /) and catalog search (GET /items)
