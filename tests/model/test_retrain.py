@@ -535,7 +535,8 @@ def test_a_publish_that_fails_before_its_flip_puts_the_state_back(versions_root,
         retrain(cfg, FakeReader([Ev("a", "u1", "i6", 4.0, 900)]))
     state = json.loads((versions_root / "retrain" / "state.json").read_text())
     # (data_epoch: the rebuilt samples reflect every erasure so far, model/retrain.py `_rebuild`)
-    assert state == {"trained_events": 0, "last_event_id": "after:1", "events_total": 1, "data_epoch": 0}
+    before = {"trained_events": 0, "last_event_id": "after:1", "events_total": 1, "data_epoch": 0}
+    assert state == {"format_version": 1, **before}
     assert current_version(versions_root) == "v0" and list_versions(versions_root) == ["v0"]
 
 
@@ -717,6 +718,23 @@ def test_a_run_of_a_release_before_0_2_0_exports_when_the_state_was_written(tmp_
     assert datetime.fromisoformat(state["last_run"]["finished_at"]).timestamp() == int(then)
     ran = metric(metrics.render().decode(), "r2ec_retrain_last_run_timestamp_seconds", status="published")
     assert ran == int(then)
+
+
+def test_the_state_records_its_format_and_one_newer_than_the_code_is_refused(tmp_path):
+    """A future change this code could not read right is refused by name, not misread
+    (journey 39, F6); a state without a format_version (before 0.2.0) reads as before."""
+    from model.retrain import STATE_FORMAT, RetrainError, read_state
+
+    work = tmp_path / "retrain"
+    work.mkdir()
+    (work / "state.json").write_text(json.dumps({"last_event_id": "after:0", "trained_events": 0}))
+    consume_events(work, FakeReader([Ev("1", "u1", "i1", 4.0, 1)]))
+    state = json.loads((work / "state.json").read_text())
+    assert state["format_version"] == STATE_FORMAT == 1 and state["last_event_id"] == "after:1"
+    for newer in (STATE_FORMAT + 1, "2", None):
+        (work / "state.json").write_text(json.dumps({**state, "format_version": newer}))
+        with pytest.raises(RetrainError, match=r"state\.json is in format .*a newer r2ec retrain wrote it"):
+            read_state(work)
 
 
 def test_no_retrain_state_exports_nothing(tmp_path):
