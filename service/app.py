@@ -23,7 +23,7 @@ from service.metrics import Metrics
 from service.recommender import Recommender
 from service.request_id import RequestId
 from service.state import ServiceState
-from service.store import HistoryStore, make_store
+from service.store import HistoryStore, StoreUnavailable, make_store
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,14 @@ def create_app(
         )
         try:
             try:
+                await _check_store_format(the_store)  # before the model's load: refused at once
                 the_engine = engine or await asyncio.get_running_loop().run_in_executor(
                     executor,
                     lambda: Recommender.load_or_fall_back(settings.checkpoint, **settings.load_kwargs()),
                 )
             except (ValueError, OSError) as exc:  # a damaged or unreadable file (CheckpointError), a device
-                # why the service cannot start, in one line: `r2ec serve` prints it in place of
-                # the lifespan's traceback (service/server.py)
+                # or a store in a newer format (StoreFormatError): why the service cannot start, in
+                # one line: `r2ec serve` prints it in place of the lifespan's traceback (service/server.py)
                 app.state.startup_error = str(exc)
                 raise
             state = ServiceState(settings, the_engine, the_store, metrics, executor)
@@ -116,6 +117,19 @@ def create_app(
     if not settings.user_keys:
         _open_user_routes_in_schema(app, served)
     return app
+
+
+async def _check_store_format(store: HistoryStore) -> None:
+    """Mark the store's format where it has none and refuse one newer than this code's
+    (service/store.py `check_format`: StoreFormatError, the start's one-line error). A Redis that
+    does not answer yet is no reason not to start (/readyz says degraded): checked next start."""
+    check = getattr(store, "check_format", None)  # the in-process store's data is this process's
+    if check is None:
+        return
+    try:
+        await check(package_version())
+    except StoreUnavailable as exc:
+        log.warning("the store's format marker was not checked, checked at the next start: %s", exc)
 
 
 def _open_user_routes_in_schema(app: FastAPI, served: Sequence[BaseRoute]) -> None:

@@ -17,6 +17,11 @@ One interface, two stores, the same tests for both (tests/service/test_store.py)
                               after `cache_ttl_s`: what an erasure deletes of the cache
     r2ec:erasures             a sorted set, the erasure ledger: user_id -> cutoff of the user's
                               latest erasure, in the stream ids' milliseconds (see "Erasure")
+    r2ec:schema               JSON: the format of these keys (STORE_FORMAT), the r2ec version that
+                              wrote the marker and when, and whether the Redis held data then (a
+                              release before 0.2.0's, which wrote no marker); written at the
+                              service's start where absent, and a format newer than the code's is
+                              refused (`check_format`)
 - `MemoryStore` (the embedded default when no Redis URL is configured): the same in process;
   the stream is a list, the cache an LRU bounded by `cache_size`, event ids kept until restart.
 
@@ -84,8 +89,28 @@ EVENT_IDS_KEY = "r2ec:event-ids:{user_id}"
 CACHE_KEY = "r2ec:reasoning:{key}"
 USER_CACHE_KEY = "r2ec:user-cache:{user_id}"
 ERASURES_KEY = "r2ec:erasures"
+SCHEMA_KEY = "r2ec:schema"
+# the format of the keys above, in SCHEMA_KEY: 1 since 0.2.0 (histories in time order, the erasure
+# ledger and the per-user cache index). Raised by a change an older release could not read right.
+STORE_FORMAT = 1
 DEDUP_TTL_S = 7 * 86_400
 ERASE_PAGE = 1_000  # stream entries per step of a scan for one user (USER_PAGE_SCRIPT)
+
+
+class StoreFormatError(ValueError):
+    """The store's data is in a format this code does not know (`RedisStore.check_format`)."""
+
+
+@dataclass(frozen=True)
+class StoreFormat:
+    """What SCHEMA_KEY says of a Redis (`RedisStore.check_format`)."""
+
+    format: int
+    written_by: str  # the r2ec version that wrote the marker
+    since: int  # s: when it did, at the first start of r2ec 0.2.0 or later on this Redis
+    # whether the Redis held data then: an older release's, whose cached reasonings are not
+    # indexed by user, so an erasure cannot find them (they expire R2EC_CACHE_TTL_S after written)
+    held_data: bool
 
 
 class StoreUnavailable(RuntimeError):
@@ -485,6 +510,7 @@ class RedisStore:
         self._erase = self._redis.register_script(ERASE_SCRIPT)
         self._user_page = self._redis.register_script(USER_PAGE_SCRIPT)
         self.erase_page = ERASE_PAGE
+        self.format: StoreFormat | None = None  # SCHEMA_KEY, once `check_format` read it
         # told each operation's name and duration in seconds, failed ones too (the service's
         # r2ec_store_seconds histogram)
         self.on_op: Callable[[str, float], None] | None = None
@@ -607,6 +633,38 @@ class RedisStore:
             if int(read) < self.erase_page:
                 return rows, removed
             after = last
+
+    async def check_format(self, version: str) -> StoreFormat:
+        """Write SCHEMA_KEY where absent (a new Redis, or one a release before 0.2.0 used), and
+        read it: StoreFormatError where it names a format newer than STORE_FORMAT (a newer r2ec
+        wrote it: this code would misread its keys) or is no marker. The result is kept as
+        `format`. StoreUnavailable where Redis does not answer."""
+        with _failures(self.url, "check_format"):
+            raw = await self._redis.get(SCHEMA_KEY)
+            if raw is None:
+                held = await self._redis.dbsize() > 0
+                mark = {"format": STORE_FORMAT, "written_by": version, "since": int(time.time())}
+                await self._redis.set(SCHEMA_KEY, json.dumps({**mark, "held_data": held}), nx=True)
+                raw = await self._redis.get(SCHEMA_KEY)  # another replica's, where it came first
+        try:
+            mark = json.loads(raw)
+            found = StoreFormat(
+                int(mark["format"]), str(mark["written_by"]), int(mark["since"]), bool(mark["held_data"])
+            )
+        except (TypeError, ValueError, KeyError) as exc:
+            raise StoreFormatError(
+                f"{SCHEMA_KEY} in {_redact(self.url)} is no format marker r2ec wrote ({raw!r:.200}): "
+                "restore it, or delete it and the next start writes it again"
+            ) from exc
+        if found.format > STORE_FORMAT:
+            raise StoreFormatError(
+                f"the Redis at {_redact(self.url)} holds r2ec data in format {found.format} "
+                f"({SCHEMA_KEY}, written by r2ec {found.written_by}); this r2ec {version} knows format "
+                f"{STORE_FORMAT} at most and would misread it: run r2ec {found.written_by} or newer "
+                "(docs/operations.md, 'Upgrading')"
+            )
+        self.format = found
+        return found
 
     async def ping(self) -> None:
         with self._failures("ping"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -645,3 +646,30 @@ async def test_the_user_cache_index_lives_as_long_as_the_entries_it_names(redis_
     finally:
         await raw.aclose()
         await s.close()
+
+
+async def test_redis_is_marked_with_its_format_once_and_whether_it_held_data(redis_url):
+    """r2ec:schema: written at the first start of 0.2.0 or later, kept after; `held_data` says
+    whether an older release may have used the Redis (journey 39, F6)."""
+    from service.store import STORE_FORMAT, StoreFormatError
+
+    store = RedisStore(redis_url)
+    try:
+        first = await store.check_format("0.2.0")
+        assert (first.format, first.written_by, first.held_data) == (STORE_FORMAT, "0.2.0", False)
+        assert abs(first.since - time.time()) < 600 and store.format == first
+        assert await store.check_format("0.3.0") == first  # kept: the first start's
+        await store._redis.delete("r2ec:schema")
+        await store.append_events("u1", [Event("a", None, 1)])
+        assert (await store.check_format("0.2.0")).held_data  # data, no marker: an older release's
+        for marker in ("not json", '{"format": 1}', "[]"):
+            await store._redis.set("r2ec:schema", marker)
+            with pytest.raises(StoreFormatError, match="r2ec:schema in redis://.* is no format marker"):
+                await store.check_format("0.2.0")
+        newer = {"format": STORE_FORMAT + 1, "written_by": "0.9.0", "since": 1, "held_data": True}
+        await store._redis.set("r2ec:schema", json.dumps(newer))
+        said = r"format 2 \(r2ec:schema, written by r2ec 0\.9\.0\); this r2ec 0\.2\.0 knows format 1 at most"
+        with pytest.raises(StoreFormatError, match=said):
+            await store.check_format("0.2.0")
+    finally:
+        await store.close()
