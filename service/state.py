@@ -300,6 +300,8 @@ class ServiceState:
                 "this replica's only; send it to every replica."
             )
         out.append("Backups of Redis, of the versions root and of the seed dataset, until they expire.")
+        if redis and (older := self._older_release_cache()) is not None:
+            out.append(older)
         out.append(
             "Log lines written before this service version logged /users/ paths with the id; "
             "those stay in the log pipeline for its retention (lines since name no user)."
@@ -324,6 +326,28 @@ class ServiceState:
                 "texts replace them, or a restart."
             )
         return out
+
+    def _older_release_cache(self) -> str | None:
+        """The receipt's line for reasonings an r2ec before 0.2.0 cached in this Redis, while some
+        may be left: it indexed none by user, so no erasure finds them. When it used this Redis is
+        in the format marker (service/store.py `check_format`); None where it did not, or where
+        R2EC_CACHE_TTL_S has passed since this version first started on it."""
+        assert isinstance(self.store, RedisStore)
+        ttl = self.settings.cache_ttl_s
+        marker = self.store.format
+        if marker is not None and (not marker.held_data or time.time() >= marker.since + ttl):
+            return None
+        if marker is None:  # not read at the start (Redis was down): it may have been used so
+            until = f"{ttl} s after this service version first started on this Redis"
+        else:
+            until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(marker.since + ttl))
+        return (
+            "Reasonings cached by an r2ec before 0.2.0, which used this Redis, are not indexed by "
+            "user, so this erasure cannot find them: none is read again, and they expire "
+            f"R2EC_CACHE_TTL_S after they were written, by {until} at this service's {ttl} s (the "
+            "older release's own setting decides). docs/operations.md, 'Upgrading', deletes them "
+            "all at once."
+        )
 
     async def upsert_item(self, item_id: str, fields: Mapping[str, Any]) -> tuple[Catalog, bool]:
         """Encode an item on the model thread and add or replace it; (the catalog it is in, True
