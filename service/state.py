@@ -329,7 +329,8 @@ class ServiceState:
 
     def _older_release_cache(self) -> str | None:
         """The receipt's line for reasonings an r2ec before 0.2.0 cached in this Redis, while some
-        may be left: it indexed none by user, so no erasure finds them. When it used this Redis is
+        may be left: one older than the erasure indexed none by user, so no erasure finds them (and
+        which build it was, nothing says). When it used this Redis is
         in the format marker (service/store.py `check_format`); None where it did not, or where
         R2EC_CACHE_TTL_S has passed since this version first started on it."""
         assert isinstance(self.store, RedisStore)
@@ -342,8 +343,9 @@ class ServiceState:
         else:
             until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(marker.since + ttl))
         return (
-            "Reasonings cached by an r2ec before 0.2.0, which used this Redis, are not indexed by "
-            "user, so this erasure cannot find them: none is read again, and they expire "
+            "Reasonings cached by an r2ec before 0.2.0, which used this Redis, may be indexed by no "
+            "user (releases before the erasure indexed none), so this erasure may not find them: "
+            "none is read again, and they expire "
             f"R2EC_CACHE_TTL_S after they were written, by {until} at this service's {ttl} s (the "
             "older release's own setting decides). docs/operations.md, 'Upgrading', deletes them "
             "all at once."

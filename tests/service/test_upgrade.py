@@ -15,7 +15,7 @@ from tests.service.conftest import ADMIN, app_for, serve
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.redis]  # redis_url skips (fails under CI) without one
 
-OLDER = "cached by an r2ec before 0.2.0, which used this Redis"
+OLDER = "cached by an r2ec before 0.2.0, which used this Redis, may be indexed by no user"
 
 
 async def test_a_redis_a_newer_r2ec_marked_is_refused_at_start_in_one_line(ckpt, redis_url):
