@@ -70,6 +70,22 @@ def check_interactions(inter: pd.DataFrame, origin: str) -> pd.DataFrame:
     return out
 
 
+def check_dataset_name(name: str) -> str:
+    """A dataset's name is one folder under the data dir (`<data_dir>/<name>/<protocol>/`): no
+    path separator, not "." or "..", not empty, no NUL; anything else (`--name ../../x`) would
+    write outside the data dir. Returns it; raises DataError naming it."""
+    if (
+        not isinstance(name, str)
+        or name.strip() in ("", ".", "..")
+        or any(c in name for c in ("/", "\\", "\x00"))
+    ):
+        raise DataError(
+            f"dataset name (--name) {name!r} must be one folder name under the data dir: "
+            "no '/' or '\\', not '.', '..' or empty"
+        )
+    return name
+
+
 MISSING_EXAMPLES = 5  # ids a missing-items warning shows
 TEXT_COLUMNS = tuple(c for c in ITEM_COLUMNS if c != "item_id")  # what an item prompt shows
 
@@ -223,6 +239,7 @@ def build_prepared(
     (`prior_items`, after ``prior``) for the `seen` mask. Returns the output directory.
     """
     check_protocol(protocol, max_history)
+    check_dataset_name(name)
     origin = str(source.get("inter") or source.get("reviews") or name)
     splits = make_splits(inter, protocol, max_history, target_mask=target_mask, origin=origin)
     counted = inter if target_mask is None else inter[np.asarray(target_mask, dtype=bool)]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from model.data import DataError, load_prepared, prepare_atomic, prepare_ml100k
+from model.data import DataError, load_prepared, prepare_amazon, prepare_atomic, prepare_ml100k
 from model.data.atomic import read_atomic_items
 from model.data.movielens import RAW_FILES, WHEEL_MEMBER_DIR
 
@@ -280,6 +280,26 @@ def test_the_cli_names_the_item_whose_genres_hold_a_special_token(tmp_path, tiny
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "item 'i11' genres holds '<|endoftext|>'" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", "..", ".", "", "a\\b"])
+def test_a_dataset_name_that_is_not_one_folder_name_is_refused(tmp_path, tiny_inter, tiny_item, name):
+    """`--name ../../escaped` used to write <data-dir>/../../escaped/loo, outside the data dir."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    data_dir = tmp_path / "a" / "b" / "data"
+    args = ["data", "prepare", "atomic", "--inter", str(tiny_inter), "--item", str(tiny_item), "--name", name,
+            "--data-dir", str(data_dir)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert f"dataset name (--name) {name!r} must be one folder name under the data dir" in " ".join(
+        result.output.split()
+    )
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []  # nothing written anywhere
+    with pytest.raises(DataError, match="must be one folder name"):
+        prepare_amazon(tmp_path / "r.jsonl", tmp_path / "m.jsonl", data_dir, name=name or "..")
 
 
 def test_interacted_items_missing_from_the_item_file_are_a_warning(tmp_path, tiny_inter, caplog):
