@@ -11,8 +11,12 @@ then copies into the reasoning as if they were facts of the history. So:
   item's text one space, and refuses text holding a special token of the default backbone,
   SmolLM2 (`DEFAULT_SPECIAL_TOKENS`), or any ChatML / Llama 3 style marker "<|...|>"
   (`SpecialText.default`), naming the item and the string;
-- `SpecialText.plain` breaks such a string by a space after its first character
-  ("<|im_end|>" -> "< |im_end|>"), so that it tokenizes as plain text.
+- at prompt time (model/r2ec.py `R2ec.catalog_text`) any such string that still arrives (a
+  catalog in a checkpoint written before these checks) is broken by a space after its first
+  character (`SpecialText.plain`: "<|im_end|>" -> "< |im_end|>"), so it tokenizes as plain
+  text, and control white space is made one space. The claims' grammars (model/constrained.py)
+  take the titles as the prompt shows them, so a title is still copied as the prompt spells it;
+  the reasoning texts the `rationale` stage teaches are broken up the same way.
 
 A tokenizer's special tokens here are `all_special_tokens` and its added tokens that are
 special, or that are not plain words (Qwen's "<think>" is added but not special; a word some
@@ -66,14 +70,15 @@ def has_control_space(text: str) -> bool:
 
 
 def tokenizer_special_strings(tokenizer) -> list[str]:  # noqa: ANN001 (any HF tokenizer)
-    """The strings `tokenizer` turns into special tokens (module docstring)."""
-    strings = list(getattr(tokenizer, "all_special_tokens", None) or [])
+    """The strings `tokenizer` turns into special tokens (module docstring), sorted; white
+    space alone is none."""
+    strings = set(getattr(tokenizer, "all_special_tokens", None) or [])
     decoder: Mapping = getattr(tokenizer, "added_tokens_decoder", None) or {}
     for token in decoder.values():
         content = str(getattr(token, "content", token))
         if getattr(token, "special", True) or not _PLAIN_WORD.fullmatch(content):
-            strings.append(content)
-    return strings
+            strings.add(content)
+    return sorted(s for s in strings if s.strip())
 
 
 class SpecialText:
