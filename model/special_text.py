@@ -11,6 +11,9 @@ then copies into the reasoning as if they were facts of the history. So:
   item's text one space, and refuses text holding a special token of the default backbone,
   SmolLM2 (`DEFAULT_SPECIAL_TOKENS`), or any ChatML / Llama 3 style marker "<|...|>"
   (`SpecialText.default`), naming the item and the string;
+- `r2ec checkpoint init` refuses a catalog holding a special token of the backbone's own
+  tokenizer (`SpecialText.of`; model/checkpoint.py `check_catalog_text`), which covers data
+  prepared before that check, and other backbones;
 - at prompt time (model/r2ec.py `R2ec.catalog_text`) any such string that still arrives (a
   catalog in a checkpoint written before these checks) is broken by a space after its first
   character (`SpecialText.plain`: "<|im_end|>" -> "< |im_end|>"), so it tokenizes as plain

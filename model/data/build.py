@@ -90,11 +90,13 @@ MISSING_EXAMPLES = 5  # ids a missing-items warning shows
 TEXT_COLUMNS = tuple(c for c in ITEM_COLUMNS if c != "item_id")  # what an item prompt shows
 
 
-def check_item_text(items: pd.DataFrame, origin: str, special: SpecialText | None = None) -> None:
-    """Raise DataError where an item's text holds a special-token string (`special`; default:
-    the default backbone's and every "<|...|>" marker, model/special_text.py), naming the
-    item, the field and the string, and how many items hold one: a prompt would carry it as a
-    control token of the chat template, not as text."""
+def check_item_text(
+    items: pd.DataFrame, origin: str, special: SpecialText | None = None, whose: str = "a chat template"
+) -> None:
+    """Raise DataError where an item's text holds a special-token string (`special`, those of
+    `whose`; default: the default backbone's and every "<|...|>" marker, model/special_text.py),
+    naming the item, the field and the string, and how many items hold one: a prompt would
+    carry it as a control token of the chat template, not as text."""
     special = special or SpecialText.default()
     found: list[str] = []
     count = 0
@@ -107,8 +109,8 @@ def check_item_text(items: pd.DataFrame, origin: str, special: SpecialText | Non
     if found:
         more = f" ({count} items in all)" if count > len(found) else ""
         raise DataError(
-            f"{origin}: {'; '.join(found)}{more}: a special token of a chat template, which a "
-            "prompt would carry as a control token, not as text; remove it from the item text"
+            f"{origin}: {'; '.join(found)}{more}: a special token of {whose}, which a prompt "
+            "would carry as a control token, not as text; remove it from the item text"
         )
 
 
