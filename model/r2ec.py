@@ -234,6 +234,11 @@ class R2ec:
         refuse them, PUT /items too); one in a checkpoint written before may."""
         return self._special.plain(one_line(text)) if text else text
 
+    def special_token_in(self, text: str) -> str | None:
+        """The first special-token string of the tokenizer that `text` holds (what
+        `catalog_text` breaks up), or None."""
+        return self._special.find(text)
+
     def _catalog_history(self, history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
         return [e if (t := self.catalog_text(e.title)) == e.title else replace(e, title=t) for e in history]
 

@@ -14,6 +14,9 @@ then copies into the reasoning as if they were facts of the history. So:
 - `r2ec checkpoint init` refuses a catalog holding a special token of the backbone's own
   tokenizer (`SpecialText.of`; model/checkpoint.py `check_catalog_text`), which covers data
   prepared before that check, and other backbones;
+- the service's item edits (PUT /items) refuse, with a 422 naming the field, a title, year or
+  genre that is not one line (service/schemas.py `ItemUpsert`) and any field holding a special
+  token of the served tokenizer (service/catalog.py `Catalog.check_text`);
 - at prompt time (model/r2ec.py `R2ec.catalog_text`) any such string that still arrives (a
   catalog in a checkpoint written before these checks) is broken by a space after its first
   character (`SpecialText.plain`: "<|im_end|>" -> "< |im_end|>"), so it tokenizes as plain
