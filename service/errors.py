@@ -44,6 +44,7 @@ MAX_IN_MESSAGE = 5  # field errors spelled out in the one-line message
 SHUTDOWN_RETRY_AFTER_S = 5  # another replica (or this one, restarted) will answer by then
 STORE_RETRY_AFTER_S = 2  # the store client reconnects on the next request
 RELOAD_RETRY_AFTER_S = 10  # a reload loads and warms a model: seconds on 2 cores
+STORE_DOWN = "history store unavailable"  # a 503 store_unavailable's whole message
 
 CODES = {
     400: "invalid_body",
@@ -257,11 +258,11 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
 
     @app.exception_handler(StoreUnavailable)
     async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        # the log line (store_failed) has the redacted URL and the driver's words; the client
+        # gets nothing of the URL: not its host, port or db, nor a password in its query
         request.app.state.r2ec.store_failed(exc)
         headers = retry_after(STORE_RETRY_AFTER_S)
-        return error_response(
-            503, f"history store unavailable: {exc}", code="store_unavailable", headers=headers
-        )
+        return error_response(503, STORE_DOWN, code="store_unavailable", headers=headers)
 
     @app.exception_handler(ReloadError)
     async def reload_failed(request: Request, exc: ReloadError) -> JSONResponse:

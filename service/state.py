@@ -653,6 +653,8 @@ class ServiceState:
         try:
             await self.store.ping()
         except StoreUnavailable as exc:
-            self.metrics.store_errors.labels(exc.op).inc()
-            reasons.append(f"store unavailable: {exc}")
+            # the probes are open: the reason names the driver's exception class, never the
+            # URL (host, port, db, a password given as ?password=); the WARNING has the rest
+            self.store_failed(exc)
+            reasons.append(f"store unavailable: {type(exc.__cause__ or exc).__name__}")
         return reasons
