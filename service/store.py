@@ -665,6 +665,11 @@ end
 local user, window, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local ttl, now, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local user_ttl = tonumber(ARGV[7])  -- seconds the history and seen set outlive this append; 0: for good
+-- A Redis at its maxmemory with noeviction refuses a script's write that may grow it only while
+-- the script has written nothing yet: after the prune below (a write that only frees), every
+-- ZADD, XADD and RPUSH would go through past the cap. So a growing write comes first: a no-op
+-- (XX updates only an existing member, and no event id is empty), refused whole when full.
+redis.call('ZADD', KEYS[4], 'XX', now, '')
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl)
 local hist = redis.call('LRANGE', KEYS[1], 0, -1)
 local times = {}

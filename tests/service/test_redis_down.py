@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from tests.service.conftest import RedisServer, app_for, needs_redis, serve
+from tests.service.conftest import ADMIN, RedisServer, app_for, needs_redis, serve
 from tests.service.test_app import H1, metric
 
 pytestmark = [pytest.mark.asyncio, *needs_redis]
@@ -103,5 +103,38 @@ async def test_a_password_in_the_query_reaches_no_client_and_no_log(ckpt, caplog
         logged = f"{server.url}?password=***&socket_keepalive=true"  # which Redis, and why
         assert any(logged in w for w in warnings), warnings
         assert sent not in caplog.text
+    finally:
+        server.stop()
+
+
+async def test_a_full_redis_that_evicts_nothing_refuses_writes_with_a_503_and_keeps_reads(ckpt):
+    """docker-compose.yml caps Redis (`--maxmemory`) with `--maxmemory-policy noeviction`: at
+    the cap, nothing stored is dropped silently; a write is refused with the clear 503, reads go
+    on, and the replica stays ready (Redis answers)."""
+    server = RedisServer()
+    try:
+        async with serve(app_for(ckpt, redis_url=server.url)) as client:
+            r = await client.post("/users/u1/events", json={"events": H1})
+            assert r.status_code == 200, r.text
+            with socket.create_connection(("127.0.0.1", server.port), timeout=2) as s:
+                s.sendall(b"CONFIG SET maxmemory-policy noeviction\r\nCONFIG SET maxmemory 1\r\n")
+                assert s.recv(32).startswith(b"+OK")
+            r = await client.post("/users/u2/events", json={"events": H1})
+            assert r.status_code == 503 and r.json()["error"] == {
+                "status": 503,
+                "code": "store_unavailable",
+                "message": "history store unavailable",
+                "fields": [],
+            }
+            r = await client.get("/users/u2/history")  # refused whole: a retry stores each once
+            assert r.status_code == 200 and r.json()["history"] == []
+            r = await client.get("/users/u1/history")
+            assert r.status_code == 200 and len(r.json()["history"]) == 3  # nothing evicted
+            r = await client.post("/recommend", json={"user_id": "u1", "k": 3})
+            assert r.status_code == 200, r.text  # its cache write is refused, and skipped
+            ready = await client.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["status"] == "ready"
+            r = await client.delete("/users/u1", headers=ADMIN)  # an erasure frees, and works
+            assert r.status_code == 200 and r.json()["history_events"] == 3, r.text
     finally:
         server.stop()
