@@ -87,6 +87,7 @@ def create_app(
             settings.max_batch,
             settings.max_wait_ms,
         )
+        log_auth(settings)
         try:
             yield
         finally:
@@ -115,6 +116,40 @@ def create_app(
     if not settings.user_keys:
         _open_user_routes_in_schema(app, served)
     return app
+
+
+MIN_KEY_LENGTH = 16  # characters; `openssl rand -hex 24` gives 48
+
+
+def log_auth(settings: Settings) -> None:
+    """Say at startup who may call what, so an operator reads from the log whether a key took
+    effect: a WARNING while the routes of users' data are open (no R2EC_CLIENT_KEY), an INFO
+    line for the admin API, and a WARNING for a key shorter than MIN_KEY_LENGTH. Never the keys.
+    The service still starts without keys: the quickstart and a service only your own backend
+    reaches run that way (README, "Who may call what")."""
+    if settings.user_keys:
+        log.info("user routes (/recommend, /users/*) take X-API-Key: R2EC_CLIENT_KEY or the admin key")
+    else:
+        log.warning(
+            "R2EC_CLIENT_KEY is unset: user routes are open: /recommend and /users/* take no key; "
+            "anyone who reaches this port can read and write any user's history (and fill the "
+            "store with made-up users); set R2EC_CLIENT_KEY unless only your own backend reaches it"
+        )
+    if settings.admin_key is None:
+        log.info(
+            "admin API disabled (R2EC_API_KEY unset): item edits, DELETE /users/{id} and "
+            "/admin/reload answer 403"
+        )
+    else:
+        log.info("admin API enabled: item edits, DELETE /users/{id} and /admin/reload take R2EC_API_KEY")
+    for name, key in (("R2EC_API_KEY", settings.admin_key), ("R2EC_CLIENT_KEY", settings.user_key)):
+        if key is not None and len(key) < MIN_KEY_LENGTH:
+            log.warning(
+                "%s is %d characters long: use at least %d random ones (openssl rand -hex 24)",
+                name,
+                len(key),
+                MIN_KEY_LENGTH,
+            )
 
 
 def _open_user_routes_in_schema(app: FastAPI, served: Sequence[BaseRoute]) -> None:

@@ -252,10 +252,15 @@ class Settings(BaseSettings):
         return _secret(self.api_key)
 
     @property
+    def user_key(self) -> str | None:
+        """The client key (None: unset or empty)."""
+        return _secret(self.client_key)
+
+    @property
     def user_keys(self) -> tuple[str, ...]:
         """The keys the user routes take (the client key, and the admin key beside it); empty
         while no client key is set, when they are open."""
-        client = _secret(self.client_key)
+        client = self.user_key
         if client is None:
             return ()
         return (client,) if self.admin_key is None else (client, self.admin_key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -89,6 +90,40 @@ async def test_admin_routes_are_off_without_a_configured_key(ckpt, method, path,
     async with serve(app_for(ckpt, api_key=None)) as client:
         r = await client.request(method, path, json=body, headers=ADMIN)
     assert r.status_code == 403 and "admin API disabled: set R2EC_API_KEY" in r.json()["error"]["message"]
+
+
+async def test_the_startup_log_says_who_may_call_what_and_never_the_keys(ckpt, caplog):
+    """An operator reads from the log whether a key took effect: before, an open service and a
+    disabled admin API said nothing, and a 1-character key was taken silently."""
+    caplog.set_level(logging.INFO, logger="service.app")
+
+    async def startup_lines(**keys) -> tuple[list[str], list[str]]:
+        caplog.clear()
+        async with serve(app_for(ckpt, **keys)):
+            pass
+        mine = [r for r in caplog.records if r.name == "service.app"]
+        warnings = [r.getMessage() for r in mine if r.levelno == logging.WARNING]
+        return warnings, [r.getMessage() for r in mine if r.levelno == logging.INFO]
+
+    warnings, infos = await startup_lines(api_key=None)  # the quickstart's way: it still starts
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("R2EC_CLIENT_KEY is unset: user routes are open: /recommend and /users/*")
+    assert [m for m in infos if m.startswith("admin API")] == [
+        "admin API disabled (R2EC_API_KEY unset): item edits, DELETE /users/{id} and /admin/reload answer 403"
+    ]
+    admin, client = "Adm1nKeyOfSixteen", "Cl1entKey15char"  # 17 and 15 characters
+    warnings, infos = await startup_lines(api_key=admin, client_key=client)
+    assert warnings == [
+        "R2EC_CLIENT_KEY is 15 characters long: use at least 16 random ones (openssl rand -hex 24)"
+    ]
+    assert "admin API enabled: item edits, DELETE /users/{id} and /admin/reload take R2EC_API_KEY" in infos
+    assert any(m.startswith("user routes (/recommend, /users/*) take X-API-Key") for m in infos)
+    assert admin not in caplog.text and client not in caplog.text
+    warnings, _ = await startup_lines(api_key="short")
+    assert [w.split(":")[0] for w in warnings] == [
+        "R2EC_CLIENT_KEY is unset",
+        "R2EC_API_KEY is 5 characters long",
+    ]
 
 
 async def test_put_and_delete_items_change_recommendations(app, client):
