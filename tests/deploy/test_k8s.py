@@ -164,6 +164,7 @@ def test_every_pod_meets_the_restricted_pod_security_standard(docs):
         assert pod["runAsNonRoot"] is True and pod["runAsUser"] != 0, name
         assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, name
         assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), name
+        assert spec["automountServiceAccountToken"] is False, name  # no pod calls the API
         for v in spec["volumes"]:
             assert set(v) - {"name"} <= RESTRICTED_VOLUMES, (name, v)
         for c in _containers(spec):
