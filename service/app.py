@@ -17,6 +17,7 @@ from service.access_log import AccessLog
 from service.config import Settings, unknown_env
 from service.deps import require_user_key
 from service.errors import add_error_handlers
+from service.headers import SecurityHeaders
 from service.limits import BodyLimit
 from service.metrics import Metrics
 from service.recommender import Recommender
@@ -111,7 +112,8 @@ def create_app(
     # the routes name what a request refused before routing asked for, and FastAPI's /docs
     own = [r for r in app.router.routes if hasattr(r, "path_regex")]  # FastAPI's /docs, /openapi.json
     app.add_middleware(AccessLog, metrics=metrics, routes=[*own, *served])
-    app.add_middleware(RequestId)  # outermost: every response carries X-Request-ID
+    app.add_middleware(RequestId)  # every response carries X-Request-ID
+    app.add_middleware(SecurityHeaders)  # outermost: nosniff and no-referrer on every response
     add_error_handlers(app, metrics, served)
     if not settings.user_keys:
         _open_user_routes_in_schema(app, served)

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
 
 from service.batcher import BatcherClosed, BatchFailed, QueueFull
+from service.headers import HEADERS as SECURITY_HEADERS
 from service.logs import Throttled
 from service.metrics import Metrics
 from service.request_id import HEADER, request_id
@@ -304,5 +305,7 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
         # the route's template, not the path: a path under /users/ names a user (service/access_log.py)
         route = route_template(request.scope)
         log.exception("unhandled error on %s %s (request %s)", request.method, route, rid)
-        headers = {HEADER: rid} if rid else None
+        # sent from outside every middleware of the app's own (service/request_id.py): the
+        # headers they add are set here
+        headers = {**SECURITY_HEADERS, **({HEADER: rid} if rid else {})}
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", headers=headers)

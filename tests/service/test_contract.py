@@ -9,7 +9,7 @@ import logging
 import httpx
 import pytest
 
-from tests.service.conftest import ADMIN
+from tests.service.conftest import ADMIN, app_for, serve
 from tests.service.test_app import metric
 
 
@@ -80,6 +80,52 @@ async def test_every_response_carries_a_request_id_a_client_may_choose(client):
     assert made[0] != made[1] and all(len(m) == 32 for m in made)
     odd = await client.get("/nowhere", headers={"x-request-id": "has space"})
     assert odd.status_code == 404 and len(odd.headers["x-request-id"]) == 32  # not echoed: made
+
+
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+
+
+@pytest.mark.asyncio
+async def test_every_response_says_nosniff_and_no_referrer_and_the_page_cannot_be_framed(ckpt):
+    """Before, responses carried none of these: the page could be framed by any site (its
+    buttons post to a user's history) and nothing stopped a browser sniffing a body's type."""
+    app = app_for(ckpt, max_body_bytes=1024)
+    async with serve(app) as client:
+        calls = [
+            client.get("/"),
+            client.get("/static/app.js"),
+            client.get("/static/app.css"),
+            client.get("/static/nothing.js"),  # 404
+            client.get("/items", params={"q": "star"}),
+            client.post("/recommend", json={"history": [{"item_id": "i1"}], "reasoning": False}),
+            client.post("/recommend/stream", json={"history": [{"item_id": "i1"}], "reasoning": False}),
+            client.post("/recommend", json={"k": 0}),  # 422
+            client.post("/recommend", content=b"x" * 2048),  # 413, refused before the app
+            client.put("/healthz"),  # 405
+            client.get("/healthz"),
+            client.get("/metrics"),
+            client.get("/openapi.json"),
+        ]
+        responses = [await call for call in calls]
+        for r in responses:
+            where = f"{r.request.method} {r.request.url.path} {r.status_code}"
+            assert r.headers["x-content-type-options"] == "nosniff", where
+            assert r.headers["referrer-policy"] == "no-referrer", where
+        assert [r.status_code for r in responses[3:4] + responses[7:10]] == [404, 422, 413, 405]
+        for r in responses[:3]:  # the page and its files
+            assert r.status_code == 200
+            assert r.headers["content-security-policy"] == PAGE_CSP, r.request.url.path
+            assert r.headers["x-frame-options"] == "DENY", r.request.url.path
+        # a 500 is sent from outside the app's middleware: its handler sets them too
+        app.state.r2ec.engine.prepare = lambda query: 1 / 0
+        transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://r2ec.test") as raw:
+            r = await raw.post("/recommend", json={"history": [{"item_id": "i1"}]})
+        assert r.status_code == 500 and r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["referrer-policy"] == "no-referrer"
 
 
 @pytest.mark.asyncio
