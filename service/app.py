@@ -98,7 +98,9 @@ def create_app(
                 await the_store.close()
             executor.shutdown(wait=True)
 
-    app = FastAPI(title="R²ec serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # R2EC_DOCS=false: no /docs, /redoc (pages that run a CDN's script) or /openapi.json
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="R²ec serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, **docs)
     app.state.r2ec = None
     app.state.startup_error = None  # set by the lifespan when the first load fails
     # ui.router: the page (GET /) and catalog search (GET /items)

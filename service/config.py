@@ -127,6 +127,13 @@ class Settings(BaseSettings):
         "key; unset = those routes are open to whoever reaches the port, for a service behind "
         "your own backend.",
     )
+    docs: bool = Field(
+        True,
+        description="Serve the API's docs: /docs (Swagger UI, whose script and styles the "
+        "browser loads from cdn.jsdelivr.net, on the service's own origin, where an admin may "
+        "type the admin key into its Authorize box), /redoc (likewise) and /openapi.json; false "
+        "answers 404 on all three (the k8s config sets it so).",
+    )
     log_level: str = Field("INFO", description="Python logging level.")
     log_format: Literal["text", "json"] = Field(
         "text",

@@ -151,6 +151,13 @@ def test_volumes_claims_and_config_fit_together(docs):
     )
 
 
+def test_the_api_serves_no_docs_pages_that_run_a_cdns_script(docs):
+    """/docs loads Swagger UI from cdn.jsdelivr.net into the api's origin: off in the cluster."""
+    from service.config import Settings
+
+    assert Settings(docs=_config(docs)["R2EC_DOCS"]).docs is False
+
+
 # -- Pod Security Standard `restricted` (https://kubernetes.io/docs/concepts/security/pod-security-standards/)
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "projected", "secret"}
 RESTRICTED_VOLUMES |= {"persistentVolumeClaim"}

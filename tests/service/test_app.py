@@ -796,6 +796,22 @@ async def test_openapi_asks_for_the_key_on_the_user_routes_where_a_client_key_is
         assert spec["paths"][path][method]["security"] == [{"APIKeyHeader": []}], path
 
 
+async def test_r2ec_docs_false_turns_off_the_docs_pages_and_the_schema(ckpt, monkeypatch):
+    """/docs runs Swagger UI's script from a CDN on the service's origin; a deployment that
+    does not want that (the k8s config) turns the docs off, and the schema with them."""
+    async with serve(app_for(ckpt)) as client:  # on by default
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert (await client.get(path)).status_code == 200, path
+        assert "cdn.jsdelivr.net" in (await client.get("/docs")).text
+    monkeypatch.setenv("R2EC_DOCS", "false")
+    async with serve(app_for(ckpt)) as client:
+        for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+            r = await client.get(path)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", path
+        r = await client.post("/recommend", json={"history": H1, "k": 2, "reasoning": False})
+        assert r.status_code == 200  # the API itself is unchanged
+
+
 async def test_settings_come_from_the_environment(ckpt, monkeypatch):
     from pydantic import ValidationError
 
