@@ -68,7 +68,8 @@ DESCRIPTIONS = {
     409: "A reload is already running (Retry-After).",
     413: "The body is larger than R2EC_MAX_BODY_BYTES.",
     422: "Invalid input; `message` and `fields` name the fields or the ids.",
-    500: "An internal error; `message` says what failed.",
+    500: 'An internal error: `message` is "internal error (request <id>)", the X-Request-ID '
+    "the server's log has the details under.",
     503: "The service cannot answer now: starting, shutting down, overloaded (queue full) or its "
     "store is unavailable; all but starting with Retry-After.",
     507: "The edit is served by this replica from memory but the checkpoint volume refused to "
@@ -213,15 +214,22 @@ async def error_body(request: Request, exc: Exception) -> bytes:
     handlers = request.app.exception_handlers
     handler = next((handlers[c] for c in type(exc).__mro__ if c in handlers), None)
     if handler is None:  # add_error_handlers registers Exception, so only an app without it
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}").body
+        return error_response(500, internal_error(request_id(request.scope))).body
     return (await handler(request, exc)).body
+
+
+def internal_error(rid: str | None) -> str:
+    """A 500's whole message: the request id, never the exception, whose text may name a server
+    path or an internal detail; the log line with the same id has it and its traceback."""
+    return f"internal error (request {rid})" if rid else "internal error"
 
 
 def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRoute] = ()) -> None:
     """Every failure a client can cause is a 4xx naming the problem; service-side trouble is a
     503 (starting, store down, shutting down, overloaded: the last three with Retry-After) or a
-    500 that still says what went wrong. `routes`: the app's routes, for a 405's Allow header.
-    A store outage and queue-full shedding each log a WARNING every 10 s at most while they last."""
+    500 that names the request id its log line (with the exception and traceback) carries.
+    `routes`: the app's routes, for a 405's Allow header. A store outage and queue-full
+    shedding each log a WARNING every 10 s at most while they last."""
     shedding_log = Throttled(log)
 
     @app.exception_handler(StarletteHTTPException)
@@ -293,7 +301,11 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
 
     @app.exception_handler(BatchFailed)
     async def batch_failed(request: Request, exc: BatchFailed) -> JSONResponse:
-        return error_response(500, f"recommendation failed: {exc}")  # already logged by the batcher
+        # the batcher logged the failure with its traceback, once for the batch; this line ties
+        # each request's id to it
+        rid = request_id(request.scope)
+        log.error("recommendation failed (request %s): %s", rid, exc)
+        return error_response(500, internal_error(rid))
 
     @app.exception_handler(ClientDisconnected)
     async def gone(request: Request, exc: ClientDisconnected) -> JSONResponse:
@@ -308,4 +320,4 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
         # sent from outside every middleware of the app's own (service/request_id.py): the
         # headers they add are set here
         headers = {**SECURITY_HEADERS, **({HEADER: rid} if rid else {})}
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", headers=headers)
+        return error_response(500, internal_error(rid), headers=headers)

@@ -144,6 +144,9 @@ async def test_an_unhandled_error_still_carries_the_request_id_in_its_header_and
             )
     assert r.status_code == 500 and r.headers["x-request-id"] == "abc-123"
     assert "unhandled error on POST /recommend (request abc-123)" in caplog.text
+    # the body names the request, not the exception: its text may name a server path
+    assert r.json()["error"]["message"] == "internal error (request abc-123)"
+    assert "RuntimeError" in caplog.text and "a bug" not in r.text
 
 
 @pytest.mark.asyncio

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 
@@ -306,6 +307,35 @@ def test_errors_show_the_api_message_in_words(server, page):
         assert admin.delete("/items/i9", headers={"X-API-Key": "test-key"}).status_code == 200
     page.get_by_role("button", name="Recommend").click()
     expect(error).to_have_text("unknown item ids in history: 'i9'")
+
+
+def test_a_server_failure_shows_the_request_id_and_what_to_do(ckpt, page):
+    """A 500 names only the request id now (the exception stays in the server's log): the page
+    says the service failed, shows the id and what to do with it, for a refusal before the
+    stream and for a batch that fails inside it."""
+    app = create_app(settings_for(ckpt, max_wait_ms=1))
+    with uvicorn_serving(app) as base:
+        page.goto(base + "/")
+        expect(page.locator("#server")).to_contain_text("Model ")
+        add_film(page, "toy", "Toy Story")
+        engine = app.state.r2ec.engine
+        error = page.locator(".run .error")
+        words = r"The service failed to answer: internal error \(request [0-9a-f]{32}\)\. Try again"
+        backend, generate = engine.backend, engine.backend.generate
+        backend.generate = lambda *a, **k: 1 / 0  # the batch fails after the stream began
+        try:
+            page.get_by_role("button", name="Recommend").click()
+            expect(error).to_have_text(re.compile(words))
+        finally:
+            backend.generate = generate
+        prepare = engine.prepare
+        engine.prepare = lambda query: 1 / 0  # an unhandled error: a JSON 500 before the stream
+        try:
+            page.get_by_role("button", name="Recommend").click()
+            expect(error).to_have_text(re.compile(words))
+            assert "ZeroDivisionError" not in error.inner_text()
+        finally:
+            engine.prepare = prepare
 
 
 def test_the_page_is_keyboard_and_phone_friendly(server, browser):
