@@ -412,7 +412,10 @@ class ItemDeleteResponse(BaseModel):
 
 class ReloadRequest(_Body):
     checkpoint: PathText | None = Field(
-        None, description="Checkpoint directory (default: the configured R2EC_CHECKPOINT)."
+        None,
+        description="A version name ('v2') or a path under the checkpoint root: R2EC_CHECKPOINT "
+        "where it holds a CURRENT pointer, else the directory that holds it (a relative path is "
+        "taken from the root; one that resolves outside it is a 422). Default: R2EC_CHECKPOINT.",
     )
 
 

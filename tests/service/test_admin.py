@@ -228,6 +228,71 @@ async def test_reload_swaps_the_model_and_a_failed_reload_keeps_the_old_one(app,
     )
 
 
+async def test_a_reload_loads_only_from_the_checkpoint_root_and_metrics_name_no_path(
+    ckpt, tmp_path, tmp_path_factory
+):
+    """The admin reload took any path: a checkpoint anywhere was loaded (and got an index/
+    written into it), and the answer said what was missing where (`/etc`, `/proc/self`), a
+    filesystem oracle; /metrics, open to all, showed the path served. Now `checkpoint` must lie
+    under the checkpoint root (here R2EC_CHECKPOINT's directory, tmp_path), resolved, symlinks
+    too; whatever lies outside gets one 422 naming the field, whether it exists or not."""
+    outside = copy_as_new_version(ckpt, tmp_path_factory.mktemp("elsewhere") / "v9", "v9-outside")
+    (tmp_path / "link-out").symlink_to(outside, target_is_directory=True)
+    copy_as_new_version(ckpt, tmp_path / "v2", "v2-inside")
+    async with serve(app_for(ckpt)) as client:
+        v1 = (await client.get("/readyz")).json()["model_version"]
+        assert metric((await client.get("/metrics")).text, "r2ec_model_info", checkpoint="ckpt") == 1
+        messages = set()
+        for path in (
+            str(outside),  # a real checkpoint: it used to load
+            "/etc",
+            "/proc/self",
+            "/no/such/dir",
+            "../../etc/passwd",  # relative: from the root, and out of it
+            str(ckpt / ".." / ".." / "etc"),
+            "link-out",  # inside as written, outside once resolved
+            str(tmp_path / "v2" / ".." / "link-out"),
+        ):
+            r = await client.post("/admin/reload", json={"checkpoint": path}, headers=ADMIN)
+            assert r.status_code == 422, (path, r.text)
+            error = r.json()["error"]
+            assert error["code"] == "invalid_request" and error["fields"][0]["field"] == "checkpoint"
+            messages.add(error["message"])
+        # one answer for all of them: nothing said about what is or is not out there
+        assert messages == {
+            f"checkpoint: must name a checkpoint under the checkpoint root {str(tmp_path)!r} "
+            "(R2EC_CHECKPOINT, or the directory that holds it): a version name such as 'v2', "
+            "or a path inside it"
+        }
+        assert not (outside / "index").exists()  # never loaded
+        assert (await client.get("/readyz")).json()["model_version"] == v1
+
+        # a version name, from the root; /metrics names it relative to the root
+        r = await client.post("/admin/reload", json={"checkpoint": "v2"}, headers=ADMIN)
+        assert r.status_code == 200 and r.json()["model_version"] == "v2-inside", r.text
+        text = (await client.get("/metrics")).text
+        assert metric(text, "r2ec_model_info", version="v2-inside", checkpoint="v2") == 1
+        assert str(tmp_path) not in text
+        # a path inside the root as it is, and the configured checkpoint by its own name
+        r = await client.post("/admin/reload", json={"checkpoint": str(ckpt)}, headers=ADMIN)
+        assert r.status_code == 200 and r.json()["model_version"] == v1
+        r = await client.post("/admin/reload", json={"checkpoint": "v3"}, headers=ADMIN)
+        assert r.status_code == 422 and "does not exist" in r.json()["error"]["message"]  # inside
+
+
+async def test_a_versions_root_is_its_own_checkpoint_root(versions_root):
+    """R2EC_CHECKPOINT holding a CURRENT pointer: the versions under it may be reloaded by name,
+    its directory's other contents may not."""
+    (versions_root.parent / "beside").mkdir()
+    async with serve(app_for(versions_root)) as client:
+        text = (await client.get("/metrics")).text
+        assert metric(text, "r2ec_model_info", checkpoint="v0") == 1
+        r = await client.post("/admin/reload", json={"checkpoint": "v0"}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        r = await client.post("/admin/reload", json={"checkpoint": "../beside"}, headers=ADMIN)
+        assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "checkpoint"
+
+
 async def test_a_model_that_loads_but_cannot_answer_is_refused_and_the_old_one_serves(
     app, client, ckpt, tmp_path, monkeypatch
 ):
