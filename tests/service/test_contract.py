@@ -26,6 +26,35 @@ async def test_ids_with_bytes_that_are_not_utf8_are_refused_not_merged(client):
     assert (await client.post("/users/Jos%C3%A9/events", json=body)).status_code == 200  # UTF-8: fine
 
 
+BIDI = ["\u061c", "\u200e", "\u200f", "\u202a", "\u202b", "\u202c", "\u202d", "\u202e"]
+BIDI += ["\u2066", "\u2067", "\u2068", "\u2069"]
+
+
+@pytest.mark.asyncio
+async def test_ids_with_bidirectional_controls_are_refused_other_format_characters_are_not(ckpt):
+    """U+202E made "u\u202eadmin" display as "unimda" wherever an id is shown, and was taken as a
+    user id: every bidi control is now a 422 naming the field, in paths and bodies. The zero-width
+    joiner of emoji sequences (also Cf) stays allowed."""
+    async with serve(app_for(ckpt)) as client:
+        for c in BIDI:
+            r = await client.post(f"/users/u{c}admin/events", json={"events": [{"item_id": "i1"}]})
+            assert r.status_code == 422, (hex(ord(c)), r.text)
+            error = r.json()["error"]
+            assert error["fields"][0]["field"] == "user_id" and "bidirectional control" in error["message"]
+        for body, field in (
+            ({"user_id": "u\u202e1", "history": [{"item_id": "i1"}]}, "user_id"),
+            ({"history": [{"item_id": "i1\u2067"}]}, "history.0.item_id"),
+        ):
+            r = await client.post("/recommend", json=body)
+            assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == field, r.text
+        r = await client.post("/users/u1/events", json={"events": [{"item_id": "i1", "event_id": "\u200fe"}]})
+        assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "events.0.event_id"
+        assert (await client.get("/users/%E2%80%AEu1/history")).status_code == 422  # U+202E, encoded
+        for user in ("\U0001f469\u200d\U0001f4bb", "a\u200db", "a\u2060b"):  # ZWJ, word joiner: fine
+            r = await client.post(f"/users/{user}/events", json={"events": [{"item_id": "i1"}]})
+            assert r.status_code == 200, (user, r.text)
+
+
 @pytest.mark.asyncio
 async def test_an_inline_history_with_timestamps_is_read_in_timestamp_order(client):
     events = [{"item_id": f"i{n}", "rating": 4, "timestamp": 100 * n} for n in (1, 2, 3, 4, 5)]
