@@ -81,9 +81,10 @@ async function refusal(response) {
   return new ApiError(response.status, failedWords(response.status, await apiMessage(response)));
 }
 
-// A 500 says only "internal error (request <id>)": the server's log has the rest under that id.
+// A 500 says only "internal error (request <id>)": the server's log has the rest under that id,
+// so say what to do with it. Any other message is the API's own words, shown as they are.
 function failedWords(status, message) {
-  if (status !== 500) return message;
+  if (status !== 500 || !/^internal error \(request [^)]+\)$/.test(message)) return message;
   return `The service failed to answer: ${message}. Try again; if it keeps failing, give whoever runs it that request id.`;
 }
 
