@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.convertors import Convertor, register_url_convertor
 
 from service import schemas
+from service.catalog import ItemTextError
 from service.config import Settings
 from service.deps import Admin, CatalogDep, MaybeStateDep, StateDep, StoreDep, UserData
 from service.errors import documented
@@ -332,7 +333,12 @@ async def put_item(
     item_id: ItemIdPath, body: schemas.ItemUpsert, state: StateDep, response: Response
 ) -> schemas.ItemUpsertResponse:
     """Encode the item's text with the model and add or replace it in the index (admin)."""
-    catalog, replaced = await state.upsert_item(item_id, body.model_dump(exclude_none=True))
+    try:
+        catalog, replaced = await state.upsert_item(item_id, body.model_dump(exclude_none=True))
+    except ItemTextError as exc:  # a 422 naming the field, as the schema's own checks are
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("body", exc.field), "msg": exc.message}]
+        ) from None
     response.status_code = 200 if replaced else 201
     if (item := catalog.item(item_id)) is None:  # a DELETE came in between
         raise HTTPException(404, f"item {item_id!r} was deleted while it was being written")

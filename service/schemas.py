@@ -153,9 +153,38 @@ def _text(max_length: int, min_length: int = 0) -> Any:
     ]
 
 
-Title = _text(1000, min_length=1)
-ShortText = _text(32)
-Text = _text(1000)
+# An item's title, year and genres: one line each. A line break in a title made the user prompt
+# read one history entry as two, and the rated list's grammar copied both lines as one title;
+# `r2ec data prepare` makes such white space one space (model/special_text.py).
+LINE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"  # no control character, tab or line break
+
+
+_LINE_RE = re.compile(LINE_PATTERN)
+
+
+def check_line(value: Any) -> Any:
+    """One line of text: refused, not trimmed, where it holds a line break, a tab or any other
+    control character anywhere (checked before the surrounding white space is trimmed, as the
+    schema's pattern says)."""
+    if isinstance(value, str) and _LINE_RE.fullmatch(value) is None:
+        raise ValueError("must be one line: no line break, tab or other control characters")
+    return value
+
+
+def _line(max_length: int, min_length: int = 0) -> Any:
+    """One line of free text: `_text` without tabs or line breaks."""
+    return Annotated[
+        str,
+        StringConstraints(strip_whitespace=True, min_length=min_length, max_length=max_length),
+        BeforeValidator(check_line),  # before the constraints trim the white space around it
+        AfterValidator(check_text),
+        _Pattern(LINE_PATTERN),
+    ]
+
+
+Title = _line(1000, min_length=1)
+ShortLine = _line(32)
+Line = _line(1000)
 LongText = _text(100_000)
 PathText = _text(4096, min_length=1)
 
@@ -410,9 +439,13 @@ class Item(BaseModel):
 
 
 class ItemUpsert(_Body):
+    """An item's text. Title, year and genres are one line each; none of the four may hold a
+    special token of the served model's tokenizer (`<|im_end|>`: a 422 naming the field,
+    service/catalog.py `Catalog.check_text`), which a prompt would carry as a control token."""
+
     title: Title
-    year: ShortText | None = None
-    genres: Text | None = None
+    year: ShortLine | None = None
+    genres: Line | None = None
     description: LongText | None = None
 
 
