@@ -127,6 +127,13 @@ class Settings(BaseSettings):
         "key; unset = those routes are open to whoever reaches the port, for a service behind "
         "your own backend.",
     )
+    docs: bool = Field(
+        True,
+        description="Serve the API's docs: /docs (Swagger UI, whose script and styles the "
+        "browser loads from cdn.jsdelivr.net, on the service's own origin, where an admin may "
+        "type the admin key into its Authorize box), /redoc (likewise) and /openapi.json; false "
+        "answers 404 on all three (the k8s config sets it so).",
+    )
     log_level: str = Field("INFO", description="Python logging level.")
     log_format: Literal["text", "json"] = Field(
         "text",
@@ -252,10 +259,15 @@ class Settings(BaseSettings):
         return _secret(self.api_key)
 
     @property
+    def user_key(self) -> str | None:
+        """The client key (None: unset or empty)."""
+        return _secret(self.client_key)
+
+    @property
     def user_keys(self) -> tuple[str, ...]:
         """The keys the user routes take (the client key, and the admin key beside it); empty
         while no client key is set, when they are open."""
-        client = _secret(self.client_key)
+        client = self.user_key
         if client is None:
             return ()
         return (client,) if self.admin_key is None else (client, self.admin_key)

@@ -172,7 +172,8 @@ class Metrics:
         )
         self.model = Info(
             "r2ec_model",
-            "The model version being served, its checkpoint, and its decode steps' matmul path "
+            "The model version being served, its checkpoint (its path relative to the checkpoint "
+            "root: 'v2', 'current'), and its decode steps' matmul path "
             "(bf16_kernel, onednn, cuda or hf; int8+ in front with int8 weights).",
             registry=r,
         )

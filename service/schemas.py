@@ -1,9 +1,11 @@
 """Request and response bodies: the HTTP edge only (the engine speaks frozen dataclasses).
 
 Ids (users, items, events) are one type, `Id`, in paths and in bodies alike: 1-256
-characters, no control characters, no leading or trailing whitespace, valid Unicode (and no
-U+FFFD: a path's bytes that are not UTF-8 arrive as that character, so "Jos%E9" and
-"Jos%E8" would otherwise be one user). An id is
+characters, no control characters, no bidirectional controls (U+061C, U+200E, U+200F,
+U+202A-U+202E, U+2066-U+2069: they make an id display as another; other format characters,
+such as the zero-width joiner of emoji sequences, are fine), no leading or trailing whitespace,
+valid Unicode (and no U+FFFD: a path's bytes that are not UTF-8 arrive as that character, so
+"Jos%E9" and "Jos%E8" would otherwise be one user). An id is
 refused, never trimmed: an id trimmed in a body but kept in a path would name two users. A JSON
 integer is accepted as an id and turned into a string (ml-100k's ids look like numbers). Free
 text (titles, descriptions) must be valid Unicode without control characters other than tab
@@ -39,8 +41,13 @@ from model.data.build import MAX_TIMESTAMP_S, RATING_RANGE
 ID_MAX = 256
 # The id rule as a JSON-schema pattern, for the docs and for clients that generate ids;
 # `check_id` applies the same expression (Python's \s is str.isspace, Cc is \x00-\x1f\x7f-\x9f).
-ID_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f\ufffd](?:[^\x00-\x1f\x7f-\x9f\ufffd]*[^\s\x00-\x1f\x7f-\x9f\ufffd])?$"
+# Bidirectional controls (Cf, unlike the other format characters, such as the zero-width joiner
+# of emoji sequences, which ids may hold) reorder what is shown: "\u202eadmin" reads "nimda".
+BIDI_CONTROLS = r"\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_NOT_IN_ID = r"\x00-\x1f\x7f-\x9f\ufffd" + BIDI_CONTROLS
+ID_PATTERN = rf"^[^\s{_NOT_IN_ID}](?:[^{_NOT_IN_ID}]*[^\s{_NOT_IN_ID}])?$"
 _ID_RE = re.compile(ID_PATTERN)
+_BIDI_RE = re.compile(f"[{BIDI_CONTROLS}]")
 REPLACEMENT = "\ufffd"  # what a byte that is not UTF-8 decodes to
 TEXT_PATTERN = r"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]*$"  # no control character but tab and newline
 _TEXT_RE = re.compile(TEXT_PATTERN)
@@ -58,12 +65,22 @@ def _unicode(value: str) -> None:
         raise ValueError("must be valid Unicode (it holds a lone UTF-16 surrogate)") from None
 
 
-def check_id(value: str) -> str:
-    """The id rule (module docstring); the message says which part of it failed."""
+def check_id(value: str, *, allow_bidi: bool = False) -> str:
+    """The id rule (module docstring); the message says which part of it failed. `allow_bidi`:
+    for `r2ec user erase/export`, which must reach an id stored before bidi controls were
+    refused."""
+    if allow_bidi:  # every other part of the rule still holds
+        check_id(_BIDI_RE.sub("x", value))
+        return value
     _unicode(value)
     if _ID_RE.fullmatch(value) is None:
         if any(unicodedata.category(c) == "Cc" for c in value):
             raise ValueError("must not contain control characters")
+        if _BIDI_RE.search(value):
+            raise ValueError(
+                "must not contain bidirectional control characters (U+061C, U+200E, U+200F, "
+                "U+202A-U+202E, U+2066-U+2069): they make an id display as another"
+            )
         if REPLACEMENT in value:
             raise ValueError(
                 "must not contain U+FFFD, what bytes that are not UTF-8 decode to (two such ids "
@@ -445,7 +462,10 @@ class ItemDeleteResponse(BaseModel):
 
 class ReloadRequest(_Body):
     checkpoint: PathText | None = Field(
-        None, description="Checkpoint directory (default: the configured R2EC_CHECKPOINT)."
+        None,
+        description="A version name ('v2') or a path under the checkpoint root: R2EC_CHECKPOINT "
+        "where it holds a CURRENT pointer, else the directory that holds it (a relative path is "
+        "taken from the root; one that resolves outside it is a 422). Default: R2EC_CHECKPOINT.",
     )
 
 

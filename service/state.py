@@ -14,6 +14,7 @@ import ctypes
 import dataclasses
 import gc
 import logging
+import os
 import random
 import time
 import weakref
@@ -68,6 +69,46 @@ class ReloadError(RuntimeError):
 
 class ReloadInProgress(RuntimeError):
     pass
+
+
+def checkpoint_root(configured: Path) -> Path:
+    """The directory `POST /admin/reload` may load checkpoints from: R2EC_CHECKPOINT itself
+    where it is a versions root (it holds a CURRENT pointer), else the directory that holds it
+    (checkpoints/current -> checkpoints/). Absolute, not resolved."""
+    configured = Path(os.path.abspath(configured))
+    return configured if (configured / CURRENT_FILE).is_file() else configured.parent
+
+
+def confine_checkpoint(configured: Path, requested: str) -> Path:
+    """The checkpoint a reload asked for, resolved (symlinks too), where it is inside the
+    checkpoint root (`checkpoint_root`); a relative one (a version name, "v2") is taken from
+    the root. ValueError otherwise, with one message whatever lies outside: a path outside the
+    root as written is refused without looking at the disk, so the answer never says whether
+    such a path exists. A path inside it that resolves outside (a symlink out) is refused too,
+    unless it is the configured checkpoint itself (checkpoints/current may be a link)."""
+    root = checkpoint_root(configured)
+    outside = ValueError(
+        f"must name a checkpoint under the checkpoint root {str(root)!r} (R2EC_CHECKPOINT, or "
+        "the directory that holds it): a version name such as 'v2', or a path inside it"
+    )
+    candidate = root / requested  # an absolute `requested` stands for itself
+    if not Path(os.path.normpath(candidate)).is_relative_to(root):
+        raise outside
+    resolved = candidate.resolve()
+    if not any(resolved.is_relative_to(p.resolve()) for p in (root, Path(configured))):
+        raise outside
+    return resolved
+
+
+def checkpoint_label(configured: Path, path: Path, version: str) -> str:
+    """How /metrics names the served checkpoint (r2ec_model_info's `checkpoint`): its path
+    relative to the checkpoint root ("v2", "current"), never an absolute path; the version
+    where it lies elsewhere."""
+    root = checkpoint_root(configured)
+    for base, where in ((root, Path(os.path.abspath(path))), (root.resolve(), Path(path).resolve())):
+        if where.is_relative_to(base):
+            return where.relative_to(base).as_posix()
+    return version
 
 
 class EditNotSaved(RuntimeError):
@@ -580,7 +621,9 @@ class ServiceState:
         self.metrics.model.info(
             {
                 "version": self.engine.version,
-                "checkpoint": str(self.engine.checkpoint.path),
+                "checkpoint": checkpoint_label(
+                    self.settings.checkpoint, self.engine.checkpoint.path, self.engine.version
+                ),
                 "decode_matmuls": self.engine.decode_matmuls,
             }
         )
@@ -679,6 +722,8 @@ class ServiceState:
         try:
             await self.store.ping()
         except StoreUnavailable as exc:
-            self.metrics.store_errors.labels(exc.op).inc()
-            reasons.append(f"store unavailable: {exc}")
+            # the probes are open: the reason names the driver's exception class, never the
+            # URL (host, port, db, a password given as ?password=); the WARNING has the rest
+            self.store_failed(exc)
+            reasons.append(f"store unavailable: {type(exc.__cause__ or exc).__name__}")
         return reasons

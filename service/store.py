@@ -70,6 +70,7 @@ import json
 import logging
 import math
 import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -754,6 +755,11 @@ end
 local user, window, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local ttl, now, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local user_ttl = tonumber(ARGV[7])  -- seconds the history and seen set outlive this append; 0: for good
+-- A Redis at its maxmemory with noeviction refuses a script's write that may grow it only while
+-- the script has written nothing yet: after the prune below (a write that only frees), every
+-- ZADD, XADD and RPUSH would go through past the cap. So a growing write comes first: a no-op
+-- (XX updates only an existing member, and no event id is empty), refused whole when full.
+redis.call('ZADD', KEYS[4], 'XX', now, '')
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl)
 local hist = redis.call('LRANGE', KEYS[1], 0, -1)
 local times = {}
@@ -930,13 +936,30 @@ def _failures(url: str, op: str) -> Iterator[None]:
 
 
 def _redact(url: str) -> str:
-    """redis://user:secret@host -> redis://user:***@host, for error messages."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0] if ":" in creds else ""
-    return f"{scheme}://{user}:***@{host}"
+    """The URL with its credentials masked, for the log: the userinfo's password
+    (redis://user:secret@host -> redis://user:***@host; a lone userinfo, which may be a
+    password, whole) and the `password` and `username` query parameters redis-py also reads
+    (redis://host/0?password=secret -> redis://host/0?password=***); the other parameters kept.
+    Nothing of it goes to clients (service/errors.py, ServiceState.readiness)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # an unbalanced [ in the host: nothing of it is safe to repeat
+        return "<unparseable Redis URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if has_password else f"***@{host}"
+    query = parts.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        masked = [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs]
+        query = urllib.parse.urlencode(masked, safe="*")
+    scheme = f"{parts.scheme}://" if "://" in url else f"{parts.scheme}:" if parts.scheme else ""
+    return scheme + netloc + parts.path + (f"?{query}" if query else "")
+
+
+_SECRET_PARAMS = frozenset({"password", "username"})
 
 
 def make_store(

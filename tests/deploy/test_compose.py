@@ -97,6 +97,9 @@ def test_named_volumes_are_declared_and_redis_persists(compose, services):
     redis = services["redis"]
     assert redis["image"].startswith("redis:7")
     assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    # capped, and nothing evicted at the cap: writes get the api's 503 (tests/service/test_redis_down.py)
+    assert redis["command"][redis["command"].index("--maxmemory") + 1] == "512mb"
+    assert redis["command"][redis["command"].index("--maxmemory-policy") + 1] == "noeviction"
     assert "/data" in _mounts(redis).values()  # where redis:7 writes its append-only file
 
 

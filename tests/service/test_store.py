@@ -17,6 +17,7 @@ from service.store import (
     MemoryStore,
     RedisStore,
     StoreUnavailable,
+    _redact,
     event_key,
     read_erasures,
     read_stream,
@@ -363,6 +364,26 @@ async def test_redis_cache_entries_expire(redis_url):
     finally:
         await raw.aclose()
         await s.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "logged"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://user:secret@h:6379/0", "redis://user:***@h:6379/0"),
+        ("redis://:secret@h/0", "redis://:***@h/0"),
+        ("redis://secret@h/0", "redis://***@h/0"),  # a lone userinfo may be the password
+        ("redis://h:6379/0?password=secret&db=2", "redis://h:6379/0?password=***&db=2"),
+        ("rediss://h/0?username=secret&password=secret&ssl_cert_reqs=none",
+         "rediss://h/0?username=***&password=***&ssl_cert_reqs=none"),
+        ("redis://u:secret@h/0?PASSWORD=secret", "redis://u:***@h/0?PASSWORD=***"),
+        ("unix:///run/redis.sock?db=0&password=secret", "unix:///run/redis.sock?db=0&password=***"),
+        ("redis://[::1:secret/0", "<unparseable Redis URL>"),
+    ],
+)  # fmt: skip
+async def test_redact_masks_the_password_in_userinfo_and_query(url, logged):
+    """redis-py reads a password from the userinfo and from `?password=`; both are masked."""
+    assert _redact(url) == logged
 
 
 async def test_redis_down_raises_store_unavailable_naming_the_operation():
