@@ -938,28 +938,27 @@ def _failures(url: str, op: str) -> Iterator[None]:
 def _redact(url: str) -> str:
     """The URL with its credentials masked, for the log: the userinfo's password
     (redis://user:secret@host -> redis://user:***@host; a lone userinfo, which may be a
-    password, whole) and the `password` and `username` query parameters redis-py also reads
+    password, whole) and the query parameters redis-py reads a secret from
     (redis://host/0?password=secret -> redis://host/0?password=***); the other parameters kept.
-    Nothing of it goes to clients (service/errors.py, ServiceState.readiness)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:  # an unbalanced [ in the host: nothing of it is safe to repeat
-        return "<unparseable Redis URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
+    The userinfo is everything before the LAST "@", not what a URL parser reads: a password may
+    hold an unencoded "/", "?" or "#" (base64 ones do), which end a parser's host part early and
+    would leave it whole. Nothing of it goes to clients (service/errors.py, ServiceState.readiness)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        userinfo, rest = rest.rsplit("@", 1)
         user, has_password, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{host}" if has_password else f"***@{host}"
-    query = parts.query
+        rest = (f"{user}:***@" if has_password else "***@") + rest
+    where, question, query = rest.partition("?")
     if query:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
         masked = [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs]
         query = urllib.parse.urlencode(masked, safe="*")
-    scheme = f"{parts.scheme}://" if "://" in url else f"{parts.scheme}:" if parts.scheme else ""
-    return scheme + netloc + parts.path + (f"?{query}" if query else "")
+    return (f"{scheme}://" if sep else "") + where + (f"?{query}" if query else "")
 
 
-_SECRET_PARAMS = frozenset({"password", "username"})
+_SECRET_PARAMS = frozenset({"password", "username", "ssl_password"})
 
 
 def make_store(

@@ -378,7 +378,13 @@ async def test_redis_cache_entries_expire(redis_url):
          "rediss://h/0?username=***&password=***&ssl_cert_reqs=none"),
         ("redis://u:secret@h/0?PASSWORD=secret", "redis://u:***@h/0?PASSWORD=***"),
         ("unix:///run/redis.sock?db=0&password=secret", "unix:///run/redis.sock?db=0&password=***"),
-        ("redis://[::1:secret/0", "<unparseable Redis URL>"),
+        ("redis://:se[cret@h/0", "redis://:***@h/0"),  # no URL parser reads it; masked all the same
+        # unencoded "/", "?", "#" in a password (base64 ones hold "/") end a URL parser's host
+        # part early: the userinfo is what comes before the last "@"
+        ("redis://:12/Sx9+k2Q@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://default:pa?ss@redis:6379/0", "redis://default:***@redis:6379/0"),
+        ("redis://default:pa#ss@redis:6379/0?db=1", "redis://default:***@redis:6379/0?db=1"),
+        ("rediss://h/0?ssl_password=secret", "rediss://h/0?ssl_password=***"),
     ],
 )  # fmt: skip
 async def test_redact_masks_the_password_in_userinfo_and_query(url, logged):
