@@ -334,6 +334,7 @@ def rebuild_dataset(
         source=source,
         target_mask=mask,
         prior=prior,
+        rebuild=True,  # a seed an earlier release prepared: its name and text as they were taken
     )
     return load_prepared(path), int((~known).sum())
 

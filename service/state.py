@@ -74,9 +74,13 @@ class ReloadInProgress(RuntimeError):
 def checkpoint_root(configured: Path) -> Path:
     """The directory `POST /admin/reload` may load checkpoints from: R2EC_CHECKPOINT itself
     where it is a versions root (it holds a CURRENT pointer), else the directory that holds it
-    (checkpoints/current -> checkpoints/). Absolute, not resolved."""
+    (checkpoints/current -> checkpoints/), unless that is the filesystem's root: the image's
+    /checkpoints with one checkpoint mounted there would open every path on the host (/etc,
+    /proc) to reloads; then only the configured checkpoint. Absolute, not resolved."""
     configured = Path(os.path.abspath(configured))
-    return configured if (configured / CURRENT_FILE).is_file() else configured.parent
+    if (configured / CURRENT_FILE).is_file() or configured.parent == Path(configured.anchor):
+        return configured
+    return configured.parent
 
 
 def confine_checkpoint(configured: Path, requested: str) -> Path:

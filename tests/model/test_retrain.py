@@ -769,3 +769,25 @@ def test_clear_errors(tmp_path, versions_root, tiny_dataset):
     (versions_root / "CURRENT").write_text("gone\n")
     with pytest.raises(CheckpointError, match="'gone', which is not a checkpoint"):
         retrain(RetrainConfig(versions_root, tiny_dataset.path))
+
+
+def test_a_seed_an_earlier_release_prepared_is_rebuilt_under_its_own_rules(tmp_path):
+    """Before 0.2.0, `data prepare` took a name such as "grp/ds" and item text holding a chat
+    template's special token; data prepare refuses both now. Retrain's rebuild of such a seed
+    keeps its name and makes the text plain (as the service's prompts do), instead of failing
+    every run after the upgrade."""
+    data = FIXTURES / "data"
+    first = prepare_atomic(data / "tiny.inter", data / "tiny.item", tmp_path / "a", "tiny", protocol="loo")
+    legacy = tmp_path / "a" / "grp" / "tiny" / "loo"
+    legacy.parent.mkdir(parents=True)
+    shutil.move(str(Path(first)), legacy)
+    meta = json.loads((legacy / "meta.json").read_text())
+    (legacy / "meta.json").write_text(json.dumps({**meta, "name": "grp/tiny"}))
+    items = pd.read_parquet(legacy / "items.parquet")
+    items.loc[0, "title"] = "Best of <|endoftext|> (1999)"
+    items.to_parquet(legacy / "items.parquet")
+
+    rebuilt, _ = rebuild_dataset(load_prepared(legacy), events_frame([]), tmp_path / "out")
+    assert rebuilt.name == "grp/tiny"
+    title = rebuilt.items.set_index("item_id").loc[items.loc[0, "item_id"], "title"]
+    assert title == "Best of < |endoftext|> (1999)"

@@ -327,6 +327,19 @@ async def test_a_versions_root_is_its_own_checkpoint_root(versions_root):
         assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "checkpoint"
 
 
+def test_a_checkpoint_mounted_at_the_top_of_the_filesystem_is_its_own_root():
+    """The image's R2EC_CHECKPOINT=/checkpoints with one checkpoint mounted there (no CURRENT):
+    its parent would be "/", which would let a reload load /etc or /proc; the root is the
+    checkpoint itself, and a path beside it is refused as written."""
+    from service.state import checkpoint_root, confine_checkpoint
+
+    assert checkpoint_root(Path("/checkpoints")) == Path("/checkpoints")
+    assert checkpoint_root(Path("/srv/checkpoints/current")) == Path("/srv/checkpoints")
+    for outside in ("/etc", "../etc", "/proc/self"):
+        with pytest.raises(ValueError, match="under the checkpoint root '/checkpoints'"):
+            confine_checkpoint(Path("/checkpoints"), outside)
+
+
 async def test_a_model_that_loads_but_cannot_answer_is_refused_and_the_old_one_serves(
     app, client, ckpt, tmp_path, monkeypatch
 ):
