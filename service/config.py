@@ -139,6 +139,13 @@ class Settings(BaseSettings):
         "key; unset = those routes are open to whoever reaches the port, for a service behind "
         "your own backend.",
     )
+    docs: bool = Field(
+        True,
+        description="Serve the API's docs: /docs (Swagger UI, whose script and styles the "
+        "browser loads from cdn.jsdelivr.net, on the service's own origin, where an admin may "
+        "type the admin key into its Authorize box), /redoc (likewise) and /openapi.json; false "
+        "answers 404 on all three (the k8s config sets it so).",
+    )
     log_level: str = Field("INFO", description="Python logging level.")
     log_format: Literal["text", "json"] = Field(
         "text",
@@ -306,10 +313,15 @@ class Settings(BaseSettings):
         return _secret(self.api_key)
 
     @property
+    def user_key(self) -> str | None:
+        """The client key (None: unset or empty)."""
+        return _secret(self.client_key)
+
+    @property
     def user_keys(self) -> tuple[str, ...]:
         """The keys the user routes take (the client key, and the admin key beside it); empty
         while no client key is set, when they are open."""
-        client = _secret(self.client_key)
+        client = self.user_key
         if client is None:
             return ()
         return (client,) if self.admin_key is None else (client, self.admin_key)
@@ -345,6 +357,15 @@ READ_ELSEWHERE = frozenset(
 )
 
 
+# R2EC_ settings a release has retired, with what replaced them: named before any close spelling
+# (R2EC_PREFIX_CACHE reads like R2EC_KERNEL_CACHE, the bf16 kernel's directory, unrelated)
+RETIRED = {
+    "R2EC_PREFIX_CACHE": "retired by 8bf63b4, a 0.1.0 build; R2EC_EXACT_DECODE replaced it with the opposite "
+    "sense: prefix caching is on unless R2EC_EXACT_DECODE=true, so R2EC_PREFIX_CACHE=false is "
+    "R2EC_EXACT_DECODE=true and R2EC_PREFIX_CACHE=true needs nothing",
+}
+
+
 # the variables Kubernetes gives a pod for each Service (unless enableServiceLinks is false):
 # <NAME>_SERVICE_HOST, <NAME>_SERVICE_PORT, <NAME>_PORT, <NAME>_PORT_80_TCP_ADDR, ..., where NAME
 # is the Service's name upper-cased (R2EC_API for one named r2ec-api); a variable is taken for
@@ -374,6 +395,9 @@ def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
             for s in services
         ):
             continue  # Kubernetes set it, for a Service named r2ec-*
+        if upper in RETIRED:
+            out.append(f"{name} is not a setting and is ignored: {RETIRED[upper]}")
+            continue
         close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
         out.append(
             f"{name} is not a setting and is ignored" + (f" (did you mean {close[0]}?)" if close else "")

@@ -14,14 +14,16 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.convertors import Convertor, register_url_convertor
 
 from service import schemas
+from service.catalog import ItemTextError
 from service.config import Settings
 from service.deps import Admin, CatalogDep, MaybeStateDep, StateDep, StoreDep, UserData
 from service.errors import documented
-from service.state import ServiceState
+from service.state import ServiceState, confine_checkpoint
 from service.store import Event, event_key
 from service.streaming import EventStream, RecommendStream, recommended_items
 from service.types import Query, Result
@@ -331,7 +333,12 @@ async def put_item(
     item_id: ItemIdPath, body: schemas.ItemUpsert, state: StateDep, response: Response
 ) -> schemas.ItemUpsertResponse:
     """Encode the item's text with the model and add or replace it in the index (admin)."""
-    catalog, replaced = await state.upsert_item(item_id, body.model_dump(exclude_none=True))
+    try:
+        catalog, replaced = await state.upsert_item(item_id, body.model_dump(exclude_none=True))
+    except ItemTextError as exc:  # a 422 naming the field, as the schema's own checks are
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("body", exc.field), "msg": exc.message}]
+        ) from None
     response.status_code = 200 if replaced else 201
     if (item := catalog.item(item_id)) is None:  # a DELETE came in between
         raise HTTPException(404, f"item {item_id!r} was deleted while it was being written")
@@ -365,9 +372,19 @@ async def delete_item(item_id: ItemIdPath, state: StateDep) -> schemas.ItemDelet
     responses=documented(400, 401, 403, 408, 409, 413, 422, 500, 503),
 )
 async def reload(state: StateDep, body: schemas.ReloadRequest | None = None) -> schemas.ReloadResponse:
-    """Load a checkpoint beside the running model and swap it in; on failure keep the old."""
+    """Load a checkpoint beside the running model and swap it in; on failure keep the old. A
+    `checkpoint` must lie under the checkpoint root (R2EC_CHECKPOINT where it is a versions
+    root, else its directory): a version name, or a path inside it; anything else is a 422."""
     started = time.perf_counter()
-    old, new = await state.reload(body.checkpoint if body else None)
+    path = None
+    if body is not None and body.checkpoint is not None:
+        try:
+            path = confine_checkpoint(state.settings.checkpoint, body.checkpoint)
+        except ValueError as exc:
+            raise RequestValidationError(
+                [{"loc": ("body", "checkpoint"), "msg": str(exc), "type": "value_error"}]
+            ) from None
+    old, new = await state.reload(path)
     return schemas.ReloadResponse(
         previous_version=old.version,
         model_version=new.version,

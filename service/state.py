@@ -14,6 +14,7 @@ import ctypes
 import dataclasses
 import gc
 import logging
+import os
 import random
 import time
 import weakref
@@ -69,6 +70,50 @@ class ReloadError(RuntimeError):
 
 class ReloadInProgress(RuntimeError):
     pass
+
+
+def checkpoint_root(configured: Path) -> Path:
+    """The directory `POST /admin/reload` may load checkpoints from: R2EC_CHECKPOINT itself
+    where it is a versions root (it holds a CURRENT pointer), else the directory that holds it
+    (checkpoints/current -> checkpoints/), unless that is the filesystem's root: the image's
+    /checkpoints with one checkpoint mounted there would open every path on the host (/etc,
+    /proc) to reloads; then only the configured checkpoint. Absolute, not resolved."""
+    configured = Path(os.path.abspath(configured))
+    if (configured / CURRENT_FILE).is_file() or configured.parent == Path(configured.anchor):
+        return configured
+    return configured.parent
+
+
+def confine_checkpoint(configured: Path, requested: str) -> Path:
+    """The checkpoint a reload asked for, resolved (symlinks too), where it is inside the
+    checkpoint root (`checkpoint_root`); a relative one (a version name, "v2") is taken from
+    the root. ValueError otherwise, with one message whatever lies outside: a path outside the
+    root as written is refused without looking at the disk, so the answer never says whether
+    such a path exists. A path inside it that resolves outside (a symlink out) is refused too,
+    unless it is the configured checkpoint itself (checkpoints/current may be a link)."""
+    root = checkpoint_root(configured)
+    outside = ValueError(
+        f"must name a checkpoint under the checkpoint root {str(root)!r} (R2EC_CHECKPOINT, or "
+        "the directory that holds it): a version name such as 'v2', or a path inside it"
+    )
+    candidate = root / requested  # an absolute `requested` stands for itself
+    if not Path(os.path.normpath(candidate)).is_relative_to(root):
+        raise outside
+    resolved = candidate.resolve()
+    if not any(resolved.is_relative_to(p.resolve()) for p in (root, Path(configured))):
+        raise outside
+    return resolved
+
+
+def checkpoint_label(configured: Path, path: Path, version: str) -> str:
+    """How /metrics names the served checkpoint (r2ec_model_info's `checkpoint`): its path
+    relative to the checkpoint root ("v2", "current"), never an absolute path; the version
+    where it lies elsewhere."""
+    root = checkpoint_root(configured)
+    for base, where in ((root, Path(os.path.abspath(path))), (root.resolve(), Path(path).resolve())):
+        if where.is_relative_to(base):
+            return where.relative_to(base).as_posix()
+    return version
 
 
 class EditNotSaved(RuntimeError):
@@ -305,6 +350,8 @@ class ServiceState:
                 "this replica's only; send it to every replica."
             )
         out.append("Backups of Redis, of the versions root and of the seed dataset, until they expire.")
+        if redis and (older := self._older_release_cache()) is not None:
+            out.append(older)
         out.append(
             "Log lines written before this service version logged /users/ paths with the id; "
             "those stay in the log pipeline for its retention (lines since name no user)."
@@ -329,6 +376,30 @@ class ServiceState:
                 "texts replace them, or a restart."
             )
         return out
+
+    def _older_release_cache(self) -> str | None:
+        """The receipt's line for reasonings an r2ec before 0.2.0 cached in this Redis, while some
+        may be left: one older than the erasure indexed none by user, so no erasure finds them (and
+        which build it was, nothing says). When it used this Redis is
+        in the format marker (service/store.py `check_format`); None where it did not, or where
+        R2EC_CACHE_TTL_S has passed since this version first started on it."""
+        assert isinstance(self.store, RedisStore)
+        ttl = self.settings.cache_ttl_s
+        marker = self.store.format
+        if marker is not None and (not marker.held_data or time.time() >= marker.since + ttl):
+            return None
+        if marker is None:  # not read at the start (Redis was down): it may have been used so
+            until = f"{ttl} s after this service version first started on this Redis"
+        else:
+            until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(marker.since + ttl))
+        return (
+            "Reasonings cached by an r2ec before 0.2.0, which used this Redis, may be indexed by no "
+            "user (releases before the erasure indexed none), so this erasure may not find them: "
+            "none is read again, and they expire "
+            f"R2EC_CACHE_TTL_S after they were written, by {until} at this service's {ttl} s (the "
+            "older release's own setting decides). docs/operations.md, 'Upgrading', deletes them "
+            "all at once."
+        )
 
     async def upsert_item(self, item_id: str, fields: Mapping[str, Any]) -> tuple[Catalog, bool]:
         """Encode an item on the model thread and add or replace it; (the catalog it is in, True
@@ -569,7 +640,9 @@ class ServiceState:
         self.metrics.model.info(
             {
                 "version": self.engine.version,
-                "checkpoint": str(self.engine.checkpoint.path),
+                "checkpoint": checkpoint_label(
+                    self.settings.checkpoint, self.engine.checkpoint.path, self.engine.version
+                ),
                 "decode_matmuls": self.engine.decode_matmuls,
             }
         )
@@ -668,6 +741,8 @@ class ServiceState:
         try:
             await self.store.ping()
         except StoreUnavailable as exc:
-            self.metrics.store_errors.labels(exc.op).inc()
-            reasons.append(f"store unavailable: {exc}")
+            # the probes are open: the reason names the driver's exception class, never the
+            # URL (host, port, db, a password given as ?password=); the WARNING has the rest
+            self.store_failed(exc)
+            reasons.append(f"store unavailable: {type(exc.__cause__ or exc).__name__}")
         return reasons

@@ -647,7 +647,7 @@ async def test_a_draining_service_refuses_a_cached_hit_as_it_refuses_the_batch(c
         assert metric(text, "r2ec_reasoning_cache_total", result="hit") == 0
 
 
-async def test_a_failing_batch_fails_its_requests_and_the_service_goes_on(app, client):
+async def test_a_failing_batch_fails_its_requests_and_the_service_goes_on(app, client, caplog):
     model = app.state.r2ec.engine.backend
     original = model.generate
 
@@ -655,11 +655,17 @@ async def test_a_failing_batch_fails_its_requests_and_the_service_goes_on(app, c
         raise RuntimeError("CUDA out of memory (simulated)")
 
     model.generate = explode
-    failed = await asyncio.gather(*(client.post("/recommend", json={"history": h}) for h in (H1, H2)))
+    with caplog.at_level(logging.ERROR, logger="service"):
+        failed = await asyncio.gather(*(client.post("/recommend", json={"history": h}) for h in (H1, H2)))
     for r in failed:
-        assert r.status_code == 500
-        assert "recommendation failed" in r.json()["error"]["message"]
-        assert "RuntimeError: CUDA out of memory (simulated)" in r.json()["error"]["message"]
+        # the client gets the request id, not the exception (it may name a path on the server);
+        # the log has it, under that id
+        rid = r.headers["x-request-id"]
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        assert r.json()["error"]["message"] == f"internal error (request {rid})"
+        assert "CUDA" not in r.text
+        assert f"recommendation failed (request {rid})" in caplog.text
+    assert "RuntimeError: CUDA out of memory (simulated)" in caplog.text
     model.generate = original
     r = await client.post("/recommend", json={"history": H1})
     assert r.status_code == 200, r.text
@@ -794,6 +800,22 @@ async def test_openapi_asks_for_the_key_on_the_user_routes_where_a_client_key_is
         spec = (await client.get("/openapi.json")).json()
     for method, path in (("post", "/recommend"), ("post", "/users/{user_id}/events")):
         assert spec["paths"][path][method]["security"] == [{"APIKeyHeader": []}], path
+
+
+async def test_r2ec_docs_false_turns_off_the_docs_pages_and_the_schema(ckpt, monkeypatch):
+    """/docs runs Swagger UI's script from a CDN on the service's origin; a deployment that
+    does not want that (the k8s config) turns the docs off, and the schema with them."""
+    async with serve(app_for(ckpt)) as client:  # on by default
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert (await client.get(path)).status_code == 200, path
+        assert "cdn.jsdelivr.net" in (await client.get("/docs")).text
+    monkeypatch.setenv("R2EC_DOCS", "false")
+    async with serve(app_for(ckpt)) as client:
+        for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+            r = await client.get(path)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", path
+        r = await client.post("/recommend", json={"history": H1, "k": 2, "reasoning": False})
+        assert r.status_code == 200  # the API itself is unchanged
 
 
 async def test_settings_come_from_the_environment(ckpt, monkeypatch):
