@@ -198,7 +198,8 @@ class ServiceState:
         self._reload_lock = asyncio.Lock()
         self.edit_lock = asyncio.Lock()  # item edits vs. the swap of a reload
         self._cache_down_until = 0.0
-        self._cache_down_answered = 0  # the store's answered operations when the cache failed
+        # the store's answered operations when the cache failed (None: it answered that one too)
+        self._cache_down_answered: int | None = 0
         self.store_down_log = Throttled(log)  # `store_failed`
         self._watcher: asyncio.Task | None = None
         self._releases: set[asyncio.Task] = set()  # `_release` tasks, one per reload
@@ -530,12 +531,15 @@ class ServiceState:
     @property
     def _cache_enabled(self) -> bool:
         """Not for CACHE_BACKOFF_S after a cache error, unless the store has answered an
-        operation since (RedisStore.answered): a Redis that stalled for 5 s is asked again as
-        soon as it answers, where a fixed window sent 5 s more of cache hits to the model."""
+        operation since (RedisStore.answered) where it had not answered the failed one: a Redis
+        that stalled for 5 s is asked again as soon as it answers, where a fixed window sent 5 s
+        more of cache hits to the model (`_cache_failed`)."""
         if self.settings.cache_size <= 0:
             return False
         if time.monotonic() >= self._cache_down_until:
             return True
+        if self._cache_down_answered is None:  # Redis answered with an error: wait the window out
+            return False
         return getattr(self.store, "answered", 0) > self._cache_down_answered
 
     async def _cache_get(self, key: str) -> CachedReasoning | None:
@@ -564,10 +568,14 @@ class ServiceState:
     def _cache_failed(self, exc: StoreUnavailable) -> None:
         self.metrics.store_errors.labels(exc.op).inc()
         self._cache_down_until = time.monotonic() + CACHE_BACKOFF_S
-        self._cache_down_answered = getattr(self.store, "answered", 0)
-        log.warning(
-            "reasoning cache skipped for %.0fs, or until the store answers again: %s", CACHE_BACKOFF_S, exc
-        )
+        # Redis did not answer (down, stalled): the next operation it answers ends the skip. It
+        # answered with an error (a full Redis refusing the write: `up` stays true): other
+        # operations keep succeeding, so only the window ends it, or every request would try
+        # the failing write again.
+        answered_it = getattr(self.store, "up", False)
+        self._cache_down_answered = None if answered_it else getattr(self.store, "answered", 0)
+        until = "" if answered_it else ", or until the store answers again"
+        log.warning("reasoning cache skipped for %.0fs%s: %s", CACHE_BACKOFF_S, until, exc)
 
     # ------------------------------------------------------------------ reload
     async def reload(

@@ -172,3 +172,27 @@ async def test_a_full_redis_that_evicts_nothing_refuses_writes_with_a_503_and_ke
             assert r.status_code == 200 and r.json()["history_events"] == 3, r.text
     finally:
         server.stop()
+
+
+async def test_a_cache_write_a_full_redis_refuses_is_not_retried_by_every_request(ckpt, monkeypatch):
+    """A full Redis (noeviction, as docker-compose.yml runs it) answers reads and refuses the
+    cache's writes: that is no outage for the next answered read to end, so the cache stays
+    skipped for its window (an hour here) instead of every request trying the write again."""
+    from service import state as state_module
+
+    monkeypatch.setattr(state_module, "CACHE_BACKOFF_S", 3600.0)
+    server = RedisServer()
+    try:
+        async with serve(app_for(ckpt, redis_url=server.url)) as client:
+            assert (await client.post("/users/u1/events", json={"events": H1})).status_code == 200
+            with socket.create_connection(("127.0.0.1", server.port), timeout=2) as s:
+                s.sendall(b"CONFIG SET maxmemory-policy noeviction\r\nCONFIG SET maxmemory 1\r\n")
+                assert s.recv(32).startswith(b"+OK")
+            for body in ({"history": H2, "k": 3}, {"user_id": "u1", "k": 3}, {"user_id": "u1", "k": 3}):
+                r = await client.post("/recommend", json=body)
+                assert r.status_code == 200 and r.json()["cache"] == "miss", r.text
+            text = (await client.get("/metrics")).text
+            assert metric(text, "r2ec_store_errors_total", op="cache_set") == 1  # the first only
+            assert metric(text, "r2ec_store_up") == 1
+    finally:
+        server.stop()
