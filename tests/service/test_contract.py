@@ -193,7 +193,8 @@ async def test_probes_answer_head_and_refusal_counters_exist_before_any_refusal(
         r = await client.head(path)
         assert r.status_code == 200 and r.content == b"", path
     text = (await client.get("/metrics")).text
-    for reason in ("queue_full", "shutting_down", "body_too_large"):
+    reasons = ("queue_full", "queue_timeout", "shutting_down", "body_too_large", "body_timeout")
+    for reason in reasons:
         assert metric(text, "r2ec_rejected_total", reason=reason) == 0, reason
 
 
