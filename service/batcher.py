@@ -345,6 +345,7 @@ class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
         self.max_wait_s = max_wait_ms / 1e3
         self.fn = fn
         self._batch_s: float | None = None  # smoothed seconds per batch (None: none ran yet)
+        self._batch_started = 0.0  # perf_counter when the running batch began
 
     # ------------------------------------------------------------------ requests
     def retry_after_s(self) -> float:
@@ -354,12 +355,14 @@ class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
         return min(RETRY_AFTER_MAX_S, max(1.0, batches * per_batch))
 
     def _reachable(self, grace_s: float) -> int | None:
-        """Full batches that end within the grace after the running one (counted as a whole
-        batch time: how much of it is left is not known)."""
+        """Full batches that end within the grace after the running one, whose time left is
+        the batch time less what it has run (a batch nearly done holds back almost nothing)."""
         if self._batch_s is None:
             return None
-        left = grace_s - (self._batch_s if self._running else 0.0)
-        return self.max_batch * max(0, math.floor(left / self._batch_s))
+        running_left = (
+            max(0.0, self._batch_s - (time.perf_counter() - self._batch_started)) if self._running else 0.0
+        )
+        return self.max_batch * max(0, math.floor((grace_s - running_left) / self._batch_s))
 
     # ------------------------------------------------------------------ worker
     async def _run(self) -> None:
@@ -406,7 +409,7 @@ class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[Q]]) -> None:
         self.batches += 1
         self._on_batch(len(batch))
-        started = time.perf_counter()
+        started = self._batch_started = time.perf_counter()
         self._running = batch
         try:
             outputs: Any = await loop.run_in_executor(self._executor, self.fn, [p.item for p in batch])

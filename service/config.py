@@ -184,10 +184,11 @@ class Settings(BaseSettings):
     )
     limit_concurrency: int | None = Field(
         None,
-        ge=1,
-        description="uvicorn's limit_concurrency: past this many open connections (idle keep-alive "
-        "and half-sent ones count) or requests in progress, a new request gets uvicorn's own "
-        "plain-text 503, not counted by the app's metrics. Unset = no cap.",
+        ge=2,
+        description="uvicorn's limit_concurrency: once this many connections are open (the one "
+        "asking counts, and idle keep-alive and half-sent ones too) or requests in progress, a new "
+        "request gets uvicorn's own plain-text 503, not counted by the app's metrics; health "
+        "probes get it too. At least 2 (1 would refuse every request). Unset = no cap.",
     )
     keep_alive_timeout_s: int = Field(
         5,

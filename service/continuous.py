@@ -140,17 +140,24 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
         return min(RETRY_AFTER_MAX_S, max(1.0, rounds * per_request))
 
     def _reachable(self, grace_s: float) -> int | None:
-        """A request takes the smoothed request time from admission to answer, so one that is
-        admitted later than that before the deadline cannot be answered by it. Slots free up
-        `slots` per request time as the running requests end (and free ones are taken now):
-        that many queued requests can still start in time."""
+        """A request takes the smoothed request time from admission to answer, so one admitted
+        later than that before the deadline cannot be answered by it. Each slot frees when its
+        running request has had that time since its admission (a free slot now), then takes
+        one queued request per request time: the starts up to that latest moment, counted per
+        slot, are how many queued requests can still be answered."""
         per_request = self._request_s
         if per_request is None or per_request <= 0:
             return None
-        if per_request > grace_s:
-            return 0
-        starts = math.floor(self.slots * (grace_s - per_request) / per_request)
-        return starts + max(0, self.slots - self.active)
+        now = time.perf_counter()
+        # a joining request the model thread has not stamped yet (`started` 0) has just begun
+        frees = [
+            max(0.0, per_request - (now - (r.started or now))) for r in (*self._running, *self._admitting)
+        ]
+        frees += [0.0] * max(0, self.slots - len(frees))
+        latest_start = grace_s - per_request
+        return sum(
+            math.floor((latest_start - free) / per_request) + 1 for free in frees if free <= latest_start
+        )
 
     def _new_pending(self, item: Q, future: asyncio.Future, now: float) -> _Request[Q]:
         return _Request(item, future, now)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 import pytest
 
@@ -299,6 +300,28 @@ async def test_a_request_that_waited_past_max_queue_wait_is_refused_when_its_tur
     assert fn.batches == [[1], [3]] and b.queue_timeouts == 1
     with pytest.raises(ValueError, match="max_queue_wait_s"):
         MicroBatcher(1, 0, fn, max_queue_wait_s=0)
+
+
+async def test_a_drain_counts_what_the_running_batch_has_left():
+    """The running batch is 9.5 s into its 10 s: with 25 s of grace two more batches end in
+    time, so of 4 queued requests (batches of 1) 2 stay queued and 2 are refused at once. The
+    first count took a whole batch time for the running one and kept only 1 (review 39b)."""
+    gate = threading.Event()
+    fn = Recorder(gate=gate)
+    b = await started(MicroBatcher(1, 0, fn))
+    try:
+        held = b.submit(0)
+        await asyncio.wait_for(running(b, fn), 30)
+        queued = [b.submit(i) for i in (1, 2, 3, 4)]
+        b._batch_s = 10.0
+        b._batch_started = time.perf_counter() - 9.5
+        b.drain(25)
+        assert [f.done() for f in queued] == [False, False, True, True]
+        gate.set()
+        assert await held == 0 and await asyncio.gather(*queued[:2]) == [2, 4]
+    finally:
+        gate.set()
+        await b.stop()
 
 
 async def test_a_drain_refuses_at_once_the_queued_requests_the_grace_cannot_reach(caplog):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 
 import pytest
 
@@ -310,9 +311,10 @@ async def test_a_request_that_waited_past_max_queue_wait_is_refused_at_admission
 
 
 async def test_a_drain_refuses_at_once_the_queued_requests_the_grace_cannot_reach():
-    """Requests take 10 s from admission to answer and 2 slots are busy: in 25 s of grace the
-    slots free up 2 per 10 s, so 3 queued requests can still start 10 s before the deadline;
-    the other 3 are refused at once instead of at the deadline."""
+    """Requests take 10 s from admission to answer and 2 slots are busy, just admitted: in 25 s
+    of grace each slot frees at 10 s and takes one more request, which ends at 20 s (one started
+    at 20 s would end past the deadline), so 2 queued requests can still be answered; the other
+    4 are refused at once instead of at the deadline."""
     gate = threading.Event()
     runner = Counter(gate=gate)
     b = await started(ContinuousBatcher(2, lambda: runner))
@@ -323,12 +325,37 @@ async def test_a_drain_refuses_at_once_the_queued_requests_the_grace_cannot_reac
         queued = [b.submit(2) for _ in range(6)]
         b._request_s = 10.0
         b.drain(25)
-        assert [f.done() for f in queued] == [False] * 3 + [True] * 3
-        for f in queued[3:]:
+        assert [f.done() for f in queued] == [False] * 2 + [True] * 4
+        for f in queued[2:]:
             with pytest.raises(ShuttingDown):
                 await f
         gate.set()
-        assert await asyncio.gather(*running, *queued[:3]) == [30, 30, 20, 20, 20]
+        assert await asyncio.gather(*running, *queued[:2]) == [30, 30, 20, 20]
+    finally:
+        gate.set()
+        await b.stop()
+
+
+async def test_a_drain_counts_what_the_running_requests_have_left():
+    """Both slots' requests are 9 s into their 10 s: the slots free in 1 s, so with 15 s of
+    grace both queued requests start in time (they end at ~11 s) and none is refused at once.
+    The first count assumed the running requests had a whole request time left, and refused
+    one of them (review 39b)."""
+    gate = threading.Event()
+    runner = Counter(gate=gate)
+    b = await started(ContinuousBatcher(2, lambda: runner))
+    try:
+        running = [b.submit(3), b.submit(3)]
+        while len(runner.left) < 2:  # both decoding, the step held
+            await asyncio.sleep(0.001)
+        queued = [b.submit(2) for _ in range(3)]
+        b._request_s = 10.0
+        for r in (*b._running, *b._admitting):  # the held tick is still admitting them
+            r.started = time.perf_counter() - 9.0
+        b.drain(15)
+        assert [f.done() for f in queued] == [False, False, True]
+        gate.set()
+        assert await asyncio.gather(*running, *queued[:2]) == [30, 30, 20, 20]
     finally:
         gate.set()
         await b.stop()

@@ -203,7 +203,7 @@ def test_serve_passes_the_connection_limits_to_uvicorn(tiny_ckpt, monkeypatch):
     server.run(create_app(settings), settings, "127.0.0.1", free_port())
     (config,) = configs
     assert (config.limit_concurrency, config.timeout_keep_alive, config.backlog) == (64, 7, 128)
-    for name, bad in [("limit_concurrency", 0), ("body_timeout_s", 0), ("backlog", 0)]:
+    for name, bad in [("limit_concurrency", 1), ("body_timeout_s", 0), ("backlog", 0)]:
         with pytest.raises(ValidationError, match=name):
             settings_for(tiny_ckpt, **{name: bad})
 
