@@ -55,6 +55,7 @@ def _init(data: Path, out: Path, base: str | None, from_checkpoint: Path | None,
     from model.checkpoint import (
         ITEMS_FILE,
         VECTORS_FILE,
+        check_catalog_text,
         check_replaceable,
         create_base_checkpoint,
         load_checkpoint_model,
@@ -79,6 +80,7 @@ def _init(data: Path, out: Path, base: str | None, from_checkpoint: Path | None,
     path = resolve_checkpoint(from_checkpoint)
     src = read_meta(path)
     model = load_checkpoint_model(path, dtype=dtype, merge_lora=False, base=base)
+    check_catalog_text(ds.items, model.tokenizer, str(data))  # before minutes of encoding
     if model.prompts.cowatch_hints:  # the hints name what others watched in DATA, not in the source's data
         model.cowatch = CoWatch.from_samples(
             ds.split("train"), ds.item_titles(), model.prompts.cowatch_window

@@ -7,11 +7,12 @@ from __future__ import annotations
 import errno
 import json
 import math
-import subprocess
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+
+from service.build import code_commit  # noqa: F401  (the commands' name for it)
 
 DataDir = Annotated[Path, typer.Option(envvar="R2EC_DATA_DIR", help="Where prepared datasets live.")]
 Protocol = Annotated[str, typer.Option(help="Split protocol: loo or temporal.")]
@@ -79,26 +80,6 @@ def finite(obj: Any) -> Any:
 def json_dumps(obj: Any, **kwargs: Any) -> str:
     """Standard JSON: non-finite numbers written as null (`finite`)."""
     return json.dumps(finite(obj), allow_nan=False, **kwargs)
-
-
-def code_commit() -> dict[str, Any]:
-    """The commit of the code running (`git rev-parse HEAD` where this package lives) and
-    whether its tree has uncommitted changes; "unknown" and None outside a git checkout."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30
-        ).stdout.strip()
-
-    try:
-        top, head = git("rev-parse", "--show-toplevel", "HEAD").splitlines()
-        if Path(top).resolve() != root:  # installed inside some other checkout: not this code's
-            raise OSError(top)
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return {"commit": "unknown", "dirty": None}
-    return {"commit": head, "dirty": dirty}
 
 
 def data_run(ds: Any, path: Path) -> dict[str, Any]:

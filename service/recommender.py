@@ -76,6 +76,12 @@ from service.types import (
 
 log = logging.getLogger(__name__)
 
+# First in every reasoning cache key (`Recommender._key`): changed where no entry cached before may
+# be read again. "cache-2" since 0.2.0: a release before it indexed its entries by user only from
+# the erasure's commit on (service/store.py USER_CACHE_KEY), so an erasure cannot find the rest,
+# and some of them (held-claims-6, from f3031b5) had this code's keys, so they were served
+CACHE_FORMAT = "cache-2"
+
 
 class Recommender:
     """A loaded checkpoint and its catalog, under one model version."""
@@ -339,8 +345,8 @@ class Recommender:
         rated below the history's mean could be "liked" and a title rated below it "rated
         highest", and an unrated history could have a rated list; until held-claims-6 a model
         taught the format could begin its text with anything (model/constrained.py
-        `FormatStart`)."""
-        material = json.dumps([self.version, prompt, budget, "greedy", grammar])
+        `FormatStart`). `CACHE_FORMAT` leads: see there."""
+        material = json.dumps([CACHE_FORMAT, self.version, prompt, budget, "greedy", grammar])
         return hashlib.sha256(material.encode()).hexdigest()
 
     def _ready(self, query: Query | PreparedQuery) -> PreparedQuery:
