@@ -944,7 +944,7 @@ def index_edits(directory: Path, version: str) -> dict[str, Any]:
     """The edits record in <directory> for `version`: index.json's (where it was saved for
     `version`) with the entries for `version` appended to the edit log since (index/journal.py,
     `merge_logged`); {} where there is neither."""
-    from index import journal  # faiss: only where an index is read
+    from index.journal import read as read_log  # faiss: only where an index is read
     from index.persist import read_metadata
 
     try:
@@ -953,7 +953,7 @@ def index_edits(directory: Path, version: str) -> dict[str, Any]:
         metadata = {}
     if not isinstance(metadata, dict) or metadata.get("model_version") != version:
         metadata = {}
-    logged = [e for e in journal.read(directory) if e.get("model_version") == version]
+    logged = [e for e in read_log(directory) if e.get("model_version") == version]
     return merge_logged(metadata, logged)[0] if logged else metadata
 
 
