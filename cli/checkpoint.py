@@ -75,6 +75,7 @@ def _init(
     from model.checkpoint import (
         ITEMS_FILE,
         VECTORS_FILE,
+        check_catalog_text,
         check_replaceable,
         create_base_checkpoint,
         encode_catalog,
@@ -109,6 +110,7 @@ def _init(
     path = resolve_checkpoint(from_checkpoint)
     src = read_meta(path)
     model = load_checkpoint_model(path, dtype=dtype, merge_lora=False, base=base, device=device)
+    check_catalog_text(ds.items, model.tokenizer, str(data))  # before minutes of encoding
     if model.prompts.cowatch_hints:  # the hints name what others watched in DATA, not in the source's data
         model.cowatch = CoWatch.from_samples(
             ds.split("train"), ds.item_titles(), model.prompts.cowatch_window

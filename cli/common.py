@@ -1,15 +1,18 @@
-"""What several commands share: the error exit, the dataset options, strict JSON and the code's commit."""
+"""What several commands share: the error exit, the dataset options, strict JSON, and what a run
+block (r2ec eval's JSON and --ranks-out, r2ec recommend's output) says of the data, the
+checkpoint and the code's commit."""
 
 from __future__ import annotations
 
 import errno
 import json
 import math
-import subprocess
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+
+from service.build import code_commit  # noqa: F401  (the commands' name for it)
 
 DataDir = Annotated[Path, typer.Option(envvar="R2EC_DATA_DIR", help="Where prepared datasets live.")]
 Protocol = Annotated[str, typer.Option(help="Split protocol: loo or temporal.")]
@@ -79,21 +82,11 @@ def json_dumps(obj: Any, **kwargs: Any) -> str:
     return json.dumps(finite(obj), allow_nan=False, **kwargs)
 
 
-def code_commit() -> dict[str, Any]:
-    """The commit of the code running (`git rev-parse HEAD` where this package lives) and
-    whether its tree has uncommitted changes; "unknown" and None outside a git checkout."""
-    root = Path(__file__).resolve().parent.parent
+def data_run(ds: Any, path: Path) -> dict[str, Any]:
+    """A run block's `data`: the prepared dataset's absolute path, name and protocol."""
+    return {"path": str(Path(path).resolve()), "name": ds.name, "protocol": ds.protocol}
 
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30
-        ).stdout.strip()
 
-    try:
-        top, head = git("rev-parse", "--show-toplevel", "HEAD").splitlines()
-        if Path(top).resolve() != root:  # installed inside some other checkout: not this code's
-            raise OSError(top)
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return {"commit": "unknown", "dirty": None}
-    return {"commit": head, "dirty": dirty}
+def checkpoint_run(path: Path | str, version: str) -> dict[str, Any]:
+    """A run block's `checkpoint`: the loaded checkpoint's absolute path and version."""
+    return {"path": str(Path(path).resolve()), "version": version}

@@ -38,7 +38,9 @@ def data_ml100k(data_dir: DataDir = Path("data"), protocol: Protocol = "loo") ->
 @prepare_app.command("atomic")
 def data_atomic(
     inter: Annotated[Path, typer.Option(help="RecBole .inter file")],
-    name: Annotated[str, typer.Option(help="Dataset name (folder under --data-dir)")],
+    name: Annotated[
+        str, typer.Option(help="Dataset name: one folder name under --data-dir (no '/', not '..')")
+    ],
     item: Annotated[Path | None, typer.Option(help="RecBole .item file")] = None,
     category: Annotated[str, typer.Option(help="Noun used in prompts")] = "item",
     encoding: Annotated[
@@ -76,7 +78,10 @@ def data_amazon(
         ),
     ],
     meta: Annotated[Path, typer.Option(help="meta_<Category>.jsonl(.gz)")],
-    name: Annotated[str | None, typer.Option(help="Dataset name")] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Dataset name: one folder name under --data-dir [the reviews file's name]"),
+    ] = None,
     min_items: Annotated[int, typer.Option(help="Move the time window back until this many items")] = 10_000,
     recipe: Annotated[
         str,

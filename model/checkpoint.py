@@ -58,7 +58,9 @@ from tqdm import tqdm
 from model.backbone import BUILTIN_BASES, BackboneConfig, load_backbone, load_lm, prepare_tokenizer
 from model.cowatch import FILE as COWATCH_PARQUET
 from model.cowatch import CoWatch
+from model.data.build import check_item_text
 from model.data.dataset import (
+    DataError,
     atomic_temps,
     atomic_write,
     fsync_path,
@@ -74,6 +76,7 @@ from model.data.dataset import new_dir_beside as _new_dir_beside  # the swap's h
 from model.distributed import resolve_device
 from model.prompts import PromptConfig
 from model.r2ec import R2ec
+from model.special_text import SpecialText
 
 log = logging.getLogger(__name__)
 
@@ -610,6 +613,16 @@ def load_checkpoint_model(
     return model
 
 
+def check_catalog_text(items: pd.DataFrame, tokenizer: Any, origin: str) -> None:
+    """Refuse a catalog whose text holds a special token of `tokenizer` (model/special_text.py):
+    a CheckpointError naming the items, the fields and the strings. `r2ec data prepare` refuses
+    the default backbone's; this covers data prepared before it did, and other backbones."""
+    try:
+        check_item_text(items, origin, SpecialText.of(tokenizer), whose="the backbone's tokenizer")
+    except DataError as exc:
+        raise CheckpointError(f"{exc}, then prepare the dataset again") from None
+
+
 def create_base_checkpoint(
     out: Path | str,
     base: str,
@@ -632,6 +645,7 @@ def create_base_checkpoint(
     """
     where = resolve_device(device)  # ValueError for a GPU this machine lacks, before the load
     lm, tokenizer = load_backbone(BackboneConfig(base=base, dtype=dtype))
+    check_catalog_text(items, tokenizer, str((dataset or {}).get("path") or "the catalog"))
     lm.to(where)
     model = R2ec(lm, tokenizer, prompts, tau=tau)
     partial = partial_dir(out) if resumable else None

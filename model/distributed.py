@@ -135,8 +135,12 @@ def gather_objects(obj: list[Any]) -> list[Any]:
 
 def gather_rng_states() -> list[dict]:
     """Every process's RNG states (torch, CUDA, numpy, python), rank order: what an exact
-    resume restores. Collective: every process calls it."""
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    resume restores. Collective: every process calls it. Only tensors and plain Python values
+    (numpy's key as an int64 tensor), so that the resume state loads with
+    torch.load(weights_only=True), which unpickles nothing else (model/train.py)."""
+    name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    numpy_state = (str(name), torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    rng = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()  # sampling on the GPU draws from this one
     return gather_objects([rng])
@@ -144,10 +148,13 @@ def gather_rng_states() -> list[dict]:
 
 def restore_rng_state(states: list[dict]) -> None:
     """Set this process's RNGs from `gather_rng_states()`'s list (rank 0's when the run now
-    has more processes than saved it)."""
+    has more processes than saved it); numpy's key as a tensor, or as the uint32 array the
+    resume states of earlier versions hold."""
     rng = states[rank()] if rank() < len(states) else states[0]
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    np.random.set_state(rng["numpy"])
+    name, key, *rest = rng["numpy"]
+    key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    np.random.set_state((name, key.astype(np.uint32), *rest))
     random.setstate(rng["python"])

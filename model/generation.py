@@ -407,6 +407,10 @@ class EngineBackend:
             self.engine.set_prefix(model.user_prompt_head())
 
     def decoder(self, settings: GenerationSettings = GREEDY) -> ContinuousDecoder:
+        """A decoder that prefills every prompt it is given at its next step: a fixed batch's
+        (`generate`) all at once; the service hands its decoder at most
+        R2EC_MAX_PREFILL_PER_TICK new requests a tick (service/continuous.py), so running rows
+        step between the prefills of a burst."""
         return ContinuousDecoder(
             self.model, self.engine, settings, max_prefill_per_step=self.engine.slots, drafter=self.drafter
         )

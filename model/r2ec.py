@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,7 @@ from model.rationale import (
     likes_phrases,
     rated_highest,
 )
+from model.special_text import SpecialText, one_line
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,7 @@ class R2ec:
         self.prompts = prompts or PromptConfig()
         self.tau = tau
         self._marker_ids = tokenizer(self.prompts.closing_marker, add_special_tokens=False)["input_ids"]
+        self._special = SpecialText.of(tokenizer)  # what `catalog_text` breaks up
         self.stop_ids = stop_token_ids(tokenizer, lm)
         self._token_strings: TokenStrings | None = None  # built on the first `title_lists`
         # What other users watched next (model/cowatch.py), when the prompts name co-watch
@@ -224,6 +226,27 @@ class R2ec:
         return out.last_hidden_state
 
     # -- prompts ----------------------------------------------------------------------------
+    def catalog_text(self, text: str) -> str:
+        """An item's text (a title, genre, ...) as a prompt and the claims' grammars carry it:
+        one line (model/special_text.py `one_line`), with every special-token string of the
+        tokenizer broken by a space ("<|im_end|>" -> "< |im_end|>") so it tokenizes as plain
+        text. A catalog prepared now holds neither (`r2ec data prepare` and `checkpoint init`
+        refuse them, PUT /items too); one in a checkpoint written before may."""
+        return self._special.plain(one_line(text)) if text else text
+
+    def special_token_in(self, text: str) -> str | None:
+        """The first special-token string of the tokenizer that `text` holds (what
+        `catalog_text` breaks up), or None."""
+        return self._special.find(text)
+
+    def _catalog_history(self, history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
+        return [e if (t := self.catalog_text(e.title)) == e.title else replace(e, title=t) for e in history]
+
+    def _catalog_item(self, item: Mapping[str, object]) -> Mapping[str, object]:
+        fields = ("title", "year", "genres", "description")
+        clean = {k: self.catalog_text(v) for k in fields if isinstance(v := item.get(k), str)}
+        return item if all(item.get(k) == v for k, v in clean.items()) else {**item, **clean}
+
     def user_prompt(
         self,
         history: Sequence[HistoryEntry],
@@ -236,12 +259,13 @@ class R2ec:
         `catalog`: item_id -> title of the items that may be hinted, named by these titles,
         the served catalog after edits; default: the table's own). `hints`: those titles
         already looked up (`hint_titles`), so that a caller that also builds the history's
-        `title_lists` gives both the same ones."""
+        `title_lists` gives both the same ones. Titles go in as `catalog_text` has them."""
         if not self.prompts.cowatch_hints:
-            return self.render_message(user_message(history, self.prompts))
+            return self.render_message(user_message(self._catalog_history(history), self.prompts))
         if hints is None:
             hints = self.hint_titles(history, without, catalog)
-        return self.render_message(user_message(history, self.prompts, hints))
+        hints = [self.catalog_text(t) for t in hints]
+        return self.render_message(user_message(self._catalog_history(history), self.prompts, hints))
 
     def hint_titles(
         self,
@@ -281,18 +305,21 @@ class R2ec:
         return a[: max(0, len(os.path.commonprefix([a, b])) - 1)]
 
     def item_prompt_ids(self, items: Sequence[Mapping[str, object]]) -> list[list[int]]:
-        ids = self._encode([self.render_message(item_message(it, self.prompts)) for it in items])
+        ids = self._encode(
+            [self.render_message(item_message(self._catalog_item(it), self.prompts)) for it in items]
+        )
         return [p + self._marker_ids for p in ids] if self.prompts.marker_on_items else ids
 
     def encode_text(self, texts: Sequence[str]) -> list[list[int]]:
-        """Plain text to token ids, no special tokens."""
-        return self._encode(texts)
+        """Plain text to token ids, no special tokens (a special-token string in it is broken up,
+        model/special_text.py)."""
+        return self._encode([self._special.plain(t) for t in texts])
 
     def completion_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Reasoning texts as the model would write them: tokens, then the stop token that
         closes the chat template's assistant turn (`stop_token_ids`; how the `rationale` stage
         teacher-forces a text, stopping included)."""
-        return [ids + [self.stop_ids[0]] for ids in self._encode(texts)]
+        return [ids + [self.stop_ids[0]] for ids in self.encode_text(texts)]
 
     def render_message(self, message: str) -> str:
         """One turn through the chat template with this model's system prompt."""
@@ -356,7 +383,7 @@ class R2ec:
             raise ValueError(f"max_liked must be >= 1, got {max_liked}")
         out: list[Grammar] = []
         for j, (h, w) in enumerate(zip(histories, without, strict=True)):
-            recent = list(h)[-window:]
+            recent = self._catalog_history(list(h)[-window:])  # as the prompt shows them
             # only the window's titles that are truly among its highest-rated (none when unrated)
             titles = rated_highest([(e.title, e.rating) for e in recent])
             if not picks:
@@ -364,7 +391,7 @@ class R2ec:
             else:
                 named = hints[j] if hints is not None else self.hint_titles(h, w, catalog)
                 # a blank title cannot be listed: without one "Picks:" is neither offered nor free
-                named = [t for t in named if t and t.strip()]
+                named = [self.catalog_text(t) for t in named if t and t.strip()]
             lists: list[TitleList | PhraseChoice | FormatStart] = []
             # what may come right after the rated list, besides a stop; "Next:" starts the free
             # hindsight guess of a model trained to write it (`PromptConfig.hindsight`)
@@ -372,7 +399,12 @@ class R2ec:
             follow = [" " + LATELY, *guess]
             drift: list[PhraseChoice] = []
             if facts is not None:
-                seen = list(zip(list(facts[j])[-window:], [e.rating for e in recent], strict=True))
+                window_facts = [
+                    f if all(g == self.catalog_text(g) for g in f.genres)
+                    else replace(f, genres=tuple(self.catalog_text(g) for g in f.genres))
+                    for f in list(facts[j])[-window:]
+                ]  # fmt: skip
+                seen = list(zip(window_facts, [e.rating for e in recent], strict=True))
                 decades = decade_phrases([(f.decade, r) for f, r in seen])
                 drifting = drifting_genres([f.genres for f, _ in seen])
                 # after each sentence, only the format's later ones that can hold, or a stop:

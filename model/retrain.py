@@ -25,6 +25,7 @@ Versions root::
     ROOT/CURRENT                  the served version's directory name (replaced atomically)
     ROOT/<version>/               published checkpoints (model/checkpoint.py layout + retrain.json)
     ROOT/retrain/state.json       the event reader's cursor, counts, the last run's summary
+                                  (`format_version`: STATE_FORMAT)
     ROOT/retrain/events.parquet   every consumed event (event id, user, item, rating, timestamp)
     ROOT/retrain/data/<name>/<protocol>/   the rebuilt prepared dataset training reads
     ROOT/retrain/run/             the training run's scratch directory (removed after)
@@ -93,6 +94,9 @@ WORK_DIR = "retrain"
 DATA_DIR = "data"  # in WORK_DIR: the rebuilt prepared dataset
 LAST_RUN_DIR = "last-run"  # in WORK_DIR: the last run's log.jsonl and curves.png
 STATE_FILE = "state.json"
+# state.json's format_version: 1 since r2ec 0.2.0 (a state without one is older and reads the same).
+# Raised by a change this code could not read right; a state of a newer format is refused.
+STATE_FORMAT = 1
 EVENTS_FILE = "events.parquet"
 RECORD_FILE = "retrain.json"  # written into each published version
 METRIC = "ndcg@10"
@@ -330,6 +334,7 @@ def rebuild_dataset(
         source=source,
         target_mask=mask,
         prior=prior,
+        rebuild=True,  # a seed an earlier release prepared: its name and text as they were taken
     )
     return load_prepared(path), int((~known).sum())
 
@@ -382,6 +387,20 @@ def read_state(work: Path) -> dict[str, Any]:
             f"{path} is damaged or unreadable ({reason}); restore it, or move it away: the next run "
             f"reads the stream from its start and skips the events {work / EVENTS_FILE} already holds"
         )
+    written = state.get("format_version", 0)
+    if not isinstance(written, int) or isinstance(written, bool) or written > STATE_FORMAT:
+        raise RetrainError(
+            f"{path} is in format {written!r}, which this r2ec does not know (it reads format "
+            f"{STATE_FORMAT} at most): a newer r2ec retrain wrote it (or a hand); run that release, or see "
+            "docs/operations.md, 'Upgrading', for what rolling the code back takes"
+        )
+    last = state.get("last_run")
+    if isinstance(last, dict) and not last.get("finished_at"):
+        # the last run was an r2ec before 0.2.0's (before the upgrade, or after a code rollback),
+        # which records no time but wrote this file last: that time is kept as the run's from the
+        # next write on (service/metrics.py reads the file's time until then), so a run that fails
+        # after it, having written the cursor, does not pass for a finished one
+        last["finished_at"] = datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
     return state
 
 
@@ -490,6 +509,7 @@ def _write_events_log(work: Path, events: pd.DataFrame) -> None:
 
 
 def _write_state(work: Path, state: dict[str, Any]) -> None:
+    state = {"format_version": STATE_FORMAT, **{k: v for k, v in state.items() if k != "format_version"}}
     text = json.dumps(state, indent=2, default=str) + "\n"
     atomic_write(work / STATE_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 

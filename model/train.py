@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -40,7 +41,14 @@ from tqdm.auto import tqdm
 
 from model import distributed as dist
 from model import losses
-from model.checkpoint import RESUME_STATE_FILE, read_meta, reading, recover_checkpoint, save_checkpoint
+from model.checkpoint import (
+    RESUME_STATE_FILE,
+    CheckpointError,
+    read_meta,
+    reading,
+    recover_checkpoint,
+    save_checkpoint,
+)
 from model.cowatch import CoWatch
 from model.curves import log_record, plot_curves
 from model.data import PreparedDataset
@@ -59,6 +67,38 @@ from model.samples import TrainingPrompts
 log = logging.getLogger(__name__)
 
 STATE_FILE = RESUME_STATE_FILE  # in OUT/last
+
+try:  # numpy's legacy RNG state is an ndarray in the resume states of earlier versions
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
+# What torch.load's weights_only unpickler may build besides tensors and plain Python values:
+# numpy arrays of plain dtypes (their items are unpickled under the same rules), as the uint32
+# RNG key of trainer_state.pt files written before that key was saved as a tensor.
+RESUME_SAFE_GLOBALS = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_resume_state(path: Path, resume_dir: Path) -> dict:
+    """OUT/last/trainer_state.pt, read with torch.load(weights_only=True): tensors, plain Python
+    values and numpy arrays only, never a pickled object's code (a file planted in a run
+    directory could run any). A file cut short is a CheckpointError naming it (`reading`); one
+    holding anything else too is a CheckpointError saying so, and to start the run over."""
+    with reading(path, resume_dir):
+        try:
+            with torch.serialization.safe_globals(RESUME_SAFE_GLOBALS):
+                return torch.load(path, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "weights only" not in str(exc).lower():
+                raise
+            unsafe = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+            raise CheckpointError(
+                f"{path} holds objects other than tensors, numpy arrays and plain Python values"
+                f"{' (' + ', '.join(sorted(set(unsafe))) + ')' if unsafe else ''}, which --resume "
+                "does not unpickle (they could run code): it was not written by `r2ec train`; "
+                "start the run over with --overwrite"
+            ) from None
+
+
 LOG_FILE = "log.jsonl"
 CURVES_FILE = "curves.png"
 RUN_MARKS = ("best", "last", LOG_FILE)  # any of them: OUT holds a run a new one must not mix into
@@ -651,8 +691,7 @@ class Trainer:
         self.saved_step = self.state.step
 
     def _load(self, resume_dir: Path) -> None:
-        with reading(resume_dir / STATE_FILE, resume_dir):  # cut short: a CheckpointError naming it
-            blob = torch.load(resume_dir / STATE_FILE, weights_only=False)
+        blob = load_resume_state(resume_dir / STATE_FILE, resume_dir)
         try:
             self.opt.load_state_dict(blob)
             self.state = TrainState(**blob["state"])

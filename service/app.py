@@ -14,15 +14,17 @@ from starlette.routing import BaseRoute
 
 from service import routes, ui
 from service.access_log import AccessLog
+from service.build import package_version
 from service.config import Settings, unknown_env
 from service.deps import require_user_key
 from service.errors import add_error_handlers
+from service.headers import SecurityHeaders
 from service.limits import BodyLimit
 from service.metrics import Metrics
 from service.recommender import Recommender
 from service.request_id import RequestId
 from service.state import ServiceState
-from service.store import HistoryStore, make_store
+from service.store import HistoryStore, StoreUnavailable, make_store
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +61,14 @@ def create_app(
         )
         try:
             try:
+                await _check_store_format(the_store)  # before the model's load: refused at once
                 the_engine = engine or await asyncio.get_running_loop().run_in_executor(
                     executor,
                     lambda: Recommender.load_or_fall_back(settings.checkpoint, **settings.load_kwargs()),
                 )
             except (ValueError, OSError) as exc:  # a damaged or unreadable file (CheckpointError), a device
-                # why the service cannot start, in one line: `r2ec serve` prints it in place of
-                # the lifespan's traceback (service/server.py)
+                # or a store in a newer format (StoreFormatError): why the service cannot start, in
+                # one line: `r2ec serve` prints it in place of the lifespan's traceback (service/server.py)
                 app.state.startup_error = str(exc)
                 raise
             state = ServiceState(settings, the_engine, the_store, metrics, executor)
@@ -87,6 +90,7 @@ def create_app(
             settings.max_batch,
             settings.max_wait_ms,
         )
+        log_auth(settings)
         try:
             yield
         finally:
@@ -96,7 +100,11 @@ def create_app(
                 await the_store.close()
             executor.shutdown(wait=True)
 
-    app = FastAPI(title="R²ec serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # R2EC_DOCS=false: no /docs, /redoc (pages that run a CDN's script) or /openapi.json
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(
+        title="R²ec serve", version=package_version(), description=DESCRIPTION, lifespan=lifespan, **docs
+    )
     app.state.r2ec = None
     app.state.startup_error = None  # set by the lifespan when the first load fails
     # ui.router: the page (GET /) and catalog search (GET /items)
@@ -105,16 +113,70 @@ def create_app(
         app.include_router(router)
     served = [route for router in routers for route in router.routes]
     refused = metrics.rejections.labels("body_too_large").inc
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_refused=refused)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        on_refused=refused,
+        body_timeout_s=settings.body_timeout_s,
+        on_timeout=metrics.rejections.labels("body_timeout").inc,
+    )
     # one line and the latency per request, the 413s too, with the request id (inside RequestId);
     # the routes name what a request refused before routing asked for, and FastAPI's /docs
     own = [r for r in app.router.routes if hasattr(r, "path_regex")]  # FastAPI's /docs, /openapi.json
     app.add_middleware(AccessLog, metrics=metrics, routes=[*own, *served])
-    app.add_middleware(RequestId)  # outermost: every response carries X-Request-ID
+    app.add_middleware(RequestId)  # every response carries X-Request-ID
+    app.add_middleware(SecurityHeaders)  # outermost: nosniff and no-referrer on every response
     add_error_handlers(app, metrics, served)
     if not settings.user_keys:
         _open_user_routes_in_schema(app, served)
     return app
+
+
+async def _check_store_format(store: HistoryStore) -> None:
+    """Mark the store's format where it has none and refuse one newer than this code's
+    (service/store.py `check_format`: StoreFormatError, the start's one-line error). A Redis that
+    does not answer yet is no reason not to start (/readyz says degraded): checked next start."""
+    check = getattr(store, "check_format", None)  # the in-process store's data is this process's
+    if check is None:
+        return
+    try:
+        await check(package_version())
+    except StoreUnavailable as exc:
+        log.warning("the store's format marker was not checked, checked at the next start: %s", exc)
+
+
+MIN_KEY_LENGTH = 16  # characters; `openssl rand -hex 24` gives 48
+
+
+def log_auth(settings: Settings) -> None:
+    """Say at startup who may call what, so an operator reads from the log whether a key took
+    effect: a WARNING while the routes of users' data are open (no R2EC_CLIENT_KEY), an INFO
+    line for the admin API, and a WARNING for a key shorter than MIN_KEY_LENGTH. Never the keys.
+    The service still starts without keys: the quickstart and a service only your own backend
+    reaches run that way (README, "Who may call what")."""
+    if settings.user_keys:
+        log.info("user routes (/recommend, /users/*) take X-API-Key: R2EC_CLIENT_KEY or the admin key")
+    else:
+        log.warning(
+            "R2EC_CLIENT_KEY is unset: user routes are open: /recommend and /users/* take no key; "
+            "anyone who reaches this port can read and write any user's history (and fill the "
+            "store with made-up users); set R2EC_CLIENT_KEY unless only your own backend reaches it"
+        )
+    if settings.admin_key is None:
+        log.info(
+            "admin API disabled (R2EC_API_KEY unset): item edits, DELETE /users/{id} and "
+            "/admin/reload answer 403"
+        )
+    else:
+        log.info("admin API enabled: item edits, DELETE /users/{id} and /admin/reload take R2EC_API_KEY")
+    for name, key in (("R2EC_API_KEY", settings.admin_key), ("R2EC_CLIENT_KEY", settings.user_key)):
+        if key is not None and len(key) < MIN_KEY_LENGTH:
+            log.warning(
+                "%s is %d characters long: use at least %d random ones (openssl rand -hex 24)",
+                name,
+                len(key),
+                MIN_KEY_LENGTH,
+            )
 
 
 def _open_user_routes_in_schema(app: FastAPI, served: Sequence[BaseRoute]) -> None:

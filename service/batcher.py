@@ -14,10 +14,15 @@ Contract (tests/service/test_batcher.py checks each line):
   gets a RuntimeError saying so.
 - With `max_queue`, at most that many requests wait (the running batch not counted); one more
   is refused at once with `QueueFull`, whose `retry_after_s` estimates when there is room.
-- `drain(grace_s)` (shutdown): new requests are refused with `ShuttingDown`; queued ones go out
-  without waiting for batch-mates while a batch still fits in the grace (by the recent batch
-  time); at the deadline every request still unanswered, the running batch's included, fails
-  with `ShuttingDown`, so each one gets an answer before the server gives up on it. `stop()`
+- With `max_queue_wait_s`, a request that waited longer than that is refused with
+  `QueueTimeout` (a `QueueFull`) when its turn comes, instead of being run for a client that
+  has likely given up.
+- `drain(grace_s)` (shutdown): new requests are refused with `ShuttingDown`; queued ones the
+  grace cannot reach (by the recent batch time: batches after the running one that would end
+  past the deadline) are refused at once, so their clients retry elsewhere now rather than at
+  the deadline; the others go out without waiting for batch-mates while a batch still fits in
+  the grace; at the deadline every request still unanswered, the running batch's included,
+  fails with `ShuttingDown`, so each one gets an answer before the server gives up on it. `stop()`
   after a drain logs how it ended: of the requests queued or running when it began, how many
   were answered, cut at the deadline, or left by their clients, and how many new ones it refused.
 """
@@ -57,6 +62,11 @@ class QueueFull(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+class QueueTimeout(QueueFull):
+    """A request waited in the queue longer than `max_queue_wait_s` (R2EC_MAX_QUEUE_WAIT_S): refused
+    when its turn came, as overloaded."""
+
+
 class BatchFailed(RuntimeError):
     """The batch function raised: every request of that batch gets this error."""
 
@@ -85,10 +95,15 @@ class QueueingBatcher(Generic[Q]):
         on_queue_depth: Callable[[int], None] | None,
         max_queue: int | None,
         worker_name: str,
+        max_queue_wait_s: float | None = None,
     ) -> None:
         if max_queue is not None and max_queue < 1:
             raise ValueError(f"max_queue must be >= 1 (or None: unbounded), got {max_queue}")
+        if max_queue_wait_s is not None and max_queue_wait_s <= 0:
+            raise ValueError(f"max_queue_wait_s must be > 0 (or None: no limit), got {max_queue_wait_s}")
         self.max_queue = max_queue
+        self.max_queue_wait_s = max_queue_wait_s
+        self.queue_timeouts = 0  # requests refused by max_queue_wait_s, for tests and logs
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="r2ec-batch")
         self._on_batch = on_batch or (lambda n: None)
@@ -104,6 +119,7 @@ class QueueingBatcher(Generic[Q]):
         self._drained: list[asyncio.Future] = []  # those unanswered when the drain began
         self._drain_started = 0.0  # loop.time()
         self._drain_refused = 0  # new requests refused while draining
+        self._drain_unreachable = 0  # queued ones refused when it began: the grace cannot reach them
         self.batches = 0  # batches run (continuous: requests admitted), for tests and logs
 
     async def start(self) -> None:
@@ -116,6 +132,11 @@ class QueueingBatcher(Generic[Q]):
         raise NotImplementedError
 
     def retry_after_s(self) -> float:
+        raise NotImplementedError
+
+    def _reachable(self, grace_s: float) -> int | None:
+        """How many queued requests can still be answered within `grace_s`, by the work's
+        recent timing (the running work's included); None while nothing has been timed."""
         raise NotImplementedError
 
     async def stop(self) -> None:
@@ -156,8 +177,32 @@ class QueueingBatcher(Generic[Q]):
             self.active,  # the continuous decode's joining requests too, not only its running
             grace_s,
         )
+        reachable = self._reachable(grace_s)
+        if reachable is not None:
+            self._refuse_unreachable(reachable)
         if self._wakeup is not None:
             self._wakeup.set()  # a batch waiting for company goes now
+
+    def _refuse_unreachable(self, reachable: int) -> None:
+        """Refuse at once the queued requests past the first `reachable` live ones: they would
+        wait the whole grace and then be refused (a retry elsewhere is better made now)."""
+        keep: deque[_Pending[Q]] = deque()
+        unreachable: list[_Pending[Q]] = []
+        for p in self._pending:
+            if p.future.done():
+                continue
+            (keep if len(keep) < reachable else unreachable).append(p)
+        if not unreachable:
+            return
+        self._pending = keep
+        self._drain_unreachable = self._refuse(unreachable)
+        self._on_depth(len(self._pending))
+        log.warning(
+            "draining: refused %d queued requests at once, which cannot be answered within the grace "
+            "(by the recent request time); %d stay queued",
+            self._drain_unreachable,
+            len(keep),
+        )
 
     def _log_drain_outcome(self) -> None:
         """The drain's one closing line (stop() calls it before it fails what is left)."""
@@ -170,12 +215,14 @@ class QueueingBatcher(Generic[Q]):
             else:
                 answered += 1  # a result, or its own error (a bad query, a failed batch)
         log.info(
-            "drain over after %.1fs: of %d requests queued or running, %d answered, %d cut at the "
-            "deadline, %d left by their clients; %d new requests refused",
+            "drain over after %.1fs: of %d requests queued or running, %d answered, %d refused at "
+            "once (beyond the grace), %d cut at the deadline, %d left by their clients; %d new "
+            "requests refused",
             asyncio.get_running_loop().time() - self._drain_started,
             len(self._drained),
             answered,
-            cut,
+            self._drain_unreachable,
+            cut - self._drain_unreachable,
             left,
             self._drain_refused,
         )
@@ -252,6 +299,22 @@ class QueueingBatcher(Generic[Q]):
     def _new_pending(self, item: Q, future: asyncio.Future, now: float) -> _Pending[Q]:
         return _Pending(item, future, now)
 
+    def _waited_too_long(self, p: _Pending[Q], now: float) -> bool:
+        """Refuse `p`, whose turn has come, if it waited longer than `max_queue_wait_s` (its
+        client has likely given up, and the model's time goes to those behind it); True if so."""
+        waited = now - p.enqueued
+        if self.max_queue_wait_s is None or waited <= self.max_queue_wait_s:
+            return False
+        self.queue_timeouts += 1
+        p.future.set_exception(
+            QueueTimeout(
+                f"overloaded: this request waited {waited:.0f} s for the model, longer than "
+                f"R2EC_MAX_QUEUE_WAIT_S ({self.max_queue_wait_s:g} s); retry",
+                self.retry_after_s(),
+            )
+        )
+        return True
+
 
 class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
     def __init__(
@@ -264,6 +327,7 @@ class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
         on_batch: Callable[[int], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
         max_queue: int | None = None,
+        max_queue_wait_s: float | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -275,11 +339,13 @@ class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
             on_queue_depth=on_queue_depth,
             max_queue=max_queue,
             worker_name="r2ec-micro-batcher",
+            max_queue_wait_s=max_queue_wait_s,
         )
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1e3
         self.fn = fn
         self._batch_s: float | None = None  # smoothed seconds per batch (None: none ran yet)
+        self._batch_started = 0.0  # perf_counter when the running batch began
 
     # ------------------------------------------------------------------ requests
     def retry_after_s(self) -> float:
@@ -287,6 +353,16 @@ class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
         per_batch = self._batch_s if self._batch_s is not None else 1.0
         batches = math.ceil(self._live_count() / self.max_batch) + 1
         return min(RETRY_AFTER_MAX_S, max(1.0, batches * per_batch))
+
+    def _reachable(self, grace_s: float) -> int | None:
+        """Full batches that end within the grace after the running one, whose time left is
+        the batch time less what it has run (a batch nearly done holds back almost nothing)."""
+        if self._batch_s is None:
+            return None
+        running_left = (
+            max(0.0, self._batch_s - (time.perf_counter() - self._batch_started)) if self._running else 0.0
+        )
+        return self.max_batch * max(0, math.floor((grace_s - running_left) / self._batch_s))
 
     # ------------------------------------------------------------------ worker
     async def _run(self) -> None:
@@ -307,7 +383,7 @@ class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
                         await self._wakeup.wait()
                 except TimeoutError:
                     break
-            batch = self._take()
+            batch = self._take(loop.time())
             self._on_depth(len(self._pending))
             if batch and self._fits_before_deadline(loop):
                 await self._run_batch(loop, batch)
@@ -319,12 +395,13 @@ class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
             return True  # not draining, or no batch time known yet: try
         return loop.time() + self._batch_s <= self._deadline
 
-    def _take(self) -> list[_Pending[Q]]:
-        """Pop up to max_batch live requests; cancelled ones are dropped on the way."""
+    def _take(self, now: float) -> list[_Pending[Q]]:
+        """Pop up to max_batch live requests; cancelled ones are dropped on the way, and those
+        that waited too long are refused (`_waited_too_long`)."""
         batch: list[_Pending[Q]] = []
         while self._pending and len(batch) < self.max_batch:
             p = self._pending.popleft()
-            if p.future.done():  # cancelled by its client: never run it
+            if p.future.done() or self._waited_too_long(p, now):  # cancelled by its client: never run it
                 continue
             batch.append(p)
         return batch
@@ -332,7 +409,7 @@ class MicroBatcher(QueueingBatcher[Q], Generic[Q, R]):
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[Q]]) -> None:
         self.batches += 1
         self._on_batch(len(batch))
-        started = time.perf_counter()
+        started = self._batch_started = time.perf_counter()
         self._running = batch
         try:
             outputs: Any = await loop.run_in_executor(self._executor, self.fn, [p.item for p in batch])

@@ -62,12 +62,21 @@ from model.checkpoint import (
     read_carried_edits,
 )
 from service.search import TIERS, Match, TitleIndex, sort_name
+from service.types import QueryError
 
 log = logging.getLogger(__name__)
 
 FOLLOW_BACK = 8  # versions back whose saved edits a new version follows (retrain keeps 3)
 TITLE_REBUILD_EDITS = 256  # item edits searched beside the title index before it is rebuilt
 SNAPSHOT_EVERY = 1000  # edits in the log beside the index before the whole index is saved again
+
+
+class ItemTextError(QueryError):
+    """An item edit's text holds a special token of the served tokenizer (a 422 naming `field`)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
 
 
 def _text(record: Mapping[str, str]) -> tuple[str, ...]:
@@ -386,8 +395,24 @@ class Catalog:
         with torch.no_grad():
             return self.checkpoint.model.item_vectors([dict(item)]).numpy()[0]
 
+    def check_text(self, fields: Mapping[str, Any]) -> None:
+        """ItemTextError naming the first field (of ITEM_FIELDS) whose text holds a special token
+        of the served model's tokenizer ("<|im_end|>"): a prompt would carry it as a control
+        token, not as text (model/special_text.py)."""
+        model = self.checkpoint.model
+        for key in ITEM_FIELDS:
+            value = fields.get(key)
+            if isinstance(value, str) and (found := model.special_token_in(value)) is not None:
+                raise ItemTextError(
+                    key,
+                    f"must not hold {found!r}, a special token of the served model's tokenizer "
+                    "(a prompt would carry it as a control token, not as text)",
+                )
+
     def upsert(self, item_id: str, fields: Mapping[str, Any]) -> bool:
-        """Encode the item's text, add or replace it in index + catalog; True if it replaced."""
+        """Encode the item's text, add or replace it in index + catalog; True if it replaced.
+        Text holding a special token of the served tokenizer is refused (`check_text`)."""
+        self.check_text(fields)
         record = item_record(fields)
         vector = self.encode_item({"item_id": item_id, **record})  # (H,)
         with self._writing, self._lock:

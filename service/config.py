@@ -38,6 +38,18 @@ class Settings(BaseSettings):
         "static: per batch). 16 on 2 CPU cores: 1.4x the throughput of 8 at 32 concurrent "
         "requests, as fast for one (BENCHMARKS.md §4); the KV cache takes ~24 MB a slot.",
     )
+    max_prefill_per_tick: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Continuous batching: most requests one tick admits into free decode slots. "
+        "Each admission is a prefill that every decoding request waits for before its next token: "
+        "with 1 a stream's largest gap under a burst of 12 arrivals was 0.35-0.46 s, with 16 "
+        "(every free slot, as before) 2.8-3.7 s, and reasoning requests beside no-reasoning ones "
+        "got 2.6x the throughput. A larger value admits new requests sooner beside running "
+        "decodes: 4 served no-reasoning traffic 2.3x faster in that mix, with stalls under 0.8 s "
+        "(BENCHMARKS.md §4).",
+    )
     max_wait_ms: float = Field(
         10.0, ge=0, le=10_000, description="How long the first request of a batch waits for others."
     )
@@ -127,6 +139,13 @@ class Settings(BaseSettings):
         "key; unset = those routes are open to whoever reaches the port, for a service behind "
         "your own backend.",
     )
+    docs: bool = Field(
+        True,
+        description="Serve the API's docs: /docs (Swagger UI, whose script and styles the "
+        "browser loads from cdn.jsdelivr.net, on the service's own origin, where an admin may "
+        "type the admin key into its Authorize box), /redoc (likewise) and /openapi.json; false "
+        "answers 404 on all three (the k8s config sets it so).",
+    )
     log_level: str = Field("INFO", description="Python logging level.")
     log_format: Literal["text", "json"] = Field(
         "text",
@@ -154,6 +173,38 @@ class Settings(BaseSettings):
         description="Largest request body in bytes; a larger one is refused with 413 before it is "
         "parsed. 1 MiB holds 1000 events or a 1000-item history many times over.",
     )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Longest wait for the next piece of a request body; a client that stops sending "
+        "gets 408 body_timeout and its connection is closed. Between two reads, as nginx's "
+        "client_body_timeout: a body that keeps trickling is bounded by R2EC_MAX_BODY_BYTES, and "
+        "the request headers by a proxy in front (docs/operations.md).",
+    )
+    limit_concurrency: int | None = Field(
+        None,
+        ge=2,
+        description="uvicorn's limit_concurrency: once this many connections are open (the one "
+        "asking counts, and idle keep-alive and half-sent ones too) or requests in progress, a new "
+        "request gets uvicorn's own plain-text 503, not counted by the app's metrics; health "
+        "probes get it too. At least 2 (1 would refuse every request). Unset = no cap.",
+    )
+    keep_alive_timeout_s: int = Field(
+        5,
+        ge=1,
+        le=3600,
+        description="uvicorn's timeout_keep_alive: an idle connection is closed this long after "
+        "its last response. Keep it above the idle timeout of a proxy or load balancer that "
+        "reuses connections, which could otherwise send a request on one the server is closing.",
+    )
+    backlog: int = Field(
+        2048,
+        ge=1,
+        le=65535,
+        description="uvicorn's backlog: connections the kernel queues before the server accepts "
+        "them (also capped by net.core.somaxconn).",
+    )
     max_queue: int = Field(
         32,
         ge=1,
@@ -161,6 +212,17 @@ class Settings(BaseSettings):
         description="Most /recommend requests waiting for a batch; one more gets 503 with Retry-After "
         "(two rounds of the 16 decode slots: at 32 concurrent reasoning requests on 2 CPU cores the "
         "p95 was ~13 s, BENCHMARKS.md §4).",
+    )
+    max_queue_wait_s: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="A /recommend request that waited longer than this for the model is refused "
+        "when its turn comes (503 overloaded with Retry-After, r2ec_rejected_total"
+        '{reason="queue_timeout"}) rather than answered to a client that has likely given up '
+        "(nginx's and most load balancers' read timeouts are 60 s). The queue wait is about "
+        'R2EC_MAX_QUEUE / throughput (docs/operations.md, "Capacity planning"): ~20-30 s on 2 '
+        "cores at the defaults, over 60 s only on a slowed host. 0 = no limit.",
     )
     shutdown_grace_s: float = Field(
         30.0,
@@ -252,10 +314,15 @@ class Settings(BaseSettings):
         return _secret(self.api_key)
 
     @property
+    def user_key(self) -> str | None:
+        """The client key (None: unset or empty)."""
+        return _secret(self.client_key)
+
+    @property
     def user_keys(self) -> tuple[str, ...]:
         """The keys the user routes take (the client key, and the admin key beside it); empty
         while no client key is set, when they are open."""
-        client = _secret(self.client_key)
+        client = self.user_key
         if client is None:
             return ()
         return (client,) if self.admin_key is None else (client, self.admin_key)
@@ -291,6 +358,15 @@ READ_ELSEWHERE = frozenset(
 )
 
 
+# R2EC_ settings a release has retired, with what replaced them: named before any close spelling
+# (R2EC_PREFIX_CACHE reads like R2EC_KERNEL_CACHE, the bf16 kernel's directory, unrelated)
+RETIRED = {
+    "R2EC_PREFIX_CACHE": "retired by 8bf63b4, a 0.1.0 build; R2EC_EXACT_DECODE replaced it with the opposite "
+    "sense: prefix caching is on unless R2EC_EXACT_DECODE=true, so R2EC_PREFIX_CACHE=false is "
+    "R2EC_EXACT_DECODE=true and R2EC_PREFIX_CACHE=true needs nothing",
+}
+
+
 # the variables Kubernetes gives a pod for each Service (unless enableServiceLinks is false):
 # <NAME>_SERVICE_HOST, <NAME>_SERVICE_PORT, <NAME>_PORT, <NAME>_PORT_80_TCP_ADDR, ..., where NAME
 # is the Service's name upper-cased (R2EC_API for one named r2ec-api); a variable is taken for
@@ -320,6 +396,9 @@ def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
             for s in services
         ):
             continue  # Kubernetes set it, for a Service named r2ec-*
+        if upper in RETIRED:
+            out.append(f"{name} is not a setting and is ignored: {RETIRED[upper]}")
+            continue
         close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
         out.append(
             f"{name} is not a setting and is ignored" + (f" (did you mean {close[0]}?)" if close else "")

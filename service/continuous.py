@@ -3,23 +3,28 @@
 The MicroBatcher (service/batcher.py) runs one `generate` to completion per batch, so a request
 that arrives meanwhile waits for the whole batch (BENCHMARKS.md §4: p50 23.5 s at concurrency
 32). Here the model thread runs *ticks*: each tick admits waiting requests into free decode
-slots, then advances every live sequence by one token (model/generation.py, ContinuousDecoder),
-and goes on stepping, up to `steps_per_tick` tokens, while nothing changes that the event loop
-must see (no sequence finished, no request arrived or left); then it answers those that
-finished. Between ticks the model thread is free for other work (item
-edits, reloads), and the event loop resolves futures.
+slots (at most `max_prefill_per_tick` of them), then advances every live sequence by one token
+(model/generation.py, ContinuousDecoder), and goes on stepping, up to `steps_per_tick` tokens,
+while nothing changes that the event loop must see (no sequence finished, no request arrived or
+left); then it answers those that finished. Between ticks the model thread is free for other
+work (item edits, reloads), and the event loop resolves futures.
 
 Contract (tests/service/test_continuous.py), the MicroBatcher's where it applies:
 - `submit(item)` returns one asyncio future; the runner's output for that item resolves it (an
   exception instance fails only that request).
-- At most `slots` requests are in the decode at once; with `max_queue`, at most that many more
-  wait, and one more is refused at once with `QueueFull` (`retry_after_s` estimated from recent
-  request times).
+- At most `slots` requests are in the decode at once, and a tick admits at most
+  `max_prefill_per_tick` of them (each admission is a prefill the running rows wait for, so a
+  burst of arrivals reaches the decode a few at a time, with a step of the running rows between);
+  with `max_queue`, at most that many more wait, and one more is refused at once with
+  `QueueFull` (`retry_after_s` estimated from recent request times); with `max_queue_wait_s`, one
+  that waited longer is refused with `QueueTimeout` when its turn comes.
 - A request cancelled while waiting is never admitted; one cancelled while decoding is dropped
   at the next tick and its slot goes to the next request.
 - A runner that raises fails the requests it was running with `BatchFailed`; the loop goes on.
-- `drain(grace_s)`: new requests are refused with `ShuttingDown`; the running and queued ones
-  are served until the deadline, then every unanswered one fails with `ShuttingDown`.
+- `drain(grace_s)`: new requests are refused with `ShuttingDown`; queued ones that cannot be
+  answered in time (`slots` requests every smoothed request time, once the running ones are
+  answered) are refused at once; the running and the other queued ones are served until the
+  deadline, then every unanswered one fails with `ShuttingDown`.
 - The runner is asked for again at every tick (`get_runner`), so a reload's new model takes new
   requests while the old one finishes the sequences it holds.
 """
@@ -93,17 +98,22 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
         on_queue_depth: Callable[[int], None] | None = None,
         max_queue: int | None = None,
         steps_per_tick: int = 8,
+        max_prefill_per_tick: int | None = None,
+        max_queue_wait_s: float | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if steps_per_tick < 1:
             raise ValueError(f"steps_per_tick must be >= 1, got {steps_per_tick}")
+        if max_prefill_per_tick is not None and max_prefill_per_tick < 1:
+            raise ValueError(f"max_prefill_per_tick must be >= 1, got {max_prefill_per_tick}")
         super().__init__(
             executor=executor,
             on_batch=on_batch,
             on_queue_depth=on_queue_depth,
             max_queue=max_queue,
             worker_name="r2ec-continuous-batcher",
+            max_queue_wait_s=max_queue_wait_s,
         )
         self.slots = slots
         self.get_runner = get_runner
@@ -111,6 +121,10 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
         # request, no cancellation): each call is a round trip through the event loop, which
         # cost ~6 ms a token at concurrency 1 (BENCHMARKS.md §4).
         self.steps_per_tick = steps_per_tick
+        # Requests one tick admits (R2EC_MAX_PREFILL_PER_TICK; None: every free slot). Each is a
+        # prefill the running rows wait for before their next token, so this bounds how long a
+        # burst of arrivals stalls them (docs/architecture.md §4.2.2, BENCHMARKS.md §4).
+        self.max_prefill_per_tick = slots if max_prefill_per_tick is None else max_prefill_per_tick
         # self._pending and self._running (the base's) hold _Request: waiting, and decoding
         self._orphans: list[_Request[Q]] = []  # failed by a broken step, still in the runner
         self._admitting: list[_Request[Q]] = []  # joining the decode in the tick running now
@@ -124,6 +138,26 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
         per_request = self._request_s if self._request_s is not None else 1.0
         rounds = math.ceil(self._live_count() / self.slots) + 1
         return min(RETRY_AFTER_MAX_S, max(1.0, rounds * per_request))
+
+    def _reachable(self, grace_s: float) -> int | None:
+        """A request takes the smoothed request time from admission to answer, so one admitted
+        later than that before the deadline cannot be answered by it. Each slot frees when its
+        running request has had that time since its admission (a free slot now), then takes
+        one queued request per request time: the starts up to that latest moment, counted per
+        slot, are how many queued requests can still be answered."""
+        per_request = self._request_s
+        if per_request is None or per_request <= 0:
+            return None
+        now = time.perf_counter()
+        # a joining request the model thread has not stamped yet (`started` 0) has just begun
+        frees = [
+            max(0.0, per_request - (now - (r.started or now))) for r in (*self._running, *self._admitting)
+        ]
+        frees += [0.0] * max(0, self.slots - len(frees))
+        latest_start = grace_s - per_request
+        return sum(
+            math.floor((latest_start - free) / per_request) + 1 for free in frees if free <= latest_start
+        )
 
     def _new_pending(self, item: Q, future: asyncio.Future, now: float) -> _Request[Q]:
         return _Request(item, future, now)
@@ -147,9 +181,15 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
 
     async def _step(self, loop: asyncio.AbstractEventLoop) -> None:
         admit: list[_Request[Q]] = []
-        while self._pending and len(self._running) + len(admit) < self.slots:
+        now = loop.time()
+        while (
+            self._pending
+            and len(self._running) + len(admit) < self.slots
+            and len(admit) < self.max_prefill_per_tick
+        ):
             r = self._pending.popleft()
-            if not r.future.done():  # cancelled while waiting: never admitted
+            # cancelled while waiting: never admitted; waited too long: refused now
+            if not r.future.done() and not self._waited_too_long(r, now):
                 admit.append(r)
         self._on_depth(len(self._pending))
         cancelled = [r for r in self._running if r.future.done()] + self._orphans

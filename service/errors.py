@@ -26,7 +26,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
 
-from service.batcher import BatcherClosed, BatchFailed, QueueFull
+from service.batcher import BatcherClosed, BatchFailed, QueueFull, QueueTimeout
+from service.headers import HEADERS as SECURITY_HEADERS
 from service.logs import Throttled
 from service.metrics import Metrics
 from service.request_id import HEADER, request_id
@@ -44,6 +45,7 @@ MAX_IN_MESSAGE = 5  # field errors spelled out in the one-line message
 SHUTDOWN_RETRY_AFTER_S = 5  # another replica (or this one, restarted) will answer by then
 STORE_RETRY_AFTER_S = 2  # the store client reconnects on the next request
 RELOAD_RETRY_AFTER_S = 10  # a reload loads and warms a model: seconds on 2 cores
+STORE_DOWN = "history store unavailable"  # a 503 store_unavailable's whole message
 
 CODES = {
     400: "invalid_body",
@@ -51,6 +53,7 @@ CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "body_too_large",
     422: "invalid_request",
     500: "internal_error",
@@ -63,10 +66,12 @@ DESCRIPTIONS = {
     403: "The API key is wrong; on an admin route, also while the admin API is disabled "
     "(R2EC_API_KEY unset).",
     404: "No such item.",
+    408: "The body stopped arriving: nothing for R2EC_BODY_TIMEOUT_S; the connection is closed.",
     409: "A reload is already running (Retry-After).",
     413: "The body is larger than R2EC_MAX_BODY_BYTES.",
     422: "Invalid input; `message` and `fields` name the fields or the ids.",
-    500: "An internal error; `message` says what failed.",
+    500: 'An internal error: `message` is "internal error (request <id>)", the X-Request-ID '
+    "the server's log has the details under.",
     503: "The service cannot answer now: starting, shutting down, overloaded (queue full) or its "
     "store is unavailable; all but starting with Retry-After.",
     507: "The edit is served by this replica from memory but the checkpoint volume refused to "
@@ -211,16 +216,24 @@ async def error_body(request: Request, exc: Exception) -> bytes:
     handlers = request.app.exception_handlers
     handler = next((handlers[c] for c in type(exc).__mro__ if c in handlers), None)
     if handler is None:  # add_error_handlers registers Exception, so only an app without it
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}").body
+        return error_response(500, internal_error(request_id(request.scope))).body
     return (await handler(request, exc)).body
+
+
+def internal_error(rid: str | None) -> str:
+    """A 500's whole message: the request id, never the exception, whose text may name a server
+    path or an internal detail; the log line with the same id has it and its traceback."""
+    return f"internal error (request {rid})" if rid else "internal error"
 
 
 def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRoute] = ()) -> None:
     """Every failure a client can cause is a 4xx naming the problem; service-side trouble is a
     503 (starting, store down, shutting down, overloaded: the last three with Retry-After) or a
-    500 that still says what went wrong. `routes`: the app's routes, for a 405's Allow header.
-    A store outage and queue-full shedding each log a WARNING every 10 s at most while they last."""
+    500 that names the request id its log line (with the exception and traceback) carries.
+    `routes`: the app's routes, for a 405's Allow header. A store outage and queue-full
+    shedding each log a WARNING every 10 s at most while they last."""
     shedding_log = Throttled(log)
+    waited_log = Throttled(log)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -257,11 +270,11 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
 
     @app.exception_handler(StoreUnavailable)
     async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        # the log line (store_failed) has the redacted URL and the driver's words; the client
+        # gets nothing of the URL: not its host, port or db, nor a password in its query
         request.app.state.r2ec.store_failed(exc)
         headers = retry_after(STORE_RETRY_AFTER_S)
-        return error_response(
-            503, f"history store unavailable: {exc}", code="store_unavailable", headers=headers
-        )
+        return error_response(503, STORE_DOWN, code="store_unavailable", headers=headers)
 
     @app.exception_handler(ReloadError)
     async def reload_failed(request: Request, exc: ReloadError) -> JSONResponse:
@@ -283,6 +296,12 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
         shedding_log.warn("queue full: shedding requests (503 overloaded): %s", exc)
         return error_response(503, str(exc), code="overloaded", headers=retry_after(exc.retry_after_s))
 
+    @app.exception_handler(QueueTimeout)
+    async def waited_too_long(request: Request, exc: QueueTimeout) -> JSONResponse:
+        metrics.rejections.labels("queue_timeout").inc()
+        waited_log.warn("queued past R2EC_MAX_QUEUE_WAIT_S: shedding requests (503 overloaded): %s", exc)
+        return error_response(503, str(exc), code="overloaded", headers=retry_after(exc.retry_after_s))
+
     @app.exception_handler(BatcherClosed)
     async def closed(request: Request, exc: BatcherClosed) -> JSONResponse:
         metrics.rejections.labels("shutting_down").inc()
@@ -291,7 +310,11 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
 
     @app.exception_handler(BatchFailed)
     async def batch_failed(request: Request, exc: BatchFailed) -> JSONResponse:
-        return error_response(500, f"recommendation failed: {exc}")  # already logged by the batcher
+        # the batcher logged the failure with its traceback, once for the batch; this line ties
+        # each request's id to it
+        rid = request_id(request.scope)
+        log.error("recommendation failed (request %s): %s", rid, exc)
+        return error_response(500, internal_error(rid))
 
     @app.exception_handler(ClientDisconnected)
     async def gone(request: Request, exc: ClientDisconnected) -> JSONResponse:
@@ -303,5 +326,7 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
         # the route's template, not the path: a path under /users/ names a user (service/access_log.py)
         route = route_template(request.scope)
         log.exception("unhandled error on %s %s (request %s)", request.method, route, rid)
-        headers = {HEADER: rid} if rid else None
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", headers=headers)
+        # sent from outside every middleware of the app's own (service/request_id.py): the
+        # headers they add are set here
+        headers = {**SECURITY_HEADERS, **({HEADER: rid} if rid else {})}
+        return error_response(500, internal_error(rid), headers=headers)

@@ -1,14 +1,23 @@
-"""The request body limit, enforced before anything parses a body.
+"""The request body limits, enforced before anything parses a body.
 
 A body over `R2EC_MAX_BODY_BYTES` is refused with 413 (the one error body, service/errors.py):
 one whose Content-Length says so before a byte of it is read, a chunked one as soon as the bytes
 read pass the limit. Nothing over the limit is ever buffered, parsed or validated, so a client
 cannot make the event loop (and /healthz with it) parse 100 MB of JSON; what remains is at most
 one limit's worth of parsing per request.
+
+The body is read here, whole, before the app sees it, and each piece of it must arrive within
+`R2EC_BODY_TIMEOUT_S` of the one before (the headers are uvicorn's: a proxy's
+client_header_timeout bounds those). A client that stops sending gets 408 `body_timeout` and
+its connection is closed, instead of holding a socket and a request in flight until it gives
+up; a client that hangs up during its upload is logged and counted as 499
+`client_disconnected`, as one that leaves while its answer is computed, not as a 400 it was
+never sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -19,31 +28,45 @@ Message = dict[str, Any]
 
 
 class BodyLimit:
-    """Pure ASGI middleware (module docstring). `on_refused()` is called once per 413."""
+    """Pure ASGI middleware (module docstring). `on_refused()` is called once per 413,
+    `on_timeout()` once per 408. `body_timeout_s` None: no limit on how long a body takes."""
 
-    def __init__(self, app: Any, max_bytes: int, on_refused: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        max_bytes: int,
+        on_refused: Callable[[], None] = lambda: None,
+        body_timeout_s: float | None = None,
+        on_timeout: Callable[[], None] = lambda: None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.on_refused = on_refused
+        self.body_timeout_s = body_timeout_s
+        self.on_timeout = on_timeout
 
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
-        if declared is not None:  # the server holds the body to this length
-            if declared > self.max_bytes:
-                await self._refuse(scope, receive, send)
-            else:
-                await self.app(scope, receive, send)
+        if declared is not None and declared > self.max_bytes:  # refused before a byte is read
+            await self._refuse(scope, receive, send)
             return
-        # No length given (chunked, or no body): read up to the limit, then hand the app the body.
+        # Read the body up to the limit (the server holds a declared one to its length), each
+        # piece within the timeout, then hand the app the body.
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client left; nobody to answer
+            try:
+                async with asyncio.timeout(self.body_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                await self._timed_out(scope, receive, send, size)
+                return
+            if message["type"] == "http.disconnect":  # the client left during its upload
+                await self._gone(scope, receive, send, size)
+                return
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
@@ -72,6 +95,22 @@ class BodyLimit:
             headers={"Connection": "close"},  # the unread rest of the body is not waited for
         )
         await response(scope, receive, send)
+
+    async def _timed_out(self, scope: Scope, receive: Callable, send: Callable, size: int) -> None:
+        self.on_timeout()
+        response = error_response(
+            408,
+            f"the request body stopped arriving: nothing for {self.body_timeout_s:g} s after "
+            f"{size} bytes (R2EC_BODY_TIMEOUT_S)",
+            headers={"Connection": "close"},  # uvicorn closes the connection after it
+        )
+        await response(scope, receive, send)
+
+    async def _gone(self, scope: Scope, receive: Callable, send: Callable, size: int) -> None:
+        """Nobody reads this answer (uvicorn drops it); it is the access line's and the latency
+        metric's status and code, as for a client that leaves while its answer is computed."""
+        message = f"client disconnected after {size} bytes of its request body"
+        await error_response(499, message, code="client_disconnected")(scope, receive, send)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -5,12 +5,12 @@ Names use the `r2ec_` namespace; Prometheus names cannot hold the `/` of trainin
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from prometheus_client import (
@@ -29,16 +29,22 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.build import code_commit, package_version
+
 # No `*_created` series beside every counter and histogram: Prometheus 2 stores each as one more
 # series, and nothing here reads them.
 disable_created_metrics()
 
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# up to 300 s: an overloaded replica answers after minutes (R2EC_MAX_QUEUE / throughput in the
+# queue, then the decode: 106 s at p90 on a busy 2-core host, SRE journey 39), and above the
+# top bucket histogram_quantile can only say "60"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = (0, 8, 16, 32, 64, 128, 256, 512)
 WATCH_STAGES = ("pointer", "reload", "sync")  # r2ec_watch_errors_total's stages (service/state.py)
-REJECTION_REASONS = ("queue_full", "shutting_down", "body_too_large")  # r2ec_rejected_total's
+# r2ec_rejected_total's
+REJECTION_REASONS = ("queue_full", "shutting_down", "body_too_large", "body_timeout", "queue_timeout")
 # r2ec_store_errors_total's operations (service/store.py's StoreUnavailable.op)
 STORE_OPS = (
     "get_history",
@@ -52,13 +58,6 @@ STORE_OPS = (
 )
 RELOAD_OUTCOMES = ("ok", "failed")
 STREAM_OUTCOMES = ("ok", "error", "disconnected", "cancelled")  # service/streaming.py
-
-
-def package_version() -> str:
-    try:
-        return version("r2ec-serve")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
 
 
 class Metrics:
@@ -177,7 +176,8 @@ class Metrics:
         )
         self.model = Info(
             "r2ec_model",
-            "The model version being served, its checkpoint, and its decode steps' matmul path "
+            "The model version being served, its checkpoint (its path relative to the checkpoint "
+            "root: 'v2', 'current'), and its decode steps' matmul path "
             "(bf16_kernel, onednn, cuda or hf; int8+ in front with int8 weights).",
             registry=r,
         )
@@ -216,14 +216,20 @@ class Metrics:
             self.watch_errors.labels(stage)
         self.rejections = Counter(
             "r2ec_rejected_total",
-            "Requests refused before any work, by reason (queue_full, shutting_down, body_too_large).",
+            "Requests refused before any work, by reason (queue_full, shutting_down, body_too_large, "
+            "body_timeout, queue_timeout).",
             ["reason"],
             registry=r,
         )
         for reason in REJECTION_REASONS:  # at 0 from the start, as the watch's stages
             self.rejections.labels(reason)
-        self.build = Info("r2ec_build", "The r2ec-serve package and Python serving.", registry=r)
-        self.build.info({"version": package_version(), "python": platform.python_version()})
+        self.build = Info(
+            "r2ec_build",
+            "The r2ec-serve version and git commit serving (commit unknown outside a git checkout, "
+            "e.g. in the docker image), and the Python running it.",
+            registry=r,
+        )
+        self.build.info({**_build(), "python": platform.python_version()})
         # the process's memory, CPU, open files and start time; the Python runtime's GC (the
         # default registry's collectors, on this app's own registry)
         ProcessCollector(registry=r)
@@ -277,6 +283,12 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+@functools.cache
+def _build() -> dict[str, str]:
+    """r2ec_build_info's version and commit, asked of git once a process (an app per test)."""
+    return {"version": package_version(), "commit": code_commit()["commit"]}
+
+
 class _DraftCollector(Collector):
     def __init__(self, counts: Callable[[], tuple[int, int]]) -> None:
         self.counts = counts
@@ -311,12 +323,18 @@ class _RetrainCollector(Collector):
     def collect(self):
         try:
             state = json.loads(self.state_file.read_text(encoding="utf-8"))
+            written = self.state_file.stat().st_mtime
         except (OSError, ValueError):
             return
         if not isinstance(state, dict):  # not the job's: nothing, rather than a failed scrape
             return
         last = state.get("last_run")
         ran = _timestamp(last.get("finished_at")) if isinstance(last, dict) else None
+        if isinstance(last, dict) and not last.get("finished_at"):
+            # a run of an r2ec before 0.2.0 (an upgrade, a code rollback) records no time: it was
+            # the file's last write (model/retrain.py `read_state` keeps that time as the run's
+            # from the next write on), so R2ecRetrainNotRunning still fires after an upgrade
+            ran = written
         if ran is not None:
             family = GaugeMetricFamily(
                 "r2ec_retrain_last_run_timestamp_seconds",

@@ -15,8 +15,10 @@ cache with that key, then hands the `PreparedQuery` to the batch.
      after: truncating is exactly what a run with budget m writes (EOS ends both the same
      way). One call instead of one per budget; the cost is the short-budget rows riding
      along until the longest finishes;
-  4. ONE forward pass over [prompt; reasoning; closing marker] gives h_T for every query whose
-     cache entry did not carry it;
+  4. ONE `vectors` call over [prompt; reasoning; closing marker] gives h_T for every query
+     whose cache entry did not carry it and whose generation did not (the engine reads h_T off
+     its KV cache as a text ends; a query without reasoning is a prefill of its own there,
+     not stacked with the others: BENCHMARKS.md §3, `r2ec recommend`);
   5. ONE index search (k = the batch's largest k) with per-query history exclusion (`_answer`).
 
 `Recommender.answer_cached(prepared)` answers a cache hit whose entry carries h_T: step 5 alone,
@@ -39,12 +41,13 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from model import omp_policy_warning
 from model.checkpoint import CURRENT_FILE, Checkpoint, CheckpointError, list_versions, load_checkpoint
 from model.engine import Quantize
 from model.generation import BackendName, EngineBackend, Sequence_, make_backend
@@ -57,6 +60,8 @@ from service.store import Event
 from service.types import (
     CachedReasoning,
     EmptyHistoryError,
+    HistoryEntry,
+    InvalidQueryError,
     PreparedQuery,
     Query,
     QueryError,
@@ -64,9 +69,18 @@ from service.types import (
     ScoredItem,
     Timings,
     UnknownItemsError,
+    as_item_id,
+    as_item_ids,
+    whole,
 )
 
 log = logging.getLogger(__name__)
+
+# First in every reasoning cache key (`Recommender._key`): changed where no entry cached before may
+# be read again. "cache-2" since 0.2.0: a release before it indexed its entries by user only from
+# the erasure's commit on (service/store.py USER_CACHE_KEY), so an erasure cannot find the rest,
+# and some of them (held-claims-6, from f3031b5) had this code's keys, so they were served
+CACHE_FORMAT = "cache-2"
 
 
 class Recommender:
@@ -127,8 +141,19 @@ class Recommender:
         """Load a checkpoint onto `device` (R2EC_DEVICE) and open its catalog (load
         <ckpt>/index/ if it matches, else build it from the checkpoint's item vectors and save it
         there). Only the model moves: item vectors and the FAISS index stay on the CPU.
-        `warmup_requests`: made-up queries answered before it serves (`warm_up`)."""
+        `warmup_requests`: made-up queries answered before it serves (`warm_up`).
+
+        These defaults are not `r2ec serve`'s (16 decode slots, 2 warm-up queries): the service
+        passes every argument from its Settings (`Settings.load_kwargs`). From Python, load
+        with `service.load(path)`, which does the same with serve's defaults; in bf16 the
+        warm-up's texts change how later reasoning is drafted, and so the last bits of scores
+        (README, "Use the model from Python").
+
+        Logs a WARNING where torch (OpenMP) was loaded before `model` with no OMP_WAIT_POLICY
+        set, so the PASSIVE default of model/__init__.py could not take effect."""
         start = time.perf_counter()
+        if (late := omp_policy_warning()) is not None:
+            log.warning("%s", late)
         ckpt = load_checkpoint(path, dtype=dtype, num_threads=threads, device=device)
         catalog = Catalog.open(
             ckpt, kind=index_kind, nprobe=index_nprobe, ef_search=index_ef_search, persist_edits=persist_edits
@@ -320,14 +345,16 @@ class Recommender:
         rated below the history's mean could be "liked" and a title rated below it "rated
         highest", and an unrated history could have a rated list; until held-claims-6 a model
         taught the format could begin its text with anything (model/constrained.py
-        `FormatStart`)."""
-        material = json.dumps([self.version, prompt, budget, "greedy", grammar])
+        `FormatStart`). `CACHE_FORMAT` leads: see there."""
+        material = json.dumps([CACHE_FORMAT, self.version, prompt, budget, "greedy", grammar])
         return hashlib.sha256(material.encode()).hexdigest()
 
     def _ready(self, query: Query | PreparedQuery) -> PreparedQuery:
         """A query prepared for this model. One prepared for another version (a reload landed
         between the cache lookup and this batch) is prepared again: its prompt, key and cached
         reasoning belong to the old model."""
+        if not isinstance(query, Query | PreparedQuery):
+            raise InvalidQueryError("query", f"must be a Query, got {type(query).__name__}")
         if isinstance(query, PreparedQuery):
             if query.model_version == self.version:
                 return query
@@ -336,18 +363,37 @@ class Recommender:
         return self.prepare(query)
 
     # ---------------------------------------------------------------- the batch
+    def _ready_or_error(self, query: Query | PreparedQuery) -> PreparedQuery | QueryError:
+        """`_ready`, with what the query itself is to blame for as a value: a QueryError, or a
+        TypeError/ValueError from a query made past Query's own checks (as InvalidQueryError),
+        so it fails that query alone, never its batch-mates."""
+        try:
+            return self._ready(query)
+        except QueryError as exc:
+            return exc
+        except (TypeError, ValueError) as exc:
+            log.warning("a query could not be prepared: %s: %s", type(exc).__name__, exc)
+            error = InvalidQueryError("query", f"{type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            return error
+
     def recommend_batch(self, queries: Sequence[Query | PreparedQuery]) -> list[Result | QueryError]:
-        """Answer a micro-batch; output i belongs to query i (a Result or a QueryError)."""
+        """Answer a micro-batch; output i belongs to query i (a Result or a QueryError: an
+        unknown item, an empty history, a query of the wrong type; never raised, so one bad
+        query does not fail the others). Any number of queries: the engine backend decodes up
+        to `slots` at once and starts the next as one ends. Reasoning is written for every
+        query at once; h_T after it then costs no second pass, while a query without reasoning
+        is one prefill of its own prompt (they are not stacked)."""
         start = time.perf_counter()
         out: list[Result | QueryError | None] = [None] * len(queries)
         ok: list[int] = []
         ready: list[PreparedQuery] = []
         for i, q in enumerate(queries):
-            try:
-                ready.append(self._ready(q))
-            except QueryError as exc:
-                out[i] = exc
+            p = self._ready_or_error(q)
+            if isinstance(p, QueryError):
+                out[i] = p
                 continue
+            ready.append(p)
             ok.append(i)
         if not ok:
             return out  # type: ignore[return-value]
@@ -509,6 +555,85 @@ class Recommender:
             )
         return results
 
+    # ---------------------------------------------------------------- the Python API
+    def recommend(
+        self,
+        history: Iterable[HistoryEntry],
+        *,
+        k: int = 10,
+        reasoning: bool = True,
+        max_reasoning_tokens: int = 64,
+        exclude_history: bool = True,
+        seen_items: Iterable[str] = (),
+        exclude_items: Iterable[str] = (),
+        candidates: Iterable[str] | None = None,
+    ) -> Result:
+        """One user's top-`k` items, through the service's own path (what POST /recommend
+        answers for the same history and settings).
+
+        `history`, oldest first: Events, `(item_id, rating)` or `(item_id, rating, timestamp)`
+        tuples, dicts with those keys, or bare ids; ids may be ints. `seen_items`: items the
+        user has had beyond this history, excluded with it (a dataset's or a store's whole
+        record: the prompt reads only the latest `max_history`). `exclude_items` are never
+        returned; `candidates` ranks only those ids (`score` gives every one of them a score).
+
+        Raises InvalidQueryError (a field of the wrong type or out of range, named),
+        UnknownItemsError (ids the catalog lacks) or EmptyHistoryError, all QueryError."""
+        query = Query(
+            history=history,  # type: ignore[arg-type]  # normalised to Events by Query
+            k=k,
+            reasoning=reasoning,
+            max_reasoning_tokens=max_reasoning_tokens,
+            exclude_history=exclude_history,
+            seen_items=seen_items,  # type: ignore[arg-type]
+            exclude_items=exclude_items,  # type: ignore[arg-type]
+            candidates=candidates,  # type: ignore[arg-type]
+        )
+        (result,) = self.recommend_batch([query])
+        if isinstance(result, QueryError):
+            raise result
+        return result
+
+    def score(
+        self,
+        history: Iterable[HistoryEntry],
+        item_ids: Iterable[str],
+        *,
+        reasoning: bool = True,
+        max_reasoning_tokens: int = 64,
+    ) -> dict[str, float]:
+        """The score (cos(h_T, h_v)/tau, as `recommend` ranks by) of every id in `item_ids`
+        for this history, in the order given: items in the history are scored too, and no
+        `k` cuts the list. Each is the score the whole-catalog ranking gives it. Raises as
+        `recommend` does (UnknownItemsError for an id the catalog lacks)."""
+        ids = as_item_ids(item_ids, "item_ids")
+        if not ids:
+            raise InvalidQueryError("item_ids", "is empty: give at least one id to score")
+        result = self.recommend(
+            history,
+            k=len(ids),
+            reasoning=reasoning,
+            max_reasoning_tokens=max_reasoning_tokens,
+            exclude_history=False,
+            candidates=ids,
+        )
+        scores = {i.item_id: i.score for i in result.items}
+        return {i: scores[i] for i in ids}
+
+    def similar_items(self, item_id: str, k: int = 10) -> list[ScoredItem]:
+        """The `k` items whose vectors lie nearest `item_id`'s ("more like this"), best first,
+        from the served index (item edits included), without running the model. Their
+        `score` is the cosine of the two item vectors (not over tau, unlike `recommend`'s).
+        Items of the same text as `item_id` (ml-100k lists 18 films twice) are left out with it,
+        as a history's are. UnknownItemsError for an id the catalog lacks."""
+        wanted, k = as_item_id(item_id), whole(k, "k", least=1)
+        if self.catalog.item(wanted) is None:
+            raise UnknownItemsError([wanted], where="item_id")
+        vector = self.catalog.index.vector(wanted)[None, :]  # (1, H), normalised
+        ids, cos, titles = self.catalog.search(vector, k, [{wanted}])
+        n = len(ids[0])  # fewer than k where the catalog holds fewer; cos is -inf past them
+        return [ScoredItem(ids[0][r], titles[0][r], float(cos[0, r]), r + 1) for r in range(n)]
+
     @staticmethod
     def _notify(on_text: Callable[[str], None], text: str) -> None:
         """Hand a reasoning piece to the query's stream. A broken callback (a client gone, a
@@ -580,10 +705,9 @@ class DecodeRunner:
 
     def add(self, item: Query | PreparedQuery) -> Running | Result | QueryError:
         rec = self.rec
-        try:
-            p = rec._ready(item)
-        except QueryError as exc:
-            return exc
+        p = rec._ready_or_error(item)
+        if isinstance(p, QueryError):
+            return p
         q, cached = p.query, p.cached
         if cached is not None and cached.vector is not None:
             return rec.answer_cached(p)

@@ -14,14 +14,16 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.convertors import Convertor, register_url_convertor
 
 from service import schemas
+from service.catalog import ItemTextError
 from service.config import Settings
 from service.deps import Admin, CatalogDep, MaybeStateDep, StateDep, StoreDep, UserData
 from service.errors import documented
-from service.state import ServiceState
+from service.state import ServiceState, confine_checkpoint
 from service.store import Event, event_key
 from service.streaming import EventStream, RecommendStream, recommended_items
 from service.types import Query, Result
@@ -127,7 +129,7 @@ def recommend_router(settings: Settings) -> APIRouter:
         response_model=schemas.RecommendResponse,
         tags=["recommend"],
         dependencies=UserData,
-        responses=documented(400, 401, 403, 413, 422, 500, 503),
+        responses=documented(400, 401, 403, 408, 413, 422, 500, 503),
     )
     async def recommend(body: body_type, request: Request, state: StateDep) -> schemas.RecommendResponse:
         """Ranked items for a history (inline, or the user's stored one), with the reasoning.
@@ -157,7 +159,7 @@ def recommend_router(settings: Settings) -> APIRouter:
                     }
                 },
             },
-            **documented(400, 401, 403, 413, 422, 500, 503, by_reference=True),
+            **documented(400, 401, 403, 408, 413, 422, 500, 503, by_reference=True),
         },
         dependencies=UserData,
     )
@@ -221,7 +223,7 @@ def _reply(result: Result, source: str, total_ms: float) -> schemas.RecommendRes
     response_model=schemas.EventsResponse,
     tags=["users"],
     dependencies=UserData,
-    responses=documented(400, 401, 403, 413, 422, 500, 503),
+    responses=documented(400, 401, 403, 408, 413, 422, 500, 503),
 )
 async def append_events(
     user_id: UserIdPath, body: schemas.EventsRequest, state: StateDep
@@ -324,14 +326,19 @@ async def get_item(item_id: ItemIdPath, catalog: CatalogDep) -> schemas.Item:
     dependencies=Admin,
     responses={
         201: {"model": schemas.ItemUpsertResponse, "description": "Created."},
-        **documented(400, 401, 403, 413, 422, 500, 503, 507),
+        **documented(400, 401, 403, 408, 413, 422, 500, 503, 507),
     },
 )
 async def put_item(
     item_id: ItemIdPath, body: schemas.ItemUpsert, state: StateDep, response: Response
 ) -> schemas.ItemUpsertResponse:
     """Encode the item's text with the model and add or replace it in the index (admin)."""
-    catalog, replaced = await state.upsert_item(item_id, body.model_dump(exclude_none=True))
+    try:
+        catalog, replaced = await state.upsert_item(item_id, body.model_dump(exclude_none=True))
+    except ItemTextError as exc:  # a 422 naming the field, as the schema's own checks are
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("body", exc.field), "msg": exc.message}]
+        ) from None
     response.status_code = 200 if replaced else 201
     if (item := catalog.item(item_id)) is None:  # a DELETE came in between
         raise HTTPException(404, f"item {item_id!r} was deleted while it was being written")
@@ -362,12 +369,22 @@ async def delete_item(item_id: ItemIdPath, state: StateDep) -> schemas.ItemDelet
     response_model=schemas.ReloadResponse,
     tags=["admin"],
     dependencies=Admin,
-    responses=documented(400, 401, 403, 409, 413, 422, 500, 503),
+    responses=documented(400, 401, 403, 408, 409, 413, 422, 500, 503),
 )
 async def reload(state: StateDep, body: schemas.ReloadRequest | None = None) -> schemas.ReloadResponse:
-    """Load a checkpoint beside the running model and swap it in; on failure keep the old."""
+    """Load a checkpoint beside the running model and swap it in; on failure keep the old. A
+    `checkpoint` must lie under the checkpoint root (R2EC_CHECKPOINT where it is a versions
+    root, else its directory): a version name, or a path inside it; anything else is a 422."""
     started = time.perf_counter()
-    old, new = await state.reload(body.checkpoint if body else None)
+    path = None
+    if body is not None and body.checkpoint is not None:
+        try:
+            path = confine_checkpoint(state.settings.checkpoint, body.checkpoint)
+        except ValueError as exc:
+            raise RequestValidationError(
+                [{"loc": ("body", "checkpoint"), "msg": str(exc), "type": "value_error"}]
+            ) from None
+    old, new = await state.reload(path)
     return schemas.ReloadResponse(
         previous_version=old.version,
         model_version=new.version,

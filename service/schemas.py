@@ -1,9 +1,11 @@
 """Request and response bodies: the HTTP edge only (the engine speaks frozen dataclasses).
 
 Ids (users, items, events) are one type, `Id`, in paths and in bodies alike: 1-256
-characters, no control characters, no leading or trailing whitespace, valid Unicode (and no
-U+FFFD: a path's bytes that are not UTF-8 arrive as that character, so "Jos%E9" and
-"Jos%E8" would otherwise be one user). An id is
+characters, no control characters, no bidirectional controls (U+061C, U+200E, U+200F,
+U+202A-U+202E, U+2066-U+2069: they make an id display as another; other format characters,
+such as the zero-width joiner of emoji sequences, are fine), no leading or trailing whitespace,
+valid Unicode (and no U+FFFD: a path's bytes that are not UTF-8 arrive as that character, so
+"Jos%E9" and "Jos%E8" would otherwise be one user). An id is
 refused, never trimmed: an id trimmed in a body but kept in a path would name two users. A JSON
 integer is accepted as an id and turned into a string (ml-100k's ids look like numbers). Free
 text (titles, descriptions) must be valid Unicode without control characters other than tab
@@ -39,8 +41,13 @@ from model.data.build import MAX_TIMESTAMP_S, RATING_RANGE
 ID_MAX = 256
 # The id rule as a JSON-schema pattern, for the docs and for clients that generate ids;
 # `check_id` applies the same expression (Python's \s is str.isspace, Cc is \x00-\x1f\x7f-\x9f).
-ID_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f\ufffd](?:[^\x00-\x1f\x7f-\x9f\ufffd]*[^\s\x00-\x1f\x7f-\x9f\ufffd])?$"
+# Bidirectional controls (Cf, unlike the other format characters, such as the zero-width joiner
+# of emoji sequences, which ids may hold) reorder what is shown: "\u202eadmin" reads "nimda".
+BIDI_CONTROLS = r"\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_NOT_IN_ID = r"\x00-\x1f\x7f-\x9f\ufffd" + BIDI_CONTROLS
+ID_PATTERN = rf"^[^\s{_NOT_IN_ID}](?:[^{_NOT_IN_ID}]*[^\s{_NOT_IN_ID}])?$"
 _ID_RE = re.compile(ID_PATTERN)
+_BIDI_RE = re.compile(f"[{BIDI_CONTROLS}]")
 REPLACEMENT = "\ufffd"  # what a byte that is not UTF-8 decodes to
 TEXT_PATTERN = r"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]*$"  # no control character but tab and newline
 _TEXT_RE = re.compile(TEXT_PATTERN)
@@ -58,12 +65,22 @@ def _unicode(value: str) -> None:
         raise ValueError("must be valid Unicode (it holds a lone UTF-16 surrogate)") from None
 
 
-def check_id(value: str) -> str:
-    """The id rule (module docstring); the message says which part of it failed."""
+def check_id(value: str, *, allow_bidi: bool = False) -> str:
+    """The id rule (module docstring); the message says which part of it failed. `allow_bidi`:
+    for `r2ec user erase/export`, which must reach an id stored before bidi controls were
+    refused."""
+    if allow_bidi:  # every other part of the rule still holds
+        check_id(_BIDI_RE.sub("x", value))
+        return value
     _unicode(value)
     if _ID_RE.fullmatch(value) is None:
         if any(unicodedata.category(c) == "Cc" for c in value):
             raise ValueError("must not contain control characters")
+        if _BIDI_RE.search(value):
+            raise ValueError(
+                "must not contain bidirectional control characters (U+061C, U+200E, U+200F, "
+                "U+202A-U+202E, U+2066-U+2069): they make an id display as another"
+            )
         if REPLACEMENT in value:
             raise ValueError(
                 "must not contain U+FFFD, what bytes that are not UTF-8 decode to (two such ids "
@@ -136,9 +153,38 @@ def _text(max_length: int, min_length: int = 0) -> Any:
     ]
 
 
-Title = _text(1000, min_length=1)
-ShortText = _text(32)
-Text = _text(1000)
+# An item's title, year and genres: one line each. A line break in a title made the user prompt
+# read one history entry as two, and the rated list's grammar copied both lines as one title;
+# `r2ec data prepare` makes such white space one space (model/special_text.py).
+LINE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"  # no control character, tab or line break
+
+
+_LINE_RE = re.compile(LINE_PATTERN)
+
+
+def check_line(value: Any) -> Any:
+    """One line of text: refused, not trimmed, where it holds a line break, a tab or any other
+    control character anywhere (checked before the surrounding white space is trimmed, as the
+    schema's pattern says)."""
+    if isinstance(value, str) and _LINE_RE.fullmatch(value) is None:
+        raise ValueError("must be one line: no line break, tab or other control characters")
+    return value
+
+
+def _line(max_length: int, min_length: int = 0) -> Any:
+    """One line of free text: `_text` without tabs or line breaks."""
+    return Annotated[
+        str,
+        StringConstraints(strip_whitespace=True, min_length=min_length, max_length=max_length),
+        BeforeValidator(check_line),  # before the constraints trim the white space around it
+        AfterValidator(check_text),
+        _Pattern(LINE_PATTERN),
+    ]
+
+
+Title = _line(1000, min_length=1)
+ShortLine = _line(32)
+Line = _line(1000)
 LongText = _text(100_000)
 PathText = _text(4096, min_length=1)
 
@@ -393,9 +439,13 @@ class Item(BaseModel):
 
 
 class ItemUpsert(_Body):
+    """An item's text. Title, year and genres are one line each; none of the four may hold a
+    special token of the served model's tokenizer (`<|im_end|>`: a 422 naming the field,
+    service/catalog.py `Catalog.check_text`), which a prompt would carry as a control token."""
+
     title: Title
-    year: ShortText | None = None
-    genres: Text | None = None
+    year: ShortLine | None = None
+    genres: Line | None = None
     description: LongText | None = None
 
 
@@ -412,7 +462,10 @@ class ItemDeleteResponse(BaseModel):
 
 class ReloadRequest(_Body):
     checkpoint: PathText | None = Field(
-        None, description="Checkpoint directory (default: the configured R2EC_CHECKPOINT)."
+        None,
+        description="A version name ('v2') or a path under the checkpoint root: R2EC_CHECKPOINT "
+        "where it holds a CURRENT pointer, else the directory that holds it (a relative path is "
+        "taken from the root; one that resolves outside it is a 422). Default: R2EC_CHECKPOINT.",
     )
 
 
@@ -446,7 +499,7 @@ ERROR_CODES = (
     *("invalid_request", "invalid_body", "unknown_items", "empty_history", "not_found"),
     *("method_not_allowed", "unauthorized", "forbidden", "reload_failed", "reload_in_progress"),
     *("body_too_large", "overloaded", "shutting_down", "store_unavailable", "unavailable"),
-    *("internal_error", "not_saved"),
+    *("internal_error", "not_saved", "body_timeout"),
 )
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Mapping
 from types import FrameType
 
 import uvicorn
@@ -26,6 +28,9 @@ from service.logs import setup_logging
 log = logging.getLogger(__name__)
 
 RESPONSE_MARGIN_S = 5.0  # after the grace: the last 503s are written, the lifespan shuts down
+# a 1-minute load average this far above the CPUs the server's threads leave free means other
+# processes keep a core busy (an idle host reads 0-0.3; below a whole core, nothing to say)
+BUSY_MARGIN = 1.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -72,10 +77,43 @@ def _no_trace_for_a_known_failure(app: FastAPI) -> ASGIApp:
     return asgi
 
 
+def spin_warning(environ: Mapping[str, str], load_1m: float, cpus: int, threads: int) -> str | None:
+    """A warning when OpenMP's threads spin between kernels (GOMP_SPINCOUNT set and not 0, as
+    `r2ec serve` sets it: model.spin_between_kernels) on a host that other processes keep busy:
+    the 1-minute load average (read before the model loads) is over the CPUs the server's
+    `threads` leave free, by BUSY_MARGIN. Spinning threads then take time from those processes
+    and wait for them: a decode step 2.4-4x slower (docs/operations.md, "Capacity planning")."""
+    spin = environ.get("GOMP_SPINCOUNT", "").strip()
+    if spin in ("", "0"):
+        return None
+    free = max(0, cpus - threads)
+    if load_1m <= free + BUSY_MARGIN:
+        return None
+    return (
+        f"GOMP_SPINCOUNT={spin}: OpenMP threads spin between kernels, but the 1-minute load average "
+        f"is {load_1m:.1f} on {cpus} CPUs, {threads} of them for this server's threads: beside other "
+        "busy processes spinning makes each decode step 2.4-4x slower (docs/operations.md, "
+        '"Capacity planning"); set GOMP_SPINCOUNT=0 where the CPUs are shared'
+    )
+
+
+def _check_spinning(settings: Settings) -> None:
+    try:
+        load_1m = os.getloadavg()[0]
+        cpus = len(os.sched_getaffinity(0))
+    except (OSError, AttributeError):  # no load average (or affinity) on this platform
+        return
+    threads = settings.threads or cpus  # torch's default: a thread per CPU it may use
+    warning = spin_warning(os.environ, load_1m, cpus, min(threads, cpus))
+    if warning is not None:
+        log.warning("%s", warning)
+
+
 def run(app: FastAPI, settings: Settings, host: str, port: int) -> None:
     """Serve `app` until SIGTERM/SIGINT, then drain (module docstring). StartupError when the
     first load fails for a reason the app recorded."""
     setup_logging(settings.log_level, settings.log_format)
+    _check_spinning(settings)  # before the model loads, whose own work would count
     # a server's log is read by a pipeline, not watched: transformers' "Loading weights" bar, at
     # each load and reload, would be a line that is neither a text log line nor JSON
     hf_logging.disable_progress_bar()
@@ -89,6 +127,11 @@ def run(app: FastAPI, settings: Settings, host: str, port: int) -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s + RESPONSE_MARGIN_S),
+        # connection limits (README "Errors and limits"); the body's read timeout is the app's
+        # (service/limits.py), uvicorn has none for headers or bodies
+        limit_concurrency=settings.limit_concurrency,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        backlog=settings.backlog,
     )
     try:
         DrainingServer(config, app).run()

@@ -14,6 +14,7 @@ import ctypes
 import dataclasses
 import gc
 import logging
+import os
 import random
 import time
 import weakref
@@ -41,8 +42,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 WATCH_RETRIES = 3  # loads of one new checkpoint version a tick apart, before the watch slows down
 WATCH_SLOW_RETRY_S = 300.0  # then one load of it this often (service/state.py `_watch`)
-CACHE_BACKOFF_S = 5.0  # after a cache error, skip the cache this long (a down Redis is not
-# asked twice per request while it is down; histories are still asked, they are needed)
+CACHE_BACKOFF_S = 5.0  # after a cache error, skip the cache this long, or until the store
+# answers another operation (a down Redis is not asked twice per request while it is down;
+# histories are still asked, they are needed, and the first one answered ends the skip)
 
 
 async def in_passing_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -68,6 +70,50 @@ class ReloadError(RuntimeError):
 
 class ReloadInProgress(RuntimeError):
     pass
+
+
+def checkpoint_root(configured: Path) -> Path:
+    """The directory `POST /admin/reload` may load checkpoints from: R2EC_CHECKPOINT itself
+    where it is a versions root (it holds a CURRENT pointer), else the directory that holds it
+    (checkpoints/current -> checkpoints/), unless that is the filesystem's root: the image's
+    /checkpoints with one checkpoint mounted there would open every path on the host (/etc,
+    /proc) to reloads; then only the configured checkpoint. Absolute, not resolved."""
+    configured = Path(os.path.abspath(configured))
+    if (configured / CURRENT_FILE).is_file() or configured.parent == Path(configured.anchor):
+        return configured
+    return configured.parent
+
+
+def confine_checkpoint(configured: Path, requested: str) -> Path:
+    """The checkpoint a reload asked for, resolved (symlinks too), where it is inside the
+    checkpoint root (`checkpoint_root`); a relative one (a version name, "v2") is taken from
+    the root. ValueError otherwise, with one message whatever lies outside: a path outside the
+    root as written is refused without looking at the disk, so the answer never says whether
+    such a path exists. A path inside it that resolves outside (a symlink out) is refused too,
+    unless it is the configured checkpoint itself (checkpoints/current may be a link)."""
+    root = checkpoint_root(configured)
+    outside = ValueError(
+        f"must name a checkpoint under the checkpoint root {str(root)!r} (R2EC_CHECKPOINT, or "
+        "the directory that holds it): a version name such as 'v2', or a path inside it"
+    )
+    candidate = root / requested  # an absolute `requested` stands for itself
+    if not Path(os.path.normpath(candidate)).is_relative_to(root):
+        raise outside
+    resolved = candidate.resolve()
+    if not any(resolved.is_relative_to(p.resolve()) for p in (root, Path(configured))):
+        raise outside
+    return resolved
+
+
+def checkpoint_label(configured: Path, path: Path, version: str) -> str:
+    """How /metrics names the served checkpoint (r2ec_model_info's `checkpoint`): its path
+    relative to the checkpoint root ("v2", "current"), never an absolute path; the version
+    where it lies elsewhere."""
+    root = checkpoint_root(configured)
+    for base, where in ((root, Path(os.path.abspath(path))), (root.resolve(), Path(path).resolve())):
+        if where.is_relative_to(base):
+            return where.relative_to(base).as_posix()
+    return version
 
 
 class EditNotSaved(RuntimeError):
@@ -135,6 +181,8 @@ class ServiceState:
                 on_batch=metrics.batch_size.observe,
                 on_queue_depth=metrics.queue_depth.set,
                 max_queue=settings.max_queue,
+                max_prefill_per_tick=settings.max_prefill_per_tick,
+                max_queue_wait_s=settings.max_queue_wait_s or None,
             )
         else:
             self.batcher = MicroBatcher(
@@ -145,10 +193,13 @@ class ServiceState:
                 on_batch=metrics.batch_size.observe,
                 on_queue_depth=metrics.queue_depth.set,
                 max_queue=settings.max_queue,
+                max_queue_wait_s=settings.max_queue_wait_s or None,
             )
         self._reload_lock = asyncio.Lock()
         self.edit_lock = asyncio.Lock()  # item edits vs. the swap of a reload
         self._cache_down_until = 0.0
+        # the store's answered operations when the cache failed (None: it answered that one too)
+        self._cache_down_answered: int | None = 0
         self.store_down_log = Throttled(log)  # `store_failed`
         self._watcher: asyncio.Task | None = None
         self._releases: set[asyncio.Task] = set()  # `_release` tasks, one per reload
@@ -300,6 +351,8 @@ class ServiceState:
                 "this replica's only; send it to every replica."
             )
         out.append("Backups of Redis, of the versions root and of the seed dataset, until they expire.")
+        if redis and (older := self._older_release_cache()) is not None:
+            out.append(older)
         out.append(
             "Log lines written before this service version logged /users/ paths with the id; "
             "those stay in the log pipeline for its retention (lines since name no user)."
@@ -324,6 +377,30 @@ class ServiceState:
                 "texts replace them, or a restart."
             )
         return out
+
+    def _older_release_cache(self) -> str | None:
+        """The receipt's line for reasonings an r2ec before 0.2.0 cached in this Redis, while some
+        may be left: one older than the erasure indexed none by user, so no erasure finds them (and
+        which build it was, nothing says). When it used this Redis is
+        in the format marker (service/store.py `check_format`); None where it did not, or where
+        R2EC_CACHE_TTL_S has passed since this version first started on it."""
+        assert isinstance(self.store, RedisStore)
+        ttl = self.settings.cache_ttl_s
+        marker = self.store.format
+        if marker is not None and (not marker.held_data or time.time() >= marker.since + ttl):
+            return None
+        if marker is None:  # not read at the start (Redis was down): it may have been used so
+            until = f"{ttl} s after this service version first started on this Redis"
+        else:
+            until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(marker.since + ttl))
+        return (
+            "Reasonings cached by an r2ec before 0.2.0, which used this Redis, may be indexed by no "
+            "user (releases before the erasure indexed none), so this erasure may not find them: "
+            "none is read again, and they expire "
+            f"R2EC_CACHE_TTL_S after they were written, by {until} at this service's {ttl} s (the "
+            "older release's own setting decides). docs/operations.md, 'Upgrading', deletes them "
+            "all at once."
+        )
 
     async def upsert_item(self, item_id: str, fields: Mapping[str, Any]) -> tuple[Catalog, bool]:
         """Encode an item on the model thread and add or replace it; (the catalog it is in, True
@@ -453,7 +530,17 @@ class ServiceState:
 
     @property
     def _cache_enabled(self) -> bool:
-        return self.settings.cache_size > 0 and time.monotonic() >= self._cache_down_until
+        """Not for CACHE_BACKOFF_S after a cache error, unless the store has answered an
+        operation since (RedisStore.answered) where it had not answered the failed one: a Redis
+        that stalled for 5 s is asked again as soon as it answers, where a fixed window sent 5 s
+        more of cache hits to the model (`_cache_failed`)."""
+        if self.settings.cache_size <= 0:
+            return False
+        if time.monotonic() >= self._cache_down_until:
+            return True
+        if self._cache_down_answered is None:  # Redis answered with an error: wait the window out
+            return False
+        return getattr(self.store, "answered", 0) > self._cache_down_answered
 
     async def _cache_get(self, key: str) -> CachedReasoning | None:
         if not self._cache_enabled:
@@ -481,7 +568,14 @@ class ServiceState:
     def _cache_failed(self, exc: StoreUnavailable) -> None:
         self.metrics.store_errors.labels(exc.op).inc()
         self._cache_down_until = time.monotonic() + CACHE_BACKOFF_S
-        log.warning("reasoning cache unavailable for %.0fs: %s", CACHE_BACKOFF_S, exc)
+        # Redis did not answer (down, stalled): the next operation it answers ends the skip. It
+        # answered with an error (a full Redis refusing the write: `up` stays true): other
+        # operations keep succeeding, so only the window ends it, or every request would try
+        # the failing write again.
+        answered_it = getattr(self.store, "up", False)
+        self._cache_down_answered = None if answered_it else getattr(self.store, "answered", 0)
+        until = "" if answered_it else ", or until the store answers again"
+        log.warning("reasoning cache skipped for %.0fs%s: %s", CACHE_BACKOFF_S, until, exc)
 
     # ------------------------------------------------------------------ reload
     async def reload(
@@ -554,7 +648,9 @@ class ServiceState:
         self.metrics.model.info(
             {
                 "version": self.engine.version,
-                "checkpoint": str(self.engine.checkpoint.path),
+                "checkpoint": checkpoint_label(
+                    self.settings.checkpoint, self.engine.checkpoint.path, self.engine.version
+                ),
                 "decode_matmuls": self.engine.decode_matmuls,
             }
         )
@@ -653,6 +749,8 @@ class ServiceState:
         try:
             await self.store.ping()
         except StoreUnavailable as exc:
-            self.metrics.store_errors.labels(exc.op).inc()
-            reasons.append(f"store unavailable: {exc}")
+            # the probes are open: the reason names the driver's exception class, never the
+            # URL (host, port, db, a password given as ?password=); the WARNING has the rest
+            self.store_failed(exc)
+            reasons.append(f"store unavailable: {type(exc.__cause__ or exc).__name__}")
         return reasons

@@ -17,6 +17,11 @@ One interface, two stores, the same tests for both (tests/service/test_store.py)
                               after `cache_ttl_s`: what an erasure deletes of the cache
     r2ec:erasures             a sorted set, the erasure ledger: user_id -> cutoff of the user's
                               latest erasure, in the stream ids' milliseconds (see "Erasure")
+    r2ec:schema               JSON: the format of these keys (STORE_FORMAT), the r2ec version that
+                              wrote the marker and when, and whether the Redis held data then (a
+                              release before 0.2.0's, which wrote no marker); written at the
+                              service's start where absent, and a format newer than the code's is
+                              refused (`check_format`)
 - `MemoryStore` (the embedded default when no Redis URL is configured): the same in process;
   the stream is a list, the cache an LRU bounded by `cache_size`, event ids kept until restart.
 
@@ -32,6 +37,10 @@ late event older than a full window is left out of the history (still in the str
 seen set). An event without a timestamp (the API stamps each with its arrival time and refuses
 one more than a day ahead, service/schemas.py; only a direct caller can leave it out) goes last,
 and later events do not move back past it. The stream stays in arrival order: it is a log.
+Releases before 0.2.0 kept histories in arrival order. Such a list is put in this order where it
+is read (`_time_order`, for the reader only) and stored so at the user's next append (the
+append script sorts it once, stably, before placing the new events, and writes it back whole):
+no migration step, and a user who posts nothing is still served in time order.
 Erasure (`erase_user`, GDPR Art. 17): the user's history, seen set, event ids, and the cached
 reasonings written for requests that read their stored history go in one atomic step with the
 ledger entry (ERASE_SCRIPT); then their stream entries up to the cutoff, found by a paged scan
@@ -56,10 +65,12 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import json
 import logging
 import math
 import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -79,8 +90,28 @@ EVENT_IDS_KEY = "r2ec:event-ids:{user_id}"
 CACHE_KEY = "r2ec:reasoning:{key}"
 USER_CACHE_KEY = "r2ec:user-cache:{user_id}"
 ERASURES_KEY = "r2ec:erasures"
+SCHEMA_KEY = "r2ec:schema"
+# the format of the keys above, in SCHEMA_KEY: 1 since 0.2.0 (histories in time order, the erasure
+# ledger and the per-user cache index). Raised by a change an older release could not read right.
+STORE_FORMAT = 1
 DEDUP_TTL_S = 7 * 86_400
 ERASE_PAGE = 1_000  # stream entries per step of a scan for one user (USER_PAGE_SCRIPT)
+
+
+class StoreFormatError(ValueError):
+    """The store's data is in a format this code does not know (`RedisStore.check_format`)."""
+
+
+@dataclass(frozen=True)
+class StoreFormat:
+    """What SCHEMA_KEY says of a Redis (`RedisStore.check_format`)."""
+
+    format: int
+    written_by: str  # the r2ec version that wrote the marker
+    since: int  # s: when it did, at the first start of r2ec 0.2.0 or later on this Redis
+    # whether the Redis held data then: an older release's, whose cached reasonings are not
+    # indexed by user, so an erasure cannot find them (they expire R2EC_CACHE_TTL_S after written)
+    held_data: bool
 
 
 class StoreUnavailable(RuntimeError):
@@ -290,6 +321,32 @@ def _place(history: Sequence[Event], timestamp: int | None) -> int:
     return at
 
 
+def _in_order(history: Sequence[Event]) -> bool:
+    """Whether a history is in the order `_place` keeps: each event no earlier than the one
+    before it where both have a timestamp (one without may sit before earlier ones: later events
+    do not move back past it)."""
+    return all(
+        a.timestamp is None or b.timestamp is None or a.timestamp <= b.timestamp
+        for a, b in itertools.pairwise(history)
+    )
+
+
+def _time_order(history: list[Event]) -> list[Event]:
+    """`history` in the order `_place` keeps (`history` itself where it is so already): a list a
+    release before 0.2.0 stored in arrival order (module docstring, "Order"), sorted by timestamp,
+    stably, as `_place` would have placed its events one by one: an event without a timestamp
+    stays behind the events stored before it and ahead of those stored after it. APPEND_SCRIPT
+    does the same in Lua."""
+    if _in_order(history):
+        return history
+    keyed, run = [], 0
+    for i, e in enumerate(history):
+        keyed.append((run, math.inf if e.timestamp is None else e.timestamp, i))
+        if e.timestamp is None:
+            run += 1
+    return [history[k[2]] for k in sorted(keyed)]
+
+
 class MemoryStore:
     """In-process store: nothing survives a restart; one event loop uses it."""
 
@@ -330,13 +387,14 @@ class MemoryStore:
 
     async def get_history(self, user_id: str) -> list[Event]:
         self._forget_if_expired(user_id)
-        return list(self._histories.get(user_id, ()))
+        return _time_order(list(self._histories.get(user_id, ())))
 
     async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
         ids = _check_events(user_id, events)
         self._forget_if_expired(user_id)
         self._last_append[user_id] = self._clock()
         history = self._histories.setdefault(user_id, [])
+        history[:] = _time_order(history)  # as APPEND_SCRIPT repairs a list of an older release
         known = self._event_ids.setdefault(user_id, set())
         seen = self._seen.setdefault(user_id, set())
         new = []
@@ -394,7 +452,7 @@ class MemoryStore:
     async def export_user(self, user_id: str) -> UserData:
         self._forget_if_expired(user_id)
         stream = [e for e in self._events if e.user_id == user_id]
-        history = list(self._histories.get(user_id, ()))
+        history = _time_order(list(self._histories.get(user_id, ())))
         return UserData(user_id, history, sorted(self._seen.get(user_id, ())), stream, None)
 
     async def erase_user(self, user_id: str) -> Erased:
@@ -453,9 +511,11 @@ class RedisStore:
         self._erase = self._redis.register_script(ERASE_SCRIPT)
         self._user_page = self._redis.register_script(USER_PAGE_SCRIPT)
         self.erase_page = ERASE_PAGE
+        self.format: StoreFormat | None = None  # SCHEMA_KEY, once `check_format` read it
         # told each operation's name and duration in seconds, failed ones too (the service's
         # r2ec_store_seconds histogram)
         self.on_op: Callable[[str, float], None] | None = None
+        self.answered = 0  # operations Redis answered (the service's cache skip ends at the next)
 
     @contextmanager
     def _failures(self, op: str) -> Iterator[None]:
@@ -472,6 +532,7 @@ class RedisStore:
             raise
         else:
             self.up = True
+            self.answered += 1
         finally:
             if self.on_op is not None:
                 self.on_op(op, time.perf_counter() - start)
@@ -479,7 +540,7 @@ class RedisStore:
     async def get_history(self, user_id: str) -> list[Event]:
         with self._failures("get_history"):
             raw = await self._redis.lrange(HISTORY_KEY.format(user_id=user_id), 0, -1)
-        return [Event.from_json(r) for r in raw]
+        return _time_order([Event.from_json(r) for r in raw])
 
     async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
         ids = _check_events(user_id, events)
@@ -552,7 +613,7 @@ class RedisStore:
             seen = await self._redis.smembers(SEEN_KEY.format(user_id=user_id))
             erased = await self._redis.zscore(ERASURES_KEY, user_id)
             rows, _ = await self._scan_user(user_id, until="+", delete=False)
-        history = [Event.from_json(r) for r in raw]
+        history = _time_order([Event.from_json(r) for r in raw])
         erased_ms = None if erased is None else int(erased)
         return UserData(user_id, history, sorted(seen), _stream_entries(rows), erased_ms)
 
@@ -575,6 +636,38 @@ class RedisStore:
             if int(read) < self.erase_page:
                 return rows, removed
             after = last
+
+    async def check_format(self, version: str) -> StoreFormat:
+        """Write SCHEMA_KEY where absent (a new Redis, or one a release before 0.2.0 used), and
+        read it: StoreFormatError where it names a format newer than STORE_FORMAT (a newer r2ec
+        wrote it: this code would misread its keys) or is no marker. The result is kept as
+        `format`. StoreUnavailable where Redis does not answer."""
+        with _failures(self.url, "check_format"):
+            raw = await self._redis.get(SCHEMA_KEY)
+            if raw is None:
+                held = await self._redis.dbsize() > 0
+                mark = {"format": STORE_FORMAT, "written_by": version, "since": int(time.time())}
+                await self._redis.set(SCHEMA_KEY, json.dumps({**mark, "held_data": held}), nx=True)
+                raw = await self._redis.get(SCHEMA_KEY)  # another replica's, where it came first
+        try:
+            mark = json.loads(raw)
+            found = StoreFormat(
+                int(mark["format"]), str(mark["written_by"]), int(mark["since"]), bool(mark["held_data"])
+            )
+        except (TypeError, ValueError, KeyError) as exc:
+            raise StoreFormatError(
+                f"{SCHEMA_KEY} in {_redact(self.url)} is no format marker r2ec wrote ({raw!r:.200}): "
+                "restore it, or delete it and the next start writes it again"
+            ) from exc
+        if found.format > STORE_FORMAT:
+            raise StoreFormatError(
+                f"the Redis at {_redact(self.url)} holds r2ec data in format {found.format} "
+                f"({SCHEMA_KEY}, written by r2ec {found.written_by}); this r2ec {version} knows format "
+                f"{STORE_FORMAT} at most and would misread it: run r2ec {found.written_by} or newer "
+                "(docs/operations.md, 'Upgrading')"
+            )
+        self.format = found
+        return found
 
     async def ping(self) -> None:
         with self._failures("ping"):
@@ -664,12 +757,38 @@ end
 local user, window, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local ttl, now, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local user_ttl = tonumber(ARGV[7])  -- seconds the history and seen set outlive this append; 0: for good
+-- A Redis at its maxmemory with noeviction refuses a script's write that may grow it only while
+-- the script has written nothing yet: after the prune below (a write that only frees), every
+-- ZADD, XADD and RPUSH would go through past the cap. So a growing write comes first: a no-op
+-- (XX updates only an existing member, and no event id is empty), refused whole when full.
+redis.call('ZADD', KEYS[4], 'XX', now, '')
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl)
 local hist = redis.call('LRANGE', KEYS[1], 0, -1)
 local times = {}
 for i, json in ipairs(hist) do times[i] = stamp(json) end
 local stored = #hist
 local untouched = stored  -- hist[1..untouched] is still the stored list's start
+-- a list a release before 0.2.0 stored in arrival order: sorted once, stably, as `_time_order`
+-- does (an event without a timestamp ends a run: the events stored after it stay after it),
+-- and written back whole below
+local in_order = true
+for i = 2, stored do
+  if times[i - 1] and times[i] and times[i - 1] > times[i] then in_order = false break end
+end
+if not in_order then
+  local keyed, run = {}, 0
+  for i = 1, stored do
+    keyed[i] = {run, times[i] or math.huge, i, hist[i], times[i]}
+    if not times[i] then run = run + 1 end
+  end
+  table.sort(keyed, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    if a[2] ~= b[2] then return a[2] < b[2] end
+    return a[3] < b[3]
+  end)
+  for i = 1, stored do hist[i], times[i] = keyed[i][4], keyed[i][5] end
+  untouched = 0
+end
 local out = {}
 for i = 0, n - 1 do
   local b = 8 + i * 5
@@ -819,13 +938,29 @@ def _failures(url: str, op: str) -> Iterator[None]:
 
 
 def _redact(url: str) -> str:
-    """redis://user:secret@host -> redis://user:***@host, for error messages."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0] if ":" in creds else ""
-    return f"{scheme}://{user}:***@{host}"
+    """The URL with its credentials masked, for the log: the userinfo's password
+    (redis://user:secret@host -> redis://user:***@host; a lone userinfo, which may be a
+    password, whole) and the query parameters redis-py reads a secret from
+    (redis://host/0?password=secret -> redis://host/0?password=***); the other parameters kept.
+    The userinfo is everything before the LAST "@", not what a URL parser reads: a password may
+    hold an unencoded "/", "?" or "#" (base64 ones do), which end a parser's host part early and
+    would leave it whole. Nothing of it goes to clients (service/errors.py, ServiceState.readiness)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        userinfo, rest = rest.rsplit("@", 1)
+        user, has_password, _ = userinfo.partition(":")
+        rest = (f"{user}:***@" if has_password else "***@") + rest
+    where, question, query = rest.partition("?")
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        masked = [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs]
+        query = urllib.parse.urlencode(masked, safe="*")
+    return (f"{scheme}://" if sep else "") + where + (f"?{query}" if query else "")
+
+
+_SECRET_PARAMS = frozenset({"password", "username", "ssl_password"})
 
 
 def make_store(

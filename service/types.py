@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import numbers
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +37,16 @@ class UnknownItemsError(QueryError):
         shown = ", ".join(repr(i) for i in self.item_ids[:20])
         more = f" and {len(self.item_ids) - 20} more" if len(self.item_ids) > 20 else ""
         super().__init__(f"unknown item ids in {where}: {shown}{more}")
+
+
+class InvalidQueryError(QueryError):
+    """A query field of the wrong type or out of range, for a caller of the Python API (the HTTP
+    layer's pydantic models refuse the same before a Query is made). `field` names it as the
+    HTTP error bodies do: "k", "history.2.rating", "candidates"."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {problem}")
 
 
 class EmptyHistoryError(QueryError):
@@ -112,10 +124,25 @@ def _read_vector(found: Any, dim: int | None) -> np.ndarray:
     return v
 
 
+# What a history entry may be in the Python API (`Query.history`, `Recommender.recommend`): an
+# Event, an (item_id, rating) or (item_id, rating, timestamp) tuple, a dict with those keys, or
+# a bare item id.
+HistoryEntry = Event | tuple | Mapping[str, Any] | str | int
+_ENTRY_KEYS = frozenset({"item_id", "rating", "timestamp", "event_id"})
+
+
 @dataclass(frozen=True)
 class Query:
     """One recommendation request after the HTTP edge: the history is final (inline or stored)
-    and the server's defaults are filled in."""
+    and the server's defaults are filled in.
+
+    Made from Python, it is checked and normalised when made (InvalidQueryError naming the
+    field): history entries become Events (tuples, dicts and bare ids accepted, item ids
+    made str, a NaN rating read as none), ratings must lie in 0-10 and timestamps be whole
+    seconds before 2100, as HTTP requires; `k` >= 1 and `max_reasoning_tokens` >= 0 must be
+    ints, `reasoning` and `exclude_history` bools; `seen_items`, `exclude_items` and
+    `candidates` become frozensets of str ids (`candidates` not empty). A history of ids the
+    catalog does not hold is refused later, by `Recommender.prepare` (UnknownItemsError)."""
 
     history: tuple[Event, ...]
     k: int = 10
@@ -134,9 +161,155 @@ class Query:
     candidates: frozenset[str] | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
 
+    def __post_init__(self) -> None:
+        fix = object.__setattr__  # frozen: normalised values are set once, here
+        fix(self, "history", history_events(self.history))
+        fix(self, "k", whole(self.k, "k", least=1))
+        fix(self, "max_reasoning_tokens", whole(self.max_reasoning_tokens, "max_reasoning_tokens", least=0))
+        for name in ("reasoning", "exclude_history"):
+            value = getattr(self, name)
+            if not isinstance(value, bool | np.bool_):
+                raise InvalidQueryError(name, f"must be True or False, got {value!r}")
+            fix(self, name, bool(value))
+        if self.stored_user is not None and not isinstance(self.stored_user, str):
+            raise InvalidQueryError("stored_user", f"must be a str or None, got {self.stored_user!r}")
+        fix(self, "seen_items", _ids(self.seen_items, "seen_items"))
+        fix(self, "exclude_items", _ids(self.exclude_items, "exclude_items"))
+        if self.candidates is not None:
+            candidates = _ids(self.candidates, "candidates")
+            if not candidates:
+                raise InvalidQueryError(
+                    "candidates", "is empty: give at least one id, or None for the whole catalog"
+                )
+            fix(self, "candidates", candidates)
+
     @property
     def wants_reasoning(self) -> bool:
         return self.reasoning and self.max_reasoning_tokens > 0
+
+
+def history_events(history: Iterable[HistoryEntry]) -> tuple[Event, ...]:
+    """A history as Events, oldest first: each entry an Event, an (item_id, rating) or (item_id,
+    rating, timestamp) tuple, a dict of those keys (and `event_id`), or a bare item id. Item ids
+    become str (HTTP coerces them too), a NaN rating (pandas' missing value) becomes None; an
+    entry of the wrong type or out of range raises InvalidQueryError naming it
+    ("history.3.rating"). Events already valid are kept as they are (the same objects)."""
+    if isinstance(history, str | bytes | Mapping) or not isinstance(history, Iterable):
+        raise InvalidQueryError(
+            "history", f"must be a list of entries (Event, (item_id, rating), dict or id), got {history!r}"
+        )
+    (low, high), latest = _bounds()
+    out = []
+    for j, entry in enumerate(history):
+        if type(entry) is Event and _valid(entry, low, high, latest):  # the service's own: as it is
+            out.append(entry)
+            continue
+        where = f"history.{j}"
+        if isinstance(entry, Event):
+            item_id, rating, timestamp, event_id = (
+                entry.item_id,
+                entry.rating,
+                entry.timestamp,
+                entry.event_id,
+            )
+        elif isinstance(entry, Mapping):
+            unknown = set(entry) - _ENTRY_KEYS
+            if unknown or "item_id" not in entry:
+                problem = f"unknown keys {sorted(map(str, unknown))}" if unknown else "has no item_id"
+                raise InvalidQueryError(where, f"{problem} (keys: item_id, rating, timestamp, event_id)")
+            item_id, rating = entry["item_id"], entry.get("rating")
+            timestamp, event_id = entry.get("timestamp"), entry.get("event_id")
+        elif isinstance(entry, tuple | list):
+            if not 1 <= len(entry) <= 3:
+                raise InvalidQueryError(
+                    where, f"must be (item_id, rating) or (item_id, rating, timestamp), got {entry!r}"
+                )
+            item_id, rating, timestamp = (*entry, None, None)[:3]
+            event_id = None
+        else:
+            item_id, rating, timestamp, event_id = entry, None, None, None
+        out.append(
+            Event(
+                _id(item_id, f"{where}.item_id"),
+                _rating(rating, f"{where}.rating"),
+                None if timestamp is None else whole(timestamp, f"{where}.timestamp", least=0, most=latest),
+                None if event_id is None else str(event_id),
+            )
+        )
+    return tuple(out)
+
+
+def _valid(e: Event, low: float, high: float, latest: int) -> bool:
+    """Whether an Event needs nothing changed: a non-empty str id, a float rating in range (not
+    NaN) or None, an int timestamp in range or None, a str event id or None. The fast path for
+    the service's own histories (up to 1000 events a request)."""
+    r, t = e.rating, e.timestamp
+    return (
+        type(e.item_id) is str
+        and e.item_id != ""
+        and (r is None or (type(r) is float and low <= r <= high))
+        and (t is None or (type(t) is int and 0 <= t <= latest))
+        and (e.event_id is None or type(e.event_id) is str)
+    )
+
+
+def _bounds() -> tuple[tuple[float, float], int]:
+    """The rating range and the latest timestamp HTTP and training accept (model/data/build.py,
+    imported here, not at the top: it loads pandas)."""
+    from model.data.build import MAX_TIMESTAMP_S, RATING_RANGE
+
+    return RATING_RANGE, MAX_TIMESTAMP_S
+
+
+def _id(value: Any, where: str) -> str:
+    """An item id as str: a str, or an int (ml-100k's ids read as numbers)."""
+    if isinstance(value, bool) or not isinstance(value, str | numbers.Integral):
+        raise InvalidQueryError(where, f"must be a str (or int) item id, got {value!r}")
+    text = str(value)
+    if not text:
+        raise InvalidQueryError(where, "must not be empty")
+    return text
+
+
+def as_item_ids(values: Any, where: str) -> list[str]:
+    """A set or list of item ids as str ids, in their order, each once; InvalidQueryError naming
+    `where` for a lone str (a set of its characters is never what was meant) or a wrong type."""
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise InvalidQueryError(where, f"must be a set or list of item ids, got {values!r}")
+    return list(dict.fromkeys(_id(v, where) for v in values))
+
+
+def as_item_id(value: Any, where: str = "item_id") -> str:
+    """One item id as str (an int is accepted); InvalidQueryError naming `where` otherwise."""
+    return _id(value, where)
+
+
+def _ids(values: Any, where: str) -> frozenset[str]:
+    return frozenset(as_item_ids(values, where))
+
+
+def _rating(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidQueryError(where, f"must be a number or None, got {value!r}")
+    rating = float(value)
+    if math.isnan(rating):  # pandas' missing value: no rating, as the prepared data reads it
+        return None
+    (low, high), _ = _bounds()
+    if not low <= rating <= high:
+        raise InvalidQueryError(where, f"must be between {low:g} and {high:g}, got {value!r}")
+    return rating
+
+
+def whole(value: Any, where: str, least: int, most: int | None = None) -> int:
+    """An int (numpy's too, not a bool) in [least, most]; InvalidQueryError naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidQueryError(where, f"must be an int, got {value!r}")
+    if value < least or (most is not None and value > most):
+        bound = f">= {least}" if most is None else f"between {least} and {most}"
+        raise InvalidQueryError(where, f"must be {bound}, got {value}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -170,7 +343,7 @@ class PreparedQuery:
 class ScoredItem:
     item_id: str
     title: str
-    score: float  # cos(h_T, h_v) / tau
+    score: float  # cos(h_T, h_v) / tau; from `Recommender.similar_items`, cos(h_v, h_w)
     rank: int  # 1-based
 
 

@@ -21,13 +21,22 @@ ASSETS = {
 }
 SEARCH_LIMIT = 50
 NO_CACHE = {"Cache-Control": "no-cache"}  # revalidate: a redeploy shows the new page at once
+# The page loads only its own script and stylesheet (no inline script, style or handler) and
+# its icon as a data: URL, and talks only to its own origin; no site may frame it (its buttons
+# post events to a user's history: clickjacking). Beside the headers every response gets
+# (service/headers.py).
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+PAGE_HEADERS = {**NO_CACHE, "Content-Security-Policy": CSP, "X-Frame-Options": "DENY"}
 
 router = APIRouter()
 
 
 @router.get("/", include_in_schema=False)
 async def page() -> FileResponse:
-    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8", headers=NO_CACHE)
+    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
 
 @router.get("/static/{name}", include_in_schema=False)
@@ -35,7 +44,7 @@ async def asset(name: str) -> FileResponse:
     media_type = ASSETS.get(name)
     if media_type is None:
         raise HTTPException(404, f"no static file {name!r}")
-    return FileResponse(STATIC / name, media_type=media_type, headers=NO_CACHE)
+    return FileResponse(STATIC / name, media_type=media_type, headers=PAGE_HEADERS)
 
 
 @router.get(

@@ -57,7 +57,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .build import build_prepared, check_interactions
+from .build import build_prepared, check_dataset_name, check_interactions
 from .dataset import DataError
 from .splits import check_protocol
 
@@ -419,6 +419,7 @@ def prepare_amazon(
     if recipe == "window" and (start is not None or end is not None):
         raise DataError("a window start/end date applies to the 'official' recipe only")
     reviews_path, meta_path = Path(reviews_path), Path(meta_path)
+    name = check_dataset_name(name or _name_from(reviews_path))  # before the long reads
     for path in (meta_path, reviews_path) if recipe == "official" else (meta_path,):
         if not path.is_file():  # fail before the long reads
             raise DataError(f"missing file {path}")
@@ -452,7 +453,7 @@ def prepare_amazon(
         inter,
         items,
         data_dir=data_dir,
-        name=name or _name_from(reviews_path),
+        name=name,
         protocol=protocol,
         category="product",
         max_history=max_history,

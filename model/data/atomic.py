@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .build import build_prepared, check_interactions
+from .build import build_prepared, check_dataset_name, check_interactions
 from .dataset import DataError
 from .splits import check_protocol
 
@@ -242,6 +242,7 @@ def prepare_atomic(
     strictly as ``encoding`` (module docstring). Returns the output dir.
     """
     check_protocol(protocol, max_history)
+    check_dataset_name(name)  # before the reads
     encoding = check_encoding(encoding)
     inter, has_time = read_atomic_interactions(inter_path, encoding)
     items = read_atomic_items(item_path, encoding) if item_path is not None else None

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from model.special_text import SpecialText, one_line
+
 from .dataset import ITEM_COLUMNS, SPLITS, DataError, save_prepared
 from .splits import check_protocol, make_splits
 
@@ -68,11 +70,56 @@ def check_interactions(inter: pd.DataFrame, origin: str) -> pd.DataFrame:
     return out
 
 
+def check_dataset_name(name: str) -> str:
+    """A dataset's name is one folder under the data dir (`<data_dir>/<name>/<protocol>/`): no
+    path separator, not "." or "..", not empty, no NUL; anything else (`--name ../../x`) would
+    write outside the data dir. Returns it; raises DataError naming it."""
+    if (
+        not isinstance(name, str)
+        or name.strip() in ("", ".", "..")
+        or any(c in name for c in ("/", "\\", "\x00"))
+    ):
+        raise DataError(
+            f"dataset name (--name) {name!r} must be one folder name under the data dir: "
+            "no '/' or '\\', not '.', '..' or empty"
+        )
+    return name
+
+
 MISSING_EXAMPLES = 5  # ids a missing-items warning shows
+TEXT_COLUMNS = tuple(c for c in ITEM_COLUMNS if c != "item_id")  # what an item prompt shows
+
+
+def check_item_text(
+    items: pd.DataFrame, origin: str, special: SpecialText | None = None, whose: str = "a chat template"
+) -> None:
+    """Raise DataError where an item's text holds a special-token string (`special`, those of
+    `whose`; default: the default backbone's and every "<|...|>" marker, model/special_text.py),
+    naming the item, the field and the string, and how many items hold one: a prompt would
+    carry it as a control token of the chat template, not as text."""
+    special = special or SpecialText.default()
+    found: list[str] = []
+    count = 0
+    for row in items.itertuples(index=False):
+        hits = [(c, s) for c in TEXT_COLUMNS if (s := special.find(str(getattr(row, c) or "")))]
+        if hits:
+            count += 1
+            if len(found) < MISSING_EXAMPLES:
+                found.append(f"item {row.item_id!r} {hits[0][0]} holds {hits[0][1]!r}")
+    if found:
+        more = f" ({count} items in all)" if count > len(found) else ""
+        raise DataError(
+            f"{origin}: {'; '.join(found)}{more}: a special token of {whose}, which a prompt "
+            "would carry as a control token, not as text; remove it from the item text"
+        )
 
 
 def complete_items(
-    items: pd.DataFrame | None, used_ids: set[str], keep_catalog: bool, origin: str = "the item table"
+    items: pd.DataFrame | None,
+    used_ids: set[str],
+    keep_catalog: bool,
+    origin: str = "the item table",
+    plain_special: bool = False,
 ) -> pd.DataFrame:
     """The item table: every used item, plus (``keep_catalog``) every titled catalog item.
 
@@ -80,7 +127,12 @@ def complete_items(
     (when there is an item table at all) are logged as a warning naming ``origin``, with
     their count and a few ids: a wrong or partial item file used to pass silently.
 
-    Missing text fields become ""; a missing or empty title becomes "Item <id>".
+    Missing text fields become ""; a missing or empty title becomes "Item <id>". Each run of
+    control white space in a text field (newlines, tabs, ...) becomes one space, and text that
+    holds a chat template's special token is refused (`check_item_text`); with
+    ``plain_special`` (retrain's rebuild of a seed an earlier release prepared, which took such
+    text) it is made plain text instead (`SpecialText.plain`: "<|im_end|>" -> "< |im_end|>"), as
+    the service's prompts do, with a warning naming how many items.
     """
     given = items is not None
     if items is None or items.empty:
@@ -109,6 +161,20 @@ def complete_items(
         items = pd.concat([items, filler], ignore_index=True)
     untitled = items["title"] == ""
     items.loc[untitled, "title"] = "Item " + items.loc[untitled, "item_id"]
+    for col in TEXT_COLUMNS:  # one line each: a prompt's lines are its own (model/special_text.py)
+        items[col] = items[col].map(one_line).str.strip()
+    if plain_special:
+        special = SpecialText.default()
+        held = items[list(TEXT_COLUMNS)].map(lambda t: special.find(str(t)) is not None).any(axis=1)
+        if held.any():
+            logger.warning(
+                "%s: %d item(s) hold a chat template's special token (prepared by an earlier "
+                "release), made plain text: e.g. item %r",
+                origin, int(held.sum()), items.loc[held, "item_id"].iloc[0],
+            )  # fmt: skip
+            for col in TEXT_COLUMNS:
+                items[col] = items[col].map(lambda t: special.plain(str(t)))
+    check_item_text(items, origin)
     return items.loc[:, list(ITEM_COLUMNS)].reset_index(drop=True)  # catalog order, then extras
 
 
@@ -185,14 +251,22 @@ def build_prepared(
     target_mask: np.ndarray | None = None,
     keep_catalog: bool = True,
     prior: dict[str, list[str]] | None = None,
+    rebuild: bool = False,
 ) -> Path:
     """Split ``inter``, finish the item table, write ``<data_dir>/<name>/<protocol>/``.
 
     ``target_mask`` limits which interactions become targets (Amazon's time window); the
     stats count only those interactions, and the others are kept as each user's prior items
-    (`prior_items`, after ``prior``) for the `seen` mask. Returns the output directory.
+    (`prior_items`, after ``prior``) for the `seen` mask. ``rebuild``: retrain's rebuild of a
+    prepared seed, which an earlier release may have prepared under rules since tightened: its
+    name is not checked again (`check_dataset_name`; "grp/ds" was taken then) and special
+    tokens in its item text are made plain rather than refused (`complete_items`), so a
+    retrain keeps running across an upgrade (docs/operations.md, "Upgrading"). Returns the
+    output directory.
     """
     check_protocol(protocol, max_history)
+    if not rebuild:
+        check_dataset_name(name)
     origin = str(source.get("inter") or source.get("reviews") or name)
     splits = make_splits(inter, protocol, max_history, target_mask=target_mask, origin=origin)
     counted = inter if target_mask is None else inter[np.asarray(target_mask, dtype=bool)]
@@ -201,7 +275,8 @@ def build_prepared(
         used.update(df["target_item_id"])
         for hist in df["history_item_ids"]:
             used.update(hist)
-    table = complete_items(items, used, keep_catalog, str(source.get("item") or source.get("meta") or name))
+    origin_items = str(source.get("item") or source.get("meta") or name)
+    table = complete_items(items, used, keep_catalog, origin_items, plain_special=rebuild)
     meta = {
         "name": name,
         "protocol": protocol,

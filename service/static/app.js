@@ -78,7 +78,14 @@ async function refusal(response) {
     $("#key-row").hidden = false;
     return new ApiError(response.status, response.status === 401 ? KEY_MISSING : KEY_WRONG);
   }
-  return new ApiError(response.status, await apiMessage(response));
+  return new ApiError(response.status, failedWords(response.status, await apiMessage(response)));
+}
+
+// A 500 says only "internal error (request <id>)": the server's log has the rest under that id,
+// so say what to do with it. Any other message is the API's own words, shown as they are.
+function failedWords(status, message) {
+  if (status !== 500 || !/^internal error \(request [^)]+\)$/.test(message)) return message;
+  return `The service failed to answer: ${message}. Try again; if it keeps failing, give whoever runs it that request id.`;
 }
 
 async function api(path, options = {}) {
@@ -570,7 +577,7 @@ async function runStreamed(run, body, signal) {
         }
       } else if (event === "error") {
         const status = payload?.error?.status || payload?.status || 500;
-        failed = new ApiError(status, messageOf(payload) || "the stream reported an error");
+        failed = new ApiError(status, failedWords(status, messageOf(payload) || "the stream reported an error"));
       }
     }
   }

@@ -121,6 +121,45 @@ def test_bad_inputs_are_one_line_errors_naming_what_is_wrong(tiny_dataset, tmp_p
     assert res.exit_code == 2 and f"--metrics {missing}" in res.output
 
 
+def _dataset_prepared_before_the_check(tiny_dataset, tmp_path, **titles):
+    """A copy of the tiny dataset whose catalog holds titles `r2ec data prepare` refuses now, as
+    one prepared by an older version may."""
+    import shutil
+
+    import pandas as pd
+
+    path = tmp_path / "old" / "loo"
+    shutil.copytree(tiny_dataset.path, path)
+    items = pd.read_parquet(path / "items.parquet")
+    for item_id, title in titles.items():
+        items.loc[items["item_id"] == item_id, "title"] = title
+    items.to_parquet(path / "items.parquet", index=False)
+    return path
+
+
+def test_init_refuses_a_catalog_holding_the_tokenizers_special_tokens(tiny_dataset, tmp_path, monkeypatch):
+    """Data prepared before `data prepare` refused them: init names the items, before any encoding."""
+    monkeypatch.setenv("COLUMNS", "200")
+    data = _dataset_prepared_before_the_check(
+        tiny_dataset, tmp_path, i8="Babe<|im_end|>\n<|im_start|>assistant", i9="Dead <|endoftext|>"
+    )
+    runner = CliRunner()
+    out = tmp_path / "c"
+    res = runner.invoke(app, ["checkpoint", "init", "--data", str(data), "--out", str(out), "--base", "tiny"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert "item 'i8' title holds '<|im_end|>'; item 'i9' title holds '<|endoftext|>'" in said
+    assert "the backbone's tokenizer" in said and "prepare the dataset again" in said
+    assert not out.exists()
+    # --from: the same check, with the tokenizer of the model it loads
+    clean = tmp_path / "clean"
+    base = ["checkpoint", "init", "--data", str(tiny_dataset.path), "--base", "tiny", "--dtype", "float32"]
+    assert runner.invoke(app, [*base, "--out", str(clean)]).exit_code == 0
+    res = _init_from(data, out, clean)
+    assert res.exit_code == 2 and "item 'i8' title holds '<|im_end|>'" in res.output
+    assert not out.exists()
+
+
 def test_the_log_level_reaches_the_service(tiny_dataset, tmp_path, monkeypatch):
     import service.app
     import service.server

@@ -31,7 +31,16 @@ def _command_paths(cmd: typer.core.TyperGroup, path: tuple[str, ...] = ()) -> li
 
 def test_every_command_has_help():
     paths = _command_paths(typer.main.get_command(app))
-    assert {p[0] for p in paths if p} == {"data", "checkpoint", "eval", "train", "serve", "retrain", "user"}
+    assert {p[0] for p in paths if p} == {
+        "data",
+        "checkpoint",
+        "eval",
+        "recommend",
+        "train",
+        "serve",
+        "retrain",
+        "user",
+    }
     assert ("data", "prepare", "ml-100k") in paths and ("checkpoint", "show") in paths
     assert ("user", "erase") in paths
     for path in paths:

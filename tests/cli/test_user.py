@@ -62,6 +62,32 @@ def test_erase_removes_a_user_the_route_cannot_name(redis_url):
     assert 'docs/operations.md, "Erasing a user"' in result.output
 
 
+@pytest.mark.redis
+def test_erase_reaches_an_id_stored_before_bidi_controls_were_refused(redis_url):
+    """The API now refuses ids with bidirectional controls; a user stored with one before must
+    still be erasable (and exportable) from a shell."""
+    from service.schemas import check_id
+
+    user = "u\u202eadmin"
+    with pytest.raises(ValueError, match="bidirectional control"):
+        check_id(user)
+
+    async def store_events():
+        store = RedisStore(redis_url)
+        try:
+            await store.append_events(user, [Event("i1", 5.0, 100)])
+        finally:
+            await store.close()
+
+    asyncio.run(store_events())
+    result = CliRunner().invoke(app, ["user", "export", user, "--redis-url", redis_url])
+    assert result.exit_code == 0 and json.loads(result.stdout)["user_id"] == user, result.output
+    result = _cli(user, "--redis-url", redis_url, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["history_events"] == 1, result.output
+    result = _cli("u\u202e\x00", "--redis-url", redis_url)  # the rest of the rule still holds
+    assert result.exit_code == 2 and "must not contain control characters" in result.output
+
+
 def test_erase_refuses_clearly_without_redis_a_bad_id_or_a_down_redis():
     result = _cli("u1", env={"R2EC_REDIS_URL": ""})
     assert result.exit_code == 2 and "--redis-url (R2EC_REDIS_URL) is needed" in result.output

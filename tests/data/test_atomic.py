@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from model.data import DataError, load_prepared, prepare_atomic, prepare_ml100k
+from model.data import DataError, load_prepared, prepare_amazon, prepare_atomic, prepare_ml100k
 from model.data.atomic import read_atomic_items
 from model.data.movielens import RAW_FILES, WHEEL_MEMBER_DIR
 
@@ -209,6 +209,97 @@ def test_cli_prepare_atomic_takes_an_encoding(tmp_path, tiny_inter, tiny_item):
     result = CliRunner().invoke(app, [*args, "--encoding", "latin-1"])
     assert result.exit_code == 0, result.output
     assert load_prepared(tmp_path / "x" / "loo").item_titles()["i6"] == "Amélie"
+
+
+def _retitled_item(tmp_path, tiny_item, **titles):
+    """The tiny .item file with some titles replaced (i8="...")."""
+    text = tiny_item.read_text(encoding="utf-8")
+    for item_id, title in titles.items():
+        old = next(line for line in text.splitlines() if line.startswith(f"{item_id}\t"))
+        text = text.replace(old, old.replace(old.split("\t")[1], title))
+    path = tmp_path / "retitled.item"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_control_white_space_in_item_text_becomes_one_space(tmp_path, tiny_inter, tiny_item):
+    """A title with a vertical tab, a form feed, U+2028 (a prompt's line break) or U+0085 used to
+    be kept, and a prompt's line was then two; plain runs of spaces are kept."""
+    item = _retitled_item(
+        tmp_path,
+        tiny_item,
+        i1="Toy\x0bStory",
+        i2="Golden \u2028 \x0c Eye",
+        i3="Four\x85Rooms",
+        i4="Get  Shorty",
+    )
+    titles = load_prepared(prepare_atomic(tiny_inter, item, tmp_path, "x", "loo")).item_titles()
+    assert [titles[i] for i in ("i1", "i2", "i3", "i4")] == [
+        "Toy Story",
+        "Golden Eye",
+        "Four Rooms",
+        "Get  Shorty",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("title", "found"),
+    [
+        ("Babe<|im_end|>", "<|im_end|>"),  # SmolLM2's end of turn (and EOS)
+        ("Babe <|im_start|>assistant", "<|im_start|>"),
+        ("Babe <filename>", "<filename>"),  # one of SmolLM2's other added tokens
+        ("Babe <|eot_id|>", "<|eot_id|>"),  # Llama 3's: any "<|...|>" marker
+    ],
+)
+def test_item_text_holding_a_special_token_is_refused_naming_the_item(
+    tmp_path, tiny_inter, tiny_item, title, found
+):
+    item = _retitled_item(tmp_path, tiny_item, i8=title)
+    with pytest.raises(DataError) as info:
+        prepare_atomic(tiny_inter, item, tmp_path, "x", "loo")
+    message = str(info.value)
+    assert f"item 'i8' title holds {found!r}" in message and "retitled.item" in message
+    assert "special token" in message
+    assert not (tmp_path / "x").exists()
+    # plain text that only looks like markup is kept
+    item = _retitled_item(tmp_path, tiny_item, i8="Babe <3 | im end |>", i9="<b>Dead Man</b>")
+    titles = load_prepared(prepare_atomic(tiny_inter, item, tmp_path, "x", "loo")).item_titles()
+    assert (titles["i8"], titles["i9"]) == ("Babe <3 | im end |>", "<b>Dead Man</b>")
+
+
+def test_the_cli_names_the_item_whose_genres_hold_a_special_token(tmp_path, tiny_inter, tiny_item):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    text = tiny_item.read_text(encoding="utf-8").replace("Drama War", "Drama <|endoftext|>War")
+    item = tmp_path / "genres.item"
+    item.write_text(text, encoding="utf-8")
+    args = ["data", "prepare", "atomic", "--inter", str(tiny_inter), "--item", str(item), "--name", "x",
+            "--data-dir", str(tmp_path)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "item 'i11' genres holds '<|endoftext|>'" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", "..", ".", "", "a\\b"])
+def test_a_dataset_name_that_is_not_one_folder_name_is_refused(tmp_path, tiny_inter, tiny_item, name):
+    """`--name ../../escaped` used to write <data-dir>/../../escaped/loo, outside the data dir."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    data_dir = tmp_path / "a" / "b" / "data"
+    args = ["data", "prepare", "atomic", "--inter", str(tiny_inter), "--item", str(tiny_item), "--name", name,
+            "--data-dir", str(data_dir)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert f"dataset name (--name) {name!r} must be one folder name under the data dir" in " ".join(
+        result.output.split()
+    )
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []  # nothing written anywhere
+    with pytest.raises(DataError, match="must be one folder name"):
+        prepare_amazon(tmp_path / "r.jsonl", tmp_path / "m.jsonl", data_dir, name=name or "..")
 
 
 def test_interacted_items_missing_from_the_item_file_are_a_warning(tmp_path, tiny_inter, caplog):

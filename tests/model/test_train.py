@@ -575,6 +575,66 @@ def test_resume_from_a_damaged_last_names_the_file_and_says_start_over(
     assert message.endswith("the run cannot resume from it: start it over with --overwrite")
 
 
+class _Planted:
+    """What a file planted in a run directory could hold: unpickling it calls open(path, "w")."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_the_resume_state_holds_only_what_loads_without_unpickling_code(_saved_run):
+    """torch.load(weights_only=False) ran whatever a trainer_state.pt pickled; the state is now
+    tensors and plain values only (numpy's RNG key saved as a tensor), read with weights_only."""
+    state = _saved_run / "last" / "trainer_state.pt"
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(state) == []
+    blob = torch.load(state, weights_only=True)
+    assert isinstance(blob["rng"][0]["numpy"][1], torch.Tensor)
+
+
+def test_resume_refuses_a_state_that_would_run_code_and_runs_none(_saved_run, tiny_dataset, tmp_path):
+    from model.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    shutil.copytree(_saved_run, run)
+    state, marker = run / "last" / "trainer_state.pt", tmp_path / "ran"
+    torch.save({**torch.load(state, weights_only=True), "extra": _Planted(marker)}, state)
+    cfg = RecPOConfig(stage="contrastive", per_device_batch_size=2, max_steps=3, save_every=2, **TINY)
+    with pytest.raises(CheckpointError) as raised:
+        train(cfg, tiny_dataset, "tiny", run, resume=True)
+    assert not marker.exists()  # the pickled call never ran
+    message = str(raised.value)
+    assert message.startswith(f"{state} holds objects other than tensors") and "(io.open)" in message
+    assert message.endswith("start the run over with --overwrite")
+
+
+def test_a_resume_state_written_before_weights_only_loading_still_resumes(_saved_run, tiny_dataset, tmp_path):
+    """Earlier versions saved numpy's RNG state as np.random.get_state() gives it (a uint32
+    array): such a run resumes, with that state restored."""
+    import numpy as np
+
+    from model.distributed import restore_rng_state
+    from model.train import load_resume_state
+
+    run = tmp_path / "run"
+    shutil.copytree(_saved_run, run)
+    state = run / "last" / "trainer_state.pt"
+    blob = torch.load(state, weights_only=True)
+    np.random.seed(7)
+    legacy = np.random.get_state()
+    blob["rng"] = [{**blob["rng"][0], "numpy": legacy}]
+    torch.save(blob, state)
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(state)  # numpy's, as they held
+    np.random.seed(0)
+    restore_rng_state(load_resume_state(state, run / "last")["rng"])
+    assert np.array_equal(np.random.get_state()[1], legacy[1]) and np.random.get_state()[2] == legacy[2]
+    train(RecPOConfig(stage="contrastive", per_device_batch_size=2, max_steps=3, save_every=2, **TINY),
+          tiny_dataset, "tiny", run, resume=True)  # fmt: skip
+    assert sorted(_steps(run)) == [1, 2, 3]
+
+
 def test_resume_restores_a_last_left_aside_by_a_save_cut_between_its_renames(
     tiny_dataset, tmp_path, monkeypatch
 ):

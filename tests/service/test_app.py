@@ -647,7 +647,7 @@ async def test_a_draining_service_refuses_a_cached_hit_as_it_refuses_the_batch(c
         assert metric(text, "r2ec_reasoning_cache_total", result="hit") == 0
 
 
-async def test_a_failing_batch_fails_its_requests_and_the_service_goes_on(app, client):
+async def test_a_failing_batch_fails_its_requests_and_the_service_goes_on(app, client, caplog):
     model = app.state.r2ec.engine.backend
     original = model.generate
 
@@ -655,11 +655,17 @@ async def test_a_failing_batch_fails_its_requests_and_the_service_goes_on(app, c
         raise RuntimeError("CUDA out of memory (simulated)")
 
     model.generate = explode
-    failed = await asyncio.gather(*(client.post("/recommend", json={"history": h}) for h in (H1, H2)))
+    with caplog.at_level(logging.ERROR, logger="service"):
+        failed = await asyncio.gather(*(client.post("/recommend", json={"history": h}) for h in (H1, H2)))
     for r in failed:
-        assert r.status_code == 500
-        assert "recommendation failed" in r.json()["error"]["message"]
-        assert "RuntimeError: CUDA out of memory (simulated)" in r.json()["error"]["message"]
+        # the client gets the request id, not the exception (it may name a path on the server);
+        # the log has it, under that id
+        rid = r.headers["x-request-id"]
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        assert r.json()["error"]["message"] == f"internal error (request {rid})"
+        assert "CUDA" not in r.text
+        assert f"recommendation failed (request {rid})" in caplog.text
+    assert "RuntimeError: CUDA out of memory (simulated)" in caplog.text
     model.generate = original
     r = await client.post("/recommend", json={"history": H1})
     assert r.status_code == 200, r.text
@@ -796,6 +802,22 @@ async def test_openapi_asks_for_the_key_on_the_user_routes_where_a_client_key_is
         assert spec["paths"][path][method]["security"] == [{"APIKeyHeader": []}], path
 
 
+async def test_r2ec_docs_false_turns_off_the_docs_pages_and_the_schema(ckpt, monkeypatch):
+    """/docs runs Swagger UI's script from a CDN on the service's origin; a deployment that
+    does not want that (the k8s config) turns the docs off, and the schema with them."""
+    async with serve(app_for(ckpt)) as client:  # on by default
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert (await client.get(path)).status_code == 200, path
+        assert "cdn.jsdelivr.net" in (await client.get("/docs")).text
+    monkeypatch.setenv("R2EC_DOCS", "false")
+    async with serve(app_for(ckpt)) as client:
+        for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+            r = await client.get(path)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", path
+        r = await client.post("/recommend", json={"history": H1, "k": 2, "reasoning": False})
+        assert r.status_code == 200  # the API itself is unchanged
+
+
 async def test_settings_come_from_the_environment(ckpt, monkeypatch):
     from pydantic import ValidationError
 
@@ -920,6 +942,25 @@ async def test_a_full_queue_answers_503_with_retry_after(ckpt):
         text = (await client.get("/metrics")).text
         assert metric(text, "r2ec_rejected_total", reason="queue_full") == 1
         assert requests(text, "/recommend", "503", method="POST") == 1
+
+
+async def test_a_request_queued_past_max_queue_wait_gets_503_overloaded(ckpt):
+    """R2EC_MAX_QUEUE_WAIT_S: H2's request waits behind the held one past the limit, and is
+    refused when its turn comes, counted apart from a full queue's refusals."""
+    app = app_for(ckpt, max_batch=1, cache_size=0, max_queue_wait_s=0.05)
+    async with serve(app) as client:
+        state = app.state.r2ec
+        held, a, b = await one_running_one_queued(state, client)
+        await asyncio.sleep(0.2)
+        held.release()
+        assert (await a).status_code == 200
+        r = await b
+        assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
+        assert "R2EC_MAX_QUEUE_WAIT_S" in r.json()["error"]["message"]
+        assert int(r.headers["retry-after"]) >= 1
+        text = (await client.get("/metrics")).text
+        assert metric(text, "r2ec_rejected_total", reason="queue_timeout") == 1
+        assert metric(text, "r2ec_rejected_total", reason="queue_full") == 0
 
 
 async def test_a_drain_refuses_new_requests_and_answers_the_rest_by_the_deadline(ckpt):

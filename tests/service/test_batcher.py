@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 import pytest
 
-from service.batcher import BatcherClosed, BatchFailed, MicroBatcher, QueueFull, ShuttingDown
+from service.batcher import BatcherClosed, BatchFailed, MicroBatcher, QueueFull, QueueTimeout, ShuttingDown
 
 pytestmark = pytest.mark.asyncio
 
@@ -272,6 +273,80 @@ async def test_when_a_drained_batcher_stops_one_line_says_how_the_drain_ended(ca
         await b.stop()
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("drain over")]
     assert line.endswith(
-        "of 3 requests queued or running, 1 answered, 1 cut at the deadline, 1 left by their clients; "
-        "1 new requests refused"
+        "of 3 requests queued or running, 1 answered, 0 refused at once (beyond the grace), 1 cut at "
+        "the deadline, 1 left by their clients; 1 new requests refused"
     ), line
+
+
+async def test_a_request_that_waited_past_max_queue_wait_is_refused_when_its_turn_comes():
+    """R2EC_MAX_QUEUE_WAIT_S: the queue was bounded in count only, so on a slow host a queued
+    request was run after minutes, for a client that had given up (SRE journey 39, finding 3)."""
+    gate = threading.Event()
+    fn = Recorder(gate=gate)
+    b = await started(MicroBatcher(1, 0, fn, max_queue_wait_s=0.05))
+    try:
+        first = b.submit(1)
+        await asyncio.wait_for(running(b, fn), 30)
+        late = b.submit(2)
+        await asyncio.sleep(0.2)  # it waits past the limit behind the held batch
+        gate.set()
+        with pytest.raises(QueueTimeout, match="R2EC_MAX_QUEUE_WAIT_S") as info:
+            await late
+        assert isinstance(info.value, QueueFull) and info.value.retry_after_s >= 1
+        assert await first == 2 and await b.submit(3) == 6  # one that did not wait is run
+    finally:
+        gate.set()
+        await b.stop()
+    assert fn.batches == [[1], [3]] and b.queue_timeouts == 1
+    with pytest.raises(ValueError, match="max_queue_wait_s"):
+        MicroBatcher(1, 0, fn, max_queue_wait_s=0)
+
+
+async def test_a_drain_counts_what_the_running_batch_has_left():
+    """The running batch is 9.5 s into its 10 s: with 25 s of grace two more batches end in
+    time, so of 4 queued requests (batches of 1) 2 stay queued and 2 are refused at once. The
+    first count took a whole batch time for the running one and kept only 1 (review 39b)."""
+    gate = threading.Event()
+    fn = Recorder(gate=gate)
+    b = await started(MicroBatcher(1, 0, fn))
+    try:
+        held = b.submit(0)
+        await asyncio.wait_for(running(b, fn), 30)
+        queued = [b.submit(i) for i in (1, 2, 3, 4)]
+        b._batch_s = 10.0
+        b._batch_started = time.perf_counter() - 9.5
+        b.drain(25)
+        assert [f.done() for f in queued] == [False, False, True, True]
+        gate.set()
+        assert await held == 0 and await asyncio.gather(*queued[:2]) == [2, 4]
+    finally:
+        gate.set()
+        await b.stop()
+
+
+async def test_a_drain_refuses_at_once_the_queued_requests_the_grace_cannot_reach(caplog):
+    """They were held the whole grace, then refused (SRE journey 39, finding 5): with batches of
+    10 s and 25 s of grace, the running batch and one more fit, so of 4 queued requests 3 are
+    refused at once and their clients can retry elsewhere; the one that fits is answered."""
+    gate = threading.Event()
+    fn = Recorder(gate=gate)
+    b = await started(MicroBatcher(1, 0, fn))
+    caplog.set_level(logging.INFO, logger="service.batcher")
+    try:
+        held = b.submit(0)
+        await asyncio.wait_for(running(b, fn), 30)
+        queued = [b.submit(i) for i in (1, 2, 3, 4)]
+        b._batch_s = 10.0
+        b.drain(25)
+        assert [f.done() for f in queued] == [False, True, True, True]  # before any batch ended
+        for f in queued[1:]:
+            with pytest.raises(ShuttingDown):
+                await f
+        assert b.queue_depth == 1
+        gate.set()
+        assert await held == 0 and await queued[0] == 2
+    finally:
+        gate.set()
+        await b.stop()
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("drain over")]
+    assert "of 5 requests queued or running, 2 answered, 3 refused at once (beyond the grace)" in line

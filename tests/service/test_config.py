@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from service.app import create_app
-from service.config import Settings, unknown_env
+from service.config import RETIRED, Settings, unknown_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,6 +31,16 @@ def test_a_variable_nothing_reads_is_named_with_the_setting_it_may_mean():
     ]
 
 
+def test_a_retired_variable_is_named_with_its_successor_not_a_look_alike():
+    """R2EC_PREFIX_CACHE, set by operators of early 0.1.0 builds, was taken for a typo of
+    R2EC_KERNEL_CACHE (the bf16 kernel's directory): its successor is R2EC_EXACT_DECODE, with the
+    opposite sense (journey 39, F5)."""
+    [line] = unknown_env({"R2EC_PREFIX_CACHE": "true"})
+    assert line.startswith("R2EC_PREFIX_CACHE is not a setting and is ignored: ")
+    assert "R2EC_EXACT_DECODE replaced it" in line and "R2EC_KERNEL_CACHE" not in line
+    assert "exact_decode" in Settings.model_fields  # the successor is a setting
+
+
 def test_the_app_warns_of_them_when_built(monkeypatch, caplog):
     monkeypatch.setenv("R2EC_PREFIX_CACHE", "false")
     with caplog.at_level(logging.WARNING, logger="service"):
@@ -47,4 +57,5 @@ def test_every_variable_the_repo_tells_users_to_set_is_read():
         if path.is_file() and path.suffix != ".png" and path.name != "config.py":
             named |= set(re.findall(r"\bR2EC_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(errors="ignore")))
     assert len(named) > 10
+    named -= RETIRED.keys()  # docs/operations.md, "Upgrading", says what replaced them
     assert [line for name in sorted(named) for line in unknown_env({name: ""})] == []

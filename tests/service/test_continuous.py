@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 
 import pytest
 
-from service.batcher import BatcherClosed, BatchFailed, QueueFull, ShuttingDown
+from service.batcher import BatcherClosed, BatchFailed, QueueFull, QueueTimeout, ShuttingDown
 from service.continuous import ContinuousBatcher, Running
 
 pytestmark = pytest.mark.asyncio
@@ -257,6 +258,104 @@ async def test_active_counts_the_requests_joining_in_the_running_tick():
         gate.set()
         assert await asyncio.gather(*answers) == [30, 20]
         assert b.active == 0
+    finally:
+        gate.set()
+        await b.stop()
+
+
+@pytest.mark.parametrize("per_tick", [1, 2])
+async def test_a_burst_joins_a_few_at_a_time_with_a_step_of_the_running_rows_between(per_tick):
+    """R2EC_MAX_PREFILL_PER_TICK: each admission is a prefill the running rows wait for, so a
+    burst of arrivals joins `per_tick` requests a tick and the running request advances between
+    (with every free slot filled at once, 12 prefills froze a running stream for 3-13 s)."""
+    gate = threading.Event()
+    runner = Counter(gate=gate)
+    b = await started(ContinuousBatcher(8, lambda: runner, max_prefill_per_tick=per_tick))
+    try:
+        long = b.submit(100)
+        while not runner.left:  # decoding; its first step waits at the gate
+            await asyncio.sleep(0.001)
+        burst = [b.submit(50) for _ in range(5)]  # queued behind the held tick
+        gate.set()
+        assert await asyncio.gather(*burst) == [500] * 5
+        assert await long == 1000
+    finally:
+        gate.set()
+        await b.stop()
+    joined = [after - before for before, after in itertools.pairwise(len(s) for s in runner.steps)]
+    assert max(joined) == per_tick  # never more than that many joined between two steps
+    assert sum(j for j in joined if j > 0) == 5  # every one joined while the long one decoded
+    with pytest.raises(ValueError, match="max_prefill_per_tick"):
+        ContinuousBatcher(2, Counter, max_prefill_per_tick=0)
+
+
+async def test_a_request_that_waited_past_max_queue_wait_is_refused_at_admission():
+    gate = threading.Event()
+    runner = Counter(gate=gate)
+    b = await started(ContinuousBatcher(1, lambda: runner, max_queue_wait_s=0.05))
+    try:
+        first = b.submit(1)
+        while not runner.left:  # decoding, its step held
+            await asyncio.sleep(0.001)
+        late = b.submit(2)
+        await asyncio.sleep(0.2)  # past the limit, waiting for the one slot
+        gate.set()
+        with pytest.raises(QueueTimeout, match="R2EC_MAX_QUEUE_WAIT_S") as info:
+            await late
+        assert info.value.retry_after_s >= 1
+        assert await first == 10 and await b.submit(3) == 30
+    finally:
+        gate.set()
+        await b.stop()
+    assert sorted(runner.items.values()) == [1, 3] and b.queue_timeouts == 1  # 2 never decoded
+
+
+async def test_a_drain_refuses_at_once_the_queued_requests_the_grace_cannot_reach():
+    """Requests take 10 s from admission to answer and 2 slots are busy, just admitted: in 25 s
+    of grace each slot frees at 10 s and takes one more request, which ends at 20 s (one started
+    at 20 s would end past the deadline), so 2 queued requests can still be answered; the other
+    4 are refused at once instead of at the deadline."""
+    gate = threading.Event()
+    runner = Counter(gate=gate)
+    b = await started(ContinuousBatcher(2, lambda: runner))
+    try:
+        running = [b.submit(3), b.submit(3)]
+        while len(runner.left) < 2:  # both decoding, the step held
+            await asyncio.sleep(0.001)
+        queued = [b.submit(2) for _ in range(6)]
+        b._request_s = 10.0
+        b.drain(25)
+        assert [f.done() for f in queued] == [False] * 2 + [True] * 4
+        for f in queued[2:]:
+            with pytest.raises(ShuttingDown):
+                await f
+        gate.set()
+        assert await asyncio.gather(*running, *queued[:2]) == [30, 30, 20, 20]
+    finally:
+        gate.set()
+        await b.stop()
+
+
+async def test_a_drain_counts_what_the_running_requests_have_left():
+    """Both slots' requests are 9 s into their 10 s: the slots free in 1 s, so with 15 s of
+    grace both queued requests start in time (they end at ~11 s) and none is refused at once.
+    The first count assumed the running requests had a whole request time left, and refused
+    one of them (review 39b)."""
+    gate = threading.Event()
+    runner = Counter(gate=gate)
+    b = await started(ContinuousBatcher(2, lambda: runner))
+    try:
+        running = [b.submit(3), b.submit(3)]
+        while len(runner.left) < 2:  # both decoding, the step held
+            await asyncio.sleep(0.001)
+        queued = [b.submit(2) for _ in range(3)]
+        b._request_s = 10.0
+        for r in (*b._running, *b._admitting):  # the held tick is still admitting them
+            r.started = time.perf_counter() - 9.0
+        b.drain(15)
+        assert [f.done() for f in queued] == [False, False, True]
+        gate.set()
+        assert await asyncio.gather(*running, *queued[:2]) == [30, 30, 20, 20]
     finally:
         gate.set()
         await b.stop()

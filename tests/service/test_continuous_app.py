@@ -5,6 +5,8 @@ freeing its decode slot, and the metrics. In process over ASGI; nothing here is 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import threading
 
 import pytest
 
@@ -91,9 +93,67 @@ async def test_a_failing_decode_fails_its_requests_and_the_service_goes_on(ckpt)
 
         decoder.step = explode
         r = await client.post("/recommend", json={"history": H1})
-        assert r.status_code == 500 and "decode failed (simulated)" in r.json()["error"]["message"]
+        assert r.status_code == 500 and "decode failed" not in r.text  # the log has it, not the client
+        assert r.json()["error"]["message"] == f"internal error (request {r.headers['x-request-id']})"
         decoder.step = original
         r = await client.post("/recommend", json={"history": H2})
         assert r.status_code == 200, r.text
         runner = app.state.r2ec.engine.runner()  # the failed request was dropped from the decode
         assert not runner.jobs and not decoder.active and not decoder.waiting
+
+
+@pytest.mark.parametrize("per_tick", [1, 3])
+async def test_a_running_decode_steps_between_the_prefills_of_a_burst(ckpt, per_tick):
+    """R2EC_MAX_PREFILL_PER_TICK: a burst of no-reasoning requests is prefilled `per_tick` at a
+    time, with a decode step of the running request between, not all before its next token
+    (docs/architecture.md §4.2.2). Counted on the decoder, not timed."""
+    app = app_for(
+        ckpt,
+        batching="continuous",
+        max_batch=8,
+        max_reasoning_tokens=200,
+        cache_size=0,
+        max_prefill_per_tick=per_tick,
+    )
+    async with serve(app) as client:
+        state = app.state.r2ec
+        decoder = state.engine.runner().decoder
+        calls: list[str] = []
+        gate = threading.Event()  # the first decode step waits for it: the burst queues meanwhile
+        admit = decoder._admit
+
+        def prefill(seq):
+            calls.append("prefill")
+            return admit(seq)
+
+        def stepping(fn):
+            def step(*args, **kwargs):
+                calls.append("step")
+                gate.wait(30)
+                return fn(*args, **kwargs)
+
+            return step
+
+        decoder._admit = prefill
+        decoder.engine.decode = stepping(decoder.engine.decode)
+        decoder.engine.extend = stepping(decoder.engine.extend)  # a speculative step
+        body = {"history": H1, "max_reasoning_tokens": 200}
+        long = asyncio.create_task(client.post("/recommend", json=body))
+        while "step" not in calls:  # admitted, its first step held
+            await asyncio.sleep(0.001)
+        histories = [[{"item_id": f"i{n}"}, {"item_id": f"i{n + 1}"}] for n in range(1, 7)]
+        burst = [
+            asyncio.create_task(client.post("/recommend", json={"history": h, "reasoning": False}))
+            for h in histories
+        ]
+        while state.batcher.queue_depth < len(burst):
+            await asyncio.sleep(0.001)
+        gate.set()
+        replies = await asyncio.gather(*burst)
+        assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+        assert (await long).status_code == 200
+    first, last = 1, len(calls) - 1 - calls[::-1].index("prefill")  # the burst's prefills
+    window = calls[first : last + 1]
+    assert window.count("prefill") == len(burst)
+    runs = [len(list(g)) for k, g in itertools.groupby(window) if k == "prefill"]
+    assert max(runs) == per_tick  # at most that many prefills before the running row's next step

@@ -9,7 +9,7 @@ import logging
 import httpx
 import pytest
 
-from tests.service.conftest import ADMIN
+from tests.service.conftest import ADMIN, app_for, serve
 from tests.service.test_app import metric
 
 
@@ -24,6 +24,35 @@ async def test_ids_with_bytes_that_are_not_utf8_are_refused_not_merged(client):
     r = await client.post("/recommend", json={"history": [{"item_id": "i\ufffd1"}]})
     assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "history.0.item_id"
     assert (await client.post("/users/Jos%C3%A9/events", json=body)).status_code == 200  # UTF-8: fine
+
+
+BIDI = ["\u061c", "\u200e", "\u200f", "\u202a", "\u202b", "\u202c", "\u202d", "\u202e"]
+BIDI += ["\u2066", "\u2067", "\u2068", "\u2069"]
+
+
+@pytest.mark.asyncio
+async def test_ids_with_bidirectional_controls_are_refused_other_format_characters_are_not(ckpt):
+    """U+202E made "u\u202eadmin" display as "unimda" wherever an id is shown, and was taken as a
+    user id: every bidi control is now a 422 naming the field, in paths and bodies. The zero-width
+    joiner of emoji sequences (also Cf) stays allowed."""
+    async with serve(app_for(ckpt)) as client:
+        for c in BIDI:
+            r = await client.post(f"/users/u{c}admin/events", json={"events": [{"item_id": "i1"}]})
+            assert r.status_code == 422, (hex(ord(c)), r.text)
+            error = r.json()["error"]
+            assert error["fields"][0]["field"] == "user_id" and "bidirectional control" in error["message"]
+        for body, field in (
+            ({"user_id": "u\u202e1", "history": [{"item_id": "i1"}]}, "user_id"),
+            ({"history": [{"item_id": "i1\u2067"}]}, "history.0.item_id"),
+        ):
+            r = await client.post("/recommend", json=body)
+            assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == field, r.text
+        r = await client.post("/users/u1/events", json={"events": [{"item_id": "i1", "event_id": "\u200fe"}]})
+        assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "events.0.event_id"
+        assert (await client.get("/users/%E2%80%AEu1/history")).status_code == 422  # U+202E, encoded
+        for user in ("\U0001f469\u200d\U0001f4bb", "a\u200db", "a\u2060b"):  # ZWJ, word joiner: fine
+            r = await client.post(f"/users/{user}/events", json={"events": [{"item_id": "i1"}]})
+            assert r.status_code == 200, (user, r.text)
 
 
 @pytest.mark.asyncio
@@ -82,6 +111,52 @@ async def test_every_response_carries_a_request_id_a_client_may_choose(client):
     assert odd.status_code == 404 and len(odd.headers["x-request-id"]) == 32  # not echoed: made
 
 
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+
+
+@pytest.mark.asyncio
+async def test_every_response_says_nosniff_and_no_referrer_and_the_page_cannot_be_framed(ckpt):
+    """Before, responses carried none of these: the page could be framed by any site (its
+    buttons post to a user's history) and nothing stopped a browser sniffing a body's type."""
+    app = app_for(ckpt, max_body_bytes=1024)
+    async with serve(app) as client:
+        calls = [
+            client.get("/"),
+            client.get("/static/app.js"),
+            client.get("/static/app.css"),
+            client.get("/static/nothing.js"),  # 404
+            client.get("/items", params={"q": "star"}),
+            client.post("/recommend", json={"history": [{"item_id": "i1"}], "reasoning": False}),
+            client.post("/recommend/stream", json={"history": [{"item_id": "i1"}], "reasoning": False}),
+            client.post("/recommend", json={"k": 0}),  # 422
+            client.post("/recommend", content=b"x" * 2048),  # 413, refused before the app
+            client.put("/healthz"),  # 405
+            client.get("/healthz"),
+            client.get("/metrics"),
+            client.get("/openapi.json"),
+        ]
+        responses = [await call for call in calls]
+        for r in responses:
+            where = f"{r.request.method} {r.request.url.path} {r.status_code}"
+            assert r.headers["x-content-type-options"] == "nosniff", where
+            assert r.headers["referrer-policy"] == "no-referrer", where
+        assert [r.status_code for r in responses[3:4] + responses[7:10]] == [404, 422, 413, 405]
+        for r in responses[:3]:  # the page and its files
+            assert r.status_code == 200
+            assert r.headers["content-security-policy"] == PAGE_CSP, r.request.url.path
+            assert r.headers["x-frame-options"] == "DENY", r.request.url.path
+        # a 500 is sent from outside the app's middleware: its handler sets them too
+        app.state.r2ec.engine.prepare = lambda query: 1 / 0
+        transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://r2ec.test") as raw:
+            r = await raw.post("/recommend", json={"history": [{"item_id": "i1"}]})
+        assert r.status_code == 500 and r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["referrer-policy"] == "no-referrer"
+
+
 @pytest.mark.asyncio
 async def test_an_unhandled_error_still_carries_the_request_id_in_its_header_and_log(app, client, caplog):
     """Starlette sends that 500 from outside every middleware of the app's own."""
@@ -98,6 +173,9 @@ async def test_an_unhandled_error_still_carries_the_request_id_in_its_header_and
             )
     assert r.status_code == 500 and r.headers["x-request-id"] == "abc-123"
     assert "unhandled error on POST /recommend (request abc-123)" in caplog.text
+    # the body names the request, not the exception: its text may name a server path
+    assert r.json()["error"]["message"] == "internal error (request abc-123)"
+    assert "RuntimeError" in caplog.text and "a bug" not in r.text
 
 
 @pytest.mark.asyncio
@@ -115,7 +193,8 @@ async def test_probes_answer_head_and_refusal_counters_exist_before_any_refusal(
         r = await client.head(path)
         assert r.status_code == 200 and r.content == b"", path
     text = (await client.get("/metrics")).text
-    for reason in ("queue_full", "shutting_down", "body_too_large"):
+    reasons = ("queue_full", "queue_timeout", "shutting_down", "body_too_large", "body_timeout")
+    for reason in reasons:
         assert metric(text, "r2ec_rejected_total", reason=reason) == 0, reason
 
 

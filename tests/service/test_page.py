@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 
@@ -76,9 +77,19 @@ def page(browser) -> Iterator[Page]:
     page.add_init_script(ORDER_PROBE)
     crashes: list[str] = []
     page.on("pageerror", lambda exc: crashes.append(str(exc)))
+    blocked = csp_violations(page)
     yield page
     context.close()
     assert not crashes, f"uncaught errors in the page: {crashes}"
+    assert not blocked, f"the page's Content-Security-Policy blocked: {blocked}"
+
+
+def csp_violations(page: Page) -> list[str]:
+    """What the page's Content-Security-Policy (service/ui.py) refuses, as Chromium reports it
+    on the console, from now on: every test of the page runs under the policy."""
+    blocked: list[str] = []
+    page.on("console", lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None)
+    return blocked
 
 
 @pytest.fixture
@@ -298,6 +309,35 @@ def test_errors_show_the_api_message_in_words(server, page):
     expect(error).to_have_text("unknown item ids in history: 'i9'")
 
 
+def test_a_server_failure_shows_the_request_id_and_what_to_do(ckpt, page):
+    """A 500 names only the request id now (the exception stays in the server's log): the page
+    says the service failed, shows the id and what to do with it, for a refusal before the
+    stream and for a batch that fails inside it."""
+    app = create_app(settings_for(ckpt, max_wait_ms=1))
+    with uvicorn_serving(app) as base:
+        page.goto(base + "/")
+        expect(page.locator("#server")).to_contain_text("Model ")
+        add_film(page, "toy", "Toy Story")
+        engine = app.state.r2ec.engine
+        error = page.locator(".run .error")
+        words = r"The service failed to answer: internal error \(request [0-9a-f]{32}\)\. Try again"
+        backend, generate = engine.backend, engine.backend.generate
+        backend.generate = lambda *a, **k: 1 / 0  # the batch fails after the stream began
+        try:
+            page.get_by_role("button", name="Recommend").click()
+            expect(error).to_have_text(re.compile(words))
+        finally:
+            backend.generate = generate
+        prepare = engine.prepare
+        engine.prepare = lambda query: 1 / 0  # an unhandled error: a JSON 500 before the stream
+        try:
+            page.get_by_role("button", name="Recommend").click()
+            expect(error).to_have_text(re.compile(words))
+            assert "ZeroDivisionError" not in error.inner_text()
+        finally:
+            engine.prepare = prepare
+
+
 def test_the_page_is_keyboard_and_phone_friendly(server, browser):
     context = browser.new_context(viewport={"width": 360, "height": 740}, is_mobile=True, has_touch=True)
     page = context.new_page()
@@ -327,6 +367,41 @@ def test_the_page_is_keyboard_and_phone_friendly(server, browser):
         expect(page.locator(".run .items li")).to_have_count(10)
         # nothing wider than the phone: no sideways scrolling
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+    finally:
+        context.close()
+
+
+def test_the_page_runs_under_a_policy_that_refuses_inline_script_and_framing(server, browser):
+    """The page loads only its own files, so its Content-Security-Policy costs it nothing (every
+    test here fails on a violation); a script injected inline is refused, and no site may frame
+    the page. Before, any site could frame it and inline script ran."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    blocked = csp_violations(page)
+    try:
+        response = page.goto(server + "/")
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+        assert response.headers["x-frame-options"] == "DENY"
+        expect(page.locator("#server")).to_contain_text("Model ")
+        add_film(page, "toy", "Toy Story")
+        page.get_by_role("button", name="Recommend").click()
+        expect(page.locator(".run .items li").first).to_be_visible()
+        assert blocked == []
+        page.evaluate(
+            """() => { const s = document.createElement("script");
+                       s.textContent = "window.__inline = 1"; document.head.append(s); }"""
+        )
+        expect(page.locator("body")).to_be_visible()
+        assert page.evaluate("window.__inline") is None
+        page.wait_for_timeout(200)  # the console message arrives after the refusal
+        assert any("script-src 'self'" in b for b in blocked), blocked
+        # framed by another origin (about:blank's page here): the browser refuses to render it
+        other = context.new_page()
+        other.set_content(f'<iframe id="f" src="{server}/"></iframe>')
+        other.wait_for_timeout(1000)
+        frame = other.frame_locator("#f")
+        expect(frame.locator("#server")).to_have_count(0)
     finally:
         context.close()
 

@@ -112,6 +112,17 @@ def test_cache_key_depends_on_version_history_and_budget(engine):
     assert k != key(engine, Query(H1, max_reasoning_tokens=8))
 
 
+def test_no_reasoning_a_release_before_0_2_0_cached_is_read(engine):
+    """Its keys lacked the cache format: the same prompt, budget and grammar had the same key
+    (from held-claims-6 on), so an entry no erasure can find (not indexed by user) was served
+    (journey 39, F2)."""
+    import hashlib
+
+    prepared = engine.prepare(Query(H1, max_reasoning_tokens=8))
+    before = json.dumps([engine.version, prepared.prompt, 8, "greedy", prepared.grammar])
+    assert prepared.cache_key != hashlib.sha256(before.encode()).hexdigest()
+
+
 def _rated(grammar):
     """The "Rated highest:" list of a query's grammar (after the "Likes" sentence's, if any)."""
     return (

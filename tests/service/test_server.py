@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.service.conftest import free_port, serve_env, wait_for
 from tests.service.test_app import metric
@@ -122,10 +123,13 @@ def test_sigterm_with_16_reasoning_requests_in_flight(tiny_ckpt, tiny_dataset, t
     assert "draining: " in output and "Traceback" not in output, output[-3000:]
     # the drain's closing line: every request the deadline cut got a 503, none was dropped
     over = re.search(
-        r"drain over after .*: of (\d+) .*, (\d+) answered, (\d+) cut .*, (\d+) left .*; (\d+) new", output
+        r"drain over after .*: of (\d+) .*, (\d+) answered, (\d+) refused at once .*, (\d+) cut .*, "
+        r"(\d+) left .*; (\d+) new",
+        output,
     )
     assert over, output[-3000:]
-    in_flight, drained, cut, left, new = map(int, over.groups())
+    in_flight, drained, at_once, cut, left, new = map(int, over.groups())
+    cut += at_once  # refused when the drain began, as the grace could not reach them
     # the opening line counts the same requests: the decode's joining ones were left out
     began = re.search(r"draining: (\d+) queued, (\d+) running", output)
     assert began and int(began[1]) + int(began[2]) == in_flight, output[-3000:]
@@ -181,3 +185,55 @@ def test_serve_turns_transformers_progress_bars_off(tiny_ckpt, monkeypatch):
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_serve_passes_the_connection_limits_to_uvicorn(tiny_ckpt, monkeypatch):
+    """R2EC_LIMIT_CONCURRENCY, R2EC_KEEP_ALIVE_TIMEOUT_S and R2EC_BACKLOG reach uvicorn's Config
+    (no setting reached them: the SRE's 170 stalled sockets had no cap); a bad value names its
+    setting."""
+    from pydantic import ValidationError
+
+    from service import server
+    from service.app import create_app
+    from tests.service.conftest import settings_for
+
+    configs = []
+    monkeypatch.setattr(server.DrainingServer, "run", lambda self: configs.append(self.config))
+    settings = settings_for(tiny_ckpt, limit_concurrency=64, keep_alive_timeout_s=7, backlog=128)
+    server.run(create_app(settings), settings, "127.0.0.1", free_port())
+    (config,) = configs
+    assert (config.limit_concurrency, config.timeout_keep_alive, config.backlog) == (64, 7, 128)
+    for name, bad in [("limit_concurrency", 1), ("body_timeout_s", 0), ("backlog", 0)]:
+        with pytest.raises(ValidationError, match=name):
+            settings_for(tiny_ckpt, **{name: bad})
+
+
+def test_serve_warns_when_openmp_spins_on_a_busy_host(tiny_ckpt, monkeypatch, caplog):
+    """The spinning `r2ec serve` sets by default made every step 4x slower beside other work
+    (SRE journey 39, finding 7): a WARNING says so at startup when the load average shows a
+    busy host, and nothing where the host is idle or the threads sleep (GOMP_SPINCOUNT=0)."""
+    import logging
+    import os
+
+    from service import server
+    from service.app import create_app
+    from tests.service.conftest import settings_for
+
+    warning = server.spin_warning
+    assert warning({"GOMP_SPINCOUNT": "10000"}, 5.5, 2, 2) is not None  # the SRE's host
+    assert "load average is 5.5 on 2 CPUs" in warning({"GOMP_SPINCOUNT": "10000"}, 5.5, 2, 2)
+    assert warning({"GOMP_SPINCOUNT": "10000"}, 0.3, 2, 2) is None  # idle: background noise
+    assert warning({"GOMP_SPINCOUNT": "10000"}, 5.5, 16, 2) is None  # 14 CPUs to spare
+    assert warning({"GOMP_SPINCOUNT": "0"}, 5.5, 2, 2) is None
+    assert warning({}, 5.5, 2, 2) is None  # libgomp's own policy: PASSIVE (model/__init__.py)
+
+    monkeypatch.setattr(server.DrainingServer, "run", lambda self: None)
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    settings = settings_for(tiny_ckpt, threads=2)
+    for spin, warned in (("10000", True), ("0", False)):
+        monkeypatch.setenv("GOMP_SPINCOUNT", spin)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="service.server"):
+            server.run(create_app(settings), settings, "127.0.0.1", free_port())
+        assert any("GOMP_SPINCOUNT" in r.getMessage() for r in caplog.records) == warned, spin

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -16,6 +17,7 @@ from service.store import (
     MemoryStore,
     RedisStore,
     StoreUnavailable,
+    _redact,
     event_key,
     read_erasures,
     read_stream,
@@ -78,6 +80,60 @@ async def test_a_backfill_sent_newest_first_keeps_the_newest_window(store):
     assert len(await store.read_events()) == 201 and len(await store.get_seen("u1")) == 201
     await store.append_events("u1", [Event("between", None, 999)])  # between i1 and i0
     assert [e.item_id for e in await store.get_history("u1")] == ["between", "i0", "live"]
+
+
+async def _store_as_before_0_2_0(store, user_id, events):
+    """A history as releases before 0.2.0 stored it: in arrival order, entries without event_id
+    (journey 39, F1; what /work/notes' unsorted_history.sh writes with redis-cli RPUSH)."""
+    if isinstance(store, MemoryStore):
+        store._histories[user_id] = list(events)
+        return
+    import redis.asyncio
+
+    client = redis.asyncio.from_url(store.url, decode_responses=True)
+    await client.rpush(f"r2ec:history:{user_id}", *(e.to_json() for e in events))
+    await client.aclose()
+
+
+async def _stored_order(store, user_id):
+    """The item ids of the history as stored, not as read."""
+    if isinstance(store, MemoryStore):
+        return [e.item_id for e in store._histories[user_id]]
+    import redis.asyncio
+
+    client = redis.asyncio.from_url(store.url, decode_responses=True)
+    raw = await client.lrange(f"r2ec:history:{user_id}", 0, -1)
+    await client.aclose()
+    return [Event.from_json(r).item_id for r in raw]
+
+
+async def test_a_history_an_older_release_stored_in_arrival_order_is_read_in_time_order(store):
+    """A user with a late event from before 0.2.0 who posts nothing since is served in time order."""
+    await _store_as_before_0_2_0(store, "bob", [Event("100", 4.0, 99_400), Event("7", 2.0, 14_000)])
+    assert [e.item_id for e in await store.get_history("bob")] == ["7", "100"]
+    assert [e.item_id for e in (await store.export_user("bob")).history] == ["7", "100"]
+    assert await _stored_order(store, "bob") == ["100", "7"]  # a read writes nothing
+
+
+async def test_a_history_an_older_release_stored_is_sorted_once_at_the_next_append(store):
+    """The append sorts the stored list (stably) before it places the new event, and writes it
+    back whole, so the new event lands by time and the trim drops the oldest by time."""
+    old = [Event("100", 4.0, 99_400), Event("7", 2.0, 14_000), Event("50", 3.0, 99_500)]
+    await _store_as_before_0_2_0(store, "bob", old)
+    done = await store.append_events("bob", [Event("174", 5.0, 57_000)])
+    assert done.new == (True,) and done.history_length == WINDOW
+    assert await _stored_order(store, "bob") == ["174", "100", "50"]  # "7", the oldest, trimmed
+    assert [e.item_id for e in await store.get_history("bob")] == ["174", "100", "50"]
+    # equal times keep their arrival order; an event without a time ends a run, as `_place`
+    # leaves one: the events stored after it stay after it
+    old = [Event("a", None, 500), Event("b", None, 100), Event("c"), Event("d", None, 50)]
+    await _store_as_before_0_2_0(store, "carol", old[:2] + [Event("b2", None, 100)])
+    assert [e.item_id for e in await store.get_history("carol")] == ["b", "b2", "a"]
+    await _store_as_before_0_2_0(store, "dave", old[:WINDOW])
+    await store.append_events("dave", [old[3]])
+    assert await _stored_order(store, "dave") == ["a", "c", "d"]  # b, a, c sorted; d after c; b trimmed
+    await _store_as_before_0_2_0(store, "erin", [Event("x", None, 9), Event("y"), Event("z", None, 1)])
+    assert [e.item_id for e in await store.get_history("erin")] == ["x", "y", "z"]  # in order already
 
 
 async def test_events_without_rating_or_time_round_trip(store):
@@ -308,6 +364,32 @@ async def test_redis_cache_entries_expire(redis_url):
     finally:
         await raw.aclose()
         await s.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "logged"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://user:secret@h:6379/0", "redis://user:***@h:6379/0"),
+        ("redis://:secret@h/0", "redis://:***@h/0"),
+        ("redis://secret@h/0", "redis://***@h/0"),  # a lone userinfo may be the password
+        ("redis://h:6379/0?password=secret&db=2", "redis://h:6379/0?password=***&db=2"),
+        ("rediss://h/0?username=secret&password=secret&ssl_cert_reqs=none",
+         "rediss://h/0?username=***&password=***&ssl_cert_reqs=none"),
+        ("redis://u:secret@h/0?PASSWORD=secret", "redis://u:***@h/0?PASSWORD=***"),
+        ("unix:///run/redis.sock?db=0&password=secret", "unix:///run/redis.sock?db=0&password=***"),
+        ("redis://:se[cret@h/0", "redis://:***@h/0"),  # no URL parser reads it; masked all the same
+        # unencoded "/", "?", "#" in a password (base64 ones hold "/") end a URL parser's host
+        # part early: the userinfo is what comes before the last "@"
+        ("redis://:12/Sx9+k2Q@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://default:pa?ss@redis:6379/0", "redis://default:***@redis:6379/0"),
+        ("redis://default:pa#ss@redis:6379/0?db=1", "redis://default:***@redis:6379/0?db=1"),
+        ("rediss://h/0?ssl_password=secret", "rediss://h/0?ssl_password=***"),
+    ],
+)  # fmt: skip
+async def test_redact_masks_the_password_in_userinfo_and_query(url, logged):
+    """redis-py reads a password from the userinfo and from `?password=`; both are masked."""
+    assert _redact(url) == logged
 
 
 async def test_redis_down_raises_store_unavailable_naming_the_operation():
@@ -591,3 +673,30 @@ async def test_the_user_cache_index_lives_as_long_as_the_entries_it_names(redis_
     finally:
         await raw.aclose()
         await s.close()
+
+
+async def test_redis_is_marked_with_its_format_once_and_whether_it_held_data(redis_url):
+    """r2ec:schema: written at the first start of 0.2.0 or later, kept after; `held_data` says
+    whether an older release may have used the Redis (journey 39, F6)."""
+    from service.store import STORE_FORMAT, StoreFormatError
+
+    store = RedisStore(redis_url)
+    try:
+        first = await store.check_format("0.2.0")
+        assert (first.format, first.written_by, first.held_data) == (STORE_FORMAT, "0.2.0", False)
+        assert abs(first.since - time.time()) < 600 and store.format == first
+        assert await store.check_format("0.3.0") == first  # kept: the first start's
+        await store._redis.delete("r2ec:schema")
+        await store.append_events("u1", [Event("a", None, 1)])
+        assert (await store.check_format("0.2.0")).held_data  # data, no marker: an older release's
+        for marker in ("not json", '{"format": 1}', "[]"):
+            await store._redis.set("r2ec:schema", marker)
+            with pytest.raises(StoreFormatError, match="r2ec:schema in redis://.* is no format marker"):
+                await store.check_format("0.2.0")
+        newer = {"format": STORE_FORMAT + 1, "written_by": "0.9.0", "since": 1, "held_data": True}
+        await store._redis.set("r2ec:schema", json.dumps(newer))
+        said = r"format 2 \(r2ec:schema, written by r2ec 0\.9\.0\); this r2ec 0\.2\.0 knows format 1 at most"
+        with pytest.raises(StoreFormatError, match=said):
+            await store.check_format("0.2.0")
+    finally:
+        await store.close()
