@@ -164,16 +164,16 @@ def complete_items(
     for col in TEXT_COLUMNS:  # one line each: a prompt's lines are its own (model/special_text.py)
         items[col] = items[col].map(one_line).str.strip()
     if plain_special:
-        special = SpecialText.default()
-        held = items[list(TEXT_COLUMNS)].map(lambda t: special.find(str(t)) is not None).any(axis=1)
+        text = items[list(TEXT_COLUMNS)]
+        plain = text.map(SpecialText.default().plain)  # text without a special token: unchanged
+        held = (plain != text).any(axis=1)
         if held.any():
             logger.warning(
                 "%s: %d item(s) hold a chat template's special token (prepared by an earlier "
                 "release), made plain text: e.g. item %r",
                 origin, int(held.sum()), items.loc[held, "item_id"].iloc[0],
             )  # fmt: skip
-            for col in TEXT_COLUMNS:
-                items[col] = items[col].map(lambda t: special.plain(str(t)))
+            items[list(TEXT_COLUMNS)] = plain
     check_item_text(items, origin)
     return items.loc[:, list(ITEM_COLUMNS)].reset_index(drop=True)  # catalog order, then extras
 
