@@ -294,6 +294,18 @@ class ItemIndex:
     def config(self) -> IndexConfig:
         return self._config
 
+    def describe(self) -> str:
+        """The kind and search parameters in force, as /readyz and r2ec_model_info show them:
+        "flat", "ivf nlist=1024 nprobe=16" (nprobe as searched: at most nlist), "hnsw M=32
+        ef_search=64"."""
+        match self._config.kind:
+            case "ivf":
+                nlist = self._index.nlist
+                return f"ivf nlist={nlist} nprobe={min(self._config.nprobe, nlist)}"
+            case "hnsw":
+                return f"hnsw M={self._config.hnsw_m} ef_search={self._config.ef_search}"
+        return self._config.kind
+
     @property
     def metadata(self) -> dict[str, Any]:
         """The metadata of the last `save` or `load` (e.g. model_version)."""

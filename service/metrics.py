@@ -178,7 +178,9 @@ class Metrics:
             "r2ec_model",
             "The model version being served, its checkpoint (its path relative to the checkpoint "
             "root: 'v2', 'current'), and its decode steps' matmul path "
-            "(bf16_kernel, onednn, cuda or hf; int8+ in front with int8 weights).",
+            "(bf16_kernel, onednn, cuda or hf; int8+ in front with int8 weights), and its item "
+            "index with its search parameters ('flat', 'ivf nlist=1024 nprobe=16', "
+            "'hnsw M=32 ef_search=64').",
             registry=r,
         )
         self.model_created = Gauge(

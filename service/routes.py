@@ -430,6 +430,7 @@ async def readyz(state: MaybeStateDep) -> JSONResponse:
         status="not ready" if blocking else "degraded" if store_down else "ready",
         model_version=engine.version if engine else None,
         items=len(engine.catalog.index) if engine else None,
+        index=engine.catalog.index.describe() if engine else None,
         store="down" if store_down else "ok",
         reasons=reasons,
     )

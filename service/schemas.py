@@ -485,6 +485,11 @@ class Readiness(BaseModel):
     status: str
     model_version: str | None = None
     items: int | None = None
+    index: str | None = Field(
+        default=None,
+        description='The item index searched and its parameters: "flat", "ivf nlist=1024 nprobe=16", '
+        '"hnsw M=32 ef_search=64".',
+    )
     store: str
     reasons: list[str] = []
 

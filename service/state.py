@@ -652,6 +652,7 @@ class ServiceState:
                     self.settings.checkpoint, self.engine.checkpoint.path, self.engine.version
                 ),
                 "decode_matmuls": self.engine.decode_matmuls,
+                "index": self.engine.catalog.index.describe(),
             }
         )
 

@@ -183,6 +183,18 @@ def test_set_search_params_changes_nprobe_and_ef_search(catalog, tmp_path):
     assert ItemIndex.load(tmp_path).config.ef_search == 99
 
 
+def test_describe_names_the_kind_and_the_search_parameters_in_force(catalog):
+    """What /readyz and r2ec_model_info show: ivf's nprobe as searched (at most nlist)."""
+    ids, x = catalog
+    assert ItemIndex.build(ids, x).describe() == "flat"
+    ivf = ItemIndex.build(ids, x, kind="ivf", nlist=8, nprobe=2)
+    assert ivf.describe() == "ivf nlist=8 nprobe=2"
+    ivf.set_search_params(nprobe=50)
+    assert ivf.describe() == "ivf nlist=8 nprobe=8"
+    hnsw = ItemIndex.build(ids, x, kind="hnsw", hnsw_m=16, ef_search=99)
+    assert hnsw.describe() == "hnsw M=16 ef_search=99"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_candidate_set_is_ranked_exactly_beside_rows_searched_whole(kind):
     """`only` limits a row to its candidates, scored exactly whatever the kind (an approximate

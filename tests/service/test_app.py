@@ -730,6 +730,7 @@ async def test_probes_and_metrics(app, client):
         "status": "ready",
         "model_version": engine.version,
         "items": 11,
+        "index": "flat",
         "store": "ok",
         "reasons": [],
     }
@@ -750,7 +751,7 @@ async def test_probes_and_metrics(app, client):
     assert 0 < metric(text, "r2ec_reasoning_tokens_sum") <= 8
     assert metric(text, "r2ec_reasoning_cache_total", result="miss") == 1
     assert metric(text, "r2ec_index_items") == 11
-    assert metric(text, "r2ec_model_info", version=engine.version) == 1
+    assert metric(text, "r2ec_model_info", version=engine.version, index="flat") == 1
     # saturation: what the queue and the model hold, of how much; this scrape is in flight
     settings = app.state.r2ec.settings
     assert metric(text, "r2ec_queue_capacity") == settings.max_queue

@@ -102,6 +102,7 @@ def test_index_is_saved_beside_the_checkpoint_and_rebuilt_when_it_does_not_match
     hnsw = make_engine(ckpt, index_kind="hnsw", index_ef_search=200)  # another kind: rebuilt, saved
     assert hnsw.catalog.index.kind == "hnsw" and saved.stat().st_mtime_ns != mtime
     assert faiss.downcast_index(hnsw.catalog.index._index.index).hnsw.efSearch == 200  # R2EC_INDEX_EF_SEARCH
+    assert hnsw.catalog.index.describe() == "hnsw M=32 ef_search=200"  # what /readyz shows
     r = hnsw.recommend_batch([Query(H1, k=3, reasoning=False)])[0]
     exact = first.recommend_batch([Query(H1, k=3, reasoning=False)])[0]
     assert [i.item_id for i in r.items] == [i.item_id for i in exact.items]
