@@ -140,10 +140,34 @@ def read(directory: Path) -> list[dict[str, Any]]:
 
 def count(directory: Path) -> int:
     """How many entries the log holds (lines; 0 where there is none)."""
-    try:
-        return path_of(directory).read_bytes().count(b"\n")
-    except OSError:
-        return 0
+    return Counter(directory)()
+
+
+class Counter:
+    """`count` for a caller that asks after every append (service/catalog.py, at each edit):
+    it remembers the log it counted (inode, size, lines) and reads only what was appended since,
+    so an edit costs its own bytes, not the whole log's (up to 1000 entries of a few kB each).
+    A log replaced (`drop_through`, another inode) or shorter than counted is counted again."""
+
+    def __init__(self, directory: Path) -> None:
+        self._path = path_of(directory)
+        self._seen: tuple[int, int, int] | None = None  # inode, size, lines
+
+    def __call__(self) -> int:
+        try:
+            with open(self._path, "rb") as f:
+                st = os.fstat(f.fileno())
+                start, lines = 0, 0
+                if self._seen is not None and self._seen[0] == st.st_ino and self._seen[1] <= st.st_size:
+                    start, lines = self._seen[1], self._seen[2]
+                f.seek(start)
+                tail = f.read(st.st_size - start)
+        except OSError:
+            self._seen = None
+            return 0
+        lines += tail.count(b"\n")
+        self._seen = (st.st_ino, start + len(tail), lines)
+        return lines
 
 
 def drop_through(directory: Path, upto: tuple[int, int] | None) -> None:

@@ -209,6 +209,7 @@ class Catalog:
         self._index_saved = index_saved  # whether index.json's faiss file is this index
         self.snapshot_every = SNAPSHOT_EVERY  # logged edits before the whole index is saved
         self._snapshotter: threading.Thread | None = None  # the full save under way, if any
+        self._log_count = journal.Counter(checkpoint.path / INDEX_DIR)  # entries in the edit log
         # title search (GET /items): built from a snapshot of the titles outside the lock and
         # swapped in (`build_titles`), then edits are searched beside it
         self._titles: TitleIndex | None = None
@@ -645,9 +646,7 @@ class Catalog:
         self._dirty.clear()
 
     def _snapshot_due(self) -> bool:
-        return self.persist_edits and (
-            not self._index_saved or journal.count(self._directory) >= self.snapshot_every
-        )
+        return self.persist_edits and (not self._index_saved or self._log_count() >= self.snapshot_every)
 
     def _snapshot_in_background(self) -> None:
         """Start `_save_snapshot` on a thread of its own, unless one is under way."""

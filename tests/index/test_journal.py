@@ -60,3 +60,33 @@ def test_the_cut_after_a_full_save_keeps_what_was_appended_since(tmp_path):
     journal.drop_through(tmp_path, journal.stamp(tmp_path))  # all of it: no log
     assert not journal.path_of(tmp_path).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_counter_reads_what_was_appended_since_and_follows_a_replaced_log(tmp_path, monkeypatch):
+    """journal.Counter (asked at every item edit) agrees with a whole count through appends, a
+    full save's cut (a new file), a removal and a log started again; it reads only the bytes
+    appended since its last count."""
+    counter = journal.Counter(tmp_path)
+    assert counter() == 0
+    journal.append(tmp_path, [{"item_id": "a"}, {"item_id": "b"}])
+    assert counter() == 2
+    cut = journal.stamp(tmp_path)
+    journal.append(tmp_path, [{"item_id": "c"}])
+    reads = []
+
+    def spying_open(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        real_read = f.read
+        f.read = lambda n=-1: reads.append(n) or real_read(n)
+        return f
+
+    monkeypatch.setattr(journal, "open", spying_open, raising=False)  # the module's `open` only
+    assert counter() == 3
+    monkeypatch.undo()
+    assert reads == [len(b'{"item_id": "c"}\n')]  # the new entry's bytes, not the whole log
+    journal.drop_through(tmp_path, cut)  # "a" and "b" are in the saved index now: a new file
+    assert counter() == journal.count(tmp_path) == 1
+    journal.remove(tmp_path)
+    assert counter() == 0
+    journal.append(tmp_path, [{"item_id": "d"}])
+    assert counter() == journal.count(tmp_path) == 1
