@@ -177,6 +177,11 @@ def _report(result: RetrainResult) -> None:
         f"  events   {result.new_events} new, {result.events_total} consumed in total"
         f"{'' if result.stream else ' (no stream)'}, cursor {result.last_event_id or '-'}"
     )
+    if result.events_in_seed:
+        typer.echo(
+            f"  events   {result.events_in_seed} of them already in the seed data (same user, item,"
+            " rating, time): not added"
+        )
     if result.erased_users:
         typer.echo(
             f"  erasures {result.erased_users} users in the ledger: {result.purged_events} events of"

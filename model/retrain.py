@@ -5,7 +5,9 @@ One run:
    erasure ledger and drop from the log every event of an erased user that arrived at or before
    their erasure (`purge_erased`; events the same id posted later stay);
 2. rebuild the samples: the seed dataset's interactions (recovered from its samples) plus every
-   consumed event, split with the seed's protocol by the same builder `r2ec data prepare` uses;
+   consumed event that does not repeat one of them exactly (`seed_repeats`: a backfill of the
+   seed's own history adds nothing, and is no reason to train), split with the seed's protocol
+   by the same builder `r2ec data prepare` uses;
    an erased user's seed interactions are left out whole (the seed is the operator's, not
    rewritten: every run leaves them out). A run that skips training still rebuilds the samples
    once erasures changed the log or the seed's share, so no erased data stays in the rebuilt
@@ -56,7 +58,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import pandas as pd
@@ -171,7 +173,8 @@ class RetrainConfig:
       to prove: with tolerance >= 0 a candidate is rejected only beyond them, a demanded gain
       must be shown beyond them (`gate`);
     keep: published versions kept (the current one always is);
-    min_events: new stream events needed to train (ignored without a stream)."""
+    min_events: new stream events needed to train (ignored without a stream; an event that
+      repeats a seed interaction exactly is not new, `seed_repeats`)."""
 
     root: Path
     data: Path
@@ -216,6 +219,9 @@ class RetrainResult:
     new_events: int = 0
     events_total: int = 0
     events_unknown_item: int = 0
+    # logged events that repeat a seed interaction exactly (`seed_repeats`): not added to the
+    # samples, and not counted as new work for min_events
+    events_in_seed: int = 0
     last_event_id: str | None = None  # the reader's cursor after this run (None: nothing read yet)
     erased_users: int = 0  # users in the erasure ledger this run read (0: no ledger)
     purged_events: int = 0  # erased users' events this run dropped from the events log
@@ -299,28 +305,80 @@ def seed_users(seed: PreparedDataset) -> set[str]:
     return {str(u) for name in SPLITS for u in seed.split(name)["user_id"]}
 
 
-def rebuild_dataset(
-    seed: PreparedDataset, events: pd.DataFrame, out_dir: Path, erased: Collection[str] = ()
-) -> tuple[PreparedDataset, int]:
-    """Seed interactions + consumed events -> samples, split as the seed was, written to
-    out_dir/<name>/<protocol>/ (replacing what an earlier run wrote there). Events on items
-    outside the catalog are dropped (the checkpoint's catalog is fixed); returns the dataset and
-    how many were dropped. The seed's interactions and prior items of an `erased` user are left
-    out whole (their events, as the log holds them, stay: `purge_erased` kept those)."""
+def _seed_part(
+    seed: PreparedDataset, erased: Collection[str] = ()
+) -> tuple[pd.DataFrame, np.ndarray, dict[str, list[str]] | None]:
+    """`seed_interactions` and the seed's prior items, an `erased` user's left out whole."""
     inter, target_ok = seed_interactions(seed)
     prior = seed.prior
     if erased:
-        keep = ~inter["user_id"].isin(set(erased)).to_numpy()
+        gone = set(erased)
+        keep = ~inter["user_id"].isin(gone).to_numpy()
         inter, target_ok = inter[keep].reset_index(drop=True), target_ok[keep]
-        prior = {user: items for user, items in (prior or {}).items() if user not in set(erased)}
-    known = events["item_id"].isin(set(seed.items["item_id"]))
-    new = events.loc[known, ["user_id", "item_id", "rating", "timestamp"]]
+        prior = {user: items for user, items in (prior or {}).items() if user not in gone}
+    return inter, target_ok, prior
+
+
+_INTERACTION = ["user_id", "item_id", "rating", "timestamp"]
+_UNRATED = -1.0  # an unrated row's rating in `seed_repeats`' keys (RATING_RANGE starts at 0)
+
+
+def seed_repeats(inter: pd.DataFrame, events: pd.DataFrame) -> np.ndarray:
+    """Which `events` rows repeat a row of `inter` (the seed's interactions) exactly: the same
+    user, item, rating and time, as `check_interactions` (model/data/build.py) tells a repeated
+    row, and as the service's default event id is that tuple. Ratings compare as float64 (5 and
+    5.0 are one rating; two unrated rows are one), times as int64 seconds. A re-rating, the same
+    user, item and time with another rating, is no repeat: `check_interactions` keeps both rows,
+    and so does the rebuild."""
+    if not len(events) or not len(inter):
+        return np.zeros(len(events), dtype=bool)
+
+    def keys(frame: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "user_id": frame["user_id"].astype(str).to_numpy(dtype=object),
+                "item_id": frame["item_id"].astype(str).to_numpy(dtype=object),
+                "rating": frame["rating"].astype(np.float64).fillna(_UNRATED).to_numpy(),
+                "timestamp": frame["timestamp"].astype(np.int64).to_numpy(),
+            }
+        )
+
+    # a left merge on the seed's distinct rows keeps the events' rows, in order, one each
+    found = keys(events).merge(keys(inter).drop_duplicates(), how="left", on=_INTERACTION, indicator=True)
+    return (found["_merge"] == "both").to_numpy()
+
+
+class Rebuilt(NamedTuple):
+    """What `rebuild_dataset` made: the dataset, and the logged events it did not add."""
+
+    dataset: PreparedDataset
+    unknown_item: int  # events on an item outside the catalog
+    in_seed: int  # events that repeat a seed interaction exactly (`seed_repeats`)
+
+
+def rebuild_dataset(
+    seed: PreparedDataset, events: pd.DataFrame, out_dir: Path, erased: Collection[str] = ()
+) -> Rebuilt:
+    """Seed interactions + consumed events -> samples, split as the seed was, written to
+    out_dir/<name>/<protocol>/ (replacing what an earlier run wrote there). Events on items
+    outside the catalog are dropped (the checkpoint's catalog is fixed), and so are events that
+    repeat a seed interaction exactly (`seed_repeats`: a backfill of the history the seed was
+    prepared from, or a live event the warehouse export also held), which would otherwise make
+    every such interaction count twice, and put a sample's target in its own history. The
+    seed's interactions and prior items of an `erased` user are left out whole (their events,
+    as the log holds them, stay: `purge_erased` kept those, and they are not compared with
+    the seed's rows, which are gone)."""
+    inter, target_ok, prior = _seed_part(seed, erased)
+    known = events["item_id"].isin(set(seed.items["item_id"])).to_numpy()
+    repeats = seed_repeats(inter, events)
+    new = events.loc[known & ~repeats, _INTERACTION]
     merged = pd.concat([inter, new], ignore_index=True)
     mask = np.concatenate([target_ok, np.ones(len(new), dtype=bool)])
     source = {
         "seed": str(seed.path),
         "seed_source": seed.meta.get("source", {}),
         "events": int(len(new)),
+        "events_in_seed": int(repeats.sum()),
         "last_event_id": str(events["event_id"].iloc[-1]) if len(events) else None,
     }
     path = build_prepared(
@@ -336,7 +394,7 @@ def rebuild_dataset(
         prior=prior,
         rebuild=True,  # a seed an earlier release prepared: its name and text as they were taken
     )
-    return load_prepared(path), int((~known).sum())
+    return Rebuilt(load_prepared(path), int((~known).sum()), int(repeats.sum()))
 
 
 # -- the job's own state -----------------------------------------------------------------------
@@ -599,12 +657,27 @@ def retrain(
             purged_events=purge.events,
             purged_users=purge.users,
         )
+        in_seed = seed_repeats(_seed_part(seed, erased)[0], events)
+        result.events_in_seed = int(in_seed.sum())
+        if result.events_in_seed:
+            log.info(
+                "%d events logged, %d of them already in the seed data (the same user, item, rating "
+                "and time): not added again",
+                len(events),
+                result.events_in_seed,
+            )
         if read_events is not None:
             # events since the last run that reached the gate: a run that failed after reading
-            # events (a crash, a deadline) leaves them pending for the next, not consumed
-            pending = len(events) - int(read_state(work)["trained_events"])
+            # events (a crash, a deadline) leaves them pending for the next, not consumed. An
+            # event the seed holds already is no new work: a backfill of the seed's own history
+            # does not make a run train
+            fresh = ~in_seed[int(read_state(work)["trained_events"]) :]
+            pending = int(fresh.sum())
             if pending < cfg.min_events:
-                result.reason = f"{pending} events not trained on yet, fewer than min_events={cfg.min_events}"
+                repeated = f" ({int((~fresh).sum())} more already in the seed data)" if (~fresh).any() else ""
+                result.reason = (
+                    f"{pending} events not trained on yet{repeated}, fewer than min_events={cfg.min_events}"
+                )
                 state = read_state(work)
                 built = work / DATA_DIR / seed.name / seed.protocol  # complete or not (a crash)
                 if built.exists() and state.get("data_epoch", 0) != state.get("purge_epoch", 0):
@@ -674,7 +747,9 @@ def _rebuild(
     """`rebuild_dataset` into work/data, its counts into `result`; state.json's `data_epoch`
     records the `purge_epoch` the rebuilt dataset reflects."""
     epoch = read_state(work).get("purge_epoch", 0)
-    ds, result.events_unknown_item = rebuild_dataset(seed, events, work / DATA_DIR, erased)
+    ds, result.events_unknown_item, result.events_in_seed = rebuild_dataset(
+        seed, events, work / DATA_DIR, erased
+    )
     result.erased_seed_users = len(erased & seed_users(seed))
     _write_state(work, {**read_state(work), "data_epoch": epoch})
     return ds
