@@ -143,9 +143,32 @@ class Interaction(Protocol):
     # are one event (`consume_events`)
 
 
+class StreamRead(Protocol):
+    """What a reader that checks its stream returns (service/store.py's StreamRead is one):
+    the events and the cursor, and how many events the stream dropped after the cursor before
+    they could be read (its cap trims the oldest, read or not)."""
+
+    @property
+    def events(self) -> Sequence[Interaction]: ...
+
+    @property
+    def cursor(self) -> str | None: ...
+
+    @property
+    def lost(self) -> int: ...  # exact where lost_exact, else a lower bound
+
+    @property
+    def lost_exact(self) -> bool: ...
+
+    @property
+    def mark(self) -> dict[str, Any] | None: ...  # the reader's counts: stored, passed back, not read
+
+
 # read_events(cursor) -> (every event after cursor, oldest first; the cursor to pass next time).
 # cursor None = from the start. The cursor belongs to the reader: stored, passed back, not read.
-ReadEvents = Callable[[str | None], tuple[Sequence[Interaction], str | None]]
+# A reader may return a `StreamRead` instead; the `mark` it returned last is then passed back
+# too, read_events(cursor, mark) (state.json's `stream_mark`; none yet: read_events(cursor)).
+ReadEvents = Callable[..., tuple[Sequence[Interaction], str | None] | StreamRead]
 
 
 class Erasures(Protocol):
@@ -219,6 +242,10 @@ class RetrainResult:
     new_events: int = 0
     events_total: int = 0
     events_unknown_item: int = 0
+    # events the stream dropped after the cursor before this run read them (its cap: trimmed):
+    # exact where events_lost_exact, else a lower bound; None: the reader checks nothing
+    events_lost: int = 0
+    events_lost_exact: bool | None = None
     # logged events that repeat a seed interaction exactly (`seed_repeats`): not added to the
     # samples, and not counted as new work for min_events
     events_in_seed: int = 0
@@ -472,15 +499,36 @@ def _read_events_log(work: Path) -> pd.DataFrame:
     return logged
 
 
-def consume_events(work: Path, read_events: ReadEvents) -> tuple[pd.DataFrame, int, str | None]:
+class Consumed(NamedTuple):
+    """What `consume_events` did."""
+
+    events: pd.DataFrame  # the log
+    new: int  # events it added to the log
+    cursor: str | None  # the reader's cursor now
+    lost: int = 0  # events the stream dropped after the cursor before they were read (`StreamRead`)
+    lost_exact: bool | None = None  # whether `lost` is exact (else a lower bound); None: not checked
+
+
+def consume_events(work: Path, read_events: ReadEvents) -> Consumed:
     """Append the events after the saved cursor to the log, then save the reader's new cursor.
 
     The log is written before the cursor and deduplicated by event id, so a crash in between
     re-reads those events without counting them twice; and by the client's key per user, so a
-    retry the stream took twice is one event. Returns (log, new events, cursor).
+    retry the stream took twice is one event. A reader that checks its stream (`StreamRead`)
+    also says how many events the stream dropped unread: a WARNING, and state.json's
+    `events_lost` adds them up, saved with the cursor and the reader's `stream_mark`.
     """
     state = read_state(work)
-    fresh, cursor = read_events(state.get("last_event_id"))
+    cursor, mark = state.get("last_event_id"), state.get("stream_mark")
+    got = read_events(cursor) if mark is None else read_events(cursor, mark)
+    if isinstance(got, tuple):
+        (fresh, cursor), check = got, None
+    else:
+        fresh, cursor, check = got.events, got.cursor, got
+    lost = int(check.lost) if check is not None else 0
+    lost_exact = bool(check.lost_exact) if check is not None else None
+    if lost or lost_exact is False:
+        _warn_lost(lost, lost_exact)
     logged = _read_events_log(work)
     # how many logged events a finished run has trained on (`retrain` counts from it); a state
     # from before this count took its events as trained
@@ -501,9 +549,25 @@ def consume_events(work: Path, read_events: ReadEvents) -> tuple[pd.DataFrame, i
     if len(new):
         logged = pd.concat([logged, new], ignore_index=True) if len(logged) else new.reset_index(drop=True)
         _write_events_log(work, logged)
-    _write_state(work, {**state, "last_event_id": cursor, "events_total": int(len(logged))})
+    state = {**state, "last_event_id": cursor, "events_total": int(len(logged))}
+    if check is not None:
+        state["stream_mark"] = check.mark
+        state["events_lost"] = int(state.get("events_lost", 0)) + lost
+    _write_state(work, state)
     log.info("read %d new events (cursor now %s, %d in total)", len(new), cursor, len(logged))
-    return logged, int(len(new)), cursor
+    return Consumed(logged, int(len(new)), cursor, lost, lost_exact)
+
+
+def _warn_lost(lost: int, exact: bool) -> None:
+    count = f"{lost}" if exact else f"at least {lost}" if lost else "an unknown number of"
+    log.warning(
+        "%s events were dropped from the stream before retraining read them (trimmed by its cap, "
+        "R2EC_STREAM_MAXLEN: more events were posted since the last run than it holds): they are "
+        "not trained on. Raise R2EC_STREAM_MAXLEN above the events posted between two runs, "
+        "backfills included; to train on them, prepare the seed dataset again from the full "
+        "export and retrain (docs/operations.md, 'Events lost to the stream's cap')",
+        count,
+    )
 
 
 @dataclass
@@ -635,8 +699,9 @@ def retrain(
             )
         if read_events is None:
             events, new, cursor = _read_events_log(work), 0, read_state(work).get("last_event_id")
+            lost, lost_exact = 0, None
         else:
-            events, new, cursor = consume_events(work, read_events)
+            events, new, cursor, lost, lost_exact = consume_events(work, read_events)
         erased: set[str] = set()
         purge = Purge()
         if read_erasures is not None:  # after the events: an erasure meanwhile covers them
@@ -651,6 +716,8 @@ def retrain(
             gate_z=cfg.gate_z,
             stream=read_events is not None,
             new_events=new,
+            events_lost=lost,
+            events_lost_exact=lost_exact,
             events_total=int(len(events)),
             last_event_id=cursor,
             erased_users=purge.erased_users,

@@ -288,3 +288,48 @@ def test_a_backfill_of_the_seeds_history_is_not_trained_on_twice(
             tiny_dataset.split(name)["history_item_ids"].map(list).tolist()
         )
     assert _target_in_history(rebuilt) == 0
+
+
+@pytest.mark.redis
+def test_retrain_warns_of_and_counts_the_events_the_streams_cap_trimmed_unread(
+    redis_server, versions_root, config_file, tiny_dataset, caplog
+):
+    """Journey 40, finding 2: a backfill larger than R2EC_STREAM_MAXLEN lost its first users'
+    events before retraining read the stream, and the run said nothing of them."""
+    from service.store import Event, RedisStore
+
+    root, url = versions_root, redis_server.url
+    redis_server.flush()
+
+    async def backfill(users: range) -> None:
+        store = RedisStore(url, stream_maxlen=100)  # the service's R2EC_STREAM_MAXLEN
+        try:
+            for u in users:
+                await store.append_events(f"b{u}", [Event(f"i{1 + n % 9}", 4.0, 1000 + n) for n in range(50)])
+        finally:
+            await store.close()
+
+    asyncio.run(backfill(range(20)))  # 1000 events; `MAXLEN ~ 100` keeps the newest 100-200
+    common = ["--data", str(tiny_dataset.path), "--root", str(root), "--redis-url", url]
+    common += ["--config", str(config_file), "--min-events", "100000"]
+    code, out, run = _cli(*common, "--json")
+    assert code == 0, out
+    assert run["events_lost"] == 1000 - run["new_events"] > 0 and run["events_lost_exact"] is True
+    assert (
+        f"{run['events_lost']} events were dropped from the stream before retraining read them" in caplog.text
+    )
+    caplog.clear()
+    state = read_state(root / "retrain")
+    assert state["events_lost"] == run["events_lost"] and state["stream_mark"]["entries_added"] == 1000
+    # read in time: nothing lost, nothing said
+    asyncio.run(backfill(range(20, 21)))
+    code, out, _ = _cli(*common)
+    assert code == 0 and "dropped from the stream" not in caplog.text and "LOST" not in out, out
+    assert "events   50 new" in out
+    # late again: the report says so
+    asyncio.run(backfill(range(21, 31)))
+    code, out, _ = _cli(*common)
+    assert code == 0, out
+    lost = read_state(root / "retrain")["last_run"]["events_lost"]
+    assert lost > 0 and f"  LOST     {lost} events trimmed from the stream before this run read them" in out
+    assert read_state(root / "retrain")["events_lost"] == run["events_lost"] + lost

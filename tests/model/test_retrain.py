@@ -430,6 +430,70 @@ def test_the_event_log_reaches_the_disk_before_the_cursor(tmp_path, fsynced):
     assert [p if p == work else p.name.split(".")[1] for p in fsynced] == ["events", work, "state", work]
 
 
+@dataclass
+class Checked:
+    """A `StreamRead`, as service/store.py's read_stream_checked returns it."""
+
+    events: list[Ev]
+    cursor: str | None
+    lost: int
+    lost_exact: bool
+    mark: dict | None
+
+
+class CheckingReader(FakeReader):
+    """FakeReader whose stream says how many events it lost before each read (`losses`, in
+    order), and records the marks it is handed back."""
+
+    def __init__(self, events: list[Ev], losses: list[tuple[int, bool]]) -> None:
+        super().__init__(events)
+        self.losses, self.marks = losses, []
+
+    def __call__(self, cursor: str | None, mark: dict | None = None) -> Checked:
+        self.marks.append(mark)
+        fresh, cursor = super().__call__(cursor)
+        lost, exact = self.losses.pop(0)
+        return Checked(fresh, cursor, lost, exact, {"reads": len(self.calls)})
+
+
+def test_events_the_stream_lost_before_they_were_read_are_warned_of_and_counted(tmp_path, caplog):
+    """Journey 40, finding 2: the stream's cap trimmed 410,380 backfilled events before the run
+    read the stream, and the run said "read 1000010 new events", nothing else."""
+    reader = CheckingReader([Ev("1", "u1", "i1", 4.0, 10)], [(7, True), (0, True), (3, False), (0, False)])
+    with caplog.at_level("INFO", logger="model.retrain"):
+        consumed = consume_events(tmp_path, reader)
+    assert (consumed.new, consumed.lost, consumed.lost_exact) == (1, 7, True)
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].getMessage().startswith(
+        "7 events were dropped from the stream before retraining read them"
+    )
+    assert "R2EC_STREAM_MAXLEN" in warned[0].getMessage()
+    state = read_state(tmp_path)
+    assert (state["events_lost"], state["stream_mark"]) == (7, {"reads": 1})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="model.retrain"):
+        assert consume_events(tmp_path, reader)[3:] == (0, True)  # nothing lost: no warning
+        assert not caplog.records
+        assert consume_events(tmp_path, reader)[3:] == (3, False)
+        assert consume_events(tmp_path, reader)[3:] == (0, False)
+    assert [r.getMessage().split(" events were")[0] for r in caplog.records] == [
+        "at least 3",
+        "an unknown number of",
+    ]
+    # the mark each read returned is handed back to the next; the count adds up
+    assert reader.marks == [None, {"reads": 1}, {"reads": 2}, {"reads": 3}]
+    assert read_state(tmp_path)["events_lost"] == 10
+
+
+def test_a_run_reports_the_events_its_stream_lost(versions_root, tiny_dataset):
+    reader = CheckingReader([Ev("1", "u1", "i6", 4.0, 900)], [(5, True)])
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), min_events=2)
+    result = retrain(cfg, reader)
+    assert result.status == "skipped" and (result.events_lost, result.events_lost_exact) == (5, True)
+    last = read_state(versions_root / "retrain")["last_run"]
+    assert (last["events_lost"], last["events_lost_exact"]) == (5, True)
+
+
 def test_too_few_new_events_skip_training_but_keep_the_cursor(versions_root, tiny_dataset):
     reader = FakeReader([Ev("a", "u1", "i6", 4.0, 900)])
     cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), min_events=2)
