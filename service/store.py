@@ -518,6 +518,7 @@ class RedisStore:
         self._cache_for_user = self._redis.register_script(CACHE_SET_SCRIPT)
         self._erase = self._redis.register_script(ERASE_SCRIPT)
         self._user_page = self._redis.register_script(USER_PAGE_SCRIPT)
+        self._stream_info = self._redis.register_script(STREAM_INFO_SCRIPT)
         self.erase_page = ERASE_PAGE
         self.format: StoreFormat | None = None  # SCHEMA_KEY, once `check_format` read it
         # told each operation's name and duration in seconds, failed ones too (the service's
@@ -646,6 +647,13 @@ class RedisStore:
                 return rows, removed
             after = last
 
+    async def stream_info(self) -> StreamInfo:
+        """The event stream's length and counts (STREAM_INFO_SCRIPT): /metrics' r2ec_stream_entries
+        and retraining's lag, read at each scrape."""
+        with self._failures("stream_info"):
+            reply = await self._stream_info(keys=[EVENTS_STREAM, STREAM_ERASED_KEY])
+        return StreamInfo.from_reply(reply)
+
     async def check_format(self, version: str) -> StoreFormat:
         """Write SCHEMA_KEY where absent (a new Redis, or one a release before 0.2.0 used), and
         read it: StoreFormatError where it names a format newer than STORE_FORMAT (a newer r2ec
@@ -754,7 +762,7 @@ class StreamRead:
     cursor: str | None
     lost: int = 0
     lost_exact: bool = True
-    mark: dict[str, int] | None = None
+    mark: dict[str, int | str | None] | None = None
     length: int = 0  # entries the stream held when read
 
 
@@ -767,7 +775,7 @@ def _id_key(entry_id: str) -> tuple[int, int]:
 def read_stream_checked(
     redis_url: str,
     cursor: str | None = None,
-    mark: Mapping[str, int] | None = None,
+    mark: Mapping[str, int | str | None] | None = None,
     *,
     page_size: int = 10_000,
     timeout_s: float = 10.0,
@@ -797,15 +805,20 @@ def read_stream_checked(
             erased = int(client.get(STREAM_ERASED_KEY) or 0)
     finally:
         client.close()
+    if mark is not None and mark.get("cursor", cursor) != cursor:
+        # saved with another cursor: a run of an older release (a code rollback) moved the
+        # cursor on and kept this mark; counting from it would call what that run read lost
+        mark = None
     lost, exact = _lost_unread(info, erased, cursor, mark, len(entries))
-    new_mark = (
-        None if info.entries_added is None else {"entries_added": info.entries_added, "erased": info.erased}
-    )
-    return StreamRead(entries, entries[-1].id if entries else cursor, lost, exact, new_mark, info.length)
+    cursor = entries[-1].id if entries else cursor
+    new_mark = None
+    if info.entries_added is not None:
+        new_mark = {"entries_added": info.entries_added, "erased": info.erased, "cursor": cursor}
+    return StreamRead(entries, cursor, lost, exact, new_mark, info.length)
 
 
 def _lost_unread(
-    info: StreamInfo, erased: int, cursor: str | None, mark: Mapping[str, int] | None, read: int
+    info: StreamInfo, erased: int, cursor: str | None, mark: Mapping[str, int | str | None] | None, read: int
 ) -> tuple[int, bool]:
     """(entries lost after `cursor` before they were read, whether that is exact):
     `read_stream_checked`. `erased`: the erasure counter after the entries were read."""

@@ -597,6 +597,12 @@ async def test_a_cursor_saved_without_a_mark_counts_from_this_read_on(redis_url)
         # the same with the mark: counted
         again = read_stream_checked(redis_url, kept.cursor, kept.mark)
         assert again.lost == 500 - len(again.events) and again.lost_exact
+        # a mark saved with another cursor (an older release's run moved the cursor on and
+        # left the mark): not counted from
+        await _post(s, users=1, each=10, start=12)
+        moved = read_stream_checked(redis_url, again.cursor, kept.mark)
+        assert (len(moved.events), moved.lost, moved.lost_exact) == (10, 0, True)
+        assert moved.mark == {"entries_added": 530, "erased": 0, "cursor": moved.cursor}
     finally:
         await s.close()
 
