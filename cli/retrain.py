@@ -188,7 +188,7 @@ def _report(result: RetrainResult) -> None:
         )
         typer.secho(
             f"  LOST     {count} events trimmed from the stream before this run read them"
-            " (R2EC_STREAM_MAXLEN: docs/operations.md, 'Events lost to the stream's cap')",
+            " (R2EC_STREAM_MAXLEN: docs/operations.md, R2ecRetrainLostEvents)",
             fg=typer.colors.YELLOW,
         )
     if result.events_in_seed:

@@ -1,7 +1,9 @@
 """Scheduled retraining (docs/architecture.md §5): events -> samples -> warm-started RecPO -> gated publish.
 
 One run:
-1. read the events after the saved cursor and add them to the consumed-events log; then read the
+1. read the events after the saved cursor and add them to the consumed-events log (a reader
+   that checks its stream also says how many the stream's cap trimmed before they were read:
+   a WARNING and `events_lost`, `consume_events`); then read the
    erasure ledger and drop from the log every event of an erased user that arrived at or before
    their erasure (`purge_erased`; events the same id posted later stay);
 2. rebuild the samples: the seed dataset's interactions (recovered from its samples) plus every
@@ -565,7 +567,7 @@ def _warn_lost(lost: int, exact: bool) -> None:
         "R2EC_STREAM_MAXLEN: more events were posted since the last run than it holds): they are "
         "not trained on. Raise R2EC_STREAM_MAXLEN above the events posted between two runs, "
         "backfills included; to train on them, prepare the seed dataset again from the full "
-        "export and retrain (docs/operations.md, 'Events lost to the stream's cap')",
+        "export and retrain (docs/operations.md, R2ecRetrainLostEvents)",
         count,
     )
 
