@@ -480,7 +480,7 @@ class ServiceState:
         if (
             cached is None
             or cached.vector is None
-            or prepared.model_version != engine.version
+            or not engine.prepared_here(prepared)
             or cached.vector.shape != (engine.model.hidden_size,)
         ):
             return None
