@@ -141,6 +141,9 @@ class Recommender:
         # (`_key`), and each answer names it (service/routes.py).
         self.fingerprint = hashlib.sha256(material.encode()).hexdigest()[:FINGERPRINT_HEX]
         self.generate_calls = 0  # `generate` invocations, for tests and metrics
+        # how answers name the checkpoint (Result.checkpoint): its directory's name; the service
+        # names it as r2ec_model_info does, from the checkpoint root (service/state.py `_adopt`)
+        self.label = checkpoint.path.name
         self._runner: DecodeRunner | None = None
 
     @classmethod
@@ -583,6 +586,7 @@ class Recommender:
                     reasoning=texts[j],
                     model_version=self.version,
                     fingerprint=self.fingerprint,
+                    checkpoint=self.label,
                     timings=Timings(
                         queue_ms=queue_ms,
                         generate_ms=gen_ms[j],

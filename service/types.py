@@ -373,5 +373,7 @@ class Result:
     # an entry without h_T (written before vectors were cached), now with it
     generated: CachedReasoning | None = None
     # the answering model's identity beyond its version (Recommender.fingerprint): its files
-    # and the serving settings that change its answers
+    # and the serving settings that change its answers; and its checkpoint's name
+    # (Recommender.label: as r2ec_model_info's `checkpoint` in the service)
     fingerprint: str = ""
+    checkpoint: str = ""
