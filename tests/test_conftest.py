@@ -63,3 +63,27 @@ def test_every_test_that_starts_python_uses_child_env():
         and "serve_env(" not in text
     ]
     assert missing == []
+
+
+def test_the_warning_the_project_silences_is_silenced_in_the_tests_too():
+    """model/checkpoint.py filters transformers' FutureWarning at import, which pytest undoes
+    after the test that imported it: pyproject's filterwarnings carries the same filter."""
+    import tomllib
+    import warnings
+
+    own = re.search(
+        r'warnings\.filterwarnings\("ignore", message="([^"]+)", category=FutureWarning\)',
+        (ROOT / "model" / "checkpoint.py").read_text(encoding="utf-8"),
+    )
+    assert own is not None
+    ini = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["pytest"][
+        "ini_options"
+    ]
+    assert f"ignore:{own[1]}:FutureWarning" in ini["filterwarnings"]
+    text = (  # transformers' own words (modeling_utils.py)
+        "`is_gradient_checkpointing` is deprecated and will be removed in v6. "
+        "Use `is_activation_checkpointing` instead."
+    )
+    with warnings.catch_warnings(record=True) as caught:  # under the filters pytest set for this test
+        warnings.warn(text, FutureWarning, stacklevel=1)
+    assert caught == []
