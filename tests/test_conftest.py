@@ -52,13 +52,14 @@ def test_a_child_imports_this_checkout_from_any_working_directory(tmp_path):
 
 
 def test_every_test_that_starts_python_uses_child_env():
-    """A test module that starts `sys.executable` sets its environment with child_env (or
-    tests/service/conftest.py's serve_env, built on it)."""
+    """A test module that starts `sys.executable` (an argv list that begins with it) sets its
+    environment with child_env (or tests/service/conftest.py's serve_env, built on it)."""
+    starts = re.compile(r"\[\s*sys\.executable\b")
     missing = [
         str(p.relative_to(ROOT))
         for p in TESTS.rglob("*.py")
         if p.name != "conftest.py"
-        and "sys.executable" in (text := p.read_text(encoding="utf-8"))
+        and starts.search(text := p.read_text(encoding="utf-8"))
         and "child_env(" not in text
         and "serve_env(" not in text
     ]
