@@ -1,7 +1,8 @@
-"""deploy/setup.sh and deploy/quickstart.sh, the README's first two lines, run against fakes:
-`apt-get` and `python3 -m ...` (pip, the kernel build, r2ec) are recorded instead of run, and the
-interpreter setup.sh checks is the real one, told by a sitecustomize what it looks like (a
-distribution's PEP 668 python3, a venv, an old version). Nothing is installed (journey 40, F1)."""
+"""deploy/setup.sh and deploy/quickstart.sh, the README's first two lines, and .ci/run, run
+against fakes: `apt-get` and `python3 -m ...` (pip, the kernel build, r2ec, ruff, pytest) are
+recorded instead of run, and the interpreter setup.sh checks is the real one, told by a
+sitecustomize what it looks like (a distribution's PEP 668 python3, a venv, an old version).
+Nothing is installed (journey 40, F1 and F4)."""
 
 from __future__ import annotations
 
@@ -78,10 +79,11 @@ def fake(tmp_path):
             **env,
         }
         done = subprocess.run(
-            [BASH, str(ROOT / "deploy" / script), *args], env=full, capture_output=True, text=True, timeout=60
+            [BASH, str(ROOT / script), *args], env=full, capture_output=True, text=True, timeout=60
         )
         return done, calls.read_text().splitlines() if calls.exists() else []
 
+    run.bin = bin_dir
     return run
 
 
@@ -101,44 +103,44 @@ def _installs(calls: list[str], extras: str) -> None:
 @pytest.mark.parametrize("args", [[], ["--dev"]], ids=["runtime", "dev"])
 def test_setup_installs_into_a_python3_pip_may_install_into(fake, args):
     """CI's case (a pyenv Python) and any venv: unchanged, everything into `python3`."""
-    done, calls = fake("setup.sh", *args)
+    done, calls = fake("deploy/setup.sh", *args)
     assert done.returncode == 0, done.stderr
     _installs(calls, "[dev]" if args else "")
     assert "setup done" in done.stdout
 
 
 def test_setup_refuses_a_distributions_python3_before_installing_anything(fake):
-    done, calls = fake("setup.sh", "--dev", managed=True)
+    done, calls = fake("deploy/setup.sh", "--dev", managed=True)
     assert done.returncode == 1 and calls == []  # neither apt-get nor pip ran
     lines = done.stderr.splitlines()
     assert lines[0].startswith("error: python3 (") and "PEP 668" in lines[0]
     assert "  python3 -m venv .venv && . .venv/bin/activate" in lines
     assert "  bash deploy/setup.sh --dev" in lines  # the way back, with the arguments given
     assert "sudo" not in done.stderr
-    done, _ = fake("setup.sh", managed=True, SUDO_USER="someone")
+    done, _ = fake("deploy/setup.sh", managed=True, SUDO_USER="someone")
     assert 'sudo env PATH="$PATH" bash deploy/setup.sh)' in done.stderr
 
 
 def test_setup_installs_into_a_venv_made_from_a_distributions_python3(fake):
-    done, calls = fake("setup.sh", "--dev", managed=True, venv=True)
+    done, calls = fake("deploy/setup.sh", "--dev", managed=True, venv=True)
     assert done.returncode == 0, done.stderr
     _installs(calls, "[dev]")
 
 
 def test_setup_follows_pip_where_it_was_told_to_break_system_packages(fake):
-    done, calls = fake("setup.sh", managed=True, PIP_BREAK_SYSTEM_PACKAGES="1")
+    done, calls = fake("deploy/setup.sh", managed=True, PIP_BREAK_SYSTEM_PACKAGES="1")
     assert done.returncode == 0, done.stderr
     _installs(calls, "")
 
 
 def test_setup_refuses_a_python_older_than_the_project_needs(fake):
-    done, calls = fake("setup.sh", FAKE_VERSION="3.10")
+    done, calls = fake("deploy/setup.sh", FAKE_VERSION="3.10")
     assert done.returncode == 1 and calls == []
     assert "needs Python 3.11 or newer" in done.stderr and "is 3.10" in done.stderr
 
 
 def test_quickstart_runs_r2ec_from_the_python3_setup_installed_into(fake, tmp_path):
-    done, calls = fake("quickstart.sh")
+    done, calls = fake("deploy/quickstart.sh")
     assert done.returncode == 0, done.stderr
     data = tmp_path / "data"
     assert calls == [
@@ -149,10 +151,25 @@ def test_quickstart_runs_r2ec_from_the_python3_setup_installed_into(fake, tmp_pa
 
 
 def test_quickstart_without_r2ec_installed_says_to_run_setup_first(fake):
-    done, calls = fake("quickstart.sh", FAKE_NOT_INSTALLED="1")
+    done, calls = fake("deploy/quickstart.sh", FAKE_NOT_INSTALLED="1")
     assert done.returncode == 1 and calls == []
     assert done.stderr.startswith("error: r2ec is not installed for python3 (")
     assert "run bash deploy/setup.sh first" in done.stderr
+
+
+def test_ci_installs_lints_then_runs_the_readme_test_command(fake):
+    """.ci/run: setup.sh --dev, ruff check and ruff format --check (the pinned ruff, from the
+    interpreter setup.sh installed into), then pytest (journey 40, F4)."""
+    (fake.bin / "bash").write_text(RECORD.format(name="bash"))
+    (fake.bin / "bash").chmod(0o755)
+    done, calls = fake(".ci/run")
+    assert done.returncode == 0, done.stderr
+    assert calls == [
+        "bash deploy/setup.sh --dev",
+        "python3 -m ruff check .",
+        "python3 -m ruff format --check .",
+        "python3 -m pytest -q",
+    ]
 
 
 def test_the_readme_starts_with_the_two_lines_and_says_when_to_make_a_venv():
