@@ -35,7 +35,8 @@ encode alone, index, one log append and flush) against the same texts under othe
 batch the way the service runs it (`Catalog.encode_items` on EDIT_BATCH_CHUNK items at a time,
 each chunk a turn of the model thread, then `Catalog.edit_many`: one index pass, one append),
 `--rounds` times in turn; items/s of each, their ratio, and how long one chunk holds the
-model thread (what a recommendation waiting for it waits at most, beside the apply).
+model thread (what a recommendation waiting for it waits at most, beside the apply), at each
+of `--chunks` (chunk sizes; default the service's).
 """
 
 from __future__ import annotations
@@ -330,7 +331,7 @@ def batch(args: argparse.Namespace, tmp: Path) -> None:
     import numpy as np
     import pandas as pd
 
-    from model.checkpoint import ITEMS_FILE, create_base_checkpoint, resolve_checkpoint
+    from model.checkpoint import ITEMS_FILE, create_base_checkpoint, item_record, resolve_checkpoint
     from service.recommender import Recommender
     from service.state import EDIT_BATCH_CHUNK
 
@@ -358,48 +359,58 @@ def batch(args: argparse.Namespace, tmp: Path) -> None:
 
     catalog.edit_many({f"warm-{i}": t for i, t in enumerate(texts()[:EDIT_BATCH_CHUNK])})  # warm both paths
     catalog.upsert("warm-single", texts()[0])
-    single_rates, batch_rates, holds, applies, cosines = [], [], [], [], []
-    for round_ in range(args.rounds):
+    sizes = args.chunks or [EDIT_BATCH_CHUNK]
+    singles: list[float] = []
+    rates: dict[int, list[float]] = {c: [] for c in sizes}
+    holds: dict[int, list[float]] = {c: [] for c in sizes}
+    applies: list[float] = []
+    cosines: list[float] = []
+    for round_ in range(args.rounds):  # in turn: one by one, then a batch at each chunk size
         fields = texts()
         t = time.perf_counter()
         for i, f in enumerate(fields):
             catalog.upsert(f"single-{round_}-{i}", f)
-        single_rates.append(n / (time.perf_counter() - t))
-        upserts = {f"batch-{round_}-{i}": f for i, f in enumerate(fields)}  # the same texts
-        t = time.perf_counter()
-        catalog.check_texts(list(upserts.values()))
-        items = [{"item_id": i, **f} for i, f in upserts.items()]
-        chunks = []
-        for start in range(0, n, EDIT_BATCH_CHUNK):
-            c = time.perf_counter()
-            chunks.append(catalog.encode_items(items[start : start + EDIT_BATCH_CHUNK]))
-            holds.append(time.perf_counter() - c)
-        a = time.perf_counter()
-        done = catalog.edit_many(upserts, (), np.concatenate(chunks))
-        applies.append(time.perf_counter() - a)
-        batch_rates.append(n / (time.perf_counter() - t))
-        assert len(done.replaced) == n and not any(done.replaced.values())
-        # the same text encoded alone (a PUT) and in a padded batch: the cosine of the two
-        cosines += [
-            float(catalog.index.vector(f"single-{round_}-{i}") @ catalog.index.vector(f"batch-{round_}-{i}"))
-            for i in range(n)
-        ]
-    holds_ms = sorted(1e3 * h for h in holds)
+        singles.append(n / (time.perf_counter() - t))
+        for size in sizes:
+            upserts = {f"batch-{size}-{round_}-{i}": f for i, f in enumerate(fields)}  # the same texts
+            t = time.perf_counter()
+            catalog.check_texts(list(upserts.values()))  # as ServiceState.edit_items runs it
+            items = [{"item_id": i, **item_record(f)} for i, f in upserts.items()]
+            chunks = []
+            for start in range(0, n, size):  # each a turn of the model thread in the service
+                c = time.perf_counter()
+                chunks.append(catalog.encode_items(items[start : start + size]))
+                holds[size].append(time.perf_counter() - c)
+            a = time.perf_counter()
+            done = catalog.edit_many(upserts, (), np.concatenate(chunks))
+            applies.append(time.perf_counter() - a)
+            rates[size].append(n / (time.perf_counter() - t))
+            assert len(done.replaced) == n and not any(done.replaced.values())
+            # the same text encoded alone (a PUT) and in a padded batch: the cosine of the two
+            cosines += [
+                float(
+                    catalog.index.vector(f"single-{round_}-{i}")
+                    @ catalog.index.vector(f"batch-{size}-{round_}-{i}")
+                )
+                for i in range(n)
+            ]
     model = "tiny (untrained, float32)" if args.tiny else f"{engine.version} (bf16)"
     print(f"{model}, {len(catalog):,} items after, dim {catalog.index.dim}, {args.threads} threads, "
           f"{n} items a side, {args.rounds} rounds in turn")  # fmt: skip
-    print("| measurement | value |\n|---|---|")
-    print(f"| one by one (Catalog.upsert = a PUT), items/s | {', '.join(f'{x:.1f}' for x in single_rates)} |")
-    print(f"| one batch (chunks of {EDIT_BATCH_CHUNK} + edit_many), items/s | "
-          f"{', '.join(f'{x:.1f}' for x in batch_rates)} |")  # fmt: skip
-    ratios = [b / s for b, s in zip(batch_rates, single_rates, strict=True)]
-    print(f"| batch / one by one | {', '.join(f'{x:.2f}x' for x in ratios)} |")
-    print(f"| a chunk of {EDIT_BATCH_CHUNK} on the model thread, median / max | "
-          f"{holds_ms[len(holds_ms) // 2]:.0f} / {holds_ms[-1]:.0f} ms |")  # fmt: skip
-    print(f"| the apply (edit_many: index pass, one log append and flush) | "
-          f"{', '.join(f'{1e3 * x:.0f} ms' for x in applies)} |")  # fmt: skip
-    print(f"| cos(a PUT's vector, the batch's) for the same text, min / median | "
-          f"{min(cosines):.6f} / {statistics.median(cosines):.6f} |")  # fmt: skip
+    print("| edits | items/s (each round) | against one by one | a chunk on the model thread, median / max |")
+    print("|---|---|---|---|")
+    print(f"| one by one (Catalog.upsert, what a PUT runs) | {', '.join(f'{x:.1f}' for x in singles)} | | |")
+    for size in sizes:
+        ratios = ", ".join(f"{b / s:.2f}x" for b, s in zip(rates[size], singles, strict=True))
+        held = sorted(1e3 * h for h in holds[size])
+        print(f"| one batch, chunks of {size}{' (the default)' if size == EDIT_BATCH_CHUNK else ''} | "
+              f"{', '.join(f'{x:.1f}' for x in rates[size])} | {ratios} | "
+              f"{held[len(held) // 2]:.0f} / {held[-1]:.0f} ms |")  # fmt: skip
+    applied = sorted(1e3 * x for x in applies)
+    print(f"\nthe apply of {n} upserts (edit_many: one index pass, one log append and its flush), "
+          f"median / max: {applied[len(applied) // 2]:.0f} / {applied[-1]:.0f} ms")  # fmt: skip
+    print(f"cos(a PUT's vector, the batch's) for the same text, min / median: "
+          f"{min(cosines):.6f} / {statistics.median(cosines):.6f}")  # fmt: skip
 
 
 def main() -> None:
@@ -419,6 +430,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-items", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--chunks", type=int, nargs="+", help="batch: chunk sizes (default: EDIT_BATCH_CHUNK)"
+    )
     parser.add_argument(
         "--tiny", action="store_true", help="batch: the tiny untrained model, not the checkpoint's"
     )

@@ -360,7 +360,7 @@ async def edit_items(body: schemas.ItemBatch, state: StateDep) -> schemas.ItemBa
     """Add, replace and remove many items at once (admin): a catalog sync in one call instead of
     one PUT or DELETE per item. All or nothing: every entry is checked first (the schema, a
     special token in a text, an id twice in the batch: a 422 naming `upsert.N.field`), then the
-    upserts are encoded in chunks of 32 (recommendations run between them) and everything is
+    upserts are encoded in chunks of 8 (recommendations run between them) and everything is
     applied at once, in one pass over the index, and saved in one append to the edit log. An id
     to delete that the catalog does not hold is not an error: it is listed in `not_found`."""
     if duplicates := body.duplicate_fields():

@@ -44,7 +44,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 WATCH_RETRIES = 3  # loads of one new checkpoint version a tick apart, before the watch slows down
 WATCH_SLOW_RETRY_S = 300.0  # then one load of it this often (service/state.py `_watch`)
-EDIT_BATCH_CHUNK = 32  # items of POST /items/batch encoded per turn of the model thread
+# items of POST /items/batch encoded per turn of the model thread: what a recommendation may wait
+# for meanwhile. 8, not 32: as fast per item on 2 contended cores, a quarter of the wait
+# (BENCHMARKS.md §5, 'Bulk item edits')
+EDIT_BATCH_CHUNK = 8
 CACHE_BACKOFF_S = 5.0  # after a cache error, skip the cache this long, or until the store
 # answers another operation (a down Redis is not asked twice per request while it is down;
 # histories are still asked, they are needed, and the first one answered ends the skip)
