@@ -28,7 +28,10 @@ One interface, two stores, the same tests for both (tests/service/test_store.py)
 Events are idempotent: each has an id (the client's `event_id`, else `event_key` of what it
 sent), and an append stores only the events whose id the user does not have yet, in one atomic
 step with the history, the stream and the seen set. A client that timed out and retries cannot
-duplicate an event, even when its first attempt did land.
+duplicate an event, even when its first attempt did land. "Has" is either list: the event ids
+remembered for `dedup_ttl_s`, or the events of the stored history window, so a replay after the
+dedup window (a backfill run again, a queue read again from its start) stores nothing twice in a
+history either (an event that has left the window and the dedup window counts as new again).
 Order: a history is kept in the order of the events' timestamps, as retraining orders them
 (model/retrain.py sorts by user and time), not in the order they arrived. An event that comes
 late (a backfill, a mobile client that was offline) takes its place among the older ones, equal
@@ -396,10 +399,11 @@ class MemoryStore:
         history = self._histories.setdefault(user_id, [])
         history[:] = _time_order(history)  # as APPEND_SCRIPT repairs a list of an older release
         known = self._event_ids.setdefault(user_id, set())
+        held = {e.event_id for e in history}  # a duplicate whatever the ids remembered (APPEND_SCRIPT)
         seen = self._seen.setdefault(user_id, set())
         new = []
         for e, event_id in zip(events, ids, strict=True):
-            new.append(event_id not in known)
+            new.append(event_id not in known and event_id not in held)
             if not new[-1]:
                 continue
             known.add(event_id)
@@ -764,8 +768,14 @@ local user_ttl = tonumber(ARGV[7])  -- seconds the history and seen set outlive 
 redis.call('ZADD', KEYS[4], 'XX', now, '')
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl)
 local hist = redis.call('LRANGE', KEYS[1], 0, -1)
-local times = {}
-for i, json in ipairs(hist) do times[i] = stamp(json) end
+-- held: the ids of the events in the history, each a duplicate whatever the dedup window (a
+-- replay after it, a backfill run again, must not show an event twice)
+local times, held = {}, {}
+for i, json in ipairs(hist) do
+  local e = cjson.decode(json)
+  times[i] = type(e['timestamp']) == 'number' and e['timestamp']
+  if type(e['event_id']) == 'string' then held[e['event_id']] = true end
+end
 local stored = #hist
 local untouched = stored  -- hist[1..untouched] is still the stored list's start
 -- a list a release before 0.2.0 stored in arrival order: sorted once, stably, as `_time_order`
@@ -793,7 +803,7 @@ local out = {}
 for i = 0, n - 1 do
   local b = 8 + i * 5
   local id, item, json = ARGV[b], ARGV[b + 1], ARGV[b + 4]
-  if redis.call('ZADD', KEYS[4], 'NX', now, id) == 1 then
+  if not held[id] and redis.call('ZADD', KEYS[4], 'NX', now, id) == 1 then
     local ts, at, dropped = stamp(json), #hist, false
     if ts then
       while at > 0 and times[at] and times[at] > ts do
