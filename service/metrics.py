@@ -57,6 +57,7 @@ STORE_OPS = (
     "ping",
 )
 RELOAD_OUTCOMES = ("ok", "failed")
+EVENT_RESULTS = ("new", "duplicate")  # r2ec_events_total's
 STREAM_OUTCOMES = ("ok", "error", "disconnected", "cancelled")  # service/streaming.py
 
 
@@ -121,6 +122,16 @@ class Metrics:
         )
         for result in ("hit", "miss"):
             self.cache.labels(result)
+        self.events = Counter(
+            "r2ec_events_total",
+            "Events of POST /users/{id}/events that the store took, by result: new (stored in the "
+            "history, the stream and the seen set) or duplicate (an event_id the user already had: a "
+            "retry or a replay, not stored again). A refused request counts in neither.",
+            ["result"],
+            registry=r,
+        )
+        for result in EVENT_RESULTS:
+            self.events.labels(result)
         self.store_errors = Counter(
             "r2ec_store_errors_total",
             "Failed history-store operations by operation.",
@@ -256,6 +267,11 @@ class Metrics:
     def store_op(self, op: str, seconds: float) -> None:
         """A store operation took `seconds` (RedisStore's `on_op`)."""
         self.store_seconds.labels(op).observe(seconds)
+
+    def events_appended(self, new: int, duplicates: int) -> None:
+        """An append's reply: how many of its events were new, how many duplicates."""
+        self.events.labels("new").inc(new)
+        self.events.labels("duplicate").inc(duplicates)
 
     def serving(self, created_at: str) -> None:
         """A model began serving now; `created_at` is its r2ec.json's (ISO 8601, or empty)."""

@@ -235,6 +235,7 @@ async def append_events(
     now = int(time.time())
     events = [_stamped(user_id, e, now) for e in body.events]
     done = await state.append_events(user_id, events)
+    state.metrics.events_appended(done.appended, len(events) - done.appended)
     return schemas.EventsResponse(
         user_id=user_id,
         appended=done.appended,

@@ -301,6 +301,27 @@ async def test_a_timestamp_sent_as_a_whole_float_is_that_integer(app, client):
     assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "history.0.timestamp"
 
 
+async def test_metrics_count_events_new_and_duplicate(client):
+    """r2ec_events_total{result}: from each append's reply, so a dashboard tells a replay being
+    deduplicated from new traffic (journey 40, #7); a refused request counts in neither."""
+
+    async def counts() -> tuple[float | None, float | None]:
+        text = (await client.get("/metrics")).text
+        return metric(text, "r2ec_events_total", result="new"), metric(
+            text, "r2ec_events_total", result="duplicate"
+        )
+
+    assert await counts() == (0, 0)  # exported from the start, so rate() works
+    events = [{"item_id": "i1", "timestamp": 100}, {"item_id": "i2", "timestamp": 200}]
+    assert (await client.post("/users/u1/events", json={"events": events})).status_code == 200
+    assert await counts() == (2, 0)
+    again = {"events": [*events, {"item_id": "i3", "timestamp": 300}]}
+    assert (await client.post("/users/u1/events", json=again)).status_code == 200
+    assert await counts() == (3, 2)
+    r = await client.post("/users/u1/events", json={"events": [{"item_id": "i4"}, {"item_id": "zz"}]})
+    assert r.status_code == 422 and await counts() == (3, 2)
+
+
 ODD_IDS = [
     ("%20u%20", "leading", "must not start or end with whitespace"),
     ("u%20", "trailing", "must not start or end with whitespace"),
