@@ -268,10 +268,12 @@ class HistoryStore(Protocol):
     async def get_history(self, user_id: str) -> list[Event]:
         """The user's latest `window` events, oldest first (empty for an unknown user)."""
 
-    async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
+    async def append_events(self, user_id: str, events: Sequence[Event], *, stream: bool = True) -> Appended:
         """Add the events whose id is new for the user to the history (placed by timestamp,
         trimmed to the window; module docstring, "Order"), the event stream and the seen set,
-        atomically."""
+        atomically. `stream=False`: not to the stream (`r2ec user import --no-stream`, a
+        backfill of history that retraining's seed dataset holds already); the route always
+        streams."""
 
     async def get_seen(self, user_id: str) -> frozenset[str]:
         """Every item the user has an event for (not only the history window)."""
@@ -302,6 +304,11 @@ class HistoryStore(Protocol):
         """Return if the store is reachable; raise StoreUnavailable otherwise."""
 
     async def close(self) -> None: ...
+
+
+def _appended(out: Sequence[int | str], ids: Sequence[str]) -> Appended:
+    """APPEND_SCRIPT's reply (1/0 per event, then the history's length) as an Appended."""
+    return Appended(int(out[-1]), tuple(ids), tuple(bool(x) for x in out[:-1]))
 
 
 def _check_events(user_id: str, events: Sequence[Event]) -> list[str]:
@@ -392,7 +399,7 @@ class MemoryStore:
         self._forget_if_expired(user_id)
         return _time_order(list(self._histories.get(user_id, ())))
 
-    async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
+    async def append_events(self, user_id: str, events: Sequence[Event], *, stream: bool = True) -> Appended:
         ids = _check_events(user_id, events)
         self._forget_if_expired(user_id)
         self._last_append[user_id] = self._clock()
@@ -410,8 +417,11 @@ class MemoryStore:
             stored = Event(e.item_id, e.rating, e.timestamp, event_id)
             history.insert(_place(history, e.timestamp), stored)
             seen.add(e.item_id)
-            self._added += 1
-            self._events.append(StreamEntry(f"{self._added}-0", user_id, stored, int(time.time()), event_id))
+            if stream:
+                self._added += 1
+                self._events.append(
+                    StreamEntry(f"{self._added}-0", user_id, stored, int(time.time()), event_id)
+                )
         del history[: -self.window]
         return Appended(len(history), tuple(ids), tuple(new))
 
@@ -546,21 +556,45 @@ class RedisStore:
             raw = await self._redis.lrange(HISTORY_KEY.format(user_id=user_id), 0, -1)
         return _time_order([Event.from_json(r) for r in raw])
 
-    async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
+    async def append_events(self, user_id: str, events: Sequence[Event], *, stream: bool = True) -> Appended:
+        keys, args, ids = self._append_call(user_id, events, stream)
+        with self._failures("append_events"):
+            # one Lua script: the dedup check and every write happen atomically, or not at all
+            out = await self._append(keys=keys, args=args)
+        return _appended(out, ids)
+
+    async def append_many(
+        self, batches: Sequence[tuple[str, Sequence[Event]]], *, stream: bool = True
+    ) -> list[Appended]:
+        """`append_events` for each (user_id, events) in order, in one round trip: the same
+        script, each call atomic on its own, sent as one pipeline (not a transaction: a failure
+        part way leaves the calls before it done, and the same batches again store nothing
+        twice). For `r2ec user import`, a backfill, where one call per round trip leaves Redis
+        idle while the client waits."""
+        calls = [self._append_call(user_id, events, stream) for user_id, events in batches]
+        with self._failures("append_events"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for keys, args, _ in calls:
+                    await self._append(keys=keys, args=args, client=pipe)
+                replies = await pipe.execute()
+        return [_appended(out, ids) for out, (_, _, ids) in zip(replies, calls, strict=True)]
+
+    def _append_call(
+        self, user_id: str, events: Sequence[Event], stream: bool
+    ) -> tuple[list[str], list[str | int], list[str]]:
+        """APPEND_SCRIPT's keys and arguments for an append, and the events' ids."""
         ids = _check_events(user_id, events)
-        keys = [HISTORY_KEY, EVENTS_STREAM, SEEN_KEY, EVENT_IDS_KEY]
+        keys = [k.format(user_id=user_id) for k in (HISTORY_KEY, EVENTS_STREAM, SEEN_KEY, EVENT_IDS_KEY)]
         now = int(time.time())
+        maxlen = self.stream_maxlen if stream else 0  # 0: no stream entry (the script's ARGV[3])
         args: list[str | int] = [
-            *(self.window, self.stream_maxlen, self.dedup_ttl_s, now, len(events), self.user_ttl_s)
+            *(user_id, self.window, maxlen, self.dedup_ttl_s, now, len(events), self.user_ttl_s)
         ]
         for e, event_id in zip(events, ids, strict=True):
             f = e.stream_fields(user_id, event_id)
             stored = Event(e.item_id, e.rating, e.timestamp, event_id)
             args += [event_id, e.item_id, f["rating"], f["timestamp"], stored.to_json()]
-        with self._failures("append_events"):
-            # one Lua script: the dedup check and every write happen atomically, or not at all
-            out = await self._append(keys=[k.format(user_id=user_id) for k in keys], args=[user_id, *args])
-        return Appended(int(out[-1]), tuple(ids), tuple(bool(x) for x in out[:-1]))
+        return keys, args, ids
 
     async def get_seen(self, user_id: str) -> frozenset[str]:
         with self._failures("get_seen"):
@@ -741,9 +775,9 @@ def _stream_entries(rows: list[tuple[str, dict[str, str]]]) -> list[StreamEntry]
     return out
 
 
-# KEYS: history, stream, seen set, event-id zset. ARGV: user_id, window, stream maxlen, dedup ttl
-# (s), now (s), n, user ttl (s, 0: none), then per event: event_id, item_id, rating, timestamp,
-# history JSON.
+# KEYS: history, stream, seen set, event-id zset. ARGV: user_id, window, stream maxlen (0: no
+# stream entry, `stream=False`), dedup ttl (s), now (s), n, user ttl (s, 0: none), then per
+# event: event_id, item_id, rating, timestamp, history JSON.
 # Returns one 1 (stored) or 0 (duplicate) per event, then the history's length.
 APPEND_SCRIPT = """
 -- the history in time order (`_place`): read once; each new event goes into that table after
@@ -816,8 +850,10 @@ for i = 0, n - 1 do
       table.insert(times, at + 1, ts)
       if at < untouched then untouched = at end
     end
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'user_id', user, 'item_id', item,
-               'rating', ARGV[b + 2], 'timestamp', ARGV[b + 3], 'event_id', id)
+    if maxlen ~= '0' then  -- '0': a backfill of what retraining's seed dataset holds already
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'user_id', user, 'item_id', item,
+                 'rating', ARGV[b + 2], 'timestamp', ARGV[b + 3], 'event_id', id)
+    end
     redis.call('SADD', KEYS[3], item)
     out[#out + 1] = 1
   else
