@@ -171,6 +171,15 @@ def event_key(user_id: str, event: Event) -> str:
     return hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
+def stamped(user_id: str, event: Event, now: int) -> Event:
+    """The event to store, as a client sent it (`POST /users/{id}/events`, `r2ec user import`):
+    its id, the client's else `event_key` of the event as sent (so a retry without a timestamp
+    gets the same id), and its time, the client's else `now`."""
+    sent = Event(event.item_id, event.rating, event.timestamp)
+    event_id = event.event_id or event_key(user_id, sent)
+    return Event(event.item_id, event.rating, now if event.timestamp is None else event.timestamp, event_id)
+
+
 @dataclass(frozen=True)
 class Appended:
     """What one append did: the history's length after it, and per event sent (in order) its
