@@ -132,7 +132,7 @@ def import_cmd(
     from pydantic import ValidationError
     from tqdm.auto import tqdm
 
-    from model.checkpoint import CheckpointError
+    from model.checkpoint_meta import CheckpointError
     from service.backfill import BackfillError, catalog_items, read_interactions, run_import
     from service.config import Settings
     from service.store import RedisStore, StoreUnavailable, _redact

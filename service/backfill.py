@@ -302,7 +302,7 @@ def catalog_items(checkpoint: Path | str) -> frozenset[str]:
     root its CURRENT names): the checkpoint's items with the item edits saved for it (added,
     removed), as the service's catalog opens them (service/catalog.py). CheckpointError where it
     is no readable checkpoint."""
-    from model.checkpoint import ITEMS_FILE, reading, resolve_checkpoint, saved_item_edits
+    from model.checkpoint_meta import ITEMS_FILE, reading, resolve_checkpoint, saved_item_edits
 
     path = resolve_checkpoint(checkpoint)
     with reading(path / ITEMS_FILE, path):
