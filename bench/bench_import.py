@@ -98,8 +98,8 @@ def main() -> None:
     ap.add_argument("--redis-port", type=int, default=0)
     ap.add_argument("--serve-port", type=int, default=0)
     a = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-import-"))
-    csv = work / "ml100k.csv"
+    work = tempfile.TemporaryDirectory(prefix="bench-import-")  # removed on the way out
+    csv = Path(work.name) / "ml100k.csv"
     frame = export_csv(csv)
     port = a.serve_port or free_port()
     with running_redis(a.redis_port) as url:
