@@ -6,6 +6,9 @@ import logging
 import re
 from pathlib import Path
 
+import pydantic
+import pytest
+
 from service.app import create_app
 from service.config import RETIRED, Settings, unknown_env
 
@@ -59,3 +62,15 @@ def test_every_variable_the_repo_tells_users_to_set_is_read():
     assert len(named) > 10
     named -= RETIRED.keys()  # docs/operations.md, "Upgrading", says what replaced them
     assert [line for name in sorted(named) for line in unknown_env({name: ""})] == []
+
+
+def test_the_exposure_log_is_off_by_default_and_needs_redis_and_a_bound():
+    """R2EC_EXPOSURE_LOG=redis writes r2ec:served (service/exposure.py): without a Redis, or with
+    neither a length nor an age cap, the service refuses to start rather than log nothing or
+    fill Redis."""
+    assert Settings().exposure_log == "off"
+    with pytest.raises(pydantic.ValidationError, match="needs R2EC_REDIS_URL"):
+        Settings(exposure_log="redis")
+    with pytest.raises(pydantic.ValidationError, match="grow without bound"):
+        Settings(exposure_log="redis", redis_url="redis://x", exposure_maxlen=0)
+    assert Settings(exposure_log="redis", redis_url="redis://x", exposure_maxlen=0, exposure_retention_s=60)
