@@ -7,12 +7,14 @@ the model version, rank and score that produced it (docs/operations.md, "Attribu
 
 The write must never cost the answer: `record` only builds the entry and puts it on a bounded
 in-process queue, after the reply is decided; one writer task drains the queue into Redis, up
-to WRITE_BATCH entries a round trip (one script, SERVED_SCRIPT). Nothing here raises into a
-request. A write that fails (Redis down or full) is logged, at most every 10 s, and counted:
-r2ec_exposures_total{outcome="failed"} (and r2ec_store_errors_total{op="add_served"}); those
-entries are lost, not retried. A full queue (Redis slower than the traffic) drops new entries,
-counted as outcome="dropped". An entry of a user erased after it was answered and before it
-reached Redis is not written (outcome="erased"). On shutdown the queue gets FLUSH_S to drain.
+to WRITE_BATCH entries a round trip (one script, SERVED_SCRIPT), waiting LINGER_S after an
+entry for more, so an entry reaches Redis within ~50 ms and many requests share a round trip.
+Nothing here raises into a request. A write that fails (Redis down or full) is logged, at most
+every 10 s, and counted: r2ec_exposures_total{outcome="failed"} (and
+r2ec_store_errors_total{op="add_served"}); those entries are lost, not retried. A full queue
+(Redis slower than the traffic) drops new entries, counted as outcome="dropped". An entry of a
+user erased after it was answered and before it reached Redis is not written
+(outcome="erased"). On shutdown the queue gets FLUSH_S to drain.
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ from service.types import Query, Result
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 10_000  # entries waiting for Redis at most (~1 KB each in memory); then dropped
-WRITE_BATCH = 200  # entries per round trip
+# entries per round trip at most: Redis runs such a script in ~0.35 ms, and building its
+# arguments holds the event loop ~1-3 ms in one piece on a busy 2-core host (200 entries: 4-12 ms,
+# which a request arriving then waits out; BENCHMARKS.md §4)
+WRITE_BATCH = 50
+# after an entry comes, the writer waits this long for more before it writes: one round trip for
+# the entries of many requests, where a round trip each cost ~0.3 ms of CPU a request (the
+# client's side of a Redis call runs on the event loop) against ~0.1 ms (BENCHMARKS.md §4)
+LINGER_S = 0.05
 FLUSH_S = 2.0  # how long shutdown waits for the queue to drain
 
 
@@ -131,6 +140,8 @@ class ExposureLog:
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            if self._queue.qsize() < WRITE_BATCH - 1:
+                await asyncio.sleep(LINGER_S)  # let more come: one round trip for them all
             while len(batch) < WRITE_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:

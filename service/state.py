@@ -370,6 +370,11 @@ class ServiceState:
                 "this replica's only; send it to every replica."
             )
         out.append("Backups of Redis, of the versions root and of the seed dataset, until they expire.")
+        if s.exposure_log == "redis":
+            out.append(
+                "Files written by `r2ec exposures export` before this erasure hold the exposure-log "
+                "entries it removed (what was recommended to this user): export again and replace them."
+            )
         if redis and (older := self._older_release_cache()) is not None:
             out.append(older)
         out.append(

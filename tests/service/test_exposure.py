@@ -110,6 +110,58 @@ async def test_a_stream_writes_one_entry_once_its_items_are_sent(ckpt, redis_url
         assert len(served(redis_url)) == 1
 
 
+async def test_a_stream_its_client_cut_before_the_items_records_nothing(ckpt, redis_url):
+    """The model is busy with request A; stream B is accepted and queued behind it, then its
+    client leaves: B's request is dropped, no items were shown, no entry is written (A, answered
+    through the Python API, is no HTTP answer either). Raw ASGI: httpx's in-process transport
+    cannot disconnect (as tests/service/test_stream.py)."""
+    import asyncio
+    import json
+
+    from service.store import Event
+    from service.types import Query
+    from tests.service.conftest import HeldModel
+
+    app = logged_app(ckpt, redis_url)
+    async with serve(app) as client:
+        state = app.state.r2ec
+        held = HeldModel(state)
+        a = asyncio.create_task(state.recommend(Query(tuple(Event(h["item_id"]) for h in H1))))
+        await held.wait_entered()
+        leave, started = asyncio.Event(), asyncio.Event()
+        body = json.dumps({"user_id": "u1", "history": H2}).encode()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await leave.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                started.set()
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": STREAM, "raw_path": STREAM.encode(),
+            "root_path": "", "query_string": b"", "server": ("r2ec.test", 80), "client": ("127.0.0.1", 1),
+            "headers": [(b"host", b"r2ec.test"), (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode())],
+        }  # fmt: skip
+        b = asyncio.create_task(app(scope, receive, send))
+        await asyncio.wait_for(started.wait(), 30)  # accepted, queued behind A
+        leave.set()
+        await asyncio.wait_for(b, 30)
+        held.release()
+        await a
+        # a whole stream after it is recorded, as ever
+        r = await client.post(STREAM, json={"history": H3, "reasoning": False})
+        assert [n for n, _ in parse_sse(r.text)] == ["items", "done"]
+        await state.exposures.flush()
+    assert [(e.user_id, e.route) for e in served(redis_url)] == [("", "/recommend/stream")]
+
+
 async def test_off_by_default_nothing_is_written(ckpt, redis_url):
     app = app_for(ckpt, redis_url=redis_url)
     async with serve(app) as client:
@@ -191,6 +243,7 @@ async def test_an_erasure_removes_the_users_entries_and_counts_them(ckpt, redis_
         r = await client.delete("/users/u1", headers=ADMIN)
         assert r.status_code == 200, r.text
         assert r.json()["served_entries"] == 3 and r.json()["stream_entries"] == 3
+        assert any("r2ec exposures export" in line for line in r.json()["remains"])
         assert [e.user_id for e in served(redis_url)] == ["u2"]
         assert (await client.delete("/users/u1", headers=ADMIN)).json()["served_entries"] == 0
 
