@@ -64,6 +64,20 @@ def test_every_variable_the_repo_tells_users_to_set_is_read():
     assert [line for name in sorted(named) for line in unknown_env({name: ""})] == []
 
 
+def test_the_variant_is_a_short_plain_label_or_empty(monkeypatch):
+    """R2EC_VARIANT names an experiment's arm in a header and a metric label (journey 40, F2)."""
+    import pytest
+    from pydantic import ValidationError
+
+    assert Settings().variant == ""
+    monkeypatch.setenv("R2EC_VARIANT", "candidate-2026.12_b")
+    assert Settings().variant == "candidate-2026.12_b"
+    for bad in ("-x", "a b", "arm/1", "x" * 33, "é", "a\nb"):
+        monkeypatch.setenv("R2EC_VARIANT", bad)
+        with pytest.raises(ValidationError, match="R2EC_VARIANT must be"):
+            Settings()
+
+
 def test_the_exposure_log_is_off_by_default_and_needs_redis_and_a_bound():
     """R2EC_EXPOSURE_LOG=redis writes r2ec:served (service/exposure.py): without a Redis, or with
     neither a length nor an age cap, the service refuses to start rather than log nothing or
