@@ -66,6 +66,8 @@ def _schema():  # noqa: ANN202 (pyarrow, imported lazily)
             ("user_id", pa.string()),  # null for an inline history sent without one
             ("served_at", pa.timestamp("ms", tz="UTC")),
             ("model_version", pa.string()),
+            ("fingerprint", pa.string()),  # the model beyond its version (empty: written before it)
+            ("variant", pa.string()),  # the replica's R2EC_VARIANT, null for none
             ("route", pa.string()),
             ("k", pa.int32()),
             ("reasoning", pa.bool_()),
@@ -90,6 +92,8 @@ def _columns(page: list[Any]) -> dict[str, list]:
             cols["user_id"].append(s.user_id or None)
             cols["served_at"].append(s.at_ms)
             cols["model_version"].append(s.model_version)
+            cols["fingerprint"].append(s.fingerprint or None)
+            cols["variant"].append(s.variant or None)
             cols["route"].append(s.route)
             cols["k"].append(s.k)
             cols["reasoning"].append(s.reasoning)

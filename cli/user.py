@@ -99,6 +99,8 @@ def _served(s) -> dict:  # noqa: ANN001 (service.store.Served, imported lazily)
         "request_id": s.request_id,
         "at_ms": s.at_ms,
         "model_version": s.model_version,
+        "fingerprint": s.fingerprint or None,
+        "variant": s.variant or None,
         "route": s.route,
         "k": s.k,
         "reasoning": s.reasoning,

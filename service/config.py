@@ -166,18 +166,20 @@ class Settings(BaseSettings):
     exposure_log: Literal["off", "redis"] = Field(
         "off",
         description="The exposure log: redis = one entry in the Redis stream r2ec:served per "
-        "answered /recommend and /recommend/stream (request id, user, time, model version, items "
-        "with scores and ranks, k, reasoning on/off and the reasoning's sha256, cache, history "
-        "source), what clicks posted with a request_id are joined with (docs/operations.md, "
-        '"Attributing outcomes"); needs R2EC_REDIS_URL. Written after the answer, off the '
-        "request's path: a failed write is logged and counted (r2ec_exposures_total), never an "
-        "error for the client. The entries name users: erased with them, exported with them.",
+        "answered /recommend and /recommend/stream (request id, user, time, model version, "
+        "fingerprint and variant, items with scores and ranks, k, reasoning on/off and the "
+        "reasoning's sha256, cache, history source), what clicks posted with a request_id are "
+        'joined with (docs/operations.md, "Attributing outcomes"); needs R2EC_REDIS_URL. Written '
+        "after the answer, off the request's path: a failed write is logged and counted "
+        "(r2ec_exposures_total), never an error for the client. The entries name users: erased "
+        "with them, exported with them.",
     )
     exposure_maxlen: int = Field(
         200_000,
         ge=0,
-        description="Approximate cap of r2ec:served in entries (~0.6 KB each at k=10: 200,000 is "
-        "~120 MB of Redis); 0 = none, then R2EC_EXPOSURE_RETENTION_S bounds it.",
+        description="Approximate cap of r2ec:served in entries (~0.55 KB each at k=10 with "
+        "ml-100k's ids: 200,000 is ~110 MB of Redis); 0 = none, then R2EC_EXPOSURE_RETENTION_S "
+        "bounds it.",
     )
     exposure_retention_s: int = Field(
         0,

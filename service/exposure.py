@@ -45,9 +45,16 @@ FLUSH_S = 2.0  # how long shutdown waits for the queue to drain
 
 
 def served(
-    request_id: str, user_id: str | None, route: str, query: Query, result: Result, history_source: str
+    request_id: str,
+    user_id: str | None,
+    route: str,
+    query: Query,
+    result: Result,
+    history_source: str,
+    variant: str = "",
 ) -> Served:
-    """The exposure-log entry of one answer (service/store.py `Served`)."""
+    """The exposure-log entry of one answer (service/store.py `Served`); `variant` is the
+    replica's R2EC_VARIANT."""
     text = result.reasoning
     return Served(
         request_id=request_id,
@@ -63,6 +70,8 @@ def served(
         items=tuple(i.item_id for i in result.items),
         scores=tuple(float(i.score) for i in result.items),
         ranks=tuple(int(i.rank) for i in result.items),
+        fingerprint=result.fingerprint,
+        variant=variant,
     )
 
 
@@ -76,9 +85,11 @@ class ExposureLog:
         maxlen: int,
         retention_s: int,
         queue_size: int = QUEUE_SIZE,
+        variant: str = "",
     ) -> None:
         self.store = store
         self.metrics = metrics
+        self.variant = variant  # R2EC_VARIANT, in every entry
         self.maxlen = maxlen
         self.max_age_ms = retention_s * 1000
         self._queue: asyncio.Queue[Served] = asyncio.Queue(queue_size)
@@ -101,7 +112,7 @@ class ExposureLog:
     ) -> None:
         """Queue the answer's entry; never raises, never waits."""
         try:
-            entry = served(request_id or "", user_id, route, query, result, history_source)
+            entry = served(request_id or "", user_id, route, query, result, history_source, self.variant)
             self._queue.put_nowait(entry)
         except asyncio.QueueFull:
             self.metrics.exposures.labels("dropped").inc()

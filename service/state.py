@@ -248,7 +248,11 @@ class ServiceState:
         if settings.exposure_log == "redis":
             if isinstance(store, RedisStore):
                 self.exposures = ExposureLog(
-                    store, metrics, settings.exposure_maxlen, settings.exposure_retention_s
+                    store,
+                    metrics,
+                    settings.exposure_maxlen,
+                    settings.exposure_retention_s,
+                    variant=settings.variant,
                 )
                 for outcome in EXPOSURE_OUTCOMES:  # at 0 from the start, so an alert can rate() them
                     metrics.exposures.labels(outcome)

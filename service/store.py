@@ -266,6 +266,11 @@ class Served:
     items: tuple[str, ...]  # the item ids, best first
     scores: tuple[float, ...]
     ranks: tuple[int, ...]
+    # the answering model beyond its version (Recommender.fingerprint: weights, prompt config,
+    # serving settings that change answers), and the replica's arm (R2EC_VARIANT; "" for none):
+    # two arms under one version string are told apart by these
+    fingerprint: str = ""
+    variant: str = ""
     id: str = ""  # the stream entry's id, once read back
 
     def fields(self) -> dict[str, str]:
@@ -285,6 +290,8 @@ class Served:
             "items": json.dumps(list(self.items), separators=(",", ":")),
             "scores": json.dumps([float(x) for x in self.scores], separators=(",", ":")),
             "ranks": json.dumps([int(x) for x in self.ranks], separators=(",", ":")),
+            "fingerprint": self.fingerprint,
+            "variant": self.variant,
         }
 
     @classmethod
@@ -305,6 +312,8 @@ class Served:
             items=tuple(str(i) for i in json.loads(get("items") or "[]")),
             scores=tuple(float(x) for x in json.loads(get("scores") or "[]")),
             ranks=tuple(int(x) for x in json.loads(get("ranks") or "[]")),
+            fingerprint=get("fingerprint", ""),
+            variant=get("variant", ""),
             id=entry_id,
         )
 

@@ -39,6 +39,8 @@ def _entry(request_id: str, user_id: str, items: tuple[str, ...], version: str =
         items=items,
         scores=tuple(10.0 - r for r in range(n)),
         ranks=tuple(range(1, n + 1)),
+        fingerprint="0123456789abcdef",
+        variant="candidate" if version == "v2" else "",
     )
 
 
@@ -85,6 +87,9 @@ def test_export_writes_one_row_per_served_item_of_what_the_stream_holds(redis_ur
     assert abs(df.served_at.iloc[0].timestamp() - time.time()) < 60
     r2 = df[df.request_id == "r2"].iloc[0]
     assert pd.isna(r2.user_id) and r2.history_source == "request" and r2.model_version == "v2"
+    assert (r2.variant, r2.fingerprint) == ("candidate", "0123456789abcdef") and set(r1.variant.isna()) == {
+        True
+    }
     r3 = df[df.request_id == "r3"].iloc[0]  # kept as one row, so requests count
     assert pd.isna(r3.item_id) and pd.isna(r3["rank"]) and pd.isna(r3.reasoning_sha256)
     assert df.request_id.nunique() == 5

@@ -190,6 +190,7 @@ def test_erase_and_export_cover_the_exposure_log(redis_url):
         "miss",
         2,
     )
+    assert (first["fingerprint"], first["variant"]) == (None, None)  # written without them
     assert first["at_ms"] > 0 and first["entry_id"] and first["reasoning_sha256"] == "ab" * 32
     assert doc["stream_events"][0]["request_id"] == "r1"  # the click's attribution
 

@@ -47,6 +47,8 @@ async def test_an_answered_recommend_writes_one_entry_with_what_was_served(ckpt,
         assert entry.request_id == "ab-test-1" and entry.user_id == "u1"
         assert before <= entry.at_ms <= int(time.time() * 1000)
         assert entry.model_version == body["model_version"] == state.engine.version
+        assert entry.fingerprint == body["model"]["fingerprint"] == state.engine.fingerprint
+        assert entry.variant == ""  # R2EC_VARIANT unset
         assert entry.route == "/recommend" and entry.k == 3
         assert list(entry.items) == [i["item_id"] for i in body["items"]]
         assert list(entry.scores) == pytest.approx([i["score"] for i in body["items"]])
@@ -78,7 +80,7 @@ async def test_an_answered_recommend_writes_one_entry_with_what_was_served(ckpt,
 
 
 async def test_a_stream_writes_one_entry_once_its_items_are_sent(ckpt, redis_url):
-    app = logged_app(ckpt, redis_url)
+    app = logged_app(ckpt, redis_url, variant="candidate")  # an experiment's arm
     async with serve(app) as client:
         r = await client.post(STREAM, json={"history": H1, "k": 4}, headers={"X-Request-ID": "s-1"})
         assert r.status_code == 200
@@ -92,6 +94,7 @@ async def test_a_stream_writes_one_entry_once_its_items_are_sent(ckpt, redis_url
         assert list(entry.items) == [i["item_id"] for i in items["items"]]
         assert entry.model_version == items["model_version"] and entry.cache == done["cache"]
         assert entry.reasoning_sha256 == sha256(text)
+        assert (entry.variant, entry.fingerprint) == ("candidate", items["model"]["fingerprint"])
 
         # a stream that fails after it began (an `error` event) served nothing
         engine = app.state.r2ec.engine

@@ -732,14 +732,13 @@ def _served(request_id: str, user_id: str, at_ms: int | None = None) -> Served:
 async def test_redis_exposure_log_round_trips_and_is_erased_and_exported_per_user(redis_url):
     s = RedisStore(redis_url, window=WINDOW)
     try:
-        written = await s.add_served(
-            [_served("r1", "u1"), _served("r2", ""), _served("r3", "u2")], maxlen=100
-        )
+        first = replace(_served("r1", "u1"), fingerprint="0123456789abcdef", variant="candidate")
+        written = await s.add_served([first, _served("r2", ""), _served("r3", "u2")], maxlen=100)
         assert written == 3
         pages = list(read_served(redis_url, page_size=2))
         assert [len(p) for p in pages] == [2, 1]
-        first = pages[0][0]
-        assert replace(first, id="") == _served("r1", "u1", first.at_ms) and first.id
+        back = pages[0][0]
+        assert replace(back, id="") == first and back.id and pages[0][1].variant == ""
         assert [e.request_id for e in (await s.export_user("u1")).served] == ["r1"]
 
         erased = await s.erase_user("u1")
