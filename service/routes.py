@@ -492,6 +492,7 @@ async def readyz(state: MaybeStateDep) -> JSONResponse:
 )
 async def metrics(state: StateDep) -> Response:
     """Prometheus exposition."""
+    await state.read_stream_info()  # one short script in Redis (XINFO STREAM)
     # off the event loop: a scrape reads retraining's state file on the shared volume
     body = await asyncio.to_thread(state.metrics.render)
     return Response(body, media_type=state.metrics.content_type)

@@ -236,6 +236,7 @@ class ServiceState:
         metrics.track_store(lambda: self.store.up)
         if isinstance(store, RedisStore):
             store.on_op = metrics.store_op
+            metrics.stream_maxlen = settings.stream_maxlen
         metrics.queue_capacity.set(settings.max_queue)
         metrics.batch_capacity.set(settings.max_batch)
         metrics.batch_active.set_function(lambda: float(self.batcher.active))
@@ -334,6 +335,18 @@ class ServiceState:
                 raise
             self.store_failed(exc)
             return frozenset()
+
+    async def read_stream_info(self) -> None:
+        """/metrics: the event stream's counts, read at each scrape (r2ec_stream_entries,
+        r2ec_retrain_unread_events); none where the store is not Redis (no retraining reads the
+        in-process one) or did not answer."""
+        info = None
+        if isinstance(self.store, RedisStore):
+            try:
+                info = await self.store.stream_info()
+            except StoreUnavailable as exc:
+                self.store_failed(exc)
+        self.metrics.stream_info = info
 
     def store_failed(self, exc: StoreUnavailable) -> None:
         """Count a failed store operation; a WARNING at most every 10 s while the store is down,

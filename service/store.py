@@ -21,6 +21,9 @@ One interface, two stores, the same tests for both (tests/service/test_store.py)
                               after `cache_ttl_s`: what an erasure deletes of the cache
     r2ec:erasures             a sorted set, the erasure ledger: user_id -> cutoff of the user's
                               latest erasure, in the stream ids' milliseconds (see "Erasure")
+    r2ec:events-erased        a counter: the r2ec:events entries erasures have deleted (XDEL), so
+                              retraining tells them from entries the stream's cap trimmed before
+                              it read them (`read_stream_checked`); no user's data
     r2ec:schema               JSON: the format of these keys (STORE_FORMAT), the r2ec version that
                               wrote the marker and when, and whether the Redis held data then (a
                               release before 0.2.0's, which wrote no marker); written at the
@@ -63,6 +66,10 @@ cannot be found, and expire after `cache_ttl_s`. The in-process store has no led
 retraining job reads its stream.
 - `read_stream(url, cursor)`: retraining's synchronous view of the Redis stream, every entry
   after an opaque cursor. Entry ids and the cursor's syntax stay in this module.
+  `read_stream_checked(url, cursor, mark)` reads the same and counts the entries the stream
+  lost after the cursor before they were read (`MAXLEN ~` trims the oldest entries, read or
+  not): from XINFO STREAM's `entries-added` (Redis 7), against the count the last read saw
+  (its `mark`), less the entries read and those erasures deleted (r2ec:events-erased).
 - `read_erasures(url)`: retraining's view of the ledger, an `ErasureLedger`.
 - `read_served(url, since, until)`: the exposure log in pages, for `r2ec exposures export`.
 
@@ -94,6 +101,7 @@ log = logging.getLogger(__name__)
 HISTORY_KEY = "r2ec:history:{user_id}"
 EVENTS_STREAM = "r2ec:events"
 SERVED_STREAM = "r2ec:served"
+STREAM_ERASED_KEY = "r2ec:events-erased"
 SEEN_KEY = "r2ec:seen:{user_id}"
 EVENT_IDS_KEY = "r2ec:event-ids:{user_id}"
 CACHE_KEY = "r2ec:reasoning:{key}"
@@ -623,6 +631,7 @@ class RedisStore:
         self._erase = self._redis.register_script(ERASE_SCRIPT)
         self._user_page = self._redis.register_script(USER_PAGE_SCRIPT)
         self._add_served = self._redis.register_script(SERVED_SCRIPT)
+        self._stream_info = self._redis.register_script(STREAM_INFO_SCRIPT)
         self.erase_page = ERASE_PAGE
         self.format: StoreFormat | None = None  # SCHEMA_KEY, once `check_format` read it
         # told each operation's name and duration in seconds, failed ones too (the service's
@@ -761,13 +770,22 @@ class RedisStore:
         removed, after = 0, STREAM_START
         while True:
             last, read, n, mine = await self._user_page(
-                keys=[stream], args=[user_id, after, until, self.erase_page, int(delete)]
+                # the event stream's deletions are counted (retraining tells them from losses)
+                keys=[stream, STREAM_ERASED_KEY] if stream == EVENTS_STREAM else [stream],
+                args=[user_id, after, until, self.erase_page, int(delete)],
             )
             removed += int(n)
             rows += [(entry, dict(zip(fields[::2], fields[1::2], strict=True))) for entry, fields in mine]
             if int(read) < self.erase_page:
                 return rows, removed
             after = last
+
+    async def stream_info(self) -> StreamInfo:
+        """The event stream's length and counts (STREAM_INFO_SCRIPT): /metrics' r2ec_stream_entries
+        and retraining's lag, read at each scrape."""
+        with self._failures("stream_info"):
+            reply = await self._stream_info(keys=[EVENTS_STREAM, STREAM_ERASED_KEY])
+        return StreamInfo.from_reply(reply)
 
     async def check_format(self, version: str) -> StoreFormat:
         """Write SCHEMA_KEY where absent (a new Redis, or one a release before 0.2.0 used), and
@@ -837,6 +855,140 @@ def read_stream(
     finally:
         client.close()
     return entries, (entries[-1].id if entries else cursor)
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """The event stream as XINFO STREAM and the erasure counter tell it, at one moment
+    (STREAM_INFO_SCRIPT)."""
+
+    length: int  # entries it holds
+    entries_added: int | None  # entries ever added (Redis 7's count; None before 7.0)
+    last_id: str  # the last id it generated ("0-0": none yet)
+    first_id: str | None  # its oldest entry's id (None: empty)
+    erased: int  # entries erasures deleted (STREAM_ERASED_KEY)
+
+    @classmethod
+    def from_reply(cls, reply: Sequence) -> StreamInfo:
+        length, added, last, first, erased = reply
+        return cls(
+            int(length), None if int(added) < 0 else int(added), _str(last), _str(first) or None, int(erased)
+        )
+
+
+def _str(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class StreamRead:
+    """What `read_stream_checked` read: model/retrain.py's `StreamRead`.
+
+    `lost`: entries added after the cursor that the stream no longer held when read, less those
+    erasures deleted: what its cap (`MAXLEN ~`, or an operator's XTRIM) dropped unread. Exact
+    where `lost_exact`, else a lower bound (an erasure deleted entries meanwhile, and the stream
+    was trimmed past the cursor too; or no count to start from: the first read with an older
+    state, a Redis before 7.0, a stream that was lost and begun again). `mark`: the counts this
+    read saw, for the next read to start from (stored by the caller, handed back)."""
+
+    events: list[StreamEntry]
+    cursor: str | None
+    lost: int = 0
+    lost_exact: bool = True
+    mark: dict[str, int | str | None] | None = None
+    length: int = 0  # entries the stream held when read
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    """A stream id "<ms>-<seq>" as a tuple that orders as Redis orders ids."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def read_stream_checked(
+    redis_url: str,
+    cursor: str | None = None,
+    mark: Mapping[str, int | str | None] | None = None,
+    *,
+    page_size: int = 10_000,
+    timeout_s: float = 10.0,
+) -> StreamRead:
+    """`read_stream`, and how many entries after `cursor` were lost unread (`StreamRead`).
+
+    The stream's counts are read first, in one script (STREAM_INFO_SCRIPT), and the entries
+    after the cursor up to the last id they saw, so what is added meanwhile waits for the next
+    read. Entries added since the last read (`mark`: its `entries_added`; from the stream's
+    start where nothing was read yet) and not read now were deleted since: by an erasure,
+    counted in STREAM_ERASED_KEY (read again after the pages, so one that ran meanwhile counts
+    too), or by the cap. Where no erasure deleted any, the rest is exact; where one did, it
+    also deleted entries read before, so what is left is a lower bound, exact again where the
+    stream still starts at or before the cursor (a cap trims the oldest first: it took nothing
+    past the cursor)."""
+    client = redis.Redis.from_url(
+        redis_url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+    )
+    entries: list[StreamEntry] = []
+    after = cursor or STREAM_START
+    try:
+        with _failures(redis_url, "read_events"):
+            info = StreamInfo.from_reply(client.eval(STREAM_INFO_SCRIPT, 2, EVENTS_STREAM, STREAM_ERASED_KEY))
+            while rows := client.xrange(EVENTS_STREAM, min=f"({after}", max=info.last_id, count=page_size):
+                entries += _stream_entries(rows)
+                after = entries[-1].id
+            erased = int(client.get(STREAM_ERASED_KEY) or 0)
+    finally:
+        client.close()
+    if mark is not None and mark.get("cursor", cursor) != cursor:
+        # saved with another cursor: a run of an older release (a code rollback) moved the
+        # cursor on and kept this mark; counting from it would call what that run read lost
+        mark = None
+    lost, exact = _lost_unread(info, erased, cursor, mark, len(entries))
+    cursor = entries[-1].id if entries else cursor
+    new_mark = None
+    if info.entries_added is not None:
+        new_mark = {"entries_added": info.entries_added, "erased": info.erased, "cursor": cursor}
+    return StreamRead(entries, cursor, lost, exact, new_mark, info.length)
+
+
+def _lost_unread(
+    info: StreamInfo, erased: int, cursor: str | None, mark: Mapping[str, int | str | None] | None, read: int
+) -> tuple[int, bool]:
+    """(entries lost after `cursor` before they were read, whether that is exact):
+    `read_stream_checked`. `erased`: the erasure counter after the entries were read."""
+    at = _id_key(cursor or STREAM_START)
+    # the cap trims the oldest entries: while one at or before the cursor is left, it has taken
+    # nothing after it
+    untrimmed = info.first_id is not None and _id_key(info.first_id) <= at
+    if info.entries_added is None:  # a Redis before 7.0 counts nothing
+        return 0, untrimmed
+    if mark is None and cursor is not None:  # a cursor an older release saved: nothing to count from
+        return 0, untrimmed
+    added0, erased0 = (0, 0) if mark is None else (int(mark["entries_added"]), int(mark["erased"]))
+    # fewer than the last read saw: the stream (or the counter) was lost and begun again; what
+    # it held after the cursor then is unknown, only what came since is counted
+    begun_again = info.entries_added < added0 or erased < erased0
+    if begun_again:
+        added0 = 0 if info.entries_added < added0 else added0
+        erased0 = 0 if erased < erased0 else erased0
+    missing = info.entries_added - added0 - read  # added since the last read, not read now
+    deleted = erased - erased0
+    lost = max(0, missing - deleted)
+    return lost, not begun_again and (deleted == 0 or (lost == 0 and untrimmed))
+
+
+# KEYS: the stream, the erasure counter (STREAM_ERASED_KEY). Returns the stream's length, entries
+# added (-1: a Redis before 7.0, which does not count them), the last generated id, the first
+# entry's id ('' where empty), the counter. (max-deleted-entry-id is no help: trims leave it.)
+STREAM_INFO_SCRIPT = """
+local erased = tonumber(redis.call('GET', KEYS[2]) or '0')
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '0-0', '', erased} end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local f = {}
+for i = 1, #info, 2 do f[info[i]] = info[i + 1] end
+local first = ''
+if f['first-entry'] then first = f['first-entry'][1] end
+return {f['length'], f['entries-added'] or -1, f['last-generated-id'], first, erased}
+"""
 
 
 def read_erasures(redis_url: str, *, timeout_s: float = 10.0) -> ErasureLedger:
@@ -1072,8 +1224,9 @@ return {history, seen, cached, now, cutoff}
 
 
 # One step of a scan of the stream for one user's entries (an erasure's, an export's). KEYS: the
-# stream. ARGV: user_id, the last id scanned (exclusive), the last id to scan ('+': the end; an
-# erasure's cutoff in ms, inclusive), the page size, 1 to XDEL the user's entries found. Returns
+# stream, and optionally a counter the deleted entries are added to (STREAM_ERASED_KEY). ARGV:
+# user_id, the last id scanned (exclusive), the last id to scan ('+': the end; an erasure's
+# cutoff in ms, inclusive), the page size, 1 to XDEL the user's entries found. Returns
 # the last id read (the cursor again where none was), how many were read (fewer than a page: the
 # scan is over), how many were deleted, and the user's entries ({id, fields}; none where they
 # were deleted). `user_id` is each entry's first field (APPEND_SCRIPT writes it first).
@@ -1097,6 +1250,7 @@ if ARGV[5] == '1' then
   for i = 1, #ids, 1000 do
     removed = removed + redis.call('XDEL', KEYS[1], unpack(ids, i, math.min(i + 999, #ids)))
   end
+  if removed > 0 and KEYS[2] then redis.call('INCRBY', KEYS[2], removed) end
   mine = {}
 end
 if #rows == 0 then return {ARGV[2], 0, removed, mine} end

@@ -11,7 +11,15 @@ import time
 import pytest
 import redis
 
-from service.store import EVENTS_STREAM, SERVED_STREAM, RedisStore, Served, read_served, read_stream
+from service.store import (
+    EVENTS_STREAM,
+    SERVED_STREAM,
+    RedisStore,
+    Served,
+    read_served,
+    read_stream,
+    read_stream_checked,
+)
 from tests.service.conftest import ADMIN, RedisServer, app_for, needs_redis, serve
 from tests.service.test_app import H1, H2, H3, metric
 from tests.service.test_stream import STREAM, parse_sse
@@ -301,6 +309,11 @@ async def test_events_carry_a_request_id_into_the_stream_and_retraining_ignores_
 
     entries, cursor = read_stream(redis_url)
     assert [e.event.request_id for e in entries] == ["rec-7", None]
-    logged, new, _ = consume_events(tmp_path, lambda after: read_stream(redis_url, after))
-    assert new == 2 and list(logged.columns) == list(EVENT_SCHEMA.names)
-    assert list(logged["item_id"]) == [clicked, "i2"] and list(logged["user_id"]) == ["u1", "u1"]
+    done = consume_events(tmp_path, lambda after: read_stream(redis_url, after))
+    assert done.new == 2 and list(done.events.columns) == list(EVENT_SCHEMA.names)
+    assert list(done.events["item_id"]) == [clicked, "i2"] and list(done.events["user_id"]) == ["u1", "u1"]
+    # and through the reader `r2ec retrain` uses now, which also checks the stream for losses
+    done = consume_events(
+        tmp_path / "checked", lambda after, mark=None: read_stream_checked(redis_url, after, mark)
+    )
+    assert done.new == 2 and list(done.events["item_id"]) == [clicked, "i2"]

@@ -23,6 +23,7 @@ from service.store import (
     read_erasures,
     read_served,
     read_stream,
+    read_stream_checked,
 )
 from tests.service.conftest import RedisServer, free_port, needs_redis
 
@@ -501,6 +502,127 @@ async def test_read_stream_pages_through_everything_after_a_cursor(redis_url):
         await s.append_events("u2", [Event("y", 2.0, 7)])
         (new,), cursor3 = read_stream(redis_url, cursor)
         assert (new.item_id, new.timestamp, cursor3) == ("y", 7, new.id)
+    finally:
+        await s.close()
+
+
+async def _post(s: RedisStore, users: int, each: int, start: int = 0) -> None:
+    """`each` events for each of `users` users, one user after the other (as a backfill posts)."""
+    for u in range(start, start + users):
+        await s.append_events(f"u{u}", [Event(f"i{n}", 4.0, 1000 + n) for n in range(each)])
+
+
+@pytest.mark.redis
+async def test_read_stream_checked_counts_what_the_cap_trimmed_before_it_was_read(redis_url):
+    """Journey 40, finding 2: a backfill of 5000 events into a stream capped at 1000 left 1041;
+    retraining read those and said nothing of the 3959 others (79 of 100 users gone)."""
+    s = RedisStore(redis_url, window=WINDOW, stream_maxlen=100)
+    try:
+        await _post(s, users=20, each=50)  # 1000 events: `MAXLEN ~ 100` keeps the newest ~100-200
+        first = read_stream_checked(redis_url, None)
+        assert 100 <= len(first.events) < 1000 and first.length == len(first.events)
+        assert (first.lost, first.lost_exact) == (1000 - len(first.events), True)
+        assert first.events[-1].user_id == "u19" and first.events[0].user_id != "u0"  # the first users went
+        assert first.cursor == first.events[-1].id and first.mark["entries_added"] == 1000
+        # read in time: nothing lost, from the mark on
+        await _post(s, users=1, each=30, start=20)
+        second = read_stream_checked(redis_url, first.cursor, first.mark)
+        assert (len(second.events), second.lost, second.lost_exact) == (30, 0, True)
+        # too late again: 500 posted, the newest few hundred left
+        await _post(s, users=10, each=50, start=21)
+        third = read_stream_checked(redis_url, second.cursor, second.mark)
+        assert third.lost == 500 - len(third.events) > 0 and third.lost_exact
+        # the same entries as the plain reader's
+        assert [e.id for e in third.events] == [e.id for e in read_stream(redis_url, second.cursor)[0]]
+        nothing = read_stream_checked(redis_url, third.cursor, third.mark)
+        assert (nothing.events, nothing.cursor, nothing.lost, nothing.lost_exact) == (
+            [],
+            third.cursor,
+            0,
+            True,
+        )
+    finally:
+        await s.close()
+
+
+@pytest.mark.redis
+async def test_entries_an_erasure_deleted_are_not_counted_as_lost(redis_url):
+    s = RedisStore(redis_url, window=WINDOW)
+    try:
+        await _post(s, users=2, each=5)
+        first = read_stream_checked(redis_url, None)
+        await _post(s, users=2, each=5, start=2)  # u2, u3
+        await s.append_events("u0", [Event("late", 3.0, 5000)])
+        assert (await s.erase_user("u2")).stream_entries == 5  # after the cursor, unread
+        assert (await s.erase_user("u0")).stream_entries == 6  # 5 read before, 1 not
+        second = read_stream_checked(redis_url, first.cursor, first.mark)
+        assert sorted({e.user_id for e in second.events}) == ["u3"]
+        # 11 added since, 5 read, 11 deleted by the erasures (5 of them read before): none
+        # lost, and that is exact, as the stream still starts before the cursor (nothing trimmed)
+        assert (second.lost, second.lost_exact) == (0, True)
+        assert second.mark["erased"] == 11
+    finally:
+        await s.close()
+
+
+@pytest.mark.redis
+async def test_with_an_erasure_and_a_trim_the_count_is_a_lower_bound(redis_url):
+    s = RedisStore(redis_url, window=WINDOW, stream_maxlen=100)
+    try:
+        await s.append_events("u0", [Event("a", 1.0, 1)])
+        first = read_stream_checked(redis_url, None)
+        await _post(s, users=10, each=50, start=1)  # 500: the first ~300 trimmed
+        erased = await s.erase_user("u10")  # the newest user's 50, unread, deleted
+        assert erased.stream_entries == 50
+        second = read_stream_checked(redis_url, first.cursor, first.mark)
+        # 500 added, 50 erased, the rest read or trimmed: all exact but for what the erasure
+        # may have deleted of what was read before (here none), so a lower bound
+        assert second.lost == 500 - 50 - len(second.events) > 0 and not second.lost_exact
+    finally:
+        await s.close()
+
+
+@pytest.mark.redis
+async def test_a_cursor_saved_without_a_mark_counts_from_this_read_on(redis_url):
+    """A state an older release wrote has a cursor and no counts: whether the cap trimmed past
+    the cursor is still told (the stream's first entry is past it), not how much."""
+    s = RedisStore(redis_url, window=WINDOW, stream_maxlen=100)
+    try:
+        await _post(s, users=1, each=10)
+        old, _ = read_stream(redis_url, None)
+        await _post(s, users=1, each=10, start=1)
+        kept = read_stream_checked(redis_url, old[-1].id, None)
+        assert (len(kept.events), kept.lost, kept.lost_exact, kept.mark["entries_added"]) == (10, 0, True, 20)
+        await _post(s, users=10, each=50, start=2)  # past the cursor: trimmed
+        cut = read_stream_checked(redis_url, kept.cursor, None)
+        assert (cut.lost, cut.lost_exact) == (0, False)
+        # the same with the mark: counted
+        again = read_stream_checked(redis_url, kept.cursor, kept.mark)
+        assert again.lost == 500 - len(again.events) and again.lost_exact
+        # a mark saved with another cursor (an older release's run moved the cursor on and
+        # left the mark): not counted from
+        await _post(s, users=1, each=10, start=12)
+        moved = read_stream_checked(redis_url, again.cursor, kept.mark)
+        assert (len(moved.events), moved.lost, moved.lost_exact) == (10, 0, True)
+        assert moved.mark == {"entries_added": 530, "erased": 0, "cursor": moved.cursor}
+    finally:
+        await s.close()
+
+
+@pytest.mark.redis
+async def test_a_stream_lost_and_begun_again_counts_what_it_can(redis_url):
+    import redis as redis_sync
+
+    s = RedisStore(redis_url, window=WINDOW)
+    try:
+        await _post(s, users=1, each=10)
+        first = read_stream_checked(redis_url, None)
+        client = redis_sync.Redis.from_url(redis_url)
+        client.flushall()  # a Redis that lost its data (no persistence, a failover)
+        client.close()
+        await _post(s, users=1, each=4, start=1)
+        second = read_stream_checked(redis_url, first.cursor, first.mark)
+        assert (len(second.events), second.lost, second.lost_exact) == (4, 0, False)
     finally:
         await s.close()
 
