@@ -64,6 +64,7 @@ STORE_OPS = (
     "add_served",  # the exposure log's writes (service/exposure.py)
 )
 RELOAD_OUTCOMES = ("ok", "failed")
+EVENT_RESULTS = ("new", "duplicate")  # r2ec_events_total's
 # The labels of the recommendation metrics: the version of the model that answered each request
 # (a reload mid-window credits each request to its own model) and R2EC_VARIANT, one value a
 # replica. Versions are bounded: the series of the MODEL_VERSIONS_KEPT versions to have served
@@ -154,6 +155,16 @@ class Metrics:
             ["result", *MODEL_LABELS],
             registry=r,
         )
+        self.events = Counter(
+            "r2ec_events_total",
+            "Events of POST /users/{id}/events that the store took, by result: new (stored in the "
+            "history, the stream and the seen set) or duplicate (an event_id the user already had: a "
+            "retry or a replay, not stored again). A refused request counts in neither.",
+            ["result"],
+            registry=r,
+        )
+        for result in EVENT_RESULTS:
+            self.events.labels(result)
         self.store_errors = Counter(
             "r2ec_store_errors_total",
             "Failed history-store operations by operation.",
@@ -304,6 +315,11 @@ class Metrics:
     def store_op(self, op: str, seconds: float) -> None:
         """A store operation took `seconds` (RedisStore's `on_op`)."""
         self.store_seconds.labels(op).observe(seconds)
+
+    def events_appended(self, new: int, duplicates: int) -> None:
+        """An append's reply: how many of its events were new, how many duplicates."""
+        self.events.labels("new").inc(new)
+        self.events.labels("duplicate").inc(duplicates)
 
     def serving(self, created_at: str, version: str | None = None) -> None:
         """A model began serving now; `created_at` is its r2ec.json's (ISO 8601, or empty). Its

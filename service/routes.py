@@ -25,7 +25,7 @@ from service.deps import Admin, CatalogDep, MaybeStateDep, StateDep, StoreDep, U
 from service.errors import documented
 from service.request_id import request_id
 from service.state import ServiceState, confine_checkpoint
-from service.store import Event, event_key
+from service.store import Event, stamped
 from service.streaming import (
     MODEL_HEADERS,
     EventStream,
@@ -277,6 +277,7 @@ async def append_events(
     now = int(time.time())
     events = [_stamped(user_id, e, now) for e in body.events]
     done = await state.append_events(user_id, events)
+    state.metrics.events_appended(done.appended, len(events) - done.appended)
     return schemas.EventsResponse(
         user_id=user_id,
         appended=done.appended,
@@ -291,10 +292,7 @@ async def append_events(
 def _stamped(user_id: str, e: schemas.EventIn, now: int) -> Event:
     """The event to store: its id (the client's, else a hash of the event as sent, so a retry
     without a timestamp gets the same id) and its time (the client's, else now)."""
-    sent = Event(e.item_id, e.rating, e.timestamp)
-    event_id = e.event_id or event_key(user_id, sent)  # without request_id: see `event_key`
-    timestamp = now if e.timestamp is None else e.timestamp
-    return Event(e.item_id, e.rating, timestamp, event_id, e.request_id)
+    return stamped(user_id, Event(e.item_id, e.rating, e.timestamp, e.event_id, e.request_id), now)
 
 
 @router.get(

@@ -193,6 +193,18 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _whole_seconds(value: Any) -> Any:
+    """A timestamp sent as a JSON number with no fraction (1700000000.0) is that integer: a
+    pandas or parquet export turns an integer column into float64 as soon as one value is
+    missing, and `r2ec data prepare` takes such stamps too. One with a fraction is refused,
+    not rounded: its default event id would differ from the whole second's."""
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise ValueError(f"must be whole Unix seconds, got {value!r}: send an integer (no fraction)")
+    return value
+
+
 class Interaction(_Body):
     item_id: ItemId
     rating: float | None = Field(
@@ -202,11 +214,12 @@ class Interaction(_Body):
         allow_inf_nan=False,
         description="Rating, on the scale the model was trained on (1-5 for the shipped ml-100k model).",
     )
-    timestamp: int | None = Field(
+    timestamp: Annotated[int | None, BeforeValidator(_whole_seconds)] = Field(
         None,
         ge=0,
         le=MAX_TIMESTAMP_S,
-        description="Unix time in seconds, up to 4102444800 (2100-01-01); default: when the server got it.",
+        description="Unix time in seconds, up to 4102444800 (2100-01-01); a number with no fraction "
+        "(1700000000.0) is taken as that integer. Default: when the server got it.",
     )
 
 

@@ -35,7 +35,10 @@ One interface, two stores, the same tests for both (tests/service/test_store.py)
 Events are idempotent: each has an id (the client's `event_id`, else `event_key` of what it
 sent), and an append stores only the events whose id the user does not have yet, in one atomic
 step with the history, the stream and the seen set. A client that timed out and retries cannot
-duplicate an event, even when its first attempt did land.
+duplicate an event, even when its first attempt did land. "Has" is either list: the event ids
+remembered for `dedup_ttl_s`, or the events of the stored history window, so a replay after the
+dedup window (a backfill run again, a queue read again from its start) stores nothing twice in a
+history either (an event that has left the window and the dedup window counts as new again).
 Order: a history is kept in the order of the events' timestamps, as retraining orders them
 (model/retrain.py sorts by user and time), not in the order they arrived. An event that comes
 late (a backfill, a mobile client that was offline) takes its place among the older ones, equal
@@ -205,6 +208,16 @@ def event_key(user_id: str, event: Event) -> str:
     request_id existed: an event sent before an upgrade and retried after it is still known."""
     material = json.dumps([user_id, event.item_id, event.rating, event.timestamp])
     return hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def stamped(user_id: str, event: Event, now: int) -> Event:
+    """The event to store, as a client sent it (`POST /users/{id}/events`, `r2ec user import`):
+    its id, the client's else `event_key` of the event as sent (so a retry without a timestamp
+    gets the same id), its time, the client's else `now`, and its `request_id` as sent."""
+    sent = Event(event.item_id, event.rating, event.timestamp)
+    event_id = event.event_id or event_key(user_id, sent)  # without request_id: see `event_key`
+    timestamp = now if event.timestamp is None else event.timestamp
+    return Event(event.item_id, event.rating, timestamp, event_id, event.request_id)
 
 
 @dataclass(frozen=True)
@@ -383,10 +396,12 @@ class HistoryStore(Protocol):
     async def get_history(self, user_id: str) -> list[Event]:
         """The user's latest `window` events, oldest first (empty for an unknown user)."""
 
-    async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
+    async def append_events(self, user_id: str, events: Sequence[Event], *, stream: bool = True) -> Appended:
         """Add the events whose id is new for the user to the history (placed by timestamp,
         trimmed to the window; module docstring, "Order"), the event stream and the seen set,
-        atomically."""
+        atomically. `stream=False`: not to the stream (`r2ec user import --no-stream`, a
+        backfill of history that retraining's seed dataset holds already); the route always
+        streams."""
 
     async def get_seen(self, user_id: str) -> frozenset[str]:
         """Every item the user has an event for (not only the history window)."""
@@ -418,6 +433,11 @@ class HistoryStore(Protocol):
         """Return if the store is reachable; raise StoreUnavailable otherwise."""
 
     async def close(self) -> None: ...
+
+
+def _appended(out: Sequence[int | str], ids: Sequence[str]) -> Appended:
+    """APPEND_SCRIPT's reply (1/0 per event, then the history's length) as an Appended."""
+    return Appended(int(out[-1]), tuple(ids), tuple(bool(x) for x in out[:-1]))
 
 
 def _check_events(user_id: str, events: Sequence[Event]) -> list[str]:
@@ -508,26 +528,30 @@ class MemoryStore:
         self._forget_if_expired(user_id)
         return _time_order(list(self._histories.get(user_id, ())))
 
-    async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
+    async def append_events(self, user_id: str, events: Sequence[Event], *, stream: bool = True) -> Appended:
         ids = _check_events(user_id, events)
         self._forget_if_expired(user_id)
         self._last_append[user_id] = self._clock()
         history = self._histories.setdefault(user_id, [])
         history[:] = _time_order(history)  # as APPEND_SCRIPT repairs a list of an older release
         known = self._event_ids.setdefault(user_id, set())
+        held = {e.event_id for e in history}  # a duplicate whatever the ids remembered (APPEND_SCRIPT)
         seen = self._seen.setdefault(user_id, set())
         new = []
         for e, event_id in zip(events, ids, strict=True):
-            new.append(event_id not in known)
+            new.append(event_id not in known and event_id not in held)
             if not new[-1]:
                 continue
             known.add(event_id)
             stored = Event(e.item_id, e.rating, e.timestamp, event_id)
             history.insert(_place(history, e.timestamp), stored)
             seen.add(e.item_id)
-            self._added += 1
-            logged = Event(e.item_id, e.rating, e.timestamp, event_id, e.request_id or None)
-            self._events.append(StreamEntry(f"{self._added}-0", user_id, logged, int(time.time()), event_id))
+            if stream:
+                self._added += 1
+                logged = Event(e.item_id, e.rating, e.timestamp, event_id, e.request_id or None)
+                self._events.append(
+                    StreamEntry(f"{self._added}-0", user_id, logged, int(time.time()), event_id)
+                )
         del history[: -self.window]
         return Appended(len(history), tuple(ids), tuple(new))
 
@@ -664,21 +688,45 @@ class RedisStore:
             raw = await self._redis.lrange(HISTORY_KEY.format(user_id=user_id), 0, -1)
         return _time_order([Event.from_json(r) for r in raw])
 
-    async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
+    async def append_events(self, user_id: str, events: Sequence[Event], *, stream: bool = True) -> Appended:
+        keys, args, ids = self._append_call(user_id, events, stream)
+        with self._failures("append_events"):
+            # one Lua script: the dedup check and every write happen atomically, or not at all
+            out = await self._append(keys=keys, args=args)
+        return _appended(out, ids)
+
+    async def append_many(
+        self, batches: Sequence[tuple[str, Sequence[Event]]], *, stream: bool = True
+    ) -> list[Appended]:
+        """`append_events` for each (user_id, events) in order, in one round trip: the same
+        script, each call atomic on its own, sent as one pipeline (not a transaction: a failure
+        part way leaves the calls before it done, and the same batches again store nothing
+        twice). For `r2ec user import`, a backfill, where one call per round trip leaves Redis
+        idle while the client waits."""
+        calls = [self._append_call(user_id, events, stream) for user_id, events in batches]
+        with self._failures("append_events"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for keys, args, _ in calls:
+                    await self._append(keys=keys, args=args, client=pipe)
+                replies = await pipe.execute()
+        return [_appended(out, ids) for out, (_, _, ids) in zip(replies, calls, strict=True)]
+
+    def _append_call(
+        self, user_id: str, events: Sequence[Event], stream: bool
+    ) -> tuple[list[str], list[str | int], list[str]]:
+        """APPEND_SCRIPT's keys and arguments for an append, and the events' ids."""
         ids = _check_events(user_id, events)
-        keys = [HISTORY_KEY, EVENTS_STREAM, SEEN_KEY, EVENT_IDS_KEY]
+        keys = [k.format(user_id=user_id) for k in (HISTORY_KEY, EVENTS_STREAM, SEEN_KEY, EVENT_IDS_KEY)]
         now = int(time.time())
+        maxlen = self.stream_maxlen if stream else 0  # 0: no stream entry (the script's ARGV[3])
         args: list[str | int] = [
-            *(self.window, self.stream_maxlen, self.dedup_ttl_s, now, len(events), self.user_ttl_s)
+            *(user_id, self.window, maxlen, self.dedup_ttl_s, now, len(events), self.user_ttl_s)
         ]
         for e, event_id in zip(events, ids, strict=True):
             f = e.stream_fields(user_id, event_id)
             stored = Event(e.item_id, e.rating, e.timestamp, event_id)
             args += [event_id, e.item_id, f["rating"], f["timestamp"], stored.to_json(), e.request_id or ""]
-        with self._failures("append_events"):
-            # one Lua script: the dedup check and every write happen atomically, or not at all
-            out = await self._append(keys=[k.format(user_id=user_id) for k in keys], args=[user_id, *args])
-        return Appended(int(out[-1]), tuple(ids), tuple(bool(x) for x in out[:-1]))
+        return keys, args, ids
 
     async def get_seen(self, user_id: str) -> frozenset[str]:
         with self._failures("get_seen"):
@@ -1052,9 +1100,10 @@ def _stream_entries(rows: list[tuple[str, dict[str, str]]]) -> list[StreamEntry]
     return out
 
 
-# KEYS: history, stream, seen set, event-id zset. ARGV: user_id, window, stream maxlen, dedup ttl
-# (s), now (s), n, user ttl (s, 0: none), then per event: event_id, item_id, rating, timestamp,
-# history JSON, request_id ('' for none: the entry has no such field).
+# KEYS: history, stream, seen set, event-id zset. ARGV: user_id, window, stream maxlen (0: no
+# stream entry, `stream=False`), dedup ttl (s), now (s), n, user ttl (s, 0: none), then per
+# event: event_id, item_id, rating, timestamp, history JSON, request_id ('' for none: the entry
+# has no such field).
 # Returns one 1 (stored) or 0 (duplicate) per event, then the history's length.
 APPEND_SCRIPT = """
 -- the history in time order (`_place`): read once; each new event goes into that table after
@@ -1079,8 +1128,14 @@ local user_ttl = tonumber(ARGV[7])  -- seconds the history and seen set outlive 
 redis.call('ZADD', KEYS[4], 'XX', now, '')
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl)
 local hist = redis.call('LRANGE', KEYS[1], 0, -1)
-local times = {}
-for i, json in ipairs(hist) do times[i] = stamp(json) end
+-- held: the ids of the events in the history, each a duplicate whatever the dedup window (a
+-- replay after it, a backfill run again, must not show an event twice)
+local times, held = {}, {}
+for i, json in ipairs(hist) do
+  local e = cjson.decode(json)
+  times[i] = type(e['timestamp']) == 'number' and e['timestamp']
+  if type(e['event_id']) == 'string' then held[e['event_id']] = true end
+end
 local stored = #hist
 local untouched = stored  -- hist[1..untouched] is still the stored list's start
 -- a list a release before 0.2.0 stored in arrival order: sorted once, stably, as `_time_order`
@@ -1108,7 +1163,7 @@ local out = {}
 for i = 0, n - 1 do
   local b = 8 + i * 6
   local id, item, json = ARGV[b], ARGV[b + 1], ARGV[b + 4]
-  if redis.call('ZADD', KEYS[4], 'NX', now, id) == 1 then
+  if not held[id] and redis.call('ZADD', KEYS[4], 'NX', now, id) == 1 then
     local ts, at, dropped = stamp(json), #hist, false
     if ts then
       while at > 0 and times[at] and times[at] > ts do
@@ -1121,10 +1176,10 @@ for i = 0, n - 1 do
       table.insert(times, at + 1, ts)
       if at < untouched then untouched = at end
     end
-    if ARGV[b + 5] == '' then
+    if maxlen ~= '0' and ARGV[b + 5] == '' then  -- '0': a backfill the seed dataset holds already
       redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'user_id', user, 'item_id', item,
                  'rating', ARGV[b + 2], 'timestamp', ARGV[b + 3], 'event_id', id)
-    else
+    elseif maxlen ~= '0' then
       redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'user_id', user, 'item_id', item,
                  'rating', ARGV[b + 2], 'timestamp', ARGV[b + 3], 'event_id', id,
                  'request_id', ARGV[b + 5])

@@ -201,6 +201,75 @@ async def test_a_retried_event_is_stored_once_and_reported_as_a_duplicate(store)
     assert event_key("u1", Event("b")) != event_key("u2", Event("b")) != event_key("u1", Event("b", 1.0))
 
 
+async def _forget_event_ids(store, user_id: str) -> None:
+    """What the dedup window's end does to a user's remembered event ids (R2EC_EVENT_DEDUP_TTL_S)."""
+    if isinstance(store, MemoryStore):
+        store._event_ids.pop(user_id, None)
+        return
+    import redis.asyncio as aioredis
+
+    raw = aioredis.from_url(store.url)
+    try:
+        await raw.delete(f"r2ec:event-ids:{user_id}")
+    finally:
+        await raw.aclose()
+
+
+async def test_a_replay_after_the_dedup_window_stores_nothing_twice(store):
+    """An event whose id is in the stored history is a duplicate whatever the dedup window: a
+    backfill run again, or a queue read again from its start, a week later (journey 40, #3)."""
+    events = [Event("50", 5.0, 1_700_000_000, "wh-1"), Event("172", 4.0, 1_700_000_100)]
+    first = await store.append_events("d1", events)
+    assert first.new == (True, True)
+    await _forget_event_ids(store, "d1")
+    again = await store.append_events("d1", [*events, Event("7", 3.0, 1_700_000_200)])
+    assert again.new == (False, False, True) and again.appended == 1 and again.history_length == 3
+    assert [(e.item_id, e.event_id) for e in await store.get_history("d1")] == [
+        ("50", "wh-1"),
+        ("172", event_key("d1", events[1])),
+        ("7", event_key("d1", Event("7", 3.0, 1_700_000_200))),
+    ]
+    assert [e.item_id for e in await store.read_events()] == ["50", "172", "7"]  # no second entry
+
+
+async def test_an_append_without_the_stream_writes_the_history_seen_set_and_ids_only(store):
+    """`stream=False` (`r2ec user import --no-stream`): a backfill of what retraining's seed
+    dataset holds already is not streamed; still idempotent, still in time order."""
+    done = await store.append_events(
+        "u1", [Event("b", 4.0, 200, "e2"), Event("a", 5.0, 100, "e1")], stream=False
+    )
+    assert done.new == (True, True) and done.history_length == 2
+    assert [e.item_id for e in await store.get_history("u1")] == ["a", "b"]
+    assert await store.get_seen("u1") == {"a", "b"}
+    assert await store.read_events() == []
+    again = await store.append_events("u1", [Event("a", 5.0, 100, "e1"), Event("c", None, 300)])
+    assert again.new == (False, True)  # the ids were kept; the route's append streams as before
+    assert [(e.user_id, e.item_id) for e in await store.read_events()] == [("u1", "c")]
+
+
+@pytest.mark.redis
+async def test_redis_append_many_is_each_append_in_one_round_trip(redis_url):
+    """`append_many`: the same script per user, pipelined; replies in order, idempotent."""
+    s = RedisStore(redis_url, window=WINDOW)
+    try:
+        batches = [
+            ("u1", [Event(f"i{n}", 4.0, 100 + n) for n in range(5)]),
+            ("u2", [Event("a", None, 7, "x"), Event("a", None, 7, "x")]),
+            ("u1", [Event("late", 1.0, 50), Event("i4", 4.0, 104)]),
+        ]
+        done = await s.append_many(batches, stream=False)
+        assert [d.new for d in done] == [(True,) * 5, (True, False), (True, False)]
+        assert [d.history_length for d in done] == [WINDOW, 1, WINDOW]
+        assert [e.item_id for e in await s.get_history("u1")] == ["i2", "i3", "i4"]
+        assert len(await s.get_seen("u1")) == 6 and await s.read_events() == []
+        assert [d.appended for d in await s.append_many(batches)] == [0, 0, 0]  # a rerun stores nothing
+        assert await s.read_events() == []
+        assert (await s.append_many([("u3", [Event("z", None, 1)])]))[0].new == (True,)
+        assert [e.user_id for e in await s.read_events()] == ["u3"]
+    finally:
+        await s.close()
+
+
 async def test_the_seen_set_keeps_every_item_past_the_history_window(store):
     await store.append_events("u1", [Event(f"i{n}") for n in range(WINDOW + 4)])
     await store.append_events("u1", [Event("i0", 5.0, 9)])  # again: a new event, the same item
@@ -707,9 +776,12 @@ async def test_redis_forgets_event_ids_after_the_dedup_window(redis_url):
         await s.append_events("u1", [Event("a", event_id="e1")])
         assert 0 < await raw.ttl("r2ec:event-ids:u1") <= 60
         assert await raw.ttl("r2ec:seen:u1") == -1  # the seen set does not expire
-        # an id older than the window is dropped at the next append, so it counts as new again
+        # an id older than the window is dropped at the next append: while the event is in the
+        # history it is still a duplicate (test_a_replay_after_the_dedup_window_stores_nothing_twice),
+        # once it has left the history too it counts as new again
+        await s.append_events("u1", [Event(f"b{n}", None, 10 + n, f"e{n}") for n in range(2, 2 + WINDOW)])
         await raw.zadd("r2ec:event-ids:u1", {"e1": 0})
-        assert (await s.append_events("u1", [Event("a", event_id="e1")])).new == (True,)
+        assert (await s.append_events("u1", [Event("a", None, 1, "e1")])).new == (True,)
     finally:
         await raw.aclose()
         await s.close()
