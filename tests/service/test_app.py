@@ -838,11 +838,12 @@ async def test_openapi_documents_every_route_and_the_admin_key(client):
     assert set(spec["paths"]) == {
         "/recommend", "/recommend/stream", "/users/{user_id}/events", "/users/{user_id}/history",
         "/users/{user_id}", "/items/{item_id}", "/admin/reload", "/healthz", "/readyz", "/metrics",
-        "/items",
+        "/items", "/items/batch",
     }  # fmt: skip
     assert spec["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
     for method, path in (("put", "/items/{item_id}"), ("delete", "/items/{item_id}"),
-                         ("post", "/admin/reload"), ("delete", "/users/{user_id}")):  # fmt: skip
+                         ("post", "/items/batch"), ("post", "/admin/reload"),
+                         ("delete", "/users/{user_id}")):  # fmt: skip
         assert spec["paths"][path][method]["security"] == [{"APIKeyHeader": []}]
     assert "security" not in spec["paths"]["/items/{item_id}"]["get"]
     # the routes of users' data take no key where R2EC_CLIENT_KEY is unset, and say so
