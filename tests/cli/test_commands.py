@@ -41,9 +41,10 @@ def test_every_command_has_help():
         "serve",
         "retrain",
         "user",
+        "exposures",
     }
     assert ("data", "prepare", "ml-100k") in paths and ("checkpoint", "show") in paths
-    assert ("user", "erase") in paths
+    assert ("user", "erase") in paths and ("exposures", "export") in paths
     for path in paths:
         result = CliRunner().invoke(app, [*path, "--help"])
         assert result.exit_code == 0 and "Usage:" in result.output, (path, result.output)
