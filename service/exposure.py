@@ -14,7 +14,8 @@ every 10 s, and counted: r2ec_exposures_total{outcome="failed"} (and
 r2ec_store_errors_total{op="add_served"}); those entries are lost, not retried. A full queue
 (Redis slower than the traffic) drops new entries, counted as outcome="dropped". An entry of a
 user erased after it was answered and before it reached Redis is not written
-(outcome="erased"). On shutdown the queue gets FLUSH_S to drain.
+(outcome="erased"). On shutdown the queue gets FLUSH_S to drain; the entries still queued then,
+and the batch the writer holds, are counted as dropped.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ class ExposureLog:
         self.max_age_ms = retention_s * 1000
         self._queue: asyncio.Queue[Served] = asyncio.Queue(queue_size)
         self._writer: asyncio.Task | None = None
+        # the entries the writer has taken off the queue and not yet counted: what `close()`
+        # counts as dropped if it stops the writer meanwhile (in LINGER_S, or waiting on Redis)
+        self._batch: list[Served] = []
         self._failed_log = Throttled(log)
         self._dropped_log = Throttled(log)
 
@@ -134,7 +138,9 @@ class ExposureLog:
 
     async def close(self, timeout_s: float = FLUSH_S) -> None:
         """Let the queue drain for up to `timeout_s`, then stop the writer; what is left is
-        counted as dropped."""
+        counted as dropped: the entries still queued and the batch the writer held (taken off
+        the queue, its write to Redis not answered yet; it may have reached Redis, its reply did
+        not come), so written + failed + dropped + erased is every entry recorded."""
         if self._writer is None:
             return
         with contextlib.suppress(TimeoutError):
@@ -143,25 +149,29 @@ class ExposureLog:
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer
         self._writer = None
-        left = self._queue.qsize()
+        left = self._queue.qsize() + len(self._batch)
+        self._batch = []
         if left:
             self.metrics.exposures.labels("dropped").inc(left)
             log.warning("exposure log: %d entries not written at shutdown", left)
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
+            batch = self._batch = [await self._queue.get()]  # counted by `close` until counted here
             if self._queue.qsize() < WRITE_BATCH - 1:
                 await asyncio.sleep(LINGER_S)  # let more come: one round trip for them all
             while len(batch) < WRITE_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
                 written = await self.store.add_served(batch, self.maxlen, self.max_age_ms)
+                self._batch = []
             except StoreUnavailable as exc:
+                self._batch = []
                 self.metrics.exposures.labels("failed").inc(len(batch))
                 self.metrics.store_errors.labels(exc.op).inc()
                 self._failed_log.warn("exposure log: %d entries not written: %s", len(batch), exc)
             except Exception:  # the writer must outlive any one batch
+                self._batch = []
                 self.metrics.exposures.labels("failed").inc(len(batch))
                 log.exception("exposure log: %d entries not written", len(batch))
             else:

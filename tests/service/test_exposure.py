@@ -317,3 +317,40 @@ async def test_events_carry_a_request_id_into_the_stream_and_retraining_ignores_
         tmp_path / "checked", lambda after, mark=None: read_stream_checked(redis_url, after, mark)
     )
     assert done.new == 2 and list(done.events["item_id"]) == [clicked, "i2"]
+
+
+async def test_shutdown_counts_the_batch_in_flight_as_dropped():
+    """close() stops a writer that waits on a Redis that never answers: the batch it holds is
+    counted (dropped) with what is still queued, so every entry recorded is counted once."""
+    import asyncio
+
+    from service.exposure import WRITE_BATCH, ExposureLog
+    from service.metrics import Metrics
+
+    class Hung:  # accepts the write, never answers
+        async def add_served(self, entries, maxlen=0, max_age_ms=0):
+            await asyncio.Event().wait()
+
+    metrics = Metrics()
+    log = ExposureLog(Hung(), metrics, maxlen=0, retention_s=0)  # type: ignore[arg-type]
+    log.start()
+    n = WRITE_BATCH + 20
+    for i in range(n):
+        log._queue.put_nowait(
+            Served(f"r{i}", "u1", 1, "v", "/recommend", 1, False, "", "off", "store", (), (), ())
+        )
+    await asyncio.sleep(0.2)  # the writer took its batch and waits on Redis
+    assert log.pending == n - WRITE_BATCH
+    await log.close(timeout_s=0.1)
+    counts = {o: metrics.exposures.labels(o)._value.get() for o in ("written", "failed", "dropped", "erased")}
+    assert counts == {"written": 0, "failed": 0, "dropped": n, "erased": 0}
+
+    # one taken off the queue while the writer lingers for more (LINGER_S) is counted too
+    metrics = Metrics()
+    log = ExposureLog(Hung(), metrics, maxlen=0, retention_s=0)  # type: ignore[arg-type]
+    log.start()
+    log._queue.put_nowait(Served("r", "u1", 1, "v", "/recommend", 1, False, "", "off", "store", (), (), ()))
+    await asyncio.sleep(0)  # the writer took it, sleeps in LINGER_S
+    await asyncio.sleep(0)
+    await log.close(timeout_s=0)
+    assert metrics.exposures.labels("dropped")._value.get() == 1
