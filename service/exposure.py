@@ -12,9 +12,12 @@ entry for more, so an entry reaches Redis within ~50 ms and many requests share 
 Nothing here raises into a request. A write that fails (Redis down or full) is logged, at most
 every 10 s, and counted: r2ec_exposures_total{outcome="failed"} (and
 r2ec_store_errors_total{op="add_served"}); those entries are lost, not retried. A full queue
-(Redis slower than the traffic) drops new entries, counted as outcome="dropped". An entry of a
-user erased after it was answered and before it reached Redis is not written
-(outcome="erased"). On shutdown the queue gets FLUSH_S to drain; the entries still queued then,
+(Redis slower than the traffic) drops new entries, counted as outcome="dropped". An entry made before its
+user's erasure that reaches Redis after it is not written (outcome="erased"): one made from the
+stored history is checked by that history's events, still stored or not, whenever the erasure
+came (during the model's work, the queue wait, the write queue), with no clock compared; one
+made from an inline history by its time against the erasure's (service/store.py,
+SERVED_SCRIPT). On shutdown the queue gets FLUSH_S to drain; the entries still queued then,
 and the batch the writer holds, are counted as dropped.
 """
 
@@ -57,6 +60,11 @@ def served(
     """The exposure-log entry of one answer (service/store.py `Served`); `variant` is the
     replica's R2EC_VARIANT."""
     text = result.reasoning
+    # the stored history it was made from, by event id: the write checks it is still stored, so
+    # an answer made before its user's erasure leaves no entry (service/store.py SERVED_SCRIPT)
+    made_from = None
+    if query.stored_user is not None:
+        made_from = tuple(e.event_id for e in query.history if e.event_id)
     return Served(
         request_id=request_id,
         user_id=user_id or "",
@@ -73,6 +81,7 @@ def served(
         ranks=tuple(int(i.rank) for i in result.items),
         fingerprint=result.fingerprint,
         variant=variant,
+        made_from=made_from,
     )
 
 
