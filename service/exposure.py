@@ -1,9 +1,10 @@
 """The exposure log (R2EC_EXPOSURE_LOG=redis): what the service served, for joining with outcomes.
 
-One `Served` entry per answered POST /recommend and per /recommend/stream whose `items` event
-was sent (service/streaming.py), in the Redis stream r2ec:served (service/store.py), so a click
-posted with the recommendation's `request_id` (POST /users/{id}/events) can be attributed to
-the model version, rank and score that produced it (docs/operations.md, "Attributing outcomes").
+One `Served` entry per answered POST /recommend and per /recommend/stream that got to its
+`items` event (recorded as it is handed to the server: service/streaming.py), in the Redis
+stream r2ec:served (service/store.py), so a click posted with the recommendation's `request_id`
+(POST /users/{id}/events) can be attributed to the model version, rank and score that produced
+it (docs/operations.md, "Attributing outcomes").
 
 The write must never cost the answer: `record` only builds the entry and puts it on a bounded
 in-process queue, after the reply is decided; one writer task drains the queue into Redis, up

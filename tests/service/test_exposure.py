@@ -430,3 +430,46 @@ async def test_the_erasure_check_of_a_stored_history_answer_compares_no_clocks(r
         assert all(e.made_from is None for e in served(redis_url))
     finally:
         await store.close()
+
+
+async def test_a_stream_cut_while_its_items_are_being_sent_has_its_entry(ckpt, redis_url):
+    """The server's send of the `items` chunk waits (a slow client's full socket buffer, an ASGI
+    middleware that awaits), and the client leaves meanwhile: sse-starlette closes the
+    generator at its `yield`, and the entry, recorded as the items were handed over, is there.
+    Raw ASGI, as above."""
+    import asyncio
+    import json
+
+    app = logged_app(ckpt, redis_url)
+    async with serve(app):
+        state = app.state.r2ec
+        leave = asyncio.Event()
+        body = json.dumps({"history": H2, "k": 2}).encode()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[bytes] = []
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await leave.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                sent.append(message.get("body", b""))
+                if b"event: items" in sent[-1]:
+                    leave.set()  # the client leaves while this send waits
+                    await asyncio.sleep(0)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": STREAM, "raw_path": STREAM.encode(),
+            "root_path": "", "query_string": b"", "server": ("r2ec.test", 80), "client": ("127.0.0.1", 1),
+            "headers": [(b"host", b"r2ec.test"), (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()), (b"x-request-id", b"cut-at-items")],
+        }  # fmt: skip
+        await asyncio.wait_for(app(scope, receive, send), 60)
+        await state.exposures.flush()
+    events = [line for chunk in sent for line in chunk.decode().splitlines() if line.startswith("event:")]
+    assert "event: items" in events and "event: done" not in events  # cut after the items
+    assert [e.request_id for e in served(redis_url)] == ["cut-at-items"]
