@@ -1074,15 +1074,22 @@ def read_served(
     page_size: int = 10_000,
     timeout_s: float = 10.0,
 ) -> Iterator[list[Served]]:
-    """The exposure log's entries added from `since_ms` to `until_ms` (Unix ms, inclusive; None:
-    from the start, to the end), oldest first, a page of up to `page_size` entries at a time,
-    for `r2ec exposures export`: synchronous, one connection. A down Redis raises
+    """The exposure log's entries added at or after `since_ms` and before `until_ms` (Unix ms, by
+    the stream ids; half-open, so adjacent windows share no entry; None: from the start, to the
+    end), oldest first, a page of up to `page_size` entries at a time, for `r2ec exposures
+    export`: synchronous, one connection. A negative time is a ValueError; a down Redis raises
     StoreUnavailable (op read_served)."""
+    for name, ms in (("since_ms", since_ms), ("until_ms", until_ms)):
+        if ms is not None and ms < 0:
+            raise ValueError(f"{name} {ms} is before 1970: stream ids start at 0")
+    if until_ms is not None and (until_ms == 0 or (since_ms is not None and until_ms <= since_ms)):
+        return  # an empty window
+    low = "-" if since_ms is None else str(int(since_ms))  # "<ms>": from <ms>-0
+    # "<ms - 1>": to <ms - 1>-<the last sequence>, the last id before <ms>-0
+    high = "+" if until_ms is None else str(int(until_ms) - 1)
     client = redis.Redis.from_url(
         redis_url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
     )
-    low = "-" if since_ms is None else str(int(since_ms))  # "<ms>": from <ms>-0
-    high = "+" if until_ms is None else str(int(until_ms))  # to <ms>-<the last sequence>
     try:
         while True:
             with _failures(redis_url, "read_served"):
