@@ -30,6 +30,10 @@ One interface, two stores, the same tests for both (tests/service/test_store.py)
                               entry on (each erasure step trims it)
     r2ec:events-erased-from   the milliseconds below which r2ec:events-erased-ids was trimmed: a
                               read whose range starts before it cannot count exactly
+    r2ec:events-epoch         when the append script created r2ec:events (Redis TIME, µs): a
+                              stream lost and begun again (FLUSHALL, a restart without
+                              persistence, a deleted key) has another, so retraining does not
+                              count on from what it saw of the old one (`read_stream_checked`)
     r2ec:events-read          the milliseconds retraining's saved position starts at, written by
                               each read, expiring after READER_TTL_S: how far an erasure step may
                               trim r2ec:events-erased-ids while a retraining job reads the stream
@@ -116,6 +120,7 @@ SERVED_STREAM = "r2ec:served"
 STREAM_ERASED_IDS_KEY = "r2ec:events-erased-ids"
 STREAM_ERASED_FROM_KEY = "r2ec:events-erased-from"
 STREAM_READER_KEY = "r2ec:events-read"
+STREAM_EPOCH_KEY = "r2ec:events-epoch"
 READER_TTL_S = 30 * 86_400  # a retraining job that has not read for this long is gone
 SEEN_KEY = "r2ec:seen:{user_id}"
 EVENT_IDS_KEY = "r2ec:event-ids:{user_id}"
@@ -729,6 +734,7 @@ class RedisStore:
         """APPEND_SCRIPT's keys and arguments for an append, and the events' ids."""
         ids = _check_events(user_id, events)
         keys = [k.format(user_id=user_id) for k in (HISTORY_KEY, EVENTS_STREAM, SEEN_KEY, EVENT_IDS_KEY)]
+        keys.append(STREAM_EPOCH_KEY)
         now = int(time.time())
         maxlen = self.stream_maxlen if stream else 0  # 0: no stream entry (the script's ARGV[3])
         args: list[str | int] = [
@@ -926,20 +932,22 @@ class StreamInfo:
     last_id: str  # the last id it generated ("0-0": none yet)
     first_id: str | None  # its oldest entry's id (None: empty)
     erased_from: int = 0  # STREAM_ERASED_FROM_KEY: the deleted ids below it are no longer kept (ms)
+    epoch: str | None = None  # STREAM_EPOCH_KEY: when it was created (None: before epochs)
 
     @classmethod
     def from_reply(cls, reply: Sequence) -> StreamInfo:
-        length, added, last, first, erased_from = reply
+        length, added, last, first, erased_from, epoch = reply
         return cls(
             int(length),
             None if int(added) < 0 else int(added),
             _str(last),
             _str(first) or None,
             int(erased_from),
+            _str(epoch) or None,
         )
 
 
-_INFO_KEYS = (EVENTS_STREAM, STREAM_ERASED_FROM_KEY)  # STREAM_INFO_SCRIPT's
+_INFO_KEYS = (EVENTS_STREAM, STREAM_ERASED_FROM_KEY, STREAM_EPOCH_KEY)  # STREAM_INFO_SCRIPT's
 # USER_PAGE_SCRIPT's for the event stream: where its deletions are recorded
 _ERASED_KEYS = (STREAM_ERASED_IDS_KEY, STREAM_ERASED_FROM_KEY, STREAM_READER_KEY)
 
@@ -1014,11 +1022,11 @@ def read_stream_checked(
             while rows := client.xrange(EVENTS_STREAM, min=f"({after}", max=info.last_id, count=page_size):
                 entries += _stream_entries(rows)
                 after = entries[-1].id
-            start = str(mark["last_id"]) if mark is not None else STREAM_START
-            if _begun_again(info, mark):
-                start = STREAM_START
+            # the range the entries added since the mark lie in; a stream begun again: all of it
+            begun_again = stream_begun_again(info, mark)
+            start = str(mark["last_id"]) if mark is not None and not begun_again else STREAM_START
             deleted = _erased_between(client, start, info.last_id) - {e.id for e in entries}
-            floor = _id_key(str(mark["last_id"]))[0] if mark is not None else 0
+            floor = _id_key(start)[0]
             client.eval(READ_TRIM_SCRIPT, len(_ERASED_KEYS), *_ERASED_KEYS, floor, READER_TTL_S)
     finally:
         client.close()
@@ -1026,19 +1034,27 @@ def read_stream_checked(
     cursor = entries[-1].id if entries else cursor
     new_mark = None
     if info.entries_added is not None:
-        new_mark = {"entries_added": info.entries_added, "last_id": info.last_id, "cursor": cursor}
+        new_mark = {
+            "entries_added": info.entries_added,
+            "last_id": info.last_id,
+            "epoch": info.epoch,
+            "cursor": cursor,
+        }
     return StreamRead(entries, cursor, lost, exact, new_mark, info.length)
 
 
-def _begun_again(info: StreamInfo, mark: Mapping[str, int | str | None] | None) -> bool:
-    """Whether the stream is not the one `mark` saw: it was lost and begun again (FLUSHALL, a
-    Redis restarted without persistence, a deleted key), found by a count or an id that went
-    back."""
+def stream_begun_again(info: StreamInfo, mark: Mapping[str, object] | None) -> bool:
+    """Whether the stream is not the one a read's `mark` saw: it was lost and begun again
+    (FLUSHALL, a Redis restarted without persistence, a deleted key), whatever it has taken
+    since. Told by its epoch (STREAM_EPOCH_KEY, set when the append script creates it), and
+    where the stream has none (created before epochs) by a count or an id that went back."""
     if mark is None or info.entries_added is None:
         return False
-    return info.entries_added < int(mark["entries_added"]) or _id_key(info.last_id) < _id_key(
-        str(mark["last_id"])
-    )
+    if "epoch" in mark and mark["epoch"] != info.epoch:
+        return True
+    last = mark.get("last_id")
+    went_back = isinstance(last, str) and _id_key(info.last_id) < _id_key(last)
+    return info.entries_added < float(str(mark["entries_added"])) or went_back
 
 
 def _erased_between(client: redis.Redis, low: str, high: str) -> set[str]:
@@ -1069,7 +1085,7 @@ def _lost_unread(
         return 0, untrimmed
     if mark is None and cursor is not None:  # a cursor an older release saved: nothing to count from
         return 0, untrimmed
-    begun_again = _begun_again(info, mark)
+    begun_again = stream_begun_again(info, mark)
     # begun again: what it held after the cursor then is unknown, only what came since is counted
     added0 = 0 if mark is None or begun_again else int(mark["entries_added"])
     lost = max(0, info.entries_added - added0 - read - deleted)
@@ -1079,18 +1095,20 @@ def _lost_unread(
     return lost, not begun_again and recorded
 
 
-# KEYS: the stream, STREAM_ERASED_FROM_KEY. Returns the stream's length, entries added (-1: a
-# Redis before 7.0, which does not count them), the last generated id, the first entry's id (''
-# where empty), erased-from (0: none). (max-deleted-entry-id is no help: trims leave it.)
+# KEYS: the stream, STREAM_ERASED_FROM_KEY, STREAM_EPOCH_KEY. Returns the stream's length,
+# entries added (-1: a Redis before 7.0, which does not count them), the last generated id, the
+# first entry's id ('' where empty), erased-from (0: none), the epoch ('': none). (max-deleted-
+# entry-id is no help: trims leave it.)
 STREAM_INFO_SCRIPT = """
 local from = tonumber(redis.call('GET', KEYS[2]) or '0')
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '0-0', '', from} end
+local epoch = redis.call('GET', KEYS[3]) or ''
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '0-0', '', from, ''} end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
 local f = {}
 for i = 1, #info, 2 do f[info[i]] = info[i + 1] end
 local first = ''
 if f['first-entry'] then first = f['first-entry'][1] end
-return {f['length'], f['entries-added'] or -1, f['last-generated-id'], first, from}
+return {f['length'], f['entries-added'] or -1, f['last-generated-id'], first, from, epoch}
 """
 
 # A checked read's trim of the record of deletions. KEYS: _ERASED_KEYS. ARGV: the ms the range of
@@ -1165,7 +1183,8 @@ def _stream_entries(rows: list[tuple[str, dict[str, str]]]) -> list[StreamEntry]
     return out
 
 
-# KEYS: history, stream, seen set, event-id zset. ARGV: user_id, window, stream maxlen (0: no
+# KEYS: history, stream, seen set, event-id zset, the stream's epoch (set where this call creates
+# the stream). ARGV: user_id, window, stream maxlen (0: no
 # stream entry, `stream=False`), dedup ttl (s), now (s), n, user ttl (s, 0: none), then per
 # event: event_id, item_id, rating, timestamp, history JSON, request_id ('' for none: the entry
 # has no such field).
@@ -1192,6 +1211,7 @@ local user_ttl = tonumber(ARGV[7])  -- seconds the history and seen set outlive 
 -- (XX updates only an existing member, and no event id is empty), refused whole when full.
 redis.call('ZADD', KEYS[4], 'XX', now, '')
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl)
+local fresh = maxlen ~= '0' and redis.call('EXISTS', KEYS[2]) == 0  -- the stream begins here
 local hist = redis.call('LRANGE', KEYS[1], 0, -1)
 -- held: the ids of the events in the history, each a duplicate whatever the dedup window (a
 -- replay after it, a backfill run again, must not show an event twice)
@@ -1256,6 +1276,10 @@ for i = 0, n - 1 do
   end
 end
 redis.call('EXPIRE', KEYS[4], ttl)
+if fresh and redis.call('EXISTS', KEYS[2]) == 1 then  -- a new stream, a new epoch (TIME, µs)
+  local t = redis.call('TIME')
+  redis.call('SET', KEYS[5], t[1] .. string.format('%06d', tonumber(t[2])))
+end
 local first = math.max(1, #hist - window + 1)
 if untouched >= first then  -- keep the stored start, write what follows it
   if untouched < stored then redis.call('LTRIM', KEYS[1], 0, untouched - 1) end

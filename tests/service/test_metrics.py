@@ -70,6 +70,25 @@ async def test_metrics_show_the_event_stream_and_how_far_retraining_is_behind_it
         assert metric(text, "r2ec_stream_entries") == 6 and metric(text, "r2ec_retrain_unread_events") == 4
 
 
+@pytest.mark.asyncio
+async def test_unread_events_count_a_stream_begun_again_whole(ckpt, tmp_path, redis_url):
+    """Review 40, finding 2: a stream lost and begun again that took more entries than the last
+    run saw was counted on from the old count: unread too low, R2ecRetrainFallingBehind late."""
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "one", "w1")
+    (root / "CURRENT").write_text("one")
+    (root / "retrain").mkdir()
+    # the last run read 2 entries of a stream created at another time
+    mark = {"entries_added": 2, "last_id": "1-0", "epoch": "1700000000000000", "cursor": "1-0"}
+    state = {"last_event_id": "1-0", "stream_mark": mark}
+    (root / "retrain" / "state.json").write_text(json.dumps(state))
+    events = [{"item_id": f"i{n}", "rating": 4, "timestamp": 100 + n} for n in range(1, 6)]
+    async with serve(app_for(root, redis_url=redis_url, stream_maxlen=1000, watch_interval_s=0)) as client:
+        assert (await client.post("/users/u1/events", json={"events": events})).status_code == 200
+        text = (await client.get("/metrics")).text
+        assert metric(text, "r2ec_retrain_unread_events") == 5  # all of the new stream
+
+
 def test_the_model_series_keep_the_last_versions_that_served_and_the_variant():
     """Journey 40, F2: each recommendation series names the version that answered and the arm;
     a replica that reloads for weeks keeps the series of the last MODEL_VERSIONS_KEPT only."""

@@ -16,6 +16,7 @@ import redis
 
 from service.store import (
     EVENTS_STREAM,
+    STREAM_EPOCH_KEY,
     STREAM_ERASED_IDS_KEY,
     STREAM_READER_KEY,
     Erased,
@@ -768,6 +769,35 @@ async def test_the_record_of_erased_ids_is_trimmed_by_reads_and_erasures(redis_u
 
 
 @pytest.mark.redis
+async def test_a_stream_lost_and_begun_again_is_noticed_whatever_it_took_since(redis_url):
+    """Review 40, finding 2: a stream flushed and begun again that grew past the count the last
+    read saw was counted on from that count, short by it, and called exact."""
+    s = RedisStore(redis_url, window=WINDOW, stream_maxlen=100)
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await _post(s, users=2, each=50)
+        first = read_stream_checked(redis_url, None)
+        assert (len(first.events), first.lost_exact) == (100, True)
+        assert first.mark["epoch"] == raw.get(STREAM_EPOCH_KEY) is not None  # set where XADD created it
+        await _post(s, users=1, each=50, start=2)  # never read: lost with the stream
+        raw.flushall()  # or a restart without persistence
+        await _post(s, users=10, each=50, start=3)  # 500 (more than the 100 the mark saw), cap 100
+        second = read_stream_checked(redis_url, first.cursor, first.mark)
+        # at least the new stream's trimmed entries; the old one's 50 are unknown
+        assert second.lost == 500 - len(second.events) > 0 and not second.lost_exact
+        assert second.mark["epoch"] not in (None, first.mark["epoch"])
+        # trims and deletions leave the stream (and its epoch) in place
+        raw.xtrim(EVENTS_STREAM, maxlen=0)
+        await _post(s, users=1, each=5, start=20)
+        third = read_stream_checked(redis_url, second.cursor, second.mark)
+        assert (len(third.events), third.lost, third.lost_exact) == (5, 0, True)
+        assert third.mark["epoch"] == second.mark["epoch"]
+    finally:
+        raw.close()
+        await s.close()
+
+
+@pytest.mark.redis
 async def test_a_cursor_saved_without_a_mark_counts_from_this_read_on(redis_url):
     """A state an older release wrote has a cursor and no counts: whether the cap trimmed past
     the cursor is still told (the stream's first entry is past it), not how much."""
@@ -789,7 +819,13 @@ async def test_a_cursor_saved_without_a_mark_counts_from_this_read_on(redis_url)
         await _post(s, users=1, each=10, start=12)
         moved = read_stream_checked(redis_url, again.cursor, kept.mark)
         assert (len(moved.events), moved.lost, moved.lost_exact) == (10, 0, True)
-        assert moved.mark == {"entries_added": 530, "last_id": moved.cursor, "cursor": moved.cursor}
+        epoch = redis.Redis.from_url(redis_url, decode_responses=True).get(STREAM_EPOCH_KEY)
+        assert moved.mark == {
+            "entries_added": 530,
+            "last_id": moved.cursor,
+            "epoch": epoch,
+            "cursor": moved.cursor,
+        }
         # a mark an earlier build saved (counts, no position): not counted from either
         await _post(s, users=1, each=10, start=13)
         early = read_stream_checked(
