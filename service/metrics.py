@@ -490,9 +490,18 @@ def _stream_losses(state: dict, last: object, stream: StreamInfo | None):
         yield GaugeMetricFamily(
             "r2ec_retrain_last_run_events_lost",
             "Events the last `r2ec retrain` run found trimmed from the stream before it read them "
-            "(its cap, R2EC_STREAM_MAXLEN; a lower bound where an erasure deleted entries too): "
-            "never trained on.",
+            "(its cap, R2EC_STREAM_MAXLEN; a lower bound where r2ec_retrain_last_run_events_lost_exact "
+            "is 0): never trained on.",
             value=lost,
+        )
+    exact = last.get("events_lost_exact") if isinstance(last, dict) else None
+    if isinstance(exact, bool):  # None: the run's reader checked nothing (no Redis stream)
+        yield GaugeMetricFamily(
+            "r2ec_retrain_last_run_events_lost_exact",
+            "1 where r2ec_retrain_last_run_events_lost is exact, 0 where it is a lower bound (the "
+            "stream was lost and begun again, a Redis before 7.0, a state without counts): events "
+            "may have been trimmed unread though it reads 0 (R2ecRetrainLostEvents fires).",
+            value=int(exact),
         )
     total = _number(state.get("events_lost"))
     if total is not None:
