@@ -85,7 +85,8 @@ retraining job reads its stream.
   `read_stream_checked(url, cursor, mark)` reads the same and counts the entries the stream
   lost after the cursor before they were read (`MAXLEN ~` trims the oldest entries, read or
   not): from XINFO STREAM's `entries-added` (Redis 7), against the count the last read saw
-  (its `mark`), less the entries read and those erasures deleted (r2ec:events-erased).
+  (its `mark`), less the entries read and those erasures deleted in that range
+  (r2ec:events-erased-ids); a stream begun again is told by its epoch (r2ec:events-epoch).
 - `read_erasures(url)`: retraining's view of the ledger, an `ErasureLedger`.
 - `read_served(url, since, until)`: the exposure log in pages, for `r2ec exposures export`.
 
