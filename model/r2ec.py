@@ -305,8 +305,14 @@ class R2ec:
         return a[: max(0, len(os.path.commonprefix([a, b])) - 1)]
 
     def item_prompt_ids(self, items: Sequence[Mapping[str, object]]) -> list[list[int]]:
+        """Item prompts as token ids, each item's text cut to the prompts' token budgets
+        (model/prompts.py `item_message`): every item vector (checkpoint init, an item edit,
+        training's item table, retraining) is encoded from these."""
         ids = self._encode(
-            [self.render_message(item_message(self._catalog_item(it), self.prompts)) for it in items]
+            [
+                self.render_message(item_message(self._catalog_item(it), self.prompts, self.tokenizer))
+                for it in items
+            ]
         )
         return [p + self._marker_ids for p in ids] if self.prompts.marker_on_items else ids
 

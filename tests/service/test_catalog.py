@@ -605,3 +605,23 @@ def test_the_item_table_is_mapped_from_its_file_not_a_second_copy_beside_the_ind
     hnsw = make_engine(ckpt, index_kind="hnsw")  # built from the mapped table
     np.testing.assert_allclose(hnsw.catalog.index.vector("i3"), table[2], atol=1e-6)
     assert engine.checkpoint.vectors_for(engine.checkpoint.items) is table
+
+
+def test_an_edit_with_a_long_cjk_description_encodes_its_token_budget_only(engine: Recommender):
+    """A 5,000-character Japanese description is one white-space "word": it used to reach the
+    model whole (a 10,000-token prompt holding the model thread for minutes). The edit keeps
+    the text and encodes the prompt cut to the budget, as checkpoint init and retraining do."""
+    from model.prompts import item_message
+
+    model = engine.catalog.checkpoint.model
+    long = "湯屋で働く少女の物語。" * 455
+    item = {"title": "千と千尋", "year": "2001", "genres": "Drama", "description": long}
+    engine.catalog.upsert("ja", item)
+    assert engine.catalog.item("ja")["description"] == long.strip()
+    message = item_message({"item_id": "ja", **item}, model.prompts, model.tokenizer)
+    cut = message.split("Description: ", 1)[1]
+    assert len(cut) < 600 and long.startswith(cut)
+    (ids,) = model.item_prompt_ids([{"item_id": "ja", **item}])
+    assert len(ids) < model.prompts.item_tokens + 64
+    again = model.item_vectors([{"item_id": "x", **item, "description": cut}]).numpy()[0]
+    assert np.allclose(engine.catalog.index.vector("ja"), again, atol=1e-5)
