@@ -33,7 +33,15 @@ from model.constrained import (
     TokenStrings,
 )
 from model.cowatch import CoWatch
-from model.prompts import HistoryEntry, PromptConfig, item_message, render, turn_end_id, user_message
+from model.prompts import (
+    HistoryEntry,
+    PromptConfig,
+    item_message,
+    render,
+    turn_end_id,
+    user_message,
+    whole_characters,
+)
 from model.rationale import (
     LATELY,
     LIKES,
@@ -159,6 +167,16 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, lm: PreTrainedModel | Non
             "eos_token in tokenizer_config.json"
         )
     return ids
+
+
+def reasoning_text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+    """A reasoning's token ids as the text it is shown and cached as: decoded without special
+    tokens, white space around it removed, and an unfinished character at its end left out (a
+    budget that stops inside a character written in several tokens, as CJK, Thai or emoji are,
+    decoded to a trailing U+FFFD: "Rated highest: 千と千尋の神隠し; 卧虎藏\ufffd"). The token ids
+    (what h_T is read after) keep every token; only the text drops the partial character.
+    Every backend and the stream (model/generation.py `TextStream`) decode through this."""
+    return whole_characters(tokenizer.decode(list(ids), skip_special_tokens=True)).strip()
 
 
 def _through_stop(seq: list[int], stop_ids: Sequence[int]) -> list[int]:
@@ -476,8 +494,8 @@ class R2ec:
         )
         new = out[:, batch.input_ids.shape[1] :].tolist()  # (B*G, <=T)
         completions = [_through_stop(seq, self.stop_ids) for seq in new]
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        return Rollout(rows, completions, [t.strip() for t in texts], num_generations)
+        texts = [reasoning_text(self.tokenizer, c) for c in completions]
+        return Rollout(rows, completions, texts, num_generations)
 
     # -- rec_head: vectors and scores -------------------------------------------------------
     def user_sequences(
