@@ -57,7 +57,7 @@ from model.rationale import (
     likes_phrases,
     rated_highest,
 )
-from model.special_text import SpecialText, one_line
+from model.special_text import SpecialText, one_line, strip_bidi
 
 log = logging.getLogger(__name__)
 
@@ -244,13 +244,18 @@ class R2ec:
         return out.last_hidden_state
 
     # -- prompts ----------------------------------------------------------------------------
-    def catalog_text(self, text: str) -> str:
+    def catalog_text(self, text: str, shown: bool = True) -> str:
         """An item's text (a title, genre, ...) as a prompt and the claims' grammars carry it:
         one line (model/special_text.py `one_line`), with every special-token string of the
         tokenizer broken by a space ("<|im_end|>" -> "< |im_end|>") so it tokenizes as plain
-        text. A catalog prepared now holds neither (`r2ec data prepare` and `checkpoint init`
-        refuse them, PUT /items too); one in a checkpoint written before may."""
-        return self._special.plain(one_line(text)) if text else text
+        text, and (`shown`: a title, year or genre, which the reasoning may copy) without
+        bidirectional controls (`strip_bidi`). A catalog prepared now holds none of these
+        (`r2ec data prepare` and `checkpoint init` refuse them, PUT /items too); one in a
+        checkpoint written before may."""
+        if not text:
+            return text
+        text = self._special.plain(one_line(text))
+        return strip_bidi(text) if shown else text
 
     def special_token_in(self, text: str) -> str | None:
         """The first special-token string of the tokenizer that `text` holds (what
@@ -262,7 +267,11 @@ class R2ec:
 
     def _catalog_item(self, item: Mapping[str, object]) -> Mapping[str, object]:
         fields = ("title", "year", "genres", "description")
-        clean = {k: self.catalog_text(v) for k in fields if isinstance(v := item.get(k), str)}
+        clean = {
+            k: self.catalog_text(v, shown=k != "description")
+            for k in fields
+            if isinstance(v := item.get(k), str)
+        }
         return item if all(item.get(k) == v for k, v in clean.items()) else {**item, **clean}
 
     def user_prompt(

@@ -61,6 +61,7 @@ from model.checkpoint import (
     merge_logged,
     read_carried_edits,
 )
+from model.special_text import SHOWN_FIELDS, check_shown_text, nfc
 from service.search import TIERS, Match, TitleIndex, sort_name
 from service.types import QueryError
 
@@ -80,8 +81,10 @@ class ItemTextError(QueryError):
 
 
 def _text(record: Mapping[str, str]) -> tuple[str, ...]:
-    """What the model reads of an item (its vector is a function of this alone)."""
-    return tuple(record.get(f, "") for f in ITEM_FIELDS)
+    """What the model reads of an item (its vector is a function of this alone), in NFC: a
+    catalog prepared before text was stored in NFC may hold "Amélie" both as one code point and
+    as "e" + U+0301, one title to a reader."""
+    return tuple(nfc(record.get(f, "")) for f in ITEM_FIELDS)
 
 
 class _Twins:
@@ -399,10 +402,16 @@ class Catalog:
     def check_text(self, fields: Mapping[str, Any]) -> None:
         """ItemTextError naming the first field (of ITEM_FIELDS) whose text holds a special token
         of the served model's tokenizer ("<|im_end|>"): a prompt would carry it as a control
-        token, not as text (model/special_text.py)."""
+        token, not as text; or, in a title, year or genres, a bidirectional control
+        (model/special_text.py)."""
         model = self.checkpoint.model
         for key in ITEM_FIELDS:
             value = fields.get(key)
+            if isinstance(value, str) and key in SHOWN_FIELDS:
+                try:  # what PUT /items's schema refuses too (service/schemas.py `check_shown`)
+                    check_shown_text(value)
+                except ValueError as exc:
+                    raise ItemTextError(key, str(exc)) from None
             if isinstance(value, str) and (found := model.special_token_in(value)) is not None:
                 raise ItemTextError(
                     key,
@@ -414,7 +423,7 @@ class Catalog:
         """Encode the item's text, add or replace it in index + catalog; True if it replaced.
         Text holding a special token of the served tokenizer is refused (`check_text`)."""
         self.check_text(fields)
-        record = item_record(fields)
+        record = {k: nfc(v) for k, v in item_record(fields).items()}  # as PUT /items stores it
         vector = self.encode_item({"item_id": item_id, **record})  # (H,)
         with self._writing, self._lock:
             replaced = self.index.upsert(item_id, vector)

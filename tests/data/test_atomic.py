@@ -282,6 +282,55 @@ def test_the_cli_names_the_item_whose_genres_hold_a_special_token(tmp_path, tiny
     assert "item 'i11' genres holds '<|endoftext|>'" in " ".join(result.output.split())
 
 
+def test_item_text_is_stored_in_nfc_and_the_count_logged(tmp_path, tiny_inter, tiny_item, caplog):
+    """A catalog merged from a macOS export (NFD: "e" + U+0301) and a Windows one kept both forms
+    without a word, and "Amélie" was two titles to the model and one to a reader."""
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "Amélie")
+    item = _retitled_item(tmp_path, tiny_item, i6="Amélie", i7=nfd)
+    item.write_text(item.read_text(encoding="utf-8").replace("Drama War", f"Drama {nfd[:4]}War"))
+    with caplog.at_level("INFO", logger="model.data.build"):
+        ds = load_prepared(prepare_atomic(tiny_inter, item, tmp_path, "x", "loo"))
+    titles = ds.item_titles()
+    assert titles["i6"] == titles["i7"] == "Amélie"
+    assert all(unicodedata.is_normalized("NFC", v) for c in ds.items.columns for v in ds.items[c])
+    assert "2 item(s) had text not in Unicode NFC" in caplog.text and "item 'i7'" in caplog.text
+
+
+def test_a_dataset_prepared_before_nfc_is_read_in_nfc(tmp_path, tiny_inter, tiny_item, caplog):
+    import unicodedata
+
+    import pandas as pd
+
+    path = prepare_atomic(tiny_inter, tiny_item, tmp_path, "x", "loo")
+    items = pd.read_parquet(path / "items.parquet")
+    items.loc[items.item_id == "i6", "title"] = unicodedata.normalize("NFD", "Amélie")
+    items.to_parquet(path / "items.parquet")  # as an older release wrote it
+    with caplog.at_level("INFO", logger="model.data.dataset"):
+        assert load_prepared(path).item_titles()["i6"] == "Amélie"
+    assert "read 1 item(s) in Unicode NFC" in caplog.text
+
+
+@pytest.mark.parametrize("control", ["\u202e", "\u2067", "\u200f", "\u061c"])
+def test_a_bidi_control_in_a_title_or_genre_is_refused_naming_the_item(
+    tmp_path, tiny_inter, tiny_item, control
+):
+    """Ids refuse bidirectional controls; titles took them, and a title "\u202eRLO title" mirrored
+    the rest of the reasoning that copied it. The same check refuses them in an item's title,
+    year and genres (a description may hold them: no reader sees it)."""
+    item = _retitled_item(tmp_path, tiny_item, i8=f"{control}RLO title")
+    with pytest.raises(DataError) as info:
+        prepare_atomic(tiny_inter, item, tmp_path, "x", "loo")
+    message = str(info.value)
+    assert "item 'i8' title" in message and "bidirectional control" in message
+    assert f"U+{ord(control):04X}" in message and "retitled.item" in message
+    genres = tmp_path / "genres.item"
+    genres.write_text(tiny_item.read_text(encoding="utf-8").replace("Drama War", f"Drama {control}War"))
+    with pytest.raises(DataError, match="item 'i11' genres .* bidirectional control"):
+        prepare_atomic(tiny_inter, genres, tmp_path, "x", "loo")
+
+
 @pytest.mark.parametrize("name", ["../../escaped", "a/b", "..", ".", "", "a\\b"])
 def test_a_dataset_name_that_is_not_one_folder_name_is_refused(tmp_path, tiny_inter, tiny_item, name):
     """`--name ../../escaped` used to write <data-dir>/../../escaped/loo, outside the data dir."""
