@@ -609,7 +609,16 @@ def _not_blank(value: str) -> str:
 
 # GET /items's `q`: whitespace only is refused as "" is (it used to answer 200 and no items), and
 # control characters as in any text (a NUL was searched for and echoed back)
-SearchQuery = Annotated[str, AfterValidator(_not_blank), AfterValidator(check_text), _Pattern(TEXT_PATTERN)]
+# its length is a constraint on the string itself: given as `Query(max_length=...)` around these
+# validators, pydantic checked it after them as a sequence's, "at most 200 items"
+SEARCH_MAX = 200
+SearchQuery = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=SEARCH_MAX),
+    AfterValidator(_not_blank),
+    AfterValidator(check_text),
+    _Pattern(TEXT_PATTERN),
+]
 
 
 class ItemMatch(BaseModel):

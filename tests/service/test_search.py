@@ -210,6 +210,11 @@ async def test_get_items_finds_an_emoji_title_and_refuses_a_blank_query(ckpt):
             assert r.status_code == 422, (q, r.text)
             assert [f["field"] for f in r.json()["error"]["fields"]] == ["q"], q
         assert r.json()["error"]["message"] == "q: must not be blank"
+        # over 200 characters: said in characters (it said "at most 200 items")
+        r = await client.get("/items", params={"q": "x" * 201})
+        assert r.status_code == 422
+        assert r.json()["error"]["message"] == "q: String should have at most 200 characters", r.text
+        assert (await client.get("/items", params={"q": "千" * 200})).status_code == 200
         # control characters, as in any text: a NUL was searched for and echoed back
         r = await client.get("/items", params={"q": "star\x00"})
         assert r.status_code == 422 and "control characters" in r.json()["error"]["message"], r.text
