@@ -342,8 +342,8 @@ class Catalog:
         if edits:  # edited items: their current titles, merged in by (tier, title, id)
             edited = TitleIndex((i, t) for i, t in edits.items() if t is not None).search(query, limit)
 
-            def rank(m: Match) -> tuple[int, str, str]:
-                return m.tier, sort_name(self._records.get(m.item_id, {}).get("title", "")), m.item_id
+            def rank(m: Match) -> tuple[int, bool, str, str]:
+                return m.tier, not m.typed, sort_name(self._title_now(m.item_id)), m.item_id
 
             matches = sorted([*matches, *edited], key=rank)[:limit]
         found = []
@@ -352,6 +352,11 @@ class Catalog:
             if record is not None:  # removed since the snapshot
                 found.append((record, TIERS[m.tier]))
         return found
+
+    def _title_now(self, item_id: str) -> str:
+        """An item's current title ("" once removed); read without the lock (one dict read)."""
+        record = self._records.get(item_id)
+        return "" if record is None else record["title"]
 
     def build_titles(self, *, missing_only: bool = False) -> None:
         """Build the title index from a snapshot of the titles and swap it in. The build (seconds
@@ -365,7 +370,8 @@ class Catalog:
                 snapshot = list(self._records.items())
                 self._title_since = {}
             try:
-                built = TitleIndex((i, r["title"]) for i, r in snapshot)
+                # an item's title for the as-typed ranking: the records, not a second copy of them
+                built = TitleIndex(((i, r["title"]) for i, r in snapshot), title_of=self._title_now)
             except BaseException:
                 with self._lock:
                     self._title_since = None
