@@ -5,7 +5,8 @@ Three numbers over a set of texts, reported by `r2ec eval` beside the ranking me
 - distinct-2 (Li et al., NAACL 2016): distinct word bigrams / all word bigrams, over the
   whole set. Boilerplate repeated for every user drives it towards 0.
 - loop share: texts in which one word 4-gram occurs `loop_repeats` (3) or more times, the
-  signature of a degenerate decode ("To The (3) To The (3) To The (3) ...").
+  signature of a degenerate decode ("To The (3) To The (3) To The (3) ..."), counted without
+  the catalog titles the format's lists name (a real title may repeat a word).
 - unknown-title share: texts that name a title the catalog does not have. A "named title"
   is text the model marks as one: a span in double quotes or asterisks, a capitalised
   phrase followed by a year in parentheses ("Heat (1995)"), or an entry of one of the
@@ -74,10 +75,22 @@ def distinct_n(texts: Iterable[str], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def has_loop(text: str, n: int = 4, repeats: int = 3) -> bool:
+def has_loop(text: str, n: int = 4, repeats: int = 3, catalog: set[str] | None = None) -> bool:
+    """Whether one word `n`-gram occurs `repeats` or more times. `catalog` (normalised titles):
+    the entries of the format's lists that are catalog titles are left out first, so a real
+    title with repeated words ("The Very Very Very ... Long Title") is no loop; a list entry
+    that is not one still counts."""
+    if catalog:
+        text = _LISTS.sub(lambda m: " " + _unlisted(m.group(1), catalog) + " ", text)
     w = words(text)
     counts = Counter(tuple(w[i : i + n]) for i in range(len(w) - n + 1))
     return bool(counts) and max(counts.values()) >= repeats
+
+
+def _unlisted(listed: str, catalog: set[str]) -> str:
+    """A list's entries that are not catalog titles, each on its own (`has_loop`)."""
+    entries = _list_entries(listed.split("; "), catalog)
+    return " ; ".join(e for e in entries if normalize_title(e) not in catalog)
 
 
 def named_titles(text: str, catalog: set[str] | None = None) -> list[str]:
@@ -189,7 +202,7 @@ def text_quality(
     return TextQuality(
         texts=len(texts),
         distinct_2=round(distinct_n(texts, 2), 4),
-        loop_share=round(sum(map(has_loop, texts)) / n, 4),
+        loop_share=round(sum(has_loop(t, catalog=catalog) for t in texts) / n, 4),
         unknown_title_share=round(sum(bool(u) for _, u in flagged) / n, 4),
         mean_words=round(sum(len(words(t)) for t in texts) / n, 1),
         cut_share=None if cut is None else round(sum(cut) / n, 4),
