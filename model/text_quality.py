@@ -46,7 +46,25 @@ CLAIM_KINDS = {
     "lately": "genre watched lately",
 }
 
-_WORD = re.compile(r"\w+(?:'\w+)?")
+
+def _mark_ranges() -> str:
+    """The combining marks (Unicode M*) of planes 0-1 and the variation selectors supplement, as
+    a regex character class body: Python's \\w has no marks, and split "हिन्दी" at its vowel
+    signs into "ह" "न" "द"."""
+    ranges: list[tuple[int, int]] = []
+    for code in [*range(0x300, 0x20000), *range(0xE0100, 0xE01F0)]:
+        if unicodedata.category(chr(code))[0] == "M":
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1] = (ranges[-1][0], code)
+            else:
+                ranges.append((code, code))
+    return "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges)
+
+
+_MARKS = _mark_ranges()
+# a word: letters and digits with the marks that follow them (Devanagari's vowel signs, virama
+# and nukta, Thai's vowels and tones, Japanese voicing marks), an apostrophe inside it kept
+_WORD = re.compile(rf"\w[\w{_MARKS}]*(?:'\w[\w{_MARKS}]*)?")
 _QUOTED = re.compile(r'"([^"\n]{2,80})"|\*\*?([^*\n]{2,80})\*\*?')
 _WITH_YEAR = re.compile(r"((?:[A-Z0-9][\w'.:&!?,-]*\s+){0,7}[A-Z0-9][\w'.:&!?-]*)\s*\((?:19|20)\d\d\)")
 _ARTICLE_SUFFIX = re.compile(r"^(.*), (the|a|an)$")
@@ -59,11 +77,27 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def _folds_accents(base: str) -> bool:
+    """Whether a mark on `base` is an accent to fold away: Latin, Greek and Cyrillic letters
+    ("é" is "e" to a reader typing it). Elsewhere a mark is part of the letter (Devanagari's
+    virama, Thai's vowels, Japanese voicing: パン "bread" is not バン "van")."""
+    code = ord(base)
+    return code < 0x530 or 0x1D00 <= code < 0x2000
+
+
 def normalize_title(title: str) -> str:
-    """Case, accents, punctuation and a trailing ", The" (MovieLens's form) folded away; letters
-    of any script kept (an ASCII fold would make every Japanese title "")."""
-    nfkd = unicodedata.normalize("NFKD", title)
-    t = "".join(c for c in nfkd if not unicodedata.combining(c)).strip().lower()
+    """Case, width, Latin/Greek/Cyrillic accents, punctuation and a trailing ", The"
+    (MovieLens's form) folded away; letters of any script kept with their own marks (an ASCII
+    fold would make every Japanese title "", and dropping every mark made "हिन्दी" "ह नद")."""
+    kept: list[str] = []
+    base = ""
+    for c in unicodedata.normalize("NFKD", title):
+        if not unicodedata.combining(c):
+            base = c
+        elif base and _folds_accents(base):
+            continue
+        kept.append(c)
+    t = unicodedata.normalize("NFC", "".join(kept)).strip().lower()
     t = re.sub(r"\s*\((?:19|20)\d\d\)\s*$", "", t)
     if m := _ARTICLE_SUFFIX.match(t):
         t = f"{m.group(2)} {m.group(1)}"

@@ -44,6 +44,20 @@ def test_titles_are_normalised_like_movielens():
     assert normalize_title("AMÉLIE") == "amelie"
 
 
+def test_titles_in_other_scripts_keep_the_marks_that_are_part_of_their_letters():
+    """Every combining mark was dropped: "हिन्दी फ़िल्म" became "ह नद फ लम", and パン屋 (bakery) and
+    バン屋 (van shop) were one title, so an invented one beside a real one counted as known. Latin,
+    Greek and Cyrillic accents, case and width are still folded."""
+    assert normalize_title("हिन्दी फ़िल्म").split() == ["हिन्दी", normalize_title("फ़िल्म")]
+    assert normalize_title("ฉลาดเกมส์โกง") == "ฉลาดเกมส์โกง"
+    assert normalize_title("パン屋の物語") != normalize_title("バン屋の物語")
+    assert normalize_title("ｶﾞﾝﾀﾞﾑ") == normalize_title("ガンダム")
+    assert (normalize_title("ＡＢＣ"), normalize_title("Ελληνικά")) == ("abc", "ελληνικα")
+    assert unknown_titles("Rated highest: バン屋の物語.", {normalize_title("パン屋の物語")}) == [
+        "バン屋の物語"
+    ]
+
+
 def test_named_titles_quoted_and_with_year():
     assert named_titles('You liked "Heat" and Star Wars (1977).') == ["Heat", "Star Wars"]
 
