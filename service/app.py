@@ -40,7 +40,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app. `engine` / `store` replace the ones the lifespan would create (tests)."""
     settings = settings or Settings()
-    metrics = Metrics()
+    metrics = Metrics(variant=settings.variant)
     for name in ("service", "model", "index"):
         logging.getLogger(name).setLevel(settings.log_level)
     for line in unknown_env():

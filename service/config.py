@@ -15,6 +15,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# R2EC_VARIANT: an arm's name (`Settings.variant`)
+VARIANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+
 
 class Settings(BaseSettings):
     """Every knob of the online service; env var = `R2EC_` + the upper-cased field name."""
@@ -253,6 +256,14 @@ class Settings(BaseSettings):
         description="Poll the checkpoint's version this often and reload when it "
         "changes (0 = off; `POST /admin/reload` always works).",
     )
+    variant: str = Field(
+        "",
+        description="The arm of an experiment or canary this replica serves (e.g. control, "
+        "candidate): each answer names it (X-R2ec-Variant, the body's model.variant) and the "
+        "recommendation metrics and r2ec_model_info carry it as the `variant` label. 1-32 "
+        "letters, digits, '.', '_' or '-', starting with a letter or digit; empty (the default) "
+        '= no experiment (docs/operations.md, "Experiments and canaries").',
+    )
 
     @field_validator("log_level")
     @classmethod
@@ -261,6 +272,18 @@ class Settings(BaseSettings):
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {v!r}")
         return level
+
+    @field_validator("variant")
+    @classmethod
+    def _variant(cls, v: str) -> str:
+        """A label value, a response header and a dashboard's legend: short and plain, so the
+        metrics' cardinality stays one value a replica and the header needs no escaping."""
+        if v and not VARIANT.fullmatch(v):
+            raise ValueError(
+                f"R2EC_VARIANT must be 1-32 letters, digits, '.', '_' or '-', starting with a letter "
+                f"or digit (an experiment's arm, e.g. 'candidate'), got {v!r}"
+            )
+        return v
 
     @field_validator("device")
     @classmethod

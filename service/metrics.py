@@ -8,10 +8,12 @@ from __future__ import annotations
 import functools
 import json
 import platform
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -57,14 +59,25 @@ STORE_OPS = (
     "ping",
 )
 RELOAD_OUTCOMES = ("ok", "failed")
+# The labels of the recommendation metrics: the version of the model that answered each request
+# (a reload mid-window credits each request to its own model) and R2EC_VARIANT, one value a
+# replica. Versions are bounded: the series of the MODEL_VERSIONS_KEPT versions to have served
+# last are kept, an older one's are dropped when another begins (`Metrics.model_labels`).
+MODEL_LABELS = ("version", "variant")
+MODEL_VERSIONS_KEPT = 3
 STREAM_OUTCOMES = ("ok", "error", "disconnected", "cancelled")  # service/streaming.py
 
 
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, variant: str = "") -> None:
         self.registry = registry or CollectorRegistry()
+        self.variant = variant  # R2EC_VARIANT: the `variant` label of the model metrics
+        # versions with recommendation series, oldest first, and each one's labelled children
+        self._versions: list[str] = []
+        self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
+        self._versions_lock = threading.Lock()  # the event loop and the model thread observe
         r = self.registry
         self.request_latency = Histogram(
             "r2ec_request_duration_seconds",
@@ -77,8 +90,20 @@ class Metrics:
             "r2ec_recommend_seconds",
             "Answered recommendations (/recommend and /recommend/stream), from the request body "
             "read and parsed to the answer: the service's own time, where "
-            "r2ec_request_duration_seconds also holds a slow client's upload.",
+            "r2ec_request_duration_seconds also holds a slow client's upload. By the version of "
+            "the model that answered and the replica's R2EC_VARIANT.",
+            MODEL_LABELS,
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.recommend_errors = Counter(
+            "r2ec_recommend_errors_total",
+            "/recommend and /recommend/stream requests that failed once the model's path had "
+            "them (from the history's check to the answer), by the error body's code "
+            "(unknown_items, empty_history, invalid_request, overloaded, shutting_down, "
+            "client_disconnected, internal_error), the version of the model serving and "
+            "R2EC_VARIANT. Refusals before it (a bad body, a store down) are not the model's.",
+            ["code", *MODEL_LABELS],
             registry=r,
         )
         self.queue_wait = Histogram(
@@ -96,31 +121,33 @@ class Metrics:
         self.generate_seconds = Histogram(
             "r2ec_generate_seconds",
             "Time writing reasoning: one batched generate call (static batching) or one request's "
-            "reasoning from admission to h_T (continuous batching).",
+            "reasoning from admission to h_T (continuous batching); by model version and variant.",
+            MODEL_LABELS,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.reasoning_tokens = Histogram(
             "r2ec_reasoning_tokens",
             "Reasoning tokens written per request that wrote its reasoning (a cache miss; hits are "
-            'r2ec_reasoning_cache_total{result="hit"}): sum = tokens generated.',
+            'r2ec_reasoning_cache_total{result="hit"}): sum = tokens generated; by model version '
+            "and variant.",
+            MODEL_LABELS,
             buckets=TOKEN_BUCKETS,
             registry=r,
         )
         self.reasoning_cut = Counter(
             "r2ec_reasoning_cut_total",
             "Answers whose reasoning stopped at its token budget rather than ending (a reply's "
-            "reasoning_cut), cache hits included.",
+            "reasoning_cut), cache hits included; by model version and variant.",
+            MODEL_LABELS,
             registry=r,
         )
         self.cache = Counter(
             "r2ec_reasoning_cache_total",
-            "Reasoning cache lookups by result (hit, miss).",
-            ["result"],
+            "Reasoning cache lookups by result (hit, miss), model version and variant.",
+            ["result", *MODEL_LABELS],
             registry=r,
         )
-        for result in ("hit", "miss"):
-            self.cache.labels(result)
         self.store_errors = Counter(
             "r2ec_store_errors_total",
             "Failed history-store operations by operation.",
@@ -177,7 +204,8 @@ class Metrics:
         self.model = Info(
             "r2ec_model",
             "The model version being served, its checkpoint (its path relative to the checkpoint "
-            "root: 'v2', 'current'), and its decode steps' matmul path "
+            "root: 'v2', 'current'), its fingerprint (its files and the serving settings that "
+            "change its answers), the replica's R2EC_VARIANT, and its decode steps' matmul path "
             "(bf16_kernel, onednn, cuda or hf; int8+ in front with int8 weights), and its item "
             "index with its search parameters ('flat', 'ivf nlist=1024 nprobe=16', "
             "'hnsw M=32 ef_search=64').",
@@ -257,10 +285,39 @@ class Metrics:
         """A store operation took `seconds` (RedisStore's `on_op`)."""
         self.store_seconds.labels(op).observe(seconds)
 
-    def serving(self, created_at: str) -> None:
-        """A model began serving now; `created_at` is its r2ec.json's (ISO 8601, or empty)."""
+    def serving(self, created_at: str, version: str | None = None) -> None:
+        """A model began serving now; `created_at` is its r2ec.json's (ISO 8601, or empty). Its
+        `version`'s recommendation series start at 0, so a rate() over them reads 0, not nothing,
+        before its first answer."""
         self.model_created.set(_timestamp(created_at) or 0.0)
         self.model_loaded.set(time.time())
+        if version is not None:
+            for metric in (self.recommend_seconds, self.generate_seconds, self.reasoning_tokens):
+                self.by_model(metric, version)
+            self.by_model(self.reasoning_cut, version)
+            for result in ("hit", "miss"):
+                self.by_model(self.cache, version, result)
+
+    def by_model(self, metric: Any, version: str, *labels: str) -> Any:
+        """`metric`'s child for `labels` (its own, before MODEL_LABELS), the model `version` that
+        answered and this replica's variant. Cardinality stays bounded: when a version begins
+        that is not among the MODEL_VERSIONS_KEPT last, the series of the oldest of them are
+        removed (Prometheus keeps what it scraped; a rollback's return starts them at 0, which
+        rate() reads as a counter reset). Requests a reload's old model still answers keep its
+        version's series, as a replica serves at most two models at once."""
+        values = (*labels, version, self.variant)
+        with self._versions_lock:
+            if version not in self._series:
+                self._versions.append(version)
+                self._series[version] = set()
+                while len(self._versions) > MODEL_VERSIONS_KEPT:
+                    for old_metric, old_values in self._series.pop(self._versions.pop(0)):
+                        try:
+                            old_metric.remove(*old_values)
+                        except KeyError:
+                            pass
+            self._series[version].add((metric, values))
+            return metric.labels(*values)
 
     def track_index_size(self, size: Callable[[], int]) -> None:
         self.index_size.set_function(lambda: float(size()))

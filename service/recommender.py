@@ -79,8 +79,11 @@ log = logging.getLogger(__name__)
 # First in every reasoning cache key (`Recommender._key`): changed where no entry cached before may
 # be read again. "cache-2" since 0.2.0: a release before it indexed its entries by user only from
 # the erasure's commit on (service/store.py USER_CACHE_KEY), so an erasure cannot find the rest,
-# and some of them (held-claims-6, from f3031b5) had this code's keys, so they were served
-CACHE_FORMAT = "cache-2"
+# and some of them (held-claims-6, from f3031b5) had this code's keys, so they were served.
+# "cache-3": keys name the model's fingerprint (`Recommender.fingerprint`), not only its version;
+# a cache-2 entry may hold another model's answer under the same version (journey 40, F3)
+CACHE_FORMAT = "cache-3"
+FINGERPRINT_HEX = 16  # hex digits of `Recommender.fingerprint` (64 bits)
 
 
 class Recommender:
@@ -115,7 +118,32 @@ class Recommender:
         self.constrain_titles = constrain_titles  # model/constrained.py
         if constrain_titles:  # built here, at load, not on the event loop by the first request
             self.model.token_strings()
+        # what decides this model's answers beyond its files (`fingerprint`)
+        engine = self.backend.engine if isinstance(self.backend, EngineBackend) else None
+        drafter = self.backend.drafter
+        self.serving: dict[str, Any] = {
+            "dtype": str(self.model.lm.dtype).removeprefix("torch."),
+            "device": self.model.device.type,
+            "backend": self.backend.name,
+            "quantize": engine.quantize if engine is not None else "none",
+            "exact_decode": engine.exact if engine is not None else None,
+            "speculative_tokens": drafter.tokens if drafter is not None else 0,
+            "constrain_titles": constrain_titles,
+        }
+        material = json.dumps([checkpoint.digest or self.version, self.serving], sort_keys=True)
+        # The model's identity, in short hex: a hash of its checkpoint's files (r2ec.json, the
+        # weights, the tokenizer, the co-watch table and the backbone's name: model/checkpoint.py
+        # `model_digest`) and of the serving settings that change what it writes or where h_T
+        # lands (`serving`: dtype, device kind, backend, int8 weights, exact decode, speculative
+        # drafts, the claims' grammar). Two replicas of one arm share it wherever their copies
+        # of the checkpoint lie; a copy with one weight or prompt setting changed, or the same
+        # checkpoint in float32 beside bfloat16, does not. The reasoning cache is keyed on it
+        # (`_key`), and each answer names it (service/routes.py).
+        self.fingerprint = hashlib.sha256(material.encode()).hexdigest()[:FINGERPRINT_HEX]
         self.generate_calls = 0  # `generate` invocations, for tests and metrics
+        # how answers name the checkpoint (Result.checkpoint): its directory's name; the service
+        # names it as r2ec_model_info does, from the checkpoint root (service/state.py `_adopt`)
+        self.label = checkpoint.path.name
         self._runner: DecodeRunner | None = None
 
     @classmethod
@@ -169,8 +197,9 @@ class Recommender:
             speculative_tokens=speculative_tokens,
         )
         log.info(
-            "loaded model %s from %s on %s (%s backend): %d items, %s index, %.1fs",
+            "loaded model %s (fingerprint %s) from %s on %s (%s backend): %d items, %s index, %.1fs",
             engine.version,
+            engine.fingerprint,
             path,
             engine.model.device,
             engine.backend.name,
@@ -315,7 +344,13 @@ class Recommender:
         hints = self.model.hint_titles(entries, catalog=self.catalog.titles)
         prompt = self.model.user_prompt(entries, hints=hints)
         if not query.wants_reasoning:
-            return PreparedQuery(query=query, model_version=self.version, prompt=prompt, cache_key=None)
+            return PreparedQuery(
+                query=query,
+                model_version=self.version,
+                prompt=prompt,
+                cache_key=None,
+                fingerprint=self.fingerprint,
+            )
         constraint, grammar = None, "free"
         if self.constrain_titles:  # the genres and decade each history item has in the served catalog
             facts = [ItemFacts.from_row(self.catalog.item(str(e.item_id)) or {}) for e in entries]
@@ -327,6 +362,7 @@ class Recommender:
         return PreparedQuery(
             query=query,
             model_version=self.version,
+            fingerprint=self.fingerprint,
             prompt=prompt,
             cache_key=self._key(prompt, query.max_reasoning_tokens, grammar),
             constraint=constraint,
@@ -334,7 +370,8 @@ class Recommender:
         )
 
     def _key(self, prompt: str, budget: int, grammar: str) -> str:
-        """sha256 of (model version, rendered prompt = the history window, generation settings,
+        """sha256 of (model version and fingerprint, rendered prompt = the history window,
+        generation settings,
         the grammar: what it constrains and the window's genres and decades it was built from),
         so reasoning cached under an older grammar or before a genre or year edit is not served
         under this one. Older grammars: until stop 29 the rated list could name any window
@@ -345,18 +382,27 @@ class Recommender:
         rated below the history's mean could be "liked" and a title rated below it "rated
         highest", and an unrated history could have a rated list; until held-claims-6 a model
         taught the format could begin its text with anything (model/constrained.py
-        `FormatStart`). `CACHE_FORMAT` leads: see there."""
-        material = json.dumps([CACHE_FORMAT, self.version, prompt, budget, "greedy", grammar])
+        `FormatStart`). `CACHE_FORMAT` leads: see there. The fingerprint keeps apart models that
+        share a version string (a copied checkpoint with other weights) and one checkpoint served
+        with settings that change its texts or h_T (bfloat16 and float32 arms on one Redis),
+        each of which would otherwise serve the other's cached answers, items included."""
+        model = [self.version, self.fingerprint]
+        material = json.dumps([CACHE_FORMAT, *model, prompt, budget, "greedy", grammar])
         return hashlib.sha256(material.encode()).hexdigest()
 
+    def prepared_here(self, prepared: PreparedQuery) -> bool:
+        """Whether `prepared` was prepared by this model: its version and fingerprint (a reload
+        of a copy with the same version and other weights is another model)."""
+        return prepared.model_version == self.version and prepared.fingerprint == self.fingerprint
+
     def _ready(self, query: Query | PreparedQuery) -> PreparedQuery:
-        """A query prepared for this model. One prepared for another version (a reload landed
-        between the cache lookup and this batch) is prepared again: its prompt, key and cached
+        """A query prepared for this model. One prepared for another (a reload landed between
+        the cache lookup and this batch) is prepared again: its prompt, key and cached
         reasoning belong to the old model."""
         if not isinstance(query, Query | PreparedQuery):
             raise InvalidQueryError("query", f"must be a Query, got {type(query).__name__}")
         if isinstance(query, PreparedQuery):
-            if query.model_version == self.version:
+            if self.prepared_here(query):
                 return query
             again = self.prepare(query.query)
             return dataclasses.replace(again, on_text=query.on_text, queued_at=query.queued_at)
@@ -479,8 +525,8 @@ class Recommender:
         edits). Same items, scores and reply as the batch gives that query, with no queue and
         no generation in its timings."""
         cached = prepared.cached
-        if cached is None or cached.vector is None or prepared.model_version != self.version:
-            raise ValueError("answer_cached needs a cache hit with its vector, for this model version")
+        if cached is None or cached.vector is None or not self.prepared_here(prepared):
+            raise ValueError("answer_cached needs a cache hit with its vector, prepared by this model")
         if prepared.on_text is not None and cached.text:  # a stream gets the reasoning first
             self._notify(prepared.on_text, cached.text)
         start = time.perf_counter()
@@ -539,6 +585,8 @@ class Recommender:
                     items=items,
                     reasoning=texts[j],
                     model_version=self.version,
+                    fingerprint=self.fingerprint,
+                    checkpoint=self.label,
                     timings=Timings(
                         queue_ms=queue_ms,
                         generate_ms=gen_ms[j],

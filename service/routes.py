@@ -25,7 +25,14 @@ from service.deps import Admin, CatalogDep, MaybeStateDep, StateDep, StoreDep, U
 from service.errors import documented
 from service.state import ServiceState, confine_checkpoint
 from service.store import Event, event_key
-from service.streaming import EventStream, RecommendStream, recommended_items
+from service.streaming import (
+    MODEL_HEADERS,
+    EventStream,
+    RecommendStream,
+    model_headers,
+    model_out,
+    recommended_items,
+)
 from service.types import Query, Result
 
 router = APIRouter()  # every route but /recommend
@@ -102,6 +109,12 @@ STREAM_EXAMPLE = (  # the OpenAPI example of a stream, the README's answer in ev
         {
             "items": [{"item_id": "127", "title": "Godfather, The", "score": 41.64, "rank": 1}],
             "model_version": "20261207-102039-87d819",
+            "model": {
+                "version": "20261207-102039-87d819",
+                "checkpoint": "20261207-102039-87d819",
+                "fingerprint": "ed3496b3c78e7360",
+                "variant": None,
+            },
             "history_source": "request",
             "read_items": ["50", "172", "181"],
         },
@@ -118,6 +131,12 @@ STREAM_EXAMPLE = (  # the OpenAPI example of a stream, the README's answer in ev
 )
 
 
+# the OpenAPI description of the MODEL_HEADERS every answer carries
+MODEL_HEADERS_DOC = {
+    name: {"description": text, "schema": {"type": "string"}} for name, text in MODEL_HEADERS.items()
+}
+
+
 def recommend_router(settings: Settings) -> APIRouter:
     """POST /recommend, its body bounded by `settings.reasoning_token_limit`."""
     body_type = schemas.recommend_request(settings.reasoning_token_limit)
@@ -129,15 +148,27 @@ def recommend_router(settings: Settings) -> APIRouter:
         response_model=schemas.RecommendResponse,
         tags=["recommend"],
         dependencies=UserData,
-        responses=documented(400, 401, 403, 408, 413, 422, 500, 503),
+        responses={
+            200: {
+                "description": "The ranked items and the model that ranked them.",
+                "headers": MODEL_HEADERS_DOC,
+            },
+            **documented(400, 401, 403, 408, 413, 422, 500, 503),
+        },
     )
-    async def recommend(body: body_type, request: Request, state: StateDep) -> schemas.RecommendResponse:
+    async def recommend(
+        body: body_type, request: Request, response: Response, state: StateDep
+    ) -> schemas.RecommendResponse:
         """Ranked items for a history (inline, or the user's stored one), with the reasoning.
-        503 with Retry-After when R2EC_MAX_QUEUE requests already wait, or while shutting down."""
+        503 with Retry-After when R2EC_MAX_QUEUE requests already wait, or while shutting down.
+        The answer names its model: the body's `model`, and the X-Model-Version,
+        X-Model-Fingerprint and (with R2EC_VARIANT set) X-R2ec-Variant headers."""
         started = time.perf_counter()
         query = await _query(body, state, started)
         result = await state.recommend(query, wait_disconnect=lambda: _wait_disconnect(request))
-        return _reply(result, _source(query), (time.perf_counter() - started) * 1e3)
+        variant = state.settings.variant
+        response.headers.update(model_headers(result.model_version, result.fingerprint, variant))
+        return _reply(result, _source(query), (time.perf_counter() - started) * 1e3, variant)
 
     @api.post(
         "/recommend/stream",
@@ -146,7 +177,10 @@ def recommend_router(settings: Settings) -> APIRouter:
         responses={
             200: {
                 "description": "Server-Sent Events: `reasoning` pieces, then `items` and `done`; "
-                "or `error` (the error body) if the answer fails after the stream began.",
+                "or `error` (the error body) if the answer fails after the stream began. The "
+                "headers name the model serving as the stream began; the `items` event's `model` "
+                "the one that answered (another only where a reload came in between).",
+                "headers": MODEL_HEADERS_DOC,
                 "content": {
                     "text/event-stream": {
                         # OpenAPI 3.2's reading: `itemSchema` is one event, `schema` the whole
@@ -200,12 +234,13 @@ def _source(query: Query) -> str:
     return "request" if query.stored_user is None else "store"
 
 
-def _reply(result: Result, source: str, total_ms: float) -> schemas.RecommendResponse:
+def _reply(result: Result, source: str, total_ms: float, variant: str) -> schemas.RecommendResponse:
     t = result.timings
     return schemas.RecommendResponse(
         items=recommended_items(result),
         reasoning=result.reasoning,
         model_version=result.model_version,
+        model=model_out(result, variant),
         history_source=source,
         read_items=list(result.read_items),
         cache=result.cache,

@@ -323,10 +323,44 @@ REASONING_CUT = Field(
 )
 
 
+class ModelOut(BaseModel):
+    """Which model answered: what an experiment's exposure record keeps beside the items. The
+    same values are the X-Model-Version, X-Model-Fingerprint and X-R2ec-Variant headers."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "version": "20261207-102039-87d819",
+                    "checkpoint": "20261207-102039-87d819",
+                    "fingerprint": "ed3496b3c78e7360",
+                    "variant": "candidate",
+                }
+            ]
+        }
+    )
+
+    version: str = Field(description="The checkpoint's version (its r2ec.json), as `model_version`.")
+    checkpoint: str = Field(
+        description="The served checkpoint as r2ec_model_info's `checkpoint` label names it: its "
+        "path under the checkpoint root ('20261207-102039-87d819', 'current')."
+    )
+    fingerprint: str = Field(
+        description="16 hex digits: a hash of the checkpoint's weights, prompt config and tokenizer "
+        "and of the serving settings that change answers (dtype, device kind, backend, int8, "
+        "exact decode, speculative drafts, the claims' grammar). Equal on every replica serving "
+        "the same model; another whenever any of those differs, even under one version."
+    )
+    variant: str | None = Field(
+        description="The replica's R2EC_VARIANT (an experiment's arm); null where it is unset."
+    )
+
+
 class RecommendResponse(BaseModel):
     items: list[RecommendedItem]
     reasoning: str | None = Field(description="What lm_head wrote before ranking; null without reasoning.")
     model_version: str
+    model: ModelOut
     history_source: str = Field(description="'request' or 'store'")
     read_items: list[str] = READ_ITEMS
     cache: str = Field(description="hit, miss or off (no reasoning)")
@@ -546,6 +580,7 @@ class StreamItems(BaseModel):
 
     items: list[RecommendedItem]
     model_version: str
+    model: ModelOut
     history_source: str = Field(description="'request' or 'store'")
     read_items: list[str] = READ_ITEMS
 

@@ -27,7 +27,7 @@ from index import search_without_threads
 from model.checkpoint import CURRENT_FILE, CheckpointError, read_meta, resolve_checkpoint
 from model.retrain import STATE_FILE as RETRAIN_STATE
 from model.retrain import WORK_DIR as RETRAIN_DIR
-from service.batcher import MicroBatcher
+from service.batcher import BatcherClosed, MicroBatcher, QueueFull, QueueTimeout
 from service.catalog import Catalog
 from service.config import Settings
 from service.continuous import ContinuousBatcher
@@ -35,7 +35,15 @@ from service.logs import Throttled
 from service.metrics import Metrics
 from service.recommender import Recommender
 from service.store import Appended, Erased, Event, HistoryStore, RedisStore, StoreUnavailable
-from service.types import CachedReasoning, PreparedQuery, Query, QueryError, Result, UnknownItemsError
+from service.types import (
+    CachedReasoning,
+    EmptyHistoryError,
+    PreparedQuery,
+    Query,
+    QueryError,
+    Result,
+    UnknownItemsError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +140,27 @@ class ClientDisconnected(Exception):
     pass
 
 
+def _error_code(exc: Exception) -> str:
+    """The error body's `code` (service/errors.py) of a recommendation that failed with `exc`,
+    for r2ec_recommend_errors_total: a bounded set."""
+    match exc:
+        case UnknownItemsError():
+            return "unknown_items"
+        case EmptyHistoryError():
+            return "empty_history"
+        case QueryError():
+            return "invalid_request"
+        case QueueFull() | QueueTimeout():
+            return "overloaded"
+        case BatcherClosed():
+            return "shutting_down"
+        case ClientDisconnected():
+            return "client_disconnected"
+        case StoreUnavailable():
+            return "store_unavailable"
+    return "internal_error"
+
+
 RELEASE_POLL_S = 1.0  # how often `_release` looks whether the replaced model is gone
 RELEASE_WAIT_S = 600.0  # longer than any request decodes on it
 RELEASE_COLLECT_AT_S = (5.0, 40.0, 120.0, 300.0)  # when `_release` collects while it waits
@@ -159,7 +188,7 @@ class ServiceState:
         executor: ThreadPoolExecutor,
     ) -> None:
         self.settings = settings
-        self.engine = engine
+        self.engine = self._adopt(engine)
         self.store = store
         self.metrics = metrics
         self.model_executor = executor  # the only thread that runs the model
@@ -437,25 +466,32 @@ class ServiceState:
         Streaming: `on_text` gets the reasoning as it is written, on the model thread
         (PreparedQuery.on_text); `on_queued()` is called once the request is in the batcher's
         queue, past every check that refuses it, so a stream can start."""
-        prepared = self.engine.prepare(query)  # QueryError for a bad history: the app's 422
-        if on_text is not None:
-            prepared = dataclasses.replace(prepared, on_text=on_text)
-        if prepared.cache_key is not None:
-            cached = await self._cache_get(prepared.cache_key)
-            if cached is not None:
-                prepared = dataclasses.replace(prepared, cached=cached)
-        result = await self._answer_cached(prepared)
-        if result is None:
-            result = await self._batched(prepared, wait_disconnect, on_queued)
-            self.metrics.queue_wait.observe(result.timings.queue_ms / 1e3)
-        self.metrics.recommend_seconds.observe(time.perf_counter() - query.submitted_at)
+        engine = self.engine
+        try:
+            prepared = engine.prepare(query)  # QueryError for a bad history: the app's 422
+            if on_text is not None:
+                prepared = dataclasses.replace(prepared, on_text=on_text)
+            if prepared.cache_key is not None:
+                cached = await self._cache_get(prepared.cache_key)
+                if cached is not None:
+                    prepared = dataclasses.replace(prepared, cached=cached)
+            result = await self._answer_cached(prepared)
+            if result is None:
+                result = await self._batched(prepared, wait_disconnect, on_queued)
+                self.metrics.queue_wait.observe(result.timings.queue_ms / 1e3)
+        except Exception as exc:  # by the model serving when it failed (the batch's may be newer)
+            self.metrics.by_model(self.metrics.recommend_errors, engine.version, _error_code(exc)).inc()
+            raise
+        # each by the model that answered: a reload between the request and its batch moves it
+        m, version = self.metrics, result.model_version
+        m.by_model(m.recommend_seconds, version).observe(time.perf_counter() - query.submitted_at)
         if result.cache != "off":
-            self.metrics.cache.labels(result.cache).inc()
-            self.metrics.reasoning_cut.inc(result.reasoning_cut)
+            m.by_model(m.cache, version, result.cache).inc()
+            m.by_model(m.reasoning_cut, version).inc(result.reasoning_cut)
         if result.cache == "miss":
-            self.metrics.reasoning_tokens.observe(result.reasoning_tokens)
+            m.by_model(m.reasoning_tokens, version).observe(result.reasoning_tokens)
         if self.continuous and result.cache == "miss":  # (static batches observe per generate call)
-            self.metrics.generate_seconds.observe(result.timings.generate_ms / 1e3)
+            m.by_model(m.generate_seconds, version).observe(result.timings.generate_ms / 1e3)
         if result.generated is not None and result.cache_key is not None:
             # indexed under the user whose stored history it was made from, so their erasure
             # finds it (service/store.py, "Erasure")
@@ -480,7 +516,7 @@ class ServiceState:
         if (
             cached is None
             or cached.vector is None
-            or prepared.model_version != engine.version
+            or not engine.prepared_here(prepared)
             or cached.vector.shape != (engine.model.hidden_size,)
         ):
             return None
@@ -525,7 +561,8 @@ class ServiceState:
         if engine.generate_calls > calls:
             generated = next((r for r in results if isinstance(r, Result) and r.generated), None)
             if generated is not None:
-                self.metrics.generate_seconds.observe(generated.timings.generate_ms / 1e3)
+                seconds = self.metrics.by_model(self.metrics.generate_seconds, generated.model_version)
+                seconds.observe(generated.timings.generate_ms / 1e3)
         return results
 
     @property
@@ -613,7 +650,7 @@ class ServiceState:
                         f"loaded {str(target)!r} but could not re-apply the item edits: {exc}; "
                         f"still serving {old.version}"
                     ) from exc
-                self.engine = new  # one reference assignment: the next batch sees the new model
+                self.engine = self._adopt(new)  # one assignment: the next batch sees the new model
             if carried:
                 log.info("re-applied %d item edits to model %s", carried, new.version)
             self.metrics.reloads.labels("ok").inc()
@@ -643,16 +680,23 @@ class ServiceState:
         else:
             log.warning("the model a reload replaced is still held after %.0fs: not freed", waited)
 
+    def _adopt(self, engine: Recommender) -> Recommender:
+        """A model about to serve, named as /metrics and the answers name its checkpoint
+        (`checkpoint_label`: 'v2', 'current'), which depends on R2EC_CHECKPOINT."""
+        engine.label = checkpoint_label(self.settings.checkpoint, engine.checkpoint.path, engine.version)
+        return engine
+
     def _publish_version(self) -> None:
-        self.metrics.serving(str(self.engine.checkpoint.meta.get("created_at", "")))
+        engine = self.engine
+        self.metrics.serving(str(engine.checkpoint.meta.get("created_at", "")), engine.version)
         self.metrics.model.info(
             {
-                "version": self.engine.version,
-                "checkpoint": checkpoint_label(
-                    self.settings.checkpoint, self.engine.checkpoint.path, self.engine.version
-                ),
-                "decode_matmuls": self.engine.decode_matmuls,
-                "index": self.engine.catalog.index.describe(),
+                "version": engine.version,
+                "checkpoint": engine.label,
+                "fingerprint": engine.fingerprint,
+                "variant": self.settings.variant,
+                "decode_matmuls": engine.decode_matmuls,
+                "index": engine.catalog.index.describe(),
             }
         )
 

@@ -5,8 +5,8 @@ everything that refuses a request (a bad body or history, a full queue, a drain,
 is still the JSON error /recommend gives. From then on the answer is events:
 
     event: reasoning   data: {"text": "<the next piece>"}      zero or more
-    event: items       data: {"items": [...], "model_version": ..., "history_source": ...,
-                             "read_items": [...]}
+    event: items       data: {"items": [...], "model_version": ..., "model": {...},
+                             "history_source": ..., "read_items": [...]}
     event: done        data: {"reasoning_tokens": ..., "reasoning_cut": ..., "cache": ..., "timings": {...}}
 
 or, for a failure after the stream began, `event: error` with the JSON error body, and the end.
@@ -110,8 +110,12 @@ class RecommendStream:
         self._loop.call_soon_threadsafe(self._pieces.put_nowait, piece)
 
     def response(self) -> EventStream:
+        # the headers go before any event: they name the model serving as the stream begins; the
+        # `items` event names the one that answered (another where a reload came in between)
+        engine = self._state.engine
         response = EventStream(
             self._events(),
+            headers=model_headers(engine.version, engine.fingerprint, self._state.settings.variant),
             ping=PING_S,
             sep="\n",
             client_close_handler_callable=self._client_left,
@@ -151,13 +155,38 @@ class RecommendStream:
             body = await error_body(self._request, exc)
             yield ServerSentEvent(data=bytes(body).decode(), event="error", sep="\n")
             return
-        yield _event("items", _items(result, self._source))
+        yield _event("items", _items(result, self._source, self._state.settings.variant))
         self._outcome = "ok"
         yield _event("done", _done(result, self._query))
 
 
 def _event(name: str, data: Any) -> ServerSentEvent:
     return ServerSentEvent(data=data.model_dump_json(), event=name, sep="\n")  # framed as the docs show
+
+
+# Response headers naming the model of every /recommend and /recommend/stream answer, for a
+# gateway's or ingress' log to record without reading bodies (the body's `model` holds the same)
+MODEL_HEADERS = {
+    "X-Model-Version": "The answering model's version (the body's `model_version`).",
+    "X-Model-Fingerprint": "The answering model's fingerprint (the body's `model.fingerprint`).",
+    "X-R2ec-Variant": "The replica's R2EC_VARIANT (the body's `model.variant`); absent where it is unset.",
+}
+
+
+def model_headers(version: str, fingerprint: str, variant: str) -> dict[str, str]:
+    """The MODEL_HEADERS of an answer (X-R2ec-Variant only where R2EC_VARIANT is set)."""
+    headers = {"X-Model-Version": version, "X-Model-Fingerprint": fingerprint}
+    return {**headers, "X-R2ec-Variant": variant} if variant else headers
+
+
+def model_out(result: Result, variant: str) -> schemas.ModelOut:
+    """The reply's `model`: the model that answered, and the replica's arm."""
+    return schemas.ModelOut(
+        version=result.model_version,
+        checkpoint=result.checkpoint,
+        fingerprint=result.fingerprint,
+        variant=variant or None,
+    )
 
 
 def recommended_items(result: Result) -> list[schemas.RecommendedItem]:
@@ -168,10 +197,11 @@ def recommended_items(result: Result) -> list[schemas.RecommendedItem]:
     ]
 
 
-def _items(result: Result, source: str) -> schemas.StreamItems:
+def _items(result: Result, source: str, variant: str) -> schemas.StreamItems:
     return schemas.StreamItems(
         items=recommended_items(result),
         model_version=result.model_version,
+        model=model_out(result, variant),
         history_source=source,
         read_items=list(result.read_items),
     )

@@ -321,6 +321,7 @@ class PreparedQuery:
     model_version: str
     prompt: str  # the rendered user prompt (chat template applied)
     cache_key: str | None  # None when the query does not reason
+    fingerprint: str = ""  # the preparing model's (Recommender.fingerprint)
     cached: CachedReasoning | None = None  # the reasoning found under cache_key, if any
     # the grammar the reasoning's claims are decoded under (model/constrained.py), or None, and
     # what it was built from beyond the prompt (the window's genres and decades), which the cache
@@ -371,3 +372,8 @@ class Result:
     # what the caller may cache under cache_key: a new reasoning with its h_T, or a hit read from
     # an entry without h_T (written before vectors were cached), now with it
     generated: CachedReasoning | None = None
+    # the answering model's identity beyond its version (Recommender.fingerprint): its files
+    # and the serving settings that change its answers; and its checkpoint's name
+    # (Recommender.label: as r2ec_model_info's `checkpoint` in the service)
+    fingerprint: str = ""
+    checkpoint: str = ""

@@ -395,6 +395,34 @@ def test_queue_autoscaling_reads_what_the_service_exports(docs):
     assert {"r2ec_queue_depth", "r2ec_queue_capacity"} <= read and read <= exported
 
 
+def _selects(selector: dict, labels: dict) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions) selects `labels`."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        value, present = labels.get(e["key"]), e["key"] in labels
+        ok = {
+            "In": present and value in e.get("values", []),
+            "NotIn": not present or value not in e.get("values", []),
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def _canary() -> tuple[dict, dict, dict]:
+    """components/canary: its Deployment, its Service and its ConfigMap's literals."""
+    component = K8S / "components" / "canary"
+    docs = [d for d in yaml.safe_load_all((component / "canary.yaml").read_text()) if d]
+    (deploy,) = _by_kind(docs, "Deployment").values()
+    (svc,) = _by_kind(docs, "Service").values()
+    (generated,) = yaml.safe_load((component / "kustomization.yaml").read_text())["configMapGenerator"]
+    assert generated["name"] == "r2ec-canary"
+    return deploy, svc, dict(line.split("=", 1) for line in generated["literals"])
+
+
 def test_the_network_policy_selects_the_api_pods_and_their_port(docs):
     (policy,) = yaml.safe_load_all((K8S / "components" / "network-policy" / "networkpolicy.yaml").read_text())
     deploy, api = _api(docs)
@@ -402,12 +430,70 @@ def test_the_network_policy_selects_the_api_pods_and_their_port(docs):
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
     ports = {p["name"] for p in api["ports"]}
     assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} <= ports
+    # the canary's pods too (components/canary), and no other pod of the stack
+    canary, _, _ = _canary()
+    assert _selects(policy["spec"]["podSelector"], labels)
+    assert _selects(policy["spec"]["podSelector"], canary["spec"]["template"]["metadata"]["labels"])
+    for name, other in _by_kind(docs, "Job").items():
+        assert not _selects(policy["spec"]["podSelector"], other["spec"]["template"]["metadata"]["labels"]), (
+            name
+        )
+
+
+def test_the_canary_is_the_api_pinned_to_one_version_as_its_own_arm(docs):
+    """Journey 40, F5: the candidate arm of an experiment is the api Deployment with its own
+    labels, R2EC_CHECKPOINT pinned to a version directory (neither the watch nor a publish
+    moves it) and R2EC_VARIANT, behind a Service of its own; nothing else differs."""
+    from service.config import Settings
+
+    canary, svc, settings = _canary()
+    main, _ = _api(docs)
+    pod, main_pod = canary["spec"]["template"], main["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    # its own arm: the main Deployment, Service and PDB do not select its pods, nor it theirs
+    assert not _selects(main["spec"]["selector"], labels)
+    (main_svc,) = _by_kind(docs, "Service").values()
+    (pdb,) = _by_kind(docs, "PodDisruptionBudget").values()
+    assert not _selects({"matchLabels": main_svc["spec"]["selector"]}, labels)
+    assert not _selects(pdb["spec"]["selector"], labels)
+    assert _selects(canary["spec"]["selector"], labels)
+    assert not _selects(canary["spec"]["selector"], main_pod["metadata"]["labels"])
+    assert _selects({"matchLabels": svc["spec"]["selector"]}, labels)
+    assert svc["spec"]["ports"] == main_svc["spec"]["ports"]
+    assert pod["metadata"]["annotations"] == main_pod["metadata"]["annotations"]  # scraped alike
+    # pinned to one version under the versions root, with an arm's name
+    root = _config(docs)["R2EC_CHECKPOINT"]
+    assert set(settings) == {"R2EC_CHECKPOINT", "R2EC_VARIANT"}
+    assert settings["R2EC_CHECKPOINT"].startswith(root.rstrip("/") + "/")
+    assert Settings(variant=settings["R2EC_VARIANT"]).variant == "candidate"
+    # the rest is the main pod's: the same image, Redis, threads, probes, security and volumes
+    (api,) = pod["spec"]["containers"]
+    (main_api,) = main_pod["spec"]["containers"]
+    refs = [e["configMapRef"]["name"] for e in api["envFrom"]]
+    assert refs == [*(e["configMapRef"]["name"] for e in main_api["envFrom"]), "r2ec-canary"]
+    same = {k: v for k, v in api.items() if k != "envFrom"}
+    assert same == {k: v for k, v in main_api.items() if k != "envFrom"}
+    (wait,) = pod["spec"]["initContainers"]
+    (main_wait,) = main_pod["spec"]["initContainers"]
+    assert [e["configMapRef"]["name"] for e in wait["envFrom"]] == ["r2ec-canary"]
+    assert '"$R2EC_CHECKPOINT/r2ec.json"' in wait["command"][-1]
+    assert {k: v for k, v in wait.items() if k not in ("command", "envFrom")} == {
+        k: v for k, v in main_wait.items() if k != "command"
+    }
+    spread = [dict(c, labelSelector=None) for c in pod["spec"]["topologySpreadConstraints"]]
+    assert spread == [dict(c, labelSelector=None) for c in main_pod["spec"]["topologySpreadConstraints"]]
+    assert all(_selects(c["labelSelector"], labels) for c in pod["spec"]["topologySpreadConstraints"])
+    rest = ("initContainers", "containers", "topologySpreadConstraints")
+    assert {k: v for k, v in pod["spec"].items() if k not in rest} == {
+        k: v for k, v in main_pod["spec"].items() if k not in rest
+    }
+    assert canary["spec"]["strategy"] == main["spec"]["strategy"]
 
 
 def test_the_kustomization_offers_every_component():
     text = (K8S / "kustomization.yaml").read_text()
     readme = (K8S / "README.md").read_text()
-    assert COMPONENTS == ["keda-autoscaling", "network-policy", "redis-auth"]
+    assert COMPONENTS == ["canary", "keda-autoscaling", "network-policy", "redis-auth"]
     for name in COMPONENTS:
         assert f"#   - components/{name}" in text and f"components/{name}" in readme
         kind = yaml.safe_load((K8S / "components" / name / "kustomization.yaml").read_text())["kind"]
@@ -455,3 +541,24 @@ def test_the_base_and_each_component_build(kustomize):
     names = [e["name"] for e in api["env"]]
     assert names.index("REDIS_PASSWORD") < names.index("R2EC_REDIS_URL")
     assert {"R2EC_API_KEY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS"} <= set(names)  # the base's stay
+
+
+def test_the_canary_builds_with_its_settings_and_the_redis_password(kustomize):
+    """components/canary listed before redis-auth (as its comment says): the canary reaches the
+    same Redis with the password, and its generated ConfigMap is the one its pods read."""
+    built = kustomize("canary", "redis-auth")
+    deployments = _by_kind(built, "Deployment")
+    assert set(deployments) == {"r2ec-api", "r2ec-api-canary"}
+    canary = deployments["r2ec-api-canary"]["spec"]["template"]["spec"]
+    (api,) = canary["containers"]
+    names = [e["name"] for e in api["env"]]
+    assert names.index("REDIS_PASSWORD") < names.index("R2EC_REDIS_URL")
+    maps = _by_kind(built, "ConfigMap")
+    refs = [e["configMapRef"]["name"] for e in api["envFrom"]]
+    assert refs[0] == "r2ec-config" and refs[1].startswith("r2ec-canary-") and set(refs) <= set(maps)
+    assert maps[refs[1]]["data"]["R2EC_VARIANT"] == "candidate"
+    (wait,) = canary["initContainers"]
+    assert [e["configMapRef"]["name"] for e in wait["envFrom"]] == [refs[1]]
+    assert set(_by_kind(built, "Service")) == {"r2ec-api", "r2ec-api-canary"}
+    # the main replicas are as without it
+    assert deployments["r2ec-api"] == _by_kind(kustomize("redis-auth"), "Deployment")["r2ec-api"]

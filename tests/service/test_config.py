@@ -59,3 +59,17 @@ def test_every_variable_the_repo_tells_users_to_set_is_read():
     assert len(named) > 10
     named -= RETIRED.keys()  # docs/operations.md, "Upgrading", says what replaced them
     assert [line for name in sorted(named) for line in unknown_env({name: ""})] == []
+
+
+def test_the_variant_is_a_short_plain_label_or_empty(monkeypatch):
+    """R2EC_VARIANT names an experiment's arm in a header and a metric label (journey 40, F2)."""
+    import pytest
+    from pydantic import ValidationError
+
+    assert Settings().variant == ""
+    monkeypatch.setenv("R2EC_VARIANT", "candidate-2026.12_b")
+    assert Settings().variant == "candidate-2026.12_b"
+    for bad in ("-x", "a b", "arm/1", "x" * 33, "é", "a\nb"):
+        monkeypatch.setenv("R2EC_VARIANT", bad)
+        with pytest.raises(ValidationError, match="R2EC_VARIANT must be"):
+            Settings()
