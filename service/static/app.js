@@ -150,12 +150,6 @@ function say(el, ...parts) {
   el.replaceChildren(...parts.map((p) => (typeof p === "string" ? document.createTextNode(p) : p)));
 }
 
-// A title or id inside an attribute (aria-label), where no element can isolate it: U+2068 FIRST
-// STRONG ISOLATE ... U+2069 POP DIRECTIONAL ISOLATE do.
-function isolate(text) {
-  return `\u2068${text}\u2069`;
-}
-
 // The title line and the grey line under it, as every list on the page shows an item; the
 // title takes its direction from its own first strong character (dir="auto", which isolates it).
 function titleSpans(titleText, subText = "") {
@@ -232,7 +226,7 @@ function renderMatches() {
     const added = inHistory.has(item.item_id);
     action.textContent = added ? "added" : "+ add";
     button.disabled = added;
-    button.setAttribute("aria-label", `${added ? "Already added" : "Add"}: ${isolate(item.title)} ${subtitle(item)}`.trim());
+    button.setAttribute("aria-label", `${added ? "Already added" : "Add"}: ${item.title} ${subtitle(item)}`.trim());
     button.append(title, sub, action);
     button.addEventListener("click", () => addToHistory(item, 5, { focusSearch: true }));
     li.append(button);
@@ -333,7 +327,7 @@ function renderHistory() {
     remove.type = "button";
     remove.className = "remove";
     remove.textContent = "Remove";
-    remove.setAttribute("aria-label", `Remove ${isolate(entry.title)}`);
+    remove.setAttribute("aria-label", `Remove ${entry.title}`);
     remove.addEventListener("click", () => {
       state.history.splice(state.history.indexOf(entry), 1);
       state.readWindow = null;
@@ -537,7 +531,7 @@ function renderItems(run, items) {
     watched.type = "button";
     watched.className = "watched";
     watched.textContent = "I watched this";
-    watched.setAttribute("aria-label", `I watched ${isolate(item.title)}`);
+    watched.setAttribute("aria-label", `I watched ${item.title}`);
     watched.addEventListener("click", () => markWatched(item, watched));
     const side = document.createElement("div");
     side.className = "side";

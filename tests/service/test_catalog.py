@@ -568,7 +568,7 @@ def test_the_title_index_is_built_as_the_catalog_opens_and_never_under_its_lock(
     during: list[bool] = []
 
     class SearchedDuringBuild(TitleIndex):
-        def __init__(self, titles):
+        def __init__(self, titles, **kw):
             titles = list(titles)
             if len(titles) > 3:  # the catalog's, not the few edited titles searched beside it
                 done = []
@@ -577,7 +577,7 @@ def test_the_title_index_is_built_as_the_catalog_opens_and_never_under_its_lock(
                 search.start(), edit.start()
                 search.join(60), edit.join(60)  # blocked by the build, they do not end before it: no timing
                 during.append(bool(done) and not edit.is_alive())
-            super().__init__(titles)
+            super().__init__(titles, **kw)
 
     monkeypatch.setattr(catalog_module, "TITLE_REBUILD_EDITS", 0)
     monkeypatch.setattr(catalog_module, "TitleIndex", SearchedDuringBuild)
