@@ -3,6 +3,7 @@
     python3 bench/bench_large_catalog.py memory --checkpoint checkpoints/current --items 200000
     python3 bench/bench_large_catalog.py edits  --checkpoint checkpoints/current --items 200000
     python3 bench/bench_large_catalog.py encode --checkpoint checkpoints/current --data data/ml-100k/loo
+    python3 bench/bench_large_catalog.py batch  --checkpoint checkpoints/current --batch-items 256 [--tiny]
 
 `memory` and `edits` serve a stand-in of `--items` items (`write_stand_in`): a copy of the
 checkpoint, its model, with synthetic items (titles of its catalog's words) and their vectors
@@ -26,6 +27,16 @@ full save as it was done before (the index's lock held through the write and its
 
 encode: items/s of `encode_catalog` (what `r2ec checkpoint init` runs) on the checkpoint's
 model, `--encode-items` items of `--data`'s catalog, at each `--batch-sizes`.
+
+batch: what POST /items/batch saves against one PUT per item, in process on a copy of the
+checkpoint (`--tiny`: an untrained tiny-model checkpoint over its items instead, as the tests
+use): `--batch-items` new items upserted one by one (`Catalog.upsert`, what each PUT runs:
+encode alone, index, one log append and flush) against the same texts under other ids as one
+batch the way the service runs it (`Catalog.encode_items` on EDIT_BATCH_CHUNK items at a time,
+each chunk a turn of the model thread, then `Catalog.edit_many`: one index pass, one append),
+`--rounds` times in turn; items/s of each, their ratio, and how long one chunk holds the
+model thread (what a recommendation waiting for it waits at most, beside the apply), at each
+of `--chunks` (chunk sizes; default the service's).
 """
 
 from __future__ import annotations
@@ -315,12 +326,99 @@ def encode(args: argparse.Namespace, tmp: Path) -> None:
         print(f"| {batch_size} | {', '.join(rates[False])} | {', '.join(rates[True])} |", flush=True)
 
 
+# ------------------------------------------------------------------------------ batch
+def batch(args: argparse.Namespace, tmp: Path) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from model.checkpoint import ITEMS_FILE, create_base_checkpoint, item_record, resolve_checkpoint
+    from service.recommender import Recommender
+    from service.state import EDIT_BATCH_CHUNK
+
+    source = resolve_checkpoint(args.checkpoint)
+    if args.tiny:
+        path, dtype = tmp / "tiny", "float32"
+        items = pd.read_parquet(source / ITEMS_FILE)
+        create_base_checkpoint(path, "tiny", items, dtype=dtype, progress=False)
+    else:
+        path, dtype = tmp / "copy", "bfloat16"
+        shutil.copytree(source, path, ignore=shutil.ignore_patterns("index"))
+    engine = Recommender.load(path, dtype=dtype, threads=args.threads, warmup_requests=0)
+    catalog = engine.catalog
+    catalog.snapshot_every = 10**9  # a full save every 1,000 edits would land in one side only
+    r = random.Random(0)
+    words = sorted({w for t in catalog.titles.values() for w in t.replace(",", " ").split() if w.isalpha()})
+    n = args.batch_items
+
+    def texts() -> list[dict[str, str]]:
+        return [
+            {"title": " ".join(r.choice(words) for _ in range(r.randint(2, 5))),
+             "year": str(r.randint(1930, 2024)), "genres": "Drama, Comedy"}
+            for _ in range(n)
+        ]  # fmt: skip
+
+    catalog.edit_many({f"warm-{i}": t for i, t in enumerate(texts()[:EDIT_BATCH_CHUNK])})  # warm both paths
+    catalog.upsert("warm-single", texts()[0])
+    sizes = args.chunks or [EDIT_BATCH_CHUNK]
+    singles: list[float] = []
+    rates: dict[int, list[float]] = {c: [] for c in sizes}
+    holds: dict[int, list[float]] = {c: [] for c in sizes}
+    applies: list[float] = []
+    cosines: list[float] = []
+    for round_ in range(args.rounds):  # in turn: one by one, then a batch at each chunk size
+        fields = texts()
+        t = time.perf_counter()
+        for i, f in enumerate(fields):
+            catalog.upsert(f"single-{round_}-{i}", f)
+        singles.append(n / (time.perf_counter() - t))
+        for size in sizes:
+            upserts = {f"batch-{size}-{round_}-{i}": f for i, f in enumerate(fields)}  # the same texts
+            t = time.perf_counter()
+            catalog.check_texts(list(upserts.values()))  # as ServiceState.edit_items runs it
+            items = [{"item_id": i, **item_record(f)} for i, f in upserts.items()]
+            chunks = []
+            for start in range(0, n, size):  # each a turn of the model thread in the service
+                c = time.perf_counter()
+                chunks.append(catalog.encode_items(items[start : start + size]))
+                holds[size].append(time.perf_counter() - c)
+            a = time.perf_counter()
+            done = catalog.edit_many(upserts, (), np.concatenate(chunks))
+            applies.append(time.perf_counter() - a)
+            rates[size].append(n / (time.perf_counter() - t))
+            assert len(done.replaced) == n and not any(done.replaced.values())
+            # the same text encoded alone (a PUT) and in a padded batch: the cosine of the two
+            cosines += [
+                float(
+                    catalog.index.vector(f"single-{round_}-{i}")
+                    @ catalog.index.vector(f"batch-{size}-{round_}-{i}")
+                )
+                for i in range(n)
+            ]
+    model = "tiny (untrained, float32)" if args.tiny else f"{engine.version} (bf16)"
+    print(f"{model}, {len(catalog):,} items after, dim {catalog.index.dim}, {args.threads} threads, "
+          f"{n} items a side, {args.rounds} rounds in turn")  # fmt: skip
+    print("| edits | items/s (each round) | against one by one | a chunk on the model thread, median / max |")
+    print("|---|---|---|---|")
+    print(f"| one by one (Catalog.upsert, what a PUT runs) | {', '.join(f'{x:.1f}' for x in singles)} | | |")
+    for size in sizes:
+        ratios = ", ".join(f"{b / s:.2f}x" for b, s in zip(rates[size], singles, strict=True))
+        held = sorted(1e3 * h for h in holds[size])
+        print(f"| one batch, chunks of {size}{' (the default)' if size == EDIT_BATCH_CHUNK else ''} | "
+              f"{', '.join(f'{x:.1f}' for x in rates[size])} | {ratios} | "
+              f"{held[len(held) // 2]:.0f} / {held[-1]:.0f} ms |")  # fmt: skip
+    applied = sorted(1e3 * x for x in applies)
+    print(f"\nthe apply of {n} upserts (edit_many: one index pass, one log append and its flush), "
+          f"median / max: {applied[len(applied) // 2]:.0f} / {applied[-1]:.0f} ms")  # fmt: skip
+    print(f"cos(a PUT's vector, the batch's) for the same text, min / median: "
+          f"{min(cosines):.6f} / {statistics.median(cosines):.6f}")  # fmt: skip
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "child":
         print(json.dumps(memory_child(json.loads(sys.argv[2]))))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("memory", "edits", "encode"))
+    parser.add_argument("what", choices=("memory", "edits", "encode", "batch"))
     parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/current"))
     parser.add_argument("--items", type=int, default=200_000)
     parser.add_argument("--table", nargs="+", default=["read", "mapped"], choices=("read", "mapped"))
@@ -330,9 +428,17 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-items", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--chunks", type=int, nargs="+", help="batch: chunk sizes (default: EDIT_BATCH_CHUNK)"
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="batch: the tiny untrained model, not the checkpoint's"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="r2ec-large-catalog-") as tmp:
-        {"memory": memory, "edits": edits, "encode": encode}[args.what](args, Path(tmp))
+        {"memory": memory, "edits": edits, "encode": encode, "batch": batch}[args.what](args, Path(tmp))
 
 
 if __name__ == "__main__":

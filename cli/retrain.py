@@ -1,6 +1,6 @@
 """`r2ec retrain`: new stream events -> warm-started RecPO -> gated publish (model/retrain.py),
 once or on a timer. With a Redis URL it reads the stream and the erasure ledger there, and drops
-erased users' events and seed interactions (service/store.py `read_stream`, `read_erasures`)."""
+erased users' events and seed interactions (service/store.py `read_stream_checked`, `read_erasures`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cli.overrides import SetOption, recpo_config
 
 if TYPE_CHECKING:
     from model.retrain import ReadErasures, ReadEvents, RetrainConfig, RetrainResult
-    from service.store import ErasureLedger, StreamEntry
+    from service.store import ErasureLedger, StreamRead
 
 
 def retrain_cmd(
@@ -143,12 +143,13 @@ def _failed(message: str, as_json: bool) -> NoReturn:
 
 
 def _stream_reader(redis_url: str) -> ReadEvents:
-    """The service's Redis event stream as retraining's read_events (service/store.py)."""
-    from service.store import StoreUnavailable, read_stream
+    """The service's Redis event stream as retraining's read_events (service/store.py), which
+    also counts the events its cap trimmed before they were read (`read_stream_checked`)."""
+    from service.store import StoreUnavailable, read_stream_checked
 
-    def read(cursor: str | None) -> tuple[list[StreamEntry], str | None]:
+    def read(cursor: str | None, mark: dict[str, int] | None = None) -> StreamRead:
         try:
-            return read_stream(redis_url, cursor)
+            return read_stream_checked(redis_url, cursor, mark)
         except StoreUnavailable as exc:
             hint = "start Redis or pass --redis-url '' to retrain on the dataset only"
             raise RuntimeError(f"{exc}; {hint}") from exc
@@ -177,6 +178,24 @@ def _report(result: RetrainResult) -> None:
         f"  events   {result.new_events} new, {result.events_total} consumed in total"
         f"{'' if result.stream else ' (no stream)'}, cursor {result.last_event_id or '-'}"
     )
+    if result.events_lost or result.events_lost_exact is False:
+        count = (
+            result.events_lost
+            if result.events_lost_exact
+            else f"at least {result.events_lost}"
+            if result.events_lost
+            else "an unknown number of"
+        )
+        typer.secho(
+            f"  LOST     {count} events trimmed from the stream before this run read them"
+            " (R2EC_STREAM_MAXLEN: docs/operations.md, R2ecRetrainLostEvents)",
+            fg=typer.colors.YELLOW,
+        )
+    if result.events_in_seed:
+        typer.echo(
+            f"  events   {result.events_in_seed} of them already in the seed data (same user, item,"
+            " rating, time): not added"
+        )
     if result.erased_users:
         typer.echo(
             f"  erasures {result.erased_users} users in the ledger: {result.purged_events} events of"

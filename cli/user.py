@@ -2,19 +2,21 @@
 DELETE /users/{id} does, from a shell: for any id, one ending in /events or /history too (the
 route's path cannot name those: it is that user's events or history), and without a running
 service or its admin key. `r2ec user export`: everything kept of one user, as JSON (a data
-subject's access request, GDPR Art. 15)."""
+subject's access request, GDPR Art. 15). `r2ec user import`: backfill users' histories from a
+file through the events route's own append (service/backfill.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from cli.common import fail
+from cli.common import fail, warn
 
 app = typer.Typer(help="Users' data in the service's Redis.", no_args_is_help=True)
 
@@ -78,6 +80,137 @@ def export(
     if root is not None:
         doc["retrain_events"] = _retrain_events(root, user_id)
     typer.echo(json.dumps(doc, indent=2))
+
+
+@app.command("import")
+def import_cmd(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="Interactions: .csv, .tsv or RecBole .inter (.gz too), or .parquet; columns user_id, "
+            "item_id and optionally rating, timestamp (Unix seconds), event_id"
+        ),
+    ],
+    redis_url: RedisUrl = "",
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="The checkpoint the service serves (default $R2EC_CHECKPOINT or checkpoints/current): "
+            "events of items its catalog lacks are refused, as the service refuses them"
+        ),
+    ] = None,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream/--no-stream",
+            help="Also add the events to the stream `r2ec retrain` reads. Off by default: a backfill "
+            "usually holds what retraining's seed dataset holds already (docs/operations.md, "
+            '"Backfilling history")',
+        ),
+    ] = False,
+    skip_older_than: Annotated[
+        float | None,
+        typer.Option(
+            "--skip-older-than",
+            min=0,
+            metavar="DAYS",
+            help="Leave out users whose last event is older than this many days (R2EC_USER_TTL_S in "
+            "days: retention would keep them that long after the import, not after their last event)",
+        ),
+    ] = None,
+    batch_events: Annotated[
+        int, typer.Option(min=1, help="Events per round trip to Redis (one pipeline of appends)")
+    ] = 10_000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object")] = False,
+) -> None:
+    """Backfill users' histories, seen items and event ids into the service's Redis from a file,
+    through the service's own append: the same time order, history window, retention and event
+    ids as POST /users/{id}/events, so a rerun (after an interruption, or whole) stores nothing
+    twice. The history window, retention and dedup settings are the service's R2EC_* variables."""
+    import time
+
+    from pydantic import ValidationError
+    from tqdm.auto import tqdm
+
+    from model.checkpoint_meta import CheckpointError
+    from service.backfill import BackfillError, catalog_items, read_interactions, run_import
+    from service.config import Settings
+    from service.store import RedisStore, StoreUnavailable, _redact
+
+    overrides = {"redis_url": redis_url or None, "checkpoint": checkpoint}
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        fail(f"bad setting: {exc}")
+    if not settings.redis_url:
+        fail("--redis-url (R2EC_REDIS_URL) is needed: the service's Redis, which the import writes to")
+    started = time.perf_counter()
+    try:
+        items = catalog_items(settings.checkpoint)
+    except CheckpointError as exc:
+        fail(f"{exc} (--checkpoint: the one the service serves; its catalog says which items exist)")
+    try:
+        rows = read_interactions(file)
+    except BackfillError as exc:
+        fail(str(exc))
+    if rows.ignored:
+        warn(f"{file}: columns not read: {', '.join(rows.ignored)}")
+    if rows.timestamp is None:
+        warn(
+            f"{file} has no timestamp column: each event is stamped with the import's time, as the "
+            "service stamps an event sent without one, and a user's events keep the file's order"
+        )
+    read_s = time.perf_counter() - started
+    store = RedisStore(
+        settings.redis_url,
+        window=settings.history_window,
+        stream_maxlen=settings.stream_maxlen,
+        timeout_s=30.0,  # a shell's patience: a pipeline of appends is many scripts
+        dedup_ttl_s=settings.event_dedup_ttl_s,
+        user_ttl_s=settings.user_ttl_s,
+    )
+    bar = None
+
+    def progress(events: int, users: int):
+        nonlocal bar
+        bar = tqdm(total=events, unit="event", desc=f"import {users} users", disable=None, file=sys.stderr)
+        return bar.update
+
+    skip_s = None if skip_older_than is None else skip_older_than * 86_400
+    try:
+        summary = run_import(
+            rows,
+            store,
+            items=items,
+            stream=stream,
+            skip_older_than_s=skip_s,
+            batch_events=batch_events,
+            progress=progress,
+        )
+    except StoreUnavailable as exc:
+        fail(f"{exc}; what was written stays, and the same command again writes the rest (nothing twice)")
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        typer.echo(json.dumps({**summary.as_dict(), "read_seconds": round(read_s, 3)}))
+        return
+    where = "the history, seen set and event ids" + (" and the stream r2ec:events" if stream else "")
+    typer.echo(f"imported {file} into {_redact(settings.redis_url)}: {where}")
+    typer.echo(
+        f"  users   {summary.users} written, {summary.users_skipped} skipped"
+        + (f" (last event older than {skip_older_than:g} days)" if skip_older_than is not None else "")
+    )
+    typer.echo(
+        f"  events  {summary.new} new, {summary.duplicates} duplicate (stored already), "
+        f"{summary.refused} refused (item not in the catalog), {summary.skipped} skipped"
+    )
+    if summary.unknown_items:
+        typer.echo(f"  refused items, e.g. {', '.join(map(repr, summary.unknown_items))}")
+    typer.echo(
+        f"  time    {read_s:.1f} s reading and checking {summary.rows} rows, {summary.seconds:.1f} s "
+        f"writing: {summary.events_per_s:,.0f} events/s"
+    )
 
 
 def _event(e) -> dict:  # noqa: ANN001 (service.store.Event, imported lazily)

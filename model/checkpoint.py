@@ -43,7 +43,7 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,6 +56,32 @@ import torch
 from tqdm import tqdm
 
 from model.backbone import BUILTIN_BASES, BackboneConfig, load_backbone, load_lm, prepare_tokenizer
+from model.checkpoint_meta import (  # noqa: F401 (torch-free there; re-exported: callers import them here)
+    CURRENT_FILE,
+    EDITS_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_DIR,
+    ITEM_FIELDS,
+    ITEMS_FILE,
+    META_FILE,
+    RESUME_STATE_FILE,
+    CheckpointError,
+    _edit_time,
+    _pointer,
+    _reason,
+    _repair_hint,
+    _valid_record,
+    edit_maps,
+    index_edits,
+    item_record,
+    merge_logged,
+    read_carried_edits,
+    read_meta,
+    reading,
+    resolve_checkpoint,
+    saved_item_edits,
+)
 from model.cowatch import FILE as COWATCH_PARQUET
 from model.cowatch import CoWatch
 from model.data.build import check_item_text
@@ -80,27 +106,14 @@ from model.special_text import SpecialText
 
 log = logging.getLogger(__name__)
 
-FORMAT = "r2ec-checkpoint"
-FORMAT_VERSION = 1
-META_FILE = "r2ec.json"
-ITEMS_FILE = "items.parquet"
 VECTORS_FILE = "item_vectors.npy"
 COWATCH_FILE = COWATCH_PARQUET  # the co-watch table, when the prompts name hints (model/cowatch.py)
-CURRENT_FILE = "CURRENT"
 PUBLISHING_FILE = ".publishing"  # in a version moved into a root, until CURRENT names it (`publish_version`)
 LOCK_FILE = "CURRENT.lock"  # held by whoever changes CURRENT or the versions (`current_lock`)
 LOCK_WAIT_S = 60.0  # how long a change waits for another to release it (each takes moments)
-INDEX_DIR = "index"  # the service's item index and its record of item edits (service/catalog.py)
-ITEM_FIELDS = ("title", "year", "genres", "description")  # an item's text, as the catalog keeps it
-EDITS_FILE = "item_edits.json"  # a published version's item edits, carried from the one before
 WEIGHT_KINDS = ("base", "full", "lora")
 ENCODE_CHUNK = 4096  # items tokenized and encoded per step of `encode_catalog` (one file each)
 PARTIAL_SUFFIX = ".partial"  # <out>.partial/: the chunks a killed `checkpoint init` encoded
-RESUME_STATE_FILE = "trainer_state.pt"  # what a training run's last/ holds besides (model/train.py)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing a file or disagrees with itself."""
 
 
 class CurrentMoved(CheckpointError):
@@ -446,90 +459,6 @@ def recover_checkpoint(out: Path | str, *, writing: Path | None = None) -> None:
     recover_dir(out, META_FILE, writing=writing)
 
 
-def resolve_checkpoint(path: Path | str) -> Path:
-    """The checkpoint a path stands for.
-
-    - a checkpoint directory (has r2ec.json): itself;
-    - a versions root with a CURRENT file (what retraining publishes): the version it names;
-    - a training run directory (`r2ec train --out`): its best/ checkpoint.
-    """
-    path = Path(path)
-    if not path.exists():  # a typo, most often: not "no r2ec.json"
-        raise CheckpointError(f"{path} does not exist")
-    if (path / META_FILE).is_file():
-        return path
-    if (path / CURRENT_FILE).is_file():
-        name = _pointer(path)
-        if not (path / name).exists():
-            raise CheckpointError(
-                f"{path / CURRENT_FILE} names {name!r}, which does not exist; point it back at a "
-                "version that does, as docs/operations.md says (R2ecModelOutdated)"
-            )
-        return resolve_checkpoint(path / name)
-    if (path / "best" / META_FILE).is_file():
-        return path / "best"
-    raise CheckpointError(
-        f"{path} is not an R²ec checkpoint: no {META_FILE}, no {CURRENT_FILE} pointer, no best/ checkpoint"
-    )
-
-
-def read_meta(path: Path | str) -> dict[str, Any]:
-    path = Path(path)
-    meta_file = path / META_FILE
-    if not meta_file.is_file():
-        raise CheckpointError(f"{path} is not an R²ec checkpoint: {META_FILE} is missing")
-    with reading(meta_file, path):
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        if not isinstance(meta, dict):
-            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_file}: format is {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{meta_file}: format_version {meta['format_version']} is newer than this code "
-            f"understands ({FORMAT_VERSION}); upgrade r2ec-serve"
-        )
-    return meta
-
-
-@contextmanager
-def reading(file: Path, checkpoint: Path) -> Iterator[None]:
-    """Any failure to read `file` of `checkpoint` as a CheckpointError that names the file and
-    says what to do (`_repair_hint`). numpy, torch, safetensors, tokenizers and pyarrow each
-    raise their own error for a truncated, zero-length or unreadable file, most without naming
-    it, and click shows an EOFError as a bare "Aborted."."""
-    try:
-        yield
-    except (CheckpointError, MemoryError, torch.OutOfMemoryError):
-        raise
-    except Exception as exc:  # noqa: BLE001 (each library's own error type: all mean the same here)
-        what = f"{file} is damaged or unreadable ({_reason(exc)})"
-        raise CheckpointError(f"{what}; {_repair_hint(checkpoint)}") from exc
-
-
-def _reason(exc: BaseException) -> str:
-    """`Type: first line of the message` (torch's run to a dozen lines), at most 200 characters."""
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    first = first if len(first) <= 200 else first[:197] + "..."
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def _repair_hint(checkpoint: Path) -> str:
-    """What to do about a damaged file of `checkpoint`: a published version is rolled back
-    from, a training run's last/ (it holds the trainer's resume state) started over, any other
-    checkpoint restored or written again."""
-    root = checkpoint.parent
-    if (root / CURRENT_FILE).is_file():
-        return (
-            f"copy a good one back, or point {root / CURRENT_FILE} at a version that loads "
-            "(docs/operations.md, R2ecModelOutdated)"
-        )
-    if (checkpoint / RESUME_STATE_FILE).is_file():
-        return "the run cannot resume from it: start it over with --overwrite"
-    return "copy a good one back, or write the checkpoint again"
-
-
 def _check_files(directory: Path, checkpoint: Path) -> None:
     """Open each safetensors and JSON file of a directory that peft or transformers is about
     to load, so that a damaged one is named: their errors do not say which file it was (a
@@ -759,13 +688,6 @@ def export_checkpoint(src: Path | str, out: Path | str, provenance: dict[str, An
 # -- the versions root: published checkpoints and the CURRENT pointer -------------------------
 # ROOT/<version>/ are checkpoints; ROOT/CURRENT holds the served one's name. Retraining
 # publishes and prunes here; the service and `r2ec` resolve ROOT through resolve_checkpoint.
-def _pointer(root: Path) -> str:
-    name = (root / CURRENT_FILE).read_text().strip()
-    if not name:
-        raise CheckpointError(f"{root / CURRENT_FILE} is empty")
-    return name
-
-
 def _pointer_now(root: Path) -> str | None:
     """What CURRENT names, whatever it is; None where it is missing, empty or unreadable."""
     try:
@@ -943,44 +865,6 @@ def set_current(root: Path | str, version: str, *, timeout_s: float | None = Non
 # "edit_times" item_id -> ns). Publishing carries them into the new version's EDITS_FILE,
 # with the version they came from, which the service applies on its first start and follows
 # (`Catalog.open`): a replica still serving that version may save more there.
-def saved_item_edits(path: Path | str) -> dict[str, Any]:
-    """The item edits recorded for checkpoint `path`'s own version: the ones carried into it
-    when it was published (EDITS_FILE) and the ones its service saved in index/index.json, the
-    later one per item (a tie: the saved one), as {"catalog_edits": ..., "edit_times": ...};
-    empty maps where there are none or the record is unreadable."""
-    path = Path(path)
-    carried = read_carried_edits(path)
-    records, times = edit_maps(carried)
-    try:
-        version = str(read_meta(path)["version"])
-    except (CheckpointError, OSError, ValueError, KeyError):
-        version = None
-    saved = index_edits(path / INDEX_DIR, version) if version is not None else {}
-    saved_records, saved_times = edit_maps(saved)
-    for item_id, record in saved_records.items():
-        if saved_times[item_id] >= times.get(item_id, -1):
-            records[item_id], times[item_id] = record, saved_times[item_id]
-    return {"catalog_edits": records, "edit_times": times}
-
-
-def read_carried_edits(path: Path | str) -> dict[str, Any]:
-    """What `carry_item_edits` wrote into checkpoint `path` ({} if nothing): "from" (the
-    directory name of the version they came from, beside this one), "version" (its version),
-    "catalog_edits" and "edit_times"."""
-    file = Path(path) / EDITS_FILE
-    if not file.exists():
-        return {}
-    try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-        json.dumps(doc, ensure_ascii=False).encode("utf-8")  # a lone surrogate ("\ud800") is no text
-    except (OSError, ValueError) as exc:  # UnicodeError is a ValueError
-        doc = exc
-    if not isinstance(doc, dict):  # the only copy once the old version is pruned: say so
-        log.warning("%s is unreadable (%s); the item edits carried into %s are not applied", file, doc, path)
-        return {}
-    return doc
-
-
 def carry_item_edits(root: Path | str, checkpoint: Path | str) -> None:
     """Write into `checkpoint`, about to be published under `root`, the item edits of the
     version ROOT/CURRENT names (`saved_item_edits`) and which version that is; nothing where
@@ -1002,89 +886,6 @@ def carry_item_edits(root: Path | str, checkpoint: Path | str) -> None:
     (checkpoint / EDITS_FILE).write_text(json.dumps(doc), encoding="utf-8")
     if doc["catalog_edits"]:
         log.info("carried %d item edits of %s into %s", len(doc["catalog_edits"]), current, checkpoint)
-
-
-def index_edits(directory: Path, version: str) -> dict[str, Any]:
-    """The edits record in <directory> for `version`: index.json's (where it was saved for
-    `version`) with the entries for `version` appended to the edit log since (index/journal.py,
-    `merge_logged`); {} where there is neither."""
-    from index.journal import read as read_log  # faiss: only where an index is read
-    from index.persist import read_metadata
-
-    try:
-        metadata = read_metadata(directory)
-    except (OSError, ValueError):  # IndexMismatchError is a ValueError
-        metadata = {}
-    if not isinstance(metadata, dict) or metadata.get("model_version") != version:
-        metadata = {}
-    logged = [e for e in read_log(directory) if e.get("model_version") == version]
-    return merge_logged(metadata, logged)[0] if logged else metadata
-
-
-def merge_logged(
-    doc: Mapping[str, Any], entries: Iterable[Mapping[str, Any]]
-) -> tuple[dict[str, Any], dict[str, Mapping[str, Any]]]:
-    """A record (`doc`: an index.json's metadata) with the edit log's entries after it, each
-    {"item_id", "record" (None: deleted), "time"}: for an item, the later edit wins, and of two
-    as late the one logged last. Returns the merged record ("catalog_edits", "edit_times") and
-    the entries that won, by item. An entry without an item id or with a damaged record is left
-    out with a warning."""
-    records, times = doc.get("catalog_edits"), doc.get("edit_times")
-    records = dict(records) if isinstance(records, dict) else {}
-    times = dict(times) if isinstance(times, dict) else {}
-    won: dict[str, Mapping[str, Any]] = {}
-    bad = 0
-    for entry in entries:
-        item_id, record = entry.get("item_id"), entry.get("record")
-        if not isinstance(item_id, str) or not (record is None or _valid_record(record)):
-            bad += 1
-            continue
-        time_ns = _edit_time(entry.get("time"))
-        if item_id not in records or time_ns >= _edit_time(times.get(item_id)):
-            records[item_id], times[item_id], won[item_id] = record, time_ns, entry
-    if bad:
-        log.warning("%d damaged item edit(s) in an edit log left out", bad)
-    return {**doc, "catalog_edits": records, "edit_times": times}, won
-
-
-def edit_maps(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
-    """(item_id -> record or None, item_id -> time in ns; 0 where none was kept) of a record
-    (an index.json's metadata, or EDITS_FILE); empty maps where it records none."""
-    records, times = doc.get("catalog_edits"), doc.get("edit_times")
-    records = dict(records) if isinstance(records, dict) else {}
-    times = times if isinstance(times, dict) else {}
-    # a record is None (deleted) or an item's text fields with a title; any other is damage
-    bad = [i for i, r in records.items() if r is not None and not _valid_record(r)]
-    if bad:
-        log.warning("item edits with damaged records left out: %s", ", ".join(map(repr, bad[:5])))
-    # every field present, as the catalog keeps a record (a hand-written {"title": ...} too)
-    records = {i: r if r is None else item_record(r) for i, r in records.items() if i not in bad}
-    return records, {i: _edit_time(times.get(i)) for i in records}
-
-
-def item_record(row: Mapping[str, Any]) -> dict[str, str]:
-    """An item's text as the catalog keeps it: every field in ITEM_FIELDS, a string ("" where
-    the row has none, or NaN)."""
-    out = {}
-    for key in ITEM_FIELDS:
-        value = row.get(key)
-        if value is None or (isinstance(value, float) and value != value):
-            value = ""
-        out[key] = str(value)
-    return out
-
-
-def _valid_record(record: Any) -> bool:
-    return (
-        isinstance(record, dict)
-        and set(record) <= set(ITEM_FIELDS)
-        and all(isinstance(v, str) for v in record.values())
-        and bool(record.get("title", "").strip())
-    )
-
-
-def _edit_time(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def prune_versions(root: Path | str, keep: int, protect: Collection[str] = ()) -> list[str]:

@@ -1,11 +1,15 @@
 """Scheduled retraining (docs/architecture.md §5): events -> samples -> warm-started RecPO -> gated publish.
 
 One run:
-1. read the events after the saved cursor and add them to the consumed-events log; then read the
+1. read the events after the saved cursor and add them to the consumed-events log (a reader
+   that checks its stream also says how many the stream's cap trimmed before they were read:
+   a WARNING and `events_lost`, `consume_events`); then read the
    erasure ledger and drop from the log every event of an erased user that arrived at or before
    their erasure (`purge_erased`; events the same id posted later stay);
 2. rebuild the samples: the seed dataset's interactions (recovered from its samples) plus every
-   consumed event, split with the seed's protocol by the same builder `r2ec data prepare` uses;
+   consumed event that does not repeat one of them exactly (`seed_repeats`: a backfill of the
+   seed's own history adds nothing, and is no reason to train), split with the seed's protocol
+   by the same builder `r2ec data prepare` uses;
    an erased user's seed interactions are left out whole (the seed is the operator's, not
    rewritten: every run leaves them out). A run that skips training still rebuilds the samples
    once erasures changed the log or the seed's share, so no erased data stays in the rebuilt
@@ -56,7 +60,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import pandas as pd
@@ -141,9 +145,32 @@ class Interaction(Protocol):
     # are one event (`consume_events`)
 
 
+class StreamRead(Protocol):
+    """What a reader that checks its stream returns (service/store.py's StreamRead is one):
+    the events and the cursor, and how many events the stream dropped after the cursor before
+    they could be read (its cap trims the oldest, read or not)."""
+
+    @property
+    def events(self) -> Sequence[Interaction]: ...
+
+    @property
+    def cursor(self) -> str | None: ...
+
+    @property
+    def lost(self) -> int: ...  # exact where lost_exact, else a lower bound
+
+    @property
+    def lost_exact(self) -> bool: ...
+
+    @property
+    def mark(self) -> dict[str, Any] | None: ...  # the reader's counts: stored, passed back, not read
+
+
 # read_events(cursor) -> (every event after cursor, oldest first; the cursor to pass next time).
 # cursor None = from the start. The cursor belongs to the reader: stored, passed back, not read.
-ReadEvents = Callable[[str | None], tuple[Sequence[Interaction], str | None]]
+# A reader may return a `StreamRead` instead; the `mark` it returned last is then passed back
+# too, read_events(cursor, mark) (state.json's `stream_mark`; none yet: read_events(cursor)).
+ReadEvents = Callable[..., tuple[Sequence[Interaction], str | None] | StreamRead]
 
 
 class Erasures(Protocol):
@@ -171,7 +198,8 @@ class RetrainConfig:
       to prove: with tolerance >= 0 a candidate is rejected only beyond them, a demanded gain
       must be shown beyond them (`gate`);
     keep: published versions kept (the current one always is);
-    min_events: new stream events needed to train (ignored without a stream)."""
+    min_events: new stream events needed to train (ignored without a stream; an event that
+      repeats a seed interaction exactly is not new, `seed_repeats`)."""
 
     root: Path
     data: Path
@@ -216,6 +244,13 @@ class RetrainResult:
     new_events: int = 0
     events_total: int = 0
     events_unknown_item: int = 0
+    # events the stream dropped after the cursor before this run read them (its cap: trimmed):
+    # exact where events_lost_exact, else a lower bound; None: the reader checks nothing
+    events_lost: int = 0
+    events_lost_exact: bool | None = None
+    # logged events that repeat a seed interaction exactly (`seed_repeats`): not added to the
+    # samples, and not counted as new work for min_events
+    events_in_seed: int = 0
     last_event_id: str | None = None  # the reader's cursor after this run (None: nothing read yet)
     erased_users: int = 0  # users in the erasure ledger this run read (0: no ledger)
     purged_events: int = 0  # erased users' events this run dropped from the events log
@@ -299,28 +334,80 @@ def seed_users(seed: PreparedDataset) -> set[str]:
     return {str(u) for name in SPLITS for u in seed.split(name)["user_id"]}
 
 
-def rebuild_dataset(
-    seed: PreparedDataset, events: pd.DataFrame, out_dir: Path, erased: Collection[str] = ()
-) -> tuple[PreparedDataset, int]:
-    """Seed interactions + consumed events -> samples, split as the seed was, written to
-    out_dir/<name>/<protocol>/ (replacing what an earlier run wrote there). Events on items
-    outside the catalog are dropped (the checkpoint's catalog is fixed); returns the dataset and
-    how many were dropped. The seed's interactions and prior items of an `erased` user are left
-    out whole (their events, as the log holds them, stay: `purge_erased` kept those)."""
+def _seed_part(
+    seed: PreparedDataset, erased: Collection[str] = ()
+) -> tuple[pd.DataFrame, np.ndarray, dict[str, list[str]] | None]:
+    """`seed_interactions` and the seed's prior items, an `erased` user's left out whole."""
     inter, target_ok = seed_interactions(seed)
     prior = seed.prior
     if erased:
-        keep = ~inter["user_id"].isin(set(erased)).to_numpy()
+        gone = set(erased)
+        keep = ~inter["user_id"].isin(gone).to_numpy()
         inter, target_ok = inter[keep].reset_index(drop=True), target_ok[keep]
-        prior = {user: items for user, items in (prior or {}).items() if user not in set(erased)}
-    known = events["item_id"].isin(set(seed.items["item_id"]))
-    new = events.loc[known, ["user_id", "item_id", "rating", "timestamp"]]
+        prior = {user: items for user, items in (prior or {}).items() if user not in gone}
+    return inter, target_ok, prior
+
+
+_INTERACTION = ["user_id", "item_id", "rating", "timestamp"]
+_UNRATED = -1.0  # an unrated row's rating in `seed_repeats`' keys (RATING_RANGE starts at 0)
+
+
+def seed_repeats(inter: pd.DataFrame, events: pd.DataFrame) -> np.ndarray:
+    """Which `events` rows repeat a row of `inter` (the seed's interactions) exactly: the same
+    user, item, rating and time, as `check_interactions` (model/data/build.py) tells a repeated
+    row, and as the service's default event id is that tuple. Ratings compare as float64 (5 and
+    5.0 are one rating; two unrated rows are one), times as int64 seconds. A re-rating, the same
+    user, item and time with another rating, is no repeat: `check_interactions` keeps both rows,
+    and so does the rebuild."""
+    if not len(events) or not len(inter):
+        return np.zeros(len(events), dtype=bool)
+
+    def keys(frame: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "user_id": frame["user_id"].astype(str).to_numpy(dtype=object),
+                "item_id": frame["item_id"].astype(str).to_numpy(dtype=object),
+                "rating": frame["rating"].astype(np.float64).fillna(_UNRATED).to_numpy(),
+                "timestamp": frame["timestamp"].astype(np.int64).to_numpy(),
+            }
+        )
+
+    # a left merge on the seed's distinct rows keeps the events' rows, in order, one each
+    found = keys(events).merge(keys(inter).drop_duplicates(), how="left", on=_INTERACTION, indicator=True)
+    return (found["_merge"] == "both").to_numpy()
+
+
+class Rebuilt(NamedTuple):
+    """What `rebuild_dataset` made: the dataset, and the logged events it did not add."""
+
+    dataset: PreparedDataset
+    unknown_item: int  # events on an item outside the catalog
+    in_seed: int  # events that repeat a seed interaction exactly (`seed_repeats`)
+
+
+def rebuild_dataset(
+    seed: PreparedDataset, events: pd.DataFrame, out_dir: Path, erased: Collection[str] = ()
+) -> Rebuilt:
+    """Seed interactions + consumed events -> samples, split as the seed was, written to
+    out_dir/<name>/<protocol>/ (replacing what an earlier run wrote there). Events on items
+    outside the catalog are dropped (the checkpoint's catalog is fixed), and so are events that
+    repeat a seed interaction exactly (`seed_repeats`: a backfill of the history the seed was
+    prepared from, or a live event the warehouse export also held), which would otherwise make
+    every such interaction count twice, and put a sample's target in its own history. The
+    seed's interactions and prior items of an `erased` user are left out whole (their events,
+    as the log holds them, stay: `purge_erased` kept those, and they are not compared with
+    the seed's rows, which are gone)."""
+    inter, target_ok, prior = _seed_part(seed, erased)
+    known = events["item_id"].isin(set(seed.items["item_id"])).to_numpy()
+    repeats = seed_repeats(inter, events)
+    new = events.loc[known & ~repeats, _INTERACTION]
     merged = pd.concat([inter, new], ignore_index=True)
     mask = np.concatenate([target_ok, np.ones(len(new), dtype=bool)])
     source = {
         "seed": str(seed.path),
         "seed_source": seed.meta.get("source", {}),
         "events": int(len(new)),
+        "events_in_seed": int(repeats.sum()),
         "last_event_id": str(events["event_id"].iloc[-1]) if len(events) else None,
     }
     path = build_prepared(
@@ -336,7 +423,7 @@ def rebuild_dataset(
         prior=prior,
         rebuild=True,  # a seed an earlier release prepared: its name and text as they were taken
     )
-    return load_prepared(path), int((~known).sum())
+    return Rebuilt(load_prepared(path), int((~known).sum()), int(repeats.sum()))
 
 
 # -- the job's own state -----------------------------------------------------------------------
@@ -414,15 +501,36 @@ def _read_events_log(work: Path) -> pd.DataFrame:
     return logged
 
 
-def consume_events(work: Path, read_events: ReadEvents) -> tuple[pd.DataFrame, int, str | None]:
+class Consumed(NamedTuple):
+    """What `consume_events` did."""
+
+    events: pd.DataFrame  # the log
+    new: int  # events it added to the log
+    cursor: str | None  # the reader's cursor now
+    lost: int = 0  # events the stream dropped after the cursor before they were read (`StreamRead`)
+    lost_exact: bool | None = None  # whether `lost` is exact (else a lower bound); None: not checked
+
+
+def consume_events(work: Path, read_events: ReadEvents) -> Consumed:
     """Append the events after the saved cursor to the log, then save the reader's new cursor.
 
     The log is written before the cursor and deduplicated by event id, so a crash in between
     re-reads those events without counting them twice; and by the client's key per user, so a
-    retry the stream took twice is one event. Returns (log, new events, cursor).
+    retry the stream took twice is one event. A reader that checks its stream (`StreamRead`)
+    also says how many events the stream dropped unread: a WARNING, and state.json's
+    `events_lost` adds them up, saved with the cursor and the reader's `stream_mark`.
     """
     state = read_state(work)
-    fresh, cursor = read_events(state.get("last_event_id"))
+    cursor, mark = state.get("last_event_id"), state.get("stream_mark")
+    got = read_events(cursor) if mark is None else read_events(cursor, mark)
+    if isinstance(got, tuple):
+        (fresh, cursor), check = got, None
+    else:
+        fresh, cursor, check = got.events, got.cursor, got
+    lost = int(check.lost) if check is not None else 0
+    lost_exact = bool(check.lost_exact) if check is not None else None
+    if lost or lost_exact is False:
+        _warn_lost(lost, lost_exact)
     logged = _read_events_log(work)
     # how many logged events a finished run has trained on (`retrain` counts from it); a state
     # from before this count took its events as trained
@@ -443,9 +551,25 @@ def consume_events(work: Path, read_events: ReadEvents) -> tuple[pd.DataFrame, i
     if len(new):
         logged = pd.concat([logged, new], ignore_index=True) if len(logged) else new.reset_index(drop=True)
         _write_events_log(work, logged)
-    _write_state(work, {**state, "last_event_id": cursor, "events_total": int(len(logged))})
+    state = {**state, "last_event_id": cursor, "events_total": int(len(logged))}
+    if check is not None:
+        state["stream_mark"] = check.mark
+        state["events_lost"] = int(state.get("events_lost", 0)) + lost
+    _write_state(work, state)
     log.info("read %d new events (cursor now %s, %d in total)", len(new), cursor, len(logged))
-    return logged, int(len(new)), cursor
+    return Consumed(logged, int(len(new)), cursor, lost, lost_exact)
+
+
+def _warn_lost(lost: int, exact: bool) -> None:
+    count = f"{lost}" if exact else f"at least {lost}" if lost else "an unknown number of"
+    log.warning(
+        "%s events were dropped from the stream before retraining read them (trimmed by its cap, "
+        "R2EC_STREAM_MAXLEN: more events were posted since the last run than it holds): they are "
+        "not trained on. Raise R2EC_STREAM_MAXLEN above the events posted between two runs, "
+        "backfills included; to train on them, prepare the seed dataset again from the full "
+        "export and retrain (docs/operations.md, R2ecRetrainLostEvents)",
+        count,
+    )
 
 
 @dataclass
@@ -577,8 +701,9 @@ def retrain(
             )
         if read_events is None:
             events, new, cursor = _read_events_log(work), 0, read_state(work).get("last_event_id")
+            lost, lost_exact = 0, None
         else:
-            events, new, cursor = consume_events(work, read_events)
+            events, new, cursor, lost, lost_exact = consume_events(work, read_events)
         erased: set[str] = set()
         purge = Purge()
         if read_erasures is not None:  # after the events: an erasure meanwhile covers them
@@ -593,18 +718,35 @@ def retrain(
             gate_z=cfg.gate_z,
             stream=read_events is not None,
             new_events=new,
+            events_lost=lost,
+            events_lost_exact=lost_exact,
             events_total=int(len(events)),
             last_event_id=cursor,
             erased_users=purge.erased_users,
             purged_events=purge.events,
             purged_users=purge.users,
         )
+        in_seed = seed_repeats(_seed_part(seed, erased)[0], events)
+        result.events_in_seed = int(in_seed.sum())
+        if result.events_in_seed:
+            log.info(
+                "%d events logged, %d of them already in the seed data (the same user, item, rating "
+                "and time): not added again",
+                len(events),
+                result.events_in_seed,
+            )
         if read_events is not None:
             # events since the last run that reached the gate: a run that failed after reading
-            # events (a crash, a deadline) leaves them pending for the next, not consumed
-            pending = len(events) - int(read_state(work)["trained_events"])
+            # events (a crash, a deadline) leaves them pending for the next, not consumed. An
+            # event the seed holds already is no new work: a backfill of the seed's own history
+            # does not make a run train
+            fresh = ~in_seed[int(read_state(work)["trained_events"]) :]
+            pending = int(fresh.sum())
             if pending < cfg.min_events:
-                result.reason = f"{pending} events not trained on yet, fewer than min_events={cfg.min_events}"
+                repeated = f" ({int((~fresh).sum())} more already in the seed data)" if (~fresh).any() else ""
+                result.reason = (
+                    f"{pending} events not trained on yet{repeated}, fewer than min_events={cfg.min_events}"
+                )
                 state = read_state(work)
                 built = work / DATA_DIR / seed.name / seed.protocol  # complete or not (a crash)
                 if built.exists() and state.get("data_epoch", 0) != state.get("purge_epoch", 0):
@@ -674,7 +816,9 @@ def _rebuild(
     """`rebuild_dataset` into work/data, its counts into `result`; state.json's `data_epoch`
     records the `purge_epoch` the rebuilt dataset reflects."""
     epoch = read_state(work).get("purge_epoch", 0)
-    ds, result.events_unknown_item = rebuild_dataset(seed, events, work / DATA_DIR, erased)
+    ds, result.events_unknown_item, result.events_in_seed = rebuild_dataset(
+        seed, events, work / DATA_DIR, erased
+    )
     result.erased_seed_users = len(erased & seed_users(seed))
     _write_state(work, {**read_state(work), "data_epoch": epoch})
     return ds

@@ -73,11 +73,33 @@ SNAPSHOT_EVERY = 1000  # edits in the log beside the index before the whole inde
 
 
 class ItemTextError(QueryError):
-    """An item edit's text holds a special token of the served tokenizer (a 422 naming `field`)."""
+    """An item edit's text holds a special token of the served tokenizer (a 422 naming `field`;
+    `at`: where the item is in a batch's body, ("upsert", 3), so the field is `upsert.3.title`)."""
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+    def __init__(self, field: str, message: str, at: tuple[str | int, ...] = ()) -> None:
+        self.loc: tuple[str | int, ...] = (*at, field)
+        super().__init__(f"{'.'.join(map(str, self.loc))}: {message}")
         self.field, self.message = field, message
+
+
+class ItemBatchError(QueryError):
+    """A batch of item edits refused before anything changed (`Catalog.edit_many`): every
+    entry's text error, in order (a 422 naming each field)."""
+
+    def __init__(self, errors: Sequence[ItemTextError]) -> None:
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors = list(errors)
+
+
+@dataclass(frozen=True)
+class BatchEdited:
+    """What `Catalog.edit_many` did: for each upserted id (in the order given) whether it
+    replaced an item; the deleted ids and those the catalog did not hold, each in the order
+    given."""
+
+    replaced: dict[str, bool]
+    deleted: list[str]
+    not_found: list[str]
 
 
 def _text(record: Mapping[str, str]) -> tuple[str, ...]:
@@ -405,11 +427,17 @@ class Catalog:
         with torch.no_grad():
             return self.checkpoint.model.item_vectors([dict(item)]).numpy()[0]
 
-    def check_text(self, fields: Mapping[str, Any]) -> None:
+    def encode_items(self, items: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """h_v (N, H) float32 for item dicts, rows in their order: the model's batched pass
+        (`R2ec.item_vectors`, batches of 32 prompts of similar length)."""
+        with torch.no_grad():
+            return self.checkpoint.model.item_vectors([dict(i) for i in items]).numpy()
+
+    def check_text(self, fields: Mapping[str, Any], at: tuple[str | int, ...] = ()) -> None:
         """ItemTextError naming the first field (of ITEM_FIELDS) whose text holds a special token
         of the served model's tokenizer ("<|im_end|>"): a prompt would carry it as a control
         token, not as text; or, in a title, year or genres, a bidirectional control
-        (model/special_text.py)."""
+        (model/special_text.py). `at`: where the item is in a batch."""
         model = self.checkpoint.model
         for key in ITEM_FIELDS:
             value = fields.get(key)
@@ -423,7 +451,20 @@ class Catalog:
                     key,
                     f"must not hold {found!r}, a special token of the served model's tokenizer "
                     "(a prompt would carry it as a control token, not as text)",
+                    at,
                 )
+
+    def check_texts(self, items: Sequence[Mapping[str, Any]], key: str = "upsert") -> None:
+        """`check_text` of every item of a batch: ItemBatchError with each one refused, named by
+        its place (`upsert.3.title`)."""
+        errors = []
+        for n, fields in enumerate(items):
+            try:
+                self.check_text(fields, (key, n))
+            except ItemTextError as exc:
+                errors.append(exc)
+        if errors:
+            raise ItemBatchError(errors)
 
     def upsert(self, item_id: str, fields: Mapping[str, Any]) -> bool:
         """Encode the item's text, add or replace it in index + catalog; True if it replaced.
@@ -455,6 +496,40 @@ class Catalog:
             self._dirty.add(item_id)
             self._title_changed(item_id, None)
         self._persist()
+
+    def edit_many(
+        self,
+        upserts: Mapping[str, Mapping[str, Any]],
+        deletes: Sequence[str] = (),
+        vectors: np.ndarray | None = None,
+    ) -> BatchEdited:
+        """Add or replace `upserts` (id -> its text) and remove `deletes` at once: every text is
+        checked first (`check_texts`: ItemBatchError, and nothing changed, where one holds a
+        special token), the upserts encoded in one batched pass (`encode_items`) unless
+        `vectors` gives their h_v (rows in the order of `upserts`: the service encodes them in
+        chunks on the model thread beforehand), then applied with the deletes under the locks in
+        one pass over the index (`_commit`), recorded with the time of each, appended to the
+        edit log in one write and saved once (`_persist`). An id to delete that the catalog does
+        not hold is reported (`not_found`), not recorded. ValueError where an id is in both, or
+        twice among `deletes`, or `vectors` does not fit."""
+        deletes = [str(i) for i in deletes]
+        if len(set(deletes)) != len(deletes) or set(deletes) & set(upserts):
+            raise ValueError("an item id may appear once in a batch of edits")
+        self.check_texts(list(upserts.values()))
+        records = {str(i): item_record(f) for i, f in upserts.items()}
+        if vectors is None and records:
+            vectors = self.encode_items([{"item_id": i, **r} for i, r in records.items()])
+        if records and (vectors is None or vectors.shape != (len(records), self.index.dim)):
+            raise ValueError(f"{len(records)} upserts need ({len(records)}, {self.index.dim}) vectors")
+        with self._writing:  # no other edit until this one is applied: what it finds stays so
+            replaced = {i: i in self.index for i in records}
+            found = [i for i in deletes if i in self._records]
+            not_found = [i for i in deletes if i not in self._records]
+            recorded: dict[str, dict[str, str] | None] = {**records, **dict.fromkeys(found)}
+            self._commit(records, vectors, found, recorded, None)
+        if recorded:
+            self._persist()
+        return BatchEdited(replaced, found, not_found)
 
     @property
     def edits(self) -> Edits:
@@ -589,11 +664,26 @@ class Catalog:
         winners = {i: r for i, r in edits.records.items() if wins(i)}
         upserts = {i: r for i, r in winners.items() if r is not None and self._records.get(i) != r}
         deletes = [i for i, r in winners.items() if r is None and i in self._records]
-        vectors = (
-            self.checkpoint.model.item_vectors([{"item_id": i, **r} for i, r in upserts.items()]).numpy()
-            if upserts
-            else None
-        )  # (len(upserts), H)
+        vectors = self.encode_items([{"item_id": i, **r} for i, r in upserts.items()]) if upserts else None
+        times = {i: edits.times.get(i, 0) for i in winners}
+        self._commit(upserts, vectors, deletes, winners, times, on_record=on_record)
+        return len(upserts) + len(deletes)
+
+    def _commit(
+        self,
+        upserts: Mapping[str, dict[str, str]],
+        vectors: np.ndarray | None,
+        deletes: Sequence[str],
+        recorded: Mapping[str, dict[str, str] | None],
+        times: Mapping[str, int] | None,
+        *,
+        on_record: bool = False,
+    ) -> None:
+        """Apply many edits under the locks, in one pass over the index: `upserts` (id -> record)
+        with their `vectors` (rows in the same order) and `deletes` (ids the catalog holds), and
+        record `recorded` (id -> record, None: deleted) with its `times` (None: now, each later
+        than the item's edit before, `_next_time`). `on_record`: they come from this catalog's
+        own record (not to be saved again), else the next `_persist` saves them."""
         with self._writing, self._lock:
             if upserts:  # one pass over the index for all of them (`ItemIndex.upsert_many`)
                 self.index.upsert_many(list(upserts), vectors)
@@ -605,14 +695,13 @@ class Catalog:
             for item_id in deletes:
                 self._twins.change(item_id, self._records.pop(item_id, None), None)
                 self._title_changed(item_id, None)
-            for item_id, record in winners.items():
+            for item_id, record in recorded.items():
                 self._edits[item_id] = record
-                self._edit_times[item_id] = edits.times.get(item_id, 0)
+                self._edit_times[item_id] = self._next_time(item_id) if times is None else times[item_id]
             if on_record:
-                self._dirty.difference_update(winners)
+                self._dirty.difference_update(recorded)
             else:
-                self._dirty.update(winners)
-        return len(upserts) + len(deletes)
+                self._dirty.update(recorded)
 
     def _persist(self) -> None:
         """Save the edits applied here that the record beside the checkpoint lacks: appended to

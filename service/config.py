@@ -246,7 +246,8 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="Retention: forget a user's stored history and seen items this many seconds "
-        "after their last event (Redis EXPIRE, renewed at each append); 0 = keep them until the "
+        "after their last append, not their events' timestamps (Redis EXPIRE, renewed at each "
+        "append); 0 = keep them until the "
         "user is erased (DELETE /users/{id}). The event stream retraining reads is bounded by "
         "R2EC_STREAM_MAXLEN, the reasoning cache by R2EC_CACHE_TTL_S.",
     )

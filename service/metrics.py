@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -32,6 +32,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from service.build import code_commit, package_version
+
+if TYPE_CHECKING:
+    from service.store import StreamInfo
 
 # No `*_created` series beside every counter and histogram: Prometheus 2 stores each as one more
 # series, and nothing here reads them.
@@ -57,8 +60,10 @@ STORE_OPS = (
     "cache_set",
     "erase_user",
     "ping",
+    "stream_info",
 )
 RELOAD_OUTCOMES = ("ok", "failed")
+EVENT_RESULTS = ("new", "duplicate")  # r2ec_events_total's
 # The labels of the recommendation metrics: the version of the model that answered each request
 # (a reload mid-window credits each request to its own model) and R2EC_VARIANT, one value a
 # replica. Versions are bounded: the series of the MODEL_VERSIONS_KEPT versions to have served
@@ -148,6 +153,16 @@ class Metrics:
             ["result", *MODEL_LABELS],
             registry=r,
         )
+        self.events = Counter(
+            "r2ec_events_total",
+            "Events of POST /users/{id}/events that the store took, by result: new (stored in the "
+            "history, the stream and the seen set) or duplicate (an event_id the user already had: a "
+            "retry or a replay, not stored again). A refused request counts in neither.",
+            ["result"],
+            registry=r,
+        )
+        for result in EVENT_RESULTS:
+            self.events.labels(result)
         self.store_errors = Counter(
             "r2ec_store_errors_total",
             "Failed history-store operations by operation.",
@@ -266,6 +281,11 @@ class Metrics:
         PlatformCollector(registry=r)
         GCCollector(registry=r)
 
+        # the event stream r2ec:events as the last scrape read it (Redis only; None: not read)
+        self.stream_info: StreamInfo | None = None
+        self.stream_maxlen: int | None = None
+        self.registry.register(_EventStreamCollector(self))
+
         self.streams = Counter(
             "r2ec_stream_requests_total",
             "POST /recommend/stream responses that began streaming, by how they ended: ok (items "
@@ -284,6 +304,11 @@ class Metrics:
     def store_op(self, op: str, seconds: float) -> None:
         """A store operation took `seconds` (RedisStore's `on_op`)."""
         self.store_seconds.labels(op).observe(seconds)
+
+    def events_appended(self, new: int, duplicates: int) -> None:
+        """An append's reply: how many of its events were new, how many duplicates."""
+        self.events.labels("new").inc(new)
+        self.events.labels("duplicate").inc(duplicates)
 
     def serving(self, created_at: str, version: str | None = None) -> None:
         """A model began serving now; `created_at` is its r2ec.json's (ISO 8601, or empty). Its
@@ -330,7 +355,7 @@ class Metrics:
         read at each scrape: the service and the retrain job share the versions root, so the
         job's outcome reaches Prometheus without a push gateway. Nothing while the file is
         missing or unreadable."""
-        self.registry.register(_RetrainCollector(state_file))
+        self.registry.register(_RetrainCollector(state_file, lambda: self.stream_info))
 
     def track_drafts(self, counts: Callable[[], tuple[int, int]]) -> None:
         """Speculative decoding's draft tokens (model/speculative.py), read at each scrape from
@@ -375,9 +400,35 @@ def _timestamp(iso: object) -> float | None:
     return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
 
 
+class _EventStreamCollector(Collector):
+    """r2ec_stream_entries and r2ec_stream_maxlen, where the last scrape read the stream."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        info, maxlen = self.metrics.stream_info, self.metrics.stream_maxlen
+        if info is None:
+            return
+        yield GaugeMetricFamily(
+            "r2ec_stream_entries",
+            "Entries in the Redis event stream r2ec:events that retraining reads, at this scrape "
+            "(Redis only); capped near r2ec_stream_maxlen, past which the oldest are trimmed, "
+            "read or not.",
+            value=info.length,
+        )
+        if maxlen is not None:
+            yield GaugeMetricFamily(
+                "r2ec_stream_maxlen",
+                "The event stream's cap, R2EC_STREAM_MAXLEN (XADD MAXLEN ~: it may hold a few more).",
+                value=maxlen,
+            )
+
+
 class _RetrainCollector(Collector):
-    def __init__(self, state_file: Path) -> None:
+    def __init__(self, state_file: Path, stream: Callable[[], StreamInfo | None] = lambda: None) -> None:
         self.state_file = state_file
+        self.stream = stream
 
     def collect(self):
         try:
@@ -411,3 +462,46 @@ class _RetrainCollector(Collector):
                 "When `r2ec retrain` last published a version.",
                 value=published,
             )
+        yield from _stream_losses(state, last, self.stream())
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _stream_losses(state: dict, last: object, stream: StreamInfo | None):
+    """Retraining against the event stream: what its runs found trimmed before they read it
+    (model/retrain.py's events_lost), and how far behind the stream it is now."""
+    lost = _number(last.get("events_lost")) if isinstance(last, dict) else None
+    if lost is not None:
+        yield GaugeMetricFamily(
+            "r2ec_retrain_last_run_events_lost",
+            "Events the last `r2ec retrain` run found trimmed from the stream before it read them "
+            "(its cap, R2EC_STREAM_MAXLEN; a lower bound where an erasure deleted entries too): "
+            "never trained on.",
+            value=lost,
+        )
+    total = _number(state.get("events_lost"))
+    if total is not None:
+        yield CounterMetricFamily(
+            "r2ec_retrain_events_lost",
+            "Events `r2ec retrain` runs found trimmed from the stream before they read them, all runs.",
+            value=total,
+        )
+    mark = state.get("stream_mark")
+    # a mark saved with another cursor than the state's (an older release's run moved it on)
+    # counts from the wrong place: none then
+    fits = isinstance(mark, dict) and mark.get("cursor", state.get("last_event_id")) == state.get(
+        "last_event_id"
+    )
+    seen = _number(mark.get("entries_added")) if fits else None
+    if stream is not None and stream.entries_added is not None and seen is not None:
+        # a count below the last run's: the stream was lost and begun again, all of it unread
+        behind = stream.entries_added - seen if stream.entries_added >= seen else stream.entries_added
+        yield GaugeMetricFamily(
+            "r2ec_retrain_unread_events",
+            "Events the stream took since `r2ec retrain` last read it (from XINFO STREAM "
+            "entries-added, at this scrape): past r2ec_stream_maxlen, the oldest of them are "
+            "trimmed before it reads them.",
+            value=behind,
+        )

@@ -19,12 +19,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.convertors import Convertor, register_url_convertor
 
 from service import schemas
-from service.catalog import ItemTextError
+from service.catalog import ItemBatchError, ItemTextError
 from service.config import Settings
 from service.deps import Admin, CatalogDep, MaybeStateDep, StateDep, StoreDep, UserData
 from service.errors import documented
 from service.state import ServiceState, confine_checkpoint
-from service.store import Event, event_key
+from service.store import Event, stamped
 from service.streaming import (
     MODEL_HEADERS,
     EventStream,
@@ -270,6 +270,7 @@ async def append_events(
     now = int(time.time())
     events = [_stamped(user_id, e, now) for e in body.events]
     done = await state.append_events(user_id, events)
+    state.metrics.events_appended(done.appended, len(events) - done.appended)
     return schemas.EventsResponse(
         user_id=user_id,
         appended=done.appended,
@@ -284,9 +285,7 @@ async def append_events(
 def _stamped(user_id: str, e: schemas.EventIn, now: int) -> Event:
     """The event to store: its id (the client's, else a hash of the event as sent, so a retry
     without a timestamp gets the same id) and its time (the client's, else now)."""
-    sent = Event(e.item_id, e.rating, e.timestamp)
-    event_id = e.event_id or event_key(user_id, sent)
-    return Event(e.item_id, e.rating, now if e.timestamp is None else e.timestamp, event_id)
+    return stamped(user_id, Event(e.item_id, e.rating, e.timestamp, e.event_id), now)
 
 
 @router.get(
@@ -379,6 +378,51 @@ async def put_item(
         raise HTTPException(404, f"item {item_id!r} was deleted while it was being written")
     return schemas.ItemUpsertResponse(
         item=schemas.Item(**item), created=not replaced, index_size=len(catalog.index)
+    )
+
+
+# POST only: GET, PUT and DELETE /items/batch are the item whose id is "batch" (the routes
+# above and below match it; Starlette takes the route whose path and method both match).
+@router.post(
+    "/items/batch",
+    response_model=schemas.ItemBatchResponse,
+    tags=["admin"],
+    dependencies=Admin,
+    responses=documented(400, 401, 403, 408, 413, 422, 500, 503, 507),
+)
+async def edit_items(body: schemas.ItemBatch, state: StateDep) -> schemas.ItemBatchResponse:
+    """Add, replace and remove many items at once (admin): a catalog sync in one call instead of
+    one PUT or DELETE per item. All or nothing: every entry is checked first (the schema, a
+    special token in a text, an id twice in the batch: a 422 naming `upsert.N.field`), then the
+    upserts are encoded in chunks of 8 (recommendations run between them) and everything is
+    applied at once, in one pass over the index, and saved in one append to the edit log. An id
+    to delete that the catalog does not hold is not an error: it is listed in `not_found`."""
+    if duplicates := body.duplicate_fields():
+        raise RequestValidationError(duplicates)
+    upserts = {u.item_id: u.model_dump(exclude_none=True, exclude={"item_id"}) for u in body.upsert}
+    try:
+        catalog, done = await state.edit_items(upserts, body.delete)
+    except ItemBatchError as exc:  # a 422 naming each field, as the schema's own checks are
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("body", *e.loc), "msg": e.message} for e in exc.errors]
+        ) from None
+    not_found = set(done.not_found)
+    results = [
+        schemas.ItemBatchOutcome(item_id=i, result="replaced" if replaced else "created")
+        for i, replaced in done.replaced.items()
+    ]
+    results += [
+        schemas.ItemBatchOutcome(item_id=i, result="not_found" if i in not_found else "deleted")
+        for i in body.delete
+    ]
+    replaced = sum(done.replaced.values())
+    return schemas.ItemBatchResponse(
+        created=len(done.replaced) - replaced,
+        replaced=replaced,
+        deleted=len(done.deleted),
+        not_found=done.not_found,
+        index_size=len(catalog.index),
+        results=results,
     )
 
 
@@ -483,6 +527,7 @@ async def readyz(state: MaybeStateDep) -> JSONResponse:
 )
 async def metrics(state: StateDep) -> Response:
     """Prometheus exposition."""
+    await state.read_stream_info()  # one short script in Redis (XINFO STREAM)
     # off the event loop: a scrape reads retraining's state file on the shared volume
     body = await asyncio.to_thread(state.metrics.render)
     return Response(body, media_type=state.metrics.content_type)

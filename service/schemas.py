@@ -54,6 +54,7 @@ _TEXT_RE = re.compile(TEXT_PATTERN)
 MAX_HISTORY = 1000  # longer inline histories are refused (only the latest window is used)
 MAX_EVENTS = 1000
 MAX_ITEM_LIST = 1000  # a request's `candidates` or `exclude_items`
+MAX_ITEM_BATCH = 1000  # entries (upserts and deletes) of one POST /items/batch
 MAX_AHEAD_S = 86_400  # an event may carry a time this far past the server's clock (clock skew)
 
 
@@ -203,6 +204,18 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _whole_seconds(value: Any) -> Any:
+    """A timestamp sent as a JSON number with no fraction (1700000000.0) is that integer: a
+    pandas or parquet export turns an integer column into float64 as soon as one value is
+    missing, and `r2ec data prepare` takes such stamps too. One with a fraction is refused,
+    not rounded: its default event id would differ from the whole second's."""
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise ValueError(f"must be whole Unix seconds, got {value!r}: send an integer (no fraction)")
+    return value
+
+
 class Interaction(_Body):
     item_id: ItemId
     rating: float | None = Field(
@@ -212,11 +225,12 @@ class Interaction(_Body):
         allow_inf_nan=False,
         description="Rating, on the scale the model was trained on (1-5 for the shipped ml-100k model).",
     )
-    timestamp: int | None = Field(
+    timestamp: Annotated[int | None, BeforeValidator(_whole_seconds)] = Field(
         None,
         ge=0,
         le=MAX_TIMESTAMP_S,
-        description="Unix time in seconds, up to 4102444800 (2100-01-01); default: when the server got it.",
+        description="Unix time in seconds, up to 4102444800 (2100-01-01); a number with no fraction "
+        "(1700000000.0) is taken as that integer. Default: when the server got it.",
     )
 
 
@@ -498,6 +512,89 @@ class ItemUpsertResponse(BaseModel):
     item: Item
     created: bool
     index_size: int
+
+
+class ItemBatchUpsert(ItemUpsert):
+    """One item of a batch: its id and its text, as PUT /items/{item_id} takes them."""
+
+    item_id: ItemId
+
+
+class ItemBatch(_Body):
+    """POST /items/batch: items to add or replace and ids to remove, at most MAX_ITEM_BATCH in
+    all; an id may appear once in a batch (`duplicate_fields`)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "upsert": [
+                        {"item_id": "sku-17", "title": "Trail Runner 2", "year": "2023", "genres": "Shoes"},
+                        {"item_id": "sku-18", "title": "Trail Runner 3"},
+                    ],
+                    "delete": ["sku-3"],
+                }
+            ]
+        }
+    )
+
+    upsert: list[ItemBatchUpsert] = Field(
+        default_factory=list,
+        max_length=MAX_ITEM_BATCH,
+        description="Items to add or replace, each encoded with the served model as PUT "
+        "/items/{item_id} does (a PUT replaces the whole item).",
+    )
+    delete: list[Id] = Field(
+        default_factory=list,
+        max_length=MAX_ITEM_BATCH,
+        description="Items to remove; an id the catalog does not hold is reported in `not_found`, "
+        "not refused.",
+    )
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ItemBatch:
+        if len(self.upsert) + len(self.delete) > MAX_ITEM_BATCH:
+            raise ValueError(
+                f"at most {MAX_ITEM_BATCH} entries in all (`upsert` and `delete`): send "
+                f"{len(self.upsert) + len(self.delete)} as several batches"
+            )
+        return self
+
+    def duplicate_fields(self) -> list[dict[str, Any]]:
+        """A validation error (FastAPI's shape) for each entry whose id an earlier entry of the
+        batch has (`upsert.3.item_id`, `delete.0`): one batch edits an item once."""
+        first: dict[str, str] = {}
+        errors = []
+        entries = [(("upsert", n, "item_id"), u.item_id) for n, u in enumerate(self.upsert)]
+        entries += [(("delete", n), item_id) for n, item_id in enumerate(self.delete)]
+        for loc, item_id in entries:
+            if item_id in first:
+                errors.append(
+                    {
+                        "type": "value_error",
+                        "loc": ("body", *loc),
+                        "msg": f"the same id as {first[item_id]}: a batch edits an item once",
+                    }
+                )
+            else:
+                first[item_id] = ".".join(map(str, loc))
+        return errors
+
+
+class ItemBatchOutcome(BaseModel):
+    item_id: str
+    result: Literal["created", "replaced", "deleted", "not_found"]
+
+
+class ItemBatchResponse(BaseModel):
+    created: int = Field(description="Items of `upsert` the catalog did not hold.")
+    replaced: int = Field(description="Items of `upsert` that replaced one.")
+    deleted: int = Field(description="Items of `delete` removed.")
+    not_found: list[str] = Field(description="Ids of `delete` the catalog did not hold (nothing done).")
+    index_size: int = Field(description="Items in the index after the batch.")
+    results: list[ItemBatchOutcome] = Field(
+        description="One per entry, in order: those of `upsert`, then those of `delete`."
+    )
 
 
 class ItemDeleteResponse(BaseModel):

@@ -23,12 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 from index import search_without_threads
-from model.checkpoint import CURRENT_FILE, CheckpointError, read_meta, resolve_checkpoint
+from model.checkpoint import CURRENT_FILE, CheckpointError, item_record, read_meta, resolve_checkpoint
 from model.retrain import STATE_FILE as RETRAIN_STATE
 from model.retrain import WORK_DIR as RETRAIN_DIR
 from service.batcher import BatcherClosed, MicroBatcher, QueueFull, QueueTimeout
-from service.catalog import Catalog
+from service.catalog import BatchEdited, Catalog
 from service.config import Settings
 from service.continuous import ContinuousBatcher
 from service.logs import Throttled
@@ -50,6 +52,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 WATCH_RETRIES = 3  # loads of one new checkpoint version a tick apart, before the watch slows down
 WATCH_SLOW_RETRY_S = 300.0  # then one load of it this often (service/state.py `_watch`)
+# items of POST /items/batch encoded per turn of the model thread: what a recommendation may wait
+# for meanwhile. 8, not 32: as fast per item on 2 contended cores, a quarter of the wait
+# (BENCHMARKS.md §5, 'Bulk item edits')
+EDIT_BATCH_CHUNK = 8
 CACHE_BACKOFF_S = 5.0  # after a cache error, skip the cache this long, or until the store
 # answers another operation (a down Redis is not asked twice per request while it is down;
 # histories are still asked, they are needed, and the first one answered ends the skip)
@@ -125,14 +131,20 @@ def checkpoint_label(configured: Path, path: Path, version: str) -> str:
 
 
 class EditNotSaved(RuntimeError):
-    """An item edit this replica applied, in memory only: the volume refused the save."""
+    """An item edit this replica applied, in memory only: the volume refused the save. `batch`:
+    the number of edits of a batch (POST /items/batch) that `item_id` is the first of."""
 
-    def __init__(self, item_id: str, reason: str, watching: bool) -> None:
+    def __init__(self, item_id: str, reason: str, watching: bool, batch: int | None = None) -> None:
         when = "at the next watch tick or edit" if watching else "with the next item edit"
+        if batch is None:
+            what, verb, it = f"item {item_id!r}", "is", "it"
+        else:
+            what, verb, it = f"the batch's {batch} item edits (the first: {item_id!r})", "are", "them"
         super().__init__(
-            f"item {item_id!r} is served by this replica from memory but could not be saved "
+            f"{what} {verb} served by this replica from memory but could not be saved "
             f"({reason}): a restart, the other replicas and the next published version do not "
-            f"have it yet; it is saved {when} once the volume takes it"
+            f"have {it} yet; {'it is' if batch is None else 'they are'} saved {when} once the "
+            "volume takes it"
         )
 
 
@@ -235,6 +247,7 @@ class ServiceState:
         metrics.track_store(lambda: self.store.up)
         if isinstance(store, RedisStore):
             store.on_op = metrics.store_op
+            metrics.stream_maxlen = settings.stream_maxlen
         metrics.queue_capacity.set(settings.max_queue)
         metrics.batch_capacity.set(settings.max_batch)
         metrics.batch_active.set_function(lambda: float(self.batcher.active))
@@ -314,6 +327,18 @@ class ServiceState:
                 raise
             self.store_failed(exc)
             return frozenset()
+
+    async def read_stream_info(self) -> None:
+        """/metrics: the event stream's counts, read at each scrape (r2ec_stream_entries,
+        r2ec_retrain_unread_events); none where the store is not Redis (no retraining reads the
+        in-process one) or did not answer."""
+        info = None
+        if isinstance(self.store, RedisStore):
+            try:
+                info = await self.store.stream_info()
+            except StoreUnavailable as exc:
+                self.store_failed(exc)
+        self.metrics.stream_info = info
 
     def store_failed(self, exc: StoreUnavailable) -> None:
         """Count a failed store operation; a WARNING at most every 10 s while the store is down,
@@ -451,6 +476,32 @@ class ServiceState:
             if catalog.unsaved is not None:
                 raise EditNotSaved(item_id, catalog.unsaved, self.settings.watch_interval_s > 0)
         return catalog
+
+    async def edit_items(
+        self, upserts: Mapping[str, Mapping[str, Any]], deletes: Sequence[str]
+    ) -> tuple[Catalog, BatchEdited]:
+        """A batch of item edits (POST /items/batch), all or nothing: every text checked first
+        (ItemBatchError naming each refused field, `upsert.3.title`), then the upserts encoded
+        on the model thread EDIT_BATCH_CHUNK items at a time, so recommendation batches run
+        between the chunks, then every upsert and delete applied at once, on the model thread
+        (`Catalog.edit_many`: one index pass, one edit-log append, one save). The edit lock is
+        held throughout: a reload swaps models before the batch or after it, never between its
+        chunks, and no other edit lands in between."""
+        async with self.edit_lock:  # not while a reload swaps models
+            catalog = self.engine.catalog
+            catalog.check_texts(list(upserts.values()))
+            items = [{"item_id": i, **item_record(f)} for i, f in upserts.items()]
+            chunks = []
+            for start in range(0, len(items), EDIT_BATCH_CHUNK):
+                chunk = items[start : start + EDIT_BATCH_CHUNK]
+                chunks.append(await self.run_model(catalog.encode_items, chunk))
+            vectors = np.concatenate(chunks) if chunks else None
+            done = await self.run_model(catalog.edit_many, upserts, deletes, vectors)
+            if catalog.unsaved is not None and (done.replaced or done.deleted):
+                first = next(iter(done.replaced), None) or done.deleted[0]
+                edits = len(done.replaced) + len(done.deleted)
+                raise EditNotSaved(first, catalog.unsaved, self.settings.watch_interval_s > 0, batch=edits)
+        return catalog, done
 
     # ------------------------------------------------------------------ recommend
     async def recommend(

@@ -17,6 +17,9 @@ One interface, two stores, the same tests for both (tests/service/test_store.py)
                               after `cache_ttl_s`: what an erasure deletes of the cache
     r2ec:erasures             a sorted set, the erasure ledger: user_id -> cutoff of the user's
                               latest erasure, in the stream ids' milliseconds (see "Erasure")
+    r2ec:events-erased        a counter: the r2ec:events entries erasures have deleted (XDEL), so
+                              retraining tells them from entries the stream's cap trimmed before
+                              it read them (`read_stream_checked`); no user's data
     r2ec:schema               JSON: the format of these keys (STORE_FORMAT), the r2ec version that
                               wrote the marker and when, and whether the Redis held data then (a
                               release before 0.2.0's, which wrote no marker); written at the
@@ -28,7 +31,10 @@ One interface, two stores, the same tests for both (tests/service/test_store.py)
 Events are idempotent: each has an id (the client's `event_id`, else `event_key` of what it
 sent), and an append stores only the events whose id the user does not have yet, in one atomic
 step with the history, the stream and the seen set. A client that timed out and retries cannot
-duplicate an event, even when its first attempt did land.
+duplicate an event, even when its first attempt did land. "Has" is either list: the event ids
+remembered for `dedup_ttl_s`, or the events of the stored history window, so a replay after the
+dedup window (a backfill run again, a queue read again from its start) stores nothing twice in a
+history either (an event that has left the window and the dedup window counts as new again).
 Order: a history is kept in the order of the events' timestamps, as retraining orders them
 (model/retrain.py sorts by user and time), not in the order they arrived. An event that comes
 late (a backfill, a mobile client that was offline) takes its place among the older ones, equal
@@ -56,6 +62,10 @@ cannot be found, and expire after `cache_ttl_s`. The in-process store has no led
 retraining job reads its stream.
 - `read_stream(url, cursor)`: retraining's synchronous view of the Redis stream, every entry
   after an opaque cursor. Entry ids and the cursor's syntax stay in this module.
+  `read_stream_checked(url, cursor, mark)` reads the same and counts the entries the stream
+  lost after the cursor before they were read (`MAXLEN ~` trims the oldest entries, read or
+  not): from XINFO STREAM's `entries-added` (Redis 7), against the count the last read saw
+  (its `mark`), less the entries read and those erasures deleted (r2ec:events-erased).
 - `read_erasures(url)`: retraining's view of the ledger, an `ErasureLedger`.
 
 Every Redis failure surfaces as `StoreUnavailable`, so callers catch one type.
@@ -85,6 +95,7 @@ log = logging.getLogger(__name__)
 
 HISTORY_KEY = "r2ec:history:{user_id}"
 EVENTS_STREAM = "r2ec:events"
+STREAM_ERASED_KEY = "r2ec:events-erased"
 SEEN_KEY = "r2ec:seen:{user_id}"
 EVENT_IDS_KEY = "r2ec:event-ids:{user_id}"
 CACHE_KEY = "r2ec:reasoning:{key}"
@@ -166,6 +177,15 @@ def event_key(user_id: str, event: Event) -> str:
     item rated the same way again without a timestamp counts once within the dedup window."""
     material = json.dumps([user_id, event.item_id, event.rating, event.timestamp])
     return hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def stamped(user_id: str, event: Event, now: int) -> Event:
+    """The event to store, as a client sent it (`POST /users/{id}/events`, `r2ec user import`):
+    its id, the client's else `event_key` of the event as sent (so a retry without a timestamp
+    gets the same id), and its time, the client's else `now`."""
+    sent = Event(event.item_id, event.rating, event.timestamp)
+    event_id = event.event_id or event_key(user_id, sent)
+    return Event(event.item_id, event.rating, now if event.timestamp is None else event.timestamp, event_id)
 
 
 @dataclass(frozen=True)
@@ -265,10 +285,12 @@ class HistoryStore(Protocol):
     async def get_history(self, user_id: str) -> list[Event]:
         """The user's latest `window` events, oldest first (empty for an unknown user)."""
 
-    async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
+    async def append_events(self, user_id: str, events: Sequence[Event], *, stream: bool = True) -> Appended:
         """Add the events whose id is new for the user to the history (placed by timestamp,
         trimmed to the window; module docstring, "Order"), the event stream and the seen set,
-        atomically."""
+        atomically. `stream=False`: not to the stream (`r2ec user import --no-stream`, a
+        backfill of history that retraining's seed dataset holds already); the route always
+        streams."""
 
     async def get_seen(self, user_id: str) -> frozenset[str]:
         """Every item the user has an event for (not only the history window)."""
@@ -299,6 +321,11 @@ class HistoryStore(Protocol):
         """Return if the store is reachable; raise StoreUnavailable otherwise."""
 
     async def close(self) -> None: ...
+
+
+def _appended(out: Sequence[int | str], ids: Sequence[str]) -> Appended:
+    """APPEND_SCRIPT's reply (1/0 per event, then the history's length) as an Appended."""
+    return Appended(int(out[-1]), tuple(ids), tuple(bool(x) for x in out[:-1]))
 
 
 def _check_events(user_id: str, events: Sequence[Event]) -> list[str]:
@@ -389,25 +416,29 @@ class MemoryStore:
         self._forget_if_expired(user_id)
         return _time_order(list(self._histories.get(user_id, ())))
 
-    async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
+    async def append_events(self, user_id: str, events: Sequence[Event], *, stream: bool = True) -> Appended:
         ids = _check_events(user_id, events)
         self._forget_if_expired(user_id)
         self._last_append[user_id] = self._clock()
         history = self._histories.setdefault(user_id, [])
         history[:] = _time_order(history)  # as APPEND_SCRIPT repairs a list of an older release
         known = self._event_ids.setdefault(user_id, set())
+        held = {e.event_id for e in history}  # a duplicate whatever the ids remembered (APPEND_SCRIPT)
         seen = self._seen.setdefault(user_id, set())
         new = []
         for e, event_id in zip(events, ids, strict=True):
-            new.append(event_id not in known)
+            new.append(event_id not in known and event_id not in held)
             if not new[-1]:
                 continue
             known.add(event_id)
             stored = Event(e.item_id, e.rating, e.timestamp, event_id)
             history.insert(_place(history, e.timestamp), stored)
             seen.add(e.item_id)
-            self._added += 1
-            self._events.append(StreamEntry(f"{self._added}-0", user_id, stored, int(time.time()), event_id))
+            if stream:
+                self._added += 1
+                self._events.append(
+                    StreamEntry(f"{self._added}-0", user_id, stored, int(time.time()), event_id)
+                )
         del history[: -self.window]
         return Appended(len(history), tuple(ids), tuple(new))
 
@@ -510,6 +541,7 @@ class RedisStore:
         self._cache_for_user = self._redis.register_script(CACHE_SET_SCRIPT)
         self._erase = self._redis.register_script(ERASE_SCRIPT)
         self._user_page = self._redis.register_script(USER_PAGE_SCRIPT)
+        self._stream_info = self._redis.register_script(STREAM_INFO_SCRIPT)
         self.erase_page = ERASE_PAGE
         self.format: StoreFormat | None = None  # SCHEMA_KEY, once `check_format` read it
         # told each operation's name and duration in seconds, failed ones too (the service's
@@ -542,21 +574,45 @@ class RedisStore:
             raw = await self._redis.lrange(HISTORY_KEY.format(user_id=user_id), 0, -1)
         return _time_order([Event.from_json(r) for r in raw])
 
-    async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
+    async def append_events(self, user_id: str, events: Sequence[Event], *, stream: bool = True) -> Appended:
+        keys, args, ids = self._append_call(user_id, events, stream)
+        with self._failures("append_events"):
+            # one Lua script: the dedup check and every write happen atomically, or not at all
+            out = await self._append(keys=keys, args=args)
+        return _appended(out, ids)
+
+    async def append_many(
+        self, batches: Sequence[tuple[str, Sequence[Event]]], *, stream: bool = True
+    ) -> list[Appended]:
+        """`append_events` for each (user_id, events) in order, in one round trip: the same
+        script, each call atomic on its own, sent as one pipeline (not a transaction: a failure
+        part way leaves the calls before it done, and the same batches again store nothing
+        twice). For `r2ec user import`, a backfill, where one call per round trip leaves Redis
+        idle while the client waits."""
+        calls = [self._append_call(user_id, events, stream) for user_id, events in batches]
+        with self._failures("append_events"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for keys, args, _ in calls:
+                    await self._append(keys=keys, args=args, client=pipe)
+                replies = await pipe.execute()
+        return [_appended(out, ids) for out, (_, _, ids) in zip(replies, calls, strict=True)]
+
+    def _append_call(
+        self, user_id: str, events: Sequence[Event], stream: bool
+    ) -> tuple[list[str], list[str | int], list[str]]:
+        """APPEND_SCRIPT's keys and arguments for an append, and the events' ids."""
         ids = _check_events(user_id, events)
-        keys = [HISTORY_KEY, EVENTS_STREAM, SEEN_KEY, EVENT_IDS_KEY]
+        keys = [k.format(user_id=user_id) for k in (HISTORY_KEY, EVENTS_STREAM, SEEN_KEY, EVENT_IDS_KEY)]
         now = int(time.time())
+        maxlen = self.stream_maxlen if stream else 0  # 0: no stream entry (the script's ARGV[3])
         args: list[str | int] = [
-            *(self.window, self.stream_maxlen, self.dedup_ttl_s, now, len(events), self.user_ttl_s)
+            *(user_id, self.window, maxlen, self.dedup_ttl_s, now, len(events), self.user_ttl_s)
         ]
         for e, event_id in zip(events, ids, strict=True):
             f = e.stream_fields(user_id, event_id)
             stored = Event(e.item_id, e.rating, e.timestamp, event_id)
             args += [event_id, e.item_id, f["rating"], f["timestamp"], stored.to_json()]
-        with self._failures("append_events"):
-            # one Lua script: the dedup check and every write happen atomically, or not at all
-            out = await self._append(keys=[k.format(user_id=user_id) for k in keys], args=[user_id, *args])
-        return Appended(int(out[-1]), tuple(ids), tuple(bool(x) for x in out[:-1]))
+        return keys, args, ids
 
     async def get_seen(self, user_id: str) -> frozenset[str]:
         with self._failures("get_seen"):
@@ -629,13 +685,21 @@ class RedisStore:
         removed, after = 0, STREAM_START
         while True:
             last, read, n, mine = await self._user_page(
-                keys=[EVENTS_STREAM], args=[user_id, after, until, self.erase_page, int(delete)]
+                keys=[EVENTS_STREAM, STREAM_ERASED_KEY],
+                args=[user_id, after, until, self.erase_page, int(delete)],
             )
             removed += int(n)
             rows += [(entry, dict(zip(fields[::2], fields[1::2], strict=True))) for entry, fields in mine]
             if int(read) < self.erase_page:
                 return rows, removed
             after = last
+
+    async def stream_info(self) -> StreamInfo:
+        """The event stream's length and counts (STREAM_INFO_SCRIPT): /metrics' r2ec_stream_entries
+        and retraining's lag, read at each scrape."""
+        with self._failures("stream_info"):
+            reply = await self._stream_info(keys=[EVENTS_STREAM, STREAM_ERASED_KEY])
+        return StreamInfo.from_reply(reply)
 
     async def check_format(self, version: str) -> StoreFormat:
         """Write SCHEMA_KEY where absent (a new Redis, or one a release before 0.2.0 used), and
@@ -707,6 +771,140 @@ def read_stream(
     return entries, (entries[-1].id if entries else cursor)
 
 
+@dataclass(frozen=True)
+class StreamInfo:
+    """The event stream as XINFO STREAM and the erasure counter tell it, at one moment
+    (STREAM_INFO_SCRIPT)."""
+
+    length: int  # entries it holds
+    entries_added: int | None  # entries ever added (Redis 7's count; None before 7.0)
+    last_id: str  # the last id it generated ("0-0": none yet)
+    first_id: str | None  # its oldest entry's id (None: empty)
+    erased: int  # entries erasures deleted (STREAM_ERASED_KEY)
+
+    @classmethod
+    def from_reply(cls, reply: Sequence) -> StreamInfo:
+        length, added, last, first, erased = reply
+        return cls(
+            int(length), None if int(added) < 0 else int(added), _str(last), _str(first) or None, int(erased)
+        )
+
+
+def _str(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class StreamRead:
+    """What `read_stream_checked` read: model/retrain.py's `StreamRead`.
+
+    `lost`: entries added after the cursor that the stream no longer held when read, less those
+    erasures deleted: what its cap (`MAXLEN ~`, or an operator's XTRIM) dropped unread. Exact
+    where `lost_exact`, else a lower bound (an erasure deleted entries meanwhile, and the stream
+    was trimmed past the cursor too; or no count to start from: the first read with an older
+    state, a Redis before 7.0, a stream that was lost and begun again). `mark`: the counts this
+    read saw, for the next read to start from (stored by the caller, handed back)."""
+
+    events: list[StreamEntry]
+    cursor: str | None
+    lost: int = 0
+    lost_exact: bool = True
+    mark: dict[str, int | str | None] | None = None
+    length: int = 0  # entries the stream held when read
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    """A stream id "<ms>-<seq>" as a tuple that orders as Redis orders ids."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def read_stream_checked(
+    redis_url: str,
+    cursor: str | None = None,
+    mark: Mapping[str, int | str | None] | None = None,
+    *,
+    page_size: int = 10_000,
+    timeout_s: float = 10.0,
+) -> StreamRead:
+    """`read_stream`, and how many entries after `cursor` were lost unread (`StreamRead`).
+
+    The stream's counts are read first, in one script (STREAM_INFO_SCRIPT), and the entries
+    after the cursor up to the last id they saw, so what is added meanwhile waits for the next
+    read. Entries added since the last read (`mark`: its `entries_added`; from the stream's
+    start where nothing was read yet) and not read now were deleted since: by an erasure,
+    counted in STREAM_ERASED_KEY (read again after the pages, so one that ran meanwhile counts
+    too), or by the cap. Where no erasure deleted any, the rest is exact; where one did, it
+    also deleted entries read before, so what is left is a lower bound, exact again where the
+    stream still starts at or before the cursor (a cap trims the oldest first: it took nothing
+    past the cursor)."""
+    client = redis.Redis.from_url(
+        redis_url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+    )
+    entries: list[StreamEntry] = []
+    after = cursor or STREAM_START
+    try:
+        with _failures(redis_url, "read_events"):
+            info = StreamInfo.from_reply(client.eval(STREAM_INFO_SCRIPT, 2, EVENTS_STREAM, STREAM_ERASED_KEY))
+            while rows := client.xrange(EVENTS_STREAM, min=f"({after}", max=info.last_id, count=page_size):
+                entries += _stream_entries(rows)
+                after = entries[-1].id
+            erased = int(client.get(STREAM_ERASED_KEY) or 0)
+    finally:
+        client.close()
+    if mark is not None and mark.get("cursor", cursor) != cursor:
+        # saved with another cursor: a run of an older release (a code rollback) moved the
+        # cursor on and kept this mark; counting from it would call what that run read lost
+        mark = None
+    lost, exact = _lost_unread(info, erased, cursor, mark, len(entries))
+    cursor = entries[-1].id if entries else cursor
+    new_mark = None
+    if info.entries_added is not None:
+        new_mark = {"entries_added": info.entries_added, "erased": info.erased, "cursor": cursor}
+    return StreamRead(entries, cursor, lost, exact, new_mark, info.length)
+
+
+def _lost_unread(
+    info: StreamInfo, erased: int, cursor: str | None, mark: Mapping[str, int | str | None] | None, read: int
+) -> tuple[int, bool]:
+    """(entries lost after `cursor` before they were read, whether that is exact):
+    `read_stream_checked`. `erased`: the erasure counter after the entries were read."""
+    at = _id_key(cursor or STREAM_START)
+    # the cap trims the oldest entries: while one at or before the cursor is left, it has taken
+    # nothing after it
+    untrimmed = info.first_id is not None and _id_key(info.first_id) <= at
+    if info.entries_added is None:  # a Redis before 7.0 counts nothing
+        return 0, untrimmed
+    if mark is None and cursor is not None:  # a cursor an older release saved: nothing to count from
+        return 0, untrimmed
+    added0, erased0 = (0, 0) if mark is None else (int(mark["entries_added"]), int(mark["erased"]))
+    # fewer than the last read saw: the stream (or the counter) was lost and begun again; what
+    # it held after the cursor then is unknown, only what came since is counted
+    begun_again = info.entries_added < added0 or erased < erased0
+    if begun_again:
+        added0 = 0 if info.entries_added < added0 else added0
+        erased0 = 0 if erased < erased0 else erased0
+    missing = info.entries_added - added0 - read  # added since the last read, not read now
+    deleted = erased - erased0
+    lost = max(0, missing - deleted)
+    return lost, not begun_again and (deleted == 0 or (lost == 0 and untrimmed))
+
+
+# KEYS: the stream, the erasure counter (STREAM_ERASED_KEY). Returns the stream's length, entries
+# added (-1: a Redis before 7.0, which does not count them), the last generated id, the first
+# entry's id ('' where empty), the counter. (max-deleted-entry-id is no help: trims leave it.)
+STREAM_INFO_SCRIPT = """
+local erased = tonumber(redis.call('GET', KEYS[2]) or '0')
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '0-0', '', erased} end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local f = {}
+for i = 1, #info, 2 do f[info[i]] = info[i + 1] end
+local first = ''
+if f['first-entry'] then first = f['first-entry'][1] end
+return {f['length'], f['entries-added'] or -1, f['last-generated-id'], first, erased}
+"""
+
+
 def read_erasures(redis_url: str, *, timeout_s: float = 10.0) -> ErasureLedger:
     """The erasure ledger (module docstring, "Erasure"), for retraining: synchronous, one
     connection, ZSCAN in pages (an entry updated meanwhile is still read). A down Redis raises
@@ -737,9 +935,9 @@ def _stream_entries(rows: list[tuple[str, dict[str, str]]]) -> list[StreamEntry]
     return out
 
 
-# KEYS: history, stream, seen set, event-id zset. ARGV: user_id, window, stream maxlen, dedup ttl
-# (s), now (s), n, user ttl (s, 0: none), then per event: event_id, item_id, rating, timestamp,
-# history JSON.
+# KEYS: history, stream, seen set, event-id zset. ARGV: user_id, window, stream maxlen (0: no
+# stream entry, `stream=False`), dedup ttl (s), now (s), n, user ttl (s, 0: none), then per
+# event: event_id, item_id, rating, timestamp, history JSON.
 # Returns one 1 (stored) or 0 (duplicate) per event, then the history's length.
 APPEND_SCRIPT = """
 -- the history in time order (`_place`): read once; each new event goes into that table after
@@ -764,8 +962,14 @@ local user_ttl = tonumber(ARGV[7])  -- seconds the history and seen set outlive 
 redis.call('ZADD', KEYS[4], 'XX', now, '')
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl)
 local hist = redis.call('LRANGE', KEYS[1], 0, -1)
-local times = {}
-for i, json in ipairs(hist) do times[i] = stamp(json) end
+-- held: the ids of the events in the history, each a duplicate whatever the dedup window (a
+-- replay after it, a backfill run again, must not show an event twice)
+local times, held = {}, {}
+for i, json in ipairs(hist) do
+  local e = cjson.decode(json)
+  times[i] = type(e['timestamp']) == 'number' and e['timestamp']
+  if type(e['event_id']) == 'string' then held[e['event_id']] = true end
+end
 local stored = #hist
 local untouched = stored  -- hist[1..untouched] is still the stored list's start
 -- a list a release before 0.2.0 stored in arrival order: sorted once, stably, as `_time_order`
@@ -793,7 +997,7 @@ local out = {}
 for i = 0, n - 1 do
   local b = 8 + i * 5
   local id, item, json = ARGV[b], ARGV[b + 1], ARGV[b + 4]
-  if redis.call('ZADD', KEYS[4], 'NX', now, id) == 1 then
+  if not held[id] and redis.call('ZADD', KEYS[4], 'NX', now, id) == 1 then
     local ts, at, dropped = stamp(json), #hist, false
     if ts then
       while at > 0 and times[at] and times[at] > ts do
@@ -806,8 +1010,10 @@ for i = 0, n - 1 do
       table.insert(times, at + 1, ts)
       if at < untouched then untouched = at end
     end
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'user_id', user, 'item_id', item,
-               'rating', ARGV[b + 2], 'timestamp', ARGV[b + 3], 'event_id', id)
+    if maxlen ~= '0' then  -- '0': a backfill of what retraining's seed dataset holds already
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'user_id', user, 'item_id', item,
+                 'rating', ARGV[b + 2], 'timestamp', ARGV[b + 3], 'event_id', id)
+    end
     redis.call('SADD', KEYS[3], item)
     out[#out + 1] = 1
   else
@@ -896,8 +1102,9 @@ return {history, seen, cached, now, cutoff}
 
 
 # One step of a scan of the stream for one user's entries (an erasure's, an export's). KEYS: the
-# stream. ARGV: user_id, the last id scanned (exclusive), the last id to scan ('+': the end; an
-# erasure's cutoff in ms, inclusive), the page size, 1 to XDEL the user's entries found. Returns
+# stream, and optionally a counter the deleted entries are added to (STREAM_ERASED_KEY). ARGV:
+# user_id, the last id scanned (exclusive), the last id to scan ('+': the end; an erasure's
+# cutoff in ms, inclusive), the page size, 1 to XDEL the user's entries found. Returns
 # the last id read (the cursor again where none was), how many were read (fewer than a page: the
 # scan is over), how many were deleted, and the user's entries ({id, fields}; none where they
 # were deleted). `user_id` is each entry's first field (APPEND_SCRIPT writes it first).
@@ -921,6 +1128,7 @@ if ARGV[5] == '1' then
   for i = 1, #ids, 1000 do
     removed = removed + redis.call('XDEL', KEYS[1], unpack(ids, i, math.min(i + 999, #ids)))
   end
+  if removed > 0 and KEYS[2] then redis.call('INCRBY', KEYS[2], removed) end
   mine = {}
 end
 if #rows == 0 then return {ARGV[2], 0, removed, mine} end

@@ -247,3 +247,89 @@ def test_a_negative_gate_z_is_refused_by_name(versions_root, tiny_dataset):
     code, out, _ = _cli("--data", str(tiny_dataset.path), "--root", str(versions_root), "--gate-z", "-1")
     assert code == 2 and "gate_z must be a finite number >= 0, got -1.0" in out
     assert (versions_root / "CURRENT").read_text() == "v0\n" and not (versions_root / "retrain").exists()
+
+
+@pytest.mark.redis
+def test_a_backfill_of_the_seeds_history_is_not_trained_on_twice(
+    redis_server, versions_root, config_file, tiny_dataset
+):
+    """Journey 40, finding 1: the warehouse history was the seed dataset and was backfilled
+    into Redis too (POST /users/{id}/events, as the service's RedisStore writes it here). The
+    next run took every seed interaction as a new event: twice the train samples, targets in
+    their own histories, and a run triggered by nothing new."""
+    from model.data import SPLITS, load_prepared
+    from tests.model.test_retrain import _seed_as_events, _target_in_history
+
+    root, url = versions_root, redis_server.url
+    redis_server.flush()
+    # u4's one interaction made no seed sample, so the seed cannot tell it was there: it would
+    # count as new (tests/model/test_retrain.py); every other user's history is the seed's
+    backfill = [e for e in _seed_as_events() if e.user_id != "u4"]
+    for user in dict.fromkeys(e.user_id for e in backfill):
+        _append(url, user, [(e.item_id, e.rating, e.timestamp) for e in backfill if e.user_id == user])
+    common = ["--data", str(tiny_dataset.path), "--root", str(root), "--redis-url", url]
+    common += ["--config", str(config_file)]
+    code, out, _ = _cli(*common)  # the default --min-events 1
+    assert code == 0, out
+    assert "retrain skipped: 0 events not trained on yet (11 more already in the seed data)" in out
+    assert "11 of them already in the seed data (same user, item, rating, time): not added" in out
+    assert read_state(root / "retrain")["last_run"]["events_in_seed"] == 11
+    code, out, run = _cli(*common, "--min-events", "0", "--tolerance", "1", "--json")
+    assert code == 0 and run["status"] == "published", out
+    assert run["events_total"] == 11 and run["events_in_seed"] == 11
+    assert run["samples"] == {name: len(tiny_dataset.split(name)) for name in SPLITS}
+    rebuilt = load_prepared(root / "retrain" / "data" / "tiny" / "loo")
+    for name in SPLITS:
+        assert (
+            rebuilt.split(name)["target_item_id"].tolist()
+            == tiny_dataset.split(name)["target_item_id"].tolist()
+        )
+        assert rebuilt.split(name)["history_item_ids"].map(list).tolist() == (
+            tiny_dataset.split(name)["history_item_ids"].map(list).tolist()
+        )
+    assert _target_in_history(rebuilt) == 0
+
+
+@pytest.mark.redis
+def test_retrain_warns_of_and_counts_the_events_the_streams_cap_trimmed_unread(
+    redis_server, versions_root, config_file, tiny_dataset, caplog
+):
+    """Journey 40, finding 2: a backfill larger than R2EC_STREAM_MAXLEN lost its first users'
+    events before retraining read the stream, and the run said nothing of them."""
+    from service.store import Event, RedisStore
+
+    root, url = versions_root, redis_server.url
+    redis_server.flush()
+
+    async def backfill(users: range) -> None:
+        store = RedisStore(url, stream_maxlen=100)  # the service's R2EC_STREAM_MAXLEN
+        try:
+            for u in users:
+                await store.append_events(f"b{u}", [Event(f"i{1 + n % 9}", 4.0, 1000 + n) for n in range(50)])
+        finally:
+            await store.close()
+
+    asyncio.run(backfill(range(20)))  # 1000 events; `MAXLEN ~ 100` keeps the newest 100-200
+    common = ["--data", str(tiny_dataset.path), "--root", str(root), "--redis-url", url]
+    common += ["--config", str(config_file), "--min-events", "100000"]
+    code, out, run = _cli(*common, "--json")
+    assert code == 0, out
+    assert run["events_lost"] == 1000 - run["new_events"] > 0 and run["events_lost_exact"] is True
+    assert (
+        f"{run['events_lost']} events were dropped from the stream before retraining read them" in caplog.text
+    )
+    caplog.clear()
+    state = read_state(root / "retrain")
+    assert state["events_lost"] == run["events_lost"] and state["stream_mark"]["entries_added"] == 1000
+    # read in time: nothing lost, nothing said
+    asyncio.run(backfill(range(20, 21)))
+    code, out, _ = _cli(*common)
+    assert code == 0 and "dropped from the stream" not in caplog.text and "LOST" not in out, out
+    assert "events   50 new" in out
+    # late again: the report says so
+    asyncio.run(backfill(range(21, 31)))
+    code, out, _ = _cli(*common)
+    assert code == 0, out
+    lost = read_state(root / "retrain")["last_run"]["events_lost"]
+    assert lost > 0 and f"  LOST     {lost} events trimmed from the stream before this run read them" in out
+    assert read_state(root / "retrain")["events_lost"] == run["events_lost"] + lost

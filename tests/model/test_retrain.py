@@ -115,7 +115,7 @@ def test_rebuild_without_events_reproduces_the_seed_samples(tmp_path, protocol):
             protocol=protocol,
         )
     )
-    rebuilt, dropped = rebuild_dataset(seed, events_frame([]), tmp_path / "out")
+    rebuilt, dropped, _ = rebuild_dataset(seed, events_frame([]), tmp_path / "out")
     assert dropped == 0 and rebuilt.path != seed.path
     _same_splits(rebuilt, seed)
     assert list(rebuilt.items["item_id"]) == list(seed.items["item_id"])
@@ -127,7 +127,7 @@ def test_rebuild_keeps_the_seeds_prior_items(tmp_path, tiny_dataset):
     # a seed prepared with prior items (Amazon's window): the rebuild masks them as the seed did
     user = str(tiny_dataset.split("test")["user_id"].iloc[0])
     seed = dataclasses.replace(tiny_dataset, prior={user: ["i9"]})  # the fixture is shared
-    rebuilt, _ = rebuild_dataset(seed, events_frame([]), tmp_path)
+    rebuilt, _, _ = rebuild_dataset(seed, events_frame([]), tmp_path)
     assert rebuilt.prior[user][0] == "i9"
     assert "i9" in seen_items(rebuilt, "test")[0]
 
@@ -141,7 +141,7 @@ def test_events_become_new_targets_and_unknown_items_are_dropped(tmp_path, tiny_
             Ev("e4", "u9", "nope", 5.0, 4),  # not in the catalog
         ]
     )
-    ds, dropped = rebuild_dataset(tiny_dataset, events, tmp_path)
+    ds, dropped, _ = rebuild_dataset(tiny_dataset, events, tmp_path)
     assert dropped == 1
     test = ds.split("test").set_index("user_id")
     valid = ds.split("valid").set_index("user_id")
@@ -160,7 +160,7 @@ def test_rebuild_leaves_an_erased_users_seed_interactions_out_whole(tmp_path, ti
     seed = dataclasses.replace(tiny_dataset, prior={"u1": ["i9"], "u2": ["i9"]})  # a shared fixture
     assert {"u1", "u2", "u3"} <= _users(seed)
     events = events_frame([Ev("1", "u2", "i1", 5.0, 1000), Ev("2", "u2", "i3", 4.0, 1001)])
-    ds, _ = rebuild_dataset(seed, events, tmp_path, erased={"u1", "u2", "nobody"})
+    ds, _, _ = rebuild_dataset(seed, events, tmp_path, erased={"u1", "u2", "nobody"})
     assert _users(ds) == _users(seed) - {"u1"}
     u2 = pd.concat([ds.split(name) for name in SPLITS]).query("user_id == 'u2'")
     # only the two events: one sample, i3 after [i1], none of the seed's five interactions
@@ -168,8 +168,81 @@ def test_rebuild_leaves_an_erased_users_seed_interactions_out_whole(tmp_path, ti
         (["i1"], "i3")
     ]
     assert "u1" not in ds.prior and "i9" not in ds.prior.get("u2", [])  # the seed's prior items
-    kept, _ = rebuild_dataset(seed, events, tmp_path / "all")  # nobody erased: both seed users stay
+    kept, _, _ = rebuild_dataset(seed, events, tmp_path / "all")  # nobody erased: both seed users stay
     assert {"u1", "u2"} <= _users(kept) and kept.prior["u1"][0] == kept.prior["u2"][0] == "i9"
+
+
+def _seed_as_events(path: Path = FIXTURES / "data" / "tiny.inter") -> list[Ev]:
+    """The seed's own interactions as a backfill posts them: ratings and times as JSON integers
+    (the service reads them back as floats and ints), an unrated one without a rating."""
+    raw = pd.read_csv(path, sep="\t")
+    raw.columns = ["user_id", "item_id", "rating", "timestamp"]
+    return [
+        Ev(str(n), r.user_id, r.item_id, None if pd.isna(r.rating) else int(r.rating), int(r.timestamp))
+        for n, r in enumerate(raw.itertuples(index=False), 1)
+    ]
+
+
+def _target_in_history(ds) -> int:
+    return sum(
+        int(t in h)
+        for name in SPLITS
+        for t, h in zip(ds.split(name)["target_item_id"], ds.split(name)["history_item_ids"], strict=True)
+    )
+
+
+@pytest.mark.parametrize("protocol", ["loo", "temporal"])
+def test_events_that_repeat_the_seed_exactly_add_nothing(tmp_path, protocol):
+    """Journey 40, finding 1: the warehouse history was both the seed dataset and backfilled
+    into Redis; the rebuild added every seed interaction again, doubling the train samples and
+    putting targets in their own histories (415 of 943 valid samples on ml-100k)."""
+    seed = load_prepared(
+        prepare_atomic(
+            FIXTURES / "data" / "tiny.inter",
+            FIXTURES / "data" / "tiny.item",
+            tmp_path,
+            "tiny",
+            protocol=protocol,
+        )
+    )
+    backfill = _seed_as_events()
+    rebuilt, unknown, in_seed = rebuild_dataset(seed, events_frame(backfill), tmp_path / "out")
+    # u4's one interaction made no sample, so the seed does not hold it: it is added, and
+    # still makes none
+    assert (unknown, in_seed) == (0, len(backfill) - 1)
+    _same_splits(rebuilt, seed)
+    assert _target_in_history(rebuilt) == _target_in_history(seed) == 0
+    assert rebuilt.meta["source"]["events"] == 1 and rebuilt.meta["source"]["events_in_seed"] == in_seed
+
+
+def test_a_re_rating_at_the_same_time_is_no_repeat_of_the_seed(tmp_path, tiny_dataset):
+    """The same user, item and time with another rating is another row, as `r2ec data prepare`
+    (check_interactions) and the service's default event id both count it: it is added."""
+    events = events_frame(
+        [Ev("1", "u1", "i2", 4, 200), Ev("2", "u1", "i2", 1.0, 200), Ev("3", "u1", "i2", 4.0, 201)]
+    )
+    rebuilt, _, in_seed = rebuild_dataset(tiny_dataset, events, tmp_path)
+    assert in_seed == 1  # only the first: rating 4 at 200 is the seed's
+    assert len(rebuilt.split("train")) == len(tiny_dataset.split("train")) + 2
+
+
+def test_a_backfill_of_the_seed_is_no_new_work_for_min_events(versions_root, tiny_dataset, caplog):
+    """The events a backfill of the seed's history posts would have made the next run train on
+    nothing new (with the default min_events=1, on every interaction twice)."""
+    reader = FakeReader(_seed_as_events())
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), min_events=3)
+    with caplog.at_level("INFO", logger="model.retrain"):
+        result = retrain(cfg, reader)
+    assert result.status == "skipped" and result.new_events == 12 and result.events_in_seed == 11
+    assert (
+        result.reason
+        == "1 events not trained on yet (11 more already in the seed data), fewer than min_events=3"
+    )
+    assert "12 events logged, 11 of them already in the seed data" in caplog.text
+    assert read_state(versions_root / "retrain")["last_run"]["events_in_seed"] == 11
+    reader.events.append(Ev("13", "u9", "i1", 4.0, 900))  # one more new event: still too few
+    again = retrain(cfg, reader)
+    assert again.status == "skipped" and again.reason.startswith("2 events not trained on yet")
 
 
 # -- erasures ------------------------------------------------------------------------------------
@@ -267,13 +340,13 @@ def test_a_skipped_run_rebuilds_the_dataset_on_disk_once_erasures_changed_it(
 # -- the cursor ----------------------------------------------------------------------------------
 def test_the_cursor_is_stored_and_handed_back_unread(tmp_path):
     reader = FakeReader([Ev("a", "u1", "i1", 4.0, 10), Ev("b", "u1", "i2", None, 11)])
-    log, new, cursor = consume_events(tmp_path, reader)
+    log, new, cursor, *_ = consume_events(tmp_path, reader)
     assert (new, cursor, list(log["event_id"])) == (2, "after:2", ["a", "b"])
     reader.events.append(Ev("c", "u2", "i3", 1.0, 12))
-    log, new, cursor = consume_events(tmp_path, reader)
+    log, new, cursor, *_ = consume_events(tmp_path, reader)
     assert (new, cursor, list(log["event_id"])) == (1, "after:3", ["a", "b", "c"])
     assert reader.calls == [None, "after:2"]  # from the start, then exactly what it returned
-    assert consume_events(tmp_path, reader)[1:] == (0, "after:3")
+    assert consume_events(tmp_path, reader)[1:3] == (0, "after:3")
 
 
 def test_an_event_with_an_impossible_time_is_dropped_not_fatal(tmp_path):
@@ -286,7 +359,7 @@ def test_an_event_with_an_impossible_time_is_dropped_not_fatal(tmp_path):
             Ev("c", "u1", "i3", None, 1_700_000_000_000),
         ]
     )
-    log, new, cursor = consume_events(tmp_path, reader)
+    log, new, cursor, *_ = consume_events(tmp_path, reader)
     assert (new, cursor, list(log["event_id"])) == (1, "after:3", ["b"])
 
 
@@ -295,7 +368,7 @@ def test_events_read_again_are_not_counted_twice(tmp_path):
     reader = FakeReader([Ev("a", "u1", "i1", 4.0, 10), Ev("b", "u1", "i2", None, 11)])
     consume_events(tmp_path, reader)
     (tmp_path / "state.json").unlink()  # the cursor was never saved
-    log, new, cursor = consume_events(tmp_path, reader)
+    log, new, cursor, *_ = consume_events(tmp_path, reader)
     assert (new, cursor, list(log["event_id"])) == (0, "after:2", ["a", "b"])
 
 
@@ -325,13 +398,13 @@ def test_a_retry_the_stream_took_twice_is_one_event(tmp_path):
         Keyed("9-3", "u3", "i5", 2.0, 12, "e-7"),
         Keyed("9-4", "u3", "i5", 2.0, 12, "e-7"),  # a repeat within one read
     ]
-    log, new, _ = consume_events(tmp_path, reader)
+    log, new, *_ = consume_events(tmp_path, reader)
     assert new == 3 and list(log["event_id"]) == ["1-0", "1-1", "9-1", "9-2", "9-3"]
     # a log from before the key column: read with no keys, then keys from here on
     table = pq.read_table(tmp_path / EVENTS_FILE).drop(["key"])
     pq.write_table(table, tmp_path / EVENTS_FILE)
     reader.events.append(Keyed("9-5", "u3", "i5", 2.0, 12, "e-7"))
-    log, new, _ = consume_events(tmp_path, reader)
+    log, new, *_ = consume_events(tmp_path, reader)
     assert new == 1 and list(log["key"]) == ["", "", "", "", "", "e-7"]
 
 
@@ -355,6 +428,70 @@ def test_the_event_log_reaches_the_disk_before_the_cursor(tmp_path, fsynced):
     consume_events(tmp_path, FakeReader([Ev("a", "u1", "i1", 4.0, 10)]))
     work = tmp_path.resolve()
     assert [p if p == work else p.name.split(".")[1] for p in fsynced] == ["events", work, "state", work]
+
+
+@dataclass
+class Checked:
+    """A `StreamRead`, as service/store.py's read_stream_checked returns it."""
+
+    events: list[Ev]
+    cursor: str | None
+    lost: int
+    lost_exact: bool
+    mark: dict | None
+
+
+class CheckingReader(FakeReader):
+    """FakeReader whose stream says how many events it lost before each read (`losses`, in
+    order), and records the marks it is handed back."""
+
+    def __init__(self, events: list[Ev], losses: list[tuple[int, bool]]) -> None:
+        super().__init__(events)
+        self.losses, self.marks = losses, []
+
+    def __call__(self, cursor: str | None, mark: dict | None = None) -> Checked:
+        self.marks.append(mark)
+        fresh, cursor = super().__call__(cursor)
+        lost, exact = self.losses.pop(0)
+        return Checked(fresh, cursor, lost, exact, {"reads": len(self.calls)})
+
+
+def test_events_the_stream_lost_before_they_were_read_are_warned_of_and_counted(tmp_path, caplog):
+    """Journey 40, finding 2: the stream's cap trimmed 410,380 backfilled events before the run
+    read the stream, and the run said "read 1000010 new events", nothing else."""
+    reader = CheckingReader([Ev("1", "u1", "i1", 4.0, 10)], [(7, True), (0, True), (3, False), (0, False)])
+    with caplog.at_level("INFO", logger="model.retrain"):
+        consumed = consume_events(tmp_path, reader)
+    assert (consumed.new, consumed.lost, consumed.lost_exact) == (1, 7, True)
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].getMessage().startswith(
+        "7 events were dropped from the stream before retraining read them"
+    )
+    assert "R2EC_STREAM_MAXLEN" in warned[0].getMessage()
+    state = read_state(tmp_path)
+    assert (state["events_lost"], state["stream_mark"]) == (7, {"reads": 1})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="model.retrain"):
+        assert consume_events(tmp_path, reader)[3:] == (0, True)  # nothing lost: no warning
+        assert not caplog.records
+        assert consume_events(tmp_path, reader)[3:] == (3, False)
+        assert consume_events(tmp_path, reader)[3:] == (0, False)
+    assert [r.getMessage().split(" events were")[0] for r in caplog.records] == [
+        "at least 3",
+        "an unknown number of",
+    ]
+    # the mark each read returned is handed back to the next; the count adds up
+    assert reader.marks == [None, {"reads": 1}, {"reads": 2}, {"reads": 3}]
+    assert read_state(tmp_path)["events_lost"] == 10
+
+
+def test_a_run_reports_the_events_its_stream_lost(versions_root, tiny_dataset):
+    reader = CheckingReader([Ev("1", "u1", "i6", 4.0, 900)], [(5, True)])
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), min_events=2)
+    result = retrain(cfg, reader)
+    assert result.status == "skipped" and (result.events_lost, result.events_lost_exact) == (5, True)
+    last = read_state(versions_root / "retrain")["last_run"]
+    assert (last["events_lost"], last["events_lost_exact"]) == (5, True)
 
 
 def test_too_few_new_events_skip_training_but_keep_the_cursor(versions_root, tiny_dataset):
@@ -787,7 +924,7 @@ def test_a_seed_an_earlier_release_prepared_is_rebuilt_under_its_own_rules(tmp_p
     items.loc[0, "title"] = "Best of <|endoftext|> (1999)"
     items.to_parquet(legacy / "items.parquet")
 
-    rebuilt, _ = rebuild_dataset(load_prepared(legacy), events_frame([]), tmp_path / "out")
+    rebuilt, _, _ = rebuild_dataset(load_prepared(legacy), events_frame([]), tmp_path / "out")
     assert rebuilt.name == "grp/tiny"
     title = rebuilt.items.set_index("item_id").loc[items.loc[0, "item_id"], "title"]
     assert title == "Best of < |endoftext|> (1999)"

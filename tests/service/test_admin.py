@@ -21,6 +21,7 @@ pytestmark = pytest.mark.asyncio
 ADMIN_CALLS = [
     ("PUT", "/items/new", {"title": "A New Film"}),
     ("DELETE", "/items/i1", None),
+    ("POST", "/items/batch", {"upsert": [{"item_id": "new", "title": "A New Film"}], "delete": ["i1"]}),
     ("POST", "/admin/reload", None),
     ("DELETE", "/users/u1", None),
 ]
@@ -40,7 +41,7 @@ async def recommend(client, **body) -> dict:
     return r.json()
 
 
-@pytest.mark.parametrize(("method", "path", "body"), ADMIN_CALLS, ids=[p for _, p, _ in ADMIN_CALLS])
+@pytest.mark.parametrize(("method", "path", "body"), ADMIN_CALLS, ids=[f"{m} {p}" for m, p, _ in ADMIN_CALLS])
 async def test_admin_routes_need_the_api_key(client, method, path, body):
     before = await recommend(client)
     r = await client.request(method, path, json=body)
@@ -52,6 +53,7 @@ async def test_admin_routes_need_the_api_key(client, method, path, body):
     assert [i["item_id"] for i in after["items"]] == [i["item_id"] for i in before["items"]]
     assert after["model_version"] == before["model_version"]
     assert (await client.get("/items/i1")).status_code == 200
+    assert (await client.get("/items/new")).status_code == 404
 
 
 USER_CALLS = [
@@ -85,7 +87,7 @@ async def test_a_client_key_closes_the_routes_of_users_data_to_whoever_lacks_it(
         assert (await client.request(method, path, json=body)).status_code == 200
 
 
-@pytest.mark.parametrize(("method", "path", "body"), ADMIN_CALLS, ids=[p for _, p, _ in ADMIN_CALLS])
+@pytest.mark.parametrize(("method", "path", "body"), ADMIN_CALLS, ids=[f"{m} {p}" for m, p, _ in ADMIN_CALLS])
 async def test_admin_routes_are_off_without_a_configured_key(ckpt, method, path, body):
     async with serve(app_for(ckpt, api_key=None)) as client:
         r = await client.request(method, path, json=body, headers=ADMIN)

@@ -50,16 +50,18 @@ def _series_read_by_the_rules() -> set[str]:
     return names - PROMETHEUS_OWN
 
 
+@pytest.mark.redis  # the event stream's series come from Redis
 @pytest.mark.asyncio
-async def test_every_series_the_rules_read_is_exported(ckpt, tmp_path):
+async def test_every_series_the_rules_read_is_exported(ckpt, tmp_path, redis_url):
     root = tmp_path / "versions"
     copy_as_new_version(ckpt, root / "one", "w1")
     (root / "CURRENT").write_text("one")
     (root / "retrain").mkdir()
     at = "2026-12-07T10:00:00+00:00"  # as model/retrain.py writes a published run
-    state = {"last_run": {"status": "published", "finished_at": at}, "last_published_at": at}
+    last = {"status": "published", "finished_at": at, "events_lost": 0, "events_lost_exact": True}
+    state = {"last_run": last, "last_published_at": at, "stream_mark": {"entries_added": 0, "erased": 0}}
     (root / "retrain" / "state.json").write_text(json.dumps(state))
-    async with serve(app_for(root, watch_interval_s=0.05)) as client:
+    async with serve(app_for(root, watch_interval_s=0.05, redis_url=redis_url)) as client:
         text = (await client.get("/metrics")).text
     exported = {family.name for family in text_string_to_metric_families(text)}
     exported |= {f"{name}_total" for name in exported}  # the parser names counters without _total

@@ -268,6 +268,60 @@ async def test_timestamps_are_seconds_within_a_sane_range(app, client):
     assert r.status_code == 200, r.text
 
 
+async def test_a_timestamp_sent_as_a_whole_float_is_that_integer(app, client):
+    """A pandas or parquet export writes an int column as float64 once one value is missing
+    (journey 40, #6): 1700000000.0 is 1700000000, the same default event id; a fraction is
+    refused naming the field, and nothing of the batch is stored."""
+    r = await client.post(
+        "/users/u1/events", json={"events": [{"item_id": "i1", "rating": 5, "timestamp": 100}]}
+    )
+    assert r.status_code == 200, r.text
+    r = await client.post(
+        "/users/u1/events",
+        json={
+            "events": [
+                {"item_id": "i1", "rating": 5.0, "timestamp": 100.0},
+                {"item_id": "i2", "timestamp": 200.0},
+            ]
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert [e["new"] for e in r.json()["events"]] == [False, True]  # the same event as the first post
+    history = (await client.get("/users/u1/history")).json()["history"]
+    assert [(e["item_id"], e["timestamp"]) for e in history] == [("i1", 100), ("i2", 200)]
+    r = await client.post(
+        "/users/u1/events",
+        json={"events": [{"item_id": "i3", "timestamp": 300.0}, {"item_id": "i4", "timestamp": 300.5}]},
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["fields"][0]["field"] == "events.1.timestamp"
+    assert "must be whole Unix seconds, got 300.5" in r.json()["error"]["message"]
+    assert len(await app.state.r2ec.store.read_events()) == 2  # the refused batch stored nothing
+    r = await client.post("/recommend", json={"history": [{"item_id": "i1", "timestamp": 1.5}]})
+    assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "history.0.timestamp"
+
+
+async def test_metrics_count_events_new_and_duplicate(client):
+    """r2ec_events_total{result}: from each append's reply, so a dashboard tells a replay being
+    deduplicated from new traffic (journey 40, #7); a refused request counts in neither."""
+
+    async def counts() -> tuple[float | None, float | None]:
+        text = (await client.get("/metrics")).text
+        return metric(text, "r2ec_events_total", result="new"), metric(
+            text, "r2ec_events_total", result="duplicate"
+        )
+
+    assert await counts() == (0, 0)  # exported from the start, so rate() works
+    events = [{"item_id": "i1", "timestamp": 100}, {"item_id": "i2", "timestamp": 200}]
+    assert (await client.post("/users/u1/events", json={"events": events})).status_code == 200
+    assert await counts() == (2, 0)
+    again = {"events": [*events, {"item_id": "i3", "timestamp": 300}]}
+    assert (await client.post("/users/u1/events", json=again)).status_code == 200
+    assert await counts() == (3, 2)
+    r = await client.post("/users/u1/events", json={"events": [{"item_id": "i4"}, {"item_id": "zz"}]})
+    assert r.status_code == 422 and await counts() == (3, 2)
+
+
 ODD_IDS = [
     ("%20u%20", "leading", "must not start or end with whitespace"),
     ("u%20", "trailing", "must not start or end with whitespace"),
@@ -784,11 +838,12 @@ async def test_openapi_documents_every_route_and_the_admin_key(client):
     assert set(spec["paths"]) == {
         "/recommend", "/recommend/stream", "/users/{user_id}/events", "/users/{user_id}/history",
         "/users/{user_id}", "/items/{item_id}", "/admin/reload", "/healthz", "/readyz", "/metrics",
-        "/items",
+        "/items", "/items/batch",
     }  # fmt: skip
     assert spec["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
     for method, path in (("put", "/items/{item_id}"), ("delete", "/items/{item_id}"),
-                         ("post", "/admin/reload"), ("delete", "/users/{user_id}")):  # fmt: skip
+                         ("post", "/items/batch"), ("post", "/admin/reload"),
+                         ("delete", "/users/{user_id}")):  # fmt: skip
         assert spec["paths"][path][method]["security"] == [{"APIKeyHeader": []}]
     assert "security" not in spec["paths"]["/items/{item_id}"]["get"]
     # the routes of users' data take no key where R2EC_CLIENT_KEY is unset, and say so

@@ -1,10 +1,16 @@
-"""service/metrics.py: the latency histograms reach the minutes an overloaded replica answers in."""
+"""service/metrics.py: the latency histograms reach the minutes an overloaded replica answers in;
+the event stream's series."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 from prometheus_client import generate_latest
 
 from service.metrics import Metrics
+from tests.service.conftest import app_for, serve
+from tests.service.test_admin import copy_as_new_version
 from tests.service.test_app import metric
 
 
@@ -28,6 +34,40 @@ def test_latency_histograms_tell_100_s_from_300_s():
         assert metric(text, name, le="60.0") == 0, name
         assert metric(text, name, le="120.0") == 1, name
         assert metric(text, name, le="300.0") == 2, name
+
+
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_metrics_show_the_event_stream_and_how_far_retraining_is_behind_it(ckpt, tmp_path, redis_url):
+    """Journey 40, findings 2 and 7: nothing in /metrics showed the stream's length, how many
+    events retraining had not read yet, or that its last run found events trimmed unread."""
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "one", "w1")
+    (root / "CURRENT").write_text("one")
+    (root / "retrain").mkdir()
+    at = "2026-12-07T10:00:00+00:00"
+    state = {
+        "last_run": {"status": "skipped", "finished_at": at, "events_lost": 880, "events_lost_exact": True},
+        "events_lost": 1200,
+        "stream_mark": {"entries_added": 2, "erased": 0},  # the last run had read 2 events
+    }
+    (root / "retrain" / "state.json").write_text(json.dumps(state))
+    events = [
+        {"item_id": i, "rating": 4, "timestamp": 100 + n}
+        for n, i in enumerate(["i1", "i2", "i3", "i4", "i5"])
+    ]
+    async with serve(app_for(root, redis_url=redis_url, stream_maxlen=1000, watch_interval_s=0)) as client:
+        assert (await client.post("/users/u1/events", json={"events": events})).status_code == 200
+        text = (await client.get("/metrics")).text
+        assert metric(text, "r2ec_stream_entries") == 5
+        assert metric(text, "r2ec_stream_maxlen") == 1000
+        assert metric(text, "r2ec_retrain_unread_events") == 3  # 5 added, 2 read
+        assert metric(text, "r2ec_retrain_last_run_events_lost") == 880
+        assert metric(text, "r2ec_retrain_events_lost_total") == 1200
+        more = [{"item_id": "i6", "rating": 3, "timestamp": 200}]
+        assert (await client.post("/users/u2/events", json={"events": more})).status_code == 200
+        text = (await client.get("/metrics")).text  # read again at each scrape
+        assert metric(text, "r2ec_stream_entries") == 6 and metric(text, "r2ec_retrain_unread_events") == 4
 
 
 def test_the_model_series_keep_the_last_versions_that_served_and_the_variant():

@@ -21,6 +21,7 @@ from service.store import (
     event_key,
     read_erasures,
     read_stream,
+    read_stream_checked,
 )
 from tests.service.conftest import RedisServer, free_port, needs_redis
 
@@ -196,6 +197,75 @@ async def test_a_retried_event_is_stored_once_and_reported_as_a_duplicate(store)
     ]
     assert [e.item_id for e in await store.get_history("u1")] == ["b", "c", "d"]  # window 3
     assert event_key("u1", Event("b")) != event_key("u2", Event("b")) != event_key("u1", Event("b", 1.0))
+
+
+async def _forget_event_ids(store, user_id: str) -> None:
+    """What the dedup window's end does to a user's remembered event ids (R2EC_EVENT_DEDUP_TTL_S)."""
+    if isinstance(store, MemoryStore):
+        store._event_ids.pop(user_id, None)
+        return
+    import redis.asyncio as aioredis
+
+    raw = aioredis.from_url(store.url)
+    try:
+        await raw.delete(f"r2ec:event-ids:{user_id}")
+    finally:
+        await raw.aclose()
+
+
+async def test_a_replay_after_the_dedup_window_stores_nothing_twice(store):
+    """An event whose id is in the stored history is a duplicate whatever the dedup window: a
+    backfill run again, or a queue read again from its start, a week later (journey 40, #3)."""
+    events = [Event("50", 5.0, 1_700_000_000, "wh-1"), Event("172", 4.0, 1_700_000_100)]
+    first = await store.append_events("d1", events)
+    assert first.new == (True, True)
+    await _forget_event_ids(store, "d1")
+    again = await store.append_events("d1", [*events, Event("7", 3.0, 1_700_000_200)])
+    assert again.new == (False, False, True) and again.appended == 1 and again.history_length == 3
+    assert [(e.item_id, e.event_id) for e in await store.get_history("d1")] == [
+        ("50", "wh-1"),
+        ("172", event_key("d1", events[1])),
+        ("7", event_key("d1", Event("7", 3.0, 1_700_000_200))),
+    ]
+    assert [e.item_id for e in await store.read_events()] == ["50", "172", "7"]  # no second entry
+
+
+async def test_an_append_without_the_stream_writes_the_history_seen_set_and_ids_only(store):
+    """`stream=False` (`r2ec user import --no-stream`): a backfill of what retraining's seed
+    dataset holds already is not streamed; still idempotent, still in time order."""
+    done = await store.append_events(
+        "u1", [Event("b", 4.0, 200, "e2"), Event("a", 5.0, 100, "e1")], stream=False
+    )
+    assert done.new == (True, True) and done.history_length == 2
+    assert [e.item_id for e in await store.get_history("u1")] == ["a", "b"]
+    assert await store.get_seen("u1") == {"a", "b"}
+    assert await store.read_events() == []
+    again = await store.append_events("u1", [Event("a", 5.0, 100, "e1"), Event("c", None, 300)])
+    assert again.new == (False, True)  # the ids were kept; the route's append streams as before
+    assert [(e.user_id, e.item_id) for e in await store.read_events()] == [("u1", "c")]
+
+
+@pytest.mark.redis
+async def test_redis_append_many_is_each_append_in_one_round_trip(redis_url):
+    """`append_many`: the same script per user, pipelined; replies in order, idempotent."""
+    s = RedisStore(redis_url, window=WINDOW)
+    try:
+        batches = [
+            ("u1", [Event(f"i{n}", 4.0, 100 + n) for n in range(5)]),
+            ("u2", [Event("a", None, 7, "x"), Event("a", None, 7, "x")]),
+            ("u1", [Event("late", 1.0, 50), Event("i4", 4.0, 104)]),
+        ]
+        done = await s.append_many(batches, stream=False)
+        assert [d.new for d in done] == [(True,) * 5, (True, False), (True, False)]
+        assert [d.history_length for d in done] == [WINDOW, 1, WINDOW]
+        assert [e.item_id for e in await s.get_history("u1")] == ["i2", "i3", "i4"]
+        assert len(await s.get_seen("u1")) == 6 and await s.read_events() == []
+        assert [d.appended for d in await s.append_many(batches)] == [0, 0, 0]  # a rerun stores nothing
+        assert await s.read_events() == []
+        assert (await s.append_many([("u3", [Event("z", None, 1)])]))[0].new == (True,)
+        assert [e.user_id for e in await s.read_events()] == ["u3"]
+    finally:
+        await s.close()
 
 
 async def test_the_seen_set_keeps_every_item_past_the_history_window(store):
@@ -503,6 +573,127 @@ async def test_read_stream_pages_through_everything_after_a_cursor(redis_url):
         await s.close()
 
 
+async def _post(s: RedisStore, users: int, each: int, start: int = 0) -> None:
+    """`each` events for each of `users` users, one user after the other (as a backfill posts)."""
+    for u in range(start, start + users):
+        await s.append_events(f"u{u}", [Event(f"i{n}", 4.0, 1000 + n) for n in range(each)])
+
+
+@pytest.mark.redis
+async def test_read_stream_checked_counts_what_the_cap_trimmed_before_it_was_read(redis_url):
+    """Journey 40, finding 2: a backfill of 5000 events into a stream capped at 1000 left 1041;
+    retraining read those and said nothing of the 3959 others (79 of 100 users gone)."""
+    s = RedisStore(redis_url, window=WINDOW, stream_maxlen=100)
+    try:
+        await _post(s, users=20, each=50)  # 1000 events: `MAXLEN ~ 100` keeps the newest ~100-200
+        first = read_stream_checked(redis_url, None)
+        assert 100 <= len(first.events) < 1000 and first.length == len(first.events)
+        assert (first.lost, first.lost_exact) == (1000 - len(first.events), True)
+        assert first.events[-1].user_id == "u19" and first.events[0].user_id != "u0"  # the first users went
+        assert first.cursor == first.events[-1].id and first.mark["entries_added"] == 1000
+        # read in time: nothing lost, from the mark on
+        await _post(s, users=1, each=30, start=20)
+        second = read_stream_checked(redis_url, first.cursor, first.mark)
+        assert (len(second.events), second.lost, second.lost_exact) == (30, 0, True)
+        # too late again: 500 posted, the newest few hundred left
+        await _post(s, users=10, each=50, start=21)
+        third = read_stream_checked(redis_url, second.cursor, second.mark)
+        assert third.lost == 500 - len(third.events) > 0 and third.lost_exact
+        # the same entries as the plain reader's
+        assert [e.id for e in third.events] == [e.id for e in read_stream(redis_url, second.cursor)[0]]
+        nothing = read_stream_checked(redis_url, third.cursor, third.mark)
+        assert (nothing.events, nothing.cursor, nothing.lost, nothing.lost_exact) == (
+            [],
+            third.cursor,
+            0,
+            True,
+        )
+    finally:
+        await s.close()
+
+
+@pytest.mark.redis
+async def test_entries_an_erasure_deleted_are_not_counted_as_lost(redis_url):
+    s = RedisStore(redis_url, window=WINDOW)
+    try:
+        await _post(s, users=2, each=5)
+        first = read_stream_checked(redis_url, None)
+        await _post(s, users=2, each=5, start=2)  # u2, u3
+        await s.append_events("u0", [Event("late", 3.0, 5000)])
+        assert (await s.erase_user("u2")).stream_entries == 5  # after the cursor, unread
+        assert (await s.erase_user("u0")).stream_entries == 6  # 5 read before, 1 not
+        second = read_stream_checked(redis_url, first.cursor, first.mark)
+        assert sorted({e.user_id for e in second.events}) == ["u3"]
+        # 11 added since, 5 read, 11 deleted by the erasures (5 of them read before): none
+        # lost, and that is exact, as the stream still starts before the cursor (nothing trimmed)
+        assert (second.lost, second.lost_exact) == (0, True)
+        assert second.mark["erased"] == 11
+    finally:
+        await s.close()
+
+
+@pytest.mark.redis
+async def test_with_an_erasure_and_a_trim_the_count_is_a_lower_bound(redis_url):
+    s = RedisStore(redis_url, window=WINDOW, stream_maxlen=100)
+    try:
+        await s.append_events("u0", [Event("a", 1.0, 1)])
+        first = read_stream_checked(redis_url, None)
+        await _post(s, users=10, each=50, start=1)  # 500: the first ~300 trimmed
+        erased = await s.erase_user("u10")  # the newest user's 50, unread, deleted
+        assert erased.stream_entries == 50
+        second = read_stream_checked(redis_url, first.cursor, first.mark)
+        # 500 added, 50 erased, the rest read or trimmed: all exact but for what the erasure
+        # may have deleted of what was read before (here none), so a lower bound
+        assert second.lost == 500 - 50 - len(second.events) > 0 and not second.lost_exact
+    finally:
+        await s.close()
+
+
+@pytest.mark.redis
+async def test_a_cursor_saved_without_a_mark_counts_from_this_read_on(redis_url):
+    """A state an older release wrote has a cursor and no counts: whether the cap trimmed past
+    the cursor is still told (the stream's first entry is past it), not how much."""
+    s = RedisStore(redis_url, window=WINDOW, stream_maxlen=100)
+    try:
+        await _post(s, users=1, each=10)
+        old, _ = read_stream(redis_url, None)
+        await _post(s, users=1, each=10, start=1)
+        kept = read_stream_checked(redis_url, old[-1].id, None)
+        assert (len(kept.events), kept.lost, kept.lost_exact, kept.mark["entries_added"]) == (10, 0, True, 20)
+        await _post(s, users=10, each=50, start=2)  # past the cursor: trimmed
+        cut = read_stream_checked(redis_url, kept.cursor, None)
+        assert (cut.lost, cut.lost_exact) == (0, False)
+        # the same with the mark: counted
+        again = read_stream_checked(redis_url, kept.cursor, kept.mark)
+        assert again.lost == 500 - len(again.events) and again.lost_exact
+        # a mark saved with another cursor (an older release's run moved the cursor on and
+        # left the mark): not counted from
+        await _post(s, users=1, each=10, start=12)
+        moved = read_stream_checked(redis_url, again.cursor, kept.mark)
+        assert (len(moved.events), moved.lost, moved.lost_exact) == (10, 0, True)
+        assert moved.mark == {"entries_added": 530, "erased": 0, "cursor": moved.cursor}
+    finally:
+        await s.close()
+
+
+@pytest.mark.redis
+async def test_a_stream_lost_and_begun_again_counts_what_it_can(redis_url):
+    import redis as redis_sync
+
+    s = RedisStore(redis_url, window=WINDOW)
+    try:
+        await _post(s, users=1, each=10)
+        first = read_stream_checked(redis_url, None)
+        client = redis_sync.Redis.from_url(redis_url)
+        client.flushall()  # a Redis that lost its data (no persistence, a failover)
+        client.close()
+        await _post(s, users=1, each=4, start=1)
+        second = read_stream_checked(redis_url, first.cursor, first.mark)
+        assert (len(second.events), second.lost, second.lost_exact) == (4, 0, False)
+    finally:
+        await s.close()
+
+
 @pytest.mark.redis
 async def test_a_write_that_timed_out_but_landed_is_not_duplicated_by_the_retry():
     """Row H of issue 13: Redis stalls (SIGSTOP, as `docker pause` does) longer than the client's
@@ -583,9 +774,12 @@ async def test_redis_forgets_event_ids_after_the_dedup_window(redis_url):
         await s.append_events("u1", [Event("a", event_id="e1")])
         assert 0 < await raw.ttl("r2ec:event-ids:u1") <= 60
         assert await raw.ttl("r2ec:seen:u1") == -1  # the seen set does not expire
-        # an id older than the window is dropped at the next append, so it counts as new again
+        # an id older than the window is dropped at the next append: while the event is in the
+        # history it is still a duplicate (test_a_replay_after_the_dedup_window_stores_nothing_twice),
+        # once it has left the history too it counts as new again
+        await s.append_events("u1", [Event(f"b{n}", None, 10 + n, f"e{n}") for n in range(2, 2 + WINDOW)])
         await raw.zadd("r2ec:event-ids:u1", {"e1": 0})
-        assert (await s.append_events("u1", [Event("a", event_id="e1")])).new == (True,)
+        assert (await s.append_events("u1", [Event("a", None, 1, "e1")])).new == (True,)
     finally:
         await raw.aclose()
         await s.close()
