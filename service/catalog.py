@@ -190,6 +190,13 @@ class Edits:
         return bool(self.records)
 
 
+def stored_record(fields: Mapping[str, Any]) -> dict[str, str]:
+    """An item's text as an edit stores it (PUT /items, POST /items/batch, `Catalog.upsert`,
+    `Catalog.edit_many`): every field a string, in Unicode NFC, so "Amélie" sent decomposed is
+    the same title (and twin) as the catalog's."""
+    return {k: nfc(v) for k, v in item_record(fields).items()}
+
+
 class Catalog:
     """A checkpoint's items and their index, editable; every change to both goes through here."""
 
@@ -470,7 +477,7 @@ class Catalog:
         """Encode the item's text, add or replace it in index + catalog; True if it replaced.
         Text holding a special token of the served tokenizer is refused (`check_text`)."""
         self.check_text(fields)
-        record = {k: nfc(v) for k, v in item_record(fields).items()}  # as PUT /items stores it
+        record = stored_record(fields)
         vector = self.encode_item({"item_id": item_id, **record})  # (H,)
         with self._writing, self._lock:
             replaced = self.index.upsert(item_id, vector)
@@ -516,7 +523,7 @@ class Catalog:
         if len(set(deletes)) != len(deletes) or set(deletes) & set(upserts):
             raise ValueError("an item id may appear once in a batch of edits")
         self.check_texts(list(upserts.values()))
-        records = {str(i): item_record(f) for i, f in upserts.items()}
+        records = {str(i): stored_record(f) for i, f in upserts.items()}
         if vectors is None and records:
             vectors = self.encode_items([{"item_id": i, **r} for i, r in records.items()])
         if records and (vectors is None or vectors.shape != (len(records), self.index.dim)):
