@@ -13,6 +13,7 @@ from cli.checkpoint import app as checkpoint_app
 from cli.common import fail
 from cli.data import app as data_app
 from cli.eval import eval_cmd
+from cli.exposures import app as exposures_app
 from cli.recommend import recommend_cmd
 from cli.retrain import retrain_cmd
 from cli.serve import serve
@@ -29,6 +30,7 @@ app.command("train")(train_cmd)
 app.command("serve")(serve)
 app.command("retrain")(retrain_cmd)
 app.add_typer(user_app, name="user")
+app.add_typer(exposures_app, name="exposures")
 
 
 @app.callback()

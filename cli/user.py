@@ -32,9 +32,9 @@ def erase(
     redis_url: RedisUrl = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print the receipt as one JSON object")] = False,
 ) -> None:
-    """Erase a user: history, seen items, event ids, stream entries, the reasonings cached for
-    their stored history; recorded in the ledger the next `r2ec retrain` honours. What this
-    cannot remove: docs/operations.md, "Erasing a user"."""
+    """Erase a user: history, seen items, event ids, stream entries, exposure-log entries, the
+    reasonings cached for their stored history; recorded in the ledger the next `r2ec retrain`
+    honours. What this cannot remove: docs/operations.md, "Erasing a user"."""
     without = "store, erased by DELETE /users/{id} on each"
     erased = _on_redis(redis_url, user_id, without, lambda store: store.erase_user(user_id))
     receipt = {
@@ -44,6 +44,7 @@ def erase(
         "seen_items": erased.seen_items,
         "stream_entries": erased.stream_entries,
         "cached_reasonings": erased.cached_reasonings,
+        "served_entries": erased.served_entries,
     }
     if as_json:
         typer.echo(json.dumps(receipt))
@@ -51,7 +52,8 @@ def erase(
     typer.echo(f"erased {user_id!r} at {receipt['erased_at']}")
     typer.echo(
         f"  removed  {erased.history_events} history events, {erased.seen_items} seen items, "
-        f"{erased.stream_entries} stream entries, {erased.cached_reasonings} cached reasonings"
+        f"{erased.stream_entries} stream entries, {erased.cached_reasonings} cached reasonings, "
+        f"{erased.served_entries} exposure-log entries"
     )
     typer.echo('  remains  see docs/operations.md, "Erasing a user" (model weights, AOF/RDB, backups, logs)')
 
@@ -66,15 +68,20 @@ def export(
     ] = None,
 ) -> None:
     """Everything kept of one user, as one JSON object on stdout: the history window, every
-    item they had an event for, their entries in the event stream, the ledger's erasure of the
-    id if any, and (--root) the events retraining consumed. Model weights hold no per-user
-    record: docs/operations.md, "Where a user's data lives"."""
+    item they had an event for, their entries in the event stream and in the exposure log
+    (what was recommended to them), the ledger's erasure of the id if any, and (--root) the
+    events retraining consumed. Model weights hold no per-user record: docs/operations.md,
+    "Where a user's data lives"."""
     data = _on_redis(redis_url, user_id, "store", lambda store: store.export_user(user_id))
     doc = {
         "user_id": user_id,
         "history": [_event(e) for e in data.history],
         "seen_items": data.seen,
-        "stream_events": [{**_event(s.event), "entry_id": s.id, "added_at": s.added_at} for s in data.stream],
+        "stream_events": [
+            {**_event(s.event), "request_id": s.event.request_id, "entry_id": s.id, "added_at": s.added_at}
+            for s in data.stream
+        ],
+        "served": [_served(s) for s in data.served],
         "erased_at_ms": data.erased_at_ms,
     }
     if root is not None:
@@ -216,6 +223,27 @@ def import_cmd(
 def _event(e) -> dict:  # noqa: ANN001 (service.store.Event, imported lazily)
     rating = None if e.rating is None or e.rating != e.rating else e.rating  # NaN: none given
     return {"item_id": e.item_id, "rating": rating, "timestamp": e.timestamp, "event_id": e.event_id}
+
+
+def _served(s) -> dict:  # noqa: ANN001 (service.store.Served, imported lazily)
+    """An exposure-log entry: one recommendation the user was served."""
+    return {
+        "entry_id": s.id,
+        "request_id": s.request_id,
+        "at_ms": s.at_ms,
+        "model_version": s.model_version,
+        "fingerprint": s.fingerprint or None,
+        "variant": s.variant or None,
+        "route": s.route,
+        "k": s.k,
+        "reasoning": s.reasoning,
+        "reasoning_sha256": s.reasoning_sha256 or None,
+        "cache": s.cache,
+        "history_source": s.history_source,
+        "items": [
+            {"item_id": i, "rank": r, "score": x} for i, r, x in zip(s.items, s.ranks, s.scores, strict=False)
+        ],
+    }
 
 
 def _retrain_events(root: Path, user_id: str) -> list[dict]:

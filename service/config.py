@@ -163,6 +163,31 @@ class Settings(BaseSettings):
     stream_maxlen: int = Field(
         1_000_000, ge=1, description="Approximate cap of the Redis event stream r2ec:events."
     )
+    exposure_log: Literal["off", "redis"] = Field(
+        "off",
+        description="The exposure log: redis = one entry in the Redis stream r2ec:served per "
+        "answered /recommend and /recommend/stream (request id, user, time, model version, "
+        "fingerprint and variant, items with scores and ranks, k, reasoning on/off and the "
+        "reasoning's sha256, cache, history source), what clicks posted with a request_id are "
+        'joined with (docs/operations.md, "Attributing outcomes"); needs R2EC_REDIS_URL. Written '
+        "after the answer, off the request's path: a failed write is logged and counted "
+        "(r2ec_exposures_total), never an error for the client. The entries name users: erased "
+        "with them, exported with them.",
+    )
+    exposure_maxlen: int = Field(
+        200_000,
+        ge=0,
+        description="Approximate cap of r2ec:served in entries (~0.55 KB each at k=10 with "
+        "ml-100k's ids: 200,000 is ~110 MB of Redis); 0 = none, then R2EC_EXPOSURE_RETENTION_S "
+        "bounds it.",
+    )
+    exposure_retention_s: int = Field(
+        0,
+        ge=0,
+        description="Drop r2ec:served entries older than this many seconds (approximately, at each "
+        "write, by Redis's clock); 0 = none, R2EC_EXPOSURE_MAXLEN alone bounds it. Export what you "
+        "need before either drops it (`r2ec exposures export`).",
+    )
     index_kind: Literal["flat", "ivf", "hnsw"] = Field(
         "flat", description="Item index: flat (exact), ivf or hnsw."
     )
@@ -249,7 +274,8 @@ class Settings(BaseSettings):
         "after their last append, not their events' timestamps (Redis EXPIRE, renewed at each "
         "append); 0 = keep them until the "
         "user is erased (DELETE /users/{id}). The event stream retraining reads is bounded by "
-        "R2EC_STREAM_MAXLEN, the reasoning cache by R2EC_CACHE_TTL_S.",
+        "R2EC_STREAM_MAXLEN, the reasoning cache by R2EC_CACHE_TTL_S, the exposure log by "
+        "R2EC_EXPOSURE_MAXLEN and R2EC_EXPOSURE_RETENTION_S.",
     )
     watch_interval_s: float = Field(
         0.0,
@@ -307,6 +333,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_reasoning_tokens ({self.max_reasoning_tokens}) exceeds reasoning_token_limit "
                 f"({self.reasoning_token_limit}); raise R2EC_REASONING_TOKEN_LIMIT"
+            )
+        if self.exposure_log == "redis" and not self.redis_url:
+            raise ValueError(
+                "exposure_log=redis writes the Redis stream r2ec:served and needs R2EC_REDIS_URL; "
+                "set it, or R2EC_EXPOSURE_LOG=off"
+            )
+        if self.exposure_log == "redis" and not (self.exposure_maxlen or self.exposure_retention_s):
+            raise ValueError(
+                "exposure_maxlen and exposure_retention_s are both 0: r2ec:served would grow without "
+                "bound; set R2EC_EXPOSURE_MAXLEN or R2EC_EXPOSURE_RETENTION_S"
             )
         if self.max_queue < self.max_batch:
             raise ValueError(

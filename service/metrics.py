@@ -61,6 +61,7 @@ STORE_OPS = (
     "erase_user",
     "ping",
     "stream_info",
+    "add_served",  # the exposure log's writes (service/exposure.py)
 )
 RELOAD_OUTCOMES = ("ok", "failed")
 EVENT_RESULTS = ("new", "duplicate")  # r2ec_events_total's
@@ -71,6 +72,7 @@ EVENT_RESULTS = ("new", "duplicate")  # r2ec_events_total's
 MODEL_LABELS = ("version", "variant")
 MODEL_VERSIONS_KEPT = 3
 STREAM_OUTCOMES = ("ok", "error", "disconnected", "cancelled")  # service/streaming.py
+EXPOSURE_OUTCOMES = ("written", "failed", "dropped", "erased")  # service/exposure.py
 
 
 class Metrics:
@@ -297,6 +299,15 @@ class Metrics:
         )
         for outcome in STREAM_OUTCOMES:
             self.streams.labels(outcome)
+        self.exposures = Counter(
+            "r2ec_exposures_total",
+            "Exposure-log entries (R2EC_EXPOSURE_LOG=redis: one per answered recommendation) by "
+            "outcome: written to r2ec:served; failed (Redis down or full: lost, logged); dropped "
+            "(the write queue was full, or left at shutdown); erased (the user was erased after "
+            "the answer, before it was written). Nothing while the log is off.",
+            ["outcome"],
+            registry=r,
+        )
 
     def track_store(self, up: Callable[[], bool]) -> None:
         self.store_up.set_function(lambda: float(up()))

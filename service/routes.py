@@ -23,6 +23,7 @@ from service.catalog import ItemBatchError, ItemTextError
 from service.config import Settings
 from service.deps import Admin, CatalogDep, MaybeStateDep, StateDep, StoreDep, UserData
 from service.errors import documented
+from service.request_id import request_id
 from service.state import ServiceState, confine_checkpoint
 from service.store import Event, stamped
 from service.streaming import (
@@ -168,7 +169,11 @@ def recommend_router(settings: Settings) -> APIRouter:
         result = await state.recommend(query, wait_disconnect=lambda: _wait_disconnect(request))
         variant = state.settings.variant
         response.headers.update(model_headers(result.model_version, result.fingerprint, variant))
-        return _reply(result, _source(query), (time.perf_counter() - started) * 1e3, variant)
+        reply = _reply(result, _source(query), (time.perf_counter() - started) * 1e3, variant)
+        # the answer is decided: its exposure-log entry is queued, written after (service/exposure.py)
+        rid = request_id(request.scope)
+        state.record_served(rid, body.user_id, "/recommend", query, result, reply.history_source)
+        return reply
 
     @api.post(
         "/recommend/stream",
@@ -202,7 +207,7 @@ def recommend_router(settings: Settings) -> APIRouter:
         the items. The body and every refusal (4xx, 503) are /recommend's, as JSON, before any
         event; a client that disconnects cancels its request."""
         query = await _query(body, state, time.perf_counter())
-        stream = RecommendStream(state, query, request, _source(query))
+        stream = RecommendStream(state, query, request, _source(query), user_id=body.user_id)
         await stream.accept()
         return stream.response()
 
@@ -266,7 +271,9 @@ async def append_events(
     """Add interactions to the user's history (kept in timestamp order, so a late event takes
     its place among older ones) and to the event stream retraining reads.
     Idempotent: an event whose `event_id` the user already has is not stored again (`new`:
-    false), so a client may retry a failed or timed-out post as it was."""
+    false), so a client may retry a failed or timed-out post as it was. An event's `request_id`
+    names the recommendation it came from (the X-Request-ID of that /recommend), kept in the
+    event stream for joining with the exposure log."""
     now = int(time.time())
     events = [_stamped(user_id, e, now) for e in body.events]
     done = await state.append_events(user_id, events)
@@ -285,7 +292,7 @@ async def append_events(
 def _stamped(user_id: str, e: schemas.EventIn, now: int) -> Event:
     """The event to store: its id (the client's, else a hash of the event as sent, so a retry
     without a timestamp gets the same id) and its time (the client's, else now)."""
-    return stamped(user_id, Event(e.item_id, e.rating, e.timestamp, e.event_id), now)
+    return stamped(user_id, Event(e.item_id, e.rating, e.timestamp, e.event_id, e.request_id), now)
 
 
 @router.get(
@@ -322,11 +329,11 @@ async def get_history(user_id: UserIdPath, store: StoreDep, catalog: CatalogDep)
 )
 async def erase_user(user_id: UserIdPath, state: StateDep) -> schemas.UserErasure:
     """Erase a user (GDPR Art. 17; admin): their stored history, seen items, event ids, their
-    entries in the event stream retraining reads, and the reasonings cached for requests that
-    read their stored history; recorded in the ledger the next retraining run honours. The
-    receipt counts what went and lists in `remains` what this call cannot remove. An unknown
-    user is not an error (0 removed); a repeat is harmless. Events the user posts afterwards
-    are kept."""
+    entries in the event stream retraining reads and in the exposure log, and the reasonings
+    cached for requests that read their stored history; recorded in the ledger the next
+    retraining run honours. The receipt counts what went and lists in `remains` what this call
+    cannot remove. An unknown user is not an error (0 removed); a repeat is harmless. Events
+    the user posts afterwards are kept."""
     erased = await state.erase_user(user_id)
     return schemas.UserErasure(
         user_id=user_id,
@@ -335,6 +342,7 @@ async def erase_user(user_id: UserIdPath, state: StateDep) -> schemas.UserErasur
         seen_items=erased.seen_items,
         stream_entries=erased.stream_entries,
         cached_reasonings=erased.cached_reasonings,
+        served_entries=erased.served_entries,
         remains=state.erasure_remains(),
     )
 

@@ -387,7 +387,13 @@ class EventIn(Interaction):
     event_id: Id | None = Field(
         None,
         description="Idempotency key, unique per user: an event whose id the user already has is not "
-        "stored again. Default: derived from item_id, rating and timestamp as sent.",
+        "stored again. Default: derived from item_id, rating and timestamp as sent (not request_id).",
+    )
+    request_id: Id | None = Field(
+        None,
+        description="The recommendation this event came from: the X-Request-ID its /recommend or "
+        "/recommend/stream answered with. Kept with the event in the r2ec:events stream, for "
+        "joining with the exposure log r2ec:served (R2EC_EXPOSURE_LOG); retraining ignores it.",
     )
 
     @field_validator("timestamp")
@@ -408,7 +414,8 @@ class EventsRequest(_Body):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"events": [{"item_id": "50", "rating": 5, "timestamp": 1700000000, "event_id": "e-1"}]}
+                {"events": [{"item_id": "50", "rating": 5, "timestamp": 1700000000, "event_id": "e-1"}]},
+                {"events": [{"item_id": "127", "request_id": "3f2c9a1e8b7d4c6f9e0a1b2c3d4e5f60"}]},
             ]
         }
     )
@@ -459,6 +466,7 @@ class UserErasure(BaseModel):
                     "seen_items": 4,
                     "stream_entries": 4,
                     "cached_reasonings": 1,
+                    "served_entries": 2,
                     "remains": [
                         "Redis's append-only file and RDB snapshots hold the erased data until they "
                         "are rewritten: BGREWRITEAOF for the AOF, the next BGSAVE for the RDB file.",
@@ -481,6 +489,10 @@ class UserErasure(BaseModel):
     cached_reasonings: int = Field(
         description="Cached reasonings removed: those written for requests that read this user's "
         "stored history."
+    )
+    served_entries: int = Field(
+        description="The user's entries removed from the exposure log r2ec:served (0 where it is "
+        "off or holds none)."
     )
     remains: list[str] = Field(
         description="What this call cannot remove, each in words: where it is and what removes it "

@@ -33,8 +33,9 @@ from service.batcher import BatcherClosed, MicroBatcher, QueueFull, QueueTimeout
 from service.catalog import BatchEdited, Catalog, stored_record
 from service.config import Settings
 from service.continuous import ContinuousBatcher
+from service.exposure import ExposureLog
 from service.logs import Throttled
-from service.metrics import Metrics
+from service.metrics import EXPOSURE_OUTCOMES, Metrics
 from service.recommender import Recommender
 from service.store import Appended, Erased, Event, HistoryStore, RedisStore, StoreUnavailable
 from service.types import (
@@ -255,6 +256,21 @@ class ServiceState:
         metrics.track_index_size(lambda: len(self.engine.catalog.index))
         metrics.track_unsaved_edits(lambda: self.engine.catalog.unsaved is not None)
         metrics.track_drafts(lambda: self.engine.draft_counts())
+        # the exposure log (R2EC_EXPOSURE_LOG=redis; Settings refuses it without a Redis URL)
+        self.exposures: ExposureLog | None = None
+        if settings.exposure_log == "redis":
+            if isinstance(store, RedisStore):
+                self.exposures = ExposureLog(
+                    store,
+                    metrics,
+                    settings.exposure_maxlen,
+                    settings.exposure_retention_s,
+                    variant=settings.variant,
+                )
+                for outcome in EXPOSURE_OUTCOMES:  # at 0 from the start, so an alert can rate() them
+                    metrics.exposures.labels(outcome)
+            else:
+                log.warning("R2EC_EXPOSURE_LOG=redis, but the store is not Redis: nothing is logged")
         self._publish_version()
 
     # ------------------------------------------------------------------ lifecycle
@@ -266,6 +282,8 @@ class ServiceState:
         except (CheckpointError, OSError, ValueError):  # CURRENT names what does not read
             self.metrics.model_outdated.set((Path(self.settings.checkpoint) / CURRENT_FILE).is_file())
         await self.batcher.start()
+        if self.exposures is not None:
+            self.exposures.start()
         if self.settings.watch_interval_s > 0:
             self._watcher = asyncio.create_task(self._watch(), name="r2ec-checkpoint-watch")
 
@@ -287,6 +305,8 @@ class ServiceState:
             await self.batcher.stop()
         finally:
             self.hits_executor.shutdown(wait=False)
+            if self.exposures is not None:  # the answers the drain gave are written too
+                await self.exposures.close()
 
     async def run_model(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` on the model thread (serialised with the batches)."""
@@ -360,16 +380,19 @@ class ServiceState:
 
     async def erase_user(self, user_id: str) -> Erased:
         """Erase the user from the store (service/store.py `erase_user`): history, seen set,
-        event ids, stream entries, the reasonings cached for their stored history, and the
-        ledger retraining reads. What this cannot reach is `erasure_remains`. Logged without the
-        id (the ledger holds it), so the log does not keep the name of whom it erased."""
+        event ids, stream entries, exposure-log entries, the reasonings cached for their stored
+        history, and the ledger retraining reads. What this cannot reach is `erasure_remains`.
+        Logged without the id (the ledger holds it), so the log does not keep the name of whom
+        it erased."""
         erased = await self.store.erase_user(user_id)
         log.info(
-            "erased a user: %d history events, %d seen items, %d stream entries, %d cached reasonings",
+            "erased a user: %d history events, %d seen items, %d stream entries, %d cached reasonings, "
+            "%d exposure-log entries",
             erased.history_events,
             erased.seen_items,
             erased.stream_entries,
             erased.cached_reasonings,
+            erased.served_entries,
         )
         return erased
 
@@ -405,6 +428,11 @@ class ServiceState:
                 "this replica's only; send it to every replica."
             )
         out.append("Backups of Redis, of the versions root and of the seed dataset, until they expire.")
+        if s.exposure_log == "redis":
+            out.append(
+                "Files written by `r2ec exposures export` before this erasure hold the exposure-log "
+                "entries it removed (what was recommended to this user): export again and replace them."
+            )
         if redis and (older := self._older_release_cache()) is not None:
             out.append(older)
         out.append(
@@ -664,6 +692,20 @@ class ServiceState:
         self._cache_down_answered = None if answered_it else getattr(self.store, "answered", 0)
         until = "" if answered_it else ", or until the store answers again"
         log.warning("reasoning cache skipped for %.0fs%s: %s", CACHE_BACKOFF_S, until, exc)
+
+    def record_served(
+        self,
+        request_id: str | None,
+        user_id: str | None,
+        route: str,
+        query: Query,
+        result: Result,
+        history_source: str,
+    ) -> None:
+        """The exposure log's entry of an answer that was given (service/exposure.py): queued,
+        written after the reply, never an error for it. Nothing while the log is off."""
+        if self.exposures is not None:
+            self.exposures.record(request_id, user_id, route, query, result, history_source)
 
     # ------------------------------------------------------------------ reload
     async def reload(

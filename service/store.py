@@ -6,7 +6,11 @@ One interface, two stores, the same tests for both (tests/service/test_store.py)
     r2ec:history:{user_id}    a list of JSON events in event-time order, newest last, trimmed to
                               the window (see "Order" below)
     r2ec:events               a stream; one entry per event: user_id, item_id, rating, timestamp,
-                              event_id
+                              event_id, and request_id where the client named the recommendation
+                              the event came from
+    r2ec:served               a stream, the exposure log (R2EC_EXPOSURE_LOG=redis; `Served`): one
+                              entry per answered recommendation, capped by R2EC_EXPOSURE_MAXLEN
+                              and/or R2EC_EXPOSURE_RETENTION_S (SERVED_SCRIPT)
     r2ec:seen:{user_id}       a set: every item the user has an event for (never trimmed), what
                               /recommend excludes beyond the history window
     r2ec:event-ids:{user_id}  a sorted set: the user's event ids by arrival time, kept
@@ -49,14 +53,17 @@ append script sorts it once, stably, before placing the new events, and writes i
 no migration step, and a user who posts nothing is still served in time order.
 Erasure (`erase_user`, GDPR Art. 17): the user's history, seen set, event ids, and the cached
 reasonings written for requests that read their stored history go in one atomic step with the
-ledger entry (ERASE_SCRIPT); then their stream entries up to the cutoff, found by a paged scan
-(the stream has no index by user). The cutoff is when the erasure happened in the stream's own
-clock: every entry the stream held then has an id at or before it, and the script moves the
-stream's last id to the end of that millisecond, so every entry added later (the same id used
-again) is past it and kept. Retraining reads the ledger (`read_erasures`) to drop what it
-consumed before the erasure and the user's share of its seed dataset (model/retrain.py). A cache
-entry is indexed under the user whose stored history it was made from, in the same step as it is
-written, and not written once that user has no history (erased while the request was answered).
+ledger entry (ERASE_SCRIPT); then their entries in both streams (r2ec:events, r2ec:served) up
+to the cutoff, found by a paged scan (the streams have no index by user). The cutoff is when the
+erasure happened in the streams' own clock: every entry either stream held then has an id at or
+before it, and the script moves each stream's last id to the end of that millisecond, so every
+entry added later (the same id used again) is past it and kept. An exposure answered before the
+erasure but written after it (a replica's write queue, service/exposure.py) is not written:
+SERVED_SCRIPT drops an entry whose user the ledger erased at or after the entry's time.
+Retraining reads the ledger (`read_erasures`) to drop what it consumed before the erasure and
+the user's share of its seed dataset (model/retrain.py). A cache entry is indexed under the
+user whose stored history it was made from, in the same step as it is written, and not written
+once that user has no history (erased while the request was answered).
 Cached reasonings of requests that sent a history inline are keyed by content, not by user: they
 cannot be found, and expire after `cache_ttl_s`. The in-process store has no ledger: no
 retraining job reads its stream.
@@ -67,6 +74,7 @@ retraining job reads its stream.
   not): from XINFO STREAM's `entries-added` (Redis 7), against the count the last read saw
   (its `mark`), less the entries read and those erasures deleted (r2ec:events-erased).
 - `read_erasures(url)`: retraining's view of the ledger, an `ErasureLedger`.
+- `read_served(url, since, until)`: the exposure log in pages, for `r2ec exposures export`.
 
 Every Redis failure surfaces as `StoreUnavailable`, so callers catch one type.
 """
@@ -84,7 +92,7 @@ import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -95,6 +103,7 @@ log = logging.getLogger(__name__)
 
 HISTORY_KEY = "r2ec:history:{user_id}"
 EVENTS_STREAM = "r2ec:events"
+SERVED_STREAM = "r2ec:served"
 STREAM_ERASED_KEY = "r2ec:events-erased"
 SEEN_KEY = "r2ec:seen:{user_id}"
 EVENT_IDS_KEY = "r2ec:event-ids:{user_id}"
@@ -128,7 +137,8 @@ class StoreFormat:
 class StoreUnavailable(RuntimeError):
     """The backing store could not be reached or answered with an error; `op` names the
     operation (get_history, append_events, get_seen, read_events, cache_get, cache_set,
-    erase_user, ping; retraining's read_erasures)."""
+    erase_user, export_user, add_served, ping; retraining's read_erasures; `r2ec exposures
+    export`'s read_served)."""
 
     def __init__(self, message: str, op: str = "store") -> None:
         super().__init__(message)
@@ -139,14 +149,20 @@ class StoreUnavailable(RuntimeError):
 class Event:
     """One interaction: the user consumed/rated `item_id` at `timestamp` (seconds). `event_id`
     is its idempotency key when appending (None: `event_key` of the other fields); histories and
-    the stream read it back (None only for events stored before histories kept it)."""
+    the stream read it back (None only for events stored before histories kept it).
+    `request_id`: the X-Request-ID of the recommendation the event came from, where the client
+    named one (attribution: joined with the exposure log, r2ec:served). The stream keeps it;
+    the history does not (the prompt never reads it), nor does retraining (model/retrain.py
+    reads item, rating and time)."""
 
     item_id: str
     rating: float | None = None
     timestamp: int | None = None
     event_id: str | None = None
+    request_id: str | None = None
 
     def to_json(self) -> str:
+        """The history's form: without `request_id`."""
         d = {"item_id": self.item_id, "rating": self.rating, "timestamp": self.timestamp}
         return json.dumps(d if self.event_id is None else {**d, "event_id": self.event_id})
 
@@ -156,25 +172,40 @@ class Event:
         return cls(str(d["item_id"]), d.get("rating"), d.get("timestamp"), d.get("event_id"))
 
     def stream_fields(self, user_id: str, event_id: str) -> dict[str, str]:
-        return {
+        """The stream entry's fields; `request_id` only where the event has one (APPEND_SCRIPT
+        writes it likewise), so an entry without it is as before."""
+        fields = {
             "user_id": user_id,
             "item_id": self.item_id,
             "rating": "" if self.rating is None else repr(float(self.rating)),
             "timestamp": "" if self.timestamp is None else str(int(self.timestamp)),
             "event_id": event_id,
         }
+        return fields if not self.request_id else {**fields, "request_id": self.request_id}
 
     @classmethod
     def from_stream_fields(cls, fields: dict[str, str]) -> Event:
         rating, ts = fields.get("rating", ""), fields.get("timestamp", "")
         event_id = fields.get("event_id") or None
-        return cls(fields["item_id"], float(rating) if rating else None, int(ts) if ts else None, event_id)
+        return cls(
+            fields["item_id"],
+            float(rating) if rating else None,
+            int(ts) if ts else None,
+            event_id,
+            fields.get("request_id") or None,
+        )
 
 
 def event_key(user_id: str, event: Event) -> str:
     """The default id of an event: a hash of what the client sent (item, rating, timestamp; the
     user scopes it). A retry of the same event gets the same id, whenever it is sent; the same
-    item rated the same way again without a timestamp counts once within the dedup window."""
+    item rated the same way again without a timestamp counts once within the dedup window.
+
+    Not `request_id`: it says where the event came from, not which event it is. A retry that
+    names another recommendation, or none (a client that lost the id it attributed the first
+    attempt to), is still the same interaction and must not be stored, and trained on, twice;
+    the first attempt's attribution stands. Keeping it out also keeps every id derived before
+    request_id existed: an event sent before an upgrade and retried after it is still known."""
     material = json.dumps([user_id, event.item_id, event.rating, event.timestamp])
     return hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
@@ -182,10 +213,11 @@ def event_key(user_id: str, event: Event) -> str:
 def stamped(user_id: str, event: Event, now: int) -> Event:
     """The event to store, as a client sent it (`POST /users/{id}/events`, `r2ec user import`):
     its id, the client's else `event_key` of the event as sent (so a retry without a timestamp
-    gets the same id), and its time, the client's else `now`."""
+    gets the same id), its time, the client's else `now`, and its `request_id` as sent."""
     sent = Event(event.item_id, event.rating, event.timestamp)
-    event_id = event.event_id or event_key(user_id, sent)
-    return Event(event.item_id, event.rating, now if event.timestamp is None else event.timestamp, event_id)
+    event_id = event.event_id or event_key(user_id, sent)  # without request_id: see `event_key`
+    timestamp = now if event.timestamp is None else event.timestamp
+    return Event(event.item_id, event.rating, timestamp, event_id, event.request_id)
 
 
 @dataclass(frozen=True)
@@ -231,6 +263,83 @@ class StreamEntry:
 
 
 @dataclass(frozen=True)
+class Served:
+    """One answered recommendation, as the exposure log keeps it (r2ec:served): what a
+    click's `request_id` is joined with (docs/operations.md, "Attributing outcomes").
+
+    The reasoning is kept as its sha256, not as text: a text is up to ~1 KB (256 tokens) where
+    the hash is 64 characters, and it reads the user's history back (their highest-rated
+    titles, the genres they like), a second copy of their profile outside the history's own
+    retention. The hash still tells whether two answers reasoned alike, and matches the text a
+    client logged. It is no anonymisation: the entry names the user and the items, and goes
+    with the user's erasure."""
+
+    request_id: str  # the X-Request-ID the service answered with
+    user_id: str  # the request's user_id; "" for an inline history sent without one
+    at_ms: int  # when the answer was decided, Unix ms (the replica's clock)
+    model_version: str
+    route: str  # "/recommend" or "/recommend/stream"
+    k: int  # what the request asked for (`items` may be fewer)
+    reasoning: bool  # whether the answer reasoned first
+    reasoning_sha256: str  # of the reasoning text, UTF-8; "" without reasoning
+    cache: str  # hit, miss or off
+    history_source: str  # "store" or "request", as the reply says
+    items: tuple[str, ...]  # the item ids, best first
+    scores: tuple[float, ...]
+    ranks: tuple[int, ...]
+    # the answering model beyond its version (Recommender.fingerprint: weights, prompt config,
+    # serving settings that change answers), and the replica's arm (R2EC_VARIANT; "" for none):
+    # two arms under one version string are told apart by these
+    fingerprint: str = ""
+    variant: str = ""
+    id: str = ""  # the stream entry's id, once read back
+
+    def fields(self) -> dict[str, str]:
+        """The stream entry's fields, `user_id` first (USER_PAGE_SCRIPT meets it first) and
+        `at_ms` second (SERVED_SCRIPT reads both by place); the lists as JSON."""
+        return {
+            "user_id": self.user_id,
+            "at_ms": str(int(self.at_ms)),
+            "request_id": self.request_id,
+            "model_version": self.model_version,
+            "route": self.route,
+            "k": str(int(self.k)),
+            "reasoning": "1" if self.reasoning else "0",
+            "reasoning_sha256": self.reasoning_sha256,
+            "cache": self.cache,
+            "history_source": self.history_source,
+            "items": json.dumps(list(self.items), separators=(",", ":")),
+            "scores": json.dumps([float(x) for x in self.scores], separators=(",", ":")),
+            "ranks": json.dumps([int(x) for x in self.ranks], separators=(",", ":")),
+            "fingerprint": self.fingerprint,
+            "variant": self.variant,
+        }
+
+    @classmethod
+    def from_fields(cls, entry_id: str, fields: Mapping[str, str]) -> Served:
+        """An entry read back; a field an older writer left out reads as empty."""
+        get = fields.get
+        return cls(
+            request_id=get("request_id", ""),
+            user_id=get("user_id", ""),
+            at_ms=int(get("at_ms") or entry_id.split("-")[0]),
+            model_version=get("model_version", ""),
+            route=get("route", ""),
+            k=int(get("k") or 0),
+            reasoning=get("reasoning") == "1",
+            reasoning_sha256=get("reasoning_sha256", ""),
+            cache=get("cache", ""),
+            history_source=get("history_source", ""),
+            items=tuple(str(i) for i in json.loads(get("items") or "[]")),
+            scores=tuple(float(x) for x in json.loads(get("scores") or "[]")),
+            ranks=tuple(int(x) for x in json.loads(get("ranks") or "[]")),
+            fingerprint=get("fingerprint", ""),
+            variant=get("variant", ""),
+            id=entry_id,
+        )
+
+
+@dataclass(frozen=True)
 class Erased:
     """What one erasure removed (`HistoryStore.erase_user`), and when (ms, the store's clock)."""
 
@@ -240,6 +349,7 @@ class Erased:
     seen_items: int  # items of the seen set
     stream_entries: int  # the user's entries in the event stream
     cached_reasonings: int  # cache entries written for requests that read the stored history
+    served_entries: int = 0  # the user's entries in the exposure log (r2ec:served)
 
     @property
     def erased_at(self) -> str:
@@ -256,6 +366,7 @@ class UserData:
     seen: list[str]  # every item the user had an event for, sorted
     stream: list[StreamEntry]  # the user's entries in the event stream, oldest first
     erased_at_ms: int | None  # the ledger's latest erasure of this id (Redis), else None
+    served: list[Served] = field(default_factory=list)  # their exposure-log entries, oldest first
 
 
 @dataclass(frozen=True)
@@ -313,9 +424,10 @@ class HistoryStore(Protocol):
         """Everything the store holds of the user (`r2ec user export`)."""
 
     async def erase_user(self, user_id: str) -> Erased:
-        """Remove the user's history, seen set, event ids, stream entries and the cache entries
-        indexed under them, and record the erasure (module docstring, "Erasure"). An unknown
-        user is no error: nothing is removed. Events the user posts afterwards are kept."""
+        """Remove the user's history, seen set, event ids, stream entries (and exposure-log
+        entries, Redis) and the cache entries indexed under them, and record the erasure
+        (module docstring, "Erasure"). An unknown user is no error: nothing is removed. Events
+        the user posts afterwards are kept."""
 
     async def ping(self) -> None:
         """Return if the store is reachable; raise StoreUnavailable otherwise."""
@@ -436,8 +548,9 @@ class MemoryStore:
             seen.add(e.item_id)
             if stream:
                 self._added += 1
+                logged = Event(e.item_id, e.rating, e.timestamp, event_id, e.request_id or None)
                 self._events.append(
-                    StreamEntry(f"{self._added}-0", user_id, stored, int(time.time()), event_id)
+                    StreamEntry(f"{self._added}-0", user_id, logged, int(time.time()), event_id)
                 )
         del history[: -self.window]
         return Appended(len(history), tuple(ids), tuple(new))
@@ -541,6 +654,7 @@ class RedisStore:
         self._cache_for_user = self._redis.register_script(CACHE_SET_SCRIPT)
         self._erase = self._redis.register_script(ERASE_SCRIPT)
         self._user_page = self._redis.register_script(USER_PAGE_SCRIPT)
+        self._add_served = self._redis.register_script(SERVED_SCRIPT)
         self._stream_info = self._redis.register_script(STREAM_INFO_SCRIPT)
         self.erase_page = ERASE_PAGE
         self.format: StoreFormat | None = None  # SCHEMA_KEY, once `check_format` read it
@@ -611,7 +725,7 @@ class RedisStore:
         for e, event_id in zip(events, ids, strict=True):
             f = e.stream_fields(user_id, event_id)
             stored = Event(e.item_id, e.rating, e.timestamp, event_id)
-            args += [event_id, e.item_id, f["rating"], f["timestamp"], stored.to_json()]
+            args += [event_id, e.item_id, f["rating"], f["timestamp"], stored.to_json(), e.request_id or ""]
         return keys, args, ids
 
     async def get_seen(self, user_id: str) -> frozenset[str]:
@@ -652,40 +766,60 @@ class RedisStore:
         during the scan leaves the ledger written (retraining ignores the rest already) and
         some entries in place: the same call again removes them."""
         keys = [HISTORY_KEY, SEEN_KEY, EVENT_IDS_KEY, USER_CACHE_KEY]
-        keys = [k.format(user_id=user_id) for k in keys] + [ERASURES_KEY, EVENTS_STREAM]
+        keys = [k.format(user_id=user_id) for k in keys] + [ERASURES_KEY, EVENTS_STREAM, SERVED_STREAM]
         with self._failures("erase_user"):
             history, seen, cached, now_ms, cutoff = await self._erase(
                 keys=keys, args=[user_id, CACHE_KEY.format(key="")]
             )
             _, removed = await self._scan_user(user_id, until=str(cutoff), delete=True)
-        return Erased(user_id, int(now_ms), int(history), int(seen), removed, int(cached))
+            # the exposure log likewise (an empty scan where it was never written)
+            _, served = await self._scan_user(user_id, until=str(cutoff), delete=True, stream=SERVED_STREAM)
+        return Erased(user_id, int(now_ms), int(history), int(seen), removed, int(cached), served)
 
     async def export_user(self, user_id: str) -> UserData:
-        """The user's history, seen set, ledger entry and stream entries: the stream is read
-        as `erase_user` scans it, `erase_page` entries a step (`_scan_user`), only the
-        user's entries crossing the network (~2 s per million entries)."""
+        """The user's history, seen set, ledger entry, stream entries and exposure-log entries:
+        the streams are read as `erase_user` scans them, `erase_page` entries a step
+        (`_scan_user`), only the user's entries crossing the network (~2 s per million
+        entries)."""
         with self._failures("export_user"):
             raw = await self._redis.lrange(HISTORY_KEY.format(user_id=user_id), 0, -1)
             seen = await self._redis.smembers(SEEN_KEY.format(user_id=user_id))
             erased = await self._redis.zscore(ERASURES_KEY, user_id)
             rows, _ = await self._scan_user(user_id, until="+", delete=False)
+            served, _ = await self._scan_user(user_id, until="+", delete=False, stream=SERVED_STREAM)
         history = _time_order([Event.from_json(r) for r in raw])
         erased_ms = None if erased is None else int(erased)
-        return UserData(user_id, history, sorted(seen), _stream_entries(rows), erased_ms)
+        exposures = [Served.from_fields(entry_id, fields) for entry_id, fields in served]
+        return UserData(user_id, history, sorted(seen), _stream_entries(rows), erased_ms, exposures)
+
+    async def add_served(self, entries: Sequence[Served], maxlen: int = 0, max_age_ms: int = 0) -> int:
+        """Append answered recommendations to the exposure log in one script (SERVED_SCRIPT),
+        capped near `maxlen` entries and/or `max_age_ms` by Redis's clock (0: no such cap);
+        an entry of a user erased at or after its time is left out. Returns how many were
+        written. StoreUnavailable (op add_served) where Redis fails."""
+        if not entries:
+            return 0
+        names = list(entries[0].fields())
+        args: list[str | int] = [maxlen, max_age_ms, len(names), *names]
+        for entry in entries:
+            args += entry.fields().values()
+        with self._failures("add_served"):
+            return int(await self._add_served(keys=[SERVED_STREAM, ERASURES_KEY], args=args))
 
     async def _scan_user(
-        self, user_id: str, until: str, delete: bool
+        self, user_id: str, until: str, delete: bool, stream: str = EVENTS_STREAM
     ) -> tuple[list[tuple[str, dict[str, str]]], int]:
-        """The user's stream entries up to `until` ('+': all), `erase_page` entries a step, each
-        step one short script (USER_PAGE_SCRIPT), so only the user's entries cross the network
-        and no step holds Redis long; where `delete`, each is XDELed as it is found. Returns
-        their rows ([] where deleted) and how many were deleted. The caller's `_failures`
-        counts a Redis failure."""
+        """The user's entries in `stream` up to `until` ('+': all), `erase_page` entries a step,
+        each step one short script (USER_PAGE_SCRIPT), so only the user's entries cross the
+        network and no step holds Redis long; where `delete`, each is XDELed as it is found.
+        Returns their rows ([] where deleted) and how many were deleted. The caller's
+        `_failures` counts a Redis failure."""
         rows: list[tuple[str, dict[str, str]]] = []
         removed, after = 0, STREAM_START
         while True:
             last, read, n, mine = await self._user_page(
-                keys=[EVENTS_STREAM, STREAM_ERASED_KEY],
+                # the event stream's deletions are counted (retraining tells them from losses)
+                keys=[stream, STREAM_ERASED_KEY] if stream == EVENTS_STREAM else [stream],
                 args=[user_id, after, until, self.erase_page, int(delete)],
             )
             removed += int(n)
@@ -920,6 +1054,37 @@ def read_erasures(redis_url: str, *, timeout_s: float = 10.0) -> ErasureLedger:
     return ErasureLedger(cutoffs)
 
 
+def read_served(
+    redis_url: str,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+    *,
+    page_size: int = 10_000,
+    timeout_s: float = 10.0,
+) -> Iterator[list[Served]]:
+    """The exposure log's entries added from `since_ms` to `until_ms` (Unix ms, inclusive; None:
+    from the start, to the end), oldest first, a page of up to `page_size` entries at a time,
+    for `r2ec exposures export`: synchronous, one connection. A down Redis raises
+    StoreUnavailable (op read_served)."""
+    client = redis.Redis.from_url(
+        redis_url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+    )
+    low = "-" if since_ms is None else str(int(since_ms))  # "<ms>": from <ms>-0
+    high = "+" if until_ms is None else str(int(until_ms))  # to <ms>-<the last sequence>
+    try:
+        while True:
+            with _failures(redis_url, "read_served"):
+                rows = client.xrange(SERVED_STREAM, min=low, max=high, count=page_size)
+            if not rows:
+                return
+            yield [Served.from_fields(entry_id, fields) for entry_id, fields in rows]
+            if len(rows) < page_size:
+                return
+            low = f"({rows[-1][0]}"
+    finally:
+        client.close()
+
+
 def _entry_n(entry: StreamEntry) -> int:
     """The in-process stream's entry "<n>-0" -> n."""
     return int(entry.id.split("-")[0])
@@ -937,7 +1102,8 @@ def _stream_entries(rows: list[tuple[str, dict[str, str]]]) -> list[StreamEntry]
 
 # KEYS: history, stream, seen set, event-id zset. ARGV: user_id, window, stream maxlen (0: no
 # stream entry, `stream=False`), dedup ttl (s), now (s), n, user ttl (s, 0: none), then per
-# event: event_id, item_id, rating, timestamp, history JSON.
+# event: event_id, item_id, rating, timestamp, history JSON, request_id ('' for none: the entry
+# has no such field).
 # Returns one 1 (stored) or 0 (duplicate) per event, then the history's length.
 APPEND_SCRIPT = """
 -- the history in time order (`_place`): read once; each new event goes into that table after
@@ -995,7 +1161,7 @@ if not in_order then
 end
 local out = {}
 for i = 0, n - 1 do
-  local b = 8 + i * 5
+  local b = 8 + i * 6
   local id, item, json = ARGV[b], ARGV[b + 1], ARGV[b + 4]
   if not held[id] and redis.call('ZADD', KEYS[4], 'NX', now, id) == 1 then
     local ts, at, dropped = stamp(json), #hist, false
@@ -1010,9 +1176,13 @@ for i = 0, n - 1 do
       table.insert(times, at + 1, ts)
       if at < untouched then untouched = at end
     end
-    if maxlen ~= '0' then  -- '0': a backfill of what retraining's seed dataset holds already
+    if maxlen ~= '0' and ARGV[b + 5] == '' then  -- '0': a backfill the seed dataset holds already
       redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'user_id', user, 'item_id', item,
                  'rating', ARGV[b + 2], 'timestamp', ARGV[b + 3], 'event_id', id)
+    elseif maxlen ~= '0' then
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'user_id', user, 'item_id', item,
+                 'rating', ARGV[b + 2], 'timestamp', ARGV[b + 3], 'event_id', id,
+                 'request_id', ARGV[b + 5])
     end
     redis.call('SADD', KEYS[3], item)
     out[#out + 1] = 1
@@ -1067,10 +1237,11 @@ redis.call('EXPIRE', KEYS[2], ttl)
 return 1
 """
 
-# KEYS: history, seen set, event-id zset, cache-key index, the ledger, the stream. ARGV: user_id,
-# the cache keys' prefix. Returns the history's length, the seen set's size, the cache entries
-# deleted, now (ms) and the cutoff (ms) the ledger got. The cache entries' names come from the
-# index, so they are not in KEYS: a standalone Redis, as everywhere in this module.
+# KEYS: history, seen set, event-id zset, cache-key index, the ledger, the event stream, the
+# exposure log. ARGV: user_id, the cache keys' prefix. Returns the history's length, the seen
+# set's size, the cache entries deleted, now (ms) and the cutoff (ms) the ledger got. The cache
+# entries' names come from the index, so they are not in KEYS: a standalone Redis, as everywhere
+# in this module.
 ERASE_SCRIPT = """
 local history = redis.call('LLEN', KEYS[1])
 local seen = redis.call('SCARD', KEYS[2])
@@ -1085,16 +1256,22 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- without a stream nothing of the user's is in it, and an entry added later gets >= now
 local cutoff = now - 1
-if redis.call('EXISTS', KEYS[6]) == 1 then
-  local info = redis.call('XINFO', 'STREAM', KEYS[6])
-  local last = '0-0'
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then last = info[i + 1] end
+local streams = {}
+for k = 6, 7 do
+  if redis.call('EXISTS', KEYS[k]) == 1 then
+    local info = redis.call('XINFO', 'STREAM', KEYS[k])
+    local last = '0-0'
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then last = info[i + 1] end
+    end
+    cutoff = math.max(cutoff, now, tonumber(string.match(last, '^(%d+)-')))
+    streams[#streams + 1] = KEYS[k]
   end
-  -- every entry so far is at or before the cutoff; the next XADD * is past it, even within
-  -- this millisecond (its sequence is full) or a clock that went back
-  cutoff = math.max(now, tonumber(string.match(last, '^(%d+)-')))
-  redis.call('XSETID', KEYS[6], string.format('%.0f', cutoff) .. '-18446744073709551615')
+end
+-- every entry so far is at or before the cutoff, in both streams; the next XADD * is past it,
+-- even within this millisecond (its sequence is full) or a clock that went back
+for _, key in ipairs(streams) do
+  redis.call('XSETID', key, string.format('%.0f', cutoff) .. '-18446744073709551615')
 end
 redis.call('ZADD', KEYS[5], cutoff, ARGV[1])
 return {history, seen, cached, now, cutoff}
@@ -1133,6 +1310,42 @@ if ARGV[5] == '1' then
 end
 if #rows == 0 then return {ARGV[2], 0, removed, mine} end
 return {rows[#rows][1], #rows, removed, mine}
+"""
+
+
+# The exposure log's write (`RedisStore.add_served`). KEYS: the served stream, the erasure ledger.
+# ARGV: the cap in entries (0: none), the age cap in ms (0: none), the number of fields, their
+# names, then each entry's values in that order: user_id first, at_ms second (`Served.fields`).
+# An entry of a user the ledger erased at or after the entry's time is not written: answered
+# before the erasure, it reached Redis after the erasure's scan (a replica's write queue).
+# Returns how many were written.
+SERVED_SCRIPT = """
+local maxlen, max_age, nf = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local head = {KEYS[1]}
+if maxlen > 0 then head = {KEYS[1], 'MAXLEN', '~', ARGV[1]} end
+head[#head + 1] = '*'
+local base = 3 + nf
+local written = 0
+for at = base, #ARGV - nf, nf do
+  local user, ms = ARGV[at + 1], tonumber(ARGV[at + 2])
+  local erased = false
+  if user ~= '' then erased = redis.call('ZSCORE', KEYS[2], user) end
+  if not erased or tonumber(erased) < ms then
+    local args = {unpack(head)}
+    for j = 1, nf do
+      args[#args + 1] = ARGV[3 + j]
+      args[#args + 1] = ARGV[at + j]
+    end
+    redis.call('XADD', unpack(args))
+    written = written + 1
+  end
+end
+if max_age > 0 and written > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', now - max_age))
+end
+return written
 """
 
 

@@ -10,6 +10,9 @@ is still the JSON error /recommend gives. From then on the answer is events:
     event: done        data: {"reasoning_tokens": ..., "reasoning_cut": ..., "cache": ..., "timings": {...}}
 
 or, for a failure after the stream began, `event: error` with the JSON error body, and the end.
+With the exposure log on (service/exposure.py), a stream records its entry once its `items`
+event has been sent; one cut by its client before that (during the reasoning) showed no items
+and records nothing, nor does an `error` stream.
 
 The pieces come from the model thread (`PreparedQuery.on_text`): each is handed to the event loop
 with `call_soon_threadsafe` into an asyncio queue, ahead of the batch's result (the executor
@@ -34,6 +37,7 @@ from starlette.types import Receive, Scope, Send
 
 from service import schemas
 from service.errors import error_body
+from service.request_id import request_id
 from service.state import ClientDisconnected, ServiceState
 from service.types import Query, Result
 
@@ -60,11 +64,19 @@ class EventStream(EventSourceResponse):
 class RecommendStream:
     """One POST /recommend/stream request, from its acceptance to its last event."""
 
-    def __init__(self, state: ServiceState, query: Query, request: Request, history_source: str) -> None:
+    def __init__(
+        self,
+        state: ServiceState,
+        query: Query,
+        request: Request,
+        history_source: str,
+        user_id: str | None = None,
+    ) -> None:
         self._state = state
         self._query = query
         self._request = request
         self._source = history_source
+        self._user_id = user_id  # the body's, for the exposure log
         self._loop = asyncio.get_running_loop()
         self._pieces: asyncio.Queue[str | None] = asyncio.Queue()  # None: the answer is in
         self._queued = asyncio.Event()
@@ -156,7 +168,11 @@ class RecommendStream:
             yield ServerSentEvent(data=bytes(body).decode(), event="error", sep="\n")
             return
         yield _event("items", _items(result, self._source, self._state.settings.variant))
+        # resumed: the items event was handed to the server. Its exposure-log entry now: a
+        # stream cut during its reasoning showed no items and records nothing
         self._outcome = "ok"
+        rid = request_id(self._request.scope)
+        self._state.record_served(rid, self._user_id, "/recommend/stream", self._query, result, self._source)
         yield _event("done", _done(result, self._query))
 
 

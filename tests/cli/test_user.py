@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -150,3 +151,54 @@ def test_export_gives_everything_kept_of_one_user(redis_url, tmp_path):
     doc = json.loads(CliRunner().invoke(app, args[:5]).stdout)
     assert (doc["history"], doc["seen_items"], doc["stream_events"]) == ([], [], [])
     assert doc["erased_at_ms"] > 0
+
+
+@pytest.mark.redis
+def test_erase_and_export_cover_the_exposure_log(redis_url):
+    """What the service served a user (r2ec:served, R2EC_EXPOSURE_LOG=redis) is theirs: exported
+    with the rest, erased and counted with the rest; another user's entries stay."""
+    from service.store import Served
+
+    def entry(request_id: str, user_id: str) -> Served:
+        at = int(time.time() * 1000)
+        return Served(request_id, user_id, at, "v1", "/recommend", 2, True, "ab" * 32, "miss", "store",
+                      ("i1", "i2"), (3.5, 2.5), (1, 2))  # fmt: skip
+
+    async def fill():
+        store = RedisStore(redis_url)
+        try:
+            await store.append_events("alice", [Event("i9", 5.0, 100, request_id="r1")])
+            await store.add_served(
+                [entry("r1", "alice"), entry("r2", "bob"), entry("r3", "alice")], maxlen=100
+            )
+        finally:
+            await store.close()
+
+    asyncio.run(fill())
+    result = CliRunner().invoke(app, ["user", "export", "alice", "--redis-url", redis_url])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [s["request_id"] for s in doc["served"]] == ["r1", "r3"]
+    first = doc["served"][0]
+    assert first["items"] == [
+        {"item_id": "i1", "rank": 1, "score": 3.5},
+        {"item_id": "i2", "rank": 2, "score": 2.5},
+    ]
+    assert (first["model_version"], first["route"], first["cache"], first["k"]) == (
+        "v1",
+        "/recommend",
+        "miss",
+        2,
+    )
+    assert (first["fingerprint"], first["variant"]) == (None, None)  # written without them
+    assert first["at_ms"] > 0 and first["entry_id"] and first["reasoning_sha256"] == "ab" * 32
+    assert doc["stream_events"][0]["request_id"] == "r1"  # the click's attribution
+
+    result = _cli("alice", "--redis-url", redis_url, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["served_entries"] == 2, result.output
+    result = _cli("alice", "--redis-url", redis_url)
+    assert "0 stream entries, 0 cached reasonings, 0 exposure-log entries" in result.output
+    doc = json.loads(CliRunner().invoke(app, ["user", "export", "alice", "--redis-url", redis_url]).stdout)
+    assert doc["served"] == [] and doc["stream_events"] == []
+    bob = json.loads(CliRunner().invoke(app, ["user", "export", "bob", "--redis-url", redis_url]).stdout)
+    assert [s["request_id"] for s in bob["served"]] == ["r2"]

@@ -6,6 +6,9 @@ import logging
 import re
 from pathlib import Path
 
+import pydantic
+import pytest
+
 from service.app import create_app
 from service.config import RETIRED, Settings, unknown_env
 
@@ -73,3 +76,15 @@ def test_the_variant_is_a_short_plain_label_or_empty(monkeypatch):
         monkeypatch.setenv("R2EC_VARIANT", bad)
         with pytest.raises(ValidationError, match="R2EC_VARIANT must be"):
             Settings()
+
+
+def test_the_exposure_log_is_off_by_default_and_needs_redis_and_a_bound():
+    """R2EC_EXPOSURE_LOG=redis writes r2ec:served (service/exposure.py): without a Redis, or with
+    neither a length nor an age cap, the service refuses to start rather than log nothing or
+    fill Redis."""
+    assert Settings().exposure_log == "off"
+    with pytest.raises(pydantic.ValidationError, match="needs R2EC_REDIS_URL"):
+        Settings(exposure_log="redis")
+    with pytest.raises(pydantic.ValidationError, match="grow without bound"):
+        Settings(exposure_log="redis", redis_url="redis://x", exposure_maxlen=0)
+    assert Settings(exposure_log="redis", redis_url="redis://x", exposure_maxlen=0, exposure_retention_s=60)

@@ -16,10 +16,12 @@ from service.store import (
     Event,
     MemoryStore,
     RedisStore,
+    Served,
     StoreUnavailable,
     _redact,
     event_key,
     read_erasures,
+    read_served,
     read_stream,
     read_stream_checked,
 )
@@ -894,3 +896,65 @@ async def test_redis_is_marked_with_its_format_once_and_whether_it_held_data(red
             await store.check_format("0.2.0")
     finally:
         await store.close()
+
+
+async def test_an_events_request_id_is_kept_in_the_stream_not_in_the_history_nor_its_id(store):
+    """Attribution: a click names the recommendation it came from (its X-Request-ID). The stream
+    keeps it; the history, which the prompt reads, does not; the default event id (the
+    idempotency key) does not hash it, so a retry naming another recommendation is a duplicate."""
+    done = await store.append_events("u1", [Event("a", 5.0, 100, request_id="rec-1"), Event("b", 4.0, 200)])
+    assert done.new == (True, True)
+    assert [(e.item_id, e.event.request_id) for e in await store.read_events()] == [
+        ("a", "rec-1"),
+        ("b", None),
+    ]
+    assert all(e.request_id is None for e in await store.get_history("u1"))
+    assert event_key("u1", Event("a", 5.0, 100, request_id="x")) == event_key("u1", Event("a", 5.0, 100))
+    again = await store.append_events("u1", [Event("a", 5.0, 100, request_id="rec-2")])
+    assert again.new == (False,)
+    assert [e.event.request_id for e in await store.read_events()] == ["rec-1", None]
+    assert [s.event.request_id for s in (await store.export_user("u1")).stream] == ["rec-1", None]
+
+
+def _served(request_id: str, user_id: str, at_ms: int | None = None) -> Served:
+    at = int(time.time() * 1000) if at_ms is None else at_ms
+    return Served(request_id, user_id, at, "v1", "/recommend", 2, True, "ab" * 32, "miss", "store",
+                  ("i1", "i2"), (3.5, 2.25), (1, 2))  # fmt: skip
+
+
+@pytest.mark.redis
+async def test_redis_exposure_log_round_trips_and_is_erased_and_exported_per_user(redis_url):
+    s = RedisStore(redis_url, window=WINDOW)
+    try:
+        first = replace(_served("r1", "u1"), fingerprint="0123456789abcdef", variant="candidate")
+        written = await s.add_served([first, _served("r2", ""), _served("r3", "u2")], maxlen=100)
+        assert written == 3
+        pages = list(read_served(redis_url, page_size=2))
+        assert [len(p) for p in pages] == [2, 1]
+        back = pages[0][0]
+        assert replace(back, id="") == first and back.id and pages[0][1].variant == ""
+        assert [e.request_id for e in (await s.export_user("u1")).served] == ["r1"]
+
+        erased = await s.erase_user("u1")
+        assert erased.served_entries == 1 and erased.stream_entries == 0
+        assert [e.request_id for p in read_served(redis_url) for e in p] == ["r2", "r3"]
+        # answered before the erasure, reaching Redis after it: not written; the id used again later is
+        late, later = (
+            _served("r4", "u1", erased.erased_at_ms - 1),
+            _served("r5", "u1", erased.erased_at_ms + 1000),
+        )
+        assert await s.add_served([late, later]) == 1
+        assert [e.request_id for e in (await s.export_user("u1")).served] == ["r5"]
+        # a time range, by the entries' stream ids (when Redis took them)
+        assert list(read_served(redis_url, since_ms=int(time.time() * 1000) + 60_000)) == []
+        assert list(read_served(redis_url, until_ms=1)) == []
+    finally:
+        await s.close()
+
+
+async def test_memory_erasure_counts_no_exposure_log(store):
+    """The in-process store has no exposure log (R2EC_EXPOSURE_LOG needs Redis): nothing to count
+    where none was written."""
+    await store.append_events("u1", [Event("a")])
+    erased = await store.erase_user("u1")
+    assert erased.served_entries == 0 and (await store.export_user("u1")).served == []
