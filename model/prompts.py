@@ -42,12 +42,18 @@ class PromptConfig:
     description_words: item descriptions are cut to this many words (white-space separated).
     description_tokens: then to this many tokens of the backbone's tokenizer (`cut_to_tokens`):
         a description in a script written without spaces (Chinese, Japanese, Thai) is one
-        "word", and a 6,000-character one made a 12,000-token item prompt. 256 keeps 100 words
-        of English (about 130 tokens) whole. Checkpoints written before this option load with it.
+        "word", and a 6,000-character one made a 12,000-token item prompt. 1024 keeps 100 words
+        whole in the space-separated scripts: SmolLM2 spends about 1.3 tokens a word on plain
+        English, 3 on German or spec-style English (digits, units and model numbers are split),
+        4 on Polish or Czech and 7 on Russian, Ukrainian or Greek. So in practice it cuts only
+        text without spaces (a 5,000-character CJK description is 11,000-15,000 tokens) or
+        with "words" of dozens of tokens. Checkpoints written before this option load with it.
     item_tokens: the whole item message (title, year, genres, description) is cut to this many
         tokens, so no item prompt runs past the backbone's positions or holds the model for
         minutes, whatever its fields hold (a 1,000-character title of CJK script is ~2,000
-        tokens). Checkpoints written before this option load with it.
+        tokens). 1536 holds a whole `description_tokens` description, the template (~30
+        tokens) and ~480 tokens of title, year and genres. Checkpoints written before this
+        option load with it.
     system_prompt: the system turn of both prompts; None keeps the chat template's default
         (SmolLM2's adds 16 tokens to every prompt, a quarter of an ml-100k item prompt).
     marker_on_items: end item prompts with the closing marker too, so h_v is read at the same
@@ -78,8 +84,8 @@ class PromptConfig:
     time_style: str = "ago"
     closing_marker: str = "\nTherefore, my recommendation is:"
     description_words: int = 100
-    description_tokens: int = 256
-    item_tokens: int = 512
+    description_tokens: int = 1024
+    item_tokens: int = 1536
     system_prompt: str | None = None
     marker_on_items: bool = True
     cowatch_hints: int = 0
