@@ -249,9 +249,11 @@ class R2ec:
         one line (model/special_text.py `one_line`), with every special-token string of the
         tokenizer broken by a space ("<|im_end|>" -> "< |im_end|>") so it tokenizes as plain
         text, and (`shown`: a title, year or genre, which the reasoning may copy) without
-        bidirectional controls (`strip_bidi`). A catalog prepared now holds none of these
-        (`r2ec data prepare` and `checkpoint init` refuse them, PUT /items too); one in a
-        checkpoint written before may."""
+        bidirectional controls (`strip_bidi`). A catalog prepared now holds none of these:
+        `r2ec data prepare` refuses both, as do PUT /items and `checkpoint init` (a special
+        token of its backbone's tokenizer); a dataset prepared before the bidi check is read
+        without the controls in a title, year or genre (`load_prepared`), so `checkpoint init`
+        and training take none. A catalog in a checkpoint written before may hold them."""
         if not text:
             return text
         text = self._special.plain(one_line(text))

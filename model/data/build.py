@@ -119,7 +119,7 @@ def check_shown_fields(items: pd.DataFrame, origin: str, strip: bool = False) ->
     (model/special_text.py `check_shown_text`, the check ids and PUT /items make), naming the
     item, the field and the character, and how many items hold one. `strip`: remove them
     instead, with a warning (retrain's rebuild of a seed an earlier release prepared, which
-    took them). Returns the table."""
+    took them; `load_prepared`, reading a dataset such a release prepared). Returns the table."""
     found: list[str] = []
     bad = pd.Series(False, index=items.index)
     for col in SHOWN_FIELDS:

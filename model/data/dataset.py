@@ -559,7 +559,11 @@ def nfc_items(items: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
 
 
 def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
-    """Load a directory written by one of the ``prepare_*`` functions."""
+    """Load a directory written by one of the ``prepare_*`` functions.
+
+    The item table is read as `prepare` now stores it, whatever release prepared it: its text
+    in Unicode NFC, and a title, year or genre without bidirectional controls (removed, with a
+    warning naming how many items; `prepare` refuses them). Both logged."""
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"prepared dataset directory {path} does not exist; prepare it first")
@@ -585,6 +589,12 @@ def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
             "r2ec data prepare again stores them so",
             path, int(changed.sum()), items.loc[changed, "item_id"].iloc[0],
         )  # fmt: skip
+    from .build import check_shown_fields  # build imports this module
+
+    # prepared before bidirectional controls were refused: read without them in a title, year or
+    # genre, as every prompt shows these (`R2ec.catalog_text`), so checkpoint init's catalog and
+    # the rationale stage's taught text (built from these titles) hold what the prompt shows
+    items = check_shown_fields(items, str(path), strip=True)
     splits = {name: _read_parquet(path / f"{name}.parquet", SAMPLE_SCHEMA) for name in SPLITS}
     prior = {}
     if (path / PRIOR_FILE).is_file():

@@ -359,6 +359,42 @@ def test_a_dataset_prepared_before_nfc_is_read_in_nfc(tmp_path, tiny_inter, tiny
     assert "read 1 item(s) in Unicode NFC" in caplog.text
 
 
+def test_a_dataset_prepared_before_the_bidi_check_is_read_without_the_controls(
+    tmp_path, tiny_inter, tiny_item, caplog
+):
+    """An older release stored a title "\u202b...\u202c" as it was: `checkpoint init` took it into
+    its catalog and the rationale stage taught the model to write the controls around a title
+    its prompt shows without them. They are removed where the dataset is read, with a warning
+    counting the items; a description keeps its own."""
+    import pandas as pd
+
+    from model.rationale import catalog_facts
+    from model.special_text import BIDI_RE
+
+    path = prepare_atomic(tiny_inter, tiny_item, tmp_path, "x", "loo")
+    items = pd.read_parquet(path / "items.parquet")
+    rows = {i: items.index[items.item_id == i][0] for i in ("i6", "i7", "i8")}
+    items.loc[rows["i6"], "title"] = (
+        "\u202b\u05d5\u05d0\u05dc\u05e1 \u05e2\u05dd \u05d1\u05d0\u05e9\u05d9\u05e8\u202c"
+    )
+    items.loc[rows["i7"], "genres"] = "Drama \u202eWar"
+    items.loc[rows["i8"], "year"] = "\u200e1995"
+    items.loc[rows["i8"], "description"] = "\u202bkept\u202c"
+    items.to_parquet(path / "items.parquet")  # as an older release wrote it
+    with caplog.at_level("WARNING", logger="model.data.build"):
+        ds = load_prepared(path)
+    assert "3 item(s) hold a bidirectional control character" in caplog.text
+    shown = ds.items[["title", "year", "genres"]]
+    assert not shown.map(lambda v: bool(BIDI_RE.search(v))).any().any()
+    assert ds.item_titles()["i6"] == "\u05d5\u05d0\u05dc\u05e1 \u05e2\u05dd \u05d1\u05d0\u05e9\u05d9\u05e8"
+    assert ds.items.loc[rows["i7"], "genres"] == "Drama War"
+    assert ds.items.loc[rows["i8"], "year"] == "1995"
+    assert ds.items.loc[rows["i8"], "description"] == "\u202bkept\u202c"
+    # the rationale stage's taught text is built from these facts (model/rationale.py)
+    facts = catalog_facts(ds.items.to_dict("records"))
+    assert not any(BIDI_RE.search(f.title) for f in facts.values())
+
+
 @pytest.mark.parametrize("control", ["\u202e", "\u2067", "\u200f", "\u061c"])
 def test_a_bidi_control_in_a_title_or_genre_is_refused_naming_the_item(
     tmp_path, tiny_inter, tiny_item, control
