@@ -92,6 +92,7 @@ from model.data.dataset import (
     fsync_path,
     fsync_tree,
     make_dirs,
+    nfc_items,
     recover_dir,
     remove_path,
     remove_stale,
@@ -102,7 +103,7 @@ from model.data.dataset import new_dir_beside as _new_dir_beside  # the swap's h
 from model.distributed import resolve_device
 from model.prompts import PromptConfig
 from model.r2ec import R2ec
-from model.special_text import SpecialText
+from model.special_text import SHOWN_FIELDS, SpecialText, strip_bidi
 
 log = logging.getLogger(__name__)
 
@@ -290,10 +291,25 @@ def backbone_identity(base: str) -> str:
 def same_items(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     """Whether two item tables are the same catalog for item vectors: the same ids in the same
     order with the same texts (a catalog re-prepared with corrected titles, or another one
-    numbered alike, has the ids and not the texts)."""
+    numbered alike, has the ids and not the texts). Texts are compared as `load_prepared` reads
+    a dataset: in Unicode NFC, and a title, year or genre without bidirectional controls (which
+    no item prompt shows). So a checkpoint whose item table an older release wrote from an NFD
+    or bidi-holding dataset is still that dataset's catalog (`checkpoint init --from` copies
+    its vectors, the retrain gate scores it with the vectors it serves) rather than every item
+    being encoded again."""
     if list(a.columns) != list(b.columns) or len(a) != len(b):
         return False
-    return a.reset_index(drop=True).astype(str).equals(b.reset_index(drop=True).astype(str))
+    return _as_read(a).equals(_as_read(b))
+
+
+def _as_read(items: pd.DataFrame) -> pd.DataFrame:
+    """`items` as strings, its text in NFC and its shown fields without bidi controls."""
+    items, _ = nfc_items(items.reset_index(drop=True).astype(str))
+    shown = [c for c in SHOWN_FIELDS if c in items.columns]
+    if shown:
+        items = items.copy()
+        items[shown] = items[shown].map(strip_bidi)
+    return items
 
 
 # peft asks transformers' deprecated `is_gradient_checkpointing` each time it wraps a model

@@ -274,6 +274,40 @@ def test_init_from_reuses_stored_vectors_only_for_the_same_texts(tiny_dataset, t
     )
 
 
+def test_init_from_reuses_the_vectors_of_its_own_older_nfd_or_bidi_dataset(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """A dataset an older release prepared (an NFD title, a title in bidi controls) and a
+    checkpoint it made from it: `load_prepared` now reads the dataset in NFC and without the
+    controls, and that is still the checkpoint's catalog (its vectors are copied), not a new
+    one whose every item is encoded again."""
+    import shutil
+    import unicodedata
+
+    import pandas as pd
+
+    from model.checkpoint import ITEMS_FILE as CKPT_ITEMS
+    from model.checkpoint import create_base_checkpoint
+    from model.data import load_prepared
+    from model.data.dataset import ITEM_SCHEMA, ITEMS_FILE, _write_frame
+
+    old = tmp_path / "old-data"
+    shutil.copytree(tiny_dataset.path, old)
+    items = pd.read_parquet(old / ITEMS_FILE)
+    items.loc[0, "title"] = unicodedata.normalize("NFD", "Amélie")
+    items.loc[1, "title"] = "\u202bHeat\u202c"
+    _write_frame(items, ITEM_SCHEMA, old / ITEMS_FILE)  # as an older release wrote it
+    source = tmp_path / "source"
+    create_base_checkpoint(source, "tiny", items, dtype="float32", progress=False)
+    assert pd.read_parquet(source / CKPT_ITEMS).title.tolist()[:2] == items.title.tolist()[:2]
+    assert load_prepared(old).items.title.tolist()[:2] == ["Amélie", "Heat"]
+    encoded = _count_encodings(monkeypatch)
+    res = _init_from(old, tmp_path / "again", source)
+    assert res.exit_code == 0, res.output
+    assert encoded == []  # the stored table, as before NFC
+    np.testing.assert_array_equal(np.load(tmp_path / "again" / VECTORS_FILE), np.load(source / VECTORS_FILE))
+
+
 def _encoded_now(checkpoint, dataset) -> np.ndarray:
     """`dataset`'s items encoded by `checkpoint`'s model."""
     from model.checkpoint import load_checkpoint_model

@@ -62,6 +62,31 @@ def test_full_checkpoint_round_trip_gives_identical_vectors(tmp_path, tiny_model
     np.testing.assert_allclose(np.asarray(encoded), vectors[::-1], atol=1e-6)
 
 
+def test_an_older_nfd_or_bidi_item_table_is_still_the_catalog_of_its_dataset(tmp_path, tiny_dataset):
+    """`load_prepared` reads an older dataset in NFC and without bidi controls in a title, year
+    or genre; the checkpoint an older release made from it stored them as they were. The
+    retrain gate (`vectors_for`) scores it with the vectors it serves, not with the whole
+    catalog encoded again; other texts are still another catalog."""
+    import unicodedata
+
+    from model.checkpoint import same_items
+    from model.data.dataset import nfc_items
+
+    old = tiny_dataset.items.copy()
+    old.loc[0, "title"] = unicodedata.normalize("NFD", "Amélie")
+    old.loc[1, "genres"] = "Drama \u202eWar"
+    create_base_checkpoint(tmp_path / "ckpt", "tiny", old, dtype="float32", progress=False)
+    ckpt = load_checkpoint(tmp_path / "ckpt", dtype="float32")
+    read, changed = nfc_items(ckpt.items)
+    read.loc[1, "genres"] = "Drama War"  # as load_prepared reads the dataset now
+    assert changed.sum() == 1 and not read.equals(ckpt.items)
+    assert same_items(ckpt.items, read) and same_items(read, ckpt.items)
+    assert ckpt.vectors_for(read) is ckpt.item_vectors
+    other = read.copy()
+    other.loc[0, "title"] = "Amelie"  # another text: encoded
+    assert not same_items(ckpt.items, other)
+
+
 def test_base_checkpoint_rebuilds_from_reference(tmp_path, tiny_dataset):
     meta = create_base_checkpoint(
         tmp_path / "base", "tiny", tiny_dataset.items, dtype="float32", progress=False
