@@ -19,8 +19,11 @@ combining marks: they change the word (パン "bread", バン "van", ハン), so
 "パン屋の物語". Half-width katakana still finds full-width ("ｶﾞﾝﾀﾞﾑ" is "ガンダム" under NFKD).
 
 A match ranks by how the query meets the title, then by whether it meets the title as typed
-(the query's text, in NFC, found in the title without folding case, width or accents: "Heat"
-lists "Heat" before "HEAT", "ABC" lists "ABC" before "ＡＢＣ"), then by title, then by id:
+(the query's text, in NFC, found in the title where its tier says, without folding width or
+accents, nor case where the query holds an uppercase letter: "Heat" lists "Heat" before "HEAT",
+"ABC" lists "ABC" before "ＡＢＣ", "amelie" lists "Amelie" before "Amélie"; `typed_match`), then
+by title, then by id. A lowercase query ("bell") is met as typed by "For Whom the Bell Tolls"
+and "Vie est belle, La" alike, which then keep their title order:
 
     0 exact        the whole title
     1 prefix       the start of the title
@@ -135,10 +138,26 @@ class Match:
 
 def typed_match(title: str, query: str, tier: int) -> bool:
     """Whether `query` (in NFC, stripped) meets `title` (in NFC) as typed, the way its `tier`
-    says: the whole title, its start, or anywhere (a later word's start, a substring)."""
+    says: the whole title, its start, the start of a later word, or anywhere. Accents and width
+    count; case only where the query holds an uppercase letter ("smart case": a lowercase query
+    says nothing about case); apostrophes and punctuation never (`normalize` drops them, and
+    "Boy's Life" is not less "boys" than "Boys Life")."""
+    fold = not any(c.isupper() for c in query)
+    title, query = _typed_form(title, fold), _typed_form(query, fold)
     if tier == 0:
         return title == query
-    return title.startswith(query) if tier == 1 else query in title
+    if tier == 1:
+        return title.startswith(query)
+    if tier == 3:
+        return query in title
+    return title.startswith(query) or f" {query}" in title
+
+
+def _typed_form(text: str, fold: bool) -> str:
+    """`text` as `typed_match` compares it: casefolded where `fold`, apostrophes removed, each
+    run of other non-alphanumeric characters one space."""
+    text = _APOSTROPHES.sub("", text.casefold() if fold else text)
+    return _NON_ALNUM.sub(" ", text).strip()
 
 
 class TitleIndex:

@@ -317,6 +317,55 @@ def test_a_title_met_as_typed_ranks_before_its_folded_twins():
     assert [m.item_id for m in index.search("heat", 5)] == ["h1", "h2", "x"]  # none as typed: by title, id
 
 
+def _ml100k_index() -> tuple[TitleIndex, dict[str, str]]:
+    from pathlib import Path
+
+    import pandas as pd
+
+    items = pd.read_parquet(Path(__file__).resolve().parents[2] / "artifacts" / "ml100k" / "items.parquet")
+    titles = dict(zip(items.item_id, items.title, strict=True))
+    return TitleIndex(titles), titles
+
+
+CHOC = ["Bread and Chocolate (Pane e cioccolata)", "Like Water For Chocolate (Como agua para chocolate)"]
+VIE = "Vie est belle, La (Life is Rosey)"
+
+
+@pytest.mark.parametrize(
+    ("query", "first"),
+    [
+        ("bell", ["Belle de jour", "For Whom the Bell Tolls", VIE]),
+        ("chocolate", CHOC),
+        ("and", ["Andre", "Aladdin and the King of Thieves", "Amos & Andrew", "Angel and the Badman"]),
+        ("blu", ["Blue Angel, The (Blaue Engel, Der)", "Blue Chips"]),
+        ("der", ["Bewegte Mann, Der", "Blue Angel, The (Blaue Engel, Der)"]),
+        ("boys", ["Boys", "Boys in Venice", "Boys, Les", "Boys Life", "Boy's Life 2"]),
+        # an uppercase letter says the case was meant: "Bell" is not "belle"
+        ("Bell", ["Belle de jour", "For Whom the Bell Tolls", "Wedding Bell Blues", VIE]),
+    ],
+)
+def test_a_lowercase_query_keeps_the_title_order_of_ml100k(query, first):
+    """Review 40: as-typed was case-sensitive for a lowercase query and matched anywhere in the
+    title, so "bell" listed "Vie est belle, La" before "For Whom the Bell Tolls", a Spanish
+    subtitle's "chocolate" put its title first, and "and" pushed "Amos & Andrew" out of the top
+    10. A lowercase query folds case (smart case) and the word tier is met at a word start."""
+    index, titles = _ml100k_index()
+    assert [titles[m.item_id] for m in index.search(query, 10)][: len(first)] == first
+
+
+def test_smart_case_still_prefers_accents_and_width_as_typed():
+    index = TitleIndex(
+        {"a1": "Amélie", "a2": "Amelie", "w1": "ＡＢＣ", "w2": "abc", "b1": "belle", "b2": "Belle"}
+    )
+    assert [m.item_id for m in index.search("amelie", 5)] == ["a2", "a1"]
+    assert [m.item_id for m in index.search("amélie", 5)] == ["a1", "a2"]
+    assert [m.item_id for m in index.search("abc", 5)] == ["w2", "w1"]
+    assert [m.item_id for m in index.search("belle", 5)] == ["b1", "b2"]  # both as typed: by id
+    assert [m.item_id for m in index.search("Belle", 5)] == ["b2", "b1"]
+    met = TitleIndex({"x": "Vie est belle", "y": "Bell"}).search("Bell", 5)
+    assert [(m.item_id, m.typed) for m in met] == [("y", True), ("x", False)]
+
+
 @pytest.mark.asyncio
 async def test_get_items_lists_the_title_typed_first_among_edited_items_too(ckpt):
     async with serve(app_for(ckpt)) as client:
