@@ -46,8 +46,10 @@ def data_atomic(
     encoding: Annotated[
         str,
         typer.Option(
-            help="The files' text encoding, e.g. latin-1 or cp1252; a byte it cannot decode is "
-            "an error naming the file, line and byte"
+            help="The text encoding of both files (--inter and --item alike), e.g. latin-1 or "
+            "cp1252; a byte it cannot decode is an error naming the file, line and byte. A UTF-8 "
+            "byte-order mark is skipped; a file of another encoding than the other (a UTF-16 "
+            ".item beside a UTF-8 .inter) must be converted first (iconv -f UTF-16 -t UTF-8)"
         ),
     ] = "utf-8",
     data_dir: DataDir = Path("data"),

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 
 
 BASELINES = ("pop", "sasrec", "cowatch")
-DEFAULT_SASREC_EPOCHS = 10  # as every documented SASRec number (BENCHMARKS.md §1, README)
 
 
 def eval_cmd(
@@ -57,7 +56,11 @@ def eval_cmd(
         str, typer.Option(help="seen (every earlier item of the user; the field's protocol), prompt, none")
     ] = "seen",
     sasrec_epochs: Annotated[
-        int | None, typer.Option(help=f"--baseline sasrec: training epochs (default {DEFAULT_SASREC_EPOCHS})")
+        int | None,
+        typer.Option(
+            help="--baseline sasrec: training epochs (default 10, SASRecConfig's epochs, as every "
+            "documented SASRec number)"
+        ),
     ] = None,
     cowatch_window: Annotated[
         int | None,
@@ -158,7 +161,7 @@ def eval_cmd(
         fail("--no-reasoning needs --checkpoint or --base (a baseline does not reason)")
     if compare_reasoning and not reasoning:
         fail("--compare-reasoning runs with and without reasoning; give it without --no-reasoning")
-    sasrec_epochs = DEFAULT_SASREC_EPOCHS if sasrec_epochs is None else sasrec_epochs
+    sasrec_epochs = SASRecConfig.epochs if sasrec_epochs is None else sasrec_epochs
     if cowatch_window is not None and cowatch_window < 1:
         fail(f"--cowatch-window must be >= 1, got {cowatch_window}")
     if paired_column != "rank" and paired_with is None:
@@ -213,7 +216,7 @@ def eval_cmd(
     elif baseline == "sasrec":
         result, stats = evaluate_sasrec(ds, cfg, sasrec_cfg, progress=True)  # on stderr
         label, extra = "sasrec", {"train": {"seconds": round(stats["seconds"], 1), "epochs": stats["epochs"]}}
-        if sasrec_epochs != DEFAULT_SASREC_EPOCHS:  # a ranks file and its pairing name other epochs
+        if sasrec_epochs != SASRecConfig.epochs:  # a ranks file and its pairing name other epochs
             label = f"sasrec (epochs {sasrec_epochs})"
         run["baseline"] = {"name": "sasrec", "epochs": sasrec_epochs}
     else:

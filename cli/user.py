@@ -132,8 +132,11 @@ def import_cmd(
 ) -> None:
     """Backfill users' histories, seen items and event ids into the service's Redis from a file,
     through the service's own append: the same time order, history window, retention and event
-    ids as POST /users/{id}/events, so a rerun (after an interruption, or whole) stores nothing
-    twice. The history window, retention and dedup settings are the service's R2EC_* variables."""
+    ids as POST /users/{id}/events, so a rerun (after an interruption, or whole) within
+    R2EC_EVENT_DEDUP_TTL_S stores nothing twice (after it, events older than the history window
+    count as new again: rerun without --stream). The file is held in memory (~650 bytes a row:
+    split a large export by user). The history window, retention and dedup settings are the
+    service's R2EC_* variables."""
     import time
 
     from pydantic import ValidationError

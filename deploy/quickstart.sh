@@ -6,6 +6,17 @@
 # Histories live in process unless R2EC_REDIS_URL is set (e.g. redis://127.0.0.1:6379/0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# r2ec from the interpreter deploy/setup.sh installed into (python3 on PATH: an activated virtual
+# environment's), not whichever `r2ec` script comes first on PATH. Asked from / : here the
+# checkout's own r2ec_serve.egg-info would answer for any python3.
+if ! (cd / && python3 -c 'import importlib.metadata as m; m.version("r2ec-serve")') 2>/dev/null; then
+  hint=""
+  [[ -z "${VIRTUAL_ENV:-}" && -d .venv ]] && hint=", or activate the venv it installed into: . .venv/bin/activate"
+  echo "error: r2ec is not installed for python3 ($(command -v python3 || echo 'not found')):" \
+    "run bash deploy/setup.sh first$hint" >&2
+  exit 1
+fi
+r2ec() { python3 -m cli "$@"; }
 DATA=${R2EC_DATA_DIR:-data}
 SHIPPED=artifacts/ml100k
 if [[ "${R2EC_UNTRAINED:-0}" == 1 ]]; then
@@ -25,4 +36,4 @@ if ! r2ec checkpoint show "$R2EC_CHECKPOINT" >/dev/null 2>&1; then
   fi
 fi
 echo "serving $R2EC_CHECKPOINT on http://${R2EC_HOST:-127.0.0.1}:${R2EC_PORT:-8000} (try the curl in README.md)"
-exec r2ec serve
+exec python3 -m cli serve

@@ -2,11 +2,44 @@
 # Install everything r2ec needs on a fresh Debian/Ubuntu machine (CPU only).
 #   bash deploy/setup.sh          runtime
 #   bash deploy/setup.sh --dev    runtime + test tools
+# The Python packages go into `python3` on PATH: an activated virtual environment's, or one pip
+# may install into (CI's). A distribution's own python3 (Debian 12, Ubuntu 23.04+: PEP 668) is
+# refused before anything is installed, with the two lines that make and enter a venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
 [[ "${1:-}" == "--dev" ]] && extras="[dev]"
+
+# Python 3.11+ (pyproject's requires-python), and one pip installs into: outside a virtual
+# environment, a stdlib holding EXTERNALLY-MANAGED makes pip refuse (unless pip was told
+# PIP_BREAK_SYSTEM_PACKAGES), so stop here, before apt-get, rather than at the first pip install.
+python3 - "$@" <<'EOF'
+import os, sys, sysconfig
+
+again = " ".join(["bash deploy/setup.sh", *sys.argv[1:]])
+if sys.version_info < (3, 11):
+    found = "%d.%d" % sys.version_info[:2]
+    sys.exit(
+        f"error: r2ec needs Python 3.11 or newer; python3 ({sys.executable}) is {found}.\n"
+        f"Put a newer one first on PATH (pyenv, or your distribution's python3.11+) and rerun: {again}"
+    )
+in_venv = sys.prefix != sys.base_prefix
+managed = os.path.isfile(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
+allowed = os.environ.get("PIP_BREAK_SYSTEM_PACKAGES", "").strip().lower() in ("1", "true", "yes", "on")
+if managed and not in_venv and not allowed:
+    sys.exit(
+        f"error: python3 ({sys.executable}) is managed by your distribution (PEP 668):"
+        " pip will not install into it.\n"
+        "Make a virtual environment here and rerun from it (quickstart.sh, pytest and r2ec then"
+        " run from it too):\n"
+        "  python3 -m venv .venv && . .venv/bin/activate\n"
+        f"  {again}\n"
+        "(If venv says ensurepip is not available: apt-get install python3-venv, then again.)"
+        + ("\n(sudo resets PATH, leaving an activated venv out: from inside it run"
+           f' sudo env PATH="$PATH" {again})' if os.environ.get("SUDO_USER") else "")
+    )
+EOF
 
 # System packages: redis-server (user histories in production, a real server in the tests) and,
 # with --dev, Debian's chromium for the browser test of the page (Playwright drives it; no

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from model import bf16_gemm
 from model.constrained import Grammar, constrain_logits
 from model.engine import DecoderEngine, Quantize, unsupported_reason
-from model.r2ec import GenerationSettings, R2ec, Rollout
+from model.prompts import whole_characters
+from model.r2ec import GenerationSettings, R2ec, Rollout, reasoning_text
 from model.speculative import NgramDrafter
 
 log = logging.getLogger(__name__)
@@ -120,9 +121,10 @@ class Sequence_:
 class TextStream:
     """Incremental detokenisation whose pieces concatenate to the final text exactly.
 
-    The final text is `decode(ids, skip_special_tokens=True).strip()` (as `R2ec.reason` returns
-    it), so leading whitespace is never sent, trailing whitespace is held back until text
-    follows it, and a piece that ends inside a multi-byte character waits for the rest."""
+    The final text is `reasoning_text(tokenizer, ids)` (model/r2ec.py, as `R2ec.reason`
+    returns it), so leading whitespace is never sent, trailing whitespace is held back until
+    text follows it, and a piece that ends inside a multi-byte character waits for the rest; the
+    last piece leaves out a character the budget cut short, as the final text does."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -132,7 +134,7 @@ class TextStream:
         text = self.tokenizer.decode(list(ids), skip_special_tokens=True).lstrip()
         if not final and text.endswith("\ufffd"):  # an unfinished UTF-8 sequence
             return ""
-        text = text.rstrip()
+        text = whole_characters(text).rstrip()  # final: a character cut short is never sent
         if not text.startswith(self.sent):  # a later token changed how earlier ones decode
             return ""
         piece, self.sent = text[len(self.sent) :], text
@@ -338,7 +340,7 @@ class ContinuousDecoder:
     def _done(self, seq: Sequence_, h_t: torch.Tensor) -> None:
         seq.vector = F.normalize(h_t.float(), dim=-1).cpu()
         ids = seq.completion_ids
-        seq.text = self.model.tokenizer.decode(ids, skip_special_tokens=True).strip() if ids else ""
+        seq.text = reasoning_text(self.model.tokenizer, ids) if ids else ""
         if self.drafter is not None:
             self.drafter.remember(ids)
         seq.done = True

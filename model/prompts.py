@@ -39,7 +39,15 @@ class PromptConfig:
         recommendation; the official code's `format_timedelta`), or "before_latest" ("Fargo (5)
         [2 days before the latest]", what checkpoints written before this option were trained on).
     closing_marker: appended after the reasoning; h_T is read at its last token.
-    description_words: item descriptions are cut to this many words.
+    description_words: item descriptions are cut to this many words (white-space separated).
+    description_tokens: then to this many tokens of the backbone's tokenizer (`cut_to_tokens`):
+        a description in a script written without spaces (Chinese, Japanese, Thai) is one
+        "word", and a 6,000-character one made a 12,000-token item prompt. 256 keeps 100 words
+        of English (about 130 tokens) whole. Checkpoints written before this option load with it.
+    item_tokens: the whole item message (title, year, genres, description) is cut to this many
+        tokens, so no item prompt runs past the backbone's positions or holds the model for
+        minutes, whatever its fields hold (a 1,000-character title of CJK script is ~2,000
+        tokens). Checkpoints written before this option load with it.
     system_prompt: the system turn of both prompts; None keeps the chat template's default
         (SmolLM2's adds 16 tokens to every prompt, a quarter of an ml-100k item prompt).
     marker_on_items: end item prompts with the closing marker too, so h_v is read at the same
@@ -70,6 +78,8 @@ class PromptConfig:
     time_style: str = "ago"
     closing_marker: str = "\nTherefore, my recommendation is:"
     description_words: int = 100
+    description_tokens: int = 256
+    item_tokens: int = 512
     system_prompt: str | None = None
     marker_on_items: bool = True
     cowatch_hints: int = 0
@@ -90,6 +100,13 @@ class PromptConfig:
             )
         if self.time_style not in TIME_STYLES:
             raise ValueError(f"time_style must be one of {TIME_STYLES}, got {self.time_style!r}")
+        if self.description_words < 1 or self.description_tokens < 1:
+            raise ValueError(
+                "description_words and description_tokens must be >= 1, "
+                f"got {self.description_words}, {self.description_tokens}"
+            )
+        if self.item_tokens < MIN_ITEM_TOKENS:
+            raise ValueError(f"item_tokens must be >= {MIN_ITEM_TOKENS}, got {self.item_tokens}")
         if not self.closing_marker.strip():
             raise ValueError("closing_marker must not be blank: h_T is read at its last token")
 
@@ -105,6 +122,11 @@ class PromptConfig:
 
 
 TIME_STYLES = ("ago", "before_latest")
+MIN_ITEM_TOKENS = 16  # room for "Summarize key attributes ...:" and a title's first tokens
+# A token is at least one byte of UTF-8 text for byte-level BPE and SentencePiece's byte fallback;
+# this much slack covers a tokenizer's leading space token. Text this many bytes under a budget
+# fits it without being tokenized (`cut_to_tokens`), and gives what tokenizing it would.
+_BYTE_SLACK = 8
 
 
 def format_age(seconds: float) -> str:
@@ -153,8 +175,44 @@ def user_message(history: Sequence[HistoryEntry], cfg: PromptConfig, hints: Sequ
     )
 
 
-def item_message(item: Mapping[str, object], cfg: PromptConfig) -> str:
-    """The item turn: title plus whatever metadata the catalog has."""
+def cut_to_tokens(text: str, tokens: int, tokenizer: PreTrainedTokenizerBase) -> str:
+    """`text` cut to its first `tokens` tokens of `tokenizer`, at a character boundary (the
+    start of the first token past the budget, by the tokenizer's offsets; a character split
+    across tokens is left out whole), trailing white space removed; `text` itself where it
+    fits. Text of fewer UTF-8 bytes than the budget (less `_BYTE_SLACK`) fits without being
+    tokenized. The one cut every item prompt goes through (`item_message`): at checkpoint init,
+    at an item edit and at retraining alike, so an item's vector does not depend on where it
+    was encoded."""
+    if len(text.encode("utf-8")) + _BYTE_SLACK <= tokens:
+        return text
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # a slow (Python) tokenizer has no offsets
+        enc = None
+    if enc is not None:
+        if len(enc["input_ids"]) <= tokens:
+            return text
+        return text[: enc["offset_mapping"][tokens][0]].rstrip()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= tokens:
+        return text
+    return whole_characters(tokenizer.decode(ids[:tokens], skip_special_tokens=True)).rstrip()
+
+
+def whole_characters(text: str) -> str:
+    """`text` without the U+FFFD a decode ends with where its last tokens hold only the first
+    bytes of a character (a cut inside it: "卧虎藏" + the first bytes of "龙" decodes to
+    "卧虎藏\ufffd"). A U+FFFD a text writes as a whole character at its very end goes too."""
+    return text.rstrip("\ufffd")
+
+
+def item_message(
+    item: Mapping[str, object], cfg: PromptConfig, tokenizer: PreTrainedTokenizerBase | None = None
+) -> str:
+    """The item turn: title plus whatever metadata the catalog has. The description is cut to
+    `description_words` words, then (given the backbone's `tokenizer`) to `description_tokens`
+    tokens, and the whole message to `item_tokens` tokens (`cut_to_tokens`); without a
+    tokenizer, only by words (as before those options)."""
     title = str(item.get("title") or "").strip()
     if not title:
         raise ValueError(f"item {item.get('item_id')!r} has no title")
@@ -166,8 +224,12 @@ def item_message(item: Mapping[str, object], cfg: PromptConfig) -> str:
     description = str(item.get("description") or "").strip()
     if description and description.lower() != "nan":
         words = description.split()
-        parts.append("Description: " + " ".join(words[: cfg.description_words]))
-    return f"Summarize key attributes of the following {cfg.category}:\n" + "\n".join(parts)
+        description = " ".join(words[: cfg.description_words])
+        if tokenizer is not None:
+            description = cut_to_tokens(description, cfg.description_tokens, tokenizer)
+        parts.append("Description: " + description)
+    message = f"Summarize key attributes of the following {cfg.category}:\n" + "\n".join(parts)
+    return message if tokenizer is None else cut_to_tokens(message, cfg.item_tokens, tokenizer)
 
 
 # Per tokenizer, the chat template its system-turn decision was made for and that decision

@@ -33,7 +33,15 @@ from model.constrained import (
     TokenStrings,
 )
 from model.cowatch import CoWatch
-from model.prompts import HistoryEntry, PromptConfig, item_message, render, turn_end_id, user_message
+from model.prompts import (
+    HistoryEntry,
+    PromptConfig,
+    item_message,
+    render,
+    turn_end_id,
+    user_message,
+    whole_characters,
+)
 from model.rationale import (
     LATELY,
     LIKES,
@@ -49,7 +57,7 @@ from model.rationale import (
     likes_phrases,
     rated_highest,
 )
-from model.special_text import SpecialText, one_line
+from model.special_text import SpecialText, one_line, strip_bidi
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +169,16 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, lm: PreTrainedModel | Non
     return ids
 
 
+def reasoning_text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+    """A reasoning's token ids as the text it is shown and cached as: decoded without special
+    tokens, white space around it removed, and an unfinished character at its end left out (a
+    budget that stops inside a character written in several tokens, as CJK, Thai or emoji are,
+    decoded to a trailing U+FFFD: "Rated highest: 千と千尋の神隠し; 卧虎藏\ufffd"). The token ids
+    (what h_T is read after) keep every token; only the text drops the partial character.
+    Every backend and the stream (model/generation.py `TextStream`) decode through this."""
+    return whole_characters(tokenizer.decode(list(ids), skip_special_tokens=True)).strip()
+
+
 def _through_stop(seq: list[int], stop_ids: Sequence[int]) -> list[int]:
     """A generated row up to and including its first stop token (the rest is padding). The
     stop token stays: it is part of what the policy wrote, so RecPO's token loss trains
@@ -226,13 +244,18 @@ class R2ec:
         return out.last_hidden_state
 
     # -- prompts ----------------------------------------------------------------------------
-    def catalog_text(self, text: str) -> str:
+    def catalog_text(self, text: str, shown: bool = True) -> str:
         """An item's text (a title, genre, ...) as a prompt and the claims' grammars carry it:
         one line (model/special_text.py `one_line`), with every special-token string of the
         tokenizer broken by a space ("<|im_end|>" -> "< |im_end|>") so it tokenizes as plain
-        text. A catalog prepared now holds neither (`r2ec data prepare` and `checkpoint init`
-        refuse them, PUT /items too); one in a checkpoint written before may."""
-        return self._special.plain(one_line(text)) if text else text
+        text, and (`shown`: a title, year or genre, which the reasoning may copy) without
+        bidirectional controls (`strip_bidi`). A catalog prepared now holds none of these
+        (`r2ec data prepare` and `checkpoint init` refuse them, PUT /items too); one in a
+        checkpoint written before may."""
+        if not text:
+            return text
+        text = self._special.plain(one_line(text))
+        return strip_bidi(text) if shown else text
 
     def special_token_in(self, text: str) -> str | None:
         """The first special-token string of the tokenizer that `text` holds (what
@@ -244,7 +267,11 @@ class R2ec:
 
     def _catalog_item(self, item: Mapping[str, object]) -> Mapping[str, object]:
         fields = ("title", "year", "genres", "description")
-        clean = {k: self.catalog_text(v) for k in fields if isinstance(v := item.get(k), str)}
+        clean = {
+            k: self.catalog_text(v, shown=k != "description")
+            for k in fields
+            if isinstance(v := item.get(k), str)
+        }
         return item if all(item.get(k) == v for k, v in clean.items()) else {**item, **clean}
 
     def user_prompt(
@@ -305,8 +332,14 @@ class R2ec:
         return a[: max(0, len(os.path.commonprefix([a, b])) - 1)]
 
     def item_prompt_ids(self, items: Sequence[Mapping[str, object]]) -> list[list[int]]:
+        """Item prompts as token ids, each item's text cut to the prompts' token budgets
+        (model/prompts.py `item_message`): every item vector (checkpoint init, an item edit,
+        training's item table, retraining) is encoded from these."""
         ids = self._encode(
-            [self.render_message(item_message(self._catalog_item(it), self.prompts)) for it in items]
+            [
+                self.render_message(item_message(self._catalog_item(it), self.prompts, self.tokenizer))
+                for it in items
+            ]
         )
         return [p + self._marker_ids for p in ids] if self.prompts.marker_on_items else ids
 
@@ -470,8 +503,8 @@ class R2ec:
         )
         new = out[:, batch.input_ids.shape[1] :].tolist()  # (B*G, <=T)
         completions = [_through_stop(seq, self.stop_ids) for seq in new]
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        return Rollout(rows, completions, [t.strip() for t in texts], num_generations)
+        texts = [reasoning_text(self.tokenizer, c) for c in completions]
+        return Rollout(rows, completions, texts, num_generations)
 
     # -- rec_head: vectors and scores -------------------------------------------------------
     def user_sequences(

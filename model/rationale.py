@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import permutations
 
+from model.special_text import nfc
 from model.text_quality import normalize_title
 
 # How many of the latest items count as "lately", and how much a genre's share there must
@@ -58,7 +59,10 @@ class ItemFacts:
 
     @classmethod
     def from_row(cls, row: Mapping[str, object]) -> ItemFacts:
-        genres = tuple(g.strip() for g in str(row.get("genres") or "").split(",") if g.strip())
+        # NFC: "Comédie" as one code point and as "e" + U+0301 is one genre (an older catalog)
+        genres = tuple(
+            dict.fromkeys(nfc(g.strip()) for g in str(row.get("genres") or "").split(",") if g.strip())
+        )
         year = str(row.get("year") or "").strip()
         decade = f"{year[:3]}0s" if len(year) == 4 and year.isdigit() else None
         return cls(str(row.get("title") or "").strip(), genres, decade)
@@ -159,8 +163,10 @@ def taste_lines(history: Sequence[tuple[ItemFacts, float | None]]) -> list[str]:
         ranked = sorted(rated, key=lambda x: (-x[2], -x[0]))  # highest first, recent on ties
         # each title once, as the grammar lists it (a catalog may hold two items of one title),
         # and only those the grammar may list (`rated_highest`: none below the history's mean)
-        allowed = set(rated_highest([(f.title, r) for f, r in history]))
-        best = list(dict.fromkeys(f.title for _, f, _ in ranked if f.title in allowed))[:TOP_RATED]
+        # (canonically equivalent titles, NFC and NFD "Amélie", are one, spelled as the grammar has it)
+        allowed = {nfc(t): t for t in rated_highest([(f.title, r) for f, r in history])}
+        best = list(dict.fromkeys(allowed[k] for _, f, _ in ranked if (k := nfc(f.title)) in allowed))
+        best = best[:TOP_RATED]
         if best:
             lines.append(f"{RATED} " + "; ".join(best) + ".")
     if drift := drifting_genres([f.genres for f, _ in history]):
@@ -299,8 +305,8 @@ def check_claims(text: str, history: Sequence[tuple[ItemFacts, float | None]]) -
         named, end = _entries(text[start + len(RATED) + 1 :], known, ("; ",), (".",))
         at = len(text) - len(end) if end is not None else len(text)  # unclosed: nothing follows
         if end is not None:  # (about a history without ratings, every title is false)
-            ok = {normalize_title(t) for t in rated_highest(rated_titles)}
-            bad = [t for t in named if normalize_title(t) not in ok]
+            ok = {nfc(t) for t in rated_highest(rated_titles)}
+            bad = [t for t in named if _listed_as(t, known) not in ok]
             rated, wrong = not bad, wrong + bad
     if (start := text.find(LATELY + " ", at)) >= 0:
         (named,), end = _entries(text[start + len(LATELY) + 1 :], known_genres, (), (".",))
@@ -310,12 +316,27 @@ def check_claims(text: str, history: Sequence[tuple[ItemFacts, float | None]]) -
     return Claims(genres=genres, rated=rated, decades=decades, lately=lately, wrong=tuple(wrong))
 
 
+def _listed_as(name: str, titles: Sequence[str]) -> str | None:
+    """Which of the history's `titles` a listed `name` is, in NFC: the one it spells exactly
+    (in NFC), else the one title it matches with case, accents and width folded
+    (`normalize_title`, a free-titles text writing "fargo"); None where it is none, or where
+    folding leaves it several. So "Heat" (rated 1) beside "HEAT" (rated 5) is the 1-star film,
+    not whichever the fold found first."""
+    exact = {nfc(t) for t in titles}
+    if (key := nfc(name)) in exact:
+        return key
+    folded = {t for t in exact if normalize_title(t) == normalize_title(name)}
+    return folded.pop() if len(folded) == 1 else None
+
+
 def _rated(history: Sequence[tuple[str, float | None]]) -> dict[str, float]:
-    """title -> its best rating, over the rated entries."""
+    """title (in NFC: canonically equivalent spellings are one title) -> its best rating, over
+    the rated entries."""
     best: dict[str, float] = {}
     for title, r in history:
         if r is not None and r == r:
-            best[title] = max(best.get(title, r), r)
+            key = nfc(title)
+            best[key] = max(best.get(key, r), r)
     return best
 
 
@@ -384,7 +405,11 @@ def rated_highest(history: Sequence[tuple[str, float | None]]) -> list[str]:
     if not best:
         return []
     bar = max(sorted(best.values(), reverse=True)[:TOP_RATED][-1], _mean_rating(best))
-    return [t for t in dict.fromkeys(t for t, _ in history) if best.get(t, float("-inf")) >= bar]
+    # each title once, spelled as its first entry is: NFC and NFD "Amélie" are listed once
+    first = {}
+    for t, _ in history:
+        first.setdefault(nfc(t), t)
+    return [t for k, t in first.items() if best.get(k, float("-inf")) >= bar]
 
 
 def _mean_rating(best: Mapping[str, float]) -> float:

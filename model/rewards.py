@@ -25,7 +25,7 @@ def target_rank(
 
     mask (R, N) bool marks items to drop from the ranking (history); the target never is.
     Ties count against the target: it ranks after every item that scores as high as it does,
-    so a model gets no credit for scoring items alike (ml-100k lists ten films twice under two
+    so a model gets no credit for scoring items alike (ml-100k lists 18 films twice under two
     ids, whose identical texts give identical item vectors; a constant score ranks last).
     """
     scores = _drop_masked(scores, targets, mask)

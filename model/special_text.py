@@ -24,6 +24,23 @@ then copies into the reasoning as if they were facts of the history. So:
   take the titles as the prompt shows them, so a title is still copied as the prompt spells it;
   the reasoning texts the `rationale` stage teaches are broken up the same way.
 
+Two more rules for catalog text, shared by the same places:
+
+- **Bidirectional controls** (U+061C, U+200E, U+200F, U+202A-U+202E, U+2066-U+2069; `BIDI_CONTROLS`)
+  reorder what is shown around them: a title "\u202eRLO title" displays as "eltit OLR", and
+  copied into the reasoning it mirrors the rest of the paragraph. Ids refuse them
+  (service/schemas.py `check_id`), and so, by the same check (`check_no_bidi`), do an item's
+  title, year and genres: `PUT /items` with a 422 naming the field, `r2ec data prepare` naming
+  the item and the field (retrain's rebuild of a seed an older release prepared removes them,
+  with a warning). At prompt time (`R2ec.catalog_text`) any still in a title, year or genre (a
+  catalog in a checkpoint written before) is removed (`strip_bidi`), so the reasoning never
+  copies one. Descriptions may hold them (right-to-left text uses U+200F): no reader sees one.
+- **Unicode NFC** (`nfc`): "Amélie" as one code point or as "e" + U+0301 are one title to a
+  reader. `r2ec data prepare`, a prepared dataset read by `load_prepared` and `PUT /items`
+  store NFC; the comparisons that decide "the same title" (the rated list's grammar and claim
+  check, model/rationale.py; twins, service/catalog.py) compare NFC forms. Ids are not
+  normalised: they are compared exactly, as sent.
+
 A tokenizer's special tokens here are `all_special_tokens` and its added tokens that are
 special, or that are not plain words (Qwen's "<think>" is added but not special; a word some
 tokenizer added to its vocabulary is not refused). White space alone is never one.
@@ -32,6 +49,7 @@ tokenizer added to its vocabulary is not refused). White space alone is never on
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 
 # The added tokens of SmolLM2-135M-Instruct's tokenizer, the default backbone (ids 0-16).
@@ -63,6 +81,44 @@ MARKER_PATTERN = r"<\|[^\s<>|]{1,64}\|>"
 _CONTROL_SPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f\x85\u2028\u2029"
 _CONTROL_RUN = re.compile(f"[ {_CONTROL_SPACE}]*[{_CONTROL_SPACE}][ {_CONTROL_SPACE}]*")
 _PLAIN_WORD = re.compile(r"[\w\- ]+")
+
+
+# Bidirectional controls, as a character class: ids and an item's one-line fields refuse them.
+# They reorder what is shown ("\u202eadmin" reads "nimda"); the other format characters (the
+# zero-width joiner of emoji sequences) are fine.
+BIDI_CONTROLS = r"\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+BIDI_RE = re.compile(f"[{BIDI_CONTROLS}]")
+BIDI_NAMES = "U+061C, U+200E, U+200F, U+202A-U+202E, U+2066-U+2069"
+
+
+def check_no_bidi(text: str, why: str) -> str:
+    """`text`, or ValueError where it holds a bidirectional control (`BIDI_CONTROLS`), saying
+    which and `why` that matters where it is refused; the one check ids and item text share."""
+    if (m := BIDI_RE.search(text)) is not None:
+        raise ValueError(
+            f"must not contain bidirectional control characters ({BIDI_NAMES}; found "
+            f"U+{ord(m.group(0)):04X} at character {m.start() + 1}): {why}"
+        )
+    return text
+
+
+SHOWN_FIELDS = ("title", "year", "genres")  # an item's text a reader sees: refused bidi controls
+
+
+def check_shown_text(text: str) -> str:
+    """`check_no_bidi` for an item's title, year or genres (`SHOWN_FIELDS`)."""
+    why = "they reorder the text shown around them (a title in the reasoning mirrors the rest of it)"
+    return check_no_bidi(text, why)
+
+
+def strip_bidi(text: str) -> str:
+    """`text` without its bidirectional controls (itself where it has none)."""
+    return BIDI_RE.sub("", text) if BIDI_RE.search(text) else text
+
+
+def nfc(text: str) -> str:
+    """`text` in Unicode NFC (canonical composition: "e" + U+0301 -> "é"); itself where it is."""
+    return text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
 
 
 def one_line(text: str) -> str:

@@ -5,7 +5,8 @@ Three numbers over a set of texts, reported by `r2ec eval` beside the ranking me
 - distinct-2 (Li et al., NAACL 2016): distinct word bigrams / all word bigrams, over the
   whole set. Boilerplate repeated for every user drives it towards 0.
 - loop share: texts in which one word 4-gram occurs `loop_repeats` (3) or more times, the
-  signature of a degenerate decode ("To The (3) To The (3) To The (3) ...").
+  signature of a degenerate decode ("To The (3) To The (3) To The (3) ..."), counted without
+  the catalog titles the format's lists name (a real title may repeat a word).
 - unknown-title share: texts that name a title the catalog does not have. A "named title"
   is text the model marks as one: a span in double quotes or asterisks, a capitalised
   phrase followed by a year in parentheses ("Heat (1995)"), or an entry of one of the
@@ -45,7 +46,25 @@ CLAIM_KINDS = {
     "lately": "genre watched lately",
 }
 
-_WORD = re.compile(r"\w+(?:'\w+)?")
+
+def _mark_ranges() -> str:
+    """The combining marks (Unicode M*) of planes 0-1 and the variation selectors supplement, as
+    a regex character class body: Python's \\w has no marks, and split "हिन्दी" at its vowel
+    signs into "ह" "न" "द"."""
+    ranges: list[tuple[int, int]] = []
+    for code in [*range(0x300, 0x20000), *range(0xE0100, 0xE01F0)]:
+        if unicodedata.category(chr(code))[0] == "M":
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1] = (ranges[-1][0], code)
+            else:
+                ranges.append((code, code))
+    return "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges)
+
+
+_MARKS = _mark_ranges()
+# a word: letters and digits with the marks that follow them (Devanagari's vowel signs, virama
+# and nukta, Thai's vowels and tones, Japanese voicing marks), an apostrophe inside it kept
+_WORD = re.compile(rf"\w[\w{_MARKS}]*(?:'\w[\w{_MARKS}]*)?")
 _QUOTED = re.compile(r'"([^"\n]{2,80})"|\*\*?([^*\n]{2,80})\*\*?')
 _WITH_YEAR = re.compile(r"((?:[A-Z0-9][\w'.:&!?,-]*\s+){0,7}[A-Z0-9][\w'.:&!?-]*)\s*\((?:19|20)\d\d\)")
 _ARTICLE_SUFFIX = re.compile(r"^(.*), (the|a|an)$")
@@ -58,11 +77,27 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def _folds_accents(base: str) -> bool:
+    """Whether a mark on `base` is an accent to fold away: Latin, Greek and Cyrillic letters
+    ("é" is "e" to a reader typing it). Elsewhere a mark is part of the letter (Devanagari's
+    virama, Thai's vowels, Japanese voicing: パン "bread" is not バン "van")."""
+    code = ord(base)
+    return code < 0x530 or 0x1D00 <= code < 0x2000
+
+
 def normalize_title(title: str) -> str:
-    """Case, accents, punctuation and a trailing ", The" (MovieLens's form) folded away; letters
-    of any script kept (an ASCII fold would make every Japanese title "")."""
-    nfkd = unicodedata.normalize("NFKD", title)
-    t = "".join(c for c in nfkd if not unicodedata.combining(c)).strip().lower()
+    """Case, width, Latin/Greek/Cyrillic accents, punctuation and a trailing ", The"
+    (MovieLens's form) folded away; letters of any script kept with their own marks (an ASCII
+    fold would make every Japanese title "", and dropping every mark made "हिन्दी" "ह नद")."""
+    kept: list[str] = []
+    base = ""
+    for c in unicodedata.normalize("NFKD", title):
+        if not unicodedata.combining(c):
+            base = c
+        elif base and _folds_accents(base):
+            continue
+        kept.append(c)
+    t = unicodedata.normalize("NFC", "".join(kept)).strip().lower()
     t = re.sub(r"\s*\((?:19|20)\d\d\)\s*$", "", t)
     if m := _ARTICLE_SUFFIX.match(t):
         t = f"{m.group(2)} {m.group(1)}"
@@ -74,10 +109,22 @@ def distinct_n(texts: Iterable[str], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def has_loop(text: str, n: int = 4, repeats: int = 3) -> bool:
+def has_loop(text: str, n: int = 4, repeats: int = 3, catalog: set[str] | None = None) -> bool:
+    """Whether one word `n`-gram occurs `repeats` or more times. `catalog` (normalised titles):
+    the entries of the format's lists that are catalog titles are left out first, so a real
+    title with repeated words ("The Very Very Very ... Long Title") is no loop; a list entry
+    that is not one still counts."""
+    if catalog:
+        text = _LISTS.sub(lambda m: " " + _unlisted(m.group(1), catalog) + " ", text)
     w = words(text)
     counts = Counter(tuple(w[i : i + n]) for i in range(len(w) - n + 1))
     return bool(counts) and max(counts.values()) >= repeats
+
+
+def _unlisted(listed: str, catalog: set[str]) -> str:
+    """A list's entries that are not catalog titles, each on its own (`has_loop`)."""
+    entries = _list_entries(listed.split("; "), catalog)
+    return " ; ".join(e for e in entries if normalize_title(e) not in catalog)
 
 
 def named_titles(text: str, catalog: set[str] | None = None) -> list[str]:
@@ -189,7 +236,7 @@ def text_quality(
     return TextQuality(
         texts=len(texts),
         distinct_2=round(distinct_n(texts, 2), 4),
-        loop_share=round(sum(map(has_loop, texts)) / n, 4),
+        loop_share=round(sum(has_loop(t, catalog=catalog) for t in texts) / n, 4),
         unknown_title_share=round(sum(bool(u) for _, u in flagged) / n, 4),
         mean_words=round(sum(len(words(t)) for t in texts) / n, 1),
         cut_share=None if cut is None else round(sum(cut) / n, 4),

@@ -7,7 +7,9 @@ timestamps, each distinct value validated by the route's own models) and written
 service's own store code: `RedisStore.append_many`, the events route's Lua append
 (service/store.py APPEND_SCRIPT) sent as one pipeline per `batch_events`. So time order, the
 history window, the seen set, idempotency, default event ids and retention are the service's,
-and an import run again, whole or after an interruption, stores nothing twice. Each user's
+and an import run again, whole or after an interruption, stores nothing twice within the dedup
+window (after it, an event older than the history window counts as new again, and is streamed
+again with `stream=True`: docs/operations.md, "Backfilling history"). Each user's
 events go in time order (ties in the file's order), at most MAX_EVENTS a call, as the route
 takes them; the whole file is checked before anything is written.
 

@@ -61,6 +61,7 @@ from model.checkpoint import (
     merge_logged,
     read_carried_edits,
 )
+from model.special_text import SHOWN_FIELDS, check_shown_text, nfc
 from service.search import TIERS, Match, TitleIndex, sort_name
 from service.types import QueryError
 
@@ -106,8 +107,10 @@ class BatchEdited:
 
 
 def _text(record: Mapping[str, str]) -> tuple[str, ...]:
-    """What the model reads of an item (its vector is a function of this alone)."""
-    return tuple(record.get(f, "") for f in ITEM_FIELDS)
+    """What the model reads of an item (its vector is a function of this alone), in NFC: a
+    catalog prepared before text was stored in NFC may hold "Amélie" both as one code point and
+    as "e" + U+0301, one title to a reader."""
+    return tuple(nfc(record.get(f, "")) for f in ITEM_FIELDS)
 
 
 class _Twins:
@@ -217,6 +220,13 @@ def usable_vector(vector: np.ndarray | None, dim: int) -> bool:
         and bool(np.isfinite(vector).all())
         and bool(np.any(vector))
     )
+
+
+def stored_record(fields: Mapping[str, Any]) -> dict[str, str]:
+    """An item's text as an edit stores it (PUT /items, POST /items/batch, `Catalog.upsert`,
+    `Catalog.edit_many`): every field a string, in Unicode NFC, so "Amélie" sent decomposed is
+    the same title (and twin) as the catalog's."""
+    return {k: nfc(v) for k, v in item_record(fields).items()}
 
 
 class Catalog:
@@ -393,8 +403,8 @@ class Catalog:
         if edits:  # edited items: their current titles, merged in by (tier, title, id)
             edited = TitleIndex((i, t) for i, t in edits.items() if t is not None).search(query, limit)
 
-            def rank(m: Match) -> tuple[int, str, str]:
-                return m.tier, sort_name(self._records.get(m.item_id, {}).get("title", "")), m.item_id
+            def rank(m: Match) -> tuple[int, bool, str, str]:
+                return m.tier, not m.typed, sort_name(self._title_now(m.item_id)), m.item_id
 
             matches = sorted([*matches, *edited], key=rank)[:limit]
         found = []
@@ -403,6 +413,11 @@ class Catalog:
             if record is not None:  # removed since the snapshot
                 found.append((record, TIERS[m.tier]))
         return found
+
+    def _title_now(self, item_id: str) -> str:
+        """An item's current title ("" once removed); read without the lock (one dict read)."""
+        record = self._records.get(item_id)
+        return "" if record is None else record["title"]
 
     def build_titles(self, *, missing_only: bool = False) -> None:
         """Build the title index from a snapshot of the titles and swap it in. The build (seconds
@@ -416,7 +431,8 @@ class Catalog:
                 snapshot = list(self._records.items())
                 self._title_since = {}
             try:
-                built = TitleIndex((i, r["title"]) for i, r in snapshot)
+                # an item's title for the as-typed ranking: the records, not a second copy of them
+                built = TitleIndex(((i, r["title"]) for i, r in snapshot), title_of=self._title_now)
             except BaseException:
                 with self._lock:
                     self._title_since = None
@@ -459,10 +475,16 @@ class Catalog:
     def check_text(self, fields: Mapping[str, Any], at: tuple[str | int, ...] = ()) -> None:
         """ItemTextError naming the first field (of ITEM_FIELDS) whose text holds a special token
         of the served model's tokenizer ("<|im_end|>"): a prompt would carry it as a control
-        token, not as text (model/special_text.py). `at`: where the item is in a batch."""
+        token, not as text; or, in a title, year or genres, a bidirectional control
+        (model/special_text.py). `at`: where the item is in a batch."""
         model = self.checkpoint.model
         for key in ITEM_FIELDS:
             value = fields.get(key)
+            if isinstance(value, str) and key in SHOWN_FIELDS:
+                try:  # what PUT /items's schema refuses too (service/schemas.py `check_shown`)
+                    check_shown_text(value)
+                except ValueError as exc:
+                    raise ItemTextError(key, str(exc)) from None
             if isinstance(value, str) and (found := model.special_token_in(value)) is not None:
                 raise ItemTextError(
                     key,
@@ -487,7 +509,7 @@ class Catalog:
         """Encode the item's text, add or replace it in index + catalog; True if it replaced.
         Text holding a special token of the served tokenizer is refused (`check_text`)."""
         self.check_text(fields)
-        record = item_record(fields)
+        record = stored_record(fields)
         vector = self.encode_item({"item_id": item_id, **record})  # (H,)
         with self._writing, self._lock:
             replaced = self.index.upsert(item_id, vector)
@@ -533,7 +555,7 @@ class Catalog:
         if len(set(deletes)) != len(deletes) or set(deletes) & set(upserts):
             raise ValueError("an item id may appear once in a batch of edits")
         self.check_texts(list(upserts.values()))
-        records = {str(i): item_record(f) for i, f in upserts.items()}
+        records = {str(i): stored_record(f) for i, f in upserts.items()}
         if vectors is None and records:
             vectors = self.encode_items([{"item_id": i, **r} for i, r in records.items()])
         if records and (vectors is None or vectors.shape != (len(records), self.index.dim)):

@@ -495,14 +495,25 @@ def _number(value: object) -> float | None:
 def _stream_losses(state: dict, last: object, stream: StreamInfo | None):
     """Retraining against the event stream: what its runs found trimmed before they read it
     (model/retrain.py's events_lost), and how far behind the stream it is now."""
+    from service.store import stream_begun_again  # here: the store's module only where it is used
+
     lost = _number(last.get("events_lost")) if isinstance(last, dict) else None
     if lost is not None:
         yield GaugeMetricFamily(
             "r2ec_retrain_last_run_events_lost",
             "Events the last `r2ec retrain` run found trimmed from the stream before it read them "
-            "(its cap, R2EC_STREAM_MAXLEN; a lower bound where an erasure deleted entries too): "
-            "never trained on.",
+            "(its cap, R2EC_STREAM_MAXLEN; a lower bound where r2ec_retrain_last_run_events_lost_exact "
+            "is 0): never trained on.",
             value=lost,
+        )
+    exact = last.get("events_lost_exact") if isinstance(last, dict) else None
+    if isinstance(exact, bool):  # None: the run's reader checked nothing (no Redis stream)
+        yield GaugeMetricFamily(
+            "r2ec_retrain_last_run_events_lost_exact",
+            "1 where r2ec_retrain_last_run_events_lost is exact, 0 where it is a lower bound (the "
+            "stream was lost and begun again, a Redis before 7.0, a state without counts): events "
+            "may have been trimmed unread though it reads 0 (R2ecRetrainLostEvents fires).",
+            value=int(exact),
         )
     total = _number(state.get("events_lost"))
     if total is not None:
@@ -519,8 +530,10 @@ def _stream_losses(state: dict, last: object, stream: StreamInfo | None):
     )
     seen = _number(mark.get("entries_added")) if fits else None
     if stream is not None and stream.entries_added is not None and seen is not None:
-        # a count below the last run's: the stream was lost and begun again, all of it unread
-        behind = stream.entries_added - seen if stream.entries_added >= seen else stream.entries_added
+        # a stream lost and begun again (another epoch, a count or an id that went back): all
+        # of it unread, however much it has taken since
+        again = stream_begun_again(stream, mark)
+        behind = stream.entries_added if again else stream.entries_added - seen
         yield GaugeMetricFamily(
             "r2ec_retrain_unread_events",
             "Events the stream took since `r2ec retrain` last read it (from XINFO STREAM "

@@ -51,7 +51,7 @@ from model import omp_policy_warning
 from model.checkpoint import CURRENT_FILE, Checkpoint, CheckpointError, list_versions, load_checkpoint
 from model.engine import Quantize
 from model.generation import BackendName, EngineBackend, Sequence_, make_backend
-from model.r2ec import GenerationSettings
+from model.r2ec import GenerationSettings, reasoning_text
 from model.rationale import ItemFacts
 from model.samples import history_entries
 from service.catalog import Catalog
@@ -692,7 +692,7 @@ class Recommender:
             log.exception("on_text callback failed; the batch goes on")
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self.model.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+        return reasoning_text(self.model.tokenizer, ids)  # a character cut short left out
 
     # ---------------------------------------------------------------- continuous batching
     @property

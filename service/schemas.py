@@ -37,17 +37,16 @@ from pydantic.fields import FieldInfo
 # 2100-01-01T00:00:00Z: a time in milliseconds is refused, not stored; ratings 0-10. The same
 # bounds as the data training reads (model/data/build.py), so retraining's events fit it.
 from model.data.build import MAX_TIMESTAMP_S, RATING_RANGE
+from model.special_text import BIDI_CONTROLS, BIDI_RE, check_no_bidi, check_shown_text, nfc
 
 ID_MAX = 256
 # The id rule as a JSON-schema pattern, for the docs and for clients that generate ids;
 # `check_id` applies the same expression (Python's \s is str.isspace, Cc is \x00-\x1f\x7f-\x9f).
 # Bidirectional controls (Cf, unlike the other format characters, such as the zero-width joiner
 # of emoji sequences, which ids may hold) reorder what is shown: "\u202eadmin" reads "nimda".
-BIDI_CONTROLS = r"\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
 _NOT_IN_ID = r"\x00-\x1f\x7f-\x9f\ufffd" + BIDI_CONTROLS
 ID_PATTERN = rf"^[^\s{_NOT_IN_ID}](?:[^{_NOT_IN_ID}]*[^\s{_NOT_IN_ID}])?$"
 _ID_RE = re.compile(ID_PATTERN)
-_BIDI_RE = re.compile(f"[{BIDI_CONTROLS}]")
 REPLACEMENT = "\ufffd"  # what a byte that is not UTF-8 decodes to
 TEXT_PATTERN = r"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]*$"  # no control character but tab and newline
 _TEXT_RE = re.compile(TEXT_PATTERN)
@@ -71,17 +70,13 @@ def check_id(value: str, *, allow_bidi: bool = False) -> str:
     for `r2ec user erase/export`, which must reach an id stored before bidi controls were
     refused."""
     if allow_bidi:  # every other part of the rule still holds
-        check_id(_BIDI_RE.sub("x", value))
+        check_id(BIDI_RE.sub("x", value))
         return value
     _unicode(value)
     if _ID_RE.fullmatch(value) is None:
         if any(unicodedata.category(c) == "Cc" for c in value):
             raise ValueError("must not contain control characters")
-        if _BIDI_RE.search(value):
-            raise ValueError(
-                "must not contain bidirectional control characters (U+061C, U+200E, U+200F, "
-                "U+202A-U+202E, U+2066-U+2069): they make an id display as another"
-            )
+        check_no_bidi(value, "they make an id display as another")
         if REPLACEMENT in value:
             raise ValueError(
                 "must not contain U+FFFD, what bytes that are not UTF-8 decode to (two such ids "
@@ -172,21 +167,36 @@ def check_line(value: Any) -> Any:
     return value
 
 
+# An item's title, year and genres, which the page lists and the reasoning copies: one line, and
+# no bidirectional control either (`check_shown`).
+SHOWN_PATTERN = rf"^[^\x00-\x1f\x7f-\x9f\u2028\u2029{BIDI_CONTROLS}]*$"
+
+
+def check_shown(value: str) -> str:
+    """An item's title, year or genres: no bidirectional control (the id rule's check,
+    model/special_text.py `check_shown_text`), then NFC (`nfc`), so "Amélie" typed on macOS
+    (e + U+0301) and on Windows are one title."""
+    return nfc(check_shown_text(value))
+
+
 def _line(max_length: int, min_length: int = 0) -> Any:
-    """One line of free text: `_text` without tabs or line breaks."""
+    """One line of an item's text: `_text` without tabs, line breaks or bidirectional controls,
+    in NFC (`check_shown`)."""
     return Annotated[
         str,
         StringConstraints(strip_whitespace=True, min_length=min_length, max_length=max_length),
         BeforeValidator(check_line),  # before the constraints trim the white space around it
         AfterValidator(check_text),
-        _Pattern(LINE_PATTERN),
+        AfterValidator(check_shown),
+        _Pattern(SHOWN_PATTERN),
     ]
 
 
+# An item's text as PUT /items (and every route that takes an `ItemUpsert`) stores it, in NFC.
 Title = _line(1000, min_length=1)
 ShortLine = _line(32)
 Line = _line(1000)
-LongText = _text(100_000)
+LongText = Annotated[_text(100_000), AfterValidator(nfc)]
 PathText = _text(4096, min_length=1)
 
 
@@ -499,9 +509,10 @@ class Item(BaseModel):
 
 
 class ItemUpsert(_Body):
-    """An item's text. Title, year and genres are one line each; none of the four may hold a
-    special token of the served model's tokenizer (`<|im_end|>`: a 422 naming the field,
-    service/catalog.py `Catalog.check_text`), which a prompt would carry as a control token."""
+    """An item's text. Title, year and genres are one line each without bidirectional controls
+    (`check_shown`); none of the four may hold a special token of the served model's tokenizer
+    (`<|im_end|>`: a 422 naming the field, service/catalog.py `Catalog.check_text`), which a
+    prompt would carry as a control token. All four are stored in Unicode NFC."""
 
     title: Title
     year: ShortLine | None = None
@@ -742,7 +753,16 @@ def _not_blank(value: str) -> str:
 
 # GET /items's `q`: whitespace only is refused as "" is (it used to answer 200 and no items), and
 # control characters as in any text (a NUL was searched for and echoed back)
-SearchQuery = Annotated[str, AfterValidator(_not_blank), AfterValidator(check_text), _Pattern(TEXT_PATTERN)]
+# its length is a constraint on the string itself: given as `Query(max_length=...)` around these
+# validators, pydantic checked it after them as a sequence's, "at most 200 items"
+SEARCH_MAX = 200
+SearchQuery = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=SEARCH_MAX),
+    AfterValidator(_not_blank),
+    AfterValidator(check_text),
+    _Pattern(TEXT_PATTERN),
+]
 
 
 class ItemMatch(BaseModel):

@@ -14,7 +14,13 @@ that holds one is matched both that way and as its plain words, each tier taking
 so "🎬" finds "🎬 Movie Night" (until then it normalised to "" and found nothing), and "movie
 night" or "🎬 movie" still find what they found before.
 
-A match ranks by how the query meets the title, then by title, then by id:
+Japanese voicing marks (dakuten ゛ U+3099, handakuten ゜ U+309A) are not dropped with the other
+combining marks: they change the word (パン "bread", バン "van", ハン), so "バン屋" does not find
+"パン屋の物語". Half-width katakana still finds full-width ("ｶﾞﾝﾀﾞﾑ" is "ガンダム" under NFKD).
+
+A match ranks by how the query meets the title, then by whether it meets the title as typed
+(the query's text, in NFC, found in the title without folding case, width or accents: "Heat"
+lists "Heat" before "HEAT", "ABC" lists "ABC" before "ＡＢＣ"), then by title, then by id:
 
     0 exact        the whole title
     1 prefix       the start of the title
@@ -35,8 +41,10 @@ from __future__ import annotations
 import bisect
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+
+from model.special_text import nfc
 
 TIERS = ("exact", "prefix", "word", "substring")
 
@@ -45,6 +53,8 @@ _SPELLED = str.maketrans(
     {"ø": "o", "Ø": "o", "æ": "ae", "Æ": "ae", "œ": "oe", "Œ": "oe", "ł": "l", "Ł": "l", "đ": "d",
      "Đ": "d", "ð": "d", "Ð": "d", "þ": "th", "Þ": "th", "ı": "i"}
 )  # fmt: skip
+_VOICING = "\u3099\u309a"  # Japanese (han)dakuten, as NFKD spells them: kept (module docstring)
+_VOICED = re.compile(f".[{_VOICING}]")
 _APOSTROPHES = re.compile(r"['’ʼ`´]")
 _NON_ALNUM = re.compile(r"[\W_]+")
 # "Godfather, The" / "Horseman on the Roof, The (Hussard sur le toit, Le)" / "Appartement, L'"
@@ -66,7 +76,9 @@ def normalize(text: str, symbols: bool = False) -> str:
     """Lowercase ASCII-ish words separated by single spaces; '' when nothing is left. With
     `symbols`, each pictograph (`_is_symbol`) is kept as a word of its own."""
     decomposed = unicodedata.normalize("NFKD", text.translate(_SPELLED))
-    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    stripped = "".join(c for c in decomposed if not unicodedata.combining(c) or c in _VOICING)
+    if _VOICED.search(stripped):  # composed again (ハ + U+3099 -> バ), or the mark would be a separator
+        stripped = _VOICED.sub(lambda m: unicodedata.normalize("NFC", m.group(0)), stripped)
     folded = _APOSTROPHES.sub("", stripped.casefold())
     if not symbols or folded.isascii():  # no ASCII character is a pictograph
         return _NON_ALNUM.sub(" ", folded).strip()
@@ -114,21 +126,40 @@ def spoken_title(title: str) -> str | None:
 class Match:
     item_id: str
     tier: int  # index into TIERS
+    typed: bool = False  # the query meets the title as typed (module docstring): listed first in its tier
 
     @property
     def kind(self) -> str:
         return TIERS[self.tier]
 
 
-class TitleIndex:
-    """Ranked title search over {item_id: title}; build once, query from any thread."""
+def typed_match(title: str, query: str, tier: int) -> bool:
+    """Whether `query` (in NFC, stripped) meets `title` (in NFC) as typed, the way its `tier`
+    says: the whole title, its start, or anywhere (a later word's start, a substring)."""
+    if tier == 0:
+        return title == query
+    return title.startswith(query) if tier == 1 else query in title
 
-    def __init__(self, titles: Mapping[str, str] | Iterable[tuple[str, str]]) -> None:
+
+class TitleIndex:
+    """Ranked title search over {item_id: title}; build once, query from any thread.
+
+    `title_of`: an item's current title (the catalog's records), for the as-typed ranking of the
+    module docstring; by default the index keeps the titles it was built from."""
+
+    def __init__(
+        self,
+        titles: Mapping[str, str] | Iterable[tuple[str, str]],
+        title_of: Callable[[str], str] | None = None,
+    ) -> None:
         pairs = titles.items() if isinstance(titles, Mapping) else titles
+        own: dict[str, str] = {}
         names: list[tuple[str, str, str]] = []  # (normalised name, sort key, item id)
         self._sort_key: dict[str, tuple[str, str]] = {}
         for item_id, title in pairs:
             item_id, title = str(item_id), str(title or "")
+            if title_of is None:
+                own[item_id] = title
             plain, symbolic = _forms(title)
             if not symbolic:
                 continue  # an item without a searchable title
@@ -137,6 +168,7 @@ class TitleIndex:
             spoken = spoken_title(title)
             for name in {plain, symbolic, *(_forms(spoken) if spoken else ())} - {""}:
                 names.append((name, *key))
+        self._title_of = title_of or (lambda item_id: own.get(item_id, ""))
         names.sort()
         self._exact: dict[str, list[str]] = {}
         for name, _, item_id in names:
@@ -172,12 +204,15 @@ class TitleIndex:
             return []
         taken: set[str] = set(skip)
         out: list[Match] = []
+        typed = nfc(query.strip())
 
         def take(ids: Iterable[str], tier: int) -> bool:
-            """Add this tier's ids in title order; True once `limit` is reached."""
-            found = sorted({i for i in ids if i not in taken}, key=self._sort_key.__getitem__)
+            """Add this tier's ids, those met as typed first, then in title order; True once
+            `limit` is reached."""
+            met = {i: typed_match(nfc(self._title_of(i)), typed, tier) for i in ids if i not in taken}
+            found = sorted(met, key=lambda i: (not met[i], self._sort_key[i]))
             for item_id in found:
-                out.append(Match(item_id, tier))
+                out.append(Match(item_id, tier, met[item_id]))
                 taken.add(item_id)
                 if len(out) == limit:
                     return True

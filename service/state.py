@@ -27,11 +27,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from index import search_without_threads
-from model.checkpoint import CURRENT_FILE, CheckpointError, item_record, read_meta, resolve_checkpoint
+from model.checkpoint import CURRENT_FILE, CheckpointError, read_meta, resolve_checkpoint
 from model.retrain import STATE_FILE as RETRAIN_STATE
 from model.retrain import WORK_DIR as RETRAIN_DIR
 from service.batcher import BatcherClosed, MicroBatcher, QueueFull, QueueTimeout
-from service.catalog import BatchEdited, Catalog
+from service.catalog import BatchEdited, Catalog, stored_record
 from service.config import Settings
 from service.continuous import ContinuousBatcher
 from service.exposure import ExposureLog
@@ -519,7 +519,7 @@ class ServiceState:
         async with self.edit_lock:  # not while a reload swaps models
             catalog = self.engine.catalog
             catalog.check_texts(list(upserts.values()))
-            items = [{"item_id": i, **item_record(f)} for i, f in upserts.items()]
+            items = [{"item_id": i, **stored_record(f)} for i, f in upserts.items()]
             chunks = []
             for start in range(0, len(items), EDIT_BATCH_CHUNK):
                 chunk = items[start : start + EDIT_BATCH_CHUNK]

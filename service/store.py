@@ -21,9 +21,22 @@ One interface, two stores, the same tests for both (tests/service/test_store.py)
                               after `cache_ttl_s`: what an erasure deletes of the cache
     r2ec:erasures             a sorted set, the erasure ledger: user_id -> cutoff of the user's
                               latest erasure, in the stream ids' milliseconds (see "Erasure")
-    r2ec:events-erased        a counter: the r2ec:events entries erasures have deleted (XDEL), so
-                              retraining tells them from entries the stream's cap trimmed before
-                              it read them (`read_stream_checked`); no user's data
+    r2ec:events-erased-ids    a sorted set: the ids of the r2ec:events entries erasures have
+                              deleted (XDEL, in the same step), scored by the id's milliseconds,
+                              so retraining tells them from entries the stream's cap trimmed
+                              before it read them (`read_stream_checked`); no user's data. Kept
+                              from retraining's previous read on (each read trims it), or, where
+                              no retraining has read for READER_TTL_S, from the stream's first
+                              entry on (each erasure step trims it)
+    r2ec:events-erased-from   the milliseconds below which r2ec:events-erased-ids was trimmed: a
+                              read whose range starts before it cannot count exactly
+    r2ec:events-epoch         when the append script created r2ec:events (Redis TIME, µs): a
+                              stream lost and begun again (FLUSHALL, a restart without
+                              persistence, a deleted key) has another, so retraining does not
+                              count on from what it saw of the old one (`read_stream_checked`)
+    r2ec:events-read          the milliseconds retraining's saved position starts at, written by
+                              each read, expiring after READER_TTL_S: how far an erasure step may
+                              trim r2ec:events-erased-ids while a retraining job reads the stream
     r2ec:schema               JSON: the format of these keys (STORE_FORMAT), the r2ec version that
                               wrote the marker and when, and whether the Redis held data then (a
                               release before 0.2.0's, which wrote no marker); written at the
@@ -72,7 +85,8 @@ retraining job reads its stream.
   `read_stream_checked(url, cursor, mark)` reads the same and counts the entries the stream
   lost after the cursor before they were read (`MAXLEN ~` trims the oldest entries, read or
   not): from XINFO STREAM's `entries-added` (Redis 7), against the count the last read saw
-  (its `mark`), less the entries read and those erasures deleted (r2ec:events-erased).
+  (its `mark`), less the entries read and those erasures deleted in that range
+  (r2ec:events-erased-ids); a stream begun again is told by its epoch (r2ec:events-epoch).
 - `read_erasures(url)`: retraining's view of the ledger, an `ErasureLedger`.
 - `read_served(url, since, until)`: the exposure log in pages, for `r2ec exposures export`.
 
@@ -104,7 +118,11 @@ log = logging.getLogger(__name__)
 HISTORY_KEY = "r2ec:history:{user_id}"
 EVENTS_STREAM = "r2ec:events"
 SERVED_STREAM = "r2ec:served"
-STREAM_ERASED_KEY = "r2ec:events-erased"
+STREAM_ERASED_IDS_KEY = "r2ec:events-erased-ids"
+STREAM_ERASED_FROM_KEY = "r2ec:events-erased-from"
+STREAM_READER_KEY = "r2ec:events-read"
+STREAM_EPOCH_KEY = "r2ec:events-epoch"
+READER_TTL_S = 30 * 86_400  # a retraining job that has not read for this long is gone
 SEEN_KEY = "r2ec:seen:{user_id}"
 EVENT_IDS_KEY = "r2ec:event-ids:{user_id}"
 CACHE_KEY = "r2ec:reasoning:{key}"
@@ -717,6 +735,7 @@ class RedisStore:
         """APPEND_SCRIPT's keys and arguments for an append, and the events' ids."""
         ids = _check_events(user_id, events)
         keys = [k.format(user_id=user_id) for k in (HISTORY_KEY, EVENTS_STREAM, SEEN_KEY, EVENT_IDS_KEY)]
+        keys.append(STREAM_EPOCH_KEY)
         now = int(time.time())
         maxlen = self.stream_maxlen if stream else 0  # 0: no stream entry (the script's ARGV[3])
         args: list[str | int] = [
@@ -819,7 +838,7 @@ class RedisStore:
         while True:
             last, read, n, mine = await self._user_page(
                 # the event stream's deletions are counted (retraining tells them from losses)
-                keys=[stream, STREAM_ERASED_KEY] if stream == EVENTS_STREAM else [stream],
+                keys=[stream, *_ERASED_KEYS] if stream == EVENTS_STREAM else [stream],
                 args=[user_id, after, until, self.erase_page, int(delete)],
             )
             removed += int(n)
@@ -832,7 +851,7 @@ class RedisStore:
         """The event stream's length and counts (STREAM_INFO_SCRIPT): /metrics' r2ec_stream_entries
         and retraining's lag, read at each scrape."""
         with self._failures("stream_info"):
-            reply = await self._stream_info(keys=[EVENTS_STREAM, STREAM_ERASED_KEY])
+            reply = await self._stream_info(keys=list(_INFO_KEYS))
         return StreamInfo.from_reply(reply)
 
     async def check_format(self, version: str) -> StoreFormat:
@@ -907,21 +926,31 @@ def read_stream(
 
 @dataclass(frozen=True)
 class StreamInfo:
-    """The event stream as XINFO STREAM and the erasure counter tell it, at one moment
-    (STREAM_INFO_SCRIPT)."""
+    """The event stream as XINFO STREAM tells it, at one moment (STREAM_INFO_SCRIPT)."""
 
     length: int  # entries it holds
     entries_added: int | None  # entries ever added (Redis 7's count; None before 7.0)
     last_id: str  # the last id it generated ("0-0": none yet)
     first_id: str | None  # its oldest entry's id (None: empty)
-    erased: int  # entries erasures deleted (STREAM_ERASED_KEY)
+    erased_from: int = 0  # STREAM_ERASED_FROM_KEY: the deleted ids below it are no longer kept (ms)
+    epoch: str | None = None  # STREAM_EPOCH_KEY: when it was created (None: before epochs)
 
     @classmethod
     def from_reply(cls, reply: Sequence) -> StreamInfo:
-        length, added, last, first, erased = reply
+        length, added, last, first, erased_from, epoch = reply
         return cls(
-            int(length), None if int(added) < 0 else int(added), _str(last), _str(first) or None, int(erased)
+            int(length),
+            None if int(added) < 0 else int(added),
+            _str(last),
+            _str(first) or None,
+            int(erased_from),
+            _str(epoch) or None,
         )
+
+
+_INFO_KEYS = (EVENTS_STREAM, STREAM_ERASED_FROM_KEY, STREAM_EPOCH_KEY)  # STREAM_INFO_SCRIPT's
+# USER_PAGE_SCRIPT's for the event stream: where its deletions are recorded
+_ERASED_KEYS = (STREAM_ERASED_IDS_KEY, STREAM_ERASED_FROM_KEY, STREAM_READER_KEY)
 
 
 def _str(value: str | bytes) -> str:
@@ -934,10 +963,11 @@ class StreamRead:
 
     `lost`: entries added after the cursor that the stream no longer held when read, less those
     erasures deleted: what its cap (`MAXLEN ~`, or an operator's XTRIM) dropped unread. Exact
-    where `lost_exact`, else a lower bound (an erasure deleted entries meanwhile, and the stream
-    was trimmed past the cursor too; or no count to start from: the first read with an older
-    state, a Redis before 7.0, a stream that was lost and begun again). `mark`: the counts this
-    read saw, for the next read to start from (stored by the caller, handed back)."""
+    where `lost_exact`, else a lower bound (no count to start from: the first read with an older
+    state, a Redis before 7.0, a stream that was lost and begun again; or the erasures' record
+    of a range no retraining had read for READER_TTL_S was trimmed). `mark`: where this read
+    stopped and the counts it saw, for the next read to start from (stored by the caller,
+    handed back)."""
 
     events: list[StreamEntry]
     cursor: str | None
@@ -965,44 +995,89 @@ def read_stream_checked(
 
     The stream's counts are read first, in one script (STREAM_INFO_SCRIPT), and the entries
     after the cursor up to the last id they saw, so what is added meanwhile waits for the next
-    read. Entries added since the last read (`mark`: its `entries_added`; from the stream's
-    start where nothing was read yet) and not read now were deleted since: by an erasure,
-    counted in STREAM_ERASED_KEY (read again after the pages, so one that ran meanwhile counts
-    too), or by the cap. Where no erasure deleted any, the rest is exact; where one did, it
-    also deleted entries read before, so what is left is a lower bound, exact again where the
-    stream still starts at or before the cursor (a cap trims the oldest first: it took nothing
-    past the cursor)."""
+    read. The entries added since the last read (`mark`: its `entries_added`; from the stream's
+    start where nothing was read yet) have ids after the last id that read saw (the mark's
+    `last_id`) and up to this read's. Each of them was read now, or deleted since: by an
+    erasure, whose step records the ids it deleted (STREAM_ERASED_IDS_KEY; those of the range
+    not read now are counted, so an erasure before the read, during it or of entries read by an
+    earlier run is counted once or not at all, as it should), or by the cap: the rest, exact.
+
+    The record of deletions is then trimmed below the range the mark passed in starts at (the
+    next read starts there or later, even where this one's mark is never saved), and that
+    position is written (STREAM_READER_KEY) for the erasure steps: while it is there they trim
+    no further; without it (no retraining read for READER_TTL_S) they trim to the stream's first
+    entry, and a read whose range starts below what was trimmed cannot count exactly."""
     client = redis.Redis.from_url(
         redis_url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
     )
     entries: list[StreamEntry] = []
     after = cursor or STREAM_START
+    if mark is not None and (mark.get("cursor", cursor) != cursor or "last_id" not in mark):
+        # saved with another cursor: a run of an older release (a code rollback) moved the
+        # cursor on and kept this mark; counting from it would call what that run read lost.
+        # Or saved by an earlier build, which recorded no position: nothing to count from.
+        mark = None
     try:
         with _failures(redis_url, "read_events"):
-            info = StreamInfo.from_reply(client.eval(STREAM_INFO_SCRIPT, 2, EVENTS_STREAM, STREAM_ERASED_KEY))
+            info = StreamInfo.from_reply(client.eval(STREAM_INFO_SCRIPT, len(_INFO_KEYS), *_INFO_KEYS))
             while rows := client.xrange(EVENTS_STREAM, min=f"({after}", max=info.last_id, count=page_size):
                 entries += _stream_entries(rows)
                 after = entries[-1].id
-            erased = int(client.get(STREAM_ERASED_KEY) or 0)
+            # the range the entries added since the mark lie in; a stream begun again: all of it
+            begun_again = stream_begun_again(info, mark)
+            start = str(mark["last_id"]) if mark is not None and not begun_again else STREAM_START
+            deleted = _erased_between(client, start, info.last_id) - {e.id for e in entries}
+            floor = _id_key(start)[0]
+            client.eval(READ_TRIM_SCRIPT, len(_ERASED_KEYS), *_ERASED_KEYS, floor, READER_TTL_S)
     finally:
         client.close()
-    if mark is not None and mark.get("cursor", cursor) != cursor:
-        # saved with another cursor: a run of an older release (a code rollback) moved the
-        # cursor on and kept this mark; counting from it would call what that run read lost
-        mark = None
-    lost, exact = _lost_unread(info, erased, cursor, mark, len(entries))
+    lost, exact = _lost_unread(info, cursor, mark, len(entries), len(deleted), start)
     cursor = entries[-1].id if entries else cursor
     new_mark = None
     if info.entries_added is not None:
-        new_mark = {"entries_added": info.entries_added, "erased": info.erased, "cursor": cursor}
+        new_mark = {
+            "entries_added": info.entries_added,
+            "last_id": info.last_id,
+            "epoch": info.epoch,
+            "cursor": cursor,
+        }
     return StreamRead(entries, cursor, lost, exact, new_mark, info.length)
 
 
+def stream_begun_again(info: StreamInfo, mark: Mapping[str, object] | None) -> bool:
+    """Whether the stream is not the one a read's `mark` saw: it was lost and begun again
+    (FLUSHALL, a Redis restarted without persistence, a deleted key), whatever it has taken
+    since. Told by its epoch (STREAM_EPOCH_KEY, set when the append script creates it), and
+    where the stream has none (created before epochs) by a count or an id that went back."""
+    if mark is None or info.entries_added is None:
+        return False
+    if "epoch" in mark and mark["epoch"] != info.epoch:
+        return True
+    last = mark.get("last_id")
+    went_back = isinstance(last, str) and _id_key(info.last_id) < _id_key(last)
+    return info.entries_added < float(str(mark["entries_added"])) or went_back
+
+
+def _erased_between(client: redis.Redis, low: str, high: str) -> set[str]:
+    """The ids in STREAM_ERASED_IDS_KEY after `low` and up to `high` (stream ids)."""
+    lo, hi = _id_key(low), _id_key(high)
+    if hi <= lo:
+        return set()
+    ids = client.zrangebyscore(STREAM_ERASED_IDS_KEY, lo[0], hi[0])
+    return {i for i in ids if lo < _id_key(i) <= hi}
+
+
 def _lost_unread(
-    info: StreamInfo, erased: int, cursor: str | None, mark: Mapping[str, int | str | None] | None, read: int
+    info: StreamInfo,
+    cursor: str | None,
+    mark: Mapping[str, int | str | None] | None,
+    read: int,
+    deleted: int,
+    start: str,
 ) -> tuple[int, bool]:
     """(entries lost after `cursor` before they were read, whether that is exact):
-    `read_stream_checked`. `erased`: the erasure counter after the entries were read."""
+    `read_stream_checked`. `deleted`: entries erasures deleted after `start` (the range's
+    start: the mark's `last_id`), not read now."""
     at = _id_key(cursor or STREAM_START)
     # the cap trims the oldest entries: while one at or before the cursor is left, it has taken
     # nothing after it
@@ -1011,31 +1086,40 @@ def _lost_unread(
         return 0, untrimmed
     if mark is None and cursor is not None:  # a cursor an older release saved: nothing to count from
         return 0, untrimmed
-    added0, erased0 = (0, 0) if mark is None else (int(mark["entries_added"]), int(mark["erased"]))
-    # fewer than the last read saw: the stream (or the counter) was lost and begun again; what
-    # it held after the cursor then is unknown, only what came since is counted
-    begun_again = info.entries_added < added0 or erased < erased0
-    if begun_again:
-        added0 = 0 if info.entries_added < added0 else added0
-        erased0 = 0 if erased < erased0 else erased0
-    missing = info.entries_added - added0 - read  # added since the last read, not read now
-    deleted = erased - erased0
-    lost = max(0, missing - deleted)
-    return lost, not begun_again and (deleted == 0 or (lost == 0 and untrimmed))
+    begun_again = stream_begun_again(info, mark)
+    # begun again: what it held after the cursor then is unknown, only what came since is counted
+    added0 = 0 if mark is None or begun_again else int(mark["entries_added"])
+    lost = max(0, info.entries_added - added0 - read - deleted)
+    # deleted ids below erased_from are no longer recorded: a range that starts below it may
+    # count some of them as lost
+    recorded = info.erased_from <= _id_key(start)[0]
+    return lost, not begun_again and recorded
 
 
-# KEYS: the stream, the erasure counter (STREAM_ERASED_KEY). Returns the stream's length, entries
-# added (-1: a Redis before 7.0, which does not count them), the last generated id, the first
-# entry's id ('' where empty), the counter. (max-deleted-entry-id is no help: trims leave it.)
+# KEYS: the stream, STREAM_ERASED_FROM_KEY, STREAM_EPOCH_KEY. Returns the stream's length,
+# entries added (-1: a Redis before 7.0, which does not count them), the last generated id, the
+# first entry's id ('' where empty), erased-from (0: none), the epoch ('': none). (max-deleted-
+# entry-id is no help: trims leave it.)
 STREAM_INFO_SCRIPT = """
-local erased = tonumber(redis.call('GET', KEYS[2]) or '0')
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '0-0', '', erased} end
+local from = tonumber(redis.call('GET', KEYS[2]) or '0')
+local epoch = redis.call('GET', KEYS[3]) or ''
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '0-0', '', from, ''} end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
 local f = {}
 for i = 1, #info, 2 do f[info[i]] = info[i + 1] end
 local first = ''
 if f['first-entry'] then first = f['first-entry'][1] end
-return {f['length'], f['entries-added'] or -1, f['last-generated-id'], first, erased}
+return {f['length'], f['entries-added'] or -1, f['last-generated-id'], first, from, epoch}
+"""
+
+# A checked read's trim of the record of deletions. KEYS: _ERASED_KEYS. ARGV: the ms the range of
+# the mark it was passed starts in (no later read starts before it), READER_TTL_S.
+READ_TRIM_SCRIPT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[2]) or '0') then
+  redis.call('SET', KEYS[2], ARGV[1])
+end
+redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[2])
 """
 
 
@@ -1100,7 +1184,8 @@ def _stream_entries(rows: list[tuple[str, dict[str, str]]]) -> list[StreamEntry]
     return out
 
 
-# KEYS: history, stream, seen set, event-id zset. ARGV: user_id, window, stream maxlen (0: no
+# KEYS: history, stream, seen set, event-id zset, the stream's epoch (set where this call creates
+# the stream). ARGV: user_id, window, stream maxlen (0: no
 # stream entry, `stream=False`), dedup ttl (s), now (s), n, user ttl (s, 0: none), then per
 # event: event_id, item_id, rating, timestamp, history JSON, request_id ('' for none: the entry
 # has no such field).
@@ -1127,6 +1212,7 @@ local user_ttl = tonumber(ARGV[7])  -- seconds the history and seen set outlive 
 -- (XX updates only an existing member, and no event id is empty), refused whole when full.
 redis.call('ZADD', KEYS[4], 'XX', now, '')
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl)
+local fresh = maxlen ~= '0' and redis.call('EXISTS', KEYS[2]) == 0  -- the stream begins here
 local hist = redis.call('LRANGE', KEYS[1], 0, -1)
 -- held: the ids of the events in the history, each a duplicate whatever the dedup window (a
 -- replay after it, a backfill run again, must not show an event twice)
@@ -1191,6 +1277,10 @@ for i = 0, n - 1 do
   end
 end
 redis.call('EXPIRE', KEYS[4], ttl)
+if fresh and redis.call('EXISTS', KEYS[2]) == 1 then  -- a new stream, a new epoch (TIME, µs)
+  local t = redis.call('TIME')
+  redis.call('SET', KEYS[5], t[1] .. string.format('%06d', tonumber(t[2])))
+end
 local first = math.max(1, #hist - window + 1)
 if untouched >= first then  -- keep the stored start, write what follows it
   if untouched < stored then redis.call('LTRIM', KEYS[1], 0, untouched - 1) end
@@ -1279,7 +1369,9 @@ return {history, seen, cached, now, cutoff}
 
 
 # One step of a scan of the stream for one user's entries (an erasure's, an export's). KEYS: the
-# stream, and optionally a counter the deleted entries are added to (STREAM_ERASED_KEY). ARGV:
+# stream, and for the event stream the record of its deletions (STREAM_ERASED_IDS_KEY, _FROM_KEY,
+# STREAM_READER_KEY): each deleted id is added to it, in the step that deletes it, and it is
+# trimmed below the stream's first entry where no retraining reads the stream. ARGV:
 # user_id, the last id scanned (exclusive), the last id to scan ('+': the end; an erasure's
 # cutoff in ms, inclusive), the page size, 1 to XDEL the user's entries found. Returns
 # the last id read (the cursor again where none was), how many were read (fewer than a page: the
@@ -1305,7 +1397,24 @@ if ARGV[5] == '1' then
   for i = 1, #ids, 1000 do
     removed = removed + redis.call('XDEL', KEYS[1], unpack(ids, i, math.min(i + 999, #ids)))
   end
-  if removed > 0 and KEYS[2] then redis.call('INCRBY', KEYS[2], removed) end
+  if removed > 0 and KEYS[2] then
+    for i = 1, #ids, 500 do
+      local scored = {}
+      for j = i, math.min(i + 499, #ids) do
+        scored[#scored + 1] = string.match(ids[j], '^(%d+)-')
+        scored[#scored + 1] = ids[j]
+      end
+      redis.call('ZADD', KEYS[2], unpack(scored))
+    end
+    if redis.call('EXISTS', KEYS[4]) == 0 then  -- no retraining reads it: kept from the first entry
+      local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+      if #first > 0 then
+        local ms = string.match(first[1][1], '^(%d+)-')
+        redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ms)
+        if tonumber(ms) > tonumber(redis.call('GET', KEYS[3]) or '0') then redis.call('SET', KEYS[3], ms) end
+      end
+    end
+  end
   mine = {}
 end
 if #rows == 0 then return {ARGV[2], 0, removed, mine} end

@@ -57,7 +57,7 @@ def search_items(
     catalog: CatalogDep,
     q: Annotated[
         schemas.SearchQuery,
-        Query(min_length=1, max_length=200, description="Part of a title; case and accents are ignored."),
+        Query(description=f"Part of a title, at most {schemas.SEARCH_MAX} characters; any case or accents."),
     ],
     limit: Annotated[int, Query(ge=1, le=SEARCH_LIMIT, description="How many matches to return.")] = 10,
 ) -> schemas.ItemSearchResponse:

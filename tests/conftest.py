@@ -1,15 +1,44 @@
 """Shared fixtures: a tiny random R²ec model, a tiny prepared dataset, a versions root, the
-paths a test flushes to the disk."""
+paths a test flushes to the disk; `in_ci`, how every test reads the CI variable; `child_env`, the
+environment of a fresh Python process that must import this checkout."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout under test
+
+
+def in_ci(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether the run is CI's: CI set to 1, true or yes (any case). There a missing
+    redis-server, chromium or promtool fails its tests instead of skipping them. CI=false, 0 or
+    empty reads as unset, as many shells and runners export it locally."""
+    return environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+IN_CI = in_ci()
+
+
+def child_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """The environment for a fresh Python process that imports the project: `base` (default
+    os.environ) with this checkout first on PYTHONPATH and PYTHONSAFEPATH=1, plus `extra`.
+
+    Without it a child imports whichever checkout the editable install points to (a second
+    clone, a git worktree), or the one in its working directory (`-c` and `-m` put the working
+    directory first on sys.path); PYTHONSAFEPATH leaves that out, so the child imports this
+    checkout wherever it runs. Every test that starts an interpreter uses it."""
+    env = dict(os.environ if base is None else base)
+    rest = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), rest]) if rest else str(ROOT)
+    env["PYTHONSAFEPATH"] = "1"
+    env.update(extra)
+    return env
 
 
 @pytest.fixture(scope="session")

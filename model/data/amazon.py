@@ -88,7 +88,8 @@ def iter_jsonl(path: str | os.PathLike[str], desc: str) -> Iterator[tuple[int, d
         tqdm(total=size, unit="B", unit_scale=True, desc=desc, disable=None, leave=False) as bar,
     ):
         stream = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
-        text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
+        # utf-8-sig: a byte-order mark before the first record is skipped, not bad JSON
+        text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace")
         lineno = 0
         try:
             for lineno, line in enumerate(text, start=1):
@@ -263,7 +264,9 @@ def read_ratings_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
         raise DataError(f"missing file {path}")
     try:
         # blank lines kept as rows, then dropped, so a row's index gives its line in the file
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
+        raw = pd.read_csv(  # utf-8-sig: a byte-order mark is not part of the first column's name
+            path, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8-sig"
+        )
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"{path}: empty file, expected the header {','.join(CSV_COLUMNS)}") from exc
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError, zlib.error) as exc:

@@ -8,7 +8,11 @@ the colon; see ``ITEM_FIELDS`` for which names feed which item text field.
 
 Files are decoded strictly (UTF-8 unless told another ``encoding``): a byte the encoding
 cannot read is a DataError naming the file, line and byte, never a silent U+FFFD (a Latin-1
-"Amélie" used to become "Am\ufffdlie"). RecBole's ml-100k files are valid UTF-8.
+"Amélie" used to become "Am\ufffdlie"). RecBole's ml-100k files are valid UTF-8. A UTF-8
+byte-order mark (Excel's "CSV UTF-8", Notepad) is skipped: it used to stick to the first
+column's name, and a file whose first column was not a required one (``title`` first in a
+``.item``, ``timestamp`` first in a ``.inter``) silently lost that column. A file that starts with
+a UTF-16 or UTF-32 byte-order mark is refused by name unless ``encoding`` is that family's.
 """
 
 from __future__ import annotations
@@ -50,6 +54,33 @@ def check_encoding(encoding: str) -> str:
         raise DataError(f"unknown text encoding {encoding!r} (try utf-8, latin-1 or cp1252)") from None
 
 
+# Byte-order marks of the encodings a UTF-8 reader cannot read, longest first (UTF-32 LE's starts
+# with UTF-16 LE's), and the codec family each names.
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32 (little-endian)", "utf-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32 (big-endian)", "utf-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16 (little-endian)", "utf-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16 (big-endian)", "utf-16"),
+)
+
+
+def _check_wide_bom(path: Path, encoding: str) -> None:
+    """DataError where `path` starts with a UTF-16 or UTF-32 byte-order mark (Excel's and
+    Windows' "Unicode text") and `encoding` is not of that family: read as UTF-8 it failed at
+    byte 0xff with a hint to try latin-1, and read as latin-1 its header was "ÿþi\x00t\x00..."."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    for bom, name, family in _WIDE_BOMS:
+        if head.startswith(bom):
+            if codecs.lookup(encoding).name.replace("_", "-").startswith(family):
+                return
+            raise DataError(
+                f"{path}: starts with a {name} byte-order mark ({bom.hex(' ').upper()}): the file is "
+                f"{family.upper()} text, not {encoding}; convert it to UTF-8 (e.g. iconv -f {family.upper()} "
+                f"-t UTF-8), or pass --encoding {family} if both files are {family.upper()}"
+            )
+
+
 def _decode_error(path: Path, encoding: str) -> DataError:
     """Where `path` stops decoding as `encoding`: its line, the byte's offset in the file and
     in the line, and the byte. Found by decoding the file again line by line (bytes up to each
@@ -89,6 +120,7 @@ def read_atomic_table(
     encoding = check_encoding(encoding)
     if not path.is_file():
         raise DataError(f"missing file {path}")
+    _check_wide_bom(path, encoding)
     try:
         return _read_table(path, required, encoding)
     except UnicodeDecodeError:
@@ -101,7 +133,8 @@ def _read_table(
     path: Path, required: tuple[str, ...], encoding: str
 ) -> tuple[pd.DataFrame, dict[str, str], np.ndarray]:
     with path.open(encoding=encoding, errors="strict", newline="") as f:
-        header = f.readline().rstrip("\r\n")
+        # a UTF-8 byte-order mark decodes to U+FEFF and would stick to the first column's name
+        header = f.readline().rstrip("\r\n").removeprefix("\ufeff")
         if not header.strip():
             raise DataError(f"{path}: empty file or empty header line")
         names, types = [], {}
@@ -116,8 +149,6 @@ def _read_table(
             hint = "expected tab-separated fields like 'user_id:token'"
             if len(names) == 1 and "," in header:
                 hint = "the file must be tab-separated (RecBole's atomic format); this header has commas"
-            elif names[0].startswith("\ufeff"):
-                hint = "it starts with a byte-order mark: pass --encoding utf-8-sig"
             raise DataError(f"{path}: header lacks required column(s) {missing}; found {names} ({hint})")
         columns: list[list[str]] = [[] for _ in names]
         lines: list[int] = []

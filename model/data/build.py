@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from model.special_text import SpecialText, one_line
+from model.special_text import BIDI_RE, SHOWN_FIELDS, SpecialText, check_shown_text, one_line, strip_bidi
 
-from .dataset import ITEM_COLUMNS, SPLITS, DataError, save_prepared
+from .dataset import ITEM_COLUMNS, SPLITS, DataError, nfc_items, save_prepared
 from .splits import check_protocol, make_splits
 
 logger = logging.getLogger(__name__)
@@ -114,6 +114,38 @@ def check_item_text(
         )
 
 
+def check_shown_fields(items: pd.DataFrame, origin: str, strip: bool = False) -> pd.DataFrame:
+    """Refuse (DataError) an item whose title, year or genres hold a bidirectional control
+    (model/special_text.py `check_shown_text`, the check ids and PUT /items make), naming the
+    item, the field and the character, and how many items hold one. `strip`: remove them
+    instead, with a warning (retrain's rebuild of a seed an earlier release prepared, which
+    took them). Returns the table."""
+    found: list[str] = []
+    bad = pd.Series(False, index=items.index)
+    for col in SHOWN_FIELDS:
+        held = items[col].str.contains(BIDI_RE.pattern, regex=True)  # C speed; then the check's words
+        for i, value in items.loc[held, col].items():
+            try:
+                check_shown_text(value)
+            except ValueError as exc:
+                bad[i] = True
+                if len(found) < MISSING_EXAMPLES:
+                    found.append(f"item {items.at[i, 'item_id']!r} {col} {value!r} {exc}")
+    if not bad.any():
+        return items
+    if strip:
+        logger.warning(
+            "%s: %d item(s) hold a bidirectional control character in a title, year or genre "
+            "(prepared by an earlier release), removed: e.g. item %r",
+            origin, int(bad.sum()), items.loc[bad, "item_id"].iloc[0],
+        )  # fmt: skip
+        items = items.copy()
+        items[list(SHOWN_FIELDS)] = items[list(SHOWN_FIELDS)].map(strip_bidi)
+        return items
+    more = f" ({int(bad.sum())} items in all)" if bad.sum() > len(found) else ""
+    raise DataError(f"{origin}: {'; '.join(found)}{more}; remove them from the item text")
+
+
 def complete_items(
     items: pd.DataFrame | None,
     used_ids: set[str],
@@ -127,12 +159,15 @@ def complete_items(
     (when there is an item table at all) are logged as a warning naming ``origin``, with
     their count and a few ids: a wrong or partial item file used to pass silently.
 
-    Missing text fields become ""; a missing or empty title becomes "Item <id>". Each run of
-    control white space in a text field (newlines, tabs, ...) becomes one space, and text that
-    holds a chat template's special token is refused (`check_item_text`); with
+    Missing text fields become ""; a missing or empty title becomes "Item <id>". Text is stored
+    in Unicode NFC ("e" + U+0301 becomes "é"; logged with the number of items it changed). Each
+    run of control white space in a text field (newlines, tabs, ...) becomes one space, and text
+    that holds a chat template's special token is refused (`check_item_text`), as is a title,
+    year or genre holding a bidirectional control (`check_shown_fields`); with
     ``plain_special`` (retrain's rebuild of a seed an earlier release prepared, which took such
-    text) it is made plain text instead (`SpecialText.plain`: "<|im_end|>" -> "< |im_end|>"), as
-    the service's prompts do, with a warning naming how many items.
+    text) the special token is made plain text instead (`SpecialText.plain`: "<|im_end|>" ->
+    "< |im_end|>"), as the service's prompts do, and the control removed, with a warning naming
+    how many items.
     """
     given = items is not None
     if items is None or items.empty:
@@ -163,6 +198,14 @@ def complete_items(
     items.loc[untitled, "title"] = "Item " + items.loc[untitled, "item_id"]
     for col in TEXT_COLUMNS:  # one line each: a prompt's lines are its own (model/special_text.py)
         items[col] = items[col].map(one_line).str.strip()
+    items, composed = nfc_items(items)
+    if composed.any():
+        logger.info(
+            "%s: %d item(s) had text not in Unicode NFC, stored in NFC (\"e\" + U+0301 as \"é\": one "
+            "title to a reader): e.g. item %r",
+            origin, int(composed.sum()), items.loc[composed, "item_id"].iloc[0],
+        )  # fmt: skip
+    items = check_shown_fields(items, origin, strip=plain_special)
     if plain_special:
         text = items[list(TEXT_COLUMNS)]
         plain = text.map(SpecialText.default().plain)  # text without a special token: unchanged

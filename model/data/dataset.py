@@ -45,6 +45,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from model.special_text import nfc
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
@@ -540,6 +542,22 @@ def _read_parquet(path: Path, schema: pa.Schema) -> pd.DataFrame:
     return df
 
 
+def nfc_items(items: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
+    """The item table with its text columns (all but item_id) in Unicode NFC
+    (model/special_text.py `nfc`), and which rows that changed; the table itself where none."""
+    text = [c for c in ITEM_COLUMNS if c != "item_id" and c in items.columns]
+    changed = pd.Series(False, index=items.index)
+    out = items
+    for col in text:
+        values = items[col].map(lambda v: nfc(v) if isinstance(v, str) else v)
+        moved = values != items[col]
+        if moved.any():
+            out = out.copy() if out is items else out
+            out[col] = values
+            changed |= moved
+    return out, changed
+
+
 def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
     """Load a directory written by one of the ``prepare_*`` functions."""
     path = Path(path)
@@ -560,7 +578,13 @@ def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
     for key in ("name", "protocol", "category"):
         if key not in meta:
             raise DataError(f"{meta_path} lacks the key {key!r}")
-    items = _read_parquet(path / ITEMS_FILE, ITEM_SCHEMA)
+    items, changed = nfc_items(_read_parquet(path / ITEMS_FILE, ITEM_SCHEMA))
+    if changed.any():  # prepared before text was stored in NFC
+        logger.info(
+            "%s: read %d item(s) in Unicode NFC (prepared before text was stored so), e.g. item %r; "
+            "r2ec data prepare again stores them so",
+            path, int(changed.sum()), items.loc[changed, "item_id"].iloc[0],
+        )  # fmt: skip
     splits = {name: _read_parquet(path / f"{name}.parquet", SAMPLE_SCHEMA) for name in SPLITS}
     prior = {}
     if (path / PRIOR_FILE).is_file():

@@ -135,10 +135,27 @@ function subtitle(item) {
   return [year, item.genres].filter(Boolean).join(" · ");
 }
 
-// The title line and the grey line under it, as every list on the page shows an item.
+// Right-to-left text (Hebrew, Arabic titles; user ids) inside a line of other text: each title
+// is isolated, so the bidi algorithm orders it on its own. Unisolated, "Added ואלס עם באשיר. 2 in
+// your history." displayed as "Added 2 .ואלס עם באשיר in your history.", and two RTL titles in a
+// list swapped places.
+function bdi(text) {
+  const node = document.createElement("bdi");
+  node.textContent = text;
+  return node;
+}
+
+// An element's text from strings and nodes (a `bdi` around each title or id).
+function say(el, ...parts) {
+  el.replaceChildren(...parts.map((p) => (typeof p === "string" ? document.createTextNode(p) : p)));
+}
+
+// The title line and the grey line under it, as every list on the page shows an item; the
+// title takes its direction from its own first strong character (dir="auto", which isolates it).
 function titleSpans(titleText, subText = "") {
   const title = document.createElement("span");
   title.className = "title";
+  title.dir = "auto";
   title.textContent = titleText;
   const sub = document.createElement("span");
   sub.className = "sub";
@@ -182,9 +199,8 @@ async function search(q) {
     if (seq !== searchSeq) return; // a later keystroke won
     state.matches = body.items;
     renderMatches();
-    status.textContent = body.items.length
-      ? `${body.items.length} match${body.items.length === 1 ? "" : "es"}`
-      : `No film matches “${q}”.`;
+    if (body.items.length) status.textContent = `${body.items.length} match${body.items.length === 1 ? "" : "es"}`;
+    else say(status, "No film matches “", bdi(q), "”.");
   } catch (err) {
     if (seq !== searchSeq) return;
     state.matches = [];
@@ -265,7 +281,7 @@ function addToHistory(item, rating, { focusSearch = false } = {}) {
   });
   renderHistory();
   renderMatches();
-  $("#q-status").textContent = `Added ${item.title}. ${state.history.length} in your history.`;
+  say($("#q-status"), "Added ", bdi(item.title), `. ${state.history.length} in your history.`);
   if (focusSearch) $("#q").focus();
 }
 
@@ -292,7 +308,7 @@ function renderHistory() {
     const label = document.createElement("label");
     label.className = "vh";
     label.htmlFor = id;
-    label.textContent = `Your rating for ${entry.title}`;
+    say(label, "Your rating for ", bdi(entry.title));
     const select = document.createElement("select");
     select.id = id;
     select.className = "rating";
@@ -317,7 +333,7 @@ function renderHistory() {
       state.readWindow = null;
       renderHistory();
       renderMatches();
-      $("#q-status").textContent = `Removed ${entry.title}.`;
+      say($("#q-status"), "Removed ", bdi(entry.title), ".");
       const next = $("#history .remove") || $("#q");
       next.focus();
     });
@@ -361,13 +377,13 @@ async function loadUser(event) {
     status.textContent = "No user id: recommendations use only the history above.";
     return;
   }
-  status.textContent = `Loading ${userId}’s history…`;
+  say(status, "Loading ", bdi(userId), "’s history…");
   try {
     const body = await api(`/users/${encodeURIComponent(userId)}/history`);
     state.userId = userId;
     if (!body.history.length) {
       // keep what is on the page: it is what will be sent, and watched films start the user's history
-      status.textContent = `User ${userId} has no stored history yet; films you mark as watched are saved to it.`;
+      say(status, "User ", bdi(userId), " has no stored history yet; films you mark as watched are saved to it.");
       return;
     }
     const known = body.history.filter((h) => h.title != null);
@@ -392,10 +408,14 @@ async function loadUser(event) {
     renderHistory();
     renderMatches();
     const repeats = known.length - state.history.length;
-    status.textContent =
-      `User ${userId}: ${state.history.length} films loaded` +
-      (repeats ? `; ${repeats} earlier event${repeats === 1 ? "" : "s"} of a film seen again left out` : "") +
-      (gone ? ` (${gone} no longer in the catalog).` : ".");
+    say(
+      status,
+      "User ",
+      bdi(userId),
+      `: ${state.history.length} films loaded` +
+        (repeats ? `; ${repeats} earlier event${repeats === 1 ? "" : "s"} of a film seen again left out` : "") +
+        (gone ? ` (${gone} no longer in the catalog).` : "."),
+    );
   } catch (err) {
     status.textContent = "";
     showError(box, err);
@@ -446,7 +466,47 @@ function clampInt(value, lo, hi, fallback) {
 function appendReasoning(run, text) {
   if (!text) return;
   run.reasoningBox.hidden = false;
-  run.reasoning.textContent += text;
+  run.reasoningText = (run.reasoningText || "") + text;
+  say(run.reasoning, ...reasoningParts(run.reasoningText));
+}
+
+// The rationale format's sentences (model/rationale.py) whose entries are titles or genres, how
+// their entries are separated and where each ends; an unclosed one (still streaming, or cut by
+// the budget) runs to the end of the text so far.
+const LISTS = [
+  { open: "Rated highest: ", sep: /(; )/, end: /\.(?= Lately more| Next:| Picks:|$)/ },
+  { open: "Picks: ", sep: /(; )/, end: /\.(?= Next:|$)/ },
+  { open: "Likes ", sep: /(, | and )/, end: /, mostly|\./ },
+  { open: "Lately more ", sep: null, end: /\.(?= Next:| Picks:|$)/ },
+];
+
+// The reasoning as text with each listed title and genre in a `bdi`: "Rated highest: وجدة;
+// ואלס עם באשיר; Heat." showed its two right-to-left titles swapped, the "; " between them on the
+// wrong side. Its textContent is the text, unchanged.
+function reasoningParts(text) {
+  const parts = [];
+  let at = 0;
+  for (;;) {
+    let next = null;
+    for (const list of LISTS) {
+      const i = text.indexOf(list.open, at);
+      if (i >= 0 && (next === null || i < next.i)) next = { i, list };
+    }
+    if (next === null) break;
+    const start = next.i + next.list.open.length;
+    parts.push(text.slice(at, start));
+    const rest = text.slice(start);
+    const end = rest.search(next.list.end);
+    const body = end < 0 ? rest : rest.slice(0, end);
+    const pieces = next.list.sep ? body.split(next.list.sep) : [body];
+    pieces.forEach((piece, k) => {
+      if (k % 2) parts.push(piece); // a separator (the split's captured group)
+      else if (piece) parts.push(bdi(piece));
+    });
+    at = start + body.length;
+  }
+  parts.push(text.slice(at));
+  return parts.filter((p) => p !== "");
 }
 
 function renderItems(run, items) {
@@ -657,7 +717,11 @@ function markCutOff(run, cancelled) {
 function showReasoningCut(run, info) {
   if (!info.reasoning_cut || !hasReasoning(run)) return;
   const n = info.reasoning_tokens;
-  endReasoning(run, `(stopped at the token budget${n ? ` of ${n} tokens` : ""}: the model had not finished)`);
+  endReasoning(
+    run,
+    `(stopped at the token budget${n ? ` of ${n} tokens` : ""}: the model had not finished; ` +
+      "a larger “Reasoning tokens” lets it)",
+  );
 }
 
 function showNoReasoning(run) {
@@ -814,9 +878,11 @@ async function markWatched(item, button) {
     return;
   }
   addToHistory(item, null);
-  $("#run-status").textContent = state.userId
-    ? `Saved ${item.title} to user ${state.userId}; asking again.`
-    : `Added ${item.title} to your history; asking again.`;
+  if (state.userId) {
+    say($("#run-status"), "Saved ", bdi(item.title), " to user ", bdi(state.userId), "; asking again.");
+  } else {
+    say($("#run-status"), "Added ", bdi(item.title), " to your history; asking again.");
+  }
   await ask();
 }
 

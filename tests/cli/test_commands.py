@@ -20,6 +20,7 @@ from cli import app
 from cli._env import command
 from cli.overrides import parse_sets, recpo_config
 from model.recpo import RecPOConfig
+from tests.conftest import child_env
 
 
 def _command_paths(cmd: typer.core.TyperGroup, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -163,7 +164,11 @@ def _spincount(*argv: str, **env: str) -> str:
     )
     clean = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     out = subprocess.run(
-        [sys.executable, "-c", code, *argv], env={**clean, **env}, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code, *argv],
+        env=child_env(clean, **env),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return out.stdout.strip()
 

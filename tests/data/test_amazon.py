@@ -430,3 +430,15 @@ def test_cli_prepare_amazon_official(official_files, tmp_path):
     # the default recipe reads jsonl: a CSV is refused with a message naming the file
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and ratings.name in result.output
+
+
+def test_a_utf8_byte_order_mark_is_skipped_in_jsonl_and_csv(tmp_path):
+    """The mark made the first JSON line "bad JSON", and stuck to a CSV's first column name."""
+    from model.data.amazon import iter_jsonl, read_ratings_csv
+
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_text('\ufeff{"a": 1}\n{"a": 2}\n', encoding="utf-8")
+    assert [r for _, r in iter_jsonl(jsonl, "x")] == [{"a": 1}, {"a": 2}]
+    csv = tmp_path / "bom.csv"
+    csv.write_text("\ufeffuser_id,parent_asin,rating,timestamp\nu,p,5,1700000000000\n", encoding="utf-8")
+    assert read_ratings_csv(csv)["user_id"].tolist() == ["u"]

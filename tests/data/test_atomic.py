@@ -116,7 +116,6 @@ HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
         (HEADER + "a\ti\t-2\t100\n", r"rating -2 .* is outside 0-10"),
         # a header the format does not read, with what to do about it
         ("user_id,item_id,rating\na,i,4\n", "must be tab-separated .* this header has commas"),
-        ("\ufeff" + HEADER + "a\ti\t4\t100\n", "byte-order mark: pass --encoding utf-8-sig"),
     ],
 )
 def test_broken_inter_file(tmp_path, tiny_item, body, problem):
@@ -125,6 +124,54 @@ def test_broken_inter_file(tmp_path, tiny_item, body, problem):
     with pytest.raises(DataError, match=problem) as info:
         prepare_atomic(bad, tiny_item, tmp_path, "broken", "loo")
     assert "broken.inter" in str(info.value)
+
+
+def test_a_utf8_byte_order_mark_is_skipped_whatever_the_first_column(tmp_path, tiny_item, caplog):
+    """The mark stuck to the first column's name: a required one got a hint, but a `.item` file
+    whose first column is `title` lost every title ("Item <id>"), and a `.inter` whose first is
+    `timestamp` lost its times ("has no timestamp column"), both silently."""
+    inter = tmp_path / "bom.inter"
+    inter.write_text(
+        "\ufefftimestamp:float\tuser_id:token\titem_id:token\trating:float\n"
+        + "".join(f"{t}\t{u}\t{i}\t4\n" for u in "ab" for t, i in ((300, "p"), (100, "q"), (200, "r"))),
+        encoding="utf-8",
+    )
+    item = tmp_path / "bom.item"
+    item.write_text(
+        "\ufefftitle:token_seq\titem_id:token\tyear:token\nPen\tp\t2001\nQuill\tq\t\nRuler\tr\t1999\n",
+        encoding="utf-8",
+    )
+    with caplog.at_level("WARNING"):
+        ds = load_prepared(prepare_atomic(inter, item, tmp_path, "bom", "loo"))
+    assert ds.item_titles() == {"p": "Pen", "q": "Quill", "r": "Ruler"}
+    assert "timestamp" not in ds.meta["source"]  # its times were read
+    assert ds.split("test").target_item_id.tolist() == ["p", "p"]  # the latest by time, not by row
+    assert "no timestamp column" not in caplog.text and "missing from" not in caplog.text
+    # a required first column too, where the hint used to say --encoding utf-8-sig
+    (tmp_path / "first.inter").write_text("\ufeff" + HEADER + "a\ti\t4\t100\na\tj\t4\t200\na\tk\t4\t300\n")
+    prepare_atomic(tmp_path / "first.inter", tiny_item, tmp_path, "first", "loo")
+
+
+@pytest.mark.parametrize(
+    ("codec", "bom"), [("utf-16-le", "FF FE"), ("utf-16-be", "FE FF"), ("utf-32-le", "FF FE 00 00")]
+)
+def test_a_utf16_or_utf32_file_is_named_as_such(tmp_path, tiny_inter, tiny_item, codec, bom):
+    """A UTF-16 file (Excel's "Unicode text") was told "0xff is not valid utf-8 ... e.g. latin-1",
+    and read as latin-1 its header was 'ÿþi\x00t\x00...'."""
+    item = tmp_path / "wide.item"
+    item.write_bytes(("\ufeff" + tiny_item.read_text(encoding="utf-8")).encode(codec))
+    family = codec[:6].upper()
+    for encoding in ("utf-8", "latin-1"):
+        with pytest.raises(DataError) as info:
+            prepare_atomic(tiny_inter, item, tmp_path, "x", "loo", encoding=encoding)
+        message = str(info.value)
+        assert f"starts with a {family}" in message and f"({bom})" in message and "wide.item" in message
+        assert "iconv" in message and "latin-1)" not in message
+    # told its family, it is read (both files: this .inter is ASCII, readable as neither)
+    inter = tmp_path / "wide.inter"
+    inter.write_bytes(("\ufeff" + tiny_inter.read_text(encoding="utf-8")).encode(codec))
+    ds = load_prepared(prepare_atomic(inter, item, tmp_path, "x", "loo", encoding=family.lower()))
+    assert ds.item_titles()["i1"] == "Toy Story"
 
 
 def test_rows_that_repeat_another_exactly_are_dropped_with_a_warning(tmp_path, tiny_item, caplog):
@@ -280,6 +327,55 @@ def test_the_cli_names_the_item_whose_genres_hold_a_special_token(tmp_path, tiny
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "item 'i11' genres holds '<|endoftext|>'" in " ".join(result.output.split())
+
+
+def test_item_text_is_stored_in_nfc_and_the_count_logged(tmp_path, tiny_inter, tiny_item, caplog):
+    """A catalog merged from a macOS export (NFD: "e" + U+0301) and a Windows one kept both forms
+    without a word, and "Amélie" was two titles to the model and one to a reader."""
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "Amélie")
+    item = _retitled_item(tmp_path, tiny_item, i6="Amélie", i7=nfd)
+    item.write_text(item.read_text(encoding="utf-8").replace("Drama War", f"Drama {nfd[:4]}War"))
+    with caplog.at_level("INFO", logger="model.data.build"):
+        ds = load_prepared(prepare_atomic(tiny_inter, item, tmp_path, "x", "loo"))
+    titles = ds.item_titles()
+    assert titles["i6"] == titles["i7"] == "Amélie"
+    assert all(unicodedata.is_normalized("NFC", v) for c in ds.items.columns for v in ds.items[c])
+    assert "2 item(s) had text not in Unicode NFC" in caplog.text and "item 'i7'" in caplog.text
+
+
+def test_a_dataset_prepared_before_nfc_is_read_in_nfc(tmp_path, tiny_inter, tiny_item, caplog):
+    import unicodedata
+
+    import pandas as pd
+
+    path = prepare_atomic(tiny_inter, tiny_item, tmp_path, "x", "loo")
+    items = pd.read_parquet(path / "items.parquet")
+    items.loc[items.item_id == "i6", "title"] = unicodedata.normalize("NFD", "Amélie")
+    items.to_parquet(path / "items.parquet")  # as an older release wrote it
+    with caplog.at_level("INFO", logger="model.data.dataset"):
+        assert load_prepared(path).item_titles()["i6"] == "Amélie"
+    assert "read 1 item(s) in Unicode NFC" in caplog.text
+
+
+@pytest.mark.parametrize("control", ["\u202e", "\u2067", "\u200f", "\u061c"])
+def test_a_bidi_control_in_a_title_or_genre_is_refused_naming_the_item(
+    tmp_path, tiny_inter, tiny_item, control
+):
+    """Ids refuse bidirectional controls; titles took them, and a title "\u202eRLO title" mirrored
+    the rest of the reasoning that copied it. The same check refuses them in an item's title,
+    year and genres (a description may hold them: no reader sees it)."""
+    item = _retitled_item(tmp_path, tiny_item, i8=f"{control}RLO title")
+    with pytest.raises(DataError) as info:
+        prepare_atomic(tiny_inter, item, tmp_path, "x", "loo")
+    message = str(info.value)
+    assert "item 'i8' title" in message and "bidirectional control" in message
+    assert f"U+{ord(control):04X}" in message and "retitled.item" in message
+    genres = tmp_path / "genres.item"
+    genres.write_text(tiny_item.read_text(encoding="utf-8").replace("Drama War", f"Drama {control}War"))
+    with pytest.raises(DataError, match="item 'i11' genres .* bidirectional control"):
+        prepare_atomic(tiny_inter, genres, tmp_path, "x", "loo")
 
 
 @pytest.mark.parametrize("name", ["../../escaped", "a/b", "..", ".", "", "a\\b"])

@@ -253,3 +253,43 @@ def test_unsupported_models_fall_back_to_hf(tiny_model):
     assert make_backend(tiny_model, "engine").name == "engine"
     with pytest.raises(ValueError, match="unknown generation backend"):
         make_backend(tiny_model, "vllm")  # type: ignore[arg-type]
+
+
+class _Forced:
+    """A grammar that lets only `ids` be written, one after the other (then a stop)."""
+
+    def __init__(self, ids, stop):
+        self.ids, self.stop = list(ids), list(stop)
+
+    def allowed(self, completion_ids):
+        n = len(completion_ids)
+        return [self.ids[n]] if n < len(self.ids) else self.stop
+
+
+@pytest.mark.parametrize("backend", ["engine", "hf"])
+def test_a_budget_that_stops_inside_a_character_leaves_it_out(tiny_model, backend):
+    """A budget that ends inside "龙" (three byte tokens here) decoded to a trailing U+FFFD in the
+    text, the stream's last piece, the cache and the CLI; the text ends at "藏" now, and the
+    completion ids (what h_T reads) keep every token."""
+    tok = tiny_model.tokenizer
+    ids = tok.encode("Rated highest: 卧虎藏龙", add_special_tokens=False)
+    (prompt,) = tiny_model.user_prompt_ids(HISTORIES[:1])
+    for budget in (len(ids) - 1, len(ids) - 2):
+        forced = _Forced(ids, tiny_model.stop_ids)
+        settings = GenerationSettings(max_new_tokens=budget)
+        rollout, _ = make_backend(tiny_model, backend).generate([prompt], settings, [forced])
+        assert rollout.completion_ids[0] == ids[:budget]
+        assert rollout.texts[0] == "Rated highest: 卧虎藏"
+    # streamed: no piece holds part of a character, and the pieces make the text
+    decoder = EngineBackend(tiny_model, slots=1).decoder(GenerationSettings(max_new_tokens=len(ids) - 1))
+    pieces: list[str] = []
+    seq = decoder.add(Sequence_(prompt, len(ids) - 1, on_text=pieces.append, constraint=_Forced(ids, [])))
+    while not decoder.idle:
+        decoder.step()
+    assert "".join(pieces) == seq.text == "Rated highest: 卧虎藏"
+    assert all("\ufffd" not in p for p in pieces)
+    # the static batcher's own cut of a longer generation (service/recommender.py) too
+    from model.r2ec import reasoning_text
+
+    assert reasoning_text(tok, ids[:-1]) == "Rated highest: 卧虎藏"
+    assert reasoning_text(tok, ids) == "Rated highest: 卧虎藏龙"

@@ -353,6 +353,22 @@ def test_sasrec_baseline_under_the_same_harness(tiny_dataset):
     assert all(1 <= r <= len(tiny_dataset.items) for r in result.ranks)
 
 
+def test_sasrec_from_python_trains_the_epochs_the_cli_and_the_docs_use(tiny_dataset):
+    """evaluate_sasrec without a config trained 30 epochs where `r2ec eval --baseline sasrec`
+    and every documented number train 10 (journey 40, F8): one default, SASRecConfig's."""
+    from typer.main import get_command
+
+    from cli import app
+    from model.sasrec import SASRecConfig
+
+    assert SASRecConfig().epochs == 10
+    cfg = EvalConfig(split="test", batch_size=4)
+    _, stats = evaluate_sasrec(tiny_dataset, cfg, progress=False)
+    assert stats["epochs"] == len(stats["loss"]) == SASRecConfig().epochs
+    (option,) = [p for p in get_command(app).commands["eval"].params if p.name == "sasrec_epochs"]
+    assert f"default {SASRecConfig().epochs}," in option.help
+
+
 def test_validation_eval_config_follows_the_training_config():
     ecfg = validation_eval_config(RecPOConfig(max_completion_length=32, eval_limit=50))
     assert (ecfg.split, ecfg.reasoning, ecfg.max_reasoning_tokens, ecfg.limit) == ("valid", True, 32, 50)

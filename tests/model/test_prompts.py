@@ -75,6 +75,49 @@ def test_item_message_fields_and_description_cut():
     )
 
 
+def _tokens(tokenizer, text):
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_a_long_description_without_spaces_is_cut_by_tokens(tiny_model):
+    """A CJK or Thai description is one white-space "word": `description_words` kept all of it
+    (a 6,000-character one made a 12,000-token item prompt); the token budget cuts it."""
+    tok, cfg = tiny_model.tokenizer, PromptConfig()
+    for description in ("湯屋で働く少女の物語。" * 500, "ฉลาดเกมส์โกงเป็นภาพยนตร์ไทย" * 200):
+        item = {"item_id": "x", "title": "Spirited", "genres": "Drama", "description": description}
+        msg = item_message(item, cfg, tok)
+        cut = msg.split("Description: ", 1)[1]
+        assert description.startswith(cut) and "\ufffd" not in cut
+        assert 0.9 * cfg.description_tokens <= _tokens(tok, cut) <= cfg.description_tokens
+        assert _tokens(tok, msg) < cfg.item_tokens
+    # the whole item text too, whatever field holds it
+    msg = item_message({"item_id": "x", "title": "千" * 1000, "genres": "Drama"}, cfg, tok)
+    assert _tokens(tok, msg) <= cfg.item_tokens and msg.startswith("Summarize")
+    # every item prompt the model encodes goes through it (checkpoint init, PUT, retraining)
+    (ids,) = tiny_model.item_prompt_ids([{"item_id": "x", "title": "T", "description": "湯" * 5000}])
+    assert len(ids) < cfg.item_tokens + 64
+
+
+def test_text_under_the_token_budgets_is_kept_byte_for_byte(tiny_model):
+    """An older checkpoint (no token keys) loads the defaults, and an item under them renders
+    as it did before the budgets existed; a white-space cut still comes first."""
+    tok = tiny_model.tokenizer
+    old = PromptConfig.from_dict({"category": "movie", "description_words": 100})
+    assert (old.description_tokens, old.item_tokens) == (256, 512)
+    for item in (
+        {"item_id": "1", "title": "Amélie", "year": "2001", "genres": "Comedy, Romance"},
+        # 100 words (cut from 150) of 101 tokens: tokenized, under the budget
+        {"item_id": "2", "title": "Lamp", "description": " ".join(["movie"] * 150)},
+        {"item_id": "3", "title": "卧虎藏龙", "description": "一部武侠电影。" * 3},
+    ):
+        assert item_message(item, old, tok) == item_message(item, old)
+    assert item_message(
+        {"item_id": "2", "title": "L", "description": "a b c d"}, PromptConfig(description_words=2), tok
+    ).endswith("Description: a b")
+    with pytest.raises(ValueError, match="item_tokens"):
+        PromptConfig(item_tokens=4)
+
+
 def test_item_without_title_rejected():
     with pytest.raises(ValueError, match="no title"):
         item_message({"item_id": "x", "title": ""}, PromptConfig())

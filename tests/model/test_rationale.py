@@ -265,3 +265,34 @@ def test_every_data_built_label_holds_under_the_checker():
         text = " ".join(taste_lines(history))
         claims = check_claims(text, history)
         assert claims.wrong == (), (text, history)
+
+
+def test_canonically_equivalent_titles_and_genres_are_one():
+    """NFC and NFD "Amélie" (e + U+0301) are one title to a reader: a catalog that held both
+    read "Rated highest: Amélie; Amélie." and "Likes Comédie and Comédie"."""
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "Amélie")
+    a = ItemFacts("Amélie", ("Comédie",), "2000s")
+    b = ItemFacts.from_row({"title": nfd, "genres": unicodedata.normalize("NFD", "Comédie"), "year": "2001"})
+    assert b.genres == ("Comédie",)
+    history = [(a, 5.0), (b, 5.0), (FACTS["1"], 2.0)]
+    assert rated_highest([(f.title, r) for f, r in history]) == ["Amélie"]
+    lines = taste_lines(history)
+    assert "Rated highest: Amélie." in lines and lines[0].startswith("Likes Comédie, ")
+    assert liked_genres([(f.genres, r) for f, r in history]) == ["Comédie"]
+    assert check_claims(f"Rated highest: {nfd}.", history).rated is True
+
+
+def test_a_listed_title_is_the_one_it_spells_before_one_it_folds_to():
+    """A title "Heat" rated 1 beside "HEAT" rated 5 held as "Rated highest": the checker folded
+    case (and width: "ABC" beside "ＡＢＣ"); a title spelled exactly is that title. A fold still
+    finds a title no other folds to ("fargo")."""
+    heat, loud = ItemFacts("Heat"), ItemFacts("HEAT")
+    abc, wide = ItemFacts("ABC"), ItemFacts("ＡＢＣ")
+    history = [(loud, 5.0), (heat, 1.0), (FACTS["2"], 4.0), (wide, 5.0), (abc, 1.0)]
+    assert check_claims("Rated highest: HEAT.", history).rated is True
+    assert check_claims("Rated highest: Heat.", history).wrong == ("Heat",)
+    assert check_claims("Rated highest: ABC.", history).wrong == ("ABC",)
+    assert check_claims("Rated highest: fargo; ＡＢＣ.", history).rated is True
+    assert check_claims("Rated highest: heat.", history).rated is False  # folds to two titles

@@ -37,7 +37,7 @@ from model.retrain import (
     validation_ranks,
 )
 from service.metrics import Metrics
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, child_env
 from tests.service.test_app import metric
 
 TINY_TRAIN = {
@@ -630,7 +630,7 @@ def test_a_run_killed_around_its_flip_leaves_the_state_right_for_the_next(
     events = [("a", "u1", "i6", 4.0, 900), ("b", "u2", "i1", 5.0, 901)]
     script = tmp_path / "killed_run.py"
     script.write_text(KILLED_RUN)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    env = child_env(OMP_NUM_THREADS="1")
     args = [str(versions_root), str(tiny_dataset.path), where, json.dumps(events)]
     proc = subprocess.run(
         [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600

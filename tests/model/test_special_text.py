@@ -109,3 +109,19 @@ def test_the_default_finds_every_chat_marker():
     special = SpecialText.default()
     assert special.find("x <|eot_id|>") == "<|eot_id|>" and special.find("x <|start_header_id|>")
     assert special.find("a <b>bold</b> | pipe <3") is None
+
+
+def test_bidi_controls_in_an_older_catalog_never_reach_a_prompt_or_the_reasoning(tiny_model):
+    """A checkpoint written before titles refused bidirectional controls may hold one: the
+    prompt, and so the title the grammar copies, leave it out; a description keeps its marks."""
+    from model.prompts import HistoryEntry
+
+    assert tiny_model.catalog_text("\u202eRLO title") == "RLO title"
+    assert tiny_model.catalog_text("ואלס\u200f", shown=False) == "ואלס\u200f"
+    prompt = tiny_model.user_prompt([HistoryEntry("\u202eRLO title", 5.0), HistoryEntry("Heat", 1.0)])
+    assert "\u202e" not in prompt and "RLO title (5)" in prompt
+    (grammar,) = tiny_model.title_lists([[HistoryEntry("\u2067Heat\u2069", 5.0)]])
+    assert grammar.titles == ["Heat"]
+    (ids,) = tiny_model.item_prompt_ids([{"item_id": "x", "title": "\u202eA", "description": "\u200fB"}])
+    text = tiny_model.tokenizer.decode(ids)
+    assert "\u202e" not in text and "\u200fB" in text

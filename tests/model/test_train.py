@@ -33,6 +33,7 @@ from model.rationale import (
 )
 from model.recpo import RecPOConfig
 from model.train import Trainer, train
+from tests.conftest import child_env
 from tests.model.helpers import stats_over_steps
 
 TINY = dict(dtype="float32", max_completion_length=8, warmup_steps=0, eval_limit=4, lora_r=4, lora_alpha=8)
@@ -684,7 +685,7 @@ def _free_port() -> int:
 def test_two_processes_train_and_agree_on_the_weights(tiny_dataset, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    env = child_env(OMP_NUM_THREADS="1")
     if torch.cuda.device_count() < 2:
         env["CUDA_VISIBLE_DEVICES"] = ""  # one process per GPU (nccl) needs two; else gloo on CPU
     proc = subprocess.run(

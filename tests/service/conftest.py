@@ -17,10 +17,11 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from tests.conftest import IN_CI, child_env
+
 REDIS_BIN = shutil.which("redis-server")
 # Locally a missing redis-server skips the Redis tests; under CI it fails them, so a broken CI
 # image cannot turn the Redis half of the suite into silent skips.
-IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 NO_REDIS = "redis-server binary not found (apt-get install redis-server)"
 needs_redis = [pytest.mark.redis, pytest.mark.skipif(REDIS_BIN is None and not IN_CI, reason=NO_REDIS)]
 API_KEY = "test-key"
@@ -31,15 +32,13 @@ def serve_env(checkpoint, **settings: str) -> dict[str, str]:
     """The environment for an `r2ec serve` subprocess over `checkpoint` (tiny model, fp32, one
     thread), with no R2EC_* variable leaking in from the caller's shell; `settings` are extra
     R2EC_* values by their names without the prefix (max_batch="1" -> R2EC_MAX_BATCH=1)."""
-    root = Path(__file__).resolve().parents[2]
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("R2EC_")},
-        "PYTHONPATH": str(root),
-        "R2EC_CHECKPOINT": str(checkpoint),
-        "R2EC_DTYPE": "float32",
-        "R2EC_THREADS": "1",
+    return child_env(
+        {k: v for k, v in os.environ.items() if not k.startswith("R2EC_")},
+        R2EC_CHECKPOINT=str(checkpoint),
+        R2EC_DTYPE="float32",
+        R2EC_THREADS="1",
         **{f"R2EC_{name.upper()}": value for name, value in settings.items()},
-    }
+    )
 
 
 def free_port() -> int:

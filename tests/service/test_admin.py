@@ -194,6 +194,10 @@ ITEM_TEXT_REFUSED = [
     ({"title": "a\tb"}, "title", "must be one line:"),
     ({"title": "Zebra", "genres": "Drama\nWar"}, "genres", "must be one line:"),
     ({"title": "Zebra", "year": "19\u202895"}, "year", "must be one line:"),
+    # bidirectional controls, refused as in ids: "\u202eRLO title" mirrored the reasoning copying it
+    ({"title": "\u202eRLO title"}, "title", "must not contain bidirectional control characters"),
+    ({"title": "Zebra", "genres": "Drama\u2067"}, "genres", "U+2067"),
+    ({"title": "Zebra", "year": "\u200f2001"}, "year", "bidirectional control"),
 ]
 
 
@@ -214,6 +218,32 @@ async def test_an_item_edit_holding_a_special_token_or_a_line_break_is_a_422_nam
         "/items/inj", json={"title": "Zebra <3 Days", "genres": "<b>Drama</b>"}, headers=ADMIN
     )
     assert r.status_code == 201, r.text
+
+
+async def test_item_text_is_stored_in_nfc_and_canonical_twins_are_one_item(client, app):
+    """A title "Amélie" sent as e + U+0301 (macOS) was kept so: two titles, two genres, the NFD twin
+    of a film the user had just watched was recommended to them."""
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "Amélie")
+    body = {"title": nfd, "genres": unicodedata.normalize("NFD", "Comédie"), "description": nfd}
+    for item_id in ("fr1", "fr2"):
+        r = await client.put(f"/items/{item_id}", json=body, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        assert r.json()["item"]["title"] == "Amélie" and r.json()["item"]["genres"] == "Comédie"
+    assert (await client.get("/items/fr2")).json()["description"] == "Amélie"
+    # a description keeps its direction marks (right-to-left text needs them); no one sees them
+    r = await client.put("/items/he", json={"title": "Waltz", "description": "\u200fואלס"}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    # a catalog an older release stored in NFD beside NFC: twins all the same
+    from service.catalog import _Twins
+
+    twins = _Twins({"a": {"title": "Amélie"}, "b": {"title": nfd}, "c": {"title": "Heat"}})
+    assert set(twins.ids) == {"a", "b"}
+    r = await client.post(
+        "/recommend", json={"history": [{"item_id": "fr1", "rating": 5}], "k": 50, "reasoning": False}
+    )
+    assert "fr2" not in [i["item_id"] for i in r.json()["items"]]
 
 
 async def test_reload_swaps_the_model_and_a_failed_reload_keeps_the_old_one(app, client, ckpt, tmp_path):

@@ -5,7 +5,6 @@ loads as healthy and never fires)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import IN_CI
 from tests.service.conftest import app_for, serve
 from tests.service.test_admin import copy_as_new_version
 
@@ -26,7 +26,7 @@ HISTOGRAM_PARTS = re.compile(r"_(bucket|count|sum)$")
 def _promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        if os.environ.get("CI"):  # deploy/setup.sh --dev installs it: CI must not skip
+        if IN_CI:  # deploy/setup.sh --dev installs it: CI must not skip
             pytest.fail("promtool not found: deploy/setup.sh --dev installs Debian's prometheus package")
         pytest.skip("promtool not installed (apt-get install prometheus; deploy/setup.sh --dev does)")
     return path

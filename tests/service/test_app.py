@@ -574,12 +574,18 @@ async def test_concurrent_requests_share_one_generate_call_and_match_one_by_one(
         assert metric(text, "r2ec_batch_size_count") == 1
         assert metric(text, "r2ec_batch_size_sum") == len(CONCURRENT)
 
+        # one by one, on the same app: a lone request need not wait 10 s for a batch of 6 that
+        # never fills (6 x 10 s idle was a quarter of tests/service), so it runs at once
+        app.state.r2ec.batcher.max_wait_s = 0
         singles = []
         for b in CONCURRENT:
             r = await client.post("/recommend", json=b)
             assert r.status_code == 200, r.text
             singles.append(r.json())
         assert calls[1:] == [1, 1, 1, 1, 1]  # the no-reasoning request never generates
+        text = (await client.get("/metrics")).text
+        assert metric(text, "r2ec_batch_size_count") == 1 + len(CONCURRENT)  # each a batch of its own
+        assert metric(text, "r2ec_batch_size_sum") == 2 * len(CONCURRENT)
     for b, s in zip(batched, singles, strict=True):
         assert_same_answer(b, s)
     assert [len(b["items"]) for b in batched] == [5, 3, 8, 10, 2, 4]

@@ -568,7 +568,7 @@ def test_the_title_index_is_built_as_the_catalog_opens_and_never_under_its_lock(
     during: list[bool] = []
 
     class SearchedDuringBuild(TitleIndex):
-        def __init__(self, titles):
+        def __init__(self, titles, **kw):
             titles = list(titles)
             if len(titles) > 3:  # the catalog's, not the few edited titles searched beside it
                 done = []
@@ -577,7 +577,7 @@ def test_the_title_index_is_built_as_the_catalog_opens_and_never_under_its_lock(
                 search.start(), edit.start()
                 search.join(60), edit.join(60)  # blocked by the build, they do not end before it: no timing
                 during.append(bool(done) and not edit.is_alive())
-            super().__init__(titles)
+            super().__init__(titles, **kw)
 
     monkeypatch.setattr(catalog_module, "TITLE_REBUILD_EDITS", 0)
     monkeypatch.setattr(catalog_module, "TitleIndex", SearchedDuringBuild)
@@ -673,3 +673,23 @@ def test_a_sync_encodes_another_versions_edits_rather_than_take_their_vectors(ck
     assert b._apply(logged, ties_win=False, encode=encode) == 1
     assert encoded == [["later"]]
     np.testing.assert_allclose(b.index.vector("later"), a.index.vector("later"), atol=1e-5)
+
+
+def test_an_edit_with_a_long_cjk_description_encodes_its_token_budget_only(engine: Recommender):
+    """A 5,000-character Japanese description is one white-space "word": it used to reach the
+    model whole (a 10,000-token prompt holding the model thread for minutes). The edit keeps
+    the text and encodes the prompt cut to the budget, as checkpoint init and retraining do."""
+    from model.prompts import item_message
+
+    model = engine.catalog.checkpoint.model
+    long = "湯屋で働く少女の物語。" * 455
+    item = {"title": "千と千尋", "year": "2001", "genres": "Drama", "description": long}
+    engine.catalog.upsert("ja", item)
+    assert engine.catalog.item("ja")["description"] == long.strip()
+    message = item_message({"item_id": "ja", **item}, model.prompts, model.tokenizer)
+    cut = message.split("Description: ", 1)[1]
+    assert len(cut) < 600 and long.startswith(cut)
+    (ids,) = model.item_prompt_ids([{"item_id": "ja", **item}])
+    assert len(ids) < model.prompts.item_tokens + 64
+    again = model.item_vectors([{"item_id": "x", **item, "description": cut}]).numpy()[0]
+    assert np.allclose(engine.catalog.index.vector("ja"), again, atol=1e-5)

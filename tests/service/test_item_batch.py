@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import unicodedata
 
 import numpy as np
 import pytest
@@ -373,6 +374,7 @@ async def test_catalog_edit_many_matches_upserts_one_by_one(ckpt, make_engine):
     one, many = make_engine(ckpt).catalog, make_engine(other).catalog
     texts = {f"p{n}": {"title": f"Product {n}", "year": str(2000 + n), "genres": "Tools"} for n in range(10)}
     texts["i2"] = {"title": "Retitled", "description": "Now with a description."}
+    texts["fr"] = {"title": unicodedata.normalize("NFD", "Amélie")}  # stored in NFC by both
     for item_id, fields in texts.items():
         one.upsert(item_id, fields)
     one.remove("i4")
@@ -380,6 +382,7 @@ async def test_catalog_edit_many_matches_upserts_one_by_one(ckpt, make_engine):
     assert done.replaced == {**dict.fromkeys(texts, False), "i2": True}
     assert done.deleted == ["i4"] and done.not_found == ["nope"]
     assert sorted(one.index.item_ids()) == sorted(many.index.item_ids())
+    assert many.item("fr")["title"] == "Amélie"
     for item_id in texts:
         assert many.item(item_id) == one.item(item_id)
         np.testing.assert_allclose(many.index.vector(item_id), one.index.vector(item_id), atol=1e-5)

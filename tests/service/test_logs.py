@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from service.logs import Throttled
+from tests.conftest import child_env
 from tests.service.conftest import app_for, serve
 from tests.service.test_app import H1, H3, one_running_one_queued
 
@@ -193,6 +194,7 @@ def test_log_lines_in_either_format_for_the_app_and_uvicorn_alike(fmt):
     out = subprocess.run(
         [sys.executable, "-c", LOGGING_SCRIPT.format(fmt=fmt)],
         cwd=ROOT,
+        env=child_env(),
         capture_output=True,
         text=True,
         check=True,

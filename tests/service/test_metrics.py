@@ -63,11 +63,35 @@ async def test_metrics_show_the_event_stream_and_how_far_retraining_is_behind_it
         assert metric(text, "r2ec_stream_maxlen") == 1000
         assert metric(text, "r2ec_retrain_unread_events") == 3  # 5 added, 2 read
         assert metric(text, "r2ec_retrain_last_run_events_lost") == 880
+        assert metric(text, "r2ec_retrain_last_run_events_lost_exact") == 1
         assert metric(text, "r2ec_retrain_events_lost_total") == 1200
         more = [{"item_id": "i6", "rating": 3, "timestamp": 200}]
         assert (await client.post("/users/u2/events", json={"events": more})).status_code == 200
         text = (await client.get("/metrics")).text  # read again at each scrape
         assert metric(text, "r2ec_stream_entries") == 6 and metric(text, "r2ec_retrain_unread_events") == 4
+
+
+@pytest.mark.asyncio
+async def test_unread_events_count_a_stream_begun_again_whole(ckpt, tmp_path, redis_url):
+    """Review 40, finding 2: a stream lost and begun again that took more entries than the last
+    run saw was counted on from the old count: unread too low, R2ecRetrainFallingBehind late."""
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "one", "w1")
+    (root / "CURRENT").write_text("one")
+    (root / "retrain").mkdir()
+    # the last run read 2 entries of a stream created at another time
+    mark = {"entries_added": 2, "last_id": "1-0", "epoch": "1700000000000000", "cursor": "1-0"}
+    # it found the stream begun again: 0 lost, not exact (review 40, finding 1: the flag was not
+    # exported, so R2ecRetrainLostEvents could not fire)
+    last = {"status": "skipped", "finished_at": "2026-12-07T10:00:00+00:00", "events_lost": 0}
+    state = {"last_event_id": "1-0", "stream_mark": mark, "last_run": {**last, "events_lost_exact": False}}
+    (root / "retrain" / "state.json").write_text(json.dumps(state))
+    events = [{"item_id": f"i{n}", "rating": 4, "timestamp": 100 + n} for n in range(1, 6)]
+    async with serve(app_for(root, redis_url=redis_url, stream_maxlen=1000, watch_interval_s=0)) as client:
+        assert (await client.post("/users/u1/events", json={"events": events})).status_code == 200
+        text = (await client.get("/metrics")).text
+        assert metric(text, "r2ec_retrain_unread_events") == 5  # all of the new stream
+        assert metric(text, "r2ec_retrain_last_run_events_lost_exact") == 0
 
 
 def test_the_model_series_keep_the_last_versions_that_served_and_the_variant():

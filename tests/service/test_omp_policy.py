@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import child_env
 
 LOAD = """
 import logging, sys
@@ -32,7 +32,7 @@ def _load(ckpt: Path, first: str, **env: str) -> str:
     }
     done = subprocess.run(
         [sys.executable, "-c", LOAD.format(first=first), str(ckpt)],
-        env={**base, "PYTHONPATH": str(ROOT), **env},
+        env=child_env(base, **env),
         capture_output=True,
         text=True,
         timeout=300,

@@ -26,7 +26,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.app import create_app
-from tests.service.conftest import IN_CI, settings_for, uvicorn_serving
+from tests.service.conftest import ADMIN, IN_CI, settings_for, uvicorn_serving
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
 NO_CHROMIUM = "chromium binary not found (apt-get install chromium, or bash deploy/setup.sh --dev as root)"
@@ -611,7 +611,10 @@ def test_reasoning_stopped_by_the_token_budget_says_so(ckpt, page, route):
         expect(run.locator(".reasoning-text")).to_have_text(answer["reasoning"])
         end = run.locator(".reasoning-end")
         expect(end).to_be_visible()
-        expect(end).to_have_text("(stopped at the token budget of 2 tokens: the model had not finished)")
+        expect(end).to_have_text(
+            "(stopped at the token budget of 2 tokens: the model had not finished; "
+            "a larger “Reasoning tokens” lets it)"
+        )
         # a budget of 0 asks for no reasoning: nothing to show, on either path (the stream's said
         # "the model wrote nothing before ranking")
         page.get_by_label("Reasoning tokens").fill("0")
@@ -666,3 +669,64 @@ def test_the_history_rows_the_model_did_not_read_are_marked(ckpt, page):
         # a changed history is not the one that answer read: the marks go
         page.get_by_role("button", name="Remove Copycat").click()
         expect(page.locator("#history .unread-note:visible")).to_have_count(0)
+
+
+RTL_REASONING = ["Likes Drama, mostly 2000s. Rated highest: وجدة; ", "ואלס עם באשיר; Heat."]
+
+
+def rtl_app(ckpt):
+    """The app with a stand-in stream whose reasoning lists two right-to-left titles in a row."""
+    app = create_app(settings_for(ckpt, max_wait_ms=1))
+
+    async def stream(request: Request) -> StreamingResponse:
+        async def events():
+            for piece in RTL_REASONING:
+                yield _sse("reasoning", {"text": piece})
+                await asyncio.sleep(0.1)
+            item = {"item_id": "he1", "title": "ואלס עם באשיר", "score": 9.0, "rank": 1}
+            yield _sse("items", {"items": [item]})
+            timings = {"queue_ms": 1.0, "generate_ms": 10.0, "score_ms": 1.0, "total_ms": 12.0}
+            yield _sse(
+                "done", {"model_version": "rtl", "cache": "miss", "reasoning_tokens": 9, "timings": timings}
+            )
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return replacing_stream_route(app, stream)
+
+
+def _left(locator) -> list[float]:
+    return [box["x"] for box in locator.evaluate_all("els => els.map(e => e.getBoundingClientRect())")]
+
+
+def test_right_to_left_titles_keep_their_order_in_lists_status_lines_and_the_reasoning(ckpt, page):
+    """Unisolated, "Rated highest: وجدة; ואלס עם באשיר; Heat." showed the two RTL titles swapped,
+    and "Added ואלס עם באשיר. 1 in your history." as "Added 1 .ואלס עם באשיר in your history.":
+    each title is now isolated (<bdi>, dir="auto"), so it is ordered on its own."""
+    with uvicorn_serving(rtl_app(ckpt)) as base:
+        r = httpx.put(base + "/items/he1", json={"title": "ואלס עם באשיר", "year": "2008"}, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        page.goto(base + "/")
+        add_film(page, "ואלס", "ואלס עם באשיר", how="enter")
+        status = page.locator("#q-status")
+        expect(status).to_have_text("Added ואלס עם באשיר. 1 in your history.")
+        expect(status.locator("bdi")).to_have_text("ואלס עם באשיר")
+        # the number and full stop stay after the title: to the right of all of it
+        title_box = status.locator("bdi").evaluate("e => e.getBoundingClientRect()")
+        rest = status.evaluate(
+            "s => { const r = document.createRange(); r.setStart(s.lastChild, 2); r.setEnd(s.lastChild, 3);"
+            " return r.getBoundingClientRect(); }"
+        )  # the "1" of ". 1 in your history."
+        assert rest["x"] >= title_box["x"] + title_box["width"] - 1
+        expect(page.locator("#history .title")).to_have_attribute("dir", "auto")
+
+        page.get_by_role("button", name="Recommend").click()
+        run = page.locator(".run")
+        expect(run.locator(".items li")).to_have_count(1)
+        text = run.locator(".reasoning-text")
+        expect(text).to_have_text("".join(RTL_REASONING))  # the text itself is unchanged
+        entries = text.locator("bdi")
+        assert entries.all_inner_texts() == ["Drama", "وجدة", "ואלס עם באשיר", "Heat"]
+        xs = _left(entries)
+        assert xs[1] < xs[2] < xs[3], "the listed titles must show in the order they are written"
+        expect(run.locator(".items .title")).to_have_attribute("dir", "auto")

@@ -210,6 +210,11 @@ async def test_get_items_finds_an_emoji_title_and_refuses_a_blank_query(ckpt):
             assert r.status_code == 422, (q, r.text)
             assert [f["field"] for f in r.json()["error"]["fields"]] == ["q"], q
         assert r.json()["error"]["message"] == "q: must not be blank"
+        # over 200 characters: said in characters (it said "at most 200 items")
+        r = await client.get("/items", params={"q": "x" * 201})
+        assert r.status_code == 422
+        assert r.json()["error"]["message"] == "q: String should have at most 200 characters", r.text
+        assert (await client.get("/items", params={"q": "千" * 200})).status_code == 200
         # control characters, as in any text: a NUL was searched for and echoed back
         r = await client.get("/items", params={"q": "star\x00"})
         assert r.status_code == 422 and "control characters" in r.json()["error"]["message"], r.text
@@ -286,3 +291,40 @@ async def test_the_page_and_its_files_are_served(ckpt):
         for name in ("index.html", "..%2Fui.py", "nope.js"):
             r = await client.get(f"/static/{name}")
             assert r.status_code == 404 and r.json()["error"]["message"], name
+
+
+def test_japanese_voicing_marks_are_part_of_the_word():
+    """NFKD then dropping combining marks made パン (bread), バン (van) and ハン one word: "バン屋"
+    listed "パン屋の物語" first. Half-width katakana still finds full-width."""
+    index = TitleIndex({"jp4": "パン屋の物語", "jp5": "バン屋の物語", "g1": "ｶﾞﾝﾀﾞﾑ", "g2": "ガンダム"})
+    assert [m.item_id for m in index.search("バン屋", 5)] == ["jp5"]
+    assert [m.item_id for m in index.search("パン", 5)] == ["jp4"]
+    assert index.search("ハン", 5) == []
+    assert {m.item_id for m in index.search("ガンダム", 5)} == {"g1", "g2"}
+
+
+def test_a_title_met_as_typed_ranks_before_its_folded_twins():
+    """ "Heat" listed "HEAT" first and "ABC" listed "ＡＢＣ" first: both forms were one name, ordered
+    by id. Within a tier the title the query meets as typed comes first; folding still finds the
+    others."""
+    index = TitleIndex({"h1": "HEAT", "h2": "Heat", "a1": "ＡＢＣ", "a2": "ABC", "x": "Heat Wave"})
+    assert [(m.item_id, m.typed) for m in index.search("Heat", 5)] == [
+        ("h2", True), ("h1", False), ("x", True),
+    ]  # fmt: skip
+    assert [m.item_id for m in index.search("HEAT", 5)][:2] == ["h1", "h2"]
+    assert [m.item_id for m in index.search("ABC", 5)] == ["a2", "a1"]
+    assert [m.item_id for m in index.search("ＡＢＣ", 5)] == ["a1", "a2"]
+    assert [m.item_id for m in index.search("heat", 5)] == ["h1", "h2", "x"]  # none as typed: by title, id
+
+
+@pytest.mark.asyncio
+async def test_get_items_lists_the_title_typed_first_among_edited_items_too(ckpt):
+    async with serve(app_for(ckpt)) as client:
+        for item_id, title in (("z1", "ZEBRA DAYS"), ("z2", "Zebra Days")):
+            assert (
+                await client.put(f"/items/{item_id}", json={"title": title}, headers=ADMIN)
+            ).status_code == 201
+        r = await client.get("/items", params={"q": "Zebra Days"})
+        assert [i["item_id"] for i in r.json()["items"]] == ["z2", "z1"]
+        r = await client.get("/items", params={"q": "ZEBRA"})
+        assert [i["item_id"] for i in r.json()["items"]] == ["z1", "z2"]

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import threading
 import time
 from dataclasses import replace
 
 import pytest
 import pytest_asyncio
+import redis
 
 from service.store import (
+    EVENTS_STREAM,
+    STREAM_EPOCH_KEY,
+    STREAM_ERASED_IDS_KEY,
+    STREAM_READER_KEY,
     Erased,
     Event,
     MemoryStore,
@@ -626,16 +633,16 @@ async def test_entries_an_erasure_deleted_are_not_counted_as_lost(redis_url):
         assert (await s.erase_user("u0")).stream_entries == 6  # 5 read before, 1 not
         second = read_stream_checked(redis_url, first.cursor, first.mark)
         assert sorted({e.user_id for e in second.events}) == ["u3"]
-        # 11 added since, 5 read, 11 deleted by the erasures (5 of them read before): none
-        # lost, and that is exact, as the stream still starts before the cursor (nothing trimmed)
+        # 11 added since, 5 read, 6 of them deleted by the erasures (and 5 read before, not
+        # counted): none lost, exact
         assert (second.lost, second.lost_exact) == (0, True)
-        assert second.mark["erased"] == 11
+        assert second.mark["last_id"] >= second.cursor
     finally:
         await s.close()
 
 
 @pytest.mark.redis
-async def test_with_an_erasure_and_a_trim_the_count_is_a_lower_bound(redis_url):
+async def test_with_an_erasure_and_a_trim_the_count_is_exact(redis_url):
     s = RedisStore(redis_url, window=WINDOW, stream_maxlen=100)
     try:
         await s.append_events("u0", [Event("a", 1.0, 1)])
@@ -644,10 +651,149 @@ async def test_with_an_erasure_and_a_trim_the_count_is_a_lower_bound(redis_url):
         erased = await s.erase_user("u10")  # the newest user's 50, unread, deleted
         assert erased.stream_entries == 50
         second = read_stream_checked(redis_url, first.cursor, first.mark)
-        # 500 added, 50 erased, the rest read or trimmed: all exact but for what the erasure
-        # may have deleted of what was read before (here none), so a lower bound
-        assert second.lost == 500 - 50 - len(second.events) > 0 and not second.lost_exact
+        # 500 added, 50 erased, the rest read or trimmed: exact (the erasure's ids are recorded)
+        assert second.lost == 500 - 50 - len(second.events) > 0 and second.lost_exact
     finally:
+        await s.close()
+
+
+@pytest.mark.redis
+async def test_an_erasure_of_entries_read_before_hides_no_trimmed_ones(redis_url):
+    """Review 40, finding 1: erasing a user whose entries an earlier run read subtracted them
+    from the entries trimmed unread (0 lost, "an unknown number", no alert)."""
+    s = RedisStore(redis_url, window=WINDOW, stream_maxlen=100)
+    try:
+        await s.append_events("old", [Event(f"i{n}", 4.0, 1000 + n) for n in range(60)])
+        first = read_stream_checked(redis_url, None)
+        assert len(first.events) == 60
+        assert (await s.erase_user("old")).stream_entries == 60  # all read before
+        await _post(s, users=10, each=50)  # 500 at cap 100: most trimmed unread
+        second = read_stream_checked(redis_url, first.cursor, first.mark)
+        assert second.lost == 500 - len(second.events) > 0 and second.lost_exact
+    finally:
+        await s.close()
+
+
+@pytest.mark.redis
+async def test_an_erasure_of_read_entries_without_a_trim_is_no_unknown_loss(redis_url):
+    """Review 40, finding 1 (part C): nothing trimmed, the read entries erased: nothing lost,
+    exact (it was "an unknown number")."""
+    s = RedisStore(redis_url, window=WINDOW)
+    try:
+        await _post(s, users=1, each=50)
+        first = read_stream_checked(redis_url, None)
+        await s.erase_user("u0")
+        await _post(s, users=5, each=10, start=1)
+        second = read_stream_checked(redis_url, first.cursor, first.mark)
+        assert (len(second.events), second.lost, second.lost_exact) == (50, 0, True)
+    finally:
+        await s.close()
+
+
+@pytest.mark.redis
+async def test_an_erasure_during_a_read_is_counted_once(redis_url, monkeypatch):
+    """Review 40, finding 1: an erasure between the stream's counts and the pages was subtracted
+    in that read and again in the next, hiding as many trimmed entries."""
+    s = RedisStore(redis_url, window=WINDOW, stream_maxlen=200)
+    try:
+        await _post(s, users=1, each=100)
+        first = read_stream_checked(redis_url, None)
+        await _post(s, users=1, each=100, start=1)  # u1's 100, unread
+        real, done = redis.Redis.xrange, []
+
+        def erasing(self, *args, **kwargs):
+            if not done:
+                done.append(1)
+                _erase_now(redis_url, "u1")
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(redis.Redis, "xrange", erasing)
+        second = read_stream_checked(redis_url, first.cursor, first.mark)
+        monkeypatch.setattr(redis.Redis, "xrange", real)
+        assert (len(second.events), second.lost, second.lost_exact) == (0, 0, True)
+        await _post(s, users=15, each=100, start=2)  # 1500 at cap 200: most trimmed unread
+        third = read_stream_checked(redis_url, second.cursor, second.mark)
+        assert third.lost == 1500 - len(third.events) > 0 and third.lost_exact
+    finally:
+        await s.close()
+
+
+def _erase_now(redis_url: str, user: str) -> None:
+    """`erase_user` from synchronous code (inside a monkeypatched read), in its own thread."""
+
+    def run() -> None:
+        async def go() -> None:
+            store = RedisStore(redis_url, window=WINDOW)
+            try:
+                await store.erase_user(user)
+            finally:
+                await store.close()
+
+        asyncio.run(go())
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+
+
+@pytest.mark.redis
+async def test_the_record_of_erased_ids_is_trimmed_by_reads_and_erasures(redis_url):
+    """The erased ids are kept from the position retraining's read starts at (each read trims
+    them), or, where no retraining reads the stream, from its first entry (each erasure)."""
+    s = RedisStore(redis_url, window=WINDOW, stream_maxlen=100)
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await _post(s, users=3, each=10)
+        await s.erase_user("u2")
+        assert raw.zcard(STREAM_ERASED_IDS_KEY) == 10  # past the stream's first entry: kept
+        await _post(s, users=10, each=50, start=3)  # u0, u1 and u2's place trimmed
+        time.sleep(0.005)  # the erasures' cutoffs (ms) past their entries'
+        assert (await s.erase_user("u12")).stream_entries == 50  # no reader: trimmed to the first entry
+        first_ms = int(raw.xrange(EVENTS_STREAM, count=1)[0][0].split("-")[0])
+        kept = raw.zrange(STREAM_ERASED_IDS_KEY, 0, -1, withscores=True)
+        assert len(kept) == 50 and all(score >= first_ms for _, score in kept)
+        first = read_stream_checked(redis_url, None)  # a reader from now on
+        assert not first.lost_exact  # erased ids of the range it reads were trimmed
+        await _post(s, users=1, each=10, start=20)
+        time.sleep(0.005)
+        await s.erase_user("u20")
+        second = read_stream_checked(redis_url, first.cursor, first.mark)
+        assert (second.lost, second.lost_exact) == (0, True)
+        assert raw.zcard(STREAM_ERASED_IDS_KEY) == 10  # u20's: past the first read's position
+        third = read_stream_checked(redis_url, second.cursor, second.mark)
+        assert raw.zcard(STREAM_ERASED_IDS_KEY) == 0 and third.lost_exact  # below the second's
+        assert raw.ttl(STREAM_READER_KEY) > 0
+    finally:
+        raw.close()
+        await s.close()
+
+
+@pytest.mark.redis
+async def test_a_stream_lost_and_begun_again_is_noticed_whatever_it_took_since(redis_url):
+    """Review 40, finding 2: a stream flushed and begun again that grew past the count the last
+    read saw was counted on from that count, short by it, and called exact."""
+    s = RedisStore(redis_url, window=WINDOW, stream_maxlen=100)
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await _post(s, users=2, each=50)
+        first = read_stream_checked(redis_url, None)
+        assert (len(first.events), first.lost_exact) == (100, True)
+        assert first.mark["epoch"] == raw.get(STREAM_EPOCH_KEY) is not None  # set where XADD created it
+        await _post(s, users=1, each=50, start=2)  # never read: lost with the stream
+        raw.flushall()  # or a restart without persistence
+        await _post(s, users=10, each=50, start=3)  # 500 (more than the 100 the mark saw), cap 100
+        second = read_stream_checked(redis_url, first.cursor, first.mark)
+        # at least the new stream's trimmed entries; the old one's 50 are unknown
+        assert second.lost == 500 - len(second.events) > 0 and not second.lost_exact
+        assert second.mark["epoch"] not in (None, first.mark["epoch"])
+        # trims and deletions leave the stream (and its epoch) in place
+        raw.xtrim(EVENTS_STREAM, maxlen=0)
+        await _post(s, users=1, each=5, start=20)
+        third = read_stream_checked(redis_url, second.cursor, second.mark)
+        assert (len(third.events), third.lost, third.lost_exact) == (5, 0, True)
+        assert third.mark["epoch"] == second.mark["epoch"]
+    finally:
+        raw.close()
         await s.close()
 
 
@@ -673,7 +819,19 @@ async def test_a_cursor_saved_without_a_mark_counts_from_this_read_on(redis_url)
         await _post(s, users=1, each=10, start=12)
         moved = read_stream_checked(redis_url, again.cursor, kept.mark)
         assert (len(moved.events), moved.lost, moved.lost_exact) == (10, 0, True)
-        assert moved.mark == {"entries_added": 530, "erased": 0, "cursor": moved.cursor}
+        epoch = redis.Redis.from_url(redis_url, decode_responses=True).get(STREAM_EPOCH_KEY)
+        assert moved.mark == {
+            "entries_added": 530,
+            "last_id": moved.cursor,
+            "epoch": epoch,
+            "cursor": moved.cursor,
+        }
+        # a mark an earlier build saved (counts, no position): not counted from either
+        await _post(s, users=1, each=10, start=13)
+        early = read_stream_checked(
+            redis_url, moved.cursor, {"entries_added": 530, "erased": 0, "cursor": moved.cursor}
+        )
+        assert (len(early.events), early.lost, early.lost_exact) == (10, 0, True)
     finally:
         await s.close()
 
