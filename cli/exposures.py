@@ -2,7 +2,8 @@
 file to join with outcomes (docs/operations.md, "Attributing outcomes").
 
 One row per served item, not one per request with list columns: a click is one (user, item,
-request_id) row, so `clicks.merge(served, on=["request_id", "item_id"])` gives each click the
+request_id) row, so `clicks.merge(served, on=["user_id", "request_id", "item_id"])` (the user
+too: the service does not make client request ids unique) gives each click the
 rank, score and model version it was shown with, and a left merge the other way gives the
 exposures a click-through rate is counted over (`groupby(["model_version", "rank"])`), with no
 `explode` first and no list types for tools that read parquet without them. The request's
@@ -32,26 +33,45 @@ RedisUrl = Annotated[
     str, typer.Option(envvar="R2EC_REDIS_URL", help="The service's Redis (redis://host:port/db)")
 ]
 WHEN_HELP = (
-    "an ISO 8601 date or time (UTC where it names no zone: 2026-12-01, 2026-12-01T08:00), Unix "
-    "milliseconds, or a time back from now: 30m, 24h, 7d"
+    "an ISO 8601 date or time (UTC where it names no zone: 2026-12-01, 20261201, 2026-12-01T08:00), "
+    "Unix seconds (10 digits: 1796000000), Unix milliseconds (13 digits: 1796000000000), or a time "
+    "back from now: 30m, 24h, 7d"
 )
 _AGO = re.compile(r"(\d+)([smhd])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 
 
 def parse_when(text: str, now_ms: int | None = None) -> int:
-    """Unix ms of `text` (WHEN_HELP); ValueError for anything else."""
+    """Unix ms of `text` (WHEN_HELP); ValueError for anything else.
+
+    A bare number is told by its digits, not guessed: 10 are Unix seconds (2001-09-09 to 2286,
+    the unit of every event timestamp in this API), 13 are Unix ms (the same years), 8 an ISO
+    basic date (YYYYMMDD, tried as ISO first). Any other count is refused, since it could be
+    either (1796000000 read as ms is 1970-01-21, and the whole log would be exported). A time
+    before 1970 is refused: the log's entries are stream ids, Unix ms from 0."""
     text = text.strip()
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     if m := _AGO.fullmatch(text):
-        return now_ms - int(m.group(1)) * _UNIT_S[m.group(2)] * 1000
-    if text.isdigit():
-        return int(text)
-    try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a time: give {WHEN_HELP}") from None
-    return int((at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp() * 1000)
+        ms = now_ms - int(m.group(1)) * _UNIT_S[m.group(2)] * 1000
+    elif text.isascii() and text.isdigit() and len(text) != 8:
+        if len(text) == 10:
+            ms = int(text) * 1000
+        elif len(text) == 13:
+            ms = int(text)
+        else:
+            raise ValueError(
+                f"{text!r} is ambiguous: give Unix seconds as 10 digits, Unix ms as 13, or an ISO "
+                "date or time (2026-12-01)"
+            )
+    else:
+        try:
+            at = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a time: give {WHEN_HELP}") from None
+        ms = int((at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp() * 1000)
+    if ms < 0:
+        raise ValueError(f"{text!r} is before 1970-01-01, where the exposure log begins")
+    return ms
 
 
 def _schema():  # noqa: ANN202 (pyarrow, imported lazily)
@@ -107,25 +127,34 @@ def _columns(page: list[Any]) -> dict[str, list]:
 @app.command("export")
 def export(
     out: Annotated[Path, typer.Option("--out", help="The parquet file to write (replaced whole at the end)")],
-    since: Annotated[str | None, typer.Option(help=f"Entries written from then: {WHEN_HELP}")] = None,
-    until: Annotated[str | None, typer.Option(help=f"Entries written up to then: {WHEN_HELP}")] = None,
+    since: Annotated[
+        str | None, typer.Option(help=f"Entries written at or after then (inclusive): {WHEN_HELP}")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help=f"Entries written before then (exclusive): {WHEN_HELP}")
+    ] = None,
     redis_url: RedisUrl = "",
     page_size: Annotated[int, typer.Option(min=1, max=100_000, help="Entries read a round trip")] = 10_000,
 ) -> None:
     """Write the exposure log r2ec:served to parquet, one row per served item (request_id,
     item_id, rank, score, user_id, served_at, model_version, ...), to join with clicks posted
-    with a `request_id`: docs/operations.md, "Attributing outcomes". Reads the stream in
-    pages, oldest first, saying on stderr how far it got."""
+    with a `request_id`: docs/operations.md, "Attributing outcomes". The window is half-open,
+    [--since, --until), by the entries' stream ids (Redis's ms): exports of adjacent windows
+    (--since A --until B, then --since B) hold each entry once. Reads the stream in pages,
+    oldest first, saying on stderr how far it got."""
     from model.data.dataset import atomic_write
     from service.store import SERVED_STREAM, StoreUnavailable, read_served
 
     if not redis_url:
         fail("--redis-url (R2EC_REDIS_URL) is needed: the exposure log is the stream r2ec:served in Redis")
-    try:
-        since_ms = None if since is None else parse_when(since)
-        until_ms = None if until is None else parse_when(until)
-    except ValueError as exc:
-        fail(str(exc))
+    now_ms = int(time.time() * 1000)  # one "now" for both ends
+    times: dict[str, int | None] = {}
+    for option, text in (("--since", since), ("--until", until)):
+        try:
+            times[option] = None if text is None else parse_when(text, now_ms)
+        except ValueError as exc:
+            fail(f"{option}: {exc}")
+    since_ms, until_ms = times["--since"], times["--until"]
     if since_ms is not None and until_ms is not None and until_ms < since_ms:
         fail(f"--until ({until}) is before --since ({since})")
 
@@ -138,7 +167,7 @@ def export(
                 {
                     "stream": SERVED_STREAM,
                     "since_ms": since_ms,
-                    "until_ms": until_ms,
+                    "until_ms": until_ms,  # exclusive: [since_ms, until_ms)
                     "exported_at": _iso(None),
                 }
             )

@@ -1,9 +1,10 @@
 """The exposure log (R2EC_EXPOSURE_LOG=redis): what the service served, for joining with outcomes.
 
-One `Served` entry per answered POST /recommend and per /recommend/stream whose `items` event
-was sent (service/streaming.py), in the Redis stream r2ec:served (service/store.py), so a click
-posted with the recommendation's `request_id` (POST /users/{id}/events) can be attributed to
-the model version, rank and score that produced it (docs/operations.md, "Attributing outcomes").
+One `Served` entry per answered POST /recommend and per /recommend/stream that got to its
+`items` event (recorded as it is handed to the server: service/streaming.py), in the Redis
+stream r2ec:served (service/store.py), so a click posted with the recommendation's `request_id`
+(POST /users/{id}/events) can be attributed to the model version, rank and score that produced
+it (docs/operations.md, "Attributing outcomes").
 
 The write must never cost the answer: `record` only builds the entry and puts it on a bounded
 in-process queue, after the reply is decided; one writer task drains the queue into Redis, up
@@ -12,9 +13,13 @@ entry for more, so an entry reaches Redis within ~50 ms and many requests share 
 Nothing here raises into a request. A write that fails (Redis down or full) is logged, at most
 every 10 s, and counted: r2ec_exposures_total{outcome="failed"} (and
 r2ec_store_errors_total{op="add_served"}); those entries are lost, not retried. A full queue
-(Redis slower than the traffic) drops new entries, counted as outcome="dropped". An entry of a
-user erased after it was answered and before it reached Redis is not written
-(outcome="erased"). On shutdown the queue gets FLUSH_S to drain.
+(Redis slower than the traffic) drops new entries, counted as outcome="dropped". An entry made before its
+user's erasure that reaches Redis after it is not written (outcome="erased"): one made from the
+stored history is checked by that history's events, still stored or not, whenever the erasure
+came (during the model's work, the queue wait, the write queue), with no clock compared; one
+made from an inline history by its time against the erasure's (service/store.py,
+SERVED_SCRIPT). On shutdown the queue gets FLUSH_S to drain; the entries still queued then,
+and the batch the writer holds, are counted as dropped.
 """
 
 from __future__ import annotations
@@ -56,6 +61,11 @@ def served(
     """The exposure-log entry of one answer (service/store.py `Served`); `variant` is the
     replica's R2EC_VARIANT."""
     text = result.reasoning
+    # the stored history it was made from, by event id: the write checks it is still stored, so
+    # an answer made before its user's erasure leaves no entry (service/store.py SERVED_SCRIPT)
+    made_from = None
+    if query.stored_user is not None:
+        made_from = tuple(e.event_id for e in query.history if e.event_id)
     return Served(
         request_id=request_id,
         user_id=user_id or "",
@@ -72,6 +82,7 @@ def served(
         ranks=tuple(int(i.rank) for i in result.items),
         fingerprint=result.fingerprint,
         variant=variant,
+        made_from=made_from,
     )
 
 
@@ -94,6 +105,9 @@ class ExposureLog:
         self.max_age_ms = retention_s * 1000
         self._queue: asyncio.Queue[Served] = asyncio.Queue(queue_size)
         self._writer: asyncio.Task | None = None
+        # the entries the writer has taken off the queue and not yet counted: what `close()`
+        # counts as dropped if it stops the writer meanwhile (in LINGER_S, or waiting on Redis)
+        self._batch: list[Served] = []
         self._failed_log = Throttled(log)
         self._dropped_log = Throttled(log)
 
@@ -134,7 +148,9 @@ class ExposureLog:
 
     async def close(self, timeout_s: float = FLUSH_S) -> None:
         """Let the queue drain for up to `timeout_s`, then stop the writer; what is left is
-        counted as dropped."""
+        counted as dropped: the entries still queued and the batch the writer held (taken off
+        the queue, its write to Redis not answered yet; it may have reached Redis, its reply did
+        not come), so written + failed + dropped + erased is every entry recorded."""
         if self._writer is None:
             return
         with contextlib.suppress(TimeoutError):
@@ -143,25 +159,29 @@ class ExposureLog:
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer
         self._writer = None
-        left = self._queue.qsize()
+        left = self._queue.qsize() + len(self._batch)
+        self._batch = []
         if left:
             self.metrics.exposures.labels("dropped").inc(left)
             log.warning("exposure log: %d entries not written at shutdown", left)
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
+            batch = self._batch = [await self._queue.get()]  # counted by `close` until counted here
             if self._queue.qsize() < WRITE_BATCH - 1:
                 await asyncio.sleep(LINGER_S)  # let more come: one round trip for them all
             while len(batch) < WRITE_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
                 written = await self.store.add_served(batch, self.maxlen, self.max_age_ms)
+                self._batch = []
             except StoreUnavailable as exc:
+                self._batch = []
                 self.metrics.exposures.labels("failed").inc(len(batch))
                 self.metrics.store_errors.labels(exc.op).inc()
                 self._failed_log.warn("exposure log: %d entries not written: %s", len(batch), exc)
             except Exception:  # the writer must outlive any one batch
+                self._batch = []
                 self.metrics.exposures.labels("failed").inc(len(batch))
                 log.exception("exposure log: %d entries not written", len(batch))
             else:

@@ -72,7 +72,10 @@ erasure happened in the streams' own clock: every entry either stream held then 
 before it, and the script moves each stream's last id to the end of that millisecond, so every
 entry added later (the same id used again) is past it and kept. An exposure answered before the
 erasure but written after it (a replica's write queue, service/exposure.py) is not written:
-SERVED_SCRIPT drops an entry whose user the ledger erased at or after the entry's time.
+SERVED_SCRIPT drops an entry made before its user's erasure: one made from the stored history
+where that history no longer holds every event the answer read (the reasoning cache's check,
+below; no clock compared), one made from an inline history where the ledger's cutoff is at or
+after its `at_ms` (the replica's clock against Redis's: off by their skew).
 Retraining reads the ledger (`read_erasures`) to drop what it consumed before the erasure and
 the user's share of its seed dataset (model/retrain.py). A cache entry is indexed under the
 user whose stored history it was made from, in the same step as it is written, and not written
@@ -311,6 +314,10 @@ class Served:
     fingerprint: str = ""
     variant: str = ""
     id: str = ""  # the stream entry's id, once read back
+    # not written, for the erasure check only (SERVED_SCRIPT): the event ids of the stored history
+    # the answer was made from (`Query.history` of a `stored_user`); None for an answer that read
+    # no stored history (inline), checked by `at_ms`; an entry read back has None
+    made_from: tuple[str, ...] | None = None
 
     def fields(self) -> dict[str, str]:
         """The stream entry's fields, `user_id` first (USER_PAGE_SCRIPT meets it first) and
@@ -814,14 +821,19 @@ class RedisStore:
     async def add_served(self, entries: Sequence[Served], maxlen: int = 0, max_age_ms: int = 0) -> int:
         """Append answered recommendations to the exposure log in one script (SERVED_SCRIPT),
         capped near `maxlen` entries and/or `max_age_ms` by Redis's clock (0: no such cap);
-        an entry of a user erased at or after its time is left out. Returns how many were
-        written. StoreUnavailable (op add_served) where Redis fails."""
+        an entry of an erased user made before the erasure is left out (SERVED_SCRIPT: one made
+        from the stored history whose events are no longer all stored, one that read none with
+        its `at_ms` at or before the ledger's cutoff). Returns how many were written.
+        StoreUnavailable (op add_served) where Redis fails."""
         if not entries:
             return 0
         names = list(entries[0].fields())
-        args: list[str | int] = [maxlen, max_age_ms, len(names), *names]
+        prefix = HISTORY_KEY.format(user_id="")
+        args: list[str | int] = [maxlen, max_age_ms, prefix, len(names), *names]
         for entry in entries:
             args += entry.fields().values()
+            made = entry.made_from
+            args.append("" if made is None else json.dumps(list(made), separators=(",", ":")))
         with self._failures("add_served"):
             return int(await self._add_served(keys=[SERVED_STREAM, ERASURES_KEY], args=args))
 
@@ -1146,15 +1158,22 @@ def read_served(
     page_size: int = 10_000,
     timeout_s: float = 10.0,
 ) -> Iterator[list[Served]]:
-    """The exposure log's entries added from `since_ms` to `until_ms` (Unix ms, inclusive; None:
-    from the start, to the end), oldest first, a page of up to `page_size` entries at a time,
-    for `r2ec exposures export`: synchronous, one connection. A down Redis raises
+    """The exposure log's entries added at or after `since_ms` and before `until_ms` (Unix ms, by
+    the stream ids; half-open, so adjacent windows share no entry; None: from the start, to the
+    end), oldest first, a page of up to `page_size` entries at a time, for `r2ec exposures
+    export`: synchronous, one connection. A negative time is a ValueError; a down Redis raises
     StoreUnavailable (op read_served)."""
+    for name, ms in (("since_ms", since_ms), ("until_ms", until_ms)):
+        if ms is not None and ms < 0:
+            raise ValueError(f"{name} {ms} is before 1970: stream ids start at 0")
+    if until_ms is not None and (until_ms == 0 or (since_ms is not None and until_ms <= since_ms)):
+        return  # an empty window
+    low = "-" if since_ms is None else str(int(since_ms))  # "<ms>": from <ms>-0
+    # "<ms - 1>": to <ms - 1>-<the last sequence>, the last id before <ms>-0
+    high = "+" if until_ms is None else str(int(until_ms) - 1)
     client = redis.Redis.from_url(
         redis_url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
     )
-    low = "-" if since_ms is None else str(int(since_ms))  # "<ms>": from <ms>-0
-    high = "+" if until_ms is None else str(int(until_ms))  # to <ms>-<the last sequence>
     try:
         while True:
             with _failures(redis_url, "read_served"):
@@ -1302,22 +1321,38 @@ return out
 """
 
 
+# A Lua function for the scripts below that write what was made from a user's stored history
+# (CACHE_SET_SCRIPT, SERVED_SCRIPT): whether that history is still stored, so an erasure while
+# it was made stops the write. `history_holds(key, ids)`: the history list `key` exists and holds
+# every event id in `ids` (a table; none: only that it exists). An erasure deletes the list; an
+# id posted again after it is in a new list, so every id of the history read must be there.
+HISTORY_HOLDS_LUA = """
+local function history_holds(key, ids)
+  if redis.call('EXISTS', key) == 0 then return false end
+  if #ids == 0 then return true end
+  local stored = {}
+  for _, json in ipairs(redis.call('LRANGE', key, 0, -1)) do
+    local id = cjson.decode(json)['event_id']
+    if id then stored[id] = true end
+  end
+  for _, id in ipairs(ids) do
+    if not stored[id] then return false end
+  end
+  return true
+end
+"""
+
+
 # KEYS: cache entry, the user's cache-key index, the user's history. ARGV: the entry, ttl (s), the
 # bare cache key, then the event ids of the history it was made from. Returns 1 if written, 0 if
 # the user has no history or one of those events is not in it (erased meanwhile, maybe posted
 # to again).
-CACHE_SET_SCRIPT = """
-if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
-if #ARGV > 3 then  -- the event ids of the history it was made from: each still stored
-  local stored = {}
-  for _, json in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
-    local id = cjson.decode(json)['event_id']
-    if id then stored[id] = true end
-  end
-  for i = 4, #ARGV do
-    if not stored[ARGV[i]] then return 0 end
-  end
-end
+CACHE_SET_SCRIPT = (
+    HISTORY_HOLDS_LUA
+    + """
+local made_from = {}  -- the event ids of the history it was made from
+for i = 4, #ARGV do made_from[#made_from + 1] = ARGV[i] end
+if not history_holds(KEYS[3], made_from) then return 0 end
 local ttl = tonumber(ARGV[2])
 local now = tonumber(redis.call('TIME')[1])
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
@@ -1326,6 +1361,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)  -- entries expired b
 redis.call('EXPIRE', KEYS[2], ttl)
 return 1
 """
+)
 
 # KEYS: history, seen set, event-id zset, cache-key index, the ledger, the event stream, the
 # exposure log. ARGV: user_id, the cache keys' prefix. Returns the history's length, the seen
@@ -1423,26 +1459,41 @@ return {rows[#rows][1], #rows, removed, mine}
 
 
 # The exposure log's write (`RedisStore.add_served`). KEYS: the served stream, the erasure ledger.
-# ARGV: the cap in entries (0: none), the age cap in ms (0: none), the number of fields, their
-# names, then each entry's values in that order: user_id first, at_ms second (`Served.fields`).
-# An entry of a user the ledger erased at or after the entry's time is not written: answered
-# before the erasure, it reached Redis after the erasure's scan (a replica's write queue).
-# Returns how many were written.
-SERVED_SCRIPT = """
-local maxlen, max_age, nf = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+# ARGV: the cap in entries (0: none), the age cap in ms (0: none), the history keys' prefix, the
+# number of fields, their names, then for each entry its values in that order (user_id first,
+# at_ms second: `Served.fields`) and one more, its `made_from` (not written): "" for an answer
+# that read no stored history, else the JSON list of the event ids of the stored history it was
+# made from. An entry of a user the ledger holds (erased at some time) is written only if it
+# was not made before that erasure: one made from the stored history only while that history
+# still holds every event it was made from (`history_holds`, as CACHE_SET_SCRIPT: no clock is
+# compared), one that read none only if its time is after the ledger's cutoff (the replica's
+# clock against Redis's). A user the ledger never erased is not checked. Returns how many were
+# written.
+SERVED_SCRIPT = (
+    HISTORY_HOLDS_LUA
+    + """
+local maxlen, max_age, nf = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
 local head = {KEYS[1]}
 if maxlen > 0 then head = {KEYS[1], 'MAXLEN', '~', ARGV[1]} end
 head[#head + 1] = '*'
-local base = 3 + nf
+local base = 4 + nf
 local written = 0
-for at = base, #ARGV - nf, nf do
-  local user, ms = ARGV[at + 1], tonumber(ARGV[at + 2])
+for at = base, #ARGV - nf - 1, nf + 1 do
+  local user, ms, made = ARGV[at + 1], tonumber(ARGV[at + 2]), ARGV[at + nf + 1]
+  local keep = true
   local erased = false
   if user ~= '' then erased = redis.call('ZSCORE', KEYS[2], user) end
-  if not erased or tonumber(erased) < ms then
+  if erased then
+    if made ~= '' then
+      keep = history_holds(ARGV[3] .. user, cjson.decode(made))
+    else
+      keep = tonumber(erased) < ms
+    end
+  end
+  if keep then
     local args = {unpack(head)}
     for j = 1, nf do
-      args[#args + 1] = ARGV[3 + j]
+      args[#args + 1] = ARGV[4 + j]
       args[#args + 1] = ARGV[at + j]
     end
     redis.call('XADD', unpack(args))
@@ -1456,6 +1507,7 @@ if max_age > 0 and written > 0 then
 end
 return written
 """
+)
 
 
 @contextmanager

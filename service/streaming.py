@@ -10,9 +10,12 @@ is still the JSON error /recommend gives. From then on the answer is events:
     event: done        data: {"reasoning_tokens": ..., "reasoning_cut": ..., "cache": ..., "timings": {...}}
 
 or, for a failure after the stream began, `event: error` with the JSON error body, and the end.
-With the exposure log on (service/exposure.py), a stream records its entry once its `items`
-event has been sent; one cut by its client before that (during the reasoning) showed no items
-and records nothing, nor does an `error` stream.
+With the exposure log on (service/exposure.py), a stream records its entry as its `items` event
+is handed to the server to send, before that send completes (as /recommend records its answer
+once decided, before the reply is sent): a client that leaves while the items are being sent
+still has its entry, and one already gone then (the items never reached it) has one too. A
+stream cut by its client before that (during the reasoning) showed no items and records
+nothing, nor does an `error` stream.
 
 The pieces come from the model thread (`PreparedQuery.on_text`): each is handed to the event loop
 with `call_soon_threadsafe` into an asyncio queue, ahead of the batch's result (the executor
@@ -167,12 +170,16 @@ class RecommendStream:
             body = await error_body(self._request, exc)
             yield ServerSentEvent(data=bytes(body).decode(), event="error", sep="\n")
             return
-        yield _event("items", _items(result, self._source, self._state.settings.variant))
-        # resumed: the items event was handed to the server. Its exposure-log entry now: a
-        # stream cut during its reasoning showed no items and records nothing
-        self._outcome = "ok"
+        # the exposure-log entry, as the items event is handed to the server, not once this
+        # generator resumes after it: a send that waits (a slow client's full socket buffer, an
+        # ASGI server or middleware whose send awaits) and a client that leaves meanwhile close
+        # the generator at the `yield`, with the items written, maybe seen. As /recommend
+        # records once its reply is decided, before it is sent. A stream cut during its
+        # reasoning showed no items and records nothing
         rid = request_id(self._request.scope)
         self._state.record_served(rid, self._user_id, "/recommend/stream", self._query, result, self._source)
+        yield _event("items", _items(result, self._source, self._state.settings.variant))
+        self._outcome = "ok"
         yield _event("done", _done(result, self._query))
 
 

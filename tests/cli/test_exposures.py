@@ -130,3 +130,44 @@ def test_times_are_iso_unix_ms_or_back_from_now():
     assert parse_when("1700000000000", now) == 1_700_000_000_000
     assert parse_when("2026-12-01", now) == parse_when("2026-12-01T00:00:00+00:00", now)
     assert parse_when("2026-12-01T01:00+01:00", now) == parse_when("2026-12-01", now)
+
+
+@pytest.mark.redis
+def test_adjacent_windows_share_no_entry(redis_url, tmp_path):
+    """[--since, --until): the entries of millisecond T are in the window that begins at T, not in
+    the one that ends there, so exports of adjacent windows concatenate without a double."""
+    import redis
+
+    t = 1_796_000_000_000
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    for entry_id in (f"{t - 1}-0", f"{t}-0", f"{t}-1", f"{t + 1}-0"):
+        fields = _entry(f"req-{entry_id}", "u1", ("i1",)).fields()
+        raw.xadd("r2ec:served", fields, id=entry_id)
+    a, b, c = (tmp_path / f"{n}.parquet" for n in "abc")
+    assert _export("--redis-url", redis_url, "--out", str(a), "--until", str(t)).exit_code == 0
+    assert _export("--redis-url", redis_url, "--out", str(b), "--since", str(t)).exit_code == 0
+    before, after = set(pd.read_parquet(a).request_id), set(pd.read_parquet(b).request_id)
+    assert before == {f"req-{t - 1}-0"} and after == {f"req-{t}-0", f"req-{t}-1", f"req-{t + 1}-0"}
+    result = _export("--redis-url", redis_url, "--out", str(c), "--since", str(t), "--until", str(t + 1))
+    assert result.exit_code == 0 and set(pd.read_parquet(c).request_id) == {f"req-{t}-0", f"req-{t}-1"}
+    result = _export("--redis-url", redis_url, "--out", str(c), "--since", str(t), "--until", str(t))
+    assert result.exit_code == 0 and "no exposure-log entries" in result.output
+
+
+def test_bare_numbers_are_told_by_their_digits_and_a_time_before_1970_is_refused(tmp_path):
+    now = 1_800_000_000_000
+    assert parse_when("1796000000", now) == 1_796_000_000_000  # Unix seconds, as event timestamps
+    assert parse_when("1796000000000", now) == 1_796_000_000_000  # Unix ms
+    assert parse_when("20261201", now) == parse_when("2026-12-01", now)  # an ISO basic date
+    for ambiguous in ("179600000", "17960000000", "179600000000", "0", "12345678"):
+        with pytest.raises(ValueError):
+            parse_when(ambiguous, now)
+    for before_1970 in ("1969-12-01", "300000d", "19691231"):
+        with pytest.raises(ValueError, match="before 1970"):
+            parse_when(before_1970, now)
+    # the CLI names the option, before it reaches Redis
+    out = str(tmp_path / "x.parquet")
+    result = _export("--out", out, "--redis-url", "redis://127.0.0.1:1/0", "--since", "1969-12-01")
+    assert result.exit_code == 2 and "--since: '1969-12-01' is before 1970" in result.output
+    result = _export("--out", out, "--redis-url", "redis://127.0.0.1:1/0", "--until", "17960000000")
+    assert result.exit_code == 2 and "--until: '17960000000' is ambiguous" in result.output

@@ -14,6 +14,7 @@ import redis
 from service.store import (
     EVENTS_STREAM,
     SERVED_STREAM,
+    Event,
     RedisStore,
     Served,
     read_served,
@@ -317,3 +318,158 @@ async def test_events_carry_a_request_id_into_the_stream_and_retraining_ignores_
         tmp_path / "checked", lambda after, mark=None: read_stream_checked(redis_url, after, mark)
     )
     assert done.new == 2 and list(done.events["item_id"]) == [clicked, "i2"]
+
+
+async def test_shutdown_counts_the_batch_in_flight_as_dropped():
+    """close() stops a writer that waits on a Redis that never answers: the batch it holds is
+    counted (dropped) with what is still queued, so every entry recorded is counted once."""
+    import asyncio
+
+    from service.exposure import WRITE_BATCH, ExposureLog
+    from service.metrics import Metrics
+
+    class Hung:  # accepts the write, never answers
+        async def add_served(self, entries, maxlen=0, max_age_ms=0):
+            await asyncio.Event().wait()
+
+    metrics = Metrics()
+    log = ExposureLog(Hung(), metrics, maxlen=0, retention_s=0)  # type: ignore[arg-type]
+    log.start()
+    n = WRITE_BATCH + 20
+    for i in range(n):
+        log._queue.put_nowait(
+            Served(f"r{i}", "u1", 1, "v", "/recommend", 1, False, "", "off", "store", (), (), ())
+        )
+    await asyncio.sleep(0.2)  # the writer took its batch and waits on Redis
+    assert log.pending == n - WRITE_BATCH
+    await log.close(timeout_s=0.1)
+    counts = {o: metrics.exposures.labels(o)._value.get() for o in ("written", "failed", "dropped", "erased")}
+    assert counts == {"written": 0, "failed": 0, "dropped": n, "erased": 0}
+
+    # one taken off the queue while the writer lingers for more (LINGER_S) is counted too
+    metrics = Metrics()
+    log = ExposureLog(Hung(), metrics, maxlen=0, retention_s=0)  # type: ignore[arg-type]
+    log.start()
+    log._queue.put_nowait(Served("r", "u1", 1, "v", "/recommend", 1, False, "", "off", "store", (), (), ()))
+    await asyncio.sleep(0)  # the writer took it, sleeps in LINGER_S
+    await asyncio.sleep(0)
+    await log.close(timeout_s=0)
+    assert metrics.exposures.labels("dropped")._value.get() == 1
+
+
+async def test_an_answer_made_from_a_history_erased_while_it_was_answered_is_not_written(ckpt, redis_url):
+    """DELETE /users/u1 while the model works on u1's stored history: the answer is given, and
+    its entry, made from the erased history, is not written after the erasure (as its reasoning
+    is not cached); the user's next answer, from what they post afterwards, is."""
+    import asyncio
+
+    from tests.service.conftest import HeldModel
+
+    app = logged_app(ckpt, redis_url)
+    async with serve(app) as client:
+        state = app.state.r2ec
+        assert (await client.post("/users/u1/events", json={"events": H1})).status_code == 200
+        held = HeldModel(state)
+        try:
+            req = asyncio.create_task(
+                client.post("/recommend", json={"user_id": "u1", "k": 2}, headers={"X-Request-ID": "during"})
+            )
+            await held.wait_entered()  # the history was read; the model works
+            r = await client.delete("/users/u1", headers=ADMIN)
+            assert r.status_code == 200 and r.json()["served_entries"] == 0
+            held.release()
+            resp = await req
+        finally:
+            held.release()
+            held.restore()
+        assert resp.status_code == 200 and resp.json()["history_source"] == "store"
+        await state.exposures.flush()
+        assert served(redis_url) == [] and (await state.store.export_user("u1")).served == []
+        text = (await client.get("/metrics")).text
+        assert metric(text, "r2ec_exposures_total", outcome="erased") == 1
+
+        assert (await client.post("/users/u1/events", json={"events": H2})).status_code == 200
+        r = await client.post("/recommend", json={"user_id": "u1", "k": 2}, headers={"X-Request-ID": "after"})
+        assert r.status_code == 200
+        await state.exposures.flush()
+        assert [e.request_id for e in served(redis_url)] == ["after"]
+
+
+async def test_the_erasure_check_of_a_stored_history_answer_compares_no_clocks(redis_url):
+    """An entry made from the stored history is judged by that history, not by `at_ms` against
+    the ledger: a replica's clock ahead of Redis's, or behind it, changes nothing."""
+    store = RedisStore(redis_url)
+
+    def entry(rid: str, at_ms: int, made_from: tuple[str, ...] | None, user: str = "u1") -> Served:
+        return Served(rid, user, at_ms, "v", "/recommend", 1, False, "", "off",
+                      "store" if made_from is not None else "request", ("i1",), (1.0,), (1,),
+                      made_from=made_from)  # fmt: skip
+
+    try:
+        await store.append_events("u1", [Event("i1", event_id="e1"), Event("i2", event_id="e2")])
+        erased = await store.erase_user("u1")
+        # answered before the erasure from the erased history, stamped 300 ms after it (a
+        # replica ahead of Redis): not written
+        ahead = entry("ahead", erased.erased_at_ms + 300, ("e1", "e2"))
+        assert await store.add_served([ahead]) == 0
+        # the user posts again and is answered from the new history, stamped 100 ms before the
+        # erasure (a replica behind Redis): written; so is the same id posted again, and an
+        # entry's ids read back carry nothing of the check
+        await store.append_events("u1", [Event("i3", event_id="e3"), Event("i1", event_id="e1")])
+        behind = entry("behind", erased.erased_at_ms - 100, ("e3", "e1"))
+        assert await store.add_served([behind]) == 1
+        # a history that lost one event read (erased, one posted again) is not the history read
+        assert await store.add_served([entry("partial", erased.erased_at_ms + 60_000, ("e1", "e2"))]) == 0
+        # an inline history's answer (no stored history read) is still judged by its time
+        assert await store.add_served([entry("inline-before", erased.erased_at_ms - 5, None)]) == 0
+        assert await store.add_served([entry("inline-after", erased.erased_at_ms + 5, None)]) == 1
+        # a user never erased is not checked: an event read and gone since (the window moved on)
+        # leaves the entry in
+        assert await store.add_served([entry("slid", 1, ("gone",), user="u2")]) == 1
+        assert [e.request_id for e in served(redis_url)] == ["behind", "inline-after", "slid"]
+        assert all(e.made_from is None for e in served(redis_url))
+    finally:
+        await store.close()
+
+
+async def test_a_stream_cut_while_its_items_are_being_sent_has_its_entry(ckpt, redis_url):
+    """The server's send of the `items` chunk waits (a slow client's full socket buffer, an ASGI
+    middleware that awaits), and the client leaves meanwhile: sse-starlette closes the
+    generator at its `yield`, and the entry, recorded as the items were handed over, is there.
+    Raw ASGI, as above."""
+    import asyncio
+    import json
+
+    app = logged_app(ckpt, redis_url)
+    async with serve(app):
+        state = app.state.r2ec
+        leave = asyncio.Event()
+        body = json.dumps({"history": H2, "k": 2}).encode()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[bytes] = []
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await leave.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                sent.append(message.get("body", b""))
+                if b"event: items" in sent[-1]:
+                    leave.set()  # the client leaves while this send waits
+                    await asyncio.sleep(0)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": STREAM, "raw_path": STREAM.encode(),
+            "root_path": "", "query_string": b"", "server": ("r2ec.test", 80), "client": ("127.0.0.1", 1),
+            "headers": [(b"host", b"r2ec.test"), (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()), (b"x-request-id", b"cut-at-items")],
+        }  # fmt: skip
+        await asyncio.wait_for(app(scope, receive, send), 60)
+        await state.exposures.flush()
+    events = [line for chunk in sent for line in chunk.decode().splitlines() if line.startswith("event:")]
+    assert "event: items" in events and "event: done" not in events  # cut after the items
+    assert [e.request_id for e in served(redis_url)] == ["cut-at-items"]
