@@ -74,6 +74,7 @@ from model.checkpoint_meta import (  # noqa: F401 (torch-free there; re-exported
     _valid_record,
     edit_maps,
     index_edits,
+    index_record,
     item_record,
     merge_logged,
     read_carried_edits,

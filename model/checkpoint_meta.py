@@ -173,6 +173,12 @@ def index_edits(directory: Path, version: str) -> dict[str, Any]:
     """The edits record in <directory> for `version`: index.json's (where it was saved for
     `version`) with the entries for `version` appended to the edit log since (index/journal.py,
     `merge_logged`); {} where there is neither."""
+    return index_record(directory, version)[0]
+
+
+def index_record(directory: Path, version: str) -> tuple[dict[str, Any], dict[str, Mapping[str, Any]]]:
+    """`index_edits`, and the edit log's entries that won in it, by item (`merge_logged`: each
+    with the vector logged beside it, which service/catalog.py applies rather than encode)."""
     from index.journal import read as read_log  # faiss: only where an index is read
     from index.persist import read_metadata
 
@@ -183,7 +189,7 @@ def index_edits(directory: Path, version: str) -> dict[str, Any]:
     if not isinstance(metadata, dict) or metadata.get("model_version") != version:
         metadata = {}
     logged = [e for e in read_log(directory) if e.get("model_version") == version]
-    return merge_logged(metadata, logged)[0] if logged else metadata
+    return merge_logged(metadata, logged) if logged else (metadata, {})
 
 
 def merge_logged(

@@ -41,7 +41,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ from model.checkpoint import (
     ITEM_FIELDS,
     Checkpoint,
     edit_maps,
-    index_edits,
+    index_record,
     item_record,
     merge_logged,
     read_carried_edits,
@@ -70,6 +70,10 @@ log = logging.getLogger(__name__)
 FOLLOW_BACK = 8  # versions back whose saved edits a new version follows (retrain keeps 3)
 TITLE_REBUILD_EDITS = 256  # item edits searched beside the title index before it is rebuilt
 SNAPSHOT_EVERY = 1000  # edits in the log beside the index before the whole index is saved again
+
+# encodes item dicts into h_v (N, H), rows in their order (`Catalog.encode_items`, or the
+# service's, which takes turns with the recommendation batches on the model thread)
+Encoder = Callable[[Sequence[Mapping[str, Any]]], np.ndarray]
 
 
 class ItemTextError(QueryError):
@@ -176,18 +180,46 @@ class _Titles(Mapping[str, str]):
 @dataclass(frozen=True)
 class Edits:
     """Item edits on top of a checkpoint's catalog: item_id -> its record (None: deleted), and
-    when each was made (ns since the epoch; 0 for one saved before times were kept)."""
+    when each was made (ns since the epoch; 0 for one saved before times were kept); for the
+    upserts read from an edit log, the vector logged with each (`vectors`, made by the model of
+    version `model_version`), which a catalog of that version applies rather than encode."""
 
     records: dict[str, dict[str, str] | None] = field(default_factory=dict)
     times: dict[str, int] = field(default_factory=dict)
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    model_version: str | None = None
 
     @classmethod
     def of(cls, metadata: Mapping[str, Any]) -> Edits:
         """The edits an index.json's metadata records (none where it records none)."""
         return cls(*edit_maps(metadata))
 
+    @classmethod
+    def logged(cls, merged: Mapping[str, Any], won: Mapping[str, Mapping[str, Any]], version: str) -> Edits:
+        """The edits of a record merged with the entries `version`'s edit log holds after it
+        (`merge_logged`: the merged record and the entries that won, by item), with each winning
+        upsert's logged vector: what a restart (`_replay_log`) and a sync (`Catalog._apply`)
+        apply without encoding."""
+        edits = cls.of(merged)
+        vectors = {
+            i: e["vector"]
+            for i, e in won.items()
+            if edits.records.get(i) is not None and isinstance(e.get("vector"), np.ndarray)
+        }
+        return cls(edits.records, edits.times, vectors, version)
+
     def __bool__(self) -> bool:
         return bool(self.records)
+
+
+def usable_vector(vector: np.ndarray | None, dim: int) -> bool:
+    """Whether a logged vector can go into an index of `dim` as it is (else it is encoded)."""
+    return (
+        vector is not None
+        and vector.shape == (dim,)
+        and bool(np.isfinite(vector).all())
+        and bool(np.any(vector))
+    )
 
 
 def stored_record(fields: Mapping[str, Any]) -> dict[str, str]:
@@ -571,27 +603,28 @@ class Catalog:
             self._persist()
         return applied
 
-    def sync_edits(self) -> int:
+    def sync_edits(self, encode: Encoder | None = None) -> int:
         """Apply the edits another replica saved beside this checkpoint that are newer than this
         catalog's own (module docstring), and those saved since for the version this catalog
         replaced (`carry_from`, `open`; saved here when they changed something); a cheap stat
-        per record that has not changed since this catalog last read or wrote it. Returns how
-        many edits changed something."""
+        per record that has not changed since this catalog last read or wrote it. The ones read
+        from this version's edit log go in with their logged vectors; the others are encoded by
+        `encode` (`_vectors_of`). Returns how many edits changed something."""
         if not self.persist_edits:
             return 0
         if self.unsaved is not None:  # edits held in memory since a failed save: try again
-            self._persist()
+            self._persist(encode)
             if self.unsaved is None:
                 log.info("item edits held in memory are saved now")
-        applied = self._sync_own()
+        applied = self._sync_own(encode)
         for key, (directory, _, _) in list(self._sources.items()):
             if not directory.parent.is_dir():  # that version was pruned: nothing more to come
                 del self._sources[key]
         carried = sum(
-            self._follow(directory, version) for directory, version, _ in list(self._sources.values())
+            self._follow(directory, version, encode) for directory, version, _ in list(self._sources.values())
         )
         if carried:
-            self._persist()
+            self._persist(encode)
         elif self.unsaved is None and self._snapshot_due():  # one given up on (`_save_snapshot`)
             self._snapshot_in_background()
         return applied + carried
@@ -600,20 +633,20 @@ class Catalog:
     def _directory(self) -> Path:
         return self.checkpoint.path / INDEX_DIR
 
-    def _sync_own(self) -> int:
+    def _sync_own(self, encode: Encoder | None = None) -> int:
         """`sync_edits` for this checkpoint's own record only (what a save merges first)."""
         applied, self._saved = self._take_saved(
-            self._directory, self.checkpoint.version, self._saved, on_record=True
+            self._directory, self.checkpoint.version, self._saved, on_record=True, encode=encode
         )
         return applied
 
-    def _follow(self, directory: Path, version: str) -> int:
+    def _follow(self, directory: Path, version: str, encode: Encoder | None = None) -> int:
         """Apply the edits saved in another version's record `directory` since this catalog last
         read it (all, the first time) that are newer than its own, without saving, and keep
         following it."""
         key = os.path.realpath(directory)
         applied, stamp = self._take_saved(
-            directory, version, self._sources.get(key, (directory, version, None))[2]
+            directory, version, self._sources.get(key, (directory, version, None))[2], encode=encode
         )
         self._sources[key] = (directory, version, stamp)
         return applied
@@ -638,7 +671,13 @@ class Catalog:
         return applied
 
     def _take_saved(
-        self, directory: Path, version: str, seen: Stamp | None, *, on_record: bool = False
+        self,
+        directory: Path,
+        version: str,
+        seen: Stamp | None,
+        *,
+        on_record: bool = False,
+        encode: Encoder | None = None,
     ) -> tuple[int, Stamp | None]:
         """Apply the edits in `directory`'s record for `version` that are newer than this
         catalog's own, when the record is not the one last read (`seen`): how many changed
@@ -654,9 +693,11 @@ class Catalog:
             edits = logged_edits(directory, version)
         else:
             edits = saved_edits(directory, version)
-        return self._apply(edits, ties_win=False, on_record=on_record), stamp
+        return self._apply(edits, ties_win=False, on_record=on_record, encode=encode), stamp
 
-    def _apply(self, edits: Edits, *, ties_win: bool, on_record: bool = False) -> int:
+    def _apply(
+        self, edits: Edits, *, ties_win: bool, on_record: bool = False, encode: Encoder | None = None
+    ) -> int:
         """Take the edits that are later than this catalog's own edit of the item (or as late,
         with `ties_win`), without saving: each is recorded with its time, also one that changes
         nothing served (its time is what a later save must keep); the ones that change an item
@@ -671,10 +712,35 @@ class Catalog:
         winners = {i: r for i, r in edits.records.items() if wins(i)}
         upserts = {i: r for i, r in winners.items() if r is not None and self._records.get(i) != r}
         deletes = [i for i, r in winners.items() if r is None and i in self._records]
-        vectors = self.encode_items([{"item_id": i, **r} for i, r in upserts.items()]) if upserts else None
+        vectors = self._vectors_of(upserts, edits, encode) if upserts else None
         times = {i: edits.times.get(i, 0) for i in winners}
         self._commit(upserts, vectors, deletes, winners, times, on_record=on_record)
         return len(upserts) + len(deletes)
+
+    def _vectors_of(
+        self, upserts: Mapping[str, dict[str, str]], edits: Edits, encode: Encoder | None
+    ) -> np.ndarray:
+        """h_v (N, H) of `upserts`, rows in their order: the vector logged with each where the
+        edits come from this model version's log (`Edits.vectors`, as a restart applies them:
+        the replica that made the edit encoded it with this model), the others (another
+        version's edits, an edit a full save took out of the log, a vector missing or of another
+        dimension) encoded by `encode` (`encode_items` where None: the service gives one that
+        encodes EDIT_BATCH_CHUNK items per turn of the model thread, service/state.py)."""
+        dim = self.index.dim
+        logged = edits.vectors if edits.model_version == self.checkpoint.version else {}
+        out = np.empty((len(upserts), dim), dtype=np.float32)
+        missing = []
+        for row, item_id in enumerate(upserts):
+            vector = logged.get(item_id)
+            if usable_vector(vector, dim):
+                out[row] = vector
+            else:
+                missing.append(row)
+        if missing:
+            ids = list(upserts)
+            items = [{"item_id": ids[r], **upserts[ids[r]]} for r in missing]
+            out[missing] = (encode or self.encode_items)(items)
+        return out
 
     def _commit(
         self,
@@ -710,7 +776,7 @@ class Catalog:
             else:
                 self._dirty.update(recorded)
 
-    def _persist(self) -> None:
+    def _persist(self, encode: Encoder | None = None) -> None:
         """Save the edits applied here that the record beside the checkpoint lacks: appended to
         its edit log (index/journal.py), after applying what another replica saved there since
         (`sync_edits`), under the directory's lock, so the record keeps every replica's edits.
@@ -721,7 +787,7 @@ class Catalog:
         directory = self._directory
         try:
             with self._writing, locked(directory):
-                self._sync_own()
+                self._sync_own(encode)
                 self._log_dirty(directory)
                 self._saved = _stamp(directory)
         except OSError as exc:  # a read-only checkpoint volume still serves the edit, from memory
@@ -909,6 +975,7 @@ def _replay_log(index: ItemIndex, directory: Path, version: str) -> Edits:
     if not entries:
         return saved
     merged, won = merge_logged(index.metadata, entries)
+    logged = Edits.logged(merged, won, version)
     upserts: dict[str, np.ndarray] = {}
     deletes = []
     for item_id, entry in won.items():
@@ -920,8 +987,8 @@ def _replay_log(index: ItemIndex, directory: Path, version: str) -> Edits:
         if record is None:
             deletes.append(item_id)
             continue
-        vector = entry.get("vector")
-        if vector is None or vector.shape != (index.dim,):
+        vector = logged.vectors.get(item_id)
+        if not usable_vector(vector, index.dim):
             raise ValueError(f"the edit log's entry for item {item_id!r} has no usable vector")
         upserts[item_id] = vector
     if upserts:
@@ -939,14 +1006,15 @@ def _replay_log(index: ItemIndex, directory: Path, version: str) -> Edits:
 def saved_edits(directory: Path, version: str) -> Edits:
     """The item edits recorded in <directory> for this model version (index.json and the edit
     log after it), whatever state the rest of that directory is in; none when there is no
-    readable record."""
-    return Edits.of(index_edits(directory, version))
+    readable record. The upserts the log holds come with their logged vectors (`Edits.logged`)."""
+    return Edits.logged(*index_record(directory, version), version)
 
 
 def logged_edits(directory: Path, version: str) -> Edits:
-    """The item edits for this model version in <directory>'s edit log alone."""
+    """The item edits for this model version in <directory>'s edit log alone, with the vectors
+    logged beside them (`Edits.logged`)."""
     entries = [e for e in journal.read(directory) if e.get("model_version") == version]
-    return Edits.of(merge_logged({}, entries)[0]) if entries else Edits()
+    return Edits.logged(*merge_logged({}, entries), version) if entries else Edits()
 
 
 def _apply_edits(catalog: dict[str, Any], edits: Mapping[str, Any]) -> None:

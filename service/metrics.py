@@ -81,8 +81,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, variant: str = "") -> None:
         self.registry = registry or CollectorRegistry()
         self.variant = variant  # R2EC_VARIANT: the `variant` label of the model metrics
-        # versions with recommendation series, oldest first, and each one's labelled children
+        # versions with recommendation series, least recently served first, and each one's
+        # labelled children; the version serving now is never evicted
         self._versions: list[str] = []
+        self._serving: str | None = None
         self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
         self._versions_lock = threading.Lock()  # the event loop and the model thread observe
         r = self.registry
@@ -328,6 +330,8 @@ class Metrics:
         self.model_created.set(_timestamp(created_at) or 0.0)
         self.model_loaded.set(time.time())
         if version is not None:
+            with self._versions_lock:
+                self._serving = version
             for metric in (self.recommend_seconds, self.generate_seconds, self.reasoning_tokens):
                 self.by_model(metric, version)
             self.by_model(self.reasoning_cut, version)
@@ -336,18 +340,26 @@ class Metrics:
 
     def by_model(self, metric: Any, version: str, *labels: str) -> Any:
         """`metric`'s child for `labels` (its own, before MODEL_LABELS), the model `version` that
-        answered and this replica's variant. Cardinality stays bounded: when a version begins
-        that is not among the MODEL_VERSIONS_KEPT last, the series of the oldest of them are
-        removed (Prometheus keeps what it scraped; a rollback's return starts them at 0, which
-        rate() reads as a counter reset). Requests a reload's old model still answers keep its
-        version's series, as a replica serves at most two models at once."""
+        answered and this replica's variant. Cardinality stays bounded: the series of the
+        MODEL_VERSIONS_KEPT versions that served last are kept (least recently used: each answer
+        and each start of serving makes its version the latest), and when another begins, those
+        of the one that served longest ago are removed, never the one serving now (Prometheus
+        keeps what it scraped; an evicted version's return starts them at 0, which rate() reads
+        as a counter reset). So a rollback to a kept version keeps its counts, and the version a
+        reload replaced keeps its series while its last requests finish."""
         values = (*labels, version, self.variant)
         with self._versions_lock:
-            if version not in self._series:
+            if version in self._series:
+                if self._versions[-1] != version:  # now the latest to serve
+                    self._versions.remove(version)
+                    self._versions.append(version)
+            else:
                 self._versions.append(version)
                 self._series[version] = set()
                 while len(self._versions) > MODEL_VERSIONS_KEPT:
-                    for old_metric, old_values in self._series.pop(self._versions.pop(0)):
+                    oldest = next(v for v in self._versions if v != self._serving)
+                    self._versions.remove(oldest)
+                    for old_metric, old_values in self._series.pop(oldest):
                         try:
                             old_metric.remove(*old_values)
                         except KeyError:

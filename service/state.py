@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -857,12 +858,18 @@ class ServiceState:
 
     async def _sync_edits(self) -> None:
         """Apply the item edits other replicas saved beside the served checkpoint
-        (service/catalog.py `Catalog.sync_edits`), on the model thread, not during a reload's carry
-        and swap."""
+        (service/catalog.py `Catalog.sync_edits`), not during a reload's carry and swap. The
+        sync runs on a thread of its own, not the model thread: the edits this version's log
+        holds go in with their logged vectors (a batch of 1000 from another replica costs no
+        encoding), and the ones that must be encoded (another version's, a vector a full save
+        took out of the log) take turns with the recommendation batches on the model thread,
+        EDIT_BATCH_CHUNK items per turn (`_encode_between_batches`), as POST /items/batch does.
+        The catalog's locks keep searches consistent meanwhile."""
         try:
             async with self.edit_lock:
                 catalog = self.engine.catalog
-                applied = await self.run_model(catalog.sync_edits)
+                encode = functools.partial(self._encode_between_batches, catalog)
+                applied = await in_passing_thread(catalog.sync_edits, encode)
         except Exception as exc:  # a damaged record, an encode that failed: try again next tick
             self.metrics.watch_errors.labels("sync").inc()
             log.warning("item edits saved by other replicas not applied: %s", exc)
@@ -870,6 +877,16 @@ class ServiceState:
         if applied:
             version = catalog.checkpoint.version
             log.info("applied %d item edits saved by another replica to model %s", applied, version)
+
+    def _encode_between_batches(self, catalog: Catalog, items: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """`catalog.encode_items(items)` from a thread other than the model thread (a sync's):
+        EDIT_BATCH_CHUNK items per turn of the model thread, each chunk queued behind the
+        recommendation batches that arrived meanwhile, so none waits for more than a chunk."""
+        chunks = [
+            self.model_executor.submit(catalog.encode_items, items[start : start + EDIT_BATCH_CHUNK]).result()
+            for start in range(0, len(items), EDIT_BATCH_CHUNK)
+        ]
+        return np.concatenate(chunks) if chunks else np.empty((0, catalog.index.dim), np.float32)
 
     # ------------------------------------------------------------------ readiness
     async def readiness(self) -> list[str]:

@@ -381,6 +381,7 @@ def test_queue_autoscaling_reads_what_the_service_exports(docs):
     registry = CollectorRegistry()
     Metrics(registry)
     exported = {family.name for family in registry.collect()}
+    exported |= {f"{f.name}_info" for f in registry.collect() if f.type == "info"}  # r2ec_model_info
     component = K8S / "components" / "keda-autoscaling"
     (scaled,) = [d for d in yaml.safe_load_all((component / "scaledobject.yaml").read_text()) if d]
     deploy, _ = _api(docs)
@@ -562,3 +563,80 @@ def test_the_canary_builds_with_its_settings_and_the_redis_password(kustomize):
     assert set(_by_kind(built, "Service")) == {"r2ec-api", "r2ec-api-canary"}
     # the main replicas are as without it
     assert deployments["r2ec-api"] == _by_kind(kustomize("redis-auth"), "Deployment")["r2ec-api"]
+
+
+def _keda_queries(built: list[dict]) -> dict[str, str]:
+    (scaled,) = _by_kind(built, "ScaledObject").values()
+    return {t["name"]: t["metadata"]["query"] for t in scaled["spec"]["triggers"]}
+
+
+def test_queue_autoscaling_counts_the_main_arms_pods_only(kustomize, tmp_path):
+    """Review 40, #2: built with components/canary (whose pods are scraped as job r2ec too),
+    the ScaledObject's queries, evaluated by promtool, read the main pods' load alone: two main
+    pods 14/16 busy beside an idle canary pod read 0.875 (not 28/48), and a busy canary beside
+    idle main pods reads 0 (it cannot be helped by more main pods)."""
+    import os
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool not found: deploy/setup.sh --dev installs Debian's prometheus package")
+        pytest.skip("promtool not installed")
+    queries = _keda_queries(kustomize("canary", "keda-autoscaling"))
+    assert set(queries) == {"slots", "queue"}
+
+    def pod(instance: str, variant: str | None, active: int, queued: int) -> list[dict]:
+        labels = f'job="r2ec", instance="{instance}"'
+        info = labels + ', version="v1", checkpoint="/checkpoints/v1"'
+        if variant is not None:  # a main pod may lack the label (variant "" is no label)
+            info += f', variant="{variant}"'
+        return [
+            {"series": f"r2ec_batch_active{{{labels}}}", "values": f"{active}x5"},
+            {"series": f"r2ec_batch_capacity{{{labels}}}", "values": "16x5"},
+            {"series": f"r2ec_queue_depth{{{labels}}}", "values": f"{queued}x5"},
+            {"series": f"r2ec_queue_capacity{{{labels}}}", "values": "32x5"},
+            {"series": f"r2ec_model_info{{{info}}}", "values": "1x5"},
+        ]
+
+    def case(pods: list[list[dict]], slots: float, queue: float) -> dict:
+        return {
+            "interval": "1m",
+            "input_series": [s for p in pods for s in p],
+            "promql_expr_test": [
+                {"expr": queries["slots"], "eval_time": "4m", "exp_samples": [{"value": slots}]},
+                {"expr": queries["queue"], "eval_time": "4m", "exp_samples": [{"value": queue}]},
+            ],
+        }
+
+    tests = [
+        # the review's case: main pods saturated, the canary idle
+        case([pod("api-0", "", 14, 8), pod("api-1", None, 14, 8), pod("canary-0", "candidate", 0, 0)],
+             (28 + 16) / 32, 16 / 64),
+        # a busy canary does not scale the main Deployment
+        case([pod("api-0", "", 2, 0), pod("api-1", "", 2, 0), pod("canary-0", "candidate", 16, 32)],
+             4 / 32, 0.0),
+    ]  # fmt: skip
+    (tmp_path / "rules.yml").write_text("groups: []\n")
+    (tmp_path / "test.yml").write_text(
+        yaml.safe_dump({"rule_files": ["rules.yml"], "evaluation_interval": "1m", "tests": tests})
+    )
+    done = subprocess.run(
+        [promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_redis_auth_listed_before_the_canary_would_leave_the_canary_without_the_password(kustomize):
+    """Review 40's note: components apply in the order listed, and redis-auth patches the
+    Deployments there when it applies. The kustomization's suggested list keeps canary first
+    (checked here), and the wrong order is what the docs warn of: the canary loses the
+    password silently (checked, so the warning stays true, or goes once it is not)."""
+    text = (K8S / "kustomization.yaml").read_text()
+    listed = re.findall(r"^#?\s*-\s*components/([a-z-]+)\s*$", text, flags=re.M)
+    assert listed.index("canary") < listed.index("redis-auth"), listed
+    wrong = _by_kind(kustomize("redis-auth", "canary"), "Deployment")
+    names = [
+        e["name"]
+        for e in wrong["r2ec-api-canary"]["spec"]["template"]["spec"]["containers"][0].get("env", [])
+    ]
+    assert "REDIS_PASSWORD" not in names  # hence "list it before components/redis-auth"

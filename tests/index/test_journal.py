@@ -90,3 +90,66 @@ def test_the_counter_reads_what_was_appended_since_and_follows_a_replaced_log(tm
     assert counter() == 0
     journal.append(tmp_path, [{"item_id": "d"}])
     assert counter() == journal.count(tmp_path) == 1
+
+
+def test_a_batch_is_one_line_that_a_reader_sees_whole_or_not_at_all(tmp_path):
+    """Review 40, #4: readers take no lock, so a batch is ONE line: while it is being written
+    (or after a kill mid-write) a reader sees none of it, then all of it; the counter counts
+    its entries."""
+    v = np.arange(8, dtype=np.float32)
+    journal.append(tmp_path, [{"item_id": "a"}])
+    batch = [{"item_id": f"b{n}", "record": {"title": f"B{n}"}, "vector": v} for n in range(50)]
+    line = journal._encode(batch)
+    assert line.count(b"\n") == 1 and line.startswith(b'{"batch": 50, ')
+    counter = journal.Counter(tmp_path)
+    assert counter() == 1
+    path = journal.path_of(tmp_path)
+    written = 0
+    with open(path, "ab") as f:
+        for cut in (1, len(line) // 2, len(line) - 2):  # a write under way, seen at three points
+            f.write(line[written:cut])
+            f.flush()
+            written = cut
+            assert [e["item_id"] for e in journal.read(tmp_path)] == ["a"], cut
+            assert counter() == 1 and journal.count(tmp_path) == 1
+    journal.append(tmp_path, [{"item_id": "c"}])  # after the cut line (a kill): a line of its own
+    assert [e["item_id"] for e in journal.read(tmp_path)] == ["a", "c"]
+    journal.append(tmp_path, batch)
+    got = journal.read(tmp_path)
+    assert [e["item_id"] for e in got] == ["a", "c", *(f"b{n}" for n in range(50))]
+    np.testing.assert_array_equal(got[-1]["vector"], v)
+    assert counter() == journal.count(tmp_path) == 53  # the cut line (damaged) counts as one
+
+
+def test_a_log_written_one_entry_a_line_reads_as_before(tmp_path):
+    """Logs written before batches were one line (a line per entry) keep their meaning."""
+    lines = [b'{"item_id": "a", "record": {"title": "A"}, "time": 1}', b'{"item_id": "b", "record": null}']
+    journal.path_of(tmp_path).write_bytes(b"\n".join(lines) + b"\n")
+    assert [e["item_id"] for e in journal.read(tmp_path)] == ["a", "b"]
+    assert journal.count(tmp_path) == 2
+    journal.append(tmp_path, [{"item_id": "c"}, {"item_id": "d"}])
+    assert [e["item_id"] for e in journal.read(tmp_path)] == ["a", "b", "c", "d"]
+    assert journal.count(tmp_path) == 4
+
+
+def test_a_reader_never_sees_part_of_a_batch_while_another_thread_appends(tmp_path):
+    """The review's repro, smaller: a reader looping beside a writer of large batches only ever
+    counts whole batches."""
+    import threading
+
+    v = np.ones(576, np.float32)
+    batch = [{"item_id": f"i{n}", "record": {"title": "t"}, "vector": v} for n in range(300)]
+    done, seen = threading.Event(), set()
+
+    def write():
+        for _ in range(8):
+            journal.append(tmp_path, batch)
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    while not done.is_set():
+        seen.add(len(journal.read(tmp_path)))
+    writer.join()
+    seen.add(len(journal.read(tmp_path)))
+    assert {n % 300 for n in seen} == {0} and max(seen) == 2400

@@ -607,6 +607,74 @@ def test_the_item_table_is_mapped_from_its_file_not_a_second_copy_beside_the_ind
     assert engine.checkpoint.vectors_for(engine.checkpoint.items) is table
 
 
+def test_a_sync_applies_this_versions_logged_edits_with_their_vectors(ckpt, make_engine, monkeypatch):
+    """Review 40, #1: another replica's edits of this version come with the vectors it logged
+    (as a restart applies them): a sync encodes none of them, and serves the same vectors; an
+    entry without a usable vector (a log written without one, another dimension) is encoded,
+    by the encoder the caller gives."""
+    from index import journal
+    from service.catalog import Catalog
+
+    a, b = make_engine(ckpt).catalog, make_engine(ckpt).catalog
+    encoded: list[tuple[int, int]] = []  # (catalog, items per call)
+    real = Catalog.encode_items
+    monkeypatch.setattr(
+        Catalog,
+        "encode_items",
+        lambda self, items: encoded.append((id(self), len(items))) or real(self, items),
+    )
+    a.edit_many({f"sku-{n}": {"title": f"Product {n}"} for n in range(20)}, ["i5"])
+    assert encoded == [(id(a), 20)]
+    encoded.clear()
+    assert b.sync_edits() == 21
+    assert encoded == [] and b.item("sku-19")["title"] == "Product 19" and b.item("i5") is None
+    for n in range(20):
+        np.testing.assert_allclose(b.index.vector(f"sku-{n}"), a.index.vector(f"sku-{n}"), atol=1e-6)
+
+    # entries whose vectors are missing or of another dimension: encoded, through `encode`
+    a.edit_many({"x1": {"title": "X One"}, "x2": {"title": "X Two"}, "x3": {"title": "X Three"}})
+    directory = ckpt / INDEX_DIR
+    entries = journal.read(directory)
+    for e in entries:
+        if e["item_id"] == "x1":
+            e["vector"] = None
+        elif e["item_id"] == "x2":
+            e["vector"] = e["vector"][:-1]
+    journal.remove(directory)
+    journal.append(directory, entries)
+    calls: list[list[str]] = []
+
+    def encode(items):
+        calls.append([i["item_id"] for i in items])
+        return b.encode_items(items)
+
+    encoded.clear()
+    assert b.sync_edits(encode) == 3
+    assert calls == [["x1", "x2"]] and encoded == [(id(b), 2)]  # x3's logged vector went in as it was
+    for item_id in ("x1", "x2", "x3"):
+        np.testing.assert_allclose(b.index.vector(item_id), a.index.vector(item_id), atol=1e-5)
+
+
+def test_a_sync_encodes_another_versions_edits_rather_than_take_their_vectors(ckpt, tmp_path, make_engine):
+    """A logged vector is taken only by a catalog of the version whose model made it: the edits
+    a reload follows on the version it replaced are encoded with the new model."""
+    from service.catalog import Edits
+
+    a, b = make_engine(ckpt).catalog, make_engine(ckpt).catalog
+    a.upsert("later", {"title": "Later"})
+    edits = a.edits
+    logged = Edits(edits.records, edits.times, {"later": np.ones(a.index.dim, np.float32)}, "another-version")
+    encoded: list[list[str]] = []
+
+    def encode(items):
+        encoded.append([i["item_id"] for i in items])
+        return b.encode_items(items)
+
+    assert b._apply(logged, ties_win=False, encode=encode) == 1
+    assert encoded == [["later"]]
+    np.testing.assert_allclose(b.index.vector("later"), a.index.vector("later"), atol=1e-5)
+
+
 def test_an_edit_with_a_long_cjk_description_encodes_its_token_budget_only(engine: Recommender):
     """A 5,000-character Japanese description is one white-space "word": it used to reach the
     model whole (a 10,000-token prompt holding the model thread for minutes). The edit keeps

@@ -389,3 +389,70 @@ async def test_catalog_edit_many_matches_upserts_one_by_one(ckpt, make_engine):
     with pytest.raises(ValueError, match="once in a batch"):
         many.edit_many({"x": {"title": "X"}}, ["x"])
     assert many.item("x") is None
+
+
+async def test_another_replica_takes_a_batch_without_holding_the_model_thread(ckpt, monkeypatch):
+    """Review 40, #1: the replica that did not take the batch applies it at its watch tick
+    with the vectors logged beside it (no encoding); where it must encode (here: as if the log
+    held no vectors), each turn of the model thread encodes at most EDIT_BATCH_CHUNK items, and
+    a recommendation that arrives meanwhile runs between two of them."""
+    import service.catalog
+    from service.catalog import Catalog
+    from service.recommender import Recommender
+
+    monkeypatch.setattr("service.state.EDIT_BATCH_CHUNK", 3)
+    calls: list[tuple[str, int, str]] = []  # (replica, items, thread)
+    encode = Catalog.encode_items
+
+    def encode_items(self, items):
+        calls.append((self._who, len(items), threading.current_thread().name))
+        return encode(self, items)
+
+    monkeypatch.setattr(Catalog, "encode_items", encode_items)
+    a, b = app_for(ckpt, watch_interval_s=0), app_for(ckpt, watch_interval_s=0)
+    async with serve(a) as ca, serve(b) as cb:
+        a.state.r2ec.engine.catalog._who, b.state.r2ec.engine.catalog._who = "A", "B"
+        model_thread = await b.state.r2ec.run_model(lambda: threading.current_thread().name)
+        upsert = [{"item_id": f"sku-{n}", "title": f"Product {n}"} for n in range(10)]
+        r = await ca.post("/items/batch", json={"upsert": upsert[:5], "delete": ["i5"]}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        calls.clear()
+        await b.state.r2ec._sync_edits()  # B's watch tick: the logged vectors, nothing encoded
+        assert calls == []
+        assert (await cb.get("/items/sku-4")).status_code == 200 and (
+            await cb.get("/items/i5")
+        ).status_code == 404
+        np.testing.assert_allclose(vector(b, "sku-4"), vector(a, "sku-4"), atol=1e-6)
+
+        r = await ca.post("/items/batch", json={"upsert": upsert[5:]}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        monkeypatch.setattr(service.catalog, "usable_vector", lambda v, dim: False)  # B must encode
+        entered, gate = threading.Event(), threading.Event()
+        order: list[str] = []
+
+        def first_chunk_waits(self, items):
+            order.append(f"encode {len(items)}")
+            if not entered.is_set():
+                entered.set()
+                gate.wait(60)
+            return encode_items(self, items)
+
+        run = Recommender.recommend_batch
+
+        def recommend_batch(self, queries):
+            order.append("recommend")  # on the model thread, in its turn
+            return run(self, queries)
+
+        monkeypatch.setattr(Catalog, "encode_items", first_chunk_waits)
+        monkeypatch.setattr(Recommender, "recommend_batch", recommend_batch)
+        calls.clear()
+        sync = asyncio.create_task(b.state.r2ec._sync_edits())
+        assert await asyncio.to_thread(entered.wait, 60)
+        asked = asyncio.create_task(recommend(cb))
+        await asyncio.sleep(0.2)  # queued for the model thread behind the first chunk
+        gate.set()
+        await asked
+        await sync
+        assert (await cb.get("/items/sku-9")).json()["title"] == "Product 9"
+    assert [n for _, n, _ in calls] == [3, 2] and {t for _, _, t in calls} == {model_thread}
+    assert order == ["encode 3", "recommend", "encode 2"]

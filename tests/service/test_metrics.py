@@ -128,3 +128,32 @@ def test_the_model_series_keep_the_last_versions_that_served_and_the_variant():
     text = generate_latest(m.registry).decode()
     assert metric(text, "r2ec_reasoning_cache_total", result="hit", version=versions[0]) == 1
     assert metric(text, "r2ec_reasoning_cache_total", result="hit", version=kept[0]) is None
+
+
+def test_the_model_series_kept_are_the_versions_that_served_last_never_the_one_serving():
+    """Review 40, #3: the versions kept are the last to serve (least recently served evicted),
+    not the first seen: after A, B, C, a rollback to A and a reload to D, A (replaced just now,
+    its last requests finishing) keeps its counts and B goes; and the serving version is never
+    the one evicted, also when older ones answer late."""
+    from service.metrics import MODEL_VERSIONS_KEPT
+
+    assert MODEL_VERSIONS_KEPT == 3
+    m = Metrics()
+
+    def kept() -> dict[str, float | None]:
+        text = generate_latest(m.registry).decode()
+        return {v: metric(text, "r2ec_reasoning_cache_total", result="hit", version=v) for v in "ABCDE"}
+
+    for v, answers in (("A", 5), ("B", 1), ("C", 1), ("A", 1), ("D", 0)):  # A again: a rollback
+        m.serving("", v)
+        for _ in range(answers):
+            m.by_model(m.cache, v, "hit").inc()
+    assert kept() == {"A": 6, "B": None, "C": 1, "D": 0, "E": None}
+    m.by_model(m.cache, "A", "hit").inc()  # A's in-flight answer: counted on, nothing evicted
+    assert kept() == {"A": 7, "B": None, "C": 1, "D": 0, "E": None}
+    # late answers of evicted versions come back and go, D (serving) stays throughout
+    m.by_model(m.cache, "B", "hit").inc()  # evicts C (A answered since)
+    m.by_model(m.cache, "E", "hit").inc()  # evicts A; D has not answered, yet it serves
+    assert kept() == {"A": None, "B": 1, "C": None, "D": 0, "E": 1}
+    m.by_model(m.cache, "C", "hit").inc()  # evicts B, not D
+    assert kept() == {"A": None, "B": None, "C": 1, "D": 0, "E": 1}
