@@ -5,19 +5,26 @@ the index; an edit logged here costs one line, about the size of the edit. The c
 (service/catalog.py) saves in full now and then, which makes the log's entries part of the
 saved index, and then removes the log (`remove`).
 
-Layout: `<directory>/edits.jsonl`, one line per `append`, written in one write and flushed to
-the disk (and the directory, when the write created the file) before it returns: an entry alone
-is its JSON object; two or more (a batch, POST /items/batch) are ONE line,
-{"batch": N, "entries": [...]}, so a batch is read whole or not at all. Logs written before
-batches were one line (one entry per line) are read as they were. An entry's "vector", where it
-has one, is a float32 array, stored as base64.
+Layout: `<directory>/edits.jsonl`, one JSON object per entry, one entry per line, as every
+release wrote it. An `append` of two or more entries (a batch, POST /items/batch) tags each with
+the batch's id and size, `"batch": "<uuid hex>", "of": N`, and writes all N lines in one write,
+flushed to the disk (and the directory, when the write created the file) before it returns.
+A reader of this build applies a batch only once all N of its lines are there: an incomplete
+batch at the log's end is held back (it is being written), and an incomplete batch followed by
+other lines is skipped with a warning (a kill cut it mid-write: it was never acknowledged, and
+it must not hold back the entries after it). A release before batches were tagged reads each
+line as an entry of its own, the batch's too: during a rolling upgrade such a replica may apply
+part of a batch for a moment (while it is being written), and never loses one. (A form written
+only by unreleased builds, a batch as ONE line `{"batch": N, "entries": [...]}`, is no longer
+read: such a line is left out as damaged, with a warning.) An entry's "vector", where it has
+one, is a float32 array, stored as base64.
 
 Crash safety: a process killed mid-append leaves at most a cut last line, which `read` skips
-(it was never acknowledged: for a batch, none of its entries) and the next `append` starts after
-on a line of its own; a failed write (a full disk) is cut back off before the error is raised.
-Writers take turns under the directory's lock (index/persist.py `locked`); readers take none: a
-line being written is not finished yet, and skipped until it is; as a batch is one line, a
-reader never sees part of one.
+(it was never acknowledged: for a batch, none of its entries, as the batch is then incomplete)
+and the next `append` starts after on a line of its own; a failed write (a full disk) is cut
+back off before the error is raised. Writers take turns under the directory's lock
+(index/persist.py `locked`); readers take none: a line being written is not finished yet, and
+skipped until it is, and a batch whose lines are not all there yet is held back.
 """
 
 from __future__ import annotations
@@ -28,7 +35,6 @@ import errno
 import json
 import logging
 import os
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,7 +47,6 @@ from index.persist import fsync_dir
 logger = logging.getLogger(__name__)
 
 JOURNAL_NAME = "edits.jsonl"
-_BATCH = re.compile(rb'\{"batch": (\d+), ')  # how a batch's line starts (`_encode`)
 
 
 def path_of(directory: Path) -> Path:
@@ -67,28 +72,32 @@ def _jsonable(entry: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _encode(entries: Sequence[Mapping[str, Any]]) -> bytes:
-    """One line: the entry alone, or a batch of them (read whole or not at all)."""
+    """A line per entry; two or more (a batch) each tagged with the batch's id and size."""
     if len(entries) == 1:
-        doc: dict[str, Any] = _jsonable(entries[0])
-    else:  # "batch" first: `Counter` reads the count off the line's start
-        doc = {"batch": len(entries), "entries": [_jsonable(e) for e in entries]}
-    return (json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8")
+        docs = [_jsonable(entries[0])]
+    else:
+        batch = uuid.uuid4().hex
+        docs = [{**_jsonable(e), "batch": batch, "of": len(entries)} for e in entries]
+    return b"".join((json.dumps(d, ensure_ascii=False) + "\n").encode("utf-8") for d in docs)
 
 
-def _decode(line: bytes) -> list[dict[str, Any]] | None:
-    """A line's entries (a batch's, in order); None where it is not what `_encode` writes."""
+def _decode(line: bytes) -> dict[str, Any] | None:
+    """A line's entry; None where it is not what `_encode` writes (an object with an item_id)."""
     try:
         doc = json.loads(line)
     except (ValueError, UnicodeDecodeError):  # UnicodeDecodeError is a ValueError too
         return None
-    if not isinstance(doc, dict):
+    if not isinstance(doc, dict) or "item_id" not in doc:
         return None
-    if "batch" in doc and "item_id" not in doc:
-        entries = doc.get("entries")
-        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            return None
-        return [_decode_entry(e) for e in entries]
-    return [_decode_entry(doc)]
+    return _decode_entry(doc)
+
+
+def _batch_of(entry: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(id, size) of the batch an entry is part of; None: an entry alone."""
+    batch, of = entry.get("batch"), entry.get("of")
+    if isinstance(batch, str) and isinstance(of, int) and not isinstance(of, bool) and of > 1:
+        return batch, of
+    return None
 
 
 def _decode_entry(entry: dict[str, Any]) -> dict[str, Any]:
@@ -105,8 +114,9 @@ def _decode_entry(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def append(directory: Path, entries: Sequence[Mapping[str, Any]]) -> None:
-    """Append `entries` (JSON objects; a "vector" may be a numpy array) as one line in one
-    write, on the disk when this returns: a reader sees all of them or none. The caller holds
+    """Append `entries` (JSON objects; a "vector" may be a numpy array), a line each, in one
+    write, on the disk when this returns; two or more are a batch, which a reader of this
+    build applies whole or not at all (module docstring). The caller holds
     `locked(directory)`; OSError where the volume refuses the write, with nothing of it left in
     the log."""
     if not entries:
@@ -139,7 +149,9 @@ def append(directory: Path, entries: Sequence[Mapping[str, Any]]) -> None:
 def read(directory: Path) -> list[dict[str, Any]]:
     """The log's entries in the order they were written ([] where there is none); a line that
     is not a JSON object (cut by a kill, or damaged) is left out with a warning, a vector that
-    does not decode is None."""
+    does not decode is None. A batch's entries are there once all its lines are: an incomplete
+    batch at the end is left out (being written), one followed by other lines is left out with
+    a warning (cut by a kill, never acknowledged)."""
     try:
         raw = path_of(directory).read_bytes()
     except (FileNotFoundError, NotADirectoryError):
@@ -150,22 +162,36 @@ def read(directory: Path) -> list[dict[str, Any]]:
     lines = raw.split(b"\n")
     if lines and lines[-1]:  # not finished (being written now, or cut by a kill)
         lines.pop()
-    entries, bad = [], 0
+    entries: list[dict[str, Any]] = []
+    group: list[dict[str, Any]] = []  # the lines of the batch being read
+    bad = cut = 0
     for line in lines:
         if not line.strip():
             continue
-        decoded = _decode(line)
-        if decoded is None:
+        entry = _decode(line)
+        if entry is None:
             bad += 1
-        else:
-            entries.extend(decoded)
+            continue
+        batch = _batch_of(entry)
+        if group and (batch is None or batch[0] != group[0]["batch"]):
+            cut += 1  # another line after an incomplete batch: a kill cut it
+            group = []
+        if batch is None:
+            entries.append(entry)
+            continue
+        group.append(entry)
+        if len(group) >= batch[1]:
+            entries.extend(group)
+            group = []
     if bad:
         logger.warning("edit log in %s: %d damaged line(s) left out", directory, bad)
+    if cut:
+        logger.warning("edit log in %s: %d incomplete batch(es) left out (cut by a kill)", directory, cut)
     return entries
 
 
 def count(directory: Path) -> int:
-    """How many entries the log holds (a batch's line counts its entries; 0 where there is none)."""
+    """How many entries the log holds (lines; 0 where there is none)."""
     return Counter(directory)()
 
 
@@ -173,9 +199,9 @@ class Counter:
     """`count` for a caller that asks after every append (service/catalog.py, at each edit):
     it remembers the log it counted (inode, size, lines) and reads only what was appended since,
     so an edit costs its own bytes, not the whole log's (up to 1000 entries of a few kB each).
-    It counts entries, not lines: a batch's line says how many it holds at its start. Only
-    finished lines are counted (one being written is counted once it is). A log replaced
-    (`drop_through`, another inode) or shorter than counted is counted again."""
+    It counts finished lines, an entry each (a batch's lines too; a damaged or cut line counts
+    as one, so a save may come a little early). A log replaced (`drop_through`, another inode)
+    or shorter than counted is counted again."""
 
     def __init__(self, directory: Path) -> None:
         self._path = path_of(directory)
@@ -194,10 +220,7 @@ class Counter:
             self._seen = None
             return 0
         done = tail.rfind(b"\n") + 1  # the finished lines
-        for line in tail[:done].split(b"\n"):
-            if line.strip():
-                batch = _BATCH.match(line) if line.endswith(b"]}") else None  # not a cut one
-                entries += int(batch.group(1)) if batch else 1
+        entries += sum(1 for line in tail[:done].split(b"\n") if line.strip())
         self._seen = (st.st_ino, start + done, entries)
         return entries
 

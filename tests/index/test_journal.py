@@ -2,7 +2,9 @@
 mid-append or a failed write costs only the entry being written, a full save's cut keeps what
 was appended after it began."""
 
+import base64
 import errno
+import json
 import os
 
 import numpy as np
@@ -92,33 +94,80 @@ def test_the_counter_reads_what_was_appended_since_and_follows_a_replaced_log(tm
     assert counter() == journal.count(tmp_path) == 1
 
 
-def test_a_batch_is_one_line_that_a_reader_sees_whole_or_not_at_all(tmp_path):
-    """Review 40, #4: readers take no lock, so a batch is ONE line: while it is being written
-    (or after a kill mid-write) a reader sees none of it, then all of it; the counter counts
-    its entries."""
+def test_a_batch_is_a_line_per_entry_that_a_reader_sees_whole_or_not_at_all(tmp_path, caplog):
+    """Review 40 (sync), #1: a batch is a line per entry, each tagged with the batch's id and
+    size, written in one write. While it is being written a reader of this build sees none of
+    it, then all of it; a batch cut by a kill is skipped once later lines follow it, and never
+    holds them back. The counter counts entries (lines)."""
     v = np.arange(8, dtype=np.float32)
     journal.append(tmp_path, [{"item_id": "a"}])
     batch = [{"item_id": f"b{n}", "record": {"title": f"B{n}"}, "vector": v} for n in range(50)]
-    line = journal._encode(batch)
-    assert line.count(b"\n") == 1 and line.startswith(b'{"batch": 50, ')
+    data = journal._encode(batch)
+    lines = data.split(b"\n")[:-1]
+    assert len(lines) == 50 and data.endswith(b"\n")
+    tags = {(json.loads(line)["batch"], json.loads(line)["of"]) for line in lines}
+    assert len(tags) == 1 and next(iter(tags))[1] == 50
     counter = journal.Counter(tmp_path)
     assert counter() == 1
     path = journal.path_of(tmp_path)
     written = 0
+    ends = [data.index(b"\n") + 1, len(data) // 2, len(data) - 2]  # a whole first line, half, all but the end
     with open(path, "ab") as f:
-        for cut in (1, len(line) // 2, len(line) - 2):  # a write under way, seen at three points
-            f.write(line[written:cut])
+        for cut in ends:  # a write under way, seen at three points
+            f.write(data[written:cut])
             f.flush()
             written = cut
             assert [e["item_id"] for e in journal.read(tmp_path)] == ["a"], cut
-            assert counter() == 1 and journal.count(tmp_path) == 1
-    journal.append(tmp_path, [{"item_id": "c"}])  # after the cut line (a kill): a line of its own
+    assert "incomplete" not in caplog.text  # held back at the end: no warning
+    journal.append(tmp_path, [{"item_id": "c"}])  # after the cut batch (a kill): it is skipped
     assert [e["item_id"] for e in journal.read(tmp_path)] == ["a", "c"]
+    assert "1 incomplete batch(es) left out" in caplog.text
     journal.append(tmp_path, batch)
     got = journal.read(tmp_path)
     assert [e["item_id"] for e in got] == ["a", "c", *(f"b{n}" for n in range(50))]
     np.testing.assert_array_equal(got[-1]["vector"], v)
-    assert counter() == journal.count(tmp_path) == 53  # the cut line (damaged) counts as one
+    assert counter() == journal.count(tmp_path) == 2 + 49 + 1 + 50  # the cut batch's lines count
+
+
+def test_a_batch_cut_right_after_a_whole_line_is_skipped_too(tmp_path):
+    """A kill that cut a batch exactly at a line's end leaves whole lines of it, no damaged
+    one: the next entries still end it, and another batch right after it is read whole."""
+    data = journal._encode([{"item_id": f"b{n}"} for n in range(4)])
+    journal.path_of(tmp_path).write_bytes(data[: data.index(b"\n") + 1])  # 1 of its 4 lines
+    assert journal.read(tmp_path) == []
+    journal.append(tmp_path, [{"item_id": "x"}, {"item_id": "y"}])
+    assert [e["item_id"] for e in journal.read(tmp_path)] == ["x", "y"]
+
+
+def test_an_older_release_reads_each_entry_of_a_batch_as_an_entry_of_its_own(tmp_path):
+    """A release before batches were tagged (2d388f0) decodes the log a line at a time, each a
+    JSON object with its model_version, item_id, record, time and vector: a batch is read as
+    its N entries, not ignored (and then cut off by that release's full save)."""
+    v = np.ones(4, np.float32)
+    batch = [
+        {"model_version": "v1", "item_id": f"b{n}", "record": {"title": f"B{n}"}, "time": n + 1, "vector": v}
+        for n in range(3)
+    ]
+    journal.append(tmp_path, batch)
+    old_read = []  # 2d388f0's read: json.loads per finished line, a dict is an entry
+    for line in journal.path_of(tmp_path).read_bytes().split(b"\n")[:-1]:
+        entry = json.loads(line)
+        assert isinstance(entry, dict)
+        old_read.append(entry)
+    assert [e["item_id"] for e in old_read] == ["b0", "b1", "b2"]
+    for n, entry in enumerate(old_read):
+        assert entry["model_version"] == "v1" and entry["record"] == {"title": f"B{n}"} and entry["time"] == n + 1
+        raw = base64.b64decode(entry["vector"])
+        np.testing.assert_array_equal(np.frombuffer(raw, "<f4"), v)
+
+
+def test_the_unreleased_one_line_batch_is_left_out_as_damaged(tmp_path, caplog):
+    """The form only unreleased builds wrote ({"batch": N, "entries": [...]}) is not read."""
+    line = json.dumps({"batch": 2, "entries": [{"item_id": "a"}, {"item_id": "b"}]}).encode()
+    journal.path_of(tmp_path).write_bytes(line + b"\n")
+    journal.append(tmp_path, [{"item_id": "c"}])
+    assert [e["item_id"] for e in journal.read(tmp_path)] == ["c"]
+    assert "1 damaged line(s) left out" in caplog.text
 
 
 def test_a_log_written_one_entry_a_line_reads_as_before(tmp_path):
