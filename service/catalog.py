@@ -76,6 +76,40 @@ SNAPSHOT_EVERY = 1000  # edits in the log beside the index before the whole inde
 Encoder = Callable[[Sequence[Mapping[str, Any]]], np.ndarray]
 
 
+class NeedsEncoding(Exception):
+    """Raised by `ReadyVectors` for items it holds no vector for: the edits that asked were not
+    applied (nothing of that `_apply` was committed); encode `items` and try the sync again."""
+
+    def __init__(self, items: Sequence[Mapping[str, Any]]) -> None:
+        super().__init__(f"{len(items)} items to encode")
+        self.items = list(items)
+
+
+class ReadyVectors:
+    """An Encoder that encodes nothing: a sync in two steps (service/state.py `_sync_edits`)
+    runs `sync_edits` with it under the edit lock; where items must be encoded it raises
+    NeedsEncoding, the caller encodes them outside the lock (`add`) and syncs again, which
+    checks again which edits still win and takes the vectors of exactly those texts from here
+    (an item whose text changed meanwhile raises again)."""
+
+    def __init__(self) -> None:
+        self._vectors: dict[tuple[tuple[str, Any], ...], np.ndarray] = {}
+
+    @staticmethod
+    def _key(item: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+        return tuple(sorted(item.items()))
+
+    def add(self, items: Sequence[Mapping[str, Any]], vectors: np.ndarray) -> None:
+        for item, vector in zip(items, vectors, strict=True):
+            self._vectors[self._key(item)] = vector
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        missing = [item for item in items if self._key(item) not in self._vectors]
+        if missing:
+            raise NeedsEncoding(missing)
+        return np.stack([self._vectors[self._key(item)] for item in items])
+
+
 class ItemTextError(QueryError):
     """An item edit's text holds a special token of the served tokenizer (a 422 naming `field`;
     `at`: where the item is in a batch's body, ("upsert", 3), so the field is `upsert.3.title`)."""
@@ -787,9 +821,19 @@ class Catalog:
         directory = self._directory
         try:
             with self._writing, locked(directory):
-                self._sync_own(encode)
+                caught_up = True
+                try:
+                    self._sync_own(encode or ReadyVectors())
+                except NeedsEncoding:
+                    if encode is not None:
+                        raise  # a sync's: it encodes them and tries again (service/state.py)
+                    # an edit's save: what another replica saved that must be encoded is left
+                    # to the next sync (chunked between batches), not encoded in this edit's
+                    # turn of the model thread; the record is not marked read, so it is taken
+                    caught_up = False
                 self._log_dirty(directory)
-                self._saved = _stamp(directory)
+                if caught_up:
+                    self._saved = _stamp(directory)
         except OSError as exc:  # a read-only checkpoint volume still serves the edit, from memory
             if self.unsaved is None:
                 log.warning("item edit applied in memory but not saved: %s", exc)

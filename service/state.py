@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
-import functools
 import gc
 import logging
 import os
@@ -31,7 +30,7 @@ from model.checkpoint import CURRENT_FILE, CheckpointError, read_meta, resolve_c
 from model.retrain import STATE_FILE as RETRAIN_STATE
 from model.retrain import WORK_DIR as RETRAIN_DIR
 from service.batcher import BatcherClosed, MicroBatcher, QueueFull, QueueTimeout
-from service.catalog import BatchEdited, Catalog, stored_record
+from service.catalog import BatchEdited, Catalog, NeedsEncoding, ReadyVectors, stored_record
 from service.config import Settings
 from service.continuous import ContinuousBatcher
 from service.exposure import ExposureLog
@@ -58,6 +57,9 @@ WATCH_SLOW_RETRY_S = 300.0  # then one load of it this often (service/state.py `
 # for meanwhile. 8, not 32: as fast per item on 2 contended cores, a quarter of the wait
 # (BENCHMARKS.md §5, 'Bulk item edits')
 EDIT_BATCH_CHUNK = 8
+# a watch tick's sync encodes outside the edit lock, then commits under it; an item edited again
+# meanwhile is encoded again, at most this many times a tick (the rest waits for the next tick)
+SYNC_ENCODE_ROUNDS = 3
 CACHE_BACKOFF_S = 5.0  # after a cache error, skip the cache this long, or until the store
 # answers another operation (a down Redis is not asked twice per request while it is down;
 # histories are still asked, they are needed, and the first one answered ends the skip)
@@ -860,16 +862,38 @@ class ServiceState:
         """Apply the item edits other replicas saved beside the served checkpoint
         (service/catalog.py `Catalog.sync_edits`), not during a reload's carry and swap. The
         sync runs on a thread of its own, not the model thread: the edits this version's log
-        holds go in with their logged vectors (a batch of 1000 from another replica costs no
-        encoding), and the ones that must be encoded (another version's, a vector a full save
-        took out of the log) take turns with the recommendation batches on the model thread,
-        EDIT_BATCH_CHUNK items per turn (`_encode_between_batches`), as POST /items/batch does.
-        The catalog's locks keep searches consistent meanwhile."""
+        holds go in with their logged vectors. The ones that must be encoded (another version's,
+        a vector a full save took out of the log) are encoded OUTSIDE the edit lock, so PUT,
+        DELETE, POST /items/batch and a reload's swap wait for a commit, not the encoding: under
+        the lock the sync finds what it must encode (`ReadyVectors` raises NeedsEncoding,
+        nothing of it applied), without it those items take turns with the recommendation
+        batches on the model thread, EDIT_BATCH_CHUNK items per turn
+        (`_encode_between_batches`), and under the lock again the sync runs once more: each
+        edit is checked again (a later edit made here meanwhile wins), and an item whose text
+        changed meanwhile is encoded again (at most SYNC_ENCODE_ROUNDS rounds a tick). A reload
+        waiting or done meanwhile ends the sync's encoding: the new catalog re-encodes and
+        carries those edits itself (`carry_from`). The catalog's locks keep searches consistent
+        meanwhile."""
+        ready, catalog, applied = ReadyVectors(), None, 0
         try:
-            async with self.edit_lock:
-                catalog = self.engine.catalog
-                encode = functools.partial(self._encode_between_batches, catalog)
-                applied = await in_passing_thread(catalog.sync_edits, encode)
+            for _ in range(SYNC_ENCODE_ROUNDS):
+                async with self.edit_lock:
+                    if catalog is not None and self.engine.catalog is not catalog:
+                        return  # a reload swapped models: its catalog carries the edits
+                    catalog = self.engine.catalog
+                    try:
+                        applied = await in_passing_thread(catalog.sync_edits, ready)
+                        break
+                    except NeedsEncoding as need:
+                        items = need.items
+                vectors = await in_passing_thread(self._encode_between_batches, catalog, items)
+                if vectors is None:
+                    log.info("item edits saved by other replicas: left to the reload under way")
+                    return
+                ready.add(items, vectors)
+            else:
+                log.info("item edits saved by other replicas changed while encoded: the rest next tick")
+                return
         except Exception as exc:  # a damaged record, an encode that failed: try again next tick
             self.metrics.watch_errors.labels("sync").inc()
             log.warning("item edits saved by other replicas not applied: %s", exc)
@@ -878,14 +902,19 @@ class ServiceState:
             version = catalog.checkpoint.version
             log.info("applied %d item edits saved by another replica to model %s", applied, version)
 
-    def _encode_between_batches(self, catalog: Catalog, items: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    def _encode_between_batches(
+        self, catalog: Catalog, items: Sequence[Mapping[str, Any]]
+    ) -> np.ndarray | None:
         """`catalog.encode_items(items)` from a thread other than the model thread (a sync's):
         EDIT_BATCH_CHUNK items per turn of the model thread, each chunk queued behind the
-        recommendation batches that arrived meanwhile, so none waits for more than a chunk."""
-        chunks = [
-            self.model_executor.submit(catalog.encode_items, items[start : start + EDIT_BATCH_CHUNK]).result()
-            for start in range(0, len(items), EDIT_BATCH_CHUNK)
-        ]
+        recommendation batches that arrived meanwhile, so none waits for more than a chunk.
+        None, given up between two chunks, once a reload is under way or swapped `catalog` out."""
+        chunks = []
+        for start in range(0, len(items), EDIT_BATCH_CHUNK):
+            if self._reload_lock.locked() or self.engine.catalog is not catalog:
+                return None
+            chunk = items[start : start + EDIT_BATCH_CHUNK]
+            chunks.append(self.model_executor.submit(catalog.encode_items, chunk).result())
         return np.concatenate(chunks) if chunks else np.empty((0, catalog.index.dim), np.float32)
 
     # ------------------------------------------------------------------ readiness

@@ -156,7 +156,8 @@ def test_an_older_release_reads_each_entry_of_a_batch_as_an_entry_of_its_own(tmp
         old_read.append(entry)
     assert [e["item_id"] for e in old_read] == ["b0", "b1", "b2"]
     for n, entry in enumerate(old_read):
-        assert entry["model_version"] == "v1" and entry["record"] == {"title": f"B{n}"} and entry["time"] == n + 1
+        assert entry["model_version"] == "v1" and entry["time"] == n + 1
+        assert entry["record"] == {"title": f"B{n}"}
         raw = base64.b64decode(entry["vector"])
         np.testing.assert_array_equal(np.frombuffer(raw, "<f4"), v)
 

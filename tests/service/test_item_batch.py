@@ -456,3 +456,76 @@ async def test_another_replica_takes_a_batch_without_holding_the_model_thread(ck
         assert (await cb.get("/items/sku-9")).json()["title"] == "Product 9"
     assert [n for _, n, _ in calls] == [3, 2] and {t for _, _, t in calls} == {model_thread}
     assert order == ["encode 3", "recommend", "encode 2"]
+
+
+async def test_a_put_during_a_chunked_sync_waits_for_a_chunk_not_the_whole_sync(ckpt, monkeypatch):
+    """Review 40 (sync), #3: a sync that must encode encodes outside the edit lock; a PUT sent
+    meanwhile is answered before the sync ends (on the old code it waited for every chunk), and
+    an item the PUT edited keeps the PUT's text (the later edit still wins at the commit)."""
+    import time
+
+    import service.catalog
+    from service.catalog import Catalog
+
+    monkeypatch.setattr("service.state.EDIT_BATCH_CHUNK", 1)
+    encode = Catalog.encode_items
+    entered = threading.Event()
+
+    def slow_encode(self, items):
+        entered.set()
+        time.sleep(0.25)  # a stand-in for a large model's chunk
+        return encode(self, items)
+
+    a, b = app_for(ckpt, watch_interval_s=0), app_for(ckpt, watch_interval_s=0)
+    async with serve(a) as ca, serve(b) as cb:
+        upsert = [{"item_id": f"sku-{n}", "title": f"Product {n}"} for n in range(12)]
+        r = await ca.post("/items/batch", json={"upsert": upsert}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        monkeypatch.setattr(service.catalog, "usable_vector", lambda v, dim: False)  # B must encode
+        monkeypatch.setattr(Catalog, "encode_items", slow_encode)
+        sync = asyncio.create_task(b.state.r2ec._sync_edits())
+        assert await asyncio.to_thread(entered.wait, 60)
+        r = await cb.put("/items/sku-3", json={"title": "Put on B"}, headers=ADMIN)
+        assert r.status_code in (200, 201), r.text
+        assert not sync.done()  # 12 chunks of 0.25 s: the PUT did not wait for them
+        await sync
+        assert (await cb.get("/items/sku-11")).json()["title"] == "Product 11"
+        assert (await cb.get("/items/sku-3")).json()["title"] == "Put on B"
+
+
+async def test_a_reload_ends_a_syncs_encoding_and_carries_its_edits(ckpt, tmp_path, monkeypatch):
+    """A reload under way ends the sync's encoding between two chunks (the new model would
+    encode those items again); the new catalog carries the other replica's edits."""
+    import service.catalog
+    from service.catalog import Catalog
+
+    monkeypatch.setattr("service.state.EDIT_BATCH_CHUNK", 1)
+    encode = Catalog.encode_items
+    entered, gate = threading.Event(), threading.Event()
+    calls = []
+
+    def gated(self, items):
+        calls.append(len(items))
+        if not entered.is_set():
+            entered.set()
+            gate.wait(60)
+        return encode(self, items)
+
+    a, b = app_for(ckpt, watch_interval_s=0), app_for(ckpt, watch_interval_s=0)
+    async with serve(a) as ca, serve(b) as cb:
+        upsert = [{"item_id": f"sku-{n}", "title": f"Product {n}"} for n in range(6)]
+        r = await ca.post("/items/batch", json={"upsert": upsert}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        monkeypatch.setattr(service.catalog, "usable_vector", lambda v, dim: False)
+        monkeypatch.setattr(Catalog, "encode_items", gated)
+        sync = asyncio.create_task(b.state.r2ec._sync_edits())
+        assert await asyncio.to_thread(entered.wait, 60)
+        reload = asyncio.create_task(cb.post("/admin/reload", headers=ADMIN))
+        while not b.state.r2ec._reload_lock.locked():
+            await asyncio.sleep(0.01)
+        sync_calls = len(calls)
+        gate.set()
+        await sync
+        assert len(calls) == sync_calls == 1  # given up after the chunk under way
+        assert (await reload).status_code == 200
+        assert (await cb.get("/items/sku-5")).json()["title"] == "Product 5"
