@@ -199,6 +199,18 @@ def app_for(ckpt: Path, **kw):
     return create_app(settings_for(ckpt, **kw))
 
 
+def post_scope(path: str, body: bytes, *headers: tuple[bytes, bytes]) -> dict:
+    """The ASGI scope of a POST of a JSON `body` to `path`, for tests that drive the app's
+    receive/send by hand (a client that leaves mid-stream, a send that blocks)."""
+    return {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+        "root_path": "", "query_string": b"", "server": ("r2ec.test", 80), "client": ("127.0.0.1", 1),
+        "headers": [(b"host", b"r2ec.test"), (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()), *headers],
+    }  # fmt: skip
+
+
 @asynccontextmanager
 async def serve(app) -> AsyncIterator[httpx.AsyncClient]:
     """Run the app's lifespan and talk to it in process over ASGI."""

@@ -526,25 +526,47 @@ async def test_an_item_edit_sent_to_one_replica_reaches_the_other(ckpt, tmp_path
         assert "i5" not in {i["item_id"] for i in r.json()["items"]}
 
 
-async def test_an_edit_the_volume_refuses_is_a_507_and_saved_once_it_takes_it(ckpt, tmp_path, monkeypatch):
-    """A full or read-only checkpoint volume: the edit is served from memory, the client is told
-    it is not saved (507, not a 201 that a restart would undo), the metric says so, and the next
-    watch tick saves it once the volume takes it: a restarted replica then has it."""
+def refuse_writes(monkeypatch):
+    """The checkpoint volume full (ENOSPC) for the edit log's appends and the index's full
+    saves; returns what makes room again."""
     import errno
 
     from index import ItemIndex, journal
 
-    root = tmp_path / "versions"
-    copy_as_new_version(ckpt, root / "one", "w1")
-    (root / "CURRENT").write_text("one")
     real_save, real_append = ItemIndex.save, journal.append
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    # an edit is saved to the edit log beside the index, a full save rewrites the index
     monkeypatch.setattr(ItemIndex, "save", full)
     monkeypatch.setattr(journal, "append", full)
+
+    def make_room() -> None:
+        monkeypatch.setattr(ItemIndex, "save", real_save)
+        monkeypatch.setattr(journal, "append", real_append)
+
+    return make_room
+
+
+async def wait_edits_saved(client) -> None:
+    """Until /metrics says no item edit is held in memory only (a watch tick saved them): 60 s."""
+
+    async def saved() -> None:
+        while metric((await client.get("/metrics")).text, "r2ec_item_edits_unsaved") != 0:
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(saved(), 60)
+
+
+async def test_an_edit_the_volume_refuses_is_a_507_and_saved_once_it_takes_it(ckpt, tmp_path, monkeypatch):
+    """A full or read-only checkpoint volume: the edit is served from memory, the client is told
+    it is not saved (507, not a 201 that a restart would undo), the metric says so, and the next
+    watch tick saves it once the volume takes it: a restarted replica then has it."""
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "one", "w1")
+    (root / "CURRENT").write_text("one")
+    # an edit is saved to the edit log beside the index, a full save rewrites the index
+    make_room = refuse_writes(monkeypatch)
     async with serve(app_for(root, watch_interval_s=0.02)) as client:
         put = await client.put("/items/new-film", json={"title": "A New Film"}, headers=ADMIN)
         assert put.status_code == 507, put.text
@@ -556,14 +578,8 @@ async def test_an_edit_the_volume_refuses_is_a_507_and_saved_once_it_takes_it(ck
         assert (await client.get("/items/new-film")).status_code == 200  # served from memory
         assert metric((await client.get("/metrics")).text, "r2ec_item_edits_unsaved") == 1
 
-        monkeypatch.setattr(ItemIndex, "save", real_save)  # space again
-        monkeypatch.setattr(journal, "append", real_append)
-
-        async def saved() -> None:
-            while metric((await client.get("/metrics")).text, "r2ec_item_edits_unsaved") != 0:
-                await asyncio.sleep(0.02)
-
-        await asyncio.wait_for(saved(), 60)
+        make_room()
+        await wait_edits_saved(client)
     async with serve(app_for(root)) as restarted:
         assert (await restarted.get("/items/new-film")).json()["title"] == "A New Film"
         assert (await restarted.get("/items/i5")).status_code == 404

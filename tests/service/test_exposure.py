@@ -21,7 +21,7 @@ from service.store import (
     read_stream,
     read_stream_checked,
 )
-from tests.service.conftest import ADMIN, RedisServer, app_for, needs_redis, serve
+from tests.service.conftest import ADMIN, RedisServer, app_for, needs_redis, post_scope, serve
 from tests.service.test_app import H1, H2, H3, metric
 from tests.service.test_stream import STREAM, parse_sse
 
@@ -154,13 +154,7 @@ async def test_a_stream_its_client_cut_before_the_items_records_nothing(ckpt, re
             if message["type"] == "http.response.start":
                 started.set()
 
-        scope = {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-            "method": "POST", "scheme": "http", "path": STREAM, "raw_path": STREAM.encode(),
-            "root_path": "", "query_string": b"", "server": ("r2ec.test", 80), "client": ("127.0.0.1", 1),
-            "headers": [(b"host", b"r2ec.test"), (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode())],
-        }  # fmt: skip
+        scope = post_scope(STREAM, body)
         b = asyncio.create_task(app(scope, receive, send))
         await asyncio.wait_for(started.wait(), 30)  # accepted, queued behind A
         leave.set()
@@ -461,13 +455,7 @@ async def test_a_stream_cut_while_its_items_are_being_sent_has_its_entry(ckpt, r
                     leave.set()  # the client leaves while this send waits
                     await asyncio.sleep(0)
 
-        scope = {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-            "method": "POST", "scheme": "http", "path": STREAM, "raw_path": STREAM.encode(),
-            "root_path": "", "query_string": b"", "server": ("r2ec.test", 80), "client": ("127.0.0.1", 1),
-            "headers": [(b"host", b"r2ec.test"), (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()), (b"x-request-id", b"cut-at-items")],
-        }  # fmt: skip
+        scope = post_scope(STREAM, body, (b"x-request-id", b"cut-at-items"))
         await asyncio.wait_for(app(scope, receive, send), 60)
         await state.exposures.flush()
     events = [line for chunk in sent for line in chunk.decode().splitlines() if line.startswith("event:")]

@@ -11,7 +11,7 @@ import pytest
 
 from service.catalog import INDEX_DIR
 from tests.service.conftest import ADMIN, app_for, serve
-from tests.service.test_admin import copy_as_new_version, recommend
+from tests.service.test_admin import copy_as_new_version, recommend, refuse_writes, wait_edits_saved
 from tests.service.test_app import metric
 
 pytestmark = pytest.mark.asyncio
@@ -326,20 +326,10 @@ async def test_a_reload_waits_for_a_batch_and_never_mixes_models(ckpt, tmp_path,
 async def test_a_batch_the_volume_refuses_to_save_is_a_507_and_saved_once_it_takes_it(
     ckpt, tmp_path, monkeypatch
 ):
-    import errno
-
-    from index import ItemIndex, journal
-
     root = tmp_path / "versions"
     copy_as_new_version(ckpt, root / "one", "w1")
     (root / "CURRENT").write_text("one")
-    real_save, real_append = ItemIndex.save, journal.append
-
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(ItemIndex, "save", full)
-    monkeypatch.setattr(journal, "append", full)
+    make_room = refuse_writes(monkeypatch)
     async with serve(app_for(root, watch_interval_s=0.02)) as client:
         body = {"upsert": [{"item_id": "a", "title": "A"}, {"item_id": "b", "title": "B"}], "delete": ["i5"]}
         r = await client.post("/items/batch", json=body, headers=ADMIN)
@@ -351,14 +341,8 @@ async def test_a_batch_the_volume_refuses_to_save_is_a_507_and_saved_once_it_tak
         assert "No space left on device" in error["message"]
         assert (await client.get("/items/b")).status_code == 200  # served from memory
         assert metric((await client.get("/metrics")).text, "r2ec_item_edits_unsaved") == 1
-        monkeypatch.setattr(ItemIndex, "save", real_save)
-        monkeypatch.setattr(journal, "append", real_append)
-
-        async def saved() -> None:
-            while metric((await client.get("/metrics")).text, "r2ec_item_edits_unsaved") != 0:
-                await asyncio.sleep(0.02)
-
-        await asyncio.wait_for(saved(), 60)
+        make_room()
+        await wait_edits_saved(client)
     async with serve(app_for(root)) as restarted:
         assert (await restarted.get("/items/a")).json()["title"] == "A"
         assert (await restarted.get("/items/i5")).status_code == 404

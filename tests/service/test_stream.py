@@ -12,7 +12,7 @@ import pytest
 
 from service.store import Event
 from service.types import Query
-from tests.service.conftest import HeldModel, app_for, count_generate, serve
+from tests.service.conftest import HeldModel, app_for, count_generate, post_scope, serve
 from tests.service.test_app import H1, H2, H3, metric, requests
 
 pytestmark = pytest.mark.asyncio
@@ -175,13 +175,7 @@ async def test_a_client_that_leaves_mid_stream_cancels_its_request(ckpt):
             if message["type"] == "http.response.start":
                 started.set()
 
-        scope = {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-            "method": "POST", "scheme": "http", "path": STREAM, "raw_path": STREAM.encode(),
-            "root_path": "", "query_string": b"", "server": ("r2ec.test", 80), "client": ("127.0.0.1", 1),
-            "headers": [(b"host", b"r2ec.test"), (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode())],
-        }  # fmt: skip
+        scope = post_scope(STREAM, body)
         b = asyncio.create_task(app(scope, receive, send))
         await asyncio.wait_for(started.wait(), 30)  # accepted: B is queued behind A
         assert sent[0]["status"] == 200 and state.batcher.queue_depth == 1
