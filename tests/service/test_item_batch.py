@@ -489,7 +489,7 @@ async def test_a_reload_ends_a_syncs_encoding_and_carries_its_edits(ckpt, tmp_pa
     calls = []
 
     def gated(self, items):
-        calls.append(len(items))
+        calls.append(id(self))  # the new model's load may encode too: counted per catalog
         if not entered.is_set():
             entered.set()
             gate.wait(60)
@@ -502,14 +502,14 @@ async def test_a_reload_ends_a_syncs_encoding_and_carries_its_edits(ckpt, tmp_pa
         assert r.status_code == 200, r.text
         monkeypatch.setattr(service.catalog, "usable_vector", lambda v, dim: False)
         monkeypatch.setattr(Catalog, "encode_items", gated)
+        old = id(b.state.r2ec.engine.catalog)
         sync = asyncio.create_task(b.state.r2ec._sync_edits())
         assert await asyncio.to_thread(entered.wait, 60)
         reload = asyncio.create_task(cb.post("/admin/reload", headers=ADMIN))
         while not b.state.r2ec._reload_lock.locked():
             await asyncio.sleep(0.01)
-        sync_calls = len(calls)
         gate.set()
         await sync
-        assert len(calls) == sync_calls == 1  # given up after the chunk under way
+        assert calls.count(old) == 1  # given up after the chunk under way, not 6 chunks
         assert (await reload).status_code == 200
         assert (await cb.get("/items/sku-5")).json()["title"] == "Product 5"
