@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from tests.conftest import IN_CI
 from tests.deploy.helpers import ROOT, check_r2ec, dockerfile_instructions, option_value, r2ec_invocations
 
 K8S = ROOT / "deploy" / "k8s"
@@ -575,11 +576,9 @@ def test_queue_autoscaling_counts_the_main_arms_pods_only(kustomize, tmp_path):
     the ScaledObject's queries, evaluated by promtool, read the main pods' load alone: two main
     pods 14/16 busy beside an idle canary pod read 0.875 (not 28/48), and a busy canary beside
     idle main pods reads 0 (it cannot be helped by more main pods)."""
-    import os
-
     promtool = shutil.which("promtool")
     if promtool is None:
-        if os.environ.get("CI"):
+        if IN_CI:
             pytest.fail("promtool not found: deploy/setup.sh --dev installs Debian's prometheus package")
         pytest.skip("promtool not installed")
     queries = _keda_queries(kustomize("canary", "keda-autoscaling"))
