@@ -28,7 +28,7 @@ full save as it was done before (the index's lock held through the write and its
 encode: items/s of `encode_catalog` (what `r2ec checkpoint init` runs) on the checkpoint's
 model, `--encode-items` items of `--data`'s catalog, at each `--batch-sizes`.
 
-batch: what POST /items/batch saves against one PUT per item, in process on a copy of the
+batch: what POST /items:batch saves against one PUT per item, in process on a copy of the
 checkpoint (`--tiny`: an untrained tiny-model checkpoint over its items instead, as the tests
 use): `--batch-items` new items upserted one by one (`Catalog.upsert`, what each PUT runs:
 encode alone, index, one log append and flush) against the same texts under other ids as one

@@ -6,7 +6,7 @@ the index; an edit logged here costs one line, about the size of the edit. The c
 saved index, and then removes the log (`remove`).
 
 Layout: `<directory>/edits.jsonl`, one JSON object per entry, one entry per line, as every
-release wrote it. An `append` of two or more entries (a batch, POST /items/batch) tags each with
+release wrote it. An `append` of two or more entries (a batch, POST /items:batch) tags each with
 the batch's id and size, `"batch": "<uuid hex>", "of": N`, and writes all N lines in one write,
 flushed to the disk (and the directory, when the write created the file) before it returns.
 A reader of this build applies a batch only once all N of its lines are there: an incomplete

@@ -257,7 +257,7 @@ def usable_vector(vector: np.ndarray | None, dim: int) -> bool:
 
 
 def stored_record(fields: Mapping[str, Any]) -> dict[str, str]:
-    """An item's text as an edit stores it (PUT /items, POST /items/batch, `Catalog.upsert`,
+    """An item's text as an edit stores it (PUT /items, POST /items:batch, `Catalog.upsert`,
     `Catalog.edit_many`): every field a string, in Unicode NFC, so "Amélie" sent decomposed is
     the same title (and twin) as the catalog's."""
     return {k: nfc(v) for k, v in item_record(fields).items()}

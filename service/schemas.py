@@ -54,7 +54,7 @@ _TEXT_RE = re.compile(TEXT_PATTERN)
 MAX_HISTORY = 1000  # longer inline histories are refused (only the latest window is used)
 MAX_EVENTS = 1000
 MAX_ITEM_LIST = 1000  # a request's `candidates` or `exclude_items`
-MAX_ITEM_BATCH = 1000  # entries (upserts and deletes) of one POST /items/batch
+MAX_ITEM_BATCH = 1000  # entries (upserts and deletes) of one POST /items:batch
 MAX_AHEAD_S = 86_400  # an event may carry a time this far past the server's clock (clock skew)
 
 
@@ -533,7 +533,7 @@ class ItemBatchUpsert(ItemUpsert):
 
 
 class ItemBatch(_Body):
-    """POST /items/batch: items to add or replace and ids to remove, at most MAX_ITEM_BATCH in
+    """POST /items:batch: items to add or replace and ids to remove, at most MAX_ITEM_BATCH in
     all; an id may appear once in a batch (`duplicate_fields`)."""
 
     model_config = ConfigDict(

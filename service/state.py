@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 WATCH_RETRIES = 3  # loads of one new checkpoint version a tick apart, before the watch slows down
 WATCH_SLOW_RETRY_S = 300.0  # then one load of it this often (service/state.py `_watch`)
-# items of POST /items/batch encoded per turn of the model thread: what a recommendation may wait
+# items of POST /items:batch encoded per turn of the model thread: what a recommendation may wait
 # for meanwhile. 8, not 32: as fast per item on 2 contended cores, a quarter of the wait
 # (BENCHMARKS.md §5, 'Bulk item edits')
 EDIT_BATCH_CHUNK = 8
@@ -136,7 +136,7 @@ def checkpoint_label(configured: Path, path: Path, version: str) -> str:
 
 class EditNotSaved(RuntimeError):
     """An item edit this replica applied, in memory only: the volume refused the save. `batch`:
-    the number of edits of a batch (POST /items/batch) that `item_id` is the first of."""
+    the number of edits of a batch (POST /items:batch) that `item_id` is the first of."""
 
     def __init__(self, item_id: str, reason: str, watching: bool, batch: int | None = None) -> None:
         when = "at the next watch tick or edit" if watching else "with the next item edit"
@@ -511,7 +511,7 @@ class ServiceState:
     async def edit_items(
         self, upserts: Mapping[str, Mapping[str, Any]], deletes: Sequence[str]
     ) -> tuple[Catalog, BatchEdited]:
-        """A batch of item edits (POST /items/batch), all or nothing: every text checked first
+        """A batch of item edits (POST /items:batch), all or nothing: every text checked first
         (ItemBatchError naming each refused field, `upsert.3.title`), then the upserts encoded
         on the model thread EDIT_BATCH_CHUNK items at a time, so recommendation batches run
         between the chunks, then every upsert and delete applied at once, on the model thread
@@ -864,7 +864,7 @@ class ServiceState:
         sync runs on a thread of its own, not the model thread: the edits this version's log
         holds go in with their logged vectors. The ones that must be encoded (another version's,
         a vector a full save took out of the log) are encoded OUTSIDE the edit lock, so PUT,
-        DELETE, POST /items/batch and a reload's swap wait for a commit, not the encoding: under
+        DELETE, POST /items:batch and a reload's swap wait for a commit, not the encoding: under
         the lock the sync finds what it must encode (`ReadyVectors` raises NeedsEncoding,
         nothing of it applied), without it those items take turns with the recommendation
         batches on the model thread, EDIT_BATCH_CHUNK items per turn

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.asyncio
 ADMIN_CALLS = [
     ("PUT", "/items/new", {"title": "A New Film"}),
     ("DELETE", "/items/i1", None),
-    ("POST", "/items/batch", {"upsert": [{"item_id": "new", "title": "A New Film"}], "delete": ["i1"]}),
+    ("POST", "/items:batch", {"upsert": [{"item_id": "new", "title": "A New Film"}], "delete": ["i1"]}),
     ("POST", "/admin/reload", None),
     ("DELETE", "/users/u1", None),
 ]

@@ -144,7 +144,7 @@ async def test_openapi_documents_every_status_with_the_error_schema(client):
         # 507: an edit the checkpoint volume refused to save
         ("put", "/items/{item_id}"): {"200", "201", "401", "403", "422", "500", "503", "507"} | body,
         ("delete", "/items/{item_id}"): {"200", "401", "403", "404", "422", "500", "503", "507"},
-        ("post", "/items/batch"): {"200", "401", "403", "422", "500", "503", "507"} | body,
+        ("post", "/items:batch"): {"200", "401", "403", "422", "500", "503", "507"} | body,
         ("post", "/admin/reload"): {"200", "401", "403", "409", "422", "500", "503"} | body,
         ("get", "/healthz"): {"200", "500"},
         ("get", "/readyz"): {"200", "500", "503"},

@@ -1,4 +1,4 @@
-"""POST /items/batch: many item edits in one call, all or nothing, one index pass, one save."""
+"""POST /items:batch: many item edits in one call, all or nothing, one index pass, one save."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ async def test_a_batch_creates_replaces_and_deletes_with_the_vectors_a_put_gives
         ],
         "delete": ["i5", "never-there"],
     }
-    r = await client.post("/items/batch", json=body, headers=ADMIN)
+    r = await client.post("/items:batch", json=body, headers=ADMIN)
     assert r.status_code == 200, r.text
     assert r.json() == {
         "created": 2,
@@ -77,7 +77,7 @@ async def test_a_batch_creates_replaces_and_deletes_with_the_vectors_a_put_gives
 
 
 async def test_an_empty_batch_changes_nothing(client):
-    r = await client.post("/items/batch", json={}, headers=ADMIN)
+    r = await client.post("/items:batch", json={}, headers=ADMIN)
     assert r.status_code == 200, r.text
     assert r.json() == {
         "created": 0, "replaced": 0, "deleted": 0, "not_found": [], "index_size": 11, "results": []
@@ -108,7 +108,7 @@ async def test_a_bad_entry_anywhere_is_a_422_naming_it_and_changes_nothing(
     app, client, ckpt, texts, field, said
 ):
     upsert = [{"item_id": f"b{n}", **t} for n, t in enumerate(texts)]
-    r = await client.post("/items/batch", json={"upsert": upsert, "delete": ["i5"]}, headers=ADMIN)
+    r = await client.post("/items:batch", json={"upsert": upsert, "delete": ["i5"]}, headers=ADMIN)
     error = r.json()["error"]
     assert r.status_code == 422 and error["code"] == "invalid_request", r.text
     assert [f["field"] for f in error["fields"]] == [field] and said in error["message"], error
@@ -125,7 +125,7 @@ async def test_every_bad_text_of_a_batch_is_named(client):
         {"item_id": "b", "title": "Fine"},
         {"item_id": "c", "title": "Fine", "genres": "<|im_start|>system"},
     ]
-    r = await client.post("/items/batch", json={"upsert": upsert}, headers=ADMIN)
+    r = await client.post("/items:batch", json={"upsert": upsert}, headers=ADMIN)
     assert r.status_code == 422
     assert [f["field"] for f in r.json()["error"]["fields"]] == ["upsert.0.title", "upsert.2.genres"]
 
@@ -142,7 +142,7 @@ IDS_REFUSED = [
 
 @pytest.mark.parametrize(("body", "fields"), IDS_REFUSED)
 async def test_an_id_twice_in_a_batch_or_an_invalid_one_is_refused(client, body, fields):
-    r = await client.post("/items/batch", json=body, headers=ADMIN)
+    r = await client.post("/items:batch", json=body, headers=ADMIN)
     assert r.status_code == 422, r.text
     assert [f["field"] for f in r.json()["error"]["fields"]] == fields
     if "twice" in r.text or "same id" in r.text:
@@ -154,36 +154,34 @@ async def test_an_id_twice_in_a_batch_or_an_invalid_one_is_refused(client, body,
 async def test_a_batch_holds_at_most_1000_entries_in_all(client):
     upsert = [{"item_id": f"n{n}", "title": f"N {n}"} for n in range(600)]
     r = await client.post(
-        "/items/batch", json={"upsert": upsert, "delete": [f"d{n}" for n in range(401)]}, headers=ADMIN
+        "/items:batch", json={"upsert": upsert, "delete": [f"d{n}" for n in range(401)]}, headers=ADMIN
     )
     assert r.status_code == 422 and "at most 1000 entries in all" in r.json()["error"]["message"]
-    r = await client.post("/items/batch", json={"delete": [f"d{n}" for n in range(1001)]}, headers=ADMIN)
+    r = await client.post("/items:batch", json={"delete": [f"d{n}" for n in range(1001)]}, headers=ADMIN)
     assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "delete"
     assert (await client.get("/items/n0")).status_code == 404
 
 
-async def test_post_reaches_the_batch_and_the_other_methods_still_mean_the_item_named_batch(client):
-    """The `{item_id:id}` routes take any id, "batch" too: GET, PUT and DELETE /items/batch are
-    that item's, POST is the batch route (Starlette takes the route whose method matches)."""
+async def test_the_batch_is_a_custom_method_and_items_batch_is_the_item_named_batch(client):
+    """POST /items:batch is the batch (a path no item id can be); /items/batch is the item whose
+    id is "batch" for every method, POST included (405, as for any item)."""
     r = await client.get("/items/batch")
     assert r.status_code == 404 and r.json()["error"]["message"] == "item 'batch' not found"
     r = await client.put("/items/batch", json={"title": "An Item Called Batch"}, headers=ADMIN)
     assert r.status_code == 201 and r.json()["item"]["item_id"] == "batch"
     assert (await client.get("/items/batch")).json()["title"] == "An Item Called Batch"
-    r = await client.post("/items/batch", json={"upsert": [{"item_id": "b2", "title": "B2"}]}, headers=ADMIN)
+    r = await client.post("/items:batch", json={"upsert": [{"item_id": "b2", "title": "B2"}]}, headers=ADMIN)
     assert r.status_code == 200 and r.json()["created"] == 1
-    r = await client.post("/items/batch", json={"delete": ["batch"]}, headers=ADMIN)  # the item "batch"
+    r = await client.post("/items:batch", json={"delete": ["batch"]}, headers=ADMIN)  # the item "batch"
     assert r.status_code == 200 and r.json()["deleted"] == 1
     r = await client.put("/items/batch", json={"title": "Back Again"}, headers=ADMIN)
     assert r.status_code == 201
     r = await client.delete("/items/batch", headers=ADMIN)
     assert r.status_code == 200 and r.json()["deleted"] == "batch"
-    r = await client.patch("/items/batch", json={})
-    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, POST, PUT"
-    r = await client.post("/items/other", json={})
+    r = await client.post("/items/batch", json={"upsert": []}, headers=ADMIN)
     assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, PUT"
-    r = await client.post("/items/a/batch", json={})  # an id ending in /batch is still no batch
-    assert r.status_code == 405
+    r = await client.get("/items:batch")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
 async def test_a_batch_is_one_append_to_the_edit_log_and_a_restart_sees_every_edit(
@@ -202,7 +200,7 @@ async def test_a_batch_is_one_append_to_the_edit_log_and_a_restart_sees_every_ed
     app = app_for(ckpt)
     async with serve(app) as client:
         upsert = [{"item_id": f"sku-{n}", "title": f"Product {n}", "genres": "Shoes"} for n in range(40)]
-        r = await client.post("/items/batch", json={"upsert": upsert, "delete": ["i5", "i6"]}, headers=ADMIN)
+        r = await client.post("/items:batch", json={"upsert": upsert, "delete": ["i5", "i6"]}, headers=ADMIN)
         assert r.status_code == 200 and r.json()["created"] == 40, r.text
         index = app.state.r2ec.engine.catalog.index
         served = {i: index.vector(i) for i in index.item_ids()}
@@ -250,7 +248,7 @@ async def test_recommendations_run_between_the_chunks_of_a_batch(ckpt, monkeypat
     async with serve(app_for(ckpt)) as client:
         order.clear()
         upsert = [{"item_id": f"n{n}", "title": f"New {n}"} for n in range(5)]
-        batch = asyncio.create_task(client.post("/items/batch", json={"upsert": upsert}, headers=ADMIN))
+        batch = asyncio.create_task(client.post("/items:batch", json={"upsert": upsert}, headers=ADMIN))
         assert await asyncio.to_thread(entered.wait, 60)
         asked = asyncio.create_task(recommend(client))
         await asyncio.sleep(0.2)  # queued for the model thread behind the first chunk
@@ -303,7 +301,7 @@ async def test_a_reload_waits_for_a_batch_and_never_mixes_models(ckpt, tmp_path,
         monkeypatch.setattr(Recommender, "load", recorded_load)
         old = app.state.r2ec.engine.catalog
         upsert = [{"item_id": f"n{n}", "title": f"New {n}"} for n in range(3)]
-        batch = asyncio.create_task(client.post("/items/batch", json={"upsert": upsert}, headers=ADMIN))
+        batch = asyncio.create_task(client.post("/items:batch", json={"upsert": upsert}, headers=ADMIN))
         assert await asyncio.to_thread(entered.wait, 60)
         reload = asyncio.create_task(
             client.post("/admin/reload", json={"checkpoint": str(v2)}, headers=ADMIN)
@@ -332,7 +330,7 @@ async def test_a_batch_the_volume_refuses_to_save_is_a_507_and_saved_once_it_tak
     make_room = refuse_writes(monkeypatch)
     async with serve(app_for(root, watch_interval_s=0.02)) as client:
         body = {"upsert": [{"item_id": "a", "title": "A"}, {"item_id": "b", "title": "B"}], "delete": ["i5"]}
-        r = await client.post("/items/batch", json=body, headers=ADMIN)
+        r = await client.post("/items:batch", json=body, headers=ADMIN)
         assert r.status_code == 507, r.text
         error = r.json()["error"]
         assert (
@@ -398,7 +396,7 @@ async def test_another_replica_takes_a_batch_without_holding_the_model_thread(ck
         a.state.r2ec.engine.catalog._who, b.state.r2ec.engine.catalog._who = "A", "B"
         model_thread = await b.state.r2ec.run_model(lambda: threading.current_thread().name)
         upsert = [{"item_id": f"sku-{n}", "title": f"Product {n}"} for n in range(10)]
-        r = await ca.post("/items/batch", json={"upsert": upsert[:5], "delete": ["i5"]}, headers=ADMIN)
+        r = await ca.post("/items:batch", json={"upsert": upsert[:5], "delete": ["i5"]}, headers=ADMIN)
         assert r.status_code == 200, r.text
         calls.clear()
         await b.state.r2ec._sync_edits()  # B's watch tick: the logged vectors, nothing encoded
@@ -408,7 +406,7 @@ async def test_another_replica_takes_a_batch_without_holding_the_model_thread(ck
         ).status_code == 404
         np.testing.assert_allclose(vector(b, "sku-4"), vector(a, "sku-4"), atol=1e-6)
 
-        r = await ca.post("/items/batch", json={"upsert": upsert[5:]}, headers=ADMIN)
+        r = await ca.post("/items:batch", json={"upsert": upsert[5:]}, headers=ADMIN)
         assert r.status_code == 200, r.text
         monkeypatch.setattr(service.catalog, "usable_vector", lambda v, dim: False)  # B must encode
         entered, gate = threading.Event(), threading.Event()
@@ -463,7 +461,7 @@ async def test_a_put_during_a_chunked_sync_waits_for_a_chunk_not_the_whole_sync(
     a, b = app_for(ckpt, watch_interval_s=0), app_for(ckpt, watch_interval_s=0)
     async with serve(a) as ca, serve(b) as cb:
         upsert = [{"item_id": f"sku-{n}", "title": f"Product {n}"} for n in range(12)]
-        r = await ca.post("/items/batch", json={"upsert": upsert}, headers=ADMIN)
+        r = await ca.post("/items:batch", json={"upsert": upsert}, headers=ADMIN)
         assert r.status_code == 200, r.text
         monkeypatch.setattr(service.catalog, "usable_vector", lambda v, dim: False)  # B must encode
         monkeypatch.setattr(Catalog, "encode_items", slow_encode)
@@ -498,7 +496,7 @@ async def test_a_reload_ends_a_syncs_encoding_and_carries_its_edits(ckpt, tmp_pa
     a, b = app_for(ckpt, watch_interval_s=0), app_for(ckpt, watch_interval_s=0)
     async with serve(a) as ca, serve(b) as cb:
         upsert = [{"item_id": f"sku-{n}", "title": f"Product {n}"} for n in range(6)]
-        r = await ca.post("/items/batch", json={"upsert": upsert}, headers=ADMIN)
+        r = await ca.post("/items:batch", json={"upsert": upsert}, headers=ADMIN)
         assert r.status_code == 200, r.text
         monkeypatch.setattr(service.catalog, "usable_vector", lambda v, dim: False)
         monkeypatch.setattr(Catalog, "encode_items", gated)
