@@ -103,18 +103,17 @@ def _same_splits(a, b) -> None:
 
 
 # -- samples <-> interactions (no model) -------------------------------------------------------
+def _tiny_seed(tmp_path: Path, protocol: str):
+    """tests/fixtures/data/tiny.{inter,item} prepared under `protocol`, as a seed dataset."""
+    data = FIXTURES / "data"
+    prepared = prepare_atomic(data / "tiny.inter", data / "tiny.item", tmp_path, "tiny", protocol=protocol)
+    return load_prepared(prepared)
+
+
 @pytest.mark.parametrize("protocol", ["loo", "temporal"])
 def test_rebuild_without_events_reproduces_the_seed_samples(tmp_path, protocol):
     # tiny.inter has a timestamp tie (u2: i6 and i7 at 250) and a NaN rating: order must survive.
-    seed = load_prepared(
-        prepare_atomic(
-            FIXTURES / "data" / "tiny.inter",
-            FIXTURES / "data" / "tiny.item",
-            tmp_path,
-            "tiny",
-            protocol=protocol,
-        )
-    )
+    seed = _tiny_seed(tmp_path, protocol)
     rebuilt, dropped, _ = rebuild_dataset(seed, events_frame([]), tmp_path / "out")
     assert dropped == 0 and rebuilt.path != seed.path
     _same_splits(rebuilt, seed)
@@ -196,15 +195,7 @@ def test_events_that_repeat_the_seed_exactly_add_nothing(tmp_path, protocol):
     """Journey 40, finding 1: the warehouse history was both the seed dataset and backfilled
     into Redis; the rebuild added every seed interaction again, doubling the train samples and
     putting targets in their own histories (415 of 943 valid samples on ml-100k)."""
-    seed = load_prepared(
-        prepare_atomic(
-            FIXTURES / "data" / "tiny.inter",
-            FIXTURES / "data" / "tiny.item",
-            tmp_path,
-            "tiny",
-            protocol=protocol,
-        )
-    )
+    seed = _tiny_seed(tmp_path, protocol)
     backfill = _seed_as_events()
     rebuilt, unknown, in_seed = rebuild_dataset(seed, events_frame(backfill), tmp_path / "out")
     # u4's one interaction made no sample, so the seed does not hold it: it is added, and
