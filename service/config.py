@@ -22,7 +22,9 @@ VARIANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
 class Settings(BaseSettings):
     """Every knob of the online service; env var = `R2EC_` + the upper-cased field name."""
 
-    model_config = SettingsConfigDict(env_prefix="R2EC_", extra="ignore")
+    # hide_input_in_errors: a refused setting's message must not print what was read, which for
+    # the model-wide checks is every setting, R2EC_REDIS_URL's password with them
+    model_config = SettingsConfigDict(env_prefix="R2EC_", extra="ignore", hide_input_in_errors=True)
 
     checkpoint: Path = Field(
         Path("checkpoints/current"),
