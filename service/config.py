@@ -33,7 +33,9 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         "",
         description="redis://host:port/db for histories, events and the reasoning cache; "
-        "empty = an in-process store (lost on restart).",
+        "empty = an in-process store (lost on restart). rediss:// for TLS (?ssl_ca_certs=, "
+        "?ssl_certfile=&ssl_keyfile=), redis+sentinel://host:port[,host:port]/service[/db] for a "
+        "primary Redis Sentinel names (docs/operations.md, 'Managed Redis'; service/redis_conn.py).",
     )
     max_batch: int = Field(
         16,
@@ -301,6 +303,18 @@ class Settings(BaseSettings):
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {v!r}")
         return level
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        """Read as the store will read it (service/redis_conn.py `parse`): a URL it cannot use (a
+        misspelt parameter, a TLS file that is not there, a password with an unencoded '/') stops
+        the start here, naming what is wrong, never the password."""
+        if v:
+            from service.redis_conn import parse
+
+            parse(v)
+        return v
 
     @field_validator("variant")
     @classmethod

@@ -105,7 +105,6 @@ import json
 import logging
 import math
 import time
-import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -115,6 +114,8 @@ from typing import Protocol
 
 import redis
 import redis.asyncio
+
+from service.redis_conn import AsyncRedis, SyncRedis, redact
 
 log = logging.getLogger(__name__)
 
@@ -646,7 +647,8 @@ class MemoryStore:
 
 class RedisStore:
     """Redis-backed store (redis.asyncio). Connections are lazy: a down server does not stop
-    the app from starting, it makes `ping` (and so /readyz) fail."""
+    the app from starting, it makes `ping` (and so /readyz) fail. `url`: R2EC_REDIS_URL, any form
+    service/redis_conn.py reads (TLS, Sentinel); a URL it refuses is a RedisUrlError (ValueError)."""
 
     kind = "redis"
 
@@ -669,12 +671,8 @@ class RedisStore:
         self.stream_maxlen = stream_maxlen
         self.dedup_ttl_s = dedup_ttl_s
         self.url = url
-        self._redis = redis.asyncio.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s,
-        )
+        self._conn = AsyncRedis(url, timeout_s)
+        self._redis = self._conn.client
         self._append = self._redis.register_script(APPEND_SCRIPT)
         self._cache_for_user = self._redis.register_script(CACHE_SET_SCRIPT)
         self._erase = self._redis.register_script(ERASE_SCRIPT)
@@ -885,12 +883,12 @@ class RedisStore:
             )
         except (TypeError, ValueError, KeyError) as exc:
             raise StoreFormatError(
-                f"{SCHEMA_KEY} in {_redact(self.url)} is no format marker r2ec wrote ({raw!r:.200}): "
+                f"{SCHEMA_KEY} in {redact(self.url)} is no format marker r2ec wrote ({raw!r:.200}): "
                 "restore it, or delete it and the next start writes it again"
             ) from exc
         if found.format > STORE_FORMAT:
             raise StoreFormatError(
-                f"the Redis at {_redact(self.url)} holds r2ec data in format {found.format} "
+                f"the Redis at {redact(self.url)} holds r2ec data in format {found.format} "
                 f"({SCHEMA_KEY}, written by r2ec {found.written_by}); this r2ec {version} knows format "
                 f"{STORE_FORMAT} at most and would misread it: run r2ec {found.written_by} or newer "
                 "(docs/operations.md, 'Upgrading')"
@@ -904,7 +902,7 @@ class RedisStore:
 
     async def close(self) -> None:
         try:
-            await self._redis.aclose()
+            await self._conn.aclose()
         except Exception as exc:  # closing a broken connection must not stop shutdown
             log.warning("closing redis: %s", exc)
 
@@ -921,9 +919,8 @@ def read_stream(
     For retraining, a batch job outside the service's event loop: synchronous, one connection,
     `page_size` entries per round trip. A down Redis raises StoreUnavailable (op read_events).
     """
-    client = redis.Redis.from_url(
-        redis_url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
-    )
+    connection = SyncRedis(redis_url, timeout_s)
+    client = connection.client
     entries: list[StreamEntry] = []
     after = cursor or STREAM_START
     try:
@@ -932,7 +929,7 @@ def read_stream(
                 entries += _stream_entries(rows)
                 after = entries[-1].id
     finally:
-        client.close()
+        connection.close()
     return entries, (entries[-1].id if entries else cursor)
 
 
@@ -1019,9 +1016,8 @@ def read_stream_checked(
     position is written (STREAM_READER_KEY) for the erasure steps: while it is there they trim
     no further; without it (no retraining read for READER_TTL_S) they trim to the stream's first
     entry, and a read whose range starts below what was trimmed cannot count exactly."""
-    client = redis.Redis.from_url(
-        redis_url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
-    )
+    connection = SyncRedis(redis_url, timeout_s)
+    client = connection.client
     entries: list[StreamEntry] = []
     after = cursor or STREAM_START
     if mark is not None and (mark.get("cursor", cursor) != cursor or "last_id" not in mark):
@@ -1042,7 +1038,7 @@ def read_stream_checked(
             floor = _id_key(start)[0]
             client.eval(READ_TRIM_SCRIPT, len(_ERASED_KEYS), *_ERASED_KEYS, floor, READER_TTL_S)
     finally:
-        client.close()
+        connection.close()
     lost, exact = _lost_unread(info, cursor, mark, len(entries), len(deleted), start)
     cursor = entries[-1].id if entries else cursor
     new_mark = None
@@ -1139,14 +1135,13 @@ def read_erasures(redis_url: str, *, timeout_s: float = 10.0) -> ErasureLedger:
     """The erasure ledger (module docstring, "Erasure"), for retraining: synchronous, one
     connection, ZSCAN in pages (an entry updated meanwhile is still read). A down Redis raises
     StoreUnavailable (op read_erasures)."""
-    client = redis.Redis.from_url(
-        redis_url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
-    )
+    connection = SyncRedis(redis_url, timeout_s)
+    client = connection.client
     try:
         with _failures(redis_url, "read_erasures"):
             cutoffs = {user: int(ms) for user, ms in client.zscan_iter(ERASURES_KEY, count=10_000)}
     finally:
-        client.close()
+        connection.close()
     return ErasureLedger(cutoffs)
 
 
@@ -1171,9 +1166,8 @@ def read_served(
     low = "-" if since_ms is None else str(int(since_ms))  # "<ms>": from <ms>-0
     # "<ms - 1>": to <ms - 1>-<the last sequence>, the last id before <ms>-0
     high = "+" if until_ms is None else str(int(until_ms) - 1)
-    client = redis.Redis.from_url(
-        redis_url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
-    )
+    connection = SyncRedis(redis_url, timeout_s)
+    client = connection.client
     try:
         while True:
             with _failures(redis_url, "read_served"):
@@ -1185,7 +1179,7 @@ def read_served(
                 return
             low = f"({rows[-1][0]}"
     finally:
-        client.close()
+        connection.close()
 
 
 def _entry_n(entry: StreamEntry) -> int:
@@ -1516,33 +1510,7 @@ def _failures(url: str, op: str) -> Iterator[None]:
     try:
         yield
     except (redis.RedisError, OSError) as exc:
-        raise StoreUnavailable(f"redis {op} failed ({_redact(url)}): {exc}", op) from exc
-
-
-def _redact(url: str) -> str:
-    """The URL with its credentials masked, for the log: the userinfo's password
-    (redis://user:secret@host -> redis://user:***@host; a lone userinfo, which may be a
-    password, whole) and the query parameters redis-py reads a secret from
-    (redis://host/0?password=secret -> redis://host/0?password=***); the other parameters kept.
-    The userinfo is everything before the LAST "@", not what a URL parser reads: a password may
-    hold an unencoded "/", "?" or "#" (base64 ones do), which end a parser's host part early and
-    would leave it whole. Nothing of it goes to clients (service/errors.py, ServiceState.readiness)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    if "@" in rest:
-        userinfo, rest = rest.rsplit("@", 1)
-        user, has_password, _ = userinfo.partition(":")
-        rest = (f"{user}:***@" if has_password else "***@") + rest
-    where, question, query = rest.partition("?")
-    if query:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-        masked = [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs]
-        query = urllib.parse.urlencode(masked, safe="*")
-    return (f"{scheme}://" if sep else "") + where + (f"?{query}" if query else "")
-
-
-_SECRET_PARAMS = frozenset({"password", "username", "ssl_password"})
+        raise StoreUnavailable(f"redis {op} failed ({redact(url)}): {exc}", op) from exc
 
 
 def make_store(

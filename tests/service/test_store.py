@@ -14,6 +14,7 @@ import pytest
 import pytest_asyncio
 import redis
 
+from service.redis_conn import redact as _redact
 from service.store import (
     EVENTS_STREAM,
     STREAM_EPOCH_KEY,
@@ -25,7 +26,6 @@ from service.store import (
     RedisStore,
     Served,
     StoreUnavailable,
-    _redact,
     event_key,
     read_erasures,
     read_served,
