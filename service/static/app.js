@@ -152,6 +152,10 @@ function say(el, ...parts) {
 
 // The title line and the grey line under it, as every list on the page shows an item; the
 // title takes its direction from its own first strong character (dir="auto", which isolates it).
+// Append them with `SPACE` between: the layout ignores it (a flex or grid container drops a
+// white-space-only text node), but the text read out and matched against a control's name is then
+// "Toy Story 1995", not "Toy Story1995".
+const SPACE = " ";
 function titleSpans(titleText, subText = "") {
   const title = document.createElement("span");
   title.className = "title";
@@ -220,14 +224,21 @@ function renderMatches() {
     button.className = "match";
     button.dataset.itemId = item.item_id;
     const [title, sub] = titleSpans(item.title, subtitle(item));
+    // The button's name is its text, the action first ("add Toy Story 1995 · Animation"): it
+    // contains every word on the button, as WCAG 2.5.3 asks (an aria-label that left out
+    // "+ add" did not). The grid (app.css) still shows the action on the right.
     const action = document.createElement("span");
     action.className = "action";
-    action.setAttribute("aria-hidden", "true");
     const added = inHistory.has(item.item_id);
-    action.textContent = added ? "added" : "+ add";
+    if (!added) {
+      const plus = document.createElement("span");
+      plus.setAttribute("aria-hidden", "true"); // not read out as "plus"
+      plus.textContent = "+ ";
+      action.append(plus);
+    }
+    action.append(added ? "added" : "add");
     button.disabled = added;
-    button.setAttribute("aria-label", `${added ? "Already added" : "Add"}: ${item.title} ${subtitle(item)}`.trim());
-    button.append(title, sub, action);
+    button.append(action, SPACE, title, SPACE, sub);
     button.addEventListener("click", () => addToHistory(item, 5, { focusSearch: true }));
     li.append(button);
     list.append(li);
@@ -294,7 +305,7 @@ function renderHistory() {
     const text = document.createElement("div");
     text.className = "text";
     const [title, sub] = titleSpans(entry.title, subtitle(entry));
-    text.append(title, sub);
+    text.append(title, SPACE, sub);
     if (!entry.year && !entry.genres) {
       itemDetails(entry.item_id).then((found) => {
         if (!found) return;
@@ -426,9 +437,12 @@ async function loadUser(event) {
 function newRun(title) {
   const node = $("#run-template").content.firstElementChild.cloneNode(true);
   $(".run-title", node).textContent = title;
+  // the ranked list's name, for a screen reader's list of lists; two side by side differ
+  $(".items", node).setAttribute("aria-label", `Recommended films, ${title.toLowerCase()}`);
   $("#runs").append(node);
   return {
     node,
+    title,
     status: $(".run-status", node),
     error: $(".error", node),
     reasoningBox: $(".reasoning", node),
@@ -522,7 +536,7 @@ function renderItems(run, items) {
     const text = document.createElement("div");
     text.className = "text";
     const [title, sub] = titleSpans(item.title);
-    text.append(title, sub);
+    text.append(title, SPACE, sub);
     const score = document.createElement("span");
     score.className = "score";
     score.textContent = `score ${Number(item.score).toFixed(2)}`;
@@ -531,7 +545,9 @@ function renderItems(run, items) {
     watched.type = "button";
     watched.className = "watched";
     watched.textContent = "I watched this";
-    watched.setAttribute("aria-label", `I watched ${item.title}`);
+    // The name starts with the words on the button (WCAG 2.5.3: "click I watched this" works
+    // by voice) and says which film, as ten buttons of one name would not.
+    watched.setAttribute("aria-label", `I watched this: ${item.title}`);
     watched.addEventListener("click", () => markWatched(item, watched));
     const side = document.createElement("div");
     side.className = "side";

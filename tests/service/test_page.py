@@ -197,7 +197,7 @@ def test_i_watched_this_saves_the_event_for_the_user_and_asks_again(server, page
     first = items.first
     watched_id = first.get_attribute("data-item-id")
     watched_title = first.locator(".title").inner_text()
-    first.get_by_role("button", name=f"I watched {watched_title}").click()
+    first.get_by_role("button", name=f"I watched this: {watched_title}").click()
 
     expect(page.locator("#history li", has_text=watched_title)).to_have_count(1)
     expect(page.locator("#run-status")).to_contain_text("Done")
@@ -730,3 +730,133 @@ def test_right_to_left_titles_keep_their_order_in_lists_status_lines_and_the_rea
         xs = _left(entries)
         assert xs[1] < xs[2] < xs[3], "the listed titles must show in the order they are written"
         expect(run.locator(".items .title")).to_have_attribute("dir", "auto")
+
+
+# ---------------------------------------------------------------------------- keyboard and screen reader
+# What a person who uses the page by keyboard alone, with a screen reader, depends on (journey
+# 41; WCAG 2.1 AA). Names are read from Chromium's own accessibility tree (over CDP), the one a
+# screen reader is given; keys are pressed, never clicked. An axe-core run is opt-in
+# (R2EC_TEST_AXE, at the end): CI installs nothing from npm.
+
+# roles a person operates: each needs a name to be found and used
+CONTROL_ROLES = {
+    "button",
+    "checkbox",
+    "combobox",
+    "DisclosureTriangle",  # <summary>
+    "link",
+    "listbox",
+    "menuitem",
+    "radio",
+    "searchbox",
+    "slider",
+    "spinbutton",
+    "switch",
+    "tab",
+    "textbox",
+}
+
+
+def _ax(node: dict, key: str) -> str:
+    return str((node.get(key) or {}).get("value", ""))
+
+
+def unnamed_controls(page: Page) -> list[str]:
+    """Controls, and anything else the keyboard can reach, that Chromium's accessibility tree
+    gives no name: a screen reader says only "button" for them."""
+    cdp = page.context.new_cdp_session(page)
+    try:
+        nodes = cdp.send("Accessibility.getFullAXTree")["nodes"]
+    finally:
+        cdp.detach()
+    unnamed = []
+    for node in nodes:
+        role = _ax(node, "role")
+        if node.get("ignored") or role == "RootWebArea":
+            continue
+        focusable = any(p["name"] == "focusable" and p["value"]["value"] for p in node.get("properties", []))
+        if (role in CONTROL_ROLES or focusable) and not _ax(node, "name").strip():
+            unnamed.append(f"{role} (DOM node {node.get('backendDOMNodeId')})")
+    return unnamed
+
+
+def ax_names(page: Page, selector: str) -> list[str]:
+    """The accessible name Chromium gives each element `selector` matches, in document order."""
+    cdp = page.context.new_cdp_session(page)
+    try:
+        root = cdp.send("DOM.getDocument", {"depth": 0})["root"]["nodeId"]
+        node_ids = cdp.send("DOM.querySelectorAll", {"nodeId": root, "selector": selector})["nodeIds"]
+        names = []
+        for node_id in node_ids:
+            ax = cdp.send("Accessibility.getPartialAXTree", {"nodeId": node_id, "fetchRelatives": False})
+            names.append(_ax(ax["nodes"][0], "name") if ax["nodes"] else "")
+    finally:
+        cdp.detach()
+    return names
+
+
+def names_without_their_words(page: Page, selector: str = "button, a[href], summary") -> list[str]:
+    """Visible controls whose accessible name (Chromium's) does not hold the words shown on
+    them, in order (WCAG 2.5.3 Label in Name): a person who says "click I watched this" to
+    speech software, or sees one thing while the screen reader says another."""
+    names = ax_names(page, selector)
+    shown = page.locator(selector).evaluate_all("els => els.map(e => e.checkVisibility() ? e.innerText : '')")
+    assert len(shown) == len(names)
+
+    def words(text: str) -> list[str]:
+        return re.findall(r"\w+", text.lower())
+
+    missing = []
+    for text, name in zip(shown, names, strict=True):
+        seen, said = words(text), words(name)
+        if seen and not any(said[i : i + len(seen)] == seen for i in range(len(said) - len(seen) + 1)):
+            missing.append(f"{text!r} is named {name!r}")
+    return missing
+
+
+def test_every_control_has_a_name_holding_the_words_on_it(server, browser):
+    context = browser.new_context(viewport={"width": 1100, "height": 900}, reduced_motion="reduce")
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        page.goto(server + "/")
+        expect(page.locator("#server")).to_contain_text("Model ")
+        assert page.evaluate("document.documentElement.lang") == "en"
+        expect(page.get_by_role("banner")).to_have_count(1)
+        expect(page.get_by_role("main")).to_have_count(1)
+        expect(page.get_by_role("heading", level=1)).to_have_count(1)
+        assert unnamed_controls(page) == []
+
+        # matches (one already added, disabled), history rows, the stored-user box
+        add_film(page, "toy", "Toy Story", how="enter")
+        page.get_by_label("Find a film by title").fill("o")
+        expect(page.locator("#matches button:disabled")).to_have_count(1)
+        expect(page.locator("#matches button:enabled").first).to_be_visible()
+        page.locator("#user-box summary").press("Enter")
+        assert unnamed_controls(page) == []
+        assert names_without_their_words(page) == []
+
+        # both answers, each film with its "I watched this"
+        page.get_by_label("How many").fill("3")
+        page.get_by_label("Compare with and without reasoning").check()
+        page.get_by_role("button", name="Recommend").press("Enter")
+        expect(page.locator(".run").nth(1).locator(".items li")).to_have_count(3)
+        assert unnamed_controls(page) == []
+        assert names_without_their_words(page) == []
+        lists = page.locator(".run .items").evaluate_all("ls => ls.map(l => l.getAttribute('aria-label'))")
+        assert lists == ["Recommended films, without reasoning", "Recommended films, with reasoning"]
+        # the scrolled reasoning box is reachable by Tab (to scroll it by keyboard) and named
+        reasoning = page.locator(".run").nth(1).locator(".reasoning-text")
+        expect(reasoning).to_have_attribute("tabindex", "0")
+        assert ax_names(page, ".run:nth-child(2) .reasoning-text") == ["Reasoning"]
+
+        # nothing moves by itself for a person who asked for less motion
+        assert page.evaluate("document.getAnimations().length") == 0
+        moving = page.evaluate(
+            """[...document.querySelectorAll('*')].filter(e => { const s = getComputedStyle(e);
+                 return s.animationName !== 'none'
+                        || s.transitionDuration.split(',').some(d => parseFloat(d) > 0); }).length"""
+        )
+        assert moving == 0
+    finally:
+        context.close()
