@@ -67,6 +67,21 @@ const KEY_STORE = "r2ec-api-key";
 const KEY_MISSING = "This server asks for an API key for users’ data: enter it under “API key” and try again.";
 const KEY_WRONG = "The server did not accept that API key: check it under “API key”.";
 
+// After a refusal for the key, the field that answers it: marked invalid until typed in, and
+// focused (it may have only just appeared, in another section than the button pressed) with what
+// it holds selected, so typing replaces a wrong key; the error itself is announced (role=alert).
+// Focused only while the focus is still `from` where the person asked (or lost): one who has
+// moved on meanwhile keeps their place.
+function focusKey(err, ...from) {
+  if (!(err instanceof ApiError) || !err.forKey) return;
+  const key = $("#api-key");
+  key.setAttribute("aria-invalid", "true");
+  const at = document.activeElement;
+  if (at && at !== document.body && !from.some((el) => el.contains(at))) return;
+  key.focus();
+  key.select();
+}
+
 function keyHeaders() {
   const key = sessionStorage.getItem(KEY_STORE);
   return key ? { "x-api-key": key } : {};
@@ -76,7 +91,9 @@ function keyHeaders() {
 async function refusal(response) {
   if (response.status === 401 || response.status === 403) {
     $("#key-row").hidden = false;
-    return new ApiError(response.status, response.status === 401 ? KEY_MISSING : KEY_WRONG);
+    const err = new ApiError(response.status, response.status === 401 ? KEY_MISSING : KEY_WRONG);
+    err.forKey = true;
+    return err;
   }
   return new ApiError(response.status, failedWords(response.status, await apiMessage(response)));
 }
@@ -340,13 +357,16 @@ function renderHistory() {
     remove.textContent = "Remove";
     remove.setAttribute("aria-label", `Remove ${entry.title}`);
     remove.addEventListener("click", () => {
-      state.history.splice(state.history.indexOf(entry), 1);
+      const at = state.history.indexOf(entry);
+      state.history.splice(at, 1);
       state.readWindow = null;
       renderHistory();
       renderMatches();
       say($("#q-status"), "Removed ", bdi(entry.title), ".");
-      const next = $("#history .remove") || $("#q");
-      next.focus();
+      // Focus where the row was: the Remove of the row that took its place, else of the row
+      // above (the last one was removed), else the search box (the history is empty).
+      const buttons = document.querySelectorAll("#history .remove");
+      (buttons[Math.min(at, buttons.length - 1)] || $("#q")).focus();
     });
     li.append(text, label, select, remove);
     list.append(li);
@@ -430,6 +450,7 @@ async function loadUser(event) {
   } catch (err) {
     status.textContent = "";
     showError(box, err);
+    focusKey(err, $("#user-form"));
   }
 }
 
@@ -805,6 +826,15 @@ function showReadWindow(run, answer, sent) {
 }
 
 // ------------------------------------------------------------------ the ask button
+// The Recommend button while a run is in flight: it says "Recommending…" and does nothing, but
+// stays focusable (aria-disabled, not disabled): a disabled button drops the keyboard's focus to
+// the top of the page.
+function setBusy(button, busy) {
+  if (busy) button.setAttribute("aria-disabled", "true");
+  else button.removeAttribute("aria-disabled");
+  button.textContent = busy ? "Recommending…" : "Recommend";
+}
+
 async function ask(event) {
   event?.preventDefault();
   if (state.running) return;
@@ -816,8 +846,7 @@ async function ask(event) {
   const button = $("#ask");
   const cancel = $("#cancel");
   const status = $("#run-status");
-  button.disabled = true;
-  button.textContent = "Recommending…";
+  setBusy(button, true);
   cancel.hidden = false;
   $("#runs").replaceChildren();
   $("#runs").classList.toggle("compare", compare);
@@ -836,6 +865,7 @@ async function ask(event) {
   const sent = state.history.length ? [...state.history] : null; // the entries this run sends
   const runs = modes.map((withReasoning) => newRun(withReasoning ? "With reasoning" : "Without reasoning"));
   let failures = 0;
+  let keyRefusal = null;
   try {
     for (let i = 0; i < modes.length; i++) {
       const run = runs[i];
@@ -852,6 +882,7 @@ async function ask(event) {
         failures++;
         run.status.textContent = "";
         showError(run.error, err);
+        if (err.forKey) keyRefusal = err;
         if (err instanceof ApiError && err.status >= 400 && err.status < 500) break; // same input, same answer
       }
     }
@@ -859,14 +890,16 @@ async function ask(event) {
     clearInterval(timer);
     elapsed.textContent = "";
     state.running = null;
-    button.disabled = false;
-    button.textContent = "Recommend";
+    setBusy(button, false);
+    const cancelHadFocus = document.activeElement === cancel;
     cancel.hidden = true;
+    if (cancelHadFocus) button.focus(); // hidden, it would drop the focus to the top of the page
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
     status.textContent = failures ? `Stopped after ${seconds} s.` : `Done in ${seconds} s.`;
     for (const run of runs) {
       if (!run.items.children.length && run.error.hidden && !run.status.textContent) run.node.remove();
     }
+    focusKey(keyRefusal, $("#ask-form"), $("#results-panel"));
   }
 }
 
@@ -877,8 +910,13 @@ async function stopRunning() {
   while (state.running) await new Promise((resolve) => setTimeout(resolve, 20));
 }
 
+// "I watched this": save the event (for a stored user), add the film to the history and ask
+// again. The button keeps the focus while the event is saved (aria-disabled, as Recommend), and
+// keeps it after a failure; the new answer replaces it, so the focus then goes to the results'
+// heading, from where Tab reaches the new answer.
 async function markWatched(item, button) {
-  button.disabled = true;
+  if (button.getAttribute("aria-disabled") === "true") return;
+  button.setAttribute("aria-disabled", "true");
   await stopRunning();
   const run = button.closest(".run");
   const errorBox = run ? $(".error", run) : $("#history-error");
@@ -890,7 +928,8 @@ async function markWatched(item, button) {
     }
   } catch (err) {
     showError(errorBox, err);
-    button.disabled = false;
+    button.removeAttribute("aria-disabled");
+    focusKey(err, $("#results-panel"));
     return;
   }
   addToHistory(item, null);
@@ -899,6 +938,7 @@ async function markWatched(item, button) {
   } else {
     say($("#run-status"), "Added ", bdi(item.title), " to your history; asking again.");
   }
+  if (document.activeElement === button || document.activeElement === document.body) $("#h-results").focus();
   await ask();
 }
 
@@ -921,6 +961,7 @@ function init() {
   key.value = sessionStorage.getItem(KEY_STORE) || "";
   $("#key-row").hidden = !key.value;
   key.addEventListener("input", () => {
+    key.removeAttribute("aria-invalid"); // set by a refusal (focusKey)
     if (key.value) sessionStorage.setItem(KEY_STORE, key.value);
     else sessionStorage.removeItem(KEY_STORE);
   });

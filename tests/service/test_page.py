@@ -228,11 +228,18 @@ def test_a_server_that_asks_for_a_key_gets_it_from_the_page(ckpt, page):
         add_film(page, "babe", "Babe", how="enter")  # the catalog stays open
         page.get_by_role("button", name="Recommend").click()
         expect(page.locator(".run .error")).to_contain_text("asks for an API key")
-        expect(page.get_by_label("API key")).to_be_visible()
+        key_field = page.get_by_label("API key")
+        expect(key_field).to_be_visible()
+        # the field that answers the refusal has the focus, marked invalid until typed in
+        expect(key_field).to_be_focused()
+        expect(key_field).to_have_attribute("aria-invalid", "true")
 
-        page.get_by_label("API key").fill("wrong")
+        key_field.fill("wrong")
+        expect(key_field).not_to_have_attribute("aria-invalid", "true")
         page.get_by_role("button", name="Recommend").click()
         expect(page.locator(".run .error")).to_contain_text("did not accept that API key")
+        expect(key_field).to_be_focused()
+        expect(key_field).to_have_attribute("aria-invalid", "true")
 
         page.get_by_label("API key").fill("page-secret")
         page.locator("#user-box summary").click()
@@ -577,8 +584,10 @@ def test_a_stream_that_breaks_off_marks_the_reasoning_cut_off(ckpt, page):
         add_film(page, "toy", "Toy Story", how="enter")
         page.get_by_role("button", name="Recommend").click()
         expect(run.locator(".reasoning-text")).to_contain_text("You liked")
-        page.get_by_role("button", name="Cancel").click()
+        page.get_by_role("button", name="Cancel").press("Enter")
         expect(run.locator(".run-status")).to_have_text("Cancelled.")
+        # Cancel hides itself: the focus goes to Recommend, not to the top of the page
+        expect(page.get_by_role("button", name="Recommend")).to_be_focused()
         expect(end).to_have_text("(cut off: cancelled before the answer completed)")
     # the server is gone now: the next ask says so in words, as /recommend's path does
     page.get_by_role("button", name="Recommend").click()
@@ -814,6 +823,26 @@ def names_without_their_words(page: Page, selector: str = "button, a[href], summ
     return missing
 
 
+def focused(page: Page) -> str:
+    """The focused element, as a short string: '#id', else 'tag.class', else 'body'."""
+    return page.evaluate(
+        """() => { const e = document.activeElement;
+                   if (!e || e === document.body) return 'body';
+                   return e.id ? '#' + e.id : e.tagName.toLowerCase() + '.' + e.classList[0]; }"""
+    )
+
+
+def tab_until(page: Page, predicate: str, limit: int = 40, key: str = "Tab") -> None:
+    """Press Tab until `predicate` (JavaScript, given document.activeElement) holds; the focus
+    must never fall to the page itself on the way."""
+    for _ in range(limit):
+        page.keyboard.press(key)
+        assert focused(page) != "body", "the focus fell to the top of the page"
+        if page.evaluate(f"({predicate})(document.activeElement)"):
+            return
+    raise AssertionError(f"{limit} presses of {key} never reached {predicate}; at {focused(page)}")
+
+
 def test_every_control_has_a_name_holding_the_words_on_it(server, browser):
     context = browser.new_context(viewport={"width": 1100, "height": 900}, reduced_motion="reduce")
     page = context.new_page()
@@ -860,3 +889,68 @@ def test_every_control_has_a_name_holding_the_words_on_it(server, browser):
         assert moving == 0
     finally:
         context.close()
+
+
+def test_the_main_flow_by_keyboard_alone(server, page):
+    """Tab, type, arrows and Enter only: find and add two films, ask, hear the result in the
+    live region, reach "I watched this" and ask again. The focus stays where the person is: on
+    Recommend while it runs and after (a disabled button dropped it to the top of the page), and
+    on the results' heading after "I watched this" (its answer replaces the button)."""
+    page.goto(server + "/")
+    expect(page.locator("#server")).to_contain_text("Model ")
+    page.keyboard.press("Tab")
+    assert focused(page) == "a.skip"
+    page.keyboard.press("Tab")
+    assert focused(page) == "#q"
+    page.keyboard.type("toy st")
+    expect(page.locator("#matches button", has_text="Toy Story")).to_be_visible()
+    page.keyboard.press("Enter")  # the first match
+    expect(page.locator("#history li", has_text="Toy Story")).to_have_count(1)
+    expect(page.locator("#q-status")).to_have_text("Added Toy Story. 1 in your history.")
+    assert focused(page) == "#q"
+    page.keyboard.press("Escape")  # clears the box
+    page.keyboard.type("monkeys")
+    expect(page.locator("#matches button", has_text="Twelve Monkeys")).to_be_visible()
+    page.keyboard.press("ArrowDown")
+    assert page.evaluate("document.activeElement.textContent").count("Twelve Monkeys") == 1
+    page.keyboard.press("Enter")
+    expect(page.locator("#history li")).to_have_count(2)
+    assert focused(page) == "#q"
+
+    tab_until(page, "e => e.id === 'k'")
+    page.keyboard.press("Control+a")
+    page.keyboard.type("3")
+    tab_until(page, "e => e.id === 'ask'")
+    page.keyboard.press("Enter")
+    assert focused(page) == "#ask"  # at once, while the model runs
+    items = page.locator(".run .items li")
+    expect(items).to_have_count(3)
+    first = items.first.locator(".title").inner_text()
+    status = page.locator("#run-status")
+    expect(status).to_have_text(re.compile(r"^Done in "))
+    assert focused(page) == "#ask"
+
+    # on into the answer: the reasoning box, then each film's "I watched this"
+    tab_until(page, "e => e.matches('button.watched')")
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == f"I watched this: {first}"
+    page.keyboard.press("Enter")
+    expect(page.locator("#history li", has_text=first)).to_have_count(1)
+    expect(page.locator(".run .items li", has_text=first)).to_have_count(0)  # asked again without it
+    expect(items).to_have_count(3)
+    expect(status).to_have_text(re.compile(r"^Done in "))
+    assert focused(page) == "#h-results"
+    tab_until(page, "e => e.matches('button.watched')")  # Tab goes on into the new answer
+
+
+def test_removing_a_film_keeps_the_focus_in_the_history(server, page):
+    page.goto(server + "/")
+    for typed, title in [("toy", "Toy Story"), ("golden", "GoldenEye"), ("monkeys", "Twelve Monkeys")]:
+        add_film(page, typed, title, how="enter")
+    page.get_by_role("button", name="Remove GoldenEye").press("Enter")
+    # the row that took its place (before: the first row's, wherever the removed one was)
+    expect(page.get_by_role("button", name="Remove Twelve Monkeys")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("button", name="Remove Toy Story")).to_be_focused()  # the last row went
+    page.keyboard.press("Enter")
+    expect(page.get_by_label("Find a film by title")).to_be_focused()  # nothing left
+    expect(page.locator("#history li")).to_have_count(0)
