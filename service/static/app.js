@@ -826,6 +826,22 @@ function showReadWindow(run, answer, sent) {
 }
 
 // ------------------------------------------------------------------ the ask button
+// What the status line (a live region) says when a run ends: how many films each answer holds
+// and the first, so a screen reader hears the result, not only that something finished. The
+// reasoning is not read out as it streams (its box is no live region): only that it is there.
+function answerWords(runs) {
+  const answered = runs.filter((run) => run.items.children.length);
+  const words = answered.length > 1 ? ["."] : [];
+  for (const run of answered) {
+    const n = run.items.children.length;
+    const first = $(".title", run.items).textContent;
+    words.push(answered.length > 1 ? ` ${run.title}: ` : ": ", `${n} film${n === 1 ? "" : "s"}`);
+    if (hasReasoning(run)) words.push(" after the reasoning");
+    words.push(", first ", bdi(first), ".");
+  }
+  return words.length ? words : ["."];
+}
+
 // The Recommend button while a run is in flight: it says "Recommending…" and does nothing, but
 // stays focusable (aria-disabled, not disabled): a disabled button drops the keyboard's focus to
 // the top of the page.
@@ -835,7 +851,7 @@ function setBusy(button, busy) {
   button.textContent = busy ? "Recommending…" : "Recommend";
 }
 
-async function ask(event) {
+async function ask(event, intro = null) {
   event?.preventDefault();
   if (state.running) return;
   const compare = $("#compare").checked;
@@ -859,7 +875,8 @@ async function ask(event) {
   };
   tick();
   const timer = setInterval(tick, 1000);
-  status.textContent = compare ? "Asking twice: without reasoning, then with." : "Asking the model.";
+  if (intro) say(status, ...intro);
+  else status.textContent = compare ? "Asking twice: without reasoning, then with." : "Asking the model.";
   state.readWindow = null; // this run's answer marks the history afresh
   markUnread();
   const sent = state.history.length ? [...state.history] : null; // the entries this run sends
@@ -895,7 +912,8 @@ async function ask(event) {
     cancel.hidden = true;
     if (cancelHadFocus) button.focus(); // hidden, it would drop the focus to the top of the page
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
-    status.textContent = failures ? `Stopped after ${seconds} s.` : `Done in ${seconds} s.`;
+    if (failures) status.textContent = `Stopped after ${seconds} s.`;
+    else say(status, `Done in ${seconds} s`, ...answerWords(runs));
     for (const run of runs) {
       if (!run.items.children.length && run.error.hidden && !run.status.textContent) run.node.remove();
     }
@@ -933,13 +951,11 @@ async function markWatched(item, button) {
     return;
   }
   addToHistory(item, null);
-  if (state.userId) {
-    say($("#run-status"), "Saved ", bdi(item.title), " to user ", bdi(state.userId), "; asking again.");
-  } else {
-    say($("#run-status"), "Added ", bdi(item.title), " to your history; asking again.");
-  }
+  const intro = state.userId
+    ? ["Saved ", bdi(item.title), " to user ", bdi(state.userId), "; asking again."]
+    : ["Added ", bdi(item.title), " to your history; asking again."];
   if (document.activeElement === button || document.activeElement === document.body) $("#h-results").focus();
-  await ask();
+  await ask(null, intro);
 }
 
 // ------------------------------------------------------------------ wiring

@@ -843,6 +843,20 @@ def tab_until(page: Page, predicate: str, limit: int = 40, key: str = "Tab") -> 
     raise AssertionError(f"{limit} presses of {key} never reached {predicate}; at {focused(page)}")
 
 
+# Every text a live region (status, alert, aria-live) takes, in order: what a screen reader says
+# without the person moving.
+LIVE_PROBE = """
+window.__said = [];
+new MutationObserver(() => {
+  const live = "[role=status], [role=alert], [role=log], [aria-live=polite], [aria-live=assertive]";
+  for (const el of document.querySelectorAll(live)) {
+    const text = el.textContent.trim();
+    if (text && el.__said !== text) { el.__said = text; window.__said.push(text); }
+  }
+}).observe(document, { subtree: true, childList: true, characterData: true });
+"""
+
+
 def test_every_control_has_a_name_holding_the_words_on_it(server, browser):
     context = browser.new_context(viewport={"width": 1100, "height": 900}, reduced_motion="reduce")
     page = context.new_page()
@@ -896,6 +910,7 @@ def test_the_main_flow_by_keyboard_alone(server, page):
     live region, reach "I watched this" and ask again. The focus stays where the person is: on
     Recommend while it runs and after (a disabled button dropped it to the top of the page), and
     on the results' heading after "I watched this" (its answer replaces the button)."""
+    page.add_init_script(LIVE_PROBE)
     page.goto(server + "/")
     expect(page.locator("#server")).to_contain_text("Model ")
     page.keyboard.press("Tab")
@@ -927,7 +942,9 @@ def test_the_main_flow_by_keyboard_alone(server, page):
     expect(items).to_have_count(3)
     first = items.first.locator(".title").inner_text()
     status = page.locator("#run-status")
-    expect(status).to_have_text(re.compile(r"^Done in "))
+    expect(status).to_have_text(
+        re.compile(rf"^Done in [\d.]+ s: 3 films( after the reasoning)?, first {re.escape(first)}\.$")
+    )
     assert focused(page) == "#ask"
 
     # on into the answer: the reasoning box, then each film's "I watched this"
@@ -937,8 +954,11 @@ def test_the_main_flow_by_keyboard_alone(server, page):
     expect(page.locator("#history li", has_text=first)).to_have_count(1)
     expect(page.locator(".run .items li", has_text=first)).to_have_count(0)  # asked again without it
     expect(items).to_have_count(3)
-    expect(status).to_have_text(re.compile(r"^Done in "))
+    again = items.first.locator(".title").inner_text()
+    expect(status).to_have_text(re.compile(rf"^Done in [\d.]+ s: 3 films.*, first {re.escape(again)}\.$"))
     assert focused(page) == "#h-results"
+    # said before the new answer, not overwritten in the same instant by "Asking the model."
+    assert f"Added {first} to your history; asking again." in page.evaluate("window.__said")
     tab_until(page, "e => e.matches('button.watched')")  # Tab goes on into the new answer
 
 
@@ -954,3 +974,32 @@ def test_removing_a_film_keeps_the_focus_in_the_history(server, page):
     page.keyboard.press("Enter")
     expect(page.get_by_label("Find a film by title")).to_be_focused()  # nothing left
     expect(page.locator("#history li")).to_have_count(0)
+
+
+def test_live_regions_say_the_result_and_the_error_not_each_piece_of_reasoning(ckpt, page):
+    page.add_init_script(LIVE_PROBE)
+    with uvicorn_serving(stream_app(ckpt)) as base:
+        page.goto(base + "/")
+        add_film(page, "toy", "Toy Story", how="enter")
+        page.get_by_label("How many").fill("3")
+        page.get_by_role("button", name="Recommend").press("Enter")
+        run = page.locator(".run")
+        expect(run.locator(".items li")).to_have_count(3)
+        first = run.locator(".items li .title").first.inner_text()
+        expect(page.locator("#run-status")).to_have_text(
+            re.compile(rf"^Done in [\d.]+ s: 3 films after the reasoning, first {re.escape(first)}\.$")
+        )
+        text = run.locator(".reasoning-text")
+        expect(text).to_have_text("You liked Toy Story;\nso: more animation.")
+        live = "[role=status], [role=alert], [role=log], [aria-live]:not([aria-live=off])"
+        assert text.evaluate(f"t => t.closest('{live}')") is None, "the streamed text is in a live region"
+        said = page.evaluate("window.__said")
+        assert "Reasoning…" in said  # that it streams, once
+        assert not [s for s in said if "You liked" in s or "animation" in s], said
+        assert said[-1].startswith("Done in ")
+
+        add_film(page, "dead man", "Dead Man Walking", how="enter")  # the stand-in fails for it
+        page.get_by_role("button", name="Recommend").press("Enter")
+        expect(run.locator(".error")).to_have_text("the model ran out of patience")
+        expect(run.locator(".error")).to_have_attribute("role", "alert")
+        assert "the model ran out of patience" in page.evaluate("window.__said")
