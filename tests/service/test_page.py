@@ -1013,3 +1013,42 @@ def test_live_regions_say_the_result_and_the_error_not_each_piece_of_reasoning(c
         expect(run.locator(".error")).to_have_text("the model ran out of patience")
         expect(run.locator(".error")).to_have_attribute("role", "alert")
         assert "the model ran out of patience" in page.evaluate("window.__said")
+
+
+AXE_JS = os.environ.get("R2EC_TEST_AXE")
+
+
+@pytest.mark.skipif(not AXE_JS, reason="opt-in: R2EC_TEST_AXE=path/to/axe.min.js (npm install axe-core)")
+def test_axe_core_finds_nothing_against_wcag_2_1_aa(server, page):
+    """axe-core's WCAG 2.0/2.1 A and AA rules and its best practices, at each state of the page:
+    empty, a search with a history, both answers side by side, an error."""
+    source = open(AXE_JS, encoding="utf-8").read()
+    tags = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]
+
+    def violations(where: str) -> list[str]:
+        page.evaluate(source)  # the page's CSP is for the page's own scripts; this is the test's
+        found = page.evaluate(
+            """async (tags) => (await axe.run(document, {runOnly: {type: 'tag', values: tags}}))
+                 .violations.map(v => `${v.id} (${v.impact}): ${v.nodes.map(n => n.html).join(' | ')}`)""",
+            tags,
+        )
+        return [f"{where}: {v}" for v in found]
+
+    page.goto(server + "/")
+    expect(page.locator("#server")).to_contain_text("Model ")
+    found = violations("empty")
+    add_film(page, "toy", "Toy Story", how="enter")
+    page.get_by_label("Find a film by title").fill("o")
+    expect(page.locator("#matches button:enabled").first).to_be_visible()
+    page.locator("#user-box summary").click()
+    found += violations("a search and a history")
+    page.get_by_label("Compare with and without reasoning").check()
+    page.get_by_role("button", name="Recommend").click()
+    expect(page.locator(".run").nth(1).locator(".items li")).to_have_count(10)
+    found += violations("both answers")
+    page.get_by_role("button", name="Remove Toy Story").click()
+    page.get_by_label("Compare with and without reasoning").uncheck()  # one run: one error box
+    page.get_by_role("button", name="Recommend").click()
+    expect(page.locator(".run .error")).to_be_visible()
+    found += violations("an error")
+    assert found == []
