@@ -826,20 +826,23 @@ function showReadWindow(run, answer, sent) {
 }
 
 // ------------------------------------------------------------------ the ask button
-// What the status line (a live region) says when a run ends: how many films each answer holds
-// and the first, so a screen reader hears the result, not only that something finished. The
-// reasoning is not read out as it streams (its box is no live region): only that it is there.
+// What the status line (a live region) says after "Done in 2.9 s." when a run ends: how many
+// films each answer holds and the first, so a screen reader hears the result, not only that
+// something finished. Visually hidden: the answer is on the screen for everyone else, and the
+// line looks as it did. The reasoning is not read out as it streams (its box is no live
+// region): only that it is there.
 function answerWords(runs) {
   const answered = runs.filter((run) => run.items.children.length);
-  const words = answered.length > 1 ? ["."] : [];
+  const words = document.createElement("span");
+  words.className = "vh";
   for (const run of answered) {
     const n = run.items.children.length;
     const first = $(".title", run.items).textContent;
-    words.push(answered.length > 1 ? ` ${run.title}: ` : ": ", `${n} film${n === 1 ? "" : "s"}`);
-    if (hasReasoning(run)) words.push(" after the reasoning");
-    words.push(", first ", bdi(first), ".");
+    words.append(answered.length > 1 ? ` ${run.title}: ` : " ", `${n} film${n === 1 ? "" : "s"}`);
+    if (hasReasoning(run)) words.append(" after the reasoning");
+    words.append(", first ", bdi(first), ".");
   }
-  return words.length ? words : ["."];
+  return words;
 }
 
 // The Recommend button while a run is in flight: it says "Recommending…" and does nothing, but
@@ -913,7 +916,7 @@ async function ask(event, intro = null) {
     if (cancelHadFocus) button.focus(); // hidden, it would drop the focus to the top of the page
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
     if (failures) status.textContent = `Stopped after ${seconds} s.`;
-    else say(status, `Done in ${seconds} s`, ...answerWords(runs));
+    else say(status, `Done in ${seconds} s.`, answerWords(runs));
     for (const run of runs) {
       if (!run.items.children.length && run.error.hidden && !run.status.textContent) run.node.remove();
     }

@@ -953,7 +953,7 @@ def test_the_main_flow_by_keyboard_alone(server, page):
     first = items.first.locator(".title").inner_text()
     status = page.locator("#run-status")
     expect(status).to_have_text(
-        re.compile(rf"^Done in [\d.]+ s: 3 films( after the reasoning)?, first {re.escape(first)}\.$")
+        re.compile(rf"^Done in [\d.]+ s\. 3 films( after the reasoning)?, first {re.escape(first)}\.$")
     )
     assert focused(page) == "#ask"
 
@@ -965,7 +965,7 @@ def test_the_main_flow_by_keyboard_alone(server, page):
     expect(page.locator(".run .items li", has_text=first)).to_have_count(0)  # asked again without it
     expect(items).to_have_count(3)
     again = items.first.locator(".title").inner_text()
-    expect(status).to_have_text(re.compile(rf"^Done in [\d.]+ s: 3 films.*, first {re.escape(again)}\.$"))
+    expect(status).to_have_text(re.compile(rf"^Done in [\d.]+ s\. 3 films.*, first {re.escape(again)}\.$"))
     assert focused(page) == "#h-results"
     # said before the new answer, not overwritten in the same instant by "Asking the model."
     assert f"Added {first} to your history; asking again." in page.evaluate("window.__said")
@@ -997,8 +997,10 @@ def test_live_regions_say_the_result_and_the_error_not_each_piece_of_reasoning(c
         expect(run.locator(".items li")).to_have_count(3)
         first = run.locator(".items li .title").first.inner_text()
         expect(page.locator("#run-status")).to_have_text(
-            re.compile(rf"^Done in [\d.]+ s: 3 films after the reasoning, first {re.escape(first)}\.$")
+            re.compile(rf"^Done in [\d.]+ s\. 3 films after the reasoning, first {re.escape(first)}\.$")
         )
+        # the words after "Done in … s." are for a screen reader: the answer is on screen
+        expect(page.locator("#run-status .vh")).to_have_text(f"3 films after the reasoning, first {first}.")
         text = run.locator(".reasoning-text")
         expect(text).to_have_text("You liked Toy Story;\nso: more animation.")
         live = "[role=status], [role=alert], [role=log], [aria-live]:not([aria-live=off])"
