@@ -227,7 +227,9 @@ class Metrics:
             "change its answers), the replica's R2EC_VARIANT, and its decode steps' matmul path "
             "(bf16_kernel, onednn, cuda or hf; int8+ in front with int8 weights), and its item "
             "index with its search parameters ('flat', 'ivf nlist=1024 nprobe=16', "
-            "'hnsw M=32 ef_search=64').",
+            "'hnsw M=32 ef_search=64'), and its backbone: 'sha256:' and 12 hex digits of the one "
+            "loaded (or a built-in's name) and backbone_check, how it compares with the one its "
+            "r2ec.json records (match, unrecorded, mismatch_allowed, unchecked, none).",
             registry=r,
         )
         self.model_created = Gauge(

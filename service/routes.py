@@ -18,6 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.convertors import Convertor, register_url_convertor
 
+from model.backbone_digest import BackboneCheck
+from model.backbone_digest import label as backbone_label
 from service import schemas
 from service.catalog import ItemBatchError, ItemTextError
 from service.config import Settings
@@ -521,8 +523,15 @@ async def readyz(state: MaybeStateDep) -> JSONResponse:
         index=engine.catalog.index.describe() if engine else None,
         store="down" if store_down else "ok",
         reasons=reasons,
+        backbone=_backbone(engine.checkpoint.backbone) if engine else None,
     )
     return JSONResponse(body.model_dump(), status_code=503 if blocking else 200)
+
+
+def _backbone(check: BackboneCheck) -> schemas.BackboneOut:
+    return schemas.BackboneOut(
+        status=check.status, loaded=backbone_label(check.loaded), recorded=backbone_label(check.recorded)
+    )
 
 
 @router.get(

@@ -635,6 +635,22 @@ class Health(BaseModel):
     status: str
 
 
+class BackboneOut(BaseModel):
+    """The served checkpoint's backbone: what its r2ec.json records and what was loaded."""
+
+    status: str = Field(
+        description='"match": the one r2ec.json records; "unrecorded": a checkpoint written '
+        'before checkpoints recorded it, not checked; "mismatch_allowed": another one, served '
+        'under R2EC_ALLOW_BACKBONE_MISMATCH; "unchecked": it could not be read to hash it; '
+        '"none": full fine-tuned weights, no backbone.'
+    )
+    loaded: str | None = Field(
+        description='The backbone loaded: "sha256:" and its digest (for smollm2 and a .gguf, '
+        "the GGUF file's, as sha256sum prints it), or a built-in's name."
+    )
+    recorded: str | None = Field(description="What r2ec.json records, in the same form; null: nothing.")
+
+
 class Readiness(BaseModel):
     status: str
     model_version: str | None = None
@@ -646,6 +662,7 @@ class Readiness(BaseModel):
     )
     store: str
     reasons: list[str] = []
+    backbone: BackboneOut | None = None
 
 
 class FieldError(BaseModel):

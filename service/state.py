@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from index import search_without_threads
+from model.backbone_digest import label as backbone_label
 from model.checkpoint import CURRENT_FILE, CheckpointError, read_meta, resolve_checkpoint
 from model.retrain import STATE_FILE as RETRAIN_STATE
 from model.retrain import WORK_DIR as RETRAIN_DIR
@@ -793,6 +794,9 @@ class ServiceState:
                 "variant": self.settings.variant,
                 "decode_matmuls": engine.decode_matmuls,
                 "index": engine.catalog.index.describe(),
+                # what r2ec.json records beside what was loaded (model/backbone_digest.py)
+                "backbone": backbone_label(engine.checkpoint.backbone.loaded, 12) or "",
+                "backbone_check": engine.checkpoint.backbone.status,
             }
         )
 
