@@ -50,6 +50,7 @@ TOKEN_BUCKETS = (0, 8, 16, 32, 64, 128, 256, 512)
 WATCH_STAGES = ("pointer", "reload", "sync")  # r2ec_watch_errors_total's stages (service/state.py)
 # r2ec_rejected_total's
 REJECTION_REASONS = ("queue_full", "shutting_down", "body_too_large", "body_timeout", "queue_timeout")
+DEADLINE_STAGES = ("queued", "decoding")  # where a client's deadline passed (service/deadline.py)
 # r2ec_store_errors_total's operations (service/store.py's StoreUnavailable.op)
 STORE_OPS = (
     "get_history",
@@ -274,6 +275,16 @@ class Metrics:
         )
         for reason in REJECTION_REASONS:  # at 0 from the start, as the watch's stages
             self.rejections.labels(reason)
+        self.deadline_exceeded = Counter(
+            "r2ec_deadline_exceeded_total",
+            "Recommendations whose client deadline (X-Request-Timeout) passed before the answer, "
+            "answered 504 deadline_exceeded, by where it passed: queued (dropped before it took a "
+            "decode slot) or decoding (dropped from the decode, its slot freed).",
+            ["reason"],
+            registry=r,
+        )
+        for stage in DEADLINE_STAGES:
+            self.deadline_exceeded.labels(stage)
         self.build = Info(
             "r2ec_build",
             "The r2ec-serve version and git commit serving (commit unknown outside a git checkout, "

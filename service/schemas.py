@@ -675,7 +675,7 @@ ERROR_CODES = (
     *("invalid_request", "invalid_body", "unknown_items", "empty_history", "not_found"),
     *("method_not_allowed", "unauthorized", "forbidden", "reload_failed", "reload_in_progress"),
     *("body_too_large", "overloaded", "shutting_down", "store_unavailable", "unavailable"),
-    *("internal_error", "not_saved", "body_timeout"),
+    *("internal_error", "not_saved", "body_timeout", "invalid_header", "deadline_exceeded"),
 )
 
 
@@ -683,7 +683,9 @@ class ErrorBody(BaseModel):
     status: int
     code: str = Field(description=", ".join(ERROR_CODES))
     message: str = Field(description="One line for people; names the fields or the ids.")
-    fields: list[FieldError] = Field(default_factory=list, description="Invalid fields (422 only).")
+    fields: list[FieldError] = Field(
+        default_factory=list, description="Invalid fields (422), or the bad header (400 invalid_header)."
+    )
     unknown_item_ids: list[str] | None = Field(None, description="Ids the catalog does not hold.")
 
 
