@@ -374,7 +374,9 @@ class Settings(BaseSettings):
             "exact_decode": self.exact_decode,
             "speculative_tokens": self.speculative_tokens,
             "warmup_requests": self.warmup_requests,
-            "allow_backbone_mismatch": self.allow_backbone_mismatch,
+            # None where unset: the load reads R2EC_ALLOW_BACKBONE_MISMATCH itself, so the
+            # offline loads built on the defaults (service/offline.py: `r2ec recommend`) honour it
+            "allow_backbone_mismatch": True if self.allow_backbone_mismatch else None,
         }
 
     @property
