@@ -18,9 +18,10 @@ The record, by kind of base:
   config.json and weight files (`WEIGHT_SUFFIXES`), each by its path in the directory;
 - ``tiny`` (tests): its name; it is built in code from a seed, nothing to hash.
 
-Hashing reads the files whole (sha256 at ~1 GB/s: ~0.1 s for SmolLM2's 98 MB GGUF, seconds for
-a model of several GB), so each file's sha256 is cached by (path, size, mtime, inode) in
-R2EC_CACHE_DIR/backbone-digests.json: later loads cost a stat per file. A file replaced in
+Hashing reads the files whole (~0.15 s for SmolLM2's 98 MB GGUF on the busy reference host,
+BENCHMARKS.md §3; seconds for a model of several GB), so each file's sha256 is cached by
+(path, size, mtime, inode) in R2EC_CACHE_DIR/backbone-digests.json: later loads cost a stat per
+file. A file replaced in
 place keeps neither its mtime (a write sets it) nor, written beside and renamed over, its inode,
 so it is hashed again. Nothing here imports torch (`r2ec checkpoint show` uses it).
 """
