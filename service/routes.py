@@ -25,7 +25,7 @@ from service.catalog import ItemBatchError, ItemTextError
 from service.config import Settings
 from service.deadline import DESCRIPTION as DEADLINE_DESCRIPTION
 from service.deadline import HEADER as DEADLINE_HEADER
-from service.deadline import Deadline, request_deadline
+from service.deadline import PATTERN, Deadline, request_deadline
 from service.deps import Admin, CatalogDep, MaybeStateDep, StateDep, StoreDep, UserData
 from service.errors import documented
 from service.request_id import request_id
@@ -139,7 +139,13 @@ STREAM_EXAMPLE = (  # the OpenAPI example of a stream, the README's answer in ev
 
 def _deadline(
     request: Request,
-    _: Annotated[str | None, Header(alias=DEADLINE_HEADER, description=DEADLINE_DESCRIPTION)] = None,
+    _: Annotated[
+        str | None,
+        # the pattern documents the valid values; the dependency checks them (a 400, not a 422)
+        Header(
+            alias=DEADLINE_HEADER, description=DEADLINE_DESCRIPTION, json_schema_extra={"pattern": PATTERN}
+        ),
+    ] = None,
 ) -> Deadline | None:
     """The client's deadline (service/deadline.py): the parameter documents the header in the
     OpenAPI document; every value sent is read here, so one sent twice is refused, not the last

@@ -8,12 +8,14 @@ depends on how fast this machine is."""
 from __future__ import annotations
 
 import asyncio
+import random
+import re
 import threading
 import time
 
 import pytest
 
-from service.deadline import HEADER, Deadline, DeadlineExceeded
+from service.deadline import HEADER, PATTERN, Deadline, DeadlineExceeded, InvalidHeader, parse_timeout
 from service.store import Event
 from service.types import Query
 from tests.service.conftest import HeldModel, app_for, serve
@@ -178,4 +180,25 @@ async def test_the_openapi_document_describes_the_header_and_the_504(ckpt):
         (param,) = [p for p in op["parameters"] if p["name"] == HEADER]
         assert param["in"] == "header" and not param.get("required", False)
         assert "seconds" in param["description"] and "504 deadline_exceeded" in param["description"]
+        assert param["schema"]["pattern"] == PATTERN
         assert "504" in op["responses"] and "X-Request-Timeout" in op["responses"]["504"]["description"]
+
+
+async def test_the_documented_pattern_takes_exactly_the_values_the_service_takes():
+    """The OpenAPI pattern and the rule as stated (a decimal number above 0 and at most 3600,
+    at most 3 decimals) agree on every number around the edges and on random strings of
+    digits and dots."""
+
+    def stated(value: str) -> bool:
+        return bool(re.fullmatch(r"[0-9]+(\.[0-9]{1,3})?", value)) and 0 < float(value) <= 3600
+
+    rng = random.Random(0)
+    values = {"0", "0.0", "0.001", "0.0001", "3600", "3600.0", "3600.000", "3600.001", "3601", "05", "00.5"}
+    values |= {f"{n / 1000:.3f}" for n in range(0, 3_601_500, 997)} | {str(n) for n in range(0, 4000)}
+    values |= {"".join(rng.choice("0123456789.") for _ in range(rng.randint(1, 9))) for _ in range(20000)}
+    for value in values:
+        try:
+            taken = parse_timeout([value]) is not None
+        except InvalidHeader:
+            taken = False
+        assert taken == stated(value) == bool(re.fullmatch(PATTERN, value)), value
