@@ -440,6 +440,35 @@ async def test_another_replica_takes_a_batch_without_holding_the_model_thread(ck
     assert order == ["encode 3", "recommend", "encode 2"]
 
 
+async def test_a_batch_that_fills_the_log_costs_the_other_replica_no_encoding(ckpt, monkeypatch):
+    """Review 40 (sync), finding 2: a batch that brings the edit log to SNAPSHOT_EVERY entries
+    (here 6; 1000 in the service) starts a full save at once, which cuts the log; the other
+    replica's watch tick then reads the batch from index.json, and encoded all of it. It takes
+    the vectors from the previous log the save kept: none encoded, the writer's vectors served."""
+    import service.catalog
+    from service.catalog import Catalog
+
+    monkeypatch.setattr(service.catalog, "SNAPSHOT_EVERY", 6)
+    encoded: list[int] = []
+    encode = Catalog.encode_items
+    a, b = app_for(ckpt, watch_interval_s=0), app_for(ckpt, watch_interval_s=0)
+    async with serve(a) as ca, serve(b) as cb:
+        upsert = [{"item_id": f"sku-{n}", "title": f"Product {n}"} for n in range(5)]
+        r = await ca.post("/items:batch", json={"upsert": upsert, "delete": ["i5"]}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        await asyncio.to_thread(a.state.r2ec.engine.catalog.wait_saved)
+        assert not (ckpt / INDEX_DIR / "edits.jsonl").exists()  # the full save cut the log
+        monkeypatch.setattr(
+            Catalog, "encode_items", lambda self, items: encoded.append(len(items)) or encode(self, items)
+        )
+        await b.state.r2ec._sync_edits()  # B's watch tick
+        assert encoded == []
+        assert (await cb.get("/items/sku-4")).json()["title"] == "Product 4"
+        assert (await cb.get("/items/i5")).status_code == 404
+        for n in range(5):
+            np.testing.assert_allclose(vector(b, f"sku-{n}"), vector(a, f"sku-{n}"), atol=1e-6)
+
+
 async def test_a_put_during_a_chunked_sync_waits_for_a_chunk_not_the_whole_sync(ckpt, monkeypatch):
     """Review 40 (sync), #3: a sync that must encode encodes outside the edit lock; a PUT sent
     meanwhile is answered before the sync ends (on the old code it waited for every chunk), and
