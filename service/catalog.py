@@ -928,9 +928,11 @@ class Catalog:
     def _save_snapshot(self, *, background: bool = False) -> bool:
         """Save the whole index beside the checkpoint with the record of every edit it holds,
         then cut the edit log back to the entries appended since (the rest are in the saved
-        index). Searches go on throughout; edits wait only while the faiss file is written
-        (`ItemIndex.begin_save`), not for its flush to the disk nor the record (`finish_save`).
-        One full save at a time per directory, across replicas (index/persist.py `saving`).
+        index, and in the previous log, whose vectors the other replicas take: `_vectors_of`,
+        index/journal.py `drop_through`). Searches go on throughout; edits wait only while the
+        faiss file is written (`ItemIndex.begin_save`), not for its flush to the disk nor the
+        record (`finish_save`). One full save at a time per directory, across replicas
+        (index/persist.py `saving`).
 
         `background` (not the model's thread): it encodes nothing, so where another replica
         saved edits since this catalog last read the record, it gives up; the next edit or
