@@ -3,7 +3,7 @@
 A full save (`ItemIndex.save`, index/persist.py) writes every vector, so its cost grows with
 the index; an edit logged here costs one line, about the size of the edit. The caller
 (service/catalog.py) saves in full now and then, which makes the log's entries part of the
-saved index, and then removes the log (`remove`).
+saved index, and then cuts them out of the log (`drop_through`).
 
 Layout: `<directory>/edits.jsonl`, one JSON object per entry, one entry per line, as every
 release wrote it. An `append` of two or more entries (a batch, POST /items:batch) tags each with
@@ -24,7 +24,8 @@ A full save takes the entries it holds out of the log (`drop_through`) and keeps
 other replicas read the saved record then (index.json holds no vectors), and take the vectors
 of this model version's items from there instead of encoding them again
 (service/catalog.py `Catalog._vectors_of`). Nothing else reads it: it is no part of the record,
-and a release before it leaves it alone.
+and a release before it leaves it alone. Readers take no lock here either: it is replaced by a
+rename, never written in place.
 
 Crash safety: a process killed mid-append leaves at most a cut last line, which `read` skips
 (it was never acknowledged: for a batch, none of its entries, as the batch is then incomplete)
