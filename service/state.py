@@ -251,6 +251,7 @@ class ServiceState:
         self._cache_down_answered: int | None = 0
         self.store_down_log = Throttled(log)  # `store_failed`
         self._watcher: asyncio.Task | None = None
+        self._syncer: asyncio.Task | None = None  # the watch's sync of item edits under way
         self._releases: set[asyncio.Task] = set()  # `_release` tasks, one per reload
         metrics.track_store(lambda: self.store.up)
         if isinstance(store, RedisStore):
@@ -302,12 +303,13 @@ class ServiceState:
     async def stop(self) -> None:
         for task in list(self._releases):
             task.cancel()
-        if self._watcher is not None:
-            self._watcher.cancel()
-            try:
-                await self._watcher
-            except asyncio.CancelledError:
-                pass
+        for task in (self._watcher, self._syncer):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         try:
             await self.batcher.stop()
         finally:
@@ -827,9 +829,13 @@ class ServiceState:
         `POST /admin/reload` of another path is not reverted; a version that fails to load is
         tried WATCH_RETRIES times a tick apart, then every WATCH_SLOW_RETRY_S (a checkpoint
         repaired in place is taken then) until it loads or the pointer moves. r2ec_model_outdated
-        is 1 meanwhile. Each tick also applies the item edits other replicas saved
-        (`_sync_edits`). Every failure is logged and counted in r2ec_watch_errors_total by stage:
-        pointer (resolving the path or reading the version it names), reload, sync."""
+        is 1 meanwhile. Each tick also starts a sync of the item edits other replicas saved
+        (`_sync_edits`), unless one is under way: beside the watch, not in its loop, as one that
+        must encode many items takes minutes, and the version is polled at every tick meanwhile;
+        a reload the watch starts ends the sync's encoding between two chunks
+        (`_encode_between_batches`). Every failure is logged and counted in
+        r2ec_watch_errors_total by stage: pointer (resolving the path or reading the version it
+        names), reload, sync."""
         # the version being served, not whatever the pointer names at the first poll: the
         # pointer may have moved while the service loaded
         seen: str | None = self.engine.version
@@ -874,7 +880,8 @@ class ServiceState:
                                 WATCH_SLOW_RETRY_S,
                                 exc,
                             )
-            await self._sync_edits()
+            if self._syncer is None or self._syncer.done():
+                self._syncer = asyncio.create_task(self._sync_edits(), name="r2ec-edit-sync")
             # ±20%: replicas that started together do not look, and reload, in the same instant
             # (each load costs a second model's memory and the CPU for a while)
             await asyncio.sleep(self.settings.watch_interval_s * random.uniform(0.8, 1.2))
