@@ -317,6 +317,7 @@ def _print(ds: PreparedDataset, label: str, split: str, result: EvalResult, extr
         typer.echo(
             f"  texts: distinct-2 {q['distinct_2']:.3f}, loops {q['loop_share']:.1%}, "
             f"unknown titles {q['unknown_title_share']:.1%}, {q['mean_words']:.0f} words"
+            + ("" if q.get("empty_share") is None else f", empty {q['empty_share']:.1%}")
             + ("" if q.get("cut_share") is None else f", cut at the token budget {q['cut_share']:.1%}")
         )
         for flagged in q.get("unknown_title_examples", []):
@@ -327,6 +328,8 @@ def _print(ds: PreparedDataset, label: str, split: str, result: EvalResult, extr
                     f"  claims: {what} hold in {q[f'{kind}_hold_share']:.1%} of the "
                     f"{q[f'{kind}_claims']} texts that name them"
                 )
+        if q.get("claims_hold_share") is not None:
+            typer.echo(f"  claims: {q['claims_hold_share']:.1%} of all {q['claims']} hold")
         for flagged in q.get("wrong_claim_examples", [])[:2]:
             typer.echo(f"  does not hold: {', '.join(map(repr, flagged['wrong']))} in {flagged['text']!r}")
     if pair := extra.get("paired_ndcg@10"):

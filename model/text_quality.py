@@ -14,6 +14,9 @@ Three numbers over a set of texts, reported by `r2ec eval` beside the ranking me
   A free-form sentence cannot be parsed for titles exactly; this catches the forms the models
   here write.
 
+The empty share: texts with no word at all (nothing, or only punctuation and symbols), what a
+model that stops at once, or writes "!!!!", gives its reader.
+
 Given whether each text ended on its own, one more: the cut share, texts that used the whole
 token budget without reaching the stop token (read after a text cut short, h_T is not where
 training read it; a share above 0 says the budget is too small for the format).
@@ -21,8 +24,9 @@ training read it; a share above 0 says the budget is too small for the format).
 With the claims of each text checked against its user's history (model/rationale.py
 `check_claims`), four more: of the texts that make each claim, the share in which it holds:
 the genres the user likes, the decades they watch mostly, the titles they rated highest, the
-genre they lately watch more. A text can name only real titles and still say the user rated
-highest a film they gave one star; these count that.
+genre they lately watch more; and over all four, the share of the claims made that hold. A text
+can name only real titles and still say the user rated highest a film they gave one star;
+these count that.
 """
 
 from __future__ import annotations
@@ -181,6 +185,7 @@ class TextQuality:
     loop_share: float
     unknown_title_share: float
     mean_words: float
+    empty_share: float = 0.0  # texts with no word (blank, or punctuation and symbols only)
     cut_share: float | None = None  # texts stopped by the token budget (None: not known)
     # the first few flagged texts, each with the titles it names that the catalog lacks, so a
     # share above 0 can be read, not only counted
@@ -195,6 +200,9 @@ class TextQuality:
     rated_claims: int | None = None
     lately_hold_share: float | None = None
     lately_claims: int | None = None
+    # the four kinds together: of every claim the texts make, the share that holds, and how many
+    claims_hold_share: float | None = None
+    claims: int | None = None
     wrong_claim_examples: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -214,8 +222,9 @@ def text_quality(
     cut: Sequence[bool] | None = None,
 ) -> TextQuality:
     """The numbers of the module docstring over `texts`; `claims`, one per text (model/rationale.py
-    `check_claims` against that text's history), adds the shares of claims that hold; `cut`, one
-    per text (True: it stopped at the token budget), the cut share."""
+    `check_claims` against that text's history), adds the shares of claims that hold, each kind's
+    and all of them together; `cut`, one per text (True: it stopped at the token budget), the cut
+    share."""
     catalog = {normalize_title(t) for t in catalog_titles}
     n = max(1, len(texts))
     if cut is not None and len(cut) != len(texts):
@@ -228,6 +237,8 @@ def text_quality(
         for kind in CLAIM_KINDS:
             share, made = _hold_share([getattr(c, kind) for c in claims])
             checked |= {f"{kind}_hold_share": share, f"{kind}_claims": made}
+        share, made = _hold_share([getattr(c, kind) for c in claims for kind in CLAIM_KINDS])
+        checked |= {"claims_hold_share": share, "claims": made}
         checked |= {
             "wrong_claim_examples": [
                 {"text": t, "wrong": list(c.wrong)} for t, c in zip(texts, claims, strict=True) if c.wrong
@@ -239,6 +250,7 @@ def text_quality(
         loop_share=round(sum(has_loop(t, catalog=catalog) for t in texts) / n, 4),
         unknown_title_share=round(sum(bool(u) for _, u in flagged) / n, 4),
         mean_words=round(sum(len(words(t)) for t in texts) / n, 1),
+        empty_share=round(sum(not words(t) for t in texts) / n, 4),
         cut_share=None if cut is None else round(sum(cut) / n, 4),
         unknown_title_examples=[{"text": t, "unknown": u} for t, u in flagged if u][:examples],
         **checked,

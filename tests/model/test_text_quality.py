@@ -123,6 +123,12 @@ def test_cut_share_counts_the_texts_that_ran_into_the_token_budget():
         text_quality(texts, CATALOG, cut=[True])
 
 
+def test_a_text_without_a_word_is_empty():
+    texts = ["", "  ", "!!!! ...", "Likes Drama.", "Heat"]
+    assert text_quality(texts, CATALOG).empty_share == 0.6
+    assert text_quality(["Likes Drama."], CATALOG).empty_share == 0.0
+
+
 def test_flagged_texts_are_kept_with_the_titles_that_flagged_them():
     texts = ['You liked "Heat".', 'You liked "Heatt".', "Rated highest: Star Warz; Heat.", "No titles."]
     q = text_quality(texts, CATALOG, examples=1)
@@ -143,7 +149,12 @@ def test_claim_shares_count_only_the_texts_that_make_each_claim():
     assert (q.genres_hold_share, q.genres_claims) == (round(2 / 3, 4), 3)
     assert (q.rated_hold_share, q.rated_claims) == (0.5, 2)
     assert q.wrong_claim_examples == [{"text": "a", "wrong": ["Heat"]}]
+    # all kinds together: 5 claims made (3 genres, 2 rated), 3 of them hold
+    assert (q.claims_hold_share, q.claims) == (0.6, 5)
     plain = text_quality(texts, CATALOG)
     assert plain.genres_hold_share is None and plain.rated_claims is None
+    assert plain.claims_hold_share is None and plain.claims is None
+    made_none = text_quality(texts[3:], CATALOG, claims=claims[3:])
+    assert (made_none.claims_hold_share, made_none.claims) == (None, 0)
     with pytest.raises(ValueError, match="one per text"):
         text_quality(texts, CATALOG, claims=claims[:2])
