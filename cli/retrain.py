@@ -50,6 +50,47 @@ def retrain_cmd(
     ] = 0.0,
     keep: Annotated[int, typer.Option(help="Versions to keep (the current one always stays)")] = 3,
     min_events: Annotated[int, typer.Option(help="New stream events needed to train")] = 1,
+    text_gate: Annotated[
+        bool,
+        typer.Option(
+            "--text-gate/--no-text-gate",
+            help="Also reject a candidate whose reasoning texts on the valid samples are worse than the"
+            " current version's beyond the --max-* bounds (stages that train reasoning: recpo, rationale);"
+            " --no-text-gate for one run gates on NDCG@10 alone",
+        ),
+    ] = True,
+    max_loop_rise: Annotated[
+        float | None,
+        typer.Option(help="Text gate: how far the share of texts that loop may rise (default 0.02)"),
+    ] = None,
+    max_unknown_title_rise: Annotated[
+        float | None,
+        typer.Option(
+            help="Text gate: how far the share of texts naming a title not in the catalog may rise"
+            " (default 0: not at all)"
+        ),
+    ] = None,
+    max_claims_hold_drop: Annotated[
+        float | None,
+        typer.Option(
+            help="Text gate: how far the share of the texts' claims about the history that hold may drop"
+            " (default 0.02)"
+        ),
+    ] = None,
+    max_cut_rise: Annotated[
+        float | None,
+        typer.Option(
+            help="Text gate: how far the share of texts cut at the token budget may rise (default 0.02)"
+        ),
+    ] = None,
+    max_empty_rise: Annotated[
+        float | None,
+        typer.Option(help="Text gate: how far the share of texts without a word may rise (default 0.02)"),
+    ] = None,
+    max_distinct_2_drop: Annotated[
+        float | None,
+        typer.Option(help="Text gate: how far distinct-2 over all the texts may drop (default 0.1)"),
+    ] = None,
     every_minutes: Annotated[
         float | None, typer.Option(help="Run forever, this many minutes apart (a scheduler's loop)")
     ] = None,
@@ -61,8 +102,16 @@ def retrain_cmd(
 ) -> None:
     """Read new events (and drop erased users' data), rebuild the samples, warm-start RecPO
     from CURRENT, publish if not worse."""
-    from model.retrain import RetrainConfig
+    from model.retrain import RetrainConfig, TextGate
 
+    bounds = {
+        "max_loop_rise": max_loop_rise,
+        "max_unknown_title_rise": max_unknown_title_rise,
+        "max_claims_hold_drop": max_claims_hold_drop,
+        "max_cut_rise": max_cut_rise,
+        "max_empty_rise": max_empty_rise,
+        "max_distinct_2_drop": max_distinct_2_drop,
+    }
     try:
         train_cfg = recpo_config(config, set_, max_steps=max_steps, time_budget_minutes=time_budget_minutes)
         cfg = RetrainConfig(
@@ -73,6 +122,7 @@ def retrain_cmd(
             gate_z=gate_z,
             keep=keep,
             min_events=min_events,
+            text_gate=TextGate(enabled=text_gate, **{k: v for k, v in bounds.items() if v is not None}),
         )
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
@@ -218,7 +268,41 @@ def _report(result: RetrainResult) -> None:
             f"  paired   {result.paired_diff:+.4f} ± {result.paired_stderr:.4f} {result.metric}"
             f" (candidate - current, {result.paired_samples} valid samples)"
         )
+    _report_texts(result.text_gate)
     if result.published_version:
         typer.echo(f"  CURRENT -> {result.published_version}")
     if result.pruned:
         typer.echo(f"  pruned   {', '.join(result.pruned)}")
+
+
+def _report_texts(check: dict | None) -> None:
+    """The text gate's lines: each measure, the candidate's against the current version's, and
+    the bound of each one it went beyond (model/retrain.py `text_gate`)."""
+    if check is None:
+        return
+    if not check.get("checked"):
+        typer.echo(f"  texts    not checked: {check.get('why')}")
+        return
+    mine, theirs = check["candidate"], check["current"]
+    shown = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+    measures = [
+        (label, f"{shown(mine[key])} / {shown(theirs[key])}")
+        for label, key in (
+            ("loops", "loop_share"),
+            ("unknown titles", "unknown_title_share"),
+            ("claims hold", "claims_hold_share"),
+            ("cut", "cut_share"),
+            ("empty", "empty_share"),
+        )
+    ]
+    measures.append(("distinct-2", f"{mine['distinct_2']:.3f} / {theirs['distinct_2']:.3f}"))
+    typer.echo(
+        f"  texts    candidate / current on {mine['texts']} valid samples: "
+        + ", ".join(f"{label} {values}" for label, values in measures)
+    )
+    for f in check["failed"]:
+        typer.secho(
+            f"  WORSE    {f['measure']} {f['candidate']:.4f} against {f['current']:.4f}: beyond"
+            f" {f['setting']} {f['bound']:g} (--{f['setting'].replace('_', '-')})",
+            fg=typer.colors.YELLOW,
+        )

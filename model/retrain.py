@@ -15,11 +15,16 @@ One run:
    once erasures changed the log or the seed's share, so no erased data stays in the rebuilt
    dataset on disk;
 3. train from the CURRENT checkpoint (model/train.py `train(cfg, dataset, base=checkpoint)`);
-4. rank the same valid samples with the candidate and the current checkpoint;
+4. rank the same valid samples with the candidate and the current checkpoint; where the stage
+   trains reasoning, that evaluation writes each sample's reasoning first (greedy, under the
+   claims' grammars, as the service decodes), and its texts' quality comes with the ranks;
 5. publish the candidate as ROOT/<version> (with the current version's item edits,
    model/checkpoint.py `carry_item_edits`) and flip ROOT/CURRENT only if its NDCG@10, paired
    per sample with the current one's, passes `gate` (not worse by more than tolerance + gate_z
-   standard errors; a negative tolerance demands a gain beyond them), and only if CURRENT still
+   standard errors; a negative tolerance demands a gain beyond them), only if its reasoning
+   texts are not worse than the current one's beyond the bounds of `TextGate` (loops, unknown
+   titles, claims that hold, cut at the budget, empty texts, distinct-2: `check_texts`; a
+   stage that trains no reasoning is gated on NDCG@10 alone), and only if CURRENT still
    names the version the run started from (a compare and swap: an operator's rollback meanwhile
    stands, the run ends "superseded"); keep the `keep` newest versions, always the current
    and the one the run started from.
@@ -190,6 +195,66 @@ class Erasures(Protocol):
 ReadErasures = Callable[[], Erasures]
 
 
+# The reasoning measures the publish gate compares (model/text_quality.py `TextQuality`), each
+# with the `TextGate` setting that bounds how much worse the candidate's may be than the current
+# version's, and the direction that is worse (+1: a rise, -1: a drop).
+TEXT_MEASURES: dict[str, tuple[str, int]] = {
+    "loop_share": ("max_loop_rise", +1),
+    "unknown_title_share": ("max_unknown_title_rise", +1),
+    "claims_hold_share": ("max_claims_hold_drop", -1),
+    "cut_share": ("max_cut_rise", +1),
+    "empty_share": ("max_empty_rise", +1),
+    "distinct_2": ("max_distinct_2_drop", -1),
+}
+# what a run's summary keeps of each version's text quality: the measures, and what they count
+# over (never the texts themselves: they are made of users' histories, and state.json holds none)
+TEXT_SUMMARY = ("texts", *TEXT_MEASURES, "claims", "mean_words")
+
+
+@dataclass(frozen=True)
+class TextGate:
+    """The publish gate's check of the reasoning texts (`check_texts`), for a stage that trains
+    reasoning (recpo, rationale): both versions' texts on the same valid samples, each bound
+    the most the candidate may be worse than the current version by, in shares of 0 to 1
+    (0.02 = 2 points; 1 lets that measure through whatever it is, 0 lets nothing worse through):
+
+    max_loop_rise: texts with a repeated word 4-gram (a degenerate decode);
+    max_unknown_title_rise: texts naming a title the catalog does not have (0: one more such
+      text than the current version's rejects, any where it has none);
+    max_claims_hold_drop: of the claims the texts make about the history (liked genres,
+      decades, highest-rated titles, the drift), the share that holds; a current version that
+      makes none counts as 1 (it said nothing false);
+    max_cut_rise: texts stopped by the token budget, not by the model;
+    max_empty_rise: texts with no word;
+    max_distinct_2_drop: distinct word bigrams over all the texts (one text for every user);
+    enabled: False checks nothing: the gate reads NDCG@10 alone.
+    """
+
+    enabled: bool = True
+    max_loop_rise: float = 0.02
+    max_unknown_title_rise: float = 0.0
+    max_claims_hold_drop: float = 0.02
+    max_cut_rise: float = 0.02
+    max_empty_rise: float = 0.02
+    max_distinct_2_drop: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"text gate enabled must be true or false, got {self.enabled!r}")
+        for setting, _ in TEXT_MEASURES.values():
+            value = getattr(self, setting)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and 0 <= value <= 1):
+                flag = "--" + setting.replace("_", "-")
+                raise ValueError(
+                    f"text gate bound {setting} ({flag}) must be a number from 0 to 1 (a share: 0.02 "
+                    f"is 2 points, 1 lets the measure through), got {value!r}"
+                )
+
+    def bounds(self) -> dict[str, float]:
+        return {setting: float(getattr(self, setting)) for setting, _ in TEXT_MEASURES.values()}
+
+
 @dataclass
 class RetrainConfig:
     """root: versions root (holds CURRENT); data: the seed prepared dataset;
@@ -199,7 +264,8 @@ class RetrainConfig:
       must be shown beyond them (`gate`);
     keep: published versions kept (the current one always is);
     min_events: new stream events needed to train (ignored without a stream; an event that
-      repeats a seed interaction exactly is not new, `seed_repeats`)."""
+      repeats a seed interaction exactly is not new, `seed_repeats`);
+    text_gate: how much worse the candidate's reasoning texts may be (`TextGate`)."""
 
     root: Path
     data: Path
@@ -208,9 +274,12 @@ class RetrainConfig:
     gate_z: float = 0.0
     keep: int = 3
     min_events: int = 1
+    text_gate: TextGate = field(default_factory=TextGate)
 
     def __post_init__(self) -> None:
         self.root, self.data = Path(self.root), Path(self.data)
+        if not isinstance(self.text_gate, TextGate):
+            raise ValueError(f"text_gate must be a TextGate, got {type(self.text_gate).__name__}")
         if self.keep < 1:
             raise ValueError(f"keep must be >= 1 (the current version is always kept), got {self.keep}")
         if self.min_events < 0:
@@ -240,6 +309,10 @@ class RetrainResult:
     paired_diff: float | None = None  # candidate - current NDCG@10, per sample on the same valid samples
     paired_stderr: float | None = None  # its standard error (0 for one sample)
     paired_samples: int = 0  # one per user under loo; several per user under temporal
+    # the reasoning texts' check (`check_texts`), where the run reached the gate: {"checked":
+    # false, "why": ...} where it checks nothing; else both versions' measures on the same valid
+    # samples, the bounds, and "failed": one entry per measure beyond its bound
+    text_gate: dict[str, Any] | None = None
     stream: bool = True
     new_events: int = 0
     events_total: int = 0
@@ -639,15 +712,29 @@ def _write_state(work: Path, state: dict[str, Any]) -> None:
 
 
 # -- evaluation and the gate -------------------------------------------------------------------
-def validation_ranks(path: Path, ds: PreparedDataset, cfg: RecPOConfig) -> tuple[np.ndarray, np.ndarray]:
+class Validation(NamedTuple):
+    """A version on the valid samples (`validate`)."""
+
+    ranks: np.ndarray  # each sample's target rank, in the harness's order
+    users: np.ndarray  # each sample's user
+    texts: dict[str, Any] | None  # its reasoning texts' quality (model/text_quality.py); None: no reasoning
+
+
+def validate(path: Path, ds: PreparedDataset, cfg: RecPOConfig) -> Validation:
     """Each valid sample's target rank under a checkpoint and the sample's user, in the
-    harness's order (model/evaluate.py `eval_rows`), under `validation_eval_config(cfg)`.
-    Loaded as the service loads it (`load_checkpoint`), so the gate scores both versions
-    through the same path, the one that will serve them."""
+    harness's order (model/evaluate.py `eval_rows`), under `validation_eval_config(cfg)`, and
+    where that writes reasoning (a stage that trains it), the quality of the texts it wrote: one
+    decode gives both. Loaded as the service loads it (`load_checkpoint`), so the gate scores
+    both versions through the same path, the one that will serve them; the texts are written as
+    the service writes them (greedy, the same prompt with its co-watch hints, the claims decoded
+    under the grammars of what holds, `constrain_titles`, at the recipe's budget), by the
+    reference backend in batches (docs/architecture.md §5.2, step 6)."""
     ckpt = load_checkpoint(path, dtype=cfg.dtype)
     vectors = ckpt.vectors_for(ds.items)
     result = evaluate_model(ckpt.model, ds, vectors, validation_eval_config(cfg), progress=False)
-    return np.asarray(result.ranks, dtype=np.int64), np.asarray(result.users, dtype=object)
+    return Validation(
+        np.asarray(result.ranks, dtype=np.int64), np.asarray(result.users, dtype=object), result.text_quality
+    )
 
 
 def gate(
@@ -671,6 +758,73 @@ def gate(
     se = paired["stderr"] if math.isfinite(paired["stderr"]) else 0.0
     bound = paired["diff"] + (z * se if tolerance >= 0 else -z * se)
     return bound >= -tolerance, {**paired, "stderr": se}
+
+
+def check_texts(candidate: dict[str, Any], current: dict[str, Any], bounds: TextGate) -> list[dict[str, Any]]:
+    """The measures (`TEXT_MEASURES`) on which the candidate's texts are worse than the current
+    version's beyond their `bounds`, each {"measure", "candidate", "current", "setting",
+    "bound"}; [] passes. `candidate` and `current`: model/text_quality.py `TextQuality` dicts
+    over the same samples. A measure either side lacks is not compared (`cut_share` where it is
+    not known), but claims: a candidate that makes none is not compared, a current version that
+    makes none counts as holding all (1.0). Differences are read to the measures' 4 decimals,
+    so a bound is met exactly (0.03 against 0.01 is a rise of 0.02, not 0.0200000001)."""
+    failed = []
+    for measure, (setting, worse) in TEXT_MEASURES.items():
+        mine, theirs = candidate.get(measure), current.get(measure)
+        if theirs is None and measure == "claims_hold_share":
+            theirs = 1.0
+        if mine is None or theirs is None:
+            continue
+        bound = float(getattr(bounds, setting))
+        if round(worse * (float(mine) - float(theirs)), 4) > bound:
+            failed.append(
+                {"measure": measure, "candidate": mine, "current": theirs, "setting": setting, "bound": bound}
+            )
+    return failed
+
+
+def text_gate(
+    candidate: dict[str, Any] | None, current: dict[str, Any] | None, bounds: TextGate, cfg: RecPOConfig
+) -> dict[str, Any]:
+    """`RetrainResult.text_gate`: both versions' text measures (`TEXT_SUMMARY`), the bounds and
+    what failed (`check_texts`); or {"checked": false, "why"} where nothing is checked: the text
+    gate turned off, or a stage whose evaluation writes no reasoning (the no-reasoning warm-up),
+    or an evaluation budget of 0 tokens."""
+    evaluation = validation_eval_config(cfg)
+    why = (
+        "turned off (TextGate.enabled, --no-text-gate)"
+        if not bounds.enabled
+        else f"stage {cfg.stage} is evaluated without reasoning"
+        if not evaluation.reasoning
+        else "the evaluation's reasoning budget is 0 tokens (eval_reasoning_tokens)"
+        if evaluation.max_reasoning_tokens == 0
+        else "no reasoning texts came out of the evaluation"
+        if candidate is None or current is None
+        else None
+    )
+    if why is not None:
+        return {"checked": False, "why": why}
+    failed = check_texts(candidate, current, bounds)
+    return {
+        "checked": True,
+        "passed": not failed,
+        "candidate": {k: candidate.get(k) for k in TEXT_SUMMARY},
+        "current": {k: current.get(k) for k in TEXT_SUMMARY},
+        "bounds": bounds.bounds(),
+        "failed": failed,
+    }
+
+
+def _texts_text(check: dict[str, Any]) -> str:
+    """A failed text check in words, e.g. "reasoning worse than current on 200 valid samples:
+    loop_share 0.4200 > current 0.0000 + max_loop_rise 0.02; cut_share ..."."""
+    parts = []
+    for f in check["failed"]:
+        worse = TEXT_MEASURES[f["measure"]][1]
+        op, sign = (">", "+") if worse > 0 else ("<", "-")
+        limit = f"{sign} {f['setting']} {f['bound']:g}"
+        parts.append(f"{f['measure']} {f['candidate']:.4f} {op} current {f['current']:.4f} {limit}")
+    return f"reasoning worse than current on {check['candidate']['texts']} valid samples: " + "; ".join(parts)
 
 
 # -- one run -----------------------------------------------------------------------------------
@@ -759,22 +913,27 @@ def retrain(
             raise RetrainError(
                 f"the rebuilt dataset {ds.path} has no valid samples to compare the versions on"
             )
-        current_ranks, users = validation_ranks(root / current, ds, cfg.train)
+        current_ranks, users, current_texts = validate(root / current, ds, cfg.train)
         run = work / "run"
         shutil.rmtree(run, ignore_errors=True)
         try:
             best = train(cfg.train, ds, str(root / current), run, resume=False)
             _copy_training_record(run, best)  # a published version carries its own curves
             result.candidate_version = str(read_meta(best)["version"])
-            candidate_ranks, candidate_users = validation_ranks(best, ds, cfg.train)
+            candidate_ranks, candidate_users, candidate_texts = validate(best, ds, cfg.train)
             if not np.array_equal(candidate_users, users):
                 raise RetrainError("the two versions were ranked on different valid samples")
             ok, paired = gate(candidate_ranks, current_ranks, cfg.tolerance, cfg.gate_z, users)
             result.candidate_metric, result.current_metric = paired["a"], paired["b"]
             result.paired_diff, result.paired_stderr = paired["diff"], paired["stderr"]
             result.paired_samples = paired["users"]
-            if not ok:
-                result.status, result.reason = "rejected", _gate_text(result, "<")
+            texts = result.text_gate = text_gate(candidate_texts, current_texts, cfg.text_gate, cfg.train)
+            if texts["checked"] and not texts["passed"]:
+                log.warning("the candidate's %s: not publishing it", _texts_text(texts))
+            if not ok or not texts.get("passed", True):
+                reasons = [] if ok else [_gate_text(result, "<")]
+                reasons += [] if texts.get("passed", True) else [_texts_text(texts)]
+                result.status, result.reason = "rejected", "; ".join(reasons)
                 _write_state(work, {**read_state(work), "trained_events": int(len(events))})
             elif _publish(root, work, best, result, started, trained=int(len(events))):
                 # the version it started from stays too: it was served until now, the rollback target
@@ -830,6 +989,8 @@ def _publish(root: Path, work: Path, best: Path, result: RetrainResult, started:
     version = unused_version(root, str(result.candidate_version))
     result.status, result.published_version = "published", version
     result.reason = _gate_text(result, ">=")
+    if (texts := result.text_gate or {}).get("checked"):
+        result.reason += f"; reasoning within the bounds on {texts['candidate']['texts']} valid samples"
     # the run's time so far goes into the version's record, and `_finish` keeps it, so
     # retrain.json and state.json agree (only the pruning, milliseconds, comes after)
     result.seconds, result.finished_at = _elapsed(started), _now()

@@ -499,10 +499,50 @@ class _RetrainCollector(Collector):
                 value=published,
             )
         yield from _stream_losses(state, last, self.stream())
+        yield from _reasoning(last)
 
 
 def _number(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _reasoning(last: object):
+    """The publish gate's check of the reasoning texts in the last run that reached the gate
+    (model/retrain.py `text_gate`): both versions' measures, and which went beyond their
+    bounds. Nothing where the run checked none (skipped, a stage without reasoning, turned off)."""
+    from model.retrain import TEXT_MEASURES  # here: model.retrain only where it is used
+
+    check = last.get("text_gate") if isinstance(last, dict) else None
+    if not isinstance(check, dict) or check.get("checked") is not True:
+        return
+    values = GaugeMetricFamily(
+        "r2ec_retrain_last_run_reasoning",
+        "The last `r2ec retrain` run's reasoning texts on the valid samples, the candidate's and the "
+        "current version's (model: candidate, current), by measure: loop_share, unknown_title_share, "
+        "claims_hold_share, cut_share, empty_share (shares of the texts or claims) and distinct_2.",
+        labels=["measure", "model"],
+    )
+    compared = set()
+    for model in ("candidate", "current"):
+        measures = check.get(model) if isinstance(check.get(model), dict) else {}
+        for measure in TEXT_MEASURES:
+            if (value := _number(measures.get(measure))) is not None:
+                values.add_metric([measure, model], value)
+                compared.add(measure)
+    yield values
+    failed = check.get("failed") if isinstance(check.get("failed"), list) else []
+    beyond = {f.get("measure") for f in failed if isinstance(f, dict)}
+    family = GaugeMetricFamily(
+        "r2ec_retrain_last_run_reasoning_beyond_bound",
+        "1 where the last `r2ec retrain` run's candidate wrote reasoning worse than the current "
+        "version's by more than its bound on this measure (model/retrain.py TextGate), and was not "
+        "published for it; 0 where it was within.",
+        labels=["measure"],
+    )
+    for measure in TEXT_MEASURES:
+        if measure in compared or measure in beyond:
+            family.add_metric([measure], float(measure in beyond))
+    yield family
 
 
 def _stream_losses(state: dict, last: object, stream: StreamInfo | None):

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from cli import app
 from model.checkpoint import read_meta, resolve_checkpoint
 from model.retrain import read_state
-from tests.model.test_retrain import TINY_TRAIN
+from tests.model.test_retrain import TEXTS_TRAIN, TINY_TRAIN, _damaged, _trains_into
 from tests.service.conftest import RedisServer, free_port
 
 
@@ -241,6 +241,77 @@ def test_the_report_shows_the_paired_difference_the_gate_used(capsys):
     assert "retrain rejected: ndcg@10 0.0600 < current 0.0700" in out
     assert "paired   -0.0100 ± 0.0040 ndcg@10 (candidate - current, 200 valid samples)" in out
     assert "CURRENT ->" not in out
+
+
+def test_the_report_shows_the_text_check_and_each_measure_beyond_its_bound(capsys):
+    from cli.retrain import _report
+    from model.retrain import RetrainResult, TextGate
+
+    both = {"texts": 200, "loop_share": 0.0, "unknown_title_share": 0.0, "claims_hold_share": 1.0}
+    both |= {"cut_share": 0.0, "empty_share": 0.005, "distinct_2": 0.41, "claims": 590, "mean_words": 19.4}
+    failed = {"measure": "loop_share", "candidate": 0.42, "current": 0.0, "setting": "max_loop_rise"}
+    check = {"checked": True, "passed": False, "candidate": {**both, "loop_share": 0.42}, "current": both}
+    check |= {"bounds": TextGate().bounds(), "failed": [{**failed, "bound": 0.02}]}
+    reason = "reasoning worse than current on 200 valid samples: loop_share 0.4200 > current 0.0000 + ..."
+    _report(RetrainResult(status="rejected", reason=reason, current_version="v1", text_gate=check))
+    out = capsys.readouterr().out
+    assert (
+        "  texts    candidate / current on 200 valid samples: loops 42.0% / 0.0%, unknown titles 0.0% / 0.0%,"
+        " claims hold 100.0% / 100.0%, cut 0.0% / 0.0%, empty 0.5% / 0.5%, distinct-2 0.410 / 0.410\n"
+    ) in out
+    assert "  WORSE    loop_share 0.4200 against 0.0000: beyond max_loop_rise 0.02 (--max-loop-rise)\n" in out
+    off = {"checked": False, "why": "stage contrastive is evaluated without reasoning"}
+    _report(RetrainResult(status="published", reason="...", current_version="v1", text_gate=off))
+    assert (
+        "  texts    not checked: stage contrastive is evaluated without reasoning\n"
+        in capsys.readouterr().out
+    )
+
+
+def test_the_text_gate_options_reach_the_gate(versions_root, tiny_dataset, tmp_path, monkeypatch):
+    """A candidate whose reasoning loops (tests/model/test_retrain.py `_damaged`), its NDCG@10
+    let through (--tolerance 1): rejected by the text gate's defaults, naming the measure in
+    the JSON; published by a run whose bounds let those measures through, as by --no-text-gate."""
+    _trains_into(monkeypatch, lambda base, out: _damaged(base, out, "loop"))
+    config = tmp_path / "retrain.yaml"
+    config.write_text(yaml.safe_dump(TEXTS_TRAIN))
+    common = ["--data", str(tiny_dataset.path), "--root", str(versions_root), "--redis-url", ""]
+    common += ["--config", str(config), "--tolerance", "1", "--json"]
+    code, out, rejected = _cli(*common)
+    assert code == 0, out
+    assert rejected["status"] == "rejected" and rejected["reason"].startswith("reasoning worse than current")
+    failed = {f["setting"] for f in rejected["text_gate"]["failed"]}
+    assert "max_loop_rise" in failed and "loop_share 1.0000 > current" in rejected["reason"]
+    let_through = [arg for setting in sorted(failed) for arg in ("--" + setting.replace("_", "-"), "1")]
+    code, out, published = _cli(*common, *let_through)
+    assert code == 0, out
+    assert published["status"] == "published" and published["text_gate"]["passed"]
+    assert {s: published["text_gate"]["bounds"][s] for s in failed} == dict.fromkeys(failed, 1.0)
+    code, out, off = _cli(*common, "--no-text-gate")
+    assert code == 0, out
+    assert off["status"] == "published" and off["text_gate"]["checked"] is False
+
+
+def test_every_text_gate_bound_has_an_option_that_states_its_default():
+    from typer.main import get_command
+
+    from model.retrain import TextGate
+
+    options = {p.name: p for p in get_command(app).commands["retrain"].params}
+    for setting, default in TextGate().bounds().items():
+        assert options[setting].opts == ["--" + setting.replace("_", "-")]
+        assert options[setting].default is None  # unset: TextGate's own default
+        assert f"(default {default:g}" in options[setting].help, setting
+
+
+def test_a_text_gate_bound_out_of_range_is_refused_by_name(versions_root, tiny_dataset):
+    common = ["--data", str(tiny_dataset.path), "--root", str(versions_root)]
+    code, out, _ = _cli(*common, "--max-loop-rise", "2")
+    assert code == 2 and "text gate bound max_loop_rise (--max-loop-rise) must be a number from 0 to 1" in out
+    assert "got 2.0" in out
+    code, out, _ = _cli(*common, "--max-claims-hold-drop", "-0.1")
+    assert code == 2 and "max_claims_hold_drop (--max-claims-hold-drop)" in out
+    assert (versions_root / "CURRENT").read_text() == "v0\n" and not (versions_root / "retrain").exists()
 
 
 def test_a_negative_gate_z_is_refused_by_name(versions_root, tiny_dataset):

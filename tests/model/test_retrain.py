@@ -19,14 +19,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from model.checkpoint import CheckpointError, current_version, list_versions, publish_version, set_current
+from model.checkpoint import (
+    CheckpointError,
+    current_version,
+    list_versions,
+    load_checkpoint,
+    publish_version,
+    save_checkpoint,
+    set_current,
+)
 from model.data import SPLITS, DataError, load_prepared, prepare_atomic
 from model.evaluate import seen_items
 from model.recpo import RecPOConfig
 from model.retrain import (
+    TEXT_MEASURES,
     Purge,
     RetrainConfig,
+    TextGate,
+    check_texts,
     consume_events,
     events_frame,
     gate,
@@ -34,7 +46,7 @@ from model.retrain import (
     read_state,
     rebuild_dataset,
     retrain,
-    validation_ranks,
+    validate,
 )
 from service.metrics import Metrics
 from tests.conftest import FIXTURES, child_env
@@ -810,8 +822,8 @@ def test_retrain_without_a_stream_trains_on_the_dataset_and_prunes(versions_root
     import model.retrain
 
     scored = []  # both versions go through the path that will serve them (load_checkpoint)
-    real = model.retrain.validation_ranks
-    monkeypatch.setattr(model.retrain, "validation_ranks", lambda p, *a: scored.append(p.name) or real(p, *a))
+    real = model.retrain.validate
+    monkeypatch.setattr(model.retrain, "validate", lambda p, *a: scored.append(p.name) or real(p, *a))
     cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0, keep=1)
     result = retrain(cfg, read_events=None)
     assert scored == ["v0", "best"]
@@ -901,7 +913,7 @@ def test_no_retrain_state_exports_nothing(tmp_path):
 def test_an_unchanged_model_scores_the_same_twice(versions_root, tiny_dataset):
     """The gate's two evaluations share one path, so the same weights pair to d = 0."""
     cfg = RecPOConfig(**TINY_TRAIN)
-    (a, users_a), (b, users_b) = (validation_ranks(versions_root / "v0", tiny_dataset, cfg) for _ in range(2))
+    (a, users_a, _), (b, users_b, _) = (validate(versions_root / "v0", tiny_dataset, cfg) for _ in range(2))
     assert list(users_a) == list(users_b) == list(tiny_dataset.split("valid")["user_id"].astype(str))
     ok, paired = gate(a, b, tolerance=0.0, z=0.0, users=users_a)
     assert ok and (paired["diff"], paired["stderr"], paired["users"]) == (
@@ -942,3 +954,222 @@ def test_a_seed_an_earlier_release_prepared_is_rebuilt_under_its_own_rules(tmp_p
     assert rebuilt.name == "grp/tiny"
     title = rebuilt.items.set_index("item_id").loc[items.loc[0, "item_id"], "title"]
     assert title == "Best of < |endoftext|> (1999)"
+
+
+# -- the reasoning texts' check --------------------------------------------------------------
+# texts long enough to loop (one word 4-gram three times takes 6 words): the random tiny model
+# runs them to the budget, so both versions' cut shares are 1 and only what the damage does moves
+TEXTS_TRAIN = {**TINY_TRAIN, "eval_reasoning_tokens": 16}
+
+
+def _quality(**measures) -> dict:
+    """A text quality dict (model/text_quality.py) of sound texts, `measures` changed."""
+    sound = {"texts": 200, "loop_share": 0.0, "unknown_title_share": 0.0, "claims_hold_share": 1.0}
+    return {**sound, "cut_share": 0.0, "empty_share": 0.0, "distinct_2": 0.5, **measures}
+
+
+def test_the_text_check_rejects_each_measure_only_beyond_its_bound():
+    current, bounds = _quality(), TextGate()
+    assert check_texts(current, current, bounds) == []
+    worse = {  # each measure just within its default bound, then just beyond it
+        "loop_share": (0.02, 0.025),
+        "unknown_title_share": (0.0, 0.005),
+        "claims_hold_share": (0.98, 0.975),
+        "cut_share": (0.02, 0.025),
+        "empty_share": (0.02, 0.025),
+        "distinct_2": (0.4, 0.395),
+    }
+    assert set(worse) == set(TEXT_MEASURES)
+    for measure, (within, beyond) in worse.items():
+        assert check_texts(_quality(**{measure: within}), current, bounds) == [], measure
+        setting = TEXT_MEASURES[measure][0]
+        assert check_texts(_quality(**{measure: beyond}), current, bounds) == [
+            {
+                "measure": measure,
+                "candidate": beyond,
+                "current": current[measure],
+                "setting": setting,
+                "bound": getattr(bounds, setting),
+            }
+        ]
+    # better is never worse, and a bound is met exactly where floats would miss it (0.07 - 0.05)
+    better = _quality(loop_share=0.0, claims_hold_share=1.0, distinct_2=0.9)
+    assert check_texts(better, _quality(loop_share=0.5, claims_hold_share=0.5), bounds) == []
+    assert check_texts(_quality(cut_share=0.07), _quality(cut_share=0.05), bounds) == []
+    # claims: a candidate that makes none is not compared; a current one that made none held all
+    assert check_texts(_quality(claims_hold_share=None), current, bounds) == []
+    failed = check_texts(_quality(claims_hold_share=0.9), _quality(claims_hold_share=None), bounds)
+    assert [(f["measure"], f["current"]) for f in failed] == [("claims_hold_share", 1.0)]
+    # a measure not known on one side (cut_share without the stop tokens) is not compared
+    assert check_texts(_quality(cut_share=1.0), _quality(cut_share=None), bounds) == []
+    # 1 lets a measure through, whatever it is
+    assert check_texts(_quality(loop_share=1.0), current, TextGate(max_loop_rise=1)) == []
+
+
+@pytest.mark.parametrize("value", [-0.01, 1.5, float("nan"), float("inf"), True, "0.1", None])
+def test_a_text_gate_bound_out_of_range_is_refused_by_its_name(tmp_path, value):
+    for setting, _ in TEXT_MEASURES.values():
+        flag = "--" + setting.replace("_", "-")
+        with pytest.raises(
+            ValueError, match=rf"text gate bound {setting} \({flag}\) must be a number from 0 to 1"
+        ):
+            TextGate(**{setting: value})
+    with pytest.raises(ValueError, match="text_gate must be a TextGate"):
+        RetrainConfig(tmp_path, tmp_path, text_gate={"max_loop_rise": 0.1})
+
+
+def _damaged(base: Path, out: Path, damage: str) -> Path:
+    """Checkpoint `base` with its lm_head rewritten, saved whole (weights "full") as a training
+    run saves one: "loop": every token it writes is " th" or " Th" (by the sign of one hidden
+    unit), so each text is "th Th th ..." to the budget; "empty": every logit 0, so greedy
+    takes token 0, <|endoftext|>, a special token the shown text leaves out. The input
+    embeddings (tied to lm_head in the tiny model) stay as they were."""
+    ckpt = load_checkpoint(base, dtype="float32")
+    lm, tokenizer = ckpt.model.lm, ckpt.model.tokenizer
+    weight = torch.zeros_like(lm.lm_head.weight)
+    if damage == "loop":
+        lower, upper = tokenizer.convert_tokens_to_ids(["Ġth", "ĠTh"])
+        weight[lower, 0], weight[upper, 0] = 50.0, -50.0
+    lm.config.tie_word_embeddings = False
+    lm.lm_head.weight = torch.nn.Parameter(weight)
+    vectors = np.asarray(ckpt.item_vectors)
+    save_checkpoint(out, ckpt.model, base="tiny", weights="full", items=ckpt.items, item_vectors=vectors)
+    return out
+
+
+def _copied(base: Path, out: Path) -> Path:
+    """Checkpoint `base` as it is: a candidate that learnt nothing."""
+    shutil.copytree(base, out)
+    return out
+
+
+def _trains_into(monkeypatch, make) -> None:
+    """Training (model/train.py `train`, as `retrain` calls it) replaced by `make(base, out/best)`;
+    the run evaluates, gates and publishes what it makes through the real paths."""
+    import model.train
+
+    def train(cfg, dataset, base, out, resume=False, overwrite=False):
+        return make(Path(base), Path(out) / "best")
+
+    monkeypatch.setattr(model.train, "train", train)
+
+
+@pytest.mark.parametrize(
+    ("damage", "measure", "value"), [("loop", "loop_share", 1.0), ("empty", "empty_share", 1.0)]
+)
+def test_a_candidate_whose_reasoning_degenerates_is_rejected_though_its_ranking_passes(
+    versions_root, tiny_dataset, monkeypatch, caplog, damage, measure, value
+):
+    """tolerance 1: NDCG@10 lets any candidate through, so only the text check can reject it."""
+    _trains_into(monkeypatch, lambda base, out: _damaged(base, out, damage))
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TEXTS_TRAIN), tolerance=1.0)
+    with caplog.at_level("WARNING", logger="model.retrain"):
+        result = retrain(cfg)
+    assert result.status == "rejected" and current_version(versions_root) == "v0"
+    check = result.text_gate
+    assert check["checked"] and not check["passed"]
+    assert check["candidate"][measure] == value and check["current"][measure] == 0.0
+    setting = TEXT_MEASURES[measure][0]
+    failed = {f["measure"]: f for f in check["failed"]}
+    assert failed[measure] == {
+        "measure": measure,
+        "candidate": value,
+        "current": 0.0,
+        "setting": setting,
+        "bound": getattr(TextGate(), setting),
+    }
+    n = len(tiny_dataset.split("valid"))
+    said = f"{measure} 1.0000 > current 0.0000 + {setting} {getattr(TextGate(), setting):g}"
+    assert result.reason.startswith(f"reasoning worse than current on {n} valid samples: ")
+    assert said in result.reason and "ndcg@10" not in result.reason  # the ranking passed
+    assert said in caplog.text
+    # where operators look: the run's summary in state.json and /metrics
+    state = json.loads((versions_root / "retrain" / "state.json").read_text())
+    assert state["last_run"]["text_gate"] == check and state["last_run"]["reason"] == result.reason
+    metrics = Metrics()
+    metrics.track_retrain(versions_root / "retrain" / "state.json")
+    text = metrics.render().decode()
+    assert metric(text, "r2ec_retrain_last_run_reasoning_beyond_bound", measure=measure) == 1
+    assert metric(text, "r2ec_retrain_last_run_reasoning_beyond_bound", measure="unknown_title_share") == 0
+    assert metric(text, "r2ec_retrain_last_run_reasoning", measure=measure, model="candidate") == value
+    assert metric(text, "r2ec_retrain_last_run_reasoning", measure=measure, model="current") == 0.0
+
+    # the operator's override for one run: the same candidate, its text gate turned off
+    off = dataclasses.replace(cfg, text_gate=TextGate(enabled=False))
+    again = retrain(off)
+    assert again.status == "published" and current_version(versions_root) == again.published_version
+    assert again.text_gate == {"checked": False, "why": "turned off (TextGate.enabled, --no-text-gate)"}
+    record = json.loads((versions_root / again.published_version / "retrain.json").read_text())
+    assert record["text_gate"] == again.text_gate
+    assert "r2ec_retrain_last_run_reasoning" not in metrics.render().decode()
+
+
+def test_an_unchanged_candidate_passes_the_text_check(versions_root, tiny_dataset, monkeypatch):
+    _trains_into(monkeypatch, _copied)
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TEXTS_TRAIN))  # tolerance 0
+    result = retrain(cfg)
+    assert result.status == "published" and result.paired_diff == 0.0
+    check = result.text_gate
+    assert check["checked"] and check["passed"] and check["failed"] == []
+    assert check["candidate"] == check["current"]  # the same texts, measure for measure
+    assert check["candidate"]["texts"] == len(tiny_dataset.split("valid"))
+    assert check["bounds"] == TextGate().bounds()
+    assert result.reason.endswith(
+        f"; reasoning within the bounds on {check['candidate']['texts']} valid samples"
+    )
+    # the published version's record carries it, as state.json's last run does
+    record = json.loads((versions_root / result.published_version / "retrain.json").read_text())
+    state = json.loads((versions_root / "retrain" / "state.json").read_text())
+    assert record["text_gate"] == state["last_run"]["text_gate"] == check
+    metrics = Metrics()
+    metrics.track_retrain(versions_root / "retrain" / "state.json")
+    text = metrics.render().decode()
+    for measure in TEXT_MEASURES:
+        if check["current"][measure] is not None:
+            assert metric(text, "r2ec_retrain_last_run_reasoning_beyond_bound", measure=measure) == 0
+
+
+def test_a_stage_without_reasoning_is_gated_on_ndcg_alone(versions_root, tiny_dataset, monkeypatch):
+    """The contrastive warm-up's evaluation writes no text: a candidate whose lm_head would
+    loop is published as before (its texts are never served by a model trained without)."""
+    _trains_into(monkeypatch, lambda base, out: _damaged(base, out, "loop"))
+    train = RecPOConfig(**{**TEXTS_TRAIN, "stage": "contrastive"})
+    result = retrain(RetrainConfig(versions_root, tiny_dataset.path, train, tolerance=1.0))
+    assert result.status == "published"
+    assert result.text_gate == {"checked": False, "why": "stage contrastive is evaluated without reasoning"}
+    assert "reasoning" not in result.reason
+
+
+@pytest.mark.parametrize("backend", ["engine", "hf"])
+def test_the_gate_reads_the_texts_the_service_writes(tmp_path, tiny_dataset, backend):
+    """The texts the text check compares are the ones users would read: the gate's evaluation
+    (`validate`: batches, the reference decode) and the service (`backend`, one request at a
+    time) write the same text for each valid sample's history, with the claims decoded under
+    the same grammars (a model taught the rationale format) and the same budget. In float32;
+    in bfloat16 a batch's padding may flip a near-tie (docs/architecture.md §5.2, step 6)."""
+    from model.checkpoint import create_base_checkpoint
+    from model.evaluate import eval_rows, evaluate_model, validation_eval_config
+    from model.prompts import PromptConfig
+    from service.recommender import Recommender
+    from service.types import Query
+
+    path = tmp_path / "taught"
+    prompts = PromptConfig(taste_format=True)
+    create_base_checkpoint(path, "tiny", tiny_dataset.items, prompts=prompts, dtype="float32", progress=False)
+    # a budget the tiny tokenizer's titles fit in (a few characters a token), so claims are made
+    evaluation = validation_eval_config(RecPOConfig(**{**TEXTS_TRAIN, "eval_reasoning_tokens": 48}))
+    rows = eval_rows(tiny_dataset, evaluation)
+    ckpt = load_checkpoint(path, dtype="float32")
+    vectors = ckpt.vectors_for(tiny_dataset.items)
+    gated = evaluate_model(
+        ckpt.model, tiny_dataset, vectors, evaluation, progress=False, num_examples=len(rows)
+    )
+    service = Recommender.load(path, dtype="float32", backend=backend, persist_edits=False)
+    served = []
+    for row in rows.itertuples():
+        history = tuple(zip(row.history_item_ids, row.history_ratings, row.history_timestamps, strict=True))
+        query = Query(history=history, max_reasoning_tokens=evaluation.max_reasoning_tokens)
+        served.append(service.recommend_batch([query])[0].reasoning)
+    assert served == [example["reasoning"] for example in gated.examples]
+    assert all(text.startswith(("Likes ", "Rated highest: ", "Lately more ")) for text in served)
+    assert gated.text_quality["claims"] > 0  # claims the check reads, decoded under their grammars
