@@ -59,6 +59,8 @@ async def test_every_series_the_rules_read_is_exported(ckpt, tmp_path, redis_url
     (root / "retrain").mkdir()
     at = "2026-12-07T10:00:00+00:00"  # as model/retrain.py writes a published run
     last = {"status": "published", "finished_at": at, "events_lost": 0, "events_lost_exact": True}
+    texts = {"texts": 200, "loop_share": 0.0, "unknown_title_share": 0.0, "claims_hold_share": 1.0}
+    last["text_gate"] = {"checked": True, "passed": True, "candidate": texts, "current": texts, "failed": []}
     state = {"last_run": last, "last_published_at": at, "stream_mark": {"entries_added": 0, "erased": 0}}
     (root / "retrain" / "state.json").write_text(json.dumps(state))
     async with serve(app_for(root, watch_interval_s=0.05, redis_url=redis_url)) as client:
