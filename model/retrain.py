@@ -791,19 +791,14 @@ def text_gate(
     gate turned off, or a stage whose evaluation writes no reasoning (the no-reasoning warm-up),
     or an evaluation budget of 0 tokens."""
     evaluation = validation_eval_config(cfg)
-    why = (
-        "turned off (TextGate.enabled, --no-text-gate)"
-        if not bounds.enabled
-        else f"stage {cfg.stage} is evaluated without reasoning"
-        if not evaluation.reasoning
-        else "the evaluation's reasoning budget is 0 tokens (eval_reasoning_tokens)"
-        if evaluation.max_reasoning_tokens == 0
-        else "no reasoning texts came out of the evaluation"
-        if candidate is None or current is None
-        else None
-    )
-    if why is not None:
-        return {"checked": False, "why": why}
+    if not bounds.enabled:
+        return {"checked": False, "why": "turned off (TextGate.enabled, --no-text-gate)"}
+    if not evaluation.reasoning:
+        return {"checked": False, "why": f"stage {cfg.stage} is evaluated without reasoning"}
+    if evaluation.max_reasoning_tokens == 0:
+        return {"checked": False, "why": "the evaluation's reasoning budget (eval_reasoning_tokens) is 0"}
+    if candidate is None or current is None:
+        return {"checked": False, "why": "no reasoning texts came out of the evaluation"}
     failed = check_texts(candidate, current, bounds)
     return {
         "checked": True,
@@ -929,7 +924,7 @@ def retrain(
             result.paired_samples = paired["users"]
             texts = result.text_gate = text_gate(candidate_texts, current_texts, cfg.text_gate, cfg.train)
             if texts["checked"] and not texts["passed"]:
-                log.warning("the candidate's %s: not publishing it", _texts_text(texts))
+                log.warning("not publishing the candidate, %s", _texts_text(texts))
             if not ok or not texts.get("passed", True):
                 reasons = [] if ok else [_gate_text(result, "<")]
                 reasons += [] if texts.get("passed", True) else [_texts_text(texts)]

@@ -46,6 +46,7 @@ from model.retrain import (
     read_state,
     rebuild_dataset,
     retrain,
+    text_gate,
     validate,
 )
 from service.metrics import Metrics
@@ -1004,6 +1005,22 @@ def test_the_text_check_rejects_each_measure_only_beyond_its_bound():
     assert check_texts(_quality(cut_share=1.0), _quality(cut_share=None), bounds) == []
     # 1 lets a measure through, whatever it is
     assert check_texts(_quality(loop_share=1.0), current, TextGate(max_loop_rise=1)) == []
+
+
+def test_the_text_gate_says_why_it_checks_nothing():
+    recpo = RecPOConfig(**TEXTS_TRAIN)
+    texts = _quality(wrong_claim_examples=[{"text": "Rated highest: Heat.", "wrong": ["Heat"]}])
+    checked = text_gate(texts, texts, TextGate(), recpo)
+    assert checked["checked"] and checked["passed"] and checked["current"]["texts"] == 200
+    assert "Rated highest" not in json.dumps(checked)  # measures only: a text is made of a history
+    why = lambda *args: text_gate(*args)["why"]  # noqa: E731
+    off = "turned off (TextGate.enabled, --no-text-gate)"
+    assert why(texts, texts, TextGate(enabled=False), recpo) == off
+    warm_up = RecPOConfig(**{**TEXTS_TRAIN, "stage": "contrastive"})
+    assert why(None, None, TextGate(), warm_up) == "stage contrastive is evaluated without reasoning"
+    silent = RecPOConfig(**{**TEXTS_TRAIN, "eval_reasoning_tokens": 0})
+    no_budget = "the evaluation's reasoning budget (eval_reasoning_tokens) is 0"
+    assert why(texts, texts, TextGate(), silent) == no_budget
 
 
 @pytest.mark.parametrize("value", [-0.01, 1.5, float("nan"), float("inf"), True, "0.1", None])
