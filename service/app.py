@@ -58,6 +58,7 @@ def create_app(
             settings.stream_maxlen,
             settings.event_dedup_ttl_s,
             settings.user_ttl_s,
+            dedup_max=settings.event_dedup_max,
         )
         try:
             try:

@@ -271,6 +271,35 @@ class Settings(BaseSettings):
         description="How long Redis remembers a user's event ids, so a retried event is not stored "
         "twice (the in-process store remembers them until restart).",
     )
+    event_dedup_max: int = Field(
+        10_000,
+        ge=1000,
+        le=10_000_000,
+        description="The most event ids Redis (and the in-process store) remembers per user for "
+        "R2EC_EVENT_DEDUP_TTL_S, the oldest dropped first: a client posting one user's events in a "
+        "loop otherwise grows r2ec:event-ids:{user} by ~140 bytes an event for the whole week "
+        '(10,000 ids with 32-character ids are ~1.4 MB; docs/operations.md, "Redis memory"). At '
+        "least 1000, a whole request's events, so a retried request is always known whole; an id "
+        "dropped from both this set and the history window counts as new again.",
+    )
+    user_events_per_s: float = Field(
+        10.0,
+        ge=0,
+        le=1_000_000,
+        description="POST /users/{id}/events: the events a second one user may add, after a burst "
+        "of R2EC_USER_EVENTS_BURST (a token bucket in Redis, shared by the replicas, or in "
+        "process); a request over it is refused whole with 429 rate_limited and Retry-After, "
+        'counted in r2ec_rejected_total{reason="user_event_rate"}. Every event sent counts, '
+        "duplicates too. 0 = no bound. `r2ec user import` is not bound by it.",
+    )
+    user_events_burst: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="The events one user may add at once before R2EC_USER_EVENTS_PER_S paces "
+        "them: the bucket's size. A request with more events than this is a 422 naming `events` "
+        "(the default, 1000, is a request's most).",
+    )
     user_ttl_s: int = Field(
         0,
         ge=0,

@@ -49,7 +49,14 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = (0, 8, 16, 32, 64, 128, 256, 512)
 WATCH_STAGES = ("pointer", "reload", "sync")  # r2ec_watch_errors_total's stages (service/state.py)
 # r2ec_rejected_total's
-REJECTION_REASONS = ("queue_full", "shutting_down", "body_too_large", "body_timeout", "queue_timeout")
+REJECTION_REASONS = (
+    "queue_full",
+    "shutting_down",
+    "body_too_large",
+    "body_timeout",
+    "queue_timeout",
+    "user_event_rate",  # service/store.py EventRate
+)
 DEADLINE_STAGES = ("queued", "decoding")  # where a client's deadline passed (service/deadline.py)
 # r2ec_store_errors_total's operations (service/store.py's StoreUnavailable.op)
 STORE_OPS = (
@@ -269,7 +276,8 @@ class Metrics:
         self.rejections = Counter(
             "r2ec_rejected_total",
             "Requests refused before any work, by reason (queue_full, shutting_down, body_too_large, "
-            "body_timeout, queue_timeout).",
+            "body_timeout, queue_timeout; user_event_rate: a user's events over "
+            "R2EC_USER_EVENTS_PER_S, 429 rate_limited).",
             ["reason"],
             registry=r,
         )

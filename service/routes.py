@@ -297,7 +297,7 @@ def _reply(result: Result, source: str, total_ms: float, variant: str) -> schema
     response_model=schemas.EventsResponse,
     tags=["users"],
     dependencies=UserData,
-    responses=documented(400, 401, 403, 408, 413, 422, 500, 503),
+    responses=documented(400, 401, 403, 408, 413, 422, 429, 500, 503),
 )
 async def append_events(
     user_id: UserIdPath, body: schemas.EventsRequest, state: StateDep
@@ -307,7 +307,13 @@ async def append_events(
     Idempotent: an event whose `event_id` the user already has is not stored again (`new`:
     false), so a client may retry a failed or timed-out post as it was. An event's `request_id`
     names the recommendation it came from (the X-Request-ID of that /recommend), kept in the
-    event stream for joining with the exposure log."""
+    event stream for joining with the exposure log. A user's events are bounded by
+    R2EC_USER_EVENTS_PER_S after a burst of R2EC_USER_EVENTS_BURST: over it, 429 `rate_limited`
+    with Retry-After, none of the request's stored."""
+    rate = state.event_rate
+    if rate is not None and len(body.events) > rate.burst:  # would never fit: not a 429 to retry
+        why = f"at most {rate.burst} events per request for one user (R2EC_USER_EVENTS_BURST)"
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", "events"), "msg": why}])
     now = int(time.time())
     events = [_stamped(user_id, e, now) for e in body.events]
     done = await state.append_events(user_id, events)

@@ -39,7 +39,7 @@ from service.exposure import ExposureLog
 from service.logs import Throttled
 from service.metrics import EXPOSURE_OUTCOMES, Metrics
 from service.recommender import Recommender
-from service.store import Appended, Erased, Event, HistoryStore, RedisStore, StoreUnavailable
+from service.store import Appended, Erased, Event, EventRate, HistoryStore, RedisStore, StoreUnavailable
 from service.types import (
     CachedReasoning,
     EmptyHistoryError,
@@ -250,6 +250,12 @@ class ServiceState:
         # the store's answered operations when the cache failed (None: it answered that one too)
         self._cache_down_answered: int | None = 0
         self.store_down_log = Throttled(log)  # `store_failed`
+        # POST /users/{id}/events: each user's bound on event writes (None: R2EC_USER_EVENTS_PER_S=0)
+        self.event_rate = (
+            EventRate(settings.user_events_per_s, settings.user_events_burst)
+            if settings.user_events_per_s > 0
+            else None
+        )
         self._watcher: asyncio.Task | None = None
         self._syncer: asyncio.Task | None = None  # the watch's sync of item edits under way
         self._releases: set[asyncio.Task] = set()  # `_release` tasks, one per reload
@@ -381,11 +387,12 @@ class ServiceState:
 
     async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
         """Append the user's new events (by event id) to the history, the retraining stream and
-        the seen set, if every item is known."""
+        the seen set, if every item is known and the user's event rate (`event_rate`) allows
+        them all (else UserRateLimited, nothing stored)."""
         unknown = self.engine.catalog.unknown(e.item_id for e in events)
         if unknown:
             raise UnknownItemsError(unknown, where="events")
-        return await self.store.append_events(user_id, events)
+        return await self.store.append_events(user_id, events, rate=self.event_rate)
 
     async def erase_user(self, user_id: str) -> Erased:
         """Erase the user from the store (service/store.py `erase_user`): history, seen set,
