@@ -300,6 +300,24 @@ class Settings(BaseSettings):
         "them: the bucket's size. A request with more events than this is a 422 naming `events` "
         "(the default, 1000, is a request's most).",
     )
+    auth_failures: int = Field(
+        10,
+        ge=0,
+        le=1_000_000,
+        description="Wrong X-API-Key values one client address may send per "
+        "R2EC_AUTH_FAILURE_WINDOW_S (a token bucket, in this process) before every request of it "
+        "that carries a key gets 429 auth_throttled with Retry-After, its key not compared, "
+        'counted in r2ec_rejected_total{reason="auth_throttled"}. The address is the peer\'s, '
+        "or X-Forwarded-For's where the peer is a proxy uvicorn trusts (FORWARDED_ALLOW_IPS; "
+        'docs/operations.md, "Keys and guessing"). 0 = no bound.',
+    )
+    auth_failure_window_s: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="The window of R2EC_AUTH_FAILURES: an address regains one try every "
+        "window / failures seconds (6 s at the defaults).",
+    )
     user_ttl_s: int = Field(
         0,
         ge=0,

@@ -75,9 +75,10 @@ DESCRIPTIONS = {
     409: "A reload is already running (Retry-After).",
     413: "The body is larger than R2EC_MAX_BODY_BYTES.",
     422: "Invalid input; `message` and `fields` name the fields or the ids.",
-    429: "Too many requests, with Retry-After: `rate_limited` (POST /users/{id}/events), this user's "
-    "events are over R2EC_USER_EVENTS_PER_S after a burst of R2EC_USER_EVENTS_BURST, none of the "
-    "request's was stored.",
+    429: "Too many requests, with Retry-After: `auth_throttled`, this address sent too many wrong "
+    "API keys (R2EC_AUTH_FAILURES per R2EC_AUTH_FAILURE_WINDOW_S), its key was not compared; "
+    "`rate_limited` (POST /users/{id}/events), this user's events are over R2EC_USER_EVENTS_PER_S "
+    "after a burst of R2EC_USER_EVENTS_BURST, none of the request's was stored.",
     500: 'An internal error: `message` is "internal error (request <id>)", the X-Request-ID '
     "the server's log has the details under.",
     503: "The service cannot answer now: starting, shutting down, overloaded (queue full) or its "
@@ -251,7 +252,9 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # Starlette names only the first route's methods
             headers["Allow"] = ", ".join(_allowed_methods(routes, request.url.path))
-        return error_response(exc.status_code, str(exc.detail), headers=headers)
+        # a subclass may name its own code (service/deps.py AuthThrottled)
+        code = getattr(exc, "code", None)
+        return error_response(exc.status_code, str(exc.detail), code=code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -179,7 +179,7 @@ def recommend_router(settings: Settings) -> APIRouter:
                 "description": "The ranked items and the model that ranked them.",
                 "headers": MODEL_HEADERS_DOC,
             },
-            **documented(400, 401, 403, 408, 413, 422, 500, 503, 504),
+            **documented(400, 401, 403, 408, 413, 422, 429, 500, 503, 504),
         },
     )
     async def recommend(
@@ -226,7 +226,7 @@ def recommend_router(settings: Settings) -> APIRouter:
                     }
                 },
             },
-            **documented(400, 401, 403, 408, 413, 422, 500, 503, 504, by_reference=True),
+            **documented(400, 401, 403, 408, 413, 422, 429, 500, 503, 504, by_reference=True),
         },
         dependencies=UserData,
     )
@@ -340,7 +340,7 @@ def _stamped(user_id: str, e: schemas.EventIn, now: int) -> Event:
     response_model=schemas.HistoryResponse,
     tags=["users"],
     dependencies=UserData,
-    responses=documented(401, 403, 422, 500, 503),
+    responses=documented(401, 403, 422, 429, 500, 503),
 )
 async def get_history(user_id: UserIdPath, store: StoreDep, catalog: CatalogDep) -> schemas.HistoryResponse:
     """The stored history, oldest first (title null for items since deleted)."""
@@ -365,7 +365,7 @@ async def get_history(user_id: UserIdPath, store: StoreDep, catalog: CatalogDep)
     response_model=schemas.UserErasure,
     tags=["admin"],
     dependencies=Admin,
-    responses=documented(401, 403, 422, 500, 503),
+    responses=documented(401, 403, 422, 429, 500, 503),
 )
 async def erase_user(user_id: UserIdPath, state: StateDep) -> schemas.UserErasure:
     """Erase a user (GDPR Art. 17; admin): their stored history, seen items, event ids, their
@@ -408,7 +408,7 @@ async def get_item(item_id: ItemIdPath, catalog: CatalogDep) -> schemas.Item:
     dependencies=Admin,
     responses={
         201: {"model": schemas.ItemUpsertResponse, "description": "Created."},
-        **documented(400, 401, 403, 408, 413, 422, 500, 503, 507),
+        **documented(400, 401, 403, 408, 413, 422, 429, 500, 503, 507),
     },
 )
 async def put_item(
@@ -437,7 +437,7 @@ async def put_item(
     response_model=schemas.ItemBatchResponse,
     tags=["admin"],
     dependencies=Admin,
-    responses=documented(400, 401, 403, 408, 413, 422, 500, 503, 507),
+    responses=documented(400, 401, 403, 408, 413, 422, 429, 500, 503, 507),
 )
 async def edit_items(body: schemas.ItemBatch, state: StateDep) -> schemas.ItemBatchResponse:
     """Add, replace and remove many items at once (admin): a catalog sync in one call instead of
@@ -480,7 +480,7 @@ async def edit_items(body: schemas.ItemBatch, state: StateDep) -> schemas.ItemBa
     response_model=schemas.ItemDeleteResponse,
     tags=["admin"],
     dependencies=Admin,
-    responses=documented(401, 403, 404, 422, 500, 503, 507),
+    responses=documented(401, 403, 404, 422, 429, 500, 503, 507),
 )
 async def delete_item(item_id: ItemIdPath, state: StateDep) -> schemas.ItemDeleteResponse:
     """Remove an item from the index and the catalog (admin)."""
@@ -497,7 +497,7 @@ async def delete_item(item_id: ItemIdPath, state: StateDep) -> schemas.ItemDelet
     response_model=schemas.ReloadResponse,
     tags=["admin"],
     dependencies=Admin,
-    responses=documented(400, 401, 403, 408, 409, 413, 422, 500, 503),
+    responses=documented(400, 401, 403, 408, 409, 413, 422, 429, 500, 503),
 )
 async def reload(state: StateDep, body: schemas.ReloadRequest | None = None) -> schemas.ReloadResponse:
     """Load a checkpoint beside the running model and swap it in; on failure keep the old. A

@@ -1,17 +1,20 @@
 """Misbehaving clients: one user's events posted in a loop (R2EC_EVENT_DEDUP_MAX bounds what a
 user's event ids take in Redis; R2EC_USER_EVENTS_PER_S / _BURST bound how fast a user's events
-are written, shared by the replicas through Redis). Clocks are the tests' own: nothing here
-waits for time to pass."""
+are written, shared by the replicas through Redis), and a client guessing API keys
+(R2EC_AUTH_FAILURES per R2EC_AUTH_FAILURE_WINDOW_S per client address). Clocks are the tests'
+own: nothing here waits for time to pass."""
 
 from __future__ import annotations
 
 import math
 
+import httpx
 import pytest
 import pytest_asyncio
 import redis
 
 from service.buckets import TokenBuckets
+from service.limits import AuthThrottle, client_address
 from service.store import (
     EVENT_IDS_KEY,
     EVENT_RATE_KEY,
@@ -22,7 +25,7 @@ from service.store import (
     RedisStore,
     UserRateLimited,
 )
-from tests.service.conftest import app_for, needs_redis, serve
+from tests.service.conftest import ADMIN, API_KEY, app_for, needs_redis, serve, uvicorn_serving
 from tests.service.test_app import metric
 from tests.service.test_errors import the_error
 
@@ -194,6 +197,9 @@ async def test_the_route_answers_429_with_retry_after_naming_the_limit(ckpt, red
         assert metric(text, "r2ec_events_total", result="duplicate") == 0
 
 
+# ---------------------------------------------------------------- wrong API keys
+
+
 def test_token_buckets_keep_a_bounded_number_of_keys_and_count_by_the_clock():
     clock = Clock()
     buckets = TokenBuckets(per_s=1.0, burst=2, max_keys=3, clock=clock)
@@ -205,3 +211,87 @@ def test_token_buckets_keep_a_bounded_number_of_keys_and_count_by_the_clock():
     assert buckets.wait("a", 2) == 0
     clock.now -= 100  # a clock that went back adds nothing, takes nothing
     assert buckets.wait("b") == 0 and buckets.wait("b", 2) == 1.0
+
+
+def test_a_clients_address_is_its_own_and_ipv6_counts_by_its_64():
+    def scope(host):
+        return {"client": (host, 5000)}
+
+    assert client_address(scope("203.0.113.7")) == "203.0.113.7"
+    assert client_address(scope("::ffff:203.0.113.7")) == "203.0.113.7"
+    assert client_address(scope("2001:db8:1:2:aaaa::1")) == client_address(scope("2001:db8:1:2:bbbb::9"))
+    assert client_address(scope("2001:db8:1:2::1")) == "2001:db8:1:2::/64"
+    assert client_address(scope("2001:db8:1:3::1")) != client_address(scope("2001:db8:1:2::1"))
+    assert client_address({"client": None}) == "unknown"
+
+
+def test_an_address_regains_one_try_every_window_over_failures():
+    clock = Clock()
+    throttle = AuthThrottle(3, 30.0, clock=clock)
+    for _ in range(3):
+        assert throttle.blocked("a") == 0
+        throttle.failed("a")
+    assert throttle.blocked("a") == pytest.approx(10.0) and throttle.blocked("b") == 0
+    clock.now += 10
+    assert throttle.blocked("a") == 0
+
+
+async def _wrong_then_right(client: httpx.AsyncClient, path: str, tries: int) -> list[int]:
+    statuses = [
+        (await client.get(path, headers={"X-API-Key": f"guess-{n}"})).status_code for n in range(tries)
+    ]
+    return statuses
+
+
+@pytest.mark.asyncio
+async def test_an_address_guessing_keys_gets_429_even_for_the_right_key_others_do_not(ckpt):
+    app = app_for(ckpt, client_key="client-key-0123456789", auth_failures=3, auth_failure_window_s=60)
+    async with app.router.lifespan_context(app):
+        clock = Clock()
+        app.state.auth_throttle = AuthThrottle(3, 60.0, clock=clock)
+
+        def client_from(host: str) -> httpx.AsyncClient:
+            transport = httpx.ASGITransport(app, client=(host, 4000))
+            return httpx.AsyncClient(transport=transport, base_url="http://r2ec.test")
+
+        async with client_from("198.51.100.1") as guesser, client_from("198.51.100.2") as other:
+            path = "/users/u1/history"
+            assert [(await guesser.get(path)).status_code for _ in range(5)] == [401] * 5  # no key: no guess
+            assert await _wrong_then_right(guesser, path, 3) == [403, 403, 403]
+            r = await guesser.get(path, headers={"X-API-Key": "client-key-0123456789"})
+            error = the_error(r, 429)
+            assert error["code"] == "auth_throttled" and "R2EC_AUTH_FAILURES" in error["message"]
+            assert r.headers["Retry-After"] == "20"  # one try every 60 / 3 s
+            r = await guesser.post("/admin/reload", headers=ADMIN)  # every route that takes a key
+            assert r.status_code == 429
+            assert (await other.get(path, headers={"X-API-Key": API_KEY})).status_code == 200
+            assert await _wrong_then_right(other, path, 1) == [403]
+            clock.now += 20
+            assert (await guesser.get(path, headers={"X-API-Key": API_KEY})).status_code == 200
+            assert await _wrong_then_right(guesser, path, 2) == [403, 429]  # one try regained
+            text = (await other.get("/metrics")).text
+        assert metric(text, "r2ec_auth_failures_total") == 5  # 403s: 3 + 1 + 1
+        assert metric(text, "r2ec_rejected_total", reason="auth_throttled") == 3
+
+
+@pytest.mark.asyncio
+async def test_no_bound_on_failures_with_auth_failures_0(ckpt):
+    async with serve(app_for(ckpt, auth_failures=0)) as client:
+        statuses = {
+            (await client.post("/admin/reload", headers={"X-API-Key": "x"})).status_code for _ in range(20)
+        }
+    assert statuses == {403}
+
+
+def test_behind_a_trusted_proxy_the_forwarded_address_is_throttled_not_the_proxy(ckpt):
+    """uvicorn takes X-Forwarded-For from a peer it trusts (FORWARDED_ALLOW_IPS, 127.0.0.1 by
+    default): a guessing client behind the proxy is refused, the proxy's other clients are not."""
+    app = app_for(ckpt, auth_failures=2)
+    with uvicorn_serving(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+
+        def reload(key: str, forwarded_for: str) -> int:
+            headers = {"X-API-Key": key, "X-Forwarded-For": forwarded_for}
+            return http.post("/admin/reload", headers=headers).status_code
+
+        assert [reload("wrong", "203.0.113.9") for _ in range(3)] == [403, 403, 429]
+        assert reload("wrong", "203.0.113.10") == 403  # another client of the same proxy
