@@ -88,7 +88,7 @@ def _check(request: Request, state: ServiceState, sent: str | None, keys: tuple[
     if not sent:  # no key, no guess: not counted against the address
         raise HTTPException(401, "missing X-API-Key header", {"WWW-Authenticate": "X-API-Key"})
     throttle: AuthThrottle | None = getattr(request.app.state, "auth_throttle", None)
-    client = client_address(request.scope)
+    client = client_address(request.scope) if throttle is not None else ""
     if throttle is not None and (wait := throttle.blocked(client)):
         # the key is not compared: a right guess is told nothing until the address may try again
         state.metrics.rejections.labels("auth_throttled").inc()
