@@ -58,7 +58,8 @@ CACHE_LOCK_WAIT_S = 5.0  # how long a digest waits for the cache's lock before i
 # tokenizer does not: a checkpoint renders with the one it saved)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 HASHED_NAMES = ("config.json",)
-TRUE = ("1", "true", "yes", "on")
+# what pydantic reads as true, as the service's setting is read (service/config.py)
+TRUE = ("1", "on", "t", "true", "y", "yes")
 
 
 def default_cache_dir() -> Path:
