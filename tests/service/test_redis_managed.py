@@ -366,6 +366,35 @@ async def test_a_sentinel_url_naming_no_monitored_service_stops_the_start(sentin
     assert "(they monitor: primary)" in str(refused.value)
 
 
+@pytest.mark.parametrize("given", ["", "?sentinel_password=wrong-pw"])
+async def test_sentinels_that_refuse_the_url_credentials_stop_the_start(sentinel_pair, given):
+    """Sentinels that ask for a password (their own `requirepass`) refusing the URL's
+    sentinel_password, or its absence, can no more be waited out than a data node refusing its
+    password: the start stops naming sentinel_password, where it used to start degraded and
+    answer every request 503 ("No master found for 'primary' : ... AuthenticationError")."""
+    _, _, sentinel = sentinel_pair
+    admin = sentinel.redis()
+    admin.execute_command("ACL", "SETUSER", "default", "resetpass", ">sentinel-test-pw")
+    try:
+        store = RedisStore(f"redis+sentinel://127.0.0.1:{sentinel.port}/primary/0{given}", timeout_s=5)
+        try:
+            with pytest.raises(StoreConfigError) as refused:
+                await store.check_format("test")
+        finally:
+            await store.close()
+        message = str(refused.value)
+        assert "sentinel_password" in message and "wrong-pw" not in message
+        right = f"redis+sentinel://127.0.0.1:{sentinel.port}/primary/0?sentinel_password=sentinel-test-pw"
+        store = RedisStore(right, timeout_s=5)
+        try:
+            await store.check_format("test")  # the right one goes through
+        finally:
+            await store.close()
+    finally:
+        admin.execute_command("ACL", "SETUSER", "default", "nopass")
+        admin.close()
+
+
 async def test_a_sentinel_named_as_a_redis_stops_the_start(sentinel_pair):
     """redis://SENTINEL:26379 (a common slip) used to start and answer 503 to everything."""
     _, _, sentinel = sentinel_pair
