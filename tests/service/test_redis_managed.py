@@ -248,6 +248,13 @@ async def test_the_acl_docs_operations_lists_is_enough_for_everything_r2ec_does(
     await _every_operation(acl_user)
 
 
+async def test_the_documented_acl_takes_the_documented_client_name_parameter(acl_user):
+    """docs/operations.md lists ?client_name= among the URL's parameters: redis-py then names
+    each connection with CLIENT SETNAME, which the documented ACL refused, so the start stopped
+    ("may not run r2ec's commands: ... 'client|setname'")."""
+    await _every_operation(f"{acl_user}?client_name=r2ec-api")
+
+
 async def test_a_user_whose_acl_allows_no_scripts_stops_the_start(redis_server, redis_url):
     """It used to start, say ready, and answer every event 503 ("no permissions to run the
     'evalsha' command", at most every 10 s in the log)."""
