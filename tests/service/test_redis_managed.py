@@ -359,6 +359,35 @@ async def test_a_sentinel_failover_moves_the_store_to_the_new_primary(sentinel_p
         await pinned.close()
 
 
+async def test_a_write_a_replica_refuses_is_tried_once_more_on_a_new_connection(tmp_path):
+    """docs/operations.md, "Failover", through one endpoint: a READONLY drops the connection and
+    the command is tried once more on a new one (service/redis_conn.py `_retry`), where a primary
+    endpoint would reach the new primary; a replica wrote nothing for either try."""
+    primary = Server(tmp_path / "primary")
+    try:
+        replica = Server(tmp_path / "replica", f"replicaof 127.0.0.1 {primary.port}")
+        try:
+            synced = lambda: replica.redis().info("replication").get("master_link_status") == "up"  # noqa: E731
+            wait_for(synced, "the replica to sync", timeout_s=60)
+            store = RedisStore(f"redis://127.0.0.1:{replica.port}/0", timeout_s=5)
+            try:
+                await store.get_history("u1")  # a connection in the pool, as a serving replica has
+                admin = replica.redis()
+                admin.config_resetstat()  # its counts from here: admin's and the store's connections made
+                with pytest.raises(StoreUnavailable) as refused:
+                    await store.append_events("u1", [Event("i1", 1.0, 1)])
+                assert "READONLY" in str(refused.value) and not store.up
+                assert admin.info("errorstats")["errorstat_READONLY"]["count"] == 2  # try, retry
+                assert admin.info("stats")["total_connections_received"] == 1  # the retry's, new
+                assert admin.dbsize() == 0
+            finally:
+                await store.close()
+        finally:
+            replica.stop()
+    finally:
+        primary.stop()
+
+
 async def test_a_sentinel_url_naming_no_monitored_service_stops_the_start(sentinel_pair):
     _, _, sentinel = sentinel_pair
     store = RedisStore(f"redis+sentinel://127.0.0.1:{sentinel.port}/primray/0", timeout_s=5)
