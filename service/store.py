@@ -972,16 +972,25 @@ class RedisStore:
 
     async def _check_sentinels(self) -> None:
         """StoreConfigError where a sentinel answers and none of those that do monitors the
-        service the URL names (a misspelt name: redis-py would only say no primary was found)."""
+        service the URL names (a misspelt name: redis-py would only say no primary was found),
+        or where none answers and one refused the URL's sentinel credentials."""
         target = self._conn.target
         known: set[str] = set()
-        answered = False
+        answered, refused = False, None
         for node in self._conn.sentinel.sentinels:
             try:
                 known |= set(await node.sentinel_masters())
                 answered = True
+            except redis.AuthenticationError as exc:
+                refused = exc
             except (redis.RedisError, OSError):
                 continue
+        if not answered and refused is not None:
+            raise StoreConfigError(
+                f"the sentinels of R2EC_REDIS_URL ({redact(self.url)}) refuse its sentinel_username / "
+                f"sentinel_password, their own, not the data nodes' ({refused}): docs/operations.md, "
+                "'Managed Redis'"
+            )
         if answered and target.service not in known:
             raise StoreConfigError(
                 f"R2EC_REDIS_URL ({redact(self.url)}) names the service {target.service!r}, which the "
