@@ -486,3 +486,30 @@ async def test_a_redis_cluster_is_refused_at_the_start_saying_why(tmp_path):
             await store.close()
     finally:
         node.stop()
+
+
+async def test_a_redis_that_takes_no_writes_for_want_of_replicas_reads_as_down(tmp_path):
+    """min-replicas-to-write (docs/operations.md, "Failover") with no replica in sync: every write
+    is refused NOREPLICAS while reads answer. The store reads as down, as for a replica's
+    READONLY (r2ec_store_up 0, so R2ecStoreDown fires), until a write goes through again."""
+    server = Server(tmp_path / "alone", "min-replicas-to-write 1")
+    try:
+        store = RedisStore(f"redis://127.0.0.1:{server.port}/0", timeout_s=5)
+        try:
+            assert await store.get_history("u1") == [] and store.up
+            with pytest.raises(StoreUnavailable) as refused:
+                await store.append_events("u1", [Event("i1", 1.0, 1)])
+            assert "NOREPLICAS" in str(refused.value) and not store.up
+            await store.get_history("u1")  # a read answers: still down, writes still fail
+            assert not store.up
+            with pytest.raises(StoreUnavailable):
+                await store.ping()
+            server.redis().config_set("min-replicas-to-write", 0)
+            await store.ping()  # the readiness probe's write goes through
+            assert store.up
+            await store.append_events("u1", [Event("i1", 1.0, 1)])
+            assert [e.item_id for e in await store.get_history("u1")] == ["i1"]
+        finally:
+            await store.close()
+    finally:
+        server.stop()
