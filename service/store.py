@@ -793,7 +793,7 @@ class RedisStore:
                 yield
         except StoreUnavailable as exc:
             cause = exc.__cause__
-            self.read_only = isinstance(cause, ReadOnlyError) or (self.read_only and op not in _WRITES)
+            self.read_only = _refuses_writes(cause) or (self.read_only and op not in _WRITES)
             # up where a command failed on its own (an error reply: a key of another type, a
             # full Redis refusing a write); down where Redis did not answer, something else did,
             # or it refused every command (loading, max clients, a wrong password), or every
@@ -1049,16 +1049,25 @@ class RedisStore:
 
     async def _check_sentinels(self) -> None:
         """StoreConfigError where a sentinel answers and none of those that do monitors the
-        service the URL names (a misspelt name: redis-py would only say no primary was found)."""
+        service the URL names (a misspelt name: redis-py would only say no primary was found),
+        or where none answers and one refused the URL's sentinel credentials."""
         target = self._conn.target
         known: set[str] = set()
-        answered = False
+        answered, refused = False, None
         for node in self._conn.sentinel.sentinels:
             try:
                 known |= set(await node.sentinel_masters())
                 answered = True
+            except redis.AuthenticationError as exc:
+                refused = exc
             except (redis.RedisError, OSError):
                 continue
+        if not answered and refused is not None:
+            raise StoreConfigError(
+                f"the sentinels of R2EC_REDIS_URL ({redact(self.url)}) refuse its sentinel_username / "
+                f"sentinel_password, their own, not the data nodes' ({refused}): docs/operations.md, "
+                "'Managed Redis'"
+            )
         if answered and target.service not in known:
             raise StoreConfigError(
                 f"R2EC_REDIS_URL ({redact(self.url)}) names the service {target.service!r}, which the "
@@ -1714,6 +1723,21 @@ def _failures(url: str, op: str) -> Iterator[None]:
 # deployment (an ACL, a cluster).
 _CLUSTER_REPLIES = (MovedError, AskError, ClusterCrossSlotError, ClusterDownError)
 _DOWN_REPLIES = (ReadOnlyError, NoPermissionError, *_CLUSTER_REPLIES)
+# a Redis that takes no write at all for now, though it answers: too few replicas in sync under
+# its min-replicas-to-write (NOREPLICAS), or an RDB save failing under stop-writes-on-bgsave-
+# error (MISCONF). Like a replica's READONLY, every event would fail until it changes, so the
+# store reads as down (`r2ec_store_up` 0, R2ecStoreDown) until a write goes through; inside a
+# script the reply may come wrapped ("ERR Error running script ... NOREPLICAS ...")
+_NO_WRITES = ("NOREPLICAS", "MISCONF")
+
+
+def _refuses_writes(cause: BaseException | None) -> bool:
+    """Whether `cause` says the server takes no write at all for now (`_failures`)."""
+    if isinstance(cause, ReadOnlyError):
+        return True
+    return isinstance(cause, redis.ResponseError) and any(code in str(cause) for code in _NO_WRITES)
+
+
 # the operations that write (RedisStore._failures: one that goes through ends `read_only`)
 _WRITES = frozenset({"append_events", "cache_set", "erase_user", "add_served", "ping", "check_format"})
 CLUSTER_REFUSAL = (

@@ -500,7 +500,14 @@ def _over_a_local_backbone(tiny_dataset, tmp_path):
 def test_show_says_whether_the_backbone_is_the_recorded_one_and_init_from_refuses_another(
     tiny_dataset, tmp_path
 ):
+    import shutil
+
+    import pandas as pd
+    import pytest
+
     from model.backbone import tiny_model, tiny_tokenizer
+    from model.backbone_digest import BackboneMismatch
+    from model.data.dataset import ITEM_SCHEMA, ITEMS_FILE, _write_frame
 
     ckpt, mine = _over_a_local_backbone(tiny_dataset, tmp_path)
     recorded = read_meta(ckpt)["backbone"]["sha256"]
@@ -517,10 +524,24 @@ def test_show_says_whether_the_backbone_is_the_recorded_one_and_init_from_refuse
     assert "--allow-backbone-mismatch" in res.output and not (tmp_path / "copy").exists()
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "copy"), "--allow-backbone-mismatch"])
     assert res.exit_code == 0, res.output
-    # the copy records the backbone it was written over: it loads over it without a word
-    written = read_meta(tmp_path / "copy")["backbone"]["sha256"]
-    assert written != recorded
-    assert load_checkpoint(tmp_path / "copy", dtype="float32").backbone.status == "match"
+    # the copy's item vectors are the source's (the same catalog), made over the recorded
+    # backbone: it keeps that record, so the override is not laundered into a "match"
+    assert read_meta(tmp_path / "copy")["backbone"]["sha256"] == recorded
+    with pytest.raises(BackboneMismatch):
+        load_checkpoint(tmp_path / "copy", dtype="float32")
+    allowed = load_checkpoint(tmp_path / "copy", dtype="float32", allow_backbone_mismatch=True)
+    assert allowed.backbone.status == "mismatch_allowed"
+    # untrained rows whose catalog is encoded here are wholly this backbone's: recorded as such
+    other = tmp_path / "other-data"
+    shutil.copytree(tiny_dataset.path, other)
+    items = pd.read_parquet(other / ITEMS_FILE)
+    items["title"] = "Renamed " + items["title"]
+    _write_frame(items, ITEM_SCHEMA, other / ITEMS_FILE)
+    args = ["checkpoint", "init", "--data", str(other), "--dtype", "float32", "--from", str(ckpt)]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "re"), "--allow-backbone-mismatch"])
+    assert res.exit_code == 0, res.output
+    assert read_meta(tmp_path / "re")["backbone"]["sha256"] not in (None, recorded)
+    assert load_checkpoint(tmp_path / "re", dtype="float32").backbone.status == "match"
 
 
 def test_record_backbone_stamps_an_older_checkpoint_once(tiny_dataset, tmp_path):

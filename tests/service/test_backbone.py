@@ -47,3 +47,18 @@ async def test_a_checkpoint_over_other_weights_refuses_the_start_unless_allowed(
         assert metric(text, "r2ec_model_info", backbone=loaded, backbone_check="mismatch_allowed") == 1
         r = await client.post("/recommend", json={"history": [{"item_id": "i1"}], "reasoning": False})
         assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    "value", ["1", "true", "True", "yes", "on", "t", "y", "Y", "0", "false", "no", "off", "f", "n"]
+)
+async def test_every_load_reads_the_override_as_the_service_does(value, monkeypatch):
+    """R2EC_ALLOW_BACKBONE_MISMATCH is the service's setting (pydantic reads it) and, where no
+    caller passes one, what `r2ec train`, `r2ec retrain` and `r2ec recommend` read themselves
+    (model/backbone_digest.py `allowed`): one value, one answer in both. "y" and "t" let the
+    service load a checkpoint that retraining then refused."""
+    from model.backbone_digest import allowed
+    from service.config import Settings
+
+    monkeypatch.setenv("R2EC_ALLOW_BACKBONE_MISMATCH", value)
+    assert allowed(None) is Settings().allow_backbone_mismatch
