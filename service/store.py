@@ -16,8 +16,8 @@ One interface, two stores, the same tests for both (tests/service/test_store.py)
     r2ec:event-ids:{user_id}  a sorted set: the user's event ids by arrival time (s), kept
                               `dedup_ttl_s`, so a retried event is not stored twice, and at most
                               `dedup_max` of them (the oldest dropped first, in the same script)
-    r2ec:event-rate:{user_id} a hash, the user's event-rate bucket (`EventRate`, POST
-                              /users/{id}/events only): tokens and when they were counted (ms),
+    r2ec:event-rate:{user_id} a string, the user's event-rate bucket (`EventRate`, POST
+                              /users/{id}/events only): "<tokens> <when they were counted, ms>",
                               expiring once it would be full again
     r2ec:reasoning:{key}      a cached reasoning (JSON), expiring after `cache_ttl_s`
     r2ec:user-cache:{user_id} a sorted set: the cache keys written for requests that read the
@@ -1409,10 +1409,11 @@ local ids_max = tonumber(ARGV[8])
 local per_s, burst, now_ms = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local tokens, counted_at = burst, now_ms
 if per_s > 0 then
-  local bucket = redis.call('HMGET', KEYS[6], 'tokens', 'at')
-  if bucket[1] then
-    counted_at = math.max(now_ms, tonumber(bucket[2]))
-    tokens = math.min(burst, tonumber(bucket[1]) + (counted_at - tonumber(bucket[2])) * per_s / 1000)
+  local bucket = redis.call('GET', KEYS[6])  -- a string, so the documented ACL needs no hash commands
+  if bucket then
+    local held, at = string.match(bucket, '^(%S+) (%S+)$')
+    counted_at = math.max(now_ms, tonumber(at))
+    tokens = math.min(burst, tonumber(held) + (counted_at - tonumber(at)) * per_s / 1000)
   end
   if tokens < n then return {-1, math.ceil((n - tokens) * 1000 / per_s)} end
 end
@@ -1491,8 +1492,8 @@ redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -ids_max - 1)
 redis.call('EXPIRE', KEYS[4], ttl)
 if per_s > 0 then  -- the bucket, less this request's events; gone once it would be full again
   tokens = tokens - n
-  redis.call('HSET', KEYS[6], 'tokens', tostring(tokens), 'at', tostring(counted_at))
-  redis.call('PEXPIRE', KEYS[6], math.ceil((burst - tokens) * 1000 / per_s) + 1000)
+  local full_in_ms = math.ceil((burst - tokens) * 1000 / per_s) + 1000
+  redis.call('SET', KEYS[6], string.format('%.17g %.17g', tokens, counted_at), 'PX', full_in_ms)
 end
 if fresh and redis.call('EXISTS', KEYS[2]) == 1 then  -- a new stream, a new epoch (TIME, µs)
   local t = redis.call('TIME')

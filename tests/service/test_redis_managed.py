@@ -19,6 +19,7 @@ from service.store import (
     _INFO_KEYS,
     CLUSTER_REFUSAL,
     Event,
+    EventRate,
     RedisStore,
     Served,
     StoreConfigError,
@@ -160,7 +161,9 @@ async def _every_operation(url: str) -> None:
     store = RedisStore(url, window=3, timeout_s=5)
     try:
         await store.check_format("test")
-        appended = await store.append_events("u1", [Event("i1", 4.0, 100), Event("i2", 5.0, 200)])
+        # with a user's event rate, as the route appends (its bucket, its cap on event ids)
+        events = [Event("i1", 4.0, 100), Event("i2", 5.0, 200)]
+        appended = await store.append_events("u1", events, rate=EventRate(10.0, 1000))
         assert appended.appended == 2
         [made] = await store.append_many([("u2", [Event("i3", 3.0, 300)])])
         assert made.appended == 1
