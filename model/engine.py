@@ -255,8 +255,11 @@ class DecoderEngine:
         if self.prefix:
             self.prefill(self._head, self.prefix, last_only=True)
 
+    @torch.inference_mode()
     def move(self, src: int, dst: int) -> None:
-        """Copy the sequence in `src` to `dst` (to keep live sequences packed) and free `src`."""
+        """Copy the sequence in `src` to `dst` (to keep live sequences packed) and free `src`.
+        Under inference mode, as the forwards: a cache that grew in one (`_grow`) is an
+        inference tensor, which torch refuses to write in place outside it."""
         if src == dst:
             return
         n = self._lens[src]

@@ -74,6 +74,18 @@ def test_a_last_only_prefill_gives_the_last_state_and_the_whole_cache(tiny_model
         assert engine.prefill(0, [9], last_only=True).shape[0] == 1  # one token: nothing to trim
 
 
+def test_move_works_after_the_cache_grew(tiny_model):
+    # a prompt longer than max_len grows the cache inside a forward (inference mode); the move
+    # that packs the rows when a sequence leaves must still write it
+    engine = DecoderEngine(tiny_model.lm, slots=2, max_len=8)
+    ids = list(range(5, 17))
+    engine.prefill(1, ids[:-1])
+    engine.move(1, 0)
+    assert engine.lens == [len(ids) - 1, 0] and engine.max_len >= len(ids)
+    hidden = engine.decode([ids[-1]])
+    torch.testing.assert_close(hidden[0], _reference_hidden(tiny_model, ids)[-1], atol=1e-4, rtol=1e-4)
+
+
 def test_move_keeps_a_sequence_intact(tiny_model):
     engine = DecoderEngine(tiny_model.lm, slots=2, max_len=16)
     engine.prefill(1, [5, 6, 7, 8])
