@@ -74,6 +74,41 @@ def test_a_last_only_prefill_gives_the_last_state_and_the_whole_cache(tiny_model
         assert engine.prefill(0, [9], last_only=True).shape[0] == 1  # one token: nothing to trim
 
 
+def test_prefill_many_gives_each_prompt_its_lone_prefill_state_and_leaves_the_slots(tiny_model):
+    # prompts after the shared head and not, of different lengths, one of a single token
+    prompts = [*tiny_model.user_prompt_ids(HISTORIES), [5, 6, 7], [9]]
+    engine = DecoderEngine(tiny_model.lm, slots=2, max_len=8)  # the RoPE tables grow for it
+    engine.set_prefix(tiny_model.user_prompt_head())
+    held = list(range(20, 31))
+    engine.prefill(1, held[:-1])  # a sequence decoding in slot 1 meanwhile
+    for reuse in (True, False):
+        alone = []
+        for ids in prompts:
+            engine.reset(0)
+            alone.append(engine.prefill(0, ids, reuse_prefix=reuse, last_only=True)[0])
+            torch.testing.assert_close(
+                alone[-1], _reference_hidden(tiny_model, ids)[-1], atol=1e-4, rtol=1e-4
+            )
+        engine.reset(0)
+        together = engine.prefill_many(prompts, reuse_prefix=reuse)
+        assert together.shape == (len(prompts), tiny_model.hidden_size)
+        torch.testing.assert_close(together, torch.stack(alone), atol=1e-5, rtol=1e-5)
+        assert engine.prefill_many(prompts[1:2], reuse_prefix=reuse).shape == (1, tiny_model.hidden_size)
+    assert engine.lens == [0, len(held) - 1]  # no slot was written: slot 1 decodes on as before
+    engine.move(1, 0)
+    torch.testing.assert_close(
+        engine.decode([held[-1]])[0], _reference_hidden(tiny_model, held)[-1], atol=1e-4, rtol=1e-4
+    )
+    assert engine.computed_tokens(prompts[0], reuse_prefix=True) == len(prompts[0]) - len(engine.prefix)
+    assert (
+        engine.computed_tokens(prompts[0]) == len(prompts[0]) == engine.computed_tokens([5] + prompts[0][1:])
+    )
+    with pytest.raises(ValueError, match="exact"):
+        DecoderEngine(tiny_model.lm, slots=1, exact=True).prefill_many(prompts)
+    with pytest.raises(ValueError, match="at least one"):
+        engine.prefill_many([[5], []])
+
+
 def test_move_works_after_the_cache_grew(tiny_model):
     # a prompt longer than max_len grows the cache inside a forward (inference mode); the move
     # that packs the rows when a sequence leaves must still write it
