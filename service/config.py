@@ -53,6 +53,18 @@ class Settings(BaseSettings):
         "decodes: 4 served no-reasoning traffic 2.3x faster in that mix, with stalls under 0.8 s "
         "(BENCHMARKS.md §4).",
     )
+    prefill_batch_tokens: int = Field(
+        1024,
+        ge=0,
+        le=65536,
+        description="Requests without reasoning (and cached reasoning without its h_T) are one "
+        "prefill each and need no decode slot: the ones waiting are prefilled together, in one "
+        "forward of at most this many prompt positions a tick (the shared prompt head, cached, "
+        "not counted; an ml-100k prompt is ~125), beside the max_prefill_per_tick admissions. "
+        "Every decoding request waits for that forward before its next token, so this bounds "
+        "the stall a burst of them causes. 0 prefills each alone, each an admission in a free slot "
+        "(the service before this setting); exact_decode does too (BENCHMARKS.md §4).",
+    )
     max_wait_ms: float = Field(
         10.0, ge=0, le=10_000, description="How long the first request of a batch waits for others."
     )
@@ -367,6 +379,7 @@ class Settings(BaseSettings):
             "exact_decode": self.exact_decode,
             "speculative_tokens": self.speculative_tokens,
             "warmup_requests": self.warmup_requests,
+            "prefill_batch_tokens": self.prefill_batch_tokens,
         }
 
     @property

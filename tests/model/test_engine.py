@@ -109,6 +109,52 @@ def test_prefill_many_gives_each_prompt_its_lone_prefill_state_and_leaves_the_sl
         engine.prefill_many([[5], []])
 
 
+def test_the_decoder_prefills_what_writes_nothing_together_within_its_token_budget(tiny_model):
+    """Budget-0 sequences (no reasoning) take no slot: one step prefills all of them, in
+    forwards of at most `prefill_tokens` computed positions, beside a sequence that decodes;
+    each gets the h_T it gets prefilled alone (prefill_tokens=0)."""
+    prompts = tiny_model.user_prompt_ids(HISTORIES)
+    marker = tiny_model._marker_ids
+    settings = GenerationSettings(max_new_tokens=10)
+    alone = {}
+    for budget in (0, 80):  # the prompts compute 30-44 positions each: two a forward
+        backend = EngineBackend(tiny_model, slots=1, prefill_tokens=budget)
+        assert backend.prefill_tokens == budget
+        decoder = backend.decoder(settings)
+        assert decoder.prefill_tokens == budget
+        forwards: list[int] = []
+        many = backend.engine.prefill_many
+        backend.engine.prefill_many = lambda ps, seen=forwards, run=many, **kw: (
+            seen.append(len(ps)) or run(ps, **kw)
+        )
+        writer = decoder.add(Sequence_(prompts[0], 10))
+        decoder.step()  # it holds the one slot
+        plain = [decoder.add(Sequence_(p, 0)) for p in [*prompts, prompts[1] + [5, 6]]]
+        while not decoder.idle:
+            decoder.step()
+        assert writer.done and all(s.done and s.completion_ids == [] for s in plain)
+        vectors = torch.stack([s.vector for s in plain])
+        costs = [backend.engine.computed_tokens(s.prompt_ids + marker, reuse_prefix=True) for s in plain]
+        if budget == 0:
+            assert forwards == []  # each in the slot, after the writer left it
+            alone = {"vectors": vectors, "writer": writer.completion_ids}
+            continue
+        # packed in arrival order while the positions fit the budget, one prompt at least
+        expected, size, total = [], 0, 0
+        for cost in costs:
+            if size and total + cost > budget:
+                expected.append(size)
+                size, total = 0, 0
+            size, total = size + 1, total + cost
+        expected.append(size)
+        assert forwards == expected and len(forwards) > 1 and max(forwards) > 1
+        torch.testing.assert_close(vectors, alone["vectors"], atol=1e-5, rtol=1e-5)
+        assert writer.completion_ids == alone["writer"]
+    assert EngineBackend(tiny_model, slots=1, exact=True, prefill_tokens=64).prefill_tokens == 0
+    with pytest.raises(ValueError, match="prefill_tokens"):
+        EngineBackend(tiny_model, slots=1, prefill_tokens=-1)
+
+
 def test_move_works_after_the_cache_grew(tiny_model):
     # a prompt longer than max_len grows the cache inside a forward (inference mode); the move
     # that packs the rows when a sequence leaves must still write it
