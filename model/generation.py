@@ -47,13 +47,6 @@ log = logging.getLogger(__name__)
 # and from 6 sequences the plain batched step (which already shares its weight reads) is taken.
 SPECULATIVE_ROWS = 16
 
-# The most positions one batched prefill of no-reasoning prompts computes, where nothing else
-# bounds it (a fixed batch: `r2ec recommend`, the static batcher, an eval): `ContinuousDecoder`
-# prefills the prompts that write nothing (budget 0: h_T after [prompt; marker]) together, in
-# forwards of up to this many positions (`DecoderEngine.prefill_many`). The service passes
-# R2EC_PREFILL_BATCH_TOKENS instead (service/config.py).
-PREFILL_BATCH_TOKENS = 2048
-
 BackendName = Literal["hf", "engine"]
 GREEDY = GenerationSettings()
 
@@ -423,7 +416,7 @@ class EngineBackend:
         max_len: int = 1024,
         exact: bool = False,
         speculative_tokens: int = 8,
-        prefill_tokens: int = PREFILL_BATCH_TOKENS,
+        prefill_tokens: int = 0,
     ) -> None:
         """By default the engine computes the prompt head all users share once
         (DecoderEngine.set_prefix) and copies its keys and values into each prompt, and a lone
@@ -515,7 +508,7 @@ def make_backend(
     quantize: Quantize = "none",
     exact: bool = False,
     speculative_tokens: int = 8,
-    prefill_tokens: int = PREFILL_BATCH_TOKENS,
+    prefill_tokens: int = 0,
 ) -> Backend:
     """`engine` when the model supports it (else `hf`, logged), `hf` when asked."""
     if name == "engine":

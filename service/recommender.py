@@ -17,8 +17,9 @@ cache with that key, then hands the `PreparedQuery` to the batch.
      along until the longest finishes;
   4. ONE `vectors` call over [prompt; reasoning; closing marker] gives h_T for every query
      whose cache entry did not carry it and whose generation did not (the engine reads h_T off
-     its KV cache as a text ends; the queries without reasoning are prefilled together, in
-     forwards of up to R2EC_PREFILL_BATCH_TOKENS positions: `DecoderEngine.prefill_many`);
+     its KV cache as a text ends; with `prefill_batch_tokens` (R2EC_PREFILL_BATCH_TOKENS) the
+     queries without reasoning are prefilled together, in forwards of up to that many
+     positions, `DecoderEngine.prefill_many`; by default each is a prefill of its own);
   5. ONE index search (k = the batch's largest k) with per-query history exclusion (`_answer`).
 
 `Recommender.answer_cached(prepared)` answers a cache hit whose entry carries h_T: step 5 alone,
@@ -50,7 +51,7 @@ import numpy as np
 from model import omp_policy_warning
 from model.checkpoint import CURRENT_FILE, Checkpoint, CheckpointError, list_versions, load_checkpoint
 from model.engine import Quantize
-from model.generation import PREFILL_BATCH_TOKENS, BackendName, EngineBackend, Sequence_, make_backend
+from model.generation import BackendName, EngineBackend, Sequence_, make_backend
 from model.r2ec import GenerationSettings, reasoning_text
 from model.rationale import ItemFacts
 from model.samples import history_entries
@@ -100,7 +101,7 @@ class Recommender:
         constrain_titles: bool = True,
         exact_decode: bool = False,
         speculative_tokens: int = 8,
-        prefill_batch_tokens: int = PREFILL_BATCH_TOKENS,
+        prefill_batch_tokens: int = 0,
     ) -> None:
         self.checkpoint = checkpoint
         self.model = checkpoint.model
@@ -167,7 +168,7 @@ class Recommender:
         exact_decode: bool = False,
         speculative_tokens: int = 8,
         warmup_requests: int = 0,
-        prefill_batch_tokens: int = PREFILL_BATCH_TOKENS,
+        prefill_batch_tokens: int = 0,
     ) -> Recommender:
         """Load a checkpoint onto `device` (R2EC_DEVICE) and open its catalog (load
         <ckpt>/index/ if it matches, else build it from the checkpoint's item vectors and save it
@@ -434,7 +435,8 @@ class Recommender:
         query does not fail the others). Any number of queries: the engine backend decodes up
         to `slots` at once and starts the next as one ends. Reasoning is written for every
         query at once; h_T after it then costs no second pass, while a query without reasoning
-        is one prefill of its own prompt (they are not stacked)."""
+        is one prefill of its own prompt, or with `prefill_batch_tokens` one row of a prefill
+        shared with the batch's others."""
         start = time.perf_counter()
         out: list[Result | QueryError | None] = [None] * len(queries)
         ok: list[int] = []

@@ -74,7 +74,7 @@ def test_no_reasoning_queries_prefilled_together_score_as_one_at_a_time(ckpt, ma
     """R2EC_PREFILL_BATCH_TOKENS: a batch's no-reasoning queries (and a cached reasoning without
     its h_T) share prefill forwards; the same top-k, and scores within float tolerance, as
     each prefilled alone (0: the path before batching)."""
-    alone, together = make_engine(ckpt, prefill_batch_tokens=0), make_engine(ckpt)
+    alone, together = make_engine(ckpt), make_engine(ckpt, prefill_batch_tokens=512)
     assert alone.prefill_batch_tokens == 0 and together.prefill_batch_tokens > 0
     forwards: list[int] = []
     many = together.backend.engine.prefill_many
