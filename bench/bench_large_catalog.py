@@ -4,6 +4,7 @@
     python3 bench/bench_large_catalog.py edits  --checkpoint checkpoints/current --items 200000
     python3 bench/bench_large_catalog.py encode --checkpoint checkpoints/current --data data/ml-100k/loo
     python3 bench/bench_large_catalog.py batch  --checkpoint checkpoints/current --batch-items 256 [--tiny]
+    python3 bench/bench_large_catalog.py follow --checkpoint checkpoints/current --batch-items 1000 [--tiny]
 
 `memory` and `edits` serve a stand-in of `--items` items (`write_stand_in`): a copy of the
 checkpoint, its model, with synthetic items (titles of its catalog's words) and their vectors
@@ -20,10 +21,12 @@ memory (`--table read`: as before journey 39's finding 4), in the same run; and 
 without the title index, to show its share.
 
 edits: in process, on the stand-in: what PUT /items costs (encode, index, the edit log's
-append: median and p90 of `--edits`), the bytes an edit appends, and the full save the log
-triggers every SNAPSHOT_EVERY edits; with a thread searching meanwhile (batches of 8 user
-vectors, k 10), the longest search during the edits and during the full save, and during the
-full save as it was done before (the index's lock held through the write and its flush).
+append: median and p90 of `--edits`; first `--edits` more with the catalog's lock a plain
+threading.Lock, as before index/fair_lock.py, for their median, p90 and max), the bytes an
+edit appends, and the full save the log triggers every SNAPSHOT_EVERY edits; with a thread
+searching meanwhile (batches of 8 user vectors, k 10), the longest search during the edits and
+during the full save, and during the full save as it was done before (the index's lock held
+through the write and its flush).
 
 encode: items/s of `encode_catalog` (what `r2ec checkpoint init` runs) on the checkpoint's
 model, `--encode-items` items of `--data`'s catalog, at each `--batch-sizes`.
@@ -37,6 +40,18 @@ each chunk a turn of the model thread, then `Catalog.edit_many`: one index pass,
 `--rounds` times in turn; items/s of each, their ratio, and how long one chunk holds the
 model thread (what a recommendation waiting for it waits at most, beside the apply), at each
 of `--chunks` (chunk sizes; default the service's).
+
+follow: what a replica pays for a batch another replica made, when the batch filled the edit
+log and its full save cut the log before this replica's watch tick (review 40 sync, finding 2):
+on a copy of the checkpoint (`--tiny` as for batch), the writer takes `--batch-items` new items
+as one batch (encoded EDIT_BATCH_CHUNK at a time, `Catalog.edit_many`; SNAPSHOT_EVERY set to
+the batch's size, which is SNAPSHOT_EVERY itself at the default 1000), which starts a full save;
+then two followers over the same directory, opened before the batch (replicas on one volume,
+sharing the model in this process), each sync once (`Catalog.sync_edits`, encoding
+EDIT_BATCH_CHUNK items per call as the service's sync does): one as before the previous edit
+log (index/journal.py `read_previous` reads nothing, so the batch is encoded: the code before
+this change), one as now. The items each encoded, the seconds its sync took and how its vectors
+compare with the writer's, `--rounds` times, which follower goes first alternating.
 """
 
 from __future__ import annotations
@@ -242,16 +257,29 @@ def edits(args: argparse.Namespace, tmp: Path) -> None:
         appending.append(time.perf_counter() - t)
 
     journal.append = timed_append  # and the log's write and flush
+
+    def edit_loop(tag: str, offset: int) -> tuple[list[float], list[int]]:
+        took, sizes = [], []
+        for i in range(args.edits):
+            size = (journal.stamp(directory) or (0, 0))[1]
+            t = time.perf_counter()
+            if i % 2:
+                catalog.upsert(f"sku-{i + offset}", {"title": f"Edited {i}", "year": "2024"})  # a replacement
+            else:
+                catalog.upsert(f"{tag}new-{i}", {"title": f"New Product {i}", "genres": "Drama"})
+            took.append(time.perf_counter() - t)
+            sizes.append((journal.stamp(directory) or (0, 0))[1] - size)
+        return took, sizes
+
+    # first as before index/fair_lock.py: the catalog's lock a threading.Lock, which a search
+    # loop can keep from an edit for as long as it runs; then the catalog's own (first come,
+    # first served), whose figures are the table's
+    fair_lock, catalog._lock = catalog._lock, threading.Lock()
+    plain_took, _ = edit_loop("plain-", 1000)
+    catalog._lock = fair_lock
+    del encoding[:], appending[:]
     t_edits = time.perf_counter()
-    for i in range(args.edits):
-        size = (journal.stamp(directory) or (0, 0))[1]
-        t = time.perf_counter()
-        if i % 2:
-            catalog.upsert(f"sku-{i}", {"title": f"Edited {i}", "year": "2024"})  # a replacement
-        else:
-            catalog.upsert(f"new-{i}", {"title": f"New Product {i}", "genres": "Drama"})
-        took.append(time.perf_counter() - t)
-        sizes.append((journal.stamp(directory) or (0, 0))[1] - size)
+    took, sizes = edit_loop("", 0)
     edits_window = (t_edits, time.perf_counter())
     time.sleep(0.5)  # a search started in the window ends before the saves below begin
     edit_encoding = encoding[: len(took)]  # (not the edits between the saves below)
@@ -273,9 +301,9 @@ def edits(args: argparse.Namespace, tmp: Path) -> None:
     faiss_mb = sum(p.stat().st_size for p in directory.glob("index-*.faiss")) / 1e6
     json_mb = (directory / "index.json").stat().st_size / 1e6
 
-    def ms(values: list[float]) -> str:
+    def ms(values: list[float], suffix: bool = True) -> str:
         values = sorted(1e3 * v for v in values)
-        return f"{values[len(values) // 2]:.0f} / {values[int(0.9 * len(values))]:.0f} ms"
+        return f"{values[len(values) // 2]:.0f} / {values[int(0.9 * len(values))]:.0f}" + " ms" * suffix
 
     def each(windows: list[tuple[float, float]], fn=None) -> str:
         return ", ".join(f"{b - a:.2f} s" if fn is None else f"{fn(a, b):.0f} ms" for a, b in windows)
@@ -286,6 +314,8 @@ def edits(args: argparse.Namespace, tmp: Path) -> None:
         ("of which the log's append and its flush to the disk, median / p90", ms(edit_appending)),
         ("the rest (the index change, the record's stat and read), median / p90",
          ms([a - b - c for a, b, c in zip(took, edit_encoding, edit_appending, strict=True)])),
+        ("as before index/fair_lock.py (a threading.Lock), an edit, median / p90 / max",
+         f"{ms(plain_took, suffix=False)} / {1e3 * max(plain_took):.0f} ms"),
         ("bytes an edit appends to the log", f"{statistics.median(sizes):.0f}"),
         ("a search (8 users, k 10), median, nothing else running", f"{searcher.median(*quiet):.1f} ms"),
         ("longest search overlapping the edits (the encodes share the 2 cores)",
@@ -413,12 +443,99 @@ def batch(args: argparse.Namespace, tmp: Path) -> None:
           f"{min(cosines):.6f} / {statistics.median(cosines):.6f}")  # fmt: skip
 
 
+# ------------------------------------------------------------------------------ follow
+def follow(args: argparse.Namespace, tmp: Path) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from index import journal
+    from model.checkpoint import ITEMS_FILE, create_base_checkpoint, load_checkpoint, resolve_checkpoint
+    from service.catalog import Catalog
+    from service.state import EDIT_BATCH_CHUNK
+
+    source = resolve_checkpoint(args.checkpoint)
+    if args.tiny:
+        path, dtype = tmp / "tiny", "float32"
+        create_base_checkpoint(
+            path, "tiny", pd.read_parquet(source / ITEMS_FILE), dtype=dtype, progress=False
+        )
+    else:
+        path, dtype = tmp / "copy", "bfloat16"
+        shutil.copytree(source, path, ignore=shutil.ignore_patterns("index"))
+    ckpt = load_checkpoint(path, dtype=dtype, num_threads=args.threads)
+    writer = Catalog.open(ckpt)
+    followers = {"before": Catalog.open(ckpt), "now": Catalog.open(ckpt)}  # replicas on one volume
+    n = args.batch_items
+    writer.snapshot_every = n  # the batch fills the log: a full save at once
+    directory = writer._directory
+    r = random.Random(0)
+    words = sorted({w for t in writer.titles.values() for w in t.replace(",", " ").split() if w.isalpha()})
+    encoded: dict[str, int] = {}
+
+    def chunked(name: str, catalog: Catalog):
+        def encode(items):
+            encoded[name] += len(items)
+            return np.concatenate(
+                [
+                    catalog.encode_items(items[i : i + EDIT_BATCH_CHUNK])
+                    for i in range(0, len(items), EDIT_BATCH_CHUNK)
+                ]
+            )
+
+        return encode
+
+    read_previous = journal.read_previous
+    rows = []
+    for round_ in range(args.rounds):
+        upserts = {
+            f"r{round_}-{i}": {"title": " ".join(r.choice(words) for _ in range(r.randint(2, 5))),
+                               "year": str(r.randint(1930, 2024)), "genres": "Drama, Comedy"}
+            for i in range(n)
+        }  # fmt: skip
+        t = time.perf_counter()
+        items = [{"item_id": i, **f} for i, f in upserts.items()]
+        vectors = np.concatenate(
+            [writer.encode_items(items[i : i + EDIT_BATCH_CHUNK]) for i in range(0, n, EDIT_BATCH_CHUNK)]
+        )
+        writer.edit_many(upserts, (), vectors)
+        writer.wait_saved()
+        wrote = time.perf_counter() - t
+        assert not journal.path_of(directory).exists(), "the batch did not start a full save"
+        kept_mb = journal.previous_of(directory).stat().st_size / 1e6
+        order = ["before", "now"] if round_ % 2 == 0 else ["now", "before"]
+        for name in order:
+            catalog = followers[name]
+            encoded[name] = 0
+            journal.read_previous = (lambda d: []) if name == "before" else read_previous
+            try:
+                t = time.perf_counter()
+                applied = catalog.sync_edits(chunked(name, catalog))
+                took = time.perf_counter() - t
+            finally:
+                journal.read_previous = read_previous
+            assert applied == n, (name, applied)
+            cos = [float(catalog.index.vector(i) @ writer.index.vector(i)) for i in upserts]
+            rows.append((round_, name, encoded[name], took, min(cos), wrote, kept_mb))
+    model = "tiny (untrained, float32)" if args.tiny else f"{ckpt.version} (bf16)"
+    print(f"{model}, {len(writer):,} items after, dim {writer.index.dim}, {args.threads} threads, "
+          f"a batch of {n} that fills the edit log, {args.rounds} rounds")  # fmt: skip
+    print("| round | follower | items encoded | sync s | min cos(its vector, the writer's) | "
+          "the writer's batch + full save s | previous log MB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for round_, name, count, took, cos, wrote, kept_mb in rows:
+        label = "before (encodes the batch)" if name == "before" else "now (the previous log)"
+        print(f"| {round_ + 1} | {label} | {count} | {took:.2f} | {cos:.6f} | {wrote:.1f} | {kept_mb:.1f} |")
+    for round_ in range(args.rounds):
+        times = {name: took for r_, name, _, took, *_ in rows if r_ == round_}
+        print(f"round {round_ + 1}: the follower's sync {times['before'] / times['now']:.0f}x faster now")
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "child":
         print(json.dumps(memory_child(json.loads(sys.argv[2]))))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("memory", "edits", "encode", "batch"))
+    parser.add_argument("what", choices=("memory", "edits", "encode", "batch", "follow"))
     parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/current"))
     parser.add_argument("--items", type=int, default=200_000)
     parser.add_argument("--table", nargs="+", default=["read", "mapped"], choices=("read", "mapped"))
@@ -434,11 +551,12 @@ def main() -> None:
         "--chunks", type=int, nargs="+", help="batch: chunk sizes (default: EDIT_BATCH_CHUNK)"
     )
     parser.add_argument(
-        "--tiny", action="store_true", help="batch: the tiny untrained model, not the checkpoint's"
+        "--tiny", action="store_true", help="batch, follow: the tiny untrained model, not the checkpoint's"
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="r2ec-large-catalog-") as tmp:
-        {"memory": memory, "edits": edits, "encode": encode, "batch": batch}[args.what](args, Path(tmp))
+        run = {"memory": memory, "edits": edits, "encode": encode, "batch": batch, "follow": follow}
+        run[args.what](args, Path(tmp))
 
 
 if __name__ == "__main__":

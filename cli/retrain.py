@@ -76,6 +76,13 @@ def retrain_cmd(
         )
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
+    if redis_url:
+        from service.redis_conn import RedisUrlError, parse
+
+        try:
+            parse(redis_url)  # a URL that cannot work fails here, not at each run of a loop
+        except RedisUrlError as exc:
+            fail(str(exc))
     if every_minutes is None:
         _retrain_once(cfg, redis_url, as_json)
         return

@@ -145,7 +145,8 @@ def import_cmd(
     from model.checkpoint_meta import CheckpointError
     from service.backfill import BackfillError, catalog_items, read_interactions, run_import
     from service.config import Settings
-    from service.store import RedisStore, StoreUnavailable, _redact
+    from service.redis_conn import redact
+    from service.store import RedisStore, StoreUnavailable
 
     overrides = {"redis_url": redis_url or None, "checkpoint": checkpoint}
     try:
@@ -206,7 +207,7 @@ def import_cmd(
         typer.echo(json.dumps({**summary.as_dict(), "read_seconds": round(read_s, 3)}))
         return
     where = "the history, seen set and event ids" + (" and the stream r2ec:events" if stream else "")
-    typer.echo(f"imported {file} into {_redact(settings.redis_url)}: {where}")
+    typer.echo(f"imported {file} into {redact(settings.redis_url)}: {where}")
     typer.echo(
         f"  users   {summary.users} written, {summary.users_skipped} skipped"
         + (f" (last event older than {skip_older_than:g} days)" if skip_older_than is not None else "")
@@ -282,6 +283,12 @@ def _on_redis(redis_url: str, user_id: str, without: str, op: Callable[[Any], Aw
 
     if not redis_url:
         fail(f"--redis-url (R2EC_REDIS_URL) is needed: without Redis each replica keeps its own {without}")
+    from service.redis_conn import RedisUrlError, parse
+
+    try:
+        parse(redis_url)
+    except RedisUrlError as exc:
+        fail(str(exc))
     try:
         check_id(user_id, allow_bidi=True)  # an id stored before bidi controls were refused
     except ValueError as exc:

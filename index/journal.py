@@ -3,7 +3,7 @@
 A full save (`ItemIndex.save`, index/persist.py) writes every vector, so its cost grows with
 the index; an edit logged here costs one line, about the size of the edit. The caller
 (service/catalog.py) saves in full now and then, which makes the log's entries part of the
-saved index, and then removes the log (`remove`).
+saved index, and then cuts them out of the log (`drop_through`).
 
 Layout: `<directory>/edits.jsonl`, one JSON object per entry, one entry per line, as every
 release wrote it. An `append` of two or more entries (a batch, POST /items:batch) tags each with
@@ -18,6 +18,14 @@ part of a batch for a moment (while it is being written), and never loses one. (
 only by unreleased builds, a batch as ONE line `{"batch": N, "entries": [...]}`, is no longer
 read: such a line is left out as damaged, with a warning.) An entry's "vector", where it has
 one, is a float32 array, stored as base64.
+
+A full save takes the entries it holds out of the log (`drop_through`) and keeps them in
+`<directory>/edits.prev.jsonl`, the previous log, until the next full save replaces it: the
+other replicas read the saved record then (index.json holds no vectors), and take the vectors
+of this model version's items from there instead of encoding them again
+(service/catalog.py `Catalog._vectors_of`). Nothing else reads it: it is no part of the record,
+and a release before it leaves it alone. Readers take no lock here either: it is replaced by a
+rename, never written in place.
 
 Crash safety: a process killed mid-append leaves at most a cut last line, which `read` skips
 (it was never acknowledged: for a batch, none of its entries, as the batch is then incomplete)
@@ -47,10 +55,15 @@ from index.persist import fsync_dir
 logger = logging.getLogger(__name__)
 
 JOURNAL_NAME = "edits.jsonl"
+PREVIOUS_NAME = "edits.prev.jsonl"  # what the last full save took out of the log (`drop_through`)
 
 
 def path_of(directory: Path) -> Path:
     return Path(directory) / JOURNAL_NAME
+
+
+def previous_of(directory: Path) -> Path:
+    return Path(directory) / PREVIOUS_NAME
 
 
 def stamp(directory: Path) -> tuple[int, int] | None:
@@ -152,12 +165,24 @@ def read(directory: Path) -> list[dict[str, Any]]:
     does not decode is None. A batch's entries are there once all its lines are: an incomplete
     batch at the end is left out (being written), one followed by other lines is left out with
     a warning (cut by a kill, never acknowledged)."""
+    return _read(path_of(directory), "edit log")
+
+
+def read_previous(directory: Path) -> list[dict[str, Any]]:
+    """The entries the last full save took out of the log (`drop_through`), as `read` gives
+    them; [] where there are none. Only a source of vectors (module docstring): what they record
+    is in index.json."""
+    return _read(previous_of(directory), "previous edit log")
+
+
+def _read(path: Path, what: str) -> list[dict[str, Any]]:
+    directory = path.parent
     try:
-        raw = path_of(directory).read_bytes()
+        raw = path.read_bytes()
     except (FileNotFoundError, NotADirectoryError):
         return []
     except (OSError, ValueError) as exc:
-        logger.warning("edit log in %s is unreadable (%s): not applied", directory, exc)
+        logger.warning("%s in %s is unreadable (%s): not applied", what, directory, exc)
         return []
     lines = raw.split(b"\n")
     if lines and lines[-1]:  # not finished (being written now, or cut by a kill)
@@ -184,9 +209,9 @@ def read(directory: Path) -> list[dict[str, Any]]:
             entries.extend(group)
             group = []
     if bad:
-        logger.warning("edit log in %s: %d damaged line(s) left out", directory, bad)
+        logger.warning("%s in %s: %d damaged line(s) left out", what, directory, bad)
     if cut:
-        logger.warning("edit log in %s: %d incomplete batch(es) left out (cut by a kill)", directory, cut)
+        logger.warning("%s in %s: %d incomplete batch(es) left out (cut by a kill)", what, directory, cut)
     return entries
 
 
@@ -229,30 +254,41 @@ def drop_through(directory: Path, upto: tuple[int, int] | None) -> None:
     """Drop the entries a full save now holds: the first `upto[1]` bytes of the log `upto` is
     the stamp of (taken when the save began), where that is still the log; what was appended
     since stays, in a log written beside it and renamed over it (a kill leaves one or the
-    other). The caller holds `locked(directory)`."""
+    other). The entries dropped become the previous log (`read_previous`): the whole log renamed
+    to it, or the dropped part written beside it and renamed over it, before the log is cut (a
+    kill in between leaves them in both). The caller holds `locked(directory)`."""
     now = stamp(directory)
     if upto is None or now is None or now[0] != upto[0]:
         return
-    for stale in Path(directory).glob(f".{JOURNAL_NAME}.*.tmp"):  # a killed process's: we hold the lock
-        stale.unlink(missing_ok=True)
-    if now[1] <= upto[1]:
-        remove(directory)
-        return
+    for name in (JOURNAL_NAME, PREVIOUS_NAME):  # a killed process's: we hold the lock
+        for stale in Path(directory).glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     path = path_of(directory)
+    if now[1] <= upto[1]:
+        os.replace(path, previous_of(directory))  # one rename: the log, or the previous one
+        fsync_dir(Path(directory))
+        return
     with open(path, "rb") as f:
-        f.seek(upto[1])
+        dropped = f.read(upto[1])
         rest = f.read()
-    tmp = Path(directory) / f".{JOURNAL_NAME}.{uuid.uuid4().hex[:12]}.tmp"
+    _write_over(previous_of(directory), dropped)
+    _write_over(path, rest.lstrip(b"\n"))
+    fsync_dir(Path(directory))
+
+
+def _write_over(path: Path, data: bytes) -> None:
+    """`data` into a file beside `path`, flushed, renamed over `path` (the caller flushes the
+    directory)."""
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         with open(tmp, "wb") as f:
-            f.write(rest.lstrip(b"\n"))
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(Path(directory))
 
 
 def remove(directory: Path) -> None:

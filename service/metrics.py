@@ -50,6 +50,7 @@ TOKEN_BUCKETS = (0, 8, 16, 32, 64, 128, 256, 512)
 WATCH_STAGES = ("pointer", "reload", "sync")  # r2ec_watch_errors_total's stages (service/state.py)
 # r2ec_rejected_total's
 REJECTION_REASONS = ("queue_full", "shutting_down", "body_too_large", "body_timeout", "queue_timeout")
+DEADLINE_STAGES = ("queued", "decoding")  # where a client's deadline passed (service/deadline.py)
 # r2ec_store_errors_total's operations (service/store.py's StoreUnavailable.op)
 STORE_OPS = (
     "get_history",
@@ -227,7 +228,9 @@ class Metrics:
             "change its answers), the replica's R2EC_VARIANT, and its decode steps' matmul path "
             "(bf16_kernel, onednn, cuda or hf; int8+ in front with int8 weights), and its item "
             "index with its search parameters ('flat', 'ivf nlist=1024 nprobe=16', "
-            "'hnsw M=32 ef_search=64').",
+            "'hnsw M=32 ef_search=64'), and its backbone: 'sha256:' and 12 hex digits of the one "
+            "loaded (or a built-in's name) and backbone_check, how it compares with the one its "
+            "r2ec.json records (match, unrecorded, mismatch_allowed, unchecked, none).",
             registry=r,
         )
         self.model_created = Gauge(
@@ -272,6 +275,16 @@ class Metrics:
         )
         for reason in REJECTION_REASONS:  # at 0 from the start, as the watch's stages
             self.rejections.labels(reason)
+        self.deadline_exceeded = Counter(
+            "r2ec_deadline_exceeded_total",
+            "Recommendations whose client deadline (X-Request-Timeout) passed before the answer, "
+            "answered 504 deadline_exceeded, by where it passed: queued (dropped before it took a "
+            "decode slot) or decoding (dropped from the decode, its slot freed).",
+            ["reason"],
+            registry=r,
+        )
+        for stage in DEADLINE_STAGES:
+            self.deadline_exceeded.labels(stage)
         self.build = Info(
             "r2ec_build",
             "The r2ec-serve version and git commit serving (commit unknown outside a git checkout, "

@@ -169,11 +169,14 @@ class Recommender:
         speculative_tokens: int = 8,
         warmup_requests: int = 0,
         prefill_batch_tokens: int = 0,
+        allow_backbone_mismatch: bool | None = None,
     ) -> Recommender:
         """Load a checkpoint onto `device` (R2EC_DEVICE) and open its catalog (load
         <ckpt>/index/ if it matches, else build it from the checkpoint's item vectors and save it
         there). Only the model moves: item vectors and the FAISS index stay on the CPU.
         `warmup_requests`: made-up queries answered before it serves (`warm_up`).
+        `allow_backbone_mismatch`: serve it over a backbone other than the one its r2ec.json
+        records (R2EC_ALLOW_BACKBONE_MISMATCH; model/backbone_digest.py), refused otherwise.
 
         These defaults are not `r2ec serve`'s (16 decode slots, 2 warm-up queries): the service
         passes every argument from its Settings (`Settings.load_kwargs`). From Python, load
@@ -186,7 +189,13 @@ class Recommender:
         start = time.perf_counter()
         if (late := omp_policy_warning()) is not None:
             log.warning("%s", late)
-        ckpt = load_checkpoint(path, dtype=dtype, num_threads=threads, device=device)
+        ckpt = load_checkpoint(
+            path,
+            dtype=dtype,
+            num_threads=threads,
+            device=device,
+            allow_backbone_mismatch=allow_backbone_mismatch,
+        )
         catalog = Catalog.open(
             ckpt, kind=index_kind, nprobe=index_nprobe, ef_search=index_ef_search, persist_edits=persist_edits
         )

@@ -13,14 +13,19 @@ import json
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.convertors import Convertor, register_url_convertor
 
+from model.backbone_digest import BackboneCheck
+from model.backbone_digest import label as backbone_label
 from service import schemas
 from service.catalog import ItemBatchError, ItemTextError
 from service.config import Settings
+from service.deadline import DESCRIPTION as DEADLINE_DESCRIPTION
+from service.deadline import HEADER as DEADLINE_HEADER
+from service.deadline import PATTERN, Deadline, request_deadline
 from service.deps import Admin, CatalogDep, MaybeStateDep, StateDep, StoreDep, UserData
 from service.errors import documented
 from service.request_id import request_id
@@ -132,6 +137,26 @@ STREAM_EXAMPLE = (  # the OpenAPI example of a stream, the README's answer in ev
 )
 
 
+def _deadline(
+    request: Request,
+    _: Annotated[
+        str | None,
+        # the pattern documents the valid values; the dependency checks them (a 400, not a 422)
+        Header(
+            alias=DEADLINE_HEADER, description=DEADLINE_DESCRIPTION, json_schema_extra={"pattern": PATTERN}
+        ),
+    ] = None,
+) -> Deadline | None:
+    """The client's deadline (service/deadline.py): the parameter documents the header in the
+    OpenAPI document; every value sent is read here, so one sent twice is refused, not the last
+    taken. Counted from when the request began to arrive (service/access_log.py)."""
+    received = request.scope.get("state", {}).get("received_at")
+    return request_deadline(request.headers.getlist(DEADLINE_HEADER), received)
+
+
+DeadlineDep = Annotated[Deadline | None, Depends(_deadline)]
+
+
 # the OpenAPI description of the MODEL_HEADERS every answer carries
 MODEL_HEADERS_DOC = {
     name: {"description": text, "schema": {"type": "string"}} for name, text in MODEL_HEADERS.items()
@@ -154,19 +179,22 @@ def recommend_router(settings: Settings) -> APIRouter:
                 "description": "The ranked items and the model that ranked them.",
                 "headers": MODEL_HEADERS_DOC,
             },
-            **documented(400, 401, 403, 408, 413, 422, 500, 503),
+            **documented(400, 401, 403, 408, 413, 422, 500, 503, 504),
         },
     )
     async def recommend(
-        body: body_type, request: Request, response: Response, state: StateDep
+        body: body_type, request: Request, response: Response, state: StateDep, deadline: DeadlineDep
     ) -> schemas.RecommendResponse:
         """Ranked items for a history (inline, or the user's stored one), with the reasoning.
-        503 with Retry-After when R2EC_MAX_QUEUE requests already wait, or while shutting down.
-        The answer names its model: the body's `model`, and the X-Model-Version,
-        X-Model-Fingerprint and (with R2EC_VARIANT set) X-R2ec-Variant headers."""
+        503 with Retry-After when R2EC_MAX_QUEUE requests already wait, or while shutting down;
+        504 when the caller's X-Request-Timeout passes first. The answer names its model: the
+        body's `model`, and the X-Model-Version, X-Model-Fingerprint and (with R2EC_VARIANT set)
+        X-R2ec-Variant headers."""
         started = time.perf_counter()
         query = await _query(body, state, started)
-        result = await state.recommend(query, wait_disconnect=lambda: _wait_disconnect(request))
+        result = await state.recommend(
+            query, wait_disconnect=lambda: _wait_disconnect(request), deadline=deadline
+        )
         variant = state.settings.variant
         response.headers.update(model_headers(result.model_version, result.fingerprint, variant))
         reply = _reply(result, _source(query), (time.perf_counter() - started) * 1e3, variant)
@@ -198,16 +226,22 @@ def recommend_router(settings: Settings) -> APIRouter:
                     }
                 },
             },
-            **documented(400, 401, 403, 408, 413, 422, 500, 503, by_reference=True),
+            **documented(400, 401, 403, 408, 413, 422, 500, 503, 504, by_reference=True),
         },
         dependencies=UserData,
     )
-    async def recommend_stream(body: body_type, request: Request, state: StateDep) -> EventStream:
+    async def recommend_stream(
+        body: body_type, request: Request, state: StateDep, deadline: DeadlineDep
+    ) -> EventStream:
         """POST /recommend's answer as Server-Sent Events: the reasoning as it is written, then
         the items. The body and every refusal (4xx, 503) are /recommend's, as JSON, before any
-        event; a client that disconnects cancels its request."""
+        event; a client that disconnects cancels its request. An X-Request-Timeout that passes
+        once the stream has begun (the request is queued) ends it with an `error` event holding
+        the 504 body."""
         query = await _query(body, state, time.perf_counter())
-        stream = RecommendStream(state, query, request, _source(query), user_id=body.user_id)
+        stream = RecommendStream(
+            state, query, request, _source(query), user_id=body.user_id, deadline=deadline
+        )
         await stream.accept()
         return stream.response()
 
@@ -521,8 +555,15 @@ async def readyz(state: MaybeStateDep) -> JSONResponse:
         index=engine.catalog.index.describe() if engine else None,
         store="down" if store_down else "ok",
         reasons=reasons,
+        backbone=_backbone(engine.checkpoint.backbone) if engine else None,
     )
     return JSONResponse(body.model_dump(), status_code=503 if blocking else 200)
+
+
+def _backbone(check: BackboneCheck) -> schemas.BackboneOut:
+    return schemas.BackboneOut(
+        status=check.status, loaded=backbone_label(check.loaded), recorded=backbone_label(check.recorded)
+    )
 
 
 @router.get(

@@ -635,6 +635,22 @@ class Health(BaseModel):
     status: str
 
 
+class BackboneOut(BaseModel):
+    """The served checkpoint's backbone: what its r2ec.json records and what was loaded."""
+
+    status: str = Field(
+        description='"match": the one r2ec.json records; "unrecorded": a checkpoint written '
+        'before checkpoints recorded it, not checked; "mismatch_allowed": another one, served '
+        'under R2EC_ALLOW_BACKBONE_MISMATCH; "unchecked": it could not be read to hash it; '
+        '"none": full fine-tuned weights, no backbone.'
+    )
+    loaded: str | None = Field(
+        description='The backbone loaded: "sha256:" and its digest (for smollm2 and a .gguf, '
+        "the GGUF file's, as sha256sum prints it), or a built-in's name."
+    )
+    recorded: str | None = Field(description="What r2ec.json records, in the same form; null: nothing.")
+
+
 class Readiness(BaseModel):
     status: str
     model_version: str | None = None
@@ -646,6 +662,7 @@ class Readiness(BaseModel):
     )
     store: str
     reasons: list[str] = []
+    backbone: BackboneOut | None = None
 
 
 class FieldError(BaseModel):
@@ -658,7 +675,7 @@ ERROR_CODES = (
     *("invalid_request", "invalid_body", "unknown_items", "empty_history", "not_found"),
     *("method_not_allowed", "unauthorized", "forbidden", "reload_failed", "reload_in_progress"),
     *("body_too_large", "overloaded", "shutting_down", "store_unavailable", "unavailable"),
-    *("internal_error", "not_saved", "body_timeout"),
+    *("internal_error", "not_saved", "body_timeout", "invalid_header", "deadline_exceeded"),
 )
 
 
@@ -666,7 +683,9 @@ class ErrorBody(BaseModel):
     status: int
     code: str = Field(description=", ".join(ERROR_CODES))
     message: str = Field(description="One line for people; names the fields or the ids.")
-    fields: list[FieldError] = Field(default_factory=list, description="Invalid fields (422 only).")
+    fields: list[FieldError] = Field(
+        default_factory=list, description="Invalid fields (422), or the bad header (400 invalid_header)."
+    )
     unknown_item_ids: list[str] | None = Field(None, description="Ids the catalog does not hold.")
 
 

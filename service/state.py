@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from index import search_without_threads
+from model.backbone_digest import label as backbone_label
 from model.checkpoint import CURRENT_FILE, CheckpointError, read_meta, resolve_checkpoint
 from model.retrain import STATE_FILE as RETRAIN_STATE
 from model.retrain import WORK_DIR as RETRAIN_DIR
@@ -33,6 +34,7 @@ from service.batcher import BatcherClosed, MicroBatcher, QueueFull, QueueTimeout
 from service.catalog import BatchEdited, Catalog, NeedsEncoding, ReadyVectors, stored_record
 from service.config import Settings
 from service.continuous import ContinuousBatcher
+from service.deadline import Deadline, DeadlineExceeded
 from service.exposure import ExposureLog
 from service.logs import Throttled
 from service.metrics import EXPOSURE_OUTCOMES, Metrics
@@ -60,6 +62,8 @@ EDIT_BATCH_CHUNK = 8
 # a watch tick's sync encodes outside the edit lock, then commits under it; an item edited again
 # meanwhile is encoded again, at most this many times a tick (the rest waits for the next tick)
 SYNC_ENCODE_ROUNDS = 3
+# while a reload loads, the sync's encoding waits for its outcome, looking this often
+SYNC_RELOAD_POLL_S = 0.1
 CACHE_BACKOFF_S = 5.0  # after a cache error, skip the cache this long, or until the store
 # answers another operation (a down Redis is not asked twice per request while it is down;
 # histories are still asked, they are needed, and the first one answered ends the skip)
@@ -172,6 +176,8 @@ def _error_code(exc: Exception) -> str:
             return "shutting_down"
         case ClientDisconnected():
             return "client_disconnected"
+        case DeadlineExceeded():
+            return "deadline_exceeded"
         case StoreUnavailable():
             return "store_unavailable"
     return "internal_error"
@@ -250,6 +256,8 @@ class ServiceState:
         self._cache_down_answered: int | None = 0
         self.store_down_log = Throttled(log)  # `store_failed`
         self._watcher: asyncio.Task | None = None
+        self._syncer: asyncio.Task | None = None  # the watch's sync of item edits under way
+        self._stopping = False  # `stop` has begun: a sync's encoding thread gives up
         self._releases: set[asyncio.Task] = set()  # `_release` tasks, one per reload
         metrics.track_store(lambda: self.store.up)
         if isinstance(store, RedisStore):
@@ -299,14 +307,16 @@ class ServiceState:
         self.batcher.drain(self.settings.shutdown_grace_s)
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in list(self._releases):
             task.cancel()
-        if self._watcher is not None:
-            self._watcher.cancel()
-            try:
-                await self._watcher
-            except asyncio.CancelledError:
-                pass
+        for task in (self._watcher, self._syncer):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         try:
             await self.batcher.stop()
         finally:
@@ -544,10 +554,13 @@ class ServiceState:
         wait_disconnect: Callable[[], Awaitable[Any]] | None = None,
         on_text: Callable[[str], None] | None = None,
         on_queued: Callable[[], None] | None = None,
+        deadline: Deadline | None = None,
     ) -> Result:
         """Prepare -> cache lookup -> micro-batch -> cache fill. A hit whose entry carries h_T
         skips the batch: one index search (`_answer_cached`). `wait_disconnect()` resolves when
         the client goes away; the request is then dropped from its batch (ClientDisconnected).
+        `deadline` (the client's X-Request-Timeout, service/deadline.py): where it passes before
+        the answer, the request is dropped the same way and DeadlineExceeded says where it was.
         Streaming: `on_text` gets the reasoning as it is written, on the model thread
         (PreparedQuery.on_text); `on_queued()` is called once the request is in the batcher's
         queue, past every check that refuses it, so a stream can start."""
@@ -562,7 +575,7 @@ class ServiceState:
                     prepared = dataclasses.replace(prepared, cached=cached)
             result = await self._answer_cached(prepared)
             if result is None:
-                result = await self._batched(prepared, wait_disconnect, on_queued)
+                result = await self._batched(prepared, wait_disconnect, on_queued, deadline)
                 self.metrics.queue_wait.observe(result.timings.queue_ms / 1e3)
         except Exception as exc:  # by the model serving when it failed (the batch's may be newer)
             self.metrics.by_model(self.metrics.recommend_errors, engine.version, _error_code(exc)).inc()
@@ -614,29 +627,40 @@ class ServiceState:
         prepared: PreparedQuery,
         wait_disconnect: Callable[[], Awaitable[Any]] | None,
         on_queued: Callable[[], None] | None = None,
+        deadline: Deadline | None = None,
     ) -> Result:
-        """Submit to the batcher and wait; ClientDisconnected if the client leaves first."""
+        """Submit to the batcher and wait; ClientDisconnected if the client leaves first,
+        DeadlineExceeded if `deadline` passes first (before the submit too: the history and
+        cache lookups took its time). Either way the request is dropped: a queued one is never
+        admitted, a decoding one's slot goes to the next request at the next tick
+        (service/continuous.py; a static batch runs to its end, its answer for it unused)."""
+        if deadline is not None and deadline.left() <= 0:
+            raise DeadlineExceeded(deadline, "queued", self.batcher.retry_after_s())
         future = self.batcher.submit(dataclasses.replace(prepared, queued_at=time.perf_counter()))
         if on_queued is not None:
             on_queued()
-        if wait_disconnect is None:
-            try:
-                return await future
-            except asyncio.CancelledError:
-                future.cancel()  # the handler itself was cancelled (a stream's client left)
-                raise
-        watcher = asyncio.ensure_future(wait_disconnect())
+        waits = {future}
+        if wait_disconnect is not None:
+            waits.add(watcher := asyncio.ensure_future(wait_disconnect()))
+        timeout = None if deadline is None else deadline.left()
         try:
-            await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             future.cancel()  # the handler itself was cancelled (a stream's client left): drop it too
             raise
         finally:
-            watcher.cancel()
-        if not future.done():
-            future.cancel()  # the batcher drops it before its batch runs
-            raise ClientDisconnected()
-        return future.result()
+            if wait_disconnect is not None:
+                watcher.cancel()
+        if future.done():
+            return future.result()
+        if deadline is not None and deadline.left() <= 0:
+            queued = self.batcher.queued(future)
+            future.cancel()  # dropped: before its turn, or from the decode at the next tick
+            if queued:
+                raise DeadlineExceeded(deadline, "queued", self.batcher.retry_after_s())
+            raise DeadlineExceeded(deadline, "decoding")
+        future.cancel()  # the batcher drops it before its batch runs
+        raise ClientDisconnected()
 
     def _run_batch(self, queries: list[PreparedQuery]) -> list[Result | QueryError]:
         """Runs on the model thread; reads the engine at batch time (a reload swaps it)."""
@@ -796,6 +820,9 @@ class ServiceState:
                 "variant": self.settings.variant,
                 "decode_matmuls": engine.decode_matmuls,
                 "index": engine.catalog.index.describe(),
+                # what r2ec.json records beside what was loaded (model/backbone_digest.py)
+                "backbone": backbone_label(engine.checkpoint.backbone.loaded, 12) or "",
+                "backbone_check": engine.checkpoint.backbone.status,
             }
         )
 
@@ -809,9 +836,13 @@ class ServiceState:
         `POST /admin/reload` of another path is not reverted; a version that fails to load is
         tried WATCH_RETRIES times a tick apart, then every WATCH_SLOW_RETRY_S (a checkpoint
         repaired in place is taken then) until it loads or the pointer moves. r2ec_model_outdated
-        is 1 meanwhile. Each tick also applies the item edits other replicas saved
-        (`_sync_edits`). Every failure is logged and counted in r2ec_watch_errors_total by stage:
-        pointer (resolving the path or reading the version it names), reload, sync."""
+        is 1 meanwhile. Each tick also starts a sync of the item edits other replicas saved
+        (`_sync_edits`), unless one is under way: beside the watch, not in its loop, as one that
+        must encode many items takes minutes, and the version is polled at every tick meanwhile;
+        a reload the watch starts pauses the sync's encoding between two chunks, and ends it
+        where it swaps the model (`_encode_between_batches`). Every failure is logged and counted in
+        r2ec_watch_errors_total by stage: pointer (resolving the path or reading the version it
+        names), reload, sync."""
         # the version being served, not whatever the pointer names at the first poll: the
         # pointer may have moved while the service loaded
         seen: str | None = self.engine.version
@@ -856,7 +887,8 @@ class ServiceState:
                                 WATCH_SLOW_RETRY_S,
                                 exc,
                             )
-            await self._sync_edits()
+            if self._syncer is None or self._syncer.done():
+                self._syncer = asyncio.create_task(self._sync_edits(), name="r2ec-edit-sync")
             # ±20%: replicas that started together do not look, and reload, in the same instant
             # (each load costs a second model's memory and the CPU for a while)
             await asyncio.sleep(self.settings.watch_interval_s * random.uniform(0.8, 1.2))
@@ -874,9 +906,9 @@ class ServiceState:
         (`_encode_between_batches`), and under the lock again the sync runs once more: each
         edit is checked again (a later edit made here meanwhile wins), and an item whose text
         changed meanwhile is encoded again (at most SYNC_ENCODE_ROUNDS rounds a tick). A reload
-        waiting or done meanwhile ends the sync's encoding: the new catalog re-encodes and
-        carries those edits itself (`carry_from`). The catalog's locks keep searches consistent
-        meanwhile."""
+        under way pauses the sync's encoding; one that swaps the model ends it (the new catalog
+        re-encodes and carries those edits itself, `carry_from`), one that fails lets it go on.
+        The catalog's locks keep searches consistent meanwhile."""
         ready, catalog, applied = ReadyVectors(), None, 0
         try:
             for _ in range(SYNC_ENCODE_ROUNDS):
@@ -891,7 +923,7 @@ class ServiceState:
                         items = need.items
                 vectors = await in_passing_thread(self._encode_between_batches, catalog, items)
                 if vectors is None:
-                    log.info("item edits saved by other replicas: left to the reload under way")
+                    log.info("item edits saved by other replicas: left to the model a reload swapped in")
                     return
                 ready.add(items, vectors)
             else:
@@ -911,10 +943,18 @@ class ServiceState:
         """`catalog.encode_items(items)` from a thread other than the model thread (a sync's):
         EDIT_BATCH_CHUNK items per turn of the model thread, each chunk queued behind the
         recommendation batches that arrived meanwhile, so none waits for more than a chunk.
-        None, given up between two chunks, once a reload is under way or swapped `catalog` out."""
+        A reload under way pauses it between two chunks until the reload ends: None, given up,
+        where it swapped `catalog` out (the new catalog encodes those items itself,
+        `carry_from`), or once the service stops; where the load failed (the watch retries a
+        version that does not load every tick, then every WATCH_SLOW_RETRY_S) `catalog` still
+        serves and needs them, and the encoding goes on. It gave up on a failed reload too,
+        and the next tick's sync started over: a sync longer than the retries' spacing never
+        ended while CURRENT named such a version."""
         chunks = []
         for start in range(0, len(items), EDIT_BATCH_CHUNK):
-            if self._reload_lock.locked() or self.engine.catalog is not catalog:
+            while self._reload_lock.locked() and self.engine.catalog is catalog and not self._stopping:
+                time.sleep(SYNC_RELOAD_POLL_S)  # not the model thread: it serves meanwhile
+            if self._stopping or self.engine.catalog is not catalog:
                 return None
             chunk = items[start : start + EDIT_BATCH_CHUNK]
             chunks.append(self.model_executor.submit(catalog.encode_items, chunk).result())

@@ -42,6 +42,8 @@ One interface, two stores, the same tests for both (tests/service/test_store.py)
                               release before 0.2.0's, which wrote no marker); written at the
                               service's start where absent, and a format newer than the code's is
                               refused (`check_format`)
+    r2ec:probe                never written: the readiness probe deletes it (`RedisStore.ping`), a
+                              write that a replica refuses and that changes nothing
 - `MemoryStore` (the embedded default when no Redis URL is configured): the same in process;
   the stream is a list, the cache an LRU bounded by `cache_size`, event ids kept until restart.
 
@@ -93,7 +95,10 @@ retraining job reads its stream.
 - `read_erasures(url)`: retraining's view of the ledger, an `ErasureLedger`.
 - `read_served(url, since, until)`: the exposure log in pages, for `r2ec exposures export`.
 
-Every Redis failure surfaces as `StoreUnavailable`, so callers catch one type.
+Every Redis failure surfaces as `StoreUnavailable`, so callers catch one type. At the service's
+start (`RedisStore.check_format`), a Redis that answers but cannot serve as configured (a
+password or certificate refused, an ACL, a cluster: docs/operations.md, "Managed Redis") is a
+`StoreConfigError` instead, which stops the start. The URL's forms: service/redis_conn.py.
 """
 
 from __future__ import annotations
@@ -104,8 +109,8 @@ import itertools
 import json
 import logging
 import math
+import ssl
 import time
-import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -115,6 +120,16 @@ from typing import Protocol
 
 import redis
 import redis.asyncio
+from redis.exceptions import (
+    AskError,
+    ClusterCrossSlotError,
+    ClusterDownError,
+    MovedError,
+    NoPermissionError,
+    ReadOnlyError,
+)
+
+from service.redis_conn import AsyncRedis, SyncRedis, redact
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +150,22 @@ SCHEMA_KEY = "r2ec:schema"
 # the format of the keys above, in SCHEMA_KEY: 1 since 0.2.0 (histories in time order, the erasure
 # ledger and the per-user cache index). Raised by a change an older release could not read right.
 STORE_FORMAT = 1
+# never written: `RedisStore.ping` deletes it, a write every node but a read-only replica takes
+# (and a full one: DEL frees), so a probe finds a URL that reaches a replica after a failover
+PROBE_KEY = "r2ec:probe"
 DEDUP_TTL_S = 7 * 86_400
 ERASE_PAGE = 1_000  # stream entries per step of a scan for one user (USER_PAGE_SCRIPT)
 
 
 class StoreFormatError(ValueError):
     """The store's data is in a format this code does not know (`RedisStore.check_format`)."""
+
+
+class StoreConfigError(ValueError):
+    """Redis answers, but not as this configuration needs, and waiting will not change that (a
+    password or TLS certificate it refuses, a user its ACL does not allow the scripts, a Redis
+    Cluster, a Sentinel named as a Redis): `RedisStore.check_format`
+    raises it at the service's start, which stops there with its message."""
 
 
 @dataclass(frozen=True)
@@ -646,7 +671,8 @@ class MemoryStore:
 
 class RedisStore:
     """Redis-backed store (redis.asyncio). Connections are lazy: a down server does not stop
-    the app from starting, it makes `ping` (and so /readyz) fail."""
+    the app from starting, it makes `ping` (and so /readyz) fail. `url`: R2EC_REDIS_URL, any form
+    service/redis_conn.py reads (TLS, Sentinel); a URL it refuses is a RedisUrlError (ValueError)."""
 
     kind = "redis"
 
@@ -669,12 +695,11 @@ class RedisStore:
         self.stream_maxlen = stream_maxlen
         self.dedup_ttl_s = dedup_ttl_s
         self.url = url
-        self._redis = redis.asyncio.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s,
-        )
+        self._conn = AsyncRedis(url, timeout_s)
+        self._redis = self._conn.client
+        # a write was refused as by a replica (READONLY) and none has gone through since: `up`
+        # stays False while reads still answer, until a write goes through (`ping` writes)
+        self.read_only = False
         self._append = self._redis.register_script(APPEND_SCRIPT)
         self._cache_for_user = self._redis.register_script(CACHE_SET_SCRIPT)
         self._erase = self._redis.register_script(ERASE_SCRIPT)
@@ -696,13 +721,21 @@ class RedisStore:
             with _failures(self.url, op):
                 yield
         except StoreUnavailable as exc:
+            cause = exc.__cause__
+            self.read_only = _refuses_writes(cause) or (self.read_only and op not in _WRITES)
             # up where a command failed on its own (an error reply: a key of another type, a
             # full Redis refusing a write); down where Redis did not answer, something else did,
-            # or it refused every command (loading, max clients, a wrong password)
-            self.up = isinstance(exc.__cause__, redis.ResponseError)
+            # or it refused every command (loading, max clients, a wrong password), or every
+            # write (a replica: READONLY), or did not let this user or this deployment run them
+            # (an ACL, a cluster)
+            self.up = isinstance(cause, redis.ResponseError) and not isinstance(cause, _DOWN_REPLIES)
+            if self.read_only:
+                self.up = False
             raise
         else:
-            self.up = True
+            if op in _WRITES:
+                self.read_only = False
+            self.up = not self.read_only
             self.answered += 1
         finally:
             if self.on_op is not None:
@@ -870,14 +903,27 @@ class RedisStore:
         """Write SCHEMA_KEY where absent (a new Redis, or one a release before 0.2.0 used), and
         read it: StoreFormatError where it names a format newer than STORE_FORMAT (a newer r2ec
         wrote it: this code would misread its keys) or is no marker. The result is kept as
-        `format`. StoreUnavailable where Redis does not answer."""
-        with _failures(self.url, "check_format"):
-            raw = await self._redis.get(SCHEMA_KEY)
-            if raw is None:
-                held = await self._redis.dbsize() > 0
-                mark = {"format": STORE_FORMAT, "written_by": version, "since": int(time.time())}
-                await self._redis.set(SCHEMA_KEY, json.dumps({**mark, "held_data": held}), nx=True)
-                raw = await self._redis.get(SCHEMA_KEY)  # another replica's, where it came first
+        `format`. StoreUnavailable where Redis does not answer.
+
+        First the server itself (`_check_server`, a read-only script): StoreConfigError where it
+        answers but cannot serve r2ec as configured (a refused password or certificate, an ACL, a
+        cluster, a Sentinel named as a Redis), which no wait would change; and a WARNING where it
+        is a read-only replica (`_check_writable`)."""
+        try:
+            with _failures(self.url, "check_format"):
+                await self._check_server()
+                raw = await self._redis.get(SCHEMA_KEY)
+                if raw is None:
+                    held = await self._redis.dbsize() > 0
+                    mark = {"format": STORE_FORMAT, "written_by": version, "since": int(time.time())}
+                    await self._redis.set(SCHEMA_KEY, json.dumps({**mark, "held_data": held}), nx=True)
+                    raw = await self._redis.get(SCHEMA_KEY)  # another replica's, where it came first
+                await self._check_writable()
+        except StoreUnavailable as exc:
+            refused = _config_error(exc.__cause__, self.url)
+            if refused is not None:
+                raise refused from exc.__cause__
+            raise
         try:
             mark = json.loads(raw)
             found = StoreFormat(
@@ -885,12 +931,12 @@ class RedisStore:
             )
         except (TypeError, ValueError, KeyError) as exc:
             raise StoreFormatError(
-                f"{SCHEMA_KEY} in {_redact(self.url)} is no format marker r2ec wrote ({raw!r:.200}): "
+                f"{SCHEMA_KEY} in {redact(self.url)} is no format marker r2ec wrote ({raw!r:.200}): "
                 "restore it, or delete it and the next start writes it again"
             ) from exc
         if found.format > STORE_FORMAT:
             raise StoreFormatError(
-                f"the Redis at {_redact(self.url)} holds r2ec data in format {found.format} "
+                f"the Redis at {redact(self.url)} holds r2ec data in format {found.format} "
                 f"({SCHEMA_KEY}, written by r2ec {found.written_by}); this r2ec {version} knows format "
                 f"{STORE_FORMAT} at most and would misread it: run r2ec {found.written_by} or newer "
                 "(docs/operations.md, 'Upgrading')"
@@ -898,13 +944,69 @@ class RedisStore:
         self.format = found
         return found
 
+    async def _check_server(self) -> None:
+        """The event stream's counts (STREAM_INFO_SCRIPT), read only, as a probe: a script over
+        keys of three hash slots (tests/service/test_redis_managed.py checks they are), which a
+        cluster refuses (CROSSSLOT, MOVED), as a user whose ACL allows no scripts or no XINFO is,
+        and a Sentinel named as a Redis does not know. For a Sentinel URL, the sentinels are asked
+        first whether they monitor the service it names. (Not HELLO, which would tell the mode,
+        role and version at once: redis-py does not support it on its connections, and a reply
+        to it left the next command of a Sentinel-managed connection waiting.)"""
+        if self._conn.sentinel is not None:
+            await self._check_sentinels()
+        await self._stream_info(keys=list(_INFO_KEYS))
+
+    async def _check_writable(self) -> None:
+        """A WARNING where the URL reaches a read-only replica at the start (every write fails
+        until it reaches the primary: a failover under way, or a URL that names a replica)."""
+        try:
+            await self._redis.delete(PROBE_KEY)
+        except ReadOnlyError:
+            self.read_only, self.up = True, False
+            log.warning(
+                "R2EC_REDIS_URL (%s) reaches a read-only replica: every write fails until it reaches "
+                "the primary (a failover under way? name the primary's endpoint, or the sentinels: "
+                "docs/operations.md, 'Managed Redis')",
+                redact(self.url),
+            )
+
+    async def _check_sentinels(self) -> None:
+        """StoreConfigError where a sentinel answers and none of those that do monitors the
+        service the URL names (a misspelt name: redis-py would only say no primary was found),
+        or where none answers and one refused the URL's sentinel credentials."""
+        target = self._conn.target
+        known: set[str] = set()
+        answered, refused = False, None
+        for node in self._conn.sentinel.sentinels:
+            try:
+                known |= set(await node.sentinel_masters())
+                answered = True
+            except redis.AuthenticationError as exc:
+                refused = exc
+            except (redis.RedisError, OSError):
+                continue
+        if not answered and refused is not None:
+            raise StoreConfigError(
+                f"the sentinels of R2EC_REDIS_URL ({redact(self.url)}) refuse its sentinel_username / "
+                f"sentinel_password, their own, not the data nodes' ({refused}): docs/operations.md, "
+                "'Managed Redis'"
+            )
+        if answered and target.service not in known:
+            raise StoreConfigError(
+                f"R2EC_REDIS_URL ({redact(self.url)}) names the service {target.service!r}, which the "
+                f"sentinels that answered do not monitor (they monitor: {', '.join(sorted(known)) or 'none'})"
+            )
+
     async def ping(self) -> None:
+        """A write that changes nothing (DEL of PROBE_KEY, never written): it fails where Redis is
+        down and where the URL reaches a read-only replica (after a failover), which a PING would
+        not tell; it goes through on a Redis at its maxmemory (DEL frees)."""
         with self._failures("ping"):
-            await self._redis.ping()
+            await self._redis.delete(PROBE_KEY)
 
     async def close(self) -> None:
         try:
-            await self._redis.aclose()
+            await self._conn.aclose()
         except Exception as exc:  # closing a broken connection must not stop shutdown
             log.warning("closing redis: %s", exc)
 
@@ -921,9 +1023,8 @@ def read_stream(
     For retraining, a batch job outside the service's event loop: synchronous, one connection,
     `page_size` entries per round trip. A down Redis raises StoreUnavailable (op read_events).
     """
-    client = redis.Redis.from_url(
-        redis_url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
-    )
+    connection = SyncRedis(redis_url, timeout_s)
+    client = connection.client
     entries: list[StreamEntry] = []
     after = cursor or STREAM_START
     try:
@@ -932,7 +1033,7 @@ def read_stream(
                 entries += _stream_entries(rows)
                 after = entries[-1].id
     finally:
-        client.close()
+        connection.close()
     return entries, (entries[-1].id if entries else cursor)
 
 
@@ -1019,9 +1120,8 @@ def read_stream_checked(
     position is written (STREAM_READER_KEY) for the erasure steps: while it is there they trim
     no further; without it (no retraining read for READER_TTL_S) they trim to the stream's first
     entry, and a read whose range starts below what was trimmed cannot count exactly."""
-    client = redis.Redis.from_url(
-        redis_url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
-    )
+    connection = SyncRedis(redis_url, timeout_s)
+    client = connection.client
     entries: list[StreamEntry] = []
     after = cursor or STREAM_START
     if mark is not None and (mark.get("cursor", cursor) != cursor or "last_id" not in mark):
@@ -1042,7 +1142,7 @@ def read_stream_checked(
             floor = _id_key(start)[0]
             client.eval(READ_TRIM_SCRIPT, len(_ERASED_KEYS), *_ERASED_KEYS, floor, READER_TTL_S)
     finally:
-        client.close()
+        connection.close()
     lost, exact = _lost_unread(info, cursor, mark, len(entries), len(deleted), start)
     cursor = entries[-1].id if entries else cursor
     new_mark = None
@@ -1139,14 +1239,13 @@ def read_erasures(redis_url: str, *, timeout_s: float = 10.0) -> ErasureLedger:
     """The erasure ledger (module docstring, "Erasure"), for retraining: synchronous, one
     connection, ZSCAN in pages (an entry updated meanwhile is still read). A down Redis raises
     StoreUnavailable (op read_erasures)."""
-    client = redis.Redis.from_url(
-        redis_url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
-    )
+    connection = SyncRedis(redis_url, timeout_s)
+    client = connection.client
     try:
         with _failures(redis_url, "read_erasures"):
             cutoffs = {user: int(ms) for user, ms in client.zscan_iter(ERASURES_KEY, count=10_000)}
     finally:
-        client.close()
+        connection.close()
     return ErasureLedger(cutoffs)
 
 
@@ -1171,9 +1270,8 @@ def read_served(
     low = "-" if since_ms is None else str(int(since_ms))  # "<ms>": from <ms>-0
     # "<ms - 1>": to <ms - 1>-<the last sequence>, the last id before <ms>-0
     high = "+" if until_ms is None else str(int(until_ms) - 1)
-    client = redis.Redis.from_url(
-        redis_url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
-    )
+    connection = SyncRedis(redis_url, timeout_s)
+    client = connection.client
     try:
         while True:
             with _failures(redis_url, "read_served"):
@@ -1185,7 +1283,7 @@ def read_served(
                 return
             low = f"({rows[-1][0]}"
     finally:
-        client.close()
+        connection.close()
 
 
 def _entry_n(entry: StreamEntry) -> int:
@@ -1512,37 +1610,104 @@ return written
 
 @contextmanager
 def _failures(url: str, op: str) -> Iterator[None]:
-    """Any Redis or socket error inside becomes StoreUnavailable naming `op` (password redacted)."""
+    """Any Redis or socket error inside becomes StoreUnavailable naming `op` (password redacted),
+    with what Redis's words mean where they alone would not say (`_explain`)."""
     try:
         yield
     except (redis.RedisError, OSError) as exc:
-        raise StoreUnavailable(f"redis {op} failed ({_redact(url)}): {exc}", op) from exc
+        raise StoreUnavailable(f"redis {op} failed ({redact(url)}): {_explain(exc)}", op) from exc
 
 
-def _redact(url: str) -> str:
-    """The URL with its credentials masked, for the log: the userinfo's password
-    (redis://user:secret@host -> redis://user:***@host; a lone userinfo, which may be a
-    password, whole) and the query parameters redis-py reads a secret from
-    (redis://host/0?password=secret -> redis://host/0?password=***); the other parameters kept.
-    The userinfo is everything before the LAST "@", not what a URL parser reads: a password may
-    hold an unencoded "/", "?" or "#" (base64 ones do), which end a parser's host part early and
-    would leave it whole. Nothing of it goes to clients (service/errors.py, ServiceState.readiness)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    if "@" in rest:
-        userinfo, rest = rest.rsplit("@", 1)
-        user, has_password, _ = userinfo.partition(":")
-        rest = (f"{user}:***@" if has_password else "***@") + rest
-    where, question, query = rest.partition("?")
-    if query:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-        masked = [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs]
-        query = urllib.parse.urlencode(masked, safe="*")
-    return (f"{scheme}://" if sep else "") + where + (f"?{query}" if query else "")
+# The errors that leave the store down though Redis answered them (RedisStore._failures): not one
+# command's own failure but every write's (a replica), or every command's of this user or
+# deployment (an ACL, a cluster).
+_CLUSTER_REPLIES = (MovedError, AskError, ClusterCrossSlotError, ClusterDownError)
+_DOWN_REPLIES = (ReadOnlyError, NoPermissionError, *_CLUSTER_REPLIES)
+# a Redis that takes no write at all for now, though it answers: too few replicas in sync under
+# its min-replicas-to-write (NOREPLICAS), or an RDB save failing under stop-writes-on-bgsave-
+# error (MISCONF). Like a replica's READONLY, every event would fail until it changes, so the
+# store reads as down (`r2ec_store_up` 0, R2ecStoreDown) until a write goes through; inside a
+# script the reply may come wrapped ("ERR Error running script ... NOREPLICAS ...")
+_NO_WRITES = ("NOREPLICAS", "MISCONF")
 
 
-_SECRET_PARAMS = frozenset({"password", "username", "ssl_password"})
+def _refuses_writes(cause: BaseException | None) -> bool:
+    """Whether `cause` says the server takes no write at all for now (`_failures`)."""
+    if isinstance(cause, ReadOnlyError):
+        return True
+    return isinstance(cause, redis.ResponseError) and any(code in str(cause) for code in _NO_WRITES)
+
+
+# the operations that write (RedisStore._failures: one that goes through ends `read_only`)
+_WRITES = frozenset({"append_events", "cache_set", "erase_user", "add_served", "ping", "check_format"})
+CLUSTER_REFUSAL = (
+    "r2ec does not run on Redis Cluster. Each event is written in one script together with the "
+    "user's keys and the stream r2ec:events that retraining reads, and a cluster runs a script "
+    "only over keys of one hash slot, so every key would have to share one slot, on one shard: "
+    "the cluster would add no capacity. Use a Redis with cluster mode off (docs/operations.md, "
+    "'Managed Redis')"
+)
+
+
+def _acl_refused(exc: BaseException | None) -> bool:
+    """A command a script ran that the user's ACL does not allow (Redis 7.0 says so in an ERR,
+    later ones in a NOPERM)."""
+    return isinstance(exc, NoPermissionError) or (
+        isinstance(exc, redis.ResponseError) and "can't run this command" in str(exc)
+    )
+
+
+def _explain(exc: BaseException) -> str:
+    """Redis's or the driver's words, and what they mean where they would leave an operator
+    guessing (docs/operations.md, "Managed Redis")."""
+    if isinstance(exc, ReadOnlyError):
+        return (
+            f"{exc} (READONLY: this node is a replica, after a failover; the next operation "
+            "reconnects, which reaches the new primary through a primary endpoint or Sentinel, "
+            "not through a URL that names this node)"
+        )
+    if isinstance(exc, _CLUSTER_REPLIES):
+        return f"{type(exc).__name__} {exc}: {CLUSTER_REFUSAL}"
+    if _acl_refused(exc):
+        return f"{exc} (the user's ACL: docs/operations.md, 'Managed Redis', lists what r2ec runs)"
+    return str(exc)
+
+
+def _config_error(exc: BaseException | None, url: str) -> StoreConfigError | None:
+    """The start's refusal (`RedisStore.check_format`) for a failure no wait would mend: a
+    password or user Redis refuses, a TLS certificate not trusted, an ACL, a cluster. None for
+    the rest (Redis down, loading, a timeout: the service starts and says degraded)."""
+    shown = redact(url)
+    seen, chain = set(), []
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for e in chain:
+        if isinstance(e, redis.AuthenticationError):
+            return StoreConfigError(f"Redis refuses the user or password of R2EC_REDIS_URL ({shown}): {e}")
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return StoreConfigError(
+                f"R2EC_REDIS_URL ({shown}): the Redis's TLS certificate is not trusted ({e.verify_message}): "
+                "name the CA that signed it, rediss://...?ssl_ca_certs=/path/ca.pem, or the host name the "
+                "certificate is for (docs/operations.md, 'Managed Redis')"
+            )
+        if _acl_refused(e):
+            return StoreConfigError(
+                f"the Redis user of R2EC_REDIS_URL ({shown}) may not run r2ec's commands: {_explain(e)}"
+            )
+        if isinstance(e, redis.ResponseError) and str(e).lower().startswith("unknown command"):
+            return StoreConfigError(
+                f"R2EC_REDIS_URL ({shown}) reaches a server that does not know r2ec's commands ({e}): a "
+                "Redis Sentinel? Name the sentinels and the service they monitor, "
+                "redis+sentinel://HOST:PORT[,HOST:PORT]/SERVICE[/DB] (docs/operations.md, 'Managed Redis')"
+            )
+        if isinstance(e, _CLUSTER_REPLIES):
+            return StoreConfigError(
+                f"R2EC_REDIS_URL ({shown}) reaches a Redis Cluster ({type(e).__name__} {e}): "
+                + CLUSTER_REFUSAL
+            )
+    return None
 
 
 def make_store(

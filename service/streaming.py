@@ -39,6 +39,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
 from service import schemas
+from service.deadline import Deadline
 from service.errors import error_body
 from service.request_id import request_id
 from service.state import ClientDisconnected, ServiceState
@@ -74,8 +75,10 @@ class RecommendStream:
         request: Request,
         history_source: str,
         user_id: str | None = None,
+        deadline: Deadline | None = None,
     ) -> None:
         self._state = state
+        self._deadline = deadline  # the client's X-Request-Timeout (service/deadline.py)
         self._query = query
         self._request = request
         self._source = history_source
@@ -98,6 +101,7 @@ class RecommendStream:
                 wait_disconnect=self._gone.wait,
                 on_text=self._on_text,
                 on_queued=self._queued.set,
+                deadline=self._deadline,
             )
         )
         self._task.add_done_callback(self._answered)

@@ -67,6 +67,21 @@ const KEY_STORE = "r2ec-api-key";
 const KEY_MISSING = "This server asks for an API key for users’ data: enter it under “API key” and try again.";
 const KEY_WRONG = "The server did not accept that API key: check it under “API key”.";
 
+// After a refusal for the key, the field that answers it: marked invalid until typed in, and
+// focused (it may have only just appeared, in another section than the button pressed) with what
+// it holds selected, so typing replaces a wrong key; the error itself is announced (role=alert).
+// Focused only while the focus is still `from` where the person asked (or lost): one who has
+// moved on meanwhile keeps their place.
+function focusKey(err, ...from) {
+  if (!(err instanceof ApiError) || !err.forKey) return;
+  const key = $("#api-key");
+  key.setAttribute("aria-invalid", "true");
+  const at = document.activeElement;
+  if (at && at !== document.body && !from.some((el) => el.contains(at))) return;
+  key.focus();
+  key.select();
+}
+
 function keyHeaders() {
   const key = sessionStorage.getItem(KEY_STORE);
   return key ? { "x-api-key": key } : {};
@@ -76,7 +91,9 @@ function keyHeaders() {
 async function refusal(response) {
   if (response.status === 401 || response.status === 403) {
     $("#key-row").hidden = false;
-    return new ApiError(response.status, response.status === 401 ? KEY_MISSING : KEY_WRONG);
+    const err = new ApiError(response.status, response.status === 401 ? KEY_MISSING : KEY_WRONG);
+    err.forKey = true;
+    return err;
   }
   return new ApiError(response.status, failedWords(response.status, await apiMessage(response)));
 }
@@ -152,6 +169,10 @@ function say(el, ...parts) {
 
 // The title line and the grey line under it, as every list on the page shows an item; the
 // title takes its direction from its own first strong character (dir="auto", which isolates it).
+// Append them with `SPACE` between: the layout ignores it (a flex or grid container drops a
+// white-space-only text node), but the text read out and matched against a control's name is then
+// "Toy Story 1995", not "Toy Story1995".
+const SPACE = " ";
 function titleSpans(titleText, subText = "") {
   const title = document.createElement("span");
   title.className = "title";
@@ -220,14 +241,21 @@ function renderMatches() {
     button.className = "match";
     button.dataset.itemId = item.item_id;
     const [title, sub] = titleSpans(item.title, subtitle(item));
+    // The button's name is its text, the action first ("add Toy Story 1995 · Animation"): it
+    // contains every word on the button, as WCAG 2.5.3 asks (an aria-label that left out
+    // "+ add" did not). The grid (app.css) still shows the action on the right.
     const action = document.createElement("span");
     action.className = "action";
-    action.setAttribute("aria-hidden", "true");
     const added = inHistory.has(item.item_id);
-    action.textContent = added ? "added" : "+ add";
+    if (!added) {
+      const plus = document.createElement("span");
+      plus.setAttribute("aria-hidden", "true"); // not read out as "plus"
+      plus.textContent = "+ ";
+      action.append(plus);
+    }
+    action.append(added ? "added" : "add");
     button.disabled = added;
-    button.setAttribute("aria-label", `${added ? "Already added" : "Add"}: ${item.title} ${subtitle(item)}`.trim());
-    button.append(title, sub, action);
+    button.append(action, SPACE, title, SPACE, sub);
     button.addEventListener("click", () => addToHistory(item, 5, { focusSearch: true }));
     li.append(button);
     list.append(li);
@@ -294,7 +322,7 @@ function renderHistory() {
     const text = document.createElement("div");
     text.className = "text";
     const [title, sub] = titleSpans(entry.title, subtitle(entry));
-    text.append(title, sub);
+    text.append(title, SPACE, sub);
     if (!entry.year && !entry.genres) {
       itemDetails(entry.item_id).then((found) => {
         if (!found) return;
@@ -329,13 +357,16 @@ function renderHistory() {
     remove.textContent = "Remove";
     remove.setAttribute("aria-label", `Remove ${entry.title}`);
     remove.addEventListener("click", () => {
-      state.history.splice(state.history.indexOf(entry), 1);
+      const at = state.history.indexOf(entry);
+      state.history.splice(at, 1);
       state.readWindow = null;
       renderHistory();
       renderMatches();
       say($("#q-status"), "Removed ", bdi(entry.title), ".");
-      const next = $("#history .remove") || $("#q");
-      next.focus();
+      // Focus where the row was: the Remove of the row that took its place, else of the row
+      // above (the last one was removed), else the search box (the history is empty).
+      const buttons = document.querySelectorAll("#history .remove");
+      (buttons[Math.min(at, buttons.length - 1)] || $("#q")).focus();
     });
     li.append(text, label, select, remove);
     list.append(li);
@@ -419,6 +450,7 @@ async function loadUser(event) {
   } catch (err) {
     status.textContent = "";
     showError(box, err);
+    focusKey(err, $("#user-form"));
   }
 }
 
@@ -426,9 +458,12 @@ async function loadUser(event) {
 function newRun(title) {
   const node = $("#run-template").content.firstElementChild.cloneNode(true);
   $(".run-title", node).textContent = title;
+  // the ranked list's name, for a screen reader's list of lists; two side by side differ
+  $(".items", node).setAttribute("aria-label", `Recommended films, ${title.toLowerCase()}`);
   $("#runs").append(node);
   return {
     node,
+    title,
     status: $(".run-status", node),
     error: $(".error", node),
     reasoningBox: $(".reasoning", node),
@@ -522,7 +557,7 @@ function renderItems(run, items) {
     const text = document.createElement("div");
     text.className = "text";
     const [title, sub] = titleSpans(item.title);
-    text.append(title, sub);
+    text.append(title, SPACE, sub);
     const score = document.createElement("span");
     score.className = "score";
     score.textContent = `score ${Number(item.score).toFixed(2)}`;
@@ -531,7 +566,9 @@ function renderItems(run, items) {
     watched.type = "button";
     watched.className = "watched";
     watched.textContent = "I watched this";
-    watched.setAttribute("aria-label", `I watched ${item.title}`);
+    // The name starts with the words on the button (WCAG 2.5.3: "click I watched this" works
+    // by voice) and says which film, as ten buttons of one name would not.
+    watched.setAttribute("aria-label", `I watched this: ${item.title}`);
     watched.addEventListener("click", () => markWatched(item, watched));
     const side = document.createElement("div");
     side.className = "side";
@@ -789,7 +826,35 @@ function showReadWindow(run, answer, sent) {
 }
 
 // ------------------------------------------------------------------ the ask button
-async function ask(event) {
+// What the status line (a live region) says after "Done in 2.9 s." when a run ends: how many
+// films each answer holds and the first, so a screen reader hears the result, not only that
+// something finished. Visually hidden: the answer is on the screen for everyone else, and the
+// line looks as it did. The reasoning is not read out as it streams (its box is no live
+// region): only that it is there.
+function answerWords(runs) {
+  const answered = runs.filter((run) => run.items.children.length);
+  const words = document.createElement("span");
+  words.className = "vh";
+  for (const run of answered) {
+    const n = run.items.children.length;
+    const first = $(".title", run.items).textContent;
+    words.append(answered.length > 1 ? ` ${run.title}: ` : " ", `${n} film${n === 1 ? "" : "s"}`);
+    if (hasReasoning(run)) words.append(" after the reasoning");
+    words.append(", first ", bdi(first), ".");
+  }
+  return words;
+}
+
+// The Recommend button while a run is in flight: it says "Recommending…" and does nothing, but
+// stays focusable (aria-disabled, not disabled): a disabled button drops the keyboard's focus to
+// the top of the page.
+function setBusy(button, busy) {
+  if (busy) button.setAttribute("aria-disabled", "true");
+  else button.removeAttribute("aria-disabled");
+  button.textContent = busy ? "Recommending…" : "Recommend";
+}
+
+async function ask(event, intro = null) {
   event?.preventDefault();
   if (state.running) return;
   const compare = $("#compare").checked;
@@ -800,8 +865,7 @@ async function ask(event) {
   const button = $("#ask");
   const cancel = $("#cancel");
   const status = $("#run-status");
-  button.disabled = true;
-  button.textContent = "Recommending…";
+  setBusy(button, true);
   cancel.hidden = false;
   $("#runs").replaceChildren();
   $("#runs").classList.toggle("compare", compare);
@@ -814,12 +878,14 @@ async function ask(event) {
   };
   tick();
   const timer = setInterval(tick, 1000);
-  status.textContent = compare ? "Asking twice: without reasoning, then with." : "Asking the model.";
+  if (intro) say(status, ...intro);
+  else status.textContent = compare ? "Asking twice: without reasoning, then with." : "Asking the model.";
   state.readWindow = null; // this run's answer marks the history afresh
   markUnread();
   const sent = state.history.length ? [...state.history] : null; // the entries this run sends
   const runs = modes.map((withReasoning) => newRun(withReasoning ? "With reasoning" : "Without reasoning"));
   let failures = 0;
+  let keyRefusal = null;
   try {
     for (let i = 0; i < modes.length; i++) {
       const run = runs[i];
@@ -836,6 +902,7 @@ async function ask(event) {
         failures++;
         run.status.textContent = "";
         showError(run.error, err);
+        if (err.forKey) keyRefusal = err;
         if (err instanceof ApiError && err.status >= 400 && err.status < 500) break; // same input, same answer
       }
     }
@@ -843,14 +910,17 @@ async function ask(event) {
     clearInterval(timer);
     elapsed.textContent = "";
     state.running = null;
-    button.disabled = false;
-    button.textContent = "Recommend";
+    setBusy(button, false);
+    const cancelHadFocus = document.activeElement === cancel;
     cancel.hidden = true;
+    if (cancelHadFocus) button.focus(); // hidden, it would drop the focus to the top of the page
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
-    status.textContent = failures ? `Stopped after ${seconds} s.` : `Done in ${seconds} s.`;
+    if (failures) status.textContent = `Stopped after ${seconds} s.`;
+    else say(status, `Done in ${seconds} s.`, answerWords(runs));
     for (const run of runs) {
       if (!run.items.children.length && run.error.hidden && !run.status.textContent) run.node.remove();
     }
+    focusKey(keyRefusal, $("#ask-form"), $("#results-panel"));
   }
 }
 
@@ -861,8 +931,13 @@ async function stopRunning() {
   while (state.running) await new Promise((resolve) => setTimeout(resolve, 20));
 }
 
+// "I watched this": save the event (for a stored user), add the film to the history and ask
+// again. The button keeps the focus while the event is saved (aria-disabled, as Recommend), and
+// keeps it after a failure; the new answer replaces it, so the focus then goes to the results'
+// heading, from where Tab reaches the new answer.
 async function markWatched(item, button) {
-  button.disabled = true;
+  if (button.getAttribute("aria-disabled") === "true") return;
+  button.setAttribute("aria-disabled", "true");
   await stopRunning();
   const run = button.closest(".run");
   const errorBox = run ? $(".error", run) : $("#history-error");
@@ -874,16 +949,16 @@ async function markWatched(item, button) {
     }
   } catch (err) {
     showError(errorBox, err);
-    button.disabled = false;
+    button.removeAttribute("aria-disabled");
+    focusKey(err, $("#results-panel"));
     return;
   }
   addToHistory(item, null);
-  if (state.userId) {
-    say($("#run-status"), "Saved ", bdi(item.title), " to user ", bdi(state.userId), "; asking again.");
-  } else {
-    say($("#run-status"), "Added ", bdi(item.title), " to your history; asking again.");
-  }
-  await ask();
+  const intro = state.userId
+    ? ["Saved ", bdi(item.title), " to user ", bdi(state.userId), "; asking again."]
+    : ["Added ", bdi(item.title), " to your history; asking again."];
+  if (document.activeElement === button || document.activeElement === document.body) $("#h-results").focus();
+  await ask(null, intro);
 }
 
 // ------------------------------------------------------------------ wiring
@@ -905,6 +980,7 @@ function init() {
   key.value = sessionStorage.getItem(KEY_STORE) || "";
   $("#key-row").hidden = !key.value;
   key.addEventListener("input", () => {
+    key.removeAttribute("aria-invalid"); // set by a refusal (focusKey)
     if (key.value) sessionStorage.setItem(KEY_STORE, key.value);
     else sessionStorage.removeItem(KEY_STORE);
   });

@@ -481,3 +481,80 @@ def test_init_refuses_a_device_this_machine_lacks_before_loading_anything(
     res = CliRunner().invoke(app, [*args, "--device", "cuda"])
     assert res.exit_code == 2 and "torch sees no CUDA device" in res.output, res.output
     assert not (tmp_path / "c").exists()
+
+
+def _over_a_local_backbone(tiny_dataset, tmp_path):
+    """A checkpoint over the tiny model saved as a model directory, and that directory."""
+    from model.backbone import tiny_model, tiny_tokenizer
+    from model.checkpoint import create_base_checkpoint
+
+    tokenizer = tiny_tokenizer()
+    mine = tmp_path / "models" / "mine"
+    tiny_model(tokenizer).save_pretrained(mine)
+    tokenizer.save_pretrained(mine)
+    ckpt = tmp_path / "ckpt"
+    create_base_checkpoint(ckpt, str(mine), tiny_dataset.items, dtype="float32", progress=False)
+    return ckpt, mine
+
+
+def test_show_says_whether_the_backbone_is_the_recorded_one_and_init_from_refuses_another(
+    tiny_dataset, tmp_path
+):
+    import shutil
+
+    import pandas as pd
+    import pytest
+
+    from model.backbone import tiny_model, tiny_tokenizer
+    from model.backbone_digest import BackboneMismatch
+    from model.data.dataset import ITEM_SCHEMA, ITEMS_FILE, _write_frame
+
+    ckpt, mine = _over_a_local_backbone(tiny_dataset, tmp_path)
+    recorded = read_meta(ckpt)["backbone"]["sha256"]
+    res = CliRunner().invoke(app, ["checkpoint", "show", str(ckpt)])
+    assert res.exit_code == 0 and json.loads(res.stdout)["backbone"]["sha256"] == recorded
+    assert "backbone: model directory" in res.stderr and f"the one '{mine}' is here" in res.stderr
+
+    tiny_model(tiny_tokenizer(), seed=9).save_pretrained(mine)  # other weights at the same path
+    res = CliRunner().invoke(app, ["checkpoint", "show", str(ckpt)])
+    assert res.exit_code == 0 and "backbone: MISMATCH" in res.stderr and recorded in res.stderr
+    args = ["checkpoint", "init", "--data", str(tiny_dataset.path), "--dtype", "float32", "--from", str(ckpt)]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "copy")])
+    assert res.exit_code == 2 and "error: " in res.output and recorded in res.output, res.output
+    assert "--allow-backbone-mismatch" in res.output and not (tmp_path / "copy").exists()
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "copy"), "--allow-backbone-mismatch"])
+    assert res.exit_code == 0, res.output
+    # the copy's item vectors are the source's (the same catalog), made over the recorded
+    # backbone: it keeps that record, so the override is not laundered into a "match"
+    assert read_meta(tmp_path / "copy")["backbone"]["sha256"] == recorded
+    with pytest.raises(BackboneMismatch):
+        load_checkpoint(tmp_path / "copy", dtype="float32")
+    allowed = load_checkpoint(tmp_path / "copy", dtype="float32", allow_backbone_mismatch=True)
+    assert allowed.backbone.status == "mismatch_allowed"
+    # untrained rows whose catalog is encoded here are wholly this backbone's: recorded as such
+    other = tmp_path / "other-data"
+    shutil.copytree(tiny_dataset.path, other)
+    items = pd.read_parquet(other / ITEMS_FILE)
+    items["title"] = "Renamed " + items["title"]
+    _write_frame(items, ITEM_SCHEMA, other / ITEMS_FILE)
+    args = ["checkpoint", "init", "--data", str(other), "--dtype", "float32", "--from", str(ckpt)]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "re"), "--allow-backbone-mismatch"])
+    assert res.exit_code == 0, res.output
+    assert read_meta(tmp_path / "re")["backbone"]["sha256"] not in (None, recorded)
+    assert load_checkpoint(tmp_path / "re", dtype="float32").backbone.status == "match"
+
+
+def test_record_backbone_stamps_an_older_checkpoint_once(tiny_dataset, tmp_path):
+    ckpt, mine = _over_a_local_backbone(tiny_dataset, tmp_path)
+    meta = read_meta(ckpt)
+    record = meta.pop("backbone")
+    (ckpt / "r2ec.json").write_text(json.dumps(meta, indent=2))  # as one written before the record
+    res = CliRunner().invoke(app, ["checkpoint", "show", str(ckpt)])
+    assert "backbone: not recorded" in res.stderr and f"record-backbone {ckpt}" in res.stderr
+    res = CliRunner().invoke(app, ["checkpoint", "record-backbone", str(ckpt)])
+    assert res.exit_code == 0 and record["sha256"] in res.stdout, res.output
+    assert read_meta(ckpt) == {**meta, "backbone": record}  # only the record added
+    assert load_checkpoint(ckpt, dtype="float32").backbone.status == "match"
+    res = CliRunner().invoke(app, ["checkpoint", "record-backbone", str(ckpt)])
+    assert res.exit_code == 2 and "records its backbone already" in res.output
+    assert read_meta(ckpt) == {**meta, "backbone": record}

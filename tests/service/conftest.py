@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -41,7 +42,25 @@ def serve_env(checkpoint, **settings: str) -> dict[str, str]:
     )
 
 
+# R2EC_TEST_PORTS=LOW-HIGH: take loopback ports from that range only (a machine shared with other
+# work that sets a range aside); unset, any port the kernel gives. Read once: the tests' own
+# fixture removes R2EC_* variables from the environment.
+TEST_PORTS = os.environ.get("R2EC_TEST_PORTS", "")
+
+
 def free_port() -> int:
+    if TEST_PORTS:
+        low, _, high = TEST_PORTS.partition("-")
+        ports = list(range(int(low), int(high or low) + 1))
+        random.shuffle(ports)  # tests run side by side need not race for the range's first port
+        for port in ports:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+        raise RuntimeError(f"R2EC_TEST_PORTS={TEST_PORTS}: no free port in the range")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -484,6 +484,7 @@ async def test_the_watch_catches_a_pointer_that_moved_while_the_service_loaded(m
         async def _sync_edits(self):
             pass
 
+        _syncer = None  # the watch's sync under way
         _named_version = service.state.ServiceState._named_version  # the pointer, as the watch reads it
 
     watch = asyncio.create_task(service.state.ServiceState._watch(Loaded()))

@@ -793,6 +793,7 @@ async def test_probes_and_metrics(app, client):
         "index": "flat",
         "store": "ok",
         "reasons": [],
+        "backbone": {"status": "match", "loaded": "tiny", "recorded": "tiny"},
     }
 
     assert (await client.post("/recommend", json={"history": H1})).status_code == 200

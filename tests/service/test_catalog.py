@@ -693,3 +693,123 @@ def test_an_edit_with_a_long_cjk_description_encodes_its_token_budget_only(engin
     assert len(ids) < model.prompts.item_tokens + 64
     again = model.item_vectors([{"item_id": "x", **item, "description": cut}]).numpy()[0]
     assert np.allclose(engine.catalog.index.vector("ja"), again, atol=1e-5)
+
+
+# ---------------------------------------------------------------- following a full save
+WRITER = """
+import sys
+from service.recommender import Recommender
+
+catalog = Recommender.load(sys.argv[1], dtype="float32").catalog
+catalog.snapshot_every = 6
+catalog.edit_many({f"sku-{n}": {"title": f"Product {n}", "year": "2024"} for n in range(5)}, ["i5"])
+catalog.wait_saved()
+print(len(catalog.index))
+"""
+
+
+def test_a_replica_following_a_full_save_takes_the_saved_vectors_instead_of_encoding(ckpt, make_engine):
+    """Review 40 (sync), finding 2: a batch that fills the edit log starts a full save at once,
+    which takes its entries (and their vectors) out of the log; another replica then reads
+    them from index.json, and encoded every upsert of the batch. The full save keeps the
+    entries it cut as the previous log: the replica takes their vectors from there, encodes
+    none, and serves what the writer serves. The writer is a process of its own."""
+    import subprocess
+    import sys
+
+    from index import journal
+    from service.catalog import Catalog
+    from tests.conftest import child_env
+
+    b = make_engine(ckpt).catalog
+    directory = ckpt / INDEX_DIR
+    done = subprocess.run(
+        [sys.executable, "-c", WRITER, str(ckpt)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not journal.path_of(directory).exists()  # cut: every entry is in index.json now
+    assert len(journal.read_previous(directory)) == 6
+    encoded: list[int] = []
+    real = Catalog.encode_items
+    Catalog.encode_items = lambda self, items: encoded.append(len(items)) or real(self, items)
+    try:
+        assert b.sync_edits() == 6
+    finally:
+        Catalog.encode_items = real
+    assert encoded == [] and b.item("i5") is None and len(b.index) == int(done.stdout.split()[-1])
+    for n in range(5):  # the writer's vectors: what this model gives the same text
+        text = {"item_id": f"sku-{n}", **{k: v for k, v in b.item(f"sku-{n}").items() if k != "item_id"}}
+        np.testing.assert_allclose(b.index.vector(f"sku-{n}"), b.encode_item(text), atol=1e-5)
+    assert make_engine(ckpt).catalog.item("sku-4")["title"] == "Product 4"  # a restart: index.json
+
+
+def test_a_replica_encodes_only_what_the_previous_log_does_not_hold(ckpt, make_engine, tmp_path):
+    """What the previous log cannot give is encoded, and only that: an item whose text a
+    later edit changed takes the vector of the text it has now; a replica that missed two full
+    saves encodes the first one's items (the second replaced the previous log); a vector of
+    another dimension is encoded; another version's previous log gives nothing."""
+    import json
+    import shutil
+
+    from index import journal
+    from model.checkpoint import META_FILE
+    from service.catalog import saved_edits
+
+    a, b = make_engine(ckpt).catalog, make_engine(ckpt).catalog
+    directory = ckpt / INDEX_DIR
+    a.snapshot_every = 6
+    a.upsert("twice", {"title": "First Text"})
+    a.upsert("twice", {"title": "Second Text"})
+    a.edit_many({f"p{n}": {"title": f"P {n}"} for n in range(4)})  # the 6th entry: a full save
+    a.wait_saved()
+    assert not journal.path_of(directory).exists()
+    calls: list[list[str]] = []
+
+    def encode(items):
+        calls.append(sorted(i["item_id"] for i in items))
+        return b.encode_items(items)
+
+    assert b.sync_edits(encode) == 5 and calls == []
+    np.testing.assert_allclose(b.index.vector("twice"), a.index.vector("twice"), atol=1e-6)
+    assert b.item("twice")["title"] == "Second Text"
+
+    a.edit_many({f"x{n}": {"title": f"X {n}"} for n in range(6)})  # a second full save...
+    a.wait_saved()
+    a.edit_many({f"y{n}": {"title": f"Y {n}"} for n in range(6)})  # ...and a third
+    a.wait_saved()
+    assert b.sync_edits(encode) == 12
+    assert calls == [[f"x{n}" for n in range(6)]]  # the y's came from the previous log
+    for item_id in ("x0", "y5"):
+        np.testing.assert_allclose(b.index.vector(item_id), a.index.vector(item_id), atol=1e-5)
+
+    a.edit_many({f"z{n}": {"title": f"Z {n}"} for n in range(6)})
+    a.wait_saved()
+    entries = journal.read_previous(directory)
+    for e in entries:
+        if e["item_id"] == "z0":
+            e["vector"] = e["vector"][:-1]  # another dimension: encoded
+    journal.remove(directory)
+    journal.append(directory, entries)
+    journal.drop_through(directory, journal.stamp(directory))  # as the previous log again
+    calls.clear()
+    assert b.sync_edits(encode) == 6 and calls == [["z0"]]
+
+    # a catalog of another version reading this record: the previous log's vectors are not
+    # its model's, every upsert is encoded
+    other = tmp_path / "other"
+    shutil.copytree(ckpt, other, ignore=shutil.ignore_patterns("index"))
+    meta = json.loads((other / META_FILE).read_text())
+    (other / META_FILE).write_text(json.dumps({**meta, "version": "other"}))
+    c = make_engine(other).catalog
+    calls.clear()
+    upserts = sorted(i for i, r in a.edits.records.items() if r is not None)
+    assert (
+        c._apply(saved_edits(directory, a.checkpoint.version), ties_win=False, encode=encode)
+        == len(upserts)
+        == 23
+    )
+    assert sorted(i for call in calls for i in call) == upserts and "z1" in upserts

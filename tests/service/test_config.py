@@ -88,3 +88,14 @@ def test_the_exposure_log_is_off_by_default_and_needs_redis_and_a_bound():
     with pytest.raises(pydantic.ValidationError, match="grow without bound"):
         Settings(exposure_log="redis", redis_url="redis://x", exposure_maxlen=0)
     assert Settings(exposure_log="redis", redis_url="redis://x", exposure_maxlen=0, exposure_retention_s=60)
+
+
+def test_a_refused_setting_does_not_print_the_others_values():
+    """A model-wide check (here max_queue < max_batch) used to print every setting read, with
+    R2EC_REDIS_URL's password near the end of the truncated dict: `r2ec serve`'s one-line error
+    (journey 41)."""
+    with pytest.raises(pydantic.ValidationError) as refused:
+        Settings(max_queue=2, max_batch=16, redis_url="redis://r2ec:TOPSECRETPASSWORD@cache.example:6379/0")
+    text = str(refused.value)
+    assert "raise R2EC_MAX_QUEUE" in text
+    assert "SECRET" not in text and "PASSWORD" not in text and "cache.example" not in text

@@ -440,6 +440,35 @@ async def test_another_replica_takes_a_batch_without_holding_the_model_thread(ck
     assert order == ["encode 3", "recommend", "encode 2"]
 
 
+async def test_a_batch_that_fills_the_log_costs_the_other_replica_no_encoding(ckpt, monkeypatch):
+    """Review 40 (sync), finding 2: a batch that brings the edit log to SNAPSHOT_EVERY entries
+    (here 6; 1000 in the service) starts a full save at once, which cuts the log; the other
+    replica's watch tick then reads the batch from index.json, and encoded all of it. It takes
+    the vectors from the previous log the save kept: none encoded, the writer's vectors served."""
+    import service.catalog
+    from service.catalog import Catalog
+
+    monkeypatch.setattr(service.catalog, "SNAPSHOT_EVERY", 6)
+    encoded: list[int] = []
+    encode = Catalog.encode_items
+    a, b = app_for(ckpt, watch_interval_s=0), app_for(ckpt, watch_interval_s=0)
+    async with serve(a) as ca, serve(b) as cb:
+        upsert = [{"item_id": f"sku-{n}", "title": f"Product {n}"} for n in range(5)]
+        r = await ca.post("/items:batch", json={"upsert": upsert, "delete": ["i5"]}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        await asyncio.to_thread(a.state.r2ec.engine.catalog.wait_saved)
+        assert not (ckpt / INDEX_DIR / "edits.jsonl").exists()  # the full save cut the log
+        monkeypatch.setattr(
+            Catalog, "encode_items", lambda self, items: encoded.append(len(items)) or encode(self, items)
+        )
+        await b.state.r2ec._sync_edits()  # B's watch tick
+        assert encoded == []
+        assert (await cb.get("/items/sku-4")).json()["title"] == "Product 4"
+        assert (await cb.get("/items/i5")).status_code == 404
+        for n in range(5):
+            np.testing.assert_allclose(vector(b, f"sku-{n}"), vector(a, f"sku-{n}"), atol=1e-6)
+
+
 async def test_a_put_during_a_chunked_sync_waits_for_a_chunk_not_the_whole_sync(ckpt, monkeypatch):
     """Review 40 (sync), #3: a sync that must encode encodes outside the edit lock; a PUT sent
     meanwhile is answered before the sync ends (on the old code it waited for every chunk), and
@@ -473,6 +502,57 @@ async def test_a_put_during_a_chunked_sync_waits_for_a_chunk_not_the_whole_sync(
         await sync
         assert (await cb.get("/items/sku-11")).json()["title"] == "Product 11"
         assert (await cb.get("/items/sku-3")).json()["title"] == "Put on B"
+
+
+async def test_the_watch_sees_a_new_version_while_a_long_sync_encodes(ckpt, tmp_path, monkeypatch):
+    """The watch awaited its tick's sync before it polled the version again: a sync encoding a
+    batch (minutes with a real model) held back the reload of a version published meanwhile
+    until every chunk was encoded. The sync runs beside the watch now: with the sync's first
+    chunk held, the watch reloads the new version, and the reload ends the sync's encoding."""
+    import service.catalog
+    from service.catalog import Catalog
+
+    monkeypatch.setattr("service.state.EDIT_BATCH_CHUNK", 1)
+    root = tmp_path / "versions"
+    copy_as_new_version(ckpt, root / "one", "w1")
+    copy_as_new_version(ckpt, root / "two", "w2")
+    (root / "CURRENT").write_text("one")
+    encode = Catalog.encode_items
+    entered, gate = threading.Event(), threading.Event()
+    held: list[int] = []  # B's old catalog's encodes (the new model's load may encode too)
+
+    a, b = app_for(root, watch_interval_s=0), app_for(root, watch_interval_s=0.02)
+    async with serve(a) as ca, serve(b) as cb:
+        old = b.state.r2ec.engine.catalog
+
+        def gated(self, items):
+            if self is old:
+                held.append(len(items))
+                entered.set()
+                gate.wait(60)  # the first chunk is held until the reload is seen
+            return encode(self, items)
+
+        monkeypatch.setattr(service.catalog, "usable_vector", lambda v, dim: False)  # B must encode
+        monkeypatch.setattr(Catalog, "encode_items", gated)
+        upsert = [{"item_id": f"sku-{n}", "title": f"Product {n}"} for n in range(6)]
+        r = await ca.post("/items:batch", json={"upsert": upsert}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert await asyncio.to_thread(entered.wait, 60)  # B's watch tick: the sync encodes
+        (root / "CURRENT").write_text("two")  # a retrain published w2 meanwhile
+
+        async def reloaded() -> None:
+            while b.state.r2ec.engine.version != "w2":
+                await asyncio.sleep(0.02)
+
+        try:
+            await asyncio.wait_for(reloaded(), 60)  # on the old watch: never, the gate is shut
+            assert held == [1]  # the sync is still in its first chunk
+        finally:
+            gate.set()
+        assert b.state.r2ec.engine.catalog is not old
+        r = await cb.get("/items/sku-5")  # the new catalog carried the edits B had not applied
+        assert r.status_code == 200 and r.json()["title"] == "Product 5"
+        assert held == [1]  # the reload ended the old catalog's encoding after its first chunk
 
 
 async def test_a_reload_ends_a_syncs_encoding_and_carries_its_edits(ckpt, tmp_path, monkeypatch):
@@ -511,3 +591,67 @@ async def test_a_reload_ends_a_syncs_encoding_and_carries_its_edits(ckpt, tmp_pa
         assert calls.count(old) == 1  # given up after the chunk under way, not 6 chunks
         assert (await reload).status_code == 200
         assert (await cb.get("/items/sku-5")).json()["title"] == "Product 5"
+
+
+async def test_a_reload_that_fails_lets_the_syncs_encoding_go_on(ckpt, monkeypatch):
+    """The sync runs beside the watch, so the watch's own reloads now come while it encodes:
+    one of a version that fails to load (retried a tick apart, then every 5 minutes) ended
+    the sync's encoding too, and the next tick's sync started over. A sync longer than the
+    retries' spacing never ended while CURRENT named that version: the other replica's edits
+    never reached this one. A reload under way pauses the encoding; where it fails, the sync
+    goes on with the same catalog and applies the edits, each item encoded once."""
+    import service.catalog
+    import service.state
+    from service.catalog import Catalog
+
+    monkeypatch.setattr("service.state.EDIT_BATCH_CHUNK", 1)
+    encode = Catalog.encode_items
+    entered, gate, loading, looked, fail = (threading.Event() for _ in range(5))
+    calls = []
+    loop_thread = threading.current_thread()
+
+    def gated(self, items):
+        calls.append(len(items))
+        if not entered.is_set():
+            entered.set()
+            gate.wait(60)
+        return encode(self, items)
+
+    def broken_load(*args, **kwargs):  # a version that fails to load, after a while
+        loading.set()
+        fail.wait(60)
+        raise service.state.CheckpointError("adapter/adapter_model.safetensors is damaged")
+
+    class Watched(asyncio.Lock):
+        """The reload lock: says when the sync's thread looked at it during the load."""
+
+        def locked(self) -> bool:
+            if loading.is_set() and threading.current_thread() is not loop_thread:
+                looked.set()
+            return super().locked()
+
+    a, b = app_for(ckpt, watch_interval_s=0), app_for(ckpt, watch_interval_s=0)
+    async with serve(a) as ca, serve(b) as cb:
+        upsert = [{"item_id": f"sku-{n}", "title": f"Product {n}"} for n in range(6)]
+        r = await ca.post("/items:batch", json={"upsert": upsert}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        state = b.state.r2ec
+        state._reload_lock = Watched()
+        old = state.engine.catalog
+        monkeypatch.setattr(service.catalog, "usable_vector", lambda v, dim: False)  # B must encode
+        monkeypatch.setattr(Catalog, "encode_items", gated)
+        monkeypatch.setattr(service.state.Recommender, "load", broken_load)
+        sync = asyncio.create_task(state._sync_edits())
+        assert await asyncio.to_thread(entered.wait, 60)  # the sync's first chunk
+        reload = asyncio.create_task(state.reload(log_failure=False))
+        assert await asyncio.to_thread(loading.wait, 60)  # the reload is loading
+        gate.set()  # the chunk ends while the reload is under way...
+        assert await asyncio.to_thread(looked.wait, 60)  # ...and the sync sees it
+        fail.set()
+        with pytest.raises(service.state.ReloadError):
+            await reload
+        await sync
+        assert state.engine.catalog is old  # the failed reload swapped nothing
+        assert calls == [1] * 6  # every item encoded once
+        r = await cb.get("/items/sku-5")
+        assert r.status_code == 200 and r.json()["title"] == "Product 5"

@@ -197,7 +197,7 @@ def test_i_watched_this_saves_the_event_for_the_user_and_asks_again(server, page
     first = items.first
     watched_id = first.get_attribute("data-item-id")
     watched_title = first.locator(".title").inner_text()
-    first.get_by_role("button", name=f"I watched {watched_title}").click()
+    first.get_by_role("button", name=f"I watched this: {watched_title}").click()
 
     expect(page.locator("#history li", has_text=watched_title)).to_have_count(1)
     expect(page.locator("#run-status")).to_contain_text("Done")
@@ -228,11 +228,18 @@ def test_a_server_that_asks_for_a_key_gets_it_from_the_page(ckpt, page):
         add_film(page, "babe", "Babe", how="enter")  # the catalog stays open
         page.get_by_role("button", name="Recommend").click()
         expect(page.locator(".run .error")).to_contain_text("asks for an API key")
-        expect(page.get_by_label("API key")).to_be_visible()
+        key_field = page.get_by_label("API key")
+        expect(key_field).to_be_visible()
+        # the field that answers the refusal has the focus, marked invalid until typed in
+        expect(key_field).to_be_focused()
+        expect(key_field).to_have_attribute("aria-invalid", "true")
 
-        page.get_by_label("API key").fill("wrong")
+        key_field.fill("wrong")
+        expect(key_field).not_to_have_attribute("aria-invalid", "true")
         page.get_by_role("button", name="Recommend").click()
         expect(page.locator(".run .error")).to_contain_text("did not accept that API key")
+        expect(key_field).to_be_focused()
+        expect(key_field).to_have_attribute("aria-invalid", "true")
 
         page.get_by_label("API key").fill("page-secret")
         page.locator("#user-box summary").click()
@@ -367,6 +374,16 @@ def test_the_page_is_keyboard_and_phone_friendly(server, browser):
         expect(page.locator(".run .items li")).to_have_count(10)
         # nothing wider than the phone: no sideways scrolling
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+        # 320 px wide (WCAG 1.4.10, as 1280 px at 400% zoom): still no sideways scrolling, and
+        # each title keeps most of its row; beside the score and "I watched this" it had a
+        # third of it, and long words broke apart ("Monkey / s")
+        page.set_viewport_size({"width": 320, "height": 640})
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+        share = page.locator(".run .items li").evaluate_all(
+            "lis => lis.map(li => li.querySelector('.text').getBoundingClientRect().width"
+            " / li.getBoundingClientRect().width)"
+        )
+        assert min(share) > 0.6, share
     finally:
         context.close()
 
@@ -577,8 +594,10 @@ def test_a_stream_that_breaks_off_marks_the_reasoning_cut_off(ckpt, page):
         add_film(page, "toy", "Toy Story", how="enter")
         page.get_by_role("button", name="Recommend").click()
         expect(run.locator(".reasoning-text")).to_contain_text("You liked")
-        page.get_by_role("button", name="Cancel").click()
+        page.get_by_role("button", name="Cancel").press("Enter")
         expect(run.locator(".run-status")).to_have_text("Cancelled.")
+        # Cancel hides itself: the focus goes to Recommend, not to the top of the page
+        expect(page.get_by_role("button", name="Recommend")).to_be_focused()
         expect(end).to_have_text("(cut off: cancelled before the answer completed)")
     # the server is gone now: the next ask says so in words, as /recommend's path does
     page.get_by_role("button", name="Recommend").click()
@@ -730,3 +749,308 @@ def test_right_to_left_titles_keep_their_order_in_lists_status_lines_and_the_rea
         xs = _left(entries)
         assert xs[1] < xs[2] < xs[3], "the listed titles must show in the order they are written"
         expect(run.locator(".items .title")).to_have_attribute("dir", "auto")
+
+
+# ---------------------------------------------------------------------------- keyboard and screen reader
+# What a person who uses the page by keyboard alone, with a screen reader, depends on (journey
+# 41; WCAG 2.1 AA). Names are read from Chromium's own accessibility tree (over CDP), the one a
+# screen reader is given; keys are pressed, never clicked. An axe-core run is opt-in
+# (R2EC_TEST_AXE, at the end): CI installs nothing from npm.
+
+# roles a person operates: each needs a name to be found and used
+CONTROL_ROLES = {
+    "button",
+    "checkbox",
+    "combobox",
+    "DisclosureTriangle",  # <summary>
+    "link",
+    "listbox",
+    "menuitem",
+    "radio",
+    "searchbox",
+    "slider",
+    "spinbutton",
+    "switch",
+    "tab",
+    "textbox",
+}
+
+
+def _ax(node: dict, key: str) -> str:
+    return str((node.get(key) or {}).get("value", ""))
+
+
+def unnamed_controls(page: Page) -> list[str]:
+    """Controls, and anything else the keyboard can reach, that Chromium's accessibility tree
+    gives no name: a screen reader says only "button" for them."""
+    cdp = page.context.new_cdp_session(page)
+    try:
+        nodes = cdp.send("Accessibility.getFullAXTree")["nodes"]
+    finally:
+        cdp.detach()
+    unnamed = []
+    for node in nodes:
+        role = _ax(node, "role")
+        if node.get("ignored") or role == "RootWebArea":
+            continue
+        focusable = any(p["name"] == "focusable" and p["value"]["value"] for p in node.get("properties", []))
+        if (role in CONTROL_ROLES or focusable) and not _ax(node, "name").strip():
+            unnamed.append(f"{role} (DOM node {node.get('backendDOMNodeId')})")
+    return unnamed
+
+
+def ax_names(page: Page, selector: str) -> list[str]:
+    """The accessible name Chromium gives each element `selector` matches, in document order."""
+    cdp = page.context.new_cdp_session(page)
+    try:
+        root = cdp.send("DOM.getDocument", {"depth": 0})["root"]["nodeId"]
+        node_ids = cdp.send("DOM.querySelectorAll", {"nodeId": root, "selector": selector})["nodeIds"]
+        names = []
+        for node_id in node_ids:
+            ax = cdp.send("Accessibility.getPartialAXTree", {"nodeId": node_id, "fetchRelatives": False})
+            names.append(_ax(ax["nodes"][0], "name") if ax["nodes"] else "")
+    finally:
+        cdp.detach()
+    return names
+
+
+def names_without_their_words(page: Page, selector: str = "button, a[href], summary") -> list[str]:
+    """Visible controls whose accessible name (Chromium's) does not hold the words shown on
+    them, in order (WCAG 2.5.3 Label in Name): a person who says "click I watched this" to
+    speech software, or sees one thing while the screen reader says another."""
+    names = ax_names(page, selector)
+    shown = page.locator(selector).evaluate_all("els => els.map(e => e.checkVisibility() ? e.innerText : '')")
+    assert len(shown) == len(names)
+
+    def words(text: str) -> list[str]:
+        return re.findall(r"\w+", text.lower())
+
+    missing = []
+    for text, name in zip(shown, names, strict=True):
+        seen, said = words(text), words(name)
+        if seen and not any(said[i : i + len(seen)] == seen for i in range(len(said) - len(seen) + 1)):
+            missing.append(f"{text!r} is named {name!r}")
+    return missing
+
+
+def focused(page: Page) -> str:
+    """The focused element, as a short string: '#id', else 'tag.class', else 'body'."""
+    return page.evaluate(
+        """() => { const e = document.activeElement;
+                   if (!e || e === document.body) return 'body';
+                   return e.id ? '#' + e.id : e.tagName.toLowerCase() + '.' + e.classList[0]; }"""
+    )
+
+
+def tab_until(page: Page, predicate: str, limit: int = 40, key: str = "Tab") -> None:
+    """Press Tab until `predicate` (JavaScript, given document.activeElement) holds; the focus
+    must never fall to the page itself on the way."""
+    for _ in range(limit):
+        page.keyboard.press(key)
+        assert focused(page) != "body", "the focus fell to the top of the page"
+        if page.evaluate(f"({predicate})(document.activeElement)"):
+            return
+    raise AssertionError(f"{limit} presses of {key} never reached {predicate}; at {focused(page)}")
+
+
+# Every text a live region (status, alert, aria-live) takes, in order: what a screen reader says
+# without the person moving.
+LIVE_PROBE = """
+window.__said = [];
+new MutationObserver(() => {
+  const live = "[role=status], [role=alert], [role=log], [aria-live=polite], [aria-live=assertive]";
+  for (const el of document.querySelectorAll(live)) {
+    const text = el.textContent.trim();
+    if (text && el.__said !== text) { el.__said = text; window.__said.push(text); }
+  }
+}).observe(document, { subtree: true, childList: true, characterData: true });
+"""
+
+
+def test_every_control_has_a_name_holding_the_words_on_it(server, browser):
+    context = browser.new_context(viewport={"width": 1100, "height": 900}, reduced_motion="reduce")
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        page.goto(server + "/")
+        expect(page.locator("#server")).to_contain_text("Model ")
+        assert page.evaluate("document.documentElement.lang") == "en"
+        expect(page.get_by_role("banner")).to_have_count(1)
+        expect(page.get_by_role("main")).to_have_count(1)
+        expect(page.get_by_role("heading", level=1)).to_have_count(1)
+        assert unnamed_controls(page) == []
+
+        # matches (one already added, disabled), history rows, the stored-user box
+        add_film(page, "toy", "Toy Story", how="enter")
+        page.get_by_label("Find a film by title").fill("o")
+        expect(page.locator("#matches button:disabled")).to_have_count(1)
+        expect(page.locator("#matches button:enabled").first).to_be_visible()
+        page.locator("#user-box summary").press("Enter")
+        assert unnamed_controls(page) == []
+        assert names_without_their_words(page) == []
+
+        # both answers, each film with its "I watched this"
+        page.get_by_label("How many").fill("3")
+        page.get_by_label("Compare with and without reasoning").check()
+        page.get_by_role("button", name="Recommend").press("Enter")
+        expect(page.locator(".run").nth(1).locator(".items li")).to_have_count(3)
+        assert unnamed_controls(page) == []
+        assert names_without_their_words(page) == []
+        lists = page.locator(".run .items").evaluate_all("ls => ls.map(l => l.getAttribute('aria-label'))")
+        assert lists == ["Recommended films, without reasoning", "Recommended films, with reasoning"]
+        # the scrolled reasoning box is reachable by Tab (to scroll it by keyboard) and named
+        reasoning = page.locator(".run").nth(1).locator(".reasoning-text")
+        expect(reasoning).to_have_attribute("tabindex", "0")
+        assert ax_names(page, ".run:nth-child(2) .reasoning-text") == ["Reasoning"]
+
+        # nothing moves by itself for a person who asked for less motion
+        assert page.evaluate("document.getAnimations().length") == 0
+        moving = page.evaluate(
+            """[...document.querySelectorAll('*')].filter(e => { const s = getComputedStyle(e);
+                 return s.animationName !== 'none'
+                        || s.transitionDuration.split(',').some(d => parseFloat(d) > 0); }).length"""
+        )
+        assert moving == 0
+    finally:
+        context.close()
+
+
+def test_the_main_flow_by_keyboard_alone(server, page):
+    """Tab, type, arrows and Enter only: find and add two films, ask, hear the result in the
+    live region, reach "I watched this" and ask again. The focus stays where the person is: on
+    Recommend while it runs and after (a disabled button dropped it to the top of the page), and
+    on the results' heading after "I watched this" (its answer replaces the button)."""
+    page.add_init_script(LIVE_PROBE)
+    page.goto(server + "/")
+    expect(page.locator("#server")).to_contain_text("Model ")
+    page.keyboard.press("Tab")
+    assert focused(page) == "a.skip"
+    page.keyboard.press("Tab")
+    assert focused(page) == "#q"
+    page.keyboard.type("toy st")
+    expect(page.locator("#matches button", has_text="Toy Story")).to_be_visible()
+    page.keyboard.press("Enter")  # the first match
+    expect(page.locator("#history li", has_text="Toy Story")).to_have_count(1)
+    expect(page.locator("#q-status")).to_have_text("Added Toy Story. 1 in your history.")
+    assert focused(page) == "#q"
+    page.keyboard.press("Escape")  # clears the box
+    page.keyboard.type("monkeys")
+    expect(page.locator("#matches button", has_text="Twelve Monkeys")).to_be_visible()
+    page.keyboard.press("ArrowDown")
+    assert page.evaluate("document.activeElement.textContent").count("Twelve Monkeys") == 1
+    page.keyboard.press("Enter")
+    expect(page.locator("#history li")).to_have_count(2)
+    assert focused(page) == "#q"
+
+    tab_until(page, "e => e.id === 'k'")
+    page.keyboard.press("Control+a")
+    page.keyboard.type("3")
+    tab_until(page, "e => e.id === 'ask'")
+    page.keyboard.press("Enter")
+    assert focused(page) == "#ask"  # at once, while the model runs
+    items = page.locator(".run .items li")
+    expect(items).to_have_count(3)
+    first = items.first.locator(".title").inner_text()
+    status = page.locator("#run-status")
+    expect(status).to_have_text(
+        re.compile(rf"^Done in [\d.]+ s\. 3 films( after the reasoning)?, first {re.escape(first)}\.$")
+    )
+    assert focused(page) == "#ask"
+
+    # on into the answer: the reasoning box, then each film's "I watched this"
+    tab_until(page, "e => e.matches('button.watched')")
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == f"I watched this: {first}"
+    page.keyboard.press("Enter")
+    expect(page.locator("#history li", has_text=first)).to_have_count(1)
+    expect(page.locator(".run .items li", has_text=first)).to_have_count(0)  # asked again without it
+    expect(items).to_have_count(3)
+    again = items.first.locator(".title").inner_text()
+    expect(status).to_have_text(re.compile(rf"^Done in [\d.]+ s\. 3 films.*, first {re.escape(again)}\.$"))
+    assert focused(page) == "#h-results"
+    # said before the new answer, not overwritten in the same instant by "Asking the model."
+    assert f"Added {first} to your history; asking again." in page.evaluate("window.__said")
+    tab_until(page, "e => e.matches('button.watched')")  # Tab goes on into the new answer
+
+
+def test_removing_a_film_keeps_the_focus_in_the_history(server, page):
+    page.goto(server + "/")
+    for typed, title in [("toy", "Toy Story"), ("golden", "GoldenEye"), ("monkeys", "Twelve Monkeys")]:
+        add_film(page, typed, title, how="enter")
+    page.get_by_role("button", name="Remove GoldenEye").press("Enter")
+    # the row that took its place (before: the first row's, wherever the removed one was)
+    expect(page.get_by_role("button", name="Remove Twelve Monkeys")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("button", name="Remove Toy Story")).to_be_focused()  # the last row went
+    page.keyboard.press("Enter")
+    expect(page.get_by_label("Find a film by title")).to_be_focused()  # nothing left
+    expect(page.locator("#history li")).to_have_count(0)
+
+
+def test_live_regions_say_the_result_and_the_error_not_each_piece_of_reasoning(ckpt, page):
+    page.add_init_script(LIVE_PROBE)
+    with uvicorn_serving(stream_app(ckpt)) as base:
+        page.goto(base + "/")
+        add_film(page, "toy", "Toy Story", how="enter")
+        page.get_by_label("How many").fill("3")
+        page.get_by_role("button", name="Recommend").press("Enter")
+        run = page.locator(".run")
+        expect(run.locator(".items li")).to_have_count(3)
+        first = run.locator(".items li .title").first.inner_text()
+        expect(page.locator("#run-status")).to_have_text(
+            re.compile(rf"^Done in [\d.]+ s\. 3 films after the reasoning, first {re.escape(first)}\.$")
+        )
+        # the words after "Done in … s." are for a screen reader: the answer is on screen
+        expect(page.locator("#run-status .vh")).to_have_text(f"3 films after the reasoning, first {first}.")
+        text = run.locator(".reasoning-text")
+        expect(text).to_have_text("You liked Toy Story;\nso: more animation.")
+        live = "[role=status], [role=alert], [role=log], [aria-live]:not([aria-live=off])"
+        assert text.evaluate(f"t => t.closest('{live}')") is None, "the streamed text is in a live region"
+        said = page.evaluate("window.__said")
+        assert "Reasoning…" in said  # that it streams, once
+        assert not [s for s in said if "You liked" in s or "animation" in s], said
+        assert said[-1].startswith("Done in ")
+
+        add_film(page, "dead man", "Dead Man Walking", how="enter")  # the stand-in fails for it
+        page.get_by_role("button", name="Recommend").press("Enter")
+        expect(run.locator(".error")).to_have_text("the model ran out of patience")
+        expect(run.locator(".error")).to_have_attribute("role", "alert")
+        assert "the model ran out of patience" in page.evaluate("window.__said")
+
+
+AXE_JS = os.environ.get("R2EC_TEST_AXE")
+
+
+@pytest.mark.skipif(not AXE_JS, reason="opt-in: R2EC_TEST_AXE=path/to/axe.min.js (npm install axe-core)")
+def test_axe_core_finds_nothing_against_wcag_2_1_aa(server, page):
+    """axe-core's WCAG 2.0/2.1 A and AA rules and its best practices, at each state of the page:
+    empty, a search with a history, both answers side by side, an error."""
+    source = open(AXE_JS, encoding="utf-8").read()
+    tags = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]
+
+    def violations(where: str) -> list[str]:
+        page.evaluate(source)  # the page's CSP is for the page's own scripts; this is the test's
+        found = page.evaluate(
+            """async (tags) => (await axe.run(document, {runOnly: {type: 'tag', values: tags}}))
+                 .violations.map(v => `${v.id} (${v.impact}): ${v.nodes.map(n => n.html).join(' | ')}`)""",
+            tags,
+        )
+        return [f"{where}: {v}" for v in found]
+
+    page.goto(server + "/")
+    expect(page.locator("#server")).to_contain_text("Model ")
+    found = violations("empty")
+    add_film(page, "toy", "Toy Story", how="enter")
+    page.get_by_label("Find a film by title").fill("o")
+    expect(page.locator("#matches button:enabled").first).to_be_visible()
+    page.locator("#user-box summary").click()
+    found += violations("a search and a history")
+    page.get_by_label("Compare with and without reasoning").check()
+    page.get_by_role("button", name="Recommend").click()
+    expect(page.locator(".run").nth(1).locator(".items li")).to_have_count(10)
+    found += violations("both answers")
+    page.get_by_role("button", name="Remove Toy Story").click()
+    page.get_by_label("Compare with and without reasoning").uncheck()  # one run: one error box
+    page.get_by_role("button", name="Recommend").click()
+    expect(page.locator(".run .error")).to_be_visible()
+    found += violations("an error")
+    assert found == []

@@ -9,6 +9,7 @@ import socket
 
 import pytest
 
+from service.store import StoreConfigError
 from tests.service.conftest import ADMIN, RedisServer, app_for, needs_redis, serve
 from tests.service.test_app import H1, H2, metric
 
@@ -103,14 +104,20 @@ async def test_the_cache_skip_ends_when_the_store_answers_again(ckpt, redis_url,
         assert metric(text, "r2ec_store_errors_total", op="cache_get") == 1
 
 
-def _require_password(server: RedisServer, password: str) -> None:
+def _require_password(server: RedisServer, password: str, was: str | None = None) -> None:
+    """Set Redis's password; where it had one (`was`), also drop every client connected with it,
+    so theirs must log in again."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=2) as s:
-        s.sendall(f"CONFIG SET requirepass {password}\r\n".encode())
-        assert s.recv(16).startswith(b"+OK")
+        login = b"" if was is None else f"AUTH {was}\r\n".encode()
+        s.sendall(login + f"CONFIG SET requirepass {password}\r\nCLIENT KILL TYPE normal\r\n".encode())
+        replies = b""
+        while replies.count(b"\r\n") < (3 if was else 2):
+            replies += s.recv(64)
+        assert b"-" not in replies, replies
 
 
-@pytest.mark.parametrize("sent", ["RIGHTPW", "WRONGPW"])
-async def test_a_password_in_the_query_reaches_no_client_and_no_log(ckpt, caplog, sent):
+@pytest.mark.parametrize("then", ["stopped", "password_changed"])
+async def test_a_password_in_the_query_reaches_no_client_and_no_log(ckpt, caplog, then):
     """redis-py also takes the password as `?password=`; it used to be copied whole into the
     open /readyz reasons, every 503 body and the WARNING line when Redis went away (or refused
     a wrong one). Clients now see no part of the URL (not its host, port or db either); the log
@@ -118,25 +125,47 @@ async def test_a_password_in_the_query_reaches_no_client_and_no_log(ckpt, caplog
     server = RedisServer()
     try:
         _require_password(server, "RIGHTPW")
-        url = f"{server.url}?password={sent}&socket_keepalive=true"
+        url = f"{server.url}?password=RIGHTPW&socket_keepalive=true"
         caplog.set_level(logging.WARNING, logger="service")
         async with serve(app_for(ckpt, redis_url=url)) as client:
-            if sent == "RIGHTPW":  # the query form works; then Redis goes away
-                assert (await client.get("/readyz")).json()["store"] == "ok"
+            assert (await client.get("/readyz")).json()["store"] == "ok"
+            if then == "stopped":
                 server.stop()
+            else:  # the password changed under the running service: it is refused at reconnecting
+                _require_password(server, "NEWPW", was="RIGHTPW")
             ready = await client.get("/readyz")
             assert ready.status_code == 200 and ready.json()["store"] == "down"
-            cause = "ConnectionError" if sent == "RIGHTPW" else "AuthenticationError"
+            cause = "ConnectionError" if then == "stopped" else "AuthenticationError"
             assert ready.json()["reasons"] == [f"store unavailable: {cause}"]
             r = await client.get("/users/u1/history")
             assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
             assert r.json()["error"]["message"] == "history store unavailable"
             for text in (ready.text, r.text):
-                assert sent not in text and str(server.port) not in text and "127.0.0.1" not in text
+                assert "RIGHTPW" not in text and str(server.port) not in text and "127.0.0.1" not in text
         warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
         logged = f"{server.url}?password=***&socket_keepalive=true"  # which Redis, and why
         assert any(logged in w for w in warnings), warnings
-        assert sent not in caplog.text
+        assert "RIGHTPW" not in caplog.text
+    finally:
+        server.stop()
+
+
+async def test_a_password_redis_refuses_stops_the_start_without_showing_it(ckpt, caplog):
+    """A wrong password is no outage to wait out: the start stops with one line (what `r2ec
+    serve` prints) naming R2EC_REDIS_URL, the password masked, rather than a replica that says
+    ready and answers every user's request 503 (journey 41)."""
+    server = RedisServer()
+    try:
+        _require_password(server, "RIGHTPW")
+        app = app_for(ckpt, redis_url=f"{server.url}?password=WRONGPW&socket_keepalive=true")
+        with pytest.raises(StoreConfigError):
+            async with serve(app):
+                pass
+        assert app.state.startup_error == (
+            f"Redis refuses the user or password of R2EC_REDIS_URL ({server.url}?password=***&"
+            "socket_keepalive=true): invalid username-password pair or user is disabled."
+        )
+        assert "WRONGPW" not in caplog.text
     finally:
         server.stop()
 
