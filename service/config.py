@@ -49,13 +49,28 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=256,
-        description="Continuous batching: most requests one tick admits into free decode slots. "
+        description="Continuous batching: most requests one tick admits into free decode slots "
+        "(with prefill_batch_tokens, no-reasoning requests are counted there instead). "
         "Each admission is a prefill that every decoding request waits for before its next token: "
         "with 1 a stream's largest gap under a burst of 12 arrivals was 0.35-0.46 s, with 16 "
         "(every free slot, as before) 2.8-3.7 s, and reasoning requests beside no-reasoning ones "
         "got 2.6x the throughput. A larger value admits new requests sooner beside running "
         "decodes: 4 served no-reasoning traffic 2.3x faster in that mix, with stalls under 0.8 s "
         "(BENCHMARKS.md §4).",
+    )
+    prefill_batch_tokens: int = Field(
+        0,
+        ge=0,
+        le=65536,
+        description="Continuous batching: requests without reasoning (and a cached reasoning "
+        "without its h_T) are one prefill each; with a value > 0 they take no decode slot and the "
+        "waiting ones are prefilled together, one forward a tick of at most this many prompt "
+        "positions (the shared prompt head not counted; an ml-100k prompt is ~125), beside the "
+        "max_prefill_per_tick admissions. Every decoding request waits for that forward, so it "
+        "bounds the stall a burst causes. 0 (the default): each is prefilled alone, an admission "
+        "like any other. On 2 shared CPU cores 512 served bursts of 8-32 1.6-1.7x faster with "
+        "OpenMP threads spinning and 0.9-1.0x with them sleeping, and doubled a running stream's "
+        "largest gap; exact_decode turns it off (BENCHMARKS.md §4).",
     )
     max_wait_ms: float = Field(
         10.0, ge=0, le=10_000, description="How long the first request of a batch waits for others."
@@ -437,6 +452,7 @@ class Settings(BaseSettings):
             "exact_decode": self.exact_decode,
             "speculative_tokens": self.speculative_tokens,
             "warmup_requests": self.warmup_requests,
+            "prefill_batch_tokens": self.prefill_batch_tokens,
             # None where unset: the load reads R2EC_ALLOW_BACKBONE_MISMATCH itself, so the
             # offline loads built on the defaults (service/offline.py: `r2ec recommend`) honour it
             "allow_backbone_mismatch": True if self.allow_backbone_mismatch else None,

@@ -234,6 +234,9 @@ class ServiceState:
                 max_queue=settings.max_queue,
                 max_prefill_per_tick=settings.max_prefill_per_tick,
                 max_queue_wait_s=settings.max_queue_wait_s or None,
+                # no-reasoning requests: one prefill forward a tick for those waiting, no slot
+                prefill_cost=lambda p: self.engine.prefill_tokens(p),
+                prefill_batch_tokens=settings.prefill_batch_tokens,
             )
         else:
             self.batcher = MicroBatcher(

@@ -12,7 +12,7 @@ from cli import app
 from model.checkpoint import VECTORS_FILE, load_checkpoint, read_meta
 from model.recpo import RecPOConfig
 from model.train import train
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, checkpoint_over_a_local_backbone
 
 TINY = dict(dtype="float32", warmup_steps=0, eval_limit=4, lora_r=4, lora_alpha=8, max_completion_length=4)
 
@@ -483,20 +483,6 @@ def test_init_refuses_a_device_this_machine_lacks_before_loading_anything(
     assert not (tmp_path / "c").exists()
 
 
-def _over_a_local_backbone(tiny_dataset, tmp_path):
-    """A checkpoint over the tiny model saved as a model directory, and that directory."""
-    from model.backbone import tiny_model, tiny_tokenizer
-    from model.checkpoint import create_base_checkpoint
-
-    tokenizer = tiny_tokenizer()
-    mine = tmp_path / "models" / "mine"
-    tiny_model(tokenizer).save_pretrained(mine)
-    tokenizer.save_pretrained(mine)
-    ckpt = tmp_path / "ckpt"
-    create_base_checkpoint(ckpt, str(mine), tiny_dataset.items, dtype="float32", progress=False)
-    return ckpt, mine
-
-
 def test_show_says_whether_the_backbone_is_the_recorded_one_and_init_from_refuses_another(
     tiny_dataset, tmp_path
 ):
@@ -509,7 +495,7 @@ def test_show_says_whether_the_backbone_is_the_recorded_one_and_init_from_refuse
     from model.backbone_digest import BackboneMismatch
     from model.data.dataset import ITEM_SCHEMA, ITEMS_FILE, _write_frame
 
-    ckpt, mine = _over_a_local_backbone(tiny_dataset, tmp_path)
+    ckpt, mine, _ = checkpoint_over_a_local_backbone(tiny_dataset.items, tmp_path)
     recorded = read_meta(ckpt)["backbone"]["sha256"]
     res = CliRunner().invoke(app, ["checkpoint", "show", str(ckpt)])
     assert res.exit_code == 0 and json.loads(res.stdout)["backbone"]["sha256"] == recorded
@@ -545,7 +531,7 @@ def test_show_says_whether_the_backbone_is_the_recorded_one_and_init_from_refuse
 
 
 def test_record_backbone_stamps_an_older_checkpoint_once(tiny_dataset, tmp_path):
-    ckpt, mine = _over_a_local_backbone(tiny_dataset, tmp_path)
+    ckpt, mine, _ = checkpoint_over_a_local_backbone(tiny_dataset.items, tmp_path)
     meta = read_meta(ckpt)
     record = meta.pop("backbone")
     (ckpt / "r2ec.json").write_text(json.dumps(meta, indent=2))  # as one written before the record
