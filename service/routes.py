@@ -140,8 +140,10 @@ STREAM_EXAMPLE = (  # the OpenAPI example of a stream, the README's answer in ev
 def _deadline(
     request: Request,
     _: Annotated[
-        str | None,
-        # the pattern documents the valid values; the dependency checks them (a 400, not a 422)
+        # `str`, not `str | None`: the schema then says a string or nothing (nullable, it let a
+        # client generated from it send the text "null"); the pattern documents the valid
+        # values, and the dependency checks them (a 400, not a 422)
+        str,
         Header(
             alias=DEADLINE_HEADER, description=DEADLINE_DESCRIPTION, json_schema_extra={"pattern": PATTERN}
         ),
