@@ -7,6 +7,8 @@ Every ratio compares servers of this one run, over the same checkpoint and the s
     # req/s per replica by mode at the default settings, OpenMP spinning on and off
     python3 bench/bench_capacity.py capacity [--configs "GOMP_SPINCOUNT=10000;GOMP_SPINCOUNT=0"] \
         [--seconds 30]
+    # R2EC_PREFILL_BATCH_TOKENS: bursts of no-reasoning requests, prefilled alone (0) or together
+    python3 bench/bench_capacity.py prefill --budgets 0,512 --sizes 1,8,32 [--rounds 5]
 
 Common: `--checkpoint checkpoints/current --data data/ml-100k/loo --port 19400` (servers take
 ports from --port up, one at a time; in-process store; every other setting from the server's
@@ -24,6 +26,19 @@ same order.
   `--tokens`) beside as many without: req/s of each kind, their p50/p90, and the server's
   queue_ms p50/p90 (the admission wait).
 
+`prefill`, one server per R2EC_PREFILL_BATCH_TOKENS value of `--budgets` (0: each
+no-reasoning request prefilled alone, the default and the service before it; the first value is
+the baseline of the ratios), all started at once (the ports from --port up) and taking turns, so
+a busy host's slow minutes fall on every server alike:
+- `--rounds` times, for each burst size of `--sizes`, each server in turn: that many
+  `"reasoning": false` requests at once (distinct histories, the same ones for every server),
+  over connections opened beforehand: req/s (requests / the burst's wall time, over all
+  rounds), p50/p95 latency over every request of that size, and their ratios to the baseline;
+- then `--stall-rounds` times per server: one POST /recommend/stream (budget
+  `--stream-tokens`) with a burst of `--stall-burst` no-reasoning requests once its first
+  reasoning event arrived: the stream's largest gap between two reasoning events while the
+  burst is answered (what one batched forward costs the running decodes), the burst's p50.
+
 `capacity`, per configuration of `--configs` (`;` between servers, `,` between a server's
 VAR=VALUE settings; `r2ec serve` sets GOMP_SPINCOUNT=10000 where it is not set):
 closed-loop phases of `--seconds` each: reasoning at concurrency 1 and 16, no reasoning at 1 and
@@ -34,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import signal
@@ -151,7 +167,7 @@ async def closed_loop(url: str, clients: dict[str, tuple[int, object]], seconds:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["burst", "capacity"])
+    parser.add_argument("suite", choices=["burst", "capacity", "prefill"])
     parser.add_argument("--checkpoint", default="checkpoints/current")
     parser.add_argument("--data", default="data/ml-100k/loo")
     parser.add_argument("--port", type=int, default=19400, help="first port; one server at a time")
@@ -169,6 +185,10 @@ def main() -> None:
         help="capacity: servers (;) by their VAR=VALUE settings (,)",
     )
     parser.add_argument("--seconds", type=float, default=30, help="capacity: seconds per phase")
+    parser.add_argument("--budgets", default="0,512", help="prefill: R2EC_PREFILL_BATCH_TOKENS values")
+    parser.add_argument("--sizes", default="1,8,32", help="prefill: burst sizes")
+    parser.add_argument("--stall-rounds", type=int, default=2, help="prefill: stream + burst rounds")
+    parser.add_argument("--stall-burst", type=int, default=32, help="prefill: the burst beside a stream")
     parser.add_argument("--logs", type=Path, default=None, help="server log folder (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number here")
     args = parser.parse_args()
@@ -209,6 +229,9 @@ def main() -> None:
                 print(name, json.dumps(mixed), file=sys.stderr, flush=True)
                 results[name] = {"rounds": rounds, "mixed": mixed}
         print_burst(results, args)
+    elif args.suite == "prefill":
+        results = prefill_suite(args, logs, bodies, port)
+        print_prefill(results, args)
     else:
         for n, config in enumerate(args.configs.split(";")):
             name = config.strip()
@@ -238,6 +261,113 @@ def main() -> None:
         print_capacity(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+
+
+async def plain_burst(client: httpx.AsyncClient, bodies: list[dict]) -> dict:
+    """`bodies` posted at once to /recommend: the wall time and each request's latency, s."""
+
+    async def one(body: dict) -> float:
+        t = time.perf_counter()
+        r = await client.post("/recommend", json=body)
+        if r.status_code != 200:
+            raise RuntimeError(f"burst request: {r.status_code} {r.text[:300]}")
+        return time.perf_counter() - t
+
+    start = time.perf_counter()
+    latencies = await asyncio.gather(*(one(b) for b in bodies))
+    return {"wall_s": time.perf_counter() - start, "latency_s": list(latencies)}
+
+
+def prefill_suite(args: argparse.Namespace, logs: Path, bodies, port) -> dict[str, dict]:
+    """The `prefill` suite (module docstring): every server of `--budgets` up at once, bursts
+    taking turns between them."""
+    budgets = [int(v) for v in args.budgets.split(",")]
+    sizes = [int(v) for v in args.sizes.split(",")]
+    queue = str(max(64, 2 * max(sizes), 2 * args.stall_burst))
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for budget in budgets:
+            name = f"budget-{budget}"
+            env = {"R2EC_PREFILL_BATCH_TOKENS": str(budget), "R2EC_MAX_QUEUE": queue}
+            servers[name] = stack.enter_context(
+                PortedServer(name, args.checkpoint, logs / f"{name}.log", next(port), **env)
+            )
+
+        async def bursts() -> dict[str, dict]:
+            out = {name: {n: {"walls": [], "latency_s": []} for n in sizes} for name in servers}
+            limits = httpx.Limits(max_connections=max(sizes) + 8, max_keepalive_connections=max(sizes) + 8)
+            async with contextlib.AsyncExitStack() as clients:
+                client = {
+                    name: await clients.enter_async_context(
+                        httpx.AsyncClient(base_url=srv.url, timeout=600, limits=limits)
+                    )
+                    for name, srv in servers.items()
+                }
+                warm = [{**b, "reasoning": False} for b in itertools.islice(bodies(), max(sizes))]
+                for name in servers:  # connections open and kernels warm before anything counts
+                    await plain_burst(client[name], warm)
+                fresh = bodies()
+                for r in range(args.rounds):
+                    for n in sizes:
+                        burst = [{**next(fresh), "reasoning": False} for _ in range(n)]
+                        order = list(servers) if r % 2 == 0 else list(reversed(servers))
+                        for name in order:
+                            got = await plain_burst(client[name], burst)
+                            out[name][n]["walls"].append(got["wall_s"])
+                            out[name][n]["latency_s"] += got["latency_s"]
+                            print(name, n, f"{got['wall_s']:.2f} s", file=sys.stderr, flush=True)
+            return out
+
+        results = {name: {"bursts": b} for name, b in asyncio.run(bursts()).items()}
+        fresh = bodies()
+        for _ in range(args.stall_rounds):
+            stream_body = {**next(fresh), "max_reasoning_tokens": args.stream_tokens}
+            burst = [{**next(fresh), "reasoning": False} for _ in range(args.stall_burst)]
+            for name, srv in servers.items():
+                got = asyncio.run(burst_round(srv.url, stream_body, burst, args.delay))
+                results[name].setdefault("stall", []).append(got)
+                print(name, json.dumps(got), file=sys.stderr, flush=True)
+    return results
+
+
+def print_prefill(results: dict[str, dict], args: argparse.Namespace) -> None:
+    base = next(iter(results))
+    rows = {}
+    print("\n| R2EC_PREFILL_BATCH_TOKENS | burst | requests | req/s | p50 ms | p95 ms |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        for n, b in r["bursts"].items():
+            lat = b["latency_s"]
+            rows[name, n] = (len(lat) / sum(b["walls"]), 1e3 * pct(lat, 0.5), 1e3 * pct(lat, 0.95))
+            rps, p50, p95 = rows[name, n]
+            print(
+                f"| {name.removeprefix('budget-')} | {n} | {len(lat)} | {rps:.2f} | {p50:.0f} | {p95:.0f} |"
+            )
+    print(
+        f"\n| R2EC_PREFILL_BATCH_TOKENS against {base.removeprefix('budget-')} | burst | req/s ratio | "
+        "p50 ratio | p95 ratio (below 1: faster) |"
+    )
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        if name == base:
+            continue
+        for n in r["bursts"]:
+            (a, b50, b95), (o, o50, o95) = rows[name, n], rows[base, n]
+            label = name.removeprefix("budget-")
+            print(f"| {label} | {n} | {a / o:.2f}x | {b50 / o50:.2f}x | {b95 / o95:.2f}x |")
+    print(
+        f"\n| R2EC_PREFILL_BATCH_TOKENS | stream's mean gap, ms | its max gap during a burst of "
+        f"{args.stall_burst}, ms (each round) | burst p50 / max ms (each round) |"
+    )
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        stall = r.get("stall", [])
+        if not stall:
+            continue
+        gaps = " / ".join(f"{x['max_gap_during_ms']:.0f}" for x in stall)
+        burst = "; ".join(f"{x['burst_p50_ms']:.0f} / {x['burst_max_ms']:.0f}" for x in stall)
+        mean = statistics.fmean(x["mean_gap_ms"] for x in stall)
+        print(f"| {name.removeprefix('budget-')} | {mean:.0f} | {gaps} | {burst} |")
 
 
 def print_burst(results: dict[str, dict], args: argparse.Namespace) -> None:

@@ -21,10 +21,12 @@ memory (`--table read`: as before journey 39's finding 4), in the same run; and 
 without the title index, to show its share.
 
 edits: in process, on the stand-in: what PUT /items costs (encode, index, the edit log's
-append: median and p90 of `--edits`), the bytes an edit appends, and the full save the log
-triggers every SNAPSHOT_EVERY edits; with a thread searching meanwhile (batches of 8 user
-vectors, k 10), the longest search during the edits and during the full save, and during the
-full save as it was done before (the index's lock held through the write and its flush).
+append: median and p90 of `--edits`; first `--edits` more with the catalog's lock a plain
+threading.Lock, as before index/fair_lock.py, for their median, p90 and max), the bytes an
+edit appends, and the full save the log triggers every SNAPSHOT_EVERY edits; with a thread
+searching meanwhile (batches of 8 user vectors, k 10), the longest search during the edits and
+during the full save, and during the full save as it was done before (the index's lock held
+through the write and its flush).
 
 encode: items/s of `encode_catalog` (what `r2ec checkpoint init` runs) on the checkpoint's
 model, `--encode-items` items of `--data`'s catalog, at each `--batch-sizes`.
@@ -255,16 +257,29 @@ def edits(args: argparse.Namespace, tmp: Path) -> None:
         appending.append(time.perf_counter() - t)
 
     journal.append = timed_append  # and the log's write and flush
+
+    def edit_loop(tag: str, offset: int) -> tuple[list[float], list[int]]:
+        took, sizes = [], []
+        for i in range(args.edits):
+            size = (journal.stamp(directory) or (0, 0))[1]
+            t = time.perf_counter()
+            if i % 2:
+                catalog.upsert(f"sku-{i + offset}", {"title": f"Edited {i}", "year": "2024"})  # a replacement
+            else:
+                catalog.upsert(f"{tag}new-{i}", {"title": f"New Product {i}", "genres": "Drama"})
+            took.append(time.perf_counter() - t)
+            sizes.append((journal.stamp(directory) or (0, 0))[1] - size)
+        return took, sizes
+
+    # first as before index/fair_lock.py: the catalog's lock a threading.Lock, which a search
+    # loop can keep from an edit for as long as it runs; then the catalog's own (first come,
+    # first served), whose figures are the table's
+    fair_lock, catalog._lock = catalog._lock, threading.Lock()
+    plain_took, _ = edit_loop("plain-", 1000)
+    catalog._lock = fair_lock
+    del encoding[:], appending[:]
     t_edits = time.perf_counter()
-    for i in range(args.edits):
-        size = (journal.stamp(directory) or (0, 0))[1]
-        t = time.perf_counter()
-        if i % 2:
-            catalog.upsert(f"sku-{i}", {"title": f"Edited {i}", "year": "2024"})  # a replacement
-        else:
-            catalog.upsert(f"new-{i}", {"title": f"New Product {i}", "genres": "Drama"})
-        took.append(time.perf_counter() - t)
-        sizes.append((journal.stamp(directory) or (0, 0))[1] - size)
+    took, sizes = edit_loop("", 0)
     edits_window = (t_edits, time.perf_counter())
     time.sleep(0.5)  # a search started in the window ends before the saves below begin
     edit_encoding = encoding[: len(took)]  # (not the edits between the saves below)
@@ -286,9 +301,9 @@ def edits(args: argparse.Namespace, tmp: Path) -> None:
     faiss_mb = sum(p.stat().st_size for p in directory.glob("index-*.faiss")) / 1e6
     json_mb = (directory / "index.json").stat().st_size / 1e6
 
-    def ms(values: list[float]) -> str:
+    def ms(values: list[float], suffix: bool = True) -> str:
         values = sorted(1e3 * v for v in values)
-        return f"{values[len(values) // 2]:.0f} / {values[int(0.9 * len(values))]:.0f} ms"
+        return f"{values[len(values) // 2]:.0f} / {values[int(0.9 * len(values))]:.0f}" + " ms" * suffix
 
     def each(windows: list[tuple[float, float]], fn=None) -> str:
         return ", ".join(f"{b - a:.2f} s" if fn is None else f"{fn(a, b):.0f} ms" for a, b in windows)
@@ -299,6 +314,8 @@ def edits(args: argparse.Namespace, tmp: Path) -> None:
         ("of which the log's append and its flush to the disk, median / p90", ms(edit_appending)),
         ("the rest (the index change, the record's stat and read), median / p90",
          ms([a - b - c for a, b, c in zip(took, edit_encoding, edit_appending, strict=True)])),
+        ("as before index/fair_lock.py (a threading.Lock), an edit, median / p90 / max",
+         f"{ms(plain_took, suffix=False)} / {1e3 * max(plain_took):.0f} ms"),
         ("bytes an edit appends to the log", f"{statistics.median(sizes):.0f}"),
         ("a search (8 users, k 10), median, nothing else running", f"{searcher.median(*quiet):.1f} ms"),
         ("longest search overlapping the edits (the encodes share the 2 cores)",

@@ -82,6 +82,7 @@ def _init(
     import numpy as np
     import pandas as pd
 
+    from model.backbone_digest import RECORD_KEY as BACKBONE_KEY
     from model.checkpoint import (
         ITEMS_FILE,
         VECTORS_FILE,
@@ -141,6 +142,12 @@ def _init(
         else encode_catalog(model, ds.items, batch_size=batch_size, partial=partial, progress=True)
     )
     trained_on = trained_data(src)
+    # what the weights were made over is the source's record, not the backbone loaded now:
+    # under --allow-backbone-mismatch the two differ, and recording the one loaded would make
+    # the copy read "match" (a source with no record gives a copy with none). Only untrained
+    # rows whose catalog was encoded here are wholly this backbone's.
+    own = src["weights"] == "base" and not same_catalog
+    kept = {} if own or BACKBONE_KEY not in src else {BACKBONE_KEY: src[BACKBONE_KEY]}
     # metrics measured on another dataset say nothing of this checkpoint's
     same_data = (trained_on.get("name"), trained_on.get("protocol")) == (ds.name, ds.protocol)
     meta = save_checkpoint(
@@ -155,7 +162,9 @@ def _init(
         extra={k: src[k] for k in ("train", "provenance") if k in src}
         # `dataset` is now DATA (the catalog, the hints); the weights still come from this
         | ({"trained_on": trained_on} if trained_on else {})
+        | kept
         | {"from": str(from_checkpoint)},
+        record_backbone=own,
     )
     shutil.rmtree(partial, ignore_errors=True)
     return meta

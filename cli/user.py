@@ -179,6 +179,7 @@ def import_cmd(
         timeout_s=30.0,  # a shell's patience: a pipeline of appends is many scripts
         dedup_ttl_s=settings.event_dedup_ttl_s,
         user_ttl_s=settings.user_ttl_s,
+        dedup_max=settings.event_dedup_max,
     )
     bar = None
 

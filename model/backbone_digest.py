@@ -20,14 +20,15 @@ The record, by kind of base:
 
 Hashing reads the files whole (~0.15 s for SmolLM2's 98 MB GGUF on the busy reference host,
 BENCHMARKS.md §3; seconds for a model of several GB), so each file's sha256 is cached by
-(path, size, mtime, inode) in R2EC_CACHE_DIR/backbone-digests.json: later loads cost a stat per
-file. A file replaced in
+(path, size, mtime, inode) in R2EC_CACHE_DIR/backbone-digests.json (written under a lock file,
+`_add_to_cache`): later loads cost a stat per file. A file replaced in
 place keeps neither its mtime (a write sets it) nor, written beside and renamed over, its inode,
 so it is hashed again. Nothing here imports torch (`r2ec checkpoint show` uses it).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -35,6 +36,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,11 +53,13 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RECORD_KEY = "backbone"  # r2ec.json's key for the record
 ALLOW_ENV = "R2EC_ALLOW_BACKBONE_MISMATCH"  # the override, read where no caller passes one
 CACHE_FILE = "backbone-digests.json"
+CACHE_LOCK_WAIT_S = 5.0  # how long a digest waits for the cache's lock before it is not cached
 # a Hugging Face directory's files that decide the model: its config and its weights (the
 # tokenizer does not: a checkpoint renders with the one it saved)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 HASHED_NAMES = ("config.json",)
-TRUE = ("1", "true", "yes", "on")
+# what pydantic reads as true, as the service's setting is read (service/config.py)
+TRUE = ("1", "on", "t", "true", "y", "yes")
 
 
 def default_cache_dir() -> Path:
@@ -102,16 +106,35 @@ def _read_cache(file: Path) -> dict[str, Any]:
     return files if isinstance(files, dict) else {}
 
 
-def _write_cache(file: Path, entries: dict[str, Any]) -> None:
-    """Replace the cache file (temp + rename: a crash leaves the old one or the new one).
-    Entries of files that are gone are dropped. A cache that cannot be written (a read-only
-    home, a full disk) costs the next load a hash, never the load."""
-    from model.data.dataset import atomic_write  # pandas; only where a digest is written
+def _add_to_cache(file: Path, path: str, entry: dict[str, Any]) -> None:
+    """Add one file's digest to the cache file: read it, add `entry` under `path`, replace it
+    (temp + rename: a crash leaves the old one or the new one), all under the cache's lock file,
+    so that two processes on one cache directory (two replicas on a node, the api and the
+    trainer) each add to what the other wrote rather than put back the file it read before
+    (without the lock about half of their digests were lost, each hashed again at the next
+    load). Entries of files that are gone are dropped. A cache that cannot be locked within
+    CACHE_LOCK_WAIT_S or written (a read-only home, a full disk) costs the next load a hash,
+    never the load."""
+    from model.data.dataset import atomic_write, make_dirs  # pandas; only where a digest is written
 
-    kept = {p: e for p, e in entries.items() if os.path.exists(p)}
-    text = json.dumps({"format": 1, "files": kept}, indent=1, sort_keys=True)
     try:
-        atomic_write(file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        make_dirs(file.parent)
+        with open(file.with_name(file.name + ".lock"), "a") as lock:
+            deadline = time.monotonic() + CACHE_LOCK_WAIT_S
+            while True:  # held for a read and a write by another: moments
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        log.debug("backbone digest cache %s is locked: not written", file)
+                        return
+                    time.sleep(0.01)
+            entries = _read_cache(file)
+            entries[path] = entry
+            kept = {p: e for p, e in entries.items() if os.path.exists(p)}
+            text = json.dumps({"format": 1, "files": kept}, indent=1, sort_keys=True)
+            atomic_write(file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     except OSError as exc:
         log.debug("backbone digest cache %s not written: %s", file, exc)
 
@@ -134,9 +157,8 @@ def file_sha256(path: Path | str, cache_dir: Path | None = None) -> str:
         with open(path, "rb") as fh:
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
         if _key(path) == key:  # not changed while it was read: worth keeping
-            entries = _read_cache(cache)  # another process may have added some meanwhile
-            entries[key[0]] = {"size": key[1], "mtime_ns": key[2], "ino": key[3], "sha256": digest}
-            _write_cache(cache, entries)
+            fresh = {"size": key[1], "mtime_ns": key[2], "ino": key[3], "sha256": digest}
+            _add_to_cache(cache, key[0], fresh)
     with _memo_lock:
         _memo[key] = digest
     return digest

@@ -372,18 +372,21 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     version: str | None = None,
     write_extra: Callable[[Path], None] | None = None,
+    record_backbone: bool = True,
 ) -> dict[str, Any]:
     """Write a checkpoint atomically; returns its metadata.
 
     `write_extra(tmp_dir)` may add files (the trainer's resume state) inside the same
     atomic write. `item_vectors` None: no item table (meta "item_vectors": "absent"), the
     catalog is encoded when the checkpoint loads. A checkpoint over a backbone (weights base
-    or lora) records what `base` stands for now (r2ec.json "backbone", `backbone_record`).
+    or lora) records what `base` stands for now (r2ec.json "backbone", `backbone_record`),
+    unless `record_backbone` is False: weights trained over another backbone (a copy, `r2ec
+    checkpoint init --from`), whose record, if any, the caller passes in `extra`.
     """
     out = Path(out)
     if weights not in WEIGHT_KINDS:
         raise ValueError(f"weights must be one of {WEIGHT_KINDS}, got {weights!r}")
-    backbone = backbone_record(base) if weights != "full" else None
+    backbone = backbone_record(base) if weights != "full" and record_backbone else None
     vectors = None if item_vectors is None else np.ascontiguousarray(item_vectors, dtype=np.float32)
     if vectors is not None and vectors.shape != (len(items), model.hidden_size):
         raise CheckpointError(

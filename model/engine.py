@@ -255,8 +255,11 @@ class DecoderEngine:
         if self.prefix:
             self.prefill(self._head, self.prefix, last_only=True)
 
+    @torch.inference_mode()
     def move(self, src: int, dst: int) -> None:
-        """Copy the sequence in `src` to `dst` (to keep live sequences packed) and free `src`."""
+        """Copy the sequence in `src` to `dst` (to keep live sequences packed) and free `src`.
+        Under inference mode, as the forwards: a cache that grew in one (`_grow`) is an
+        inference tensor, which torch refuses to write in place outside it."""
         if src == dst:
             return
         n = self._lens[src]
@@ -337,6 +340,95 @@ class DecoderEngine:
         self._lens[slot] = total
         out = self._rms(x, self.norm)
         return out[-1:] if last_only else out
+
+    def computed_tokens(self, ids: Sequence[int], reuse_prefix: bool = False) -> int:
+        """Positions a prefill of `ids` from an empty slot computes: all of them, less the
+        shared prompt head (`set_prefix`) where `reuse_prefix` copies its keys and values in."""
+        p = len(self.prefix)
+        if reuse_prefix and p and len(ids) > p and list(ids[:p]) == self.prefix:
+            return len(ids) - p
+        return len(ids)
+
+    @property
+    def can_prefill_many(self) -> bool:
+        """Whether `prefill_many` runs: not in exact mode, which prefills every prompt whole and
+        alone, as the reference does."""
+        return not self.exact
+
+    @torch.inference_mode()
+    def prefill_many(self, prompts: Sequence[Sequence[int]], reuse_prefix: bool = False) -> torch.Tensor:
+        """The last position's final hidden state of each prompt, (n, H), as `prefill(slot, ids,
+        reuse_prefix, last_only=True)` from an empty slot gives it, for n prompts in one forward:
+        a no-reasoning request's h_T after [prompt; marker] needs nothing else. Every matmul
+        runs over all the prompts' new positions packed into one (sum of lengths, H) block (one
+        read of each weight for them all, fuller matmuls), and each layer's attention is one
+        SDPA call over the prompts padded to the longest, each query seeing its own prompt's
+        earlier positions (and the shared head's, copied from the head slot) through an
+        additive mask. No slot is read or written: the keys and values live in this call.
+
+        Another summation order than n prefills one by one (the rows of a matmul are blocked
+        differently, the attention sees padded positions under -inf), so in bf16 the last bits
+        of h_T differ from a lone prefill's, as they do between HF batch shapes; on float32
+        weights it is the lone prefill's to rounding (tests/model/test_engine.py)."""
+        if not prompts or any(len(ids) == 0 for ids in prompts):
+            raise ValueError("prefill_many needs at least one prompt, each of at least one token")
+        if not self.can_prefill_many:
+            raise ValueError("exact mode prefills one prompt at a time (prefill)")
+        dev, p = self.device, len(self.prefix)
+        n = len(prompts)
+        starts = [p if self.computed_tokens(ids, reuse_prefix) < len(ids) else 0 for ids in prompts]
+        rests = [list(ids[s:]) for ids, s in zip(prompts, starts, strict=True)]
+        lens = [len(r) for r in rests]
+        width = max(s + t for s, t in zip(starts, lens, strict=True))
+        T = max(lens)
+        self._reserve(width)  # the RoPE tables (no slot is written)
+        row = torch.repeat_interleave(torch.arange(n, device=dev), torch.tensor(lens, device=dev))  # (N,)
+        local = torch.cat([torch.arange(t, device=dev) for t in lens])  # (N,): index within its rest
+        pos = torch.tensor(starts, device=dev)[row] + local  # (N,): absolute position
+        last = torch.tensor(lens, device=dev).cumsum(0) - 1  # (n,): each prompt's last packed row
+        x = self.embed[torch.tensor([t for r in rests for t in r], device=dev)]  # (N, H)
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (N, 1, d)
+        headed = [j for j, s in enumerate(starts) if s]  # prompts that copy the shared head's keys
+        group, d, nk = self.n_heads // self.n_kv, self.head_dim, self.n_kv
+        keys_at = torch.arange(width, device=dev)
+
+        def bias(query_pos: torch.Tensor) -> torch.Tensor:
+            """(n, m) absolute query positions -> (n, 1, group * m, width) additive mask: each
+            query sees its prompt's positions up to its own, the query heads of a KV head
+            stacked as in `_prefill_attention`."""
+            seen = keys_at[None, None, :] <= query_pos[:, :, None]  # (n, m, width)
+            b = torch.zeros(seen.shape, dtype=self.dtype, device=dev).masked_fill_(~seen, -torch.inf)
+            return b[:, None].repeat(1, 1, group, 1)
+
+        # padded query slots (a prompt shorter than the longest) see position 0 only: defined, unread
+        qpos = torch.zeros(n, T, dtype=torch.long, device=dev)
+        qpos[row, local] = pos
+        mask, last_mask = bias(qpos), bias(pos[last][:, None])
+        trimmed = not self.exact and self.quantize != "int8"  # as `prefill`'s last_only
+        trim = len(self.layers) - 1 if trimmed else -1
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, cos, sin)  # (N, heads, d), (N, kv, d), (N, kv, d)
+            keys = torch.zeros(n, nk, width, d, dtype=self.dtype, device=dev)
+            values = torch.zeros_like(keys)
+            if headed:
+                keys[headed, :, :p] = self.k[i, self._head, :, :p]
+                values[headed, :, :p] = self.v[i, self._head, :, :p]
+            keys[row, :, pos] = k
+            values[row, :, pos] = v
+            if i == trim:  # only each prompt's last row goes on, as `prefill(..., last_only=True)`
+                x = x[last]
+                grouped = q[last].view(n, nk, group, d)  # one query per prompt: (n, kv, group, d)
+                out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=last_mask)
+                attn = out.reshape(n, -1)
+            else:
+                padded = q.new_zeros(n, T, self.n_heads, d)
+                padded[row, local] = q
+                grouped = padded.view(n, T, nk, group, d).permute(0, 2, 3, 1, 4).reshape(n, nk, group * T, d)
+                out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+                attn = out.view(n, nk, group, T, d).permute(0, 3, 1, 2, 4).reshape(n, T, -1)[row, local]
+            x = self._finish_layer(layer, x, attn)
+        out = self._rms(x, self.norm)
+        return out if trimmed else out[last]
 
     def _prefill_mask(self, start: int, T: int) -> torch.Tensor:
         """T new positions after `start` cached ones see those and each other causally. Exact

@@ -149,7 +149,14 @@ class ContinuousDecoder:
     delays the running sequences' next token by at most that many prefills.
 
     `drafter`: when given and decoding is greedy, up to 5 live sequences are decoded
-    speculatively (`_speculate`), and every finished text joins the drafter's memory."""
+    speculatively (`_speculate`), and every finished text joins the drafter's memory.
+
+    `prefill_tokens`: sequences that write nothing (`max_new_tokens` 0: a no-reasoning request,
+    or h_T after reasoning already written) take no slot: a step prefills every one waiting
+    together (`DecoderEngine.prefill_many`), in forwards of at most that many computed
+    positions (one prompt at least), before it admits the others. 0, or an engine in exact mode:
+    each is prefilled alone in a free slot, as a decoding prompt is, and counts against
+    `max_prefill_per_step`."""
 
     def __init__(
         self,
@@ -158,11 +165,15 @@ class ContinuousDecoder:
         settings: GenerationSettings = GREEDY,
         max_prefill_per_step: int = 1,
         drafter: NgramDrafter | None = None,
+        prefill_tokens: int = 0,
     ) -> None:
+        if prefill_tokens < 0:
+            raise ValueError(f"prefill_tokens must be >= 0, got {prefill_tokens}")
         self.model = model
         self.engine = engine
         self.settings = settings
         self.max_prefill_per_step = max_prefill_per_step
+        self.prefill_tokens = prefill_tokens if engine.can_prefill_many else 0
         # greedy only, and where the engine can check drafts (DecoderEngine.can_speculate)
         self.drafter = drafter if not settings.do_sample and engine.can_speculate else None
         self.marker = list(model._marker_ids)
@@ -203,6 +214,8 @@ class ContinuousDecoder:
         """Admit waiting prompts into free slots, then one decode step for every live sequence.
         Returns the sequences that finished in this step (with text and h_T)."""
         finished: list[Sequence_] = []
+        if self.prefill_tokens and any(s.max_new_tokens == 0 for s in self.waiting):
+            finished += self._prefill_together()
         admitted = 0
         while self.waiting and len(self.active) < self.engine.slots and admitted < self.max_prefill_per_step:
             seq = self.waiting.popleft()
@@ -218,6 +231,27 @@ class ContinuousDecoder:
                 if self._append(seq, token):
                     finished.append(seq)
         return finished
+
+    def _prefill_together(self) -> list[Sequence_]:
+        """Every waiting sequence that writes nothing, answered by batched prefills of [prompt;
+        marker] (`DecoderEngine.prefill_many`, no slot), in arrival order and in forwards of at
+        most `prefill_tokens` computed positions; the others keep their place in the queue."""
+        ready = [s for s in self.waiting if s.max_new_tokens == 0]
+        self.waiting = deque(s for s in self.waiting if s.max_new_tokens != 0)
+        batches: list[list[Sequence_]] = [[]]
+        tokens = 0
+        for seq in ready:
+            cost = self.engine.computed_tokens(seq.prompt_ids + self.marker, reuse_prefix=True)
+            if batches[-1] and tokens + cost > self.prefill_tokens:
+                batches.append([])
+                tokens = 0
+            batches[-1].append(seq)
+            tokens += cost
+        for batch in batches:
+            hidden = self.engine.prefill_many([s.prompt_ids + self.marker for s in batch], reuse_prefix=True)
+            for seq, h_t in zip(batch, hidden, strict=True):
+                self._done(seq, h_t)
+        return ready
 
     def _admit(self, seq: Sequence_) -> bool:
         """Prefill a prompt into the next free slot; True when it is already finished (budget 0,
@@ -382,6 +416,7 @@ class EngineBackend:
         max_len: int = 1024,
         exact: bool = False,
         speculative_tokens: int = 8,
+        prefill_tokens: int = 0,
     ) -> None:
         """By default the engine computes the prompt head all users share once
         (DecoderEngine.set_prefix) and copies its keys and values into each prompt, and a lone
@@ -395,7 +430,13 @@ class EngineBackend:
         0 turns speculative decoding off, and so do `exact` (a checked draft rounds unlike a
         plain decode step) and int8 weights (they serve one-row steps only, and a checked draft
         is several rows). The drafter's memory of recent texts is shared by every decoder of
-        this backend."""
+        this backend.
+
+        `prefill_tokens` (R2EC_PREFILL_BATCH_TOKENS): prompts that write nothing are prefilled
+        together, up to this many computed positions a forward (`ContinuousDecoder`); 0 prefills
+        each alone. Exact mode always prefills each alone (`prefill_tokens` reads 0 then)."""
+        if prefill_tokens < 0:
+            raise ValueError(f"prefill_tokens must be >= 0, got {prefill_tokens}")
         self.model = model
         self.engine = DecoderEngine(model.lm, slots=slots, max_len=max_len, quantize=quantize, exact=exact)
         reason = self.engine.kernel_reason  # why not the kernel, when not
@@ -407,14 +448,21 @@ class EngineBackend:
         self.drafter = NgramDrafter(speculative_tokens) if speculates else None
         if not exact:
             self.engine.set_prefix(model.user_prompt_head())
+        self.prefill_tokens = prefill_tokens if self.engine.can_prefill_many else 0
 
     def decoder(self, settings: GenerationSettings = GREEDY) -> ContinuousDecoder:
         """A decoder that prefills every prompt it is given at its next step: a fixed batch's
         (`generate`) all at once; the service hands its decoder at most
         R2EC_MAX_PREFILL_PER_TICK new requests a tick (service/continuous.py), so running rows
-        step between the prefills of a burst."""
+        step between the prefills of a burst. Prompts that write nothing are prefilled together
+        (`prefill_tokens`), without a slot."""
         return ContinuousDecoder(
-            self.model, self.engine, settings, max_prefill_per_step=self.engine.slots, drafter=self.drafter
+            self.model,
+            self.engine,
+            settings,
+            max_prefill_per_step=self.engine.slots,
+            drafter=self.drafter,
+            prefill_tokens=self.prefill_tokens,
         )
 
     def generate(
@@ -447,7 +495,8 @@ class EngineBackend:
     def vectors(
         self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]
     ) -> torch.Tensor:
-        """h_T after [prompt; completion; marker] for reasoning already written: one prefill each."""
+        """h_T after [prompt; completion; marker] for reasoning already written: batched
+        prefills of up to `prefill_tokens` positions (one prefill each with 0, or exact)."""
         seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
         return self._run(seqs, GenerationSettings(max_new_tokens=0))[1]
 
@@ -459,13 +508,19 @@ def make_backend(
     quantize: Quantize = "none",
     exact: bool = False,
     speculative_tokens: int = 8,
+    prefill_tokens: int = 0,
 ) -> Backend:
     """`engine` when the model supports it (else `hf`, logged), `hf` when asked."""
     if name == "engine":
         reason = unsupported_reason(model.lm)
         if reason is None:
             return EngineBackend(
-                model, slots=slots, quantize=quantize, exact=exact, speculative_tokens=speculative_tokens
+                model,
+                slots=slots,
+                quantize=quantize,
+                exact=exact,
+                speculative_tokens=speculative_tokens,
+                prefill_tokens=prefill_tokens,
             )
         log.warning("generation backend 'engine' cannot run this model (%s); using 'hf'", reason)
     elif name != "hf":

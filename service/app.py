@@ -19,7 +19,7 @@ from service.config import Settings, unknown_env
 from service.deps import require_user_key
 from service.errors import add_error_handlers
 from service.headers import SecurityHeaders
-from service.limits import BodyLimit
+from service.limits import AuthThrottle, BodyLimit
 from service.metrics import Metrics
 from service.recommender import Recommender
 from service.request_id import RequestId
@@ -58,6 +58,7 @@ def create_app(
             settings.stream_maxlen,
             settings.event_dedup_ttl_s,
             settings.user_ttl_s,
+            dedup_max=settings.event_dedup_max,
         )
         try:
             try:
@@ -107,6 +108,10 @@ def create_app(
     )
     app.state.r2ec = None
     app.state.startup_error = None  # set by the lifespan when the first load fails
+    # wrong keys per client address (service/deps.py; None: R2EC_AUTH_FAILURES=0): the app's, so
+    # a reload keeps what it counted
+    failures, window_s = settings.auth_failures, settings.auth_failure_window_s
+    app.state.auth_throttle = AuthThrottle(failures, window_s) if failures else None
     # ui.router: the page (GET /) and catalog search (GET /items)
     routers = [routes.recommend_router(settings), routes.router, ui.router]
     for router in routers:

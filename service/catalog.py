@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from index import IndexMismatchError, ItemIndex, journal
+from index.fair_lock import FairLock
 from index.persist import JSON_NAME, locked, saving
 from model.checkpoint import (
     INDEX_DIR,
@@ -304,7 +305,9 @@ class Catalog:
         self._sources: dict[str, tuple[Path, str, tuple[int, int, int] | None]] = {}
         _apply_edits(self._records, self._edits)
         self._twins = _Twins(self._records)
-        self._lock = threading.Lock()  # edits vs. a batch's search + title reads
+        # edits vs. a batch's search + title reads; first come, first served, so an edit is not
+        # kept waiting by searches that follow each other (index/fair_lock.py)
+        self._lock = FairLock()
         # edits and the start of a full save, taken before `_lock` (which searches take): an
         # edit waits here while a full save writes the faiss file, not holding up searches
         self._writing = threading.RLock()

@@ -49,13 +49,28 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=256,
-        description="Continuous batching: most requests one tick admits into free decode slots. "
+        description="Continuous batching: most requests one tick admits into free decode slots "
+        "(with prefill_batch_tokens, no-reasoning requests are counted there instead). "
         "Each admission is a prefill that every decoding request waits for before its next token: "
         "with 1 a stream's largest gap under a burst of 12 arrivals was 0.35-0.46 s, with 16 "
         "(every free slot, as before) 2.8-3.7 s, and reasoning requests beside no-reasoning ones "
         "got 2.6x the throughput. A larger value admits new requests sooner beside running "
         "decodes: 4 served no-reasoning traffic 2.3x faster in that mix, with stalls under 0.8 s "
         "(BENCHMARKS.md §4).",
+    )
+    prefill_batch_tokens: int = Field(
+        0,
+        ge=0,
+        le=65536,
+        description="Continuous batching: requests without reasoning (and a cached reasoning "
+        "without its h_T) are one prefill each; with a value > 0 they take no decode slot and the "
+        "waiting ones are prefilled together, one forward a tick of at most this many prompt "
+        "positions (the shared prompt head not counted; an ml-100k prompt is ~125), beside the "
+        "max_prefill_per_tick admissions. Every decoding request waits for that forward, so it "
+        "bounds the stall a burst causes. 0 (the default): each is prefilled alone, an admission "
+        "like any other. On 2 shared CPU cores 512 served bursts of 8-32 1.6-1.7x faster with "
+        "OpenMP threads spinning and 0.9-1.0x with them sleeping, and doubled a running stream's "
+        "largest gap; exact_decode turns it off (BENCHMARKS.md §4).",
     )
     max_wait_ms: float = Field(
         10.0, ge=0, le=10_000, description="How long the first request of a batch waits for others."
@@ -271,6 +286,53 @@ class Settings(BaseSettings):
         description="How long Redis remembers a user's event ids, so a retried event is not stored "
         "twice (the in-process store remembers them until restart).",
     )
+    event_dedup_max: int = Field(
+        10_000,
+        ge=1000,
+        le=10_000_000,
+        description="The most event ids Redis (and the in-process store) remembers per user for "
+        "R2EC_EVENT_DEDUP_TTL_S, the oldest dropped first: a client posting one user's events in a "
+        "loop otherwise grows r2ec:event-ids:{user} by ~140 bytes an event for the whole week "
+        '(10,000 ids with 32-character ids are ~1.4 MB; docs/operations.md, "Redis memory"). At '
+        "least 1000, a whole request's events, so a retried request is always known whole; an id "
+        "dropped from both this set and the history window counts as new again.",
+    )
+    user_events_per_s: float = Field(
+        10.0,
+        ge=0,
+        le=1_000_000,
+        description="POST /users/{id}/events: the events a second one user may add, after a burst "
+        "of R2EC_USER_EVENTS_BURST (a token bucket in Redis, shared by the replicas, or in "
+        "process); a request over it is refused whole with 429 rate_limited and Retry-After, "
+        'counted in r2ec_rejected_total{reason="user_event_rate"}. Every event sent counts, '
+        "duplicates too. 0 = no bound. `r2ec user import` is not bound by it.",
+    )
+    user_events_burst: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="The events one user may add at once before R2EC_USER_EVENTS_PER_S paces "
+        "them: the bucket's size. A request with more events than this is a 422 naming `events` "
+        "(the default, 1000, is a request's most).",
+    )
+    auth_failures: int = Field(
+        10,
+        ge=0,
+        le=1_000_000,
+        description="Wrong X-API-Key values one client address may send per "
+        "R2EC_AUTH_FAILURE_WINDOW_S (a token bucket, in this process) before every request of it "
+        "that carries a key gets 429 auth_throttled with Retry-After, its key not compared, "
+        'counted in r2ec_rejected_total{reason="auth_throttled"}. The address is the peer\'s, '
+        "or X-Forwarded-For's where the peer is a proxy uvicorn trusts (FORWARDED_ALLOW_IPS; "
+        'docs/operations.md, "Keys and guessing"). 0 = no bound.',
+    )
+    auth_failure_window_s: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="The window of R2EC_AUTH_FAILURES: an address regains one try every "
+        "window / failures seconds (6 s at the defaults).",
+    )
     user_ttl_s: int = Field(
         0,
         ge=0,
@@ -390,6 +452,7 @@ class Settings(BaseSettings):
             "exact_decode": self.exact_decode,
             "speculative_tokens": self.speculative_tokens,
             "warmup_requests": self.warmup_requests,
+            "prefill_batch_tokens": self.prefill_batch_tokens,
             # None where unset: the load reads R2EC_ALLOW_BACKBONE_MISMATCH itself, so the
             # offline loads built on the defaults (service/offline.py: `r2ec recommend`) honour it
             "allow_backbone_mismatch": True if self.allow_backbone_mismatch else None,

@@ -18,6 +18,12 @@ Contract (tests/service/test_continuous.py), the MicroBatcher's where it applies
   with `max_queue`, at most that many more wait, and one more is refused at once with
   `QueueFull` (`retry_after_s` estimated from recent request times); with `max_queue_wait_s`, one
   that waited longer is refused with `QueueTimeout` when its turn comes.
+- With `prefill_cost` and `prefill_batch_tokens` > 0, a request the runner answers with one
+  prefill (`prefill_cost(item)` is its positions, not None: no reasoning) takes no slot and no
+  turn of `max_prefill_per_tick`: a tick admits the waiting ones, in order, while their costs
+  add up to at most `prefill_batch_tokens` (one at least), past requests that wait for a slot,
+  and the runner prefills them in one forward. So a burst of them costs the running decodes
+  one forward of bounded size a tick, not one tick each.
 - A request cancelled while waiting is never admitted; one cancelled while decoding is dropped
   at the next tick and its slot goes to the next request.
 - A runner that raises fails the requests it was running with `BatchFailed`; the loop goes on.
@@ -80,11 +86,15 @@ class StepRunner(Protocol[Q, R]):
     def idle(self) -> bool: ...
 
 
+_UNCOUNTED = -1  # `_Request.cost` before `prefill_cost` is asked
+
+
 @dataclass(eq=False)
 class _Request(_Pending[Q]):
     handle: Any = None
     runner: Any = None
     started: float = 0.0
+    cost: int | None = _UNCOUNTED  # `prefill_cost(item)`, asked once
 
 
 class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
@@ -100,6 +110,8 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
         steps_per_tick: int = 8,
         max_prefill_per_tick: int | None = None,
         max_queue_wait_s: float | None = None,
+        prefill_cost: Callable[[Q], int | None] | None = None,
+        prefill_batch_tokens: int = 0,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
@@ -107,6 +119,8 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
             raise ValueError(f"steps_per_tick must be >= 1, got {steps_per_tick}")
         if max_prefill_per_tick is not None and max_prefill_per_tick < 1:
             raise ValueError(f"max_prefill_per_tick must be >= 1, got {max_prefill_per_tick}")
+        if prefill_batch_tokens < 0:
+            raise ValueError(f"prefill_batch_tokens must be >= 0, got {prefill_batch_tokens}")
         super().__init__(
             executor=executor,
             on_batch=on_batch,
@@ -125,6 +139,11 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
         # prefill the running rows wait for before their next token, so this bounds how long a
         # burst of arrivals stalls them (docs/architecture.md §4.2.2, BENCHMARKS.md §4).
         self.max_prefill_per_tick = slots if max_prefill_per_tick is None else max_prefill_per_tick
+        # Requests answered by one prefill (R2EC_PREFILL_BATCH_TOKENS; module docstring): a tick
+        # admits those waiting up to this many positions, for one batched forward. None or 0:
+        # each is admitted as a decoding request is.
+        self.prefill_cost = prefill_cost if prefill_batch_tokens else None
+        self.prefill_batch_tokens = prefill_batch_tokens
         # self._pending and self._running (the base's) hold _Request: waiting, and decoding
         self._orphans: list[_Request[Q]] = []  # failed by a broken step, still in the runner
         self._admitting: list[_Request[Q]] = []  # joining the decode in the tick running now
@@ -179,18 +198,58 @@ class ContinuousBatcher(QueueingBatcher[Q], Generic[Q, R]):
             # they ran on) are not held by this frame while it waits, idle, past a reload
             await self._step(loop)
 
-    async def _step(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _cost(self, r: _Request[Q]) -> int | None:
+        """`prefill_cost` of a request, asked once; None (it decodes, or prefills alone) where
+        there is none or it fails."""
+        if self.prefill_cost is None:
+            return None
+        if r.cost == _UNCOUNTED:
+            try:
+                r.cost = self.prefill_cost(r.item)
+            except Exception:  # counted as a decoding request: the runner reports what is wrong
+                log.exception("counting a request's prefill failed")
+                r.cost = None
+        return r.cost
+
+    def _admissions(self, now: float) -> list[_Request[Q]]:
+        """Take this tick's requests off the queue: decoding ones in order into free slots, at
+        most `max_prefill_per_tick`; those answered by one prefill in order, while their costs
+        fit `prefill_batch_tokens` (one at least), passing decoding ones that wait for a slot.
+        Each kind stops at its first request that does not fit, so neither overtakes its own."""
         admit: list[_Request[Q]] = []
-        now = loop.time()
-        while (
-            self._pending
-            and len(self._running) + len(admit) < self.slots
-            and len(admit) < self.max_prefill_per_tick
-        ):
-            r = self._pending.popleft()
+        passed: list[_Request[Q]] = []  # left waiting, in order, behind the ones admitted
+        decoding, tokens, batched = 0, 0, 0
+        slots_open, batch_open = True, self.prefill_cost is not None
+        while self._pending and (slots_open or batch_open):
+            r = self._pending[0]
+            cost = self._cost(r)
+            if cost is None:
+                fits = (
+                    slots_open
+                    and len(self._running) + decoding < self.slots
+                    and decoding < self.max_prefill_per_tick
+                )
+                slots_open = fits
+            else:
+                fits = batch_open and (not batched or tokens + cost <= self.prefill_batch_tokens)
+                batch_open = fits
+            self._pending.popleft()
+            if not fits:
+                passed.append(r)
+                continue
             # cancelled while waiting: never admitted; waited too long: refused now
-            if not r.future.done() and not self._waited_too_long(r, now):
-                admit.append(r)
+            if r.future.done() or self._waited_too_long(r, now):
+                continue
+            admit.append(r)
+            if cost is None:
+                decoding += 1
+            else:
+                tokens, batched = tokens + cost, batched + 1
+        self._pending.extendleft(reversed(passed))
+        return admit
+
+    async def _step(self, loop: asyncio.AbstractEventLoop) -> None:
+        admit = self._admissions(loop.time())
         self._on_depth(len(self._pending))
         cancelled = [r for r in self._running if r.future.done()] + self._orphans
         self._orphans = []

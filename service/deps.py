@@ -3,11 +3,15 @@
 Everything comes from the `ServiceState` the lifespan built, so a test swaps any part with
 `app.dependency_overrides[get_state] = ...` (or one getter). The admin check is a dependency too:
 a route opts in with `dependencies=Admin`, and a route that reads or writes a user's data with
-`dependencies=UserData` (checked only where R2EC_CLIENT_KEY is set).
+`dependencies=UserData` (checked only where R2EC_CLIENT_KEY is set). A client address that sent
+too many wrong keys is refused with 429 before its key is compared (service/limits.py
+`AuthThrottle`).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import secrets
 from typing import Annotated
 
@@ -16,6 +20,8 @@ from fastapi.security import APIKeyHeader
 
 from service.catalog import Catalog
 from service.config import Settings
+from service.limits import AuthThrottle, client_address
+from service.logs import Throttled
 from service.state import ServiceState
 from service.store import HistoryStore
 
@@ -66,25 +72,53 @@ api_key_header = APIKeyHeader(
 ApiKey = Annotated[str | None, Security(api_key_header)]
 
 
-def _check(sent: str | None, keys: tuple[str, ...]) -> None:
-    if not sent:
+log = logging.getLogger(__name__)
+# a WARNING every 10 s at most while addresses are refused; never the address (personal data in a
+# log that outlives the request; the access line's request id finds the request)
+throttled_log = Throttled(log)
+
+
+class AuthThrottled(HTTPException):
+    """429 `auth_throttled` (service/errors.py answers an HTTPException's `code` where it has one)."""
+
+    code = "auth_throttled"
+
+
+def _check(request: Request, state: ServiceState, sent: str | None, keys: tuple[str, ...]) -> None:
+    if not sent:  # no key, no guess: not counted against the address
         raise HTTPException(401, "missing X-API-Key header", {"WWW-Authenticate": "X-API-Key"})
+    throttle: AuthThrottle | None = getattr(request.app.state, "auth_throttle", None)
+    client = client_address(request.scope) if throttle is not None else ""
+    if throttle is not None and (wait := throttle.blocked(client)):
+        # the key is not compared: a right guess is told nothing until the address may try again
+        state.metrics.rejections.labels("auth_throttled").inc()
+        throttled_log.warn("an address sent too many wrong API keys: its requests get 429 auth_throttled")
+        raise AuthThrottled(
+            429,
+            f"too many wrong API keys from this address: at most {throttle.failures} per "
+            f"{throttle.window_s:g} s (R2EC_AUTH_FAILURES, R2EC_AUTH_FAILURE_WINDOW_S); try again "
+            f"in {math.ceil(wait)} s",
+            {"Retry-After": str(max(1, math.ceil(wait)))},
+        )
     # every key compared, in constant time each: the answer's time does not say which came close
     if not sum(secrets.compare_digest(sent.encode(), key.encode()) for key in keys):
+        state.metrics.auth_failures.inc()
+        if throttle is not None:
+            throttle.failed(client)
         raise HTTPException(403, "invalid API key")
 
 
-def require_admin(settings: SettingsDep, x_api_key: ApiKey) -> None:
-    key = settings.admin_key
+def require_admin(request: Request, state: StateDep, x_api_key: ApiKey) -> None:
+    key = state.settings.admin_key
     if key is None:
         raise HTTPException(403, "admin API disabled: set R2EC_API_KEY to enable admin routes")
-    _check(x_api_key, (key,))
+    _check(request, state, x_api_key, (key,))
 
 
-def require_user_key(settings: SettingsDep, x_api_key: ApiKey) -> None:
+def require_user_key(request: Request, state: StateDep, x_api_key: ApiKey) -> None:
     """The client key or the admin key, where R2EC_CLIENT_KEY is set; else nothing."""
-    if keys := settings.user_keys:
-        _check(x_api_key, keys)
+    if keys := state.settings.user_keys:
+        _check(request, state, x_api_key, keys)
 
 
 Admin = [Depends(require_admin)]

@@ -35,7 +35,7 @@ from service.metrics import Metrics
 from service.request_id import HEADER, request_id
 from service.schemas import ErrorResponse
 from service.state import ClientDisconnected, EditNotSaved, ReloadError, ReloadInProgress
-from service.store import StoreUnavailable
+from service.store import StoreUnavailable, UserRateLimited
 from service.types import EmptyHistoryError, QueryError, UnknownItemsError
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ CODES = {
     408: "body_timeout",
     413: "body_too_large",
     422: "invalid_request",
+    429: "rate_limited",
     500: "internal_error",
     503: "unavailable",
     504: "deadline_exceeded",
@@ -74,6 +75,10 @@ DESCRIPTIONS = {
     409: "A reload is already running (Retry-After).",
     413: "The body is larger than R2EC_MAX_BODY_BYTES.",
     422: "Invalid input; `message` and `fields` name the fields or the ids.",
+    429: "Too many requests, with Retry-After: `auth_throttled`, this address sent too many wrong "
+    "API keys (R2EC_AUTH_FAILURES per R2EC_AUTH_FAILURE_WINDOW_S), its key was not compared; "
+    "`rate_limited` (POST /users/{id}/events), this user's events are over R2EC_USER_EVENTS_PER_S "
+    "after a burst of R2EC_USER_EVENTS_BURST, none of the request's was stored.",
     500: 'An internal error: `message` is "internal error (request <id>)", the X-Request-ID '
     "the server's log has the details under.",
     503: "The service cannot answer now: starting, shutting down, overloaded (queue full) or its "
@@ -240,13 +245,16 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
     shedding each log a WARNING every 10 s at most while they last."""
     shedding_log = Throttled(log)
     waited_log = Throttled(log)
+    user_rate_log = Throttled(log)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # Starlette names only the first route's methods
             headers["Allow"] = ", ".join(_allowed_methods(routes, request.url.path))
-        return error_response(exc.status_code, str(exc.detail), headers=headers)
+        # a subclass may name its own code (service/deps.py AuthThrottled)
+        code = getattr(exc, "code", None)
+        return error_response(exc.status_code, str(exc.detail), code=code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -281,6 +289,14 @@ def add_error_handlers(app: FastAPI, metrics: Metrics, routes: Sequence[BaseRout
         request.app.state.r2ec.store_failed(exc)
         headers = retry_after(STORE_RETRY_AFTER_S)
         return error_response(503, STORE_DOWN, code="store_unavailable", headers=headers)
+
+    @app.exception_handler(UserRateLimited)
+    async def user_rate(request: Request, exc: UserRateLimited) -> JSONResponse:
+        # no user id in the line: the log outlives an erasure (service/access_log.py); the access
+        # line's request id finds the request
+        metrics.rejections.labels("user_event_rate").inc()
+        user_rate_log.warn("a user's events are over R2EC_USER_EVENTS_PER_S (429 rate_limited): %s", exc)
+        return error_response(429, str(exc), code="rate_limited", headers=retry_after(exc.retry_after_s))
 
     @app.exception_handler(ReloadError)
     async def reload_failed(request: Request, exc: ReloadError) -> JSONResponse:

@@ -1,4 +1,5 @@
-"""The request body limits, enforced before anything parses a body.
+"""The request limits: the body's, enforced before anything parses a body, and the bound on
+wrong API keys per client address (`AuthThrottle`, below).
 
 A body over `R2EC_MAX_BODY_BYTES` is refused with 413 (the one error body, service/errors.py):
 one whose Content-Length says so before a byte of it is read, a chunked one as soon as the bytes
@@ -13,14 +14,28 @@ its connection is closed, instead of holding a socket and a request in flight un
 up; a client that hangs up during its upload is logged and counted as 499
 `client_disconnected`, as one that leaves while its answer is computed, not as a 400 it was
 never sent.
+
+`AuthThrottle`: a client address that sent `R2EC_AUTH_FAILURES` wrong X-API-Key values
+within `R2EC_AUTH_FAILURE_WINDOW_S` gets 429 `auth_throttled` with Retry-After on every request
+that carries a key, its key not compared (a right guess reads as a wrong one until then), and
+regains one try every window / failures seconds (service/deps.py applies it). In this process
+only: each replica bounds what reaches it, so N replicas behind a balancer let N times through;
+a proxy or gateway in front is where a bound across replicas belongs (docs/operations.md, "Keys
+and guessing"). The address is `scope["client"]`: the peer's, or the X-Forwarded-For one where
+uvicorn trusts the peer as a proxy (its FORWARDED_ALLOW_IPS, 127.0.0.1 and ::1 by default);
+IPv6 addresses count by their /64, what one host is usually given.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
+import time
 from collections.abc import Callable
 from typing import Any
 
+from service.buckets import TokenBuckets
 from service.errors import error_response
 
 Scope = dict[str, Any]
@@ -121,3 +136,52 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None  # servers refuse a malformed length before the app sees it
     return None
+
+
+AUTH_CLIENTS = 65_536  # client addresses an AuthThrottle keeps, the least recently failed dropped
+
+
+def client_address(scope: Scope) -> str:
+    """The address a request's failures count against (module docstring): the client's, an IPv6
+    one as its /64; "unknown" where the server gave none (a unix socket)."""
+    client = scope.get("client")
+    return _counted_as(client[0]) if client else "unknown"
+
+
+@functools.lru_cache(maxsize=4096)  # parsing an address takes 5-20 us; clients come back
+def _counted_as(host: str) -> str:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # a name (some test transports): as it is
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # ::ffff:a.b.c.d, an IPv4 client of a dual-stack socket
+            return str(address.ipv4_mapped)
+        return f"{ipaddress.IPv6Address(int(address) >> 64 << 64)}/64"
+    return str(address)
+
+
+class AuthThrottle:
+    """Wrong API keys per client address (module docstring): `failures` per `window_s`, as a
+    token bucket per address (service/buckets.py) that refills one try every window / failures
+    seconds. At most AUTH_CLIENTS addresses are kept (~10 MB); one dropped starts over full."""
+
+    def __init__(
+        self,
+        failures: int,
+        window_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = AUTH_CLIENTS,
+    ) -> None:
+        self.failures = failures
+        self.window_s = window_s
+        self._buckets = TokenBuckets(failures / window_s, failures, max_keys=max_clients, clock=clock)
+
+    def blocked(self, client: str) -> float:
+        """Seconds until `client` may try a key again; 0: it may now."""
+        return self._buckets.wait(client)
+
+    def failed(self, client: str) -> None:
+        """`client` sent a wrong key."""
+        self._buckets.take(client)

@@ -49,7 +49,15 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = (0, 8, 16, 32, 64, 128, 256, 512)
 WATCH_STAGES = ("pointer", "reload", "sync")  # r2ec_watch_errors_total's stages (service/state.py)
 # r2ec_rejected_total's
-REJECTION_REASONS = ("queue_full", "shutting_down", "body_too_large", "body_timeout", "queue_timeout")
+REJECTION_REASONS = (
+    "queue_full",
+    "shutting_down",
+    "body_too_large",
+    "body_timeout",
+    "queue_timeout",
+    "user_event_rate",  # service/store.py EventRate
+    "auth_throttled",  # service/limits.py AuthThrottle
+)
 DEADLINE_STAGES = ("queued", "decoding")  # where a client's deadline passed (service/deadline.py)
 # r2ec_store_errors_total's operations (service/store.py's StoreUnavailable.op)
 STORE_OPS = (
@@ -269,12 +277,20 @@ class Metrics:
         self.rejections = Counter(
             "r2ec_rejected_total",
             "Requests refused before any work, by reason (queue_full, shutting_down, body_too_large, "
-            "body_timeout, queue_timeout).",
+            "body_timeout, queue_timeout; user_event_rate: a user's events over "
+            "R2EC_USER_EVENTS_PER_S, 429 rate_limited; auth_throttled: an address that sent too many "
+            "wrong API keys, 429).",
             ["reason"],
             registry=r,
         )
         for reason in REJECTION_REASONS:  # at 0 from the start, as the watch's stages
             self.rejections.labels(reason)
+        self.auth_failures = Counter(
+            "r2ec_auth_failures_total",
+            "Requests whose X-API-Key matched no key (403 invalid API key); a missing key (401) and "
+            "a request refused as auth_throttled before its key was compared are not counted.",
+            registry=r,
+        )
         self.deadline_exceeded = Counter(
             "r2ec_deadline_exceeded_total",
             "Recommendations whose client deadline (X-Request-Timeout) passed before the answer, "

@@ -17,8 +17,9 @@ cache with that key, then hands the `PreparedQuery` to the batch.
      along until the longest finishes;
   4. ONE `vectors` call over [prompt; reasoning; closing marker] gives h_T for every query
      whose cache entry did not carry it and whose generation did not (the engine reads h_T off
-     its KV cache as a text ends; a query without reasoning is a prefill of its own there,
-     not stacked with the others: BENCHMARKS.md §3, `r2ec recommend`);
+     its KV cache as a text ends; with `prefill_batch_tokens` (R2EC_PREFILL_BATCH_TOKENS) the
+     queries without reasoning are prefilled together, in forwards of up to that many
+     positions, `DecoderEngine.prefill_many`; by default each is a prefill of its own);
   5. ONE index search (k = the batch's largest k) with per-query history exclusion (`_answer`).
 
 `Recommender.answer_cached(prepared)` answers a cache hit whose entry carries h_T: step 5 alone,
@@ -100,6 +101,7 @@ class Recommender:
         constrain_titles: bool = True,
         exact_decode: bool = False,
         speculative_tokens: int = 8,
+        prefill_batch_tokens: int = 0,
     ) -> None:
         self.checkpoint = checkpoint
         self.model = checkpoint.model
@@ -114,6 +116,7 @@ class Recommender:
             quantize=quantize,
             exact=exact_decode,
             speculative_tokens=speculative_tokens,
+            prefill_tokens=prefill_batch_tokens,
         )
         self.constrain_titles = constrain_titles  # model/constrained.py
         if constrain_titles:  # built here, at load, not on the event loop by the first request
@@ -165,6 +168,7 @@ class Recommender:
         exact_decode: bool = False,
         speculative_tokens: int = 8,
         warmup_requests: int = 0,
+        prefill_batch_tokens: int = 0,
         allow_backbone_mismatch: bool | None = None,
     ) -> Recommender:
         """Load a checkpoint onto `device` (R2EC_DEVICE) and open its catalog (load
@@ -204,6 +208,7 @@ class Recommender:
             constrain_titles=constrain_titles,
             exact_decode=exact_decode,
             speculative_tokens=speculative_tokens,
+            prefill_batch_tokens=prefill_batch_tokens,
         )
         log.info(
             "loaded model %s (fingerprint %s) from %s on %s (%s backend): %d items, %s index, %.1fs",
@@ -352,13 +357,14 @@ class Recommender:
         # list name the same ones even if a catalog edit lands in between
         hints = self.model.hint_titles(entries, catalog=self.catalog.titles)
         prompt = self.model.user_prompt(entries, hints=hints)
-        if not query.wants_reasoning:
+        if not query.wants_reasoning:  # one prefill: tokenized here, so the batcher can count it
             return PreparedQuery(
                 query=query,
                 model_version=self.version,
                 prompt=prompt,
                 cache_key=None,
                 fingerprint=self.fingerprint,
+                prompt_ids=tuple(self._tokens(prompt)),
             )
         constraint, grammar = None, "free"
         if self.constrain_titles:  # the genres and decade each history item has in the served catalog
@@ -438,7 +444,8 @@ class Recommender:
         query does not fail the others). Any number of queries: the engine backend decodes up
         to `slots` at once and starts the next as one ends. Reasoning is written for every
         query at once; h_T after it then costs no second pass, while a query without reasoning
-        is one prefill of its own prompt (they are not stacked)."""
+        is one prefill of its own prompt, or with `prefill_batch_tokens` one row of a prefill
+        shared with the batch's others."""
         start = time.perf_counter()
         out: list[Result | QueryError | None] = [None] * len(queries)
         ok: list[int] = []
@@ -453,8 +460,14 @@ class Recommender:
         if not ok:
             return out  # type: ignore[return-value]
         asked = [p.query for p in ready]
-        # one tokenizer call for the batch; the chat template already holds the special tokens
-        prompt_ids = self.model.tokenizer([p.prompt for p in ready], add_special_tokens=False)["input_ids"]
+        # one tokenizer call for the prompts `prepare` did not tokenize; the chat template already
+        # holds the special tokens
+        untokenized = [j for j, p in enumerate(ready) if not p.prompt_ids]
+        prompt_ids = [list(p.prompt_ids) for p in ready]
+        if untokenized:
+            more = self.model.tokenizer([ready[j].prompt for j in untokenized], add_special_tokens=False)
+            for j, ids in zip(untokenized, more["input_ids"], strict=True):
+                prompt_ids[j] = ids
 
         # split: off / cache hit / needs generation (deduplicated by prompt)
         completions: list[tuple[int, ...]] = [()] * len(ok)
@@ -703,6 +716,10 @@ class Recommender:
     def _decode(self, ids: Sequence[int]) -> str:
         return reasoning_text(self.model.tokenizer, ids)  # a character cut short left out
 
+    def _tokens(self, prompt: str) -> list[int]:
+        """A rendered prompt's token ids (the chat template already holds the special tokens)."""
+        return self.model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
     # ---------------------------------------------------------------- continuous batching
     @property
     def continuous(self) -> bool:
@@ -723,6 +740,34 @@ class Recommender:
         (model/speculative.py); (0, 0) without it."""
         drafter = self.backend.drafter
         return (0, 0) if drafter is None else (drafter.drafted, drafter.accepted)
+
+    @property
+    def prefill_batch_tokens(self) -> int:
+        """The most positions one batched prefill of no-reasoning requests computes
+        (R2EC_PREFILL_BATCH_TOKENS); 0 where each is prefilled alone: batching off, exact
+        decoding, or the `hf` backend."""
+        return self.backend.prefill_tokens if isinstance(self.backend, EngineBackend) else 0
+
+    def prefill_tokens(self, prepared: PreparedQuery) -> int | None:
+        """For continuous batching's admission (service/continuous.py `prefill_cost`): the
+        positions the prefill that answers `prepared` computes, where it is answered by one
+        prefill batched with others and takes no decode slot (no reasoning, or a cached reasoning
+        without its h_T: [prompt; (reasoning;) marker], less the shared prompt head); 0 for a
+        cache hit with its h_T (an index search); None where it decodes or this model prefills
+        each request alone (`prefill_batch_tokens` 0). Runs on the event loop: the prompt is
+        tokenized by `prepare` already, except for a cached reasoning without h_T (rare)."""
+        if not self.prefill_batch_tokens:
+            return None
+        cached = prepared.cached
+        if cached is not None and cached.vector is not None:
+            return 0
+        if prepared.query.wants_reasoning and cached is None:
+            return None
+        ids = list(prepared.prompt_ids) or self._tokens(prepared.prompt)
+        if cached is not None:
+            ids += cached.completion_ids
+        engine = self.backend.engine  # type: ignore[union-attr]  # an EngineBackend: batching is on
+        return engine.computed_tokens(ids + list(self.model._marker_ids), reuse_prefix=True)
 
     def runner(self) -> DecodeRunner:
         """The model-thread half of continuous batching for this model (one per Recommender)."""
@@ -746,8 +791,10 @@ class DecodeRunner:
     Each request becomes one sequence of the engine's ContinuousDecoder (model/generation.py):
     a reasoning request decodes its own budget and streams its text (`PreparedQuery.on_text`);
     a cache hit without h_T and a no-reasoning request only prefill [prompt; (reasoning;)
-    marker]. A sequence that ends is answered by `Recommender._answer`, the same search and
-    reply as the static batch, with its own queue and generation times."""
+    marker], together with the others of their tick and without a slot (unless batching is
+    off: `Recommender.prefill_batch_tokens`). A sequence that ends is answered by
+    `Recommender._answer`, the same search and reply as the static batch, with its own queue
+    and generation times."""
 
     def __init__(self, recommender: Recommender) -> None:
         if not recommender.continuous:
@@ -768,7 +815,7 @@ class DecodeRunner:
         q, cached = p.query, p.cached
         if cached is not None and cached.vector is not None:
             return rec.answer_cached(p)
-        prompt_ids = rec.model.tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = list(p.prompt_ids) or rec._tokens(p.prompt)
         on_text = p.on_text
         if not q.wants_reasoning:
             job = _Job(p, "off", (), None, time.perf_counter())

@@ -100,6 +100,7 @@ TLS_FILES = {
 CERT_REQS = ("none", "optional", "required")
 # query parameters whose value is a secret (`redact`)
 SECRET_PARAMS = frozenset({"password", "username", "ssl_password", "sentinel_password", "sentinel_username"})
+KNOWN_PARAMS = PARAMS | TLS_PARAMS | SENTINEL_PARAMS
 
 
 class RedisUrlError(ValueError):
@@ -150,6 +151,7 @@ def parse(url: str) -> RedisTarget:
             f"({shown}): percent-encode them in the password, e.g. with python3 -c "
             "\"import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=''))\" PASSWORD"
         )
+    _check_secret_tails(parts.query, shown)
     query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
     _check_params(scheme, query, shown)
     if scheme.endswith("+sentinel"):
@@ -157,10 +159,24 @@ def parse(url: str) -> RedisTarget:
     return RedisTarget(url, scheme, _redis_py_options(url, shown))
 
 
+def _check_secret_tails(query: str, shown: str) -> None:
+    """RedisUrlError, naming no part of it, where a parameter this module does not know follows
+    a secret one: most likely the rest of a password that held an unencoded '&'."""
+    after = ""
+    for name, _ in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if after and name not in KNOWN_PARAMS:
+            raise RedisUrlError(
+                f"R2EC_REDIS_URL has a parameter it does not know after {after!r}: an unencoded '&' "
+                f"in the {after} (percent-encode it, %26), or a misspelt parameter? ({shown})"
+            )
+        after = name if name.lower() in SECRET_PARAMS else ("" if name in KNOWN_PARAMS else after)
+
+
 def _check_params(scheme: str, query: Mapping[str, list[str]], shown: str) -> None:
-    known = PARAMS | TLS_PARAMS | SENTINEL_PARAMS
+    known = KNOWN_PARAMS
     for name, values in query.items():
         if name not in known:
+            # the name only: its value may be a secret (`redact` masks it), ?pasword=...
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else f"; it takes {', '.join(sorted(known))}"
             raise RedisUrlError(f"R2EC_REDIS_URL has an unknown parameter {name!r}{hint} ({shown})")
@@ -318,7 +334,9 @@ def redact(url: str) -> str:
     """The URL with its credentials masked, for the log: the userinfo's password
     (redis://user:secret@host -> redis://user:***@host; a lone userinfo, which may be a
     password, whole) and the query parameters redis-py reads a secret from
-    (redis://host/0?password=secret -> redis://host/0?password=***); the other parameters kept.
+    (redis://host/0?password=secret -> redis://host/0?password=***); the value of a parameter
+    it does not know (a misspelt ?pasword=secret), and its name too after a secret one (the rest
+    of a password that held an unencoded '&'); the other parameters kept.
     The userinfo is everything before the LAST "@", not what a URL parser reads: a password may
     hold an unencoded "/", "?" or "#" (base64 ones do), which end a parser's host part early and
     would leave it whole. Nothing of it goes to clients (service/errors.py, ServiceState.readiness)."""
@@ -331,7 +349,19 @@ def redact(url: str) -> str:
         rest = (f"{user}:***@" if has_password else "***@") + rest
     where, question, query = rest.partition("?")
     if query:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-        masked = [(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in pairs]
+        masked, after_secret = [], False
+        for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True):
+            if k.lower() in SECRET_PARAMS:
+                masked.append((k, "***"))
+                after_secret = True
+            elif k in KNOWN_PARAMS:
+                masked.append((k, v))
+                after_secret = False
+            else:
+                # one this module does not know: a misspelt name, whose value may be a secret
+                # (?pasword=...), or, after a secret one (or such a name), the rest of a secret
+                # that held an unencoded '&', its name a piece of it too
+                masked.append(("***" if after_secret else k, "***"))
+                after_secret = True
         query = urllib.parse.urlencode(masked, safe="*/")
     return (f"{scheme}://" if sep else "") + where + (f"?{query}" if query else "")

@@ -140,8 +140,10 @@ STREAM_EXAMPLE = (  # the OpenAPI example of a stream, the README's answer in ev
 def _deadline(
     request: Request,
     _: Annotated[
-        str | None,
-        # the pattern documents the valid values; the dependency checks them (a 400, not a 422)
+        # `str`, not `str | None`: the schema then says a string or nothing (nullable, it let a
+        # client generated from it send the text "null"); the pattern documents the valid
+        # values, and the dependency checks them (a 400, not a 422)
+        str,
         Header(
             alias=DEADLINE_HEADER, description=DEADLINE_DESCRIPTION, json_schema_extra={"pattern": PATTERN}
         ),
@@ -179,7 +181,7 @@ def recommend_router(settings: Settings) -> APIRouter:
                 "description": "The ranked items and the model that ranked them.",
                 "headers": MODEL_HEADERS_DOC,
             },
-            **documented(400, 401, 403, 408, 413, 422, 500, 503, 504),
+            **documented(400, 401, 403, 408, 413, 422, 429, 500, 503, 504),
         },
     )
     async def recommend(
@@ -226,7 +228,7 @@ def recommend_router(settings: Settings) -> APIRouter:
                     }
                 },
             },
-            **documented(400, 401, 403, 408, 413, 422, 500, 503, 504, by_reference=True),
+            **documented(400, 401, 403, 408, 413, 422, 429, 500, 503, 504, by_reference=True),
         },
         dependencies=UserData,
     )
@@ -297,7 +299,7 @@ def _reply(result: Result, source: str, total_ms: float, variant: str) -> schema
     response_model=schemas.EventsResponse,
     tags=["users"],
     dependencies=UserData,
-    responses=documented(400, 401, 403, 408, 413, 422, 500, 503),
+    responses=documented(400, 401, 403, 408, 413, 422, 429, 500, 503),
 )
 async def append_events(
     user_id: UserIdPath, body: schemas.EventsRequest, state: StateDep
@@ -307,7 +309,13 @@ async def append_events(
     Idempotent: an event whose `event_id` the user already has is not stored again (`new`:
     false), so a client may retry a failed or timed-out post as it was. An event's `request_id`
     names the recommendation it came from (the X-Request-ID of that /recommend), kept in the
-    event stream for joining with the exposure log."""
+    event stream for joining with the exposure log. A user's events are bounded by
+    R2EC_USER_EVENTS_PER_S after a burst of R2EC_USER_EVENTS_BURST: over it, 429 `rate_limited`
+    with Retry-After, none of the request's stored."""
+    rate = state.event_rate
+    if rate is not None and len(body.events) > rate.burst:  # would never fit: not a 429 to retry
+        why = f"at most {rate.burst} events per request for one user (R2EC_USER_EVENTS_BURST)"
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", "events"), "msg": why}])
     now = int(time.time())
     events = [_stamped(user_id, e, now) for e in body.events]
     done = await state.append_events(user_id, events)
@@ -334,7 +342,7 @@ def _stamped(user_id: str, e: schemas.EventIn, now: int) -> Event:
     response_model=schemas.HistoryResponse,
     tags=["users"],
     dependencies=UserData,
-    responses=documented(401, 403, 422, 500, 503),
+    responses=documented(401, 403, 422, 429, 500, 503),
 )
 async def get_history(user_id: UserIdPath, store: StoreDep, catalog: CatalogDep) -> schemas.HistoryResponse:
     """The stored history, oldest first (title null for items since deleted)."""
@@ -359,7 +367,7 @@ async def get_history(user_id: UserIdPath, store: StoreDep, catalog: CatalogDep)
     response_model=schemas.UserErasure,
     tags=["admin"],
     dependencies=Admin,
-    responses=documented(401, 403, 422, 500, 503),
+    responses=documented(401, 403, 422, 429, 500, 503),
 )
 async def erase_user(user_id: UserIdPath, state: StateDep) -> schemas.UserErasure:
     """Erase a user (GDPR Art. 17; admin): their stored history, seen items, event ids, their
@@ -402,7 +410,7 @@ async def get_item(item_id: ItemIdPath, catalog: CatalogDep) -> schemas.Item:
     dependencies=Admin,
     responses={
         201: {"model": schemas.ItemUpsertResponse, "description": "Created."},
-        **documented(400, 401, 403, 408, 413, 422, 500, 503, 507),
+        **documented(400, 401, 403, 408, 413, 422, 429, 500, 503, 507),
     },
 )
 async def put_item(
@@ -431,7 +439,7 @@ async def put_item(
     response_model=schemas.ItemBatchResponse,
     tags=["admin"],
     dependencies=Admin,
-    responses=documented(400, 401, 403, 408, 413, 422, 500, 503, 507),
+    responses=documented(400, 401, 403, 408, 413, 422, 429, 500, 503, 507),
 )
 async def edit_items(body: schemas.ItemBatch, state: StateDep) -> schemas.ItemBatchResponse:
     """Add, replace and remove many items at once (admin): a catalog sync in one call instead of
@@ -474,7 +482,7 @@ async def edit_items(body: schemas.ItemBatch, state: StateDep) -> schemas.ItemBa
     response_model=schemas.ItemDeleteResponse,
     tags=["admin"],
     dependencies=Admin,
-    responses=documented(401, 403, 404, 422, 500, 503, 507),
+    responses=documented(401, 403, 404, 422, 429, 500, 503, 507),
 )
 async def delete_item(item_id: ItemIdPath, state: StateDep) -> schemas.ItemDeleteResponse:
     """Remove an item from the index and the catalog (admin)."""
@@ -491,7 +499,7 @@ async def delete_item(item_id: ItemIdPath, state: StateDep) -> schemas.ItemDelet
     response_model=schemas.ReloadResponse,
     tags=["admin"],
     dependencies=Admin,
-    responses=documented(400, 401, 403, 408, 409, 413, 422, 500, 503),
+    responses=documented(400, 401, 403, 408, 409, 413, 422, 429, 500, 503),
 )
 async def reload(state: StateDep, body: schemas.ReloadRequest | None = None) -> schemas.ReloadResponse:
     """Load a checkpoint beside the running model and swap it in; on failure keep the old. A

@@ -676,6 +676,7 @@ ERROR_CODES = (
     *("method_not_allowed", "unauthorized", "forbidden", "reload_failed", "reload_in_progress"),
     *("body_too_large", "overloaded", "shutting_down", "store_unavailable", "unavailable"),
     *("internal_error", "not_saved", "body_timeout", "invalid_header", "deadline_exceeded"),
+    *("rate_limited", "auth_throttled"),
 )
 
 

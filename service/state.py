@@ -39,7 +39,7 @@ from service.exposure import ExposureLog
 from service.logs import Throttled
 from service.metrics import EXPOSURE_OUTCOMES, Metrics
 from service.recommender import Recommender
-from service.store import Appended, Erased, Event, HistoryStore, RedisStore, StoreUnavailable
+from service.store import Appended, Erased, Event, EventRate, HistoryStore, RedisStore, StoreUnavailable
 from service.types import (
     CachedReasoning,
     EmptyHistoryError,
@@ -62,6 +62,8 @@ EDIT_BATCH_CHUNK = 8
 # a watch tick's sync encodes outside the edit lock, then commits under it; an item edited again
 # meanwhile is encoded again, at most this many times a tick (the rest waits for the next tick)
 SYNC_ENCODE_ROUNDS = 3
+# while a reload loads, the sync's encoding waits for its outcome, looking this often
+SYNC_RELOAD_POLL_S = 0.1
 CACHE_BACKOFF_S = 5.0  # after a cache error, skip the cache this long, or until the store
 # answers another operation (a down Redis is not asked twice per request while it is down;
 # histories are still asked, they are needed, and the first one answered ends the skip)
@@ -232,6 +234,9 @@ class ServiceState:
                 max_queue=settings.max_queue,
                 max_prefill_per_tick=settings.max_prefill_per_tick,
                 max_queue_wait_s=settings.max_queue_wait_s or None,
+                # no-reasoning requests: one prefill forward a tick for those waiting, no slot
+                prefill_cost=lambda p: self.engine.prefill_tokens(p),
+                prefill_batch_tokens=settings.prefill_batch_tokens,
             )
         else:
             self.batcher = MicroBatcher(
@@ -250,8 +255,15 @@ class ServiceState:
         # the store's answered operations when the cache failed (None: it answered that one too)
         self._cache_down_answered: int | None = 0
         self.store_down_log = Throttled(log)  # `store_failed`
+        # POST /users/{id}/events: each user's bound on event writes (None: R2EC_USER_EVENTS_PER_S=0)
+        self.event_rate = (
+            EventRate(settings.user_events_per_s, settings.user_events_burst)
+            if settings.user_events_per_s > 0
+            else None
+        )
         self._watcher: asyncio.Task | None = None
         self._syncer: asyncio.Task | None = None  # the watch's sync of item edits under way
+        self._stopping = False  # `stop` has begun: a sync's encoding thread gives up
         self._releases: set[asyncio.Task] = set()  # `_release` tasks, one per reload
         metrics.track_store(lambda: self.store.up)
         if isinstance(store, RedisStore):
@@ -301,6 +313,7 @@ class ServiceState:
         self.batcher.drain(self.settings.shutdown_grace_s)
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in list(self._releases):
             task.cancel()
         for task in (self._watcher, self._syncer):
@@ -381,11 +394,12 @@ class ServiceState:
 
     async def append_events(self, user_id: str, events: Sequence[Event]) -> Appended:
         """Append the user's new events (by event id) to the history, the retraining stream and
-        the seen set, if every item is known."""
+        the seen set, if every item is known and the user's event rate (`event_rate`) allows
+        them all (else UserRateLimited, nothing stored)."""
         unknown = self.engine.catalog.unknown(e.item_id for e in events)
         if unknown:
             raise UnknownItemsError(unknown, where="events")
-        return await self.store.append_events(user_id, events)
+        return await self.store.append_events(user_id, events, rate=self.event_rate)
 
     async def erase_user(self, user_id: str) -> Erased:
         """Erase the user from the store (service/store.py `erase_user`): history, seen set,
@@ -832,8 +846,8 @@ class ServiceState:
         is 1 meanwhile. Each tick also starts a sync of the item edits other replicas saved
         (`_sync_edits`), unless one is under way: beside the watch, not in its loop, as one that
         must encode many items takes minutes, and the version is polled at every tick meanwhile;
-        a reload the watch starts ends the sync's encoding between two chunks
-        (`_encode_between_batches`). Every failure is logged and counted in
+        a reload the watch starts pauses the sync's encoding between two chunks, and ends it
+        where it swaps the model (`_encode_between_batches`). Every failure is logged and counted in
         r2ec_watch_errors_total by stage: pointer (resolving the path or reading the version it
         names), reload, sync."""
         # the version being served, not whatever the pointer names at the first poll: the
@@ -899,9 +913,9 @@ class ServiceState:
         (`_encode_between_batches`), and under the lock again the sync runs once more: each
         edit is checked again (a later edit made here meanwhile wins), and an item whose text
         changed meanwhile is encoded again (at most SYNC_ENCODE_ROUNDS rounds a tick). A reload
-        waiting or done meanwhile ends the sync's encoding: the new catalog re-encodes and
-        carries those edits itself (`carry_from`). The catalog's locks keep searches consistent
-        meanwhile."""
+        under way pauses the sync's encoding; one that swaps the model ends it (the new catalog
+        re-encodes and carries those edits itself, `carry_from`), one that fails lets it go on.
+        The catalog's locks keep searches consistent meanwhile."""
         ready, catalog, applied = ReadyVectors(), None, 0
         try:
             for _ in range(SYNC_ENCODE_ROUNDS):
@@ -916,7 +930,7 @@ class ServiceState:
                         items = need.items
                 vectors = await in_passing_thread(self._encode_between_batches, catalog, items)
                 if vectors is None:
-                    log.info("item edits saved by other replicas: left to the reload under way")
+                    log.info("item edits saved by other replicas: left to the model a reload swapped in")
                     return
                 ready.add(items, vectors)
             else:
@@ -936,10 +950,18 @@ class ServiceState:
         """`catalog.encode_items(items)` from a thread other than the model thread (a sync's):
         EDIT_BATCH_CHUNK items per turn of the model thread, each chunk queued behind the
         recommendation batches that arrived meanwhile, so none waits for more than a chunk.
-        None, given up between two chunks, once a reload is under way or swapped `catalog` out."""
+        A reload under way pauses it between two chunks until the reload ends: None, given up,
+        where it swapped `catalog` out (the new catalog encodes those items itself,
+        `carry_from`), or once the service stops; where the load failed (the watch retries a
+        version that does not load every tick, then every WATCH_SLOW_RETRY_S) `catalog` still
+        serves and needs them, and the encoding goes on. It gave up on a failed reload too,
+        and the next tick's sync started over: a sync longer than the retries' spacing never
+        ended while CURRENT named such a version."""
         chunks = []
         for start in range(0, len(items), EDIT_BATCH_CHUNK):
-            if self._reload_lock.locked() or self.engine.catalog is not catalog:
+            while self._reload_lock.locked() and self.engine.catalog is catalog and not self._stopping:
+                time.sleep(SYNC_RELOAD_POLL_S)  # not the model thread: it serves meanwhile
+            if self._stopping or self.engine.catalog is not catalog:
                 return None
             chunk = items[start : start + EDIT_BATCH_CHUNK]
             chunks.append(self.model_executor.submit(catalog.encode_items, chunk).result())

@@ -13,8 +13,12 @@ One interface, two stores, the same tests for both (tests/service/test_store.py)
                               and/or R2EC_EXPOSURE_RETENTION_S (SERVED_SCRIPT)
     r2ec:seen:{user_id}       a set: every item the user has an event for (never trimmed), what
                               /recommend excludes beyond the history window
-    r2ec:event-ids:{user_id}  a sorted set: the user's event ids by arrival time, kept
-                              `dedup_ttl_s`, so a retried event is not stored twice
+    r2ec:event-ids:{user_id}  a sorted set: the user's event ids by arrival time (s), kept
+                              `dedup_ttl_s`, so a retried event is not stored twice, and at most
+                              `dedup_max` of them (the oldest dropped first, in the same script)
+    r2ec:event-rate:{user_id} a string, the user's event-rate bucket (`EventRate`, POST
+                              /users/{id}/events only): "<tokens> <when they were counted, ms>",
+                              expiring once it would be full again
     r2ec:reasoning:{key}      a cached reasoning (JSON), expiring after `cache_ttl_s`
     r2ec:user-cache:{user_id} a sorted set: the cache keys written for requests that read the
                               user's stored history, by write time (s), trimmed to and expiring
@@ -129,6 +133,7 @@ from redis.exceptions import (
     ReadOnlyError,
 )
 
+from service.buckets import TokenBuckets
 from service.redis_conn import AsyncRedis, SyncRedis, redact
 
 log = logging.getLogger(__name__)
@@ -154,6 +159,11 @@ STORE_FORMAT = 1
 # (and a full one: DEL frees), so a probe finds a URL that reaches a replica after a failover
 PROBE_KEY = "r2ec:probe"
 DEDUP_TTL_S = 7 * 86_400
+# the most event ids a user's dedup set keeps (R2EC_EVENT_DEDUP_MAX): at least a whole request's
+# (service/schemas.py MAX_EVENTS, 1000), so a retried request is always known whole
+DEDUP_MAX = 10_000
+EVENT_RATE_KEY = "r2ec:event-rate:{user_id}"
+MEMORY_RATE_USERS = 100_000  # the in-process store's event-rate buckets kept (service/buckets.py)
 ERASE_PAGE = 1_000  # stream entries per step of a scan for one user (USER_PAGE_SCRIPT)
 
 
@@ -189,6 +199,33 @@ class StoreUnavailable(RuntimeError):
     def __init__(self, message: str, op: str = "store") -> None:
         super().__init__(message)
         self.op = op
+
+
+@dataclass(frozen=True)
+class EventRate:
+    """A per-user bound on event writes: a token bucket of `burst` events that refills at
+    `per_s` events a second (R2EC_USER_EVENTS_BURST, R2EC_USER_EVENTS_PER_S). Every event of a
+    request costs one, duplicates included (a duplicate costs the script its checks); a request
+    the bucket cannot pay for whole is refused whole (`UserRateLimited`), costing nothing, so a
+    client that waits the time it is told gets through and stores each event once."""
+
+    per_s: float
+    burst: int
+
+
+class UserRateLimited(Exception):
+    """An append refused by the user's `EventRate`: nothing stored; `retry_after_s` until the
+    bucket holds the request's events (the service's 429 and its Retry-After)."""
+
+    def __init__(self, events: int, rate: EventRate, retry_after_s: float) -> None:
+        self.events = events
+        self.rate = rate
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"too many events for this user: at most {rate.burst} at once, then {rate.per_s:g} a "
+            f"second (R2EC_USER_EVENTS_BURST, R2EC_USER_EVENTS_PER_S); these {events} fit in "
+            f"{math.ceil(retry_after_s)} s"
+        )
 
 
 @dataclass(frozen=True)
@@ -446,12 +483,15 @@ class HistoryStore(Protocol):
     async def get_history(self, user_id: str) -> list[Event]:
         """The user's latest `window` events, oldest first (empty for an unknown user)."""
 
-    async def append_events(self, user_id: str, events: Sequence[Event], *, stream: bool = True) -> Appended:
+    async def append_events(
+        self, user_id: str, events: Sequence[Event], *, stream: bool = True, rate: EventRate | None = None
+    ) -> Appended:
         """Add the events whose id is new for the user to the history (placed by timestamp,
         trimmed to the window; module docstring, "Order"), the event stream and the seen set,
         atomically. `stream=False`: not to the stream (`r2ec user import --no-stream`, a
         backfill of history that retraining's seed dataset holds already); the route always
-        streams."""
+        streams. `rate`: the user's bound on event writes (the route's; a backfill has none):
+        UserRateLimited, nothing stored, where the user's bucket cannot pay for `events`."""
 
     async def get_seen(self, user_id: str) -> frozenset[str]:
         """Every item the user has an event for (not only the history window)."""
@@ -485,13 +525,19 @@ class HistoryStore(Protocol):
     async def close(self) -> None: ...
 
 
-def _appended(out: Sequence[int | str], ids: Sequence[str]) -> Appended:
-    """APPEND_SCRIPT's reply (1/0 per event, then the history's length) as an Appended."""
+def _appended(out: Sequence[int | str], ids: Sequence[str], rate: EventRate | None = None) -> Appended:
+    """APPEND_SCRIPT's reply (1/0 per event, then the history's length) as an Appended; its
+    refusal by the user's event rate ({-1, ms to wait}) as UserRateLimited."""
+    if rate is not None and int(out[0]) == -1:
+        raise UserRateLimited(len(ids), rate, int(out[1]) / 1000)
     return Appended(int(out[-1]), tuple(ids), tuple(bool(x) for x in out[:-1]))
 
 
-def _check_events(user_id: str, events: Sequence[Event]) -> list[str]:
-    """The events' ids (their own, else `event_key`); ValueError for a non-finite rating."""
+def _check_events(user_id: str, events: Sequence[Event], rate: EventRate | None = None) -> list[str]:
+    """The events' ids (their own, else `event_key`); ValueError for a non-finite rating, or for
+    more events than `rate`'s bucket ever holds (the route refuses those with a 422 first)."""
+    if rate is not None and len(events) > rate.burst:
+        raise ValueError(f"{len(events)} events are more than the event rate's burst of {rate.burst}")
     for e in events:
         if e.rating is not None and not math.isfinite(e.rating):
             raise ValueError(f"rating of item {e.item_id!r} must be finite, got {e.rating}")
@@ -548,19 +594,23 @@ class MemoryStore:
         cache_size: int = 10_000,
         user_ttl_s: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        dedup_max: int = DEDUP_MAX,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = window
         self.cache_size = cache_size
         self.user_ttl_s = user_ttl_s
+        self.dedup_max = dedup_max
         self._clock = clock
+        self._rates: dict[EventRate, TokenBuckets] = {}  # per rate, by user (`append_events`)
         self._last_append: dict[str, float] = {}  # for `user_ttl_s`
         self._histories: dict[str, list[Event]] = {}
         self._events: list[StreamEntry] = []  # ids "<n>-0", n counting every entry ever added
         self._added = 0
         self._seen: dict[str, set[str]] = {}
-        self._event_ids: dict[str, set[str]] = {}
+        # each user's event ids in arrival order (a dict: ordered), at most `dedup_max`
+        self._event_ids: dict[str, dict[str, None]] = {}
         self._cache: OrderedDict[str, str] = OrderedDict()
         # the cache keys written for each user's stored-history requests, and the reverse
         self._user_cache: dict[str, set[str]] = {}
@@ -578,13 +628,24 @@ class MemoryStore:
         self._forget_if_expired(user_id)
         return _time_order(list(self._histories.get(user_id, ())))
 
-    async def append_events(self, user_id: str, events: Sequence[Event], *, stream: bool = True) -> Appended:
-        ids = _check_events(user_id, events)
+    async def append_events(
+        self, user_id: str, events: Sequence[Event], *, stream: bool = True, rate: EventRate | None = None
+    ) -> Appended:
+        ids = _check_events(user_id, events, rate)
+        if rate is not None:
+            buckets = self._rates.get(rate)
+            if buckets is None:
+                buckets = self._rates[rate] = TokenBuckets(
+                    rate.per_s, rate.burst, max_keys=MEMORY_RATE_USERS, clock=self._clock
+                )
+            wait = buckets.take(user_id, len(events))
+            if wait:
+                raise UserRateLimited(len(events), rate, wait)
         self._forget_if_expired(user_id)
         self._last_append[user_id] = self._clock()
         history = self._histories.setdefault(user_id, [])
         history[:] = _time_order(history)  # as APPEND_SCRIPT repairs a list of an older release
-        known = self._event_ids.setdefault(user_id, set())
+        known = self._event_ids.setdefault(user_id, {})
         held = {e.event_id for e in history}  # a duplicate whatever the ids remembered (APPEND_SCRIPT)
         seen = self._seen.setdefault(user_id, set())
         new = []
@@ -592,7 +653,7 @@ class MemoryStore:
             new.append(event_id not in known and event_id not in held)
             if not new[-1]:
                 continue
-            known.add(event_id)
+            known[event_id] = None
             stored = Event(e.item_id, e.rating, e.timestamp, event_id)
             history.insert(_place(history, e.timestamp), stored)
             seen.add(e.item_id)
@@ -603,6 +664,8 @@ class MemoryStore:
                     StreamEntry(f"{self._added}-0", user_id, logged, int(time.time()), event_id)
                 )
         del history[: -self.window]
+        for oldest in list(itertools.islice(known, max(0, len(known) - self.dedup_max))):
+            del known[oldest]  # the oldest first, as APPEND_SCRIPT trims r2ec:event-ids
         return Appended(len(history), tuple(ids), tuple(new))
 
     async def get_seen(self, user_id: str) -> frozenset[str]:
@@ -654,6 +717,8 @@ class MemoryStore:
         history = self._histories.pop(user_id, [])
         seen = self._seen.pop(user_id, set())
         self._event_ids.pop(user_id, None)
+        for buckets in self._rates.values():
+            buckets.forget(user_id)
         kept = [e for e in self._events if e.user_id != user_id]
         removed, self._events = len(self._events) - len(kept), kept
         keys = list(self._user_cache.get(user_id, ()))
@@ -685,11 +750,17 @@ class RedisStore:
         timeout_s: float = 1.0,
         dedup_ttl_s: int = DEDUP_TTL_S,
         user_ttl_s: int = 0,
+        dedup_max: int = DEDUP_MAX,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = window
         self.user_ttl_s = user_ttl_s
+        self.dedup_max = dedup_max
+        # the time an append stamps its event ids with and counts a user's event rate by: this
+        # replica's, in seconds (a parameter for tests)
+        self._clock = clock
         self.up = True
         self.cache_ttl_s = cache_ttl_s
         self.stream_maxlen = stream_maxlen
@@ -722,7 +793,7 @@ class RedisStore:
                 yield
         except StoreUnavailable as exc:
             cause = exc.__cause__
-            self.read_only = isinstance(cause, ReadOnlyError) or (self.read_only and op not in _WRITES)
+            self.read_only = _refuses_writes(cause) or (self.read_only and op not in _WRITES)
             # up where a command failed on its own (an error reply: a key of another type, a
             # full Redis refusing a write); down where Redis did not answer, something else did,
             # or it refused every command (loading, max clients, a wrong password), or every
@@ -746,12 +817,14 @@ class RedisStore:
             raw = await self._redis.lrange(HISTORY_KEY.format(user_id=user_id), 0, -1)
         return _time_order([Event.from_json(r) for r in raw])
 
-    async def append_events(self, user_id: str, events: Sequence[Event], *, stream: bool = True) -> Appended:
-        keys, args, ids = self._append_call(user_id, events, stream)
+    async def append_events(
+        self, user_id: str, events: Sequence[Event], *, stream: bool = True, rate: EventRate | None = None
+    ) -> Appended:
+        keys, args, ids = self._append_call(user_id, events, stream, rate)
         with self._failures("append_events"):
-            # one Lua script: the dedup check and every write happen atomically, or not at all
+            # one Lua script: the rate and dedup checks and every write happen atomically, or not at all
             out = await self._append(keys=keys, args=args)
-        return _appended(out, ids)
+        return _appended(out, ids, rate)
 
     async def append_many(
         self, batches: Sequence[tuple[str, Sequence[Event]]], *, stream: bool = True
@@ -761,7 +834,7 @@ class RedisStore:
         part way leaves the calls before it done, and the same batches again store nothing
         twice). For `r2ec user import`, a backfill, where one call per round trip leaves Redis
         idle while the client waits."""
-        calls = [self._append_call(user_id, events, stream) for user_id, events in batches]
+        calls = [self._append_call(user_id, events, stream, None) for user_id, events in batches]
         with self._failures("append_events"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for keys, args, _ in calls:
@@ -770,17 +843,20 @@ class RedisStore:
         return [_appended(out, ids) for out, (_, _, ids) in zip(replies, calls, strict=True)]
 
     def _append_call(
-        self, user_id: str, events: Sequence[Event], stream: bool
-    ) -> tuple[list[str], list[str | int], list[str]]:
+        self, user_id: str, events: Sequence[Event], stream: bool, rate: EventRate | None
+    ) -> tuple[list[str], list[str | int | float], list[str]]:
         """APPEND_SCRIPT's keys and arguments for an append, and the events' ids."""
-        ids = _check_events(user_id, events)
+        ids = _check_events(user_id, events, rate)
         keys = [k.format(user_id=user_id) for k in (HISTORY_KEY, EVENTS_STREAM, SEEN_KEY, EVENT_IDS_KEY)]
-        keys.append(STREAM_EPOCH_KEY)
-        now = int(time.time())
+        keys += [STREAM_EPOCH_KEY, EVENT_RATE_KEY.format(user_id=user_id)]
+        clock = self._clock()
+        now = int(clock)
         maxlen = self.stream_maxlen if stream else 0  # 0: no stream entry (the script's ARGV[3])
-        args: list[str | int] = [
+        args: list[str | int | float] = [
             *(user_id, self.window, maxlen, self.dedup_ttl_s, now, len(events), self.user_ttl_s)
         ]
+        per_s, burst = (rate.per_s, rate.burst) if rate is not None else (0, 0)  # 0: no bound
+        args += [self.dedup_max, repr(float(per_s)), burst, int(clock * 1000)]
         for e, event_id in zip(events, ids, strict=True):
             f = e.stream_fields(user_id, event_id)
             stored = Event(e.item_id, e.rating, e.timestamp, event_id)
@@ -826,6 +902,7 @@ class RedisStore:
         some entries in place: the same call again removes them."""
         keys = [HISTORY_KEY, SEEN_KEY, EVENT_IDS_KEY, USER_CACHE_KEY]
         keys = [k.format(user_id=user_id) for k in keys] + [ERASURES_KEY, EVENTS_STREAM, SERVED_STREAM]
+        keys.append(EVENT_RATE_KEY.format(user_id=user_id))  # a key that names the user
         with self._failures("erase_user"):
             history, seen, cached, now_ms, cutoff = await self._erase(
                 keys=keys, args=[user_id, CACHE_KEY.format(key="")]
@@ -972,16 +1049,25 @@ class RedisStore:
 
     async def _check_sentinels(self) -> None:
         """StoreConfigError where a sentinel answers and none of those that do monitors the
-        service the URL names (a misspelt name: redis-py would only say no primary was found)."""
+        service the URL names (a misspelt name: redis-py would only say no primary was found),
+        or where none answers and one refused the URL's sentinel credentials."""
         target = self._conn.target
         known: set[str] = set()
-        answered = False
+        answered, refused = False, None
         for node in self._conn.sentinel.sentinels:
             try:
                 known |= set(await node.sentinel_masters())
                 answered = True
+            except redis.AuthenticationError as exc:
+                refused = exc
             except (redis.RedisError, OSError):
                 continue
+        if not answered and refused is not None:
+            raise StoreConfigError(
+                f"the sentinels of R2EC_REDIS_URL ({redact(self.url)}) refuse its sentinel_username / "
+                f"sentinel_password, their own, not the data nodes' ({refused}): docs/operations.md, "
+                "'Managed Redis'"
+            )
         if answered and target.service not in known:
             raise StoreConfigError(
                 f"R2EC_REDIS_URL ({redact(self.url)}) names the service {target.service!r}, which the "
@@ -1293,11 +1379,13 @@ def _stream_entries(rows: list[tuple[str, dict[str, str]]]) -> list[StreamEntry]
 
 
 # KEYS: history, stream, seen set, event-id zset, the stream's epoch (set where this call creates
-# the stream). ARGV: user_id, window, stream maxlen (0: no
-# stream entry, `stream=False`), dedup ttl (s), now (s), n, user ttl (s, 0: none), then per
-# event: event_id, item_id, rating, timestamp, history JSON, request_id ('' for none: the entry
-# has no such field).
-# Returns one 1 (stored) or 0 (duplicate) per event, then the history's length.
+# the stream), the user's event-rate bucket. ARGV: user_id, window, stream maxlen (0: no
+# stream entry, `stream=False`), dedup ttl (s), now (s), n, user ttl (s, 0: none), the most event
+# ids kept (`dedup_max`), the event rate's refill per second (0: no bound) and burst, now (ms),
+# then per event: event_id, item_id, rating, timestamp, history JSON, request_id ('' for none:
+# the entry has no such field).
+# Returns one 1 (stored) or 0 (duplicate) per event, then the history's length; or, where the
+# user's event rate cannot pay for the n events, {-1, ms until it can} and writes nothing.
 APPEND_SCRIPT = """
 -- the history in time order (`_place`): read once; each new event goes into that table after
 -- every event not later than it, walking back from the newest at most a window's length (one
@@ -1314,6 +1402,21 @@ end
 local user, window, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local ttl, now, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local user_ttl = tonumber(ARGV[7])  -- seconds the history and seen set outlive this append; 0: for good
+local ids_max = tonumber(ARGV[8])
+-- the user's event rate (`EventRate`, service/buckets.py `refill`): a bucket of `burst` events
+-- that refills at `per_s` a second, by the replica's clock in ms (one behind the last writer's
+-- counts no time); a request it cannot pay for whole is refused before anything is written
+local per_s, burst, now_ms = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local tokens, counted_at = burst, now_ms
+if per_s > 0 then
+  local bucket = redis.call('GET', KEYS[6])  -- a string, so the documented ACL needs no hash commands
+  if bucket then
+    local held, at = string.match(bucket, '^(%S+) (%S+)$')
+    counted_at = math.max(now_ms, tonumber(at))
+    tokens = math.min(burst, tonumber(held) + (counted_at - tonumber(at)) * per_s / 1000)
+  end
+  if tokens < n then return {-1, math.ceil((n - tokens) * 1000 / per_s)} end
+end
 -- A Redis at its maxmemory with noeviction refuses a script's write that may grow it only while
 -- the script has written nothing yet: after the prune below (a write that only frees), every
 -- ZADD, XADD and RPUSH would go through past the cap. So a growing write comes first: a no-op
@@ -1355,7 +1458,7 @@ if not in_order then
 end
 local out = {}
 for i = 0, n - 1 do
-  local b = 8 + i * 6
+  local b = 12 + i * 6
   local id, item, json = ARGV[b], ARGV[b + 1], ARGV[b + 4]
   if not held[id] and redis.call('ZADD', KEYS[4], 'NX', now, id) == 1 then
     local ts, at, dropped = stamp(json), #hist, false
@@ -1384,7 +1487,14 @@ for i = 0, n - 1 do
     out[#out + 1] = 0
   end
 end
+-- at most ids_max ids, the oldest by arrival (second; within one, by id) dropped first
+redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -ids_max - 1)
 redis.call('EXPIRE', KEYS[4], ttl)
+if per_s > 0 then  -- the bucket, less this request's events; gone once it would be full again
+  tokens = tokens - n
+  local full_in_ms = math.ceil((burst - tokens) * 1000 / per_s) + 1000
+  redis.call('SET', KEYS[6], string.format('%.17g %.17g', tokens, counted_at), 'PX', full_in_ms)
+end
 if fresh and redis.call('EXISTS', KEYS[2]) == 1 then  -- a new stream, a new epoch (TIME, µs)
   local t = redis.call('TIME')
   redis.call('SET', KEYS[5], t[1] .. string.format('%06d', tonumber(t[2])))
@@ -1453,10 +1563,10 @@ return 1
 )
 
 # KEYS: history, seen set, event-id zset, cache-key index, the ledger, the event stream, the
-# exposure log. ARGV: user_id, the cache keys' prefix. Returns the history's length, the seen
-# set's size, the cache entries deleted, now (ms) and the cutoff (ms) the ledger got. The cache
-# entries' names come from the index, so they are not in KEYS: a standalone Redis, as everywhere
-# in this module.
+# exposure log, the event-rate bucket. ARGV: user_id, the cache keys' prefix. Returns the
+# history's length, the seen set's size, the cache entries deleted, now (ms) and the cutoff (ms)
+# the ledger got. The cache entries' names come from the index, so they are not in KEYS: a
+# standalone Redis, as everywhere in this module.
 ERASE_SCRIPT = """
 local history = redis.call('LLEN', KEYS[1])
 local seen = redis.call('SCARD', KEYS[2])
@@ -1466,7 +1576,7 @@ local cached = 0
 for i = 1, #names, 1000 do
   cached = cached + redis.call('DEL', unpack(names, i, math.min(i + 999, #names)))
 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[8])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- without a stream nothing of the user's is in it, and an entry added later gets >= now
@@ -1614,6 +1724,21 @@ def _failures(url: str, op: str) -> Iterator[None]:
 # deployment (an ACL, a cluster).
 _CLUSTER_REPLIES = (MovedError, AskError, ClusterCrossSlotError, ClusterDownError)
 _DOWN_REPLIES = (ReadOnlyError, NoPermissionError, *_CLUSTER_REPLIES)
+# a Redis that takes no write at all for now, though it answers: too few replicas in sync under
+# its min-replicas-to-write (NOREPLICAS), or an RDB save failing under stop-writes-on-bgsave-
+# error (MISCONF). Like a replica's READONLY, every event would fail until it changes, so the
+# store reads as down (`r2ec_store_up` 0, R2ecStoreDown) until a write goes through; inside a
+# script the reply may come wrapped ("ERR Error running script ... NOREPLICAS ...")
+_NO_WRITES = ("NOREPLICAS", "MISCONF")
+
+
+def _refuses_writes(cause: BaseException | None) -> bool:
+    """Whether `cause` says the server takes no write at all for now (`_failures`)."""
+    if isinstance(cause, ReadOnlyError):
+        return True
+    return isinstance(cause, redis.ResponseError) and any(code in str(cause) for code in _NO_WRITES)
+
+
 # the operations that write (RedisStore._failures: one that goes through ends `read_only`)
 _WRITES = frozenset({"append_events", "cache_set", "erase_user", "add_served", "ping", "check_format"})
 CLUSTER_REFUSAL = (
@@ -1694,6 +1819,7 @@ def make_store(
     stream_maxlen: int,
     dedup_ttl_s: int = DEDUP_TTL_S,
     user_ttl_s: int = 0,
+    dedup_max: int = DEDUP_MAX,
 ) -> MemoryStore | RedisStore:
     """Redis when a URL is configured, else the in-process store."""
     if redis_url:
@@ -1704,5 +1830,6 @@ def make_store(
             stream_maxlen=stream_maxlen,
             dedup_ttl_s=dedup_ttl_s,
             user_ttl_s=user_ttl_s,
+            dedup_max=dedup_max,
         )
-    return MemoryStore(window, cache_size=cache_size, user_ttl_s=user_ttl_s)
+    return MemoryStore(window, cache_size=cache_size, user_ttl_s=user_ttl_s, dedup_max=dedup_max)

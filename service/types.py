@@ -338,6 +338,10 @@ class PreparedQuery:
     # reply's queue_ms and r2ec_queue_wait_seconds count from here, not from the request's
     # arrival, which the history read, the prompt and the cache lookup come after
     queued_at: float | None = field(default=None, compare=False, hash=False, repr=False)
+    # the prompt's token ids, where `prepare` tokenized it already (a query without reasoning:
+    # the batcher counts its prefill's tokens before it reaches the model thread); () where not,
+    # and the model thread tokenizes `prompt` itself
+    prompt_ids: tuple[int, ...] = field(default=(), compare=False, hash=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,22 @@ def child_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str, 
     return env
 
 
+def checkpoint_over_a_local_backbone(items, tmp_path: Path) -> tuple[Path, Path, dict]:
+    """An untrained checkpoint of `items` over the tiny model saved as a model directory (a
+    backbone the checkpoint records by its sha256, model/backbone_digest.py): the checkpoint,
+    that directory (save other weights there to make a mismatch) and its metadata."""
+    from model.backbone import tiny_model, tiny_tokenizer
+    from model.checkpoint import create_base_checkpoint
+
+    tokenizer = tiny_tokenizer()
+    mine = tmp_path / "models" / "mine"
+    tiny_model(tokenizer).save_pretrained(mine)
+    tokenizer.save_pretrained(mine)
+    ckpt = tmp_path / "ckpt"
+    meta = create_base_checkpoint(ckpt, str(mine), items, dtype="float32", progress=False)
+    return ckpt, mine, meta
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from model.backbone import BackboneConfig, load_backbone

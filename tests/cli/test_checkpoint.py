@@ -12,7 +12,7 @@ from cli import app
 from model.checkpoint import VECTORS_FILE, load_checkpoint, read_meta
 from model.recpo import RecPOConfig
 from model.train import train
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, checkpoint_over_a_local_backbone
 
 TINY = dict(dtype="float32", warmup_steps=0, eval_limit=4, lora_r=4, lora_alpha=8, max_completion_length=4)
 
@@ -483,26 +483,19 @@ def test_init_refuses_a_device_this_machine_lacks_before_loading_anything(
     assert not (tmp_path / "c").exists()
 
 
-def _over_a_local_backbone(tiny_dataset, tmp_path):
-    """A checkpoint over the tiny model saved as a model directory, and that directory."""
-    from model.backbone import tiny_model, tiny_tokenizer
-    from model.checkpoint import create_base_checkpoint
-
-    tokenizer = tiny_tokenizer()
-    mine = tmp_path / "models" / "mine"
-    tiny_model(tokenizer).save_pretrained(mine)
-    tokenizer.save_pretrained(mine)
-    ckpt = tmp_path / "ckpt"
-    create_base_checkpoint(ckpt, str(mine), tiny_dataset.items, dtype="float32", progress=False)
-    return ckpt, mine
-
-
 def test_show_says_whether_the_backbone_is_the_recorded_one_and_init_from_refuses_another(
     tiny_dataset, tmp_path
 ):
-    from model.backbone import tiny_model, tiny_tokenizer
+    import shutil
 
-    ckpt, mine = _over_a_local_backbone(tiny_dataset, tmp_path)
+    import pandas as pd
+    import pytest
+
+    from model.backbone import tiny_model, tiny_tokenizer
+    from model.backbone_digest import BackboneMismatch
+    from model.data.dataset import ITEM_SCHEMA, ITEMS_FILE, _write_frame
+
+    ckpt, mine, _ = checkpoint_over_a_local_backbone(tiny_dataset.items, tmp_path)
     recorded = read_meta(ckpt)["backbone"]["sha256"]
     res = CliRunner().invoke(app, ["checkpoint", "show", str(ckpt)])
     assert res.exit_code == 0 and json.loads(res.stdout)["backbone"]["sha256"] == recorded
@@ -517,14 +510,28 @@ def test_show_says_whether_the_backbone_is_the_recorded_one_and_init_from_refuse
     assert "--allow-backbone-mismatch" in res.output and not (tmp_path / "copy").exists()
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "copy"), "--allow-backbone-mismatch"])
     assert res.exit_code == 0, res.output
-    # the copy records the backbone it was written over: it loads over it without a word
-    written = read_meta(tmp_path / "copy")["backbone"]["sha256"]
-    assert written != recorded
-    assert load_checkpoint(tmp_path / "copy", dtype="float32").backbone.status == "match"
+    # the copy's item vectors are the source's (the same catalog), made over the recorded
+    # backbone: it keeps that record, so the override is not laundered into a "match"
+    assert read_meta(tmp_path / "copy")["backbone"]["sha256"] == recorded
+    with pytest.raises(BackboneMismatch):
+        load_checkpoint(tmp_path / "copy", dtype="float32")
+    allowed = load_checkpoint(tmp_path / "copy", dtype="float32", allow_backbone_mismatch=True)
+    assert allowed.backbone.status == "mismatch_allowed"
+    # untrained rows whose catalog is encoded here are wholly this backbone's: recorded as such
+    other = tmp_path / "other-data"
+    shutil.copytree(tiny_dataset.path, other)
+    items = pd.read_parquet(other / ITEMS_FILE)
+    items["title"] = "Renamed " + items["title"]
+    _write_frame(items, ITEM_SCHEMA, other / ITEMS_FILE)
+    args = ["checkpoint", "init", "--data", str(other), "--dtype", "float32", "--from", str(ckpt)]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "re"), "--allow-backbone-mismatch"])
+    assert res.exit_code == 0, res.output
+    assert read_meta(tmp_path / "re")["backbone"]["sha256"] not in (None, recorded)
+    assert load_checkpoint(tmp_path / "re", dtype="float32").backbone.status == "match"
 
 
 def test_record_backbone_stamps_an_older_checkpoint_once(tiny_dataset, tmp_path):
-    ckpt, mine = _over_a_local_backbone(tiny_dataset, tmp_path)
+    ckpt, mine, _ = checkpoint_over_a_local_backbone(tiny_dataset.items, tmp_path)
     meta = read_meta(ckpt)
     record = meta.pop("backbone")
     (ckpt / "r2ec.json").write_text(json.dumps(meta, indent=2))  # as one written before the record

@@ -368,13 +368,10 @@ def test_eval_refuses_a_checkpoint_over_another_backbone_unless_allowed(tiny_dat
     """Other weights saved where the checkpoint's backbone was: refused naming both digests;
     --allow-backbone-mismatch evaluates it, with a warning and the check in the run block."""
     from model.backbone import tiny_model, tiny_tokenizer
+    from tests.conftest import checkpoint_over_a_local_backbone
 
+    ckpt, mine, meta = checkpoint_over_a_local_backbone(tiny_dataset.items, tmp_path)
     tokenizer = tiny_tokenizer()
-    mine = tmp_path / "mine"
-    tiny_model(tokenizer).save_pretrained(mine)
-    tokenizer.save_pretrained(mine)
-    ckpt = tmp_path / "ckpt"
-    meta = create_base_checkpoint(ckpt, str(mine), tiny_dataset.items, dtype="float32", progress=False)
     args = ["--data", str(tiny_dataset.path), "--checkpoint", str(ckpt), "--dtype", "float32", "--limit", "2"]
     args += ["--no-reasoning", "--json"]
     code, out = _eval(*args)

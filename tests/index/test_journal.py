@@ -92,6 +92,33 @@ def test_a_kill_while_the_cut_writes_the_previous_log_leaves_the_log_whole(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == [journal.JOURNAL_NAME, journal.PREVIOUS_NAME]
 
 
+def test_a_kill_between_the_two_renames_leaves_the_cut_entries_in_both_logs(tmp_path, monkeypatch):
+    """The order the previous test names, where it shows: killed after the first rename of the
+    cut (the previous log written) and before the second (the log cut), the entries cut are in
+    both files, never in neither (index.json holds no vectors: the other replicas would encode
+    them). The test before it kills at the first rename, which leaves the log whole in either
+    order."""
+    journal.append(tmp_path, [{"item_id": "a"}, {"item_id": "b"}])
+    at_save = journal.stamp(tmp_path)
+    journal.append(tmp_path, [{"item_id": "c"}])
+    before = journal.path_of(tmp_path).read_bytes()
+    renames = []
+    replace = os.replace
+
+    def killed_at_the_second(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise KeyboardInterrupt("killed")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        journal.drop_through(tmp_path, at_save)
+    monkeypatch.undo()
+    assert journal.path_of(tmp_path).read_bytes() == before  # the log, whole
+    assert [e["item_id"] for e in journal.read_previous(tmp_path)] == ["a", "b"]
+
+
 def test_the_counter_reads_what_was_appended_since_and_follows_a_replaced_log(tmp_path, monkeypatch):
     """journal.Counter (asked at every item edit) agrees with a whole count through appends, a
     full save's cut (a new file), a removal and a log started again; it reads only the bytes

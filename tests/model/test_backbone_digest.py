@@ -139,3 +139,49 @@ def test_a_checkpoint_written_before_the_record_loads_with_one_warning(tiny_data
     warned = [r.getMessage() for r in caplog.records if "records no backbone digest" in r.getMessage()]
     assert len(warned) == 1 and f"r2ec checkpoint record-backbone {ckpt}" in warned[0]
     assert first.backbone.status == "unrecorded" and first.backbone.recorded is None
+
+
+CACHE_WRITER = """
+import sys, time
+from pathlib import Path
+import model.data.dataset  # what the cache's write imports, before the start line
+from model import backbone_digest
+from model.backbone_digest import file_sha256
+root, k = Path(sys.argv[1]), int(sys.argv[2])
+read = backbone_digest._read_cache
+def slow_read(file):  # a slow disk: more time between a read and the write after it
+    found = read(file)
+    time.sleep(0.02)
+    return found
+backbone_digest._read_cache = slow_read
+while not (root / "go").exists():  # both start together
+    time.sleep(0.005)
+for path in sorted((root / "files").glob("*.gguf"))[k::2]:
+    file_sha256(path, root / "cache")
+"""
+
+
+def test_two_processes_hashing_at_once_keep_every_digest_in_the_cache(tmp_path):
+    """Two processes on one R2EC_CACHE_DIR (two replicas on a node, the api and the trainer)
+    hash other files at the same time: each writes the cache with its own digests added, and
+    neither's replaces the other's (each was a read, an add and a rename with no lock between:
+    about half the digests were lost, each hashed again at the next load)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import child_env
+
+    files = tmp_path / "files"
+    files.mkdir()
+    for n in range(40):
+        (files / f"f{n:02d}.gguf").write_bytes(n.to_bytes(2, "big") * 4096)
+    children = [
+        subprocess.Popen([sys.executable, "-c", CACHE_WRITER, str(tmp_path), str(k)], env=child_env())
+        for k in (0, 1)
+    ]
+    (tmp_path / "go").touch()
+    assert [child.wait(timeout=300) for child in children] == [0, 0]
+    kept = json.loads((tmp_path / "cache" / backbone_digest.CACHE_FILE).read_text())["files"]
+    assert sorted(kept) == sorted(str(f.resolve()) for f in files.iterdir())
+    for path, entry in kept.items():
+        assert entry["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()

@@ -74,6 +74,99 @@ def test_a_last_only_prefill_gives_the_last_state_and_the_whole_cache(tiny_model
         assert engine.prefill(0, [9], last_only=True).shape[0] == 1  # one token: nothing to trim
 
 
+def test_prefill_many_gives_each_prompt_its_lone_prefill_state_and_leaves_the_slots(tiny_model):
+    # prompts after the shared head and not, of different lengths, one of a single token
+    prompts = [*tiny_model.user_prompt_ids(HISTORIES), [5, 6, 7], [9]]
+    engine = DecoderEngine(tiny_model.lm, slots=2, max_len=8)  # the RoPE tables grow for it
+    engine.set_prefix(tiny_model.user_prompt_head())
+    held = list(range(20, 31))
+    engine.prefill(1, held[:-1])  # a sequence decoding in slot 1 meanwhile
+    for reuse in (True, False):
+        alone = []
+        for ids in prompts:
+            engine.reset(0)
+            alone.append(engine.prefill(0, ids, reuse_prefix=reuse, last_only=True)[0])
+            torch.testing.assert_close(
+                alone[-1], _reference_hidden(tiny_model, ids)[-1], atol=1e-4, rtol=1e-4
+            )
+        engine.reset(0)
+        together = engine.prefill_many(prompts, reuse_prefix=reuse)
+        assert together.shape == (len(prompts), tiny_model.hidden_size)
+        torch.testing.assert_close(together, torch.stack(alone), atol=1e-5, rtol=1e-5)
+        assert engine.prefill_many(prompts[1:2], reuse_prefix=reuse).shape == (1, tiny_model.hidden_size)
+    assert engine.lens == [0, len(held) - 1]  # no slot was written: slot 1 decodes on as before
+    engine.move(1, 0)
+    torch.testing.assert_close(
+        engine.decode([held[-1]])[0], _reference_hidden(tiny_model, held)[-1], atol=1e-4, rtol=1e-4
+    )
+    assert engine.computed_tokens(prompts[0], reuse_prefix=True) == len(prompts[0]) - len(engine.prefix)
+    assert (
+        engine.computed_tokens(prompts[0]) == len(prompts[0]) == engine.computed_tokens([5] + prompts[0][1:])
+    )
+    with pytest.raises(ValueError, match="exact"):
+        DecoderEngine(tiny_model.lm, slots=1, exact=True).prefill_many(prompts)
+    with pytest.raises(ValueError, match="at least one"):
+        engine.prefill_many([[5], []])
+
+
+def test_the_decoder_prefills_what_writes_nothing_together_within_its_token_budget(tiny_model):
+    """Budget-0 sequences (no reasoning) take no slot: one step prefills all of them, in
+    forwards of at most `prefill_tokens` computed positions, beside a sequence that decodes;
+    each gets the h_T it gets prefilled alone (prefill_tokens=0)."""
+    prompts = tiny_model.user_prompt_ids(HISTORIES)
+    marker = tiny_model._marker_ids
+    settings = GenerationSettings(max_new_tokens=10)
+    alone = {}
+    for budget in (0, 80):  # the prompts compute 30-44 positions each: two a forward
+        backend = EngineBackend(tiny_model, slots=1, prefill_tokens=budget)
+        assert backend.prefill_tokens == budget
+        decoder = backend.decoder(settings)
+        assert decoder.prefill_tokens == budget
+        forwards: list[int] = []
+        many = backend.engine.prefill_many
+        backend.engine.prefill_many = lambda ps, seen=forwards, run=many, **kw: (
+            seen.append(len(ps)) or run(ps, **kw)
+        )
+        writer = decoder.add(Sequence_(prompts[0], 10))
+        decoder.step()  # it holds the one slot
+        plain = [decoder.add(Sequence_(p, 0)) for p in [*prompts, prompts[1] + [5, 6]]]
+        while not decoder.idle:
+            decoder.step()
+        assert writer.done and all(s.done and s.completion_ids == [] for s in plain)
+        vectors = torch.stack([s.vector for s in plain])
+        costs = [backend.engine.computed_tokens(s.prompt_ids + marker, reuse_prefix=True) for s in plain]
+        if budget == 0:
+            assert forwards == []  # each in the slot, after the writer left it
+            alone = {"vectors": vectors, "writer": writer.completion_ids}
+            continue
+        # packed in arrival order while the positions fit the budget, one prompt at least
+        expected, size, total = [], 0, 0
+        for cost in costs:
+            if size and total + cost > budget:
+                expected.append(size)
+                size, total = 0, 0
+            size, total = size + 1, total + cost
+        expected.append(size)
+        assert forwards == expected and len(forwards) > 1 and max(forwards) > 1
+        torch.testing.assert_close(vectors, alone["vectors"], atol=1e-5, rtol=1e-5)
+        assert writer.completion_ids == alone["writer"]
+    assert EngineBackend(tiny_model, slots=1, exact=True, prefill_tokens=64).prefill_tokens == 0
+    with pytest.raises(ValueError, match="prefill_tokens"):
+        EngineBackend(tiny_model, slots=1, prefill_tokens=-1)
+
+
+def test_move_works_after_the_cache_grew(tiny_model):
+    # a prompt longer than max_len grows the cache inside a forward (inference mode); the move
+    # that packs the rows when a sequence leaves must still write it
+    engine = DecoderEngine(tiny_model.lm, slots=2, max_len=8)
+    ids = list(range(5, 17))
+    engine.prefill(1, ids[:-1])
+    engine.move(1, 0)
+    assert engine.lens == [len(ids) - 1, 0] and engine.max_len >= len(ids)
+    hidden = engine.decode([ids[-1]])
+    torch.testing.assert_close(hidden[0], _reference_hidden(tiny_model, ids)[-1], atol=1e-4, rtol=1e-4)
+
+
 def test_move_keeps_a_sequence_intact(tiny_model):
     engine = DecoderEngine(tiny_model.lm, slots=2, max_len=16)
     engine.prefill(1, [5, 6, 7, 8])

@@ -289,6 +289,40 @@ async def test_a_burst_joins_a_few_at_a_time_with_a_step_of_the_running_rows_bet
         ContinuousBatcher(2, Counter, max_prefill_per_tick=0)
 
 
+async def test_requests_answered_by_one_prefill_share_a_tick_within_the_token_budget_and_take_no_slot():
+    """R2EC_PREFILL_BATCH_TOKENS: a request `prefill_cost` counts (no reasoning: one prefill,
+    here item 1 at 100 positions) needs no decode slot; a tick admits those waiting while their
+    positions fit the budget, past a decoding request that waits for the slot, and the runner
+    answers them in the same step."""
+    gate = threading.Event()
+    runner = Counter(gate=gate)
+
+    def cost(item: int) -> int | None:
+        return 100 if item == 1 else None
+
+    b = await started(ContinuousBatcher(1, lambda: runner, prefill_cost=cost, prefill_batch_tokens=250))
+    try:
+        long = b.submit(30)
+        while not runner.left:  # decoding in the one slot; its first step waits at the gate
+            await asyncio.sleep(0.001)
+        waiting = b.submit(3)  # decodes: waits for the slot
+        burst = [b.submit(1) for _ in range(5)]
+        gate.set()
+        assert await asyncio.gather(*burst) == [10] * 5
+        assert await waiting == 30 and await long == 300
+    finally:
+        gate.set()
+        await b.stop()
+    ones = [s.count(1) for s in runner.steps]
+    assert max(ones) == 2 and sum(ones) == 5  # two a tick: 200 of the 250 positions
+    with_burst = [s for s in runner.steps if 1 in s]
+    assert all(30 in s and 3 not in s for s in with_burst)  # beside the long one, ahead of the 3
+    # 0 turns it off: every request is admitted as a decoding one, cost or not
+    assert ContinuousBatcher(1, Counter, prefill_cost=cost).prefill_cost is None
+    with pytest.raises(ValueError, match="prefill_batch_tokens"):
+        ContinuousBatcher(1, Counter, prefill_cost=cost, prefill_batch_tokens=-1)
+
+
 async def test_a_request_that_waited_past_max_queue_wait_is_refused_at_admission():
     gate = threading.Event()
     runner = Counter(gate=gate)

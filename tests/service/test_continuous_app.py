@@ -104,7 +104,8 @@ async def test_a_failing_decode_fails_its_requests_and_the_service_goes_on(ckpt)
 
 @pytest.mark.parametrize("per_tick", [1, 3])
 async def test_a_running_decode_steps_between_the_prefills_of_a_burst(ckpt, per_tick):
-    """R2EC_MAX_PREFILL_PER_TICK: a burst of no-reasoning requests is prefilled `per_tick` at a
+    """R2EC_MAX_PREFILL_PER_TICK, with R2EC_PREFILL_BATCH_TOKENS=0 (each no-reasoning request
+    prefilled alone, an admission like any other): a burst of them is prefilled `per_tick` at a
     time, with a decode step of the running request between, not all before its next token
     (docs/architecture.md §4.2.2). Counted on the decoder, not timed."""
     app = app_for(
@@ -114,6 +115,7 @@ async def test_a_running_decode_steps_between_the_prefills_of_a_burst(ckpt, per_
         max_reasoning_tokens=200,
         cache_size=0,
         max_prefill_per_tick=per_tick,
+        prefill_batch_tokens=0,
     )
     async with serve(app) as client:
         state = app.state.r2ec
@@ -157,3 +159,61 @@ async def test_a_running_decode_steps_between_the_prefills_of_a_burst(ckpt, per_
     assert window.count("prefill") == len(burst)
     runs = [len(list(g)) for k, g in itertools.groupby(window) if k == "prefill"]
     assert max(runs) == per_tick  # at most that many prefills before the running row's next step
+
+
+async def test_a_burst_without_reasoning_shares_prefills_within_the_token_budget(ckpt):
+    """R2EC_PREFILL_BATCH_TOKENS: a burst of no-reasoning requests beside a running decode is
+    prefilled a few at a time in one forward each (`DecoderEngine.prefill_many`), each forward
+    within the budget of positions, with a decode step of the running request between; they
+    take no slot (one here, held by the running request). Counted on the engine, not timed."""
+    budget = 100  # the tiny prompts compute ~30-45 positions after the shared head
+    app = app_for(
+        ckpt, batching="continuous", max_batch=1, max_reasoning_tokens=200, cache_size=0,
+        prefill_batch_tokens=budget,
+    )  # fmt: skip
+    async with serve(app) as client:
+        state = app.state.r2ec
+        engine = state.engine.runner().decoder.engine
+        calls: list[tuple[str, int, int]] = []  # ("prefill", prompts, positions) or ("step", 0, 0)
+        gate = threading.Event()  # the first decode step waits for it: the burst queues meanwhile
+        many = engine.prefill_many
+
+        def prefill_many(prompts, **kwargs):
+            positions = sum(engine.computed_tokens(p, reuse_prefix=True) for p in prompts)
+            calls.append(("prefill", len(prompts), positions))
+            return many(prompts, **kwargs)
+
+        def stepping(fn):
+            def step(*args, **kwargs):
+                calls.append(("step", 0, 0))
+                gate.wait(30)
+                return fn(*args, **kwargs)
+
+            return step
+
+        engine.prefill_many = prefill_many
+        engine.decode = stepping(engine.decode)
+        engine.extend = stepping(engine.extend)  # a speculative step
+        long = asyncio.create_task(
+            client.post("/recommend", json={"history": H1, "max_reasoning_tokens": 200})
+        )
+        while not calls:  # admitted, its first step held
+            await asyncio.sleep(0.001)
+        histories = [[{"item_id": f"i{n}"}, {"item_id": f"i{n + 1}"}] for n in range(1, 8)]
+        burst = [
+            asyncio.create_task(client.post("/recommend", json={"history": h, "reasoning": False, "k": 5}))
+            for h in histories
+        ]
+        while state.batcher.queue_depth < len(burst):
+            await asyncio.sleep(0.001)
+        gate.set()
+        replies = await asyncio.gather(*burst)
+        assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+        assert all(r.json()["cache"] == "off" and len(r.json()["items"]) == 5 for r in replies)
+        assert (await long).status_code == 200
+    forwards = [(n, positions) for kind, n, positions in calls if kind == "prefill"]
+    assert sum(n for n, _ in forwards) == len(burst)
+    assert 1 < len(forwards) < len(burst) and max(n for n, _ in forwards) > 1  # shared, in parts
+    assert all(positions <= budget or n == 1 for n, positions in forwards)
+    # the running request stepped between every two forwards of the burst
+    assert ("prefill", "prefill") not in itertools.pairwise(kind for kind, _, _ in calls)

@@ -591,3 +591,67 @@ async def test_a_reload_ends_a_syncs_encoding_and_carries_its_edits(ckpt, tmp_pa
         assert calls.count(old) == 1  # given up after the chunk under way, not 6 chunks
         assert (await reload).status_code == 200
         assert (await cb.get("/items/sku-5")).json()["title"] == "Product 5"
+
+
+async def test_a_reload_that_fails_lets_the_syncs_encoding_go_on(ckpt, monkeypatch):
+    """The sync runs beside the watch, so the watch's own reloads now come while it encodes:
+    one of a version that fails to load (retried a tick apart, then every 5 minutes) ended
+    the sync's encoding too, and the next tick's sync started over. A sync longer than the
+    retries' spacing never ended while CURRENT named that version: the other replica's edits
+    never reached this one. A reload under way pauses the encoding; where it fails, the sync
+    goes on with the same catalog and applies the edits, each item encoded once."""
+    import service.catalog
+    import service.state
+    from service.catalog import Catalog
+
+    monkeypatch.setattr("service.state.EDIT_BATCH_CHUNK", 1)
+    encode = Catalog.encode_items
+    entered, gate, loading, looked, fail = (threading.Event() for _ in range(5))
+    calls = []
+    loop_thread = threading.current_thread()
+
+    def gated(self, items):
+        calls.append(len(items))
+        if not entered.is_set():
+            entered.set()
+            gate.wait(60)
+        return encode(self, items)
+
+    def broken_load(*args, **kwargs):  # a version that fails to load, after a while
+        loading.set()
+        fail.wait(60)
+        raise service.state.CheckpointError("adapter/adapter_model.safetensors is damaged")
+
+    class Watched(asyncio.Lock):
+        """The reload lock: says when the sync's thread looked at it during the load."""
+
+        def locked(self) -> bool:
+            if loading.is_set() and threading.current_thread() is not loop_thread:
+                looked.set()
+            return super().locked()
+
+    a, b = app_for(ckpt, watch_interval_s=0), app_for(ckpt, watch_interval_s=0)
+    async with serve(a) as ca, serve(b) as cb:
+        upsert = [{"item_id": f"sku-{n}", "title": f"Product {n}"} for n in range(6)]
+        r = await ca.post("/items:batch", json={"upsert": upsert}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        state = b.state.r2ec
+        state._reload_lock = Watched()
+        old = state.engine.catalog
+        monkeypatch.setattr(service.catalog, "usable_vector", lambda v, dim: False)  # B must encode
+        monkeypatch.setattr(Catalog, "encode_items", gated)
+        monkeypatch.setattr(service.state.Recommender, "load", broken_load)
+        sync = asyncio.create_task(state._sync_edits())
+        assert await asyncio.to_thread(entered.wait, 60)  # the sync's first chunk
+        reload = asyncio.create_task(state.reload(log_failure=False))
+        assert await asyncio.to_thread(loading.wait, 60)  # the reload is loading
+        gate.set()  # the chunk ends while the reload is under way...
+        assert await asyncio.to_thread(looked.wait, 60)  # ...and the sync sees it
+        fail.set()
+        with pytest.raises(service.state.ReloadError):
+            await reload
+        await sync
+        assert state.engine.catalog is old  # the failed reload swapped nothing
+        assert calls == [1] * 6  # every item encoded once
+        r = await cb.get("/items/sku-5")
+        assert r.status_code == 200 and r.json()["title"] == "Product 5"

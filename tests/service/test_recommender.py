@@ -70,6 +70,39 @@ def test_one_generate_call_and_answers_equal_one_by_one(engine):
     assert r4.reasoning_tokens == min(6, r0.reasoning_tokens)
 
 
+def test_no_reasoning_queries_prefilled_together_score_as_one_at_a_time(ckpt, make_engine):
+    """R2EC_PREFILL_BATCH_TOKENS: a batch's no-reasoning queries (and a cached reasoning without
+    its h_T) share prefill forwards; the same top-k, and scores within float tolerance, as
+    each prefilled alone (0: the path before batching)."""
+    alone, together = make_engine(ckpt), make_engine(ckpt, prefill_batch_tokens=512)
+    assert alone.prefill_batch_tokens == 0 and together.prefill_batch_tokens > 0
+    forwards: list[int] = []
+    many = together.backend.engine.prefill_many
+    together.backend.engine.prefill_many = lambda ps, **kw: forwards.append(len(ps)) or many(ps, **kw)
+    histories = [H1, H2, H3, H4, H1 + H3, (Event("i4", 1.0), Event("i10", 5.0))]
+    asked = [Query(h, k=8, reasoning=False) for h in histories]
+    reasoned = together.recommend_batch([Query(H2, k=8, max_reasoning_tokens=6)])[0]
+    hit = replace(
+        together.prepare(Query(H2, k=8, max_reasoning_tokens=6)),
+        cached=CachedReasoning(reasoned.generated.completion_ids, reasoned.generated.text),
+    )  # a cached reasoning without h_T: one prefill of [prompt; reasoning; marker]
+    forwards.clear()
+    batched = together.recommend_batch([*asked, hit])
+    assert forwards == [len(asked) + 1]  # one forward for all of them
+    singles = [alone.recommend_batch([q])[0] for q in asked]
+    singles.append(alone.recommend_batch([hit])[0])  # the same model: the hit is read as it is
+    assert singles[-1].cache == "hit"
+    for b, s in zip(batched, singles, strict=True):
+        assert [i.item_id for i in b.items] == [i.item_id for i in s.items]  # the same top-k
+        np.testing.assert_allclose([i.score for i in b.items], [i.score for i in s.items], atol=1e-4)
+    assert batched[-1].cache == "hit" and batched[-1].reasoning == reasoned.reasoning
+    # counted for the continuous batcher: positions computed, none where it decodes
+    costs = [together.prefill_tokens(together.prepare(q)) for q in asked]
+    assert all(0 < c < len(together.prepare(q).prompt_ids) for c, q in zip(costs, asked, strict=True))
+    assert together.prefill_tokens(together.prepare(Query(H1, max_reasoning_tokens=4))) is None
+    assert alone.prefill_tokens(alone.prepare(asked[0])) is None
+
+
 def test_items_ranked_by_cosine_over_tau_without_history(engine):
     r = engine.recommend_batch([Query(H1, k=20, max_reasoning_tokens=4)])[0]
     ids = [i.item_id for i in r.items]

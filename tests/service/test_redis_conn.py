@@ -161,3 +161,29 @@ def test_every_parameter_a_url_may_set_is_one_both_redis_py_clients_take():
         tls = plain | names(module.SSLConnection.__init__)
         assert PARAMS <= plain, (module.__name__, PARAMS - plain)
         assert TLS_PARAMS <= tls, (module.__name__, TLS_PARAMS - tls)
+
+
+@pytest.mark.parametrize(
+    ("url", "secret", "said"),
+    [
+        # a password with an unencoded '&' (ElastiCache's tokens may hold one) in ?password=:
+        # the rest of it reads as a parameter of its own
+        ("redis://h/0?password=Ab3&x9Kq$z", "x9Kq", "after 'password'"),
+        ("redis+sentinel://s1/m?sentinel_password=ab&Qz7w=ef", "Qz7w", "after 'sentinel_password'"),
+        # a misspelt secret parameter: its value is the secret
+        ("redis://h/0?pasword=TOPSECRET", "TOPSECRET", "parameter 'pasword' (did you mean password?)"),
+        ("rediss://h/0?ssl_pasword=KEYPASS", "KEYPASS", "(did you mean ssl_password?)"),
+    ],
+)
+def test_a_refused_query_parameter_does_not_show_a_password(url, secret, said):
+    """The unknown-parameter refusal named the parameter and showed the URL with only the
+    parameters it knew as secret masked: the tail of a password after an unencoded '&', or the
+    whole password under a misspelt name, went to the start's one line (and Settings' error)."""
+    with pytest.raises(RedisUrlError) as caught:
+        parse(url)
+    assert said in str(caught.value)
+    assert secret not in str(caught.value)
+    assert secret not in redact(url)
+    with pytest.raises(ValidationError) as refused:
+        Settings(redis_url=url)
+    assert secret not in str(refused.value)

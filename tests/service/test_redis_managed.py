@@ -19,6 +19,7 @@ from service.store import (
     _INFO_KEYS,
     CLUSTER_REFUSAL,
     Event,
+    EventRate,
     RedisStore,
     Served,
     StoreConfigError,
@@ -160,7 +161,9 @@ async def _every_operation(url: str) -> None:
     store = RedisStore(url, window=3, timeout_s=5)
     try:
         await store.check_format("test")
-        appended = await store.append_events("u1", [Event("i1", 4.0, 100), Event("i2", 5.0, 200)])
+        # with a user's event rate, as the route appends (its bucket, its cap on event ids)
+        events = [Event("i1", 4.0, 100), Event("i2", 5.0, 200)]
+        appended = await store.append_events("u1", events, rate=EventRate(10.0, 1000))
         assert appended.appended == 2
         [made] = await store.append_many([("u2", [Event("i3", 3.0, 300)])])
         assert made.appended == 1
@@ -246,6 +249,13 @@ async def test_the_acl_docs_operations_lists_is_enough_for_everything_r2ec_does(
     """The least the user needs (docs/operations.md, "Managed Redis"): every command the service,
     retraining and the export run, the scripts' own included, and only keys under r2ec:."""
     await _every_operation(acl_user)
+
+
+async def test_the_documented_acl_takes_the_documented_client_name_parameter(acl_user):
+    """docs/operations.md lists ?client_name= among the URL's parameters: redis-py then names
+    each connection with CLIENT SETNAME, which the documented ACL refused, so the start stopped
+    ("may not run r2ec's commands: ... 'client|setname'")."""
+    await _every_operation(f"{acl_user}?client_name=r2ec-api")
 
 
 async def test_a_user_whose_acl_allows_no_scripts_stops_the_start(redis_server, redis_url):
@@ -352,6 +362,35 @@ async def test_a_sentinel_failover_moves_the_store_to_the_new_primary(sentinel_p
         await pinned.close()
 
 
+async def test_a_write_a_replica_refuses_is_tried_once_more_on_a_new_connection(tmp_path):
+    """docs/operations.md, "Failover", through one endpoint: a READONLY drops the connection and
+    the command is tried once more on a new one (service/redis_conn.py `_retry`), where a primary
+    endpoint would reach the new primary; a replica wrote nothing for either try."""
+    primary = Server(tmp_path / "primary")
+    try:
+        replica = Server(tmp_path / "replica", f"replicaof 127.0.0.1 {primary.port}")
+        try:
+            synced = lambda: replica.redis().info("replication").get("master_link_status") == "up"  # noqa: E731
+            wait_for(synced, "the replica to sync", timeout_s=60)
+            store = RedisStore(f"redis://127.0.0.1:{replica.port}/0", timeout_s=5)
+            try:
+                await store.get_history("u1")  # a connection in the pool, as a serving replica has
+                admin = replica.redis()
+                admin.config_resetstat()  # its counts from here: admin's and the store's connections made
+                with pytest.raises(StoreUnavailable) as refused:
+                    await store.append_events("u1", [Event("i1", 1.0, 1)])
+                assert "READONLY" in str(refused.value) and not store.up
+                assert admin.info("errorstats")["errorstat_READONLY"]["count"] == 2  # try, retry
+                assert admin.info("stats")["total_connections_received"] == 1  # the retry's, new
+                assert admin.dbsize() == 0
+            finally:
+                await store.close()
+        finally:
+            replica.stop()
+    finally:
+        primary.stop()
+
+
 async def test_a_sentinel_url_naming_no_monitored_service_stops_the_start(sentinel_pair):
     _, _, sentinel = sentinel_pair
     store = RedisStore(f"redis+sentinel://127.0.0.1:{sentinel.port}/primray/0", timeout_s=5)
@@ -364,6 +403,35 @@ async def test_a_sentinel_url_naming_no_monitored_service_stops_the_start(sentin
         refused.value
     )
     assert "(they monitor: primary)" in str(refused.value)
+
+
+@pytest.mark.parametrize("given", ["", "?sentinel_password=wrong-pw"])
+async def test_sentinels_that_refuse_the_url_credentials_stop_the_start(sentinel_pair, given):
+    """Sentinels that ask for a password (their own `requirepass`) refusing the URL's
+    sentinel_password, or its absence, can no more be waited out than a data node refusing its
+    password: the start stops naming sentinel_password, where it used to start degraded and
+    answer every request 503 ("No master found for 'primary' : ... AuthenticationError")."""
+    _, _, sentinel = sentinel_pair
+    admin = sentinel.redis()
+    admin.execute_command("ACL", "SETUSER", "default", "resetpass", ">sentinel-test-pw")
+    try:
+        store = RedisStore(f"redis+sentinel://127.0.0.1:{sentinel.port}/primary/0{given}", timeout_s=5)
+        try:
+            with pytest.raises(StoreConfigError) as refused:
+                await store.check_format("test")
+        finally:
+            await store.close()
+        message = str(refused.value)
+        assert "sentinel_password" in message and "wrong-pw" not in message
+        right = f"redis+sentinel://127.0.0.1:{sentinel.port}/primary/0?sentinel_password=sentinel-test-pw"
+        store = RedisStore(right, timeout_s=5)
+        try:
+            await store.check_format("test")  # the right one goes through
+        finally:
+            await store.close()
+    finally:
+        admin.execute_command("ACL", "SETUSER", "default", "nopass")
+        admin.close()
 
 
 async def test_a_sentinel_named_as_a_redis_stops_the_start(sentinel_pair):
@@ -421,3 +489,30 @@ async def test_a_redis_cluster_is_refused_at_the_start_saying_why(tmp_path):
             await store.close()
     finally:
         node.stop()
+
+
+async def test_a_redis_that_takes_no_writes_for_want_of_replicas_reads_as_down(tmp_path):
+    """min-replicas-to-write (docs/operations.md, "Failover") with no replica in sync: every write
+    is refused NOREPLICAS while reads answer. The store reads as down, as for a replica's
+    READONLY (r2ec_store_up 0, so R2ecStoreDown fires), until a write goes through again."""
+    server = Server(tmp_path / "alone", "min-replicas-to-write 1")
+    try:
+        store = RedisStore(f"redis://127.0.0.1:{server.port}/0", timeout_s=5)
+        try:
+            assert await store.get_history("u1") == [] and store.up
+            with pytest.raises(StoreUnavailable) as refused:
+                await store.append_events("u1", [Event("i1", 1.0, 1)])
+            assert "NOREPLICAS" in str(refused.value) and not store.up
+            await store.get_history("u1")  # a read answers: still down, writes still fail
+            assert not store.up
+            with pytest.raises(StoreUnavailable):
+                await store.ping()
+            server.redis().config_set("min-replicas-to-write", 0)
+            await store.ping()  # the readiness probe's write goes through
+            assert store.up
+            await store.append_events("u1", [Event("i1", 1.0, 1)])
+            assert [e.item_id for e in await store.get_history("u1")] == ["i1"]
+        finally:
+            await store.close()
+    finally:
+        server.stop()
