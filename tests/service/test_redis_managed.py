@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,16 @@ def _missing(what: str) -> None:
     pytest.skip(what)
 
 
+def _is_free(port: int) -> bool:
+    """Whether a loopback TCP port can be bound now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class Server:
     """A throwaway redis-server (or, with `--sentinel` among `args`, a sentinel) on a free loopback
     port, its files in `where`; `client` is how to reach it (redis-py keywords)."""
@@ -50,6 +61,14 @@ class Server:
         if REDIS_BIN is None:
             _missing("redis-server binary not found")
         self.port = free_port()
+        # a cluster node's bus listens 10000 ports higher: redis-server refuses a port above
+        # 55535, and the bus port must be free too
+        for _ in range(200):
+            if "cluster-enabled yes" not in args or (self.port <= 55535 and _is_free(self.port + 10000)):
+                break
+            self.port = free_port()
+        else:
+            raise RuntimeError("no free port pair (port, port + 10000) at or below 55535 for a cluster node")
         where.mkdir(parents=True, exist_ok=True)
         self.log = where / f"{self.port}.log"
         lines = ["bind 127.0.0.1", f"dir {where}", f"logfile {self.log}"]
