@@ -48,17 +48,23 @@ def serve_env(checkpoint, **settings: str) -> dict[str, str]:
 TEST_PORTS = os.environ.get("R2EC_TEST_PORTS", "")
 
 
+def port_free(port: int) -> bool:
+    """Whether a loopback TCP port can be bound now."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
     if TEST_PORTS:
         low, _, high = TEST_PORTS.partition("-")
         ports = list(range(int(low), int(high or low) + 1))
         random.shuffle(ports)  # tests run side by side need not race for the range's first port
         for port in ports:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
+            if port_free(port):
                 return port
         raise RuntimeError(f"R2EC_TEST_PORTS={TEST_PORTS}: no free port in the range")
     with socket.socket() as s:
@@ -141,13 +147,18 @@ class RedisServer:
             s.recv(16)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate `proc` if it still runs, killing it after 5 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from service.store import (
     read_stream_checked,
 )
 from tests.conftest import IN_CI, ROOT
-from tests.service.conftest import REDIS_BIN, free_port, needs_redis, wait_for
+from tests.service.conftest import REDIS_BIN, free_port, needs_redis, port_free, stop_process, wait_for
 
 pytestmark = [pytest.mark.asyncio, *needs_redis]
 OPENSSL = shutil.which("openssl")
@@ -41,16 +40,6 @@ def _missing(what: str) -> None:
     if IN_CI:
         pytest.fail(f"CI=true but {what}")
     pytest.skip(what)
-
-
-def _is_free(port: int) -> bool:
-    """Whether a loopback TCP port can be bound now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 class Server:
@@ -64,7 +53,7 @@ class Server:
         # a cluster node's bus listens 10000 ports higher: redis-server refuses a port above
         # 55535, and the bus port must be free too
         for _ in range(200):
-            if "cluster-enabled yes" not in args or (self.port <= 55535 and _is_free(self.port + 10000)):
+            if "cluster-enabled yes" not in args or (self.port <= 55535 and port_free(self.port + 10000)):
                 break
             self.port = free_port()
         else:
@@ -103,13 +92,7 @@ class Server:
         return redis.Redis(**self.client)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 def tls_client(tls: dict | None) -> dict:
